@@ -1,0 +1,103 @@
+"""The error hierarchy shared by the whole project.
+
+Errors are raised at the edge (parsers, validators, the store) with a message an operator
+or a device developer can act on. Subsystems derive their specific errors from these bases.
+"""
+
+from __future__ import annotations
+
+
+class OtaError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+# --- firmware module images ------------------------------------------------------------
+
+
+class ModuleFormatError(OtaError):
+    """A firmware module image is malformed or fails an integrity check."""
+
+
+class TruncatedModuleError(ModuleFormatError):
+    """The image is shorter than its prefix and suffix need."""
+
+
+class SuffixSizeError(ModuleFormatError):
+    """The suffix_size field is outside the range the format allows."""
+
+
+class AddressRangeError(ModuleFormatError):
+    """module_end_address - module_start_address disagrees with the image length."""
+
+
+class UnknownFunctionError(ModuleFormatError):
+    """module_function is not one of the known module functions."""
+
+
+class CrcMismatchError(ModuleFormatError):
+    """The stored CRC-32 does not match the image."""
+
+
+class Sha256MismatchError(ModuleFormatError):
+    """The stored SHA-256 does not match the image."""
+
+
+class ModuleTooLargeError(ModuleFormatError):
+    """The image is larger than its function allows on its platform."""
+
+
+class PrefixExtensionError(ModuleFormatError):
+    """The prefix extension records (flag 0x10) are malformed."""
+
+
+# --- protocols ----------------------------------------------------------------------------
+
+
+class ProtocolError(OtaError):
+    """A peer sent bytes or messages that violate the protocol."""
+
+
+class PayloadSchemaError(ProtocolError):
+    """A message payload (msgpack) does not match its schema."""
+
+
+# --- deltas ---------------------------------------------------------------------------------
+
+
+class DeltaError(OtaError):
+    """A binary patch cannot be made or applied."""
+
+
+class PatchFormatError(DeltaError):
+    """A patch is malformed, truncated or corrupt."""
+
+
+class PatchBaseMismatchError(DeltaError):
+    """A patch was applied to a base image it was not made for."""
+
+
+# --- control plane -----------------------------------------------------------------------
+
+
+class StoreError(OtaError):
+    """The durable store failed or holds inconsistent state."""
+
+
+class ValidationError(OtaError):
+    """A request is well-formed but breaks a rule (upload, release, lock, ...)."""
+
+
+class NotFoundError(OtaError):
+    """A named product, device, group, firmware or token does not exist."""
+
+
+class ConflictError(OtaError):
+    """The request conflicts with existing state (for example a duplicate version)."""
+
+
+class AuthError(OtaError):
+    """Missing, invalid, expired or revoked credentials."""
+
+
+class PermissionDeniedError(AuthError):
+    """The credentials are valid but their role may not do this."""

@@ -1,0 +1,43 @@
+"""Entry point of the ``ota`` console script.
+
+Each command group lives in its own module under ``server/cli`` and is attached here.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import typer
+
+import otacore
+from otacore._select import native_status
+from server.cli import module_cmd
+
+app = typer.Typer(
+    name="ota",
+    help="Self-hostable OTA firmware delivery cloud for Particle-style fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(module_cmd.app, name="module")
+
+
+@app.command()
+def info() -> None:
+    """Print the package version, the Python in use and whether native kernels are active."""
+    status = native_status()
+    native = "yes" if status and all(status.values()) else "no"
+    typer.echo(f"otacloud {otacore.__version__}")
+    typer.echo(f"python: {platform.python_implementation()} {platform.python_version()}")
+    typer.echo(f"native: {native}")
+    for name, is_native in status.items():
+        typer.echo(f"  kernel {name}: {'native' if is_native else 'pure-python'}")
+
+
+def main() -> None:
+    """Run the ``ota`` command line."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
