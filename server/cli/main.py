@@ -11,7 +11,7 @@ import typer
 
 import otacore
 from otacore._select import native_status
-from server.cli import module_cmd
+from server.cli import demo_cmd, module_cmd
 
 app = typer.Typer(
     name="ota",
@@ -20,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(module_cmd.app, name="module")
+app.command(name="demo")(demo_cmd.demo)
 
 
 @app.command()
