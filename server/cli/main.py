@@ -11,7 +11,7 @@ import typer
 
 import otacore
 from otacore._select import native_status
-from server.cli import demo_cmd, module_cmd
+from server.cli import demo_cmd, fleet_cmd, module_cmd
 
 app = typer.Typer(
     name="ota",
@@ -21,6 +21,10 @@ app = typer.Typer(
 )
 app.add_typer(module_cmd.app, name="module")
 app.command(name="demo")(demo_cmd.demo)
+app.add_typer(fleet_cmd.firmware_app, name="firmware")
+app.add_typer(fleet_cmd.device_app, name="device")
+app.add_typer(fleet_cmd.group_app, name="group")
+app.command(name="events")(fleet_cmd.events)
 
 
 @app.command()

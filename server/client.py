@@ -1,0 +1,199 @@
+"""A small synchronous client of the REST API (Particle's paths), used by the CLI.
+
+It speaks only HTTP; nothing here knows about the store. Errors from the server arrive as
+``{"ok": false, "error": "..."}`` and are raised as :class:`ApiError` with that message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import httpx
+
+from otacore.errors import OtaError
+
+
+class ApiError(OtaError):
+    """The server refused a request (status code and its error message)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _ProgressReader:
+    """File wrapper that reports how many bytes httpx has read for the upload body."""
+
+    def __init__(self, file: BinaryIO, on_progress: Callable[[int], None]) -> None:
+        self._file = file
+        self._on_progress = on_progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._on_progress(len(data))
+        return data
+
+
+class ApiClient:
+    """Calls the otacloud REST API at ``base_url`` with a bearer ``token``."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the underlying connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach {self._http.base_url}: {exc}") from exc
+        return self._decode(response)
+
+    @staticmethod
+    def _decode(response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error") or response.text
+            except (ValueError, AttributeError):
+                message = response.text or response.reason_phrase
+            raise ApiError(response.status_code, str(message))
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.content
+
+    @staticmethod
+    def _product(product: str) -> str:
+        return f"/v1/products/{quote(str(product), safe='')}"
+
+    # -- firmware ----------------------------------------------------------------------
+
+    def upload_firmware(
+        self, product: str, path: Path, version: int, title: str, description: str = "",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        """POST a firmware binary (multipart field ``binary``)."""
+        with path.open("rb") as raw:
+            body: Any = _ProgressReader(raw, on_progress) if on_progress else raw
+            return self._request(
+                "POST", f"{self._product(product)}/firmware",
+                data={"version": str(version), "title": title, "description": description},
+                files={"binary": (path.name, body, "application/octet-stream")},
+            )
+
+    def list_firmware(self, product: str) -> Any:
+        """GET every firmware version of a product."""
+        return self._request("GET", f"{self._product(product)}/firmware")
+
+    def get_firmware(self, product: str, version: int) -> Any:
+        """GET one firmware version."""
+        return self._request("GET", f"{self._product(product)}/firmware/{version}")
+
+    def release_firmware(
+        self, product: str, version: int, product_default: bool, groups: list[str],
+        intelligent: bool, force: bool,
+    ) -> Any:
+        """PUT a release: to the product default and/or to groups, standard or immediate."""
+        body = {"version": version, "product_default": product_default, "groups": groups,
+                "intelligent": intelligent, "force": force}
+        return self._request("PUT", f"{self._product(product)}/firmware/release", json=body)
+
+    def download_firmware(self, product: str, version: int) -> bytes:
+        """GET the binary of one firmware version."""
+        data = self._request("GET", f"{self._product(product)}/firmware/{version}/binary")
+        return data if isinstance(data, bytes) else json.dumps(data).encode()
+
+    # -- devices -----------------------------------------------------------------------
+
+    def list_devices(self, product: str, **filters: Any) -> Any:
+        """GET a page of a product's devices (filters: deviceId, deviceName, groups, page...)."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._request("GET", f"{self._product(product)}/devices", params=params)
+
+    def get_device(self, product: str, device_id: str) -> Any:
+        """GET one device of a product."""
+        return self._request("GET", f"{self._product(product)}/devices/{device_id}")
+
+    def update_device(self, product: str, device_id: str, **fields: Any) -> Any:
+        """PUT device attributes (development, desired_firmware_version, flash, groups...)."""
+        return self._request("PUT", f"{self._product(product)}/devices/{device_id}", json=fields)
+
+    def add_device(self, product: str, device_id: str) -> Any:
+        """POST a device id into a product (Particle's import)."""
+        return self._request("POST", f"{self._product(product)}/devices", json={"id": device_id})
+
+    def remove_device(self, product: str, device_id: str) -> Any:
+        """DELETE a device from a product."""
+        return self._request("DELETE", f"{self._product(product)}/devices/{device_id}")
+
+    def flash_device(self, product: str, device_id: str, path: Path) -> Any:
+        """PUT a binary (multipart ``file``) to flash a development device."""
+        with path.open("rb") as raw:
+            return self._request(
+                "PUT", f"{self._product(product)}/devices/{device_id}",
+                files={"file": (path.name, raw, "application/octet-stream")},
+            )
+
+    # -- groups ------------------------------------------------------------------------
+
+    def list_groups(self, product: str) -> Any:
+        """GET a product's device groups."""
+        return self._request("GET", f"{self._product(product)}/groups")
+
+    def create_group(self, product: str, name: str, description: str = "",
+                     color: str | None = None) -> Any:
+        """POST a new device group."""
+        body: dict[str, Any] = {"name": name, "description": description}
+        if color:
+            body["color"] = color
+        return self._request("POST", f"{self._product(product)}/groups", json=body)
+
+    def get_group(self, product: str, name: str) -> Any:
+        """GET one device group."""
+        return self._request("GET", f"{self._product(product)}/groups/{quote(name, safe='')}")
+
+    def delete_group(self, product: str, name: str) -> Any:
+        """DELETE a device group."""
+        return self._request("DELETE", f"{self._product(product)}/groups/{quote(name, safe='')}")
+
+    # -- events ------------------------------------------------------------------------
+
+    def stream_events(self, product: str | None, device_id: str | None = None,
+                      prefix: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event name, data object) from the Server-Sent Events stream."""
+        if device_id:
+            path = f"/v1/devices/{device_id}/events"
+        else:
+            path = f"{self._product(product or '')}/events"
+        if prefix:
+            path += f"/{quote(prefix, safe='')}"
+        with self._http.stream("GET", path, timeout=httpx.Timeout(10.0, read=None)) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._decode(response)
+            name = "message"
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    try:
+                        data = json.loads(line[5:].strip())
+                    except ValueError:
+                        data = {"data": line[5:].strip()}
+                    yield name, data
+                    name = "message"
