@@ -1,0 +1,74 @@
+"""Encode + decode of a typical firmware chunk datagram: native kernel vs pure-Python twin.
+
+Run: .venv/bin/python -m pytest bench/test_bench_coap.py --benchmark-enable -q -p no:cacheprovider
+
+The message is what the v3 update sends per chunk: NON POST /C with a 4-byte token, the
+CHUNK_INDEX option and a 1024-byte payload. Both kernels run in the same session so the
+table shows their ratio directly (group "coap-chunk").
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from otacore._select import load_native, load_twin
+from otacore.coap import (
+    Code,
+    Message,
+    MessageType,
+    OptionNumber,
+    decode_udp,
+    encode_udp,
+    encode_uint,
+)
+
+TWIN = load_twin("coap")
+NATIVE = load_native("coap")
+KERNELS = [pytest.param(TWIN, id="twin")] + (
+    [pytest.param(NATIVE, id="native")] if NATIVE is not None else []
+)
+
+CHUNK_PAYLOAD = bytes(range(256)) * 4  # 1024 bytes
+CHUNK_OPTIONS = [
+    (int(OptionNumber.URI_PATH), b"C"),
+    (int(OptionNumber.CHUNK_INDEX), encode_uint(171)),
+]
+TOKEN = b"\x11\x22\x33\x44"
+# Plain ints, so the timing is the codec's and not enum attribute lookups.
+NON = int(MessageType.NON)
+POST = int(Code.POST)
+
+
+def _round_trip_udp(kernel: ModuleType) -> Any:
+    datagram = kernel.encode_udp(NON, POST, 0x4321, TOKEN, CHUNK_OPTIONS, CHUNK_PAYLOAD)
+    return kernel.decode_udp(datagram)
+
+
+def _round_trip_tcp(kernel: ModuleType) -> Any:
+    frame = kernel.encode_tcp(POST, TOKEN, CHUNK_OPTIONS, CHUNK_PAYLOAD)
+    return kernel.decode_tcp_stream(frame, 65536)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bench_chunk_udp(benchmark: Any, kernel: ModuleType) -> None:
+    benchmark.group = "coap-chunk-udp"
+    result = benchmark(_round_trip_udp, kernel)
+    assert result[4] == CHUNK_OPTIONS and result[5] == CHUNK_PAYLOAD
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bench_chunk_tcp(benchmark: Any, kernel: ModuleType) -> None:
+    benchmark.group = "coap-chunk-tcp"
+    message, consumed = benchmark(_round_trip_tcp, kernel)
+    assert message[2] == CHUNK_OPTIONS and consumed > len(CHUNK_PAYLOAD)
+
+
+def test_bench_chunk_udp_message(benchmark: Any) -> None:
+    """The public Message layer over whichever kernel load_kernel picked (wrapping cost)."""
+    benchmark.group = "coap-chunk-udp"
+    message = Message(MessageType.NON, Code.POST, 0x4321, TOKEN, list(CHUNK_OPTIONS), CHUNK_PAYLOAD)
+    decoded = benchmark(lambda: decode_udp(encode_udp(message)))
+    assert decoded.payload == CHUNK_PAYLOAD and decoded.uint_option(OptionNumber.CHUNK_INDEX) == 171

@@ -1,0 +1,411 @@
+"""Sans-IO CoAP message layer over UDP/DTLS (RFC 7252 section 4), for one peer.
+
+It owns message ids, retransmits Confirmable messages with exponential back-off, matches
+ACK/RST to them, drops duplicates and answers duplicate CONs with the cached reply. It never
+reads a clock, opens a socket or draws randomness on its own: time arrives as ``now``
+(seconds, any monotonic origin) and the random factor comes from an injected source.
+
+Driving it::
+
+    layer = ReliableLayer(rng=random.Random(seed).random)
+    sent = layer.send(message, now)              # -> Transmit; put sent.datagram on the wire
+    events = layer.receive(datagram, now)        # -> [Received | Acknowledged | Transmit | ...]
+    deadline = layer.next_timer()                # -> float | None; sleep until then
+    events = layer.handle_timer(now)             # -> [Transmit | GaveUp]
+
+NSTART (section 4.7) is left to the caller: this layer sends whatever it is given.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from otacore.coap import (
+    CoapFormatError,
+    Message,
+    MessageType,
+    UnsupportedVersionError,
+    decode_udp,
+    encode_udp,
+)
+from otacore.errors import ProtocolError
+
+_SYSTEM_RANDOM = random.SystemRandom()
+
+
+class MessageIdExhaustedError(ProtocolError):
+    """Every one of the 65536 message ids is waiting for an acknowledgement."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransmissionParameters:
+    """RFC 7252 section 4.8 parameters and the derived times of section 4.8.2 (seconds)."""
+
+    ack_timeout: float = 2.0
+    ack_random_factor: float = 1.5
+    max_retransmit: int = 4
+    max_latency: float = 100.0
+    processing_delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.ack_timeout <= 0:
+            raise ValueError(f"ack_timeout must be positive, got {self.ack_timeout}")
+        # Section 4.8: ACK_RANDOM_FACTOR MUST NOT be below 1.0.
+        if self.ack_random_factor < 1.0:
+            raise ValueError(
+                f"ack_random_factor must be at least 1.0, got {self.ack_random_factor}"
+            )
+        if self.max_retransmit < 0:
+            raise ValueError(f"max_retransmit must be >= 0, got {self.max_retransmit}")
+
+    @property
+    def max_transmit_span(self) -> float:
+        """Time from the first to the last transmission of a CON (45 s by default)."""
+        return self.ack_timeout * (2**self.max_retransmit - 1) * self.ack_random_factor
+
+    @property
+    def max_transmit_wait(self) -> float:
+        """Time from the first transmission of a CON until the sender gives up (93 s)."""
+        return self.ack_timeout * (2 ** (self.max_retransmit + 1) - 1) * self.ack_random_factor
+
+    @property
+    def exchange_lifetime(self) -> float:
+        """How long a CON's message id stays in use and a duplicate is recognised (247 s)."""
+        return self.max_transmit_span + 2 * self.max_latency + self.processing_delay
+
+    @property
+    def non_lifetime(self) -> float:
+        """How long a NON's message id stays in use (145 s)."""
+        return self.max_transmit_span + self.max_latency
+
+
+# --- what the layer hands back ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    """Send ``datagram`` to the peer (a new message, a retransmission or a reply)."""
+
+    datagram: bytes
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message for the application: new CON/NON, or the response piggybacked on an ACK."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """The peer acknowledged our CON ``message_id``."""
+
+    message_id: int
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The peer answered our CON or recent NON with a Reset (section 4.2/4.3)."""
+
+    message_id: int
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """MAX_RETRANSMIT retransmissions went unacknowledged (section 4.2)."""
+
+    message_id: int
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    """The peer sent a CoAP ping (an Empty CON, section 4.3); the reply is already queued."""
+
+    message_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateReceived:
+    """A CON/NON repeated a message id still in its lifetime; it was not passed on again."""
+
+    message_id: int
+    replied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A datagram was dropped because it is not a valid message here."""
+
+    error: CoapFormatError
+
+
+Event = (
+    Transmit
+    | Received
+    | Acknowledged
+    | Rejected
+    | GaveUp
+    | PingReceived
+    | DuplicateReceived
+    | Malformed
+)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A CON we sent that is waiting for its ACK/RST."""
+
+    datagram: bytes
+    token: bytes
+    timeout: float
+    deadline: float
+    retransmissions: int = 0
+
+
+@dataclass(slots=True)
+class _Seen:
+    """A received message id: when it stops being a duplicate, and the reply to repeat."""
+
+    expires: float
+    reply: bytes | None = None
+
+
+class ReliableLayer:
+    """RFC 7252 section 4 message layer towards one peer (one DTLS session).
+
+    ``rng`` returns floats uniform in [0, 1); it draws the initial timeout between
+    ACK_TIMEOUT and ACK_TIMEOUT * ACK_RANDOM_FACTOR (section 4.2) and, unless
+    ``first_message_id`` is given, the first message id (section 4.4 asks for a random one).
+    """
+
+    def __init__(
+        self,
+        *,
+        rng: Callable[[], float] = _SYSTEM_RANDOM.random,
+        params: TransmissionParameters | None = None,
+        first_message_id: int | None = None,
+        answer_pings_with_ack: bool = False,
+    ) -> None:
+        self.params = params or TransmissionParameters()
+        self._rng = rng
+        if first_message_id is None:
+            first_message_id = int(rng() * 0x10000) & 0xFFFF
+        if not 0 <= first_message_id <= 0xFFFF:
+            raise ValueError(f"first_message_id {first_message_id} is outside 0..65535")
+        self._next_id = first_message_id
+        # Device OS answers a ping with an empty ACK; RFC 7252 4.3 says RST. Either completes
+        # the peer's exchange, so the choice is the caller's.
+        self._ping_reply = MessageType.ACK if answer_pings_with_ack else MessageType.RST
+        self._pending: dict[int, _Pending] = {}
+        self._sent_non: dict[int, tuple[float, bytes]] = {}
+        self._seen: dict[int, _Seen] = {}
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def next_message_id(self) -> int:
+        """A fresh message id, skipping ids of CONs still awaiting their ACK (section 4.4)."""
+        for _ in range(0x10000):
+            candidate = self._next_id
+            self._next_id = (candidate + 1) & 0xFFFF
+            if candidate not in self._pending:
+                return candidate
+        raise MessageIdExhaustedError("all 65536 message ids are waiting for acknowledgements")
+
+    def send(self, message: Message, now: float) -> Transmit:
+        """Send a new CON or NON: assign a message id, encode, and arm retransmission for a CON.
+
+        Replies to the peer's CONs go through :meth:`respond` / :meth:`reject` instead.
+        """
+        if message.type not in (MessageType.CON, MessageType.NON):
+            raise ValueError(f"send() takes CON or NON messages, not {message.type.name}")
+        if message.code == 0 and message.type is MessageType.NON:
+            raise ValueError("a NON message must carry a request or response (RFC 7252 4.3)")
+        message_id = self.next_message_id()
+        datagram = encode_udp(replace(message, message_id=message_id))
+        if message.type is MessageType.CON:
+            # Section 4.2: initial timeout random in [ACK_TIMEOUT, ACK_TIMEOUT * FACTOR].
+            spread = self.params.ack_random_factor - 1.0
+            timeout = self.params.ack_timeout * (1.0 + self._rng() * spread)
+            self._pending[message_id] = _Pending(datagram, message.token, timeout, now + timeout)
+        else:
+            self._prune_non(now)
+            self._sent_non.pop(message_id, None)  # keep the dict in expiry order
+            self._sent_non[message_id] = (now + self.params.non_lifetime, message.token)
+        return Transmit(datagram, message_id)
+
+    def cancel(self, message_id: int) -> bool:
+        """Stop retransmitting CON ``message_id`` (e.g. its response came separately)."""
+        return self._pending.pop(message_id, None) is not None
+
+    @property
+    def outstanding(self) -> int:
+        """CONs waiting for an ACK or RST."""
+        return len(self._pending)
+
+    def respond(self, request: Message, response: Message | None, now: float) -> Transmit:
+        """ACK the peer's CON ``request``, piggybacking ``response`` when given (section 5.2.1).
+
+        The ACK echoes the request's message id and token; it is cached so a duplicate of
+        the request gets the very same bytes (section 4.5).
+        """
+        if request.type is not MessageType.CON:
+            raise ValueError(f"only a CON is acknowledged, not a {request.type.name}")
+        if response is None:
+            ack = Message(MessageType.ACK, 0, request.message_id)
+        else:
+            ack = replace(
+                response,
+                type=MessageType.ACK,
+                message_id=request.message_id,
+                token=request.token,  # section 5.3.2: the response echoes the token
+            )
+        return self._reply(request.message_id, encode_udp(ack), now)
+
+    def reject(self, request: Message, now: float) -> Transmit:
+        """Answer the peer's CON or NON with a Reset (sections 4.2, 4.3)."""
+        if request.type not in (MessageType.CON, MessageType.NON):
+            raise ValueError(f"only a CON or NON is rejected, not a {request.type.name}")
+        rst = encode_udp(Message(MessageType.RST, 0, request.message_id))
+        return self._reply(request.message_id, rst, now)
+
+    def _reply(self, message_id: int, datagram: bytes, now: float) -> Transmit:
+        seen = self._seen.get(message_id)
+        if seen is not None and seen.expires > now:
+            seen.reply = datagram
+        else:
+            self._remember(message_id, now + self.params.exchange_lifetime, datagram)
+        return Transmit(datagram, message_id)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self, datagram: bytes, now: float) -> list[Event]:
+        """Process one datagram from the peer; return what to send and what happened."""
+        self._prune_seen(now)
+        try:
+            message = decode_udp(datagram)
+        except UnsupportedVersionError as exc:
+            return [Malformed(exc)]  # section 3: silently ignored
+        except CoapFormatError as exc:
+            return self._malformed(datagram, exc, now)
+        if message.type is MessageType.ACK:
+            if message.is_request:
+                # Section 4.3 table: an ACK is Empty or carries a response, never a request.
+                return [Malformed(CoapFormatError("ACK carries a request code (RFC 7252 4.3)"))]
+            return self._on_ack(message)
+        if message.type is MessageType.RST:
+            if not message.is_empty:
+                # Section 4.3 table: a Reset is always an Empty message.
+                return [Malformed(CoapFormatError("Reset message is not Empty (RFC 7252 4.3)"))]
+            return self._on_rst(message, now)
+        return self._on_request_or_response(message, now)
+
+    def _malformed(self, datagram: bytes, exc: CoapFormatError, now: float) -> list[Event]:
+        # Section 4.2: a CON with a format error is rejected with a matching RST (if its
+        # message id can be read); other malformed messages are silently ignored (4.3).
+        if len(datagram) >= 4 and datagram[0] >> 4 == 0x4:  # version 1, type CON
+            message_id = datagram[2] << 8 | datagram[3]
+            rst = encode_udp(Message(MessageType.RST, 0, message_id))
+            return [Malformed(exc), Transmit(rst, message_id)]
+        return [Malformed(exc)]
+
+    def _on_ack(self, message: Message) -> list[Event]:
+        pending = self._pending.pop(message.message_id, None)
+        if pending is None:
+            return []  # a late or duplicate ACK: the exchange is already over
+        events: list[Event] = [Acknowledged(message.message_id, pending.token)]
+        if not message.is_empty:
+            events.append(Received(message))  # piggybacked response (section 5.2.1)
+        return events
+
+    def _on_rst(self, message: Message, now: float) -> list[Event]:
+        pending = self._pending.pop(message.message_id, None)
+        if pending is not None:
+            return [Rejected(message.message_id, pending.token)]
+        sent_non = self._sent_non.pop(message.message_id, None)
+        if sent_non is not None and sent_non[0] > now:
+            return [Rejected(message.message_id, sent_non[1])]
+        return []
+
+    def _on_request_or_response(self, message: Message, now: float) -> list[Event]:
+        is_con = message.type is MessageType.CON
+        seen = self._seen.get(message.message_id)
+        if seen is not None and seen.expires > now:
+            # Section 4.5: repeat the same ACK/RST for a duplicate CON, process it only once.
+            if is_con and seen.reply is not None:
+                return [
+                    DuplicateReceived(message.message_id, replied=True),
+                    Transmit(seen.reply, message.message_id),
+                ]
+            return [DuplicateReceived(message.message_id, replied=False)]
+        if message.is_empty:
+            if not is_con:
+                # Section 4.3: a NON always carries a request or response.
+                error = CoapFormatError("empty NON message (RFC 7252 4.3)")
+                return [Malformed(error)]
+            reply = encode_udp(Message(self._ping_reply, 0, message.message_id))
+            self._remember(message.message_id, now + self.params.exchange_lifetime, reply)
+            return [PingReceived(message.message_id), Transmit(reply, message.message_id)]
+        lifetime = self.params.exchange_lifetime if is_con else self.params.non_lifetime
+        self._remember(message.message_id, now + lifetime, None)
+        return [Received(message)]
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When :meth:`handle_timer` next has work (a retransmission or give-up), or None."""
+        if not self._pending:
+            return None
+        return min(pending.deadline for pending in self._pending.values())
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Retransmit or give up on every CON whose timeout has passed at ``now``."""
+        events: list[Event] = []
+        expired = [mid for mid, pending in self._pending.items() if pending.deadline <= now]
+        for message_id in expired:
+            pending = self._pending[message_id]
+            if pending.retransmissions >= self.params.max_retransmit:
+                del self._pending[message_id]
+                events.append(GaveUp(message_id, pending.token))
+                continue
+            # Section 4.2: retransmit, increment the counter and double the timeout.
+            pending.retransmissions += 1
+            pending.timeout *= 2
+            pending.deadline = now + pending.timeout
+            events.append(Transmit(pending.datagram, message_id))
+        self._prune_seen(now)
+        return events
+
+    # -- duplicate table --------------------------------------------------------------------
+
+    def _remember(self, message_id: int, expires: float, reply: bytes | None) -> None:
+        # Re-insert so the dict stays roughly ordered by insertion time for pruning.
+        self._seen.pop(message_id, None)
+        self._seen[message_id] = _Seen(expires, reply)
+
+    def _prune_seen(self, now: float) -> None:
+        # Entries were inserted in time order; CON and NON lifetimes differ, so an expired
+        # entry can hide behind a live one: lookups check expiry too. The table never holds
+        # more than 65536 ids.
+        while self._seen:
+            message_id, seen = next(iter(self._seen.items()))
+            if seen.expires > now:
+                break
+            del self._seen[message_id]
+
+    def _prune_non(self, now: float) -> None:
+        while self._sent_non:
+            message_id, (expires, _) = next(iter(self._sent_non.items()))
+            if expires > now:
+                break
+            del self._sent_non[message_id]
+
+    @property
+    def remembered(self) -> int:
+        """Received message ids currently held for duplicate detection."""
+        return len(self._seen)

@@ -1,0 +1,294 @@
+"""RFC 7252 section 4 message layer, driven by a fake clock (plain floats)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otacore.coap import Code, Message, MessageType, decode_udp, encode_udp
+from otacore.coap_reliability import (
+    Acknowledged,
+    DuplicateReceived,
+    Event,
+    GaveUp,
+    Malformed,
+    PingReceived,
+    Received,
+    Rejected,
+    ReliableLayer,
+    TransmissionParameters,
+    Transmit,
+)
+
+
+def fixed(value: float) -> ReliableLayer:
+    """A layer whose random factor draw is always ``value`` and whose ids start at 100."""
+    return ReliableLayer(rng=lambda: value, first_message_id=100)
+
+
+def request(payload: bytes = b"x", msg_type: MessageType = MessageType.CON) -> Message:
+    message = Message(msg_type, Code.POST, token=b"\x01\x02", payload=payload)
+    message.set_uri_path("h")
+    return message
+
+
+def of_type(events: list[Event], kind: type) -> list:
+    return [event for event in events if isinstance(event, kind)]
+
+
+def test_default_parameters_match_rfc_4_8() -> None:
+    params = TransmissionParameters()
+    assert (params.ack_timeout, params.ack_random_factor, params.max_retransmit) == (2.0, 1.5, 4)
+    assert params.max_transmit_span == 45.0
+    assert params.max_transmit_wait == 93.0
+    assert params.exchange_lifetime == 247.0
+    assert params.non_lifetime == 145.0
+    with pytest.raises(ValueError, match="ack_random_factor"):
+        TransmissionParameters(ack_random_factor=0.9)
+
+
+def test_retransmission_schedule_and_give_up() -> None:
+    layer = fixed(0.5)  # initial timeout 2 * (1 + 0.5 * 0.5) = 2.5 s
+    sent = layer.send(request(), now=10.0)
+    assert sent.message_id == 100
+    assert layer.next_timer() == 12.5
+    assert layer.handle_timer(12.4) == []
+    times = []
+    now = layer.next_timer()
+    while now is not None:
+        events = layer.handle_timer(now)
+        times.append((now, events))
+        now = layer.next_timer()
+    # Four retransmissions with the timeout doubling each time, then give up (section 4.2).
+    assert [t for t, _ in times] == [12.5, 17.5, 27.5, 47.5, 87.5]
+    for _, events in times[:4]:
+        assert events == [Transmit(sent.datagram, 100)]
+    assert times[4][1] == [GaveUp(100, b"\x01\x02")]
+    assert TransmissionParameters().max_transmit_wait >= 87.5 - 10.0
+    assert layer.outstanding == 0
+
+
+@pytest.mark.parametrize(("draw", "timeout"), [(0.0, 2.0), (0.999999, 2.999999)])
+def test_initial_timeout_spans_ack_timeout_to_factor(draw: float, timeout: float) -> None:
+    layer = fixed(draw)
+    layer.send(request(), now=0.0)
+    assert layer.next_timer() == pytest.approx(timeout)
+
+
+def test_message_ids_increment_wrap_and_skip_outstanding() -> None:
+    layer = ReliableLayer(rng=lambda: 0.0, first_message_id=65534)
+    ids = [layer.send(request(msg_type=MessageType.CON), now=0.0).message_id for _ in range(3)]
+    assert ids == [65534, 65535, 0]
+    for _ in range(65533):  # NONs 1..65533 wrap the counter back to the outstanding CONs
+        layer.send(request(msg_type=MessageType.NON), now=0.0)
+    assert layer.next_message_id() == 1  # 65534, 65535 and 0 are still waiting for ACKs
+
+
+def test_random_first_message_id_comes_from_rng() -> None:
+    assert ReliableLayer(rng=lambda: 0.5).send(request(), 0.0).message_id == 32768
+
+
+def test_ack_stops_retransmission_and_late_ack_is_ignored() -> None:
+    layer = fixed(0.0)
+    sent = layer.send(request(), now=0.0)
+    layer.handle_timer(2.0)  # one retransmission
+    ack = encode_udp(Message(MessageType.ACK, 0, sent.message_id))
+    assert layer.receive(ack, now=3.0) == [Acknowledged(sent.message_id, b"\x01\x02")]
+    assert layer.next_timer() is None
+    assert layer.receive(ack, now=3.5) == []  # the ACK of the retransmission
+
+
+def test_piggybacked_response_is_delivered() -> None:
+    server, device = fixed(0.0), ReliableLayer(rng=lambda: 0.0, first_message_id=7)
+    sent = server.send(request(b"hello"), now=0.0)
+    (received,) = device.receive(sent.datagram, now=0.1)
+    assert isinstance(received, Received) and received.message.payload == b"hello"
+    response = Message(MessageType.NON, Code.CHANGED, payload=b"ok")
+    reply = device.respond(received.message, response, now=0.2)
+    events = server.receive(reply.datagram, now=0.3)
+    assert events[0] == Acknowledged(sent.message_id, b"\x01\x02")
+    assert isinstance(events[1], Received)
+    ack = events[1].message
+    assert (ack.type, ack.code, ack.token, ack.payload) == (
+        MessageType.ACK,
+        Code.CHANGED,
+        b"\x01\x02",
+        b"ok",
+    )
+
+
+def test_lost_ack_duplicate_con_gets_same_ack() -> None:
+    server, device = fixed(0.0), fixed(0.0)
+    sent = server.send(request(), now=0.0)
+    (received,) = device.receive(sent.datagram, now=0.05)
+    assert isinstance(received, Received)
+    ack = device.respond(received.message, None, now=0.1)  # this ACK is lost
+    (retransmission,) = server.handle_timer(2.0)
+    assert isinstance(retransmission, Transmit) and retransmission.datagram == sent.datagram
+    events = device.receive(retransmission.datagram, now=2.05)
+    # Processed only once, answered with the very same ACK bytes (section 4.5).
+    assert events == [DuplicateReceived(sent.message_id, replied=True), Transmit(ack.datagram, 100)]
+    assert server.receive(ack.datagram, now=2.1) == [Acknowledged(100, b"\x01\x02")]
+    assert server.next_timer() is None
+
+
+def test_duplicate_before_reply_is_not_answered() -> None:
+    device = fixed(0.0)
+    datagram = encode_udp(replace_id(request(), 5))
+    assert isinstance(device.receive(datagram, now=0.0)[0], Received)
+    assert device.receive(datagram, now=1.0) == [DuplicateReceived(5, replied=False)]
+
+
+def replace_id(message: Message, message_id: int) -> Message:
+    message.message_id = message_id
+    return message
+
+
+def test_duplicate_window_is_exchange_lifetime_for_con_and_non_lifetime_for_non() -> None:
+    device = fixed(0.0)
+    con = encode_udp(replace_id(request(), 5))
+    non = encode_udp(replace_id(request(msg_type=MessageType.NON), 6))
+    assert isinstance(device.receive(con, now=0.0)[0], Received)
+    assert isinstance(device.receive(non, now=0.0)[0], Received)
+    assert isinstance(device.receive(con, now=246.9)[0], DuplicateReceived)
+    assert isinstance(device.receive(non, now=144.9)[0], DuplicateReceived)
+    assert isinstance(device.receive(non, now=145.0)[0], Received)
+    assert isinstance(device.receive(con, now=247.0)[0], Received)
+    device.handle_timer(1000.0)
+    assert device.remembered == 0
+
+
+def test_reset_rejects_con_and_recent_non() -> None:
+    layer = fixed(0.0)
+    con = layer.send(request(), now=0.0)
+    non = layer.send(request(msg_type=MessageType.NON), now=0.0)
+    rst = encode_udp(Message(MessageType.RST, 0, con.message_id))
+    assert layer.receive(rst, now=1.0) == [Rejected(con.message_id, b"\x01\x02")]
+    assert layer.next_timer() is None
+    rst_non = encode_udp(Message(MessageType.RST, 0, non.message_id))
+    assert layer.receive(rst_non, now=1.0) == [Rejected(non.message_id, b"\x01\x02")]
+    assert layer.receive(rst_non, now=1.0) == []
+
+
+@pytest.mark.parametrize(
+    ("with_ack", "reply_type"), [(False, MessageType.RST), (True, MessageType.ACK)]
+)
+def test_ping_is_answered(with_ack: bool, reply_type: MessageType) -> None:
+    layer = ReliableLayer(rng=lambda: 0.0, answer_pings_with_ack=with_ack)
+    ping = encode_udp(Message(MessageType.CON, 0, 0x0BAD))
+    events = layer.receive(ping, now=0.0)
+    assert events[0] == PingReceived(0x0BAD)
+    assert isinstance(events[1], Transmit)
+    reply = decode_udp(events[1].datagram)
+    assert (reply.type, reply.code, reply.message_id) == (reply_type, 0, 0x0BAD)
+    assert layer.receive(ping, now=1.0) == [
+        DuplicateReceived(0x0BAD, replied=True),
+        Transmit(events[1].datagram, 0x0BAD),
+    ]
+
+
+def test_malformed_datagrams() -> None:
+    layer = fixed(0.0)
+    # CON with a reserved option nibble: rejected with a matching RST (section 4.2).
+    events = layer.receive(bytes.fromhex("4001abcdf0"), now=0.0)
+    assert isinstance(events[0], Malformed) and "nibble 15" in str(events[0].error)
+    assert events[1] == Transmit(bytes.fromhex("7000abcd"), 0xABCD)
+    # NON with an error and a version-2 datagram: silently ignored.
+    assert [type(e) for e in layer.receive(bytes.fromhex("5001abcdf0"), now=0.0)] == [Malformed]
+    assert [type(e) for e in layer.receive(bytes.fromhex("80010000"), now=0.0)] == [Malformed]
+    # Empty NON, non-empty RST and an ACK carrying a request are format errors (section 4.3).
+    for wire in ("50001234", "73011234aa", "62011234aaaa"):
+        assert [type(e) for e in layer.receive(bytes.fromhex(wire), now=0.0)] == [Malformed]
+
+
+def test_send_refuses_replies() -> None:
+    layer = fixed(0.0)
+    with pytest.raises(ValueError, match="CON or NON"):
+        layer.send(Message(MessageType.ACK, 0), now=0.0)
+    with pytest.raises(ValueError, match="only a CON"):
+        layer.respond(request(msg_type=MessageType.NON), None, now=0.0)
+
+
+def test_next_timer_is_earliest_deadline() -> None:
+    layer = fixed(0.0)
+    first = layer.send(request(), now=0.0)
+    layer.send(request(), now=1.0)
+    assert layer.next_timer() == 2.0
+    assert layer.handle_timer(2.0) == [Transmit(first.datagram, first.message_id)]
+    assert layer.next_timer() == 3.0
+    assert layer.cancel(first.message_id)
+    assert layer.next_timer() == 3.0
+
+
+# --- lossy link between two real layers -----------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    losses=st.lists(st.booleans(), max_size=80),
+    count=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_lossy_link_delivers_once_and_resolves_every_con(
+    losses: list[bool], count: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    server = ReliableLayer(rng=rng.random)
+    device = ReliableLayer(rng=rng.random)
+    drops = itertools.chain(losses, itertools.repeat(False))
+    wire: list[tuple[float, int, str, bytes]] = []
+    order = itertools.count()
+
+    def put(now: float, target: str, events: list[Event] | Transmit) -> None:
+        for event in [events] if isinstance(events, Transmit) else events:
+            if isinstance(event, Transmit) and not next(drops):
+                heapq.heappush(wire, (now + 0.05, next(order), target, event.datagram))
+
+    sent = {}
+    for i in range(count):
+        transmit = server.send(request(payload=bytes([i])), now=0.0)
+        sent[transmit.message_id] = bytes([i])
+        put(0.0, "device", transmit)
+    delivered: list[bytes] = []
+    outcomes: dict[int, str] = {}
+    now = 0.0
+    while True:
+        timers = [t for t in (server.next_timer(), device.next_timer()) if t is not None]
+        candidates = timers + ([wire[0][0]] if wire else [])
+        if not candidates:
+            break
+        now = min(candidates)
+        assert now < 500.0
+        if wire and wire[0][0] == now:
+            _, _, target, datagram = heapq.heappop(wire)
+            if target == "device":
+                for event in device.receive(datagram, now):
+                    if isinstance(event, Received):
+                        delivered.append(event.message.payload)
+                        put(now, "server", device.respond(event.message, None, now))
+                    else:
+                        put(now, "server", [event])
+            else:
+                for event in server.receive(datagram, now):
+                    if isinstance(event, Acknowledged):
+                        assert event.message_id not in outcomes
+                        outcomes[event.message_id] = "ack"
+            continue
+        for event in server.handle_timer(now):
+            if isinstance(event, GaveUp):
+                assert event.message_id not in outcomes
+                outcomes[event.message_id] = "gave up"
+            put(now, "device", [event])
+    # Every CON ends exactly once; nothing is delivered twice; an ACK implies delivery.
+    assert set(outcomes) == set(sent)
+    assert len(delivered) == len(set(delivered))
+    for message_id, result in outcomes.items():
+        if result == "ack":
+            assert sent[message_id] in delivered
+    if not any(losses):
+        assert all(result == "ack" for result in outcomes.values())
