@@ -8,6 +8,7 @@ import hashlib
 
 import numpy as np
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint32_t
 
 cdef extern from "crc32_fast.h" nogil:
@@ -25,9 +26,21 @@ def hardware_crc() -> bool:
 
 def crc32(data, unsigned int value=0):
     """CRC-32 of ``data`` continuing from ``value``; equals ``zlib.crc32(data, value)``."""
-    cdef const unsigned char[::1] view = memoryview(data).cast("B")
-    cdef size_t n = view.shape[0]
+    cdef const unsigned char *ptr
+    cdef size_t n
     cdef uint32_t out
+    cdef const unsigned char[::1] view
+    if type(data) is bytes:
+        # Fast path for the common case (chunks of 512 B-16 KiB): no buffer acquisition.
+        ptr = <const unsigned char *>PyBytes_AS_STRING(data)
+        n = <size_t>PyBytes_GET_SIZE(data)
+        if n < 4096:
+            return ota_crc32(value, ptr, n)
+        with nogil:
+            out = ota_crc32(value, ptr, n)
+        return out
+    view = memoryview(data).cast("B")
+    n = view.shape[0]
     if n == 0:
         return value
     with nogil:

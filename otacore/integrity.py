@@ -6,7 +6,7 @@ with ``OTA_PURE_PYTHON=1``), else its pure-Python twin. Both give identical resu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,9 +20,9 @@ _kernel = load_kernel("integrity")
 NATIVE: bool = _kernel.__name__ == "otacore._integrity"
 
 
-def crc32(data: Buffer, value: int = 0) -> int:
-    """CRC-32 (zlib/IEEE) of ``data``, continuing from ``value``."""
-    return int(_kernel.crc32(data, value))
+#: CRC-32 (zlib/IEEE) of ``data``, continuing from ``value``: ``crc32(data, value=0) -> int``.
+#: Bound directly to the kernel: this is called once per transfer chunk.
+crc32: Callable[..., int] = _kernel.crc32
 
 
 def crc32_batch(data: Buffer, offsets: Sequence[int] | NDArray[np.int64]) -> NDArray[np.uint32]:
