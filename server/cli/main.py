@@ -11,7 +11,7 @@ import typer
 
 import otacore
 from otacore._select import native_status
-from server.cli import demo_cmd, fleet_cmd, module_cmd
+from server.cli import demo_cmd, fleet_cmd, module_cmd, server_cmd
 
 app = typer.Typer(
     name="ota",
@@ -25,6 +25,9 @@ app.add_typer(fleet_cmd.firmware_app, name="firmware")
 app.add_typer(fleet_cmd.device_app, name="device")
 app.add_typer(fleet_cmd.group_app, name="group")
 app.command(name="events")(fleet_cmd.events)
+app.command(name="server")(server_cmd.server)
+app.add_typer(server_cmd.admin_app, name="admin")
+app.add_typer(server_cmd.product_app, name="product")
 
 
 @app.command()

@@ -1,0 +1,334 @@
+"""Request plumbing shared by the REST endpoints: auth, bounded bodies, errors, coercion.
+
+Errors leave as ``{"ok": false, "error": "..."}`` with the status their class implies. Request
+bodies are read with a hard byte limit checked against Content-Length before anything is read
+and again while streaming (for chunked bodies), so an oversized upload gets 413 without the
+server keeping it (the rest of a refused body up to 16 MiB is read and dropped, so that HTTP/1.1
+clients, which send the whole body before reading the answer, see the 413).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import trio
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Message
+
+from otacore.errors import (
+    AuthError,
+    ConflictError,
+    ModuleFormatError,
+    NotFoundError,
+    OtaError,
+    PermissionDeniedError,
+    ValidationError,
+)
+from server.events import TooManySubscribersError
+from server.fleet import Actor, Fleet, Permission
+from server.store import StoreUnavailableError
+
+log = logging.getLogger("ota.api")
+
+
+class PayloadTooLargeError(ValidationError):
+    """The request body is larger than this endpoint accepts."""
+
+
+class BodyTimeoutError(ValidationError):
+    """The client took too long to send its request body."""
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Limits and timings of the REST API."""
+
+    max_upload_bytes: int = 2 * 1024 * 1024 + 64 * 1024  # largest app module + form overhead
+    max_json_bytes: int = 64 * 1024
+    #: A request body must arrive within this time (slow senders hold no slot forever).
+    body_timeout_seconds: float = 120.0
+    sse_keepalive_seconds: float = 15.0
+    sse_send_timeout_seconds: float = 30.0
+    sse_buffer: int = 256
+
+
+def fleet_of(request: Request) -> Fleet:
+    """The fleet service the app was built with."""
+    fleet: Fleet = request.app.state.fleet
+    return fleet
+
+
+def settings_of(request: Request) -> ApiSettings:
+    """The API settings the app was built with."""
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
+    """``{"ok": false, "error": message}`` with ``status``."""
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="ota"'}
+    elif status in (408, 413):
+        headers = {"Connection": "close"}  # the rest of the body was not (all) read
+    return JSONResponse({"ok": False, "error": message, **extra}, status, headers=headers)
+
+
+def status_for(exc: OtaError) -> int:
+    """The HTTP status an error class maps to."""
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if isinstance(exc, BodyTimeoutError):
+        return 408
+    if isinstance(exc, StoreUnavailableError | TooManySubscribersError):
+        return 503
+    if isinstance(exc, PermissionDeniedError):
+        return 403
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, ConflictError):
+        return 409
+    if isinstance(exc, ValidationError | ModuleFormatError):
+        return 400
+    return 500
+
+
+async def ota_error_handler(_request: Request, exc: Exception) -> Response:
+    """Map OtaError subclasses to their status; internal errors are logged, not leaked."""
+    assert isinstance(exc, OtaError)
+    status = status_for(exc)
+    if status == 500:
+        log.error("internal error: %s", exc, exc_info=exc)
+        return error_response(500, "internal error; see the server log")
+    return error_response(status, str(exc))
+
+
+async def http_error_handler(_request: Request, exc: Exception) -> Response:
+    """Starlette's HTTP errors (unknown route, wrong method, bad multipart) as JSON."""
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def internal_error_handler(_request: Request, exc: Exception) -> Response:
+    """Anything unexpected: 500 with a generic message; details go to the log."""
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal error; see the server log")
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+def token_from(request: Request) -> str | None:
+    """The access token from ``Authorization: Bearer`` or the ``access_token`` query."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        raise AuthError("the Authorization header must be 'Bearer TOKEN'")
+    return request.query_params.get("access_token") or None
+
+
+async def require(request: Request, permission: Permission, action: str) -> Actor:
+    """Authenticate the request and check its role holds ``permission``."""
+    token = token_from(request)
+    if token is None:
+        raise AuthError(
+            "an access token is required: send 'Authorization: Bearer TOKEN' or ?access_token=TOKEN"
+        )
+    actor = await fleet_of(request).authenticate(token)
+    actor.require(permission, action)
+    return actor
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+#: An oversized body up to this size is read and discarded after the refusal, so that the
+#: client (which sends its whole body before reading the answer, as HTTP/1.1 clients without
+#: "Expect: 100-continue" do) sees the 413 instead of a reset; larger ones are cut off.
+DRAIN_LIMIT = 16 * 1024 * 1024
+DRAIN_SECONDS = 10.0
+
+
+async def _discard(chunks: AsyncIterator[bytes], budget: int) -> None:
+    """Read and drop the rest of a refused body, within a byte and time budget."""
+    with trio.move_on_after(DRAIN_SECONDS):
+        async for chunk in chunks:
+            budget -= len(chunk)
+            if budget < 0:
+                return
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing with 413 once it exceeds ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before any of the body is kept;
+    a body without one is counted while it streams in. Nothing beyond ``limit`` is kept.
+    """
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLargeError(f"the request body exceeds the {limit}-byte limit")
+    stream = request.stream()
+    if declared is not None:
+        if not declared.isdigit():
+            raise ValidationError("the Content-Length header is not a number")
+        if int(declared) > limit:
+            if int(declared) <= DRAIN_LIMIT:
+                await _discard(stream, DRAIN_LIMIT)
+            raise too_large
+    chunks, size = [], 0
+    with trio.move_on_after(settings_of(request).body_timeout_seconds) as timer:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await _discard(stream, DRAIN_LIMIT)
+                raise too_large
+            chunks.append(chunk)
+    if timer.cancelled_caught:
+        raise BodyTimeoutError("the request body did not arrive in time")
+    return b"".join(chunks)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_multipart(request: Request) -> bool:
+    """True when the body is multipart/form-data."""
+    return _media_type(request) == "multipart/form-data"
+
+
+async def body_fields(request: Request, *, limit: int | None = None) -> dict[str, Any]:
+    """A JSON object or urlencoded form body as a dict (repeated form keys become lists).
+
+    An empty body is an empty dict. ``access_token`` (Particle clients may send it in the
+    body) is dropped.
+    """
+    raw = await read_body(request, limit or settings_of(request).max_json_bytes)
+    media = _media_type(request)
+    if not raw.strip():
+        fields: dict[str, Any] = {}
+    elif media == "application/json" or (media == "" and raw.lstrip()[:1] in (b"{", b"[")):
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise ValidationError("the JSON body must be an object")
+        fields = parsed
+    elif media in ("application/x-www-form-urlencoded", ""):
+        try:
+            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=True)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValidationError("the form body is not valid urlencoded UTF-8") from exc
+        fields = {}
+        for key, value in pairs:
+            if key.endswith("[]"):
+                key = key[:-2]
+                fields.setdefault(key, [])
+            if key in fields:
+                existing = fields[key]
+                fields[key] = (
+                    [*existing, value] if isinstance(existing, list) else [existing, value]
+                )
+            else:
+                fields[key] = value
+    else:
+        raise ValidationError(
+            f"unsupported content type {media!r}; send application/json or a urlencoded form"
+        )
+    fields.pop("access_token", None)
+    return fields
+
+
+@asynccontextmanager
+async def multipart_form(request: Request, limit: int) -> AsyncIterator[FormData]:
+    """Parse a multipart body read under ``limit`` (413 beyond it); files close on exit."""
+    raw = await read_body(request, limit)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return {"type": "http.disconnect"}
+        replayed = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    buffered = Request(request.scope, replay)
+    form = await buffered.form(max_files=4, max_fields=32, max_part_size=limit)
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+async def upload_of(form: FormData, names: tuple[str, ...]) -> tuple[bytes, str] | None:
+    """(content, filename) of the first file field among ``names``, or None."""
+    for name in names:
+        item = form.get(name)
+        if isinstance(item, UploadFile):
+            return await item.read(), item.filename or "firmware.bin"
+        if item is not None:
+            raise ValidationError(f"form field {name!r} must be a file upload")
+    return None
+
+
+def form_text(form: FormData) -> dict[str, Any]:
+    """The non-file fields of a multipart form."""
+    return {k: v for k, v in form.multi_items() if isinstance(v, str) and k != "access_token"}
+
+
+# --- value coercion (JSON values or form strings) ----------------------------------------------
+
+
+def as_bool(fields: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    """A boolean field: JSON true/false or the strings "true"/"false"/"1"/"0"."""
+    if name not in fields:
+        return default
+    value = fields[name]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValidationError(f"{name} must be true or false")
+
+
+def as_name_list(fields: Mapping[str, Any], name: str) -> list[str]:
+    """A list of names: a JSON array of strings or a comma-separated string."""
+    value = fields.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ValidationError(f"{name} must be a list of names")
+
+
+def query_int(request: Request, name: str, default: int) -> int:
+    """An integer query parameter."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise ValidationError(f"query parameter {name} must be a positive integer")
+    return int(raw)
+
+
+def ok(payload: Mapping[str, Any] | None = None, status: int = 200) -> JSONResponse:
+    """A success response ``{"ok": true, ...}``."""
+    return JSONResponse({"ok": True, **(payload or {})}, status)

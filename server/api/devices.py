@@ -1,0 +1,123 @@
+"""Product device endpoints: ``/v1/products/:product/devices[/:id]`` (Particle's paths)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from otacore.errors import ValidationError
+from server.api.common import (
+    as_bool,
+    as_name_list,
+    body_fields,
+    fleet_of,
+    is_multipart,
+    multipart_form,
+    query_int,
+    require,
+    settings_of,
+    upload_of,
+)
+from server.api.serialize import device_json, flash_json
+from server.fleet import Permission
+
+
+async def list_devices(request: Request) -> Response:
+    """List a product's devices (filters deviceId, deviceName, groups; page, per_page)."""
+    await require(request, Permission.READ, "list devices")
+    query = request.query_params
+    page = await fleet_of(request).list_devices(
+        request.path_params["product"],
+        device_id=query.get("deviceId") or None,
+        name=query.get("deviceName") or None,
+        groups=tuple(as_name_list({"groups": query.get("groups")}, "groups")),
+        page=query_int(request, "page", 1),
+        per_page=query_int(request, "per_page", 25),
+    )
+    return JSONResponse(
+        {
+            "devices": [device_json(view) for view in page.devices],
+            "customers": [],
+            "meta": {
+                "total_pages": page.total_pages,
+                "total": page.total,
+                "page": page.page,
+                "per_page": page.per_page,
+            },
+        }
+    )
+
+
+async def import_device(request: Request) -> Response:
+    """Add a device to the product: {id} (Particle's import)."""
+    actor = await require(request, Permission.MANAGE_DEVICES, "add devices")
+    fields = await body_fields(request)
+    if "id" not in fields:
+        raise ValidationError("id is required (the 24-hex-digit device id)")
+    unknown = sorted(set(fields) - {"id"})
+    if unknown:
+        raise ValidationError(f"unknown field(s) {', '.join(unknown)}; give id")
+    result = await fleet_of(request).add_device(actor, request.path_params["product"], fields["id"])
+    return JSONResponse(
+        {
+            "ok": True,
+            "updated": len(result.updated),
+            "updatedDeviceIds": list(result.updated),
+            "existingDeviceIds": list(result.existing),
+            "nonmemberDeviceIds": [],
+            "invalidDeviceIds": list(result.invalid),
+        }
+    )
+
+
+async def get_device(request: Request) -> Response:
+    """Get one device of the product."""
+    await require(request, Permission.READ, "read devices")
+    view = await fleet_of(request).get_device(
+        request.path_params["product"], request.path_params["device_id"]
+    )
+    return JSONResponse(device_json(view, detail=True))
+
+
+async def update_device(request: Request) -> Response:
+    """Change a device ({development, desired_firmware_version, flash, groups,
+    firmware_updates_forced, name, notes}), or flash a development device (multipart file)."""
+    product, device_id = request.path_params["product"], request.path_params["device_id"]
+    fleet = fleet_of(request)
+    if is_multipart(request):
+        actor = await require(request, Permission.MANAGE_DEVICES, "flash devices")
+        async with multipart_form(request, settings_of(request).max_upload_bytes) as form:
+            upload = await upload_of(form, ("file", "binary"))
+        if upload is None:
+            raise ValidationError("a multipart device update needs the binary in field 'file'")
+        image, filename = upload
+        flash = await fleet.flash_device_binary(actor, product, device_id, image, filename=filename)
+        return JSONResponse(
+            {
+                "ok": True,
+                "id": flash.device_id,
+                "status": "Update pending",
+                "flash": flash_json(flash),
+            }
+        )
+    actor = await require(request, Permission.MANAGE_DEVICES, "change devices")
+    fields = await body_fields(request)
+    changes = dict(fields)
+    for key in ("development", "flash", "firmware_updates_forced"):
+        if key in changes:
+            changes[key] = as_bool(fields, key)
+    if "groups" in changes:
+        changes["groups"] = as_name_list(fields, "groups")
+    if changes.get("desired_firmware_version") in ("", "null"):  # form encoding of null
+        changes["desired_firmware_version"] = None
+    view = await fleet.update_device(actor, product, device_id, changes)
+    return JSONResponse(device_json(view, detail=True))
+
+
+async def remove_device(request: Request) -> Response:
+    """Remove a device from the product."""
+    actor = await require(request, Permission.MANAGE_DEVICES, "remove devices")
+    await fleet_of(request).remove_device(
+        actor, request.path_params["product"], request.path_params["device_id"]
+    )
+    return Response(status_code=204)

@@ -1,0 +1,119 @@
+"""JSON shapes of the REST API, following Particle's field names where Particle has them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.events import iso_ms
+from server.fleet import DeviceView, FirmwareView, GroupView
+from server.store import FlashRecord, ProductRecord
+
+
+def iso(epoch_ms: int | None) -> str | None:
+    """ISO-8601 time or None."""
+    return None if epoch_ms is None else iso_ms(epoch_ms)
+
+
+def product_json(product: ProductRecord) -> dict[str, Any]:
+    """A product."""
+    return {
+        "id": product.id,
+        "slug": product.slug,
+        "name": product.name,
+        "platform_id": product.platform_id,
+        "description": product.description,
+        "firmware_updates_forced": product.firmware_updates_forced,
+        "created_at": iso(product.created_at),
+    }
+
+
+def firmware_json(view: FirmwareView) -> dict[str, Any]:
+    """A product firmware version (Particle's product firmware object plus module data)."""
+    rec = view.record
+    return {
+        "_id": str(rec.id),
+        "version": rec.version,
+        "title": rec.title,
+        "description": rec.description,
+        "name": rec.filename,
+        "size": rec.size,
+        "sha256": rec.sha256,
+        "product_id": rec.product_id,
+        "platform_id": rec.platform_id,
+        "product_default": view.product_default,
+        "groups": list(view.groups),
+        "intelligent": view.intelligent,
+        "device_count": view.device_count,
+        "uploaded_on": iso(rec.uploaded_at),
+        "uploaded_by": {"username": rec.uploaded_by},
+        "running_seen_at": iso(rec.running_seen_at),
+        "module": rec.module_info,
+    }
+
+
+def flash_json(flash: FlashRecord | None) -> dict[str, Any] | None:
+    """A per-device flash request."""
+    if flash is None:
+        return None
+    return {
+        "id": flash.id,
+        "kind": flash.kind,
+        "version": flash.version,
+        "sha256": flash.sha256,
+        "size": flash.size,
+        "name": flash.filename,
+        "status": flash.status,
+        "error": flash.error,
+        "requested_by": flash.requested_by,
+        "requested_at": iso(flash.requested_at),
+        "finished_at": iso(flash.finished_at),
+    }
+
+
+def device_json(view: DeviceView, *, detail: bool = False) -> dict[str, Any]:
+    """A product device (Particle's fields; ``detail`` adds modules and the pending flash)."""
+    rec = view.record
+    body: dict[str, Any] = {
+        "id": rec.id,
+        "product_id": rec.product_id,
+        "name": rec.name,
+        "notes": rec.notes,
+        "online": rec.online,
+        "last_ip_address": rec.last_ip_address,
+        "last_handshake_at": iso(rec.last_handshake_at),
+        "last_heard": iso(rec.last_heard_at),
+        "platform_id": rec.platform_id,
+        "firmware_product_id": rec.product_id,
+        "firmware_version": rec.firmware_version,
+        "system_version": rec.system_version,
+        "development": rec.development,
+        "quarantined": False,
+        "denied": False,
+        "groups": list(rec.groups),
+        "desired_firmware_version": rec.desired_firmware_version,
+        "targeted_firmware_release_version": view.target.version,
+        "target_reason": view.target.reason.name.lower(),
+        "flash_requested": rec.flash_requested,
+        "firmware_updates_enabled": rec.firmware_updates_enabled,
+        "firmware_updates_forced": rec.firmware_updates_forced,
+        "updates_pending": rec.updates_pending,
+        "reset_pending": rec.reset_pending,
+        "updated_at": iso(rec.updated_at),
+    }
+    if detail:
+        body["modules"] = rec.modules
+        body["pending_flash"] = flash_json(view.pending_flash)
+    return body
+
+
+def group_json(view: GroupView) -> dict[str, Any]:
+    """A device group."""
+    return {
+        "name": view.record.name,
+        "description": view.record.description,
+        "color": view.record.color,
+        "fw_version": view.fw_version,
+        "intelligent": view.intelligent,
+        "device_count": view.device_count,
+        "created_at": iso(view.record.created_at),
+    }

@@ -1,0 +1,107 @@
+"""The server process: store, event bus, fleet service and the REST API in one trio nursery.
+
+``serve`` opens everything, starts hypercorn (trio worker) on the API port and reports a
+:class:`ServerHandle` through ``task_status``; device listeners of later issues start in the
+same nursery (see the marked line). Setting ``handle.shutdown`` stops the API gracefully and
+then everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from server.api import ApiSettings, create_app
+from server.events import EventBus
+from server.fleet import Fleet
+from server.store import Store
+
+log = logging.getLogger("ota.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``ota server`` can be told."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    api_port: int = 8080
+    #: SQLAlchemy URL; None means the embedded SQLite file ``<data_dir>/ota.db``.
+    db_url: str | None = None
+    #: Worker threads for blocking store calls (each holds one DB connection).
+    store_threads: int = 8
+    api: ApiSettings = field(default_factory=ApiSettings)
+    event_buffer: int = 256
+    max_event_subscribers: int = 1000
+    graceful_timeout: float = 5.0
+
+
+@dataclass
+class ServerHandle:
+    """What a running server exposes to its caller (and to listeners added later)."""
+
+    api_url: str
+    fleet: Fleet
+    bus: EventBus
+    store: Store
+    nursery: trio.Nursery
+    shutdown: trio.Event
+
+
+def open_store(config: ServerConfig) -> Store:
+    """Open (creating on first start) the store the config names."""
+    if config.db_url is None:
+        return Store.open_dir(config.data_dir, pool_size=config.store_threads)
+    return Store.open(
+        config.db_url, Path(config.data_dir) / "blobs", pool_size=config.store_threads
+    )
+
+
+def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.api_port}"]
+    hc.accesslog = None
+    hc.loglevel = "WARNING"
+    hc.graceful_timeout = config.graceful_timeout
+    hc.keep_alive_timeout = 75
+    return hc
+
+
+async def serve(
+    config: ServerConfig, *, task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the control plane until cancelled or until ``handle.shutdown`` is set."""
+    store = await trio.to_thread.run_sync(open_store, config)
+    try:
+        bus = EventBus(buffer=config.event_buffer, max_subscribers=config.max_event_subscribers)
+        fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(config.store_threads))
+        offline = await fleet.startup()
+        if offline:
+            log.info("marked %d devices offline after restart", offline)
+        app = create_app(fleet, config.api)
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def run_api(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn_serve(
+                    cast(Any, app),  # Starlette is an ASGI app; hypercorn's types are narrower
+                    _hypercorn_config(config),
+                    shutdown_trigger=shutdown.wait,
+                    task_status=task_status,
+                )
+                nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
+
+            binds: list[str] = await nursery.start(partial(run_api))
+            # Device listeners (next issues) start here, e.g.:
+            #     await nursery.start(run_device_listener, fleet, config)
+            task_status.started(ServerHandle(binds[0], fleet, bus, store, nursery, shutdown))
+    finally:
+        store.close()  # quick (closes pooled connections); no checkpoint, so it runs when cancelled

@@ -1,0 +1,218 @@
+"""``ota server``, ``ota admin ...`` and ``ota product ...``.
+
+Attach to the main CLI with::
+
+    app.command("server")(server_cmd.server)
+    app.add_typer(server_cmd.admin_app, name="admin")
+    app.add_typer(server_cmd.product_app, name="product")
+
+``admin`` commands work straight on the store in ``--data`` (bootstrap: no server or token
+needed; SQLite allows this while a server runs). ``product create`` does the same with
+``--data``, or calls a running server with ``--api-url`` and ``--token``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+import typer
+
+from otacore.errors import OtaError
+from server.app import ServerConfig, serve
+from server.events import EventBus
+from server.fleet import SYSTEM_ACTOR, Fleet
+from server.store import Store
+
+admin_app = typer.Typer(help="Administer the store directly (bootstrap).", no_args_is_help=True)
+product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
+
+DATA_HELP = "Data directory of the embedded store (created on first use)."
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def _open_fleet(data: Path, db_url: str | None) -> Fleet:
+    store = Store.open(db_url, data / "blobs") if db_url else Store.open_dir(data, pool_size=1)
+    return Fleet(store, EventBus())
+
+
+def server(
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),
+    api_port: int = typer.Option(8080, "--api-port", help="API port (0 picks a free one)."),
+    db_url: str | None = typer.Option(
+        None, "--db-url", help="SQLAlchemy database URL instead of the embedded SQLite file."
+    ),
+) -> None:
+    """Run the control plane (REST API and store) in one process until SIGINT/SIGTERM."""
+    config = ServerConfig(data_dir=data, host=host, api_port=api_port, db_url=db_url)
+    try:
+        trio.run(_run_server, config)
+    except (OtaError, OSError) as exc:
+        raise _fail(f"cannot run the server: {exc}") from exc
+    except BaseExceptionGroup as group:  # errors from inside the server's nurseries
+        expected, unexpected = group.split((OtaError, OSError))
+        if expected is None or unexpected is not None:
+            raise
+        raise _fail(f"cannot run the server: {_first_leaf(expected)}") from group
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first non-group exception inside nested exception groups."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
+
+
+async def _run_server(config: ServerConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(serve, config)
+            typer.echo(f"ota server: API listening on {handle.api_url}")
+            sys.stdout.flush()
+            async for _ in signals:
+                handle.shutdown.set()  # graceful: finish requests, then stop everything
+                break
+
+
+@admin_app.command("token")
+def admin_token(
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    role: str = typer.Option("owner", "--role", help="owner, administrator, developer, ..."),
+    label: str = typer.Option("admin token", "--label", help="Who the token is for (audit)."),
+    expires_in: int = typer.Option(0, "--expires-in", help="Lifetime in seconds; 0: never."),
+    db_url: str | None = typer.Option(None, "--db-url", help="Database URL (default: --data)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
+) -> None:
+    """Print a new API token of ROLE, created straight in the store."""
+    try:
+        fleet = _open_fleet(data, db_url)
+        grant = fleet.create_api_token_sync(role, label=label, expires_in=expires_in)
+    except OtaError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "access_token": grant.access_token,
+                    "role": grant.role.value,
+                    "expires_in": grant.expires_in,
+                }
+            )
+        )
+    else:
+        typer.echo(grant.access_token)
+
+
+@admin_app.command("user")
+def admin_user(
+    username: str = typer.Argument(..., help="Login name (e-mail)."),
+    password: str = typer.Option(..., "--password", prompt=True, hide_input=True),
+    role: str = typer.Option("developer", "--role"),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    db_url: str | None = typer.Option(None, "--db-url"),
+) -> None:
+    """Create an operator account (for the OAuth password grant)."""
+    try:
+        _open_fleet(data, db_url).create_user_sync(username, password, role)
+    except OtaError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"created user {username} ({role})")
+
+
+@admin_app.command("client")
+def admin_client(
+    name: str = typer.Argument(..., help="What the client is for."),
+    role: str = typer.Option("developer", "--role"),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    db_url: str | None = typer.Option(None, "--db-url"),
+) -> None:
+    """Create an OAuth client (client_credentials grant); prints id and secret once."""
+    try:
+        client_id, secret = _open_fleet(data, db_url).create_client_sync(name, role)
+    except OtaError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps({"client_id": client_id, "client_secret": secret}))
+
+
+@product_app.command("create")
+def product_create(
+    name: str = typer.Argument(..., help="Product name (the slug is derived from it)."),
+    platform_id: int = typer.Option(..., "--platform-id", help="Device OS platform id."),
+    description: str = typer.Option("", "--description"),
+    data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
+    db_url: str | None = typer.Option(None, "--db-url"),
+    api_url: str | None = typer.Option(None, "--api-url", help="URL of a running server."),
+    token: str | None = typer.Option(
+        None, "--token", envvar="OTA_TOKEN", help="API token (with --api-url)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Create a product and print its id and slug."""
+    if (data is None) == (api_url is None):
+        raise _fail("give either --data DIR (direct) or --api-url URL with --token")
+    if api_url is not None:
+        if not token:
+            raise _fail("--api-url needs --token (or OTA_TOKEN)")
+        product = _create_via_api(api_url, token, name, platform_id, description)
+    else:
+        assert data is not None
+        try:
+            fleet = _open_fleet(data, db_url)
+            record = fleet.create_product_sync(
+                SYSTEM_ACTOR, name, platform_id, description=description
+            )
+        except OtaError as exc:
+            raise _fail(str(exc)) from exc
+        product = {
+            "id": record.id,
+            "slug": record.slug,
+            "name": record.name,
+            "platform_id": record.platform_id,
+        }
+    if as_json:
+        typer.echo(json.dumps(product))
+    else:
+        typer.echo(f"created product {product['id']} (slug {product['slug']})")
+
+
+def _create_via_api(
+    api_url: str, token: str, name: str, platform_id: int, description: str
+) -> dict[str, object]:
+    try:
+        response = httpx.post(
+            f"{api_url.rstrip('/')}/v1/products",
+            json={"name": name, "platform_id": platform_id, "description": description},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {api_url}: {exc}") from exc
+    body = (
+        response.json()
+        if response.headers.get("content-type", "").startswith("application/json")
+        else {}
+    )
+    if response.status_code != 201:
+        raise _fail(str(body.get("error") or f"HTTP {response.status_code}"))
+    product = body["product"]
+    return {k: product[k] for k in ("id", "slug", "name", "platform_id")}
+
+
+#: Stand-alone app (``python -m server.cli.server_cmd ...``) with the same commands.
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+app.command("server")(server)
+app.add_typer(admin_app, name="admin")
+app.add_typer(product_app, name="product")
+
+if __name__ == "__main__":
+    app()

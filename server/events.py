@@ -1,0 +1,166 @@
+"""In-process event bus: Particle-style events fanned out to bounded subscribers.
+
+Publishing never blocks and never queues without bound: each subscriber owns a trio memory
+channel of fixed capacity, and a subscriber whose channel is full (it reads slower than
+events arrive, e.g. a slow SSE client) is dropped: its channel is closed, it drains what it
+already holds and then sees the end of the stream. Memory per subscriber is therefore capped
+at ``buffer`` events.
+
+Call :meth:`EventBus.publish` from the trio thread (memory channels are not thread-safe);
+code in worker threads returns its events to the caller, which publishes them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from otacore.errors import OtaError
+
+#: ``coreid`` of events the cloud itself emits (Particle uses the same value).
+CLOUD_COREID = "particle-internal"
+#: ``coreid`` of events published through the REST API.
+API_COREID = "api"
+DEFAULT_TTL = 60
+
+# Event names (Particle's where Particle has one; see particle-facts.md).
+STATUS = "spark/status"  # data "online" / "offline"
+FLASH_STATUS = "spark/flash/status"  # data "started " / "success " / "failed "
+UPDATES_PENDING = "particle/device/updates/pending"  # data "true" / "false"
+UPDATES_FORCED = "particle/device/updates/forced"  # data "true" / "false"
+FIRMWARE_CREATED = "particle/product/firmware/created"  # data JSON {version, title, ...}
+FIRMWARE_RELEASED = "particle/product/firmware/released"  # data JSON {version, immediate, ...}
+
+
+class TooManySubscribersError(OtaError):
+    """The bus already serves its maximum number of subscribers."""
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """ISO-8601 UTC with milliseconds and a Z, as Particle writes ``published_at``."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event. ``product_id``/``device_id`` route it; ``coreid`` is what clients see."""
+
+    name: str
+    data: str | None
+    product_id: int | None = None
+    device_id: str | None = None
+    coreid: str = CLOUD_COREID
+    ttl: int = DEFAULT_TTL
+    public: bool = False
+    published_at: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+    def sse_payload(self) -> dict[str, Any]:
+        """The JSON object of the SSE ``data:`` line, in Particle's shape."""
+        return {
+            "data": self.data,
+            "ttl": self.ttl,
+            "published_at": iso_ms(self.published_at),
+            "coreid": self.coreid,
+        }
+
+
+@dataclass
+class Subscription:
+    """A subscriber's filter and its receiving channel."""
+
+    id: int
+    product_id: int | None
+    device_id: str | None
+    name_prefix: str
+    receive: trio.MemoryReceiveChannel[Event]
+    send: trio.MemorySendChannel[Event]
+    dropped: bool = False
+
+    def matches(self, event: Event) -> bool:
+        """True when the event passes this subscriber's filter."""
+        if self.product_id is not None and event.product_id != self.product_id:
+            return False
+        if self.device_id is not None and event.device_id != self.device_id:
+            return False
+        return event.name.startswith(self.name_prefix)
+
+
+class EventBus:
+    """Fan-out of events to filtered, bounded subscribers (trio thread only)."""
+
+    def __init__(self, *, buffer: int = 256, max_subscribers: int = 10_000) -> None:
+        if buffer < 1:
+            raise ValueError("a subscriber buffer holds at least one event")
+        self.buffer = buffer
+        self.max_subscribers = max_subscribers
+        self._subscribers: dict[int, Subscription] = {}
+        self._ids = itertools.count(1)
+        self.published = 0
+        self.dropped_subscribers = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many subscribers are attached."""
+        return len(self._subscribers)
+
+    def publish(self, event: Event) -> int:
+        """Deliver ``event`` to every matching subscriber; return how many received it.
+
+        Never blocks: a subscriber whose buffer is full is dropped instead.
+        """
+        self.published += 1
+        delivered = 0
+        for sub in list(self._subscribers.values()):
+            if not sub.matches(event):
+                continue
+            try:
+                sub.send.send_nowait(event)
+            except trio.WouldBlock:
+                self._drop(sub)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.pop(sub.id, None)
+            else:
+                delivered += 1
+        return delivered
+
+    def _drop(self, sub: Subscription) -> None:
+        sub.dropped = True
+        self.dropped_subscribers += 1
+        self._subscribers.pop(sub.id, None)
+        sub.send.close()  # the reader drains its buffer, then sees EndOfChannel
+
+    @contextmanager
+    def subscribe(
+        self,
+        *,
+        product_id: int | None = None,
+        device_id: str | None = None,
+        name_prefix: str = "",
+        buffer: int | None = None,
+    ) -> Iterator[Subscription]:
+        """Attach a subscriber for the ``with`` block; events arrive on ``.receive``."""
+        if len(self._subscribers) >= self.max_subscribers:
+            raise TooManySubscribersError(
+                f"the event bus already serves {self.max_subscribers} subscribers; try later"
+            )
+        size = self.buffer if buffer is None else buffer
+        if size < 1 or math.isinf(size):
+            raise ValueError("a subscriber buffer must be a positive, finite number of events")
+        send, receive = trio.open_memory_channel[Event](size)
+        sub = Subscription(next(self._ids), product_id, device_id, name_prefix, receive, send)
+        self._subscribers[sub.id] = sub
+        try:
+            yield sub
+        finally:
+            self._subscribers.pop(sub.id, None)
+            send.close()
+            receive.close()

@@ -1,0 +1,36 @@
+"""The fleet service: the control plane's business rules over the store and the event bus.
+
+:class:`Fleet` combines the parts (firmware, devices, groups, auth, device-session hooks).
+Its async methods run blocking store work in worker threads (bounded by a
+``trio.CapacityLimiter``) and publish the resulting events on the bus after the commit.
+"""
+
+from __future__ import annotations
+
+from server.fleet.auth import AuthService, TokenGrant
+from server.fleet.devices import DevicePage, DeviceService, DeviceView, ImportResult
+from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
+from server.fleet.groups import GroupService, GroupView
+from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
+from server.fleet.sessions import DeviceTarget, SessionService
+
+
+class Fleet(FirmwareService, DeviceService, GroupService, AuthService, SessionService):
+    """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
+
+
+__all__ = [
+    "SYSTEM_ACTOR",
+    "Actor",
+    "DevicePage",
+    "DeviceTarget",
+    "DeviceView",
+    "FirmwareView",
+    "Fleet",
+    "GroupView",
+    "ImportResult",
+    "Permission",
+    "ReleaseOutcome",
+    "Role",
+    "TokenGrant",
+]

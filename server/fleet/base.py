@@ -1,0 +1,139 @@
+"""Shared machinery of the fleet service: thread offload, clock, event emission, lookups."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from otacore.errors import ValidationError
+from otacore.precedence import (
+    DeviceTargeting,
+    ProductReleases,
+    Release,
+    Target,
+    target_firmware_for,
+)
+from server.events import Event, EventBus
+from server.fleet.errors import UnknownDeviceError, UnknownProductError
+from server.store import DeviceRecord, ProductRecord, ReleaseRecord, Store, Tx
+
+_T = TypeVar("_T")
+_DEVICE_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+
+#: Product firmware versions are u16: the module suffix's product version field.
+MAX_FIRMWARE_VERSION = 0xFFFF
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def normalize_device_id(value: object) -> str:
+    """A device id as 24 lowercase hex digits, or ValidationError."""
+    if not isinstance(value, str) or not _DEVICE_ID_RE.match(value.lower()):
+        raise ValidationError(f"device id {value!r} must be 24 hexadecimal digits")
+    return value.lower()
+
+
+def check_version(value: object, what: str = "version") -> int:
+    """A firmware version: an integer 0..65535 (ints or digit strings), or ValidationError."""
+    if isinstance(value, bool):
+        raise ValidationError(f"{what} must be an integer, not a boolean")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int):
+        raise ValidationError(f"{what} must be an integer 0..{MAX_FIRMWARE_VERSION}")
+    if not 0 <= value <= MAX_FIRMWARE_VERSION:
+        raise ValidationError(f"{what} {value} is outside 0..{MAX_FIRMWARE_VERSION}")
+    return value
+
+
+def releases_of(records: Sequence[ReleaseRecord]) -> ProductReleases:
+    """The precedence engine's view of a product's release rows."""
+    default = None
+    groups: dict[str, Release] = {}
+    for rec in records:
+        release = Release(rec.version, rec.intelligent)
+        if rec.group_name is None:
+            default = release
+        else:
+            groups[rec.group_name] = release
+    return ProductReleases(default, groups)
+
+
+def targeting_of(device: DeviceRecord) -> DeviceTargeting:
+    """The precedence engine's view of a device."""
+    return DeviceTargeting(
+        development=device.development,
+        locked_version=device.desired_firmware_version,
+        groups=frozenset(device.groups),
+    )
+
+
+def target_of(device: DeviceRecord, releases: ProductReleases) -> Target:
+    """The firmware the precedence rules assign to ``device``."""
+    return target_firmware_for(targeting_of(device), releases)
+
+
+@dataclass
+class Outcome:
+    """What a blocking store operation hands back to the async layer: a value and events."""
+
+    value: Any = None
+    events: list[Event] = field(default_factory=list)
+
+
+class FleetBase:
+    """Store, bus, worker-thread limiter and clock shared by the service's parts."""
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        # Bounded: at most this many blocking store calls run at once (one DB connection each).
+        self.limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
+        self.clock = clock
+
+    async def _run(self, fn: Callable[..., Outcome], *args: Any) -> Any:
+        """Run a blocking store operation in a worker thread, then publish its events."""
+        outcome = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        for event in outcome.events:
+            self.bus.publish(event)
+        return outcome.value
+
+    async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a blocking read in a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    @staticmethod
+    def _product(tx: Tx, ref: int | str) -> ProductRecord:
+        product = tx.get_product(ref)
+        if product is None:
+            raise UnknownProductError(f"product {ref!r} not found (give its id or slug)")
+        return product
+
+    @staticmethod
+    def _device_in(tx: Tx, product: ProductRecord, device_id: str) -> DeviceRecord:
+        device = tx.get_device(normalize_device_id(device_id))
+        if device is None or device.product_id != product.id:
+            raise UnknownDeviceError(f"device {device_id} is not in product {product.slug}")
+        return device
+
+    @staticmethod
+    def _device(tx: Tx, device_id: str) -> DeviceRecord:
+        device = tx.get_device(normalize_device_id(device_id))
+        if device is None:
+            raise UnknownDeviceError(f"device {device_id} is not in any product")
+        return device

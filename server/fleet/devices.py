@@ -1,0 +1,453 @@
+"""Products and their devices: import, remove, list, settings, locks and per-device flashes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from otacore.errors import ModuleFormatError, ValidationError
+from otacore.module import validate_module
+from otacore.platforms import PLATFORMS, platform_name
+from otacore.precedence import Target
+from server.events import UPDATES_FORCED, UPDATES_PENDING, Event
+from server.fleet.base import (
+    FleetBase,
+    Outcome,
+    check_version,
+    normalize_device_id,
+    releases_of,
+    target_of,
+)
+from server.fleet.errors import DeviceRuleError, DuplicateError, UnknownFirmwareError
+from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
+from server.fleet.roles import Actor, Permission
+from server.fleet.text import clean_filename, clean_group_name, clean_text, slugify
+from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx
+
+#: Fields ``PUT /v1/products/:p/devices/:id`` accepts (Particle's names).
+DEVICE_FIELDS = frozenset(
+    {
+        "development",
+        "desired_firmware_version",
+        "flash",
+        "groups",
+        "firmware_updates_forced",
+        "name",
+        "notes",
+    }
+)
+MAX_PER_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """A device with the firmware the precedence rules give it and any pending flash."""
+
+    record: DeviceRecord
+    target: Target
+    pending_flash: FlashRecord | None = None
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    """One page of a device listing."""
+
+    devices: list[DeviceView]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def total_pages(self) -> int:
+        """Number of pages at this page size."""
+        return max(1, -(-self.total // self.per_page))
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """Particle's import answer: which ids were added, already there, or invalid."""
+
+    updated: tuple[str, ...]
+    existing: tuple[str, ...]
+    invalid: tuple[str, ...]
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(f"{what} must be true or false")
+    return value
+
+
+def updates_pending_for(device: DeviceRecord, product: ProductRecord, target: Target) -> bool:
+    """True when the device should update but has updates disabled and not forced."""
+    forced = device.firmware_updates_forced or product.firmware_updates_forced
+    return (
+        target.version is not None
+        and target.version != device.firmware_version
+        and not device.firmware_updates_enabled
+        and not forced
+    )
+
+
+class DeviceService(FleetBase):
+    """Products and devices."""
+
+    # --- products -----------------------------------------------------------------------------
+
+    def create_product_sync(
+        self, actor: Actor, name: object, platform_id: object, *, description: object = ""
+    ) -> ProductRecord:
+        """Create a product (blocking; the CLI calls this directly on the store)."""
+        actor.require(Permission.ADMINISTER, "create products")
+        clean_name = clean_text(name, "product name", 200, required=True)
+        if isinstance(platform_id, bool) or not isinstance(platform_id, int):
+            raise ValidationError("platform_id must be an integer")
+        if platform_id not in PLATFORMS:
+            known = ", ".join(f"{p.name} {p.id}" for p in PLATFORMS.values())
+            raise ValidationError(f"unknown platform id {platform_id}; known: {known}")
+        text = clean_text(description, "description", 10_000)
+        now = self.clock()
+        with self.store.write() as tx:
+            base = slugify(clean_name)
+            slug, n = base, 1
+            while tx.get_product(slug) is not None:
+                n += 1
+                slug = f"{base}-{n}"
+            product = tx.insert_product(
+                slug=slug, name=clean_name, platform_id=platform_id, description=text, now=now
+            )
+            tx.add_audit(
+                actor=actor.subject,
+                action="product.create",
+                product_id=product.id,
+                target=f"product:{product.slug}",
+                details={"name": clean_name, "platform_id": platform_id},
+                now=now,
+            )
+        return product
+
+    async def create_product(
+        self, actor: Actor, name: object, platform_id: object, *, description: object = ""
+    ) -> ProductRecord:
+        """Create a product; its slug is derived from the name (made unique)."""
+        return await self._run(
+            lambda: Outcome(
+                self.create_product_sync(actor, name, platform_id, description=description)
+            )
+        )
+
+    async def get_product(self, product_ref: int | str) -> ProductRecord:
+        """A product by id or slug."""
+
+        def work() -> ProductRecord:
+            with self.store.read() as tx:
+                return self._product(tx, product_ref)
+
+        return await self._read(work)
+
+    async def list_products(self) -> list[ProductRecord]:
+        """Every product."""
+
+        def work() -> list[ProductRecord]:
+            with self.store.read() as tx:
+                return tx.list_products()
+
+        return await self._read(work)
+
+    # --- devices ------------------------------------------------------------------------------
+
+    async def add_device(
+        self, actor: Actor, product_ref: int | str, device_id: object
+    ) -> ImportResult:
+        """Add (import) a device into a product; a device belongs to one product at a time."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "add devices")
+            clean_id = normalize_device_id(device_id)
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                existing = tx.get_device(clean_id)
+                if existing is not None and existing.product_id == product.id:
+                    return Outcome(ImportResult((), (clean_id,), ()))
+                if existing is not None:
+                    other = tx.get_product(existing.product_id)
+                    raise DuplicateError(
+                        f"device {clean_id} belongs to product "
+                        f"{other.slug if other else existing.product_id}; remove it there first"
+                    )
+                tx.insert_device(clean_id, product.id, now)
+                tx.add_audit(
+                    actor=actor.subject,
+                    action="device.add",
+                    product_id=product.id,
+                    target=f"device:{clean_id}",
+                    details={},
+                    now=now,
+                )
+            return Outcome(ImportResult((clean_id,), (), ()))
+
+        return await self._run(work)
+
+    async def remove_device(self, actor: Actor, product_ref: int | str, device_id: str) -> None:
+        """Remove a device from its product (with its groups, flashes and update state)."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "remove devices")
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                device = self._device_in(tx, product, device_id)
+                tx.delete_device(device.id)
+                tx.add_audit(
+                    actor=actor.subject,
+                    action="device.remove",
+                    product_id=product.id,
+                    target=f"device:{device.id}",
+                    details={},
+                    now=now,
+                )
+            return Outcome(None)
+
+        await self._run(work)
+
+    async def list_devices(
+        self,
+        product_ref: int | str,
+        *,
+        device_id: str | None = None,
+        name: str | None = None,
+        groups: tuple[str, ...] = (),
+        page: int = 1,
+        per_page: int = 25,
+    ) -> DevicePage:
+        """A page of a product's devices filtered by id / name substring and group names."""
+        if not 1 <= per_page <= MAX_PER_PAGE:
+            raise ValidationError(f"per_page must be within 1..{MAX_PER_PAGE}")
+        if page < 1:
+            raise ValidationError("page must be 1 or more")
+
+        def work() -> DevicePage:
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                records, total = tx.list_devices(
+                    product.id,
+                    id_contains=device_id,
+                    name_contains=name,
+                    group_names=groups,
+                    offset=(page - 1) * per_page,
+                    limit=per_page,
+                )
+                releases = releases_of(tx.list_releases(product.id))
+            views = [DeviceView(rec, target_of(rec, releases)) for rec in records]
+            return DevicePage(views, total, page, per_page)
+
+        return await self._read(work)
+
+    async def get_device(self, product_ref: int | str, device_id: str) -> DeviceView:
+        """One device of a product, with its target and pending flash."""
+
+        def work() -> DeviceView:
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                return self._view(tx, product, self._device_in(tx, product, device_id))
+
+        return await self._read(work)
+
+    @staticmethod
+    def _view(tx: Tx, product: ProductRecord, device: DeviceRecord) -> DeviceView:
+        releases = releases_of(tx.list_releases(product.id))
+        return DeviceView(device, target_of(device, releases), tx.pending_flash(device.id))
+
+    async def update_device(
+        self, actor: Actor, product_ref: int | str, device_id: str, changes: Mapping[str, object]
+    ) -> DeviceView:
+        """Apply Particle's device PUT fields (see DEVICE_FIELDS); all or nothing."""
+        return await self._run(self._update_device_sync, actor, product_ref, device_id, changes)
+
+    def _update_device_sync(
+        self, actor: Actor, product_ref: int | str, device_id: str, changes: Mapping[str, object]
+    ) -> Outcome:
+        unknown = sorted(set(changes) - DEVICE_FIELDS)
+        if unknown:
+            raise ValidationError(
+                f"unknown device field(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(DEVICE_FIELDS))}"
+            )
+        if not changes:
+            raise ValidationError(
+                f"nothing to change; give one of: {', '.join(sorted(DEVICE_FIELDS))}"
+            )
+        verb = "flash devices" if changes.get("flash") else "change device settings"
+        actor.require(Permission.MANAGE_DEVICES, verb)
+        fields: dict[str, Any] = {}
+        if "name" in changes:
+            fields["name"] = clean_text(changes["name"], "name", 200) or None
+        if "notes" in changes:
+            fields["notes"] = clean_text(changes["notes"], "notes", 10_000)
+        for key in ("development", "firmware_updates_forced"):
+            if key in changes:
+                fields[key] = _bool(changes[key], key)
+        lock_given = "desired_firmware_version" in changes
+        if lock_given and changes["desired_firmware_version"] is not None:
+            fields["desired_firmware_version"] = check_version(
+                changes["desired_firmware_version"], "desired_firmware_version"
+            )
+        elif lock_given:
+            fields["desired_firmware_version"] = None
+            fields["flash_requested"] = False
+        flash = _bool(changes["flash"], "flash") if "flash" in changes else False
+        group_names: list[str] | None = None
+        if "groups" in changes:
+            raw = changes["groups"]
+            if not isinstance(raw, list):
+                raise ValidationError("groups must be a list of group names")
+            group_names = [clean_group_name(name) for name in raw]
+        now = self.clock()
+        events: list[Event] = []
+        with self.store.write() as tx:
+            product = self._product(tx, product_ref)
+            device = self._device_in(tx, product, device_id)
+            lock = fields.get("desired_firmware_version", device.desired_firmware_version)
+            lock_fw = None
+            if lock is not None and (lock_given or flash):
+                lock_fw = tx.get_firmware(product.id, lock)
+                if lock_fw is None:
+                    raise UnknownFirmwareError(
+                        f"product {product.slug} has no firmware version {lock} to lock to"
+                    )
+            undelivered = tx.pending_flash(device.id) if lock_given and not flash else None
+            if undelivered and undelivered.kind == "product" and undelivered.version != lock:
+                tx.finish_flash(
+                    undelivered.id, "cancelled", "the lock changed before delivery", now
+                )
+            if flash:
+                if lock_fw is None:
+                    raise DeviceRuleError(
+                        "flash=true needs a locked version: give desired_firmware_version too"
+                    )
+                fields["flash_requested"] = True
+                tx.insert_flash(
+                    device_id=device.id,
+                    kind="product",
+                    version=lock_fw.version,
+                    sha256=lock_fw.sha256,
+                    size=lock_fw.size,
+                    filename=lock_fw.filename,
+                    module_info=lock_fw.module_info,
+                    status="pending",
+                    error="",
+                    requested_by=actor.subject,
+                    requested_at=now,
+                    finished_at=None,
+                )
+            if fields:
+                tx.update_device(device.id, fields, now)
+            if group_names is not None:
+                found = tx.ensure_groups(product.id, group_names, now)
+                tx.set_device_groups(device.id, [g.id for g in found])
+            audit = dict(fields)
+            if group_names is not None:
+                audit["groups"] = sorted(set(group_names))
+            tx.add_audit(
+                actor=actor.subject,
+                action="device.update",
+                product_id=product.id,
+                target=f"device:{device.id}",
+                details=audit,
+                now=now,
+            )
+            updated = self._device_in(tx, product, device.id)
+            view = self._view(tx, product, updated)
+            pending = updates_pending_for(updated, product, view.target)
+            if pending != updated.updates_pending:
+                tx.update_device(updated.id, {"updates_pending": pending}, now)
+                events.append(
+                    Event(
+                        UPDATES_PENDING,
+                        "true" if pending else "false",
+                        product_id=product.id,
+                        device_id=device.id,
+                        coreid=device.id,
+                        published_at=now,
+                    )
+                )
+                view = self._view(tx, product, self._device_in(tx, product, device.id))
+        if fields.get("firmware_updates_forced", device.firmware_updates_forced) != (
+            device.firmware_updates_forced
+        ):
+            data = "true" if fields["firmware_updates_forced"] else "false"
+            events.append(
+                Event(
+                    UPDATES_FORCED,
+                    data,
+                    product_id=product.id,
+                    device_id=device.id,
+                    coreid=device.id,
+                    published_at=now,
+                )
+            )
+        return Outcome(view, events)
+
+    async def flash_device_binary(
+        self,
+        actor: Actor,
+        product_ref: int | str,
+        device_id: str,
+        image: bytes,
+        *,
+        filename: object = "firmware.bin",
+    ) -> FlashRecord:
+        """Queue a binary for one development device (the OTA layer delivers it)."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "flash devices")
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                device = self._device_in(tx, product, device_id)
+            if not device.development:
+                raise DeviceRuleError(
+                    f"device {device.id} is not a development device; set development=true "
+                    "first, or product firmware would replace the flashed binary"
+                )
+            try:
+                info = validate_module(image)
+            except ModuleFormatError as exc:
+                raise DeviceRuleError(f"the binary is not a valid firmware module: {exc}") from exc
+            if info.platform_id != product.platform_id:
+                raise DeviceRuleError(
+                    f"the binary is built for {platform_name(info.platform_id)} but device "
+                    f"{device.id} is a {platform_name(product.platform_id)}"
+                )
+            if info.module_function not in PRODUCT_FIRMWARE_FUNCTIONS:
+                raise DeviceRuleError("only application (user part) binaries can be flashed here")
+            sha256 = self.store.blobs.put(image)
+            now = self.clock()
+            with self.store.write() as tx:
+                device = self._device_in(tx, product, device.id)
+                flash = tx.insert_flash(
+                    device_id=device.id,
+                    kind="binary",
+                    version=info.product_version,
+                    sha256=sha256,
+                    size=len(image),
+                    filename=clean_filename(filename),
+                    module_info=info.to_json(),
+                    status="pending",
+                    error="",
+                    requested_by=actor.subject,
+                    requested_at=now,
+                    finished_at=None,
+                )
+                tx.add_audit(
+                    actor=actor.subject,
+                    action="device.flash_binary",
+                    product_id=product.id,
+                    target=f"device:{device.id}",
+                    details={"sha256": sha256, "size": len(image)},
+                    now=now,
+                )
+            return Outcome(flash)
+
+        return await self._run(work)

@@ -1,0 +1,37 @@
+"""Errors of the fleet service's business rules (status codes follow the bases)."""
+
+from __future__ import annotations
+
+from otacore.errors import ConflictError, NotFoundError, ValidationError
+
+
+class UnknownProductError(NotFoundError):
+    """No product has this id or slug."""
+
+
+class UnknownDeviceError(NotFoundError):
+    """The device is not in this product (or not known at all)."""
+
+
+class UnknownFirmwareError(NotFoundError):
+    """The product has no firmware of this version."""
+
+
+class UnknownGroupError(NotFoundError):
+    """The product has no group of this name."""
+
+
+class FirmwareRejectedError(ValidationError):
+    """An upload breaks an upload rule (module, version, platform, size, duplicate)."""
+
+
+class ReleaseRefusedError(ValidationError):
+    """A release breaks a release rule (not yet seen running, unknown group, ...)."""
+
+
+class DeviceRuleError(ValidationError):
+    """A device change breaks a rule (flash to a non-development device, bad lock, ...)."""
+
+
+class DuplicateError(ConflictError):
+    """A name that must be unique is taken, or the thing is still in use."""

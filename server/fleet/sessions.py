@@ -1,0 +1,408 @@
+"""What device sessions tell the control plane, and what they ask of it.
+
+The device-protocol layer (next issues) calls these from its sessions: hello, describe,
+online / offline, updates enabled, transfer progress and flash outcome; and asks which
+firmware a device should run and which online devices need an update after a release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from otacore.errors import ValidationError
+from otacore.platforms import ModuleFunction
+from otacore.precedence import Target, TargetReason
+from server.events import FLASH_STATUS, STATUS, UPDATES_PENDING, Event
+from server.fleet.base import FleetBase, Outcome, check_version, releases_of, target_of
+from server.fleet.devices import updates_pending_for
+from server.store import (
+    DeviceRecord,
+    FirmwareRecord,
+    FlashRecord,
+    ProductRecord,
+    Tx,
+    UpdateStateRecord,
+)
+from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
+
+FlashStatus = Literal["started", "success", "failed"]
+
+
+@dataclass(frozen=True)
+class DeviceTarget:
+    """Everything a session needs to decide on an update for one device."""
+
+    device: DeviceRecord
+    product: ProductRecord
+    target: Target
+    #: The product firmware of ``target.version`` (None when no target or it is missing).
+    firmware: FirmwareRecord | None
+    #: A per-device flash waiting to be delivered (it goes before any release).
+    pending_flash: FlashRecord | None
+    updates_forced: bool
+
+    @property
+    def updates_allowed(self) -> bool:
+        """Devices refuse updates unless enabled or forced (particle-facts.md)."""
+        return self.device.firmware_updates_enabled or self.updates_forced
+
+    @property
+    def update_needed(self) -> bool:
+        """True when there is something to send: a pending flash or a different target."""
+        if self.pending_flash is not None:
+            return True
+        return self.target.version is not None and self.target.version != (
+            self.device.firmware_version
+        )
+
+
+class SessionService(FleetBase):
+    """Hooks for device sessions."""
+
+    def _device_target(self, tx: Tx, device: DeviceRecord) -> DeviceTarget:
+        return self._device_targets(tx, self._product(tx, device.product_id), [device])[0]
+
+    @staticmethod
+    def _device_targets(
+        tx: Tx, product: ProductRecord, devices: list[DeviceRecord]
+    ) -> list[DeviceTarget]:
+        """Targets of many devices of one product with a fixed number of queries."""
+        releases = releases_of(tx.list_releases(product.id))
+        firmware: dict[int, FirmwareRecord | None] = {}  # few distinct targets: load lazily
+        flashes = tx.pending_flashes([device.id for device in devices])
+        views = []
+        for device in devices:
+            target = target_of(device, releases)
+            if target.version is not None and target.version not in firmware:
+                firmware[target.version] = tx.get_firmware(product.id, target.version)
+            views.append(
+                DeviceTarget(
+                    device,
+                    product,
+                    target,
+                    None if target.version is None else firmware[target.version],
+                    flashes.get(device.id),
+                    device.firmware_updates_forced or product.firmware_updates_forced,
+                )
+            )
+        return views
+
+    def _refresh_pending(
+        self, tx: Tx, device_id: str, now: int, events: list[Event]
+    ) -> DeviceTarget:
+        """Re-read a device, re-derive its "updates pending" flag, return its target."""
+        view = self._device_target(tx, self._device(tx, device_id))
+        pending = updates_pending_for(view.device, view.product, view.target)
+        if pending != view.device.updates_pending:
+            tx.update_device(device_id, {"updates_pending": pending}, now)
+            events.append(
+                Event(
+                    UPDATES_PENDING,
+                    "true" if pending else "false",
+                    product_id=view.product.id,
+                    device_id=device_id,
+                    coreid=device_id,
+                    published_at=now,
+                )
+            )
+            view = self._device_target(tx, self._device(tx, device_id))
+        return view
+
+    async def startup(self) -> int:
+        """At server start: no session survives, so mark every device offline; also remove
+        blobs left by a crash between blob write and commit. Returns devices marked offline."""
+
+        def work() -> int:
+            with self.store.write() as tx:
+                count = tx.mark_all_offline(self.clock())
+            self.store.sweep_blobs()
+            return count
+
+        return await self._read(work)
+
+    async def target_for_device(self, device_id: str) -> DeviceTarget:
+        """The firmware the rules give a device now, with its pending flash if any."""
+
+        def work() -> DeviceTarget:
+            with self.store.read() as tx:
+                return self._device_target(tx, self._device(tx, device_id))
+
+        return await self._read(work)
+
+    async def record_device_hello(
+        self,
+        device_id: str,
+        *,
+        platform_id: int,
+        product_version: int | None,
+        system_version: int | None,
+        ip: str | None = None,
+    ) -> DeviceTarget:
+        """A device completed its handshake: note what it runs and that it is online.
+
+        A reported product version marks that firmware as seen running (which unlocks its
+        release), and a requested flash whose version now runs is complete.
+        """
+
+        def work() -> Outcome:
+            events: list[Event] = []
+            now = self.clock()
+            with self.store.write() as tx:
+                device = self._device(tx, device_id)
+                version = None if product_version is None else check_version(product_version)
+                fields: dict[str, Any] = {
+                    "platform_id": platform_id,
+                    "firmware_version": version,
+                    "system_version": system_version,
+                    "last_handshake_at": now,
+                    "last_heard_at": now,
+                    "online": True,
+                }
+                if ip is not None:
+                    fields["last_ip_address"] = ip
+                if device.flash_requested and version == device.desired_firmware_version:
+                    fields["flash_requested"] = False
+                pending = tx.pending_flash(device.id)
+                if pending is not None and pending.kind == "product" and pending.version == version:
+                    tx.finish_flash(pending.id, "succeeded", "", now)  # it runs that version now
+                tx.update_device(device.id, fields, now)
+                if version is not None and tx.mark_running_seen(device.product_id, version, now):
+                    tx.add_audit(
+                        actor=f"device:{device.id}",
+                        action="firmware.seen_running",
+                        product_id=device.product_id,
+                        target=f"firmware:{version}",
+                        details={"device_id": device.id},
+                        now=now,
+                    )
+                if not device.online:
+                    events.append(
+                        Event(
+                            STATUS,
+                            "online",
+                            product_id=device.product_id,
+                            device_id=device.id,
+                            coreid=device.id,
+                            published_at=now,
+                        )
+                    )
+                view = self._refresh_pending(tx, device.id, now, events)
+            return Outcome(view, events)
+
+        return await self._run(work)
+
+    async def record_describe(
+        self, device_id: str, modules: Sequence[Mapping[str, Any]]
+    ) -> DeviceTarget:
+        """Store the modules a device reported (dicts with at least function, index,
+        version); system part 1's version becomes the device's Device OS version."""
+        clean: list[dict[str, Any]] = []
+        for module in modules:
+            try:
+                entry = {k: int(module[k]) for k in ("function", "index", "version")}
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValidationError(
+                    "each module needs integer function, index and version"
+                ) from exc
+            entry.update({k: v for k, v in module.items() if k not in entry})
+            clean.append(entry)
+
+        def work() -> Outcome:
+            events: list[Event] = []
+            now = self.clock()
+            with self.store.write() as tx:
+                device = self._device(tx, device_id)
+                fields: dict[str, Any] = {"modules": clean, "last_heard_at": now}
+                for entry in clean:
+                    if entry["function"] == ModuleFunction.SYSTEM_PART and entry["index"] == 1:
+                        fields["system_version"] = entry["version"]
+                tx.update_device(device.id, fields, now)
+                view = self._refresh_pending(tx, device.id, now, events)
+            return Outcome(view, events)
+
+        return await self._run(work)
+
+    async def device_online(self, device_id: str, *, ip: str | None = None) -> None:
+        """A session resumed without a hello (or came up): mark online, emit spark/status."""
+        await self._set_online(device_id, True, ip)
+
+    async def device_offline(self, device_id: str) -> None:
+        """The device's session ended: mark offline, emit spark/status "offline"."""
+        await self._set_online(device_id, False, None)
+
+    async def _set_online(self, device_id: str, online: bool, ip: str | None) -> None:
+        def work() -> Outcome:
+            now = self.clock()
+            with self.store.write() as tx:
+                device = self._device(tx, device_id)
+                fields: dict[str, Any] = {"online": online, "last_heard_at": now}
+                if ip is not None:
+                    fields["last_ip_address"] = ip
+                tx.update_device(device.id, fields, now)
+            if device.online == online:
+                return Outcome(None)
+            event = Event(
+                STATUS,
+                "online" if online else "offline",
+                product_id=device.product_id,
+                device_id=device.id,
+                coreid=device.id,
+                published_at=now,
+            )
+            return Outcome(None, [event])
+
+        await self._run(work)
+
+    async def set_updates_enabled(self, device_id: str, enabled: bool) -> DeviceTarget:
+        """The device reported System.enableUpdates()/disableUpdates()."""
+
+        def work() -> Outcome:
+            events: list[Event] = []
+            now = self.clock()
+            with self.store.write() as tx:
+                tx.update_device(
+                    self._device(tx, device_id).id, {"firmware_updates_enabled": bool(enabled)}, now
+                )
+                view = self._refresh_pending(tx, device_id, now, events)
+            return Outcome(view, events)
+
+        return await self._run(work)
+
+    async def online_devices_needing_update(
+        self, product_ref: int | str, *, immediate_only: bool = False
+    ) -> list[DeviceTarget]:
+        """Online devices of a product whose target differs from what they run (or that
+        have a pending flash); with ``immediate_only``, only those whose deciding release is
+        intelligent, or that have a pending flash (pushed at once after a release)."""
+
+        def work() -> list[DeviceTarget]:
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                devices, _ = tx.list_devices(product.id, online=True)
+                views = self._device_targets(tx, product, devices)
+            return [
+                view
+                for view in views
+                if view.update_needed
+                and (not immediate_only or view.target.immediate or view.pending_flash is not None)
+            ]
+
+        return await self._read(work)
+
+    async def binary_for(self, view: DeviceTarget) -> tuple[str, bytes] | None:
+        """(sha256, image) of what to send: the pending flash first, else the target firmware."""
+        sha256 = (
+            view.pending_flash.sha256
+            if view.pending_flash is not None
+            else view.firmware.sha256
+            if view.firmware is not None
+            else None
+        )
+        if sha256 is None:
+            return None
+        return sha256, await self._read(self.store.blobs.get, sha256)
+
+    async def record_update_progress(
+        self,
+        device_id: str,
+        *,
+        sha256: str,
+        version: int | None,
+        transfer: str,
+        bytes_done: int,
+        bytes_total: int,
+        status: str = "in_progress",
+    ) -> None:
+        """Persist transfer progress (call it every few tens of KiB, not per chunk)."""
+        if transfer not in ("full", "delta"):
+            raise ValidationError("transfer must be 'full' or 'delta'")
+
+        def work() -> Outcome:
+            now = self.clock()
+            with self.store.write() as tx:
+                device = self._device(tx, device_id)
+                old = tx.get_update_state(device.id)
+                started = old.started_at if old is not None and old.sha256 == sha256 else now
+                tx.put_update_state(
+                    UpdateStateRecord(
+                        device.id,
+                        sha256,
+                        version,
+                        transfer,
+                        bytes_done,
+                        bytes_total,
+                        status,
+                        started,
+                        now,
+                    )
+                )
+            return Outcome(None)
+
+        await self._run(work)
+
+    async def get_update_state(self, device_id: str) -> UpdateStateRecord | None:
+        """The transfer in flight to a device, if any."""
+
+        def work() -> UpdateStateRecord | None:
+            with self.store.read() as tx:
+                return tx.get_update_state(self._device(tx, device_id).id)
+
+        return await self._read(work)
+
+    async def record_flash_status(
+        self, device_id: str, status: FlashStatus, *, error: str = ""
+    ) -> None:
+        """An update to the device started, succeeded or failed: update the pending flash
+        and the deciding release's counters, and emit ``spark/flash/status``."""
+        if status not in ("started", "success", "failed"):
+            raise ValidationError("flash status must be started, success or failed")
+
+        def work() -> Outcome:
+            now = self.clock()
+            with self.store.write() as tx:
+                view = self._device_target(tx, self._device(tx, device_id))
+                flash = view.pending_flash
+                if flash is not None:
+                    final = {"started": "started", "success": "succeeded", "failed": "failed"}
+                    tx.finish_flash(
+                        flash.id, final[status], error, None if status == "started" else now
+                    )
+                    if status == "success":
+                        tx.update_device(view.device.id, {"flash_requested": False}, now)
+                else:
+                    self._count_release(tx, view, status)
+                if status != "started":
+                    tx.clear_update_state(view.device.id)
+            event = Event(
+                FLASH_STATUS,
+                f"{status} ",
+                product_id=view.product.id,
+                device_id=view.device.id,
+                coreid=view.device.id,
+                published_at=now,
+            )
+            return Outcome(None, [event])
+
+        await self._run(work)
+
+    @staticmethod
+    def _count_release(tx: Tx, view: DeviceTarget, status: FlashStatus) -> None:
+        if view.target.reason == TargetReason.PRODUCT_DEFAULT:
+            scope = PRODUCT_SCOPE
+        elif view.target.reason == TargetReason.GROUP_RELEASE and view.target.group:
+            group = tx.get_group(view.product.id, view.target.group)
+            if group is None:
+                return
+            scope = group_scope(group.id)
+        else:
+            return
+        counter = {
+            "started": "devices_started",
+            "success": "devices_succeeded",
+            "failed": "devices_failed",
+        }[status]
+        for release in tx.list_releases(view.product.id):
+            if release.scope == scope:
+                tx.bump_release_counter(release.id, counter)

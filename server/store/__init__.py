@@ -1,0 +1,50 @@
+"""Durable control-plane store: SQLAlchemy Core database plus content-addressed blobs."""
+
+from __future__ import annotations
+
+from server.store.blobs import BlobStore
+from server.store.errors import (
+    BlobCorruptError,
+    BlobMissingError,
+    SchemaVersionError,
+    StoreConfigError,
+    StoreConflictError,
+    StoreUnavailableError,
+)
+from server.store.records import (
+    AuditRecord,
+    ClientRecord,
+    DeviceRecord,
+    FirmwareRecord,
+    FlashRecord,
+    GroupRecord,
+    ProductRecord,
+    ReleaseRecord,
+    TokenRecord,
+    UpdateStateRecord,
+    UserRecord,
+)
+from server.store.store import Store, Tx
+
+__all__ = [
+    "AuditRecord",
+    "BlobCorruptError",
+    "BlobMissingError",
+    "BlobStore",
+    "ClientRecord",
+    "DeviceRecord",
+    "FirmwareRecord",
+    "FlashRecord",
+    "GroupRecord",
+    "ProductRecord",
+    "ReleaseRecord",
+    "SchemaVersionError",
+    "Store",
+    "StoreConfigError",
+    "StoreConflictError",
+    "StoreUnavailableError",
+    "TokenRecord",
+    "Tx",
+    "UpdateStateRecord",
+    "UserRecord",
+]

@@ -1,0 +1,124 @@
+"""Content-addressed blob directory for firmware binaries.
+
+Each binary is stored once under its SHA-256 (``ab/abcdef...``). A write goes to a temporary
+file in the same file system, is fsynced, renamed over the final name (atomic on POSIX), and
+then the directory is fsynced so the rename itself is durable: after ``put`` returns the blob
+survives SIGKILL and power loss, and a crash at any earlier moment leaves at most a stray
+temporary file (removed at the next open), never a partial blob under a real name.
+
+Blobs are written before the database row that names them, so a committed row always finds
+its blob; a crash in between leaves an unreferenced blob, which ``sweep`` may remove.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from server.store.errors import BlobCorruptError, BlobMissingError, StoreConfigError
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_TMP_DIR = "tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_sha256_name(name: str) -> str:
+    """Return ``name`` if it is 64 lowercase hex digits, else raise ValueError."""
+    if not _SHA_RE.match(name):
+        raise ValueError(f"blob name {name!r} is not a lowercase hex SHA-256")
+    return name
+
+
+class BlobStore:
+    """Binaries named by their SHA-256 in a directory tree; safe against crashes."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        try:
+            (self.root / _TMP_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreConfigError(f"cannot create blob directory {self.root}: {exc}") from exc
+        self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        # Leftovers of writes interrupted by a crash: never renamed, so never acknowledged.
+        for leftover in (self.root / _TMP_DIR).iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path_of(self, sha256: str) -> Path:
+        """Where the blob named ``sha256`` lives (whether or not it exists)."""
+        check_sha256_name(sha256)
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        """True when the blob is stored."""
+        return self.path_of(sha256).is_file()
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` durably and return its SHA-256 (hex). Idempotent."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        final = self.path_of(sha256)
+        if final.is_file() and final.stat().st_size == len(data):
+            return sha256
+        shard = final.parent
+        shard_is_new = not shard.exists()
+        shard.mkdir(exist_ok=True)
+        if shard_is_new:
+            _fsync_dir(self.root)
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix=sha256[:16] + ".")
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(data)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, final)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(shard)
+        return sha256
+
+    def get(self, sha256: str, *, verify: bool = True) -> bytes:
+        """Read a blob; with ``verify`` check it still hashes to its name."""
+        try:
+            data = self.path_of(sha256).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobMissingError(f"binary {sha256} is missing from {self.root}") from exc
+        if verify and hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorruptError(f"binary {sha256} in {self.root} is corrupt (hash differs)")
+        return data
+
+    def delete(self, sha256: str) -> None:
+        """Remove a blob (no error if absent)."""
+        path = self.path_of(sha256)
+        if path.exists():
+            path.unlink()
+            _fsync_dir(path.parent)
+
+    def names(self) -> Iterator[str]:
+        """Every stored blob's SHA-256."""
+        for shard in sorted(self.root.iterdir()):
+            if shard.name == _TMP_DIR or not shard.is_dir():
+                continue
+            for entry in sorted(shard.iterdir()):
+                if _SHA_RE.match(entry.name):
+                    yield entry.name
+
+    def sweep(self, referenced: set[str]) -> list[str]:
+        """Delete blobs not in ``referenced`` (left by crashes or deletions); return them."""
+        removed = [name for name in self.names() if name not in referenced]
+        for name in removed:
+            self.delete(name)
+        return removed

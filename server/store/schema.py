@@ -1,0 +1,241 @@
+"""Tables of the control-plane store, in portable SQLAlchemy Core types.
+
+Only types every SQLAlchemy backend maps (Integer, BigInteger, String, Text, Boolean, JSON)
+and no backend-specific defaults, so the same metadata creates the SQLite file today and a
+PostgreSQL schema later. Times are integer milliseconds since the Unix epoch (UTC): no
+time-zone handling differs between backends.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+#: Bumped whenever a table changes; stored in the ``meta`` table.
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+
+def _ms(name: str, *, nullable: bool = False) -> sa.Column[int]:
+    """An epoch-milliseconds column."""
+    return sa.Column(name, sa.BigInteger, nullable=nullable)
+
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
+products = sa.Table(
+    "products",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("slug", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("platform_id", sa.Integer, nullable=False),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    # Product-level "force updates" (the next issues use it; devices also have their own flag).
+    sa.Column("firmware_updates_forced", sa.Boolean, nullable=False, default=False),
+    _ms("created_at"),
+)
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("id", sa.String(24), primary_key=True),  # 24 lowercase hex digits
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("notes", sa.Text, nullable=False, default=""),
+    sa.Column("development", sa.Boolean, nullable=False, default=False),
+    sa.Column("desired_firmware_version", sa.Integer, nullable=True),  # lock; NULL = unlocked
+    sa.Column("flash_requested", sa.Boolean, nullable=False, default=False),  # "flash now"
+    sa.Column("firmware_updates_forced", sa.Boolean, nullable=False, default=False),
+    sa.Column("firmware_updates_enabled", sa.Boolean, nullable=False, default=True),
+    sa.Column("updates_pending", sa.Boolean, nullable=False, default=False),
+    sa.Column("reset_pending", sa.Boolean, nullable=False, default=False),
+    sa.Column("online", sa.Boolean, nullable=False, default=False),
+    sa.Column("certs_revoked", sa.Boolean, nullable=False, default=False),
+    sa.Column("last_ip_address", sa.String(64), nullable=True),
+    _ms("last_handshake_at", nullable=True),
+    _ms("last_heard_at", nullable=True),
+    sa.Column("platform_id", sa.Integer, nullable=True),  # as reported in the hello
+    sa.Column("firmware_version", sa.Integer, nullable=True),  # product version it runs
+    sa.Column("system_version", sa.Integer, nullable=True),  # Device OS version it runs
+    sa.Column("modules", sa.JSON, nullable=True),  # last describe: list of module dicts
+    _ms("created_at"),
+    _ms("updated_at"),
+)
+sa.Index("ix_devices_product", devices.c.product_id, devices.c.id)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("color", sa.String(16), nullable=False, default=""),
+    _ms("created_at"),
+    sa.UniqueConstraint("product_id", "name", name="uq_groups_product_name"),
+)
+
+device_groups = sa.Table(
+    "device_groups",
+    metadata,
+    sa.Column(
+        "device_id",
+        sa.String(24),
+        sa.ForeignKey("devices.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "group_id", sa.Integer, sa.ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+    ),
+)
+sa.Index("ix_device_groups_group", device_groups.c.group_id)
+
+firmware = sa.Table(
+    "firmware",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("title", sa.String(200), nullable=False),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("filename", sa.String(200), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),  # names the blob
+    sa.Column("platform_id", sa.Integer, nullable=False),
+    sa.Column("module_function", sa.Integer, nullable=False),
+    sa.Column("module_index", sa.Integer, nullable=False),
+    sa.Column("module_version", sa.Integer, nullable=False),
+    sa.Column("module_info", sa.JSON, nullable=False),
+    sa.Column("uploaded_by", sa.String(200), nullable=False),
+    _ms("uploaded_at"),
+    _ms("running_seen_at", nullable=True),  # first time a device reported running it
+    sa.UniqueConstraint("product_id", "version", name="uq_firmware_product_version"),
+)
+
+# One row per release scope: "product" (the product default) or "group:<group id>".
+releases = sa.Table(
+    "releases",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("scope", sa.String(64), nullable=False),
+    sa.Column(
+        "group_id", sa.Integer, sa.ForeignKey("groups.id", ondelete="CASCADE"), nullable=True
+    ),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("intelligent", sa.Boolean, nullable=False, default=False),
+    _ms("released_at"),
+    sa.Column("released_by", sa.String(200), nullable=False),
+    # Counters the OTA issues fill in.
+    sa.Column("devices_started", sa.Integer, nullable=False, default=0),
+    sa.Column("devices_succeeded", sa.Integer, nullable=False, default=0),
+    sa.Column("devices_failed", sa.Integer, nullable=False, default=0),
+    sa.UniqueConstraint("product_id", "scope", name="uq_releases_product_scope"),
+)
+
+# A pending or finished per-device flash: product firmware ("flash now" after a lock) or a
+# binary uploaded for one development device.
+device_flashes = sa.Table(
+    "device_flashes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "device_id", sa.String(24), sa.ForeignKey("devices.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("kind", sa.String(16), nullable=False),  # "binary" or "product"
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("filename", sa.String(200), nullable=False, default=""),
+    sa.Column("module_info", sa.JSON, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),  # pending/started/succeeded/failed
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("requested_by", sa.String(200), nullable=False),
+    _ms("requested_at"),
+    _ms("finished_at", nullable=True),
+)
+sa.Index("ix_device_flashes_device", device_flashes.c.device_id, device_flashes.c.status)
+
+# The update in flight to a device (one at a time), for progress reporting and resume.
+device_updates = sa.Table(
+    "device_updates",
+    metadata,
+    sa.Column(
+        "device_id",
+        sa.String(24),
+        sa.ForeignKey("devices.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("transfer", sa.String(8), nullable=False),  # "full" or "delta"
+    sa.Column("bytes_done", sa.BigInteger, nullable=False, default=0),
+    sa.Column("bytes_total", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    _ms("started_at"),
+    _ms("updated_at"),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("username", sa.String(200), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(300), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    _ms("created_at"),
+)
+
+oauth_clients = sa.Table(
+    "oauth_clients",
+    metadata,
+    sa.Column("client_id", sa.String(100), primary_key=True),
+    sa.Column("secret_hash", sa.String(300), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    _ms("created_at"),
+)
+
+# Only SHA-256 hashes of tokens are stored; the token itself is shown once.
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # "access" or "refresh"
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),  # who: user name, client id, label
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("client_id", sa.String(100), nullable=True),
+    sa.Column("pair_hash", sa.String(64), nullable=True),  # refresh <-> access partner
+    _ms("created_at"),
+    _ms("expires_at", nullable=True),
+    _ms("revoked_at", nullable=True),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _ms("at"),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("product_id", sa.Integer, nullable=True),
+    sa.Column("target", sa.String(200), nullable=False, default=""),
+    sa.Column("details", sa.JSON, nullable=False),
+)
+sa.Index("ix_audit_product", audit_log.c.product_id, audit_log.c.id)

@@ -1,0 +1,63 @@
+"""SQLite engine setup: the only place with SQLite-specific SQL.
+
+The embedded store is one SQLite file in WAL mode with ``synchronous=FULL``: every commit is
+fsynced to the WAL before it returns, so a transaction that returned (and so an HTTP request
+that was answered) survives SIGKILL and power loss (https://sqlite.org/pragma.html#pragma_synchronous,
+https://sqlite.org/wal.html). Write transactions start with ``BEGIN IMMEDIATE`` so that two
+writers queue on the busy timeout instead of failing with SQLITE_BUSY when a deferred read
+transaction tries to upgrade (https://sqlite.org/lang_transaction.html).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+#: Execution option a write transaction sets before it begins (read by the "begin" hook).
+WRITE_OPTION = "ota_write"
+
+#: How long a writer waits for another writer's lock before SQLITE_BUSY (milliseconds).
+BUSY_TIMEOUT_MS = 30_000
+
+
+def create_sqlite_engine(url: sa.URL, *, pool_size: int) -> Engine:
+    """An engine for a SQLite file with WAL, synchronous=FULL, foreign keys and busy timeout."""
+    engine = sa.create_engine(
+        url,
+        # Connections move between worker threads (trio.to_thread), one thread at a time.
+        connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=60,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy's "begin" hook below (pysqlite otherwise
+        # starts transactions lazily, only before DML).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def integrity_check(engine: Engine) -> str:
+    """Run ``PRAGMA integrity_check`` and return its verdict ("ok" when sound)."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("PRAGMA integrity_check").fetchall()
+    return "; ".join(str(row[0]) for row in rows)

@@ -1,0 +1,266 @@
+"""Store queries on product firmware, releases, per-device flashes and updates in flight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from server.store import schema as t
+from server.store.records import (
+    FirmwareRecord,
+    FlashRecord,
+    ReleaseRecord,
+    UpdateStateRecord,
+    new_row_id,
+    record_from,
+)
+
+#: Release scope of the product default; a group release's scope is ``group:<group id>``.
+PRODUCT_SCOPE = "product"
+
+
+def group_scope(group_id: int) -> str:
+    """Release scope string of a group."""
+    return f"group:{group_id}"
+
+
+class FirmwareQueries:
+    """Firmware, releases, flashes and update state; mixed into the store's Tx."""
+
+    conn: Connection
+
+    # --- firmware ---------------------------------------------------------------------------
+
+    def insert_firmware(self, **values: Any) -> FirmwareRecord:
+        """Record an uploaded firmware version (its blob must already be stored)."""
+        self.conn.execute(sa.insert(t.firmware).values(running_seen_at=None, **values))
+        record = self.get_firmware(values["product_id"], values["version"])
+        assert record is not None
+        return record
+
+    def get_firmware(self, product_id: int, version: int) -> FirmwareRecord | None:
+        """One firmware version of a product."""
+        row = (
+            self.conn.execute(
+                sa.select(t.firmware).where(
+                    t.firmware.c.product_id == product_id, t.firmware.c.version == version
+                )
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else record_from(FirmwareRecord, row)
+
+    def list_firmware(self, product_id: int) -> list[FirmwareRecord]:
+        """A product's firmware, newest version first."""
+        rows = self.conn.execute(
+            sa.select(t.firmware)
+            .where(t.firmware.c.product_id == product_id)
+            .order_by(t.firmware.c.version.desc())
+        ).mappings()
+        return [record_from(FirmwareRecord, row) for row in rows]
+
+    def update_firmware(self, firmware_id: int, fields: dict[str, Any]) -> None:
+        """Change a firmware's title or description."""
+        unknown = set(fields) - {"title", "description"}
+        if unknown:
+            raise ValueError(f"firmware columns {sorted(unknown)} cannot be changed")
+        self.conn.execute(
+            sa.update(t.firmware).where(t.firmware.c.id == firmware_id).values(**fields)
+        )
+
+    def delete_firmware(self, firmware_id: int) -> None:
+        """Delete a firmware row (the caller removes the blob when nothing else refers to it)."""
+        self.conn.execute(sa.delete(t.firmware).where(t.firmware.c.id == firmware_id))
+
+    def mark_running_seen(self, product_id: int, version: int, now: int) -> bool:
+        """Note that a device runs this version; True when this is the first such report."""
+        result = self.conn.execute(
+            sa.update(t.firmware)
+            .where(
+                t.firmware.c.product_id == product_id,
+                t.firmware.c.version == version,
+                t.firmware.c.running_seen_at.is_(None),
+            )
+            .values(running_seen_at=now)
+        )
+        return bool(result.rowcount)
+
+    def blob_is_referenced(self, sha256: str) -> bool:
+        """True while any firmware or flash request names this blob."""
+        for table in (t.firmware, t.device_flashes):
+            query = sa.select(sa.func.count()).select_from(table).where(table.c.sha256 == sha256)
+            if self.conn.execute(query).scalar_one():
+                return True
+        return False
+
+    def referenced_blobs(self) -> set[str]:
+        """Every blob name the database refers to."""
+        names: set[str] = set()
+        for table in (t.firmware, t.device_flashes):
+            names.update(row[0] for row in self.conn.execute(sa.select(table.c.sha256).distinct()))
+        return names
+
+    # --- releases ---------------------------------------------------------------------------
+
+    def list_releases(self, product_id: int) -> list[ReleaseRecord]:
+        """A product's releases (default first, then groups by name)."""
+        query = (
+            sa.select(t.releases, t.groups.c.name.label("group_name"))
+            .select_from(t.releases.outerjoin(t.groups, t.groups.c.id == t.releases.c.group_id))
+            .where(t.releases.c.product_id == product_id)
+            .order_by(t.releases.c.group_id.is_not(None), t.groups.c.name)
+        )
+        return [record_from(ReleaseRecord, row) for row in self.conn.execute(query).mappings()]
+
+    def set_release(
+        self,
+        product_id: int,
+        group_id: int | None,
+        *,
+        version: int,
+        intelligent: bool,
+        actor: str,
+        now: int,
+    ) -> None:
+        """Release ``version`` to the product default (group_id None) or to one group."""
+        scope = PRODUCT_SCOPE if group_id is None else group_scope(group_id)
+        where = sa.and_(t.releases.c.product_id == product_id, t.releases.c.scope == scope)
+        values = {
+            "version": version,
+            "intelligent": intelligent,
+            "released_at": now,
+            "released_by": actor,
+            "devices_started": 0,
+            "devices_succeeded": 0,
+            "devices_failed": 0,
+        }
+        changed = self.conn.execute(sa.update(t.releases).where(where).values(**values)).rowcount
+        if not changed:
+            self.conn.execute(
+                sa.insert(t.releases).values(
+                    product_id=product_id, scope=scope, group_id=group_id, **values
+                )
+            )
+
+    def delete_release(self, product_id: int, group_id: int | None) -> None:
+        """Withdraw the product-default or a group release."""
+        scope = PRODUCT_SCOPE if group_id is None else group_scope(group_id)
+        self.conn.execute(
+            sa.delete(t.releases).where(
+                t.releases.c.product_id == product_id, t.releases.c.scope == scope
+            )
+        )
+
+    def bump_release_counter(self, release_id: int, counter: str) -> None:
+        """Add one to a release's started / succeeded / failed counter."""
+        if counter not in ("devices_started", "devices_succeeded", "devices_failed"):
+            raise ValueError(f"unknown release counter {counter!r}")
+        column = t.releases.c[counter]
+        self.conn.execute(
+            sa.update(t.releases).where(t.releases.c.id == release_id).values({column: column + 1})
+        )
+
+    # --- per-device flashes -------------------------------------------------------------------
+
+    def insert_flash(self, **values: Any) -> FlashRecord:
+        """Queue a flash for one device (replacing any still-pending one)."""
+        self.conn.execute(
+            sa.update(t.device_flashes)
+            .where(
+                t.device_flashes.c.device_id == values["device_id"],
+                t.device_flashes.c.status == "pending",
+            )
+            .values(status="superseded", finished_at=values["requested_at"])
+        )
+        result = self.conn.execute(sa.insert(t.device_flashes).values(**values))
+        flash_id = new_row_id(result)
+        row = (
+            self.conn.execute(sa.select(t.device_flashes).where(t.device_flashes.c.id == flash_id))
+            .mappings()
+            .one()
+        )
+        return record_from(FlashRecord, row)
+
+    def pending_flash(self, device_id: str) -> FlashRecord | None:
+        """The newest pending or started flash of a device."""
+        row = (
+            self.conn.execute(
+                sa.select(t.device_flashes)
+                .where(
+                    t.device_flashes.c.device_id == device_id,
+                    t.device_flashes.c.status.in_(("pending", "started")),
+                )
+                .order_by(t.device_flashes.c.id.desc())
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else record_from(FlashRecord, row)
+
+    def pending_flashes(self, device_ids: list[str]) -> dict[str, FlashRecord]:
+        """The newest pending or started flash of each listed device that has one."""
+        found: dict[str, FlashRecord] = {}
+        for start in range(0, len(device_ids), 500):  # stay below bound-parameter limits
+            rows = self.conn.execute(
+                sa.select(t.device_flashes)
+                .where(
+                    t.device_flashes.c.device_id.in_(device_ids[start : start + 500]),
+                    t.device_flashes.c.status.in_(("pending", "started")),
+                )
+                .order_by(t.device_flashes.c.id)
+            ).mappings()
+            for row in rows:
+                found[row["device_id"]] = record_from(FlashRecord, row)  # newest wins
+        return found
+
+    def finish_flash(self, flash_id: int, status: str, error: str, now: int | None) -> None:
+        """Set a flash's status (started / succeeded / failed) and finish time."""
+        self.conn.execute(
+            sa.update(t.device_flashes)
+            .where(t.device_flashes.c.id == flash_id)
+            .values(status=status, error=error, finished_at=now)
+        )
+
+    # --- update in flight -------------------------------------------------------------------
+
+    def get_update_state(self, device_id: str) -> UpdateStateRecord | None:
+        """The transfer in flight to a device, if any."""
+        row = (
+            self.conn.execute(
+                sa.select(t.device_updates).where(t.device_updates.c.device_id == device_id)
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else record_from(UpdateStateRecord, row)
+
+    def put_update_state(self, state: UpdateStateRecord) -> None:
+        """Insert or replace the transfer state of a device."""
+        values = {
+            "sha256": state.sha256,
+            "version": state.version,
+            "transfer": state.transfer,
+            "bytes_done": state.bytes_done,
+            "bytes_total": state.bytes_total,
+            "status": state.status,
+            "started_at": state.started_at,
+            "updated_at": state.updated_at,
+        }
+        changed = self.conn.execute(
+            sa.update(t.device_updates)
+            .where(t.device_updates.c.device_id == state.device_id)
+            .values(**values)
+        ).rowcount
+        if not changed:
+            self.conn.execute(
+                sa.insert(t.device_updates).values(device_id=state.device_id, **values)
+            )
+
+    def clear_update_state(self, device_id: str) -> None:
+        """Forget the transfer state of a device."""
+        self.conn.execute(
+            sa.delete(t.device_updates).where(t.device_updates.c.device_id == device_id)
+        )

@@ -1,0 +1,308 @@
+"""Store queries on products, devices and groups (portable SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from server.store import schema as t
+from server.store.records import (
+    DeviceRecord,
+    GroupRecord,
+    ProductRecord,
+    new_row_id,
+    record_from,
+)
+
+#: Device columns callers may change through ``update_device``.
+DEVICE_MUTABLE = frozenset(
+    {
+        "name",
+        "notes",
+        "development",
+        "desired_firmware_version",
+        "flash_requested",
+        "firmware_updates_forced",
+        "firmware_updates_enabled",
+        "updates_pending",
+        "reset_pending",
+        "online",
+        "certs_revoked",
+        "last_ip_address",
+        "last_handshake_at",
+        "last_heard_at",
+        "platform_id",
+        "firmware_version",
+        "system_version",
+        "modules",
+    }
+)
+PRODUCT_MUTABLE = frozenset({"name", "description", "firmware_updates_forced"})
+
+
+class FleetQueries:
+    """Products, devices and groups; mixed into :class:`server.store.store.Tx`."""
+
+    conn: Connection
+
+    # --- products -----------------------------------------------------------------------
+
+    def insert_product(
+        self, *, slug: str, name: str, platform_id: int, description: str, now: int
+    ) -> ProductRecord:
+        """Create a product; the caller checks the slug is free."""
+        result = self.conn.execute(
+            sa.insert(t.products).values(
+                slug=slug,
+                name=name,
+                platform_id=platform_id,
+                description=description,
+                firmware_updates_forced=False,
+                created_at=now,
+            )
+        )
+        product_id = new_row_id(result)
+        product = self.get_product(product_id)
+        assert product is not None
+        return product
+
+    def get_product(self, ref: int | str) -> ProductRecord | None:
+        """A product by numeric id or by slug."""
+        if isinstance(ref, int):
+            where = t.products.c.id == ref
+        elif ref.isdigit():
+            where = sa.or_(t.products.c.id == int(ref), t.products.c.slug == ref)
+        else:
+            where = t.products.c.slug == ref
+        row = self.conn.execute(sa.select(t.products).where(where)).mappings().first()
+        return None if row is None else record_from(ProductRecord, row)
+
+    def list_products(self) -> list[ProductRecord]:
+        """Every product, by id."""
+        rows = self.conn.execute(sa.select(t.products).order_by(t.products.c.id)).mappings()
+        return [record_from(ProductRecord, row) for row in rows]
+
+    def update_product(self, product_id: int, fields: dict[str, Any]) -> None:
+        """Change product columns listed in PRODUCT_MUTABLE."""
+        unknown = set(fields) - PRODUCT_MUTABLE
+        if unknown:
+            raise ValueError(f"product columns {sorted(unknown)} cannot be changed")
+        self.conn.execute(
+            sa.update(t.products).where(t.products.c.id == product_id).values(**fields)
+        )
+
+    # --- devices ------------------------------------------------------------------------
+
+    def _groups_of(self, device_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        found: dict[str, list[str]] = {device_id: [] for device_id in device_ids}
+        if not device_ids:
+            return {}
+        query = (
+            sa.select(t.device_groups.c.device_id, t.groups.c.name)
+            .join(t.groups, t.groups.c.id == t.device_groups.c.group_id)
+            .where(t.device_groups.c.device_id.in_(list(device_ids)))
+            .order_by(t.groups.c.name)
+        )
+        for device_id, name in self.conn.execute(query):
+            found[device_id].append(name)
+        return {device_id: tuple(names) for device_id, names in found.items()}
+
+    def _devices_from_rows(self, rows: Iterable[Any]) -> list[DeviceRecord]:
+        rows = list(rows)
+        groups = self._groups_of([row["id"] for row in rows])
+        return [record_from(DeviceRecord, row, groups=groups[row["id"]]) for row in rows]
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        """A device by id, with its group names."""
+        rows = self.conn.execute(sa.select(t.devices).where(t.devices.c.id == device_id))
+        found = self._devices_from_rows(rows.mappings())
+        return found[0] if found else None
+
+    def insert_device(self, device_id: str, product_id: int, now: int) -> None:
+        """Add a device to a product with default settings."""
+        self.conn.execute(
+            sa.insert(t.devices).values(
+                id=device_id,
+                product_id=product_id,
+                name=None,
+                notes="",
+                development=False,
+                desired_firmware_version=None,
+                flash_requested=False,
+                firmware_updates_forced=False,
+                firmware_updates_enabled=True,
+                updates_pending=False,
+                reset_pending=False,
+                online=False,
+                certs_revoked=False,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+    def delete_device(self, device_id: str) -> None:
+        """Remove a device (its group memberships, flashes and update state cascade)."""
+        self.conn.execute(
+            sa.delete(t.device_groups).where(t.device_groups.c.device_id == device_id)
+        )
+        self.conn.execute(
+            sa.delete(t.device_flashes).where(t.device_flashes.c.device_id == device_id)
+        )
+        self.conn.execute(
+            sa.delete(t.device_updates).where(t.device_updates.c.device_id == device_id)
+        )
+        self.conn.execute(sa.delete(t.devices).where(t.devices.c.id == device_id))
+
+    def update_device(self, device_id: str, fields: dict[str, Any], now: int) -> None:
+        """Change device columns listed in DEVICE_MUTABLE and stamp ``updated_at``."""
+        unknown = set(fields) - DEVICE_MUTABLE
+        if unknown:
+            raise ValueError(f"device columns {sorted(unknown)} cannot be changed")
+        self.conn.execute(
+            sa.update(t.devices).where(t.devices.c.id == device_id).values(updated_at=now, **fields)
+        )
+
+    def list_devices(
+        self,
+        product_id: int,
+        *,
+        id_contains: str | None = None,
+        name_contains: str | None = None,
+        group_names: Sequence[str] = (),
+        online: bool | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> tuple[list[DeviceRecord], int]:
+        """One page of a product's devices (by id) matching the filters, and the total."""
+        where = [t.devices.c.product_id == product_id]
+        if id_contains:
+            where.append(t.devices.c.id.contains(id_contains.lower(), autoescape=True))
+        if name_contains:
+            where.append(
+                sa.func.lower(t.devices.c.name).contains(name_contains.lower(), autoescape=True)
+            )
+        if online is not None:
+            where.append(t.devices.c.online == online)
+        if group_names:
+            members = (
+                sa.select(t.device_groups.c.device_id)
+                .join(t.groups, t.groups.c.id == t.device_groups.c.group_id)
+                .where(t.groups.c.product_id == product_id, t.groups.c.name.in_(list(group_names)))
+            )
+            where.append(t.devices.c.id.in_(members))
+        total = self.conn.execute(
+            sa.select(sa.func.count()).select_from(t.devices).where(*where)
+        ).scalar_one()
+        query = sa.select(t.devices).where(*where).order_by(t.devices.c.id).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        return self._devices_from_rows(self.conn.execute(query).mappings()), int(total)
+
+    def set_device_groups(self, device_id: str, group_ids: Iterable[int]) -> None:
+        """Replace a device's group memberships."""
+        self.conn.execute(
+            sa.delete(t.device_groups).where(t.device_groups.c.device_id == device_id)
+        )
+        rows = [{"device_id": device_id, "group_id": gid} for gid in sorted(set(group_ids))]
+        if rows:
+            self.conn.execute(sa.insert(t.device_groups), rows)
+
+    def mark_all_offline(self, now: int) -> int:
+        """Set every device offline (at server start no session survives); return how many."""
+        result = self.conn.execute(
+            sa.update(t.devices)
+            .where(t.devices.c.online.is_(True))
+            .values(online=False, updated_at=now)
+        )
+        return int(result.rowcount)
+
+    def device_counts_by_version(self, product_id: int) -> dict[int, int]:
+        """How many of the product's devices report running each firmware version."""
+        query = (
+            sa.select(t.devices.c.firmware_version, sa.func.count())
+            .where(t.devices.c.product_id == product_id, t.devices.c.firmware_version.is_not(None))
+            .group_by(t.devices.c.firmware_version)
+        )
+        return {int(version): int(count) for version, count in self.conn.execute(query)}
+
+    def devices_locked_to(self, product_id: int, version: int) -> list[str]:
+        """Ids of the product's devices locked to ``version``."""
+        query = sa.select(t.devices.c.id).where(
+            t.devices.c.product_id == product_id, t.devices.c.desired_firmware_version == version
+        )
+        return [row[0] for row in self.conn.execute(query)]
+
+    # --- groups ---------------------------------------------------------------------------
+
+    def get_group(self, product_id: int, name: str) -> GroupRecord | None:
+        """A group by product and name."""
+        row = (
+            self.conn.execute(
+                sa.select(t.groups).where(
+                    t.groups.c.product_id == product_id, t.groups.c.name == name
+                )
+            )
+            .mappings()
+            .first()
+        )
+        return None if row is None else record_from(GroupRecord, row)
+
+    def list_groups(self, product_id: int) -> list[GroupRecord]:
+        """A product's groups, by name."""
+        rows = self.conn.execute(
+            sa.select(t.groups).where(t.groups.c.product_id == product_id).order_by(t.groups.c.name)
+        ).mappings()
+        return [record_from(GroupRecord, row) for row in rows]
+
+    def group_device_counts(self, product_id: int) -> dict[int, int]:
+        """Group id -> number of member devices, for a product's groups."""
+        query = (
+            sa.select(t.device_groups.c.group_id, sa.func.count())
+            .join(t.groups, t.groups.c.id == t.device_groups.c.group_id)
+            .where(t.groups.c.product_id == product_id)
+            .group_by(t.device_groups.c.group_id)
+        )
+        return {int(gid): int(count) for gid, count in self.conn.execute(query)}
+
+    def insert_group(
+        self, product_id: int, name: str, *, description: str, color: str, now: int
+    ) -> GroupRecord:
+        """Create a group; the caller checks the name is free."""
+        self.conn.execute(
+            sa.insert(t.groups).values(
+                product_id=product_id,
+                name=name,
+                description=description,
+                color=color,
+                created_at=now,
+            )
+        )
+        group = self.get_group(product_id, name)
+        assert group is not None
+        return group
+
+    def update_group(self, group_id: int, fields: dict[str, Any]) -> None:
+        """Change a group's name, description or color."""
+        unknown = set(fields) - {"name", "description", "color"}
+        if unknown:
+            raise ValueError(f"group columns {sorted(unknown)} cannot be changed")
+        self.conn.execute(sa.update(t.groups).where(t.groups.c.id == group_id).values(**fields))
+
+    def delete_group(self, group_id: int) -> None:
+        """Delete a group, its memberships and its release."""
+        self.conn.execute(sa.delete(t.device_groups).where(t.device_groups.c.group_id == group_id))
+        self.conn.execute(sa.delete(t.releases).where(t.releases.c.group_id == group_id))
+        self.conn.execute(sa.delete(t.groups).where(t.groups.c.id == group_id))
+
+    def ensure_groups(self, product_id: int, names: Iterable[str], now: int) -> list[GroupRecord]:
+        """The named groups of a product, creating the missing ones (Particle does so too)."""
+        found = []
+        for name in sorted(set(names)):
+            group = self.get_group(product_id, name)
+            if group is None:
+                group = self.insert_group(product_id, name, description="", color="", now=now)
+            found.append(group)
+        return found

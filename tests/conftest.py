@@ -1,0 +1,222 @@
+"""Fixtures: a real control-plane server on an ephemeral loopback port, clients, firmware.
+
+The helper classes and functions here exist only to back the fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+
+from otacore.module import build_module
+from otacore.platforms import ModuleFunction
+
+if TYPE_CHECKING:  # the server stack is imported by the fixtures that use it, so test
+    # sessions that never start a server do not pay for importing it
+    from server.app import ServerConfig, ServerHandle
+    from server.store import Store
+
+BORON = 13
+ARGON = 12
+#: Small upload limit for the test servers, so 413 paths are cheap to reach.
+TEST_UPLOAD_LIMIT = 512 * 1024
+
+
+def _make_firmware(
+    version: int,
+    *,
+    platform_id: int = BORON,
+    size: int = 4096,
+    function: int = ModuleFunction.USER_PART,
+    product_version: int | None = -1,
+    seed: int = 0,
+) -> bytes:
+    """A valid module image; ``product_version`` -1 means "same as version", None omits it."""
+    payload = hashlib.shake_256(f"{version}/{seed}".encode()).digest(size)
+    embedded = version if product_version == -1 else product_version
+    return build_module(
+        payload,
+        platform_id=platform_id,
+        function=function,
+        version=6,
+        product_id=None if embedded is None else platform_id,
+        product_version=embedded,
+    )
+
+
+def _server_config(data_dir: Path) -> ServerConfig:
+    """Server settings for tests: ephemeral port, short SSE timings, small upload limit."""
+    from server.api import ApiSettings
+    from server.app import ServerConfig
+
+    return ServerConfig(
+        data_dir=data_dir,
+        api_port=0,
+        store_threads=4,
+        api=ApiSettings(
+            max_upload_bytes=TEST_UPLOAD_LIMIT,
+            sse_keepalive_seconds=0.3,
+            sse_send_timeout_seconds=2.0,
+            sse_buffer=64,
+        ),
+        graceful_timeout=0.5,
+    )
+
+
+@dataclass
+class Api:
+    """A running server with an owner client and helpers."""
+
+    handle: ServerHandle
+    client: httpx.AsyncClient
+    token: str
+
+    @property
+    def store(self) -> Store:
+        """The server's store (same process)."""
+        return self.handle.store
+
+    async def token_for(self, role: str, expires_in: int = 0) -> str:
+        """A fresh token of ``role``."""
+        grant = await trio.to_thread.run_sync(
+            lambda: self.handle.fleet.create_api_token_sync(role, expires_in=expires_in)
+        )
+        return grant.access_token
+
+    async def client_for(self, role: str) -> httpx.AsyncClient:
+        """A client authenticated with a new token of ``role`` (close it after use)."""
+        token = await self.token_for(role)
+        return httpx.AsyncClient(
+            base_url=self.handle.api_url, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Every table row and blob name, to prove a refused request changed nothing."""
+
+        def work() -> dict[str, Any]:
+            with self.store.read() as tx:
+                dump: dict[str, Any] = dict(tx.dump_tables())
+            dump["audit_log"] = [row for row in dump["audit_log"] if row[3] != "token.issue"]
+            dump["tokens"] = []  # tests mint tokens between snapshots
+            dump["blobs"] = sorted(self.store.blobs.names())
+            return dump
+
+        return await trio.to_thread.run_sync(work)
+
+    async def create_product(
+        self, name: str = "Widget", platform_id: int = BORON
+    ) -> dict[str, Any]:
+        """Create a product through the API."""
+        response = await self.client.post(
+            "/v1/products", json={"name": name, "platform_id": platform_id}
+        )
+        assert response.status_code == 201, response.text
+        product: dict[str, Any] = response.json()["product"]
+        return product
+
+    async def upload(
+        self, product: str | int, version: int, image: bytes | None = None, **fields: Any
+    ) -> httpx.Response:
+        """Upload firmware (multipart field ``binary``)."""
+        data = {"version": str(version), "title": f"v{version}", **fields}
+        files = {
+            "binary": ("firmware.bin", image or _make_firmware(version), "application/octet-stream")
+        }
+        return await self.client.post(f"/v1/products/{product}/firmware", data=data, files=files)
+
+    async def report_running(self, device_id: str, version: int, platform_id: int = BORON) -> None:
+        """Have a device report (hello) that it runs ``version``."""
+        await self.handle.fleet.record_device_hello(
+            device_id, platform_id=platform_id, product_version=version, system_version=5000
+        )
+
+
+@pytest.fixture
+def make_firmware() -> Callable[..., bytes]:
+    """Builder of valid firmware images: ``make_firmware(version, platform_id=13, size=4096,
+    function=USER_PART, product_version=-1 (same as version) or None (omit), seed=0)``."""
+    return _make_firmware
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """An empty data directory."""
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def store(data_dir: Path) -> Iterator[Store]:
+    """A store opened directly (no server)."""
+    from server.store import Store
+
+    opened = Store.open_dir(data_dir, pool_size=2)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+async def api(nursery: trio.Nursery, data_dir: Path) -> AsyncIterator[Api]:
+    """The real server (hypercorn on trio) on an ephemeral port, with an owner client."""
+    from server.app import serve
+
+    handle: ServerHandle = await nursery.start(serve, _server_config(data_dir))
+    grant = await trio.to_thread.run_sync(
+        lambda: handle.fleet.create_api_token_sync("owner", label="test owner")
+    )
+    async with httpx.AsyncClient(
+        base_url=handle.api_url,
+        headers={"Authorization": f"Bearer {grant.access_token}"},
+        timeout=20,
+    ) as client:
+        yield Api(handle, client, grant.access_token)
+    handle.shutdown.set()
+
+
+@dataclass
+class ThreadedServer:
+    """A server running in its own thread (for synchronous tests such as hypothesis)."""
+
+    url: str
+    token: str
+    handle: ServerHandle
+    call: Callable[..., Any]  # run an async function on the server's trio loop
+
+
+@pytest.fixture(scope="module")
+def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    """One server per test module, on a trio loop in a background thread."""
+    from server.app import serve
+
+    data = tmp_path_factory.mktemp("threaded") / "data"
+    ready: dict[str, Any] = {}
+    started = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            handle: ServerHandle = await nursery.start(serve, _server_config(data))
+            grant = handle.fleet.create_api_token_sync("owner")
+            ready.update(
+                handle=handle,
+                token=grant.access_token,
+                trio_token=trio.lowlevel.current_trio_token(),
+            )
+            started.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert started.wait(30), "the threaded server did not start"
+    handle, trio_token = ready["handle"], ready["trio_token"]
+
+    def call(fn: Callable[..., Any], *args: Any) -> Any:
+        return trio.from_thread.run(fn, *args, trio_token=trio_token)
+
+    yield ThreadedServer(handle.api_url, ready["token"], handle, call)
+    trio.from_thread.run_sync(handle.shutdown.set, trio_token=trio_token)
+    thread.join(10)

@@ -1,0 +1,205 @@
+"""Hypothesis fuzzing of the write endpoints' bodies: junk gets a 4xx, never a 500.
+
+The server runs on its own trio loop in a background thread (``threaded_server``) so that
+Hypothesis drives plain synchronous httpx requests against real HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from otacore.module import build_module
+
+DEVICE = "0123456789abcdef01234567"
+ALLOWED = {200, 201, 204, 400, 401, 403, 404, 409, 413}
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _objects(known: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    keys = st.sampled_from(known) | st.text(max_size=12)
+    return st.dictionaries(keys, json_values, max_size=6)
+
+
+@pytest.fixture(scope="module")
+def client(threaded_server) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=threaded_server.url,
+        headers={"Authorization": f"Bearer {threaded_server.token}"},
+        timeout=30,
+    ) as http:
+        product = http.post("/v1/products", json={"name": "Fuzz", "platform_id": 13})
+        assert product.status_code == 201
+        slug = product.json()["product"]["slug"]
+        image = build_module(
+            b"\x01" * 2000, platform_id=13, function=5, version=6, product_id=13, product_version=1
+        )
+        assert (
+            http.post(
+                f"/v1/products/{slug}/firmware",
+                data={"version": "1", "title": "t"},
+                files={"binary": ("f.bin", image)},
+            ).status_code
+            == 201
+        )
+        assert http.post(f"/v1/products/{slug}/devices", json={"id": DEVICE}).status_code == 200
+        assert http.post(f"/v1/products/{slug}/groups", json={"name": "beta"}).status_code == 201
+        http.headers["x-product"] = slug
+        yield http
+
+
+def _slug(client: httpx.Client) -> str:
+    return client.headers["x-product"]
+
+
+def _counts(client: httpx.Client) -> tuple[int, int]:
+    slug = _slug(client)
+    firmware = client.get(f"/v1/products/{slug}/firmware").json()
+    devices = client.get(f"/v1/products/{slug}/devices").json()["meta"]["total"]
+    return len(firmware), devices
+
+
+@FUZZ
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["version", "title", "description", "x"]),
+        st.text(max_size=30),
+        max_size=4,
+    ),
+    binary=st.binary(max_size=3000)
+    | st.builds(
+        lambda n, pos, val: _mutated(n, pos, val),
+        st.integers(1, 60),
+        st.integers(0, 10**6),
+        st.integers(1, 255),
+    ),
+    field_name=st.sampled_from(["binary", "file", "bin"]),
+)
+def test_fuzz_firmware_upload(
+    client: httpx.Client, fields: dict[str, str], binary: bytes, field_name: str
+) -> None:
+    before = _counts(client)
+    response = client.post(
+        f"/v1/products/{_slug(client)}/firmware", data=fields, files={field_name: ("f.bin", binary)}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["ok"] is False and response.json()["error"]
+    assert _counts(client) == before
+
+
+def _mutated(version: int, position: int, value: int) -> bytes:
+    """A valid module with one byte changed (CRC and SHA then fail)."""
+    image = bytearray(
+        build_module(
+            hashlib.sha256(bytes([version])).digest() * 40,
+            platform_id=13,
+            function=5,
+            version=6,
+            product_id=13,
+            product_version=version,
+        )
+    )
+    image[position % len(image)] ^= value
+    return bytes(image)
+
+
+@FUZZ
+@given(body=_objects(["version", "product_default", "groups", "intelligent", "force"]))
+def test_fuzz_release(client: httpx.Client, body: dict[str, Any]) -> None:
+    response = client.put(f"/v1/products/{_slug(client)}/firmware/release", json=body)
+    assert response.status_code in ALLOWED, response.text
+
+
+@FUZZ
+@given(
+    body=_objects(
+        [
+            "development",
+            "desired_firmware_version",
+            "flash",
+            "groups",
+            "firmware_updates_forced",
+            "name",
+            "notes",
+        ]
+    )
+)
+def test_fuzz_device_update(client: httpx.Client, body: dict[str, Any]) -> None:
+    response = client.put(f"/v1/products/{_slug(client)}/devices/{DEVICE}", json=body)
+    assert response.status_code in ALLOWED, response.text
+    if response.status_code >= 400:
+        assert response.json()["ok"] is False
+
+
+@FUZZ
+@given(
+    body=_objects(["id"]),
+    group=_objects(["name", "description", "color"]),
+    event=_objects(["name", "data", "ttl", "private"]),
+)
+def test_fuzz_import_groups_events(
+    client: httpx.Client, body: dict[str, Any], group: dict[str, Any], event: dict[str, Any]
+) -> None:
+    slug = _slug(client)
+    for response in (
+        client.post(f"/v1/products/{slug}/devices", json=body),
+        client.post(f"/v1/products/{slug}/groups", json=group),
+        client.put(f"/v1/products/{slug}/groups/beta", json=group),
+        client.post(f"/v1/products/{slug}/events", json=event),
+    ):
+        assert response.status_code in ALLOWED, response.text
+
+
+@FUZZ
+@given(
+    raw=st.binary(max_size=400),
+    media=st.sampled_from(
+        [
+            "application/json",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=zz",
+            "text/plain",
+            "",
+        ]
+    ),
+    target=st.sampled_from(
+        [
+            ("PUT", "/firmware/release"),
+            ("PUT", f"/devices/{DEVICE}"),
+            ("POST", "/devices"),
+            ("POST", "/groups"),
+            ("POST", "/events"),
+            ("POST", "/firmware"),
+            ("POST", "/oauth"),
+        ]
+    ),
+)
+def test_fuzz_raw_bodies(
+    client: httpx.Client, raw: bytes, media: str, target: tuple[str, str]
+) -> None:
+    method, path = target
+    url = "/oauth/token" if path == "/oauth" else f"/v1/products/{_slug(client)}{path}"
+    headers = {"content-type": media} if media else {}
+    response = client.request(method, url, content=raw, headers=headers)
+    assert response.status_code in ALLOWED, response.text
+    assert response.headers["content-type"].startswith("application/json")
