@@ -55,6 +55,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str], title: str | None = N
             value = row.get(column)
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
+            elif isinstance(value, dict):
+                value = value.get("username") or json.dumps(value)
             cells.append("" if value is None else str(value))
         table.add_row(*cells)
     Console().print(table)
