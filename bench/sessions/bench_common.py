@@ -1,0 +1,104 @@
+"""Shared by the session benchmarks: a cached fleet of provisioned devices and the server
+process (bench_server.py) driven over its stdin/stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.identity import init_pki, pki_dir, provision_devices
+from server.transport.client import DeviceCredentials
+
+DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-sessions")
+
+
+def fleet(workdir: Path, count: int) -> tuple[Path, list[DeviceCredentials], Path]:
+    """``count`` provisioned devices under ``workdir`` (created once, then reused).
+
+    Returns the PKI directory, the devices' credentials and a file listing their ids.
+    """
+    ca_dir = pki_dir(workdir / "data")
+    out = workdir / "devices"
+    listing = workdir / "device-ids.txt"
+    known = listing.read_text().split() if listing.exists() else []
+    if len(known) < count:
+        init_pki(ca_dir)
+        added = provision_devices(ca_dir, count - len(known), out)
+        known += [device.device_id for device in added]
+        listing.write_text("\n".join(known) + "\n")
+    ca_path = out / "ca.pem"
+    credentials = [
+        DeviceCredentials(out / device_id / "cert.pem", out / device_id / "key.pem", ca_path)
+        for device_id in known[:count]
+    ]
+    return ca_dir, credentials, listing
+
+
+class ServerProcess:
+    """bench_server.py in a child process."""
+
+    def __init__(
+        self,
+        ca_dir: Path,
+        device_list: Path,
+        *,
+        handler: str = "echo",
+        tracemalloc: bool = False,
+        cpu: int | None = None,
+        bare: bool = False,
+    ) -> None:
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("bench_server.py")),
+            *("--pki", str(ca_dir), "--devices", str(device_list), "--handler", handler),
+        ]
+        if tracemalloc:
+            command.append("--tracemalloc")
+        if cpu is not None:
+            command += ["--cpu", str(cpu)]
+        if bare:
+            command.append("--bare")
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        hello = self._read()
+        self.tcp_port: int = hello["tcp"]
+        self.udp_port: int = hello["udp"]
+        self.pid: int = hello["pid"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the bench server exited")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def ask(self, command: str) -> dict[str, Any]:
+        """Send one command (rss, heap, py, cpu, stats) and return its JSON answer."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        """Ask the server to shut down gracefully; kill it if it does not."""
+        try:
+            self.ask("quit")
+            self.process.wait(timeout=30)
+        except (RuntimeError, BrokenPipeError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of process ``pid`` (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks

@@ -1,0 +1,99 @@
+"""Per-session limits and the token bucket that enforces rates (sans-IO: time is passed in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otacore.errors import ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What one device session may cost the server.
+
+    Times are in seconds. Rates are refilled continuously; bursts are the bucket sizes.
+    """
+
+    #: A device must finish its TLS/DTLS handshake (and authorization) within this time.
+    handshake_timeout: float = 10.0
+    #: A session with no traffic in either direction for this long is closed. Devices keep
+    #: it open with CoAP pings (RFC 7252 section 4.3 / RFC 8323 section 5.4).
+    idle_timeout: float = 120.0
+    #: Largest datagram (DTLS) accepted, or largest chunk one ``receive()`` returns (TLS).
+    #: The CoAP layer applies its own message-size limit on top for streams.
+    max_message_size: int = 1536
+    #: DTLS: datagrams per second a device may send (excess datagrams are dropped).
+    messages_per_second: float = 50.0
+    message_burst: float = 100.0
+    #: TLS: bytes per second a device may send (excess delays reading: TCP backpressure).
+    bytes_per_second: float = 64 * 1024.0
+    byte_burst: float = 128 * 1024.0
+    #: A single send that cannot complete within this time marks the peer as too slow.
+    send_timeout: float = 30.0
+    #: How long graceful shutdown waits for the farewell message and close_notify.
+    farewell_timeout: float = 2.0
+    #: Most live sessions per listener; connections beyond are refused at once. Each TCP
+    #: session costs a file descriptor and the process may hold 20,000.
+    max_sessions: int = 19_000
+
+    def __post_init__(self) -> None:
+        for name in (
+            "handshake_timeout",
+            "idle_timeout",
+            "messages_per_second",
+            "message_burst",
+            "bytes_per_second",
+            "byte_burst",
+            "send_timeout",
+            "farewell_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValidationError(f"session limit {name} must be positive")
+        if self.max_message_size < 64:
+            raise ValidationError("max_message_size must be at least 64 bytes")
+        if self.max_sessions < 1:
+            raise ValidationError("max_sessions must be at least 1")
+
+
+class TokenBucket:
+    """A token bucket (rate tokens per second, up to ``capacity``), advanced by caller time.
+
+    ``try_take`` is for traffic that may be dropped (datagrams); ``take`` is for traffic
+    that must be delayed instead (streams): it always takes and returns how long the caller
+    should wait before taking more, letting the balance go negative meanwhile.
+    """
+
+    __slots__ = ("_capacity", "_rate", "_tokens", "_updated")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        if rate <= 0 or capacity <= 0:
+            raise ValueError("a token bucket needs a positive rate and capacity")
+        self._rate = rate
+        self._capacity = capacity
+        self._tokens = capacity
+        self._updated = now
+
+    def _refill(self, now: float) -> None:
+        elapsed = now - self._updated
+        if elapsed > 0:  # a clock that goes backwards must not mint tokens
+            self._tokens = min(self._capacity, self._tokens + elapsed * self._rate)
+            self._updated = now
+
+    def tokens(self, now: float) -> float:
+        """Tokens available at ``now`` (negative while in debt)."""
+        self._refill(now)
+        return self._tokens
+
+    def try_take(self, amount: float, now: float) -> bool:
+        """Take ``amount`` tokens if available and return True; else take nothing."""
+        self._refill(now)
+        if self._tokens >= amount:
+            self._tokens -= amount
+            return True
+        return False
+
+    def take(self, amount: float, now: float) -> float:
+        """Take ``amount`` tokens unconditionally; return seconds until the balance is >= 0."""
+        self._refill(now)
+        self._tokens -= amount
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate

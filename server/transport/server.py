@@ -1,0 +1,185 @@
+"""Both device listeners (TLS on TCP, DTLS on UDP) in one nursery, with graceful shutdown."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from otacore.errors import ValidationError
+from server.identity import DeviceDirectory, InstallationPki, init_pki
+from server.transport.dtls import make_dtls_server_context, serve_dtls
+from server.transport.limits import SessionLimits
+from server.transport.session import (
+    CloseReason,
+    HandlerFactory,
+    SessionHost,
+    SessionRegistry,
+    TransportStats,
+    logger,
+)
+from server.transport.tls import make_tls_server_context, serve_tls
+
+#: CoAP over DTLS (RFC 7252 section 12.8) and over TLS (RFC 8323 section 8.2) share 5684.
+DEFAULT_DEVICE_PORT = 5684
+
+
+@dataclass(frozen=True)
+class DeviceServerConfig:
+    """Where and how the device endpoint listens.
+
+    ``tcp_port``/``udp_port`` 0 pick ephemeral ports (tests); ``None`` disables a transport.
+    """
+
+    pki_dir: Path
+    host: str = "0.0.0.0"
+    tcp_port: int | None = DEFAULT_DEVICE_PORT
+    udp_port: int | None = DEFAULT_DEVICE_PORT
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    #: Names and addresses devices use to reach the server (the server certificate's SANs,
+    #: used only when the PKI is created).
+    server_dns_names: tuple[str, ...] = ("localhost",)
+    server_ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    #: Per-DTLS-peer queue of datagrams not yet read (trio drops beyond it).
+    dtls_queue_size: int = 10
+
+    def __post_init__(self) -> None:
+        for port in (self.tcp_port, self.udp_port):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValidationError(f"device port {port} is not between 0 and 65535")
+        if self.tcp_port is None and self.udp_port is None:
+            raise ValidationError("enable at least one device transport (TCP or UDP)")
+
+
+class DeviceServer:
+    """The device endpoint: accepts devices over TLS and DTLS and runs their sessions.
+
+    Use ``await nursery.start(server.serve)``; later ``await server.shutdown()`` for a
+    graceful stop (farewell + close_notify to every device), or cancel for a hard stop.
+    """
+
+    def __init__(
+        self,
+        config: DeviceServerConfig,
+        handler_factory: HandlerFactory,
+        directory: DeviceDirectory,
+        *,
+        registry: SessionRegistry | None = None,
+        pki: InstallationPki | None = None,
+    ) -> None:
+        self.config = config
+        self.pki = pki
+        self.registry = registry if registry is not None else SessionRegistry()
+        self.host = SessionHost(
+            directory=directory,
+            handler_factory=handler_factory,
+            registry=self.registry,
+            limits=config.limits,
+        )
+        #: Bound (address, port) of each transport once serving; None if disabled.
+        self.tcp_address: tuple[str, int] | None = None
+        self.udp_address: tuple[str, int] | None = None
+        self._tcp_listeners: list[trio.SocketListener] = []
+        self._udp_endpoint: trio.DTLSEndpoint | None = None
+        self._stop = trio.Event()
+
+    @property
+    def stats(self) -> TransportStats:
+        """Handshake, refusal and close counters."""
+        return self.host.stats
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[DeviceServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind both transports, report ``self`` as started, serve until stopped."""
+        if self.pki is None:
+            self.pki = await trio.to_thread.run_sync(
+                lambda: init_pki(
+                    self.config.pki_dir,
+                    dns_names=self.config.server_dns_names,
+                    ip_addresses=self.config.server_ip_addresses,
+                )
+            )
+        pki = self.pki
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.config.tcp_port is not None:
+                    self._tcp_listeners = await trio.open_tcp_listeners(
+                        self.config.tcp_port, host=self.config.host
+                    )
+                    self.tcp_address = _address_of(self._tcp_listeners[0].socket)
+                    await nursery.start(
+                        serve_tls, self._tcp_listeners, make_tls_server_context(pki), self.host
+                    )
+                if self.config.udp_port is not None:
+                    self._udp_endpoint = await self._open_udp_endpoint()
+                    self.udp_address = _address_of(self._udp_endpoint.socket)
+                    await nursery.start(
+                        serve_dtls, self._udp_endpoint, make_dtls_server_context(pki), self.host
+                    )
+                logger.info(
+                    "device endpoint listening: tcp %s, udp %s", self.tcp_address, self.udp_address
+                )
+                task_status.started(self)
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            for listener in self._tcp_listeners:
+                listener.socket.close()
+            if self._udp_endpoint is not None:
+                self._udp_endpoint.close()
+
+    async def _open_udp_endpoint(self) -> trio.DTLSEndpoint:
+        assert self.config.udp_port is not None
+        infos = await trio.socket.getaddrinfo(
+            self.config.host, self.config.udp_port, type=socket.SOCK_DGRAM
+        )
+        family, _, _, _, address = infos[0]
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            await sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return trio.DTLSEndpoint(sock, incoming_packets_buffer=self.config.dtls_queue_size)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, tell every device to come back later, then stop serving.
+
+        Live sessions get their handler's ``farewell`` and a close_notify; after ``grace``
+        seconds (default: the farewell timeout plus one second) whatever remains is cancelled.
+        """
+        if grace is None:
+            grace = self.config.limits.farewell_timeout + 1.0
+        self.host.accepting = False
+        for listener in self._tcp_listeners:
+            await listener.aclose()
+        closing = self.registry.close_all(CloseReason.SHUTDOWN)
+        logger.info("device endpoint shutting down; closing %d sessions", closing)
+        with trio.move_on_after(grace):
+            await self.host.wait_all_closed()
+        self._stop.set()
+
+
+def _address_of(sock: trio.socket.SocketType) -> tuple[str, int]:
+    address = sock.getsockname()
+    return (str(address[0]), int(address[1]))
+
+
+async def serve_devices(
+    config: DeviceServerConfig,
+    handler_factory: HandlerFactory,
+    directory: DeviceDirectory,
+    *,
+    registry: SessionRegistry | None = None,
+    task_status: trio.TaskStatus[DeviceServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the device endpoint (TLS on TCP and DTLS on UDP) until cancelled or shut down.
+
+    ``await nursery.start(serve_devices, config, factory, directory)`` returns the running
+    :class:`DeviceServer` (bound addresses, registry, stats, ``shutdown()``).
+    """
+    server = DeviceServer(config, handler_factory, directory, registry=registry)
+    await server.serve(task_status=task_status)

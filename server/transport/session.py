@@ -1,0 +1,369 @@
+"""Device sessions shared by the TLS and DTLS shells: the handler interface, the registry of
+live sessions, and the code that authorizes a handshake and runs one session's task tree.
+
+A session is bound to the device id named by its client certificate for its whole life. The
+CoAP layer plugs on top through :class:`SessionHandler`; it sees only :class:`DeviceSession`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Literal, Protocol
+
+import trio
+
+from otacore.errors import OtaError
+from server.identity import CertificateRejectedError, DeviceDirectory, DeviceIdCache
+from server.transport.limits import SessionLimits
+
+logger = logging.getLogger("otacloud.devices")
+
+TransportName = Literal["tcp", "udp"]
+
+
+class CloseReason:
+    """Why a session ended (the values appear in logs and in :class:`TransportStats`)."""
+
+    PEER = "closed by device"
+    IDLE = "idle timeout"
+    REVOKED = "device revoked"
+    SHUTDOWN = "server shutdown"
+    REPLACED = "replaced by a newer session of the same device"
+    HANDLER_DONE = "handler finished"
+    HANDLER_ERROR = "handler error"
+    TRANSPORT_ERROR = "transport error"
+    SEND_TIMEOUT = "send timeout"
+    SERVER = "closed by server"
+
+
+class RefuseReason:
+    """Why a connection attempt was refused before a session started."""
+
+    HANDSHAKE_FAILED = "handshake failed"
+    HANDSHAKE_TIMEOUT = "handshake timeout"
+    BAD_CERTIFICATE = "certificate names no device"
+    NOT_AUTHORIZED = "device unknown or revoked"
+    DIRECTORY_ERROR = "device directory failed"
+    SERVER_FULL = "too many sessions"
+    SHUTTING_DOWN = "server shutting down"
+
+
+class SessionClosed(OtaError):
+    """The session has ended; ``reason`` (a :class:`CloseReason` value) says why.
+
+    Raised by :meth:`DeviceSession.receive` and :meth:`DeviceSession.send`. A handler may
+    let it propagate: the transport treats it as a normal end of the session.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the device session has ended: {reason}")
+        self.reason = reason
+
+
+class DeviceSession:
+    """One authenticated device connection, as the CoAP layer sees it.
+
+    ``receive()`` returns one datagram (DTLS) or the next chunk of stream bytes (TLS) and
+    raises :class:`SessionClosed` when the session ends. Any traffic in either direction
+    pushes the idle deadline ``limits.idle_timeout`` further. ``close()`` ends the session
+    from any task; the handler's ``run`` is then cancelled.
+    """
+
+    __slots__ = (
+        "_in_farewell",
+        "_scope",
+        "close_reason",
+        "device_id",
+        "limits",
+        "peer",
+        "resumed",
+        "started_at",
+    )
+
+    transport: TransportName
+
+    def __init__(
+        self, device_id: str, peer: tuple[str, int], limits: SessionLimits, resumed: bool
+    ) -> None:
+        #: The device id from the client certificate; fixed for the session's life.
+        self.device_id = device_id
+        #: The device's (address, port).
+        self.peer = peer
+        self.limits = limits
+        #: True if the handshake resumed an earlier TLS/DTLS session (ticket).
+        self.resumed = resumed
+        #: trio.current_time() when the session started.
+        self.started_at = trio.current_time()
+        #: None while open, else a CloseReason value.
+        self.close_reason: str | None = None
+        # True while the farewell hook runs: sends are allowed although the session closes.
+        self._in_farewell = False
+        # Deadline = idle deadline; cancelled by close(). Wraps the handler's run().
+        self._scope = trio.CancelScope(deadline=self.started_at + limits.idle_timeout)
+
+    async def receive(self) -> bytes:
+        """The next datagram (DTLS) or stream chunk (TLS); SessionClosed when it has ended."""
+        raise NotImplementedError
+
+    async def send(self, data: bytes) -> None:
+        """Send one datagram (DTLS) or these stream bytes (TLS); SessionClosed if ended."""
+        raise NotImplementedError
+
+    def close(self, reason: str = CloseReason.SERVER) -> None:
+        """End the session (idempotent): cancels the handler, then the transport closes."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self._scope.cancel()
+
+    @property
+    def closed(self) -> bool:
+        """True once the session has ended or is ending."""
+        return self.close_reason is not None
+
+    def _touch(self) -> None:
+        """Traffic happened: push the idle deadline (RFC 7252 section 4.3 keep-alive pings
+        from the device, or any other message, keep the session open)."""
+        self._scope.deadline = trio.current_time() + self.limits.idle_timeout
+
+    def _check_can_send(self) -> None:
+        if self.close_reason is not None and not self._in_farewell:
+            raise SessionClosed(self.close_reason)
+
+    async def _farewell(self, handler: SessionHandler) -> None:
+        """Run the handler's farewell hook (graceful shutdown only); never raises."""
+        if self.close_reason != CloseReason.SHUTDOWN:
+            return
+        self._in_farewell = True
+        try:
+            await handler.farewell(self)
+        except SessionClosed:
+            pass
+        except Exception:
+            logger.exception("farewell hook failed for device %s", self.device_id)
+        finally:
+            self._in_farewell = False
+
+    def _ended(self, reason: str) -> SessionClosed:
+        if self.close_reason is None:
+            self.close_reason = reason
+        return SessionClosed(self.close_reason)
+
+    async def _farewell_then_close(self, handler: SessionHandler) -> None:
+        """Transport-specific: give the handler its farewell hook, then close gracefully."""
+        raise NotImplementedError
+
+    def _close_now(self) -> None:
+        """Transport-specific: release everything at once without sending anything."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        state = self.close_reason or "open"
+        return f"<{type(self).__name__} {self.device_id} {self.transport} {self.peer} {state}>"
+
+
+class SessionHandler(Protocol):
+    """What runs on top of a session (the CoAP layer)."""
+
+    async def run(self, session: DeviceSession) -> None:
+        """Serve the device until it leaves; may raise SessionClosed. Cancelled by close()."""
+        ...
+
+    async def farewell(self, session: DeviceSession) -> None:
+        """On graceful server shutdown: send a last message (e.g. CoAP over TCP Release,
+        RFC 8323 section 5.5, with Hold-Off) telling the device when to come back. Called
+        after ``run`` was cancelled, within ``limits.farewell_timeout``; may do nothing."""
+        ...
+
+
+#: Makes the handler for a new session (it may return one shared handler object).
+HandlerFactory = Callable[[DeviceSession], SessionHandler]
+
+
+class SessionRegistry:
+    """Live sessions by device id, one per device: a new session replaces the older one.
+
+    The control plane calls :meth:`close_device` when a device is revoked.
+    """
+
+    __slots__ = ("_by_device",)
+
+    def __init__(self) -> None:
+        self._by_device: dict[str, DeviceSession] = {}
+
+    def register(self, session: DeviceSession) -> None:
+        """Record ``session``; an older session of the same device is closed (REPLACED)."""
+        older = self._by_device.get(session.device_id)
+        if older is not None and older is not session:
+            older.close(CloseReason.REPLACED)
+        self._by_device[session.device_id] = session
+
+    def unregister(self, session: DeviceSession) -> None:
+        """Forget ``session`` (no-op if a newer session of its device replaced it)."""
+        if self._by_device.get(session.device_id) is session:
+            del self._by_device[session.device_id]
+
+    def get(self, device_id: str) -> DeviceSession | None:
+        """The live session of ``device_id``, if any."""
+        return self._by_device.get(device_id)
+
+    def close_device(self, device_id: str, reason: str = CloseReason.REVOKED) -> bool:
+        """Close the live session of ``device_id``; True if there was one."""
+        session = self._by_device.get(device_id)
+        if session is None:
+            return False
+        session.close(reason)
+        return True
+
+    def close_all(self, reason: str) -> int:
+        """Close every live session; return how many."""
+        sessions = list(self._by_device.values())
+        for session in sessions:
+            session.close(reason)
+        return len(sessions)
+
+    def __len__(self) -> int:
+        return len(self._by_device)
+
+    def __iter__(self) -> Iterator[DeviceSession]:
+        return iter(list(self._by_device.values()))
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._by_device
+
+
+class TransportStats:
+    """Counters for monitoring and tests: keys are ``(transport, reason)``."""
+
+    __slots__ = ("closed", "full_handshakes", "refused", "resumed_handshakes")
+
+    def __init__(self) -> None:
+        self.full_handshakes: Counter[str] = Counter()
+        self.resumed_handshakes: Counter[str] = Counter()
+        self.refused: Counter[tuple[str, str]] = Counter()
+        self.closed: Counter[tuple[str, str]] = Counter()
+
+
+class SessionHost:
+    """What both listeners share: authorization, the registry, limits, stats, and the
+    code that runs one session from authorization to close."""
+
+    def __init__(
+        self,
+        *,
+        directory: DeviceDirectory,
+        handler_factory: HandlerFactory,
+        registry: SessionRegistry,
+        limits: SessionLimits,
+    ) -> None:
+        self.directory = directory
+        self.handler_factory = handler_factory
+        self.registry = registry
+        self.limits = limits
+        self.stats = TransportStats()
+        self.id_cache = DeviceIdCache()
+        #: False once shutdown began: new handshakes are refused.
+        self.accepting = True
+        #: Connections being served (handshaking or in session), per transport.
+        self.live: Counter[str] = Counter()
+        self._idle_event: trio.Event | None = None
+
+    def refuse(self, transport: str, reason: str, peer: object, detail: str = "") -> None:
+        """Count and log a refused connection."""
+        self.stats.refused[(transport, reason)] += 1
+        level = logging.INFO if reason == RefuseReason.NOT_AUTHORIZED else logging.DEBUG
+        logger.log(
+            level, "refused %s device connection from %s: %s %s", transport, peer, reason, detail
+        )
+
+    def has_room(self, transport: str) -> bool:
+        """True if a new connection on ``transport`` stays within ``limits.max_sessions``."""
+        return self.live[transport] < self.limits.max_sessions
+
+    def connection_started(self, transport: str) -> None:
+        """Count a connection from accept (or cookie exchange) on."""
+        self.live[transport] += 1
+
+    def connection_ended(self, transport: str) -> None:
+        """Count a connection's end; wakes :meth:`wait_all_closed`."""
+        self.live[transport] -= 1
+        if self._idle_event is not None and sum(self.live.values()) == 0:
+            self._idle_event.set()
+
+    async def wait_all_closed(self) -> None:
+        """Return once no connection is being served."""
+        while sum(self.live.values()) > 0:
+            self._idle_event = trio.Event()
+            await self._idle_event.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def authorize(self, transport: str, der: bytes | None, peer: object) -> str | None:
+        """The device id for a client certificate if the device may connect, else None
+        (the refusal is counted and logged)."""
+        if der is None:
+            self.refuse(transport, RefuseReason.BAD_CERTIFICATE, peer, "(no client certificate)")
+            return None
+        try:
+            device_id = self.id_cache.device_id(der)
+        except CertificateRejectedError as exc:
+            self.refuse(transport, RefuseReason.BAD_CERTIFICATE, peer, str(exc))
+            return None
+        if not self.accepting:
+            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer, device_id)
+            return None
+        try:
+            allowed = await self.directory.authorize(device_id)
+        except Exception:
+            logger.exception("the device directory failed to authorize %s", device_id)
+            self.refuse(transport, RefuseReason.DIRECTORY_ERROR, peer, device_id)
+            return None
+        if not allowed:
+            self.refuse(transport, RefuseReason.NOT_AUTHORIZED, peer, device_id)
+            return None
+        return device_id
+
+    async def run(self, session: DeviceSession) -> None:
+        """Run ``session``'s handler, then close the session (gracefully when possible).
+
+        A handler error ends only its own session. An outside cancellation (the server is
+        being torn down) closes the connection at once without waiting on the device.
+        """
+        transport = session.transport
+        counter = self.stats.resumed_handshakes if session.resumed else self.stats.full_handshakes
+        counter[transport] += 1
+        self.registry.register(session)
+        handler: SessionHandler | None = None
+        try:
+            with session._scope:
+                try:
+                    handler = self.handler_factory(session)
+                    await handler.run(session)
+                    session._ended(CloseReason.HANDLER_DONE)
+                except SessionClosed:
+                    pass
+                except Exception:
+                    logger.exception("session handler of device %s failed", session.device_id)
+                    session._ended(CloseReason.HANDLER_ERROR)
+            if session.close_reason is None:  # only the idle deadline cancels silently
+                session.close_reason = CloseReason.IDLE
+            self.registry.unregister(session)
+            await session._farewell_then_close(handler if handler is not None else _NO_HANDLER)
+        except BaseException:
+            session._ended(CloseReason.SERVER)
+            session._close_now()
+            raise
+        finally:
+            self.registry.unregister(session)
+            self.stats.closed[(transport, session.close_reason or CloseReason.SERVER)] += 1
+
+
+class _NoHandler:
+    async def run(self, session: DeviceSession) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def farewell(self, session: DeviceSession) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+_NO_HANDLER = _NoHandler()

@@ -1,0 +1,306 @@
+"""The UDP device shell: DTLS 1.2 mutual auth over trio.DTLSEndpoint, refusals, limits,
+revocation, the trio pitfalls (close_notify, idle expiry, fresh client contexts), shutdown."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import pytest
+import trio
+from OpenSSL import SSL
+
+from server.identity import MemoryDeviceDirectory
+from server.transport import CloseReason, DeviceServer, RefuseReason, SessionLimits
+from server.transport.client import (
+    DeviceCredentials,
+    connect_dtls,
+    dtls_session,
+    dtls_session_reused,
+)
+from server.transport.dtls import DTLS1_2_VERSION, send_close_notify
+from tests.test_transport_tls import (
+    FAST_LIMITS,
+    DeviceKit,
+    EchoHandler,
+    eventually,
+    make_device_kit,
+    start_device_server,
+)
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> DeviceKit:
+    return make_device_kit(tmp_path_factory.mktemp("dtls-kit"))
+
+
+@pytest.fixture
+def directory(kit: DeviceKit) -> MemoryDeviceDirectory:
+    return kit.directory()
+
+
+@pytest.fixture
+def handler() -> EchoHandler:
+    return EchoHandler()
+
+
+@pytest.fixture
+async def server(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory, handler: EchoHandler
+) -> DeviceServer:
+    return await start_device_server(nursery, kit, directory, handler, tcp=False)
+
+
+def udp(server: DeviceServer) -> tuple[str, int]:
+    assert server.udp_address is not None
+    return server.udp_address
+
+
+@asynccontextmanager
+async def endpoint() -> AsyncIterator[trio.DTLSEndpoint]:
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    with trio.DTLSEndpoint(sock) as dtls_endpoint:
+        yield dtls_endpoint
+
+
+@asynccontextmanager
+async def device(
+    server: DeviceServer, credentials: DeviceCredentials, session: SSL.Session | None = None
+) -> AsyncIterator[trio.DTLSChannel]:
+    async with endpoint() as dtls_endpoint:
+        with trio.fail_after(5):
+            channel = await connect_dtls(dtls_endpoint, udp(server), credentials, session=session)
+        yield channel
+
+
+async def ask(channel: trio.DTLSChannel, message: bytes) -> bytes:
+    await channel.send(message)
+    with trio.fail_after(5):
+        return await channel.receive()
+
+
+def refusals(server: DeviceServer) -> int:
+    return sum(server.stats.refused.values())
+
+
+async def outcome(server: DeviceServer, credentials: DeviceCredentials) -> str:
+    """What a device gets: its identity answer, "closed" (close_notify after the handshake)
+    or "refused" (the server gave up on the handshake: trio clients retry forever)."""
+    before = refusals(server)
+    result: list[str] = []
+    async with endpoint() as dtls_endpoint, trio.open_nursery() as nursery:
+
+        async def as_device() -> None:
+            try:
+                channel = await connect_dtls(dtls_endpoint, udp(server), credentials)
+                result.append((await ask(channel, b"who")).decode())
+            except SSL.ZeroReturnError:
+                result.append("closed")
+            nursery.cancel_scope.cancel()
+
+        async def watch_server() -> None:
+            await eventually(lambda: refusals(server) > before)
+            await trio.sleep(0.3)  # time for a close_notify to reach the device
+            result.append("refused")
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(as_device)
+        nursery.start_soon(watch_server)
+    return result[0]
+
+
+async def test_device_session_over_dtls(
+    server: DeviceServer, kit: DeviceKit, handler: EchoHandler
+) -> None:
+    async with device(server, kit.good) as channel:
+        assert await ask(channel, b"who") == f"{kit.good_id}|udp|False".encode()
+        assert await ask(channel, b"x" * 1000) == b"x" * 1000
+        assert server.registry.get(kit.good_id) is handler.sessions[0]
+        assert handler.sessions[0].peer[0] == "127.0.0.1"
+    assert server.stats.full_handshakes["udp"] == 1
+
+
+async def test_dtls_session_resumption(server: DeviceServer, kit: DeviceKit) -> None:
+    async with device(server, kit.good) as channel:
+        await ask(channel, b"hello")
+        saved = dtls_session(channel)
+    assert saved is not None
+    async with device(server, kit.good, session=saved) as channel:
+        assert dtls_session_reused(channel)
+        assert await ask(channel, b"who") == f"{kit.good_id}|udp|True".encode()
+    assert server.stats.resumed_handshakes["udp"] == 1
+
+
+@pytest.mark.parametrize(
+    ("which", "reason", "detail"),
+    [
+        ("unknown", RefuseReason.NOT_AUTHORIZED, ""),
+        ("revoked", RefuseReason.NOT_AUTHORIZED, ""),
+        ("not_a_device", RefuseReason.BAD_CERTIFICATE, "URI SAN"),
+        ("expired", RefuseReason.HANDSHAKE_FAILED, "certificate has expired"),
+        ("foreign", RefuseReason.HANDSHAKE_FAILED, "unable to get local issuer certificate"),
+        ("server_as_client", RefuseReason.HANDSHAKE_FAILED, "unsuitable certificate purpose"),
+    ],
+)
+async def test_bad_devices_are_refused_and_others_still_served(
+    server: DeviceServer,
+    kit: DeviceKit,
+    which: str,
+    reason: str,
+    detail: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("DEBUG", logger="otacloud.devices")
+    result = await outcome(server, getattr(kit, which))
+    assert result in {"closed", "refused"}
+    assert server.stats.refused[("udp", reason)] == 1
+    assert refusals(server) == 1
+    assert detail in caplog.text
+    assert len(server.registry) == 0
+    assert await outcome(server, kit.good) == f"{kit.good_id}|udp|False"
+
+
+async def test_garbage_datagrams_are_ignored(server: DeviceServer, kit: DeviceKit) -> None:
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.connect(udp(server))
+    for datagram in (
+        os.urandom(300),
+        b"\x16\xfe\xfd" + bytes(10),  # a DTLS handshake record header, truncated
+        b"\x16\xfe\xfd" + bytes(8) + b"\x00\x30" + b"\x01" + os.urandom(47),  # bogus ClientHello
+        b"\x17\xfe\xfd" + os.urandom(40),  # application data without a session
+        b"",
+    ):
+        await sock.send(datagram)
+    sock.close()
+    assert await outcome(server, kit.good) == f"{kit.good_id}|udp|False"
+    assert refusals(server) == 0
+
+
+async def test_half_finished_handshake_times_out(server: DeviceServer, kit: DeviceKit) -> None:
+    """A peer that passes the cookie exchange and then goes silent costs only the timeout."""
+    context = kit.good.dtls_context()
+    context.set_options(SSL.OP_NO_QUERY_MTU)  # memory BIOs have no MTU to query
+    connection = SSL.Connection(context)
+    connection.set_connect_state()
+    connection.set_ciphertext_mtu(1400)
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.connect(udp(server))
+
+    async def flight() -> None:
+        with suppress(SSL.WantReadError):
+            connection.do_handshake()
+        await sock.send(connection.bio_read(65536))
+
+    await flight()  # ClientHello
+    with trio.fail_after(5):
+        connection.bio_write(await sock.recv(65536))  # HelloVerifyRequest (RFC 6347 4.2.1)
+    await flight()  # ClientHello with the cookie; then silence
+    start = trio.current_time()
+    assert await outcome(server, kit.good) == f"{kit.good_id}|udp|False"
+    await eventually(
+        lambda: server.stats.refused[("udp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1, timeout=5
+    )
+    assert trio.current_time() - start >= FAST_LIMITS.handshake_timeout * 0.8
+    sock.close()
+
+
+async def test_device_close_notify_does_not_stop_the_server(
+    server: DeviceServer, kit: DeviceKit
+) -> None:
+    """Pitfall 1: ZeroReturnError from a device's close_notify stays inside its session."""
+    async with device(server, kit.good) as channel:
+        await ask(channel, b"hi")
+        await send_close_notify(channel)
+    await eventually(lambda: server.stats.closed[("udp", CloseReason.PEER)] == 1)
+    assert await outcome(server, kit.other) == f"{kit.other_id}|udp|False"
+
+
+async def test_idle_dtls_session_expires_with_close_notify(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    """Pitfall 2: trio never expires DTLS sessions; the server's idle deadline does."""
+    limits = SessionLimits(handshake_timeout=1.0, idle_timeout=0.5)
+    server = await start_device_server(
+        nursery, kit, directory, EchoHandler(), limits=limits, tcp=False
+    )
+    async with device(server, kit.good) as channel:
+        await ask(channel, b"x")
+        start = trio.current_time()
+        with pytest.raises(SSL.ZeroReturnError), trio.fail_after(3):
+            await channel.receive()
+        assert trio.current_time() - start >= 0.4
+    await eventually(lambda: server.stats.closed[("udp", CloseReason.IDLE)] == 1)
+    assert len(server.registry) == 0
+
+
+async def test_rate_and_size_limits_drop_datagrams(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    limits = SessionLimits(
+        handshake_timeout=1.0, messages_per_second=5, message_burst=5, max_message_size=64
+    )
+    handler = EchoHandler()
+    server = await start_device_server(nursery, kit, directory, handler, limits=limits, tcp=False)
+    async with device(server, kit.good) as channel:
+        await channel.send(b"y" * 200)  # over max_message_size: dropped
+        for index in range(8):  # the burst (5) minus the oversize datagram's token
+            await channel.send(b"%d" % index)
+        replies = []
+        with trio.move_on_after(0.5):
+            while True:
+                replies.append(await channel.receive())
+        # 4 tokens remain after the oversize datagram; ~2.5 refill in 0.5 s but those
+        # arrive after the flood, so only the first datagrams are answered.
+        assert 3 <= len(replies) <= 5, replies
+        assert replies[0] == b"0"
+        session = handler.sessions[0]
+        assert session.dropped == 1 + 8 - len(replies)  # type: ignore[attr-defined]
+
+
+async def test_revoking_and_replacing_close_dtls_sessions(
+    server: DeviceServer, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    async with device(server, kit.good) as first, device(server, kit.good) as second:
+        assert await ask(second, b"two") == b"two"
+        with pytest.raises(SSL.ZeroReturnError), trio.fail_after(3):
+            await first.receive()  # replaced by the newer session of the same device
+        directory.revoke(kit.good_id)
+        assert server.registry.close_device(kit.good_id)
+        with pytest.raises(SSL.ZeroReturnError), trio.fail_after(3):
+            await second.receive()
+    assert await outcome(server, kit.good) in {"closed", "refused"}
+    assert server.stats.refused[("udp", RefuseReason.NOT_AUTHORIZED)] == 1
+
+
+async def test_handler_error_ends_only_its_dtls_session(
+    server: DeviceServer, kit: DeviceKit
+) -> None:
+    async with device(server, kit.other) as other, device(server, kit.good) as failing:
+        await ask(other, b"hi")
+        await failing.send(b"boom")
+        with pytest.raises(SSL.ZeroReturnError), trio.fail_after(3):
+            await failing.receive()
+        assert await ask(other, b"alive") == b"alive"
+
+
+async def test_graceful_shutdown_over_dtls(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), tcp=False)
+    async with device(server, kit.good) as channel:
+        await ask(channel, b"x")
+        with trio.fail_after(5):
+            await server.shutdown()
+            assert await channel.receive() == b"come back later"
+            with pytest.raises(SSL.ZeroReturnError):
+                await channel.receive()
+    assert server.stats.closed[("udp", CloseReason.SHUTDOWN)] == 1
+
+
+def test_dtls_contexts_pin_dtls_1_2(kit: DeviceKit) -> None:
+    """Pitfall 4: the raw DTLS 1.2 version number; pitfall 3: one client context each."""
+    assert DTLS1_2_VERSION == 0xFEFD
+    first, second = kit.good.dtls_context(), kit.good.dtls_context()
+    assert first is not second
