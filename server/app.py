@@ -19,9 +19,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from server.api import ApiSettings, create_app
+from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
 from server.store import Store
+from server.transport import DeviceServer
 
 log = logging.getLogger("ota.server")
 
@@ -41,6 +43,10 @@ class ServerConfig:
     event_buffer: int = 256
     max_event_subscribers: int = 1000
     graceful_timeout: float = 5.0
+    #: TCP (TLS 1.3) and UDP (DTLS 1.2) port for devices; 0 picks free ones, None: no devices.
+    device_port: int | None = 5684
+    #: Address the device listeners bind (defaults to ``host``).
+    device_host: str | None = None
 
 
 @dataclass
@@ -53,6 +59,9 @@ class ServerHandle:
     store: Store
     nursery: trio.Nursery
     shutdown: trio.Event
+    #: The device plane (None when the server runs without device listeners).
+    devices: DevicePlane | None = None
+    device_server: DeviceServer | None = None
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -88,20 +97,42 @@ async def serve(
             log.info("marked %d devices offline after restart", offline)
         app = create_app(fleet, config.api)
         shutdown = trio.Event()
+        api_stopping = trio.Event()
+        plane: DevicePlane | None = None
+        device_server: DeviceServer | None = None
         async with trio.open_nursery() as nursery:
 
             async def run_api(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn_serve(
                     cast(Any, app),  # Starlette is an ASGI app; hypercorn's types are narrower
                     _hypercorn_config(config),
-                    shutdown_trigger=shutdown.wait,
+                    shutdown_trigger=api_stopping.wait,
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
             binds: list[str] = await nursery.start(partial(run_api))
-            # Device listeners (next issues) start here, e.g.:
-            #     await nursery.start(run_device_listener, fleet, config)
-            task_status.started(ServerHandle(binds[0], fleet, bus, store, nursery, shutdown))
+            if config.device_port is not None:
+                plane = DevicePlane(
+                    DevicePlaneConfig(
+                        data_dir=Path(config.data_dir),
+                        host=config.device_host or config.host,
+                        port=config.device_port,
+                    ),
+                    fleet,
+                    bus,
+                )
+                device_server = await nursery.start(plane.serve)
+
+            async def stop_gracefully() -> None:
+                await shutdown.wait()
+                if device_server is not None:
+                    await device_server.shutdown()  # devices are told to come back later
+                api_stopping.set()
+
+            nursery.start_soon(stop_gracefully)
+            task_status.started(
+                ServerHandle(binds[0], fleet, bus, store, nursery, shutdown, plane, device_server)
+            )
     finally:
         store.close()  # quick (closes pooled connections); no checkpoint, so it runs when cancelled

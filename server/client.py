@@ -141,6 +141,10 @@ class ApiClient:
         """DELETE a device from a product."""
         return self._request("DELETE", f"{self._product(product)}/devices/{device_id}")
 
+    def revoke_device(self, product: str, device_id: str) -> Any:
+        """POST a revocation of a device's certificates."""
+        return self._request("POST", f"{self._product(product)}/devices/{device_id}/revoke")
+
     def flash_device(self, product: str, device_id: str, path: Path) -> Any:
         """PUT a binary (multipart ``file``) to flash a development device."""
         with path.open("rb") as raw:

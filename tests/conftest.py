@@ -67,6 +67,7 @@ def _server_config(data_dir: Path) -> ServerConfig:
             sse_buffer=64,
         ),
         graceful_timeout=0.5,
+        device_port=None,  # API tests need no device listeners
     )
 
 

@@ -121,6 +121,10 @@ class CoapLink:
     def respond(self, request: Message, response: Message, now: float) -> None:
         raise NotImplementedError  # pragma: no cover
 
+    def notify(self, message: Message, now: float) -> None:
+        """Send a request that expects no answer (NON over UDP)."""
+        raise NotImplementedError  # pragma: no cover
+
     def poll(self, now: float) -> list[LinkEvent]:
         """Handle timers due at ``now``."""
         return []

@@ -121,3 +121,13 @@ async def remove_device(request: Request) -> Response:
         actor, request.path_params["product"], request.path_params["device_id"]
     )
     return Response(status_code=204)
+
+
+async def revoke_device(request: Request) -> Response:
+    """Revoke a device's certificates: refused at its next handshake, live session closed."""
+    actor = await require(request, Permission.MANAGE_DEVICES, "revoke devices")
+    fleet = fleet_of(request)
+    device_id = request.path_params["device_id"]
+    await fleet.get_device(request.path_params["product"], device_id)  # 404 unless a member
+    await fleet.set_certs_revoked(actor, device_id, True)
+    return JSONResponse({"ok": True, "id": device_id, "revoked": True})

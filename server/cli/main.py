@@ -11,7 +11,7 @@ import typer
 
 import otacore
 from otacore._select import native_status
-from server.cli import demo_cmd, fleet_cmd, module_cmd, server_cmd
+from server.cli import demo_cmd, device_store_cmd, fleet_cmd, module_cmd, server_cmd
 
 app = typer.Typer(
     name="ota",
@@ -23,6 +23,7 @@ app.add_typer(module_cmd.app, name="module")
 app.command(name="demo")(demo_cmd.demo)
 app.add_typer(fleet_cmd.firmware_app, name="firmware")
 app.add_typer(fleet_cmd.device_app, name="device")
+device_store_cmd.attach(fleet_cmd.device_app)
 app.add_typer(fleet_cmd.group_app, name="group")
 app.command(name="events")(fleet_cmd.events)
 app.command(name="server")(server_cmd.server)

@@ -51,9 +51,18 @@ def server(
     db_url: str | None = typer.Option(
         None, "--db-url", help="SQLAlchemy database URL instead of the embedded SQLite file."
     ),
+    device_port: int = typer.Option(
+        5684, "--device-port", help="TCP (TLS) and UDP (DTLS) port for devices; -1 disables."
+    ),
+    device_host: str | None = typer.Option(
+        None, "--device-host", help="Address the device listeners bind (default: --host)."
+    ),
 ) -> None:
-    """Run the control plane (REST API and store) in one process until SIGINT/SIGTERM."""
-    config = ServerConfig(data_dir=data, host=host, api_port=api_port, db_url=db_url)
+    """Run the REST API, the store and the device listeners in one process until SIGINT/SIGTERM."""
+    config = ServerConfig(
+        data_dir=data, host=host, api_port=api_port, db_url=db_url,
+        device_port=None if device_port < 0 else device_port, device_host=device_host,
+    )
     try:
         trio.run(_run_server, config)
     except (OtaError, OSError) as exc:
@@ -78,6 +87,11 @@ async def _run_server(config: ServerConfig) -> None:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve, config)
             typer.echo(f"ota server: API listening on {handle.api_url}")
+            if handle.device_server is not None:
+                for name, address in (("TLS", handle.device_server.tcp_address),
+                                      ("DTLS", handle.device_server.udp_address)):
+                    if address is not None:
+                        typer.echo(f"ota server: devices on {name} {address[0]}:{address[1]}")
             sys.stdout.flush()
             async for _ in signals:
                 handle.shutdown.set()  # graceful: finish requests, then stop everything

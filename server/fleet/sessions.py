@@ -14,9 +14,10 @@ from typing import Any, Literal
 from otacore.errors import ValidationError
 from otacore.platforms import ModuleFunction
 from otacore.precedence import Target, TargetReason
-from server.events import FLASH_STATUS, STATUS, UPDATES_PENDING, Event
+from server.events import DEVICE_REVOKED, FLASH_STATUS, STATUS, UPDATES_PENDING, Event
 from server.fleet.base import FleetBase, Outcome, check_version, releases_of, target_of
 from server.fleet.devices import updates_pending_for
+from server.fleet.roles import Actor, Permission
 from server.store import (
     DeviceRecord,
     FirmwareRecord,
@@ -223,6 +224,43 @@ class SessionService(FleetBase):
             return Outcome(view, events)
 
         return await self._run(work)
+
+    async def authorize_device(self, device_id: str) -> bool:
+        """True when ``device_id`` belongs to a product and its certificates are not revoked
+        (checked at every handshake, so a revocation takes effect on the next one)."""
+
+        def work() -> bool:
+            with self.store.read() as tx:
+                device = tx.get_device(device_id)
+            return device is not None and not device.certs_revoked
+
+        return await self._read(work)
+
+    async def set_certs_revoked(self, actor: Actor, device_id: str, revoked: bool) -> None:
+        """Revoke (or reinstate) a device's certificates; audit-logged. A revocation emits
+        ``DEVICE_REVOKED`` so the process holding the device's session closes it."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "revoke devices")
+            now = self.clock()
+            with self.store.write() as tx:
+                device = self._device(tx, device_id)
+                tx.update_device(device.id, {"certs_revoked": bool(revoked)}, now)
+                tx.add_audit(
+                    actor=actor.subject,
+                    action="device.certs_revoked" if revoked else "device.certs_reinstated",
+                    product_id=device.product_id,
+                    target=f"device:{device.id}",
+                    details={},
+                    now=now,
+                )
+            if not revoked:
+                return Outcome(None)
+            event = Event(DEVICE_REVOKED, "true", product_id=device.product_id,
+                          device_id=device.id, coreid=device.id, published_at=now)
+            return Outcome(None, [event])
+
+        await self._run(work)
 
     async def device_online(self, device_id: str, *, ip: str | None = None) -> None:
         """A session resumed without a hello (or came up): mark online, emit spark/status."""

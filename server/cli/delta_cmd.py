@@ -1,0 +1,119 @@
+"""``ota delta``: make, apply and inspect binary delta patches between firmware images.
+
+``apply`` streams the patch into a temporary file beside OUT and renames it only after the
+target size and SHA-256 check out, so OUT is either byte-identical to the new image or left
+untouched. Every failure is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from otacore import delta
+from otacore.delta_stream import PatchApplier
+from otacore.errors import OtaError
+
+app = typer.Typer(
+    name="delta",
+    help="Binary delta patches between firmware images (OTAD format).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_READ_PIECE = 1 << 16
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _fail(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+@app.command()
+def make(
+    old: Path = typer.Argument(..., help="Base (old) firmware image."),
+    new: Path = typer.Argument(..., help="Target (new) firmware image."),
+    patch: Path = typer.Argument(..., help="Where to write the patch."),
+    level: int | None = typer.Option(
+        None, min=1, max=22, help="zstd level of the payload (default: a tuned level-19 profile)."
+    ),
+    window_log: int = typer.Option(
+        delta.DEFAULT_WINDOW_LOG, min=10, max=delta.MAX_WINDOW_LOG, help="zstd window log."
+    ),
+) -> None:
+    """Write a patch that turns OLD into NEW."""
+    old_image = _read(old, "old image")
+    new_image = _read(new, "new image")
+    started = time.perf_counter()
+    try:
+        data = delta.make_patch(old_image, new_image, level=level, window_log=window_log)
+    except OtaError as exc:
+        raise _fail(str(exc)) from None
+    elapsed = time.perf_counter() - started
+    try:
+        patch.write_bytes(data)
+    except OSError as exc:
+        raise _fail(f"cannot write patch {patch}: {exc.strerror or exc}") from None
+    ratio = 100.0 * len(data) / max(1, len(new_image))
+    typer.echo(
+        f"{patch}: {len(data)} bytes ({ratio:.2f}% of {len(new_image)}), made in {elapsed:.2f} s"
+    )
+
+
+@app.command()
+def apply(
+    old: Path = typer.Argument(..., help="Base (old) firmware image the patch was made for."),
+    patch: Path = typer.Argument(..., help="The patch."),
+    out: Path = typer.Argument(..., help="Where to write the new image."),
+) -> None:
+    """Apply PATCH to OLD, writing the verified new image to OUT."""
+    temporary = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        with (
+            old.open("rb") as old_file,
+            patch.open("rb") as patch_file,
+            temporary.open("wb") as sink,
+        ):
+            applier = PatchApplier(
+                old_file,
+                sink,
+                max_window_log=delta.MAX_WINDOW_LOG,
+                max_block_limit=delta.MAX_BLOCK_LIMIT,
+            )
+            while piece := patch_file.read(_READ_PIECE):
+                applier.feed(piece)
+            header = applier.finish()
+        os.replace(temporary, out)
+    except OtaError as exc:
+        temporary.unlink(missing_ok=True)
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        name = exc.filename or ""
+        raise _fail(f"{exc.strerror or exc}{': ' + str(name) if name else ''}") from None
+    typer.echo(f"{out}: {header.target_size} bytes, SHA-256 {header.target_sha256.hex()} verified")
+
+
+@app.command()
+def info(patch: Path = typer.Argument(..., help="The patch.")) -> None:
+    """Print a patch's header."""
+    data = _read(patch, "patch")
+    try:
+        header = delta.read_header(data)
+    except OtaError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"format version: {header.version}")
+    typer.echo(f"base: {header.base_size} bytes, SHA-256 {header.base_sha256.hex()}")
+    typer.echo(f"target: {header.target_size} bytes, SHA-256 {header.target_sha256.hex()}")
+    typer.echo(f"payload: {header.payload_size} bytes, zstd window 2^{header.window_log}")
+    typer.echo(f"block limit: {header.block_limit} bytes")

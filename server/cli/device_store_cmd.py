@@ -1,0 +1,76 @@
+"""``ota device provision`` registration in the store, and ``ota device revoke``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import typer
+
+from server.cli._output import fail, print_json
+from server.cli.device_identity_cmd import register_commands
+from server.client import ApiClient, ApiError
+from server.devices.keys import product_signing_key, write_trust_file
+from server.fleet.base import FleetBase, now_ms
+from server.identity import ProvisionedDevice
+from server.store import Store
+
+
+class StoreRegistrar:
+    """Registers provisioned devices with a product, in one transaction."""
+
+    def check_product(self, data_dir: Path, product: str) -> None:
+        """Raise NotFoundError unless the product exists."""
+        store = Store.open_dir(data_dir, pool_size=1)
+        try:
+            with store.read() as tx:
+                FleetBase._product(tx, _ref(product))
+        finally:
+            store.close()
+
+    def register(self, data_dir: Path, product: str, devices: Sequence[ProvisionedDevice]) -> None:
+        """Add every device to the product (all or none) and write the trusted signing key."""
+        store = Store.open_dir(data_dir, pool_size=1)
+        try:
+            now = now_ms()
+            with store.write() as tx:
+                record = FleetBase._product(tx, _ref(product))
+                for device in devices:
+                    tx.insert_device(device.device_id, record.id, now)
+                    tx.add_audit(actor="admin:provision", action="device.add",
+                                 product_id=record.id, target=f"device:{device.device_id}",
+                                 details={"cert_sha256": device.cert_sha256}, now=now)
+        finally:
+            store.close()
+        if devices:
+            key = product_signing_key(data_dir, record.id)
+            write_trust_file(devices[0].ca_path.parent, [key])
+
+
+def _ref(product: str) -> int | str:
+    return int(product) if product.isdigit() else product
+
+
+def revoke(
+    device_id: str,
+    product: str = typer.Option(..., "--product", "-p", envvar="OTA_PRODUCT"),
+    api_url: str = typer.Option("http://127.0.0.1:8080", "--api-url", envvar="OTA_API_URL"),
+    token: str | None = typer.Option(None, "--token", envvar="OTA_TOKEN"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Revoke a device's certificates: its live session closes, new handshakes fail."""
+    with ApiClient(api_url, token) as client:
+        try:
+            result = client.revoke_device(product, device_id)
+        except ApiError as exc:
+            fail(exc.message if exc.status else str(exc))
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"revoked {device_id}")
+
+
+def attach(device_app: typer.Typer) -> None:
+    """Add provisioning, PKI and revocation commands to ``ota device``."""
+    register_commands(device_app, registrar=StoreRegistrar())
+    device_app.command("revoke")(revoke)

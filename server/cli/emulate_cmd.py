@@ -1,0 +1,214 @@
+"""``ota device emulate``: run provisioned devices as emulated Particle devices.
+
+Attach with ``device_app.command("emulate")(emulate_cmd.emulate)``. Each device keeps a
+persistent simulated flash under ``--state`` (``<state>/<device id>/``), connects to the
+device endpoint over TLS (``tcp``), DTLS (``udp``) or alternately both, and takes the updates
+the server offers. Without ``--state`` the flash lives in a temporary directory removed at
+exit. A fresh flash is programmed with the ``--firmware`` modules and a trust store of the
+``--trust-key`` public keys for ``--product-id``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, cast
+
+import trio
+import typer
+
+from otacore.device.emulated import DeviceStatus
+from otacore.errors import OtaError
+from otacore.module import validate_module
+from otacore.signing import TrustStore
+from server.cli._output import fail, print_json
+from server.emulator.fleet import (
+    EmulatedFleet,
+    FleetSettings,
+    FleetSummary,
+    TransportChoice,
+    platform_of,
+)
+from server.transport.server import DEFAULT_DEVICE_PORT
+
+#: Beyond this many devices, per-device lines give way to periodic summaries.
+VERBOSE_LIMIT = 20
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``HOST`` (port 5684) as (host, port)."""
+    host, port_text = text, str(DEFAULT_DEVICE_PORT)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"server must be HOST:PORT with a port 1-65535, got {text!r}")
+    return host, int(port_text)
+
+
+def trust_store_of(keys: list[str], product_id: int | None) -> TrustStore | None:
+    """The trust store for ``--trust-key`` hex public keys (None when no key is given)."""
+    if not keys:
+        return None
+    if product_id is None:
+        raise ValueError("--trust-key needs --product-id (the product the keys sign for)")
+    publics = []
+    for key in keys:
+        try:
+            raw = bytes.fromhex(key)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"--trust-key {key!r} is not an Ed25519 public key (64 hex digits)")
+        publics.append(raw)
+    return TrustStore.initial(product_id, publics)
+
+
+def _describe(status: DeviceStatus) -> str:
+    versions = " ".join(f"{m.function}/{m.index}:v{m.version}" for m in status.modules)
+    text = f"{status.device_id} {status.phase.value:<11} {versions}"
+    if status.transport:
+        text += f" [{status.transport}]"
+    if status.last_result is not None:
+        result = status.last_result
+        text += f" last update: {result.status} v{result.version}"
+    if status.last_error:
+        text += f" ({status.last_error})"
+    return text
+
+
+def emulate(
+    creds: Annotated[
+        Path, typer.Option("--creds", help="Directory of provisioned devices (ca.pem, <id>/).")
+    ],
+    transport: Annotated[
+        str, typer.Option("--transport", help="tcp (TLS), udp (DTLS) or both (alternating).")
+    ] = "tcp",
+    count: Annotated[
+        int | None, typer.Option("--count", min=1, help="Run the first N devices found.")
+    ] = None,
+    state: Annotated[
+        Path | None, typer.Option("--state", help="Root of the devices' persistent flash.")
+    ] = None,
+    firmware: Annotated[
+        list[Path] | None,
+        typer.Option("--firmware", help="Module a fresh device starts with (repeatable)."),
+    ] = None,
+    server: Annotated[
+        str, typer.Option("--server", help="Device endpoint as HOST:PORT.")
+    ] = f"127.0.0.1:{DEFAULT_DEVICE_PORT}",
+    trust_key: Annotated[
+        list[str] | None,
+        typer.Option("--trust-key", help="Product signing public key, hex (repeatable)."),
+    ] = None,
+    product_id: Annotated[
+        int | None, typer.Option("--product-id", help="Product the trust keys belong to.")
+    ] = None,
+    heartbeat: Annotated[
+        float | None, typer.Option("--heartbeat", help="Publish a heartbeat every N seconds.")
+    ] = None,
+    keepalive: Annotated[
+        float, typer.Option("--keepalive", help="Ping the server after N idle seconds.")
+    ] = 30.0,
+    max_connects: Annotated[
+        int, typer.Option("--max-connects", min=1, help="Handshakes in progress at most.")
+    ] = 32,
+    no_fsync: Annotated[
+        bool, typer.Option("--no-fsync", help="Skip fsync on flash writes (benchmarks).")
+    ] = False,
+    duration: Annotated[
+        float | None, typer.Option("--duration", help="Stop after N seconds (default: Ctrl-C).")
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print every device's final status as JSON.")
+    ] = False,
+) -> None:
+    """Run provisioned devices as emulated devices that take OTA updates from the server."""
+    if transport not in ("tcp", "udp", "both"):
+        fail(f"--transport must be tcp, udp or both, not {transport!r}")
+    try:
+        address = parse_server(server)
+        store = trust_store_of(trust_key or [], product_id)
+        images = tuple(path.read_bytes() for path in firmware or [])
+        for path, image in zip(firmware or [], images, strict=True):
+            try:
+                validate_module(image)
+            except OtaError as exc:
+                raise ValueError(f"{path} is not a valid module: {exc}") from exc
+        if images:
+            platform_of(images)
+        settings = FleetSettings(
+            server=address,
+            firmware=images,
+            trust_store=store,
+            fsync=not no_fsync,
+            max_concurrent_connects=max_connects,
+            keepalive_interval=keepalive,
+            heartbeat_interval=heartbeat,
+            progress_interval=2.0,
+        )
+    except (OSError, ValueError, OtaError) as exc:
+        fail(str(exc))
+    with tempfile.TemporaryDirectory(prefix="ota-emulator-") as scratch:
+        root = state if state is not None else Path(scratch)
+        if state is None:
+            typer.echo(f"flash state in {root} (removed at exit; --state keeps it)", err=True)
+        try:
+            fleet = EmulatedFleet.from_credentials(
+                creds, root, settings, count=count, transport=cast(TransportChoice, transport)
+            )
+        except (OSError, OtaError) as exc:
+            fail(str(exc))
+        verbose = len(fleet.members) <= VERBOSE_LIMIT
+        if verbose:
+            fleet.on_status = lambda status: typer.echo(_describe(status))
+        else:
+            fleet.on_progress = lambda summary: typer.echo(summary.line())
+        try:
+            final = trio.run(_run, fleet, duration)
+        except KeyboardInterrupt:
+            final = fleet.summary()
+        except OtaError as exc:
+            fail(str(exc))
+        typer.echo(final.line())
+        if json_output:
+            print_json([_status_json(status) for status in fleet.statuses()])
+
+
+async def _run(fleet: EmulatedFleet, duration: float | None) -> FleetSummary:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fleet.run)
+        await trio.sleep(float("inf") if duration is None else duration)
+        nursery.cancel_scope.cancel()
+    return fleet.summary()
+
+
+def _status_json(status: DeviceStatus) -> dict[str, object]:
+    result = status.last_result
+    return {
+        "device_id": status.device_id,
+        "phase": status.phase.value,
+        "transport": status.transport,
+        "modules": [
+            {"function": m.function, "index": m.index, "version": m.version, "slot": m.slot}
+            for m in status.modules
+        ],
+        "product_version": status.product_version,
+        "system_version": status.system_version,
+        "bytes_received": status.bytes_received,
+        "bytes_total": status.bytes_total,
+        "last_result": None
+        if result is None
+        else {"version": result.version, "status": result.status, "detail": result.detail},
+        "last_error": status.last_error,
+        "boots": status.boots,
+        "sessions": status.sessions,
+        "updates_enabled": status.updates_enabled,
+        "updates_pending": status.updates_pending,
+        "reset_pending": status.reset_pending,
+    }

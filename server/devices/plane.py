@@ -1,0 +1,123 @@
+"""The device plane of one server process: listeners, live sessions, and who owns which.
+
+It authorises devices against the fleet store (every handshake), starts one
+:class:`DeviceSessionHandler` per authenticated session, keeps the map of device id to live
+session (a release or flash reaches the process and session that holds the device), and
+closes a live session when its device's certificates are revoked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from otacore.messages import Event
+from server.devices.session import DeviceSessionHandler
+from server.events import DEVICE_REVOKED, EventBus
+from server.fleet import Fleet
+from server.identity import init_pki, pki_dir
+from server.transport import (
+    CloseReason,
+    DeviceServer,
+    DeviceServerConfig,
+    DeviceSession,
+    SessionLimits,
+    SessionRegistry,
+    serve_devices,
+)
+
+log = logging.getLogger("ota.devices")
+
+
+@dataclass(frozen=True)
+class DevicePlaneConfig:
+    """Settings of the device listeners and sessions."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    #: TCP (TLS) and UDP (DTLS) port; 0 picks free ones, None disables both.
+    port: int | None = 5684
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    max_frame_size: int = 66_560
+    request_timeout: float = 30.0
+    #: Seconds a device is told to wait before reconnecting after a graceful shutdown.
+    shutdown_hold_off: int = 10
+
+
+class DevicePlane:
+    """Listeners plus the registry of live device sessions in this process."""
+
+    def __init__(self, config: DevicePlaneConfig, fleet: Fleet, bus: EventBus) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.bus = bus
+        self.registry = SessionRegistry()
+        self.sessions: dict[str, DeviceSessionHandler] = {}
+        self.server: DeviceServer | None = None
+        #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
+        self.ota: Any = None
+
+    # -- DeviceDirectory -------------------------------------------------------------------
+
+    async def authorize(self, device_id: str) -> bool:
+        """A device may connect when it belongs to a product and is not revoked."""
+        return await self.fleet.authorize_device(device_id)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def handler_factory(self, session: DeviceSession) -> DeviceSessionHandler:
+        """One handler per authenticated session."""
+        return DeviceSessionHandler(self, session)
+
+    def attach(self, handler: DeviceSessionHandler) -> None:
+        """A session started: it now owns its device in this process."""
+        self.sessions[handler.device_id] = handler
+
+    def detach(self, handler: DeviceSessionHandler) -> None:
+        """A session ended (only the current owner is removed)."""
+        if self.sessions.get(handler.device_id) is handler:
+            del self.sessions[handler.device_id]
+
+    def on_session_start(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
+        """Give the OTA engine its per-session hooks."""
+        if self.ota is not None:
+            self.ota.attach_session(handler, nursery)
+
+    async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> None:
+        """Events with a meaning for the cloud (availability, reset, update results)."""
+        if self.ota is not None:
+            await self.ota.on_device_event(handler, event)
+
+    async def _close_revoked_sessions(self) -> None:
+        """Close the live session of every device whose certificates get revoked."""
+        while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
+            with self.bus.subscribe(name_prefix=DEVICE_REVOKED) as subscription:
+                async for event in subscription.receive:
+                    if event.device_id and self.registry.close_device(
+                        event.device_id, CloseReason.REVOKED
+                    ):
+                        log.info("closed the session of revoked device %s", event.device_id)
+
+    # -- listeners -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[DeviceServer]) -> None:
+        """Run the TLS and DTLS listeners until cancelled."""
+        directory = pki_dir(self.config.data_dir)
+        await trio.to_thread.run_sync(init_pki, directory)
+        port = self.config.port
+        listener_config = DeviceServerConfig(
+            pki_dir=directory, host=self.config.host, tcp_port=port, udp_port=port,
+            limits=self.config.limits,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_revoked_sessions)
+            self.server = await nursery.start(
+                partial(serve_devices, listener_config, self.handler_factory, self,
+                        registry=self.registry)
+            )
+            task_status.started(self.server)

@@ -1,0 +1,331 @@
+"""One device's CoAP session over an authenticated TLS or DTLS transport.
+
+The Trio shell around the sans-IO :class:`otacore.protocol.link.CoapLink`: a reader feeds
+received bytes to the link and dispatches what it yields, a writer drains the link's outbox
+into the transport, and a timer task runs the link's retransmissions (UDP). All three live
+in one nursery per session; the session's device id comes from its certificate and can
+never change (a Hello naming another device is refused and closes the session).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from otacore.coap import Code, Message, MessageType
+from otacore.errors import OtaError, PayloadSchemaError, ProtocolError
+from otacore.messages import (
+    Describe,
+    Direction,
+    Event,
+    Goodbye,
+    Hello,
+    ServerEvent,
+    UnknownMessageError,
+    from_message,
+    to_message,
+)
+from otacore.protocol.link import (
+    FrameRejected,
+    LinkEvent,
+    PeerReleased,
+    RequestFailed,
+    RequestReceived,
+    ResponseReceived,
+    make_link,
+)
+from server.events import Event as BusEvent
+from server.transport.session import CloseReason, DeviceSession, SessionClosed
+
+if TYPE_CHECKING:
+    from server.devices.plane import DevicePlane
+
+log = logging.getLogger("ota.devices")
+
+#: RFC 6690 link-format, the Content-Format of /.well-known/core (RFC 7252 12.3: 40).
+LINK_FORMAT = 40
+WELL_KNOWN_CORE = (
+    b'</h>;rt="ota.hello",</d>;rt="ota.describe",</e>;rt="ota.event",'
+    b'</g>;rt="ota.goodbye",</fw>;rt="ota.firmware";ct=42'
+)
+#: Protocol violations a session may commit before it is closed.
+MAX_VIOLATIONS = 5
+SHUTDOWN_EVENT = "ota/server/going-away"
+
+
+class DeviceUnreachableError(OtaError):
+    """A request to the device got no answer (reset, retransmissions exhausted, timeout)."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    response: Message | None = None
+    failure: str = ""
+
+
+class DeviceSessionHandler:
+    """Runs one device's session: hello, describe, events, pings, and server requests."""
+
+    def __init__(self, plane: DevicePlane, session: DeviceSession) -> None:
+        self.plane = plane
+        self.session = session
+        self.device_id = session.device_id
+        self.link = make_link(session.transport, plane.config.max_frame_size)
+        self.hello: Hello | None = None
+        self.product_id: int | None = None
+        self.violations = 0
+        self._waiters: dict[bytes, _Waiter] = {}
+        self._wake_writer = trio.Event()
+        self._rearm_timer = trio.Event()
+        #: Called with each request the generic dispatcher does not own (OTA paths).
+        self.extra_routes: list[Callable[[Message], Any]] = []
+        self.on_hello: list[Callable[[], Any]] = []
+
+    # -- the session's task tree -------------------------------------------------------------
+
+    async def run(self, session: DeviceSession) -> None:
+        """Serve the session until the device leaves, misbehaves or the server stops."""
+        await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer))
+        self.plane.attach(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._timer)
+                self.plane.on_session_start(self, nursery)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.plane.detach(self)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.plane.fleet.device_offline(self.device_id)
+                except OtaError:
+                    log.warning("could not mark %s offline", self.device_id)
+
+    async def farewell(self, session: DeviceSession) -> None:
+        """Graceful shutdown: tell the device when to come back, then let it go."""
+        hold_off = self.plane.config.shutdown_hold_off
+        if session.transport == "tcp":
+            self.link.release(hold_off)  # RFC 8323 5.5: Release with Hold-Off
+        else:
+            notice = ServerEvent(SHUTDOWN_EVENT, json.dumps({"hold_off": hold_off}), 60)
+            message = to_message(notice, Direction.TO_DEVICE, MessageType.NON)
+            self.link.notify(message, trio.current_time())
+        await self._send_outgoing()
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                data = await self.session.receive()
+            except SessionClosed:
+                return
+            for event in self.link.receive(data, trio.current_time()):
+                await self._on_link_event(event)
+                if self.session.closed:
+                    return
+            self.wake()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            await self._send_outgoing()
+
+    async def _send_outgoing(self) -> None:
+        out = self.link.take_outgoing()
+        if out:
+            if self.session.transport == "tcp":
+                await self.session.send(b"".join(out))
+            else:
+                for datagram in out:
+                    await self.session.send(datagram)
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.link.next_deadline()
+            self._rearm_timer = trio.Event()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._rearm_timer.wait()
+                continue
+            for event in self.link.poll(trio.current_time()):
+                await self._on_link_event(event)
+            self.wake()
+
+    def wake(self) -> None:
+        """Something was queued on the link: let the writer send it and re-arm timers."""
+        self._wake_writer.set()
+        self._rearm_timer.set()
+
+    async def flush(self) -> None:
+        """Hand everything queued so far to the transport (sends are serialised FIFO)."""
+        await self._send_outgoing()
+
+    # -- requests to the device --------------------------------------------------------------
+
+    async def request(self, message: Message, timeout: float) -> Message:
+        """Send a request and wait for its response; DeviceUnreachableError otherwise."""
+        token = self.link.request(message, trio.current_time())
+        waiter = self._waiters[token] = _Waiter()
+        self.wake()
+        try:
+            with trio.fail_after(timeout):
+                await waiter.done.wait()
+        except trio.TooSlowError as exc:
+            raise DeviceUnreachableError(f"no answer within {timeout:g} s") from exc
+        finally:
+            self._waiters.pop(token, None)
+        if waiter.response is None:
+            raise DeviceUnreachableError(waiter.failure or "no answer")
+        return waiter.response
+
+    def notify(self, message: Message) -> None:
+        """Queue a request that expects no answer (NON over UDP)."""
+        self.link.notify(message, trio.current_time())
+        self.wake()
+
+    async def send_event(self, name: str, data: str, ttl: int = 60) -> None:
+        """Publish an event to the device (server -> device ``POST e/<name>``)."""
+        message = to_message(ServerEvent(name, data, ttl), Direction.TO_DEVICE)
+        try:
+            await self.request(message, timeout=self.plane.config.request_timeout)
+        except DeviceUnreachableError as exc:
+            log.info("event %s to %s not acknowledged: %s", name, self.device_id, exc)
+
+    # -- what the device sends -------------------------------------------------------------
+
+    async def _on_link_event(self, event: LinkEvent) -> None:
+        if isinstance(event, RequestReceived):
+            await self._on_request(event.message)
+        elif isinstance(event, ResponseReceived | RequestFailed):
+            waiter = self._waiters.get(event.token)
+            if waiter is not None:
+                if isinstance(event, ResponseReceived):
+                    waiter.response = event.message
+                else:
+                    waiter.failure = event.reason
+                waiter.done.set()
+        elif isinstance(event, PeerReleased):
+            self.session.close(CloseReason.PEER)
+        elif isinstance(event, FrameRejected):
+            self._violation(f"malformed CoAP frame: {event.error}", fatal=event.fatal)
+
+    def _violation(self, what: str, *, fatal: bool = False) -> None:
+        self.violations += 1
+        log.info("device %s: %s", self.device_id, what)
+        if fatal or self.violations >= MAX_VIOLATIONS:
+            self.session.close("protocol violation")
+
+    def _respond(self, request: Message, code: int, payload: bytes = b"",
+                 content_format: int | None = None) -> None:
+        response = Message(MessageType.ACK, code, payload=payload)
+        if content_format is not None:
+            response.set_content_format(content_format)
+        self.link.respond(request, response, trio.current_time())
+        self.wake()
+
+    async def _on_request(self, message: Message) -> None:
+        path = message.uri_path
+        if path == [".well-known", "core"] and message.code == Code.GET:
+            self._respond(message, Code.CONTENT, WELL_KNOWN_CORE, LINK_FORMAT)
+            return
+        for route in self.extra_routes:
+            if await route(message):
+                return
+        try:
+            payload = from_message(message, Direction.TO_CLOUD)
+        except UnknownMessageError as exc:
+            self._respond(message, Code.NOT_FOUND, str(exc).encode()[:200])
+            return
+        except (PayloadSchemaError, ProtocolError) as exc:
+            self._respond(message, Code.BAD_REQUEST, str(exc).encode()[:200])
+            self._violation(str(exc))
+            return
+        try:
+            if isinstance(payload, Hello):
+                await self._on_hello(message, payload)
+            elif isinstance(payload, Describe):
+                await self._on_describe(message, payload)
+            elif isinstance(payload, Event):
+                await self._on_event(message, payload)
+            elif isinstance(payload, Goodbye):
+                self._respond(message, Code.CHANGED)
+                await self.flush()
+                self.session.close(CloseReason.PEER)
+        except OtaError as exc:
+            # The device was removed from its product (or the store refused): tell it, end.
+            self._respond(message, Code.FORBIDDEN, str(exc).encode()[:200])
+            await self.flush()
+            self.session.close("refused by the fleet")
+
+    async def _on_hello(self, message: Message, hello: Hello) -> None:
+        if hello.device_id != self.device_id:
+            # The session is bound to the certificate's device id for its whole life.
+            self._respond(message, Code.FORBIDDEN, b"device id differs from the certificate")
+            await self.flush()
+            self.session.close("impersonation attempt")
+            return
+        fleet = self.plane.fleet
+        view = await fleet.record_device_hello(
+            self.device_id, platform_id=hello.platform_id,
+            product_version=hello.product_version or None,
+            system_version=hello.system_version or None, ip=_ip_of(self.session.peer),
+        )
+        if view.device.firmware_updates_enabled != hello.updates_enabled:
+            view = await fleet.set_updates_enabled(self.device_id, hello.updates_enabled)
+        self.product_id = view.product.id
+        self.hello = hello
+        self._respond(message, Code.CHANGED)
+        for hook in self.on_hello:
+            hook()
+
+    async def _on_describe(self, message: Message, describe: Describe) -> None:
+        modules = [
+            {"function": m.function, "index": m.index, "version": m.version, "store": m.store,
+             "size": m.size, "sha256": m.sha256.hex(),
+             "dependencies": [{"function": d.function, "index": d.index, "version": d.version}
+                              for d in m.dependencies]}
+            for m in describe.modules
+        ]
+        before = await self.plane.fleet.target_for_device(self.device_id)
+        view = await self.plane.fleet.record_describe(self.device_id, modules)
+        self.product_id = view.product.id
+        self._respond(message, Code.CHANGED)
+        if _module_summary(before.device.modules) != _module_summary(modules):
+            self.publish("spark/device/describe", json.dumps(
+                {"modules": [[m["function"], m["index"], m["version"]] for m in modules]},
+                separators=(",", ":")))
+        for hook in self.on_hello:
+            hook()
+
+    async def _on_event(self, message: Message, event: Event) -> None:
+        self._respond(message, Code.CHANGED)
+        self.publish(event.name, event.data, event.ttl)
+        await self.plane.on_device_event(self, event)
+
+    def publish(self, name: str, data: str | None, ttl: int = 60) -> None:
+        """Put an event from this device on the REST event stream."""
+        if self.product_id is None:
+            return  # no hello or describe yet: the product is not known to the session
+        self.plane.bus.publish(BusEvent(
+            name, data, product_id=self.product_id, device_id=self.device_id,
+            coreid=self.device_id, ttl=ttl,
+        ))
+
+
+def _module_summary(modules: Any) -> list[tuple[int, int, int]]:
+    if not modules:
+        return []
+    return sorted((int(m["function"]), int(m["index"]), int(m["version"])) for m in modules)
+
+
+def _ip_of(peer: Any) -> str | None:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
