@@ -19,6 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from server.api import ApiSettings, create_app
+from server.devices.ota import OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
@@ -122,6 +123,8 @@ async def serve(
                     fleet,
                     bus,
                 )
+                engine = OtaEngine(plane)
+                nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
 
             async def stop_gracefully() -> None:

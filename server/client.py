@@ -118,6 +118,19 @@ class ApiClient:
         data = self._request("GET", f"{self._product(product)}/firmware/{version}/binary")
         return data if isinstance(data, bytes) else json.dumps(data).encode()
 
+    def upload_device_os(self, path: Path) -> Any:
+        """POST a Device OS module (system part, bootloader, radio stack)."""
+        with path.open("rb") as raw:
+            return self._request(
+                "POST", "/v1/device-os",
+                files={"binary": (path.name, raw, "application/octet-stream")},
+            )
+
+    def list_device_os(self, platform_id: int | None = None) -> Any:
+        """GET the stored Device OS modules."""
+        params = {} if platform_id is None else {"platform_id": platform_id}
+        return self._request("GET", "/v1/device-os", params=params)
+
     # -- devices -----------------------------------------------------------------------
 
     def list_devices(self, product: str, **filters: Any) -> Any:

@@ -38,6 +38,7 @@ UPDATES_PENDING = "particle/device/updates/pending"  # data "true" / "false"
 UPDATES_FORCED = "particle/device/updates/forced"  # data "true" / "false"
 FIRMWARE_CREATED = "particle/product/firmware/created"  # data JSON {version, title, ...}
 FIRMWARE_RELEASED = "particle/product/firmware/released"  # data JSON {version, immediate, ...}
+FLASH_REQUESTED = "ota/device/flash/requested"  # data "lock" / "binary": push it now
 DEVICE_REVOKED = "ota/device/revoked"  # data "true": the device's certificates were revoked
 
 

@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from otacore.errors import OtaError
-from server.api import auth, devices, events, firmware, groups, openapi, products
+from server.api import auth, device_os, devices, events, firmware, groups, openapi, products
 from server.api.common import (
     ApiSettings,
     http_error_handler,
@@ -28,6 +28,9 @@ ROUTES = [
         methods=["DELETE"],
         name="revoke_current_token",
     ),
+    Route("/v1/device-os", device_os.list_device_os, methods=["GET"], name="list_device_os"),
+    Route("/v1/device-os", device_os.upload_device_os, methods=["POST"],
+          name="upload_device_os"),
     Route("/v1/products", products.list_products, methods=["GET"], name="list_products"),
     Route("/v1/products", products.create_product, methods=["POST"], name="create_product"),
     Route(_P, products.get_product, methods=["GET"], name="get_product"),

@@ -57,6 +57,7 @@ REQUEST_BODIES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         (_JSON, _FORM),
         _obj({"name": _STR, "platform_id": _INT, "description": _STR}, ["name", "platform_id"]),
     ),
+    "upload_device_os": ((_MULTIPART,), _obj({"binary": _BINARY, "file": _BINARY})),
     "upload_firmware": (
         (_MULTIPART,),
         _obj(

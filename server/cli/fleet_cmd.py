@@ -26,6 +26,8 @@ firmware_app = typer.Typer(help="Upload, list, release and download product firm
 device_app = typer.Typer(help="List, inspect, lock, develop, group and flash devices.",
                          no_args_is_help=True)
 group_app = typer.Typer(help="Manage device groups.", no_args_is_help=True)
+device_os_app = typer.Typer(help="Upload and list Device OS modules (system parts...).",
+                            no_args_is_help=True)
 
 ApiUrl = typer.Option("http://127.0.0.1:8080", "--api-url", envvar="OTA_API_URL",
                       help="Base URL of the REST API.")
@@ -311,6 +313,32 @@ def group_delete(name: str, product: str = Product, api_url: str = ApiUrl,
     with _client(api_url, token) as client:
         client.delete_group(product, name)
     typer.echo(f"deleted group {name}")
+
+
+# --- Device OS ------------------------------------------------------------------------
+
+DEVICE_OS_COLUMNS = ["platform_id", "module_function", "module_index", "module_version", "size",
+                     "sha256"]
+
+
+@device_os_app.command("upload")
+def device_os_upload(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+                     api_url: str = ApiUrl, token: str | None = Token,
+                     as_json: bool = AsJson) -> None:
+    """Upload a Device OS module, sent ahead of applications that need it."""
+    with _client(api_url, token) as client:
+        result = client.upload_device_os(file)
+    _show(result, as_json, DEVICE_OS_COLUMNS)
+
+
+@device_os_app.command("list")
+def device_os_list(platform_id: int | None = typer.Option(None, "--platform-id"),
+                   api_url: str = ApiUrl, token: str | None = Token,
+                   as_json: bool = AsJson) -> None:
+    """List stored Device OS modules."""
+    with _client(api_url, token) as client:
+        result = client.list_device_os(platform_id)
+    _show(result, as_json, DEVICE_OS_COLUMNS)
 
 
 # --- events -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Its async methods run blocking store work in worker threads (bounded by a
 from __future__ import annotations
 
 from server.fleet.auth import AuthService, TokenGrant
+from server.fleet.device_os import DeviceOsService
 from server.fleet.devices import DevicePage, DeviceService, DeviceView, ImportResult
 from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
 from server.fleet.groups import GroupService, GroupView
@@ -15,7 +16,9 @@ from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
 from server.fleet.sessions import DeviceTarget, SessionService
 
 
-class Fleet(FirmwareService, DeviceService, GroupService, AuthService, SessionService):
+class Fleet(
+    FirmwareService, DeviceService, GroupService, AuthService, SessionService, DeviceOsService
+):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 
 

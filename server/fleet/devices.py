@@ -10,7 +10,7 @@ from otacore.errors import ModuleFormatError, ValidationError
 from otacore.module import validate_module
 from otacore.platforms import PLATFORMS, platform_name
 from otacore.precedence import Target
-from server.events import UPDATES_FORCED, UPDATES_PENDING, Event
+from server.events import FLASH_REQUESTED, UPDATES_FORCED, UPDATES_PENDING, Event
 from server.fleet.base import (
     FleetBase,
     Outcome,
@@ -388,6 +388,9 @@ class DeviceService(FleetBase):
                     published_at=now,
                 )
             )
+        if fields.get("flash_requested"):
+            events.append(Event(FLASH_REQUESTED, "lock", product_id=product.id,
+                                device_id=device.id, coreid=device.id, published_at=now))
         return Outcome(view, events)
 
     async def flash_device_binary(
@@ -448,6 +451,8 @@ class DeviceService(FleetBase):
                     details={"sha256": sha256, "size": len(image)},
                     now=now,
                 )
-            return Outcome(flash)
+            event = Event(FLASH_REQUESTED, "binary", product_id=product.id,
+                          device_id=device.id, coreid=device.id, published_at=now)
+            return Outcome(flash, [event])
 
         return await self._run(work)

@@ -124,6 +124,27 @@ firmware = sa.Table(
     sa.UniqueConstraint("product_id", "version", name="uq_firmware_product_version"),
 )
 
+# Device OS modules (system parts, bootloaders, radio stacks...) the server can send ahead of
+# an application that depends on them. Shared by every product of the platform.
+system_modules = sa.Table(
+    "system_modules",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("platform_id", sa.Integer, nullable=False),
+    sa.Column("module_function", sa.Integer, nullable=False),
+    sa.Column("module_index", sa.Integer, nullable=False),
+    sa.Column("module_version", sa.Integer, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),  # names the blob
+    sa.Column("module_info", sa.JSON, nullable=False),
+    sa.Column("uploaded_by", sa.String(200), nullable=False),
+    _ms("uploaded_at"),
+    sa.UniqueConstraint(
+        "platform_id", "module_function", "module_index", "module_version",
+        name="uq_system_module",
+    ),
+)
+
 # One row per release scope: "product" (the product default) or "group:<group id>".
 releases = sa.Table(
     "releases",

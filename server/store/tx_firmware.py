@@ -90,7 +90,7 @@ class FirmwareQueries:
 
     def blob_is_referenced(self, sha256: str) -> bool:
         """True while any firmware or flash request names this blob."""
-        for table in (t.firmware, t.device_flashes):
+        for table in (t.firmware, t.device_flashes, t.system_modules):
             query = sa.select(sa.func.count()).select_from(table).where(table.c.sha256 == sha256)
             if self.conn.execute(query).scalar_one():
                 return True
@@ -99,9 +99,30 @@ class FirmwareQueries:
     def referenced_blobs(self) -> set[str]:
         """Every blob name the database refers to."""
         names: set[str] = set()
-        for table in (t.firmware, t.device_flashes):
+        for table in (t.firmware, t.device_flashes, t.system_modules):
             names.update(row[0] for row in self.conn.execute(sa.select(table.c.sha256).distinct()))
         return names
+
+    # --- Device OS modules ------------------------------------------------------------------
+
+    def insert_system_module(self, info: dict[str, Any], sha256: str, size: int,
+                             uploaded_by: str, now: int) -> None:
+        """Record a Device OS module (its blob is already stored under ``sha256``)."""
+        self.conn.execute(sa.insert(t.system_modules).values(
+            platform_id=info["platform_id"], module_function=info["module_function"],
+            module_index=info["module_index"], module_version=info["module_version"],
+            size=size, sha256=sha256, module_info=info, uploaded_by=uploaded_by,
+            uploaded_at=now,
+        ))
+
+    def list_system_modules(self, platform_id: int | None = None) -> list[dict[str, Any]]:
+        """Device OS modules (of one platform), oldest version first."""
+        query = sa.select(t.system_modules).order_by(
+            t.system_modules.c.platform_id, t.system_modules.c.module_function,
+            t.system_modules.c.module_index, t.system_modules.c.module_version)
+        if platform_id is not None:
+            query = query.where(t.system_modules.c.platform_id == platform_id)
+        return [dict(row._mapping) for row in self.conn.execute(query)]
 
     # --- releases ---------------------------------------------------------------------------
 

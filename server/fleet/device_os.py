@@ -1,0 +1,83 @@
+"""Device OS modules: the system parts (and bootloaders, radio stacks) the server sends ahead
+of an application whose dependencies the device does not meet yet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from otacore.errors import ConflictError, ModuleFormatError, ValidationError
+from otacore.module import validate_module
+from otacore.platforms import ModuleFunction
+from server.fleet.base import FleetBase, Outcome
+from server.fleet.roles import Actor, Permission
+
+#: Functions a Device OS release consists of (the application is product firmware).
+DEVICE_OS_FUNCTIONS = frozenset({
+    ModuleFunction.BOOTLOADER, ModuleFunction.SYSTEM_PART, ModuleFunction.RADIO_STACK,
+    ModuleFunction.NCP_FIRMWARE,
+})
+
+
+class DeviceOsService(FleetBase):
+    """Upload and look up Device OS modules."""
+
+    async def upload_device_os(self, actor: Actor, image: bytes) -> dict[str, Any]:
+        """Store a Device OS module after validating it; 400 for anything but a valid
+        bootloader, system part, radio stack or NCP module; 409 for a known version."""
+        return await self._run(self._upload_device_os_sync, actor, image)
+
+    def _upload_device_os_sync(self, actor: Actor, image: bytes) -> Outcome:
+        actor.require(Permission.ADMINISTER, "upload Device OS modules")
+        try:
+            info = validate_module(image)
+        except ModuleFormatError as exc:
+            raise ValidationError(f"not a valid module: {exc}") from exc
+        if info.module_function not in DEVICE_OS_FUNCTIONS:
+            raise ValidationError(
+                f"module function {info.module_function} is not part of Device OS "
+                "(bootloader 2, system part 4, NCP 7, radio stack 8); upload applications "
+                "as product firmware"
+            )
+        key = (info.platform_id, info.module_function, info.module_index, info.module_version)
+        with self.store.read() as tx:
+            known = {
+                (m["platform_id"], m["module_function"], m["module_index"], m["module_version"])
+                for m in tx.list_system_modules(info.platform_id)
+            }
+        if key in known:
+            raise ConflictError(f"Device OS module {key} is already stored")
+        sha256 = self.store.blobs.put(image)  # durable before the row that names it
+        now = self.clock()
+        with self.store.write() as tx:
+            tx.insert_system_module(info.to_json(), sha256, len(image), actor.subject, now)
+            tx.add_audit(actor=actor.subject, action="device_os.upload", product_id=None,
+                         target=f"device_os:{sha256}", details={"module": list(key)}, now=now)
+        return Outcome({"sha256": sha256, "size": len(image), **info.to_json()})
+
+    async def list_device_os(self, platform_id: int | None = None) -> list[dict[str, Any]]:
+        """Device OS modules (of one platform), oldest version first."""
+
+        def work() -> list[dict[str, Any]]:
+            with self.store.read() as tx:
+                return tx.list_system_modules(platform_id)
+
+        return await self._read(work)
+
+    async def device_os_binary(self, sha256: str) -> bytes:
+        """The bytes of a stored module (verified against its SHA-256)."""
+        return await self._read(self.store.blobs.get, sha256)
+
+    async def blob_for_product(self, product_id: int, platform_id: int | None,
+                               sha256: str) -> bytes | None:
+        """The bytes of ``sha256`` if a device of the product may run it (its product
+        firmware, or a Device OS module of its platform); None otherwise."""
+
+        def work() -> bytes | None:
+            with self.store.read() as tx:
+                allowed = any(fw.sha256 == sha256 for fw in tx.list_firmware(product_id))
+                if not allowed and platform_id is not None:
+                    allowed = any(m["sha256"] == sha256
+                                  for m in tx.list_system_modules(platform_id))
+            return self.store.blobs.get(sha256) if allowed else None
+
+        return await self._read(work)
