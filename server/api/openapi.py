@@ -58,6 +58,7 @@ REQUEST_BODIES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         _obj({"name": _STR, "platform_id": _INT, "description": _STR}, ["name", "platform_id"]),
     ),
     "upload_device_os": ((_MULTIPART,), _obj({"binary": _BINARY, "file": _BINARY})),
+    "revoke_device": ((_JSON,), _obj({})),
     "upload_firmware": (
         (_MULTIPART,),
         _obj(
