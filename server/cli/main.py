@@ -11,7 +11,14 @@ import typer
 
 import otacore
 from otacore._select import native_status
-from server.cli import demo_cmd, device_store_cmd, fleet_cmd, module_cmd, server_cmd
+from server.cli import (
+    delta_cmd,
+    demo_cmd,
+    device_store_cmd,
+    fleet_cmd,
+    module_cmd,
+    server_cmd,
+)
 
 app = typer.Typer(
     name="ota",
@@ -20,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(module_cmd.app, name="module")
+app.add_typer(delta_cmd.app, name="delta")
 app.command(name="demo")(demo_cmd.demo)
 app.add_typer(fleet_cmd.firmware_app, name="firmware")
 app.add_typer(fleet_cmd.device_app, name="device")

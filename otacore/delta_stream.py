@@ -1,0 +1,436 @@
+"""Streaming, bounded-memory application of an OTAD delta patch (format: otacore.delta).
+
+This is how a device applies a patch into its inactive slot: the old image is read at random
+offsets (flash is memory-mapped or readable by offset), the patch arrives in pieces of any
+size (down to one byte) and the new image leaves sequentially through a sink, so neither image
+nor the patch is ever held whole.
+
+Memory bound (checked by tests/test_delta_stream.py)
+----------------------------------------------------
+The applier refuses a patch whose header asks for more than its ``max_window_log`` /
+``max_block_limit`` (defaults 17 and 64 KiB; a device with less RAM gets patches made with a
+smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it then holds:
+
+* zstd streaming state (native, outside Python's allocator): the window of
+  ``2**window_log`` bytes plus one zstd block (at most min(window, 128 KiB)) of input and
+  output buffers and a ~94 KiB decoding context: about 480 KiB for window log 17, 190 KiB
+  for window log 15 (ZSTD_estimateDStreamSize);
+* one payload record, at most ``block_limit`` bytes (a Python bytearray);
+* the relocation and value maps, at most 2 x MAX_MAP_ENTRIES entries (64 KiB as int64 pairs
+  here, 32 KiB as the u32/i32 pairs a device would keep);
+* per step: one zstd output piece (``ZSTD_WRITE_SIZE``) and one old-image read, its
+  prediction and output of at most ``chunk_size + LOOKAHEAD`` bytes each.
+
+So the Python-side peak is below ``PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size +
+ZSTD_WRITE_SIZE`` (``python_memory_bound``: 256 KiB with the defaults) and does not grow
+with the images; the native zstd state is ``zstd_native_bound(window_log)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import IO, Any, Protocol, cast
+
+import numpy as np
+import zstandard
+
+from otacore._types import Buffer
+from otacore.delta import (
+    AUTO_FILTERS,
+    DEFAULT_BLOCK_LIMIT,
+    DEFAULT_WINDOW_LOG,
+    HEADER_SIZE,
+    MAX_MAP_ENTRIES,
+    PatchBaseMismatchError,
+    PatchCorruptError,
+    PatchHeader,
+    PatchLimitError,
+    PatchTargetMismatchError,
+    PatchTruncatedError,
+    _kernel,
+    unzigzag,
+)
+from otacore.errors import OtaError, PatchFormatError
+
+#: Size of the decompressed pieces zstd hands to the record parser.
+ZSTD_WRITE_SIZE = 16384
+#: Python-side bookkeeping allowance (objects, numpy headers, hash state) in the bound.
+PYTHON_OVERHEAD = 96 * 1024
+_VALUE_LIMIT = 1 << 40
+_EMPTY_MAP = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+
+
+class SupportsReadAt(Protocol):
+    """An old image readable at offsets, like a flash partition."""
+
+    def read_at(self, offset: int, size: int) -> bytes: ...
+
+
+OldSource = Buffer | Callable[[int, int], Buffer] | SupportsReadAt | Any
+Sink = Callable[[bytes], object] | Any
+
+
+def python_memory_bound(block_limit: int = DEFAULT_BLOCK_LIMIT, chunk_size: int = 4096) -> int:
+    """The Python-side peak allocation bound stated in the module docstring, in bytes."""
+    return PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size + ZSTD_WRITE_SIZE
+
+
+def zstd_native_bound(window_log: int) -> int:
+    """zstd's own streaming state for ``window_log`` (ZSTD_estimateDStreamSize, rounded up)."""
+    window = 1 << window_log
+    block = min(window, 128 * 1024)
+    # DCtx + input buffer (one block) + output buffer (window + one block + wildcopy slack)
+    return zstandard.estimate_decompression_context_size() + block + window + block + 64
+
+
+def _reader(old: OldSource) -> tuple[Callable[[int, int], Buffer], int | None]:
+    if isinstance(old, bytes | bytearray | memoryview):
+        view = memoryview(old).cast("B")
+        return (lambda offset, size: view[offset : offset + size]), len(view)
+    read_at = getattr(old, "read_at", None)
+    if callable(read_at):
+        return read_at, None
+    if callable(getattr(old, "seek", None)) and callable(getattr(old, "read", None)):
+        stream: Any = old
+
+        def read_file(offset: int, size: int) -> bytes:
+            stream.seek(offset)
+            data: bytes = stream.read(size)
+            return data
+
+        return read_file, None
+    if callable(old):
+        return old, None
+    raise TypeError("old image must be bytes, a read_at(offset, size) callable or a file")
+
+
+def _writer(sink: Sink) -> Callable[[bytes], object]:
+    write = getattr(sink, "write", None)
+    if callable(write):
+        return cast(Callable[[bytes], object], write)
+    if callable(sink):
+        return cast(Callable[[bytes], object], sink)
+    raise TypeError("sink must be callable or have a write(bytes) method")
+
+
+def _varint(buf: bytearray, at: int, end: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= end:
+            raise PatchCorruptError(f"patch record ends inside {what}")
+        byte = buf[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift >= 64:
+            raise PatchCorruptError(f"patch has an over-long number in {what}")
+
+
+def _parse_map(buf: bytearray, at: int, end: int, name: str) -> tuple[Any, int]:
+    count, at = _varint(buf, at, end, f"the {name} map")
+    if count > MAX_MAP_ENTRIES:
+        raise PatchLimitError(f"patch {name} map has {count} entries (limit {MAX_MAP_ENTRIES})")
+    keys = np.empty(count, dtype=np.int64)
+    deltas = np.empty(count, dtype=np.int64)
+    key = 0
+    for i in range(count):
+        raw, at = _varint(buf, at, end, f"the {name} map")
+        if i == 0:
+            key = unzigzag(raw)
+        elif raw == 0:
+            raise PatchCorruptError(f"patch {name} map keys are not increasing")
+        else:
+            key += raw
+        delta, at = _varint(buf, at, end, f"the {name} map")
+        delta = unzigzag(delta)
+        if abs(key) > _VALUE_LIMIT or abs(delta) > _VALUE_LIMIT:
+            raise PatchCorruptError(f"patch {name} map holds an out-of-range value")
+        keys[i], deltas[i] = key, delta
+    return (keys, deltas), at
+
+
+class PatchApplier:
+    """Streaming applier: ``feed`` patch pieces, then ``finish``. It does no I/O of its own:
+    the caller hands in the old-image reader and the sink (a flash driver on a device).
+
+    ``old``: the base image as bytes, a ``read_at(offset, size)`` object or callable, or a
+    seekable binary file. ``sink``: a callable or an object with ``write``; it receives the
+    target image in order. Nothing is trusted: every length and offset is checked before use,
+    and ``finish`` checks the target size and SHA-256.
+    """
+
+    def __init__(
+        self,
+        old: OldSource,
+        sink: Sink,
+        *,
+        max_window_log: int = DEFAULT_WINDOW_LOG,
+        max_block_limit: int = DEFAULT_BLOCK_LIMIT,
+        verify_base: bool = True,
+        chunk_size: int = 4096,
+    ) -> None:
+        self._read, self._old_size = _reader(old)
+        self._write = _writer(sink)
+        self._max_window_log = max_window_log
+        self._max_block_limit = max_block_limit
+        self._verify_base = verify_base
+        self._chunk = max(64, chunk_size)
+        self._head = bytearray()
+        self.header: PatchHeader | None = None
+        self._remaining = 0  # payload bytes still expected
+        self._stream: Any = None
+        self._failed: str | None = None
+        self._ended = False
+        # record parser state
+        self._length_bytes = bytearray()
+        self._record_size: int | None = None
+        self._record = bytearray()
+        self._prelude_done = False
+        self._model: Any = (0, 0, 0, _EMPTY_MAP, _EMPTY_MAP)
+        # output state
+        self._cursor = 0
+        self.bytes_written = 0
+        self._target_hash = hashlib.sha256()
+
+    # --- input -------------------------------------------------------------------------
+
+    def feed(self, data: Buffer) -> None:
+        """Take the next piece of the patch (any size); writes whatever output it completes."""
+        if self._failed is not None:
+            raise PatchFormatError(f"patch application already failed: {self._failed}")
+        try:
+            self._feed(memoryview(data).cast("B"))
+        except OtaError as exc:
+            self._failed = str(exc)
+            raise
+        except zstandard.ZstdError as exc:
+            self._failed = str(exc)
+            if "window" in str(exc).lower() or "memory" in str(exc).lower():
+                raise PatchLimitError(f"patch payload needs too much memory: {exc}") from None
+            raise PatchCorruptError(f"patch payload is corrupt: {exc}") from None
+
+    def _feed(self, view: memoryview) -> None:
+        if self.header is None:
+            take = min(len(view), HEADER_SIZE - len(self._head))
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) < HEADER_SIZE:
+                return
+            self._start(PatchHeader.parse(self._head))
+        if len(view) > self._remaining:
+            raise PatchCorruptError(
+                f"patch has {len(view) - self._remaining} bytes after its declared payload"
+            )
+        self._remaining -= len(view)
+        # zstd calls self.write with each decompressed piece, one block at most at a time.
+        self._stream.write(view)
+
+    def _start(self, header: PatchHeader) -> None:
+        if header.window_log > self._max_window_log:
+            raise PatchLimitError(
+                f"patch needs a {1 << header.window_log >> 10} KiB zstd window; this applier "
+                f"allows {1 << self._max_window_log >> 10} KiB"
+            )
+        if header.block_limit > self._max_block_limit:
+            raise PatchLimitError(
+                f"patch records may reach {header.block_limit} bytes; this applier allows "
+                f"{self._max_block_limit}"
+            )
+        if self._old_size is not None and self._old_size != header.base_size:
+            raise PatchBaseMismatchError(
+                f"patch is for a {header.base_size}-byte base image, this one has "
+                f"{self._old_size} bytes"
+            )
+        if self._verify_base:
+            digest = hashlib.sha256()
+            for offset in range(0, header.base_size, 1 << 16):
+                size = min(1 << 16, header.base_size - offset)
+                digest.update(self._read_old(offset, size))
+            if digest.digest() != header.base_sha256:
+                raise PatchBaseMismatchError(
+                    "patch was made for a different base image (SHA-256 mismatch)"
+                )
+        self.header = header
+        self._remaining = header.payload_size
+        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << header.window_log)
+        # zstd writes each decompressed piece to self.write (an IO-like sink).
+        self._stream = decompressor.stream_writer(cast(IO[bytes], self), write_size=ZSTD_WRITE_SIZE)
+
+    def _read_old(self, offset: int, size: int) -> Buffer:
+        data = self._read(offset, size)
+        if len(data) != size:
+            raise PatchBaseMismatchError(
+                f"base image read of {size} bytes at {offset} returned {len(data)}"
+            )
+        return data
+
+    # --- records (zstd's output side) -------------------------------------------------
+
+    def write(self, data: bytes) -> int:
+        """Receive decompressed payload bytes (called by zstd; not part of the public API)."""
+        header = self.header
+        assert header is not None
+        view = memoryview(data)
+        while len(view):
+            if self._ended:
+                raise PatchCorruptError("patch payload continues after its end record")
+            if self._record_size is None:
+                byte = view[0]
+                view = view[1:]
+                self._length_bytes.append(byte)
+                if byte & 0x80:
+                    if len(self._length_bytes) >= 10:
+                        raise PatchCorruptError("patch has an over-long record length")
+                    continue
+                size, _ = _varint(self._length_bytes, 0, len(self._length_bytes), "a length")
+                self._length_bytes.clear()
+                if size > header.block_limit:
+                    raise PatchCorruptError(
+                        f"patch record of {size} bytes exceeds its block limit {header.block_limit}"
+                    )
+                if size == 0:
+                    if not self._prelude_done:
+                        raise PatchCorruptError("patch payload has no prelude record")
+                    self._ended = True
+                    continue
+                self._record_size = size
+                continue
+            take = min(len(view), self._record_size - len(self._record))
+            self._record += view[:take]
+            view = view[take:]
+            if len(self._record) == self._record_size:
+                if self._prelude_done:
+                    self._run_block(self._record)
+                else:
+                    self._parse_prelude(self._record)
+                self._record.clear()
+                self._record_size = None
+        return len(data)
+
+    def _parse_prelude(self, buf: bytearray) -> None:
+        header = self.header
+        assert header is not None
+        filters, at = _varint(buf, 0, len(buf), "the filter set")
+        if filters not in AUTO_FILTERS:
+            raise PatchCorruptError(f"patch uses unknown filter set {filters}")
+        base, image_size = 0, 0
+        reloc = values = _EMPTY_MAP
+        if filters:
+            base_plus_one, at = _varint(buf, at, len(buf), "the load address")
+            if base_plus_one:
+                base, image_size = base_plus_one - 1, header.base_size
+                if base + image_size > 1 << 32:
+                    raise PatchCorruptError(f"patch load address {base:#x} is out of range")
+            reloc, at = _parse_map(buf, at, len(buf), "relocation")
+            values, at = _parse_map(buf, at, len(buf), "value")
+        if at != len(buf):
+            raise PatchCorruptError("patch prelude has trailing bytes")
+        self._model = (filters, base, image_size, reloc, values)
+        self._prelude_done = True
+
+    def _run_block(self, buf: bytearray) -> None:
+        header = self.header
+        assert header is not None
+        size = len(buf)
+        count, control = _varint(buf, 0, size, "a block")
+        if count == 0 or count * 3 > size:
+            raise PatchCorruptError(f"patch block claims {count} entries in {size} bytes")
+        # Pass 1: check every entry against the images before any output is written.
+        at, cursor, copied, literal = control, self._cursor, 0, 0
+        for _ in range(count):
+            seek, at = _varint(buf, at, size, "a control entry")
+            copy, at = _varint(buf, at, size, "a control entry")
+            extra, at = _varint(buf, at, size, "a control entry")
+            cursor += unzigzag(seek)
+            if not 0 <= cursor <= header.base_size or copy > header.base_size - cursor:
+                raise PatchCorruptError(
+                    f"patch copies old bytes {cursor}..{cursor + copy}, outside the "
+                    f"{header.base_size}-byte base image"
+                )
+            cursor += copy
+            copied += copy
+            literal += extra
+        if at + copied + literal != size:
+            raise PatchCorruptError("patch block lengths do not add up to its record size")
+        if self.bytes_written + copied + literal > header.target_size:
+            raise PatchCorruptError(f"patch writes past the {header.target_size}-byte target size")
+        # Pass 2: run the entries.
+        diff_at, extra_at = at, at + copied
+        at = control
+        for _ in range(count):
+            seek, at = _varint(buf, at, size, "a control entry")
+            copy, at = _varint(buf, at, size, "a control entry")
+            extra, at = _varint(buf, at, size, "a control entry")
+            self._cursor += unzigzag(seek)
+            if copy:
+                self._copy(buf, diff_at, copy)
+                diff_at += copy
+            for start in range(extra_at, extra_at + extra, self._chunk):
+                self._emit(bytes(buf[start : min(start + self._chunk, extra_at + extra)]))
+            extra_at += extra
+
+    def _copy(self, buf: bytearray, diff_at: int, length: int) -> None:
+        start = self._cursor
+        span_end = start + length
+        shift = self.bytes_written - start
+        position = start
+        while position < span_end:
+            limit = min(position + self._chunk, span_end)
+            fetch = min(limit + _kernel.LOOKAHEAD, span_end) - position
+            source = self._read_old(position, fetch)
+            predicted, reached = _kernel.predict(
+                source, position, span_end, limit, shift, self._model
+            )
+            offset = diff_at + (position - start)
+            difference = buf[offset : offset + (reached - position)]
+            self._emit(_kernel.add_bytes(predicted, difference))
+            position = reached
+        self._cursor = span_end
+
+    def _emit(self, data: bytes) -> None:
+        self._target_hash.update(data)
+        self.bytes_written += len(data)
+        self._write(data)
+
+    # --- end ---------------------------------------------------------------------------
+
+    def finish(self) -> PatchHeader:
+        """Check that the patch was complete and produced the promised target; returns the
+        header. Raises PatchTruncatedError, PatchCorruptError or PatchTargetMismatchError."""
+        if self._failed is not None:
+            raise PatchFormatError(f"patch application already failed: {self._failed}")
+        header = self.header
+        if header is None:
+            raise PatchTruncatedError(
+                f"patch is truncated: {len(self._head)} bytes, the header needs {HEADER_SIZE}"
+            )
+        if self._remaining:
+            raise PatchTruncatedError(
+                f"patch is truncated: {self._remaining} of {header.payload_size} payload "
+                "bytes missing"
+            )
+        if not self._ended:
+            raise PatchCorruptError("patch payload ended without its end record")
+        if self.bytes_written != header.target_size:
+            raise PatchTargetMismatchError(
+                f"patch produced {self.bytes_written} bytes, the target has {header.target_size}"
+            )
+        if self._target_hash.digest() != header.target_sha256:
+            raise PatchTargetMismatchError("patch output does not match the target SHA-256")
+        return header
+
+
+def apply_stream(
+    old: OldSource,
+    pieces: Any,
+    sink: Sink,
+    **options: Any,
+) -> PatchHeader:
+    """Apply a patch arriving as an iterable of byte pieces; returns the checked header."""
+    applier = PatchApplier(old, sink, **options)
+    for piece in pieces:
+        applier.feed(piece)
+    return applier.finish()
