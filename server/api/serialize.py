@@ -44,6 +44,15 @@ def firmware_json(view: FirmwareView) -> dict[str, Any]:
         "groups": list(view.groups),
         "intelligent": view.intelligent,
         "device_count": view.device_count,
+        # Devices that started, finished or failed an update to this version via a release
+        # (running now: device_count; updating: started - succeeded - failed).
+        "release_stats": {
+            "running": view.device_count,
+            "updating": max(0, view.updates_started - view.updates_succeeded
+                            - view.updates_failed),
+            "succeeded": view.updates_succeeded,
+            "failed": view.updates_failed,
+        },
         "uploaded_on": iso(rec.uploaded_at),
         "uploaded_by": {"username": rec.uploaded_by},
         "running_seen_at": iso(rec.running_seen_at),
@@ -99,6 +108,12 @@ def device_json(view: DeviceView, *, detail: bool = False) -> dict[str, Any]:
         "updates_pending": rec.updates_pending,
         "reset_pending": rec.reset_pending,
         "updated_at": iso(rec.updated_at),
+    }
+    update = view.update
+    body["update"] = None if update is None else {
+        "sha256": update.sha256, "version": update.version, "transfer": update.transfer,
+        "bytes_done": update.bytes_done, "bytes_total": update.bytes_total,
+        "status": update.status, "updated_at": iso(update.updated_at),
     }
     if detail:
         body["modules"] = rec.modules

@@ -23,7 +23,7 @@ from server.fleet.errors import DeviceRuleError, DuplicateError, UnknownFirmware
 from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_filename, clean_group_name, clean_text, slugify
-from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx
+from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx, UpdateStateRecord
 
 #: Fields ``PUT /v1/products/:p/devices/:id`` accepts (Particle's names).
 DEVICE_FIELDS = frozenset(
@@ -47,6 +47,8 @@ class DeviceView:
     record: DeviceRecord
     target: Target
     pending_flash: FlashRecord | None = None
+    #: The transfer in flight to the device, if any.
+    update: UpdateStateRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +260,8 @@ class DeviceService(FleetBase):
     @staticmethod
     def _view(tx: Tx, product: ProductRecord, device: DeviceRecord) -> DeviceView:
         releases = releases_of(tx.list_releases(product.id))
-        return DeviceView(device, target_of(device, releases), tx.pending_flash(device.id))
+        return DeviceView(device, target_of(device, releases), tx.pending_flash(device.id),
+                          tx.get_update_state(device.id))
 
     async def update_device(
         self, actor: Actor, product_ref: int | str, device_id: str, changes: Mapping[str, object]

@@ -34,6 +34,10 @@ class FirmwareView:
     groups: tuple[str, ...]
     intelligent: bool
     device_count: int
+    #: Update outcomes across the releases of this version: started, succeeded, failed.
+    updates_started: int = 0
+    updates_succeeded: int = 0
+    updates_failed: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ def firmware_views(
                 groups=tuple(sorted(r.group_name for r in mine if r.group_name is not None)),
                 intelligent=any(r.intelligent for r in mine),
                 device_count=counts.get(rec.version, 0),
+                updates_started=sum(r.devices_started for r in mine),
+                updates_succeeded=sum(r.devices_succeeded for r in mine),
+                updates_failed=sum(r.devices_failed for r in mine),
             )
         )
     return views
