@@ -5,7 +5,8 @@ persistent simulated flash under ``--state`` (``<state>/<device id>/``), connect
 device endpoint over TLS (``tcp``), DTLS (``udp``) or alternately both, and takes the updates
 the server offers. Without ``--state`` the flash lives in a temporary directory removed at
 exit. A fresh flash is programmed with the ``--firmware`` modules and a trust store of the
-``--trust-key`` public keys for ``--product-id``.
+``--trust-key`` public keys (default: the ``signing-keys.txt`` provisioning wrote into
+``--creds``) for ``--product-id``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from otacore.errors import OtaError
 from otacore.module import validate_module
 from otacore.signing import TrustStore
 from server.cli._output import fail, print_json
+from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import (
     EmulatedFleet,
     FleetSettings,
@@ -104,7 +106,10 @@ def emulate(
     ] = f"127.0.0.1:{DEFAULT_DEVICE_PORT}",
     trust_key: Annotated[
         list[str] | None,
-        typer.Option("--trust-key", help="Product signing public key, hex (repeatable)."),
+        typer.Option(
+            "--trust-key",
+            help="Product signing public key, hex (repeatable; default: CREDS/signing-keys.txt).",
+        ),
     ] = None,
     product_id: Annotated[
         int | None, typer.Option("--product-id", help="Product the trust keys belong to.")
@@ -133,7 +138,11 @@ def emulate(
         fail(f"--transport must be tcp, udp or both, not {transport!r}")
     try:
         address = parse_server(server)
-        store = trust_store_of(trust_key or [], product_id)
+        keys = list(trust_key or [])
+        trust_file = creds / TRUST_FILE
+        if not keys and trust_file.is_file():  # written by `ota device provision`
+            keys = [key.hex() for key in read_trust_file(trust_file)]
+        store = trust_store_of(keys, product_id)
         images = tuple(path.read_bytes() for path in firmware or [])
         for path, image in zip(firmware or [], images, strict=True):
             try:

@@ -15,6 +15,7 @@ from server.cli import (
     delta_cmd,
     demo_cmd,
     device_store_cmd,
+    emulate_cmd,
     fleet_cmd,
     module_cmd,
     server_cmd,
@@ -32,6 +33,7 @@ app.command(name="demo")(demo_cmd.demo)
 app.add_typer(fleet_cmd.firmware_app, name="firmware")
 app.add_typer(fleet_cmd.device_app, name="device")
 device_store_cmd.attach(fleet_cmd.device_app)
+fleet_cmd.device_app.command("emulate")(emulate_cmd.emulate)
 app.add_typer(fleet_cmd.group_app, name="group")
 app.add_typer(fleet_cmd.device_os_app, name="device-os")
 app.command(name="events")(fleet_cmd.events)

@@ -100,6 +100,8 @@ class OtaEngine:
         #: the server restarts or the target changes).
         self.failed: dict[str, set[str]] = {}
         self.updaters: dict[str, SessionUpdater] = {}
+        #: The image each device was last sent, to attribute its update result.
+        self.delivered: dict[str, str] = {}
         plane.ota = self
 
     # -- plane hooks ------------------------------------------------------------------------
@@ -128,9 +130,12 @@ class OtaEngine:
             except PayloadSchemaError as exc:
                 log.info("device %s sent a bad update result: %s", device_id, exc)
                 return
+            delivered = self.delivered.pop(device_id, None)
             if result.status == "committed":
                 await self.fleet.record_flash_status(device_id, "success")
             else:
+                if delivered is not None:  # never offer the image it rolled back from again
+                    self.failed.setdefault(device_id, set()).add(delivered)
                 await self.fleet.record_flash_status(
                     device_id, "failed", error=f"{result.status}: {result.detail}"[:200])
 
@@ -318,6 +323,8 @@ class SessionUpdater:
         view = await fleet.target_for_device(self.device_id)
         if not view.update_needed:
             return
+        if not view.device.modules:
+            return  # nothing is known of its modules yet: its Describe will kick again
         if not view.updates_allowed:
             await handler.send_event(UPDATES_PENDING_EVENT, "true")
             return
@@ -344,9 +351,8 @@ class SessionUpdater:
         engine, handler, fleet = self.engine, self.handler, self.engine.fleet
         config = engine.config
         async with engine.limiter:
-            product_version = (module.info.product_version
-                               if module.info.module_function == ModuleFunction.USER_PART
-                               else None)
+            # Device OS modules carry no product data: their manifest names version 0.
+            product_version = (None if module.info.product_version is not None else 0)
             signed = engine.signed_manifest(view.product.id, product_version, module)
             answer = await handler.request(offer_request(signed), config.offer_timeout)
             if answer.code == OFFER_UNAVAILABLE:
@@ -403,6 +409,7 @@ class SessionUpdater:
                     self.device_id, sha256=module.sha256, version=view.target.version,
                     transfer="full", bytes_done=item.bytes_acked, bytes_total=item.total)
             elif isinstance(item, TransferCompleted):
+                self.engine.delivered[self.device_id] = module.sha256
                 verdict = True
             elif isinstance(item, TransferFailed):
                 log.info("transfer to %s failed: %s", self.device_id, item.reason)

@@ -92,7 +92,13 @@ class _DtlsConnection:
 
     async def send(self, pieces: list[bytes]) -> None:
         for datagram in pieces:
-            await self.channel.send(datagram)
+            try:
+                await self.channel.send(datagram)
+            except SSL.WantReadError:
+                # OpenSSL wants a handshake record (e.g. the server's retransmitted last
+                # flight) read before it writes: treat it as a lost datagram, which CoAP
+                # and the transfer protocol recover, rather than as a dead session.
+                continue
 
     async def aclose(self) -> None:
         # trio never sends close_notify itself; without it the server waits for its idle timeout.
@@ -135,6 +141,7 @@ class DeviceRunner:
         self._wake = trio.Event()
         self._tls_context: ssl.SSLContext | None = None
         self._tls_session: ssl.SSLSession | None = None
+        self._hold_off = 0.0  # seconds the server asked us to stay away
         #: Failed connection attempts since the last session that went online.
         self.connect_failures = 0
         self.last_connect_error = ""
@@ -193,6 +200,11 @@ class DeviceRunner:
                 went_online = await self._run_session(connection)
             if device.boots != boots:
                 continue  # it reset: a booting device connects at once
+            if self._hold_off:
+                # The server said when to come back; spread the fleet over 1-1.5x of it.
+                delay, self._hold_off = self._hold_off * (1 + 0.5 * self._rng.random()), 0.0
+                await self._sleep_or_wake(delay)
+                continue
             # A session that went online and lasted resets the back-off; one that was
             # refused, never answered Hello or ended at once counts as a failure, so a
             # server that drops devices right away is not hammered by reconnects.
@@ -311,7 +323,8 @@ class DeviceRunner:
             await trio.sleep(self.link.reboot_delay)
             device.boot(trio.current_time())
         elif connection is not None:
-            reason = lost or next(
-                (a.reason for a in actions if isinstance(a, Disconnect)), "the link closed"
-            )
+            disconnect = next((a for a in actions if isinstance(a, Disconnect)), None)
+            if disconnect is not None:
+                self._hold_off = disconnect.hold_off
+            reason = lost or (disconnect.reason if disconnect else "the link closed")
             device.disconnected(trio.current_time(), reason)
