@@ -107,14 +107,27 @@ def status_for(exc: OtaError) -> int:
     return 500
 
 
-async def ota_error_handler(_request: Request, exc: Exception) -> Response:
+async def ota_error_handler(request: Request, exc: Exception) -> Response:
     """Map OtaError subclasses to their status; internal errors are logged, not leaked."""
     assert isinstance(exc, OtaError)
     status = status_for(exc)
     if status == 500:
         log.error("internal error: %s", exc, exc_info=exc)
-        return error_response(500, "internal error; see the server log")
-    return error_response(status, str(exc))
+        response = error_response(500, "internal error; see the server log")
+    else:
+        response = error_response(status, str(exc))
+    if _body_unread(request):
+        # Refused before its body was read (e.g. a 403 on an upload): the server drops the
+        # connection, so say so (RFC 9112 9.6) and clients do not reuse it.
+        response.headers["Connection"] = "close"
+    return response
+
+
+def _body_unread(request: Request) -> bool:
+    has_body = request.headers.get("content-length", "0") not in ("", "0") or (
+        "transfer-encoding" in request.headers
+    )
+    return has_body and not getattr(request, "_stream_consumed", False)
 
 
 async def http_error_handler(_request: Request, exc: Exception) -> Response:
