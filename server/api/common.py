@@ -197,7 +197,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     too_large = PayloadTooLargeError(f"the request body exceeds the {limit}-byte limit")
     stream = request.stream()
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ValidationError("the Content-Length header is not a number")
         if int(declared) > limit:
             if int(declared) <= DRAIN_LIMIT:
@@ -337,7 +337,7 @@ def query_int(request: Request, name: str, default: int) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         raise ValidationError(f"query parameter {name} must be a positive integer")
     return int(raw)
 

@@ -35,7 +35,7 @@ async def list_device_os(request: Request) -> Response:
     """List the stored Device OS modules (filter: platform_id)."""
     await require(request, Permission.READ, "read Device OS modules")
     platform = request.query_params.get("platform_id")
-    if platform is not None and not platform.isdigit():
+    if platform is not None and not (platform.isascii() and platform.isdigit()):
         raise ValidationError("platform_id must be an integer")
     modules = await fleet_of(request).list_device_os(None if platform is None else int(platform))
     return JSONResponse([

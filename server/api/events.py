@@ -149,7 +149,7 @@ async def publish_event(request: Request) -> Response:
             f"unknown field(s) {', '.join(unknown)}; give name, data, private, ttl"
         )
     ttl = fields.get("ttl", DEFAULT_TTL)
-    if isinstance(ttl, str) and ttl.isdigit():
+    if isinstance(ttl, str) and (ttl.isascii() and ttl.isdigit()):
         ttl = int(ttl)
     await fleet_of(request).publish_event(
         actor,

@@ -26,7 +26,7 @@ async def create_product(request: Request) -> Response:
     if unknown:
         raise ValidationError(f"unknown field(s) {', '.join(unknown)}; give name, platform_id")
     platform = fields.get("platform_id")
-    if isinstance(platform, str) and platform.isdigit():
+    if isinstance(platform, str) and (platform.isascii() and platform.isdigit()):
         platform = int(platform)
     product = await fleet_of(request).create_product(
         actor, fields.get("name"), platform, description=fields.get("description", "")

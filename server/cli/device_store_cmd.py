@@ -48,7 +48,7 @@ class StoreRegistrar:
 
 
 def _ref(product: str) -> int | str:
-    return int(product) if product.isdigit() else product
+    return int(product) if (product.isascii() and product.isdigit()) else product
 
 
 def revoke(

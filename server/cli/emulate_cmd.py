@@ -48,7 +48,8 @@ def parse_server(text: str) -> tuple[str, int]:
             port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    port_ok = port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536
+    if not host or not port_ok:
         raise ValueError(f"server must be HOST:PORT with a port 1-65535, got {text!r}")
     return host, int(port_text)
 

@@ -24,7 +24,7 @@ def _read(path: Path) -> bytes:
 
 
 def _parse_function(text: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     try:
         return int(ModuleFunction[text.upper().replace("-", "_")])

@@ -81,7 +81,7 @@ class TokenGrant:
 
 def check_expires_in(value: object) -> int:
     """Token lifetime in seconds: 0 (never expires) up to ten years."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and (value.strip().isascii() and value.strip().isdigit()):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError("expires_in must be a whole number of seconds")

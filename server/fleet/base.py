@@ -45,7 +45,7 @@ def check_version(value: object, what: str = "version") -> int:
     """A firmware version: an integer 0..65535 (ints or digit strings), or ValidationError."""
     if isinstance(value, bool):
         raise ValidationError(f"{what} must be an integer, not a boolean")
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and (value.strip().isascii() and value.strip().isdigit()):
         value = int(value.strip())
     if not isinstance(value, int):
         raise ValidationError(f"{what} must be an integer 0..{MAX_FIRMWARE_VERSION}")

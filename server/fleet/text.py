@@ -57,6 +57,6 @@ def clean_color(value: object) -> str:
 def slugify(name: str) -> str:
     """A URL slug from a product name: lowercase letters, digits and dashes."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:56] or "product"
-    if slug.isdigit():  # slugs must not look like numeric product ids
+    if slug.isascii() and slug.isdigit():  # slugs must not look like numeric product ids
         slug = f"product-{slug}"
     return slug

@@ -73,7 +73,7 @@ class FleetQueries:
         """A product by numeric id or by slug."""
         if isinstance(ref, int):
             where = t.products.c.id == ref
-        elif ref.isdigit():
+        elif ref.isascii() and ref.isdigit():
             where = sa.or_(t.products.c.id == int(ref), t.products.c.slug == ref)
         else:
             where = t.products.c.slug == ref
