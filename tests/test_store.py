@@ -253,3 +253,16 @@ def test_blob_store_removes_interrupted_writes_and_sweeps(tmp_path: Path) -> Non
     assert not leftover.exists()
     assert reopened.sweep({keep}) == [drop] and list(reopened.names()) == [keep]
     assert os.listdir(tmp_path / "blobs" / "tmp") == []
+
+
+def test_versions_accept_only_ascii_digits() -> None:
+    """'¹' passes str.isdigit() but not int(): it must be a 400, not a 500 (fuzz finding)."""
+    import pytest
+
+    from otacore.errors import ValidationError
+    from server.fleet.base import check_version
+
+    assert check_version(" 42 ") == 42
+    for bad in ("¹", "٣", "4²", "-1", "65536"):
+        with pytest.raises(ValidationError):
+            check_version(bad)
