@@ -589,13 +589,18 @@ class EmulatedDevice:
     def _changed(self) -> None:
         if self.on_status is None:
             return
+        availability = self._availability
         key = (
             self.phase,
             self.last_result,
             self.last_error,
             self.sessions,
             self.boots,
-            self.reset_pending,
+            # Availability changes too, so a watcher (EmulatedFleet.wait_until) sees them.
+            availability.reset_pending,
+            availability.updates_enabled,
+            availability.updates_pending,
+            availability.updates_forced,
         )
         if key != self._notified:
             self._notified = key

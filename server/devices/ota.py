@@ -12,11 +12,12 @@ release to every online device does not stampede the server.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,7 +34,9 @@ from otacore.protocol.ota_wire import (
     RESET_PENDING_EVENT,
     UPDATE_RESULT_EVENT,
     UPDATES_ENABLED_EVENT,
+    UPDATES_FORCED_EVENT,
     UPDATES_PENDING_EVENT,
+    UpdateResult,
     is_transfer,
     offer_request,
     parse_transfer,
@@ -52,7 +55,8 @@ from otacore.transfer import (
 )
 from server.devices.keys import product_signing_key
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
-from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED
+from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
+from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
     from server.devices.plane import DevicePlane
@@ -75,6 +79,27 @@ class OtaConfig:
     progress_step: int = 32 * 1024
     #: Prepared files (chunk CRCs) kept for reuse across devices.
     prepared_cache: int = 16
+    #: After a Hello, wait this long for the session's Describe before planning from the
+    #: modules an earlier session reported (a device that sends none is served anyway).
+    describe_wait: float = 5.0
+    #: In the first session after a delivered image, wait this long for the device to
+    #: report how it booted (UPDATE_RESULT_EVENT) before planning again, so an image it
+    #: rolled back from is not re-offered.
+    result_wait: float = 5.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An image a device validated and is about to boot (or booted without reporting yet)."""
+
+    sha256: str
+    #: True for the last module of its update (the application); False for a Device OS
+    #: module sent ahead of it, whose success is a step, not the end, of the update.
+    final: bool
+    #: Serial of the session that delivered it (see SessionUpdater.serial).
+    session: int
+    #: True once a later session waited for its result (each delivery costs one wait).
+    awaited: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +126,11 @@ class OtaEngine:
         self.failed: dict[str, set[str]] = {}
         self.updaters: dict[str, SessionUpdater] = {}
         #: The image each device was last sent, to attribute its update result.
-        self.delivered: dict[str, str] = {}
+        self.delivered: dict[str, Delivery] = {}
+        #: Device -> SHA-256 of the application of the update it is going through: one
+        #: update (one "started", one outcome) even when Device OS modules go first.
+        self.updating: dict[str, str] = {}
+        self._serials = itertools.count(1)
         plane.ota = self
 
     # -- plane hooks ------------------------------------------------------------------------
@@ -114,6 +143,12 @@ class OtaEngine:
         handler.on_hello.append(updater.kick)
         nursery.start_soon(updater.run)
 
+    def detach_session(self, handler: DeviceSessionHandler) -> None:
+        """Forget a session's updater when the session ends (a newer one may own the id)."""
+        updater = self.updaters.get(handler.device_id)
+        if updater is not None and updater.handler is handler:
+            del self.updaters[handler.device_id]
+
     async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> None:
         """Availability changes, held resets and update results reported by devices."""
         device_id = handler.device_id
@@ -124,20 +159,34 @@ class OtaEngine:
                 updater.kick()
         elif event.name == RESET_PENDING_EVENT:
             log.info("device %s holds its reset: %s", device_id, event.data)
+            await self.fleet.set_reset_pending(device_id, True)  # the API shows it
         elif event.name == UPDATE_RESULT_EVENT:
             try:
                 result = parse_update_result(event.data)
             except PayloadSchemaError as exc:
                 log.info("device %s sent a bad update result: %s", device_id, exc)
                 return
-            delivered = self.delivered.pop(device_id, None)
-            if result.status == "committed":
-                await self.fleet.record_flash_status(device_id, "success")
-            else:
-                if delivered is not None:  # never offer the image it rolled back from again
-                    self.failed.setdefault(device_id, set()).add(delivered)
-                await self.fleet.record_flash_status(
-                    device_id, "failed", error=f"{result.status}: {result.detail}"[:200])
+            await self._on_update_result(device_id, result)
+            updater = self.updaters.get(device_id)
+            if updater is not None:
+                updater.result_seen.set()
+
+    async def _on_update_result(self, device_id: str, result: UpdateResult) -> None:
+        delivery = self.delivered.pop(device_id, None)
+        if result.status == "committed":
+            if delivery is not None and not delivery.final:
+                # A Device OS module ahead of the application: the update goes on (the
+                # session's Describe already kicked its updater).
+                log.info("device %s booted Device OS module %s", device_id, delivery.sha256)
+                return
+            self.updating.pop(device_id, None)
+            await self.fleet.record_flash_status(device_id, "success")
+        else:
+            if delivery is not None:  # never offer the image it rolled back from again
+                self.failed.setdefault(device_id, set()).add(delivery.sha256)
+            self.updating.pop(device_id, None)
+            await self.fleet.record_flash_status(
+                device_id, "failed", error=f"{result.status}: {result.detail}"[:200])
 
     async def watch_requests(self) -> None:
         """Push immediate releases and flash requests to the online devices this process
@@ -145,8 +194,8 @@ class OtaEngine:
         while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
             with self.plane.bus.subscribe(name_prefix="") as subscription:
                 async for event in subscription.receive:
-                    if event.name == FLASH_REQUESTED and event.device_id:
-                        self.kick(event.device_id)
+                    if event.name in (FLASH_REQUESTED, UPDATES_FORCED) and event.device_id:
+                        self.kick(event.device_id)  # the updater tells the device "forced"
                     elif event.name == FIRMWARE_RELEASED and event.product_id is not None:
                         await self._push_release(event.product_id, event.data or "")
 
@@ -252,6 +301,16 @@ class SessionUpdater:
         self._inbox_send, self._inbox = trio.open_memory_channel[TransferMessage](256)
         self._kicked = trio.Event()
         self.sender: TransferSender | None = None
+        #: Set when the device reports an update result in this session.
+        self.result_seen = trio.Event()
+        #: Sessions are numbered in the order they start (a delivery names its session).
+        self.serial = next(engine._serials)
+        #: True once the device validated an image in this session: it applies it at its
+        #: (possibly held) reset, and its next session continues the update.
+        self.staged = False
+        #: What the device was told about forced updates (None: nothing yet; a device
+        #: boots not forced).
+        self._told_forced: bool | None = None
 
     def kick(self) -> None:
         """Ask the updater to re-check the device's target."""
@@ -281,9 +340,13 @@ class SessionUpdater:
         """Plain CoAP Block2 download (RFC 7959 2.4) of a firmware the device may run."""
         handler = self.handler
         product_id = handler.product_id
-        if product_id is None:
-            product_id = (await handler.plane.fleet.target_for_device(self.device_id)).product.id
         platform = handler.hello.platform_id if handler.hello else None
+        if product_id is None or platform is None:
+            # A stock client sends no Hello: the device record (or its product) says which
+            # platform's Device OS modules it may fetch.
+            view = await handler.plane.fleet.target_for_device(self.device_id)
+            product_id = view.product.id
+            platform = platform or view.device.platform_id or view.product.platform_id
         try:
             image = await handler.plane.fleet.blob_for_product(product_id, platform,
                                                                sha256.lower())
@@ -312,19 +375,59 @@ class SessionUpdater:
             self._kicked = trio.Event()
             try:
                 await self.update_once()
+            except SessionClosed:
+                return  # the session is over (this task is about to be cancelled with it)
             except DeviceUnreachableError as exc:
                 log.info("device %s stopped answering: %s", self.device_id, exc)
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
 
+    async def _settle(self) -> None:
+        """Wait (bounded) until what the device reports after a Hello is in: its modules
+        (Describe) and the result of an image it was sent; planning earlier would work
+        from stale modules or re-offer an image the device just rolled back from."""
+        config = self.engine.config
+        hello = self.handler.hello
+        delivery = self.engine.delivered.get(self.device_id)
+        # One wait per delivery, in the first session after it unless the image is still
+        # staged (a held reset): a device that never staged it (killed first) or reports
+        # no results must not hold up every later session.
+        wait_for_result = (delivery is not None and not delivery.awaited
+                           and delivery.session < self.serial
+                           and not (hello is not None and hello.reset_pending))
+        if wait_for_result:
+            assert delivery is not None
+            self.engine.delivered[self.device_id] = replace(delivery, awaited=True)
+        if not self.handler.described.is_set():
+            with trio.move_on_after(config.describe_wait):
+                await self.handler.described.wait()
+        if wait_for_result and not self.result_seen.is_set():
+            with trio.move_on_after(config.result_wait):
+                await self.result_seen.wait()
+
+    async def _tell_forced(self, forced: bool) -> None:
+        """Tell the device whether the cloud forces updates (it refuses offers while
+        updates are disabled unless forced); once per change, and at the first check of a
+        session when forced."""
+        if self._told_forced is None and not forced:
+            self._told_forced = False  # its default
+            return
+        if self._told_forced != forced:
+            await self.handler.send_event(UPDATES_FORCED_EVENT, "true" if forced else "false")
+            self._told_forced = forced
+
     async def update_once(self) -> None:
         """Bring the device to its target, one module per call (it resets after each)."""
         engine, fleet, handler = self.engine, self.engine.fleet, self.handler
+        await self._settle()
         view = await fleet.target_for_device(self.device_id)
-        if not view.update_needed:
+        await self._tell_forced(view.updates_forced)
+        if not view.update_needed or self.staged:
             return
         if not view.device.modules:
             return  # nothing is known of its modules yet: its Describe will kick again
+        if view.device.reset_pending:
+            return  # an image is staged and waits for the device's held reset
         if not view.updates_allowed:
             await handler.send_event(UPDATES_PENDING_EVENT, "true")
             return
@@ -343,13 +446,19 @@ class SessionUpdater:
             key = (module.info.module_function, module.info.module_index)
             if installed.get(key) == module.sha256:
                 continue  # already runs exactly this image
-            await self.deliver(view, module)
+            await self.deliver(view, module, update_sha256=plan[-1].sha256)
             return  # the device resets into the new module; its next hello continues
 
-    async def deliver(self, view: DeviceTarget, module: PlannedModule) -> bool:
-        """Offer and stream one module; True when the device validated it."""
+    async def deliver(self, view: DeviceTarget, module: PlannedModule, *,
+                      update_sha256: str | None = None) -> bool:
+        """Offer and stream one module; True when the device validated it.
+
+        ``update_sha256`` names the application the update ends with (``module`` itself
+        when None): the update is reported started once, however many modules it takes.
+        """
         engine, handler, fleet = self.engine, self.handler, self.engine.fleet
         config = engine.config
+        update_sha256 = update_sha256 or module.sha256
         async with engine.limiter:
             # Device OS modules carry no product data: their manifest names version 0.
             product_version = (None if module.info.product_version is not None else 0)
@@ -361,9 +470,12 @@ class SessionUpdater:
             if answer.code != OFFER_ACCEPTED:
                 reason = bytes(answer.payload).decode(errors="replace")[:200]
                 engine.failed.setdefault(self.device_id, set()).add(module.sha256)
+                engine.updating.pop(self.device_id, None)
                 await fleet.record_flash_status(self.device_id, "failed", error=reason)
                 return False
-            await fleet.record_flash_status(self.device_id, "started")
+            if engine.updating.get(self.device_id) != update_sha256:
+                engine.updating[self.device_id] = update_sha256
+                await fleet.record_flash_status(self.device_id, "started")
             while True:  # drop what a previous transfer left in the inbox
                 try:
                     self._inbox.receive_nowait()
@@ -381,15 +493,16 @@ class SessionUpdater:
             )
             self.sender = sender
             try:
-                return await self._stream(sender, view, module)
+                return await self._stream(sender, view, module,
+                                          final=module.sha256 == update_sha256)
             finally:
                 self.sender = None
 
     async def _stream(self, sender: TransferSender, view: DeviceTarget,
-                      module: PlannedModule) -> bool:
+                      module: PlannedModule, *, final: bool) -> bool:
         outputs: list[Any] = sender.start(trio.current_time())
         while True:
-            verdict = await self._emit(outputs, view, module)
+            verdict = await self._emit(outputs, view, module, final=final)
             if verdict is not None:
                 return verdict
             deadline = sender.next_deadline()
@@ -400,7 +513,7 @@ class SessionUpdater:
             outputs = sender.poll(now) if message is None else sender.handle(message, now)
 
     async def _emit(self, outputs: list[Any], view: DeviceTarget,
-                    module: PlannedModule) -> bool | None:
+                    module: PlannedModule, *, final: bool) -> bool | None:
         handler, fleet = self.handler, self.engine.fleet
         verdict: bool | None = None
         for item in outputs:
@@ -409,10 +522,18 @@ class SessionUpdater:
                     self.device_id, sha256=module.sha256, version=view.target.version,
                     transfer="full", bytes_done=item.bytes_acked, bytes_total=item.total)
             elif isinstance(item, TransferCompleted):
-                self.engine.delivered[self.device_id] = module.sha256
+                self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
+                                                                 self.serial)
+                self.staged = True
+                # The device validated the whole file and applies it at its (next) reset.
+                await fleet.record_update_progress(
+                    self.device_id, sha256=module.sha256, version=view.target.version,
+                    transfer="full", bytes_done=len(module.image),
+                    bytes_total=len(module.image), status="applying")
                 verdict = True
             elif isinstance(item, TransferFailed):
                 log.info("transfer to %s failed: %s", self.device_id, item.reason)
+                self.engine.updating.pop(self.device_id, None)
                 await fleet.record_flash_status(self.device_id, "failed", error=item.reason)
                 verdict = False
             elif hasattr(item, "encode"):

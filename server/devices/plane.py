@@ -82,6 +82,8 @@ class DevicePlane:
         """A session ended (only the current owner is removed)."""
         if self.sessions.get(handler.device_id) is handler:
             del self.sessions[handler.device_id]
+        if self.ota is not None:
+            self.ota.detach_session(handler)  # else its updater outlives the session
 
     def on_session_start(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
         """Give the OTA engine its per-session hooks."""

@@ -87,27 +87,37 @@ class DeviceSessionHandler:
         #: Called with each request the generic dispatcher does not own (OTA paths).
         self.extra_routes: list[Callable[[Message], Any]] = []
         self.on_hello: list[Callable[[], Any]] = []
+        #: Set once this session's Describe is recorded: until then the stored modules are
+        #: those of an earlier session (the device may have reset into new ones since).
+        self.described = trio.Event()
 
     # -- the session's task tree -------------------------------------------------------------
 
     async def run(self, session: DeviceSession) -> None:
         """Serve the session until the device leaves, misbehaves or the server stops."""
-        await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer))
+        # Attach before the first checkpoint: the session this one replaces (the registry
+        # closed it) then sees a successor and leaves the device's online state alone.
         self.plane.attach(self)
         try:
+            await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._timer)
                 self.plane.on_session_start(self, nursery)
                 await self._reader()
                 nursery.cancel_scope.cancel()
+        except* SessionClosed:
+            # A task was sending when the session closed (revoked, replaced, cut): a normal
+            # end. The nursery wraps it in a group, which the transport would log as a bug.
+            pass
         finally:
             self.plane.detach(self)
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.plane.fleet.device_offline(self.device_id)
-                except OtaError:
-                    log.warning("could not mark %s offline", self.device_id)
+            if self.plane.sessions.get(self.device_id) is None:  # not replaced
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.plane.fleet.device_offline(self.device_id)
+                    except OtaError:
+                        log.warning("could not mark %s offline", self.device_id)
 
     async def farewell(self, session: DeviceSession) -> None:
         """Graceful shutdown: tell the device when to come back, then let it go."""
@@ -279,6 +289,9 @@ class DeviceSessionHandler:
         )
         if view.device.firmware_updates_enabled != hello.updates_enabled:
             view = await fleet.set_updates_enabled(self.device_id, hello.updates_enabled)
+        if view.device.reset_pending != hello.reset_pending:
+            # A held reset (staged update) survives reconnects; a reset clears it.
+            await fleet.set_reset_pending(self.device_id, hello.reset_pending)
         self.product_id = view.product.id
         self.hello = hello
         self._respond(message, Code.CHANGED)
@@ -296,6 +309,7 @@ class DeviceSessionHandler:
         before = await self.plane.fleet.target_for_device(self.device_id)
         view = await self.plane.fleet.record_describe(self.device_id, modules)
         self.product_id = view.product.id
+        self.described.set()
         self._respond(message, Code.CHANGED)
         if _module_summary(before.device.modules) != _module_summary(modules):
             self.publish("spark/device/describe", json.dumps(

@@ -308,6 +308,20 @@ class SessionService(FleetBase):
 
         return await self._run(work)
 
+    async def set_reset_pending(self, device_id: str, pending: bool) -> None:
+        """The device holds a reset its staged update needs (``pending``), or no longer
+        does (it reset); shown as the device object's ``reset_pending``."""
+
+        def work() -> Outcome:
+            now = self.clock()
+            with self.store.write() as tx:
+                tx.update_device(
+                    self._device(tx, device_id).id, {"reset_pending": bool(pending)}, now
+                )
+            return Outcome(None)
+
+        await self._run(work)
+
     async def online_devices_needing_update(
         self, product_ref: int | str, *, immediate_only: bool = False
     ) -> list[DeviceTarget]:
