@@ -34,6 +34,7 @@ ROUTES = [
     Route("/v1/products", products.list_products, methods=["GET"], name="list_products"),
     Route("/v1/products", products.create_product, methods=["POST"], name="create_product"),
     Route(_P, products.get_product, methods=["GET"], name="get_product"),
+    Route(_P, products.update_product, methods=["PUT"], name="update_product"),
     # Firmware: the release route comes before /firmware/{version}.
     Route(f"{_P}/firmware", firmware.list_firmware, methods=["GET"], name="list_firmware"),
     Route(f"{_P}/firmware", firmware.upload_firmware, methods=["POST"], name="upload_firmware"),

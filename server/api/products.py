@@ -39,3 +39,13 @@ async def get_product(request: Request) -> Response:
     await require(request, Permission.READ, "read products")
     product = await fleet_of(request).get_product(request.path_params["product"])
     return JSONResponse({"product": product_json(product)})
+
+
+async def update_product(request: Request) -> Response:
+    """Change a product: {name, description, firmware_updates_forced}."""
+    actor = await require(request, Permission.MANAGE_DEVICES, "change products")
+    fields = await body_fields(request)
+    product = await fleet_of(request).update_product(
+        actor, request.path_params["product"], fields
+    )
+    return JSONResponse({"ok": True, "product": product_json(product)})
