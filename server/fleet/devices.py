@@ -148,6 +148,46 @@ class DeviceService(FleetBase):
 
         return await self._read(work)
 
+    async def update_product(self, actor: Actor, product_ref: int | str,
+                             changes: Mapping[str, object]) -> ProductRecord:
+        """Change a product's name, description or product-wide ``firmware_updates_forced``
+        (which overrides every device's disabled updates); audit-logged."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "change products")
+            unknown = sorted(set(changes) - {"name", "description", "firmware_updates_forced"})
+            if unknown:
+                raise ValidationError(f"unknown product field(s): {', '.join(unknown)}")
+            fields: dict[str, Any] = {}
+            if "name" in changes:
+                fields["name"] = clean_text(changes["name"], "product name", 200, required=True)
+            if "description" in changes:
+                fields["description"] = clean_text(changes["description"], "description", 10_000)
+            if "firmware_updates_forced" in changes:
+                forced = changes["firmware_updates_forced"]
+                if not isinstance(forced, bool):
+                    raise ValidationError("firmware_updates_forced must be true or false")
+                fields["firmware_updates_forced"] = forced
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                if fields:
+                    tx.update_product(product.id, fields)
+                    tx.add_audit(actor=actor.subject, action="product.update",
+                                 product_id=product.id, target=f"product:{product.id}",
+                                 details=fields, now=now)
+                updated = self._product(tx, product.id)
+            events = []
+            if "firmware_updates_forced" in fields and (
+                fields["firmware_updates_forced"] != product.firmware_updates_forced
+            ):
+                events.append(Event(UPDATES_FORCED,
+                                    "true" if fields["firmware_updates_forced"] else "false",
+                                    product_id=product.id, published_at=now))
+            return Outcome(updated, events)
+
+        return await self._run(work)
+
     async def list_products(self) -> list[ProductRecord]:
         """Every product."""
 
