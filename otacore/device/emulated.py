@@ -109,11 +109,12 @@ from otacore.protocol.ota_wire import (
     is_offer,
     is_transfer,
     offer_delta_base,
+    parse_hello_answer,
     parse_transfer,
     transfer_request,
     update_result_payload,
 )
-from otacore.signing import Manifest, TrustStore
+from otacore.signing import Manifest, TrustStore, parse_statement
 from otacore.transfer import (
     PartialDiscarded,
     ReadyToApply,
@@ -169,6 +170,7 @@ class DeviceFlash(Protocol):
     def write_inactive(self, function: int, index: int, offset: int, data: bytes) -> None: ...
     def installed_modules(self) -> list[tuple[int, int, int]]: ...
     def load_trust_store(self) -> TrustStore | None: ...
+    def save_trust_store(self, store: TrustStore) -> None: ...
     def load_transfer_state(self) -> bytes | None: ...
     def save_transfer_state(self, state: bytes) -> None: ...
     def clear_transfer_state(self) -> None: ...
@@ -713,6 +715,7 @@ class EmulatedDevice:
         success = message.code >> 5 == 2
         if purpose == "hello":
             if success:
+                self._apply_key_statements(message.payload)
                 self._on_hello_answered(now)
             else:
                 self._disconnect(f"the server answered Hello with {code_string(message.code)}")
@@ -721,6 +724,29 @@ class EmulatedDevice:
             if record.outcome == self._reporting:
                 self.flash.commit_boot_record(acknowledge_outcome(record))
             self._reporting = None
+
+    def _apply_key_statements(self, payload: bytes) -> None:
+        """Apply the key rotation statements the Hello answer carries (ota_wire point 5):
+        those after the trust store's sequence, in order; a bad one stops the catch-up."""
+        if self._trust is None or not payload:
+            return
+        try:
+            statements = parse_hello_answer(payload)
+        except PayloadSchemaError as exc:
+            self.last_error = f"bad key statements from the server: {exc}"
+            return
+        store = self._trust
+        for raw in statements:
+            try:
+                statement = parse_statement(raw)
+                if statement.sequence > store.sequence:
+                    store = store.apply(statement)
+            except OtaError as exc:  # a forged, replayed or out-of-order statement
+                self.last_error = f"refused a key statement: {exc}"
+                break
+        if store is not self._trust:
+            self.flash.save_trust_store(store)
+            self._trust = store
 
     def _on_hello_answered(self, now: float) -> None:
         self._online = True

@@ -22,15 +22,22 @@ the server's describe request. On top of it, an update is:
 4. **Availability** -- the device publishes ``UPDATES_ENABLED_EVENT`` ("true"/"false") when
    its application enables or disables updates; the server sends ``UPDATES_PENDING_EVENT``
    and ``UPDATES_FORCED_EVENT`` as server events ("true"/"false").
-5. **Stock clients** -- ``GET fw/<sha256 hex>`` with Block2 (RFC 7959) returns any firmware
+5. **Key rotation** -- the answer to a Hello carries, when the product's signing keys were
+   ever rotated, the product's key rotation statements (``otacore.signing``) as a msgpack
+   array of byte strings, in sequence order; the device applies those it has not applied
+   yet before anything else, so an offer signed with a new key always finds it trusted.
+6. **Stock clients** -- ``GET fw/<sha256 hex>`` with Block2 (RFC 7959) returns any firmware
    the device's product may run, byte for byte.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 from otacore.coap import Code, Message, MessageType
 from otacore.device.availability import (  # noqa: F401 - re-exported: part of the contract
@@ -53,6 +60,9 @@ UPDATE_RESULT_EVENT = "ota/device/update/result"
 OFFER_ACCEPTED = Code.CHANGED
 OFFER_UNAVAILABLE = Code.SERVICE_UNAVAILABLE
 OFFER_REFUSED = Code.FORBIDDEN
+
+#: Key rotation statements one Hello answer may carry (each well under 256 bytes).
+MAX_KEY_STATEMENTS = 64
 
 UPDATE_RESULT_STATUSES = frozenset({"committed", "rolled_back", "failed"})
 
@@ -144,3 +154,26 @@ def parse_update_result(data: str) -> UpdateResult:
     if not isinstance(detail, str):
         raise PayloadSchemaError("update result: detail must be a string")
     return UpdateResult(fields["function"], fields["index"], fields["version"], status, detail)
+
+
+def hello_answer_payload(statements: Sequence[bytes]) -> bytes:
+    """The payload of the answer to a Hello: the product's key rotation statements."""
+    if not statements:
+        return b""
+    if len(statements) > MAX_KEY_STATEMENTS:
+        raise ValueError(f"at most {MAX_KEY_STATEMENTS} key statements fit a Hello answer")
+    return msgpack.packb([bytes(s) for s in statements])
+
+
+def parse_hello_answer(payload: bytes) -> list[bytes]:
+    """Key rotation statements from a Hello answer; PayloadSchemaError when malformed."""
+    if not payload:
+        return []
+    try:
+        value = msgpack.unpackb(bytes(payload), raw=False, max_array_len=MAX_KEY_STATEMENTS,
+                                max_bin_len=1024, max_str_len=0, max_map_len=0)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise PayloadSchemaError(f"hello answer is not a msgpack array: {exc}") from exc
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise PayloadSchemaError("hello answer must be an array of key statements (bytes)")
+    return value

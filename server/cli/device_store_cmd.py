@@ -10,7 +10,7 @@ import typer
 from server.cli._output import fail, print_json
 from server.cli.device_identity_cmd import register_commands
 from server.client import ApiClient, ApiError
-from server.devices.keys import product_signing_key, write_trust_file
+from server.devices.keys import product_signing_key, product_statements, write_trust_file
 from server.fleet.base import FleetBase, now_ms
 from server.identity import ProvisionedDevice
 from server.store import Store
@@ -44,7 +44,8 @@ class StoreRegistrar:
             store.close()
         if devices:
             key = product_signing_key(data_dir, record.id)
-            write_trust_file(devices[0].ca_path.parent, [key])
+            sequence = len(product_statements(data_dir, record.id))
+            write_trust_file(devices[0].ca_path.parent, [key], sequence)
 
 
 def _ref(product: str) -> int | str:

@@ -23,7 +23,7 @@ from otacore.errors import OtaError
 from otacore.module import validate_module
 from otacore.signing import TrustStore
 from server.cli._output import fail, print_json
-from server.devices.keys import TRUST_FILE, read_trust_file
+from server.devices.keys import TRUST_FILE, read_trust_file, read_trust_sequence
 from server.emulator.fleet import (
     EmulatedFleet,
     FleetSettings,
@@ -54,7 +54,9 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def trust_store_of(keys: list[str], product_id: int | None) -> TrustStore | None:
+def trust_store_of(
+    keys: list[str], product_id: int | None, sequence: int = 0
+) -> TrustStore | None:
     """The trust store for ``--trust-key`` hex public keys (None when no key is given)."""
     if not keys:
         return None
@@ -69,7 +71,7 @@ def trust_store_of(keys: list[str], product_id: int | None) -> TrustStore | None
         if len(raw) != 32:
             raise ValueError(f"--trust-key {key!r} is not an Ed25519 public key (64 hex digits)")
         publics.append(raw)
-    return TrustStore.initial(product_id, publics)
+    return TrustStore.initial(product_id, publics, sequence)
 
 
 def _describe(status: DeviceStatus) -> str:
@@ -140,10 +142,12 @@ def emulate(
     try:
         address = parse_server(server)
         keys = list(trust_key or [])
+        sequence = 0
         trust_file = creds / TRUST_FILE
         if not keys and trust_file.is_file():  # written by `ota device provision`
             keys = [key.hex() for key in read_trust_file(trust_file)]
-        store = trust_store_of(keys, product_id)
+            sequence = read_trust_sequence(trust_file)
+        store = trust_store_of(keys, product_id, sequence)
         images = tuple(path.read_bytes() for path in firmware or [])
         for path, image in zip(firmware or [], images, strict=True):
             try:

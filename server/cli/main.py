@@ -17,6 +17,7 @@ from server.cli import (
     device_store_cmd,
     emulate_cmd,
     fleet_cmd,
+    keys_cmd,
     module_cmd,
     server_cmd,
 )
@@ -40,6 +41,7 @@ app.command(name="events")(fleet_cmd.events)
 app.command(name="server")(server_cmd.server)
 app.add_typer(server_cmd.admin_app, name="admin")
 app.add_typer(server_cmd.product_app, name="product")
+keys_cmd.attach(server_cmd.product_app)
 
 
 @app.command()

@@ -11,7 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from otacore.signing import SigningKey, generate_signing_key
+import msgpack
+
+from otacore.errors import NotFoundError
+from otacore.signing import (
+    SigningKey,
+    generate_signing_key,
+    introduce_key,
+    parse_statement,
+    withdraw_key,
+)
 
 KEY_SUFFIX = ".ed25519"
 TRUST_FILE = "signing-keys.txt"
@@ -51,10 +60,12 @@ def product_signing_key(data_dir: Path, product_id: int) -> SigningKey:
     return key
 
 
-def write_trust_file(out_dir: Path, keys: list[SigningKey]) -> Path:
-    """Write the public keys devices should trust, one hex key per line."""
+def write_trust_file(out_dir: Path, keys: list[SigningKey], sequence: int = 0) -> Path:
+    """Write the public keys devices should trust, one hex key per line, and the key
+    rotation sequence they start from (devices apply only later statements)."""
     path = Path(out_dir) / TRUST_FILE
-    path.write_text("".join(f"{key.public_key.hex()}\n" for key in keys))
+    lines = [f"# sequence {sequence}\n"] + [f"{key.public_key.hex()}\n" for key in keys]
+    path.write_text("".join(lines))
     return path
 
 
@@ -66,3 +77,86 @@ def read_trust_file(path: Path) -> list[bytes]:
         if line and not line.startswith("#"):
             keys.append(bytes.fromhex(line))
     return keys
+
+
+def read_trust_sequence(path: Path) -> int:
+    """The key rotation sequence a trust file starts from (0 when it names none)."""
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if parts[:2] == ["#", "sequence"] and len(parts) == 3 and parts[2].isdecimal():
+            return int(parts[2])
+    return 0
+
+
+# --- key rotation -------------------------------------------------------------------------
+
+
+def _statements_path(data_dir: Path, product_id: int) -> Path:
+    return Path(data_dir) / "keys" / f"product-{product_id}.statements"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def product_statements(data_dir: Path, product_id: int) -> list[bytes]:
+    """The product's key rotation statements, in sequence order (empty if never rotated)."""
+    try:
+        raw = _statements_path(data_dir, product_id).read_bytes()
+    except FileNotFoundError:
+        return []
+    statements: list[bytes] = msgpack.unpackb(raw)
+    return statements
+
+
+def _append_statement(data_dir: Path, product_id: int, statement: bytes) -> None:
+    statements = [*product_statements(data_dir, product_id), statement]
+    _write_atomically(_statements_path(data_dir, product_id), msgpack.packb(statements))
+
+
+def rotate_product_key(data_dir: Path, product_id: int) -> SigningKey:
+    """Introduce a new signing key, signed by the current one, and sign with it from now on.
+
+    Order for crash safety: the new key is stored under its key id first, then the
+    statement, then it becomes the current key; a crash in between leaves the old key in use
+    and, at worst, a statement introducing a key that is kept but not yet used.
+    """
+    current = product_signing_key(data_dir, product_id)
+    sequence = len(product_statements(data_dir, product_id)) + 1
+    new = generate_signing_key()
+    keys_dir = _key_path(data_dir, product_id).parent
+    _write_atomically(keys_dir / f"product-{product_id}-{new.key_id}{KEY_SUFFIX}",
+                      new.private_bytes())
+    statement = introduce_key(current, new.public_key, product_id=product_id, sequence=sequence)
+    _append_statement(data_dir, product_id, statement.to_bytes())
+    _write_atomically(_key_path(data_dir, product_id), new.private_bytes())
+    return new
+
+
+def withdraw_product_key(data_dir: Path, product_id: int, key_id: str) -> None:
+    """Withdraw an old key (signed by the current key): devices stop trusting it."""
+    current = product_signing_key(data_dir, product_id)
+    introduced = {parse_statement(s).subject_key_id for s in product_statements(data_dir,
+                                                                             product_id)}
+    if key_id == current.key_id:
+        raise NotFoundError("the current signing key cannot be withdrawn: rotate first")
+    if key_id not in introduced and not any(
+        parse_statement(s).signer_key_id == key_id
+        for s in product_statements(data_dir, product_id)
+    ):
+        raise NotFoundError(f"key {key_id} was never a signing key of product {product_id}")
+    sequence = len(product_statements(data_dir, product_id)) + 1
+    statement = withdraw_key(current, key_id, product_id=product_id, sequence=sequence)
+    _append_statement(data_dir, product_id, statement.to_bytes())

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from otacore.messages import Event
+from server.devices.keys import product_statements
 from server.devices.session import DeviceSessionHandler
 from server.events import DEVICE_REVOKED, EventBus
 from server.fleet import Fleet
@@ -59,8 +60,23 @@ class DevicePlane:
         self.registry = SessionRegistry()
         self.sessions: dict[str, DeviceSessionHandler] = {}
         self.server: DeviceServer | None = None
+        self._statements: dict[int, tuple[int, list[bytes]]] = {}
         #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
         self.ota: Any = None
+
+    def key_statements(self, product_id: int) -> list[bytes]:
+        """The product's key rotation statements, re-read only when the file changed
+        (``ota product rotate-key`` writes it from another process)."""
+        path = self.config.data_dir / "keys" / f"product-{product_id}.statements"
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return []
+        cached = self._statements.get(product_id)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, product_statements(self.config.data_dir, product_id))
+            self._statements[product_id] = cached
+        return cached[1]
 
     # -- DeviceDirectory -------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from otacore.protocol.link import (
     ResponseReceived,
     make_link,
 )
+from otacore.protocol.ota_wire import hello_answer_payload
 from server.events import Event as BusEvent
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
@@ -294,7 +295,10 @@ class DeviceSessionHandler:
             await fleet.set_reset_pending(self.device_id, hello.reset_pending)
         self.product_id = view.product.id
         self.hello = hello
-        self._respond(message, Code.CHANGED)
+        # Key rotation statements ride on the Hello answer, so they are applied before any
+        # offer signed with a new key can arrive (ota_wire, point 5).
+        statements = self.plane.key_statements(view.product.id)
+        self._respond(message, Code.CHANGED, hello_answer_payload(statements))
         for hook in self.on_hello:
             hook()
 

@@ -1,0 +1,71 @@
+"""``ota product rotate-key`` and ``ota product withdraw-key``: the product's firmware
+signing keys. Devices learn of a rotation in the answer to their next Hello."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from otacore.errors import OtaError
+from server.cli._output import fail, print_json
+from server.devices.keys import (
+    product_signing_key,
+    product_statements,
+    rotate_product_key,
+    withdraw_product_key,
+)
+from server.fleet.base import FleetBase
+from server.store import Store
+
+
+def _product_id(data: Path, product: str) -> int:
+    store = Store.open_dir(data, pool_size=1)
+    try:
+        with store.read() as tx:
+            ref: int | str = int(product) if product.isascii() and product.isdigit() else product
+            return FleetBase._product(tx, ref).id
+    finally:
+        store.close()
+
+
+def rotate_key(
+    data: Path = typer.Option(..., "--data", help="The installation's data directory."),
+    product: str = typer.Option(..., "--product", "-p", help="Product id or slug."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Introduce a new signing key (signed by the current one) and sign with it from now on."""
+    try:
+        product_id = _product_id(data, product)
+        old = product_signing_key(data, product_id)
+        new = rotate_product_key(data, product_id)
+    except (OtaError, OSError) as exc:
+        fail(str(exc))
+    sequence = len(product_statements(data, product_id))
+    if as_json:
+        print_json({"product_id": product_id, "old_key_id": old.key_id,
+                    "new_key_id": new.key_id, "sequence": sequence,
+                    "public_key": new.public_key.hex()})
+    else:
+        typer.echo(f"product {product_id}: signing key {old.key_id} -> {new.key_id} "
+                   f"(statement {sequence}); devices learn it at their next Hello")
+
+
+def withdraw_key_command(
+    key_id: str = typer.Argument(..., help="Key id (16 hex digits) to stop trusting."),
+    data: Path = typer.Option(..., "--data", help="The installation's data directory."),
+    product: str = typer.Option(..., "--product", "-p", help="Product id or slug."),
+) -> None:
+    """Withdraw an old signing key: devices stop trusting it at their next Hello."""
+    try:
+        product_id = _product_id(data, product)
+        withdraw_product_key(data, product_id, key_id)
+    except (OtaError, OSError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"product {product_id}: key {key_id} withdrawn")
+
+
+def attach(product_app: typer.Typer) -> None:
+    """Add the key commands to ``ota product``."""
+    product_app.command("rotate-key")(rotate_key)
+    product_app.command("withdraw-key")(withdraw_key_command)
