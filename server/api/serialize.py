@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from server.events import iso_ms
@@ -27,10 +28,17 @@ def product_json(product: ProductRecord) -> dict[str, Any]:
     }
 
 
-def firmware_json(view: FirmwareView) -> dict[str, Any]:
-    """A product firmware version (Particle's product firmware object plus module data)."""
+def firmware_json(
+    view: FirmwareView, transfer_bytes: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """A product firmware version (Particle's product firmware object plus module data).
+
+    ``transfer_bytes`` (``Fleet.transfer_bytes``) adds what releasing it sent:
+    ``release_stats.bytes_sent`` against ``bytes_full_images``, the bytes full images would
+    have taken (deltas make the difference).
+    """
     rec = view.record
-    return {
+    body: dict[str, Any] = {
         "_id": str(rec.id),
         "version": rec.version,
         "title": rec.title,
@@ -58,6 +66,15 @@ def firmware_json(view: FirmwareView) -> dict[str, Any]:
         "running_seen_at": iso(rec.running_seen_at),
         "module": rec.module_info,
     }
+    if transfer_bytes is None:
+        transfer_bytes = view.transfer_bytes
+    if transfer_bytes is not None:
+        stats: dict[str, Any] = body["release_stats"]
+        stats["bytes_sent"] = transfer_bytes.get("bytes_sent", 0)
+        stats["bytes_full_images"] = transfer_bytes.get("bytes_full", 0)
+        stats["delta_transfers"] = transfer_bytes.get("delta_transfers", 0)
+        stats["full_transfers"] = transfer_bytes.get("full_transfers", 0)
+    return body
 
 
 def flash_json(flash: FlashRecord | None) -> dict[str, Any] | None:

@@ -53,6 +53,7 @@ from otacore.transfer import (
     TransferProtocolError,
     TransferSender,
 )
+from server.devices.deltas import DeltaCache, DeltaOffer
 from server.devices.keys import product_signing_key
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
@@ -86,6 +87,11 @@ class OtaConfig:
     #: report how it booted (UPDATE_RESULT_EVENT) before planning again, so an image it
     #: rolled back from is not re-offered.
     result_wait: float = 5.0
+    #: Send a delta patch only when it is at most this fraction of the full image.
+    delta_max_ratio: float = 0.8
+    #: Worker threads computing delta patches at once (CPU bound; bounded so a release to a
+    #: large fleet does not starve the event loop's store threads).
+    delta_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,9 @@ class OtaEngine:
         #: update (one "started", one outcome) even when Device OS modules go first.
         self.updating: dict[str, str] = {}
         self._serials = itertools.count(1)
+        #: Delta patches per (base, target), shared by every device on the same base.
+        self.deltas = DeltaCache(self.fleet, threads=self.config.delta_threads,
+                                 max_ratio=self.config.delta_max_ratio)
         plane.ota = self
 
     # -- plane hooks ------------------------------------------------------------------------
@@ -196,6 +205,11 @@ class OtaEngine:
                 async for event in subscription.receive:
                     if event.name in (FLASH_REQUESTED, UPDATES_FORCED) and event.device_id:
                         self.kick(event.device_id)  # the updater tells the device "forced"
+                    elif event.name == UPDATES_FORCED and event.product_id is not None:
+                        # Product-wide forced updates: every session of the product re-checks.
+                        for updater in list(self.updaters.values()):
+                            if updater.handler.product_id == event.product_id:
+                                updater.kick()
                     elif event.name == FIRMWARE_RELEASED and event.product_id is not None:
                         await self._push_release(event.product_id, event.data or "")
 
@@ -456,53 +470,80 @@ class SessionUpdater:
         ``update_sha256`` names the application the update ends with (``module`` itself
         when None): the update is reported started once, however many modules it takes.
         """
-        engine, handler, fleet = self.engine, self.handler, self.engine.fleet
-        config = engine.config
+        engine = self.engine
         update_sha256 = update_sha256 or module.sha256
         async with engine.limiter:
-            # Device OS modules carry no product data: their manifest names version 0.
-            product_version = (None if module.info.product_version is not None else 0)
-            signed = engine.signed_manifest(view.product.id, product_version, module)
-            answer = await handler.request(offer_request(signed), config.offer_timeout)
-            if answer.code == OFFER_UNAVAILABLE:
-                await fleet.set_updates_enabled(self.device_id, False)
-                return False
-            if answer.code != OFFER_ACCEPTED:
-                reason = bytes(answer.payload).decode(errors="replace")[:200]
-                engine.failed.setdefault(self.device_id, set()).add(module.sha256)
-                engine.updating.pop(self.device_id, None)
-                await fleet.record_flash_status(self.device_id, "failed", error=reason)
-                return False
-            if engine.updating.get(self.device_id) != update_sha256:
-                engine.updating[self.device_id] = update_sha256
-                await fleet.record_flash_status(self.device_id, "started")
-            while True:  # drop what a previous transfer left in the inbox
-                try:
-                    self._inbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
-            chunk_size = (config.tcp_chunk_size if handler.session.transport == "tcp"
-                          else (handler.hello.ota_chunk_size if handler.hello and
-                                handler.hello.ota_chunk_size else config.udp_chunk_size))
+            engine.deltas.max_ratio = engine.config.delta_max_ratio
             info = module.info
-            sender = TransferSender(
-                engine.prepared(module.image, module.sha256, chunk_size), chunk_size,
-                config.window_limit, secrets.randbits(31),
-                module_function=info.module_function, module_index=info.module_index,
-                module_version=info.module_version, progress_step=config.progress_step,
-            )
-            self.sender = sender
+            delta = await engine.deltas.choose(view, info.module_function, info.module_index,
+                                               module.sha256, module.image)
+            if delta is not None:
+                verdict = await self._offer_and_stream(view, module, update_sha256, delta)
+                if verdict is not None:
+                    return verdict
+                # The device refused the patch (its base is not what it reported, or it
+                # takes no deltas): the full image, in the same session.
+                engine.deltas.refused.add((self.device_id, delta.base_sha256, module.sha256))
+            return bool(await self._offer_and_stream(view, module, update_sha256, None))
+
+    async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
+                                update_sha256: str, delta: DeltaOffer | None) -> bool | None:
+        """Offer the module (as ``delta`` when given) and stream it; None when the device
+        refused a delta offer (the caller falls back to the full image)."""
+        engine, handler, fleet = self.engine, self.handler, self.engine.fleet
+        config = engine.config
+        # Device OS modules carry no product data: their manifest names version 0.
+        product_version = (None if module.info.product_version is not None else 0)
+        # The signed manifest always describes the target image, delta or not.
+        signed = engine.signed_manifest(view.product.id, product_version, module)
+        base = bytes.fromhex(delta.base_sha256) if delta is not None else None
+        answer = await handler.request(offer_request(signed, delta_base_sha256=base),
+                                       config.offer_timeout)
+        if answer.code == OFFER_UNAVAILABLE:
+            await fleet.set_updates_enabled(self.device_id, False)
+            return False
+        if answer.code != OFFER_ACCEPTED:
+            reason = bytes(answer.payload).decode(errors="replace")[:200]
+            if delta is not None:
+                log.info("device %s refused a delta from %s: %s", self.device_id,
+                         delta.base_sha256, reason)
+                return None
+            engine.failed.setdefault(self.device_id, set()).add(module.sha256)
+            engine.updating.pop(self.device_id, None)
+            await fleet.record_flash_status(self.device_id, "failed", error=reason)
+            return False
+        if engine.updating.get(self.device_id) != update_sha256:
+            engine.updating[self.device_id] = update_sha256
+            await fleet.record_flash_status(self.device_id, "started")
+        while True:  # drop what a previous transfer left in the inbox
             try:
-                return await self._stream(sender, view, module,
-                                          final=module.sha256 == update_sha256)
-            finally:
-                self.sender = None
+                self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+        chunk_size = (config.tcp_chunk_size if handler.session.transport == "tcp"
+                      else (handler.hello.ota_chunk_size if handler.hello and
+                            handler.hello.ota_chunk_size else config.udp_chunk_size))
+        info = module.info
+        prepared = (engine.prepared(module.image, module.sha256, chunk_size) if delta is None
+                    else engine.prepared(delta.patch, delta.patch_sha256, chunk_size))
+        sender = TransferSender(
+            prepared, chunk_size, config.window_limit, secrets.randbits(31),
+            module_function=info.module_function, module_index=info.module_index,
+            module_version=info.module_version, base_sha256=base,
+            progress_step=config.progress_step,
+        )
+        self.sender = sender
+        try:
+            return await self._stream(sender, view, module,
+                                      final=module.sha256 == update_sha256, delta=delta)
+        finally:
+            self.sender = None
 
     async def _stream(self, sender: TransferSender, view: DeviceTarget,
-                      module: PlannedModule, *, final: bool) -> bool:
+                      module: PlannedModule, *, final: bool, delta: DeltaOffer | None) -> bool:
         outputs: list[Any] = sender.start(trio.current_time())
         while True:
-            verdict = await self._emit(outputs, view, module, final=final)
+            verdict = await self._emit(outputs, view, module, final=final, delta=delta)
             if verdict is not None:
                 return verdict
             deadline = sender.next_deadline()
@@ -512,24 +553,34 @@ class SessionUpdater:
             now = trio.current_time()
             outputs = sender.poll(now) if message is None else sender.handle(message, now)
 
-    async def _emit(self, outputs: list[Any], view: DeviceTarget,
-                    module: PlannedModule, *, final: bool) -> bool | None:
+    async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
+                    final: bool, delta: DeltaOffer | None) -> bool | None:
         handler, fleet = self.handler, self.engine.fleet
+        transfer = "full" if delta is None else "delta"
+        sent_size = len(module.image) if delta is None else len(delta.patch)
         verdict: bool | None = None
         for item in outputs:
             if isinstance(item, TransferProgress):
                 await fleet.record_update_progress(
                     self.device_id, sha256=module.sha256, version=view.target.version,
-                    transfer="full", bytes_done=item.bytes_acked, bytes_total=item.total)
+                    transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
             elif isinstance(item, TransferCompleted):
                 self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
                                                                  self.serial)
                 self.staged = True
-                # The device validated the whole file and applies it at its (next) reset.
-                await fleet.record_update_progress(
-                    self.device_id, sha256=module.sha256, version=view.target.version,
-                    transfer="full", bytes_done=len(module.image),
-                    bytes_total=len(module.image), status="applying")
+                # Shielded: the device resets now and its session may close under us; what
+                # happened must still be recorded (two short store writes).
+                with trio.CancelScope(shield=True):
+                    # The device validated the whole file and applies it at its (next) reset.
+                    await fleet.record_update_progress(
+                        self.device_id, sha256=module.sha256, version=view.target.version,
+                        transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
+                        status="applying")
+                    version = _release_version(view)
+                    if version is not None:  # the data this release's deltas saved
+                        await fleet.record_transfer_bytes(
+                            view.product.id, version, self.device_id, bytes_sent=sent_size,
+                            bytes_full=len(module.image), delta=delta is not None)
                 verdict = True
             elif isinstance(item, TransferFailed):
                 log.info("transfer to %s failed: %s", self.device_id, item.reason)
@@ -540,3 +591,11 @@ class SessionUpdater:
                 handler.link.notify(transfer_request(item), trio.current_time())
         await handler.flush()  # backpressure: a slow device slows its own sender
         return verdict
+
+
+def _release_version(view: DeviceTarget) -> int | None:
+    """The product firmware version an update delivers (None for a development binary)."""
+    flash = view.pending_flash
+    if flash is not None:
+        return flash.version if flash.kind == "product" else None
+    return view.target.version

@@ -8,6 +8,7 @@ Its async methods run blocking store work in worker threads (bounded by a
 from __future__ import annotations
 
 from server.fleet.auth import AuthService, TokenGrant
+from server.fleet.deltas import DeltaService
 from server.fleet.device_os import DeviceOsService
 from server.fleet.devices import DevicePage, DeviceService, DeviceView, ImportResult
 from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
@@ -17,7 +18,8 @@ from server.fleet.sessions import DeviceTarget, SessionService
 
 
 class Fleet(
-    FirmwareService, DeviceService, GroupService, AuthService, SessionService, DeviceOsService
+    FirmwareService, DeviceService, GroupService, AuthService, SessionService, DeviceOsService,
+    DeltaService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 

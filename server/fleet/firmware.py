@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from otacore.errors import ModuleFormatError, ValidationError
@@ -38,6 +38,8 @@ class FirmwareView:
     updates_started: int = 0
     updates_succeeded: int = 0
     updates_failed: int = 0
+    #: What delivering this version cost: bytes_sent, bytes_full, delta/full transfers.
+    transfer_bytes: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ def firmware_views(
                 updates_started=sum(r.devices_started for r in mine),
                 updates_succeeded=sum(r.devices_succeeded for r in mine),
                 updates_failed=sum(r.devices_failed for r in mine),
+                transfer_bytes=tx.get_transfer_bytes(product_id, rec.version),
             )
         )
     return views

@@ -260,3 +260,32 @@ audit_log = sa.Table(
     sa.Column("details", sa.JSON, nullable=False),
 )
 sa.Index("ix_audit_product", audit_log.c.product_id, audit_log.c.id)
+
+# Binary delta patches between two images, computed once per (base, target) pair and reused
+# for every device on that base; the patch bytes are the blob ``patch_sha256``.
+deltas = sa.Table(
+    "deltas",
+    metadata,
+    sa.Column("base_sha256", sa.String(64), primary_key=True),
+    sa.Column("target_sha256", sa.String(64), primary_key=True),
+    sa.Column("patch_sha256", sa.String(64), nullable=False),  # names the blob
+    sa.Column("patch_size", sa.Integer, nullable=False),
+    sa.Column("target_size", sa.Integer, nullable=False),
+    _ms("created_at"),
+)
+
+# Bytes sent per firmware version against the bytes full images would have taken: the data a
+# release saved by sending deltas. Updated when a transfer completes.
+firmware_transfer_bytes = sa.Table(
+    "firmware_transfer_bytes",
+    metadata,
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("bytes_sent", sa.BigInteger, nullable=False, default=0),
+    sa.Column("bytes_full", sa.BigInteger, nullable=False, default=0),
+    sa.Column("delta_transfers", sa.Integer, nullable=False, default=0),
+    sa.Column("full_transfers", sa.Integer, nullable=False, default=0),
+)

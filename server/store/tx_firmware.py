@@ -94,13 +94,17 @@ class FirmwareQueries:
             query = sa.select(sa.func.count()).select_from(table).where(table.c.sha256 == sha256)
             if self.conn.execute(query).scalar_one():
                 return True
-        return False
+        query = sa.select(sa.func.count()).select_from(t.deltas).where(
+            t.deltas.c.patch_sha256 == sha256)
+        return bool(self.conn.execute(query).scalar_one())
 
     def referenced_blobs(self) -> set[str]:
         """Every blob name the database refers to."""
         names: set[str] = set()
         for table in (t.firmware, t.device_flashes, t.system_modules):
             names.update(row[0] for row in self.conn.execute(sa.select(table.c.sha256).distinct()))
+        patches = sa.select(t.deltas.c.patch_sha256).distinct()
+        names.update(row[0] for row in self.conn.execute(patches))
         return names
 
     # --- Device OS modules ------------------------------------------------------------------
@@ -285,3 +289,55 @@ class FirmwareQueries:
         self.conn.execute(
             sa.delete(t.device_updates).where(t.device_updates.c.device_id == device_id)
         )
+
+    # --- delta patches and bytes sent -------------------------------------------------------
+
+    def get_delta(self, base_sha256: str, target_sha256: str) -> dict[str, Any] | None:
+        """The stored patch row from ``base_sha256`` to ``target_sha256``, if any."""
+        row = self.conn.execute(
+            sa.select(t.deltas).where(
+                t.deltas.c.base_sha256 == base_sha256, t.deltas.c.target_sha256 == target_sha256
+            )
+        ).mappings().first()
+        return None if row is None else dict(row)
+
+    def insert_delta(self, base_sha256: str, target_sha256: str, patch_sha256: str,
+                     patch_size: int, target_size: int, now: int) -> None:
+        """Record a patch (its blob is already stored); a pair stored before is kept."""
+        if self.get_delta(base_sha256, target_sha256) is not None:
+            return  # another process computed it first: the patches are equivalent
+        self.conn.execute(sa.insert(t.deltas).values(
+            base_sha256=base_sha256, target_sha256=target_sha256, patch_sha256=patch_sha256,
+            patch_size=patch_size, target_size=target_size, created_at=now,
+        ))
+
+    def count_deltas(self) -> int:
+        """How many patches are stored."""
+        return int(self.conn.execute(
+            sa.select(sa.func.count()).select_from(t.deltas)).scalar_one())
+
+    def add_transfer_bytes(self, product_id: int, version: int, *, bytes_sent: int,
+                           bytes_full: int, delta: bool) -> dict[str, int]:
+        """Add one completed transfer to a firmware version's bytes counters; the totals."""
+        table = t.firmware_transfer_bytes
+        where = sa.and_(table.c.product_id == product_id, table.c.version == version)
+        changed = self.conn.execute(sa.update(table).where(where).values({
+            table.c.bytes_sent: table.c.bytes_sent + bytes_sent,
+            table.c.bytes_full: table.c.bytes_full + bytes_full,
+            table.c.delta_transfers: table.c.delta_transfers + int(delta),
+            table.c.full_transfers: table.c.full_transfers + int(not delta),
+        })).rowcount
+        if not changed:
+            self.conn.execute(sa.insert(table).values(
+                product_id=product_id, version=version, bytes_sent=bytes_sent,
+                bytes_full=bytes_full, delta_transfers=int(delta), full_transfers=int(not delta),
+            ))
+        return self.get_transfer_bytes(product_id, version)
+
+    def get_transfer_bytes(self, product_id: int, version: int) -> dict[str, int]:
+        """A firmware version's counters: bytes_sent, bytes_full, delta/full transfers."""
+        table = t.firmware_transfer_bytes
+        row = self.conn.execute(sa.select(table).where(
+            table.c.product_id == product_id, table.c.version == version)).mappings().first()
+        names = ("bytes_sent", "bytes_full", "delta_transfers", "full_transfers")
+        return {name: int(row[name]) if row is not None else 0 for name in names}

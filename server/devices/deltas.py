@@ -1,0 +1,140 @@
+"""Delta delivery: which devices get a binary patch instead of the full image, and the cache
+of patches shared by every device on the same base.
+
+A device runs a known base when its Describe reports the SHA-256 of the installed module with
+the target's function and index, and the server stores an image with that SHA-256 (product
+firmware or a Device OS module of its platform). The patch from that base to the target is
+computed once per (base, target) pair outside the event loop (a worker thread behind a
+dedicated limiter, so a release to a large fleet computes few patches at a time), stored, and
+reused; concurrent requests for the same pair wait for the one computation. The patch is
+sent only when it is smaller than the full image by a margin (``max_ratio``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from otacore.delta import make_patch
+from otacore.errors import DeltaError, OtaError
+
+if TYPE_CHECKING:
+    from server.fleet import DeviceTarget, Fleet
+    from server.fleet.deltas import StoredDelta
+
+log = logging.getLogger("ota.deltas")
+
+_Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class DeltaOffer:
+    """A patch to send instead of a full image."""
+
+    base_sha256: str
+    patch: bytes
+    patch_sha256: str
+
+
+class DeltaCache:
+    """Patches per (base, target) pair: in memory, then the store, else computed once."""
+
+    def __init__(
+        self, fleet: Fleet, *, threads: int = 1, max_ratio: float = 0.8, memory_entries: int = 32
+    ) -> None:
+        self.fleet = fleet
+        #: Worker threads computing patches at once (make_patch is CPU bound).
+        self.limiter = trio.CapacityLimiter(threads)
+        #: Send a patch only when it is at most this fraction of the full image.
+        self.max_ratio = max_ratio
+        self.memory_entries = memory_entries
+        #: Patches this process computed (the others came from memory or the store).
+        self.computed = 0
+        #: Pair -> stored patch and its bytes, or None when no patch can be made.
+        self._results: OrderedDict[_Pair, tuple[StoredDelta, bytes] | None] = OrderedDict()
+        self._pending: dict[_Pair, trio.Event] = {}
+        #: (device, base, target) offers a device refused: it gets the full image instead.
+        self.refused: set[tuple[str, str, str]] = set()
+
+    async def patch_for(
+        self, base_sha256: str, base_image: bytes, target_sha256: str, target_image: bytes
+    ) -> tuple[StoredDelta, bytes] | None:
+        """The patch from base to target (None if the maker refuses the images)."""
+        pair = (base_sha256, target_sha256)
+        while True:
+            if pair in self._results:
+                self._results.move_to_end(pair)
+                return self._results[pair]
+            pending = self._pending.get(pair)
+            if pending is None:
+                break
+            await pending.wait()  # one computation per pair; it may have been cancelled
+        done = trio.Event()
+        self._pending[pair] = done
+        try:
+            result = await self.fleet.find_delta(base_sha256, target_sha256)
+            if result is None:
+                result = await self._compute(base_sha256, base_image, target_sha256, target_image)
+            self._results[pair] = result
+            while len(self._results) > self.memory_entries:
+                self._results.popitem(last=False)
+            return result
+        finally:
+            del self._pending[pair]
+            done.set()
+
+    async def _compute(
+        self, base_sha256: str, base_image: bytes, target_sha256: str, target_image: bytes
+    ) -> tuple[StoredDelta, bytes] | None:
+        try:
+            # Not cancellable once started: the thread finishes and its result is kept.
+            patch = await trio.to_thread.run_sync(
+                make_patch, base_image, target_image, limiter=self.limiter
+            )
+        except DeltaError as exc:
+            log.warning("no delta from %s to %s: %s", base_sha256, target_sha256, exc)
+            return None
+        self.computed += 1
+        stored = await self.fleet.save_delta(base_sha256, target_sha256, patch, len(target_image))
+        log.info(
+            "delta %s -> %s: %d bytes for a %d-byte image",
+            base_sha256[:12],
+            target_sha256[:12],
+            len(patch),
+            len(target_image),
+        )
+        return stored, patch
+
+    async def choose(
+        self, view: DeviceTarget, function: int, index: int, target_sha256: str, target_image: bytes
+    ) -> DeltaOffer | None:
+        """The patch to offer the device for this module, or None for the full image."""
+        device = view.device
+        installed = {
+            (int(m["function"]), int(m["index"])): str(m.get("sha256") or "").lower()
+            for m in (device.modules or [])
+        }
+        base_sha256 = installed.get((function, index), "")
+        if len(base_sha256) != 64 or base_sha256 == target_sha256:
+            return None
+        if (device.id, base_sha256, target_sha256) in self.refused:
+            return None
+        platform = device.platform_id or view.product.platform_id
+        try:
+            base_image = await self.fleet.blob_for_product(view.product.id, platform, base_sha256)
+        except OtaError as exc:
+            log.warning("base %s of %s is unreadable: %s", base_sha256, device.id, exc)
+            return None
+        if base_image is None:  # blobs are verified against their SHA-256 on read
+            return None  # the server does not know the device's base
+        found = await self.patch_for(base_sha256, base_image, target_sha256, target_image)
+        if found is None:
+            return None
+        stored, patch = found
+        if stored.patch_size > self.max_ratio * len(target_image):
+            return None  # not worth it: the patch saves too little over the full image
+        return DeltaOffer(base_sha256, patch, stored.patch_sha256)

@@ -1,0 +1,125 @@
+"""Delta patches the OTA engine computed, and the bytes each firmware release sent.
+
+Patches are stored once per (base SHA-256, target SHA-256) pair: the bytes as a blob, the
+sizes in the ``deltas`` table. Every completed transfer adds its bytes, and the bytes the full
+image would have taken, to its firmware version's counters, and publishes them as
+``RELEASE_BYTES_EVENT`` so the data a release saved is visible.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from server.events import Event
+from server.fleet.base import FleetBase, Outcome
+
+#: Published after every completed transfer of a product firmware version (JSON data).
+RELEASE_BYTES_EVENT = "ota/release/bytes"
+
+
+@dataclass(frozen=True)
+class StoredDelta:
+    """A stored patch from one image to another."""
+
+    base_sha256: str
+    target_sha256: str
+    patch_sha256: str
+    patch_size: int
+    target_size: int
+
+
+class DeltaService(FleetBase):
+    """Store and look up delta patches; count the bytes releases send."""
+
+    async def find_delta(
+        self, base_sha256: str, target_sha256: str
+    ) -> tuple[StoredDelta, bytes] | None:
+        """The stored patch from ``base_sha256`` to ``target_sha256`` and its bytes, if any."""
+
+        def work() -> tuple[StoredDelta, bytes] | None:
+            with self.store.read() as tx:
+                row = tx.get_delta(base_sha256, target_sha256)
+            if row is None:
+                return None
+            delta = StoredDelta(
+                row["base_sha256"],
+                row["target_sha256"],
+                row["patch_sha256"],
+                row["patch_size"],
+                row["target_size"],
+            )
+            return delta, self.store.blobs.get(delta.patch_sha256)
+
+        return await self._read(work)
+
+    async def save_delta(
+        self, base_sha256: str, target_sha256: str, patch: bytes, target_size: int
+    ) -> StoredDelta:
+        """Store a patch (blob first, then the row that names it)."""
+
+        def work() -> Outcome:
+            patch_sha256 = self.store.blobs.put(patch)  # durable before the row naming it
+            with self.store.write() as tx:
+                tx.insert_delta(
+                    base_sha256, target_sha256, patch_sha256, len(patch), target_size, self.clock()
+                )
+            return Outcome(
+                StoredDelta(base_sha256, target_sha256, patch_sha256, len(patch), target_size)
+            )
+
+        stored: StoredDelta = await self._run(work)
+        return stored
+
+    async def count_deltas(self) -> int:
+        """How many patches are stored."""
+
+        def work() -> int:
+            with self.store.read() as tx:
+                return tx.count_deltas()
+
+        return await self._read(work)
+
+    async def record_transfer_bytes(
+        self,
+        product_id: int,
+        version: int,
+        device_id: str,
+        *,
+        bytes_sent: int,
+        bytes_full: int,
+        delta: bool,
+    ) -> dict[str, int]:
+        """Count one completed transfer towards firmware ``version``; publish the totals."""
+
+        def work() -> Outcome:
+            with self.store.write() as tx:
+                totals = tx.add_transfer_bytes(
+                    product_id, version, bytes_sent=bytes_sent, bytes_full=bytes_full, delta=delta
+                )
+            data = json.dumps(
+                {
+                    "version": version,
+                    "transfer": "delta" if delta else "full",
+                    "bytes_sent": bytes_sent,
+                    "bytes_full_image": bytes_full,
+                    "release_bytes_sent": totals["bytes_sent"],
+                    "release_bytes_full_images": totals["bytes_full"],
+                },
+                separators=(",", ":"),
+            )
+            event = Event(RELEASE_BYTES_EVENT, data, product_id=product_id, device_id=device_id)
+            return Outcome(totals, [event])
+
+        totals: dict[str, int] = await self._run(work)
+        return totals
+
+    async def transfer_bytes(self, product_id: int, version: int) -> dict[str, int]:
+        """Firmware ``version``'s counters: bytes_sent, bytes_full (what full images would
+        have taken), delta_transfers, full_transfers."""
+
+        def work() -> dict[str, int]:
+            with self.store.read() as tx:
+                return tx.get_transfer_bytes(product_id, version)
+
+        return await self._read(work)
