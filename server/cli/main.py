@@ -12,6 +12,7 @@ import typer
 import otacore
 from otacore._select import native_status
 from server.cli import (
+    bench_cmd,
     delta_cmd,
     demo_cmd,
     device_store_cmd,
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(module_cmd.app, name="module")
 app.add_typer(delta_cmd.app, name="delta")
+app.add_typer(bench_cmd.app, name="bench")
 app.command(name="demo")(demo_cmd.demo)
 app.add_typer(fleet_cmd.firmware_app, name="firmware")
 app.add_typer(fleet_cmd.device_app, name="device")

@@ -1,0 +1,32 @@
+"""The fleet benchmark behind ``ota bench fleet``: a real server, thousands of emulated
+devices in load-generator processes, handshake rates, session memory, an immediate release
+and an nginx baseline (see bench/fleet/README.md).
+
+Modules: :mod:`bench.fleet.runner` (orchestration, phases, the result),
+:mod:`bench.fleet.control` (the runner's handles on the server and the load generators),
+:mod:`bench.fleet.loadgen` (the load-generator process), :mod:`bench.fleet.lines` (the
+JSON-lines pipe protocol), :mod:`bench.fleet.procs` (child processes, /proc readings),
+:mod:`bench.fleet.images` (benchmark firmware and provisioning),
+:mod:`bench.fleet.nginx_baseline` (nginx and its HTTPS clients), :mod:`bench.fleet.profile`
+(py-spy sampling) and :mod:`bench.fleet.report` (JSON, PNG plot, rich table, progress).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from otacore.errors import OtaError
+
+
+class BenchError(OtaError):
+    """The benchmark could not run or finish a phase (the message says which and why)."""
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message``, with the underlying error when one caused it (trio wraps socket
+    and TLS errors in BrokenResourceError)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and not isinstance(exc, trio.TooSlowError):
+        text += f" ({type(cause).__name__}: {cause})"
+    return text[:200]

@@ -1,0 +1,114 @@
+"""Benchmark firmware and the prepared installation (store, product, devices, API token).
+
+The application images are real Particle modules of exactly ``app_size`` bytes (header,
+payload, product data suffix and CRC included) for a Boron (platform 13); their payloads are
+pseudo-random, so a full image costs its whole size on the wire (nothing compresses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.fleet import BenchError
+from otacore.module import ModuleDependency, build_module
+from otacore.platforms import ModuleFunction
+from server.cli.device_store_cmd import StoreRegistrar
+from server.events import EventBus
+from server.fleet import SYSTEM_ACTOR, Fleet
+from server.identity import pki_dir, provision_devices
+from server.store import Store
+
+PLATFORM_BORON = 13
+SYSTEM_VERSION = 5000
+#: The system part only has to satisfy the application's dependency (it is never sent).
+SYSTEM_PART_SIZE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What the preparation step produced (paths live under the work directory)."""
+
+    data_dir: Path
+    creds_dir: Path
+    product_id: int
+    token: str
+    device_ids: list[str]
+    system_image: Path
+    app_images: dict[int, Path]  # product version -> module file
+
+
+def _pseudo_random(label: str, size: int) -> bytes:
+    return hashlib.shake_256(label.encode()).digest(size)
+
+
+def system_part() -> bytes:
+    """Device OS system part 1 v5000 for the Boron (what every device starts with)."""
+    payload = _pseudo_random("bench system part", SYSTEM_PART_SIZE - 64)
+    return build_module(
+        payload,
+        platform_id=PLATFORM_BORON,
+        function=ModuleFunction.SYSTEM_PART,
+        index=1,
+        version=SYSTEM_VERSION,
+    )
+
+
+def application(version: int, product_id: int, size: int) -> bytes:
+    """Application (user part 1) ``version`` of ``product_id``: exactly ``size`` bytes."""
+
+    def build(payload_size: int) -> bytes:
+        return build_module(
+            _pseudo_random(f"bench application {version}", payload_size),
+            platform_id=PLATFORM_BORON,
+            function=ModuleFunction.USER_PART,
+            index=1,
+            version=version,
+            product_id=product_id,
+            product_version=version,
+            dependencies=[ModuleDependency(ModuleFunction.SYSTEM_PART, 1, SYSTEM_VERSION)],
+        )
+
+    overhead = len(build(0))
+    if size <= overhead:
+        raise BenchError(f"an application module needs more than {overhead} bytes")
+    image = build(size - overhead)
+    if len(image) != size:  # the format has no padding rules beyond this; check anyway
+        raise BenchError(f"built a {len(image)}-byte application instead of {size} bytes")
+    return image
+
+
+def prepare_installation(work_dir: Path, devices: int, app_size: int) -> Installation:
+    """Create the store, a product, an owner token, ``devices`` provisioned devices (one
+    store transaction) and the firmware files. Blocking: run it in a worker thread."""
+    data_dir, creds_dir, firmware_dir = work_dir / "data", work_dir / "creds", work_dir / "fw"
+    for path in (data_dir, creds_dir):
+        if path.exists():
+            raise BenchError(f"{path} exists already: give an empty work directory")
+    firmware_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.open_dir(data_dir, pool_size=1)
+    try:
+        fleet = Fleet(store, EventBus())
+        product = fleet.create_product_sync(SYSTEM_ACTOR, "Fleet benchmark", PLATFORM_BORON)
+        token = fleet.create_api_token_sync("owner", label="fleet benchmark").access_token
+    finally:
+        store.close()
+    provisioned = provision_devices(pki_dir(data_dir), devices, creds_dir)
+    StoreRegistrar().register(data_dir, str(product.id), provisioned)
+    system_path = firmware_dir / "system-part1.bin"
+    system_path.write_bytes(system_part())
+    app_paths: dict[int, Path] = {}
+    for version in (1, 2):
+        path = firmware_dir / f"app-v{version}.bin"
+        path.write_bytes(application(version, product.id, app_size))
+        app_paths[version] = path
+    return Installation(
+        data_dir=data_dir,
+        creds_dir=creds_dir,
+        product_id=product.id,
+        token=token,
+        device_ids=sorted(d.device_id for d in provisioned),
+        system_image=system_path,
+        app_images=app_paths,
+    )

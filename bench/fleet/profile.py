@@ -1,0 +1,123 @@
+"""Sampling the server with py-spy during a phase, and what dominates the samples."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.fleet.procs import running_process
+
+
+def find_py_spy() -> str | None:
+    """The py-spy binary: next to this Python (a venv) or on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+@asynccontextmanager
+async def sampling(pid: int, output: Path, *, rate: int = 97) -> AsyncIterator[bool]:
+    """Record ``pid``'s stacks (collapsed "raw" format) while the block runs; yields False
+    (and records nothing) when py-spy is not installed."""
+    binary = find_py_spy()
+    if binary is None:
+        yield False
+        return
+    argv = [
+        binary,
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--output",
+        str(output),
+        "--rate",
+        str(rate),
+        "--nonblocking",
+    ]
+    # py-spy writes its output when interrupted (SIGINT), as after Ctrl-C.
+    async with running_process(
+        argv, log_path=output.with_suffix(".log"), stop_signal=signal.SIGINT, grace=20.0
+    ):
+        yield True
+
+
+#: Where a sample's innermost frame lives -> what it is spending time on.
+AREAS = (
+    (("sqlalchemy/", "sqlite3/"), "store: SQLAlchemy + SQLite"),
+    (("OpenSSL/", "/ssl.py", "trio/_ssl.py", "trio/_dtls.py", "cryptography/"), "TLS/DTLS"),
+    (("trio/", "outcome/", "threading.py", "queue.py"), "trio loop, worker threads"),
+    (("otacore/",), "otacore (protocol, transfer)"),
+    (("server/",), "server (sessions, OTA, store layer)"),
+)
+
+
+def _area(path: str) -> str:
+    for needles, area in AREAS:
+        if any(needle in path for needle in needles):
+            return area
+    return "other (stdlib, hypercorn, ...)"
+
+
+def summarize(collapsed: Path, top: int = 12) -> dict[str, Any]:
+    """What dominates a collapsed-stack file (``frame;frame;...;leaf count`` per line):
+    self samples per function and per area (library) of the innermost frame, and inclusive
+    samples of the project's own functions (server/, otacore/; the CLI entry excluded)."""
+    own: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    project: Counter[str] = Counter()
+    total = 0
+    try:
+        lines = collapsed.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"samples": 0, "self": [], "areas": [], "project_inclusive": []}
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_split(frame) for frame in stack.split(";") if frame]
+        if not frames:
+            continue
+        total += count
+        name, path = frames[-1]
+        own[_label(name, path)] += count
+        areas[_area(path)] += count
+        mine = {
+            _label(name, path)
+            for name, path in frames
+            if path.startswith(("server/", "otacore/")) and not path.startswith("server/cli/")
+        }
+        for label in mine:
+            project[label] += count
+
+    def shares(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": name, "share": round(count / total, 4)}
+            for name, count in counter.most_common(top)
+        ]
+
+    return {
+        "samples": total,
+        "self": shares(own),
+        "areas": [
+            {"area": area, "share": round(count / total, 4)} for area, count in areas.most_common()
+        ],
+        "project_inclusive": shares(project),
+    }
+
+
+def _split(frame: str) -> tuple[str, str]:
+    """``function (path/to/module.py:123)`` -> (function, path/to/module.py)."""
+    name, _, where = frame.partition(" (")
+    return name, where.rstrip(")").rsplit(":", 1)[0]
+
+
+def _label(name: str, path: str) -> str:
+    return f"{name} ({Path(path).name})" if path else name

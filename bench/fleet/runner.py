@@ -1,0 +1,560 @@
+"""Orchestration of ``ota bench fleet``: phases, measurements and the result.
+
+1. Prepare (worker thread): store, product, owner token, N provisioned devices registered in
+   one transaction, firmware (system part, application v1 and v2 of ``app_size`` bytes).
+2. Start K load generators (``python -m bench.fleet.loadgen``; devices dealt round-robin)
+   and factory-program every device's flash.
+3. Handshakes, on a fresh server (``ota server`` subprocess): per transport, every device
+   connects with a bare client and is held until all are up, then all close; the second
+   round offers the saved session tickets. Rates are devices / (last up - first start).
+4. Fleet and release, on another fresh server: the devices run as EmulatedFleets;
+   ``sessions_peak`` and the server's RSS growth per session once all are online; then v2 is
+   uploaded and released (intelligent = immediate, forced) and the runner waits until every
+   online device has rebooted into v2 and reported it committed.
+5. nginx: the same file over HTTPS, fetched once by as many concurrent clients as devices.
+
+Every child process is stopped when the run ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import ssl
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import trio
+
+from bench.fleet import BenchError
+from bench.fleet import profile as profiling
+from bench.fleet.control import (
+    FleetProgress,
+    LoadGenHandle,
+    request_all,
+    running_loadgens,
+    running_server,
+)
+from bench.fleet.images import Installation, prepare_installation
+from bench.fleet.loadgen import LoadGenSpec
+from bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
+from bench.fleet.procs import (
+    ResourceWindow,
+    rss_kib,
+    tree_cpu_seconds,
+)
+from bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
+from server.emulator.fleet import TransportChoice, transports_for
+
+MB = 1_000_000  # goodput and CPU per MB use decimal megabytes
+ReleaseKind = Literal["full", "delta"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to run (see ``ota bench fleet --help``)."""
+
+    devices: int
+    transport: TransportChoice = "both"
+    release: ReleaseKind = "full"
+    procs: int = 2
+    out_dir: Path = Path("bench-fleet-out")
+    app_size: int = 128 * 1024
+    #: Bare handshakes in flight per load generator.
+    handshake_concurrency: int = 32
+    #: Emulated devices handshaking at once per load generator.
+    max_connects: int = 32
+    online_timeout: float = 600.0
+    release_timeout: float = 900.0
+    #: Give up waiting (online, release) after this long without any progress.
+    stall_timeout: float = 120.0
+    #: Run the bare handshake rounds (full and resumed).
+    handshakes: bool = True
+    nginx: bool = True
+    nginx_workers: int = 1
+    profile: bool = False
+    #: Parent of the scratch directory (store, credentials, device flashes).
+    work_parent: Path | None = None
+    keep_work: bool = False
+
+    def __post_init__(self) -> None:
+        if self.devices < 1 or self.procs < 1:
+            raise BenchError("--devices and --procs must be at least 1")
+        if self.procs > self.devices:
+            raise BenchError(f"--procs {self.procs} is more than --devices {self.devices}")
+        if -(-self.devices // self.procs) > 19_000:
+            raise BenchError(
+                "a load generator holds one descriptor per device and a process may open "
+                "20,000: use more --procs"
+            )
+        tcp_sessions = sum(kind == "tcp" for kind in transports_for(self.transport, self.devices))
+        if tcp_sessions > 19_000:  # SessionLimits.max_sessions: one descriptor per session
+            raise BenchError(
+                f"{tcp_sessions} TCP devices: one server process holds at most 19,000 TCP "
+                "sessions (20,000 descriptors)"
+            )
+        if self.release not in ("full", "delta"):
+            raise BenchError(f"--release must be full or delta, not {self.release!r}")
+        transports_for(self.transport, 1)  # raises on an unknown transport
+
+
+def _deal(options: BenchOptions, install: Installation, work: Path) -> list[Path]:
+    """Write one spec per load generator: devices dealt round-robin, each generator with
+    its own loopback source addresses (127.0.<gen+1>.1-4: ~28,000 ports each)."""
+    paths = []
+    for index in range(options.procs):
+        ids = install.device_ids[index :: options.procs]
+        # Each generator alternates transports itself, so every process carries both.
+        mine = list(zip(ids, transports_for(options.transport, len(ids)), strict=True))
+        spec = LoadGenSpec(
+            index=index,
+            creds_dir=str(install.creds_dir),
+            devices=[(device_id, str(kind)) for device_id, kind in mine],
+            state_root=str(work / "flash"),
+            firmware=[str(install.system_image), str(install.app_images[1])],
+            product_id=install.product_id,
+            target_version=2,
+            sources=[f"127.0.{index + 1}.{host}" for host in range(1, 5)],
+            max_connects=options.max_connects,
+        )
+        path = work / f"loadgen-{index}.json"
+        spec.dump(path)
+        paths.append(path)
+    return paths
+
+
+async def _handshake_rounds(
+    options: BenchOptions,
+    install: Installation,
+    gens: list[LoadGenHandle],
+    out: Path,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Full then resumed handshakes per transport on a fresh server."""
+    results: dict[str, Any] = {}
+    kinds = sorted(set(transports_for(options.transport, options.devices)))
+    async with running_server(install, out / "server-handshakes.log") as server:
+        for kind in kinds:
+            address = list(server.tcp if kind == "tcp" else server.udp)
+            rounds: dict[str, Any] = {}
+            for mode in ("full", "resumed"):
+                reporter.phase(f"{kind} handshakes ({mode})", None)
+                window = ResourceWindow(
+                    server.pid, [gen.process.pid for gen in gens], udp_port=server.udp[1]
+                )
+                replies = await request_all(
+                    gens,
+                    "handshakes",
+                    transport=kind,
+                    address=address,
+                    resume=mode == "resumed",
+                    concurrency=options.handshake_concurrency,
+                    timeout=30.0,
+                )
+                rounds[mode] = _round_summary(replies, window.read())
+                reporter.note(
+                    f"{kind} {mode}: {rounds[mode]['ok']} handshakes, "
+                    f"{rounds[mode]['per_s']} /s, {rounds[mode]['failed']} failed"
+                )
+            results[kind] = rounds
+    return results
+
+
+def _round_summary(replies: list[dict[str, Any]], cpu: dict[str, float]) -> dict[str, Any]:
+    ok = sum(r["ok"] for r in replies)
+    server_cpu = cpu["process_cpu_s"]
+    firsts = [r["t_first"] for r in replies if r["t_first"] is not None]
+    lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
+    seconds = max(lasts) - min(firsts) if firsts and lasts else None
+    errors: dict[str, int] = {}
+    for reply in replies:
+        for text, count in reply["errors"].items():
+            errors[text] = errors.get(text, 0) + count
+    return {
+        "ok": ok,
+        "failed": sum(r["failed"] for r in replies),
+        "reused": sum(r["reused"] for r in replies),
+        "seconds": round(seconds, 3) if seconds else None,
+        "per_s": round(ok / seconds, 1) if seconds else None,
+        "server_cpu_s": round(server_cpu, 3),
+        "per_server_cpu_s": round(ok / server_cpu, 1) if server_cpu > 0 else None,
+        "loadgen_cpu_s": cpu["others_cpu_s"],
+        "machine_busy": cpu["machine_busy"],
+        "udp_rcvbuf_drops": cpu["udp_rcvbuf_drops"],
+        "server_udp_socket_drops": cpu["udp_port_drops"],
+        "latency_s": percentiles([t for r in replies for t in r["latencies"]]),
+        "errors": errors,
+    }
+
+
+async def _upload(api: httpx.AsyncClient, product_id: int, version: int, image: Path) -> None:
+    files = {"binary": (image.name, image.read_bytes(), "application/octet-stream")}
+    response = await api.post(
+        f"/v1/products/{product_id}/firmware",
+        files=files,
+        data={"version": str(version), "title": f"bench v{version}"},
+    )
+    if response.status_code != 201:
+        raise BenchError(
+            f"uploading v{version} failed: HTTP {response.status_code} {response.text[:300]}"
+        )
+
+
+async def _fleet_and_release(
+    options: BenchOptions,
+    install: Installation,
+    gens: list[LoadGenHandle],
+    progress: FleetProgress,
+    out: Path,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Sessions, memory per session and the immediate release, on a fresh server."""
+    result: dict[str, Any] = {}
+    async with running_server(install, out / "server-fleet.log") as server:
+        headers = {"Authorization": f"Bearer {install.token}"}
+        async with httpx.AsyncClient(base_url=server.api_url, headers=headers, timeout=120) as api:
+            await _upload(api, install.product_id, 1, install.app_images[1])
+            reporter.phase("opening device flashes", None)
+            await request_all(gens, "fleet_open", tcp=list(server.tcp), udp=list(server.udp))
+            await trio.sleep(1.0)  # let the server settle before the idle reading
+            result["server_rss_idle_kib"] = rss_kib(server.pid)
+            gen_pids = [gen.process.pid for gen in gens]
+            window = ResourceWindow(server.pid, gen_pids, udp_port=server.udp[1])
+            reporter.phase("devices online", options.devices)
+            started = min(r["started"] for r in await request_all(gens, "fleet_run"))
+            online_end = await progress.wait_until(
+                lambda: progress.online_total >= options.devices,
+                options.online_timeout,
+                lambda: reporter.advance_to(progress.online_total),
+                stall=options.stall_timeout,
+            )
+            result["online_end"] = online_end
+            reporter.note(
+                f"{progress.online_total}/{options.devices} devices online after "
+                f"{time.monotonic() - started:.1f} s"
+                + ("" if online_end == "done" else f" ({online_end}: gave up waiting)")
+            )
+            stats = await request_all(gens, "fleet_stats")
+            online_times = sorted(t - started for s in stats for t in s["first_online"])
+            result["online_times"] = online_times
+            # Seconds until every device was online (None if some never came).
+            result["sessions_online_s"] = (
+                round(online_times[-1], 3) if online_times and online_end == "done" else None
+            )
+            result["sessions_per_s"] = (
+                round(len(online_times) / online_times[-1], 1) if online_times else None
+            )
+            result["session_setup_cpu"] = window.read()
+            await trio.sleep(2.0)  # sessions finish their Describe and store writes
+            result["server_rss_peak_kib"] = rss_kib(server.pid)
+            expected = progress.online_total
+            result["sessions_at_release"] = expected
+            await _upload(api, install.product_id, 2, install.app_images[2])
+            bytes_before = sum(s["bytes"] for s in await request_all(gens, "fleet_stats"))
+            reporter.phase("devices updated", expected)
+            async with AsyncExitStack() as stack:
+                if options.profile:
+                    await stack.enter_async_context(
+                        profiling.sampling(server.pid, out / "server-profile.txt")
+                    )
+                window = ResourceWindow(server.pid, gen_pids, udp_port=server.udp[1])
+                released_at = time.monotonic()
+                response = await api.put(
+                    f"/v1/products/{install.product_id}/firmware/release",
+                    json={
+                        "version": 2,
+                        "product_default": True,
+                        "intelligent": True,
+                        "force": True,
+                    },
+                )
+                if response.status_code != 200:
+                    raise BenchError(
+                        f"the release failed: HTTP {response.status_code} {response.text[:300]}"
+                    )
+                release_end = await progress.wait_until(
+                    lambda: len(progress.updated) + progress.failed_total >= expected,
+                    options.release_timeout,
+                    lambda: reporter.advance_to(len(progress.updated)),
+                    stall=options.stall_timeout,
+                )
+                result["release_cpu"] = window.read()
+                result["release_wait_s"] = time.monotonic() - released_at
+                reporter.note(
+                    f"release: {len(progress.updated)}/{expected} devices updated, "
+                    f"{progress.failed_total} failed, after {result['release_wait_s']:.1f} s"
+                )
+            stats = await request_all(gens, "fleet_stats")
+            await request_all(gens, "fleet_stop")
+    result["release_end"] = release_end
+    result["released_at"] = released_at
+    result["release_devices"] = expected
+    result["update_times"] = sorted(t - released_at for s in stats for t in s["updated"])
+    result["update_latency_by_transport"] = {
+        kind: percentiles(
+            [t - released_at for s in stats for t in s["updated_by_transport"].get(kind, [])]
+        )
+        for kind in sorted({kind for s in stats for kind in s["updated_by_transport"]})
+    }
+    result["release_bytes_received"] = sum(s["bytes"] for s in stats) - bytes_before
+    result["release_outcomes"] = _merge([s["outcomes"] for s in stats])
+    kinds = sorted({kind for s in stats for kind in s["stages_by_transport"]})
+    result["update_stages"] = {
+        kind: _stage_summary(
+            [[released_at, *t] for s in stats for t in s["stages_by_transport"].get(kind, [])]
+        )
+        for kind in kinds
+    }
+    result["connect_errors"] = _merge([s["connect_errors"] for s in stats])
+    result["not_updated"] = {
+        "phases": _merge([s["not_updated"]["phases"] for s in stats]),
+        "last_errors": _merge([s["not_updated"]["last_errors"] for s in stats]),
+    }
+    return result
+
+
+#: The update stages between the times a device records (after the release request).
+STAGES = ("queued", "download", "apply_reboot_verify")
+
+
+def _stage_summary(timelines: list[list[float]]) -> dict[str, Any]:
+    """Percentiles of the time each device spent in each stage of its update: waiting for
+    the server to start its download, downloading, then applying, rebooting and
+    reconnecting until its Hello is answered (which commits the new image)."""
+    return {
+        stage: percentiles([times[i + 1] - times[i] for times in timelines])
+        for i, stage in enumerate(STAGES)
+    } | {"devices": len(timelines)}
+
+
+def _merge(counts: list[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for one in counts:
+        for key, value in one.items():
+            merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+async def _nginx_round(
+    options: BenchOptions,
+    install: Installation,
+    gens: list[LoadGenHandle],
+    out: Path,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The baseline: nginx serves the v2 image to as many concurrent HTTPS clients."""
+    if not options.nginx:
+        return {"goodput_mb_s": None, "note": "skipped (--no-nginx)"}
+    image = install.app_images[2]
+    size = image.stat().st_size
+    reporter.phase("nginx baseline fetches", None)
+    try:
+        async with running_nginx(
+            out / "nginx", image, workers=options.nginx_workers, connections=options.devices
+        ) as nginx:
+            cpu_before = tree_cpu_seconds(nginx.pid)
+            count = len(gens)
+            replies = await request_all(
+                gens,
+                "fetch",
+                per_gen=lambda i: {
+                    "clients": options.devices // count + (i < options.devices % count)
+                },
+                address=list(nginx.address),
+                path=nginx.path,
+                concurrency=options.devices,
+                expect=size,
+                timeout=120.0,
+            )
+            cpu = tree_cpu_seconds(nginx.pid) - cpu_before
+    except NginxUnavailableError as exc:
+        reporter.note(f"nginx baseline skipped: {exc}")
+        return {"goodput_mb_s": None, "note": f"skipped: {exc}"}
+    delivered = sum(r["bytes"] for r in replies)
+    firsts = [r["t_first"] for r in replies if r["t_first"] is not None]
+    lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
+    seconds = max(lasts) - min(firsts) if firsts and lasts else None
+    errors = _merge([r["errors"] for r in replies])
+    return {
+        "goodput_mb_s": round(delivered / MB / seconds, 2) if seconds else None,
+        "clients": options.devices,
+        "ok": sum(r["ok"] for r in replies),
+        "failed": sum(r["failed"] for r in replies),
+        "errors": errors,
+        "seconds": round(seconds, 3) if seconds else None,
+        "bytes": delivered,
+        "workers": nginx.workers,
+        "cpu_s": round(cpu, 3),
+        "cpu_s_per_mb": round(cpu / (delivered / MB), 4) if delivered else None,
+        "note": f"{nginx.workers} worker, HTTPS/1.1 TLS 1.3 (server auth only), "
+        "one connection per client",
+    }
+
+
+async def run_fleet_bench(
+    options: BenchOptions, reporter: Reporter | None = None, *, command: str = ""
+) -> dict[str, Any]:
+    """Run every phase; write ``result.json`` and ``result.png`` into ``options.out_dir``
+    and return the result. Scratch files go to a temporary directory removed at the end
+    (unless ``keep_work``)."""
+    reporter = reporter or QuietReporter()
+    out = options.out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    parent = options.work_parent
+    work = Path(tempfile.mkdtemp(prefix="ota-bench-fleet-", dir=parent))
+    try:
+        result = await _run(options, work, out, reporter, command)
+    finally:
+        if not options.keep_work:
+            with trio.CancelScope(shield=True):  # also after Ctrl-C or a signal
+                await trio.to_thread.run_sync(shutil.rmtree, work, True)
+        else:
+            reporter.note(f"scratch files kept in {work}")
+    return result
+
+
+async def _run(
+    options: BenchOptions, work: Path, out: Path, reporter: Reporter, command: str
+) -> dict[str, Any]:
+    notes: list[str] = []
+    load_at_start = os.getloadavg()
+    reporter.phase(f"provisioning {options.devices} devices", None)
+    install = await trio.to_thread.run_sync(
+        prepare_installation, work, options.devices, options.app_size
+    )
+    specs = _deal(options, install, work)
+    progress = FleetProgress(options.procs)
+    async with trio.open_nursery() as nursery:
+        async with running_loadgens(nursery, specs, out, progress.on_event) as gens:
+            reporter.phase("programming device flashes", None)
+            await request_all(gens, "prepare")
+            handshakes: dict[str, Any] = {}
+            if options.handshakes:
+                handshakes = await _handshake_rounds(options, install, gens, out, reporter)
+            else:
+                notes.append("handshake rounds skipped (--no-handshakes)")
+            fleet = await _fleet_and_release(options, install, gens, progress, out, reporter)
+            nginx = await _nginx_round(options, install, gens, out, reporter)
+        nursery.cancel_scope.cancel()
+    image_size = install.app_images[2].stat().st_size
+    updated = fleet["update_times"]
+    if options.release == "delta":
+        notes.append(
+            "delta releases are not integrated in the server yet (issue 6): a full "
+            "release was run instead"
+        )
+    if fleet["release_end"] != "done":
+        why = (
+            f"timed out after {options.release_timeout:.0f} s"
+            if fleet["release_end"] == "timeout"
+            else f"stalled (no progress for {options.stall_timeout:.0f} s)"
+        )
+        notes.append(
+            f"release {why}: {len(updated)}/{fleet['release_devices']} devices updated; "
+            f"the others: {fleet['not_updated']}"
+        )
+    if fleet["online_end"] != "done":
+        notes.append(
+            f"not every device came online ({fleet['online_end']}): "
+            f"{fleet['sessions_at_release']}/{options.devices}"
+        )
+    if progress.crashed:
+        notes.append(f"emulated devices crashed: {progress.crashed}")
+    all_updated = fleet["release_end"] == "done" and len(updated) == fleet["release_devices"]
+    release_s = updated[-1] if updated and all_updated else None
+    delivered = len(updated) * image_size
+    window = updated[-1] if updated else fleet["release_wait_s"]
+    release_cpu = fleet["release_cpu"]["process_cpu_s"]
+    sessions = fleet["sessions_at_release"]
+    rss_growth = fleet["server_rss_peak_kib"] - fleet["server_rss_idle_kib"]
+    full = [r["full"] for r in handshakes.values()]
+    resumed = [r["resumed"] for r in handshakes.values()]
+    result: dict[str, Any] = {
+        "devices": options.devices,
+        "transport": options.transport,
+        "procs": options.procs,
+        "release": options.release,
+        "release_run": "full",
+        "delta_supported": False,
+        "image_size": image_size,
+        "sessions_peak": progress.peak,
+        "online_end": fleet["online_end"],
+        "sessions_online": len(fleet["online_times"]),
+        "sessions_online_s": fleet["sessions_online_s"],
+        "sessions_per_s": fleet["sessions_per_s"],
+        "session_setup_server_cpu_s": fleet["session_setup_cpu"]["process_cpu_s"],
+        "session_setup_loadgen_cpu_s": fleet["session_setup_cpu"]["others_cpu_s"],
+        "session_setup_udp_rcvbuf_drops": fleet["session_setup_cpu"]["udp_rcvbuf_drops"],
+        "session_setup_server_udp_socket_drops": fleet["session_setup_cpu"]["udp_port_drops"],
+        "fleet_connect_errors": fleet["connect_errors"],
+        "server_rss_idle_kib": fleet["server_rss_idle_kib"],
+        "server_rss_peak_kib": fleet["server_rss_peak_kib"],
+        "server_rss_per_session_kib": round(rss_growth / sessions, 2) if sessions else None,
+        "handshakes_per_s_full": _combined_rate(full),
+        "handshakes_per_s_resumed": _combined_rate(resumed),
+        "handshakes": handshakes,
+        "release_devices": fleet["release_devices"],
+        "release_updated": len(updated),
+        "release_outcomes": fleet["release_outcomes"],
+        "release_all_updated_s": round(release_s, 3) if release_s is not None else None,
+        "update_latency_s": percentiles(updated),
+        "update_latency_s_by_transport": fleet["update_latency_by_transport"],
+        "update_stages_s": fleet["update_stages"],
+        "goodput_mb_s": round(delivered / MB / window, 3) if window else None,
+        "bytes_delivered": delivered,
+        "release_server_cpu_s": round(release_cpu, 3),
+        "release_loadgen_cpu_s": fleet["release_cpu"]["others_cpu_s"],
+        "release_machine_busy": fleet["release_cpu"]["machine_busy"],
+        "release_udp_rcvbuf_drops": fleet["release_cpu"]["udp_rcvbuf_drops"],
+        "release_server_udp_socket_drops": fleet["release_cpu"]["udp_port_drops"],
+        "release_end": fleet["release_end"],
+        "release_not_updated": fleet["not_updated"],
+        "server_cpu_s_per_mb": round(release_cpu / (delivered / MB), 4) if delivered else None,
+        "bytes_on_wire": fleet["release_bytes_received"],
+        "bytes_on_wire_basis": "CoAP bytes the devices' links received during the release "
+        "(after TLS/DTLS decryption: record, UDP/TCP/IP headers not "
+        "counted; includes Hello/Describe of the reboot)",
+        "bytes_full_images": options.devices * image_size,
+        "nginx_goodput_mb_s": nginx["goodput_mb_s"],
+        "nginx": nginx,
+        "mb": "1,000,000 bytes",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_at_start": [round(x, 2) for x in load_at_start],
+            "python": platform.python_version(),
+            "openssl": ssl.OPENSSL_VERSION,
+        },
+        "command": command,
+        "notes": notes,
+    }
+    profile_path = out / "server-profile.txt"
+    if options.profile:
+        result["server_profile"] = (
+            profiling.summarize(profile_path)
+            if profile_path.exists()
+            else {"note": "py-spy not found"}
+        )
+    write_json(result, out / "result.json")
+    plot_note = write_plot(
+        out / "result.png",
+        updated,
+        fleet["online_times"],
+        f"{options.devices} devices ({options.transport}), "
+        f"{image_size // 1024} KiB immediate release",
+    )
+    if plot_note:
+        notes.append(plot_note)
+        write_json(result, out / "result.json")
+    return result
+
+
+def _combined_rate(rounds: list[dict[str, Any]]) -> float | None:
+    """Handshakes per second over the rounds of every transport together."""
+    seconds = sum(r["seconds"] or 0 for r in rounds)
+    return round(sum(r["ok"] for r in rounds) / seconds, 1) if seconds else None
