@@ -310,15 +310,11 @@ class DeviceSessionHandler:
                               for d in m.dependencies]}
             for m in describe.modules
         ]
-        before = await self.plane.fleet.target_for_device(self.device_id)
+        # The fleet emits "spark/device/describe" when the modules changed.
         view = await self.plane.fleet.record_describe(self.device_id, modules)
         self.product_id = view.product.id
         self.described.set()
         self._respond(message, Code.CHANGED)
-        if _module_summary(before.device.modules) != _module_summary(modules):
-            self.publish("spark/device/describe", json.dumps(
-                {"modules": [[m["function"], m["index"], m["version"]] for m in modules]},
-                separators=(",", ":")))
         for hook in self.on_hello:
             hook()
 
@@ -335,12 +331,6 @@ class DeviceSessionHandler:
             name, data, product_id=self.product_id, device_id=self.device_id,
             coreid=self.device_id, ttl=ttl,
         ))
-
-
-def _module_summary(modules: Any) -> list[tuple[int, int, int]]:
-    if not modules:
-        return []
-    return sorted((int(m["function"]), int(m["index"]), int(m["version"])) for m in modules)
 
 
 def _ip_of(peer: Any) -> str | None:

@@ -7,6 +7,7 @@ firmware a device should run and which online devices need an update after a rel
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +30,15 @@ from server.store import (
 from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
 
 FlashStatus = Literal["started", "success", "failed"]
+#: Emitted when a Describe reports other modules than the device record holds.
+DESCRIBE_CHANGED = "spark/device/describe"
+
+
+def _module_summary(modules: Any) -> list[tuple[int, int, int]]:
+    """(function, index, version) of each module, sorted: what a describe change means."""
+    if not modules:
+        return []
+    return sorted((int(m["function"]), int(m["index"]), int(m["version"])) for m in modules)
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,13 @@ class SessionService(FleetBase):
                         fields["system_version"] = entry["version"]
                 tx.update_device(device.id, fields, now)
                 view = self._refresh_pending(tx, device.id, now, events)
+            if _module_summary(device.modules) != _module_summary(clean):
+                summary = [[m["function"], m["index"], m["version"]] for m in clean]
+                events.append(Event(
+                    DESCRIBE_CHANGED, json.dumps({"modules": summary}, separators=(",", ":")),
+                    product_id=device.product_id, device_id=device.id, coreid=device.id,
+                    published_at=now,
+                ))
             return Outcome(view, events)
 
         return await self._run(work)
