@@ -10,9 +10,7 @@ import httpx
 import trio
 
 from server.app import ServerConfig, ServerHandle, serve
-from server.cli.device_store_cmd import StoreRegistrar
-from server.fleet import SYSTEM_ACTOR
-from server.identity import init_pki, pki_dir, provision_devices
+from server.cli.device_store_cmd import create_provisioned_product
 
 
 @dataclass
@@ -43,19 +41,8 @@ class DeviceServerKit:
 
 
 def _prepare(data_dir: Path, creds_dir: Path, count: int) -> tuple[int, list[str]]:
-    from server.events import EventBus
-    from server.fleet import Fleet
-    from server.store import Store
-
-    store = Store.open_dir(data_dir, pool_size=1)
-    try:
-        product = Fleet(store, EventBus()).create_product_sync(SYSTEM_ACTOR, "Sensors", 13)
-    finally:
-        store.close()
-    init_pki(pki_dir(data_dir))
-    devices = provision_devices(pki_dir(data_dir), count, creds_dir)
-    StoreRegistrar().register(data_dir, str(product.id), devices)
-    return product.id, [d.device_id for d in devices]
+    product_id, devices = create_provisioned_product(data_dir, creds_dir, "Sensors", 13, count)
+    return product_id, [d.device_id for d in devices]
 
 
 async def start_device_server(nursery: trio.Nursery, tmp_path: Path, count: int = 4,

@@ -25,11 +25,9 @@ from otacore.module import ModuleDependency, build_module
 from otacore.platforms import ModuleFunction
 from otacore.signing import TrustStore
 from server.app import ServerConfig, ServerHandle, serve
-from server.cli.device_store_cmd import StoreRegistrar
+from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import product_signing_key
 from server.emulator.fleet import EmulatedFleet, FleetSettings
-from server.fleet import SYSTEM_ACTOR
-from server.identity import init_pki, pki_dir, provision_devices
 
 BORON = 13
 SYSTEM_VERSION = 5003
@@ -57,17 +55,13 @@ def _prepare(data: Path, creds: Path, devices: int) -> tuple[int, str, bytes]:
     from server.fleet import Fleet
     from server.store import Store
 
+    product_id, _ = create_provisioned_product(data, creds, "Demo Sensors", BORON, devices)
     store = Store.open_dir(data, pool_size=1)
     try:
-        fleet = Fleet(store, EventBus())
-        product = fleet.create_product_sync(SYSTEM_ACTOR, "Demo Sensors", BORON)
-        token = fleet.create_api_token_sync("owner").access_token
+        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
     finally:
         store.close()
-    init_pki(pki_dir(data))
-    provisioned = provision_devices(pki_dir(data), devices, creds)
-    StoreRegistrar().register(data, str(product.id), provisioned)
-    return product.id, token, product_signing_key(data, product.id).public_key
+    return product_id, token, product_signing_key(data, product_id).public_key
 
 
 def _progress_table(fleet: EmulatedFleet, stage: str) -> Table:

@@ -12,7 +12,7 @@ from server.cli.device_identity_cmd import register_commands
 from server.client import ApiClient, ApiError
 from server.devices.keys import product_signing_key, product_statements, write_trust_file
 from server.fleet.base import FleetBase, now_ms
-from server.identity import ProvisionedDevice
+from server.identity import ProvisionedDevice, init_pki, pki_dir, provision_devices
 from server.store import Store
 
 
@@ -75,3 +75,22 @@ def attach(device_app: typer.Typer) -> None:
     """Add provisioning, PKI and revocation commands to ``ota device``."""
     register_commands(device_app, registrar=StoreRegistrar())
     device_app.command("revoke")(revoke)
+
+
+def create_provisioned_product(
+    data_dir: Path, creds_dir: Path, name: str, platform_id: int, count: int
+) -> tuple[int, list[ProvisionedDevice]]:
+    """Create a product in the store at ``data_dir`` with ``count`` provisioned devices
+    (certificates in ``creds_dir``): what the demo, benchmarks and tests start from."""
+    from server.events import EventBus
+    from server.fleet import SYSTEM_ACTOR, Fleet
+
+    store = Store.open_dir(data_dir, pool_size=1)
+    try:
+        product = Fleet(store, EventBus()).create_product_sync(SYSTEM_ACTOR, name, platform_id)
+    finally:
+        store.close()
+    init_pki(pki_dir(data_dir))
+    devices = provision_devices(pki_dir(data_dir), count, creds_dir)
+    StoreRegistrar().register(data_dir, str(product.id), devices)
+    return product.id, devices
