@@ -123,6 +123,7 @@ async def test_known_base_gets_a_shared_delta_unknown_base_and_unrelated_image_g
                 "bytes_full": 3 * len(V2),
                 "delta_transfers": 2,
                 "full_transfers": 1,
+                "compressed_transfers": 0,
             }
             view = await fleet_service.get_firmware(rig.product, 2)
             stats = firmware_json(view, totals)["release_stats"]

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from otacore.coap import decode_udp
 from otacore.device.emulated import DevicePhase
 from otacore.protocol.link import Transport
+from otacore.protocol.ota_wire import is_transfer
 from otacore.signing import SigningKey, TrustStore
+from otacore.transfer import RetransmitPolicy
 from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
@@ -86,6 +89,51 @@ async def test_link_cut_mid_transfer_resumes(
         rig.cut(device_id)  # the powered-off device's last session (it sent no goodbye)
         await rig.wait_device(device_id, lambda d: not d["online"])
         assert rig.engine.updaters == {}
+
+
+async def test_a_transfer_the_device_stops_hearing_is_retried_and_resumes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Over UDP, halfway through, no transfer datagram reaches the device for a while (its
+    session lives on). The server's sender gives up (TIMEOUT); the updater pauses, offers
+    again in the same session, and the device resumes from the chunks it holds."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        fast_give_up = RetransmitPolicy(initial_rto=0.1, min_rto=0.1, max_rto=0.2, max_rounds=2)
+        rig.tune_engine(**SMALL_WINDOWS, transfer_policy=fast_give_up, retry_pause=0.3)
+        v2 = app(2, size=48_000)
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, v2)
+        await rig.release(2, product_default=True)
+        fleet = rig.fleet([(device_id, "udp")], ota_chunk_size=CHUNK)
+        deaf_for = 1.2
+
+        def go_deaf(_: int) -> None:
+            device = fleet.device(device_id).device
+            hear = device.receive
+            until = trio.current_time() + deaf_for
+
+            def receive(data: bytes, now: float) -> None:
+                if now < until and is_transfer(decode_udp(data)):
+                    return  # lost on the way (pings and other requests still pass)
+                hear(data, now)
+
+            device.receive = receive  # type: ignore[method-assign]
+
+        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=go_deaf)
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            await rig.events.wait_for(FLASH_STATUS, device_id, "success")
+        # The first offer timed out and failed; a later one (within the engine's three
+        # attempts, however the timers fell) resumed it, in the same session: one download
+        # from zero, and at most a window of chunks written twice per failed attempt.
+        statuses = flash_statuses(rig.events, device_id)
+        failures = statuses.count("failed")
+        assert 1 <= failures <= 2, statuses
+        assert statuses == ["started", "failed"] * failures + ["started", "success"]
+        assert fleet.device(device_id).device.sessions == 2  # the first, then after the reset
+        assert watched.restarts == 1
+        assert len(v2) <= watched.written <= len(v2) + failures * WINDOW * CHUNK
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -189,9 +237,19 @@ async def test_bad_image_rolls_back_and_is_not_offered_again(
             await rig.reconnect(fleet, device_id)
             await _no_second_offer(rig, device_id, offers=1)
             assert fleet.device(device_id).device.status().boots == 3
-        stats = (await rig.firmware(2))["release_stats"]
-        assert (stats["succeeded"], stats["failed"], stats["running"]) == (0, 1, 0)
-        assert flash_statuses(rig.events, device_id) == ["started", "failed"]
+            # The memory is in the store: a process that never saw the device (here the
+            # engine's caches emptied, as after a restart) does not offer it again either.
+            for cache in (rig.engine.failed, rig.engine.delivered, rig.engine.updating):
+                cache.clear()
+            await rig.reconnect(fleet, device_id)
+            await _no_second_offer(rig, device_id, offers=1)
+            stats = (await rig.firmware(2))["release_stats"]
+            assert (stats["succeeded"], stats["failed"], stats["running"]) == (0, 1, 0)
+            # An operator flashing it anew makes the image eligible again (it fails again).
+            await rig.put_device(device_id, desired_firmware_version=2, flash=True)
+            await rig.events.wait_for(FLASH_STATUS, device_id, "failed", count=2)
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+        assert flash_statuses(rig.events, device_id) == ["started", "failed"] * 2
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -188,6 +188,31 @@ def test_reopen_keeps_data_and_refuses_newer_schema(data_dir: Path) -> None:
         Store.open_dir(data_dir)
 
 
+def test_a_version_1_store_is_migrated_in_place(data_dir: Path) -> None:
+    store = Store.open_dir(data_dir)
+    with store.write() as tx:
+        product = tx.insert_product(slug="m", name="M", platform_id=13, description="", now=1)
+        tx.add_transfer_bytes(product.id, 1, bytes_sent=10, bytes_full=20, transfer="delta")
+        # What a version 1 server wrote: no compressed_transfers column.
+        tx.conn.execute(
+            sa.text("ALTER TABLE firmware_transfer_bytes DROP COLUMN compressed_transfers")
+        )
+        tx.conn.execute(sa.update(t.meta).values(value="1"))
+    store.close()
+    store = Store.open_dir(data_dir)
+    with store.write() as tx:
+        assert tx.conn.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
+        totals = tx.add_transfer_bytes(product.id, 1, bytes_sent=5, bytes_full=20, transfer="zstd")
+    store.close()
+    assert totals == {
+        "bytes_sent": 15,
+        "bytes_full": 40,
+        "delta_transfers": 1,
+        "full_transfers": 0,
+        "compressed_transfers": 1,
+    }
+
+
 def test_bad_urls(tmp_path: Path) -> None:
     with pytest.raises(StoreConfigError, match="file path"):
         Store.open("sqlite://", tmp_path / "b")

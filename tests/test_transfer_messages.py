@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import struct
 from typing import Any
@@ -50,6 +51,11 @@ update_starts = st.builds(
     module_version=u16,
     base_sha256=st.none() | sha,
     discard_partial=st.booleans(),
+).flatmap(
+    # A compressed image is never a delta (the delta payload is zstd already).
+    lambda start: st.just(start)
+    if start.base_sha256 is not None
+    else st.sampled_from([start, dataclasses.replace(start, compressed=True)])
 )
 chunks = st.builds(
     Chunk,
@@ -182,7 +188,13 @@ _START = struct.Struct("<BIIHBBH32s")
         (b"\x63", "unknown transfer message kind 99"),
         (bytes([MessageKind.CHUNK]) + struct.pack("<III", 1, 0, 0) + b"x", "start at 1"),
         (bytes([MessageKind.CHUNK]) + struct.pack("<III", 1, 1, 0), "at least 13 bytes"),
-        (bytes([MessageKind.UPDATE_START]) + _START.pack(4, 1, 10, 512, 0, 0, 0, DIGEST), "flag"),
+        (bytes([MessageKind.UPDATE_START]) + _START.pack(8, 1, 10, 512, 0, 0, 0, DIGEST), "flag"),
+        (
+            bytes([MessageKind.UPDATE_START])
+            + _START.pack(5, 1, 10, 512, 0, 0, 0, DIGEST)
+            + DIGEST,
+            "both a delta and a compressed image",
+        ),
         (bytes([MessageKind.UPDATE_START]) + _START.pack(0, 1, 0, 512, 0, 0, 0, DIGEST), "empty"),
         (
             bytes([MessageKind.UPDATE_START]) + _START.pack(0, 1, 9, 514, 0, 0, 0, DIGEST),

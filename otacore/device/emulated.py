@@ -36,19 +36,13 @@ that must survive a kill is written there before the device acts on it, so a new
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
-from typing import Protocol, cast
 
 from otacore.coap import Code, Message, MessageType, code_string
 from otacore.device import (
-    BootRecord,
     ModuleKey,
     OutcomeStatus,
-    SlotState,
     UpdateOutcome,
     acknowledge_outcome,
     read_test_behaviour,
@@ -56,23 +50,27 @@ from otacore.device import (
 from otacore.device.availability import (
     APP_FIRMWARE_UPDATE_PENDING,
     APP_RESET_PENDING,
-    UPDATES_PENDING_EVENT,
     AppEvent,
     AvailabilityEvent,
     PublishToCloud,
     ResetNow,
     UpdateAvailability,
 )
-from otacore.device.slots import (
-    DEFAULT_MAX_TRIAL_BOOTS,
-    BootDecision,
-    SelfTestDecision,
-    Verdict,
-    accept_download,
-    plan_download,
+from otacore.device.download import AcceptedOffer, DownloadMixin
+from otacore.device.emulated_api import (
+    DeviceAction,
+    DeviceConfig,
+    DeviceFlash,
+    DevicePhase,
+    DeviceStatus,
+    Disconnect,
+    InstalledModule,
+    Reboot,
 )
-from otacore.device.slots import stage_update as stage_record
-from otacore.errors import OtaError, PayloadSchemaError, ValidationError
+from otacore.device.slots import (
+    BootDecision,
+)
+from otacore.errors import OtaError, PayloadSchemaError
 from otacore.messages import (
     Dependency,
     Describe,
@@ -101,41 +99,20 @@ from otacore.protocol.link import (
     UdpLink,
 )
 from otacore.protocol.ota_wire import (
-    OFFER_ACCEPTED,
-    OFFER_REFUSED,
-    OFFER_UNAVAILABLE,
     UPDATE_RESULT_EVENT,
     UpdateResult,
     is_offer,
     is_transfer,
-    offer_delta_base,
     parse_hello_answer,
     parse_transfer,
-    transfer_request,
     update_result_payload,
 )
-from otacore.signing import Manifest, TrustStore, parse_statement
+from otacore.signing import TrustStore, parse_statement
 from otacore.transfer import (
-    PartialDiscarded,
-    ReadyToApply,
     ReceiverPhase,
-    ReceiverState,
-    ReceiverStateError,
-    SaveState,
-    TransferFailed,
-    TransferMessage,
     TransferProtocolError,
-    TransferReceiver,
-    TransferRejectedError,
-    TransferStarted,
-    TransferStatus,
-    UpdateStart,
-    WriteChunk,
 )
-from otacore.transfer.messages import Message as TransferMessageBase
-from otacore.transfer.receiver import ReceiverOutput
 
-_DEVICE_ID = re.compile(r"[0-9a-f]{24}")
 SYSTEM_PART_1: ModuleKey = (ModuleFunction.SYSTEM_PART, 1)
 USER_PART_1: ModuleKey = (ModuleFunction.USER_PART, 1)
 #: How each boot-record outcome is reported in UPDATE_RESULT_EVENT.
@@ -153,149 +130,13 @@ RESULT_STATUS = {
 }
 
 
-class DeviceFlash(Protocol):
-    """What the device needs from its storage (``server.emulator.flash.Flash`` provides it)."""
-
-    def boot(self, *, max_trial_boots: int = ...) -> BootDecision: ...
-    def record_selftest(self, passed: bool) -> SelfTestDecision: ...
-    def boot_record(self) -> BootRecord: ...
-    def commit_boot_record(self, record: BootRecord) -> BootRecord: ...
-    def slot_state(self, function: int, index: int, slot: int) -> SlotState: ...
-    def slot_size(self, function: int, index: int, slot: int) -> int: ...
-    def read_slot(
-        self, function: int, index: int, slot: int, offset: int = 0, length: int | None = None
-    ) -> bytes: ...
-    def inactive_slot(self, function: int, index: int) -> int: ...
-    def begin_inactive(self, function: int, index: int) -> int: ...
-    def write_inactive(self, function: int, index: int, offset: int, data: bytes) -> None: ...
-    def installed_modules(self) -> list[tuple[int, int, int]]: ...
-    def load_trust_store(self) -> TrustStore | None: ...
-    def save_trust_store(self, store: TrustStore) -> None: ...
-    def load_transfer_state(self) -> bytes | None: ...
-    def save_transfer_state(self, state: bytes) -> None: ...
-    def clear_transfer_state(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """Identity and behaviour of one emulated device (times in seconds)."""
-
-    device_id: str
-    platform_id: int
-    #: Hello product id; None uses the trust store's product id (when it fits 16 bits).
-    product_id: int | None = None
-    max_message_size: int = 1024
-    ota_chunk_size: int | None = None
-    max_binary_size: int = 1024 * 1024
-    #: A CoAP ping after this long without sending anything (RFC 7252 4.3 / RFC 8323 5.4).
-    keepalive_interval: float = 30.0
-    #: The link is dead when a ping stays unanswered this long.
-    keepalive_timeout: float = 10.0
-    hello_timeout: float = 30.0
-    #: The application loop publishes ``heartbeat_event`` this often; None: never.
-    heartbeat_interval: float | None = None
-    heartbeat_event: str = "ota/device/heartbeat"
-    max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS
-    transfer_idle_timeout: float = 300.0
-    window_bytes: int = 128 * 1024
-    #: Requests (events) waiting for the link; older heartbeats are dropped beyond this.
-    max_queued_requests: int = 32
-    event_ttl: int = 60
-
-    def __post_init__(self) -> None:
-        if not _DEVICE_ID.fullmatch(self.device_id):
-            raise ValidationError(f"device id {self.device_id!r} is not 24 lowercase hex digits")
-        for name in ("keepalive_interval", "keepalive_timeout", "hello_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValidationError(f"device setting {name} must be positive")
-        if self.heartbeat_interval is not None and not self.heartbeat_interval > 0:
-            raise ValidationError("heartbeat_interval must be positive (or None for none)")
-
-
-class DevicePhase(Enum):
-    """What the device is doing, for progress displays."""
-
-    OFF = "off"  # not booted yet
-    CONNECTING = "connecting"  # no session, or Hello not answered yet
-    ONLINE = "online"
-    DOWNLOADING = "downloading"
-    APPLYING = "applying"  # an image is staged and waits for its reset
-    REBOOTING = "rebooting"
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    """The shell must close the link and reconnect: after ``hold_off`` seconds when the
-    server said when to come back, else with its usual back-off."""
-
-    reason: str
-    hold_off: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Reboot:
-    """The shell must close the link and call :meth:`EmulatedDevice.boot` again."""
-
-    reason: str
-
-
-DeviceAction = Disconnect | Reboot
-
-
-@dataclass(frozen=True, slots=True)
-class InstalledModule:
-    """One running module."""
-
-    function: int
-    index: int
-    version: int
-    slot: int
-    sha256: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStatus:
-    """A snapshot for progress displays."""
-
-    device_id: str
-    phase: DevicePhase
-    transport: str | None
-    modules: tuple[InstalledModule, ...]
-    product_version: int
-    system_version: int
-    bytes_received: int
-    bytes_total: int
-    last_result: UpdateResult | None
-    last_error: str
-    boots: int
-    sessions: int
-    updates_enabled: bool
-    updates_pending: bool
-    reset_pending: bool
-    safe_mode: bool
-
-
-@dataclass(slots=True)
-class _Offer:
-    """An accepted offer: the signed manifest and what the download checks produced."""
-
-    signed: bytes
-    manifest: Manifest
-    delta_base: bytes | None
-    verdict: Verdict | None = None
-    image: bytes | None = None  # a delta's reconstructed image, written at apply time
-
-    @property
-    def key(self) -> ModuleKey:
-        return self.manifest.module_key
-
 
 StatusHook = Callable[[DeviceStatus], None]
 AppHook = Callable[[], None]
 ServerEventHook = Callable[[str, str], None]
 
 
-class EmulatedDevice:
+class EmulatedDevice(DownloadMixin):
     """The device protocol machine of one emulated device (see the module docstring)."""
 
     def __init__(
@@ -330,7 +171,7 @@ class EmulatedDevice:
         self._requests: dict[bytes, str] = {}  # token -> purpose
         self._queue: deque[tuple[Message, str]] = deque()
         self._reporting: UpdateOutcome | None = None
-        self._offer: _Offer | None = None
+        self._offer: AcceptedOffer | None = None
         self._receiver = self._idle_receiver()
         self._trial_fail_at: float | None = None
         self._hello_deadline = 0.0
@@ -653,6 +494,7 @@ class EmulatedDevice:
             ota_chunk_size=config.ota_chunk_size,
             max_binary_size=config.max_binary_size,
             ota_succeeded=succeeded,
+            compressed_ota=config.compressed_ota,
         )
 
     def describe(self) -> Describe:
@@ -812,189 +654,6 @@ class EmulatedDevice:
             if self.on_server_event is not None:
                 self.on_server_event(payload.name, payload.data)
 
-    def _refuse(self, request: Message, reason: str, detail: str) -> None:
-        line = f"{reason}: {detail}".replace("\n", " ")
-        self._answer(request, OFFER_REFUSED, line.encode())
-        self.last_error = f"refused an update: {line}"
-
-    def _on_offer(self, request: Message, now: float) -> None:
-        availability = self._availability
-        if availability.update_in_progress or self._receiver.transfer_id is not None:
-            self._abandon_transfer(now, "a new offer replaces this transfer")
-        if not (availability.updates_enabled or availability.updates_forced):
-            self._answer(request, OFFER_UNAVAILABLE, b"updates are disabled on this device")
-            # The server marks the update pending; the device knows it just refused one.
-            self._on_availability(availability.on_cloud_event(UPDATES_PENDING_EVENT, "true"))
-            return
-        try:
-            base = offer_delta_base(request)
-        except PayloadSchemaError as exc:
-            self._answer(request, Code.BAD_REQUEST, str(exc).encode())
-            return
-        if self._trust is None:
-            self._refuse(request, "UNKNOWN_KEY", "no trust store is provisioned on this device")
-            return
-        flash = self.flash
-        plan = plan_download(
-            flash.boot_record(),
-            request.payload,
-            self._trust,
-            platform_id=self.config.platform_id,
-            installed=flash.installed_modules(),
-        )
-        verdict = plan.verdict
-        manifest = verdict.manifest
-        if verdict.reason is not None or manifest is None:
-            reason = verdict.reason.name if verdict.reason is not None else "MANIFEST_FORMAT"
-            self._refuse(request, reason, verdict.detail)
-            return
-        if base is not None:
-            running = {(m.function, m.index): m.sha256 for m in self._modules}
-            if running.get(manifest.module_key) != base:
-                self._refuse(
-                    request,
-                    TransferStatus.BAD_BASE.name,
-                    f"the delta base {base.hex()} is not the running image",
-                )
-                return
-        if plan.changed:
-            flash.commit_boot_record(plan.record)  # drops a stale pending activation first
-        availability.offer_update()
-        offer = _Offer(request.payload, manifest, base)
-        self._offer = offer
-        self._receiver = self._receiver_for(offer)
-        self.bytes_received, self.bytes_total = 0, manifest.size
-        self.last_error = ""
-        self._answer(request, OFFER_ACCEPTED)
-
-    # --- the transfer -----------------------------------------------------------------------
-
-    def _idle_receiver(self) -> TransferReceiver:
-        """A receiver for transfers nobody offered: refuses starts, cancels strays."""
-
-        def no_offer(start: UpdateStart) -> None:
-            raise TransferRejectedError(
-                "no update offer was accepted in this session", TransferStatus.REFUSED
-            )
-
-        return TransferReceiver(None, read_stored=lambda offset, length: b"", check_start=no_offer)
-
-    def _saved_state(self) -> ReceiverState | None:
-        raw = self.flash.load_transfer_state()
-        if raw is None:
-            return None
-        try:
-            return ReceiverState.from_bytes(raw)
-        except ReceiverStateError:
-            self.flash.clear_transfer_state()
-            return None
-
-    def _receiver_for(self, offer: _Offer) -> TransferReceiver:
-        flash = self.flash
-        function, index = offer.key
-
-        def read_stored(offset: int, length: int) -> bytes:
-            slot = flash.inactive_slot(function, index)
-            return flash.read_slot(function, index, slot, offset, length)
-
-        return TransferReceiver(
-            self._saved_state(),
-            read_stored=read_stored,
-            window_bytes=self.config.window_bytes,
-            idle_timeout=self.config.transfer_idle_timeout,
-            max_file_size=self.config.max_binary_size,
-            check_start=lambda start: _check_start(offer, start),
-            check_file=lambda start, view: self._check_file(offer, view),
-        )
-
-    def _check_file(self, offer: _Offer, view: memoryview) -> None:
-        """The whole file is in the slot: rebuild a delta, then every acceptance check."""
-        image = bytes(view)
-        if offer.delta_base is not None:
-            from otacore.delta import apply_patch  # only devices taking deltas need it
-
-            function, index = offer.key
-            running = {(m.function, m.index): m.slot for m in self._modules}
-            base = self.flash.read_slot(function, index, running[offer.key])
-            try:
-                image = apply_patch(base, image)
-            except (OtaError, ValueError) as exc:
-                raise TransferRejectedError(f"the delta does not apply: {exc}") from exc
-        assert self._trust is not None
-        verdict = accept_download(
-            image,
-            offer.signed,
-            self._trust,
-            platform_id=self.config.platform_id,
-            installed=self.flash.installed_modules(),
-        )
-        if verdict.reason is not None:
-            raise TransferRejectedError(f"{verdict.reason.name}: {verdict.detail}")
-        offer.verdict = verdict
-        offer.image = image if offer.delta_base is not None else None
-
-    def _apply_receiver(self, outputs: list[ReceiverOutput], now: float) -> None:
-        offer = self._offer
-        if offer is not None and any(
-            isinstance(out, TransferStarted) and out.resume_offset == 0 for out in outputs
-        ):
-            # A download from chunk 1: empty the slot, so no byte of an older image remains
-            # past the new one's end (the bootloader checks the whole slot).
-            self.flash.begin_inactive(*offer.key)
-        for out in outputs:
-            if isinstance(out, TransferMessageBase):
-                if self._link is not None:
-                    self._link.notify(transfer_request(cast(TransferMessage, out)), now)
-            elif isinstance(out, WriteChunk):
-                assert offer is not None
-                self.flash.write_inactive(*offer.key, out.offset, bytes(out.data))
-                self.bytes_received += len(out.data)
-            elif isinstance(out, SaveState):
-                if out.state is None:
-                    self.flash.clear_transfer_state()
-                else:
-                    self.flash.save_transfer_state(out.state.to_bytes())
-            elif isinstance(out, TransferStarted):
-                start = out.start
-                self.bytes_total = start.file_size
-                self.bytes_received = min(out.resume_offset * start.chunk_size, start.file_size)
-            elif isinstance(out, ReadyToApply):
-                self._stage(now)
-            elif isinstance(out, TransferFailed):
-                self.last_error = f"transfer failed ({out.status.name}): {out.reason}"
-                self._end_offer(staged=False)
-            # PartialDiscarded: the receiver starts over; nothing else to do.
-            elif not isinstance(out, PartialDiscarded):  # pragma: no cover - exhaustive
-                raise TypeError(f"unexpected receiver output {out!r}")
-
-    def _abandon_transfer(self, now: float, reason: str) -> None:
-        if self._receiver.transfer_id is not None:
-            self._apply_receiver(self._receiver.cancel(now, reason), now)
-        self._end_offer(staged=False)
-
-    def _end_offer(self, *, staged: bool) -> None:
-        if self._offer is not None or self._availability.update_in_progress:
-            self._offer = None
-            self._on_availability(self._availability.on_update_finished(staged))
-
-    def _stage(self, now: float) -> None:
-        """The server confirmed the validated file: switch atomically at the next reset."""
-        offer = self._offer
-        assert offer is not None and offer.verdict is not None
-        flash = self.flash
-        if offer.image is not None:  # a delta: the slot holds the patch; write the image
-            flash.begin_inactive(*offer.key)
-            flash.write_inactive(*offer.key, 0, offer.image)
-        try:
-            record = stage_record(flash.boot_record(), offer.verdict)
-        except ValueError as exc:
-            self.last_error = str(exc)
-            self._end_offer(staged=False)
-            return
-        flash.commit_boot_record(record)  # the one write that stages the update
-        flash.clear_transfer_state()
-        self._end_offer(staged=True)
-
     # --- availability, resets, self-test --------------------------------------------------
 
     def _on_availability(self, events: list[AvailabilityEvent]) -> None:
@@ -1035,31 +694,6 @@ class EmulatedDevice:
     def _note_outcome(self, outcome: UpdateOutcome | None) -> None:
         if outcome is not None:
             self.last_result = _result_of(outcome)
-
-
-def _check_start(offer: _Offer, start: UpdateStart) -> None:
-    """UpdateStart must announce the file the signed manifest names (or the offered delta)."""
-    manifest = offer.manifest
-    if offer.delta_base is None:
-        if start.is_delta:
-            raise TransferRejectedError(
-                "a delta was sent for a full-image offer", TransferStatus.BAD_BASE
-            )
-        if (start.file_sha256, start.file_size) != (manifest.sha256, manifest.size):
-            raise TransferRejectedError(
-                f"UpdateStart names a {start.file_size}-byte file {start.file_sha256.hex()}, the "
-                f"signed manifest a {manifest.size}-byte file {manifest.sha256.hex()}"
-            )
-    elif start.base_sha256 != offer.delta_base:
-        raise TransferRejectedError(
-            "UpdateStart names another delta base than the offer", TransferStatus.BAD_BASE
-        )
-    announced = (start.module_function, start.module_index, start.module_version)
-    signed = (manifest.module_function, manifest.module_index, manifest.module_version)
-    if start.module_function and announced != signed:
-        raise TransferRejectedError(
-            f"UpdateStart announces module {announced}, the signed manifest {signed}"
-        )
 
 
 def _hold_off_of(data: str) -> float:

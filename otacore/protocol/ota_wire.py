@@ -5,7 +5,10 @@ the server's describe request. On top of it, an update is:
 
 1. **Offer** -- server -> device, ``POST m`` (a request that gets a response): the payload
    is the signed manifest (``otacore.signing.SignedManifest.to_bytes()``) of the *image*
-   the device will end up with, plus optional Uri-Query ``delta=<base sha256 hex>``. The
+   the device will end up with, plus optional Uri-Query ``delta=<base sha256 hex>`` (the
+   file is a patch against that base) or ``enc=zstd`` (the file is the image compressed as
+   one zstd frame, ``otacore.zstd_image``; only to devices whose Hello set
+   ``compressed_ota``). The
    device answers 2.04 Changed when it will take it; 5.03 Service Unavailable when updates
    are disabled and not forced (the server then marks the update pending); 4.03 Forbidden
    with a one-line reason (``RejectReason`` name, ": ", detail) when the manifest or image
@@ -53,6 +56,9 @@ PATH_OFFER = "m"
 PATH_TRANSFER = "u"
 PATH_FIRMWARE = "fw"
 DELTA_QUERY = "delta="
+ENCODING_QUERY = "enc="
+#: The one file encoding an offer may name (besides a delta).
+ZSTD_ENCODING = "zstd"
 
 UPDATE_RESULT_EVENT = "ota/device/update/result"
 
@@ -67,13 +73,35 @@ MAX_KEY_STATEMENTS = 64
 UPDATE_RESULT_STATUSES = frozenset({"committed", "rolled_back", "failed"})
 
 
-def offer_request(signed_manifest: bytes, delta_base_sha256: bytes | None = None) -> Message:
-    """The ``POST m`` request offering an image (and, for a delta, naming its base)."""
+def offer_request(
+    signed_manifest: bytes, delta_base_sha256: bytes | None = None, *, compressed: bool = False
+) -> Message:
+    """The ``POST m`` request offering an image (for a delta, naming its base; ``compressed``:
+    the file will be the image as one zstd frame)."""
+    if compressed and delta_base_sha256 is not None:
+        raise ValueError("an offer is a delta or a compressed image, not both")
     message = Message(MessageType.CON, Code.POST, payload=signed_manifest)
     message.set_uri_path(PATH_OFFER)
     if delta_base_sha256 is not None:
         message.add_uri_query(DELTA_QUERY + delta_base_sha256.hex())
+    if compressed:
+        message.add_uri_query(ENCODING_QUERY + ZSTD_ENCODING)
     return message
+
+
+def offer_compressed(message: Message) -> bool:
+    """True when an offer announces a zstd-compressed image; PayloadSchemaError for an
+    encoding this protocol does not know, or one combined with a delta."""
+    encodings = [
+        q[len(ENCODING_QUERY) :] for q in message.uri_query if q.startswith(ENCODING_QUERY)
+    ]
+    if not encodings:
+        return False
+    if encodings != [ZSTD_ENCODING]:
+        raise PayloadSchemaError(f"offer: unknown file encoding {', '.join(encodings)!r}")
+    if any(q.startswith(DELTA_QUERY) for q in message.uri_query):
+        raise PayloadSchemaError("offer: a delta cannot also be a compressed image")
+    return True
 
 
 def offer_delta_base(message: Message) -> bytes | None:
@@ -81,7 +109,7 @@ def offer_delta_base(message: Message) -> bytes | None:
     for query in message.uri_query:
         if query.startswith(DELTA_QUERY):
             try:
-                base = bytes.fromhex(query[len(DELTA_QUERY):])
+                base = bytes.fromhex(query[len(DELTA_QUERY) :])
             except ValueError as exc:
                 raise PayloadSchemaError(f"offer: bad delta base {query!r}") from exc
             if len(base) != 32:
@@ -126,8 +154,13 @@ class UpdateResult:
 def update_result_payload(result: UpdateResult) -> str:
     """The event data of ``UPDATE_RESULT_EVENT`` (compact JSON, under 1024 bytes)."""
     return json.dumps(
-        {"function": result.function, "index": result.index, "version": result.version,
-         "status": result.status, "detail": result.detail[:200]},
+        {
+            "function": result.function,
+            "index": result.index,
+            "version": result.version,
+            "status": result.status,
+            "detail": result.detail[:200],
+        },
         separators=(",", ":"),
     )
 
@@ -148,8 +181,9 @@ def parse_update_result(data: str) -> UpdateResult:
         fields[name] = value
     status = obj.get("status")
     if status not in UPDATE_RESULT_STATUSES:
-        raise PayloadSchemaError(f"update result: status must be one of "
-                                 f"{sorted(UPDATE_RESULT_STATUSES)}")
+        raise PayloadSchemaError(
+            f"update result: status must be one of {sorted(UPDATE_RESULT_STATUSES)}"
+        )
     detail = obj.get("detail", "")
     if not isinstance(detail, str):
         raise PayloadSchemaError("update result: detail must be a string")
@@ -170,8 +204,14 @@ def parse_hello_answer(payload: bytes) -> list[bytes]:
     if not payload:
         return []
     try:
-        value = msgpack.unpackb(bytes(payload), raw=False, max_array_len=MAX_KEY_STATEMENTS,
-                                max_bin_len=1024, max_str_len=0, max_map_len=0)
+        value = msgpack.unpackb(
+            bytes(payload),
+            raw=False,
+            max_array_len=MAX_KEY_STATEMENTS,
+            max_bin_len=1024,
+            max_str_len=0,
+            max_map_len=0,
+        )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise PayloadSchemaError(f"hello answer is not a msgpack array: {exc}") from exc
     if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):

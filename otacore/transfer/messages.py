@@ -131,6 +131,7 @@ def _check_chunk_size(chunk_size: int) -> None:
 _START = struct.Struct("<BIIHBBH32s")  # flags, transfer id, size, chunk size, fn, idx, ver, sha
 _FLAG_DELTA = 0x01
 _FLAG_DISCARD = 0x02
+_FLAG_ZSTD = 0x04  # the file is one zstd frame of the image (otacore.zstd_image)
 
 
 @dataclass(slots=True, frozen=True)
@@ -148,7 +149,14 @@ class UpdateStart(Message):
     base_sha256: bytes | None = None
     #: Ask the device to drop partial data and start from chunk 1 (Device OS DISCARD_DATA).
     discard_partial: bool = False
+    #: The file is the image compressed as one zstd frame (never together with a delta,
+    #: whose payload is zstd-compressed already).
+    compressed: bool = False
     KIND: ClassVar[MessageKind] = MessageKind.UPDATE_START
+
+    def __post_init__(self) -> None:
+        if self.compressed and self.base_sha256 is not None:
+            raise ValueError("a delta transfer is not also a compressed-image transfer")
 
     @property
     def is_delta(self) -> bool:
@@ -160,10 +168,17 @@ class UpdateStart(Message):
         """Number of chunks the file splits into."""
         return -(-self.file_size // self.chunk_size)
 
+    @property
+    def is_image(self) -> bool:
+        """True when the file is the module image itself (neither a delta nor compressed)."""
+        return self.base_sha256 is None and not self.compressed
+
     def encode(self) -> bytes:
         """Binary form of the fields (47 bytes, 79 for a delta)."""
-        flags = (_FLAG_DELTA if self.base_sha256 is not None else 0) | (
-            _FLAG_DISCARD if self.discard_partial else 0
+        flags = (
+            (_FLAG_DELTA if self.base_sha256 is not None else 0)
+            | (_FLAG_DISCARD if self.discard_partial else 0)
+            | (_FLAG_ZSTD if self.compressed else 0)
         )
         head = _START.pack(
             flags,
@@ -183,8 +198,10 @@ class UpdateStart(Message):
         view = _view(data)
         _need(view, _START.size, "UpdateStart", exact=False)
         flags, tid, size, chunk_size, function, index, version, sha = _START.unpack_from(view)
-        if flags & ~(_FLAG_DELTA | _FLAG_DISCARD):
+        if flags & ~(_FLAG_DELTA | _FLAG_DISCARD | _FLAG_ZSTD):
             raise TransferProtocolError(f"UpdateStart has unknown flag bits 0x{flags:02x}")
+        if flags & _FLAG_DELTA and flags & _FLAG_ZSTD:
+            raise TransferProtocolError("UpdateStart flags both a delta and a compressed image")
         base = None
         if flags & _FLAG_DELTA:
             _need(view, _START.size + SHA256_SIZE, "delta UpdateStart")
@@ -195,7 +212,16 @@ class UpdateStart(Message):
             raise TransferProtocolError("UpdateStart announces an empty file")
         _check_chunk_size(chunk_size)
         return cls(
-            tid, size, chunk_size, sha, function, index, version, base, bool(flags & _FLAG_DISCARD)
+            tid,
+            size,
+            chunk_size,
+            sha,
+            function,
+            index,
+            version,
+            base,
+            bool(flags & _FLAG_DISCARD),
+            bool(flags & _FLAG_ZSTD),
         )
 
 

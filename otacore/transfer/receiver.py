@@ -546,7 +546,7 @@ class TransferReceiver:
             return TransferStatus.SHA256_MISMATCH, (
                 f"assembled file has SHA-256 {digest.hex()}, expected {start.file_sha256.hex()}"
             )
-        if not start.is_delta:
+        if start.is_image:  # a delta or compressed file is checked once rebuilt (check_file)
             try:
                 info = validate_module(view)
             except ModuleFormatError as exc:

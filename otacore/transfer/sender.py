@@ -117,6 +117,7 @@ class TransferSender:
         module_index: int = 0,
         module_version: int = 0,
         base_sha256: bytes | None = None,
+        compressed: bool = False,
         discard_partial: bool = False,
         policy: RetransmitPolicy | None = None,
         progress_step: int = 16384,
@@ -124,9 +125,10 @@ class TransferSender:
         """Prepare a transfer of ``file`` in ``chunk_size`` chunks.
 
         ``window_limit`` caps the device's window (chunks in flight beyond the acknowledged
-        in-order count). ``base_sha256`` makes it a delta transfer. ``progress_step`` (bytes)
-        throttles TransferProgress events (one per that many newly acknowledged bytes, and one at
-        the end); 0 reports every ack that makes progress.
+        in-order count). ``base_sha256`` makes it a delta transfer, ``compressed`` a transfer of
+        the image as one zstd frame. ``progress_step`` (bytes) throttles TransferProgress events
+        (one per that many newly acknowledged bytes, and one at the end); 0 reports every ack
+        that makes progress.
         """
         if isinstance(file, PreparedFile):
             if file.chunk_size != chunk_size:
@@ -154,6 +156,7 @@ class TransferSender:
             module_version,
             base_sha256,
             discard_partial,
+            compressed,
         )
         self.phase = SenderPhase.NEW
         self.book = SendBook(prepared.chunk_count)

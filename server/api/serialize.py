@@ -74,6 +74,7 @@ def firmware_json(
         stats["bytes_full_images"] = transfer_bytes.get("bytes_full", 0)
         stats["delta_transfers"] = transfer_bytes.get("delta_transfers", 0)
         stats["full_transfers"] = transfer_bytes.get("full_transfers", 0)
+        stats["compressed_transfers"] = transfer_bytes.get("compressed_transfers", 0)
     return body
 
 

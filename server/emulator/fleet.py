@@ -85,6 +85,10 @@ class FleetSettings:
     max_binary_size: int = 1024 * 1024
     ota_chunk_size: int | None = None
     progress_interval: float = 1.0
+    #: Devices announce compressed OTA and inflate zstd-compressed images.
+    compressed_ota: bool = True
+    #: Largest zstd window (log2 bytes) a device inflates a compressed image with.
+    max_zstd_window_log: int = 17
 
     def __post_init__(self) -> None:
         if self.max_concurrent_connects < 1:
@@ -290,6 +294,8 @@ class EmulatedFleet:
             keepalive_timeout=s.keepalive_timeout,
             hello_timeout=s.hello_timeout,
             heartbeat_interval=s.heartbeat_interval,
+            compressed_ota=s.compressed_ota,
+            max_zstd_window_log=s.max_zstd_window_log,
         )
 
     # --- running ----------------------------------------------------------------------------

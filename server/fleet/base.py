@@ -113,6 +113,22 @@ class FleetBase:
             self.bus.publish(event)
         return outcome.value
 
+    async def _run_grouped(self, fn: Callable[[Tx], Outcome]) -> Any:
+        """Like :meth:`_run` for a hot small write that takes the transaction: ``fn`` runs
+        in a transaction shared with concurrent callers (the store's group commit, one
+        fsync for the batch, its own SAVEPOINT so its exception rolls back only its own
+        changes); returns once the change is durable. Its events are published right after
+        the commit, in commit order (even if this caller was cancelled meanwhile and its
+        change still committed)."""
+        outcome: Outcome = await self.store.group_commit.run(
+            fn, on_commit=self._publish, limiter=self.limiter
+        )
+        return outcome.value
+
+    def _publish(self, outcome: Outcome) -> None:
+        for event in outcome.events:
+            self.bus.publish(event)
+
     async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking read in a worker thread."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)

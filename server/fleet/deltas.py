@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from server.events import Event
 from server.fleet.base import FleetBase, Outcome
+from server.store import Tx
 
 #: Published after every completed transfer of a product firmware version (JSON data).
 RELEASE_BYTES_EVENT = "ota/release/bytes"
@@ -88,19 +89,23 @@ class DeltaService(FleetBase):
         *,
         bytes_sent: int,
         bytes_full: int,
-        delta: bool,
+        transfer: str,
     ) -> dict[str, int]:
-        """Count one completed transfer towards firmware ``version``; publish the totals."""
+        """Count one completed transfer ("full", "zstd" or "delta") towards firmware
+        ``version``; publish the totals."""
 
-        def work() -> Outcome:
-            with self.store.write() as tx:
-                totals = tx.add_transfer_bytes(
-                    product_id, version, bytes_sent=bytes_sent, bytes_full=bytes_full, delta=delta
-                )
+        def work(tx: Tx) -> Outcome:
+            totals = tx.add_transfer_bytes(
+                product_id,
+                version,
+                bytes_sent=bytes_sent,
+                bytes_full=bytes_full,
+                transfer=transfer,
+            )
             data = json.dumps(
                 {
                     "version": version,
-                    "transfer": "delta" if delta else "full",
+                    "transfer": transfer,
                     "bytes_sent": bytes_sent,
                     "bytes_full_image": bytes_full,
                     "release_bytes_sent": totals["bytes_sent"],
@@ -111,7 +116,7 @@ class DeltaService(FleetBase):
             event = Event(RELEASE_BYTES_EVENT, data, product_id=product_id, device_id=device_id)
             return Outcome(totals, [event])
 
-        totals: dict[str, int] = await self._run(work)
+        totals: dict[str, int] = await self._run_grouped(work)
         return totals
 
     async def transfer_bytes(self, product_id: int, version: int) -> dict[str, int]:

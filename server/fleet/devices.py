@@ -371,6 +371,7 @@ class DeviceService(FleetBase):
                         "flash=true needs a locked version: give desired_firmware_version too"
                     )
                 fields["flash_requested"] = True
+                tx.forget_refused_images(device.id, now=now)  # the operator asks for it anew
                 tx.insert_flash(
                     device_id=device.id,
                     kind="product",
@@ -494,6 +495,7 @@ class DeviceService(FleetBase):
                     details={"sha256": sha256, "size": len(image)},
                     now=now,
                 )
+                tx.forget_refused_images(device.id, now=now)  # the operator asks for it anew
             event = Event(FLASH_REQUESTED, "binary", product_id=product.id,
                           device_id=device.id, coreid=device.id, published_at=now)
             return Outcome(flash, [event])

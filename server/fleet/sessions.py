@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from otacore.errors import ValidationError
@@ -101,10 +101,18 @@ class SessionService(FleetBase):
         return views
 
     def _refresh_pending(
-        self, tx: Tx, device_id: str, now: int, events: list[Event]
+        self,
+        tx: Tx,
+        device_id: str,
+        now: int,
+        events: list[Event],
+        current: DeviceRecord | None = None,
     ) -> DeviceTarget:
-        """Re-read a device, re-derive its "updates pending" flag, return its target."""
-        view = self._device_target(tx, self._device(tx, device_id))
+        """Re-derive a device's "updates pending" flag and return its target. ``current`` is
+        the device's row as this transaction left it, when the caller knows it (saves the
+        re-read: two queries on the session hot path); otherwise it is read."""
+        device = current if current is not None else self._device(tx, device_id)
+        view = self._device_target(tx, device)
         pending = updates_pending_for(view.device, view.product, view.target)
         if pending != view.device.updates_pending:
             tx.update_device(device_id, {"updates_pending": pending}, now)
@@ -118,7 +126,9 @@ class SessionService(FleetBase):
                     published_at=now,
                 )
             )
-            view = self._device_target(tx, self._device(tx, device_id))
+            # The target does not depend on the flag: only the device row changed.
+            changed = replace(view.device, updates_pending=pending, updated_at=now)
+            view = replace(view, device=changed)
         return view
 
     async def startup(self) -> int:
@@ -157,52 +167,52 @@ class SessionService(FleetBase):
         release), and a requested flash whose version now runs is complete.
         """
 
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             events: list[Event] = []
             now = self.clock()
-            with self.store.write() as tx:
-                device = self._device(tx, device_id)
-                version = None if product_version is None else check_version(product_version)
-                fields: dict[str, Any] = {
-                    "platform_id": platform_id,
-                    "firmware_version": version,
-                    "system_version": system_version,
-                    "last_handshake_at": now,
-                    "last_heard_at": now,
-                    "online": True,
-                }
-                if ip is not None:
-                    fields["last_ip_address"] = ip
-                if device.flash_requested and version == device.desired_firmware_version:
-                    fields["flash_requested"] = False
-                pending = tx.pending_flash(device.id)
-                if pending is not None and pending.kind == "product" and pending.version == version:
-                    tx.finish_flash(pending.id, "succeeded", "", now)  # it runs that version now
-                tx.update_device(device.id, fields, now)
-                if version is not None and tx.mark_running_seen(device.product_id, version, now):
-                    tx.add_audit(
-                        actor=f"device:{device.id}",
-                        action="firmware.seen_running",
+            device = self._device(tx, device_id)
+            version = None if product_version is None else check_version(product_version)
+            fields: dict[str, Any] = {
+                "platform_id": platform_id,
+                "firmware_version": version,
+                "system_version": system_version,
+                "last_handshake_at": now,
+                "last_heard_at": now,
+                "online": True,
+            }
+            if ip is not None:
+                fields["last_ip_address"] = ip
+            if device.flash_requested and version == device.desired_firmware_version:
+                fields["flash_requested"] = False
+            pending = tx.pending_flash(device.id)
+            if pending is not None and pending.kind == "product" and pending.version == version:
+                tx.finish_flash(pending.id, "succeeded", "", now)  # it runs that version now
+            tx.update_device(device.id, fields, now)
+            updated = replace(device, updated_at=now, **fields)  # the row as updated
+            if version is not None and tx.mark_running_seen(device.product_id, version, now):
+                tx.add_audit(
+                    actor=f"device:{device.id}",
+                    action="firmware.seen_running",
+                    product_id=device.product_id,
+                    target=f"firmware:{version}",
+                    details={"device_id": device.id},
+                    now=now,
+                )
+            if not device.online:
+                events.append(
+                    Event(
+                        STATUS,
+                        "online",
                         product_id=device.product_id,
-                        target=f"firmware:{version}",
-                        details={"device_id": device.id},
-                        now=now,
+                        device_id=device.id,
+                        coreid=device.id,
+                        published_at=now,
                     )
-                if not device.online:
-                    events.append(
-                        Event(
-                            STATUS,
-                            "online",
-                            product_id=device.product_id,
-                            device_id=device.id,
-                            coreid=device.id,
-                            published_at=now,
-                        )
-                    )
-                view = self._refresh_pending(tx, device.id, now, events)
+                )
+            view = self._refresh_pending(tx, device.id, now, events, updated)
             return Outcome(view, events)
 
-        return await self._run(work)
+        return await self._run_grouped(work)
 
     async def record_describe(
         self, device_id: str, modules: Sequence[Mapping[str, Any]]
@@ -220,27 +230,31 @@ class SessionService(FleetBase):
             entry.update({k: v for k, v in module.items() if k not in entry})
             clean.append(entry)
 
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             events: list[Event] = []
             now = self.clock()
-            with self.store.write() as tx:
-                device = self._device(tx, device_id)
-                fields: dict[str, Any] = {"modules": clean, "last_heard_at": now}
-                for entry in clean:
-                    if entry["function"] == ModuleFunction.SYSTEM_PART and entry["index"] == 1:
-                        fields["system_version"] = entry["version"]
-                tx.update_device(device.id, fields, now)
-                view = self._refresh_pending(tx, device.id, now, events)
+            device = self._device(tx, device_id)
+            fields: dict[str, Any] = {"modules": clean, "last_heard_at": now}
+            for entry in clean:
+                if entry["function"] == ModuleFunction.SYSTEM_PART and entry["index"] == 1:
+                    fields["system_version"] = entry["version"]
+            tx.update_device(device.id, fields, now)
+            view = self._refresh_pending(tx, device.id, now, events)
             if _module_summary(device.modules) != _module_summary(clean):
                 summary = [[m["function"], m["index"], m["version"]] for m in clean]
-                events.append(Event(
-                    DESCRIBE_CHANGED, json.dumps({"modules": summary}, separators=(",", ":")),
-                    product_id=device.product_id, device_id=device.id, coreid=device.id,
-                    published_at=now,
-                ))
+                events.append(
+                    Event(
+                        DESCRIBE_CHANGED,
+                        json.dumps({"modules": summary}, separators=(",", ":")),
+                        product_id=device.product_id,
+                        device_id=device.id,
+                        coreid=device.id,
+                        published_at=now,
+                    )
+                )
             return Outcome(view, events)
 
-        return await self._run(work)
+        return await self._run_grouped(work)
 
     async def authorize_device(self, device_id: str) -> bool:
         """True when ``device_id`` belongs to a product and its certificates are not revoked
@@ -273,8 +287,14 @@ class SessionService(FleetBase):
                 )
             if not revoked:
                 return Outcome(None)
-            event = Event(DEVICE_REVOKED, "true", product_id=device.product_id,
-                          device_id=device.id, coreid=device.id, published_at=now)
+            event = Event(
+                DEVICE_REVOKED,
+                "true",
+                product_id=device.product_id,
+                device_id=device.id,
+                coreid=device.id,
+                published_at=now,
+            )
             return Outcome(None, [event])
 
         await self._run(work)
@@ -288,14 +308,13 @@ class SessionService(FleetBase):
         await self._set_online(device_id, False, None)
 
     async def _set_online(self, device_id: str, online: bool, ip: str | None) -> None:
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             now = self.clock()
-            with self.store.write() as tx:
-                device = self._device(tx, device_id)
-                fields: dict[str, Any] = {"online": online, "last_heard_at": now}
-                if ip is not None:
-                    fields["last_ip_address"] = ip
-                tx.update_device(device.id, fields, now)
+            device = self._device(tx, device_id)
+            fields: dict[str, Any] = {"online": online, "last_heard_at": now}
+            if ip is not None:
+                fields["last_ip_address"] = ip
+            tx.update_device(device.id, fields, now)
             if device.online == online:
                 return Outcome(None)
             event = Event(
@@ -308,36 +327,32 @@ class SessionService(FleetBase):
             )
             return Outcome(None, [event])
 
-        await self._run(work)
+        await self._run_grouped(work)
 
     async def set_updates_enabled(self, device_id: str, enabled: bool) -> DeviceTarget:
         """The device reported System.enableUpdates()/disableUpdates()."""
 
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             events: list[Event] = []
             now = self.clock()
-            with self.store.write() as tx:
-                tx.update_device(
-                    self._device(tx, device_id).id, {"firmware_updates_enabled": bool(enabled)}, now
-                )
-                view = self._refresh_pending(tx, device_id, now, events)
+            tx.update_device(
+                self._device(tx, device_id).id, {"firmware_updates_enabled": bool(enabled)}, now
+            )
+            view = self._refresh_pending(tx, device_id, now, events)
             return Outcome(view, events)
 
-        return await self._run(work)
+        return await self._run_grouped(work)
 
     async def set_reset_pending(self, device_id: str, pending: bool) -> None:
         """The device holds a reset its staged update needs (``pending``), or no longer
         does (it reset); shown as the device object's ``reset_pending``."""
 
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             now = self.clock()
-            with self.store.write() as tx:
-                tx.update_device(
-                    self._device(tx, device_id).id, {"reset_pending": bool(pending)}, now
-                )
+            tx.update_device(self._device(tx, device_id).id, {"reset_pending": bool(pending)}, now)
             return Outcome(None)
 
-        await self._run(work)
+        await self._run_grouped(work)
 
     async def online_devices_needing_update(
         self, product_ref: int | str, *, immediate_only: bool = False
@@ -385,31 +400,30 @@ class SessionService(FleetBase):
         status: str = "in_progress",
     ) -> None:
         """Persist transfer progress (call it every few tens of KiB, not per chunk)."""
-        if transfer not in ("full", "delta"):
-            raise ValidationError("transfer must be 'full' or 'delta'")
+        if transfer not in ("full", "zstd", "delta"):
+            raise ValidationError("transfer must be 'full', 'zstd' or 'delta'")
 
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             now = self.clock()
-            with self.store.write() as tx:
-                device = self._device(tx, device_id)
-                old = tx.get_update_state(device.id)
-                started = old.started_at if old is not None and old.sha256 == sha256 else now
-                tx.put_update_state(
-                    UpdateStateRecord(
-                        device.id,
-                        sha256,
-                        version,
-                        transfer,
-                        bytes_done,
-                        bytes_total,
-                        status,
-                        started,
-                        now,
-                    )
+            device = self._device(tx, device_id)
+            old = tx.get_update_state(device.id)
+            started = old.started_at if old is not None and old.sha256 == sha256 else now
+            tx.put_update_state(
+                UpdateStateRecord(
+                    device.id,
+                    sha256,
+                    version,
+                    transfer,
+                    bytes_done,
+                    bytes_total,
+                    status,
+                    started,
+                    now,
                 )
+            )
             return Outcome(None)
 
-        await self._run(work)
+        await self._run_grouped(work)
 
     async def get_update_state(self, device_id: str) -> UpdateStateRecord | None:
         """The transfer in flight to a device, if any."""
@@ -428,22 +442,21 @@ class SessionService(FleetBase):
         if status not in ("started", "success", "failed"):
             raise ValidationError("flash status must be started, success or failed")
 
-        def work() -> Outcome:
+        def work(tx: Tx) -> Outcome:
             now = self.clock()
-            with self.store.write() as tx:
-                view = self._device_target(tx, self._device(tx, device_id))
-                flash = view.pending_flash
-                if flash is not None:
-                    final = {"started": "started", "success": "succeeded", "failed": "failed"}
-                    tx.finish_flash(
-                        flash.id, final[status], error, None if status == "started" else now
-                    )
-                    if status == "success":
-                        tx.update_device(view.device.id, {"flash_requested": False}, now)
-                else:
-                    self._count_release(tx, view, status)
-                if status != "started":
-                    tx.clear_update_state(view.device.id)
+            view = self._device_target(tx, self._device(tx, device_id))
+            flash = view.pending_flash
+            if flash is not None:
+                final = {"started": "started", "success": "succeeded", "failed": "failed"}
+                tx.finish_flash(
+                    flash.id, final[status], error, None if status == "started" else now
+                )
+                if status == "success":
+                    tx.update_device(view.device.id, {"flash_requested": False}, now)
+            else:
+                self._count_release(tx, view, status)
+            if status != "started":
+                tx.clear_update_state(view.device.id)
             event = Event(
                 FLASH_STATUS,
                 f"{status} ",
@@ -454,7 +467,7 @@ class SessionService(FleetBase):
             )
             return Outcome(None, [event])
 
-        await self._run(work)
+        await self._run_grouped(work)
 
     @staticmethod
     def _count_release(tx: Tx, view: DeviceTarget, status: FlashStatus) -> None:

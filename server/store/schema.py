@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 #: Bumped whenever a table changes; stored in the ``meta`` table.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -203,7 +203,7 @@ device_updates = sa.Table(
     ),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("version", sa.Integer, nullable=True),
-    sa.Column("transfer", sa.String(8), nullable=False),  # "full" or "delta"
+    sa.Column("transfer", sa.String(8), nullable=False),  # "full", "zstd" or "delta"
     sa.Column("bytes_done", sa.BigInteger, nullable=False, default=0),
     sa.Column("bytes_total", sa.BigInteger, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
@@ -288,4 +288,47 @@ firmware_transfer_bytes = sa.Table(
     sa.Column("bytes_full", sa.BigInteger, nullable=False, default=0),
     sa.Column("delta_transfers", sa.Integer, nullable=False, default=0),
     sa.Column("full_transfers", sa.Integer, nullable=False, default=0),
+    # Full images sent zstd-compressed (schema version 2; counted apart from full_transfers).
+    sa.Column("compressed_transfers", sa.Integer, nullable=False, default=0),
+)
+
+# Events every server process publishes, so the processes sharing one store see each other's
+# (a release or flash command reaches the process holding the device; devices' events reach
+# every API's subscribers). Append-only, read by id > last seen, pruned by age.
+event_log = sa.Table(
+    "event_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("origin", sa.String(64), nullable=False),  # the publishing process
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("data", sa.Text, nullable=True),
+    sa.Column("product_id", sa.Integer, nullable=True),
+    sa.Column("device_id", sa.String(24), nullable=True),
+    sa.Column("coreid", sa.String(64), nullable=False),
+    sa.Column("ttl", sa.Integer, nullable=False),
+    sa.Column("public", sa.Boolean, nullable=False, default=False),
+    _ms("published_at"),
+)
+
+# What the OTA engine remembers per device between sessions, so it survives a restart and
+# follows the device to whichever server process holds its next session.
+device_ota_memory = sa.Table(
+    "device_ota_memory",
+    metadata,
+    sa.Column(
+        "device_id",
+        sa.String(24),
+        sa.ForeignKey("devices.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # The application the update in progress ends with ("started" is reported once).
+    sa.Column("updating_sha256", sa.String(64), nullable=True),
+    # The image last staged on the device, whose boot result is still to come.
+    sa.Column("delivered_sha256", sa.String(64), nullable=True),
+    sa.Column("delivered_final", sa.Boolean, nullable=False, default=False),
+    sa.Column("delivered_awaited", sa.Boolean, nullable=False, default=False),
+    # Images the device refused or rolled back from: not offered to it again until an
+    # operator flashes or locks it anew. A JSON list of SHA-256 hex strings, newest last.
+    sa.Column("refused", sa.JSON, nullable=False),
+    _ms("updated_at"),
 )

@@ -5,14 +5,27 @@ All access goes through a transaction object (:class:`Tx`) from :meth:`Store.rea
 the commit is durable when the block returns (SQLite: WAL + synchronous=FULL). Calls block:
 the async layer runs them in worker threads (``trio.to_thread.run_sync`` under a
 ``CapacityLimiter``).
+
+Hot small writes (device sessions) can instead share one transaction: :meth:`Store.write_batch`
+runs many operations in one durable transaction, each inside its own SAVEPOINT, and
+:attr:`Store.group_commit` (a :class:`~server.store.group_commit.GroupCommitter`) gathers
+concurrent async callers into such batches (one fsync for many changes).
+
+Several processes may share one SQLite file: each process serialises its own writers on a
+lock, and the connections carry a busy timeout (``server.store.sqlite.BUSY_TIMEOUT_MS``, set
+both as the driver's ``timeout`` and as ``PRAGMA busy_timeout``) so a writer of another
+process waits for the write lock instead of failing with "database is locked"
+(https://sqlite.org/c3ref/busy_timeout.html).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -21,10 +34,12 @@ from server.store import schema
 from server.store.blobs import BlobStore
 from server.store.engine import EngineSetup, create_store_engine
 from server.store.errors import SchemaVersionError, StoreConflictError, StoreUnavailableError
+from server.store.group_commit import BatchOp, GroupCommitter
 from server.store.sqlite import WRITE_OPTION, integrity_check
 from server.store.tx_auth import AuthQueries
 from server.store.tx_firmware import FirmwareQueries
 from server.store.tx_fleet import FleetQueries
+from server.store.tx_ota import OtaMemoryQueries
 
 DB_FILENAME = "ota.db"
 BLOB_DIRNAME = "blobs"
@@ -44,11 +59,23 @@ def _translated_errors() -> Iterator[None]:
         raise StoreUnavailableError(f"the database is unavailable: {exc.orig}") from exc
 
 
-class Tx(FleetQueries, FirmwareQueries, AuthQueries):
+class Tx(FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries):
     """One open transaction; every query method of the store lives on it."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+
+
+class TransactionLostError(StoreUnavailableError):
+    """The database abandoned a batch's transaction after an error (SQLite rolls the whole
+    transaction back on some errors, e.g. SQLITE_FULL or SQLITE_IOERR); nothing committed."""
+
+
+def _transaction_lost(conn: Connection) -> bool:
+    """True when the driver says no transaction is open any more (sqlite3 exposes
+    ``in_transaction``; drivers without it keep their transaction on statement errors)."""
+    dbapi = conn.connection.dbapi_connection
+    return getattr(dbapi, "in_transaction", True) is False
 
 
 class Store:
@@ -63,6 +90,8 @@ class Store:
         self._write_lock: AbstractContextManager[object] = (
             threading.Lock() if setup.single_writer else nullcontext()
         )
+        #: Batches concurrent async writers into shared transactions (see group_commit.py).
+        self.group_commit = GroupCommitter(self)
 
     @classmethod
     def open(cls, url: str, blob_dir: Path | str, *, pool_size: int = 8) -> Store:
@@ -103,6 +132,8 @@ class Store:
                     f"the database has schema version {row[0]}, newer than this server's "
                     f"{schema.SCHEMA_VERSION}; upgrade the server"
                 )
+            elif int(row[0]) < schema.SCHEMA_VERSION:
+                _migrate(tx.conn, int(row[0]))
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -117,6 +148,43 @@ class Store:
             conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 yield Tx(conn)
+
+    def write_batch(self, ops: Sequence[BatchOp[Any]], *, time_budget: float | None = None) -> None:
+        """Run ``ops`` in order in ONE write transaction (one durable commit), each inside
+        its own SAVEPOINT: an op that raises has only its own changes rolled back and its
+        exception stored in ``op.error`` (database errors translated as in :meth:`write`);
+        the others' changes commit together when the batch ends.
+
+        With ``time_budget`` (seconds), no further op starts once that much time has passed
+        since the transaction began (at least one op runs), so the write lock is not held
+        for long; the ops left over keep ``ran == False`` for the caller to run later.
+
+        Raises (and nothing commits) when the transaction itself fails: it cannot begin or
+        commit, or the database abandoned it after an error (:class:`TransactionLostError`).
+        Ops that had not run yet keep ``ran == False``.
+        """
+        with self.write() as tx:
+            started = time.monotonic()
+            for index, op in enumerate(ops):
+                if index and time_budget is not None and time.monotonic() - started >= time_budget:
+                    break
+                op.ran = True
+                try:
+                    # SAVEPOINT works here because the SQLite engine takes transaction
+                    # control from pysqlite (isolation_level=None, BEGIN in the "begin" hook);
+                    # PostgreSQL supports it natively.
+                    with _translated_errors(), tx.conn.begin_nested():
+                        op.value = op.fn(tx)
+                except Exception as exc:  # the op's own failure: only it is rolled back
+                    op.error = exc
+                # SQLite rolls back the whole transaction on some errors
+                # (https://sqlite.org/lang_transaction.html, "Response To Errors Within A
+                # Transaction"); later statements would then autocommit one by one.
+                if _transaction_lost(tx.conn):
+                    raise TransactionLostError(
+                        "the database rolled back the batch transaction after an error "
+                        f"({op.error or 'an operation ended it'}); nothing was saved, retry"
+                    )
 
     def check(self) -> str:
         """Database integrity verdict: "ok" when sound (SQLite runs integrity_check)."""
@@ -139,3 +207,23 @@ class Store:
     def close(self) -> None:
         """Release database connections."""
         self.engine.dispose()
+
+
+def _migrate(conn: sa.Connection, version: int) -> None:
+    """Bring a store written by an older server up to ``schema.SCHEMA_VERSION`` in place.
+
+    Each step is plain portable DDL (SQLite and PostgreSQL both take ``ADD COLUMN`` with a
+    constant default), run inside the schema transaction so a crash leaves the old version.
+    """
+    if version < 2:  # v2: full images sent zstd-compressed are counted on their own
+        conn.execute(
+            sa.text(
+                "ALTER TABLE firmware_transfer_bytes "
+                "ADD COLUMN compressed_transfers INTEGER NOT NULL DEFAULT 0"
+            )
+        )
+    conn.execute(
+        sa.update(schema.meta)
+        .where(schema.meta.c.key == "schema_version")
+        .values(value=str(schema.SCHEMA_VERSION))
+    )

@@ -19,6 +19,12 @@ from server.store.records import (
 
 #: Release scope of the product default; a group release's scope is ``group:<group id>``.
 PRODUCT_SCOPE = "product"
+#: How a completed transfer travelled -> the firmware_transfer_bytes counter it adds to.
+_TRANSFER_COUNTERS = {
+    "full": "full_transfers",
+    "zstd": "compressed_transfers",
+    "delta": "delta_transfers",
+}
 
 
 def group_scope(group_id: int) -> str:
@@ -317,20 +323,23 @@ class FirmwareQueries:
             sa.select(sa.func.count()).select_from(t.deltas)).scalar_one())
 
     def add_transfer_bytes(self, product_id: int, version: int, *, bytes_sent: int,
-                           bytes_full: int, delta: bool) -> dict[str, int]:
-        """Add one completed transfer to a firmware version's bytes counters; the totals."""
+                           bytes_full: int, transfer: str) -> dict[str, int]:
+        """Add one completed transfer (``transfer``: "full", "zstd" or "delta") to a
+        firmware version's bytes counters; the totals."""
+        column = _TRANSFER_COUNTERS[transfer]
         table = t.firmware_transfer_bytes
         where = sa.and_(table.c.product_id == product_id, table.c.version == version)
         changed = self.conn.execute(sa.update(table).where(where).values({
             table.c.bytes_sent: table.c.bytes_sent + bytes_sent,
             table.c.bytes_full: table.c.bytes_full + bytes_full,
-            table.c.delta_transfers: table.c.delta_transfers + int(delta),
-            table.c.full_transfers: table.c.full_transfers + int(not delta),
+            table.c[column]: table.c[column] + 1,
         })).rowcount
         if not changed:
+            counters = dict.fromkeys(_TRANSFER_COUNTERS.values(), 0)
+            counters[column] = 1
             self.conn.execute(sa.insert(table).values(
                 product_id=product_id, version=version, bytes_sent=bytes_sent,
-                bytes_full=bytes_full, delta_transfers=int(delta), full_transfers=int(not delta),
+                bytes_full=bytes_full, **counters,
             ))
         return self.get_transfer_bytes(product_id, version)
 
@@ -339,5 +348,5 @@ class FirmwareQueries:
         table = t.firmware_transfer_bytes
         row = self.conn.execute(sa.select(table).where(
             table.c.product_id == product_id, table.c.version == version)).mappings().first()
-        names = ("bytes_sent", "bytes_full", "delta_transfers", "full_transfers")
+        names = ("bytes_sent", "bytes_full", *_TRANSFER_COUNTERS.values())
         return {name: int(row[name]) if row is not None else 0 for name in names}

@@ -1,0 +1,86 @@
+"""What the OTA engine delivers: its settings, the modules it plans to send, the file that
+travels for one (the image, a delta patch or a zstd frame), and the record of a delivery whose
+boot result is still to come. Shared by :mod:`server.devices.ota` (the engine) and
+:mod:`server.devices.updater` (one session's updates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from otacore.module import ModuleInfo
+from otacore.transfer import RetransmitPolicy
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    """How updates are delivered."""
+
+    max_concurrent_transfers: int = 512
+    udp_chunk_size: int = 1024
+    tcp_chunk_size: int = 8192
+    #: Chunks in flight beyond the acknowledged ones (the device may ask for fewer).
+    window_limit: int = 64
+    offer_timeout: float = 30.0
+    #: Persist transfer progress every this many bytes (not per chunk).
+    progress_step: int = 32 * 1024
+    #: Prepared files (chunk CRCs) kept for reuse across devices.
+    prepared_cache: int = 16
+    #: After a Hello, wait this long for the session's Describe before planning from the
+    #: modules an earlier session reported (a device that sends none is served anyway).
+    describe_wait: float = 5.0
+    #: In the first session after a delivered image, wait this long for the device to
+    #: report how it booted (UPDATE_RESULT_EVENT) before planning again, so an image it
+    #: rolled back from is not re-offered.
+    result_wait: float = 5.0
+    #: Send a delta patch only when it is at most this fraction of the full image.
+    delta_max_ratio: float = 0.8
+    #: Worker threads computing delta patches at once (CPU bound; bounded so a release to a
+    #: large fleet does not starve the event loop's store threads).
+    delta_threads: int = 1
+    #: Longest a device's reported update result may take to record after its session ends.
+    record_timeout: float = 30.0
+    #: The transfer's retransmission timers (RFC 6298 style; see otacore.transfer.sender).
+    transfer_policy: RetransmitPolicy = field(default_factory=RetransmitPolicy)
+    #: Transfers of one module tried per session when the device stops acknowledging
+    #: (TIMEOUT) while its session stays up; each retry resumes where the last one stopped.
+    transfer_attempts: int = 3
+    #: Pause before the first retry (doubling after each).
+    retry_pause: float = 2.0
+    #: Send a full image zstd-compressed (to devices announcing compressed OTA) only when
+    #: the frame is at most this fraction of the image.
+    compressed_max_ratio: float = 0.95
+
+
+@dataclass(frozen=True)
+class SentFile:
+    """What travels for one module: the image itself, a delta patch, or a zstd frame."""
+
+    #: "full", "delta" or "zstd" (the device_updates / release counters' names).
+    transfer: str
+    data: bytes
+    sha256: str
+    delta_base_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An image a device validated and is about to boot (or booted without reporting yet)."""
+
+    sha256: str
+    #: True for the last module of its update (the application); False for a Device OS
+    #: module sent ahead of it, whose success is a step, not the end, of the update.
+    final: bool
+    #: Serial of the session that delivered it (see SessionUpdater.serial).
+    session: int
+    #: True once a later session waited for its result (each delivery costs one wait).
+    awaited: bool = False
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    """One module to deliver."""
+
+    image: bytes
+    sha256: str
+    info: ModuleInfo

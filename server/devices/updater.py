@@ -1,0 +1,420 @@
+"""The update side of one device session: what the engine (:mod:`server.devices.ota`) runs
+for each connected device. It settles what the device reports after a Hello, plans the
+modules, offers each with its signed manifest and streams it (the image, a delta or a zstd
+frame, falling back in the same session when the device refuses an encoded file), retries a
+transfer the device stopped acknowledging, and records progress and outcomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, cast
+
+import trio
+
+from otacore.coap import BlockOption, Code, Message, MessageType, block_slice, szx_for_size
+from otacore.errors import OtaError
+from otacore.protocol.ota_wire import (
+    OFFER_ACCEPTED,
+    OFFER_UNAVAILABLE,
+    PATH_FIRMWARE,
+    UPDATES_FORCED_EVENT,
+    UPDATES_PENDING_EVENT,
+    is_transfer,
+    offer_request,
+    parse_transfer,
+    transfer_request,
+)
+from otacore.transfer import (
+    TransferCompleted,
+    TransferFailed,
+    TransferMessage,
+    TransferProgress,
+    TransferProtocolError,
+    TransferSender,
+    TransferStatus,
+)
+from server.devices.delivery import Delivery, PlannedModule, SentFile
+from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
+from server.transport.session import SessionClosed
+
+if TYPE_CHECKING:
+    from server.devices.ota import OtaEngine
+    from server.fleet import DeviceTarget
+
+log = logging.getLogger("ota.engine")
+
+
+class SessionUpdater:
+    """The update side of one device session: its inbox of transfer messages and the task
+    that runs its updates one module at a time."""
+
+    def __init__(self, engine: OtaEngine, handler: DeviceSessionHandler) -> None:
+        self.engine = engine
+        self.handler = handler
+        self.device_id = handler.device_id
+        self._inbox_send, self._inbox = trio.open_memory_channel[TransferMessage](256)
+        self._kicked = trio.Event()
+        self.sender: TransferSender | None = None
+        #: Set when the device reports an update result in this session.
+        self.result_seen = trio.Event()
+        #: Sessions are numbered in the order they start (a delivery names its session).
+        self.serial = next(engine._serials)
+        #: True once the device validated an image in this session: it applies it at its
+        #: (possibly held) reset, and its next session continues the update.
+        self.staged = False
+        #: Why the last transfer of this session failed (None: it did not).
+        self.last_failure: TransferStatus | None = None
+        #: Set once the device's memory is loaded from the store (run() does it first).
+        self.memory_loaded = trio.Event()
+        #: What the device was told about forced updates (None: nothing yet; a device
+        #: boots not forced).
+        self._told_forced: bool | None = None
+
+    def kick(self) -> None:
+        """Ask the updater to re-check the device's target."""
+        self._kicked.set()
+
+    async def route(self, message: Message) -> bool:
+        """Take the requests that belong to updates: transfer messages and firmware GETs."""
+        if is_transfer(message):
+            try:
+                transfer_message = parse_transfer(message)
+            except TransferProtocolError as exc:
+                self.handler._violation(f"bad transfer message: {exc}")
+                return True
+            if message.type is MessageType.CON:
+                self.handler._respond(message, Code.CHANGED)
+            # The transfer protocol recovers lost messages: never queue unboundedly.
+            with contextlib.suppress(trio.WouldBlock):
+                self._inbox_send.send_nowait(transfer_message)
+            return True
+        path = message.uri_path
+        if message.code == Code.GET and len(path) == 2 and path[0] == PATH_FIRMWARE:
+            await self._serve_firmware_block(message, path[1])
+            return True
+        return False
+
+    async def _serve_firmware_block(self, message: Message, sha256: str) -> None:
+        """Plain CoAP Block2 download (RFC 7959 2.4) of a firmware the device may run."""
+        handler = self.handler
+        product_id = handler.product_id
+        platform = handler.hello.platform_id if handler.hello else None
+        if product_id is None or platform is None:
+            # A stock client sends no Hello: the device record (or its product) says which
+            # platform's Device OS modules it may fetch.
+            view = await handler.plane.fleet.target_for_device(self.device_id)
+            product_id = view.product.id
+            platform = platform or view.device.platform_id or view.product.platform_id
+        try:
+            image = await handler.plane.fleet.blob_for_product(product_id, platform,
+                                                               sha256.lower())
+        except OtaError:
+            image = None
+        if image is None:
+            handler._respond(message, Code.NOT_FOUND, b"no such firmware for this device")
+            return
+        block = message.block2
+        szx = block.szx if block is not None else szx_for_size(1024)
+        num = block.num if block is not None else 0
+        if num * (16 << szx) >= max(len(image), 1):
+            handler._respond(message, Code.BAD_OPTION, b"block past the end")
+            return
+        data, more = block_slice(image, num, szx)
+        response = Message(MessageType.ACK, Code.CONTENT, payload=data)
+        response.set_block2(BlockOption(num, more, szx))
+        response.set_uint_option(28, len(image))  # Size2 (RFC 7959 4)
+        handler.link.respond(message, response, trio.current_time())
+        handler.wake()
+
+    async def run(self) -> None:
+        """Load the device's memory, then serve kicks until the session ends (it is
+        cancelled with the session)."""
+        try:
+            await self.engine.load_memory(self.device_id)
+        finally:
+            self.memory_loaded.set()
+        while True:
+            await self._kicked.wait()
+            self._kicked = trio.Event()
+            try:
+                await self.update_once()
+            except SessionClosed:
+                return  # the session is over (this task is about to be cancelled with it)
+            except DeviceUnreachableError as exc:
+                log.info("device %s stopped answering: %s", self.device_id, exc)
+            except OtaError as exc:
+                log.warning("update of %s failed: %s", self.device_id, exc)
+
+    async def _settle(self) -> None:
+        """Wait (bounded) until what the device reports after a Hello is in: its modules
+        (Describe) and the result of an image it was sent; planning earlier would work
+        from stale modules or re-offer an image the device just rolled back from."""
+        config = self.engine.config
+        hello = self.handler.hello
+        delivery = self.engine.delivered.get(self.device_id)
+        # One wait per delivery, in the first session after it unless the image is still
+        # staged (a held reset): a device that never staged it (killed first) or reports
+        # no results must not hold up every later session.
+        wait_for_result = (delivery is not None and not delivery.awaited
+                           and delivery.session < self.serial
+                           and not (hello is not None and hello.reset_pending))
+        if wait_for_result:
+            assert delivery is not None
+            self.engine.delivered[self.device_id] = replace(delivery, awaited=True)
+            await self.engine.save_memory(self.device_id)
+        if not self.handler.described.is_set():
+            with trio.move_on_after(config.describe_wait):
+                await self.handler.described.wait()
+        if wait_for_result and not self.result_seen.is_set():
+            with trio.move_on_after(config.result_wait):
+                await self.result_seen.wait()
+
+    async def _tell_forced(self, forced: bool) -> None:
+        """Tell the device whether the cloud forces updates (it refuses offers while
+        updates are disabled unless forced); once per change, and at the first check of a
+        session when forced."""
+        if self._told_forced is None and not forced:
+            self._told_forced = False  # its default
+            return
+        if self._told_forced != forced:
+            await self.handler.send_event(UPDATES_FORCED_EVENT, "true" if forced else "false")
+            self._told_forced = forced
+
+    async def update_once(self) -> None:
+        """Bring the device to its target, one module per call (it resets after each)."""
+        engine, fleet, handler = self.engine, self.engine.fleet, self.handler
+        await self._settle()
+        view = await fleet.target_for_device(self.device_id)
+        await self._tell_forced(view.updates_forced)
+        if not view.update_needed or self.staged:
+            return
+        if not view.device.modules:
+            return  # nothing is known of its modules yet: its Describe will kick again
+        if view.device.reset_pending:
+            return  # an image is staged and waits for the device's held reset
+        if not view.updates_allowed:
+            await handler.send_event(UPDATES_PENDING_EVENT, "true")
+            return
+        plan = await engine.plan(view)
+        if isinstance(plan, str):
+            log.warning("cannot update %s: %s", self.device_id, plan)
+            return
+        refused = engine.failed.get(self.device_id, set())
+        for module in plan:
+            if module.sha256 in refused:
+                return
+            installed = {
+                (int(m["function"]), int(m["index"])): str(m.get("sha256", ""))
+                for m in (view.device.modules or [])
+            }
+            key = (module.info.module_function, module.info.module_index)
+            if installed.get(key) == module.sha256:
+                continue  # already runs exactly this image
+            await self.deliver(view, module, update_sha256=plan[-1].sha256)
+            return  # the device resets into the new module; its next hello continues
+
+    async def deliver(self, view: DeviceTarget, module: PlannedModule, *,
+                      update_sha256: str | None = None) -> bool:
+        """Offer and stream one module; True when the device validated it.
+
+        ``update_sha256`` names the application the update ends with (``module`` itself
+        when None): the update is reported started once, however many modules it takes.
+        """
+        engine = self.engine
+        update_sha256 = update_sha256 or module.sha256
+        for attempt in range(engine.config.transfer_attempts):
+            if attempt:
+                # The device stopped acknowledging but the session lives (lost datagrams, a
+                # congested cell): try again after a pause, outside the transfer limiter; the
+                # device resumes from the chunks it already holds.
+                await trio.sleep(engine.config.retry_pause * 2 ** (attempt - 1))
+                log.info("retrying the transfer to %s (attempt %d)", self.device_id,
+                         attempt + 1)
+            self.last_failure = None
+            async with engine.limiter:
+                verdict = await self._deliver_once(view, module, update_sha256)
+            if verdict or self.last_failure is not TransferStatus.TIMEOUT:
+                return verdict
+        return False
+
+    async def _deliver_once(self, view: DeviceTarget, module: PlannedModule,
+                            update_sha256: str) -> bool:
+        """One offer of the module (then the next best file while the device refuses an
+        encoded one) and its transfer."""
+        engine = self.engine
+        while True:
+            sent = await self._file_to_send(view, module)
+            verdict = await self._offer_and_stream(view, module, update_sha256, sent)
+            if verdict is not None:
+                return verdict
+            # The device refused the encoded file (its base is not what it reported, or it
+            # takes no deltas or compressed images): the next best, in the same session.
+            if sent.delta_base_sha256 is not None:
+                engine.deltas.refused.add((self.device_id, sent.delta_base_sha256,
+                                           module.sha256))
+            else:
+                engine.compressed.refused.add((self.device_id, module.sha256))
+
+    async def _file_to_send(self, view: DeviceTarget, module: PlannedModule) -> SentFile:
+        """A delta when the device runs a known base and the patch is worth it; else the
+        image zstd-compressed when the device inflates them (Hello's compressed_ota) and it
+        compresses; else the image itself."""
+        engine, info = self.engine, module.info
+        engine.deltas.max_ratio = engine.config.delta_max_ratio
+        delta = await engine.deltas.choose(view, info.module_function, info.module_index,
+                                           module.sha256, module.image)
+        if delta is not None:
+            return SentFile("delta", delta.patch, delta.patch_sha256, delta.base_sha256)
+        hello = self.handler.hello
+        if hello is not None and hello.compressed_ota:
+            engine.compressed.max_ratio = engine.config.compressed_max_ratio
+            compressed = await engine.compressed.choose(self.device_id, module.sha256,
+                                                        module.image)
+            if compressed is not None:
+                return SentFile("zstd", compressed.frame, compressed.frame_sha256)
+        return SentFile("full", module.image, module.sha256)
+
+    async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
+                                update_sha256: str, sent: SentFile) -> bool | None:
+        """Offer the module as ``sent`` and stream it; None when the device refused an
+        encoded (delta or compressed) offer and the caller should fall back."""
+        engine, handler, fleet = self.engine, self.handler, self.engine.fleet
+        config = engine.config
+        # Device OS modules carry no product data: their manifest names version 0.
+        product_version = (None if module.info.product_version is not None else 0)
+        # The signed manifest always describes the target image, whatever travels.
+        signed = engine.signed_manifest(view.product.id, product_version, module)
+        base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
+                else None)
+        compressed = sent.transfer == "zstd"
+        answer = await handler.request(
+            offer_request(signed, delta_base_sha256=base, compressed=compressed),
+            config.offer_timeout)
+        if answer.code == OFFER_UNAVAILABLE:
+            await fleet.set_updates_enabled(self.device_id, False)
+            return False
+        if answer.code != OFFER_ACCEPTED:
+            reason = bytes(answer.payload).decode(errors="replace")[:200]
+            if sent.transfer != "full":
+                log.info("device %s refused a %s offer of %s: %s", self.device_id,
+                         sent.transfer, module.sha256[:12], reason)
+                return None
+            engine.failed.setdefault(self.device_id, set()).add(module.sha256)
+            engine.updating.pop(self.device_id, None)
+            await engine.save_memory(self.device_id)
+            await fleet.record_flash_status(self.device_id, "failed", error=reason)
+            return False
+        if engine.updating.get(self.device_id) != update_sha256:
+            engine.updating[self.device_id] = update_sha256
+            await engine.save_memory(self.device_id)
+            await fleet.record_flash_status(self.device_id, "started")
+        while True:  # drop what a previous transfer left in the inbox
+            try:
+                self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+        chunk_size = (config.tcp_chunk_size if handler.session.transport == "tcp"
+                      else (handler.hello.ota_chunk_size if handler.hello and
+                            handler.hello.ota_chunk_size else config.udp_chunk_size))
+        info = module.info
+        prepared = engine.prepared(sent.data, sent.sha256, chunk_size)
+        sender = TransferSender(
+            prepared, chunk_size, config.window_limit, secrets.randbits(31),
+            module_function=info.module_function, module_index=info.module_index,
+            module_version=info.module_version, base_sha256=base, compressed=compressed,
+            progress_step=config.progress_step, policy=config.transfer_policy,
+        )
+        self.sender = sender
+        try:
+            return await self._stream(sender, view, module,
+                                      final=module.sha256 == update_sha256, sent=sent)
+        finally:
+            self.sender = None
+
+    async def _stream(self, sender: TransferSender, view: DeviceTarget,
+                      module: PlannedModule, *, final: bool, sent: SentFile) -> bool | None:
+        """Run the transfer: True once the device staged the image, False when it failed,
+        None when the device refused an encoded file and the caller should fall back."""
+        outputs: list[Any] = sender.start(trio.current_time())
+        while True:
+            verdict = await self._emit(outputs, view, module, final=final, sent=sent)
+            if verdict is not _CONTINUE:
+                return cast("bool | None", verdict)
+            deadline = sender.next_deadline()
+            message = None
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                message = await self._inbox.receive()
+            now = trio.current_time()
+            outputs = sender.poll(now) if message is None else sender.handle(message, now)
+
+    async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
+                    final: bool, sent: SentFile) -> bool | object | None:
+        handler, fleet = self.handler, self.engine.fleet
+        transfer, sent_size = sent.transfer, len(sent.data)
+        verdict: bool | object | None = _CONTINUE
+        # Completion first: its store writes precede the FinishAck in the same batch.
+        outputs.sort(key=lambda item: not isinstance(item, TransferCompleted))
+        for item in outputs:
+            if isinstance(item, TransferProgress):
+                await fleet.record_update_progress(
+                    self.device_id, sha256=module.sha256, version=view.target.version,
+                    transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
+            elif isinstance(item, TransferCompleted):
+                self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
+                                                                 self.serial)
+                self.staged = True
+                # Shielded: the device resets now and its session may close under us; what
+                # happened must still be recorded (short store writes). Done before the
+                # FinishAck goes out (see the ordering above): the device's next session,
+                # maybe in another process, must find the delivery in the store.
+                with trio.CancelScope(shield=True):
+                    await self.engine.save_memory(self.device_id)
+                    # The device validated the whole file and applies it at its (next) reset.
+                    await fleet.record_update_progress(
+                        self.device_id, sha256=module.sha256, version=view.target.version,
+                        transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
+                        status="applying")
+                    version = _release_version(view)
+                    if version is not None:  # the data this release's encodings saved
+                        await fleet.record_transfer_bytes(
+                            view.product.id, version, self.device_id, bytes_sent=sent_size,
+                            bytes_full=len(module.image), transfer=transfer)
+                verdict = True
+            elif (isinstance(item, TransferFailed) and transfer != "full"
+                  and item.status in _FALL_BACK_STATUSES):
+                # The device took the whole patch or frame but could not rebuild the image
+                # from it (a base that differs from what it reported, a zstd window larger
+                # than its RAM): the full image will do, in this session.
+                log.info("device %s refused the %s file of %s: %s", self.device_id, transfer,
+                         module.sha256[:12], item.reason)
+                verdict = None
+            elif isinstance(item, TransferFailed):
+                self.last_failure = item.status
+                log.info("transfer to %s failed: %s", self.device_id, item.reason)
+                self.engine.updating.pop(self.device_id, None)
+                await self.engine.save_memory(self.device_id)
+                await fleet.record_flash_status(self.device_id, "failed", error=item.reason)
+                verdict = False
+            elif hasattr(item, "encode"):
+                handler.link.notify(transfer_request(item), trio.current_time())
+        await handler.flush()  # backpressure: a slow device slows its own sender
+        return verdict
+
+
+#: _emit's "the transfer goes on".
+_CONTINUE = object()
+#: Failures of a delta or compressed transfer after which the plain image is sent instead.
+_FALL_BACK_STATUSES = frozenset({TransferStatus.BAD_BASE, TransferStatus.REJECTED})
+
+
+def _release_version(view: DeviceTarget) -> int | None:
+    """The product firmware version an update delivers (None for a development binary)."""
+    flash = view.pending_flash
+    if flash is not None:
+        return flash.version if flash.kind == "product" else None
+    return view.target.version

@@ -1,0 +1,33 @@
+"""The OTA engine's per-device memory in the store: the update in progress, the image staged
+on the device whose boot result is still to come, and the images it refused or rolled back
+from. The engine loads it when a session starts and writes it through on every change, so it
+survives a restart and follows the device to whichever server process holds its next session.
+"""
+
+from __future__ import annotations
+
+from server.fleet.base import FleetBase, Outcome
+from server.store import Tx
+from server.store.tx_ota import OtaMemoryRecord
+
+
+class OtaMemoryService(FleetBase):
+    """Load and save :class:`OtaMemoryRecord` (used by ``server.devices.ota``)."""
+
+    async def load_ota_memory(self, device_id: str) -> OtaMemoryRecord:
+        """What the engine remembered of the device (empty for a device never updated)."""
+
+        def work() -> OtaMemoryRecord:
+            with self.store.read() as tx:
+                return tx.get_ota_memory(device_id)
+
+        return await self._read(work)
+
+    async def save_ota_memory(self, memory: OtaMemoryRecord) -> None:
+        """Replace the device's memory (durable when this returns)."""
+
+        def work(tx: Tx) -> Outcome:
+            tx.put_ota_memory(memory, now=self.clock())
+            return Outcome(None, [])
+
+        await self._run_grouped(work)
