@@ -1,9 +1,13 @@
 """The server process: store, event bus, fleet service and the REST API in one trio nursery.
 
-``serve`` opens everything, starts hypercorn (trio worker) on the API port and reports a
-:class:`ServerHandle` through ``task_status``; device listeners of later issues start in the
-same nursery (see the marked line). Setting ``handle.shutdown`` stops the API gracefully and
-then everything else.
+``serve`` opens everything, starts hypercorn (trio worker) on the API port and the device
+plane, and reports a :class:`ServerHandle` through ``task_status``. Setting
+``handle.shutdown`` stops the devices and the API gracefully, then everything else.
+
+With ``workers`` > 1 (and device listeners on) this is the main process of several: its
+device listeners bind with SO_REUSEPORT, it starts the store event relay (``server.relay``)
+and supervises ``workers - 1`` worker processes (``server.workers``) that serve devices on
+the same ports. With ``workers`` == 1 none of that runs.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from server.devices.ota import OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
+from server.relay import EventRelay
 from server.store import Store
 from server.transport import DeviceServer
+from server.workers import SharedPortPlane, WorkerSpec, WorkerSupervisor, process_origin
 
 log = logging.getLogger("ota.server")
 
@@ -48,6 +54,14 @@ class ServerConfig:
     device_port: int | None = 5684
     #: Address the device listeners bind (defaults to ``host``).
     device_host: str | None = None
+    #: Server processes serving devices: this one plus ``workers - 1`` worker processes
+    #: (ignored without device listeners).
+    workers: int = 1
+
+    @property
+    def multiprocess(self) -> bool:
+        """True when worker processes share the device ports and the store."""
+        return self.workers > 1 and self.device_port is not None
 
 
 @dataclass
@@ -63,6 +77,9 @@ class ServerHandle:
     #: The device plane (None when the server runs without device listeners).
     devices: DevicePlane | None = None
     device_server: DeviceServer | None = None
+    #: The worker processes and the event relay (None in a single-process server).
+    workers: WorkerSupervisor | None = None
+    relay: EventRelay | None = None
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -72,6 +89,25 @@ def open_store(config: ServerConfig) -> Store:
     return Store.open(
         config.db_url, Path(config.data_dir) / "blobs", pool_size=config.store_threads
     )
+
+
+def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:
+    """What each worker is told: the main process's store and its bound device ports."""
+    assert device_server.tcp_address is not None and device_server.udp_address is not None
+    return [
+        WorkerSpec(
+            index=index,
+            data_dir=str(Path(config.data_dir).resolve()),
+            db_url=config.db_url,
+            host=config.device_host or config.host,
+            tcp_port=device_server.tcp_address[1],
+            udp_port=device_server.udp_address[1],
+            store_threads=config.store_threads,
+            event_buffer=config.event_buffer,
+            max_event_subscribers=config.max_event_subscribers,
+        )
+        for index in range(1, config.workers)
+    ]
 
 
 def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
@@ -101,6 +137,8 @@ async def serve(
         api_stopping = trio.Event()
         plane: DevicePlane | None = None
         device_server: DeviceServer | None = None
+        relay: EventRelay | None = None
+        supervisor: WorkerSupervisor | None = None
         async with trio.open_nursery() as nursery:
 
             async def run_api(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -112,30 +150,59 @@ async def serve(
                 )
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
+            if config.multiprocess:  # before anything publishes: the workers see it all
+                relay = EventRelay(store, bus, process_origin("main"), prune=True)
+                await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
             if config.device_port is not None:
-                plane = DevicePlane(
-                    DevicePlaneConfig(
-                        data_dir=Path(config.data_dir),
-                        host=config.device_host or config.host,
-                        port=config.device_port,
-                    ),
-                    fleet,
-                    bus,
+                plane_config = DevicePlaneConfig(
+                    data_dir=Path(config.data_dir),
+                    host=config.device_host or config.host,
+                    port=config.device_port,
                 )
+                if config.multiprocess:
+                    plane = SharedPortPlane(
+                        plane_config,
+                        fleet,
+                        bus,
+                        tcp_port=config.device_port,
+                        udp_port=config.device_port,
+                    )
+                else:
+                    plane = DevicePlane(plane_config, fleet, bus)
                 engine = OtaEngine(plane)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
+            if config.multiprocess:
+                assert device_server is not None
+                # After fleet.startup() (devices marked offline) and with the ports bound
+                # (port 0: the workers bind what this process got).
+                supervisor = WorkerSupervisor(worker_specs(config, device_server))
+                await nursery.start(supervisor.run)
 
             async def stop_gracefully() -> None:
                 await shutdown.wait()
-                if device_server is not None:
-                    await device_server.shutdown()  # devices are told to come back later
+                async with trio.open_nursery() as stopping:  # devices are told to come back later
+                    if supervisor is not None:
+                        stopping.start_soon(supervisor.stop)
+                    if device_server is not None:
+                        stopping.start_soon(device_server.shutdown)
                 api_stopping.set()
 
             nursery.start_soon(stop_gracefully)
             task_status.started(
-                ServerHandle(binds[0], fleet, bus, store, nursery, shutdown, plane, device_server)
+                ServerHandle(
+                    binds[0],
+                    fleet,
+                    bus,
+                    store,
+                    nursery,
+                    shutdown,
+                    plane,
+                    device_server,
+                    supervisor,
+                    relay,
+                )
             )
     finally:
         store.close()  # quick (closes pooled connections); no checkpoint, so it runs when cancelled

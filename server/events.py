@@ -8,6 +8,11 @@ at ``buffer`` events.
 
 Call :meth:`EventBus.publish` from the trio thread (memory channels are not thread-safe);
 code in worker threads returns its events to the caller, which publishes them.
+
+When several server processes share one store, :attr:`EventBus.tap` hands every event
+published here to the store relay (``server.relay``), which appends it for the other
+processes; events the relay brings in are published with ``relayed=True`` and never tapped,
+so nothing echoes back.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -108,18 +113,24 @@ class EventBus:
         self._ids = itertools.count(1)
         self.published = 0
         self.dropped_subscribers = 0
+        #: Called (synchronously, must not block) with every event published here except
+        #: relayed ones; None (the single-process server) costs one attribute check.
+        self.tap: Callable[[Event], None] | None = None
 
     @property
     def subscriber_count(self) -> int:
         """How many subscribers are attached."""
         return len(self._subscribers)
 
-    def publish(self, event: Event) -> int:
+    def publish(self, event: Event, *, relayed: bool = False) -> int:
         """Deliver ``event`` to every matching subscriber; return how many received it.
 
-        Never blocks: a subscriber whose buffer is full is dropped instead.
+        Never blocks: a subscriber whose buffer is full is dropped instead. ``relayed``
+        marks an event another process published (it is not handed to :attr:`tap`).
         """
         self.published += 1
+        if self.tap is not None and not relayed:
+            self.tap(event)
         delivered = 0
         for sub in list(self._subscribers.values()):
             if not sub.matches(event):

@@ -184,8 +184,11 @@ class FleetProgress:
 
 
 @asynccontextmanager
-async def running_server(install: Installation, log_path: Path) -> AsyncIterator[ServerProcess]:
-    """``ota server`` on free ports over the prepared data directory."""
+async def running_server(
+    install: Installation, log_path: Path, *, workers: int = 1
+) -> AsyncIterator[ServerProcess]:
+    """``ota server --workers N`` on free ports over the prepared data directory (its
+    worker processes are children of ``pid``)."""
     argv = [
         sys.executable,
         "-m",
@@ -197,6 +200,8 @@ async def running_server(install: Installation, log_path: Path) -> AsyncIterator
         "0",
         "--device-port",
         "0",
+        "--workers",
+        str(workers),
     ]
     async with running_process(
         argv, log_path=log_path, stdout=PIPE, cwd=REPO_ROOT, env=child_env(), grace=15.0

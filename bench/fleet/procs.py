@@ -64,6 +64,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process plus its live children (the server's worker processes), KiB."""
+    total = rss_kib(pid)
+    for child in children_of(pid):
+        with suppress(OSError, BenchError):
+            total += rss_kib(child)
+    return total
+
+
 def child_env() -> dict[str, str]:
     """The environment for children: this one, with the repository root importable."""
     env = dict(os.environ)
@@ -163,8 +172,12 @@ def udp_socket_drops(port: int) -> int:
 
 
 class ResourceWindow:
-    """What a phase cost: CPU of one process and of a group of others, the machine's busy
-    fraction, and UDP datagrams dropped for full receive buffers."""
+    """What a phase cost: CPU of one process (with its live children: the server's
+    workers) and of a group of others, the machine's busy fraction, and UDP datagrams
+    dropped for full receive buffers.
+
+    A child that exits inside the window takes its CPU time with it (a restarted worker's
+    predecessor is not counted)."""
 
     def __init__(self, pid: int, others: list[int], udp_port: int | None = None) -> None:
         self.pid, self.others, self.udp_port = pid, others, udp_port
@@ -177,10 +190,12 @@ class ResourceWindow:
                 others += cpu_seconds(pid)
         busy, total = machine_cpu_seconds()
         port_drops = udp_socket_drops(self.udp_port) if self.udp_port else 0
-        return cpu_seconds(self.pid), others, busy, total, udp_receive_drops(), port_drops
+        server = tree_cpu_seconds(self.pid)
+        return server, others, busy, total, udp_receive_drops(), port_drops
 
     def read(self) -> dict[str, float]:
-        """Since the window opened: ``process_cpu_s``, ``others_cpu_s``, ``machine_busy``
+        """Since the window opened: ``process_cpu_s`` (the process and its children),
+        ``others_cpu_s``, ``machine_busy``
         (fraction of all cores), ``udp_rcvbuf_drops`` (every socket) and
         ``udp_port_drops`` (the sockets on ``udp_port``: the server's DTLS socket)."""
         end = self._sample()

@@ -22,8 +22,9 @@ def find_py_spy() -> str | None:
 
 @asynccontextmanager
 async def sampling(pid: int, output: Path, *, rate: int = 97) -> AsyncIterator[bool]:
-    """Record ``pid``'s stacks (collapsed "raw" format) while the block runs; yields False
-    (and records nothing) when py-spy is not installed."""
+    """Record the stacks of ``pid`` and its subprocesses (the server's workers; collapsed
+    "raw" format) while the block runs; yields False (and records nothing) when py-spy is
+    not installed."""
     binary = find_py_spy()
     if binary is None:
         yield False
@@ -40,6 +41,7 @@ async def sampling(pid: int, output: Path, *, rate: int = 97) -> AsyncIterator[b
         "--rate",
         str(rate),
         "--nonblocking",
+        "--subprocesses",
     ]
     # py-spy writes its output when interrupted (SIGINT), as after Ctrl-C.
     async with running_process(

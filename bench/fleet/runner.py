@@ -25,7 +25,7 @@ import ssl
 import tempfile
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,8 +46,8 @@ from bench.fleet.loadgen import LoadGenSpec
 from bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
 from bench.fleet.procs import (
     ResourceWindow,
-    rss_kib,
     tree_cpu_seconds,
+    tree_rss_kib,
 )
 from bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
 from server.emulator.fleet import TransportChoice, transports_for
@@ -64,6 +64,8 @@ class BenchOptions:
     transport: TransportChoice = "both"
     release: ReleaseKind = "full"
     procs: int = 2
+    #: Server processes (``ota server --workers``): main plus workers on the same ports.
+    server_procs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     out_dir: Path = Path("bench-fleet-out")
     app_size: int = 128 * 1024
     #: Bare handshakes in flight per load generator.
@@ -84,8 +86,8 @@ class BenchOptions:
     keep_work: bool = False
 
     def __post_init__(self) -> None:
-        if self.devices < 1 or self.procs < 1:
-            raise BenchError("--devices and --procs must be at least 1")
+        if self.devices < 1 or self.procs < 1 or self.server_procs < 1:
+            raise BenchError("--devices, --procs and --server-procs must be at least 1")
         if self.procs > self.devices:
             raise BenchError(f"--procs {self.procs} is more than --devices {self.devices}")
         if -(-self.devices // self.procs) > 19_000:
@@ -94,10 +96,12 @@ class BenchOptions:
                 "20,000: use more --procs"
             )
         tcp_sessions = sum(kind == "tcp" for kind in transports_for(self.transport, self.devices))
-        if tcp_sessions > 19_000:  # SessionLimits.max_sessions: one descriptor per session
+        # SessionLimits.max_sessions: one descriptor per session, per server process (the
+        # kernel spreads connections over the processes by hash: only roughly evenly).
+        if tcp_sessions > 19_000 * self.server_procs:
             raise BenchError(
                 f"{tcp_sessions} TCP devices: one server process holds at most 19,000 TCP "
-                "sessions (20,000 descriptors)"
+                "sessions (20,000 descriptors); use more --server-procs"
             )
         if self.release not in ("full", "delta"):
             raise BenchError(f"--release must be full or delta, not {self.release!r}")
@@ -139,7 +143,9 @@ async def _handshake_rounds(
     """Full then resumed handshakes per transport on a fresh server."""
     results: dict[str, Any] = {}
     kinds = sorted(set(transports_for(options.transport, options.devices)))
-    async with running_server(install, out / "server-handshakes.log") as server:
+    async with running_server(
+        install, out / "server-handshakes.log", workers=options.server_procs
+    ) as server:
         for kind in kinds:
             address = list(server.tcp if kind == "tcp" else server.udp)
             rounds: dict[str, Any] = {}
@@ -216,14 +222,16 @@ async def _fleet_and_release(
 ) -> dict[str, Any]:
     """Sessions, memory per session and the immediate release, on a fresh server."""
     result: dict[str, Any] = {}
-    async with running_server(install, out / "server-fleet.log") as server:
+    async with running_server(
+        install, out / "server-fleet.log", workers=options.server_procs
+    ) as server:
         headers = {"Authorization": f"Bearer {install.token}"}
         async with httpx.AsyncClient(base_url=server.api_url, headers=headers, timeout=120) as api:
             await _upload(api, install.product_id, 1, install.app_images[1])
             reporter.phase("opening device flashes", None)
             await request_all(gens, "fleet_open", tcp=list(server.tcp), udp=list(server.udp))
             await trio.sleep(1.0)  # let the server settle before the idle reading
-            result["server_rss_idle_kib"] = rss_kib(server.pid)
+            result["server_rss_idle_kib"] = tree_rss_kib(server.pid)
             gen_pids = [gen.process.pid for gen in gens]
             window = ResourceWindow(server.pid, gen_pids, udp_port=server.udp[1])
             reporter.phase("devices online", options.devices)
@@ -252,7 +260,7 @@ async def _fleet_and_release(
             )
             result["session_setup_cpu"] = window.read()
             await trio.sleep(2.0)  # sessions finish their Describe and store writes
-            result["server_rss_peak_kib"] = rss_kib(server.pid)
+            result["server_rss_peak_kib"] = tree_rss_kib(server.pid)
             expected = progress.online_total
             result["sessions_at_release"] = expected
             await _upload(api, install.product_id, 2, install.app_images[2])
@@ -479,6 +487,7 @@ async def _run(
         "devices": options.devices,
         "transport": options.transport,
         "procs": options.procs,
+        "server_procs": options.server_procs,
         "release": options.release,
         "release_run": "full",
         "delta_supported": False,

@@ -55,6 +55,14 @@ def fleet(
         ),
     ] = "full",
     procs: Annotated[int, typer.Option("--procs", min=1, help="Load-generator processes.")] = 2,
+    server_procs: Annotated[
+        int | None,
+        typer.Option(
+            "--server-procs",
+            min=1,
+            help="Server processes (ota server --workers K); default: one per CPU.",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Output directory (result.json, result.png, logs).")
     ] = Path("bench-out"),
@@ -117,6 +125,7 @@ def fleet(
             transport=transport,  # type: ignore[arg-type]  # checked below
             release=release,  # type: ignore[arg-type]
             procs=procs,
+            **({} if server_procs is None else {"server_procs": server_procs}),
             out_dir=out,
             app_size=app_size,
             handshake_concurrency=handshake_concurrency,

@@ -14,6 +14,7 @@ needed; SQLite allows this while a server runs). ``product create`` does the sam
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from server.app import ServerConfig, serve
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.store import Store
+from server.workers import default_workers
 
 admin_app = typer.Typer(help="Administer the store directly (bootstrap).", no_args_is_help=True)
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
@@ -57,11 +59,25 @@ def server(
     device_host: str | None = typer.Option(
         None, "--device-host", help="Address the device listeners bind (default: --host)."
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Server processes serving devices on the shared ports and store (default: one "
+        "per CPU with device listeners, else 1).",
+    ),
 ) -> None:
-    """Run the REST API, the store and the device listeners in one process until SIGINT/SIGTERM."""
+    """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
+    --workers K, K-1 more processes serve devices too)."""
+    listeners = device_port >= 0
     config = ServerConfig(
-        data_dir=data, host=host, api_port=api_port, db_url=db_url,
-        device_port=None if device_port < 0 else device_port, device_host=device_host,
+        data_dir=data,
+        host=host,
+        api_port=api_port,
+        db_url=db_url,
+        device_port=device_port if listeners else None,
+        device_host=device_host,
+        workers=workers if workers is not None else default_workers(listeners),
     )
     try:
         trio.run(_run_server, config)
@@ -88,10 +104,19 @@ async def _run_server(config: ServerConfig) -> None:
             handle = await nursery.start(serve, config)
             typer.echo(f"ota server: API listening on {handle.api_url}")
             if handle.device_server is not None:
-                for name, address in (("TLS", handle.device_server.tcp_address),
-                                      ("DTLS", handle.device_server.udp_address)):
+                for name, address in (
+                    ("TLS", handle.device_server.tcp_address),
+                    ("DTLS", handle.device_server.udp_address),
+                ):
                     if address is not None:
                         typer.echo(f"ota server: devices on {name} {address[0]}:{address[1]}")
+                buffers = handle.device_server.udp_buffers
+                if buffers is not None:
+                    typer.echo(f"ota server: DTLS socket buffers rcv {buffers[0]} snd {buffers[1]}")
+            if handle.workers is not None:
+                typer.echo(f"ota server: main process pid {os.getpid()}")
+                for worker in handle.workers.workers:
+                    typer.echo(f"ota server: worker {worker.spec.index} pid {worker.pid}")
             sys.stdout.flush()
             async for _ in signals:
                 handle.shutdown.set()  # graceful: finish requests, then stop everything

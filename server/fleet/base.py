@@ -151,5 +151,18 @@ class FleetBase:
     def _device(tx: Tx, device_id: str) -> DeviceRecord:
         device = tx.get_device(normalize_device_id(device_id))
         if device is None:
-            raise UnknownDeviceError(f"device {device_id} is not in any product")
+            raise unknown_device(device_id)
         return device
+
+    @staticmethod
+    def _device_and_product(tx: Tx, device_id: str) -> tuple[DeviceRecord, ProductRecord]:
+        """A device and its product in one query (the session hot path)."""
+        found = tx.get_device_and_product(normalize_device_id(device_id))
+        if found is None:
+            raise unknown_device(device_id)
+        return found
+
+
+def unknown_device(device_id: str) -> UnknownDeviceError:
+    """The error for a device id that is in no product."""
+    return UnknownDeviceError(f"device {device_id} is not in any product")

@@ -7,6 +7,7 @@ firmware a device should run and which online devices need an update after a rel
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -16,7 +17,15 @@ from otacore.errors import ValidationError
 from otacore.platforms import ModuleFunction
 from otacore.precedence import Target, TargetReason
 from server.events import DEVICE_REVOKED, FLASH_STATUS, STATUS, UPDATES_PENDING, Event
-from server.fleet.base import FleetBase, Outcome, check_version, releases_of, target_of
+from server.fleet.base import (
+    FleetBase,
+    Outcome,
+    check_version,
+    normalize_device_id,
+    releases_of,
+    target_of,
+    unknown_device,
+)
 from server.fleet.devices import updates_pending_for
 from server.fleet.roles import Actor, Permission
 from server.store import (
@@ -24,6 +33,7 @@ from server.store import (
     FirmwareRecord,
     FlashRecord,
     ProductRecord,
+    ReleaseRecord,
     Tx,
     UpdateStateRecord,
 )
@@ -32,6 +42,15 @@ from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
 FlashStatus = Literal["started", "success", "failed"]
 #: Emitted when a Describe reports other modules than the device record holds.
 DESCRIBE_CHANGED = "spark/device/describe"
+
+
+class _Unread(enum.Enum):
+    """Marks a value the caller has not read in this transaction (None is a real value)."""
+
+    UNREAD = enum.auto()
+
+
+UNREAD = _Unread.UNREAD
 
 
 def _module_summary(modules: Any) -> list[tuple[int, int, int]]:
@@ -72,8 +91,36 @@ class DeviceTarget:
 class SessionService(FleetBase):
     """Hooks for device sessions."""
 
-    def _device_target(self, tx: Tx, device: DeviceRecord) -> DeviceTarget:
-        return self._device_targets(tx, self._product(tx, device.product_id), [device])[0]
+    @staticmethod
+    def _target_view(
+        tx: Tx,
+        device: DeviceRecord,
+        product: ProductRecord,
+        *,
+        releases: Sequence[ReleaseRecord] | None = None,
+        pending_flash: FlashRecord | _Unread | None = UNREAD,
+        with_firmware: bool = True,
+    ) -> DeviceTarget:
+        """The target of one device with the fewest queries (the session hot path): the
+        product, ``releases`` and ``pending_flash`` are what the caller already read in this
+        transaction (the last two are read here when not given); the target's firmware is
+        left None unless ``with_firmware``. Same result as :meth:`_device_targets`."""
+        if releases is None:
+            releases = tx.list_releases(product.id)
+        target = target_of(device, releases_of(releases))
+        firmware = None
+        if with_firmware and target.version is not None:
+            firmware = tx.get_firmware(product.id, target.version)
+        if pending_flash is UNREAD:
+            pending_flash = tx.pending_flash(device.id)
+        return DeviceTarget(
+            device,
+            product,
+            target,
+            firmware,
+            pending_flash,
+            device.firmware_updates_forced or product.firmware_updates_forced,
+        )
 
     @staticmethod
     def _device_targets(
@@ -103,16 +150,17 @@ class SessionService(FleetBase):
     def _refresh_pending(
         self,
         tx: Tx,
-        device_id: str,
+        device: DeviceRecord,
+        product: ProductRecord,
         now: int,
         events: list[Event],
-        current: DeviceRecord | None = None,
+        pending_flash: FlashRecord | _Unread | None = UNREAD,
     ) -> DeviceTarget:
-        """Re-derive a device's "updates pending" flag and return its target. ``current`` is
-        the device's row as this transaction left it, when the caller knows it (saves the
-        re-read: two queries on the session hot path); otherwise it is read."""
-        device = current if current is not None else self._device(tx, device_id)
-        view = self._device_target(tx, device)
+        """Re-derive a device's "updates pending" flag and return its target. ``device`` is
+        the device's row as this transaction left it (the caller applied its own change, so
+        no re-read), ``pending_flash`` its pending flash when the caller read it already."""
+        device_id = device.id
+        view = self._target_view(tx, device, product, pending_flash=pending_flash)
         pending = updates_pending_for(view.device, view.product, view.target)
         if pending != view.device.updates_pending:
             tx.update_device(device_id, {"updates_pending": pending}, now)
@@ -148,7 +196,8 @@ class SessionService(FleetBase):
 
         def work() -> DeviceTarget:
             with self.store.read() as tx:
-                return self._device_target(tx, self._device(tx, device_id))
+                device, product = self._device_and_product(tx, device_id)
+                return self._target_view(tx, device, product)
 
         return await self._read(work)
 
@@ -170,7 +219,7 @@ class SessionService(FleetBase):
         def work(tx: Tx) -> Outcome:
             events: list[Event] = []
             now = self.clock()
-            device = self._device(tx, device_id)
+            device, product = self._device_and_product(tx, device_id)
             version = None if product_version is None else check_version(product_version)
             fields: dict[str, Any] = {
                 "platform_id": platform_id,
@@ -184,9 +233,11 @@ class SessionService(FleetBase):
                 fields["last_ip_address"] = ip
             if device.flash_requested and version == device.desired_firmware_version:
                 fields["flash_requested"] = False
-            pending = tx.pending_flash(device.id)
-            if pending is not None and pending.kind == "product" and pending.version == version:
-                tx.finish_flash(pending.id, "succeeded", "", now)  # it runs that version now
+            flash = tx.pending_flash(device.id)
+            pending: FlashRecord | _Unread | None = flash
+            if flash is not None and flash.kind == "product" and flash.version == version:
+                tx.finish_flash(flash.id, "succeeded", "", now)  # it runs that version now
+                pending = UNREAD  # an older "started" flash may be next: read it again
             tx.update_device(device.id, fields, now)
             updated = replace(device, updated_at=now, **fields)  # the row as updated
             if version is not None and tx.mark_running_seen(device.product_id, version, now):
@@ -209,7 +260,7 @@ class SessionService(FleetBase):
                         published_at=now,
                     )
                 )
-            view = self._refresh_pending(tx, device.id, now, events, updated)
+            view = self._refresh_pending(tx, updated, product, now, events, pending)
             return Outcome(view, events)
 
         return await self._run_grouped(work)
@@ -233,13 +284,17 @@ class SessionService(FleetBase):
         def work(tx: Tx) -> Outcome:
             events: list[Event] = []
             now = self.clock()
-            device = self._device(tx, device_id)
+            device, product = self._device_and_product(tx, device_id)
             fields: dict[str, Any] = {"modules": clean, "last_heard_at": now}
             for entry in clean:
                 if entry["function"] == ModuleFunction.SYSTEM_PART and entry["index"] == 1:
                     fields["system_version"] = entry["version"]
             tx.update_device(device.id, fields, now)
-            view = self._refresh_pending(tx, device.id, now, events)
+            # The row as updated; modules as a re-read gives them back (the JSON round trip
+            # turns tuples into lists).
+            stored = {**fields, "modules": json.loads(json.dumps(clean))}
+            updated = replace(device, updated_at=now, **stored)
+            view = self._refresh_pending(tx, updated, product, now, events)
             if _module_summary(device.modules) != _module_summary(clean):
                 summary = [[m["function"], m["index"], m["version"]] for m in clean]
                 events.append(
@@ -310,19 +365,23 @@ class SessionService(FleetBase):
     async def _set_online(self, device_id: str, online: bool, ip: str | None) -> None:
         def work(tx: Tx) -> Outcome:
             now = self.clock()
-            device = self._device(tx, device_id)
+            normalized = normalize_device_id(device_id)
+            found = tx.get_device_online(normalized)  # not the whole row: two columns
+            if found is None:
+                raise unknown_device(device_id)
+            product_id, was_online = found
             fields: dict[str, Any] = {"online": online, "last_heard_at": now}
             if ip is not None:
                 fields["last_ip_address"] = ip
-            tx.update_device(device.id, fields, now)
-            if device.online == online:
+            tx.update_device(normalized, fields, now)
+            if was_online == online:
                 return Outcome(None)
             event = Event(
                 STATUS,
                 "online" if online else "offline",
-                product_id=device.product_id,
-                device_id=device.id,
-                coreid=device.id,
+                product_id=product_id,
+                device_id=normalized,
+                coreid=normalized,
                 published_at=now,
             )
             return Outcome(None, [event])
@@ -335,10 +394,11 @@ class SessionService(FleetBase):
         def work(tx: Tx) -> Outcome:
             events: list[Event] = []
             now = self.clock()
-            tx.update_device(
-                self._device(tx, device_id).id, {"firmware_updates_enabled": bool(enabled)}, now
-            )
-            view = self._refresh_pending(tx, device_id, now, events)
+            device, product = self._device_and_product(tx, device_id)
+            fields: dict[str, Any] = {"firmware_updates_enabled": bool(enabled)}
+            tx.update_device(device.id, fields, now)
+            updated = replace(device, updated_at=now, **fields)
+            view = self._refresh_pending(tx, updated, product, now, events)
             return Outcome(view, events)
 
         return await self._run_grouped(work)
@@ -349,7 +409,10 @@ class SessionService(FleetBase):
 
         def work(tx: Tx) -> Outcome:
             now = self.clock()
-            tx.update_device(self._device(tx, device_id).id, {"reset_pending": bool(pending)}, now)
+            # One statement: no row updated means no such device.
+            fields = {"reset_pending": bool(pending)}
+            if not tx.update_device(normalize_device_id(device_id), fields, now):
+                raise unknown_device(device_id)
             return Outcome(None)
 
         await self._run_grouped(work)
@@ -405,22 +468,26 @@ class SessionService(FleetBase):
 
         def work(tx: Tx) -> Outcome:
             now = self.clock()
-            device = self._device(tx, device_id)
-            old = tx.get_update_state(device.id)
-            started = old.started_at if old is not None and old.sha256 == sha256 else now
-            tx.put_update_state(
-                UpdateStateRecord(
-                    device.id,
-                    sha256,
-                    version,
-                    transfer,
-                    bytes_done,
-                    bytes_total,
-                    status,
-                    started,
-                    now,
-                )
+            normalized = normalize_device_id(device_id)
+            # Usually one statement: a stored state means the device exists (its row's
+            # deletion removes the state), and the update keeps its start time.
+            advanced = tx.advance_update_state(
+                normalized,
+                sha256=sha256,
+                version=version,
+                transfer=transfer,
+                bytes_done=bytes_done,
+                bytes_total=bytes_total,
+                status=status,
+                now=now,
             )
+            if not advanced:
+                if tx.get_device_online(normalized) is None:
+                    raise unknown_device(device_id)
+                state = UpdateStateRecord(
+                    normalized, sha256, version, transfer, bytes_done, bytes_total, status, now, now
+                )
+                tx.put_update_state(state)
             return Outcome(None)
 
         await self._run_grouped(work)
@@ -444,7 +511,9 @@ class SessionService(FleetBase):
 
         def work(tx: Tx) -> Outcome:
             now = self.clock()
-            view = self._device_target(tx, self._device(tx, device_id))
+            device, product = self._device_and_product(tx, device_id)
+            releases = tx.list_releases(product.id)
+            view = self._target_view(tx, device, product, releases=releases, with_firmware=False)
             flash = view.pending_flash
             if flash is not None:
                 final = {"started": "started", "success": "succeeded", "failed": "failed"}
@@ -454,7 +523,7 @@ class SessionService(FleetBase):
                 if status == "success":
                     tx.update_device(view.device.id, {"flash_requested": False}, now)
             else:
-                self._count_release(tx, view, status)
+                self._count_release(tx, view, releases, status)
             if status != "started":
                 tx.clear_update_state(view.device.id)
             event = Event(
@@ -470,14 +539,19 @@ class SessionService(FleetBase):
         await self._run_grouped(work)
 
     @staticmethod
-    def _count_release(tx: Tx, view: DeviceTarget, status: FlashStatus) -> None:
+    def _count_release(
+        tx: Tx, view: DeviceTarget, releases: Sequence[ReleaseRecord], status: FlashStatus
+    ) -> None:
+        """Count the outcome on the release that decided the target (``releases``: the
+        product's, as read in this transaction; a group release carries its group's name)."""
         if view.target.reason == TargetReason.PRODUCT_DEFAULT:
-            scope = PRODUCT_SCOPE
+            scopes = {PRODUCT_SCOPE}
         elif view.target.reason == TargetReason.GROUP_RELEASE and view.target.group:
-            group = tx.get_group(view.product.id, view.target.group)
-            if group is None:
-                return
-            scope = group_scope(group.id)
+            scopes = {
+                group_scope(release.group_id)
+                for release in releases
+                if release.group_id is not None and release.group_name == view.target.group
+            }
         else:
             return
         counter = {
@@ -485,6 +559,6 @@ class SessionService(FleetBase):
             "success": "devices_succeeded",
             "failed": "devices_failed",
         }[status]
-        for release in tx.list_releases(view.product.id):
-            if release.scope == scope:
+        for release in releases:
+            if release.scope in scopes:
                 tx.bump_release_counter(release.id, counter)

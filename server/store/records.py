@@ -3,19 +3,63 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import sqlalchemy as sa
 
 _R = TypeVar("_R")
 
 
+#: Record class -> the names of its fields (``dataclasses.fields`` walks the class each call).
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def field_names(cls: type) -> frozenset[str]:
+    """The field names of record class ``cls`` (computed once per class)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = frozenset(f.name for f in dataclasses.fields(cls))
+        _FIELD_NAMES[cls] = names
+    return names
+
+
 def record_from(cls: type[_R], row: Mapping[Any, Any], **extra: Any) -> _R:
     """Build record ``cls`` from a row mapping, ignoring columns the record does not hold."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = field_names(cls)
     values = {k: v for k, v in row.items() if k in names}
     values.update(extra)
     return cls(**values)
+
+
+def record_columns(
+    cls: type,
+    table: sa.Table,
+    *,
+    skip: Collection[str] = (),
+    extra: Mapping[str, sa.ColumnElement[Any]] | None = None,
+) -> list[sa.ColumnElement[Any]]:
+    """The columns to select so that ``cls(*row)`` builds the record positionally (cheaper
+    than a row mapping): one per field of ``cls`` in field order, taken from ``table`` or
+    from ``extra`` (joined columns); fields in ``skip`` must come last and have defaults.
+    Raises at import time when a field has no column, so a schema drift cannot go unseen."""
+    columns: list[sa.ColumnElement[Any]] = []
+    extra = extra or {}
+    skipped = False
+    for item in dataclasses.fields(cls):
+        if item.name in skip:
+            skipped = True
+            continue
+        if skipped:
+            raise LookupError(f"{cls.__name__}: skipped fields must come after {item.name}")
+        if item.name in extra:
+            columns.append(extra[item.name])
+        elif item.name in table.c:
+            columns.append(table.c[item.name])
+        else:
+            raise LookupError(f"{cls.__name__}.{item.name} has no column in {table.name}")
+    return columns
 
 
 @dataclass(frozen=True)

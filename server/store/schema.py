@@ -308,6 +308,8 @@ event_log = sa.Table(
     sa.Column("ttl", sa.Integer, nullable=False),
     sa.Column("public", sa.Boolean, nullable=False, default=False),
     _ms("published_at"),
+    # Ids never come back after pruning (readers page by id > last seen).
+    sqlite_autoincrement=True,
 )
 
 # What the OTA engine remembers per device between sessions, so it survives a restart and

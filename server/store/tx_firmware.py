@@ -14,6 +14,7 @@ from server.store.records import (
     ReleaseRecord,
     UpdateStateRecord,
     new_row_id,
+    record_columns,
     record_from,
 )
 
@@ -25,6 +26,117 @@ _TRANSFER_COUNTERS = {
     "zstd": "compressed_transfers",
     "delta": "delta_transfers",
 }
+
+
+# Statements of the device-session hot path, built once (see tx_fleet.py); rows are read
+# positionally into records. Update and delete keys are named ``key_*``: a bindparam may
+# not share the name of a column of the table it changes.
+_FLASH = t.device_flashes
+_UPDATES = t.device_updates
+_BYTES = t.firmware_transfer_bytes
+#: Statuses of a flash still to be delivered (written as ORs, not IN: an IN list is
+#: re-expanded at every execution).
+_FLASH_OPEN = sa.or_(_FLASH.c.status == "pending", _FLASH.c.status == "started")
+
+SELECT_FIRMWARE = sa.select(*record_columns(FirmwareRecord, t.firmware)).where(
+    t.firmware.c.product_id == sa.bindparam("product_id"),
+    t.firmware.c.version == sa.bindparam("version"),
+)
+SELECT_RELEASES = (
+    sa.select(
+        *record_columns(
+            ReleaseRecord, t.releases, extra={"group_name": t.groups.c.name.label("group_name")}
+        )
+    )
+    .select_from(t.releases.outerjoin(t.groups, t.groups.c.id == t.releases.c.group_id))
+    .where(t.releases.c.product_id == sa.bindparam("product_id"))
+    .order_by(t.releases.c.group_id.is_not(None), t.groups.c.name)
+)
+MARK_RUNNING_SEEN = (
+    sa.update(t.firmware)
+    .where(
+        t.firmware.c.product_id == sa.bindparam("key_product_id"),
+        t.firmware.c.version == sa.bindparam("key_version"),
+        t.firmware.c.running_seen_at.is_(None),
+    )
+    .values(running_seen_at=sa.bindparam("now"))
+)
+#: Release counter name -> the statement adding one to it.
+BUMP_RELEASE_COUNTER = {
+    name: sa.update(t.releases)
+    .where(t.releases.c.id == sa.bindparam("key_release_id"))
+    .values({t.releases.c[name]: t.releases.c[name] + 1})
+    for name in ("devices_started", "devices_succeeded", "devices_failed")
+}
+SELECT_PENDING_FLASH = (
+    sa.select(*record_columns(FlashRecord, _FLASH))
+    .where(_FLASH.c.device_id == sa.bindparam("device_id"), _FLASH_OPEN)
+    .order_by(_FLASH.c.id.desc())
+    .limit(1)
+)
+FINISH_FLASH = (
+    sa.update(_FLASH)
+    .where(_FLASH.c.id == sa.bindparam("key_flash_id"))
+    .values(
+        status=sa.bindparam("new_status"),
+        error=sa.bindparam("new_error"),
+        finished_at=sa.bindparam("new_finished_at"),
+    )
+)
+SELECT_UPDATE_STATE = sa.select(*record_columns(UpdateStateRecord, _UPDATES)).where(
+    _UPDATES.c.device_id == sa.bindparam("device_id")
+)
+#: Progress of the transfer in flight: ``started_at`` is kept while the image is the same
+#: (the CASE reads the row's old values, as every SET expression does in SQL).
+ADVANCE_UPDATE_STATE = (
+    sa.update(_UPDATES)
+    .where(_UPDATES.c.device_id == sa.bindparam("key_device_id"))
+    .values(
+        sha256=sa.bindparam("new_sha256"),
+        version=sa.bindparam("new_version"),
+        transfer=sa.bindparam("new_transfer"),
+        bytes_done=sa.bindparam("new_bytes_done"),
+        bytes_total=sa.bindparam("new_bytes_total"),
+        status=sa.bindparam("new_status"),
+        started_at=sa.case(
+            (_UPDATES.c.sha256 == sa.bindparam("new_sha256"), _UPDATES.c.started_at),
+            else_=sa.bindparam("now"),
+        ),
+        updated_at=sa.bindparam("now"),
+    )
+)
+UPDATE_UPDATE_STATE = sa.update(_UPDATES).where(
+    _UPDATES.c.device_id == sa.bindparam("key_device_id")
+)
+INSERT_UPDATE_STATE = sa.insert(_UPDATES)
+DELETE_UPDATE_STATE = sa.delete(_UPDATES).where(
+    _UPDATES.c.device_id == sa.bindparam("key_device_id")
+)
+_BYTES_KEY = (
+    _BYTES.c.product_id == sa.bindparam("key_product_id"),
+    _BYTES.c.version == sa.bindparam("key_version"),
+)
+#: Transfer kind -> the statement adding one transfer to a version's bytes counters.
+_ADD_SENT = sa.bindparam("add_sent", type_=sa.BigInteger)
+_ADD_FULL = sa.bindparam("add_full", type_=sa.BigInteger)
+ADD_TRANSFER_BYTES = {
+    transfer: sa.update(_BYTES)
+    .where(*_BYTES_KEY)
+    .values(
+        {
+            _BYTES.c.bytes_sent: _BYTES.c.bytes_sent + _ADD_SENT,
+            _BYTES.c.bytes_full: _BYTES.c.bytes_full + _ADD_FULL,
+            _BYTES.c[column]: _BYTES.c[column] + 1,
+        }
+    )
+    for transfer, column in _TRANSFER_COUNTERS.items()
+}
+INSERT_TRANSFER_BYTES = sa.insert(_BYTES)
+_BYTES_COUNTERS = ("bytes_sent", "bytes_full", *_TRANSFER_COUNTERS.values())
+SELECT_TRANSFER_BYTES = sa.select(*(_BYTES.c[name] for name in _BYTES_COUNTERS)).where(
+    _BYTES.c.product_id == sa.bindparam("product_id"),
+    _BYTES.c.version == sa.bindparam("version"),
+)
 
 
 def group_scope(group_id: int) -> str:
@@ -48,16 +160,10 @@ class FirmwareQueries:
 
     def get_firmware(self, product_id: int, version: int) -> FirmwareRecord | None:
         """One firmware version of a product."""
-        row = (
-            self.conn.execute(
-                sa.select(t.firmware).where(
-                    t.firmware.c.product_id == product_id, t.firmware.c.version == version
-                )
-            )
-            .mappings()
-            .first()
-        )
-        return None if row is None else record_from(FirmwareRecord, row)
+        row = self.conn.execute(
+            SELECT_FIRMWARE, {"product_id": product_id, "version": version}
+        ).first()
+        return None if row is None else FirmwareRecord(*row)
 
     def list_firmware(self, product_id: int) -> list[FirmwareRecord]:
         """A product's firmware, newest version first."""
@@ -83,16 +189,8 @@ class FirmwareQueries:
 
     def mark_running_seen(self, product_id: int, version: int, now: int) -> bool:
         """Note that a device runs this version; True when this is the first such report."""
-        result = self.conn.execute(
-            sa.update(t.firmware)
-            .where(
-                t.firmware.c.product_id == product_id,
-                t.firmware.c.version == version,
-                t.firmware.c.running_seen_at.is_(None),
-            )
-            .values(running_seen_at=now)
-        )
-        return bool(result.rowcount)
+        params = {"key_product_id": product_id, "key_version": version, "now": now}
+        return bool(self.conn.execute(MARK_RUNNING_SEEN, params).rowcount)
 
     def blob_is_referenced(self, sha256: str) -> bool:
         """True while any firmware or flash request names this blob."""
@@ -138,13 +236,8 @@ class FirmwareQueries:
 
     def list_releases(self, product_id: int) -> list[ReleaseRecord]:
         """A product's releases (default first, then groups by name)."""
-        query = (
-            sa.select(t.releases, t.groups.c.name.label("group_name"))
-            .select_from(t.releases.outerjoin(t.groups, t.groups.c.id == t.releases.c.group_id))
-            .where(t.releases.c.product_id == product_id)
-            .order_by(t.releases.c.group_id.is_not(None), t.groups.c.name)
-        )
-        return [record_from(ReleaseRecord, row) for row in self.conn.execute(query).mappings()]
+        rows = self.conn.execute(SELECT_RELEASES, {"product_id": product_id})
+        return [ReleaseRecord(*row) for row in rows]
 
     def set_release(
         self,
@@ -187,12 +280,10 @@ class FirmwareQueries:
 
     def bump_release_counter(self, release_id: int, counter: str) -> None:
         """Add one to a release's started / succeeded / failed counter."""
-        if counter not in ("devices_started", "devices_succeeded", "devices_failed"):
+        statement = BUMP_RELEASE_COUNTER.get(counter)
+        if statement is None:
             raise ValueError(f"unknown release counter {counter!r}")
-        column = t.releases.c[counter]
-        self.conn.execute(
-            sa.update(t.releases).where(t.releases.c.id == release_id).values({column: column + 1})
-        )
+        self.conn.execute(statement, {"key_release_id": release_id})
 
     # --- per-device flashes -------------------------------------------------------------------
 
@@ -217,22 +308,14 @@ class FirmwareQueries:
 
     def pending_flash(self, device_id: str) -> FlashRecord | None:
         """The newest pending or started flash of a device."""
-        row = (
-            self.conn.execute(
-                sa.select(t.device_flashes)
-                .where(
-                    t.device_flashes.c.device_id == device_id,
-                    t.device_flashes.c.status.in_(("pending", "started")),
-                )
-                .order_by(t.device_flashes.c.id.desc())
-            )
-            .mappings()
-            .first()
-        )
-        return None if row is None else record_from(FlashRecord, row)
+        row = self.conn.execute(SELECT_PENDING_FLASH, {"device_id": device_id}).first()
+        return None if row is None else FlashRecord(*row)
 
     def pending_flashes(self, device_ids: list[str]) -> dict[str, FlashRecord]:
         """The newest pending or started flash of each listed device that has one."""
+        if len(device_ids) == 1:  # a session's own device: the prebuilt statement
+            flash = self.pending_flash(device_ids[0])
+            return {} if flash is None else {flash.device_id: flash}
         found: dict[str, FlashRecord] = {}
         for start in range(0, len(device_ids), 500):  # stay below bound-parameter limits
             rows = self.conn.execute(
@@ -249,24 +332,15 @@ class FirmwareQueries:
 
     def finish_flash(self, flash_id: int, status: str, error: str, now: int | None) -> None:
         """Set a flash's status (started / succeeded / failed) and finish time."""
-        self.conn.execute(
-            sa.update(t.device_flashes)
-            .where(t.device_flashes.c.id == flash_id)
-            .values(status=status, error=error, finished_at=now)
-        )
+        params = {"key_flash_id": flash_id, "new_status": status, "new_error": error}
+        self.conn.execute(FINISH_FLASH, {**params, "new_finished_at": now})
 
     # --- update in flight -------------------------------------------------------------------
 
     def get_update_state(self, device_id: str) -> UpdateStateRecord | None:
         """The transfer in flight to a device, if any."""
-        row = (
-            self.conn.execute(
-                sa.select(t.device_updates).where(t.device_updates.c.device_id == device_id)
-            )
-            .mappings()
-            .first()
-        )
-        return None if row is None else record_from(UpdateStateRecord, row)
+        row = self.conn.execute(SELECT_UPDATE_STATE, {"device_id": device_id}).first()
+        return None if row is None else UpdateStateRecord(*row)
 
     def put_update_state(self, state: UpdateStateRecord) -> None:
         """Insert or replace the transfer state of a device."""
@@ -281,20 +355,42 @@ class FirmwareQueries:
             "updated_at": state.updated_at,
         }
         changed = self.conn.execute(
-            sa.update(t.device_updates)
-            .where(t.device_updates.c.device_id == state.device_id)
-            .values(**values)
+            UPDATE_UPDATE_STATE, {**values, "key_device_id": state.device_id}
         ).rowcount
         if not changed:
-            self.conn.execute(
-                sa.insert(t.device_updates).values(device_id=state.device_id, **values)
-            )
+            self.conn.execute(INSERT_UPDATE_STATE, {**values, "device_id": state.device_id})
+
+    def advance_update_state(
+        self,
+        device_id: str,
+        *,
+        sha256: str,
+        version: int | None,
+        transfer: str,
+        bytes_done: int,
+        bytes_total: int,
+        status: str,
+        now: int,
+    ) -> bool:
+        """Record progress of the transfer in flight in one statement: ``started_at`` is
+        kept when the stored state is for the same image, else set to ``now``. False when
+        the device has no state yet (nothing changed: the caller inserts one with
+        :meth:`put_update_state`)."""
+        params = {
+            "key_device_id": device_id,
+            "new_sha256": sha256,
+            "new_version": version,
+            "new_transfer": transfer,
+            "new_bytes_done": bytes_done,
+            "new_bytes_total": bytes_total,
+            "new_status": status,
+            "now": now,
+        }
+        return bool(self.conn.execute(ADVANCE_UPDATE_STATE, params).rowcount)
 
     def clear_update_state(self, device_id: str) -> None:
         """Forget the transfer state of a device."""
-        self.conn.execute(
-            sa.delete(t.device_updates).where(t.device_updates.c.device_id == device_id)
-        )
+        self.conn.execute(DELETE_UPDATE_STATE, {"key_device_id": device_id})
 
     # --- delta patches and bytes sent -------------------------------------------------------
 
@@ -327,26 +423,27 @@ class FirmwareQueries:
         """Add one completed transfer (``transfer``: "full", "zstd" or "delta") to a
         firmware version's bytes counters; the totals."""
         column = _TRANSFER_COUNTERS[transfer]
-        table = t.firmware_transfer_bytes
-        where = sa.and_(table.c.product_id == product_id, table.c.version == version)
-        changed = self.conn.execute(sa.update(table).where(where).values({
-            table.c.bytes_sent: table.c.bytes_sent + bytes_sent,
-            table.c.bytes_full: table.c.bytes_full + bytes_full,
-            table.c[column]: table.c[column] + 1,
-        })).rowcount
+        params = {
+            "key_product_id": product_id,
+            "key_version": version,
+            "add_sent": bytes_sent,
+            "add_full": bytes_full,
+        }
+        changed = self.conn.execute(ADD_TRANSFER_BYTES[transfer], params).rowcount
         if not changed:
             counters = dict.fromkeys(_TRANSFER_COUNTERS.values(), 0)
             counters[column] = 1
-            self.conn.execute(sa.insert(table).values(
-                product_id=product_id, version=version, bytes_sent=bytes_sent,
-                bytes_full=bytes_full, **counters,
-            ))
+            self.conn.execute(INSERT_TRANSFER_BYTES, {
+                "product_id": product_id, "version": version, "bytes_sent": bytes_sent,
+                "bytes_full": bytes_full, **counters,
+            })
         return self.get_transfer_bytes(product_id, version)
 
     def get_transfer_bytes(self, product_id: int, version: int) -> dict[str, int]:
         """A firmware version's counters: bytes_sent, bytes_full, delta/full transfers."""
-        table = t.firmware_transfer_bytes
-        row = self.conn.execute(sa.select(table).where(
-            table.c.product_id == product_id, table.c.version == version)).mappings().first()
-        names = ("bytes_sent", "bytes_full", *_TRANSFER_COUNTERS.values())
-        return {name: int(row[name]) if row is not None else 0 for name in names}
+        row = self.conn.execute(
+            SELECT_TRANSFER_BYTES, {"product_id": product_id, "version": version}
+        ).first()
+        if row is None:
+            return dict.fromkeys(_BYTES_COUNTERS, 0)
+        return {name: int(value) for name, value in zip(_BYTES_COUNTERS, row, strict=True)}

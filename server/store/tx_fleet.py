@@ -14,6 +14,7 @@ from server.store.records import (
     GroupRecord,
     ProductRecord,
     new_row_id,
+    record_columns,
     record_from,
 )
 
@@ -41,6 +42,55 @@ DEVICE_MUTABLE = frozenset(
     }
 )
 PRODUCT_MUTABLE = frozenset({"name", "description", "firmware_updates_forced"})
+
+# Statements of the device-session hot path, built once: SQLAlchemy then only looks up the
+# compiled form in its cache and binds the parameters (building a select per call cost
+# several times its execution). Rows are read positionally into records.
+_DEVICE_COLUMNS = record_columns(DeviceRecord, t.devices, skip=("groups",))
+_DEVICE_WIDTH = len(_DEVICE_COLUMNS)
+_PRODUCT_COLUMNS = [
+    column.label(f"product_{column.key}")
+    for column in record_columns(ProductRecord, t.products)
+]
+_PRODUCT_WIDTH = len(_PRODUCT_COLUMNS)
+#: A device with one row per group it belongs to (one row with a NULL name when none).
+_DEVICE_MEMBERSHIPS = t.devices.outerjoin(
+    t.device_groups, t.device_groups.c.device_id == t.devices.c.id
+).outerjoin(t.groups, t.groups.c.id == t.device_groups.c.group_id)
+_GROUP_NAME = t.groups.c.name.label("member_of")
+
+SELECT_DEVICE = (
+    sa.select(*_DEVICE_COLUMNS, _GROUP_NAME)
+    .select_from(_DEVICE_MEMBERSHIPS)
+    .where(t.devices.c.id == sa.bindparam("device_id"))
+    .order_by(t.groups.c.name)
+)
+SELECT_DEVICE_AND_PRODUCT = (
+    sa.select(*_DEVICE_COLUMNS, *_PRODUCT_COLUMNS, _GROUP_NAME)
+    .select_from(
+        _DEVICE_MEMBERSHIPS.join(t.products, t.products.c.id == t.devices.c.product_id)
+    )
+    .where(t.devices.c.id == sa.bindparam("device_id"))
+    .order_by(t.groups.c.name)
+)
+SELECT_DEVICE_ONLINE = sa.select(t.devices.c.product_id, t.devices.c.online).where(
+    t.devices.c.id == sa.bindparam("device_id")
+)
+# Update statements name their key ``key_*``: a bindparam may not share a column's name.
+#: The SET clause comes from the parameter names given at execution (SQLAlchemy compiles
+#: and caches one form per set of names).
+UPDATE_DEVICE = sa.update(t.devices).where(t.devices.c.id == sa.bindparam("key_device_id"))
+SELECT_PRODUCT_BY_ID = sa.select(*record_columns(ProductRecord, t.products)).where(
+    t.products.c.id == sa.bindparam("product_id")
+)
+
+
+def _device_from_rows(rows: Sequence[Any]) -> DeviceRecord | None:
+    """The device of SELECT_DEVICE(_AND_PRODUCT) rows (group names in the last column)."""
+    if not rows:
+        return None
+    groups = tuple(row[-1] for row in rows if row[-1] is not None)
+    return DeviceRecord(*rows[0][:_DEVICE_WIDTH], groups=groups)  # type: ignore[misc]
 
 
 class FleetQueries:
@@ -72,8 +122,9 @@ class FleetQueries:
     def get_product(self, ref: int | str) -> ProductRecord | None:
         """A product by numeric id or by slug."""
         if isinstance(ref, int):
-            where = t.products.c.id == ref
-        elif ref.isascii() and ref.isdigit():
+            found = self.conn.execute(SELECT_PRODUCT_BY_ID, {"product_id": ref}).first()
+            return None if found is None else ProductRecord(*found)
+        if ref.isascii() and ref.isdigit():
             where = sa.or_(t.products.c.id == int(ref), t.products.c.slug == ref)
         else:
             where = t.products.c.slug == ref
@@ -117,9 +168,22 @@ class FleetQueries:
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         """A device by id, with its group names."""
-        rows = self.conn.execute(sa.select(t.devices).where(t.devices.c.id == device_id))
-        found = self._devices_from_rows(rows.mappings())
-        return found[0] if found else None
+        rows = self.conn.execute(SELECT_DEVICE, {"device_id": device_id}).all()
+        return _device_from_rows(rows)
+
+    def get_device_and_product(self, device_id: str) -> tuple[DeviceRecord, ProductRecord] | None:
+        """A device (with its group names) and its product, in one query."""
+        rows = self.conn.execute(SELECT_DEVICE_AND_PRODUCT, {"device_id": device_id}).all()
+        device = _device_from_rows(rows)
+        if device is None:
+            return None
+        product = ProductRecord(*rows[0][_DEVICE_WIDTH : _DEVICE_WIDTH + _PRODUCT_WIDTH])
+        return device, product
+
+    def get_device_online(self, device_id: str) -> tuple[int, bool] | None:
+        """(product id, online flag) of a device, or None when it does not exist."""
+        row = self.conn.execute(SELECT_DEVICE_ONLINE, {"device_id": device_id}).first()
+        return None if row is None else (int(row[0]), bool(row[1]))
 
     def insert_device(self, device_id: str, product_id: int, now: int) -> None:
         """Add a device to a product with default settings."""
@@ -156,14 +220,14 @@ class FleetQueries:
         )
         self.conn.execute(sa.delete(t.devices).where(t.devices.c.id == device_id))
 
-    def update_device(self, device_id: str, fields: dict[str, Any], now: int) -> None:
-        """Change device columns listed in DEVICE_MUTABLE and stamp ``updated_at``."""
-        unknown = set(fields) - DEVICE_MUTABLE
+    def update_device(self, device_id: str, fields: dict[str, Any], now: int) -> bool:
+        """Change device columns listed in DEVICE_MUTABLE and stamp ``updated_at``; True
+        when the device exists (a row was updated)."""
+        unknown = fields.keys() - DEVICE_MUTABLE
         if unknown:
             raise ValueError(f"device columns {sorted(unknown)} cannot be changed")
-        self.conn.execute(
-            sa.update(t.devices).where(t.devices.c.id == device_id).values(updated_at=now, **fields)
-        )
+        params = {**fields, "updated_at": now, "key_device_id": device_id}
+        return bool(self.conn.execute(UPDATE_DEVICE, params).rowcount)
 
     def list_devices(
         self,

@@ -12,6 +12,21 @@ from server.store import schema as t
 #: Refused images remembered per device (the oldest are forgotten first).
 MAX_REFUSED = 32
 
+# Statements built once (see tx_fleet.py); update keys are named ``key_*`` since a bindparam
+# may not share a column's name.
+_MEMORY = t.device_ota_memory
+SELECT_OTA_MEMORY = sa.select(
+    _MEMORY.c.updating_sha256,
+    _MEMORY.c.delivered_sha256,
+    _MEMORY.c.delivered_final,
+    _MEMORY.c.delivered_awaited,
+    _MEMORY.c.refused,
+).where(_MEMORY.c.device_id == sa.bindparam("device_id"))
+#: The SET clause comes from the parameter names given at execution.
+UPDATE_OTA_MEMORY = sa.update(_MEMORY).where(_MEMORY.c.device_id == sa.bindparam("key_device_id"))
+INSERT_OTA_MEMORY = sa.insert(_MEMORY)
+SELECT_DEVICE_EXISTS = sa.select(t.devices.c.id).where(t.devices.c.id == sa.bindparam("device_id"))
+
 
 @dataclass(frozen=True)
 class OtaMemoryRecord:
@@ -32,24 +47,21 @@ class OtaMemoryQueries:
 
     def get_ota_memory(self, device_id: str) -> OtaMemoryRecord:
         """The device's memory (empty when nothing was ever remembered)."""
-        table = t.device_ota_memory
-        row = self.conn.execute(
-            sa.select(table).where(table.c.device_id == device_id)
-        ).mappings().first()
+        row = self.conn.execute(SELECT_OTA_MEMORY, {"device_id": device_id}).first()
         if row is None:
             return OtaMemoryRecord(device_id)
+        updating, delivered, final, awaited, refused = row
         return OtaMemoryRecord(
             device_id,
-            row["updating_sha256"],
-            row["delivered_sha256"],
-            bool(row["delivered_final"]),
-            bool(row["delivered_awaited"]),
-            tuple(str(sha) for sha in row["refused"] or ()),
+            updating,
+            delivered,
+            bool(final),
+            bool(awaited),
+            tuple(str(sha) for sha in refused or ()),
         )
 
     def put_ota_memory(self, memory: OtaMemoryRecord, *, now: int) -> None:
         """Replace the device's memory (a device that no longer exists is skipped)."""
-        table = t.device_ota_memory
         values = {
             "updating_sha256": memory.updating_sha256,
             "delivered_sha256": memory.delivered_sha256,
@@ -59,15 +71,13 @@ class OtaMemoryQueries:
             "updated_at": now,
         }
         changed = self.conn.execute(
-            sa.update(table).where(table.c.device_id == memory.device_id).values(values)
+            UPDATE_OTA_MEMORY, {**values, "key_device_id": memory.device_id}
         ).rowcount
         if changed:
             return
-        exists = self.conn.execute(
-            sa.select(t.devices.c.id).where(t.devices.c.id == memory.device_id)
-        ).first()
+        exists = self.conn.execute(SELECT_DEVICE_EXISTS, {"device_id": memory.device_id}).first()
         if exists is not None:
-            self.conn.execute(sa.insert(table).values(device_id=memory.device_id, **values))
+            self.conn.execute(INSERT_OTA_MEMORY, {**values, "device_id": memory.device_id})
 
     def forget_refused_images(self, device_id: str, *, now: int) -> None:
         """An operator flashed or locked the device: every image may be offered again."""

@@ -44,6 +44,13 @@ class DeviceServerConfig:
     server_ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     #: Per-DTLS-peer queue of datagrams not yet read (trio drops beyond it).
     dtls_queue_size: int = 10
+    #: Let several processes bind the same ports (SO_REUSEPORT, Linux 3.9+): the kernel
+    #: spreads TCP connections, and UDP flows by 4-tuple hash, over their sockets.
+    reuse_port: bool = False
+    #: Receive and send buffer asked for the DTLS socket, bytes (None: the system default).
+    #: Linux caps SO_RCVBUF/SO_SNDBUF at net.core.rmem_max/wmem_max; SO_RCVBUFFORCE
+    #: (CAP_NET_ADMIN) is tried first and passes the cap.
+    udp_buffer_bytes: int | None = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for port in (self.tcp_port, self.udp_port):
@@ -81,6 +88,9 @@ class DeviceServer:
         #: Bound (address, port) of each transport once serving; None if disabled.
         self.tcp_address: tuple[str, int] | None = None
         self.udp_address: tuple[str, int] | None = None
+        #: (SO_RCVBUF, SO_SNDBUF) of the DTLS socket as the kernel reports them (Linux
+        #: reports twice the usable size: socket(7)); None until bound.
+        self.udp_buffers: tuple[int, int] | None = None
         self._tcp_listeners: list[trio.SocketListener] = []
         self._udp_endpoint: trio.DTLSEndpoint | None = None
         self._stop = trio.Event()
@@ -106,8 +116,8 @@ class DeviceServer:
         try:
             async with trio.open_nursery() as nursery:
                 if self.config.tcp_port is not None:
-                    self._tcp_listeners = await trio.open_tcp_listeners(
-                        self.config.tcp_port, host=self.config.host
+                    self._tcp_listeners = await open_tcp_listeners(
+                        self.config.tcp_port, self.config.host, reuse_port=self.config.reuse_port
                     )
                     self.tcp_address = _address_of(self._tcp_listeners[0].socket)
                     await nursery.start(
@@ -120,7 +130,10 @@ class DeviceServer:
                         serve_dtls, self._udp_endpoint, make_dtls_server_context(pki), self.host
                     )
                 logger.info(
-                    "device endpoint listening: tcp %s, udp %s", self.tcp_address, self.udp_address
+                    "device endpoint listening: tcp %s, udp %s (buffers %s)",
+                    self.tcp_address,
+                    self.udp_address,
+                    self.udp_buffers,
                 )
                 task_status.started(self)
                 await self._stop.wait()
@@ -139,6 +152,10 @@ class DeviceServer:
         family, _, _, _, address = infos[0]
         sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if self.config.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self.config.udp_buffer_bytes is not None:
+                self.udp_buffers = size_socket_buffers(sock, self.config.udp_buffer_bytes)
             await sock.bind(address)
         except OSError:
             sock.close()
@@ -161,6 +178,66 @@ class DeviceServer:
         with trio.move_on_after(grace):
             await self.host.wait_all_closed()
         self._stop.set()
+
+
+#: Listen backlog (the kernel caps it at net.core.somaxconn), as trio's default.
+_BACKLOG = 0xFFFF
+#: Linux socket options not named in every Python's socket module (asm-generic/socket.h).
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def size_socket_buffers(sock: trio.socket.SocketType, size: int) -> tuple[int, int]:
+    """Ask for ``size``-byte receive and send buffers: the FORCE variants first (they pass
+    net.core.rmem_max/wmem_max but need CAP_NET_ADMIN), then the capped ones. Returns
+    (SO_RCVBUF, SO_SNDBUF) as the kernel reports them."""
+    for forced, capped in (
+        (_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        (_SO_SNDBUFFORCE, socket.SO_SNDBUF),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        except OSError:  # EPERM without CAP_NET_ADMIN (also in a user namespace)
+            sock.setsockopt(socket.SOL_SOCKET, capped, size)
+    return (
+        int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)),
+        int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)),
+    )
+
+
+async def open_tcp_listeners(
+    port: int, host: str, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
+    """TCP listeners on every address of ``host``; with ``reuse_port`` each socket sets
+    SO_REUSEPORT so other processes may listen on the same port (the kernel spreads new
+    connections over them). Port 0 picks one free port and binds every address to it."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(port, host=host)
+    infos = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:  # one socket per family, as trio does
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if port == 0 and listeners:  # every address on the port the first one got
+                    address = (address[0], listeners[0].socket.getsockname()[1], *address[2:])
+                await sock.bind(address)
+                sock.listen(_BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except OSError:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def _address_of(sock: trio.socket.SocketType) -> tuple[str, int]:

@@ -1,0 +1,227 @@
+"""Event relay through the store: what one server process publishes, the others publish too.
+
+Several server processes share one store, each with its own in-process :class:`EventBus`.
+The relay of each process
+
+* taps its bus (``EventBus.tap``): every event published here goes into a bounded buffer
+  (publish stays synchronous and never blocks);
+* flushes the buffer every ``flush_interval`` seconds in one write transaction
+  (``server.store.tx_events.append_events``), at most ``batch`` events per transaction;
+* polls every ``poll_interval`` seconds for rows other processes appended after the last
+  one it saw and publishes them on its bus with ``relayed=True`` (so they are not appended
+  again: no echo);
+* in the main process only, deletes rows older than ``retention`` seconds.
+
+A relay starts reading at the log's end at start-up: a new or restarted process does not
+replay history (what happened before is in the store's tables already).
+
+When the buffer is full (the store was unreachable for long enough to queue ``buffer``
+events), new events are *not* relayed: they still reach this process's own subscribers,
+``dropped`` counts them and a warning says so. Nothing waits on the store in ``publish``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+from otacore.errors import OtaError
+from server.events import Event, EventBus
+from server.store import Store
+from server.store.tx_events import append_events, last_event_id, prune_events, read_events_after
+
+log = logging.getLogger("ota.relay")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Timings and bounds of the relay."""
+
+    #: Seconds between flushes of the outgoing buffer (one transaction each).
+    flush_interval: float = 0.025
+    #: Seconds between polls for other processes' events.
+    poll_interval: float = 0.05
+    #: Outgoing events held at most (beyond: dropped from the relay, counted).
+    buffer: int = 20_000
+    #: Events per append transaction and rows per poll.
+    batch: int = 1000
+    #: Rows older than this many seconds are pruned (main process only).
+    retention: float = 120.0
+    prune_interval: float = 10.0
+    #: Seconds the last flush may take when the relay stops.
+    final_flush_timeout: float = 2.0
+
+
+@dataclass
+class RelayStats:
+    """Counters of one relay."""
+
+    appended: int = 0
+    received: int = 0
+    dropped: int = 0
+    pruned: int = 0
+    store_errors: int = 0
+    #: The id the next poll reads after.
+    last_id: int = 0
+
+
+class EventRelay:
+    """One process's end of the store relay (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        origin: str,
+        *,
+        settings: RelaySettings | None = None,
+        prune: bool = False,
+    ) -> None:
+        if not origin or len(origin) > 64:
+            raise ValueError("a relay origin is 1 to 64 characters (the event_log column)")
+        self.store = store
+        self.bus = bus
+        self.origin = origin
+        self.settings = settings or RelaySettings()
+        self.prune = prune
+        self.stats = RelayStats()
+        self._outgoing: deque[Event] = deque()
+        self._pending = trio.Event()
+        self._last_warning = -1e9
+
+    # -- the bus tap (synchronous, never blocks) ---------------------------------------------
+
+    def _tap(self, event: Event) -> None:
+        if len(self._outgoing) >= self.settings.buffer:
+            self.stats.dropped += 1
+            self._warn(
+                "event relay buffer full (%d events): %d events so far not relayed to the "
+                "other server processes",
+                self.settings.buffer,
+                self.stats.dropped,
+            )
+            return
+        self._outgoing.append(event)
+        self._pending.set()
+
+    def _warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 5.0:  # at most one warning per 5 s per relay
+            self._last_warning = now
+            log.warning(message, *args)
+
+    # -- the tasks ---------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[EventRelay] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Tap the bus, then flush, poll (and prune) until cancelled; a last flush on the
+        way out sends what this process published just before it stopped."""
+        self.stats.last_id = await trio.to_thread.run_sync(self._read_last_id)
+        self.bus.tap = self._tap
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_loop)
+                nursery.start_soon(self._poll_loop)
+                if self.prune:
+                    nursery.start_soon(self._prune_loop)
+                task_status.started(self)
+        finally:
+            self.bus.tap = None
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.settings.final_flush_timeout
+                while self._outgoing and not scope.cancel_called:
+                    if not await self.flush():
+                        break
+
+    def _read_last_id(self) -> int:
+        with self.store.read() as tx:
+            return last_event_id(tx.conn)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._pending.wait()
+            await trio.sleep(self.settings.flush_interval)  # gather a batch
+            while self._outgoing:
+                if not await self.flush():
+                    await trio.sleep(self.settings.flush_interval * 4)  # the store is busy
+            self._pending = trio.Event()
+            if self._outgoing:  # arrived while the last flush ran
+                self._pending.set()
+
+    async def flush(self) -> bool:
+        """Append up to ``batch`` buffered events in one transaction; False if the store
+        refused (the events stay buffered, in order)."""
+        batch = [
+            self._outgoing.popleft() for _ in range(min(self.settings.batch, len(self._outgoing)))
+        ]
+        if not batch:
+            return True
+        try:
+            await trio.to_thread.run_sync(self._append, batch)
+        except OtaError as exc:
+            self._outgoing.extendleft(reversed(batch))
+            self.stats.store_errors += 1
+            self._warn("event relay cannot append to the store: %s; retrying", exc)
+            return False
+        self.stats.appended += len(batch)
+        return True
+
+    def _append(self, batch: list[Event]) -> None:
+        with self.store.write() as tx:
+            append_events(tx.conn, self.origin, batch)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.poll_interval)
+            await self.poll()
+
+    async def poll(self) -> int:
+        """Publish the events other processes appended since the last poll; how many."""
+        published = 0
+        while True:
+            try:
+                events, next_id = await trio.to_thread.run_sync(self._read, self.stats.last_id)
+            except OtaError as exc:
+                self.stats.store_errors += 1
+                self._warn("event relay cannot read the store: %s; retrying", exc)
+                return published
+            self.stats.last_id = next_id
+            for event in events:
+                self.bus.publish(event, relayed=True)
+            published += len(events)
+            self.stats.received += len(events)
+            if len(events) < self.settings.batch:
+                return published
+
+    def _read(self, after_id: int) -> tuple[list[Event], int]:
+        with self.store.read() as tx:
+            return read_events_after(
+                tx.conn, after_id, exclude_origin=self.origin, limit=self.settings.batch
+            )
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.prune_interval)
+            await self.prune_now()
+
+    async def prune_now(self, retention: float | None = None) -> int:
+        """Delete rows older than ``retention`` seconds (default: the settings'); how many."""
+        keep = self.settings.retention if retention is None else retention
+        cutoff = time.time_ns() // 1_000_000 - int(keep * 1000)
+        try:
+            pruned = await trio.to_thread.run_sync(self._prune, cutoff)
+        except OtaError as exc:
+            self.stats.store_errors += 1
+            self._warn("event relay cannot prune the store: %s", exc)
+            return 0
+        self.stats.pruned += pruned
+        return pruned
+
+    def _prune(self, cutoff_ms: int) -> int:
+        with self.store.write() as tx:
+            return prune_events(tx.conn, cutoff_ms)

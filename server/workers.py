@@ -1,0 +1,378 @@
+"""Worker processes: more device planes on the same ports and the same store.
+
+``ota server --workers K`` runs the main process (API, its own device plane, everything
+``server.app.serve`` runs) and K-1 workers, each ``python -m server.workers``: its own trio
+loop with the store, a :class:`Fleet`, an :class:`EventBus`, a device plane and an OTA
+engine, but no API. Every process binds the device ports with SO_REUSEPORT, so the kernel
+spreads TCP connections and UDP flows over them, and each owns the sessions it accepted; the
+store relay (``server.relay``) carries events between them, so a release or a flash made
+through the API reaches the process holding the device.
+
+The main process supervises its workers (:class:`WorkerSupervisor`): each runs under
+``trio.run_process`` in the supervisor's nursery, gets its :class:`WorkerSpec` as one JSON
+line on stdin, answers one JSON line ``{"ready": ...}`` on stdout once its listeners are
+bound, and afterwards a status line (session count) whenever that changes. A worker that
+exits is logged and restarted with exponential backoff. On shutdown the supervisor sends
+SIGTERM: the worker shuts its device endpoint down gracefully (farewell and hold-off to
+every device, as the single process does) and exits. A worker whose stdin closes (its main
+process died, even by SIGKILL) does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from server.devices.ota import OtaEngine
+from server.devices.plane import DevicePlane, DevicePlaneConfig
+from server.events import EventBus
+from server.fleet import Fleet
+from server.identity import init_pki, pki_dir
+from server.relay import EventRelay
+from server.store import Store
+from server.transport import DeviceServer, DeviceServerConfig, serve_devices
+
+log = logging.getLogger("ota.workers")
+
+#: Restart backoff of a worker that exited: from the first to the last, doubling.
+RESTART_BACKOFF = (0.5, 30.0)
+#: A worker that ran this long before exiting restarts after the shortest backoff again.
+STABLE_AFTER = 60.0
+#: Seconds a starting worker may take to report its listeners bound.
+READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs (one JSON line on its stdin)."""
+
+    index: int
+    data_dir: str
+    db_url: str | None
+    host: str
+    tcp_port: int
+    udp_port: int
+    store_threads: int = 8
+    event_buffer: int = 256
+    max_event_subscribers: int = 1000
+    #: Seconds a worker waits for its devices' farewells when stopped.
+    shutdown_grace: float | None = None
+
+    def to_json(self) -> str:
+        """One line of JSON."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        """Parse :meth:`to_json`'s line (ValueError when it is not a spec)."""
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a worker spec: {exc}") from None
+
+
+def process_origin(role: str) -> str:
+    """The relay origin of this process: role and pid (unique among live processes)."""
+    return f"{role}-{os.getpid()}"
+
+
+def open_worker_store(data_dir: Path, db_url: str | None, pool_size: int) -> Store:
+    """The store a server process opens (the embedded SQLite file unless ``db_url``)."""
+    if db_url is None:
+        return Store.open_dir(data_dir, pool_size=pool_size)
+    return Store.open(db_url, data_dir / "blobs", pool_size=pool_size)
+
+
+class SharedPortPlane(DevicePlane):
+    """A device plane whose listeners bind given TCP and UDP ports with SO_REUSEPORT (the
+    ports the main process got, which differ when it asked for port 0)."""
+
+    def __init__(
+        self,
+        config: DevicePlaneConfig,
+        fleet: Fleet,
+        bus: EventBus,
+        *,
+        tcp_port: int,
+        udp_port: int,
+    ) -> None:
+        super().__init__(config, fleet, bus)
+        self.tcp_port = tcp_port
+        self.udp_port = udp_port
+
+    async def serve(self, *, task_status: trio.TaskStatus[DeviceServer]) -> None:
+        """Run the TLS and DTLS listeners until cancelled (``DevicePlane.serve`` with
+        separate ports and ``reuse_port``)."""
+        directory = pki_dir(self.config.data_dir)
+        await trio.to_thread.run_sync(init_pki, directory)
+        listener_config = DeviceServerConfig(
+            pki_dir=directory,
+            host=self.config.host,
+            tcp_port=self.tcp_port,
+            udp_port=self.udp_port,
+            limits=self.config.limits,
+            reuse_port=True,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_revoked_sessions)
+            self.server = await nursery.start(
+                partial(
+                    serve_devices,
+                    listener_config,
+                    self.handler_factory,
+                    self,
+                    registry=self.registry,
+                )
+            )
+            task_status.started(self.server)
+
+
+# -- the worker process --------------------------------------------------------------------
+
+
+async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
+    """A worker's life: store, bus, relay, fleet, device plane and OTA engine until SIGTERM,
+    SIGINT or the end of ``stdin``; then a graceful device shutdown."""
+    data_dir = Path(spec.data_dir)
+    store = await trio.to_thread.run_sync(
+        open_worker_store, data_dir, spec.db_url, spec.store_threads
+    )
+    try:
+        bus = EventBus(buffer=spec.event_buffer, max_subscribers=spec.max_event_subscribers)
+        fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(spec.store_threads))
+        # No fleet.startup(): the main process marked every device offline before any
+        # worker started; a worker (re)starting must not touch other processes' devices.
+        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"))
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.run)
+                plane = SharedPortPlane(
+                    DevicePlaneConfig(data_dir=data_dir, host=spec.host),
+                    fleet,
+                    bus,
+                    tcp_port=spec.tcp_port,
+                    udp_port=spec.udp_port,
+                )
+                engine = OtaEngine(plane)
+                nursery.start_soon(engine.watch_requests)
+                server: DeviceServer = await nursery.start(plane.serve)
+                _say(
+                    {
+                        "ready": True,
+                        "pid": os.getpid(),
+                        "origin": relay.origin,
+                        "tcp": server.tcp_address,
+                        "udp": server.udp_address,
+                        "udp_buffers": server.udp_buffers,
+                    }
+                )
+                nursery.start_soon(_report_sessions, plane)
+                stop = trio.Event()
+                nursery.start_soon(_set_on_signal, signals, stop)
+                nursery.start_soon(_set_at_eof, stdin, stop)
+                await stop.wait()
+                await server.shutdown(spec.shutdown_grace)  # farewell + hold-off
+                nursery.cancel_scope.cancel()  # the relay flushes what is left
+    finally:
+        store.close()
+
+
+def _say(message: dict[str, object]) -> None:
+    """One JSON line to the supervisor."""
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+async def _report_sessions(plane: DevicePlane) -> None:
+    """A status line whenever the number of sessions this process holds changed (checked
+    once a second)."""
+    reported = -1
+    while True:
+        count = len(plane.sessions)
+        if count != reported:
+            _say({"sessions": count})
+            reported = count
+        await trio.sleep(1.0)
+
+
+async def _set_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+    async for _ in signals:
+        stop.set()
+        return
+
+
+async def _set_at_eof(stdin: trio.abc.ReceiveStream, stop: trio.Event) -> None:
+    """The main process holds the write end of our stdin: EOF means it is gone."""
+    while await stdin.receive_some(4096):
+        pass
+    log.warning("worker: the main process is gone; shutting down")
+    stop.set()
+
+
+def main() -> None:
+    """``python -m server.workers``: read the spec line from stdin, run until told to stop."""
+    line = sys.stdin.buffer.readline()
+    spec = WorkerSpec.from_json(line.decode())
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"worker {spec.index} [%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    # The rest of stdin is read by trio (nothing else is buffered: one line was written).
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    trio.run(run_worker, spec, stdin)
+
+
+# -- the supervisor (main process) -----------------------------------------------------------
+
+
+@dataclass
+class WorkerState:
+    """What the supervisor knows of one worker."""
+
+    spec: WorkerSpec
+    pid: int | None = None
+    origin: str | None = None
+    #: Sessions the worker holds (from its last status line).
+    sessions: int = 0
+    starts: int = 0
+    exits: list[int] = field(default_factory=list)
+    ready: trio.Event = field(default_factory=trio.Event)
+
+
+class WorkerSupervisor:
+    """Runs and restarts the worker processes (see the module docstring)."""
+
+    def __init__(
+        self,
+        specs: list[WorkerSpec],
+        *,
+        stop_grace: float = 15.0,
+        on_ready: Callable[[WorkerState], None] | None = None,
+    ) -> None:
+        self.workers = [WorkerState(spec) for spec in specs]
+        self.stop_grace = stop_grace
+        self.on_ready = on_ready
+        self._stopping = False
+        self._processes: dict[int, trio.Process] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[WorkerSupervisor]) -> None:
+        """Start every worker; report started once each is ready (or failed its first
+        start); keep them running until :meth:`stop` or cancellation."""
+        async with trio.open_nursery() as nursery:
+            for state in self.workers:
+                nursery.start_soon(self._keep_running, state)
+            with trio.move_on_after(READY_TIMEOUT):
+                for state in self.workers:
+                    await state.ready.wait()
+            task_status.started(self)
+
+    async def stop(self) -> None:
+        """Graceful stop: SIGTERM to every worker, wait for them (SIGKILL after
+        ``stop_grace`` seconds)."""
+        self._stopping = True
+        for process in list(self._processes.values()):
+            if process.returncode is None:
+                process.terminate()
+        with trio.move_on_after(self.stop_grace):
+            for process in list(self._processes.values()):
+                await process.wait()
+        for process in list(self._processes.values()):
+            if process.returncode is None:
+                process.kill()
+
+    async def _keep_running(self, state: WorkerState) -> None:
+        backoff = RESTART_BACKOFF[0]
+        while not self._stopping:
+            started = trio.current_time()
+            code = await self._run_once(state)
+            state.ready.set()  # a failed first start must not hold the main process up
+            if self._stopping:
+                return
+            state.exits.append(code)
+            if trio.current_time() - started >= STABLE_AFTER:
+                backoff = RESTART_BACKOFF[0]
+            log.warning(
+                "worker %d (pid %s) exited with status %d; restarting it in %.1f s",
+                state.spec.index,
+                state.pid,
+                code,
+                backoff,
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF[1])
+
+    async def _run_once(self, state: WorkerState) -> int:
+        """Run the worker process once; its exit status (negative: killed by a signal)."""
+        argv = [sys.executable, "-m", "server.workers"]
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    check=False,
+                    deliver_cancel=self._deliver_cancel,
+                )
+            )
+            state.starts += 1
+            state.pid = process.pid
+            self._processes[state.spec.index] = process
+            assert process.stdin is not None and process.stdout is not None
+            with suppress(trio.BrokenResourceError):  # it died at once: its status tells
+                await process.stdin.send_all(state.spec.to_json().encode() + b"\n")
+            await self._read_status(state, process.stdout)
+        # run_process returned: the process has exited (stdin is closed by trio).
+        assert process.returncode is not None
+        return process.returncode
+
+    async def _read_status(self, state: WorkerState, stdout: trio.abc.ReceiveStream) -> None:
+        """Follow the worker's status lines until it closes stdout."""
+        pending = b""
+        while chunk := await stdout.receive_some(4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("worker %d said: %r", state.spec.index, line[:200])
+                    continue
+                if message.get("ready"):
+                    state.origin = str(message.get("origin"))
+                    log.info("worker %d ready: %s", state.spec.index, message)
+                    state.ready.set()
+                    if self.on_ready is not None:
+                        self.on_ready(state)
+                elif "sessions" in message:
+                    state.sessions = int(message["sessions"])
+
+    async def _deliver_cancel(self, process: trio.Process) -> None:
+        """Cancelled (hard stop of the main process): SIGTERM, SIGKILL after the grace."""
+        process.terminate()
+        await trio.sleep(self.stop_grace)
+        process.kill()
+
+
+def default_workers(device_listeners: bool) -> int:
+    """One process per CPU when devices connect (the device plane is what scales); one
+    otherwise (the API alone gains nothing from workers, which run no API)."""
+    if not device_listeners:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))  # the CPUs this process may run on
+
+
+if __name__ == "__main__":
+    main()

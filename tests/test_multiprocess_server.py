@@ -1,0 +1,398 @@
+"""Several server processes on one store: the store event relay and ``ota server --workers``.
+
+Relay tests run two relays in this process over one SQLite file (two ``Store`` objects, as
+two processes would open it). The end-to-end test starts ``ota server --workers 2`` as a
+subprocess on free ports, connects emulated devices over TLS and DTLS, proves from the
+``event_log`` table (each row names the process that published it) that both processes
+hold sessions, then drives releases and a flash through the main process's API, reads its
+SSE stream, SIGKILLs the worker and shuts everything down with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+import trio
+
+from otacore.signing import TrustStore
+from server.app import ServerConfig, serve
+from server.cli.device_store_cmd import create_provisioned_product
+from server.devices.keys import TRUST_FILE, read_trust_file
+from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
+from server.events import STATUS, Event, EventBus
+from server.fleet import Fleet
+from server.relay import EventRelay, RelaySettings
+from server.store import Store
+from server.store.schema import event_log
+from server.store.tx_events import append_events, last_event_id
+from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
+
+REPO = Path(__file__).resolve().parent.parent
+FAST_RELAY = RelaySettings(flush_interval=0.01, poll_interval=0.02)
+
+
+# -- the relay, in process ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def relay_pair(
+    tmp_path: Path, settings: RelaySettings = FAST_RELAY
+) -> AsyncIterator[tuple[EventRelay, EventRelay]]:
+    """Two relays ("a" prunes, "b" does not) on two stores over one SQLite file."""
+    stores = [Store.open_dir(tmp_path, pool_size=2) for _ in range(2)]
+    try:
+        a = EventRelay(stores[0], EventBus(), "a", settings=settings, prune=True)
+        b = EventRelay(stores[1], EventBus(), "b", settings=settings)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            yield a, b
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            store.close()
+
+
+async def received(relay: EventRelay, count: int, timeout: float = 5.0) -> list[Event]:
+    """The first ``count`` events ``relay``'s bus publishes from now on."""
+    got: list[Event] = []
+    with relay.bus.subscribe(buffer=1000) as sub, trio.fail_after(timeout):
+        async for event in sub.receive:
+            got.append(event)
+            if len(got) == count:
+                break
+    return got
+
+
+def log_rows(store: Store) -> list[tuple[str, str, str | None]]:
+    with store.read() as tx:
+        rows = tx.conn.execute(
+            sa.select(event_log.c.origin, event_log.c.name, event_log.c.data).order_by(
+                event_log.c.id
+            )
+        ).all()
+    return [(r.origin, r.name, r.data) for r in rows]
+
+
+async def test_events_cross_both_ways_once_and_in_order(tmp_path: Path) -> None:
+    async with relay_pair(tmp_path) as (a, b):
+        async with trio.open_nursery() as nursery:
+            at_b: list[Event] = []
+
+            async def collect() -> None:
+                at_b.extend(await received(b, 3))
+
+            nursery.start_soon(collect)
+            await trio.sleep(0.01)
+            for n in range(3):
+                a.bus.publish(Event("test/a", str(n), product_id=7, device_id="d1", ttl=5))
+        assert [(e.name, e.data, e.product_id, e.device_id, e.ttl) for e in at_b] == [
+            ("test/a", str(n), 7, "d1", 5) for n in range(3)
+        ]
+        with a.bus.subscribe() as at_a:
+            b.bus.publish(Event("test/b", "x"))
+            with trio.fail_after(5):
+                back = await at_a.receive.receive()
+        assert (back.name, back.data) == ("test/b", "x")
+        await trio.sleep(0.2)  # several polls: nothing comes back
+        rows = log_rows(a.store)
+        # Each event appended once, by its publisher; relayed events are never re-appended.
+        assert rows == [("a", "test/a", str(n)) for n in range(3)] + [("b", "test/b", "x")]
+        assert a.stats.received == 1 and b.stats.received == 3
+        assert a.stats.appended == 3 and b.stats.appended == 1
+
+
+async def test_a_new_relay_does_not_replay_history(tmp_path: Path) -> None:
+    store = Store.open_dir(tmp_path, pool_size=1)
+    try:
+        with store.write() as tx:
+            append_events(tx.conn, "old", [Event("test/old", str(n)) for n in range(5)])
+    finally:
+        store.close()
+    async with relay_pair(tmp_path) as (a, b):
+        assert a.stats.last_id == b.stats.last_id == 5
+        with b.bus.subscribe() as sub:
+            a.bus.publish(Event("test/new", "1"))
+            with trio.fail_after(5):
+                event = await sub.receive.receive()
+            await trio.sleep(0.1)
+            assert (event.name, sub.receive.statistics().current_buffer_used) == ("test/new", 0)
+
+
+async def test_pruning_keeps_the_newest_row_and_ids_never_go_back(tmp_path: Path) -> None:
+    async with relay_pair(tmp_path) as (a, b):
+        old = time.time_ns() // 1_000_000 - 600_000
+        for n in range(4):
+            a.bus.publish(Event("test/old", str(n), published_at=old))
+        await received(b, 4)
+        assert await a.prune_now(retention=60.0) == 3  # every old row but the newest
+        assert [r[2] for r in log_rows(a.store)] == ["3"]
+        with a.store.read() as tx:
+            before = last_event_id(tx.conn)
+        a.bus.publish(Event("test/new", "after prune"))
+        (event,) = await received(b, 1)  # b reads after id 4: the new row must be above it
+        assert event.data == "after prune"
+        with a.store.read() as tx:
+            assert last_event_id(tx.conn) == before + 1
+
+
+async def test_a_full_buffer_drops_from_the_relay_only(tmp_path: Path) -> None:
+    slow = RelaySettings(flush_interval=0.5, poll_interval=0.02, buffer=3)
+    async with relay_pair(tmp_path, slow) as (a, b):
+        with a.bus.subscribe() as local:
+            for n in range(5):
+                a.bus.publish(Event("test/burst", str(n)))
+            assert local.receive.statistics().current_buffer_used == 5  # all local ones
+        assert a.stats.dropped == 2
+        got = await received(b, 3)
+        assert [e.data for e in got] == ["0", "1", "2"]
+
+
+async def test_a_single_process_server_runs_no_relay(tmp_path: Path) -> None:
+    config = ServerConfig(data_dir=tmp_path, api_port=0, device_port=0, workers=1)
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(serve, config)
+        assert handle.relay is None and handle.workers is None and handle.bus.tap is None
+        handle.shutdown.set()
+    assert log_rows(Store.open_dir(tmp_path, pool_size=1)) == []
+
+
+# -- ota server --workers 2, end to end ----------------------------------------------------------
+
+DEVICES = 12  # alternating TLS / DTLS: all in one process by chance with p = 2 / 2**12
+
+
+class ServerProcess:
+    """``ota server --workers 2`` as a subprocess, with what it printed."""
+
+    def __init__(self, process: trio.Process, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.lines: dict[str, str] = {}
+
+    async def read_banner(self) -> None:
+        assert self.process.stdout is not None
+        text = ""
+        with trio.fail_after(60):
+            while "ota server: worker 1 pid" not in text:
+                chunk = await self.process.stdout.receive_some(4096)
+                assert chunk, f"the server exited: {text} {self.log_path.read_text()}"
+                text += chunk.decode()
+        for line in text.splitlines():
+            head, _, value = line.rpartition(" ")
+            self.lines[head] = value
+
+    def address(self, name: str) -> tuple[str, int]:
+        host, _, port = self.lines[f"ota server: devices on {name}"].rpartition(":")
+        return host, int(port)
+
+    @property
+    def api_url(self) -> str:
+        return self.lines["ota server: API listening on"]
+
+    @property
+    def worker_pid(self) -> int:
+        return int(self.lines["ota server: worker 1 pid"])
+
+
+def online_origins(store: Store) -> dict[str, str]:
+    """Device -> origin (process) of its latest ``spark/status`` "online" in the log."""
+    with store.read() as tx:
+        rows = tx.conn.execute(
+            sa.select(event_log.c.device_id, event_log.c.origin)
+            .where(event_log.c.name == STATUS, event_log.c.data == "online")
+            .order_by(event_log.c.id)
+        ).all()
+    return {row.device_id: row.origin for row in rows}
+
+
+def worker_held(store: Store, origin: str) -> list[str]:
+    """The devices whose latest session is held by the process ``origin``."""
+    return sorted(d for d, o in online_origins(store).items() if o == origin)
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+async def sse_reader(
+    client: httpx.AsyncClient, url: str, out: list[dict[str, Any]], opened: trio.Event
+) -> None:
+    async with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        name = None
+        async for line in response.aiter_lines():
+            if line == ":ok":
+                opened.set()
+            elif line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: ") and name is not None:
+                out.append({"event": name, **json.loads(line[len("data: ") :])})
+                name = None
+
+
+def setup_store(data: Path, creds: Path) -> tuple[int, list[str], str]:
+    product_id, devices = create_provisioned_product(data, creds, "Sensors", 13, DEVICES)
+    store = Store.open_dir(data, pool_size=1)
+    try:
+        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
+    finally:
+        store.close()
+    return product_id, sorted(d.device_id for d in devices), token
+
+
+async def test_two_processes_serve_one_fleet(tmp_path: Path) -> None:
+    data, creds, log_path = tmp_path / "data", tmp_path / "creds", tmp_path / "server.log"
+    product, ids, token = await trio.to_thread.run_sync(setup_store, data, creds)
+    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
+            "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
+    with log_path.open("ab") as log:
+        process = await trio.lowlevel.open_process(
+            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
+        )
+    server = ServerProcess(process, log_path)
+    store = Store.open_dir(data, pool_size=1)
+    try:
+        await server.read_banner()
+        await _drive(server, store, product, ids, token, creds, tmp_path / "state")
+        # Graceful stop: the worker goes too (its devices got their farewell).
+        worker = server.worker_pid
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0, log_path.read_text()[-3000:]
+        assert (
+            not Path(f"/proc/{worker}").exists()
+            or "zombie" in Path(f"/proc/{worker}/status").read_text()
+        )
+    finally:
+        store.close()
+        if process.returncode is None:
+            for pid in children(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+            await process.wait()
+
+
+async def _drive(
+    server: ServerProcess,
+    store: Store,
+    product: int,
+    ids: list[str],
+    token: str,
+    creds: Path,
+    state_root: Path,
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    trust = TrustStore.initial(product, read_trust_file(creds / TRUST_FILE))
+    found = dict(find_credentials(creds))
+    kinds = ["tcp" if n % 2 == 0 else "udp" for n in range(len(ids))]
+    members = [
+        FleetMember(device_id, found[device_id], state_root / device_id, kind)  # type: ignore[arg-type]
+        for device_id, kind in zip(ids, kinds, strict=True)
+    ]
+    settings = FleetSettings(
+        server=server.address("TLS"), udp_server=server.address("DTLS"),
+        firmware=(SYSTEM_5003, APP_V1), trust_store=trust, **FAST,
+        # A DTLS device learns that its server died from a missed keep-alive (no FIN).
+        keepalive_interval=1.0, keepalive_timeout=2.0,
+    )  # fmt: skip
+    fleet = EmulatedFleet(members, settings)
+    sse: list[dict[str, Any]] = []
+    async with (
+        httpx.AsyncClient(base_url=server.api_url, headers=headers, timeout=30) as api,
+        trio.open_nursery() as nursery,
+    ):
+        opened = trio.Event()
+        nursery.start_soon(sse_reader, api, f"/v1/products/{product}/events", sse, opened)
+        with trio.fail_after(10):
+            await opened.wait()
+        files = {"binary": ("system-part1.bin", SYSTEM_5003, "application/octet-stream")}
+        response = await api.post("/v1/device-os", files=files)
+        assert response.status_code == 201, response.text
+        for version in (2, 3):
+            files = {"binary": ("app.bin", app(version), "application/octet-stream")}
+            response = await api.post(
+                f"/v1/products/{product}/firmware",
+                data={"version": str(version), "title": f"v{version}"},
+                files=files,
+            )
+            assert response.status_code == 201, response.text
+        await nursery.start(fleet.run)
+        await fleet.wait_until(lambda f: f.summary().online == len(ids), timeout=30)
+
+        # Both processes hold sessions: the process that published each device's "online".
+        with trio.fail_after(10):
+            while len(origins := online_origins(store)) < len(ids):
+                await trio.sleep(0.05)
+        worker_origin = f"worker1-{server.worker_pid}"
+        held = {origin.split("-")[0] for origin in origins.values()}
+        assert held == {"main", "worker1"}, origins
+        on_worker = [d for d, origin in origins.items() if origin == worker_origin]
+        per_process = {p: [o.split("-")[0] for o in origins.values()].count(p) for p in held}
+        print("sessions per process:", per_process)
+
+        # The main API's SSE stream shows the worker's devices coming online.
+        def sse_online() -> set[str]:
+            return {e["coreid"] for e in sse if e["event"] == STATUS and e["data"] == "online"}
+
+        with trio.fail_after(10):
+            while not set(on_worker) <= sse_online():
+                await trio.sleep(0.05)
+
+        # An immediate release reaches every device, the worker's included.
+        response = await api.put(
+            f"/v1/products/{product}/firmware/release",
+            json={"version": 2, "product_default": True, "intelligent": True, "force": True},
+        )
+        assert response.status_code == 200, response.text
+        await fleet.wait_until(lambda f: all(updated_to(d, 2)(f) for d in ids), timeout=30)
+
+        # A flash of a device the worker holds reaches it (the update's reboots moved
+        # devices: look again where each one's latest "online" came from).
+        await trio.sleep(0.5)
+        target = worker_held(store, worker_origin)[0]
+        response = await api.put(
+            f"/v1/products/{product}/devices/{target}",
+            json={"desired_firmware_version": 3, "flash": True},
+        )
+        assert response.status_code == 200, response.text
+        await fleet.wait_until(updated_to(target, 3), timeout=30)
+
+        # SIGKILL the worker: it is restarted and its devices come back online.
+        await trio.sleep(0.5)
+        on_worker = worker_held(store, worker_origin)
+        assert on_worker
+        sessions = {d: fleet.device(d).device.sessions for d in on_worker}
+        os.kill(server.worker_pid, signal.SIGKILL)
+        with trio.fail_after(30):
+            while not [p for p in children(server.process.pid) if p != server.worker_pid]:
+                await trio.sleep(0.1)
+
+        def back(f: EmulatedFleet) -> bool:
+            return f.summary().online == len(ids) and all(
+                f.device(d).device.sessions > n for d, n in sessions.items()
+            )
+
+        try:
+            await fleet.wait_until(back, timeout=30)
+        except trio.TooSlowError:
+            now = [(d, fleet.device(d).device.sessions, n) for d, n in sessions.items()]
+            raise AssertionError(
+                f"not back: {now} {fleet.summary().line()} {server.log_path.read_text()[-3000:]}"
+            ) from None
+        assert "worker 1 (pid" in server.log_path.read_text()
+        nursery.cancel_scope.cancel()
