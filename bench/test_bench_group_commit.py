@@ -1,20 +1,28 @@
 """Device-session writes: one transaction per call vs group commit, on a real SQLite file.
 
-Run: .venv/bin/python -m pytest bench/test_bench_group_commit.py --benchmark-only -q
+Run: .venv/bin/python -m pytest bench/test_bench_group_commit.py --benchmark-enable
+--benchmark-only -q -s
 
 Each round starts 1,000 concurrent session writes, one per provisioned device, in a fresh
-trio run: ``record_device_hello`` (the heaviest, about 12 statements) or ``set_reset_pending``
-(a thin one, 3 statements), on a store in WAL mode with synchronous=FULL (the server's
+trio run: ``record_device_hello`` (the heaviest: 6 statements plus its savepoint's two),
+``record_describe`` (5), ``record_update_progress`` (1, sent every 32 KiB of a transfer) or
+``set_reset_pending`` (1), on a store in WAL mode with synchronous=FULL (the server's
 settings) under the server's default 8-thread store limiter. The baseline is the same Fleet
 with ``_run_grouped`` replaced by what the session methods did before group commit: one
 worker-thread call and one durable transaction per call (``_run`` around ``store.write()``).
 Both run in the same session (group "session-writes-1000") so the table shows their ratio;
 the grouped tests also record calls/s for both and the ratio in ``extra_info`` (and print
 them with ``-s``).
+
+``test_session_reads`` times the reads a session makes, 1,000 concurrent calls per round on a
+product with a released firmware: ``target_for_device`` (at every update check: device,
+product and groups in one query, then releases, firmware and pending flash) and
+``load_ota_memory`` (once per session); each is one read transaction per call.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,8 @@ from typing import Any
 import pytest
 import trio
 
+from otacore.module import build_module
+from otacore.platforms import ModuleFunction
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.fleet.base import Outcome
@@ -60,19 +70,79 @@ def provision(store: Store) -> list[str]:
     return ids
 
 
+def release_firmware(store: Store, product_id: int, version: int = 3) -> None:
+    """Upload a small product firmware ``version`` and make it the product default."""
+    image = build_module(
+        hashlib.shake_256(b"bench").digest(4096),
+        platform_id=13,
+        function=ModuleFunction.USER_PART,
+        version=6,
+        product_id=13,
+        product_version=version,
+    )
+
+    async def main() -> None:
+        fleet = Fleet(store, EventBus())
+        await fleet.upload_firmware(SYSTEM_ACTOR, product_id, image, version=version, title="b")
+        await fleet.release_firmware(
+            SYSTEM_ACTOR, product_id, version, product_default=True, force=True
+        )
+
+    trio.run(main)
+
+
 async def hello(fleet: Fleet, device_id: str, n: int) -> None:
-    """The heaviest session write: a handshake (about 12 statements)."""
+    """The heaviest session write: a handshake."""
     await fleet.record_device_hello(
         device_id, platform_id=13, product_version=n % 7, system_version=5000
     )
 
 
+async def describe(fleet: Fleet, device_id: str, n: int) -> None:
+    """The modules a device reports after its hello (they change every other round)."""
+    modules = [
+        {"function": 4, "index": 1, "version": 5000 + n % 2, "size": 600_000},
+        {"function": 5, "index": 1, "version": n % 7, "size": 90_000},
+    ]
+    await fleet.record_describe(device_id, modules)
+
+
+async def progress(fleet: Fleet, device_id: str, n: int) -> None:
+    """Transfer progress, persisted every 32 KiB during an update."""
+    await fleet.record_update_progress(
+        device_id,
+        sha256="ab" * 32,
+        version=3,
+        transfer="delta",
+        bytes_done=32_768 * (n % 5),
+        bytes_total=200_000,
+    )
+
+
 async def reset_pending(fleet: Fleet, device_id: str, n: int) -> None:
-    """A thin session write (3 statements): where the per-transaction cost shows most."""
+    """A thin session write: where the per-transaction cost shows most."""
     await fleet.set_reset_pending(device_id, n % 2 == 0)
 
 
-CALL_KINDS = {"hello": hello, "reset_pending": reset_pending}
+CALL_KINDS = {
+    "hello": hello,
+    "describe": describe,
+    "progress": progress,
+    "reset_pending": reset_pending,
+}
+
+
+async def target(fleet: Fleet, device_id: str, n: int) -> None:
+    """The read at every update check."""
+    await fleet.target_for_device(device_id)
+
+
+async def ota_memory(fleet: Fleet, device_id: str, n: int) -> None:
+    """The OTA engine's per-device memory, loaded when a session starts."""
+    await fleet.load_ota_memory(device_id)
+
+
+READ_KINDS = {"target": target, "load_ota_memory": ota_memory}
 
 
 def run_round(
@@ -127,3 +197,16 @@ def test_group_commit(benchmark: Any, store: Store, kind: str) -> None:
             f"{CALLS / MEANS[f'grouped-{kind}']:.0f}/s, ratio {ratio:.2f}x, "
             f"{per_tx} ops per transaction"
         )
+
+
+@pytest.mark.parametrize("kind", list(READ_KINDS))
+@pytest.mark.benchmark(group="session-reads-1000")
+def test_session_reads(benchmark: Any, store: Store, kind: str) -> None:
+    ids = provision(store)
+    with store.read() as tx:
+        product = tx.get_product("bench")
+    assert product is not None
+    release_firmware(store, product.id)
+    benchmark.pedantic(run_round, (Fleet, READ_KINDS[kind], store, ids), rounds=3)
+    _record(benchmark, f"read-{kind}")
+    print(f"\n{kind} x{CALLS}: {CALLS / MEANS[f'read-{kind}']:.0f}/s")

@@ -1,7 +1,7 @@
 """A tiny end-to-end run of ``ota bench fleet``: a real server subprocess, one load
-generator with six emulated devices on both transports, a (delta-requested, full-run)
-immediate release and the nginx baseline; checks that the result is complete and sane and
-that no child process outlives the run."""
+generator with six emulated devices on both transports, an immediate release (full images
+from one server process, a patch release sent as deltas from two) and the nginx baseline;
+checks that the result is complete and sane and that no child process outlives the run."""
 
 from __future__ import annotations
 
@@ -48,13 +48,15 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("server_procs", [1, 2])
-async def test_small_fleet_run_reports_every_field(tmp_path: Path, server_procs: int) -> None:
+@pytest.mark.parametrize(("server_procs", "release"), [(1, "full"), (2, "delta")])
+async def test_small_fleet_run_reports_every_field(
+    tmp_path: Path, server_procs: int, release: str
+) -> None:
     out = tmp_path / "out"
     options = BenchOptions(
         devices=DEVICES,
         transport="both",
-        release="delta",
+        release=release,
         procs=1,
         server_procs=server_procs,
         out_dir=out,
@@ -92,8 +94,17 @@ async def test_small_fleet_run_reports_every_field(tmp_path: Path, server_procs:
         # The image is written, the device reboots and reconnects before it counts.
         assert stages["apply_reboot_verify"]["min"] > 0
     assert result["bytes_delivered"] == result["bytes_full_images"] == DEVICES * image
-    # Every image crossed the link once, plus CoAP/transfer framing and session chatter.
-    assert DEVICES * image <= result["bytes_on_wire"] < 1.2 * DEVICES * image
+    stats = result["release_stats"]
+    assert stats["bytes_full_images"] == DEVICES * image
+    if release == "full":
+        # Every image crossed the link once, plus CoAP/transfer framing and session chatter.
+        assert DEVICES * image <= result["bytes_on_wire"] < 1.2 * DEVICES * image
+        assert (stats["full_transfers"], stats["bytes_sent"]) == (DEVICES, DEVICES * image)
+    else:
+        # A patch release: each device got the shared v1 -> v2 delta, a tiny fraction.
+        assert stats["delta_transfers"] == DEVICES and stats["full_transfers"] == 0
+        assert stats["bytes_sent"] * 50 < DEVICES * image
+        assert result["bytes_on_wire"] < DEVICES * image / 10
     assert result["goodput_mb_s"] > 0 and result["server_cpu_s_per_mb"] > 0
     assert result["server_rss_peak_kib"] > 0 and result["server_rss_per_session_kib"] is not None
     assert result["handshakes_per_s_full"] > 0 and result["handshakes_per_s_resumed"] > 0
@@ -105,10 +116,7 @@ async def test_small_fleet_run_reports_every_field(tmp_path: Path, server_procs:
             assert resumed["reused"] == DEVICES // 2
         else:  # each process has its own ticket keys: a ticket resumes only where issued
             assert 0 <= resumed["reused"] <= DEVICES // 2
-    # Delta releases are not in the server yet: the option runs a full release and says so.
-    assert result["release"] == "delta" and result["release_run"] == "full"
-    assert result["delta_supported"] is False
-    assert any("delta" in note for note in result["notes"])
+    assert result["release"] == result["release_run"] == release
     if find_nginx() is None:
         assert result["nginx_goodput_mb_s"] is None and "nginx" in result["nginx"]["note"]
     else:

@@ -2,7 +2,10 @@
 
 The application images are real Particle modules of exactly ``app_size`` bytes (header,
 payload, product data suffix and CRC included) for a Boron (platform 13); their payloads are
-pseudo-random, so a full image costs its whole size on the wire (nothing compresses).
+pseudo-random, so a full image costs its whole size on the wire (nothing compresses, so
+compressed OTA does not apply either). For a delta release, v2 is v1's payload with a few
+small edits (a patch release: a bug fix, a changed constant), so the server's delta from v1
+is a few hundred bytes.
 """
 
 from __future__ import annotations
@@ -55,12 +58,31 @@ def system_part() -> bytes:
     )
 
 
-def application(version: int, product_id: int, size: int) -> bytes:
-    """Application (user part 1) ``version`` of ``product_id``: exactly ``size`` bytes."""
+#: Offsets (fractions of the payload) and bytes a patch release changes.
+PATCH_EDITS = ((0.12, b"fix: debounce"), (0.5, b"\x2a\x00\x00\x00"), (0.83, b"v2 timeout 30s"))
+
+
+def _patched(payload: bytes) -> bytes:
+    out = bytearray(payload)
+    for fraction, data in PATCH_EDITS:
+        at = int(len(out) * fraction)
+        if at + len(data) <= len(out):  # same length: the edit replaces bytes in place
+            out[at : at + len(data)] = data
+    return bytes(out)
+
+
+def application(version: int, product_id: int, size: int, *, patch_of: int | None = None) -> bytes:
+    """Application (user part 1) ``version`` of ``product_id``: exactly ``size`` bytes; with
+    ``patch_of``, the payload of that version with :data:`PATCH_EDITS` applied."""
+
+    def payload(payload_size: int) -> bytes:
+        if patch_of is None:
+            return _pseudo_random(f"bench application {version}", payload_size)
+        return _patched(_pseudo_random(f"bench application {patch_of}", payload_size))
 
     def build(payload_size: int) -> bytes:
         return build_module(
-            _pseudo_random(f"bench application {version}", payload_size),
+            payload(payload_size),
             platform_id=PLATFORM_BORON,
             function=ModuleFunction.USER_PART,
             index=1,
@@ -79,9 +101,12 @@ def application(version: int, product_id: int, size: int) -> bytes:
     return image
 
 
-def prepare_installation(work_dir: Path, devices: int, app_size: int) -> Installation:
+def prepare_installation(
+    work_dir: Path, devices: int, app_size: int, *, patch_release: bool = False
+) -> Installation:
     """Create the store, a product, an owner token, ``devices`` provisioned devices (one
-    store transaction) and the firmware files. Blocking: run it in a worker thread."""
+    store transaction) and the firmware files (``patch_release``: v2 is a patch of v1).
+    Blocking: run it in a worker thread."""
     data_dir, creds_dir, firmware_dir = work_dir / "data", work_dir / "creds", work_dir / "fw"
     for path in (data_dir, creds_dir):
         if path.exists():
@@ -101,7 +126,8 @@ def prepare_installation(work_dir: Path, devices: int, app_size: int) -> Install
     app_paths: dict[int, Path] = {}
     for version in (1, 2):
         path = firmware_dir / f"app-v{version}.bin"
-        path.write_bytes(application(version, product.id, app_size))
+        patch_of = 1 if patch_release and version == 2 else None
+        path.write_bytes(application(version, product.id, app_size, patch_of=patch_of))
         app_paths[version] = path
     return Installation(
         data_dir=data_dir,

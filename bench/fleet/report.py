@@ -284,11 +284,27 @@ def results_table(result: dict[str, Any]) -> Table:
             f"{_fmt(nginx.get('cpu_s_per_mb'), 3)} nginx CPU s/MB; {nginx.get('note', '')}",
         ),
         (
-            "delta_supported",
-            _fmt(result.get("delta_supported")),
-            f"--release {result.get('release')} ran a {result.get('release_run')} release",
+            "server bytes sent / full images",
+            _release_bytes(result.get("release_stats")),
+            f"--release {result.get('release')}: what the server counted per transfer kind",
         ),
     ]
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _release_bytes(stats: dict[str, Any] | None) -> str:
+    """The server's release_stats bytes and transfer kinds as one table cell."""
+    if not stats or "bytes_sent" not in stats:
+        return "n/a"
+    kinds = ", ".join(
+        f"{stats.get(name, 0)} {label}"
+        for name, label in (
+            ("delta_transfers", "delta"),
+            ("compressed_transfers", "zstd"),
+            ("full_transfers", "full"),
+        )
+    )
+    sent, full = stats["bytes_sent"] / 1e6, stats["bytes_full_images"] / 1e6
+    return f"{sent:.2f} / {full:.2f} MB ({kinds})"

@@ -26,6 +26,7 @@ import tempfile
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -300,6 +301,11 @@ async def _fleet_and_release(
                 )
             stats = await request_all(gens, "fleet_stats")
             await request_all(gens, "fleet_stop")
+            # What the server says it sent for this release (deltas versus full images).
+            response = await api.get(f"/v1/products/{install.product_id}/firmware/2")
+            result["release_stats"] = (
+                response.json().get("release_stats") if response.status_code == 200 else None
+            )
     result["release_end"] = release_end
     result["released_at"] = released_at
     result["release_devices"] = expected
@@ -434,7 +440,13 @@ async def _run(
     load_at_start = os.getloadavg()
     reporter.phase(f"provisioning {options.devices} devices", None)
     install = await trio.to_thread.run_sync(
-        prepare_installation, work, options.devices, options.app_size
+        partial(
+            prepare_installation,
+            work,
+            options.devices,
+            options.app_size,
+            patch_release=options.release == "delta",
+        )
     )
     specs = _deal(options, install, work)
     progress = FleetProgress(options.procs)
@@ -452,11 +464,6 @@ async def _run(
         nursery.cancel_scope.cancel()
     image_size = install.app_images[2].stat().st_size
     updated = fleet["update_times"]
-    if options.release == "delta":
-        notes.append(
-            "delta releases are not integrated in the server yet (issue 6): a full "
-            "release was run instead"
-        )
     if fleet["release_end"] != "done":
         why = (
             f"timed out after {options.release_timeout:.0f} s"
@@ -489,8 +496,8 @@ async def _run(
         "procs": options.procs,
         "server_procs": options.server_procs,
         "release": options.release,
-        "release_run": "full",
-        "delta_supported": False,
+        "release_run": options.release,
+        "release_stats": fleet["release_stats"],
         "image_size": image_size,
         "sessions_peak": progress.peak,
         "online_end": fleet["online_end"],

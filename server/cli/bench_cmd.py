@@ -51,7 +51,8 @@ def fleet(
     release: Annotated[
         str,
         typer.Option(
-            "--release", help="full or delta (delta is not in the server yet: runs full)."
+            "--release",
+            help="full (pseudo-random v2: full images) or delta (v2 is a patch of v1: deltas).",
         ),
     ] = "full",
     procs: Annotated[int, typer.Option("--procs", min=1, help="Load-generator processes.")] = 2,
