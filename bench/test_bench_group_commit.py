@@ -4,8 +4,8 @@ Run: .venv/bin/python -m pytest bench/test_bench_group_commit.py --benchmark-ena
 --benchmark-only -q -s
 
 Each round starts 1,000 concurrent session writes, one per provisioned device, in a fresh
-trio run: ``record_device_hello`` (the heaviest: 6 statements plus its savepoint's two),
-``record_describe`` (5), ``record_update_progress`` (1, sent every 32 KiB of a transfer) or
+trio run: ``record_device_hello`` (the heaviest: 5 statements plus its savepoint's two),
+``record_describe`` (4), ``record_update_progress`` (1, sent every 32 KiB of a transfer) or
 ``set_reset_pending`` (1), on a store in WAL mode with synchronous=FULL (the server's
 settings) under the server's default 8-thread store limiter. The baseline is the same Fleet
 with ``_run_grouped`` replaced by what the session methods did before group commit: one
@@ -15,8 +15,8 @@ the grouped tests also record calls/s for both and the ratio in ``extra_info`` (
 them with ``-s``).
 
 ``test_session_reads`` times the reads a session makes, 1,000 concurrent calls per round on a
-product with a released firmware: ``target_for_device`` (at every update check: device,
-product and groups in one query, then releases, firmware and pending flash) and
+product with a released firmware: ``target_for_device`` (at every update check: 3 queries,
+device with product and groups, releases with their firmware, pending flash) and
 ``load_ota_memory`` (once per session); each is one read transaction per call.
 """
 

@@ -24,6 +24,9 @@ class OtaConfig:
     offer_timeout: float = 30.0
     #: Persist transfer progress every this many bytes (not per chunk).
     progress_step: int = 32 * 1024
+    #: ... and at most once per this many seconds per transfer (the final bytes are
+    #: recorded with the "applying" state, not as progress).
+    progress_interval: float = 1.0
     #: Prepared files (chunk CRCs) kept for reuse across devices.
     prepared_cache: int = 16
     #: After a Hello, wait this long for the session's Describe before planning from the

@@ -57,6 +57,9 @@ WELL_KNOWN_CORE = (
 )
 #: Protocol violations a session may commit before it is closed.
 MAX_VIOLATIONS = 5
+#: Requests from the device waiting for the session's request handler (beyond it the
+#: reader waits: a device flooding requests slows only its own session).
+MAX_QUEUED_REQUESTS = 16
 SHUTDOWN_EVENT = "ota/server/going-away"
 
 
@@ -85,6 +88,7 @@ class DeviceSessionHandler:
         self._waiters: dict[bytes, _Waiter] = {}
         self._wake_writer = trio.Event()
         self._rearm_timer = trio.Event()
+        self._requests_in, self._requests = trio.open_memory_channel[Message](MAX_QUEUED_REQUESTS)
         #: Called with each request the generic dispatcher does not own (OTA paths).
         self.extra_routes: list[Callable[[Message], Any]] = []
         self.on_hello: list[Callable[[], Any]] = []
@@ -104,6 +108,7 @@ class DeviceSessionHandler:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._timer)
+                nursery.start_soon(self._handle_requests)
                 self.plane.on_session_start(self, nursery)
                 await self._reader()
                 nursery.cancel_scope.cancel()
@@ -132,6 +137,9 @@ class DeviceSessionHandler:
         await self._send_outgoing()
 
     async def _reader(self) -> None:
+        # The link answers pings, acknowledgements and responses as soon as bytes arrive;
+        # requests (which may wait on the store) go to _handle_requests, so a slow Hello
+        # never leaves a keep-alive ping unanswered (the device would drop the session).
         while True:
             try:
                 data = await self.session.receive()
@@ -141,6 +149,14 @@ class DeviceSessionHandler:
                 await self._on_link_event(event)
                 if self.session.closed:
                     return
+            self.wake()
+
+    async def _handle_requests(self) -> None:
+        """Serve the device's requests one at a time, in the order they arrived."""
+        async for message in self._requests:
+            await self._on_request(message)
+            if self.session.closed:
+                return
             self.wake()
 
     async def _writer(self) -> None:
@@ -213,7 +229,7 @@ class DeviceSessionHandler:
 
     async def _on_link_event(self, event: LinkEvent) -> None:
         if isinstance(event, RequestReceived):
-            await self._on_request(event.message)
+            await self._requests_in.send(event.message)
         elif isinstance(event, ResponseReceived | RequestFailed):
             waiter = self._waiters.get(event.token)
             if waiter is not None:

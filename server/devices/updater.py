@@ -67,6 +67,8 @@ class SessionUpdater:
         #: True once the device validated an image in this session: it applies it at its
         #: (possibly held) reset, and its next session continues the update.
         self.staged = False
+        #: When transfer progress was last written to the store (trio clock).
+        self._progress_written_at = -math.inf
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
         #: Set once the device's memory is loaded from the store (run() does it first).
@@ -354,16 +356,22 @@ class SessionUpdater:
 
     async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
                     final: bool, sent: SentFile) -> bool | object | None:
-        handler, fleet = self.handler, self.engine.fleet
+        handler, fleet, config = self.handler, self.engine.fleet, self.engine.config
         transfer, sent_size = sent.transfer, len(sent.data)
         verdict: bool | object | None = _CONTINUE
         # Completion first: its store writes precede the FinishAck in the same batch.
         outputs.sort(key=lambda item: not isinstance(item, TransferCompleted))
         for item in outputs:
             if isinstance(item, TransferProgress):
-                await fleet.record_update_progress(
-                    self.device_id, sha256=module.sha256, version=view.target.version,
-                    transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
+                now = trio.current_time()
+                # At most one store write per progress_interval: progress is for people
+                # watching; the end of the transfer is recorded as "applying" anyway.
+                if (item.bytes_acked < item.total
+                        and now - self._progress_written_at >= config.progress_interval):
+                    self._progress_written_at = now
+                    await fleet.record_update_progress(
+                        self.device_id, sha256=module.sha256, version=view.target.version,
+                        transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
             elif isinstance(item, TransferCompleted):
                 self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
                                                                  self.serial)

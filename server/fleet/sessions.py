@@ -105,12 +105,15 @@ class SessionService(FleetBase):
         product, ``releases`` and ``pending_flash`` are what the caller already read in this
         transaction (the last two are read here when not given); the target's firmware is
         left None unless ``with_firmware``. Same result as :meth:`_device_targets`."""
-        if releases is None:
-            releases = tx.list_releases(product.id)
+        released: dict[int, FirmwareRecord] = {}
+        if releases is None:  # with the released versions' firmware: one query for both
+            releases, released = tx.list_releases_with_firmware(product.id)
         target = target_of(device, releases_of(releases))
         firmware = None
         if with_firmware and target.version is not None:
-            firmware = tx.get_firmware(product.id, target.version)
+            firmware = released.get(target.version)
+            if firmware is None:  # e.g. a locked version that is not released
+                firmware = tx.get_firmware(product.id, target.version)
         if pending_flash is UNREAD:
             pending_flash = tx.pending_flash(device.id)
         return DeviceTarget(

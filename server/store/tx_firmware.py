@@ -38,17 +38,37 @@ _BYTES = t.firmware_transfer_bytes
 #: re-expanded at every execution).
 _FLASH_OPEN = sa.or_(_FLASH.c.status == "pending", _FLASH.c.status == "started")
 
-SELECT_FIRMWARE = sa.select(*record_columns(FirmwareRecord, t.firmware)).where(
+_FIRMWARE_COLUMNS = record_columns(FirmwareRecord, t.firmware)
+_RELEASE_COLUMNS = record_columns(
+    ReleaseRecord, t.releases, extra={"group_name": t.groups.c.name.label("group_name")}
+)
+_RELEASE_WIDTH = len(_RELEASE_COLUMNS)
+_RELEASES_WITH_GROUPS = t.releases.outerjoin(t.groups, t.groups.c.id == t.releases.c.group_id)
+
+SELECT_FIRMWARE = sa.select(*_FIRMWARE_COLUMNS).where(
     t.firmware.c.product_id == sa.bindparam("product_id"),
     t.firmware.c.version == sa.bindparam("version"),
 )
 SELECT_RELEASES = (
+    sa.select(*_RELEASE_COLUMNS)
+    .select_from(_RELEASES_WITH_GROUPS)
+    .where(t.releases.c.product_id == sa.bindparam("product_id"))
+    .order_by(t.releases.c.group_id.is_not(None), t.groups.c.name)
+)
+#: The releases with the firmware row of each released version (NULLs when it is missing).
+SELECT_RELEASES_WITH_FIRMWARE = (
     sa.select(
-        *record_columns(
-            ReleaseRecord, t.releases, extra={"group_name": t.groups.c.name.label("group_name")}
+        *_RELEASE_COLUMNS, *(column.label(f"firmware_{column.key}") for column in _FIRMWARE_COLUMNS)
+    )
+    .select_from(
+        _RELEASES_WITH_GROUPS.outerjoin(
+            t.firmware,
+            sa.and_(
+                t.firmware.c.product_id == t.releases.c.product_id,
+                t.firmware.c.version == t.releases.c.version,
+            ),
         )
     )
-    .select_from(t.releases.outerjoin(t.groups, t.groups.c.id == t.releases.c.group_id))
     .where(t.releases.c.product_id == sa.bindparam("product_id"))
     .order_by(t.releases.c.group_id.is_not(None), t.groups.c.name)
 )
@@ -198,8 +218,11 @@ class FirmwareQueries:
             query = sa.select(sa.func.count()).select_from(table).where(table.c.sha256 == sha256)
             if self.conn.execute(query).scalar_one():
                 return True
-        query = sa.select(sa.func.count()).select_from(t.deltas).where(
-            t.deltas.c.patch_sha256 == sha256)
+        query = (
+            sa.select(sa.func.count())
+            .select_from(t.deltas)
+            .where(t.deltas.c.patch_sha256 == sha256)
+        )
         return bool(self.conn.execute(query).scalar_one())
 
     def referenced_blobs(self) -> set[str]:
@@ -213,21 +236,32 @@ class FirmwareQueries:
 
     # --- Device OS modules ------------------------------------------------------------------
 
-    def insert_system_module(self, info: dict[str, Any], sha256: str, size: int,
-                             uploaded_by: str, now: int) -> None:
+    def insert_system_module(
+        self, info: dict[str, Any], sha256: str, size: int, uploaded_by: str, now: int
+    ) -> None:
         """Record a Device OS module (its blob is already stored under ``sha256``)."""
-        self.conn.execute(sa.insert(t.system_modules).values(
-            platform_id=info["platform_id"], module_function=info["module_function"],
-            module_index=info["module_index"], module_version=info["module_version"],
-            size=size, sha256=sha256, module_info=info, uploaded_by=uploaded_by,
-            uploaded_at=now,
-        ))
+        self.conn.execute(
+            sa.insert(t.system_modules).values(
+                platform_id=info["platform_id"],
+                module_function=info["module_function"],
+                module_index=info["module_index"],
+                module_version=info["module_version"],
+                size=size,
+                sha256=sha256,
+                module_info=info,
+                uploaded_by=uploaded_by,
+                uploaded_at=now,
+            )
+        )
 
     def list_system_modules(self, platform_id: int | None = None) -> list[dict[str, Any]]:
         """Device OS modules (of one platform), oldest version first."""
         query = sa.select(t.system_modules).order_by(
-            t.system_modules.c.platform_id, t.system_modules.c.module_function,
-            t.system_modules.c.module_index, t.system_modules.c.module_version)
+            t.system_modules.c.platform_id,
+            t.system_modules.c.module_function,
+            t.system_modules.c.module_index,
+            t.system_modules.c.module_version,
+        )
         if platform_id is not None:
             query = query.where(t.system_modules.c.platform_id == platform_id)
         return [dict(row._mapping) for row in self.conn.execute(query)]
@@ -238,6 +272,20 @@ class FirmwareQueries:
         """A product's releases (default first, then groups by name)."""
         rows = self.conn.execute(SELECT_RELEASES, {"product_id": product_id})
         return [ReleaseRecord(*row) for row in rows]
+
+    def list_releases_with_firmware(
+        self, product_id: int
+    ) -> tuple[list[ReleaseRecord], dict[int, FirmwareRecord]]:
+        """A product's releases (as :meth:`list_releases`) and, in the same query, the
+        firmware record of each released version that exists (by version)."""
+        releases: list[ReleaseRecord] = []
+        firmware: dict[int, FirmwareRecord] = {}
+        for row in self.conn.execute(SELECT_RELEASES_WITH_FIRMWARE, {"product_id": product_id}):
+            release = ReleaseRecord(*row[:_RELEASE_WIDTH])
+            releases.append(release)
+            if row[_RELEASE_WIDTH] is not None:  # firmware.id: the version exists
+                firmware[release.version] = FirmwareRecord(*row[_RELEASE_WIDTH:])
+        return releases, firmware
 
     def set_release(
         self,
@@ -396,30 +444,47 @@ class FirmwareQueries:
 
     def get_delta(self, base_sha256: str, target_sha256: str) -> dict[str, Any] | None:
         """The stored patch row from ``base_sha256`` to ``target_sha256``, if any."""
-        row = self.conn.execute(
-            sa.select(t.deltas).where(
-                t.deltas.c.base_sha256 == base_sha256, t.deltas.c.target_sha256 == target_sha256
+        row = (
+            self.conn.execute(
+                sa.select(t.deltas).where(
+                    t.deltas.c.base_sha256 == base_sha256, t.deltas.c.target_sha256 == target_sha256
+                )
             )
-        ).mappings().first()
+            .mappings()
+            .first()
+        )
         return None if row is None else dict(row)
 
-    def insert_delta(self, base_sha256: str, target_sha256: str, patch_sha256: str,
-                     patch_size: int, target_size: int, now: int) -> None:
+    def insert_delta(
+        self,
+        base_sha256: str,
+        target_sha256: str,
+        patch_sha256: str,
+        patch_size: int,
+        target_size: int,
+        now: int,
+    ) -> None:
         """Record a patch (its blob is already stored); a pair stored before is kept."""
         if self.get_delta(base_sha256, target_sha256) is not None:
             return  # another process computed it first: the patches are equivalent
-        self.conn.execute(sa.insert(t.deltas).values(
-            base_sha256=base_sha256, target_sha256=target_sha256, patch_sha256=patch_sha256,
-            patch_size=patch_size, target_size=target_size, created_at=now,
-        ))
+        self.conn.execute(
+            sa.insert(t.deltas).values(
+                base_sha256=base_sha256,
+                target_sha256=target_sha256,
+                patch_sha256=patch_sha256,
+                patch_size=patch_size,
+                target_size=target_size,
+                created_at=now,
+            )
+        )
 
     def count_deltas(self) -> int:
         """How many patches are stored."""
-        return int(self.conn.execute(
-            sa.select(sa.func.count()).select_from(t.deltas)).scalar_one())
+        return int(self.conn.execute(sa.select(sa.func.count()).select_from(t.deltas)).scalar_one())
 
-    def add_transfer_bytes(self, product_id: int, version: int, *, bytes_sent: int,
-                           bytes_full: int, transfer: str) -> dict[str, int]:
+    def add_transfer_bytes(
+        self, product_id: int, version: int, *, bytes_sent: int, bytes_full: int, transfer: str
+    ) -> dict[str, int]:
         """Add one completed transfer (``transfer``: "full", "zstd" or "delta") to a
         firmware version's bytes counters; the totals."""
         column = _TRANSFER_COUNTERS[transfer]
@@ -433,10 +498,16 @@ class FirmwareQueries:
         if not changed:
             counters = dict.fromkeys(_TRANSFER_COUNTERS.values(), 0)
             counters[column] = 1
-            self.conn.execute(INSERT_TRANSFER_BYTES, {
-                "product_id": product_id, "version": version, "bytes_sent": bytes_sent,
-                "bytes_full": bytes_full, **counters,
-            })
+            self.conn.execute(
+                INSERT_TRANSFER_BYTES,
+                {
+                    "product_id": product_id,
+                    "version": version,
+                    "bytes_sent": bytes_sent,
+                    "bytes_full": bytes_full,
+                    **counters,
+                },
+            )
         return self.get_transfer_bytes(product_id, version)
 
     def get_transfer_bytes(self, product_id: int, version: int) -> dict[str, int]:

@@ -49,8 +49,7 @@ PRODUCT_MUTABLE = frozenset({"name", "description", "firmware_updates_forced"})
 _DEVICE_COLUMNS = record_columns(DeviceRecord, t.devices, skip=("groups",))
 _DEVICE_WIDTH = len(_DEVICE_COLUMNS)
 _PRODUCT_COLUMNS = [
-    column.label(f"product_{column.key}")
-    for column in record_columns(ProductRecord, t.products)
+    column.label(f"product_{column.key}") for column in record_columns(ProductRecord, t.products)
 ]
 _PRODUCT_WIDTH = len(_PRODUCT_COLUMNS)
 #: A device with one row per group it belongs to (one row with a NULL name when none).
@@ -67,9 +66,7 @@ SELECT_DEVICE = (
 )
 SELECT_DEVICE_AND_PRODUCT = (
     sa.select(*_DEVICE_COLUMNS, *_PRODUCT_COLUMNS, _GROUP_NAME)
-    .select_from(
-        _DEVICE_MEMBERSHIPS.join(t.products, t.products.c.id == t.devices.c.product_id)
-    )
+    .select_from(_DEVICE_MEMBERSHIPS.join(t.products, t.products.c.id == t.devices.c.product_id))
     .where(t.devices.c.id == sa.bindparam("device_id"))
     .order_by(t.groups.c.name)
 )
