@@ -30,7 +30,7 @@ from server.fleet import Fleet
 from server.relay import EventRelay
 from server.store import Store
 from server.transport import DeviceServer
-from server.workers import SharedPortPlane, WorkerSpec, WorkerSupervisor, process_origin
+from server.workers import WorkerSpec, WorkerSupervisor, process_origin
 
 log = logging.getLogger("ota.server")
 
@@ -159,17 +159,9 @@ async def serve(
                     data_dir=Path(config.data_dir),
                     host=config.device_host or config.host,
                     port=config.device_port,
+                    reuse_port=config.multiprocess,
                 )
-                if config.multiprocess:
-                    plane = SharedPortPlane(
-                        plane_config,
-                        fleet,
-                        bus,
-                        tcp_port=config.device_port,
-                        udp_port=config.device_port,
-                    )
-                else:
-                    plane = DevicePlane(plane_config, fleet, bus)
+                plane = DevicePlane(plane_config, fleet, bus)
                 engine = OtaEngine(plane)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)

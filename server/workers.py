@@ -38,10 +38,9 @@ from server.devices.ota import OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
-from server.identity import init_pki, pki_dir
 from server.relay import EventRelay
 from server.store import Store
-from server.transport import DeviceServer, DeviceServerConfig, serve_devices
+from server.transport import DeviceServer
 
 log = logging.getLogger("ota.workers")
 
@@ -95,50 +94,6 @@ def open_worker_store(data_dir: Path, db_url: str | None, pool_size: int) -> Sto
     return Store.open(db_url, data_dir / "blobs", pool_size=pool_size)
 
 
-class SharedPortPlane(DevicePlane):
-    """A device plane whose listeners bind given TCP and UDP ports with SO_REUSEPORT (the
-    ports the main process got, which differ when it asked for port 0)."""
-
-    def __init__(
-        self,
-        config: DevicePlaneConfig,
-        fleet: Fleet,
-        bus: EventBus,
-        *,
-        tcp_port: int,
-        udp_port: int,
-    ) -> None:
-        super().__init__(config, fleet, bus)
-        self.tcp_port = tcp_port
-        self.udp_port = udp_port
-
-    async def serve(self, *, task_status: trio.TaskStatus[DeviceServer]) -> None:
-        """Run the TLS and DTLS listeners until cancelled (``DevicePlane.serve`` with
-        separate ports and ``reuse_port``)."""
-        directory = pki_dir(self.config.data_dir)
-        await trio.to_thread.run_sync(init_pki, directory)
-        listener_config = DeviceServerConfig(
-            pki_dir=directory,
-            host=self.config.host,
-            tcp_port=self.tcp_port,
-            udp_port=self.udp_port,
-            limits=self.config.limits,
-            reuse_port=True,
-        )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._close_revoked_sessions)
-            self.server = await nursery.start(
-                partial(
-                    serve_devices,
-                    listener_config,
-                    self.handler_factory,
-                    self,
-                    registry=self.registry,
-                )
-            )
-            task_status.started(self.server)
-
-
 # -- the worker process --------------------------------------------------------------------
 
 
@@ -158,12 +113,16 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay.run)
-                plane = SharedPortPlane(
-                    DevicePlaneConfig(data_dir=data_dir, host=spec.host),
+                plane = DevicePlane(
+                    DevicePlaneConfig(
+                        data_dir=data_dir,
+                        host=spec.host,
+                        port=spec.tcp_port,
+                        udp_port=spec.udp_port,
+                        reuse_port=True,
+                    ),
                     fleet,
                     bus,
-                    tcp_port=spec.tcp_port,
-                    udp_port=spec.udp_port,
                 )
                 engine = OtaEngine(plane)
                 nursery.start_soon(engine.watch_requests)

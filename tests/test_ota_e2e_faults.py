@@ -124,16 +124,13 @@ async def test_a_transfer_the_device_stops_hearing_is_retried_and_resumes(
         async with running(fleet):
             await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
             await rig.events.wait_for(FLASH_STATUS, device_id, "success")
-        # The first offer timed out and failed; a later one (within the engine's three
-        # attempts, however the timers fell) resumed it, in the same session: one download
-        # from zero, and at most a window of chunks written twice per failed attempt.
-        statuses = flash_statuses(rig.events, device_id)
-        failures = statuses.count("failed")
-        assert 1 <= failures <= 2, statuses
-        assert statuses == ["started", "failed"] * failures + ["started", "success"]
+        # The first offer timed out; a later one (within the engine's three attempts,
+        # however the timers fell) resumed it, in the same session: one update, one download
+        # from zero, and at most a window of chunks written twice per timed-out attempt.
+        assert flash_statuses(rig.events, device_id) == ["started", "success"]
         assert fleet.device(device_id).device.sessions == 2  # the first, then after the reset
         assert watched.restarts == 1
-        assert len(v2) <= watched.written <= len(v2) + failures * WINDOW * CHUNK
+        assert len(v2) <= watched.written <= len(v2) + 2 * WINDOW * CHUNK
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

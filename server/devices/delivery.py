@@ -29,8 +29,8 @@ class OtaConfig:
     progress_interval: float = 1.0
     #: Prepared files (chunk CRCs) kept for reuse across devices.
     prepared_cache: int = 16
-    #: After a Hello, wait this long for the session's Describe before planning from the
-    #: modules an earlier session reported (a device that sends none is served anyway).
+    #: After a Hello, wait this long for the session's Describe; without one recorded the
+    #: engine does not plan (the Describe kicks it when it arrives).
     describe_wait: float = 5.0
     #: In the first session after a delivered image, wait this long for the device to
     #: report how it booted (UPDATE_RESULT_EVENT) before planning again, so an image it

@@ -43,6 +43,11 @@ class DevicePlaneConfig:
     host: str = "127.0.0.1"
     #: TCP (TLS) and UDP (DTLS) port; 0 picks free ones, None disables both.
     port: int | None = 5684
+    #: The UDP port when it differs from ``port`` (a worker binding the ports the main
+    #: process got when it asked for port 0).
+    udp_port: int | None = None
+    #: SO_REUSEPORT on both listeners: several server processes share the ports.
+    reuse_port: bool = False
     limits: SessionLimits = field(default_factory=SessionLimits)
     max_frame_size: int = 66_560
     request_timeout: float = 30.0
@@ -127,10 +132,11 @@ class DevicePlane:
         """Run the TLS and DTLS listeners until cancelled."""
         directory = pki_dir(self.config.data_dir)
         await trio.to_thread.run_sync(init_pki, directory)
-        port = self.config.port
+        config = self.config
         listener_config = DeviceServerConfig(
-            pki_dir=directory, host=self.config.host, tcp_port=port, udp_port=port,
-            limits=self.config.limits,
+            pki_dir=directory, host=config.host, tcp_port=config.port,
+            udp_port=config.port if config.udp_port is None else config.udp_port,
+            limits=config.limits, reuse_port=config.reuse_port,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._close_revoked_sessions)

@@ -69,6 +69,8 @@ class SessionUpdater:
         self.staged = False
         #: When transfer progress was last written to the store (trio clock).
         self._progress_written_at = -math.inf
+        #: deliver() will try the module again if this transfer times out.
+        self._retry_left = False
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
         #: Set once the device's memory is loaded from the store (run() does it first).
@@ -152,10 +154,11 @@ class SessionUpdater:
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
 
-    async def _settle(self) -> None:
+    async def _settle(self) -> bool:
         """Wait (bounded) until what the device reports after a Hello is in: its modules
         (Describe) and the result of an image it was sent; planning earlier would work
-        from stale modules or re-offer an image the device just rolled back from."""
+        from stale modules or re-offer an image the device just rolled back from. False
+        when this session's Describe is not recorded yet: its arrival kicks again."""
         config = self.engine.config
         hello = self.handler.hello
         delivery = self.engine.delivered.get(self.device_id)
@@ -175,6 +178,7 @@ class SessionUpdater:
         if wait_for_result and not self.result_seen.is_set():
             with trio.move_on_after(config.result_wait):
                 await self.result_seen.wait()
+        return self.handler.described.is_set()
 
     async def _tell_forced(self, forced: bool) -> None:
         """Tell the device whether the cloud forces updates (it refuses offers while
@@ -190,7 +194,11 @@ class SessionUpdater:
     async def update_once(self) -> None:
         """Bring the device to its target, one module per call (it resets after each)."""
         engine, fleet, handler = self.engine, self.engine.fleet, self.handler
-        await self._settle()
+        if not await self._settle():
+            # Never plan from an earlier session's modules: under load the Describe may be
+            # slow to record, and the device may run another image since (it would be
+            # offered what it runs, or a patch against a base it no longer has).
+            return
         view = await fleet.target_for_device(self.device_id)
         await self._tell_forced(view.updates_forced)
         if not view.update_needed or self.staged:
@@ -238,6 +246,7 @@ class SessionUpdater:
                 log.info("retrying the transfer to %s (attempt %d)", self.device_id,
                          attempt + 1)
             self.last_failure = None
+            self._retry_left = attempt + 1 < engine.config.transfer_attempts
             async with engine.limiter:
                 verdict = await self._deliver_once(view, module, update_sha256)
             if verdict or self.last_failure is not TransferStatus.TIMEOUT:
@@ -404,9 +413,13 @@ class SessionUpdater:
             elif isinstance(item, TransferFailed):
                 self.last_failure = item.status
                 log.info("transfer to %s failed: %s", self.device_id, item.reason)
-                self.engine.updating.pop(self.device_id, None)
-                await self.engine.save_memory(self.device_id)
-                await fleet.record_flash_status(self.device_id, "failed", error=item.reason)
+                if not (item.status is TransferStatus.TIMEOUT and self._retry_left):
+                    # The update failed (a timed-out transfer with retries left is the same
+                    # update going on: deliver() tries again and it resumes).
+                    self.engine.updating.pop(self.device_id, None)
+                    await self.engine.save_memory(self.device_id)
+                    await fleet.record_flash_status(self.device_id, "failed",
+                                                    error=item.reason)
                 verdict = False
             elif hasattr(item, "encode"):
                 handler.link.notify(transfer_request(item), trio.current_time())
