@@ -130,8 +130,9 @@ class OtaEngine:
             refused=tuple(sorted(self.failed.get(device_id, ()))),
         ))
 
-    async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> None:
-        """Availability changes, held resets and update results reported by devices."""
+    async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> bool:
+        """Availability changes, held resets and update results reported by devices; False
+        when an update result could not be recorded in time (it is not acknowledged)."""
         device_id = handler.device_id
         if event.name == UPDATES_ENABLED_EVENT:
             await self.fleet.set_updates_enabled(device_id, event.data == "true")
@@ -146,19 +147,29 @@ class OtaEngine:
                 result = parse_update_result(event.data)
             except PayloadSchemaError as exc:
                 log.info("device %s sent a bad update result: %s", device_id, exc)
-                return
+                return True  # acknowledged: sending it again would not make it better
             updater = self.updaters.get(device_id)
             # Shielded (bounded): the device reported how its update ended; recording that
             # must not be lost when the session closes meanwhile.
-            with trio.move_on_after(self.config.record_timeout, shield=True):
+            with trio.move_on_after(self.config.record_timeout, shield=True) as scope:
                 if updater is not None:
                     await updater.memory_loaded.wait()
                 await self._on_update_result(device_id, result)
             if updater is not None:
                 updater.result_seen.set()
+            if scope.cancelled_caught:
+                log.warning("the update result of %s was not recorded within %g s",
+                            device_id, self.config.record_timeout)
+                return False
+        return True
 
     async def _on_update_result(self, device_id: str, result: UpdateResult) -> None:
         delivery = self.delivered.pop(device_id, None)
+        if delivery is None:
+            # Nothing awaits a result (the memory is durable): a report already recorded
+            # whose acknowledgement the device missed (its link dropped), sent again.
+            log.info("device %s repeated an update result already recorded", device_id)
+            return
         if result.status == "committed":
             if delivery is not None and not delivery.final:
                 # A Device OS module ahead of the application: the update goes on (the

@@ -111,10 +111,12 @@ class DevicePlane:
         if self.ota is not None:
             self.ota.attach_session(handler, nursery)
 
-    async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> None:
-        """Events with a meaning for the cloud (availability, reset, update results)."""
+    async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> bool:
+        """Events with a meaning for the cloud (availability, reset, update results); False
+        when the event could not be recorded (the device should report it again)."""
         if self.ota is not None:
-            await self.ota.on_device_event(handler, event)
+            return bool(await self.ota.on_device_event(handler, event))
+        return True
 
     async def _close_revoked_sessions(self) -> None:
         """Close the live session of every device whose certificates get revoked."""

@@ -40,7 +40,7 @@ from otacore.protocol.link import (
     ResponseReceived,
     make_link,
 )
-from otacore.protocol.ota_wire import hello_answer_payload
+from otacore.protocol.ota_wire import UPDATE_RESULT_EVENT, hello_answer_payload
 from server.events import Event as BusEvent
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
@@ -335,9 +335,18 @@ class DeviceSessionHandler:
             hook()
 
     async def _on_event(self, message: Message, event: Event) -> None:
-        self._respond(message, Code.CHANGED)
+        if event.name != UPDATE_RESULT_EVENT:
+            self._respond(message, Code.CHANGED)
+            self.publish(event.name, event.data, event.ttl)
+            await self.plane.on_device_event(self, event)
+            return
+        # An update result is acknowledged only once recorded: the device keeps it (in its
+        # boot record) until acknowledged, and reports it again in its next session.
         self.publish(event.name, event.data, event.ttl)
-        await self.plane.on_device_event(self, event)
+        if await self.plane.on_device_event(self, event):
+            self._respond(message, Code.CHANGED)
+        else:
+            self._respond(message, Code.SERVICE_UNAVAILABLE, b"not recorded yet: report it again")
 
     def publish(self, name: str, data: str | None, ttl: int = 60) -> None:
         """Put an event from this device on the REST event stream."""
