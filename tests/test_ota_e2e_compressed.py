@@ -11,9 +11,7 @@ to everyone. Release counters count compressed transfers on their own.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -28,10 +26,10 @@ from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
     TRANSPORTS,
-    OtaRig,
     app,
     ota_rig,
     running,
+    transfers_of,
     updated_to,
 )
 
@@ -72,17 +70,6 @@ V2 = _app(2)
 V3 = app(3, size=40_000, seed="incompressible")
 
 
-def _transfers(rig: OtaRig, version: int) -> dict[str, dict[str, Any]]:
-    """Device id -> data of its RELEASE_BYTES_EVENT for ``version``."""
-    found = {}
-    for event in rig.events.events:
-        if event.name == RELEASE_BYTES_EVENT and event.device_id:
-            data = json.loads(event.data or "{}")
-            if data["version"] == version:
-                found[event.device_id] = data
-    return found
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_devices_announcing_compressed_ota_get_zstd_frames_others_raw_images(
     nursery: trio.Nursery, tmp_path: Path, transport: Transport
@@ -110,7 +97,7 @@ async def test_devices_announcing_compressed_ota_get_zstd_frames_others_raw_imag
             await raw_only.wait_until(updated_to(b, 2), timeout=STEP)
             await small_window.wait_until(updated_to(c, 2), timeout=STEP)
             await rig.events.wait_for(RELEASE_BYTES_EVENT, count=3)
-            sent = _transfers(rig, 2)
+            sent = transfers_of(rig.events, 2)
             assert {d: sent[d]["transfer"] for d in (a, b, c)} == {
                 a: "zstd",
                 b: "full",
@@ -138,4 +125,4 @@ async def test_devices_announcing_compressed_ota_get_zstd_frames_others_raw_imag
             await rig.release(3, product_default=True, intelligent=True)
             await inflating.wait_until(updated_to(a, 3), timeout=STEP)
             await rig.events.wait_for(RELEASE_BYTES_EVENT, count=4)
-            assert _transfers(rig, 3)[a]["transfer"] == "full"
+            assert transfers_of(rig.events, 3)[a]["transfer"] == "full"

@@ -9,9 +9,7 @@ full images would have taken are counted per firmware version.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -26,12 +24,12 @@ from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
     TRANSPORTS,
-    OtaRig,
     app,
     flash_statuses,
     ota_rig,
     running,
     sha,
+    transfers_of,
     updated_to,
 )
 
@@ -68,17 +66,6 @@ V1_UNKNOWN = _app(1, _edited(_BODY, {20_000: b"local build"}))
 V3 = app(3, size=48_000, seed="unrelated")
 
 
-def _transfers(rig: OtaRig, version: int) -> dict[str, dict[str, Any]]:
-    """Device id -> data of its RELEASE_BYTES_EVENT for ``version``."""
-    found = {}
-    for event in rig.events.events:
-        if event.name == RELEASE_BYTES_EVENT and event.device_id:
-            data = json.loads(event.data or "{}")
-            if data["version"] == version:
-                found[event.device_id] = data
-    return found
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_known_base_gets_a_shared_delta_unknown_base_and_unrelated_image_get_full(
     nursery: trio.Nursery, tmp_path: Path, transport: Transport
@@ -105,7 +92,7 @@ async def test_known_base_gets_a_shared_delta_unknown_base_and_unrelated_image_g
             for device_id in (a, b, c):
                 body = await rig.wait_device(device_id, lambda d: sha(V2) in str(d["modules"]))
                 assert body["firmware_version"] == 2
-            sent = _transfers(rig, 2)
+            sent = transfers_of(rig.events, 2)
             assert {d: sent[d]["transfer"] for d in (a, b, c)} == {
                 a: "delta",
                 b: "delta",
@@ -139,7 +126,7 @@ async def test_known_base_gets_a_shared_delta_unknown_base_and_unrelated_image_g
             )
             await unknown.wait_until(updated_to(c, 3), timeout=STEP)
             await rig.events.wait_for(RELEASE_BYTES_EVENT, count=6)
-            sent = _transfers(rig, 3)
+            sent = transfers_of(rig.events, 3)
             assert {d: (s["transfer"], s["bytes_sent"]) for d, s in sent.items()} == {
                 d: ("full", len(V3)) for d in (a, b, c)
             }
@@ -176,7 +163,7 @@ async def test_refused_delta_falls_back_to_the_full_image_in_the_same_session(
             await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
             await rig.events.wait_for(RELEASE_BYTES_EVENT)
             await rig.events.wait_for("spark/flash/status", device_id, "success")
-            assert _transfers(rig, 2)[device_id]["transfer"] == "full"
+            assert transfers_of(rig.events, 2)[device_id]["transfer"] == "full"
             assert (device_id, sha(V1), sha(V2)) in rig.engine.deltas.refused
             assert flash_statuses(rig.events, device_id) == ["started", "success"]
             # Refused then taken in one session; one more after the reset into v2.

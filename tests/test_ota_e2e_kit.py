@@ -27,6 +27,7 @@ from server.devices.keys import TRUST_FILE, read_trust_file
 from server.devices.ota import OtaEngine
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
 from server.events import Event
+from server.fleet.deltas import RELEASE_BYTES_EVENT
 from tests.device_server import DeviceServerKit, start_device_server
 
 BORON = 13  # the platform of the product start_device_server creates
@@ -372,6 +373,18 @@ def updated_to(
 def flash_statuses(events: EventLog, device_id: str) -> list[str]:
     """The ``spark/flash/status`` data of one device, stripped."""
     return [(d or "").strip() for d in events.named("spark/flash/status", device_id)]
+
+
+def transfers_of(events: EventLog, version: int) -> dict[str, dict[str, Any]]:
+    """Device id -> data of its ``ota/release/bytes`` event for firmware ``version`` (how
+    the image travelled: full, zstd or delta, and the bytes sent)."""
+    found = {}
+    for event in events.events:
+        if event.name == RELEASE_BYTES_EVENT and event.device_id:
+            data = json.loads(event.data or "{}")
+            if data["version"] == version:
+                found[event.device_id] = data
+    return found
 
 
 def release_data(events: EventLog) -> list[dict[str, Any]]:

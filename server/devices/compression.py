@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
 
 from otacore.zstd_image import compress_image
+from server.devices.once_cache import OnceCache
 
 log = logging.getLogger("ota.compression")
 
@@ -38,41 +38,24 @@ class CompressedImageCache:
         self.limiter = trio.CapacityLimiter(threads)
         #: Send the frame only when it is at most this fraction of the image.
         self.max_ratio = max_ratio
-        self.entries = entries
         #: Images this process compressed.
         self.computed = 0
-        self._frames: OrderedDict[str, CompressedImage] = OrderedDict()
-        self._pending: dict[str, trio.Event] = {}
+        self._frames: OnceCache[str, CompressedImage] = OnceCache(entries)
         #: (device, image) pairs a device refused compressed: it gets the raw image instead.
         self.refused: set[tuple[str, str]] = set()
 
     async def frame_for(self, image_sha256: str, image: bytes) -> CompressedImage:
         """The zstd frame of ``image`` (computed once per image)."""
-        while True:
-            found = self._frames.get(image_sha256)
-            if found is not None:
-                self._frames.move_to_end(image_sha256)
-                return found
-            pending = self._pending.get(image_sha256)
-            if pending is None:
-                break
-            await pending.wait()  # one computation per image; it may have been cancelled
-        done = trio.Event()
-        self._pending[image_sha256] = done
-        try:
+
+        async def compress() -> CompressedImage:
             # Not cancellable once started: the thread finishes and its result is kept.
             frame = await trio.to_thread.run_sync(compress_image, image, limiter=self.limiter)
-            compressed = CompressedImage(image_sha256, frame, hashlib.sha256(frame).hexdigest())
             self.computed += 1
             log.info("image %s: %d bytes compressed to %d", image_sha256[:12], len(image),
                      len(frame))
-            self._frames[image_sha256] = compressed
-            while len(self._frames) > self.entries:
-                self._frames.popitem(last=False)
-            return compressed
-        finally:
-            del self._pending[image_sha256]
-            done.set()
+            return CompressedImage(image_sha256, frame, hashlib.sha256(frame).hexdigest())
+
+        return await self._frames.get(image_sha256, compress)
 
     async def choose(self, device_id: str, image_sha256: str,
                      image: bytes) -> CompressedImage | None:

@@ -13,7 +13,6 @@ sent only when it is smaller than the full image by a margin (``max_ratio``).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ import trio
 
 from otacore.delta import make_patch
 from otacore.errors import DeltaError, OtaError
+from server.devices.once_cache import OnceCache
 
 if TYPE_CHECKING:
     from server.fleet import DeviceTarget, Fleet
@@ -51,12 +51,12 @@ class DeltaCache:
         self.limiter = trio.CapacityLimiter(threads)
         #: Send a patch only when it is at most this fraction of the full image.
         self.max_ratio = max_ratio
-        self.memory_entries = memory_entries
         #: Patches this process computed (the others came from memory or the store).
         self.computed = 0
         #: Pair -> stored patch and its bytes, or None when no patch can be made.
-        self._results: OrderedDict[_Pair, tuple[StoredDelta, bytes] | None] = OrderedDict()
-        self._pending: dict[_Pair, trio.Event] = {}
+        self._results: OnceCache[_Pair, tuple[StoredDelta, bytes] | None] = OnceCache(
+            memory_entries
+        )
         #: (device, base, target) offers a device refused: it gets the full image instead.
         self.refused: set[tuple[str, str, str]] = set()
 
@@ -64,28 +64,14 @@ class DeltaCache:
         self, base_sha256: str, base_image: bytes, target_sha256: str, target_image: bytes
     ) -> tuple[StoredDelta, bytes] | None:
         """The patch from base to target (None if the maker refuses the images)."""
-        pair = (base_sha256, target_sha256)
-        while True:
-            if pair in self._results:
-                self._results.move_to_end(pair)
-                return self._results[pair]
-            pending = self._pending.get(pair)
-            if pending is None:
-                break
-            await pending.wait()  # one computation per pair; it may have been cancelled
-        done = trio.Event()
-        self._pending[pair] = done
-        try:
-            result = await self.fleet.find_delta(base_sha256, target_sha256)
-            if result is None:
-                result = await self._compute(base_sha256, base_image, target_sha256, target_image)
-            self._results[pair] = result
-            while len(self._results) > self.memory_entries:
-                self._results.popitem(last=False)
-            return result
-        finally:
-            del self._pending[pair]
-            done.set()
+
+        async def find_or_compute() -> tuple[StoredDelta, bytes] | None:
+            found = await self.fleet.find_delta(base_sha256, target_sha256)
+            if found is not None:
+                return found
+            return await self._compute(base_sha256, base_image, target_sha256, target_image)
+
+        return await self._results.get((base_sha256, target_sha256), find_or_compute)
 
     async def _compute(
         self, base_sha256: str, base_image: bytes, target_sha256: str, target_image: bytes
