@@ -45,6 +45,7 @@ from server.transport.session import SessionClosed
 if TYPE_CHECKING:
     from server.devices.ota import OtaEngine
     from server.fleet import DeviceTarget
+    from server.fleet.sessions import FlashStatus
 
 log = logging.getLogger("ota.engine")
 
@@ -271,6 +272,15 @@ class SessionUpdater:
             else:
                 engine.compressed.refused.add((self.device_id, module.sha256))
 
+    async def _record(self, engine: OtaEngine, status: FlashStatus, error: str = "") -> None:
+        """Save the device's memory and record the flash status, both or (cancelled before
+        the first) neither: shielded, since a session that ends between the two would leave
+        a next session (here or in another process) believing an update it never announced
+        started, or announcing it twice."""
+        with trio.CancelScope(shield=True):
+            await engine.save_memory(self.device_id)
+            await engine.fleet.record_flash_status(self.device_id, status, error=error)
+
     async def _file_to_send(self, view: DeviceTarget, module: PlannedModule) -> SentFile:
         """A delta when the device runs a known base and the patch is worth it; else the
         image zstd-compressed when the device inflates them (Hello's compressed_ota) and it
@@ -317,13 +327,11 @@ class SessionUpdater:
                 return None
             engine.failed.setdefault(self.device_id, set()).add(module.sha256)
             engine.updating.pop(self.device_id, None)
-            await engine.save_memory(self.device_id)
-            await fleet.record_flash_status(self.device_id, "failed", error=reason)
+            await self._record(engine, "failed", error=reason)
             return False
         if engine.updating.get(self.device_id) != update_sha256:
             engine.updating[self.device_id] = update_sha256
-            await engine.save_memory(self.device_id)
-            await fleet.record_flash_status(self.device_id, "started")
+            await self._record(engine, "started")
         while True:  # drop what a previous transfer left in the inbox
             try:
                 self._inbox.receive_nowait()
@@ -417,9 +425,7 @@ class SessionUpdater:
                     # The update failed (a timed-out transfer with retries left is the same
                     # update going on: deliver() tries again and it resumes).
                     self.engine.updating.pop(self.device_id, None)
-                    await self.engine.save_memory(self.device_id)
-                    await fleet.record_flash_status(self.device_id, "failed",
-                                                    error=item.reason)
+                    await self._record(self.engine, "failed", error=item.reason)
                 verdict = False
             elif hasattr(item, "encode"):
                 handler.link.notify(transfer_request(item), trio.current_time())
