@@ -98,17 +98,13 @@ class OtaEngine:
         updater = self.updaters.get(device_id)
         if updater is not None and updater.handler is handler:
             del self.updaters[device_id]
-            self.failed.pop(device_id, None)
-            self.delivered.pop(device_id, None)
-            self.updating.pop(device_id, None)
+            self._forget_memory(device_id)
 
     async def load_memory(self, device_id: str) -> None:
         """Take the device's memory from the store (a new session: the store is the truth;
         the device may last have been served by another process, or before a restart)."""
         memory = await self.fleet.load_ota_memory(device_id)
-        self.failed.pop(device_id, None)
-        self.delivered.pop(device_id, None)
-        self.updating.pop(device_id, None)
+        self._forget_memory(device_id)
         if memory.refused:
             self.failed[device_id] = set(memory.refused)
         if memory.delivered_sha256 is not None:
@@ -117,6 +113,12 @@ class OtaEngine:
                                                  0, memory.delivered_awaited)
         if memory.updating_sha256 is not None:
             self.updating[device_id] = memory.updating_sha256
+
+    def _forget_memory(self, device_id: str) -> None:
+        """Drop this process's copy of the device's memory (the store keeps it)."""
+        self.failed.pop(device_id, None)
+        self.delivered.pop(device_id, None)
+        self.updating.pop(device_id, None)
 
     async def save_memory(self, device_id: str) -> None:
         """Write the device's memory through to the store (after every change)."""
