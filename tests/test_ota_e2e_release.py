@@ -121,3 +121,36 @@ async def test_group_precedence_highest_version_and_product_default(
         for version in (2, 3, 4):
             stats = (await rig.firmware(version))["release_stats"]
             assert (stats["succeeded"], stats["failed"]) == (1, 0), (version, stats)
+
+
+async def test_release_kick_plans_from_its_view_only_when_it_follows_the_describe(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """An immediate release hands each updater the target it read for every device at
+    once; the updater uses it instead of reading again only when that read began after the
+    session's Describe was recorded (an older read may hold the previous session's modules)."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, app(2))
+        fleet = rig.fleet([(device_id, "tcp")])
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+            await rig.wait_device(device_id, lambda d: d["online"] and d["modules"])
+            engine = rig.engine
+            updater = engine.updaters[device_id]
+            described_at = updater.handler.described_at
+            assert described_at is not None
+            view = await engine.fleet.target_for_device(device_id)
+
+            updater.kick(view, read_at=described_at - 0.001)
+            assert updater._view is None  # the read may predate the Describe: read again
+            updater.kick(view, read_at=described_at)
+            assert updater._view is view
+            updater.kick()  # a kick without a view: something changed, read again
+            assert updater._view is None
+
+            # The release's own read is recent: the device updates from it.
+            await rig.release(2, product_default=True, intelligent=True)
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            await rig.events.wait_for("spark/flash/status", device_id, "success", count=1)

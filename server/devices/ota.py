@@ -13,7 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -37,6 +38,8 @@ from server.devices.deltas import DeltaCache
 from server.devices.keys import product_signing_key
 from server.devices.session import DeviceSessionHandler
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
+from server.fleet.base import Outcome
+from server.store import Tx
 from server.store.tx_ota import OtaMemoryRecord
 
 if TYPE_CHECKING:
@@ -64,6 +67,9 @@ class OtaEngine:
         self.limiter = trio.CapacityLimiter(self.config.max_concurrent_transfers)
         self._prepared: OrderedDict[tuple[str, int], PreparedFile] = OrderedDict()
         self._manifests: dict[tuple[int, str], bytes] = {}
+        #: Stored images by SHA-256 (see module()), least recently used first.
+        self._modules: OrderedDict[str, PlannedModule] = OrderedDict()
+        self._modules_bytes = 0
         #: Images a device refused or rolled back from: not offered again to it (until
         #: the server restarts or the target changes).
         self.failed: dict[str, set[str]] = {}
@@ -120,8 +126,9 @@ class OtaEngine:
         self.delivered.pop(device_id, None)
         self.updating.pop(device_id, None)
 
-    async def save_memory(self, device_id: str) -> None:
-        """Write the device's memory through to the store (after every change)."""
+    async def save_memory(self, device_id: str, *with_: Callable[[Tx], Outcome]) -> None:
+        """Write the device's memory through to the store (after every change), in one
+        transaction with the fleet writes ``with_`` that record the same change."""
         delivery = self.delivered.get(device_id)
         await self.fleet.save_ota_memory(OtaMemoryRecord(
             device_id,
@@ -130,7 +137,7 @@ class OtaEngine:
             delivered_final=delivery.final if delivery is not None else False,
             delivered_awaited=delivery.awaited if delivery is not None else False,
             refused=tuple(sorted(self.failed.get(device_id, ()))),
-        ))
+        ), *with_)
 
     async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> bool:
         """Availability changes, held resets and update results reported by devices; False
@@ -140,7 +147,7 @@ class OtaEngine:
             await self.fleet.set_updates_enabled(device_id, event.data == "true")
             updater = self.updaters.get(device_id)
             if updater is not None and event.data == "true":
-                updater.kick()
+                updater.kick(None)
         elif event.name == RESET_PENDING_EVENT:
             log.info("device %s holds its reset: %s", device_id, event.data)
             await self.fleet.set_reset_pending(device_id, True)  # the API shows it
@@ -180,15 +187,14 @@ class OtaEngine:
                 await self.save_memory(device_id)
                 return
             self.updating.pop(device_id, None)
-            await self.save_memory(device_id)
-            await self.fleet.record_flash_status(device_id, "success")
+            await self.save_memory(device_id,
+                                   self.fleet.flash_status_work(device_id, "success"))
         else:
             if delivery is not None:  # never offer the image it rolled back from again
                 self.failed.setdefault(device_id, set()).add(delivery.sha256)
             self.updating.pop(device_id, None)
-            await self.save_memory(device_id)
-            await self.fleet.record_flash_status(
-                device_id, "failed", error=f"{result.status}: {result.detail}"[:200])
+            await self.save_memory(device_id, self.fleet.flash_status_work(
+                device_id, "failed", error=f"{result.status}: {result.detail}"[:200]))
 
     async def watch_requests(self) -> None:
         """Push immediate releases and flash requests to the online devices this process
@@ -223,6 +229,7 @@ class OtaEngine:
     async def _push_release(self, product_id: int, data: str) -> None:
         if '"immediate": true' not in data and '"immediate":true' not in data:
             return  # standard release: devices get it at their next handshake
+        read_at = trio.current_time()
         try:
             views = await self.fleet.online_devices_needing_update(product_id,
                                                                    immediate_only=True)
@@ -230,7 +237,11 @@ class OtaEngine:
             log.warning("immediate release of product %s: %s", product_id, exc)
             return
         for view in views:
-            self.kick(view.device.id)
+            # Each updater plans from the view read here for all: one store read for the
+            # release, not one per device (see SessionUpdater.kick for when it is dropped).
+            updater = self.updaters.get(view.device.id)
+            if updater is not None:
+                updater.kick(view, read_at=read_at)
 
     def kick(self, device_id: str) -> None:
         """Re-check a device's target now, if this process holds its session."""
@@ -268,19 +279,35 @@ class OtaEngine:
 
     # -- planning ---------------------------------------------------------------------------
 
+    async def module(self, sha256: str) -> PlannedModule:
+        """A stored image by its SHA-256, parsed, kept in memory (bounded) once read: blobs
+        are content-addressed, so a copy never goes stale, and a fleet-wide release reads
+        and parses each image once instead of once per device."""
+        module = self._modules.get(sha256)
+        if module is not None:
+            self._modules.move_to_end(sha256)
+            return module
+        image = await self.fleet.device_os_binary(sha256)  # any stored blob, verified
+        module = PlannedModule(image, sha256, parse_module(image))
+        self._modules[sha256] = module
+        self._modules_bytes += len(image)
+        while self._modules_bytes > self.config.image_cache_bytes and len(self._modules) > 1:
+            _, evicted = self._modules.popitem(last=False)
+            self._modules_bytes -= len(evicted.image)
+        return module
+
     async def plan(self, view: DeviceTarget) -> list[PlannedModule] | str:
         """The modules to send, Device OS first; or a reason why nothing can be sent."""
-        binary = await self.fleet.binary_for(view)
-        if binary is None:
+        sha256 = self.fleet.binary_sha256_for(view)
+        if sha256 is None:
             return "the target firmware is missing"
-        sha256, image = binary
-        app = PlannedModule(image, sha256, parse_module(image))
+        app = await self.module(sha256)
         installed = {
             (int(m["function"]), int(m["index"])): int(m["version"])
             for m in (view.device.modules or [])
         }
         platform = view.device.platform_id or view.product.platform_id
-        catalog = await self.fleet.list_device_os(platform)
+        catalog: list[dict[str, Any]] | None = None  # read only when a dependency is unmet
         plan: list[PlannedModule] = []
         # Dependencies first, deepest first: a system part may need a newer bootloader.
         pending = list(app.info.dependencies)
@@ -292,6 +319,8 @@ class OtaEngine:
                 (f, i) for f, i, _ in needed
             }:
                 continue
+            if catalog is None:
+                catalog = await self.fleet.list_device_os(platform)
             candidates = [
                 m for m in catalog
                 if m["module_function"] == dep.function and m["module_index"] == dep.index
@@ -304,8 +333,7 @@ class OtaEngine:
                         f"version >= {dep.version}, which no stored Device OS module provides")
             chosen = min(candidates, key=lambda m: m["module_version"])
             needed.append((dep.function, dep.index, chosen["module_version"]))
-            blob = await self.fleet.device_os_binary(chosen["sha256"])
-            module = PlannedModule(blob, chosen["sha256"], parse_module(blob))
+            module = await self.module(chosen["sha256"])
             plan.insert(0, module)
             pending.extend(module.info.dependencies)
         return [*plan, app]

@@ -46,6 +46,7 @@ from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
 if TYPE_CHECKING:
     from server.devices.plane import DevicePlane
+    from server.fleet import DeviceTarget
 
 log = logging.getLogger("ota.devices")
 
@@ -91,10 +92,14 @@ class DeviceSessionHandler:
         self._requests_in, self._requests = trio.open_memory_channel[Message](MAX_QUEUED_REQUESTS)
         #: Called with each request the generic dispatcher does not own (OTA paths).
         self.extra_routes: list[Callable[[Message], Any]] = []
-        self.on_hello: list[Callable[[], Any]] = []
+        #: Called after the Hello (with None) and after the Describe (with the device's
+        #: target as the Describe's own transaction left it: no need to read it again).
+        self.on_hello: list[Callable[[DeviceTarget | None], Any]] = []
         #: Set once this session's Describe is recorded: until then the stored modules are
         #: those of an earlier session (the device may have reset into new ones since).
         self.described = trio.Event()
+        #: When (trio clock) this session's Describe was recorded; None before.
+        self.described_at: float | None = None
 
     # -- the session's task tree -------------------------------------------------------------
 
@@ -316,7 +321,7 @@ class DeviceSessionHandler:
         statements = self.plane.key_statements(view.product.id)
         self._respond(message, Code.CHANGED, hello_answer_payload(statements))
         for hook in self.on_hello:
-            hook()
+            hook(None)
 
     async def _on_describe(self, message: Message, describe: Describe) -> None:
         modules = [
@@ -329,10 +334,11 @@ class DeviceSessionHandler:
         # The fleet emits "spark/device/describe" when the modules changed.
         view = await self.plane.fleet.record_describe(self.device_id, modules)
         self.product_id = view.product.id
+        self.described_at = trio.current_time()
         self.described.set()
         self._respond(message, Code.CHANGED)
         for hook in self.on_hello:
-            hook()
+            hook(view)
 
     async def _on_event(self, message: Message, event: Event) -> None:
         if event.name != UPDATE_RESULT_EVENT:

@@ -79,9 +79,23 @@ class SessionUpdater:
         #: What the device was told about forced updates (None: nothing yet; a device
         #: boots not forced).
         self._told_forced: bool | None = None
+        #: The device's target as the last kick read it (see kick); None: read it.
+        self._view: DeviceTarget | None = None
 
-    def kick(self) -> None:
-        """Ask the updater to re-check the device's target."""
+    def kick(self, view: DeviceTarget | None = None, *, read_at: float | None = None) -> None:
+        """Ask the updater to re-check the device's target.
+
+        ``view`` is that target when the caller has just read it: the Describe's own
+        transaction, or a release's read of every online device that started at
+        ``read_at`` (trio clock). The updater then plans from it instead of reading the
+        store again (at a fleet-wide release that read is one per device). A view that may
+        predate this session's Describe is dropped: its modules could be stale.
+        """
+        if view is not None and read_at is not None:
+            recorded = self.handler.described_at
+            if recorded is None or recorded > read_at:
+                view = None
+        self._view = view  # a kick without a view means "something changed: read again"
         self._kicked.set()
 
     async def route(self, message: Message) -> bool:
@@ -171,14 +185,21 @@ class SessionUpdater:
                            and not (hello is not None and hello.reset_pending))
         if wait_for_result:
             assert delivery is not None
+            # Stored before waiting: a session cut during the wait must not make the next
+            # one (here or in another process) wait again for a result that may never come.
             self.engine.delivered[self.device_id] = replace(delivery, awaited=True)
             await self.engine.save_memory(self.device_id)
         if not self.handler.described.is_set():
             with trio.move_on_after(config.describe_wait):
                 await self.handler.described.wait()
-        if wait_for_result and not self.result_seen.is_set():
-            with trio.move_on_after(config.result_wait):
-                await self.result_seen.wait()
+        if wait_for_result:
+            if not self.result_seen.is_set():
+                with trio.move_on_after(config.result_wait):
+                    await self.result_seen.wait()
+            if self._view is not None and self._view.pending_flash is not None:
+                # Recording the result may have completed that flash (it changes nothing
+                # else a target is made of: releases, locks, modules).
+                self._view = None
         return self.handler.described.is_set()
 
     async def _tell_forced(self, forced: bool) -> None:
@@ -195,14 +216,18 @@ class SessionUpdater:
     async def update_once(self) -> None:
         """Bring the device to its target, one module per call (it resets after each)."""
         engine, fleet, handler = self.engine, self.engine.fleet, self.handler
+        if self.staged:
+            return  # it validated an image in this session and resets into it
         if not await self._settle():
             # Never plan from an earlier session's modules: under load the Describe may be
             # slow to record, and the device may run another image since (it would be
             # offered what it runs, or a patch against a base it no longer has).
             return
-        view = await fleet.target_for_device(self.device_id)
+        view, self._view = self._view, None
+        if view is None:
+            view = await fleet.target_for_device(self.device_id)
         await self._tell_forced(view.updates_forced)
-        if not view.update_needed or self.staged:
+        if not view.update_needed:
             return
         if not view.device.modules:
             return  # nothing is known of its modules yet: its Describe will kick again
@@ -273,13 +298,14 @@ class SessionUpdater:
                 engine.compressed.refused.add((self.device_id, module.sha256))
 
     async def _record(self, engine: OtaEngine, status: FlashStatus, error: str = "") -> None:
-        """Save the device's memory and record the flash status, both or (cancelled before
-        the first) neither: shielded, since a session that ends between the two would leave
-        a next session (here or in another process) believing an update it never announced
-        started, or announcing it twice."""
+        """Save the device's memory and record the flash status in one transaction: a
+        session that ended between the two would leave a next session (here or in another
+        process) believing an update it never announced started, or announcing it twice.
+        Shielded: the session may close under us, what happened must still be recorded."""
         with trio.CancelScope(shield=True):
-            await engine.save_memory(self.device_id)
-            await engine.fleet.record_flash_status(self.device_id, status, error=error)
+            await engine.save_memory(
+                self.device_id, engine.fleet.flash_status_work(self.device_id, status,
+                                                               error=error))
 
     async def _file_to_send(self, view: DeviceTarget, module: PlannedModule) -> SentFile:
         """A delta when the device runs a known base and the patch is worth it; else the
@@ -393,22 +419,22 @@ class SessionUpdater:
                 self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
                                                                  self.serial)
                 self.staged = True
-                # Shielded: the device resets now and its session may close under us; what
-                # happened must still be recorded (short store writes). Done before the
-                # FinishAck goes out (see the ordering above): the device's next session,
-                # maybe in another process, must find the delivery in the store.
+                # The device validated the whole file and applies it at its (next) reset:
+                # record that with the memory, in one transaction. Shielded: the device
+                # resets now and its session may close under us. Done before the FinishAck
+                # goes out (see the ordering above): the device's next session, maybe in
+                # another process, must find the delivery in the store.
+                steps = [fleet.update_progress_work(
+                    self.device_id, sha256=module.sha256, version=view.target.version,
+                    transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
+                    status="applying")]
+                version = _release_version(view)
+                if version is not None:  # the data this release's encodings saved
+                    steps.append(fleet.transfer_bytes_work(
+                        view.product.id, version, self.device_id, bytes_sent=sent_size,
+                        bytes_full=len(module.image), transfer=transfer))
                 with trio.CancelScope(shield=True):
-                    await self.engine.save_memory(self.device_id)
-                    # The device validated the whole file and applies it at its (next) reset.
-                    await fleet.record_update_progress(
-                        self.device_id, sha256=module.sha256, version=view.target.version,
-                        transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
-                        status="applying")
-                    version = _release_version(view)
-                    if version is not None:  # the data this release's encodings saved
-                        await fleet.record_transfer_bytes(
-                            view.product.id, version, self.device_id, bytes_sent=sent_size,
-                            bytes_full=len(module.image), transfer=transfer)
+                    await self.engine.save_memory(self.device_id, *steps)
                 verdict = True
             elif (isinstance(item, TransferFailed) and transfer != "full"
                   and item.status in _FALL_BACK_STATUSES):

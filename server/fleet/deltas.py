@@ -9,6 +9,7 @@ image would have taken, to its firmware version's counters, and publishes them a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.events import Event
@@ -93,6 +94,23 @@ class DeltaService(FleetBase):
     ) -> dict[str, int]:
         """Count one completed transfer ("full", "zstd" or "delta") towards firmware
         ``version``; publish the totals."""
+        totals: dict[str, int] = await self._run_grouped(self.transfer_bytes_work(
+            product_id, version, device_id, bytes_sent=bytes_sent, bytes_full=bytes_full,
+            transfer=transfer))
+        return totals
+
+    def transfer_bytes_work(
+        self,
+        product_id: int,
+        version: int,
+        device_id: str,
+        *,
+        bytes_sent: int,
+        bytes_full: int,
+        transfer: str,
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of :meth:`record_transfer_bytes`, to run in one transaction with
+        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
 
         def work(tx: Tx) -> Outcome:
             totals = tx.add_transfer_bytes(
@@ -116,8 +134,7 @@ class DeltaService(FleetBase):
             event = Event(RELEASE_BYTES_EVENT, data, product_id=product_id, device_id=device_id)
             return Outcome(totals, [event])
 
-        totals: dict[str, int] = await self._run_grouped(work)
-        return totals
+        return work
 
     async def transfer_bytes(self, product_id: int, version: int) -> dict[str, int]:
         """Firmware ``version``'s counters: bytes_sent, bytes_full (what full images would

@@ -6,6 +6,9 @@ survives a restart and follows the device to whichever server process holds its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from server.events import Event
 from server.fleet.base import FleetBase, Outcome
 from server.store import Tx
 from server.store.tx_ota import OtaMemoryRecord
@@ -23,11 +26,18 @@ class OtaMemoryService(FleetBase):
 
         return await self._read(work)
 
-    async def save_ota_memory(self, memory: OtaMemoryRecord) -> None:
-        """Replace the device's memory (durable when this returns)."""
+    async def save_ota_memory(self, memory: OtaMemoryRecord,
+                              *with_: Callable[[Tx], Outcome]) -> None:
+        """Replace the device's memory (durable when this returns), in one transaction
+        with the writes ``with_`` (the ``*_work`` builders of the flash status, the
+        transfer progress and the release's byte counters): the memory and what it
+        records happen together or not at all, in one store round trip."""
 
         def work(tx: Tx) -> Outcome:
             tx.put_ota_memory(memory, now=self.clock())
-            return Outcome(None, [])
+            events: list[Event] = []
+            for step in with_:
+                events.extend(step(tx).events)
+            return Outcome(None, events)
 
         await self._run_grouped(work)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -441,15 +441,16 @@ class SessionService(FleetBase):
 
         return await self._read(work)
 
+    @staticmethod
+    def binary_sha256_for(view: DeviceTarget) -> str | None:
+        """SHA-256 of what to send: the pending flash first, else the target firmware."""
+        if view.pending_flash is not None:
+            return view.pending_flash.sha256
+        return view.firmware.sha256 if view.firmware is not None else None
+
     async def binary_for(self, view: DeviceTarget) -> tuple[str, bytes] | None:
         """(sha256, image) of what to send: the pending flash first, else the target firmware."""
-        sha256 = (
-            view.pending_flash.sha256
-            if view.pending_flash is not None
-            else view.firmware.sha256
-            if view.firmware is not None
-            else None
-        )
+        sha256 = self.binary_sha256_for(view)
         if sha256 is None:
             return None
         return sha256, await self._read(self.store.blobs.get, sha256)
@@ -466,6 +467,23 @@ class SessionService(FleetBase):
         status: str = "in_progress",
     ) -> None:
         """Persist transfer progress (call it every few tens of KiB, not per chunk)."""
+        await self._run_grouped(self.update_progress_work(
+            device_id, sha256=sha256, version=version, transfer=transfer,
+            bytes_done=bytes_done, bytes_total=bytes_total, status=status))
+
+    def update_progress_work(
+        self,
+        device_id: str,
+        *,
+        sha256: str,
+        version: int | None,
+        transfer: str,
+        bytes_done: int,
+        bytes_total: int,
+        status: str = "in_progress",
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of :meth:`record_update_progress`, to run in one transaction with
+        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
         if transfer not in ("full", "zstd", "delta"):
             raise ValidationError("transfer must be 'full', 'zstd' or 'delta'")
 
@@ -493,7 +511,7 @@ class SessionService(FleetBase):
                 tx.put_update_state(state)
             return Outcome(None)
 
-        await self._run_grouped(work)
+        return work
 
     async def get_update_state(self, device_id: str) -> UpdateStateRecord | None:
         """The transfer in flight to a device, if any."""
@@ -509,6 +527,13 @@ class SessionService(FleetBase):
     ) -> None:
         """An update to the device started, succeeded or failed: update the pending flash
         and the deciding release's counters, and emit ``spark/flash/status``."""
+        await self._run_grouped(self.flash_status_work(device_id, status, error=error))
+
+    def flash_status_work(
+        self, device_id: str, status: FlashStatus, *, error: str = ""
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of :meth:`record_flash_status`, to run in one transaction with
+        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
         if status not in ("started", "success", "failed"):
             raise ValidationError("flash status must be started, success or failed")
 
@@ -539,7 +564,7 @@ class SessionService(FleetBase):
             )
             return Outcome(None, [event])
 
-        await self._run_grouped(work)
+        return work
 
     @staticmethod
     def _count_release(
