@@ -169,7 +169,8 @@ async def serve(
                 assert device_server is not None
                 # After fleet.startup() (devices marked offline) and with the ports bound
                 # (port 0: the workers bind what this process got).
-                supervisor = WorkerSupervisor(worker_specs(config, device_server))
+                supervisor = WorkerSupervisor(worker_specs(config, device_server),
+                                              on_lost=fleet.sessions_lost)
                 await nursery.start(supervisor.run)
 
             async def stop_gracefully() -> None:

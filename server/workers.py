@@ -26,7 +26,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import trio
 
+from otacore.errors import OtaError
 from server.devices.ota import OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
@@ -120,6 +121,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         port=spec.tcp_port,
                         udp_port=spec.udp_port,
                         reuse_port=True,
+                        origin=relay.origin,
                     ),
                     fleet,
                     bus,
@@ -219,10 +221,13 @@ class WorkerSupervisor:
         *,
         stop_grace: float = 15.0,
         on_ready: Callable[[WorkerState], None] | None = None,
+        on_lost: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.workers = [WorkerState(spec) for spec in specs]
         self.stop_grace = stop_grace
         self.on_ready = on_ready
+        #: Called with the origin of a worker that exited unasked (its sessions are gone).
+        self.on_lost = on_lost
         self._stopping = False
         self._processes: dict[int, trio.Process] = {}
 
@@ -260,6 +265,13 @@ class WorkerSupervisor:
             if self._stopping:
                 return
             state.exits.append(code)
+            if self.on_lost is not None and state.origin is not None:
+                # Its devices are still "online" in the store: no session of theirs lives.
+                try:
+                    await self.on_lost(state.origin)
+                except OtaError as exc:
+                    log.warning("could not mark worker %d's devices offline: %s",
+                                state.spec.index, exc)
             if trio.current_time() - started >= STABLE_AFTER:
                 backoff = RESTART_BACKOFF[0]
             log.warning(

@@ -395,4 +395,11 @@ async def _drive(
                 f"not back: {now} {fleet.summary().line()} {server.log_path.read_text()[-3000:]}"
             ) from None
         assert "worker 1 (pid" in server.log_path.read_text()
+        # The supervisor marked the dead worker's devices offline (no live process would).
+        with store.read() as tx:
+            rows = tx.conn.execute(
+                sa.select(event_log.c.device_id, event_log.c.origin)
+                .where(event_log.c.name == STATUS, event_log.c.data == "offline")
+            ).all()
+        assert set(on_worker) <= {row.device_id for row in rows if row.origin != worker_origin}
         nursery.cancel_scope.cancel()

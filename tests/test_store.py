@@ -197,12 +197,17 @@ def test_a_version_1_store_is_migrated_in_place(data_dir: Path) -> None:
         tx.conn.execute(
             sa.text("ALTER TABLE firmware_transfer_bytes DROP COLUMN compressed_transfers")
         )
+        tx.conn.execute(sa.text("ALTER TABLE devices DROP COLUMN session_owner"))  # v3's
         tx.conn.execute(sa.update(t.meta).values(value="1"))
     store.close()
     store = Store.open_dir(data_dir)
     with store.write() as tx:
         assert tx.conn.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
         totals = tx.add_transfer_bytes(product.id, 1, bytes_sent=5, bytes_full=20, transfer="zstd")
+        tx.insert_device("0123456789abcdef01234567", product.id, 2)
+        assert tx.update_device("0123456789abcdef01234567",
+                                {"online": True, "session_owner": "main-1/1"}, 3)
+        assert tx.clear_presence("0123456789abcdef01234567", "main-1/1", 4)
     store.close()
     assert totals == {
         "bytes_sent": 15,

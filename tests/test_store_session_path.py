@@ -296,3 +296,25 @@ async def test_releases_come_with_their_firmware(store: Store, fleet: Fleet) -> 
         await fleet.device_online(device_id)
     many = await fleet.online_devices_needing_update(product.id)
     assert many == [await fleet.target_for_device(device_id) for device_id in (D1, D2)]
+
+
+async def test_presence_belongs_to_the_session_that_set_it(store: Store, fleet: Fleet) -> None:
+    """A device that reconnected (maybe to another server process) before its old session
+    ended stays online when the old one ends; a dead process's sessions are cleared."""
+    _product(store, fleet)
+    await fleet.device_online(D1, session="worker0-1/7")
+    await fleet.device_online(D1, session="worker1-2/3")  # it reconnected elsewhere
+    await fleet.device_offline(D1, session="worker0-1/7")  # the old session noticed late
+    assert (await fleet.target_for_device(D1)).device.online
+    await fleet.device_offline(D1, session="worker1-2/3")
+    assert not (await fleet.target_for_device(D1)).device.online
+
+    await fleet.device_online(D1, session="worker1-2/4")
+    await fleet.device_online(D2, session="worker1-2/40")
+    assert await fleet.sessions_lost("worker1-2/4") == 0  # an origin, not a session
+    assert await fleet.sessions_lost("worker1-2") == 2
+    for device_id in (D1, D2):
+        assert not (await fleet.target_for_device(device_id)).device.online
+    await fleet.device_online(D2, session="worker1-9/1")
+    assert await fleet.sessions_lost("worker1-2") == 0  # a later process's sessions stay
+    assert (await fleet.target_for_device(D2)).device.online

@@ -8,7 +8,9 @@ closes a live session when its device's certificates are revoked.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -53,6 +55,9 @@ class DevicePlaneConfig:
     request_timeout: float = 30.0
     #: Seconds a device is told to wait before reconnecting after a graceful shutdown.
     shutdown_hold_off: int = 10
+    #: This process's name among the server processes sharing the store (prefix of its
+    #: sessions' presence tokens; see ``SessionService.sessions_lost``). None: from the pid.
+    origin: str | None = None
 
 
 class DevicePlane:
@@ -64,6 +69,8 @@ class DevicePlane:
         self.bus = bus
         self.registry = SessionRegistry()
         self.sessions: dict[str, DeviceSessionHandler] = {}
+        self.origin = config.origin or f"server-{os.getpid()}"
+        self._session_serials = itertools.count(1)
         self.server: DeviceServer | None = None
         self._statements: dict[int, tuple[int, list[bytes]]] = {}
         #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
@@ -94,6 +101,11 @@ class DevicePlane:
     def handler_factory(self, session: DeviceSession) -> DeviceSessionHandler:
         """One handler per authenticated session."""
         return DeviceSessionHandler(self, session)
+
+    def presence_token(self) -> str:
+        """A new session's name in the store's presence column: unique among the sessions
+        of every server process sharing the store."""
+        return f"{self.origin}/{next(self._session_serials)}"
 
     def attach(self, handler: DeviceSessionHandler) -> None:
         """A session started: it now owns its device in this process."""

@@ -108,8 +108,10 @@ class DeviceSessionHandler:
         # Attach before the first checkpoint: the session this one replaces (the registry
         # closed it) then sees a successor and leaves the device's online state alone.
         self.plane.attach(self)
+        presence = self.plane.presence_token()
         try:
-            await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer))
+            await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
+                                                 session=presence)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._timer)
@@ -126,7 +128,10 @@ class DeviceSessionHandler:
             if self.plane.sessions.get(self.device_id) is None:  # not replaced
                 with trio.CancelScope(shield=True):
                     try:
-                        await self.plane.fleet.device_offline(self.device_id)
+                        # Only if no newer session took the device over meanwhile (the
+                        # device may have reconnected to another server process).
+                        await self.plane.fleet.device_offline(self.device_id,
+                                                              session=presence)
                     except OtaError:
                         log.warning("could not mark %s offline", self.device_id)
 

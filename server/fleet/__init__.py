@@ -14,13 +14,14 @@ from server.fleet.devices import DevicePage, DeviceService, DeviceView, ImportRe
 from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
 from server.fleet.groups import GroupService, GroupView
 from server.fleet.ota_memory import OtaMemoryService
+from server.fleet.presence import PresenceService
 from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
 from server.fleet.sessions import DeviceTarget, SessionService
 
 
 class Fleet(
     FirmwareService, DeviceService, GroupService, AuthService, SessionService, DeviceOsService,
-    DeltaService, OtaMemoryService,
+    DeltaService, OtaMemoryService, PresenceService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 

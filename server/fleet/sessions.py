@@ -357,40 +357,6 @@ class SessionService(FleetBase):
 
         await self._run(work)
 
-    async def device_online(self, device_id: str, *, ip: str | None = None) -> None:
-        """A session resumed without a hello (or came up): mark online, emit spark/status."""
-        await self._set_online(device_id, True, ip)
-
-    async def device_offline(self, device_id: str) -> None:
-        """The device's session ended: mark offline, emit spark/status "offline"."""
-        await self._set_online(device_id, False, None)
-
-    async def _set_online(self, device_id: str, online: bool, ip: str | None) -> None:
-        def work(tx: Tx) -> Outcome:
-            now = self.clock()
-            normalized = normalize_device_id(device_id)
-            found = tx.get_device_online(normalized)  # not the whole row: two columns
-            if found is None:
-                raise unknown_device(device_id)
-            product_id, was_online = found
-            fields: dict[str, Any] = {"online": online, "last_heard_at": now}
-            if ip is not None:
-                fields["last_ip_address"] = ip
-            tx.update_device(normalized, fields, now)
-            if was_online == online:
-                return Outcome(None)
-            event = Event(
-                STATUS,
-                "online" if online else "offline",
-                product_id=product_id,
-                device_id=normalized,
-                coreid=normalized,
-                published_at=now,
-            )
-            return Outcome(None, [event])
-
-        await self._run_grouped(work)
-
     async def set_updates_enabled(self, device_id: str, enabled: bool) -> DeviceTarget:
         """The device reported System.enableUpdates()/disableUpdates()."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 #: Bumped whenever a table changes; stored in the ``meta`` table.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -58,6 +58,10 @@ devices = sa.Table(
     sa.Column("updates_pending", sa.Boolean, nullable=False, default=False),
     sa.Column("reset_pending", sa.Boolean, nullable=False, default=False),
     sa.Column("online", sa.Boolean, nullable=False, default=False),
+    # The live session that set ``online`` ("<process origin>/<serial>"): only that session
+    # may clear it, so an old session ending after the device reconnected (maybe to another
+    # server process) does not mark a live device offline.
+    sa.Column("session_owner", sa.String(96), nullable=True),
     sa.Column("certs_revoked", sa.Boolean, nullable=False, default=False),
     sa.Column("last_ip_address", sa.String(64), nullable=True),
     _ms("last_handshake_at", nullable=True),

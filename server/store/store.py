@@ -229,6 +229,8 @@ def _migrate(conn: sa.Connection, version: int) -> None:
                 "ADD COLUMN compressed_transfers INTEGER NOT NULL DEFAULT 0"
             )
         )
+    if version < 3:  # v3: presence is owned by the session that set it
+        conn.execute(sa.text("ALTER TABLE devices ADD COLUMN session_owner VARCHAR(96)"))
     conn.execute(
         sa.update(schema.meta)
         .where(schema.meta.c.key == "schema_version")

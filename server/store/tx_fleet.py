@@ -31,6 +31,7 @@ DEVICE_MUTABLE = frozenset(
         "updates_pending",
         "reset_pending",
         "online",
+        "session_owner",
         "certs_revoked",
         "last_ip_address",
         "last_handshake_at",
@@ -77,6 +78,13 @@ SELECT_DEVICE_ONLINE = sa.select(t.devices.c.product_id, t.devices.c.online).whe
 #: The SET clause comes from the parameter names given at execution (SQLAlchemy compiles
 #: and caches one form per set of names).
 UPDATE_DEVICE = sa.update(t.devices).where(t.devices.c.id == sa.bindparam("key_device_id"))
+CLEAR_PRESENCE = (
+    sa.update(t.devices)
+    .where(t.devices.c.id == sa.bindparam("key_device_id"),
+           t.devices.c.session_owner == sa.bindparam("key_owner"))
+    .values(online=False, session_owner=None, last_heard_at=sa.bindparam("now"),
+            updated_at=sa.bindparam("now"))
+)
 SELECT_PRODUCT_BY_ID = sa.select(*record_columns(ProductRecord, t.products)).where(
     t.products.c.id == sa.bindparam("product_id")
 )
@@ -276,9 +284,31 @@ class FleetQueries:
         result = self.conn.execute(
             sa.update(t.devices)
             .where(t.devices.c.online.is_(True))
-            .values(online=False, updated_at=now)
+            .values(online=False, session_owner=None, updated_at=now)
         )
         return int(result.rowcount)
+
+    def clear_presence(self, device_id: str, owner: str, now: int) -> bool:
+        """Mark the device offline if session ``owner`` still holds it; False when a newer
+        session (in this process or another) took it over meanwhile."""
+        result = self.conn.execute(CLEAR_PRESENCE, {"key_device_id": device_id,
+                                                    "key_owner": owner, "now": now})
+        return bool(result.rowcount)
+
+    def clear_presence_of_origin(self, origin: str, now: int) -> list[tuple[str, int]]:
+        """Mark offline every device held by a session of process ``origin`` (it died
+        without ending them); (device id, product id) of each."""
+        prefix = f"{origin}/"
+        owned = sa.func.substr(t.devices.c.session_owner, 1, len(prefix)) == prefix
+        rows = self.conn.execute(
+            sa.select(t.devices.c.id, t.devices.c.product_id).where(owned)
+        ).all()
+        if rows:
+            self.conn.execute(
+                sa.update(t.devices).where(owned)
+                .values(online=False, session_owner=None, last_heard_at=now, updated_at=now)
+            )
+        return [(str(device_id), int(product_id)) for device_id, product_id in rows]
 
     def device_counts_by_version(self, product_id: int) -> dict[int, int]:
         """How many of the product's devices report running each firmware version."""
