@@ -53,6 +53,10 @@ def of(kind: type[T], outputs: Sequence[object]) -> list[T]:
     return [item for item in outputs if isinstance(item, kind)]
 
 
+#: The device's whole window at once: for tests of other parts of the exchange.
+UNCONGESTED = RetransmitPolicy(congestion_control=False)
+
+
 def sender(window: int = 8, **options: Any) -> TransferSender:
     return TransferSender(
         IMAGE, 512, window, 77, module_function=5, module_index=1, module_version=7, **options
@@ -95,7 +99,7 @@ def test_sender_argument_checks() -> None:
 
 def test_prepared_file_chunks_are_zero_copy_slices_with_their_crc() -> None:
     prepared = PreparedFile(IMAGE, 512)
-    tx = TransferSender(prepared, 512, 32, 5)
+    tx = TransferSender(prepared, 512, 32, 5, policy=UNCONGESTED)
     tx.start(0.0)
     chunks = of(Chunk, tx.handle(StartReply(5, TransferStatus.OK, 32, 0), 0.1))
     assert [c.index for c in chunks] == list(range(1, N + 1))
@@ -181,7 +185,7 @@ def test_rtt_estimate_follows_acks_and_ignores_retransmissions() -> None:
 
 
 def test_finish_exchange_and_repeated_finish_reply() -> None:
-    tx, _ = started_sender(window=32, device_window=32)
+    tx, _ = started_sender(window=32, device_window=32, policy=UNCONGESTED)
     out = tx.handle(ChunkAck(77, N, 0), 0.3)
     assert of(UpdateFinish, out)
     assert of(TransferProgress, out)[-1] == TransferProgress(len(IMAGE), len(IMAGE))
@@ -194,7 +198,7 @@ def test_finish_exchange_and_repeated_finish_reply() -> None:
 
 
 def test_finish_reply_with_an_error_fails_the_transfer() -> None:
-    tx, _ = started_sender(window=32, device_window=32)
+    tx, _ = started_sender(window=32, device_window=32, policy=UNCONGESTED)
     tx.handle(ChunkAck(77, N, 0), 0.3)
     out = tx.handle(FinishReply(77, TransferStatus.SHA256_MISMATCH, ReceiverStats()), 0.4)
     assert of(TransferFailed, out)[0].status is TransferStatus.SHA256_MISMATCH
@@ -520,3 +524,32 @@ def test_a_reused_transfer_id_with_other_parameters_is_a_new_transfer() -> None:
     (reply,) = of(StartReply, out)
     assert reply.resume_offset == 2  # 4 chunks of 512 bytes = 2 chunks of 1024 bytes
     assert of(TransferStarted, out)[0].start.chunk_size == 1024
+
+
+def test_congestion_window_slow_start_halving_and_timeout() -> None:
+    """RFC 5681 in chunks: 10 chunks first (RFC 6928), one more per chunk acknowledged,
+    halved once per window of data on a loss (RFC 6582), one chunk after a timeout."""
+    policy = RetransmitPolicy(initial_rto=1.0, min_rto=0.5, max_rounds=8)
+    tx, out = started_sender(window=64, device_window=64, policy=policy)
+    assert [c.index for c in of(Chunk, out)] == list(range(1, 11))
+    out = tx.handle(ChunkAck(77, 2, 0), 0.2)  # 2 acked: cwnd 12, 8 in flight -> 4 new
+    assert tx.cwnd == 12 and [c.index for c in of(Chunk, out)] == [11, 12, 13, 14]
+    # Chunk 3 is missing while 4..14 arrive: the window grows by the 11 acknowledged
+    # (to 23), then the hole is a loss (three later sends delivered): re-sent at once, and
+    # the window halves.
+    out = tx.handle(ChunkAck(77, 2, (1 << 11) - 1), 0.35)
+    assert of(Chunk, out)[0].index == 3
+    assert tx.cwnd == 11.5
+    halved = tx.cwnd
+    # More losses in the same window (15 and 16, with 17..19 delivered): no second cut,
+    # and no growth until the window that saw the loss is acknowledged (RFC 6582).
+    tx.handle(ChunkAck(77, 2, ((1 << 11) - 1) | (0b1110 << 12)), 0.36)
+    assert tx.cwnd == halved
+    # Nothing acknowledged any more: the timer expires and the window restarts at 1.
+    deadline = tx.next_deadline()
+    assert deadline is not None
+    while tx.cwnd != 1.0:
+        deadline = tx.next_deadline()
+        assert deadline is not None
+        tx.poll(deadline)
+    assert tx.cwnd == 1.0

@@ -54,6 +54,10 @@ class LinkConfig:
     corrupt: float = 0.0  # probability of flipping one byte of a chunk's data
     latency: float = 0.02
     jitter: float = 0.0  # random extra latency; messages on the main path stay in order
+    #: A bottleneck toward the device (a cell, a congested server): messages per second it
+    #: forwards (0: none) and how many may wait in its drop-tail queue.
+    bottleneck_rate: float = 0.0
+    queue_limit: int = 0
 
 
 class Device:
@@ -113,6 +117,7 @@ class SessionRecord:
     delivered_corrupt: int = 0
     acks_emitted: int = 0
     window: int = 0
+    peak_cwnd: float = 0.0
 
 
 class Simulation:
@@ -147,6 +152,8 @@ class Simulation:
         self.deliveries = 0
         self._order = 0
         self._fifo = {True: 0.0, False: 0.0}  # last in-order delivery time per direction
+        self._bottleneck_free_at = 0.0
+        self.bottleneck_drops = 0
 
     # --- link -------------------------------------------------------------------------------
 
@@ -159,6 +166,16 @@ class Simulation:
         link = self.link
         rng = self.rng
         for message in messages:
+            service = 0.0
+            if to_device and link.bottleneck_rate:
+                # Drop-tail: the queue holds what arrived and is not forwarded yet.
+                backlog = max(0.0, self._bottleneck_free_at - self.now) * link.bottleneck_rate
+                if backlog >= link.queue_limit:
+                    self.bottleneck_drops += 1
+                    continue
+                start = max(self._bottleneck_free_at, self.now)
+                self._bottleneck_free_at = start + 1 / link.bottleneck_rate
+                service = self._bottleneck_free_at - self.now
             copies = 0 if rng.random() < link.loss else 1
             if copies and rng.random() < link.duplicate:
                 copies = 2
@@ -177,7 +194,7 @@ class Simulation:
                     corrupted = True
                 # Jitter delays the queue as a whole (delivery stays in order, as on one path);
                 # a reordered message takes a slower path and is overtaken.
-                at = self.now + link.latency + rng.random() * link.jitter
+                at = self.now + service + link.latency + rng.random() * link.jitter
                 if rng.random() < link.reorder:
                     at += link.latency * 3
                 else:
@@ -235,6 +252,7 @@ class Simulation:
                         record.bytes_sent += len(item.data)
                 elif isinstance(item, (TransferCompleted, TransferFailed)):
                     record.outcome = item
+            record.peak_cwnd = max(record.peak_cwnd, sender.cwnd)
             self._transmit(queue, True, messages)
 
         def from_device(outputs: Sequence[object]) -> None:
@@ -504,3 +522,33 @@ def test_random_bytes_image_is_reproducible() -> None:
         sim.run_until_ready()
         runs.append((sim.now, [r.chunk_sends for r in sim.sessions], sim.sessions[-1].outcome))
     assert runs[0] == runs[1]
+
+
+def test_congestion_control_spares_a_bottleneck() -> None:
+    """Behind a bottleneck (1,000 chunks/s, a 16-chunk queue) a sender that fills the
+    device's whole window loses most of it and sends it again; with congestion control
+    (RFC 5681) far fewer chunks are lost and re-sent, and the transfer is not slower."""
+    bottleneck = LinkConfig(bottleneck_rate=1000.0, queue_limit=16, latency=0.02)
+    outcomes = {}
+    for controlled in (False, True):
+        policy = RetransmitPolicy(max_rounds=12, congestion_control=controlled)
+        sim = Simulation(IMAGE_128K, seed=3, link=bottleneck, policy=policy)
+        sim.run_until_ready()
+        assert_delivered(sim)
+        sends = sum(record.chunk_sends for record in sim.sessions)
+        outcomes[controlled] = (sends - sim.prepared.chunk_count, sim.bottleneck_drops, sim.now)
+    (blind_resent, blind_drops, blind_time), (resent, drops, took) = (
+        outcomes[False], outcomes[True])
+    assert blind_resent > 100 and blind_drops > 100  # the bottleneck really bites
+    assert resent * 5 < blind_resent and drops * 5 < blind_drops
+    assert took <= blind_time
+
+
+def test_congestion_window_opens_to_the_device_window_on_a_clean_link() -> None:
+    """On a link without losses slow start opens the congestion window up to the device's
+    window: flow control, not congestion control, is what limits a healthy transfer."""
+    sim = Simulation(IMAGE_128K, seed=1, window_limit=64)
+    assert sim.run_until_ready() == 1
+    record = sim.sessions[0]
+    assert record.peak_cwnd == 64
+    assert record.chunk_sends == sim.prepared.chunk_count  # nothing sent twice

@@ -117,12 +117,15 @@ class SendBook:
         """Bitset of chunks sent in this session and not yet acknowledged."""
         return ((1 << (self.next_new - 1)) - 1) & ~self.acked
 
-    def schedule(self, window: int, now: float) -> tuple[list[int], int]:
+    def schedule(self, window: int, now: float,
+                 budget: int | None = None) -> tuple[list[int], int]:
         """Chunk numbers to send now (lost ones first), marked as sent at ``now``.
 
         Never goes past chunk ``base + window``: the device holds at most a window beyond its
-        in-order count, so that is all the flow control needs. Returns the numbers and how many
-        of them are retransmissions.
+        in-order count, so that is all the flow control needs. At most ``budget`` chunks never
+        sent before go out (the congestion window's room; None: no cap); lost ones are re-sent
+        regardless, they left the path. Returns the numbers and how many of them are
+        retransmissions.
         """
         numbers: list[int] = []
         seq = self._send_seq
@@ -142,12 +145,14 @@ class SendBook:
         limit = min(self.chunk_count, self.base + window)
         number = self.next_new
         acked = self.acked
-        while number <= limit:
+        room = limit if budget is None else budget
+        while number <= limit and room > 0:
             if not (acked >> (number - 1)) & 1:
                 sends += 1
                 seq[number - 1] = sends
                 sent_at[number - 1] = now
                 numbers.append(number)
+                room -= 1
             number += 1
         self.next_new = number
         self._sends = sends

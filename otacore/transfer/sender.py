@@ -12,6 +12,14 @@ twice after an interruption. Retransmission: holes revealed by the ack bitmap ar
 once (RACK-style, see bitmap.SendBook); a retransmission timer (RFC 6298: SRTT/RTTVAR, floor,
 exponential back-off) re-sends the lowest missing chunk as a probe, and the transfer fails after
 ``max_rounds`` consecutive expiries without any progress.
+
+Congestion control (RFC 5681, counted in chunks): the window is what the device can hold, not
+what the path can carry. New chunks in flight are also capped by a congestion window that
+starts at ``initial_cwnd`` (RFC 6928), grows by one chunk per chunk acknowledged in slow start
+and by one chunk per window in congestion avoidance, halves once per window of data when a
+loss is detected (RFC 6582's recovery point), and drops to one chunk after a timeout. A
+congested cell or an overloaded server then sees fewer chunks lost and sent twice: cellular
+data is paid for, and every retransmission is paid twice.
 """
 
 from __future__ import annotations
@@ -101,6 +109,8 @@ class RetransmitPolicy:
     max_rto: float = 30.0  # cap of the exponential back-off (section 5.5)
     max_rounds: int = 8  # consecutive expiries without progress before giving up
     max_ack_delay: float = 0.2  # the device's delayed-ack timer, added to the probe timeout
+    initial_cwnd: int = 10  # congestion window before any ack, in chunks (RFC 6928)
+    congestion_control: bool = True  # False: only the device's window limits the flight
 
 
 class TransferSender:
@@ -179,6 +189,11 @@ class TransferSender:
         self._retransmitted = 0
         self._bytes_sent = 0
         self._timeouts = 0
+        #: Congestion window and slow-start threshold, in chunks (RFC 5681 section 3.1).
+        self.cwnd = float(self.policy.initial_cwnd)
+        self._ssthresh = float("inf")
+        #: In loss recovery until chunks up to this number are acknowledged (RFC 6582).
+        self._recovery_until = 0
 
     # --- public API -----------------------------------------------------------------------
 
@@ -239,6 +254,7 @@ class TransferSender:
             return [self._send_control(self.start_message, now, retry=True)]
         if self.phase is SenderPhase.FINISHING:
             return [self._send_control(UpdateFinish(self.transfer_id), now, retry=True)]
+        self._on_congestion(timeout=True)
         self.book.mark_lowest_lost()
         out = []
         self._send_chunks(now, out)
@@ -288,6 +304,7 @@ class TransferSender:
             )
         self._sample_control_rtt(now)
         self.window = min(self.window_limit, reply.window)
+        self.cwnd = float(min(self.window, self.policy.initial_cwnd))
         self.resume_offset = reply.resume_offset
         self.book = SendBook(n, reply.resume_offset)
         self._rounds = 0
@@ -309,6 +326,7 @@ class TransferSender:
         newly, sample_at = book.apply_ack(ack.in_order, ack.bitmap)
         out: list[Output] = []
         if newly:
+            self._grow_cwnd(newly)
             if sample_at is not None:
                 self._update_rtt(now - sample_at)
             else:
@@ -318,8 +336,9 @@ class TransferSender:
             if book.base >= book.chunk_count:
                 out.append(self._begin_finish(now))
                 return out
-        if book.acked >> (book.base + 1):  # chunks held past a gap: look for losses
-            book.detect_losses(self._reorder_time)
+        # Chunks held past a gap: look for losses.
+        if book.acked >> (book.base + 1) and book.detect_losses(self._reorder_time):
+            self._on_congestion(timeout=False)
         self._send_chunks(now, out)
         if newly:
             # RFC 6298 section 5.3: restart the timer when new data is acknowledged.
@@ -346,8 +365,41 @@ class TransferSender:
 
     # --- helpers ----------------------------------------------------------------------------
 
+    def _in_flight(self) -> int:
+        """Chunks sent and neither acknowledged nor judged lost (RFC 6675's pipe)."""
+        book = self.book
+        return (book.outstanding() & ~book.lost).bit_count()
+
+    def _grow_cwnd(self, newly: int) -> None:
+        """RFC 5681 section 3.1: slow start below ssthresh, congestion avoidance above;
+        no growth while recovering from a loss (RFC 6582)."""
+        if self.book.base < self._recovery_until:
+            return
+        if self.cwnd < self._ssthresh:
+            self.cwnd += newly
+        else:
+            self.cwnd += newly / self.cwnd
+        if self.cwnd > self.window:
+            self.cwnd = float(self.window)
+
+    def _on_congestion(self, *, timeout: bool) -> None:
+        """A loss: halve the window once per window of data (RFC 6582's recovery point);
+        after a timeout, restart from one chunk (RFC 5681 section 3.1, equation 4)."""
+        book = self.book
+        if not timeout and book.base < self._recovery_until:
+            return  # the same window's losses: one reduction
+        # Half the congestion window (as Linux's Reno does; RFC 5681's FlightSize is
+        # near it while a transfer streams, and an ack that revealed the loss may have
+        # emptied the flight), never below two chunks.
+        self._ssthresh = max(self.cwnd / 2, 2.0)
+        self.cwnd = 1.0 if timeout else self._ssthresh
+        self._recovery_until = book.next_new - 1
+
     def _send_chunks(self, now: float, out: list[Output]) -> None:
-        numbers, retransmissions = self.book.schedule(self.window, now)
+        budget = None
+        if self.policy.congestion_control:
+            budget = max(0, int(self.cwnd) - self._in_flight())
+        numbers, retransmissions = self.book.schedule(self.window, now, budget)
         if not numbers:
             return
         view = self.file.view
