@@ -80,6 +80,11 @@ async def test_standard_release_at_next_handshake_immediate_release_at_once(
             await rig.events.wait_for("spark/flash/status", device_id, "success", count=2)
             stats = (await rig.firmware(3))["release_stats"]
             assert (stats["succeeded"], stats["failed"], stats["running"]) == (1, 0, 1)
+            # After its resets the device resumed its TLS / DTLS session (as Device OS
+            # does): no full handshake for each reboot.
+            plane = rig.kit.handle.devices
+            assert plane is not None and plane.server is not None
+            assert plane.server.host.stats.resumed_handshakes[transport] >= 1
         assert [r["immediate"] for r in release_data(rig.events)] == [False, True]
 
 

@@ -27,7 +27,7 @@ from OpenSSL import SSL
 
 from otacore.device.emulated import DeviceAction, Disconnect, EmulatedDevice, Reboot
 from otacore.protocol.link import Transport
-from server.transport.client import DeviceCredentials, connect_dtls, connect_tls
+from server.transport.client import DeviceCredentials, connect_dtls, connect_tls, dtls_session
 from server.transport.dtls import send_close_notify
 
 #: Exceptions that mean "this connection is gone" (not a bug in the device).
@@ -49,7 +49,9 @@ class LinkSettings:
     backoff_max: float = 30.0
     #: Time a reset takes (the device is offline meanwhile).
     reboot_delay: float = 0.1
-    #: Resume TLS sessions on reconnect (RFC 8446 section 2.2), saving a full handshake.
+    #: Resume TLS and DTLS sessions on reconnect (RFC 8446 section 2.2; RFC 5246 section
+    #: 7.3 for DTLS 1.2), saving a full handshake. Device OS keeps its DTLS session across
+    #: resets for this.
     resume_tls: bool = True
 
 
@@ -141,6 +143,7 @@ class DeviceRunner:
         self._wake = trio.Event()
         self._tls_context: ssl.SSLContext | None = None
         self._tls_session: ssl.SSLSession | None = None
+        self._dtls_session: SSL.Session | None = None
         self._hold_off = 0.0  # seconds the server asked us to stay away
         #: Failed connection attempts since the last session that went online.
         self.connect_failures = 0
@@ -255,7 +258,10 @@ class DeviceRunner:
                         )
                         return _TlsConnection(stream)
                     endpoint = await _open_dtls_endpoint(link.server)
-                    channel = await connect_dtls(endpoint, link.server, link.credentials)
+                    channel = await connect_dtls(
+                        endpoint, link.server, link.credentials,
+                        session=self._dtls_session if link.resume_tls else None,
+                    )
                     return _DtlsConnection(endpoint, channel)
             except (trio.TooSlowError, *LINK_ERRORS) as exc:
                 self.last_connect_error = f"{type(exc).__name__}: {exc}"
@@ -290,6 +296,8 @@ class DeviceRunner:
             nursery.cancel_scope.cancel()
         if isinstance(connection, _TlsConnection) and went_online:
             self._tls_session = connection.stream.session
+        elif isinstance(connection, _DtlsConnection) and went_online:
+            self._dtls_session = dtls_session(connection.channel)
         await self._obey(connection, actions, lost[0] if lost else None)
         return went_online
 
