@@ -43,9 +43,13 @@ from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from server.devices.ota import OtaEngine
     from server.fleet import DeviceTarget
+    from server.fleet.base import Outcome
     from server.fleet.sessions import FlashStatus
+    from server.store import Tx
 
 log = logging.getLogger("ota.engine")
 
@@ -81,6 +85,8 @@ class SessionUpdater:
         self._told_forced: bool | None = None
         #: The device's target as the last kick read it (see kick); None: read it.
         self._view: DeviceTarget | None = None
+        #: The update's "started" is still to be recorded (with the transfer's first write).
+        self._started_unrecorded = False
 
     def kick(self, view: DeviceTarget | None = None, *, read_at: float | None = None) -> None:
         """Ask the updater to re-check the device's target.
@@ -302,10 +308,19 @@ class SessionUpdater:
         session that ended between the two would leave a next session (here or in another
         process) believing an update it never announced started, or announcing it twice.
         Shielded: the session may close under us, what happened must still be recorded."""
+        steps = [*self._unrecorded_start(),
+                 engine.fleet.flash_status_work(self.device_id, status, error=error)]
         with trio.CancelScope(shield=True):
-            await engine.save_memory(
-                self.device_id, engine.fleet.flash_status_work(self.device_id, status,
-                                                               error=error))
+            await engine.save_memory(self.device_id, *steps)
+
+    def _unrecorded_start(self) -> list[Callable[[Tx], Outcome]]:
+        """The update's "started", if still to be recorded: it rides on the transfer's
+        first store write (progress, completion or failure) instead of costing one more
+        transaction; a short transfer (a delta) records it with its completion."""
+        if not self._started_unrecorded:
+            return []
+        self._started_unrecorded = False
+        return [self.engine.fleet.flash_status_work(self.device_id, "started")]
 
     async def _file_to_send(self, view: DeviceTarget, module: PlannedModule) -> SentFile:
         """A delta when the device runs a known base and the patch is worth it; else the
@@ -356,8 +371,10 @@ class SessionUpdater:
             await self._record(engine, "failed", error=reason)
             return False
         if engine.updating.get(self.device_id) != update_sha256:
+            # A new update: "started" is recorded with the memory at the transfer's first
+            # write (see _unrecorded_start), so both or neither are stored.
             engine.updating[self.device_id] = update_sha256
-            await self._record(engine, "started")
+            self._started_unrecorded = True
         while True:  # drop what a previous transfer left in the inbox
             try:
                 self._inbox.receive_nowait()
@@ -412,9 +429,14 @@ class SessionUpdater:
                 if (item.bytes_acked < item.total
                         and now - self._progress_written_at >= config.progress_interval):
                     self._progress_written_at = now
-                    await fleet.record_update_progress(
+                    progress = fleet.update_progress_work(
                         self.device_id, sha256=module.sha256, version=view.target.version,
                         transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
+                    started = self._unrecorded_start()
+                    if started:
+                        await self.engine.save_memory(self.device_id, *started, progress)
+                    else:
+                        await fleet.run_write(progress)
             elif isinstance(item, TransferCompleted):
                 self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
                                                                  self.serial)
@@ -424,7 +446,7 @@ class SessionUpdater:
                 # resets now and its session may close under us. Done before the FinishAck
                 # goes out (see the ordering above): the device's next session, maybe in
                 # another process, must find the delivery in the store.
-                steps = [fleet.update_progress_work(
+                steps = [*self._unrecorded_start(), fleet.update_progress_work(
                     self.device_id, sha256=module.sha256, version=view.target.version,
                     transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
                     status="applying")]

@@ -125,6 +125,11 @@ class FleetBase:
         )
         return outcome.value
 
+    async def run_write(self, work: Callable[[Tx], Outcome]) -> Any:
+        """Run the store work a ``*_work`` builder made (e.g. ``update_progress_work``) as
+        one group-committed write; its value once durable."""
+        return await self._run_grouped(work)
+
     def _publish(self, outcome: Outcome) -> None:
         for event in outcome.events:
             self.bus.publish(event)
