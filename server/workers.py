@@ -51,6 +51,8 @@ RESTART_BACKOFF = (0.5, 30.0)
 STABLE_AFTER = 60.0
 #: Seconds a starting worker may take to report its listeners bound.
 READY_TIMEOUT = 60.0
+#: Tries at marking a dead worker's devices offline.
+LOST_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -267,11 +269,7 @@ class WorkerSupervisor:
             state.exits.append(code)
             if self.on_lost is not None and state.origin is not None:
                 # Its devices are still "online" in the store: no session of theirs lives.
-                try:
-                    await self.on_lost(state.origin)
-                except OtaError as exc:
-                    log.warning("could not mark worker %d's devices offline: %s",
-                                state.spec.index, exc)
+                await self._report_lost(state, state.origin)
             if trio.current_time() - started >= STABLE_AFTER:
                 backoff = RESTART_BACKOFF[0]
             log.warning(
@@ -284,8 +282,22 @@ class WorkerSupervisor:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF[1])
 
+    async def _report_lost(self, state: WorkerState, origin: str) -> None:
+        """Tell ``on_lost`` that the sessions of ``origin`` are gone (a few tries: the store
+        may be busy; a failure leaves devices "online" until they reconnect)."""
+        assert self.on_lost is not None
+        for attempt in range(LOST_ATTEMPTS):
+            try:
+                await self.on_lost(origin)
+                return
+            except OtaError as exc:
+                log.warning("could not mark worker %d's devices offline (try %d): %s",
+                            state.spec.index, attempt + 1, exc)
+                await trio.sleep(RESTART_BACKOFF[0] * 2**attempt)
+
     async def _run_once(self, state: WorkerState) -> int:
         """Run the worker process once; its exit status (negative: killed by a signal)."""
+        state.origin = None  # this run's, once it says it is ready
         argv = [sys.executable, "-m", "server.workers"]
         async with trio.open_nursery() as nursery:
             process: trio.Process = await nursery.start(

@@ -148,11 +148,18 @@ async def test_release_kick_plans_from_its_view_only_when_it_follows_the_describ
             assert described_at is not None
             view = await engine.fleet.target_for_device(device_id)
 
-            updater.kick(view, read_at=described_at - 0.001)
+            updater.kick_with(view, described_at - 0.001)
             assert updater._view is None  # the read may predate the Describe: read again
-            updater.kick(view, read_at=described_at)
+            read_at = trio.current_time()
+            updater.kick_with(view, read_at)
             assert updater._view is view
             updater.kick()  # a kick without a view: something changed, read again
+            assert updater._view is None
+            updater.kick_with(view, read_at)  # read before that change: stale
+            assert updater._view is None
+            updater.kick_with(view, trio.current_time())
+            assert updater._view is view
+            updater.forget_view()  # e.g. a standard release: views read so far are stale
             assert updater._view is None
 
             # The release's own read is recent: the device updates from it.

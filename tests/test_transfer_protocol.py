@@ -545,11 +545,16 @@ def test_congestion_window_slow_start_halving_and_timeout() -> None:
     # and no growth until the window that saw the loss is acknowledged (RFC 6582).
     tx.handle(ChunkAck(77, 2, ((1 << 11) - 1) | (0b1110 << 12)), 0.36)
     assert tx.cwnd == halved
-    # Nothing acknowledged any more: the timer expires and the window restarts at 1.
-    deadline = tx.next_deadline()
-    assert deadline is not None
+    # Nothing acknowledged any more: the probe re-sends one chunk, then the timer expires:
+    # the window restarts at 1 and one chunk goes out, the lowest outstanding.
+    sent_after_timeout: list[int] = []
     while tx.cwnd != 1.0:
         deadline = tx.next_deadline()
         assert deadline is not None
-        tx.poll(deadline)
-    assert tx.cwnd == 1.0
+        sent = [c.index for c in of(Chunk, tx.poll(deadline))]
+        assert len(sent) == 1  # a probe or a timeout: one chunk, never a burst
+        sent_after_timeout = sent
+    assert sent_after_timeout == [3]
+    # Its ack (with nothing else) lets slow start send two (it reopens by one per chunk).
+    out = tx.handle(ChunkAck(77, 3, ((1 << 10) - 1) | (0b1110 << 11)), deadline + 0.1)
+    assert tx.cwnd == 2.0 and len(of(Chunk, out)) == 2

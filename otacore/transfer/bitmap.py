@@ -122,9 +122,9 @@ class SendBook:
         """Chunk numbers to send now (lost ones first), marked as sent at ``now``.
 
         Never goes past chunk ``base + window``: the device holds at most a window beyond its
-        in-order count, so that is all the flow control needs. At most ``budget`` chunks never
-        sent before go out (the congestion window's room; None: no cap); lost ones are re-sent
-        regardless, they left the path. Returns the numbers and how many of them are
+        in-order count, so that is all the flow control needs. At most ``budget`` chunks go
+        out, lost ones first (the congestion window's room; None: no cap); the lost ones left
+        over wait for the next call. Returns the numbers and how many of them are
         retransmissions.
         """
         numbers: list[int] = []
@@ -133,19 +133,23 @@ class SendBook:
         sends = self._sends
         lost = self.lost
         retransmissions = 0
-        if lost:
-            self._retransmitted |= lost
+        room = self.chunk_count if budget is None else budget
+        if lost and room > 0:
             for bit in iter_bits(lost):
+                if room == 0:
+                    break
                 sends += 1
                 seq[bit] = sends
                 sent_at[bit] = now
                 numbers.append(bit + 1)
                 retransmissions += 1
-            self.lost = 0
+                room -= 1
+                lost ^= 1 << bit
+                self._retransmitted |= 1 << bit
+            self.lost = lost
         limit = min(self.chunk_count, self.base + window)
         number = self.next_new
         acked = self.acked
-        room = limit if budget is None else budget
         while number <= limit and room > 0:
             if not (acked >> (number - 1)) & 1:
                 sends += 1
@@ -237,6 +241,13 @@ class SendBook:
             return False
         self.lost |= 1 << (outstanding.bit_length() - 1)
         return True
+
+    def mark_all_lost(self) -> bool:
+        """Mark every outstanding chunk as lost (after a timeout: RFC 5681 section 3.1's
+        slow start re-sends them as the congestion window reopens)."""
+        outstanding = self.outstanding()
+        self.lost |= outstanding
+        return bool(outstanding)
 
     def mark_lowest_lost(self) -> bool:
         """Mark the lowest outstanding chunk as lost (the probe after a timeout)."""

@@ -14,12 +14,14 @@ exponential back-off) re-sends the lowest missing chunk as a probe, and the tran
 ``max_rounds`` consecutive expiries without any progress.
 
 Congestion control (RFC 5681, counted in chunks): the window is what the device can hold, not
-what the path can carry. New chunks in flight are also capped by a congestion window that
-starts at ``initial_cwnd`` (RFC 6928), grows by one chunk per chunk acknowledged in slow start
-and by one chunk per window in congestion avoidance, halves once per window of data when a
-loss is detected (RFC 6582's recovery point), and drops to one chunk after a timeout. A
-congested cell or an overloaded server then sees fewer chunks lost and sent twice: cellular
-data is paid for, and every retransmission is paid twice.
+what the path can carry. Chunks in flight, new or re-sent, are also capped by a congestion
+window (RFC 6675's pipe against cwnd) that starts at ``initial_cwnd`` (RFC 6928), grows by
+one chunk per chunk acknowledged in slow start and by one chunk per window in congestion
+avoidance, halves once per window of data when a loss is detected (RFC 6582's recovery
+point), and drops to one chunk after a timeout, every outstanding chunk then counting as
+lost and slow start sending them again. A tail-loss probe or a timeout always sends one
+chunk. A congested cell or an overloaded server then sees fewer chunks lost and sent twice:
+cellular data is paid for, and every retransmission is paid twice.
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ class TransferSender:
         self._ssthresh = float("inf")
         #: In loss recovery until chunks up to this number are acknowledged (RFC 6582).
         self._recovery_until = 0
+        #: Fast recovery (a detected loss, not a timeout): the window does not grow in it.
+        self._fast_recovery = False
 
     # --- public API -----------------------------------------------------------------------
 
@@ -232,7 +236,7 @@ class TransferSender:
             self._probes += 1
             self.book.mark_highest_lost()
             out: list[Output] = []
-            self._send_chunks(now, out)
+            self._send_chunks(now, out, at_least=1)
             self._deadline = now + self._rto
             return out
         self._timeouts += 1
@@ -254,10 +258,13 @@ class TransferSender:
             return [self._send_control(self.start_message, now, retry=True)]
         if self.phase is SenderPhase.FINISHING:
             return [self._send_control(UpdateFinish(self.transfer_id), now, retry=True)]
-        self._on_congestion(timeout=True)
-        self.book.mark_lowest_lost()
+        if self.policy.congestion_control:
+            self._on_congestion(timeout=True)
+            self.book.mark_all_lost()
+        else:
+            self.book.mark_lowest_lost()
         out = []
-        self._send_chunks(now, out)
+        self._send_chunks(now, out, at_least=1)
         self._deadline = now + self._rto
         return out
 
@@ -336,10 +343,12 @@ class TransferSender:
             if book.base >= book.chunk_count:
                 out.append(self._begin_finish(now))
                 return out
-        # Chunks held past a gap: look for losses.
+        # Chunks held past a gap: look for losses. Entering recovery re-sends the first
+        # lost chunk at once whatever the window (fast retransmit, RFC 6675 section 5 step 4).
+        entered_recovery = False
         if book.acked >> (book.base + 1) and book.detect_losses(self._reorder_time):
-            self._on_congestion(timeout=False)
-        self._send_chunks(now, out)
+            entered_recovery = self._on_congestion(timeout=False)
+        self._send_chunks(now, out, at_least=1 if entered_recovery else 0)
         if newly:
             # RFC 6298 section 5.3: restart the timer when new data is acknowledged.
             if book.outstanding():
@@ -372,9 +381,11 @@ class TransferSender:
 
     def _grow_cwnd(self, newly: int) -> None:
         """RFC 5681 section 3.1: slow start below ssthresh, congestion avoidance above;
-        no growth while recovering from a loss (RFC 6582)."""
-        if self.book.base < self._recovery_until:
-            return
+        no growth in fast recovery from a loss (RFC 6582)."""
+        if self._fast_recovery:
+            if self.book.base < self._recovery_until:
+                return
+            self._fast_recovery = False
         if self.cwnd < self._ssthresh:
             self.cwnd += newly
         else:
@@ -382,23 +393,28 @@ class TransferSender:
         if self.cwnd > self.window:
             self.cwnd = float(self.window)
 
-    def _on_congestion(self, *, timeout: bool) -> None:
+    def _on_congestion(self, *, timeout: bool) -> bool:
         """A loss: halve the window once per window of data (RFC 6582's recovery point);
-        after a timeout, restart from one chunk (RFC 5681 section 3.1, equation 4)."""
+        after a timeout, restart from one chunk (RFC 5681 section 3.1, equation 4). False
+        when the loss belongs to a window already reduced for."""
         book = self.book
         if not timeout and book.base < self._recovery_until:
-            return  # the same window's losses: one reduction
-        # Half the congestion window (as Linux's Reno does; RFC 5681's FlightSize is
-        # near it while a transfer streams, and an ack that revealed the loss may have
-        # emptied the flight), never below two chunks.
-        self._ssthresh = max(self.cwnd / 2, 2.0)
+            return False  # the same window's losses: one reduction
+        if not timeout or self._rounds <= 1:
+            # Half the congestion window (as Linux's Reno does; RFC 5681's FlightSize is
+            # near it while a transfer streams, and an ack that revealed the loss may have
+            # emptied the flight), never below two chunks; a timeout repeated without
+            # progress keeps the first one's threshold (RFC 5681 section 3.1).
+            self._ssthresh = max(self.cwnd / 2, 2.0)
         self.cwnd = 1.0 if timeout else self._ssthresh
+        self._fast_recovery = not timeout
         self._recovery_until = book.next_new - 1
+        return True
 
-    def _send_chunks(self, now: float, out: list[Output]) -> None:
+    def _send_chunks(self, now: float, out: list[Output], at_least: int = 0) -> None:
         budget = None
         if self.policy.congestion_control:
-            budget = max(0, int(self.cwnd) - self._in_flight())
+            budget = max(at_least, int(self.cwnd) - self._in_flight())
         numbers, retransmissions = self.book.schedule(self.window, now, budget)
         if not numbers:
             return

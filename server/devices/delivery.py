@@ -29,8 +29,9 @@ class OtaConfig:
     progress_interval: float = 1.0
     #: Prepared files (chunk CRCs) kept for reuse across devices.
     prepared_cache: int = 16
-    #: Stored images kept in memory for planning (bytes; the least recently used go first).
-    image_cache_bytes: int = 64 * 1024 * 1024
+    #: Stored images kept in memory, parsed, for planning (the least recently used go
+    #: first; 32 Device OS parts of 656 KB are 21 MB).
+    image_cache: int = 32
     #: After a Hello, wait this long for the session's Describe; without one recorded the
     #: engine does not plan (the Describe kicks it when it arrives).
     describe_wait: float = 5.0

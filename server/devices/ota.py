@@ -36,6 +36,7 @@ from otacore.transfer import (
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
 from server.devices.keys import product_signing_key
+from server.devices.once_cache import OnceCache
 from server.devices.session import DeviceSessionHandler
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
 from server.fleet.base import Outcome
@@ -67,9 +68,8 @@ class OtaEngine:
         self.limiter = trio.CapacityLimiter(self.config.max_concurrent_transfers)
         self._prepared: OrderedDict[tuple[str, int], PreparedFile] = OrderedDict()
         self._manifests: dict[tuple[int, str], bytes] = {}
-        #: Stored images by SHA-256 (see module()), least recently used first.
-        self._modules: OrderedDict[str, PlannedModule] = OrderedDict()
-        self._modules_bytes = 0
+        #: Stored images by SHA-256, parsed (see module()).
+        self._modules: OnceCache[str, PlannedModule] = OnceCache(self.config.image_cache)
         #: Images a device refused or rolled back from: not offered again to it (until
         #: the server restarts or the target changes).
         self.failed: dict[str, set[str]] = {}
@@ -94,7 +94,7 @@ class OtaEngine:
         updater = SessionUpdater(self, handler)
         self.updaters[handler.device_id] = updater
         handler.extra_routes.append(updater.route)
-        handler.on_hello.append(updater.kick)
+        handler.on_hello.append(updater.on_session_news)
         nursery.start_soon(updater.run)
 
     def detach_session(self, handler: DeviceSessionHandler) -> None:
@@ -147,7 +147,7 @@ class OtaEngine:
             await self.fleet.set_updates_enabled(device_id, event.data == "true")
             updater = self.updaters.get(device_id)
             if updater is not None and event.data == "true":
-                updater.kick(None)
+                updater.kick()
         elif event.name == RESET_PENDING_EVENT:
             log.info("device %s holds its reset: %s", device_id, event.data)
             await self.fleet.set_reset_pending(device_id, True)  # the API shows it
@@ -224,6 +224,11 @@ class OtaEngine:
                             if updater.handler.product_id == event.product_id:
                                 updater.kick()
                     elif event.name == FIRMWARE_RELEASED and event.product_id is not None:
+                        # Any release may change targets: views read before it are stale
+                        # (a standard one reaches devices at their next handshake).
+                        for updater in list(self.updaters.values()):
+                            if updater.handler.product_id == event.product_id:
+                                updater.forget_view()
                         await self._push_release(event.product_id, event.data or "")
 
     async def _push_release(self, product_id: int, data: str) -> None:
@@ -241,7 +246,7 @@ class OtaEngine:
             # release, not one per device (see SessionUpdater.kick for when it is dropped).
             updater = self.updaters.get(view.device.id)
             if updater is not None:
-                updater.kick(view, read_at=read_at)
+                updater.kick_with(view, read_at)
 
     def kick(self, device_id: str) -> None:
         """Re-check a device's target now, if this process holds its session."""
@@ -282,19 +287,14 @@ class OtaEngine:
     async def module(self, sha256: str) -> PlannedModule:
         """A stored image by its SHA-256, parsed, kept in memory (bounded) once read: blobs
         are content-addressed, so a copy never goes stale, and a fleet-wide release reads
-        and parses each image once instead of once per device."""
-        module = self._modules.get(sha256)
-        if module is not None:
-            self._modules.move_to_end(sha256)
-            return module
-        image = await self.fleet.device_os_binary(sha256)  # any stored blob, verified
-        module = PlannedModule(image, sha256, parse_module(image))
-        self._modules[sha256] = module
-        self._modules_bytes += len(image)
-        while self._modules_bytes > self.config.image_cache_bytes and len(self._modules) > 1:
-            _, evicted = self._modules.popitem(last=False)
-            self._modules_bytes -= len(evicted.image)
-        return module
+        and parses each image once instead of once per device (concurrent askers wait for
+        the first one's read)."""
+
+        async def load() -> PlannedModule:
+            image = await self.fleet.device_os_binary(sha256)  # any stored blob, verified
+            return PlannedModule(image, sha256, parse_module(image))
+
+        return await self._modules.get(sha256, load)
 
     async def plan(self, view: DeviceTarget) -> list[PlannedModule] | str:
         """The modules to send, Device OS first; or a reason why nothing can be sent."""

@@ -56,7 +56,7 @@ class DevicePlaneConfig:
     #: Seconds a device is told to wait before reconnecting after a graceful shutdown.
     shutdown_hold_off: int = 10
     #: This process's name among the server processes sharing the store (prefix of its
-    #: sessions' presence tokens; see ``SessionService.sessions_lost``). None: from the pid.
+    #: sessions' presence tokens; see ``PresenceService.sessions_lost``). None: from the pid.
     origin: str | None = None
 
 

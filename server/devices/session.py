@@ -92,12 +92,15 @@ class DeviceSessionHandler:
         self._requests_in, self._requests = trio.open_memory_channel[Message](MAX_QUEUED_REQUESTS)
         #: Called with each request the generic dispatcher does not own (OTA paths).
         self.extra_routes: list[Callable[[Message], Any]] = []
-        #: Called after the Hello (with None) and after the Describe (with the device's
-        #: target as the Describe's own transaction left it: no need to read it again).
-        self.on_hello: list[Callable[[DeviceTarget | None], Any]] = []
+        #: Called after the Hello (with None, None) and after the Describe (with the
+        #: device's target as the Describe's own transaction left it, so no need to read it
+        #: again, and when that transaction was asked for, trio clock).
+        self.on_hello: list[Callable[[DeviceTarget | None, float | None], Any]] = []
         #: Set once this session's Describe is recorded: until then the stored modules are
         #: those of an earlier session (the device may have reset into new ones since).
         self.described = trio.Event()
+        #: This session's name in the store's presence column (see PresenceService).
+        self.presence = plane.presence_token()
         #: When (trio clock) this session's Describe was recorded; None before.
         self.described_at: float | None = None
 
@@ -108,7 +111,7 @@ class DeviceSessionHandler:
         # Attach before the first checkpoint: the session this one replaces (the registry
         # closed it) then sees a successor and leaves the device's online state alone.
         self.plane.attach(self)
-        presence = self.plane.presence_token()
+        presence = self.presence
         try:
             await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
                                                  session=presence)
@@ -313,6 +316,7 @@ class DeviceSessionHandler:
             self.device_id, platform_id=hello.platform_id,
             product_version=hello.product_version or None,
             system_version=hello.system_version or None, ip=_ip_of(self.session.peer),
+            session=self.presence,
         )
         if view.device.firmware_updates_enabled != hello.updates_enabled:
             view = await fleet.set_updates_enabled(self.device_id, hello.updates_enabled)
@@ -326,7 +330,7 @@ class DeviceSessionHandler:
         statements = self.plane.key_statements(view.product.id)
         self._respond(message, Code.CHANGED, hello_answer_payload(statements))
         for hook in self.on_hello:
-            hook(None)
+            hook(None, None)
 
     async def _on_describe(self, message: Message, describe: Describe) -> None:
         modules = [
@@ -337,13 +341,14 @@ class DeviceSessionHandler:
             for m in describe.modules
         ]
         # The fleet emits "spark/device/describe" when the modules changed.
+        read_at = trio.current_time()
         view = await self.plane.fleet.record_describe(self.device_id, modules)
         self.product_id = view.product.id
         self.described_at = trio.current_time()
         self.described.set()
         self._respond(message, Code.CHANGED)
         for hook in self.on_hello:
-            hook(view)
+            hook(view, read_at)
 
     async def _on_event(self, message: Message, event: Event) -> None:
         if event.name != UPDATE_RESULT_EVENT:

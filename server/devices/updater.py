@@ -83,26 +83,49 @@ class SessionUpdater:
         #: What the device was told about forced updates (None: nothing yet; a device
         #: boots not forced).
         self._told_forced: bool | None = None
-        #: The device's target as the last kick read it (see kick); None: read it.
+        #: The device's target as the last kick read it (see kick_with); None: read it.
         self._view: DeviceTarget | None = None
+        #: When a kick last asked for the target to be read anew (views read earlier are
+        #: stale).
+        self._invalidated_at = -math.inf
         #: The update's "started" is still to be recorded (with the transfer's first write).
         self._started_unrecorded = False
 
-    def kick(self, view: DeviceTarget | None = None, *, read_at: float | None = None) -> None:
-        """Ask the updater to re-check the device's target.
-
-        ``view`` is that target when the caller has just read it: the Describe's own
-        transaction, or a release's read of every online device that started at
-        ``read_at`` (trio clock). The updater then plans from it instead of reading the
-        store again (at a fleet-wide release that read is one per device). A view that may
-        predate this session's Describe is dropped: its modules could be stale.
-        """
-        if view is not None and read_at is not None:
-            recorded = self.handler.described_at
-            if recorded is None or recorded > read_at:
-                view = None
-        self._view = view  # a kick without a view means "something changed: read again"
+    def kick(self) -> None:
+        """Ask the updater to re-check the device's target, read anew: something changed
+        (a flash, a lock, forced updates, a Hello), so any view carried so far is stale."""
+        self.forget_view()
         self._kicked.set()
+
+    def forget_view(self) -> None:
+        """Drop the carried view, and any view read before now (see kick_with)."""
+        self._invalidated_at = trio.current_time()
+        self._view = None
+
+    def kick_with(self, view: DeviceTarget, read_at: float, *, describe: bool = False) -> None:
+        """Ask the updater to re-check the device's target, which the caller has just read:
+        a release's one read of every online device, or (``describe``) the Describe's own
+        transaction, either begun at ``read_at`` (trio clock). The updater plans from it
+        instead of reading the store again (at a fleet-wide release that read is one per
+        device). The view is dropped, and the target read anew, when the read began before
+        a change that asked for a new read (forget_view), or when it may predate this
+        session's Describe (its modules could be those of the image the device left).
+        """
+        recorded = self.handler.described_at
+        predates_describe = not describe and (recorded is None or recorded > read_at)
+        if read_at < self._invalidated_at or predates_describe:
+            self.kick()
+            return
+        self._view = view
+        self._kicked.set()
+
+    def on_session_news(self, view: DeviceTarget | None, read_at: float | None) -> None:
+        """The session's hook: a Hello (no view) or a Describe (its view, read from
+        ``read_at``)."""
+        if view is None or read_at is None:
+            self.kick()
+        else:
+            self.kick_with(view, read_at, describe=True)
 
     async def route(self, message: Message) -> bool:
         """Take the requests that belong to updates: transfer messages and firmware GETs."""
@@ -222,8 +245,6 @@ class SessionUpdater:
     async def update_once(self) -> None:
         """Bring the device to its target, one module per call (it resets after each)."""
         engine, fleet, handler = self.engine, self.engine.fleet, self.handler
-        if self.staged:
-            return  # it validated an image in this session and resets into it
         if not await self._settle():
             # Never plan from an earlier session's modules: under load the Describe may be
             # slow to record, and the device may run another image since (it would be
@@ -232,8 +253,8 @@ class SessionUpdater:
         view, self._view = self._view, None
         if view is None:
             view = await fleet.target_for_device(self.device_id)
-        await self._tell_forced(view.updates_forced)
-        if not view.update_needed:
+        await self._tell_forced(view.updates_forced)  # a held reset may wait for it
+        if not view.update_needed or self.staged:
             return
         if not view.device.modules:
             return  # nothing is known of its modules yet: its Describe will kick again
@@ -308,19 +329,25 @@ class SessionUpdater:
         session that ended between the two would leave a next session (here or in another
         process) believing an update it never announced started, or announcing it twice.
         Shielded: the session may close under us, what happened must still be recorded."""
-        steps = [*self._unrecorded_start(),
-                 engine.fleet.flash_status_work(self.device_id, status, error=error)]
+        started = self._unrecorded_start()
         with trio.CancelScope(shield=True):
-            await engine.save_memory(self.device_id, *steps)
+            await engine.save_memory(self.device_id, *started, engine.fleet.flash_status_work(
+                self.device_id, status, error=error))
+        self._start_recorded(started)
 
     def _unrecorded_start(self) -> list[Callable[[Tx], Outcome]]:
         """The update's "started", if still to be recorded: it rides on the transfer's
         first store write (progress, completion or failure) instead of costing one more
-        transaction; a short transfer (a delta) records it with its completion."""
+        transaction; a short transfer (a delta) records it with its completion. The caller
+        calls _start_recorded once that write is durable."""
         if not self._started_unrecorded:
             return []
-        self._started_unrecorded = False
         return [self.engine.fleet.flash_status_work(self.device_id, "started")]
+
+    def _start_recorded(self, steps: list[Callable[[Tx], Outcome]]) -> None:
+        """A write that carried _unrecorded_start's steps is durable."""
+        if steps:
+            self._started_unrecorded = False
 
     async def _file_to_send(self, view: DeviceTarget, module: PlannedModule) -> SentFile:
         """A delta when the device runs a known base and the patch is worth it; else the
@@ -435,6 +462,7 @@ class SessionUpdater:
                     started = self._unrecorded_start()
                     if started:
                         await self.engine.save_memory(self.device_id, *started, progress)
+                        self._start_recorded(started)
                     else:
                         await fleet.run_write(progress)
             elif isinstance(item, TransferCompleted):
@@ -446,7 +474,8 @@ class SessionUpdater:
                 # resets now and its session may close under us. Done before the FinishAck
                 # goes out (see the ordering above): the device's next session, maybe in
                 # another process, must find the delivery in the store.
-                steps = [*self._unrecorded_start(), fleet.update_progress_work(
+                started = self._unrecorded_start()
+                steps = [*started, fleet.update_progress_work(
                     self.device_id, sha256=module.sha256, version=view.target.version,
                     transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
                     status="applying")]
@@ -457,6 +486,7 @@ class SessionUpdater:
                         bytes_full=len(module.image), transfer=transfer))
                 with trio.CancelScope(shield=True):
                     await self.engine.save_memory(self.device_id, *steps)
+                self._start_recorded(started)
                 verdict = True
             elif (isinstance(item, TransferFailed) and transfer != "full"
                   and item.status in _FALL_BACK_STATUSES):

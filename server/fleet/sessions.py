@@ -212,11 +212,15 @@ class SessionService(FleetBase):
         product_version: int | None,
         system_version: int | None,
         ip: str | None = None,
+        session: str | None = None,
     ) -> DeviceTarget:
         """A device completed its handshake: note what it runs and that it is online.
 
         A reported product version marks that firmware as seen running (which unlocks its
-        release), and a requested flash whose version now runs is complete.
+        release), and a requested flash whose version now runs is complete. A ``session``
+        that marked the device online itself (``device_online``) leaves its presence alone:
+        a Hello of an old session recorded after the device moved on must not mark it
+        online again with no session owning that.
         """
 
         def work(tx: Tx) -> Outcome:
@@ -230,8 +234,9 @@ class SessionService(FleetBase):
                 "system_version": system_version,
                 "last_handshake_at": now,
                 "last_heard_at": now,
-                "online": True,
             }
+            if session is None:
+                fields["online"] = True
             if ip is not None:
                 fields["last_ip_address"] = ip
             if device.flash_requested and version == device.desired_firmware_version:
@@ -252,7 +257,7 @@ class SessionService(FleetBase):
                     details={"device_id": device.id},
                     now=now,
                 )
-            if not device.online:
+            if session is None and not device.online:
                 events.append(
                     Event(
                         STATUS,

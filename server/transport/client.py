@@ -3,6 +3,7 @@ provisioned device's certificate, optionally resuming an earlier session."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,11 @@ async def connect_dtls(
     endpoint: trio keys channels by address). ``session`` (from :func:`dtls_session`) resumes.
     """
     channel = endpoint.connect(address, credentials.dtls_context())
-    if session is not None:
-        _set_session(_connection_of(channel), session)
     try:
+        if session is not None:
+            # OpenSSL may refuse to resume that session: a full handshake, then.
+            with contextlib.suppress(ValueError):
+                _set_session(_connection_of(channel), session)
         await channel.do_handshake()
     except BaseException:
         channel.close()
