@@ -133,6 +133,48 @@ async def test_a_transfer_the_device_stops_hearing_is_retried_and_resumes(
         assert len(v2) <= watched.written <= len(v2) + 2 * WINDOW * CHUNK
 
 
+async def test_a_transfer_that_timed_out_every_attempt_is_offered_again_later(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """With a single attempt, a device deaf to transfers for a while fails the update
+    (TIMEOUT) though its session lives; the updater offers it again later in the same
+    session instead of leaving the device mid-download until it reconnects."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        fast_give_up = RetransmitPolicy(initial_rto=0.1, min_rto=0.1, max_rto=0.2, max_rounds=2)
+        rig.tune_engine(**SMALL_WINDOWS, transfer_policy=fast_give_up, transfer_attempts=1,
+                        retry_later=0.5)
+        v2 = app(2, size=48_000)
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, v2)
+        await rig.release(2, product_default=True)
+        fleet = rig.fleet([(device_id, "udp")], ota_chunk_size=CHUNK)
+
+        def go_deaf(_: int) -> None:
+            device = fleet.device(device_id).device
+            hear = device.receive
+            until = trio.current_time() + 1.2
+
+            def receive(data: bytes, now: float) -> None:
+                if now < until and is_transfer(decode_udp(data)):
+                    return  # lost on the way (pings and other requests still pass)
+                hear(data, now)
+
+            device.receive = receive  # type: ignore[method-assign]
+
+        WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=go_deaf)
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            await rig.events.wait_for(FLASH_STATUS, device_id, "success")
+        # One or more timed-out updates (however the timers fell against the deaf spell),
+        # each offered again later, then the success: all in the first session.
+        statuses = flash_statuses(rig.events, device_id)
+        assert statuses[:2] == ["started", "failed"] and statuses[-2:] == ["started", "success"]
+        assert statuses == ["started", "failed"] * ((len(statuses) - 2) // 2) + [
+            "started", "success"]
+        assert fleet.device(device_id).device.sessions == 2  # the first, then after the reset
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_killed_mid_download_and_mid_apply(
     nursery: trio.Nursery, tmp_path: Path, transport: Transport

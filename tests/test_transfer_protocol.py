@@ -555,6 +555,8 @@ def test_congestion_window_slow_start_halving_and_timeout() -> None:
         assert len(sent) == 1  # a probe or a timeout: one chunk, never a burst
         sent_after_timeout = sent
     assert sent_after_timeout == [3]
-    # Its ack (with nothing else) lets slow start send two (it reopens by one per chunk).
+    # Its ack reopens the window by one (slow start); the rest of the old flight still
+    # counts as in flight (not acknowledged, not judged lost), so nothing more goes out:
+    # no burst after a timeout (RFC 6298 section 5.4 re-sends the earliest chunk only).
     out = tx.handle(ChunkAck(77, 3, ((1 << 10) - 1) | (0b1110 << 11)), deadline + 0.1)
-    assert tx.cwnd == 2.0 and len(of(Chunk, out)) == 2
+    assert tx.cwnd == 2.0 and of(Chunk, out) == []

@@ -242,13 +242,6 @@ class SendBook:
         self.lost |= 1 << (outstanding.bit_length() - 1)
         return True
 
-    def mark_all_lost(self) -> bool:
-        """Mark every outstanding chunk as lost (after a timeout: RFC 5681 section 3.1's
-        slow start re-sends them as the congestion window reopens)."""
-        outstanding = self.outstanding()
-        self.lost |= outstanding
-        return bool(outstanding)
-
     def mark_lowest_lost(self) -> bool:
         """Mark the lowest outstanding chunk as lost (the probe after a timeout)."""
         outstanding = self.outstanding()

@@ -53,6 +53,11 @@ class OtaConfig:
     transfer_attempts: int = 3
     #: Pause before the first retry (doubling after each).
     retry_pause: float = 2.0
+    #: When every attempt timed out while the session lives (keep-alives answered), offer
+    #: again in the same session after this long (doubling, up to retry_later_max), rather
+    #: than leave the device mid-download until it reconnects.
+    retry_later: float = 30.0
+    retry_later_max: float = 300.0
     #: Send a full image zstd-compressed (to devices announcing compressed OTA) only when
     #: the frame is at most this fraction of the image.
     compressed_max_ratio: float = 0.95

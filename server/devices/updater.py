@@ -186,9 +186,11 @@ class SessionUpdater:
             await self.engine.load_memory(self.device_id)
         finally:
             self.memory_loaded.set()
+        timed_out = 0  # updates in a row whose every attempt timed out
         while True:
             await self._kicked.wait()
             self._kicked = trio.Event()
+            self.last_failure = None
             try:
                 await self.update_once()
             except SessionClosed:
@@ -197,6 +199,17 @@ class SessionUpdater:
                 log.info("device %s stopped answering: %s", self.device_id, exc)
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
+            if self.last_failure is TransferStatus.TIMEOUT:
+                # The device stopped acknowledging though its session lives: offer again
+                # later (backing off), or it stays mid-download until it reconnects.
+                config = self.engine.config
+                delay = min(config.retry_later * 2**timed_out, config.retry_later_max)
+                timed_out += 1
+                with trio.move_on_after(delay):
+                    await self._kicked.wait()
+                self.kick()
+            else:
+                timed_out = 0
 
     async def _settle(self) -> bool:
         """Wait (bounded) until what the device reports after a Hello is in: its modules
