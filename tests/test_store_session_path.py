@@ -318,3 +318,21 @@ async def test_presence_belongs_to_the_session_that_set_it(store: Store, fleet: 
     await fleet.device_online(D2, session="worker1-9/1")
     assert await fleet.sessions_lost("worker1-2") == 0  # a later process's sessions stay
     assert (await fleet.target_for_device(D2)).device.online
+
+
+async def test_a_late_hello_of_an_old_session_leaves_presence_alone(
+    store: Store, fleet: Fleet
+) -> None:
+    """The device moved to a newer session, which ended: a Hello the old session records
+    only now must not mark the device online again with no session owning that."""
+    _product(store, fleet)
+    await fleet.device_online(D1, session="worker0-1/1")
+    await fleet.device_online(D1, session="worker1-2/1")  # it reconnected elsewhere
+    await fleet.device_offline(D1, session="worker1-2/1")  # and that session ended
+    await fleet.record_device_hello(D1, platform_id=13, product_version=None,
+                                    system_version=None, session="worker0-1/1")
+    assert not (await fleet.target_for_device(D1)).device.online
+    # Without a session (a caller that does not track presence) a Hello still means online.
+    await fleet.record_device_hello(D1, platform_id=13, product_version=None,
+                                    system_version=None)
+    assert (await fleet.target_for_device(D1)).device.online
