@@ -82,23 +82,6 @@ class DeltaService(FleetBase):
 
         return await self._read(work)
 
-    async def record_transfer_bytes(
-        self,
-        product_id: int,
-        version: int,
-        device_id: str,
-        *,
-        bytes_sent: int,
-        bytes_full: int,
-        transfer: str,
-    ) -> dict[str, int]:
-        """Count one completed transfer ("full", "zstd" or "delta") towards firmware
-        ``version``; publish the totals."""
-        totals: dict[str, int] = await self._run_grouped(self.transfer_bytes_work(
-            product_id, version, device_id, bytes_sent=bytes_sent, bytes_full=bytes_full,
-            transfer=transfer))
-        return totals
-
     def transfer_bytes_work(
         self,
         product_id: int,
@@ -109,8 +92,9 @@ class DeltaService(FleetBase):
         bytes_full: int,
         transfer: str,
     ) -> Callable[[Tx], Outcome]:
-        """The store work of :meth:`record_transfer_bytes`, to run in one transaction with
-        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
+        """Count one completed transfer ("full", "zstd" or "delta") towards firmware
+        ``version`` and publish the totals: the store work, run in one transaction with the
+        device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
 
         def work(tx: Tx) -> Outcome:
             totals = tx.add_transfer_bytes(
