@@ -16,6 +16,13 @@ class SessionLimits:
 
     #: A device must finish its TLS/DTLS handshake (and authorization) within this time.
     handshake_timeout: float = 10.0
+    #: Handshakes (with authorization) in progress at once per process, both transports;
+    #: later connections wait their turn in arrival order.
+    max_handshakes: int = 64
+    #: A connection that waited this long for its turn is closed unserved; its device
+    #: retries after its back-off. Under a reconnect storm the server so spends its CPU on
+    #: handshakes that finish before their devices give up, not on all of them at once.
+    handshake_wait: float = 3.0
     #: A session with no traffic in either direction for this long is closed. Devices keep
     #: it open with CoAP pings (RFC 7252 section 4.3 / RFC 8323 section 5.4).
     idle_timeout: float = 120.0
@@ -39,6 +46,7 @@ class SessionLimits:
     def __post_init__(self) -> None:
         for name in (
             "handshake_timeout",
+            "handshake_wait",
             "idle_timeout",
             "messages_per_second",
             "message_burst",
@@ -53,6 +61,8 @@ class SessionLimits:
             raise ValidationError("max_message_size must be at least 64 bytes")
         if self.max_sessions < 1:
             raise ValidationError("max_sessions must be at least 1")
+        if self.max_handshakes < 1:
+            raise ValidationError("max_handshakes must be at least 1")
 
 
 class TokenBucket:

@@ -47,6 +47,7 @@ class RefuseReason:
     NOT_AUTHORIZED = "device unknown or revoked"
     DIRECTORY_ERROR = "device directory failed"
     SERVER_FULL = "too many sessions"
+    SERVER_BUSY = "waited too long for a handshake slot"
     SHUTTING_DOWN = "server shutting down"
 
 
@@ -268,6 +269,8 @@ class SessionHost:
         #: Connections being served (handshaking or in session), per transport.
         self.live: Counter[str] = Counter()
         self._idle_event: trio.Event | None = None
+        # FIFO: trio's CapacityLimiter wakes waiters in arrival order.
+        self._handshake_slots = trio.CapacityLimiter(limits.max_handshakes)
 
     def refuse(self, transport: str, reason: str, peer: object, detail: str = "") -> None:
         """Count and log a refused connection."""
@@ -280,6 +283,38 @@ class SessionHost:
     def has_room(self, transport: str) -> bool:
         """True if a new connection on ``transport`` stays within ``limits.max_sessions``."""
         return self.live[transport] < self.limits.max_sessions
+
+    async def admit_handshake(self, transport: str, peer: object) -> bool:
+        """Wait, in arrival order, for one of ``limits.max_handshakes`` handshake slots.
+
+        False (counted and logged as refused) if none freed within ``limits.handshake_wait``:
+        the caller closes the connection without spending any cryptography on it. After
+        True the caller must call :meth:`handshake_finished`, from the same task.
+        """
+        with trio.move_on_after(self.limits.handshake_wait):
+            await self._handshake_slots.acquire()
+            return True
+        self.refuse(
+            transport,
+            RefuseReason.SERVER_BUSY,
+            peer,
+            f"(all {self.limits.max_handshakes} slots busy for {self.limits.handshake_wait} s)",
+        )
+        return False
+
+    def handshake_finished(self) -> None:
+        """Give back the slot :meth:`admit_handshake` granted this task."""
+        self._handshake_slots.release()
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Connections holding a handshake slot right now."""
+        return int(self._handshake_slots.borrowed_tokens)
+
+    @property
+    def handshakes_waiting(self) -> int:
+        """Connections waiting for a handshake slot right now."""
+        return self._handshake_slots.statistics().tasks_waiting
 
     def connection_started(self, transport: str) -> None:
         """Count a connection from accept (or cookie exchange) on."""

@@ -189,19 +189,25 @@ async def _serve_connection(
     host.connection_started(_TRANSPORT)
     stream = trio.SSLStream(tcp_stream, context, server_side=True)
     try:
-        device_id: str | None = None
-        with trio.move_on_after(host.limits.handshake_timeout) as deadline:
-            try:
-                await stream.do_handshake()
-            except trio.BrokenResourceError as exc:
-                # Garbage, a foreign CA, an expired or wrong-purpose certificate: OpenSSL
-                # says which (SSLCertVerificationError.verify_message).
-                detail = str(exc.__cause__)
-                host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, detail)
-                return
-            device_id = await host.authorize(_TRANSPORT, stream.getpeercert(True), peer)
-        timed_out = deadline.cancelled_caught
-        del deadline  # this frame lives as long as the session: keep no garbage in it
+        # Admission control: a bounded number of handshakes at once; the rest wait or go.
+        if not await host.admit_handshake(_TRANSPORT, peer):
+            return
+        try:
+            device_id: str | None = None
+            with trio.move_on_after(host.limits.handshake_timeout) as deadline:
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    # Garbage, a foreign CA, an expired or wrong-purpose certificate: OpenSSL
+                    # says which (SSLCertVerificationError.verify_message).
+                    detail = str(exc.__cause__)
+                    host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, detail)
+                    return
+                device_id = await host.authorize(_TRANSPORT, stream.getpeercert(True), peer)
+            timed_out = deadline.cancelled_caught
+            del deadline  # this frame lives as long as the session: keep no garbage in it
+        finally:
+            host.handshake_finished()
         if timed_out:
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_TIMEOUT, peer)
             return

@@ -1,0 +1,153 @@
+"""Handshake admission control: a bounded number of handshakes at once, per process and
+across both transports; later connections wait in arrival order, and those that waited
+``handshake_wait`` are closed without any cryptography spent on them."""
+
+from __future__ import annotations
+
+from contextlib import suppress
+
+import pytest
+import trio
+from OpenSSL import SSL
+
+from otacore.errors import ValidationError
+from server.identity import MemoryDeviceDirectory
+from server.transport import DeviceServer, RefuseReason, SessionLimits
+from server.transport.client import connect_tls
+from tests.test_transport_dtls import outcome as dtls_outcome
+from tests.test_transport_dtls import udp
+from tests.test_transport_tls import (
+    DeviceKit,
+    EchoHandler,
+    ask,
+    eventually,
+    make_device_kit,
+    start_device_server,
+    tcp,
+)
+from tests.test_transport_tls import outcome as tls_outcome
+
+#: One handshake at a time; a waiting connection is dropped after 0.3 s.
+ONE_SLOT = SessionLimits(
+    handshake_timeout=1.0, idle_timeout=5.0, farewell_timeout=1.0, max_handshakes=1,
+    handshake_wait=0.3,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> DeviceKit:
+    return make_device_kit(tmp_path_factory.mktemp("admission-kit"))
+
+
+@pytest.fixture
+def directory(kit: DeviceKit) -> MemoryDeviceDirectory:
+    return kit.directory()
+
+
+async def silent_tcp(server: DeviceServer) -> trio.SocketStream:
+    """A TCP connection that never says ClientHello: it holds a handshake slot until the
+    handshake timeout (or until it closes)."""
+    stream = await trio.open_tcp_stream(*tcp(server))
+    host = server.host
+    await eventually(lambda: host.handshakes_in_progress == 1)
+    return stream
+
+
+def busy(server: DeviceServer, transport: str) -> int:
+    return server.stats.refused[(transport, RefuseReason.SERVER_BUSY)]
+
+
+async def test_a_connection_waits_for_a_slot_and_is_served_when_one_frees(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    limits = SessionLimits(handshake_timeout=5.0, max_handshakes=1, handshake_wait=5.0)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits)
+    holder = await silent_tcp(server)
+    served: list[bytes] = []
+
+    async def device() -> None:
+        stream = await connect_tls(tcp(server), kit.good)
+        served.append(await ask(stream, b"who"))
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(device)
+        await eventually(lambda: server.host.handshakes_waiting == 1)
+        await trio.sleep(0.2)
+        assert not served  # still queued behind the silent connection
+        await holder.aclose()  # its handshake fails at once and gives the slot back
+    assert served == [f"{kit.good_id}|tcp|False".encode()]
+    assert busy(server, "tcp") == 0
+    assert server.stats.refused[("tcp", RefuseReason.HANDSHAKE_FAILED)] == 1
+
+
+async def test_a_connection_that_waited_too_long_is_closed_unserved(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=ONE_SLOT)
+    holder = await silent_tcp(server)
+    start = trio.current_time()
+    assert await tls_outcome(server, kit.good) in {"handshake failed", "broken", "closed"}
+    assert trio.current_time() - start >= ONE_SLOT.handshake_wait * 0.9
+    assert busy(server, "tcp") == 1
+    assert server.stats.full_handshakes["tcp"] == 0
+    # The silent holder still times out on its own; then the slot serves the next device.
+    await eventually(
+        lambda: server.stats.refused[("tcp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1, timeout=3
+    )
+    assert await tls_outcome(server, kit.other) == f"{kit.other_id}|tcp|False"
+    assert server.host.handshakes_waiting == 0
+    await holder.aclose()
+
+
+async def test_slots_are_shared_by_tls_and_dtls(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    """A TCP handshake in progress keeps a DTLS device waiting, and the DTLS device that
+    waited too long is dropped; once the slot frees, DTLS devices are served again."""
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=ONE_SLOT)
+    holder = await silent_tcp(server)
+    assert await dtls_outcome(server, kit.good) == "refused"
+    assert busy(server, "udp") >= 1  # each ClientHello retransmission queues anew
+    await holder.aclose()
+    await eventually(lambda: server.host.handshakes_in_progress == 0)
+    assert await dtls_outcome(server, kit.other) == f"{kit.other_id}|udp|False"
+
+
+async def test_a_silent_dtls_peer_holds_its_slot_only_until_the_handshake_timeout(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    """A peer that passes the cookie exchange and goes silent occupies a slot; the slot
+    comes back at the handshake timeout, so it cannot starve other devices for longer."""
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=ONE_SLOT)
+    context = kit.good.dtls_context()
+    context.set_options(SSL.OP_NO_QUERY_MTU)  # memory BIOs have no MTU to query
+    connection = SSL.Connection(context)
+    connection.set_connect_state()
+    connection.set_ciphertext_mtu(1400)
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.connect(udp(server))
+
+    async def flight() -> None:
+        with suppress(SSL.WantReadError):
+            connection.do_handshake()
+        await sock.send(connection.bio_read(65536))
+
+    await flight()  # ClientHello
+    with trio.fail_after(5):
+        connection.bio_write(await sock.recv(65536))  # HelloVerifyRequest (RFC 6347 4.2.1)
+    await flight()  # ClientHello with the cookie; then silence
+    await eventually(lambda: server.host.handshakes_in_progress == 1)
+    await eventually(
+        lambda: server.stats.refused[("udp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1, timeout=3
+    )
+    assert await tls_outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("max_handshakes", 0), ("handshake_wait", 0.0), ("handshake_wait", -1.0)]
+)
+def test_admission_limits_must_be_positive(field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=field):
+        SessionLimits(**{field: value})  # type: ignore[arg-type]
