@@ -115,12 +115,12 @@ from otacore.transfer import (
 
 SYSTEM_PART_1: ModuleKey = (ModuleFunction.SYSTEM_PART, 1)
 USER_PART_1: ModuleKey = (ModuleFunction.USER_PART, 1)
-#: How each boot-record outcome is reported in UPDATE_RESULT_EVENT.
 #: The server's graceful-shutdown notice over UDP (server.devices.session.SHUTDOWN_EVENT;
 #: over TCP it sends RFC 8323 Release instead), data ``{"hold_off": seconds}``.
 SERVER_GOING_AWAY_EVENT = "ota/server/going-away"
 #: Longest hold-off obeyed, so a bad value cannot park a device for days.
 MAX_HOLD_OFF = 3600.0
+#: How each boot-record outcome is reported in UPDATE_RESULT_EVENT.
 RESULT_STATUS = {
     OutcomeStatus.COMMITTED: "committed",
     OutcomeStatus.SELFTEST_FAILED: "rolled_back",
@@ -128,8 +128,6 @@ RESULT_STATUS = {
     OutcomeStatus.IMAGE_INVALID: "failed",
     OutcomeStatus.NO_ROLLBACK_TARGET: "failed",
 }
-
-
 
 StatusHook = Callable[[DeviceStatus], None]
 AppHook = Callable[[], None]
