@@ -285,6 +285,10 @@ class FleetDriver:
         #: Device id -> [download started, download ended] times.
         self.stages: dict[str, list[float]] = {}
         self.outcomes: Counter[str] = Counter()
+        #: Every error a device recorded (a lost link, an unanswered Hello or keep-alive,
+        #: a refused offer), by transport and message, counted each time it changed.
+        self.errors_seen: Counter[str] = Counter()
+        self._last_error: dict[str, str] = {}
         self._unreported: list[tuple[str, float]] = []
         self._dirty = trio.Event()
 
@@ -361,6 +365,10 @@ class FleetDriver:
             if online:
                 self.first_online.setdefault(device_id, now)
         self._note_stage(device_id, status.phase, now)
+        error = status.last_error
+        if error and error != self._last_error.get(device_id):
+            self._last_error[device_id] = error
+            self.errors_seen[f"{self.kinds[device_id]}: {error[:100]}"] += 1
         result = status.last_result
         if result is not None and device_id not in self.updated:
             target = self.spec.target_version
@@ -446,6 +454,7 @@ class FleetDriver:
                 for kind in sorted(set(self.kinds.values()))
             },
             "connect_errors": dict(self._connect_errors().most_common(5)),
+            "errors_seen": dict(self.errors_seen),
             "not_updated": self._not_updated(),
         }
 

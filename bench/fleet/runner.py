@@ -24,6 +24,7 @@ import shutil
 import ssl
 import tempfile
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -265,7 +266,9 @@ async def _fleet_and_release(
             expected = progress.online_total
             result["sessions_at_release"] = expected
             await _upload(api, install.product_id, 2, install.app_images[2])
-            bytes_before = sum(s["bytes"] for s in await request_all(gens, "fleet_stats"))
+            before = await request_all(gens, "fleet_stats")
+            bytes_before = sum(s["bytes"] for s in before)
+            errors_before = _merge([s["errors_seen"] for s in before])
             reporter.phase("devices updated", expected)
             async with AsyncExitStack() as stack:
                 if options.profile:
@@ -326,6 +329,10 @@ async def _fleet_and_release(
         for kind in kinds
     }
     result["connect_errors"] = _merge([s["connect_errors"] for s in stats])
+    # Errors devices recorded during the release (the top 10): why sessions were lost.
+    errors = Counter(_merge([s["errors_seen"] for s in stats]))
+    errors.subtract(errors_before)
+    result["release_device_errors"] = dict((+errors).most_common(10))
     result["not_updated"] = {
         "phases": _merge([s["not_updated"]["phases"] for s in stats]),
         "last_errors": _merge([s["not_updated"]["last_errors"] for s in stats]),
@@ -531,6 +538,7 @@ async def _run(
         "release_server_udp_socket_drops": fleet["release_cpu"]["udp_port_drops"],
         "release_end": fleet["release_end"],
         "release_not_updated": fleet["not_updated"],
+        "release_device_errors": fleet["release_device_errors"],
         "server_cpu_s_per_mb": round(release_cpu / (delivered / MB), 4) if delivered else None,
         "bytes_on_wire": fleet["release_bytes_received"],
         "bytes_on_wire_basis": "CoAP bytes the devices' links received during the release "
