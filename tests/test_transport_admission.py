@@ -5,6 +5,7 @@ across both transports; later connections wait in arrival order, and those that 
 from __future__ import annotations
 
 from contextlib import suppress
+from functools import partial
 
 import pytest
 import trio
@@ -143,6 +144,41 @@ async def test_a_silent_dtls_peer_holds_its_slot_only_until_the_handshake_timeou
     )
     assert await tls_outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
     sock.close()
+
+
+async def test_a_refused_device_gives_its_slot_back(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    """Refusals after the handshake (revoked, unknown) release the slot: with one slot,
+    good devices are still served after them."""
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=ONE_SLOT)
+    assert await tls_outcome(server, kit.revoked) in {"handshake failed", "broken", "closed"}
+    assert await tls_outcome(server, kit.unknown) in {"handshake failed", "broken", "closed"}
+    assert await tls_outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
+    assert server.stats.refused[("tcp", RefuseReason.NOT_AUTHORIZED)] == 2
+    assert busy(server, "tcp") == 0
+    assert server.host.handshakes_in_progress == 0
+
+
+async def test_connections_waiting_at_shutdown_are_refused_without_a_handshake(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    limits = SessionLimits(handshake_timeout=5.0, max_handshakes=1, handshake_wait=5.0)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits)
+    holder = await silent_tcp(server)
+    waiting = await trio.open_tcp_stream(*tcp(server))
+    await eventually(lambda: server.host.handshakes_waiting == 1)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(partial(server.shutdown, grace=4.0))
+            await eventually(lambda: not server.host.accepting)
+            # The slot frees during the shutdown: the waiting connection gets it and must
+            # give it back without a handshake, letting the shutdown finish early.
+            await holder.aclose()
+    assert server.stats.refused[("tcp", RefuseReason.SHUTTING_DOWN)] == 1
+    assert server.host.handshakes_in_progress == 0
+    assert server.stats.full_handshakes["tcp"] == 0
+    await waiting.aclose()
 
 
 @pytest.mark.parametrize(

@@ -285,10 +285,9 @@ class FleetDriver:
         #: Device id -> [download started, download ended] times.
         self.stages: dict[str, list[float]] = {}
         self.outcomes: Counter[str] = Counter()
-        #: Every error a device recorded (a lost link, an unanswered Hello or keep-alive,
-        #: a refused offer), by transport and message, counted each time it changed.
+        #: Why sessions ended (a lost link, an unanswered Hello or keep-alive, the server's
+        #: close), by transport and reason, counted at every end but a reboot's.
         self.errors_seen: Counter[str] = Counter()
-        self._last_error: dict[str, str] = {}
         self._unreported: list[tuple[str, float]] = []
         self._dirty = trio.Event()
 
@@ -341,8 +340,9 @@ class FleetDriver:
         )
         fleet = EmulatedFleet(self.members(), settings, on_status=self._on_status)
         fleet.open()
-        for runner in fleet.runners.values():
+        for device_id, runner in fleet.runners.items():
             self._count_received(runner.device)
+            self._count_session_ends(runner.device, self.kinds[device_id])
         self.fleet = fleet
 
     def _count_received(self, device: EmulatedDevice) -> None:
@@ -355,6 +355,17 @@ class FleetDriver:
 
         device.receive = receive  # type: ignore[method-assign]  # instrumentation only
 
+    def _count_session_ends(self, device: EmulatedDevice, kind: str) -> None:
+        """Count why each of the device's sessions ended (the runner reports every end
+        except a reboot through ``disconnected``)."""
+        disconnected = device.disconnected
+
+        def count_then_disconnect(now: float, reason: str) -> None:
+            self.errors_seen[f"{kind}: {reason[:100]}"] += 1
+            disconnected(now, reason)
+
+        device.disconnected = count_then_disconnect  # type: ignore[method-assign]
+
     def _on_status(self, status: DeviceStatus) -> None:
         now = time.monotonic()
         device_id = status.device_id
@@ -365,10 +376,6 @@ class FleetDriver:
             if online:
                 self.first_online.setdefault(device_id, now)
         self._note_stage(device_id, status.phase, now)
-        error = status.last_error
-        if error and error != self._last_error.get(device_id):
-            self._last_error[device_id] = error
-            self.errors_seen[f"{self.kinds[device_id]}: {error[:100]}"] += 1
         result = status.last_result
         if result is not None and device_id not in self.updated:
             target = self.spec.target_version

@@ -329,7 +329,7 @@ async def _fleet_and_release(
         for kind in kinds
     }
     result["connect_errors"] = _merge([s["connect_errors"] for s in stats])
-    # Errors devices recorded during the release (the top 10): why sessions were lost.
+    # Why sessions ended during the release (the 10 most common reasons).
     errors = Counter(_merge([s["errors_seen"] for s in stats]))
     errors.subtract(errors_before)
     result["release_device_errors"] = dict((+errors).most_common(10))

@@ -291,9 +291,16 @@ class SessionHost:
         the caller closes the connection without spending any cryptography on it. After
         True the caller must call :meth:`handshake_finished`, from the same task.
         """
+        if not self.accepting:  # shutting down: spend nothing on it
+            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
+            return False
         with trio.move_on_after(self.limits.handshake_wait):
             await self._handshake_slots.acquire()
-            return True
+            if self.accepting:
+                return True
+            self._handshake_slots.release()  # shutdown began while it waited
+            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
+            return False
         self.refuse(
             transport,
             RefuseReason.SERVER_BUSY,
