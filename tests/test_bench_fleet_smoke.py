@@ -85,6 +85,9 @@ async def test_small_fleet_run_reports_every_field(
     assert result["release_devices"] == result["release_updated"] == DEVICES
     assert result["release_outcomes"] == {}
     assert result["release_end"] == "done" and result["release_not_updated"]["phases"] == {}
+    # Why sessions ended in the release, by "transport: reason" (a reboot is not counted).
+    errors = result["release_device_errors"]
+    assert all(k.split(":")[0] in ("tcp", "udp") and v > 0 for k, v in errors.items())
     latency = result["update_latency_s"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
     assert latency["max"] == pytest.approx(result["release_all_updated_s"], abs=1e-3)
