@@ -4,19 +4,17 @@ across both transports; later connections wait in arrival order, and those that 
 
 from __future__ import annotations
 
-from contextlib import suppress
 from functools import partial
 
 import pytest
 import trio
-from OpenSSL import SSL
 
 from otacore.errors import ValidationError
 from server.identity import MemoryDeviceDirectory
 from server.transport import DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import connect_tls
 from tests.test_transport_dtls import outcome as dtls_outcome
-from tests.test_transport_dtls import udp
+from tests.test_transport_dtls import start_silent_handshake
 from tests.test_transport_tls import (
     DeviceKit,
     EchoHandler,
@@ -121,23 +119,7 @@ async def test_a_silent_dtls_peer_holds_its_slot_only_until_the_handshake_timeou
     """A peer that passes the cookie exchange and goes silent occupies a slot; the slot
     comes back at the handshake timeout, so it cannot starve other devices for longer."""
     server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=ONE_SLOT)
-    context = kit.good.dtls_context()
-    context.set_options(SSL.OP_NO_QUERY_MTU)  # memory BIOs have no MTU to query
-    connection = SSL.Connection(context)
-    connection.set_connect_state()
-    connection.set_ciphertext_mtu(1400)
-    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-    await sock.connect(udp(server))
-
-    async def flight() -> None:
-        with suppress(SSL.WantReadError):
-            connection.do_handshake()
-        await sock.send(connection.bio_read(65536))
-
-    await flight()  # ClientHello
-    with trio.fail_after(5):
-        connection.bio_write(await sock.recv(65536))  # HelloVerifyRequest (RFC 6347 4.2.1)
-    await flight()  # ClientHello with the cookie; then silence
+    sock = await start_silent_handshake(server, kit.good)
     await eventually(lambda: server.host.handshakes_in_progress == 1)
     await eventually(
         lambda: server.stats.refused[("udp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1, timeout=3

@@ -178,9 +178,13 @@ async def test_garbage_datagrams_are_ignored(server: DeviceServer, kit: DeviceKi
     assert refusals(server) == 0
 
 
-async def test_half_finished_handshake_times_out(server: DeviceServer, kit: DeviceKit) -> None:
-    """A peer that passes the cookie exchange and then goes silent costs only the timeout."""
-    context = kit.good.dtls_context()
+async def start_silent_handshake(
+    server: DeviceServer, credentials: DeviceCredentials
+) -> trio.socket.SocketType:
+    """Pass the cookie exchange as ``credentials``, send the ClientHello with the cookie,
+    then go silent: the server holds a half-finished handshake until its timeout. Returns
+    the peer's socket (close it when done)."""
+    context = credentials.dtls_context()
     context.set_options(SSL.OP_NO_QUERY_MTU)  # memory BIOs have no MTU to query
     connection = SSL.Connection(context)
     connection.set_connect_state()
@@ -197,6 +201,12 @@ async def test_half_finished_handshake_times_out(server: DeviceServer, kit: Devi
     with trio.fail_after(5):
         connection.bio_write(await sock.recv(65536))  # HelloVerifyRequest (RFC 6347 4.2.1)
     await flight()  # ClientHello with the cookie; then silence
+    return sock
+
+
+async def test_half_finished_handshake_times_out(server: DeviceServer, kit: DeviceKit) -> None:
+    """A peer that passes the cookie exchange and then goes silent costs only the timeout."""
+    sock = await start_silent_handshake(server, kit.good)
     start = trio.current_time()
     assert await outcome(server, kit.good) == f"{kit.good_id}|udp|False"
     await eventually(
