@@ -31,6 +31,8 @@ ONE_SLOT = SessionLimits(
     handshake_timeout=1.0, idle_timeout=5.0, farewell_timeout=1.0, max_handshakes=1,
     handshake_wait=0.3,
 )  # fmt: skip
+#: One handshake at a time; a waiting connection may wait 5 s, longer than the tests take.
+ONE_PATIENT_SLOT = SessionLimits(handshake_timeout=5.0, max_handshakes=1, handshake_wait=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,9 @@ def busy(server: DeviceServer, transport: str) -> int:
 async def test_a_connection_waits_for_a_slot_and_is_served_when_one_frees(
     nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
 ) -> None:
-    limits = SessionLimits(handshake_timeout=5.0, max_handshakes=1, handshake_wait=5.0)
-    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits)
+    server = await start_device_server(
+        nursery, kit, directory, EchoHandler(), limits=ONE_PATIENT_SLOT
+    )
     holder = await silent_tcp(server)
     served: list[bytes] = []
 
@@ -145,8 +148,9 @@ async def test_a_refused_device_gives_its_slot_back(
 async def test_connections_waiting_at_shutdown_are_refused_without_a_handshake(
     nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
 ) -> None:
-    limits = SessionLimits(handshake_timeout=5.0, max_handshakes=1, handshake_wait=5.0)
-    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits)
+    server = await start_device_server(
+        nursery, kit, directory, EchoHandler(), limits=ONE_PATIENT_SLOT
+    )
     holder = await silent_tcp(server)
     waiting = await trio.open_tcp_stream(*tcp(server))
     await eventually(lambda: server.host.handshakes_waiting == 1)
