@@ -96,8 +96,11 @@ def test_firmware_releases_flashes_updates(store: Store) -> None:
         tx.set_release(product.id, None, version=1, intelligent=False, actor="me", now=3)
         tx.set_release(product.id, group.id, version=2, intelligent=True, actor="me", now=3)
         tx.set_release(product.id, None, version=2, intelligent=False, actor="me", now=4)
-        assert tx.mark_running_seen(product.id, 2, 5) is True
-        assert tx.mark_running_seen(product.id, 2, 6) is False
+        assert tx.mark_image_running_seen(product.id, "cd" * 32, 4, 1, 5) == []  # other slot
+        assert tx.mark_image_running_seen(product.id, "cd" * 32, 5, 1, 5) == [2]
+        assert tx.mark_image_running_seen(product.id, "cd" * 32, 5, 1, 6) == []  # seen already
+        assert tx.downloadable_size(product.id, 13, "cd" * 32) == 10
+        assert tx.downloadable_size(product.id + 1, 13, "cd" * 32) is None
     with store.read() as tx:
         releases = tx.list_releases(product.id)
         assert [(r.group_name, r.version, r.intelligent) for r in releases] == [
