@@ -29,7 +29,6 @@ from typing import Any
 
 import trio
 
-from otacore.device.emulated_api import DeviceConfig
 from otacore.errors import OtaError
 from otacore.protocol.ota_wire import (
     RESET_PENDING_EVENT,
@@ -67,7 +66,7 @@ DEVICE_SYSTEM_EVENTS = frozenset({
     UPDATES_ENABLED_EVENT,  # particle/device/updates/enabled
     RESET_PENDING_EVENT,  # ota/device/reset/pending
     UPDATE_RESULT_EVENT,  # ota/device/update/result
-    DeviceConfig.heartbeat_event,  # ota/device/heartbeat
+    "ota/device/heartbeat",  # the emulated device's (otacore.device.emulated_api)
 })
 
 

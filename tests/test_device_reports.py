@@ -156,6 +156,11 @@ def test_every_internal_event_name_is_reserved() -> None:
     internal += [DESCRIBE_CHANGED, RELEASE_BYTES_EVENT, SHUTDOWN_EVENT]
     assert len(internal) >= 10
     assert [name for name in internal if reserved_prefix(name) is None] == []
+    # The system events devices may still publish include the emulator's heartbeat.
+    from otacore.device.emulated_api import DeviceConfig
+    from server.events import DEVICE_SYSTEM_EVENTS
+
+    assert DeviceConfig.heartbeat_event in DEVICE_SYSTEM_EVENTS
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
