@@ -116,6 +116,15 @@ class ModuleInfo:
         return self.stored_sha256 == self.computed_sha256
 
     @property
+    def named_product_id(self) -> int | None:
+        """The product the module was built for; None when it names none: no product data,
+        or the field holds the platform id (Device OS defaults ``PRODUCT_ID`` to it, and
+        since 4.0 always writes it there; particle-facts.md, "Module image layout")."""
+        if self.product_id is None or self.product_id == self.platform_id:
+            return None
+        return self.product_id
+
+    @property
     def max_size(self) -> int:
         """Size limit of this module's function on its platform."""
         return max_module_size(self.platform_id, self.module_function)

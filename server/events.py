@@ -17,6 +17,7 @@ so nothing echoes back.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 import time
@@ -29,6 +30,11 @@ from typing import Any
 import trio
 
 from otacore.errors import OtaError
+from otacore.protocol.ota_wire import (
+    RESET_PENDING_EVENT,
+    UPDATE_RESULT_EVENT,
+    UPDATES_ENABLED_EVENT,
+)
 
 #: ``coreid`` of events the cloud itself emits (Particle uses the same value).
 CLOUD_COREID = "particle-internal"
@@ -45,6 +51,52 @@ FIRMWARE_CREATED = "particle/product/firmware/created"  # data JSON {version, ti
 FIRMWARE_RELEASED = "particle/product/firmware/released"  # data JSON {version, immediate, ...}
 FLASH_REQUESTED = "ota/device/flash/requested"  # data "lock" / "binary": push it now
 DEVICE_REVOKED = "ota/device/revoked"  # data "true": the device's certificates were revoked
+
+#: Event name prefixes only the cloud may publish, compared case-insensitively: Particle
+#: reserves "particle" and "spark" ("A device may not publish events beginning with a
+#: case-insensitive match for 'particle' or 'spark'", Device OS API, Particle.publish), and
+#: this server names its own events "ota/...". Every name above starts with one of them, as
+#: do ``spark/device/describe`` (server.fleet.sessions) and ``ota/release/bytes``
+#: (server.fleet.deltas).
+RESERVED_PREFIXES = ("particle", "spark", "ota/")
+#: Reserved names a device may still publish: the system events of the device protocol
+#: (otacore.protocol.ota_wire), which the device's session consumes directly, and the
+#: emulated device's heartbeat. They reach the bus marked as the device's own.
+DEVICE_SYSTEM_EVENTS = frozenset({
+    UPDATES_ENABLED_EVENT,  # particle/device/updates/enabled
+    RESET_PENDING_EVENT,  # ota/device/reset/pending
+    UPDATE_RESULT_EVENT,  # ota/device/update/result
+    "ota/device/heartbeat",  # the emulated device's (otacore.device.emulated_api)
+})
+
+
+class EventSource(enum.Enum):
+    """Who published an event. Only the cloud's own events (the fleet service, the OTA
+    engine) carry meaning for the server's listeners; a device's or an API client's event
+    is data for subscribers, whatever its name."""
+
+    CLOUD = "cloud"
+    DEVICE = "device"
+    API = "api"
+
+
+def reserved_prefix(name: str) -> str | None:
+    """The reserved prefix ``name`` starts with (case-insensitively), or None."""
+    folded = name.casefold()
+    for prefix in RESERVED_PREFIXES:
+        if folded.startswith(prefix):
+            return prefix
+    return None
+
+
+def device_may_publish(name: str) -> str | None:
+    """None when a device may publish an event called ``name``; else why not (a reason
+    for the device's error response)."""
+    prefix = reserved_prefix(name)
+    if prefix is None or name in DEVICE_SYSTEM_EVENTS:
+        return None
+    return (f"event name {name!r} is reserved: names starting with "
+            f"{' / '.join(repr(p) for p in RESERVED_PREFIXES)} (any case) come from the cloud")
 
 
 class TooManySubscribersError(OtaError):
@@ -69,6 +121,13 @@ class Event:
     ttl: int = DEFAULT_TTL
     public: bool = False
     published_at: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    #: Who published it: the server's listeners act on CLOUD events only.
+    source: EventSource = EventSource.CLOUD
+
+    @property
+    def from_cloud(self) -> bool:
+        """True for an event the server itself published (never a device's or a client's)."""
+        return self.source is EventSource.CLOUD
 
     def sse_payload(self) -> dict[str, Any]:
         """The JSON object of the SSE ``data:`` line, in Particle's shape."""
@@ -91,9 +150,13 @@ class Subscription:
     receive: trio.MemoryReceiveChannel[Event]
     send: trio.MemorySendChannel[Event]
     dropped: bool = False
+    #: Only the cloud's own events (see :class:`EventSource`).
+    cloud_only: bool = False
 
     def matches(self, event: Event) -> bool:
         """True when the event passes this subscriber's filter."""
+        if self.cloud_only and event.source is not EventSource.CLOUD:
+            return False
         if self.product_id is not None and event.product_id != self.product_id:
             return False
         if self.device_id is not None and event.device_id != self.device_id:
@@ -159,8 +222,13 @@ class EventBus:
         device_id: str | None = None,
         name_prefix: str = "",
         buffer: int | None = None,
+        cloud_only: bool = False,
     ) -> Iterator[Subscription]:
-        """Attach a subscriber for the ``with`` block; events arrive on ``.receive``."""
+        """Attach a subscriber for the ``with`` block; events arrive on ``.receive``.
+
+        ``cloud_only``: only events the server itself published, never a device's or an
+        API client's (every listener that acts on an event name wants this).
+        """
         if len(self._subscribers) >= self.max_subscribers:
             raise TooManySubscribersError(
                 f"the event bus already serves {self.max_subscribers} subscribers; try later"
@@ -169,7 +237,8 @@ class EventBus:
         if size < 1 or math.isinf(size):
             raise ValueError("a subscriber buffer must be a positive, finite number of events")
         send, receive = trio.open_memory_channel[Event](size)
-        sub = Subscription(next(self._ids), product_id, device_id, name_prefix, receive, send)
+        sub = Subscription(next(self._ids), product_id, device_id, name_prefix, receive, send,
+                           cloud_only=cloud_only)
         self._subscribers[sub.id] = sub
         try:
             yield sub

@@ -12,6 +12,9 @@ The relay of each process
   again: no echo);
 * in the main process only, deletes rows older than ``retention`` seconds.
 
+Each row keeps its event's source (the cloud, a device or an API client), so a listener in
+another process acts on the cloud's own events only, as it does in the publishing one.
+
 A relay starts reading at the log's end at start-up: a new or restarted process does not
 replay history (what happened before is in the store's tables already).
 

@@ -133,10 +133,21 @@ class Api:
         return await self.client.post(f"/v1/products/{product}/firmware", data=data, files=files)
 
     async def report_running(self, device_id: str, version: int, platform_id: int = BORON) -> None:
-        """Have a device report (hello) that it runs ``version``."""
-        await self.handle.fleet.record_device_hello(
+        """Have a device report that it runs ``version``, as a device running its stored
+        image does: a Hello claiming the version, then a Describe naming the image by its
+        SHA-256 (what marks the firmware seen running). Without a stored image of that
+        version only the Hello is sent."""
+        fleet = self.handle.fleet
+        view = await fleet.record_device_hello(
             device_id, platform_id=platform_id, product_version=version, system_version=5000
         )
+        with self.store.read() as tx:
+            firmware = tx.get_firmware(view.product.id, version)
+        if firmware is not None:
+            module = {"function": firmware.module_function, "index": firmware.module_index,
+                      "version": firmware.module_version, "store": 0, "size": firmware.size,
+                      "sha256": firmware.sha256, "dependencies": []}
+            await fleet.record_describe(device_id, [module])
 
 
 @pytest.fixture

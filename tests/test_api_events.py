@@ -97,12 +97,13 @@ async def test_firmware_and_device_lifecycle_events(api) -> None:
         for status in ("started", "failed", "started", "success"):
             await fleet.record_flash_status(D1, status)  # type: ignore[arg-type]
         await fleet.device_offline(D1)
-        await stream.wait_for(lambda s: len(s.events) >= 13)
+        await stream.wait_for(lambda s: len(s.events) >= 14)
         nursery.cancel_scope.cancel()
     names = stream.names()
     assert names == [
         FIRMWARE_CREATED,
         "spark/status",
+        "spark/device/describe",  # the Describe naming v1's image (it is seen running)
         FIRMWARE_RELEASED,
         "particle/device/updates/forced",
         "particle/device/updates/forced",
@@ -120,18 +121,18 @@ async def test_firmware_and_device_lifecycle_events(api) -> None:
     assert by_index[0]["coreid"] == "particle-internal" and ISO_RE.match(
         by_index[0]["published_at"]
     )
-    assert json.loads(by_index[2]["data"]) == {
+    assert json.loads(by_index[3]["data"]) == {
         "version": 1,
         "immediate": True,
         "product_default": True,
         "groups": [],
     }
-    assert json.loads(by_index[6]["data"])["immediate"] is False
+    assert json.loads(by_index[7]["data"])["immediate"] is False
     assert by_index[1]["data"] == "online" and by_index[1]["coreid"] == D1
-    assert [by_index[3]["data"], by_index[4]["data"]] == ["true", "false"]
-    assert by_index[7]["data"] == "true"
-    assert [p["data"] for p in by_index[8:12]] == ["started ", "failed ", "started ", "success "]
-    assert by_index[12]["data"] == "offline"
+    assert [by_index[4]["data"], by_index[5]["data"]] == ["true", "false"]
+    assert by_index[8]["data"] == "true"
+    assert [p["data"] for p in by_index[9:13]] == ["started ", "failed ", "started ", "success "]
+    assert by_index[13]["data"] == "offline"
     assert all(p["ttl"] == 60 for p in by_index)
 
 

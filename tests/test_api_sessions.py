@@ -26,7 +26,7 @@ async def _setup(api) -> tuple[str, int]:
     return slug, product["id"]
 
 
-async def test_hello_marks_firmware_seen_and_device_online(api) -> None:
+async def test_hello_claims_a_version_and_the_describe_proves_the_image(api) -> None:
     slug, product_id = await _setup(api)
     fleet = api.handle.fleet
     with pytest.raises(UnknownDeviceError):
@@ -44,10 +44,24 @@ async def test_hello_marks_firmware_seen_and_device_online(api) -> None:
     assert view.device.flash_requested is False  # the locked version now runs
     assert view.target.reason == TargetReason.LOCKED and not view.update_needed
     firmware = (await api.client.get(f"/v1/products/{slug}/firmware/2")).json()
-    assert firmware["running_seen_at"] is not None and firmware["device_count"] == 1
+    # The claim is shown, but proves nothing: the release stays locked.
+    assert firmware["running_seen_at"] is None and firmware["device_count"] == 1
+    response = await api.client.put(
+        f"/v1/products/{slug}/firmware/release", json={"version": 2, "product_default": True}
+    )
+    assert response.status_code == 400 and "not been reported running" in response.text
+    # A Describe naming the image by its SHA-256, in the application's slot, proves it.
+    module = {"function": 5, "index": 1, "version": 6, "store": 0, "size": 1,
+              "sha256": firmware["sha256"], "dependencies": []}
+    await fleet.record_describe(D1, [{**module, "function": 4}])  # another slot: no proof
+    assert (await api.client.get(f"/v1/products/{slug}/firmware/2")).json()[
+        "running_seen_at"] is None
+    await fleet.record_describe(D1, [{**module, "sha256": firmware["sha256"].upper()}])
+    firmware = (await api.client.get(f"/v1/products/{slug}/firmware/2")).json()
+    assert firmware["running_seen_at"] is not None
     with api.store.read() as tx:
         seen = [a for a in tx.list_audit(product_id) if a.action == "firmware.seen_running"]
-    assert [a.details for a in seen] == [{"device_id": D1}]
+    assert [a.details for a in seen] == [{"device_id": D1, "sha256": firmware["sha256"]}]
     # Release of version 2 is now allowed without force.
     response = await api.client.put(
         f"/v1/products/{slug}/firmware/release", json={"version": 2, "product_default": True}

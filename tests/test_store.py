@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from server.events import Event, EventSource
 from server.store import (
     BlobCorruptError,
     BlobMissingError,
@@ -22,6 +23,7 @@ from server.store import (
     UpdateStateRecord,
 )
 from server.store import schema as t
+from server.store.tx_events import append_events, read_events_after
 
 D1 = "0123456789abcdef01234567"
 D2 = "89abcdef0123456789abcdef"
@@ -96,8 +98,11 @@ def test_firmware_releases_flashes_updates(store: Store) -> None:
         tx.set_release(product.id, None, version=1, intelligent=False, actor="me", now=3)
         tx.set_release(product.id, group.id, version=2, intelligent=True, actor="me", now=3)
         tx.set_release(product.id, None, version=2, intelligent=False, actor="me", now=4)
-        assert tx.mark_running_seen(product.id, 2, 5) is True
-        assert tx.mark_running_seen(product.id, 2, 6) is False
+        assert tx.mark_image_running_seen(product.id, "cd" * 32, 4, 1, 5) == []  # other slot
+        assert tx.mark_image_running_seen(product.id, "cd" * 32, 5, 1, 5) == [2]
+        assert tx.mark_image_running_seen(product.id, "cd" * 32, 5, 1, 6) == []  # seen already
+        assert tx.downloadable_size(product.id, 13, "cd" * 32) == 10
+        assert tx.downloadable_size(product.id + 1, 13, "cd" * 32) is None
     with store.read() as tx:
         releases = tx.list_releases(product.id)
         assert [(r.group_name, r.version, r.intelligent) for r in releases] == [
@@ -216,6 +221,41 @@ def test_a_version_1_store_is_migrated_in_place(data_dir: Path) -> None:
         "full_transfers": 0,
         "compressed_transfers": 1,
     }
+
+
+def test_a_version_3_store_gains_event_sources_and_image_indexes(data_dir: Path) -> None:
+    """Schema 7 (issue 13): event_log rows say who published them, and firmware and Device
+    OS modules are found by image through indexes; an older store upgrades in place."""
+    store = Store.open_dir(data_dir)
+    with store.write() as tx:
+        product = tx.insert_product(slug="m", name="M", platform_id=13, description="", now=1)
+        tx.insert_firmware(**_fw(product.id, 1))
+        for name in ("ix_firmware_product_sha256", "ix_system_modules_platform_sha256"):
+            tx.conn.execute(sa.text(f"DROP INDEX {name}"))
+        tx.conn.execute(sa.text("ALTER TABLE event_log DROP COLUMN source"))  # what v3 had
+        tx.conn.execute(sa.text(
+            "INSERT INTO event_log (origin, name, data, coreid, ttl, public, published_at) "
+            "VALUES ('old', 'ota/device/flash/requested', 'lock', 'x', 60, 0, 1)"))
+        tx.conn.execute(sa.update(t.meta).values(value="3"))
+    store.close()
+    store = Store.open_dir(data_dir)
+    with store.write() as tx:
+        assert tx.conn.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
+        indexes = set(tx.conn.execute(sa.text(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")).scalars())
+        assert {"ix_firmware_product_sha256", "ix_system_modules_platform_sha256"} <= indexes
+        plan = " ".join(str(row) for row in tx.conn.execute(sa.text(
+            "EXPLAIN QUERY PLAN SELECT size FROM firmware WHERE product_id = 1 "
+            "AND sha256 = 'x'")))
+        assert "ix_firmware_product_sha256" in plan
+        # The row written before sources existed is never taken for the cloud's own.
+        (old,), _ = read_events_after(tx.conn, 0, exclude_origin="me")
+        assert old.source is EventSource.DEVICE
+        append_events(tx.conn, "new", [Event("ota/device/flash/requested", "lock")])
+        _, new = read_events_after(tx.conn, 0, exclude_origin="me")[0]
+        assert new.source is EventSource.CLOUD
+        assert tx.downloadable_size(product.id, 13, "ab" * 32) == 10
+    store.close()
 
 
 def test_bad_urls(tmp_path: Path) -> None:

@@ -228,9 +228,10 @@ def accept_download(
     """Check a completely downloaded image before it may be staged.
 
     In order: module integrity (format, CRC-32, SHA-256, size limit), manifest signature,
-    file size and SHA-256 against the manifest, module metadata against the manifest,
-    platform, system part downgrade, dependencies against the other ``installed`` modules
-    ((function, index, version) of the running images).
+    file size and SHA-256 against the manifest, module metadata against the manifest, the
+    product the module names (if any) against the manifest's, platform, system part
+    downgrade, dependencies against the other ``installed`` modules ((function, index,
+    version) of the running images).
     """
     try:
         info = validate_module(image)
@@ -251,6 +252,16 @@ def accept_download(
         return _refuse(
             RejectReason.METADATA_MISMATCH,
             f"(platform, function, index, version, dependencies) differ: {detail}",
+            manifest,
+        )
+    named = info.named_product_id
+    if named is not None and named != manifest.product_id:
+        # The manifest is this device's product's (checked above); the image inside must
+        # not be another product's firmware (a product id equal to the platform's names none).
+        return _refuse(
+            RejectReason.WRONG_PRODUCT,
+            f"the image is built for product {named}, the signed manifest is for product "
+            f"{manifest.product_id}",
             manifest,
         )
     verdict = _check_compatibility(manifest, platform_id, list(installed))

@@ -207,7 +207,11 @@ class OtaEngine:
 
     async def _watch(self, name: str) -> None:
         while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
-            with self.plane.bus.subscribe(name_prefix=name, buffer=4096) as subscription:
+            # The cloud's own events only: a device's or an API client's event of the same
+            # name must not push releases or clear refusals (reserved names are refused at
+            # the door; this holds even if one slipped through).
+            with self.plane.bus.subscribe(name_prefix=name, buffer=4096,
+                                          cloud_only=True) as subscription:
                 async for event in subscription.receive:
                     if event.name != name:
                         continue  # a longer name that shares the prefix

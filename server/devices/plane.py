@@ -133,7 +133,7 @@ class DevicePlane:
     async def _close_revoked_sessions(self) -> None:
         """Close the live session of every device whose certificates get revoked."""
         while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
-            with self.bus.subscribe(name_prefix=DEVICE_REVOKED) as subscription:
+            with self.bus.subscribe(name_prefix=DEVICE_REVOKED, cloud_only=True) as subscription:
                 async for event in subscription.receive:
                     if event.device_id and self.registry.close_device(
                         event.device_id, CloseReason.REVOKED

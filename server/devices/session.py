@@ -42,6 +42,7 @@ from otacore.protocol.link import (
 )
 from otacore.protocol.ota_wire import UPDATE_RESULT_EVENT, hello_answer_payload
 from server.events import Event as BusEvent
+from server.events import EventSource, device_may_publish
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
 if TYPE_CHECKING:
@@ -351,6 +352,13 @@ class DeviceSessionHandler:
             hook(view, read_at)
 
     async def _on_event(self, message: Message, event: Event) -> None:
+        refusal = device_may_publish(event.name)
+        if refusal is not None:
+            # Reserved names are the cloud's (Particle: "particle", "spark"; ours: "ota/"):
+            # refused, not published, and the session goes on (an application's mistake is
+            # no protocol violation).
+            self._respond(message, Code.FORBIDDEN, refusal.encode()[:200])
+            return
         if event.name != UPDATE_RESULT_EVENT:
             self._respond(message, Code.CHANGED)
             self.publish(event.name, event.data, event.ttl)
@@ -365,12 +373,13 @@ class DeviceSessionHandler:
             self._respond(message, Code.SERVICE_UNAVAILABLE, b"not recorded yet: report it again")
 
     def publish(self, name: str, data: str | None, ttl: int = 60) -> None:
-        """Put an event from this device on the REST event stream."""
+        """Put an event from this device on the REST event stream, marked as the device's
+        (the server's listeners never act on it, whatever its name)."""
         if self.product_id is None:
             return  # no hello or describe yet: the product is not known to the session
         self.plane.bus.publish(BusEvent(
             name, data, product_id=self.product_id, device_id=self.device_id,
-            coreid=self.device_id, ttl=ttl,
+            coreid=self.device_id, ttl=ttl, source=EventSource.DEVICE,
         ))
 
 

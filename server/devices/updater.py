@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from otacore.coap import BlockOption, Code, Message, MessageType, block_slice, szx_for_size
-from otacore.errors import OtaError
+from otacore.coap import BlockOption, Code, Message, MessageType, szx_for_size
+from otacore.errors import NotFoundError, OtaError
 from otacore.protocol.ota_wire import (
     OFFER_ACCEPTED,
     OFFER_UNAVAILABLE,
@@ -40,6 +41,7 @@ from otacore.transfer import (
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
+from server.store import BlobMissingError
 from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from server.store import Tx
 
 log = logging.getLogger("ota.engine")
+#: What names an image in ``fw/<sha256>`` (lowercased first).
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class SessionUpdater:
@@ -90,6 +94,11 @@ class SessionUpdater:
         self._invalidated_at = -math.inf
         #: The update's "started" is still to be recorded (with the transfer's first write).
         self._started_unrecorded = False
+        #: Images this session's device may download over ``fw/<sha256>``: (product,
+        #: platform, SHA-256) -> size; only images the store allowed, so it stays small.
+        self._downloads: dict[tuple[int, int | None, str], int] = {}
+        #: (product, platform) of the device record, for a client that sent no Hello.
+        self._record_scope: tuple[int, int | None] | None = None
 
     def kick(self) -> None:
         """Ask the updater to re-check the device's target, read anew: something changed
@@ -148,36 +157,76 @@ class SessionUpdater:
         return False
 
     async def _serve_firmware_block(self, message: Message, sha256: str) -> None:
-        """Plain CoAP Block2 download (RFC 7959 2.4) of a firmware the device may run."""
+        """Plain CoAP Block2 download (RFC 7959 2.4) of a firmware the device may run.
+
+        A block costs a block: whether the device may fetch the image is decided once per
+        session (one indexed query), and each block reads only its own bytes. The server
+        does not hash the file per block: the client names the image by its SHA-256 and
+        checks the whole file it assembled against it.
+        """
         handler = self.handler
-        product_id = handler.product_id
-        platform = handler.hello.platform_id if handler.hello else None
-        if product_id is None or platform is None:
-            # A stock client sends no Hello: the device record (or its product) says which
-            # platform's Device OS modules it may fetch.
-            view = await handler.plane.fleet.target_for_device(self.device_id)
-            product_id = view.product.id
-            platform = platform or view.device.platform_id or view.product.platform_id
+        name = sha256.lower()
         try:
-            image = await handler.plane.fleet.blob_for_product(product_id, platform,
-                                                               sha256.lower())
-        except OtaError:
-            image = None
-        if image is None:
+            size = await self._downloadable_size(name) if _SHA256_HEX.fullmatch(name) else None
+        except NotFoundError as exc:  # the device left its product meanwhile
+            handler._respond(message, Code.NOT_FOUND, str(exc).encode()[:200])
+            return
+        except OtaError as exc:  # the store is unavailable
+            handler._respond(message, Code.SERVICE_UNAVAILABLE, str(exc).encode()[:200])
+            return
+        if size is None:
             handler._respond(message, Code.NOT_FOUND, b"no such firmware for this device")
             return
         block = message.block2
         szx = block.szx if block is not None else szx_for_size(1024)
         num = block.num if block is not None else 0
-        if num * (16 << szx) >= max(len(image), 1):
+        offset = num << (szx + 4)
+        if offset >= max(size, 1):
             handler._respond(message, Code.BAD_OPTION, b"block past the end")
             return
-        data, more = block_slice(image, num, szx)
+        length = min(1 << (szx + 4), size - offset)
+        try:
+            data = await handler.plane.fleet.read_image_range(name, offset, length)
+        except BlobMissingError:  # deleted during the session
+            self._downloads.clear()
+            handler._respond(message, Code.NOT_FOUND, b"no such firmware for this device")
+            return
+        except OSError as exc:
+            log.error("cannot read stored image %s: %s", name, exc)
+            handler._respond(message, Code.INTERNAL_SERVER_ERROR, b"stored firmware unreadable")
+            return
+        if len(data) != length:
+            log.error("stored image %s is shorter than its %d-byte record", name, size)
+            handler._respond(message, Code.INTERNAL_SERVER_ERROR, b"stored firmware is damaged")
+            return
         response = Message(MessageType.ACK, Code.CONTENT, payload=data)
-        response.set_block2(BlockOption(num, more, szx))
-        response.set_uint_option(28, len(image))  # Size2 (RFC 7959 4)
+        response.set_block2(BlockOption(num, offset + length < size, szx))
+        response.set_uint_option(28, size)  # Size2 (RFC 7959 4)
         handler.link.respond(message, response, trio.current_time())
         handler.wake()
+
+    async def _downloadable_size(self, sha256: str) -> int | None:
+        """The size of image ``sha256`` if this session's device may download it, decided
+        once per session per image (a device fetches one image in hundreds of blocks)."""
+        handler = self.handler
+        product_id = handler.product_id
+        platform = handler.hello.platform_id if handler.hello else None
+        if product_id is None or platform is None:
+            # A stock client sends no Hello: the device record (or its product) says which
+            # platform's Device OS modules it may fetch; read once per session.
+            if self._record_scope is None:
+                view = await handler.plane.fleet.target_for_device(self.device_id)
+                self._record_scope = (
+                    view.product.id, view.device.platform_id or view.product.platform_id)
+            product_id = self._record_scope[0]
+            platform = platform or self._record_scope[1]
+        key = (product_id, platform, sha256)
+        if key not in self._downloads:
+            size = await handler.plane.fleet.downloadable_size(product_id, platform, sha256)
+            if size is None:
+                return None  # not remembered: an upload may make it downloadable
+            self._downloads[key] = size
+        return self._downloads[key]
 
     async def run(self) -> None:
         """Load the device's memory, then serve kicks until the session ends (it is

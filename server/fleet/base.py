@@ -23,7 +23,9 @@ from server.fleet.errors import UnknownDeviceError, UnknownProductError
 from server.store import DeviceRecord, ProductRecord, ReleaseRecord, Store, Tx
 
 _T = TypeVar("_T")
-_DEVICE_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+#: Checked with fullmatch: "$" also matches before a trailing newline, so "<id>\n" would
+#: pass as a second spelling of the same device.
+_DEVICE_ID_RE = re.compile(r"[0-9a-f]{24}")
 
 #: Product firmware versions are u16: the module suffix's product version field.
 MAX_FIRMWARE_VERSION = 0xFFFF
@@ -36,7 +38,7 @@ def now_ms() -> int:
 
 def normalize_device_id(value: object) -> str:
     """A device id as 24 lowercase hex digits, or ValidationError."""
-    if not isinstance(value, str) or not _DEVICE_ID_RE.match(value.lower()):
+    if not isinstance(value, str) or not _DEVICE_ID_RE.fullmatch(value.lower()):
         raise ValidationError(f"device id {value!r} must be 24 hexadecimal digits")
     return value.lower()
 

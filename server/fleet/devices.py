@@ -20,7 +20,7 @@ from server.fleet.base import (
     target_of,
 )
 from server.fleet.errors import DeviceRuleError, DuplicateError, UnknownFirmwareError
-from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
+from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS, foreign_product
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_filename, clean_group_name, clean_text, slugify
 from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx, UpdateStateRecord
@@ -469,6 +469,9 @@ class DeviceService(FleetBase):
                 )
             if info.module_function not in PRODUCT_FIRMWARE_FUNCTIONS:
                 raise DeviceRuleError("only application (user part) binaries can be flashed here")
+            foreign = foreign_product(info, product)
+            if foreign is not None:
+                raise DeviceRuleError(foreign)
             sha256 = self.store.blobs.put(image)
             now = self.clock()
             with self.store.write() as tx:

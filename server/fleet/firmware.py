@@ -53,12 +53,25 @@ class ReleaseOutcome:
     affected_online: tuple[str, ...]
 
 
+def foreign_product(info: ModuleInfo, product: ProductRecord) -> str | None:
+    """Why a module may not become firmware of ``product``: its suffix names another
+    product (a product id equal to the platform id names none); None when it may."""
+    named = info.named_product_id
+    if named is None or named == product.id:
+        return None
+    return (
+        f"the binary is built for product {named} (the product id in its module suffix) but "
+        f"this is product {product.slug} (id {product.id}); build it with PRODUCT_ID("
+        f"{product.id}), or without a product id (Device OS 4.0 and later)"
+    )
+
+
 def check_product_module(image: bytes, product: ProductRecord, version: int) -> ModuleInfo:
     """Apply the upload rules to a binary; return its parsed module info.
 
     The binary must be a valid module (CRC-32, SHA-256, size limit of its function), an
-    application, for the product's platform, with an embedded product version equal to the
-    version given with the upload.
+    application, for the product's platform, naming no other product, with an embedded
+    product version equal to the version given with the upload.
     """
     try:
         info = validate_module(image)
@@ -75,6 +88,9 @@ def check_product_module(image: bytes, product: ProductRecord, version: int) -> 
             f"{info.platform_id}) but product {product.slug} is for "
             f"{platform_name(product.platform_id)} (platform {product.platform_id})"
         )
+    foreign = foreign_product(info, product)
+    if foreign is not None:
+        raise FirmwareRejectedError(foreign)
     if info.product_version is None:
         raise FirmwareRejectedError(
             "the binary carries no product version; build it with PRODUCT_VERSION(n) "
@@ -234,6 +250,24 @@ class FirmwareService(FleetBase):
             return record, self.store.blobs.get(record.sha256)
 
         return await self._read(work)
+
+    async def downloadable_size(
+        self, product_id: int, platform_id: int | None, sha256: str
+    ) -> int | None:
+        """The size of image ``sha256`` if a device of the product (and platform) may
+        download it (its product firmware, or a Device OS module of its platform); None
+        otherwise. One indexed query, whatever the number of firmware versions."""
+
+        def work() -> int | None:
+            with self.store.read() as tx:
+                return tx.downloadable_size(product_id, platform_id, sha256)
+
+        return await self._read(work)
+
+    async def read_image_range(self, sha256: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of stored image ``sha256`` from ``offset`` (fewer at its end),
+        read without the rest of the file (BlobMissingError when it is gone)."""
+        return await self._read(self.store.blobs.read_range, sha256, offset, length)
 
     async def update_firmware(
         self,

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from otacore.errors import ValidationError
-from server.events import API_COREID, DEFAULT_TTL, Event
+from server.events import (
+    API_COREID,
+    DEFAULT_TTL,
+    RESERVED_PREFIXES,
+    Event,
+    EventSource,
+    reserved_prefix,
+)
 from server.fleet.base import FleetBase, Outcome
 from server.fleet.errors import DuplicateError, UnknownGroupError
 from server.fleet.roles import Actor, Permission
@@ -192,6 +199,14 @@ class GroupService(FleetBase):
             raise ValidationError(f"event name must be a string of 1-{MAX_EVENT_NAME} characters")
         if any(not ch.isprintable() for ch in name):
             raise ValidationError("event name contains control characters")
+        if reserved_prefix(name) is not None:
+            # The cloud's own names ("particle", "spark", "ota/"): listeners and stream
+            # readers take them for the server's word (a release, a revocation...).
+            raise ValidationError(
+                f"event name {name!r} is reserved for events the cloud itself publishes "
+                f"(names starting with {', '.join(repr(p) for p in RESERVED_PREFIXES)}, "
+                "any case); choose another name"
+            )
         if data is not None and not isinstance(data, str):
             raise ValidationError("event data must be a string")
         if data is not None and len(data.encode()) > MAX_EVENT_DATA:
@@ -209,6 +224,7 @@ class GroupService(FleetBase):
             ttl=ttl,
             public=not private,
             published_at=self.clock(),
+            source=EventSource.API,
         )
         self.bus.publish(event)
         return event

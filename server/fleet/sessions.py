@@ -27,6 +27,7 @@ from server.fleet.base import (
     unknown_device,
 )
 from server.fleet.devices import updates_pending_for
+from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
 from server.fleet.roles import Actor, Permission
 from server.store import (
     DeviceRecord,
@@ -40,6 +41,9 @@ from server.store import (
 from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
 
 FlashStatus = Literal["started", "success", "failed"]
+#: The module store a device runs from (particle-facts: 0 main, 1 factory, 2 backup, 3
+#: scratchpad); a Describe may list modules of the others.
+MAIN_STORE = 0
 #: Emitted when a Describe reports other modules than the device record holds.
 DESCRIBE_CHANGED = "spark/device/describe"
 
@@ -214,10 +218,12 @@ class SessionService(FleetBase):
         ip: str | None = None,
         session: str | None = None,
     ) -> DeviceTarget:
-        """A device completed its handshake: note what it runs and that it is online.
+        """A device completed its handshake: note what it says it runs and that it is online.
 
-        A reported product version marks that firmware as seen running (which unlocks its
-        release), and a requested flash whose version now runs is complete. A ``session``
+        The reported product version is a claim: it is shown (``firmware_version``), decides
+        whether an update is needed, and completes a requested flash of that version; it
+        never marks firmware as seen running (that unlocks a release, and takes the image's
+        SHA-256 in a Describe: :meth:`record_describe`). A ``session``
         that marked the device online itself (``device_online``) leaves its presence alone:
         a Hello of an old session recorded after the device moved on must not mark it
         online again with no session owning that.
@@ -248,15 +254,6 @@ class SessionService(FleetBase):
                 pending = UNREAD  # an older "started" flash may be next: read it again
             tx.update_device(device.id, fields, now)
             updated = replace(device, updated_at=now, **fields)  # the row as updated
-            if version is not None and tx.mark_running_seen(device.product_id, version, now):
-                tx.add_audit(
-                    actor=f"device:{device.id}",
-                    action="firmware.seen_running",
-                    product_id=device.product_id,
-                    target=f"firmware:{version}",
-                    details={"device_id": device.id},
-                    now=now,
-                )
             if session is None and not device.online:
                 events.append(
                     Event(
@@ -277,7 +274,11 @@ class SessionService(FleetBase):
         self, device_id: str, modules: Sequence[Mapping[str, Any]]
     ) -> DeviceTarget:
         """Store the modules a device reported (dicts with at least function, index,
-        version); system part 1's version becomes the device's Device OS version."""
+        version); system part 1's version becomes the device's Device OS version.
+
+        A running module (store 0) whose ``sha256`` is the image of one of the product's
+        firmware versions, in that firmware's module slot, marks that version as seen
+        running: the proof a release needs (a bare version claim in the Hello is not)."""
         clean: list[dict[str, Any]] = []
         for module in modules:
             try:
@@ -298,6 +299,7 @@ class SessionService(FleetBase):
                 if entry["function"] == ModuleFunction.SYSTEM_PART and entry["index"] == 1:
                     fields["system_version"] = entry["version"]
             tx.update_device(device.id, fields, now)
+            self._note_images_running(tx, device, clean, now)
             # The row as updated; modules as a re-read gives them back (the JSON round trip
             # turns tuples into lists).
             stored = {**fields, "modules": json.loads(json.dumps(clean))}
@@ -318,6 +320,29 @@ class SessionService(FleetBase):
             return Outcome(view, events)
 
         return await self._run_grouped(work)
+
+    @staticmethod
+    def _note_images_running(
+        tx: Tx, device: DeviceRecord, modules: Sequence[Mapping[str, Any]], now: int
+    ) -> None:
+        """Mark the product firmware whose exact image (SHA-256 of the whole file, as the
+        blob is named and the signed manifest says) a Describe reports running."""
+        for module in modules:
+            sha256 = module.get("sha256")
+            if (module["function"] not in PRODUCT_FIRMWARE_FUNCTIONS
+                    or int(module.get("store", MAIN_STORE)) != MAIN_STORE
+                    or not isinstance(sha256, str)):
+                continue
+            for version in tx.mark_image_running_seen(device.product_id, sha256.lower(),
+                                                      module["function"], module["index"], now):
+                tx.add_audit(
+                    actor=f"device:{device.id}",
+                    action="firmware.seen_running",
+                    product_id=device.product_id,
+                    target=f"firmware:{version}",
+                    details={"device_id": device.id, "sha256": sha256.lower()},
+                    now=now,
+                )
 
     async def authorize_device(self, device_id: str) -> bool:
         """True when ``device_id`` belongs to a product and its certificates are not revoked

@@ -6,8 +6,9 @@ import re
 
 from otacore.errors import ValidationError
 
-_GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_COLOR_RE = re.compile(r"^(#[0-9A-Fa-f]{6})?$")
+# Checked with fullmatch: "$" also matches before a trailing newline.
+_GROUP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_COLOR_RE = re.compile(r"(#[0-9A-Fa-f]{6})?")
 
 
 def clean_text(value: object, what: str, max_len: int, *, required: bool = False) -> str:
@@ -37,7 +38,7 @@ def clean_filename(value: object) -> str:
 
 def clean_group_name(value: object) -> str:
     """A group name: 1-100 of letters, digits, '_', '.', '-', starting with a letter or digit."""
-    if not isinstance(value, str) or not _GROUP_RE.match(value):
+    if not isinstance(value, str) or not _GROUP_RE.fullmatch(value):
         raise ValidationError(
             f"group name {value!r} must be 1-100 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
@@ -49,7 +50,7 @@ def clean_color(value: object) -> str:
     """A group color: empty or ``#rrggbb``."""
     if value is None:
         return ""
-    if not isinstance(value, str) or not _COLOR_RE.match(value):
+    if not isinstance(value, str) or not _COLOR_RE.fullmatch(value):
         raise ValidationError(f"color {value!r} must be a #rrggbb hex color")
     return value
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 #: Bumped whenever a table changes; stored in the ``meta`` table.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -124,9 +124,13 @@ firmware = sa.Table(
     sa.Column("module_info", sa.JSON, nullable=False),
     sa.Column("uploaded_by", sa.String(200), nullable=False),
     _ms("uploaded_at"),
-    _ms("running_seen_at", nullable=True),  # first time a device reported running it
+    # First time a device's Describe reported running exactly this image (its SHA-256).
+    _ms("running_seen_at", nullable=True),
     sa.UniqueConstraint("product_id", "version", name="uq_firmware_product_version"),
 )
+# A product's firmware by image (schema version 7): a Describe's reported SHA-256 and a
+# device's download of ``fw/<sha256>`` each look one up.
+sa.Index("ix_firmware_product_sha256", firmware.c.product_id, firmware.c.sha256)
 
 # Device OS modules (system parts, bootloaders, radio stacks...) the server can send ahead of
 # an application that depends on them. Shared by every product of the platform.
@@ -148,6 +152,8 @@ system_modules = sa.Table(
         name="uq_system_module",
     ),
 )
+sa.Index("ix_system_modules_platform_sha256", system_modules.c.platform_id,
+         system_modules.c.sha256)  # schema version 7: fw/<sha256> downloads
 
 # One row per release scope: "product" (the product default) or "group:<group id>".
 releases = sa.Table(
@@ -312,6 +318,9 @@ event_log = sa.Table(
     sa.Column("ttl", sa.Integer, nullable=False),
     sa.Column("public", sa.Boolean, nullable=False, default=False),
     _ms("published_at"),
+    # Who published it (server.events.EventSource: cloud, device or api; schema version 7):
+    # the other processes' listeners act on the cloud's own events only.
+    sa.Column("source", sa.String(16), nullable=False, default="device"),
     # Ids never come back after pruning (readers page by id > last seen).
     sqlite_autoincrement=True,
 )

@@ -231,6 +231,15 @@ def _migrate(conn: sa.Connection, version: int) -> None:
         )
     if version < 3:  # v3: presence is owned by the session that set it
         conn.execute(sa.text("ALTER TABLE devices ADD COLUMN session_owner VARCHAR(96)"))
+    if version < 7:  # v7: relayed events say who published them; firmware found by image
+        # A row without a source is never trusted as the cloud's (rows live ~2 minutes).
+        # create_all made event_log with the column if the store predates the table.
+        if "source" not in {c["name"] for c in sa.inspect(conn).get_columns("event_log")}:
+            conn.execute(sa.text(
+                "ALTER TABLE event_log ADD COLUMN source VARCHAR(16) NOT NULL DEFAULT 'device'"))
+        for table in (schema.firmware, schema.system_modules):
+            for ix in table.indexes:
+                ix.create(conn, checkfirst=True)  # create_all skips tables that exist
     conn.execute(
         sa.update(schema.meta)
         .where(schema.meta.c.key == "schema_version")

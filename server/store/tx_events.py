@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from server.events import Event
+from server.events import Event, EventSource
 from server.store.schema import event_log
 
 #: Longest event name and coreid the table holds (longer ones are cut, never refused).
@@ -44,6 +44,7 @@ def append_events(conn: Connection, origin: str, events: Sequence[Event]) -> Non
                 "ttl": event.ttl,
                 "public": event.public,
                 "published_at": event.published_at,
+                "source": event.source.value,
             }
             for event in events
         ],
@@ -81,6 +82,7 @@ def read_events_after(
             event_log.c.ttl,
             event_log.c.public,
             event_log.c.published_at,
+            event_log.c.source,
         )
         .where(
             event_log.c.id > after_id,
@@ -101,10 +103,19 @@ def read_events_after(
             ttl=int(row.ttl),
             public=bool(row.public),
             published_at=int(row.published_at),
+            source=_source_of(row.source),
         )
         for row in rows
     ]
     return events, next_id
+
+
+def _source_of(value: object) -> EventSource:
+    """A row's publisher; an unknown value is a device's (never trusted as the cloud's)."""
+    try:
+        return EventSource(value)
+    except ValueError:
+        return EventSource.DEVICE
 
 
 def prune_events(conn: Connection, cutoff_ms: int) -> int:

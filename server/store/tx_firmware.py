@@ -72,14 +72,33 @@ SELECT_RELEASES_WITH_FIRMWARE = (
     .where(t.releases.c.product_id == sa.bindparam("product_id"))
     .order_by(t.releases.c.group_id.is_not(None), t.groups.c.name)
 )
-MARK_RUNNING_SEEN = (
+#: A Describe reported running the image ``sha256`` in a module slot: the product firmware
+#: of that image (in that slot) is seen running, the first time (ix_firmware_product_sha256).
+_IMAGE_KEY = (
+    t.firmware.c.product_id == sa.bindparam("key_product_id"),
+    t.firmware.c.sha256 == sa.bindparam("key_sha256"),
+    t.firmware.c.module_function == sa.bindparam("key_function"),
+    t.firmware.c.module_index == sa.bindparam("key_index"),
+)
+SELECT_UNSEEN_IMAGE = sa.select(t.firmware.c.id, t.firmware.c.version).where(
+    *_IMAGE_KEY, t.firmware.c.running_seen_at.is_(None)
+)
+MARK_SEEN_BY_ID = (
     sa.update(t.firmware)
-    .where(
-        t.firmware.c.product_id == sa.bindparam("key_product_id"),
-        t.firmware.c.version == sa.bindparam("key_version"),
-        t.firmware.c.running_seen_at.is_(None),
-    )
+    .where(t.firmware.c.id == sa.bindparam("key_id"), t.firmware.c.running_seen_at.is_(None))
     .values(running_seen_at=sa.bindparam("now"))
+)
+#: The size of an image a device of a product may download (``fw/<sha256>``): the product's
+#: firmware, or a Device OS module of the device's platform; one indexed query.
+SELECT_DOWNLOADABLE = sa.union_all(
+    sa.select(t.firmware.c.size).where(
+        t.firmware.c.product_id == sa.bindparam("product_id"),
+        t.firmware.c.sha256 == sa.bindparam("sha256"),
+    ),
+    sa.select(t.system_modules.c.size).where(
+        t.system_modules.c.platform_id == sa.bindparam("platform_id"),
+        t.system_modules.c.sha256 == sa.bindparam("sha256"),
+    ),
 )
 #: Release counter name -> the statement adding one to it.
 BUMP_RELEASE_COUNTER = {
@@ -207,10 +226,29 @@ class FirmwareQueries:
         """Delete a firmware row (the caller removes the blob when nothing else refers to it)."""
         self.conn.execute(sa.delete(t.firmware).where(t.firmware.c.id == firmware_id))
 
-    def mark_running_seen(self, product_id: int, version: int, now: int) -> bool:
-        """Note that a device runs this version; True when this is the first such report."""
-        params = {"key_product_id": product_id, "key_version": version, "now": now}
-        return bool(self.conn.execute(MARK_RUNNING_SEEN, params).rowcount)
+    def mark_image_running_seen(
+        self, product_id: int, sha256: str, function: int, index: int, now: int
+    ) -> list[int]:
+        """Note that a device runs the image ``sha256`` in module slot (``function``,
+        ``index``): the product's firmware of exactly that image is seen running. Returns
+        the versions seen for the first time (usually none: one indexed read)."""
+        key = {"key_product_id": product_id, "key_sha256": sha256, "key_function": function,
+               "key_index": index}
+        versions = []
+        for firmware_id, version in self.conn.execute(SELECT_UNSEEN_IMAGE, key).all():
+            if self.conn.execute(MARK_SEEN_BY_ID, {"key_id": firmware_id, "now": now}).rowcount:
+                versions.append(int(version))
+        return versions
+
+    def downloadable_size(self, product_id: int, platform_id: int | None,
+                          sha256: str) -> int | None:
+        """The size of image ``sha256`` when a device of the product (and platform) may
+        download it: the product's firmware or a Device OS module of the platform; None
+        otherwise."""
+        params = {"product_id": product_id, "platform_id": -1 if platform_id is None
+                  else platform_id, "sha256": sha256}
+        size = self.conn.execute(SELECT_DOWNLOADABLE, params).scalar()
+        return None if size is None else int(size)
 
     def blob_is_referenced(self, sha256: str) -> bool:
         """True while any firmware or flash request names this blob."""
