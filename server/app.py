@@ -27,6 +27,7 @@ from server.devices.ota import OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
+from server.private_files import secure_data_dir
 from server.relay import EventRelay
 from server.store import Store
 from server.transport import DeviceServer
@@ -86,6 +87,7 @@ def open_store(config: ServerConfig) -> Store:
     """Open (creating on first start) the store the config names."""
     if config.db_url is None:
         return Store.open_dir(config.data_dir, pool_size=config.store_threads)
+    secure_data_dir(config.data_dir)  # blobs, keys and the CA live there: owner-only
     return Store.open(
         config.db_url, Path(config.data_dir) / "blobs", pool_size=config.store_threads
     )

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from otacore.errors import AuthError, ConflictError, NotFoundError, StoreError, ValidationError
+from server.private_files import make_private_dir, secure_data_dir, write_private_file
 
 #: Device ids are 12 bytes written as 24 lowercase hex digits (Particle's format).
 DEVICE_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
@@ -103,18 +104,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the start (never world-readable, never replaced)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    write_private_file(path, data, exclusive=True)
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically (temporary file + rename) with mode 0644."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+def _write_replaceable(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (temporary file + rename), owner-only (0600) like every
+    file of the data directory and of a device's credentials."""
+    write_private_file(path, data)
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -474,14 +470,13 @@ def init_pki(
     An existing CA is never replaced (every device certificate depends on it). The server
     certificate is (re)issued when missing or within 30 days of expiry.
     """
-    ca_dir = Path(ca_dir)
-    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_dir = secure_data_dir(ca_dir)  # 0700, its files 0600 (tightened if older)
     if not (ca_dir / CA_CERT_FILE).exists():
         if (ca_dir / CA_KEY_FILE).exists():
             raise PkiCorruptError(f"{ca_dir / CA_KEY_FILE} exists without {CA_CERT_FILE}")
         ca_cert, ca_key = create_ca()
         _write_private(ca_dir / CA_KEY_FILE, _key_pem(ca_key))
-        _write_public(ca_dir / CA_CERT_FILE, _cert_pem(ca_cert))
+        _write_replaceable(ca_dir / CA_CERT_FILE, _cert_pem(ca_cert))
     ca_cert = _load_cert(ca_dir / CA_CERT_FILE)
     ca_key = _load_key(ca_dir / CA_KEY_FILE)
     server_cert_path = ca_dir / SERVER_CERT_FILE
@@ -500,7 +495,7 @@ def init_pki(
             dns_names=dns_names,
             ip_addresses=ip_addresses,
         )
-        _write_public(server_cert_path, _cert_pem(cert))
+        _write_replaceable(server_cert_path, _cert_pem(cert))
     return load_pki(ca_dir)
 
 
@@ -546,19 +541,20 @@ def provision_devices(
         if (out_dir / device_id).exists():
             raise ConflictError(f"{out_dir / device_id} already exists; refusing to overwrite keys")
     pki = init_pki(ca_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out_dir)  # device private keys go below it
     ca_path = out_dir / CA_CERT_FILE
-    _write_public(ca_path, _cert_pem(pki.ca_cert))
+    _write_replaceable(ca_path, _cert_pem(pki.ca_cert))
     provisioned: list[ProvisionedDevice] = []
     for device_id in device_ids:
         key = _new_key()
         cert = issue_device_certificate(pki.ca_cert, pki.ca_key, device_id, key.public_key())
         device_dir = out_dir / device_id
         device_dir.mkdir(mode=0o700)
+        os.chmod(device_dir, 0o700)  # whatever the umask
         key_path = device_dir / DEVICE_KEY_FILE
         cert_path = device_dir / DEVICE_CERT_FILE
         _write_private(key_path, _key_pem(key))
-        _write_public(cert_path, _cert_pem(cert))
+        _write_replaceable(cert_path, _cert_pem(cert))
         provisioned.append(
             ProvisionedDevice(
                 device_id=device_id,
@@ -577,10 +573,12 @@ def write_device_credentials(
 ) -> tuple[Path, Path]:
     """Write ``cert.pem`` and ``key.pem`` (0600) into a new ``directory``; return their paths."""
     directory = Path(directory)
-    directory.mkdir(mode=0o700, parents=True)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; refusing to overwrite keys")
+    make_private_dir(directory)
     cert_path, key_path = directory / DEVICE_CERT_FILE, directory / DEVICE_KEY_FILE
     _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, _cert_pem(cert))
+    _write_replaceable(cert_path, _cert_pem(cert))
     return cert_path, key_path
 
 

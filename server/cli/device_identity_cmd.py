@@ -29,6 +29,7 @@ from server.identity import (
     pki_dir,
     provision_devices,
 )
+from server.private_files import secure_data_dir
 
 
 class DeviceRegistrar(Protocol):
@@ -61,12 +62,13 @@ def _pki_init(
 ) -> None:
     """Create the installation CA and the server certificate (keeps an existing CA)."""
     try:
+        secure_data_dir(data)  # owner-only; tightens an older release's data directory
         pki = init_pki(
             pki_dir(data),
             dns_names=tuple(server_name or ("localhost",)),
             ip_addresses=tuple(server_ip or ("127.0.0.1", "::1")),
         )
-    except (OtaError, ValueError) as exc:
+    except (OtaError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"CA certificate: {pki.ca_cert_path}")
     typer.echo(f"CA SHA-256:     {certificate_sha256(pki.ca_cert)}")

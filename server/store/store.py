@@ -30,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from server.private_files import create_private_file, secure_data_dir
 from server.store import schema
 from server.store.blobs import BlobStore
 from server.store.engine import EngineSetup, create_store_engine
@@ -103,12 +104,17 @@ class Store:
 
     @classmethod
     def open_dir(cls, data_dir: Path | str, *, pool_size: int = 8) -> Store:
-        """Open the embedded store in ``data_dir``: ``ota.db`` plus ``blobs/``."""
-        root = Path(data_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        return cls.open(
-            f"sqlite:///{(root / DB_FILENAME).resolve()}", root / BLOB_DIRNAME, pool_size=pool_size
-        )
+        """Open the embedded store in ``data_dir``: ``ota.db`` plus ``blobs/``.
+
+        The data directory is made owner-only first (0700 directories, 0600 files; an
+        older release's 0755/0644 data directory is tightened, with a warning), and the
+        database file is created 0600 before SQLite opens it, so its ``-wal`` and ``-shm``
+        files, which take the database's mode, are private too.
+        """
+        root = secure_data_dir(data_dir)
+        database = root / DB_FILENAME
+        create_private_file(database)
+        return cls.open(f"sqlite:///{database.resolve()}", root / BLOB_DIRNAME, pool_size=pool_size)
 
     @property
     def backend(self) -> str:
