@@ -13,7 +13,7 @@ the same ports. With ``workers`` == 1 none of that runs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -30,7 +30,7 @@ from server.fleet import Fleet
 from server.private_files import secure_data_dir
 from server.relay import EventRelay
 from server.store import Store
-from server.transport import DeviceServer
+from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSpec, WorkerSupervisor, process_origin
 
 log = logging.getLogger("ota.server")
@@ -58,6 +58,9 @@ class ServerConfig:
     #: Server processes serving devices: this one plus ``workers - 1`` worker processes
     #: (ignored without device listeners).
     workers: int = 1
+    #: Limits of the device listeners (handshake admission, per-address bounds, timeouts,
+    #: rates), the same in every server process.
+    device_limits: SessionLimits = field(default_factory=SessionLimits)
 
     @property
     def multiprocess(self) -> bool:
@@ -107,6 +110,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             store_threads=config.store_threads,
             event_buffer=config.event_buffer,
             max_event_subscribers=config.max_event_subscribers,
+            limits=asdict(config.device_limits),
         )
         for index in range(1, config.workers)
     ]
@@ -162,6 +166,7 @@ async def serve(
                     host=config.device_host or config.host,
                     port=config.device_port,
                     reuse_port=config.multiprocess,
+                    limits=config.device_limits,
                 )
                 plane = DevicePlane(plane_config, fleet, bus)
                 engine = OtaEngine(plane)

@@ -160,7 +160,9 @@ class EchoHandler:
         await session.send(b"come back later")
 
 
-FAST_LIMITS = SessionLimits(handshake_timeout=1.0, idle_timeout=5.0, farewell_timeout=1.0)
+FAST_LIMITS = SessionLimits(
+    handshake_timeout=1.0, idle_timeout=5.0, farewell_timeout=1.0, hello_timeout=1.0
+)
 
 
 async def start_device_server(
@@ -351,18 +353,41 @@ async def test_garbage_instead_of_client_hello(
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
 
 
-async def test_silent_client_times_out_without_blocking_others(
+async def test_silent_client_is_closed_without_ever_holding_a_slot(
     server: DeviceServer, kit: DeviceKit
 ) -> None:
+    """A connection that sends nothing waits for its ClientHello outside the handshake
+    slots, and is closed after ``hello_timeout``."""
     silent = await trio.open_tcp_stream(*tcp(server))
     start = trio.current_time()
+    await eventually(lambda: server.host.pending_connections == 1)
+    assert server.host.handshakes_in_progress == 0
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
     with trio.fail_after(5):
         assert await silent.receive_some() == b""
     waited = trio.current_time() - start
+    assert FAST_LIMITS.hello_timeout * 0.9 <= waited < FAST_LIMITS.hello_timeout + 2
+    assert server.stats.refused[("tcp", RefuseReason.SILENT)] == 1
+    assert server.stats.refused[("tcp", RefuseReason.HANDSHAKE_TIMEOUT)] == 0
+    await silent.aclose()
+
+
+async def test_stalled_handshake_times_out_without_blocking_others(
+    server: DeviceServer, kit: DeviceKit
+) -> None:
+    """A connection that starts a ClientHello and stalls holds a slot until the handshake
+    timeout."""
+    stalled = await trio.open_tcp_stream(*tcp(server))
+    await stalled.send_all(b"\x16\x03\x01")  # the start of a TLS handshake record
+    start = trio.current_time()
+    await eventually(lambda: server.host.handshakes_in_progress == 1)
+    assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
+    with trio.fail_after(5):
+        assert await stalled.receive_some() == b""
+    waited = trio.current_time() - start
     assert FAST_LIMITS.handshake_timeout * 0.9 <= waited < FAST_LIMITS.handshake_timeout + 2
     assert server.stats.refused[("tcp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1
-    await silent.aclose()
+    await stalled.aclose()
 
 
 async def test_revoking_closes_the_live_session(
