@@ -7,15 +7,15 @@ Every installation keeps one certificate authority (CA) in ``<data dir>/pki``. T
   id (24 lowercase hex digits) is the subject CN and a URI SAN ``urn:otacloud:device:<id>``.
 
 The TLS/DTLS layers let OpenSSL check the chain, the validity period and the key usage; after
-the handshake :func:`device_id_from_certificate` names the device and a :class:`DeviceDirectory`
-says whether it belongs to a product and is not revoked. The CA key never leaves the data dir:
-:func:`provision_devices` writes only the CA *certificate* next to the device keys.
+the handshake :func:`device_id_from_certificate` names the device and a
+:class:`server.authorization.DeviceDirectory` says whether it belongs to a product and the
+certificate is not revoked. The CA key never leaves the data dir: :func:`provision_devices`
+writes only the CA *certificate* next to the device keys.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import re
@@ -23,7 +23,6 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -120,6 +119,12 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 def certificate_sha256(cert: x509.Certificate) -> str:
     """The SHA-256 fingerprint of the DER certificate, as lowercase hex."""
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def certificate_serial(cert: x509.Certificate) -> str:
+    """The certificate's serial number as lowercase hex (RFC 5280 section 4.1.2.2: at
+    most 20 octets, so at most 40 digits)."""
+    return format(cert.serial_number, "x")
 
 
 def _leaf_builder(
@@ -318,70 +323,6 @@ def device_id_from_certificate(cert: x509.Certificate) -> str:
         raise CertificateRejectedError(str(exc)) from None
 
 
-class DeviceIdCache:
-    """Maps DER client certificates to device ids, remembering the last ``capacity`` results.
-
-    Parsing a certificate costs tens of microseconds per handshake; a reconnecting fleet
-    presents the same certificates again and again. Rejections are cached too.
-    """
-
-    __slots__ = ("_capacity", "_entries")
-
-    def __init__(self, capacity: int = 50_000) -> None:
-        self._capacity = capacity
-        # A plain dict keeps insertion order: re-inserting on a hit makes it an LRU, with
-        # less memory per entry than an OrderedDict.
-        self._entries: dict[bytes, str | CertificateRejectedError] = {}
-
-    def device_id(self, der: bytes) -> str:
-        """The device id named by DER certificate ``der`` (CertificateRejectedError if none)."""
-        key = hashlib.sha256(der).digest()
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            try:
-                entry = device_id_from_certificate(x509.load_der_x509_certificate(der))
-            except CertificateRejectedError as exc:
-                entry = exc
-            except ValueError as exc:
-                entry = CertificateRejectedError(f"the client certificate cannot be parsed: {exc}")
-            if len(self._entries) >= self._capacity:
-                del self._entries[next(iter(self._entries))]
-        self._entries[key] = entry
-        if isinstance(entry, CertificateRejectedError):
-            raise entry
-        return entry
-
-
-@runtime_checkable
-class DeviceDirectory(Protocol):
-    """Who may connect: the product store implements this."""
-
-    async def authorize(self, device_id: str) -> bool:
-        """True if ``device_id`` is registered with a product and not revoked."""
-        ...
-
-
-class MemoryDeviceDirectory:
-    """A DeviceDirectory held in memory (development servers, tests, benchmarks)."""
-
-    def __init__(self, device_ids: Iterable[str] = ()) -> None:
-        self._allowed: set[str] = {validate_device_id(d) for d in device_ids}
-        self._revoked: set[str] = set()
-
-    def add(self, device_id: str) -> None:
-        """Register ``device_id`` (and clear a revocation)."""
-        self._allowed.add(validate_device_id(device_id))
-        self._revoked.discard(device_id)
-
-    def revoke(self, device_id: str) -> None:
-        """Refuse ``device_id`` from its next handshake on."""
-        self._revoked.add(validate_device_id(device_id))
-
-    async def authorize(self, device_id: str) -> bool:
-        """True if ``device_id`` was added and not revoked."""
-        return device_id in self._allowed and device_id not in self._revoked
-
-
 @dataclass(frozen=True)
 class InstallationPki:
     """The CA and the server credentials of one installation, as loaded from ``directory``."""
@@ -509,6 +450,8 @@ class ProvisionedDevice:
     ca_path: Path
     cert_sha256: str
     not_after: dt.datetime
+    #: The certificate's serial number (hex), recorded with its fingerprint when issued.
+    cert_serial: str = ""
 
 
 def provision_devices(
@@ -563,6 +506,7 @@ def provision_devices(
                 ca_path=ca_path,
                 cert_sha256=certificate_sha256(cert),
                 not_after=cert.not_valid_after_utc,
+                cert_serial=certificate_serial(cert),
             )
         )
     return provisioned

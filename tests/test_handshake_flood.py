@@ -17,7 +17,7 @@ import socket
 import pytest
 import trio
 
-from server.identity import MemoryDeviceDirectory
+from server.authorization import MemoryDeviceDirectory
 from server.transport import DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import connect_dtls, connect_tls
 from server.transport.refusals import RefusalLog

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from otacore.errors import ValidationError
-from server.identity import MemoryDeviceDirectory
+from server.authorization import MemoryDeviceDirectory
 from server.transport import DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import connect_tls
 from tests.test_transport_dtls import outcome as dtls_outcome

@@ -11,7 +11,7 @@ import pytest
 import trio
 from OpenSSL import SSL
 
-from server.identity import MemoryDeviceDirectory
+from server.authorization import MemoryDeviceDirectory
 from server.transport import CloseReason, DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import (
     DeviceCredentials,

@@ -38,6 +38,7 @@ from server.store.errors import SchemaVersionError, StoreConflictError, StoreUna
 from server.store.group_commit import BatchOp, GroupCommitter
 from server.store.sqlite import WRITE_OPTION, integrity_check
 from server.store.tx_auth import AuthQueries
+from server.store.tx_certs import CertificateQueries
 from server.store.tx_firmware import FirmwareQueries
 from server.store.tx_fleet import FleetQueries
 from server.store.tx_ota import OtaMemoryQueries
@@ -60,7 +61,7 @@ def _translated_errors() -> Iterator[None]:
         raise StoreUnavailableError(f"the database is unavailable: {exc.orig}") from exc
 
 
-class Tx(FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries):
+class Tx(FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries):
     """One open transaction; every query method of the store lives on it."""
 
     def __init__(self, conn: Connection) -> None:
@@ -237,6 +238,19 @@ def _migrate(conn: sa.Connection, version: int) -> None:
         )
     if version < 3:  # v3: presence is owned by the session that set it
         conn.execute(sa.text("ALTER TABLE devices ADD COLUMN session_owner VARCHAR(96)"))
+    if version < 5:  # v5: revocation is per certificate (its tables came with create_all)
+        # Devices an older server revoked (a flag on the row) stay revoked: only a
+        # certificate issued from now on (re-provisioning) or a reinstate brings them back.
+        revoked = sa.select(
+            schema.devices.c.id,
+            schema.devices.c.updated_at,
+            sa.literal("schema migration").label("revoked_by"),
+        ).where(schema.devices.c.certs_revoked.is_(True))
+        conn.execute(
+            sa.insert(schema.device_revocations).from_select(
+                ["device_id", "revoked_at", "revoked_by"], revoked
+            )
+        )
     conn.execute(
         sa.update(schema.meta)
         .where(schema.meta.c.key == "schema_version")

@@ -9,7 +9,8 @@ from pathlib import Path
 import trio
 
 from otacore.errors import ValidationError
-from server.identity import DeviceDirectory, InstallationPki, init_pki
+from server.authorization import DeviceDirectory
+from server.identity import InstallationPki, init_pki
 from server.transport.dtls import make_dtls_server_context, serve_dtls
 from server.transport.limits import SessionLimits
 from server.transport.session import (

@@ -15,7 +15,8 @@ from typing import Literal, Protocol
 import trio
 
 from otacore.errors import OtaError
-from server.identity import CertificateRejectedError, DeviceDirectory, DeviceIdCache
+from server.authorization import DeviceDirectory, DeviceIdCache
+from server.identity import CertificateRejectedError
 from server.transport.admission import AddressGate
 from server.transport.limits import SessionLimits
 from server.transport.refusals import RefusalLog
@@ -23,6 +24,9 @@ from server.transport.refusals import RefusalLog
 logger = logging.getLogger("otacloud.devices")
 
 TransportName = Literal["tcp", "udp"]
+#: Seconds a revocation is remembered to catch authorizations that were in flight when it
+#: happened (far longer than any handshake may take).
+REVOCATION_MEMORY = 600.0
 
 
 class CloseReason:
@@ -204,10 +208,12 @@ class SessionRegistry:
     The control plane calls :meth:`close_device` when a device is revoked.
     """
 
-    __slots__ = ("_by_device",)
+    __slots__ = ("_by_device", "_revoked_at")
 
     def __init__(self) -> None:
         self._by_device: dict[str, DeviceSession] = {}
+        # device id -> trio time of its last revocation, oldest first (see revoked_since).
+        self._revoked_at: dict[str, float] = {}
 
     def register(self, session: DeviceSession) -> None:
         """Record ``session``; an older session of the same device is closed (REPLACED)."""
@@ -226,12 +232,31 @@ class SessionRegistry:
         return self._by_device.get(device_id)
 
     def close_device(self, device_id: str, reason: str = CloseReason.REVOKED) -> bool:
-        """Close the live session of ``device_id``; True if there was one."""
+        """Close the live session of ``device_id``; True if there was one. A revocation
+        (the default reason) is also remembered for :meth:`revoked_since`."""
+        if reason == CloseReason.REVOKED:
+            self._note_revoked(device_id)
         session = self._by_device.get(device_id)
         if session is None:
             return False
         session.close(reason)
         return True
+
+    def _note_revoked(self, device_id: str) -> None:
+        now = trio.current_time()
+        self._revoked_at.pop(device_id, None)
+        self._revoked_at[device_id] = now  # newest last
+        while self._revoked_at:  # forget what no authorization in flight can predate
+            oldest, at = next(iter(self._revoked_at.items()))
+            if now - at <= REVOCATION_MEMORY:
+                break
+            del self._revoked_at[oldest]
+
+    def revoked_since(self, device_id: str, since: float) -> bool:
+        """True if ``device_id`` was revoked (:meth:`close_device`) at or after trio time
+        ``since``: an authorization asked before then may be stale."""
+        at = self._revoked_at.get(device_id)
+        return at is not None and at >= since
 
     def close_all(self, reason: str) -> int:
         """Close every live session; return how many."""
@@ -463,21 +488,30 @@ class SessionHost:
             self.refuse(transport, RefuseReason.BAD_CERTIFICATE, peer, "(no client certificate)")
             return None
         try:
-            device_id = self.id_cache.device_id(der)
+            certificate = self.id_cache.certificate(der)
         except CertificateRejectedError as exc:
             self.refuse(transport, RefuseReason.BAD_CERTIFICATE, peer, str(exc))
             return None
+        device_id = certificate.device_id
         if not self.accepting:
             self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer, device_id)
             return None
+        asked_at = trio.current_time()
         try:
-            allowed = await self.directory.authorize(device_id)
+            allowed = await self.directory.authorize(certificate)
         except Exception:
             logger.exception("the device directory failed to authorize %s", device_id)
             self.refuse(transport, RefuseReason.DIRECTORY_ERROR, peer, device_id)
             return None
+        # A revocation that committed after the directory's answer, and whose event came
+        # while it travelled back, found no session to close: the answer is stale.
+        if allowed and self.registry.revoked_since(device_id, asked_at):
+            allowed = False
         if not allowed:
-            self.refuse(transport, RefuseReason.NOT_AUTHORIZED, peer, device_id)
+            self.refuse(
+                transport, RefuseReason.NOT_AUTHORIZED, peer,
+                f"{device_id} (certificate {certificate.sha256[:16]}...)",
+            )
             return None
         return device_id
 
