@@ -13,7 +13,7 @@ the same ports. With ``workers`` == 1 none of that runs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -27,9 +27,10 @@ from server.devices.ota import OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
+from server.private_files import secure_data_dir
 from server.relay import EventRelay
 from server.store import Store
-from server.transport import DeviceServer
+from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSpec, WorkerSupervisor, process_origin
 
 log = logging.getLogger("ota.server")
@@ -57,6 +58,9 @@ class ServerConfig:
     #: Server processes serving devices: this one plus ``workers - 1`` worker processes
     #: (ignored without device listeners).
     workers: int = 1
+    #: Limits of the device listeners (handshake admission, per-address bounds, timeouts,
+    #: rates), the same in every server process.
+    device_limits: SessionLimits = field(default_factory=SessionLimits)
 
     @property
     def multiprocess(self) -> bool:
@@ -86,6 +90,7 @@ def open_store(config: ServerConfig) -> Store:
     """Open (creating on first start) the store the config names."""
     if config.db_url is None:
         return Store.open_dir(config.data_dir, pool_size=config.store_threads)
+    secure_data_dir(config.data_dir)  # blobs, keys and the CA live there: owner-only
     return Store.open(
         config.db_url, Path(config.data_dir) / "blobs", pool_size=config.store_threads
     )
@@ -105,6 +110,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             store_threads=config.store_threads,
             event_buffer=config.event_buffer,
             max_event_subscribers=config.max_event_subscribers,
+            limits=asdict(config.device_limits),
         )
         for index in range(1, config.workers)
     ]
@@ -160,6 +166,7 @@ async def serve(
                     host=config.device_host or config.host,
                     port=config.device_port,
                     reuse_port=config.multiprocess,
+                    limits=config.device_limits,
                 )
                 plane = DevicePlane(plane_config, fleet, bus)
                 engine = OtaEngine(plane)

@@ -158,6 +158,10 @@ class ApiClient:
         """POST a revocation of a device's certificates."""
         return self._request("POST", f"{self._product(product)}/devices/{device_id}/revoke")
 
+    def reinstate_device(self, product: str, device_id: str) -> Any:
+        """POST an explicit reinstate of a revoked device's certificates."""
+        return self._request("POST", f"{self._product(product)}/devices/{device_id}/reinstate")
+
     def flash_device(self, product: str, device_id: str, path: Path) -> Any:
         """PUT a binary (multipart ``file``) to flash a development device."""
         with path.open("rb") as raw:

@@ -7,15 +7,15 @@ Every installation keeps one certificate authority (CA) in ``<data dir>/pki``. T
   id (24 lowercase hex digits) is the subject CN and a URI SAN ``urn:otacloud:device:<id>``.
 
 The TLS/DTLS layers let OpenSSL check the chain, the validity period and the key usage; after
-the handshake :func:`device_id_from_certificate` names the device and a :class:`DeviceDirectory`
-says whether it belongs to a product and is not revoked. The CA key never leaves the data dir:
-:func:`provision_devices` writes only the CA *certificate* next to the device keys.
+the handshake :func:`device_id_from_certificate` names the device and a
+:class:`server.authorization.DeviceDirectory` says whether it belongs to a product and the
+certificate is not revoked. The CA key never leaves the data dir: :func:`provision_devices`
+writes only the CA *certificate* next to the device keys.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import re
@@ -23,7 +23,6 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from otacore.errors import AuthError, ConflictError, NotFoundError, StoreError, ValidationError
+from server.private_files import make_private_dir, secure_data_dir, write_private_file
 
 #: Device ids are 12 bytes written as 24 lowercase hex digits (Particle's format).
 DEVICE_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
@@ -103,18 +103,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the start (never world-readable, never replaced)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    write_private_file(path, data, exclusive=True)
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically (temporary file + rename) with mode 0644."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+def _write_replaceable(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically (temporary file + rename), owner-only (0600) like every
+    file of the data directory and of a device's credentials."""
+    write_private_file(path, data)
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -124,6 +119,12 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 def certificate_sha256(cert: x509.Certificate) -> str:
     """The SHA-256 fingerprint of the DER certificate, as lowercase hex."""
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def certificate_serial(cert: x509.Certificate) -> str:
+    """The certificate's serial number as lowercase hex (RFC 5280 section 4.1.2.2: at
+    most 20 octets, so at most 40 digits)."""
+    return format(cert.serial_number, "x")
 
 
 def _leaf_builder(
@@ -322,70 +323,6 @@ def device_id_from_certificate(cert: x509.Certificate) -> str:
         raise CertificateRejectedError(str(exc)) from None
 
 
-class DeviceIdCache:
-    """Maps DER client certificates to device ids, remembering the last ``capacity`` results.
-
-    Parsing a certificate costs tens of microseconds per handshake; a reconnecting fleet
-    presents the same certificates again and again. Rejections are cached too.
-    """
-
-    __slots__ = ("_capacity", "_entries")
-
-    def __init__(self, capacity: int = 50_000) -> None:
-        self._capacity = capacity
-        # A plain dict keeps insertion order: re-inserting on a hit makes it an LRU, with
-        # less memory per entry than an OrderedDict.
-        self._entries: dict[bytes, str | CertificateRejectedError] = {}
-
-    def device_id(self, der: bytes) -> str:
-        """The device id named by DER certificate ``der`` (CertificateRejectedError if none)."""
-        key = hashlib.sha256(der).digest()
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            try:
-                entry = device_id_from_certificate(x509.load_der_x509_certificate(der))
-            except CertificateRejectedError as exc:
-                entry = exc
-            except ValueError as exc:
-                entry = CertificateRejectedError(f"the client certificate cannot be parsed: {exc}")
-            if len(self._entries) >= self._capacity:
-                del self._entries[next(iter(self._entries))]
-        self._entries[key] = entry
-        if isinstance(entry, CertificateRejectedError):
-            raise entry
-        return entry
-
-
-@runtime_checkable
-class DeviceDirectory(Protocol):
-    """Who may connect: the product store implements this."""
-
-    async def authorize(self, device_id: str) -> bool:
-        """True if ``device_id`` is registered with a product and not revoked."""
-        ...
-
-
-class MemoryDeviceDirectory:
-    """A DeviceDirectory held in memory (development servers, tests, benchmarks)."""
-
-    def __init__(self, device_ids: Iterable[str] = ()) -> None:
-        self._allowed: set[str] = {validate_device_id(d) for d in device_ids}
-        self._revoked: set[str] = set()
-
-    def add(self, device_id: str) -> None:
-        """Register ``device_id`` (and clear a revocation)."""
-        self._allowed.add(validate_device_id(device_id))
-        self._revoked.discard(device_id)
-
-    def revoke(self, device_id: str) -> None:
-        """Refuse ``device_id`` from its next handshake on."""
-        self._revoked.add(validate_device_id(device_id))
-
-    async def authorize(self, device_id: str) -> bool:
-        """True if ``device_id`` was added and not revoked."""
-        return device_id in self._allowed and device_id not in self._revoked
-
-
 @dataclass(frozen=True)
 class InstallationPki:
     """The CA and the server credentials of one installation, as loaded from ``directory``."""
@@ -474,14 +411,13 @@ def init_pki(
     An existing CA is never replaced (every device certificate depends on it). The server
     certificate is (re)issued when missing or within 30 days of expiry.
     """
-    ca_dir = Path(ca_dir)
-    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_dir = secure_data_dir(ca_dir)  # 0700, its files 0600 (tightened if older)
     if not (ca_dir / CA_CERT_FILE).exists():
         if (ca_dir / CA_KEY_FILE).exists():
             raise PkiCorruptError(f"{ca_dir / CA_KEY_FILE} exists without {CA_CERT_FILE}")
         ca_cert, ca_key = create_ca()
         _write_private(ca_dir / CA_KEY_FILE, _key_pem(ca_key))
-        _write_public(ca_dir / CA_CERT_FILE, _cert_pem(ca_cert))
+        _write_replaceable(ca_dir / CA_CERT_FILE, _cert_pem(ca_cert))
     ca_cert = _load_cert(ca_dir / CA_CERT_FILE)
     ca_key = _load_key(ca_dir / CA_KEY_FILE)
     server_cert_path = ca_dir / SERVER_CERT_FILE
@@ -500,7 +436,7 @@ def init_pki(
             dns_names=dns_names,
             ip_addresses=ip_addresses,
         )
-        _write_public(server_cert_path, _cert_pem(cert))
+        _write_replaceable(server_cert_path, _cert_pem(cert))
     return load_pki(ca_dir)
 
 
@@ -514,6 +450,8 @@ class ProvisionedDevice:
     ca_path: Path
     cert_sha256: str
     not_after: dt.datetime
+    #: The certificate's serial number (hex), recorded with its fingerprint when issued.
+    cert_serial: str = ""
 
 
 def provision_devices(
@@ -546,19 +484,20 @@ def provision_devices(
         if (out_dir / device_id).exists():
             raise ConflictError(f"{out_dir / device_id} already exists; refusing to overwrite keys")
     pki = init_pki(ca_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out_dir)  # device private keys go below it
     ca_path = out_dir / CA_CERT_FILE
-    _write_public(ca_path, _cert_pem(pki.ca_cert))
+    _write_replaceable(ca_path, _cert_pem(pki.ca_cert))
     provisioned: list[ProvisionedDevice] = []
     for device_id in device_ids:
         key = _new_key()
         cert = issue_device_certificate(pki.ca_cert, pki.ca_key, device_id, key.public_key())
         device_dir = out_dir / device_id
         device_dir.mkdir(mode=0o700)
+        os.chmod(device_dir, 0o700)  # whatever the umask
         key_path = device_dir / DEVICE_KEY_FILE
         cert_path = device_dir / DEVICE_CERT_FILE
         _write_private(key_path, _key_pem(key))
-        _write_public(cert_path, _cert_pem(cert))
+        _write_replaceable(cert_path, _cert_pem(cert))
         provisioned.append(
             ProvisionedDevice(
                 device_id=device_id,
@@ -567,6 +506,7 @@ def provision_devices(
                 ca_path=ca_path,
                 cert_sha256=certificate_sha256(cert),
                 not_after=cert.not_valid_after_utc,
+                cert_serial=certificate_serial(cert),
             )
         )
     return provisioned
@@ -577,10 +517,12 @@ def write_device_credentials(
 ) -> tuple[Path, Path]:
     """Write ``cert.pem`` and ``key.pem`` (0600) into a new ``directory``; return their paths."""
     directory = Path(directory)
-    directory.mkdir(mode=0o700, parents=True)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; refusing to overwrite keys")
+    make_private_dir(directory)
     cert_path, key_path = directory / DEVICE_CERT_FILE, directory / DEVICE_KEY_FILE
     _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, _cert_pem(cert))
+    _write_replaceable(cert_path, _cert_pem(cert))
     return cert_path, key_path
 
 

@@ -31,6 +31,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -41,7 +42,7 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.relay import EventRelay
 from server.store import Store
-from server.transport import DeviceServer
+from server.transport import DeviceServer, SessionLimits
 
 log = logging.getLogger("ota.workers")
 
@@ -70,6 +71,8 @@ class WorkerSpec:
     max_event_subscribers: int = 1000
     #: Seconds a worker waits for its devices' farewells when stopped.
     shutdown_grace: float | None = None
+    #: The device listeners' :class:`SessionLimits` fields (None: the defaults).
+    limits: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -124,6 +127,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         udp_port=spec.udp_port,
                         reuse_port=True,
                         origin=relay.origin,
+                        limits=SessionLimits(**(spec.limits or {})),
                     ),
                     fleet,
                     bus,

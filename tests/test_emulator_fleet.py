@@ -22,6 +22,7 @@ from otacore.messages import Hello
 from otacore.protocol.link import Transport
 from otacore.protocol.ota_wire import UPDATE_RESULT_EVENT, parse_update_result
 from otacore.signing import TrustStore
+from server.authorization import MemoryDeviceDirectory
 from server.cli.emulate_cmd import emulate, parse_server, trust_store_of
 from server.emulator.fleet import (
     EmulatedFleet,
@@ -31,7 +32,7 @@ from server.emulator.fleet import (
     find_credentials,
     transports_for,
 )
-from server.identity import MemoryDeviceDirectory, pki_dir, provision_devices
+from server.identity import pki_dir, provision_devices
 from server.transport import (
     DeviceServer,
     DeviceServerConfig,

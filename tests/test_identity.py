@@ -21,13 +21,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from otacore.errors import ConflictError, NotFoundError, ValidationError
+from server.authorization import ClientCertificate, DeviceIdCache, MemoryDeviceDirectory
 from server.cli.device_identity_cmd import register_commands
 from server.identity import (
     DEVICE_URI_PREFIX,
     CertificateRejectedError,
-    DeviceIdCache,
     InvalidDeviceIdError,
-    MemoryDeviceDirectory,
     PkiCorruptError,
     PkiMissingError,
     ProvisionedDevice,
@@ -260,22 +259,38 @@ def test_device_id_cache_remembers_results_and_rejections(tmp_path: Path) -> Non
     der = _load(device.cert_path).public_bytes(serialization.Encoding.DER)
     cache = DeviceIdCache(capacity=2)
     assert cache.device_id(der) == device.device_id
-    assert cache.device_id(der) == device.device_id
+    presented = cache.certificate(der)
+    assert presented.device_id == device.device_id
+    assert presented.sha256 == device.cert_sha256
+    assert presented.serial == device.cert_serial
+    assert presented.not_after_ms == int(device.not_after.timestamp() * 1000)
     for garbage in (b"", b"\x30\x03\x02\x01\x01", der[:-10]):
         with pytest.raises(CertificateRejectedError, match="cannot be parsed"):
             cache.device_id(garbage)
     assert len(cache._entries) == 2  # bounded
 
 
-async def test_memory_directory_authorizes_registered_unrevoked_devices() -> None:
+def _presented(device_id: str, n: int = 0) -> ClientCertificate:
+    return ClientCertificate(device_id, f"{n:064x}", f"{n:x}", 0)
+
+
+async def test_memory_directory_authorizes_registered_unrevoked_certificates() -> None:
     known, unknown = new_device_id(), new_device_id()
     directory = MemoryDeviceDirectory([known])
-    assert await directory.authorize(known)
-    assert not await directory.authorize(unknown)
+    assert await directory.authorize(_presented(known))
+    assert not await directory.authorize(_presented(unknown))
     directory.revoke(known)
-    assert not await directory.authorize(known)
-    directory.add(known)
-    assert await directory.authorize(known)
+    assert not await directory.authorize(_presented(known))
+    directory.remove(known)
+    directory.add(known)  # removing and adding again does not lift a revocation
+    assert not await directory.authorize(_presented(known))
+    assert not await directory.authorize(_presented(known, 1))  # nor a never-seen certificate
+    directory.issue(known, f"{2:064x}")  # re-provisioning does
+    assert await directory.authorize(_presented(known, 2))
+    assert not await directory.authorize(_presented(known))
+    directory.reinstate(known)  # and so does an explicit reinstate, for every certificate
+    assert await directory.authorize(_presented(known))
+    assert await directory.authorize(_presented(known, 1))
 
 
 # --- CLI -----------------------------------------------------------------------------------
@@ -297,6 +312,10 @@ class _ProductsInMemory:
         if self.fail_register:
             raise ConflictError("device already belongs to another product")
         self.members.setdefault(product, []).extend(d.device_id for d in devices)
+
+    def standing(self, data_dir: Path, device_id: str, sha256: str) -> dict[str, object]:
+        registered = any(device_id in ids for ids in self.members.values())
+        return {"device_registered": registered}
 
 
 def _cli(registrar: _ProductsInMemory) -> typer.Typer:
@@ -330,6 +349,7 @@ def test_cli_provision_registers_devices(tmp_path: Path) -> None:
     assert shown["id"] == listed[0]["id"]
     assert shown["signed_by_installation_ca"] is True
     assert shown["sha256"] == listed[0]["cert_sha256"]
+    assert shown["device_registered"] is True
 
 
 def test_cli_provision_refusals_leave_no_keys(tmp_path: Path) -> None:

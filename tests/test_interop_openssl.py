@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from otacore import coap
-from server.identity import MemoryDeviceDirectory
+from server.authorization import MemoryDeviceDirectory
 from server.transport import DeviceServer, DeviceSession, RefuseReason
 from server.transport.client import DeviceCredentials
 from tests.test_transport_tls import (

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from otacore.errors import ValidationError
-from server.identity import MemoryDeviceDirectory
+from server.authorization import MemoryDeviceDirectory
 from server.transport import DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import connect_tls
 from tests.test_transport_dtls import outcome as dtls_outcome
@@ -46,9 +46,10 @@ def directory(kit: DeviceKit) -> MemoryDeviceDirectory:
 
 
 async def silent_tcp(server: DeviceServer) -> trio.SocketStream:
-    """A TCP connection that never says ClientHello: it holds a handshake slot until the
-    handshake timeout (or until it closes)."""
+    """A TCP connection that starts a ClientHello (one byte of a TLS handshake record) and
+    stalls: it holds a handshake slot until the handshake timeout (or until it closes)."""
     stream = await trio.open_tcp_stream(*tcp(server))
+    await stream.send_all(b"\x16")  # RFC 8446 section 5.1: ContentType handshake(22)
     host = server.host
     await eventually(lambda: host.handshakes_in_progress == 1)
     return stream
@@ -153,7 +154,10 @@ async def test_connections_waiting_at_shutdown_are_refused_without_a_handshake(
     )
     holder = await silent_tcp(server)
     waiting = await trio.open_tcp_stream(*tcp(server))
+    await waiting.send_all(b"\x16")
+    silent = await trio.open_tcp_stream(*tcp(server))  # sends nothing: waits for its hello
     await eventually(lambda: server.host.handshakes_waiting == 1)
+    await eventually(lambda: server.host.pending_connections == 3)
     with trio.fail_after(5):
         async with trio.open_nursery() as inner:
             inner.start_soon(partial(server.shutdown, grace=4.0))
@@ -161,10 +165,14 @@ async def test_connections_waiting_at_shutdown_are_refused_without_a_handshake(
             # The slot frees during the shutdown: the waiting connection gets it and must
             # give it back without a handshake, letting the shutdown finish early.
             await holder.aclose()
-    assert server.stats.refused[("tcp", RefuseReason.SHUTTING_DOWN)] == 1
+    # The waiting one and the silent one (no need to wait for its hello timeout).
+    assert server.stats.refused[("tcp", RefuseReason.SHUTTING_DOWN)] == 2
+    assert server.stats.refused[("tcp", RefuseReason.SILENT)] == 0
     assert server.host.handshakes_in_progress == 0
+    assert server.host.pending_connections == 0
     assert server.stats.full_handshakes["tcp"] == 0
     await waiting.aclose()
+    await silent.aclose()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import trio
 from OpenSSL import SSL
 
-from server.identity import MemoryDeviceDirectory
+from server.authorization import MemoryDeviceDirectory
 from server.transport import CloseReason, DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import (
     DeviceCredentials,
@@ -179,17 +179,19 @@ async def test_garbage_datagrams_are_ignored(server: DeviceServer, kit: DeviceKi
 
 
 async def start_silent_handshake(
-    server: DeviceServer, credentials: DeviceCredentials
+    server: DeviceServer, credentials: DeviceCredentials, local_address: str | None = None
 ) -> trio.socket.SocketType:
     """Pass the cookie exchange as ``credentials``, send the ClientHello with the cookie,
     then go silent: the server holds a half-finished handshake until its timeout. Returns
-    the peer's socket (close it when done)."""
+    the peer's socket (close it when done). ``local_address``: the source address."""
     context = credentials.dtls_context()
     context.set_options(SSL.OP_NO_QUERY_MTU)  # memory BIOs have no MTU to query
     connection = SSL.Connection(context)
     connection.set_connect_state()
     connection.set_ciphertext_mtu(1400)
     sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    if local_address is not None:
+        await sock.bind((local_address, 0))
     await sock.connect(udp(server))
 
     async def flight() -> None:

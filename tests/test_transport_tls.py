@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from server.authorization import ClientCertificate, MemoryDeviceDirectory
 from server.identity import (
     InstallationPki,
-    MemoryDeviceDirectory,
     init_pki,
     issue_device_certificate,
     new_device_id,
@@ -160,7 +160,9 @@ class EchoHandler:
         await session.send(b"come back later")
 
 
-FAST_LIMITS = SessionLimits(handshake_timeout=1.0, idle_timeout=5.0, farewell_timeout=1.0)
+FAST_LIMITS = SessionLimits(
+    handshake_timeout=1.0, idle_timeout=5.0, farewell_timeout=1.0, hello_timeout=1.0
+)
 
 
 async def start_device_server(
@@ -351,18 +353,41 @@ async def test_garbage_instead_of_client_hello(
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
 
 
-async def test_silent_client_times_out_without_blocking_others(
+async def test_silent_client_is_closed_without_ever_holding_a_slot(
     server: DeviceServer, kit: DeviceKit
 ) -> None:
+    """A connection that sends nothing waits for its ClientHello outside the handshake
+    slots, and is closed after ``hello_timeout``."""
     silent = await trio.open_tcp_stream(*tcp(server))
     start = trio.current_time()
+    await eventually(lambda: server.host.pending_connections == 1)
+    assert server.host.handshakes_in_progress == 0
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
     with trio.fail_after(5):
         assert await silent.receive_some() == b""
     waited = trio.current_time() - start
+    assert FAST_LIMITS.hello_timeout * 0.9 <= waited < FAST_LIMITS.hello_timeout + 2
+    assert server.stats.refused[("tcp", RefuseReason.SILENT)] == 1
+    assert server.stats.refused[("tcp", RefuseReason.HANDSHAKE_TIMEOUT)] == 0
+    await silent.aclose()
+
+
+async def test_stalled_handshake_times_out_without_blocking_others(
+    server: DeviceServer, kit: DeviceKit
+) -> None:
+    """A connection that starts a ClientHello and stalls holds a slot until the handshake
+    timeout."""
+    stalled = await trio.open_tcp_stream(*tcp(server))
+    await stalled.send_all(b"\x16\x03\x01")  # the start of a TLS handshake record
+    start = trio.current_time()
+    await eventually(lambda: server.host.handshakes_in_progress == 1)
+    assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
+    with trio.fail_after(5):
+        assert await stalled.receive_some() == b""
+    waited = trio.current_time() - start
     assert FAST_LIMITS.handshake_timeout * 0.9 <= waited < FAST_LIMITS.handshake_timeout + 2
     assert server.stats.refused[("tcp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1
-    await silent.aclose()
+    await stalled.aclose()
 
 
 async def test_revoking_closes_the_live_session(
@@ -492,10 +517,10 @@ class _DirectoryDown(MemoryDeviceDirectory):
         super().__init__(device_ids)
         self.failing = failing
 
-    async def authorize(self, device_id: str) -> bool:
-        if device_id == self.failing:
+    async def authorize(self, certificate: ClientCertificate) -> bool:
+        if certificate.device_id == self.failing:
             raise OSError("database is unreachable")
-        return await super().authorize(device_id)
+        return await super().authorize(certificate)
 
 
 async def test_directory_failure_refuses_without_stopping_the_server(
@@ -505,4 +530,43 @@ async def test_directory_failure_refuses_without_stopping_the_server(
     server = await start_device_server(nursery, kit, directory, EchoHandler(), udp=False)
     assert await outcome(server, kit.other) == "closed"
     assert server.stats.refused[("tcp", RefuseReason.DIRECTORY_ERROR)] == 1
+    assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
+
+
+class _SlowDirectory(MemoryDeviceDirectory):
+    """Answers only once ``release`` is set (a store read in flight)."""
+
+    def __init__(self, device_ids: list[str]) -> None:
+        super().__init__(device_ids)
+        self.asked = trio.Event()
+        self.release = trio.Event()
+
+    async def authorize(self, certificate: ClientCertificate) -> bool:
+        answer = await super().authorize(certificate)
+        self.asked.set()
+        await self.release.wait()
+        return answer
+
+
+async def test_a_revocation_during_authorization_refuses_the_handshake(
+    nursery: trio.Nursery, kit: DeviceKit
+) -> None:
+    """The directory said yes before the revocation committed; the revocation's event came
+    before the answer did, with no session yet to close: the handshake is refused anyway."""
+    directory = _SlowDirectory(kit.registered)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), udp=False)
+    result: list[str] = []
+
+    async def device() -> None:
+        result.append(await outcome(server, kit.good))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(device)
+        await directory.asked.wait()
+        assert not server.registry.close_device(kit.good_id)  # the DEVICE_REVOKED handler
+        directory.release.set()
+    assert result == ["closed"]
+    assert server.stats.refused[("tcp", RefuseReason.NOT_AUTHORIZED)] == 1
+    assert server.stats.full_handshakes["tcp"] == 0
+    # A later handshake is asked afresh (the directory, not the registry, decides).
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"

@@ -17,6 +17,7 @@ from bench.fleet import BenchError
 from bench.fleet.images import Installation
 from bench.fleet.lines import JsonLines
 from bench.fleet.procs import PIPE, REPO_ROOT, child_env, log_tail, running_process
+from server.transport import SessionLimits
 
 
 @dataclass
@@ -202,6 +203,12 @@ async def running_server(
         "0",
         "--workers",
         str(workers),
+        # Each load generator's loopback address stands for thousands of devices (like a
+        # carrier-grade NAT): lift the per-address admission bounds to the process-wide ones.
+        "--device-limit",
+        f"max_pending_per_address={SessionLimits().max_sessions}",
+        "--device-limit",
+        f"max_handshakes_per_address={SessionLimits().max_handshakes}",
     ]
     async with running_process(
         argv, log_path=log_path, stdout=PIPE, cwd=REPO_ROOT, env=child_env(), grace=15.0

@@ -34,7 +34,8 @@ from typing import Any
 
 import trio
 
-from server.identity import InstallationPki, MemoryDeviceDirectory, load_pki
+from server.authorization import MemoryDeviceDirectory
+from server.identity import InstallationPki, load_pki
 from server.transport import (
     DeviceServer,
     DeviceServerConfig,

@@ -82,6 +82,12 @@ ROUTES = [
         methods=["POST"],
         name="revoke_device",
     ),
+    Route(
+        f"{_P}/devices/{{device_id}}/reinstate",
+        devices.reinstate_device,
+        methods=["POST"],
+        name="reinstate_device",
+    ),
     Route(f"{_P}/groups", groups.list_groups, methods=["GET"], name="list_groups"),
     Route(f"{_P}/groups", groups.create_group, methods=["POST"], name="create_group"),
     Route(f"{_P}/groups/{{name}}", groups.get_group, methods=["GET"], name="get_group"),

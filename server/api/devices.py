@@ -131,3 +131,13 @@ async def revoke_device(request: Request) -> Response:
     await fleet.get_device(request.path_params["product"], device_id)  # 404 unless a member
     await fleet.set_certs_revoked(actor, device_id, True)
     return JSONResponse({"ok": True, "id": device_id, "revoked": True})
+
+
+async def reinstate_device(request: Request) -> Response:
+    """Lift a device's revocation: its certificates are accepted again (audit-logged)."""
+    actor = await require(request, Permission.MANAGE_DEVICES, "reinstate devices")
+    fleet = fleet_of(request)
+    device_id = request.path_params["device_id"]
+    await fleet.get_device(request.path_params["product"], device_id)  # 404 unless a member
+    await fleet.set_certs_revoked(actor, device_id, False)
+    return JSONResponse({"ok": True, "id": device_id, "revoked": False})

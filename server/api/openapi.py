@@ -59,6 +59,7 @@ REQUEST_BODIES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     ),
     "upload_device_os": ((_MULTIPART,), _obj({"binary": _BINARY, "file": _BINARY})),
     "revoke_device": ((_JSON,), _obj({})),
+    "reinstate_device": ((_JSON,), _obj({})),
     "update_product": (
         (_JSON, _FORM),
         _obj({"name": _STR, "description": _STR, "firmware_updates_forced": _BOOL}),

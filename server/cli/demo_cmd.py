@@ -28,6 +28,7 @@ from server.app import ServerConfig, ServerHandle, serve
 from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import product_signing_key
 from server.emulator.fleet import EmulatedFleet, FleetSettings
+from server.transport import SessionLimits
 
 BORON = 13
 SYSTEM_VERSION = 5003
@@ -100,7 +101,11 @@ async def _run_demo(data: Path, devices: int, api_port: int, device_port: int,
     images = _images()
     for name, image in images.items():
         (data / name).write_bytes(image)
-    config = ServerConfig(data_dir=store_dir, api_port=api_port, device_port=device_port)
+    # Every emulated device connects from 127.0.0.1: lift the per-address admission bounds.
+    limits = SessionLimits(max_pending_per_address=SessionLimits().max_sessions,
+                           max_handshakes_per_address=SessionLimits().max_handshakes)
+    config = ServerConfig(data_dir=store_dir, api_port=api_port, device_port=device_port,
+                          device_limits=limits)
     async with trio.open_nursery() as nursery:
         handle: ServerHandle = await nursery.start(serve, config)
         listeners = handle.device_server

@@ -22,6 +22,7 @@ from server.cli._output import fail, print_json
 from server.identity import (
     CertificateRejectedError,
     ProvisionedDevice,
+    certificate_serial,
     certificate_sha256,
     device_id_from_certificate,
     init_pki,
@@ -29,6 +30,7 @@ from server.identity import (
     pki_dir,
     provision_devices,
 )
+from server.private_files import secure_data_dir
 
 
 class DeviceRegistrar(Protocol):
@@ -40,6 +42,11 @@ class DeviceRegistrar(Protocol):
 
     def register(self, data_dir: Path, product: str, devices: Sequence[ProvisionedDevice]) -> None:
         """Record ``devices`` as members of ``product`` (all or none)."""
+        ...
+
+    def standing(self, data_dir: Path, device_id: str, sha256: str) -> dict[str, object]:
+        """What the store knows of this certificate and its device (registered, issued,
+        seen, revoked), for ``ota device cert-info --data``."""
         ...
 
 
@@ -61,12 +68,13 @@ def _pki_init(
 ) -> None:
     """Create the installation CA and the server certificate (keeps an existing CA)."""
     try:
+        secure_data_dir(data)  # owner-only; tightens an older release's data directory
         pki = init_pki(
             pki_dir(data),
             dns_names=tuple(server_name or ("localhost",)),
             ip_addresses=tuple(server_ip or ("127.0.0.1", "::1")),
         )
-    except (OtaError, ValueError) as exc:
+    except (OtaError, ValueError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"CA certificate: {pki.ca_cert_path}")
     typer.echo(f"CA SHA-256:     {certificate_sha256(pki.ca_cert)}")
@@ -125,47 +133,60 @@ def _make_provision(registrar: DeviceRegistrar) -> Callable[..., None]:
     return provision
 
 
-def _cert_info(
-    cert: Annotated[Path, typer.Argument(help="A device certificate (PEM).")],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="Also check that this installation's CA signed it."),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Show which device a certificate names, its validity and fingerprint."""
-    try:
-        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
-    except (OSError, ValueError) as exc:
-        fail(f"cannot read certificate {cert}: {exc}", code=2)
-    try:
-        device = device_id_from_certificate(certificate)
-    except CertificateRejectedError as exc:
-        fail(str(exc))
-    info: dict[str, object] = {
-        "id": device,
-        "not_before": certificate.not_valid_before_utc.isoformat(),
-        "not_after": certificate.not_valid_after_utc.isoformat(),
-        "sha256": certificate_sha256(certificate),
-        "issuer": certificate.issuer.rfc4514_string(),
-    }
-    if data is not None:
+def _make_cert_info(registrar: DeviceRegistrar) -> Callable[..., None]:
+    def cert_info(
+        cert: Annotated[Path, typer.Argument(help="A device certificate (PEM).")],
+        data: Annotated[
+            Path | None,
+            typer.Option(
+                "--data",
+                help="Also check that this installation's CA signed it, and its revocation.",
+            ),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Show which device a certificate names, its validity and fingerprint; with
+        --data also whether the installation issued, saw or revoked it."""
         try:
-            certificate.verify_directly_issued_by(load_pki(pki_dir(data)).ca_cert)
-            info["signed_by_installation_ca"] = True
-        except (ValueError, TypeError, InvalidSignature):
-            info["signed_by_installation_ca"] = False
-        except OtaError as exc:
+            certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read certificate {cert}: {exc}", code=2)
+        try:
+            device = device_id_from_certificate(certificate)
+        except CertificateRejectedError as exc:
             fail(str(exc))
-    if as_json:
-        print_json(info)
-        return
-    for key, value in info.items():
-        typer.echo(f"{key}: {value}")
+        sha256 = certificate_sha256(certificate)
+        info: dict[str, object] = {
+            "id": device,
+            "not_before": certificate.not_valid_before_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+            "sha256": sha256,
+            "serial": certificate_serial(certificate),
+            "issuer": certificate.issuer.rfc4514_string(),
+        }
+        if data is not None:
+            try:
+                certificate.verify_directly_issued_by(load_pki(pki_dir(data)).ca_cert)
+                info["signed_by_installation_ca"] = True
+            except (ValueError, TypeError, InvalidSignature):
+                info["signed_by_installation_ca"] = False
+            except OtaError as exc:
+                fail(str(exc))
+            try:
+                info.update(registrar.standing(data, device, sha256))
+            except (OtaError, OSError) as exc:
+                fail(str(exc))
+        if as_json:
+            print_json(info)
+            return
+        for key, value in info.items():
+            typer.echo(f"{key}: {value}")
+
+    return cert_info
 
 
 def register_commands(app: typer.Typer, *, registrar: DeviceRegistrar) -> None:
     """Attach ``pki-init``, ``provision`` and ``cert-info`` to the ``ota device`` group."""
     app.command("pki-init")(_pki_init)
     app.command("provision")(_make_provision(registrar))
-    app.command("cert-info")(_cert_info)
+    app.command("cert-info")(_make_cert_info(registrar))

@@ -1,4 +1,10 @@
-"""``ota device provision`` registration in the store, and ``ota device revoke``."""
+"""``ota device provision`` registration in the store, ``ota device revoke`` and
+``ota device reinstate``.
+
+Provisioning records every certificate it issues (fingerprint, serial, device, notAfter)
+in the store, so revoking a device revokes them all; provisioning a device id that is
+already in the product issues it a new certificate (the way back after a revocation).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,9 @@ from server.cli.device_identity_cmd import register_commands
 from server.client import ApiClient, ApiError
 from server.devices.keys import product_signing_key, product_statements, write_trust_file
 from server.fleet.base import FleetBase, now_ms
+from server.fleet.errors import DuplicateError
 from server.identity import ProvisionedDevice, init_pki, pki_dir, provision_devices
-from server.store import Store
+from server.store import Store, Tx
 
 
 class StoreRegistrar:
@@ -29,23 +36,78 @@ class StoreRegistrar:
             store.close()
 
     def register(self, data_dir: Path, product: str, devices: Sequence[ProvisionedDevice]) -> None:
-        """Add every device to the product (all or none) and write the trusted signing key."""
+        """Add every device to the product and record its new certificate (all or none),
+        then write the trusted signing key. A device already in the product is
+        re-provisioned: its new certificate is accepted even if the device was revoked
+        (its older certificates stay revoked). A device of another product is refused."""
         store = Store.open_dir(data_dir, pool_size=1)
         try:
             now = now_ms()
             with store.write() as tx:
                 record = FleetBase._product(tx, _ref(product))
                 for device in devices:
-                    tx.insert_device(device.device_id, record.id, now)
-                    tx.add_audit(actor="admin:provision", action="device.add",
-                                 product_id=record.id, target=f"device:{device.device_id}",
-                                 details={"cert_sha256": device.cert_sha256}, now=now)
+                    _register_one(tx, record.id, record.slug, device, now)
         finally:
             store.close()
         if devices:
             key = product_signing_key(data_dir, record.id)
             sequence = len(product_statements(data_dir, record.id))
             write_trust_file(devices[0].ca_path.parent, [key], sequence)
+
+
+    def standing(self, data_dir: Path, device_id: str, sha256: str) -> dict[str, object]:
+        """Registered / issued / seen / revoked, as the store records them."""
+        store = Store.open_dir(data_dir, pool_size=1)
+        try:
+            with store.read() as tx:
+                standing = tx.certificate_standing(device_id, sha256)
+        finally:
+            store.close()
+        known = standing.certificate
+        return {
+            "device_registered": standing.registered,
+            "issued_by_this_server": known is not None and known.issued_at is not None,
+            "seen_at_handshake": known is not None and known.first_seen_at is not None,
+            "certificate_revoked": known is not None and known.revoked,
+            "device_under_revocation": standing.revocation is not None,
+        }
+
+
+def _register_one(
+    tx: Tx, product_id: int, product_slug: str, device: ProvisionedDevice, now: int
+) -> None:
+    existing = tx.get_device(device.device_id)
+    if existing is not None and existing.product_id != product_id:
+        other = tx.get_product(existing.product_id)
+        raise DuplicateError(
+            f"device {device.device_id} belongs to product "
+            f"{other.slug if other else existing.product_id}, not {product_slug}; "
+            "remove it there first"
+        )
+    if existing is None:
+        tx.insert_device(device.device_id, product_id, now)
+    tx.record_issued_certificate(
+        sha256=device.cert_sha256,
+        serial=device.cert_serial,
+        device_id=device.device_id,
+        not_after=int(device.not_after.timestamp() * 1000),
+        now=now,
+    )
+    # The device row's flag mirrors the certificates: it now has a valid one.
+    tx.update_device(device.device_id, {"certs_revoked": False}, now)
+    revocation = tx.get_revocation(device.device_id)
+    tx.add_audit(
+        actor="admin:provision",
+        action="device.add" if existing is None else "device.reprovision",
+        product_id=product_id,
+        target=f"device:{device.device_id}",
+        details={
+            "cert_sha256": device.cert_sha256,
+            "cert_serial": device.cert_serial,
+            "after_revocation": revocation is not None,
+        },
+        now=now,
+    )
 
 
 def _ref(product: str) -> int | str:
@@ -71,10 +133,31 @@ def revoke(
         typer.echo(f"revoked {device_id}")
 
 
+def reinstate(
+    device_id: str,
+    product: str = typer.Option(..., "--product", "-p", envvar="OTA_PRODUCT"),
+    api_url: str = typer.Option("http://127.0.0.1:8080", "--api-url", envvar="OTA_API_URL"),
+    token: str | None = typer.Option(None, "--token", envvar="OTA_TOKEN"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Lift a device's revocation: its certificates are accepted again (audit-logged).
+    To give a revoked device a fresh identity instead, provision it again with --id."""
+    with ApiClient(api_url, token) as client:
+        try:
+            result = client.reinstate_device(product, device_id)
+        except ApiError as exc:
+            fail(exc.message if exc.status else str(exc))
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"reinstated {device_id}")
+
+
 def attach(device_app: typer.Typer) -> None:
     """Add provisioning, PKI and revocation commands to ``ota device``."""
     register_commands(device_app, registrar=StoreRegistrar())
     device_app.command("revoke")(revoke)
+    device_app.command("reinstate")(reinstate)
 
 
 def create_provisioned_product(

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -28,12 +29,16 @@ from server.app import ServerConfig, serve
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.store import Store
+from server.transport import SessionLimits
 from server.workers import default_workers
 
 admin_app = typer.Typer(help="Administer the store directly (bootstrap).", no_args_is_help=True)
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
+
+#: Every device listener limit ``--device-limit`` can set (the SessionLimits fields).
+LIMIT_NAMES = tuple(item.name for item in fields(SessionLimits))
 
 
 def _fail(message: str) -> typer.Exit:
@@ -66,10 +71,18 @@ def server(
         help="Server processes serving devices on the shared ports and store (default: one "
         "per CPU with device listeners, else 1).",
     ),
+    device_limit: list[str] | None = typer.Option(
+        None,
+        "--device-limit",
+        metavar="NAME=VALUE",
+        help="Set a device listener limit (repeatable), e.g. max_pending_per_address=2000 "
+        "when many devices share one public address. Names: " + ", ".join(LIMIT_NAMES) + ".",
+    ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too)."""
     listeners = device_port >= 0
+    limits = _device_limits(device_limit or [])
     config = ServerConfig(
         data_dir=data,
         host=host,
@@ -78,6 +91,7 @@ def server(
         device_port=device_port if listeners else None,
         device_host=device_host,
         workers=workers if workers is not None else default_workers(listeners),
+        device_limits=limits,
     )
     try:
         trio.run(_run_server, config)
@@ -88,6 +102,22 @@ def server(
         if expected is None or unexpected is not None:
             raise
         raise _fail(f"cannot run the server: {_first_leaf(expected)}") from group
+
+
+def _device_limits(assignments: list[str]) -> SessionLimits:
+    """SessionLimits from ``NAME=VALUE`` texts (usage error, exit code 2, when wrong)."""
+    overrides: dict[str, str] = {}
+    for assignment in assignments:
+        name, equals, value = assignment.partition("=")
+        if not equals or not name.strip():
+            raise typer.BadParameter(
+                f"{assignment!r} is not NAME=VALUE", param_hint="--device-limit"
+            )
+        overrides[name.strip()] = value.strip()
+    try:
+        return SessionLimits.with_overrides(overrides)
+    except OtaError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device-limit") from None
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

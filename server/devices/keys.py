@@ -21,6 +21,7 @@ from otacore.signing import (
     parse_statement,
     withdraw_key,
 )
+from server.private_files import write_private_file
 
 KEY_SUFFIX = ".ed25519"
 TRUST_FILE = "signing-keys.txt"
@@ -65,7 +66,7 @@ def write_trust_file(out_dir: Path, keys: list[SigningKey], sequence: int = 0) -
     rotation sequence they start from (devices apply only later statements)."""
     path = Path(out_dir) / TRUST_FILE
     lines = [f"# sequence {sequence}\n"] + [f"{key.public_key.hex()}\n" for key in keys]
-    path.write_text("".join(lines))
+    write_private_file(path, "".join(lines).encode())  # 0600 like the device's other files
     return path
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from otacore.messages import Event
+from server.authorization import ClientCertificate
 from server.devices.keys import product_statements
 from server.devices.session import DeviceSessionHandler
 from server.events import DEVICE_REVOKED, EventBus
@@ -92,9 +93,10 @@ class DevicePlane:
 
     # -- DeviceDirectory -------------------------------------------------------------------
 
-    async def authorize(self, device_id: str) -> bool:
-        """A device may connect when it belongs to a product and is not revoked."""
-        return await self.fleet.authorize_device(device_id)
+    async def authorize(self, certificate: ClientCertificate) -> bool:
+        """A device may connect when it belongs to a product and the certificate it
+        presented is not revoked (``server.authorization.may_connect``)."""
+        return await self.fleet.authorize_device(certificate)
 
     # -- sessions --------------------------------------------------------------------------
 

@@ -220,12 +220,17 @@ class DeviceService(FleetBase):
                         f"{other.slug if other else existing.product_id}; remove it there first"
                     )
                 tx.insert_device(clean_id, product.id, now)
+                # A revocation is kept with the device's certificates, not its row: a
+                # removed device imported again is still revoked (issue 13).
+                revoked = tx.certificates_revoked(clean_id)
+                if revoked:
+                    tx.update_device(clean_id, {"certs_revoked": True}, now)
                 tx.add_audit(
                     actor=actor.subject,
                     action="device.add",
                     product_id=product.id,
                     target=f"device:{clean_id}",
-                    details={},
+                    details={"certs_revoked": True} if revoked else {},
                     now=now,
                 )
             return Outcome(ImportResult((clean_id,), (), ()))
@@ -233,7 +238,9 @@ class DeviceService(FleetBase):
         return await self._run(work)
 
     async def remove_device(self, actor: Actor, product_ref: int | str, device_id: str) -> None:
-        """Remove a device from its product (with its groups, flashes and update state)."""
+        """Remove a device from its product (with its groups, flashes and update state).
+        Its certificates and any revocation stay recorded: importing it again does not
+        undo a revocation."""
 
         def work() -> Outcome:
             actor.require(Permission.MANAGE_DEVICES, "remove devices")

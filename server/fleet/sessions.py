@@ -16,6 +16,7 @@ from typing import Any, Literal
 from otacore.errors import ValidationError
 from otacore.platforms import ModuleFunction
 from otacore.precedence import Target, TargetReason
+from server.authorization import ClientCertificate, KnownCertificate, may_connect
 from server.events import DEVICE_REVOKED, FLASH_STATUS, STATUS, UPDATES_PENDING, Event
 from server.fleet.base import (
     FleetBase,
@@ -38,6 +39,7 @@ from server.store import (
     Tx,
     UpdateStateRecord,
 )
+from server.store.tx_certs import CertificateStanding
 from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
 
 FlashStatus = Literal["started", "success", "failed"]
@@ -55,6 +57,16 @@ class _Unread(enum.Enum):
 
 
 UNREAD = _Unread.UNREAD
+
+
+def _admits(standing: CertificateStanding) -> bool:
+    """``may_connect`` over what the store holds for one presented certificate."""
+    known = standing.certificate
+    return may_connect(
+        None if known is None else KnownCertificate(known.issued_at is not None, known.revoked),
+        registered=standing.registered,
+        device_revoked=standing.revocation is not None,
+    )
 
 
 def _module_summary(modules: Any) -> list[tuple[int, int, int]]:
@@ -344,20 +356,48 @@ class SessionService(FleetBase):
                     now=now,
                 )
 
-    async def authorize_device(self, device_id: str) -> bool:
-        """True when ``device_id`` belongs to a product and its certificates are not revoked
-        (checked at every handshake, so a revocation takes effect on the next one)."""
+    async def authorize_device(self, certificate: ClientCertificate) -> bool:
+        """True when the certificate's device belongs to a product and the certificate may
+        connect (``server.authorization.may_connect``: not revoked, and issued after the
+        device's revocation if it has one). Asked at every handshake, so a revocation takes
+        effect at the next one. A certificate admitted for the first time is recorded as
+        seen, so a later revocation of its device revokes it too."""
 
-        def work() -> bool:
+        def read() -> CertificateStanding:
             with self.store.read() as tx:
-                device = tx.get_device(device_id)
-            return device is not None and not device.certs_revoked
+                return tx.certificate_standing(certificate.device_id, certificate.sha256)
 
-        return await self._read(work)
+        standing = await self._read(read)
+        if not _admits(standing):
+            return False
+        known = standing.certificate
+        if known is not None and known.first_seen_at is not None:
+            return True  # nothing to record: no write on the reconnect path
+
+        def record(tx: Tx) -> Outcome:
+            # Decide again inside the write: a revocation that committed since the read
+            # either revoked this certificate already or finds it recorded.
+            if not _admits(tx.certificate_standing(certificate.device_id, certificate.sha256)):
+                return Outcome(False)
+            tx.record_seen_certificate(
+                sha256=certificate.sha256,
+                serial=certificate.serial,
+                device_id=certificate.device_id,
+                not_after=certificate.not_after_ms,
+                now=self.clock(),
+            )
+            return Outcome(True)
+
+        return bool(await self._run_grouped(record))
 
     async def set_certs_revoked(self, actor: Actor, device_id: str, revoked: bool) -> None:
-        """Revoke (or reinstate) a device's certificates; audit-logged. A revocation emits
-        ``DEVICE_REVOKED`` so the process holding the device's session closes it."""
+        """Revoke (or, explicitly, reinstate) a device's certificates; audit-logged.
+
+        A revocation revokes every certificate known for the device (issued through the
+        server or seen at a handshake) and puts the device under revocation, which outlives
+        removing and importing the device: from then on only a certificate issued later
+        (``ota device provision --id``) is accepted for it. It emits ``DEVICE_REVOKED`` so
+        the process holding the device's session closes it. A reinstate lifts both."""
 
         def work() -> Outcome:
             actor.require(Permission.MANAGE_DEVICES, "revoke devices")
@@ -365,12 +405,18 @@ class SessionService(FleetBase):
             with self.store.write() as tx:
                 device = self._device(tx, device_id)
                 tx.update_device(device.id, {"certs_revoked": bool(revoked)}, now)
+                if revoked:
+                    count = tx.revoke_device_certificates(device.id, by=actor.subject, now=now)
+                    details: dict[str, Any] = {"certificates_revoked": count}
+                else:
+                    was_revoked, count = tx.reinstate_device_certificates(device.id)
+                    details = {"was_revoked": was_revoked, "certificates_reinstated": count}
                 tx.add_audit(
                     actor=actor.subject,
                     action="device.certs_revoked" if revoked else "device.certs_reinstated",
                     product_id=device.product_id,
                     target=f"device:{device.id}",
-                    details={},
+                    details=details,
                     now=now,
                 )
             if not revoked:

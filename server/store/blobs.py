@@ -8,6 +8,9 @@ temporary file (removed at the next open), never a partial blob under a real nam
 
 Blobs are written before the database row that names them, so a committed row always finds
 its blob; a crash in between leaves an unreferenced blob, which ``sweep`` may remove.
+
+Everything here is owner-only (directories 0700, blobs 0600, whatever the umask): firmware
+images are the operator's property, not the other local users'.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from server.private_files import PRIVATE_FILE_MODE, make_private_dir
 from server.store.errors import BlobCorruptError, BlobMissingError, StoreConfigError
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" also matches before a "\n"
@@ -47,7 +51,7 @@ class BlobStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         try:
-            (self.root / _TMP_DIR).mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.root / _TMP_DIR)
         except OSError as exc:
             raise StoreConfigError(f"cannot create blob directory {self.root}: {exc}") from exc
         self._remove_temporaries()
@@ -73,13 +77,14 @@ class BlobStore:
         if final.is_file() and final.stat().st_size == len(data):
             return sha256
         shard = final.parent
-        shard_is_new = not shard.exists()
-        shard.mkdir(exist_ok=True)
-        if shard_is_new:
+        if not shard.exists():
+            make_private_dir(shard)
             _fsync_dir(self.root)
+        # mkstemp creates the file 0600 (owner-only) whatever the umask.
         fd, tmp_name = tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix=sha256[:16] + ".")
         try:
             with os.fdopen(fd, "wb") as tmp:
+                os.fchmod(tmp.fileno(), PRIVATE_FILE_MODE)
                 tmp.write(data)
                 tmp.flush()
                 os.fsync(tmp.fileno())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 #: Bumped whenever a table changes; stored in the ``meta`` table.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
 
@@ -346,4 +346,34 @@ device_ota_memory = sa.Table(
     # operator flashes or locks it anew. A JSON list of SHA-256 hex strings, newest last.
     sa.Column("refused", sa.JSON, nullable=False),
     _ms("updated_at"),
+)
+
+# Every device certificate the server knows: issued by the installation CA (``ota device
+# provision``) or presented at a handshake. A revocation revokes certificates, not device
+# rows: no foreign key to ``devices``, so removing a device and importing it again keeps
+# its certificates and their revocation (issue 13).
+device_certificates = sa.Table(
+    "device_certificates",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),  # of the DER certificate
+    sa.Column("serial", sa.String(40), nullable=False),  # hex; RFC 5280 allows 20 octets
+    sa.Column("device_id", sa.String(24), nullable=False),
+    _ms("not_after"),
+    _ms("issued_at", nullable=True),  # NULL: not issued through this server
+    _ms("first_seen_at", nullable=True),  # first handshake presenting it
+    _ms("revoked_at", nullable=True),
+    sa.Column("revoked_by", sa.String(200), nullable=True),
+)
+sa.Index("ix_device_certificates_device", device_certificates.c.device_id)
+sa.Index("ix_device_certificates_serial", device_certificates.c.serial)
+
+# Devices whose certificates were revoked: from then on only certificates issued *after* the
+# revocation (re-provisioning) are accepted for the device, so a certificate the server had
+# never recorded cannot bring it back either. Removed only by an explicit reinstate.
+device_revocations = sa.Table(
+    "device_revocations",
+    metadata,
+    sa.Column("device_id", sa.String(24), primary_key=True),
+    _ms("revoked_at"),
+    sa.Column("revoked_by", sa.String(200), nullable=False),
 )

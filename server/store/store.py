@@ -30,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from server.private_files import create_private_file, secure_data_dir
 from server.store import schema
 from server.store.blobs import BlobStore
 from server.store.engine import EngineSetup, create_store_engine
@@ -37,6 +38,7 @@ from server.store.errors import SchemaVersionError, StoreConflictError, StoreUna
 from server.store.group_commit import BatchOp, GroupCommitter
 from server.store.sqlite import WRITE_OPTION, integrity_check
 from server.store.tx_auth import AuthQueries
+from server.store.tx_certs import CertificateQueries
 from server.store.tx_firmware import FirmwareQueries
 from server.store.tx_fleet import FleetQueries
 from server.store.tx_ota import OtaMemoryQueries
@@ -59,7 +61,7 @@ def _translated_errors() -> Iterator[None]:
         raise StoreUnavailableError(f"the database is unavailable: {exc.orig}") from exc
 
 
-class Tx(FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries):
+class Tx(FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries):
     """One open transaction; every query method of the store lives on it."""
 
     def __init__(self, conn: Connection) -> None:
@@ -103,12 +105,17 @@ class Store:
 
     @classmethod
     def open_dir(cls, data_dir: Path | str, *, pool_size: int = 8) -> Store:
-        """Open the embedded store in ``data_dir``: ``ota.db`` plus ``blobs/``."""
-        root = Path(data_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        return cls.open(
-            f"sqlite:///{(root / DB_FILENAME).resolve()}", root / BLOB_DIRNAME, pool_size=pool_size
-        )
+        """Open the embedded store in ``data_dir``: ``ota.db`` plus ``blobs/``.
+
+        The data directory is made owner-only first (0700 directories, 0600 files; an
+        older release's 0755/0644 data directory is tightened, with a warning), and the
+        database file is created 0600 before SQLite opens it, so its ``-wal`` and ``-shm``
+        files, which take the database's mode, are private too.
+        """
+        root = secure_data_dir(data_dir)
+        database = root / DB_FILENAME
+        create_private_file(database)
+        return cls.open(f"sqlite:///{database.resolve()}", root / BLOB_DIRNAME, pool_size=pool_size)
 
     @property
     def backend(self) -> str:
@@ -240,6 +247,19 @@ def _migrate(conn: sa.Connection, version: int) -> None:
         for table in (schema.firmware, schema.system_modules):
             for ix in table.indexes:
                 ix.create(conn, checkfirst=True)  # create_all skips tables that exist
+    if version < 8:  # v8: revocation is per certificate (its tables came with create_all)
+        # Devices an older server revoked (a flag on the row) stay revoked: only a
+        # certificate issued from now on (re-provisioning) or a reinstate brings them back.
+        revoked = sa.select(
+            schema.devices.c.id,
+            schema.devices.c.updated_at,
+            sa.literal("schema migration").label("revoked_by"),
+        ).where(schema.devices.c.certs_revoked.is_(True))
+        conn.execute(
+            sa.insert(schema.device_revocations).from_select(
+                ["device_id", "revoked_at", "revoked_by"], revoked
+            )
+        )
     conn.execute(
         sa.update(schema.meta)
         .where(schema.meta.c.key == "schema_version")

@@ -198,33 +198,46 @@ async def _serve_channel(channel: trio.DTLSChannel, host: SessionHost) -> None:
     peer = (str(channel.peer_address[0]), int(channel.peer_address[1]))
     if not host.has_room(_TRANSPORT):
         host.refuse(_TRANSPORT, RefuseReason.SERVER_FULL, peer)
+        channel.close()
+        return
+    # The cookie exchange proved the peer receives at its address, but one address may
+    # open any number of channels (one per source port): bound them per address too.
+    source = host.enter_pending(_TRANSPORT, peer)
+    if source is None:
+        channel.close()
         return
     host.connection_started(_TRANSPORT)
     try:
-        # Admission control: a bounded number of handshakes at once; the rest wait or go
-        # (DTLS has no cheap refusal: a dropped peer's next ClientHello retransmission,
-        # RFC 6347 section 4.2.4, opens a new channel that queues again, until its own
-        # handshake timeout makes the device back off).
-        if not await host.admit_handshake(_TRANSPORT, peer):
-            return
         try:
-            device_id: str | None = None
-            connection = _connection_of(channel)
-            with trio.move_on_after(host.limits.handshake_timeout) as deadline:
-                watch = _HandshakeWatch(deadline)
-                connection.set_app_data(watch)
-                try:
-                    await channel.do_handshake()
-                except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, repr(exc))
-                    return
-                finally:
-                    connection.set_app_data(None)
-                device_id = await host.authorize(_TRANSPORT, peer_certificate_der(channel), peer)
-            verify_error, timed_out = watch.error, deadline.cancelled_caught
-            del watch, deadline, connection  # this frame lives as long as the session
+            # Admission control: a bounded number of handshakes at once; the rest wait or
+            # go (DTLS has no cheap refusal: a dropped peer's next ClientHello
+            # retransmission, RFC 6347 section 4.2.4, opens a new channel that queues
+            # again, until its own handshake timeout makes the device back off). The
+            # ClientHello has arrived already (trio opens a channel for it).
+            if not await host.admit_handshake(_TRANSPORT, peer, source):
+                return
+            try:
+                device_id: str | None = None
+                connection = _connection_of(channel)
+                with trio.move_on_after(host.limits.handshake_timeout) as deadline:
+                    watch = _HandshakeWatch(deadline)
+                    connection.set_app_data(watch)
+                    try:
+                        await channel.do_handshake()
+                    except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, repr(exc))
+                        return
+                    finally:
+                        connection.set_app_data(None)
+                    device_id = await host.authorize(
+                        _TRANSPORT, peer_certificate_der(channel), peer
+                    )
+                verify_error, timed_out = watch.error, deadline.cancelled_caught
+                del watch, deadline, connection  # this frame lives as long as the session
+            finally:
+                host.handshake_finished(source)
         finally:
-            host.handshake_finished()
+            host.leave_pending(source)
         if verify_error is not None:
             # OpenSSL sent the alert (trio sends alerts once); nothing more to tell the peer.
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, verify_error)

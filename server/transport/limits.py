@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from otacore.errors import ValidationError
 
@@ -23,6 +25,24 @@ class SessionLimits:
     #: retries after its back-off. Under a reconnect storm the server so spends its CPU on
     #: handshakes that finish before their devices give up, not on all of them at once.
     handshake_wait: float = 3.0
+    #: TCP: a connection must send the first bytes of its ClientHello within this time
+    #: (devices send it right after connecting), else it is closed. Until those bytes
+    #: arrive it holds no handshake slot, so silent connections cannot stall other devices.
+    hello_timeout: float = 5.0
+    #: Connections from one source address (IPv4 address, IPv6 prefix) waiting for or in
+    #: their handshake, both transports; beyond it new ones are closed at once.
+    #: Established sessions do not count. Generous by default: many devices may share one
+    #: public address behind a carrier-grade NAT (or a TCP load balancer without PROXY
+    #: protocol: raise it to ``max_sessions`` there).
+    max_pending_per_address: int = 256
+    #: Handshake slots one source address may hold at once (of ``max_handshakes``); its
+    #: other pending connections wait their turn within ``handshake_wait``.
+    max_handshakes_per_address: int = 16
+    #: IPv6 sources are counted per prefix of this length (a host usually owns a /64).
+    ipv6_prefix_length: int = 64
+    #: Refusals are logged at WARNING: the first of a burst at once, the rest summarised
+    #: once per this many seconds.
+    refusal_log_interval: float = 10.0
     #: A session with no traffic in either direction for this long is closed. Devices keep
     #: it open with CoAP pings (RFC 7252 section 4.3 / RFC 8323 section 5.4).
     idle_timeout: float = 120.0
@@ -47,6 +67,8 @@ class SessionLimits:
         for name in (
             "handshake_timeout",
             "handshake_wait",
+            "hello_timeout",
+            "refusal_log_interval",
             "idle_timeout",
             "messages_per_second",
             "message_burst",
@@ -61,8 +83,33 @@ class SessionLimits:
             raise ValidationError("max_message_size must be at least 64 bytes")
         if self.max_sessions < 1:
             raise ValidationError("max_sessions must be at least 1")
-        if self.max_handshakes < 1:
-            raise ValidationError("max_handshakes must be at least 1")
+        for name in ("max_handshakes", "max_pending_per_address", "max_handshakes_per_address"):
+            if getattr(self, name) < 1:
+                raise ValidationError(f"session limit {name} must be at least 1")
+        if not 1 <= self.ipv6_prefix_length <= 128:
+            raise ValidationError("ipv6_prefix_length must be between 1 and 128")
+
+    @classmethod
+    def with_overrides(cls, overrides: Mapping[str, str], base: SessionLimits | None = None,
+                       ) -> SessionLimits:
+        """``base`` (default: the defaults) with fields set from text (``ota server
+        --device-limit NAME=VALUE``); ValidationError names an unknown field or bad value."""
+        types = {item.name: item.type for item in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, text in overrides.items():
+            kind = types.get(name)
+            if kind is None:
+                raise ValidationError(
+                    f"unknown device limit {name!r}; known: {', '.join(sorted(types))}"
+                )
+            try:
+                values[name] = int(text) if kind in (int, "int") else float(text)
+            except ValueError:
+                wanted = "an integer" if kind in (int, "int") else "a number"
+                raise ValidationError(
+                    f"device limit {name} must be {wanted}, not {text!r}"
+                ) from None
+        return replace(base if base is not None else cls(), **values)
 
 
 class TokenBucket:

@@ -9,7 +9,8 @@ from pathlib import Path
 import trio
 
 from otacore.errors import ValidationError
-from server.identity import DeviceDirectory, InstallationPki, init_pki
+from server.authorization import DeviceDirectory
+from server.identity import InstallationPki, init_pki
 from server.transport.dtls import make_dtls_server_context, serve_dtls
 from server.transport.limits import SessionLimits
 from server.transport.session import (
@@ -115,6 +116,7 @@ class DeviceServer:
         pki = self.pki
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.host.report_refusals)
                 if self.config.tcp_port is not None:
                     self._tcp_listeners = await open_tcp_listeners(
                         self.config.tcp_port, self.config.host, reuse_port=self.config.reuse_port
@@ -170,7 +172,7 @@ class DeviceServer:
         """
         if grace is None:
             grace = self.config.limits.farewell_timeout + 1.0
-        self.host.accepting = False
+        self.host.stop_accepting()
         for listener in self._tcp_listeners:
             await listener.aclose()
         closing = self.registry.close_all(CloseReason.SHUTDOWN)

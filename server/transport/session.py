@@ -15,12 +15,18 @@ from typing import Literal, Protocol
 import trio
 
 from otacore.errors import OtaError
-from server.identity import CertificateRejectedError, DeviceDirectory, DeviceIdCache
+from server.authorization import DeviceDirectory, DeviceIdCache
+from server.identity import CertificateRejectedError
+from server.transport.admission import AddressGate
 from server.transport.limits import SessionLimits
+from server.transport.refusals import RefusalLog
 
 logger = logging.getLogger("otacloud.devices")
 
 TransportName = Literal["tcp", "udp"]
+#: Seconds a revocation is remembered to catch authorizations that were in flight when it
+#: happened (far longer than any handshake may take).
+REVOCATION_MEMORY = 600.0
 
 
 class CloseReason:
@@ -48,7 +54,21 @@ class RefuseReason:
     DIRECTORY_ERROR = "device directory failed"
     SERVER_FULL = "too many sessions"
     SERVER_BUSY = "waited too long for a handshake slot"
+    ADDRESS_BUSY = "too many pending connections from one address"
+    SILENT = "no ClientHello in time"
     SHUTTING_DOWN = "server shutting down"
+
+
+#: Refusals about capacity or abuse: logged at WARNING (aggregated, see RefusalLog).
+_WARNING_REASONS = frozenset(
+    {
+        RefuseReason.SERVER_FULL,
+        RefuseReason.SERVER_BUSY,
+        RefuseReason.ADDRESS_BUSY,
+        RefuseReason.SILENT,
+        RefuseReason.HANDSHAKE_TIMEOUT,
+    }
+)
 
 
 class SessionClosed(OtaError):
@@ -188,10 +208,12 @@ class SessionRegistry:
     The control plane calls :meth:`close_device` when a device is revoked.
     """
 
-    __slots__ = ("_by_device",)
+    __slots__ = ("_by_device", "_revoked_at")
 
     def __init__(self) -> None:
         self._by_device: dict[str, DeviceSession] = {}
+        # device id -> trio time of its last revocation, oldest first (see revoked_since).
+        self._revoked_at: dict[str, float] = {}
 
     def register(self, session: DeviceSession) -> None:
         """Record ``session``; an older session of the same device is closed (REPLACED)."""
@@ -210,12 +232,31 @@ class SessionRegistry:
         return self._by_device.get(device_id)
 
     def close_device(self, device_id: str, reason: str = CloseReason.REVOKED) -> bool:
-        """Close the live session of ``device_id``; True if there was one."""
+        """Close the live session of ``device_id``; True if there was one. A revocation
+        (the default reason) is also remembered for :meth:`revoked_since`."""
+        if reason == CloseReason.REVOKED:
+            self._note_revoked(device_id)
         session = self._by_device.get(device_id)
         if session is None:
             return False
         session.close(reason)
         return True
+
+    def _note_revoked(self, device_id: str) -> None:
+        now = trio.current_time()
+        self._revoked_at.pop(device_id, None)
+        self._revoked_at[device_id] = now  # newest last
+        while self._revoked_at:  # forget what no authorization in flight can predate
+            oldest, at = next(iter(self._revoked_at.items()))
+            if now - at <= REVOCATION_MEMORY:
+                break
+            del self._revoked_at[oldest]
+
+    def revoked_since(self, device_id: str, since: float) -> bool:
+        """True if ``device_id`` was revoked (:meth:`close_device`) at or after trio time
+        ``since``: an authorization asked before then may be stale."""
+        at = self._revoked_at.get(device_id)
+        return at is not None and at >= since
 
     def close_all(self, reason: str) -> int:
         """Close every live session; return how many."""
@@ -268,50 +309,145 @@ class SessionHost:
         self.accepting = True
         #: Connections being served (handshaking or in session), per transport.
         self.live: Counter[str] = Counter()
+        #: Pending connections and handshake slots per source address.
+        self.gate = AddressGate(limits)
+        #: Refusals worth an operator's attention, aggregated (see :meth:`report_refusals`).
+        self.refusals = RefusalLog(limits.refusal_log_interval)
+        self._refusals_due = trio.Event()
+        self._hello_waits: set[trio.CancelScope] = set()
         self._idle_event: trio.Event | None = None
         # FIFO: trio's CapacityLimiter wakes waiters in arrival order.
         self._handshake_slots = trio.CapacityLimiter(limits.max_handshakes)
 
     def refuse(self, transport: str, reason: str, peer: object, detail: str = "") -> None:
-        """Count and log a refused connection."""
+        """Count and log a refused connection: capacity and abuse refusals at WARNING
+        (the first of a burst at once, then one summary per ``refusal_log_interval``),
+        authorization refusals at INFO, the rest at DEBUG."""
         self.stats.refused[(transport, reason)] += 1
+        if reason in _WARNING_REASONS:
+            host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+            line = self.refusals.note(trio.current_time(), transport, reason, host, detail)
+            if line is not None:
+                logger.warning("%s", line)
+                self._refusals_due.set()
+            return
         level = logging.INFO if reason == RefuseReason.NOT_AUTHORIZED else logging.DEBUG
         logger.log(
             level, "refused %s device connection from %s: %s %s", transport, peer, reason, detail
         )
 
+    async def report_refusals(self) -> None:
+        """Log the refusal summaries as they fall due; runs as long as the listeners."""
+        while True:
+            await self._refusals_due.wait()
+            self._refusals_due = trio.Event()
+            while (deadline := self.refusals.deadline) is not None:
+                await trio.sleep_until(deadline)
+                line = self.refusals.flush(trio.current_time())
+                if line is not None:
+                    logger.warning("%s", line)
+
     def has_room(self, transport: str) -> bool:
         """True if a new connection on ``transport`` stays within ``limits.max_sessions``."""
         return self.live[transport] < self.limits.max_sessions
 
-    async def admit_handshake(self, transport: str, peer: object) -> bool:
-        """Wait, in arrival order, for one of ``limits.max_handshakes`` handshake slots.
+    def enter_pending(self, transport: str, peer: tuple[str, int]) -> str | None:
+        """Count a new connection as pending for its source address and return that
+        address's key, or refuse it (None) when the address has
+        ``limits.max_pending_per_address`` pending connections already. After a key, call
+        :meth:`leave_pending` once the connection is refused or its session starts."""
+        key = self.gate.key(peer[0])
+        if self.gate.enter(key):
+            return key
+        self.refuse(
+            transport,
+            RefuseReason.ADDRESS_BUSY,
+            peer,
+            f"{self.limits.max_pending_per_address} connections from {key} already wait for "
+            "or are in a handshake; if many devices share that address (NAT, load balancer) "
+            "raise ota server --device-limit max_pending_per_address=N",
+        )
+        return None
 
-        False (counted and logged as refused) if none freed within ``limits.handshake_wait``:
-        the caller closes the connection without spending any cryptography on it. After
-        True the caller must call :meth:`handshake_finished`, from the same task.
+    def leave_pending(self, key: str) -> None:
+        """The pending connection counted by :meth:`enter_pending` was refused or started."""
+        self.gate.leave(key)
+
+    async def wait_for_hello(self, transport: str, sock: trio.socket.SocketType,
+                             peer: tuple[str, int]) -> bool:
+        """Wait until ``sock`` has bytes to read (the ClientHello) without holding any
+        handshake slot; False (refused) if none came within ``limits.hello_timeout`` or
+        the server began shutting down meanwhile."""
+        with trio.CancelScope(deadline=trio.current_time() + self.limits.hello_timeout) as scope:
+            self._hello_waits.add(scope)
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            finally:
+                self._hello_waits.discard(scope)
+        if not scope.cancelled_caught:
+            return True
+        if not self.accepting:
+            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
+        else:
+            self.refuse(
+                transport,
+                RefuseReason.SILENT,
+                peer,
+                f"nothing received within {self.limits.hello_timeout:g} s of connecting "
+                "(ota server --device-limit hello_timeout=SECONDS)",
+            )
+        return False
+
+    def stop_accepting(self) -> None:
+        """Shutdown began: refuse new handshakes, and stop waiting for ClientHellos."""
+        self.accepting = False
+        for scope in list(self._hello_waits):
+            scope.cancel()
+
+    async def admit_handshake(self, transport: str, peer: object, source: str) -> bool:
+        """Wait, in arrival order, for one of the ``limits.max_handshakes_per_address``
+        slots of the connection's ``source`` address, then for one of the process's
+        ``limits.max_handshakes`` handshake slots.
+
+        False (counted and logged as refused) if they did not free within
+        ``limits.handshake_wait``: the caller closes the connection without spending any
+        cryptography on it. After True the caller must call :meth:`handshake_finished`,
+        from the same task.
         """
         if not self.accepting:  # shutting down: spend nothing on it
             self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
             return False
-        with trio.move_on_after(self.limits.handshake_wait):
-            await self._handshake_slots.acquire()
-            if self.accepting:
-                return True
-            self._handshake_slots.release()  # shutdown began while it waited
-            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
+        holds_source_slot = False
+        try:
+            with trio.move_on_after(self.limits.handshake_wait):
+                await self.gate.acquire_slot(source)
+                holds_source_slot = True
+                await self._handshake_slots.acquire()
+                if self.accepting:
+                    holds_source_slot = False  # both slots now belong to the caller
+                    return True
+                self._handshake_slots.release()  # shutdown began while it waited
+                self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
+                return False
+            if holds_source_slot:
+                busy = f"all {self.limits.max_handshakes} slots"
+            else:
+                busy = f"the {self.limits.max_handshakes_per_address} slots of {source}"
+            self.refuse(
+                transport,
+                RefuseReason.SERVER_BUSY,
+                peer,
+                f"{busy} busy for {self.limits.handshake_wait:g} s",
+            )
             return False
-        self.refuse(
-            transport,
-            RefuseReason.SERVER_BUSY,
-            peer,
-            f"(all {self.limits.max_handshakes} slots busy for {self.limits.handshake_wait} s)",
-        )
-        return False
+        finally:
+            if holds_source_slot:
+                self.gate.release_slot(source)
 
-    def handshake_finished(self) -> None:
-        """Give back the slot :meth:`admit_handshake` granted this task."""
+    def handshake_finished(self, source: str) -> None:
+        """Give back the slots :meth:`admit_handshake` granted this task."""
         self._handshake_slots.release()
+        self.gate.release_slot(source)
 
     @property
     def handshakes_in_progress(self) -> int:
@@ -320,8 +456,13 @@ class SessionHost:
 
     @property
     def handshakes_waiting(self) -> int:
-        """Connections waiting for a handshake slot right now."""
-        return self._handshake_slots.statistics().tasks_waiting
+        """Connections waiting for a handshake slot (their address's or the process's)."""
+        return self._handshake_slots.statistics().tasks_waiting + self.gate.waiting()
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections accepted whose session has not started (nor been refused) yet."""
+        return self.gate.total_pending()
 
     def connection_started(self, transport: str) -> None:
         """Count a connection from accept (or cookie exchange) on."""
@@ -347,21 +488,30 @@ class SessionHost:
             self.refuse(transport, RefuseReason.BAD_CERTIFICATE, peer, "(no client certificate)")
             return None
         try:
-            device_id = self.id_cache.device_id(der)
+            certificate = self.id_cache.certificate(der)
         except CertificateRejectedError as exc:
             self.refuse(transport, RefuseReason.BAD_CERTIFICATE, peer, str(exc))
             return None
+        device_id = certificate.device_id
         if not self.accepting:
             self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer, device_id)
             return None
+        asked_at = trio.current_time()
         try:
-            allowed = await self.directory.authorize(device_id)
+            allowed = await self.directory.authorize(certificate)
         except Exception:
             logger.exception("the device directory failed to authorize %s", device_id)
             self.refuse(transport, RefuseReason.DIRECTORY_ERROR, peer, device_id)
             return None
+        # A revocation that committed after the directory's answer, and whose event came
+        # while it travelled back, found no session to close: the answer is stale.
+        if allowed and self.registry.revoked_since(device_id, asked_at):
+            allowed = False
         if not allowed:
-            self.refuse(transport, RefuseReason.NOT_AUTHORIZED, peer, device_id)
+            self.refuse(
+                transport, RefuseReason.NOT_AUTHORIZED, peer,
+                f"{device_id} (certificate {certificate.sha256[:16]}...)",
+            )
             return None
         return device_id
 

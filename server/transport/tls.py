@@ -178,36 +178,52 @@ def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
 async def _serve_connection(
     tcp_stream: trio.SocketStream, context: ssl.SSLContext, host: SessionHost
 ) -> None:
-    """One TCP connection: handshake within the deadline, authorize, run the session.
+    """One TCP connection: admission, handshake within the deadline, authorize, run the
+    session.
 
-    Kept as one function (one coroutine frame per idle session: memory per session)."""
+    Admission, cheapest first: the process's session bound, the connection's source
+    address bound (``max_pending_per_address``), then the ClientHello must start arriving
+    within ``hello_timeout`` (no handshake slot is held meanwhile), then a handshake slot
+    of the address and of the process. Kept as one function (one coroutine frame per idle
+    session: memory per session)."""
     peer = _peer_of(tcp_stream)
     if not host.has_room(_TRANSPORT):
         host.refuse(_TRANSPORT, RefuseReason.SERVER_FULL, peer)
         tcp_stream.socket.close()
         return
+    source = host.enter_pending(_TRANSPORT, peer)
+    if source is None:
+        tcp_stream.socket.close()
+        return
     host.connection_started(_TRANSPORT)
     stream = trio.SSLStream(tcp_stream, context, server_side=True)
     try:
-        # Admission control: a bounded number of handshakes at once; the rest wait or go.
-        if not await host.admit_handshake(_TRANSPORT, peer):
-            return
         try:
-            device_id: str | None = None
-            with trio.move_on_after(host.limits.handshake_timeout) as deadline:
-                try:
-                    await stream.do_handshake()
-                except trio.BrokenResourceError as exc:
-                    # Garbage, a foreign CA, an expired or wrong-purpose certificate: OpenSSL
-                    # says which (SSLCertVerificationError.verify_message).
-                    detail = str(exc.__cause__)
-                    host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, detail)
-                    return
-                device_id = await host.authorize(_TRANSPORT, stream.getpeercert(True), peer)
-            timed_out = deadline.cancelled_caught
-            del deadline  # this frame lives as long as the session: keep no garbage in it
+            if not await host.wait_for_hello(_TRANSPORT, tcp_stream.socket, peer):
+                return
+            # A bounded number of handshakes at once; the rest wait their turn or go.
+            if not await host.admit_handshake(_TRANSPORT, peer, source):
+                return
+            try:
+                device_id: str | None = None
+                with trio.move_on_after(host.limits.handshake_timeout) as deadline:
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        # Garbage, a foreign CA, an expired or wrong-purpose certificate:
+                        # OpenSSL says which (SSLCertVerificationError.verify_message).
+                        detail = str(exc.__cause__)
+                        host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, detail)
+                        return
+                    device_id = await host.authorize(
+                        _TRANSPORT, stream.getpeercert(True), peer
+                    )
+                timed_out = deadline.cancelled_caught
+                del deadline  # this frame lives as long as the session: keep no garbage
+            finally:
+                host.handshake_finished(source)
         finally:
-            host.handshake_finished()
+            host.leave_pending(source)
         if timed_out:
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_TIMEOUT, peer)
             return
