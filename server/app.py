@@ -23,7 +23,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from server.api import ApiSettings, create_app
-from server.devices.ota import OtaEngine
+from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
@@ -57,6 +57,8 @@ class ServerConfig:
     #: Server processes serving devices: this one plus ``workers - 1`` worker processes
     #: (ignored without device listeners).
     workers: int = 1
+    #: How updates are delivered (the OTA engine of every server process).
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
     @property
     def multiprocess(self) -> bool:
@@ -105,6 +107,8 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             store_threads=config.store_threads,
             event_buffer=config.event_buffer,
             max_event_subscribers=config.max_event_subscribers,
+            downgrades=config.ota.downgrades.value,
+            downgrade_lifetime=config.ota.downgrade_lifetime,
         )
         for index in range(1, config.workers)
     ]
@@ -162,7 +166,7 @@ async def serve(
                     reuse_port=config.multiprocess,
                 )
                 plane = DevicePlane(plane_config, fleet, bus)
-                engine = OtaEngine(plane)
+                engine = OtaEngine(plane, config.ota)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
             if config.multiprocess:

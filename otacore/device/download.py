@@ -22,6 +22,7 @@ from otacore.device.availability import (
 )
 from otacore.device.emulated_api import DeviceConfig, DeviceFlash, InstalledModule
 from otacore.device.slots import (
+    RollbackContext,
     Verdict,
     accept_download,
     plan_download,
@@ -38,6 +39,7 @@ from otacore.protocol.ota_wire import (
     OFFER_UNAVAILABLE,
     offer_compressed,
     offer_delta_base,
+    split_offer,
     transfer_request,
 )
 from otacore.signing import Manifest, TrustStore
@@ -69,6 +71,7 @@ class AcceptedOffer:
     manifest: Manifest
     delta_base: bytes | None
     compressed: bool = False  # the file is the image as one zstd frame
+    authorization: bytes | None = None  # a downgrade authorisation for this device
     verdict: Verdict | None = None
     image: bytes | None = None  # a delta's or compressed file's image, written at apply time
 
@@ -91,12 +94,21 @@ class DownloadMixin:
     _modules: tuple[InstalledModule, ...]
     _offer: AcceptedOffer | None
     _receiver: TransferReceiver
+    _now: float
 
     def _answer(self, request: Message, code: int, payload: bytes = b"") -> None:
         raise NotImplementedError  # EmulatedDevice answers on its link
 
     def _on_availability(self, events: list[AvailabilityEvent]) -> None:
         raise NotImplementedError  # EmulatedDevice publishes, notifies the app or resets
+
+    def wall_time(self, now: float) -> float | None:
+        raise NotImplementedError  # EmulatedDevice reads its real-time clock, if any
+
+    def _rollback_context(self, authorization: bytes | None, now: float) -> RollbackContext:
+        """Who this device is, the offer's downgrade authorisation and the time, for the
+        anti-rollback check (otacore.downgrade)."""
+        return RollbackContext(self.config.device_id, authorization, self.wall_time(now))
 
     def _refuse(self, request: Message, reason: str, detail: str) -> None:
         line = f"{reason}: {detail}".replace("\n", " ")
@@ -115,6 +127,7 @@ class DownloadMixin:
         try:
             base = offer_delta_base(request)
             compressed = offer_compressed(request)
+            signed, authorization = split_offer(request.payload)
         except PayloadSchemaError as exc:
             self._answer(request, Code.BAD_REQUEST, str(exc).encode())
             return
@@ -128,10 +141,11 @@ class DownloadMixin:
         flash = self.flash
         plan = plan_download(
             flash.boot_record(),
-            request.payload,
+            signed,
             self._trust,
             platform_id=self.config.platform_id,
             installed=flash.installed_modules(),
+            rollback=self._rollback_context(authorization, now),
         )
         verdict = plan.verdict
         manifest = verdict.manifest
@@ -151,7 +165,7 @@ class DownloadMixin:
         if plan.changed:
             flash.commit_boot_record(plan.record)  # drops a stale pending activation first
         availability.offer_update()
-        offer = AcceptedOffer(request.payload, manifest, base, compressed)
+        offer = AcceptedOffer(signed, manifest, base, compressed, authorization)
         self._offer = offer
         self._receiver = self._receiver_for(offer)
         self.bytes_received, self.bytes_total = 0, manifest.size
@@ -195,10 +209,10 @@ class DownloadMixin:
             idle_timeout=self.config.transfer_idle_timeout,
             max_file_size=self.config.max_binary_size,
             check_start=lambda start: _check_start(offer, start),
-            check_file=lambda start, view: self._check_file(offer, view),
+            check_file=lambda start, view: self._check_file(offer, view, self._now),
         )
 
-    def _check_file(self, offer: AcceptedOffer, view: memoryview) -> None:
+    def _check_file(self, offer: AcceptedOffer, view: memoryview, now: float) -> None:
         """The whole file is in the slot: rebuild a delta or inflate a compressed image, then
         every acceptance check."""
         image = bytes(view)
@@ -226,6 +240,8 @@ class DownloadMixin:
             self._trust,
             platform_id=self.config.platform_id,
             installed=self.flash.installed_modules(),
+            record=self.flash.boot_record(),
+            rollback=self._rollback_context(offer.authorization, now),
         )
         if verdict.reason is not None:
             raise TransferRejectedError(f"{verdict.reason.name}: {verdict.detail}")

@@ -391,11 +391,15 @@ class SessionUpdater:
         product_version = (None if module.info.product_version is not None else 0)
         # The signed manifest always describes the target image, whatever travels.
         signed = engine.signed_manifest(view.product.id, product_version, module)
+        # An older application needs this device's own, expiring downgrade authorisation.
+        authorization = engine.downgrade_authorization(view, handler.hello, product_version,
+                                                       module)
         base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
                 else None)
         compressed = sent.transfer == "zstd"
         answer = await handler.request(
-            offer_request(signed, delta_base_sha256=base, compressed=compressed),
+            offer_request(signed, delta_base_sha256=base, compressed=compressed,
+                          authorization=authorization),
             config.offer_timeout)
         if answer.code == OFFER_UNAVAILABLE:
             await fleet.set_updates_enabled(self.device_id, False)
