@@ -9,7 +9,7 @@ import typer
 
 from otacore.errors import OtaError
 from server.cli._output import fail, print_json
-from server.devices.keys import rotate_product_key, withdraw_product_key
+from server.devices.keys import MAX_PRODUCT_KEYS, rotate_product_key, withdraw_product_key
 from server.fleet.base import FleetBase
 from server.store import Store
 
@@ -39,10 +39,13 @@ def rotate_key(
     if as_json:
         print_json({"product_id": product_id, "old_key_id": old.key_id,
                     "new_key_id": new.key_id, "sequence": sequence,
-                    "public_key": new.public_key.hex()})
+                    "public_key": new.public_key.hex(), "retired": list(rotation.retired)})
     else:
         typer.echo(f"product {product_id}: signing key {old.key_id} -> {new.key_id} "
                    f"(statement {sequence}); devices learn it at their next Hello")
+        for key_id in rotation.retired:
+            typer.echo(f"withdrew key {key_id}: a product keeps its {MAX_PRODUCT_KEYS} newest "
+                       "keys")
 
 
 def withdraw_key_command(

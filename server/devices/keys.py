@@ -36,6 +36,9 @@ from otacore.signing import (
 
 KEY_SUFFIX = ".ed25519"
 TRUST_FILE = "signing-keys.txt"
+#: Keys a product keeps trusted: a rotation beyond this withdraws the oldest, so devices'
+#: trust stores (at most otacore.signing.MAX_TRUSTED_KEYS keys) never fill up.
+MAX_PRODUCT_KEYS = 16
 
 
 def _key_path(data_dir: Path, product_id: int) -> Path:
@@ -147,34 +150,54 @@ def _rotation_lock(data_dir: Path, product_id: int) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _append_statement(data_dir: Path, product_id: int, statements: list[bytes],
-                      statement: RotationStatement) -> None:
-    """Write ``statements`` plus ``statement``, which must be the next in sequence (the
-    caller holds the rotation lock and read ``statements`` under it)."""
-    if statement.sequence != len(statements) + 1:  # pragma: no cover - a bug, not input
-        raise StoreError(f"key rotation statement {statement.sequence} does not follow "
-                         f"statement {len(statements)}")
-    packed = msgpack.packb([*statements, statement.to_bytes()])
+def _append_statements(data_dir: Path, product_id: int, statements: list[bytes],
+                       *added: RotationStatement) -> None:
+    """Write ``statements`` plus ``added``, which must continue their sequence, in one atomic
+    write (the caller holds the rotation lock and read ``statements`` under it)."""
+    for offset, statement in enumerate(added, start=1):
+        if statement.sequence != len(statements) + offset:  # pragma: no cover - a bug
+            raise StoreError(f"key rotation statement {statement.sequence} does not follow "
+                             f"statement {len(statements) + offset - 1}")
+    packed = msgpack.packb([*statements, *(statement.to_bytes() for statement in added)])
     _write_atomically(_statements_path(data_dir, product_id), packed)
+
+
+def trusted_key_ids(statements: list[bytes], current: SigningKey) -> list[str]:
+    """The key ids a device that applied every statement trusts, oldest first (the key that
+    signed statement 1 is the provisioned one; with no statements, the current key)."""
+    parsed = [parse_statement(s) for s in statements]
+    trusted = [parsed[0].signer_key_id] if parsed else [current.key_id]
+    for statement in parsed:
+        subject = statement.subject_key_id
+        if statement.action is KeyAction.INTRODUCE and subject not in trusted:
+            trusted.append(subject)
+        elif statement.action is KeyAction.WITHDRAW and subject in trusted:
+            trusted.remove(subject)
+    return trusted
 
 
 @dataclass(frozen=True)
 class Rotation:
-    """What one rotation did: the key that signed the statement, the new current key and
-    the statement's sequence number."""
+    """What one rotation did: the key that signed the statement, the new current key, the
+    introducing statement's sequence number and the old keys it retired."""
 
     old: SigningKey
     new: SigningKey
     sequence: int
+    #: Key ids withdrawn with the rotation (more than MAX_PRODUCT_KEYS were trusted).
+    retired: tuple[str, ...] = ()
 
 
 def rotate_product_key(data_dir: Path, product_id: int) -> Rotation:
     """Introduce a new signing key, signed by the current one, and sign with it from now on.
 
-    Atomic against other rotations (the rotation lock). Order for crash safety: the new key
-    is stored under its key id first, then the statement, then it becomes the current key;
-    a crash in between leaves the old key in use and, at worst, a statement introducing a
-    key that is kept but not yet used.
+    A product keeps at most MAX_PRODUCT_KEYS keys trusted: the oldest beyond that are
+    withdrawn (signed by the new key) in the same write, so a device catching up on any
+    number of rotations never needs more than that many keys in its trust store (which
+    holds MAX_TRUSTED_KEYS). Atomic against other rotations (the rotation lock). Order for
+    crash safety: the new key is stored under its key id first, then the statements, then it
+    becomes the current key; a crash in between leaves the old key in use and, at worst,
+    statements introducing a key that is kept but not yet used.
     """
     with _rotation_lock(data_dir, product_id):
         current = product_signing_key(data_dir, product_id)
@@ -183,11 +206,17 @@ def rotate_product_key(data_dir: Path, product_id: int) -> Rotation:
         keys_dir = _key_path(data_dir, product_id).parent
         _write_atomically(keys_dir / f"product-{product_id}-{new.key_id}{KEY_SUFFIX}",
                           new.private_bytes())
-        statement = introduce_key(current, new.public_key, product_id=product_id,
-                                  sequence=len(statements) + 1)
-        _append_statement(data_dir, product_id, statements, statement)
+        sequence = len(statements) + 1
+        added = [introduce_key(current, new.public_key, product_id=product_id,
+                               sequence=sequence)]
+        trusted = [*trusted_key_ids(statements, current), new.key_id]
+        retired = tuple(trusted[: max(0, len(trusted) - MAX_PRODUCT_KEYS)])
+        for key_id in retired:
+            added.append(withdraw_key(new, key_id, product_id=product_id,
+                                      sequence=sequence + len(added)))
+        _append_statements(data_dir, product_id, statements, *added)
         _write_atomically(_key_path(data_dir, product_id), new.private_bytes())
-        return Rotation(current, new, statement.sequence)
+        return Rotation(current, new, sequence, retired)
 
 
 def withdraw_product_key(data_dir: Path, product_id: int, key_id: str) -> int:
@@ -207,5 +236,5 @@ def withdraw_product_key(data_dir: Path, product_id: int, key_id: str) -> int:
             raise ConflictError(f"key {key_id} is already withdrawn")
         statement = withdraw_key(current, key_id, product_id=product_id,
                                  sequence=len(statements) + 1)
-        _append_statement(data_dir, product_id, statements, statement)
+        _append_statements(data_dir, product_id, statements, statement)
         return statement.sequence

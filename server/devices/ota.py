@@ -70,7 +70,9 @@ class OtaEngine:
         self.config = config or OtaConfig()
         self.limiter = trio.CapacityLimiter(self.config.max_concurrent_transfers)
         self._prepared: OrderedDict[tuple[str, int], PreparedFile] = OrderedDict()
-        self._manifests: dict[tuple[int, str], tuple[Manifest, bytes]] = {}
+        #: (product, image SHA-256, signing key id) -> manifest, signed once: a rotation
+        #: changes the key, so nothing signed by a retired key is offered after it.
+        self._manifests: dict[tuple[int, str, str], tuple[Manifest, bytes]] = {}
         #: Stored images by SHA-256, parsed (see module()).
         self._modules: OnceCache[str, PlannedModule] = OnceCache(self.config.image_cache)
         #: Images a device refused or rolled back from: not offered again to it (until
@@ -279,10 +281,10 @@ class OtaEngine:
 
     def _manifest(self, product_id: int, product_version: int | None,
                   module: PlannedModule) -> tuple[Manifest, bytes]:
-        key = (product_id, module.sha256)
+        signing_key = product_signing_key(self.plane.config.data_dir, product_id)
+        key = (product_id, module.sha256, signing_key.key_id)
         cached = self._manifests.get(key)
         if cached is None:
-            signing_key = product_signing_key(self.plane.config.data_dir, product_id)
             manifest = manifest_for_module(module.image, product_id=product_id,
                                            product_version=product_version)
             signed = sign_manifest(signing_key, manifest)
