@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ TRUST_FILE = "signing-keys.txt"
 MAX_PRODUCT_KEYS = 16
 
 
+def _tmp_suffix() -> str:
+    """A temporary file suffix no other process or thread uses at the same time."""
+    return f".tmp{os.getpid()}-{threading.get_ident()}"
+
+
 def _key_path(data_dir: Path, product_id: int) -> Path:
     return Path(data_dir) / "keys" / f"product-{product_id}{KEY_SUFFIX}"
 
@@ -54,7 +60,7 @@ def product_signing_key(data_dir: Path, product_id: int) -> SigningKey:
         pass
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_signing_key()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(_tmp_suffix())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, key.private_bytes())
@@ -111,7 +117,7 @@ def _statements_path(data_dir: Path, product_id: int) -> Path:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(_tmp_suffix())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
