@@ -172,3 +172,35 @@ async def test_with_the_device_policy_an_older_release_does_not_downgrade(
             assert "DOWNGRADE" in fleet.device(device_id).device.last_error
             await rig.put_device(device_id, desired_firmware_version=1, flash=True)
             await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+
+
+async def test_a_device_without_a_clock_takes_a_lock_and_refuses_older_authorisations(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A clockless device cannot see expiry: it takes the lock's fresh authorisation, and
+    afterwards refuses any authorisation not newer than the last one it used."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(1, APP_V1)
+        await rig.upload(3, app(3))
+        await rig.release(3, product_default=True, intelligent=True)
+        fleet = rig.fleet([(device_id, "udp")], wall_clock=False)
+        async with running(fleet):
+            await _wait_at_v3(rig, fleet, [device_id])
+            assert fleet.device(device_id).device.wall_time(0.0) is None
+            await rig.put_device(device_id, desired_firmware_version=1, flash=True)
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+            used = fleet.device(device_id).device.flash.boot_record().rollback
+            assert used is not None and used.authorised_at > 0
+            await rig.put_device(device_id, desired_firmware_version=None)
+            await rig.reconnect(fleet, device_id)
+            await fleet.wait_until(updated_to(device_id, 3), timeout=STEP)
+            signed = _signed_v1(rig)
+            key = product_signing_key(rig.kit.data_dir, rig.product)
+            older = authorize_downgrade(key, signed.manifest, device_id=device_id,
+                                        from_version=3, issued_at_ms=used.authorised_at - 1,
+                                        lifetime_ms=HOUR_MS).to_bytes()
+            code, text = await _offer(rig, device_id,
+                                      offer_request(signed.to_bytes(), authorization=older))
+            assert code == OFFER_REFUSED and "not newer than the last one" in text, text

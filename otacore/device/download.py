@@ -72,6 +72,10 @@ class AcceptedOffer:
     delta_base: bytes | None
     compressed: bool = False  # the file is the image as one zstd frame
     authorization: bytes | None = None  # a downgrade authorisation for this device
+    #: The device's wall-clock time when it accepted the offer (None: it has no clock).
+    #: The image is checked again once complete, but an authorisation is judged as of the
+    #: offer: a transfer that outlasts its lifetime is not lost for that.
+    offered_at: float | None = None
     verdict: Verdict | None = None
     image: bytes | None = None  # a delta's or compressed file's image, written at apply time
 
@@ -94,7 +98,6 @@ class DownloadMixin:
     _modules: tuple[InstalledModule, ...]
     _offer: AcceptedOffer | None
     _receiver: TransferReceiver
-    _now: float
 
     def _answer(self, request: Message, code: int, payload: bytes = b"") -> None:
         raise NotImplementedError  # EmulatedDevice answers on its link
@@ -105,10 +108,11 @@ class DownloadMixin:
     def wall_time(self, now: float) -> float | None:
         raise NotImplementedError  # EmulatedDevice reads its real-time clock, if any
 
-    def _rollback_context(self, authorization: bytes | None, now: float) -> RollbackContext:
+    def _rollback_context(self, authorization: bytes | None,
+                          wall_time: float | None) -> RollbackContext:
         """Who this device is, the offer's downgrade authorisation and the time, for the
         anti-rollback check (otacore.downgrade)."""
-        return RollbackContext(self.config.device_id, authorization, self.wall_time(now))
+        return RollbackContext(self.config.device_id, authorization, wall_time)
 
     def _refuse(self, request: Message, reason: str, detail: str) -> None:
         line = f"{reason}: {detail}".replace("\n", " ")
@@ -145,7 +149,7 @@ class DownloadMixin:
             self._trust,
             platform_id=self.config.platform_id,
             installed=flash.installed_modules(),
-            rollback=self._rollback_context(authorization, now),
+            rollback=self._rollback_context(authorization, self.wall_time(now)),
         )
         verdict = plan.verdict
         manifest = verdict.manifest
@@ -165,7 +169,8 @@ class DownloadMixin:
         if plan.changed:
             flash.commit_boot_record(plan.record)  # drops a stale pending activation first
         availability.offer_update()
-        offer = AcceptedOffer(signed, manifest, base, compressed, authorization)
+        offer = AcceptedOffer(signed, manifest, base, compressed, authorization,
+                              self.wall_time(now))
         self._offer = offer
         self._receiver = self._receiver_for(offer)
         self.bytes_received, self.bytes_total = 0, manifest.size
@@ -209,10 +214,10 @@ class DownloadMixin:
             idle_timeout=self.config.transfer_idle_timeout,
             max_file_size=self.config.max_binary_size,
             check_start=lambda start: _check_start(offer, start),
-            check_file=lambda start, view: self._check_file(offer, view, self._now),
+            check_file=lambda start, view: self._check_file(offer, view),
         )
 
-    def _check_file(self, offer: AcceptedOffer, view: memoryview, now: float) -> None:
+    def _check_file(self, offer: AcceptedOffer, view: memoryview) -> None:
         """The whole file is in the slot: rebuild a delta or inflate a compressed image, then
         every acceptance check."""
         image = bytes(view)
@@ -241,7 +246,7 @@ class DownloadMixin:
             platform_id=self.config.platform_id,
             installed=self.flash.installed_modules(),
             record=self.flash.boot_record(),
-            rollback=self._rollback_context(offer.authorization, now),
+            rollback=self._rollback_context(offer.authorization, offer.offered_at),
         )
         if verdict.reason is not None:
             raise TransferRejectedError(f"{verdict.reason.name}: {verdict.detail}")

@@ -16,7 +16,9 @@ that must survive a kill is written there before the device acts on it, so a new
   ``selftest_fail_after=N`` never connects and after N seconds fails its self-test (rollback,
   reset). A trial image passes its self-test when the server answers its Hello.
 * offer (``POST m``): 5.03 when updates are disabled and not forced (``updates_pending`` set),
-  4.03 ``"<RejectReason>: detail"`` when :func:`plan_download` refuses, else 2.04 and a
+  4.03 ``"<RejectReason>: detail"`` when :func:`plan_download` refuses (an application older
+  than the anti-rollback floor without a valid downgrade authorisation included, judged by
+  the device's wall clock from :meth:`EmulatedDevice.set_wall_clock`), else 2.04 and a
   :class:`TransferReceiver` whose hooks check the UpdateStart against the signed manifest and
   run :func:`accept_download` on the complete image before the device reports success.
 * transfer (``POST u``, NON both ways): chunks go into the inactive slot, receiver state into
@@ -26,8 +28,10 @@ that must survive a kill is written there before the device acts on it, so a new
   application holds resets; after the reset the new image is on trial; its result (committed,
   rolled_back, failed) is published as ``UPDATE_RESULT_EVENT`` once connected and cleared
   from the boot record when the server acknowledged it.
-* session: Hello (CON), then Describe and the state the server cannot assume (updates
-  disabled, a held reset, an unreported update result); the server's describe requests and
+* session: Hello (CON, naming the trust store's key rotation sequence), the key rotation
+  statements of its answer applied (and ``GET k`` for more while the server says more
+  follow), then Describe and the state the server cannot assume (updates disabled, a held
+  reset, an unreported update result); the server's describe requests and
   events are answered; a CoAP ping after ``keepalive_interval`` of silence, and the link is
   declared dead when nothing answers within ``keepalive_timeout``; the server's going-away
   notice (or a TCP Release) ends the session, with its hold-off.

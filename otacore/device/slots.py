@@ -13,16 +13,21 @@ single write and a crash before or after it leaves a consistent state:
 3. ``accept_download`` checks the whole image: CRC-32 and SHA-256 of the module format
    (otacore.module.validate_module), the manifest signature (otacore.signing), the file hash
    and size against the manifest, the module metadata against the manifest, the platform, the
-   dependencies against the other installed modules, and that a system part is no downgrade.
-   ``stage_update`` then marks it *pending activation* (a record write; the flash layer makes
-   the slot data durable before it).
+   dependencies against the other installed modules, that a system part is no downgrade, and
+   that an application is not older than the record's anti-rollback floor unless a downgrade
+   authorisation for this device allows it (otacore.downgrade; ``plan_download`` checks the
+   same before the first chunk). ``stage_update`` then marks it *pending activation* (a
+   record write, which also uses up the authorisation; the flash layer makes the slot data
+   durable before it).
 4. At reset ``decide_boot`` switches the module's active slot to the pending one and starts a
    *trial* (a record write: active slot + trial flag + attempt counter, all at once). Every
    trial boot increments the attempt counter before the image starts.
-5. ``on_selftest_result``: reaching the cloud commits the trial; failing rolls back to the
-   previous slot. A trial image that has been started ``max_trial_boots`` times without a
-   commit (it crashed or reset each time) is rolled back by ``decide_boot``. Either way the
-   record keeps an :class:`UpdateOutcome` until the session layer has reported it.
+5. ``on_selftest_result``: reaching the cloud commits the trial (for an application, the
+   same write sets the anti-rollback floor to its product version); failing rolls back to the
+   previous slot, floor untouched. A trial image that has been started ``max_trial_boots``
+   times without a commit (it crashed or reset each time) is rolled back by ``decide_boot``.
+   Either way the record keeps an :class:`UpdateOutcome` until the session layer has reported
+   it.
 
 One update is in flight at a time: a new download is refused while another module awaits
 activation or while a trial runs (the trial's rollback target is the inactive slot).
