@@ -296,11 +296,12 @@ def accept_download(
 ) -> Verdict:
     """Check a completely downloaded image before it may be staged.
 
+    Last of all, an application is checked against the anti-rollback floor of ``record``
+    (with the downgrade authorisation in ``rollback``, if any).
     In order: module integrity (format, CRC-32, SHA-256, size limit), manifest signature,
     file size and SHA-256 against the manifest, module metadata against the manifest,
     platform, system part downgrade, dependencies against the other ``installed`` modules
-    ((function, index, version) of the running images), and the application anti-rollback
-    floor of ``record`` (with the downgrade authorisation in ``rollback``, if any).
+    ((function, index, version) of the running images).
     """
     try:
         info = validate_module(image)
