@@ -294,10 +294,10 @@ def accept_download(
     record: BootRecord | None = None,
     rollback: RollbackContext | None = None,
 ) -> Verdict:
-    """Check a completely downloaded image before it may be staged.
+    """Check a completely downloaded image before it may be staged (an application last
+    of all against the anti-rollback floor of ``record``, with the downgrade authorisation
+    in ``rollback`` if any).
 
-    Last of all, an application is checked against the anti-rollback floor of ``record``
-    (with the downgrade authorisation in ``rollback``, if any).
     In order: module integrity (format, CRC-32, SHA-256, size limit), manifest signature,
     file size and SHA-256 against the manifest, module metadata against the manifest,
     platform, system part downgrade, dependencies against the other ``installed`` modules
