@@ -29,6 +29,7 @@ from otacore.errors import PayloadSchemaError, ProtocolError
 _UINT8 = 0xFF
 _UINT16 = 0xFFFF
 _UINT32 = 0xFFFF_FFFF
+_UINT64 = 0xFFFF_FFFF_FFFF_FFFF
 
 #: Module functions (0 none .. 9 asset) and stores (0 main .. 3 scratchpad), module_info.h.
 MODULE_FUNCTIONS = range(10)
@@ -218,6 +219,13 @@ class Hello(Payload):
     compressed_ota: bool = False
     #: The previous update was applied (hello flag 0x01); the server can close it out.
     ota_succeeded: bool = False
+    #: The key rotation sequence the device's trust store is at (otacore.signing): the
+    #: answer carries only the statements after it. None (omitted): taken as 0, and the
+    #: answer is the legacy array (ota_wire point 5).
+    key_sequence: int | None = None
+    #: The device's application anti-rollback floor (otacore.downgrade): a downgrade
+    #: authorisation must be issued from at least this version. None: the running version.
+    app_version_floor: int | None = None
 
     _REQUIRED: ClassVar[tuple[str, ...]] = (
         "device_id",
@@ -235,6 +243,8 @@ class Hello(Payload):
         "max_binary_size",
         "compressed_ota",
         "ota_succeeded",
+        "key_sequence",
+        "app_version_floor",
     )
 
     def to_map(self) -> dict[str, Any]:
@@ -265,6 +275,10 @@ class Hello(Payload):
             else None,
             compressed_ota=f.boolean("compressed_ota") if f.has("compressed_ota") else False,
             ota_succeeded=f.boolean("ota_succeeded") if f.has("ota_succeeded") else False,
+            key_sequence=f.uint("key_sequence", _UINT64) if f.has("key_sequence") else None,
+            app_version_floor=f.uint("app_version_floor", _UINT32)
+            if f.has("app_version_floor")
+            else None,
         )
 
 

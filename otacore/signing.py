@@ -14,6 +14,8 @@ encoding of each value and reject trailing bytes. Each signature covers a contex
 the body, so a manifest signature can never pass for a statement signature (domain separation).
 
 Key ids are the first 8 bytes of SHA-256 over the raw 32-byte public key, as 16 hex digits.
+Downgrade authorisations, signed by the same keys under their own context, are in
+:mod:`otacore.downgrade`.
 """
 
 from __future__ import annotations

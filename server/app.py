@@ -23,7 +23,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from server.api import ApiSettings, create_app
-from server.devices.ota import OtaEngine
+from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
@@ -61,6 +61,8 @@ class ServerConfig:
     #: Limits of the device listeners (handshake admission, per-address bounds, timeouts,
     #: rates), the same in every server process.
     device_limits: SessionLimits = field(default_factory=SessionLimits)
+    #: How updates are delivered (the OTA engine of every server process).
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
     @property
     def multiprocess(self) -> bool:
@@ -111,6 +113,8 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             event_buffer=config.event_buffer,
             max_event_subscribers=config.max_event_subscribers,
             limits=asdict(config.device_limits),
+            downgrades=config.ota.downgrades.value,
+            downgrade_lifetime=config.ota.downgrade_lifetime,
         )
         for index in range(1, config.workers)
     ]
@@ -169,7 +173,7 @@ async def serve(
                     limits=config.device_limits,
                 )
                 plane = DevicePlane(plane_config, fleet, bus)
-                engine = OtaEngine(plane)
+                engine = OtaEngine(plane, config.ota)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
             if config.multiprocess:

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from otacore.errors import OtaError
-from server.devices.ota import OtaEngine
+from server.devices.ota import DowngradePolicy, OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
@@ -73,6 +73,9 @@ class WorkerSpec:
     shutdown_grace: float | None = None
     #: The device listeners' :class:`SessionLimits` fields (None: the defaults).
     limits: dict[str, Any] | None = None
+    #: OtaConfig.downgrades and downgrade_lifetime of the main process.
+    downgrades: str = DowngradePolicy.TARGETED.value
+    downgrade_lifetime: float = OtaConfig.downgrade_lifetime
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -132,7 +135,9 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                     fleet,
                     bus,
                 )
-                engine = OtaEngine(plane)
+                ota = OtaConfig(downgrades=DowngradePolicy.parse(spec.downgrades),
+                                downgrade_lifetime=spec.downgrade_lifetime)
+                engine = OtaEngine(plane, ota)
                 nursery.start_soon(engine.watch_requests)
                 server: DeviceServer = await nursery.start(plane.serve)
                 _say(

@@ -16,6 +16,7 @@ from otacore.device import (
     ModuleKey,
     OutcomeStatus,
     PendingActivation,
+    RollbackGuard,
     SlotState,
     TrialState,
     UpdateOutcome,
@@ -272,8 +273,11 @@ def test_unmet_dependency_means_safe_mode() -> None:
 
 
 def test_decide_boot_is_idempotent_on_its_own_output() -> None:
-    boot = decide_boot(BASE_RECORD, GOOD_SLOTS)
-    assert not boot.changed and boot.record == BASE_RECORD
+    first = decide_boot(BASE_RECORD, GOOD_SLOTS)
+    # A record from before rollback protection gets its floor from the running application.
+    assert first.changed and first.record == replace(BASE_RECORD, rollback=RollbackGuard(6))
+    boot = decide_boot(first.record, GOOD_SLOTS)
+    assert not boot.changed and boot.record == first.record
 
 
 # --- the boot record encoding -------------------------------------------------------------
@@ -291,6 +295,8 @@ records = st.builds(
     trial=st.none() | st.builds(TrialState, u8, u8, st.sampled_from([0, 1, NO_SLOT]), u8, u16, u16),
     outcome=st.none() | st.builds(UpdateOutcome, u8, u8, u16, u16, st.sampled_from(OutcomeStatus)),
     generation=st.integers(0, 2**32 - 1),
+    rollback=st.none()
+    | st.builds(RollbackGuard, st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)),
 )
 
 

@@ -316,9 +316,11 @@ def test_crash_between_every_pair_of_steps_on_real_flash(tmp_path: Path) -> None
 
 CHILD = textwrap.dedent(
     """
-    import hashlib, struct, sys
+    import hashlib, struct, sys, time
     from otacore.device import acknowledge_outcome
-    from otacore.device.slots import accept_download, plan_download, stage_update
+    from otacore.device.slots import (RollbackContext, accept_download, app_floor,
+                                      plan_download, stage_update)
+    from otacore.downgrade import authorize_downgrade
     from otacore.module import ModuleDependency, build_module
     from otacore.signing import (SigningKey, TrustStore, introduce_key, manifest_for_module,
                                  sign_manifest, withdraw_key)
@@ -327,7 +329,7 @@ CHILD = textwrap.dedent(
     state_dir, key_hex, other_hex = sys.argv[1:4]
     key = SigningKey.from_private_bytes(bytes.fromhex(key_hex))
     other = SigningKey.from_private_bytes(bytes.fromhex(other_hex))
-    PRODUCT, CHUNK = 555, 1024
+    PRODUCT, CHUNK, DEVICE = 555, 1024, "0123456789abcdef01234567"
     def image(v):
         return build_module(bytes([v]) * 20000, platform_id=13, function=5, version=v,
                             product_id=13, product_version=v,
@@ -350,9 +352,18 @@ CHILD = textwrap.dedent(
         current = dict(((f, i), v) for f, i, v in flash.installed_modules())[(5, 1)]
         version = current % 4 + 1
         img = image(version)
-        signed = sign_manifest(key, manifest_for_module(img, product_id=PRODUCT)).to_bytes()
+        manifest = sign_manifest(key, manifest_for_module(img, product_id=PRODUCT))
+        signed = manifest.to_bytes()
+        rollback = None
+        floor = app_floor(flash.boot_record())
+        if version < floor:  # 4 -> 1 wraps around: a downgrade, authorised for this device
+            grant = authorize_downgrade(key, manifest.manifest, device_id=DEVICE,
+                                        from_version=floor,
+                                        issued_at_ms=time.time_ns() // 1_000_000,
+                                        lifetime_ms=60_000)
+            rollback = RollbackContext(DEVICE, grant.to_bytes(), time.time())
         plan = plan_download(flash.boot_record(), signed, store, platform_id=13,
-                             installed=flash.installed_modules())
+                             installed=flash.installed_modules(), rollback=rollback)
         assert plan.verdict.accepted, plan.verdict.detail
         if plan.changed:
             flash.commit_boot_record(plan.record)
@@ -371,7 +382,8 @@ CHILD = textwrap.dedent(
             partial = hashlib.sha256(img[:offset]).digest()
             flash.save_transfer_state(struct.pack(">HI32s", version, offset, partial))
         verdict = accept_download(flash.read_inactive(5, 1), signed, store, platform_id=13,
-                                  installed=flash.installed_modules())
+                                  installed=flash.installed_modules(),
+                                  record=flash.boot_record(), rollback=rollback)
         assert verdict.accepted, verdict.detail
         flash.commit_boot_record(stage_update(flash.boot_record(), verdict))
         flash.clear_transfer_state()
@@ -393,6 +405,9 @@ def _check_after_kill(path: Path, other: SigningKey) -> int:
     store = flash.load_trust_store()
     assert store is not None and KEY.key_id in store
     assert (other.key_id in store) == (store.sequence % 2 == 1)
+    # The anti-rollback floor is the version of a committed application, whatever was killed.
+    guard = decision.record.rollback
+    assert guard is not None and guard.floor in (1, 2, 3, 4)
     saved = flash.load_transfer_state()
     if saved is not None:
         _version, received, partial = struct.unpack(">HI32s", saved)

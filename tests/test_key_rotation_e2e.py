@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 from otacore.protocol.link import Transport
 from server.cli.main import app as ota_app
-from server.devices.keys import product_signing_key, product_statements
+from server.devices.keys import (
+    MAX_PRODUCT_KEYS,
+    Rotation,
+    product_signing_key,
+    product_statements,
+    rotate_product_key,
+    withdraw_product_key,
+)
 from server.emulator.flash import Flash
 from tests.test_ota_e2e_kit import STEP, SYSTEM_5003, TRANSPORTS, app, ota_rig, running, updated_to
 
@@ -56,3 +63,46 @@ async def test_rotation_reaches_devices_before_firmware_signed_with_the_new_key(
         trust = Flash.open(rig.state_root / device_id, fsync=False).load_trust_store()
         assert trust is not None and trust.sequence == 2
         assert new.key_id in trust.key_ids and old.key_id not in trust.key_ids
+
+
+#: More rotations than one answer ever carried (64); the original key is withdrawn after
+#: the first few, and the product retires keys beyond MAX_PRODUCT_KEYS on its own.
+ROTATIONS_BEFORE, ROTATIONS_AFTER = 5, 65
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_many_rotations_and_a_withdrawn_original_key_still_update_a_device(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    """Issue 13 finding 4: a product rotated 70 times, whose original key was withdrawn,
+    still updates a device provisioned trusting only the original key. The device gets only
+    the statements it lacks, a message-sized page at a time (GET k for the rest), and
+    applies all of them before the update signed with the newest key is offered."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        data = rig.kit.data_dir
+        original = product_signing_key(data, rig.product)
+
+        def rotate_many() -> list[Rotation]:
+            rotations = [rotate_product_key(data, rig.product) for _ in range(ROTATIONS_BEFORE)]
+            withdraw_product_key(data, rig.product, original.key_id)
+            rotations += [rotate_product_key(data, rig.product) for _ in range(ROTATIONS_AFTER)]
+            return rotations
+
+        rotations = await trio.to_thread.run_sync(rotate_many)
+        statements = product_statements(data, rig.product)
+        assert len(statements) > 64 and any(r.retired for r in rotations)
+        newest = rotations[-1].new.key_id
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, app(2))
+        await rig.release(2, product_default=True, intelligent=True)
+        fleet = rig.fleet([(device_id, transport)])  # provisioned trusting the original only
+        assert rig.trust.key_ids == (original.key_id,)
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)  # signed by newest
+            await rig.events.wait_for("spark/flash/status", device_id, "success")
+            assert fleet.device(device_id).device.last_error == ""
+        trust = Flash.open(rig.state_root / device_id, fsync=False).load_trust_store()
+        assert trust is not None and trust.sequence == len(statements)
+        assert newest in trust.key_ids and original.key_id not in trust.key_ids
+        assert len(trust.key_ids) == MAX_PRODUCT_KEYS

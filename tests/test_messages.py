@@ -101,6 +101,8 @@ hellos = st.builds(
     max_binary_size=st.none() | st.integers(0, 0xFFFF_FFFF),
     compressed_ota=st.booleans(),
     ota_succeeded=st.booleans(),
+    key_sequence=st.none() | st.integers(0, 2**64 - 1),
+    app_version_floor=st.none() | st.integers(0, 0xFFFF_FFFF),
 )
 dependencies = st.builds(
     Dependency, function=st.integers(0, 9), index=st.integers(0, 255), version=u16
@@ -167,6 +169,11 @@ def test_hello_example_round_trip_and_optional_fields() -> None:
     minimal = hello_map(ota_chunk_size=..., compressed_ota=..., ota_succeeded=...)
     parsed = Hello.from_payload(msgpack.packb(minimal))
     assert parsed.ota_chunk_size is None and parsed.compressed_ota is False
+    # A device from before key paging and rollback protection sends neither field.
+    assert parsed.key_sequence is None and parsed.app_version_floor is None
+    newer = Hello.from_payload(msgpack.packb(hello_map(key_sequence=2**64 - 1,
+                                                       app_version_floor=3)))
+    assert (newer.key_sequence, newer.app_version_floor) == (2**64 - 1, 3)
 
 
 def test_describe_example() -> None:
@@ -193,6 +200,9 @@ def test_describe_example() -> None:
         ({"ota_chunk_size": 2048}, r"hello.ota_chunk_size is 2048, outside 512..1136"),
         ({"reset_pending": ...}, "hello.reset_pending is missing"),
         ({"colour": "red"}, "hello has unknown field 'colour'"),
+        ({"key_sequence": -1}, r"hello.key_sequence is -1, outside 0..18446744073709551615"),
+        ({"key_sequence": True}, "hello.key_sequence must be an int, got bool"),
+        ({"app_version_floor": 2**32}, r"hello.app_version_floor is 4294967296, outside"),
     ],
 )
 def test_hello_rejections(changes: dict[str, Any], message: str) -> None:

@@ -47,6 +47,8 @@ class SlotState:
     platform_id: int | None = None
     sha256: bytes | None = None  # of the whole file, as in the signed manifest
     dependencies: tuple[ModuleDependency, ...] = ()
+    #: The product firmware version in the module suffix (None: no product data).
+    product_version: int | None = None
 
 
 EMPTY_SLOT = SlotState(False)
@@ -61,7 +63,8 @@ def slot_state_of(image: bytes | None) -> SlotState:
     except ModuleFormatError:
         return EMPTY_SLOT
     sha = hashlib.sha256(image).digest()
-    return SlotState(True, info.module_version, info.platform_id, sha, info.dependencies)
+    return SlotState(True, info.module_version, info.platform_id, sha, info.dependencies,
+                     info.product_version)
 
 
 class OutcomeStatus(IntEnum):
@@ -129,6 +132,25 @@ class UpdateOutcome:
         return self.status is OutcomeStatus.COMMITTED
 
 
+@dataclass(frozen=True)
+class RollbackGuard:
+    """The application anti-rollback state (see :mod:`otacore.downgrade`).
+
+    ``floor`` is the product firmware version of the last application the device committed
+    (it passed its self-test): an offer of an older one needs a downgrade authorisation.
+    The bootloader's own rollback of a failed trial and a fall-back to the other slot leave
+    it alone, so it survives reboots and rollbacks. ``authorised_at`` is the ``issued_at_ms``
+    of the last downgrade authorisation used (0: none), which every next one must exceed.
+    """
+
+    floor: int
+    authorised_at: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.floor <= 0xFFFFFFFF or not 0 <= self.authorised_at < 1 << 64:
+            raise BootRecordFormatError("boot record rollback guard is out of range")
+
+
 _BOOT_HEADER = struct.Struct(">4sBIB")  # magic, format, generation u32, module count u8
 _ACTIVE_ENTRY = struct.Struct(">BBB")  # function, index, slot
 # Optional sections: a presence byte, then the fields (all zero when absent).
@@ -136,10 +158,16 @@ _SECTIONS: tuple[tuple[str, type, struct.Struct], ...] = (
     ("pending", PendingActivation, struct.Struct(">BBBBH32s")),
     ("trial", TrialState, struct.Struct(">BBBBBHH")),
     ("outcome", UpdateOutcome, struct.Struct(">BBBHHB")),
+    ("rollback", RollbackGuard, struct.Struct(">BIQ")),  # format 2 onwards
 )
 _BOOT_MAGIC = b"OTAB"
-_BOOT_FORMAT = 1
-_FIXED_SIZE = _BOOT_HEADER.size + sum(layout.size for _, _, layout in _SECTIONS) + 4
+#: Format 2 added the rollback section; format 1 records (without it) are still read.
+_BOOT_FORMAT = 2
+_SECTIONS_OF_FORMAT = {1: _SECTIONS[:3], 2: _SECTIONS}
+
+
+def _fixed_size(sections: tuple[tuple[str, type, struct.Struct], ...]) -> int:
+    return _BOOT_HEADER.size + sum(layout.size for _, _, layout in sections) + 4
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,8 @@ class BootRecord:
     trial: TrialState | None = None
     outcome: UpdateOutcome | None = None
     generation: int = 0
+    #: None until the first boot that knows about rollback protection sets it.
+    rollback: RollbackGuard | None = None
 
     def __post_init__(self) -> None:
         active = tuple(sorted(tuple(entry) for entry in self.active))
@@ -199,12 +229,13 @@ class BootRecord:
     def from_bytes(cls, data: bytes) -> BootRecord:
         """Parse :meth:`to_bytes` output; raises BootRecordFormatError when corrupt."""
         data = bytes(data)
-        if len(data) < _FIXED_SIZE:
+        if len(data) < _BOOT_HEADER.size:
             raise BootRecordFormatError(f"boot record of {len(data)} bytes is truncated")
         magic, version, generation, count = _BOOT_HEADER.unpack_from(data)
-        if magic != _BOOT_MAGIC or version != _BOOT_FORMAT:
+        layouts = _SECTIONS_OF_FORMAT.get(version)
+        if magic != _BOOT_MAGIC or layouts is None:
             raise BootRecordFormatError("not a boot record (bad magic or format version)")
-        size = _FIXED_SIZE + count * _ACTIVE_ENTRY.size
+        size = _fixed_size(layouts) + count * _ACTIVE_ENTRY.size
         if len(data) != size:
             raise BootRecordFormatError(
                 f"boot record with {count} modules must be {size} bytes, not {len(data)}"
@@ -216,7 +247,7 @@ class BootRecord:
         active = [_ACTIVE_ENTRY.unpack_from(data, offset + i * 3) for i in range(count)]
         offset += count * _ACTIVE_ENTRY.size
         sections: dict[str, object] = {}
-        for name, kind, layout in _SECTIONS:
+        for name, kind, layout in layouts:
             fields = layout.unpack_from(data, offset)
             offset += layout.size
             if fields[0] == 1:

@@ -22,6 +22,7 @@ from otacore.device.availability import (
 )
 from otacore.device.emulated_api import DeviceConfig, DeviceFlash, InstalledModule
 from otacore.device.slots import (
+    RollbackContext,
     Verdict,
     accept_download,
     plan_download,
@@ -38,6 +39,7 @@ from otacore.protocol.ota_wire import (
     OFFER_UNAVAILABLE,
     offer_compressed,
     offer_delta_base,
+    split_offer,
     transfer_request,
 )
 from otacore.signing import Manifest, TrustStore
@@ -69,6 +71,11 @@ class AcceptedOffer:
     manifest: Manifest
     delta_base: bytes | None
     compressed: bool = False  # the file is the image as one zstd frame
+    authorization: bytes | None = None  # a downgrade authorisation for this device
+    #: The device's wall-clock time when it accepted the offer (None: it has no clock).
+    #: The image is checked again once complete, but an authorisation is judged as of the
+    #: offer: a transfer that outlasts its lifetime is not lost for that.
+    offered_at: float | None = None
     verdict: Verdict | None = None
     image: bytes | None = None  # a delta's or compressed file's image, written at apply time
 
@@ -98,6 +105,15 @@ class DownloadMixin:
     def _on_availability(self, events: list[AvailabilityEvent]) -> None:
         raise NotImplementedError  # EmulatedDevice publishes, notifies the app or resets
 
+    def wall_time(self, now: float) -> float | None:
+        raise NotImplementedError  # EmulatedDevice reads its real-time clock, if any
+
+    def _rollback_context(self, authorization: bytes | None,
+                          wall_time: float | None) -> RollbackContext:
+        """Who this device is, the offer's downgrade authorisation and the time, for the
+        anti-rollback check (otacore.downgrade)."""
+        return RollbackContext(self.config.device_id, authorization, wall_time)
+
     def _refuse(self, request: Message, reason: str, detail: str) -> None:
         line = f"{reason}: {detail}".replace("\n", " ")
         self._answer(request, OFFER_REFUSED, line.encode())
@@ -115,6 +131,7 @@ class DownloadMixin:
         try:
             base = offer_delta_base(request)
             compressed = offer_compressed(request)
+            signed, authorization = split_offer(request.payload)
         except PayloadSchemaError as exc:
             self._answer(request, Code.BAD_REQUEST, str(exc).encode())
             return
@@ -128,10 +145,11 @@ class DownloadMixin:
         flash = self.flash
         plan = plan_download(
             flash.boot_record(),
-            request.payload,
+            signed,
             self._trust,
             platform_id=self.config.platform_id,
             installed=flash.installed_modules(),
+            rollback=self._rollback_context(authorization, self.wall_time(now)),
         )
         verdict = plan.verdict
         manifest = verdict.manifest
@@ -151,7 +169,8 @@ class DownloadMixin:
         if plan.changed:
             flash.commit_boot_record(plan.record)  # drops a stale pending activation first
         availability.offer_update()
-        offer = AcceptedOffer(request.payload, manifest, base, compressed)
+        offer = AcceptedOffer(signed, manifest, base, compressed, authorization,
+                              self.wall_time(now))
         self._offer = offer
         self._receiver = self._receiver_for(offer)
         self.bytes_received, self.bytes_total = 0, manifest.size
@@ -226,6 +245,8 @@ class DownloadMixin:
             self._trust,
             platform_id=self.config.platform_id,
             installed=self.flash.installed_modules(),
+            record=self.flash.boot_record(),
+            rollback=self._rollback_context(offer.authorization, offer.offered_at),
         )
         if verdict.reason is not None:
             raise TransferRejectedError(f"{verdict.reason.name}: {verdict.detail}")

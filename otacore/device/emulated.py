@@ -16,7 +16,9 @@ that must survive a kill is written there before the device acts on it, so a new
   ``selftest_fail_after=N`` never connects and after N seconds fails its self-test (rollback,
   reset). A trial image passes its self-test when the server answers its Hello.
 * offer (``POST m``): 5.03 when updates are disabled and not forced (``updates_pending`` set),
-  4.03 ``"<RejectReason>: detail"`` when :func:`plan_download` refuses, else 2.04 and a
+  4.03 ``"<RejectReason>: detail"`` when :func:`plan_download` refuses (an application older
+  than the anti-rollback floor without a valid downgrade authorisation included, judged by
+  the device's wall clock from :meth:`EmulatedDevice.set_wall_clock`), else 2.04 and a
   :class:`TransferReceiver` whose hooks check the UpdateStart against the signed manifest and
   run :func:`accept_download` on the complete image before the device reports success.
 * transfer (``POST u``, NON both ways): chunks go into the inactive slot, receiver state into
@@ -26,8 +28,10 @@ that must survive a kill is written there before the device acts on it, so a new
   application holds resets; after the reset the new image is on trial; its result (committed,
   rolled_back, failed) is published as ``UPDATE_RESULT_EVENT`` once connected and cleared
   from the boot record when the server acknowledged it.
-* session: Hello (CON), then Describe and the state the server cannot assume (updates
-  disabled, a held reset, an unreported update result); the server's describe requests and
+* session: Hello (CON, naming the trust store's key rotation sequence), the key rotation
+  statements of its answer applied (and ``GET k`` for more while the server says more
+  follow), then Describe and the state the server cannot assume (updates disabled, a held
+  reset, an unreported update result); the server's describe requests and
   events are answered; a CoAP ping after ``keepalive_interval`` of silence, and the link is
   declared dead when nothing answers within ``keepalive_timeout``; the server's going-away
   notice (or a TCP Release) ends the session, with its hold-off.
@@ -103,6 +107,7 @@ from otacore.protocol.ota_wire import (
     UpdateResult,
     is_offer,
     is_transfer,
+    key_request,
     parse_hello_answer,
     parse_transfer,
     update_result_payload,
@@ -158,6 +163,8 @@ class EmulatedDevice(DownloadMixin):
         self._app_reset_enabled = True
         self._availability = UpdateAvailability()
         self._trust: TrustStore | None = None
+        #: Unix time minus ``now`` (the device's real-time clock); None: it has no clock.
+        self._wall_offset: float | None = None
         self._link: UdpLink | TcpLink | None = None
         self._transport: Transport | None = None
         self._now = 0.0
@@ -222,6 +229,16 @@ class EmulatedDevice(DownloadMixin):
                 self._trial_fail_at = now + behaviour.selftest_fail_after
         self._changed()
         return decision
+
+    def set_wall_clock(self, unix_time: float, now: float) -> None:
+        """The device's real-time clock reads ``unix_time`` at ``now`` (the shell sets it at
+        start, as a battery-backed RTC or a network time sync would). Without this call the
+        device has no clock: see :mod:`otacore.downgrade` for what it does then."""
+        self._wall_offset = unix_time - now
+
+    def wall_time(self, now: float) -> float | None:
+        """Unix time at ``now`` by the device's clock, or None when it has none."""
+        return None if self._wall_offset is None else now + self._wall_offset
 
     @property
     def wants_link(self) -> bool:
@@ -479,6 +496,7 @@ class EmulatedDevice(DownloadMixin):
         succeeded = record.trial is not None or (
             record.outcome is not None and record.outcome.succeeded
         )
+        trust = self._trust
         return Hello(
             device_id=config.device_id,
             platform_id=config.platform_id,
@@ -493,6 +511,8 @@ class EmulatedDevice(DownloadMixin):
             max_binary_size=config.max_binary_size,
             ota_succeeded=succeeded,
             compressed_ota=config.compressed_ota,
+            key_sequence=trust.sequence if trust is not None else None,
+            app_version_floor=record.rollback.floor if record.rollback is not None else None,
         )
 
     def describe(self) -> Describe:
@@ -544,8 +564,10 @@ class EmulatedDevice(DownloadMixin):
             if purpose is not None:
                 self._on_response(purpose, event.message, now)
         elif isinstance(event, RequestFailed):
-            if self._requests.pop(event.token, None) == "hello":
-                self._disconnect(f"Hello failed: {event.reason}")
+            purpose = self._requests.pop(event.token, None)
+            if purpose in ("hello", "keys"):
+                self._disconnect(f"{'Hello' if purpose == 'hello' else 'GET k'} failed: "
+                                 f"{event.reason}")
         elif isinstance(event, PeerReleased):
             self._disconnect("the server closed the session" + (" (abort)" if event.abort else ""))
         elif isinstance(event, FrameRejected) and event.fatal:
@@ -555,38 +577,59 @@ class EmulatedDevice(DownloadMixin):
         success = message.code >> 5 == 2
         if purpose == "hello":
             if success:
-                self._apply_key_statements(message.payload)
-                self._on_hello_answered(now)
+                self._catch_up_keys(message.payload, now)
             else:
                 self._disconnect(f"the server answered Hello with {code_string(message.code)}")
+        elif purpose == "keys":
+            if not success:
+                self.last_error = f"the server answered GET k with {code_string(message.code)}"
+                self._on_hello_answered(now)
+            else:
+                self._catch_up_keys(message.payload, now)
         elif purpose == "result" and success and self._reporting is not None:
             record = self.flash.boot_record()
             if record.outcome == self._reporting:
                 self.flash.commit_boot_record(acknowledge_outcome(record))
             self._reporting = None
 
-    def _apply_key_statements(self, payload: bytes) -> None:
-        """Apply the key rotation statements the Hello answer carries (ota_wire point 5):
-        those after the trust store's sequence, in order; a bad one stops the catch-up."""
-        if self._trust is None or not payload:
+    def _catch_up_keys(self, payload: bytes, now: float) -> None:
+        """Apply the key rotation statements of a Hello (or ``GET k``) answer; while the
+        server says more follow (and these made progress), ask for the rest before going
+        online, so the Describe (after which offers come) waits for the newest keys."""
+        more = self._apply_key_statements(payload)
+        link, trust = self._link, self._trust
+        if more and link is not None and trust is not None:
+            self._requests[link.request(key_request(trust.sequence), now)] = "keys"
+            self._hello_deadline = now + self.config.hello_timeout
             return
+        self._on_hello_answered(now)
+
+    def _apply_key_statements(self, payload: bytes) -> bool:
+        """Apply the key rotation statements an answer carries (ota_wire point 5): those
+        after the trust store's sequence, in order; a bad one stops the catch-up. True when
+        the server has more and these all applied and advanced the store."""
+        if self._trust is None or not payload:
+            return False
         try:
-            statements = parse_hello_answer(payload)
+            page = parse_hello_answer(payload)
         except PayloadSchemaError as exc:
             self.last_error = f"bad key statements from the server: {exc}"
-            return
-        store = self._trust
-        for raw in statements:
+            return False
+        store = start = self._trust
+        complete = True
+        for raw in page.statements:
             try:
                 statement = parse_statement(raw)
                 if statement.sequence > store.sequence:
                     store = store.apply(statement)
             except OtaError as exc:  # a forged, replayed or out-of-order statement
                 self.last_error = f"refused a key statement: {exc}"
+                complete = False
                 break
-        if store is not self._trust:
-            self.flash.save_trust_store(store)
+        if store is not start:
+            self.flash.save_trust_store(store)  # before anything trusts the new keys
             self._trust = store
+        return page.more and complete and store.sequence > start.sequence
 
     def _on_hello_answered(self, now: float) -> None:
         self._online = True

@@ -13,16 +13,21 @@ single write and a crash before or after it leaves a consistent state:
 3. ``accept_download`` checks the whole image: CRC-32 and SHA-256 of the module format
    (otacore.module.validate_module), the manifest signature (otacore.signing), the file hash
    and size against the manifest, the module metadata against the manifest, the platform, the
-   dependencies against the other installed modules, and that a system part is no downgrade.
-   ``stage_update`` then marks it *pending activation* (a record write; the flash layer makes
-   the slot data durable before it).
+   dependencies against the other installed modules, that a system part is no downgrade, and
+   that an application is not older than the record's anti-rollback floor unless a downgrade
+   authorisation for this device allows it (otacore.downgrade; ``plan_download`` checks the
+   same before the first chunk). ``stage_update`` then marks it *pending activation* (a
+   record write, which also uses up the authorisation; the flash layer makes the slot data
+   durable before it).
 4. At reset ``decide_boot`` switches the module's active slot to the pending one and starts a
    *trial* (a record write: active slot + trial flag + attempt counter, all at once). Every
    trial boot increments the attempt counter before the image starts.
-5. ``on_selftest_result``: reaching the cloud commits the trial; failing rolls back to the
-   previous slot. A trial image that has been started ``max_trial_boots`` times without a
-   commit (it crashed or reset each time) is rolled back by ``decide_boot``. Either way the
-   record keeps an :class:`UpdateOutcome` until the session layer has reported it.
+5. ``on_selftest_result``: reaching the cloud commits the trial (for an application, the
+   same write sets the anti-rollback floor to its product version); failing rolls back to the
+   previous slot, floor untouched. A trial image that has been started ``max_trial_boots``
+   times without a commit (it crashed or reset each time) is rolled back by ``decide_boot``.
+   Either way the record keeps an :class:`UpdateOutcome` until the session layer has reported
+   it.
 
 One update is in flight at a time: a new download is refused while another module awaits
 activation or while a trial runs (the trial's rollback target is the inactive slot).
@@ -43,10 +48,18 @@ from otacore.device import (
     ModuleKey,
     OutcomeStatus,
     PendingActivation,
+    RollbackGuard,
     SlotState,
     TrialState,
     UpdateOutcome,
     inactive_slot,
+)
+from otacore.downgrade import (
+    DowngradeAuthorization,
+    DowngradeFormatError,
+    DowngradeRefusedError,
+    check_downgrade,
+    verify_downgrade,
 )
 from otacore.errors import ModuleFormatError
 from otacore.module import ModuleDependency, ModuleInfo, dependency_met, validate_module
@@ -96,6 +109,8 @@ class Verdict:
     detail: str
     manifest: Manifest | None = None
     info: ModuleInfo | None = None
+    #: The downgrade authorisation that let an older application in (None: no downgrade).
+    authorization: DowngradeAuthorization | None = None
 
     @property
     def accepted(self) -> bool:
@@ -177,6 +192,52 @@ def _check_compatibility(
 
 
 @dataclass(frozen=True)
+class RollbackContext:
+    """What the anti-rollback check needs besides the boot record: who the device is, the
+    downgrade authorisation the offer carried, and the wall-clock time (Unix seconds; None
+    for a device without a clock, see :mod:`otacore.downgrade`)."""
+
+    device_id: str = ""
+    authorization: bytes | None = None
+    now: float | None = None
+
+
+def app_floor(record: BootRecord) -> int:
+    """The version an application offer must reach without a downgrade authorisation."""
+    return record.rollback.floor if record.rollback is not None else 0
+
+
+def _check_rollback(
+    manifest: Manifest, record: BootRecord, trust_store: TrustStore, context: RollbackContext
+) -> Verdict:
+    """An application older than the floor needs a valid downgrade authorisation for this
+    device (Device OS modules are checked by _check_compatibility: never a downgrade)."""
+    if manifest.module_function != ModuleFunction.USER_PART:
+        return Verdict(None, "not an application", manifest)
+    floor = app_floor(record)
+    if manifest.product_version >= floor:
+        return Verdict(None, "no downgrade", manifest)
+    if context.authorization is None:
+        return _refuse(
+            RejectReason.DOWNGRADE,
+            f"application version {manifest.product_version} is older than version {floor} "
+            "this device has run, and the offer carries no downgrade authorisation for it "
+            "(lock or flash the device to the older version to authorise one)",
+            manifest,
+        )
+    guard = record.rollback or RollbackGuard(floor)
+    try:
+        authorization = verify_downgrade(context.authorization, trust_store)
+        check_downgrade(
+            authorization, manifest, device_id=context.device_id, floor=floor,
+            last_issued_at_ms=guard.authorised_at, now=context.now,
+        )
+    except (DowngradeFormatError, SignatureError, DowngradeRefusedError) as exc:
+        return _refuse(RejectReason.DOWNGRADE, f"downgrade refused: {exc}", manifest)
+    return Verdict(None, "downgrade authorised", manifest, authorization=authorization)
+
+
+@dataclass(frozen=True)
 class DownloadPlan:
     """Where a download goes, and the record to write before its first chunk."""
 
@@ -193,12 +254,15 @@ def plan_download(
     *,
     platform_id: int,
     installed: Installed,
+    rollback: RollbackContext | None = None,
 ) -> DownloadPlan:
     """Decide whether to start downloading the firmware ``signed_manifest`` names.
 
-    Nothing is downloaded unless the manifest verifies, the firmware suits this device, no
-    trial runs and no other module awaits activation. A pending activation of the same
-    module is dropped (its slot is about to be overwritten): write ``plan.record`` first.
+    Nothing is downloaded unless the manifest verifies, the firmware suits this device, it
+    is no application older than the anti-rollback floor (unless ``rollback`` carries a
+    downgrade authorisation for it), no trial runs and no other module awaits activation. A
+    pending activation of the same module is dropped (its slot is about to be overwritten):
+    write ``plan.record`` first.
     """
     verdict = _check_manifest(signed_manifest, trust_store)
     if verdict.manifest is None:
@@ -209,6 +273,9 @@ def plan_download(
         return DownloadPlan(_refuse(*busy, manifest), None, record, False)
     pending = record.pending
     verdict = _check_compatibility(manifest, platform_id, list(installed))
+    if not verdict.accepted:
+        return DownloadPlan(verdict, None, record, False)
+    verdict = _check_rollback(manifest, record, trust_store, rollback or RollbackContext())
     if not verdict.accepted:
         return DownloadPlan(verdict, None, record, False)
     new_record = replace(record, pending=None) if pending is not None else record
@@ -224,8 +291,12 @@ def accept_download(
     *,
     platform_id: int,
     installed: Installed,
+    record: BootRecord | None = None,
+    rollback: RollbackContext | None = None,
 ) -> Verdict:
-    """Check a completely downloaded image before it may be staged.
+    """Check a completely downloaded image before it may be staged (an application last
+    of all against the anti-rollback floor of ``record``, with the downgrade authorisation
+    in ``rollback`` if any).
 
     In order: module integrity (format, CRC-32, SHA-256, size limit), manifest signature,
     file size and SHA-256 against the manifest, module metadata against the manifest, the
@@ -267,7 +338,12 @@ def accept_download(
     verdict = _check_compatibility(manifest, platform_id, list(installed))
     if not verdict.accepted:
         return verdict
-    return Verdict(None, "accepted", manifest, info)
+    verdict = _check_rollback(
+        manifest, record or BootRecord(), trust_store, rollback or RollbackContext()
+    )
+    if not verdict.accepted:
+        return verdict
+    return Verdict(None, "accepted", manifest, info, verdict.authorization)
 
 
 def stage_update(record: BootRecord, verdict: Verdict) -> BootRecord:
@@ -282,6 +358,11 @@ def stage_update(record: BootRecord, verdict: Verdict) -> BootRecord:
     pending = PendingActivation(
         key[0], key[1], inactive_slot(record, key), manifest.module_version, manifest.sha256
     )
+    authorization = verdict.authorization
+    if authorization is not None:
+        # Used up in the same write that stages it: it never lets anything in again.
+        guard = record.rollback or RollbackGuard(0)
+        record = replace(record, rollback=replace(guard, authorised_at=authorization.issued_at_ms))
     return replace(record, pending=pending)
 
 
@@ -448,8 +529,24 @@ def decide_boot(
         for dep in _slot(slots, key, slot).dependencies
         if not dependency_met(dep, running)
     )
+    # 5. A record from before rollback protection: the running application sets the floor.
+    if new.rollback is None:
+        new = replace(new, rollback=RollbackGuard(_running_app_version(new, slots)))
     changed = new != record
     return BootDecision(new, changed, boot_slots, new.trial, tuple(missing), unmet, tuple(events))
+
+
+def _running_app_version(record: BootRecord, slots: Mapping[ModuleKey, Sequence[SlotState]]) -> int:
+    """Highest product version of the applications the record runs (0 when none has one);
+    a trial image is not counted: it has not passed its self-test."""
+    trial = record.trial
+    versions = [
+        _slot(slots, (function, index), slot).product_version or 0
+        for function, index, slot in record.active
+        if function == ModuleFunction.USER_PART
+        and (trial is None or (trial.function, trial.index) != (function, index))
+    ]
+    return max(versions, default=0)
 
 
 @dataclass(frozen=True)
@@ -478,6 +575,13 @@ def on_selftest_result(
             OutcomeStatus.COMMITTED,
         )
         new = replace(record, trial=None, outcome=outcome)
+        if trial.function == ModuleFunction.USER_PART:
+            # The committed application sets the anti-rollback floor, in the same write.
+            key = (trial.function, trial.index)
+            active = record.active_slot(key)
+            state = _slot(slots, key, active) if active is not None else EMPTY_SLOT
+            guard = record.rollback or RollbackGuard(0)
+            new = replace(new, rollback=replace(guard, floor=state.product_version or 0))
         return SelfTestDecision(new, True, False, outcome)
     events: list[BootEvent] = []
     new, switched = _end_trial(record, slots, OutcomeStatus.SELFTEST_FAILED, events)

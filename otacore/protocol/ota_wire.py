@@ -5,7 +5,10 @@ the server's describe request. On top of it, an update is:
 
 1. **Offer** -- server -> device, ``POST m`` (a request that gets a response): the payload
    is the signed manifest (``otacore.signing.SignedManifest.to_bytes()``) of the *image*
-   the device will end up with, plus optional Uri-Query ``delta=<base sha256 hex>`` (the
+   the device will end up with, followed, when that image is an application older than
+   the one the device has run, by a downgrade authorisation for that device
+   (``otacore.downgrade.SignedDowngrade.to_bytes()``; see :func:`split_offer`), plus
+   optional Uri-Query ``delta=<base sha256 hex>`` (the
    file is a patch against that base) or ``enc=zstd`` (the file is the image compressed as
    one zstd frame, ``otacore.zstd_image``; only to devices whose Hello set
    ``compressed_ota``). The
@@ -25,10 +28,15 @@ the server's describe request. On top of it, an update is:
 4. **Availability** -- the device publishes ``UPDATES_ENABLED_EVENT`` ("true"/"false") when
    its application enables or disables updates; the server sends ``UPDATES_PENDING_EVENT``
    and ``UPDATES_FORCED_EVENT`` as server events ("true"/"false").
-5. **Key rotation** -- the answer to a Hello carries, when the product's signing keys were
-   ever rotated, the product's key rotation statements (``otacore.signing``) as a msgpack
-   array of byte strings, in sequence order; the device applies those it has not applied
-   yet before anything else, so an offer signed with a new key always finds it trusted.
+5. **Key rotation** -- the Hello names the rotation sequence the device's trust store is at
+   (``key_sequence``; a device that omits it is taken to be at 0). The answer carries the
+   key rotation statements (``otacore.signing``) after it, in sequence order, as many as fit
+   one message to that device (:func:`statement_budget`): a msgpack map ``{"statements":
+   [bin, ...], "more": bool}``. While ``more`` is true the device asks for the rest with
+   ``GET k?after=<its sequence>`` (2.05 Content, the same map), and it applies every
+   statement before it sends its Describe, so no offer can arrive before it trusts the key
+   that signed it. To a device that sent no ``key_sequence`` (an older one) the answer is
+   the legacy msgpack array of the first statements that fit, without ``more``.
 6. **Stock clients** -- ``GET fw/<sha256 hex>`` with Block2 (RFC 7959) returns any firmware
    the device's product may run, byte for byte.
 """
@@ -49,13 +57,17 @@ from otacore.device.availability import (  # noqa: F401 - re-exported: part of t
     UPDATES_FORCED_EVENT,
     UPDATES_PENDING_EVENT,
 )
+from otacore.downgrade import SIZE as DOWNGRADE_SIZE
 from otacore.errors import PayloadSchemaError
+from otacore.signing import SIGNATURE_SIZE, SIGNED_HEADER
 from otacore.transfer import TransferMessage, decode_message, encode_message
 
 PATH_OFFER = "m"
 PATH_TRANSFER = "u"
 PATH_FIRMWARE = "fw"
+PATH_KEYS = "k"
 DELTA_QUERY = "delta="
+AFTER_QUERY = "after="
 ENCODING_QUERY = "enc="
 #: The one file encoding an offer may name (besides a delta).
 ZSTD_ENCODING = "zstd"
@@ -67,26 +79,66 @@ OFFER_ACCEPTED = Code.CHANGED
 OFFER_UNAVAILABLE = Code.SERVICE_UNAVAILABLE
 OFFER_REFUSED = Code.FORBIDDEN
 
-#: Key rotation statements one Hello answer may carry (each well under 256 bytes).
+#: Key rotation statements one answer may carry (each well under 256 bytes); the message
+#: size a device accepts bounds it far lower (see statement_budget).
 MAX_KEY_STATEMENTS = 64
+#: RFC 7252 4.6: without a known path MTU a CoAP message over UDP should stay within
+#: 1152 bytes (1280-byte IPv6 minimum MTU less IP, UDP and DTLS overheads).
+UDP_MAX_MESSAGE = 1152
+#: Room kept for the CoAP header, an 8-byte token, options and the payload marker
+#: (RFC 7252 3, RFC 8323 3.2: a TCP frame's length header is at most 6 bytes).
+RESPONSE_OVERHEAD = 40
+#: The map around the statements: fixmap, two keys, array header, bool.
+_PAGE_OVERHEAD = 24
+#: A statement in the page: bin 8 header (2 bytes) plus the statement.
+_STATEMENT_OVERHEAD = 2
 
 UPDATE_RESULT_STATUSES = frozenset({"committed", "rolled_back", "failed"})
 
 
 def offer_request(
-    signed_manifest: bytes, delta_base_sha256: bytes | None = None, *, compressed: bool = False
+    signed_manifest: bytes,
+    delta_base_sha256: bytes | None = None,
+    *,
+    compressed: bool = False,
+    authorization: bytes | None = None,
 ) -> Message:
     """The ``POST m`` request offering an image (for a delta, naming its base; ``compressed``:
-    the file will be the image as one zstd frame)."""
+    the file will be the image as one zstd frame; ``authorization``: a downgrade
+    authorisation for this device, after the manifest)."""
     if compressed and delta_base_sha256 is not None:
         raise ValueError("an offer is a delta or a compressed image, not both")
-    message = Message(MessageType.CON, Code.POST, payload=signed_manifest)
+    payload = bytes(signed_manifest) + (bytes(authorization) if authorization else b"")
+    message = Message(MessageType.CON, Code.POST, payload=payload)
     message.set_uri_path(PATH_OFFER)
     if delta_base_sha256 is not None:
         message.add_uri_query(DELTA_QUERY + delta_base_sha256.hex())
     if compressed:
         message.add_uri_query(ENCODING_QUERY + ZSTD_ENCODING)
     return message
+
+
+def split_offer(payload: bytes) -> tuple[bytes, bytes | None]:
+    """(signed manifest, downgrade authorisation or None) of an offer's payload.
+
+    The manifest envelope states its own length (``otacore.signing.SIGNED_HEADER``); what
+    follows it, if anything, must be exactly one downgrade authorisation. PayloadSchemaError
+    otherwise (the signatures are checked later, by the device's acceptance checks).
+    """
+    payload = bytes(payload)
+    if len(payload) < SIGNED_HEADER.size:
+        return payload, None  # too short for a manifest: the manifest parser says why
+    (body_length,) = SIGNED_HEADER.unpack_from(payload)[2:]
+    end = SIGNED_HEADER.size + body_length + SIGNATURE_SIZE
+    if len(payload) <= end:
+        return payload, None
+    rest = payload[end:]
+    if len(rest) != DOWNGRADE_SIZE:
+        raise PayloadSchemaError(
+            f"offer: {len(rest)} bytes follow the manifest; a downgrade authorisation is "
+            f"{DOWNGRADE_SIZE}"
+        )
+    return payload[:end], rest
 
 
 def offer_compressed(message: Message) -> bool:
@@ -190,8 +242,52 @@ def parse_update_result(data: str) -> UpdateResult:
     return UpdateResult(fields["function"], fields["index"], fields["version"], status, detail)
 
 
+@dataclass(frozen=True)
+class KeyPage:
+    """Key rotation statements in one answer (a Hello's or a ``GET k``'s), in sequence
+    order, and whether more follow (ask with :func:`key_request`)."""
+
+    statements: tuple[bytes, ...] = ()
+    more: bool = False
+
+
+def statement_budget(transport: str, max_message_size: int) -> int:
+    """Payload bytes one answer to a device may carry: its Hello's ``max_message_size``,
+    over UDP at most one unfragmented CoAP message (RFC 7252 4.6), less the response's
+    own header, token and options."""
+    limit = max_message_size if transport == "tcp" else min(max_message_size, UDP_MAX_MESSAGE)
+    return limit - RESPONSE_OVERHEAD
+
+
+def key_page_for(statements: Sequence[bytes], after: int, budget: int) -> KeyPage:
+    """The statements after sequence ``after`` (``statements[i]`` has sequence i + 1) that
+    fit ``budget`` payload bytes; at least one when any is missing, so a device always
+    makes progress (one statement is ~124 bytes, under any message a device can take)."""
+    missing = statements[max(after, 0):]
+    room = budget - _PAGE_OVERHEAD
+    chosen: list[bytes] = []
+    for statement in missing[:MAX_KEY_STATEMENTS]:
+        cost = len(statement) + _STATEMENT_OVERHEAD
+        if chosen and cost > room:
+            break
+        chosen.append(bytes(statement))
+        room -= cost
+    return KeyPage(tuple(chosen), more=len(chosen) < len(missing))
+
+
+def key_page_payload(page: KeyPage) -> bytes:
+    """The payload of an answer carrying ``page`` (empty when there is nothing to say)."""
+    if not page.statements and not page.more:
+        return b""
+    packed: bytes = msgpack.packb(
+        {"statements": list(page.statements), "more": page.more}, use_bin_type=True
+    )
+    return packed
+
+
 def hello_answer_payload(statements: Sequence[bytes]) -> bytes:
-    """The payload of the answer to a Hello: the product's key rotation statements."""
+    """The legacy answer to a Hello without ``key_sequence``: a msgpack array of the first
+    key rotation statements (at most MAX_KEY_STATEMENTS; pass only what fits the device)."""
     if not statements:
         return b""
     if len(statements) > MAX_KEY_STATEMENTS:
@@ -199,21 +295,56 @@ def hello_answer_payload(statements: Sequence[bytes]) -> bytes:
     return msgpack.packb([bytes(s) for s in statements])
 
 
-def parse_hello_answer(payload: bytes) -> list[bytes]:
-    """Key rotation statements from a Hello answer; PayloadSchemaError when malformed."""
+def parse_hello_answer(payload: bytes) -> KeyPage:
+    """Key rotation statements of a Hello (or ``GET k``) answer: the map, or the legacy
+    array (no ``more``); PayloadSchemaError when malformed."""
     if not payload:
-        return []
+        return KeyPage()
     try:
         value = msgpack.unpackb(
             bytes(payload),
             raw=False,
             max_array_len=MAX_KEY_STATEMENTS,
             max_bin_len=1024,
-            max_str_len=0,
-            max_map_len=0,
+            max_str_len=16,
+            max_map_len=2,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise PayloadSchemaError(f"hello answer is not a msgpack array: {exc}") from exc
+        raise PayloadSchemaError(f"key statements answer is not valid msgpack: {exc}") from exc
+    more: object = False
+    if isinstance(value, dict):
+        if set(value) != {"statements", "more"}:
+            raise PayloadSchemaError(
+                "key statements answer must be a map of exactly 'statements' and 'more'"
+            )
+        value, more = value["statements"], value["more"]
     if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
-        raise PayloadSchemaError("hello answer must be an array of key statements (bytes)")
-    return value
+        raise PayloadSchemaError("key statements must be an array of byte strings")
+    if not isinstance(more, bool):
+        raise PayloadSchemaError("key statements answer: 'more' must be a bool")
+    return KeyPage(tuple(value), more)
+
+
+def key_request(after: int) -> Message:
+    """The device's ``GET k?after=<sequence>``: the key rotation statements after that."""
+    message = Message(MessageType.CON, Code.GET)
+    message.set_uri_path(PATH_KEYS)
+    message.add_uri_query(f"{AFTER_QUERY}{after}")
+    return message
+
+
+def is_key_request(message: Message) -> bool:
+    """True for a ``GET k``."""
+    return message.code == Code.GET and message.uri_path == [PATH_KEYS]
+
+
+def parse_key_request(message: Message) -> int:
+    """The sequence a ``GET k`` asks to continue after; PayloadSchemaError when absent or
+    not a decimal number in 0..2**64-1."""
+    values = [q[len(AFTER_QUERY):] for q in message.uri_query if q.startswith(AFTER_QUERY)]
+    if len(values) != 1:
+        raise PayloadSchemaError("GET k needs exactly one Uri-Query after=<sequence>")
+    text = values[0]
+    if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) >= 1 << 64:
+        raise PayloadSchemaError(f"GET k: after={text[:24]!r} is not a sequence number")
+    return int(text)

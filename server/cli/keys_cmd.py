@@ -9,12 +9,7 @@ import typer
 
 from otacore.errors import OtaError
 from server.cli._output import fail, print_json
-from server.devices.keys import (
-    product_signing_key,
-    product_statements,
-    rotate_product_key,
-    withdraw_product_key,
-)
+from server.devices.keys import MAX_PRODUCT_KEYS, rotate_product_key, withdraw_product_key
 from server.fleet.base import FleetBase
 from server.store import Store
 
@@ -37,18 +32,20 @@ def rotate_key(
     """Introduce a new signing key (signed by the current one) and sign with it from now on."""
     try:
         product_id = _product_id(data, product)
-        old = product_signing_key(data, product_id)
-        new = rotate_product_key(data, product_id)
+        rotation = rotate_product_key(data, product_id)
     except (OtaError, OSError) as exc:
         fail(str(exc))
-    sequence = len(product_statements(data, product_id))
+    old, new, sequence = rotation.old, rotation.new, rotation.sequence
     if as_json:
         print_json({"product_id": product_id, "old_key_id": old.key_id,
                     "new_key_id": new.key_id, "sequence": sequence,
-                    "public_key": new.public_key.hex()})
+                    "public_key": new.public_key.hex(), "retired": list(rotation.retired)})
     else:
         typer.echo(f"product {product_id}: signing key {old.key_id} -> {new.key_id} "
                    f"(statement {sequence}); devices learn it at their next Hello")
+        for key_id in rotation.retired:
+            typer.echo(f"withdrew key {key_id}: a product keeps its {MAX_PRODUCT_KEYS} newest "
+                       "keys")
 
 
 def withdraw_key_command(
@@ -59,10 +56,11 @@ def withdraw_key_command(
     """Withdraw an old signing key: devices stop trusting it at their next Hello."""
     try:
         product_id = _product_id(data, product)
-        withdraw_product_key(data, product_id, key_id)
+        sequence = withdraw_product_key(data, product_id, key_id)
     except (OtaError, OSError, ValueError) as exc:
         fail(str(exc))
-    typer.echo(f"product {product_id}: key {key_id} withdrawn")
+    typer.echo(f"product {product_id}: key {key_id} withdrawn (statement {sequence}); "
+               "devices drop it at their next Hello")
 
 
 def attach(product_app: typer.Typer) -> None:

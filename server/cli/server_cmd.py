@@ -26,6 +26,7 @@ import typer
 
 from otacore.errors import OtaError
 from server.app import ServerConfig, serve
+from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.store import Store
@@ -78,21 +79,39 @@ def server(
         help="Set a device listener limit (repeatable), e.g. max_pending_per_address=2000 "
         "when many devices share one public address. Names: " + ", ".join(LIMIT_NAMES) + ".",
     ),
+    downgrades: str = typer.Option(
+        DowngradePolicy.TARGETED.value,
+        "--downgrades",
+        help="When a device may be sent an older application than it has run: 'targeted' "
+        "(its target says so: lock, flash, unlock, older release), 'device' (only a lock or "
+        "flash of that device) or 'never'. Devices refuse any other downgrade.",
+    ),
+    downgrade_lifetime: float = typer.Option(
+        OtaConfig.downgrade_lifetime,
+        "--downgrade-lifetime",
+        help="Seconds a downgrade authorisation for one device stays valid (devices refuse "
+        "it after that).",
+    ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too)."""
     listeners = device_port >= 0
     limits = _device_limits(device_limit or [])
-    config = ServerConfig(
-        data_dir=data,
-        host=host,
-        api_port=api_port,
-        db_url=db_url,
-        device_port=device_port if listeners else None,
-        device_host=device_host,
-        workers=workers if workers is not None else default_workers(listeners),
-        device_limits=limits,
-    )
+    try:
+        config = ServerConfig(
+            data_dir=data,
+            host=host,
+            api_port=api_port,
+            db_url=db_url,
+            device_port=device_port if listeners else None,
+            device_host=device_host,
+            workers=workers if workers is not None else default_workers(listeners),
+            ota=OtaConfig(downgrades=DowngradePolicy.parse(downgrades),
+                          downgrade_lifetime=downgrade_lifetime),
+            device_limits=limits,
+        )
+    except OtaError as exc:
+        raise _fail(str(exc)) from exc
     try:
         trio.run(_run_server, config)
     except (OtaError, OSError) as exc:

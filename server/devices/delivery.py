@@ -7,9 +7,38 @@ boot result is still to come. Shared by :mod:`server.devices.ota` (the engine) a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
+from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
 from otacore.transfer import RetransmitPolicy
+
+
+class DowngradePolicy(StrEnum):
+    """When the server signs a downgrade authorisation (otacore.downgrade) for a device
+    whose target is an older application than the one it has run."""
+
+    #: Whenever the device's target says so: a lock, a flash, an unlock back to a release,
+    #: or a release of an older version (rolling a bad release back).
+    TARGETED = "targeted"
+    #: Only for an operator's choice for that one device: a lock or a flash (a release of
+    #: an older version does not take devices down).
+    DEVICE = "device"
+    #: Never: no application ever goes down a version over the air.
+    NEVER = "never"
+
+    @classmethod
+    def parse(cls, value: object) -> DowngradePolicy:
+        """The policy named ``value``; ValidationError naming the choices otherwise."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value if isinstance(value, str) else "")
+        except ValueError:
+            choices = ", ".join(policy.value for policy in cls)
+            raise ValidationError(
+                f"unknown downgrade policy {value!r}; choose one of {choices}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -61,6 +90,21 @@ class OtaConfig:
     #: Send a full image zstd-compressed (to devices announcing compressed OTA) only when
     #: the frame is at most this fraction of the image.
     compressed_max_ratio: float = 0.95
+    #: Which targets older than what a device runs the server authorises
+    #: (``ota server --downgrades``); devices refuse any other older application.
+    downgrades: DowngradePolicy = DowngradePolicy.TARGETED
+    #: Seconds a downgrade authorisation (otacore.downgrade) stays valid: signed afresh for
+    #: each offer, so it only has to outlive one session's transfer; shorter bounds how long
+    #: a copy of it could be replayed (``ota server --downgrade-lifetime``).
+    downgrade_lifetime: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.downgrade_lifetime <= 365 * 86400:
+            raise ValidationError(
+                f"the downgrade authorisation lifetime must be 1 s to 365 days, not "
+                f"{self.downgrade_lifetime!r} s"
+            )
+        object.__setattr__(self, "downgrades", DowngradePolicy.parse(self.downgrades))
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,30 @@
 on first use and written atomically (temp file, fsync, rename, fsync of the directory), so a
 crash never leaves a half-written key. Devices trust the public half (provisioning writes it
 next to their credentials as ``signing-keys.txt``).
+
+Key rotation (``ota product rotate-key`` / ``withdraw-key``, from any process, while servers
+run) appends a statement to ``product-<id>.statements``; statement N must be the N-th, so each
+rotation holds an exclusive ``flock`` on ``product-<id>.lock`` from reading the statements to
+installing the new current key: two concurrent rotations, in threads or processes, queue
+instead of both taking the same sequence number.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 
-from otacore.errors import NotFoundError
+from otacore.errors import ConflictError, NotFoundError, StoreError
 from otacore.signing import (
+    KeyAction,
+    RotationStatement,
     SigningKey,
     generate_signing_key,
     introduce_key,
@@ -25,6 +38,14 @@ from server.private_files import write_private_file
 
 KEY_SUFFIX = ".ed25519"
 TRUST_FILE = "signing-keys.txt"
+#: Keys a product keeps trusted: a rotation beyond this withdraws the oldest, so devices'
+#: trust stores (at most otacore.signing.MAX_TRUSTED_KEYS keys) never fill up.
+MAX_PRODUCT_KEYS = 16
+
+
+def _tmp_suffix() -> str:
+    """A temporary file suffix no other process or thread uses at the same time."""
+    return f".tmp{os.getpid()}-{threading.get_ident()}"
 
 
 def _key_path(data_dir: Path, product_id: int) -> Path:
@@ -40,7 +61,7 @@ def product_signing_key(data_dir: Path, product_id: int) -> SigningKey:
         pass
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_signing_key()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(_tmp_suffix())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, key.private_bytes())
@@ -97,7 +118,7 @@ def _statements_path(data_dir: Path, product_id: int) -> Path:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(_tmp_suffix())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -122,42 +143,105 @@ def product_statements(data_dir: Path, product_id: int) -> list[bytes]:
     return statements
 
 
-def _append_statement(data_dir: Path, product_id: int, statement: bytes) -> None:
-    statements = [*product_statements(data_dir, product_id), statement]
-    _write_atomically(_statements_path(data_dir, product_id), msgpack.packb(statements))
+@contextmanager
+def _rotation_lock(data_dir: Path, product_id: int) -> Iterator[None]:
+    """Hold the product's rotation lock (an exclusive flock, released when the file is
+    closed, also when the process dies) for a read-modify-write of its statements."""
+    path = Path(data_dir) / "keys" / f"product-{product_id}.lock"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the rotation holding it is done
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
-def rotate_product_key(data_dir: Path, product_id: int) -> SigningKey:
+def _append_statements(data_dir: Path, product_id: int, statements: list[bytes],
+                       *added: RotationStatement) -> None:
+    """Write ``statements`` plus ``added``, which must continue their sequence, in one atomic
+    write (the caller holds the rotation lock and read ``statements`` under it)."""
+    for offset, statement in enumerate(added, start=1):
+        if statement.sequence != len(statements) + offset:  # pragma: no cover - a bug
+            raise StoreError(f"key rotation statement {statement.sequence} does not follow "
+                             f"statement {len(statements) + offset - 1}")
+    packed = msgpack.packb([*statements, *(statement.to_bytes() for statement in added)])
+    _write_atomically(_statements_path(data_dir, product_id), packed)
+
+
+def trusted_key_ids(statements: list[bytes], current: SigningKey) -> list[str]:
+    """The key ids a device that applied every statement trusts, oldest first (the key that
+    signed statement 1 is the provisioned one; with no statements, the current key)."""
+    parsed = [parse_statement(s) for s in statements]
+    trusted = [parsed[0].signer_key_id] if parsed else [current.key_id]
+    for statement in parsed:
+        subject = statement.subject_key_id
+        if statement.action is KeyAction.INTRODUCE and subject not in trusted:
+            trusted.append(subject)
+        elif statement.action is KeyAction.WITHDRAW and subject in trusted:
+            trusted.remove(subject)
+    return trusted
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What one rotation did: the key that signed the statement, the new current key, the
+    introducing statement's sequence number and the old keys it retired."""
+
+    old: SigningKey
+    new: SigningKey
+    sequence: int
+    #: Key ids withdrawn with the rotation (more than MAX_PRODUCT_KEYS were trusted).
+    retired: tuple[str, ...] = ()
+
+
+def rotate_product_key(data_dir: Path, product_id: int) -> Rotation:
     """Introduce a new signing key, signed by the current one, and sign with it from now on.
 
-    Order for crash safety: the new key is stored under its key id first, then the
-    statement, then it becomes the current key; a crash in between leaves the old key in use
-    and, at worst, a statement introducing a key that is kept but not yet used.
+    A product keeps at most MAX_PRODUCT_KEYS keys trusted: the oldest beyond that are
+    withdrawn (signed by the new key) in the same write, so a device catching up on any
+    number of rotations never needs more than that many keys in its trust store (which
+    holds MAX_TRUSTED_KEYS). Atomic against other rotations (the rotation lock). Order for
+    crash safety: the new key is stored under its key id first, then the statements, then it
+    becomes the current key; a crash in between leaves the old key in use and, at worst,
+    statements introducing a key that is kept but not yet used.
     """
-    current = product_signing_key(data_dir, product_id)
-    sequence = len(product_statements(data_dir, product_id)) + 1
-    new = generate_signing_key()
-    keys_dir = _key_path(data_dir, product_id).parent
-    _write_atomically(keys_dir / f"product-{product_id}-{new.key_id}{KEY_SUFFIX}",
-                      new.private_bytes())
-    statement = introduce_key(current, new.public_key, product_id=product_id, sequence=sequence)
-    _append_statement(data_dir, product_id, statement.to_bytes())
-    _write_atomically(_key_path(data_dir, product_id), new.private_bytes())
-    return new
+    with _rotation_lock(data_dir, product_id):
+        current = product_signing_key(data_dir, product_id)
+        statements = product_statements(data_dir, product_id)
+        new = generate_signing_key()
+        keys_dir = _key_path(data_dir, product_id).parent
+        _write_atomically(keys_dir / f"product-{product_id}-{new.key_id}{KEY_SUFFIX}",
+                          new.private_bytes())
+        sequence = len(statements) + 1
+        added = [introduce_key(current, new.public_key, product_id=product_id,
+                               sequence=sequence)]
+        trusted = [*trusted_key_ids(statements, current), new.key_id]
+        retired = tuple(trusted[: max(0, len(trusted) - MAX_PRODUCT_KEYS)])
+        for key_id in retired:
+            added.append(withdraw_key(new, key_id, product_id=product_id,
+                                      sequence=sequence + len(added)))
+        _append_statements(data_dir, product_id, statements, *added)
+        _write_atomically(_key_path(data_dir, product_id), new.private_bytes())
+        return Rotation(current, new, sequence, retired)
 
 
-def withdraw_product_key(data_dir: Path, product_id: int, key_id: str) -> None:
-    """Withdraw an old key (signed by the current key): devices stop trusting it."""
-    current = product_signing_key(data_dir, product_id)
-    introduced = {parse_statement(s).subject_key_id for s in product_statements(data_dir,
-                                                                             product_id)}
-    if key_id == current.key_id:
-        raise NotFoundError("the current signing key cannot be withdrawn: rotate first")
-    if key_id not in introduced and not any(
-        parse_statement(s).signer_key_id == key_id
-        for s in product_statements(data_dir, product_id)
-    ):
-        raise NotFoundError(f"key {key_id} was never a signing key of product {product_id}")
-    sequence = len(product_statements(data_dir, product_id)) + 1
-    statement = withdraw_key(current, key_id, product_id=product_id, sequence=sequence)
-    _append_statement(data_dir, product_id, statement.to_bytes())
+def withdraw_product_key(data_dir: Path, product_id: int, key_id: str) -> int:
+    """Withdraw an old key (signed by the current key): devices stop trusting it. Returns
+    the statement's sequence number."""
+    with _rotation_lock(data_dir, product_id):
+        current = product_signing_key(data_dir, product_id)
+        statements = product_statements(data_dir, product_id)
+        parsed = [parse_statement(s) for s in statements]
+        if key_id == current.key_id:
+            raise ConflictError("the current signing key cannot be withdrawn: rotate first")
+        known = {s.subject_key_id for s in parsed} | {s.signer_key_id for s in parsed}
+        if key_id not in known:
+            raise NotFoundError(f"key {key_id} was never a signing key of product {product_id}")
+        withdrawn = {s.subject_key_id for s in parsed if s.action is KeyAction.WITHDRAW}
+        if key_id in withdrawn:
+            raise ConflictError(f"key {key_id} is already withdrawn")
+        statement = withdraw_key(current, key_id, product_id=product_id,
+                                 sequence=len(statements) + 1)
+        _append_statements(data_dir, product_id, statements, statement)
+        return statement.sequence

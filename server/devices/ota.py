@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from otacore.downgrade import authorize_downgrade
 from otacore.errors import OtaError, PayloadSchemaError
-from otacore.messages import Event
+from otacore.messages import Event, Hello
 from otacore.module import dependency_met, parse_module
 from otacore.platforms import ModuleFunction
+from otacore.precedence import TargetReason
 from otacore.protocol.ota_wire import (
     RESET_PENDING_EVENT,
     UPDATE_RESULT_EVENT,
@@ -29,7 +31,7 @@ from otacore.protocol.ota_wire import (
     UpdateResult,
     parse_update_result,
 )
-from otacore.signing import manifest_for_module, sign_manifest
+from otacore.signing import Manifest, manifest_for_module, sign_manifest
 from otacore.transfer import (
     PreparedFile,
 )
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 
 from server.devices.delivery import (  # noqa: F401 - OtaConfig and SentFile are re-exported
     Delivery,
+    DowngradePolicy,
     OtaConfig,
     PlannedModule,
     SentFile,
@@ -67,7 +70,9 @@ class OtaEngine:
         self.config = config or OtaConfig()
         self.limiter = trio.CapacityLimiter(self.config.max_concurrent_transfers)
         self._prepared: OrderedDict[tuple[str, int], PreparedFile] = OrderedDict()
-        self._manifests: dict[tuple[int, str], bytes] = {}
+        #: (product, image SHA-256, signing key id) -> manifest, signed once: a rotation
+        #: changes the key, so nothing signed by a retired key is offered after it.
+        self._manifests: dict[tuple[int, str, str], tuple[Manifest, bytes]] = {}
         #: Stored images by SHA-256, parsed (see module()).
         self._modules: OnceCache[str, PlannedModule] = OnceCache(self.config.image_cache)
         #: Images a device refused or rolled back from: not offered again to it (until
@@ -276,15 +281,52 @@ class OtaEngine:
     def signed_manifest(self, product_id: int, product_version: int | None,
                         module: PlannedModule) -> bytes:
         """The product-key-signed manifest of an image (signed once, then cached)."""
-        key = (product_id, module.sha256)
-        signed = self._manifests.get(key)
-        if signed is None:
-            signing_key = product_signing_key(self.plane.config.data_dir, product_id)
+        return self._manifest(product_id, product_version, module)[1]
+
+    def _manifest(self, product_id: int, product_version: int | None,
+                  module: PlannedModule) -> tuple[Manifest, bytes]:
+        signing_key = product_signing_key(self.plane.config.data_dir, product_id)
+        key = (product_id, module.sha256, signing_key.key_id)
+        cached = self._manifests.get(key)
+        if cached is None:
             manifest = manifest_for_module(module.image, product_id=product_id,
                                            product_version=product_version)
-            signed = sign_manifest(signing_key, manifest).to_bytes()
-            self._manifests[key] = signed
-        return signed
+            signed = sign_manifest(signing_key, manifest)
+            cached = (signed.manifest, signed.to_bytes())
+            self._manifests[key] = cached
+        return cached
+
+    def downgrade_authorization(self, view: DeviceTarget, hello: Hello | None,
+                                product_version: int | None,
+                                module: PlannedModule) -> bytes | None:
+        """A downgrade authorisation for this device when ``module`` (the device's target)
+        is an application older than the one the device has run (its Hello's version and
+        anti-rollback floor) and the downgrade policy allows it: with ``device``, only a
+        pending flash (product firmware or a development binary) or a lock; with
+        ``targeted`` any target; with ``never`` none. Without one the device refuses the
+        older application (otacore.downgrade)."""
+        if module.info.module_function != ModuleFunction.USER_PART or hello is None:
+            return None
+        policy = self.config.downgrades
+        per_device = (view.pending_flash is not None
+                      or view.target.reason == TargetReason.LOCKED)
+        if policy is DowngradePolicy.NEVER or (policy is DowngradePolicy.DEVICE
+                                               and not per_device):
+            return None
+        manifest, _ = self._manifest(view.product.id, product_version, module)
+        device_version = max(hello.product_version, hello.app_version_floor or 0)
+        if manifest.product_version >= device_version:
+            return None  # no downgrade: the manifest alone will do
+        signing_key = product_signing_key(self.plane.config.data_dir, view.product.id)
+        signed = authorize_downgrade(
+            signing_key, manifest, device_id=view.device.id, from_version=device_version,
+            issued_at_ms=self.fleet.clock(),
+            lifetime_ms=round(self.config.downgrade_lifetime * 1000),
+        )
+        log.info("device %s: authorised the downgrade from version %d to %d until %d ms",
+                 view.device.id, device_version, manifest.product_version,
+                 signed.authorization.expires_at_ms)
+        return signed.to_bytes()
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -310,7 +352,9 @@ class OtaEngine:
             (int(m["function"]), int(m["index"])): int(m["version"])
             for m in (view.device.modules or [])
         }
-        platform = view.device.platform_id or view.product.platform_id
+        # The product's platform, never the one the device reported: Device OS modules of
+        # another platform must not reach it (the session refuses such a Hello anyway).
+        platform = view.product.platform_id
         catalog: list[dict[str, Any]] | None = None  # read only when a dependency is unmet
         plan: list[PlannedModule] = []
         # Dependencies first, deepest first: a system part may need a newer bootloader.

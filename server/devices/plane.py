@@ -73,18 +73,21 @@ class DevicePlane:
         self.origin = config.origin or f"server-{os.getpid()}"
         self._session_serials = itertools.count(1)
         self.server: DeviceServer | None = None
-        self._statements: dict[int, tuple[int, list[bytes]]] = {}
+        self._statements: dict[int, tuple[tuple[int, int, int], list[bytes]]] = {}
         #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
         self.ota: Any = None
 
     def key_statements(self, product_id: int) -> list[bytes]:
         """The product's key rotation statements, re-read only when the file changed
-        (``ota product rotate-key`` writes it from another process)."""
+        (``ota product rotate-key`` writes it from another process). The file only grows
+        and each write is a new inode (rename), so its size and inode tell a change even
+        within the file system's coarse timestamp granularity."""
         path = self.config.data_dir / "keys" / f"product-{product_id}.statements"
         try:
-            stamp = path.stat().st_mtime_ns
+            stat = path.stat()
         except FileNotFoundError:
             return []
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         cached = self._statements.get(product_id)
         if cached is None or cached[0] != stamp:
             cached = (stamp, product_statements(self.config.data_dir, product_id))

@@ -31,6 +31,7 @@ from otacore.messages import (
     from_message,
     to_message,
 )
+from otacore.platforms import platform_name
 from otacore.protocol.link import (
     FrameRejected,
     LinkEvent,
@@ -40,7 +41,15 @@ from otacore.protocol.link import (
     ResponseReceived,
     make_link,
 )
-from otacore.protocol.ota_wire import UPDATE_RESULT_EVENT, hello_answer_payload
+from otacore.protocol.ota_wire import (
+    UPDATE_RESULT_EVENT,
+    hello_answer_payload,
+    is_key_request,
+    key_page_for,
+    key_page_payload,
+    parse_key_request,
+    statement_budget,
+)
 from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
@@ -55,7 +64,7 @@ log = logging.getLogger("ota.devices")
 LINK_FORMAT = 40
 WELL_KNOWN_CORE = (
     b'</h>;rt="ota.hello",</d>;rt="ota.describe",</e>;rt="ota.event",'
-    b'</g>;rt="ota.goodbye",</fw>;rt="ota.firmware";ct=42'
+    b'</g>;rt="ota.goodbye",</k>;rt="ota.keys",</fw>;rt="ota.firmware";ct=42'
 )
 #: Protocol violations a session may commit before it is closed.
 MAX_VIOLATIONS = 5
@@ -276,6 +285,9 @@ class DeviceSessionHandler:
         if path == [".well-known", "core"] and message.code == Code.GET:
             self._respond(message, Code.CONTENT, WELL_KNOWN_CORE, LINK_FORMAT)
             return
+        if is_key_request(message):
+            self._on_key_request(message)
+            return
         for route in self.extra_routes:
             if await route(message):
                 return
@@ -313,6 +325,18 @@ class DeviceSessionHandler:
             self.session.close("impersonation attempt")
             return
         fleet = self.plane.fleet
+        # The platform is bound to the device's product, not taken from the Hello: a device
+        # naming another platform would be offered (and could GET fw/) that platform's
+        # Device OS modules. Checked before anything of the Hello is recorded.
+        _, platform = await fleet.device_platform(self.device_id)
+        if hello.platform_id != platform:
+            refusal = (f"this device belongs to a {platform_name(platform)} product (platform "
+                       f"{platform}); its Hello names platform {hello.platform_id}")
+            log.warning("device %s refused: %s", self.device_id, refusal)
+            self._respond(message, Code.FORBIDDEN, refusal.encode()[:200])
+            await self.flush()
+            self.session.close("wrong platform")
+            return
         view = await fleet.record_device_hello(
             self.device_id, platform_id=hello.platform_id,
             product_version=hello.product_version or None,
@@ -326,12 +350,40 @@ class DeviceSessionHandler:
             await fleet.set_reset_pending(self.device_id, hello.reset_pending)
         self.product_id = view.product.id
         self.hello = hello
-        # Key rotation statements ride on the Hello answer, so they are applied before any
-        # offer signed with a new key can arrive (ota_wire, point 5).
+        # Key rotation statements ride on the Hello answer (the ones the device lacks, as
+        # many as fit; it asks for the rest with GET k), so they are applied before any offer
+        # signed with a new key can arrive (ota_wire, point 5).
         statements = self.plane.key_statements(view.product.id)
-        self._respond(message, Code.CHANGED, hello_answer_payload(statements))
+        page = key_page_for(statements, hello.key_sequence or 0, self._statement_budget())
+        if hello.key_sequence is None:  # a device that predates paging: the legacy array
+            payload = hello_answer_payload(page.statements)
+        else:
+            payload = key_page_payload(page)
+        self._respond(message, Code.CHANGED, payload)
         for hook in self.on_hello:
             hook(None, None)
+
+    def _statement_budget(self) -> int:
+        """Payload bytes one answer to this device may carry (its Hello's message size,
+        and over DTLS one unfragmented datagram)."""
+        hello = self.hello
+        max_message_size = hello.max_message_size if hello is not None else 1024
+        return statement_budget(self.session.transport, max_message_size)
+
+    def _on_key_request(self, message: Message) -> None:
+        """``GET k?after=N``: the next key rotation statements after N (ota_wire point 5)."""
+        if self.product_id is None or self.hello is None:
+            self._respond(message, Code.FORBIDDEN, b"send Hello before asking for keys")
+            return
+        try:
+            after = parse_key_request(message)
+        except PayloadSchemaError as exc:
+            self._respond(message, Code.BAD_REQUEST, str(exc).encode()[:200])
+            self._violation(str(exc))
+            return
+        statements = self.plane.key_statements(self.product_id)
+        page = key_page_for(statements, after, self._statement_budget())
+        self._respond(message, Code.CONTENT, key_page_payload(page))
 
     async def _on_describe(self, message: Message, describe: Describe) -> None:
         modules = [

@@ -96,9 +96,9 @@ class SessionUpdater:
         self._started_unrecorded = False
         #: Images this session's device may download over ``fw/<sha256>``: (product,
         #: platform, SHA-256) -> size; only images the store allowed, so it stays small.
-        self._downloads: dict[tuple[int, int | None, str], int] = {}
-        #: (product, platform) of the device record, for a client that sent no Hello.
-        self._record_scope: tuple[int, int | None] | None = None
+        self._downloads: dict[tuple[int, int, str], int] = {}
+        #: (product, platform) the device is bound to: its product's platform.
+        self._record_scope: tuple[int, int] | None = None
 
     def kick(self) -> None:
         """Ask the updater to re-check the device's target, read anew: something changed
@@ -208,21 +208,15 @@ class SessionUpdater:
     async def _downloadable_size(self, sha256: str) -> int | None:
         """The size of image ``sha256`` if this session's device may download it, decided
         once per session per image (a device fetches one image in hundreds of blocks)."""
-        handler = self.handler
-        product_id = handler.product_id
-        platform = handler.hello.platform_id if handler.hello else None
-        if product_id is None or platform is None:
-            # A stock client sends no Hello: the device record (or its product) says which
-            # platform's Device OS modules it may fetch; read once per session.
-            if self._record_scope is None:
-                view = await handler.plane.fleet.target_for_device(self.device_id)
-                self._record_scope = (
-                    view.product.id, view.device.platform_id or view.product.platform_id)
-            product_id = self._record_scope[0]
-            platform = platform or self._record_scope[1]
+        if self._record_scope is None:
+            # The device's product and that product's platform, never what a Hello claims
+            # (a Hello naming another platform is refused; a stock client sends none):
+            # read once per session.
+            self._record_scope = await self.handler.plane.fleet.device_platform(self.device_id)
+        product_id, platform = self._record_scope
         key = (product_id, platform, sha256)
         if key not in self._downloads:
-            size = await handler.plane.fleet.downloadable_size(product_id, platform, sha256)
+            size = await self.handler.plane.fleet.downloadable_size(product_id, platform, sha256)
             if size is None:
                 return None  # not remembered: an upload may make it downloadable
             self._downloads[key] = size
@@ -440,11 +434,15 @@ class SessionUpdater:
         product_version = (None if module.info.product_version is not None else 0)
         # The signed manifest always describes the target image, whatever travels.
         signed = engine.signed_manifest(view.product.id, product_version, module)
+        # An older application needs this device's own, expiring downgrade authorisation.
+        authorization = engine.downgrade_authorization(view, handler.hello, product_version,
+                                                       module)
         base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
                 else None)
         compressed = sent.transfer == "zstd"
         answer = await handler.request(
-            offer_request(signed, delta_base_sha256=base, compressed=compressed),
+            offer_request(signed, delta_base_sha256=base, compressed=compressed,
+                          authorization=authorization),
             config.offer_timeout)
         if answer.code == OFFER_UNAVAILABLE:
             await fleet.set_updates_enabled(self.device_id, False)

@@ -18,6 +18,7 @@ import math
 import random
 import socket
 import ssl
+import time
 from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -134,10 +135,13 @@ class DeviceRunner:
         *,
         connect_slots: trio.Semaphore | None = None,
         rng: random.Random | None = None,
+        wall_clock: bool = True,
     ) -> None:
-        """``connect_slots`` bounds how many devices handshake at once (shared by a fleet)."""
+        """``connect_slots`` bounds how many devices handshake at once (shared by a fleet);
+        ``wall_clock``: the device has a real-time clock (set from this host's at start)."""
         self.device = device
         self.link = link
+        self._wall_clock = wall_clock
         self._connect_slots = connect_slots
         self._rng = rng or random.Random()
         self._wake = trio.Event()
@@ -190,6 +194,8 @@ class DeviceRunner:
     async def run(self) -> None:
         """Boot and run the device until cancelled (a cancel is a power cut)."""
         device = self.device
+        if self._wall_clock:
+            device.set_wall_clock(time.time(), trio.current_time())
         device.boot(trio.current_time())
         while True:
             if not device.wants_link:

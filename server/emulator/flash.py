@@ -2,7 +2,8 @@
 
 Layout of a device's state directory::
 
-    boot-record.0, .1           the boot record (otacore.device.BootRecord)
+    boot-record.0, .1           the boot record (otacore.device.BootRecord), with the
+                                application anti-rollback floor (RollbackGuard)
     trust-store.0, .1           the trust store (otacore.signing.TrustStore)
     transfer-state.0, .1        the transfer receiver's state (opaque bytes), if a transfer runs
     slots/f<F>-i<I>-s<S>.bin    slot S (0 or 1) of module function F, index I

@@ -89,6 +89,9 @@ class FleetSettings:
     compressed_ota: bool = True
     #: Largest zstd window (log2 bytes) a device inflates a compressed image with.
     max_zstd_window_log: int = 17
+    #: Devices have a real-time clock (set from this host's): they check the expiry of
+    #: downgrade authorisations. False: clockless devices (see otacore.downgrade).
+    wall_clock: bool = True
 
     def __post_init__(self) -> None:
         if self.max_concurrent_connects < 1:
@@ -252,7 +255,7 @@ class EmulatedFleet:
             )
             rng = random.Random(self._rng.random())
             self.runners[member.device_id] = DeviceRunner(
-                device, link, connect_slots=slots, rng=rng
+                device, link, connect_slots=slots, rng=rng, wall_clock=settings.wall_clock
             )
 
     def _provision(self, flash: Flash, member: FleetMember) -> None:

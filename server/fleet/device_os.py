@@ -8,7 +8,7 @@ from typing import Any
 from otacore.errors import ConflictError, ModuleFormatError, ValidationError
 from otacore.module import validate_module
 from otacore.platforms import ModuleFunction
-from server.fleet.base import FleetBase, Outcome
+from server.fleet.base import FleetBase, Outcome, normalize_device_id, unknown_device
 from server.fleet.roles import Actor, Permission
 
 #: Functions a Device OS release consists of (the application is product firmware).
@@ -66,6 +66,20 @@ class DeviceOsService(FleetBase):
     async def device_os_binary(self, sha256: str) -> bytes:
         """The bytes of a stored module (verified against its SHA-256)."""
         return await self._read(self.store.blobs.get, sha256)
+
+    async def device_platform(self, device_id: str) -> tuple[int, int]:
+        """(product id, platform id) a device is bound to: its product's platform, the only
+        one whose Device OS modules it may be sent (UnknownDeviceError when it has none)."""
+
+        def work() -> tuple[int, int]:
+            with self.store.read() as tx:
+                found = tx.get_device_online(normalize_device_id(device_id))
+                product = None if found is None else tx.get_product(found[0])
+            if product is None:
+                raise unknown_device(device_id)
+            return product.id, product.platform_id
+
+        return await self._read(work)
 
     async def blob_for_product(self, product_id: int, platform_id: int | None,
                                sha256: str) -> bytes | None:
