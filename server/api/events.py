@@ -17,9 +17,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from otacore.errors import ValidationError
-from server.api.common import as_bool, body_fields, fleet_of, require, settings_of
+from server.api.common import (
+    actor_of,
+    as_bool,
+    body_fields,
+    fleet_of,
+    int_field,
+    product_of,
+    settings_of,
+)
 from server.events import DEFAULT_TTL, Event, EventBus
-from server.fleet import Permission
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -118,42 +125,38 @@ def _stream(request: Request, product_id: int | None, device_id: str | None) -> 
 
 async def product_events(request: Request) -> Response | EventStream:
     """Stream a product's events, optionally those whose name starts with a prefix."""
-    await require(request, Permission.READ, "read events")
-    product = await fleet_of(request).get_product(request.path_params["product"])
-    return _stream(request, product.id, None)
+    return _stream(request, product_of(request).id, None)
 
 
 async def product_device_events(request: Request) -> Response | EventStream:
     """Stream one product device's events."""
-    await require(request, Permission.READ, "read events")
     view = await fleet_of(request).get_device(
-        request.path_params["product"], request.path_params["device_id"]
+        product_of(request).id, request.path_params["device_id"]
     )
     return _stream(request, view.record.product_id, view.record.id)
 
 
 async def device_events(request: Request) -> Response | EventStream:
-    """Stream one device's events (``/v1/devices/:id/events``)."""
-    await require(request, Permission.READ, "read events")
-    view = await fleet_of(request).target_for_device(request.path_params["device_id"])
-    return _stream(request, view.product.id, view.device.id)
+    """Stream one device's events (``/v1/devices/:id/events``; the access check resolved the
+    device's product)."""
+    view = await fleet_of(request).get_device(
+        product_of(request).id, request.path_params["device_id"]
+    )
+    return _stream(request, view.record.product_id, view.record.id)
 
 
 async def publish_event(request: Request) -> Response:
     """Publish an event into the product stream: {name, data, private, ttl}."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "publish events")
     fields = await body_fields(request)
     unknown = sorted(set(fields) - {"name", "data", "private", "ttl"})
     if unknown:
         raise ValidationError(
             f"unknown field(s) {', '.join(unknown)}; give name, data, private, ttl"
         )
-    ttl = fields.get("ttl", DEFAULT_TTL)
-    if isinstance(ttl, str) and (ttl.isascii() and ttl.isdigit()):
-        ttl = int(ttl)
+    ttl = int_field(fields.get("ttl", DEFAULT_TTL), "ttl")
     await fleet_of(request).publish_event(
-        actor,
-        request.path_params["product"],
+        actor_of(request),
+        product_of(request).id,
         fields.get("name"),
         fields.get("data"),
         ttl=ttl,

@@ -24,6 +24,7 @@ import trio
 import typer
 
 from otacore.errors import OtaError
+from server.api import ApiSettings
 from server.app import ServerConfig, serve
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
@@ -66,10 +67,39 @@ def server(
         help="Server processes serving devices on the shared ports and store (default: one "
         "per CPU with device listeners, else 1).",
     ),
+    password_hash_threads: int = typer.Option(
+        ApiSettings.password_hash_threads, "--password-hash-threads", min=1,
+        help="Threads that check passwords and client secrets (scrypt), apart from the "
+        "store's threads.",
+    ),
+    login_max_failures_per_address: int = typer.Option(
+        ApiSettings.login_max_failures_per_address, "--login-max-failures-per-address", min=1,
+        help="Failed /oauth/token attempts from one client address before it is locked out.",
+    ),
+    login_max_failures_per_user: int = typer.Option(
+        ApiSettings.login_max_failures_per_user, "--login-max-failures-per-user", min=1,
+        help="Failed /oauth/token attempts against one user name or client id (from any "
+        "address) before it is locked out.",
+    ),
+    login_lockout: float = typer.Option(
+        ApiSettings.login_lockout_seconds, "--login-lockout", min=1,
+        help="Seconds a lockout lasts (failures add up within this window).",
+    ),
+    refresh_token_lifetime: int = typer.Option(
+        ApiSettings.refresh_token_seconds, "--refresh-token-lifetime", min=60,
+        help="Seconds a refresh token stays usable.",
+    ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too)."""
     listeners = device_port >= 0
+    api = ApiSettings(
+        password_hash_threads=password_hash_threads,
+        login_max_failures_per_address=login_max_failures_per_address,
+        login_max_failures_per_user=login_max_failures_per_user,
+        login_lockout_seconds=login_lockout,
+        refresh_token_seconds=refresh_token_lifetime,
+    )
     config = ServerConfig(
         data_dir=data,
         host=host,
@@ -78,6 +108,7 @@ def server(
         device_port=device_port if listeners else None,
         device_host=device_host,
         workers=workers if workers is not None else default_workers(listeners),
+        api=api,
     )
     try:
         trio.run(_run_server, config)
@@ -156,7 +187,12 @@ def admin_token(
 def admin_user(
     username: str = typer.Argument(..., help="Login name (e-mail)."),
     password: str = typer.Option(..., "--password", prompt=True, hide_input=True),
-    role: str = typer.Option("developer", "--role"),
+    role: str = typer.Option(
+        "none", "--role",
+        help="Installation-wide role: owner, administrator (every product and what no product "
+        "owns), developer, support, viewer (every product), or none: only the products whose "
+        "team the user joins (ota product team add).",
+    ),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     db_url: str | None = typer.Option(None, "--db-url"),
 ) -> None:
@@ -166,6 +202,32 @@ def admin_user(
     except OtaError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"created user {username} ({role})")
+
+
+@admin_app.command("user-update")
+def admin_user_update(
+    username: str = typer.Argument(..., help="Login name."),
+    role: str | None = typer.Option(None, "--role", help="New installation-wide role."),
+    disable: bool = typer.Option(False, "--disable",
+                                 help="Disable the account and revoke its tokens at once."),
+    enable: bool = typer.Option(False, "--enable", help="Enable a disabled account."),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    db_url: str | None = typer.Option(None, "--db-url"),
+) -> None:
+    """Change an account's installation role, or disable / enable it (takes effect on the
+    next request of any of its tokens)."""
+    if disable and enable:
+        raise _fail("give --disable or --enable, not both")
+    if role is None and not (disable or enable):
+        raise _fail("nothing to change: give --role, --disable or --enable")
+    try:
+        user = _open_fleet(data, db_url).update_user_sync(
+            username, role=role, disabled=True if disable else (False if enable else None)
+        )
+    except OtaError as exc:
+        raise _fail(str(exc)) from exc
+    state = "disabled" if user.disabled else "enabled"
+    typer.echo(f"user {user.username}: role {user.role}, {state}")
 
 
 @admin_app.command("client")
