@@ -392,7 +392,8 @@ _ATTR_CHARS = "!#$&+-.^_`|~"
 def content_disposition(filename: str) -> str:
     """``attachment`` with the file name, safe for any stored name (RFC 6266 section 4.3):
     an ASCII ``filename`` fallback (quotes, backslashes, control and non-ASCII characters and
-    path separators replaced by '_') and the exact UTF-8 name in ``filename*`` (RFC 8187)."""
+    path separators replaced by '_') and the UTF-8 name in ``filename*`` (RFC 8187), with
+    path separators replaced as well and control characters dropped."""
     name = "".join(
         "_" if ch in "/\\" else ch for ch in filename if ch.isprintable()
     ).strip() or "firmware.bin"

@@ -72,6 +72,10 @@ def server(
         help="Threads that check passwords and client secrets (scrypt), apart from the "
         "store's threads.",
     ),
+    password_hash_queue: int = typer.Option(
+        ApiSettings.password_hash_queue, "--password-hash-queue", min=0,
+        help="Sign-ins that may wait for a password-hashing thread; more get 503.",
+    ),
     login_max_failures_per_address: int = typer.Option(
         ApiSettings.login_max_failures_per_address, "--login-max-failures-per-address", min=1,
         help="Failed /oauth/token attempts from one client address before it is locked out.",
@@ -95,6 +99,7 @@ def server(
     listeners = device_port >= 0
     api = ApiSettings(
         password_hash_threads=password_hash_threads,
+        password_hash_queue=password_hash_queue,
         login_max_failures_per_address=login_max_failures_per_address,
         login_max_failures_per_user=login_max_failures_per_user,
         login_lockout_seconds=login_lockout,
