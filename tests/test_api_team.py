@@ -242,3 +242,22 @@ def test_a_store_from_before_teams_opens_and_its_tokens_work(data_dir: Path) -> 
         trio.run(check)
     finally:
         reopened.close()
+
+
+async def test_an_open_event_stream_ends_when_its_reader_leaves_the_team(api: Api) -> None:
+    (alpha,) = await _products(api, "Alpha")
+    await _user(api, "watcher@example.com")
+    assert (await api.client.post(f"/v1/products/{alpha}/team", json={
+        "username": "watcher@example.com"})).status_code == 200
+    async with await _sign_in(api, "watcher@example.com") as watcher, \
+            watcher.stream("GET", f"/v1/products/{alpha}/events") as stream:
+        assert stream.status_code == 200
+        lines = stream.aiter_lines()
+        assert await lines.__anext__() == ":ok"
+        removed = await api.client.delete(f"/v1/products/{alpha}/team/watcher@example.com")
+        assert removed.status_code == 204
+        seen = []
+        with trio.fail_after(30):  # re-checked at every keep-alive (0.3 s in tests)
+            async for line in lines:
+                seen.append(line)
+        assert ": access revoked: sign in again" in seen

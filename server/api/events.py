@@ -10,13 +10,14 @@ when the bus drops the subscriber for reading too slowly (its buffer is bounded)
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from otacore.errors import ValidationError
+from otacore.errors import AuthError, ValidationError
 from server.api.common import (
     actor_of,
     as_bool,
@@ -25,6 +26,7 @@ from server.api.common import (
     int_field,
     product_of,
     settings_of,
+    token_from,
 )
 from server.events import DEFAULT_TTL, Event, EventBus
 
@@ -55,8 +57,12 @@ class EventStream:
         keepalive: float,
         send_timeout: float,
         buffer: int,
+        still_allowed: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.bus = bus
+        #: Asked again every ``keepalive`` seconds: a stream whose token was revoked, whose
+        #: account was disabled or removed from the team ends (the check ran at the start).
+        self.still_allowed = still_allowed
         self.product_id = product_id
         self.device_id = device_id
         self.prefix = prefix
@@ -82,7 +88,13 @@ class EventStream:
     async def _pump(self, events: trio.MemoryReceiveChannel[Event], send: Send) -> None:
         if not await self._send(send, b":ok\n\n"):
             return
+        next_check = trio.current_time() + self.keepalive
         while True:
+            if self.still_allowed is not None and trio.current_time() >= next_check:
+                if not await self.still_allowed():
+                    await self._send(send, b": access revoked: sign in again\n\n")
+                    return
+                next_check = trio.current_time() + self.keepalive
             block = b": keep-alive\n\n"
             with trio.move_on_after(self.keepalive):
                 try:
@@ -110,8 +122,17 @@ class EventStream:
                 return
 
 
-def _stream(request: Request, product_id: int | None, device_id: str | None) -> EventStream:
+def _stream(request: Request, product_id: int, device_id: str | None) -> EventStream:
     settings = settings_of(request)
+    token = token_from(request)
+
+    async def still_allowed() -> bool:
+        try:
+            actor = await fleet_of(request).authenticate(token or "")
+        except AuthError:
+            return False
+        return "events:get" in actor.scopes_on(product_id)
+
     return EventStream(
         fleet_of(request).bus,
         product_id=product_id,
@@ -120,6 +141,7 @@ def _stream(request: Request, product_id: int | None, device_id: str | None) -> 
         keepalive=settings.sse_keepalive_seconds,
         send_timeout=settings.sse_send_timeout_seconds,
         buffer=settings.sse_buffer,
+        still_allowed=still_allowed,
     )
 
 
