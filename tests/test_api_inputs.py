@@ -122,6 +122,17 @@ async def test_huge_numbers_in_paths_queries_and_bodies_are_refused(
                                            "password": "b", "expires_in": HUGE}}),
         ("POST", "/oauth/token", {"json": {"grant_type": "refresh_token", "refresh_token": "x",
                                            "expires_in": HUGE}}),
+        # JSON numbers, not strings: past 4,300 digits json.loads itself refuses them.
+        ("PUT", f"/v1/products/{slug}/firmware/release",
+         {"content": f'{{"version": {HUGE}, "product_default": true}}'.encode(),
+          "headers": {"content-type": "application/json"}}),
+        ("PUT", f"/v1/products/{slug}/devices/{DEVICE}",
+         {"content": f'{{"desired_firmware_version": {BIG}}}'.encode(),
+          "headers": {"content-type": "application/json"}}),
+        ("POST", "/oauth/token",
+         {"content": f'{{"grant_type": "password", "username": "a", "password": "b", '
+                     f'"expires_in": {BIG}}}'.encode(),
+          "headers": {"content-type": "application/json"}}),
     ]
     for method, path, kwargs in requests:
         response = await api.client.request(method, path, **kwargs)

@@ -261,3 +261,27 @@ async def test_an_open_event_stream_ends_when_its_reader_leaves_the_team(api: Ap
             async for line in lines:
                 seen.append(line)
         assert ": access revoked: sign in again" in seen
+
+
+async def test_team_members_see_device_os_of_their_own_platforms_only(api: Api) -> None:
+    from otacore.module import build_module
+    from otacore.platforms import ModuleFunction
+
+    (boron_product,) = await _products(api, "Boron Thing")  # platform 13
+    for platform in (13, 12):  # Boron, Argon
+        module = build_module(b"\x11" * 3000, platform_id=platform,
+                              function=ModuleFunction.SYSTEM_PART, index=1, version=5003)
+        uploaded = await api.client.post("/v1/device-os",
+                                         files={"binary": ("system.bin", module)})
+        assert uploaded.status_code == 201, uploaded.text
+    await _user(api, "member@example.com")
+    assert (await api.client.post(f"/v1/products/{boron_product}/team", json={
+        "username": "member@example.com"})).status_code == 200
+    async with await _sign_in(api, "member@example.com") as member:
+        listed = await member.get("/v1/device-os")
+        assert listed.status_code == 200
+        assert [m["platform_id"] for m in listed.json()] == [13]
+        refused = await member.post("/v1/device-os", files={"binary": ("x.bin", b"x")})
+        assert refused.status_code == 403 and "owner, administrator" in refused.json()["error"]
+    everything = await api.client.get("/v1/device-os")
+    assert sorted(m["platform_id"] for m in everything.json()) == [12, 13]

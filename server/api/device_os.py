@@ -2,7 +2,8 @@
 
 Device OS modules are shared by every product of their platform, so adding one is an
 installation-wide act (owner or administrator); listing them needs ``firmware:list`` on at
-least one product.
+least one product, and a caller without it installation-wide sees the modules of the
+platforms of its own products only.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ async def upload_device_os(request: Request) -> Response:
 async def list_device_os(request: Request) -> Response:
     """List the stored Device OS modules (filter: platform_id)."""
     platform = optional_query_int(request, "platform_id")
-    modules = await fleet_of(request).list_device_os(platform)
+    fleet, actor = fleet_of(request), actor_of(request)
+    modules = await fleet.list_device_os(platform)
+    if not actor.holds_installation_wide("firmware:list"):
+        # A team member sees the modules of its products' platforms only.
+        platforms = {p.platform_id for p in await fleet.list_products()
+                     if "firmware:list" in actor.scopes_on(p.id)}
+        modules = [m for m in modules if m["platform_id"] in platforms]
     return JSONResponse([
         {k: m[k] for k in ("platform_id", "module_function", "module_index", "module_version",
                            "size", "sha256")} for m in modules

@@ -196,6 +196,11 @@ class Actor:
             scope in ROLE_SCOPES[team_role] for _, team_role in self.memberships
         )
 
+    def holds_installation_wide(self, scope: str) -> bool:
+        """True when the installation role (not a team, not an API user) grants ``scope``
+        on every product."""
+        return not self.is_api_user and scope in ROLE_SCOPES[self.role]
+
     def for_product(self, product_id: int) -> Actor:
         """This actor bound to one product (after the API checked the request's scope)."""
         return replace(self, product_id=product_id)
