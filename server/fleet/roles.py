@@ -216,12 +216,13 @@ class Actor:
                 f"(PUT /v1/products/{product}/team/{self.subject} with the scopes)"
             )
         allowed = ", ".join(role.value for role in roles_with_scope(scope))
+        held = [] if self.role is Role.NONE else [f"the {self.role.value} role"]
         team_role = dict(self.memberships).get(product_id)
-        held = team_role.value if team_role is not None and self.role is Role.NONE \
-            else self.role.value
+        if team_role is not None:
+            held.append(f"the {team_role.value} {'team ' if held else ''}role")
         raise PermissionDeniedError(
-            f"the {held} role may not {action} on product {product} (scope {scope!r}); "
-            f"it needs one of: {allowed}"
+            f"{' and '.join(held) or 'this token'} may not {action} on product {product} "
+            f"(scope {scope!r}); it needs one of: {allowed}"
         )
 
     def can(self, permission: Permission) -> bool:
