@@ -9,3 +9,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Particle's JavaScript client for tests/test_particle_api_js.py, at the versions pinned in
+# tests/js/package-lock.json (npm ci installs exactly those; again only when the lock changed).
+if command -v npm >/dev/null; then
+    if [ ! -f tests/js/node_modules/.package-lock.json ] \
+        || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
+        (cd tests/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    fi
+else
+    echo "warning: npm not found: install Node.js (20+) to run the particle-api-js test" >&2
+fi

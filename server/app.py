@@ -138,7 +138,15 @@ async def serve(
     store = await trio.to_thread.run_sync(open_store, config)
     try:
         bus = EventBus(buffer=config.event_buffer, max_subscribers=config.max_event_subscribers)
-        fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(config.store_threads))
+        fleet = Fleet(
+            store,
+            bus,
+            limiter=trio.CapacityLimiter(config.store_threads),
+            # scrypt checks get their own small pool: failed sign-ins must not hold the
+            # threads the store's reads need.
+            password_hash_threads=config.api.password_hash_threads,
+            password_hash_queue=config.api.password_hash_queue,
+        )
         offline = await fleet.startup()
         if offline:
             log.info("marked %d devices offline after restart", offline)

@@ -192,6 +192,35 @@ class ApiClient:
         """DELETE a device group."""
         return self._request("DELETE", f"{self._product(product)}/groups/{quote(name, safe='')}")
 
+    # -- team --------------------------------------------------------------------------
+
+    def _member(self, product: str, username: str) -> str:
+        return f"{self._product(product)}/team/{quote(username, safe='@+')}"
+
+    def list_team(self, product: str) -> Any:
+        """GET a product's team: people and API users."""
+        return self._request("GET", f"{self._product(product)}/team")
+
+    def invite_team_member(self, product: str, username: str, role: str | None = None) -> Any:
+        """POST an existing user into a product's team (Particle's inviteTeamMember)."""
+        body: dict[str, Any] = {"username": username}
+        if role:
+            body["role"] = role
+        return self._request("POST", f"{self._product(product)}/team", json=body)
+
+    def create_api_user(self, product: str, friendly_name: str, scopes: list[str]) -> Any:
+        """POST a new API user of a product; the answer holds its token (shown once)."""
+        return self._request("POST", f"{self._product(product)}/team",
+                             json={"friendly_name": friendly_name, "scopes": scopes})
+
+    def update_team_member(self, product: str, username: str, **fields: Any) -> Any:
+        """PUT a member's new role, or an API user's friendly_name/scopes (new token)."""
+        return self._request("PUT", self._member(product, username), json=fields)
+
+    def remove_team_member(self, product: str, username: str) -> Any:
+        """DELETE a user from a product's team (an API user is deleted)."""
+        return self._request("DELETE", self._member(product, username))
+
     # -- events ------------------------------------------------------------------------
 
     def stream_events(self, product: str | None, device_id: str | None = None,

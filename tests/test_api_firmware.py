@@ -340,7 +340,8 @@ async def test_release_roles(api) -> None:
 
 async def test_slow_body_gets_408(nursery, tmp_path) -> None:
     config = ServerConfig(
-        data_dir=tmp_path / "slow", api_port=0, api=ApiSettings(body_timeout_seconds=0.5)
+        data_dir=tmp_path / "slow", api_port=0, api=ApiSettings(body_timeout_seconds=0.5),
+        device_port=None,  # the API alone: no fixed device port to collide with
     )
     handle = await nursery.start(serve, config)
     token = await trio.to_thread.run_sync(lambda: handle.fleet.create_api_token_sync("owner"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -203,3 +204,85 @@ def test_fuzz_raw_bodies(
     response = client.request(method, url, content=raw, headers=headers)
     assert response.status_code in ALLOWED, response.text
     assert response.headers["content-type"].startswith("application/json")
+
+
+# --- numbers and names that used to reach int() or a header unchecked (issue 13, finding 8) ---
+
+#: Digit strings of every length (past SQLite's 2**63 - 1 and past int()'s 4,300 digits),
+#: signed numbers and junk.
+numbers = (
+    st.integers(-(10**40), 10**40).map(str)
+    | st.text("0123456789", min_size=18, max_size=6000)
+    | st.sampled_from(["9" * 20, "9" * 4301, "1" * 10_000, "-0", "0x10", "1e9", " 7 ", "²"])
+    | st.text(min_size=1, max_size=20)
+)
+
+
+def _number_targets(slug: str, number: str) -> list[tuple[str, str, dict[str, Any]]]:
+    encoded = quote(number, safe="")
+    return [
+        ("GET", f"/v1/products/{encoded}", {}),
+        ("GET", f"/v1/products/{encoded}/devices", {}),
+        ("GET", f"/v1/products/{slug}/firmware/{encoded}", {}),
+        ("GET", f"/v1/products/{slug}/firmware/{encoded}/binary", {}),
+        ("DELETE", f"/v1/products/{slug}/firmware/{encoded}", {}),
+        ("GET", "/v1/device-os", {"params": {"platform_id": number}}),
+        ("GET", f"/v1/products/{slug}/devices", {"params": {"page": number, "per_page": number}}),
+        ("POST", "/v1/products", {"data": {"name": "n", "platform_id": number}}),
+        ("POST", f"/v1/products/{slug}/events", {"data": {"name": "n", "ttl": number}}),
+        ("PUT", f"/v1/products/{slug}/firmware/release",
+         {"data": {"version": number, "product_default": "true"}}),
+        ("PUT", f"/v1/products/{slug}/devices/{DEVICE}",
+         {"data": {"desired_firmware_version": number}}),
+        ("POST", "/oauth/token", {"data": {"grant_type": "refresh_token", "refresh_token": "r",
+                                           "expires_in": number}}),
+        ("POST", f"/v1/products/{slug}/firmware", {"data": {"version": number, "title": "t"},
+                                                   "files": {"binary": ("f.bin", b"x")}}),
+    ]
+
+
+@FUZZ
+@given(number=numbers)
+def test_fuzz_numbers_in_paths_queries_and_bodies(client: httpx.Client, number: str) -> None:
+    print(f"number: {number[:40]!r}... ({len(number)} characters)")
+    before = _counts(client)
+    for method, path, kwargs in _number_targets(_slug(client), number):
+        response = client.request(method, path, **kwargs)
+        assert response.status_code in ALLOWED, (method, path[:80], response.text[:300])
+        if response.status_code >= 400:
+            body = response.json()
+            assert body["ok"] is False and (body.get("error_description") or body["error"])
+    assert _counts(client) == before
+
+
+_versions = iter(range(100, 60_000))
+
+#: File names clients send: quotes, backslashes, percent signs, path parts, any script.
+filenames = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
+    min_size=1, max_size=60,
+) | st.sampled_from(['中文".bin', '\\"\\\\.bin', "..", "%00%0d%0a.bin", "a/b\\c", " "])
+
+
+@FUZZ
+@given(filename=filenames)
+def test_fuzz_file_names_then_download(client: httpx.Client, filename: str) -> None:
+    from tests.test_api_inputs import download_name, multipart
+
+    version = next(_versions)
+    image = build_module(hashlib.sha256(filename.encode()).digest() * 8, platform_id=13,
+                         function=5, version=6, product_id=13, product_version=version)
+    body, content_type = multipart({"version": str(version), "title": "t"}, filename, image)
+    slug = _slug(client)
+    uploaded = client.post(f"/v1/products/{slug}/firmware", content=body,
+                           headers={"content-type": content_type})
+    assert uploaded.status_code in (201, 400), uploaded.text
+    if uploaded.status_code == 400:  # a name the form parser cannot read is refused
+        return
+    stored = uploaded.json()["name"]
+    download = client.get(f"/v1/products/{slug}/firmware/{version}/binary")
+    assert download.status_code == 200, (filename, download.text)
+    assert download.content == image
+    fallback, exact = download_name(download.headers["content-disposition"])
+    assert exact == stored.replace("/", "_").replace("\\", "_").strip() or "firmware.bin"
+    assert fallback.isascii()

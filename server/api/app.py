@@ -1,4 +1,8 @@
-"""The Starlette app: route table (Particle's paths) and error handling."""
+"""The Starlette app: route table (Particle's paths), who may call each route, error handling.
+
+Every route carries an access rule (``server.api.access``): the scope it needs and the
+product it acts on. Scopes are Particle's names (Particle docs, "API users").
+"""
 
 from __future__ import annotations
 
@@ -7,124 +11,127 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from otacore.errors import OtaError
-from server.api import auth, device_os, devices, events, firmware, groups, openapi, products
+from server.api import (
+    auth,
+    device_os,
+    devices,
+    events,
+    firmware,
+    groups,
+    openapi,
+    products,
+    team,
+)
+from server.api.access import (
+    ANY_TOKEN,
+    PUBLIC,
+    device,
+    installation,
+    listing,
+    product,
+    route,
+)
 from server.api.common import (
     ApiSettings,
     http_error_handler,
     internal_error_handler,
     ota_error_handler,
 )
-from server.fleet import Fleet
+from server.api.throttle import LoginThrottle, ThrottleLimits
+from server.fleet import Fleet, Permission
 
 _P = "/v1/products/{product}"
 
-ROUTES = [
-    Route("/openapi.json", openapi.openapi, methods=["GET"], name="openapi"),
-    Route("/oauth/token", auth.token, methods=["POST"], name="token"),
-    Route("/v1/access_tokens/current", auth.current_token, methods=["GET"], name="current_token"),
-    Route(
-        "/v1/access_tokens/current",
-        auth.revoke_current_token,
-        methods=["DELETE"],
-        name="revoke_current_token",
-    ),
-    Route("/v1/device-os", device_os.list_device_os, methods=["GET"], name="list_device_os"),
-    Route("/v1/device-os", device_os.upload_device_os, methods=["POST"],
-          name="upload_device_os"),
-    Route("/v1/products", products.list_products, methods=["GET"], name="list_products"),
-    Route("/v1/products", products.create_product, methods=["POST"], name="create_product"),
-    Route(_P, products.get_product, methods=["GET"], name="get_product"),
-    Route(_P, products.update_product, methods=["PUT"], name="update_product"),
+ROUTES: list[Route] = [
+    route("/openapi.json", openapi.openapi, "GET", "openapi", PUBLIC),
+    route("/oauth/token", auth.token, "POST", "token", PUBLIC),
+    route("/v1/access_tokens/current", auth.current_token, "GET", "current_token", ANY_TOKEN),
+    route("/v1/access_tokens/current", auth.revoke_current_token, "DELETE",
+          "revoke_current_token", ANY_TOKEN),
+    # Device OS modules are shared by every product of their platform: only an installation
+    # owner or administrator may add one; anyone who may list some product's firmware may
+    # list them.
+    route("/v1/device-os", device_os.list_device_os, "GET", "list_device_os",
+          listing("firmware:list", "list Device OS modules")),
+    route("/v1/device-os", device_os.upload_device_os, "POST", "upload_device_os",
+          installation(Permission.ADMINISTER, "upload Device OS modules")),
+    route("/v1/products", products.list_products, "GET", "list_products",
+          listing("products:list", "list products")),
+    route("/v1/products", products.create_product, "POST", "create_product",
+          installation(Permission.ADMINISTER, "create products")),
+    route(_P, products.get_product, "GET", "get_product", product("products:get", "read it")),
+    route(_P, products.update_product, "PUT", "update_product",
+          product("products:update", "change it")),
     # Firmware: the release route comes before /firmware/{version}.
-    Route(f"{_P}/firmware", firmware.list_firmware, methods=["GET"], name="list_firmware"),
-    Route(f"{_P}/firmware", firmware.upload_firmware, methods=["POST"], name="upload_firmware"),
-    Route(
-        f"{_P}/firmware/release",
-        firmware.release_firmware,
-        methods=["PUT"],
-        name="release_firmware",
-    ),
-    Route(
-        f"{_P}/firmware/{{version}}", firmware.get_firmware, methods=["GET"], name="get_firmware"
-    ),
-    Route(
-        f"{_P}/firmware/{{version}}", firmware.edit_firmware, methods=["PUT"], name="edit_firmware"
-    ),
-    Route(
-        f"{_P}/firmware/{{version}}",
-        firmware.delete_firmware,
-        methods=["DELETE"],
-        name="delete_firmware",
-    ),
-    Route(
-        f"{_P}/firmware/{{version}}/binary",
-        firmware.firmware_binary,
-        methods=["GET"],
-        name="firmware_binary",
-    ),
+    route(f"{_P}/firmware", firmware.list_firmware, "GET", "list_firmware",
+          product("firmware:list", "list firmware")),
+    route(f"{_P}/firmware", firmware.upload_firmware, "POST", "upload_firmware",
+          product("firmware:create", "upload firmware")),
+    route(f"{_P}/firmware/release", firmware.release_firmware, "PUT", "release_firmware",
+          product("firmware:release", "release firmware")),
+    route(f"{_P}/firmware/{{version}}", firmware.get_firmware, "GET", "get_firmware",
+          product("firmware:get", "read firmware")),
+    route(f"{_P}/firmware/{{version}}", firmware.edit_firmware, "PUT", "edit_firmware",
+          product("firmware:update", "edit firmware")),
+    route(f"{_P}/firmware/{{version}}", firmware.delete_firmware, "DELETE", "delete_firmware",
+          product("firmware:remove", "delete firmware")),
+    route(f"{_P}/firmware/{{version}}/binary", firmware.firmware_binary, "GET",
+          "firmware_binary", product("firmware.binary:get", "download firmware")),
     # Devices.
-    Route(f"{_P}/devices", devices.list_devices, methods=["GET"], name="list_devices"),
-    Route(f"{_P}/devices", devices.import_device, methods=["POST"], name="import_device"),
-    Route(f"{_P}/devices/{{device_id}}", devices.get_device, methods=["GET"], name="get_device"),
-    Route(
-        f"{_P}/devices/{{device_id}}", devices.update_device, methods=["PUT"], name="update_device"
-    ),
-    Route(
-        f"{_P}/devices/{{device_id}}",
-        devices.remove_device,
-        methods=["DELETE"],
-        name="remove_device",
-    ),
+    route(f"{_P}/devices", devices.list_devices, "GET", "list_devices",
+          product("devices:list", "list devices")),
+    route(f"{_P}/devices", devices.import_device, "POST", "import_device",
+          product("devices:import", "add devices")),
+    route(f"{_P}/devices/{{device_id}}", devices.get_device, "GET", "get_device",
+          product("devices:get", "read devices")),
+    route(f"{_P}/devices/{{device_id}}", devices.update_device, "PUT", "update_device",
+          product("devices:update", "change or flash devices")),
+    route(f"{_P}/devices/{{device_id}}", devices.remove_device, "DELETE", "remove_device",
+          product("devices:remove", "remove devices")),
+    # Revoking a device's certificates shuts it out like removing it does.
+    route(f"{_P}/devices/{{device_id}}/revoke", devices.revoke_device, "POST",
+          "revoke_device", product("devices:remove", "revoke devices")),
     # Groups.
-    Route(
-        f"{_P}/devices/{{device_id}}/revoke",
-        devices.revoke_device,
-        methods=["POST"],
-        name="revoke_device",
-    ),
-    Route(
-        f"{_P}/devices/{{device_id}}/reinstate",
-        devices.reinstate_device,
-        methods=["POST"],
-        name="reinstate_device",
-    ),
-    Route(f"{_P}/groups", groups.list_groups, methods=["GET"], name="list_groups"),
-    Route(f"{_P}/groups", groups.create_group, methods=["POST"], name="create_group"),
-    Route(f"{_P}/groups/{{name}}", groups.get_group, methods=["GET"], name="get_group"),
-    Route(f"{_P}/groups/{{name}}", groups.update_group, methods=["PUT"], name="update_group"),
-    Route(f"{_P}/groups/{{name}}", groups.delete_group, methods=["DELETE"], name="delete_group"),
+    route(f"{_P}/devices/{{device_id}}/reinstate", devices.reinstate_device, "POST",
+          "reinstate_device", product("devices:import", "reinstate devices")),
+    route(f"{_P}/groups", groups.list_groups, "GET", "list_groups",
+          product("groups:list", "list groups")),
+    route(f"{_P}/groups", groups.create_group, "POST", "create_group",
+          product("groups:create", "create groups")),
+    route(f"{_P}/groups/{{name}}", groups.get_group, "GET", "get_group",
+          product("groups:get", "read groups")),
+    route(f"{_P}/groups/{{name}}", groups.update_group, "PUT", "update_group",
+          product("groups:update", "edit groups")),
+    route(f"{_P}/groups/{{name}}", groups.delete_group, "DELETE", "delete_group",
+          product("groups:remove", "delete groups")),
+    # Team (people and API users).
+    route(f"{_P}/team", team.list_team, "GET", "list_team",
+          product("teams.users:list", "list the team")),
+    route(f"{_P}/team", team.add_to_team, "POST", "add_to_team",
+          product("teams.users:invite", "invite team members or create API users")),
+    route(f"{_P}/team/{{username}}", team.update_team_member, "PUT", "update_team_member",
+          product("teams.users:update", "change team members")),
+    route(f"{_P}/team/{{username}}", team.remove_team_member, "DELETE", "remove_team_member",
+          product("teams.users:remove", "remove team members")),
     # Events.
-    Route(f"{_P}/events", events.product_events, methods=["GET"], name="product_events"),
-    Route(
-        f"{_P}/events/{{prefix:path}}",
-        events.product_events,
-        methods=["GET"],
-        name="product_events_prefix",
-    ),
-    Route(f"{_P}/events", events.publish_event, methods=["POST"], name="publish_event"),
-    Route(
-        f"{_P}/devices/{{device_id}}/events",
-        events.product_device_events,
-        methods=["GET"],
-        name="product_device_events",
-    ),
-    Route(
-        "/v1/devices/{device_id}/events",
-        events.device_events,
-        methods=["GET"],
-        name="device_events",
-    ),
-    Route(
-        "/v1/devices/{device_id}/events/{prefix:path}",
-        events.device_events,
-        methods=["GET"],
-        name="device_events_prefix",
-    ),
+    route(f"{_P}/events", events.product_events, "GET", "product_events",
+          product("events:get", "read events")),
+    route(f"{_P}/events/{{prefix:path}}", events.product_events, "GET",
+          "product_events_prefix", product("events:get", "read events")),
+    route(f"{_P}/events", events.publish_event, "POST", "publish_event",
+          product("events:send", "publish events")),
+    route(f"{_P}/devices/{{device_id}}/events", events.product_device_events, "GET",
+          "product_device_events", product("events:get", "read events")),
+    route("/v1/devices/{device_id}/events", events.device_events, "GET", "device_events",
+          device("events:get", "read events")),
+    route("/v1/devices/{device_id}/events/{prefix:path}", events.device_events, "GET",
+          "device_events_prefix", device("events:get", "read events")),
 ]
 
 
 def create_app(fleet: Fleet, settings: ApiSettings | None = None) -> Starlette:
     """The REST app over ``fleet``."""
+    settings = settings or ApiSettings()
     app = Starlette(
         routes=ROUTES,
         exception_handlers={
@@ -134,5 +141,13 @@ def create_app(fleet: Fleet, settings: ApiSettings | None = None) -> Starlette:
         },
     )
     app.state.fleet = fleet
-    app.state.settings = settings or ApiSettings()
+    app.state.settings = settings
+    app.state.login_throttle = LoginThrottle(
+        ThrottleLimits(
+            max_failures_per_address=settings.login_max_failures_per_address,
+            max_failures_per_user=settings.login_max_failures_per_user,
+            lockout_seconds=settings.login_lockout_seconds,
+            max_keys=settings.login_tracked_keys,
+        )
+    )
     return app

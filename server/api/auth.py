@@ -1,17 +1,29 @@
-"""Token endpoints: ``POST /oauth/token`` (RFC 6749) and access-token introspection/revocation."""
+"""Token endpoints: ``POST /oauth/token`` (RFC 6749) and access-token introspection/revocation.
+
+Password and client-secret checks are throttled per client address and per account
+(``server.api.throttle``): past the limit, ``/oauth/token`` answers 429 with Retry-After
+before any password is hashed. The client address is the TCP peer's (behind a reverse proxy
+that is the proxy: give each proxy its own limits or put the limit there).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from otacore.errors import AuthError, ValidationError
-from server.api.common import body_fields, fleet_of, ok, require
-from server.fleet import Permission, TokenGrant
-from server.fleet.auth import DEFAULT_TOKEN_SECONDS
+from server.api.common import actor_of, body_fields, fleet_of, ok, settings_of
+from server.api.throttle import LoginThrottle, TooManyAttemptsError
+from server.fleet import TokenGrant
+from server.fleet.auth import (
+    DEFAULT_TOKEN_SECONDS,
+    CredentialCheckBusyError,
+    InvalidCredentialsError,
+)
 
 
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -42,13 +54,31 @@ def _grant_json(grant: TokenGrant) -> dict[str, object]:
     return body
 
 
-def _oauth_error(status: int, code: str, description: str) -> JSONResponse:
+def _oauth_error(
+    status: int, code: str, description: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     # RFC 6749 section 5.2 error fields, plus this API's ok/error pair.
     return JSONResponse(
         {"ok": False, "error": code, "error_description": description},
         status_code=status,
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", **(headers or {})},
     )
+
+
+def throttle_of(request: Request) -> LoginThrottle:
+    """The app's failed sign-in counters."""
+    throttle: LoginThrottle = request.app.state.login_throttle
+    return throttle
+
+
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+def _account_key(kind: str, value: object) -> list[tuple[str, str]]:
+    if isinstance(value, str) and value:
+        return [(kind, value[:256])]
+    return []
 
 
 async def token(request: Request) -> Response:
@@ -59,41 +89,72 @@ async def token(request: Request) -> Response:
         return _oauth_error(400, "invalid_request", str(exc))
     grant_type = fields.get("grant_type")
     expires_in = fields.get("expires_in", DEFAULT_TOKEN_SECONDS)
-    fleet = fleet_of(request)
+    fleet, settings = fleet_of(request), settings_of(request)
+    throttle = throttle_of(request)
+    admitted: list[tuple[str, str]] = []  # throttle keys of this attempt, once admitted
     try:
         if grant_type == "password":
+            username = fields.get("username")
+            keys = [("address", _client_address(request)), *_account_key("user", username)]
+            throttle.begin(keys, trio.current_time())
+            admitted = keys
             grant = await fleet.password_grant(
-                fields.get("username"), fields.get("password"), expires_in=expires_in
+                username, fields.get("password"), expires_in=expires_in,
+                refresh_seconds=settings.refresh_token_seconds,
             )
         elif grant_type == "client_credentials":
             basic = _basic_credentials(request)
             client_id, secret = basic or (fields.get("client_id"), fields.get("client_secret"))
+            keys = [("address", _client_address(request)), *_account_key("client", client_id)]
+            throttle.begin(keys, trio.current_time())
+            admitted = keys
             grant = await fleet.client_credentials_grant(client_id, secret, expires_in=expires_in)
         elif grant_type == "refresh_token":
-            grant = await fleet.refresh_grant(fields.get("refresh_token"), expires_in=expires_in)
+            grant = await fleet.refresh_grant(
+                fields.get("refresh_token"), expires_in=expires_in,
+                refresh_seconds=settings.refresh_token_seconds,
+            )
         else:
             return _oauth_error(
                 400,
                 "unsupported_grant_type",
                 "grant_type must be password, client_credentials or refresh_token",
             )
-    except AuthError as exc:
-        status = 401 if grant_type == "client_credentials" else 400
-        code = "invalid_client" if grant_type == "client_credentials" else "invalid_grant"
-        return _oauth_error(status, code, str(exc))
+    except TooManyAttemptsError as exc:
+        return _oauth_error(429, "too_many_requests", str(exc),
+                            {"Retry-After": str(exc.retry_after)})
+    except InvalidCredentialsError as exc:
+        throttle.failed(admitted, trio.current_time())
+        return _credentials_error(grant_type, str(exc))
+    except CredentialCheckBusyError as exc:
+        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        return _oauth_error(503, "temporarily_unavailable", str(exc), {"Retry-After": "2"})
     except ValidationError as exc:
+        throttle.finished(admitted, trio.current_time(), succeeded=False)
         return _oauth_error(400, "invalid_request", str(exc))
+    except AuthError as exc:  # e.g. a disabled account, an expired refresh token
+        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        return _credentials_error(grant_type, str(exc))
+    except BaseException:
+        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        raise
+    throttle.finished(admitted, trio.current_time(), succeeded=True)
     return JSONResponse(_grant_json(grant), headers={"Cache-Control": "no-store"})
+
+
+def _credentials_error(grant_type: object, message: str) -> Response:
+    if grant_type == "client_credentials":
+        return _oauth_error(401, "invalid_client", message)
+    return _oauth_error(400, "invalid_grant", message)
 
 
 async def current_token(request: Request) -> Response:
     """Describe the token this request authenticated with."""
-    actor = await require(request, Permission.READ, "read its token")
+    actor = actor_of(request)
     return JSONResponse({"ok": True, "subject": actor.subject, "role": actor.role.value})
 
 
 async def revoke_current_token(request: Request) -> Response:
-    """Revoke the token this request authenticated with (and its refresh token)."""
-    actor = await require(request, Permission.READ, "revoke its token")
-    await fleet_of(request).revoke_token(actor)
+    """Revoke the token this request authenticated with (and its refresh partner)."""
+    await fleet_of(request).revoke_token(actor_of(request))
     return ok()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import trio
 from starlette.datastructures import FormData, UploadFile
@@ -34,8 +34,9 @@ from otacore.errors import (
     ValidationError,
 )
 from server.events import TooManySubscribersError
-from server.fleet import Actor, Fleet, Permission
-from server.store import StoreUnavailableError
+from server.fleet import Actor, Fleet
+from server.fleet.auth import DEFAULT_REFRESH_TOKEN_SECONDS, CredentialCheckBusyError
+from server.store import ProductRecord, StoreUnavailableError
 
 log = logging.getLogger("ota.api")
 
@@ -59,6 +60,21 @@ class ApiSettings:
     sse_keepalive_seconds: float = 15.0
     sse_send_timeout_seconds: float = 30.0
     sse_buffer: int = 256
+    #: Threads that check passwords and client secrets (scrypt), apart from the store's.
+    password_hash_threads: int = 2
+    #: Checks that may wait for one of those threads; more are answered 503 at once.
+    password_hash_queue: int = 64
+    #: Failed ``/oauth/token`` attempts from one client address before it is locked out
+    #: (Particle: 10 consecutive failures block an address for 30 minutes).
+    login_max_failures_per_address: int = 10
+    #: Failed attempts against one user name (or OAuth client id), from anywhere.
+    login_max_failures_per_user: int = 20
+    #: How long a lockout lasts (also the window in which failures add up).
+    login_lockout_seconds: float = 1800.0
+    #: Addresses and accounts the failure counters remember (each kind); bounded memory.
+    login_tracked_keys: int = 10_000
+    #: Lifetime of refresh tokens issued from now on.
+    refresh_token_seconds: int = DEFAULT_REFRESH_TOKEN_SECONDS
 
 
 def fleet_of(request: Request) -> Fleet:
@@ -83,6 +99,8 @@ def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
         headers = {"WWW-Authenticate": 'Bearer realm="ota"'}
     elif status in (408, 413):
         headers = {"Connection": "close"}  # the rest of the body was not (all) read
+    elif status == 503:
+        headers = {"Retry-After": "2"}
     return JSONResponse({"ok": False, "error": message, **extra}, status, headers=headers)
 
 
@@ -92,7 +110,8 @@ def status_for(exc: OtaError) -> int:
         return 413
     if isinstance(exc, BodyTimeoutError):
         return 408
-    if isinstance(exc, StoreUnavailableError | TooManySubscribersError):
+    if isinstance(exc, StoreUnavailableError | TooManySubscribersError
+                  | CredentialCheckBusyError):
         return 503
     if isinstance(exc, PermissionDeniedError):
         return 403
@@ -156,16 +175,16 @@ def token_from(request: Request) -> str | None:
     return request.query_params.get("access_token") or None
 
 
-async def require(request: Request, permission: Permission, action: str) -> Actor:
-    """Authenticate the request and check its role holds ``permission``."""
-    token = token_from(request)
-    if token is None:
-        raise AuthError(
-            "an access token is required: send 'Authorization: Bearer TOKEN' or ?access_token=TOKEN"
-        )
-    actor = await fleet_of(request).authenticate(token)
-    actor.require(permission, action)
+def actor_of(request: Request) -> Actor:
+    """The identity ``server.api.access`` checked for this request (bound to its product)."""
+    actor: Actor = request.state.actor
     return actor
+
+
+def product_of(request: Request) -> ProductRecord:
+    """The product of a product route, resolved and access-checked by ``server.api.access``."""
+    product: ProductRecord = request.state.product
+    return product
 
 
 # --- bodies ---------------------------------------------------------------------------------
@@ -334,12 +353,55 @@ def as_name_list(fields: Mapping[str, Any], name: str) -> list[str]:
 
 def query_int(request: Request, name: str, default: int) -> int:
     """An integer query parameter."""
+    found = optional_query_int(request, name)
+    return default if found is None else found
+
+
+def optional_query_int(request: Request, name: str) -> int | None:
+    """An integer query parameter of at most 9 digits, or None when absent."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
-        raise ValidationError(f"query parameter {name} must be a positive integer")
+        raise ValidationError(
+            f"query parameter {name} must be a non-negative integer of at most 9 digits"
+        )
     return int(raw)
+
+
+def int_field(value: object, what: str, *, max_digits: int = 9) -> object:
+    """A form string of digits as an int (JSON numbers pass through unchanged); a longer
+    string of digits is refused here, before ``int()`` (Python refuses over 4,300 digits with
+    ValueError, and SQLite integers stop at 2**63 - 1)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            if len(text) > max_digits:
+                raise ValidationError(f"{what} must be an integer of at most {max_digits} digits")
+            return int(text)
+    return value
+
+
+# --- downloads ----------------------------------------------------------------------------
+
+
+#: RFC 8187 attr-char, besides letters and digits (kept as-is in ``filename*``).
+_ATTR_CHARS = "!#$&+-.^_`|~"
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the file name, safe for any stored name (RFC 6266 section 4.3):
+    an ASCII ``filename`` fallback (quotes, backslashes, control and non-ASCII characters and
+    path separators replaced by '_') and the UTF-8 name in ``filename*`` (RFC 8187), with
+    path separators replaced as well and control characters dropped."""
+    name = "".join(
+        "_" if ch in "/\\" else ch for ch in filename if ch.isprintable()
+    ).strip() or "firmware.bin"
+    fallback = "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in '"\\%' else "_" for ch in name
+    )
+    encoded = quote(name, safe=_ATTR_CHARS)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def ok(payload: Mapping[str, Any] | None = None, status: int = 200) -> JSONResponse:

@@ -7,27 +7,27 @@ from starlette.responses import JSONResponse, Response
 
 from otacore.errors import ValidationError
 from server.api.common import (
+    actor_of,
     as_bool,
     as_name_list,
     body_fields,
     fleet_of,
+    int_field,
     is_multipart,
     multipart_form,
+    product_of,
     query_int,
-    require,
     settings_of,
     upload_of,
 )
 from server.api.serialize import device_json, flash_json
-from server.fleet import Permission
 
 
 async def list_devices(request: Request) -> Response:
     """List a product's devices (filters deviceId, deviceName, groups; page, per_page)."""
-    await require(request, Permission.READ, "list devices")
     query = request.query_params
     page = await fleet_of(request).list_devices(
-        request.path_params["product"],
+        product_of(request).id,
         device_id=query.get("deviceId") or None,
         name=query.get("deviceName") or None,
         groups=tuple(as_name_list({"groups": query.get("groups")}, "groups")),
@@ -50,14 +50,15 @@ async def list_devices(request: Request) -> Response:
 
 async def import_device(request: Request) -> Response:
     """Add a device to the product: {id} (Particle's import)."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "add devices")
     fields = await body_fields(request)
     if "id" not in fields:
         raise ValidationError("id is required (the 24-hex-digit device id)")
     unknown = sorted(set(fields) - {"id"})
     if unknown:
         raise ValidationError(f"unknown field(s) {', '.join(unknown)}; give id")
-    result = await fleet_of(request).add_device(actor, request.path_params["product"], fields["id"])
+    result = await fleet_of(request).add_device(
+        actor_of(request), product_of(request).id, fields["id"]
+    )
     return JSONResponse(
         {
             "ok": True,
@@ -72,9 +73,8 @@ async def import_device(request: Request) -> Response:
 
 async def get_device(request: Request) -> Response:
     """Get one device of the product."""
-    await require(request, Permission.READ, "read devices")
     view = await fleet_of(request).get_device(
-        request.path_params["product"], request.path_params["device_id"]
+        product_of(request).id, request.path_params["device_id"]
     )
     return JSONResponse(device_json(view, detail=True))
 
@@ -82,10 +82,9 @@ async def get_device(request: Request) -> Response:
 async def update_device(request: Request) -> Response:
     """Change a device ({development, desired_firmware_version, flash, groups,
     firmware_updates_forced, name, notes}), or flash a development device (multipart file)."""
-    product, device_id = request.path_params["product"], request.path_params["device_id"]
-    fleet = fleet_of(request)
+    product, device_id = product_of(request).id, request.path_params["device_id"]
+    fleet, actor = fleet_of(request), actor_of(request)
     if is_multipart(request):
-        actor = await require(request, Permission.MANAGE_DEVICES, "flash devices")
         async with multipart_form(request, settings_of(request).max_upload_bytes) as form:
             upload = await upload_of(form, ("file", "binary"))
         if upload is None:
@@ -100,7 +99,6 @@ async def update_device(request: Request) -> Response:
                 "flash": flash_json(flash),
             }
         )
-    actor = await require(request, Permission.MANAGE_DEVICES, "change devices")
     fields = await body_fields(request)
     changes = dict(fields)
     for key in ("development", "flash", "firmware_updates_forced"):
@@ -110,34 +108,35 @@ async def update_device(request: Request) -> Response:
         changes["groups"] = as_name_list(fields, "groups")
     if changes.get("desired_firmware_version") in ("", "null"):  # form encoding of null
         changes["desired_firmware_version"] = None
+    elif "desired_firmware_version" in changes:
+        changes["desired_firmware_version"] = int_field(
+            changes["desired_firmware_version"], "desired_firmware_version", max_digits=5
+        )
     view = await fleet.update_device(actor, product, device_id, changes)
     return JSONResponse(device_json(view, detail=True))
 
 
 async def remove_device(request: Request) -> Response:
     """Remove a device from the product."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "remove devices")
     await fleet_of(request).remove_device(
-        actor, request.path_params["product"], request.path_params["device_id"]
+        actor_of(request), product_of(request).id, request.path_params["device_id"]
     )
     return Response(status_code=204)
 
 
 async def revoke_device(request: Request) -> Response:
     """Revoke a device's certificates: refused at its next handshake, live session closed."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "revoke devices")
     fleet = fleet_of(request)
     device_id = request.path_params["device_id"]
-    await fleet.get_device(request.path_params["product"], device_id)  # 404 unless a member
-    await fleet.set_certs_revoked(actor, device_id, True)
+    await fleet.get_device(product_of(request).id, device_id)  # 404 unless a member
+    await fleet.set_certs_revoked(actor_of(request), device_id, True)
     return JSONResponse({"ok": True, "id": device_id, "revoked": True})
 
 
 async def reinstate_device(request: Request) -> Response:
     """Lift a device's revocation: its certificates are accepted again (audit-logged)."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "reinstate devices")
     fleet = fleet_of(request)
     device_id = request.path_params["device_id"]
-    await fleet.get_device(request.path_params["product"], device_id)  # 404 unless a member
-    await fleet.set_certs_revoked(actor, device_id, False)
+    await fleet.get_device(product_of(request).id, device_id)  # 404 unless a member
+    await fleet.set_certs_revoked(actor_of(request), device_id, False)
     return JSONResponse({"ok": True, "id": device_id, "revoked": False})

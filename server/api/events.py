@@ -10,16 +10,25 @@ when the bus drops the subscriber for reading too slowly (its buffer is bounded)
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from otacore.errors import ValidationError
-from server.api.common import as_bool, body_fields, fleet_of, require, settings_of
+from otacore.errors import AuthError, ValidationError
+from server.api.common import (
+    actor_of,
+    as_bool,
+    body_fields,
+    fleet_of,
+    int_field,
+    product_of,
+    settings_of,
+    token_from,
+)
 from server.events import DEFAULT_TTL, Event, EventBus
-from server.fleet import Permission
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -48,8 +57,12 @@ class EventStream:
         keepalive: float,
         send_timeout: float,
         buffer: int,
+        still_allowed: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.bus = bus
+        #: Asked again every ``keepalive`` seconds: a stream whose token was revoked, whose
+        #: account was disabled or removed from the team ends (the check ran at the start).
+        self.still_allowed = still_allowed
         self.product_id = product_id
         self.device_id = device_id
         self.prefix = prefix
@@ -75,7 +88,13 @@ class EventStream:
     async def _pump(self, events: trio.MemoryReceiveChannel[Event], send: Send) -> None:
         if not await self._send(send, b":ok\n\n"):
             return
+        next_check = trio.current_time() + self.keepalive
         while True:
+            if self.still_allowed is not None and trio.current_time() >= next_check:
+                if not await self.still_allowed():
+                    await self._send(send, b": access revoked: sign in again\n\n")
+                    return
+                next_check = trio.current_time() + self.keepalive
             block = b": keep-alive\n\n"
             with trio.move_on_after(self.keepalive):
                 try:
@@ -103,8 +122,17 @@ class EventStream:
                 return
 
 
-def _stream(request: Request, product_id: int | None, device_id: str | None) -> EventStream:
+def _stream(request: Request, product_id: int, device_id: str | None) -> EventStream:
     settings = settings_of(request)
+    token = token_from(request)
+
+    async def still_allowed() -> bool:
+        try:
+            actor = await fleet_of(request).authenticate(token or "")
+        except AuthError:
+            return False
+        return "events:get" in actor.scopes_on(product_id)
+
     return EventStream(
         fleet_of(request).bus,
         product_id=product_id,
@@ -113,47 +141,44 @@ def _stream(request: Request, product_id: int | None, device_id: str | None) -> 
         keepalive=settings.sse_keepalive_seconds,
         send_timeout=settings.sse_send_timeout_seconds,
         buffer=settings.sse_buffer,
+        still_allowed=still_allowed,
     )
 
 
 async def product_events(request: Request) -> Response | EventStream:
     """Stream a product's events, optionally those whose name starts with a prefix."""
-    await require(request, Permission.READ, "read events")
-    product = await fleet_of(request).get_product(request.path_params["product"])
-    return _stream(request, product.id, None)
+    return _stream(request, product_of(request).id, None)
 
 
 async def product_device_events(request: Request) -> Response | EventStream:
     """Stream one product device's events."""
-    await require(request, Permission.READ, "read events")
     view = await fleet_of(request).get_device(
-        request.path_params["product"], request.path_params["device_id"]
+        product_of(request).id, request.path_params["device_id"]
     )
     return _stream(request, view.record.product_id, view.record.id)
 
 
 async def device_events(request: Request) -> Response | EventStream:
-    """Stream one device's events (``/v1/devices/:id/events``)."""
-    await require(request, Permission.READ, "read events")
-    view = await fleet_of(request).target_for_device(request.path_params["device_id"])
-    return _stream(request, view.product.id, view.device.id)
+    """Stream one device's events (``/v1/devices/:id/events``; the access check resolved the
+    device's product)."""
+    view = await fleet_of(request).get_device(
+        product_of(request).id, request.path_params["device_id"]
+    )
+    return _stream(request, view.record.product_id, view.record.id)
 
 
 async def publish_event(request: Request) -> Response:
     """Publish an event into the product stream: {name, data, private, ttl}."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "publish events")
     fields = await body_fields(request)
     unknown = sorted(set(fields) - {"name", "data", "private", "ttl"})
     if unknown:
         raise ValidationError(
             f"unknown field(s) {', '.join(unknown)}; give name, data, private, ttl"
         )
-    ttl = fields.get("ttl", DEFAULT_TTL)
-    if isinstance(ttl, str) and (ttl.isascii() and ttl.isdigit()):
-        ttl = int(ttl)
+    ttl = int_field(fields.get("ttl", DEFAULT_TTL), "ttl")
     await fleet_of(request).publish_event(
-        actor,
-        request.path_params["product"],
+        actor_of(request),
+        product_of(request).id,
         fields.get("name"),
         fields.get("data"),
         ttl=ttl,

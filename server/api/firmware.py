@@ -7,19 +7,20 @@ from starlette.responses import JSONResponse, Response
 
 from otacore.errors import ValidationError
 from server.api.common import (
+    actor_of,
     as_bool,
     as_name_list,
     body_fields,
+    content_disposition,
     fleet_of,
     form_text,
     is_multipart,
     multipart_form,
-    require,
+    product_of,
     settings_of,
     upload_of,
 )
 from server.api.serialize import firmware_json
-from server.fleet import Permission
 
 #: Multipart field names of the binary: Particle's docs say "binary", its clients send "file".
 BINARY_FIELDS = ("binary", "file")
@@ -28,14 +29,12 @@ RELEASE_FIELDS = frozenset({"version", "product_default", "groups", "intelligent
 
 async def list_firmware(request: Request) -> Response:
     """List a product's firmware versions, newest first."""
-    await require(request, Permission.READ, "read firmware")
-    views = await fleet_of(request).list_firmware(request.path_params["product"])
+    views = await fleet_of(request).list_firmware(product_of(request).id)
     return JSONResponse([firmware_json(view) for view in views])
 
 
 async def upload_firmware(request: Request) -> Response:
     """Upload a firmware version (multipart: binary or file, version, title, description)."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "upload firmware")
     if not is_multipart(request):
         raise ValidationError(
             "upload firmware as multipart/form-data with the binary in field 'binary' "
@@ -50,8 +49,8 @@ async def upload_firmware(request: Request) -> Response:
         raise ValidationError("version is required (the product version built into the binary)")
     image, filename = upload
     view = await fleet_of(request).upload_firmware(
-        actor,
-        request.path_params["product"],
+        actor_of(request),
+        product_of(request).id,
         image,
         version=fields["version"],
         title=fields.get("title"),
@@ -63,16 +62,14 @@ async def upload_firmware(request: Request) -> Response:
 
 async def get_firmware(request: Request) -> Response:
     """Get one firmware version."""
-    await require(request, Permission.READ, "read firmware")
     view = await fleet_of(request).get_firmware(
-        request.path_params["product"], request.path_params["version"]
+        product_of(request).id, request.path_params["version"]
     )
     return JSONResponse(firmware_json(view))
 
 
 async def edit_firmware(request: Request) -> Response:
     """Edit a firmware version's title and description."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "edit firmware")
     fields = await body_fields(request)
     unknown = sorted(set(fields) - {"title", "description"})
     if unknown:
@@ -80,8 +77,8 @@ async def edit_firmware(request: Request) -> Response:
     if not fields:
         raise ValidationError("nothing to change; give title and/or description")
     view = await fleet_of(request).update_firmware(
-        actor,
-        request.path_params["product"],
+        actor_of(request),
+        product_of(request).id,
         request.path_params["version"],
         title=fields.get("title"),
         description=fields.get("description"),
@@ -91,21 +88,19 @@ async def edit_firmware(request: Request) -> Response:
 
 async def delete_firmware(request: Request) -> Response:
     """Delete an unreleased firmware version no device is locked to."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "delete firmware")
     await fleet_of(request).delete_firmware(
-        actor, request.path_params["product"], request.path_params["version"]
+        actor_of(request), product_of(request).id, request.path_params["version"]
     )
     return Response(status_code=204)
 
 
 async def firmware_binary(request: Request) -> Response:
     """Download a firmware version's binary."""
-    await require(request, Permission.READ, "download firmware")
     record, image = await fleet_of(request).firmware_binary(
-        request.path_params["product"], request.path_params["version"]
+        product_of(request).id, request.path_params["version"]
     )
     headers = {
-        "Content-Disposition": f'attachment; filename="{record.filename}"',
+        "Content-Disposition": content_disposition(record.filename),
         "X-Firmware-SHA256": record.sha256,
     }
     return Response(image, media_type="application/octet-stream", headers=headers)
@@ -113,7 +108,6 @@ async def firmware_binary(request: Request) -> Response:
 
 async def release_firmware(request: Request) -> Response:
     """Release a version: {version, product_default, groups, intelligent, force}."""
-    actor = await require(request, Permission.MANAGE_DEVICES, "release firmware")
     fields = await body_fields(request)
     unknown = sorted(set(fields) - RELEASE_FIELDS)
     if unknown:
@@ -123,8 +117,8 @@ async def release_firmware(request: Request) -> Response:
     if "version" not in fields:
         raise ValidationError("version is required")
     outcome = await fleet_of(request).release_firmware(
-        actor,
-        request.path_params["product"],
+        actor_of(request),
+        product_of(request).id,
         fields["version"],
         product_default=as_bool(fields, "product_default") if "product_default" in fields else None,
         groups=as_name_list(fields, "groups") if "groups" in fields else None,

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import otacore
+from server.api.access import rule_of
 
 _PARAM_RE = re.compile(r"{([^}:]+)(?::[^}]+)?}")
 
@@ -112,6 +113,21 @@ REQUEST_BODIES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         _obj({"name": _STR, "description": _STR, "color": _STR}, ["name"]),
     ),
     "update_group": ((_JSON, _FORM), _obj({"name": _STR, "description": _STR, "color": _STR})),
+    "add_to_team": (
+        (_JSON, _FORM),
+        {
+            "oneOf": [
+                _obj({"username": _STR, "role": {"enum": ["administrator", "developer",
+                                                          "support", "viewer"]}},
+                     ["username"]),
+                _obj({"friendly_name": _STR, "scopes": _NAMES}, ["friendly_name", "scopes"]),
+            ]
+        },
+    ),
+    "update_team_member": (
+        (_JSON, _FORM),
+        _obj({"role": _STR, "friendly_name": _STR, "scopes": _NAMES}),
+    ),
     "publish_event": (
         (_JSON, _FORM),
         _obj({"name": _STR, "data": _STR, "private": _BOOL, "ttl": _INT}, ["name"]),
@@ -128,8 +144,6 @@ EVENT_STREAMS = frozenset(
         "device_events_prefix",
     }
 )
-#: Endpoints reachable without a token.
-PUBLIC = frozenset({"token", "openapi"})
 
 _ERROR = {
     "description": "error",
@@ -183,8 +197,16 @@ def _operation(method: str, route: Route) -> dict[str, Any]:
         op["requestBody"] = {"content": {media: {"schema": schema} for media in media_types}}
         op["responses"]["409"] = _ERROR
         op["responses"]["413"] = _ERROR
-    if name in PUBLIC:
+    rule = rule_of(route)
+    if rule is None or rule.kind == "public":
         op["security"] = []
+    else:
+        # Who may call it: the scope (Particle's name) and where it must be held.
+        op["x-access"] = {"kind": rule.kind, "scope": rule.scope,
+                          "permission": None if rule.permission is None else rule.permission.value}
+    if name == "token":
+        op["responses"]["429"] = _ERROR
+        op["responses"]["503"] = _ERROR
     return op
 
 

@@ -21,6 +21,7 @@ from server.cli import (
     keys_cmd,
     module_cmd,
     server_cmd,
+    team_cmd,
 )
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ app.command(name="server")(server_cmd.server)
 app.add_typer(server_cmd.admin_app, name="admin")
 app.add_typer(server_cmd.product_app, name="product")
 keys_cmd.attach(server_cmd.product_app)
+team_cmd.attach(server_cmd.product_app)
 
 
 @app.command()

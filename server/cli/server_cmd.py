@@ -25,6 +25,7 @@ import trio
 import typer
 
 from otacore.errors import OtaError
+from server.api import ApiSettings
 from server.app import ServerConfig, serve
 from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
@@ -92,10 +93,44 @@ def server(
         help="Seconds a downgrade authorisation for one device stays valid (devices refuse "
         "it after that).",
     ),
+    password_hash_threads: int = typer.Option(
+        ApiSettings.password_hash_threads, "--password-hash-threads", min=1,
+        help="Threads that check passwords and client secrets (scrypt), apart from the "
+        "store's threads.",
+    ),
+    password_hash_queue: int = typer.Option(
+        ApiSettings.password_hash_queue, "--password-hash-queue", min=0,
+        help="Sign-ins that may wait for a password-hashing thread; more get 503.",
+    ),
+    login_max_failures_per_address: int = typer.Option(
+        ApiSettings.login_max_failures_per_address, "--login-max-failures-per-address", min=1,
+        help="Failed /oauth/token attempts from one client address before it is locked out.",
+    ),
+    login_max_failures_per_user: int = typer.Option(
+        ApiSettings.login_max_failures_per_user, "--login-max-failures-per-user", min=1,
+        help="Failed /oauth/token attempts against one user name or client id (from any "
+        "address) before it is locked out.",
+    ),
+    login_lockout: float = typer.Option(
+        ApiSettings.login_lockout_seconds, "--login-lockout", min=1,
+        help="Seconds a lockout lasts (failures add up within this window).",
+    ),
+    refresh_token_lifetime: int = typer.Option(
+        ApiSettings.refresh_token_seconds, "--refresh-token-lifetime", min=60,
+        help="Seconds a refresh token stays usable.",
+    ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too)."""
     listeners = device_port >= 0
+    api = ApiSettings(
+        password_hash_threads=password_hash_threads,
+        password_hash_queue=password_hash_queue,
+        login_max_failures_per_address=login_max_failures_per_address,
+        login_max_failures_per_user=login_max_failures_per_user,
+        login_lockout_seconds=login_lockout,
+        refresh_token_seconds=refresh_token_lifetime,
+    )
     limits = _device_limits(device_limit or [])
     try:
         config = ServerConfig(
@@ -106,6 +141,7 @@ def server(
             device_port=device_port if listeners else None,
             device_host=device_host,
             workers=workers if workers is not None else default_workers(listeners),
+            api=api,
             ota=OtaConfig(downgrades=DowngradePolicy.parse(downgrades),
                           downgrade_lifetime=downgrade_lifetime),
             device_limits=limits,
@@ -205,7 +241,12 @@ def admin_token(
 def admin_user(
     username: str = typer.Argument(..., help="Login name (e-mail)."),
     password: str = typer.Option(..., "--password", prompt=True, hide_input=True),
-    role: str = typer.Option("developer", "--role"),
+    role: str = typer.Option(
+        "none", "--role",
+        help="Installation-wide role: owner, administrator (every product and what no product "
+        "owns), developer, support, viewer (every product), or none: only the products whose "
+        "team the user joins (ota product team add).",
+    ),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
     db_url: str | None = typer.Option(None, "--db-url"),
 ) -> None:
@@ -215,6 +256,32 @@ def admin_user(
     except OtaError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"created user {username} ({role})")
+
+
+@admin_app.command("user-update")
+def admin_user_update(
+    username: str = typer.Argument(..., help="Login name."),
+    role: str | None = typer.Option(None, "--role", help="New installation-wide role."),
+    disable: bool = typer.Option(False, "--disable",
+                                 help="Disable the account and revoke its tokens at once."),
+    enable: bool = typer.Option(False, "--enable", help="Enable a disabled account."),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    db_url: str | None = typer.Option(None, "--db-url"),
+) -> None:
+    """Change an account's installation role, or disable / enable it (takes effect on the
+    next request of any of its tokens)."""
+    if disable and enable:
+        raise _fail("give --disable or --enable, not both")
+    if role is None and not (disable or enable):
+        raise _fail("nothing to change: give --role, --disable or --enable")
+    try:
+        user = _open_fleet(data, db_url).update_user_sync(
+            username, role=role, disabled=True if disable else (False if enable else None)
+        )
+    except OtaError as exc:
+        raise _fail(str(exc)) from exc
+    state = "disabled" if user.disabled else "enabled"
+    typer.echo(f"user {user.username}: role {user.role}, {state}")
 
 
 @admin_app.command("client")

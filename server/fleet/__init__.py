@@ -17,10 +17,12 @@ from server.fleet.ota_memory import OtaMemoryService
 from server.fleet.presence import PresenceService
 from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
 from server.fleet.sessions import DeviceTarget, SessionService
+from server.fleet.teams import ApiUserGrant, TeamMember, TeamService
 
 
 class Fleet(
-    FirmwareService, DeviceService, GroupService, AuthService, SessionService, DeviceOsService,
+    FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
+    DeviceOsService,
     DeltaService, OtaMemoryService, PresenceService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
@@ -29,6 +31,7 @@ class Fleet(
 __all__ = [
     "SYSTEM_ACTOR",
     "Actor",
+    "ApiUserGrant",
     "DevicePage",
     "DeviceTarget",
     "DeviceView",
@@ -39,5 +42,6 @@ __all__ = [
     "Permission",
     "ReleaseOutcome",
     "Role",
+    "TeamMember",
     "TokenGrant",
 ]

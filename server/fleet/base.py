@@ -48,6 +48,8 @@ def check_version(value: object, what: str = "version") -> int:
     if isinstance(value, bool):
         raise ValidationError(f"{what} must be an integer, not a boolean")
     if isinstance(value, str) and (value.strip().isascii() and value.strip().isdigit()):
+        if len(value.strip()) > 5:  # before int(): past 4,300 digits it raises ValueError
+            raise ValidationError(f"{what} must be an integer 0..{MAX_FIRMWARE_VERSION}")
         value = int(value.strip())
     if not isinstance(value, int):
         raise ValidationError(f"{what} must be an integer 0..{MAX_FIRMWARE_VERSION}")

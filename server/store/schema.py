@@ -258,6 +258,43 @@ tokens = sa.Table(
     _ms("revoked_at", nullable=True),
 )
 
+# Product teams (Particle's "team"): a user's role on one product, on top of the user's
+# installation role (``users.role``; "none" grants nothing by itself).
+product_members = sa.Table(
+    "product_members",
+    metadata,
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("role", sa.String(32), nullable=False),  # administrator/developer/support/viewer
+    sa.Column("invited_by", sa.String(200), nullable=False),
+    _ms("created_at"),
+)
+sa.Index("ix_product_members_user", product_members.c.user_id)
+
+# API users (Particle's programmatic users): a ``users`` row without a usable password, bound
+# to one product with an explicit list of scopes; one live access token at a time.
+api_users = sa.Table(
+    "api_users",
+    metadata,
+    sa.Column(
+        "user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("friendly_name", sa.String(200), nullable=False),
+    sa.Column("scopes", sa.JSON, nullable=False),  # sorted list of scope names
+    sa.Column("created_by", sa.String(200), nullable=False),
+    _ms("created_at"),
+)
+sa.Index("ix_api_users_product", api_users.c.product_id)
+
 audit_log = sa.Table(
     "audit_log",
     metadata,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,6 +16,29 @@ from server.store.records import (
     UserRecord,
     record_from,
 )
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A user's role on one product's team."""
+
+    product_id: int
+    user_id: int
+    role: str
+    invited_by: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class ApiUserRecord:
+    """An API user: a programmatic user bound to one product with explicit scopes."""
+
+    user_id: int
+    product_id: int
+    friendly_name: str
+    scopes: list[str]
+    created_by: str
+    created_at: int
 
 
 class AuthQueries:
@@ -47,6 +71,132 @@ class AuthQueries:
             .first()
         )
         return None if row is None else record_from(UserRecord, row)
+
+    def get_user_by_id(self, user_id: int) -> UserRecord | None:
+        """An account by id."""
+        row = self.conn.execute(sa.select(t.users).where(t.users.c.id == user_id)).mappings()
+        found = row.first()
+        return None if found is None else record_from(UserRecord, found)
+
+    def update_user(self, user_id: int, *, role: str | None = None,
+                    disabled: bool | None = None) -> None:
+        """Change an account's installation role and/or its disabled flag."""
+        values: dict[str, Any] = {}
+        if role is not None:
+            values["role"] = role
+        if disabled is not None:
+            values["disabled"] = disabled
+        if values:
+            self.conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**values))
+
+    def delete_user(self, user_id: int) -> None:
+        """Delete an account (its tokens, memberships and API-user grant go with it)."""
+        self.conn.execute(sa.delete(t.tokens).where(t.tokens.c.user_id == user_id))
+        members = t.product_members
+        self.conn.execute(sa.delete(members).where(members.c.user_id == user_id))
+        self.conn.execute(sa.delete(t.api_users).where(t.api_users.c.user_id == user_id))
+        self.conn.execute(sa.delete(t.users).where(t.users.c.id == user_id))
+
+    # --- product teams and API users -------------------------------------------------------------
+
+    def memberships_of(self, user_id: int) -> list[MemberRecord]:
+        """Every product team a user belongs to."""
+        rows = self.conn.execute(
+            sa.select(t.product_members).where(t.product_members.c.user_id == user_id)
+        ).mappings()
+        return [record_from(MemberRecord, row) for row in rows]
+
+    def get_member(self, product_id: int, user_id: int) -> MemberRecord | None:
+        """A user's membership of one product's team."""
+        row = self.conn.execute(
+            sa.select(t.product_members).where(
+                t.product_members.c.product_id == product_id,
+                t.product_members.c.user_id == user_id,
+            )
+        ).mappings().first()
+        return None if row is None else record_from(MemberRecord, row)
+
+    def list_members(self, product_id: int) -> list[tuple[UserRecord, MemberRecord]]:
+        """A product's team (people, not API users), by user name."""
+        query = (
+            sa.select(t.users, t.product_members.c.role.label("member_role"),
+                      t.product_members.c.invited_by, t.product_members.c.created_at.label("since"))
+            .join(t.product_members, t.product_members.c.user_id == t.users.c.id)
+            .where(t.product_members.c.product_id == product_id)
+            .order_by(t.users.c.username)
+        )
+        found = []
+        for row in self.conn.execute(query).mappings():
+            user = record_from(UserRecord, row)
+            found.append((user, MemberRecord(product_id, user.id, row["member_role"],
+                                             row["invited_by"], row["since"])))
+        return found
+
+    def put_member(self, product_id: int, user_id: int, role: str, invited_by: str,
+                   now: int) -> None:
+        """Add a user to a product's team, or change its role there."""
+        if self.get_member(product_id, user_id) is None:
+            self.conn.execute(sa.insert(t.product_members).values(
+                product_id=product_id, user_id=user_id, role=role, invited_by=invited_by,
+                created_at=now,
+            ))
+        else:
+            self.conn.execute(
+                sa.update(t.product_members)
+                .where(t.product_members.c.product_id == product_id,
+                       t.product_members.c.user_id == user_id)
+                .values(role=role)
+            )
+
+    def delete_member(self, product_id: int, user_id: int) -> bool:
+        """Remove a user from a product's team; True when it was a member."""
+        result = self.conn.execute(
+            sa.delete(t.product_members).where(
+                t.product_members.c.product_id == product_id,
+                t.product_members.c.user_id == user_id,
+            )
+        )
+        return bool(result.rowcount)
+
+    def insert_api_user(self, record: ApiUserRecord) -> None:
+        """Bind a (programmatic) user to its product and scopes."""
+        self.conn.execute(sa.insert(t.api_users).values(
+            user_id=record.user_id, product_id=record.product_id,
+            friendly_name=record.friendly_name, scopes=sorted(record.scopes),
+            created_by=record.created_by, created_at=record.created_at,
+        ))
+
+    def update_api_user(self, user_id: int, *, friendly_name: str, scopes: list[str]) -> None:
+        """Change an API user's name and scopes."""
+        self.conn.execute(
+            sa.update(t.api_users).where(t.api_users.c.user_id == user_id)
+            .values(friendly_name=friendly_name, scopes=sorted(scopes))
+        )
+
+    def get_api_user(self, user_id: int) -> ApiUserRecord | None:
+        """The API-user grant of a user (None for people)."""
+        row = self.conn.execute(
+            sa.select(t.api_users).where(t.api_users.c.user_id == user_id)
+        ).mappings().first()
+        return None if row is None else record_from(ApiUserRecord, row)
+
+    def list_api_users(self, product_id: int) -> list[tuple[UserRecord, ApiUserRecord]]:
+        """A product's API users, by user name."""
+        query = (
+            sa.select(t.users, t.api_users.c.product_id, t.api_users.c.friendly_name,
+                      t.api_users.c.scopes, t.api_users.c.created_by,
+                      t.api_users.c.created_at.label("granted_at"))
+            .join(t.api_users, t.api_users.c.user_id == t.users.c.id)
+            .where(t.api_users.c.product_id == product_id)
+            .order_by(t.users.c.username)
+        )
+        found = []
+        for row in self.conn.execute(query).mappings():
+            user = record_from(UserRecord, row)
+            found.append((user, ApiUserRecord(user.id, row["product_id"], row["friendly_name"],
+                                              list(row["scopes"]), row["created_by"],
+                                              row["granted_at"])))
+        return found
 
     def insert_client(
         self, client_id: str, secret_hash: str, name: str, role: str, now: int
@@ -108,6 +258,15 @@ class AuthQueries:
             .values(revoked_at=now)
         )
         return bool(result.rowcount)
+
+    def revoke_user_tokens(self, user_id: int, now: int) -> int:
+        """Revoke every live token of a user; how many were live."""
+        result = self.conn.execute(
+            sa.update(t.tokens)
+            .where(t.tokens.c.user_id == user_id, t.tokens.c.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        return int(result.rowcount)
 
     # --- audit log ----------------------------------------------------------------------------
 

@@ -129,7 +129,7 @@ class FleetQueries:
         if isinstance(ref, int):
             found = self.conn.execute(SELECT_PRODUCT_BY_ID, {"product_id": ref}).first()
             return None if found is None else ProductRecord(*found)
-        if ref.isascii() and ref.isdigit():
+        if ref.isascii() and ref.isdigit() and len(ref) <= 18:  # fits SQLite's integers
             where = sa.or_(t.products.c.id == int(ref), t.products.c.slug == ref)
         else:
             where = t.products.c.slug == ref
