@@ -63,6 +63,8 @@ class ServerConfig:
     device_limits: SessionLimits = field(default_factory=SessionLimits)
     #: How updates are delivered (the OTA engine of every server process).
     ota: OtaConfig = field(default_factory=OtaConfig)
+    #: Log level name of the worker processes (the CLI configures this process's logging).
+    log_level: str = "info"
 
     @property
     def multiprocess(self) -> bool:
@@ -115,6 +117,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             limits=asdict(config.device_limits),
             downgrades=config.ota.downgrades.value,
             downgrade_lifetime=config.ota.downgrade_lifetime,
+            log_level=config.log_level,
         )
         for index in range(1, config.workers)
     ]

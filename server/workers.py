@@ -40,6 +40,7 @@ from server.devices.ota import DowngradePolicy, OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.events import EventBus
 from server.fleet import Fleet
+from server.logs import configure_logging
 from server.relay import EventRelay
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
@@ -76,6 +77,8 @@ class WorkerSpec:
     #: OtaConfig.downgrades and downgrade_lifetime of the main process.
     downgrades: str = DowngradePolicy.TARGETED.value
     downgrade_lifetime: float = OtaConfig.downgrade_lifetime
+    #: Log level name, as ``ota server --log-level`` gave it to the main process.
+    log_level: str = "info"
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -197,10 +200,7 @@ def main() -> None:
     """``python -m server.workers``: read the spec line from stdin, run until told to stop."""
     line = sys.stdin.buffer.readline()
     spec = WorkerSpec.from_json(line.decode())
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"worker {spec.index} [%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(spec.log_level, prefix=f"worker {spec.index} [%(process)d] ")
     # The rest of stdin is read by trio (nothing else is buffered: one line was written).
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     trio.run(run_worker, spec, stdin)

@@ -30,6 +30,7 @@ from server.app import ServerConfig, serve
 from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
+from server.logs import configure_logging
 from server.store import Store
 from server.transport import SessionLimits
 from server.workers import default_workers
@@ -115,6 +116,11 @@ def server(
         ApiSettings.login_lockout_seconds, "--login-lockout", min=1,
         help="Seconds a lockout lasts (failures add up within this window).",
     ),
+    log_level: str = typer.Option(
+        "info", "--log-level",
+        help="Least severe log records written to stderr, in every server process: debug, "
+        "info, warning or error. Refused handshakes and sign-in lockouts are warnings.",
+    ),
     refresh_token_lifetime: int = typer.Option(
         ApiSettings.refresh_token_seconds, "--refresh-token-lifetime", min=60,
         help="Seconds a refresh token stays usable.",
@@ -123,6 +129,10 @@ def server(
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too)."""
     listeners = device_port >= 0
+    try:
+        configure_logging(log_level)
+    except OtaError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
     api = ApiSettings(
         password_hash_threads=password_hash_threads,
         password_hash_queue=password_hash_queue,
@@ -145,6 +155,7 @@ def server(
             ota=OtaConfig(downgrades=DowngradePolicy.parse(downgrades),
                           downgrade_lifetime=downgrade_lifetime),
             device_limits=limits,
+            log_level=log_level.lower(),
         )
     except OtaError as exc:
         raise _fail(str(exc)) from exc
