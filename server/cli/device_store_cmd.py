@@ -45,7 +45,7 @@ class StoreRegistrar:
         if devices:
             key = product_signing_key(data_dir, record.id)
             sequence = len(product_statements(data_dir, record.id))
-            write_trust_file(devices[0].ca_path.parent, [key], sequence)
+            write_trust_file(devices[0].ca_path.parent, [key], sequence, product_id=record.id)
 
 
 def _ref(product: str) -> int | str:
