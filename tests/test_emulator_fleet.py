@@ -196,11 +196,11 @@ async def test_fleet_takes_an_update_over_real_sockets(
     )
     async with trio.open_nursery() as inner:
         await inner.start(fleet.run)
-        await fleet.wait_until(all_committed(3), timeout=20)
-        await fleet.wait_until(lambda f: f.summary().online == 3, timeout=10)
+        await fleet.wait_until(all_committed(3), timeout=30)
+        await fleet.wait_until(lambda f: f.summary().online == 3, timeout=30)
         # The periodic report catches up with the fleet at its next tick, however fast the
         # update was (on an idle machine it ends before the first tick).
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             await reported.wait()
         inner.cancel_scope.cancel()
     assert fleet.crashed == {}
@@ -242,7 +242,7 @@ async def test_download_resumes_after_the_server_drops_the_link(
     )
     async with trio.open_nursery() as inner:
         await inner.start(fleet.run)
-        await fleet.wait_until(all_committed(1), timeout=20)
+        await fleet.wait_until(all_committed(1), timeout=30)
         inner.cancel_scope.cancel()
     assert fleet.crashed == {}
     (log,) = handler.logs.values()
@@ -273,17 +273,17 @@ async def test_application_calls_reach_the_server(
     )
     async with trio.open_nursery() as inner:
         await inner.start(fleet.run)
-        await fleet.wait_until(lambda f: f.summary().online == 1, timeout=10)
+        await fleet.wait_until(lambda f: f.summary().online == 1, timeout=30)
         (runner,) = fleet.runners.values()
         runner.disable_updates()
         runner.publish("app/temperature", "21.5")
         log = handler.logs[runner.device.config.device_id]
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             while len(log.named("ota/device/heartbeat")) < 2 or not log.named("app/temperature"):
                 await trio.sleep(0.05)
         runner.reset()
-        await fleet.wait_until(lambda f: f.statuses()[0].boots == 2, timeout=10)
-        await fleet.wait_until(lambda f: f.summary().online == 1, timeout=10)
+        await fleet.wait_until(lambda f: f.statuses()[0].boots == 2, timeout=30)
+        await fleet.wait_until(lambda f: f.summary().online == 1, timeout=30)
         inner.cancel_scope.cancel()
     assert log.named("particle/device/updates/enabled")[0] == "false"
     assert log.named("app/temperature") == ["21.5"]
@@ -396,10 +396,10 @@ async def test_bad_image_rolls_back_through_the_shell(
     )
     async with trio.open_nursery() as inner:
         await inner.start(fleet.run)
-        await fleet.wait_until(lambda f: f.summary().results["rolled_back"] == 1, timeout=20)
+        await fleet.wait_until(lambda f: f.summary().results["rolled_back"] == 1, timeout=30)
         (runner,) = fleet.runners.values()
         log = handler.logs[runner.device.config.device_id]
-        with trio.fail_after(10):
+        with trio.fail_after(30):
             while not log.named(UPDATE_RESULT_EVENT):
                 await trio.sleep(0.02)
         inner.cancel_scope.cancel()
@@ -500,7 +500,7 @@ async def test_fleet_and_cli_against_the_real_server(
     )
     async with trio.open_nursery() as inner:
         await inner.start(fleet.run)
-        await fleet.wait_until(all_committed(2), timeout=20)
+        await fleet.wait_until(all_committed(2), timeout=30)
         inner.cancel_scope.cancel()
     assert fleet.crashed == {}
     async with kit.api() as api:
