@@ -232,15 +232,22 @@ async def _rollout(
         await sh.ota(["ota", "firmware", "upload", f"app{version}.bin", "--version",
                       str(version), "--title", f"v{version}"])  # fmt: skip
 
-    # The emulated devices, as the README starts them (plus where the server listens).
+    # The emulated devices, exactly as the README starts them (plus where the server
+    # listens), until Ctrl-C.
     emulate = fill(
         shown("ota device emulate --creds CREDS --transport both --state FLASH --firmware app.bin"),
         values,
     )
-    until_v2 = ["--server", devices_at, "--until-version", "2", "--duration", str(PATIENCE)]
-    emulator = await sh.start([*emulate, *until_v2], tmp_path / "emulate.log")
-    await wait_devices(api, values["P"], lambda ds: all(
-        d["online"] and d["firmware_version"] == 1 for d in ds))  # fmt: skip
+    emulator = await sh.start([*emulate, "--server", devices_at], tmp_path / "emulate.log")
+
+    def fleet_runs(version: int) -> Callable[[list[dict[str, Any]]], bool]:
+        def check(devices: list[dict[str, Any]]) -> bool:
+            assert not emulator.ended, f"emulate stopped: {emulator.log.read_text()}"
+            return all(d["online"] and d["firmware_version"] == version for d in devices)
+
+        return check
+
+    await wait_devices(api, values["P"], fleet_runs(1))
 
     # Particle's safe release flow: v1 ran, so it may be released; a canary is locked to
     # v2 with "flash now"; once it runs v2, v2 goes to every device at once.
@@ -251,7 +258,9 @@ async def _rollout(
     await sh.ota(["ota", "firmware", "release", "--version", "2", "--product-default",
                   "--immediate"])  # fmt: skip
     await sh.ota(["ota", "device", "unlock", canary])  # the canary follows releases again
-    assert await emulator.exit_status() == 0, emulator.log.read_text()
+    await wait_devices(api, values["P"], fleet_runs(2))
+    await emulator.wait_for(f"{other} online      5/1:v6 [udp] last update: committed v6")
+    assert await emulator.stop() == 0, emulator.log.read_text()  # Ctrl-C
     assert "2 devices: online 2; committed 2" in emulator.printed
     listed = json.loads(await sh.ota(["ota", "device", "list", "--json"]))
     assert {d["id"]: d["firmware_version"] for d in listed["devices"]} == {canary: 2, other: 2}

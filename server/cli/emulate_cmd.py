@@ -201,10 +201,13 @@ def emulate(
             fleet.on_progress = lambda summary: typer.echo(summary.line())
         try:
             final, reached = trio.run(_run, fleet, duration, until_version)
-        except KeyboardInterrupt:
-            final, reached = fleet.summary(), until_version is None
-        except OtaError as exc:
-            fail(str(exc))
+        except BaseException as raised:  # trio wraps errors and Ctrl-C in exception groups
+            if _first(raised, KeyboardInterrupt) is not None:  # Ctrl-C: the run's usual end
+                final, reached = fleet.summary(), until_version is None
+            elif (error := _first(raised, OtaError)) is not None:
+                fail(str(error))
+            else:
+                raise
         typer.echo(final.line())
         if json_output:
             print_json([_status_json(status) for status in fleet.statuses()])
@@ -214,6 +217,17 @@ def emulate(
                 f"{running} of {len(fleet.members)} devices run version {until_version} "
                 f"after {duration} s"
             )
+
+
+def _first(raised: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``raised`` if it is a ``kind``, else the first ``kind`` in it when it is a (nested)
+    exception group, else None."""
+    found: BaseException | None = raised
+    if isinstance(raised, BaseExceptionGroup):
+        found = raised.split(kind)[0]
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+    return found if isinstance(found, kind) else None
 
 
 def _product_of_trust_file(trust_file: Path, product_id: int | None) -> int:
