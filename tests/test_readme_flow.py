@@ -55,6 +55,7 @@ class Shell:
         self.nursery = nursery
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OTA_")}
         self.env["COLUMNS"] = "200"
+        self.started: list[trio.Process] = []
 
     async def ota(self, words: list[str], *, expect: int = 0) -> str:
         """Run ``ota WORDS...`` (the first word, "ota", is the console script) to its end:
@@ -74,11 +75,19 @@ class Shell:
         assert words[0] == "ota", words
         with log.open("wb") as err:
             process = await trio.lowlevel.open_process(
-                OTA + words[1:], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=err
-            )
+                OTA + words[1:], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=err,
+                # Ctrl-C reaches it as in a terminal, even when this test runs as a background
+                # job (whose shell made it, and so its children, ignore SIGINT).
+                preexec_fn=_default_sigint,
+            )  # fmt: skip
+        self.started.append(process)
         background = Background(process, log)
         self.nursery.start_soon(background.collect)
         return background
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Background:
@@ -154,7 +163,14 @@ def app_body(version: int) -> bytes:
 async def test_readme_operator_flow(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         sh = Shell(tmp_path, nursery)
-        server = await _operator_flow(sh, tmp_path)
+        try:
+            server = await _operator_flow(sh, tmp_path)
+        finally:
+            for process in sh.started:  # nothing outlives the test, even when it fails
+                if process.returncode is None:
+                    process.kill()
+                    with trio.CancelScope(shield=True):
+                        await process.wait()
         nursery.cancel_scope.cancel()
     assert server == 0, (tmp_path / "server.log").read_text()[-3000:]
 
