@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from otacore.module import build_module
 from otacore.platforms import ModuleFunction
@@ -22,6 +23,12 @@ if TYPE_CHECKING:  # the server stack is imported by the fixtures that use it, s
     # sessions that never start a server do not pay for importing it
     from server.app import ServerConfig, ServerHandle
     from server.store import Store
+
+# Property tests pass or fail on the code, never on the machine's speed: no per-example
+# deadline and no "too slow" health check (both measure wall-clock time). Tests' own
+# @settings inherit these.
+settings.register_profile("otacloud", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("otacloud")
 
 BORON = 13
 ARGON = 12

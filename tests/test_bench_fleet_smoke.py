@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import BenchError
-from bench.fleet.nginx_baseline import find_nginx
-from bench.fleet.report import QuietReporter, percentiles, results_table
-from bench.fleet.runner import BenchOptions, run_fleet_bench
+from server.bench.fleet import BenchError
+from server.bench.fleet.nginx_baseline import find_nginx
+from server.bench.fleet.report import QuietReporter, percentiles, results_table
+from server.bench.fleet.runner import BenchOptions, run_fleet_bench
 
 DEVICES = 6
 REQUIRED = (

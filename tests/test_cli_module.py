@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_inspect_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_create_then_inspect(tmp_path: Path) -> None:
     raw = tmp_path / "app.raw"
-    raw.write_bytes(os.urandom(5000))
+    raw.write_bytes(random.Random(20).randbytes(5000))
     module = tmp_path / "app.bin"
     out = ota("module", "create", str(raw), str(module), "--platform-id", "13",
               "--version", "7", "--product-id", "4242", "--product-version", "7",

@@ -43,7 +43,7 @@ async def test_hello_and_describe_update_the_device_record(
         assert (await device.describe(_modules())).code == Code.CHANGED
         assert (await device.publish("sensor/temp", "21.5")).code == Code.CHANGED
         seen = []
-        with trio.fail_after(5):
+        with trio.fail_after(20):
             while len(seen) < 3:
                 seen.append(await events.receive.receive())
         assert (seen[0].name, seen[0].data) == (STATUS, "online")
@@ -58,7 +58,7 @@ async def test_hello_and_describe_update_the_device_record(
             # DTLS has no connection to close: a device says goodbye (or times out idle).
             assert (await device.goodbye()).code == Code.CHANGED
         await device.aclose()
-        with trio.fail_after(10):
+        with trio.fail_after(20):
             while True:
                 event = await events.receive.receive()
                 if event.name == STATUS:

@@ -389,6 +389,7 @@ CHILD = textwrap.dedent(
         flash.clear_transfer_state()
         flash.boot()  # reset into the new image
         flash.record_selftest(True)
+        print("installed", flush=True)
     """
 )
 
@@ -416,6 +417,11 @@ def _check_after_kill(path: Path, other: SigningKey) -> int:
     return record.generation
 
 
+#: Children killed: each at a random moment of its run (fixed seed), the last one after it
+#: installed an update.
+KILLS = 12
+
+
 def test_sigkill_at_random_moments(tmp_path: Path) -> None:
     other = SigningKey.from_private_bytes(bytes(range(9, 41)))
     path = tmp_path / "device"
@@ -424,10 +430,9 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
     script.write_text(CHILD)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     rng = random.Random(1234)
-    deadline = time.monotonic() + 8.0
     kills = 0
     first_generation = last_generation = 1
-    while kills < 15 and time.monotonic() < deadline:
+    while kills < KILLS:
         child = subprocess.Popen(
             [
                 sys.executable,
@@ -448,6 +453,10 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
                 child.wait(timeout=10)
                 error = child.stderr.read().decode() if child.stderr else ""
                 pytest.fail(f"child failed to start: {error}")
+            if kills == KILLS - 1:
+                # The last child first installs an update: progress between kills does
+                # not depend on how fast the machine is.
+                assert child.stdout.readline() == b"installed\n"
             time.sleep(rng.uniform(0.0, 0.4))
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=10)
@@ -462,5 +471,4 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
         assert child.returncode == -signal.SIGKILL, f"child exited on its own: {stderr}"
         kills += 1
         last_generation = _check_after_kill(path, other)
-    assert kills >= 5
     assert last_generation > first_generation  # the child made progress between kills

@@ -452,7 +452,7 @@ async def test_a_left_over_op_of_a_cancelled_caller_is_dropped(store: Store) -> 
         nursery.start_soon(caller, "d-after", put("d-after", "d-after"))
         await trio.testing.wait_all_tasks_blocked()
         first_gate.set()  # next batch: d-slow, d-victim, d-after
-        with trio.fail_after(5):
+        with trio.fail_after(20):
             while committer.queued():
                 await trio.sleep(0.001)
         victim.cancel()  # taken: it would run, but the budget will leave it over

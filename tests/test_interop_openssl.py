@@ -106,7 +106,7 @@ async def s_client(
         *("-CAfile", str(device.ca_path), "-verify_return_error", "-verify_ip", "127.0.0.1"),
         "-ign_eof",
     ]
-    with trio.fail_after(15):
+    with trio.fail_after(30):
         result = await trio.run_process(
             command, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
         )
@@ -165,7 +165,7 @@ async def test_libcoap_client_gets_well_known_core(
         *("-c", str(kit.good.cert_path), "-j", str(kit.good.key_path), "-R", str(kit.good.ca_path)),
         f"{scheme}://127.0.0.1:{address[1]}/.well-known/core",
     ]
-    with trio.fail_after(15):
+    with trio.fail_after(30):
         result = await trio.run_process(
             command, capture_stdout=True, capture_stderr=True, check=False
         )

@@ -42,7 +42,7 @@ FAST: dict[str, Any] = {
     "fsync": False,
 }
 #: How long a test waits for one step (an update of a few tens of KB takes well under 1 s).
-STEP = 20.0
+STEP = 30.0
 
 
 def system_part(version: int, size: int = 6000) -> bytes:

@@ -164,7 +164,11 @@ def test_sigkill_during_uploads_and_releases_loses_nothing(tmp_path: Path, make_
     token = fleet.create_api_token_sync("owner").access_token
     slug = fleet.create_product_sync(SYSTEM_ACTOR, "Crash Test", 13).slug
     fleet.store.close()
-    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    # A new seed each run (kill moments, image sizes); printed, and OTA_SIGKILL_SEED=N
+    # replays a run.
+    seed = int(os.environ.get("OTA_SIGKILL_SEED") or int.from_bytes(os.urandom(4), "big"))
+    print(f"sigkill: seed {seed} (OTA_SIGKILL_SEED={seed} replays it)")
+    rng = random.Random(seed)
     uploader, releaser = Ledger(next_version=1), Ledger(next_version=30_000)
     kills = in_flight_kills = 0
     for _cycle in range(CYCLES):
@@ -185,6 +189,12 @@ def test_sigkill_during_uploads_and_releases_loses_nothing(tmp_path: Path, make_
             ]
             for thread in threads:
                 thread.start()
+            if _cycle == 0:
+                # However slow the machine, the run has acknowledged work to lose.
+                deadline = time.monotonic() + 60
+                while not (uploader.uploads or releaser.uploads):
+                    assert time.monotonic() < deadline, "no upload was acknowledged in 60 s"
+                    time.sleep(0.01)
             time.sleep(rng.uniform(0.05, 1.2))
             proc.send_signal(signal.SIGKILL)
             kills += 1

@@ -1,8 +1,10 @@
-"""``ota bench fleet``: the end-to-end fleet benchmark (machinery in ``bench/fleet``).
+"""``ota bench fleet``: the end-to-end fleet benchmark (machinery in ``server.bench.fleet``,
+installed with the package; results and the write-up in the repository's ``bench/fleet``).
 
-Attach to the main CLI with ``app.add_typer(bench_cmd.app, name="bench")``. The benchmark
-lives in the repository's ``bench/`` directory, which is not part of the installed package:
-the command finds it next to the ``server`` package (an editable install or a checkout).
+Attach to the main CLI with ``app.add_typer(bench_cmd.app, name="bench")``. The optional
+parts need the ``bench`` extra (``pip install 'otacloud[bench]'``): matplotlib for the plot
+and py-spy for ``--profile``; nginx (Debian) for the HTTPS baseline (``--no-nginx`` without
+it). The command runs without any of them and says what it left out.
 """
 
 from __future__ import annotations
@@ -28,17 +30,6 @@ app = typer.Typer(help="Benchmarks against a real server.", no_args_is_help=True
 @app.callback()
 def bench() -> None:
     """Benchmarks against a real server (a group even with one command)."""
-
-
-def _import_bench() -> None:
-    """Make ``bench.fleet`` importable from a checkout (bench/ is not installed)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "bench" / "fleet" / "runner.py").is_file():
-        fail(
-            f"bench/fleet is not in {root}: run ota bench from a source checkout (pip install -e .)"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
 
 
 @app.command("fleet")
@@ -115,9 +106,9 @@ def fleet(
     ] = False,
 ) -> None:
     """Run a server and N emulated devices: handshakes, sessions, an immediate release."""
-    _import_bench()
-    from bench.fleet.report import RichReporter, results_table
-    from bench.fleet.runner import BenchOptions, run_fleet_bench
+    from server.bench.fleet.profile import find_py_spy
+    from server.bench.fleet.report import RichReporter, results_table
+    from server.bench.fleet.runner import BenchOptions, run_fleet_bench
 
     console = Console()
     try:
@@ -143,6 +134,8 @@ def fleet(
         )
     except OtaError as exc:
         fail(str(exc))
+    if profile and find_py_spy() is None:
+        fail("--profile needs py-spy, from the bench extra: pip install 'otacloud[bench]'")
     words = sys.argv[sys.argv.index("fleet") :] if "fleet" in sys.argv else ["fleet"]
     command = "ota bench " + shlex.join(words)
     try:
@@ -160,8 +153,9 @@ def fleet(
         fail("stopped by a signal: every server, nginx and load generator was stopped")
     console.print(results_table(result))
     for note in result["notes"]:
-        console.print(f"note: {note}")
-    console.print(f"results in {out}/result.json and {out}/result.png")
+        console.print(f"note: {note}", markup=False, soft_wrap=True)  # whole lines
+    plot = f" and {out}/result.png" if (out / "result.png").is_file() else ""
+    console.print(f"results in {out}/result.json{plot}", markup=False, soft_wrap=True)
 
 
 def _meaningful(raised: BaseException) -> BaseException:

@@ -52,7 +52,7 @@ class StoreRegistrar:
         if devices:
             key = product_signing_key(data_dir, record.id)
             sequence = len(product_statements(data_dir, record.id))
-            write_trust_file(devices[0].ca_path.parent, [key], sequence)
+            write_trust_file(devices[0].ca_path.parent, [key], sequence, product_id=record.id)
 
 
     def standing(self, data_dir: Path, device_id: str, sha256: str) -> dict[str, object]:

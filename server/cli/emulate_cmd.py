@@ -5,8 +5,9 @@ persistent simulated flash under ``--state`` (``<state>/<device id>/``), connect
 device endpoint over TLS (``tcp``), DTLS (``udp``) or alternately both, and takes the updates
 the server offers. Without ``--state`` the flash lives in a temporary directory removed at
 exit. A fresh flash is programmed with the ``--firmware`` modules and a trust store of the
-``--trust-key`` public keys (default: the ``signing-keys.txt`` provisioning wrote into
-``--creds``) for ``--product-id``.
+``--trust-key`` public keys for ``--product-id`` (default: the keys and product that
+``ota device provision`` wrote into ``--creds/signing-keys.txt``). ``--until-version`` makes
+the run end once every device runs that product firmware version (for scripts and CI).
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ from typing import Annotated, cast
 import trio
 import typer
 
-from otacore.device.emulated import DeviceStatus
+from otacore.device.emulated import DevicePhase, DeviceStatus
 from otacore.errors import OtaError
 from otacore.module import validate_module
 from otacore.signing import TrustStore
 from server.cli._output import fail, print_json
-from server.devices.keys import TRUST_FILE, read_trust_file, read_trust_sequence
+from server.devices.keys import (
+    TRUST_FILE,
+    read_trust_file,
+    read_trust_product,
+    read_trust_sequence,
+)
 from server.emulator.fleet import (
     EmulatedFleet,
     FleetSettings,
@@ -132,6 +138,15 @@ def emulate(
     duration: Annotated[
         float | None, typer.Option("--duration", help="Stop after N seconds (default: Ctrl-C).")
     ] = None,
+    until_version: Annotated[
+        int | None,
+        typer.Option(
+            "--until-version",
+            min=0,
+            help="Exit once every device is online running this product firmware version "
+            "(exit status 1 if --duration passes first).",
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print every device's final status as JSON.")
     ] = False,
@@ -147,6 +162,7 @@ def emulate(
         if not keys and trust_file.is_file():  # written by `ota device provision`
             keys = [key.hex() for key in read_trust_file(trust_file)]
             sequence = read_trust_sequence(trust_file)
+            product_id = _product_of_trust_file(trust_file, product_id)
         store = trust_store_of(keys, product_id, sequence)
         images = tuple(path.read_bytes() for path in firmware or [])
         for path, image in zip(firmware or [], images, strict=True):
@@ -184,22 +200,78 @@ def emulate(
         else:
             fleet.on_progress = lambda summary: typer.echo(summary.line())
         try:
-            final = trio.run(_run, fleet, duration)
-        except KeyboardInterrupt:
-            final = fleet.summary()
-        except OtaError as exc:
-            fail(str(exc))
+            final, reached = trio.run(_run, fleet, duration, until_version)
+        except BaseException as raised:  # trio wraps errors and Ctrl-C in exception groups
+            if _first(raised, KeyboardInterrupt) is not None:  # Ctrl-C: the run's usual end
+                final, reached = fleet.summary(), until_version is None
+            elif (error := _first(raised, OtaError)) is not None:
+                fail(str(error))
+            else:
+                raise
         typer.echo(final.line())
         if json_output:
             print_json([_status_json(status) for status in fleet.statuses()])
+        if not reached:
+            running = _running_version(fleet, until_version)
+            fail(
+                f"{running} of {len(fleet.members)} devices run version {until_version} "
+                f"after {duration} s"
+            )
 
 
-async def _run(fleet: EmulatedFleet, duration: float | None) -> FleetSummary:
+def _first(raised: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``raised`` if it is a ``kind``, else the first ``kind`` in it when it is a (nested)
+    exception group, else None."""
+    found: BaseException | None = raised
+    if isinstance(raised, BaseExceptionGroup):
+        found = raised.split(kind)[0]
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+    return found if isinstance(found, kind) else None
+
+
+def _product_of_trust_file(trust_file: Path, product_id: int | None) -> int:
+    """The product whose keys ``trust_file`` holds; ``product_id`` (``--product-id``) must
+    agree with it, and is needed only for files that do not name their product."""
+    recorded = read_trust_product(trust_file)
+    if recorded is None and product_id is None:
+        raise ValueError(
+            f"{trust_file} does not name the product its keys sign for (an older "
+            "`ota device provision` wrote it): pass --product-id"
+        )
+    if recorded is not None and product_id is not None and recorded != product_id:
+        raise ValueError(
+            f"{trust_file} holds the signing keys of product {recorded}, not of "
+            f"--product-id {product_id}"
+        )
+    return recorded if recorded is not None else cast(int, product_id)
+
+
+def _running_version(fleet: EmulatedFleet, version: int | None) -> int:
+    """Devices online (not downloading or applying) and running product ``version``."""
+    return sum(
+        status.phase is DevicePhase.ONLINE and status.product_version == version
+        for status in fleet.statuses()
+    )
+
+
+async def _run(
+    fleet: EmulatedFleet, duration: float | None, until_version: int | None
+) -> tuple[FleetSummary, bool]:
+    """Run the fleet for ``duration`` seconds (forever when None) or, with
+    ``until_version``, until every device runs it; the summary and whether it was reached."""
+    reached = until_version is None
     async with trio.open_nursery() as nursery:
         await nursery.start(fleet.run)
-        await trio.sleep(float("inf") if duration is None else duration)
+        with trio.move_on_after(float("inf") if duration is None else duration):
+            if until_version is None:
+                await trio.sleep_forever()
+            # Polled: one pass over the fleet per check, however many status changes.
+            while _running_version(fleet, until_version) < len(fleet.members):
+                await trio.sleep(0.2)
+            reached = True
         nursery.cancel_scope.cancel()
-    return fleet.summary()
+    return fleet.summary(), reached
 
 
 def _status_json(status: DeviceStatus) -> dict[str, object]:

@@ -82,11 +82,17 @@ def product_signing_key(data_dir: Path, product_id: int) -> SigningKey:
     return key
 
 
-def write_trust_file(out_dir: Path, keys: list[SigningKey], sequence: int = 0) -> Path:
-    """Write the public keys devices should trust, one hex key per line, and the key
-    rotation sequence they start from (devices apply only later statements)."""
+def write_trust_file(
+    out_dir: Path, keys: list[SigningKey], sequence: int = 0, product_id: int | None = None
+) -> Path:
+    """Write the public keys devices should trust, one hex key per line, the key rotation
+    sequence they start from (devices apply only later statements) and the product the
+    keys sign for (``ota device emulate`` reads it back)."""
     path = Path(out_dir) / TRUST_FILE
-    lines = [f"# sequence {sequence}\n"] + [f"{key.public_key.hex()}\n" for key in keys]
+    lines = [f"# sequence {sequence}\n"]
+    if product_id is not None:
+        lines.append(f"# product {product_id}\n")
+    lines += [f"{key.public_key.hex()}\n" for key in keys]
     write_private_file(path, "".join(lines).encode())  # 0600 like the device's other files
     return path
 
@@ -101,13 +107,23 @@ def read_trust_file(path: Path) -> list[bytes]:
     return keys
 
 
-def read_trust_sequence(path: Path) -> int:
-    """The key rotation sequence a trust file starts from (0 when it names none)."""
+def _trust_header(path: Path, name: str) -> int | None:
     for line in path.read_text().splitlines():
         parts = line.split()
-        if parts[:2] == ["#", "sequence"] and len(parts) == 3 and parts[2].isdecimal():
+        if parts[:2] == ["#", name] and len(parts) == 3 and parts[2].isdecimal():
             return int(parts[2])
-    return 0
+    return None
+
+
+def read_trust_sequence(path: Path) -> int:
+    """The key rotation sequence a trust file starts from (0 when it names none)."""
+    return _trust_header(path, "sequence") or 0
+
+
+def read_trust_product(path: Path) -> int | None:
+    """The product a trust file's keys sign for (None in files written before it was
+    recorded)."""
+    return _trust_header(path, "product")
 
 
 # --- key rotation -------------------------------------------------------------------------

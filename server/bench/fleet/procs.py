@@ -13,11 +13,13 @@ from typing import Any
 
 import trio
 
-from bench.fleet import BenchError
+from server.bench.fleet import BenchError
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-#: The repository root (bench/fleet/procs.py -> ../..): children import bench and server.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The directory the ``server`` package was imported from (server/bench/fleet/procs.py ->
+#: ../../..): a source checkout, or site-packages when installed. Children import from it,
+#: so they run the same code as this process.
+IMPORT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def rss_kib(pid: int) -> int:
@@ -74,10 +76,11 @@ def tree_rss_kib(pid: int) -> int:
 
 
 def child_env() -> dict[str, str]:
-    """The environment for children: this one, with the repository root importable."""
+    """The environment for children: this one, with this process's ``server`` package first
+    on their import path (a checkout run without installing it works too)."""
     env = dict(os.environ)
     path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    env["PYTHONPATH"] = str(IMPORT_ROOT) + (os.pathsep + path if path else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bench.fleet import BenchError, error_text
-from bench.fleet.procs import free_port, log_tail, running_process
+from server.bench.fleet import BenchError, error_text
+from server.bench.fleet.procs import free_port, log_tail, running_process
 
 #: Bytes asked of a stream per read.
 READ_SIZE = 65536

@@ -20,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 
 class Reporter(Protocol):
@@ -100,7 +101,7 @@ class RichReporter:
 
     def note(self, text: str) -> None:
         """Print a line above the bars."""
-        self.progress.console.log(text)
+        self.progress.console.log(text, markup=False)  # notes name extras: [bench]
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -142,7 +143,10 @@ def write_plot(
         matplotlib.use("Agg")  # no display: write files only
         import matplotlib.pyplot as plt
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib)"
+        return (
+            "no plot: matplotlib is not installed (it comes with the bench extra: "
+            "pip install 'otacloud[bench]')"
+        )
     figure, (cdf, timeline) = plt.subplots(1, 2, figsize=(12, 4.5))
     ordered = sorted(latencies)
     count = len(ordered)
@@ -290,7 +294,7 @@ def results_table(result: dict[str, Any]) -> Table:
         ),
     ]
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # plain text: no rich markup
     return table
 
 

@@ -1,14 +1,14 @@
 """The fleet benchmark behind ``ota bench fleet``: a real server, thousands of emulated
 devices in load-generator processes, handshake rates, session memory, an immediate release
-and an nginx baseline (see bench/fleet/README.md).
+and an nginx baseline. It ships in the package, so an installed ``ota`` runs it; the
+write-up and the results of past runs are in the repository's ``bench/fleet/``.
 
-Modules: :mod:`bench.fleet.runner` (orchestration, phases, the result),
-:mod:`bench.fleet.control` (the runner's handles on the server and the load generators),
-:mod:`bench.fleet.loadgen` (the load-generator process), :mod:`bench.fleet.lines` (the
-JSON-lines pipe protocol), :mod:`bench.fleet.procs` (child processes, /proc readings),
-:mod:`bench.fleet.images` (benchmark firmware and provisioning),
-:mod:`bench.fleet.nginx_baseline` (nginx and its HTTPS clients), :mod:`bench.fleet.profile`
-(py-spy sampling) and :mod:`bench.fleet.report` (JSON, PNG plot, rich table, progress).
+Modules (all under ``server.bench.fleet``): ``runner`` (orchestration, phases, the result),
+``control`` (the runner's handles on the server and the load generators), ``loadgen`` (the
+load-generator process), ``lines`` (the JSON-lines pipe protocol), ``procs`` (child
+processes, /proc readings), ``images`` (benchmark firmware and provisioning),
+``nginx_baseline`` (nginx and its HTTPS clients), ``profile`` (py-spy sampling) and
+``report`` (JSON, PNG plot, rich table, progress).
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.fleet import BenchError
 from otacore.module import ModuleDependency, build_module
 from otacore.platforms import ModuleFunction
+from server.bench.fleet import BenchError
 from server.cli.device_store_cmd import StoreRegistrar
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet

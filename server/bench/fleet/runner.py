@@ -2,7 +2,7 @@
 
 1. Prepare (worker thread): store, product, owner token, N provisioned devices registered in
    one transaction, firmware (system part, application v1 and v2 of ``app_size`` bytes).
-2. Start K load generators (``python -m bench.fleet.loadgen``; devices dealt round-robin)
+2. Start K load generators (``python -m server.bench.fleet.loadgen``; devices dealt round-robin)
    and factory-program every device's flash.
 3. Handshakes, on a fresh server (``ota server`` subprocess): per transport, every device
    connects with a bare client and is held until all are up, then all close; the second
@@ -34,24 +34,24 @@ from typing import Any, Literal
 import httpx
 import trio
 
-from bench.fleet import BenchError
-from bench.fleet import profile as profiling
-from bench.fleet.control import (
+from server.bench.fleet import BenchError
+from server.bench.fleet import profile as profiling
+from server.bench.fleet.control import (
     FleetProgress,
     LoadGenHandle,
     request_all,
     running_loadgens,
     running_server,
 )
-from bench.fleet.images import Installation, prepare_installation
-from bench.fleet.loadgen import LoadGenSpec
-from bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
-from bench.fleet.procs import (
+from server.bench.fleet.images import Installation, prepare_installation
+from server.bench.fleet.loadgen import LoadGenSpec
+from server.bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
+from server.bench.fleet.procs import (
     ResourceWindow,
     tree_cpu_seconds,
     tree_rss_kib,
 )
-from bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
+from server.bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
 from server.emulator.fleet import TransportChoice, transports_for
 
 MB = 1_000_000  # goodput and CPU per MB use decimal megabytes
@@ -562,7 +562,7 @@ async def _run(
         result["server_profile"] = (
             profiling.summarize(profile_path)
             if profile_path.exists()
-            else {"note": "py-spy not found"}
+            else {"note": "py-spy recorded nothing (see server-profile.log)"}
         )
     write_json(result, out / "result.json")
     plot_note = write_plot(

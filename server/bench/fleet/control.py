@@ -13,10 +13,10 @@ from typing import Any, cast
 
 import trio
 
-from bench.fleet import BenchError
-from bench.fleet.images import Installation
-from bench.fleet.lines import JsonLines
-from bench.fleet.procs import PIPE, REPO_ROOT, child_env, log_tail, running_process
+from server.bench.fleet import BenchError
+from server.bench.fleet.images import Installation
+from server.bench.fleet.lines import JsonLines
+from server.bench.fleet.procs import PIPE, child_env, log_tail, running_process
 from server.transport import SessionLimits
 
 
@@ -211,7 +211,7 @@ async def running_server(
         f"max_handshakes_per_address={SessionLimits().max_handshakes}",
     ]
     async with running_process(
-        argv, log_path=log_path, stdout=PIPE, cwd=REPO_ROOT, env=child_env(), grace=15.0
+        argv, log_path=log_path, stdout=PIPE, cwd=install.data_dir, env=child_env(), grace=15.0
     ) as process:
         assert process.stdout is not None
         found: dict[str, str] = {}
@@ -254,11 +254,11 @@ async def running_loadgens(
             log = out_dir / f"loadgen-{index}.log"
             process = await stack.enter_async_context(
                 running_process(
-                    [sys.executable, "-m", "bench.fleet.loadgen", str(spec)],
+                    [sys.executable, "-m", "server.bench.fleet.loadgen", str(spec)],
                     log_path=log,
                     stdin=PIPE,
                     stdout=PIPE,
-                    cwd=REPO_ROOT,
+                    cwd=out_dir,
                     env=child_env(),
                     grace=5.0,
                 )

@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from bench.fleet import BenchError
+from server.bench.fleet import BenchError
 
 #: Longest line accepted (a reply lists a time per device: ~40 bytes each).
 MAX_LINE = 64 * 1024 * 1024

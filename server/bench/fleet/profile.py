@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.fleet.procs import running_process
+from server.bench.fleet.procs import running_process
 
 
 def find_py_spy() -> str | None:

@@ -1,4 +1,4 @@
-"""A load-generator process of the fleet benchmark: ``python -m bench.fleet.loadgen SPEC``.
+"""A load-generator process of the fleet benchmark: ``python -m server.bench.fleet.loadgen SPEC``.
 
 It runs its share of the benchmark's devices and obeys the runner's commands, one JSON
 object per line on stdin, answering each (``{"reply": id, ...}``, or ``{"reply": id,
@@ -39,13 +39,13 @@ from typing import Any, cast
 import trio
 from OpenSSL import SSL
 
-from bench.fleet import BenchError, error_text
-from bench.fleet.lines import JsonLines
-from bench.fleet.nginx_baseline import fetch_all
 from otacore.device.emulated import DevicePhase, DeviceStatus, EmulatedDevice
 from otacore.platforms import ModuleFunction
 from otacore.protocol.link import TcpLink, Transport, UdpLink
 from otacore.signing import TrustStore
+from server.bench.fleet import BenchError, error_text
+from server.bench.fleet.lines import JsonLines
+from server.bench.fleet.nginx_baseline import fetch_all
 from server.devices.keys import read_trust_file
 from server.emulator.flash import Flash
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings
@@ -566,10 +566,10 @@ async def _main(spec: LoadGenSpec) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m bench.fleet.loadgen SPEC.json``."""
+    """Entry point: ``python -m server.bench.fleet.loadgen SPEC.json``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m bench.fleet.loadgen SPEC.json")
+        raise SystemExit("usage: python -m server.bench.fleet.loadgen SPEC.json")
     with suppress(KeyboardInterrupt):  # Ctrl-C reaches the process group; the runner cleans up
         trio.run(_main, LoadGenSpec.load(Path(args[0])))
 
