@@ -52,7 +52,11 @@ class DeviceOsService(FleetBase):
             tx.insert_system_module(info.to_json(), sha256, len(image), actor.subject, now)
             tx.add_audit(actor=actor.subject, action="device_os.upload", product_id=None,
                          target=f"device_os:{sha256}", details={"module": list(key)}, now=now)
-        return Outcome({"sha256": sha256, "size": len(image), **info.to_json()})
+        # ``sha256`` names the stored file (as ``GET /v1/device-os`` lists it and devices
+        # fetch it); the module's own suffix digest stays apart as ``module_sha256``.
+        module = info.to_json()
+        module["module_sha256"] = module.pop("sha256")
+        return Outcome({**module, "sha256": sha256, "size": len(image)})
 
     async def list_device_os(self, platform_id: int | None = None) -> list[dict[str, Any]]:
         """Device OS modules (of one platform), oldest version first."""
