@@ -152,11 +152,13 @@ async def _run_demo(data: Path, devices: int, api_port: int, device_port: int,
                     break
                 await trio.sleep(0.25)
         console.print()
-        console.print(f"[green]all {devices} devices run v2[/green]; release of v2: {stats}")
+        console.print(f"[green]all {devices} devices run v2[/green]; release of v2: {stats}",
+                      soft_wrap=True)
+        # soft_wrap: one line however narrow the terminal (or none), so it can be pasted.
         console.print(f"explore: export OTA_API_URL={handle.api_url} OTA_TOKEN={token} "
-                      f"OTA_PRODUCT={product_id}")
+                      f"OTA_PRODUCT={product_id}", soft_wrap=True)
         console.print("  .venv/bin/ota device list    .venv/bin/ota firmware list    "
-                      ".venv/bin/ota events")
+                      ".venv/bin/ota events", soft_wrap=True)
         await api.aclose()
         if exit_when_done:
             nursery.cancel_scope.cancel()
