@@ -31,13 +31,12 @@ from otacore.protocol.ota_wire import (
     UpdateResult,
     parse_update_result,
 )
-from otacore.signing import Manifest, manifest_for_module, sign_manifest
+from otacore.signing import Manifest, SigningKey, manifest_for_module, sign_manifest
 from otacore.transfer import (
     PreparedFile,
 )
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
-from server.devices.keys import product_signing_key
 from server.devices.once_cache import OnceCache
 from server.devices.session import DeviceSessionHandler
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
@@ -279,13 +278,13 @@ class OtaEngine:
         return prepared
 
     def signed_manifest(self, product_id: int, product_version: int | None,
-                        module: PlannedModule) -> bytes:
-        """The product-key-signed manifest of an image (signed once, then cached)."""
-        return self._manifest(product_id, product_version, module)[1]
+                        module: PlannedModule, signing_key: SigningKey) -> bytes:
+        """The manifest of an image signed with ``signing_key`` (the product's, as
+        server.devices.key_sync.offer_signing_key chose it; signed once, then cached)."""
+        return self._manifest(product_id, product_version, module, signing_key)[1]
 
     def _manifest(self, product_id: int, product_version: int | None,
-                  module: PlannedModule) -> tuple[Manifest, bytes]:
-        signing_key = product_signing_key(self.plane.config.data_dir, product_id)
+                  module: PlannedModule, signing_key: SigningKey) -> tuple[Manifest, bytes]:
         key = (product_id, module.sha256, signing_key.key_id)
         cached = self._manifests.get(key)
         if cached is None:
@@ -297,8 +296,8 @@ class OtaEngine:
         return cached
 
     def downgrade_authorization(self, view: DeviceTarget, hello: Hello | None,
-                                product_version: int | None,
-                                module: PlannedModule) -> bytes | None:
+                                product_version: int | None, module: PlannedModule,
+                                signing_key: SigningKey) -> bytes | None:
         """A downgrade authorisation for this device when ``module`` (the device's target)
         is an application older than the one the device has run (its Hello's version and
         anti-rollback floor) and the downgrade policy allows it: with ``device``, only a
@@ -313,11 +312,10 @@ class OtaEngine:
         if policy is DowngradePolicy.NEVER or (policy is DowngradePolicy.DEVICE
                                                and not per_device):
             return None
-        manifest, _ = self._manifest(view.product.id, product_version, module)
+        manifest, _ = self._manifest(view.product.id, product_version, module, signing_key)
         device_version = max(hello.product_version, hello.app_version_floor or 0)
         if manifest.product_version >= device_version:
             return None  # no downgrade: the manifest alone will do
-        signing_key = product_signing_key(self.plane.config.data_dir, view.product.id)
         signed = authorize_downgrade(
             signing_key, manifest, device_id=view.device.id, from_version=device_version,
             issued_at_ms=self.fleet.clock(),

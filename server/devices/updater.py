@@ -40,6 +40,7 @@ from otacore.transfer import (
     TransferStatus,
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
+from server.devices.key_sync import offer_signing_key
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.store import BlobMissingError
 from server.transport.session import SessionClosed
@@ -430,13 +431,18 @@ class SessionUpdater:
         encoded (delta or compressed) offer and the caller should fall back."""
         engine, handler, fleet = self.engine, self.handler, self.engine.fleet
         config = engine.config
+        # The device first learns any key rotation it lacks (or, older firmware, is made
+        # to reconnect for it): no offer signed with a key it cannot verify.
+        signing_key = await offer_signing_key(handler, view.product.id, config.offer_timeout)
+        if signing_key is None:
+            return False
         # Device OS modules carry no product data: their manifest names version 0.
         product_version = (None if module.info.product_version is not None else 0)
         # The signed manifest always describes the target image, whatever travels.
-        signed = engine.signed_manifest(view.product.id, product_version, module)
+        signed = engine.signed_manifest(view.product.id, product_version, module, signing_key)
         # An older application needs this device's own, expiring downgrade authorisation.
         authorization = engine.downgrade_authorization(view, handler.hello, product_version,
-                                                       module)
+                                                       module, signing_key)
         base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
                 else None)
         compressed = sent.transfer == "zstd"
