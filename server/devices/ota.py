@@ -39,6 +39,7 @@ from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
 from server.devices.once_cache import OnceCache
 from server.devices.session import DeviceSessionHandler
+from server.devices.tally import Tally
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
 from server.fleet.base import Outcome
 from server.store import Tx
@@ -58,6 +59,8 @@ from server.devices.delivery import (  # noqa: F401 - OtaConfig and SentFile are
 from server.devices.updater import SessionUpdater
 
 log = logging.getLogger("ota.engine")
+#: The cloud events the engine acts on (see OtaEngine.watch_requests).
+_WATCHED = (FLASH_REQUESTED, UPDATES_FORCED, FIRMWARE_RELEASED)
 
 
 class OtaEngine:
@@ -89,6 +92,11 @@ class OtaEngine:
                                  max_ratio=self.config.delta_max_ratio)
         #: zstd frames of full images, for devices that announce compressed OTA.
         self.compressed = CompressedImageCache(max_ratio=self.config.compressed_max_ratio)
+        #: Events of each watched name (flash requests, forced updates, releases) handled
+        #: so far: the kicks they cause are asked before the count moves (a causal marker,
+        #: server.devices.tally; with SessionUpdater.handled it tells when the engine has
+        #: acted on a release).
+        self.handled: dict[str, Tally] = {name: Tally() for name in _WATCHED}
         plane.ota = self
 
     # -- plane hooks ------------------------------------------------------------------------
@@ -206,7 +214,7 @@ class OtaEngine:
         # One subscription per event name: the bus filters, so the flood of device events
         # (status, progress) of a large fleet never fills these buffers and drops them.
         async with trio.open_nursery() as nursery:
-            for name in (FLASH_REQUESTED, UPDATES_FORCED, FIRMWARE_RELEASED):
+            for name in _WATCHED:
                 nursery.start_soon(self._watch, name)
 
     async def _watch(self, name: str) -> None:
@@ -238,6 +246,7 @@ class OtaEngine:
                             if updater.handler.product_id == event.product_id:
                                 updater.forget_view()
                         await self._push_release(event.product_id, event.data or "")
+                    self.handled[name].add()
 
     async def _push_release(self, product_id: int, data: str) -> None:
         if '"immediate": true' not in data and '"immediate":true' not in data:
