@@ -46,7 +46,8 @@ log = logging.getLogger("ota.engine")
 
 #: Why the session of a device without key push is closed before an offer.
 RECONNECT_FOR_KEYS = "reconnect to learn rotated signing keys (its firmware takes no key push)"
-#: Reads of the signing key before giving up, when rotations keep retiring the key just read.
+#: Reads of the signing key and statements before giving up on this offer, when rotations
+#: keep changing them (each push to the device is followed by a new read).
 _KEY_READS = 3
 
 
@@ -81,8 +82,9 @@ async def offer_signing_key(handler: DeviceSessionHandler, product_id: int,
             handler.session.close(RECONNECT_FOR_KEYS)
             return None
         return key  # no Hello brings it further: the device judges the offer
-    log.warning("product %s: its signing key changed %d times during one offer to %s; "
-                "nothing offered now", product_id, _KEY_READS, handler.device_id)
+    log.warning("product %s: its keys kept changing (rotations) while %s was brought up to "
+                "date; nothing offered now, its next check tries again", product_id,
+                handler.device_id)
     return None
 
 
