@@ -226,6 +226,10 @@ class Hello(Payload):
     #: The device's application anti-rollback floor (otacore.downgrade): a downgrade
     #: authorisation must be issued from at least this version. None: the running version.
     app_version_floor: int | None = None
+    #: The device takes key rotation statements mid-session (the server's ``POST k``,
+    #: ota_wire point 5). False (omitted): older firmware, which learns them only from a
+    #: Hello's answer.
+    key_push: bool = False
 
     _REQUIRED: ClassVar[tuple[str, ...]] = (
         "device_id",
@@ -245,10 +249,13 @@ class Hello(Payload):
         "ota_succeeded",
         "key_sequence",
         "app_version_floor",
+        "key_push",
     )
 
     def to_map(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self._REQUIRED + self._OPTIONAL}
+        if not self.key_push:
+            del data["key_push"]  # a device without it sends what older firmware sent
         return {key: value for key, value in data.items() if value is not None}
 
     @classmethod
@@ -279,6 +286,7 @@ class Hello(Payload):
             app_version_floor=f.uint("app_version_floor", _UINT32)
             if f.has("app_version_floor")
             else None,
+            key_push=f.boolean("key_push") if f.has("key_push") else False,
         )
 
 

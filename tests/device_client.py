@@ -117,12 +117,13 @@ class LinkDevice:
     async def hello(self, *, product_version: int = 1, system_version: int = 5003,
                     updates_enabled: bool = True, device_id: str | None = None,
                     platform_id: int = 13, max_message_size: int = 1500,
-                    key_sequence: int | None = None) -> Message:
+                    key_sequence: int | None = None, key_push: bool = False) -> Message:
         hello = Hello(device_id=device_id or self.device_id, platform_id=platform_id,
                       product_id=13, product_version=product_version,
                       system_version=system_version, supports_immediate_updates=True,
                       updates_enabled=updates_enabled, reset_pending=False,
-                      max_message_size=max_message_size, key_sequence=key_sequence)
+                      max_message_size=max_message_size, key_sequence=key_sequence,
+                      key_push=key_push)
         return await self.request(to_message(hello, Direction.TO_CLOUD))
 
     async def describe(self, modules: list[ModuleDescription]) -> Message:

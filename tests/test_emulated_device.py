@@ -54,7 +54,9 @@ from otacore.protocol.link import (
 )
 from otacore.protocol.ota_wire import (
     UPDATE_RESULT_EVENT,
+    KeyPage,
     is_transfer,
+    key_push_request,
     offer_request,
     parse_transfer,
     parse_update_result,
@@ -223,6 +225,10 @@ class ScriptedCloud:
     def describe_request(self) -> None:
         message = to_message(DescribeRequest(), Direction.TO_DEVICE)
         self._requests.add(self.link.request(message, self.now))
+
+    def push_keys(self, page: KeyPage) -> None:
+        """``POST k``: key rotation statements for the device (its answer is logged)."""
+        self._requests.add(self.link.request(key_push_request(page), self.now))
 
     # handlers
     def _on_request(self, message: Message) -> None:

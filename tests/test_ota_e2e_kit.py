@@ -25,8 +25,9 @@ from otacore.protocol.link import Transport
 from otacore.signing import TrustStore
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.devices.ota import OtaEngine
+from server.devices.updater import SessionUpdater
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
-from server.events import Event
+from server.events import FIRMWARE_RELEASED, Event, EventBus
 from server.fleet.deltas import RELEASE_BYTES_EVENT
 from tests.device_server import DeviceServerKit, start_device_server
 
@@ -85,12 +86,26 @@ def sha(image: bytes) -> str:
     return hashlib.sha256(image).hexdigest()
 
 
+#: The name of the marker events EventLog.catch_up publishes.
+LOG_BARRIER = "test/event-log/barrier"
+
+
 @dataclass
 class EventLog:
     """Every bus event of one product, recorded in order by a background task."""
 
     events: list[Event] = field(default_factory=list)
     changed: trio.Event = field(default_factory=trio.Event)
+    barriers: int = 0
+
+    async def catch_up(self, bus: EventBus, product_id: int) -> None:
+        """Return once every event of the product published on ``bus`` before this call is
+        in the log: a marker event is published after them and waited for (the bus hands
+        each subscriber its events in order)."""
+        self.barriers += 1
+        marker = str(self.barriers)
+        bus.publish(Event(LOG_BARRIER, marker, product_id=product_id))
+        await self.wait_for(LOG_BARRIER, data=marker)
 
     def named(self, name: str, device_id: str | None = None) -> list[str | None]:
         """The data of the events called ``name`` (of one device when given)."""
@@ -209,6 +224,22 @@ class OtaRig:
         plane = self.kit.handle.devices
         assert plane is not None and isinstance(plane.ota, OtaEngine)
         return plane.ota
+
+    async def engine_done(self, device_id: str, *, releases: int = 0) -> SessionUpdater:
+        """The device's current session updater, once the engine has handled ``releases``
+        release events in all (``engine.handled``), this session's Describe is recorded, and
+        a finished check of the updater covered every kick asked of it so far; every event
+        published until then is in the event log. What the engine did not do by then it
+        will not do without a new cause: the causal marker a test waits for before it
+        asserts that nothing was offered (never a sleep)."""
+        engine = self.engine
+        with trio.fail_after(STEP):
+            await engine.handled[FIRMWARE_RELEASED].reached(releases)
+            updater = engine.updaters[device_id]
+            await updater.handler.described.wait()
+            await updater.handled.reached(updater.kicks)
+            await self.events.catch_up(self.kit.handle.bus, self.product)
+        return updater
 
     def tune_engine(self, **changes: Any) -> None:
         """Change the running OTA engine's settings (``OtaConfig`` fields)."""

@@ -31,9 +31,11 @@ that must survive a kill is written there before the device acts on it, so a new
 * session: Hello (CON, naming the trust store's key rotation sequence), the key rotation
   statements of its answer applied (and ``GET k`` for more while the server says more
   follow), then Describe and the state the server cannot assume (updates disabled, a held
-  reset, an unreported update result); the server's describe requests and
-  events are answered; a CoAP ping after ``keepalive_interval`` of silence, and the link is
-  declared dead when nothing answers within ``keepalive_timeout``; the server's going-away
+  reset, an unreported update result); the server's describe requests and events are
+  answered, and so are its key pushes (``POST k``: the statements of a rotation made during
+  the session, applied and saved before the 2.04 that names the new sequence); a CoAP ping
+  after ``keepalive_interval`` of silence, and the link is declared dead when nothing
+  answers within ``keepalive_timeout``; the server's going-away
   notice (or a TCP Release) ends the session, with its hold-off.
 """
 
@@ -105,14 +107,16 @@ from otacore.protocol.link import (
 from otacore.protocol.ota_wire import (
     UPDATE_RESULT_EVENT,
     UpdateResult,
+    is_key_push,
     is_offer,
     is_transfer,
+    key_push_answer,
     key_request,
     parse_hello_answer,
     parse_transfer,
     update_result_payload,
 )
-from otacore.signing import TrustStore, parse_statement
+from otacore.signing import StatementOutOfOrderError, TrustStore, parse_statement
 from otacore.transfer import (
     ReceiverPhase,
     TransferProtocolError,
@@ -513,6 +517,7 @@ class EmulatedDevice(DownloadMixin):
             compressed_ota=config.compressed_ota,
             key_sequence=trust.sequence if trust is not None else None,
             app_version_floor=record.rollback.floor if record.rollback is not None else None,
+            key_push=config.key_push,
         )
 
     def describe(self) -> Describe:
@@ -615,21 +620,57 @@ class EmulatedDevice(DownloadMixin):
         except PayloadSchemaError as exc:
             self.last_error = f"bad key statements from the server: {exc}"
             return False
+        start = self._trust
+        refusal = self._advance_trust(page.statements)
+        if refusal is not None:
+            self.last_error = f"refused a key statement: {refusal}"
+        return page.more and refusal is None and self._trust.sequence > start.sequence
+
+    def _advance_trust(self, statements: tuple[bytes, ...], *,
+                       stop_at_gap: bool = False) -> OtaError | None:
+        """Apply ``statements`` after the trust store's sequence, in order, and save the
+        store (before anything trusts the new keys). The refusal that stopped them, if any;
+        with ``stop_at_gap`` one that does not follow the store's sequence just ends them
+        (the caller reports where the store is, and the sender goes on from there)."""
+        assert self._trust is not None
         store = start = self._trust
-        complete = True
-        for raw in page.statements:
+        refusal: OtaError | None = None
+        for raw in statements:
             try:
                 statement = parse_statement(raw)
                 if statement.sequence > store.sequence:
                     store = store.apply(statement)
-            except OtaError as exc:  # a forged, replayed or out-of-order statement
-                self.last_error = f"refused a key statement: {exc}"
-                complete = False
+            except StatementOutOfOrderError as exc:
+                refusal = None if stop_at_gap else exc
+                break
+            except OtaError as exc:  # a forged, replayed or foreign statement
+                refusal = exc
                 break
         if store is not start:
-            self.flash.save_trust_store(store)  # before anything trusts the new keys
+            self.flash.save_trust_store(store)
             self._trust = store
-        return page.more and complete and store.sequence > start.sequence
+        return refusal
+
+    def _on_key_push(self, request: Message) -> None:
+        """The server's ``POST k`` (ota_wire point 5): the statements a rotation made while
+        this session lives. Applied and saved before the answer, which names the sequence
+        the trust store reached (the server offers firmware signed with a new key only
+        after that)."""
+        if self._trust is None:
+            self._answer(request, Code.FORBIDDEN, b"no trust store is provisioned on this device")
+            return
+        try:
+            page = parse_hello_answer(request.payload)
+        except PayloadSchemaError as exc:
+            self._answer(request, Code.BAD_REQUEST, str(exc).encode()[:200])
+            return
+        refusal = self._advance_trust(page.statements, stop_at_gap=True)
+        if refusal is not None:
+            self.last_error = f"refused a key statement: {refusal}"
+            detail = f"{type(refusal).__name__}: {refusal}"  # RFC 7252 5.5.2 diagnostic
+            self._answer(request, Code.FORBIDDEN, detail.encode()[:200])
+            return
+        self._answer(request, Code.CHANGED, key_push_answer(self._trust.sequence))
 
     def _on_hello_answered(self, now: float) -> None:
         self._online = True
@@ -676,6 +717,9 @@ class EmulatedDevice(DownloadMixin):
             return
         if is_offer(message):
             self._on_offer(message, now)
+            return
+        if is_key_push(message) and self.config.key_push:
+            self._on_key_push(message)  # (older firmware: 4.04 below, no such resource)
             return
         try:
             payload = from_message(message, Direction.TO_DEVICE)

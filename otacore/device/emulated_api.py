@@ -78,6 +78,10 @@ class DeviceConfig:
     compressed_ota: bool = True
     #: Largest zstd window (log2 bytes of RAM) the device inflates a compressed image with.
     max_zstd_window_log: int = 17
+    #: Hello's "key push": the device takes key rotation statements mid-session (the
+    #: server's ``POST k``, ota_wire point 5). False emulates older firmware, which learns
+    #: them only from a Hello's answer (the server makes it reconnect for them).
+    key_push: bool = True
     #: Requests (events) waiting for the link; older heartbeats are dropped beyond this.
     max_queued_requests: int = 32
     event_ttl: int = 60

@@ -37,6 +37,22 @@ the server's describe request. On top of it, an update is:
    statement before it sends its Describe, so no offer can arrive before it trusts the key
    that signed it. To a device that sent no ``key_sequence`` (an older one) the answer is
    the legacy msgpack array of the first statements that fit, without ``more``.
+   A rotation made while a session lives reaches its device before any offer signed with
+   the new key: to a device whose Hello set ``key_push``, the server sends ``POST k``
+   (server -> device, CON; RFC 7252 5.8.2: the device's trust store processes it) carrying
+   the statements after the sequence the device is known to have reached, in the same map
+   and pieces of the same size as the answers above, one request at a time (RFC 7252 4.7,
+   NSTART 1). The device applies them in order, saves its trust store, and only then
+   answers 2.04 Changed (RFC 7252 5.9.1.4) with ``{"sequence": <its sequence now>}``
+   (:func:`key_push_answer`); a statement that does not follow its sequence stops the
+   piece there (the answer's sequence says where it is, and the server goes on from it).
+   A forged or otherwise refused statement gets 4.03 Forbidden with a one-line diagnostic
+   (RFC 7252 5.5.2), and the server offers nothing that needs the statement. Each piece
+   stands alone (verified and saved on arrival), rather than one Block1 body (RFC 7959
+   2.5), which the device would have to buffer whole before applying any of it. A device
+   without ``key_push`` (older firmware) answers 4.04 to ``POST k``; the server then asks
+   it to reconnect (its Hello's answer brings it up to date) instead of offering firmware
+   it cannot verify.
 6. **Stock clients** -- ``GET fw/<sha256 hex>`` with Block2 (RFC 7959) returns any firmware
    the device's product may run, byte for byte.
 """
@@ -252,9 +268,9 @@ class KeyPage:
 
 
 def statement_budget(transport: str, max_message_size: int) -> int:
-    """Payload bytes one answer to a device may carry: its Hello's ``max_message_size``,
-    over UDP at most one unfragmented CoAP message (RFC 7252 4.6), less the response's
-    own header, token and options."""
+    """Payload bytes one message to a device (an answer, or a key push) may carry: its
+    Hello's ``max_message_size``, over UDP at most one unfragmented CoAP message (RFC 7252
+    4.6), less the message's own header, token and options."""
     limit = max_message_size if transport == "tcp" else min(max_message_size, UDP_MAX_MESSAGE)
     return limit - RESPONSE_OVERHEAD
 
@@ -323,6 +339,44 @@ def parse_hello_answer(payload: bytes) -> KeyPage:
     if not isinstance(more, bool):
         raise PayloadSchemaError("key statements answer: 'more' must be a bool")
     return KeyPage(tuple(value), more)
+
+
+def key_push_request(page: KeyPage) -> Message:
+    """The server's ``POST k`` carrying key rotation statements the device lacks (point 5);
+    build ``page`` with :func:`key_page_for` from the sequence the device has reached."""
+    if not page.statements:
+        raise ValueError("a key push carries at least one statement")
+    message = Message(MessageType.CON, Code.POST, payload=key_page_payload(page))
+    message.set_uri_path(PATH_KEYS)
+    return message
+
+
+def is_key_push(message: Message) -> bool:
+    """True for the server's ``POST k`` (key rotation statements for the device)."""
+    return message.code == Code.POST and message.uri_path == [PATH_KEYS]
+
+
+def key_push_answer(sequence: int) -> bytes:
+    """The payload of the device's 2.04 to a key push: the sequence its (saved) trust store
+    is at now."""
+    packed: bytes = msgpack.packb({"sequence": sequence})
+    return packed
+
+
+def parse_key_push_answer(payload: bytes) -> int:
+    """The sequence a device's answer to a key push names; PayloadSchemaError when the
+    payload is not ``{"sequence": <0..2**64-1>}``."""
+    try:
+        value = msgpack.unpackb(bytes(payload), raw=False, max_map_len=1, max_str_len=16,
+                                max_bin_len=0, max_array_len=0)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise PayloadSchemaError(f"key push answer is not valid msgpack: {exc}") from exc
+    if not isinstance(value, dict) or set(value) != {"sequence"}:
+        raise PayloadSchemaError('key push answer must be a map of exactly "sequence"')
+    sequence = value["sequence"]
+    if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < 1 << 64:
+        raise PayloadSchemaError("key push answer: sequence must be an integer 0..2**64-1")
+    return sequence
 
 
 def key_request(after: int) -> Message:

@@ -185,12 +185,14 @@ def _append_statements(data_dir: Path, product_id: int, statements: list[bytes],
     _write_atomically(_statements_path(data_dir, product_id), packed)
 
 
-def trusted_key_ids(statements: list[bytes], current: SigningKey) -> list[str]:
-    """The key ids a device that applied every statement trusts, oldest first (the key that
-    signed statement 1 is the provisioned one; with no statements, the current key)."""
-    parsed = [parse_statement(s) for s in statements]
-    trusted = [parsed[0].signer_key_id] if parsed else [current.key_id]
-    for statement in parsed:
+def trusted_key_ids(statements: list[bytes], current: SigningKey,
+                    applied: int | None = None) -> list[str]:
+    """The key ids a device trusts once it applied the first ``applied`` statements (every
+    one when None), oldest first (the key that signed statement 1 is the provisioned one;
+    with no statements, the current key)."""
+    provisioned = parse_statement(statements[0]).signer_key_id if statements else current.key_id
+    trusted = [provisioned]
+    for statement in (parse_statement(s) for s in statements[:applied]):
         subject = statement.subject_key_id
         if statement.action is KeyAction.INTRODUCE and subject not in trusted:
             trusted.append(subject)

@@ -31,15 +31,15 @@ from otacore.protocol.ota_wire import (
     UpdateResult,
     parse_update_result,
 )
-from otacore.signing import Manifest, manifest_for_module, sign_manifest
+from otacore.signing import Manifest, SigningKey, manifest_for_module, sign_manifest
 from otacore.transfer import (
     PreparedFile,
 )
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
-from server.devices.keys import product_signing_key
 from server.devices.once_cache import OnceCache
 from server.devices.session import DeviceSessionHandler
+from server.devices.tally import Tally
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
 from server.fleet.base import Outcome
 from server.store import Tx
@@ -59,6 +59,8 @@ from server.devices.delivery import (  # noqa: F401 - OtaConfig and SentFile are
 from server.devices.updater import SessionUpdater
 
 log = logging.getLogger("ota.engine")
+#: The cloud events the engine acts on (see OtaEngine.watch_requests).
+_WATCHED = (FLASH_REQUESTED, UPDATES_FORCED, FIRMWARE_RELEASED)
 
 
 class OtaEngine:
@@ -90,6 +92,11 @@ class OtaEngine:
                                  max_ratio=self.config.delta_max_ratio)
         #: zstd frames of full images, for devices that announce compressed OTA.
         self.compressed = CompressedImageCache(max_ratio=self.config.compressed_max_ratio)
+        #: Events of each watched name (flash requests, forced updates, releases) handled
+        #: so far: the kicks they cause are asked before the count moves (a causal marker,
+        #: server.devices.tally; with SessionUpdater.handled it tells when the engine has
+        #: acted on a release).
+        self.handled: dict[str, Tally] = {name: Tally() for name in _WATCHED}
         plane.ota = self
 
     # -- plane hooks ------------------------------------------------------------------------
@@ -207,7 +214,7 @@ class OtaEngine:
         # One subscription per event name: the bus filters, so the flood of device events
         # (status, progress) of a large fleet never fills these buffers and drops them.
         async with trio.open_nursery() as nursery:
-            for name in (FLASH_REQUESTED, UPDATES_FORCED, FIRMWARE_RELEASED):
+            for name in _WATCHED:
                 nursery.start_soon(self._watch, name)
 
     async def _watch(self, name: str) -> None:
@@ -239,6 +246,7 @@ class OtaEngine:
                             if updater.handler.product_id == event.product_id:
                                 updater.forget_view()
                         await self._push_release(event.product_id, event.data or "")
+                    self.handled[name].add()
 
     async def _push_release(self, product_id: int, data: str) -> None:
         if '"immediate": true' not in data and '"immediate":true' not in data:
@@ -279,13 +287,13 @@ class OtaEngine:
         return prepared
 
     def signed_manifest(self, product_id: int, product_version: int | None,
-                        module: PlannedModule) -> bytes:
-        """The product-key-signed manifest of an image (signed once, then cached)."""
-        return self._manifest(product_id, product_version, module)[1]
+                        module: PlannedModule, signing_key: SigningKey) -> bytes:
+        """The manifest of an image signed with ``signing_key`` (the product's, as
+        server.devices.key_sync.offer_signing_key chose it; signed once, then cached)."""
+        return self._manifest(product_id, product_version, module, signing_key)[1]
 
     def _manifest(self, product_id: int, product_version: int | None,
-                  module: PlannedModule) -> tuple[Manifest, bytes]:
-        signing_key = product_signing_key(self.plane.config.data_dir, product_id)
+                  module: PlannedModule, signing_key: SigningKey) -> tuple[Manifest, bytes]:
         key = (product_id, module.sha256, signing_key.key_id)
         cached = self._manifests.get(key)
         if cached is None:
@@ -297,8 +305,8 @@ class OtaEngine:
         return cached
 
     def downgrade_authorization(self, view: DeviceTarget, hello: Hello | None,
-                                product_version: int | None,
-                                module: PlannedModule) -> bytes | None:
+                                product_version: int | None, module: PlannedModule,
+                                signing_key: SigningKey) -> bytes | None:
         """A downgrade authorisation for this device when ``module`` (the device's target)
         is an application older than the one the device has run (its Hello's version and
         anti-rollback floor) and the downgrade policy allows it: with ``device``, only a
@@ -313,11 +321,10 @@ class OtaEngine:
         if policy is DowngradePolicy.NEVER or (policy is DowngradePolicy.DEVICE
                                                and not per_device):
             return None
-        manifest, _ = self._manifest(view.product.id, product_version, module)
+        manifest, _ = self._manifest(view.product.id, product_version, module, signing_key)
         device_version = max(hello.product_version, hello.app_version_floor or 0)
         if manifest.product_version >= device_version:
             return None  # no downgrade: the manifest alone will do
-        signing_key = product_signing_key(self.plane.config.data_dir, view.product.id)
         signed = authorize_downgrade(
             signing_key, manifest, device_id=view.device.id, from_version=device_version,
             issued_at_ms=self.fleet.clock(),

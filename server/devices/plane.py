@@ -19,8 +19,9 @@ from typing import Any
 import trio
 
 from otacore.messages import Event
+from otacore.signing import SigningKey
 from server.authorization import ClientCertificate
-from server.devices.keys import product_statements
+from server.devices.keys import product_statements, trusted_key_ids
 from server.devices.session import DeviceSessionHandler
 from server.events import DEVICE_REVOKED, EventBus
 from server.fleet import Fleet
@@ -61,6 +62,17 @@ class DevicePlaneConfig:
     origin: str | None = None
 
 
+@dataclass
+class _ProductKeys:
+    """A product's key rotation statements as last read, and what they make devices trust."""
+
+    #: (mtime, size, inode) of the statements file when read.
+    stamp: tuple[int, int, int]
+    statements: list[bytes]
+    #: Statements applied -> key ids a device then trusts (see keys_trusted_at).
+    trusted: dict[int, frozenset[str]] = field(default_factory=dict)
+
+
 class DevicePlane:
     """Listeners plus the registry of live device sessions in this process."""
 
@@ -73,7 +85,7 @@ class DevicePlane:
         self.origin = config.origin or f"server-{os.getpid()}"
         self._session_serials = itertools.count(1)
         self.server: DeviceServer | None = None
-        self._statements: dict[int, tuple[tuple[int, int, int], list[bytes]]] = {}
+        self._statements: dict[int, _ProductKeys] = {}
         #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
         self.ota: Any = None
 
@@ -89,10 +101,23 @@ class DevicePlane:
             return []
         stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         cached = self._statements.get(product_id)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, product_statements(self.config.data_dir, product_id))
+        if cached is None or cached.stamp != stamp:
+            cached = _ProductKeys(stamp, product_statements(self.config.data_dir, product_id))
             self._statements[product_id] = cached
-        return cached[1]
+        return cached.statements
+
+    def keys_trusted_at(self, product_id: int, applied: int, current: SigningKey) -> frozenset[str]:
+        """The key ids a device of the product trusts once it applied its first ``applied``
+        key rotation statements (``current``: the product's key when it has none), computed
+        once per statements file and sequence (a fleet-wide release asks for every device)."""
+        statements = self.key_statements(product_id)
+        if not statements:
+            return frozenset({current.key_id})
+        applied = min(max(applied, 0), len(statements))
+        cache = self._statements[product_id].trusted
+        if applied not in cache:
+            cache[applied] = frozenset(trusted_key_ids(statements, current, applied))
+        return cache[applied]
 
     # -- DeviceDirectory -------------------------------------------------------------------
 

@@ -113,6 +113,11 @@ class DeviceSessionHandler:
         self.presence = plane.presence_token()
         #: When (trio clock) this session's Describe was recorded; None before.
         self.described_at: float | None = None
+        #: The key rotation sequence this session's device has reached, as far as the
+        #: server knows: its Hello's ``key_sequence`` plus the statements it was sent since
+        #: (the Hello's answer, ``GET k`` pages, key pushes it acknowledged; see
+        #: server.devices.key_sync).
+        self.key_sequence = 0
 
     # -- the session's task tree -------------------------------------------------------------
 
@@ -354,17 +359,19 @@ class DeviceSessionHandler:
         # many as fit; it asks for the rest with GET k), so they are applied before any offer
         # signed with a new key can arrive (ota_wire, point 5).
         statements = self.plane.key_statements(view.product.id)
-        page = key_page_for(statements, hello.key_sequence or 0, self._statement_budget())
+        after = hello.key_sequence or 0
+        page = key_page_for(statements, after, self.statement_budget())
         if hello.key_sequence is None:  # a device that predates paging: the legacy array
             payload = hello_answer_payload(page.statements)
         else:
             payload = key_page_payload(page)
+        self.key_sequence = after + len(page.statements)
         self._respond(message, Code.CHANGED, payload)
         for hook in self.on_hello:
             hook(None, None)
 
-    def _statement_budget(self) -> int:
-        """Payload bytes one answer to this device may carry (its Hello's message size,
+    def statement_budget(self) -> int:
+        """Payload bytes one message to this device may carry (its Hello's message size,
         and over DTLS one unfragmented datagram)."""
         hello = self.hello
         max_message_size = hello.max_message_size if hello is not None else 1024
@@ -382,7 +389,8 @@ class DeviceSessionHandler:
             self._violation(str(exc))
             return
         statements = self.plane.key_statements(self.product_id)
-        page = key_page_for(statements, after, self._statement_budget())
+        page = key_page_for(statements, after, self.statement_budget())
+        self.key_sequence = after + len(page.statements)  # the device says it is at after
         self._respond(message, Code.CONTENT, key_page_payload(page))
 
     async def _on_describe(self, message: Message, describe: Describe) -> None:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from otacore.coap import BlockOption, Code, Message, MessageType, szx_for_size
-from otacore.errors import NotFoundError, OtaError
+from otacore.coap import Code, Message, MessageType
+from otacore.errors import OtaError
 from otacore.protocol.ota_wire import (
     OFFER_ACCEPTED,
     OFFER_UNAVAILABLE,
@@ -40,8 +39,10 @@ from otacore.transfer import (
     TransferStatus,
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
+from server.devices.firmware_get import FirmwareDownloads
+from server.devices.key_sync import offer_signing_key
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
-from server.store import BlobMissingError
+from server.devices.tally import Tally
 from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
     from server.store import Tx
 
 log = logging.getLogger("ota.engine")
-#: What names an image in ``fw/<sha256>`` (lowercased first).
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class SessionUpdater:
@@ -94,16 +93,23 @@ class SessionUpdater:
         self._invalidated_at = -math.inf
         #: The update's "started" is still to be recorded (with the transfer's first write).
         self._started_unrecorded = False
-        #: Images this session's device may download over ``fw/<sha256>``: (product,
-        #: platform, SHA-256) -> size; only images the store allowed, so it stays small.
-        self._downloads: dict[tuple[int, int, str], int] = {}
-        #: (product, platform) the device is bound to: its product's platform.
-        self._record_scope: tuple[int, int] | None = None
+        #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device.
+        self.downloads = FirmwareDownloads(handler)
+        #: Kicks asked of this updater (each asks for a check of the device's target).
+        self.kicks = 0
+        #: How many of those kicks a finished check covered (a check covers every kick
+        #: asked before it began): once ``handled.value >= kicks``, every offer they led to
+        #: was made and its transfer run. A causal marker (server.devices.tally), not a
+        #: clock: a test proves "nothing was offered" by waiting for it.
+        self.handled = Tally()
+        #: Offers sent to the device in this session.
+        self.offers = 0
 
     def kick(self) -> None:
         """Ask the updater to re-check the device's target, read anew: something changed
         (a flash, a lock, forced updates, a Hello), so any view carried so far is stale."""
         self.forget_view()
+        self.kicks += 1
         self._kicked.set()
 
     def forget_view(self) -> None:
@@ -126,6 +132,7 @@ class SessionUpdater:
             self.kick()
             return
         self._view = view
+        self.kicks += 1
         self._kicked.set()
 
     def on_session_news(self, view: DeviceTarget | None, read_at: float | None) -> None:
@@ -152,75 +159,9 @@ class SessionUpdater:
             return True
         path = message.uri_path
         if message.code == Code.GET and len(path) == 2 and path[0] == PATH_FIRMWARE:
-            await self._serve_firmware_block(message, path[1])
+            await self.downloads.serve_block(message, path[1])
             return True
         return False
-
-    async def _serve_firmware_block(self, message: Message, sha256: str) -> None:
-        """Plain CoAP Block2 download (RFC 7959 2.4) of a firmware the device may run.
-
-        A block costs a block: whether the device may fetch the image is decided once per
-        session (one indexed query), and each block reads only its own bytes. The server
-        does not hash the file per block: the client names the image by its SHA-256 and
-        checks the whole file it assembled against it.
-        """
-        handler = self.handler
-        name = sha256.lower()
-        try:
-            size = await self._downloadable_size(name) if _SHA256_HEX.fullmatch(name) else None
-        except NotFoundError as exc:  # the device left its product meanwhile
-            handler._respond(message, Code.NOT_FOUND, str(exc).encode()[:200])
-            return
-        except OtaError as exc:  # the store is unavailable
-            handler._respond(message, Code.SERVICE_UNAVAILABLE, str(exc).encode()[:200])
-            return
-        if size is None:
-            handler._respond(message, Code.NOT_FOUND, b"no such firmware for this device")
-            return
-        block = message.block2
-        szx = block.szx if block is not None else szx_for_size(1024)
-        num = block.num if block is not None else 0
-        offset = num << (szx + 4)
-        if offset >= max(size, 1):
-            handler._respond(message, Code.BAD_OPTION, b"block past the end")
-            return
-        length = min(1 << (szx + 4), size - offset)
-        try:
-            data = await handler.plane.fleet.read_image_range(name, offset, length)
-        except BlobMissingError:  # deleted during the session
-            self._downloads.clear()
-            handler._respond(message, Code.NOT_FOUND, b"no such firmware for this device")
-            return
-        except OSError as exc:
-            log.error("cannot read stored image %s: %s", name, exc)
-            handler._respond(message, Code.INTERNAL_SERVER_ERROR, b"stored firmware unreadable")
-            return
-        if len(data) != length:
-            log.error("stored image %s is shorter than its %d-byte record", name, size)
-            handler._respond(message, Code.INTERNAL_SERVER_ERROR, b"stored firmware is damaged")
-            return
-        response = Message(MessageType.ACK, Code.CONTENT, payload=data)
-        response.set_block2(BlockOption(num, offset + length < size, szx))
-        response.set_uint_option(28, size)  # Size2 (RFC 7959 4)
-        handler.link.respond(message, response, trio.current_time())
-        handler.wake()
-
-    async def _downloadable_size(self, sha256: str) -> int | None:
-        """The size of image ``sha256`` if this session's device may download it, decided
-        once per session per image (a device fetches one image in hundreds of blocks)."""
-        if self._record_scope is None:
-            # The device's product and that product's platform, never what a Hello claims
-            # (a Hello naming another platform is refused; a stock client sends none):
-            # read once per session.
-            self._record_scope = await self.handler.plane.fleet.device_platform(self.device_id)
-        product_id, platform = self._record_scope
-        key = (product_id, platform, sha256)
-        if key not in self._downloads:
-            size = await self.handler.plane.fleet.downloadable_size(product_id, platform, sha256)
-            if size is None:
-                return None  # not remembered: an upload may make it downloadable
-            self._downloads[key] = size
-        return self._downloads[key]
 
     async def run(self) -> None:
         """Load the device's memory, then serve kicks until the session ends (it is
@@ -233,6 +174,7 @@ class SessionUpdater:
         while True:
             await self._kicked.wait()
             self._kicked = trio.Event()
+            covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
             try:
                 await self.update_once()
@@ -242,6 +184,7 @@ class SessionUpdater:
                 log.info("device %s stopped answering: %s", self.device_id, exc)
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
+            self.handled.advance_to(covered)
             if self.last_failure is TransferStatus.TIMEOUT:
                 # The device stopped acknowledging though its session lives: offer again
                 # later (backing off), or it stays mid-download until it reconnects.
@@ -430,16 +373,22 @@ class SessionUpdater:
         encoded (delta or compressed) offer and the caller should fall back."""
         engine, handler, fleet = self.engine, self.handler, self.engine.fleet
         config = engine.config
+        # The device first learns any key rotation it lacks (or, older firmware, is made
+        # to reconnect for it): no offer signed with a key it cannot verify.
+        signing_key = await offer_signing_key(handler, view.product.id, config.offer_timeout)
+        if signing_key is None:
+            return False
         # Device OS modules carry no product data: their manifest names version 0.
         product_version = (None if module.info.product_version is not None else 0)
         # The signed manifest always describes the target image, whatever travels.
-        signed = engine.signed_manifest(view.product.id, product_version, module)
+        signed = engine.signed_manifest(view.product.id, product_version, module, signing_key)
         # An older application needs this device's own, expiring downgrade authorisation.
         authorization = engine.downgrade_authorization(view, handler.hello, product_version,
-                                                       module)
+                                                       module, signing_key)
         base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
                 else None)
         compressed = sent.transfer == "zstd"
+        self.offers += 1
         answer = await handler.request(
             offer_request(signed, delta_base_sha256=base, compressed=compressed,
                           authorization=authorization),

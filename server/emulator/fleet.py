@@ -89,6 +89,9 @@ class FleetSettings:
     compressed_ota: bool = True
     #: Largest zstd window (log2 bytes) a device inflates a compressed image with.
     max_zstd_window_log: int = 17
+    #: Devices take key rotation statements mid-session (Hello ``key_push``); False
+    #: emulates older firmware, which the server makes reconnect to learn a rotation.
+    key_push: bool = True
     #: Devices have a real-time clock (set from this host's): they check the expiry of
     #: downgrade authorisations. False: clockless devices (see otacore.downgrade).
     wall_clock: bool = True
@@ -299,6 +302,7 @@ class EmulatedFleet:
             heartbeat_interval=s.heartbeat_interval,
             compressed_ota=s.compressed_ota,
             max_zstd_window_log=s.max_zstd_window_log,
+            key_push=s.key_push,
         )
 
     # --- running ----------------------------------------------------------------------------
