@@ -1,5 +1,6 @@
 """``ota product rotate-key`` and ``ota product withdraw-key``: the product's firmware
-signing keys. Devices learn of a rotation in the answer to their next Hello."""
+signing keys. Devices learn of a rotation or withdrawal in the answer to their next Hello,
+and devices online now before their next offer (``server.devices.key_sync``)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ def _product_id(data: Path, product: str) -> int:
     store = Store.open_dir(data, pool_size=1)
     try:
         with store.read() as tx:
-            ref: int | str = int(product) if product.isascii() and product.isdigit() else product
-            return FleetBase._product(tx, ref).id
+            return FleetBase._product(tx, product).id  # an id or a slug, as the API takes
     finally:
         store.close()
 
@@ -42,7 +42,8 @@ def rotate_key(
                     "public_key": new.public_key.hex(), "retired": list(rotation.retired)})
     else:
         typer.echo(f"product {product_id}: signing key {old.key_id} -> {new.key_id} "
-                   f"(statement {sequence}); devices learn it at their next Hello")
+                   f"(statement {sequence}); devices learn it at their next Hello, online "
+                   "ones before their next offer")
         for key_id in rotation.retired:
             typer.echo(f"withdrew key {key_id}: a product keeps its {MAX_PRODUCT_KEYS} newest "
                        "keys")
@@ -53,14 +54,15 @@ def withdraw_key_command(
     data: Path = typer.Option(..., "--data", help="The installation's data directory."),
     product: str = typer.Option(..., "--product", "-p", help="Product id or slug."),
 ) -> None:
-    """Withdraw an old signing key: devices stop trusting it at their next Hello."""
+    """Withdraw an old signing key: devices stop trusting it at their next Hello (online ones
+    before their next offer)."""
     try:
         product_id = _product_id(data, product)
         sequence = withdraw_product_key(data, product_id, key_id)
     except (OtaError, OSError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"product {product_id}: key {key_id} withdrawn (statement {sequence}); "
-               "devices drop it at their next Hello")
+               "devices drop it at their next Hello, online ones before their next offer")
 
 
 def attach(product_app: typer.Typer) -> None:

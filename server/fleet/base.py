@@ -146,7 +146,8 @@ class FleetBase:
     def _product(tx: Tx, ref: int | str) -> ProductRecord:
         product = tx.get_product(ref)
         if product is None:
-            raise UnknownProductError(f"product {ref!r} not found (give its id or slug)")
+            shown = ref if len(str(ref)) <= 80 else f"{str(ref)[:77]}..."
+            raise UnknownProductError(f"product {shown!r} not found (give its id or slug)")
         return product
 
     @staticmethod
