@@ -26,6 +26,8 @@ from OpenSSL import SSL
 
 from otacore.coap import Code
 from server.cli.device_store_cmd import StoreRegistrar
+from server.fleet import SYSTEM_ACTOR
+from server.fleet.errors import UnknownDeviceError
 from server.identity import (
     init_pki,
     issue_device_certificate,
@@ -141,7 +143,8 @@ async def test_reprovisioning_and_reinstating_are_the_ways_back(
         await assert_served(kit, fresh, device_id, transport)
         await assert_refused(kit, kit.creds_dir, device_id, transport)  # the old one is not
 
-    # An explicit reinstate lifts the revocation for every certificate, audit-logged.
+    # An explicit reinstate lifts the revocation, audit-logged; the certificates the new
+    # one replaced (issued or seen before it) stay revoked.
     async with kit.api() as api:
         reinstated = await api.post(
             f"/v1/products/{kit.product_id}/devices/{device_id}/reinstate"
@@ -152,13 +155,67 @@ async def test_reprovisioning_and_reinstating_are_the_ways_back(
             f"/v1/products/{kit.product_id}/devices/{'0' * 24}/reinstate"
         )
         assert missing.status_code == 404
-    await assert_served(kit, kit.creds_dir, device_id, "udp")
+    await assert_served(kit, fresh, device_id, "udp")
+    await assert_refused(kit, kit.creds_dir, device_id, "udp")
+    await assert_refused(kit, seen, device_id, "tcp")
+    # A certificate the server never recorded was never revoked: with the device no longer
+    # under revocation, the CA's signature admits it again.
     await assert_served(kit, unseen, device_id, "tcp")
     with kit.handle.store.read() as tx:
         actions = [row.action for row in tx.conn.execute(sa.select(t.audit_log)).all()]
     assert actions.count("device.certs_revoked") == 1
     assert actions.count("device.reprovision") == 1
     assert actions.count("device.certs_reinstated") == 1
+
+
+async def test_a_reinstate_without_reprovisioning_lets_the_old_certificate_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    kit = await start_device_server(nursery, tmp_path, count=1)
+    (device_id,) = kit.device_ids
+    path = f"/v1/products/{kit.product_id}/devices/{device_id}"
+    async with kit.api() as api:
+        assert (await api.post(f"{path}/revoke")).status_code == 200
+        await assert_refused(kit, kit.creds_dir, device_id, "tcp")
+        assert (await api.post(f"{path}/reinstate")).status_code == 200
+    for transport in TRANSPORTS:
+        await assert_served(kit, kit.creds_dir, device_id, transport)
+
+
+async def test_an_api_user_that_may_only_import_devices_cannot_undo_a_revocation(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    kit = await start_device_server(nursery, tmp_path, count=1)
+    (device_id,) = kit.device_ids
+    path = f"/v1/products/{kit.product_id}/devices/{device_id}"
+    async with kit.api() as api:
+        created = await api.post(f"/v1/products/{kit.product_id}/team", json={
+            "friendly_name": "provisioning bot", "scopes": ["devices:import"]})
+        assert created.status_code == 201, created.text
+        bot = created.json()["created"]["tokens"][0]["token"]
+        assert (await api.post(f"{path}/revoke")).status_code == 200
+        api.headers["Authorization"] = f"Bearer {bot}"
+        refused = await api.post(f"{path}/reinstate")
+        assert refused.status_code == 403, refused.text
+        assert "devices:remove" in refused.json()["error"]
+    await assert_refused(kit, kit.creds_dir, device_id, "tcp")
+
+
+async def test_a_revocation_names_the_product_it_acts_in(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The device's product is checked in the transaction that revokes it, so a device that
+    moved to another product meanwhile is not revoked through the old product's path."""
+    kit = await start_device_server(nursery, tmp_path, count=1)
+    (device_id,) = kit.device_ids
+    fleet = kit.handle.fleet
+    with kit.handle.store.write() as tx:
+        other = tx.insert_product(slug="other", name="Other", platform_id=13, description="",
+                                  now=1)
+    for revoked in (True, False):
+        with pytest.raises(UnknownDeviceError):
+            await fleet.set_certs_revoked(SYSTEM_ACTOR, other.id, device_id, revoked)
+    await assert_served(kit, kit.creds_dir, device_id, "tcp")
 
 
 async def test_a_viewer_cannot_reinstate(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -88,12 +88,14 @@ ROUTES: list[Route] = [
           product("devices:update", "change or flash devices")),
     route(f"{_P}/devices/{{device_id}}", devices.remove_device, "DELETE", "remove_device",
           product("devices:remove", "remove devices")),
-    # Revoking a device's certificates shuts it out like removing it does.
+    # Revoking a device's certificates shuts it out like removing it does; lifting a
+    # revocation lets a shut-out device back, so it needs the same scope (a provisioning
+    # client holding only devices:import must not undo a revocation).
     route(f"{_P}/devices/{{device_id}}/revoke", devices.revoke_device, "POST",
           "revoke_device", product("devices:remove", "revoke devices")),
-    # Groups.
     route(f"{_P}/devices/{{device_id}}/reinstate", devices.reinstate_device, "POST",
-          "reinstate_device", product("devices:import", "reinstate devices")),
+          "reinstate_device", product("devices:remove", "reinstate devices")),
+    # Groups.
     route(f"{_P}/groups", groups.list_groups, "GET", "list_groups",
           product("groups:list", "list groups")),
     route(f"{_P}/groups", groups.create_group, "POST", "create_group",

@@ -390,8 +390,12 @@ class SessionService(FleetBase):
 
         return bool(await self._run_grouped(record))
 
-    async def set_certs_revoked(self, actor: Actor, device_id: str, revoked: bool) -> None:
-        """Revoke (or, explicitly, reinstate) a device's certificates; audit-logged.
+    async def set_certs_revoked(
+        self, actor: Actor, product_ref: int | str, device_id: str, revoked: bool
+    ) -> None:
+        """Revoke (or, explicitly, reinstate) the certificates of a device of the product
+        ``product_ref`` (UnknownDeviceError if it is not in that product, checked in the
+        same transaction as the change); audit-logged.
 
         A revocation revokes every certificate known for the device (issued through the
         server or seen at a handshake) and puts the device under revocation, which outlives
@@ -403,7 +407,7 @@ class SessionService(FleetBase):
             actor.require(Permission.MANAGE_DEVICES, "revoke devices")
             now = self.clock()
             with self.store.write() as tx:
-                device = self._device(tx, device_id)
+                device = self._device_in(tx, self._product(tx, product_ref), device_id)
                 tx.update_device(device.id, {"certs_revoked": bool(revoked)}, now)
                 if revoked:
                     count = tx.revoke_device_certificates(device.id, by=actor.subject, now=now)

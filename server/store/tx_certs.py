@@ -162,14 +162,23 @@ class CertificateQueries:
         return int(revoked)
 
     def reinstate_device_certificates(self, device_id: str) -> tuple[bool, int]:
-        """Lift ``device_id``'s revocation and un-revoke its certificates; returns (whether
-        it was revoked, how many certificates were reinstated)."""
+        """Lift ``device_id``'s revocation and un-revoke its certificates, except those a
+        certificate issued after their revocation replaced (re-provisioning gave the
+        device a new identity: the old one stays revoked); returns (whether it was
+        revoked, how many certificates were reinstated)."""
         lifted = self.conn.execute(
             sa.delete(_REVOCATIONS).where(_REVOCATIONS.c.device_id == device_id)
         ).rowcount
+        newer = _CERTS.alias("newer")
+        replaced = (
+            sa.select(newer.c.sha256)
+            .where(newer.c.device_id == device_id, newer.c.issued_at > _CERTS.c.revoked_at)
+            .exists()
+        )
         reinstated = self.conn.execute(
             sa.update(_CERTS)
-            .where(_CERTS.c.device_id == device_id, _CERTS.c.revoked_at.is_not(None))
+            .where(_CERTS.c.device_id == device_id, _CERTS.c.revoked_at.is_not(None),
+                   ~replaced)
             .values(revoked_at=None, revoked_by=None)
         ).rowcount
         return bool(lifted), int(reinstated)
