@@ -35,7 +35,9 @@ async def test_import_and_remove(api) -> None:
     other = await api.create_product("Other")
     before = await api.snapshot()
     response = await api.client.post(f"/v1/products/{other['slug']}/devices", json={"id": D1})
-    assert response.status_code == 409 and "belongs to product" in response.json()["error"]
+    error = response.json()["error"]
+    assert response.status_code == 409 and "belongs to another product" in error
+    assert slug not in error  # nor which: other products look absent to this caller
     for bad in ({"id": "xyz"}, {"id": 5}, {}, {"id": D3, "extra": 1}):
         response = await api.client.post(f"/v1/products/{slug}/devices", json=bad)
         assert response.status_code == 400, bad

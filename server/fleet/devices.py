@@ -214,10 +214,11 @@ class DeviceService(FleetBase):
                 if existing is not None and existing.product_id == product.id:
                     return Outcome(ImportResult((), (clean_id,), ()))
                 if existing is not None:
-                    other = tx.get_product(existing.product_id)
+                    # Which product holds it is not this caller's to learn (other products
+                    # look absent to a team that is not theirs).
                     raise DuplicateError(
-                        f"device {clean_id} belongs to product "
-                        f"{other.slug if other else existing.product_id}; remove it there first"
+                        f"device {clean_id} belongs to another product; it can be imported "
+                        "once that product's team removes it"
                     )
                 tx.insert_device(clean_id, product.id, now)
                 # A revocation is kept with the device's certificates, not its row: a
