@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import trio
 from typer.testing import CliRunner
 
@@ -20,6 +21,7 @@ from server.devices.keys import (
     withdraw_product_key,
 )
 from server.emulator.flash import Flash
+from server.store import schema as t
 from tests.test_ota_e2e_kit import STEP, SYSTEM_5003, TRANSPORTS, app, ota_rig, running, updated_to
 
 
@@ -63,6 +65,13 @@ async def test_rotation_reaches_devices_before_firmware_signed_with_the_new_key(
         trust = Flash.open(rig.state_root / device_id, fsync=False).load_trust_store()
         assert trust is not None and trust.sequence == 2
         assert new.key_id in trust.key_ids and old.key_id not in trust.key_ids
+        # Both changes are in the product's audit log; the refused withdrawal is not.
+        with rig.kit.handle.store.read() as tx:
+            audited = [(row.action, row.target, row.product_id)
+                       for row in tx.conn.execute(sa.select(t.audit_log)).all()
+                       if row.action.startswith("key.")]
+        assert audited == [("key.rotate", f"key:{new.key_id}", rig.product),
+                           ("key.withdraw", f"key:{old.key_id}", rig.product)]
 
 
 #: More rotations than one answer ever carried (64); the original key is withdrawn after

@@ -5,13 +5,15 @@ and devices online now before their next offer (``server.devices.key_sync``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from otacore.errors import OtaError
 from server.cli._output import fail, print_json
 from server.devices.keys import MAX_PRODUCT_KEYS, rotate_product_key, withdraw_product_key
-from server.fleet.base import FleetBase
+from server.fleet.base import FleetBase, now_ms
+from server.fleet.roles import SYSTEM_ACTOR
 from server.store import Store
 
 
@@ -20,6 +22,18 @@ def _product_id(data: Path, product: str) -> int:
     try:
         with store.read() as tx:
             return FleetBase._product(tx, product).id  # an id or a slug, as the API takes
+    finally:
+        store.close()
+
+
+def _audit(data: Path, product_id: int, action: str, key_id: str, details: dict[str, Any]) -> None:
+    """Record a change of the product's signing keys in the audit log (the keys live in
+    files, so the store learns of it here)."""
+    store = Store.open_dir(data, pool_size=1)
+    try:
+        with store.write() as tx:
+            tx.add_audit(actor=SYSTEM_ACTOR.subject, action=action, product_id=product_id,
+                         target=f"key:{key_id}", details=details, now=now_ms())
     finally:
         store.close()
 
@@ -36,6 +50,12 @@ def rotate_key(
     except (OtaError, OSError) as exc:
         fail(str(exc))
     old, new, sequence = rotation.old, rotation.new, rotation.sequence
+    try:
+        _audit(data, product_id, "key.rotate", new.key_id,
+               {"old_key_id": old.key_id, "sequence": sequence,
+                "retired": list(rotation.retired)})
+    except OtaError as exc:
+        fail(f"the key was rotated (statement {sequence}) but the audit log failed: {exc}")
     if as_json:
         print_json({"product_id": product_id, "old_key_id": old.key_id,
                     "new_key_id": new.key_id, "sequence": sequence,
@@ -61,6 +81,10 @@ def withdraw_key_command(
         sequence = withdraw_product_key(data, product_id, key_id)
     except (OtaError, OSError, ValueError) as exc:
         fail(str(exc))
+    try:
+        _audit(data, product_id, "key.withdraw", key_id, {"sequence": sequence})
+    except OtaError as exc:
+        fail(f"the key was withdrawn (statement {sequence}) but the audit log failed: {exc}")
     typer.echo(f"product {product_id}: key {key_id} withdrawn (statement {sequence}); "
                "devices drop it at their next Hello, online ones before their next offer")
 
