@@ -8,7 +8,8 @@ scrypt is deliberately slow (~65 ms of one core here) and memory-hard, so it run
 small thread pool (:attr:`AuthService.hash_limiter`, ``password_hash_threads`` threads, with a
 bounded queue), never on the store's: failed sign-ins cannot hold the threads every other
 request's store reads need. Limiting how many guesses one address or account may make is
-the API's job (``server.api.throttle``).
+the API's job (``server.api.throttle``); this service writes the audit rows of its
+lockouts and unlocks.
 
 A token is checked against the store on every request: its user must still exist and not be
 disabled, and the user's CURRENT installation role, product teams and API-user scopes are
@@ -450,6 +451,36 @@ class AuthService(FleetBase):
             return Outcome(None)
 
         await self._run(work)
+
+    # --- sign-in limits (the API's throttle keeps them; this audits them) ---------------------
+
+    async def record_sign_in_lockout(
+        self, kind: str, key: str, *, group: str, failures: int, seconds: float
+    ) -> None:
+        """Audit the first lockout of an address group, user name or client id (one row per
+        lockout, not per failed attempt: guesses alone cannot drive store writes)."""
+
+        def work(tx: Tx) -> Outcome:
+            tx.add_audit(actor=f"address:{group}", action="sign_in.lockout", product_id=None,
+                         target=f"{kind}:{key}",
+                         details={"failures": failures, "locked_seconds": seconds},
+                         now=self.clock())
+            return Outcome(None)
+
+        await self._run_grouped(work)
+
+    async def record_sign_in_unlock(
+        self, actor: Actor, kind: str, key: str, details: dict[str, Any]
+    ) -> None:
+        """Audit an administrator clearing a sign-in limit (``details``: what it held)."""
+        actor.require(Permission.ADMINISTER, "clear sign-in limits")
+
+        def work(tx: Tx) -> Outcome:
+            tx.add_audit(actor=actor.subject, action="sign_in.unlock", product_id=None,
+                         target=f"{kind}:{key}", details=details, now=self.clock())
+            return Outcome(None)
+
+        await self._run_grouped(work)
 
     # --- accounts and clients (CLI, blocking) ----------------------------------------------------
 
