@@ -77,6 +77,31 @@ def test_the_account_limit_locks_progressively_and_only_unfamiliar_addresses() -
     assert refused.value.retry_after == 1
 
 
+def test_without_familiar_addresses_the_account_limit_applies_everywhere() -> None:
+    throttle = _throttle(familiar_addresses=0)
+    throttle.succeeded(throttle.begin("192.0.2.1", DAVE, 0.0), 0.0)
+    for n in range(5):
+        _fail(throttle, f"198.51.100.{n}", DAVE, 1.0)
+    with pytest.raises(TooManyAttemptsError):
+        throttle.begin("192.0.2.1", DAVE, 1.0)
+
+
+def test_familiar_groups_are_bounded_per_account_and_in_accounts() -> None:
+    throttle = _throttle(familiar_addresses=2, max_keys=3, first_account_lockout_seconds=600)
+    for n in range(3):  # three places; only the last two stay familiar
+        throttle.succeeded(throttle.begin(f"192.0.2.{n}", DAVE, 0.0), 0.0)
+    for n in range(5):
+        _fail(throttle, f"198.51.100.{n}", DAVE, 1.0)
+    with pytest.raises(TooManyAttemptsError):
+        throttle.begin("192.0.2.0", DAVE, 1.0)
+    throttle.abandoned(throttle.begin("192.0.2.2", DAVE, 1.0), 1.0)
+    for n in range(10):  # other accounts signing in push dave's memory out
+        throttle.succeeded(throttle.begin("203.0.113.1", ("user", f"u{n}"), 2.0), 2.0)
+    with pytest.raises(TooManyAttemptsError):
+        throttle.begin("192.0.2.2", DAVE, 2.0)
+    assert throttle.tracked() <= 3 * 3 + 3 * 2
+
+
 def test_between_account_lockouts_one_attempt_at_a_time() -> None:
     throttle = _throttle()
     for n in range(5):
@@ -185,3 +210,34 @@ def test_a_burst_log_reports_a_burst_in_two_lines() -> None:
     assert burst.note(30.0, "x", "192.0.2.9") is True and burst.total == 1002
     with pytest.raises(ValueError):
         BurstLog(interval=0)
+
+
+def test_the_sign_in_limits_reach_the_api_through_ota_server_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from server.app import ServerConfig
+    from server.cli import server_cmd
+
+    captured: list[ServerConfig] = []
+
+    async def run_server(config: ServerConfig) -> None:  # instead of serving
+        captured.append(config)
+
+    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    result = CliRunner().invoke(server_cmd.app, [
+        "server", "--data", "unused", "--login-max-failures-per-address", "7",
+        "--login-max-failures-per-user", "9", "--login-lockout", "600",
+        "--login-first-account-lockout", "2", "--login-max-checks-per-address", "3",
+        "--login-familiar-addresses", "0", "--login-tracked-keys", "500",
+        "--login-log-interval", "30", "--device-limit", "ipv6_prefix_length=56"])
+    assert result.exit_code == 0, result.output
+    api = captured[0].api
+    assert (api.login_max_failures_per_address, api.login_max_failures_per_user,
+            api.login_lockout_seconds, api.login_first_account_lockout_seconds,
+            api.login_max_checks_per_address, api.login_familiar_addresses,
+            api.login_tracked_keys, api.login_log_interval, api.ipv6_prefix_length) == (
+        7, 9, 600, 2, 3, 0, 500, 30, 56)
+    # The device listeners and the sign-in limits group IPv6 clients alike.
+    assert captured[0].device_limits.ipv6_prefix_length == 56

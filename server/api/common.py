@@ -5,6 +5,11 @@ bodies are read with a hard byte limit checked against Content-Length before any
 and again while streaming (for chunked bodies), so an oversized upload gets 413 without the
 server keeping it (the rest of a refused body up to 16 MiB is read and dropped, so that HTTP/1.1
 clients, which send the whole body before reading the answer, see the 413).
+
+Text enters as valid Unicode or not at all: a JSON string or key holding a lone UTF-16
+surrogate, urlencoded or multipart text that is not UTF-8, and a URL whose percent-decoded
+path or query is not UTF-8 are answered 400 before an endpoint sees them (no store, event
+stream or log then meets text it cannot encode).
 """
 
 from __future__ import annotations
