@@ -186,7 +186,11 @@ async def test_parallel_guesses_cannot_overtake_the_count(limited_api: Api) -> N
 
 
 async def test_a_full_hashing_queue_answers_503_at_once(limited_api: Api) -> None:
+    """... except to an account's sign-in from an address it signed in from before: that
+    waits its turn (a flood from elsewhere delays its owner but does not refuse them)."""
     fleet = limited_api.handle.fleet
+    async with _from(limited_api, "127.0.3.50") as home:
+        assert (await _sign_in(home, "ops@example.com", PASSWORD)).status_code == 200
     holder = object()
     await fleet.hash_limiter.acquire_on_behalf_of(holder)
     statuses: list[int] = []
@@ -205,5 +209,15 @@ async def test_a_full_hashing_queue_answers_503_at_once(limited_api: Api) -> Non
             busy = await _sign_in(late, "ops@example.com", PASSWORD)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
         assert busy.json()["error"] == "temporarily_unavailable"
+        owner: list[int] = []
+
+        async def owner_signs_in() -> None:
+            async with _from(limited_api, "127.0.3.50") as home:
+                owner.append((await _sign_in(home, "ops@example.com", PASSWORD)).status_code)
+
+        nursery.start_soon(owner_signs_in)
+        with trio.fail_after(30):  # in the queue, past its bound
+            while fleet.hash_limiter.statistics().tasks_waiting < 5:
+                await trio.sleep(0.01)
         fleet.hash_limiter.release_on_behalf_of(holder)
-    assert statuses == [400] * 4
+    assert statuses == [400] * 4 and owner == [200]

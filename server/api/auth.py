@@ -130,14 +130,15 @@ async def token(request: Request) -> Response:
                                      trio.current_time())
             grant = await fleet.password_grant(
                 username, fields.get("password"), expires_in=expires_in,
-                refresh_seconds=settings.refresh_token_seconds,
+                refresh_seconds=settings.refresh_token_seconds, familiar=attempt.familiar,
             )
         elif grant_type == "client_credentials":
             basic = _basic_credentials(request)
             client_id, secret = basic or (fields.get("client_id"), fields.get("client_secret"))
             attempt = throttle.begin(host, throttle.account("client", client_id),
                                      trio.current_time())
-            grant = await fleet.client_credentials_grant(client_id, secret, expires_in=expires_in)
+            grant = await fleet.client_credentials_grant(client_id, secret, expires_in=expires_in,
+                                                         familiar=attempt.familiar)
         elif grant_type == "refresh_token":
             grant = await fleet.refresh_grant(
                 fields.get("refresh_token"), expires_in=expires_in,
