@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from otacore.module import build_module
@@ -84,6 +84,11 @@ def client(threaded_server) -> Iterator[httpx.Client]:
         assert http.post(f"/v1/products/{slug}/devices", json={"id": DEVICE}).status_code == 200
         assert http.post(f"/v1/products/{slug}/groups", json={"name": "beta"}).status_code == 201
         http.headers["x-product"] = slug
+        # A product without firmware, for DELETE .../firmware/NUMBER: on the main product,
+        # "1" would name the fixture's own firmware and really delete it.
+        empty = http.post("/v1/products", json={"name": "Fuzz empty", "platform_id": 13})
+        assert empty.status_code == 201
+        http.headers["x-empty-product"] = empty.json()["product"]["slug"]
         yield http
 
 
@@ -261,14 +266,15 @@ numbers = (
 )
 
 
-def _number_targets(slug: str, number: str) -> list[tuple[str, str, dict[str, Any]]]:
+def _number_targets(slug: str, empty: str,
+                    number: str) -> list[tuple[str, str, dict[str, Any]]]:
     encoded = quote(number, safe="")
     return [
         ("GET", f"/v1/products/{encoded}", {}),
         ("GET", f"/v1/products/{encoded}/devices", {}),
         ("GET", f"/v1/products/{slug}/firmware/{encoded}", {}),
         ("GET", f"/v1/products/{slug}/firmware/{encoded}/binary", {}),
-        ("DELETE", f"/v1/products/{slug}/firmware/{encoded}", {}),
+        ("DELETE", f"/v1/products/{empty}/firmware/{encoded}", {}),
         ("GET", "/v1/device-os", {"params": {"platform_id": number}}),
         ("GET", f"/v1/products/{slug}/devices", {"params": {"page": number, "per_page": number}}),
         ("POST", "/v1/products", {"data": {"name": "n", "platform_id": number}}),
@@ -286,12 +292,18 @@ def _number_targets(slug: str, number: str) -> list[tuple[str, str, dict[str, An
 
 @FUZZ
 @given(number=numbers)
+@example(number="1")  # the fixture's own firmware version and product id
+@example(number="/")
 def test_fuzz_numbers_in_paths_queries_and_bodies(client: httpx.Client, number: str) -> None:
     print(f"number: {number[:40]!r}... ({len(number)} characters)")
     before = _counts(client)
-    for method, path, kwargs in _number_targets(_slug(client), number):
+    empty = client.headers["x-empty-product"]
+    for method, path, kwargs in _number_targets(_slug(client), empty, number):
         response = client.request(method, path, **kwargs)
-        assert response.status_code in ALLOWED, (method, path[:80], response.text[:300])
+        # 307: a "/" in the text decodes to a path with an empty segment, which the router
+        # redirects to the path without it (never a 500).
+        assert response.status_code in ALLOWED | {307}, (method, path[:80],
+                                                         response.text[:300])
         if response.status_code >= 400:
             body = response.json()
             assert body["ok"] is False and (body.get("error_description") or body["error"])
