@@ -43,6 +43,14 @@ _DEVICE_ID = re.compile(r"[0-9a-f]{24}")
 # Printable ASCII without spaces, e.g. "particle/device/updates/pending".
 _EVENT_NAME = re.compile(r"[!-~]{1,64}")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: What event names may contain, for error messages.
+EVENT_NAME_RULE = "1-64 printable ASCII characters without spaces ('!' to '~')"
+
+
+def is_event_name(name: object) -> bool:
+    """True when ``name`` is a valid event name: the rule devices' events follow
+    (:data:`EVENT_NAME_RULE`), which API clients' events must follow too."""
+    return isinstance(name, str) and _EVENT_NAME.fullmatch(name) is not None
 
 P = TypeVar("P", bound="Payload")
 

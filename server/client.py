@@ -247,3 +247,14 @@ class ApiClient:
                         data = {"data": line[5:].strip()}
                     yield name, data
                     name = "message"
+
+    # -- sign-in limits ----------------------------------------------------------------
+
+    def list_sign_in_limits(self) -> Any:
+        """GET the users, OAuth clients and address groups with failed sign-ins or a lockout."""
+        return self._request("GET", "/v1/sign-in-limits")
+
+    def clear_sign_in_limit(self, kind: str, name: str) -> Any:
+        """DELETE one key's failed sign-ins and lockout (kind: user, client or address)."""
+        plural = {"user": "users", "client": "clients", "address": "addresses"}.get(kind, kind)
+        return self._request("DELETE", f"/v1/sign-in-limits/{plural}/{quote(name, safe='@+:')}")

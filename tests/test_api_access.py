@@ -38,6 +38,9 @@ PRODUCTLESS = {
     "upload_device_os": "installation",
     "list_products": "listing",
     "create_product": "installation",
+    # The running server's sign-in limits are the whole installation's.
+    "list_sign_in_limits": "installation",
+    "clear_sign_in_limit": "installation",
 }
 
 

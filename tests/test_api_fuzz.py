@@ -7,39 +7,57 @@ Hypothesis drives plain synchronous httpx requests against real HTTP.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from otacore.module import build_module
 
 DEVICE = "0123456789abcdef01234567"
-ALLOWED = {200, 201, 204, 400, 401, 403, 404, 409, 413}
+#: 429: the sign-in limits of /oauth/token (the fuzzed sign-ins all come from one address).
+ALLOWED = {200, 201, 204, 400, 401, 403, 404, 409, 413, 429}
 FUZZ = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+#: Text with lone UTF-16 surrogates in it (what a JSON "\ud800" escape decodes to; issue 13,
+#: review of finding 8: each gave a 500 where it reached the store or the event stream).
+broken_text = st.builds(
+    lambda before, surrogate, after: before + surrogate + after,
+    st.text(max_size=8), st.integers(0xD800, 0xDFFF).map(chr), st.text(max_size=8),
+)
+texts = st.text(max_size=40) | broken_text
 
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40),
+    | texts,
     lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | broken_text,
+                                                      inner, max_size=4)
     ),
     max_leaves=12,
 )
 
 
 def _objects(known: list[str]) -> st.SearchStrategy[dict[str, Any]]:
-    keys = st.sampled_from(known) | st.text(max_size=12)
+    keys = st.sampled_from(known) | st.text(max_size=12) | broken_text
     return st.dictionaries(keys, json_values, max_size=6)
+
+
+def _send_json(client: httpx.Client, method: str, url: str, body: Any) -> httpx.Response:
+    """``body`` as JSON with non-ASCII escaped, so lone surrogates travel as ``\\udXXX``
+    (httpx's own encoder writes UTF-8, which cannot carry them)."""
+    return client.request(method, url, content=json.dumps(body),
+                          headers={"content-type": "application/json"})
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +84,11 @@ def client(threaded_server) -> Iterator[httpx.Client]:
         assert http.post(f"/v1/products/{slug}/devices", json={"id": DEVICE}).status_code == 200
         assert http.post(f"/v1/products/{slug}/groups", json={"name": "beta"}).status_code == 201
         http.headers["x-product"] = slug
+        # A product without firmware, for DELETE .../firmware/NUMBER: on the main product,
+        # "1" would name the fixture's own firmware and really delete it.
+        empty = http.post("/v1/products", json={"name": "Fuzz empty", "platform_id": 13})
+        assert empty.status_code == 201
+        http.headers["x-empty-product"] = empty.json()["product"]["slug"]
         yield http
 
 
@@ -127,7 +150,7 @@ def _mutated(version: int, position: int, value: int) -> bytes:
 @FUZZ
 @given(body=_objects(["version", "product_default", "groups", "intelligent", "force"]))
 def test_fuzz_release(client: httpx.Client, body: dict[str, Any]) -> None:
-    response = client.put(f"/v1/products/{_slug(client)}/firmware/release", json=body)
+    response = _send_json(client, "PUT", f"/v1/products/{_slug(client)}/firmware/release", body)
     assert response.status_code in ALLOWED, response.text
 
 
@@ -146,7 +169,7 @@ def test_fuzz_release(client: httpx.Client, body: dict[str, Any]) -> None:
     )
 )
 def test_fuzz_device_update(client: httpx.Client, body: dict[str, Any]) -> None:
-    response = client.put(f"/v1/products/{_slug(client)}/devices/{DEVICE}", json=body)
+    response = _send_json(client, "PUT", f"/v1/products/{_slug(client)}/devices/{DEVICE}", body)
     assert response.status_code in ALLOWED, response.text
     if response.status_code >= 400:
         assert response.json()["ok"] is False
@@ -163,12 +186,37 @@ def test_fuzz_import_groups_events(
 ) -> None:
     slug = _slug(client)
     for response in (
-        client.post(f"/v1/products/{slug}/devices", json=body),
-        client.post(f"/v1/products/{slug}/groups", json=group),
-        client.put(f"/v1/products/{slug}/groups/beta", json=group),
-        client.post(f"/v1/products/{slug}/events", json=event),
+        _send_json(client, "POST", f"/v1/products/{slug}/devices", body),
+        _send_json(client, "POST", f"/v1/products/{slug}/groups", group),
+        _send_json(client, "PUT", f"/v1/products/{slug}/groups/beta", group),
+        _send_json(client, "POST", f"/v1/products/{slug}/events", event),
     ):
         assert response.status_code in ALLOWED, response.text
+
+
+@FUZZ
+@given(
+    product=_objects(["name", "description", "firmware_updates_forced", "platform_id"]),
+    member=_objects(["username", "role"]),
+    api_user=_objects(["friendly_name", "scopes"]),
+    sign_in=_objects(["grant_type", "username", "password", "client_id", "client_secret",
+                      "refresh_token", "expires_in"]),
+)
+def test_fuzz_products_team_and_sign_in(
+    client: httpx.Client, product: dict[str, Any], member: dict[str, Any],
+    api_user: dict[str, Any], sign_in: dict[str, Any],
+) -> None:
+    slug = _slug(client)
+    for response in (
+        _send_json(client, "PUT", f"/v1/products/{slug}", product),
+        _send_json(client, "POST", "/v1/products", product),
+        _send_json(client, "POST", f"/v1/products/{slug}/team", member),
+        _send_json(client, "POST", f"/v1/products/{slug}/team", api_user),
+        _send_json(client, "POST", "/oauth/token", sign_in),
+    ):
+        assert response.status_code in ALLOWED, response.text
+        if response.status_code >= 400:
+            assert response.json()["ok"] is False
 
 
 @FUZZ
@@ -218,14 +266,15 @@ numbers = (
 )
 
 
-def _number_targets(slug: str, number: str) -> list[tuple[str, str, dict[str, Any]]]:
+def _number_targets(slug: str, empty: str,
+                    number: str) -> list[tuple[str, str, dict[str, Any]]]:
     encoded = quote(number, safe="")
     return [
         ("GET", f"/v1/products/{encoded}", {}),
         ("GET", f"/v1/products/{encoded}/devices", {}),
         ("GET", f"/v1/products/{slug}/firmware/{encoded}", {}),
         ("GET", f"/v1/products/{slug}/firmware/{encoded}/binary", {}),
-        ("DELETE", f"/v1/products/{slug}/firmware/{encoded}", {}),
+        ("DELETE", f"/v1/products/{empty}/firmware/{encoded}", {}),
         ("GET", "/v1/device-os", {"params": {"platform_id": number}}),
         ("GET", f"/v1/products/{slug}/devices", {"params": {"page": number, "per_page": number}}),
         ("POST", "/v1/products", {"data": {"name": "n", "platform_id": number}}),
@@ -243,12 +292,18 @@ def _number_targets(slug: str, number: str) -> list[tuple[str, str, dict[str, An
 
 @FUZZ
 @given(number=numbers)
+@example(number="1")  # the fixture's own firmware version and product id
+@example(number="/")
 def test_fuzz_numbers_in_paths_queries_and_bodies(client: httpx.Client, number: str) -> None:
     print(f"number: {number[:40]!r}... ({len(number)} characters)")
     before = _counts(client)
-    for method, path, kwargs in _number_targets(_slug(client), number):
+    empty = client.headers["x-empty-product"]
+    for method, path, kwargs in _number_targets(_slug(client), empty, number):
         response = client.request(method, path, **kwargs)
-        assert response.status_code in ALLOWED, (method, path[:80], response.text[:300])
+        # 307: a "/" in the text decodes to a path with an empty segment, which the router
+        # redirects to the path without it (never a 500).
+        assert response.status_code in ALLOWED | {307}, (method, path[:80],
+                                                         response.text[:300])
         if response.status_code >= 400:
             body = response.json()
             assert body["ok"] is False and (body.get("error_description") or body["error"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from otacore.errors import OtaError
@@ -20,6 +21,7 @@ from server.api import (
     groups,
     openapi,
     products,
+    sign_in_limits,
     team,
 )
 from server.api.access import (
@@ -33,11 +35,11 @@ from server.api.access import (
 )
 from server.api.common import (
     ApiSettings,
+    Utf8UrlMiddleware,
     http_error_handler,
     internal_error_handler,
     ota_error_handler,
 )
-from server.api.throttle import LoginThrottle, ThrottleLimits
 from server.fleet import Fleet, Permission
 
 _P = "/v1/products/{product}"
@@ -128,6 +130,13 @@ ROUTES: list[Route] = [
           device("events:get", "read events")),
     route("/v1/devices/{device_id}/events/{prefix:path}", events.device_events, "GET",
           "device_events_prefix", device("events:get", "read events")),
+    # Sign-in limits (the running server's throttle, installation-wide): owners and
+    # administrators see them and clear one, e.g. for an owner locked out while travelling.
+    route("/v1/sign-in-limits", sign_in_limits.list_sign_in_limits, "GET",
+          "list_sign_in_limits", installation(Permission.ADMINISTER, "read sign-in limits")),
+    route("/v1/sign-in-limits/{kind}/{name:path}", sign_in_limits.clear_sign_in_limit,
+          "DELETE", "clear_sign_in_limit",
+          installation(Permission.ADMINISTER, "clear sign-in limits")),
 ]
 
 
@@ -141,15 +150,11 @@ def create_app(fleet: Fleet, settings: ApiSettings | None = None) -> Starlette:
             HTTPException: http_error_handler,
             Exception: internal_error_handler,
         },
+        # Path and query parameters are valid Unicode text before any route reads them.
+        middleware=[Middleware(Utf8UrlMiddleware)],
+        lifespan=auth.lifespan,
     )
     app.state.fleet = fleet
     app.state.settings = settings
-    app.state.login_throttle = LoginThrottle(
-        ThrottleLimits(
-            max_failures_per_address=settings.login_max_failures_per_address,
-            max_failures_per_user=settings.login_max_failures_per_user,
-            lockout_seconds=settings.login_lockout_seconds,
-            max_keys=settings.login_tracked_keys,
-        )
-    )
+    auth.install(app.state, settings)  # the sign-in throttle and its log
     return app

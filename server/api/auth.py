@@ -1,24 +1,30 @@
 """Token endpoints: ``POST /oauth/token`` (RFC 6749) and access-token introspection/revocation.
 
-Password and client-secret checks are throttled per client address and per account
-(``server.api.throttle``): past the limit, ``/oauth/token`` answers 429 with Retry-After
-before any password is hashed. The client address is the TCP peer's (behind a reverse proxy
-that is the proxy: give each proxy its own limits or put the limit there).
+Password and client-secret checks are throttled per client address group and per account
+(``server.api.throttle``): past a limit, ``/oauth/token`` answers 429 with Retry-After
+before any password is hashed. Failures, lockouts and refusals are logged (aggregated) and
+lockouts audited (``server.api.sign_in_log``). The client address is the TCP peer's (behind
+a reverse proxy that is the proxy: give each proxy its own limits or put the limit there).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
+from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from otacore.errors import AuthError, ValidationError
-from server.api.common import actor_of, body_fields, fleet_of, ok, settings_of
-from server.api.throttle import LoginThrottle, TooManyAttemptsError
-from server.fleet import TokenGrant
+from server.api.common import ApiSettings, actor_of, body_fields, fleet_of, ok, settings_of
+from server.api.sign_in_log import SignInLog, audit_lockout
+from server.api.throttle import Attempt, LoginThrottle, ThrottleLimits, TooManyAttemptsError
+from server.fleet import Fleet, TokenGrant
 from server.fleet.auth import (
     DEFAULT_TOKEN_SECONDS,
     CredentialCheckBusyError,
@@ -71,14 +77,38 @@ def throttle_of(request: Request) -> LoginThrottle:
     return throttle
 
 
+def sign_in_log_of(request: Request) -> SignInLog:
+    """The app's sign-in log (aggregated lines about failures and lockouts)."""
+    sign_in_log: SignInLog = request.app.state.sign_in_log
+    return sign_in_log
+
+
+def install(state: State, settings: ApiSettings) -> None:
+    """Give an app (its ``state``) the sign-in throttle and log that ``settings`` describe."""
+    state.login_throttle = LoginThrottle(ThrottleLimits(
+        max_failures_per_address=settings.login_max_failures_per_address,
+        max_failures_per_user=settings.login_max_failures_per_user,
+        lockout_seconds=settings.login_lockout_seconds,
+        first_account_lockout_seconds=settings.login_first_account_lockout_seconds,
+        max_checks_per_address=settings.login_max_checks_per_address,
+        familiar_addresses=settings.login_familiar_addresses,
+        max_keys=settings.login_tracked_keys,
+        ipv6_prefix_length=settings.ipv6_prefix_length,
+    ))
+    state.sign_in_log = SignInLog(settings.login_log_interval)
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """While the app runs: the task that writes the sign-in log's summaries."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app.state.sign_in_log.run)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 def _client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
-
-
-def _account_key(kind: str, value: object) -> list[tuple[str, str]]:
-    if isinstance(value, str) and value:
-        return [(kind, value[:256])]
-    return []
 
 
 async def token(request: Request) -> Response:
@@ -90,25 +120,25 @@ async def token(request: Request) -> Response:
     grant_type = fields.get("grant_type")
     expires_in = fields.get("expires_in", DEFAULT_TOKEN_SECONDS)
     fleet, settings = fleet_of(request), settings_of(request)
-    throttle = throttle_of(request)
-    admitted: list[tuple[str, str]] = []  # throttle keys of this attempt, once admitted
+    throttle, sign_in_log = throttle_of(request), sign_in_log_of(request)
+    host = _client_address(request)
+    attempt: Attempt | None = None  # once admitted by the throttle
     try:
         if grant_type == "password":
             username = fields.get("username")
-            keys = [("address", _client_address(request)), *_account_key("user", username)]
-            throttle.begin(keys, trio.current_time())
-            admitted = keys
+            attempt = throttle.begin(host, throttle.account("user", username),
+                                     trio.current_time())
             grant = await fleet.password_grant(
                 username, fields.get("password"), expires_in=expires_in,
-                refresh_seconds=settings.refresh_token_seconds,
+                refresh_seconds=settings.refresh_token_seconds, familiar=attempt.familiar,
             )
         elif grant_type == "client_credentials":
             basic = _basic_credentials(request)
             client_id, secret = basic or (fields.get("client_id"), fields.get("client_secret"))
-            keys = [("address", _client_address(request)), *_account_key("client", client_id)]
-            throttle.begin(keys, trio.current_time())
-            admitted = keys
-            grant = await fleet.client_credentials_grant(client_id, secret, expires_in=expires_in)
+            attempt = throttle.begin(host, throttle.account("client", client_id),
+                                     trio.current_time())
+            grant = await fleet.client_credentials_grant(client_id, secret, expires_in=expires_in,
+                                                         familiar=attempt.familiar)
         elif grant_type == "refresh_token":
             grant = await fleet.refresh_grant(
                 fields.get("refresh_token"), expires_in=expires_in,
@@ -121,25 +151,45 @@ async def token(request: Request) -> Response:
                 "grant_type must be password, client_credentials or refresh_token",
             )
     except TooManyAttemptsError as exc:
+        sign_in_log.refused(trio.current_time(), exc, throttle.group_of(host))
         return _oauth_error(429, "too_many_requests", str(exc),
                             {"Retry-After": str(exc.retry_after)})
     except InvalidCredentialsError as exc:
-        throttle.failed(admitted, trio.current_time())
+        if attempt is not None:
+            await _failed(fleet, throttle, sign_in_log, attempt)
         return _credentials_error(grant_type, str(exc))
     except CredentialCheckBusyError as exc:
-        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        if attempt is not None:
+            throttle.abandoned(attempt, trio.current_time())
+            sign_in_log.busy(trio.current_time(), attempt.group)
         return _oauth_error(503, "temporarily_unavailable", str(exc), {"Retry-After": "2"})
     except ValidationError as exc:
-        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        if attempt is not None:
+            throttle.abandoned(attempt, trio.current_time())
         return _oauth_error(400, "invalid_request", str(exc))
     except AuthError as exc:  # e.g. a disabled account, an expired refresh token
-        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        if attempt is not None:
+            throttle.abandoned(attempt, trio.current_time())
         return _credentials_error(grant_type, str(exc))
     except BaseException:
-        throttle.finished(admitted, trio.current_time(), succeeded=False)
+        if attempt is not None:
+            throttle.abandoned(attempt, trio.current_time())
         raise
-    throttle.finished(admitted, trio.current_time(), succeeded=True)
+    if attempt is not None:
+        throttle.succeeded(attempt, trio.current_time())
     return JSONResponse(_grant_json(grant), headers={"Cache-Control": "no-store"})
+
+
+async def _failed(fleet: Fleet, throttle: LoginThrottle, sign_in_log: SignInLog,
+                  attempt: Attempt) -> None:
+    """Count a failed attempt; log (aggregated) and audit the lockouts it causes."""
+    now = trio.current_time()
+    lockouts = throttle.failed(attempt, now)
+    sign_in_log.failed(now, attempt)
+    for lockout in lockouts:
+        sign_in_log.locked(now, lockout)
+        if lockout.first:
+            await audit_lockout(fleet, lockout)
 
 
 def _credentials_error(grant_type: object, message: str) -> Response:

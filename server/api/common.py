@@ -5,6 +5,11 @@ bodies are read with a hard byte limit checked against Content-Length before any
 and again while streaming (for chunked bodies), so an oversized upload gets 413 without the
 server keeping it (the rest of a refused body up to 16 MiB is read and dropped, so that HTTP/1.1
 clients, which send the whole body before reading the answer, see the 413).
+
+Text enters as valid Unicode or not at all: a JSON string or key holding a lone UTF-16
+surrogate, urlencoded or multipart text that is not UTF-8, and a URL whose percent-decoded
+path or query is not UTF-8 are answered 400 before an endpoint sees them (no store, event
+stream or log then meets text it cannot encode).
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import trio
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otacore.errors import (
     AuthError,
@@ -64,15 +69,28 @@ class ApiSettings:
     password_hash_threads: int = 2
     #: Checks that may wait for one of those threads; more are answered 503 at once.
     password_hash_queue: int = 64
-    #: Failed ``/oauth/token`` attempts from one client address before it is locked out
-    #: (Particle: 10 consecutive failures block an address for 30 minutes).
+    #: Failed ``/oauth/token`` attempts from one client address group before it is locked
+    #: out (Particle: 10 consecutive failures block an address for 30 minutes).
     login_max_failures_per_address: int = 10
-    #: Failed attempts against one user name (or OAuth client id), from anywhere.
+    #: Failed attempts against one user name (or OAuth client id) from address groups it
+    #: has not signed in from before, before it is locked for those (progressively).
     login_max_failures_per_user: int = 20
-    #: How long a lockout lasts (also the window in which failures add up).
+    #: An address group's lockout, the longest account lockout, and how long a key must
+    #: stay quiet before its failures are forgotten.
     login_lockout_seconds: float = 1800.0
+    #: An account's first lockout; each further failure doubles it (up to the above).
+    login_first_account_lockout_seconds: float = 1.0
+    #: Sign-ins of one address group checked at once (its share of the hashing queue).
+    login_max_checks_per_address: int = 4
+    #: Address groups remembered per account as familiar (exempt from its limit).
+    login_familiar_addresses: int = 8
     #: Addresses and accounts the failure counters remember (each kind); bounded memory.
     login_tracked_keys: int = 10_000
+    #: Sign-in failures and lockouts are logged as one line, then a summary per interval.
+    login_log_interval: float = 10.0
+    #: IPv6 clients are grouped by this prefix, as the device listeners group them
+    #: (``ota server --device-limit ipv6_prefix_length=N`` sets both).
+    ipv6_prefix_length: int = 64
     #: Lifetime of refresh tokens issued from now on.
     refresh_token_seconds: int = DEFAULT_REFRESH_TOKEN_SECONDS
 
@@ -187,6 +205,89 @@ def product_of(request: Request) -> ProductRecord:
     return product
 
 
+# --- text -----------------------------------------------------------------------------------
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """True when ``text`` holds a lone UTF-16 surrogate (what a JSON ``"\\ud800"`` escape
+    decodes to): not Unicode text, so no UTF-8 encoder (SQLite, the event stream, a log
+    file) can take it."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _invalid_text(where: str) -> ValidationError:
+    return ValidationError(
+        f"{where} is not valid Unicode text: it holds a lone UTF-16 surrogate (such as "
+        "\\ud800 without its pair); send UTF-8 text"
+    )
+
+
+def refuse_invalid_text(value: object, where: str = "the body") -> None:
+    """ValidationError naming the first string in ``value`` (a JSON value: object keys
+    included) that holds a lone surrogate."""
+    pending: list[tuple[object, str]] = [(value, where)]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            if has_lone_surrogate(item):
+                raise _invalid_text(path)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if isinstance(key, str) and has_lone_surrogate(key):
+                    raise _invalid_text(f"a field name in {path}")
+                pending.append((inner, f"field {key!a}" if path == where
+                                else f"{path}[{key!a}]"))
+        elif isinstance(item, list):
+            pending.extend((inner, f"{path}[{n}]") for n, inner in enumerate(item))
+
+
+def _url_problem(scope: Scope) -> str | None:
+    """Why the request's URL cannot be read as text, or None. Percent-decoded, the path and
+    the query must be UTF-8 (RFC 3986 section 2.5); servers otherwise hand the app U+FFFD
+    in place of the bytes, or lone surrogates."""
+    raw_path = scope.get("raw_path")
+    if isinstance(raw_path, bytes):
+        if not _utf8_once_decoded(raw_path):
+            return "the URL path is not UTF-8 once percent-decoded; percent-encode UTF-8 text"
+    elif has_lone_surrogate(scope.get("path", "")):
+        return "the URL path is not valid Unicode text; percent-encode UTF-8 text"
+    if not _utf8_once_decoded(scope.get("query_string", b"")):
+        return "the query string is not UTF-8 once percent-decoded; percent-encode UTF-8 text"
+    return None
+
+
+def _utf8_once_decoded(raw: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw.decode("latin-1")).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class Utf8UrlMiddleware:
+    """Answers 400 to a request whose URL path or query is not UTF-8 text once
+    percent-decoded, before any route sees it (path and query parameters are then valid
+    Unicode everywhere)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse or pass on one request."""
+        if scope["type"] == "http" and (problem := _url_problem(scope)) is not None:
+            response = error_response(400, problem)
+            response.headers["Connection"] = "close"  # its body, if any, is not read
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # --- bodies ---------------------------------------------------------------------------------
 
 
@@ -261,10 +362,14 @@ async def body_fields(request: Request, *, limit: int | None = None) -> dict[str
             raise ValidationError(f"the body is not valid JSON: {exc}") from exc
         if not isinstance(parsed, dict):
             raise ValidationError("the JSON body must be an object")
+        refuse_invalid_text(parsed)  # "\ud800" escapes decode to lone surrogates
         fields = parsed
     elif media in ("application/x-www-form-urlencoded", ""):
         try:
-            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=True)
+            # errors="strict": percent-encoded bytes that are not UTF-8 (%ff, or %ED%A0%80,
+            # a surrogate) are refused, not turned into U+FFFD and stored so.
+            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=True,
+                              errors="strict")
         except (UnicodeDecodeError, ValueError) as exc:
             raise ValidationError("the form body is not valid urlencoded UTF-8") from exc
         fields = {}
@@ -313,6 +418,7 @@ async def upload_of(form: FormData, names: tuple[str, ...]) -> tuple[bytes, str]
     for name in names:
         item = form.get(name)
         if isinstance(item, UploadFile):
+            refuse_invalid_text(item.filename or "", "the file name")
             return await item.read(), item.filename or "firmware.bin"
         if item is not None:
             raise ValidationError(f"form field {name!r} must be a file upload")
@@ -320,8 +426,11 @@ async def upload_of(form: FormData, names: tuple[str, ...]) -> tuple[bytes, str]
 
 
 def form_text(form: FormData) -> dict[str, Any]:
-    """The non-file fields of a multipart form."""
-    return {k: v for k, v in form.multi_items() if isinstance(v, str) and k != "access_token"}
+    """The non-file fields of a multipart form (ValidationError for text that is not valid
+    Unicode)."""
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str) and k != "access_token"}
+    refuse_invalid_text(fields)
+    return fields
 
 
 # --- value coercion (JSON values or form strings) ----------------------------------------------

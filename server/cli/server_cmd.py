@@ -7,7 +7,8 @@ Attach to the main CLI with::
     app.add_typer(server_cmd.product_app, name="product")
 
 ``admin`` commands work straight on the store in ``--data`` (bootstrap: no server or token
-needed; SQLite allows this while a server runs). ``product create`` does the same with
+needed; SQLite allows this while a server runs), except ``admin sign-in-limits``, which
+reaches the running server's in-memory limits through its API. ``product create`` does the same with
 ``--data``, or calls a running server with ``--api-url`` and ``--token``.
 """
 
@@ -27,6 +28,8 @@ import typer
 from otacore.errors import OtaError
 from server.api import ApiSettings
 from server.app import ServerConfig, serve
+from server.cli._output import print_json
+from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
 from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
@@ -35,7 +38,10 @@ from server.store import Store
 from server.transport import SessionLimits
 from server.workers import default_workers
 
-admin_app = typer.Typer(help="Administer the store directly (bootstrap).", no_args_is_help=True)
+admin_app = typer.Typer(
+    help="Administer the store directly (bootstrap), and a running server's sign-in limits.",
+    no_args_is_help=True,
+)
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
@@ -105,21 +111,52 @@ def server(
     ),
     login_max_failures_per_address: int = typer.Option(
         ApiSettings.login_max_failures_per_address, "--login-max-failures-per-address", min=1,
-        help="Failed /oauth/token attempts from one client address before it is locked out.",
+        help="Failed /oauth/token attempts from one client address (an IPv6 /64: see "
+        "ipv6_prefix_length in --device-limit) before it is locked out for --login-lockout "
+        "seconds; a success from it clears them.",
     ),
     login_max_failures_per_user: int = typer.Option(
         ApiSettings.login_max_failures_per_user, "--login-max-failures-per-user", min=1,
-        help="Failed /oauth/token attempts against one user name or client id (from any "
-        "address) before it is locked out.",
+        help="Failed /oauth/token attempts against one user name or client id, from addresses "
+        "it has not signed in from before, before it is locked for those addresses "
+        "(progressively: see --login-first-account-lockout).",
     ),
     login_lockout: float = typer.Option(
         ApiSettings.login_lockout_seconds, "--login-lockout", min=1,
-        help="Seconds a lockout lasts (failures add up within this window).",
+        help="Seconds an address lockout lasts, the longest account lockout, and how long "
+        "an address or account must stay quiet before its failures are forgotten.",
+    ),
+    login_first_account_lockout: float = typer.Option(
+        ApiSettings.login_first_account_lockout_seconds, "--login-first-account-lockout",
+        min=0.001,
+        help="Seconds of an account's first lockout; each further failure doubles it, up "
+        "to --login-lockout.",
+    ),
+    login_max_checks_per_address: int = typer.Option(
+        ApiSettings.login_max_checks_per_address, "--login-max-checks-per-address", min=1,
+        help="Sign-ins from one client address checked at once (its share of the "
+        "password-hashing queue); more get 429.",
+    ),
+    login_familiar_addresses: int = typer.Option(
+        ApiSettings.login_familiar_addresses, "--login-familiar-addresses", min=0,
+        help="Addresses remembered per account as places it signed in from; failures from "
+        "elsewhere cannot lock it for them (0: the account limit applies to every address).",
+    ),
+    login_tracked_keys: int = typer.Option(
+        ApiSettings.login_tracked_keys, "--login-tracked-keys", min=1,
+        help="Addresses, user names and client ids the sign-in limits remember (each); "
+        "past it, those with the fewest failures are forgotten first.",
+    ),
+    login_log_interval: float = typer.Option(
+        ApiSettings.login_log_interval, "--login-log-interval", min=0.001,
+        help="Seconds between the summary lines of failed sign-ins and lockouts (the first "
+        "of a burst is logged at once).",
     ),
     log_level: str = typer.Option(
         "info", "--log-level",
         help="Least severe log records written to stderr, in every server process: debug, "
-        "info, warning or error. Refused handshakes and sign-in lockouts are warnings.",
+        "info, warning or error. Refused handshakes, sign-in lockouts and sign-ins refused "
+        "by a limit are warnings (aggregated); failed sign-ins are info (aggregated).",
     ),
     refresh_token_lifetime: int = typer.Option(
         ApiSettings.refresh_token_seconds, "--refresh-token-lifetime", min=60,
@@ -133,15 +170,22 @@ def server(
         configure_logging(log_level)
     except OtaError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-level") from None
+    limits = _device_limits(device_limit or [])
     api = ApiSettings(
         password_hash_threads=password_hash_threads,
         password_hash_queue=password_hash_queue,
         login_max_failures_per_address=login_max_failures_per_address,
         login_max_failures_per_user=login_max_failures_per_user,
         login_lockout_seconds=login_lockout,
+        login_first_account_lockout_seconds=login_first_account_lockout,
+        login_max_checks_per_address=login_max_checks_per_address,
+        login_familiar_addresses=login_familiar_addresses,
+        login_tracked_keys=login_tracked_keys,
+        login_log_interval=login_log_interval,
         refresh_token_seconds=refresh_token_lifetime,
+        # Sign-in limits group client addresses as the device listeners do.
+        ipv6_prefix_length=limits.ipv6_prefix_length,
     )
-    limits = _device_limits(device_limit or [])
     try:
         config = ServerConfig(
             data_dir=data,
@@ -308,6 +352,57 @@ def admin_client(
     except OtaError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(json.dumps({"client_id": client_id, "client_secret": secret}))
+
+
+sign_in_app = typer.Typer(
+    help="See and clear the sign-in limits of a running server (through its API: the limits "
+    "live in the server's memory). Needs an owner or administrator token.",
+    no_args_is_help=True,
+)
+admin_app.add_typer(sign_in_app, name="sign-in-limits")
+
+SIGN_IN_COLUMNS = ["kind", "name", "failures", "limit", "locked", "retry_after"]
+
+
+@sign_in_app.command("list")
+def sign_in_limits_list(api_url: str = ApiUrl, token: str | None = Token,
+                        as_json: bool = AsJson) -> None:
+    """List the users, OAuth clients and client addresses with failed sign-ins or a lockout."""
+    with _client(api_url, token) as client:
+        result = client.list_sign_in_limits()
+    if as_json:
+        print_json(result)
+        return
+    limits = result.get("limits", [])
+    if not limits:
+        typer.echo("no failed sign-ins are counted")
+        return
+    _table(limits, SIGN_IN_COLUMNS)
+    if result.get("total", 0) > len(limits):
+        typer.echo(f"({result['total'] - len(limits)} more not shown)")
+
+
+@sign_in_app.command("clear")
+def sign_in_limits_clear(
+    kind: str = typer.Argument(..., help="user, client or address."),
+    name: str = typer.Argument(..., help="The user name, client id, or client address (an "
+                               "IPv6 address clears its /64)."),
+    api_url: str = ApiUrl, token: str | None = Token, as_json: bool = AsJson,
+) -> None:
+    """Forget the failed sign-ins of a user, OAuth client or address and lift its lockout."""
+    if kind not in ("user", "client", "address"):
+        raise typer.BadParameter("give user, client or address", param_hint="KIND")
+    with _client(api_url, token) as client:
+        result = client.clear_sign_in_limit(kind, name)
+    if as_json:
+        print_json(result)
+    elif result.get("cleared"):
+        cleared = result["cleared"]
+        state = "lockout lifted, " if cleared.get("locked") else ""
+        typer.echo(f"{kind} {result['name']}: {state}{cleared['failures']} failed sign-ins "
+                   "forgotten")
+    else:
+        typer.echo(f"{kind} {result['name']}: no failed sign-ins were counted")
 
 
 @product_app.command("create")

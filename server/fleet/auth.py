@@ -8,7 +8,8 @@ scrypt is deliberately slow (~65 ms of one core here) and memory-hard, so it run
 small thread pool (:attr:`AuthService.hash_limiter`, ``password_hash_threads`` threads, with a
 bounded queue), never on the store's: failed sign-ins cannot hold the threads every other
 request's store reads need. Limiting how many guesses one address or account may make is
-the API's job (``server.api.throttle``).
+the API's job (``server.api.throttle``); this service writes the audit rows of its
+lockouts and unlocks.
 
 A token is checked against the store on every request: its user must still exist and not be
 disabled, and the user's CURRENT installation role, product teams and API-user scopes are
@@ -298,9 +299,14 @@ class AuthService(FleetBase):
             )
         return user
 
-    async def _verify(self, secret: str, stored: str | None) -> bool:
-        """scrypt on the hashing pool (bounded queue: CredentialCheckBusyError beyond it)."""
-        if self.hash_limiter.statistics().tasks_waiting >= self.hash_queue:
+    async def _verify(self, secret: str, stored: str | None, *, familiar: bool = False) -> bool:
+        """scrypt on the hashing pool (bounded queue: CredentialCheckBusyError beyond it).
+
+        A ``familiar`` check (from an address the account signed in from before: the API's
+        throttle knows, and bounds how many one address has in progress) joins the queue
+        even when it is full, so a flood from elsewhere delays its owner but never refuses
+        them."""
+        if not familiar and self.hash_limiter.statistics().tasks_waiting >= self.hash_queue:
             raise CredentialCheckBusyError(
                 "too many sign-ins are being checked right now; retry in a few seconds"
             )
@@ -315,8 +321,10 @@ class AuthService(FleetBase):
         *,
         expires_in: object = DEFAULT_TOKEN_SECONDS,
         refresh_seconds: int = DEFAULT_REFRESH_TOKEN_SECONDS,
+        familiar: bool = False,
     ) -> TokenGrant:
-        """OAuth password grant (RFC 6749 section 4.3); API users cannot sign in so."""
+        """OAuth password grant (RFC 6749 section 4.3); API users cannot sign in so.
+        ``familiar``: see :meth:`_verify`."""
         name = _check_secret(username, "username")
         secret = _check_secret(password, "password")
         seconds = check_expires_in(expires_in)
@@ -326,7 +334,8 @@ class AuthService(FleetBase):
                 return tx.get_user(name)
 
         user = await self._read(lookup)
-        ok = await self._verify(secret, user.password_hash if user is not None else None)
+        ok = await self._verify(secret, user.password_hash if user is not None else None,
+                                familiar=familiar)
         if user is None or not ok:
             raise InvalidCredentialsError("user credentials are invalid")
 
@@ -344,8 +353,10 @@ class AuthService(FleetBase):
         client_secret: object,
         *,
         expires_in: object = DEFAULT_TOKEN_SECONDS,
+        familiar: bool = False,
     ) -> TokenGrant:
-        """OAuth client-credentials grant (RFC 6749 section 4.4)."""
+        """OAuth client-credentials grant (RFC 6749 section 4.4); ``familiar``: see
+        :meth:`_verify`."""
         if not isinstance(client_id, str) or not isinstance(client_secret, str):
             raise InvalidCredentialsError("client credentials are required")
         the_id = _check_secret(client_id, "client_id")
@@ -357,7 +368,7 @@ class AuthService(FleetBase):
                 client = tx.get_client(the_id)
             return None if client is None else client.secret_hash
 
-        ok = await self._verify(secret, await self._read(lookup))
+        ok = await self._verify(secret, await self._read(lookup), familiar=familiar)
         if not ok:
             raise InvalidCredentialsError("client credentials are invalid")
 
@@ -450,6 +461,36 @@ class AuthService(FleetBase):
             return Outcome(None)
 
         await self._run(work)
+
+    # --- sign-in limits (the API's throttle keeps them; this audits them) ---------------------
+
+    async def record_sign_in_lockout(
+        self, kind: str, key: str, *, group: str, failures: int, seconds: float
+    ) -> None:
+        """Audit the first lockout of an address group, user name or client id (one row per
+        lockout, not per failed attempt: guesses alone cannot drive store writes)."""
+
+        def work(tx: Tx) -> Outcome:
+            tx.add_audit(actor=f"address:{group}", action="sign_in.lockout", product_id=None,
+                         target=f"{kind}:{key}",
+                         details={"failures": failures, "locked_seconds": seconds},
+                         now=self.clock())
+            return Outcome(None)
+
+        await self._run_grouped(work)
+
+    async def record_sign_in_unlock(
+        self, actor: Actor, kind: str, key: str, details: dict[str, Any]
+    ) -> None:
+        """Audit an administrator clearing a sign-in limit (``details``: what it held)."""
+        actor.require(Permission.ADMINISTER, "clear sign-in limits")
+
+        def work(tx: Tx) -> Outcome:
+            tx.add_audit(actor=actor.subject, action="sign_in.unlock", product_id=None,
+                         target=f"{kind}:{key}", details=details, now=self.clock())
+            return Outcome(None)
+
+        await self._run_grouped(work)
 
     # --- accounts and clients (CLI, blocking) ----------------------------------------------------
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otacore.errors import ValidationError
+from otacore.messages import EVENT_NAME_RULE, is_event_name
 from server.events import (
     API_COREID,
     DEFAULT_TTL,
@@ -195,10 +196,15 @@ class GroupService(FleetBase):
     ) -> Event:
         """Publish an event into a product's stream (coreid "api"), as Particle's API does."""
         actor.require(Permission.MANAGE_DEVICES, "publish events")
-        if not isinstance(name, str) or not 1 <= len(name) <= MAX_EVENT_NAME:
-            raise ValidationError(f"event name must be a string of 1-{MAX_EVENT_NAME} characters")
-        if any(not ch.isprintable() for ch in name):
-            raise ValidationError("event name contains control characters")
+        if not isinstance(name, str):
+            raise ValidationError(f"event name must be a string of {EVENT_NAME_RULE}")
+        if not is_event_name(name):
+            # The devices' rule (otacore.messages): no look-alikes of reserved names
+            # (Cyrillic or fullwidth letters, a leading space) reach subscribers.
+            shown = name if len(name) <= 80 else name[:77] + "..."
+            raise ValidationError(
+                f"event name {shown!a} must be {EVENT_NAME_RULE}, as device events' are"
+            )
         if reserved_prefix(name) is not None:
             # The cloud's own names ("particle", "spark", "ota/"): listeners and stream
             # readers take them for the server's word (a release, a revocation...).
@@ -209,8 +215,15 @@ class GroupService(FleetBase):
             )
         if data is not None and not isinstance(data, str):
             raise ValidationError("event data must be a string")
-        if data is not None and len(data.encode()) > MAX_EVENT_DATA:
-            raise ValidationError(f"event data is longer than {MAX_EVENT_DATA} bytes")
+        if data is not None:
+            try:
+                encoded = data.encode()
+            except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud800" escape)
+                raise ValidationError(
+                    "event data is not valid Unicode text (it holds a lone UTF-16 surrogate)"
+                ) from None
+            if len(encoded) > MAX_EVENT_DATA:
+                raise ValidationError(f"event data is longer than {MAX_EVENT_DATA} bytes")
         if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 16_777_216:
             raise ValidationError("ttl must be a non-negative integer (seconds)")
         if not isinstance(private, bool):

@@ -92,6 +92,11 @@ class TeamService(AuthService):
                                 f"give the {the_role.value} role")
                 user = tx.get_user(name)
                 if user is None:
+                    # Deliberately told apart from an existing account: with no e-mail
+                    # invitations (Particle's answer for unknown addresses) an inviter must
+                    # learn that the account is missing. Account names are therefore not
+                    # secret from those who may invite (README, "Security model"); the
+                    # sign-in limits do not rely on them being secret.
                     raise unknown_user(name)
                 if tx.get_api_user(user.id) is not None:
                     raise ValidationError(f"{name} is an API user; it belongs to its own product")
