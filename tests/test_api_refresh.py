@@ -9,6 +9,7 @@ the service takes at construction), not by waiting.
 from __future__ import annotations
 
 import base64
+import threading
 
 import sqlalchemy as sa
 import trio
@@ -136,3 +137,25 @@ async def test_tokens_of_a_deleted_oauth_client_stop_working(api: Api) -> None:
                                                          == client_id))
     stopped = await api.client.get("/v1/products", headers=headers)
     assert stopped.status_code == 401 and "no longer exists" in stopped.json()["error"]
+
+
+async def test_a_made_up_refresh_token_waits_for_no_writer(api: Api) -> None:
+    """While another writer holds the store (SQLite has one at a time), an invalid refresh
+    token is still answered: it is refused after a read, without queueing for the write."""
+    store = api.handle.store
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_writer() -> None:
+        with store.write():
+            holding.set()
+            release.wait(120)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, hold_the_writer)
+        try:
+            await trio.to_thread.run_sync(holding.wait)
+            with trio.fail_after(60):  # on a failure: it waited for the writer
+                status, body = await _refresh(api, "0" * 40)
+        finally:
+            release.set()
+    assert status == 400 and "invalid or revoked" in str(body["error_description"]), body

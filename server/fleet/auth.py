@@ -404,12 +404,19 @@ class AuthService(FleetBase):
         seconds = check_expires_in(expires_in)
         digest = token_hash(refresh_token)
 
+        def live(record: TokenRecord | None) -> TokenRecord:
+            if record is None or record.kind != "refresh" or record.revoked_at is not None:
+                raise AuthError("the refresh token is invalid or revoked")
+            return record
+
         def work() -> Outcome:
             now = self.clock()
-            with self.store.write() as tx:
-                record = tx.get_token(digest)
-                if record is None or record.kind != "refresh" or record.revoked_at is not None:
-                    raise AuthError("the refresh token is invalid or revoked")
+            # A read first: a made-up or spent token costs no write transaction, so a flood
+            # of them never queues the store's one writer (SQLite) behind it.
+            with self.store.read() as tx:
+                live(tx.get_token(digest))
+            with self.store.write() as tx:  # again in the write: it may be spent meanwhile
+                record = live(tx.get_token(digest))
                 expires_at = record.expires_at
                 if expires_at is None:
                     expires_at = record.created_at + refresh_seconds * 1000
