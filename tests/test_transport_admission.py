@@ -163,7 +163,7 @@ async def test_a_connection_that_waited_too_long_is_closed_unserved(
     assert outcomes[0] in {"handshake failed", "broken", "closed"}
     assert trio.current_time() - start >= limits.handshake_wait
     assert busy(server, "tcp") == 1
-    assert "all 1 TCP handshake slots busy for 60 s" in caplog.text
+    assert "all 1 TLS handshake slots busy for 60 s" in caplog.text
     assert server.stats.full_handshakes["tcp"] == 0
     # The holder is served once its authorization ends; then the slot serves the next.
     slow_directory.release.set()
@@ -351,7 +351,7 @@ async def test_a_turn_keeps_nothing_when_its_wait_ends_or_it_is_cancelled(
     holder = gate.turn("tcp", holder_keys)
     await holder.take()
     turn = gate.turn("tcp", keys)
-    with pytest.raises(SlotsBusy, match=r"all 1 TCP handshake slots busy for 0\.01 s"):
+    with pytest.raises(SlotsBusy, match=r"all 1 TLS handshake slots busy for 0\.01 s"):
         await turn.take()
     assert gate.handshakes("192.0.2.2") == 0 and not turn.held
     with trio.move_on_after(0.01):  # cancelled while waiting (a handshake deadline)
@@ -418,7 +418,7 @@ async def test_an_ipv6_network_holds_only_its_share_of_slots(
     assert gate.handshakes(gate.keys(_v6(1))[0], "udp") == share
     fifth = gate.keys(_v6(5))
     assert gate.enter(fifth) is None
-    with pytest.raises(SlotsBusy, match=r"16 UDP handshake slots of 2001:db8:100::/48.*"
+    with pytest.raises(SlotsBusy, match=r"16 DTLS handshake slots of 2001:db8:100::/48.*"
                                         r"max_handshakes_per_ipv6_network"):
         await gate.turn("udp", fifth).take()
     other_network = gate.keys("2001:db8:200:1::1")

@@ -61,11 +61,6 @@ def source_keys(
     return (str(ip),)
 
 
-def address_key(host: str, ipv6_prefix_length: int = 64) -> str:
-    """The address (IPv4, or IPv6 ``/ipv6_prefix_length`` prefix) ``host`` counts under."""
-    return source_keys(host, ipv6_prefix_length, ipv6_prefix_length)[0]
-
-
 class SlotPool:
     """``size`` slots, given in arrival order; a taker marked ``urgent`` goes before every
     taker that is not. ``give_back`` hands the slot straight to the next taker, so a free
@@ -120,9 +115,10 @@ class SlotPool:
 
     def describe(self) -> str:
         """Which slots these are, for log lines."""
+        protocol = "TLS" if self.transport == "tcp" else "DTLS"
         if not self.owner:
-            return f"all {self.size} {self.transport.upper()} handshake slots"
-        return f"the {self.size} {self.transport.upper()} handshake slots of {self.owner}"
+            return f"all {self.size} {protocol} handshake slots"
+        return f"the {self.size} {protocol} handshake slots of {self.owner}"
 
 
 class NotAdmitted(Exception):

@@ -33,8 +33,9 @@ class SessionLimits:
     #: session's start. A DTLS handshake (trio.DTLSEndpoint's loop) holds its slot while it
     #: waits for the device too, so it has its own slots: DTLS peers never delay a TLS
     #: handshake. Larger than ``max_handshakes`` since these slots mostly wait on the
-    #: network (each holds ~100 KB of OpenSSL state).
-    max_dtls_handshakes: int = 128
+    #: network: 256 handshakes hold ~25 MB of OpenSSL state, and all computing at once
+    #: take ~0.3 s of CPU, far below a device's 3 s retransmission timer.
+    max_dtls_handshakes: int = 256
     #: A connection that waited this long for its first handshake slot is closed unserved;
     #: its device retries after its back-off. Under a reconnect storm the server so spends
     #: its CPU on handshakes that finish before their devices give up, not on all of them
@@ -51,7 +52,7 @@ class SessionLimits:
     #: protocol: raise it to ``max_sessions`` there).
     max_pending_per_address: int = 256
     #: Slots one source address may hold at once, of each pool (``max_handshakes`` TLS,
-    #: ``max_dtls_handshakes`` DTLS): a few addresses cannot hold every DTLS slot (32 are
+    #: ``max_dtls_handshakes`` DTLS): a few addresses cannot hold every DTLS slot (64 are
     #: needed with the defaults). Behind a carrier-grade NAT, one address handshakes 4 DTLS
     #: devices at once (about 4 per second on cellular round trips); its other devices wait
     #: (``handshake_wait``) or retry. For TLS it is no throughput limit: a slot is held for
