@@ -463,9 +463,11 @@ class SessionHost:
         # while it travelled back, found no session to close: the answer is stale.
         if allowed and self.registry.revoked_since(device_id, asked_at):
             allowed = False
-        if allowed and not self.accepting:  # shutdown began while the directory answered:
-            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer, device_id)  # its
-            return None  # close_all() has passed, a session starting now would stay open
+        if allowed and not self.accepting:
+            # Shutdown began while the directory answered: it has closed every session
+            # already, so one starting now would outlive it.
+            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer, device_id)
+            return None
         if not allowed:
             self.refuse(
                 transport, RefuseReason.NOT_AUTHORIZED, peer,
