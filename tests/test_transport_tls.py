@@ -6,6 +6,8 @@ import (helpers only; no tests are imported).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import socket
 import ssl
@@ -243,6 +245,32 @@ async def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -
             await trio.sleep(0.01)
 
 
+def client_hello(credentials: DeviceCredentials) -> bytes:
+    """A device's whole first flight: its TLS 1.3 ClientHello (RFC 8446 section 4.1.2)."""
+    tls = credentials.tls_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def start_stalled_tls(
+    server: DeviceServer, credentials: DeviceCredentials, how: str,
+    local_address: str | None = None,
+) -> trio.SocketStream:
+    """A TCP connection whose TLS handshake then stalls. ``how``: ``"byte"`` sends the first
+    byte of a ClientHello (RFC 8446 section 5.1: ContentType handshake(22)); ``"hello"``
+    sends a whole ClientHello and reads the start of the server's answer (the server has
+    computed its first flight). ``local_address``: the source address."""
+    stream = await trio.open_tcp_stream(*tcp(server), local_address=local_address)
+    if how == "byte":
+        await stream.send_all(b"\x16")
+    else:
+        await stream.send_all(client_hello(credentials))
+        with trio.fail_after(PATIENCE):
+            assert await stream.receive_some()  # ServerHello ... Finished
+    return stream
+
+
 async def outcome(server: DeviceServer, credentials: DeviceCredentials) -> str:
     """What a device sees: its identity answer, or how the connection ended."""
     try:
@@ -382,21 +410,28 @@ async def test_silent_client_is_closed_without_ever_holding_a_slot(
     await silent.aclose()
 
 
-async def test_stalled_handshake_times_out_without_blocking_others(
-    server: DeviceServer, kit: DeviceKit
+@pytest.mark.parametrize("how", ["byte", "hello"])
+async def test_stalled_handshake_holds_no_slot_and_times_out(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory, how: str
 ) -> None:
-    """A connection that starts a ClientHello and stalls holds a slot until the handshake
-    timeout."""
-    stalled = await trio.open_tcp_stream(*tcp(server))
-    await stalled.send_all(b"\x16\x03\x01")  # the start of a TLS handshake record
+    """A connection that starts its handshake and stalls (after one byte, or after the
+    server answered its ClientHello) holds no handshake slot while it waits: with a single
+    slot, another device is served meanwhile. It is closed at the handshake timeout."""
+    limits = dataclasses.replace(FAST_LIMITS, max_handshakes=1)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits)
+    stalled = await start_stalled_tls(server, kit.other, how)
     start = trio.current_time()
-    await eventually(lambda: server.host.handshakes_in_progress == 1)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the server took it all in
+    assert server.host.handshakes_in_progress == 0
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
     with trio.fail_after(PATIENCE):
-        assert await stalled.receive_some() == b""
+        with contextlib.suppress(trio.BrokenResourceError):  # closed, or reset unread
+            while await stalled.receive_some():
+                pass
     # Not before the timeout (timers never fire early), and because of it.
-    assert trio.current_time() - start >= FAST_LIMITS.handshake_timeout * 0.9
+    assert trio.current_time() - start >= limits.handshake_timeout * 0.9
     assert server.stats.refused[("tcp", RefuseReason.HANDSHAKE_TIMEOUT)] == 1
+    assert server.host.handshakes_in_progress == 0
     await stalled.aclose()
 
 
@@ -557,7 +592,7 @@ async def test_directory_failure_refuses_without_stopping_the_server(
     assert await outcome(server, kit.good) == f"{kit.good_id}|tcp|False"
 
 
-class _SlowDirectory(MemoryDeviceDirectory):
+class SlowDirectory(MemoryDeviceDirectory):
     """Answers only once ``release`` is set (a store read in flight)."""
 
     def __init__(self, device_ids: list[str]) -> None:
@@ -577,7 +612,7 @@ async def test_a_revocation_during_authorization_refuses_the_handshake(
 ) -> None:
     """The directory said yes before the revocation committed; the revocation's event came
     before the answer did, with no session yet to close: the handshake is refused anyway."""
-    directory = _SlowDirectory(kit.registered)
+    directory = SlowDirectory(kit.registered)
     server = await start_device_server(nursery, kit, directory, EchoHandler(), udp=False)
     result: list[str] = []
 

@@ -23,6 +23,7 @@ import trio
 from OpenSSL import SSL, crypto
 
 from server.identity import InstallationPki
+from server.transport.admission import NotAdmitted
 from server.transport.limits import TokenBucket
 from server.transport.session import (
     CloseReason,
@@ -207,36 +208,41 @@ async def _serve_channel(channel: trio.DTLSChannel, host: SessionHost) -> None:
         channel.close()
         return
     host.connection_started(_TRANSPORT)
+    # trio runs the whole handshake (waits for the device included) in one loop: it holds
+    # a DTLS slot throughout, of a pool TLS handshakes do not use.
+    turn = host.gate.turn(_TRANSPORT, source)
     try:
         try:
-            # Admission control: a bounded number of handshakes at once; the rest wait or
-            # go (DTLS has no cheap refusal: a dropped peer's next ClientHello
-            # retransmission, RFC 6347 section 4.2.4, opens a new channel that queues
-            # again, until its own handshake timeout makes the device back off). The
-            # ClientHello has arrived already (trio opens a channel for it).
-            if not await host.admit_handshake(_TRANSPORT, peer, source):
-                return
+            # A bounded number of handshakes at once; the rest wait or go (DTLS has no
+            # cheap refusal: a dropped peer's next ClientHello retransmission, RFC 6347
+            # section 4.2.4, opens a new channel that queues again, until its own
+            # handshake timeout makes the device back off). The ClientHello has arrived
+            # already (trio opens a channel for it).
             try:
-                device_id: str | None = None
-                connection = _connection_of(channel)
-                with trio.move_on_after(host.limits.handshake_timeout) as deadline:
-                    watch = _HandshakeWatch(deadline)
-                    connection.set_app_data(watch)
-                    try:
-                        await channel.do_handshake()
-                    except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, repr(exc))
-                        return
-                    finally:
-                        connection.set_app_data(None)
-                    device_id = await host.authorize(
-                        _TRANSPORT, peer_certificate_der(channel), peer
-                    )
-                verify_error, timed_out = watch.error, deadline.cancelled_caught
-                del watch, deadline, connection  # this frame lives as long as the session
-            finally:
-                host.handshake_finished(source)
+                await turn.take()
+            except NotAdmitted as exc:
+                host.refuse_unadmitted(_TRANSPORT, peer, exc)
+                return
+            device_id: str | None = None
+            connection = _connection_of(channel)
+            with trio.move_on_after(host.limits.handshake_timeout) as deadline:
+                watch = _HandshakeWatch(deadline)
+                connection.set_app_data(watch)
+                try:
+                    await channel.do_handshake()
+                except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, repr(exc))
+                    return
+                finally:
+                    connection.set_app_data(None)
+                device_id = await host.authorize(
+                    _TRANSPORT, peer_certificate_der(channel), peer
+                )
+            verify_error, timed_out = watch.error, deadline.cancelled_caught
+            del watch, deadline, connection  # this frame lives as long as the session
         finally:
+            turn.give_back()
+            del turn
             host.leave_pending(source)
         if verify_error is not None:
             # OpenSSL sent the alert (trio sends alerts once); nothing more to tell the peer.

@@ -16,18 +16,34 @@ class SessionLimits:
     Times are in seconds. Rates are refilled continuously; bursts are the bucket sizes.
     """
 
-    #: A device must finish its TLS/DTLS handshake (and authorization) within this time.
+    #: A device must finish its TLS/DTLS handshake (and authorization) within this time:
+    #: over TLS from its first ClientHello bytes, over DTLS from its DTLS handshake slot.
+    #: Not shorter for DTLS: Device OS retransmits a flight once after 3 s and gives up 6 s
+    #: later (mbedtls_ssl_conf_handshake_timeout(3000, 6000); RFC 6347 section 4.2.4
+    #: timers), so on a lossy cellular link a device's answer may come ~9 s after the
+    #: server's flight, and still be one the device waits for.
     handshake_timeout: float = 10.0
-    #: Handshakes (with authorization) in progress at once per process, both transports;
-    #: later connections wait their turn in arrival order.
+    #: TLS handshakes computing at once per process (OpenSSL working on bytes that arrived,
+    #: or the device directory authorizing). A TLS handshake holds its slot only then: it
+    #: gives it back whenever it waits for the device, so stalled handshakes hold none.
+    #: Later work waits its turn in arrival order, handshakes the server already answered
+    #: first (so a storm finishes handshakes instead of starting them all).
     max_handshakes: int = 64
-    #: A connection that waited this long for its turn is closed unserved; its device
-    #: retries after its back-off. Under a reconnect storm the server so spends its CPU on
-    #: handshakes that finish before their devices give up, not on all of them at once.
+    #: DTLS handshakes in progress at once per process, from the cookie exchange to the
+    #: session's start. A DTLS handshake (trio.DTLSEndpoint's loop) holds its slot while it
+    #: waits for the device too, so it has its own slots: DTLS peers never delay a TLS
+    #: handshake. Larger than ``max_handshakes`` since these slots mostly wait on the
+    #: network: 256 handshakes hold ~25 MB of OpenSSL state, and all computing at once
+    #: take ~0.3 s of CPU, far below a device's 3 s retransmission timer.
+    max_dtls_handshakes: int = 256
+    #: A connection that waited this long for its first handshake slot is closed unserved;
+    #: its device retries after its back-off. Under a reconnect storm the server so spends
+    #: its CPU on handshakes that finish before their devices give up, not on all of them
+    #: at once. (A TLS handshake the server already answered waits for its next turn
+    #: within ``handshake_timeout`` only: the server has invested a signature in it.)
     handshake_wait: float = 3.0
     #: TCP: a connection must send the first bytes of its ClientHello within this time
-    #: (devices send it right after connecting), else it is closed. Until those bytes
-    #: arrive it holds no handshake slot, so silent connections cannot stall other devices.
+    #: (devices send it right after connecting), else it is closed.
     hello_timeout: float = 5.0
     #: Connections from one source address (IPv4 address, IPv6 prefix) waiting for or in
     #: their handshake, both transports; beyond it new ones are closed at once.
@@ -35,11 +51,24 @@ class SessionLimits:
     #: public address behind a carrier-grade NAT (or a TCP load balancer without PROXY
     #: protocol: raise it to ``max_sessions`` there).
     max_pending_per_address: int = 256
-    #: Handshake slots one source address may hold at once (of ``max_handshakes``); its
-    #: other pending connections wait their turn within ``handshake_wait``.
-    max_handshakes_per_address: int = 16
-    #: IPv6 sources are counted per prefix of this length (a host usually owns a /64).
+    #: Slots one source address may hold at once, of each pool (``max_handshakes`` TLS,
+    #: ``max_dtls_handshakes`` DTLS): a few addresses cannot hold every DTLS slot (64 are
+    #: needed with the defaults). Behind a carrier-grade NAT, one address handshakes 4 DTLS
+    #: devices at once (about 4 per second on cellular round trips); its other devices wait
+    #: (``handshake_wait``) or retry. For TLS it is no throughput limit: a slot is held for
+    #: about a millisecond of computing.
+    max_handshakes_per_address: int = 4
+    #: IPv6 sources are counted per prefix of this length (a host usually owns a whole /64,
+    #: RFC 4291 section 2.5.4) ...
     ipv6_prefix_length: int = 64
+    #: ... and, together, per network of this length (a site gets a /48 or /56, RFC 6177):
+    #: one site cannot pass for thousands of addresses. Set it to ``ipv6_prefix_length`` to
+    #: count per prefix only.
+    ipv6_network_prefix_length: int = 48
+    #: Pending connections (see ``max_pending_per_address``) of one IPv6 network.
+    max_pending_per_ipv6_network: int = 1024
+    #: Slots of each pool one IPv6 network may hold (see ``max_handshakes_per_address``).
+    max_handshakes_per_ipv6_network: int = 16
     #: Refusals are logged at WARNING: the first of a burst at once, the rest summarised
     #: once per this many seconds.
     refusal_log_interval: float = 10.0
@@ -83,11 +112,23 @@ class SessionLimits:
             raise ValidationError("max_message_size must be at least 64 bytes")
         if self.max_sessions < 1:
             raise ValidationError("max_sessions must be at least 1")
-        for name in ("max_handshakes", "max_pending_per_address", "max_handshakes_per_address"):
+        for name in (
+            "max_handshakes",
+            "max_dtls_handshakes",
+            "max_pending_per_address",
+            "max_handshakes_per_address",
+            "max_pending_per_ipv6_network",
+            "max_handshakes_per_ipv6_network",
+        ):
             if getattr(self, name) < 1:
                 raise ValidationError(f"session limit {name} must be at least 1")
         if not 1 <= self.ipv6_prefix_length <= 128:
             raise ValidationError("ipv6_prefix_length must be between 1 and 128")
+        if not 1 <= self.ipv6_network_prefix_length <= self.ipv6_prefix_length:
+            raise ValidationError(
+                "ipv6_network_prefix_length must be between 1 and ipv6_prefix_length "
+                f"({self.ipv6_prefix_length})"
+            )
 
     @classmethod
     def with_overrides(cls, overrides: Mapping[str, str], base: SessionLimits | None = None,

@@ -17,7 +17,7 @@ import trio
 from otacore.errors import OtaError
 from server.authorization import DeviceDirectory, DeviceIdCache
 from server.identity import CertificateRejectedError
-from server.transport.admission import AddressGate
+from server.transport.admission import AdmissionClosed, HandshakeGate, NotAdmitted
 from server.transport.limits import SessionLimits
 from server.transport.refusals import RefusalLog
 
@@ -309,15 +309,13 @@ class SessionHost:
         self.accepting = True
         #: Connections being served (handshaking or in session), per transport.
         self.live: Counter[str] = Counter()
-        #: Pending connections and handshake slots per source address.
-        self.gate = AddressGate(limits)
+        #: Pending connections per source address, and the handshake slots.
+        self.gate = HandshakeGate(limits)
         #: Refusals worth an operator's attention, aggregated (see :meth:`report_refusals`).
         self.refusals = RefusalLog(limits.refusal_log_interval)
         self._refusals_due = trio.Event()
         self._hello_waits: set[trio.CancelScope] = set()
         self._idle_event: trio.Event | None = None
-        # FIFO: trio's CapacityLimiter wakes waiters in arrival order.
-        self._handshake_slots = trio.CapacityLimiter(limits.max_handshakes)
 
     def refuse(self, transport: str, reason: str, peer: object, detail: str = "") -> None:
         """Count and log a refused connection: capacity and abuse refusals at WARNING
@@ -351,27 +349,21 @@ class SessionHost:
         """True if a new connection on ``transport`` stays within ``limits.max_sessions``."""
         return self.live[transport] < self.limits.max_sessions
 
-    def enter_pending(self, transport: str, peer: tuple[str, int]) -> str | None:
-        """Count a new connection as pending for its source address and return that
-        address's key, or refuse it (None) when the address has
-        ``limits.max_pending_per_address`` pending connections already. After a key, call
-        :meth:`leave_pending` once the connection is refused or its session starts."""
-        key = self.gate.key(peer[0])
-        if self.gate.enter(key):
-            return key
-        self.refuse(
-            transport,
-            RefuseReason.ADDRESS_BUSY,
-            peer,
-            f"{self.limits.max_pending_per_address} connections from {key} already wait for "
-            "or are in a handshake; if many devices share that address (NAT, load balancer) "
-            "raise ota server --device-limit max_pending_per_address=N",
-        )
+    def enter_pending(self, transport: str, peer: tuple[str, int]) -> tuple[str, ...] | None:
+        """Count a new connection as pending for its source and return the source's keys
+        (see :class:`HandshakeGate`), or refuse it (None) when its address or IPv6 network
+        has too many pending connections already. After keys, call :meth:`leave_pending`
+        once the connection is refused or its session starts."""
+        keys = self.gate.keys(peer[0])
+        full = self.gate.enter(keys)
+        if full is None:
+            return keys
+        self.refuse(transport, RefuseReason.ADDRESS_BUSY, peer, full)
         return None
 
-    def leave_pending(self, key: str) -> None:
+    def leave_pending(self, keys: tuple[str, ...]) -> None:
         """The pending connection counted by :meth:`enter_pending` was refused or started."""
-        self.gate.leave(key)
+        self.gate.leave(keys)
 
     async def wait_for_hello(self, transport: str, sock: trio.socket.SocketType,
                              peer: tuple[str, int]) -> bool:
@@ -401,63 +393,27 @@ class SessionHost:
     def stop_accepting(self) -> None:
         """Shutdown began: refuse new handshakes, and stop waiting for ClientHellos."""
         self.accepting = False
+        self.gate.accepting = False
         for scope in list(self._hello_waits):
             scope.cancel()
 
-    async def admit_handshake(self, transport: str, peer: object, source: str) -> bool:
-        """Wait, in arrival order, for one of the ``limits.max_handshakes_per_address``
-        slots of the connection's ``source`` address, then for one of the process's
-        ``limits.max_handshakes`` handshake slots.
-
-        False (counted and logged as refused) if they did not free within
-        ``limits.handshake_wait``: the caller closes the connection without spending any
-        cryptography on it. After True the caller must call :meth:`handshake_finished`,
-        from the same task.
-        """
-        if not self.accepting:  # shutting down: spend nothing on it
+    def refuse_unadmitted(self, transport: str, peer: object, error: NotAdmitted) -> None:
+        """Count and log a connection that got no handshake slot (``error`` says why)."""
+        if isinstance(error, AdmissionClosed):
             self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
-            return False
-        holds_source_slot = False
-        try:
-            with trio.move_on_after(self.limits.handshake_wait):
-                await self.gate.acquire_slot(source)
-                holds_source_slot = True
-                await self._handshake_slots.acquire()
-                if self.accepting:
-                    holds_source_slot = False  # both slots now belong to the caller
-                    return True
-                self._handshake_slots.release()  # shutdown began while it waited
-                self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer)
-                return False
-            if holds_source_slot:
-                busy = f"all {self.limits.max_handshakes} slots"
-            else:
-                busy = f"the {self.limits.max_handshakes_per_address} slots of {source}"
-            self.refuse(
-                transport,
-                RefuseReason.SERVER_BUSY,
-                peer,
-                f"{busy} busy for {self.limits.handshake_wait:g} s",
-            )
-            return False
-        finally:
-            if holds_source_slot:
-                self.gate.release_slot(source)
-
-    def handshake_finished(self, source: str) -> None:
-        """Give back the slots :meth:`admit_handshake` granted this task."""
-        self._handshake_slots.release()
-        self.gate.release_slot(source)
+        else:
+            self.refuse(transport, RefuseReason.SERVER_BUSY, peer, str(error))
 
     @property
     def handshakes_in_progress(self) -> int:
-        """Connections holding a handshake slot right now."""
-        return int(self._handshake_slots.borrowed_tokens)
+        """Handshake slots held right now (TLS handshakes computing or authorizing, DTLS
+        handshakes in progress)."""
+        return self.gate.tls.borrowed + self.gate.dtls.borrowed
 
     @property
     def handshakes_waiting(self) -> int:
-        """Connections waiting for a handshake slot (their address's or the process's)."""
-        return self._handshake_slots.statistics().tasks_waiting + self.gate.waiting()
+        """Takes of handshake slots waiting now (their source's share or the process's)."""
+        return self.gate.waiting()
 
     @property
     def pending_connections(self) -> int:
@@ -507,6 +463,11 @@ class SessionHost:
         # while it travelled back, found no session to close: the answer is stale.
         if allowed and self.registry.revoked_since(device_id, asked_at):
             allowed = False
+        if allowed and not self.accepting:
+            # Shutdown began while the directory answered: it has closed every session
+            # already, so one starting now would outlive it.
+            self.refuse(transport, RefuseReason.SHUTTING_DOWN, peer, device_id)
+            return None
         if not allowed:
             self.refuse(
                 transport, RefuseReason.NOT_AUTHORIZED, peer,

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from server.identity import InstallationPki
+from server.transport.admission import HandshakeTurn, NotAdmitted
 from server.transport.limits import TokenBucket
 from server.transport.session import (
     CloseReason,
@@ -64,6 +65,59 @@ def make_tls_client_context(
     return context
 
 
+class SlotLendingStream(trio.abc.Stream):
+    """The TCP stream under a server's ``trio.SSLStream``. While ``turn`` is set (during the
+    handshake) it gives the connection's handshake slot back whenever the handshake waits
+    for the network, and takes it again (in arrival order, :class:`HandshakeTurn`) as soon
+    as bytes arrive, before OpenSSL works on them. A stalled handshake so holds no slot.
+
+    Everything OpenSSL computes follows a receive (SSLStream feeds what arrived to
+    OpenSSL, which consumes all of it in that call): after a send it has no new input and
+    only asks for more. The first send of a handshake is the server's first flight, for
+    which it spent a signature: from then on the turn is ``answered`` and goes first.
+    """
+
+    __slots__ = ("socket_stream", "turn")
+
+    def __init__(self, socket_stream: trio.SocketStream, turn: HandshakeTurn | None) -> None:
+        self.socket_stream = socket_stream
+        #: The connection's claim on handshake slots; None once the handshake is over.
+        self.turn = turn
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The TCP socket."""
+        return self.socket_stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Bytes from the device; during the handshake, with the slot taken again before
+        they are returned (may raise :class:`NotAdmitted`)."""
+        turn = self.turn
+        if turn is None:
+            return await self.socket_stream.receive_some(max_bytes)
+        turn.give_back()
+        data = await self.socket_stream.receive_some(max_bytes)
+        if data:  # at EOF OpenSSL only notes the end: nothing to compute
+            await turn.take()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send to the device; during the handshake, without holding a slot."""
+        turn = self.turn
+        if turn is not None:
+            turn.give_back()
+            turn.answered = True
+        await self.socket_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As the TCP stream's."""
+        await self.socket_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Close the TCP stream."""
+        await self.socket_stream.aclose()
+
+
 class TlsSession(DeviceSession):
     """A device session over TLS; ``receive()`` returns chunks of the byte stream."""
 
@@ -73,7 +127,7 @@ class TlsSession(DeviceSession):
 
     def __init__(
         self,
-        stream: trio.SSLStream[trio.SocketStream],
+        stream: trio.SSLStream[SlotLendingStream],
         device_id: str,
         peer: tuple[str, int],
         host: SessionHost,
@@ -162,7 +216,7 @@ class TlsSession(DeviceSession):
         _close_socket_now(self.stream)
 
 
-def _close_socket_now(stream: trio.SSLStream[trio.SocketStream]) -> None:
+def _close_socket_now(stream: trio.SSLStream[SlotLendingStream]) -> None:
     """Close the TCP socket without a TLS goodbye (the device may be unreachable)."""
     stream.transport_stream.socket.close()
 
@@ -181,11 +235,12 @@ async def _serve_connection(
     """One TCP connection: admission, handshake within the deadline, authorize, run the
     session.
 
-    Admission, cheapest first: the process's session bound, the connection's source
-    address bound (``max_pending_per_address``), then the ClientHello must start arriving
-    within ``hello_timeout`` (no handshake slot is held meanwhile), then a handshake slot
-    of the address and of the process. Kept as one function (one coroutine frame per idle
-    session: memory per session)."""
+    Admission, cheapest first: the process's session bound, the connection's source bound
+    (``max_pending_per_address``), then the ClientHello must start arriving within
+    ``hello_timeout``. The handshake then holds a TLS handshake slot only while it computes
+    (:class:`SlotLendingStream`) and while it is authorized; the first wait for one is
+    bounded by ``handshake_wait``, the whole handshake by ``handshake_timeout``. Kept as one
+    function (one coroutine frame per idle session: memory per session)."""
     peer = _peer_of(tcp_stream)
     if not host.has_room(_TRANSPORT):
         host.refuse(_TRANSPORT, RefuseReason.SERVER_FULL, peer)
@@ -196,33 +251,37 @@ async def _serve_connection(
         tcp_stream.socket.close()
         return
     host.connection_started(_TRANSPORT)
-    stream = trio.SSLStream(tcp_stream, context, server_side=True)
+    turn = host.gate.turn(_TRANSPORT, source)
+    transport = SlotLendingStream(tcp_stream, turn)
+    stream = trio.SSLStream(transport, context, server_side=True)
     try:
         try:
             if not await host.wait_for_hello(_TRANSPORT, tcp_stream.socket, peer):
                 return
-            # A bounded number of handshakes at once; the rest wait their turn or go.
-            if not await host.admit_handshake(_TRANSPORT, peer, source):
-                return
-            try:
-                device_id: str | None = None
-                with trio.move_on_after(host.limits.handshake_timeout) as deadline:
-                    try:
-                        await stream.do_handshake()
-                    except trio.BrokenResourceError as exc:
-                        # Garbage, a foreign CA, an expired or wrong-purpose certificate:
-                        # OpenSSL says which (SSLCertVerificationError.verify_message).
-                        detail = str(exc.__cause__)
-                        host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, detail)
-                        return
-                    device_id = await host.authorize(
-                        _TRANSPORT, stream.getpeercert(True), peer
-                    )
-                timed_out = deadline.cancelled_caught
-                del deadline  # this frame lives as long as the session: keep no garbage
-            finally:
-                host.handshake_finished(source)
+            device_id: str | None = None
+            with trio.move_on_after(host.limits.handshake_timeout) as deadline:
+                try:
+                    await stream.do_handshake()
+                    transport.turn = None  # the session's traffic lends nothing
+                    # Authorization holds a slot (held already: a TLS 1.3 server handshake
+                    # ends with the client's Finished arriving).
+                    await turn.take()
+                except NotAdmitted as exc:  # no slot within handshake_wait, or shutdown
+                    host.refuse_unadmitted(_TRANSPORT, peer, exc)
+                    return
+                except trio.BrokenResourceError as exc:
+                    # Garbage, a foreign CA, an expired or wrong-purpose certificate:
+                    # OpenSSL says which (SSLCertVerificationError.verify_message).
+                    detail = str(exc.__cause__)
+                    host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer, detail)
+                    return
+                device_id = await host.authorize(_TRANSPORT, stream.getpeercert(True), peer)
+            timed_out = deadline.cancelled_caught
+            del deadline  # this frame lives as long as the session: keep no garbage
         finally:
+            transport.turn = None
+            turn.give_back()
+            del turn
             host.leave_pending(source)
         if timed_out:
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_TIMEOUT, peer)
