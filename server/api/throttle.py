@@ -3,8 +3,8 @@
 Plain state, no I/O: the caller passes the time (``trio.current_time()`` in the API). An
 attempt comes from an *address group* and, for the password and client-credentials grants,
 names an *account* (``("user", name)`` or ``("client", client_id)``). The address group is
-the one the device listeners count connections under
-(:func:`server.transport.admission.address_key`): the IPv4 address, or the IPv6
+the one the device listeners count connections under (the most specific name
+:func:`server.transport.admission.source_keys` gives): the IPv4 address, or the IPv6
 ``/ipv6_prefix_length`` network, since one host usually owns a whole /64 (RFC 4291 section
 2.5.4) and could otherwise make every guess from a fresh address.
 
@@ -54,7 +54,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from server.transport.admission import address_key
+from server.transport.admission import source_keys
 
 #: Kinds of key: the address group, and the two kinds of account.
 KINDS = ("address", "user", "client")
@@ -264,8 +264,9 @@ class LoginThrottle:
                 network = ipaddress.ip_network(host, strict=False)
             except ValueError:
                 return host
-            return address_key(str(network.network_address), self.limits.ipv6_prefix_length)
-        return address_key(host, self.limits.ipv6_prefix_length)
+            host = str(network.network_address)
+        prefix = self.limits.ipv6_prefix_length
+        return source_keys(host, prefix, prefix)[0]  # the IPv4 address or the IPv6 /prefix
 
     @staticmethod
     def account(kind: str, name: object) -> tuple[str, str] | None:
