@@ -61,6 +61,31 @@ class PayloadSchemaError(ProtocolError):
     """A message payload (msgpack) does not match its schema."""
 
 
+# --- record layers (otacore.records) ---------------------------------------------------
+
+
+class RecordError(ProtocolError):
+    """A TLS or DTLS record could not be sealed or opened."""
+
+
+class RecordAuthenticationError(RecordError):
+    """A record failed to open: wrong key, tampered, truncated or garbled (RFC 6347 4.1.2.7
+    says a DTLS receiver discards it silently; over TLS it is fatal, RFC 8446 5.2)."""
+
+
+class RecordReplayError(RecordError):
+    """A DTLS record's sequence number was already received or is left of the replay
+    window (RFC 6347 4.1.2.6); the record is discarded."""
+
+
+class RecordOverflowError(RecordError):
+    """A record is larger than the protocol allows (RFC 8446 5.1/5.2, RFC 6347 4.1)."""
+
+
+class PeerAlertError(RecordError):
+    """The peer sent a fatal alert or close_notify; the session is over."""
+
+
 # --- deltas ---------------------------------------------------------------------------------
 
 
