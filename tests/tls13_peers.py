@@ -3,6 +3,7 @@ contexts on memory BIOs, and handshakes that end with our layer on one side."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -84,10 +85,8 @@ def drain(connection: SSL.Connection) -> bytes:
 
 def step(connection: SSL.Connection) -> bytes:
     """Advance an OpenSSL handshake as far as it goes; return what it wrote."""
-    try:
+    with contextlib.suppress(SSL.WantReadError):
         connection.do_handshake()
-    except SSL.WantReadError:
-        pass
     return drain(connection)
 
 
@@ -164,10 +163,8 @@ def handshake(
     layer = handover.record_layer(**kwargs)
     # The OpenSSL side finishes too (a server completes on our Finished); what it writes
     # (its tickets) stays in its BIO for the test to drain.
-    try:
+    with contextlib.suppress(SSL.WantReadError):
         peer.do_handshake()
-    except SSL.WantReadError:
-        pass
     return Session(handover, layer, peer, last_flight)
 
 
