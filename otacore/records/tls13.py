@@ -612,6 +612,8 @@ class Tls13RecordLayer:
             pos += length
         if pos != len(data):
             raise RecordError("saved TLS 1.3 session has trailing bytes")
+        if alert != _NO_ALERT and alert not in AlertDescription._value2member_map_:
+            raise RecordError(f"saved TLS 1.3 session names unknown alert {alert}")
         layer = cls(
             suite,
             is_server=bool(flags & _IS_SERVER),
