@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from otacore.errors import RecordAuthenticationError, RecordError, RecordHandoverError
@@ -448,3 +449,47 @@ def test_idle_layer_memory() -> None:
     print(f"TLS 1.3 layer: {idle / 1000:.0f} B idle, {live / 1000:.0f} B with ciphers")
     assert idle / 1000 < 1024
     assert pki().device_id
+
+
+# --- resumed handshakes (RFC 8446 2.2) ---------------------------------------------------
+
+
+def test_resumed_handshake_is_taken_over_too() -> None:
+    """A device resuming with a ticket from a taken-over session: the resumed handshake is
+    handed over the same way (its own tickets counted) and the device certificate is still
+    known (OpenSSL keeps it in the session)."""
+    server_context = context(server=True, export=True)
+    server_context.set_session_id(b"otacloud-test")  # resumption with client certificates
+    client_context = context(server=False)
+
+    def run(session: SSL.Session | None) -> tuple[Tls13RecordLayer, SSL.Connection, int]:
+        ours = Tls13Handshake(server_context, is_server=True)
+        server_flight = 0
+        client = SSL.Connection(client_context, None)
+        if session is not None:
+            client.set_session(session)
+        client.set_connect_state()
+        while not ours.complete:
+            with contextlib.suppress(SSL.WantReadError):
+                client.do_handshake()
+            ours.receive_data(drain(client))
+            flight = ours.data_to_send()
+            client.bio_write(flight)
+            if not ours.complete:
+                server_flight += len(split_records(flight))
+        handover = ours.take_over()
+        assert handover.peer_certificate_der == pki().device_cert.public_bytes(Encoding.DER)
+        assert handover.write_seq >= 1  # the resumed handshake issues new tickets too
+        layer = handover.record_layer()
+        assert recv_all(client, layer.send_application_data(b"hi")) == b"hi"
+        return layer, client, server_flight
+
+    _, first_client, full_flight = run(None)
+    ticket = first_client.get_session()
+    assert ticket is not None
+    layer, client, resumed_flight = run(ticket)
+    # A resumed (PSK) handshake has no CertificateRequest, Certificate, CertificateVerify
+    # (2.2): OpenSSL writes one record per message.
+    assert resumed_flight == full_flight - 3
+    client.send(b"resumed")
+    assert _received(layer.receive_data(drain(client))) == b"resumed"
