@@ -493,3 +493,18 @@ def test_resumed_handshake_is_taken_over_too() -> None:
     assert resumed_flight == full_flight - 3
     client.send(b"resumed")
     assert _received(layer.receive_data(drain(client))) == b"resumed"
+
+
+def test_abort_frees_openssl_and_refuses_further_use() -> None:
+    server = Tls13Handshake(context(server=True, export=True), is_server=True)
+    client = SSL.Connection(context(server=False), None)
+    client.set_connect_state()
+    with contextlib.suppress(SSL.WantReadError):
+        client.do_handshake()
+    server.receive_data(drain(client))
+    assert server.data_to_send()
+    server.abort()
+    with pytest.raises(RecordHandoverError, match="aborted"):
+        server.receive_data(b"\x16\x03\x03\x00\x01\x00")
+    with pytest.raises(RecordHandoverError):
+        server.take_over()

@@ -146,7 +146,7 @@ class Tls13Handshake:
 
     def _connection_or_fail(self) -> SSL.Connection:
         if self._connection is None:
-            raise RecordHandoverError("the handshake was already taken over or failed")
+            raise RecordHandoverError("the handshake was already taken over, aborted or failed")
         return self._connection
 
     def _drain(self, connection: SSL.Connection) -> bytes:
@@ -181,6 +181,14 @@ class Tls13Handshake:
         self._connection = None
         _wipe(self._client_secret)
         _wipe(self._server_secret)
+
+    def abort(self) -> None:
+        """Give up on the handshake (the peer left, a deadline passed): free the OpenSSL
+        object now rather than at the next garbage collection, and wipe any secret."""
+        self._inbuf = b""
+        self._outbuf = b""
+        self._post_handshake_records = []
+        self._fail()
 
     def receive_data(self, data: bytes) -> None:
         """Feed the peer's bytes; OpenSSL gets whole records until the handshake completes.
