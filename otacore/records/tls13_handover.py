@@ -31,13 +31,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from otacore.errors import RecordHandoverError
-from otacore.records.tls13 import (
+from otacore.records.tls13 import Tls13RecordLayer
+from otacore.records.tls13_keys import CipherSuite, suite_named, traffic_key_and_iv
+from otacore.records.tls13_protocol import (
     DEFAULT_REKEY_AFTER_RECORDS,
     MAX_CIPHERTEXT,
     ContentType,
-    Tls13RecordLayer,
 )
-from otacore.records.tls13_keys import CipherSuite, suite_named, traffic_key_and_iv
 
 __all__ = ["Tls13Handover", "Tls13Handshake", "enable_record_export"]
 
