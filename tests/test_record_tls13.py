@@ -37,6 +37,7 @@ from tests.tls13_peers import (
     pki,
     recv_all,
     split_records,
+    step,
 )
 
 SIZES = [0, 1, 15, 16, 17, 255, 1024, 4095, 16383, 16384]
@@ -508,3 +509,51 @@ def test_abort_frees_openssl_and_refuses_further_use() -> None:
         server.receive_data(b"\x16\x03\x03\x00\x01\x00")
     with pytest.raises(RecordHandoverError):
         server.take_over()
+
+
+def test_client_absorbs_tickets_and_resumes_with_them() -> None:
+    """Device side (issue items 6, 8): the tickets that follow the handshake go to OpenSSL
+    so its session can resume; the record after them (same chunk) stays ours."""
+    server_context = context(server=True)
+    server_context.set_session_id(b"otacloud-test")
+    client_context = context(server=False, export=True)
+
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    ours = Tls13Handshake(client_context, is_server=False, absorb_tickets=True)
+    full_records = 0
+    to_server = ours.data_to_send()
+    while not ours.complete:
+        server.bio_write(to_server)
+        flight = step(server)
+        full_records = full_records or len(split_records(flight))
+        ours.receive_data(flight)
+        to_server = ours.data_to_send()
+    server.bio_write(to_server)
+    with contextlib.suppress(SSL.WantReadError):
+        server.do_handshake()
+    server.send(b"after the tickets")
+    ours.receive_data(drain(server))  # tickets and the data record, one chunk
+    handover = ours.take_over()
+    assert handover.read_seq == 2  # OpenSSL's two tickets went to OpenSSL
+    assert handover.session is not None
+    layer = handover.record_layer()
+    assert _received(layer.receive_data(handover.unprocessed)) == b"after the tickets"
+    assert recv_all(server, layer.send_application_data(b"reply")) == b"reply"
+    # The absorbed ticket resumes: the server's flight has no certificate messages.
+    resumed = SSL.Connection(client_context, None)
+    resumed.set_session(handover.session)
+    resumed.set_connect_state()
+    server2 = SSL.Connection(server_context, None)
+    server2.set_accept_state()
+    resumed_records = 0
+    to_server = step(resumed)
+    while to_server:
+        server2.bio_write(to_server)
+        flight = step(server2)
+        resumed_records = resumed_records or len(split_records(flight))
+        if not flight:
+            break
+        resumed.bio_write(flight)
+        to_server = step(resumed)
+    assert resumed_records == full_records - 3

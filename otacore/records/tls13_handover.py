@@ -19,6 +19,12 @@ When the handshake is complete:
   AEAD nonces, 5.3).
 
 :meth:`Tls13Handshake.take_over` then frees the OpenSSL object and returns the state.
+
+On the client side (devices, the load generator) the server's NewSessionTickets arrive after
+the handshake. With ``absorb_tickets`` the handshake keeps giving OpenSSL those records, and
+only those (each is opened first to check it holds tickets only), so the OpenSSL session in
+:attr:`Tls13Handover.session` can resume later; the first other record stops it and stays
+for the record layer, whose read sequence number starts after the absorbed ones.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class Tls13Handover:
     #: The peer's leaf certificate (DER), None if it sent none.
     peer_certificate_der: bytes | None
     alpn_protocol: bytes | None
+    #: Client only: OpenSSL's session, for resuming with ``Connection.set_session``; it
+    #: holds the tickets absorbed before the takeover (see ``absorb_tickets``).
+    session: SSL.Session | None = None
 
     def record_layer(self, *, rekey_after: int = DEFAULT_REKEY_AFTER_RECORDS) -> Tls13RecordLayer:
         """A record layer continuing the session. Feed it :attr:`unprocessed` first."""
@@ -103,12 +112,19 @@ class Tls13Handshake:
         "_outbuf",
         "_post_handshake_records",
         "_server_secret",
+        "_tickets_absorbed",
+        "absorb_tickets",
         "complete",
         "is_server",
     )
 
     def __init__(
-        self, context: SSL.Context, *, is_server: bool, server_name: bytes | None = None
+        self,
+        context: SSL.Context,
+        *,
+        is_server: bool,
+        server_name: bytes | None = None,
+        absorb_tickets: bool = False,
     ) -> None:
         connection = SSL.Connection(context, None)  # None: memory BIOs
         connection.set_app_data(self)
@@ -127,6 +143,10 @@ class Tls13Handshake:
         self._server_secret: bytearray | None = None
         # Records OpenSSL sealed in the step that completed the handshake (see module doc).
         self._post_handshake_records: list[bytes] = []
+        #: Client only: after the handshake, keep feeding OpenSSL the server's
+        #: NewSessionTicket records (and nothing else) so its session can resume later.
+        self.absorb_tickets = absorb_tickets and not is_server
+        self._tickets_absorbed = 0
         if not is_server:
             self._step()  # the ClientHello
 
@@ -193,9 +213,9 @@ class Tls13Handshake:
     def receive_data(self, data: bytes) -> None:
         """Feed the peer's bytes; OpenSSL gets whole records until the handshake completes.
         RecordHandoverError if the handshake fails (send :meth:`data_to_send`: its alert)."""
-        self._connection_or_fail()
+        connection = self._connection_or_fail()
         self._inbuf += data
-        while not self.complete and len(self._inbuf) >= 5:
+        while (not self.complete or self.absorb_tickets) and len(self._inbuf) >= 5:
             length = int.from_bytes(self._inbuf[3:5], "big")
             if length > MAX_CIPHERTEXT:  # RFC 8446 5.1/5.2
                 self._fail()
@@ -204,9 +224,44 @@ class Tls13Handshake:
                 )
             if len(self._inbuf) < 5 + length:
                 return
-            record, self._inbuf = self._inbuf[: 5 + length], self._inbuf[5 + length :]
-            self._connection_or_fail().bio_write(record)
-            self._step()
+            record = self._inbuf[: 5 + length]
+            if self.complete and not self._absorb_ticket(connection, record):
+                self.absorb_tickets = False  # the rest is for the record layer
+                return
+            self._inbuf = self._inbuf[5 + length :]
+            if not self.complete:
+                connection.bio_write(record)
+                self._step()
+
+    def _absorb_ticket(self, connection: SSL.Connection, record: bytes) -> bool:
+        """Give OpenSSL ``record`` if it holds NewSessionTickets only (RFC 8446 4.6.1), so
+        its session learns them; False (untouched) for anything else."""
+        if self._server_secret is None:
+            return False
+        suite = suite_named(connection.get_cipher_name() or "")
+        key, iv = traffic_key_and_iv(suite, bytes(self._server_secret))
+        nonce = (int.from_bytes(iv, "big") ^ self._tickets_absorbed).to_bytes(12, "big")
+        try:
+            inner = suite.aead(key).decrypt(nonce, record[5:], record[:5])  # 5.2, 5.3
+        except InvalidTag:
+            return False  # the record layer will report it
+        inner = inner.rstrip(b"\x00")
+        if not inner or inner[-1] != ContentType.HANDSHAKE or not _only_tickets(inner[:-1]):
+            return False
+        connection.bio_write(record)
+        try:
+            received = connection.recv(1)
+        except SSL.WantReadError:
+            received = b""
+        except SSL.Error as error:
+            self._fail()
+            raise RecordHandoverError(f"OpenSSL refused a session ticket: {error}") from error
+        if received:  # cannot happen: the record held handshake messages only
+            self._fail()
+            raise RecordHandoverError("OpenSSL returned application data from a ticket record")
+        self._tickets_absorbed += 1
+        self._outbuf += self._drain(connection)
+        return True
 
     def data_to_send(self) -> bytes:
         """OpenSSL's output so far (handshake flights, tickets, alerts)."""
@@ -246,16 +301,20 @@ class Tls13Handshake:
             is_server=self.is_server,
             read_secret=read_secret,
             write_secret=write_secret,
-            # We fed OpenSSL nothing after the completing record: it opened no application
-            # record of the peer's.
-            read_seq=0,
+            # After the completing record OpenSSL got only the ticket records we counted.
+            read_seq=self._tickets_absorbed,
             write_seq=write_seq,
             unprocessed=self._inbuf,
             peer_certificate_der=None if peer is None else _der(peer),
             alpn_protocol=connection.get_alpn_proto_negotiated() or None,
+            session=None if self.is_server else connection.get_session(),
         )
         self._inbuf = b""
         self._post_handshake_records = []
+        # Freeing an SSL that was never shut down marks its session not resumable and
+        # drops it from the context's cache (OpenSSL's ssl_clear_bad_session); this one
+        # ends well, so say so without sending anything: the record layer owns the wire.
+        connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
         self._fail()  # frees OpenSSL, wipes the captured secrets
         return handover
 
@@ -267,6 +326,16 @@ def _der(certificate: x509.Certificate) -> bytes:
 def _wipe(secret: bytearray | None) -> None:
     if secret is not None:
         secret[:] = bytes(len(secret))
+
+
+def _only_tickets(content: bytes) -> bool:
+    """True if ``content`` is whole NewSessionTicket messages and nothing else (4.6.1)."""
+    pos = 0
+    while pos < len(content):
+        if len(content) - pos < 4 or content[pos] != 4:
+            return False
+        pos += 4 + int.from_bytes(content[pos + 1 : pos + 4], "big")
+    return pos == len(content)
 
 
 def _split_records(data: bytes) -> list[bytes]:
