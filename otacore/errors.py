@@ -86,6 +86,18 @@ class PeerAlertError(RecordError):
     """The peer sent a fatal alert or close_notify; the session is over."""
 
 
+# TLS 1.3 record layer (otacore.records.tls13*).
+
+
+class RecordProtocolViolationError(RecordError):
+    """The peer broke a TLS 1.3 record-layer rule (an unexpected record or message type, a
+    malformed alert or KeyUpdate); the session is closed with the alert the message names."""
+
+
+class RecordHandoverError(RecordError):
+    """A TLS 1.3 handshake failed, or its keys could not be taken over from OpenSSL."""
+
+
 # --- deltas ---------------------------------------------------------------------------------
 
 
