@@ -86,6 +86,29 @@ class PeerAlertError(RecordError):
     """The peer sent a fatal alert or close_notify; the session is over."""
 
 
+class UnsupportedCipherSuiteError(RecordError):
+    """The negotiated cipher suite is not one the record layer seals; restrict the OpenSSL
+    context's cipher list to the suites in ``otacore.records.tls12_keys.SUITES``."""
+
+
+class RecordSequenceExhaustedError(RecordError):
+    """A DTLS write sequence number would pass 2^48 - 1 (RFC 6347 4.1): the session must end
+    and the device handshake again; sealing more would reuse an AEAD nonce."""
+
+
+class RecordLayerClosedError(RecordError):
+    """A record was to be sealed on a session that is already closed (by us or the peer)."""
+
+
+class RecordHandoverError(RecordError):
+    """The record keys and sequence state could not be taken from a finished OpenSSL
+    handshake (not finished, not DTLS 1.2, or the handshake bytes were not tracked)."""
+
+
+class RecordStateFormatError(RecordError):
+    """Saved record-layer state is truncated, of an unknown format version, or corrupt."""
+
+
 # --- deltas ---------------------------------------------------------------------------------
 
 
