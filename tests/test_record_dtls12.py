@@ -9,8 +9,8 @@ The helpers here are shared by the other ``test_record_dtls12_*`` modules.
 from __future__ import annotations
 
 import random
-import struct
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +49,16 @@ SUITE_NAMES = [suite.openssl_name for suite in SUITES]
 OP_NO_EXTENDED_MASTER_SECRET = 1 << 0
 
 
-@pytest.fixture(scope="session")
-def dtls_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, ProvisionedDevice]:
-    root = tmp_path_factory.mktemp("dtls12-records")
+def make_dtls_pki(root: Path) -> tuple[object, ProvisionedDevice]:
+    """An installation PKI and one provisioned device under ``root``."""
     ca_dir = pki_dir(root / "data")
     (device,) = provision_devices(ca_dir, 1, root / "devices")
     return init_pki(ca_dir), device
+
+
+@pytest.fixture(scope="module")
+def dtls_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, ProvisionedDevice]:
+    return make_dtls_pki(tmp_path_factory.mktemp("dtls12-records"))
 
 
 def cipher_string(suite_name: str) -> bytes:
@@ -91,10 +95,8 @@ class Peer:
             self.conn.bio_write(data)
 
     def step(self) -> None:
-        try:
+        with suppress(SSL.WantReadError):
             self.conn.do_handshake()
-        except SSL.WantReadError:
-            pass
 
 
 def make_peers(
@@ -104,12 +106,15 @@ def make_peers(
     client_options: int = 0,
     session: SSL.Session | None = None,
     client_context: SSL.Context | None = None,
+    server_context: SSL.Context | None = None,
 ) -> tuple[Peer, Peer]:
-    """(server, client), not yet connected, offering only ``suite_name``."""
+    """(server, client), not yet connected, offering only ``suite_name``. Pass the contexts
+    of an earlier pair (and its ``session``) to resume: the ticket keys are the context's."""
     installation, device = pki
-    server_context = make_dtls_server_context(installation)  # type: ignore[arg-type]
-    server_context.set_cipher_list(DTLS_CIPHERS + b":" + CCM8)
-    server_context.set_options(SSL.OP_NO_QUERY_MTU)
+    if server_context is None:
+        server_context = make_dtls_server_context(installation)  # type: ignore[arg-type]
+        server_context.set_cipher_list(DTLS_CIPHERS + b":" + CCM8)
+        server_context.set_options(SSL.OP_NO_QUERY_MTU)
     if client_context is None:
         client_context = make_dtls_client_context(
             Path(device.ca_path), Path(device.cert_path), Path(device.key_path)
@@ -251,7 +256,7 @@ def test_long_run_of_sequence_numbers(dtls_pki: tuple[object, ProvisionedDevice]
                                       suite_name: str) -> None:  # fmt: skip
     """Thousands of records each way, then sequence numbers past 2^32 (the 48-bit field and
     the explicit nonce / XOR nonce use all of it), then up to 2^48 - 1 and exhaustion."""
-    server, client, layer = established(dtls_pki, suite_name)
+    _server, client, layer = established(dtls_pki, suite_name)
     for index in range(3000):
         payload = index.to_bytes(4, "big") * 8
         assert client_reads(client, layer.seal(payload)) == payload
@@ -268,7 +273,7 @@ def test_long_run_of_sequence_numbers(dtls_pki: tuple[object, ProvisionedDevice]
 
 def test_record_size_limits(dtls_pki: tuple[object, ProvisionedDevice]) -> None:
     """RFC 6347 4.1.1 / RFC 5246 6.2: at most 2^14 plaintext bytes per record."""
-    server, client, layer = established(dtls_pki, SUITE_NAMES[0])
+    _server, client, layer = established(dtls_pki, SUITE_NAMES[0])
     before = layer.write_seq
     with pytest.raises(RecordOverflowError, match="at most 16384"):
         layer.seal(bytes(MAX_PLAINTEXT + 1))
@@ -353,7 +358,7 @@ def test_client_layer_and_openssl_server_read_each_other(
 
 
 def test_close_notify_both_ways(dtls_pki: tuple[object, ProvisionedDevice]) -> None:
-    server, client, layer = established(dtls_pki, SUITE_NAMES[1])
+    _server, client, layer = established(dtls_pki, SUITE_NAMES[1])
     client.conn.shutdown()  # OpenSSL's close_notify
     events = layer.open_datagram(client.drain())
     assert len(events) == 1 and isinstance(events[0], SessionClosed)
@@ -366,7 +371,7 @@ def test_close_notify_both_ways(dtls_pki: tuple[object, ProvisionedDevice]) -> N
 
 
 def test_our_fatal_alert_ends_the_openssl_peer(dtls_pki: tuple[object, ProvisionedDevice]) -> None:
-    server, client, layer = established(dtls_pki, SUITE_NAMES[2])
+    _server, client, layer = established(dtls_pki, SUITE_NAMES[2])
     client.deliver(layer.seal_alert(AlertLevel.FATAL, AlertDescription.INTERNAL_ERROR))
     with pytest.raises(SSL.Error, match="internal error"):
         client.conn.recv(100)
@@ -379,7 +384,8 @@ def test_layer_to_layer_alerts(dtls_pki: tuple[object, ProvisionedDevice]) -> No
     handshake(server, client)
     ours = layer_from_connection(server.conn, server.tracker, is_server=True)
     device = layer_from_connection(client.conn, client.tracker, is_server=False)
-    events = ours.open_datagram(device.seal_alert(AlertLevel.WARNING, AlertDescription.USER_CANCELED))
+    warning = device.seal_alert(AlertLevel.WARNING, AlertDescription.USER_CANCELED)
+    events = ours.open_datagram(warning)
     assert [type(e).__name__ for e in events] == ["PeerAlert"] and not ours.closed
     assert opened_data(ours.open_datagram(device.seal(b"still here"))) == [b"still here"]
     data = device.seal(b"behind the fatal alert in the same datagram")
