@@ -199,6 +199,12 @@ def test_save_and_restore_mid_stream(dtls_pki: tuple[object, ProvisionedDevice],
     client.conn.send(b"to the restored layer")
     assert opened_data(restored.open_datagram(client.drain())) == [b"to the restored layer"]
     assert restored.discarded == 1
+    # An idle session drops its AEAD objects; the next seal and open rebuild them.
+    restored.release_aeads()
+    assert client_reads(client, restored.seal(b"after idling")) == b"after idling"
+    restored.release_aeads()
+    client.conn.send(b"wakes it up")
+    assert opened_data(restored.open_datagram(client.drain())) == [b"wakes it up"]
     # Once the flight is forgotten, an idle session saves in a couple of hundred bytes.
     assert not restored.holds_last_flight
     assert len(restored.to_bytes()) <= 160
