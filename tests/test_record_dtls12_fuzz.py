@@ -20,6 +20,8 @@ from otacore.records.dtls12 import (
     MAX_CIPHERTEXT,
     MAX_PLAINTEXT,
     RECORD_HEADER,
+    AlertDescription,
+    AlertLevel,
     ApplicationData,
     DiscardReason,
     DtlsRecordLayer,
@@ -258,3 +260,53 @@ def test_replay_window_matches_a_model(sequence_numbers: list[int]) -> None:
             top, bitmap = replay_window.mark(top, bitmap, seq)
             accepted.add(seq)
         assert bitmap < 1 << replay_window.WINDOW_SIZE
+
+
+operations = st.lists(
+    st.sampled_from(["seal", "seal_many", "warning", "flight", "save_restore", "release"]),
+    max_size=40,
+)
+
+
+@FUZZ
+@given(ops=operations)
+def test_no_nonce_is_ever_used_twice(corpus: Corpus, ops: list[str]) -> None:
+    """Whatever mix of sealing, warnings, flight retransmissions, save/restore and AEAD
+    release: every protected record gets a new (epoch, seq), in increasing order."""
+    layer = fresh_layer(corpus)
+    first = layer.write_seq
+    assert first >= 1  # after OpenSSL's Finished (seq 0)
+    sent: list[bytes] = []
+    for op in ops:
+        if op == "seal":
+            sent.append(layer.seal(b"x"))
+        elif op == "seal_many":
+            sent.extend(layer.seal_many([b"a", b"bb", b""]))
+        elif op == "warning":
+            sent.append(layer.seal_alert(AlertLevel.WARNING, AlertDescription.USER_CANCELED))
+        elif op == "flight":
+            sent.extend(layer.retransmit_last_flight())
+        elif op == "save_restore":  # the old object is dropped, as a restart would
+            layer = DtlsRecordLayer.from_bytes(layer.to_bytes())
+        else:
+            layer.release_aeads()
+    protected = [
+        epoch_seq
+        for datagram in sent
+        for epoch_seq in _protected_epoch_seqs(datagram)
+    ]
+    assert protected == sorted(set(protected))
+    assert [value & 0xFFFF_FFFF_FFFF for value in protected] == list(
+        range(first, first + len(protected))
+    )
+    assert layer.write_seq == first + len(protected)
+
+
+def _protected_epoch_seqs(datagram: bytes) -> list[int]:
+    found, offset = [], 0
+    while offset + 13 <= len(datagram):
+        _type, _version, epoch_seq, length = RECORD_HEADER.unpack_from(datagram, offset)
+        if epoch_seq >> 48:
+            found.append(epoch_seq)
+        offset += 13 + length
+    return found

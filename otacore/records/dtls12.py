@@ -33,7 +33,7 @@ from otacore.errors import (
     RecordStateFormatError,
 )
 from otacore.records import replay_window
-from otacore.records.tls12_keys import CipherSuite, NonceStyle, TrafficKeys, suite_with_code
+from otacore.records.tls12_keys import CipherSuite, TrafficKeys, suite_with_code
 
 #: DTLS 1.2 on the wire (RFC 6347 4.1: the 1's complement of 1.2).
 DTLS12_VERSION: Final = 0xFEFD
@@ -92,6 +92,12 @@ class AlertDescription(enum.IntEnum):
     NO_RENEGOTIATION = 100
 
 
+# Plain ints for the per-record path (enum attribute lookups cost more than the AEAD).
+_APPLICATION_DATA: Final = 23
+_ALERT: Final = 21
+_HANDSHAKE: Final = 22
+
+
 class DiscardReason(enum.IntEnum):
     """Why a record was dropped without reply (RFC 6347 4.1.2.7)."""
 
@@ -119,14 +125,14 @@ class DiscardReason(enum.IntEnum):
 # --- events -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ApplicationData:
     """An authenticated application_data record's plaintext (may be empty)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordDiscarded:
     """A record (or the rest of a datagram) was dropped silently and counted."""
 
@@ -291,16 +297,6 @@ class DtlsRecordLayer:
 
     # --- sealing ------------------------------------------------------------------------
 
-    def _nonce(self, iv: bytes, epoch_seq: int) -> tuple[bytes, bytes]:
-        """(AEAD nonce, explicit nonce carried in the record) for ``epoch_seq``."""
-        if self.suite.nonce_style is NonceStyle.EXPLICIT:
-            # salt || explicit nonce; the explicit part is epoch||seq, which never repeats
-            # under one key (RFC 5288 section 3, RFC 6655 section 3).
-            explicit = epoch_seq.to_bytes(8, "big")
-            return iv + explicit, explicit
-        # RFC 7905 section 2: the 64-bit epoch||seq, left-padded to 12 bytes, XOR the IV.
-        return (int.from_bytes(iv, "big") ^ epoch_seq).to_bytes(12, "big"), b""
-
     def _seal_record(self, content_type: int, plaintext: bytes) -> bytes:
         seq = self.write_seq
         if seq > MAX_SEQUENCE:
@@ -314,14 +310,21 @@ class DtlsRecordLayer:
                 f"a record holds at most {MAX_PLAINTEXT} bytes of plaintext, got {size};"
                 " split the message"
             )
-        self.write_seq = seq + 1  # before sealing: no path can seal two records under one seq
+        self.write_seq = seq + 1  # before sealing: no path seals two records under one seq
         epoch_seq = (self.write_epoch << 48) | seq
-        nonce, explicit = self._nonce(self._seal_iv, epoch_seq)
         aad = _AAD.pack(epoch_seq, content_type, DTLS12_VERSION, size)
         aead = self._seal_aead
         if aead is None:
             aead = self._seal_aead = self.suite.make_aead(self._seal_key)
-        body = explicit + aead.encrypt(nonce, plaintext, aad)
+        if self.suite.explicit_nonce_size:
+            # salt || explicit nonce; the explicit part is epoch||seq, which never repeats
+            # under one key (RFC 5288 section 3, RFC 6655 section 3).
+            explicit = epoch_seq.to_bytes(8, "big")
+            body = explicit + aead.encrypt(self._seal_iv + explicit, plaintext, aad)
+        else:
+            # RFC 7905 section 2: the 64-bit epoch||seq, left-padded to 12 bytes, XOR the IV.
+            nonce = (int.from_bytes(self._seal_iv, "big") ^ epoch_seq).to_bytes(12, "big")
+            body = aead.encrypt(nonce, plaintext, aad)
         return RECORD_HEADER.pack(content_type, DTLS12_VERSION, epoch_seq, len(body)) + body
 
     def _check_open_for_sealing(self) -> None:
@@ -336,13 +339,13 @@ class DtlsRecordLayer:
         RecordOverflowError if ``data`` is too large, RecordSequenceExhaustedError after
         2^48 records, RecordLayerClosedError once the session is closed."""
         self._check_open_for_sealing()
-        return self._seal_record(ContentType.APPLICATION_DATA, data)
+        return self._seal_record(_APPLICATION_DATA, data)
 
     def seal_many(self, payloads: list[bytes]) -> list[bytes]:
         """One record per payload, in order (each its own datagram)."""
         self._check_open_for_sealing()
         seal_record = self._seal_record
-        return [seal_record(ContentType.APPLICATION_DATA, payload) for payload in payloads]
+        return [seal_record(_APPLICATION_DATA, payload) for payload in payloads]
 
     def seal_alert(self, level: AlertLevel, description: int) -> bytes:
         """An alert record. A fatal alert closes the session (RFC 5246 7.2)."""
@@ -382,7 +385,6 @@ class DtlsRecordLayer:
         if self.close_alert != _OPEN:
             self._discard(events, DiscardReason.CLOSED)
             return events
-        view = memoryview(datagram)
         end = len(datagram)
         offset = 0
         while offset < end:
@@ -405,18 +407,19 @@ class DtlsRecordLayer:
             if epoch_seq >> 48 != self.read_epoch:
                 self._discard(events, DiscardReason.WRONG_EPOCH)  # RFC 6347 4.1
                 continue
-            plaintext = self._open_record(events, content_type, epoch_seq, view[body_start:offset])
+            plaintext = self._open_record(events, content_type, epoch_seq, datagram, body_start,
+                                          offset)  # fmt: skip
             if plaintext is None:
                 continue
-            if content_type == ContentType.APPLICATION_DATA:
+            if content_type == _APPLICATION_DATA:
                 events.append(ApplicationData(plaintext))
                 # Application data in the read epoch proves the peer finished its handshake,
                 # so it has our last flight (RFC 6347 4.2.4): stop keeping it.
                 if self._flight_finished:
                     self.forget_last_flight()
-            elif content_type == ContentType.ALERT:
+            elif content_type == _ALERT:
                 self._on_alert(events, plaintext)
-            elif content_type == ContentType.HANDSHAKE:
+            elif content_type == _HANDSHAKE:
                 self._on_handshake(events, plaintext)
             else:  # CCS or an unknown type: authenticated, but meaningless after the handshake
                 self._discard(events, DiscardReason.UNEXPECTED_CONTENT)
@@ -439,7 +442,7 @@ class DtlsRecordLayer:
             return None
         events: list[RecordEvent] = []
         plaintext = self._open_record(
-            events, content_type, epoch_seq, memoryview(record)[RECORD_HEADER_SIZE:]
+            events, content_type, epoch_seq, record, RECORD_HEADER_SIZE, len(record)
         )
         if plaintext is None:
             self.discarded -= 1  # not a discard from the network
@@ -447,31 +450,39 @@ class DtlsRecordLayer:
         return content_type, plaintext
 
     def _open_record(
-        self, events: list[RecordEvent], content_type: int, epoch_seq: int, body: memoryview
+        self,
+        events: list[RecordEvent],
+        content_type: int,
+        epoch_seq: int,
+        datagram: bytes,
+        start: int,
+        stop: int,
     ) -> bytes | None:
-        """Check the window, authenticate and decrypt one record; None if discarded."""
+        """Check the window, authenticate and decrypt the record whose body is
+        ``datagram[start:stop]``; None if discarded."""
         seq = epoch_seq & MAX_SEQUENCE
-        verdict = replay_window.check(self._replay_top, self._replay_bitmap, seq)
-        if verdict != replay_window.ReplayVerdict.NEW:
-            reason = (
-                DiscardReason.REPLAYED
-                if verdict == replay_window.ReplayVerdict.DUPLICATE
-                else DiscardReason.TOO_OLD
-            )
-            self._discard(events, reason)
-            return None
+        if seq <= self._replay_top:  # only then can it be a replay (RFC 6347 4.1.2.6)
+            verdict = replay_window.check(self._replay_top, self._replay_bitmap, seq)
+            if verdict != replay_window.ReplayVerdict.NEW:
+                reason = (
+                    DiscardReason.REPLAYED
+                    if verdict == replay_window.ReplayVerdict.DUPLICATE
+                    else DiscardReason.TOO_OLD
+                )
+                self._discard(events, reason)
+                return None
         suite = self.suite
-        plaintext_size = len(body) - suite.overhead
+        plaintext_size = stop - start - suite.overhead
         if plaintext_size < 0:
             self._discard(events, DiscardReason.AUTHENTICATION_FAILED)
             return None
-        if suite.nonce_style is NonceStyle.EXPLICIT:
+        if suite.explicit_nonce_size:
             # The explicit nonce is whatever the sender carried (RFC 5288 section 3).
-            nonce = self._open_iv + bytes(body[:8])
-            ciphertext = body[8:]
+            nonce = self._open_iv + datagram[start : start + 8]
+            ciphertext = datagram[start + 8 : stop]
         else:
             nonce = (int.from_bytes(self._open_iv, "big") ^ epoch_seq).to_bytes(12, "big")
-            ciphertext = body
+            ciphertext = datagram[start:stop]
         aad = _AAD.pack(epoch_seq, content_type, DTLS12_VERSION, plaintext_size)
         try:
             aead = self._open_aead

@@ -171,7 +171,12 @@ def layer_from_connection(
         )
     suite = suite_named(cipher_name)
     keys = derive_traffic_keys(suite, master_secret, client_random, server_random)
-    read_epoch = tracker.write_epoch  # both sides change epoch once per handshake (RFC 6347 4.1)
+    # The peer's epoch: that of its protected records, else ours (each side moves to the
+    # next epoch once per handshake, RFC 6347 4.1).
+    read_epoch = max(
+        (RECORD_HEADER.unpack_from(record)[2] >> 48 for record in tracker.incoming_protected),
+        default=tracker.write_epoch,
+    )
     layer = DtlsRecordLayer(
         keys,
         is_server=is_server,

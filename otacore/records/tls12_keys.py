@@ -63,15 +63,15 @@ class CipherSuite:
     #: The PRF's hash (RFC 5246 section 5: SHA-256 unless the suite says otherwise).
     prf_hash: str
 
-    @property
-    def explicit_nonce_size(self) -> int:
-        """Bytes of nonce carried in front of each record's ciphertext (8 or 0)."""
-        return 8 if self.nonce_style is NonceStyle.EXPLICIT else 0
+    #: Bytes of nonce carried in front of each record's ciphertext (8 or 0), and the
+    #: ciphertext bytes a record adds to its plaintext; derived, plain fields for speed.
+    explicit_nonce_size: int = field(init=False)
+    overhead: int = field(init=False)
 
-    @property
-    def overhead(self) -> int:
-        """Ciphertext bytes a record adds to its plaintext."""
-        return self.explicit_nonce_size + self.tag_size
+    def __post_init__(self) -> None:
+        explicit = 8 if self.nonce_style is NonceStyle.EXPLICIT else 0
+        object.__setattr__(self, "explicit_nonce_size", explicit)
+        object.__setattr__(self, "overhead", explicit + self.tag_size)
 
     def make_aead(self, key: bytes) -> AESGCM | ChaCha20Poly1305 | AESCCM:
         """A `cryptography` AEAD object for ``key``."""
