@@ -27,10 +27,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
 from otacore.errors import (
+    RecordError,
     RecordLayerClosedError,
     RecordOverflowError,
     RecordSequenceExhaustedError,
     RecordStateFormatError,
+    UnsupportedCipherSuiteError,
 )
 from otacore.records import replay_window
 from otacore.records.tls12_keys import CipherSuite, TrafficKeys, suite_with_code
@@ -244,7 +246,13 @@ class DtlsRecordLayer:
         else:
             seal_key, seal_iv = keys.client_write_key, keys.client_write_iv
             open_key, open_iv = keys.server_write_key, keys.server_write_iv
-        suite.make_aead(seal_key)  # checks the key sizes now rather than at first use
+        for material, size in ((seal_key, suite.key_size), (open_key, suite.key_size),
+                               (seal_iv, suite.fixed_iv_size), (open_iv, suite.fixed_iv_size)):
+            if len(material) != size:
+                raise RecordError(
+                    f"{suite.openssl_name} needs {suite.key_size}-byte keys and "
+                    f"{suite.fixed_iv_size}-byte IVs"
+                )  # fmt: skip
         self._seal_key = seal_key
         self._open_key = open_key
         # Made on first use and dropped by release_aeads() while the session is idle.
@@ -287,6 +295,10 @@ class DtlsRecordLayer:
     def keep_last_flight(self, head: bytes, finished: bytes) -> None:
         """Keep our final handshake flight for retransmission: ``head`` its epoch-0 records
         verbatim, ``finished`` our Finished message (12-byte handshake header included)."""
+        if len(head) > 0xFFFF or len(finished) > 0xFF:
+            raise RecordError(
+                f"a last flight of {len(head)} + {len(finished)} bytes is too large to keep"
+            )
         self._flight_head = head
         self._flight_finished = finished
 
@@ -407,9 +419,9 @@ class DtlsRecordLayer:
             if epoch_seq >> 48 != self.read_epoch:
                 self._discard(events, DiscardReason.WRONG_EPOCH)  # RFC 6347 4.1
                 continue
-            plaintext = self._open_record(events, content_type, epoch_seq, datagram, body_start,
-                                          offset)  # fmt: skip
-            if plaintext is None:
+            plaintext = self._open_record(content_type, epoch_seq, datagram, body_start, offset)
+            if isinstance(plaintext, DiscardReason):
+                self._discard(events, plaintext)
                 continue
             if content_type == _APPLICATION_DATA:
                 events.append(ApplicationData(plaintext))
@@ -440,42 +452,29 @@ class DtlsRecordLayer:
             or epoch_seq >> 48 != self.read_epoch
         ):
             return None
-        events: list[RecordEvent] = []
         plaintext = self._open_record(
-            events, content_type, epoch_seq, record, RECORD_HEADER_SIZE, len(record)
+            content_type, epoch_seq, record, RECORD_HEADER_SIZE, len(record)
         )
-        if plaintext is None:
-            self.discarded -= 1  # not a discard from the network
+        if isinstance(plaintext, DiscardReason):
             return None
         return content_type, plaintext
 
     def _open_record(
-        self,
-        events: list[RecordEvent],
-        content_type: int,
-        epoch_seq: int,
-        datagram: bytes,
-        start: int,
-        stop: int,
-    ) -> bytes | None:
+        self, content_type: int, epoch_seq: int, datagram: bytes, start: int, stop: int
+    ) -> bytes | DiscardReason:
         """Check the window, authenticate and decrypt the record whose body is
-        ``datagram[start:stop]``; None if discarded."""
+        ``datagram[start:stop]``: its plaintext, or why it is to be discarded."""
         seq = epoch_seq & MAX_SEQUENCE
         if seq <= self._replay_top:  # only then can it be a replay (RFC 6347 4.1.2.6)
             verdict = replay_window.check(self._replay_top, self._replay_bitmap, seq)
-            if verdict != replay_window.ReplayVerdict.NEW:
-                reason = (
-                    DiscardReason.REPLAYED
-                    if verdict == replay_window.ReplayVerdict.DUPLICATE
-                    else DiscardReason.TOO_OLD
-                )
-                self._discard(events, reason)
-                return None
+            if verdict == replay_window.ReplayVerdict.DUPLICATE:
+                return DiscardReason.REPLAYED
+            if verdict == replay_window.ReplayVerdict.TOO_OLD:
+                return DiscardReason.TOO_OLD
         suite = self.suite
         plaintext_size = stop - start - suite.overhead
         if plaintext_size < 0:
-            self._discard(events, DiscardReason.AUTHENTICATION_FAILED)
-            return None
+            return DiscardReason.AUTHENTICATION_FAILED
         if suite.explicit_nonce_size:
             # The explicit nonce is whatever the sender carried (RFC 5288 section 3).
             nonce = self._open_iv + datagram[start : start + 8]
@@ -490,11 +489,9 @@ class DtlsRecordLayer:
                 aead = self._open_aead = suite.make_aead(self._open_key)
             plaintext = aead.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
-            self._discard(events, DiscardReason.AUTHENTICATION_FAILED)  # RFC 6347 4.1.2.7
-            return None
+            return DiscardReason.AUTHENTICATION_FAILED  # RFC 6347 4.1.2.7
         if plaintext_size > MAX_PLAINTEXT:
-            self._discard(events, DiscardReason.OVERSIZED)  # RFC 5246 6.2.1, dropped as DTLS may
-            return None
+            return DiscardReason.OVERSIZED  # RFC 5246 6.2.1 (record_overflow), dropped as DTLS may
         # Only now, authenticated, does the record move the window (RFC 6347 4.1.2.6).
         self._replay_top, self._replay_bitmap = replay_window.mark(
             self._replay_top, self._replay_bitmap, seq
@@ -591,7 +588,7 @@ class DtlsRecordLayer:
             )
         try:
             suite = suite_with_code(code)
-        except Exception as exc:
+        except UnsupportedCipherSuiteError as exc:
             raise RecordStateFormatError(f"saved DTLS record state: {exc}") from None
         key, iv = suite.key_size, suite.fixed_iv_size
         offset = _STATE_HEAD.size

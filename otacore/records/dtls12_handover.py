@@ -108,7 +108,6 @@ class HandshakeRecordTracker:
                 (message_seq,) = _MESSAGE_SEQ.unpack_from(record, RECORD_HEADER_SIZE + 4)
                 if message_seq <= self._flight_max_message_seq:
                     self._start_flight()
-                    self._flight_has_ccs = False
                 self._flight_max_message_seq = max(self._flight_max_message_seq, message_seq)
             if content_type == ContentType.HANDSHAKE and epoch > 0:
                 self._we_sent_final_flight = True  # our Finished is the latest one seen
