@@ -18,9 +18,11 @@ import pytest
 from OpenSSL import SSL
 
 from otacore.errors import (
+    RecordError,
     RecordLayerClosedError,
     RecordOverflowError,
     RecordSequenceExhaustedError,
+    UnsupportedCipherSuiteError,
 )
 from otacore.records.dtls12 import (
     MAX_PLAINTEXT,
@@ -34,7 +36,7 @@ from otacore.records.dtls12 import (
     SessionClosed,
 )
 from otacore.records.dtls12_handover import HandshakeRecordTracker, layer_from_connection
-from otacore.records.tls12_keys import SUITES, suite_named, tls12_prf
+from otacore.records.tls12_keys import SUITES, derive_traffic_keys, suite_named, tls12_prf
 from server.identity import ProvisionedDevice, init_pki, pki_dir, provision_devices
 from server.transport.dtls import (
     DTLS_CIPHERS,
@@ -394,3 +396,49 @@ def test_layer_to_layer_alerts(dtls_pki: tuple[object, ProvisionedDevice]) -> No
     )
     assert events == [SessionClosed(40, True, True, b"")]
     assert ours.closed and device.closed
+
+
+def test_forged_records_during_the_handshake_do_not_move_the_window(
+    dtls_pki: tuple[object, ProvisionedDevice],
+) -> None:
+    """An off-path forger's epoch-1 record with the highest sequence number, sent during the
+    handshake, is kept by the tracker but fails to authenticate at hand-over: the replay
+    window starts from the genuine records only, so the device's data still opens."""
+    server, client = make_peers(dtls_pki, SUITE_NAMES[0])
+    forged = RECORD_HEADER.pack(23, 0xFEFD, (1 << 48) | MAX_SEQUENCE, 40) + bytes(40)
+    server.deliver(forged)  # OpenSSL drops it too
+    handshake(server, client)
+    assert forged in server.tracker.incoming_protected
+    layer = layer_from_connection(server.conn, server.tracker, is_server=True)
+    client.conn.send(b"genuine")
+    assert opened_data(layer.open_datagram(client.drain())) == [b"genuine"]
+
+
+def test_unsupported_suite_is_refused_at_handover(
+    dtls_pki: tuple[object, ProvisionedDevice],
+) -> None:
+    """A CBC suite (not AEAD) negotiated by a context configured otherwise is named."""
+    installation, _device = dtls_pki
+    server_context = make_dtls_server_context(installation)  # type: ignore[arg-type]
+    server_context.set_cipher_list(b"ECDHE-ECDSA-AES128-SHA256")
+    server_context.set_options(SSL.OP_NO_QUERY_MTU)
+    server, client = make_peers(dtls_pki, "ECDHE-ECDSA-AES128-SHA256",
+                                server_context=server_context)  # fmt: skip
+    handshake(server, client)
+    with pytest.raises(UnsupportedCipherSuiteError, match="ECDHE-ECDSA-AES128-SHA256"):
+        layer_from_connection(server.conn, server.tracker, is_server=True)
+
+
+def test_key_derivation_refuses_bad_inputs() -> None:
+    suite = suite_named(SUITE_NAMES[0])
+    with pytest.raises(UnsupportedCipherSuiteError, match="not one the record layer seals"):
+        suite_named("AES128-SHA")
+    with pytest.raises(RecordError, match="48 bytes"):
+        derive_traffic_keys(suite, bytes(47), bytes(32), bytes(32))
+    with pytest.raises(RecordError, match="32 bytes each"):
+        derive_traffic_keys(suite, bytes(48), bytes(31), bytes(32))
+    with pytest.raises(RecordError, match="sha256 or sha384"):
+        tls12_prf("md5", b"k", b"l", b"s", 4)
+    keys = derive_traffic_keys(suite, bytes(range(48)), bytes(32), bytes(32))
+    for secret in (keys.client_write_key, keys.server_write_key, keys.client_write_iv):
+        assert repr(secret) not in repr(keys)  # keys never reach a log
