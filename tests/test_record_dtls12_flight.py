@@ -12,6 +12,7 @@ from otacore.errors import RecordStateFormatError
 from otacore.records.dtls12 import (
     DiscardReason,
     DtlsRecordLayer,
+    NewHandshakeRequested,
     PeerRepeatedFlight,
     RecordDiscarded,
     RenegotiationRefused,
@@ -215,3 +216,19 @@ def test_restore_refuses_bad_state() -> None:
         DtlsRecordLayer.from_bytes(b"D12")
     with pytest.raises(RecordStateFormatError, match=r"not a saved DTLS 1\.2 record state"):
         DtlsRecordLayer.from_bytes(bytes(200))
+
+
+def test_client_hello_in_epoch_zero_asks_for_a_new_handshake(
+    dtls_pki: tuple[object, ProvisionedDevice],
+) -> None:
+    """A device that restarted sends a fresh ClientHello to the same address (RFC 6347
+    4.2.8): the layer says so, and the session itself goes on until a new one replaces it."""
+    _server, client, layer = established(dtls_pki, SUITE_NAMES[0])
+    _unused, restarted = make_peers(dtls_pki, SUITE_NAMES[0])
+    restarted.step()
+    hello = restarted.drain()
+    assert [(t, e) for t, e, _s in records_of(hello)] == [(22, 0)]
+    assert layer.open_datagram(hello) == [NewHandshakeRequested()]
+    assert layer.discarded == 0 and not layer.closed
+    client.conn.send(b"old session still works")
+    assert opened_data(layer.open_datagram(client.drain())) == [b"old session still works"]

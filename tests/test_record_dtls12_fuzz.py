@@ -25,6 +25,7 @@ from otacore.records.dtls12 import (
     ApplicationData,
     DiscardReason,
     DtlsRecordLayer,
+    NewHandshakeRequested,
     PeerAlert,
     PeerRepeatedFlight,
     RecordDiscarded,
@@ -45,7 +46,7 @@ FUZZ = settings(
 )
 EVENT_TYPES = (
     ApplicationData, RecordDiscarded, PeerAlert, SessionClosed, PeerRepeatedFlight,
-    RenegotiationRefused,
+    RenegotiationRefused, NewHandshakeRequested,
 )  # fmt: skip
 
 

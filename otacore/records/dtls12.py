@@ -39,6 +39,8 @@ from otacore.records.tls12_keys import CipherSuite, TrafficKeys, suite_with_code
 
 #: DTLS 1.2 on the wire (RFC 6347 4.1: the 1's complement of 1.2).
 DTLS12_VERSION: Final = 0xFEFD
+#: A ClientHello's record may say DTLS 1.0 (0xFEFF), as OpenSSL's does (RFC 6347 4.1).
+_CLIENT_HELLO_VERSIONS: Final = (0xFEFF, DTLS12_VERSION)
 #: type(1) version(2) epoch(2) sequence_number(6) length(2) (RFC 6347 4.1).
 RECORD_HEADER: Final = struct.Struct(">BHQH")
 RECORD_HEADER_SIZE: Final = RECORD_HEADER.size
@@ -178,9 +180,18 @@ class RenegotiationRefused:
     reply: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class NewHandshakeRequested:
+    """A ClientHello in epoch 0 reached an established session's address: the device may
+    have restarted and lost its state (RFC 6347 4.2.8). Give the whole datagram to the
+    handshake endpoint (cookie exchange first, RFC 6347 4.2.1) and keep this session until
+    the new handshake completes: the ClientHello is unauthenticated and may be a stale
+    duplicate. The rest of the datagram is not opened."""
+
+
 RecordEvent = (
     ApplicationData | RecordDiscarded | PeerAlert | SessionClosed | PeerRepeatedFlight
-    | RenegotiationRefused
+    | RenegotiationRefused | NewHandshakeRequested
 )  # fmt: skip
 
 Aead = AESGCM | ChaCha20Poly1305 | AESCCM
@@ -409,6 +420,16 @@ class DtlsRecordLayer:
             offset = body_start + length
             if offset > end:
                 self._discard(events, DiscardReason.TRUNCATED)
+                break
+            if (
+                epoch_seq >> 48 == 0
+                and self.is_server
+                and content_type == _HANDSHAKE
+                and version in _CLIENT_HELLO_VERSIONS
+                and length
+                and datagram[body_start] == HandshakeType.CLIENT_HELLO
+            ):
+                events.append(NewHandshakeRequested())  # RFC 6347 4.2.8
                 break
             if version != DTLS12_VERSION:
                 self._discard(events, DiscardReason.BAD_VERSION)
