@@ -232,3 +232,21 @@ def test_client_hello_in_epoch_zero_asks_for_a_new_handshake(
     assert layer.discarded == 0 and not layer.closed
     client.conn.send(b"old session still works")
     assert opened_data(layer.open_datagram(client.drain())) == [b"old session still works"]
+
+
+def test_hello_request_to_the_client_layer_is_refused(
+    dtls_pki: tuple[object, ProvisionedDevice],
+) -> None:
+    """Our layer as the device: a server's HelloRequest (RFC 5246 7.4.1.1) gets the same
+    warning no_renegotiation; OpenSSL's server then gives up on the session itself."""
+    server, client = make_peers(dtls_pki, SUITE_NAMES[0])
+    handshake(server, client)
+    layer = layer_from_connection(client.conn, client.tracker, is_server=False)
+    assert server.conn.renegotiate()
+    server.step()
+    (event,) = layer.open_datagram(server.drain())  # a HelloRequest in epoch 1
+    assert isinstance(event, RenegotiationRefused) and not layer.closed
+    server.deliver(event.reply)
+    server.deliver(layer.seal(b"hi"))
+    with pytest.raises(SSL.Error, match="no renegotiation"):
+        server.conn.recv(100)
