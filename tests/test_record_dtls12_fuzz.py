@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from otacore.errors import RecordStateFormatError
 from otacore.records import replay_window
 from otacore.records.dtls12 import (
     MAX_CIPHERTEXT,
@@ -311,3 +312,21 @@ def _protected_epoch_seqs(datagram: bytes) -> list[int]:
             found.append(epoch_seq)
         offset += 13 + length
     return found
+
+
+@FUZZ
+@given(position=st.integers(0, 10_000), value=st.integers(0, 255), cut=st.integers(0, 10_000))
+def test_corrupt_saved_state_is_refused_by_name(
+    corpus: Corpus, position: int, value: int, cut: int
+) -> None:
+    """A damaged saved state either restores (a changed key or counter is still a state) or
+    raises RecordStateFormatError; nothing else."""
+    saved = bytearray(corpus.saved_layer)
+    saved[position % len(saved)] = value
+    damaged = bytes(saved[: len(saved) - cut % 4])
+    try:
+        layer = DtlsRecordLayer.from_bytes(damaged)
+    except RecordStateFormatError as exc:
+        assert "saved DTLS" in str(exc)
+    else:
+        open_safely(layer, corpus.sentinel)  # opening works or discards; it never raises

@@ -611,6 +611,17 @@ class DtlsRecordLayer:
             suite = suite_with_code(code)
         except UnsupportedCipherSuiteError as exc:
             raise RecordStateFormatError(f"saved DTLS record state: {exc}") from None
+        if (
+            not read_epoch
+            or not write_epoch
+            or write_seq > MAX_SEQUENCE + 1
+            or not replay_window.EMPTY_TOP <= top <= MAX_SEQUENCE
+            or close_alert < _OPEN
+            or flags & ~_FLAG_SERVER
+        ):
+            raise RecordStateFormatError(
+                "saved DTLS record state is corrupt: epochs, sequence numbers or flags out of range"
+            )
         key, iv = suite.key_size, suite.fixed_iv_size
         offset = _STATE_HEAD.size
         expected = offset + 2 * (key + iv) + head_size + finished_size
