@@ -302,9 +302,7 @@ def test_handover_continues_after_openssl_sequence_numbers(
     assert layer.holds_last_flight  # the server sent the final flight of a full handshake
     # The client's Finished (epoch 1, seq 0) already went through OpenSSL: replaying it is
     # caught by the window our layer inherited, so it does not trigger a retransmission.
-    client_finished = client.tracker.final_flight()
-    assert client_finished is None  # the client did not send the final flight
-    replayed = [r for r in server.tracker.incoming_protected]
+    replayed = [record for _place, record in server.tracker.incoming_protected]
     assert len(replayed) == 1
     events = layer.open_datagram(replayed[0])
     assert [type(event).__name__ for event in events] == ["RecordDiscarded"]
@@ -401,15 +399,24 @@ def test_layer_to_layer_alerts(dtls_pki: tuple[object, ProvisionedDevice]) -> No
 def test_forged_records_during_the_handshake_do_not_move_the_window(
     dtls_pki: tuple[object, ProvisionedDevice],
 ) -> None:
-    """An off-path forger's epoch-1 record with the highest sequence number, sent during the
-    handshake, is kept by the tracker but fails to authenticate at hand-over: the replay
-    window starts from the genuine records only, so the device's data still opens."""
+    """An off-path forger's records sent during the handshake (the highest sequence number,
+    another epoch, a fake Finished after the server's) are kept by the tracker but fail to
+    authenticate at hand-over: the replay window, the epoch and the kept flight come from
+    genuine records only, so the device's data still opens."""
     server, client = make_peers(dtls_pki, SUITE_NAMES[0])
-    forged = RECORD_HEADER.pack(23, 0xFEFD, (1 << 48) | MAX_SEQUENCE, 40) + bytes(40)
-    server.deliver(forged)  # OpenSSL drops it too
+    forged = [
+        RECORD_HEADER.pack(23, 0xFEFD, (1 << 48) | MAX_SEQUENCE, 40) + bytes(40),
+        RECORD_HEADER.pack(23, 0xFEFD, (0xFFFF << 48) | 3, 40) + bytes(40),
+    ]
+    for record in forged:
+        server.deliver(record)  # OpenSSL drops them too
     handshake(server, client)
-    assert forged in server.tracker.incoming_protected
+    fake_finished = RECORD_HEADER.pack(22, 0xFEFD, (1 << 48) | 7, 48) + bytes(48)
+    server.deliver(fake_finished)  # as if the client had sent its Finished after ours
+    kept = [record for _place, record in server.tracker.incoming_protected]
+    assert all(record in kept for record in [*forged, fake_finished])
     layer = layer_from_connection(server.conn, server.tracker, is_server=True)
+    assert layer.read_epoch == 1 and layer.holds_last_flight
     client.conn.send(b"genuine")
     assert opened_data(layer.open_datagram(client.drain())) == [b"genuine"]
 

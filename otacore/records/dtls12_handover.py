@@ -66,8 +66,9 @@ class HandshakeRecordTracker:
         "_flight_has_ccs",
         "_flight_max_message_seq",
         "_flight_open",
-        "_we_sent_final_flight",
+        "_records_seen",
         "incoming_protected",
+        "last_outgoing_finished",
         "write_epoch",
         "write_seq_max",
     )
@@ -76,13 +77,16 @@ class HandshakeRecordTracker:
         #: The highest epoch of any record OpenSSL sealed, and the highest seq in it.
         self.write_epoch = 0
         self.write_seq_max = -1
-        #: The peer's records in an epoch > 0, as received (at most MAX_KEPT_INCOMING).
-        self.incoming_protected: list[bytes] = []
+        #: The peer's latest records in an epoch > 0 (at most MAX_KEPT_INCOMING), each with
+        #: its place in the order of all records seen. Unauthenticated until hand-over.
+        self.incoming_protected: list[tuple[int, bytes]] = []
+        #: The place of OpenSSL's latest protected handshake record (its Finished), or -1.
+        self.last_outgoing_finished = -1
+        self._records_seen = 0
         self._flight: list[tuple[int, int, bytes]] = []
         self._flight_open = False
         self._flight_has_ccs = False
         self._flight_max_message_seq = -1
-        self._we_sent_final_flight = False
 
     def _start_flight(self) -> None:
         self._flight = []
@@ -93,6 +97,7 @@ class HandshakeRecordTracker:
     def outgoing(self, datagram: bytes) -> None:
         """A datagram (or several, concatenated) OpenSSL produced, before it is sent."""
         for content_type, epoch, seq, record in _records(datagram):
+            self._records_seen += 1
             if (epoch, seq) > (self.write_epoch, self.write_seq_max):
                 self.write_epoch, self.write_seq_max = epoch, seq
             if not self._flight_open:
@@ -110,7 +115,7 @@ class HandshakeRecordTracker:
                     self._start_flight()
                 self._flight_max_message_seq = max(self._flight_max_message_seq, message_seq)
             if content_type == ContentType.HANDSHAKE and epoch > 0:
-                self._we_sent_final_flight = True  # our Finished is the latest one seen
+                self.last_outgoing_finished = self._records_seen
             self._flight.append((content_type, epoch, record))
 
     def incoming(self, datagram: bytes) -> None:
@@ -118,19 +123,18 @@ class HandshakeRecordTracker:
         records = _records(datagram)
         if records:
             self._flight_open = False  # our next output is a new flight
-        for content_type, epoch, _seq, record in records:
+        for _content_type, epoch, _seq, record in records:
+            self._records_seen += 1
             if epoch == 0:
                 continue
-            if content_type == ContentType.HANDSHAKE:
-                self._we_sent_final_flight = False  # the peer's Finished came after ours
-            if len(self.incoming_protected) < MAX_KEPT_INCOMING:
-                self.incoming_protected.append(record)
+            # Keep the latest: forgeries sent early in the handshake cannot push out the
+            # peer's Finished, which comes last.
+            if len(self.incoming_protected) == MAX_KEPT_INCOMING:
+                del self.incoming_protected[0]
+            self.incoming_protected.append((self._records_seen, record))
 
-    def final_flight(self) -> tuple[bytes, list[bytes]] | None:
-        """(epoch-0 records, protected records) of our flight if it was the handshake's
-        final one, which only we can retransmit; else None."""
-        if not self._we_sent_final_flight:
-            return None
+    def our_last_flight(self) -> tuple[bytes, list[bytes]]:
+        """(epoch-0 records, protected records) of the latest flight OpenSSL sent."""
         head = b"".join(record for _type, epoch, record in self._flight if epoch == 0)
         protected = [record for _type, epoch, record in self._flight if epoch > 0]
         return head, protected
@@ -170,28 +174,31 @@ def layer_from_connection(
         )
     suite = suite_named(cipher_name)
     keys = derive_traffic_keys(suite, master_secret, client_random, server_random)
-    # The peer's epoch: that of its protected records, else ours (each side moves to the
-    # next epoch once per handshake, RFC 6347 4.1).
-    read_epoch = max(
-        (RECORD_HEADER.unpack_from(record)[2] >> 48 for record in tracker.incoming_protected),
-        default=tracker.write_epoch,
-    )
+    # Each side moves to epoch 1 once per handshake (RFC 6347 4.1; no renegotiation), so
+    # the peer's epoch is ours. Not read from its records: those are not yet authenticated.
     layer = DtlsRecordLayer(
         keys,
         is_server=is_server,
-        read_epoch=read_epoch,
+        read_epoch=tracker.write_epoch,
         write_epoch=tracker.write_epoch,
         write_seq=tracker.write_seq_max + 1,  # continue after OpenSSL's last record
     )
-    # Seed the replay window with the peer's records OpenSSL consumed that authenticate.
+    # Seed the replay window with the peer's records OpenSSL consumed that authenticate;
+    # note where the peer's latest genuine Finished came, and any genuine data.
     peer_has_our_flight = False
-    for record in tracker.incoming_protected:
+    last_peer_finished = -1
+    for place, record in tracker.incoming_protected:
         opened = layer.open_record(record)
-        if opened is not None and opened[0] == ContentType.APPLICATION_DATA:
+        if opened is None:
+            continue  # forged, garbled or of another epoch: it leaves no trace
+        if opened[0] == ContentType.APPLICATION_DATA:
             peer_has_our_flight = True  # it finished its handshake (RFC 6347 4.2.4)
-    flight = tracker.final_flight()
-    if flight is not None and not peer_has_our_flight:
-        head, protected = flight
+        elif opened[0] == ContentType.HANDSHAKE:
+            last_peer_finished = max(last_peer_finished, place)
+    # Whoever sent the last Finished sent the handshake's final flight: the server in a full
+    # handshake, the client in a resumed one (RFC 5246 7.3); only that side retransmits it.
+    if tracker.last_outgoing_finished > last_peer_finished and not peer_has_our_flight:
+        head, protected = tracker.our_last_flight()
         # Our Finished, opened from the record OpenSSL sealed by a layer of the other role.
         mirror = DtlsRecordLayer(
             keys, is_server=not is_server, read_epoch=tracker.write_epoch
