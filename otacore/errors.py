@@ -86,16 +86,33 @@ class PeerAlertError(RecordError):
     """The peer sent a fatal alert or close_notify; the session is over."""
 
 
-# TLS 1.3 record layer (otacore.records.tls13*).
-
-
 class RecordProtocolViolationError(RecordError):
     """The peer broke a TLS 1.3 record-layer rule (an unexpected record or message type, a
     malformed alert or KeyUpdate); the session is closed with the alert the message names."""
 
 
 class RecordHandoverError(RecordError):
-    """A TLS 1.3 handshake failed, or its keys could not be taken over from OpenSSL."""
+    """A handshake failed, or its record keys and sequence state could not be taken over
+    from OpenSSL (not finished, not the expected protocol version, output not collected, or
+    the DTLS handshake's datagrams were not tracked)."""
+
+
+class UnsupportedCipherSuiteError(RecordError):
+    """The negotiated cipher suite is not one the record layer seals; restrict the OpenSSL
+    context's cipher list to the suites in ``otacore.records.tls12_keys.SUITES``."""
+
+
+class RecordSequenceExhaustedError(RecordError):
+    """A DTLS write sequence number would pass 2^48 - 1 (RFC 6347 4.1): the session must end
+    and the device handshake again; sealing more would reuse an AEAD nonce."""
+
+
+class RecordLayerClosedError(RecordError):
+    """A record was to be sealed on a session that is already closed (by us or the peer)."""
+
+
+class RecordStateFormatError(RecordError):
+    """Saved record-layer state is truncated, of an unknown format version, or corrupt."""
 
 
 # --- deltas ---------------------------------------------------------------------------------
