@@ -20,6 +20,7 @@ process died, even by SIGKILL) does the same.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,11 +34,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from otacore.errors import OtaError
-from server.devices.ota import DowngradePolicy, OtaConfig, OtaEngine
+from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
+from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
 from server.logs import configure_logging
@@ -74,9 +77,11 @@ class WorkerSpec:
     shutdown_grace: float | None = None
     #: The device listeners' :class:`SessionLimits` fields (None: the defaults).
     limits: dict[str, Any] | None = None
-    #: OtaConfig.downgrades and downgrade_lifetime of the main process.
-    downgrades: str = DowngradePolicy.TARGETED.value
-    downgrade_lifetime: float = OtaConfig.downgrade_lifetime
+    #: The main process's :class:`OtaConfig` fields, its transfer policy as a nested
+    #: object (None: the defaults).
+    ota: dict[str, Any] | None = None
+    #: The main process's :class:`DeviceTuning` fields (None: the defaults).
+    tuning: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
 
@@ -92,6 +97,23 @@ class WorkerSpec:
             return cls(**fields)
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a worker spec: {exc}") from None
+
+
+def spec_settings(spec: WorkerSpec) -> tuple[SessionLimits, OtaConfig, DeviceTuning]:
+    """The session limits, delivery settings and device tuning the main process sent
+    (OtaError or msgspec.ValidationError when a field is wrong)."""
+    return (
+        msgspec.convert(spec.limits or {}, SessionLimits),
+        msgspec.convert(spec.ota or {}, OtaConfig),
+        msgspec.convert(spec.tuning or {}, DeviceTuning),
+    )
+
+
+def settings_digest(limits: SessionLimits, ota: OtaConfig, tuning: DeviceTuning) -> str:
+    """A short fingerprint of a process's device settings: a worker reports it when ready,
+    so the main process (and a test) can see that the worker runs what it was told."""
+    text = json.dumps([asdict(limits), asdict(ota), asdict(tuning)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def process_origin(role: str) -> str:
@@ -113,6 +135,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     """A worker's life: store, bus, relay, fleet, device plane and OTA engine until SIGTERM,
     SIGINT or the end of ``stdin``; then a graceful device shutdown."""
     data_dir = Path(spec.data_dir)
+    limits, ota, tuning = spec_settings(spec)
     store = await trio.to_thread.run_sync(
         open_worker_store, data_dir, spec.db_url, spec.store_threads
     )
@@ -133,13 +156,12 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         udp_port=spec.udp_port,
                         reuse_port=True,
                         origin=relay.origin,
-                        limits=SessionLimits(**(spec.limits or {})),
+                        limits=limits,
+                        tuning=tuning,
                     ),
                     fleet,
                     bus,
                 )
-                ota = OtaConfig(downgrades=DowngradePolicy.parse(spec.downgrades),
-                                downgrade_lifetime=spec.downgrade_lifetime)
                 engine = OtaEngine(plane, ota)
                 nursery.start_soon(engine.watch_requests)
                 server: DeviceServer = await nursery.start(plane.serve)
@@ -151,6 +173,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         "tcp": server.tcp_address,
                         "udp": server.udp_address,
                         "udp_buffers": server.udp_buffers,
+                        "settings": settings_digest(limits, ota, tuning),
                     }
                 )
                 nursery.start_soon(_report_sessions, plane)
@@ -218,6 +241,8 @@ class WorkerState:
     origin: str | None = None
     #: Sessions the worker holds (from its last status line).
     sessions: int = 0
+    #: The worker's :func:`settings_digest`, from its ready line.
+    settings: str | None = None
     starts: int = 0
     exits: list[int] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
@@ -344,6 +369,7 @@ class WorkerSupervisor:
                     continue
                 if message.get("ready"):
                     state.origin = str(message.get("origin"))
+                    state.settings = message.get("settings")
                     log.info("worker %d ready: %s", state.spec.index, message)
                     state.ready.set()
                     if self.on_ready is not None:
