@@ -354,3 +354,31 @@ def _default_text(setting: Setting, default: Any) -> str:
     if setting.none_value is not None and value == setting.none_value:
         return f"`{value}` ({setting.none_means})"
     return f"`{toml_value(value)}`"
+
+
+README_BEGIN = "<!-- settings:begin (generated: python -m server.config_file --readme) -->\n"
+README_END = "<!-- settings:end -->\n"
+
+
+def readme_with_settings(readme: str) -> str:
+    """``readme`` with the text between its settings markers replaced by
+    :func:`settings_markdown` (ValueError when the markers are missing)."""
+    start = readme.index(README_BEGIN) + len(README_BEGIN)
+    end = readme.index(README_END, start)
+    return readme[:start] + settings_markdown() + readme[end:]
+
+
+def main() -> None:
+    """``python -m server.config_file --readme [README.md]``: regenerate the README's list
+    of settings."""
+    import sys
+
+    args = sys.argv[1:]
+    if not args or args[0] != "--readme":
+        sys.exit("usage: python -m server.config_file --readme [README.md]")
+    path = Path(args[1] if len(args) > 1 else "README.md")
+    path.write_text(readme_with_settings(path.read_text()))
+
+
+if __name__ == "__main__":
+    main()
