@@ -62,7 +62,7 @@ def _nearest(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _value_type(setting: Setting) -> Any:
+def value_type(setting: Setting) -> Any:
     """The type a setting's value has in the file (a field that may be None takes the
     type of its values; paths and enums are strings)."""
     hint = typing.get_type_hints(TARGETS[setting.target])[setting.field]
@@ -99,7 +99,7 @@ def _short(value: Any) -> str:
 def check_value(setting: Setting, value: Any, origin: str) -> Any:
     """``value`` as the setting's type (ints are accepted for numbers, lists for tuples),
     or ConfigError naming the setting, what it wants and what it got."""
-    kind = _value_type(setting)
+    kind = value_type(setting)
     try:
         converted = msgspec.convert(value, kind, strict=True)
     except msgspec.ValidationError:
