@@ -76,13 +76,13 @@ def _open_fleet(data: Path, db_url: str | None) -> Fleet:
 def server(
     ctx: typer.Context,
     data: Path | None = typer.Option(
-        None, "--data", help=DATA_HELP + " Required here or as data_dir in [server] of --config."
+        None, "--data", help=DATA_HELP + " Required here or as server.data_dir in --config FILE."
     ),
     config_file: Path | None = typer.Option(
         None, "--config", metavar="FILE",
-        help="Read settings from this TOML file (sections [server], [api], [sign_in], "
-        "[devices], [sessions], [delivery], [transfer], [logging]; see the README's "
-        "Configuration section, or --print-config). Options given here override it.",
+        help="Read settings from this TOML file (its sections: server, api, sign_in, "
+        "devices, sessions, delivery, transfer, logging; see the README's Configuration "
+        "section, or --print-config). Options given here override it.",
     ),
     print_config: bool = typer.Option(
         False, "--print-config",
@@ -92,8 +92,8 @@ def server(
     assignments: list[str] | None = typer.Option(
         None, "--set", metavar="SECTION.KEY=VALUE",
         help="Set any setting of the configuration file (repeatable), e.g. "
-        "transfer.initial_rto=2 or devices.server_dns_names='[\"ota.example.com\"]'; the "
-        "value is read as TOML, else taken as text.",
+        "transfer.initial_rto=2 or sessions.max_sessions=30000; the value is read as a TOML "
+        "value (a list: '[\"a\", \"b\"]'), else taken as text.",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),
     api_port: int = typer.Option(8080, "--api-port", help="API port (0 picks a free one)."),
@@ -117,7 +117,7 @@ def server(
         None,
         "--device-limit",
         metavar="NAME=VALUE",
-        help="Set a device session limit (repeatable; the [sessions] section), e.g. "
+        help="Set a device session limit (repeatable; the sessions section of --config), e.g. "
         "max_pending_per_address=2000 when many devices share one public address. Names: "
         + ", ".join(LIMIT_NAMES) + ".",
     ),
