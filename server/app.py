@@ -32,7 +32,7 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.logs import parse_log_level
 from server.private_files import secure_data_dir
-from server.relay import EventRelay
+from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSpec, WorkerSupervisor, process_origin
@@ -72,6 +72,11 @@ class ServerConfig:
     device_tuning: DeviceTuning = field(default_factory=DeviceTuning)
     #: Seconds an idle HTTP keep-alive connection to the API stays open.
     http_keep_alive_timeout: float = 75.0
+    #: Seconds a graceful shutdown waits for the worker processes to say farewell to their
+    #: devices and exit, before it kills them.
+    worker_stop_grace: float = 15.0
+    #: Timings and bounds of the store event relay between server processes (workers > 1).
+    relay: RelaySettings = field(default_factory=RelaySettings)
     #: Log level name of the worker processes (the CLI configures this process's logging).
     log_level: str = "info"
 
@@ -83,7 +88,7 @@ class ServerConfig:
         for name in ("store_threads", "event_buffer", "max_event_subscribers", "workers"):
             if getattr(self, name) < 1:
                 raise ValidationError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("graceful_timeout", "http_keep_alive_timeout"):
+        for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
@@ -141,6 +146,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             limits=asdict(config.device_limits),
             ota=asdict(config.ota),
             tuning=asdict(config.device_tuning),
+            relay=asdict(config.relay),
             log_level=config.log_level,
         )
         for index in range(1, config.workers)
@@ -196,7 +202,8 @@ async def serve(
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
             if config.multiprocess:  # before anything publishes: the workers see it all
-                relay = EventRelay(store, bus, process_origin("main"), prune=True)
+                relay = EventRelay(store, bus, process_origin("main"), settings=config.relay,
+                                   prune=True)
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
             if config.device_port is not None:
@@ -217,6 +224,7 @@ async def serve(
                 # After fleet.startup() (devices marked offline) and with the ports bound
                 # (port 0: the workers bind what this process got).
                 supervisor = WorkerSupervisor(worker_specs(config, device_server),
+                                              stop_grace=config.worker_stop_grace,
                                               on_lost=fleet.sessions_lost)
                 await nursery.start(supervisor.run)
 

@@ -26,6 +26,7 @@ from server.app import ServerConfig
 from server.devices.delivery import OtaConfig
 from server.devices.plane import DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
+from server.relay import RelaySettings
 from server.transport import SessionLimits
 from server.transport.server import DeviceServerConfig
 
@@ -37,6 +38,7 @@ TARGETS: dict[str, type] = {
     "ota": OtaConfig,
     "retransmit": RetransmitPolicy,
     "devices": DeviceTuning,
+    "relay": RelaySettings,
 }
 
 
@@ -110,6 +112,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "max_event_subscribers", "server", "max_event_subscribers",
             doc="Subscribers of the event bus at once (event streams of the API among them); "
             "more are refused (503)."),
+    Setting("server", "worker_stop_grace", "server", "worker_stop_grace"),
     Setting("api", "host", "server", "host", flag="--host",
             doc="Address the REST API listens on (and the device listeners, unless "
             "devices.host is set)."),
@@ -181,6 +184,7 @@ SETTINGS: tuple[Setting, ...] = (
     *_same_names("transfer", "retransmit", "congestion_control initial_cwnd initial_rto "
                  "min_rto max_rto max_rounds max_ack_delay",
                  congestion_control="--congestion-control / --no-congestion-control"),
+    *_same_names("relay", "relay", " ".join(item.name for item in fields(RelaySettings))),
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),
@@ -211,6 +215,7 @@ NESTED: dict[tuple[type, str], str] = {
     (ServerConfig, "device_limits"): "[sessions]",
     (ServerConfig, "ota"): "[delivery] and [transfer]",
     (ServerConfig, "device_tuning"): "[devices]",
+    (ServerConfig, "relay"): "[relay]",
     (OtaConfig, "transfer_policy"): "[transfer]",
     (DevicePlaneConfig, "limits"): "[sessions]",
     (DevicePlaneConfig, "tuning"): "[devices]",

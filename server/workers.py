@@ -44,7 +44,7 @@ from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
 from server.logs import configure_logging
-from server.relay import EventRelay
+from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
 
@@ -82,6 +82,8 @@ class WorkerSpec:
     ota: dict[str, Any] | None = None
     #: The main process's :class:`DeviceTuning` fields (None: the defaults).
     tuning: dict[str, Any] | None = None
+    #: The main process's :class:`RelaySettings` fields (None: the defaults).
+    relay: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
 
@@ -99,21 +101,31 @@ class WorkerSpec:
             raise ValueError(f"not a worker spec: {exc}") from None
 
 
-def spec_settings(spec: WorkerSpec) -> tuple[SessionLimits, OtaConfig, DeviceTuning]:
-    """The session limits, delivery settings and device tuning the main process sent
-    (OtaError or msgspec.ValidationError when a field is wrong)."""
-    return (
-        msgspec.convert(spec.limits or {}, SessionLimits),
-        msgspec.convert(spec.ota or {}, OtaConfig),
-        msgspec.convert(spec.tuning or {}, DeviceTuning),
-    )
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The settings a worker runs with, as the main process sent them."""
 
+    limits: SessionLimits
+    ota: OtaConfig
+    tuning: DeviceTuning
+    relay: RelaySettings
 
-def settings_digest(limits: SessionLimits, ota: OtaConfig, tuning: DeviceTuning) -> str:
-    """A short fingerprint of a process's device settings: a worker reports it when ready,
-    so the main process (and a test) can see that the worker runs what it was told."""
-    text = json.dumps([asdict(limits), asdict(ota), asdict(tuning)], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    @classmethod
+    def from_spec(cls, spec: WorkerSpec) -> WorkerSettings:
+        """Rebuild them from a spec (OtaError or msgspec.ValidationError when a field is
+        wrong)."""
+        return cls(
+            msgspec.convert(spec.limits or {}, SessionLimits),
+            msgspec.convert(spec.ota or {}, OtaConfig),
+            msgspec.convert(spec.tuning or {}, DeviceTuning),
+            msgspec.convert(spec.relay or {}, RelaySettings),
+        )
+
+    def digest(self) -> str:
+        """A short fingerprint: a worker reports it when ready, so the main process (and a
+        test) can see that the worker runs what it was told."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def process_origin(role: str) -> str:
@@ -135,7 +147,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     """A worker's life: store, bus, relay, fleet, device plane and OTA engine until SIGTERM,
     SIGINT or the end of ``stdin``; then a graceful device shutdown."""
     data_dir = Path(spec.data_dir)
-    limits, ota, tuning = spec_settings(spec)
+    settings = WorkerSettings.from_spec(spec)
     store = await trio.to_thread.run_sync(
         open_worker_store, data_dir, spec.db_url, spec.store_threads
     )
@@ -144,7 +156,8 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
         fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(spec.store_threads))
         # No fleet.startup(): the main process marked every device offline before any
         # worker started; a worker (re)starting must not touch other processes' devices.
-        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"))
+        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"),
+                           settings=settings.relay)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay.run)
@@ -156,13 +169,13 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         udp_port=spec.udp_port,
                         reuse_port=True,
                         origin=relay.origin,
-                        limits=limits,
-                        tuning=tuning,
+                        limits=settings.limits,
+                        tuning=settings.tuning,
                     ),
                     fleet,
                     bus,
                 )
-                engine = OtaEngine(plane, ota)
+                engine = OtaEngine(plane, settings.ota)
                 nursery.start_soon(engine.watch_requests)
                 server: DeviceServer = await nursery.start(plane.serve)
                 _say(
@@ -173,7 +186,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         "tcp": server.tcp_address,
                         "udp": server.udp_address,
                         "udp_buffers": server.udp_buffers,
-                        "settings": settings_digest(limits, ota, tuning),
+                        "settings": settings.digest(),
                     }
                 )
                 nursery.start_soon(_report_sessions, plane)
@@ -241,7 +254,7 @@ class WorkerState:
     origin: str | None = None
     #: Sessions the worker holds (from its last status line).
     sessions: int = 0
-    #: The worker's :func:`settings_digest`, from its ready line.
+    #: The worker's :meth:`WorkerSettings.digest`, from its ready line.
     settings: str | None = None
     starts: int = 0
     exits: list[int] = field(default_factory=list)

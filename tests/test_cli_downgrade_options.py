@@ -12,7 +12,7 @@ from otacore.errors import ValidationError
 from server.app import ServerConfig, worker_specs
 from server.cli.main import app as ota_app
 from server.devices.delivery import DowngradePolicy, OtaConfig
-from server.workers import WorkerSpec, spec_settings
+from server.workers import WorkerSettings, WorkerSpec
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_downgrade_settings_reach_the_workers() -> None:
         udp_address = ("127.0.0.1", 2)
 
     (spec,) = worker_specs(config, Bound())  # type: ignore[arg-type]
-    _, ota, _ = spec_settings(WorkerSpec.from_json(spec.to_json()))
+    ota = WorkerSettings.from_spec(WorkerSpec.from_json(spec.to_json())).ota
     assert (ota.downgrades, ota.downgrade_lifetime) == (DowngradePolicy.DEVICE, 600)
     with pytest.raises(ValidationError, match="choose one of"):
         OtaConfig(downgrades="sometimes")  # type: ignore[arg-type]

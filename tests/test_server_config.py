@@ -19,13 +19,14 @@ from otacore.transfer import RetransmitPolicy
 from server.app import ServerConfig, ServerHandle, serve, worker_specs
 from server.cli import server_cmd
 from server.config_file import ConfigError, load_server_config, read_config_file
-from server.workers import WorkerSpec, settings_digest, spec_settings
+from server.workers import WorkerSettings, WorkerSpec
 
 SETTINGS_FILE = """
 [server]
 data_dir = "{data}"
 workers = 1
 store_threads = 3
+worker_stop_grace = 9
 
 [api]
 host = "127.0.0.1"
@@ -61,6 +62,10 @@ attempts = 5
 congestion_control = false
 initial_rto = 2
 max_rounds = 6
+
+[relay]
+poll_interval = 0.03
+batch = 500
 
 [logging]
 level = "warning"
@@ -326,9 +331,14 @@ def test_workers_get_the_main_process_settings(tmp_path: Path) -> None:
     specs = worker_specs(config, Bound())  # type: ignore[arg-type]
     assert len(specs) == 2
     for spec in specs:
-        limits, ota, tuning = spec_settings(WorkerSpec.from_json(spec.to_json()))
-        assert (limits, ota, tuning) == (config.device_limits, config.ota, config.device_tuning)
+        settings = WorkerSettings.from_spec(WorkerSpec.from_json(spec.to_json()))
+        assert settings == WorkerSettings(config.device_limits, config.ota,
+                                          config.device_tuning, config.relay)
         assert spec.log_level == "warning"
+
+
+def _settings(config: ServerConfig) -> WorkerSettings:
+    return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay)
 
 
 async def _wait_for(condition: Callable[[], bool]) -> None:
@@ -342,13 +352,13 @@ async def test_worker_processes_run_the_files_settings(tmp_path: Path) -> None:
     process's."""
     config = _load(tmp_path, SETTINGS_FILE.format(data=tmp_path / "data").replace(
         "workers = 1", "workers = 2"))
-    expected = settings_digest(config.device_limits, config.ota, config.device_tuning)
-    default = ServerConfig(data_dir=tmp_path)
-    assert expected != settings_digest(default.device_limits, default.ota,
-                                       default.device_tuning)
+    expected = _settings(config).digest()
+    assert expected != _settings(ServerConfig(data_dir=tmp_path)).digest()
     async with trio.open_nursery() as nursery:
         handle: ServerHandle = await nursery.start(serve, config)
-        assert handle.workers is not None
+        assert handle.workers is not None and handle.relay is not None
+        assert handle.workers.stop_grace == 9
+        assert (handle.relay.settings.poll_interval, handle.relay.settings.batch) == (0.03, 500)
         (worker,) = handle.workers.workers
         await _wait_for(lambda: worker.settings is not None)
         assert worker.settings == expected
