@@ -88,6 +88,9 @@ class ServerConfig:
         for name in ("store_threads", "event_buffer", "max_event_subscribers", "workers"):
             if getattr(self, name) < 1:
                 raise ValidationError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("store_threads", "workers"):  # each a thread or a process
+            if getattr(self, name) > 1024:
+                raise ValidationError(f"{name} must be at most 1024, not {getattr(self, name)}")
         for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -118,13 +118,13 @@ def check_layer(data: dict[str, Any], origin: str) -> Layer:
     layer: Layer = {}
     for section, table in data.items():
         if section not in BY_SECTION:
-            where = ""
             if not isinstance(table, dict):  # a key outside any section
                 owners = [s.section for s in SETTINGS if s.key == section]
-                where = f"; it belongs in [{owners[0]}]" if owners else ""
+                where = (f"; it belongs in [{'] or ['.join(owners)}]" if owners
+                         else _nearest_anywhere(section))
                 raise ConfigError(
-                    f"{origin}: {section!r} is not in a section{where}{_nearest_anywhere(section)}"
-                    f"; settings go in the sections [{'], ['.join(SECTIONS)}]"
+                    f"{origin}: {section!r} is not in a section{where}; settings go in the "
+                    f"sections [{'], ['.join(SECTIONS)}]"
                 )
             raise ConfigError(
                 f"{origin}: unknown section [{section}]{_nearest(section, list(SECTIONS))}; "
@@ -138,8 +138,8 @@ def check_layer(data: dict[str, Any], origin: str) -> Layer:
         for key, value in table.items():
             setting = keys.get(key)
             if setting is None:
-                elsewhere = [s.name for s in SETTINGS if s.key == key]
-                hint = (f" (it belongs in [{elsewhere[0].split('.')[0]}])" if elsewhere
+                elsewhere = [s.section for s in SETTINGS if s.key == key]
+                hint = (f" (it belongs in [{'] or ['.join(elsewhere)}])" if elsewhere
                         else _nearest(key, list(keys)))
                 raise ConfigError(f"{origin}: unknown setting {key!r} in [{section}]{hint}")
             checked[key] = check_value(setting, value, origin)

@@ -198,6 +198,10 @@ def test_the_same_setting_twice_on_the_command_line_is_refused(tmp_path: Path) -
         ("[api]\nidle_timeout = 3\n",
          "unknown setting 'idle_timeout' in [api] (it belongs in [sessions])"),
         ("idle_timeout = 3\n", "'idle_timeout' is not in a section; it belongs in [sessions]"),
+        ("host = \"::\"\n", "'host' is not in a section; it belongs in [api] or [devices]"),
+        ("idle_timout = 3\n", "'idle_timout' is not in a section (did you mean "
+                               "'sessions.idle_timeout'?)"),
+        ("[server]\nstore_threads = 100000\n", "server.store_threads must be at most 1024"),
         ("[sessions]\nidle_timeout = \"long\"\n",
          "sessions.idle_timeout must be a number, not 'long'"),
         ("[sessions]\nmax_sessions = 1.5\n", "sessions.max_sessions must be an integer"),

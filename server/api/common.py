@@ -110,6 +110,9 @@ class ApiSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= minimum):
                 raise ValidationError(f"{name} must be at least {minimum:g}, not {value!r}")
+        if self.password_hash_threads > 256:  # threads, each running scrypt
+            raise ValidationError(f"password_hash_threads must be at most 256, not "
+                                  f"{self.password_hash_threads}")
         if not 1 <= self.ipv6_prefix_length <= 128:
             raise ValidationError("ipv6_prefix_length must be between 1 and 128")
 

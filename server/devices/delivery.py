@@ -115,6 +115,8 @@ class OtaConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
                                       f"{value!r}")
+        if self.delta_threads > 256:  # threads, each computing a patch
+            raise ValidationError(f"delta_threads must be at most 256, not {self.delta_threads}")
         if self.retry_later_max < self.retry_later:
             raise ValidationError(f"retry_later_max ({self.retry_later_max}) must be at least "
                                   f"retry_later ({self.retry_later})")
