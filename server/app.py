@@ -35,7 +35,7 @@ from server.private_files import secure_data_dir
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
-from server.workers import WorkerSpec, WorkerSupervisor, process_origin
+from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
 
 log = logging.getLogger("ota.server")
 
@@ -156,6 +156,11 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
     ]
 
 
+def worker_settings(config: ServerConfig) -> WorkerSettings:
+    """The settings every worker process must run with (the main process's own)."""
+    return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay)
+
+
 def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hc = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -228,7 +233,8 @@ async def serve(
                 # (port 0: the workers bind what this process got).
                 supervisor = WorkerSupervisor(worker_specs(config, device_server),
                                               stop_grace=config.worker_stop_grace,
-                                              on_lost=fleet.sessions_lost)
+                                              on_lost=fleet.sessions_lost,
+                                              expected_settings=worker_settings(config).digest())
                 await nursery.start(supervisor.run)
 
             async def stop_gracefully() -> None:

@@ -271,8 +271,11 @@ class WorkerSupervisor:
         stop_grace: float = 15.0,
         on_ready: Callable[[WorkerState], None] | None = None,
         on_lost: Callable[[str], Awaitable[object]] | None = None,
+        expected_settings: str | None = None,
     ) -> None:
         self.workers = [WorkerState(spec) for spec in specs]
+        #: The main process's WorkerSettings.digest(): a worker reporting another is logged.
+        self.expected_settings = expected_settings
         self.stop_grace = stop_grace
         self.on_ready = on_ready
         #: Called with the origin of a worker that exited unasked (its sessions are gone).
@@ -383,6 +386,10 @@ class WorkerSupervisor:
                 if message.get("ready"):
                     state.origin = str(message.get("origin"))
                     state.settings = message.get("settings")
+                    if self.expected_settings not in (None, state.settings):
+                        log.error("worker %d runs other settings (%s) than the main process "
+                                  "(%s)", state.spec.index, state.settings,
+                                  self.expected_settings)
                     log.info("worker %d ready: %s", state.spec.index, message)
                     state.ready.set()
                     if self.on_ready is not None:

@@ -16,7 +16,7 @@ import trio
 from typer.testing import CliRunner, Result
 
 from otacore.transfer import RetransmitPolicy
-from server.app import ServerConfig, ServerHandle, serve, worker_specs
+from server.app import ServerConfig, ServerHandle, serve, worker_settings, worker_specs
 from server.cli import server_cmd
 from server.config_file import ConfigError, load_server_config, read_config_file
 from server.workers import WorkerSettings, WorkerSpec
@@ -323,7 +323,7 @@ def _load(tmp_path: Path, text: str) -> ServerConfig:
     return load_server_config(_write(tmp_path / "ota.toml", text), {})
 
 
-def test_workers_get_the_main_process_settings(tmp_path: Path) -> None:
+def test_workers_get_the_main_processworker_settings(tmp_path: Path) -> None:
     """What a worker rebuilds from its spec line is what the main process runs."""
     config = _load(tmp_path, SETTINGS_FILE.format(data=tmp_path) + "\n")
     config = ServerConfig(**{**config.__dict__, "workers": 3})
@@ -341,23 +341,19 @@ def test_workers_get_the_main_process_settings(tmp_path: Path) -> None:
         assert spec.log_level == "warning"
 
 
-def _settings(config: ServerConfig) -> WorkerSettings:
-    return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay)
-
-
 async def _wait_for(condition: Callable[[], bool]) -> None:
     with trio.fail_after(60):
         while not condition():
             await trio.sleep(0.05)
 
 
-async def test_worker_processes_run_the_files_settings(tmp_path: Path) -> None:
+async def test_worker_processes_run_the_filesworker_settings(tmp_path: Path) -> None:
     """Real worker processes report the digest of the settings they built; it is the main
     process's."""
     config = _load(tmp_path, SETTINGS_FILE.format(data=tmp_path / "data").replace(
         "workers = 1", "workers = 2"))
-    expected = _settings(config).digest()
-    assert expected != _settings(ServerConfig(data_dir=tmp_path)).digest()
+    expected = worker_settings(config).digest()
+    assert expected != worker_settings(ServerConfig(data_dir=tmp_path)).digest()
     async with trio.open_nursery() as nursery:
         handle: ServerHandle = await nursery.start(serve, config)
         assert handle.workers is not None and handle.relay is not None
@@ -365,7 +361,7 @@ async def test_worker_processes_run_the_files_settings(tmp_path: Path) -> None:
         assert (handle.relay.settings.poll_interval, handle.relay.settings.batch) == (0.03, 500)
         (worker,) = handle.workers.workers
         await _wait_for(lambda: worker.settings is not None)
-        assert worker.settings == expected
+        assert worker.settings == expected == handle.workers.expected_settings
         handle.shutdown.set()
 
 
