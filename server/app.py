@@ -13,6 +13,7 @@ the same ports. With ``workers`` == 1 none of that runs.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,16 +23,19 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from otacore.errors import ValidationError
 from server.api import ApiSettings, create_app
 from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
+from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
+from server.logs import parse_log_level
 from server.private_files import secure_data_dir
-from server.relay import EventRelay
+from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
-from server.workers import WorkerSpec, WorkerSupervisor, process_origin
+from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
 
 log = logging.getLogger("ota.server")
 
@@ -63,8 +67,36 @@ class ServerConfig:
     device_limits: SessionLimits = field(default_factory=SessionLimits)
     #: How updates are delivered (the OTA engine of every server process).
     ota: OtaConfig = field(default_factory=OtaConfig)
+    #: Frame, request and shutdown settings of device sessions and the listeners' socket
+    #: and certificate settings, the same in every server process.
+    device_tuning: DeviceTuning = field(default_factory=DeviceTuning)
+    #: Seconds an idle HTTP keep-alive connection to the API stays open.
+    http_keep_alive_timeout: float = 75.0
+    #: Seconds a graceful shutdown waits for the worker processes to say farewell to their
+    #: devices and exit, before it kills them.
+    worker_stop_grace: float = 15.0
+    #: Timings and bounds of the store event relay between server processes (workers > 1).
+    relay: RelaySettings = field(default_factory=RelaySettings)
     #: Log level name of the worker processes (the CLI configures this process's logging).
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.api_port <= 65535:
+            raise ValidationError(f"API port {self.api_port} is not between 0 and 65535")
+        if self.device_port is not None and not 0 <= self.device_port <= 65535:
+            raise ValidationError(f"device port {self.device_port} is not between 0 and 65535")
+        for name in ("store_threads", "event_buffer", "max_event_subscribers", "workers"):
+            if getattr(self, name) < 1:
+                raise ValidationError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("store_threads", "workers"):  # each a thread or a process
+            if getattr(self, name) > 1024:
+                raise ValidationError(f"{name} must be at most 1024, not {getattr(self, name)}")
+        for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValidationError(f"{name} must be a positive number of seconds, not "
+                                      f"{value!r}")
+        parse_log_level(self.log_level)
 
     @property
     def multiprocess(self) -> bool:
@@ -115,12 +147,18 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             event_buffer=config.event_buffer,
             max_event_subscribers=config.max_event_subscribers,
             limits=asdict(config.device_limits),
-            downgrades=config.ota.downgrades.value,
-            downgrade_lifetime=config.ota.downgrade_lifetime,
+            ota=asdict(config.ota),
+            tuning=asdict(config.device_tuning),
+            relay=asdict(config.relay),
             log_level=config.log_level,
         )
         for index in range(1, config.workers)
     ]
+
+
+def worker_settings(config: ServerConfig) -> WorkerSettings:
+    """The settings every worker process must run with (the main process's own)."""
+    return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay)
 
 
 def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
@@ -130,7 +168,7 @@ def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hc.accesslog = None
     hc.loglevel = "WARNING"
     hc.graceful_timeout = config.graceful_timeout
-    hc.keep_alive_timeout = 75
+    hc.keep_alive_timeout = config.http_keep_alive_timeout
     return hc
 
 
@@ -172,7 +210,8 @@ async def serve(
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
             if config.multiprocess:  # before anything publishes: the workers see it all
-                relay = EventRelay(store, bus, process_origin("main"), prune=True)
+                relay = EventRelay(store, bus, process_origin("main"), settings=config.relay,
+                                   prune=True)
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
             if config.device_port is not None:
@@ -182,6 +221,7 @@ async def serve(
                     port=config.device_port,
                     reuse_port=config.multiprocess,
                     limits=config.device_limits,
+                    tuning=config.device_tuning,
                 )
                 plane = DevicePlane(plane_config, fleet, bus)
                 engine = OtaEngine(plane, config.ota)
@@ -192,7 +232,9 @@ async def serve(
                 # After fleet.startup() (devices marked offline) and with the ports bound
                 # (port 0: the workers bind what this process got).
                 supervisor = WorkerSupervisor(worker_specs(config, device_server),
-                                              on_lost=fleet.sessions_lost)
+                                              stop_grace=config.worker_stop_grace,
+                                              on_lost=fleet.sessions_lost,
+                                              expected_settings=worker_settings(config).digest())
                 await nursery.start(supervisor.run)
 
             async def stop_gracefully() -> None:

@@ -26,13 +26,14 @@ events), new events are *not* relayed: they still reach this process's own subsc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
 
 import trio
 
-from otacore.errors import OtaError
+from otacore.errors import OtaError, ValidationError
 from server.events import Event, EventBus
 from server.store import Store
 from server.store.tx_events import append_events, last_event_id, prune_events, read_events_after
@@ -54,9 +55,21 @@ class RelaySettings:
     batch: int = 1000
     #: Rows older than this many seconds are pruned (main process only).
     retention: float = 120.0
+    #: Seconds between those prunings.
     prune_interval: float = 10.0
     #: Seconds the last flush may take when the relay stops.
     final_flush_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("flush_interval", "poll_interval", "retention", "prune_interval",
+                     "final_flush_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValidationError(f"{name} must be a positive number of seconds, not "
+                                      f"{value!r}")
+        for name in ("buffer", "batch"):
+            if getattr(self, name) < 1:
+                raise ValidationError(f"{name} must be at least 1, not {getattr(self, name)}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ process died, even by SIGKILL) does the same.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,15 +34,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from otacore.errors import OtaError
-from server.devices.ota import DowngradePolicy, OtaConfig, OtaEngine
+from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
+from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
 from server.logs import configure_logging
-from server.relay import EventRelay
+from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
 
@@ -74,9 +77,13 @@ class WorkerSpec:
     shutdown_grace: float | None = None
     #: The device listeners' :class:`SessionLimits` fields (None: the defaults).
     limits: dict[str, Any] | None = None
-    #: OtaConfig.downgrades and downgrade_lifetime of the main process.
-    downgrades: str = DowngradePolicy.TARGETED.value
-    downgrade_lifetime: float = OtaConfig.downgrade_lifetime
+    #: The main process's :class:`OtaConfig` fields, its transfer policy as a nested
+    #: object (None: the defaults).
+    ota: dict[str, Any] | None = None
+    #: The main process's :class:`DeviceTuning` fields (None: the defaults).
+    tuning: dict[str, Any] | None = None
+    #: The main process's :class:`RelaySettings` fields (None: the defaults).
+    relay: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
 
@@ -92,6 +99,33 @@ class WorkerSpec:
             return cls(**fields)
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a worker spec: {exc}") from None
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The settings a worker runs with, as the main process sent them."""
+
+    limits: SessionLimits
+    ota: OtaConfig
+    tuning: DeviceTuning
+    relay: RelaySettings
+
+    @classmethod
+    def from_spec(cls, spec: WorkerSpec) -> WorkerSettings:
+        """Rebuild them from a spec (OtaError or msgspec.ValidationError when a field is
+        wrong)."""
+        return cls(
+            msgspec.convert(spec.limits or {}, SessionLimits),
+            msgspec.convert(spec.ota or {}, OtaConfig),
+            msgspec.convert(spec.tuning or {}, DeviceTuning),
+            msgspec.convert(spec.relay or {}, RelaySettings),
+        )
+
+    def digest(self) -> str:
+        """A short fingerprint: a worker reports it when ready, so the main process (and a
+        test) can see that the worker runs what it was told."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def process_origin(role: str) -> str:
@@ -113,6 +147,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     """A worker's life: store, bus, relay, fleet, device plane and OTA engine until SIGTERM,
     SIGINT or the end of ``stdin``; then a graceful device shutdown."""
     data_dir = Path(spec.data_dir)
+    settings = WorkerSettings.from_spec(spec)
     store = await trio.to_thread.run_sync(
         open_worker_store, data_dir, spec.db_url, spec.store_threads
     )
@@ -121,7 +156,8 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
         fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(spec.store_threads))
         # No fleet.startup(): the main process marked every device offline before any
         # worker started; a worker (re)starting must not touch other processes' devices.
-        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"))
+        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"),
+                           settings=settings.relay)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay.run)
@@ -133,14 +169,13 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         udp_port=spec.udp_port,
                         reuse_port=True,
                         origin=relay.origin,
-                        limits=SessionLimits(**(spec.limits or {})),
+                        limits=settings.limits,
+                        tuning=settings.tuning,
                     ),
                     fleet,
                     bus,
                 )
-                ota = OtaConfig(downgrades=DowngradePolicy.parse(spec.downgrades),
-                                downgrade_lifetime=spec.downgrade_lifetime)
-                engine = OtaEngine(plane, ota)
+                engine = OtaEngine(plane, settings.ota)
                 nursery.start_soon(engine.watch_requests)
                 server: DeviceServer = await nursery.start(plane.serve)
                 _say(
@@ -151,6 +186,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         "tcp": server.tcp_address,
                         "udp": server.udp_address,
                         "udp_buffers": server.udp_buffers,
+                        "settings": settings.digest(),
                     }
                 )
                 nursery.start_soon(_report_sessions, plane)
@@ -218,6 +254,8 @@ class WorkerState:
     origin: str | None = None
     #: Sessions the worker holds (from its last status line).
     sessions: int = 0
+    #: The worker's :meth:`WorkerSettings.digest`, from its ready line.
+    settings: str | None = None
     starts: int = 0
     exits: list[int] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
@@ -233,8 +271,11 @@ class WorkerSupervisor:
         stop_grace: float = 15.0,
         on_ready: Callable[[WorkerState], None] | None = None,
         on_lost: Callable[[str], Awaitable[object]] | None = None,
+        expected_settings: str | None = None,
     ) -> None:
         self.workers = [WorkerState(spec) for spec in specs]
+        #: The main process's WorkerSettings.digest(): a worker reporting another is logged.
+        self.expected_settings = expected_settings
         self.stop_grace = stop_grace
         self.on_ready = on_ready
         #: Called with the origin of a worker that exited unasked (its sessions are gone).
@@ -344,6 +385,11 @@ class WorkerSupervisor:
                     continue
                 if message.get("ready"):
                     state.origin = str(message.get("origin"))
+                    state.settings = message.get("settings")
+                    if self.expected_settings not in (None, state.settings):
+                        log.error("worker %d runs other settings (%s) than the main process "
+                                  "(%s)", state.spec.index, state.settings,
+                                  self.expected_settings)
                     log.info("worker %d ready: %s", state.spec.index, message)
                     state.ready.set()
                     if self.on_ready is not None:

@@ -12,7 +12,7 @@ from otacore.errors import ValidationError
 from server.app import ServerConfig, worker_specs
 from server.cli.main import app as ota_app
 from server.devices.delivery import DowngradePolicy, OtaConfig
-from server.workers import WorkerSpec
+from server.workers import WorkerSettings, WorkerSpec
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,8 @@ def test_bad_downgrade_options_stop_with_a_message(
     tmp_path: Path, options: list[str], message: str
 ) -> None:
     result = CliRunner().invoke(ota_app, ["server", "--data", str(tmp_path), *options])
-    assert result.exit_code == 1 and message in result.output, result.output
+    # A wrong setting is a usage error (exit 2), as every configuration error is.
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_downgrade_settings_reach_the_workers() -> None:
@@ -40,7 +41,7 @@ def test_downgrade_settings_reach_the_workers() -> None:
         udp_address = ("127.0.0.1", 2)
 
     (spec,) = worker_specs(config, Bound())  # type: ignore[arg-type]
-    spec = WorkerSpec.from_json(spec.to_json())
-    assert (spec.downgrades, spec.downgrade_lifetime) == ("device", 600)
+    ota = WorkerSettings.from_spec(WorkerSpec.from_json(spec.to_json())).ota
+    assert (ota.downgrades, ota.downgrade_lifetime) == (DowngradePolicy.DEVICE, 600)
     with pytest.raises(ValidationError, match="choose one of"):
         OtaConfig(downgrades="sometimes")  # type: ignore[arg-type]

@@ -27,12 +27,14 @@ twice.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 
 from otacore._types import Buffer
+from otacore.errors import ValidationError
 from otacore.integrity import crc32_batch
 from otacore.transfer.bitmap import SendBook
 from otacore.transfer.messages import (
@@ -113,6 +115,24 @@ class RetransmitPolicy:
     max_ack_delay: float = 0.2  # the device's delayed-ack timer, added to the probe timeout
     initial_cwnd: int = 10  # congestion window before any ack, in chunks (RFC 6928)
     congestion_control: bool = True  # False: only the device's window limits the flight
+
+    def __post_init__(self) -> None:
+        for name in ("initial_rto", "min_rto", "max_rto"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValidationError(f"{name} must be a positive number of seconds, not "
+                                      f"{value!r}")
+        if not self.min_rto <= self.max_rto:
+            raise ValidationError(f"min_rto ({self.min_rto}) must not exceed max_rto "
+                                  f"({self.max_rto})")
+        if not (math.isfinite(self.max_ack_delay) and self.max_ack_delay >= 0):
+            raise ValidationError(f"max_ack_delay must be 0 or more seconds, not "
+                                  f"{self.max_ack_delay!r}")
+        if self.max_rounds < 1:
+            raise ValidationError(f"max_rounds must be at least 1, not {self.max_rounds}")
+        if not 1 <= self.initial_cwnd <= MAX_WINDOW:
+            raise ValidationError(f"initial_cwnd must be 1 to {MAX_WINDOW} chunks, not "
+                                  f"{self.initial_cwnd}")
 
 
 class TransferSender:

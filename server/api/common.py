@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -93,6 +94,27 @@ class ApiSettings:
     ipv6_prefix_length: int = 64
     #: Lifetime of refresh tokens issued from now on.
     refresh_token_seconds: int = DEFAULT_REFRESH_TOKEN_SECONDS
+
+    def __post_init__(self) -> None:
+        least: dict[str, float] = {
+            "max_upload_bytes": 1024, "max_json_bytes": 1024, "sse_buffer": 1,
+            "password_hash_threads": 1, "password_hash_queue": 0,
+            "login_max_failures_per_address": 1, "login_max_failures_per_user": 1,
+            "login_lockout_seconds": 1, "login_first_account_lockout_seconds": 0.001,
+            "login_max_checks_per_address": 1, "login_familiar_addresses": 0,
+            "login_tracked_keys": 1, "login_log_interval": 0.001,
+            "refresh_token_seconds": 60, "body_timeout_seconds": 0.001,
+            "sse_keepalive_seconds": 0.001, "sse_send_timeout_seconds": 0.001,
+        }
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= minimum):
+                raise ValidationError(f"{name} must be at least {minimum:g}, not {value!r}")
+        if self.password_hash_threads > 256:  # threads, each running scrypt
+            raise ValidationError(f"password_hash_threads must be at most 256, not "
+                                  f"{self.password_hash_threads}")
+        if not 1 <= self.ipv6_prefix_length <= 128:
+            raise ValidationError("ipv6_prefix_length must be between 1 and 128")
 
 
 def fleet_of(request: Request) -> Fleet:

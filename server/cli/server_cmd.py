@@ -14,6 +14,7 @@ reaches the running server's in-memory limits through its API. ``product create`
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import signal
@@ -30,13 +31,23 @@ from server.api import ApiSettings
 from server.app import ServerConfig, serve
 from server.cli._output import print_json
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
+from server.config_file import (
+    ConfigError,
+    Layer,
+    check_value,
+    load_server_config,
+    parse_assignment,
+    parse_value,
+    read_config_file,
+    render_toml,
+)
+from server.config_schema import SETTINGS, Setting
 from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.logs import configure_logging
 from server.store import Store
 from server.transport import SessionLimits
-from server.workers import default_workers
 
 admin_app = typer.Typer(
     help="Administer the store directly (bootstrap), and a running server's sign-in limits.",
@@ -50,9 +61,11 @@ DATA_HELP = "Data directory of the embedded store (created on first use)."
 LIMIT_NAMES = tuple(item.name for item in fields(SessionLimits))
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: message`` on stderr; the exit to raise (1: the server could not run;
+    2: a usage or configuration error)."""
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=1)
+    return typer.Exit(code=code)
 
 
 def _open_fleet(data: Path, db_url: str | None) -> Fleet:
@@ -61,7 +74,27 @@ def _open_fleet(data: Path, db_url: str | None) -> Fleet:
 
 
 def server(
-    data: Path = typer.Option(..., "--data", help=DATA_HELP),
+    ctx: typer.Context,
+    data: Path | None = typer.Option(
+        None, "--data", help=DATA_HELP + " Required here or as server.data_dir in --config FILE."
+    ),
+    config_file: Path | None = typer.Option(
+        None, "--config", metavar="FILE",
+        help="Read settings from this TOML file (its sections: server, api, sign_in, "
+        "devices, sessions, delivery, transfer, relay, logging; see the README's Configuration "
+        "section, or --print-config). Options given here override it.",
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config",
+        help="Print the effective configuration (defaults, --config FILE and the options "
+        "given) as a TOML file --config reads back, and exit.",
+    ),
+    assignments: list[str] | None = typer.Option(
+        None, "--set", metavar="SECTION.KEY=VALUE",
+        help="Set any setting of the configuration file (repeatable), e.g. "
+        "transfer.initial_rto=2 or sessions.max_sessions=30000; the value is read as a TOML "
+        "value (a list: '[\"a\", \"b\"]'), else taken as text.",
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),
     api_port: int = typer.Option(8080, "--api-port", help="API port (0 picks a free one)."),
     db_url: str | None = typer.Option(
@@ -76,16 +109,49 @@ def server(
     workers: int | None = typer.Option(
         None,
         "--workers",
-        min=1,
-        help="Server processes serving devices on the shared ports and store (default: one "
-        "per CPU with device listeners, else 1).",
+        min=0,
+        help="Server processes serving devices on the shared ports and store (default, or "
+        "0: one per CPU with device listeners, else 1).",
     ),
     device_limit: list[str] | None = typer.Option(
         None,
         "--device-limit",
         metavar="NAME=VALUE",
-        help="Set a device listener limit (repeatable), e.g. max_pending_per_address=2000 "
-        "when many devices share one public address. Names: " + ", ".join(LIMIT_NAMES) + ".",
+        help="Set a device session limit (repeatable; the sessions section of --config), e.g. "
+        "max_pending_per_address=2000 when many devices share one public address. Names: "
+        + ", ".join(LIMIT_NAMES) + ".",
+    ),
+    idle_timeout: float | None = typer.Option(
+        None, "--idle-timeout",
+        help="Seconds a device session may stay silent before it is closed: longer than the "
+        "devices' keep-alive interval (default 120).",
+    ),
+    handshake_timeout: float | None = typer.Option(
+        None, "--handshake-timeout",
+        help="Seconds a device has to finish its TLS/DTLS handshake (default 10).",
+    ),
+    max_sessions: int | None = typer.Option(
+        None, "--max-sessions", help="Most live device sessions per listener and process "
+        "(default 19000).",
+    ),
+    max_concurrent_transfers: int | None = typer.Option(
+        None, "--max-concurrent-transfers",
+        help="Firmware transfers at once per server process (default 512).",
+    ),
+    window_limit: int | None = typer.Option(
+        None, "--window-limit",
+        help="Chunks in flight beyond the acknowledged ones, at most (default 64; devices "
+        "may ask for fewer).",
+    ),
+    congestion_control: bool | None = typer.Option(
+        None, "--congestion-control/--no-congestion-control",
+        help="Cap the chunks in flight by a congestion window (RFC 5681; default on); off: "
+        "only the device's window limits them.",
+    ),
+    transfer_attempts: int | None = typer.Option(
+        None, "--transfer-attempts",
+        help="Transfers of one module tried per session when the device stops "
+        "acknowledging (default 3).",
     ),
     downgrades: str = typer.Option(
         DowngradePolicy.TARGETED.value,
@@ -164,45 +230,21 @@ def server(
     ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
-    --workers K, K-1 more processes serve devices too)."""
-    listeners = device_port >= 0
+    --workers K, K-1 more processes serve devices too). Settings come from the built-in
+    defaults, then --config FILE, then the options given here."""
+    given = {name: value for name, value in ctx.params.items()
+             if name in OPTION_SETTINGS and value is not None and _explicit(ctx, name)}
     try:
-        configure_logging(log_level)
-    except OtaError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--log-level") from None
-    limits = _device_limits(device_limit or [])
-    api = ApiSettings(
-        password_hash_threads=password_hash_threads,
-        password_hash_queue=password_hash_queue,
-        login_max_failures_per_address=login_max_failures_per_address,
-        login_max_failures_per_user=login_max_failures_per_user,
-        login_lockout_seconds=login_lockout,
-        login_first_account_lockout_seconds=login_first_account_lockout,
-        login_max_checks_per_address=login_max_checks_per_address,
-        login_familiar_addresses=login_familiar_addresses,
-        login_tracked_keys=login_tracked_keys,
-        login_log_interval=login_log_interval,
-        refresh_token_seconds=refresh_token_lifetime,
-        # Sign-in limits group client addresses as the device listeners do.
-        ipv6_prefix_length=limits.ipv6_prefix_length,
-    )
-    try:
-        config = ServerConfig(
-            data_dir=data,
-            host=host,
-            api_port=api_port,
-            db_url=db_url,
-            device_port=device_port if listeners else None,
-            device_host=device_host,
-            workers=workers if workers is not None else default_workers(listeners),
-            api=api,
-            ota=OtaConfig(downgrades=DowngradePolicy.parse(downgrades),
-                          downgrade_lifetime=downgrade_lifetime),
-            device_limits=limits,
-            log_level=log_level.lower(),
-        )
-    except OtaError as exc:
-        raise _fail(str(exc)) from exc
+        command_line = command_line_layer(given, device_limit or [], assignments or [])
+        config = load_server_config(config_file, command_line,
+                                    data_dir_required=not print_config)
+        data_dir_given = _has_data_dir(config_file, command_line)
+    except ConfigError as exc:
+        raise _fail(str(exc), code=2) from None
+    if print_config:
+        typer.echo(render_toml(config, data_dir_given=data_dir_given), nl=False)
+        return
+    configure_logging(config.log_level)
     try:
         trio.run(_run_server, config)
     except (OtaError, OSError) as exc:
@@ -214,20 +256,97 @@ def server(
         raise _fail(f"cannot run the server: {_first_leaf(expected)}") from group
 
 
-def _device_limits(assignments: list[str]) -> SessionLimits:
-    """SessionLimits from ``NAME=VALUE`` texts (usage error, exit code 2, when wrong)."""
-    overrides: dict[str, str] = {}
+#: The ``ota server`` options that set one setting each (parameter name -> section.key).
+OPTION_SETTINGS: dict[str, str] = {
+    "data": "server.data_dir",
+    "db_url": "server.db_url",
+    "workers": "server.workers",
+    "host": "api.host",
+    "api_port": "api.port",
+    "device_port": "devices.port",
+    "device_host": "devices.host",
+    "idle_timeout": "sessions.idle_timeout",
+    "handshake_timeout": "sessions.handshake_timeout",
+    "max_sessions": "sessions.max_sessions",
+    "max_concurrent_transfers": "delivery.max_concurrent_transfers",
+    "downgrades": "delivery.downgrades",
+    "downgrade_lifetime": "delivery.downgrade_lifetime",
+    "window_limit": "transfer.window_limit",
+    "congestion_control": "transfer.congestion_control",
+    "transfer_attempts": "transfer.attempts",
+    "password_hash_threads": "sign_in.password_hash_threads",
+    "password_hash_queue": "sign_in.password_hash_queue",
+    "login_max_failures_per_address": "sign_in.max_failures_per_address",
+    "login_max_failures_per_user": "sign_in.max_failures_per_user",
+    "login_lockout": "sign_in.lockout_seconds",
+    "login_first_account_lockout": "sign_in.first_account_lockout_seconds",
+    "login_max_checks_per_address": "sign_in.max_checks_per_address",
+    "login_familiar_addresses": "sign_in.familiar_addresses",
+    "login_tracked_keys": "sign_in.tracked_keys",
+    "login_log_interval": "sign_in.log_interval",
+    "log_level": "logging.level",
+    "refresh_token_lifetime": "sign_in.refresh_token_seconds",
+}
+
+
+def _explicit(ctx: typer.Context, name: str) -> bool:
+    """True when the option was given (on the command line or from its variable), not
+    left at its default: only those override the configuration file."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def command_line_layer(given: dict[str, object], device_limits: list[str],
+                       assignments: list[str]) -> Layer:
+    """The layer of settings the command line gave: options (parameter name -> value),
+    ``--device-limit NAME=VALUE`` and ``--set SECTION.KEY=VALUE``. ConfigError when one is
+    wrong or two of them set the same setting."""
+    by_name = {setting.name: setting for setting in SETTINGS}
+    values: dict[str, tuple[str, object]] = {}  # section.key -> (where, value)
+
+    def put(setting: Setting, where: str, value: object) -> None:
+        if setting.name in values and values[setting.name][0] != where:
+            raise ConfigError(f"{values[setting.name][0]} and {where} both set {setting.name}; "
+                              "give it once")
+        values[setting.name] = (where, value)
+
     for assignment in assignments:
-        name, equals, value = assignment.partition("=")
-        if not equals or not name.strip():
-            raise typer.BadParameter(
-                f"{assignment!r} is not NAME=VALUE", param_hint="--device-limit"
-            )
-        overrides[name.strip()] = value.strip()
-    try:
-        return SessionLimits.with_overrides(overrides)
-    except OtaError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device-limit") from None
+        setting, value = parse_assignment(assignment, "--set")
+        put(setting, f"--set {setting.name}", value)
+    for assignment in device_limits:
+        name, equals, text = assignment.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ConfigError(f"--device-limit: {assignment!r} is not NAME=VALUE")
+        if name not in LIMIT_NAMES:
+            close = difflib.get_close_matches(name, LIMIT_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--device-limit: unknown device limit {name!r}{hint}; known: "
+                              f"{', '.join(LIMIT_NAMES)}")
+        setting = by_name[f"sessions.{name}"]
+        put(setting, f"--device-limit {name}",
+            check_value(setting, parse_value(text.strip()), "--device-limit"))
+    for parameter, value in given.items():
+        setting = by_name[OPTION_SETTINGS[parameter]]
+        shown = str(value) if isinstance(value, Path) else value
+        put(setting, _flag(parameter), check_value(setting, shown, _flag(parameter)))
+    layer: Layer = {}
+    for name, (_, value) in values.items():
+        section, _, key = name.partition(".")
+        layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def _has_data_dir(config_file: Path | None, command_line: Layer) -> bool:
+    """True when the command line or the configuration file names the data directory."""
+    if "data_dir" in command_line.get("server", {}):
+        return True
+    return config_file is not None and "data_dir" in read_config_file(config_file).get(
+        "server", {})
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -6,12 +6,14 @@ boot result is still to come. Shared by :mod:`server.devices.ota` (the engine) a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
 from otacore.transfer import RetransmitPolicy
+from otacore.transfer.messages import MAX_CHUNK_SIZE, MAX_WINDOW, MIN_CHUNK_SIZE
 
 
 class DowngradePolicy(StrEnum):
@@ -45,11 +47,15 @@ class DowngradePolicy(StrEnum):
 class OtaConfig:
     """How updates are delivered."""
 
+    #: Transfers running at once in one server process; more devices wait their turn.
     max_concurrent_transfers: int = 512
+    #: Firmware bytes per chunk over DTLS (a chunk and its headers fit one datagram).
     udp_chunk_size: int = 1024
+    #: Firmware bytes per chunk over TLS.
     tcp_chunk_size: int = 8192
     #: Chunks in flight beyond the acknowledged ones (the device may ask for fewer).
     window_limit: int = 64
+    #: Seconds a device may take to answer an update offer (UpdateStart).
     offer_timeout: float = 30.0
     #: Persist transfer progress every this many bytes (not per chunk).
     progress_step: int = 32 * 1024
@@ -99,6 +105,33 @@ class OtaConfig:
     downgrade_lifetime: float = 3600.0
 
     def __post_init__(self) -> None:
+        for name in ("max_concurrent_transfers", "progress_step", "prepared_cache",
+                     "image_cache", "delta_threads", "transfer_attempts"):
+            if getattr(self, name) < 1:
+                raise ValidationError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("offer_timeout", "progress_interval", "describe_wait", "result_wait",
+                     "record_timeout", "retry_pause", "retry_later", "retry_later_max"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValidationError(f"{name} must be a positive number of seconds, not "
+                                      f"{value!r}")
+        if self.delta_threads > 256:  # threads, each computing a patch
+            raise ValidationError(f"delta_threads must be at most 256, not {self.delta_threads}")
+        if self.retry_later_max < self.retry_later:
+            raise ValidationError(f"retry_later_max ({self.retry_later_max}) must be at least "
+                                  f"retry_later ({self.retry_later})")
+        for name in ("udp_chunk_size", "tcp_chunk_size"):
+            size = getattr(self, name)
+            if size % 4 or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE:
+                raise ValidationError(f"{name} must be a multiple of 4 from {MIN_CHUNK_SIZE} "
+                                      f"to {MAX_CHUNK_SIZE} bytes, not {size}")
+        if not 1 <= self.window_limit <= MAX_WINDOW:  # the transfer header's limit
+            raise ValidationError(f"window_limit must be 1 to {MAX_WINDOW} chunks, not "
+                                  f"{self.window_limit}")
+        for name in ("delta_max_ratio", "compressed_max_ratio"):
+            ratio = getattr(self, name)
+            if not 0 < ratio <= 1:
+                raise ValidationError(f"{name} must be above 0 and at most 1, not {ratio!r}")
         if not 1.0 <= self.downgrade_lifetime <= 365 * 86400:
             raise ValidationError(
                 f"the downgrade authorisation lifetime must be 1 s to 365 days, not "

@@ -23,6 +23,7 @@ from otacore.signing import SigningKey
 from server.authorization import ClientCertificate
 from server.devices.keys import product_statements, trusted_key_ids
 from server.devices.session import DeviceSessionHandler
+from server.devices.tuning import DeviceTuning
 from server.events import DEVICE_REVOKED, EventBus
 from server.fleet import Fleet
 from server.identity import init_pki, pki_dir
@@ -53,13 +54,27 @@ class DevicePlaneConfig:
     #: SO_REUSEPORT on both listeners: several server processes share the ports.
     reuse_port: bool = False
     limits: SessionLimits = field(default_factory=SessionLimits)
-    max_frame_size: int = 66_560
-    request_timeout: float = 30.0
-    #: Seconds a device is told to wait before reconnecting after a graceful shutdown.
-    shutdown_hold_off: int = 10
+    #: Frame, request and shutdown settings and the listeners' socket and certificate
+    #: settings (``[devices]`` of ``ota server --config``).
+    tuning: DeviceTuning = field(default_factory=DeviceTuning)
     #: This process's name among the server processes sharing the store (prefix of its
     #: sessions' presence tokens; see ``PresenceService.sessions_lost``). None: from the pid.
     origin: str | None = None
+
+    @property
+    def max_frame_size(self) -> int:
+        """Largest CoAP-over-TCP frame a device may send (``tuning.max_frame_size``)."""
+        return self.tuning.max_frame_size
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds to wait for a device's answer (``tuning.request_timeout``)."""
+        return self.tuning.request_timeout
+
+    @property
+    def shutdown_hold_off(self) -> int:
+        """Seconds a device waits after a graceful shutdown (``tuning.shutdown_hold_off``)."""
+        return self.tuning.shutdown_hold_off
 
 
 @dataclass
@@ -175,12 +190,19 @@ class DevicePlane:
     async def serve(self, *, task_status: trio.TaskStatus[DeviceServer]) -> None:
         """Run the TLS and DTLS listeners until cancelled."""
         directory = pki_dir(self.config.data_dir)
-        await trio.to_thread.run_sync(init_pki, directory)
         config = self.config
+        await trio.to_thread.run_sync(
+            partial(init_pki, directory, dns_names=config.tuning.server_dns_names,
+                    ip_addresses=config.tuning.server_ip_addresses)
+        )
         listener_config = DeviceServerConfig(
             pki_dir=directory, host=config.host, tcp_port=config.port,
             udp_port=config.port if config.udp_port is None else config.udp_port,
             limits=config.limits, reuse_port=config.reuse_port,
+            server_dns_names=config.tuning.server_dns_names,
+            server_ip_addresses=config.tuning.server_ip_addresses,
+            dtls_queue_size=config.tuning.dtls_queue_size,
+            udp_buffer_bytes=config.tuning.udp_buffer_bytes,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._close_revoked_sessions)
