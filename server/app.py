@@ -30,6 +30,7 @@ from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
+from server.gc_tuning import CollectorSettings
 from server.logs import parse_log_level
 from server.private_files import secure_data_dir
 from server.relay import EventRelay, RelaySettings
@@ -77,6 +78,8 @@ class ServerConfig:
     worker_stop_grace: float = 15.0
     #: Timings and bounds of the store event relay between server processes (workers > 1).
     relay: RelaySettings = field(default_factory=RelaySettings)
+    #: The cyclic garbage collector's thresholds in every server process.
+    collector: CollectorSettings = field(default_factory=CollectorSettings)
     #: Log level name of the worker processes (the CLI configures this process's logging).
     log_level: str = "info"
 
@@ -150,6 +153,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             ota=asdict(config.ota),
             tuning=asdict(config.device_tuning),
             relay=asdict(config.relay),
+            collector=asdict(config.collector),
             log_level=config.log_level,
         )
         for index in range(1, config.workers)
@@ -158,7 +162,8 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
 
 def worker_settings(config: ServerConfig) -> WorkerSettings:
     """The settings every worker process must run with (the main process's own)."""
-    return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay)
+    return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay,
+                          config.collector)
 
 
 def _hypercorn_config(config: ServerConfig) -> HypercornConfig:

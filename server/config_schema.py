@@ -26,6 +26,7 @@ from server.app import ServerConfig
 from server.devices.delivery import OtaConfig
 from server.devices.plane import DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
+from server.gc_tuning import CollectorSettings
 from server.relay import RelaySettings
 from server.transport import SessionLimits
 from server.transport.server import DeviceServerConfig
@@ -39,6 +40,7 @@ TARGETS: dict[str, type] = {
     "retransmit": RetransmitPolicy,
     "devices": DeviceTuning,
     "relay": RelaySettings,
+    "collector": CollectorSettings,
 }
 
 
@@ -185,6 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
                  "min_rto max_rto max_rounds max_ack_delay",
                  congestion_control="--congestion-control / --no-congestion-control"),
     *_same_names("relay", "relay", " ".join(item.name for item in fields(RelaySettings))),
+    *_same_names("garbage_collector", "collector",
+                 " ".join(item.name for item in fields(CollectorSettings))),
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),
@@ -216,6 +220,7 @@ NESTED: dict[tuple[type, str], str] = {
     (ServerConfig, "ota"): "[delivery] and [transfer]",
     (ServerConfig, "device_tuning"): "[devices]",
     (ServerConfig, "relay"): "[relay]",
+    (ServerConfig, "collector"): "[garbage_collector]",
     (OtaConfig, "transfer_policy"): "[transfer]",
     (DevicePlaneConfig, "limits"): "[sessions]",
     (DevicePlaneConfig, "tuning"): "[devices]",

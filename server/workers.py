@@ -43,6 +43,7 @@ from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
+from server.gc_tuning import CollectorSettings
 from server.logs import configure_logging
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
@@ -84,6 +85,8 @@ class WorkerSpec:
     tuning: dict[str, Any] | None = None
     #: The main process's :class:`RelaySettings` fields (None: the defaults).
     relay: dict[str, Any] | None = None
+    #: The main process's :class:`CollectorSettings` fields (None: the defaults).
+    collector: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
 
@@ -109,6 +112,7 @@ class WorkerSettings:
     ota: OtaConfig
     tuning: DeviceTuning
     relay: RelaySettings
+    collector: CollectorSettings
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> WorkerSettings:
@@ -119,6 +123,7 @@ class WorkerSettings:
             msgspec.convert(spec.ota or {}, OtaConfig),
             msgspec.convert(spec.tuning or {}, DeviceTuning),
             msgspec.convert(spec.relay or {}, RelaySettings),
+            msgspec.convert(spec.collector or {}, CollectorSettings),
         )
 
     def digest(self) -> str:
@@ -148,6 +153,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     SIGINT or the end of ``stdin``; then a graceful device shutdown."""
     data_dir = Path(spec.data_dir)
     settings = WorkerSettings.from_spec(spec)
+    settings.collector.apply_thresholds()  # a worker process is ours alone
     store = await trio.to_thread.run_sync(
         open_worker_store, data_dir, spec.db_url, spec.store_threads
     )
@@ -189,6 +195,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                         "settings": settings.digest(),
                     }
                 )
+                log.info("worker: %s", settings.collector.started())
                 nursery.start_soon(_report_sessions, plane)
                 stop = trio.Event()
                 nursery.start_soon(_set_on_signal, signals, stop)

@@ -337,7 +337,7 @@ def test_workers_get_the_main_processworker_settings(tmp_path: Path) -> None:
     for spec in specs:
         settings = WorkerSettings.from_spec(WorkerSpec.from_json(spec.to_json()))
         assert settings == WorkerSettings(config.device_limits, config.ota,
-                                          config.device_tuning, config.relay)
+                                          config.device_tuning, config.relay, config.collector)
         assert spec.log_level == "warning"
 
 

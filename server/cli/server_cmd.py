@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import signal
 import sys
@@ -59,6 +60,8 @@ DATA_HELP = "Data directory of the embedded store (created on first use)."
 
 #: Every device listener limit ``--device-limit`` can set (the SessionLimits fields).
 LIMIT_NAMES = tuple(item.name for item in fields(SessionLimits))
+
+log = logging.getLogger("ota.server")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -358,6 +361,8 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 async def _run_server(config: ServerConfig) -> None:
+    # This process serves and nothing else: its collector is tuned for it (server.gc_tuning).
+    config.collector.apply_thresholds()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve, config)
@@ -377,6 +382,7 @@ async def _run_server(config: ServerConfig) -> None:
                 for worker in handle.workers.workers:
                     typer.echo(f"ota server: worker {worker.spec.index} pid {worker.pid}")
             sys.stdout.flush()
+            log.info("%s", config.collector.started())
             async for _ in signals:
                 handle.shutdown.set()  # graceful: finish requests, then stop everything
                 break
