@@ -10,6 +10,8 @@ first (over TCP its CSM and a 7.02 Ping, RFC 8323 5.3-5.4; over UDP an Empty CON
 each answered by the server's link. It reports the server's CPU seconds per ping
 (/proc/<pid>/stat), at each session count, so growth with the number of sessions shows.
 
+``--variant "SECTION.KEY=VALUE ..."`` (repeatable) runs each session count once per list of
+server settings, e.g. CPython's collector defaults against the server's.
 ``--profile DIR`` records the server with py-spy during the pings (speedscope files).
 ``--gc-probe PREFIX`` loads ``gc_probe/sitecustomize.py`` into the server: the time of its
 garbage collections before and after the pings, and what they promoted, in ``PREFIX.*``
@@ -40,6 +42,9 @@ from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
 from server.transport.client import DeviceCredentials, connect_dtls, connect_tls
 
 DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-plane-ping")
+#: Seconds to wait for a ping's answer before sending another, and tries per ping.
+ANSWER_WAIT = 2.0
+PING_TRIES = 5
 OTA = [str(Path(sys.executable).with_name("ota"))]
 
 
@@ -68,7 +73,8 @@ def prepare(workdir: Path, count: int) -> tuple[Path, list[DeviceCredentials]]:
 class Server:
     """``ota server`` in a child process, one process, device listeners on free ports."""
 
-    def __init__(self, data: Path, gc_probe: Path | None = None) -> None:
+    def __init__(self, data: Path, gc_probe: Path | None = None,
+                 settings: tuple[str, ...] = ()) -> None:
         env = dict(os.environ)
         if gc_probe is not None:
             env["PYTHONPATH"] = str(Path(__file__).with_name("gc_probe"))
@@ -76,7 +82,8 @@ class Server:
         self.probed = gc_probe is not None
         self.process = subprocess.Popen(
             [*OTA, "server", "--data", str(data), "--api-port", "0", "--device-port", "0",
-             "--workers", "1", "--device-limit", "max_sessions=19000"],
+             "--workers", "1", "--device-limit", "max_sessions=19000",
+             *(arg for setting in settings for arg in ("--set", setting))],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
         self.ports: dict[str, int] = {}
@@ -105,15 +112,20 @@ class _Session:
     def __init__(self, link: TcpLink | UdpLink, send: Any, receive: Any) -> None:
         self.link, self._send, self._receive = link, send, receive
 
-    async def ping(self) -> None:
-        now = trio.current_time()
-        self.link.ping(now)
-        for data in self.link.take_outgoing():
-            await self._send(data)
-        answer = await self._receive()
-        if not answer:
-            raise trio.BrokenResourceError("the server closed the session")
-        self.link.receive(answer, trio.current_time())
+    async def ping(self) -> int:
+        """One ping answered; returns how many tries it took (a datagram may be lost: a
+        try unanswered within ANSWER_WAIT is sent again, as a device would)."""
+        for attempt in range(1, PING_TRIES + 1):
+            self.link.ping(trio.current_time())
+            for data in self.link.take_outgoing():
+                await self._send(data)
+            with trio.move_on_after(ANSWER_WAIT):
+                answer = await self._receive()
+                if not answer:
+                    raise trio.BrokenResourceError("the server closed the session")
+                self.link.receive(answer, trio.current_time())
+                return attempt
+        raise trio.TooSlowError(f"no answer to {PING_TRIES} pings")
 
 
 async def _open_tcp(port: int, device: DeviceCredentials, stack: AsyncExitStack) -> _Session:
@@ -173,9 +185,12 @@ async def ping_cost(
         interval = 1.0 / args.rate
         in_flight = trio.CapacityLimiter(args.parallel)
 
+        retries = 0
+
         async def ping(session: _Session) -> None:
+            nonlocal retries
             async with in_flight:
-                await session.ping()
+                retries += await session.ping() - 1
 
         async with trio.open_nursery() as nursery:
             for n in range(args.pings):
@@ -195,6 +210,7 @@ async def ping_cost(
         "transport": transport,
         "sessions": len(sessions),
         "pings": args.pings,
+        "pings_sent_again": retries,
         "seconds": round(elapsed, 2),
         "server_cpu_us_per_ping": round(cpu / args.pings * 1e6, 1),
         "idle_cpu_percent": round(idle_cpu / args.idle * 100, 2) if args.idle else None,
@@ -204,15 +220,16 @@ async def ping_cost(
 
 async def main(args: argparse.Namespace) -> None:
     data, devices = prepare(args.workdir, max(args.sessions))
+    variants = [tuple(v.split()) for v in args.variant] or [()]
     for transport in args.transport:
-        for count in args.sessions:
+        for count, variant in ((c, v) for c in args.sessions for v in variants):
             probe = None if args.gc_probe is None else Path(f"{args.gc_probe}-{transport}-{count}")
-            server = Server(data, probe)
+            server = Server(data, probe, variant)
             try:
                 result = await ping_cost(server, transport, devices[:count], args)
             finally:
                 server.close()
-            print(json.dumps(result), flush=True)
+            print(json.dumps({**result, "settings": " ".join(variant)}), flush=True)
 
 
 if __name__ == "__main__":
@@ -228,5 +245,10 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     parser.add_argument("--gc-probe", type=Path, default=None, help="gc probe output prefix")
+    parser.add_argument(
+        "--variant", action="append", default=[],
+        help="server settings to compare, each a space-separated list of SECTION.KEY=VALUE "
+        "(ota server --set); repeat for several, each run at every session count",
+    )
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     trio.run(main, parser.parse_args())
