@@ -18,7 +18,7 @@ implementation behind it.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -28,6 +28,7 @@ from OpenSSL import SSL
 from server.authorization import MemoryDeviceDirectory
 from server.transport import DeviceServer, DeviceSession
 from server.transport.client import connect_dtls, receive_datagram
+from server.transport.dtls import make_dtls_server_context, send_close_notify
 from tests.test_transport_tls import (
     PATIENCE,
     DeviceKit,
@@ -144,15 +145,26 @@ async def test_server_session_survives_datagrams_without_application_data(
         assert not handler.sessions[0].closed
 
 
-async def test_device_survives_datagrams_without_application_data(kit: DeviceKit) -> None:
-    """The device side: a bare trio DTLS server (the test's own, so that it can write raw
-    datagrams to the device) sends an empty datagram between two messages."""
-    from server.transport.dtls import make_dtls_server_context
-
-    context = make_dtls_server_context(kit.pki)
+@asynccontextmanager
+async def device_of_bare_server(
+    kit: DeviceKit, serve_one: Callable[[trio.DTLSChannel], Awaitable[None]]
+) -> AsyncIterator[trio.DTLSChannel]:
+    """A device connected to a bare trio DTLS server (the test's own, so that it can write
+    raw datagrams to the device from the server's address) running ``serve_one``."""
     server_sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
     await server_sock.bind(("127.0.0.1", 0))
+    with trio.DTLSEndpoint(server_sock) as server_endpoint, trio.fail_after(PATIENCE):
+        async with trio.open_nursery() as nursery:
+            context = make_dtls_server_context(kit.pki)
+            await nursery.start(server_endpoint.serve, context, serve_one)
+            sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            await sock.bind(("127.0.0.1", 0))
+            with trio.DTLSEndpoint(sock) as endpoint:
+                yield await connect_dtls(endpoint, server_sock.getsockname(), kit.good)
+            nursery.cancel_scope.cancel()
 
+
+async def test_device_survives_datagrams_without_application_data(kit: DeviceKit) -> None:
     async def serve_one(channel: trio.DTLSChannel) -> None:
         await channel.do_handshake()
         await channel.endpoint.socket.sendto(b"", channel.peer_address)  # before any read
@@ -162,25 +174,13 @@ async def test_device_survives_datagrams_without_application_data(kit: DeviceKit
         await channel.send(b"second")
         await trio.sleep_forever()
 
-    with trio.DTLSEndpoint(server_sock) as server_endpoint, trio.fail_after(PATIENCE):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server_endpoint.serve, context, serve_one)
-            sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-            await sock.bind(("127.0.0.1", 0))
-            with trio.DTLSEndpoint(sock) as endpoint:
-                channel = await connect_dtls(endpoint, server_sock.getsockname(), kit.good)
-                assert await receive_datagram(channel) == b"first"
-                assert await receive_datagram(channel) == b"second"
-            nursery.cancel_scope.cancel()
+    async with device_of_bare_server(kit, serve_one) as channel:
+        assert await receive_datagram(channel) == b"first"
+        assert await receive_datagram(channel) == b"second"
 
 
 async def test_receive_datagram_still_reports_a_closed_session(kit: DeviceKit) -> None:
-    """Skipping records without data must not hide the peer's close_notify."""
-    from server.transport.dtls import make_dtls_server_context, send_close_notify
-
-    context = make_dtls_server_context(kit.pki)
-    server_sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-    await server_sock.bind(("127.0.0.1", 0))
+    """Skipping datagrams without data must not hide the peer's close_notify."""
 
     async def serve_one(channel: trio.DTLSChannel) -> None:
         await channel.do_handshake()
@@ -188,13 +188,6 @@ async def test_receive_datagram_still_reports_a_closed_session(kit: DeviceKit) -
         await send_close_notify(channel)
         await trio.sleep_forever()
 
-    with trio.DTLSEndpoint(server_sock) as server_endpoint, trio.fail_after(PATIENCE):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server_endpoint.serve, context, serve_one)
-            sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-            await sock.bind(("127.0.0.1", 0))
-            with trio.DTLSEndpoint(sock) as endpoint:
-                channel = await connect_dtls(endpoint, server_sock.getsockname(), kit.good)
-                with pytest.raises(SSL.ZeroReturnError):
-                    await receive_datagram(channel)
-            nursery.cancel_scope.cancel()
+    async with device_of_bare_server(kit, serve_one) as channel:
+        with pytest.raises(SSL.ZeroReturnError):
+            await receive_datagram(channel)
