@@ -183,7 +183,10 @@ class DtlsSession(DeviceSession):
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` as one DTLS record in one datagram. Sends from several tasks are
-        serialized (pitfall 5)."""
+        serialized (pitfall 5). A send cancelled inside trio (after OpenSSL took the record,
+        before the datagram left) still leaves its record to ride with the next send: trio
+        offers no way to discard it. That happens only to a session's sender being torn
+        down, and the device drops or re-requests what it cannot parse."""
         self._check_can_send()
         await self._take_send_turn()
         try:
