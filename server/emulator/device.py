@@ -28,7 +28,13 @@ from OpenSSL import SSL
 
 from otacore.device.emulated import DeviceAction, Disconnect, EmulatedDevice, Reboot
 from otacore.protocol.link import Transport
-from server.transport.client import DeviceCredentials, connect_dtls, connect_tls, dtls_session
+from server.transport.client import (
+    DeviceCredentials,
+    connect_dtls,
+    connect_tls,
+    dtls_session,
+    receive_datagram,
+)
 from server.transport.dtls import send_close_notify
 
 #: Exceptions that mean "this connection is gone" (not a bug in the device).
@@ -91,7 +97,7 @@ class _DtlsConnection:
         self.channel = channel
 
     async def receive(self) -> bytes:
-        return await self.channel.receive()
+        return await receive_datagram(self.channel)  # skips datagrams without data
 
     async def send(self, pieces: list[bytes]) -> None:
         for datagram in pieces:

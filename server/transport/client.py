@@ -12,7 +12,20 @@ import trio
 from OpenSSL import SSL
 
 from server.identity import ProvisionedDevice
-from server.transport.dtls import _connection_of, make_dtls_client_context
+from server.transport.dtls import (
+    _connection_of,
+    make_dtls_client_context,
+    receive_datagram,
+)
+
+__all__ = [
+    "DeviceCredentials",
+    "connect_dtls",
+    "connect_tls",
+    "dtls_session",
+    "dtls_session_reused",
+    "receive_datagram",
+]
 from server.transport.tls import make_tls_client_context
 
 

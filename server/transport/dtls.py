@@ -8,7 +8,14 @@ Workarounds for trio/pyOpenSSL behaviour seen here (shared/reference/measured-he
    session, never allowed to reach ``DTLSEndpoint.serve`` (which would stop serving);
 2. trio never expires DTLS sessions: every session has its own idle deadline;
 3. pyOpenSSL freezes a Context after first use: clients make a fresh Context per connection;
-4. pyOpenSSL has no DTLS 1.2 constant: the raw version 0xFEFD is used.
+4. pyOpenSSL has no DTLS 1.2 constant: the raw version 0xFEFD is used;
+5. ``DTLSChannel.send`` writes the record into OpenSSL, waits for the endpoint's send lock,
+   and only then drains OpenSSL's output: two tasks sending on one channel at once put both
+   records in the first datagram and an empty datagram after it. Sends are serialized per
+   session (:meth:`DtlsSession.send`, :func:`send_close_notify`);
+6. ``DTLSChannel.receive`` raises ``OpenSSL.SSL.WantReadError`` for a datagram that yields
+   no application data and is not a record OpenSSL skips on its own (an empty one, seen
+   from 5): :func:`receive_datagram` skips it, on the server and on devices.
 
 trio exposes neither a channel's peer certificate nor a way to send close_notify; the helpers
 at the end of this module reach into ``DTLSChannel._ssl`` and ``DTLSEndpoint._send_lock``
@@ -130,7 +137,7 @@ def make_dtls_client_context(ca_path: Path, cert_path: Path, key_path: Path) -> 
 class DtlsSession(DeviceSession):
     """A device session over DTLS; ``receive()`` returns one datagram's plaintext."""
 
-    __slots__ = ("_bucket", "channel", "dropped")
+    __slots__ = ("_bucket", "_send_waiters", "_sending", "channel", "dropped")
 
     transport = "udp"
 
@@ -147,6 +154,10 @@ class DtlsSession(DeviceSession):
         #: Datagrams dropped for size or rate.
         self.dropped = 0
         self._bucket: TokenBucket | None = None
+        # One send at a time (pitfall 5); the parking lot exists only once two tasks
+        # actually competed (a trio.Lock per idle session would cost ~340 bytes).
+        self._sending = False
+        self._send_waiters: trio.lowlevel.ParkingLot | None = None
 
     async def receive(self) -> bytes:
         """The next datagram within size and rate limits (others are dropped: CoAP over UDP
@@ -156,7 +167,7 @@ class DtlsSession(DeviceSession):
             if self.close_reason is not None:
                 raise SessionClosed(self.close_reason)
             try:
-                data = await self.channel.receive()
+                data = await receive_datagram(self.channel)
             except SSL.ZeroReturnError:  # the device's close_notify (pitfall 1)
                 raise self._ended(CloseReason.PEER) from None
             except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -171,22 +182,50 @@ class DtlsSession(DeviceSession):
             return data
 
     async def send(self, data: bytes) -> None:
-        """Send ``data`` as one DTLS record in one datagram."""
+        """Send ``data`` as one DTLS record in one datagram. Sends from several tasks are
+        serialized (pitfall 5). A send cancelled inside trio (after OpenSSL took the record,
+        before the datagram left) still leaves its record to ride with the next send: trio
+        offers no way to discard it. That happens only to a session's sender being torn
+        down, and the device drops or re-requests what it cannot parse."""
         self._check_can_send()
+        await self._take_send_turn()
         try:
             await self.channel.send(data)
         except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
         except OSError as exc:  # e.g. ENOBUFS: the datagram is lost, as UDP allows
             logger.debug("datagram to %s lost: %s", self.peer, exc)
+        finally:
+            self._give_back_send_turn()
         self._touch()
+
+    async def _take_send_turn(self, *, closing: bool = False) -> None:
+        """Wait until no other task is sending; ``closing``: for the close_notify, which
+        is sent although the session has ended."""
+        while self._sending:
+            if self._send_waiters is None:
+                self._send_waiters = trio.lowlevel.ParkingLot()
+            await self._send_waiters.park()
+            if not closing and self.close_reason is not None and not self._in_farewell:
+                self._send_waiters.unpark()  # pass the wake-up on before giving up
+                raise SessionClosed(self.close_reason)
+        self._sending = True
+
+    def _give_back_send_turn(self) -> None:
+        self._sending = False
+        if self._send_waiters is not None:
+            self._send_waiters.unpark()
 
     async def _farewell_then_close(self, handler: SessionHandler) -> None:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.limits.farewell_timeout
             await self._farewell(handler)
             if self.close_reason != CloseReason.PEER:
-                await send_close_notify(self.channel)
+                await self._take_send_turn(closing=True)
+                try:
+                    await send_close_notify(self.channel)
+                finally:
+                    self._give_back_send_turn()
         self.channel.close()
 
     def _close_now(self) -> None:
@@ -272,6 +311,34 @@ async def serve_dtls(
 ) -> None:
     """Serve DTLS devices on ``endpoint`` (bound) until cancelled or the endpoint closes."""
     await endpoint.serve(context, _serve_channel, host, task_status=task_status)
+
+
+async def receive_datagram(channel: trio.DTLSChannel) -> bytes:
+    """The application data of the next datagram on ``channel`` that carries any.
+
+    A datagram that yields none is skipped, as RFC 6347 section 4.1.2.7 asks of invalid
+    records. trio skips most of them itself (a duplicate, a late handshake record: OpenSSL
+    reads them to nothing), but not a datagram OpenSSL's memory BIO refuses, such as an
+    empty one: pyOpenSSL's ``bio_write`` of zero bytes fails, with ``SSL.WantReadError``
+    once the connection has read anything (the BIO's retry flag), else with an
+    ``SSL.Error`` carrying no OpenSSL error, and ``DTLSChannel.receive`` passes that on,
+    which would end the session. Empty datagrams come from anyone who can spoof the
+    peer's address, and came from our own server when two tasks sent at once (pitfall 5).
+    The datagram is consumed before the error, so receiving again is safe. A close_notify
+    (``SSL.ZeroReturnError``) and errors OpenSSL reports (a fatal alert) reach the caller.
+    Shared by the server (:class:`DtlsSession`) and devices (emulator, tests).
+    """
+    while True:
+        try:
+            return await channel.receive()
+        except SSL.WantReadError:
+            continue
+        except SSL.ZeroReturnError:
+            raise
+        except SSL.Error as exc:
+            if exc.args and exc.args[0] == []:  # no OpenSSL error: the BIO refused it
+                continue
+            raise
 
 
 # --- reaching into trio's DTLSChannel (no public API for these) ---------------------------
