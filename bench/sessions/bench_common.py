@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import trio
 
 from server.identity import init_pki, pki_dir, provision_devices
 from server.transport.client import DeviceCredentials
 
 DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-sessions")
+T = TypeVar("T")
 
 
 def fleet(workdir: Path, count: int) -> tuple[Path, list[DeviceCredentials], Path]:
@@ -102,3 +107,45 @@ def cpu_seconds(pid: int) -> float:
 
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+async def open_all(
+    devices: list[DeviceCredentials],
+    opener: Callable[[DeviceCredentials], Awaitable[T]],
+    parallel: int,
+) -> list[T]:
+    """``opener(device)`` for every device, at most ``parallel`` at once; what each returned."""
+    opened: list[T] = []
+    limiter = trio.CapacityLimiter(parallel)
+
+    async def one(device: DeviceCredentials) -> None:
+        async with limiter:
+            opened.append(await opener(device))
+
+    async with trio.open_nursery() as nursery:
+        for device in devices:
+            nursery.start_soon(one, device)
+    return opened
+
+
+async def paced(
+    targets: list[T], count: int, rate: float, parallel: int,
+    call: Callable[[T], Awaitable[object]],
+) -> float:
+    """``count`` calls of ``call`` spread round-robin over ``targets`` at about ``rate`` per
+    second (keep-alives arrive spread out, not in one burst), at most ``parallel`` in
+    flight; returns the seconds it took."""
+    started = time.perf_counter()
+    in_flight = trio.CapacityLimiter(parallel)
+
+    async def one(target: T) -> None:
+        async with in_flight:
+            await call(target)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(count):
+            nursery.start_soon(one, targets[n % len(targets)])
+            delay = started + (n + 1) / rate - time.perf_counter()
+            if delay > 0:
+                await trio.sleep(delay)
+    return time.perf_counter() - started

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import trio
-from bench_common import DEFAULT_WORKDIR, ServerProcess, cpu_seconds, fleet
+from bench_common import DEFAULT_WORKDIR, ServerProcess, cpu_seconds, fleet, open_all, paced
 
 from server.transport.client import DeviceCredentials, connect_dtls, connect_tls
 
@@ -77,17 +76,10 @@ async def ping_cost(
     """Hold one session per device, then measure server CPU per answered message."""
     port = server.tcp_port if transport == "tls" else server.udp_port
     opener = _open_tls if transport == "tls" else _open_dtls
-    links: list[_Tls | _Dtls] = []
     async with AsyncExitStack() as stack:
-        limiter = trio.CapacityLimiter(args.parallel)
-
-        async def one(device: DeviceCredentials) -> None:
-            async with limiter:
-                links.append(await opener(port, device, stack))
-
-        async with trio.open_nursery() as nursery:
-            for device in devices:
-                nursery.start_soon(one, device)
+        links: list[_Tls | _Dtls] = await open_all(
+            devices, lambda device: opener(port, device, stack), args.parallel
+        )
         await trio.sleep(1.0)  # let the server settle after the openings (not measured)
         spy = None
         if profile is not None:
@@ -97,22 +89,8 @@ async def ping_cost(
             )
             await trio.sleep(1.0)
         cpu_before = cpu_seconds(server.pid)
-        started = time.perf_counter()
-        interval = 1.0 / args.rate
-        in_flight = trio.CapacityLimiter(args.parallel)
-
-        async def ping(link: _Tls | _Dtls) -> None:
-            async with in_flight:
-                await link.ping()
-
-        async with trio.open_nursery() as nursery:
-            for n in range(args.pings):
-                nursery.start_soon(ping, links[n % len(links)])
-                # Pace the sends: keep-alives arrive spread out, not in one burst.
-                delay = started + (n + 1) * interval - time.perf_counter()
-                if delay > 0:
-                    await trio.sleep(delay)
-        elapsed = time.perf_counter() - started
+        elapsed = await paced(links, args.pings, args.rate, args.parallel,
+                              lambda link: link.ping())
         cpu = cpu_seconds(server.pid) - cpu_before
         if spy is not None:
             spy.send_signal(2)

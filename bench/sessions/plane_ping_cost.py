@@ -29,13 +29,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import trio
-from bench_common import cpu_seconds
+from bench_common import cpu_seconds, open_all, paced
 
 from otacore.protocol.link import TcpLink, UdpLink
 from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
@@ -153,17 +152,10 @@ async def ping_cost(
     """Hold one session per device, then measure server CPU per answered ping."""
     port = server.ports[transport]
     opener = _open_tcp if transport == "tcp" else _open_udp
-    sessions: list[_Session] = []
     async with AsyncExitStack() as stack:
-        limiter = trio.CapacityLimiter(args.parallel)
-
-        async def one(device: DeviceCredentials) -> None:
-            async with limiter:
-                sessions.append(await opener(port, device, stack))
-
-        async with trio.open_nursery() as nursery:
-            for device in devices:
-                nursery.start_soon(one, device)
+        sessions: list[_Session] = await open_all(
+            devices, lambda device: opener(port, device, stack), args.parallel
+        )
         await trio.sleep(2.0)  # let the server's session starts settle (not measured)
         spy = None
         if args.profile is not None:
@@ -181,24 +173,13 @@ async def ping_cost(
         if server.probed:  # gc_probe: collections so far; start the promotion census
             server.process.send_signal(signal.SIGUSR1)
         cpu_before = cpu_seconds(server.process.pid)
-        started = time.perf_counter()
-        interval = 1.0 / args.rate
-        in_flight = trio.CapacityLimiter(args.parallel)
-
         retries = 0
 
         async def ping(session: _Session) -> None:
             nonlocal retries
-            async with in_flight:
-                retries += await session.ping() - 1
+            retries += await session.ping() - 1
 
-        async with trio.open_nursery() as nursery:
-            for n in range(args.pings):
-                nursery.start_soon(ping, sessions[n % len(sessions)])
-                delay = started + (n + 1) * interval - time.perf_counter()
-                if delay > 0:  # keep-alives arrive spread out, not in one burst
-                    await trio.sleep(delay)
-        elapsed = time.perf_counter() - started
+        elapsed = await paced(sessions, args.pings, args.rate, args.parallel, ping)
         cpu = cpu_seconds(server.process.pid) - cpu_before
         if server.probed:
             server.process.send_signal(signal.SIGUSR1)
