@@ -71,9 +71,9 @@ async def attempt(creds_dir: Path, device_id: str, transport: str,
     except trio.BrokenResourceError:
         # The server refused and closed the connection before the Hello went out: a TLS
         # 1.3 client's handshake ends before the server has checked its certificate (RFC
-        # 8446 section 4.4.2), so a device slower than the server's refusal writes into a
-        # connection already closed and gets EPIPE or ECONNRESET instead of reading the
-        # close_notify (TCP only; the callers check that the refusal was counted).
+        # 8446 section 4.4.2), the device's CSM (RFC 8323 section 5.3) then reaches a
+        # closed socket and is answered by a reset, and the Hello's write fails with EPIPE
+        # or ECONNRESET (TCP only; the callers check that the refusal was counted).
         return "closed"
     finally:
         await device.aclose()
