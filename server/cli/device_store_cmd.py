@@ -13,9 +13,9 @@ from pathlib import Path
 
 import typer
 
-from server.cli._output import fail, print_json
+from server.cli._output import print_json
 from server.cli.device_identity_cmd import register_commands
-from server.client import ApiClient, ApiError
+from server.cli.fleet_cmd import ApiUrl, AsJson, Product, Token, _client
 from server.devices.keys import product_signing_key, product_statements, write_trust_file
 from server.fleet.base import FleetBase, now_ms
 from server.fleet.errors import DuplicateError
@@ -114,39 +114,23 @@ def _ref(product: str) -> int | str:
     return int(product) if (product.isascii() and product.isdigit()) else product
 
 
-def revoke(
-    device_id: str,
-    product: str = typer.Option(..., "--product", "-p", envvar="OTA_PRODUCT"),
-    api_url: str = typer.Option("http://127.0.0.1:8080", "--api-url", envvar="OTA_API_URL"),
-    token: str | None = typer.Option(None, "--token", envvar="OTA_TOKEN"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
+def revoke(device_id: str, product: str = Product, api_url: str = ApiUrl,
+           token: str | None = Token, as_json: bool = AsJson) -> None:
     """Revoke a device's certificates: its live session closes, new handshakes fail."""
-    with ApiClient(api_url, token) as client:
-        try:
-            result = client.revoke_device(product, device_id)
-        except ApiError as exc:
-            fail(exc.message if exc.status else str(exc))
+    with _client(api_url, token) as client:
+        result = client.revoke_device(product, device_id)
     if as_json:
         print_json(result)
     else:
         typer.echo(f"revoked {device_id}")
 
 
-def reinstate(
-    device_id: str,
-    product: str = typer.Option(..., "--product", "-p", envvar="OTA_PRODUCT"),
-    api_url: str = typer.Option("http://127.0.0.1:8080", "--api-url", envvar="OTA_API_URL"),
-    token: str | None = typer.Option(None, "--token", envvar="OTA_TOKEN"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
+def reinstate(device_id: str, product: str = Product, api_url: str = ApiUrl,
+              token: str | None = Token, as_json: bool = AsJson) -> None:
     """Lift a device's revocation: its certificates are accepted again (audit-logged).
     To give a revoked device a fresh identity instead, provision it again with --id."""
-    with ApiClient(api_url, token) as client:
-        try:
-            result = client.reinstate_device(product, device_id)
-        except ApiError as exc:
-            fail(exc.message if exc.status else str(exc))
+    with _client(api_url, token) as client:
+        result = client.reinstate_device(product, device_id)
     if as_json:
         print_json(result)
     else:
