@@ -197,6 +197,18 @@ class ServerProcess:
         self.log_path = log_path
         self.lines: dict[str, str] = {}
 
+    @classmethod
+    async def start(cls, data: Path, log_path: Path) -> ServerProcess:
+        """``ota server --workers 2`` on ``data``, free ports, stderr appended to ``log_path``
+        (the caller stops the process)."""
+        argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
+                "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
+        with log_path.open("ab") as log:
+            process = await trio.lowlevel.open_process(
+                argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
+            )
+        return cls(process, log_path)
+
     async def read_banner(self) -> None:
         assert self.process.stdout is not None
         text = ""
@@ -282,13 +294,8 @@ def setup_store(data: Path, creds: Path) -> tuple[int, list[str], str]:
 async def test_two_processes_serve_one_fleet(tmp_path: Path) -> None:
     data, creds, log_path = tmp_path / "data", tmp_path / "creds", tmp_path / "server.log"
     product, ids, token = await trio.to_thread.run_sync(setup_store, data, creds)
-    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
-    with log_path.open("ab") as log:
-        process = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
-        )
-    server = ServerProcess(process, log_path)
+    server = await ServerProcess.start(data, log_path)
+    process = server.process
     store = Store.open_dir(data, pool_size=1)
     try:
         await server.read_banner()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -42,7 +40,6 @@ from server.transport import RefuseReason
 from tests.device_client import LinkDevice
 from tests.device_server import DeviceServerKit, start_device_server
 from tests.test_multiprocess_server import (
-    REPO,
     ServerProcess,
     children,
     online_origins,
@@ -281,13 +278,8 @@ async def test_a_revocation_reaches_the_worker_process_holding_the_device(
 ) -> None:
     data, creds, log_path = tmp_path / "data", tmp_path / "creds", tmp_path / "server.log"
     product, ids, token = await trio.to_thread.run_sync(setup_store, data, creds)
-    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
-    with log_path.open("ab") as log:
-        process = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
-        )
-    server = ServerProcess(process, log_path)
+    server = await ServerProcess.start(data, log_path)
+    process = server.process
     store = Store.open_dir(data, pool_size=1)
     devices: dict[str, LinkDevice] = {}
     try:
