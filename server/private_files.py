@@ -66,6 +66,16 @@ def create_private_file(path: Path | str) -> bool:
     return True
 
 
+def write_private_fd(fd: int, data: bytes) -> None:
+    """Make the new file ``fd`` 0600 (whatever the umask), write ``data``, fsync it and close
+    ``fd``: the durable, owner-only write every private file of the data directory gets."""
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), PRIVATE_FILE_MODE)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_private_file(path: Path | str, data: bytes, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` with mode 0600 regardless of the umask.
 
@@ -76,20 +86,12 @@ def write_private_file(path: Path | str, data: bytes, *, exclusive: bool = False
     path = Path(path)
     if exclusive:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), PRIVATE_FILE_MODE)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_private_fd(fd, data)
         return
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), PRIVATE_FILE_MODE)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_private_fd(fd, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.private_files import PRIVATE_FILE_MODE, make_private_dir
+from server.private_files import make_private_dir, write_private_fd
 from server.store.errors import BlobCorruptError, BlobMissingError, StoreConfigError
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" also matches before a "\n"
@@ -83,11 +83,7 @@ class BlobStore:
         # mkstemp creates the file 0600 (owner-only) whatever the umask.
         fd, tmp_name = tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix=sha256[:16] + ".")
         try:
-            with os.fdopen(fd, "wb") as tmp:
-                os.fchmod(tmp.fileno(), PRIVATE_FILE_MODE)
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
+            write_private_fd(fd, data)
             os.replace(tmp_name, final)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
