@@ -36,6 +36,7 @@ from otacore.records.dtls12 import (
     SessionClosed,
 )
 from otacore.records.dtls12_handover import HandshakeRecordTracker, layer_from_connection
+from otacore.records.openssl_memory import drain_output
 from otacore.records.tls12_keys import SUITES, derive_traffic_keys, suite_named, tls12_prf
 from server.identity import ProvisionedDevice, init_pki, pki_dir, provision_devices
 from server.transport.dtls import (
@@ -79,12 +80,7 @@ class Peer:
 
     def drain(self) -> bytes:
         """All of OpenSSL's pending output (several datagrams concatenated)."""
-        out = b""
-        while True:
-            try:
-                out += self.conn.bio_read(65536)
-            except SSL.WantReadError:
-                break
+        out = drain_output(self.conn)
         if out:
             self.tracker.outgoing(out)
             self.wire.append(out)

@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
+from otacore.records.openssl_memory import drain_output
 from otacore.records.tls13 import Tls13RecordLayer
 from otacore.records.tls13_handover import Tls13Handover, Tls13Handshake, enable_record_export
 from otacore.records.tls13_keys import SUITES, CipherSuite, traffic_key_and_iv
@@ -75,12 +76,7 @@ def context(*, server: bool, suites: str | None = None, export: bool = False) ->
 
 def drain(connection: SSL.Connection) -> bytes:
     """Everything an OpenSSL connection has written to its memory BIO."""
-    out = b""
-    while True:
-        try:
-            out += connection.bio_read(65536)
-        except SSL.WantReadError:
-            return out
+    return drain_output(connection)
 
 
 def step(connection: SSL.Connection) -> bytes:

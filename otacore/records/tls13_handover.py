@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from otacore.errors import RecordHandoverError
+from otacore.records.openssl_memory import drain_output
 from otacore.records.tls13 import Tls13RecordLayer
 from otacore.records.tls13_keys import CipherSuite, suite_named, traffic_key_and_iv
 from otacore.records.tls13_protocol import (
@@ -169,28 +170,20 @@ class Tls13Handshake:
             raise RecordHandoverError("the handshake was already taken over, aborted or failed")
         return self._connection
 
-    def _drain(self, connection: SSL.Connection) -> bytes:
-        out = b""
-        while True:
-            try:
-                out += connection.bio_read(65536)
-            except SSL.WantReadError:
-                return out
-
     def _step(self) -> None:
         connection = self._connection_or_fail()
         try:
             connection.do_handshake()
         except SSL.WantReadError:
-            self._outbuf += self._drain(connection)
+            self._outbuf += drain_output(connection)
             return
         except SSL.Error as error:
-            self._outbuf += self._drain(connection)  # OpenSSL's alert, for the peer
+            self._outbuf += drain_output(connection)  # OpenSSL's alert, for the peer
             self._fail()
             raise RecordHandoverError(f"TLS handshake failed: {error}") from error
         # Complete. Everything OpenSSL wrote in this step follows the peer's Finished (the
         # server's tickets, 4.6.1) or is the client's own final flight (4.4.4).
-        final = self._drain(connection)
+        final = drain_output(connection)
         self._outbuf += final
         self._post_handshake_records = _split_records(final)
         self.complete = True
@@ -260,7 +253,7 @@ class Tls13Handshake:
             self._fail()
             raise RecordHandoverError("OpenSSL returned application data from a ticket record")
         self._tickets_absorbed += 1
-        self._outbuf += self._drain(connection)
+        self._outbuf += drain_output(connection)
         return True
 
     def data_to_send(self) -> bytes:

@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL, crypto
 
+from otacore.records.openssl_memory import drain_output
 from server.identity import InstallationPki
 from server.transport.admission import NotAdmitted
 from server.transport.limits import TokenBucket
@@ -380,13 +381,7 @@ async def send_close_notify(channel: trio.DTLSChannel) -> None:
         connection.shutdown()
     except SSL.Error:
         return
-    chunks = []
-    while True:
-        try:
-            chunks.append(connection.bio_read(2**14))
-        except SSL.WantReadError:
-            break
-    packet = b"".join(chunks)
+    packet = drain_output(connection)
     if not packet:
         return
     endpoint = channel.endpoint
