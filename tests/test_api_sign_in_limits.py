@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from server.api import ApiSettings, create_app
 from server.cli.main import app as ota_app
 from tests.conftest import Api, _server_config
+from tests.test_api_login_throttle import client_from, sign_in
 
 PASSWORD = "correct horse battery"
 OWNER = "ops@example.com"
@@ -55,27 +56,16 @@ async def _server(nursery: trio.Nursery, data_dir: Path, **api: Any) -> AsyncIte
     handle.shutdown.set()
 
 
-def _from(api: Api, address: str) -> httpx.AsyncClient:
-    """A client whose connections come from ``address`` (any of 127.0.0.0/8 is local)."""
-    transport = httpx.AsyncHTTPTransport(local_address=address)
-    return httpx.AsyncClient(base_url=api.handle.api_url, transport=transport, timeout=30)
-
-
 def _asgi_from(app: Any, address: str) -> httpx.AsyncClient:
     """A client of the app itself, which sees ``address`` as the client's address."""
     transport = httpx.ASGITransport(app=app, client=(address, 40_000))
     return httpx.AsyncClient(base_url="http://ota.test", transport=transport, timeout=30)
 
 
-async def _sign_in(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
-    return await client.post("/oauth/token", data={
-        "grant_type": "password", "username": username, "password": password})
-
-
 async def _fail_from(api: Api, addresses: list[str], username: str) -> None:
     for address in addresses:
-        async with _from(api, address) as client:
-            assert (await _sign_in(client, username, "wrong")).status_code == 400
+        async with client_from(api, address) as client:
+            assert (await sign_in(client, username, "wrong")).status_code == 400
 
 
 async def _audit(api: Api, action: str) -> list[Any]:
@@ -97,13 +87,13 @@ async def test_guesses_from_many_addresses_of_one_ipv6_64_share_its_limit(api: A
     statuses = []
     for n in range(12):  # one guess from each of 12 addresses of 2001:db8:100:1::/64
         async with _asgi_from(app, f"2001:db8:100:1::{0x1001 + n:x}") as client:
-            statuses.append((await _sign_in(client, f"nobody-{n}", "wrong")).status_code)
+            statuses.append((await sign_in(client, f"nobody-{n}", "wrong")).status_code)
     assert statuses == [400] * 10 + [429] * 2
     async with _asgi_from(app, "2001:db8:100:1:ffff:ffff:ffff:ffff") as same_64:
-        refused = await _sign_in(same_64, OWNER, PASSWORD)
+        refused = await sign_in(same_64, OWNER, PASSWORD)
         assert refused.status_code == 429 and "from this address" in refused.text
     async with _asgi_from(app, "2001:db8:100:2::1") as next_64:
-        assert (await _sign_in(next_64, OWNER, PASSWORD)).status_code == 200
+        assert (await sign_in(next_64, OWNER, PASSWORD)).status_code == 200
 
 
 async def test_one_ipv6_64_holds_no_more_than_its_share_of_the_hashing_queue(api: Api) -> None:
@@ -121,11 +111,11 @@ async def test_one_ipv6_64_holds_no_more_than_its_share_of_the_hashing_queue(api
 
     async def guess(n: int) -> None:
         async with _asgi_from(app, f"2001:db8:100:1::{0x2001 + n:x}") as client:
-            statuses.append((await _sign_in(client, f"x{n}", "wrong")).status_code)
+            statuses.append((await sign_in(client, f"x{n}", "wrong")).status_code)
 
     async def owner() -> None:
         async with _asgi_from(app, "2001:db8:100:2::1") as client:
-            legit.append((await _sign_in(client, OWNER, PASSWORD)).status_code)
+            legit.append((await sign_in(client, OWNER, PASSWORD)).status_code)
 
     async with trio.open_nursery() as nursery:
         for n in range(10):
@@ -159,28 +149,28 @@ async def test_guesses_from_anywhere_cannot_lock_an_owner_out_of_its_own_address
             lambda: api.handle.fleet.create_client_sync("CI", "viewer"))
 
         async def client_token(address: str, the_secret: str) -> httpx.Response:
-            async with _from(api, address) as http:
+            async with client_from(api, address) as http:
                 return await http.post("/oauth/token", data={
                     "grant_type": "client_credentials", "client_id": client_id,
                     "client_secret": the_secret})
 
-        async with _from(api, "127.0.2.1") as home:  # where the owner signs in
-            assert (await _sign_in(home, OWNER, PASSWORD)).status_code == 200
+        async with client_from(api, "127.0.2.1") as home:  # where the owner signs in
+            assert (await sign_in(home, OWNER, PASSWORD)).status_code == 200
         assert (await client_token("127.0.2.2", secret)).status_code == 200  # the CI's host
         guesses = []
         for n in range(1, 26):  # 25 guesses from 25 addresses at each
-            async with _from(api, f"127.0.10.{n}") as client:
-                guesses.append((await _sign_in(client, OWNER, "wrong")).status_code)
+            async with client_from(api, f"127.0.10.{n}") as client:
+                guesses.append((await sign_in(client, OWNER, "wrong")).status_code)
             guesses.append((await client_token(f"127.0.11.{n}", "wrong")).status_code)
         # 5 failures each, then both are locked for addresses they never signed in from.
         assert guesses[0::2] == [400] * 5 + [429] * 20
         assert guesses[1::2] == [401] * 5 + [429] * 20
-        async with _from(api, "127.0.2.1") as home:
-            assert (await _sign_in(home, OWNER, PASSWORD)).status_code == 200
+        async with client_from(api, "127.0.2.1") as home:
+            assert (await sign_in(home, OWNER, PASSWORD)).status_code == 200
         assert (await client_token("127.0.2.2", secret)).status_code == 200
         # From an address they never used, the account and the client are locked.
-        async with _from(api, "127.0.12.1") as fresh:
-            refused = await _sign_in(fresh, OWNER, PASSWORD)
+        async with client_from(api, "127.0.12.1") as fresh:
+            refused = await sign_in(fresh, OWNER, PASSWORD)
         assert refused.status_code == 429 and "for this account" in refused.text
         refused = await client_token("127.0.12.2", secret)
         assert refused.status_code == 429 and "for this OAuth client" in refused.text
@@ -192,8 +182,8 @@ async def test_an_administrator_lifts_a_lockout_through_the_api_and_the_cli(
     async with _server(nursery, data_dir, login_max_failures_per_user=5,
                        login_first_account_lockout_seconds=600) as api:
         await _fail_from(api, [f"127.0.20.{n}" for n in range(1, 6)], OWNER)
-        async with _from(api, "127.0.21.1") as owner:
-            assert (await _sign_in(owner, OWNER, PASSWORD)).status_code == 429
+        async with client_from(api, "127.0.21.1") as owner:
+            assert (await sign_in(owner, OWNER, PASSWORD)).status_code == 429
         listed = (await api.client.get("/v1/sign-in-limits")).json()
         assert listed["limits"][0] == {
             "kind": "user", "name": OWNER, "failures": 5, "limit": 5, "in_progress": 0,
@@ -209,8 +199,8 @@ async def test_an_administrator_lifts_a_lockout_through_the_api_and_the_cli(
             cleared = await admin.delete(f"/v1/sign-in-limits/users/{OWNER}")
         assert cleared.status_code == 200, cleared.text
         assert cleared.json()["cleared"]["failures"] == 5 and cleared.json()["cleared"]["locked"]
-        async with _from(api, "127.0.21.1") as owner:
-            assert (await _sign_in(owner, OWNER, PASSWORD)).status_code == 200
+        async with client_from(api, "127.0.21.1") as owner:
+            assert (await sign_in(owner, OWNER, PASSWORD)).status_code == 200
         unlocks = await _audit(api, "sign_in.unlock")
         assert [(row.target, row.details["failures"]) for row in unlocks] == [
             (f"user:{OWNER}", 5)]
@@ -248,12 +238,12 @@ async def test_a_spray_of_other_names_does_not_flush_an_accounts_count(
                        login_first_account_lockout_seconds=600) as api:
         await _fail_from(api, [f"127.0.30.{n}" for n in range(1, 5)], "dave")
         for n in range(20):  # 2 failures per address, under its limit of 3
-            async with _from(api, f"127.0.31.{n + 1}") as client:
+            async with client_from(api, f"127.0.31.{n + 1}") as client:
                 for name in (f"spray-{n}-a", f"spray-{n}-b"):
-                    assert (await _sign_in(client, name, "wrong")).status_code == 400
+                    assert (await sign_in(client, name, "wrong")).status_code == 400
         await _fail_from(api, ["127.0.32.1"], "dave")  # the 5th: dave is locked now
-        async with _from(api, "127.0.32.2") as client:
-            assert (await _sign_in(client, "dave", "wrong")).status_code == 429
+        async with client_from(api, "127.0.32.2") as client:
+            assert (await sign_in(client, "dave", "wrong")).status_code == 429
 
 
 # --- F: lockouts are logged and audited, once -----------------------------------------------
@@ -269,11 +259,11 @@ async def test_lockouts_are_logged_once_per_burst_then_summarised_and_audited_on
     caplog.set_level(logging.INFO, logger="ota.api.sign_in")
     async with _server(nursery, data_dir, login_max_failures_per_address=3,
                        login_log_interval=0.2) as api:
-        async with _from(api, "127.0.40.1") as attacker:
+        async with client_from(api, "127.0.40.1") as attacker:
             for n in range(3):
-                assert (await _sign_in(attacker, f"guess-{n}", "wrong")).status_code == 400
+                assert (await sign_in(attacker, f"guess-{n}", "wrong")).status_code == 400
             for _ in range(5):
-                assert (await _sign_in(attacker, OWNER, PASSWORD)).status_code == 429
+                assert (await sign_in(attacker, OWNER, PASSWORD)).status_code == 429
         assert trio.current_time() == 0  # the whole burst at one instant
         mock_clock.autojump_threshold = 0  # from here on, time jumps whenever all is idle
 
