@@ -14,14 +14,14 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from otacore.downgrade import authorize_downgrade
 from otacore.errors import OtaError, PayloadSchemaError
 from otacore.messages import Event, Hello
-from otacore.module import dependency_met, parse_module
+from otacore.module import parse_module
 from otacore.platforms import ModuleFunction
 from otacore.precedence import TargetReason
 from otacore.protocol.ota_wire import (
@@ -32,8 +32,16 @@ from otacore.protocol.ota_wire import (
     parse_update_result,
 )
 from otacore.signing import Manifest, SigningKey, manifest_for_module, sign_manifest
-from otacore.transfer import (
-    PreparedFile,
+from otacore.transfer import PreparedFile
+from otacore.transfer.planner import (
+    CannotPlan,
+    CatalogEntry,
+    DeliveryPolicy,
+    NeedCatalog,
+    NeedModule,
+    downgrade_needs_authorization,
+    installed_modules,
+    plan_modules,
 )
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
@@ -97,7 +105,16 @@ class OtaEngine:
         #: server.devices.tally; with SessionUpdater.handled it tells when the engine has
         #: acted on a release).
         self.handled: dict[str, Tally] = {name: Tally() for name in _WATCHED}
+        #: The planner's settings, rebuilt when ``config`` is replaced (see delivery_policy).
+        self._policy: tuple[OtaConfig, DeliveryPolicy] | None = None
         plane.ota = self
+
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        """The delivery planner's settings from the current ``config``."""
+        if self._policy is None or self._policy[0] is not self.config:
+            self._policy = (self.config, self.config.delivery_policy)
+        return self._policy[1]
 
     # -- plane hooks ------------------------------------------------------------------------
 
@@ -323,7 +340,9 @@ class OtaEngine:
             return None
         manifest, _ = self._manifest(view.product.id, product_version, module, signing_key)
         device_version = max(hello.product_version, hello.app_version_floor or 0)
-        if manifest.product_version >= device_version:
+        if not downgrade_needs_authorization(
+                policy, application=True, per_device=per_device,
+                target_version=manifest.product_version, device_version=device_version):
             return None  # no downgrade: the manifest alone will do
         signed = authorize_downgrade(
             signing_key, manifest, device_id=view.device.id, from_version=device_version,
@@ -350,45 +369,28 @@ class OtaEngine:
         return await self._modules.get(sha256, load)
 
     async def plan(self, view: DeviceTarget) -> list[PlannedModule] | str:
-        """The modules to send, Device OS first; or a reason why nothing can be sent."""
+        """The modules to send, Device OS first; or a reason why nothing can be sent. The
+        planner (otacore.transfer.planner.plan_modules) decides; this shell fetches what
+        it asks for: the platform's stored Device OS modules and the parsed images."""
         sha256 = self.fleet.binary_sha256_for(view)
         if sha256 is None:
             return "the target firmware is missing"
         app = await self.module(sha256)
-        installed = {
-            (int(m["function"]), int(m["index"])): int(m["version"])
-            for m in (view.device.modules or [])
-        }
+        installed = installed_modules(view.device.modules)
         # The product's platform, never the one the device reported: Device OS modules of
         # another platform must not reach it (the session refuses such a Hello anyway).
         platform = view.product.platform_id
-        catalog: list[dict[str, Any]] | None = None  # read only when a dependency is unmet
-        plan: list[PlannedModule] = []
-        # Dependencies first, deepest first: a system part may need a newer bootloader.
-        pending = list(app.info.dependencies)
-        needed: list[tuple[int, int, int]] = []
-        while pending:
-            dep = pending.pop()
-            triples = [(f, i, v) for (f, i), v in installed.items()]
-            if dependency_met(dep, triples) or (dep.function, dep.index) in {
-                (f, i) for f, i, _ in needed
-            }:
-                continue
-            if catalog is None:
-                catalog = await self.fleet.list_device_os(platform)
-            candidates = [
-                m for m in catalog
-                if m["module_function"] == dep.function and m["module_index"] == dep.index
-                and m["module_version"] >= dep.version
-                # Never downgrade Device OS: only newer than what runs.
-                and m["module_version"] > installed.get((dep.function, dep.index), -1)
-            ]
-            if not candidates:
-                return (f"needs {ModuleFunction(dep.function).name.lower()} {dep.index} "
-                        f"version >= {dep.version}, which no stored Device OS module provides")
-            chosen = min(candidates, key=lambda m: m["module_version"])
-            needed.append((dep.function, dep.index, chosen["module_version"]))
-            module = await self.module(chosen["sha256"])
-            plan.insert(0, module)
-            pending.extend(module.info.dependencies)
-        return [*plan, app]
+        catalog: list[CatalogEntry] | None = None  # read only when a dependency is unmet
+        parts: dict[str, PlannedModule] = {sha256: app}
+        while True:
+            planned = plan_modules(sha256, app.info, installed, catalog=catalog,
+                                   parsed={key: part.info for key, part in parts.items()})
+            if isinstance(planned, NeedCatalog):
+                catalog = [CatalogEntry.from_record(entry)
+                           for entry in await self.fleet.list_device_os(platform)]
+            elif isinstance(planned, NeedModule):
+                parts[planned.sha256] = await self.module(planned.sha256)
+            elif isinstance(planned, CannotPlan):
+                return planned.reason
+            else:
+                return [parts[key] for key in planned.sha256s]

@@ -1,0 +1,626 @@
+"""The delivery policy of one device session, sans-IO: what the server does next.
+
+Beside :class:`~otacore.transfer.sender.TransferSender` (which moves one file), the
+planner decides which file moves, when and how. It is fed facts (what the device reports,
+the target the precedence rules chose, what it holds, what it refused, what is in flight,
+``now``) and answers with plain decisions; it never touches a socket, a clock, a thread or
+the store. The Trio shell (``server.devices.updater``) gathers the facts and carries the
+decisions out. The rules:
+
+- Tell the device whether the cloud forces updates, once per change (Particle: a device
+  with updates disabled refuses offers unless forced; particle-facts.md).
+- Nothing to do without a needed update, while an image is staged or a held reset waits,
+  or before the device's modules are known; updates disabled and not forced: tell the
+  device an update is pending instead of offering it.
+- Device OS parts the application depends on go first, deepest dependency first, each
+  the oldest stored version that satisfies it and never one that is not newer than what
+  the device runs (no Device OS downgrade); then the application (:func:`plan_modules`).
+- One module per check: the device resets into it and its next session continues. A
+  module the device already runs is skipped; one it refused or rolled back from stops the
+  update (until an operator flashes it anew).
+- The file that travels: a delta against the image the device runs in that slot, else
+  the image zstd-compressed for a device that inflates them, else the image itself; an
+  encoded file the device refuses (its offer, or a patch it cannot apply) falls back to
+  the next, in the same session.
+- One transfer per device at a time; a timed-out transfer is retried (pausing, doubling)
+  while attempts are left, and the device resumes from the chunks it holds; when every
+  attempt timed out while the session lives, offer again later (doubling, bounded).
+- A transfer of an application that is no longer what the device should get (a new
+  release, a lock or unlock, a development flag, a flash of something else) is cancelled.
+- The first session after a delivery waits (once) for the device's update result, unless
+  the image is still staged behind a held reset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from otacore.errors import ValidationError
+from otacore.module import ModuleDependency, ModuleInfo, dependency_met
+from otacore.platforms import ModuleFunction
+from otacore.transfer.messages import TransferStatus
+
+
+class DeliveryPlanInputError(ValidationError):
+    """The facts given to the delivery planner are malformed (a module record without its
+    function, index or version; a policy outside its bounds)."""
+
+
+class DeliveryPlanStateError(ValidationError):
+    """The planner was asked to do something its state forbids (a second transfer to a
+    device while one is in flight, ending a transfer that is not in flight)."""
+
+
+class DowngradePolicy(StrEnum):
+    """When the server signs a downgrade authorisation (otacore.downgrade) for a device
+    whose target is an older application than the one it has run."""
+
+    #: Whenever the device's target says so: a lock, a flash, an unlock back to a release,
+    #: or a release of an older version (rolling a bad release back).
+    TARGETED = "targeted"
+    #: Only for an operator's choice for that one device: a lock or a flash (a release of
+    #: an older version does not take devices down).
+    DEVICE = "device"
+    #: Never: no application ever goes down a version over the air.
+    NEVER = "never"
+
+    @classmethod
+    def parse(cls, value: object) -> DowngradePolicy:
+        """The policy named ``value``; ValidationError naming the choices otherwise."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value if isinstance(value, str) else "")
+        except ValueError:
+            choices = ", ".join(policy.value for policy in cls)
+            raise ValidationError(
+                f"unknown downgrade policy {value!r}; choose one of {choices}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    """The settings the planner applies (``ota server`` builds them from ``OtaConfig``)."""
+
+    #: Transfers of one module tried per check when the device stops acknowledging.
+    transfer_attempts: int = 3
+    #: Seconds before the first retry of a timed-out transfer (doubling after each).
+    retry_pause: float = 2.0
+    #: Seconds before offering again when every attempt timed out (doubling, up to max).
+    retry_later: float = 30.0
+    retry_later_max: float = 300.0
+    #: Firmware bytes per chunk over TLS, and over DTLS unless the device asks for less.
+    tcp_chunk_size: int = 8192
+    udp_chunk_size: int = 1024
+    #: Which older applications the server authorises.
+    downgrades: DowngradePolicy = DowngradePolicy.TARGETED
+
+    def __post_init__(self) -> None:
+        if self.transfer_attempts < 1:
+            raise DeliveryPlanInputError(
+                f"transfer_attempts must be at least 1, not {self.transfer_attempts}")
+        for name in ("retry_pause", "retry_later", "retry_later_max"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise DeliveryPlanInputError(
+                    f"{name} must be a positive number of seconds, not {value!r}")
+        if self.retry_later_max < self.retry_later:
+            raise DeliveryPlanInputError(
+                f"retry_later_max ({self.retry_later_max}) must be at least retry_later "
+                f"({self.retry_later})")
+        for name in ("tcp_chunk_size", "udp_chunk_size"):
+            if getattr(self, name) < 1:
+                raise DeliveryPlanInputError(f"{name} must be at least 1 byte")
+        object.__setattr__(self, "downgrades", DowngradePolicy.parse(self.downgrades))
+
+
+# -- facts in ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstalledModule:
+    """One module a device reported in its Describe."""
+
+    function: int
+    index: int
+    version: int
+    #: Lower-case hex SHA-256 of the module as the device reported it ("" when unknown).
+    sha256: str = ""
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> InstalledModule:
+        """From the store's record of a Describe (``function``, ``index``, ``version``,
+        ``sha256``); DeliveryPlanInputError naming what is missing otherwise."""
+        try:
+            function, index = _as_int(record["function"]), _as_int(record["index"])
+            version = _as_int(record["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeliveryPlanInputError(
+                f"a reported module needs integer function, index and version: {record!r} "
+                f"({exc})") from None
+        return cls(function, index, version, str(record.get("sha256") or "").lower())
+
+    @property
+    def slot(self) -> tuple[int, int]:
+        """(function, index): where the module lives on the device."""
+        return (self.function, self.index)
+
+
+def installed_modules(
+    records: Iterable[Mapping[str, object]] | None,
+) -> tuple[InstalledModule, ...]:
+    """The device's reported modules (empty when it has not described itself yet)."""
+    return tuple(InstalledModule.from_record(record) for record in records or ())
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return int(value)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A stored Device OS module of the device's platform."""
+
+    function: int
+    index: int
+    version: int
+    sha256: str
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> CatalogEntry:
+        """From the store's Device OS listing (``module_function``, ``module_index``,
+        ``module_version``, ``sha256``)."""
+        try:
+            return cls(_as_int(record["module_function"]), _as_int(record["module_index"]),
+                       _as_int(record["module_version"]), str(record["sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeliveryPlanInputError(
+                f"a stored Device OS module needs module_function, module_index, "
+                f"module_version and sha256: {record!r} ({exc})") from None
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """What the device's target says, as the shell read it (precedence's outcome, the
+    pending flash, the device's reported state)."""
+
+    #: A pending flash, or a target version other than the one the device runs.
+    update_needed: bool
+    #: Updates enabled on the device, or forced by the cloud.
+    updates_allowed: bool
+    updates_forced: bool
+    #: The device holds a reset with an image staged.
+    reset_pending: bool
+    #: What the device reported (empty: nothing known yet).
+    modules: tuple[InstalledModule, ...]
+    #: SHA-256 of the application to deliver: the pending flash's, else the target
+    #: release's (None: the target firmware is missing).
+    target_sha256: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An image a device validated and is about to boot (or booted without reporting yet)."""
+
+    sha256: str
+    #: True for the last module of its update (the application); False for a Device OS
+    #: module sent ahead of it, whose success is a step, not the end, of the update.
+    final: bool
+    #: Serial of the session that delivered it (sessions are numbered as they start).
+    session: int
+    #: True once a later session waited for its result (each delivery costs one wait).
+    awaited: bool = False
+
+
+# -- decisions out ----------------------------------------------------------------------------
+
+
+class IdleReason(StrEnum):
+    """Why a check ends without an offer."""
+
+    UP_TO_DATE = "no update needed"
+    STAGED = "an image is staged in this session"
+    MODULES_UNKNOWN = "the device's modules are not known yet"
+    RESET_PENDING = "an image waits for the device's held reset"
+    REFUSED = "the device refused or rolled back from this image"
+    ALREADY_RUNS = "the device runs every planned module"
+
+
+@dataclass(frozen=True)
+class TellForced:
+    """Tell the device whether the cloud forces updates."""
+
+    forced: bool
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing to offer now."""
+
+    reason: IdleReason
+
+
+@dataclass(frozen=True)
+class AnnouncePending:
+    """Updates are disabled on the device and not forced: tell it an update is pending."""
+
+
+@dataclass(frozen=True)
+class CannotPlan:
+    """The update cannot be planned (a missing image or an unmet dependency)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanModules:
+    """Plan the modules that bring the device to ``target_sha256`` (:func:`plan_modules`)."""
+
+    target_sha256: str
+
+
+@dataclass(frozen=True)
+class NeedCatalog:
+    """plan_modules needs the platform's stored Device OS modules."""
+
+
+@dataclass(frozen=True)
+class NeedModule:
+    """plan_modules needs the parsed header of the stored image ``sha256``."""
+
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """The images to deliver, in order: Device OS parts first, the application last."""
+
+    sha256s: tuple[str, ...]
+
+    @property
+    def update_sha256(self) -> str:
+        """The application the update ends with."""
+        return self.sha256s[-1]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """Offer this module; ``update_sha256`` is the application the update ends with."""
+
+    sha256: str
+    function: int
+    index: int
+    update_sha256: str
+
+    @property
+    def final(self) -> bool:
+        """True for the application itself (the update's last module)."""
+        return self.sha256 == self.update_sha256
+
+
+class Encoding(StrEnum):
+    """How a module travels (the device_updates and release counters' names)."""
+
+    DELTA = "delta"
+    ZSTD = "zstd"
+    FULL = "full"
+
+
+@dataclass(frozen=True)
+class FileChoice:
+    """One way to send a module, in the order to try; ``base_sha256`` for a delta."""
+
+    encoding: Encoding
+    base_sha256: str | None = None
+
+
+class OfferAnswer(StrEnum):
+    """How the device answered an offer."""
+
+    ACCEPTED = "accepted"
+    UNAVAILABLE = "unavailable"  # updates disabled on the device (it said so)
+    REFUSED = "refused"
+
+
+class Verdict(StrEnum):
+    """What follows an offer's answer or a failed transfer."""
+
+    STREAM = "stream"  # accepted: run the transfer
+    DISABLE_UPDATES = "disable updates"  # record updates disabled; no failure
+    FALL_BACK = "fall back"  # an encoded file refused: offer the next file now
+    REFUSE_IMAGE = "refuse image"  # never offer this image again; the update failed
+    RETRY = "retry"  # timed out with attempts left: the same update goes on
+    FAILED = "failed"  # the update failed
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """The transfer running to the device."""
+
+    offer: Offer
+    encoding: Encoding
+    started_at: float
+
+
+@dataclass(frozen=True)
+class CancelTransfer:
+    """Cancel the transfer in flight: what it delivers is no longer wanted."""
+
+    reason: str
+
+
+#: Failures of a delta or compressed transfer after which the plain image is sent instead:
+#: the device took the whole patch or frame but could not rebuild the image from it (a base
+#: that differs from what it reported, a zstd window larger than its RAM).
+FALL_BACK_STATUSES = frozenset({TransferStatus.BAD_BASE, TransferStatus.REJECTED})
+
+
+# -- module planning --------------------------------------------------------------------------
+
+
+def plan_modules(
+    app_sha256: str,
+    app: ModuleInfo,
+    installed: Sequence[InstalledModule],
+    *,
+    catalog: Sequence[CatalogEntry] | None,
+    parsed: Mapping[str, ModuleInfo],
+) -> ModulePlan | CannotPlan | NeedCatalog | NeedModule:
+    """The modules that bring the device to the application ``app``: Device OS parts it
+    depends on first (deepest dependency first), then the application.
+
+    Each unmet dependency gets the oldest stored module of its slot that satisfies it and
+    is newer than what the device runs there (never a Device OS downgrade). Sans-IO: when
+    the catalog of stored Device OS modules is needed and ``catalog`` is None, the answer
+    is NeedCatalog; when a chosen part's header is not in ``parsed``, NeedModule; the
+    caller fetches it and asks again with the same inputs plus what it fetched.
+    """
+    versions = {m.slot: m.version for m in installed}
+    triples = [(f, i, v) for (f, i), v in versions.items()]
+    plan: list[str] = []
+    pending: list[ModuleDependency] = list(app.dependencies)
+    needed: set[tuple[int, int]] = set()
+    while pending:
+        dep = pending.pop()
+        if dependency_met(dep, triples) or (dep.function, dep.index) in needed:
+            continue
+        if catalog is None:
+            return NeedCatalog()
+        candidates = [
+            entry for entry in catalog
+            if entry.function == dep.function and entry.index == dep.index
+            and entry.version >= dep.version
+            # Never downgrade Device OS: only newer than what runs.
+            and entry.version > versions.get((dep.function, dep.index), -1)
+        ]
+        if not candidates:
+            return CannotPlan(f"needs {_function_name(dep.function)} {dep.index} version >= "
+                              f"{dep.version}, which no stored Device OS module provides")
+        chosen = min(candidates, key=lambda entry: entry.version)
+        needed.add((dep.function, dep.index))
+        info = parsed.get(chosen.sha256)
+        if info is None:
+            return NeedModule(chosen.sha256)
+        plan.insert(0, chosen.sha256)  # deeper dependencies end up first
+        pending.extend(info.dependencies)
+    return ModulePlan((*plan, app_sha256))
+
+
+def _function_name(function: int) -> str:
+    try:
+        return ModuleFunction(function).name.lower()
+    except ValueError:
+        return f"module function {function}"
+
+
+# -- the planner of one session -----------------------------------------------------------------
+
+
+class DeliveryPlanner:
+    """The delivery policy of one device session: its decisions and the little state they
+    need (what the device was told, whether an image is staged, the transfer in flight,
+    how many updates in a row timed out)."""
+
+    def __init__(self, policy: DeliveryPolicy, session_serial: int) -> None:
+        self.policy = policy
+        #: Sessions are numbered in the order they start (a delivery names its session).
+        self.session_serial = session_serial
+        #: What the device was told about forced updates (None: nothing yet; a device
+        #: boots not forced).
+        self.told_forced: bool | None = None
+        #: True once the device validated an image in this session: it applies it at its
+        #: (possibly held) reset, and its next session continues the update.
+        self.staged = False
+        #: The transfer running to the device (one at a time).
+        self.in_flight: InFlight | None = None
+        #: Updates in a row whose every attempt timed out (see retry_later_delay).
+        self.timed_out_updates = 0
+
+    # settling --------------------------------------------------------------------------------
+
+    def must_await_result(self, delivery: Delivery | None, *, reset_pending: bool) -> bool:
+        """Wait (once per delivery) for the device's update result before planning, so an
+        image it rolled back from is not offered again: in the first session after the
+        delivery, unless the image is still staged behind a held reset (a device that never
+        staged it, or reports no results, must not hold up every later session)."""
+        return (delivery is not None and not delivery.awaited
+                and delivery.session < self.session_serial and not reset_pending)
+
+    # one check of the target -----------------------------------------------------------------
+
+    def forced_notice(self, forced: bool) -> TellForced | None:
+        """Whether to tell the device about forced updates now: once per change, and at the
+        first check of a session only when forced (a device boots not forced). Call
+        :meth:`told` once the device was told."""
+        if self.told_forced is None and not forced:
+            self.told_forced = False  # its default
+            return None
+        return TellForced(forced) if self.told_forced != forced else None
+
+    def told(self, notice: TellForced) -> None:
+        """The device was told ``notice``."""
+        self.told_forced = notice.forced
+
+    def check(self, facts: TargetFacts) -> Idle | AnnouncePending | CannotPlan | PlanModules:
+        """What a check of the device's target leads to (after :meth:`forced_notice`)."""
+        if not facts.update_needed:
+            return Idle(IdleReason.UP_TO_DATE)
+        if self.staged:
+            return Idle(IdleReason.STAGED)
+        if not facts.modules:
+            return Idle(IdleReason.MODULES_UNKNOWN)  # its Describe will kick again
+        if facts.reset_pending:
+            return Idle(IdleReason.RESET_PENDING)
+        if not facts.updates_allowed:
+            return AnnouncePending()
+        if facts.target_sha256 is None:
+            return CannotPlan("the target firmware is missing")
+        return PlanModules(facts.target_sha256)
+
+    def next_offer(self, plan: ModulePlan, parts: Mapping[str, ModuleInfo],
+                   facts: TargetFacts, refused: Collection[str]) -> Offer | Idle:
+        """The one module to offer now (the device resets into it; its next session
+        continues): the first planned module it does not already run, unless it refused
+        or rolled back from that or an earlier one of the plan."""
+        running = {m.slot: m.sha256 for m in facts.modules}
+        for sha256 in plan.sha256s:
+            if sha256 in refused:
+                return Idle(IdleReason.REFUSED)
+            info = parts[sha256]
+            slot = (info.module_function, info.module_index)
+            if running.get(slot) == sha256:
+                continue  # already runs exactly this image
+            return Offer(sha256, info.module_function, info.module_index, plan.update_sha256)
+        return Idle(IdleReason.ALREADY_RUNS)
+
+    # the file that travels ---------------------------------------------------------------
+
+    def file_choices(self, offer: Offer, facts: TargetFacts, *, compressed_ota: bool,
+                     delta_refused: Container[tuple[str, str]],
+                     zstd_refused: Container[str]) -> tuple[FileChoice, ...]:
+        """The files to try for ``offer``, best first: a delta against the image the device
+        runs in the slot (when it reported one, it differs and the device did not refuse
+        that patch), the image zstd-compressed (for a device announcing compressed OTA
+        that did not refuse it), the image itself. The shell skips a choice it cannot make
+        (an unknown base, a patch or frame that saves too little)."""
+        choices: list[FileChoice] = []
+        base = {m.slot: m.sha256 for m in facts.modules}.get((offer.function, offer.index), "")
+        if len(base) == 64 and base != offer.sha256 and (base, offer.sha256) not in delta_refused:
+            choices.append(FileChoice(Encoding.DELTA, base))
+        if compressed_ota and offer.sha256 not in zstd_refused:
+            choices.append(FileChoice(Encoding.ZSTD))
+        choices.append(FileChoice(Encoding.FULL))
+        return tuple(choices)
+
+    def chunk_size(self, transport: str, device_chunk_size: int | None) -> int:
+        """Chunk size of a transfer: the TLS one, or over DTLS the size the device asked
+        for in its Hello (one chunk per datagram it can take), else the DTLS default."""
+        if transport == "tcp":
+            return self.policy.tcp_chunk_size
+        return device_chunk_size or self.policy.udp_chunk_size
+
+    # outcomes ------------------------------------------------------------------------------
+
+    def on_offer_answer(self, answer: OfferAnswer, encoding: Encoding) -> Verdict:
+        """What follows the device's answer to an offer of ``encoding``."""
+        if answer is OfferAnswer.ACCEPTED:
+            return Verdict.STREAM
+        if answer is OfferAnswer.UNAVAILABLE:
+            return Verdict.DISABLE_UPDATES
+        # Refused: an encoded file may be what it cannot take (its base is not what it
+        # reported, or it takes no deltas or compressed images); the plain image decides.
+        return Verdict.FALL_BACK if encoding is not Encoding.FULL else Verdict.REFUSE_IMAGE
+
+    def on_transfer_failed(self, status: TransferStatus, encoding: Encoding, *,
+                           attempt: int) -> Verdict:
+        """What follows a failed transfer (``attempt`` counts from 0): fall back from an
+        encoded file the device could not rebuild; retry a timed-out transfer while
+        attempts are left (the same update goes on and resumes); else the update failed."""
+        if encoding is not Encoding.FULL and status in FALL_BACK_STATUSES:
+            return Verdict.FALL_BACK
+        if status is TransferStatus.TIMEOUT and self.attempts_left(attempt):
+            return Verdict.RETRY
+        return Verdict.FAILED
+
+    def attempts_left(self, attempt: int) -> bool:
+        """True when another attempt may follow attempt number ``attempt`` (from 0)."""
+        return attempt + 1 < self.policy.transfer_attempts
+
+    def retry_pause(self, attempt: int) -> float:
+        """Seconds to pause before attempt number ``attempt`` (>= 1) of a timed-out
+        transfer: the device stopped acknowledging though its session lives (lost
+        datagrams, a congested cell)."""
+        return self.policy.retry_pause * 2 ** (attempt - 1)
+
+    def after_check(self, last_failure: TransferStatus | None) -> float | None:
+        """After a check: the seconds to wait before checking again when every attempt of
+        its transfer timed out while the session lives (doubling per such update, up to
+        retry_later_max), else None (and the count starts again)."""
+        if last_failure is not TransferStatus.TIMEOUT:
+            self.timed_out_updates = 0
+            return None
+        policy = self.policy
+        delay = min(policy.retry_later * 2 ** self.timed_out_updates, policy.retry_later_max)
+        self.timed_out_updates += 1
+        return delay
+
+    # the transfer in flight -----------------------------------------------------------------
+
+    def transfer_started(self, offer: Offer, encoding: Encoding, now: float) -> InFlight:
+        """Record the transfer of ``offer`` beginning at ``now``; a second transfer while
+        one is in flight is refused (DeliveryPlanStateError)."""
+        if self.in_flight is not None:
+            raise DeliveryPlanStateError(
+                f"a transfer of {self.in_flight.offer.sha256[:12]} is in flight; end it before "
+                f"starting one of {offer.sha256[:12]}")
+        self.in_flight = InFlight(offer, encoding, now)
+        return self.in_flight
+
+    def transfer_ended(self, *, staged: bool) -> None:
+        """The transfer in flight ended; ``staged`` when the device validated the image."""
+        if self.in_flight is None:
+            raise DeliveryPlanStateError("no transfer is in flight")
+        self.in_flight = None
+        if staged:
+            self.staged = True
+
+    def stale(self, facts: TargetFacts) -> CancelTransfer | None:
+        """Whether the transfer in flight should stop, now that the target reads ``facts``
+        (a release, a lock change, a flash or a development flag arrived mid-transfer).
+
+        An application transfer stops when the device no longer needs an update (its
+        target is now what it runs, or none) or its target is now another image. A Device
+        OS part ahead of an application goes on: it is never a downgrade, and the next
+        check plans from the new target with the part in place."""
+        in_flight = self.in_flight
+        if in_flight is None or not in_flight.offer.final:
+            return None
+        if not facts.update_needed:
+            return CancelTransfer("the device no longer needs an update (its target changed)")
+        if facts.target_sha256 is not None and facts.target_sha256 != in_flight.offer.sha256:
+            return CancelTransfer(
+                f"superseded: the device's target is now {facts.target_sha256[:12]}")
+        return None
+
+
+# -- downgrades ---------------------------------------------------------------------------------
+
+
+def downgrade_needs_authorization(policy: DowngradePolicy, *, application: bool,
+                                  per_device: bool, target_version: int,
+                                  device_version: int) -> bool:
+    """True when the server should sign the device a downgrade authorisation: the target
+    is an application older than the one the device has run (its version and anti-rollback
+    floor), and the policy allows it (``device``: only for a pending flash or a lock,
+    ``per_device``; ``targeted``: any target; ``never``: none). Without one the device
+    refuses the older application (otacore.downgrade)."""
+    if not application:
+        return False
+    if policy is DowngradePolicy.NEVER or (policy is DowngradePolicy.DEVICE and not per_device):
+        return False
+    return target_version < device_version
