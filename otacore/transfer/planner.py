@@ -375,7 +375,8 @@ def plan_modules(
     depends on first (deepest dependency first), then the application.
 
     Each unmet dependency gets the oldest stored module of its slot that satisfies it and
-    is newer than what the device runs there (never a Device OS downgrade). Sans-IO: when
+    is newer than what the device runs there (never a Device OS downgrade); when two
+    modules need the same slot, the part planned satisfies the higher need. Sans-IO: when
     the catalog of stored Device OS modules is needed and ``catalog`` is None, the answer
     is NeedCatalog; when a chosen part's header is not in ``parsed``, NeedModule; the
     caller fetches it and asks again with the same inputs plus what it fetched.
@@ -384,31 +385,57 @@ def plan_modules(
     triples = [(f, i, v) for (f, i), v in versions.items()]
     plan: list[str] = []
     pending: list[ModuleDependency] = list(app.dependencies)
-    needed: set[tuple[int, int]] = set()
+    chosen: dict[tuple[int, int], CatalogEntry] = {}
     while pending:
         dep = pending.pop()
-        if dependency_met(dep, triples) or (dep.function, dep.index) in needed:
+        slot = (dep.function, dep.index)
+        already = chosen.get(slot)
+        if dependency_met(dep, triples) or (already is not None and already.version >= dep.version):
             continue
         if catalog is None:
             return NeedCatalog()
         candidates = [
             entry for entry in catalog
-            if entry.function == dep.function and entry.index == dep.index
-            and entry.version >= dep.version
+            if (entry.function, entry.index) == slot and entry.version >= dep.version
             # Never downgrade Device OS: only newer than what runs.
-            and entry.version > versions.get((dep.function, dep.index), -1)
+            and entry.version > versions.get(slot, -1)
         ]
         if not candidates:
             return CannotPlan(f"needs {_function_name(dep.function)} {dep.index} version >= "
                               f"{dep.version}, which no stored Device OS module provides")
-        chosen = min(candidates, key=lambda entry: entry.version)
-        needed.add((dep.function, dep.index))
-        info = parsed.get(chosen.sha256)
+        pick = min(candidates, key=lambda entry: entry.version)
+        info = parsed.get(pick.sha256)
         if info is None:
-            return NeedModule(chosen.sha256)
-        plan.insert(0, chosen.sha256)  # deeper dependencies end up first
+            return NeedModule(pick.sha256)
+        if already is not None:
+            # Another module needs a newer part of a slot already planned: the newer one
+            # takes its place (what depended on the older one still comes after it).
+            plan[plan.index(already.sha256)] = pick.sha256
+        else:
+            plan.insert(0, pick.sha256)  # deeper dependencies end up first
+        chosen[slot] = pick
         pending.extend(info.dependencies)
-    return ModulePlan((*plan, app_sha256))
+    return ModulePlan((*_dependencies_first(plan, parsed), app_sha256))
+
+
+def _dependencies_first(plan: list[str], parsed: Mapping[str, ModuleInfo]) -> list[str]:
+    """``plan`` reordered so that each part comes after the planned parts it depends on
+    (a device checks a module's dependencies when it validates it), keeping the planned
+    order otherwise; a dependency cycle (no such order) keeps the planned order."""
+    slot_of = {sha256: (parsed[sha256].module_function, parsed[sha256].module_index)
+               for sha256 in plan}
+    planned_slots = set(slot_of.values())
+    waits_for = {sha256: {(d.function, d.index) for d in parsed[sha256].dependencies}
+                 & planned_slots - {slot_of[sha256]} for sha256 in plan}
+    ordered: list[str] = []
+    placed: set[tuple[int, int]] = set()
+    remaining = list(plan)
+    while remaining:
+        ready = next((s for s in remaining if waits_for[s] <= placed), remaining[0])
+        remaining.remove(ready)
+        ordered.append(ready)
+        placed.add(slot_of[ready])
+    return ordered
 
 
 def _function_name(function: int) -> str:
