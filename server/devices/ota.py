@@ -45,6 +45,7 @@ from otacore.transfer.planner import (
 )
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
+from server.devices.live import Updaters
 from server.devices.once_cache import OnceCache
 from server.devices.session import DeviceSessionHandler
 from server.devices.tally import Tally
@@ -88,7 +89,6 @@ class OtaEngine:
         #: Images a device refused or rolled back from: not offered again to it (until
         #: the server restarts or the target changes).
         self.failed: dict[str, set[str]] = {}
-        self.updaters: dict[str, SessionUpdater] = {}
         #: The image each device was last sent, to attribute its update result.
         self.delivered: dict[str, Delivery] = {}
         #: Device -> SHA-256 of the application of the update it is going through: one
@@ -110,6 +110,12 @@ class OtaEngine:
         plane.ota = self
 
     @property
+    def updaters(self) -> Updaters:
+        """Device id -> updater of each live session in this process: a read-only view of
+        the plane's one registry of live sessions (each updater is its handler's)."""
+        return self.plane.live.updaters
+
+    @property
     def delivery_policy(self) -> DeliveryPolicy:
         """The delivery planner's settings from the current ``config``."""
         if self._policy is None or self._policy[0] is not self.config:
@@ -121,19 +127,19 @@ class OtaEngine:
     def attach_session(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
         """Give a new session its updater task (in the session's own nursery)."""
         updater = SessionUpdater(self, handler)
-        self.updaters[handler.device_id] = updater
+        handler.updater = updater
         handler.extra_routes.append(updater.route)
         handler.on_hello.append(updater.on_session_news)
         nursery.start_soon(updater.run)
 
     def detach_session(self, handler: DeviceSessionHandler) -> None:
-        """Forget a session's updater when the session ends (a newer one may own the id),
-        and the device's memory with it: the store keeps it for the next session."""
-        device_id = handler.device_id
-        updater = self.updaters.get(device_id)
-        if updater is not None and updater.handler is handler:
-            del self.updaters[device_id]
-            self._forget_memory(device_id)
+        """A session ends: its updater ends with it, and the device's memory is forgotten
+        (the store keeps it for the next session) unless a newer session's updater holds
+        it. Called while the plane's registry still says which session owns the device."""
+        owner = self.plane.live.get(handler.device_id)
+        if owner is None or owner is handler or owner.updater is None:
+            # A newer session without an updater yet loads the memory anew when it gets one.
+            self._forget_memory(handler.device_id)
 
     async def load_memory(self, device_id: str) -> None:
         """Take the device's memory from the store (a new session: the store is the truth;
@@ -174,7 +180,7 @@ class OtaEngine:
         device_id = handler.device_id
         if event.name == UPDATES_ENABLED_EVENT:
             await self.fleet.set_updates_enabled(device_id, event.data == "true")
-            updater = self.updaters.get(device_id)
+            updater = self.plane.live.updater(device_id)
             if updater is not None and event.data == "true":
                 updater.kick()
         elif event.name == RESET_PENDING_EVENT:
@@ -186,7 +192,7 @@ class OtaEngine:
             except PayloadSchemaError as exc:
                 log.info("device %s sent a bad update result: %s", device_id, exc)
                 return True  # acknowledged: sending it again would not make it better
-            updater = self.updaters.get(device_id)
+            updater = self.plane.live.updater(device_id)
             # Shielded (bounded): the device reported how its update ended; recording that
             # must not be lost when the session closes meanwhile.
             with trio.move_on_after(self.config.record_timeout, shield=True) as scope:
@@ -278,13 +284,13 @@ class OtaEngine:
         for view in views:
             # Each updater plans from the view read here for all: one store read for the
             # release, not one per device (see SessionUpdater.kick for when it is dropped).
-            updater = self.updaters.get(view.device.id)
+            updater = self.plane.live.updater(view.device.id)
             if updater is not None:
                 updater.kick_with(view, read_at)
 
     def kick(self, device_id: str) -> None:
         """Re-check a device's target now, if this process holds its session."""
-        updater = self.updaters.get(device_id)
+        updater = self.plane.live.updater(device_id)
         if updater is not None:
             updater.kick()
 
