@@ -235,6 +235,7 @@ class SessionUpdater:
         while True:
             await self._kicked.wait()
             self._kicked = trio.Event()
+            self._recheck = False  # this check reads the target anyway
             covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
             self.planner.policy = self.engine.delivery_policy  # the operator may retune
@@ -509,7 +510,6 @@ class SessionUpdater:
                       module: PlannedModule, offer: Offer, *, sent: SentFile) -> bool | None:
         """Run the transfer: True once the device staged the image, False when it failed,
         None when the device refused an encoded file and the caller should fall back."""
-        self._recheck = False  # kicks before the transfer began are the next check's
         outputs: list[Any] = sender.start(trio.current_time())
         while True:
             verdict = await self._emit(outputs, view, module, final=offer.final, sent=sent)
