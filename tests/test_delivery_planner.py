@@ -307,6 +307,48 @@ def test_failed_transfers_fall_back_retry_or_fail() -> None:
             is Verdict.FAILED)
 
 
+def test_a_retried_transfer_offers_the_same_file_so_the_device_resumes() -> None:
+    """The device holds the chunks of the first attempt (its receiver keeps a partial
+    download of the same file): a retry after a timeout, and a later check with the same
+    facts, offer exactly the same file, so the device resumes instead of starting over."""
+    session = planner(transfer_attempts=3)
+    app2 = digest("app 2")
+    offer = Offer(app2, USER, 1, app2)
+    before = session.file_choices(offer, facts(), compressed_ota=True, delta_refused=set(),
+                                  zstd_refused=set())
+    session.transfer_started(offer, before[0].encoding, now=0.0)
+    assert (session.on_transfer_failed(TransferStatus.TIMEOUT, before[0].encoding, attempt=0)
+            is Verdict.RETRY)
+    session.transfer_ended(staged=False)
+    plan = ModulePlan((app2,))
+    assert session.next_offer(plan, {app2: info(USER, 2)}, facts(), set()) == offer
+    assert session.file_choices(offer, facts(), compressed_ota=True, delta_refused=set(),
+                                zstd_refused=set()) == before
+
+
+def test_progress_is_recorded_at_most_once_per_interval_and_never_the_end() -> None:
+    session = planner(progress_interval=1.0)
+    assert session.record_progress(4096, 48_000, now=10.0)
+    assert not session.record_progress(8192, 48_000, now=10.5)
+    assert session.record_progress(12_288, 48_000, now=11.0)
+    assert not session.record_progress(48_000, 48_000, now=20.0)  # "applying" records it
+
+
+def test_a_carried_view_is_used_only_when_it_follows_the_describe_and_every_change() -> None:
+    session = planner()
+    # A release's read that began after this session's Describe was recorded: usable.
+    assert session.carried_view_usable(5.0, described_at=4.0, describe=False)
+    # ...but not one that may predate the Describe, or with no Describe recorded yet.
+    assert not session.carried_view_usable(3.0, described_at=4.0, describe=False)
+    assert not session.carried_view_usable(5.0, described_at=None, describe=False)
+    # The Describe's own view is its modules.
+    assert session.carried_view_usable(3.0, described_at=None, describe=True)
+    # A change after the read (a flash, a lock) asks for a new read.
+    session.invalidate(6.0)
+    assert not session.carried_view_usable(5.0, described_at=4.0, describe=False)
+    assert session.carried_view_usable(6.5, described_at=4.0, describe=False)
+
+
 def test_retry_delays_double() -> None:
     session = planner(retry_pause=2.0, retry_later=30.0, retry_later_max=100.0)
     assert [session.retry_pause(n) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]

@@ -97,12 +97,14 @@ class DeliveryPolicy:
     udp_chunk_size: int = 1024
     #: Which older applications the server authorises.
     downgrades: DowngradePolicy = DowngradePolicy.TARGETED
+    #: At most one progress write per this many seconds per transfer.
+    progress_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if self.transfer_attempts < 1:
             raise DeliveryPlanInputError(
                 f"transfer_attempts must be at least 1, not {self.transfer_attempts}")
-        for name in ("retry_pause", "retry_later", "retry_later_max"):
+        for name in ("retry_pause", "retry_later", "retry_later_max", "progress_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise DeliveryPlanInputError(
@@ -465,8 +467,12 @@ class DeliveryPlanner:
         self.staged = False
         #: The transfer running to the device (one at a time).
         self.in_flight: InFlight | None = None
-        #: Updates in a row whose every attempt timed out (see retry_later_delay).
+        #: Updates in a row whose every attempt timed out (see after_check).
         self.timed_out_updates = 0
+        #: When transfer progress was last recorded (see record_progress).
+        self.progress_recorded_at = -math.inf
+        #: When a kick last asked for the target to be read anew (see carried_view_usable).
+        self.invalidated_at = -math.inf
 
     # settling --------------------------------------------------------------------------------
 
@@ -477,6 +483,21 @@ class DeliveryPlanner:
         staged it, or reports no results, must not hold up every later session)."""
         return (delivery is not None and not delivery.awaited
                 and delivery.session < self.session_serial and not reset_pending)
+
+    def invalidate(self, now: float) -> None:
+        """Something changed (a flash, a lock, forced updates, a Hello): a view of the
+        target read before ``now`` is stale."""
+        self.invalidated_at = now
+
+    def carried_view_usable(self, read_at: float, *, described_at: float | None,
+                            describe: bool) -> bool:
+        """Whether to plan from a view of the target the caller read from ``read_at`` (a
+        release's one read of every online device, or, ``describe``, the Describe's own
+        transaction) instead of reading it again: not when the read began before a change
+        that asked for a new read, nor when it may predate this session's Describe
+        (``described_at``; its modules could be those of the image the device left)."""
+        predates_describe = not describe and (described_at is None or described_at > read_at)
+        return not (read_at < self.invalidated_at or predates_describe)
 
     # one check of the target -----------------------------------------------------------------
 
@@ -550,6 +571,15 @@ class DeliveryPlanner:
         if transport == "tcp":
             return self.policy.tcp_chunk_size
         return device_chunk_size or self.policy.udp_chunk_size
+
+    def record_progress(self, bytes_acked: int, total: int, now: float) -> bool:
+        """Whether to record this transfer progress: at most once per progress_interval
+        (progress is for people watching), and never the final bytes (the end of the
+        transfer is recorded as "applying")."""
+        if bytes_acked >= total or now - self.progress_recorded_at < self.policy.progress_interval:
+            return False
+        self.progress_recorded_at = now
+        return True
 
     # outcomes ------------------------------------------------------------------------------
 

@@ -124,7 +124,7 @@ class OtaConfig:
             transfer_attempts=self.transfer_attempts, retry_pause=self.retry_pause,
             retry_later=self.retry_later, retry_later_max=self.retry_later_max,
             tcp_chunk_size=self.tcp_chunk_size, udp_chunk_size=self.udp_chunk_size,
-            downgrades=self.downgrades,
+            downgrades=self.downgrades, progress_interval=self.progress_interval,
         )
 
 

@@ -118,8 +118,6 @@ class SessionUpdater:
         self.planner = DeliveryPlanner(engine.delivery_policy, next(engine._serials))
         #: Set when the device reports an update result in this session.
         self.result_seen = trio.Event()
-        #: When transfer progress was last written to the store (trio clock).
-        self._progress_written_at = -math.inf
         #: The attempt (from 0) of the transfer running (see deliver()).
         self._attempt = 0
         #: Why the last transfer of this session failed (None: it did not).
@@ -128,9 +126,6 @@ class SessionUpdater:
         self.memory_loaded = trio.Event()
         #: The device's target as the last kick read it (see kick_with); None: read it.
         self._view: DeviceTarget | None = None
-        #: When a kick last asked for the target to be read anew (views read earlier are
-        #: stale).
-        self._invalidated_at = -math.inf
         #: A kick arrived during a transfer: its target is checked for staleness.
         self._recheck = False
         #: The scope of the transfer's wait for the device, cancelled by a kick.
@@ -168,7 +163,7 @@ class SessionUpdater:
 
     def forget_view(self) -> None:
         """Drop the carried view, and any view read before now (see kick_with)."""
-        self._invalidated_at = trio.current_time()
+        self.planner.invalidate(trio.current_time())
         self._view = None
 
     def kick_with(self, view: DeviceTarget, read_at: float, *, describe: bool = False) -> None:
@@ -180,9 +175,8 @@ class SessionUpdater:
         a change that asked for a new read (forget_view), or when it may predate this
         session's Describe (its modules could be those of the image the device left).
         """
-        recorded = self.handler.described_at
-        predates_describe = not describe and (recorded is None or recorded > read_at)
-        if read_at < self._invalidated_at or predates_describe:
+        if not self.planner.carried_view_usable(read_at, described_at=self.handler.described_at,
+                                                describe=describe):
             self.kick()
             return
         self._view = view
@@ -550,19 +544,15 @@ class SessionUpdater:
 
     async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
                     final: bool, sent: SentFile) -> bool | object | None:
-        handler, fleet, config = self.handler, self.engine.fleet, self.engine.config
+        handler, fleet = self.handler, self.engine.fleet
         transfer, sent_size = sent.transfer, len(sent.data)
         verdict: bool | object | None = _CONTINUE
         # Completion first: its store writes precede the FinishAck in the same batch.
         outputs.sort(key=lambda item: not isinstance(item, TransferCompleted))
         for item in outputs:
             if isinstance(item, TransferProgress):
-                now = trio.current_time()
-                # At most one store write per progress_interval: progress is for people
-                # watching; the end of the transfer is recorded as "applying" anyway.
-                if (item.bytes_acked < item.total
-                        and now - self._progress_written_at >= config.progress_interval):
-                    self._progress_written_at = now
+                if self.planner.record_progress(item.bytes_acked, item.total,
+                                                trio.current_time()):
                     progress = fleet.update_progress_work(
                         self.device_id, sha256=module.sha256, version=view.target.version,
                         transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
