@@ -14,13 +14,21 @@ from otacore.module import ModuleDependency, ModuleInfo, build_module, parse_mod
 from otacore.platforms import ModuleFunction
 from otacore.precedence import DeviceTargeting, ProductReleases, Release, target_firmware_for
 from otacore.transfer import TransferStatus
+from otacore.transfer.module_plan import (
+    CannotPlan,
+    CatalogEntry,
+    DeliveryPlanInputError,
+    InstalledModule,
+    ModulePlan,
+    NeedCatalog,
+    NeedModule,
+    installed_modules,
+    plan_modules,
+)
 from otacore.transfer.planner import (
     AnnouncePending,
     CancelTransfer,
-    CannotPlan,
-    CatalogEntry,
     Delivery,
-    DeliveryPlanInputError,
     DeliveryPlanner,
     DeliveryPlanStateError,
     DeliveryPolicy,
@@ -29,10 +37,6 @@ from otacore.transfer.planner import (
     FileChoice,
     Idle,
     IdleReason,
-    InstalledModule,
-    ModulePlan,
-    NeedCatalog,
-    NeedModule,
     Offer,
     OfferAnswer,
     PlanModules,
@@ -40,8 +44,6 @@ from otacore.transfer.planner import (
     TellForced,
     Verdict,
     downgrade_needs_authorization,
-    installed_modules,
-    plan_modules,
 )
 
 PLATFORM = 32

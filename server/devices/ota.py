@@ -33,15 +33,17 @@ from otacore.protocol.ota_wire import (
 )
 from otacore.signing import Manifest, SigningKey, manifest_for_module, sign_manifest
 from otacore.transfer import PreparedFile
-from otacore.transfer.planner import (
+from otacore.transfer.module_plan import (
     CannotPlan,
     CatalogEntry,
-    DeliveryPolicy,
     NeedCatalog,
     NeedModule,
-    downgrade_needs_authorization,
     installed_modules,
     plan_modules,
+)
+from otacore.transfer.planner import (
+    DeliveryPolicy,
+    downgrade_needs_authorization,
 )
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache

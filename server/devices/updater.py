@@ -24,8 +24,6 @@ import trio
 from otacore.coap import Code, Message, MessageType
 from otacore.errors import OtaError
 from otacore.protocol.ota_wire import (
-    OFFER_ACCEPTED,
-    OFFER_UNAVAILABLE,
     PATH_FIRMWARE,
     UPDATES_FORCED_EVENT,
     UPDATES_PENDING_EVENT,
@@ -43,23 +41,23 @@ from otacore.transfer import (
     TransferSender,
     TransferStatus,
 )
+from otacore.transfer.module_plan import (
+    CannotPlan,
+    ModulePlan,
+)
 from otacore.transfer.planner import (
     AnnouncePending,
-    CannotPlan,
     DeliveryPlanner,
     Encoding,
     FileChoice,
     Idle,
-    ModulePlan,
     Offer,
-    OfferAnswer,
-    TargetFacts,
     Verdict,
-    installed_modules,
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
 from server.devices.firmware_get import FirmwareDownloads
 from server.devices.key_sync import offer_signing_key
+from server.devices.plan_inputs import RefusedFor, offer_answer, release_version, target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
 from server.transport.session import SessionClosed
@@ -74,33 +72,6 @@ if TYPE_CHECKING:
     from server.store import Tx
 
 log = logging.getLogger("ota.engine")
-
-
-def target_facts(view: DeviceTarget) -> TargetFacts:
-    """What the planner reads of a device's target as the store holds it."""
-    device = view.device
-    firmware = view.firmware
-    target_sha256 = (view.pending_flash.sha256 if view.pending_flash is not None
-                     else firmware.sha256 if firmware is not None else None)
-    return TargetFacts(
-        update_needed=view.update_needed, updates_allowed=view.updates_allowed,
-        updates_forced=view.updates_forced, reset_pending=bool(device.reset_pending),
-        modules=installed_modules(device.modules), target_sha256=target_sha256,
-    )
-
-
-class _RefusedFor:
-    """One device's slice of a cache's refusals (keys that begin with its id), for the
-    planner's ``in`` tests without copying the process-wide set."""
-
-    __slots__ = ("_device_id", "_refused")
-
-    def __init__(self, refused: set[Any], device_id: str) -> None:
-        self._refused, self._device_id = refused, device_id
-
-    def __contains__(self, key: object) -> bool:
-        rest = key if isinstance(key, tuple) else (key,)
-        return (self._device_id, *rest) in self._refused
 
 
 class SessionUpdater:
@@ -397,8 +368,8 @@ class SessionUpdater:
         hello = self.handler.hello
         choices = self.planner.file_choices(
             offer, target_facts(view), compressed_ota=hello is not None and hello.compressed_ota,
-            delta_refused=_RefusedFor(engine.deltas.refused, self.device_id),
-            zstd_refused=_RefusedFor(engine.compressed.refused, self.device_id))
+            delta_refused=RefusedFor(engine.deltas.refused, self.device_id),
+            zstd_refused=RefusedFor(engine.compressed.refused, self.device_id))
         for choice in choices:
             sent = await self._encode(view, module, info.module_function, info.module_index,
                                       choice)
@@ -453,7 +424,7 @@ class SessionUpdater:
             offer_request(signed, delta_base_sha256=base, compressed=compressed,
                           authorization=authorization),
             config.offer_timeout)
-        verdict = self.planner.on_offer_answer(_offer_answer(answer.code), encoding)
+        verdict = self.planner.on_offer_answer(offer_answer(answer.code), encoding)
         if verdict is Verdict.DISABLE_UPDATES:
             await fleet.set_updates_enabled(self.device_id, False)
             return False
@@ -575,7 +546,7 @@ class SessionUpdater:
                     self.device_id, sha256=module.sha256, version=view.target.version,
                     transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
                     status="applying")]
-                version = _release_version(view)
+                version = release_version(view)
                 if version is not None:  # the data this release's encodings saved
                     steps.append(fleet.transfer_bytes_work(
                         view.product.id, version, self.device_id, bytes_sent=sent_size,
@@ -610,20 +581,3 @@ class SessionUpdater:
 
 #: _emit's "the transfer goes on".
 _CONTINUE = object()
-
-
-def _offer_answer(code: int) -> OfferAnswer:
-    """The planner's name for the device's answer to an offer."""
-    if code == OFFER_ACCEPTED:
-        return OfferAnswer.ACCEPTED
-    if code == OFFER_UNAVAILABLE:
-        return OfferAnswer.UNAVAILABLE
-    return OfferAnswer.REFUSED
-
-
-def _release_version(view: DeviceTarget) -> int | None:
-    """The product firmware version an update delivers (None for a development binary)."""
-    flash = view.pending_flash
-    if flash is not None:
-        return flash.version if flash.kind == "product" else None
-    return view.target.version
