@@ -1,6 +1,7 @@
 """End to end over real sockets: a transfer made stale mid-way is cancelled.
 
-An immediate release arrives while the device downloads the previous one: the delivery
+An immediate release (or a lock with "flash now") arrives while the device downloads the
+previous release: the delivery
 planner (otacore.transfer.planner) finds the transfer in flight no longer serves the
 device's target, the server cancels it (a transfer Cancel the device honours), records the
 superseded update as failed, and offers the new release in the same session.
@@ -59,9 +60,10 @@ class HeldLink:
             self.receive(data, trio.current_time())
 
 
+@pytest.mark.parametrize("change", ["immediate release", "lock with flash now"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_an_immediate_release_mid_transfer_cancels_it_and_delivers_the_new_one(
-    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+async def test_a_new_target_mid_transfer_cancels_it_and_delivers_the_new_one(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport, change: str
 ) -> None:
     async with ota_rig(nursery, tmp_path, count=1) as rig:
         (device_id,) = rig.ids
@@ -90,15 +92,17 @@ async def test_an_immediate_release_mid_transfer_cancels_it_and_delivers_the_new
             with trio.fail_after(STEP):
                 await halfway.wait()
             # Version 2 is half downloaded and its transfer in flight: version 3 is
-            # released to the device at once.
-            await rig.release(3, product_default=True, intelligent=True)
+            # released to the device at once, or the device is locked to it and flashed.
+            if change == "immediate release":
+                await rig.release(3, product_default=True, intelligent=True)
+            else:
+                await rig.put_device(device_id, desired_firmware_version=3, flash=True)
             # The server cancels the stale transfer before the device hears any more.
             await rig.events.wait_for(FLASH_STATUS, device_id, "failed")
             link.let_go()
             await fleet.wait_until(updated_to(device_id, 3), timeout=STEP)
             await rig.events.wait_for(FLASH_STATUS, device_id, "success")
-            body = await rig.wait_device(device_id, lambda d: d["firmware_version"] == 3)
-            assert body["targeted_firmware_release_version"] == 3
+            await rig.wait_device(device_id, lambda d: d["firmware_version"] == 3)
         # Version 2 never booted: one boot at power-on, one into version 3.
         assert fleet.device(device_id).device.status().boots == 2
         assert flash_statuses(rig.events, device_id) == ["started", "failed", "started",
