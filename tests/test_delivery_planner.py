@@ -417,7 +417,8 @@ def test_a_device_os_part_in_flight_goes_on_whatever_the_new_target() -> None:
 def test_a_revoked_device_gets_nothing_planned() -> None:
     """A revoke closes the device's session (server.devices.plane): its planner is gone with
     it, and the next session never starts (the handshake is refused). What the planner
-    holds until then is only the one transfer the session closing ends."""
+    holds until then is only the one transfer the session closing ends (over real
+    sockets: tests/test_ota_e2e_stale.py)."""
     session = planner()
     app2 = digest("app 2")
     session.transfer_started(Offer(app2, USER, 1, app2), Encoding.FULL, now=0.0)

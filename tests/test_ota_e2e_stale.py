@@ -110,3 +110,49 @@ async def test_a_new_target_mid_transfer_cancels_it_and_delivers_the_new_one(
         # Two downloads from zero (version 2, cut; version 3, whole).
         assert watched.restarts == 2
         assert len(v2) // 2 + len(v3) <= watched.written
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_device_revoked_mid_transfer_gets_nothing_more(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    """A revocation mid-transfer closes the device's session (the one registry names it):
+    the transfer and its updater end with it, and nothing is delivered."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        rig.tune_engine(tcp_chunk_size=CHUNK, udp_chunk_size=CHUNK, window_limit=4,
+                        progress_step=4096)
+        v2 = app(2, size=48_000)
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, v2)
+        await rig.release(2, product_default=True)
+        fleet = rig.fleet([(device_id, transport)], ota_chunk_size=CHUNK)
+        fleet.open()
+        link = HeldLink(fleet.device(device_id).device)
+        halfway = trio.Event()
+
+        def at_halfway(_: int) -> None:
+            link.hold()
+            halfway.set()
+
+        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2],
+                                       on_mark=at_halfway)
+        plane = rig.kit.handle.devices
+        assert plane is not None
+        async with running(fleet):
+            with trio.fail_after(STEP):
+                await halfway.wait()
+            updater = rig.engine.updaters[device_id]
+            assert updater.sender is not None  # the transfer is in flight
+            revoked = await rig.api.post(f"/v1/products/{rig.product}/devices/{device_id}/revoke")
+            assert revoked.status_code == 200, revoked.text
+            await rig.wait_device(device_id, lambda d: not d["online"])
+            assert device_id not in plane.live and rig.engine.updaters == {}
+            assert updater.sender is None and updater.planner.in_flight is None
+            written = watched.written
+            link.let_go()  # what the server sent before the revocation
+            assert watched.written <= written + 4 * CHUNK  # at most the window in flight
+        assert written < len(v2)
+        assert fleet.device(device_id).device.status().product_version == 1
+        await rig.events.catch_up(rig.kit.handle.bus, rig.product)  # all published so far
+        assert flash_statuses(rig.events, device_id) == ["started"]
