@@ -1,6 +1,7 @@
-"""What the OTA engine delivers: its settings, the modules it plans to send, the file that
-travels for one (the image, a delta patch or a zstd frame), and the record of a delivery whose
-boot result is still to come. Shared by :mod:`server.devices.ota` (the engine) and
+"""What the OTA engine delivers: its settings, the modules it plans to send, and the file that
+travels for one (the image, a delta patch or a zstd frame). The delivery policy itself (and
+the record of a delivery whose boot result is still to come) is the sans-IO planner's,
+:mod:`otacore.transfer.planner`. Shared by :mod:`server.devices.ota` (the engine) and
 :mod:`server.devices.updater` (one session's updates).
 """
 
@@ -8,39 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
 from otacore.transfer import RetransmitPolicy
 from otacore.transfer.messages import MAX_CHUNK_SIZE, MAX_WINDOW, MIN_CHUNK_SIZE
-
-
-class DowngradePolicy(StrEnum):
-    """When the server signs a downgrade authorisation (otacore.downgrade) for a device
-    whose target is an older application than the one it has run."""
-
-    #: Whenever the device's target says so: a lock, a flash, an unlock back to a release,
-    #: or a release of an older version (rolling a bad release back).
-    TARGETED = "targeted"
-    #: Only for an operator's choice for that one device: a lock or a flash (a release of
-    #: an older version does not take devices down).
-    DEVICE = "device"
-    #: Never: no application ever goes down a version over the air.
-    NEVER = "never"
-
-    @classmethod
-    def parse(cls, value: object) -> DowngradePolicy:
-        """The policy named ``value``; ValidationError naming the choices otherwise."""
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value if isinstance(value, str) else "")
-        except ValueError:
-            choices = ", ".join(policy.value for policy in cls)
-            raise ValidationError(
-                f"unknown downgrade policy {value!r}; choose one of {choices}"
-            ) from None
+from otacore.transfer.planner import (  # noqa: F401 - Delivery is re-exported
+    Delivery,
+    DeliveryPolicy,
+    DowngradePolicy,
+)
 
 
 @dataclass(frozen=True)
@@ -139,6 +117,16 @@ class OtaConfig:
             )
         object.__setattr__(self, "downgrades", DowngradePolicy.parse(self.downgrades))
 
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        """The settings the delivery planner (otacore.transfer.planner) applies."""
+        return DeliveryPolicy(
+            transfer_attempts=self.transfer_attempts, retry_pause=self.retry_pause,
+            retry_later=self.retry_later, retry_later_max=self.retry_later_max,
+            tcp_chunk_size=self.tcp_chunk_size, udp_chunk_size=self.udp_chunk_size,
+            downgrades=self.downgrades, progress_interval=self.progress_interval,
+        )
+
 
 @dataclass(frozen=True)
 class SentFile:
@@ -149,20 +137,6 @@ class SentFile:
     data: bytes
     sha256: str
     delta_base_sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """An image a device validated and is about to boot (or booted without reporting yet)."""
-
-    sha256: str
-    #: True for the last module of its update (the application); False for a Device OS
-    #: module sent ahead of it, whose success is a step, not the end, of the update.
-    final: bool
-    #: Serial of the session that delivered it (see SessionUpdater.serial).
-    session: int
-    #: True once a later session waited for its result (each delivery costs one wait).
-    awaited: bool = False
 
 
 @dataclass(frozen=True)

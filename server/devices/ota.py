@@ -14,14 +14,14 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from otacore.downgrade import authorize_downgrade
 from otacore.errors import OtaError, PayloadSchemaError
 from otacore.messages import Event, Hello
-from otacore.module import dependency_met, parse_module
+from otacore.module import parse_module
 from otacore.platforms import ModuleFunction
 from otacore.precedence import TargetReason
 from otacore.protocol.ota_wire import (
@@ -32,11 +32,22 @@ from otacore.protocol.ota_wire import (
     parse_update_result,
 )
 from otacore.signing import Manifest, SigningKey, manifest_for_module, sign_manifest
-from otacore.transfer import (
-    PreparedFile,
+from otacore.transfer import PreparedFile
+from otacore.transfer.module_plan import (
+    CannotPlan,
+    CatalogEntry,
+    NeedCatalog,
+    NeedModule,
+    installed_modules,
+    plan_modules,
+)
+from otacore.transfer.planner import (
+    DeliveryPolicy,
+    downgrade_needs_authorization,
 )
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
+from server.devices.live import Updaters
 from server.devices.once_cache import OnceCache
 from server.devices.session import DeviceSessionHandler
 from server.devices.tally import Tally
@@ -80,7 +91,6 @@ class OtaEngine:
         #: Images a device refused or rolled back from: not offered again to it (until
         #: the server restarts or the target changes).
         self.failed: dict[str, set[str]] = {}
-        self.updaters: dict[str, SessionUpdater] = {}
         #: The image each device was last sent, to attribute its update result.
         self.delivered: dict[str, Delivery] = {}
         #: Device -> SHA-256 of the application of the update it is going through: one
@@ -97,26 +107,41 @@ class OtaEngine:
         #: server.devices.tally; with SessionUpdater.handled it tells when the engine has
         #: acted on a release).
         self.handled: dict[str, Tally] = {name: Tally() for name in _WATCHED}
+        #: The planner's settings, rebuilt when ``config`` is replaced (see delivery_policy).
+        self._policy: tuple[OtaConfig, DeliveryPolicy] | None = None
         plane.ota = self
+
+    @property
+    def updaters(self) -> Updaters:
+        """Device id -> updater of each live session in this process: a read-only view of
+        the plane's one registry of live sessions (each updater is its handler's)."""
+        return self.plane.live.updaters
+
+    @property
+    def delivery_policy(self) -> DeliveryPolicy:
+        """The delivery planner's settings from the current ``config``."""
+        if self._policy is None or self._policy[0] is not self.config:
+            self._policy = (self.config, self.config.delivery_policy)
+        return self._policy[1]
 
     # -- plane hooks ------------------------------------------------------------------------
 
     def attach_session(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
         """Give a new session its updater task (in the session's own nursery)."""
         updater = SessionUpdater(self, handler)
-        self.updaters[handler.device_id] = updater
+        handler.updater = updater
         handler.extra_routes.append(updater.route)
         handler.on_hello.append(updater.on_session_news)
         nursery.start_soon(updater.run)
 
     def detach_session(self, handler: DeviceSessionHandler) -> None:
-        """Forget a session's updater when the session ends (a newer one may own the id),
-        and the device's memory with it: the store keeps it for the next session."""
-        device_id = handler.device_id
-        updater = self.updaters.get(device_id)
-        if updater is not None and updater.handler is handler:
-            del self.updaters[device_id]
-            self._forget_memory(device_id)
+        """A session ends: its updater ends with it, and the device's memory is forgotten
+        (the store keeps it for the next session) unless a newer session's updater holds
+        it. Called while the plane's registry still says which session owns the device."""
+        owner = self.plane.live.get(handler.device_id)
+        if owner is None or owner is handler or owner.updater is None:
+            # A newer session without an updater yet loads the memory anew when it gets one.
+            self._forget_memory(handler.device_id)
 
     async def load_memory(self, device_id: str) -> None:
         """Take the device's memory from the store (a new session: the store is the truth;
@@ -157,7 +182,7 @@ class OtaEngine:
         device_id = handler.device_id
         if event.name == UPDATES_ENABLED_EVENT:
             await self.fleet.set_updates_enabled(device_id, event.data == "true")
-            updater = self.updaters.get(device_id)
+            updater = self.plane.live.updater(device_id)
             if updater is not None and event.data == "true":
                 updater.kick()
         elif event.name == RESET_PENDING_EVENT:
@@ -169,7 +194,7 @@ class OtaEngine:
             except PayloadSchemaError as exc:
                 log.info("device %s sent a bad update result: %s", device_id, exc)
                 return True  # acknowledged: sending it again would not make it better
-            updater = self.updaters.get(device_id)
+            updater = self.plane.live.updater(device_id)
             # Shielded (bounded): the device reported how its update ended; recording that
             # must not be lost when the session closes meanwhile.
             with trio.move_on_after(self.config.record_timeout, shield=True) as scope:
@@ -261,13 +286,13 @@ class OtaEngine:
         for view in views:
             # Each updater plans from the view read here for all: one store read for the
             # release, not one per device (see SessionUpdater.kick for when it is dropped).
-            updater = self.updaters.get(view.device.id)
+            updater = self.plane.live.updater(view.device.id)
             if updater is not None:
                 updater.kick_with(view, read_at)
 
     def kick(self, device_id: str) -> None:
         """Re-check a device's target now, if this process holds its session."""
-        updater = self.updaters.get(device_id)
+        updater = self.plane.live.updater(device_id)
         if updater is not None:
             updater.kick()
 
@@ -323,7 +348,9 @@ class OtaEngine:
             return None
         manifest, _ = self._manifest(view.product.id, product_version, module, signing_key)
         device_version = max(hello.product_version, hello.app_version_floor or 0)
-        if manifest.product_version >= device_version:
+        if not downgrade_needs_authorization(
+                policy, application=True, per_device=per_device,
+                target_version=manifest.product_version, device_version=device_version):
             return None  # no downgrade: the manifest alone will do
         signed = authorize_downgrade(
             signing_key, manifest, device_id=view.device.id, from_version=device_version,
@@ -350,45 +377,28 @@ class OtaEngine:
         return await self._modules.get(sha256, load)
 
     async def plan(self, view: DeviceTarget) -> list[PlannedModule] | str:
-        """The modules to send, Device OS first; or a reason why nothing can be sent."""
+        """The modules to send, Device OS first; or a reason why nothing can be sent. The
+        planner (otacore.transfer.planner.plan_modules) decides; this shell fetches what
+        it asks for: the platform's stored Device OS modules and the parsed images."""
         sha256 = self.fleet.binary_sha256_for(view)
         if sha256 is None:
             return "the target firmware is missing"
         app = await self.module(sha256)
-        installed = {
-            (int(m["function"]), int(m["index"])): int(m["version"])
-            for m in (view.device.modules or [])
-        }
+        installed = installed_modules(view.device.modules)
         # The product's platform, never the one the device reported: Device OS modules of
         # another platform must not reach it (the session refuses such a Hello anyway).
         platform = view.product.platform_id
-        catalog: list[dict[str, Any]] | None = None  # read only when a dependency is unmet
-        plan: list[PlannedModule] = []
-        # Dependencies first, deepest first: a system part may need a newer bootloader.
-        pending = list(app.info.dependencies)
-        needed: list[tuple[int, int, int]] = []
-        while pending:
-            dep = pending.pop()
-            triples = [(f, i, v) for (f, i), v in installed.items()]
-            if dependency_met(dep, triples) or (dep.function, dep.index) in {
-                (f, i) for f, i, _ in needed
-            }:
-                continue
-            if catalog is None:
-                catalog = await self.fleet.list_device_os(platform)
-            candidates = [
-                m for m in catalog
-                if m["module_function"] == dep.function and m["module_index"] == dep.index
-                and m["module_version"] >= dep.version
-                # Never downgrade Device OS: only newer than what runs.
-                and m["module_version"] > installed.get((dep.function, dep.index), -1)
-            ]
-            if not candidates:
-                return (f"needs {ModuleFunction(dep.function).name.lower()} {dep.index} "
-                        f"version >= {dep.version}, which no stored Device OS module provides")
-            chosen = min(candidates, key=lambda m: m["module_version"])
-            needed.append((dep.function, dep.index, chosen["module_version"]))
-            module = await self.module(chosen["sha256"])
-            plan.insert(0, module)
-            pending.extend(module.info.dependencies)
-        return [*plan, app]
+        catalog: list[CatalogEntry] | None = None  # read only when a dependency is unmet
+        parts: dict[str, PlannedModule] = {sha256: app}
+        while True:
+            planned = plan_modules(sha256, app.info, installed, catalog=catalog,
+                                   parsed={key: part.info for key, part in parts.items()})
+            if isinstance(planned, NeedCatalog):
+                catalog = [CatalogEntry.from_record(entry)
+                           for entry in await self.fleet.list_device_os(platform)]
+            elif isinstance(planned, NeedModule):
+                parts[planned.sha256] = await self.module(planned.sha256)
+            elif isinstance(planned, CannotPlan):
+                return planned.reason
+            else:
+                return [parts[key] for key in planned.sha256s]

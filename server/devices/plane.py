@@ -1,9 +1,10 @@
 """The device plane of one server process: listeners, live sessions, and who owns which.
 
 It authorises devices against the fleet store (every handshake), starts one
-:class:`DeviceSessionHandler` per authenticated session, keeps the map of device id to live
-session (a release or flash reaches the process and session that holds the device), and
-closes a live session when its device's certificates are revoked.
+:class:`DeviceSessionHandler` per authenticated session, keeps the one map of device id to
+live session (:class:`~server.devices.live.LiveDevices`: a release or flash reaches the
+process and session that holds the device), and closes a live session when its device's
+certificates are revoked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from otacore.messages import Event
 from otacore.signing import SigningKey
 from server.authorization import ClientCertificate
 from server.devices.keys import product_statements, trusted_key_ids
+from server.devices.live import LiveDevices
 from server.devices.session import DeviceSessionHandler
 from server.devices.tuning import DeviceTuning
 from server.events import DEVICE_REVOKED, EventBus
@@ -95,8 +97,12 @@ class DevicePlane:
         self.config = config
         self.fleet = fleet
         self.bus = bus
+        #: The transport's registry of its DeviceSession objects (replacement, revocation
+        #: and shutdown are the transport's); the plane only asks it to close revoked ones.
         self.registry = SessionRegistry()
-        self.sessions: dict[str, DeviceSessionHandler] = {}
+        #: The one map of device id -> live session handler in this process; the OTA
+        #: engine's per-session updater hangs off the handler (``handler.updater``).
+        self.live = LiveDevices()
         self.origin = config.origin or f"server-{os.getpid()}"
         self._session_serials = itertools.count(1)
         self.server: DeviceServer | None = None
@@ -152,16 +158,21 @@ class DevicePlane:
         of every server process sharing the store."""
         return f"{self.origin}/{next(self._session_serials)}"
 
+    @property
+    def sessions(self) -> LiveDevices:
+        """Device id -> live session handler (read-only; see ``live``)."""
+        return self.live
+
     def attach(self, handler: DeviceSessionHandler) -> None:
         """A session started: it now owns its device in this process."""
-        self.sessions[handler.device_id] = handler
+        self.live.attach(handler)
 
     def detach(self, handler: DeviceSessionHandler) -> None:
-        """A session ended (only the current owner is removed)."""
-        if self.sessions.get(handler.device_id) is handler:
-            del self.sessions[handler.device_id]
+        """A session ended (only the current owner is removed). The engine hears it first,
+        while it can still tell whether the session owned its device."""
         if self.ota is not None:
             self.ota.detach_session(handler)  # else its updater outlives the session
+        self.live.detach(handler)
 
     def on_session_start(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
         """Give the OTA engine its per-session hooks."""

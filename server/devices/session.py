@@ -56,6 +56,7 @@ from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
 if TYPE_CHECKING:
     from server.devices.plane import DevicePlane
+    from server.devices.updater import SessionUpdater
     from server.fleet import DeviceTarget
 
 log = logging.getLogger("ota.devices")
@@ -118,6 +119,9 @@ class DeviceSessionHandler:
         #: (the Hello's answer, ``GET k`` pages, key pushes it acknowledged; see
         #: server.devices.key_sync).
         self.key_sequence = 0
+        #: The OTA engine's updater of this session (set when the session starts; None
+        #: without an engine). It lives and ends with the session.
+        self.updater: SessionUpdater | None = None
 
     # -- the session's task tree -------------------------------------------------------------
 
@@ -143,7 +147,7 @@ class DeviceSessionHandler:
             pass
         finally:
             self.plane.detach(self)
-            if self.plane.sessions.get(self.device_id) is None:  # not replaced
+            if self.plane.live.get(self.device_id) is None:  # not replaced
                 with trio.CancelScope(shield=True):
                     try:
                         # Only if no newer session took the device over meanwhile (the

@@ -1,8 +1,13 @@
-"""The update side of one device session: what the engine (:mod:`server.devices.ota`) runs
-for each connected device. It settles what the device reports after a Hello, plans the
-modules, offers each with its signed manifest and streams it (the image, a delta or a zstd
-frame, falling back in the same session when the device refuses an encoded file), retries a
-transfer the device stopped acknowledging, and records progress and outcomes.
+"""The update side of one device session: the Trio shell around the sans-IO delivery
+planner (:mod:`otacore.transfer.planner`), run by the engine (:mod:`server.devices.ota`) for
+each connected device. It gathers what the planner decides from (the device's target read
+from the store, what the device reported, its memory of refusals and deliveries, the
+transfer's events) and carries its decisions out: it tells the device about forced or
+pending updates, offers a module with its signed manifest and streams it with a
+:class:`~otacore.transfer.TransferSender` (the image, a delta or a zstd frame, falling back
+in the same session when the device refuses an encoded file), retries a transfer the device
+stopped acknowledging, cancels one a new target made stale, and records progress and
+outcomes.
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ import trio
 from otacore.coap import Code, Message, MessageType
 from otacore.errors import OtaError
 from otacore.protocol.ota_wire import (
-    OFFER_ACCEPTED,
-    OFFER_UNAVAILABLE,
     PATH_FIRMWARE,
     UPDATES_FORCED_EVENT,
     UPDATES_PENDING_EVENT,
@@ -38,9 +41,23 @@ from otacore.transfer import (
     TransferSender,
     TransferStatus,
 )
+from otacore.transfer.module_plan import (
+    CannotPlan,
+    ModulePlan,
+)
+from otacore.transfer.planner import (
+    AnnouncePending,
+    DeliveryPlanner,
+    Encoding,
+    FileChoice,
+    Idle,
+    Offer,
+    Verdict,
+)
 from server.devices.delivery import Delivery, PlannedModule, SentFile
 from server.devices.firmware_get import FirmwareDownloads
 from server.devices.key_sync import offer_signing_key
+from server.devices.plan_inputs import RefusedFor, offer_answer, release_version, target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
 from server.transport.session import SessionClosed
@@ -59,7 +76,7 @@ log = logging.getLogger("ota.engine")
 
 class SessionUpdater:
     """The update side of one device session: its inbox of transfer messages and the task
-    that runs its updates one module at a time."""
+    that runs its updates one module at a time, as its planner decides."""
 
     def __init__(self, engine: OtaEngine, handler: DeviceSessionHandler) -> None:
         self.engine = engine
@@ -68,29 +85,22 @@ class SessionUpdater:
         self._inbox_send, self._inbox = trio.open_memory_channel[TransferMessage](256)
         self._kicked = trio.Event()
         self.sender: TransferSender | None = None
+        #: The session's delivery policy (sans-IO): every decision below is its.
+        self.planner = DeliveryPlanner(engine.delivery_policy, next(engine._serials))
         #: Set when the device reports an update result in this session.
         self.result_seen = trio.Event()
-        #: Sessions are numbered in the order they start (a delivery names its session).
-        self.serial = next(engine._serials)
-        #: True once the device validated an image in this session: it applies it at its
-        #: (possibly held) reset, and its next session continues the update.
-        self.staged = False
-        #: When transfer progress was last written to the store (trio clock).
-        self._progress_written_at = -math.inf
-        #: deliver() will try the module again if this transfer times out.
-        self._retry_left = False
+        #: The attempt (from 0) of the transfer running (see deliver()).
+        self._attempt = 0
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
         #: Set once the device's memory is loaded from the store (run() does it first).
         self.memory_loaded = trio.Event()
-        #: What the device was told about forced updates (None: nothing yet; a device
-        #: boots not forced).
-        self._told_forced: bool | None = None
         #: The device's target as the last kick read it (see kick_with); None: read it.
         self._view: DeviceTarget | None = None
-        #: When a kick last asked for the target to be read anew (views read earlier are
-        #: stale).
-        self._invalidated_at = -math.inf
+        #: A kick arrived during a transfer: its target is checked for staleness.
+        self._recheck = False
+        #: The scope of the transfer's wait for the device, cancelled by a kick.
+        self._wait_scope: trio.CancelScope | None = None
         #: The update's "started" is still to be recorded (with the transfer's first write).
         self._started_unrecorded = False
         #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device.
@@ -105,16 +115,26 @@ class SessionUpdater:
         #: Offers sent to the device in this session.
         self.offers = 0
 
+    @property
+    def serial(self) -> int:
+        """The session's number (sessions are numbered in the order they start)."""
+        return self.planner.session_serial
+
+    @property
+    def staged(self) -> bool:
+        """True once the device validated an image in this session."""
+        return self.planner.staged
+
     def kick(self) -> None:
         """Ask the updater to re-check the device's target, read anew: something changed
         (a flash, a lock, forced updates, a Hello), so any view carried so far is stale."""
         self.forget_view()
         self.kicks += 1
-        self._kicked.set()
+        self._wake()
 
     def forget_view(self) -> None:
         """Drop the carried view, and any view read before now (see kick_with)."""
-        self._invalidated_at = trio.current_time()
+        self.planner.invalidate(trio.current_time())
         self._view = None
 
     def kick_with(self, view: DeviceTarget, read_at: float, *, describe: bool = False) -> None:
@@ -126,14 +146,21 @@ class SessionUpdater:
         a change that asked for a new read (forget_view), or when it may predate this
         session's Describe (its modules could be those of the image the device left).
         """
-        recorded = self.handler.described_at
-        predates_describe = not describe and (recorded is None or recorded > read_at)
-        if read_at < self._invalidated_at or predates_describe:
+        if not self.planner.carried_view_usable(read_at, described_at=self.handler.described_at,
+                                                describe=describe):
             self.kick()
             return
         self._view = view
         self.kicks += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """A kick: the next check runs, and a transfer running asks its planner whether
+        the target it now reads leaves the transfer stale."""
         self._kicked.set()
+        self._recheck = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
 
     def on_session_news(self, view: DeviceTarget | None, read_at: float | None) -> None:
         """The session's hook: a Hello (no view) or a Describe (its view, read from
@@ -170,12 +197,13 @@ class SessionUpdater:
             await self.engine.load_memory(self.device_id)
         finally:
             self.memory_loaded.set()
-        timed_out = 0  # updates in a row whose every attempt timed out
         while True:
             await self._kicked.wait()
             self._kicked = trio.Event()
+            self._recheck = False  # this check reads the target anyway
             covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
+            self.planner.policy = self.engine.delivery_policy  # the operator may retune
             try:
                 await self.update_once()
             except SessionClosed:
@@ -185,17 +213,13 @@ class SessionUpdater:
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
             self.handled.advance_to(covered)
-            if self.last_failure is TransferStatus.TIMEOUT:
+            delay = self.planner.after_check(self.last_failure)
+            if delay is not None:
                 # The device stopped acknowledging though its session lives: offer again
                 # later (backing off), or it stays mid-download until it reconnects.
-                config = self.engine.config
-                delay = min(config.retry_later * 2**timed_out, config.retry_later_max)
-                timed_out += 1
                 with trio.move_on_after(delay):
                     await self._kicked.wait()
                 self.kick()
-            else:
-                timed_out = 0
 
     async def _settle(self) -> bool:
         """Wait (bounded) until what the device reports after a Hello is in: its modules
@@ -205,12 +229,8 @@ class SessionUpdater:
         config = self.engine.config
         hello = self.handler.hello
         delivery = self.engine.delivered.get(self.device_id)
-        # One wait per delivery, in the first session after it unless the image is still
-        # staged (a held reset): a device that never staged it (killed first) or reports
-        # no results must not hold up every later session.
-        wait_for_result = (delivery is not None and not delivery.awaited
-                           and delivery.session < self.serial
-                           and not (hello is not None and hello.reset_pending))
+        wait_for_result = self.planner.must_await_result(
+            delivery, reset_pending=hello is not None and hello.reset_pending)
         if wait_for_result:
             assert delivery is not None
             # Stored before waiting: a session cut during the wait must not make the next
@@ -230,17 +250,6 @@ class SessionUpdater:
                 self._view = None
         return self.handler.described.is_set()
 
-    async def _tell_forced(self, forced: bool) -> None:
-        """Tell the device whether the cloud forces updates (it refuses offers while
-        updates are disabled unless forced); once per change, and at the first check of a
-        session when forced."""
-        if self._told_forced is None and not forced:
-            self._told_forced = False  # its default
-            return
-        if self._told_forced != forced:
-            await self.handler.send_event(UPDATES_FORCED_EVENT, "true" if forced else "false")
-            self._told_forced = forced
-
     async def update_once(self) -> None:
         """Bring the device to its target, one module per call (it resets after each)."""
         engine, fleet, handler = self.engine, self.engine.fleet, self.handler
@@ -252,33 +261,30 @@ class SessionUpdater:
         view, self._view = self._view, None
         if view is None:
             view = await fleet.target_for_device(self.device_id)
-        await self._tell_forced(view.updates_forced)  # a held reset may wait for it
-        if not view.update_needed or self.staged:
+        facts = target_facts(view)
+        notice = self.planner.forced_notice(facts.updates_forced)
+        if notice is not None:  # a held reset may wait for it
+            await handler.send_event(UPDATES_FORCED_EVENT, "true" if notice.forced else "false")
+            self.planner.told(notice)
+        step = self.planner.check(facts)
+        if isinstance(step, Idle):
             return
-        if not view.device.modules:
-            return  # nothing is known of its modules yet: its Describe will kick again
-        if view.device.reset_pending:
-            return  # an image is staged and waits for the device's held reset
-        if not view.updates_allowed:
+        if isinstance(step, AnnouncePending):
             await handler.send_event(UPDATES_PENDING_EVENT, "true")
             return
-        plan = await engine.plan(view)
-        if isinstance(plan, str):
-            log.warning("cannot update %s: %s", self.device_id, plan)
+        planned = step if isinstance(step, CannotPlan) else await engine.plan(view)
+        if isinstance(planned, CannotPlan | str):
+            reason = planned.reason if isinstance(planned, CannotPlan) else planned
+            log.warning("cannot update %s: %s", self.device_id, reason)
             return
-        refused = engine.failed.get(self.device_id, set())
-        for module in plan:
-            if module.sha256 in refused:
-                return
-            installed = {
-                (int(m["function"]), int(m["index"])): str(m.get("sha256", ""))
-                for m in (view.device.modules or [])
-            }
-            key = (module.info.module_function, module.info.module_index)
-            if installed.get(key) == module.sha256:
-                continue  # already runs exactly this image
-            await self.deliver(view, module, update_sha256=plan[-1].sha256)
-            return  # the device resets into the new module; its next hello continues
+        by_sha256 = {module.sha256: module for module in planned}
+        plan = ModulePlan(tuple(module.sha256 for module in planned))
+        offer = self.planner.next_offer(
+            plan, {sha256: module.info for sha256, module in by_sha256.items()}, facts,
+            engine.failed.get(self.device_id, set()))
+        if isinstance(offer, Offer):
+            # The device resets into the new module; its next hello continues.
+            await self.deliver(view, by_sha256[offer.sha256], update_sha256=offer.update_sha256)
 
     async def deliver(self, view: DeviceTarget, module: PlannedModule, *,
                       update_sha256: str | None = None) -> bool:
@@ -288,31 +294,35 @@ class SessionUpdater:
         when None): the update is reported started once, however many modules it takes.
         """
         engine = self.engine
-        update_sha256 = update_sha256 or module.sha256
-        for attempt in range(engine.config.transfer_attempts):
+        info = module.info
+        offer = Offer(module.sha256, info.module_function, info.module_index,
+                      update_sha256 or module.sha256)
+        attempt = 0
+        while True:
             if attempt:
-                # The device stopped acknowledging but the session lives (lost datagrams, a
-                # congested cell): try again after a pause, outside the transfer limiter; the
-                # device resumes from the chunks it already holds.
-                await trio.sleep(engine.config.retry_pause * 2 ** (attempt - 1))
+                # The device stopped acknowledging but the session lives: try again after a
+                # pause, outside the transfer limiter; the device resumes from the chunks it
+                # already holds.
+                await trio.sleep(self.planner.retry_pause(attempt))
                 log.info("retrying the transfer to %s (attempt %d)", self.device_id,
                          attempt + 1)
             self.last_failure = None
-            self._retry_left = attempt + 1 < engine.config.transfer_attempts
+            self._attempt = attempt
             async with engine.limiter:
-                verdict = await self._deliver_once(view, module, update_sha256)
-            if verdict or self.last_failure is not TransferStatus.TIMEOUT:
+                verdict = await self._deliver_once(view, module, offer)
+            if (verdict or self.last_failure is not TransferStatus.TIMEOUT
+                    or not self.planner.attempts_left(attempt)):
                 return verdict
-        return False
+            attempt += 1
 
     async def _deliver_once(self, view: DeviceTarget, module: PlannedModule,
-                            update_sha256: str) -> bool:
+                            offer: Offer) -> bool:
         """One offer of the module (then the next best file while the device refuses an
         encoded one) and its transfer."""
         engine = self.engine
         while True:
-            sent = await self._file_to_send(view, module)
-            verdict = await self._offer_and_stream(view, module, update_sha256, sent)
+            sent = await self._file_to_send(view, module, offer)
+            verdict = await self._offer_and_stream(view, module, offer, sent)
             if verdict is not None:
                 return verdict
             # The device refused the encoded file (its base is not what it reported, or it
@@ -348,27 +358,47 @@ class SessionUpdater:
         if steps:
             self._started_unrecorded = False
 
-    async def _file_to_send(self, view: DeviceTarget, module: PlannedModule) -> SentFile:
-        """A delta when the device runs a known base and the patch is worth it; else the
-        image zstd-compressed when the device inflates them (Hello's compressed_ota) and it
-        compresses; else the image itself."""
+    async def _file_to_send(self, view: DeviceTarget, module: PlannedModule,
+                            offer: Offer) -> SentFile:
+        """The first of the planner's file choices the caches can make: a delta when the
+        device runs a known base and the patch is worth it; else the image zstd-compressed
+        when the device inflates them (Hello's compressed_ota) and it compresses; else the
+        image itself."""
         engine, info = self.engine, module.info
-        engine.deltas.max_ratio = engine.config.delta_max_ratio
-        delta = await engine.deltas.choose(view, info.module_function, info.module_index,
-                                           module.sha256, module.image)
-        if delta is not None:
-            return SentFile("delta", delta.patch, delta.patch_sha256, delta.base_sha256)
         hello = self.handler.hello
-        if hello is not None and hello.compressed_ota:
+        choices = self.planner.file_choices(
+            offer, target_facts(view), compressed_ota=hello is not None and hello.compressed_ota,
+            delta_refused=RefusedFor(engine.deltas.refused, self.device_id),
+            zstd_refused=RefusedFor(engine.compressed.refused, self.device_id))
+        for choice in choices:
+            sent = await self._encode(view, module, info.module_function, info.module_index,
+                                      choice)
+            if sent is not None:
+                return sent
+        raise AssertionError("the planner's last choice is the image itself")  # pragma: no cover
+
+    async def _encode(self, view: DeviceTarget, module: PlannedModule, function: int,
+                      index: int, choice: FileChoice) -> SentFile | None:
+        """The file of ``choice``; None when it cannot be made or saves too little."""
+        engine = self.engine
+        if choice.encoding is Encoding.DELTA:
+            engine.deltas.max_ratio = engine.config.delta_max_ratio
+            delta = await engine.deltas.choose(view, function, index, module.sha256,
+                                               module.image)
+            if delta is None:
+                return None
+            return SentFile("delta", delta.patch, delta.patch_sha256, delta.base_sha256)
+        if choice.encoding is Encoding.ZSTD:
             engine.compressed.max_ratio = engine.config.compressed_max_ratio
             compressed = await engine.compressed.choose(self.device_id, module.sha256,
                                                         module.image)
-            if compressed is not None:
-                return SentFile("zstd", compressed.frame, compressed.frame_sha256)
+            if compressed is None:
+                return None
+            return SentFile("zstd", compressed.frame, compressed.frame_sha256)
         return SentFile("full", module.image, module.sha256)
 
     async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
-                                update_sha256: str, sent: SentFile) -> bool | None:
+                                offer: Offer, sent: SentFile) -> bool | None:
         """Offer the module as ``sent`` and stream it; None when the device refused an
         encoded (delta or compressed) offer and the caller should fall back."""
         engine, handler, fleet = self.engine, self.handler, self.engine.fleet
@@ -387,38 +417,41 @@ class SessionUpdater:
                                                        module, signing_key)
         base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
                 else None)
-        compressed = sent.transfer == "zstd"
+        encoding = Encoding(sent.transfer)
+        compressed = encoding is Encoding.ZSTD
         self.offers += 1
         answer = await handler.request(
             offer_request(signed, delta_base_sha256=base, compressed=compressed,
                           authorization=authorization),
             config.offer_timeout)
-        if answer.code == OFFER_UNAVAILABLE:
+        verdict = self.planner.on_offer_answer(offer_answer(answer.code), encoding)
+        if verdict is Verdict.DISABLE_UPDATES:
             await fleet.set_updates_enabled(self.device_id, False)
             return False
-        if answer.code != OFFER_ACCEPTED:
+        if verdict is Verdict.FALL_BACK:
             reason = bytes(answer.payload).decode(errors="replace")[:200]
-            if sent.transfer != "full":
-                log.info("device %s refused a %s offer of %s: %s", self.device_id,
-                         sent.transfer, module.sha256[:12], reason)
-                return None
+            log.info("device %s refused a %s offer of %s: %s", self.device_id,
+                     sent.transfer, module.sha256[:12], reason)
+            return None
+        if verdict is Verdict.REFUSE_IMAGE:
+            reason = bytes(answer.payload).decode(errors="replace")[:200]
             engine.failed.setdefault(self.device_id, set()).add(module.sha256)
             engine.updating.pop(self.device_id, None)
             await self._record(engine, "failed", error=reason)
             return False
-        if engine.updating.get(self.device_id) != update_sha256:
+        if engine.updating.get(self.device_id) != offer.update_sha256:
             # A new update: "started" is recorded with the memory at the transfer's first
             # write (see _unrecorded_start), so both or neither are stored.
-            engine.updating[self.device_id] = update_sha256
+            engine.updating[self.device_id] = offer.update_sha256
             self._started_unrecorded = True
         while True:  # drop what a previous transfer left in the inbox
             try:
                 self._inbox.receive_nowait()
             except trio.WouldBlock:
                 break
-        chunk_size = (config.tcp_chunk_size if handler.session.transport == "tcp"
-                      else (handler.hello.ota_chunk_size if handler.hello and
-                            handler.hello.ota_chunk_size else config.udp_chunk_size))
+        hello = handler.hello
+        chunk_size = self.planner.chunk_size(
+            handler.session.transport, hello.ota_chunk_size if hello is not None else None)
         info = module.info
         prepared = engine.prepared(sent.data, sent.sha256, chunk_size)
         sender = TransferSender(
@@ -428,43 +461,69 @@ class SessionUpdater:
             progress_step=config.progress_step, policy=config.transfer_policy,
         )
         self.sender = sender
+        self.planner.transfer_started(offer, encoding, trio.current_time())
+        staged = False
         try:
-            return await self._stream(sender, view, module,
-                                      final=module.sha256 == update_sha256, sent=sent)
+            verdict_of_stream = await self._stream(sender, view, module, offer, sent=sent)
+            staged = verdict_of_stream is True
+            return verdict_of_stream
         finally:
+            self.planner.transfer_ended(staged=staged)
             self.sender = None
 
     async def _stream(self, sender: TransferSender, view: DeviceTarget,
-                      module: PlannedModule, *, final: bool, sent: SentFile) -> bool | None:
+                      module: PlannedModule, offer: Offer, *, sent: SentFile) -> bool | None:
         """Run the transfer: True once the device staged the image, False when it failed,
         None when the device refused an encoded file and the caller should fall back."""
         outputs: list[Any] = sender.start(trio.current_time())
         while True:
-            verdict = await self._emit(outputs, view, module, final=final, sent=sent)
+            verdict = await self._emit(outputs, view, module, final=offer.final, sent=sent)
             if verdict is not _CONTINUE:
                 return cast("bool | None", verdict)
             deadline = sender.next_deadline()
             message = None
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                message = await self._inbox.receive()
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as wait:
+                self._wait_scope = wait
+                try:
+                    if not self._recheck:
+                        message = await self._inbox.receive()
+                finally:
+                    self._wait_scope = None
             now = trio.current_time()
-            outputs = sender.poll(now) if message is None else sender.handle(message, now)
+            if message is not None:
+                outputs = sender.handle(message, now)
+            elif self._recheck:
+                outputs = await self._check_stale(sender)
+            else:
+                outputs = sender.poll(now)
+
+    async def _check_stale(self, sender: TransferSender) -> list[Any]:
+        """A kick arrived mid-transfer (an immediate release, a flash, a lock with "flash
+        now", forced updates): read the target and let the planner say whether the
+        transfer still serves it; cancel it when not (the run loop's next check offers the
+        new target)."""
+        self._recheck = False
+        view = self._view  # a kick_with's view is kept for the next check too
+        if view is None:
+            view = await self.engine.fleet.target_for_device(self.device_id)
+        stale = self.planner.stale(target_facts(view))
+        now = trio.current_time()
+        if stale is None:
+            return sender.poll(now)
+        log.info("cancelling the transfer to %s: %s", self.device_id, stale.reason)
+        return sender.cancel(now, stale.reason)
 
     async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
                     final: bool, sent: SentFile) -> bool | object | None:
-        handler, fleet, config = self.handler, self.engine.fleet, self.engine.config
+        handler, fleet = self.handler, self.engine.fleet
         transfer, sent_size = sent.transfer, len(sent.data)
         verdict: bool | object | None = _CONTINUE
         # Completion first: its store writes precede the FinishAck in the same batch.
         outputs.sort(key=lambda item: not isinstance(item, TransferCompleted))
         for item in outputs:
             if isinstance(item, TransferProgress):
-                now = trio.current_time()
-                # At most one store write per progress_interval: progress is for people
-                # watching; the end of the transfer is recorded as "applying" anyway.
-                if (item.bytes_acked < item.total
-                        and now - self._progress_written_at >= config.progress_interval):
-                    self._progress_written_at = now
+                if self.planner.record_progress(item.bytes_acked, item.total,
+                                                trio.current_time()):
                     progress = fleet.update_progress_work(
                         self.device_id, sha256=module.sha256, version=view.target.version,
                         transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
@@ -477,7 +536,6 @@ class SessionUpdater:
             elif isinstance(item, TransferCompleted):
                 self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
                                                                  self.serial)
-                self.staged = True
                 # The device validated the whole file and applies it at its (next) reset:
                 # record that with the memory, in one transaction. Shielded: the device
                 # resets now and its session may close under us. Done before the FinishAck
@@ -488,7 +546,7 @@ class SessionUpdater:
                     self.device_id, sha256=module.sha256, version=view.target.version,
                     transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
                     status="applying")]
-                version = _release_version(view)
+                version = release_version(view)
                 if version is not None:  # the data this release's encodings saved
                     steps.append(fleet.transfer_bytes_work(
                         view.product.id, version, self.device_id, bytes_sent=sent_size,
@@ -497,18 +555,19 @@ class SessionUpdater:
                     await self.engine.save_memory(self.device_id, *steps)
                 self._start_recorded(started)
                 verdict = True
-            elif (isinstance(item, TransferFailed) and transfer != "full"
-                  and item.status in _FALL_BACK_STATUSES):
-                # The device took the whole patch or frame but could not rebuild the image
-                # from it (a base that differs from what it reported, a zstd window larger
-                # than its RAM): the full image will do, in this session.
-                log.info("device %s refused the %s file of %s: %s", self.device_id, transfer,
-                         module.sha256[:12], item.reason)
-                verdict = None
             elif isinstance(item, TransferFailed):
+                outcome = self.planner.on_transfer_failed(item.status, Encoding(transfer),
+                                                          attempt=self._attempt)
+                if outcome is Verdict.FALL_BACK:
+                    # The device took the whole patch or frame but could not rebuild the
+                    # image from it: the full image will do, in this session.
+                    log.info("device %s refused the %s file of %s: %s", self.device_id,
+                             transfer, module.sha256[:12], item.reason)
+                    verdict = None
+                    continue
                 self.last_failure = item.status
                 log.info("transfer to %s failed: %s", self.device_id, item.reason)
-                if not (item.status is TransferStatus.TIMEOUT and self._retry_left):
+                if outcome is Verdict.FAILED:
                     # The update failed (a timed-out transfer with retries left is the same
                     # update going on: deliver() tries again and it resumes).
                     self.engine.updating.pop(self.device_id, None)
@@ -522,13 +581,3 @@ class SessionUpdater:
 
 #: _emit's "the transfer goes on".
 _CONTINUE = object()
-#: Failures of a delta or compressed transfer after which the plain image is sent instead.
-_FALL_BACK_STATUSES = frozenset({TransferStatus.BAD_BASE, TransferStatus.REJECTED})
-
-
-def _release_version(view: DeviceTarget) -> int | None:
-    """The product firmware version an update delivers (None for a development binary)."""
-    flash = view.pending_flash
-    if flash is not None:
-        return flash.version if flash.kind == "product" else None
-    return view.target.version
