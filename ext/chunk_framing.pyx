@@ -81,7 +81,7 @@ def frame_chunks(image, chunk_size, numbers, crcs, transfer_id, tcp, msg_type, c
     cdef Py_buffer img
     cdef Py_buffer opt
     cdef Py_ssize_t size, csize, count, i, number, chunk_count, offset, end, dlen
-    cdef Py_ssize_t tkl, olen, length, total, ext, pos
+    cdef Py_ssize_t tkl, olen, total, pos, length = 0, ext = 0
     cdef uint32_t crc, tid
     cdef int mtype, ccode, mid = 0, first_mid = 0
     cdef bint use_tcp, same_token, consecutive = False
