@@ -34,6 +34,8 @@ from otacore.protocol.ota_wire import parse_transfer, transfer_request
 from otacore.records import dtls12, tls13
 from otacore.records.dtls12 import MAX_SEQUENCE, DtlsRecordLayer
 from otacore.records.dtls12_handover import layer_from_connection
+from otacore.records.tls12_keys import SUITES as DTLS_TLS12_SUITES
+from otacore.records.tls12_keys import TrafficKeys
 from otacore.records.tls13 import Tls13RecordLayer
 from otacore.transfer import (
     Chunk,
@@ -465,3 +467,85 @@ def test_native_flag_matches_the_loaded_kernel() -> None:
     name = chunk_framing._kernel.__name__
     assert name in ("otacore._chunk_framing", "otacore._chunk_framing_py")
     assert chunk_framing.NATIVE is (name == "otacore._chunk_framing")
+
+
+# --- a batch seal is N single seals, any sizes, any counters ---------------------------------
+
+
+record_payloads = st.lists(
+    st.one_of(st.binary(max_size=64), st.integers(0, 16384).map(bytes)), max_size=12
+)
+
+
+@pytest.mark.parametrize("module", KERNELS)
+@settings(max_examples=60, deadline=None)
+@given(
+    suite=st.sampled_from(DTLS_TLS12_SUITES),
+    payloads=record_payloads,
+    write_seq=st.one_of(st.integers(0, 1000), st.integers(MAX_SEQUENCE - 14, MAX_SEQUENCE + 1)),
+    epoch=st.integers(1, 0xFFFF),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dtls_seal_many_is_single_seals(module: ModuleType, suite: Any, payloads: list[bytes],
+                                        write_seq: int, epoch: int, seed: int) -> None:  # fmt: skip
+    rng = random.Random(seed)
+    keys = TrafficKeys(
+        suite, rng.randbytes(suite.key_size), rng.randbytes(suite.key_size),
+        rng.randbytes(suite.fixed_iv_size), rng.randbytes(suite.fixed_iv_size),
+    )  # fmt: skip
+    batch = DtlsRecordLayer(keys, is_server=True, write_epoch=epoch, write_seq=write_seq)
+    single = DtlsRecordLayer(keys, is_server=True, write_epoch=epoch, write_seq=write_seq)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dtls12, "_framing_kernel", module)
+        batch_out = outcome_records(lambda: batch.seal_many(payloads))
+    single_out = outcome_records(lambda: [single.seal(p) for p in payloads])
+    if batch_out[0] == "ok":
+        assert batch_out == single_out
+        assert batch.write_seq == single.write_seq == write_seq + len(payloads)
+    else:  # refused whole: nothing sealed, nothing reserved
+        assert batch_out[1][0] is RecordSequenceExhaustedError
+        assert single_out[0] == "error"
+        assert batch.write_seq == write_seq
+
+
+@pytest.mark.parametrize("module", KERNELS)
+@settings(max_examples=60, deadline=None)
+@given(
+    suite=st.sampled_from(tls13_peers.SUITES),
+    payloads=record_payloads,
+    write_seq=st.integers(0, 40),
+    rekey_after=st.integers(1, 12),
+    owed=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_tls13_seal_many_is_single_sends(module: ModuleType, suite: Any, payloads: list[bytes],
+                                         write_seq: int, rekey_after: int, owed: bool,
+                                         seed: int) -> None:  # fmt: skip
+    rng = random.Random(seed)
+    secrets = rng.randbytes(suite.hash_length), rng.randbytes(suite.hash_length)
+    layers = [
+        Tls13RecordLayer(suite, is_server=False, read_secret=secrets[0], write_secret=secrets[1],
+                         write_seq=write_seq, rekey_after=rekey_after)
+        for _ in range(2)
+    ]  # fmt: skip
+    if owed:  # the peer asked for a KeyUpdate (RFC 8446 4.6.3): it goes before our records
+        for layer in layers:
+            layer._flags |= tls13._KEY_UPDATE_OWED
+    batch, single = layers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tls13, "_framing_kernel", module)
+        wire = batch.seal_many(payloads)
+    assert wire == b"".join(single.send_application_data(p) for p in payloads)
+    assert (batch.write_seq, batch.write_secret) == (single.write_seq, single.write_secret)
+    # Every record opens in order under the secrets the layer moved through.
+    reader = Tls13RecordLayer(suite, is_server=True, read_secret=secrets[1],
+                              write_secret=secrets[0], read_seq=write_seq)  # fmt: skip
+    events = reader.receive_data(wire)
+    assert b"".join(e.data for e in events if hasattr(e, "data")) == b"".join(payloads)
+
+
+def outcome_records(call: Callable[[], list[bytes]]) -> tuple[str, Any]:
+    try:
+        return "ok", call()
+    except RecordError as exc:
+        return "error", (type(exc), str(exc))
