@@ -549,3 +549,45 @@ def outcome_records(call: Callable[[], list[bytes]]) -> tuple[str, Any]:
         return "ok", call()
     except RecordError as exc:
         return "error", (type(exc), str(exc))
+
+
+tls13_operations = st.lists(
+    st.sampled_from(["send", "seal_many", "update", "save_restore", "release"]), max_size=30
+)
+
+
+@pytest.mark.parametrize("module", KERNELS)
+@settings(max_examples=60, deadline=None)
+@given(ops=tls13_operations, rekey_after=st.integers(1, 6))
+def test_tls13_no_nonce_is_used_twice_with_batches(module: ModuleType, ops: list[str],
+                                                   rekey_after: int) -> None:  # fmt: skip
+    """Whatever mix of single sends, batch seals, key updates, save/restore and cipher
+    release: the stream opens record by record at a reader that counts from the first
+    sequence number, so every record took the next (secret, sequence) pair: no nonce twice."""
+    suite = tls13_peers.SUITES[0]
+    secrets = bytes(range(32)), bytes(range(32, 64))
+    layer = Tls13RecordLayer(suite, is_server=True, read_secret=secrets[0],
+                             write_secret=secrets[1], write_seq=3,
+                             rekey_after=rekey_after)  # fmt: skip
+    reader = Tls13RecordLayer(suite, is_server=False, read_secret=secrets[1],
+                              write_secret=secrets[0], read_seq=3)  # fmt: skip
+    wire: list[bytes] = []
+    expected: list[bytes] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tls13, "_framing_kernel", module)
+        for n, op in enumerate(ops):
+            if op == "send":
+                wire.append(layer.send_application_data(b"s%d" % n))
+                expected.append(b"s%d" % n)
+            elif op == "seal_many":
+                batch = [b"b%d.%d" % (n, i) for i in range(n % 4)]
+                wire.append(layer.seal_many(batch))
+                expected += batch
+            elif op == "update":
+                wire.append(layer.update_keys())
+            elif op == "save_restore":  # the old object is dropped, as a restart would
+                layer = Tls13RecordLayer.from_bytes(layer.to_bytes())
+            else:
+                layer.release_ciphers()
+    events = reader.receive_data(b"".join(wire))
+    assert [e.data for e in events if hasattr(e, "data")] == [p for p in expected if p]
