@@ -249,10 +249,11 @@ def seal_dtls12(encrypt, write_iv, epoch, first_seq, explicit_nonce, content_typ
     cdef int ctype
     cdef bint explicit
     cdef bytes iv, plain, sealed, record
-    cdef list items = list(payloads), records = []
+    cdef list items, records = []
     epoch = index(epoch)
     first_seq = index(first_seq)
     content_type = index(content_type)
+    items = list(payloads)
     _check_payload_sizes(items)
     if not 0 <= epoch <= 0xFFFF:
         raise ChunkFramingError(f"epoch {epoch} is outside 0..65535")
@@ -323,11 +324,12 @@ def seal_tls13(encrypt, write_iv, first_seq, tag_length, content_type, payloads)
     cdef Py_ssize_t i, n, k, tag, total = 0, pos = 0
     cdef int ctype
     cdef bytes iv, inner, sealed, result
-    cdef list items = list(payloads), parts = []
+    cdef list items, parts = []
     cdef Py_buffer buf
     first_seq = index(first_seq)
     tag_length = index(tag_length)
     content_type = index(content_type)
+    items = list(payloads)
     _check_payload_sizes(items)
     if first_seq < 0 or first_seq + len(items) > 2**64 - 1:
         raise ChunkFramingError(
