@@ -88,6 +88,12 @@ def frame_chunks(
 
     The chunk bytes and CRCs come from ``prepared`` by chunk number (the sender's chunks
     are views of it); every chunk must belong to one transfer and to ``prepared``.
+
+    Over UDP take the ids from the link's message layer, one
+    ``ReliableLayer.next_message_id()`` per chunk (RFC 7252 4.4: it skips the ids of CONs
+    awaiting their ACK). That is all ``UdpLink.notify`` does that matters for a chunk:
+    the NON it remembers serves only to report a Reset, which the link passes on for
+    requests awaiting an answer, and a chunk awaits none.
     """
     if not chunks:
         if isinstance(sealer, Tls13RecordLayer):
