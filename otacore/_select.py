@@ -12,7 +12,7 @@ import os
 from types import ModuleType
 
 #: Kernels the project ships; ``ota info`` reports whether each one is native.
-KERNEL_NAMES: tuple[str, ...] = ("integrity", "coap", "delta")
+KERNEL_NAMES: tuple[str, ...] = ("integrity", "coap", "delta", "chunk_framing")
 
 _loaded: dict[str, bool] = {}
 

@@ -19,11 +19,14 @@ once: restoring the same bytes twice would seal two records under one nonce.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
+from otacore._select import load_kernel
+from otacore._types import Buffer
 from otacore.errors import (
     RecordError,
     RecordLayerClosedError,
@@ -92,6 +95,9 @@ _ALERT: Final = 21
 _HANDSHAKE: Final = 22
 
 Aead = AESGCM | ChaCha20Poly1305 | AESCCM
+
+#: Seals batches of records (ext/chunk_framing.pyx, or its twin).
+_framing_kernel = load_kernel("chunk_framing")
 
 _STATE_MAGIC: Final = b"D12"
 _STATE_VERSION: Final = 1
@@ -261,11 +267,43 @@ class DtlsRecordLayer:
         self._check_open_for_sealing()
         return self._seal_record(_APPLICATION_DATA, data)
 
-    def seal_many(self, payloads: list[bytes]) -> list[bytes]:
-        """One record per payload, in order (each its own datagram)."""
+    def seal_many(self, payloads: Sequence[Buffer]) -> list[bytes]:
+        """One application_data record per payload, in order (each its own datagram): the
+        very records ``[self.seal(p) for p in payloads]`` gives, sealed in one call of the
+        chunk framing kernel (``otacore.chunk_framing``), which builds nonces and additional
+        data in C. The layer reserves the sequence numbers first, as N seals would advance
+        them; the batch is checked whole before any of it is sealed, so an oversized payload
+        or an exhausted sequence space seals nothing and moves nothing."""
         self._check_open_for_sealing()
-        seal_record = self._seal_record
-        return [seal_record(_APPLICATION_DATA, payload) for payload in payloads]
+        for payload in payloads:
+            size = len(payload)
+            if size > MAX_PLAINTEXT:
+                raise RecordOverflowError(
+                    f"a record holds at most {MAX_PLAINTEXT} bytes of plaintext, got {size};"
+                    " split the message"
+                )
+        count = len(payloads)
+        seq = self.write_seq
+        if seq + count - 1 > MAX_SEQUENCE:
+            raise RecordSequenceExhaustedError(
+                f"write sequence number of epoch {self.write_epoch} is exhausted (2^48 records);"
+                " close the session and let the device handshake again"
+            )
+        if not count:
+            return []
+        aead = self._seal_aead
+        if aead is None:
+            aead = self._seal_aead = self.suite.make_aead(self._seal_key)
+        self.write_seq = seq + count  # reserved before sealing, as _seal_record does
+        return _framing_kernel.seal_dtls12(
+            aead.encrypt,
+            self._seal_iv,
+            self.write_epoch,
+            seq,
+            bool(self.suite.explicit_nonce_size),
+            _APPLICATION_DATA,
+            payloads,
+        )
 
     def seal_alert(self, level: AlertLevel, description: int) -> bytes:
         """An alert record. A fatal alert closes the session (RFC 5246 7.2)."""

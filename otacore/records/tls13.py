@@ -18,9 +18,12 @@ which alert went out.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 
+from otacore._select import load_kernel
+from otacore._types import Buffer
 from otacore.errors import (
     PeerAlertError,
     RecordAuthenticationError,
@@ -78,6 +81,9 @@ _READ_CLOSED = 2
 _WRITE_CLOSED = 4
 _KEY_UPDATE_OWED = 8  # the peer asked for an update (4.6.3): ours goes before our next record
 _PEER_UPDATE_ASKED = 16  # we asked the peer to update its keys and await its KeyUpdate
+
+#: Seals batches of records (ext/chunk_framing.pyx, or its twin).
+_framing_kernel = load_kernel("chunk_framing")
 
 _SERIAL_MAGIC = b"T13R"
 _SERIAL_VERSION = 1
@@ -260,6 +266,50 @@ class Tls13RecordLayer:
             offset += MAX_PLAINTEXT
             if offset >= len(data):
                 break
+        return b"".join(out)
+
+    def seal_many(self, payloads: Sequence[Buffer]) -> bytes:
+        """One application_data record per payload (each at most 2^14 bytes), concatenated
+        for one stream write and preceded by anything queued: the very bytes that
+        ``send_application_data`` of each payload in turn gives, KeyUpdates included (5.5,
+        4.6.3), sealed by the chunk framing kernel (``otacore.chunk_framing``) in runs
+        between key changes. The layer reserves each run's sequence numbers first; the
+        batch is checked whole before any of it is sealed (RecordOverflowError)."""
+        if self._flags & _WRITE_CLOSED:
+            raise RecordError(
+                "the session is closed for sending"
+                + (f" (alert {self.alert_sent.name.lower()} was sent)" if self.alert_sent else "")
+            )
+        for payload in payloads:
+            size = len(payload)
+            if size > MAX_PLAINTEXT:
+                raise RecordOverflowError(
+                    f"a record holds at most {MAX_PLAINTEXT} bytes of plaintext (RFC 8446 5.1), "
+                    f"got {size}; split the data or use send_application_data"
+                )
+        out = [self._take_output()]
+        done = 0
+        count = len(payloads)
+        tag_length = self.suite.tag_length
+        while done < count:
+            if self.write_seq >= self.rekey_after or self._flags & _KEY_UPDATE_OWED:
+                out.append(self._rekey_due())
+            aead = self._write_cipher()
+            seq = self.write_seq
+            # Up to the rekey point, which is below 2^64 (5.3: the sequence never wraps).
+            run = min(count - done, self.rekey_after - seq)
+            self.write_seq = seq + run  # reserved before sealing: no nonce is used twice
+            out.append(
+                _framing_kernel.seal_tls13(
+                    aead.encrypt,
+                    self._write_iv.to_bytes(12, "big"),
+                    seq,
+                    tag_length,
+                    ContentType.APPLICATION_DATA,
+                    payloads[done : done + run],
+                )
+            )
+            done += run
         return b"".join(out)
 
     def update_keys(self, *, request_peer_update: bool = False) -> bytes:
