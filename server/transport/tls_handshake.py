@@ -11,14 +11,22 @@ record layer (:mod:`server.transport.tls_session`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
+from cryptography.exceptions import InvalidTag
 from OpenSSL import SSL, crypto
 
 from otacore.errors import OtaError, RecordHandoverError
-from otacore.records.tls13_handover import Tls13Handover, Tls13Handshake, enable_record_export
+from otacore.records.tls13_handover import (
+    Tls13Handover,
+    Tls13Handshake,
+    _split_records,
+    enable_record_export,
+)
+from otacore.records.tls13_keys import traffic_key_and_iv
+from otacore.records.tls13_protocol import ContentType
 from server.identity import InstallationPki
 from server.transport.admission import HandshakeTurn
 from server.transport.dtls import _VERIFY_ERRORS
@@ -45,6 +53,10 @@ _HANDSHAKE_READ_SIZE = 16 * 1024
 _HELLO_RETRY_RANDOM = bytes.fromhex(
     "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
 )
+#: Session tickets sent per full handshake: a device that reconnects serially needs one.
+TICKETS_PER_HANDSHAKE = 1
+#: RFC 8446 4: the NewSessionTicket handshake message type.
+_NEW_SESSION_TICKET = 4
 #: RFC 8446 4.2: the pre_shared_key extension; a ServerHello carries it iff it resumes.
 _PRE_SHARED_KEY = 41
 
@@ -61,7 +73,7 @@ def make_tls_handshake_context(pki: InstallationPki) -> SSL.Context:
     the traffic secrets exported to the hand-over.
 
     OpenSSL issues its default two tickets per full handshake (pyOpenSSL has no
-    ``SSL_CTX_set_num_tickets``); :func:`run_server_handshake` forwards as many as asked.
+    ``SSL_CTX_set_num_tickets``); :func:`run_server_handshake` sends ``num_tickets``.
     Configure everything here: pyOpenSSL refuses changes once the context is in use.
     """
     context = SSL.Context(SSL.TLS_METHOD)
@@ -145,7 +157,11 @@ class HandshakeResult:
 
 
 async def run_server_handshake(
-    stream: trio.SocketStream, context: SSL.Context, turn: HandshakeTurn
+    stream: trio.SocketStream,
+    context: SSL.Context,
+    turn: HandshakeTurn,
+    *,
+    num_tickets: int = TICKETS_PER_HANDSHAKE,
 ) -> HandshakeResult:
     """Run the server's side of a TLS 1.3 handshake on ``stream`` and take it over.
 
@@ -153,12 +169,14 @@ async def run_server_handshake(
     for the device and taken again (in arrival order) as soon as bytes arrive, before
     OpenSSL works on them: a stalled handshake holds no slot. The first flight the server
     sends marks the turn ``answered`` (it then goes first: a signature was spent on it).
-    Returns holding the slot. Raises :class:`TlsHandshakeFailed` (after sending OpenSSL's
-    alert, if it wrote one), or :class:`~server.transport.admission.NotAdmitted` if no slot
-    came in time; the caller bounds the whole handshake with a deadline.
+    At most ``num_tickets`` of OpenSSL's session tickets are sent. Returns holding the
+    slot. Raises :class:`TlsHandshakeFailed` (after sending OpenSSL's alert, if it wrote
+    one), or :class:`~server.transport.admission.NotAdmitted` if no slot came in time; the
+    caller bounds the whole handshake with a deadline.
     """
     handshake = _ServerHandshake(context)
     resumed = False
+    handover: Tls13Handover | None = None
     try:
         while not handshake.complete:
             turn.give_back()
@@ -179,6 +197,10 @@ async def run_server_handshake(
                 await _send_alert(stream, handshake.data_to_send())
                 raise TlsHandshakeFailed(detail) from error
             flight = handshake.data_to_send()
+            if handshake.complete:
+                # The completing step wrote the tickets (4.6.1) sealed under the new key.
+                handover = handshake.take_over()
+                flight, handover = _keep_tickets(flight, handover, num_tickets)
             if not flight:
                 continue
             verdict = server_hello_resumes(flight)
@@ -192,11 +214,48 @@ async def run_server_handshake(
                 raise TlsHandshakeFailed(
                     f"the connection broke during the handshake: {error}"
                 ) from None
-        handover = handshake.take_over()
     finally:
         handshake.abort()  # no-op once taken over; else frees OpenSSL now
+    assert handover is not None  # the loop ends only once the handshake completed
     await turn.take()
     return HandshakeResult(handover, resumed)
+
+
+def _keep_tickets(
+    flight: bytes, handover: Tls13Handover, num_tickets: int
+) -> tuple[bytes, Tls13Handover]:
+    """The first ``num_tickets`` of the NewSessionTicket records OpenSSL wrote as the
+    handshake completed, and the hand-over continuing after them.
+
+    OpenSSL issues two tickets per full handshake and pyOpenSSL cannot lower that; a
+    device resuming serially needs one, and each costs it ~0.8 KiB (the ticket carries
+    its certificate). Dropping the last records of the flight is safe: they are the last
+    ones sealed, never leave this process, and the write sequence continues from the kept
+    ones, so no nonce is ever used for two records that are sent (RFC 8446 5.3). The
+    flight is kept whole unless every record is proven (opened) to hold tickets only."""
+    records = _split_records(flight)
+    if len(records) <= num_tickets or handover.write_seq != len(records):
+        return flight, handover
+    key, iv_bytes = traffic_key_and_iv(handover.suite, handover.write_secret)
+    aead = handover.suite.aead(key)
+    iv = int.from_bytes(iv_bytes, "big")
+    for seq, record in enumerate(records):
+        try:
+            inner = aead.decrypt((iv ^ seq).to_bytes(12, "big"), record[5:], record[:5])
+        except InvalidTag:
+            return flight, handover
+        # 5.4: content, then its type (22: handshake), no padding from OpenSSL; 4.6.1:
+        # one NewSessionTicket (type 4) filling the record.
+        if (
+            len(inner) < 5
+            or inner[-1] != ContentType.HANDSHAKE
+            or inner[0] != _NEW_SESSION_TICKET
+            or 4 + int.from_bytes(inner[1:4], "big") != len(inner) - 1
+        ):
+            return flight, handover
+    kept = records[:num_tickets]
+    return b"".join(kept), replace(handover, write_seq=len(kept))
+
 
 
 async def _send_alert(stream: trio.SocketStream, alert: bytes) -> None:

@@ -10,6 +10,7 @@ AEAD objects (about 2.5 KiB each) are dropped once the session has been quiet fo
 from __future__ import annotations
 
 import math
+import os
 
 import trio
 
@@ -85,12 +86,46 @@ class TlsSession(DeviceSession):
         error, whose alert goes out as the session closes: TRANSPORT_ERROR).
 
         Reading slows down to ``limits.bytes_per_second`` (TCP backpressure on the device).
+        One coroutine frame waits on the socket itself (an idle session's task holds no
+        more frames than it must: memory per session).
         """
         if self.close_reason is not None:
             raise SessionClosed(self.close_reason)
         plain = self._plain
         while not plain:
-            plain = await self._open_more()
+            if self.layer.alert_received is not None:  # close_notify came with the last data
+                raise self._ended(CloseReason.PEER)
+            data = self._unread
+            if data:
+                self._unread = b""
+            else:
+                sock = self.stream.socket
+                try:
+                    if self._ciphers_held:
+                        with trio.move_on_after(CIPHER_IDLE_SECONDS) as quiet:
+                            await trio.lowlevel.wait_readable(sock)
+                        was_quiet = quiet.cancelled_caught
+                        del quiet  # the wait below may last hours: keep no garbage
+                        if was_quiet:
+                            self._rest()
+                            continue
+                    else:
+                        await trio.lowlevel.wait_readable(sock)
+                    data = os.read(sock.fileno(), _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except (OSError, trio.ClosedResourceError):
+                    raise self._ended(CloseReason.TRANSPORT_ERROR) from None
+                if not data:
+                    # EOF without close_notify (RFC 8446 6.1: a truncated session).
+                    raise self._ended(CloseReason.TRANSPORT_ERROR)
+            plain = self._open(data)
+            if not self._sending:
+                # A KeyUpdate answer (RFC 8446 4.6.3), close_notify's reply: out now if no
+                # send is under way, else the next send carries it before its own records.
+                queued = self.layer.data_to_send()
+                if queued:
+                    await self._transmit(queued)
         limit = self.limits.max_message_size
         chunk, self._plain = (plain, b"") if len(plain) <= limit else (plain[:limit], plain[limit:])
         self._touch()
@@ -104,19 +139,23 @@ class TlsSession(DeviceSession):
             await trio.sleep(delay)
         return chunk
 
-    async def _open_more(self) -> bytes:
-        """Read from the socket and open what arrived; the plaintext, maybe empty (a
-        partial record, a KeyUpdate)."""
-        layer = self.layer
-        if layer.alert_received is not None:  # close_notify came with the last data
-            raise self._ended(CloseReason.PEER)
-        data = self._unread
-        if data:
-            self._unread = b""
-        else:
-            data = await self._read_socket()
+    def _rest(self) -> None:
+        """The session has been quiet for ``CIPHER_IDLE_SECONDS``: drop the AEAD objects
+        (derived again from the secrets for the next record) and a full rate bucket (a new
+        one starts full)."""
+        if self._sending:
+            return
+        self.layer.release_ciphers()
+        self._ciphers_held = False
+        bucket = self._bucket
+        if bucket is not None and bucket.tokens(trio.current_time()) >= self.limits.byte_burst:
+            self._bucket = None
+
+    def _open(self, data: bytes) -> bytes:
+        """Open the records completed by ``data``; their plaintext, maybe empty (a partial
+        record, a KeyUpdate, close_notify)."""
         try:
-            events = layer.receive_data(data)
+            events = self.layer.receive_data(data)
         except PeerAlertError as error:
             logger.debug("device %s ended its TLS session: %s", self.device_id, error)
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
@@ -125,42 +164,10 @@ class TlsSession(DeviceSession):
             logger.info("TLS session of device %s failed: %s", self.device_id, error)
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
         self._ciphers_held = True
-        if not self._sending:
-            # A KeyUpdate answer (RFC 8446 4.6.3) goes out now if no send is under way;
-            # else the next send carries it before its own records.
-            queued = layer.data_to_send()
-            if queued:
-                await self._transmit(queued)
-        if not events:
-            if layer.alert_received is not None:
-                raise self._ended(CloseReason.PEER)
-            return b""
         if len(events) == 1:
             event = events[0]
             return event.data if isinstance(event, ApplicationData) else b""
         return b"".join(event.data for event in events if isinstance(event, ApplicationData))
-
-    async def _read_socket(self) -> bytes:
-        """The next bytes from the device. After ``CIPHER_IDLE_SECONDS`` of waiting the
-        AEAD objects are dropped (an idle session keeps only its secrets)."""
-        stream = self.stream
-        try:
-            if self._ciphers_held:
-                with trio.move_on_after(CIPHER_IDLE_SECONDS):
-                    return await self._receive_or_end(stream)
-                if not self._sending:
-                    self.layer.release_ciphers()
-                    self._ciphers_held = False
-            return await self._receive_or_end(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise self._ended(CloseReason.TRANSPORT_ERROR) from None
-
-    async def _receive_or_end(self, stream: trio.SocketStream) -> bytes:
-        data = await stream.receive_some(_READ_SIZE)
-        if not data:
-            # EOF without close_notify (RFC 8446 6.1: a truncated session).
-            raise self._ended(CloseReason.TRANSPORT_ERROR)
-        return bytes(data)
 
     # --- sending -----------------------------------------------------------------------
 
