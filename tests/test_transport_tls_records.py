@@ -41,6 +41,7 @@ from server.transport.tls_handshake import (
     make_tls_handshake_context,
     server_hello_resumes,
 )
+from server.transport.tls_heap import HeapTrimmer
 from server.transport.tls_session import CIPHER_IDLE_SECONDS, TlsSession
 from tests.test_transport_tls import (
     PATIENCE,
@@ -159,13 +160,16 @@ async def open_layer_device(
 async def test_an_established_session_holds_no_openssl_object(
     server: DeviceServer, kit: DeviceKit, handler: EchoHandler
 ) -> None:
+    def openssl_objects() -> int:
+        gc.collect()
+        return sum(isinstance(o, (SSL.Connection, Tls13Handshake)) for o in gc.get_objects())
+
+    before = openssl_objects()  # (other tests' garbage, if any, does not count)
     first = await connect_tls(tcp(server), kit.good)
     second = await connect_tls(tcp(server), kit.other)
     assert await ask(first, b"who") == f"{kit.good_id}|tcp|False".encode()
     assert await ask(second, b"hello") == b"hello"
-    gc.collect()
-    connections = [o for o in gc.get_objects() if isinstance(o, SSL.Connection)]
-    assert connections == []
+    assert openssl_objects() == before
     assert all(isinstance(session, TlsSession) for session in handler.sessions)
     assert len(server.registry) == 2
     await first.aclose()
@@ -278,6 +282,7 @@ async def test_quiet_session_drops_its_ciphers_and_goes_on(
     session = handler.sessions[0]
     assert isinstance(session, TlsSession)
     assert session._ciphers_held
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the session waits again
     clock.jump(CIPHER_IDLE_SECONDS + 1)
     await eventually(lambda: not session._ciphers_held)
     assert await ask(stream, b"two") == b"two"  # derived again from the secrets
@@ -450,3 +455,41 @@ async def test_openssl_s_client_key_update_and_quit(
         assert await process.wait() == 0
     await eventually(lambda: server.stats.closed[("tcp", CloseReason.PEER)] == 1)
     assert server.stats.full_handshakes["tcp"] == 1
+
+
+# --- the heap trimmer -----------------------------------------------------------------------
+
+
+async def test_heap_is_trimmed_once_after_a_burst_of_frees(
+    clock: trio.testing.MockClock,
+) -> None:
+    calls: list[int] = []
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        return 1
+
+    heap = HeapTrimmer(trim, interval=2.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heap.run)
+        await trio.testing.wait_all_tasks_blocked()
+        clock.jump(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == []  # nothing was freed: nothing to trim
+        for _ in range(100):  # a burst of handshakes ending
+            heap.note_freed()
+        await trio.testing.wait_all_tasks_blocked()
+        clock.jump(2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == [0] and heap.trims == 1
+        heap.note_freed()
+        await trio.testing.wait_all_tasks_blocked()
+        clock.jump(2.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert heap.trims == 2
+        nursery.cancel_scope.cancel()
+
+
+def test_the_heap_trimmer_finds_glibc_here() -> None:
+    """This machine's C library is glibc: the trimmer is active (it does nothing elsewhere)."""
+    assert HeapTrimmer().available

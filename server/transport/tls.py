@@ -30,6 +30,7 @@ from server.transport.tls_handshake import (
     make_tls_handshake_context,
     run_server_handshake,
 )
+from server.transport.tls_heap import HeapTrimmer
 from server.transport.tls_session import TlsSession
 
 __all__ = [
@@ -85,7 +86,7 @@ def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
 
 
 async def _serve_connection(
-    tcp_stream: trio.SocketStream, context: SSL.Context, host: SessionHost
+    tcp_stream: trio.SocketStream, context: SSL.Context, host: SessionHost, heap: HeapTrimmer
 ) -> None:
     """One TCP connection: admission, handshake within the deadline, authorize, run the
     session.
@@ -134,6 +135,7 @@ async def _serve_connection(
             turn.give_back()
             del turn
             host.leave_pending(source)
+            heap.note_freed()  # OpenSSL's handshake state
         if timed_out or result is None:
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_TIMEOUT, peer)
             return
@@ -146,6 +148,7 @@ async def _serve_connection(
             host,
             resumed=result.resumed,
             unread=handover.unprocessed,
+            heap=heap,
         )
         del result, handover
         if device_id is None:
@@ -166,20 +169,27 @@ async def serve_tls(
     context: SSL.Context,
     host: SessionHost,
     *,
+    heap: HeapTrimmer | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` until they are closed or this is cancelled; each connection
-    runs as its own task in this function's nursery."""
-    async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, context, host, nursery)
-        task_status.started()
+    runs as its own task in this function's nursery. ``heap`` (default: a new one) gives
+    the C heap back to the system after handshakes and quiet sessions freed some."""
+    heap = heap if heap is not None else HeapTrimmer()
+    async with trio.open_nursery() as trimming:
+        trimming.start_soon(heap.run)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, context, host, heap, nursery)
+            task_status.started()
+        trimming.cancel_scope.cancel()  # every connection has ended
 
 
 async def _accept_loop(
     listener: trio.SocketListener,
     context: SSL.Context,
     host: SessionHost,
+    heap: HeapTrimmer,
     nursery: trio.Nursery,
 ) -> None:
     while True:
@@ -195,4 +205,4 @@ async def _accept_loop(
             raise
         except trio.ClosedResourceError:
             return
-        nursery.start_soon(_serve_connection, tcp_stream, context, host)
+        nursery.start_soon(_serve_connection, tcp_stream, context, host, heap)

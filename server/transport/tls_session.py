@@ -26,6 +26,7 @@ from server.transport.session import (
     SessionHost,
     logger,
 )
+from server.transport.tls_heap import HeapTrimmer
 
 #: Bytes asked of the socket per read: one whole record of the largest size (RFC 8446 5.2).
 _READ_SIZE = 5 + MAX_CIPHERTEXT
@@ -42,6 +43,7 @@ class TlsSession(DeviceSession):
     __slots__ = (
         "_bucket",
         "_ciphers_held",
+        "_heap",
         "_plain",
         "_send_waiters",
         "_sending",
@@ -62,6 +64,7 @@ class TlsSession(DeviceSession):
         *,
         resumed: bool,
         unread: bytes = b"",
+        heap: HeapTrimmer | None = None,
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
         self.stream = stream
@@ -72,6 +75,8 @@ class TlsSession(DeviceSession):
         # Plaintext opened but not yet returned by receive() (beyond max_message_size).
         self._plain = b""
         self._ciphers_held = True
+        # Told when the session frees its ciphers (see server.transport.tls_heap).
+        self._heap = heap
         self._bucket: TokenBucket | None = None
         # Serializes sends from several tasks (records must reach the wire in the order of
         # their sequence numbers); the parking lot exists only once two tasks competed.
@@ -147,6 +152,8 @@ class TlsSession(DeviceSession):
             return
         self.layer.release_ciphers()
         self._ciphers_held = False
+        if self._heap is not None:
+            self._heap.note_freed()
         bucket = self._bucket
         if bucket is not None and bucket.tokens(trio.current_time()) >= self.limits.byte_burst:
             self._bucket = None
