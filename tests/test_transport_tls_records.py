@@ -41,8 +41,8 @@ from server.transport.tls_handshake import (
     make_tls_handshake_context,
     server_hello_resumes,
 )
-from server.transport.tls_heap import HeapTrimmer
-from server.transport.tls_session import CIPHER_IDLE_SECONDS, TlsSession
+from server.transport.tls_idle import CIPHER_IDLE_SECONDS, IdleSweeper
+from server.transport.tls_session import TlsSession
 from tests.test_transport_tls import (
     PATIENCE,
     DeviceKit,
@@ -457,39 +457,70 @@ async def test_openssl_s_client_key_update_and_quit(
     assert server.stats.full_handshakes["tcp"] == 1
 
 
-# --- the heap trimmer -----------------------------------------------------------------------
+# --- the idle sweeper ---------------------------------------------------------------------
 
 
-async def test_heap_is_trimmed_once_after_a_burst_of_frees(
-    clock: trio.testing.MockClock,
-) -> None:
+class FakeSession:
+    """A session as the sweeper sees it: last traffic at ``last``; ``sending`` refuses."""
+
+    def __init__(self, last: float, sending: bool = False) -> None:
+        self.last = last
+        self.sending = sending
+        self.rested = 0
+
+    def quiet_for(self, now: float) -> float:
+        return now - self.last
+
+    def rest(self) -> bool:
+        if self.sending:
+            return False
+        self.rested += 1
+        return True
+
+
+def test_sweeper_rests_quiet_sessions_and_trims_after_frees() -> None:
     calls: list[int] = []
 
     def trim(pad: int) -> int:
         calls.append(pad)
         return 1
 
-    heap = HeapTrimmer(trim, interval=2.0)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(heap.run)
-        await trio.testing.wait_all_tasks_blocked()
-        clock.jump(10)
-        await trio.testing.wait_all_tasks_blocked()
-        assert calls == []  # nothing was freed: nothing to trim
-        for _ in range(100):  # a burst of handshakes ending
-            heap.note_freed()
-        await trio.testing.wait_all_tasks_blocked()
-        clock.jump(2.0)
-        await trio.testing.wait_all_tasks_blocked()
-        assert calls == [0] and heap.trims == 1
-        heap.note_freed()
-        await trio.testing.wait_all_tasks_blocked()
-        clock.jump(2.0)
-        await trio.testing.wait_all_tasks_blocked()
-        assert heap.trims == 2
-        nursery.cancel_scope.cancel()
+    sweeper = IdleSweeper(trim, quiet_after=5.0, trim_interval=2.0)
+    quiet, busy, sending = FakeSession(0.0), FakeSession(4.0), FakeSession(0.0, sending=True)
+    for session in (quiet, busy, sending):
+        sweeper.busy(session)
+    assert sweeper.sweep(5.0) == 1
+    assert (quiet.rested, busy.rested, sending.rested) == (1, 0, 0)
+    assert sweeper.holding_ciphers == 2  # the sending one is tried again next sweep
+    assert calls == [0] and sweeper.trims == 1
+    # Nothing freed since: no trim. A handshake ended: a trim, but not within 2 s.
+    assert sweeper.sweep(6.0) == 0 and sweeper.trims == 1
+    sweeper.note_freed()
+    sweeper.sweep(6.5)
+    assert sweeper.trims == 1
+    sweeper.sweep(7.0)
+    assert sweeper.trims == 2
+    sending.sending = False
+    assert sweeper.sweep(9.0) == 2  # busy is quiet too by now
+    sweeper.forget(busy)
+    assert sweeper.holding_ciphers == 0
 
 
-def test_the_heap_trimmer_finds_glibc_here() -> None:
-    """This machine's C library is glibc: the trimmer is active (it does nothing elsewhere)."""
-    assert HeapTrimmer().available
+async def test_a_session_joins_the_sweeper_once_per_busy_spell(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    handler = EchoHandler()
+    server = await start_device_server(nursery, kit, directory, handler, udp=False)
+    stream = await connect_tls(tcp(server), kit.good)
+    assert await ask(stream, b"one") == b"one"
+    session = handler.sessions[0]
+    assert isinstance(session, TlsSession) and session._sweeper is not None
+    assert session._sweeper.holding_ciphers == 1
+    await stream.aclose()
+    await eventually(lambda: server.stats.closed[("tcp", CloseReason.PEER)] == 1)
+    assert session._sweeper.holding_ciphers == 0  # an ended session is forgotten
+
+
+def test_the_sweeper_finds_glibc_here() -> None:
+    """This machine's C library is glibc: the heap is trimmed (elsewhere only ciphers drop)."""
+    assert IdleSweeper().can_trim

@@ -30,7 +30,7 @@ from server.transport.tls_handshake import (
     make_tls_handshake_context,
     run_server_handshake,
 )
-from server.transport.tls_heap import HeapTrimmer
+from server.transport.tls_idle import IdleSweeper
 from server.transport.tls_session import TlsSession
 
 __all__ = [
@@ -86,7 +86,7 @@ def _peer_of(stream: trio.SocketStream) -> tuple[str, int]:
 
 
 async def _serve_connection(
-    tcp_stream: trio.SocketStream, context: SSL.Context, host: SessionHost, heap: HeapTrimmer
+    tcp_stream: trio.SocketStream, context: SSL.Context, host: SessionHost, sweeper: IdleSweeper
 ) -> None:
     """One TCP connection: admission, handshake within the deadline, authorize, run the
     session.
@@ -135,7 +135,7 @@ async def _serve_connection(
             turn.give_back()
             del turn
             host.leave_pending(source)
-            heap.note_freed()  # OpenSSL's handshake state
+            sweeper.note_freed()  # OpenSSL's handshake state
         if timed_out or result is None:
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_TIMEOUT, peer)
             return
@@ -148,13 +148,14 @@ async def _serve_connection(
             host,
             resumed=result.resumed,
             unread=handover.unprocessed,
-            heap=heap,
+            sweeper=sweeper,
         )
         del result, handover
         if device_id is None:
             # close_notify: the device learns it was refused.
             with trio.move_on_after(host.limits.farewell_timeout):
                 await session._say_goodbye()
+            session._close_now()
             return
         await host.run(session)
     except Exception:  # a bug here must end this connection only, never the listener
@@ -169,18 +170,18 @@ async def serve_tls(
     context: SSL.Context,
     host: SessionHost,
     *,
-    heap: HeapTrimmer | None = None,
+    sweeper: IdleSweeper | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` until they are closed or this is cancelled; each connection
-    runs as its own task in this function's nursery. ``heap`` (default: a new one) gives
-    the C heap back to the system after handshakes and quiet sessions freed some."""
-    heap = heap if heap is not None else HeapTrimmer()
+    runs as its own task in this function's nursery. ``sweeper`` (default: a new one)
+    drops the ciphers of quiet sessions and gives the C heap back to the system."""
+    sweeper = sweeper if sweeper is not None else IdleSweeper()
     async with trio.open_nursery() as trimming:
-        trimming.start_soon(heap.run)
+        trimming.start_soon(sweeper.run)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, context, host, heap, nursery)
+                nursery.start_soon(_accept_loop, listener, context, host, sweeper, nursery)
             task_status.started()
         trimming.cancel_scope.cancel()  # every connection has ended
 
@@ -189,7 +190,7 @@ async def _accept_loop(
     listener: trio.SocketListener,
     context: SSL.Context,
     host: SessionHost,
-    heap: HeapTrimmer,
+    sweeper: IdleSweeper,
     nursery: trio.Nursery,
 ) -> None:
     while True:
@@ -205,4 +206,4 @@ async def _accept_loop(
             raise
         except trio.ClosedResourceError:
             return
-        nursery.start_soon(_serve_connection, tcp_stream, context, host, heap)
+        nursery.start_soon(_serve_connection, tcp_stream, context, host, sweeper)

@@ -3,8 +3,9 @@
 
 OpenSSL ran the handshake and was freed (:mod:`server.transport.tls_handshake`); what the
 session keeps is the suite, one traffic secret and one sequence number per direction. The
-AEAD objects (about 2.5 KiB each) are dropped once the session has been quiet for
-``CIPHER_IDLE_SECONDS`` and derived again from the secrets on its next record.
+AEAD objects (about 2.5 KiB each) are dropped once the session has been quiet for a while
+(:class:`~server.transport.tls_idle.IdleSweeper`) and derived again from the secrets on its
+next record.
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ from server.transport.session import (
     SessionHost,
     logger,
 )
-from server.transport.tls_heap import HeapTrimmer
+from server.transport.tls_idle import IdleSweeper
 
 #: Bytes asked of the socket per read: one whole record of the largest size (RFC 8446 5.2).
 _READ_SIZE = 5 + MAX_CIPHERTEXT
-#: A session quiet for this long drops its AEAD objects (re-deriving them from the secrets
-#: costs ~7 us per direction on the next record; keeping them, ~5 KiB per session).
-CIPHER_IDLE_SECONDS = 5.0
 
 
 class TlsSession(DeviceSession):
@@ -43,10 +41,10 @@ class TlsSession(DeviceSession):
     __slots__ = (
         "_bucket",
         "_ciphers_held",
-        "_heap",
         "_plain",
         "_send_waiters",
         "_sending",
+        "_sweeper",
         "_unread",
         "layer",
         "stream",
@@ -64,7 +62,7 @@ class TlsSession(DeviceSession):
         *,
         resumed: bool,
         unread: bytes = b"",
-        heap: HeapTrimmer | None = None,
+        sweeper: IdleSweeper | None = None,
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
         self.stream = stream
@@ -74,9 +72,10 @@ class TlsSession(DeviceSession):
         self._unread = unread
         # Plaintext opened but not yet returned by receive() (beyond max_message_size).
         self._plain = b""
-        self._ciphers_held = True
-        # Told when the session frees its ciphers (see server.transport.tls_heap).
-        self._heap = heap
+        # True while the layer holds AEAD objects (derived on the first record).
+        self._ciphers_held = False
+        # Drops the ciphers once the session is quiet (None: they are kept).
+        self._sweeper = sweeper
         self._bucket: TokenBucket | None = None
         # Serializes sends from several tasks (records must reach the wire in the order of
         # their sequence numbers); the parking lot exists only once two tasks competed.
@@ -106,16 +105,7 @@ class TlsSession(DeviceSession):
             else:
                 sock = self.stream.socket
                 try:
-                    if self._ciphers_held:
-                        with trio.move_on_after(CIPHER_IDLE_SECONDS) as quiet:
-                            await trio.lowlevel.wait_readable(sock)
-                        was_quiet = quiet.cancelled_caught
-                        del quiet  # the wait below may last hours: keep no garbage
-                        if was_quiet:
-                            self._rest()
-                            continue
-                    else:
-                        await trio.lowlevel.wait_readable(sock)
+                    await trio.lowlevel.wait_readable(sock)
                     data = os.read(sock.fileno(), _READ_SIZE)
                 except BlockingIOError:
                     continue
@@ -144,19 +134,28 @@ class TlsSession(DeviceSession):
             await trio.sleep(delay)
         return chunk
 
-    def _rest(self) -> None:
-        """The session has been quiet for ``CIPHER_IDLE_SECONDS``: drop the AEAD objects
-        (derived again from the secrets for the next record) and a full rate bucket (a new
-        one starts full)."""
+    def quiet_for(self, now: float) -> float:
+        """Seconds since the session's last traffic (see :meth:`DeviceSession._touch`)."""
+        return now - (self._scope.deadline - self.limits.idle_timeout)
+
+    def rest(self) -> bool:
+        """The session is quiet: drop the AEAD objects (derived again from the secrets for
+        the next record) and a full rate bucket (a new one starts full). False, keeping
+        them, while a send is under way."""
         if self._sending:
-            return
+            return False
         self.layer.release_ciphers()
         self._ciphers_held = False
-        if self._heap is not None:
-            self._heap.note_freed()
         bucket = self._bucket
         if bucket is not None and bucket.tokens(trio.current_time()) >= self.limits.byte_burst:
             self._bucket = None
+        return True
+
+    def _using_ciphers(self) -> None:
+        """The layer derived (or holds) its AEAD objects: the sweeper drops them later."""
+        self._ciphers_held = True
+        if self._sweeper is not None:
+            self._sweeper.busy(self)
 
     def _open(self, data: bytes) -> bytes:
         """Open the records completed by ``data``; their plaintext, maybe empty (a partial
@@ -170,7 +169,8 @@ class TlsSession(DeviceSession):
             # The layer queued the matching alert; it goes out as the session closes.
             logger.info("TLS session of device %s failed: %s", self.device_id, error)
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
-        self._ciphers_held = True
+        if not self._ciphers_held:
+            self._using_ciphers()
         if len(events) == 1:
             event = events[0]
             return event.data if isinstance(event, ApplicationData) else b""
@@ -195,7 +195,8 @@ class TlsSession(DeviceSession):
                 closed_by_peer = self.layer.alert_received is not None
                 reason = CloseReason.PEER if closed_by_peer else CloseReason.TRANSPORT_ERROR
                 raise self._ended(reason) from None
-            self._ciphers_held = True
+            if not self._ciphers_held:
+                self._using_ciphers()
             await self._send_shielded(wire)
         finally:
             self._give_send_turn()
@@ -267,3 +268,6 @@ class TlsSession(DeviceSession):
         """Close the TCP socket without a TLS goodbye (the device may be unreachable)."""
         self.stream.socket.close()
         self.layer.release_ciphers()
+        self._ciphers_held = False
+        if self._sweeper is not None:
+            self._sweeper.forget(self)
