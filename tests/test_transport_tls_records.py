@@ -9,6 +9,7 @@ stdlib ssl cannot: KeyUpdate requests, tampered and unexpected records).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import shutil
 import ssl
@@ -33,7 +34,13 @@ from otacore.records.tls13 import (
 from otacore.records.tls13_handover import Tls13Handover, Tls13Handshake, enable_record_export
 from otacore.records.tls13_keys import traffic_key_and_iv
 from server.authorization import MemoryDeviceDirectory
-from server.transport import CloseReason, DeviceServer, RefuseReason, SessionLimits
+from server.transport import (
+    CloseReason,
+    DeviceServer,
+    DeviceSession,
+    RefuseReason,
+    SessionLimits,
+)
 from server.transport.client import DeviceCredentials, connect_tls
 from server.transport.tls_handshake import (
     _keep_tickets,
@@ -44,6 +51,7 @@ from server.transport.tls_handshake import (
 from server.transport.tls_idle import CIPHER_IDLE_SECONDS, IdleSweeper
 from server.transport.tls_session import TlsSession
 from tests.test_transport_tls import (
+    FAST_LIMITS,
     PATIENCE,
     DeviceKit,
     EchoHandler,
@@ -524,3 +532,47 @@ async def test_a_session_joins_the_sweeper_once_per_busy_spell(
 def test_the_sweeper_finds_glibc_here() -> None:
     """This machine's C library is glibc: the heap is trimmed (elsewhere only ciphers drop)."""
     assert IdleSweeper().can_trim
+
+
+# --- sends larger than the socket buffer -----------------------------------------------------
+
+
+class BulkHandler(EchoHandler):
+    """Answers ``bulk`` with ``BULK`` bytes in one send (far more than the socket buffers
+    hold, so the write completes only as the device reads)."""
+
+    BULK = bytes(range(256)) * (16 * 4096)  # 16 MiB
+
+    async def run(self, session: DeviceSession) -> None:
+        self.sessions.append(session)
+        while True:
+            if await session.receive() == b"bulk":
+                await session.send(self.BULK)
+
+
+async def test_a_send_larger_than_the_socket_buffer_arrives_whole(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    server = await start_device_server(nursery, kit, directory, BulkHandler(), udp=False)
+    stream = await connect_tls(tcp(server), kit.good)
+    await stream.send_all(b"bulk")
+    received = bytearray()
+    with trio.fail_after(PATIENCE):
+        while len(received) < len(BulkHandler.BULK):
+            received += await stream.receive_some(1 << 20)
+    assert received == BulkHandler.BULK
+    await stream.aclose()
+
+
+async def test_a_device_that_stops_reading_is_closed_after_the_send_timeout(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    limits = dataclasses.replace(FAST_LIMITS, send_timeout=0.5)
+    server = await start_device_server(
+        nursery, kit, directory, BulkHandler(), limits=limits, udp=False
+    )
+    stream = await connect_tls(tcp(server), kit.good)
+    await stream.send_all(b"bulk")  # and never read the answer
+    await eventually(lambda: server.stats.closed[("tcp", CloseReason.SEND_TIMEOUT)] == 1)
+    assert len(server.registry) == 0
+    await trio.aclose_forcefully(stream)

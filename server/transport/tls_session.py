@@ -224,6 +224,22 @@ class TlsSession(DeviceSession):
             self._give_send_turn()
 
     async def _send_shielded(self, wire: bytes) -> None:
+        # The usual case: the socket buffer takes the whole write at once. Then no cancel
+        # scope, deadline or trio socket machinery is needed (they cost more than the write).
+        try:
+            sent = os.write(self.stream.socket.fileno(), wire)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset, broken pipe, closed (Python ignores SIGPIPE)
+            raise self._ended(CloseReason.TRANSPORT_ERROR) from None
+        if sent == len(wire):
+            await trio.lowlevel.cancel_shielded_checkpoint()  # let other tasks run
+            return
+        await self._send_rest_shielded(memoryview(wire)[sent:])
+
+    async def _send_rest_shielded(self, wire: bytes | memoryview) -> None:
+        """Send what the socket buffer did not take: shielded from cancellation (a
+        half-written record would break the stream), bounded by ``limits.send_timeout``."""
         now = trio.current_time()
         outer_deadline = trio.current_effective_deadline()
         if outer_deadline == -math.inf:  # the session is closing: finish this record quickly
