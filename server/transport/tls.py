@@ -148,6 +148,7 @@ async def _serve_connection(
             host,
             resumed=result.resumed,
             unread=handover.unprocessed,
+            unsent=result.tickets,  # the layer's sequence numbers continue after them
             sweeper=sweeper,
         )
         del result, handover

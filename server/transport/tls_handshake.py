@@ -154,6 +154,9 @@ class HandshakeResult:
     handover: Tls13Handover
     #: True if the handshake resumed an earlier session (a ticket, RFC 8446 2.2).
     resumed: bool
+    #: The NewSessionTicket records (RFC 8446 4.6.1), sealed before any record of the
+    #: hand-over's layer: send them first, with the session's first write.
+    tickets: bytes
 
 
 async def run_server_handshake(
@@ -169,14 +172,16 @@ async def run_server_handshake(
     for the device and taken again (in arrival order) as soon as bytes arrive, before
     OpenSSL works on them: a stalled handshake holds no slot. The first flight the server
     sends marks the turn ``answered`` (it then goes first: a signature was spent on it).
-    At most ``num_tickets`` of OpenSSL's session tickets are sent. Returns holding the
-    slot. Raises :class:`TlsHandshakeFailed` (after sending OpenSSL's alert, if it wrote
-    one), or :class:`~server.transport.admission.NotAdmitted` if no slot came in time; the
-    caller bounds the whole handshake with a deadline.
+    At most ``num_tickets`` of OpenSSL's session tickets are kept, returned unsent
+    (:attr:`HandshakeResult.tickets`). Returns holding the slot. Raises
+    :class:`TlsHandshakeFailed` (after sending OpenSSL's alert, if it wrote one), or
+    :class:`~server.transport.admission.NotAdmitted` if no slot came in time; the caller
+    bounds the whole handshake with a deadline.
     """
     handshake = _ServerHandshake(context)
     resumed = False
     handover: Tls13Handover | None = None
+    tickets = b""
     try:
         while not handshake.complete:
             turn.give_back()
@@ -198,9 +203,11 @@ async def run_server_handshake(
                 raise TlsHandshakeFailed(detail) from error
             flight = handshake.data_to_send()
             if handshake.complete:
-                # The completing step wrote the tickets (4.6.1) sealed under the new key.
+                # The completing step wrote the tickets (4.6.1) sealed under the new key:
+                # they go with the session's first write (one send less per handshake).
                 handover = handshake.take_over()
-                flight, handover = _keep_tickets(flight, handover, num_tickets)
+                tickets, handover = _keep_tickets(flight, handover, num_tickets)
+                break
             if not flight:
                 continue
             verdict = server_hello_resumes(flight)
@@ -218,7 +225,7 @@ async def run_server_handshake(
         handshake.abort()  # no-op once taken over; else frees OpenSSL now
     assert handover is not None  # the loop ends only once the handshake completed
     await turn.take()
-    return HandshakeResult(handover, resumed)
+    return HandshakeResult(handover, resumed, tickets)
 
 
 def _keep_tickets(

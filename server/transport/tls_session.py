@@ -46,6 +46,7 @@ class TlsSession(DeviceSession):
         "_sending",
         "_sweeper",
         "_unread",
+        "_unsent",
         "layer",
         "stream",
     )
@@ -62,6 +63,7 @@ class TlsSession(DeviceSession):
         *,
         resumed: bool,
         unread: bytes = b"",
+        unsent: bytes = b"",
         sweeper: IdleSweeper | None = None,
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
@@ -70,6 +72,8 @@ class TlsSession(DeviceSession):
         self.layer = layer
         # Ciphertext that arrived with the handshake's last record, not yet opened.
         self._unread = unread
+        # Records sealed before the layer's (the handshake's tickets): the first write's.
+        self._unsent = unsent
         # Plaintext opened but not yet returned by receive() (beyond max_message_size).
         self._plain = b""
         # True while the layer holds AEAD objects (derived on the first record).
@@ -224,6 +228,9 @@ class TlsSession(DeviceSession):
             self._give_send_turn()
 
     async def _send_shielded(self, wire: bytes) -> None:
+        if self._unsent:  # the tickets, sealed before anything of the layer (RFC 8446 5.3)
+            wire = self._unsent + wire
+            self._unsent = b""
         # The usual case: the socket buffer takes the whole write at once. Then no cancel
         # scope, deadline or trio socket machinery is needed (they cost more than the write).
         try:
@@ -270,7 +277,8 @@ class TlsSession(DeviceSession):
         try:
             await self._take_send_turn()
             try:
-                wire = self.layer.close()
+                wire = self._unsent + self.layer.close()
+                self._unsent = b""
                 if wire:
                     await self.stream.send_all(wire)
             finally:
