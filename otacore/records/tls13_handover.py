@@ -48,6 +48,18 @@ from otacore.records.tls13_protocol import (
 
 __all__ = ["Tls13Handover", "Tls13Handshake", "enable_record_export"]
 
+#: Record content types a peer may send during a TLS 1.3 handshake (RFC 8446 5, D.4), and
+#: the first byte of every legacy_record_version (0x0301 or 0x0303, 5.1).
+_RECORD_TYPES = frozenset(
+    (
+        ContentType.CHANGE_CIPHER_SPEC,
+        ContentType.ALERT,
+        ContentType.HANDSHAKE,
+        ContentType.APPLICATION_DATA,
+    )
+)
+_RECORD_VERSION_MAJOR = 3
+
 # NSS key log labels of the first application traffic secrets (RFC 8446 7.1).
 _CLIENT_LABEL = b"CLIENT_TRAFFIC_SECRET_0"
 _SERVER_LABEL = b"SERVER_TRAFFIC_SECRET_0"
@@ -215,6 +227,10 @@ class Tls13Handshake:
                 raise RecordHandoverError(
                     f"handshake record of {length} bytes exceeds 2^14+256 (RFC 8446 5.2)"
                 )
+            if not self.complete and (
+                self._inbuf[0] not in _RECORD_TYPES or self._inbuf[1] != _RECORD_VERSION_MAJOR
+            ):
+                self._reject_non_record()
             if len(self._inbuf) < 5 + length:
                 return
             record = self._inbuf[: 5 + length]
@@ -225,6 +241,21 @@ class Tls13Handshake:
             if not self.complete:
                 connection.bio_write(record)
                 self._step()
+
+    def _reject_non_record(self) -> None:
+        """The peer's bytes do not start a TLS record (5.1): hand them to OpenSSL at once
+        rather than wait for a "body" of up to 16 KiB that may never come (an HTTP client
+        or a port scanner would hold the connection until its deadline). OpenSSL rejects
+        them with its own error and alert; always raises RecordHandoverError."""
+        connection = self._connection_or_fail()
+        header = self._inbuf[:5]
+        connection.bio_write(self._inbuf)
+        self._inbuf = b""
+        self._step()  # raises with OpenSSL's verdict
+        self._fail()
+        raise RecordHandoverError(
+            f"not a TLS record (content type {header[0]}, version byte {header[1]}; RFC 8446 5.1)"
+        )
 
     def _absorb_ticket(self, connection: SSL.Connection, record: bytes) -> bool:
         """Give OpenSSL ``record`` if it holds NewSessionTickets only (RFC 8446 4.6.1), so

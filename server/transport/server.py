@@ -21,7 +21,7 @@ from server.transport.session import (
     TransportStats,
     logger,
 )
-from server.transport.tls import make_tls_server_context, serve_tls
+from server.transport.tls import make_tls_handshake_context, serve_tls
 
 #: CoAP over DTLS (RFC 7252 section 12.8) and over TLS (RFC 8323 section 8.2) share 5684.
 DEFAULT_DEVICE_PORT = 5684
@@ -123,7 +123,7 @@ class DeviceServer:
                     )
                     self.tcp_address = _address_of(self._tcp_listeners[0].socket)
                     await nursery.start(
-                        serve_tls, self._tcp_listeners, make_tls_server_context(pki), self.host
+                        serve_tls, self._tcp_listeners, make_tls_handshake_context(pki), self.host
                     )
                 if self.config.udp_port is not None:
                     self._udp_endpoint = await self._open_udp_endpoint()
