@@ -1,8 +1,12 @@
-"""The UDP device shell: DTLS 1.2 mutual auth over trio.DTLSEndpoint, refusals, limits,
-revocation, the trio pitfalls (close_notify, idle expiry, fresh client contexts), shutdown."""
+"""The UDP device shell: DTLS 1.2 mutual auth on the server's own UDP endpoint (devices
+use trio.DTLSEndpoint: real OpenSSL peers), refusals, limits, revocation, close_notify,
+idle expiry, fresh client contexts, shutdown; and what the endpoint adds: no OpenSSL object
+per established session, discarded records counted by reason, a device restarting on the
+same address, idle sessions' AEADs released."""
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -21,6 +25,7 @@ from server.transport.client import (
     dtls_session_reused,
 )
 from server.transport.dtls import DTLS1_2_VERSION, send_close_notify
+from server.transport.udp_endpoint import AEAD_RELEASE_INTERVAL
 from tests.test_transport_tls import (
     FAST_LIMITS,
     PATIENCE,
@@ -367,3 +372,100 @@ def test_dtls_contexts_pin_dtls_1_2(kit: DeviceKit) -> None:
     assert DTLS1_2_VERSION == 0xFEFD
     first, second = kit.good.dtls_context(), kit.good.dtls_context()
     assert first is not second
+
+
+def server_openssl_connections(server: DeviceServer) -> int:
+    """Live OpenSSL connections made from the server's DTLS context."""
+    assert server.udp_endpoint is not None
+    context = server.udp_endpoint.context
+    gc.collect()
+    return sum(
+        1 for obj in gc.get_objects()
+        if isinstance(obj, SSL.Connection) and obj.get_context() is context
+    )  # fmt: skip
+
+
+async def test_established_sessions_hold_no_openssl_object(
+    server: DeviceServer, kit: DeviceKit
+) -> None:
+    async with device(server, kit.good) as first, device(server, kit.other) as second:
+        assert await ask(first, b"a") == b"a"
+        assert await ask(second, b"b") == b"b"
+        assert server_openssl_connections(server) == 0
+        assert server.udp_endpoint is not None
+        assert len(server.udp_endpoint.peers) == 2
+
+
+async def test_records_that_fail_to_open_are_counted_by_reason(
+    server: DeviceServer, kit: DeviceKit, handler: EchoHandler
+) -> None:
+    noise = random.Random(23)
+    print("noise seed 23")
+    endpoint_stats = server.udp_endpoint.stats  # type: ignore[union-attr]
+    async with device(server, kit.good) as channel:
+        assert await ask(channel, b"one") == b"one"
+        sock = channel.endpoint.socket
+        # From the device's own address: a forged record of the session's epoch, one of a
+        # wrong epoch, a truncated header. Each is dropped silently; the session goes on.
+        await sock.sendto(b"\x17\xfe\xfd\x00\x01" + noise.randbytes(6) + b"\x00\x28"
+                          + noise.randbytes(40), udp(server))  # fmt: skip
+        await sock.sendto(b"\x17\xfe\xfd\x00\x07" + bytes(6) + b"\x00\x20" + bytes(32),
+                          udp(server))  # fmt: skip
+        await sock.sendto(b"\x17\xfe\xfd\x00", udp(server))
+        await eventually(lambda: sum(endpoint_stats.discarded.values()) == 3)
+        assert endpoint_stats.discarded == {
+            "AUTHENTICATION_FAILED": 1, "WRONG_EPOCH": 1, "TRUNCATED": 1
+        }
+        assert await ask(channel, b"two") == b"two"
+        assert not handler.sessions[0].closed
+
+
+async def test_strangers_datagrams_are_dropped_and_counted(server: DeviceServer) -> None:
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.connect(udp(server))
+    await sock.send(b"\x17\xfe\xfd" + bytes(20))  # application data from nobody
+    await sock.send(b"\x16\xfe")  # a truncated record
+    stats = server.udp_endpoint.stats  # type: ignore[union-attr]
+    await eventually(lambda: sum(stats.dropped.values()) == 2)
+    assert stats.dropped == {"NOT_HANDSHAKE": 1, "TRUNCATED": 1}
+    assert server.udp_endpoint.peers == {}  # type: ignore[union-attr]
+    sock.close()
+
+
+async def test_device_restarting_on_the_same_address_replaces_its_session(
+    server: DeviceServer, kit: DeviceKit, handler: EchoHandler
+) -> None:
+    """RFC 6347 4.2.8: a new handshake from an established session's address (a device
+    that lost its state) starts once it passes the cookie exchange, and ends the old one."""
+    async with endpoint() as dtls_endpoint:
+        with trio.fail_after(PATIENCE):
+            first = await connect_dtls(dtls_endpoint, udp(server), kit.good)
+            assert await ask(first, b"old") == b"old"
+            second = await connect_dtls(dtls_endpoint, udp(server), kit.good)
+            assert await ask(second, b"new") == b"new"
+        await eventually(lambda: handler.sessions[0].closed)
+        assert handler.sessions[0].close_reason == CloseReason.PEER
+        assert server.udp_endpoint.stats.replaced_handshakes == 1  # type: ignore[union-attr]
+        assert len(server.udp_endpoint.peers) == 1  # type: ignore[union-attr]
+
+
+async def test_idle_sessions_release_their_aeads(
+    nursery: trio.Nursery,
+    kit: DeviceKit,
+    directory: MemoryDeviceDirectory,
+    clock: trio.testing.MockClock,
+) -> None:
+    limits = SessionLimits(handshake_timeout=600.0, idle_timeout=100_000.0)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits,
+                                       tcp=False)  # fmt: skip
+    async with device(server, kit.good) as channel:
+        assert await ask(channel, b"x") == b"x"
+        assert server.udp_endpoint is not None
+        (link,) = server.udp_endpoint.peers.values()
+        layer = link.layer  # type: ignore[union-attr]
+        assert layer._seal_aead is not None  # noqa: SLF001 (the layer's own cache)
+        for _ in range(3):  # two sweeps without traffic release them
+            clock.jump(AEAD_RELEASE_INTERVAL)
+            await trio.testing.wait_all_tasks_blocked()
+        await eventually(lambda: layer._seal_aead is None and layer._open_aead is None)
+        assert await ask(channel, b"y") == b"y"  # rebuilt on demand
