@@ -463,7 +463,7 @@ async def test_idle_sessions_release_their_aeads(
         assert server.udp_endpoint is not None
         (link,) = server.udp_endpoint.peers.values()
         layer = link.layer  # type: ignore[union-attr]
-        assert layer._seal_aead is not None  # noqa: SLF001 (the layer's own cache)
+        assert layer._seal_aead is not None
         for _ in range(3):  # two sweeps without traffic release them
             clock.jump(AEAD_RELEASE_INTERVAL)
             await trio.testing.wait_all_tasks_blocked()
