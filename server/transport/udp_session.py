@@ -107,7 +107,7 @@ class DtlsLink:
         self.dropped = 0
         self.overflowed = 0
         self._bucket: TokenBucket | None = None
-        self._waiter: trio.Event | None = None
+        self._waiter: trio.lowlevel.Task | None = None
 
     def on_datagram(self, datagram: bytes) -> bool:
         """Open a datagram from the peer and act on it; True if it starts a new handshake
@@ -153,16 +153,25 @@ class DtlsLink:
         self.wake()
 
     def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
+        """Resume the task waiting in :meth:`wait`, if any."""
+        task = self._waiter
+        if task is not None:
             self._waiter = None
-            waiter.set()
+            trio.lowlevel.reschedule(task)
 
     async def wait(self) -> None:
-        """Until a plaintext arrives or the session ends."""
-        if self._waiter is None:
-            self._waiter = trio.Event()
-        await self._waiter.wait()
+        """Until a plaintext arrives or the session ends (one waiting task at a time). The
+        waiting task itself is the only state kept: no Event per idle session."""
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already receiving on this session")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class DtlsSession(DeviceSession):
