@@ -47,6 +47,11 @@ _READ_BATCH: Final = 64
 AEAD_RELEASE_INTERVAL: Final = 5.0
 
 
+def _starts_with_client_hello(datagram: bytes) -> bool:
+    """A handshake record of epoch 0 whose message is a ClientHello (RFC 6347 4.1, 4.2.2)."""
+    return datagram[:1] == b"\x16" and datagram[3:5] == b"\x00\x00" and datagram[13:14] == b"\x01"
+
+
 class UdpStats:
     """Counters of the UDP endpoint (for tests and monitoring); keys are reason names."""
 
@@ -175,9 +180,7 @@ class UdpEndpoint:
                 self._on_new_hello(peer, datagram, address)
         else:
             assert isinstance(peer, _Handshaking)
-            if datagram[:1] == b"\x16" and datagram[13:14] == b"\x01" and self._replaces(
-                peer, datagram, address
-            ):
+            if _starts_with_client_hello(datagram) and self._replaces(peer, datagram, address):
                 return
             if not peer.deliver(datagram, self.queue_size):
                 self.stats.handshake_queue_overflows += 1
@@ -200,14 +203,20 @@ class UdpEndpoint:
         """A ClientHello reached a handshaking peer: the same one again goes to its
         handshake (a retransmission); a new one with a valid cookie replaces it (the device
         restarted, RFC 6347 4.2.8); one without gets a HelloVerifyRequest. True if handled."""
-        verdict = self._examine(datagram, address)
-        if isinstance(verdict, Admit) and verdict.hello.random == peer.random:
-            return False
-        if isinstance(verdict, Admit):
-            self.stats.replaced_handshakes += 1
-            peer.scope.cancel()
-            del self.peers[address]
-            self._admit(datagram, address, verdict.hello.random)
+        assert self._cookies is not None
+        verdict = self._cookies.examine(datagram, address, trio.current_time())
+        if isinstance(verdict, Drop) or (
+            isinstance(verdict, Admit) and verdict.hello.random == peer.random
+        ):
+            return False  # for the handshake, which drops what it cannot use
+        if isinstance(verdict, Challenge):
+            self.send_now(verdict.reply, address)
+            return True
+        # A new ClientHello that passed the cookie exchange: the device restarted.
+        self.stats.replaced_handshakes += 1
+        peer.scope.cancel()
+        del self.peers[address]
+        self._admit(datagram, address, verdict.hello.random)
         return True
 
     def _on_new_hello(self, link: DtlsLink, datagram: bytes, address: Address) -> None:
@@ -330,6 +339,9 @@ class UdpEndpoint:
             return None
         peer.handshake = handshake
         peer.hello = b""
+        # Queued while waiting for a slot, before we answered: only repeats of the
+        # ClientHello OpenSSL now has (the peer has nothing else to send yet).
+        peer.inbox.clear()
         while True:
             for datagram in handshake.datagrams_to_send():
                 await self.send(datagram, peer.address)
