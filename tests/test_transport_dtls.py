@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import random
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 
@@ -25,7 +26,7 @@ from server.transport.client import (
     dtls_session_reused,
 )
 from server.transport.dtls import DTLS1_2_VERSION, send_close_notify
-from server.transport.udp_endpoint import AEAD_RELEASE_INTERVAL
+from server.transport.udp_endpoint import AEAD_RELEASE_INTERVAL, UdpEndpoint
 from tests.test_transport_tls import (
     FAST_LIMITS,
     PATIENCE,
@@ -469,3 +470,31 @@ async def test_idle_sessions_release_their_aeads(
             await trio.testing.wait_all_tasks_blocked()
         await eventually(lambda: layer._seal_aead is None and layer._open_aead is None)
         assert await ask(channel, b"y") == b"y"  # rebuilt on demand
+
+
+async def test_new_client_hello_replaces_a_stalled_handshake_of_the_same_address(
+    nursery: trio.Nursery,
+    kit: DeviceKit,
+    directory: MemoryDeviceDirectory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device that restarts mid-handshake (same address and port) is not left waiting for
+    the handshake timeout: its new ClientHello, once past the cookie exchange, replaces it."""
+    # No timer retransmission of the stalled handshake's flight during the test: on a real
+    # network a stale flight can confuse the restarted device, which is not the point here.
+    monkeypatch.setattr(UdpEndpoint, "initial_retransmit_timeout", 600.0)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), tcp=False)
+    sock = await start_silent_handshake(server, kit.good)
+    with trio.fail_after(PATIENCE):
+        await sock.recv(65536)  # the server's flight, which the stalled peer never answers
+    with socket.fromfd(sock.fileno(), sock.family, sock.type) as same_socket:
+        same_socket.setblocking(False)
+        with suppress(BlockingIOError):
+            while True:
+                same_socket.recv(65536)  # drop the flight's other datagrams
+    assert server.udp_endpoint is not None
+    with trio.DTLSEndpoint(sock) as same_address, trio.fail_after(PATIENCE):
+        channel = await connect_dtls(same_address, udp(server), kit.good)
+        assert await ask(channel, b"who") == f"{kit.good_id}|udp|False".encode()
+    assert server.udp_endpoint.stats.replaced_handshakes == 1
+    assert server.stats.refused[("udp", RefuseReason.HANDSHAKE_TIMEOUT)] == 0

@@ -29,7 +29,12 @@ from OpenSSL import SSL
 from otacore.errors import RecordHandoverError
 from otacore.records.dtls12 import RecordDiscarded
 from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange, Drop
-from otacore.records.dtls12_server import DEFAULT_MTU, DtlsHandover, DtlsServerHandshake
+from otacore.records.dtls12_server import (
+    DEFAULT_MTU,
+    INITIAL_TIMEOUT,
+    DtlsHandover,
+    DtlsServerHandshake,
+)
 from server.transport.admission import NotAdmitted
 from server.transport.session import CloseReason, RefuseReason, SessionHost, logger
 from server.transport.udp_session import Address, DtlsLink, DtlsSession
@@ -113,6 +118,9 @@ class UdpEndpoint:
     ``queue_size``: datagrams kept per peer that its task has not read yet (the rest are
     dropped). ``mtu``: bytes per datagram of our handshake flights.
     """
+
+    #: First retransmission timer of a handshake flight (RFC 6347 4.2.4.1: 1 s).
+    initial_retransmit_timeout: float = INITIAL_TIMEOUT
 
     def __init__(
         self,
@@ -253,6 +261,7 @@ class UdpEndpoint:
         """One admitted peer from its handshake slot to the end of its session. Never
         raises (except Cancelled)."""
         address, who = peer.address, peer.peer
+        established = None
         try:
             try:
                 with peer.scope:  # cancelled if a newer ClientHello replaces the handshake
@@ -332,8 +341,9 @@ class UdpEndpoint:
         """Run the handshake to completion; None (``peer.failure`` says why) if it fails."""
         try:
             handshake = DtlsServerHandshake(
-                self.context, peer.hello, now=trio.current_time(), mtu=self.mtu
-            )
+                self.context, peer.hello, now=trio.current_time(), mtu=self.mtu,
+                initial_timeout=self.initial_retransmit_timeout,
+            )  # fmt: skip
         except RecordHandoverError as exc:
             peer.failure = str(exc)
             return None
