@@ -61,7 +61,6 @@ DTLS_CIPHERS = (
 )
 #: Session id context: OpenSSL refuses to resume sessions with client certificates without one.
 _SESSION_ID_CONTEXT = b"otacloud-dtls"
-_TRANSPORT = "udp"
 
 
 def make_dtls_server_context(pki: InstallationPki) -> SSL.Context:
@@ -88,7 +87,8 @@ def make_dtls_server_context(pki: InstallationPki) -> SSL.Context:
 
 
 def make_dtls_client_context(ca_path: Path, cert_path: Path, key_path: Path) -> SSL.Context:
-    """A device-side DTLS 1.2 context. Make a new one per connection (pitfall 3)."""
+    """A device-side DTLS 1.2 context. Make a new one per connection (pyOpenSSL freezes a
+    context once used, and trio's connect() changes it)."""
     context = SSL.Context(SSL.DTLS_METHOD)
     context.set_min_proto_version(DTLS1_2_VERSION)
     context.set_max_proto_version(DTLS1_2_VERSION)
