@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from OpenSSL import SSL
 
 from otacore.errors import RecordHandoverError
@@ -276,3 +278,21 @@ def test_split_datagrams_keeps_records_whole() -> None:
     datagrams = split_datagrams(b"".join(records), 1100)
     assert datagrams == [records[0] + records[1], records[2], records[3], records[4]]
     assert split_datagrams(b"", 1100) == []
+
+
+@settings(max_examples=150, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(noise=st.lists(st.binary(max_size=120), min_size=1, max_size=4),
+       header=st.sampled_from([b"", b"\x16\xfe\xfd\x00\x00", b"\x16\xfe\xfd\x00\x01",
+                               b"\x14\xfe\xfd\x00\x00", b"\x15\xfe\xfd\x00\x00"]))  # fmt: skip
+def test_garbage_between_flights_never_raises(
+    server_context: SSL.Context, kit: DeviceKit, noise: list[bytes], header: bytes
+) -> None:
+    """Datagrams anyone can spoof from the peer's address, mid-handshake: dropped by OpenSSL
+    or failing the handshake with a reason; never an exception out of the object."""
+    handshake = start(server_context, new_client(client_context(kit.good)))
+    for datagram in noise:
+        handshake.receive_datagram(header + datagram, 0.5)
+        handshake.handle_timeout(0.6)
+    assert handshake.failure is None or handshake.failure.startswith("DTLS handshake failed")
+    handshake.abort()
