@@ -47,9 +47,6 @@ _TRANSPORT: Final = "udp"
 _MAX_DATAGRAM: Final = (1 << 14) + 2048 + 13
 #: Datagrams read per wake-up before letting other tasks run.
 _READ_BATCH: Final = 64
-#: Seconds between sweeps that drop the AEAD objects of sessions with no traffic since the
-#: last sweep (each holds ~2.3 KB of OpenSSL state; rebuilding one costs ~1 us).
-AEAD_RELEASE_INTERVAL: Final = 5.0
 
 
 def _starts_with_client_hello(datagram: bytes) -> bool:
@@ -157,7 +154,6 @@ class UdpEndpoint:
         self._cookies = CookieExchange(trio.current_time(), rotate_after=self.cookie_rotation)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._release_idle_aeads)
             task_status.started(self)
             await self._read_forever()
 
@@ -240,7 +236,8 @@ class UdpEndpoint:
 
     def _admit(self, datagram: bytes, address: Address, random: bytes) -> None:
         host = self.host
-        peer = (str(address[0]), int(address[1]))
+        # recvfrom's IPv4 address is already (host, port): share it with the session.
+        peer = address if len(address) == 2 else (str(address[0]), int(address[1]))
         if not host.has_room(_TRANSPORT):
             host.refuse(_TRANSPORT, RefuseReason.SERVER_FULL, peer)
             return
@@ -274,7 +271,9 @@ class UdpEndpoint:
                     peer.handshake = None
             del peer  # the session's frame keeps nothing of the handshake
             if established is not None:
-                await self._run_session(*established, who)
+                link, device_id, resumed = established
+                del established
+                await self._run_session(link, device_id, resumed, who)
         except Exception:
             logger.exception("DTLS session with %s failed", who)
         finally:
@@ -414,18 +413,6 @@ class UdpEndpoint:
                 await trio.lowlevel.wait_writable(self.socket)
                 if self.send_now(datagram, address):
                     return
-
-    async def _release_idle_aeads(self) -> None:
-        """Every few seconds, drop the AEAD objects of sessions that had no traffic since
-        the last look (``DtlsRecordLayer.release_aeads``): an idle session keeps keys only."""
-        while True:
-            await trio.sleep(AEAD_RELEASE_INTERVAL)
-            for peer in list(self.peers.values()):
-                if type(peer) is DtlsLink:
-                    if peer.active:
-                        peer.active = False
-                    else:
-                        peer.layer.release_aeads()
 
     def close(self) -> None:
         """Close the socket (after :meth:`serve` has returned)."""
