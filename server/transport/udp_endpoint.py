@@ -273,7 +273,14 @@ class UdpEndpoint:
             if established is not None:
                 link, device_id, resumed = established
                 del established
-                await self._run_session(link, device_id, resumed, who)
+                try:  # inline, not a coroutine of its own: a frame less per idle session
+                    if device_id is not None:
+                        await self.host.run(DtlsSession(link, device_id, who, self.host, resumed))
+                    elif not link.layer.closed:  # refused after the handshake: tell the device
+                        with trio.move_on_after(self.host.limits.farewell_timeout):
+                            await self.send(link.layer.close(), link.address)
+                finally:
+                    self.forget(link)
         except Exception:
             logger.exception("DTLS session with %s failed", who)
         finally:
@@ -321,20 +328,6 @@ class UdpEndpoint:
             host.refuse(_TRANSPORT, RefuseReason.HANDSHAKE_FAILED, peer.peer, peer.failure or "")
             return None
         return link, device_id, resumed
-
-    async def _run_session(
-        self, link: DtlsLink, device_id: str | None, resumed: bool, who: tuple[str, int]
-    ) -> None:
-        host = self.host
-        try:
-            if device_id is None:  # refused after the handshake: tell the device
-                if not link.layer.closed:
-                    with trio.move_on_after(host.limits.farewell_timeout):
-                        await self.send(link.layer.close(), link.address)
-                return
-            await host.run(DtlsSession(link, device_id, who, host, resumed))
-        finally:
-            self.forget(link)
 
     async def _handshake(self, peer: _Handshaking) -> DtlsHandover | None:
         """Run the handshake to completion; None (``peer.failure`` says why) if it fails."""
