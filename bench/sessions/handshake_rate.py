@@ -125,7 +125,7 @@ def measure(
         "transport": args.transport,
         "mode": "resumed" if resumed else "full",
         "server": "bare trio.SSLStream" if args.bare else "DeviceServer",
-        "client": args.client,
+        "client": "python" if args.transport == "dtls" else args.client,
         "full_handshakes": full,
         "resumed_handshakes": again,
         "server_cpu_s": round(cpu, 2),
