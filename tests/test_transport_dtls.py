@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import random
-import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 
@@ -375,6 +374,16 @@ def test_dtls_contexts_pin_dtls_1_2(kit: DeviceKit) -> None:
     assert first is not second
 
 
+def records_of(datagram: bytes) -> list[bytes]:
+    """The DTLS records in ``datagram`` (RFC 6347 4.1: 13-byte headers, length last)."""
+    records, offset = [], 0
+    while len(datagram) - offset >= 13:
+        stop = offset + 13 + int.from_bytes(datagram[offset + 11 : offset + 13], "big")
+        records.append(datagram[offset:stop])
+        offset = stop
+    return records
+
+
 def server_openssl_connections(server: DeviceServer) -> int:
     """Live OpenSSL connections made from the server's DTLS context."""
     assert server.udp_endpoint is not None
@@ -474,15 +483,17 @@ async def test_new_client_hello_replaces_a_stalled_handshake_of_the_same_address
     # No timer retransmission of the stalled handshake's flight during the test: on a real
     # network a stale flight can confuse the restarted device, which is not the point here.
     monkeypatch.setattr(UdpEndpoint, "initial_retransmit_timeout", 600.0)
-    server = await start_device_server(nursery, kit, directory, EchoHandler(), tcp=False)
+    # The stalled handshake must not time out before the restarted device replaces it.
+    limits = SessionLimits(handshake_timeout=600.0)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits,
+                                       tcp=False)  # fmt: skip
     sock = await start_silent_handshake(server, kit.good)
     with trio.fail_after(PATIENCE):
-        await sock.recv(65536)  # the server's flight, which the stalled peer never answers
-    with socket.fromfd(sock.fileno(), sock.family, sock.type) as same_socket:
-        same_socket.setblocking(False)
-        with suppress(BlockingIOError):
-            while True:
-                same_socket.recv(65536)  # drop the flight's other datagrams
+        # The server's whole flight, which the stalled peer never answers: read up to its
+        # ServerHelloDone (handshake type 14), so that none of it reaches the new client.
+        while not any(record[0] == 22 and record[13:14] == b"\x0e"
+                      for record in records_of(await sock.recv(65536))):  # fmt: skip
+            pass
     assert server.udp_endpoint is not None
     with trio.DTLSEndpoint(sock) as same_address, trio.fail_after(PATIENCE):
         channel = await connect_dtls(same_address, udp(server), kit.good)
