@@ -422,10 +422,15 @@ async def test_records_that_fail_to_open_are_counted_by_reason(
         await sock.sendto(b"\x17\xfe\xfd\x00\x07" + bytes(6) + b"\x00\x20" + bytes(32),
                           udp(server))  # fmt: skip
         await sock.sendto(b"\x17\xfe\xfd\x00", udp(server))
-        await eventually(lambda: sum(endpoint_stats.discarded.values()) == 3)
-        assert endpoint_stats.discarded == {
-            "AUTHENTICATION_FAILED": 1, "WRONG_EPOCH": 1, "TRUNCATED": 1
-        }
+        # (A slow machine may also see the device's retransmitted handshake flight land on
+        # the session: epoch-0 records, WRONG_EPOCH too. Count at least ours.)
+        await eventually(
+            lambda: endpoint_stats.discarded["AUTHENTICATION_FAILED"] >= 1
+            and endpoint_stats.discarded["WRONG_EPOCH"] >= 1
+            and endpoint_stats.discarded["TRUNCATED"] >= 1
+        )
+        assert endpoint_stats.discarded["AUTHENTICATION_FAILED"] == 1
+        assert endpoint_stats.discarded["TRUNCATED"] == 1
         assert await ask(channel, b"two") == b"two"
         assert not handler.sessions[0].closed
 
