@@ -196,15 +196,17 @@ class DtlsSession(DeviceSession):
         """The next datagram's plaintext within size and rate limits (others are dropped);
         SessionClosed when the session has ended."""
         link = self.link
+        yielded = False  # a trio receive always yields once, before taking the data
         while True:
             if self.close_reason is not None:
                 raise DeviceSessionClosed(self.close_reason)
             if link.inbox:
-                await trio.lowlevel.checkpoint()  # before taking it: a cancel loses nothing
-                if link.inbox and self.close_reason is None:
+                if yielded:
                     data = link.inbox.pop(0)
                     self._touch()
                     return data
+                await trio.lowlevel.checkpoint()  # before taking it: a cancel loses nothing
+                yielded = True
                 continue
             if link.ended is not None:
                 raise self._ended(link.ended)
@@ -214,6 +216,7 @@ class DtlsSession(DeviceSession):
             await trio.lowlevel.checkpoint_if_cancelled()
             link.start_waiting()
             await trio.lowlevel.wait_task_rescheduled(link.abort_wait)
+            yielded = True
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` as one DTLS record in one datagram."""
