@@ -17,7 +17,13 @@ import trio.testing
 from OpenSSL import SSL
 
 from server.authorization import MemoryDeviceDirectory
-from server.transport import CloseReason, DeviceServer, RefuseReason, SessionLimits
+from server.transport import (
+    CloseReason,
+    DeviceServer,
+    DeviceSession,
+    RefuseReason,
+    SessionLimits,
+)
 from server.transport.client import (
     DeviceCredentials,
     connect_dtls,
@@ -505,3 +511,28 @@ async def test_new_client_hello_replaces_a_stalled_handshake_of_the_same_address
         assert await ask(channel, b"who") == f"{kit.good_id}|udp|False".encode()
     assert server.udp_endpoint.stats.replaced_handshakes == 1
     assert server.stats.refused[("udp", RefuseReason.HANDSHAKE_TIMEOUT)] == 0
+
+
+class StuckHandler(EchoHandler):
+    """Never reads: what the server keeps for a session whose handler fell behind."""
+
+    async def run(self, session: DeviceSession) -> None:
+        self.sessions.append(session)
+        await trio.sleep_forever()
+
+
+async def test_unread_datagrams_are_bounded_per_session(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    """Backpressure: at most ``dtls_queue_size`` plaintexts wait for a session's handler;
+    the rest are dropped (UDP allows it; CoAP retransmits) and counted."""
+    handler = StuckHandler()
+    server = await start_device_server(nursery, kit, directory, handler, tcp=False)
+    queue_size = server.config.dtls_queue_size
+    async with device(server, kit.good) as channel:
+        await eventually(lambda: len(handler.sessions) == 1)
+        for number in range(queue_size + 5):
+            await channel.send(b"%d" % number)
+        link = handler.sessions[0].link  # type: ignore[attr-defined]
+        await eventually(lambda: link.overflowed == 5)
+        assert link.inbox == [b"%d" % number for number in range(queue_size)]
