@@ -1,8 +1,12 @@
-"""The UDP device shell: DTLS 1.2 mutual auth over trio.DTLSEndpoint, refusals, limits,
-revocation, the trio pitfalls (close_notify, idle expiry, fresh client contexts), shutdown."""
+"""The UDP device shell: DTLS 1.2 mutual auth on the server's own UDP endpoint (devices
+use trio.DTLSEndpoint: real OpenSSL peers), refusals, limits, revocation, close_notify,
+idle expiry, fresh client contexts, shutdown; and what the endpoint adds: no OpenSSL object
+per established session, discarded records counted by reason, a device restarting on the
+same address, idle sessions' AEADs released."""
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -13,7 +17,13 @@ import trio.testing
 from OpenSSL import SSL
 
 from server.authorization import MemoryDeviceDirectory
-from server.transport import CloseReason, DeviceServer, RefuseReason, SessionLimits
+from server.transport import (
+    CloseReason,
+    DeviceServer,
+    DeviceSession,
+    RefuseReason,
+    SessionLimits,
+)
 from server.transport.client import (
     DeviceCredentials,
     connect_dtls,
@@ -21,6 +31,7 @@ from server.transport.client import (
     dtls_session_reused,
 )
 from server.transport.dtls import DTLS1_2_VERSION, send_close_notify
+from server.transport.udp_endpoint import UdpEndpoint
 from tests.test_transport_tls import (
     FAST_LIMITS,
     PATIENCE,
@@ -367,3 +378,161 @@ def test_dtls_contexts_pin_dtls_1_2(kit: DeviceKit) -> None:
     assert DTLS1_2_VERSION == 0xFEFD
     first, second = kit.good.dtls_context(), kit.good.dtls_context()
     assert first is not second
+
+
+def records_of(datagram: bytes) -> list[bytes]:
+    """The DTLS records in ``datagram`` (RFC 6347 4.1: 13-byte headers, length last)."""
+    records, offset = [], 0
+    while len(datagram) - offset >= 13:
+        stop = offset + 13 + int.from_bytes(datagram[offset + 11 : offset + 13], "big")
+        records.append(datagram[offset:stop])
+        offset = stop
+    return records
+
+
+def server_openssl_connections(server: DeviceServer) -> int:
+    """Live OpenSSL connections made from the server's DTLS context."""
+    assert server.udp_endpoint is not None
+    context = server.udp_endpoint.context
+    gc.collect()
+    return sum(
+        1 for obj in gc.get_objects()
+        if isinstance(obj, SSL.Connection) and obj.get_context() is context
+    )  # fmt: skip
+
+
+async def test_established_sessions_hold_no_openssl_object(
+    server: DeviceServer, kit: DeviceKit
+) -> None:
+    async with device(server, kit.good) as first, device(server, kit.other) as second:
+        assert await ask(first, b"a") == b"a"
+        assert await ask(second, b"b") == b"b"
+        assert server_openssl_connections(server) == 0
+        assert server.udp_endpoint is not None
+        assert len(server.udp_endpoint.peers) == 2
+
+
+async def test_records_that_fail_to_open_are_counted_by_reason(
+    server: DeviceServer, kit: DeviceKit, handler: EchoHandler
+) -> None:
+    noise = random.Random(23)
+    print("noise seed 23")
+    endpoint_stats = server.udp_endpoint.stats  # type: ignore[union-attr]
+    async with device(server, kit.good) as channel:
+        assert await ask(channel, b"one") == b"one"
+        sock = channel.endpoint.socket
+        # From the device's own address: a forged record of the session's epoch, one of a
+        # wrong epoch, a truncated header. Each is dropped silently; the session goes on.
+        await sock.sendto(b"\x17\xfe\xfd\x00\x01" + noise.randbytes(6) + b"\x00\x28"
+                          + noise.randbytes(40), udp(server))  # fmt: skip
+        await sock.sendto(b"\x17\xfe\xfd\x00\x07" + bytes(6) + b"\x00\x20" + bytes(32),
+                          udp(server))  # fmt: skip
+        await sock.sendto(b"\x17\xfe\xfd\x00", udp(server))
+        # (A slow machine may also see the device's retransmitted handshake flight land on
+        # the session: epoch-0 records, WRONG_EPOCH too. Count at least ours.)
+        await eventually(
+            lambda: endpoint_stats.discarded["AUTHENTICATION_FAILED"] >= 1
+            and endpoint_stats.discarded["WRONG_EPOCH"] >= 1
+            and endpoint_stats.discarded["TRUNCATED"] >= 1
+        )
+        assert endpoint_stats.discarded["AUTHENTICATION_FAILED"] == 1
+        assert endpoint_stats.discarded["TRUNCATED"] == 1
+        assert await ask(channel, b"two") == b"two"
+        assert not handler.sessions[0].closed
+
+
+async def test_strangers_datagrams_are_dropped_and_counted(server: DeviceServer) -> None:
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.connect(udp(server))
+    await sock.send(b"\x17\xfe\xfd" + bytes(20))  # application data from nobody
+    await sock.send(b"\x16\xfe")  # a truncated record
+    stats = server.udp_endpoint.stats  # type: ignore[union-attr]
+    await eventually(lambda: sum(stats.dropped.values()) == 2)
+    assert stats.dropped == {"NOT_HANDSHAKE": 1, "TRUNCATED": 1}
+    assert server.udp_endpoint.peers == {}  # type: ignore[union-attr]
+    sock.close()
+
+
+async def test_device_restarting_on_the_same_address_replaces_its_session(
+    server: DeviceServer, kit: DeviceKit, handler: EchoHandler
+) -> None:
+    """RFC 6347 4.2.8: a new handshake from an established session's address (a device
+    that lost its state) starts once it passes the cookie exchange, and ends the old one."""
+    async with endpoint() as dtls_endpoint:
+        with trio.fail_after(PATIENCE):
+            first = await connect_dtls(dtls_endpoint, udp(server), kit.good)
+            assert await ask(first, b"old") == b"old"
+            second = await connect_dtls(dtls_endpoint, udp(server), kit.good)
+            assert await ask(second, b"new") == b"new"
+        await eventually(lambda: handler.sessions[0].closed)
+        assert handler.sessions[0].close_reason == CloseReason.PEER
+        assert server.udp_endpoint.stats.replaced_handshakes == 1  # type: ignore[union-attr]
+        assert len(server.udp_endpoint.peers) == 1  # type: ignore[union-attr]
+
+
+async def test_idle_sessions_release_their_aeads(server: DeviceServer, kit: DeviceKit) -> None:
+    """A session whose handler waits for the device keeps its keys, not its AEAD objects
+    (OpenSSL cipher contexts, ~2.3 KB each): the next record rebuilds them."""
+    async with device(server, kit.good) as channel:
+        assert await ask(channel, b"x") == b"x"
+        assert server.udp_endpoint is not None
+        (link,) = server.udp_endpoint.peers.values()
+        layer = link.layer  # type: ignore[union-attr]
+        # The echo handler is back in receive(), waiting: nothing is left to open or seal.
+        await eventually(lambda: layer._seal_aead is None and layer._open_aead is None)
+        assert await ask(channel, b"y") == b"y"  # rebuilt on demand
+
+
+async def test_new_client_hello_replaces_a_stalled_handshake_of_the_same_address(
+    nursery: trio.Nursery,
+    kit: DeviceKit,
+    directory: MemoryDeviceDirectory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device that restarts mid-handshake (same address and port) is not left waiting for
+    the handshake timeout: its new ClientHello, once past the cookie exchange, replaces it."""
+    # No timer retransmission of the stalled handshake's flight during the test: on a real
+    # network a stale flight can confuse the restarted device, which is not the point here.
+    monkeypatch.setattr(UdpEndpoint, "initial_retransmit_timeout", 600.0)
+    # The stalled handshake must not time out before the restarted device replaces it.
+    limits = SessionLimits(handshake_timeout=600.0)
+    server = await start_device_server(nursery, kit, directory, EchoHandler(), limits=limits,
+                                       tcp=False)  # fmt: skip
+    sock = await start_silent_handshake(server, kit.good)
+    with trio.fail_after(PATIENCE):
+        # The server's whole flight, which the stalled peer never answers: read up to its
+        # ServerHelloDone (handshake type 14), so that none of it reaches the new client.
+        while not any(record[0] == 22 and record[13:14] == b"\x0e"
+                      for record in records_of(await sock.recv(65536))):  # fmt: skip
+            pass
+    assert server.udp_endpoint is not None
+    with trio.DTLSEndpoint(sock) as same_address, trio.fail_after(PATIENCE):
+        channel = await connect_dtls(same_address, udp(server), kit.good)
+        assert await ask(channel, b"who") == f"{kit.good_id}|udp|False".encode()
+    assert server.udp_endpoint.stats.replaced_handshakes == 1
+    assert server.stats.refused[("udp", RefuseReason.HANDSHAKE_TIMEOUT)] == 0
+
+
+class StuckHandler(EchoHandler):
+    """Never reads: what the server keeps for a session whose handler fell behind."""
+
+    async def run(self, session: DeviceSession) -> None:
+        self.sessions.append(session)
+        await trio.sleep_forever()
+
+
+async def test_unread_datagrams_are_bounded_per_session(
+    nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
+) -> None:
+    """Backpressure: at most ``dtls_queue_size`` plaintexts wait for a session's handler;
+    the rest are dropped (UDP allows it; CoAP retransmits) and counted."""
+    handler = StuckHandler()
+    server = await start_device_server(nursery, kit, directory, handler, tcp=False)
+    queue_size = server.config.dtls_queue_size
+    async with device(server, kit.good) as channel:
+        await eventually(lambda: len(handler.sessions) == 1)
+        for number in range(queue_size + 5):
+            await channel.send(b"%d" % number)
+        link = handler.sessions[0].link  # type: ignore[attr-defined]
+        await eventually(lambda: link.overflowed == 5)
+        assert link.inbox == [b"%d" % number for number in range(queue_size)]

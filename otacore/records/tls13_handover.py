@@ -46,7 +46,7 @@ from otacore.records.tls13_protocol import (
     ContentType,
 )
 
-__all__ = ["Tls13Handover", "Tls13Handshake", "enable_record_export"]
+__all__ = ["Tls13Handover", "Tls13Handshake", "enable_record_export", "split_records"]
 
 #: Record content types a peer may send during a TLS 1.3 handshake (RFC 8446 5, D.4), and
 #: the first byte of every legacy_record_version (0x0301 or 0x0303, 5.1).
@@ -197,7 +197,7 @@ class Tls13Handshake:
         # server's tickets, 4.6.1) or is the client's own final flight (4.4.4).
         final = drain_output(connection)
         self._outbuf += final
-        self._post_handshake_records = _split_records(final)
+        self._post_handshake_records = split_records(final)
         self.complete = True
 
     def _fail(self) -> None:
@@ -362,7 +362,7 @@ def _only_tickets(content: bytes) -> bool:
     return pos == len(content)
 
 
-def _split_records(data: bytes) -> list[bytes]:
+def split_records(data: bytes) -> list[bytes]:
     records = []
     pos = 0
     while len(data) - pos >= 5:

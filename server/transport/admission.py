@@ -13,7 +13,7 @@ Handshake slots bound the CPU spent on concurrent handshakes, in two pools per p
   moment bytes from the device arrive until it next waits for the network (see
   ``server.transport.tls``), and while the device directory authorizes it. A stalled TLS
   handshake so holds nothing, however many there are.
-* DTLS (``max_dtls_handshakes``): ``trio.DTLSEndpoint`` runs the handshake as one loop that
+* DTLS (``max_dtls_handshakes``): the UDP endpoint runs each handshake as one task that
   also waits for the device, so a DTLS handshake holds its slot throughout. A separate pool
   keeps DTLS peers from ever delaying TLS handshakes.
 

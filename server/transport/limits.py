@@ -30,8 +30,8 @@ class SessionLimits:
     #: first (so a storm finishes handshakes instead of starting them all).
     max_handshakes: int = 64
     #: DTLS handshakes in progress at once per process, from the cookie exchange to the
-    #: session's start. A DTLS handshake (trio.DTLSEndpoint's loop) holds its slot while it
-    #: waits for the device too, so it has its own slots: DTLS peers never delay a TLS
+    #: session's start. A DTLS handshake (its task on the UDP endpoint) holds its slot while
+    #: it waits for the device too, so it has its own slots: DTLS peers never delay a TLS
     #: handshake. Larger than ``max_handshakes`` since these slots mostly wait on the
     #: network: 256 handshakes hold ~25 MB of OpenSSL state, and all computing at once
     #: take ~0.3 s of CPU, far below a device's 3 s retransmission timer.

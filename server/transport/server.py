@@ -22,6 +22,7 @@ from server.transport.session import (
     logger,
 )
 from server.transport.tls import make_tls_handshake_context, serve_tls
+from server.transport.udp_endpoint import UdpEndpoint
 
 #: CoAP over DTLS (RFC 7252 section 12.8) and over TLS (RFC 8323 section 8.2) share 5684.
 DEFAULT_DEVICE_PORT = 5684
@@ -43,7 +44,8 @@ class DeviceServerConfig:
     #: used only when the PKI is created).
     server_dns_names: tuple[str, ...] = ("localhost",)
     server_ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
-    #: Per-DTLS-peer queue of datagrams not yet read (trio drops beyond it).
+    #: Datagrams kept per DTLS peer that its handshake or session has not read yet; more
+    #: are dropped (UDP allows it; CoAP retransmits, RFC 7252 section 4.2).
     dtls_queue_size: int = 10
     #: Let several processes bind the same ports (SO_REUSEPORT, Linux 3.9+): the kernel
     #: spreads TCP connections, and UDP flows by 4-tuple hash, over their sockets.
@@ -93,7 +95,9 @@ class DeviceServer:
         #: reports twice the usable size: socket(7)); None until bound.
         self.udp_buffers: tuple[int, int] | None = None
         self._tcp_listeners: list[trio.SocketListener] = []
-        self._udp_endpoint: trio.DTLSEndpoint | None = None
+        self._udp_socket: socket.socket | None = None
+        #: The UDP endpoint once serving (its ``stats`` count dropped and discarded datagrams).
+        self.udp_endpoint: UdpEndpoint | None = None
         self._stop = trio.Event()
 
     @property
@@ -126,10 +130,14 @@ class DeviceServer:
                         serve_tls, self._tcp_listeners, make_tls_handshake_context(pki), self.host
                     )
                 if self.config.udp_port is not None:
-                    self._udp_endpoint = await self._open_udp_endpoint()
-                    self.udp_address = _address_of(self._udp_endpoint.socket)
-                    await nursery.start(
-                        serve_dtls, self._udp_endpoint, make_dtls_server_context(pki), self.host
+                    self._udp_socket = await self._open_udp_socket()
+                    self.udp_address = _address_of(self._udp_socket)
+                    self.udp_endpoint = await nursery.start(
+                        serve_dtls,
+                        self._udp_socket,
+                        make_dtls_server_context(pki),
+                        self.host,
+                        self.config.dtls_queue_size,
                     )
                 logger.info(
                     "device endpoint listening: tcp %s, udp %s (buffers %s)",
@@ -143,26 +151,29 @@ class DeviceServer:
         finally:
             for listener in self._tcp_listeners:
                 listener.socket.close()
-            if self._udp_endpoint is not None:
-                self._udp_endpoint.close()
+            if self._udp_socket is not None:
+                trio.lowlevel.notify_closing(self._udp_socket)
+                self._udp_socket.close()
 
-    async def _open_udp_endpoint(self) -> trio.DTLSEndpoint:
+    async def _open_udp_socket(self) -> socket.socket:
+        """The bound, non-blocking UDP socket the DTLS endpoint serves."""
         assert self.config.udp_port is not None
         infos = await trio.socket.getaddrinfo(
             self.config.host, self.config.udp_port, type=socket.SOCK_DGRAM
         )
         family, _, _, _, address = infos[0]
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            sock.setblocking(False)
             if self.config.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.config.udp_buffer_bytes is not None:
                 self.udp_buffers = size_socket_buffers(sock, self.config.udp_buffer_bytes)
-            await sock.bind(address)
+            sock.bind(address)  # a local bind: never blocks
         except OSError:
             sock.close()
             raise
-        return trio.DTLSEndpoint(sock, incoming_packets_buffer=self.config.dtls_queue_size)
+        return sock
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, tell every device to come back later, then stop serving.
@@ -189,7 +200,9 @@ _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
-def size_socket_buffers(sock: trio.socket.SocketType, size: int) -> tuple[int, int]:
+def size_socket_buffers(
+    sock: trio.socket.SocketType | socket.socket, size: int
+) -> tuple[int, int]:
     """Ask for ``size``-byte receive and send buffers: the FORCE variants first (they pass
     net.core.rmem_max/wmem_max but need CAP_NET_ADMIN), then the capped ones. Returns
     (SO_RCVBUF, SO_SNDBUF) as the kernel reports them."""
@@ -242,7 +255,7 @@ async def open_tcp_listeners(
     return listeners
 
 
-def _address_of(sock: trio.socket.SocketType) -> tuple[str, int]:
+def _address_of(sock: trio.socket.SocketType | socket.socket) -> tuple[str, int]:
     address = sock.getsockname()
     return (str(address[0]), int(address[1]))
 

@@ -22,14 +22,14 @@ from otacore.errors import OtaError, RecordHandoverError
 from otacore.records.tls13_handover import (
     Tls13Handover,
     Tls13Handshake,
-    _split_records,
     enable_record_export,
+    split_records,
 )
 from otacore.records.tls13_keys import traffic_key_and_iv
 from otacore.records.tls13_protocol import ContentType
+from otacore.records.verify_errors import verify_failure_reason
 from server.identity import InstallationPki
 from server.transport.admission import HandshakeTurn
-from server.transport.dtls import _VERIFY_ERRORS
 
 __all__ = [
     "COAP_ALPN",
@@ -117,8 +117,7 @@ def _note_verify_failure(
     if not ok:
         handshake = connection.get_app_data()
         if isinstance(handshake, _ServerHandshake) and handshake.verify_error is None:
-            reason = _VERIFY_ERRORS.get(errnum, f"X509 verify error {errnum}")
-            handshake.verify_error = f"{reason} (chain depth {depth})"
+            handshake.verify_error = verify_failure_reason(errnum, depth)
     return bool(ok)
 
 
@@ -240,7 +239,7 @@ def _keep_tickets(
     ones sealed, never leave this process, and the write sequence continues from the kept
     ones, so no nonce is ever used for two records that are sent (RFC 8446 5.3). The
     flight is kept whole unless every record is proven (opened) to hold tickets only."""
-    records = _split_records(flight)
+    records = split_records(flight)
     if len(records) <= num_tickets or handover.write_seq != len(records):
         return flight, handover
     key, iv_bytes = traffic_key_and_iv(handover.suite, handover.write_secret)

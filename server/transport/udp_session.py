@@ -1,0 +1,247 @@
+"""An established DTLS 1.2 session on the server: our record layer, not an OpenSSL object.
+
+:class:`DtlsLink` is what the UDP endpoint (``udp_endpoint``) keeps per established peer:
+the :class:`~otacore.records.dtls12.DtlsRecordLayer` and a bounded queue of plaintexts not
+yet read. The endpoint's reader task opens each datagram as it arrives
+(:meth:`DtlsLink.on_datagram`) and answers what the record layer asks at once (our
+close_notify answering the peer's, our last flight when the peer repeats its Finished, the
+no_renegotiation alert). :class:`DtlsSession` is the :class:`DeviceSession` the CoAP layer
+sees over it: ``receive()`` returns the next application-data plaintext, ``send()`` seals
+one record per datagram.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from otacore.errors import RecordError
+from otacore.records.dtls12 import (
+    ApplicationData,
+    DtlsRecordLayer,
+    NewHandshakeRequested,
+    PeerAlert,
+    PeerRepeatedFlight,
+    RecordDiscarded,
+    RenegotiationRefused,
+    SessionClosed,
+)
+from otacore.records.dtls12_events import AlertDescription
+from server.transport.limits import SessionLimits, TokenBucket
+from server.transport.session import (
+    CloseReason,
+    DeviceSession,
+    SessionHandler,
+    SessionHost,
+    logger,
+)
+from server.transport.session import SessionClosed as DeviceSessionClosed
+
+__all__ = ["Address", "DatagramSender", "DtlsLink", "DtlsSession"]
+
+#: A socket address as recvfrom reports it: (host, port) or IPv6's 4-tuple.
+Address = tuple[Any, ...]
+
+
+class DatagramSender(Protocol):
+    """What a link needs of its endpoint."""
+
+    def send_now(self, datagram: bytes, address: Address) -> bool:
+        """Send without waiting; False if the socket's buffer is full (nothing sent)."""
+        ...
+
+    async def send(self, datagram: bytes, address: Address) -> None:
+        """Send, waiting for room in the socket's buffer if need be."""
+        ...
+
+    def note_discarded(self, event: RecordDiscarded) -> None:
+        """Count a record the layer discarded."""
+        ...
+
+    def forget(self, link: DtlsLink) -> None:
+        """The session is over: datagrams from its address are strangers' again."""
+        ...
+
+
+class DtlsLink:
+    """One established peer as the endpoint's reader sees it (see the module docstring)."""
+
+    __slots__ = (
+        "_bucket",
+        "_waiter",
+        "address",
+        "dropped",
+        "ended",
+        "endpoint",
+        "inbox",
+        "layer",
+        "limits",
+        "overflowed",
+        "queue_size",
+    )
+
+    def __init__(
+        self,
+        address: Address,
+        layer: DtlsRecordLayer,
+        endpoint: DatagramSender,
+        queue_size: int,
+        limits: SessionLimits,
+    ) -> None:
+        #: The peer's socket address, as recvfrom reports it.
+        self.address = address
+        self.layer = layer
+        self.endpoint = endpoint
+        self.limits = limits
+        #: Plaintexts received and not yet read (at most ``queue_size``, so a list's
+        #: pop(0) is cheap; an empty list costs 56 bytes, a deque 600).
+        self.inbox: list[bytes] = []
+        self.queue_size = queue_size
+        #: None while open; a CloseReason value once the peer closed or broke the session.
+        self.ended: str | None = None
+        #: Datagrams dropped for size or rate (``limits``), and for a full queue.
+        self.dropped = 0
+        self.overflowed = 0
+        self._bucket: TokenBucket | None = None
+        self._waiter: trio.lowlevel.Task | None = None
+
+    def on_datagram(self, datagram: bytes) -> bool:
+        """Open a datagram from the peer and act on it; True if it starts a new handshake
+        (RFC 6347 4.2.8: the endpoint decides, after a cookie exchange)."""
+        for event in self.layer.open_datagram(datagram):
+            if isinstance(event, ApplicationData):
+                self._deliver(event.data)
+            elif isinstance(event, RecordDiscarded):
+                self.endpoint.note_discarded(event)
+            elif isinstance(event, SessionClosed):
+                if event.reply:
+                    self.endpoint.send_now(event.reply, self.address)
+                closed_by_peer = event.by_peer and event.alert == AlertDescription.CLOSE_NOTIFY
+                self.ended = CloseReason.PEER if closed_by_peer else CloseReason.TRANSPORT_ERROR
+                logger.debug("DTLS peer %s ended the session (alert %d, by peer %s)",
+                             self.address, event.alert, event.by_peer)  # fmt: skip
+                self.wake()
+            elif isinstance(event, PeerRepeatedFlight):
+                for reply in event.replies:
+                    self.endpoint.send_now(reply, self.address)
+            elif isinstance(event, RenegotiationRefused):
+                self.endpoint.send_now(event.reply, self.address)
+            elif isinstance(event, PeerAlert):
+                logger.debug("DTLS peer %s sent warning alert %d", self.address, event.description)
+            elif isinstance(event, NewHandshakeRequested):
+                return True
+        return False
+
+    def _deliver(self, data: bytes) -> None:
+        limits = self.limits
+        now = trio.current_time()
+        if self._bucket is None:
+            self._bucket = TokenBucket(limits.messages_per_second, limits.message_burst, now)
+        # Over the size or rate limit: dropped, as CoAP over UDP allows (RFC 7252 4.2).
+        if len(data) > limits.max_message_size or not self._bucket.try_take(1.0, now):
+            self.dropped += 1
+            return
+        if len(self.inbox) >= self.queue_size:
+            self.overflowed += 1  # the handler is behind: drop the newest, as UDP may
+            return
+        self.inbox.append(data)
+        self.wake()
+
+    def wake(self) -> None:
+        """Resume the task waiting in :meth:`wait`, if any."""
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+
+    def start_waiting(self) -> None:
+        """The current task will wait for :meth:`wake` (one task at a time): then call
+        ``trio.lowlevel.wait_task_rescheduled(link.abort_wait)`` (inline, so that an idle
+        session costs one coroutine frame less: its waiting task is its only state)."""
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already receiving on this session")
+        self._waiter = trio.lowlevel.current_task()
+
+    def abort_wait(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        """The waiting task was cancelled."""
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class DtlsSession(DeviceSession):
+    """A device session over DTLS; ``receive()`` returns one datagram's plaintext."""
+
+    __slots__ = ("link",)
+
+    transport = "udp"
+
+    def __init__(
+        self,
+        link: DtlsLink,
+        device_id: str,
+        peer: tuple[str, int],
+        host: SessionHost,
+        resumed: bool,
+    ) -> None:
+        super().__init__(device_id, peer, host.limits, resumed)
+        self.link = link
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped for size or rate (RFC 7252 4.2: CoAP over UDP retransmits)."""
+        return self.link.dropped
+
+    async def receive(self) -> bytes:
+        """The next datagram's plaintext within size and rate limits (others are dropped);
+        SessionClosed when the session has ended."""
+        link = self.link
+        yielded = False  # a trio receive always yields once, before taking the data
+        while True:
+            if self.close_reason is not None:
+                raise DeviceSessionClosed(self.close_reason)
+            if link.inbox:
+                if yielded:
+                    data = link.inbox.pop(0)
+                    self._touch()
+                    return data
+                await trio.lowlevel.checkpoint()  # before taking it: a cancel loses nothing
+                yielded = True
+                continue
+            if link.ended is not None:
+                raise self._ended(link.ended)
+            # Nothing to read: the session may stay idle for minutes. Its AEAD objects hold
+            # ~2.3 KB of OpenSSL state each; the next record rebuilds them (~0.7 us each).
+            link.layer.release_aeads()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            link.start_waiting()
+            await trio.lowlevel.wait_task_rescheduled(link.abort_wait)
+            yielded = True
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` as one DTLS record in one datagram."""
+        self._check_can_send()
+        link = self.link
+        if link.ended is not None:
+            raise self._ended(link.ended)
+        try:
+            record = link.layer.seal(data)
+        except RecordError as error:  # closed, or 2^48 records sealed (RFC 6347 4.1)
+            logger.debug("cannot seal for %s: %s", self.peer, error)
+            raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        await link.endpoint.send(record, link.address)
+        self._touch()
+
+    async def _farewell_then_close(self, handler: SessionHandler) -> None:
+        link = self.link
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.limits.farewell_timeout
+            await self._farewell(handler)
+            if self.close_reason != CloseReason.PEER and not link.layer.closed:
+                # close_notify (RFC 5246 7.2.1): the device handshakes again at once
+                # instead of finding out by timeouts.
+                await link.endpoint.send(link.layer.close(), link.address)
+        link.endpoint.forget(link)
+
+    def _close_now(self) -> None:
+        self.link.endpoint.forget(self.link)
