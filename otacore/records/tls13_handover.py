@@ -363,6 +363,8 @@ def _only_tickets(content: bytes) -> bool:
 
 
 def split_records(data: bytes) -> list[bytes]:
+    """The TLS records ``data`` (OpenSSL's output) holds, split by their RFC 8446 5.1
+    headers; RecordHandoverError if it ends inside a record."""
     records = []
     pos = 0
     while len(data) - pos >= 5:
