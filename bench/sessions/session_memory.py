@@ -40,9 +40,15 @@ async def _open_dtls(port: int, device: DeviceCredentials, stack: AsyncExitStack
 
 
 async def hold_sessions(
-    server: ServerProcess, transport: str, devices: list[DeviceCredentials], parallel: int
+    server: ServerProcess,
+    transport: str,
+    devices: list[DeviceCredentials],
+    parallel: int,
+    settle: float,
 ) -> dict[str, float]:
-    """Open one session per device, measure the server, close them all."""
+    """Open one session per device, measure the server 1 s after the last one opened and
+    again once they have been quiet for ``settle`` seconds (an idle TLS session drops its
+    ciphers after 5 s), close them all."""
     port = server.tcp_port if transport == "tls" else server.udp_port
     opener = _open_tls if transport == "tls" else _open_dtls
     async with AsyncExitStack() as stack:
@@ -65,13 +71,19 @@ async def hold_sessions(
                 nursery.start_soon(one, device)
         elapsed = time.perf_counter() - started
         await trio.sleep(1.0)
+        count = len(devices) - 10
+        just_opened = server.ask("rss")["rss"]
+        await trio.sleep(max(0.0, settle - 1.0))
         after = {key: server.ask(key)[key] for key in ("rss", "heap", "py")}
         stats = server.ask("stats")
-        count = len(devices) - 10
         assert stats["registry"] - registered_before == count, stats
         result = {
             "sessions": count,
             "open_seconds": round(elapsed, 2),
+            "rss_kib_per_session_after_1s": round(
+                (just_opened - before["rss"]) / count / 1024, 2
+            ),
+            "settle_seconds": settle,
             "rss_kib_per_session": round((after["rss"] - before["rss"]) / count / 1024, 2),
             "malloc_kib_per_session": round((after["heap"] - before["heap"]) / count / 1024, 2),
         }
@@ -86,7 +98,9 @@ async def main(args: argparse.Namespace) -> None:
         for traced in (False, True):
             server = ServerProcess(ca_dir, listing, tracemalloc=traced)
             try:
-                result = await hold_sessions(server, transport, devices, args.parallel)
+                result = await hold_sessions(
+                    server, transport, devices, args.parallel, args.settle
+                )
             finally:
                 server.close()
             result = {"transport": transport, "tracemalloc": traced, **result}
@@ -98,5 +112,11 @@ if __name__ == "__main__":
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--transport", nargs="+", choices=["tls", "dtls"], default=["tls", "dtls"])
     parser.add_argument("--parallel", type=int, default=50)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=8.0,
+        help="seconds the sessions stay quiet before the idle measurement (default 8)",
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     trio.run(main, parser.parse_args())
