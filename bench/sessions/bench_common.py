@@ -99,6 +99,15 @@ class ServerProcess:
             self.process.wait()
 
 
+def rss_bytes(pid: int | str = "self") -> int:
+    """VmRSS of a process in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of process ``pid`` (from /proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as stat:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from bench_common import rss_bytes
 
 from server.authorization import MemoryDeviceDirectory
 from server.identity import InstallationPki, load_pki
@@ -62,15 +63,6 @@ def malloc_in_use() -> int:
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return int(info.uordblks + info.hblkhd)
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """VmRSS of a process in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 class EchoHandler:

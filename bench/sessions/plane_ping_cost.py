@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_common import cpu_seconds, open_all, paced
+from bench_common import cpu_seconds, open_all, paced, rss_bytes
 
 from otacore.protocol.link import TcpLink, UdpLink
 from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
@@ -44,6 +44,8 @@ DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-plane-ping")
 #: Seconds to wait for a ping's answer before sending another, and tries per ping.
 ANSWER_WAIT = 2.0
 PING_TRIES = 5
+#: Sessions opened before the RSS baseline (one-time allocations of the first sessions).
+WARM_UP = 10
 OTA = [str(Path(sys.executable).with_name("ota"))]
 
 
@@ -153,8 +155,14 @@ async def ping_cost(
     port = server.ports[transport]
     opener = _open_tcp if transport == "tcp" else _open_udp
     async with AsyncExitStack() as stack:
+        # A few sessions first, so one-time allocations are not counted per session.
         sessions: list[_Session] = await open_all(
-            devices, lambda device: opener(port, device, stack), args.parallel
+            devices[:WARM_UP], lambda device: opener(port, device, stack), args.parallel
+        )
+        await trio.sleep(1.0)
+        rss_before = rss_bytes(server.process.pid)
+        sessions += await open_all(
+            devices[WARM_UP:], lambda device: opener(port, device, stack), args.parallel
         )
         await trio.sleep(2.0)  # let the server's session starts settle (not measured)
         spy = None
@@ -170,6 +178,8 @@ async def ping_cost(
         idle_before = cpu_seconds(server.process.pid)
         await trio.sleep(args.idle)  # what the held sessions cost with no traffic at all
         idle_cpu = cpu_seconds(server.process.pid) - idle_before
+        # After 2 s + --idle of quiet: the idle cost of a session of the real device plane.
+        rss_idle = rss_bytes(server.process.pid)
         if server.probed:  # gc_probe: collections so far; start the promotion census
             server.process.send_signal(signal.SIGUSR1)
         cpu_before = cpu_seconds(server.process.pid)
@@ -194,6 +204,9 @@ async def ping_cost(
         "pings_sent_again": retries,
         "seconds": round(elapsed, 2),
         "server_cpu_us_per_ping": round(cpu / args.pings * 1e6, 1),
+        "rss_kib_per_idle_session": round(
+            (rss_idle - rss_before) / (len(sessions) - WARM_UP) / 1024, 2
+        ),
         "idle_cpu_percent": round(idle_cpu / args.idle * 100, 2) if args.idle else None,
         "server_cpu_us_per_ping_less_idle": round((cpu - idle_share) / args.pings * 1e6, 1),
     }
@@ -221,7 +234,7 @@ if __name__ == "__main__":
     parser.add_argument("--transport", nargs="+", choices=["tcp", "udp"], default=["tcp", "udp"])
     parser.add_argument("--pings", type=int, default=20_000)
     parser.add_argument("--rate", type=float, default=1000.0, help="pings per second")
-    parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU reading")
+    parser.add_argument("--idle", type=float, default=6.0, help="seconds of idle CPU reading")
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
