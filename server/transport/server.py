@@ -236,7 +236,7 @@ class DeviceServer:
         logger.info("device endpoint shutting down; closing %d sessions", closing)
         with trio.move_on_after(grace):
             await self.host.wait_all_closed()
-        if self.vault is not None and endpoint is not None and endpoint.saving is not None:
+        if self.vault is not None and endpoint is not None and endpoint.saving:
             await self._save_sessions(self.vault, endpoint.saving)
         self._stop.set()
 

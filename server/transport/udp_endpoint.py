@@ -166,6 +166,7 @@ class UdpEndpoint:
         self.to_restore: list[SavedDtlsSession] = []
         #: Sessions saved since :meth:`start_saving`; None while not saving.
         self.saving: list[SavedDtlsSession] | None = None
+        self._told_unsuspendable = False
 
     # --- serving ------------------------------------------------------------------------
 
@@ -416,13 +417,20 @@ class UdpEndpoint:
         link = session.link
         if self.saving is None or link.certificate is None:
             return False
+        # Only a handler that can carry its own state over (SuspendableHandler) is saved:
+        # one restored without it would serve the device as if it had never said Hello.
         suspend = getattr(handler, "suspend", None)
-        handler_state = b""
-        if suspend is not None:
-            try:
-                handler_state = bytes(suspend(session))
-            except Exception:
-                logger.exception("could not save the handler state of %s", session.device_id)
+        if suspend is None:
+            if not self._told_unsuspendable:
+                self._told_unsuspendable = True
+                logger.info("the DTLS session handler %s cannot be suspended: its sessions "
+                            "are closed, not saved", type(handler).__name__)  # fmt: skip
+            return False
+        try:
+            handler_state = bytes(suspend(session))
+        except Exception:
+            logger.exception("could not save the handler state of %s", session.device_id)
+            return False
         idle_for = trio.current_time() - session.idle_since
         self.saving.append(
             SavedDtlsSession(
