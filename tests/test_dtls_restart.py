@@ -5,6 +5,7 @@ devices (trio.DTLSEndpoint) that keep their session across the restart."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -427,3 +428,25 @@ async def test_a_dtls_device_resumes_with_its_ticket_after_a_crash(
         await ask(channel, b"y")
         channel.close()
         assert second.stats.resumed_handshakes["udp"] == 1
+
+
+async def test_a_restored_session_expires_when_it_would_have_without_the_restart(
+    kit: DeviceKit, directory: MemoryDeviceDirectory, port: int
+) -> None:
+    async with endpoint() as device_endpoint:
+        async with running(kit, directory, port) as first:
+            with trio.fail_after(PATIENCE):
+                channel = await connect_dtls(device_endpoint, ("127.0.0.1", port), kit.good)
+            await ask(channel, b"x")
+            with trio.fail_after(PATIENCE):
+                await first.shutdown()
+        # As if the device had been silent for all but 2 s of the 60 s idle timeout.
+        vault = vault_of(kit)
+        [saved] = vault.take()
+        silent_since = time.time() - LIMITS.idle_timeout + 2
+        vault.save([dataclasses.replace(saved, last_activity=silent_since)])
+        async with running(kit, directory, port) as second:
+            assert second.udp_endpoint is not None and second.udp_endpoint.stats.restored == 1
+            with pytest.raises(SSL.ZeroReturnError), trio.fail_after(PATIENCE):
+                await channel.receive()  # the idle expiry's close_notify, within ~2 s
+            channel.close()

@@ -488,8 +488,11 @@ class UdpEndpoint:
                         await self.send(link.layer.close(), address)
                 return
             self.stats.restored += 1
-            session = DtlsSession(link, entry.device_id, peer, host, entry.resumed,
-                                  restored_state=entry.handler_state)  # fmt: skip
+            session = DtlsSession(
+                link, entry.device_id, peer, host, entry.resumed,
+                restored_state=entry.handler_state,
+                idle_for=max(0.0, time.time() - entry.last_activity),
+            )  # fmt: skip
             # SessionHost.run counts a handshake per session it runs; a restored session
             # had none: take that count back first (no checkpoint in between).
             counter = host.stats.resumed_handshakes if entry.resumed else host.stats.full_handshakes

@@ -205,11 +205,16 @@ class DtlsSession(DeviceSession):
         host: SessionHost,
         resumed: bool,
         restored_state: bytes | None = None,
+        idle_for: float = 0.0,
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
         self.link = link
+        if idle_for > 0:  # restored: the idle deadline counts from the last traffic
+            self._scope.deadline -= idle_for
         #: None for a session that began with a handshake; for one restored after a
         #: graceful restart, what its handler saved (``SuspendableHandler``; b"" if none).
+        #: ``idle_for``: seconds the restored session had been idle (before and during
+        #: the restart), so it expires when it would have without the restart.
         self.restored_state = restored_state
 
     @property
