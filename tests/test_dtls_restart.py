@@ -450,3 +450,13 @@ async def test_a_restored_session_expires_when_it_would_have_without_the_restart
             with pytest.raises(SSL.ZeroReturnError), trio.fail_after(PATIENCE):
                 await channel.receive()  # the idle expiry's close_notify, within ~2 s
             channel.close()
+
+
+def test_a_damaged_vault_key_is_refused_with_a_message(tmp_path: Path) -> None:
+    vault = SessionVault(tmp_path, b"install", max_age=60)
+    (tmp_path / SESSION_VAULT_KEY_FILE).write_bytes(b"short")
+    with pytest.raises(SavedSessionsError, match="not a 32-byte key; delete it"):
+        vault.save([])
+    (tmp_path / SAVED_SESSIONS_FILE).write_bytes(b"OTADTLSS\x01" + bytes(40))
+    assert vault.take() == []  # logged, deleted, nothing restored
+    assert not (tmp_path / SAVED_SESSIONS_FILE).exists()

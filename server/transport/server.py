@@ -86,7 +86,8 @@ class DeviceServer:
     """The device endpoint: accepts devices over TLS and DTLS and runs their sessions.
 
     Use ``await nursery.start(server.serve)``; later ``await server.shutdown()`` for a
-    graceful stop (farewell + close_notify to every device), or cancel for a hard stop.
+    graceful stop (farewell + close_notify to every device; established DTLS sessions are
+    saved for the next process instead, see ``udp_saved``), or cancel for a hard stop.
     """
 
     def __init__(

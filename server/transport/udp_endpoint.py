@@ -12,6 +12,11 @@ The reader task reads every datagram and hands it on by the peer's address:
 - an established peer: its :class:`DtlsLink`, which opens the datagram with our record
   layer right away; records that fail to open are dropped and counted in :attr:`stats`.
 
+On graceful shutdown (:meth:`UdpEndpoint.start_saving`) established sessions whose handler
+can carry its state over are saved instead of closed (``udp_saved``); the next process
+puts them back in the table before its first read (:meth:`UdpEndpoint.serve`), authorizes
+each device again, and serves it without a handshake.
+
 Sends go straight to the non-blocking socket; only when its buffer is full does a sender
 wait (one at a time) for room. Every queue is bounded: a full one drops, as UDP may.
 """
