@@ -246,6 +246,8 @@ DERIVED: dict[tuple[type, str], str] = {
     (DeviceServerConfig, "server_ip_addresses"): "devices.server_ip_addresses",
     (DeviceServerConfig, "dtls_queue_size"): "devices.dtls_queue_size",
     (DeviceServerConfig, "udp_buffer_bytes"): "devices.udp_buffer_bytes",
+    (DeviceServerConfig, "save_dtls_sessions"): "devices.save_dtls_sessions",
+    (DeviceServerConfig, "saved_session_max_age"): "devices.saved_session_max_age",
 }
 
 

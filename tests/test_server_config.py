@@ -44,6 +44,8 @@ request_timeout = 12.5
 shutdown_hold_off = 7
 dtls_queue_size = 20
 udp_buffer_bytes = 0
+save_dtls_sessions = false
+saved_session_max_age = 120
 server_dns_names = ["ota.example.com", "localhost"]
 
 [sessions]
@@ -136,6 +138,7 @@ def test_a_file_reaches_the_running_server(tmp_path: Path,
     assert (tuning.request_timeout, tuning.shutdown_hold_off) == (12.5, 7)
     listener = seen["listener"]
     assert (listener.dtls_queue_size, listener.udp_buffer_bytes) == (20, None)
+    assert (listener.save_dtls_sessions, listener.saved_session_max_age) == (False, 120)
     assert listener.server_dns_names == ("ota.example.com", "localhost")
     ota = seen["ota"]
     assert (ota.window_limit, ota.transfer_attempts, ota.downgrades.value) == (32, 5, "device")

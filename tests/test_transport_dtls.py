@@ -31,6 +31,7 @@ from server.transport.client import (
     dtls_session_reused,
 )
 from server.transport.dtls import DTLS1_2_VERSION, send_close_notify
+from server.transport.server import DeviceServerConfig, serve_devices
 from server.transport.udp_endpoint import UdpEndpoint
 from tests.test_transport_tls import (
     FAST_LIMITS,
@@ -362,7 +363,16 @@ async def test_handler_error_ends_only_its_dtls_session(
 async def test_graceful_shutdown_over_dtls(
     nursery: trio.Nursery, kit: DeviceKit, directory: MemoryDeviceDirectory
 ) -> None:
-    server = await start_device_server(nursery, kit, directory, EchoHandler(), tcp=False)
+    # Saving sessions for the next process is off here (tests/test_dtls_restart.py covers
+    # it): this is the farewell + close_notify path.
+    config = DeviceServerConfig(
+        pki_dir=kit.pki.directory, host="127.0.0.1", tcp_port=None, udp_port=0,
+        limits=FAST_LIMITS, save_dtls_sessions=False,
+    )  # fmt: skip
+    handler = EchoHandler()
+    server: DeviceServer = await nursery.start(
+        serve_devices, config, lambda session: handler, directory
+    )
     async with device(server, kit.good) as channel:
         await ask(channel, b"x")
         with trio.fail_after(PATIENCE):

@@ -214,6 +214,8 @@ class DevicePlane:
             server_ip_addresses=config.tuning.server_ip_addresses,
             dtls_queue_size=config.tuning.dtls_queue_size,
             udp_buffer_bytes=config.tuning.udp_buffer_bytes,
+            save_dtls_sessions=config.tuning.save_dtls_sessions,
+            saved_session_max_age=config.tuning.saved_session_max_age,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._close_revoked_sessions)

@@ -33,6 +33,13 @@ class DeviceTuning:
     #: SO_RCVBUF/SO_SNDBUF asked for the DTLS socket, bytes (None: the system default;
     #: Linux caps it at net.core.rmem_max/wmem_max unless the server has CAP_NET_ADMIN).
     udp_buffer_bytes: int | None = DeviceServerConfig.udp_buffer_bytes
+    #: Save established DTLS sessions at graceful shutdown (sealed in the data directory)
+    #: and restore them on start, so devices go on without a handshake. Only sessions whose
+    #: handler can carry its state over are saved; never with several server processes.
+    save_dtls_sessions: bool = DeviceServerConfig.save_dtls_sessions
+    #: Seconds: saved DTLS sessions idle for longer than this (or a saved file older) are
+    #: not restored; those devices handshake again.
+    saved_session_max_age: float = DeviceServerConfig.saved_session_max_age
     #: DNS names in the server certificate's subjectAltName, used when the certificate
     #: is issued: on the first start, and when it is renewed (within 30 days of expiry).
     server_dns_names: tuple[str, ...] = DeviceServerConfig.server_dns_names
@@ -51,6 +58,8 @@ class DeviceTuning:
                 f"shutdown_hold_off must be 0 to {MAX_HOLD_OFF} seconds, not "
                 f"{self.shutdown_hold_off}"
             )
+        if not (math.isfinite(self.saved_session_max_age) and self.saved_session_max_age > 0):
+            raise ValidationError("saved_session_max_age must be a positive number of seconds")
         if self.dtls_queue_size < 1:
             raise ValidationError("dtls_queue_size must be at least 1")
         if self.udp_buffer_bytes is not None and not (

@@ -25,6 +25,7 @@ from otacore.records.dtls12_server import prepare_server_context
 from server.identity import InstallationPki
 from server.transport.session import SessionHost
 from server.transport.udp_endpoint import UdpEndpoint
+from server.transport.udp_saved import SavedDtlsSession
 from server.transport.udp_session import DtlsSession
 from server.transport.udp_trio_device import (
     connection_of as _connection_of,
@@ -107,10 +108,13 @@ async def serve_dtls(
     host: SessionHost,
     queue_size: int = 10,
     *,
+    restore: list[SavedDtlsSession] | None = None,
     task_status: trio.TaskStatus[UdpEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve DTLS devices on the bound UDP socket ``sock`` until cancelled; reports the
     running :class:`UdpEndpoint` (its ``stats`` count drops and discards).
-    ``queue_size``: datagrams kept per peer not yet read (the rest are dropped)."""
+    ``queue_size``: datagrams kept per peer not yet read (the rest are dropped).
+    ``restore``: sessions saved by the previous process, restored before the first read."""
     endpoint = UdpEndpoint(sock, context, host, queue_size=queue_size)
+    endpoint.to_restore = list(restore or ())
     await endpoint.serve(task_status=task_status)

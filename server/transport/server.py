@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from otacore.errors import ValidationError
+from otacore.errors import OtaError, ValidationError
 from server.authorization import DeviceDirectory
 from server.identity import InstallationPki, init_pki
 from server.transport.dtls import make_dtls_server_context, serve_dtls
@@ -23,6 +26,7 @@ from server.transport.session import (
 )
 from server.transport.tls import make_tls_handshake_context, serve_tls
 from server.transport.udp_endpoint import UdpEndpoint
+from server.transport.udp_saved import SavedDtlsSession, SessionVault
 
 #: CoAP over DTLS (RFC 7252 section 12.8) and over TLS (RFC 8323 section 8.2) share 5684.
 DEFAULT_DEVICE_PORT = 5684
@@ -54,6 +58,12 @@ class DeviceServerConfig:
     #: Linux caps SO_RCVBUF/SO_SNDBUF at net.core.rmem_max/wmem_max; SO_RCVBUFFORCE
     #: (CAP_NET_ADMIN) is tried first and passes the cap.
     udp_buffer_bytes: int | None = 8 * 1024 * 1024
+    #: Save established DTLS sessions on graceful shutdown and restore them on start (issue
+    #: 14 item 6), sealed in ``pki_dir`` (AES-GCM, key file 0600): devices go on without a
+    #: handshake. Not with ``reuse_port`` (a flow may reach another process after restart).
+    save_dtls_sessions: bool = True
+    #: Saved sessions idle for longer than this many seconds (or a file older) are dropped.
+    saved_session_max_age: float = 600.0
 
     def __post_init__(self) -> None:
         for port in (self.tcp_port, self.udp_port):
@@ -61,13 +71,23 @@ class DeviceServerConfig:
                 raise ValidationError(f"device port {port} is not between 0 and 65535")
         if self.tcp_port is None and self.udp_port is None:
             raise ValidationError("enable at least one device transport (TCP or UDP)")
+        if self.saved_session_max_age <= 0:
+            raise ValidationError(
+                f"saved_session_max_age must be positive seconds, got {self.saved_session_max_age}"
+            )
+
+    @property
+    def saves_dtls_sessions(self) -> bool:
+        """True if DTLS sessions are saved at graceful shutdown and restored on start."""
+        return self.save_dtls_sessions and self.udp_port is not None and not self.reuse_port
 
 
 class DeviceServer:
     """The device endpoint: accepts devices over TLS and DTLS and runs their sessions.
 
     Use ``await nursery.start(server.serve)``; later ``await server.shutdown()`` for a
-    graceful stop (farewell + close_notify to every device), or cancel for a hard stop.
+    graceful stop (farewell + close_notify to every device; established DTLS sessions are
+    saved for the next process instead, see ``udp_saved``), or cancel for a hard stop.
     """
 
     def __init__(
@@ -98,6 +118,8 @@ class DeviceServer:
         self._udp_socket: socket.socket | None = None
         #: The UDP endpoint once serving (its ``stats`` count dropped and discarded datagrams).
         self.udp_endpoint: UdpEndpoint | None = None
+        #: The sealed file of saved DTLS sessions (None when not saving them).
+        self.vault: SessionVault | None = None
         self._stop = trio.Event()
 
     @property
@@ -118,6 +140,11 @@ class DeviceServer:
                 )
             )
         pki = self.pki
+        saved: list[SavedDtlsSession] = []
+        if self.config.saves_dtls_sessions:
+            self.vault = self._make_vault(pki)
+            # Read and deleted before anything is served: a state is restored at most once.
+            saved = await trio.to_thread.run_sync(self.vault.take)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.host.report_refusals)
@@ -133,12 +160,19 @@ class DeviceServer:
                     self._udp_socket = await self._open_udp_socket()
                     self.udp_address = _address_of(self._udp_socket)
                     self.udp_endpoint = await nursery.start(
-                        serve_dtls,
-                        self._udp_socket,
-                        make_dtls_server_context(pki),
-                        self.host,
-                        self.config.dtls_queue_size,
+                        partial(
+                            serve_dtls,
+                            self._udp_socket,
+                            make_dtls_server_context(pki),
+                            self.host,
+                            self.config.dtls_queue_size,
+                            restore=saved,
+                        )
                     )
+                    if saved:
+                        logger.info("restored %d saved DTLS sessions (authorizing them again)",
+                                    len(saved))  # fmt: skip
+                    del saved
                 logger.info(
                     "device endpoint listening: tcp %s, udp %s (buffers %s)",
                     self.tcp_address,
@@ -175,22 +209,51 @@ class DeviceServer:
             raise
         return sock
 
+    def _make_vault(self, pki: InstallationPki) -> SessionVault:
+        ca_der = pki.ca_cert.public_bytes(Encoding.DER)
+        return SessionVault(
+            self.config.pki_dir,
+            hashlib.sha256(ca_der).digest(),
+            max_age=self.config.saved_session_max_age,
+        )
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, tell every device to come back later, then stop serving.
 
-        Live sessions get their handler's ``farewell`` and a close_notify; after ``grace``
-        seconds (default: the farewell timeout plus one second) whatever remains is cancelled.
+        Live TLS sessions get their handler's ``farewell`` and a close_notify; established
+        DTLS sessions are saved for the next process instead (if
+        ``config.save_dtls_sessions``), else treated alike. After ``grace`` seconds
+        (default: the farewell timeout plus one second) whatever remains is cancelled.
         """
         if grace is None:
             grace = self.config.limits.farewell_timeout + 1.0
         self.host.stop_accepting()
         for listener in self._tcp_listeners:
             await listener.aclose()
+        endpoint = self.udp_endpoint
+        if self.vault is not None and endpoint is not None:
+            endpoint.start_saving()
         closing = self.registry.close_all(CloseReason.SHUTDOWN)
         logger.info("device endpoint shutting down; closing %d sessions", closing)
         with trio.move_on_after(grace):
             await self.host.wait_all_closed()
+        if self.vault is not None and endpoint is not None and endpoint.saving:
+            await self._save_sessions(self.vault, endpoint.saving)
         self._stop.set()
+
+    async def _save_sessions(self, vault: SessionVault, sessions: list[SavedDtlsSession]) -> None:
+        """Seal the saved sessions to the vault file (a failure is logged: the devices
+        then handshake again, as after a crash)."""
+        started = trio.current_time()
+        with trio.CancelScope(shield=True):
+            try:
+                size = await trio.to_thread.run_sync(vault.save, sessions)
+            except (OSError, OtaError) as exc:
+                logger.error("could not save %d DTLS sessions to %s: %s",
+                             len(sessions), vault.path, exc)  # fmt: skip
+                return
+        logger.info("saved %d DTLS sessions to %s (%d bytes, %.3f s)", len(sessions),
+                    vault.path, size, trio.current_time() - started)  # fmt: skip
 
 
 #: Listen backlog (the kernel caps it at net.core.somaxconn), as trio's default.

@@ -28,6 +28,7 @@ from otacore.records.dtls12 import (
     SessionClosed,
 )
 from otacore.records.dtls12_events import AlertDescription
+from server.authorization import ClientCertificate
 from server.transport.limits import SessionLimits, TokenBucket
 from server.transport.session import (
     CloseReason,
@@ -38,7 +39,7 @@ from server.transport.session import (
 )
 from server.transport.session import SessionClosed as DeviceSessionClosed
 
-__all__ = ["Address", "DatagramSender", "DtlsLink", "DtlsSession"]
+__all__ = ["Address", "DatagramSender", "DtlsLink", "DtlsSession", "SuspendableHandler"]
 
 #: A socket address as recvfrom reports it: (host, port) or IPv6's 4-tuple.
 Address = tuple[Any, ...]
@@ -63,6 +64,22 @@ class DatagramSender(Protocol):
         """The session is over: datagrams from its address are strangers' again."""
         ...
 
+    def keep(self, session: DtlsSession, handler: SessionHandler) -> bool:
+        """On graceful shutdown: save ``session`` to be restored by the next process
+        instead of closing it; False if sessions are not being saved (close it)."""
+        ...
+
+
+class SuspendableHandler(Protocol):
+    """A session handler that can carry its state across a graceful restart (optional:
+    the endpoint looks for ``suspend`` on the handler). The next process's handler finds
+    the bytes in ``DtlsSession.restored_state`` (e.g. the CoAP layer's next message id, so
+    the device does not take new messages for duplicates, RFC 7252 4.5)."""
+
+    def suspend(self, session: DtlsSession) -> bytes:
+        """The handler's state to restore with ``session`` (small; sealed at rest)."""
+        ...
+
 
 class DtlsLink:
     """One established peer as the endpoint's reader sees it (see the module docstring)."""
@@ -71,6 +88,7 @@ class DtlsLink:
         "_bucket",
         "_waiter",
         "address",
+        "certificate",
         "dropped",
         "ended",
         "endpoint",
@@ -91,6 +109,9 @@ class DtlsLink:
     ) -> None:
         #: The peer's socket address, as recvfrom reports it.
         self.address = address
+        #: The device certificate the session was authorized with (set once authorized;
+        #: saved with the session on graceful shutdown and authorized again on restore).
+        self.certificate: ClientCertificate | None = None
         self.layer = layer
         self.endpoint = endpoint
         self.limits = limits
@@ -172,7 +193,7 @@ class DtlsLink:
 class DtlsSession(DeviceSession):
     """A device session over DTLS; ``receive()`` returns one datagram's plaintext."""
 
-    __slots__ = ("link",)
+    __slots__ = ("link", "restored_state")
 
     transport = "udp"
 
@@ -183,9 +204,28 @@ class DtlsSession(DeviceSession):
         peer: tuple[str, int],
         host: SessionHost,
         resumed: bool,
+        restored_state: bytes | None = None,
+        idle_for: float = 0.0,
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
         self.link = link
+        if idle_for > 0:  # restored: the idle deadline counts from the last traffic
+            self._scope.deadline -= idle_for
+        #: None for a session that began with a handshake; for one restored after a
+        #: graceful restart, what its handler saved (``SuspendableHandler``; b"" if none).
+        #: ``idle_for``: seconds the restored session had been idle (before and during
+        #: the restart), so it expires when it would have without the restart.
+        self.restored_state = restored_state
+
+    @property
+    def restored(self) -> bool:
+        """True if this session was saved by the previous server process and restored."""
+        return self.restored_state is not None
+
+    @property
+    def idle_since(self) -> float:
+        """trio time of the session's last traffic (its idle deadline less the timeout)."""
+        return self._scope.deadline - self.limits.idle_timeout
 
     @property
     def dropped(self) -> int:
@@ -234,6 +274,17 @@ class DtlsSession(DeviceSession):
 
     async def _farewell_then_close(self, handler: SessionHandler) -> None:
         link = self.link
+        if (
+            self.close_reason == CloseReason.SHUTDOWN
+            and link.ended is None
+            and not link.layer.closed
+            and link.endpoint.keep(self, handler)
+        ):
+            # Saved for the next process (issue 14 item 6): no farewell telling the device
+            # to leave, no close_notify; the layer must never seal again in this process.
+            link.ended = CloseReason.SHUTDOWN
+            link.endpoint.forget(link)
+            return
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.limits.farewell_timeout
             await self._farewell(handler)
