@@ -217,6 +217,16 @@ class ReliableLayer:
                 return candidate
         raise MessageIdExhaustedError("all 65536 message ids are waiting for acknowledgements")
 
+    def next_message_ids(self, count: int) -> list[int]:
+        """``count`` fresh message ids, in order, each as :meth:`next_message_id` gives it:
+        for NON messages the caller encodes itself (a window of firmware chunks framed by
+        ``otacore.chunk_framing``). Unlike :meth:`send`, the ids are not remembered for a
+        Reset: such a message awaits no answer, so a Reset of it reports nothing."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        next_id = self.next_message_id
+        return [next_id() for _ in range(count)]
+
     def send(self, message: Message, now: float) -> Transmit:
         """Send a new CON or NON: assign a message id, encode, and arm retransmission for a CON.
 

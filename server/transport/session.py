@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, Protocol
 
 import trio
@@ -131,6 +131,19 @@ class DeviceSession:
     async def send(self, data: bytes) -> None:
         """Send one datagram (DTLS) or these stream bytes (TLS); SessionClosed if ended."""
         raise NotImplementedError
+
+    async def send_window(self, messages: Sequence[bytes]) -> None:
+        """Send a window of encoded CoAP messages, in order: over UDP each its own datagram,
+        over TCP all of them as one piece of the stream. A session with its own record
+        layer seals them in one batch (:meth:`TlsSession.send_window`); this default sends
+        them through :meth:`send`. SessionClosed if the session has ended."""
+        if not messages:
+            return
+        if self.transport == "tcp":
+            await self.send(messages[0] if len(messages) == 1 else b"".join(messages))
+            return
+        for datagram in messages:
+            await self.send(datagram)
 
     def close(self, reason: str = CloseReason.SERVER) -> None:
         """End the session (idempotent): cancels the handler, then the transport closes."""
