@@ -89,6 +89,9 @@ async def test_a_tls_window_is_one_batch_of_full_records(
     await device.send(device.layer.send_application_data(b"after"))
     received, _ = await device.receive_until(b"after")
     assert received == b"after"
+    # The registry's session leads to its handler (set as the handler started).
+    (session,) = handler.sessions
+    assert session.handler is handler and server.registry.handler(kit.good_id) is handler
 
 
 async def test_a_window_on_a_closed_session_raises_session_closed(

@@ -126,14 +126,17 @@ class DeviceSessionHandler:
         #: The OTA engine's updater of this session (set when the session starts; None
         #: without an engine). It lives and ends with the session.
         self.updater: SessionUpdater | None = None
+        #: Set as :meth:`run` ends: from then on the session is no longer its device's
+        #: live session (``plane.live``), though the transport may still be closing it.
+        self.ended = False
 
     # -- the session's task tree -------------------------------------------------------------
 
     async def run(self, session: DeviceSession) -> None:
         """Serve the session until the device leaves, misbehaves or the server stops."""
-        # Attach before the first checkpoint: the session this one replaces (the registry
-        # closed it) then sees a successor and leaves the device's online state alone.
-        self.plane.attach(self)
+        # The transport registered the session (and closed the one it replaces) before
+        # this handler was made: that session's end sees a successor in ``plane.live`` and
+        # leaves the device's online state alone.
         presence = self.presence
         try:
             await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
@@ -150,7 +153,8 @@ class DeviceSessionHandler:
             # end. The nursery wraps it in a group, which the transport would log as a bug.
             pass
         finally:
-            self.plane.detach(self)
+            self.ended = True
+            self.plane.on_session_end(self)
             if self.plane.live.get(self.device_id) is None:  # not replaced
                 with trio.CancelScope(shield=True):
                     try:

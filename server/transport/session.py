@@ -97,6 +97,7 @@ class DeviceSession:
         "_scope",
         "close_reason",
         "device_id",
+        "handler",
         "limits",
         "peer",
         "resumed",
@@ -119,6 +120,10 @@ class DeviceSession:
         self.started_at = trio.current_time()
         #: None while open, else a CloseReason value.
         self.close_reason: str | None = None
+        #: What runs on top of the session (set by :meth:`SessionHost.run` as it starts
+        #: the handler): the registry's sessions lead to their handlers, so no other map
+        #: of live sessions has to be kept in step with it.
+        self.handler: SessionHandler | None = None
         # True while the farewell hook runs: sends are allowed although the session closes.
         self._in_farewell = False
         # Deadline = idle deadline; cancelled by close(). Wraps the handler's run().
@@ -243,6 +248,11 @@ class SessionRegistry:
     def get(self, device_id: str) -> DeviceSession | None:
         """The live session of ``device_id``, if any."""
         return self._by_device.get(device_id)
+
+    def handler(self, device_id: str) -> SessionHandler | None:
+        """The handler of ``device_id``'s live session, if it has one yet."""
+        session = self._by_device.get(device_id)
+        return session.handler if session is not None else None
 
     def close_device(self, device_id: str, reason: str = CloseReason.REVOKED) -> bool:
         """Close the live session of ``device_id``; True if there was one. A revocation
@@ -504,6 +514,7 @@ class SessionHost:
             with session._scope:
                 try:
                     handler = self.handler_factory(session)
+                    session.handler = handler
                     await handler.run(session)
                     session._ended(CloseReason.HANDLER_DONE)
                 except SessionClosed:
