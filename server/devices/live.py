@@ -8,10 +8,11 @@ one; revocation and shutdown close them through it), and each session leads to i
 is kept in step with it. Everything else per live session hangs off its handler (the OTA
 engine's updater is ``handler.updater``).
 
-A device's session counts as live from its handler's creation until the handler's run
-ends (:attr:`DeviceSessionHandler.ended`), not until the transport has finished closing
-it: an ended session's updater is gone, and a session that is only closing must not be
-offered anything.
+A session is in the registry from its handler's creation (the transport sets
+``session.handler`` before the handler's first checkpoint) until the handler's run ends
+(the plane then takes it out: ``DevicePlane.on_session_end``), so every session of the
+plane's registry is a live device session with its handler, and the view's size is the
+registry's.
 """
 
 from __future__ import annotations
@@ -36,12 +37,9 @@ class LiveDevices(Mapping[str, DeviceSessionHandler]):
         self._registry = registry
 
     def _live_handler(self, device_id: str) -> DeviceSessionHandler | None:
-        """The handler of the device's live session, None when there is none (or its
-        run has ended)."""
+        """The handler of the device's live session, None when there is none."""
         handler = self._registry.handler(device_id)
-        if isinstance(handler, DeviceSessionHandler) and not handler.ended:
-            return handler
-        return None
+        return handler if isinstance(handler, DeviceSessionHandler) else None
 
     def owns(self, handler: DeviceSessionHandler) -> bool:
         """True while ``handler`` is its device's live session."""
@@ -68,10 +66,12 @@ class LiveDevices(Mapping[str, DeviceSessionHandler]):
 
     def __iter__(self) -> Iterator[str]:
         return iter([session.device_id for session in self._registry
-                     if self._live_handler(session.device_id) is not None])
+                     if isinstance(session.handler, DeviceSessionHandler)])
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        # O(1) (a status line asks every second, whatever the number of sessions): every
+        # session of the plane's registry has its handler (see the module documentation).
+        return len(self._registry)
 
     def __repr__(self) -> str:
         return f"LiveDevices({sorted(self)!r})"

@@ -166,9 +166,11 @@ class DevicePlane:
         return self.live
 
     def on_session_end(self, handler: DeviceSessionHandler) -> None:
-        """A session's run ended (``handler.ended`` is set: it is no longer live): the
-        engine forgets what it held for the session's device unless a newer session owns
-        the device."""
+        """A session's run ended: it leaves the registry at once (the transport, which
+        would drop it once the handler has returned, then finds it gone), so it is no
+        longer its device's live session while its last store writes run; then the engine
+        forgets what it held for the device unless a newer session owns it."""
+        self.registry.unregister(handler.session)  # a newer session of the device stays
         if self.ota is not None:
             self.ota.detach_session(handler)
 

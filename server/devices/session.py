@@ -126,9 +126,6 @@ class DeviceSessionHandler:
         #: The OTA engine's updater of this session (set when the session starts; None
         #: without an engine). It lives and ends with the session.
         self.updater: SessionUpdater | None = None
-        #: Set as :meth:`run` ends: from then on the session is no longer its device's
-        #: live session (``plane.live``), though the transport may still be closing it.
-        self.ended = False
 
     # -- the session's task tree -------------------------------------------------------------
 
@@ -153,8 +150,7 @@ class DeviceSessionHandler:
             # end. The nursery wraps it in a group, which the transport would log as a bug.
             pass
         finally:
-            self.ended = True
-            self.plane.on_session_end(self)
+            self.plane.on_session_end(self)  # no longer its device's live session
             if self.plane.live.get(self.device_id) is None:  # not replaced
                 with trio.CancelScope(shield=True):
                     try:
