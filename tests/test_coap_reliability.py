@@ -292,3 +292,86 @@ def test_lossy_link_delivers_once_and_resolves_every_con(
             assert sent[message_id] in delivered
     if not any(losses):
         assert all(result == "ack" for result in outcomes.values())
+
+
+def test_next_message_ids_run_on_and_skip_outstanding_cons() -> None:
+    layer = ReliableLayer(rng=lambda: 0.0, first_message_id=65534)
+    con = layer.send(request(), now=0.0).message_id  # 65534, awaiting its ACK
+    assert layer.next_message_ids(3) == [65535, 0, 1]
+    assert layer.next_message_ids(0) == []
+    layer.next_message_ids(65532)  # up to 65533: the counter comes back to the CON's id
+    assert layer.next_message_id() == 65535  # 65534 skipped (RFC 7252 4.4)
+    assert con == 65534
+    with pytest.raises(ValueError, match="count"):
+        layer.next_message_ids(-1)
+
+
+def test_non_table_after_the_ids_wrap_within_the_non_lifetime() -> None:
+    """65,536 NONs within NON_LIFETIME (145 s) reuse every id: a Reset of an id reports the
+    newest NON that used it, each table entry expires at its own time, in order."""
+    layer = ReliableLayer(rng=lambda: 0.0, first_message_id=0)
+    step = 0.001
+    now = 0.0
+    for n in range(65_536 + 10):  # ids 0..9 are used twice
+        now = n * step
+        layer.send(Message(MessageType.NON, Code.POST, token=n.to_bytes(4, "big"),
+                           payload=b"c"), now)  # fmt: skip
+
+    def reset(message_id: int, at: float) -> list[Event]:
+        return layer.receive(encode_udp(Message(MessageType.RST, 0, message_id)), at)
+
+    # Id 5's newest NON is the 65,541st (token 65541), sent at 65.541 s.
+    assert reset(5, now) == [Rejected(5, (65_536 + 5).to_bytes(4, "big"))]
+    assert reset(5, now) == []  # reported once
+    # Id 20 was last used by NON 20 (sent at 0.020 s): it expires at 145.020 s.
+    lifetime = layer.params.non_lifetime
+    assert reset(20, 20 * step + lifetime - 0.0005) == [Rejected(20, (20).to_bytes(4, "big"))]
+    assert reset(21, 21 * step + lifetime) == []  # expired exactly at its lifetime
+    # A NON sent late prunes every entry expired by then and stays reportable itself,
+    # while the entries sent after the expired ones stay.
+    late = (65_536 + 9) * step + lifetime - 0.0005  # after every first-round NON expired
+    mid = layer.send(Message(MessageType.NON, Code.POST, token=b"late", payload=b"c"), late)
+    assert mid.message_id == 10
+    # Only id 9's second NON (expiring at 210.545 s) and the late one are left: every
+    # reused id moved to the end of the table, so nothing expired hides behind them.
+    assert layer.remembered_non == 2
+    assert reset(9, late) == [Rejected(9, (65_536 + 9).to_bytes(4, "big"))]
+    assert reset(mid.message_id, late) == [Rejected(mid.message_id, b"late")]
+    assert reset(30, late) == []
+    assert layer.remembered_non == 0
+
+
+def test_duplicate_table_after_the_ids_wrap() -> None:
+    """The device's ids wrap: an id whose NON lifetime passed is a new message; one still
+    within it is a duplicate; the table never holds more than the 65,536 ids."""
+    layer = ReliableLayer(rng=lambda: 0.0, first_message_id=0)
+    step = 0.003  # 65,536 ids in 196.6 s: longer than the NON lifetime
+    for n in range(65_536 * 2):
+        message = Message(MessageType.NON, Code.POST, n & 0xFFFF, payload=b"a")
+        events = layer.receive(encode_udp(message), n * step)
+        assert isinstance(events[0], Received), (n, events)
+        assert layer.remembered <= 65_536
+    now = (65_536 * 2 - 1) * step
+    again = Message(MessageType.NON, Code.POST, 0xFFFF, payload=b"a")  # just received
+    assert isinstance(layer.receive(encode_udp(again), now)[0], DuplicateReceived)
+    # Held: the ids received within the last NON lifetime, no expired one before them.
+    assert abs(layer.remembered - layer.params.non_lifetime / step) <= 1
+
+
+def test_an_id_remembered_again_moves_behind_the_others() -> None:
+    """CON and NON lifetimes differ, so an expired id can wait behind a live one; when it
+    arrives again it is a new message, remembered at the back: nothing expired stays
+    behind it."""
+    layer = ReliableLayer(rng=lambda: 0.0, first_message_id=0)
+
+    def arrive(message_id: int, msg_type: MessageType, at: float) -> Event:
+        message = Message(msg_type, Code.POST, message_id, payload=b"a")
+        return layer.receive(encode_udp(message), at)[0]
+
+    assert isinstance(arrive(1, MessageType.CON, 0.0), Received)  # held until 247 s
+    assert isinstance(arrive(2, MessageType.NON, 0.0), Received)  # until 145 s
+    assert isinstance(arrive(3, MessageType.NON, 1.0), Received)  # until 146 s
+    assert isinstance(arrive(2, MessageType.NON, 150.0), Received)  # anew: until 295 s
+    assert layer.remembered == 3  # 3 expired but waits behind the CON
+    assert isinstance(arrive(4, MessageType.NON, 250.0), Received)
+    assert layer.remembered == 2  # 2 (until 295 s) and 4: 1 and 3 are gone

@@ -1,5 +1,6 @@
-"""The one registry of live device sessions (server.devices.live): a real server and an
-emulated device over each transport, its sessions replaced and ended."""
+"""The one registry of live device sessions (the transport's, read through
+server.devices.live): a real server and an emulated device over each transport, its
+sessions replaced and ended."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ async def test_one_registry_follows_sessions_replaced_and_ended(
             assert engine.updaters[device_id] is first.updater
             assert dict(engine.updaters) == {device_id: first.updater}
             assert plane.registry.get(device_id) is first.session
+            # The plane's map is a view of the transport's registry: no map of its own.
+            assert first.session.handler is first
+            assert plane.registry.handler(device_id) is first
+            assert list(plane.live) == [device_id] and plane.live.owns(first)
             # A new session of the device takes it over; the old one's end leaves it alone.
             await rig.reconnect(fleet, device_id)
             await _live_session_with_updater(rig, device_id)
@@ -53,6 +58,7 @@ async def test_one_registry_follows_sessions_replaced_and_ended(
             assert not plane.live.owns(first) and plane.live.owns(second)
             assert engine.updaters[device_id] is second.updater
             assert plane.registry.get(device_id) is second.session
+            assert plane.live[device_id] is second and len(plane.live) == 1
             await rig.engine_done(device_id)
         # The device is off (it sent no goodbye); its last session ends: nothing of it is
         # left in the registry, nor its memory.
@@ -62,6 +68,7 @@ async def test_one_registry_follows_sessions_replaced_and_ended(
             while device_id in plane.live:
                 await trio.sleep(0.01)
         assert engine.updaters == {} and len(plane.live) == 0
-        assert plane.live.updater(device_id) is None
+        assert plane.live.updater(device_id) is None and plane.live.get(device_id) is None
+        assert plane.registry.get(device_id) is None
         assert device_id not in engine.delivered and device_id not in engine.failed
         assert device_id not in engine.updating

@@ -53,6 +53,8 @@ idle_timeout = 300
 max_sessions = 5000
 handshake_timeout = 12
 max_pending_per_address = 900
+cipher_idle_timeout = 2.5
+heap_trim_interval = 0
 
 [delivery]
 max_concurrent_transfers = 100
@@ -133,7 +135,8 @@ def test_a_file_reaches_the_running_server(tmp_path: Path,
     limits = seen["limits"]
     assert (limits.idle_timeout, limits.max_sessions, limits.handshake_timeout,
             limits.max_pending_per_address) == (300, 5000, 12, 900)
-    assert limits.hello_timeout == 5.0  # the rest: defaults
+    assert (limits.cipher_idle_timeout, limits.heap_trim_interval) == (2.5, 0)
+    assert limits.hello_timeout == 5.0 and limits.idle_sweep_interval == 1.0  # defaults
     tuning = seen["tuning"]
     assert (tuning.request_timeout, tuning.shutdown_hold_off) == (12.5, 7)
     listener = seen["listener"]

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
-from otacore.errors import PeerAlertError, RecordHandoverError
+from otacore.errors import PeerAlertError, RecordHandoverError, ValidationError
 from otacore.records.tls13 import (
     AlertDescription,
     ApplicationData,
@@ -527,6 +527,51 @@ async def test_a_session_joins_the_sweeper_once_per_busy_spell(
     await stream.aclose()
     await eventually(lambda: server.stats.closed[("tcp", CloseReason.PEER)] == 1)
     assert session._sweeper.holding_ciphers == 0  # an ended session is forgotten
+
+
+async def test_the_sweeper_follows_the_operators_settings(
+    nursery: trio.Nursery,
+    kit: DeviceKit,
+    directory: MemoryDeviceDirectory,
+    clock: trio.testing.MockClock,
+) -> None:
+    """``cipher_idle_timeout`` and ``idle_sweep_interval`` (``[sessions]``) drive when a
+    quiet session drops its ciphers; ``heap_trim_interval = 0`` never trims."""
+    handler = EchoHandler()
+    limits = SessionLimits(handshake_timeout=600.0, idle_timeout=600.0,
+                           cipher_idle_timeout=50.0, idle_sweep_interval=10.0,
+                           heap_trim_interval=0.0)  # fmt: skip
+    server = await start_device_server(nursery, kit, directory, handler, limits=limits, udp=False)
+    stream = await connect_tls(tcp(server), kit.good)
+    assert await ask(stream, b"one") == b"one"
+    session = handler.sessions[0]
+    assert isinstance(session, TlsSession) and session._sweeper is not None
+    sweeper = session._sweeper
+    assert (sweeper.quiet_after, sweeper.interval) == (50.0, 10.0) and not sweeper.can_trim
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    clock.jump(CIPHER_IDLE_SECONDS * 4)  # far past the default: sweeps ran, kept them
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert session._ciphers_held
+    clock.jump(50.0 + 10.0)
+    await eventually(lambda: not session._ciphers_held)
+    assert sweeper.trims == 0
+    assert await ask(stream, b"two") == b"two"
+    await stream.aclose()
+
+
+def test_sweeper_settings_are_checked_and_reach_the_sweeper() -> None:
+    limits = SessionLimits(cipher_idle_timeout=7.5, idle_sweep_interval=0.5,
+                           heap_trim_interval=30.0)  # fmt: skip
+    sweeper = IdleSweeper.from_limits(limits)
+    assert (sweeper.quiet_after, sweeper.interval, sweeper.trim_interval) == (7.5, 0.5, 30.0)
+    assert sweeper.can_trim  # glibc here
+    assert not IdleSweeper.from_limits(SessionLimits(heap_trim_interval=0)).can_trim
+    for bad in ({"cipher_idle_timeout": 0}, {"idle_sweep_interval": -1},
+                {"heap_trim_interval": -0.5}):  # fmt: skip
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            SessionLimits(**bad)  # type: ignore[arg-type]
+    overridden = SessionLimits.with_overrides({"cipher_idle_timeout": "12"})
+    assert overridden.cipher_idle_timeout == 12.0
 
 
 def test_the_sweeper_finds_glibc_here() -> None:

@@ -213,6 +213,14 @@ class UdpLink(CoapLink):
         """The next retransmission deadline."""
         return self._layer.next_timer()
 
+    def reserve_message_ids(self, count: int) -> list[int]:
+        """Message ids for ``count`` NONs the caller encodes itself (a window of chunks
+        framed by ``otacore.chunk_framing``), as :meth:`notify` would give them: they skip
+        the ids of CONs awaiting their ACK (RFC 7252 4.4). Such a NON expects no answer,
+        so a Reset of it is not reported (nor is one of a chunk sent by :meth:`notify`:
+        only requests awaiting a response are)."""
+        return self._layer.next_message_ids(count)
+
     def ping(self, now: float) -> None:
         """Send a CoAP ping (Empty CON, section 4.3) to keep NAT bindings open."""
         transmit = self._layer.send(Message(MessageType.CON, Code.EMPTY), now)

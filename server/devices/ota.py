@@ -137,7 +137,8 @@ class OtaEngine:
     def detach_session(self, handler: DeviceSessionHandler) -> None:
         """A session ends: its updater ends with it, and the device's memory is forgotten
         (the store keeps it for the next session) unless a newer session's updater holds
-        it. Called while the plane's registry still says which session owns the device."""
+        it. Called as the session's run ends, once it left the registry (which holds
+        the newer session if one replaced it)."""
         owner = self.plane.live.get(handler.device_id)
         if owner is None or owner is handler or owner.updater is None:
             # A newer session without an updater yet loads the memory anew when it gets one.

@@ -1,10 +1,11 @@
 """The device plane of one server process: listeners, live sessions, and who owns which.
 
 It authorises devices against the fleet store (every handshake), starts one
-:class:`DeviceSessionHandler` per authenticated session, keeps the one map of device id to
-live session (:class:`~server.devices.live.LiveDevices`: a release or flash reaches the
-process and session that holds the device), and closes a live session when its device's
-certificates are revoked.
+:class:`DeviceSessionHandler` per authenticated session, keeps the one registry of live
+sessions (the transport's, read by device id through
+:class:`~server.devices.live.LiveDevices`: a release or flash reaches the process and
+session that holds the device), and closes a live session when its device's certificates
+are revoked.
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ class DevicePlane:
         self.config = config
         self.fleet = fleet
         self.bus = bus
-        #: The transport's registry of its DeviceSession objects (replacement, revocation
-        #: and shutdown are the transport's); the plane only asks it to close revoked ones.
+        #: The one registry of live sessions in this process: the transport's, of its
+        #: DeviceSession objects (replacement, revocation and shutdown are the
+        #: transport's); each session leads to its handler (``session.handler``).
         self.registry = SessionRegistry()
-        #: The one map of device id -> live session handler in this process; the OTA
+        #: Device id -> live session handler: a read-only view of ``registry``; the OTA
         #: engine's per-session updater hangs off the handler (``handler.updater``).
-        self.live = LiveDevices()
+        self.live = LiveDevices(self.registry)
         self.origin = config.origin or f"server-{os.getpid()}"
         self._session_serials = itertools.count(1)
         self.server: DeviceServer | None = None
@@ -163,16 +165,14 @@ class DevicePlane:
         """Device id -> live session handler (read-only; see ``live``)."""
         return self.live
 
-    def attach(self, handler: DeviceSessionHandler) -> None:
-        """A session started: it now owns its device in this process."""
-        self.live.attach(handler)
-
-    def detach(self, handler: DeviceSessionHandler) -> None:
-        """A session ended (only the current owner is removed). The engine hears it first,
-        while it can still tell whether the session owned its device."""
+    def on_session_end(self, handler: DeviceSessionHandler) -> None:
+        """A session's run ended: it leaves the registry at once (the transport, which
+        would drop it once the handler has returned, then finds it gone), so it is no
+        longer its device's live session while its last store writes run; then the engine
+        forgets what it held for the device unless a newer session owns it."""
+        self.registry.unregister(handler.session)  # a newer session of the device stays
         if self.ota is not None:
-            self.ota.detach_session(handler)  # else its updater outlives the session
-        self.live.detach(handler)
+            self.ota.detach_session(handler)
 
     def on_session_start(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
         """Give the OTA engine its per-session hooks."""

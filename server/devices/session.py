@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from otacore.chunk_framing import MAX_WINDOW_CHUNKS
 from otacore.coap import Code, Message, MessageType
 from otacore.errors import OtaError, PayloadSchemaError, ProtocolError
 from otacore.messages import (
@@ -39,6 +40,7 @@ from otacore.protocol.link import (
     RequestFailed,
     RequestReceived,
     ResponseReceived,
+    UdpLink,
     make_link,
 )
 from otacore.protocol.ota_wire import (
@@ -50,6 +52,8 @@ from otacore.protocol.ota_wire import (
     parse_key_request,
     statement_budget,
 )
+from otacore.transfer import Chunk, PreparedFile
+from otacore.transfer.framing import frame_chunks
 from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
@@ -127,9 +131,9 @@ class DeviceSessionHandler:
 
     async def run(self, session: DeviceSession) -> None:
         """Serve the session until the device leaves, misbehaves or the server stops."""
-        # Attach before the first checkpoint: the session this one replaces (the registry
-        # closed it) then sees a successor and leaves the device's online state alone.
-        self.plane.attach(self)
+        # The transport registered the session (and closed the one it replaces) before
+        # this handler was made: that session's end sees a successor in ``plane.live`` and
+        # leaves the device's online state alone.
         presence = self.presence
         try:
             await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
@@ -146,7 +150,7 @@ class DeviceSessionHandler:
             # end. The nursery wraps it in a group, which the transport would log as a bug.
             pass
         finally:
-            self.plane.detach(self)
+            self.plane.on_session_end(self)  # no longer its device's live session
             if self.plane.live.get(self.device_id) is None:  # not replaced
                 with trio.CancelScope(shield=True):
                     try:
@@ -200,11 +204,7 @@ class DeviceSessionHandler:
     async def _send_outgoing(self) -> None:
         out = self.link.take_outgoing()
         if out:
-            if self.session.transport == "tcp":
-                await self.session.send(b"".join(out))
-            else:
-                for datagram in out:
-                    await self.session.send(datagram)
+            await self.session.send_window(out)
 
     async def _timer(self) -> None:
         while True:
@@ -225,6 +225,24 @@ class DeviceSessionHandler:
     async def flush(self) -> None:
         """Hand everything queued so far to the transport (sends are serialised FIFO)."""
         await self._send_outgoing()
+
+    async def send_chunks(self, prepared: PreparedFile, chunks: Sequence[Chunk]) -> None:
+        """Send a run of one transfer's chunks (of ``prepared``) after everything queued on
+        the link so far: framed by the chunk framing kernel in one call per window
+        (:func:`otacore.transfer.framing.frame_chunks`; over UDP NONs with ids from the
+        link's message layer), then handed to the session as one window with the link's
+        queued messages in front (:meth:`DeviceSession.send_window`: one batch seal and
+        one write over TLS)."""
+        link = self.link
+        for start in range(0, len(chunks), MAX_WINDOW_CHUNKS):
+            window = chunks[start : start + MAX_WINDOW_CHUNKS]
+            if isinstance(link, UdpLink):
+                ids = link.reserve_message_ids(len(window))
+                frames = frame_chunks(prepared, window, transport="udp", message_ids=ids)
+            else:
+                frames = frame_chunks(prepared, window, transport="tcp")
+            queued = link.take_outgoing()
+            await self.session.send_window(queued + frames if queued else frames)
 
     # -- requests to the device --------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from otacore.protocol.ota_wire import (
     transfer_request,
 )
 from otacore.transfer import (
+    PreparedFile,
     TransferCompleted,
     TransferFailed,
     TransferMessage,
@@ -41,6 +42,7 @@ from otacore.transfer import (
     TransferSender,
     TransferStatus,
 )
+from otacore.transfer.framing import split_chunk_runs
 from otacore.transfer.module_plan import (
     CannotPlan,
     ModulePlan,
@@ -477,7 +479,8 @@ class SessionUpdater:
         None when the device refused an encoded file and the caller should fall back."""
         outputs: list[Any] = sender.start(trio.current_time())
         while True:
-            verdict = await self._emit(outputs, view, module, final=offer.final, sent=sent)
+            verdict = await self._emit(outputs, view, module, final=offer.final, sent=sent,
+                                       prepared=sender.file)
             if verdict is not _CONTINUE:
                 return cast("bool | None", verdict)
             deadline = sender.next_deadline()
@@ -514,14 +517,21 @@ class SessionUpdater:
         return sender.cancel(now, stale.reason)
 
     async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
-                    final: bool, sent: SentFile) -> bool | object | None:
+                    final: bool, sent: SentFile, prepared: PreparedFile) -> bool | object | None:
+        """Carry out a sender's answer (``outputs``) for the transfer of ``prepared``:
+        chunks out, progress and outcomes recorded; _CONTINUE while the transfer goes on,
+        else its verdict (see _stream)."""
         handler, fleet = self.handler, self.engine.fleet
         transfer, sent_size = sent.transfer, len(sent.data)
         verdict: bool | object | None = _CONTINUE
         # Completion first: its store writes precede the FinishAck in the same batch.
         outputs.sort(key=lambda item: not isinstance(item, TransferCompleted))
-        for item in outputs:
-            if isinstance(item, TransferProgress):
+        for item in split_chunk_runs(outputs):
+            if isinstance(item, list):
+                # A run of chunks: framed in one kernel call, sealed in one batch where the
+                # session has its own record layer, after what the link holds (in order).
+                await handler.send_chunks(prepared, item)
+            elif isinstance(item, TransferProgress):
                 if self.planner.record_progress(item.bytes_acked, item.total,
                                                 trio.current_time()):
                     progress = fleet.update_progress_work(
@@ -573,7 +583,7 @@ class SessionUpdater:
                     self.engine.updating.pop(self.device_id, None)
                     await self._record(self.engine, "failed", error=item.reason)
                 verdict = False
-            elif hasattr(item, "encode"):
+            elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())
         await handler.flush()  # backpressure: a slow device slows its own sender
         return verdict

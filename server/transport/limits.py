@@ -8,6 +8,11 @@ from typing import Any
 
 from otacore.errors import ValidationError
 
+#: Defaults of the TLS idle sweeper's settings (``server.transport.tls_idle``), seconds.
+CIPHER_IDLE_SECONDS = 5.0
+SWEEP_INTERVAL = 1.0
+TRIM_INTERVAL = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
@@ -91,6 +96,19 @@ class SessionLimits:
     #: Most live sessions per listener; connections beyond are refused at once. Each TCP
     #: session costs a file descriptor and the process may hold 20,000.
     max_sessions: int = 19_000
+    #: TLS: a session quiet for this long drops its AEAD objects (about 2.5 KiB each) and
+    #: derives them again from its traffic secrets on its next record (about 7 us per
+    #: direction); it may take up to ``idle_sweep_interval`` more. An OTA transfer's
+    #: records come far closer together; keep-alive pings (every 15-30 s) find them
+    #: dropped. Lower saves memory on sessions that talk now and then, higher saves CPU.
+    cipher_idle_timeout: float = CIPHER_IDLE_SECONDS
+    #: TLS: seconds between two looks for quiet sessions (one timer per listener, whatever
+    #: the number of sessions).
+    idle_sweep_interval: float = SWEEP_INTERVAL
+    #: TLS: after handshakes or quiet sessions freed memory, the C heap's free pages go back
+    #: to the system (glibc ``malloc_trim``, about 1 ms per 2,000 sessions) at most once per
+    #: this many seconds; 0 never trims (RSS then stays at the high-water mark of a burst).
+    heap_trim_interval: float = TRIM_INTERVAL
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,9 +123,13 @@ class SessionLimits:
             "byte_burst",
             "send_timeout",
             "farewell_timeout",
+            "cipher_idle_timeout",
+            "idle_sweep_interval",
         ):
             if not getattr(self, name) > 0:
                 raise ValidationError(f"session limit {name} must be positive")
+        if not self.heap_trim_interval >= 0:
+            raise ValidationError("session limit heap_trim_interval must be 0 (never) or more")
         if self.max_message_size < 64:
             raise ValidationError("max_message_size must be at least 64 bytes")
         if self.max_sessions < 1:

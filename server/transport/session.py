@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, Protocol
 
 import trio
@@ -97,6 +97,7 @@ class DeviceSession:
         "_scope",
         "close_reason",
         "device_id",
+        "handler",
         "limits",
         "peer",
         "resumed",
@@ -119,6 +120,10 @@ class DeviceSession:
         self.started_at = trio.current_time()
         #: None while open, else a CloseReason value.
         self.close_reason: str | None = None
+        #: What runs on top of the session (set by :meth:`SessionHost.run` as it starts
+        #: the handler): the registry's sessions lead to their handlers, so no other map
+        #: of live sessions has to be kept in step with it.
+        self.handler: SessionHandler | None = None
         # True while the farewell hook runs: sends are allowed although the session closes.
         self._in_farewell = False
         # Deadline = idle deadline; cancelled by close(). Wraps the handler's run().
@@ -131,6 +136,19 @@ class DeviceSession:
     async def send(self, data: bytes) -> None:
         """Send one datagram (DTLS) or these stream bytes (TLS); SessionClosed if ended."""
         raise NotImplementedError
+
+    async def send_window(self, messages: Sequence[bytes]) -> None:
+        """Send a window of encoded CoAP messages, in order: over UDP each its own datagram,
+        over TCP all of them as one piece of the stream. A session with its own record
+        layer seals them in one batch (:meth:`TlsSession.send_window`); this default sends
+        them through :meth:`send`. SessionClosed if the session has ended."""
+        if not messages:
+            return
+        if self.transport == "tcp":
+            await self.send(messages[0] if len(messages) == 1 else b"".join(messages))
+            return
+        for datagram in messages:
+            await self.send(datagram)
 
     def close(self, reason: str = CloseReason.SERVER) -> None:
         """End the session (idempotent): cancels the handler, then the transport closes."""
@@ -230,6 +248,11 @@ class SessionRegistry:
     def get(self, device_id: str) -> DeviceSession | None:
         """The live session of ``device_id``, if any."""
         return self._by_device.get(device_id)
+
+    def handler(self, device_id: str) -> SessionHandler | None:
+        """The handler of ``device_id``'s live session, if it has one yet."""
+        session = self._by_device.get(device_id)
+        return session.handler if session is not None else None
 
     def close_device(self, device_id: str, reason: str = CloseReason.REVOKED) -> bool:
         """Close the live session of ``device_id``; True if there was one. A revocation
@@ -491,6 +514,7 @@ class SessionHost:
             with session._scope:
                 try:
                     handler = self.handler_factory(session)
+                    session.handler = handler
                     await handler.run(session)
                     session._ended(CloseReason.HANDLER_DONE)
                 except SessionClosed:

@@ -175,9 +175,10 @@ async def serve_tls(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` until they are closed or this is cancelled; each connection
-    runs as its own task in this function's nursery. ``sweeper`` (default: a new one)
-    drops the ciphers of quiet sessions and gives the C heap back to the system."""
-    sweeper = sweeper if sweeper is not None else IdleSweeper()
+    runs as its own task in this function's nursery. ``sweeper`` (default: one with the
+    host's ``limits``) drops the ciphers of quiet sessions and gives the C heap back to the
+    system."""
+    sweeper = sweeper if sweeper is not None else IdleSweeper.from_limits(host.limits)
     async with trio.open_nursery() as trimming:
         trimming.start_soon(sweeper.run)
         async with trio.open_nursery() as nursery:

@@ -25,16 +25,19 @@ from typing import Protocol
 
 import trio
 
+from server.transport.limits import (
+    CIPHER_IDLE_SECONDS,
+    SWEEP_INTERVAL,
+    TRIM_INTERVAL,
+    SessionLimits,
+)
+
 __all__ = ["CIPHER_IDLE_SECONDS", "IdleSweeper", "QuietSession"]
 
-#: A session quiet for this long drops its AEAD objects (seconds; it may be up to one
-#: sweep interval more). An OTA transfer's records come far closer together; keep-alive
-#: pings (every 15-30 s) find the ciphers dropped and derive them again.
-CIPHER_IDLE_SECONDS = 5.0
-#: Seconds between sweeps.
-SWEEP_INTERVAL = 1.0
-#: Seconds between two heap trims at least.
-TRIM_INTERVAL = 2.0
+# The defaults (seconds): a session quiet for CIPHER_IDLE_SECONDS drops its AEAD objects
+# (up to one SWEEP_INTERVAL more), heap trims come TRIM_INTERVAL apart at least. Operators
+# set them as SessionLimits cipher_idle_timeout, idle_sweep_interval, heap_trim_interval
+# (``[sessions]`` of ``ota server --config``, ``--device-limit NAME=SECONDS``).
 
 
 class QuietSession(Protocol):
@@ -86,7 +89,9 @@ class IdleSweeper:
         interval: float = SWEEP_INTERVAL,
         trim_interval: float = TRIM_INTERVAL,
     ) -> None:
-        self._trim = trim if trim is not None else glibc_malloc_trim()
+        if trim is None and trim_interval > 0:  # 0: never trim (the operator's choice)
+            trim = glibc_malloc_trim()
+        self._trim = trim if trim_interval > 0 else None
         self.quiet_after = quiet_after
         self.interval = interval
         self.trim_interval = trim_interval
@@ -96,6 +101,16 @@ class IdleSweeper:
         self._last_trim = -float("inf")
         #: How many heap trims ran (monitoring and tests).
         self.trims = 0
+
+    @classmethod
+    def from_limits(cls, limits: SessionLimits) -> IdleSweeper:
+        """A sweeper with the operator's settings (``cipher_idle_timeout``,
+        ``idle_sweep_interval``, ``heap_trim_interval``; 0 never trims)."""
+        return cls(
+            quiet_after=limits.cipher_idle_timeout,
+            interval=limits.idle_sweep_interval,
+            trim_interval=limits.heap_trim_interval,
+        )
 
     @property
     def can_trim(self) -> bool:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import trio
 
+from otacore.chunk_framing import seal_window
 from otacore.errors import PeerAlertError, RecordError
 from otacore.records.tls13 import ApplicationData, Tls13RecordLayer
 from otacore.records.tls13_protocol import MAX_CIPHERTEXT
@@ -28,6 +31,8 @@ from server.transport.session import (
     logger,
 )
 from server.transport.tls_idle import IdleSweeper
+
+_T = TypeVar("_T")
 
 #: Bytes asked of the socket per read: one whole record of the largest size (RFC 8446 5.2).
 _READ_SIZE = 5 + MAX_CIPHERTEXT
@@ -189,12 +194,29 @@ class TlsSession(DeviceSession):
         stream) but bounded by ``limits.send_timeout``: a device that stops reading is
         closed as too slow.
         """
+        await self._seal_and_send(self.layer.send_application_data, data)
+
+    async def send_window(self, messages: Sequence[bytes]) -> None:
+        """Seal a window of CoAP-over-TCP frames in one batch and send it in one write:
+        the frames as one stream, cut into records of at most 2^14 bytes (RFC 8446 5.1)
+        and sealed by the chunk framing kernel (:func:`otacore.chunk_framing.seal_window`);
+        the bytes on the wire are those :meth:`send` of the joined frames gives. Serialized,
+        shielded and bounded as :meth:`send` is."""
+        if messages:
+            await self._seal_and_send(self._seal_window, messages)
+
+    def _seal_window(self, messages: Sequence[bytes]) -> bytes:
+        return seal_window(messages, self.layer)
+
+    async def _seal_and_send(self, seal: Callable[[_T], bytes], plaintext: _T) -> None:
+        """``seal(plaintext)`` under the send turn (records leave in the order of their
+        sequence numbers), then the write."""
         self._check_can_send()
         await self._take_send_turn()
         try:
             self._touch()
             try:
-                wire = self.layer.send_application_data(data)
+                wire = seal(plaintext)
             except RecordError:  # the device closed, or a record error, meanwhile
                 closed_by_peer = self.layer.alert_received is not None
                 reason = CloseReason.PEER if closed_by_peer else CloseReason.TRANSPORT_ERROR
