@@ -26,6 +26,7 @@ from otacore.transfer import Chunk, PreparedFile, UpdateStart
 from server.authorization import MemoryDeviceDirectory
 from server.devices.plane import DevicePlane
 from server.transport import DeviceSession, SessionClosed
+from server.transport.client import connect_dtls
 from tests.device_client import LinkDevice
 from tests.device_server import start_device_server as start_real_server
 from tests.test_transport_tls import (
@@ -105,6 +106,46 @@ async def test_a_window_on_a_closed_session_raises_session_closed(
             await trio.sleep(0.01)
     assert isinstance(handler.error, SessionClosed)
     await device.stream.aclose()
+
+
+#: A window of CoAP-over-UDP-sized messages: one datagram each.
+UDP_WINDOW = [bytes([n + 1]) * size for n, size in enumerate([1, 1024, 700, 1152, 33])]
+
+
+class UdpWindowHandler(EchoHandler):
+    """Answers ``window`` with :data:`UDP_WINDOW` in one ``send_window``; echoes the rest."""
+
+    async def run(self, session: DeviceSession) -> None:
+        self.sessions.append(session)
+        while True:
+            data = await session.receive()
+            if data == b"window":
+                await session.send_window(UDP_WINDOW)
+            else:
+                await session.send(data)
+
+
+async def test_a_dtls_window_is_one_record_per_datagram_sealed_in_one_batch(
+    nursery: trio.Nursery, kit: DeviceKit
+) -> None:
+    """DtlsSession.send_window seals the window with one seal_many; an OpenSSL peer opens
+    each message as its own datagram, in order, and the session goes on after it (the
+    batch advanced the sequence numbers as single seals would: a reused one would be
+    dropped by OpenSSL's replay check, RFC 6347 4.1.2.6)."""
+    handler = UdpWindowHandler()
+    server = await start_device_server(nursery, kit, kit.directory(), handler, tcp=False)
+    assert server.udp_address is not None
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    with trio.DTLSEndpoint(sock) as endpoint, trio.fail_after(PATIENCE):
+        channel = await connect_dtls(endpoint, server.udp_address, kit.good)
+        await channel.send(b"window")
+        received = [await channel.receive() for _ in UDP_WINDOW]
+        assert received == UDP_WINDOW
+        await channel.send(b"after")
+        assert await channel.receive() == b"after"
+        await channel.send(b"window")
+        assert [await channel.receive() for _ in UDP_WINDOW] == UDP_WINDOW
 
 
 # --- chunks from a session handler -------------------------------------------------------

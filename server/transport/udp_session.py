@@ -12,6 +12,7 @@ one record per datagram.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import trio
@@ -270,6 +271,25 @@ class DtlsSession(DeviceSession):
             logger.debug("cannot seal for %s: %s", self.peer, error)
             raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
         await link.endpoint.send(record, link.address)
+        self._touch()
+
+    async def send_window(self, messages: Sequence[bytes]) -> None:
+        """Send a window of CoAP messages, each one record in its own datagram (RFC 6347
+        4.1), all sealed in one batch (``DtlsRecordLayer.seal_many``: the chunk framing
+        kernel, sequence numbers reserved as N seals would)."""
+        if not messages:
+            return
+        self._check_can_send()
+        link = self.link
+        if link.ended is not None:
+            raise self._ended(link.ended)
+        try:
+            records = link.layer.seal_many(messages)
+        except RecordError as error:  # closed, oversized, or 2^48 records sealed
+            logger.debug("cannot seal for %s: %s", self.peer, error)
+            raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        for record in records:
+            await link.endpoint.send(record, link.address)
         self._touch()
 
     async def _farewell_then_close(self, handler: SessionHandler) -> None:
