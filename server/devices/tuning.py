@@ -28,7 +28,8 @@ class DeviceTuning:
     #: Seconds a device is told to wait before reconnecting after a graceful shutdown
     #: (RFC 8323 Release Hold-Off over TLS, a shutdown event over DTLS).
     shutdown_hold_off: int = 10
-    #: Datagrams queued per DTLS peer and not yet read; trio drops beyond it.
+    #: Datagrams queued per DTLS session and not yet read; the UDP endpoint drops beyond
+    #: it (CoAP retransmits, RFC 7252 4.2).
     dtls_queue_size: int = DeviceServerConfig.dtls_queue_size
     #: SO_RCVBUF/SO_SNDBUF asked for the DTLS socket, bytes (None: the system default;
     #: Linux caps it at net.core.rmem_max/wmem_max unless the server has CAP_NET_ADMIN).
