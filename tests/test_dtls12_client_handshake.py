@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import suppress
+from typing import cast
 
 import pytest
 from cryptography import x509
@@ -45,7 +46,7 @@ def device_context(credentials: DeviceCredentials) -> SSL.Context:
 def openssl_server_context(kit: DeviceKit) -> SSL.Context:
     """A plain OpenSSL DTLS server that asks for a cookie (RFC 6347 4.2.1) itself."""
     context = make_dtls_server_context(kit.pki)
-    context.set_options(SSL.OP_COOKIE_EXCHANGE)
+    context.set_options(cast(int, SSL.OP_COOKIE_EXCHANGE))  # typed Optional
     context.set_options(SSL.OP_NO_QUERY_MTU)
     secret = b"test cookie secret"
     context.set_cookie_generate_callback(lambda _conn: hashlib.sha256(secret).digest()[:16])
