@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import random
+import resource
 import socket
 import ssl
 import sys
@@ -636,13 +637,32 @@ async def _main(spec: LoadGenSpec) -> None:
     await LoadGenerator(spec, lines).serve()
 
 
+def raise_descriptor_limit(devices: int) -> int:
+    """Let this process open a descriptor per device and some to spare (one socket each):
+    the soft limit up to the hard one, and the hard one too where allowed (root). Returns
+    the soft limit now in force."""
+    wanted = devices + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with suppress(ValueError, OSError):  # not privileged: keep the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m server.bench.fleet.loadgen SPEC.json``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m server.bench.fleet.loadgen SPEC.json")
+    spec = LoadGenSpec.load(Path(args[0]))
+    raise_descriptor_limit(len(spec.devices))
     with suppress(KeyboardInterrupt):  # Ctrl-C reaches the process group; the runner cleans up
-        trio.run(_main, LoadGenSpec.load(Path(args[0])))
+        trio.run(_main, spec)
 
 
 if __name__ == "__main__":
