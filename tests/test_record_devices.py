@@ -13,8 +13,8 @@ from OpenSSL import SSL
 
 from server.authorization import MemoryDeviceDirectory
 from server.bench.fleet.record_devices import (
+    DeviceResumption,
     DtlsRecordConnection,
-    ResumableContext,
     TlsRecordConnection,
     connect_records,
 )
@@ -55,10 +55,7 @@ async def who(connection: TlsRecordConnection | DtlsRecordConnection) -> bytes:
 async def test_full_then_resumed_session_over_our_record_layers(
     server: DeviceServer, kit: DeviceKit, transport: str
 ) -> None:
-    resumable = (
-        ResumableContext.for_tls(kit.good) if transport == "tcp"
-        else ResumableContext.for_dtls(kit.good)
-    )  # fmt: skip
+    resumable = DeviceResumption(kit.good)
     with trio.fail_after(PATIENCE):
         first, resumed = await connect_records(transport, address(server, transport), resumable)
     assert not resumed
@@ -98,10 +95,7 @@ async def test_an_established_device_session_holds_no_openssl_connection(
     before = connections()
     held = []
     for transport in ("tcp", "udp"):
-        resumable = (
-            ResumableContext.for_tls(kit.other) if transport == "tcp"
-            else ResumableContext.for_dtls(kit.other)
-        )  # fmt: skip
+        resumable = DeviceResumption(kit.other)
         with trio.fail_after(PATIENCE):
             connection, _ = await connect_records(transport, address(server, transport), resumable)
         assert await who(connection) == f"{kit.other_id}|{transport}|False".encode()

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
@@ -106,14 +108,20 @@ class DtlsClientHandshake:
         *,
         now: float,
         session: SSL.Session | None = None,
+        certificate: x509.Certificate | None = None,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
         mtu: int = DEFAULT_MTU,
         initial_timeout: float = INITIAL_TIMEOUT,
         max_timeout: float = MAX_TIMEOUT,
     ) -> None:
         """``session``: an earlier session of ``context`` to resume (OpenSSL falls back to
         a full handshake if the server declines it). ValueError if ``session`` came from
-        another context (pyOpenSSL's rule)."""
+        another context (pyOpenSSL's rule). ``certificate`` and ``private_key``: this
+        device's identity, when the context (shared by many devices) has none."""
         connection = SSL.Connection(context, None)  # None: memory BIOs
+        if certificate is not None and private_key is not None:
+            connection.use_certificate(certificate)
+            connection.use_privatekey(private_key)
         connection.set_connect_state()
         connection.set_ciphertext_mtu(mtu)
         if session is not None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
@@ -139,11 +140,18 @@ class Tls13Handshake:
         server_name: bytes | None = None,
         absorb_tickets: bool = False,
         session: SSL.Session | None = None,
+        certificate: x509.Certificate | None = None,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         """Client only: ``session`` (:attr:`Tls13Handover.session` of an earlier handshake
-        with the same ``context``) is offered for resumption (RFC 8446 2.2)."""
+        with the same ``context``) is offered for resumption (RFC 8446 2.2).
+        ``certificate`` and ``private_key``: this side's identity, when the context (shared
+        by many devices) has none."""
         connection = SSL.Connection(context, None)  # None: memory BIOs
         connection.set_app_data(self)
+        if certificate is not None and private_key is not None:
+            connection.use_certificate(certificate)
+            connection.use_privatekey(private_key)
         if is_server:
             connection.set_accept_state()
         else:

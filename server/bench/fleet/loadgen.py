@@ -53,8 +53,8 @@ from server.bench.fleet.nginx_baseline import fetch_all
 from server.bench.fleet.procs import rss_kib
 from server.bench.fleet.record_devices import (
     DEVICE_STACKS,
+    DeviceResumption,
     RecordDeviceRunner,
-    ResumableContext,
     connect_records,
 )
 from server.devices.keys import read_trust_file
@@ -139,7 +139,7 @@ class HandshakeRounds:
         self._tls_sessions: dict[str, ssl.SSLSession] = {}
         self._dtls_sessions: dict[str, SSL.Session] = {}
         #: records stack: each device's OpenSSL context and last session, per transport.
-        self._resumables: dict[tuple[str, str], ResumableContext] = {}
+        self._resumables: dict[tuple[str, str], DeviceResumption] = {}
 
     async def run(
         self,
@@ -229,11 +229,9 @@ class HandshakeRounds:
         key = (device_id, transport)
         resumable = self._resumables.get(key)
         if resumable is None:
-            credentials = self.spec.credentials(device_id)
-            resumable = self._resumables[key] = (
-                ResumableContext.for_tls(credentials) if transport == "tcp"
-                else ResumableContext.for_dtls(credentials)
-            )  # fmt: skip
+            resumable = self._resumables[key] = DeviceResumption(
+                self.spec.credentials(device_id)
+            )
         connection, was_reused = await connect_records(
             transport, address, resumable, resume=resume, source=self.spec.source(position)
         )

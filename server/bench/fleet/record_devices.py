@@ -15,13 +15,19 @@ and the tests use) stays available as the interop proof.
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 from collections import deque
 from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 from otacore.errors import RecordError, RecordHandoverError
@@ -43,6 +49,7 @@ from otacore.records.tls13_protocol import ApplicationData as TlsApplicationData
 from otacore.records.tls13_protocol import CloseNotifyReceived
 from server.emulator.device import LINK_ERRORS, DeviceRunner
 from server.transport.client import DeviceCredentials
+from server.transport.dtls import DTLS1_2_VERSION, DTLS_CIPHERS
 from server.transport.tls_handshake import COAP_ALPN
 
 DeviceStack = Literal["records", "openssl"]
@@ -52,57 +59,94 @@ RECORD_LINK_ERRORS = (*LINK_ERRORS, RecordError, RecordHandoverError)
 _READ_SIZE = 65536
 
 
-def tls_client_context(credentials: DeviceCredentials) -> SSL.Context:
-    """A device's TLS 1.3 context for :class:`Tls13Handshake` (mutual auth, ALPN ``coap``,
-    traffic secrets exported to the handshake). Keep it to resume its sessions."""
+def tls_client_context(ca_path: Path) -> SSL.Context:
+    """The devices' shared TLS 1.3 context for :class:`Tls13Handshake`: verifies the server
+    against the installation CA, ALPN ``coap``, traffic secrets exported to the handshake.
+    Each handshake brings its device's certificate and key."""
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
-    context.use_certificate_chain_file(str(credentials.cert_path))
-    context.use_privatekey_file(str(credentials.key_path))
-    context.check_privatekey()
-    context.load_verify_locations(str(credentials.ca_path))
-    context.set_verify(SSL.VERIFY_PEER)
+    context.load_verify_locations(str(ca_path))
     context.set_alpn_protos([COAP_ALPN.encode()])
     enable_record_export(context)
     return context
 
 
-def dtls_client_context(credentials: DeviceCredentials) -> SSL.Context:
-    """A device's DTLS 1.2 context for :class:`DtlsClientHandshake`. Keep it to resume."""
-    context = credentials.dtls_context()
+def dtls_client_context(ca_path: Path) -> SSL.Context:
+    """The devices' shared DTLS 1.2 context for :class:`DtlsClientHandshake` (suites and
+    versions as the emulator's, :func:`server.transport.dtls.make_dtls_client_context`)."""
+    context = SSL.Context(SSL.DTLS_METHOD)
+    context.set_min_proto_version(DTLS1_2_VERSION)
+    context.set_max_proto_version(DTLS1_2_VERSION)
+    context.set_cipher_list(DTLS_CIPHERS)
+    context.load_verify_locations(str(ca_path))
     prepare_client_context(context)
     return context
 
 
-class ResumableContext:
-    """A device's OpenSSL context and its last session (pyOpenSSL resumes a session only
-    with the context that made it). Counts the context's certificate verifications: a
-    handshake that verified none resumed (RFC 8446 2.2: no Certificate message)."""
+class DeviceContexts:
+    """One OpenSSL context per transport for all of a process's devices (an SSL_CTX with
+    its CA store costs ~26-29 KiB: one per device would dominate an idle device's cost).
+    A device's identity is set on each handshake's connection, and its sessions resume with
+    the shared context (pyOpenSSL resumes a session only with the context that made it)."""
 
-    __slots__ = ("context", "session", "verifications")
-
-    def __init__(self, context: SSL.Context) -> None:
-        self.context = context
-        self.session: SSL.Session | None = None
-        self.verifications = 0
-        context.set_verify(SSL.VERIFY_PEER, self._verify)
+    def __init__(self, ca_path: Path) -> None:
+        self.tls = tls_client_context(ca_path)
+        self.dtls = dtls_client_context(ca_path)
+        #: ids of the TLS handshakes in progress that verified a server certificate: only
+        #: a full handshake does (a resumed one has no Certificate, RFC 8446 2.2).
+        self._verified: set[int] = set()
+        for context in (self.tls, self.dtls):
+            context.set_verify(SSL.VERIFY_PEER, self._verify)
 
     def _verify(
-        self, _connection: SSL.Connection, _certificate: object, _errnum: int, _depth: int,
+        self, connection: SSL.Connection, _certificate: object, _errnum: int, _depth: int,
         ok: int,
     ) -> bool:
-        self.verifications += 1
+        self._verified.add(id(connection.get_app_data()))
         return bool(ok)  # OpenSSL's verdict stands
 
-    @classmethod
-    def for_tls(cls, credentials: DeviceCredentials) -> ResumableContext:
-        """A device's TLS 1.3 context, see :func:`tls_client_context`."""
-        return cls(tls_client_context(credentials))
+    def take_verified(self, handshake: object) -> bool:
+        """True if ``handshake`` verified a certificate (and forget it)."""
+        key = id(handshake)
+        verified = key in self._verified
+        self._verified.discard(key)
+        return verified
+
+
+@functools.cache
+def device_contexts(ca_path: Path) -> DeviceContexts:
+    """This process's shared contexts for devices of the installation whose CA is ``ca_path``."""
+    return DeviceContexts(ca_path)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """A device's certificate and key, read from its credential files at each handshake
+    (held only while it runs)."""
+
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def for_dtls(cls, credentials: DeviceCredentials) -> ResumableContext:
-        """A device's DTLS 1.2 context, see :func:`dtls_client_context`."""
-        return cls(dtls_client_context(credentials))
+    def load(cls, credentials: DeviceCredentials) -> DeviceIdentity:
+        """Read the device's files; RecordHandoverError if the key is not an EC key."""
+        certificate = x509.load_pem_x509_certificate(credentials.cert_path.read_bytes())
+        key = serialization.load_pem_private_key(credentials.key_path.read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise RecordHandoverError(
+                f"{credentials.key_path}: a device key is an EC key (as provisioned)"
+            )
+        return cls(certificate, key)
+
+
+class DeviceResumption:
+    """What a device keeps between sessions: its credentials and its last session."""
+
+    __slots__ = ("credentials", "session")
+
+    def __init__(self, credentials: DeviceCredentials) -> None:
+        self.credentials = credentials
+        self.session: SSL.Session | None = None
 
 
 class TlsRecordConnection:
@@ -271,17 +315,20 @@ async def _udp_socket(server: tuple[str, int], source: str | None) -> trio.socke
 
 
 async def connect_dtls_records(
-    server: tuple[str, int], resumable: ResumableContext, *, source: str | None = None
+    server: tuple[str, int], device: DeviceResumption, *, source: str | None = None
 ) -> tuple[DtlsRecordConnection, bool]:
     """A DTLS 1.2 handshake as the device (resuming ``resumable.session`` if set), then our
     record layer: the connection and whether it resumed. Raises a RECORD_LINK_ERRORS error
     if it fails; the caller bounds the time."""
+    identity = DeviceIdentity.load(device.credentials)
+    contexts = device_contexts(device.credentials.ca_path)
     sock = await _udp_socket(server, source)
     handshake: DtlsClientHandshake | None = None
     try:
         handshake = DtlsClientHandshake(
-            resumable.context, now=trio.current_time(), session=resumable.session
-        )
+            contexts.dtls, now=trio.current_time(), session=device.session,
+            certificate=identity.certificate, private_key=identity.private_key,
+        )  # fmt: skip
         while not handshake.complete:
             for datagram in handshake.datagrams_to_send():
                 await sock.send(datagram)
@@ -309,18 +356,20 @@ async def connect_dtls_records(
 
 
 async def connect_tls_records(
-    server: tuple[str, int], resumable: ResumableContext, *, source: str | None = None
+    server: tuple[str, int], device: DeviceResumption, *, source: str | None = None
 ) -> tuple[TlsRecordConnection, bool]:
     """A TLS 1.3 handshake as the device (resuming ``resumable.session`` if set), then our
     record layer: the connection and whether it resumed. The server's tickets that follow
     the handshake go to OpenSSL's session (``absorb_tickets``) for the next resumption."""
+    identity = DeviceIdentity.load(device.credentials)
+    contexts = device_contexts(device.credentials.ca_path)
     stream = await trio.open_tcp_stream(*server, local_address=source)
-    verified_before = resumable.verifications
     handshake: Tls13Handshake | None = None
     try:
         handshake = Tls13Handshake(
-            resumable.context, is_server=False, absorb_tickets=True, session=resumable.session
-        )
+            contexts.tls, is_server=False, absorb_tickets=True, session=device.session,
+            certificate=identity.certificate, private_key=identity.private_key,
+        )  # fmt: skip
         await stream.send_all(handshake.data_to_send())  # ClientHello
         while not handshake.complete:
             data = await stream.receive_some(_READ_SIZE)
@@ -332,12 +381,13 @@ async def connect_tls_records(
                 await stream.send_all(out)
     except BaseException:
         if handshake is not None:
+            contexts.take_verified(handshake)
             handshake.abort()
         await trio.aclose_forcefully(stream)
         raise
     connection = TlsRecordConnection(stream, handshake)
     # Only a full handshake verifies the server's certificate (a resumed one has none).
-    return connection, resumable.verifications == verified_before
+    return connection, not contexts.take_verified(handshake)
 
 
 RecordConnection = TlsRecordConnection | DtlsRecordConnection
@@ -346,22 +396,22 @@ RecordConnection = TlsRecordConnection | DtlsRecordConnection
 async def connect_records(
     transport: str,
     server: tuple[str, int],
-    resumable: ResumableContext,
+    device: DeviceResumption,
     *,
     resume: bool = True,
     source: str | None = None,
 ) -> tuple[RecordConnection, bool]:
     """A device session over our record layers (``transport`` tcp: TLS 1.3, udp: DTLS 1.2):
-    the connection and whether it resumed. ``resume``: offer the context's last session."""
-    saved = resumable.session
+    the connection and whether it resumed. ``resume``: offer the device's last session."""
+    saved = device.session
     if not resume:
-        resumable.session = None
+        device.session = None
     try:
         if transport == "tcp":
-            return await connect_tls_records(server, resumable, source=source)
-        return await connect_dtls_records(server, resumable, source=source)
+            return await connect_tls_records(server, device, source=source)
+        return await connect_dtls_records(server, device, source=source)
     finally:
-        resumable.session = saved
+        device.session = saved
 
 
 class RecordDeviceRunner(DeviceRunner):
@@ -371,23 +421,18 @@ class RecordDeviceRunner(DeviceRunner):
     connection differs, so devices speak exactly the same CoAP/OTA as with OpenSSL.
     """
 
-    _resumable: ResumableContext | None = None
+    _resumption: DeviceResumption | None = None
 
     async def _connect(self) -> RecordConnection | None:
         link = self.link
         slots = self._connect_slots
         async with slots if slots is not None else _NO_SLOTS:
-            resumable = self._resumable
+            if self._resumption is None:
+                self._resumption = DeviceResumption(link.credentials)
             try:
-                if resumable is None:
-                    resumable = self._resumable = (
-                        ResumableContext.for_tls(link.credentials)
-                        if link.transport == "tcp"
-                        else ResumableContext.for_dtls(link.credentials)
-                    )
                 with trio.fail_after(link.connect_timeout):
                     connection, _resumed = await connect_records(
-                        link.transport, link.server, resumable, resume=link.resume_tls
+                        link.transport, link.server, self._resumption, resume=link.resume_tls
                     )
                     return connection
             except (trio.TooSlowError, *RECORD_LINK_ERRORS) as exc:
@@ -397,8 +442,8 @@ class RecordDeviceRunner(DeviceRunner):
     async def _run_session(self, connection: RecordConnection) -> bool:  # type: ignore[override]
         went_online = await super()._run_session(connection)
         # As the parent does: resume next time only a session the server accepted.
-        if went_online and self._resumable is not None and connection.session is not None:
-            self._resumable.session = connection.session
+        if went_online and self._resumption is not None and connection.session is not None:
+            self._resumption.session = connection.session
         return went_online
 
 
