@@ -37,6 +37,7 @@ async def hold(
     concurrency: int = 64,
     timeout: float = 60.0,
     work_parent: Path | None = None,
+    keep_work: bool = False,
 ) -> dict[str, Any]:
     """Run one hold (see the module docstring); returns its figures."""
     work = Path(tempfile.mkdtemp(prefix="ota-bench-hold-", dir=work_parent))
@@ -70,7 +71,6 @@ async def hold(
                 )  # fmt: skip
                 server_after = tree_rss_kib(server.pid)
                 loadgen_rss = rss_kib(gens[0].process.pid)
-                nursery.cancel_scope.cancel()
         held = reply["ok"]
         growth = reply["loadgen_rss_held_kib"] - reply["loadgen_rss_before_kib"]
         return {
@@ -91,7 +91,8 @@ async def hold(
             "server_rss_after_kib": server_after,
         }
     finally:
-        await trio.to_thread.run_sync(partial(shutil.rmtree, work, ignore_errors=True))
+        if not keep_work:
+            await trio.to_thread.run_sync(partial(shutil.rmtree, work, ignore_errors=True))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,12 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
     result = trio.run(
         partial(
             hold, args.devices, args.transport, args.device_stack,
             server_procs=args.server_procs, concurrency=args.concurrency,
-            timeout=args.timeout, work_parent=args.work_dir,
+            timeout=args.timeout, work_parent=args.work_dir, keep_work=args.keep_work,
         )
     )  # fmt: skip
     print(json.dumps(result))
