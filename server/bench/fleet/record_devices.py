@@ -18,8 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import socket
-from collections import deque
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -159,6 +158,8 @@ class TlsRecordConnection:
     the session over to the record layer, which opens it.
     """
 
+    __slots__ = ("_handshake", "layer", "session", "stream")
+
     def __init__(self, stream: trio.SocketStream, handshake: Tls13Handshake) -> None:
         self.stream = stream
         self._handshake: Tls13Handshake | None = handshake
@@ -235,17 +236,22 @@ class TlsRecordConnection:
 class DtlsRecordConnection:
     """A DTLS 1.2 session as our record layer over one connected UDP socket."""
 
+    __slots__ = ("_closed", "_messages", "layer", "session", "sock")
+
     def __init__(self, sock: trio.socket.SocketType, layer: DtlsRecordLayer,
                  session: SSL.Session | None) -> None:  # fmt: skip
         self.sock = sock
         self.layer = layer
+        #: OpenSSL's session, to resume the next time.
         self.session = session
-        self._messages: deque[bytes] = deque()
+        # Messages opened but not yet read (a plain list: an idle device holds it empty).
+        self._messages: list[bytes] = []
+        self._closed: SessionClosed | None = None
 
     def take_datagram(self, datagram: bytes) -> list[bytes]:
-        """Open one datagram: queue its messages, return the datagrams to answer with.
-        trio.BrokenResourceError once the session is closed (after the answers are sent
-        by the caller)."""
+        """Open one datagram: queue its messages, return the datagrams to answer with (our
+        final flight again, a refusal to renegotiate, our close_notify). After a closing
+        alert, :meth:`receive` raises once the queued messages are read."""
         layer = self.layer
         replies = list(repeated_server_flight_reply(layer, datagram))
         closed: SessionClosed | None = None
@@ -265,8 +271,6 @@ class DtlsRecordConnection:
             self._closed = closed
         return replies
 
-    _closed: SessionClosed | None = None
-
     async def receive(self) -> bytes:
         """The next CoAP message (one per record, RFC 7252 over DTLS)."""
         while not self._messages:
@@ -278,7 +282,7 @@ class DtlsRecordConnection:
             datagram = await self.sock.recv(_READ_SIZE)
             for reply in self.take_datagram(datagram):
                 await self.sock.send(reply)
-        return self._messages.popleft()
+        return self._messages.pop(0)
 
     async def send(self, pieces: list[bytes]) -> None:
         """One record, one datagram per CoAP message."""
@@ -317,7 +321,7 @@ async def _udp_socket(server: tuple[str, int], source: str | None) -> trio.socke
 async def connect_dtls_records(
     server: tuple[str, int], device: DeviceResumption, *, source: str | None = None
 ) -> tuple[DtlsRecordConnection, bool]:
-    """A DTLS 1.2 handshake as the device (resuming ``resumable.session`` if set), then our
+    """A DTLS 1.2 handshake as the device (resuming ``device.session`` if set), then our
     record layer: the connection and whether it resumed. Raises a RECORD_LINK_ERRORS error
     if it fails; the caller bounds the time."""
     identity = DeviceIdentity.load(device.credentials)
@@ -358,9 +362,9 @@ async def connect_dtls_records(
 async def connect_tls_records(
     server: tuple[str, int], device: DeviceResumption, *, source: str | None = None
 ) -> tuple[TlsRecordConnection, bool]:
-    """A TLS 1.3 handshake as the device (resuming ``resumable.session`` if set), then our
-    record layer: the connection and whether it resumed. The server's tickets that follow
-    the handshake go to OpenSSL's session (``absorb_tickets``) for the next resumption."""
+    """A TLS 1.3 handshake as the device (resuming ``device.session`` if set): the
+    connection (it hands over to our record layer at the server's first reply, see
+    :class:`TlsRecordConnection`) and whether it resumed."""
     identity = DeviceIdentity.load(device.credentials)
     contexts = device_contexts(device.credentials.ca_path)
     stream = await trio.open_tcp_stream(*server, local_address=source)
@@ -426,7 +430,7 @@ class RecordDeviceRunner(DeviceRunner):
     async def _connect(self) -> RecordConnection | None:
         link = self.link
         slots = self._connect_slots
-        async with slots if slots is not None else _NO_SLOTS:
+        async with slots if slots is not None else nullcontext():
             if self._resumption is None:
                 self._resumption = DeviceResumption(link.credentials)
             try:
@@ -445,14 +449,3 @@ class RecordDeviceRunner(DeviceRunner):
         if went_online and self._resumption is not None and connection.session is not None:
             self._resumption.session = connection.session
         return went_online
-
-
-class _NoSlots:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *_exc: object) -> None:
-        return None
-
-
-_NO_SLOTS = _NoSlots()
