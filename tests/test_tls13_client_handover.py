@@ -21,7 +21,9 @@ def shared_device_context() -> SSL.Context:
     """A TLS 1.3 client context with the CA only: identities come per handshake."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(pki().ca))
+    store = ctx.get_cert_store()
+    assert store is not None
+    store.add_cert(crypto.X509.from_cryptography(pki().ca))
     ctx.set_verify(SSL.VERIFY_PEER)
     enable_record_export(ctx)
     return ctx
@@ -49,11 +51,14 @@ def test_first_data_before_the_take_over_then_tickets_then_resumption() -> None:
     server_context.set_session_id(b"otacloud-test")
     device_context = shared_device_context()
     installation = pki()
-    identity = {"certificate": installation.device_cert, "private_key": installation.device_key}
+    certificate, private_key = installation.device_cert, installation.device_key
 
     server = SSL.Connection(server_context, None)
     server.set_accept_state()
-    ours = Tls13Handshake(device_context, is_server=False, absorb_tickets=True, **identity)
+    ours = Tls13Handshake(
+        device_context, is_server=False, absorb_tickets=True,
+        certificate=certificate, private_key=private_key,
+    )  # fmt: skip
     full_flight = handshake_to_completion(ours, server)
     assert server.get_peer_certificate(as_cryptography=True) == installation.device_cert
     # The device speaks first; OpenSSL seals it: the handshake is not taken over yet.
@@ -74,8 +79,9 @@ def test_first_data_before_the_take_over_then_tickets_then_resumption() -> None:
     resumed_server = SSL.Connection(server_context, None)
     resumed_server.set_accept_state()
     again = Tls13Handshake(
-        device_context, is_server=False, absorb_tickets=True, session=handover.session, **identity
-    )
+        device_context, is_server=False, absorb_tickets=True, session=handover.session,
+        certificate=certificate, private_key=private_key,
+    )  # fmt: skip
     records = handshake_to_completion(again, resumed_server)
     # No CertificateRequest, Certificate, CertificateVerify (RFC 8446 2.2).
     assert records == full_flight - 3
