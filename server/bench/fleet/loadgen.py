@@ -10,12 +10,18 @@ stdout. Commands:
   that transport with a bare TLS 1.3 / DTLS 1.2 client (mutual authentication with its own
   certificate), hold all connections until the last is up, then close them all; ``resume``
   offers each device's session from the previous round (RFC 8446 section 2.2 tickets for
-  TLS, RFC 5077 tickets for DTLS);
+  TLS, RFC 5077 tickets for DTLS); the reply includes this process's RSS before the round and
+  while every connection was held;
 * ``fleet_open`` (tcp, udp) / ``fleet_run`` / ``fleet_stop``: the devices as an
   :class:`~server.emulator.fleet.EmulatedFleet` against a server;
 * ``fleet_stats``: bytes received and per-device times;
 * ``fetch`` (host, port, path, clients, expect): HTTPS GETs by that many concurrent clients;
 * ``quit``.
+
+The spec's ``device_stack`` chooses the devices' sessions: ``records`` (default) runs them
+over the project's record layers (``record_devices``: OpenSSL only for handshakes, one plain
+socket per device), ``openssl`` over trio's DTLSEndpoint and stdlib ``ssl`` as the emulator
+does. The CoAP/OTA side is the same either way.
 
 Times are ``time.monotonic()`` (CLOCK_MONOTONIC is one clock for all processes of a Linux
 machine, so the runner compares them with its own).
@@ -138,7 +144,7 @@ class HandshakeRounds:
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
         self._tls_sessions: dict[str, ssl.SSLSession] = {}
         self._dtls_sessions: dict[str, SSL.Session] = {}
-        #: records stack: each device's OpenSSL context and last session, per transport.
+        #: records stack: each device's credentials and last session, per transport.
         self._resumables: dict[tuple[str, str], DeviceResumption] = {}
 
     async def run(
