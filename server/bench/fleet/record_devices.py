@@ -158,10 +158,13 @@ class TlsRecordConnection:
     the session over to the record layer, which opens it.
     """
 
-    __slots__ = ("_handshake", "layer", "session", "stream")
+    __slots__ = ("_handshake", "_sending", "layer", "session", "stream")
 
     def __init__(self, stream: trio.SocketStream, handshake: Tls13Handshake) -> None:
         self.stream = stream
+        # The reader answers (a KeyUpdate, the server's close_notify) while the device's
+        # loop may be sending: one writer at a time on the stream (as SSLStream does).
+        self._sending = trio.Lock()
         self._handshake: Tls13Handshake | None = handshake
         self.layer: Tls13RecordLayer | None = None
         #: OpenSSL's session with the tickets absorbed (set at the hand-over).
@@ -203,22 +206,24 @@ class TlsRecordConnection:
                 return received
 
     async def _flush(self) -> None:
-        out = self.layer.data_to_send() if self.layer is not None else b""
-        if out:
-            await self.stream.send_all(out)
+        async with self._sending:
+            out = self.layer.data_to_send() if self.layer is not None else b""
+            if out:
+                await self.stream.send_all(out)
 
     async def send(self, pieces: list[bytes]) -> None:
         """Seal and send a batch in one write."""
-        try:
-            if self._handshake is not None:
-                self._handshake.send_application_data(b"".join(pieces))
-                wire = self._handshake.data_to_send()
-            else:
-                assert self.layer is not None
-                wire = self.layer.seal_many(pieces)
-        except (RecordError, RecordHandoverError) as error:
-            raise trio.BrokenResourceError(f"TLS record error: {error}") from None
-        await self.stream.send_all(wire)
+        async with self._sending:
+            try:
+                if self._handshake is not None:
+                    self._handshake.send_application_data(b"".join(pieces))
+                    wire = self._handshake.data_to_send()
+                else:
+                    assert self.layer is not None
+                    wire = self.layer.seal_many(pieces)
+            except (RecordError, RecordHandoverError) as error:
+                raise trio.BrokenResourceError(f"TLS record error: {error}") from None
+            await self.stream.send_all(wire)
 
     async def aclose(self) -> None:
         """close_notify (RFC 8446 6.1), then the socket."""
@@ -229,7 +234,8 @@ class TlsRecordConnection:
             handshake.abort()
         if self.layer is not None:
             with trio.move_on_after(1.0), suppress(*RECORD_LINK_ERRORS):
-                await self.stream.send_all(self.layer.close())
+                async with self._sending:
+                    await self.stream.send_all(self.layer.close())
         await trio.aclose_forcefully(self.stream)
 
 
