@@ -664,7 +664,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m server.bench.fleet.loadgen SPEC.json")
     spec = LoadGenSpec.load(Path(args[0]))
-    raise_descriptor_limit(len(spec.devices))
+    limit = raise_descriptor_limit(len(spec.devices))
+    if limit < len(spec.devices) + 256:
+        print(
+            f"load generator {spec.index}: {len(spec.devices)} devices but at most {limit} "
+            "open files (one socket per device): raise the hard limit (ulimit -Hn) or use "
+            "more load generators",
+            file=sys.stderr,
+        )
     with suppress(KeyboardInterrupt):  # Ctrl-C reaches the process group; the runner cleans up
         trio.run(_main, spec)
 
