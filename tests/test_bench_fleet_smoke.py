@@ -14,6 +14,7 @@ import pytest
 
 from server.bench.fleet import BenchError
 from server.bench.fleet.nginx_baseline import find_nginx
+from server.bench.fleet.record_devices import DeviceStack
 from server.bench.fleet.report import QuietReporter, percentiles, results_table
 from server.bench.fleet.runner import BenchOptions, run_fleet_bench
 
@@ -48,9 +49,12 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(("server_procs", "release"), [(1, "full"), (2, "delta")])
+@pytest.mark.parametrize(
+    ("server_procs", "release", "device_stack"),
+    [(1, "full", "records"), (2, "delta", "records"), (1, "full", "openssl")],
+)
 async def test_small_fleet_run_reports_every_field(
-    tmp_path: Path, server_procs: int, release: str
+    tmp_path: Path, server_procs: int, release: str, device_stack: DeviceStack
 ) -> None:
     out = tmp_path / "out"
     options = BenchOptions(
@@ -63,6 +67,7 @@ async def test_small_fleet_run_reports_every_field(
         work_parent=tmp_path,
         online_timeout=30,
         release_timeout=30,
+        device_stack=device_stack,
     )
     reporter = QuietReporter()
     result = await run_fleet_bench(options, reporter, command="test")
@@ -125,6 +130,9 @@ async def test_small_fleet_run_reports_every_field(
     else:
         assert result["nginx_goodput_mb_s"] > 0
         assert result["nginx"]["ok"] == DEVICES and result["nginx"]["failed"] == 0
+        assert full["device_stack"] == device_stack
+        assert full["loadgen_rss_per_connection_kib"] is not None
+    assert result["device_stack"] == device_stack
     assert results_table(result).row_count >= 10
     assert "devices updated" in reporter.phases
 
@@ -135,6 +143,8 @@ def test_percentiles_and_option_checks() -> None:
     assert values["p50"] == pytest.approx(50.5) and values["p99"] == pytest.approx(99.01)
     with pytest.raises(BenchError, match="procs"):
         BenchOptions(devices=2, procs=3)
+    with pytest.raises(BenchError, match="device-stack"):
+        BenchOptions(devices=2, procs=1, device_stack="boringssl")  # type: ignore[arg-type]
     with pytest.raises(BenchError, match="server-procs"):
         BenchOptions(devices=2, procs=1, server_procs=0)
     with pytest.raises(BenchError, match="20,000"):

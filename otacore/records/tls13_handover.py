@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
@@ -138,14 +139,26 @@ class Tls13Handshake:
         is_server: bool,
         server_name: bytes | None = None,
         absorb_tickets: bool = False,
+        session: SSL.Session | None = None,
+        certificate: x509.Certificate | None = None,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
+        """Client only: ``session`` (:attr:`Tls13Handover.session` of an earlier handshake
+        with the same ``context``) is offered for resumption (RFC 8446 2.2).
+        ``certificate`` and ``private_key``: this side's identity, when the context (shared
+        by many devices) has none."""
         connection = SSL.Connection(context, None)  # None: memory BIOs
         connection.set_app_data(self)
+        if certificate is not None and private_key is not None:
+            connection.use_certificate(certificate)
+            connection.use_privatekey(private_key)
         if is_server:
             connection.set_accept_state()
         else:
             if server_name:
                 connection.set_tlsext_host_name(server_name)
+            if session is not None:
+                connection.set_session(session)
             connection.set_connect_state()
         self._connection: SSL.Connection | None = connection
         self.is_server = is_server
@@ -286,6 +299,25 @@ class Tls13Handshake:
         self._tickets_absorbed += 1
         self._outbuf += drain_output(connection)
         return True
+
+    def send_application_data(self, data: bytes) -> None:
+        """Client only, once :attr:`complete` and before :meth:`take_over`: seal ``data``
+        with OpenSSL (collect it with :meth:`data_to_send`). For a device whose server sends
+        its NewSessionTickets with its first reply: the handshake stays, absorbing them
+        (``absorb_tickets``), until that reply comes; :meth:`take_over` then continues the
+        write sequence numbers after these records (each is opened to prove it)."""
+        connection = self._connection_or_fail()
+        if self.is_server or not self.complete:
+            raise RecordHandoverError(
+                "application data before the take-over is for a client whose handshake is complete"
+            )
+        view = memoryview(data)
+        while view:
+            sent = connection.send(view)
+            view = view[sent:]
+        out = drain_output(connection)
+        self._post_handshake_records += split_records(out)
+        self._outbuf += out
 
     def data_to_send(self) -> bytes:
         """OpenSSL's output so far (handshake flights, tickets, alerts)."""

@@ -88,6 +88,15 @@ def fleet(
         bool,
         typer.Option("--handshakes/--no-handshakes", help="Run the bare handshake rounds."),
     ] = True,
+    device_stack: Annotated[
+        str,
+        typer.Option(
+            "--device-stack",
+            help="records: the load generator's devices run our record layers (OpenSSL only "
+            "for handshakes; 20,000 devices per process); openssl: trio DTLS / stdlib ssl "
+            "sessions, as ota device emulate.",
+        ),
+    ] = "records",
     nginx: Annotated[
         bool, typer.Option("--nginx/--no-nginx", help="Run the nginx HTTPS baseline.")
     ] = True,
@@ -126,6 +135,7 @@ def fleet(
             release_timeout=release_timeout,
             stall_timeout=stall_timeout,
             handshakes=handshakes,
+            device_stack=device_stack,  # type: ignore[arg-type]  # checked by BenchOptions
             nginx=nginx,
             nginx_workers=nginx_workers,
             profile=profile,

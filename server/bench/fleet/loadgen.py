@@ -10,12 +10,18 @@ stdout. Commands:
   that transport with a bare TLS 1.3 / DTLS 1.2 client (mutual authentication with its own
   certificate), hold all connections until the last is up, then close them all; ``resume``
   offers each device's session from the previous round (RFC 8446 section 2.2 tickets for
-  TLS, RFC 5077 tickets for DTLS);
+  TLS, RFC 5077 tickets for DTLS); the reply includes this process's RSS before the round and
+  while every connection was held;
 * ``fleet_open`` (tcp, udp) / ``fleet_run`` / ``fleet_stop``: the devices as an
   :class:`~server.emulator.fleet.EmulatedFleet` against a server;
 * ``fleet_stats``: bytes received and per-device times;
 * ``fetch`` (host, port, path, clients, expect): HTTPS GETs by that many concurrent clients;
 * ``quit``.
+
+The spec's ``device_stack`` chooses the devices' sessions: ``records`` (default) runs them
+over the project's record layers (``record_devices``: OpenSSL only for handshakes, one plain
+socket per device), ``openssl`` over trio's DTLSEndpoint and stdlib ``ssl`` as the emulator
+does. The CoAP/OTA side is the same either way.
 
 Times are ``time.monotonic()`` (CLOCK_MONOTONIC is one clock for all processes of a Linux
 machine, so the runner compares them with its own).
@@ -23,8 +29,11 @@ machine, so the runner compares them with its own).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import random
+import resource
 import socket
 import ssl
 import sys
@@ -40,12 +49,20 @@ import trio
 from OpenSSL import SSL
 
 from otacore.device.emulated import DevicePhase, DeviceStatus, EmulatedDevice
+from otacore.errors import RecordError, RecordHandoverError
 from otacore.platforms import ModuleFunction
 from otacore.protocol.link import TcpLink, Transport, UdpLink
 from otacore.signing import TrustStore
 from server.bench.fleet import BenchError, error_text
 from server.bench.fleet.lines import JsonLines
 from server.bench.fleet.nginx_baseline import fetch_all
+from server.bench.fleet.procs import rss_kib
+from server.bench.fleet.record_devices import (
+    DEVICE_STACKS,
+    DeviceResumption,
+    RecordDeviceRunner,
+    connect_records,
+)
 from server.devices.keys import read_trust_file
 from server.emulator.flash import Flash
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings
@@ -78,6 +95,15 @@ class LoadGenSpec:
     #: Loopback source addresses, used in turn (ephemeral ports are per source address).
     sources: list[str]
     max_connects: int
+    #: ``records``: devices over our record layers (record_devices); ``openssl``: trio's
+    #: DTLSEndpoint and stdlib ssl (the emulator's devices).
+    device_stack: str = "records"
+
+    def __post_init__(self) -> None:
+        if self.device_stack not in DEVICE_STACKS:
+            raise BenchError(
+                f"device stack must be one of {', '.join(DEVICE_STACKS)}, not {self.device_stack!r}"
+            )
 
     def dump(self, path: Path) -> None:
         """Write the spec as JSON."""
@@ -118,6 +144,8 @@ class HandshakeRounds:
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
         self._tls_sessions: dict[str, ssl.SSLSession] = {}
         self._dtls_sessions: dict[str, SSL.Session] = {}
+        #: records stack: each device's credentials and last session, per transport.
+        self._resumables: dict[tuple[str, str], DeviceResumption] = {}
 
     async def run(
         self,
@@ -141,6 +169,10 @@ class HandshakeRounds:
         reused = 0
         starts: list[float] = []
         ends: list[float] = []
+        rss_before = rss_kib(os.getpid())
+        connect = self._records if self.spec.device_stack == "records" else (
+            self._tls if transport == "tcp" else self._dtls
+        )
 
         async def one(position: int, device_id: str) -> None:
             nonlocal reused
@@ -149,15 +181,12 @@ class HandshakeRounds:
                 starts.append(started)
                 try:
                     with trio.fail_after(timeout):
-                        if transport == "tcp":
-                            closer, was_reused = await self._tls(
-                                device_id, address, position, resume
-                            )
-                        else:
-                            closer, was_reused = await self._dtls(
-                                device_id, address, position, resume
-                            )
+                        closer, was_reused = await connect(
+                            transport, device_id, address, position, resume
+                        )
                 except (
+                    RecordError,
+                    RecordHandoverError,
                     trio.TooSlowError,
                     trio.BrokenResourceError,
                     trio.ClosedResourceError,
@@ -176,6 +205,9 @@ class HandshakeRounds:
         async with trio.open_nursery() as nursery:
             for position, device_id in devices:
                 nursery.start_soon(one, position, device_id)
+        # Every connection is up and idle: what holding them costs this process.
+        gc.collect()
+        rss_held = rss_kib(os.getpid())
         async with trio.open_nursery() as nursery:  # disconnect all, gracefully
             for closer in closers:
                 nursery.start_soon(closer)
@@ -190,10 +222,45 @@ class HandshakeRounds:
             "t_first": min(starts, default=None),
             "t_last": max(ends, default=None),
             "latencies": latencies,
+            "device_stack": self.spec.device_stack,
+            "loadgen_rss_before_kib": rss_before,
+            "loadgen_rss_held_kib": rss_held,
         }
 
+    async def _records(
+        self, transport: str, device_id: str, address: tuple[str, int], position: int,
+        resume: bool,
+    ) -> tuple[Callable[[], Awaitable[None]], bool]:
+        """The records stack: our handshake objects, then our record layers."""
+        key = (device_id, transport)
+        resumable = self._resumables.get(key)
+        if resumable is None:
+            resumable = self._resumables[key] = DeviceResumption(
+                self.spec.credentials(device_id)
+            )
+        connection, was_reused = await connect_records(
+            transport, address, resumable, resume=resume, source=self.spec.source(position)
+        )
+        try:
+            # A CoAP ping answered proves the server authorised the session (as below).
+            await connection.send(_ping(cast(Transport, transport)))
+            await connection.receive()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await connection.aclose()
+            raise
+        if connection.session is not None:
+            resumable.session = connection.session
+
+        async def close() -> None:
+            with trio.move_on_after(2.0):
+                await connection.aclose()
+
+        return close, was_reused
+
     async def _tls(
-        self, device_id: str, address: tuple[str, int], position: int, resume: bool
+        self, _transport: str, device_id: str, address: tuple[str, int], position: int,
+        resume: bool,
     ) -> tuple[Callable[[], Awaitable[None]], bool]:
         context = self._tls_contexts.get(device_id)
         if context is None:  # a ticket only resumes with the context that received it
@@ -228,7 +295,8 @@ class HandshakeRounds:
         return close, bool(stream.session_reused)
 
     async def _dtls(
-        self, device_id: str, address: tuple[str, int], position: int, resume: bool
+        self, _transport: str, device_id: str, address: tuple[str, int], position: int,
+        resume: bool,
     ) -> tuple[Callable[[], Awaitable[None]], bool]:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -340,6 +408,14 @@ class FleetDriver:
         )
         fleet = EmulatedFleet(self.members(), settings, on_status=self._on_status)
         fleet.open()
+        if self.spec.device_stack == "records":
+            # The same devices and loop, over our record layers (record_devices).
+            slots = trio.Semaphore(settings.max_concurrent_connects)
+            for device_id, runner in list(fleet.runners.items()):
+                fleet.runners[device_id] = RecordDeviceRunner(
+                    runner.device, runner.link, connect_slots=slots,
+                    rng=random.Random(), wall_clock=settings.wall_clock,
+                )  # fmt: skip
         for device_id, runner in fleet.runners.items():
             self._count_received(runner.device)
             self._count_session_ends(runner.device, self.kinds[device_id])
@@ -565,13 +641,39 @@ async def _main(spec: LoadGenSpec) -> None:
     await LoadGenerator(spec, lines).serve()
 
 
+def raise_descriptor_limit(devices: int) -> int:
+    """Let this process open a descriptor per device and some to spare (one socket each):
+    the soft limit up to the hard one, and the hard one too where allowed (root). Returns
+    the soft limit now in force."""
+    wanted = devices + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        with suppress(ValueError, OSError):  # not privileged: keep the hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m server.bench.fleet.loadgen SPEC.json``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m server.bench.fleet.loadgen SPEC.json")
+    spec = LoadGenSpec.load(Path(args[0]))
+    limit = raise_descriptor_limit(len(spec.devices))
+    if limit < len(spec.devices) + 256:
+        print(
+            f"load generator {spec.index}: {len(spec.devices)} devices but at most {limit} "
+            "open files (one socket per device): raise the hard limit (ulimit -Hn) or use "
+            "more load generators",
+            file=sys.stderr,
+        )
     with suppress(KeyboardInterrupt):  # Ctrl-C reaches the process group; the runner cleans up
-        trio.run(_main, LoadGenSpec.load(Path(args[0])))
+        trio.run(_main, spec)
 
 
 if __name__ == "__main__":

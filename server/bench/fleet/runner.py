@@ -51,6 +51,7 @@ from server.bench.fleet.procs import (
     tree_cpu_seconds,
     tree_rss_kib,
 )
+from server.bench.fleet.record_devices import DEVICE_STACKS, DeviceStack
 from server.bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
 from server.emulator.fleet import TransportChoice, transports_for
 
@@ -80,6 +81,8 @@ class BenchOptions:
     stall_timeout: float = 120.0
     #: Run the bare handshake rounds (full and resumed).
     handshakes: bool = True
+    #: The load generators' device sessions: our record layers, or OpenSSL's (record_devices).
+    device_stack: DeviceStack = "records"
     nginx: bool = True
     nginx_workers: int = 1
     profile: bool = False
@@ -108,6 +111,11 @@ class BenchOptions:
         if self.release not in ("full", "delta"):
             raise BenchError(f"--release must be full or delta, not {self.release!r}")
         transports_for(self.transport, 1)  # raises on an unknown transport
+        if self.device_stack not in DEVICE_STACKS:
+            raise BenchError(
+                f"--device-stack must be one of {', '.join(DEVICE_STACKS)}, "
+                f"not {self.device_stack!r}"
+            )
 
 
 def _deal(options: BenchOptions, install: Installation, work: Path) -> list[Path]:
@@ -128,6 +136,7 @@ def _deal(options: BenchOptions, install: Installation, work: Path) -> list[Path
             target_version=2,
             sources=[f"127.0.{index + 1}.{host}" for host in range(1, 5)],
             max_connects=options.max_connects,
+            device_stack=options.device_stack,
         )
         path = work / f"loadgen-{index}.json"
         spec.dump(path)
@@ -197,6 +206,15 @@ def _round_summary(replies: list[dict[str, Any]], cpu: dict[str, float]) -> dict
         "udp_rcvbuf_drops": cpu["udp_rcvbuf_drops"],
         "server_udp_socket_drops": cpu["udp_port_drops"],
         "latency_s": percentiles([t for r in replies for t in r["latencies"]]),
+        "device_stack": replies[0].get("device_stack") if replies else None,
+        # What holding the connections cost the load generators (RSS while all were up).
+        "loadgen_rss_per_connection_kib": (
+            round(
+                sum(r["loadgen_rss_held_kib"] - r["loadgen_rss_before_kib"] for r in replies)
+                / ok, 2,
+            )
+            if ok and all("loadgen_rss_held_kib" in r for r in replies) else None
+        ),
         "errors": errors,
     }
 
@@ -522,6 +540,7 @@ async def _run(
         "handshakes_per_s_full": _combined_rate(full),
         "handshakes_per_s_resumed": _combined_rate(resumed),
         "handshakes": handshakes,
+        "device_stack": options.device_stack,
         "release_devices": fleet["release_devices"],
         "release_updated": len(updated),
         "release_outcomes": fleet["release_outcomes"],
