@@ -296,3 +296,44 @@ def test_garbage_between_flights_never_raises(
         handshake.handle_timeout(0.6)
     assert handshake.failure is None or handshake.failure.startswith("DTLS handshake failed")
     handshake.abort()
+
+
+def test_resumed_flight_resent_makes_the_client_resend_its_lost_final_flight(
+    server_context: SSL.Context, kit: DeviceKit
+) -> None:
+    """A resumed handshake (RFC 5246 7.3): our flight ends with our Finished, the client's
+    final flight (ChangeCipherSpec, Finished) is lost. Our timer resends our flight; the
+    client, done already, resends its final flight only if it sees our Finished again
+    (RFC 6347 4.2.4), so that Finished must come under a new sequence number: the same one
+    would be dropped by the client's replay window (4.1.2.6). A plain OpenSSL client."""
+    context = client_context(kit.good)
+    client = new_client(context)
+    handshake = start(server_context, client)
+    run(handshake, client)
+    exchange_data(finish(handshake, client).layer, client)
+    session = client.get_session()
+    assert session is not None
+    again = new_client(context, session)
+    handshake = start(server_context, again, now=10.0)
+    flight = handshake.datagrams_to_send()
+    lost_final_flight = to_client(again, flight)
+    assert lost_final_flight  # the client's ChangeCipherSpec and Finished, never delivered
+    assert again.get_state_string() == b"SSL negotiation finished successfully"
+    due = handshake.next_timeout()
+    assert due is not None and not handshake.complete
+    handshake.handle_timeout(due)
+    resent = handshake.datagrams_to_send()
+    assert resent and resent != flight  # our Finished under a new sequence number
+    final_again = b""
+    for datagram in resent:  # the client is done: records reach OpenSSL through SSL_read
+        again.bio_write(datagram)
+        with suppress(SSL.WantReadError):
+            again.recv(100)
+        final_again += drain_output(again)
+    assert final_again, "the client did not take our resent Finished as a retransmission"
+    handshake.receive_datagram(final_again, due)
+    assert handshake.complete and handshake.failure is None
+    handover = finish(handshake, again)
+    assert handover.resumed
+    # The layer seals after the re-sealed Finished's number: the client opens our records.
+    exchange_data(handover.layer, again)

@@ -5,9 +5,13 @@
 datagrams out (:meth:`~DtlsServerHandshake.datagrams_to_send`), and a retransmission
 deadline out (:meth:`~DtlsServerHandshake.next_timeout`, RFC 6347 4.2.4): the shell owns the
 clock and calls :meth:`~DtlsServerHandshake.handle_timeout` when it passes. OpenSSL's own
-timer is never used (it reads the wall clock); our flight is resent as OpenSSL wrote it:
-records the peer already has are dropped by its replay window (RFC 6347 4.1.2.6), the lost
-ones are new to it.
+timer is never used (it reads the wall clock). Our flight is resent as OpenSSL wrote it,
+except a protected record (our Finished, in a resumed handshake's flight), which is re-sealed
+under a new sequence number: epoch-0 records the peer already has are dropped by its replay
+window (RFC 6347 4.1.2.6) and the lost ones are new to it, but a peer that has our whole
+resumed flight and whose final flight was lost must see our Finished again to learn it (it
+retransmits its own then, RFC 6347 4.2.4), and a Finished under a number it saw would be
+dropped as a replay.
 
 Once OpenSSL reports the handshake complete, :meth:`~DtlsServerHandshake.take_over` builds
 the session's :class:`~otacore.records.dtls12.DtlsRecordLayer` (``dtls12_handover``: it keeps
@@ -27,9 +31,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
 from otacore.errors import RecordHandoverError
-from otacore.records.dtls12 import RECORD_HEADER, RECORD_HEADER_SIZE, DtlsRecordLayer
+from otacore.records.dtls12 import (
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    ContentType,
+    DtlsRecordLayer,
+)
 from otacore.records.dtls12_handover import HandshakeRecordTracker, layer_from_connection
 from otacore.records.openssl_memory import drain_output
+from otacore.records.tls12_keys import derive_traffic_keys, suite_named
 from otacore.records.verify_errors import verify_failure_reason
 
 __all__ = [
@@ -300,9 +310,53 @@ class DtlsServerHandshake:
         if not self._flight or self.complete or self.failure is not None:
             return
         self.retransmissions += 1
+        self._flight = self._flight_resealed()
         self._outbox.extend(self._flight)
         self._timeout = min(self._timeout * 2, self.max_timeout)
         self._deadline = now + self._timeout
+
+
+    def _flight_resealed(self) -> list[bytes]:
+        """Our flight to send again: epoch-0 records as they were, each protected handshake
+        record (the Finished of a resumed handshake, RFC 5246 7.3) re-sealed under the next
+        sequence number of its epoch (see the module docstring). The new records go through
+        the tracker, so the record layer taken over later continues after them and no nonce
+        is used twice."""
+        connection = self._connection
+        tracker = self._tracker
+        if connection is None or tracker.write_epoch == 0:
+            return self._flight  # nothing protected sent yet (every full-handshake flight)
+        master_secret = connection.master_key()
+        client_random, server_random = connection.client_random(), connection.server_random()
+        cipher_name = connection.get_cipher_name()
+        if not (master_secret and client_random and server_random and cipher_name):
+            return self._flight
+        keys = derive_traffic_keys(
+            suite_named(cipher_name), master_secret, client_random, server_random
+        )
+        # Opens what OpenSSL sealed as the server; seals it again as the server would.
+        mirror = DtlsRecordLayer(keys, is_server=False, read_epoch=tracker.write_epoch)
+        resealed: list[bytes] = []
+        for datagram in self._flight:
+            pieces: list[bytes] = []
+            for start, stop in _record_bounds(datagram):
+                record = datagram[start:stop]
+                whole = len(record) >= RECORD_HEADER_SIZE
+                epoch = RECORD_HEADER.unpack_from(record)[2] >> 48 if whole else 0
+                opened = mirror.open_record(record) if epoch > 0 else None
+                if opened is None or opened[0] != ContentType.HANDSHAKE or len(opened[1]) > 0xFF:
+                    pieces.append(record)
+                    continue
+                sealer = DtlsRecordLayer(
+                    keys, is_server=True, read_epoch=epoch, write_epoch=epoch,
+                    write_seq=tracker.write_seq_max + 1,
+                )  # fmt: skip
+                sealer.keep_last_flight(b"", opened[1])
+                (fresh,) = sealer.retransmit_last_flight()
+                tracker.outgoing(fresh)  # our write sequence number moves past it
+                pieces.append(fresh)
+            resealed.append(b"".join(pieces))
+        return resealed
 
 
 def _record_bounds(datagram: bytes) -> list[tuple[int, int]]:
