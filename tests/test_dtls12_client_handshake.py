@@ -15,12 +15,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from otacore.errors import RecordHandoverError
-from otacore.records.dtls12 import ApplicationData, DtlsRecordLayer
+from otacore.records.dtls12 import ApplicationData, DtlsRecordLayer, PeerRepeatedFlight
 from otacore.records.dtls12_client import (
     DtlsClientHandover,
     DtlsClientHandshake,
     prepare_client_context,
-    repeated_server_flight_reply,
 )
 from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange
 from otacore.records.dtls12_server import DtlsServerHandshake
@@ -251,8 +250,10 @@ def test_resumed_client_resends_its_final_flight_when_our_server_repeats(
     kit: DeviceKit,
 ) -> None:
     """A resumed handshake ends with the client's flight (RFC 5246 7.3). It is lost; our
-    server's timer resends its flight byte for byte; the device answers with its flight
-    again from the record layer, and the server completes."""
+    server's timer resends its flight with its Finished re-sealed under a new sequence
+    number; the device's record layer takes that as the repeated flight it is
+    (PeerRepeatedFlight, RFC 6347 4.2.4) and answers with its final flight again, and the
+    server completes."""
     server_context = make_dtls_server_context(kit.pki)
     context = device_context(kit.good)
     exchange = CookieExchange(0.0)
@@ -278,8 +279,9 @@ def test_resumed_client_resends_its_final_flight_when_our_server_repeats(
     server.handle_timeout(due)
     replies: list[bytes] = []
     for datagram in server.datagrams_to_send():
-        assert device.layer.open_datagram(datagram)  # all discarded: nothing new
-        replies += repeated_server_flight_reply(device.layer, datagram)
+        for event in device.layer.open_datagram(datagram):
+            if isinstance(event, PeerRepeatedFlight):
+                replies += event.replies
     assert replies
     for reply in replies:
         server.receive_datagram(reply, due)
@@ -289,7 +291,9 @@ def test_resumed_client_resends_its_final_flight_when_our_server_repeats(
     assert server_side.layer.open_datagram(device.layer.seal(b"data")) == [
         ApplicationData(b"data")
     ]
-    assert repeated_server_flight_reply(device.layer, b"") == ()
+    # The server's first data proves it has our flight: the device forgets it.
+    assert device.layer.open_datagram(server_side.layer.seal(b"ok")) == [ApplicationData(b"ok")]
+    assert not device.layer.holds_last_flight
 
 
 def test_a_refused_device_fails_with_the_servers_alert(kit: DeviceKit) -> None:

@@ -51,7 +51,6 @@ __all__ = [
     "DtlsClientHandover",
     "DtlsClientHandshake",
     "prepare_client_context",
-    "repeated_server_flight_reply",
 ]
 
 
@@ -263,21 +262,6 @@ class DtlsClientHandshake:
         self._outbox.extend(self._flight)
         self._timeout = min(self._timeout * 2, self.max_timeout)
         self._deadline = now + self._timeout
-
-
-def repeated_server_flight_reply(layer: DtlsRecordLayer, datagram: bytes) -> tuple[bytes, ...]:
-    """After a resumed handshake: if ``datagram`` is the server's flight again (cleartext
-    handshake fragments: its ServerHello), our final flight was lost; the datagrams to resend
-    (RFC 6347 4.2.4), else none.
-
-    The layer answers a repeated Finished itself (PeerRepeatedFlight) when the server
-    re-seals it, but a server that resends its flight byte for byte (ours does, as OpenSSL
-    wrote it) repeats the Finished's sequence number, which the replay window drops; its
-    ServerHello in epoch 0 still says the flight came again. Call it with every datagram
-    while ``layer.holds_last_flight``."""
-    if not layer.holds_last_flight or not _handshake_fragments(datagram):
-        return ()
-    return layer.retransmit_last_flight()
 
 
 _CERTIFICATE = 11  # HandshakeType.certificate (RFC 5246 7.4)

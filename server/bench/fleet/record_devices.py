@@ -40,7 +40,6 @@ from otacore.records.dtls12 import (
 from otacore.records.dtls12_client import (
     DtlsClientHandshake,
     prepare_client_context,
-    repeated_server_flight_reply,
 )
 from otacore.records.tls13 import Tls13RecordLayer
 from otacore.records.tls13_handover import Tls13Handshake, enable_record_export
@@ -259,7 +258,7 @@ class DtlsRecordConnection:
         final flight again, a refusal to renegotiate, our close_notify). After a closing
         alert, :meth:`receive` raises once the queued messages are read."""
         layer = self.layer
-        replies = list(repeated_server_flight_reply(layer, datagram))
+        replies: list[bytes] = []
         closed: SessionClosed | None = None
         for event in layer.open_datagram(datagram):
             if isinstance(event, ApplicationData):
