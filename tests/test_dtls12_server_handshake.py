@@ -19,11 +19,8 @@ from OpenSSL import SSL
 from otacore.errors import RecordHandoverError
 from otacore.records.dtls12 import RECORD_HEADER, ApplicationData, DtlsRecordLayer
 from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange
-from otacore.records.dtls12_server import (
-    DtlsHandover,
-    DtlsServerHandshake,
-    split_datagrams,
-)
+from otacore.records.dtls12_handshake import split_datagrams
+from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
 from otacore.records.openssl_memory import drain_output
 from server.transport.client import DeviceCredentials
 from server.transport.dtls import make_dtls_server_context

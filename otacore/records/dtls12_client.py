@@ -1,6 +1,7 @@
 """A DTLS 1.2 client handshake run by OpenSSL on memory BIOs, as a sans-IO object.
 
-The device-side mirror of :class:`~otacore.records.dtls12_server.DtlsServerHandshake` (the
+The device-side mirror of :class:`~otacore.records.dtls12_server.DtlsServerHandshake`, on the
+same :class:`~otacore.records.dtls12_handshake.DtlsHandshakeDriver` (the
 load generator's devices use it, issue 14 item 8): datagrams in
 (:meth:`~DtlsClientHandshake.receive_datagram`), datagrams out
 (:meth:`~DtlsClientHandshake.datagrams_to_send`), a retransmission deadline out
@@ -30,22 +31,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from otacore.errors import RecordHandoverError
-from otacore.records.dtls12 import (
-    RECORD_HEADER,
-    RECORD_HEADER_SIZE,
-    ContentType,
-    DtlsRecordLayer,
-)
-from otacore.records.dtls12_handover import HandshakeRecordTracker, layer_from_connection
-from otacore.records.dtls12_server import (
+from otacore.records.dtls12 import DtlsRecordLayer
+from otacore.records.dtls12_handover import layer_from_connection
+from otacore.records.dtls12_handshake import (
     DEFAULT_MTU,
     INITIAL_TIMEOUT,
     MAX_TIMEOUT,
-    _handshake_fragments,
-    _record_bounds,
-    split_datagrams,
+    DtlsHandshakeDriver,
+    carries_certificate,
 )
-from otacore.records.openssl_memory import drain_output
 
 __all__ = [
     "DtlsClientHandover",
@@ -77,29 +71,16 @@ class DtlsClientHandover:
     unprocessed: bytes = b""
 
 
-class DtlsClientHandshake:
+class DtlsClientHandshake(DtlsHandshakeDriver):
     """One DTLS 1.2 client handshake over memory BIOs (sans-IO; see the module docstring).
 
     Nothing raises for what the network sends: a failed handshake sets :attr:`failure`,
     its alert (if OpenSSL wrote one) waits in :meth:`datagrams_to_send`.
     """
 
-    __slots__ = (
-        "_connection",
-        "_deadline",
-        "_flight",
-        "_got_certificate",
-        "_outbox",
-        "_seen_fragments",
-        "_timeout",
-        "_tracker",
-        "_unprocessed",
-        "complete",
-        "failure",
-        "max_timeout",
-        "mtu",
-        "retransmissions",
-    )
+    IS_SERVER = False
+
+    __slots__ = ("_got_certificate",)
 
     def __init__(
         self,
@@ -122,68 +103,13 @@ class DtlsClientHandshake:
             connection.use_certificate(certificate)
             connection.use_privatekey(private_key)
         connection.set_connect_state()
-        connection.set_ciphertext_mtu(mtu)
         if session is not None:
             connection.set_session(session)
-        self._connection: SSL.Connection | None = connection
-        self._tracker = HandshakeRecordTracker()
-        self.mtu = mtu
-        self.max_timeout = max_timeout
-        self._timeout = initial_timeout
-        self._deadline: float | None = None
-        self._flight: list[bytes] = []
-        self._outbox: list[bytes] = []
-        self._unprocessed = b""
+        super().__init__(
+            connection, mtu=mtu, initial_timeout=initial_timeout, max_timeout=max_timeout
+        )
         self._got_certificate = False
-        self._seen_fragments: frozenset[tuple[int, int, int]] = frozenset()
-        #: True once OpenSSL has finished the handshake (then :meth:`take_over`).
-        self.complete = False
-        #: Why the handshake failed, or None.
-        self.failure: str | None = None
-        #: Flights resent on the timer or for a repeated server flight.
-        self.retransmissions = 0
         self._step(now)  # the ClientHello
-
-    # --- the shell's interface ----------------------------------------------------------
-
-    def receive_datagram(self, datagram: bytes, now: float) -> None:
-        """A datagram from the server. Ignored once the handshake is complete or failed."""
-        connection = self._connection
-        if connection is None or self.complete or self.failure is not None or not datagram:
-            return
-        fragments = _handshake_fragments(datagram)
-        self._got_certificate |= _carries_certificate(datagram)
-        repeated = bool(fragments) and fragments <= self._seen_fragments
-        self._seen_fragments |= fragments
-        wrote = False
-        # One record at a time, stopping where the handshake completes: what follows the
-        # server's Finished stays for the record layer (DtlsClientHandover.unprocessed).
-        for start, stop in _record_bounds(datagram):
-            record = datagram[start:stop]
-            self._tracker.incoming(record)
-            connection.bio_write(record)
-            wrote |= self._step(now)
-            if self.complete or self.failure is not None:
-                self._unprocessed = datagram[stop:] if self.complete else b""
-                break
-        if not wrote and repeated:
-            # The server resent its flight: ours was lost (RFC 6347 4.2.4). Resend now and
-            # back the timer off as for a timeout.
-            self._retransmit(now)
-
-    def datagrams_to_send(self) -> list[bytes]:
-        """Datagrams to send now, in order (and forget them)."""
-        out, self._outbox = self._outbox, []
-        return out
-
-    def next_timeout(self) -> float | None:
-        """When :meth:`handle_timeout` is due (the shell's clock), or None."""
-        return self._deadline
-
-    def handle_timeout(self, now: float) -> None:
-        """Resend our last flight if its timer expired (RFC 6347 4.2.4)."""
-        if self._deadline is not None and now >= self._deadline:
-            self._retransmit(now)
 
     def take_over(self) -> DtlsClientHandover:
         """The established session: its record layer, the server's certificate, whether it
@@ -208,76 +134,5 @@ class DtlsClientHandshake:
         # A full handshake has the server's Certificate; a resumed one not (RFC 5246 7.3).
         return DtlsClientHandover(layer, der, not self._got_certificate, session, unprocessed)
 
-    def abort(self) -> None:
-        """Give up (no answer, a deadline passed): free the OpenSSL object now."""
-        self._release()
-        self._outbox = []
-        self._flight = []
-
-    # --- internals ----------------------------------------------------------------------
-
-    def _release(self) -> None:
-        self._connection = None
-        self._deadline = None
-        self._tracker = HandshakeRecordTracker()  # drops the kept records
-
-    def _step(self, now: float) -> bool:
-        """Run OpenSSL on what it has; True if it wrote anything."""
-        connection = self._connection
-        assert connection is not None
-        error: SSL.Error | None = None
-        try:
-            connection.do_handshake()
-            self.complete = True
-        except SSL.WantReadError:
-            pass
-        except SSL.Error as exc:
-            error = exc
-        output = drain_output(connection)
-        if output:
-            self._tracker.outgoing(output)
-            datagrams = split_datagrams(output, self.mtu)
-            self._outbox.extend(datagrams)
-            if not self.complete:
-                # A new flight (the first ClientHello, the one answering a
-                # HelloVerifyRequest, or our certificate flight) restarts the timer.
-                self._flight = datagrams
-                self._deadline = now + self._timeout
-        if error is not None:
-            self.failure = f"DTLS handshake failed: {error!r}"
-            self._deadline = None
-            self._flight = []
-        elif self.complete:
-            # A resumed handshake's final flight is ours: the record layer retransmits it
-            # when the server repeats its own (dtls12_handover). A full one ends with the
-            # server's Finished: nothing of ours is outstanding.
-            self._deadline = None
-            self._flight = []
-        return bool(output)
-
-    def _retransmit(self, now: float) -> None:
-        if not self._flight or self.complete or self.failure is not None:
-            return
-        self.retransmissions += 1
-        self._outbox.extend(self._flight)
-        self._timeout = min(self._timeout * 2, self.max_timeout)
-        self._deadline = now + self._timeout
-
-
-_CERTIFICATE = 11  # HandshakeType.certificate (RFC 5246 7.4)
-
-
-def _carries_certificate(datagram: bytes) -> bool:
-    """True if ``datagram`` holds a cleartext (epoch 0) Certificate message fragment."""
-    offset, end = 0, len(datagram)
-    while end - offset > RECORD_HEADER_SIZE:
-        content_type, _version, epoch_seq, length = RECORD_HEADER.unpack_from(datagram, offset)
-        body = offset + RECORD_HEADER_SIZE
-        if (
-            content_type == ContentType.HANDSHAKE
-            and epoch_seq >> 48 == 0
-            and datagram[body] == _CERTIFICATE
-        ):
-            return True
-        offset = body + length
-    return False
+    def _note_incoming(self, datagram: bytes) -> None:
+        self._got_certificate |= carries_certificate(datagram)

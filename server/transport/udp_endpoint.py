@@ -35,12 +35,8 @@ from OpenSSL import SSL
 from otacore.errors import RecordHandoverError, RecordStateFormatError
 from otacore.records.dtls12 import DtlsRecordLayer, RecordDiscarded
 from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange, Drop
-from otacore.records.dtls12_server import (
-    DEFAULT_MTU,
-    INITIAL_TIMEOUT,
-    DtlsHandover,
-    DtlsServerHandshake,
-)
+from otacore.records.dtls12_handshake import DEFAULT_MTU, INITIAL_TIMEOUT
+from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
 from server.transport.admission import NotAdmitted
 from server.transport.session import (
     CloseReason,
