@@ -40,6 +40,10 @@ cdef extern from "crc32_fast.h" nogil:
 
 ota_crc32_init()
 
+cdef extern from "coap_tcp_head.h" nogil:
+    int ota_tcp_ext_size(size_t length)
+    void ota_put_tcp_length(unsigned char *out, size_t length, int ext, int tkl)
+
 cdef enum:
     MAX_TOKEN = 8
     DTLS12_VERSION = 0xFEFD
@@ -59,17 +63,6 @@ cdef inline void _put_u64be(unsigned char* out, uint64_t value) noexcept:
     cdef int k
     for k in range(8):
         out[k] = <unsigned char>((value >> (56 - 8 * k)) & 0xFF)
-
-
-cdef inline Py_ssize_t _tcp_ext(Py_ssize_t length) noexcept:
-    """Extended length bytes of an RFC 8323 3.2 frame whose Len counts ``length`` bytes."""
-    if length < 13:
-        return 0
-    if length < 269:
-        return 1
-    if length < 65805:
-        return 2
-    return 4
 
 
 def frame_chunks(image, chunk_size, numbers, crcs, transfer_id, tcp, msg_type, code,
@@ -169,7 +162,7 @@ def frame_chunks(image, chunk_size, numbers, crcs, transfer_id, tcp, msg_type, c
                 token_ptr = PyBytes_AS_STRING(token)
                 if use_tcp:
                     length = olen + 1 + CHUNK_PREFIX_SIZE + dlen
-                    ext = _tcp_ext(length)
+                    ext = ota_tcp_ext_size(<size_t>length)
                     total = 2 + ext + tkl + length
                 else:
                     total = 4 + tkl + olen + 1 + CHUNK_PREFIX_SIZE + dlen
@@ -177,21 +170,7 @@ def frame_chunks(image, chunk_size, numbers, crcs, transfer_id, tcp, msg_type, c
                 out = <unsigned char*>PyBytes_AS_STRING(frame)
                 if use_tcp:
                     # RFC 8323 3.2: Len counts the bytes after the token.
-                    if ext == 0:
-                        out[0] = <unsigned char>(length << 4 | tkl)
-                    elif ext == 1:
-                        out[0] = <unsigned char>(13 << 4 | tkl)
-                        out[1] = <unsigned char>(length - 13)
-                    elif ext == 2:
-                        out[0] = <unsigned char>(14 << 4 | tkl)
-                        out[1] = <unsigned char>((length - 269) >> 8)
-                        out[2] = <unsigned char>((length - 269) & 0xFF)
-                    else:
-                        out[0] = <unsigned char>(15 << 4 | tkl)
-                        out[1] = <unsigned char>(((length - 65805) >> 24) & 0xFF)
-                        out[2] = <unsigned char>(((length - 65805) >> 16) & 0xFF)
-                        out[3] = <unsigned char>(((length - 65805) >> 8) & 0xFF)
-                        out[4] = <unsigned char>((length - 65805) & 0xFF)
+                    ota_put_tcp_length(out, <size_t>length, <int>ext, <int>tkl)
                     out[1 + ext] = <unsigned char>ccode
                     pos = 2 + ext
                 else:

@@ -10,6 +10,10 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
+cdef extern from "coap_tcp_head.h" nogil:
+    int ota_tcp_ext_size(size_t length)
+    void ota_put_tcp_length(unsigned char *out, size_t length, int ext, int tkl)
+
 from operator import itemgetter
 
 from otacore._coap_py import CoapFormatError, FrameTooLargeError, UnsupportedVersionError
@@ -398,34 +402,13 @@ def encode_tcp(Py_ssize_t code, token, options, payload):
         try:
             options = _sorted_options(options, &opt_size)
             length = opt_size + (1 + body.len if body.len else 0)
-            if length < 13:
-                ext = 0
-            elif length < 269:
-                ext = 1
-            elif length < 65805:
-                ext = 2
-            elif length - 65805 <= 0xFFFFFFFF:
-                ext = 4
-            else:
+            if length >= 65805 and length - 65805 > 0xFFFFFFFF:
                 raise ValueError(f"message body of {length} bytes is too large for one frame")
+            ext = ota_tcp_ext_size(<size_t>length)
             total = 2 + ext + tkl + length
             result = PyBytes_FromStringAndSize(NULL, total)
             out = <unsigned char*>PyBytes_AS_STRING(result)
-            if ext == 0:
-                out[0] = <unsigned char>(length << 4 | tkl)
-            elif ext == 1:
-                out[0] = <unsigned char>(13 << 4 | tkl)
-                out[1] = <unsigned char>(length - 13)
-            elif ext == 2:
-                out[0] = <unsigned char>(14 << 4 | tkl)
-                out[1] = <unsigned char>((length - 269) >> 8)
-                out[2] = <unsigned char>((length - 269) & 0xFF)
-            else:
-                out[0] = <unsigned char>(15 << 4 | tkl)
-                out[1] = <unsigned char>(((length - 65805) >> 24) & 0xFF)
-                out[2] = <unsigned char>(((length - 65805) >> 16) & 0xFF)
-                out[3] = <unsigned char>(((length - 65805) >> 8) & 0xFF)
-                out[4] = <unsigned char>((length - 65805) & 0xFF)
+            ota_put_tcp_length(out, <size_t>length, <int>ext, <int>tkl)
             out[1 + ext] = <unsigned char>c
             memcpy(out + 2 + ext, tok.buf, tkl)
             pos = _write_options(out, 2 + ext + tkl, total, options)
