@@ -25,6 +25,8 @@ from typing import Any
 
 import msgspec
 import tomli_w
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from otacore.errors import OtaError, ValidationError
 from otacore.transfer import RetransmitPolicy
@@ -53,6 +55,26 @@ Layer = dict[str, dict[str, Any]]
 class ConfigError(ValidationError):
     """A configuration file or option is wrong (unknown setting, wrong type, out of range,
     unreadable or not TOML); the message says which and what is expected."""
+
+
+#: What ``--print-config`` prints instead of a database password (SQLAlchemy's own mask).
+HIDDEN_PASSWORD = "***"
+
+
+def _db_password(url: str) -> str | None:
+    """The password in a database URL (None: none, or not a URL SQLAlchemy can parse)."""
+    try:
+        return make_url(url).password
+    except (ArgumentError, ValueError):
+        return None
+
+
+def hide_db_password(url: str) -> str:
+    """``url`` with its password masked (``***``), as SQLAlchemy renders it for logs; a URL
+    without a password, or one SQLAlchemy cannot parse, comes back unchanged."""
+    if not _db_password(url):
+        return url
+    return make_url(url).render_as_string(hide_password=True)
 
 
 # -- checking one layer -------------------------------------------------------------------------
@@ -250,6 +272,12 @@ def build_server_config(values: Layer, *, data_dir_required: bool = True) -> Ser
             raw = values[setting.section][setting.key]
             by_target[setting.target][setting.field] = _field_value(setting, raw)
     server = by_target["server"]
+    if server.get("db_url") and _db_password(server["db_url"]) == HIDDEN_PASSWORD:
+        # A file written by --print-config, whose password was masked: connecting with
+        # "***" would only fail later, at the database, with a less helpful message.
+        raise ConfigError("server.db_url holds the password --print-config hid "
+                          f"({HIDDEN_PASSWORD}): put the real password back in the file, or "
+                          "give the URL with --db-url")
     if "data_dir" not in server:
         if data_dir_required:
             raise ConfigError("no data directory: give --data DIR, or data_dir in the "
@@ -319,9 +347,12 @@ def toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
-def render_toml(config: ServerConfig, *, data_dir_given: bool = True) -> str:
+def render_toml(config: ServerConfig, *, data_dir_given: bool = True,
+                show_secrets: bool = False) -> str:
     """``config`` as a configuration file (every setting, each under its description),
-    which ``--config`` reads back to the same configuration."""
+    which ``--config`` reads back to the same configuration. A database password is masked
+    unless ``show_secrets`` (the output lands in terminals, logs and tickets); such a file
+    is refused until the password is put back."""
     out = ["# ota server configuration (ota server --print-config).",
            "# Precedence: built-in defaults < this file (--config) < options given on the",
            "# command line. Every setting is listed with its effective value."]
@@ -335,6 +366,11 @@ def render_toml(config: ServerConfig, *, data_dir_given: bool = True) -> str:
                 out.append('# data_dir = "/var/lib/ota"  (required: set it, or give --data)')
             elif value is None:
                 out.append(f"# {setting.key} is unset: {setting.none_means}")
+            elif setting.name == "server.db_url" and not show_secrets and (
+                    hide_db_password(value) != value):
+                out.append(f"# The password is hidden: replace {HIDDEN_PASSWORD} with it, or "
+                           "give the URL with --db-url.")
+                out.append(f"{setting.key} = {toml_value(hide_db_password(value))}")
             else:
                 out.append(f"{setting.key} = {toml_value(value)}")
     return "\n".join(out) + "\n"

@@ -307,6 +307,31 @@ def test_print_config_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert reprinted.output == printed.output
 
 
+def test_print_config_hides_the_database_password(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--print-config's output lands in terminals, logs and tickets: a database password is
+    masked, and a file with the masked password is refused with what to do, instead of
+    connecting with "***" (regression: it printed the password)."""
+    captured = _capture(monkeypatch)
+    url = "postgresql+psycopg://ota:s3cret-pw@db.example:5432/ota"
+    printed = _invoke(["--data", str(tmp_path), "--db-url", url, "--print-config"])
+    assert printed.exit_code == 0, printed.output
+    assert "s3cret-pw" not in printed.output
+    assert 'db_url = "postgresql+psycopg://ota:***@db.example:5432/ota"' in printed.output
+    path = tmp_path / "printed.toml"
+    path.write_text(printed.output)
+    refused = _invoke(["--config", str(path)])
+    assert refused.exit_code == 2
+    assert "password --print-config hid" in _flat(refused.output)
+    # The real URL given on the command line overrides the file's masked one.
+    assert _invoke(["--config", str(path), "--db-url", url]).exit_code == 0
+    assert captured[-1].db_url == url
+    # A URL without a password is printed as given.
+    plain = _invoke(["--data", str(tmp_path), "--db-url", f"sqlite:///{tmp_path}/x.db",
+                     "--print-config"])
+    assert f'db_url = "sqlite:///{tmp_path}/x.db"' in plain.output
+
+
 def test_print_config_without_a_data_directory_prints_the_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

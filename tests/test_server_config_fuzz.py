@@ -104,7 +104,7 @@ def test_random_documents_build_or_raise_config_error(document: dict[str, Any]) 
     if config is not None:  # what loaded prints and reads back the same
         import tomllib
 
-        printed = render_toml(config)
+        printed = render_toml(config, show_secrets=True)
         assert build_server_config(check_layer(tomllib.loads(printed), "printed")) == config
 
 
