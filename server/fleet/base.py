@@ -20,6 +20,7 @@ from otacore.precedence import (
 )
 from server.events import Event, EventBus
 from server.fleet.errors import UnknownDeviceError, UnknownProductError
+from server.fleet.hand_off import MemoryHandOff
 from server.store import DeviceRecord, ProductRecord, ReleaseRecord, Store, Tx
 
 _T = TypeVar("_T")
@@ -86,6 +87,21 @@ def target_of(device: DeviceRecord, releases: ProductReleases) -> Target:
 
 
 @dataclass
+class RoundTrips:
+    """Store round trips the fleet made since it was built: each read is one worker-thread
+    hop; each write is one operation of a group-committed batch (``writes``), or a
+    stand-alone write transaction in a worker thread (``reads`` counts that hop too: it
+    is made by :meth:`FleetBase._run`). What ``bench/store_hops`` and the tests count."""
+
+    reads: int = 0
+    writes: int = 0
+
+    def snapshot(self) -> tuple[int, int]:
+        """(reads, writes) so far."""
+        return self.reads, self.writes
+
+
+@dataclass
 class Outcome:
     """What a blocking store operation hands back to the async layer: a value and events."""
 
@@ -109,9 +125,14 @@ class FleetBase:
         # Bounded: at most this many blocking store calls run at once (one DB connection each).
         self.limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
         self.clock = clock
+        #: Store round trips made so far (see :class:`RoundTrips`).
+        self.round_trips = RoundTrips()
+        #: OTA memory read by each session's presence write, for its updater.
+        self.memory_hand_off = MemoryHandOff()
 
     async def _run(self, fn: Callable[..., Outcome], *args: Any) -> Any:
         """Run a blocking store operation in a worker thread, then publish its events."""
+        self.round_trips.reads += 1
         outcome = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         for event in outcome.events:
             self.bus.publish(event)
@@ -124,6 +145,7 @@ class FleetBase:
         changes); returns once the change is durable. Its events are published right after
         the commit, in commit order (even if this caller was cancelled meanwhile and its
         change still committed)."""
+        self.round_trips.writes += 1
         outcome: Outcome = await self.store.group_commit.run(
             fn, on_commit=self._publish, limiter=self.limiter
         )
@@ -140,6 +162,7 @@ class FleetBase:
 
     async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking read in a worker thread."""
+        self.round_trips.reads += 1
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     @staticmethod
