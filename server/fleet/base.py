@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -88,17 +89,27 @@ def target_of(device: DeviceRecord, releases: ProductReleases) -> Target:
 
 @dataclass
 class RoundTrips:
-    """Store round trips the fleet made since it was built: each read is one worker-thread
-    hop; each write is one operation of a group-committed batch (``writes``), or a
-    stand-alone write transaction in a worker thread (``reads`` counts that hop too: it
-    is made by :meth:`FleetBase._run`). What ``bench/store_hops`` and the tests count."""
+    """Store round trips the fleet made since it was built: ``reads``, each one
+    worker-thread hop (a stand-alone write transaction run by :meth:`FleetBase._run` is one
+    too), and ``writes``, each one operation of a group-committed batch; ``by_name`` counts
+    both by the store work's name (e.g. ``SessionService.authorize_device.<locals>.read``).
+    What the store round-trip tests and ``bench/store_round_trips.py`` count."""
 
     reads: int = 0
     writes: int = 0
+    by_name: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> tuple[int, int]:
         """(reads, writes) so far."""
         return self.reads, self.writes
+
+    def note(self, fn: object, *, write: bool) -> None:
+        """Count one round trip of the store work ``fn``."""
+        if write:
+            self.writes += 1
+        else:
+            self.reads += 1
+        self.by_name[getattr(fn, "__qualname__", type(fn).__name__)] += 1
 
 
 @dataclass
@@ -132,7 +143,7 @@ class FleetBase:
 
     async def _run(self, fn: Callable[..., Outcome], *args: Any) -> Any:
         """Run a blocking store operation in a worker thread, then publish its events."""
-        self.round_trips.reads += 1
+        self.round_trips.note(fn, write=False)
         outcome = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         for event in outcome.events:
             self.bus.publish(event)
@@ -145,7 +156,7 @@ class FleetBase:
         changes); returns once the change is durable. Its events are published right after
         the commit, in commit order (even if this caller was cancelled meanwhile and its
         change still committed)."""
-        self.round_trips.writes += 1
+        self.round_trips.note(fn, write=True)
         outcome: Outcome = await self.store.group_commit.run(
             fn, on_commit=self._publish, limiter=self.limiter
         )
@@ -162,7 +173,7 @@ class FleetBase:
 
     async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking read in a worker thread."""
-        self.round_trips.reads += 1
+        self.round_trips.note(fn, write=False)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     @staticmethod
