@@ -176,6 +176,16 @@ class FleetBase:
         self.round_trips.note(fn, write=False)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    async def _read_grouped(self, fn: Callable[[Tx], _T]) -> _T:
+        """Run a small read of the session hot path, ``fn(tx)``, in a read transaction
+        shared with concurrent callers (the store's group read: one worker-thread hop for
+        the batch; its snapshot is taken after this call, so it sees every change committed
+        before it). For reads that take milliseconds (blobs, whole-product listings) use
+        :meth:`_read`: a batch runs its reads one after another."""
+        self.round_trips.note(fn, write=False)
+        value: _T = await self.store.group_read.run(fn, limiter=self.limiter)
+        return value
+
     @staticmethod
     def _product(tx: Tx, ref: int | str) -> ProductRecord:
         product = tx.get_product(ref)

@@ -10,6 +10,7 @@ from otacore.module import validate_module
 from otacore.platforms import ModuleFunction
 from server.fleet.base import FleetBase, Outcome, normalize_device_id, unknown_device
 from server.fleet.roles import Actor, Permission
+from server.store import Tx
 
 #: Functions a Device OS release consists of (the application is product firmware).
 DEVICE_OS_FUNCTIONS = frozenset({
@@ -75,15 +76,14 @@ class DeviceOsService(FleetBase):
         """(product id, platform id) a device is bound to: its product's platform, the only
         one whose Device OS modules it may be sent (UnknownDeviceError when it has none)."""
 
-        def work() -> tuple[int, int]:
-            with self.store.read() as tx:
-                found = tx.get_device_online(normalize_device_id(device_id))
-                product = None if found is None else tx.get_product(found[0])
+        def work(tx: Tx) -> tuple[int, int]:
+            found = tx.get_device_online(normalize_device_id(device_id))
+            product = None if found is None else tx.get_product(found[0])
             if product is None:
                 raise unknown_device(device_id)
             return product.id, product.platform_id
 
-        return await self._read(work)
+        return await self._read_grouped(work)
 
     async def blob_for_product(self, product_id: int, platform_id: int | None,
                                sha256: str) -> bytes | None:

@@ -214,12 +214,11 @@ class SessionService(FleetBase):
     async def target_for_device(self, device_id: str) -> DeviceTarget:
         """The firmware the rules give a device now, with its pending flash if any."""
 
-        def work() -> DeviceTarget:
-            with self.store.read() as tx:
-                device, product = self._device_and_product(tx, device_id)
-                return self._target_view(tx, device, product)
+        def work(tx: Tx) -> DeviceTarget:
+            device, product = self._device_and_product(tx, device_id)
+            return self._target_view(tx, device, product)
 
-        return await self._read(work)
+        return await self._read_grouped(work)
 
     async def record_device_hello(
         self,
@@ -381,11 +380,12 @@ class SessionService(FleetBase):
         effect at the next one. A certificate admitted for the first time is recorded as
         seen, so a later revocation of its device revokes it too."""
 
-        def read() -> CertificateStanding:
-            with self.store.read() as tx:
-                return tx.certificate_standing(certificate.device_id, certificate.sha256)
+        def read(tx: Tx) -> CertificateStanding:
+            return tx.certificate_standing(certificate.device_id, certificate.sha256)
 
-        standing = await self._read(read)
+        # Fresh at every handshake (never cached: a revocation by any process sharing the
+        # store takes effect at the next one), in a read shared with concurrent handshakes.
+        standing = await self._read_grouped(read)
         if not _admits(standing):
             return False
         known = standing.certificate

@@ -35,7 +35,7 @@ from server.store import schema
 from server.store.blobs import BlobStore
 from server.store.engine import EngineSetup, create_store_engine
 from server.store.errors import SchemaVersionError, StoreConflictError, StoreUnavailableError
-from server.store.group_commit import BatchOp, GroupCommitter
+from server.store.group_commit import BatchOp, GroupCommitter, GroupReader
 from server.store.sqlite import WRITE_OPTION, integrity_check
 from server.store.tx_auth import AuthQueries
 from server.store.tx_certs import CertificateQueries
@@ -94,6 +94,9 @@ class Store:
         )
         #: Batches concurrent async writers into shared transactions (see group_commit.py).
         self.group_commit = GroupCommitter(self)
+        #: Batches concurrent async readers into shared read transactions (one
+        #: worker-thread hop for many small reads; see GroupReader).
+        self.group_read = GroupReader(self)
 
     @classmethod
     def open(cls, url: str, blob_dir: Path | str, *, pool_size: int = 8) -> Store:
@@ -198,6 +201,29 @@ class Store:
                     raise TransactionLostError(
                         "the database rolled back the batch transaction after an error "
                         f"({op.error or 'an operation ended it'}); nothing was saved, retry"
+                    )
+
+    def read_batch(self, ops: Sequence[BatchOp[Any]], *, time_budget: float | None = None) -> None:
+        """Run read-only ``ops`` in order in ONE read transaction (one snapshot, taken after
+        all of them were queued): an op that raises has its exception (translated as in
+        :meth:`read`) stored in ``op.error`` and the others go on. ``time_budget`` as in
+        :meth:`write_batch`. Raises when the transaction itself fails (cannot begin, or the
+        database ended it: :class:`TransactionLostError`)."""
+        with self.read() as tx:
+            started = time.monotonic()
+            for index, op in enumerate(ops):
+                if index and time_budget is not None and time.monotonic() - started >= time_budget:
+                    break
+                op.ran = True
+                try:
+                    with _translated_errors():
+                        op.value = op.fn(tx)
+                except Exception as exc:  # the op's own failure: the others go on
+                    op.error = exc
+                if _transaction_lost(tx.conn):  # later reads would not share the snapshot
+                    raise TransactionLostError(
+                        "the database ended the shared read transaction after an error "
+                        f"({op.error or 'an operation ended it'}); retry"
                     )
 
     def check(self) -> str:
