@@ -23,6 +23,7 @@ from server.store import Store
 from server.store.tx_ota import OtaMemoryRecord
 from tests.device_client import LinkDevice
 from tests.device_server import DeviceServerKit, start_device_server
+from tests.test_revocation import assert_refused, assert_served
 
 TRANSPORTS = ["tcp", "udp"]
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -192,3 +193,28 @@ def test_the_hand_off_is_bounded_take_once_and_per_device() -> None:
     assert len(hand_off) == 0
     with pytest.raises(ValueError, match="at least 1"):
         MemoryHandOff(capacity=0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_another_processs_revocation_and_removal_take_effect_at_the_next_handshake(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
+) -> None:
+    """Nothing about authorization is held between handshakes: a revocation, and the
+    removal of a device, committed by another process (a second Store and Fleet on the same
+    SQLite file, whose events this server never sees) refuse the next handshake, which
+    reads the store in a read shared with other handshakes."""
+    kit = await start_device_server(nursery, tmp_path, count=2)
+    revoked_id, removed_id = kit.device_ids
+    for device_id in kit.device_ids:  # both served, their certificates recorded as seen
+        await assert_served(kit, kit.creds_dir, device_id, transport)
+    other = Store.open_dir(kit.data_dir)
+    try:
+        other_fleet = Fleet(other, EventBus())
+        await other_fleet.set_certs_revoked(SYSTEM_ACTOR, kit.product_id, revoked_id, True)
+        await other_fleet.remove_device(SYSTEM_ACTOR, kit.product_id, removed_id)
+    finally:
+        other.close()
+    authorizations = kit.handle.fleet.round_trips.by_name[AUTHORIZE]
+    await assert_refused(kit, kit.creds_dir, revoked_id, transport)
+    await assert_refused(kit, kit.creds_dir, removed_id, transport)
+    assert kit.handle.fleet.round_trips.by_name[AUTHORIZE] == authorizations + 2
