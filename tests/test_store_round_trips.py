@@ -6,7 +6,9 @@ never stale across sessions or processes."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.fleet.errors import WrongPlatformError
 from server.fleet.hand_off import MemoryHandOff
+from server.fleet.recent_blobs import RecentBlobs
 from server.store import Store
 from server.store.tx_ota import OtaMemoryRecord
 from tests.device_client import LinkDevice
@@ -218,3 +221,39 @@ async def test_another_processs_revocation_and_removal_take_effect_at_the_next_h
     await assert_refused(kit, kit.creds_dir, revoked_id, transport)
     await assert_refused(kit, kit.creds_dir, removed_id, transport)
     assert kit.handle.fleet.round_trips.by_name[AUTHORIZE] == authorizations + 2
+
+
+async def test_a_base_image_is_read_once_and_still_checked_at_every_ask(
+    store: Store, make_firmware: Callable[..., bytes]
+) -> None:
+    """``blob_for_product`` (a patch release asks it for every device's base): the bytes of
+    a recently read image come from memory, but whether the device's product may have it is
+    asked of the store every time: another product's device gets nothing, and once the
+    firmware is deleted nobody does, though its bytes were held."""
+    fleet = Fleet(store, EventBus())
+    product = fleet.create_product_sync(SYSTEM_ACTOR, "Bases", 13)
+    other = fleet.create_product_sync(SYSTEM_ACTOR, "Others", 13)
+    image = make_firmware(3)
+    await fleet.upload_firmware(SYSTEM_ACTOR, product.id, image, version=3, title="v3")
+    sha256 = hashlib.sha256(image).hexdigest()
+    blob_reads = fleet.round_trips.by_name["BlobStore.get"]
+    for _ in range(5):
+        assert await fleet.blob_for_product(product.id, 13, sha256) == image
+    assert fleet.round_trips.by_name["BlobStore.get"] == blob_reads + 1  # read once
+    assert await fleet.blob_for_product(other.id, 13, sha256) is None
+    await fleet.delete_firmware(SYSTEM_ACTOR, product.id, 3)
+    assert len(fleet.recent_blobs) == 1  # the bytes are still held ...
+    assert await fleet.blob_for_product(product.id, 13, sha256) is None  # ... not handed out
+
+
+def test_recent_blobs_are_bounded_in_count_and_size() -> None:
+    blobs = RecentBlobs(max_entries=2, max_bytes=4)
+    blobs.put(SHA_A, b"aaaa")
+    blobs.put(SHA_B, b"bb")
+    assert blobs.get(SHA_A) == b"aaaa"  # now the most recently used
+    blobs.put("c" * 64, b"c")
+    assert blobs.get(SHA_B) is None and blobs.get(SHA_A) == b"aaaa" and len(blobs) == 2
+    blobs.put("d" * 64, b"too big")
+    assert blobs.get("d" * 64) is None
+    with pytest.raises(ValueError, match="at least one image"):
+        RecentBlobs(max_entries=0)

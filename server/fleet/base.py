@@ -22,6 +22,7 @@ from otacore.precedence import (
 from server.events import Event, EventBus
 from server.fleet.errors import UnknownDeviceError, UnknownProductError
 from server.fleet.hand_off import MemoryHandOff
+from server.fleet.recent_blobs import RecentBlobs
 from server.store import DeviceRecord, ProductRecord, ReleaseRecord, Store, Tx
 
 _T = TypeVar("_T")
@@ -140,6 +141,8 @@ class FleetBase:
         self.round_trips = RoundTrips()
         #: OTA memory read by each session's presence write, for its updater.
         self.memory_hand_off = MemoryHandOff()
+        #: Recently read images by SHA-256 (content-addressed: never stale).
+        self.recent_blobs = RecentBlobs()
 
     async def _run(self, fn: Callable[..., Outcome], *args: Any) -> Any:
         """Run a blocking store operation in a worker thread, then publish its events."""
