@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 import trio
 import trio.testing
@@ -15,7 +16,7 @@ import trio.testing
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.fleet.errors import UnknownDeviceError
-from server.store import Store, Tx
+from server.store import Store, StoreUnavailableError, Tx
 from server.store import schema as t
 from server.store.group_commit import GroupReader
 from server.store.store import TransactionLostError
@@ -202,3 +203,19 @@ async def test_the_fleets_hot_reads_are_grouped_and_counted(store: Store) -> Non
     assert len(errors) == 1 and "not in any product" in str(errors[0])
     assert store.group_read.operations == 21 and store.group_read.batches < 21
     assert fleet.round_trips.by_name["SessionService.target_for_device.<locals>.work"] == 21
+
+
+def test_a_driver_level_statement_error_is_a_store_error(store: Store) -> None:
+    """The batch's savepoint statements go straight to the driver: its errors still come out
+    as the store's own error type, and the transaction stays usable."""
+    from server.store.store import _driver_statement
+
+    with store.write() as tx:
+        with pytest.raises(StoreUnavailableError, match=r"unavailable: .*syntax"):
+            _driver_statement(tx.conn, "SAVEPOINTS are not spelled like this")
+        _driver_statement(tx.conn, "SAVEPOINT batch_op")
+        tx.conn.execute(sa.insert(t.meta).values(key="d-kept", value="x"))
+        _driver_statement(tx.conn, "RELEASE SAVEPOINT batch_op")
+    assert store.group_read.operations == 0
+    with store.read() as tx:
+        assert get("d-kept")(tx) == "x"
