@@ -4,6 +4,7 @@ or another one on the same file), and failures and cancellation stay per caller.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -219,3 +220,32 @@ def test_a_driver_level_statement_error_is_a_store_error(store: Store) -> None:
     assert store.group_read.operations == 0
     with store.read() as tx:
         assert get("d-kept")(tx) == "x"
+
+
+def test_a_busy_begin_is_the_stores_unavailable_error(store: Store, data_dir: Path) -> None:
+    """BEGIN goes straight to the driver (server.store.sqlite): when another connection
+    holds the write lock past the busy timeout, it is still SQLAlchemy's OperationalError,
+    which the store reports as StoreUnavailableError."""
+    from server.store.sqlite import WRITE_OPTION
+    from server.store.store import _translated_errors
+
+    holder = sqlite3.connect(data_dir / "ota.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            conn.commit()  # the PRAGMA's own (deferred, read) transaction
+            conn.execution_options(**{WRITE_OPTION: True})
+            with pytest.raises(sa.exc.OperationalError, match="locked"):
+                conn.begin()
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            conn.commit()  # the PRAGMA's own (deferred, read) transaction
+            conn.execution_options(**{WRITE_OPTION: True})
+            with pytest.raises(StoreUnavailableError, match="locked"), _translated_errors():
+                conn.begin()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with store.write() as tx:  # the lock is free again: writes go on
+        tx.conn.execute(sa.insert(t.meta).values(key="busy-after", value="x"))
