@@ -17,7 +17,7 @@ import trio
 from otacore.coap import Code
 from otacore.messages import Dependency, ModuleDescription
 from server.devices.plane import DevicePlane
-from server.events import EventBus
+from server.events import UPDATES_PENDING, EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.fleet.errors import WrongPlatformError
 from server.fleet.hand_off import MemoryHandOff
@@ -257,3 +257,34 @@ def test_recent_blobs_are_bounded_in_count_and_size() -> None:
     assert blobs.get("d" * 64) is None
     with pytest.raises(ValueError, match="at least one image"):
         RecentBlobs(max_entries=0)
+
+
+async def test_a_hellos_flags_are_recorded_in_its_one_write(
+    store: Store, make_firmware: Callable[..., bytes]
+) -> None:
+    """A Hello with updates disabled and a held reset: one write records both, and the
+    target it returns (and the row, and the one "updates pending" event) already reflect
+    them, as the separate writes did before."""
+    bus = EventBus()
+    fleet = Fleet(store, bus)
+    product = fleet.create_product_sync(SYSTEM_ACTOR, "Flags", 13)
+    device_id = "0123456789abcdef01234567"
+    with store.write() as tx:
+        tx.insert_device(device_id, product.id, 0)
+    await fleet.upload_firmware(SYSTEM_ACTOR, product.id, make_firmware(2), version=2,
+                                title="v2")
+    await fleet.release_firmware(SYSTEM_ACTOR, product.id, 2, product_default=True, force=True)
+    writes = fleet.round_trips.writes
+    with bus.subscribe(device_id=device_id, name_prefix=UPDATES_PENDING) as events:
+        view = await fleet.record_device_hello(
+            device_id, platform_id=13, product_version=1, system_version=1,
+            updates_enabled=False, reset_pending=True, bound_platform=True)
+        assert events.receive.receive_nowait().data == "true"  # target 2, runs 1, disabled
+        with pytest.raises(trio.WouldBlock):
+            events.receive.receive_nowait()
+    assert fleet.round_trips.writes == writes + 1
+    with store.read() as tx:
+        stored = tx.get_device(device_id)
+    assert view.device == stored
+    assert stored is not None and not stored.firmware_updates_enabled and stored.reset_pending
+    assert stored.updates_pending and view.target.version == 2

@@ -94,7 +94,7 @@ class RoundTrips:
     worker-thread hop (a stand-alone write transaction run by :meth:`FleetBase._run` is one
     too), and ``writes``, each one operation of a group-committed batch; ``by_name`` counts
     both by the store work's name (e.g. ``SessionService.authorize_device.<locals>.read``).
-    What the store round-trip tests and ``bench/store_round_trips.py`` count."""
+    What ``tests/test_store_round_trips.py`` counts per session."""
 
     reads: int = 0
     writes: int = 0

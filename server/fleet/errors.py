@@ -38,8 +38,8 @@ class WrongPlatformError(ValidationError):
         self.hello_platform = hello_platform
         super().__init__(
             f"this device belongs to a product of platform {product_platform}; its Hello "
-            f"names platform {hello_platform} (move the device to a product of its "
-            "platform, or flash it with its product's platform)"
+            f"names platform {hello_platform} (a device runs one platform's Device OS: "
+            f"add it to a product of platform {hello_platform} instead)"
         )
 
 

@@ -6,8 +6,10 @@ that runs anyway), and leaves it here under the session's presence token; the se
 updater takes it (``OtaEngine.load_memory``) instead of reading the store again: one
 worker-thread hop fewer per session. The memory is read after the session took the device's
 presence in that same transaction, so it is what a read at the updater's start would see,
-except for a write made in between by an older session of the device that is still ending
-(the same race a separate read has, a few microseconds earlier).
+except for a change committed in between: a write by an older session of the device that is
+still ending, or an operator's flash request forgetting refused images (its event then
+finds no memory to clear yet). A separate read has the same race over its own thread hop;
+this one spans the presence commit and one scheduling round.
 
 Entries live from the presence write to the updater's first step (the next scheduling tick):
 the table is bounded (the oldest are dropped first), and the session's end drops its entry;
