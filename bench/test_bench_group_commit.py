@@ -16,8 +16,12 @@ them with ``-s``).
 
 ``test_session_reads`` times the reads a session makes, 1,000 concurrent calls per round on a
 product with a released firmware: ``target_for_device`` (at every update check: 3 queries,
-device with product and groups, releases with their firmware, pending flash) and
-``load_ota_memory`` (once per session); each is one read transaction per call.
+device with product and groups, releases with their firmware, pending flash),
+``load_ota_memory`` (a session whose presence write left none) and ``authorize_device`` (at
+every handshake: 3 queries); they are grouped reads (``Store.group_read``: concurrent reads
+share one worker-thread hop and one read transaction). ``test_session_reads_one_hop_each``
+runs them as before group read, one worker-thread hop and one read transaction per call
+(``OneHopPerReadFleet``), in the same group so the table shows the ratio.
 """
 
 from __future__ import annotations
@@ -25,18 +29,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
 
 from otacore.module import build_module
 from otacore.platforms import ModuleFunction
+from server.authorization import ClientCertificate
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.fleet.base import Outcome
 from server.store import Store, Tx
 
+_T = TypeVar("_T")
 CALLS = 1_000
 #: Seconds per round of each variant, filled as the tests run (for the ratio).
 MEANS: dict[str, float] = {}
@@ -52,6 +58,18 @@ class OneTransactionPerCallFleet(Fleet):
                 return fn(tx)
 
         return await self._run(work)
+
+
+class OneHopPerReadFleet(Fleet):
+    """The fleet as it was before group read: each hot read in its own worker-thread call
+    and its own read transaction."""
+
+    async def _read_grouped(self, fn: Callable[[Tx], _T]) -> _T:
+        def work() -> _T:
+            with self.store.read() as tx:
+                return fn(tx)
+
+        return await self._read(work)
 
 
 @pytest.fixture
@@ -142,7 +160,13 @@ async def ota_memory(fleet: Fleet, device_id: str, n: int) -> None:
     await fleet.load_ota_memory(device_id)
 
 
-READ_KINDS = {"target": target, "load_ota_memory": ota_memory}
+async def authorize(fleet: Fleet, device_id: str, n: int) -> None:
+    """The read at every handshake (a certificate already seen: no write)."""
+    certificate = ClientCertificate(device_id, f"{n:064x}", f"{n:x}", 2**40)
+    assert await fleet.authorize_device(certificate)
+
+
+READ_KINDS = {"target": target, "load_ota_memory": ota_memory, "authorize": authorize}
 
 
 def run_round(
@@ -199,14 +223,39 @@ def test_group_commit(benchmark: Any, store: Store, kind: str) -> None:
         )
 
 
-@pytest.mark.parametrize("kind", list(READ_KINDS))
-@pytest.mark.benchmark(group="session-reads-1000")
-def test_session_reads(benchmark: Any, store: Store, kind: str) -> None:
+def _prepare_reads(store: Store) -> list[str]:
     ids = provision(store)
     with store.read() as tx:
         product = tx.get_product("bench")
     assert product is not None
     release_firmware(store, product.id)
+    run_round(Fleet, authorize, store, ids)  # record the certificates as seen: reads only
+    return ids
+
+
+@pytest.mark.parametrize("kind", list(READ_KINDS))
+@pytest.mark.benchmark(group="session-reads-1000")
+def test_session_reads_one_hop_each(benchmark: Any, store: Store, kind: str) -> None:
+    ids = _prepare_reads(store)
+    benchmark.pedantic(run_round, (OneHopPerReadFleet, READ_KINDS[kind], store, ids), rounds=3)
+    _record(benchmark, f"read-one-hop-{kind}")
+    print(f"\n{kind} x{CALLS}, one hop each: {CALLS / MEANS[f'read-one-hop-{kind}']:.0f}/s")
+
+
+@pytest.mark.parametrize("kind", list(READ_KINDS))
+@pytest.mark.benchmark(group="session-reads-1000")
+def test_session_reads(benchmark: Any, store: Store, kind: str) -> None:
+    ids = _prepare_reads(store)
+    before = (store.group_read.batches, store.group_read.operations)
     benchmark.pedantic(run_round, (Fleet, READ_KINDS[kind], store, ids), rounds=3)
     _record(benchmark, f"read-{kind}")
-    print(f"\n{kind} x{CALLS}: {CALLS / MEANS[f'read-{kind}']:.0f}/s")
+    batches = store.group_read.batches - before[0]
+    per_hop = round((store.group_read.operations - before[1]) / batches, 1)
+    benchmark.extra_info["reads_per_hop"] = per_hop
+    line = f"\n{kind} x{CALLS}, grouped: {CALLS / MEANS[f'read-{kind}']:.0f}/s, {per_hop} per hop"
+    baseline = MEANS.get(f"read-one-hop-{kind}")
+    if baseline is not None:
+        ratio = baseline / MEANS[f"read-{kind}"]
+        benchmark.extra_info["speedup_vs_one_hop_each"] = round(ratio, 2)
+        line += f", {ratio:.2f}x one hop each"
+    print(line)

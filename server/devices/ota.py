@@ -147,7 +147,12 @@ class OtaEngine:
     async def load_memory(self, device_id: str) -> None:
         """Take the device's memory from the store (a new session: the store is the truth;
         the device may last have been served by another process, or before a restart)."""
-        memory = await self.fleet.load_ota_memory(device_id)
+        handler = self.plane.live.get(device_id)
+        # The memory the session's presence write read, if it is there (server.fleet.hand_off).
+        memory = (None if handler is None
+                  else self.fleet.memory_hand_off.take(handler.presence, device_id))
+        if memory is None:
+            memory = await self.fleet.load_ota_memory(device_id)
         self._forget_memory(device_id)
         if memory.refused:
             self.failed[device_id] = set(memory.refused)

@@ -56,6 +56,7 @@ from otacore.transfer import Chunk, PreparedFile
 from otacore.transfer.framing import frame_chunks
 from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
+from server.fleet.errors import WrongPlatformError
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
 if TYPE_CHECKING:
@@ -351,12 +352,20 @@ class DeviceSessionHandler:
             await self.flush()
             self.session.close("impersonation attempt")
             return
-        fleet = self.plane.fleet
-        # The platform is bound to the device's product, not taken from the Hello: a device
-        # naming another platform would be offered (and could GET fw/) that platform's
-        # Device OS modules. Checked before anything of the Hello is recorded.
-        _, platform = await fleet.device_platform(self.device_id)
-        if hello.platform_id != platform:
+        # One store write: the platform is bound to the device's product, not taken from
+        # the Hello (a device naming another platform would be offered, and could GET fw/,
+        # that platform's Device OS modules); checked in the Hello's own transaction before
+        # anything of it is recorded, with what it says of updates and a held reset.
+        try:
+            view = await self.plane.fleet.record_device_hello(
+                self.device_id, platform_id=hello.platform_id,
+                product_version=hello.product_version or None,
+                system_version=hello.system_version or None, ip=_ip_of(self.session.peer),
+                session=self.presence, updates_enabled=hello.updates_enabled,
+                reset_pending=hello.reset_pending, bound_platform=True,
+            )
+        except WrongPlatformError as exc:
+            platform = exc.product_platform
             refusal = (f"this device belongs to a {platform_name(platform)} product (platform "
                        f"{platform}); its Hello names platform {hello.platform_id}")
             log.warning("device %s refused: %s", self.device_id, refusal)
@@ -364,17 +373,6 @@ class DeviceSessionHandler:
             await self.flush()
             self.session.close("wrong platform")
             return
-        view = await fleet.record_device_hello(
-            self.device_id, platform_id=hello.platform_id,
-            product_version=hello.product_version or None,
-            system_version=hello.system_version or None, ip=_ip_of(self.session.peer),
-            session=self.presence,
-        )
-        if view.device.firmware_updates_enabled != hello.updates_enabled:
-            view = await fleet.set_updates_enabled(self.device_id, hello.updates_enabled)
-        if view.device.reset_pending != hello.reset_pending:
-            # A held reset (staged update) survives reconnects; a reset clears it.
-            await fleet.set_reset_pending(self.device_id, hello.reset_pending)
         self.product_id = view.product.id
         self.hello = hello
         # Key rotation statements ride on the Hello answer (the ones the device lacks, as

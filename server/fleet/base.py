@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,6 +21,8 @@ from otacore.precedence import (
 )
 from server.events import Event, EventBus
 from server.fleet.errors import UnknownDeviceError, UnknownProductError
+from server.fleet.hand_off import MemoryHandOff
+from server.fleet.recent_blobs import RecentBlobs
 from server.store import DeviceRecord, ProductRecord, ReleaseRecord, Store, Tx
 
 _T = TypeVar("_T")
@@ -86,6 +89,31 @@ def target_of(device: DeviceRecord, releases: ProductReleases) -> Target:
 
 
 @dataclass
+class RoundTrips:
+    """Store round trips the fleet made since it was built: ``reads``, each one
+    worker-thread hop (a stand-alone write transaction run by :meth:`FleetBase._run` is one
+    too), and ``writes``, each one operation of a group-committed batch; ``by_name`` counts
+    both by the store work's name (e.g. ``SessionService.authorize_device.<locals>.read``).
+    What ``tests/test_store_round_trips.py`` counts per session."""
+
+    reads: int = 0
+    writes: int = 0
+    by_name: Counter[str] = field(default_factory=Counter)
+
+    def snapshot(self) -> tuple[int, int]:
+        """(reads, writes) so far."""
+        return self.reads, self.writes
+
+    def note(self, fn: object, *, write: bool) -> None:
+        """Count one round trip of the store work ``fn``."""
+        if write:
+            self.writes += 1
+        else:
+            self.reads += 1
+        self.by_name[getattr(fn, "__qualname__", type(fn).__name__)] += 1
+
+
+@dataclass
 class Outcome:
     """What a blocking store operation hands back to the async layer: a value and events."""
 
@@ -109,9 +137,16 @@ class FleetBase:
         # Bounded: at most this many blocking store calls run at once (one DB connection each).
         self.limiter = limiter if limiter is not None else trio.CapacityLimiter(8)
         self.clock = clock
+        #: Store round trips made so far (see :class:`RoundTrips`).
+        self.round_trips = RoundTrips()
+        #: OTA memory read by each session's presence write, for its updater.
+        self.memory_hand_off = MemoryHandOff()
+        #: Recently read images by SHA-256 (content-addressed: never stale).
+        self.recent_blobs = RecentBlobs()
 
     async def _run(self, fn: Callable[..., Outcome], *args: Any) -> Any:
         """Run a blocking store operation in a worker thread, then publish its events."""
+        self.round_trips.note(fn, write=False)
         outcome = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
         for event in outcome.events:
             self.bus.publish(event)
@@ -124,6 +159,7 @@ class FleetBase:
         changes); returns once the change is durable. Its events are published right after
         the commit, in commit order (even if this caller was cancelled meanwhile and its
         change still committed)."""
+        self.round_trips.note(fn, write=True)
         outcome: Outcome = await self.store.group_commit.run(
             fn, on_commit=self._publish, limiter=self.limiter
         )
@@ -140,7 +176,18 @@ class FleetBase:
 
     async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking read in a worker thread."""
+        self.round_trips.note(fn, write=False)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def _read_grouped(self, fn: Callable[[Tx], _T]) -> _T:
+        """Run a small read of the session hot path, ``fn(tx)``, in a read transaction
+        shared with concurrent callers (the store's group read: one worker-thread hop for
+        the batch; its snapshot is taken after this call, so it sees every change committed
+        before it). For reads that take milliseconds (blobs, whole-product listings) use
+        :meth:`_read`: a batch runs its reads one after another."""
+        self.round_trips.note(fn, write=False)
+        value: _T = await self.store.group_read.run(fn, limiter=self.limiter)
+        return value
 
     @staticmethod
     def _product(tx: Tx, ref: int | str) -> ProductRecord:

@@ -10,6 +10,7 @@ from otacore.module import validate_module
 from otacore.platforms import ModuleFunction
 from server.fleet.base import FleetBase, Outcome, normalize_device_id, unknown_device
 from server.fleet.roles import Actor, Permission
+from server.store import Tx
 
 #: Functions a Device OS release consists of (the application is product firmware).
 DEVICE_OS_FUNCTIONS = frozenset({
@@ -75,27 +76,29 @@ class DeviceOsService(FleetBase):
         """(product id, platform id) a device is bound to: its product's platform, the only
         one whose Device OS modules it may be sent (UnknownDeviceError when it has none)."""
 
-        def work() -> tuple[int, int]:
-            with self.store.read() as tx:
-                found = tx.get_device_online(normalize_device_id(device_id))
-                product = None if found is None else tx.get_product(found[0])
+        def work(tx: Tx) -> tuple[int, int]:
+            found = tx.get_device_online(normalize_device_id(device_id))
+            product = None if found is None else tx.get_product(found[0])
             if product is None:
                 raise unknown_device(device_id)
             return product.id, product.platform_id
 
-        return await self._read(work)
+        return await self._read_grouped(work)
 
     async def blob_for_product(self, product_id: int, platform_id: int | None,
                                sha256: str) -> bytes | None:
         """The bytes of ``sha256`` if a device of the product may run it (its product
-        firmware, or a Device OS module of its platform); None otherwise."""
+        firmware, or a Device OS module of its platform); None otherwise. Decided by the
+        store at every call (one indexed query in a grouped read); the bytes of a recently
+        read image come from memory (``server.fleet.recent_blobs``)."""
 
-        def work() -> bytes | None:
-            with self.store.read() as tx:
-                allowed = any(fw.sha256 == sha256 for fw in tx.list_firmware(product_id))
-                if not allowed and platform_id is not None:
-                    allowed = any(m["sha256"] == sha256
-                                  for m in tx.list_system_modules(platform_id))
-            return self.store.blobs.get(sha256) if allowed else None
+        def allowed(tx: Tx) -> bool:
+            return tx.downloadable_size(product_id, platform_id, sha256) is not None
 
-        return await self._read(work)
+        if not await self._read_grouped(allowed):
+            return None
+        data = self.recent_blobs.get(sha256)
+        if data is None:
+            data = await self._read(self.store.blobs.get, sha256)  # verified on read
+            self.recent_blobs.put(sha256, data)
+        return data

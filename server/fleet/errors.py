@@ -29,6 +29,20 @@ class ReleaseRefusedError(ValidationError):
     """A release breaks a release rule (not yet seen running, unknown group, ...)."""
 
 
+class WrongPlatformError(ValidationError):
+    """A device's Hello names another platform than its product's: a device is bound to its
+    product's platform (it would be offered another platform's Device OS modules)."""
+
+    def __init__(self, product_platform: int, hello_platform: int) -> None:
+        self.product_platform = product_platform
+        self.hello_platform = hello_platform
+        super().__init__(
+            f"this device belongs to a product of platform {product_platform}; its Hello "
+            f"names platform {hello_platform} (a device runs one platform's Device OS: "
+            f"add it to a product of platform {hello_platform} instead)"
+        )
+
+
 class DeviceRuleError(ValidationError):
     """A device change breaks a rule (flash to a non-development device, bad lock, ...)."""
 

@@ -258,11 +258,10 @@ class FirmwareService(FleetBase):
         download it (its product firmware, or a Device OS module of its platform); None
         otherwise. One indexed query, whatever the number of firmware versions."""
 
-        def work() -> int | None:
-            with self.store.read() as tx:
-                return tx.downloadable_size(product_id, platform_id, sha256)
+        def work(tx: Tx) -> int | None:
+            return tx.downloadable_size(product_id, platform_id, sha256)
 
-        return await self._read(work)
+        return await self._read_grouped(work)
 
     async def read_image_range(self, sha256: str, offset: int, length: int) -> bytes:
         """``length`` bytes of stored image ``sha256`` from ``offset`` (fewer at its end),

@@ -20,11 +20,10 @@ class OtaMemoryService(FleetBase):
     async def load_ota_memory(self, device_id: str) -> OtaMemoryRecord:
         """What the engine remembered of the device (empty for a device never updated)."""
 
-        def work() -> OtaMemoryRecord:
-            with self.store.read() as tx:
-                return tx.get_ota_memory(device_id)
+        def work(tx: Tx) -> OtaMemoryRecord:
+            return tx.get_ota_memory(device_id)
 
-        return await self._read(work)
+        return await self._read_grouped(work)
 
     async def save_ota_memory(self, memory: OtaMemoryRecord,
                               *with_: Callable[[Tx], Outcome]) -> None:

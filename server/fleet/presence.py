@@ -14,6 +14,7 @@ from typing import Any
 from server.events import STATUS, Event
 from server.fleet.base import FleetBase, Outcome, normalize_device_id, unknown_device
 from server.store import Tx
+from server.store.tx_ota import OtaMemoryRecord
 
 
 class PresenceService(FleetBase):
@@ -23,13 +24,19 @@ class PresenceService(FleetBase):
                             session: str | None = None) -> None:
         """A session resumed without a hello (or came up): mark online, emit spark/status.
         ``session`` names it ("<process origin>/<serial>"): from then on only that session
-        (or the death of its process) marks the device offline."""
-        await self._set_online(device_id, True, ip, session)
+        (or the death of its process) marks the device offline. The same transaction reads
+        the device's OTA memory and leaves it for the session's updater (see
+        ``server.fleet.hand_off``)."""
+        memory = await self._set_online(device_id, True, ip, session)
+        if session is not None and memory is not None:
+            self.memory_hand_off.put(session, memory)
 
     async def device_offline(self, device_id: str, *, session: str | None = None) -> None:
         """The device's session ended: mark offline, emit spark/status "offline" (with
         ``session``, only if that session still holds the device: it may have reconnected
         meanwhile, maybe to another server process)."""
+        if session is not None:
+            self.memory_hand_off.drop(session)
         await self._set_online(device_id, False, None, session)
 
     async def sessions_lost(self, origin: str) -> int:
@@ -50,7 +57,10 @@ class PresenceService(FleetBase):
         return count
 
     async def _set_online(self, device_id: str, online: bool, ip: str | None,
-                          session: str | None) -> None:
+                          session: str | None) -> OtaMemoryRecord | None:
+        """Mark the device online or offline; the device's OTA memory as this transaction
+        read it when a session marks it online, else None."""
+
         def work(tx: Tx) -> Outcome:
             now = self.clock()
             normalized = normalize_device_id(device_id)
@@ -68,8 +78,10 @@ class PresenceService(FleetBase):
                 if ip is not None:
                     fields["last_ip_address"] = ip
                 tx.update_device(normalized, fields, now)
+            # Read after the presence is this session's (see server.fleet.hand_off).
+            memory = tx.get_ota_memory(normalized) if online and session is not None else None
             if was_online == online:
-                return Outcome(None)
+                return Outcome(memory)
             event = Event(
                 STATUS,
                 "online" if online else "offline",
@@ -78,6 +90,7 @@ class PresenceService(FleetBase):
                 coreid=normalized,
                 published_at=now,
             )
-            return Outcome(None, [event])
+            return Outcome(memory, [event])
 
-        await self._run_grouped(work)
+        memory: OtaMemoryRecord | None = await self._run_grouped(work)
+        return memory

@@ -28,6 +28,7 @@ from server.fleet.base import (
     unknown_device,
 )
 from server.fleet.devices import updates_pending_for
+from server.fleet.errors import WrongPlatformError
 from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
 from server.fleet.roles import Actor, Permission
 from server.store import (
@@ -213,12 +214,11 @@ class SessionService(FleetBase):
     async def target_for_device(self, device_id: str) -> DeviceTarget:
         """The firmware the rules give a device now, with its pending flash if any."""
 
-        def work() -> DeviceTarget:
-            with self.store.read() as tx:
-                device, product = self._device_and_product(tx, device_id)
-                return self._target_view(tx, device, product)
+        def work(tx: Tx) -> DeviceTarget:
+            device, product = self._device_and_product(tx, device_id)
+            return self._target_view(tx, device, product)
 
-        return await self._read(work)
+        return await self._read_grouped(work)
 
     async def record_device_hello(
         self,
@@ -229,8 +229,18 @@ class SessionService(FleetBase):
         system_version: int | None,
         ip: str | None = None,
         session: str | None = None,
+        updates_enabled: bool | None = None,
+        reset_pending: bool | None = None,
+        bound_platform: bool = False,
     ) -> DeviceTarget:
         """A device completed its handshake: note what it says it runs and that it is online.
+
+        One group-committed write, the Hello's only store round trip: with
+        ``bound_platform`` the product's platform is checked first in the same transaction
+        (WrongPlatformError, nothing recorded: a device is bound to its product's platform),
+        and what the Hello says of ``updates_enabled`` (System.enableUpdates) and
+        ``reset_pending`` (a held reset; None: leave as stored) is recorded with it, so the
+        returned target's "updates pending" already reflects them.
 
         The reported product version is a claim: it is shown (``firmware_version``), decides
         whether an update is needed, and completes a requested flash of that version; it
@@ -245,6 +255,8 @@ class SessionService(FleetBase):
             events: list[Event] = []
             now = self.clock()
             device, product = self._device_and_product(tx, device_id)
+            if bound_platform and platform_id != product.platform_id:
+                raise WrongPlatformError(product.platform_id, platform_id)
             version = None if product_version is None else check_version(product_version)
             fields: dict[str, Any] = {
                 "platform_id": platform_id,
@@ -253,6 +265,11 @@ class SessionService(FleetBase):
                 "last_handshake_at": now,
                 "last_heard_at": now,
             }
+            if updates_enabled is not None:
+                fields["firmware_updates_enabled"] = bool(updates_enabled)
+            if reset_pending is not None:
+                # A held reset (staged update) survives reconnects; a reset clears it.
+                fields["reset_pending"] = bool(reset_pending)
             if session is None:
                 fields["online"] = True
             if ip is not None:
@@ -363,11 +380,12 @@ class SessionService(FleetBase):
         effect at the next one. A certificate admitted for the first time is recorded as
         seen, so a later revocation of its device revokes it too."""
 
-        def read() -> CertificateStanding:
-            with self.store.read() as tx:
-                return tx.certificate_standing(certificate.device_id, certificate.sha256)
+        def read(tx: Tx) -> CertificateStanding:
+            return tx.certificate_standing(certificate.device_id, certificate.sha256)
 
-        standing = await self._read(read)
+        # Fresh at every handshake (never cached: a revocation by any process sharing the
+        # store takes effect at the next one), in a read shared with concurrent handshakes.
+        standing = await self._read_grouped(read)
         if not _admits(standing):
             return False
         known = standing.certificate

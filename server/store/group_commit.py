@@ -204,6 +204,11 @@ class GroupCommitter:
                 state.leader = None
             self._hand_off(state)
 
+    def _batch_call(self, batch: Sequence[_Item]) -> Callable[[], None]:
+        """The blocking call that runs ``batch`` in a worker thread: one write
+        transaction, each op in its own savepoint (:meth:`Store.write_batch`)."""
+        return partial(self.store.write_batch, batch, time_budget=self.max_batch_seconds)
+
     async def _run_batch(
         self, state: _RunState, batch: Sequence[_Item], limiter: trio.CapacityLimiter | None
     ) -> None:
@@ -212,10 +217,7 @@ class GroupCommitter:
             # A taken batch always completes: its callers are promised an answer and the
             # thread cannot be stopped anyway.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(
-                    partial(self.store.write_batch, batch, time_budget=self.max_batch_seconds),
-                    limiter=limiter,
-                )
+                await trio.to_thread.run_sync(self._batch_call(batch), limiter=limiter)
         except BaseException as exc:
             failure = exc
             if not isinstance(exc, Exception):
@@ -273,3 +275,24 @@ class GroupCommitter:
         if state.leader is item:
             state.leader = None
         self._hand_off(state)
+
+
+class GroupReader(GroupCommitter):
+    """Group read: concurrent callers' small reads share one worker-thread call and one
+    read transaction (:meth:`Store.read_batch`), with the leadership, backpressure, time
+    budget and cancellation rules of :class:`GroupCommitter`.
+
+    Why: each ``trio.to_thread.run_sync`` is two thread hand-offs plus a transaction's
+    BEGIN and COMMIT; at a fleet-wide reconnect every handshake asks the store whether its
+    certificate may connect, and those hops, not the queries, were the cost. A batch's read
+    transaction begins after every one of its operations was queued, so each sees every
+    change committed before its caller asked (a revocation committed by any process before a
+    handshake's read is seen by it), as a read of its own would. An operation that raises
+    reaches only its caller; nothing is written, so there is nothing to roll back (a read
+    that ends the transaction, which SQLite does only on I/O errors, fails the batch: every
+    caller gets the error, as with a lost write batch). ``on_commit`` runs after the read
+    transaction ends.
+    """
+
+    def _batch_call(self, batch: Sequence[_Item]) -> Callable[[], None]:
+        return partial(self.store.read_batch, batch, time_budget=self.max_batch_seconds)
