@@ -12,7 +12,6 @@ outcomes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
@@ -58,10 +57,12 @@ from otacore.transfer.planner import (
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
 from server.devices.firmware_get import FirmwareDownloads
+from server.devices.flag import Flag
 from server.devices.key_sync import offer_signing_key
 from server.devices.plan_inputs import RefusedFor, offer_answer, release_version, target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
+from server.devices.transfer_inbox import TransferInbox
 from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
@@ -84,19 +85,25 @@ class SessionUpdater:
         self.engine = engine
         self.handler = handler
         self.device_id = handler.device_id
-        self._inbox_send, self._inbox = trio.open_memory_channel[TransferMessage](256)
-        self._kicked = trio.Event()
+        #: Transfer messages from the device, put by the session's reader.
+        self._inbox = TransferInbox()
+        #: A kick asks for a check not yet begun.
+        self._kicked = False
+        #: While the task waits before trying a failed transfer again: a kick ends the wait.
+        self._kick_event: trio.Event | None = None
+        #: True while the updater's task runs (started on demand, see start()).
+        self._running = False
         self.sender: TransferSender | None = None
         #: The session's delivery policy (sans-IO): every decision below is its.
         self.planner = DeliveryPlanner(engine.delivery_policy, next(engine._serials))
         #: Set when the device reports an update result in this session.
-        self.result_seen = trio.Event()
+        self.result_seen = Flag()
         #: The attempt (from 0) of the transfer running (see deliver()).
         self._attempt = 0
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
         #: Set once the device's memory is loaded from the store (run() does it first).
-        self.memory_loaded = trio.Event()
+        self.memory_loaded = Flag()
         #: The device's target as the last kick read it (see kick_with); None: read it.
         self._view: DeviceTarget | None = None
         #: A kick arrived during a transfer: its target is checked for staleness.
@@ -157,12 +164,23 @@ class SessionUpdater:
         self._wake()
 
     def _wake(self) -> None:
-        """A kick: the next check runs, and a transfer running asks its planner whether
-        the target it now reads leaves the transfer stale."""
-        self._kicked.set()
+        """A kick: the next check runs (the task starts if it is not running), and a
+        transfer running asks its planner whether the target it now reads leaves the
+        transfer stale."""
+        self._kicked = True
         self._recheck = True
         if self._wait_scope is not None:
             self._wait_scope.cancel()
+        if self._kick_event is not None:
+            self._kick_event.set()
+        self.start()
+
+    def start(self) -> None:
+        """Start the updater's task in the session's on-demand tasks, unless it runs (or
+        the session is ending): it loads the device's memory if not yet loaded, then runs
+        a check per kick, and ends when no kick is left."""
+        if not self._running and self.handler.spawn(self.run):
+            self._running = True
 
     def on_session_news(self, view: DeviceTarget | None, read_at: float | None) -> None:
         """The session's hook: a Hello (no view) or a Describe (its view, read from
@@ -172,19 +190,24 @@ class SessionUpdater:
         else:
             self.kick_with(view, read_at, describe=True)
 
+    def route_now(self, message: Message) -> bool:
+        """Take a transfer message (never blocks: the session's reader calls it)."""
+        if not is_transfer(message):
+            return False
+        try:
+            transfer_message = parse_transfer(message)
+        except TransferProtocolError as exc:
+            self.handler._violation(f"bad transfer message: {exc}")
+            return True
+        if message.type is MessageType.CON:
+            self.handler._respond(message, Code.CHANGED)
+        # The transfer protocol recovers lost messages: never queue unboundedly.
+        self._inbox.put(transfer_message)
+        return True
+
     async def route(self, message: Message) -> bool:
         """Take the requests that belong to updates: transfer messages and firmware GETs."""
-        if is_transfer(message):
-            try:
-                transfer_message = parse_transfer(message)
-            except TransferProtocolError as exc:
-                self.handler._violation(f"bad transfer message: {exc}")
-                return True
-            if message.type is MessageType.CON:
-                self.handler._respond(message, Code.CHANGED)
-            # The transfer protocol recovers lost messages: never queue unboundedly.
-            with contextlib.suppress(trio.WouldBlock):
-                self._inbox_send.send_nowait(transfer_message)
+        if self.route_now(message):
             return True
         path = message.uri_path
         if message.code == Code.GET and len(path) == 2 and path[0] == PATH_FIRMWARE:
@@ -193,15 +216,21 @@ class SessionUpdater:
         return False
 
     async def run(self) -> None:
-        """Load the device's memory, then serve kicks until the session ends (it is
-        cancelled with the session)."""
+        """Load the device's memory (once per session), then run a check per kick until
+        none is left (it is cancelled with the session). Started by :meth:`start`."""
         try:
-            await self.engine.load_memory(self.device_id)
+            await self._run()
         finally:
-            self.memory_loaded.set()
-        while True:
-            await self._kicked.wait()
-            self._kicked = trio.Event()
+            self._running = False
+
+    async def _run(self) -> None:
+        if not self.memory_loaded.is_set():
+            try:
+                await self.engine.load_memory(self.device_id)
+            finally:
+                self.memory_loaded.set()
+        while self._kicked:
+            self._kicked = False
             self._recheck = False  # this check reads the target anyway
             covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
@@ -219,8 +248,11 @@ class SessionUpdater:
             if delay is not None:
                 # The device stopped acknowledging though its session lives: offer again
                 # later (backing off), or it stays mid-download until it reconnects.
-                with trio.move_on_after(delay):
-                    await self._kicked.wait()
+                if not self._kicked:
+                    self._kick_event = trio.Event()
+                    with trio.move_on_after(delay):
+                        await self._kick_event.wait()
+                    self._kick_event = None
                 self.kick()
 
     async def _settle(self) -> bool:
@@ -446,11 +478,7 @@ class SessionUpdater:
             # write (see _unrecorded_start), so both or neither are stored.
             engine.updating[self.device_id] = offer.update_sha256
             self._started_unrecorded = True
-        while True:  # drop what a previous transfer left in the inbox
-            try:
-                self._inbox.receive_nowait()
-            except trio.WouldBlock:
-                break
+        self._inbox.clear()  # drop what a previous transfer left
         hello = handler.hello
         chunk_size = self.planner.chunk_size(
             handler.session.transport, hello.ota_chunk_size if hello is not None else None)
@@ -472,6 +500,7 @@ class SessionUpdater:
         finally:
             self.planner.transfer_ended(staged=staged)
             self.sender = None
+            self._inbox.clear()
 
     async def _stream(self, sender: TransferSender, view: DeviceTarget,
                       module: PlannedModule, offer: Offer, *, sent: SentFile) -> bool | None:
