@@ -1,0 +1,140 @@
+"""An idle session is a record, not a task tree (issue 14 item 5): counted with trio's own
+task introspection on a real server with real TLS 1.3 / DTLS 1.2 devices.
+
+The counts are properties of the code (which tasks exist once every session is idle), never
+of the machine's speed: each test waits for the condition "no session has an on-demand task
+and every updater has handled its kicks", then walks the server's task tree.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+
+from otacore.coap import Code, Message, MessageType
+from otacore.messages import Dependency, ModuleDescription
+from otacore.protocol.link import RequestReceived
+from server.devices.plane import DevicePlane
+from tests.device_client import LinkDevice, is_request_to
+from tests.device_server import DeviceServerKit, start_device_server
+
+#: Idle sessions per test (the second batch must add exactly as many tasks as the first).
+BATCH = 3
+#: Tasks a live TLS session may hold once idle: its connection's task, which reads.
+TASKS_PER_IDLE_TLS_SESSION = 1
+#: Tasks a live DTLS session may hold once idle: its task that waits for the endpoint's
+#: reader (stage 3 of issue 14 item 5, zero tasks, is not built yet).
+TASKS_PER_IDLE_DTLS_SESSION = 1
+
+
+def _modules() -> list[ModuleDescription]:
+    return [
+        ModuleDescription(4, 1, 5003, 0, 600_000, bytes(range(32)), (Dependency(2, 0, 2001),)),
+        ModuleDescription(5, 1, 7, 0, 90_000, bytes(32), (Dependency(4, 1, 5003),)),
+    ]
+
+
+def _server_tasks() -> Counter[str]:
+    """Every task under the server's own task (``server.app.serve``), by name."""
+    root = trio.lowlevel.current_root_task()
+    stack, server = [root], None
+    while stack and server is None:
+        task = stack.pop()
+        if task.name == "server.app.serve":
+            server = task
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    assert server is not None, "the server's task was not found"
+    names: Counter[str] = Counter()
+    stack = [server]
+    while stack:
+        task = stack.pop()
+        names[task.name] += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return names
+
+
+def _plane(kit: DeviceServerKit) -> DevicePlane:
+    plane = kit.handle.devices
+    assert plane is not None
+    return plane
+
+
+async def _until_idle(plane: DevicePlane, device_ids: list[str]) -> None:
+    """Wait (a condition, bounded) until every listed device has a live session with no
+    on-demand task, whose updater has handled every kick."""
+    with trio.fail_after(30):
+        while True:
+            handlers = [plane.live.get(device_id) for device_id in device_ids]
+            if all(
+                handler is not None and handler.task_count == 0
+                and handler.updater is not None and handler.updater.memory_loaded.is_set()
+                and handler.updater.handled.value >= handler.updater.kicks
+                for handler in handlers
+            ):
+                return
+            await trio.sleep(0.01)
+
+
+async def _connect_idle(kit: DeviceServerKit, device_ids: list[str], transport: str
+                        ) -> list[LinkDevice]:
+    devices = []
+    for device_id in device_ids:
+        device = await LinkDevice.connect(kit.creds_dir, device_id, transport,
+                                          kit.address(transport))
+        assert (await device.hello()).code == Code.CHANGED
+        assert (await device.describe(_modules())).code == Code.CHANGED
+        devices.append(device)
+    await _until_idle(_plane(kit), device_ids)
+    return devices
+
+
+@pytest.mark.parametrize(("transport", "per_session"), [
+    ("tcp", TASKS_PER_IDLE_TLS_SESSION), ("udp", TASKS_PER_IDLE_DTLS_SESSION)])
+async def test_idle_sessions_add_a_fixed_number_of_tasks_each(
+    nursery: trio.Nursery, tmp_path: Path, transport: str, per_session: int
+) -> None:
+    kit = await start_device_server(nursery, tmp_path, count=2 * BATCH)
+    first, second = kit.device_ids[:BATCH], kit.device_ids[BATCH:]
+    devices = await _connect_idle(kit, first, transport)
+    after_first = _server_tasks()
+    devices += await _connect_idle(kit, second, transport)
+    after_second = _server_tasks()
+    added = after_second - after_first
+    print("tasks added by", BATCH, "idle", transport, "sessions:", dict(added))
+    assert sum(added.values()) == BATCH * per_session
+    assert sum((after_first - after_second).values()) == 0
+    for handler in _plane(kit).live.values():
+        assert handler.task_count == 0
+    for device in devices:
+        await device.aclose()
+
+
+async def test_a_session_has_no_timer_armed_while_idle_and_one_while_it_waits(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Over DTLS a request to the device arms the link's retransmission in the plane's one
+    timer heap; once answered the session is disarmed again (no per-session timer task)."""
+    kit = await start_device_server(nursery, tmp_path, count=1)
+    (device_id,) = kit.device_ids
+    (device,) = await _connect_idle(kit, [device_id], "udp")
+    plane = _plane(kit)
+    assert len(plane.timers) == 0
+    handler = plane.live[device_id]
+    async with trio.open_nursery() as inner:
+        inner.start_soon(handler.send_event, "note", "x")
+        with trio.fail_after(10):
+            while len(plane.timers) == 0:
+                await trio.sleep(0.01)
+        assert handler.timer_at is not None
+        event = await device.wait_for(is_request_to(["e", "note"]))
+        assert isinstance(event, RequestReceived)
+        device.link.respond(event.message, Message(MessageType.ACK, Code.CHANGED),
+                            trio.current_time())
+        await device.flush()  # the answer: send_event returns, the link has no CON left
+    assert handler.timer_at is None and len(plane.timers) == 0
+    await device.aclose()
