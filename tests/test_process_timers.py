@@ -12,8 +12,8 @@ import trio.testing
 
 from otacore.transfer import TransferMessage
 from server.devices.flag import Flag
-from server.devices.timers import ProcessTimers
 from server.devices.transfer_inbox import TransferInbox
+from server.transport.timers import ProcessTimers
 
 
 class _Owner:

@@ -27,7 +27,6 @@ from server.authorization import ClientCertificate
 from server.devices.keys import product_statements, trusted_key_ids
 from server.devices.live import LiveDevices
 from server.devices.session import DeviceSessionHandler
-from server.devices.timers import ProcessTimers
 from server.devices.tuning import DeviceTuning
 from server.events import DEVICE_REVOKED, EventBus
 from server.fleet import Fleet
@@ -41,6 +40,7 @@ from server.transport import (
     SessionRegistry,
     serve_devices,
 )
+from server.transport.timers import ProcessTimers
 
 log = logging.getLogger("ota.devices")
 
@@ -238,6 +238,6 @@ class DevicePlane:
             nursery.start_soon(self._close_revoked_sessions)
             self.server = await nursery.start(
                 partial(serve_devices, listener_config, self.handler_factory, self,
-                        registry=self.registry)
+                        registry=self.registry, timers=self.timers)
             )
             task_status.started(self.server)

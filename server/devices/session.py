@@ -4,7 +4,7 @@ The Trio shell around the sans-IO :class:`otacore.protocol.link.CoapLink`, as a 
 no task of its own (issue 14 item 5): the session's reader feeds received bytes to the link,
 dispatches what it yields and sends the link's answers itself; whoever else queues on the
 link flushes it; the link's retransmission deadlines (UDP) live in the plane's one
-:class:`~server.devices.timers.ProcessTimers`; the device's requests and the OTA updater run
+:class:`~server.transport.timers.ProcessTimers`; the device's requests and the OTA updater run
 in tasks started on demand in the plane's nursery, which end when they have nothing left to
 do. The session's device id comes from its certificate and can never change (a Hello
 naming another device is refused and closes the session).

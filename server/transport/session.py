@@ -20,6 +20,7 @@ from server.identity import CertificateRejectedError
 from server.transport.admission import AdmissionClosed, HandshakeGate, NotAdmitted
 from server.transport.limits import SessionLimits
 from server.transport.refusals import RefusalLog
+from server.transport.timers import ProcessTimers
 
 logger = logging.getLogger("otacloud.devices")
 
@@ -321,8 +322,14 @@ class SessionHost:
         handler_factory: HandlerFactory,
         registry: SessionRegistry,
         limits: SessionLimits,
+        timers: ProcessTimers | None = None,
     ) -> None:
         self.directory = directory
+        #: The process's one timer heap (link retransmissions, idle deadlines of sessions
+        #: with no task); served by its owner's task: the caller's when given, else
+        #: :attr:`owns_timers` asks the listeners to serve it.
+        self.timers = timers if timers is not None else ProcessTimers()
+        self.owns_timers = timers is None
         self.handler_factory = handler_factory
         self.registry = registry
         self.limits = limits

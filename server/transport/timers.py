@@ -21,7 +21,7 @@ from typing import Protocol
 
 import trio
 
-log = logging.getLogger("ota.devices")
+log = logging.getLogger("otacloud.devices")
 
 #: Stale heap entries tolerated beyond the live ones before the heap is rebuilt.
 _COMPACT_SLACK = 64
