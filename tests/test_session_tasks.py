@@ -18,6 +18,7 @@ from otacore.coap import Code, Message, MessageType
 from otacore.messages import Dependency, ModuleDescription
 from otacore.protocol.link import RequestReceived
 from server.devices.plane import DevicePlane
+from server.transport import CloseReason, SessionLimits
 from tests.device_client import LinkDevice, is_request_to
 from tests.device_server import DeviceServerKit, start_device_server
 
@@ -25,9 +26,8 @@ from tests.device_server import DeviceServerKit, start_device_server
 BATCH = 3
 #: Tasks a live TLS session may hold once idle: its connection's task, which reads.
 TASKS_PER_IDLE_TLS_SESSION = 1
-#: Tasks a live DTLS session may hold once idle: its task that waits for the endpoint's
-#: reader (stage 3 of issue 14 item 5, zero tasks, is not built yet).
-TASKS_PER_IDLE_DTLS_SESSION = 1
+#: Tasks a live DTLS session may hold once idle: none (the endpoint's reader calls it).
+TASKS_PER_IDLE_DTLS_SESSION = 0
 
 
 def _modules() -> list[ModuleDescription]:
@@ -114,27 +114,53 @@ async def test_idle_sessions_add_a_fixed_number_of_tasks_each(
         await device.aclose()
 
 
-async def test_a_session_has_no_timer_armed_while_idle_and_one_while_it_waits(
+async def test_an_idle_dtls_session_holds_its_idle_deadline_and_a_request_its_retransmission(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """Over DTLS a request to the device arms the link's retransmission in the plane's one
-    timer heap; once answered the session is disarmed again (no per-session timer task)."""
+    """Over DTLS the session's idle deadline and the link's retransmission both live in
+    the process's one timer heap (no timer task per session): idle, only the idle deadline
+    is armed; a request to the device arms the link's, and its answer disarms it."""
     kit = await start_device_server(nursery, tmp_path, count=1)
     (device_id,) = kit.device_ids
     (device,) = await _connect_idle(kit, [device_id], "udp")
     plane = _plane(kit)
-    assert len(plane.timers) == 0
     handler = plane.live[device_id]
+    session = handler.session
+    assert session.detached
+    assert len(plane.timers) == 1 and handler.timer_at is None
+    assert getattr(session, "timer_at", None) is not None  # its idle deadline
     async with trio.open_nursery() as inner:
         inner.start_soon(handler.send_event, "note", "x")
         with trio.fail_after(10):
-            while len(plane.timers) == 0:
+            while handler.timer_at is None:
                 await trio.sleep(0.01)
-        assert handler.timer_at is not None
+        assert len(plane.timers) == 2
         event = await device.wait_for(is_request_to(["e", "note"]))
         assert isinstance(event, RequestReceived)
         device.link.respond(event.message, Message(MessageType.ACK, Code.CHANGED),
                             trio.current_time())
         await device.flush()  # the answer: send_event returns, the link has no CON left
-    assert handler.timer_at is None and len(plane.timers) == 0
+    assert handler.timer_at is None and len(plane.timers) == 1
+    await device.aclose()
+
+
+async def test_an_idle_dtls_session_with_no_task_times_out(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The idle deadline of a session with no task is served by the process's timers: the
+    session closes (IDLE), its device goes offline, its end runs and leaves no task."""
+    kit = await start_device_server(nursery, tmp_path, count=1,
+                                    device_limits=SessionLimits(idle_timeout=1.0))
+    (device_id,) = kit.device_ids
+    before = _server_tasks()
+    (device,) = await _connect_idle(kit, [device_id], "udp")
+    plane = _plane(kit)
+    server = kit.handle.device_server
+    assert server is not None
+    with trio.fail_after(20):
+        while plane.live.get(device_id) is not None or server.host.live["udp"]:
+            await trio.sleep(0.05)
+    assert server.stats.closed[("udp", CloseReason.IDLE)] == 1
+    assert len(plane.timers) == 0
+    assert sum((_server_tasks() - before).values()) == 0
     await device.aclose()

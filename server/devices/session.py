@@ -12,6 +12,7 @@ naming another device is refused and closes the session).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import deque
@@ -58,6 +59,7 @@ from otacore.protocol.ota_wire import (
 from otacore.transfer import Chunk, PreparedFile
 from otacore.transfer.framing import frame_chunks
 from server.devices.flag import Flag
+from server.devices.session_tasks import SessionTasks
 from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
@@ -127,12 +129,11 @@ class DeviceSessionHandler:
         self._request_room: trio.Event | None = None
         #: A flush task was started by a caller that cannot wait (the timers).
         self._flush_started = False
-        #: On-demand tasks of this session (in the plane's nursery), by their cancel scope;
-        #: cancelled and awaited as the session ends. None while there are none.
-        self._tasks: set[trio.CancelScope] | None = None
-        self._tasks_done: trio.Event | None = None
-        #: True once the session's run is ending: no new task starts.
-        self._ending = False
+        #: This session's on-demand tasks (in the plane's nursery; none while idle).
+        self.tasks = SessionTasks(plane.spawn, self.device_id,
+                                  lambda: session.close(CloseReason.HANDLER_ERROR))
+        #: Requests dropped because the queue was full (sessions with no task only).
+        self.requests_dropped = 0
         #: Called with each request the generic dispatcher does not own (OTA paths).
         self.extra_routes: list[Callable[[Message], Any]] = []
         #: Routes that never block (a transfer's acknowledgements): the reader calls them
@@ -162,29 +163,56 @@ class DeviceSessionHandler:
     # -- the session's one task ---------------------------------------------------------------
 
     async def run(self, session: DeviceSession) -> None:
-        """Serve the session until the device leaves, misbehaves or the server stops."""
+        """Serve the session until the device leaves, misbehaves or the server stops (the
+        session's one task: TLS)."""
+        try:
+            await self.start(session)
+            await self._reader()
+        finally:
+            await self.finish(session)
+
+    async def start(self, session: DeviceSession) -> None:
+        """Begin the session: the device is online, the OTA engine attached. A DTLS
+        session then runs with no task (``on_data`` for each datagram)."""
         # The transport registered the session (and closed the one it replaces) before
         # this handler was made: that session's end sees a successor in ``plane.live`` and
         # leaves the device's online state alone.
-        presence = self.presence
-        try:
-            await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
-                                                 session=presence)
-            self.plane.on_session_start(self)
-            await self._reader()
-        finally:
-            await self._end_tasks()
-            self.plane.timers.disarm(self)
-            self.plane.on_session_end(self)  # no longer its device's live session
-            if self.plane.live.get(self.device_id) is None:  # not replaced
-                with trio.CancelScope(shield=True):
-                    try:
-                        # Only if no newer session took the device over meanwhile (the
-                        # device may have reconnected to another server process).
-                        await self.plane.fleet.device_offline(self.device_id,
-                                                              session=presence)
-                    except OtaError:
-                        log.warning("could not mark %s offline", self.device_id)
+        await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
+                                             session=self.presence)
+        self.plane.on_session_start(self)
+
+    async def finish(self, session: DeviceSession) -> None:
+        """The session ended: its on-demand tasks end, it leaves the registry, and the
+        device is offline unless a newer session holds it."""
+        await self.tasks.end()
+        self.plane.timers.disarm(self)
+        self.plane.on_session_end(self)  # no longer its device's live session
+        if self.plane.live.get(self.device_id) is None:  # not replaced
+            with trio.CancelScope(shield=True):
+                try:
+                    # Only if no newer session took the device over meanwhile (the
+                    # device may have reconnected to another server process).
+                    await self.plane.fleet.device_offline(self.device_id,
+                                                          session=self.presence)
+                except OtaError:
+                    log.warning("could not mark %s offline", self.device_id)
+
+    def on_data(self, data: bytes) -> None:
+        """One datagram's plaintext of a session with no task (DTLS, called by the
+        endpoint's reader): pings, acknowledgements and responses are answered at once;
+        requests go to the request worker; a request beyond a full queue is dropped
+        (CoAP over UDP: the device sends a CON again, RFC 7252 4.2)."""
+        session = self.session
+        for event in self.link.receive(data, trio.current_time()):
+            if type(event) is RequestReceived:
+                message = event.message
+                if self._serving_requests or not self._route_now(message):
+                    self._queue_request_nowait(message)
+            else:
+                self._on_link_event(event)
+            if session.closed:
+                return
+        self.flush_now()
 
     async def farewell(self, session: DeviceSession) -> None:
         """Graceful shutdown: tell the device when to come back, then let it go."""
@@ -225,51 +253,12 @@ class DeviceSessionHandler:
         """Run ``work()`` in a task of the plane's nursery that ends with this session
         (cancelled, and awaited, as it ends). An error in it ends this session only, as
         one in the reader would. False (nothing started) once the session is ending."""
-        if self._ending:
-            return False
-        scope = trio.CancelScope()
-        if self._tasks is None:
-            self._tasks = set()
-        self._tasks.add(scope)
-        self.plane.spawn(self._run_task, scope, work)
-        return True
-
-    async def _run_task(self, scope: trio.CancelScope,
-                        work: Callable[[], Awaitable[object]]) -> None:
-        try:
-            with scope:
-                await work()
-        except SessionClosed:
-            pass  # the session closed under a send: a normal end
-        except Exception:
-            log.exception("session handler of device %s failed", self.device_id)
-            self.session.close(CloseReason.HANDLER_ERROR)
-        finally:
-            tasks = self._tasks
-            if tasks is not None:
-                tasks.discard(scope)
-                if not tasks:
-                    self._tasks = None
-                    if self._tasks_done is not None:
-                        self._tasks_done.set()
-
-    async def _end_tasks(self) -> None:
-        """The session ends: cancel its on-demand tasks and wait until they are gone (their
-        shielded, bounded store writes complete first, as in a nursery)."""
-        self._ending = True
-        tasks = self._tasks
-        if tasks is None:
-            return
-        for scope in tasks:
-            scope.cancel()
-        self._tasks_done = trio.Event()
-        with trio.CancelScope(shield=True):
-            await self._tasks_done.wait()
+        return self.tasks.start(work)
 
     @property
     def task_count(self) -> int:
         """On-demand tasks of this session running now (0 for an idle session)."""
-        return len(self._tasks) if self._tasks is not None else 0
+        return len(self.tasks)
 
     # -- the device's requests ---------------------------------------------------------------
 
@@ -287,6 +276,19 @@ class DeviceSessionHandler:
             if self._request_room is None:
                 self._request_room = trio.Event()
             await self._request_room.wait()
+        queue.append(message)
+        if not self._serving_requests and self.spawn(self._serve_requests):
+            self._serving_requests = True
+
+    def _queue_request_nowait(self, message: Message) -> None:
+        """Queue a request for the worker without waiting; dropped when the queue is full."""
+        queue = self._requests
+        if queue is None:
+            queue = self._requests = deque()
+        if len(queue) >= MAX_QUEUED_REQUESTS:
+            self.requests_dropped += 1
+            log.debug("device %s: request dropped, %d queued", self.device_id, len(queue))
+            return
         queue.append(message)
         if not self._serving_requests and self.spawn(self._serve_requests):
             self._serving_requests = True
@@ -324,10 +326,23 @@ class DeviceSessionHandler:
 
     def wake(self) -> None:
         """Something was queued on the link by code that will not :meth:`flush`: re-arm
-        the link's deadline and send it from a task of its own (started on demand)."""
+        the link's deadline and send it, at once over a session with no task, else from
+        a task of its own (started on demand)."""
+        if self.session.detached:
+            self.flush_now()
+            return
         self.rearm()
         if not self._flush_started and self.spawn(self._flush_task):
             self._flush_started = True
+
+    def flush_now(self) -> None:
+        """Send what the link queued without waiting (a session with no task: what the
+        socket does not take is sent in order by a task of the endpoint)."""
+        self.rearm()
+        out = self.link.take_outgoing()
+        if out:
+            with contextlib.suppress(SessionClosed):  # closed meanwhile: nothing to send
+                self.session.send_window_nowait(out)
 
     async def _flush_task(self) -> None:
         self._flush_started = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import trio
 
@@ -151,6 +151,16 @@ class DeviceSession:
         for datagram in messages:
             await self.send(datagram)
 
+    @property
+    def detached(self) -> bool:
+        """True if the session runs with no task (see ``SessionHost.run``'s ``detach``)."""
+        return False
+
+    def send_window_nowait(self, messages: Sequence[bytes]) -> None:
+        """Send a window without waiting (a caller that must not block: an evented
+        handler's ``on_data``); only transports that detach sessions have it (DTLS)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send without waiting")
+
     def close(self, reason: str = CloseReason.SERVER) -> None:
         """End the session (idempotent): cancels the handler, then the transport closes."""
         if self.close_reason is None:
@@ -215,6 +225,31 @@ class SessionHandler(Protocol):
         RFC 8323 section 5.5, with Hold-Off) telling the device when to come back. Called
         after ``run`` was cancelled, within ``limits.farewell_timeout``; may do nothing."""
         ...
+
+
+class EventedHandler(SessionHandler, Protocol):
+    """A handler that can run as calls instead of a task (issue 14 item 5: an idle DTLS
+    session then has no task). The transport calls ``start`` (in the session's starting
+    task), then ``on_data`` for each message it receives (synchronously, from its reader:
+    it must never block; work that waits runs in tasks the handler starts on demand), then
+    ``finish`` once the session closed, before the farewell."""
+
+    async def start(self, session: DeviceSession) -> None:
+        """Begin the session (e.g. record the device online)."""
+        ...
+
+    def on_data(self, data: bytes) -> None:
+        """One received message (a datagram's plaintext); never blocks."""
+        ...
+
+    async def finish(self, session: DeviceSession) -> None:
+        """The session closed: end the handler's tasks and record what must be."""
+        ...
+
+
+def is_evented(handler: object) -> bool:
+    """True if ``handler`` has the :class:`EventedHandler` methods."""
+    return all(callable(getattr(handler, name, None)) for name in ("start", "on_data", "finish"))
 
 
 #: Makes the handler for a new session (it may return one shared handler object).
@@ -506,23 +541,42 @@ class SessionHost:
             return None
         return device_id
 
-    async def run(self, session: DeviceSession) -> None:
+    async def run(
+        self, session: DeviceSession, *,
+        detach: Callable[[EventedHandler], bool] | None = None,
+    ) -> bool:
         """Run ``session``'s handler, then close the session (gracefully when possible).
 
         A handler error ends only its own session. An outside cancellation (the server is
         being torn down) closes the connection at once without waiting on the device.
+
+        ``detach`` (a transport that can deliver data by calls: DTLS): a handler with the
+        :class:`EventedHandler` methods is started (``start``), then ``detach(handler)``
+        hands the session over to the transport, which delivers each datagram to
+        ``handler.on_data`` and, once the session closes, runs :meth:`end_detached` in a
+        task of its own. Returns True then: the session lives on with no task. False when
+        the session ended here.
         """
         transport = session.transport
         counter = self.stats.resumed_handshakes if session.resumed else self.stats.full_handshakes
         counter[transport] += 1
         self.registry.register(session)
         handler: SessionHandler | None = None
+        evented: EventedHandler | None = None
+        detached = False
         try:
             with session._scope:
                 try:
                     handler = self.handler_factory(session)
                     session.handler = handler
-                    await handler.run(session)
+                    if detach is not None and is_evented(handler):
+                        evented = cast("EventedHandler", handler)
+                        await evented.start(session)
+                        detached = not session.closed and detach(evented)
+                        if detached:
+                            return True
+                    else:
+                        await handler.run(session)
                     session._ended(CloseReason.HANDLER_DONE)
                 except SessionClosed:
                     pass
@@ -531,6 +585,8 @@ class SessionHost:
                     session._ended(CloseReason.HANDLER_ERROR)
             if session.close_reason is None:  # only the idle deadline cancels silently
                 session.close_reason = CloseReason.IDLE
+            if evented is not None:  # started, never detached: end it as run() would
+                await self._finish(session, evented)
             self.registry.unregister(session)
             await session._farewell_then_close(handler if handler is not None else _NO_HANDLER)
         except BaseException:
@@ -538,8 +594,38 @@ class SessionHost:
             session._close_now()
             raise
         finally:
+            if not detached:
+                self.registry.unregister(session)
+                self.stats.closed[(transport, session.close_reason or CloseReason.SERVER)] += 1
+        return False
+
+    async def end_detached(self, session: DeviceSession, handler: EventedHandler) -> None:
+        """End a session :meth:`run` detached, once it closed (the transport calls it in a
+        task started then): the handler's ``finish``, then the farewell or close as
+        :meth:`run` does."""
+        transport = session.transport
+        try:
+            await self._finish(session, handler)
+            self.registry.unregister(session)
+            await session._farewell_then_close(handler)
+        except BaseException:
+            session._ended(CloseReason.SERVER)
+            session._close_now()
+            raise
+        finally:
             self.registry.unregister(session)
             self.stats.closed[(transport, session.close_reason or CloseReason.SERVER)] += 1
+
+    @staticmethod
+    async def _finish(session: DeviceSession, handler: EventedHandler) -> None:
+        """The handler's ``finish`` (shielded: the session's own scope may be cancelled);
+        an error in it is logged, the close goes on."""
+        with trio.CancelScope(shield=True):
+            try:
+                await handler.finish(session)
+            except Exception:
+                logger.exception("session handler of device %s failed to finish",
+                                 session.device_id)
 
 
 class _NoHandler:

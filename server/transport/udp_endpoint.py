@@ -40,6 +40,7 @@ from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
 from server.transport.admission import NotAdmitted
 from server.transport.session import (
     CloseReason,
+    EventedHandler,
     RefuseReason,
     SessionHandler,
     SessionHost,
@@ -287,6 +288,7 @@ class UdpEndpoint:
         raises (except Cancelled)."""
         address, who = peer.address, peer.peer
         established = None
+        detached = False
         try:
             try:
                 with peer.scope:  # cancelled if a newer ClientHello replaces the handshake
@@ -303,16 +305,21 @@ class UdpEndpoint:
                 del established
                 try:  # inline, not a coroutine of its own: a frame less per idle session
                     if device_id is not None:
-                        await self.host.run(DtlsSession(link, device_id, who, self.host, resumed))
+                        session = DtlsSession(link, device_id, who, self.host, resumed)
+                        # An evented handler's session lives on with no task: its end
+                        # (forget, connection_ended) runs in _end_session.
+                        detached = await self.host.run(session, detach=session.detach)
                     elif not link.layer.closed:  # refused after the handshake: tell the device
                         with trio.move_on_after(self.host.limits.farewell_timeout):
                             await self.send(link.layer.close(), link.address)
                 finally:
-                    self.forget(link)
+                    if not detached:
+                        self.forget(link)
         except Exception:
             logger.exception("DTLS session with %s failed", who)
         finally:
-            self.host.connection_ended(_TRANSPORT)
+            if not detached:
+                self.host.connection_ended(_TRANSPORT)
 
     async def _handshake_phase(
         self, peer: _Handshaking
@@ -479,6 +486,7 @@ class UdpEndpoint:
         host = self.host
         address = link.address
         peer = address if len(address) == 2 else (str(address[0]), int(address[1]))
+        detached = False
         try:
             refusal = await self._authorize_restored(entry)
             if refusal is not None:
@@ -498,12 +506,13 @@ class UdpEndpoint:
             # had none: take that count back first (no checkpoint in between).
             counter = host.stats.resumed_handshakes if entry.resumed else host.stats.full_handshakes
             counter[_TRANSPORT] -= 1
-            await host.run(session)
+            detached = await host.run(session, detach=session.detach)
         except Exception:
             logger.exception("restored DTLS session with %s failed", peer)
         finally:
-            self.forget(link)
-            host.connection_ended(_TRANSPORT)
+            if not detached:
+                self.forget(link)
+                host.connection_ended(_TRANSPORT)
 
     async def _authorize_restored(self, entry: SavedDtlsSession) -> str | None:
         """None if the device may go on, else the RefuseReason (as at a handshake: the
@@ -526,6 +535,31 @@ class UdpEndpoint:
         return None
 
     # --- shared by the peers ------------------------------------------------------------
+
+    def end_session(self, session: DtlsSession, handler: EventedHandler) -> None:
+        """A detached session closed: its end runs in a task of the endpoint's nursery."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._end_session, session, handler)
+
+    async def _end_session(self, session: DtlsSession, handler: EventedHandler) -> None:
+        try:
+            await self.host.end_detached(session, handler)
+        except Exception:
+            logger.exception("DTLS session with %s failed to end", session.peer)
+        finally:
+            self.forget(session.link)
+            self.host.connection_ended(_TRANSPORT)
+
+    def spawn_sender(self, session: DtlsSession) -> None:
+        """Start a task sending ``session``'s backlog (the socket's buffer was full)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._send_backlog, session)
+
+    async def _send_backlog(self, session: DtlsSession) -> None:
+        try:
+            await session.send_backlog()
+        except Exception:
+            logger.exception("sending to %s failed", session.peer)
 
     def forget(self, link: DtlsLink) -> None:
         """Drop ``link`` from the demultiplexer (no-op if a newer peer took its address)."""
