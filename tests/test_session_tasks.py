@@ -18,6 +18,7 @@ from otacore.coap import Code, Message, MessageType
 from otacore.messages import Dependency, ModuleDescription
 from otacore.protocol.link import RequestReceived
 from server.devices.plane import DevicePlane
+from server.store import Store
 from server.transport import CloseReason, SessionLimits
 from tests.device_client import LinkDevice, is_request_to
 from tests.device_server import DeviceServerKit, start_device_server
@@ -163,4 +164,26 @@ async def test_an_idle_dtls_session_with_no_task_times_out(
     assert server.stats.closed[("udp", CloseReason.IDLE)] == 1
     assert len(plane.timers) == 0
     assert sum((_server_tasks() - before).values()) == 0
+    await device.aclose()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+async def test_a_torn_down_server_still_records_its_idle_devices_offline(
+    tmp_path: Path, transport: str
+) -> None:
+    """Cancelling the server (no graceful shutdown) ends sessions with no task as it ends
+    a session's task: the device is recorded offline before the store closes."""
+    async with trio.open_nursery() as server_nursery:
+        kit = await start_device_server(server_nursery, tmp_path, count=1)
+        (device_id,) = kit.device_ids
+        (device,) = await _connect_idle(kit, [device_id], transport)
+        with kit.handle.fleet.store.read() as tx:
+            assert tx.get_device_online(device_id) == (kit.product_id, True)
+        server_nursery.cancel_scope.cancel()
+    store = Store.open_dir(kit.data_dir, pool_size=1)
+    try:
+        with store.read() as tx:
+            assert tx.get_device_online(device_id) == (kit.product_id, False)
+    finally:
+        store.close()
     await device.aclose()

@@ -9,8 +9,13 @@ The reader task reads every datagram and hands it on by the peer's address:
   handshake slot (``SessionHost.gate``), runs :class:`DtlsServerHandshake` (OpenSSL on
   memory BIOs) under ``limits.handshake_timeout``, takes the record layer over, frees the
   OpenSSL object, authorizes the device, then runs the session (``SessionHost.run``);
+  a handler that can run as calls (``EventedHandler``: the device plane's) is started,
+  and the session is then detached: the task ends and the session lives on as a record;
 - an established peer: its :class:`DtlsLink`, which opens the datagram with our record
   layer right away; records that fail to open are dropped and counted in :attr:`stats`.
+  A detached session's handler gets the plaintext in the same call (``on_data``) and
+  answers at once (non-blocking sends); its idle deadline is in the process's timer heap,
+  and once it closes its end runs in a task started then (:meth:`UdpEndpoint.end_session`).
 
 On graceful shutdown (:meth:`UdpEndpoint.start_saving`) established sessions whose handler
 can carry its state over are saved instead of closed (``udp_saved``); the next process
@@ -184,7 +189,13 @@ class UdpEndpoint:
             self._restore(self.to_restore)
             self.to_restore = []
             task_status.started(self)
-            await self._read_forever()
+            try:
+                await self._read_forever()
+            finally:
+                # Torn down (cancelled): sessions with no task end as a task's would, in
+                # tasks of this (cancelled) nursery: their shielded records are written
+                # (the device offline), then the socket is dropped without a goodbye.
+                self._close_detached(CloseReason.SERVER)
 
     async def _read_forever(self) -> None:
         sock = self.socket
@@ -535,6 +546,12 @@ class UdpEndpoint:
         return None
 
     # --- shared by the peers ------------------------------------------------------------
+
+    def _close_detached(self, reason: str) -> None:
+        """Close every session that runs with no task (each starts its end)."""
+        for peer in list(self.peers.values()):
+            if type(peer) is DtlsLink and peer.session is not None:
+                peer.session.close(reason)
 
     def end_session(self, session: DtlsSession, handler: EventedHandler) -> None:
         """A detached session closed: its end runs in a task of the endpoint's nursery."""

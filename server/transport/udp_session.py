@@ -7,7 +7,9 @@ yet read. The endpoint's reader task opens each datagram as it arrives
 close_notify answering the peer's, our last flight when the peer repeats its Finished, the
 no_renegotiation alert). :class:`DtlsSession` is the :class:`DeviceSession` the CoAP layer
 sees over it: ``receive()`` returns the next application-data plaintext, ``send()`` seals
-one record per datagram.
+one record per datagram. A session whose handler runs as calls is *detached*
+(:meth:`DtlsSession.detach`): no task reads it; each plaintext goes to the handler from the
+endpoint's reader, and it has no task at all while idle (issue 14 item 5).
 """
 
 from __future__ import annotations
