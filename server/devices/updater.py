@@ -50,16 +50,16 @@ from otacore.transfer.planner import (
     AnnouncePending,
     DeliveryPlanner,
     Encoding,
-    FileChoice,
     Idle,
     Offer,
     Verdict,
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
+from server.devices.file_choice import file_to_send
 from server.devices.firmware_get import FirmwareDownloads
 from server.devices.flag import Flag
 from server.devices.key_sync import offer_signing_key
-from server.devices.plan_inputs import RefusedFor, offer_answer, release_version, target_facts
+from server.devices.plan_inputs import offer_answer, release_version, target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
 from server.devices.transfer_inbox import TransferInbox
@@ -355,7 +355,8 @@ class SessionUpdater:
         encoded one) and its transfer."""
         engine = self.engine
         while True:
-            sent = await self._file_to_send(view, module, offer)
+            sent = await file_to_send(engine, self.planner, self.device_id, self.handler.hello,
+                                      view, module, offer)
             verdict = await self._offer_and_stream(view, module, offer, sent)
             if verdict is not None:
                 return verdict
@@ -391,45 +392,6 @@ class SessionUpdater:
         """A write that carried _unrecorded_start's steps is durable."""
         if steps:
             self._started_unrecorded = False
-
-    async def _file_to_send(self, view: DeviceTarget, module: PlannedModule,
-                            offer: Offer) -> SentFile:
-        """The first of the planner's file choices the caches can make: a delta when the
-        device runs a known base and the patch is worth it; else the image zstd-compressed
-        when the device inflates them (Hello's compressed_ota) and it compresses; else the
-        image itself."""
-        engine, info = self.engine, module.info
-        hello = self.handler.hello
-        choices = self.planner.file_choices(
-            offer, target_facts(view), compressed_ota=hello is not None and hello.compressed_ota,
-            delta_refused=RefusedFor(engine.deltas.refused, self.device_id),
-            zstd_refused=RefusedFor(engine.compressed.refused, self.device_id))
-        for choice in choices:
-            sent = await self._encode(view, module, info.module_function, info.module_index,
-                                      choice)
-            if sent is not None:
-                return sent
-        raise AssertionError("the planner's last choice is the image itself")  # pragma: no cover
-
-    async def _encode(self, view: DeviceTarget, module: PlannedModule, function: int,
-                      index: int, choice: FileChoice) -> SentFile | None:
-        """The file of ``choice``; None when it cannot be made or saves too little."""
-        engine = self.engine
-        if choice.encoding is Encoding.DELTA:
-            engine.deltas.max_ratio = engine.config.delta_max_ratio
-            delta = await engine.deltas.choose(view, function, index, module.sha256,
-                                               module.image)
-            if delta is None:
-                return None
-            return SentFile("delta", delta.patch, delta.patch_sha256, delta.base_sha256)
-        if choice.encoding is Encoding.ZSTD:
-            engine.compressed.max_ratio = engine.config.compressed_max_ratio
-            compressed = await engine.compressed.choose(self.device_id, module.sha256,
-                                                        module.image)
-            if compressed is None:
-                return None
-            return SentFile("zstd", compressed.frame, compressed.frame_sha256)
-        return SentFile("full", module.image, module.sha256)
 
     async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
                                 offer: Offer, sent: SentFile) -> bool | None:
