@@ -9,15 +9,17 @@ and every updater has handled its kicks", then walks the server's task tree.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 
 from otacore.coap import Code, Message, MessageType
-from otacore.messages import Dependency, ModuleDescription
+from otacore.messages import Dependency, Direction, Event, ModuleDescription, to_message
 from otacore.protocol.link import RequestReceived
 from server.devices.plane import DevicePlane
+from server.devices.session import MAX_QUEUED_REQUESTS
 from server.store import Store
 from server.transport import CloseReason, SessionLimits
 from tests.device_client import LinkDevice, is_request_to
@@ -186,4 +188,32 @@ async def test_a_torn_down_server_still_records_its_idle_devices_offline(
             assert tx.get_device_online(device_id) == (kit.product_id, False)
     finally:
         store.close()
+    await device.aclose()
+
+
+async def test_a_task_less_session_drops_requests_beyond_its_queue_and_serves_the_rest_in_order(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A DTLS session with no task cannot make the endpoint's reader wait for its request
+    worker: requests beyond MAX_QUEUED_REQUESTS are dropped (the device resends a CON, RFC
+    7252 4.2), the others are served one at a time in arrival order by one worker task,
+    which then ends."""
+    kit = await start_device_server(nursery, tmp_path, count=1)
+    (device_id,) = kit.device_ids
+    (device,) = await _connect_idle(kit, [device_id], "udp")
+    handler = _plane(kit).live[device_id]
+    sent = MAX_QUEUED_REQUESTS + 4
+    with kit.handle.bus.subscribe(device_id=device_id, name_prefix="seq/") as events:
+        for index in range(sent):  # no checkpoint: all queued before the worker runs
+            message = to_message(Event(f"seq/{index:02d}", "x", 60), Direction.TO_CLOUD)
+            handler._queue_request_nowait(
+                replace(message, message_id=5000 + index, token=index.to_bytes(2, "big")))
+        assert handler.requests_dropped == sent - MAX_QUEUED_REQUESTS
+        assert handler.task_count == 1  # one worker for the whole queue
+        seen = []
+        with trio.fail_after(20):
+            while len(seen) < MAX_QUEUED_REQUESTS:
+                seen.append((await events.receive.receive()).name)
+    assert seen == [f"seq/{index:02d}" for index in range(MAX_QUEUED_REQUESTS)]
+    await _until_idle(_plane(kit), [device_id])
     await device.aclose()
