@@ -131,7 +131,7 @@ async def test_an_idle_dtls_session_holds_its_idle_deadline_and_a_request_its_re
     session = handler.session
     assert session.detached
     assert len(plane.timers) == 1 and handler.timer_at is None
-    assert getattr(session, "timer_at", None) is not None  # its idle deadline
+    assert session.timer_at is not None  # its idle deadline
     async with trio.open_nursery() as inner:
         inner.start_soon(handler.send_event, "note", "x")
         with trio.fail_after(10):
@@ -147,23 +147,27 @@ async def test_an_idle_dtls_session_holds_its_idle_deadline_and_a_request_its_re
     await device.aclose()
 
 
-async def test_an_idle_dtls_session_with_no_task_times_out(
-    nursery: trio.Nursery, tmp_path: Path
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+async def test_an_idle_session_times_out_by_the_process_timers(
+    nursery: trio.Nursery, tmp_path: Path, transport: str
 ) -> None:
-    """The idle deadline of a session with no task is served by the process's timers: the
-    session closes (IDLE), its device goes offline, its end runs and leaves no task."""
+    """The idle deadline of every session (with no task over DTLS, its reader's over TLS)
+    is served by the process's one timer heap: the session closes (IDLE), its device goes
+    offline, its end runs and leaves no task."""
     kit = await start_device_server(nursery, tmp_path, count=1,
                                     device_limits=SessionLimits(idle_timeout=1.0))
     (device_id,) = kit.device_ids
     before = _server_tasks()
-    (device,) = await _connect_idle(kit, [device_id], "udp")
+    (device,) = await _connect_idle(kit, [device_id], transport)
     plane = _plane(kit)
+    session = plane.live[device_id].session
+    assert session.timer_at is not None and len(plane.timers) == 1
     server = kit.handle.device_server
     assert server is not None
     with trio.fail_after(20):
-        while plane.live.get(device_id) is not None or server.host.live["udp"]:
+        while plane.live.get(device_id) is not None or server.host.live[transport]:
             await trio.sleep(0.05)
-    assert server.stats.closed[("udp", CloseReason.IDLE)] == 1
+    assert server.stats.closed[(transport, CloseReason.IDLE)] == 1
     assert len(plane.timers) == 0
     assert sum((_server_tasks() - before).values()) == 0
     await device.aclose()

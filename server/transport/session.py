@@ -95,7 +95,9 @@ class DeviceSession:
 
     __slots__ = (
         "_in_farewell",
+        "_last_traffic",
         "_scope",
+        "_timers",
         "close_reason",
         "device_id",
         "handler",
@@ -103,6 +105,7 @@ class DeviceSession:
         "peer",
         "resumed",
         "started_at",
+        "timer_at",
     )
 
     transport: TransportName
@@ -127,8 +130,16 @@ class DeviceSession:
         self.handler: SessionHandler | None = None
         # True while the farewell hook runs: sends are allowed although the session closes.
         self._in_farewell = False
-        # Deadline = idle deadline; cancelled by close(). Wraps the handler's run().
-        self._scope = trio.CancelScope(deadline=self.started_at + limits.idle_timeout)
+        # Cancelled by close(). Wraps the handler's run().
+        self._scope = trio.CancelScope()
+        #: trio time of the session's last traffic: the idle deadline counts from it. It
+        #: lives in the process's one timer heap (``SessionHost.timers``, armed when the
+        #: session runs), re-armed from here only when it falls due: a message costs an
+        #: attribute write, not a deadline change.
+        self._last_traffic = self.started_at
+        self._timers: ProcessTimers | None = None
+        #: The idle deadline armed in the timers (written by ProcessTimers).
+        self.timer_at: float | None = None
 
     async def receive(self) -> bytes:
         """The next datagram (DTLS) or stream chunk (TLS); SessionClosed when it has ended."""
@@ -166,6 +177,8 @@ class DeviceSession:
         if self.close_reason is None:
             self.close_reason = reason
         self._scope.cancel()
+        if self._timers is not None and self.timer_at is not None:
+            self._timers.disarm(self)
 
     @property
     def closed(self) -> bool:
@@ -175,7 +188,29 @@ class DeviceSession:
     def _touch(self) -> None:
         """Traffic happened: push the idle deadline (RFC 7252 section 4.3 keep-alive pings
         from the device, or any other message, keep the session open)."""
-        self._scope.deadline = trio.current_time() + self.limits.idle_timeout
+        self._last_traffic = trio.current_time()
+
+    @property
+    def idle_since(self) -> float:
+        """trio time of the session's last traffic."""
+        return self._last_traffic
+
+    def start_idle_timer(self, timers: ProcessTimers) -> None:
+        """Arm the idle deadline (``limits.idle_timeout`` after the last traffic) in the
+        process's timers (:meth:`SessionHost.run` does, as the session starts)."""
+        self._timers = timers
+        timers.arm(self, self._last_traffic + self.limits.idle_timeout)
+
+    def on_deadline(self, now: float) -> None:
+        """The idle deadline came (the process's timers): close the session (IDLE) if it
+        has had no traffic for ``limits.idle_timeout``, else arm it again from the last."""
+        if self.close_reason is not None or self._timers is None:
+            return
+        deadline = self._last_traffic + self.limits.idle_timeout
+        if now >= deadline:
+            self.close(CloseReason.IDLE)
+        else:
+            self._timers.arm(self, deadline)
 
     def _check_can_send(self) -> None:
         if self.close_reason is not None and not self._in_farewell:
@@ -561,6 +596,7 @@ class SessionHost:
         counter = self.stats.resumed_handshakes if session.resumed else self.stats.full_handshakes
         counter[transport] += 1
         self.registry.register(session)
+        session.start_idle_timer(self.timers)
         handler: SessionHandler | None = None
         evented: EventedHandler | None = None
         detached = False
@@ -583,7 +619,7 @@ class SessionHost:
                 except Exception:
                     logger.exception("session handler of device %s failed", session.device_id)
                     session._ended(CloseReason.HANDLER_ERROR)
-            if session.close_reason is None:  # only the idle deadline cancels silently
+            if session.close_reason is None:  # a handler that returned closes it above
                 session.close_reason = CloseReason.IDLE
             if evented is not None:  # started, never detached: end it as run() would
                 await self._finish(session, evented)
@@ -595,6 +631,7 @@ class SessionHost:
             raise
         finally:
             if not detached:
+                self.timers.disarm(session)
                 self.registry.unregister(session)
                 self.stats.closed[(transport, session.close_reason or CloseReason.SERVER)] += 1
         return False

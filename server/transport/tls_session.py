@@ -145,7 +145,7 @@ class TlsSession(DeviceSession):
 
     def quiet_for(self, now: float) -> float:
         """Seconds since the session's last traffic (see :meth:`DeviceSession._touch`)."""
-        return now - (self._scope.deadline - self.limits.idle_timeout)
+        return now - self._last_traffic
 
     def rest(self) -> bool:
         """The session is quiet: drop the AEAD objects (derived again from the secrets for

@@ -220,8 +220,7 @@ class DtlsLink:
 class DtlsSession(DeviceSession):
     """A device session over DTLS; ``receive()`` returns one datagram's plaintext."""
 
-    __slots__ = ("_backlog", "_ending", "_evented", "_last_traffic", "_timers", "link",
-                 "restored_state", "timer_at")  # fmt: skip
+    __slots__ = ("_backlog", "_ending", "_evented", "link", "restored_state")
 
     transport = "udp"
 
@@ -238,12 +237,7 @@ class DtlsSession(DeviceSession):
         super().__init__(device_id, peer, host.limits, resumed)
         self.link = link
         #: trio time of the session's last traffic (the idle deadline counts from it).
-        self._last_traffic = self.started_at - max(0.0, idle_for)
-        if idle_for > 0:  # restored: the idle deadline counts from the last traffic
-            self._scope.deadline -= idle_for
-        self._timers = host.timers
-        #: The idle deadline armed in the process's timers once detached.
-        self.timer_at: float | None = None
+        self._last_traffic -= max(0.0, idle_for)
         #: The handler once detached (see detach); None while a task runs the session.
         self._evented: EventedHandler | None = None
         #: True once a detached session's end was started.
@@ -263,20 +257,9 @@ class DtlsSession(DeviceSession):
         return self.restored_state is not None
 
     @property
-    def idle_since(self) -> float:
-        """trio time of the session's last traffic."""
-        return self._last_traffic
-
-    @property
     def detached(self) -> bool:
         """True once the session runs with no task (see :meth:`detach`)."""
         return self._evented is not None
-
-    def _touch(self) -> None:
-        now = trio.current_time()
-        self._last_traffic = now
-        if self._evented is None:
-            self._scope.deadline = now + self.limits.idle_timeout
 
     # --- a session with no task (issue 14 item 5) ---------------------------------------
 
@@ -288,7 +271,6 @@ class DtlsSession(DeviceSession):
         link = self.link
         self._evented = handler
         link.session = self
-        self._timers.arm(self, self._last_traffic + self.limits.idle_timeout)
         inbox, link.inbox = link.inbox, []
         now = trio.current_time()
         for data in inbox:
@@ -315,24 +297,12 @@ class DtlsSession(DeviceSession):
             # record rebuilds them (~0.7 us each).
             self.link.layer.release_aeads()
 
-    def on_deadline(self, now: float) -> None:
-        """The idle deadline came (the process's timers): close the session if it has had
-        no traffic for ``limits.idle_timeout``, else arm the deadline again."""
-        if self.close_reason is not None:
-            return
-        deadline = self._last_traffic + self.limits.idle_timeout
-        if now >= deadline:
-            self.close(CloseReason.IDLE)
-        else:
-            self._timers.arm(self, deadline)
-
     def close(self, reason: str = CloseReason.SERVER) -> None:
         """End the session (idempotent); a detached one starts its end in a task."""
         super().close(reason)
         handler = self._evented
         if handler is not None and not self._ending:
             self._ending = True
-            self._timers.disarm(self)
             self.link.endpoint.end_session(self, handler)
 
     def send_window_nowait(self, messages: Sequence[bytes]) -> None:
