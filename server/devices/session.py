@@ -245,7 +245,10 @@ class DeviceSessionHandler:
                     self._on_link_event(event)
                 if session.closed:
                     return
-            await self.flush()
+            self.rearm()
+            out = link.take_outgoing()
+            if out:  # the answers (pings, acknowledgements): no extra trip to the scheduler
+                await session.send_reply(out)
 
     # -- on-demand tasks ---------------------------------------------------------------------
 

@@ -162,6 +162,12 @@ class DeviceSession:
         for datagram in messages:
             await self.send(datagram)
 
+    async def send_reply(self, messages: Sequence[bytes]) -> None:
+        """Send the answers to what the session's reader just received, from the reader
+        (which yields at its next receive): :meth:`send_window`, without the checkpoint
+        where the transport can skip it (:meth:`TlsSession.send_reply`)."""
+        await self.send_window(messages)
+
     @property
     def detached(self) -> bool:
         """True if the session runs with no task (see ``SessionHost.run``'s ``detach``)."""
