@@ -109,6 +109,14 @@ class DeviceSessionHandler:
     task the same way. An idle session therefore has no task but the reader.
     """
 
+    # One per live session: slots save its dict (~0.3 KiB per session); "__dict__" keeps
+    # room for attributes added later (made only if one is set).
+    __slots__ = ("__dict__", "_flush_started", "_request_room", "_requests",
+                 "_serving_requests", "_waiters", "described", "described_at", "device_id",
+                 "extra_routes", "hello", "instant_routes", "key_sequence", "link",
+                 "on_hello", "plane", "presence", "product_id", "requests_dropped", "session",
+                 "tasks", "timer_at", "updater", "violations")  # fmt: skip
+
     def __init__(self, plane: DevicePlane, session: DeviceSession) -> None:
         self.plane = plane
         self.session = session
@@ -130,8 +138,7 @@ class DeviceSessionHandler:
         #: A flush task was started by a caller that cannot wait (the timers).
         self._flush_started = False
         #: This session's on-demand tasks (in the plane's nursery; none while idle).
-        self.tasks = SessionTasks(plane.spawn, self.device_id,
-                                  lambda: session.close(CloseReason.HANDLER_ERROR))
+        self.tasks = SessionTasks(plane, session)
         #: Requests dropped because the queue was full (sessions with no task only).
         self.requests_dropped = 0
         #: Called with each request the generic dispatcher does not own (OTA paths).

@@ -13,28 +13,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
-from server.transport.session import SessionClosed
+from server.transport.session import CloseReason, DeviceSession, SessionClosed
 
 log = logging.getLogger("ota.devices")
 
-#: Starts ``fn(*args)`` in the nursery that outlives the sessions.
-Spawner = Callable[..., None]
+class Spawner(Protocol):
+    """What starts the tasks: the device plane, whose nursery outlives the sessions."""
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start ``fn(*args)`` in that nursery."""
+        ...
 
 
 class SessionTasks:
     """The on-demand tasks of one session (none while it is idle)."""
 
-    __slots__ = ("_done", "_ending", "_on_error", "_scopes", "_spawner", "name")
+    __slots__ = ("_done", "_ending", "_scopes", "_spawner", "session")
 
-    def __init__(self, spawner: Spawner, name: str, on_error: Callable[[], None]) -> None:
+    def __init__(self, spawner: Spawner, session: DeviceSession) -> None:
         self._spawner = spawner
-        #: Whose tasks these are (in logs).
-        self.name = name
-        #: Called (once per failed task) when a task raised: the session should close.
-        self._on_error = on_error
+        #: Whose tasks these are: closed (HANDLER_ERROR) when one of them fails.
+        self.session = session
         self._scopes: set[trio.CancelScope] | None = None
         self._done: trio.Event | None = None
         self._ending = False
@@ -52,7 +55,7 @@ class SessionTasks:
         if self._scopes is None:
             self._scopes = set()
         self._scopes.add(scope)
-        self._spawner(self._run, scope, work)
+        self._spawner.spawn(self._run, scope, work)
         return True
 
     async def _run(self, scope: trio.CancelScope, work: Callable[[], Awaitable[object]]) -> None:
@@ -62,8 +65,8 @@ class SessionTasks:
         except SessionClosed:
             pass  # the session closed under a send: a normal end
         except Exception:
-            log.exception("session handler of device %s failed", self.name)
-            self._on_error()
+            log.exception("session handler of device %s failed", self.session.device_id)
+            self.session.close(CloseReason.HANDLER_ERROR)
         finally:
             scopes = self._scopes
             if scopes is not None:

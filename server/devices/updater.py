@@ -81,6 +81,12 @@ class SessionUpdater:
     """The update side of one device session: its inbox of transfer messages and the task
     that runs its updates one module at a time, as its planner decides."""
 
+    # One per live session: slots save its dict; "__dict__" keeps room for more.
+    __slots__ = ("__dict__", "_attempt", "_downloads", "_inbox", "_kick_event", "_kicked",
+                 "_recheck", "_running", "_started_unrecorded", "_view", "_wait_scope",
+                 "device_id", "engine", "handled", "handler", "kicks", "last_failure",
+                 "memory_loaded", "offers", "planner", "result_seen", "sender")  # fmt: skip
+
     def __init__(self, engine: OtaEngine, handler: DeviceSessionHandler) -> None:
         self.engine = engine
         self.handler = handler
@@ -112,8 +118,9 @@ class SessionUpdater:
         self._wait_scope: trio.CancelScope | None = None
         #: The update's "started" is still to be recorded (with the transfer's first write).
         self._started_unrecorded = False
-        #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device.
-        self.downloads = FirmwareDownloads(handler)
+        #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device (made
+        #: with the first: most sessions never download one).
+        self._downloads: FirmwareDownloads | None = None
         #: Kicks asked of this updater (each asks for a check of the device's target).
         self.kicks = 0
         #: How many of those kicks a finished check covered (a check covers every kick
@@ -123,6 +130,13 @@ class SessionUpdater:
         self.handled = Tally()
         #: Offers sent to the device in this session.
         self.offers = 0
+
+    @property
+    def downloads(self) -> FirmwareDownloads:
+        """This session's ``GET fw/<sha256>`` resource."""
+        if self._downloads is None:
+            self._downloads = FirmwareDownloads(self.handler)
+        return self._downloads
 
     @property
     def serial(self) -> int:
