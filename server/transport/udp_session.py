@@ -236,7 +236,7 @@ class DtlsSession(DeviceSession):
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
         self.link = link
-        #: trio time of the session's last traffic (the idle deadline counts from it).
+        # Restored: the idle deadline counts from the traffic before the restart.
         self._last_traffic -= max(0.0, idle_for)
         #: The handler once detached (see detach); None while a task runs the session.
         self._evented: EventedHandler | None = None
