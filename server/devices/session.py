@@ -79,8 +79,9 @@ WELL_KNOWN_CORE = (
 )
 #: Protocol violations a session may commit before it is closed.
 MAX_VIOLATIONS = 5
-#: Requests from the device waiting for the session's request handler (beyond it the
-#: reader waits: a device flooding requests slows only its own session).
+#: Requests from the device waiting for the session's request worker (beyond it the TLS
+#: reader waits: a device flooding requests slows only its own session; a DTLS session with
+#: no task drops them, and the device sends its CON again, RFC 7252 4.2).
 MAX_QUEUED_REQUESTS = 16
 SHUTDOWN_EVENT = "ota/server/going-away"
 
@@ -99,14 +100,15 @@ class _Waiter:
 class DeviceSessionHandler:
     """Runs one device's session: hello, describe, events, pings, and server requests.
 
-    It owns no task of its own (issue 14 item 5). The session's one task is the reader
-    (:meth:`run`): it feeds the link and answers pings, acknowledgements and responses at
-    once, flushing the link itself. Whoever queues on the link flushes it
+    It owns no task of its own (issue 14 item 5). Over TLS the session's one task is the
+    reader (:meth:`run`); over DTLS the UDP endpoint's reader calls :meth:`on_data` (the
+    session has no task at all). Either feeds the link and answers pings,
+    acknowledgements and responses at once. Whoever else queues on the link flushes it
     (:meth:`flush`; the session serialises the sends, FIFO). The link's deadlines (UDP
     retransmissions) are armed in the plane's one :class:`ProcessTimers`. The device's
     requests wait in a bounded queue served by a worker task started on demand in the
     plane's nursery, which ends when the queue is empty; the OTA engine's updater starts its
-    task the same way. An idle session therefore has no task but the reader.
+    task the same way. An idle session therefore has no task but its reader, if any.
     """
 
     # One per live session: slots save its dict (~0.3 KiB per session); "__dict__" keeps
