@@ -8,6 +8,7 @@ and every updater has handled its kicks", then walks the server's task tree.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -16,10 +17,19 @@ import pytest
 import trio
 
 from otacore.coap import Code, Message, MessageType
-from otacore.messages import Dependency, Direction, Event, ModuleDescription, to_message
+from otacore.messages import (
+    Dependency,
+    Direction,
+    Event,
+    ModuleDescription,
+    ServerEvent,
+    from_message,
+    to_message,
+)
 from otacore.protocol.link import RequestReceived
 from server.devices.plane import DevicePlane
-from server.devices.session import MAX_QUEUED_REQUESTS
+from server.devices.session import MAX_QUEUED_REQUESTS, SHUTDOWN_EVENT
+from server.devices.tuning import DeviceTuning
 from server.store import Store
 from server.transport import CloseReason, SessionLimits
 from tests.device_client import LinkDevice, is_request_to
@@ -221,3 +231,29 @@ async def test_a_task_less_session_drops_requests_beyond_its_queue_and_serves_th
     assert seen == [f"seq/{index:02d}" for index in range(MAX_QUEUED_REQUESTS)]
     await _until_idle(_plane(kit), [device_id])
     await device.aclose()
+
+
+async def test_graceful_shutdown_tells_a_task_less_dtls_device_when_to_come_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A DTLS session with no task still gets the farewell at a graceful shutdown (its end
+    runs in a task started then): the going-away NON with the hold-off, then close_notify,
+    and the device is recorded offline."""
+    kit = await start_device_server(nursery, tmp_path, count=1)
+    (device_id,) = kit.device_ids
+    (device,) = await _connect_idle(kit, [device_id], "udp")
+    assert _plane(kit).live[device_id].session.detached
+    kit.handle.shutdown.set()
+    event = await device.wait_for(lambda e: isinstance(e, RequestReceived))
+    assert isinstance(event, RequestReceived)
+    assert event.message.type is MessageType.NON
+    notice = from_message(event.message, Direction.TO_DEVICE)
+    assert isinstance(notice, ServerEvent) and notice.name == SHUTDOWN_EVENT
+    assert json.loads(notice.data)["hold_off"] == DeviceTuning().shutdown_hold_off
+    await device.wait_closed()  # close_notify: the channel ends
+    store = Store.open_dir(kit.data_dir, pool_size=1)
+    try:
+        with store.read() as tx:
+            assert tx.get_device_online(device_id) == (kit.product_id, False)
+    finally:
+        store.close()
