@@ -80,7 +80,7 @@ class FirmwareDownloads:
         response.set_block2(BlockOption(num, offset + length < size, szx))
         response.set_uint_option(28, size)  # Size2 (RFC 7959 4)
         handler.link.respond(message, response, trio.current_time())
-        handler.wake()
+        handler.rearm()  # the request worker flushes once the request is served
 
     async def _size(self, sha256: str) -> int | None:
         """The size of image ``sha256`` if this session's device may download it, decided

@@ -126,13 +126,15 @@ class OtaEngine:
 
     # -- plane hooks ------------------------------------------------------------------------
 
-    def attach_session(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
-        """Give a new session its updater task (in the session's own nursery)."""
+    def attach_session(self, handler: DeviceSessionHandler) -> None:
+        """Give a new session its updater, whose task (started on demand) loads the
+        device's memory now, then runs while kicks call for checks."""
         updater = SessionUpdater(self, handler)
         handler.updater = updater
         handler.extra_routes.append(updater.route)
+        handler.instant_routes.append(updater.route_now)
         handler.on_hello.append(updater.on_session_news)
-        nursery.start_soon(updater.run)
+        updater.start()
 
     def detach_session(self, handler: DeviceSessionHandler) -> None:
         """A session ends: its updater ends with it, and the device's memory is forgotten

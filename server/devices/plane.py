@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,7 @@ from server.transport import (
     SessionRegistry,
     serve_devices,
 )
+from server.transport.timers import ProcessTimers
 
 log = logging.getLogger("ota.devices")
 
@@ -111,6 +113,19 @@ class DevicePlane:
         self._statements: dict[int, _ProductKeys] = {}
         #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
         self.ota: Any = None
+        #: The one timer structure of the process's sessions (link retransmissions),
+        #: served by one task of :meth:`serve`.
+        self.timers = ProcessTimers()
+        #: The nursery of the sessions' on-demand tasks (requests, updates; see
+        #: ``DeviceSessionHandler.spawn``): it outlives every session. Set by serve().
+        self._tasks: trio.Nursery | None = None
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start ``fn(*args)`` in the plane's nursery of session tasks (which must not
+        raise: ``DeviceSessionHandler.spawn`` wraps them)."""
+        if self._tasks is None:
+            raise RuntimeError("the device plane is not serving: no session can run")
+        self._tasks.start_soon(fn, *args)
 
     def key_statements(self, product_id: int) -> list[bytes]:
         """The product's key rotation statements, re-read only when the file changed
@@ -174,10 +189,10 @@ class DevicePlane:
         if self.ota is not None:
             self.ota.detach_session(handler)
 
-    def on_session_start(self, handler: DeviceSessionHandler, nursery: trio.Nursery) -> None:
+    def on_session_start(self, handler: DeviceSessionHandler) -> None:
         """Give the OTA engine its per-session hooks."""
         if self.ota is not None:
-            self.ota.attach_session(handler, nursery)
+            self.ota.attach_session(handler)
 
     async def on_device_event(self, handler: DeviceSessionHandler, event: Event) -> bool:
         """Events with a meaning for the cloud (availability, reset, update results); False
@@ -218,9 +233,11 @@ class DevicePlane:
             saved_session_max_age=config.tuning.saved_session_max_age,
         )
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
+            nursery.start_soon(self.timers.run)
             nursery.start_soon(self._close_revoked_sessions)
             self.server = await nursery.start(
                 partial(serve_devices, listener_config, self.handler_factory, self,
-                        registry=self.registry)
+                        registry=self.registry, timers=self.timers)
             )
             task_status.started(self.server)

@@ -1,18 +1,22 @@
 """One device's CoAP session over an authenticated TLS or DTLS transport.
 
-The Trio shell around the sans-IO :class:`otacore.protocol.link.CoapLink`: a reader feeds
-received bytes to the link and dispatches what it yields, a writer drains the link's outbox
-into the transport, and a timer task runs the link's retransmissions (UDP). All three live
-in one nursery per session; the session's device id comes from its certificate and can
-never change (a Hello naming another device is refused and closes the session).
+The Trio shell around the sans-IO :class:`otacore.protocol.link.CoapLink`, as a record with
+no task of its own (issue 14 item 5): the session's reader feeds received bytes to the link,
+dispatches what it yields and sends the link's answers itself; whoever else queues on the
+link flushes it; the link's retransmission deadlines (UDP) live in the plane's one
+:class:`~server.transport.timers.ProcessTimers`; the device's requests and the OTA updater run
+in tasks started on demand in the plane's nursery, which end when they have nothing left to
+do. The session's device id comes from its certificate and can never change (a Hello
+naming another device is refused and closes the session).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +58,8 @@ from otacore.protocol.ota_wire import (
 )
 from otacore.transfer import Chunk, PreparedFile
 from otacore.transfer.framing import frame_chunks
+from server.devices.flag import Flag
+from server.devices.session_tasks import SessionTasks
 from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
 from server.fleet.errors import WrongPlatformError
@@ -74,8 +80,9 @@ WELL_KNOWN_CORE = (
 )
 #: Protocol violations a session may commit before it is closed.
 MAX_VIOLATIONS = 5
-#: Requests from the device waiting for the session's request handler (beyond it the
-#: reader waits: a device flooding requests slows only its own session).
+#: Requests from the device waiting for the session's request worker (beyond it the TLS
+#: reader waits: a device flooding requests slows only its own session; a DTLS session with
+#: no task drops them, and the device sends its CON again, RFC 7252 4.2).
 MAX_QUEUED_REQUESTS = 16
 SHUTDOWN_EVENT = "ota/server/going-away"
 
@@ -92,7 +99,26 @@ class _Waiter:
 
 
 class DeviceSessionHandler:
-    """Runs one device's session: hello, describe, events, pings, and server requests."""
+    """Runs one device's session: hello, describe, events, pings, and server requests.
+
+    It owns no task of its own (issue 14 item 5). Over TLS the session's one task is the
+    reader (:meth:`run`); over DTLS the UDP endpoint's reader calls :meth:`on_data` (the
+    session has no task at all). Either feeds the link and answers pings,
+    acknowledgements and responses at once. Whoever else queues on the link flushes it
+    (:meth:`flush`; the session serialises the sends, FIFO). The link's deadlines (UDP
+    retransmissions) are armed in the plane's one :class:`ProcessTimers`. The device's
+    requests wait in a bounded queue served by a worker task started on demand in the
+    plane's nursery, which ends when the queue is empty; the OTA engine's updater starts its
+    task the same way. An idle session therefore has no task but its reader, if any.
+    """
+
+    # One per live session: slots save its dict (~0.3 KiB per session); "__dict__" keeps
+    # room for attributes added later (made only if one is set).
+    __slots__ = ("__dict__", "_flush_started", "_request_room", "_requests",
+                 "_serving_requests", "_waiters", "described", "described_at", "device_id",
+                 "extra_routes", "hello", "instant_routes", "key_sequence", "link",
+                 "on_hello", "plane", "presence", "product_id", "requests_dropped", "session",
+                 "tasks", "timer_at", "updater", "violations")  # fmt: skip
 
     def __init__(self, plane: DevicePlane, session: DeviceSession) -> None:
         self.plane = plane
@@ -103,18 +129,34 @@ class DeviceSessionHandler:
         self.product_id: int | None = None
         self.violations = 0
         self._waiters: dict[bytes, _Waiter] = {}
-        self._wake_writer = trio.Event()
-        self._rearm_timer = trio.Event()
-        self._requests_in, self._requests = trio.open_memory_channel[Message](MAX_QUEUED_REQUESTS)
+        #: The link's deadline armed in the plane's timers (written by ProcessTimers).
+        self.timer_at: float | None = None
+        #: The device's requests not yet served (created with the first; bounded by
+        #: MAX_QUEUED_REQUESTS: beyond it the reader waits, see _queue_request).
+        self._requests: deque[Message] | None = None
+        #: Set while the request worker task runs (at most one per session).
+        self._serving_requests = False
+        #: The reader waits on it while the request queue is full.
+        self._request_room: trio.Event | None = None
+        #: A flush task was started by a caller that cannot wait (the timers).
+        self._flush_started = False
+        #: This session's on-demand tasks (in the plane's nursery; none while idle).
+        self.tasks = SessionTasks(plane, session)
+        #: Requests dropped because the queue was full (sessions with no task only).
+        self.requests_dropped = 0
         #: Called with each request the generic dispatcher does not own (OTA paths).
         self.extra_routes: list[Callable[[Message], Any]] = []
+        #: Routes that never block (a transfer's acknowledgements): the reader calls them
+        #: itself when no request is queued before (the order stays the device's), so the
+        #: OTA sender is fed without a task switch; True when a route took the request.
+        self.instant_routes: list[Callable[[Message], bool]] = []
         #: Called after the Hello (with None, None) and after the Describe (with the
         #: device's target as the Describe's own transaction left it, so no need to read it
         #: again, and when that transaction was asked for, trio clock).
         self.on_hello: list[Callable[[DeviceTarget | None, float | None], Any]] = []
         #: Set once this session's Describe is recorded: until then the stored modules are
         #: those of an earlier session (the device may have reset into new ones since).
-        self.described = trio.Event()
+        self.described = Flag()
         #: This session's name in the store's presence column (see PresenceService).
         self.presence = plane.presence_token()
         #: When (trio clock) this session's Describe was recorded; None before.
@@ -128,39 +170,59 @@ class DeviceSessionHandler:
         #: without an engine). It lives and ends with the session.
         self.updater: SessionUpdater | None = None
 
-    # -- the session's task tree -------------------------------------------------------------
+    # -- the session's one task ---------------------------------------------------------------
 
     async def run(self, session: DeviceSession) -> None:
-        """Serve the session until the device leaves, misbehaves or the server stops."""
+        """Serve the session until the device leaves, misbehaves or the server stops (the
+        session's one task: TLS)."""
+        try:
+            await self.start(session)
+            await self._reader()
+        finally:
+            await self.finish(session)
+
+    async def start(self, session: DeviceSession) -> None:
+        """Begin the session: the device is online, the OTA engine attached. A DTLS
+        session then runs with no task (``on_data`` for each datagram)."""
         # The transport registered the session (and closed the one it replaces) before
         # this handler was made: that session's end sees a successor in ``plane.live`` and
         # leaves the device's online state alone.
-        presence = self.presence
-        try:
-            await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
-                                                 session=presence)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._timer)
-                nursery.start_soon(self._handle_requests)
-                self.plane.on_session_start(self, nursery)
-                await self._reader()
-                nursery.cancel_scope.cancel()
-        except* SessionClosed:
-            # A task was sending when the session closed (revoked, replaced, cut): a normal
-            # end. The nursery wraps it in a group, which the transport would log as a bug.
-            pass
-        finally:
-            self.plane.on_session_end(self)  # no longer its device's live session
-            if self.plane.live.get(self.device_id) is None:  # not replaced
-                with trio.CancelScope(shield=True):
-                    try:
-                        # Only if no newer session took the device over meanwhile (the
-                        # device may have reconnected to another server process).
-                        await self.plane.fleet.device_offline(self.device_id,
-                                                              session=presence)
-                    except OtaError:
-                        log.warning("could not mark %s offline", self.device_id)
+        await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
+                                             session=self.presence)
+        self.plane.on_session_start(self)
+
+    async def finish(self, session: DeviceSession) -> None:
+        """The session ended: its on-demand tasks end, it leaves the registry, and the
+        device is offline unless a newer session holds it."""
+        await self.tasks.end()
+        self.plane.timers.disarm(self)
+        self.plane.on_session_end(self)  # no longer its device's live session
+        if self.plane.live.get(self.device_id) is None:  # not replaced
+            with trio.CancelScope(shield=True):
+                try:
+                    # Only if no newer session took the device over meanwhile (the
+                    # device may have reconnected to another server process).
+                    await self.plane.fleet.device_offline(self.device_id,
+                                                          session=self.presence)
+                except OtaError:
+                    log.warning("could not mark %s offline", self.device_id)
+
+    def on_data(self, data: bytes) -> None:
+        """One datagram's plaintext of a session with no task (DTLS, called by the
+        endpoint's reader): pings, acknowledgements and responses are answered at once;
+        requests go to the request worker; a request beyond a full queue is dropped
+        (CoAP over UDP: the device sends a CON again, RFC 7252 4.2)."""
+        session = self.session
+        for event in self.link.receive(data, trio.current_time()):
+            if type(event) is RequestReceived:
+                message = event.message
+                if self._serving_requests or not self._route_now(message):
+                    self._queue_request_nowait(message)
+            else:
+                self._on_link_event(event)
+            if session.closed:
+                return
+        self.flush_now()
 
     async def farewell(self, session: DeviceSession) -> None:
         """Graceful shutdown: tell the device when to come back, then let it go."""
@@ -174,57 +236,135 @@ class DeviceSessionHandler:
         await self._send_outgoing()
 
     async def _reader(self) -> None:
-        # The link answers pings, acknowledgements and responses as soon as bytes arrive;
-        # requests (which may wait on the store) go to _handle_requests, so a slow Hello
-        # never leaves a keep-alive ping unanswered (the device would drop the session).
+        # The link answers pings, acknowledgements and responses as soon as bytes arrive,
+        # and this task sends the answers itself; requests (which may wait on the store)
+        # go to the request worker, so a slow Hello never leaves a keep-alive ping
+        # unanswered (the device would drop the session).
+        session, link = self.session, self.link
         while True:
             try:
-                data = await self.session.receive()
+                data = await session.receive()
             except SessionClosed:
                 return
-            for event in self.link.receive(data, trio.current_time()):
-                await self._on_link_event(event)
+            for event in link.receive(data, trio.current_time()):
+                if type(event) is RequestReceived:
+                    message = event.message
+                    if self._serving_requests or not self._route_now(message):
+                        await self._queue_request(message)
+                else:
+                    self._on_link_event(event)
+                if session.closed:
+                    return
+            self.rearm()
+            out = link.take_outgoing()
+            if out:  # the answers (pings, acknowledgements): no extra trip to the scheduler
+                await session.send_reply(out)
+
+    # -- on-demand tasks ---------------------------------------------------------------------
+
+    def spawn(self, work: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``work()`` in a task of the plane's nursery that ends with this session
+        (cancelled, and awaited, as it ends). An error in it ends this session only, as
+        one in the reader would. False (nothing started) once the session is ending."""
+        return self.tasks.start(work)
+
+    @property
+    def task_count(self) -> int:
+        """On-demand tasks of this session running now (0 for an idle session)."""
+        return len(self.tasks)
+
+    # -- the device's requests ---------------------------------------------------------------
+
+    def _route_now(self, message: Message) -> bool:
+        """Serve ``message`` at once if a route that never blocks takes it."""
+        return any(route(message) for route in self.instant_routes)
+
+    async def _queue_request(self, message: Message) -> None:
+        """Queue a request for the worker (started if not running); waits while the queue
+        is full, so a device flooding requests slows only its own session."""
+        queue = self._requests
+        if queue is None:
+            queue = self._requests = deque()
+        while len(queue) >= MAX_QUEUED_REQUESTS:
+            if self._request_room is None:
+                self._request_room = trio.Event()
+            await self._request_room.wait()
+        queue.append(message)
+        if not self._serving_requests and self.spawn(self._serve_requests):
+            self._serving_requests = True
+
+    def _queue_request_nowait(self, message: Message) -> None:
+        """Queue a request for the worker without waiting; dropped when the queue is full."""
+        queue = self._requests
+        if queue is None:
+            queue = self._requests = deque()
+        if len(queue) >= MAX_QUEUED_REQUESTS:
+            self.requests_dropped += 1
+            log.debug("device %s: request dropped, %d queued", self.device_id, len(queue))
+            return
+        queue.append(message)
+        if not self._serving_requests and self.spawn(self._serve_requests):
+            self._serving_requests = True
+
+    async def _serve_requests(self) -> None:
+        """Serve the device's requests one at a time, in the order they arrived, until
+        none is left."""
+        try:
+            queue = self._requests
+            while queue:
+                message = queue.popleft()
+                room = self._request_room
+                if room is not None:
+                    self._request_room = None
+                    room.set()
+                await self._on_request(message)
                 if self.session.closed:
                     return
-            self.wake()
+                await self.flush()
+            self._requests = None  # an idle session keeps no empty queue
+        finally:
+            self._serving_requests = False
 
-    async def _handle_requests(self) -> None:
-        """Serve the device's requests one at a time, in the order they arrived."""
-        async for message in self._requests:
-            await self._on_request(message)
-            if self.session.closed:
-                return
-            self.wake()
-
-    async def _writer(self) -> None:
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer = trio.Event()
-            await self._send_outgoing()
+    # -- sending -----------------------------------------------------------------------------
 
     async def _send_outgoing(self) -> None:
         out = self.link.take_outgoing()
         if out:
             await self.session.send_window(out)
 
-    async def _timer(self) -> None:
-        while True:
-            deadline = self.link.next_deadline()
-            self._rearm_timer = trio.Event()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._rearm_timer.wait()
-                continue
-            for event in self.link.poll(trio.current_time()):
-                await self._on_link_event(event)
-            self.wake()
+    def rearm(self) -> None:
+        """The link changed: arm its next deadline (UDP retransmissions) in the plane's
+        timers."""
+        self.plane.timers.arm(self, self.link.next_deadline())
 
     def wake(self) -> None:
-        """Something was queued on the link: let the writer send it and re-arm timers."""
-        self._wake_writer.set()
-        self._rearm_timer.set()
+        """Something was queued on the link by code that will not :meth:`flush`: re-arm
+        the link's deadline and send it, at once over a session with no task, else from
+        a task of its own (started on demand)."""
+        if self.session.detached:
+            self.flush_now()
+            return
+        self.rearm()
+        if not self._flush_started and self.spawn(self._flush_task):
+            self._flush_started = True
+
+    def flush_now(self) -> None:
+        """Send what the link queued without waiting (a session with no task: what the
+        socket does not take is sent in order by a task of the endpoint)."""
+        self.rearm()
+        out = self.link.take_outgoing()
+        if out:
+            with contextlib.suppress(SessionClosed):  # closed meanwhile: nothing to send
+                self.session.send_window_nowait(out)
+
+    async def _flush_task(self) -> None:
+        self._flush_started = False
+        await self.flush()
 
     async def flush(self) -> None:
-        """Hand everything queued so far to the transport (sends are serialised FIFO)."""
+        """Hand everything queued so far to the transport (sends are serialised FIFO by
+        the session) and re-arm the link's deadline."""
+        self.rearm()
         await self._send_outgoing()
 
     async def send_chunks(self, prepared: PreparedFile, chunks: Sequence[Chunk]) -> None:
@@ -245,15 +385,22 @@ class DeviceSessionHandler:
             queued = link.take_outgoing()
             await self.session.send_window(queued + frames if queued else frames)
 
+    def on_deadline(self, now: float) -> None:
+        """The link's deadline came (called by the plane's timers): retransmit or give up,
+        and send from a task started on demand."""
+        for event in self.link.poll(now):
+            self._on_link_event(event)
+        self.wake()
+
     # -- requests to the device --------------------------------------------------------------
 
     async def request(self, message: Message, timeout: float) -> Message:
         """Send a request and wait for its response; DeviceUnreachableError otherwise."""
         token = self.link.request(message, trio.current_time())
         waiter = self._waiters[token] = _Waiter()
-        self.wake()
         try:
             with trio.fail_after(timeout):
+                await self.flush()
                 await waiter.done.wait()
         except trio.TooSlowError as exc:
             raise DeviceUnreachableError(f"no answer within {timeout:g} s") from exc
@@ -264,9 +411,10 @@ class DeviceSessionHandler:
         return waiter.response
 
     def notify(self, message: Message) -> None:
-        """Queue a request that expects no answer (NON over UDP)."""
+        """Queue a request that expects no answer (NON over UDP); it goes out with the
+        next :meth:`flush`, or call :meth:`wake` to send it from a task of its own."""
         self.link.notify(message, trio.current_time())
-        self.wake()
+        self.rearm()
 
     async def send_event(self, name: str, data: str, ttl: int = 60) -> None:
         """Publish an event to the device (server -> device ``POST e/<name>``)."""
@@ -278,10 +426,10 @@ class DeviceSessionHandler:
 
     # -- what the device sends -------------------------------------------------------------
 
-    async def _on_link_event(self, event: LinkEvent) -> None:
-        if isinstance(event, RequestReceived):
-            await self._requests_in.send(event.message)
-        elif isinstance(event, ResponseReceived | RequestFailed):
+    def _on_link_event(self, event: LinkEvent) -> None:
+        """What the link reports, other than a request (see _queue_request); never
+        blocks (the timers call it too)."""
+        if isinstance(event, ResponseReceived | RequestFailed):
             waiter = self._waiters.get(event.token)
             if waiter is not None:
                 if isinstance(event, ResponseReceived):
@@ -293,6 +441,8 @@ class DeviceSessionHandler:
             self.session.close(CloseReason.PEER)
         elif isinstance(event, FrameRejected):
             self._violation(f"malformed CoAP frame: {event.error}", fatal=event.fatal)
+        elif isinstance(event, RequestReceived):  # pragma: no cover - never from poll()
+            log.debug("device %s: request from a timer dropped", self.device_id)
 
     def _violation(self, what: str, *, fatal: bool = False) -> None:
         self.violations += 1
@@ -306,7 +456,7 @@ class DeviceSessionHandler:
         if content_format is not None:
             response.set_content_format(content_format)
         self.link.respond(request, response, trio.current_time())
-        self.wake()
+        self.rearm()  # the request worker flushes once the request is served
 
     async def _on_request(self, message: Message) -> None:
         path = message.uri_path

@@ -12,11 +12,14 @@ import trio
 
 
 class Tally:
-    """A non-decreasing count with :meth:`reached` to wait for a value."""
+    """A non-decreasing count with :meth:`reached` to wait for a value (the event it
+    waits on exists only while someone waits: one per live session's updater)."""
+
+    __slots__ = ("_changed", "_value")
 
     def __init__(self) -> None:
         self._value = 0
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None
 
     @property
     def value(self) -> int:
@@ -27,8 +30,10 @@ class Tally:
         """Raise the count to ``value`` (a lower value changes nothing) and wake waiters."""
         if value > self._value:
             self._value = value
-            self._changed.set()
-            self._changed = trio.Event()
+            changed = self._changed
+            if changed is not None:
+                self._changed = None
+                changed.set()
 
     def add(self, count: int = 1) -> None:
         """Raise the count by ``count``."""
@@ -37,4 +42,6 @@ class Tally:
     async def reached(self, value: int) -> None:
         """Return once the count is at least ``value`` (at once when it already is)."""
         while self._value < value:
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()

@@ -12,7 +12,6 @@ outcomes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
@@ -51,17 +50,19 @@ from otacore.transfer.planner import (
     AnnouncePending,
     DeliveryPlanner,
     Encoding,
-    FileChoice,
     Idle,
     Offer,
     Verdict,
 )
 from server.devices.delivery import Delivery, PlannedModule, SentFile
+from server.devices.file_choice import file_to_send
 from server.devices.firmware_get import FirmwareDownloads
+from server.devices.flag import Flag
 from server.devices.key_sync import offer_signing_key
-from server.devices.plan_inputs import RefusedFor, offer_answer, release_version, target_facts
+from server.devices.plan_inputs import offer_answer, release_version, target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
+from server.devices.transfer_inbox import TransferInbox
 from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
@@ -80,23 +81,35 @@ class SessionUpdater:
     """The update side of one device session: its inbox of transfer messages and the task
     that runs its updates one module at a time, as its planner decides."""
 
+    # One per live session: slots save its dict; "__dict__" keeps room for more.
+    __slots__ = ("__dict__", "_attempt", "_downloads", "_inbox", "_kick_event", "_kicked",
+                 "_recheck", "_running", "_started_unrecorded", "_view", "_wait_scope",
+                 "device_id", "engine", "handled", "handler", "kicks", "last_failure",
+                 "memory_loaded", "offers", "planner", "result_seen", "sender")  # fmt: skip
+
     def __init__(self, engine: OtaEngine, handler: DeviceSessionHandler) -> None:
         self.engine = engine
         self.handler = handler
         self.device_id = handler.device_id
-        self._inbox_send, self._inbox = trio.open_memory_channel[TransferMessage](256)
-        self._kicked = trio.Event()
+        #: Transfer messages from the device, put by the session's reader.
+        self._inbox = TransferInbox()
+        #: A kick asks for a check not yet begun.
+        self._kicked = False
+        #: While the task waits before trying a failed transfer again: a kick ends the wait.
+        self._kick_event: trio.Event | None = None
+        #: True while the updater's task runs (started on demand, see start()).
+        self._running = False
         self.sender: TransferSender | None = None
         #: The session's delivery policy (sans-IO): every decision below is its.
         self.planner = DeliveryPlanner(engine.delivery_policy, next(engine._serials))
         #: Set when the device reports an update result in this session.
-        self.result_seen = trio.Event()
+        self.result_seen = Flag()
         #: The attempt (from 0) of the transfer running (see deliver()).
         self._attempt = 0
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
         #: Set once the device's memory is loaded from the store (run() does it first).
-        self.memory_loaded = trio.Event()
+        self.memory_loaded = Flag()
         #: The device's target as the last kick read it (see kick_with); None: read it.
         self._view: DeviceTarget | None = None
         #: A kick arrived during a transfer: its target is checked for staleness.
@@ -105,8 +118,9 @@ class SessionUpdater:
         self._wait_scope: trio.CancelScope | None = None
         #: The update's "started" is still to be recorded (with the transfer's first write).
         self._started_unrecorded = False
-        #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device.
-        self.downloads = FirmwareDownloads(handler)
+        #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device (made
+        #: with the first: most sessions never download one).
+        self._downloads: FirmwareDownloads | None = None
         #: Kicks asked of this updater (each asks for a check of the device's target).
         self.kicks = 0
         #: How many of those kicks a finished check covered (a check covers every kick
@@ -116,6 +130,13 @@ class SessionUpdater:
         self.handled = Tally()
         #: Offers sent to the device in this session.
         self.offers = 0
+
+    @property
+    def downloads(self) -> FirmwareDownloads:
+        """This session's ``GET fw/<sha256>`` resource."""
+        if self._downloads is None:
+            self._downloads = FirmwareDownloads(self.handler)
+        return self._downloads
 
     @property
     def serial(self) -> int:
@@ -157,12 +178,23 @@ class SessionUpdater:
         self._wake()
 
     def _wake(self) -> None:
-        """A kick: the next check runs, and a transfer running asks its planner whether
-        the target it now reads leaves the transfer stale."""
-        self._kicked.set()
+        """A kick: the next check runs (the task starts if it is not running), and a
+        transfer running asks its planner whether the target it now reads leaves the
+        transfer stale."""
+        self._kicked = True
         self._recheck = True
         if self._wait_scope is not None:
             self._wait_scope.cancel()
+        if self._kick_event is not None:
+            self._kick_event.set()
+        self.start()
+
+    def start(self) -> None:
+        """Start the updater's task in the session's on-demand tasks, unless it runs (or
+        the session is ending): it loads the device's memory if not yet loaded, then runs
+        a check per kick, and ends when no kick is left."""
+        if not self._running and self.handler.spawn(self.run):
+            self._running = True
 
     def on_session_news(self, view: DeviceTarget | None, read_at: float | None) -> None:
         """The session's hook: a Hello (no view) or a Describe (its view, read from
@@ -172,19 +204,24 @@ class SessionUpdater:
         else:
             self.kick_with(view, read_at, describe=True)
 
+    def route_now(self, message: Message) -> bool:
+        """Take a transfer message (never blocks: the session's reader calls it)."""
+        if not is_transfer(message):
+            return False
+        try:
+            transfer_message = parse_transfer(message)
+        except TransferProtocolError as exc:
+            self.handler._violation(f"bad transfer message: {exc}")
+            return True
+        if message.type is MessageType.CON:
+            self.handler._respond(message, Code.CHANGED)
+        # The transfer protocol recovers lost messages: never queue unboundedly.
+        self._inbox.put(transfer_message)
+        return True
+
     async def route(self, message: Message) -> bool:
         """Take the requests that belong to updates: transfer messages and firmware GETs."""
-        if is_transfer(message):
-            try:
-                transfer_message = parse_transfer(message)
-            except TransferProtocolError as exc:
-                self.handler._violation(f"bad transfer message: {exc}")
-                return True
-            if message.type is MessageType.CON:
-                self.handler._respond(message, Code.CHANGED)
-            # The transfer protocol recovers lost messages: never queue unboundedly.
-            with contextlib.suppress(trio.WouldBlock):
-                self._inbox_send.send_nowait(transfer_message)
+        if self.route_now(message):
             return True
         path = message.uri_path
         if message.code == Code.GET and len(path) == 2 and path[0] == PATH_FIRMWARE:
@@ -193,15 +230,21 @@ class SessionUpdater:
         return False
 
     async def run(self) -> None:
-        """Load the device's memory, then serve kicks until the session ends (it is
-        cancelled with the session)."""
+        """Load the device's memory (once per session), then run a check per kick until
+        none is left (it is cancelled with the session). Started by :meth:`start`."""
         try:
-            await self.engine.load_memory(self.device_id)
+            await self._run()
         finally:
-            self.memory_loaded.set()
-        while True:
-            await self._kicked.wait()
-            self._kicked = trio.Event()
+            self._running = False
+
+    async def _run(self) -> None:
+        if not self.memory_loaded.is_set():
+            try:
+                await self.engine.load_memory(self.device_id)
+            finally:
+                self.memory_loaded.set()
+        while self._kicked:
+            self._kicked = False
             self._recheck = False  # this check reads the target anyway
             covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
@@ -219,8 +262,11 @@ class SessionUpdater:
             if delay is not None:
                 # The device stopped acknowledging though its session lives: offer again
                 # later (backing off), or it stays mid-download until it reconnects.
-                with trio.move_on_after(delay):
-                    await self._kicked.wait()
+                if not self._kicked:
+                    self._kick_event = trio.Event()
+                    with trio.move_on_after(delay):
+                        await self._kick_event.wait()
+                    self._kick_event = None
                 self.kick()
 
     async def _settle(self) -> bool:
@@ -323,7 +369,8 @@ class SessionUpdater:
         encoded one) and its transfer."""
         engine = self.engine
         while True:
-            sent = await self._file_to_send(view, module, offer)
+            sent = await file_to_send(engine, self.planner, self.device_id, self.handler.hello,
+                                      view, module, offer)
             verdict = await self._offer_and_stream(view, module, offer, sent)
             if verdict is not None:
                 return verdict
@@ -359,45 +406,6 @@ class SessionUpdater:
         """A write that carried _unrecorded_start's steps is durable."""
         if steps:
             self._started_unrecorded = False
-
-    async def _file_to_send(self, view: DeviceTarget, module: PlannedModule,
-                            offer: Offer) -> SentFile:
-        """The first of the planner's file choices the caches can make: a delta when the
-        device runs a known base and the patch is worth it; else the image zstd-compressed
-        when the device inflates them (Hello's compressed_ota) and it compresses; else the
-        image itself."""
-        engine, info = self.engine, module.info
-        hello = self.handler.hello
-        choices = self.planner.file_choices(
-            offer, target_facts(view), compressed_ota=hello is not None and hello.compressed_ota,
-            delta_refused=RefusedFor(engine.deltas.refused, self.device_id),
-            zstd_refused=RefusedFor(engine.compressed.refused, self.device_id))
-        for choice in choices:
-            sent = await self._encode(view, module, info.module_function, info.module_index,
-                                      choice)
-            if sent is not None:
-                return sent
-        raise AssertionError("the planner's last choice is the image itself")  # pragma: no cover
-
-    async def _encode(self, view: DeviceTarget, module: PlannedModule, function: int,
-                      index: int, choice: FileChoice) -> SentFile | None:
-        """The file of ``choice``; None when it cannot be made or saves too little."""
-        engine = self.engine
-        if choice.encoding is Encoding.DELTA:
-            engine.deltas.max_ratio = engine.config.delta_max_ratio
-            delta = await engine.deltas.choose(view, function, index, module.sha256,
-                                               module.image)
-            if delta is None:
-                return None
-            return SentFile("delta", delta.patch, delta.patch_sha256, delta.base_sha256)
-        if choice.encoding is Encoding.ZSTD:
-            engine.compressed.max_ratio = engine.config.compressed_max_ratio
-            compressed = await engine.compressed.choose(self.device_id, module.sha256,
-                                                        module.image)
-            if compressed is None:
-                return None
-            return SentFile("zstd", compressed.frame, compressed.frame_sha256)
-        return SentFile("full", module.image, module.sha256)
 
     async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
                                 offer: Offer, sent: SentFile) -> bool | None:
@@ -446,11 +454,7 @@ class SessionUpdater:
             # write (see _unrecorded_start), so both or neither are stored.
             engine.updating[self.device_id] = offer.update_sha256
             self._started_unrecorded = True
-        while True:  # drop what a previous transfer left in the inbox
-            try:
-                self._inbox.receive_nowait()
-            except trio.WouldBlock:
-                break
+        self._inbox.clear()  # drop what a previous transfer left
         hello = handler.hello
         chunk_size = self.planner.chunk_size(
             handler.session.transport, hello.ota_chunk_size if hello is not None else None)
@@ -472,6 +476,7 @@ class SessionUpdater:
         finally:
             self.planner.transfer_ended(staged=staged)
             self.sender = None
+            self._inbox.clear()
 
     async def _stream(self, sender: TransferSender, view: DeviceTarget,
                       module: PlannedModule, offer: Offer, *, sent: SentFile) -> bool | None:

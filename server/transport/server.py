@@ -24,6 +24,7 @@ from server.transport.session import (
     TransportStats,
     logger,
 )
+from server.transport.timers import ProcessTimers
 from server.transport.tls import make_tls_handshake_context, serve_tls
 from server.transport.udp_endpoint import UdpEndpoint
 from server.transport.udp_saved import SavedDtlsSession, SessionVault
@@ -98,6 +99,7 @@ class DeviceServer:
         *,
         registry: SessionRegistry | None = None,
         pki: InstallationPki | None = None,
+        timers: ProcessTimers | None = None,
     ) -> None:
         self.config = config
         self.pki = pki
@@ -107,6 +109,7 @@ class DeviceServer:
             handler_factory=handler_factory,
             registry=self.registry,
             limits=config.limits,
+            timers=timers,
         )
         #: Bound (address, port) of each transport once serving; None if disabled.
         self.tcp_address: tuple[str, int] | None = None
@@ -148,6 +151,8 @@ class DeviceServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.host.report_refusals)
+                if self.host.owns_timers:
+                    nursery.start_soon(self.host.timers.run)
                 if self.config.tcp_port is not None:
                     self._tcp_listeners = await open_tcp_listeners(
                         self.config.tcp_port, self.config.host, reuse_port=self.config.reuse_port
@@ -329,6 +334,7 @@ async def serve_devices(
     directory: DeviceDirectory,
     *,
     registry: SessionRegistry | None = None,
+    timers: ProcessTimers | None = None,
     task_status: trio.TaskStatus[DeviceServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the device endpoint (TLS on TCP and DTLS on UDP) until cancelled or shut down.
@@ -336,5 +342,5 @@ async def serve_devices(
     ``await nursery.start(serve_devices, config, factory, directory)`` returns the running
     :class:`DeviceServer` (bound addresses, registry, stats, ``shutdown()``).
     """
-    server = DeviceServer(config, handler_factory, directory, registry=registry)
+    server = DeviceServer(config, handler_factory, directory, registry=registry, timers=timers)
     await server.serve(task_status=task_status)

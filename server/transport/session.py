@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import trio
 
@@ -20,6 +20,7 @@ from server.identity import CertificateRejectedError
 from server.transport.admission import AdmissionClosed, HandshakeGate, NotAdmitted
 from server.transport.limits import SessionLimits
 from server.transport.refusals import RefusalLog
+from server.transport.timers import ProcessTimers
 
 logger = logging.getLogger("otacloud.devices")
 
@@ -94,7 +95,9 @@ class DeviceSession:
 
     __slots__ = (
         "_in_farewell",
+        "_last_traffic",
         "_scope",
+        "_timers",
         "close_reason",
         "device_id",
         "handler",
@@ -102,6 +105,7 @@ class DeviceSession:
         "peer",
         "resumed",
         "started_at",
+        "timer_at",
     )
 
     transport: TransportName
@@ -126,8 +130,16 @@ class DeviceSession:
         self.handler: SessionHandler | None = None
         # True while the farewell hook runs: sends are allowed although the session closes.
         self._in_farewell = False
-        # Deadline = idle deadline; cancelled by close(). Wraps the handler's run().
-        self._scope = trio.CancelScope(deadline=self.started_at + limits.idle_timeout)
+        # Cancelled by close(). Wraps the handler's run().
+        self._scope = trio.CancelScope()
+        #: trio time of the session's last traffic: the idle deadline counts from it. It
+        #: lives in the process's one timer heap (``SessionHost.timers``, armed when the
+        #: session runs), re-armed from here only when it falls due: a message costs an
+        #: attribute write, not a deadline change.
+        self._last_traffic = self.started_at
+        self._timers: ProcessTimers | None = None
+        #: The idle deadline armed in the timers (written by ProcessTimers).
+        self.timer_at: float | None = None
 
     async def receive(self) -> bytes:
         """The next datagram (DTLS) or stream chunk (TLS); SessionClosed when it has ended."""
@@ -150,11 +162,29 @@ class DeviceSession:
         for datagram in messages:
             await self.send(datagram)
 
+    async def send_reply(self, messages: Sequence[bytes]) -> None:
+        """Send the answers to what the session's reader just received, from the reader
+        (which yields at its next receive): :meth:`send_window`, without the checkpoint
+        where the transport can skip it (:meth:`TlsSession.send_reply`)."""
+        await self.send_window(messages)
+
+    @property
+    def detached(self) -> bool:
+        """True if the session runs with no task (see ``SessionHost.run``'s ``detach``)."""
+        return False
+
+    def send_window_nowait(self, messages: Sequence[bytes]) -> None:
+        """Send a window without waiting (a caller that must not block: an evented
+        handler's ``on_data``); only transports that detach sessions have it (DTLS)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send without waiting")
+
     def close(self, reason: str = CloseReason.SERVER) -> None:
         """End the session (idempotent): cancels the handler, then the transport closes."""
         if self.close_reason is None:
             self.close_reason = reason
         self._scope.cancel()
+        if self._timers is not None and self.timer_at is not None:
+            self._timers.disarm(self)
 
     @property
     def closed(self) -> bool:
@@ -164,7 +194,29 @@ class DeviceSession:
     def _touch(self) -> None:
         """Traffic happened: push the idle deadline (RFC 7252 section 4.3 keep-alive pings
         from the device, or any other message, keep the session open)."""
-        self._scope.deadline = trio.current_time() + self.limits.idle_timeout
+        self._last_traffic = trio.current_time()
+
+    @property
+    def idle_since(self) -> float:
+        """trio time of the session's last traffic."""
+        return self._last_traffic
+
+    def start_idle_timer(self, timers: ProcessTimers) -> None:
+        """Arm the idle deadline (``limits.idle_timeout`` after the last traffic) in the
+        process's timers (:meth:`SessionHost.run` does, as the session starts)."""
+        self._timers = timers
+        timers.arm(self, self._last_traffic + self.limits.idle_timeout)
+
+    def on_deadline(self, now: float) -> None:
+        """The idle deadline came (the process's timers): close the session (IDLE) if it
+        has had no traffic for ``limits.idle_timeout``, else arm it again from the last."""
+        if self.close_reason is not None or self._timers is None:
+            return
+        deadline = self._last_traffic + self.limits.idle_timeout
+        if now >= deadline:
+            self.close(CloseReason.IDLE)
+        else:
+            self._timers.arm(self, deadline)
 
     def _check_can_send(self) -> None:
         if self.close_reason is not None and not self._in_farewell:
@@ -214,6 +266,31 @@ class SessionHandler(Protocol):
         RFC 8323 section 5.5, with Hold-Off) telling the device when to come back. Called
         after ``run`` was cancelled, within ``limits.farewell_timeout``; may do nothing."""
         ...
+
+
+class EventedHandler(SessionHandler, Protocol):
+    """A handler that can run as calls instead of a task (issue 14 item 5: an idle DTLS
+    session then has no task). The transport calls ``start`` (in the session's starting
+    task), then ``on_data`` for each message it receives (synchronously, from its reader:
+    it must never block; work that waits runs in tasks the handler starts on demand), then
+    ``finish`` once the session closed, before the farewell."""
+
+    async def start(self, session: DeviceSession) -> None:
+        """Begin the session (e.g. record the device online)."""
+        ...
+
+    def on_data(self, data: bytes) -> None:
+        """One received message (a datagram's plaintext); never blocks."""
+        ...
+
+    async def finish(self, session: DeviceSession) -> None:
+        """The session closed: end the handler's tasks and record what must be."""
+        ...
+
+
+def is_evented(handler: object) -> bool:
+    """True if ``handler`` has the :class:`EventedHandler` methods."""
+    return all(callable(getattr(handler, name, None)) for name in ("start", "on_data", "finish"))
 
 
 #: Makes the handler for a new session (it may return one shared handler object).
@@ -321,8 +398,14 @@ class SessionHost:
         handler_factory: HandlerFactory,
         registry: SessionRegistry,
         limits: SessionLimits,
+        timers: ProcessTimers | None = None,
     ) -> None:
         self.directory = directory
+        #: The process's one timer heap (link retransmissions, idle deadlines of sessions
+        #: with no task); served by its owner's task: the caller's when given, else
+        #: :attr:`owns_timers` asks the listeners to serve it.
+        self.timers = timers if timers is not None else ProcessTimers()
+        self.owns_timers = timers is None
         self.handler_factory = handler_factory
         self.registry = registry
         self.limits = limits
@@ -499,31 +582,53 @@ class SessionHost:
             return None
         return device_id
 
-    async def run(self, session: DeviceSession) -> None:
+    async def run(
+        self, session: DeviceSession, *,
+        detach: Callable[[EventedHandler], bool] | None = None,
+    ) -> bool:
         """Run ``session``'s handler, then close the session (gracefully when possible).
 
         A handler error ends only its own session. An outside cancellation (the server is
         being torn down) closes the connection at once without waiting on the device.
+
+        ``detach`` (a transport that can deliver data by calls: DTLS): a handler with the
+        :class:`EventedHandler` methods is started (``start``), then ``detach(handler)``
+        hands the session over to the transport, which delivers each datagram to
+        ``handler.on_data`` and, once the session closes, runs :meth:`end_detached` in a
+        task of its own. Returns True then: the session lives on with no task. False when
+        the session ended here.
         """
         transport = session.transport
         counter = self.stats.resumed_handshakes if session.resumed else self.stats.full_handshakes
         counter[transport] += 1
         self.registry.register(session)
+        session.start_idle_timer(self.timers)
         handler: SessionHandler | None = None
+        evented: EventedHandler | None = None
+        detached = False
         try:
             with session._scope:
                 try:
                     handler = self.handler_factory(session)
                     session.handler = handler
-                    await handler.run(session)
+                    if detach is not None and is_evented(handler):
+                        evented = cast("EventedHandler", handler)
+                        await evented.start(session)
+                        detached = not session.closed and detach(evented)
+                        if detached:
+                            return True
+                    else:
+                        await handler.run(session)
                     session._ended(CloseReason.HANDLER_DONE)
                 except SessionClosed:
                     pass
                 except Exception:
                     logger.exception("session handler of device %s failed", session.device_id)
                     session._ended(CloseReason.HANDLER_ERROR)
-            if session.close_reason is None:  # only the idle deadline cancels silently
+            if session.close_reason is None:  # a handler that returned closes it above
                 session.close_reason = CloseReason.IDLE
+            if evented is not None:  # started, never detached: end it as run() would
+                await self._finish(session, evented)
             self.registry.unregister(session)
             await session._farewell_then_close(handler if handler is not None else _NO_HANDLER)
         except BaseException:
@@ -531,8 +636,39 @@ class SessionHost:
             session._close_now()
             raise
         finally:
+            if not detached:
+                self.timers.disarm(session)
+                self.registry.unregister(session)
+                self.stats.closed[(transport, session.close_reason or CloseReason.SERVER)] += 1
+        return False
+
+    async def end_detached(self, session: DeviceSession, handler: EventedHandler) -> None:
+        """End a session :meth:`run` detached, once it closed (the transport calls it in a
+        task started then): the handler's ``finish``, then the farewell or close as
+        :meth:`run` does."""
+        transport = session.transport
+        try:
+            await self._finish(session, handler)
+            self.registry.unregister(session)
+            await session._farewell_then_close(handler)
+        except BaseException:
+            session._ended(CloseReason.SERVER)
+            session._close_now()
+            raise
+        finally:
             self.registry.unregister(session)
             self.stats.closed[(transport, session.close_reason or CloseReason.SERVER)] += 1
+
+    @staticmethod
+    async def _finish(session: DeviceSession, handler: EventedHandler) -> None:
+        """The handler's ``finish`` (shielded: the session's own scope may be cancelled);
+        an error in it is logged, the close goes on."""
+        with trio.CancelScope(shield=True):
+            try:
+                await handler.finish(session)
+            except Exception:
+                logger.exception("session handler of device %s failed to finish",
+                                 session.device_id)
 
 
 class _NoHandler:

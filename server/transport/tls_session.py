@@ -145,7 +145,7 @@ class TlsSession(DeviceSession):
 
     def quiet_for(self, now: float) -> float:
         """Seconds since the session's last traffic (see :meth:`DeviceSession._touch`)."""
-        return now - (self._scope.deadline - self.limits.idle_timeout)
+        return now - self._last_traffic
 
     def rest(self) -> bool:
         """The session is quiet: drop the AEAD objects (derived again from the secrets for
@@ -205,12 +205,20 @@ class TlsSession(DeviceSession):
         if messages:
             await self._seal_and_send(self._seal_window, messages)
 
+    async def send_reply(self, messages: Sequence[bytes]) -> None:
+        """:meth:`send_window` for the reader's answers: when the socket takes the whole
+        write at once there is no checkpoint (the reader yields at its next receive
+        anyway), so a keep-alive costs one trip through trio's scheduler, not two."""
+        if messages:
+            await self._seal_and_send(self._seal_window, messages, checkpoint=False)
+
     def _seal_window(self, messages: Sequence[bytes]) -> bytes:
         return seal_window(messages, self.layer)
 
-    async def _seal_and_send(self, seal: Callable[[_T], bytes], plaintext: _T) -> None:
+    async def _seal_and_send(self, seal: Callable[[_T], bytes], plaintext: _T, *,
+                             checkpoint: bool = True) -> None:
         """``seal(plaintext)`` under the send turn (records leave in the order of their
-        sequence numbers), then the write."""
+        sequence numbers), then the write (``checkpoint``: yield after a whole write)."""
         self._check_can_send()
         await self._take_send_turn()
         try:
@@ -223,7 +231,7 @@ class TlsSession(DeviceSession):
                 raise self._ended(reason) from None
             if not self._ciphers_held:
                 self._using_ciphers()
-            await self._send_shielded(wire)
+            await self._send_shielded(wire, checkpoint=checkpoint)
         finally:
             self._give_send_turn()
         self._touch()
@@ -249,7 +257,7 @@ class TlsSession(DeviceSession):
         finally:
             self._give_send_turn()
 
-    async def _send_shielded(self, wire: bytes) -> None:
+    async def _send_shielded(self, wire: bytes, *, checkpoint: bool = True) -> None:
         if self._unsent:  # the tickets, sealed before anything of the layer (RFC 8446 5.3)
             wire = self._unsent + wire
             self._unsent = b""
@@ -262,7 +270,8 @@ class TlsSession(DeviceSession):
         except OSError:  # reset, broken pipe, closed (Python ignores SIGPIPE)
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
         if sent == len(wire):
-            await trio.lowlevel.cancel_shielded_checkpoint()  # let other tasks run
+            if checkpoint:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # let other tasks run
             return
         await self._send_rest_shielded(memoryview(wire)[sent:])
 

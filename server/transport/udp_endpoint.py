@@ -9,8 +9,13 @@ The reader task reads every datagram and hands it on by the peer's address:
   handshake slot (``SessionHost.gate``), runs :class:`DtlsServerHandshake` (OpenSSL on
   memory BIOs) under ``limits.handshake_timeout``, takes the record layer over, frees the
   OpenSSL object, authorizes the device, then runs the session (``SessionHost.run``);
+  a handler that can run as calls (``EventedHandler``: the device plane's) is started,
+  and the session is then detached: the task ends and the session lives on as a record;
 - an established peer: its :class:`DtlsLink`, which opens the datagram with our record
   layer right away; records that fail to open are dropped and counted in :attr:`stats`.
+  A detached session's handler gets the plaintext in the same call (``on_data``) and
+  answers at once (non-blocking sends); its idle deadline is in the process's timer heap,
+  and once it closes its end runs in a task started then (:meth:`UdpEndpoint.end_session`).
 
 On graceful shutdown (:meth:`UdpEndpoint.start_saving`) established sessions whose handler
 can carry its state over are saved instead of closed (``udp_saved``); the next process
@@ -40,6 +45,7 @@ from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
 from server.transport.admission import NotAdmitted
 from server.transport.session import (
     CloseReason,
+    EventedHandler,
     RefuseReason,
     SessionHandler,
     SessionHost,
@@ -183,7 +189,13 @@ class UdpEndpoint:
             self._restore(self.to_restore)
             self.to_restore = []
             task_status.started(self)
-            await self._read_forever()
+            try:
+                await self._read_forever()
+            finally:
+                # Torn down (cancelled): sessions with no task end as a task's would, in
+                # tasks of this (cancelled) nursery: their shielded records are written
+                # (the device offline), then the socket is dropped without a goodbye.
+                self._close_detached(CloseReason.SERVER)
 
     async def _read_forever(self) -> None:
         sock = self.socket
@@ -287,6 +299,7 @@ class UdpEndpoint:
         raises (except Cancelled)."""
         address, who = peer.address, peer.peer
         established = None
+        detached = False
         try:
             try:
                 with peer.scope:  # cancelled if a newer ClientHello replaces the handshake
@@ -303,16 +316,21 @@ class UdpEndpoint:
                 del established
                 try:  # inline, not a coroutine of its own: a frame less per idle session
                     if device_id is not None:
-                        await self.host.run(DtlsSession(link, device_id, who, self.host, resumed))
+                        session = DtlsSession(link, device_id, who, self.host, resumed)
+                        # An evented handler's session lives on with no task: its end
+                        # (forget, connection_ended) runs in _end_session.
+                        detached = await self.host.run(session, detach=session.detach)
                     elif not link.layer.closed:  # refused after the handshake: tell the device
                         with trio.move_on_after(self.host.limits.farewell_timeout):
                             await self.send(link.layer.close(), link.address)
                 finally:
-                    self.forget(link)
+                    if not detached:
+                        self.forget(link)
         except Exception:
             logger.exception("DTLS session with %s failed", who)
         finally:
-            self.host.connection_ended(_TRANSPORT)
+            if not detached:
+                self.host.connection_ended(_TRANSPORT)
 
     async def _handshake_phase(
         self, peer: _Handshaking
@@ -479,6 +497,7 @@ class UdpEndpoint:
         host = self.host
         address = link.address
         peer = address if len(address) == 2 else (str(address[0]), int(address[1]))
+        detached = False
         try:
             refusal = await self._authorize_restored(entry)
             if refusal is not None:
@@ -498,12 +517,13 @@ class UdpEndpoint:
             # had none: take that count back first (no checkpoint in between).
             counter = host.stats.resumed_handshakes if entry.resumed else host.stats.full_handshakes
             counter[_TRANSPORT] -= 1
-            await host.run(session)
+            detached = await host.run(session, detach=session.detach)
         except Exception:
             logger.exception("restored DTLS session with %s failed", peer)
         finally:
-            self.forget(link)
-            host.connection_ended(_TRANSPORT)
+            if not detached:
+                self.forget(link)
+                host.connection_ended(_TRANSPORT)
 
     async def _authorize_restored(self, entry: SavedDtlsSession) -> str | None:
         """None if the device may go on, else the RefuseReason (as at a handshake: the
@@ -526,6 +546,37 @@ class UdpEndpoint:
         return None
 
     # --- shared by the peers ------------------------------------------------------------
+
+    def _close_detached(self, reason: str) -> None:
+        """Close every session that runs with no task (each starts its end)."""
+        for peer in list(self.peers.values()):
+            if type(peer) is DtlsLink and peer.session is not None:
+                peer.session.close(reason)
+
+    def end_session(self, session: DtlsSession, handler: EventedHandler) -> None:
+        """A detached session closed: its end runs in a task of the endpoint's nursery."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._end_session, session, handler)
+
+    async def _end_session(self, session: DtlsSession, handler: EventedHandler) -> None:
+        try:
+            await self.host.end_detached(session, handler)
+        except Exception:
+            logger.exception("DTLS session with %s failed to end", session.peer)
+        finally:
+            self.forget(session.link)
+            self.host.connection_ended(_TRANSPORT)
+
+    def spawn_sender(self, session: DtlsSession) -> None:
+        """Start a task sending ``session``'s backlog (the socket's buffer was full)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._send_backlog, session)
+
+    async def _send_backlog(self, session: DtlsSession) -> None:
+        try:
+            await session.send_backlog()
+        except Exception:
+            logger.exception("sending to %s failed", session.peer)
 
     def forget(self, link: DtlsLink) -> None:
         """Drop ``link`` from the demultiplexer (no-op if a newer peer took its address)."""

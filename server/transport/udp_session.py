@@ -7,7 +7,9 @@ yet read. The endpoint's reader task opens each datagram as it arrives
 close_notify answering the peer's, our last flight when the peer repeats its Finished, the
 no_renegotiation alert). :class:`DtlsSession` is the :class:`DeviceSession` the CoAP layer
 sees over it: ``receive()`` returns the next application-data plaintext, ``send()`` seals
-one record per datagram.
+one record per datagram. A session whose handler runs as calls is *detached*
+(:meth:`DtlsSession.detach`): no task reads it; each plaintext goes to the handler from the
+endpoint's reader, and it has no task at all while idle (issue 14 item 5).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from server.transport.limits import SessionLimits, TokenBucket
 from server.transport.session import (
     CloseReason,
     DeviceSession,
+    EventedHandler,
     SessionHandler,
     SessionHost,
     logger,
@@ -63,6 +66,15 @@ class DatagramSender(Protocol):
 
     def forget(self, link: DtlsLink) -> None:
         """The session is over: datagrams from its address are strangers' again."""
+        ...
+
+    def end_session(self, session: DtlsSession, handler: EventedHandler) -> None:
+        """A detached session closed: run its end (``SessionHost.end_detached``) in a
+        task of the endpoint's nursery."""
+        ...
+
+    def spawn_sender(self, session: DtlsSession) -> None:
+        """Start a task that sends ``session``'s backlog (the socket buffer was full)."""
         ...
 
     def keep(self, session: DtlsSession, handler: SessionHandler) -> bool:
@@ -98,6 +110,7 @@ class DtlsLink:
         "limits",
         "overflowed",
         "queue_size",
+        "session",
     )
 
     def __init__(
@@ -127,6 +140,9 @@ class DtlsLink:
         self.overflowed = 0
         self._bucket: TokenBucket | None = None
         self._waiter: trio.lowlevel.Task | None = None
+        #: The session, once detached (it has no task: each plaintext goes straight to
+        #: its handler, see DtlsSession.detach); None while a task reads the inbox.
+        self.session: DtlsSession | None = None
 
     def on_datagram(self, datagram: bytes) -> bool:
         """Open a datagram from the peer and act on it; True if it starts a new handshake
@@ -164,6 +180,10 @@ class DtlsLink:
         if len(data) > limits.max_message_size or not self._bucket.try_take(1.0, now):
             self.dropped += 1
             return
+        session = self.session
+        if session is not None:
+            session.on_data(data, now)
+            return
         if len(self.inbox) >= self.queue_size:
             self.overflowed += 1  # the handler is behind: drop the newest, as UDP may
             return
@@ -171,7 +191,13 @@ class DtlsLink:
         self.wake()
 
     def wake(self) -> None:
-        """Resume the task waiting in :meth:`wait`, if any."""
+        """Resume the task waiting in :meth:`wait`, if any; a detached session whose
+        link has ended is closed."""
+        session = self.session
+        if session is not None:
+            if self.ended is not None:
+                session.close(self.ended)
+            return
         task = self._waiter
         if task is not None:
             self._waiter = None
@@ -194,7 +220,7 @@ class DtlsLink:
 class DtlsSession(DeviceSession):
     """A device session over DTLS; ``receive()`` returns one datagram's plaintext."""
 
-    __slots__ = ("link", "restored_state")
+    __slots__ = ("_backlog", "_ending", "_evented", "link", "restored_state")
 
     transport = "udp"
 
@@ -210,8 +236,15 @@ class DtlsSession(DeviceSession):
     ) -> None:
         super().__init__(device_id, peer, host.limits, resumed)
         self.link = link
-        if idle_for > 0:  # restored: the idle deadline counts from the last traffic
-            self._scope.deadline -= idle_for
+        # Restored: the idle deadline counts from the traffic before the restart.
+        self._last_traffic -= max(0.0, idle_for)
+        #: The handler once detached (see detach); None while a task runs the session.
+        self._evented: EventedHandler | None = None
+        #: True once a detached session's end was started.
+        self._ending = False
+        #: Records the socket did not take yet (its buffer was full), oldest first: a
+        #: task of the endpoint sends them; None when there are none.
+        self._backlog: list[bytes] | None = None
         #: None for a session that began with a handshake; for one restored after a
         #: graceful restart, what its handler saved (``SuspendableHandler``; b"" if none).
         #: ``idle_for``: seconds the restored session had been idle (before and during
@@ -224,9 +257,89 @@ class DtlsSession(DeviceSession):
         return self.restored_state is not None
 
     @property
-    def idle_since(self) -> float:
-        """trio time of the session's last traffic (its idle deadline less the timeout)."""
-        return self._scope.deadline - self.limits.idle_timeout
+    def detached(self) -> bool:
+        """True once the session runs with no task (see :meth:`detach`)."""
+        return self._evented is not None
+
+    # --- a session with no task (issue 14 item 5) ---------------------------------------
+
+    def detach(self, handler: EventedHandler) -> bool:
+        """Hand the session to the endpoint's reader: from now on each plaintext goes to
+        ``handler.on_data`` as it is opened, the idle deadline lives in the process's
+        timers, and closing the session starts its end in a task of the endpoint. What
+        arrived while the handler started is delivered now."""
+        link = self.link
+        self._evented = handler
+        link.session = self
+        inbox, link.inbox = link.inbox, []
+        now = trio.current_time()
+        for data in inbox:
+            self.on_data(data, now)
+        if link.ended is not None:
+            self.close(link.ended)
+        return True
+
+    def on_data(self, data: bytes, now: float) -> None:
+        """A plaintext for a detached session's handler (from the endpoint's reader)."""
+        handler = self._evented
+        if handler is None or self.close_reason is not None:
+            return
+        self._last_traffic = now
+        try:
+            handler.on_data(data)
+        except DeviceSessionClosed:
+            pass
+        except Exception:
+            logger.exception("session handler of device %s failed", self.device_id)
+            self.close(CloseReason.HANDLER_ERROR)
+        if self._backlog is None:
+            # Quiet again: the AEAD objects hold ~2.3 KB of OpenSSL state each; the next
+            # record rebuilds them (~0.7 us each).
+            self.link.layer.release_aeads()
+
+    def close(self, reason: str = CloseReason.SERVER) -> None:
+        """End the session (idempotent); a detached one starts its end in a task."""
+        super().close(reason)
+        handler = self._evented
+        if handler is not None and not self._ending:
+            self._ending = True
+            self.link.endpoint.end_session(self, handler)
+
+    def send_window_nowait(self, messages: Sequence[bytes]) -> None:
+        """Seal a window (one record per datagram, in one batch) and send it without
+        waiting: what the socket's buffer does not take waits in a backlog that a task of
+        the endpoint sends, in order."""
+        if not messages:
+            return
+        self._check_can_send()
+        link = self.link
+        if link.ended is not None:
+            raise self._ended(link.ended)
+        try:
+            records = link.layer.seal_many(messages)
+        except RecordError as error:  # closed, oversized, or 2^48 records sealed
+            logger.debug("cannot seal for %s: %s", self.peer, error)
+            raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        self._last_traffic = trio.current_time()
+        backlog = self._backlog
+        if backlog is not None:
+            backlog.extend(records)
+            return
+        endpoint, address = link.endpoint, link.address
+        for index, record in enumerate(records):
+            if not endpoint.send_now(record, address):
+                self._backlog = list(records[index:])
+                endpoint.spawn_sender(self)
+                return
+
+    async def send_backlog(self) -> None:
+        """Send the backlog (waiting for room in the socket's buffer), then drop it."""
+        link = self.link
+        while self._backlog:
+            record = self._backlog.pop(0)
+            if link.ended is None or self._in_farewell:
+                await link.endpoint.send(record, link.address)
+        self._backlog = None
 
     @property
     def dropped(self) -> int:
@@ -294,6 +407,9 @@ class DtlsSession(DeviceSession):
 
     async def _farewell_then_close(self, handler: SessionHandler) -> None:
         link = self.link
+        if self._backlog:  # what a detached session's handler sent last goes out first
+            with trio.move_on_after(self.limits.farewell_timeout):
+                await self.send_backlog()
         if (
             self.close_reason == CloseReason.SHUTDOWN
             and link.ended is None

@@ -1,0 +1,62 @@
+"""A session updater's inbox of transfer messages: bounded, and free while no transfer runs.
+
+The device's acknowledgements of a transfer (``otacore.transfer``) are put here by the
+session's reader, which must never block on them, and taken by the updater's task. A
+memory channel cost about 1 KiB per session, transfer or not; this holds a deque only while
+messages wait and a trio.Event only while the updater waits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from otacore.transfer import TransferMessage
+
+#: Messages kept beyond it are dropped: the transfer protocol recovers lost messages.
+INBOX_SIZE = 256
+
+
+class TransferInbox:
+    """Transfer messages in arrival order, at most ``size`` of them."""
+
+    __slots__ = ("_arrived", "_messages", "size")
+
+    def __init__(self, size: int = INBOX_SIZE) -> None:
+        self.size = size
+        self._messages: deque[TransferMessage] | None = None
+        self._arrived: trio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._messages) if self._messages is not None else 0
+
+    def put(self, message: TransferMessage) -> bool:
+        """Add ``message`` (never blocks); False (dropped) when the inbox is full."""
+        messages = self._messages
+        if messages is None:
+            messages = self._messages = deque()
+        elif len(messages) >= self.size:
+            return False
+        messages.append(message)
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            arrived.set()
+        return True
+
+    def clear(self) -> None:
+        """Drop every message (what an earlier transfer left)."""
+        self._messages = None
+
+    async def receive(self) -> TransferMessage:
+        """The oldest message, waiting for one; a cancellation loses none."""
+        while not self._messages:
+            if self._arrived is None:
+                self._arrived = trio.Event()
+            await self._arrived.wait()
+        await trio.lowlevel.checkpoint()  # as a channel's receive: a checkpoint each time
+        messages = self._messages
+        if not messages:  # taken meanwhile (cleared): wait again
+            return await self.receive()
+        return messages.popleft()
