@@ -66,17 +66,21 @@ async def test_a_read_sees_what_another_process_committed_before_it_asked(
 ) -> None:
     """A batch's snapshot is taken after all its reads were queued: a change committed by
     another Store on the same file (another process) before a read was asked is seen."""
-    gate = threading.Event()
+    gate, snapshot_taken = threading.Event(), threading.Event()
     other = Store.open_dir(data_dir)
     try:
         async with trio.open_nursery() as nursery:
             held: dict[str, str | None] = {}
 
             async def held_read() -> None:  # keeps a batch in its worker thread
-                held["v"] = await store.group_read.run(blocking(gate, get("g-key")))
+                held["v"] = await store.group_read.run(
+                    blocking(gate, get("g-key"), snapshot_taken))
 
             nursery.start_soon(held_read)
-            await trio.testing.wait_all_tasks_blocked()
+            # Wait until the first batch's snapshot exists (its first statement ran in the
+            # worker thread), not merely until trio's tasks are blocked: the thread may not
+            # have run yet.
+            assert await trio.to_thread.run_sync(snapshot_taken.wait, 10)
             put_now(other, "g-key", "committed-meanwhile")  # after the first batch began
             seen: list[str | None] = []
 
@@ -92,12 +96,15 @@ async def test_a_read_sees_what_another_process_committed_before_it_asked(
         other.close()
 
 
-def blocking(gate: threading.Event, inner: Callable[[Tx], str | None]
-             ) -> Callable[[Tx], str | None]:
-    """A read that first waits (in its worker thread) until ``gate`` is set."""
+def blocking(gate: threading.Event, inner: Callable[[Tx], str | None],
+             started: threading.Event | None = None) -> Callable[[Tx], str | None]:
+    """A read that, after its first statement (``started`` is then set), waits in its
+    worker thread until ``gate`` is set."""
 
     def op(tx: Tx) -> str | None:
         value = inner(tx)  # the snapshot starts at the first statement
+        if started is not None:
+            started.set()
         assert gate.wait(10), "the test never opened the gate"
         return value
 
