@@ -98,10 +98,9 @@ async def test_a_reconnecting_session_waits_on_the_store_once_per_stored_change(
     trips.subtract(before)
     trips = +trips
     print(f"{transport}: store round trips from handshake to idle: {dict(trips)}")
-    # The updater's second check re-reads the target the Describe's transaction handed
-    # it (server/devices/updater.py: the Describe's kick is not counted as answered by
-    # the check that used its view); at most that one read beyond the authorization.
-    assert trips.pop(TARGET_READ, 0) <= 1
+    # The updater plans from the target the Describe's transaction handed it, and that
+    # check answers the Describe's kick: no second check reads the target again.
+    assert trips.pop(TARGET_READ, 0) == 0
     assert trips == {AUTHORIZE: 1, PRESENCE: 1, HELLO: 1, DESCRIBE: 1}
     view = await fleet.target_for_device(device_id)
     assert view.device.firmware_updates_enabled is False and view.device.online is True

@@ -82,8 +82,8 @@ class SessionUpdater:
     that runs its updates one module at a time, as its planner decides."""
 
     # One per live session: slots save its dict; "__dict__" keeps room for more.
-    __slots__ = ("__dict__", "_attempt", "_downloads", "_inbox", "_kick_event", "_kicked",
-                 "_recheck", "_running", "_started_unrecorded", "_view", "_wait_scope",
+    __slots__ = ("__dict__", "_answered", "_attempt", "_downloads", "_inbox", "_kick_event",
+                 "_kicked", "_recheck", "_running", "_started_unrecorded", "_view", "_wait_scope",
                  "device_id", "engine", "handled", "handler", "kicks", "last_failure",
                  "memory_loaded", "offers", "planner", "result_seen", "sender")  # fmt: skip
 
@@ -95,6 +95,9 @@ class SessionUpdater:
         self._inbox = TransferInbox()
         #: A kick asks for a check not yet begun.
         self._kicked = False
+        #: Kicks answered by a check that planned from the view they carried (see
+        #: update_once): no second check re-reads what that view already said.
+        self._answered = 0
         #: While the task waits before trying a failed transfer again: a kick ends the wait.
         self._kick_event: trio.Event | None = None
         #: True while the updater's task runs (started on demand, see start()).
@@ -257,7 +260,7 @@ class SessionUpdater:
                 log.info("device %s stopped answering: %s", self.device_id, exc)
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
-            self.handled.advance_to(covered)
+            self.handled.advance_to(max(covered, self._answered))
             delay = self.planner.after_check(self.last_failure)
             if delay is not None:
                 # The device stopped acknowledging though its session lives: offer again
@@ -309,6 +312,14 @@ class SessionUpdater:
         view, self._view = self._view, None
         if view is None:
             view = await fleet.target_for_device(self.device_id)
+        else:
+            # A view carried by a kick (the Describe's own transaction, a release's read) is
+            # never older than the kicks asked so far (kick_with drops a stale one, and
+            # kick() clears it): this check answers them all. Without this, the Describe's
+            # kick, asked while the Hello's check waited for it, ran a second check that
+            # read the same target from the store again.
+            self._answered = self.kicks
+            self._kicked = False
         facts = target_facts(view)
         notice = self.planner.forced_notice(facts.updates_forced)
         if notice is not None:  # a held reset may wait for it
