@@ -238,8 +238,10 @@ async def test_graceful_shutdown_tells_a_task_less_dtls_device_when_to_come_back
 ) -> None:
     """A DTLS session with no task still gets the farewell at a graceful shutdown (its end
     runs in a task started then): the going-away NON with the hold-off, then close_notify,
-    and the device is recorded offline."""
-    kit = await start_device_server(nursery, tmp_path, count=1)
+    and the device is recorded offline. (With saving on, the default, the session is saved
+    for the next process instead: tests/test_device_session_restart.py.)"""
+    kit = await start_device_server(nursery, tmp_path, count=1,
+                                    device_tuning=DeviceTuning(save_dtls_sessions=False))
     (device_id,) = kit.device_ids
     (device,) = await _connect_idle(kit, [device_id], "udp")
     assert _plane(kit).live[device_id].session.detached

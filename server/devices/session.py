@@ -24,6 +24,7 @@ import trio
 
 from otacore.chunk_framing import MAX_WINDOW_CHUNKS
 from otacore.coap import Code, Message, MessageType
+from otacore.coap_reliability import ReliableLayer
 from otacore.errors import OtaError, PayloadSchemaError, ProtocolError
 from otacore.messages import (
     Describe,
@@ -60,6 +61,7 @@ from otacore.transfer import Chunk, PreparedFile
 from otacore.transfer.framing import frame_chunks
 from server.devices.flag import Flag
 from server.devices.session_tasks import SessionTasks
+from server.devices.suspended import SuspendedSession, SuspendedStateError
 from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
 from server.fleet.errors import WrongPlatformError
@@ -187,9 +189,51 @@ class DeviceSessionHandler:
         # The transport registered the session (and closed the one it replaces) before
         # this handler was made: that session's end sees a successor in ``plane.live`` and
         # leaves the device's online state alone.
+        saved = getattr(session, "restored_state", None)
+        if saved is not None:
+            self._restore(session, saved)
         await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
                                              session=self.presence)
         self.plane.on_session_start(self)
+        if saved is not None:
+            # As after a Hello (and a Describe, if it was recorded): the updater checks the
+            # device's target; a transfer cut by the restart is offered again and resumed.
+            for hook in self.on_hello:
+                hook(None, None)
+
+    def suspend(self, session: DeviceSession) -> bytes:
+        """Graceful shutdown: the state the next server process restores this DTLS session
+        with, so the device goes on without a handshake or a new Hello
+        (:class:`~server.devices.suspended.SuspendedSession`)."""
+        link = self.link
+        next_id = link.reserve_message_ids(1)[0] if isinstance(link, UdpLink) else 0
+        return SuspendedSession(self.hello, self.product_id, self.key_sequence,
+                                self.described.is_set(), next_id).to_bytes()
+
+    def _restore(self, session: DeviceSession, saved: bytes) -> None:
+        """Take back what the previous process's :meth:`suspend` saved; a state it cannot
+        read closes the session (the device then handshakes and says Hello again)."""
+        try:
+            state = SuspendedSession.from_bytes(saved)
+        except SuspendedStateError as exc:
+            log.warning("restored session of %s closed: %s", self.device_id, exc)
+            session.close("saved state unreadable")
+            raise SessionClosed("saved state unreadable") from None
+        if state.hello is not None and state.hello.device_id != self.device_id:
+            # Bound to the certificate's device id, as a Hello is (see _on_hello).
+            log.warning("restored session of %s closed: its saved Hello names %s",
+                        self.device_id, state.hello.device_id)
+            session.close("saved state names another device")
+            raise SessionClosed("saved state names another device")
+        # RFC 7252 4.4: go on from the previous process's message ids.
+        self.link = UdpLink(ReliableLayer(answer_pings_with_ack=True,
+                                          first_message_id=state.next_message_id))
+        self.hello = state.hello
+        self.product_id = state.product_id
+        self.key_sequence = state.key_sequence
+        if state.described:
+            self.described_at = trio.current_time()
+            self.described.set()
 
     async def finish(self, session: DeviceSession) -> None:
         """The session ended: its on-demand tasks end, it leaves the registry, and the
