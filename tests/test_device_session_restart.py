@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,11 +18,22 @@ from hypothesis import strategies as st
 from otacore.coap import Code, Message, MessageType
 from otacore.messages import Dependency, Hello, ModuleDescription
 from otacore.protocol.link import RequestReceived
+from otacore.signing import TrustStore
 from server.app import ServerConfig, ServerHandle, serve
+from server.devices.keys import TRUST_FILE, read_trust_file
 from server.devices.session import DeviceSessionHandler
 from server.devices.suspended import SuspendedSession, SuspendedStateError
 from tests.device_client import LinkDevice
 from tests.device_server import start_device_server
+from tests.test_ota_e2e_kit import (
+    STEP,
+    SYSTEM_5003,
+    EventLog,
+    OtaRig,
+    WatchedFlash,
+    app,
+    updated_to,
+)
 
 PATIENCE = 30
 
@@ -140,3 +152,59 @@ def test_flipped_bytes_of_a_real_state_are_read_or_refused(data: st.DataObject) 
         SuspendedSession.from_bytes(bytes(saved))
     except SuspendedStateError as exc:
         assert str(exc)
+
+
+async def test_a_transfer_cut_by_a_graceful_restart_resumes_with_no_handshake(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """An emulated DTLS device halfway through a download when ``ota server`` restarts
+    gracefully: the next process restores its session, offers the image again, and the
+    device resumes from the chunks it holds, in the same DTLS session (no handshake, no
+    Hello), then installs it."""
+    async with trio.open_nursery() as devices:  # the device outlives both servers
+        async with trio.open_nursery() as first_nursery:
+            kit = await start_device_server(first_nursery, tmp_path, count=1)
+            (device_id,) = kit.device_ids
+            trust = TrustStore.initial(kit.product_id,
+                                       read_trust_file(kit.creds_dir / TRUST_FILE))
+            async with kit.api() as api:
+                rig = OtaRig(kit, api, EventLog(), trust, tmp_path / "state", first_nursery)
+                rig.tune_engine(tcp_chunk_size=1024, udp_chunk_size=1024, window_limit=4)
+                v2 = app(2, size=48_000)
+                await rig.upload_device_os(SYSTEM_5003)
+                await rig.upload(2, v2)
+                await rig.release(2, product_default=True)
+                halfway = trio.Event()
+                at_end: list[int] = []
+                fleet = rig.fleet([(device_id, "udp")], ota_chunk_size=1024)
+                runner_box: list[Any] = []
+
+                def on_mark(offset: int) -> None:
+                    if offset < len(v2):
+                        halfway.set()
+                    else:  # the whole image written: how many sessions it took
+                        at_end.append(runner_box[0].device.sessions)
+
+                watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2, len(v2)],
+                                               on_mark=on_mark)
+                runner_box.append(fleet.device(device_id))
+                await devices.start(fleet.run)
+                with trio.fail_after(STEP):
+                    await halfway.wait()
+                sessions_before = runner_box[0].device.sessions
+                kit.handle.shutdown.set()
+        assert kit.handle.device_server is not None
+        endpoint = kit.handle.device_server.udp_endpoint
+        assert endpoint is not None and endpoint.stats.saved == 1
+        config = ServerConfig(data_dir=kit.data_dir, api_port=0, device_port=kit.udp[1],
+                              store_threads=4, graceful_timeout=0.5)
+        second: ServerHandle = await nursery.start(serve, config)
+        await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+        # Resumed in the session restored, never restarted from zero.
+        assert at_end == [sessions_before]
+        assert watched.restarts == 1
+        assert len(v2) <= watched.written <= len(v2) + 2 * 4 * 1024
+        assert second.device_server is not None and second.device_server.udp_endpoint
+        assert second.device_server.udp_endpoint.stats.restored == 1
+        devices.cancel_scope.cancel()
+    second.shutdown.set()
