@@ -278,9 +278,12 @@ async def _run(
     specs = _deal(options, install, work)
     limits = [arg for limit in options.device_limits for arg in ("--device-limit", limit)]
     logs = work / "logs"
-    async with running_server(
-        install, logs / "server.log", workers=options.servers(), extra_args=limits
-    ) as server, trio.open_nursery() as nursery:
+    async with (
+        running_server(
+            install, logs / "server.log", workers=options.servers(), extra_args=limits
+        ) as server,
+        trio.open_nursery() as nursery,
+    ):
         async with running_loadgens(nursery, specs, logs, lambda _i, _e: None) as gens:
             await trio.sleep(1.0)  # the workers settle before the idle reading
             server_idle_kib = tree_rss_kib(server.pid)
@@ -353,10 +356,12 @@ async def _hold(
     while True:
         sample = await sampler.sample(await request_all(gens, "hold_stats"), started)
         samples.append(sample)
-        say(f"  t={sample['t']:.0f} s: server holds {sample['server_sessions']}, "
+        say(
+            f"  t={sample['t']:.0f} s: server holds {sample['server_sessions']}, "
             f"{sample['connected']} connected, {sample['drops']} drops, "
             f"{sample['pings_missed']} pings missed, server RSS "
-            f"{sample['server_rss_kib'] // 1024} MiB, available {sample['available_mib']} MiB")
+            f"{sample['server_rss_kib'] // 1024} MiB, available {sample['available_mib']} MiB"
+        )
         if sample["available_mib"] < options.min_available_mib:
             return samples, (
                 f"hold stopped after {sample['t']:.0f} s: the machine's available memory "
@@ -448,7 +453,8 @@ def _summary(
         ),
         "machine_busy": (
             round((last["machine_busy_cpu_s"] - first["machine_busy_cpu_s"]) / machine, 3)
-            if machine else None
+            if machine
+            else None
         ),
         "server_cpu_per_ping_us": round(server_cpu / answered * 1e6, 1) if answered else None,
         "machine": {
