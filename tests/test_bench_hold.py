@@ -20,7 +20,7 @@ from otacore.coap import (
     encode_udp,
 )
 from server.bench.fleet import BenchError
-from server.bench.fleet.hold import HoldOptions, run_hold
+from server.bench.fleet.hold import HoldOptions, rss_trend, run_hold
 from server.bench.fleet.holder import HoldSettings, KeepAliveProbe, _SessionEnded
 
 DEVICES = 20
@@ -84,6 +84,11 @@ async def test_tiny_hold_holds_every_device_on_both_transports(tmp_path: Path) -
     assert result["server_rss_growth_pct"] is not None
     assert result["loadgen_rss_growth_pct"] is not None
     assert result["server_rss_per_session_kib"] is not None
+    for trend in (result["server_rss_trend"], result["loadgen_rss_trend"]):
+        assert set(trend) == {
+            "growth_pct", "settled_from_s", "settled_growth_pct", "spread_pct",
+            "slope_kib_per_min",
+        }  # fmt: skip
     assert result["server_cpu_per_s"] >= 0 and result["loadgen_cpu_per_s"] >= 0
     assert result["notes"] == []
 
@@ -174,3 +179,18 @@ def test_settings_are_checked_and_default_to_enough_processes() -> None:
     assert HoldSettings.from_request({"keepalive_interval": 30.0, "cmd": "hold_start"}) == (
         HoldSettings(keepalive_interval=30.0)
     )
+
+
+def test_rss_trend_separates_the_first_keepalive_round_from_a_steady_leak() -> None:
+    # Flat after a step in the first minute (each session's first ping builds its state).
+    flat = [{"t": t, "rss": 1000 if t < 60 else 1010} for t in range(0, 301, 10)]
+    trend = rss_trend(flat, "rss", settled_after=60)
+    assert trend["growth_pct"] == 1.0 and trend["spread_pct"] == 1.0
+    assert (trend["settled_from_s"], trend["settled_growth_pct"]) == (60, 0.0)
+    assert trend["slope_kib_per_min"] == 0.0
+    # A leak of 6 KiB a minute shows as such, whatever the step before it.
+    leak = [{"t": t, "rss": 1000 + t // 10} for t in range(0, 301, 10)]
+    assert rss_trend(leak, "rss", settled_after=60)["slope_kib_per_min"] == 6.0
+    # A hold shorter than the settling time: the last sample alone, no slope.
+    short = rss_trend(flat[:3], "rss", settled_after=60)
+    assert short["settled_from_s"] == 20 and short["slope_kib_per_min"] is None

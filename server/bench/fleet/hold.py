@@ -207,6 +207,35 @@ def _growth_pct(first: int, last: int) -> float | None:
     return round((last - first) / first * 100, 3) if first else None
 
 
+def rss_trend(samples: list[dict[str, Any]], key: str, settled_after: float) -> dict[str, Any]:
+    """How an RSS reading (``key``, KiB) of the hold's samples moved: growth from the first
+    sample to the last (the goal's measure), the same from the first sample at or after
+    ``settled_after`` seconds (once every device has sent its first keep-alive: the first
+    ping of a session builds state it then keeps), the spread (max - min over the first),
+    and the least-squares slope in KiB per minute over the settled samples (a leak shows
+    as a steady slope, noise does not)."""
+    values = [s[key] for s in samples]
+    settled = [s for s in samples if s["t"] >= settled_after] or samples[-1:]
+    times = [s["t"] for s in settled]
+    readings = [s[key] for s in settled]
+    slope: float | None = None
+    if len(settled) >= 2:
+        mean_t, mean_v = sum(times) / len(times), sum(readings) / len(readings)
+        variance = sum((t - mean_t) ** 2 for t in times)
+        if variance > 0:
+            covariance = sum(
+                (t - mean_t) * (v - mean_v) for t, v in zip(times, readings, strict=True)
+            )
+            slope = round(covariance / variance * 60, 1)
+    return {
+        "growth_pct": _growth_pct(values[0], values[-1]),
+        "settled_from_s": settled[0]["t"],
+        "settled_growth_pct": _growth_pct(readings[0], readings[-1]),
+        "spread_pct": _growth_pct(min(values), max(values)),
+        "slope_kib_per_min": slope,
+    }
+
+
 class _Sampler:
     """One hold sample from the server (store, /proc) and the load generators."""
 
@@ -403,6 +432,8 @@ def _summary(
     )  # fmt: skip
     sessions = first["server_sessions"]
     machine = last["machine_total_cpu_s"] - first["machine_total_cpu_s"]
+    # Every device has pinged once (the first ping of a session builds state it keeps).
+    settled = options.settings.keepalive_interval + options.settings.keepalive_timeout
     return {
         "devices": options.devices,
         "transport": options.transport,
@@ -447,6 +478,8 @@ def _summary(
         "loadgen_rss_first_kib": first["loadgen_rss_kib"],
         "loadgen_rss_last_kib": last["loadgen_rss_kib"],
         "loadgen_rss_growth_pct": _growth_pct(first["loadgen_rss_kib"], last["loadgen_rss_kib"]),
+        "server_rss_trend": rss_trend(samples, "server_rss_kib", settled),
+        "loadgen_rss_trend": rss_trend(samples, "loadgen_rss_kib", settled),
         "server_cpu_per_s": round(server_cpu / span, 4) if span else None,
         "loadgen_cpu_per_s": (
             round((last["loadgen_cpu_s"] - first["loadgen_cpu_s"]) / span, 4) if span else None
