@@ -363,7 +363,9 @@ async def _ramp(
             said_at = now
             say(f"  {connected}/{options.devices} connected, "
                 f"{_summed(stats, 'connect_failures')} failed attempts, "
-                f"available memory {available_mib()} MiB")  # fmt: skip
+                f"available memory {available_mib()} MiB"
+                + (f"; not connected: {_merged(stats, 'waiting_reasons')}"
+                   if connected < options.devices else ""))  # fmt: skip
         if connected >= options.devices:
             return "done", stats
         if now >= deadline:
@@ -448,6 +450,7 @@ def _summary(
         "ramp_s": ramp_s,
         "ramp_connect_failures": _summed(ramp_stats, "connect_failures"),
         "ramp_connect_failure_reasons": _merged(ramp_stats, "connect_failure_reasons"),
+        "ramp_waiting_reasons": _merged(ramp_stats, "waiting_reasons"),
         "ramp_server_cpu_s": ramp_cpu["process_cpu_s"],
         "ramp_loadgen_cpu_s": ramp_cpu["others_cpu_s"],
         "ramp_machine_busy": ramp_cpu["machine_busy"],
@@ -462,6 +465,7 @@ def _summary(
         "drop_reasons": _merged(last_stats, "drop_reasons"),
         "connect_failures": last["connect_failures"] - first["connect_failures"],
         "connect_failure_reasons": _merged(last_stats, "connect_failure_reasons"),
+        "waiting_reasons_at_end": _merged(last_stats, "waiting_reasons"),
         "reconnects": last["sessions_started"] - first["sessions_started"],
         "pings_sent": last["pings_sent"] - first["pings_sent"],
         "pings_answered": answered,

@@ -171,6 +171,8 @@ class HeldDevices:
         self.sessions = 0  # sessions that came up (first ping answered), reconnects included
         self.drops: Counter[str] = Counter()  # why sessions ended, by transport and reason
         self.connect_failures: Counter[str] = Counter()
+        #: Device id -> the last error of a device not connected now (why it is not).
+        self.waiting_errors: dict[str, str] = {}
         self.pings_sent = 0
         self.pings_answered = 0
         self.pings_missed = 0
@@ -221,7 +223,9 @@ class HeldDevices:
                             if answered:
                                 break
             except (trio.TooSlowError, _SessionEnded, *RECORD_LINK_ERRORS) as exc:
-                self.connect_failures[f"{transport}: {error_text(exc)[:100]}"] += 1
+                error = f"{transport}: {error_text(exc)[:100]}"
+                self.connect_failures[error] += 1
+                self.waiting_errors[device_id] = error
                 if connection is not None:
                     await _close(connection)
                 await trio.sleep(backoff * (0.5 + self._rng.random() / 2))
@@ -234,8 +238,10 @@ class HeldDevices:
             if connection.session is not None:  # resume it next time
                 resumption.session = connection.session
             backoff = settings.backoff_initial
+            self.waiting_errors.pop(device_id, None)
             reason = await self._held(connection, transport, probe)
             self.drops[f"{transport}: {reason[:100]}"] += 1
+            self.waiting_errors[device_id] = f"{transport}: dropped: {reason[:100]}"
             await trio.sleep(backoff * (0.5 + self._rng.random() / 2))
 
     async def _held(self, connection: RecordConnection, transport: str,
@@ -298,6 +304,8 @@ class HeldDevices:
             "drop_reasons": dict(self.drops.most_common(5)),
             "connect_failures": sum(self.connect_failures.values()),
             "connect_failure_reasons": dict(self.connect_failures.most_common(5)),
+            # Why the devices not connected now are not (their last error, counted).
+            "waiting_reasons": dict(Counter(self.waiting_errors.values()).most_common(5)),
             "pings_sent": self.pings_sent,
             "pings_answered": self.pings_answered,
             "pings_missed": self.pings_missed,
