@@ -1,4 +1,5 @@
-"""``ota bench fleet``: the end-to-end fleet benchmark (machinery in ``server.bench.fleet``,
+"""``ota bench fleet``: the end-to-end fleet benchmark; ``ota bench hold``: sessions held
+at once for a while (machinery in ``server.bench.fleet``,
 installed with the package; results and the write-up in the repository's ``bench/fleet``).
 
 Attach to the main CLI with ``app.add_typer(bench_cmd.app, name="bench")``. The optional
@@ -166,6 +167,176 @@ def fleet(
         console.print(f"note: {note}", markup=False, soft_wrap=True)  # whole lines
     plot = f" and {out}/result.png" if (out / "result.png").is_file() else ""
     console.print(f"results in {out}/result.json{plot}", markup=False, soft_wrap=True)
+
+
+@app.command("hold")
+def hold(
+    devices: Annotated[int, typer.Option("--devices", "-n", min=1, help="Devices to hold.")] = 2000,
+    transport: Annotated[
+        str,
+        typer.Option("--transport", help="tcp (TLS 1.3), udp (DTLS 1.2) or both (alternating)."),
+    ] = "both",
+    procs: Annotated[
+        int | None,
+        typer.Option(
+            "--procs",
+            min=1,
+            help="Load-generator processes (at most 19,000 devices each); default: enough, "
+            "at least 2.",
+        ),
+    ] = None,
+    server_procs: Annotated[
+        int | None,
+        typer.Option(
+            "--server-procs",
+            min=1,
+            help="Server processes (ota server --workers K); default: one per CPU, more when "
+            "one transport has over 15,000 sessions per process.",
+        ),
+    ] = None,
+    hold_seconds: Annotated[
+        float, typer.Option("--hold-seconds", help="How long to hold every device.")
+    ] = 600.0,
+    sample_interval: Annotated[
+        float, typer.Option("--sample-interval", help="Seconds between two samples of the hold.")
+    ] = 10.0,
+    keepalive_interval: Annotated[
+        float, typer.Option("--keepalive-interval", help="Seconds between a device's pings.")
+    ] = 60.0,
+    keepalive_timeout: Annotated[
+        float, typer.Option("--keepalive-timeout", help="A ping unanswered this long is missed.")
+    ] = 20.0,
+    max_missed: Annotated[
+        int,
+        typer.Option("--max-missed", min=1, help="Missed pings in a row that drop a session."),
+    ] = 2,
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", min=1, help="Devices handshaking at once per process."),
+    ] = 64,
+    connect_timeout: Annotated[
+        float, typer.Option("--connect-timeout", help="Seconds a connection attempt may take.")
+    ] = 30.0,
+    backoff_initial: Annotated[
+        float, typer.Option("--backoff-initial", help="First reconnect back-off, seconds.")
+    ] = 1.0,
+    backoff_max: Annotated[
+        float, typer.Option("--backoff-max", help="Longest reconnect back-off, seconds.")
+    ] = 30.0,
+    ramp_timeout: Annotated[
+        float, typer.Option("--ramp-timeout", help="Seconds to wait for every device.")
+    ] = 1800.0,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stall-timeout", help="End the ramp-up after this long without a new device."
+        ),
+    ] = 180.0,
+    min_available_mib: Annotated[
+        int,
+        typer.Option(
+            "--min-available-mib",
+            min=0,
+            help="Stop the run when the machine's available memory falls under this (MiB).",
+        ),
+    ] = 2048,
+    device_limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--device-limit", help="NAME=VALUE for ota server's --device-limit (repeatable)."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the devices' jitter.")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Result file (JSON: the summary and every sample).")
+    ] = Path("bench-hold.json"),
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir", help="Parent of the scratch directory (default: the system temp)."
+        ),
+    ] = None,
+    keep_work: Annotated[
+        bool, typer.Option("--keep-work", help="Keep the scratch directory (and its logs).")
+    ] = False,
+) -> None:
+    """Hold N devices connected, pinging, for a while: sessions, RSS growth, CPU, drops."""
+    from server.bench.fleet.hold import HoldOptions, run_hold
+    from server.bench.fleet.holder import HoldSettings
+
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        options = HoldOptions(
+            devices=devices,
+            transport=transport,  # type: ignore[arg-type]  # checked by HoldOptions
+            procs=procs,
+            server_procs=server_procs,
+            hold_seconds=hold_seconds,
+            sample_interval=sample_interval,
+            settings=HoldSettings(
+                keepalive_interval=keepalive_interval,
+                keepalive_timeout=keepalive_timeout,
+                max_missed=max_missed,
+                concurrency=concurrency,
+                connect_timeout=connect_timeout,
+                backoff_initial=backoff_initial,
+                backoff_max=backoff_max,
+            ),
+            ramp_timeout=ramp_timeout,
+            stall_timeout=stall_timeout,
+            min_available_mib=min_available_mib,
+            device_limits=tuple(device_limit or ()),
+            seed=seed,
+            out_path=out,
+            work_parent=work_dir,
+            keep_work=keep_work,
+        )
+    except OtaError as exc:
+        fail(str(exc))
+
+    def say(line: str) -> None:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        result = trio.run(_until_signalled, partial(run_hold, options, say))
+    except BaseException as raised:
+        found = _meaningful(raised)
+        if isinstance(found, KeyboardInterrupt):
+            fail("interrupted: the server and every load generator were stopped")
+        if isinstance(found, OtaError):
+            fail(str(found))
+        raise
+    if result is None:
+        fail("stopped by a signal: the server and every load generator were stopped")
+    for key in HOLD_SUMMARY:
+        console.print(f"{key}: {result[key]}", markup=False, highlight=False, soft_wrap=True)
+    for note in result["notes"]:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    console.print(f"results in {out}", markup=False, soft_wrap=True)
+
+
+#: The lines ``ota bench hold`` prints (the result file has every figure and sample).
+HOLD_SUMMARY = (
+    "devices",
+    "procs",
+    "server_procs",
+    "ramp_end",
+    "ramp_s",
+    "every_device_held",
+    "connected_min",
+    "server_sessions_min",
+    "drops",
+    "pings_missed",
+    "server_rss_first_kib",
+    "server_rss_last_kib",
+    "server_rss_growth_pct",
+    "server_rss_per_session_kib",
+    "loadgen_rss_growth_pct",
+    "server_cpu_per_s",
+    "loadgen_cpu_per_s",
+    "server_cpu_per_ping_us",
+)
 
 
 def _meaningful(raised: BaseException) -> BaseException:

@@ -7,8 +7,10 @@ Modules (all under ``server.bench.fleet``): ``runner`` (orchestration, phases, t
 ``control`` (the runner's handles on the server and the load generators), ``loadgen`` (the
 load-generator process), ``lines`` (the JSON-lines pipe protocol), ``procs`` (child
 processes, /proc readings), ``images`` (benchmark firmware and provisioning),
-``nginx_baseline`` (nginx and its HTTPS clients), ``profile`` (py-spy sampling) and
-``report`` (JSON, PNG plot, rich table, progress).
+``nginx_baseline`` (nginx and its HTTPS clients), ``profile`` (py-spy sampling),
+``report`` (JSON, PNG plot, rich table, progress), and for ``ota bench hold`` (sessions held
+at once for a while) ``hold`` (its orchestration, samples and result) and ``holder`` (the
+load generator's held devices).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,10 +186,11 @@ class FleetProgress:
 
 @asynccontextmanager
 async def running_server(
-    install: Installation, log_path: Path, *, workers: int = 1
+    install: Installation, log_path: Path, *, workers: int = 1, extra_args: Sequence[str] = ()
 ) -> AsyncIterator[ServerProcess]:
     """``ota server --workers N`` on free ports over the prepared data directory (its
-    worker processes are children of ``pid``)."""
+    worker processes are children of ``pid``); ``extra_args`` go last (e.g. more
+    ``--device-limit NAME=VALUE``)."""
     argv = [
         sys.executable,
         "-m",
@@ -209,6 +210,7 @@ async def running_server(
         f"max_pending_per_address={SessionLimits().max_sessions}",
         "--device-limit",
         f"max_handshakes_per_address={SessionLimits().max_handshakes}",
+        *extra_args,
     ]
     async with running_process(
         argv, log_path=log_path, stdout=PIPE, cwd=install.data_dir, env=child_env(), grace=15.0

@@ -16,6 +16,9 @@ stdout. Commands:
   :class:`~server.emulator.fleet.EmulatedFleet` against a server;
 * ``fleet_stats``: bytes received and per-device times;
 * ``fetch`` (host, port, path, clients, expect): HTTPS GETs by that many concurrent clients;
+* ``hold_start`` (tcp, udp, seed and :class:`~server.bench.fleet.holder.HoldSettings`) /
+  ``hold_stats`` / ``hold_stop``: every device held connected, pinging at its keep-alive
+  interval, and the counters so far (:mod:`server.bench.fleet.holder`);
 * ``quit``.
 
 The spec's ``device_stack`` chooses the devices' sessions: ``records`` (default) runs them
@@ -54,6 +57,7 @@ from otacore.platforms import ModuleFunction
 from otacore.protocol.link import TcpLink, Transport, UdpLink
 from otacore.signing import TrustStore
 from server.bench.fleet import BenchError, error_text
+from server.bench.fleet.holder import HeldDevices, HoldSettings
 from server.bench.fleet.lines import JsonLines
 from server.bench.fleet.nginx_baseline import fetch_all
 from server.bench.fleet.procs import rss_kib
@@ -572,6 +576,7 @@ class LoadGenerator:
         self.lines = lines
         self.handshakes = HandshakeRounds(spec)
         self.driver = FleetDriver(spec, lines)
+        self.held: HeldDevices | None = None
 
     async def serve(self) -> None:
         """Obey commands until ``quit`` or the end of stdin (the runner is gone)."""
@@ -589,6 +594,8 @@ class LoadGenerator:
                 if command == "quit":
                     break
             self.driver.stop()
+            if self.held is not None:
+                self.held.stop()
             nursery.cancel_scope.cancel()
 
     async def handle(
@@ -626,6 +633,25 @@ class LoadGenerator:
                 sources=self.spec.sources,
                 timeout=float(request["timeout"]),
             )
+        if command == "hold_start":
+            if self.held is not None:
+                raise BenchError("hold_start twice")
+            settings = HoldSettings.from_request(request)
+            self.held = HeldDevices(
+                self.spec.devices, self.spec.credentials, self.spec.sources, int(request["seed"])
+            )
+            addresses = {"tcp": _address(request["tcp"]), "udp": _address(request["udp"])}
+            return {"started": await nursery.start(self.held.run, settings, addresses)}
+        if command == "hold_stats":
+            if self.held is None:
+                raise BenchError("hold_stats before hold_start")
+            return self.held.stats()
+        if command == "hold_stop":  # every session closed (close_notify) before the reply
+            if self.held is not None:
+                self.held.stop()
+                with trio.move_on_after(float(request.get("timeout", 60.0))):
+                    await self.held.finished.wait()
+            return {"stopped": self.held is None or self.held.finished.is_set()}
         if command == "quit":
             return {}
         raise BenchError(f"unknown command {command!r}")
