@@ -305,21 +305,27 @@ class DtlsSession(DeviceSession):
             self._ending = True
             self.link.endpoint.end_session(self, handler)
 
+    def _seal_window(self, messages: Sequence[bytes]) -> list[bytes]:
+        """Seal ``messages`` in one batch, one record each; SessionClosed if the session
+        has ended or its layer refuses (closed, oversized, or 2^48 records sealed)."""
+        self._check_can_send()
+        link = self.link
+        if link.ended is not None:
+            raise self._ended(link.ended)
+        try:
+            return link.layer.seal_many(messages)
+        except RecordError as error:
+            logger.debug("cannot seal for %s: %s", self.peer, error)
+            raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+
     def send_window_nowait(self, messages: Sequence[bytes]) -> None:
         """Seal a window (one record per datagram, in one batch) and send it without
         waiting: what the socket's buffer does not take waits in a backlog that a task of
         the endpoint sends, in order."""
         if not messages:
             return
-        self._check_can_send()
+        records = self._seal_window(messages)
         link = self.link
-        if link.ended is not None:
-            raise self._ended(link.ended)
-        try:
-            records = link.layer.seal_many(messages)
-        except RecordError as error:  # closed, oversized, or 2^48 records sealed
-            logger.debug("cannot seal for %s: %s", self.peer, error)
-            raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
         self._last_traffic = trio.current_time()
         backlog = self._backlog
         if backlog is not None:
@@ -392,15 +398,8 @@ class DtlsSession(DeviceSession):
         kernel, sequence numbers reserved as N seals would)."""
         if not messages:
             return
-        self._check_can_send()
+        records = self._seal_window(messages)
         link = self.link
-        if link.ended is not None:
-            raise self._ended(link.ended)
-        try:
-            records = link.layer.seal_many(messages)
-        except RecordError as error:  # closed, oversized, or 2^48 records sealed
-            logger.debug("cannot seal for %s: %s", self.peer, error)
-            raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
         for record in records:
             await link.endpoint.send(record, link.address)
         self._touch()
