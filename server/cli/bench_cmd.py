@@ -28,6 +28,16 @@ from server.cli._output import fail
 app = typer.Typer(help="Benchmarks against a real server.", no_args_is_help=True)
 
 
+#: Options every benchmark that makes a scratch directory takes.
+WorkDirOption = Annotated[
+    Path | None,
+    typer.Option("--work-dir", help="Parent of the scratch directory (default: the system temp)."),
+]
+KeepWorkOption = Annotated[
+    bool, typer.Option("--keep-work", help="Keep the scratch directory (and its logs).")
+]
+
+
 @app.callback()
 def bench() -> None:
     """Benchmarks against a real server (a group even with one command)."""
@@ -105,15 +115,8 @@ def fleet(
     profile: Annotated[
         bool, typer.Option("--profile", help="Sample the server with py-spy during the release.")
     ] = False,
-    work_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--work-dir", help="Parent of the scratch directory (default: the system temp)."
-        ),
-    ] = None,
-    keep_work: Annotated[
-        bool, typer.Option("--keep-work", help="Keep the scratch directory.")
-    ] = False,
+    work_dir: WorkDirOption = None,
+    keep_work: KeepWorkOption = False,
 ) -> None:
     """Run a server and N emulated devices: handshakes, sessions, an immediate release."""
     from server.bench.fleet.profile import find_py_spy
@@ -250,15 +253,8 @@ def hold(
     out: Annotated[
         Path, typer.Option("--out", help="Result file (JSON: the summary and every sample).")
     ] = Path("bench-hold.json"),
-    work_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--work-dir", help="Parent of the scratch directory (default: the system temp)."
-        ),
-    ] = None,
-    keep_work: Annotated[
-        bool, typer.Option("--keep-work", help="Keep the scratch directory (and its logs).")
-    ] = False,
+    work_dir: WorkDirOption = None,
+    keep_work: KeepWorkOption = False,
 ) -> None:
     """Hold N devices connected, pinging, for a while: sessions, RSS growth, CPU, drops."""
     from server.bench.fleet.hold import HoldOptions, run_hold
