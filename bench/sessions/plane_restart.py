@@ -16,8 +16,9 @@ plane suspends each session's Hello, product, key sequence, Describe and CoAP me
 3. Once the new process listens, every device sends one event (CoAP ``POST e/<name>``,
    RFC 7252 CON) on its old DTLS session; only a session that knows the device's product
    answers it 2.04 Changed (an Empty ping would be answered by the link alone). A request
-   unanswered is sent again every second (the same message id: the server's deduplication
-   answers a repeat, RFC 7252 4.5).
+   unanswered is sent again every second (``--retry rfc7252``: after 2-3 s, doubling, as
+   RFC 7252 4.8), with the same message id (the server's deduplication answers a repeat,
+   RFC 7252 4.5).
 
 One JSON line: new handshakes in the new process, devices served again, p50/max seconds
 until served from the new process's listen and from the SIGTERM, sessions saved/restored,
@@ -34,8 +35,10 @@ lines ("saved N DTLS sessions", "restored N saved DTLS sessions"), as a cross-ch
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -45,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +57,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import rss_bytes
+from bench_common import cpu_seconds, rss_bytes
 
 from otacore.coap import Code, Message
 from otacore.messages import (
@@ -191,21 +195,35 @@ MODULES = (
 class Device:
     """One device: a DTLS channel and a CoAP link over it."""
 
-    def __init__(self, device_id: str, channel: trio.DTLSChannel) -> None:
+    def __init__(self, device_id: str, channel: trio.DTLSChannel, retry: str) -> None:
         self.device_id = device_id
         self.channel = channel
         self.link = UdpLink()
+        self.retry = retry
+        #: Datagrams sent for requests, first sends and retransmissions.
+        self.sends = 0
+
+    def _waits(self) -> Iterator[float]:
+        """Seconds to wait for an answer before each retransmission: every RETRY_EVERY s,
+        or RFC 7252 4.8's ACK_TIMEOUT 2 s x ACK_RANDOM_FACTOR 1.5, doubling each time."""
+        if self.retry == "every-second":
+            yield from itertools.repeat(RETRY_EVERY)
+        wait = random.uniform(2.0, 3.0)
+        while True:
+            yield wait
+            wait *= 2
 
     async def ask(self, message: Message, give_up: float = GIVE_UP) -> int | None:
-        """Send a CON request, again every RETRY_EVERY s unanswered; its answer's code, or
+        """Send a CON request, again while unanswered (``_waits``); its answer's code, or
         None after ``give_up`` seconds."""
         token = self.link.request(message, trio.current_time())
         datagrams = self.link.take_outgoing()
         with trio.move_on_after(give_up):
-            while True:
+            for wait in self._waits():
                 for datagram in datagrams:
                     await self.channel.send(datagram)
-                with trio.move_on_after(RETRY_EVERY):
+                    self.sends += 1
+                with trio.move_on_after(wait):
                     while True:
                         data = await self.channel.receive()
                         events = self.link.receive(data, trio.current_time())
@@ -221,7 +239,8 @@ async def load(args: argparse.Namespace) -> None:
     """A load process: connect its devices (handshake, Hello, Describe), say so, then on a
     ``go`` line send one event from each and report when each was answered."""
     creds = args.workdir / "creds"
-    ids = args.device_ids.split(",")
+    random.seed(args.seed)  # the RFC 7252 backoff's random factor
+    ids = Path(args.device_ids).read_text().split()
     devices: list[Device] = []
     limiter = trio.CapacityLimiter(args.parallel)
     refused: dict[str, int] = {}
@@ -234,7 +253,7 @@ async def load(args: argparse.Namespace) -> None:
             await sock.bind(("127.0.0.1", 0))
             endpoint = trio.DTLSEndpoint(sock)
             channel = await connect_dtls(endpoint, ("127.0.0.1", args.port), credentials)
-            device = Device(device_id, channel)
+            device = Device(device_id, channel, args.retry)
             hello = Hello(device_id=device_id, platform_id=13, product_id=13,
                           product_version=7, system_version=5003,
                           supports_immediate_updates=True, updates_enabled=True,
@@ -262,6 +281,8 @@ async def load(args: argparse.Namespace) -> None:
         buffered += chunk
     served: list[float] = []
     codes: dict[str, int] = {}
+    cpu_before = time.process_time()
+    sends_before = sum(device.sends for device in devices)
 
     async def again(device: Device) -> None:
         event = to_message(Event("bench/restart", "again", 60), Direction.TO_CLOUD)
@@ -273,7 +294,8 @@ async def load(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         for device in devices:
             nursery.start_soon(again, device)
-    _say({"served": served, "codes": codes})
+    _say({"served": served, "codes": codes, "cpu_seconds": time.process_time() - cpu_before,
+          "sends": sum(device.sends for device in devices) - sends_before})
     # Hold the sessions until told to go (the parent reads the server's counters first).
     await stdin.receive_some()
     for device in devices:
@@ -293,10 +315,13 @@ def _say(message: dict[str, Any]) -> None:
 class LoadProcess:
     """One load process, driven by lines on its stdin."""
 
-    def __init__(self, args: argparse.Namespace, port: int, ids: list[str]) -> None:
+    def __init__(self, args: argparse.Namespace, port: int, ids: list[str], index: int) -> None:
+        listing = args.workdir / "logs" / f"load-{index}.ids"
+        listing.write_text("\n".join(ids) + "\n")
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--load", "--port", str(port), "--workdir",
-             str(args.workdir), "--parallel", str(args.parallel), "--device-ids", ",".join(ids)],
+             str(args.workdir), "--parallel", str(args.parallel), "--device-ids", str(listing),
+             "--retry", args.retry, "--seed", str(args.seed + index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )  # fmt: skip
 
@@ -358,8 +383,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs.mkdir(exist_ok=True)
     first = Server(data, port, logs / "first.stats", logs / "first.log")
     shares = [ids[i::args.load_procs] for i in range(args.load_procs)]
-    loads = [LoadProcess(args, port, share) for share in shares if share]
-    result: dict[str, Any] = {"devices": args.devices, "load_procs": len(loads)}
+    loads = [LoadProcess(args, port, share, i) for i, share in enumerate(shares) if share]
+    result: dict[str, Any] = {"devices": args.devices, "load_procs": len(loads),
+                              "seed": args.seed}  # fmt: skip
     try:
         ready = [load.read() for load in loads]
         result["connected"] = sum(r["connected"] for r in ready)
@@ -376,9 +402,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.control_forget:
             _forget_saved_sessions(data)
         second = Server(data, port, logs / "second.stats", logs / "second.log")
+        server_cpu = cpu_seconds(second.process.pid)
         for load in loads:
             load.tell("go")
         answers = [load.read() for load in loads]
+        server_cpu = cpu_seconds(second.process.pid) - server_cpu
         after = second.stats()
         served = [t for a in answers for t in a["served"]]
         codes: dict[str, int] = {}
@@ -399,10 +427,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "restored_logged": second.logged(r"restored (\d+) saved DTLS sessions"),
             "not_restored": after["not_restored"],
             "rss_mib_after": round(rss_bytes(second.process.pid) / 2**20, 1),
+            # CPU seconds from "go" to the last answer: what bounds the time to serve.
+            "server_cpu_seconds": round(server_cpu, 2),
+            "load_cpu_seconds": [round(a["cpu_seconds"], 2) for a in answers],
+            "requests_sent": sum(a["sends"] for a in answers),
+            "retry": args.retry,
         })
         for load in loads:
             load.tell("done")
         second.stop()
+        # The new process saves the sessions again as it stops (a second restart's start).
+        result["saved_by_new_process"] = second.logged(r"saved (\d+) DTLS sessions")
     finally:
         for process in [*(load.process for load in loads), first.process]:
             if process.poll() is None:
@@ -427,6 +462,13 @@ def main() -> None:
     parser.add_argument("--control-forget", action="store_true",
                         help="a control run: delete the sealed sessions before the new process "
                         "starts (as after a crash); the devices' old sessions are then unknown")
+    parser.add_argument(
+        "--retry", choices=["every-second", "rfc7252"], default="every-second",
+        help="when a device sends an unanswered request again: every second, or with "
+        "RFC 7252 4.8's backoff (2-3 s, doubling)",
+    )
+    parser.add_argument("--seed", type=int, default=int(time.time()),
+                        help="seed of the backoff's random factor (load process i: seed + i)")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--device-ids", help=argparse.SUPPRESS)
