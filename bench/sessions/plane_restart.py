@@ -436,8 +436,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for load in loads:
             load.tell("done")
         second.stop()
-        # The new process saves the sessions again as it stops (a second restart's start).
-        result["saved_by_new_process"] = second.logged(r"saved (\d+) DTLS sessions")
+        # The new process saves the sessions again as it stops (a second restart's start);
+        # it logs no "saved" line when it saved none.
+        result["saved_by_new_process"] = second.logged(r"saved (\d+) DTLS sessions") or 0
+        result["new_process_exit_code"] = second.process.returncode
     finally:
         for process in [*(load.process for load in loads), first.process]:
             if process.poll() is None:
