@@ -129,7 +129,8 @@ def probe_server(argv: list[str], stats_file: Path) -> None:
 class Server:
     """``ota server`` (one process) on ``data`` and a fixed device port."""
 
-    def __init__(self, data: Path, port: int, stats_file: Path, log_file: Path) -> None:
+    def __init__(self, data: Path, port: int, stats_file: Path, log_file: Path,
+                 settings: tuple[str, ...] = ()) -> None:
         self.stats_file = stats_file
         self.log_file = log_file
         self.log = log_file.open("w")
@@ -139,7 +140,8 @@ class Server:
              "--workers", "1", "--device-limit", "max_sessions=19000",
              # Connecting 10,000 devices takes longer than the default 120 s idle timeout,
              # and these devices send no keep-alives while they wait.
-             "--device-limit", "idle_timeout=3600"],
+             "--device-limit", "idle_timeout=3600",
+             *(arg for setting in settings for arg in ("--set", setting))],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -381,11 +383,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port = int(probe.getsockname()[1])
     logs = args.workdir / "logs"
     logs.mkdir(exist_ok=True)
-    first = Server(data, port, logs / "first.stats", logs / "first.log")
+    settings = tuple(args.set)
+    first = Server(data, port, logs / "first.stats", logs / "first.log", settings)
     shares = [ids[i::args.load_procs] for i in range(args.load_procs)]
     loads = [LoadProcess(args, port, share, i) for i, share in enumerate(shares) if share]
     result: dict[str, Any] = {"devices": args.devices, "load_procs": len(loads),
-                              "seed": args.seed}  # fmt: skip
+                              "seed": args.seed, "settings": list(settings)}  # fmt: skip
     try:
         ready = [load.read() for load in loads]
         result["connected"] = sum(r["connected"] for r in ready)
@@ -401,7 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         exited = time.time()
         if args.control_forget:
             _forget_saved_sessions(data)
-        second = Server(data, port, logs / "second.stats", logs / "second.log")
+        second = Server(data, port, logs / "second.stats", logs / "second.log", settings)
         server_cpu = cpu_seconds(second.process.pid)
         for load in loads:
             load.tell("go")
@@ -433,6 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "requests_sent": sum(a["sends"] for a in answers),
             "retry": args.retry,
         })
+        time.sleep(args.settle)  # quiet before the new process is stopped in turn
         for load in loads:
             load.tell("done")
         second.stop()
@@ -469,6 +473,12 @@ def main() -> None:
         help="when a device sends an unanswered request again: every second, or with "
         "RFC 7252 4.8's backoff (2-3 s, doubling)",
     )
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds of quiet before the new process is stopped in turn "
+                        "(its own save count: saved_by_new_process)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="a server setting SECTION.KEY=VALUE for both processes (ota server "
+                        "--set); repeatable")
     parser.add_argument("--seed", type=int, default=int(time.time()),
                         help="seed of the backoff's random factor (load process i: seed + i)")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
