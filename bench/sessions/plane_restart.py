@@ -1,7 +1,8 @@
 """Graceful restart of the real ``ota server`` with N online DTLS devices (benchmark script).
 
     .venv/bin/python bench/sessions/plane_restart.py --devices 2000 [--load-procs 2]
-                                                    [--parallel 64] [--workdir DIR]
+        [--parallel 64] [--retry every-second|rfc7252] [--settle SECONDS]
+        [--set SECTION.KEY=VALUE ...] [--control-forget] [--workdir DIR]
 
 Unlike ``restart.py`` (the transport and an echo handler), this restarts ``ota server``
 itself (one process, its embedded store, a fixed UDP port, its data directory), whose device
