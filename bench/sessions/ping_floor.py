@@ -10,7 +10,9 @@ Three figures, each in microseconds of server CPU per ping, to set beside
    ``plane_ping_cost.py`` (so each ping wakes the server on its own):
    ``blocking-udp`` (plain ``socket.recvfrom``/``sendto``, no event loop: the kernel's and
    CPython's floor), ``trio-udp`` (a trio task on a trio UDP socket: one trio wake-up per
-   datagram), ``trio-tcp`` (a trio task on one TCP stream), ``trio-udp-2000`` (the same trio
+   datagram), ``trio-udp-lowlevel`` (a plain non-blocking socket, ``trio.lowlevel.wait_readable``
+   then ``recvfrom``/``sendto`` until it would block: the pattern of the server's UDP endpoint),
+   ``trio-tcp`` (a trio task on one TCP stream), ``trio-udp-2000`` (the same trio
    UDP echo while 2,000 other idle UDP sockets are open in the server, as a server holding
    sessions has file descriptors, to show whether trio's wake-up grows with them).
 2. **record protection in one process** (timeit, ``--loops``): a bare `cryptography` AES-128-GCM
@@ -56,6 +58,19 @@ if mode == "blocking-udp":
         sock.sendto(data, peer)
 import trio
 async def main():
+    if mode == "trio-udp-lowlevel":  # the UDP endpoint's pattern: wait, then plain calls
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(("127.0.0.1", 0))
+        open(port_file, "w").write(str(sock.getsockname()[1]))
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    data, peer = sock.recvfrom(2048)
+                except BlockingIOError:
+                    break
+                sock.sendto(data, peer)
     if mode.startswith("trio-udp"):
         held = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(
             int(mode.split("-")[2]) if mode.count("-") == 2 else 0)]
@@ -76,6 +91,14 @@ async def main():
         await trio.serve_listeners(echo, listeners)
 trio.run(main)
 '''
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` (/proc/<pid>/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[str, Any]:
@@ -102,6 +125,7 @@ def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[
                 client.send(COAP_PING)
                 client.recv(2048)
             before = cpu_seconds(server.pid)
+            user_before, system_before = user_system_seconds(server.pid)
             started = time.perf_counter()
             interval = 1.0 / rate
             for index in range(pings):
@@ -112,11 +136,14 @@ def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[
                     time.sleep(pause)
             elapsed = time.perf_counter() - started
             spent = cpu_seconds(server.pid) - before
+            user_after, system_after = user_system_seconds(server.pid)
     finally:
         server.kill()
         server.wait()
     return {"mode": mode, "pings": pings, "seconds": round(elapsed, 2),
-            "server_cpu_s": round(spent, 3), "us_per_ping": round(spent / pings * 1e6, 1)}
+            "server_cpu_s": round(spent, 3), "us_per_ping": round(spent / pings * 1e6, 1),
+            "user_us_per_ping": round((user_after - user_before) / pings * 1e6, 1),
+            "system_us_per_ping": round((system_after - system_before) / pings * 1e6, 1)}
 
 
 def record_costs(loops: int) -> dict[str, float]:
@@ -170,7 +197,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--loops", type=int, default=200000)
     parser.add_argument("--modes", nargs="*",
-                        default=["blocking-udp", "trio-udp", "trio-udp-2000", "trio-tcp"])
+                        default=["blocking-udp", "trio-udp", "trio-udp-lowlevel", "trio-udp-2000",
+                                 "trio-tcp"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/otacloud-bench-ping-floor"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
