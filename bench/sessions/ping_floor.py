@@ -12,7 +12,8 @@ Three figures, each in microseconds of server CPU per ping, to set beside
    CPython's floor), ``trio-udp`` (a trio task on a trio UDP socket: one trio wake-up per
    datagram), ``trio-udp-lowlevel`` (a plain non-blocking socket, ``trio.lowlevel.wait_readable``
    then ``recvfrom``/``sendto`` until it would block: the pattern of the server's UDP endpoint),
-   ``trio-tcp`` (a trio task on one TCP stream), ``trio-udp-2000`` (the same trio
+   ``trio-tcp`` (a trio task on one TCP stream), ``trio-tcp-2000`` (the same with 2,000 more
+   idle streams, each with a server task waiting to read), ``trio-udp-2000`` (the same trio
    UDP echo while 2,000 other idle UDP sockets are open in the server, as a server holding
    sessions has file descriptors, to show whether trio's wake-up grows with them).
 2. **record protection in one process** (timeit, ``--loops``): a bare `cryptography` AES-128-GCM
@@ -105,6 +106,7 @@ def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[
     """Server CPU per ping of an echo server of kind ``mode`` in its own process."""
     port_file = workdir / f"port-{mode}"
     port_file.unlink(missing_ok=True)
+    idle_streams: list[socket.socket] = []
     server = subprocess.Popen([sys.executable, "-c", _SERVER, mode, str(port_file)])
     try:
         deadline = time.monotonic() + 30
@@ -113,7 +115,11 @@ def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[
                 raise RuntimeError(f"the {mode} echo server did not start")
             time.sleep(0.05)
         port = int(port_file.read_text())
-        if mode == "trio-tcp":
+        # trio-tcp-2000: 2,000 more streams held open and idle, each with a server task
+        # waiting to read (registered in trio's epoll set), as a TLS server's sessions are.
+        idle_streams = [socket.create_connection(("127.0.0.1", port))
+                        for _ in range(2000 if mode == "trio-tcp-2000" else 0)]
+        if mode.startswith("trio-tcp"):
             client = socket.create_connection(("127.0.0.1", port))
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
@@ -121,7 +127,7 @@ def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[
             client.connect(("127.0.0.1", port))
         with client:
             client.settimeout(2.0)
-            for _ in range(100):  # warm-up, not measured
+            for _ in range(100 + len(idle_streams) // 10):  # warm-up, not measured
                 client.send(COAP_PING)
                 client.recv(2048)
             before = cpu_seconds(server.pid)
@@ -138,6 +144,8 @@ def echo_server_cost(mode: str, pings: int, rate: float, workdir: Path) -> dict[
             spent = cpu_seconds(server.pid) - before
             user_after, system_after = user_system_seconds(server.pid)
     finally:
+        for stream in idle_streams:
+            stream.close()
         server.kill()
         server.wait()
     return {"mode": mode, "pings": pings, "seconds": round(elapsed, 2),
@@ -198,7 +206,7 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=200000)
     parser.add_argument("--modes", nargs="*",
                         default=["blocking-udp", "trio-udp", "trio-udp-lowlevel", "trio-udp-2000",
-                                 "trio-tcp"])
+                                 "trio-tcp", "trio-tcp-2000"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/otacloud-bench-ping-floor"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
