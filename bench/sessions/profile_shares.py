@@ -140,7 +140,8 @@ def main() -> None:
     shares = analyse(profile, args.top, tuple(args.waits))
     scale = args.cpu / args.per * 1e6 if args.per and args.cpu else 0.0
     unit = "  {:7.1f} us/unit" if scale else ""
-    print(f"{shares['samples']:.2f} sample-seconds running,"
+    # Weights are seconds in speedscope files and sample counts in raw ones.
+    print(f"{shares['samples']:.2f} sampled running,"
           f" {shares['waited']:.2f} waiting (dropped)")
     for title in ("self", "inclusive"):
         print(f"-- {title} share by part")
