@@ -4,6 +4,7 @@ process (bench_server.py) driven over its stdin/stdout."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from server.identity import init_pki, pki_dir, provision_devices
+from server.identity import DEVICE_CERT_FILE, init_pki, pki_dir, provision_devices
 from server.transport.client import DeviceCredentials
 
 DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-sessions")
@@ -158,3 +159,30 @@ async def paced(
             if delay > 0:
                 await trio.sleep(delay)
     return time.perf_counter() - started
+
+
+#: The installed ``ota`` command beside this interpreter.
+OTA = [str(Path(sys.executable).with_name("ota"))]
+
+
+def run_ota(*args: str) -> str:
+    """Run ``ota ARGS``; its standard output (CalledProcessError if it fails)."""
+    return subprocess.run([*OTA, *args], check=True, capture_output=True, text=True).stdout
+
+
+def provision_product(workdir: Path, count: int) -> tuple[Path, Path, list[str]]:
+    """A data directory with one product and at least ``count`` provisioned devices, made
+    once through the ``ota`` CLI (a real server's store): (data dir, credentials dir, the
+    first ``count`` device ids)."""
+    data, creds = workdir / "data", workdir / "creds"
+    marker = workdir / "count"
+    if not marker.exists() or int(marker.read_text()) < count:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        product = json.loads(run_ota("product", "create", "bench", "--platform-id", "13",
+                                     "--data", str(data), "--json"))
+        run_ota("device", "provision", "--data", str(data), "--product", str(product["id"]),
+                "--count", str(count), "--out", str(creds))
+        marker.write_text(str(count))
+    ids = sorted(p.name for p in creds.iterdir() if (p / DEVICE_CERT_FILE).exists())[:count]
+    return data, creds, ids

@@ -24,17 +24,15 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import trio
-from bench_common import cpu_seconds, open_all, paced, rss_bytes
+from bench_common import OTA, cpu_seconds, open_all, paced, provision_product, rss_bytes
 
 from otacore.protocol.link import TcpLink, UdpLink
 from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
@@ -46,26 +44,11 @@ ANSWER_WAIT = 2.0
 PING_TRIES = 5
 #: Sessions opened before the RSS baseline (one-time allocations of the first sessions).
 WARM_UP = 10
-OTA = [str(Path(sys.executable).with_name("ota"))]
-
-
-def _ota(*args: str) -> str:
-    return subprocess.run([*OTA, *args], check=True, capture_output=True, text=True).stdout
 
 
 def prepare(workdir: Path, count: int) -> tuple[Path, list[DeviceCredentials]]:
     """A data directory with one product and ``count`` provisioned devices (made once)."""
-    data, creds = workdir / "data", workdir / "creds"
-    marker = workdir / "count"
-    if not marker.exists() or int(marker.read_text()) < count:
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        product = json.loads(_ota("product", "create", "bench", "--platform-id", "13",
-                                  "--data", str(data), "--json"))
-        _ota("device", "provision", "--data", str(data), "--product", str(product["id"]),
-             "--count", str(count), "--out", str(creds))
-        marker.write_text(str(count))
-    ids = sorted(p.name for p in creds.iterdir() if (p / DEVICE_CERT_FILE).exists())[:count]
+    data, creds, ids = provision_product(workdir, count)
     ca = creds / "ca.pem"
     return data, [DeviceCredentials(creds / i / DEVICE_CERT_FILE, creds / i / DEVICE_KEY_FILE, ca)
                   for i in ids]

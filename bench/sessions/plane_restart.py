@@ -41,7 +41,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -58,7 +57,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import cpu_seconds, rss_bytes
+from bench_common import cpu_seconds, provision_product, rss_bytes
 
 from otacore.coap import Code, Message
 from otacore.messages import (
@@ -75,7 +74,6 @@ from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
 from server.transport.client import DeviceCredentials, connect_dtls
 
 DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-plane-restart")
-OTA = [str(Path(sys.executable).with_name("ota"))]
 #: Seconds between two sends of an unanswered request (a CoAP device retransmits).
 RETRY_EVERY = 1.0
 #: Seconds a device tries before it counts as not served.
@@ -345,23 +343,9 @@ class LoadProcess:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def _ota(*args: str) -> str:
-    return subprocess.run([*OTA, *args], check=True, capture_output=True, text=True).stdout
-
-
 def prepare(workdir: Path, count: int) -> tuple[Path, list[str]]:
     """A data directory with one product and ``count`` provisioned devices (made once)."""
-    data, creds = workdir / "data", workdir / "creds"
-    marker = workdir / "count"
-    if not marker.exists() or int(marker.read_text()) < count:
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        product = json.loads(_ota("product", "create", "bench", "--platform-id", "13",
-                                  "--data", str(data), "--json"))
-        _ota("device", "provision", "--data", str(data), "--product", str(product["id"]),
-             "--count", str(count), "--out", str(creds))
-        marker.write_text(str(count))
-    ids = sorted(p.name for p in creds.iterdir() if (p / DEVICE_CERT_FILE).exists())[:count]
+    data, _, ids = provision_product(workdir, count)
     return data, ids
 
 
