@@ -149,7 +149,8 @@ class TransferRun:
                 self.updater.sends_deferred += 1
                 self._hand_off(None)
                 return
-        self._arm()
+        if self.evented:  # else the task, catching up, arms it as it hands back
+            self._arm()
 
     def _hand_off(self, outputs: list[Any] | None) -> None:
         """The task takes over: it carries out ``outputs`` (if any), then drives the sender
