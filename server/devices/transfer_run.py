@@ -166,7 +166,15 @@ class TransferRun:
             wake.set()
 
     def _arm(self) -> None:
-        self.updater.handler.plane.timers.arm(self, self.sender.next_deadline())
+        """Arm the sender's deadline in the process's timers. Each acknowledgement that
+        brings new data restarts the sender's timer (RFC 6298 5.3), later than the one
+        armed: that one is kept, and re-armed from the sender when it falls due (poll
+        does nothing before the sender's deadline), so an ack costs no heap push."""
+        deadline = self.sender.next_deadline()
+        armed = self.timer_at
+        if armed is not None and (deadline is None or armed <= deadline):
+            return
+        self.updater.handler.plane.timers.arm(self, deadline)
 
     def _enter_events(self) -> None:
         self.evented = True
