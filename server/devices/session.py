@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ from server.events import Event as BusEvent
 from server.events import EventSource, device_may_publish
 from server.fleet.errors import WrongPlatformError
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
+from server.transport.tls_session import TlsSession
 
 if TYPE_CHECKING:
     from server.devices.plane import DevicePlane
@@ -414,20 +415,59 @@ class DeviceSessionHandler:
     async def send_chunks(self, prepared: PreparedFile, chunks: Sequence[Chunk]) -> None:
         """Send a run of one transfer's chunks (of ``prepared``) after everything queued on
         the link so far: framed by the chunk framing kernel in one call per window
-        (:func:`otacore.transfer.framing.frame_chunks`; over UDP NONs with ids from the
-        link's message layer), then handed to the session as one window with the link's
+        (:meth:`frame_chunks`), then handed to the session as one window with the link's
         queued messages in front (:meth:`DeviceSession.send_window`: one batch seal and
         one write over TLS)."""
+        for frames in self.frame_chunks(prepared, chunks):
+            queued = self.link.take_outgoing()
+            await self.session.send_window(queued + frames if queued else frames)
+
+    def frame_chunks(self, prepared: PreparedFile,
+                     chunks: Sequence[Chunk]) -> Iterator[list[bytes]]:
+        """The wire messages of a run of chunks of ``prepared``, one list per window of at
+        most MAX_WINDOW_CHUNKS: framed by the chunk framing kernel in one call each
+        (:func:`otacore.transfer.framing.frame_chunks`; over UDP NONs with ids from the
+        link's message layer, reserved as each window is framed)."""
         link = self.link
         for start in range(0, len(chunks), MAX_WINDOW_CHUNKS):
             window = chunks[start : start + MAX_WINDOW_CHUNKS]
             if isinstance(link, UdpLink):
                 ids = link.reserve_message_ids(len(window))
-                frames = frame_chunks(prepared, window, transport="udp", message_ids=ids)
+                yield frame_chunks(prepared, window, transport="udp", message_ids=ids)
             else:
-                frames = frame_chunks(prepared, window, transport="tcp")
-            queued = link.take_outgoing()
-            await self.session.send_window(queued + frames if queued else frames)
+                yield frame_chunks(prepared, window, transport="tcp")
+
+    def send_window_now(self, messages: Sequence[bytes]) -> bool:
+        """Send a window of wire messages without waiting (the OTA sender run inside the
+        event that fed it, issue 14 item 5): True once the session took them, in order
+        after everything sent so far; False, sending nothing, when that would mean waiting
+        (a TLS send under way, or bytes of an earlier write still held: see
+        :meth:`send_held`), and the caller must send them from a task.
+
+        Over DTLS (a session with no task) what the socket's buffer does not take waits in
+        the endpoint's backlog, bounded by the transfer's window; over TLS a write the
+        socket takes only in part keeps the rest (:meth:`holds_unsent`) for
+        :meth:`send_held`."""
+        session = self.session
+        if session.detached:
+            session.send_window_nowait(messages)
+            return True
+        if isinstance(session, TlsSession):
+            return session.try_send_window(messages)
+        return False
+
+    def holds_unsent(self) -> bool:
+        """True while bytes sealed by :meth:`send_window_now` wait for room in the TLS
+        socket's buffer (:meth:`send_held` sends them)."""
+        session = self.session
+        return isinstance(session, TlsSession) and session.holds_unsent
+
+    async def send_held(self) -> None:
+        """Send what :meth:`send_window_now` sealed but the socket did not take (TLS),
+        waiting for room (bounded by the session's send timeout)."""
+        session = self.session
+        if isinstance(session, TlsSession):
+            await session.send_unsent()
 
     def on_deadline(self, now: float) -> None:
         """The link's deadline came (called by the plane's timers): retransmit or give up,

@@ -1,9 +1,11 @@
 """A session updater's inbox of transfer messages: bounded, and free while no transfer runs.
 
-The device's acknowledgements of a transfer (``otacore.transfer``) are put here by the
-session's reader, which must never block on them, and taken by the updater's task. A
-memory channel cost about 1 KiB per session, transfer or not; this holds a deque only while
-messages wait and a trio.Event only while the updater waits.
+A transfer's messages from the device (``otacore.transfer``) advance its sender in the
+reader's own call (:mod:`server.devices.transfer_run`); they wait here, put by the
+session's reader (which must never block on them), only while the updater's task drives
+the sender itself (catching up after a send that had to wait, or a kick's check), and
+before a transfer starts. A memory channel cost about 1 KiB per session, transfer or not;
+this holds a deque only while messages wait and a trio.Event only while someone waits.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ class TransferInbox:
     def clear(self) -> None:
         """Drop every message (what an earlier transfer left)."""
         self._messages = None
+
+    def take(self) -> TransferMessage | None:
+        """The oldest message, or None when there is none (never waits)."""
+        messages = self._messages
+        if not messages:
+            return None
+        return messages.popleft()
 
     async def receive(self) -> TransferMessage:
         """The oldest message, waiting for one; a cancellation loses none."""

@@ -3,20 +3,22 @@ planner (:mod:`otacore.transfer.planner`), run by the engine (:mod:`server.devic
 each connected device. It gathers what the planner decides from (the device's target read
 from the store, what the device reported, its memory of refusals and deliveries, the
 transfer's events) and carries its decisions out: it tells the device about forced or
-pending updates, offers a module with its signed manifest and streams it with a
-:class:`~otacore.transfer.TransferSender` (the image, a delta or a zstd frame, falling back
-in the same session when the device refuses an encoded file), retries a transfer the device
-stopped acknowledging, cancels one a new target made stale, and records progress and
-outcomes.
+pending updates, offers a module with its signed manifest and has it streamed by a
+:class:`~server.devices.transfer_run.TransferRun` (the image, a delta or a zstd frame,
+falling back in the same session when the device refuses an encoded file), retries a
+transfer the device stopped acknowledging, cancels one a new target made stale, and records
+progress and outcomes. The transfer itself runs inside the events that feed it (the
+device's acknowledgements, its deadlines): the updater's task sleeps meanwhile, and wakes
+only for what waits (store writes, a send the socket cannot take yet, a kick's check).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,19 +31,12 @@ from otacore.protocol.ota_wire import (
     is_transfer,
     offer_request,
     parse_transfer,
-    transfer_request,
 )
 from otacore.transfer import (
-    PreparedFile,
-    TransferCompleted,
-    TransferFailed,
-    TransferMessage,
-    TransferProgress,
     TransferProtocolError,
     TransferSender,
     TransferStatus,
 )
-from otacore.transfer.framing import split_chunk_runs
 from otacore.transfer.module_plan import (
     CannotPlan,
     ModulePlan,
@@ -54,19 +49,20 @@ from otacore.transfer.planner import (
     Offer,
     Verdict,
 )
-from server.devices.delivery import Delivery, PlannedModule, SentFile
+from server.devices.delivery import PlannedModule, SentFile
 from server.devices.file_choice import file_to_send
 from server.devices.firmware_get import FirmwareDownloads
 from server.devices.flag import Flag
 from server.devices.key_sync import offer_signing_key
-from server.devices.plan_inputs import offer_answer, release_version, target_facts
+from server.devices.plan_inputs import offer_answer, target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
 from server.devices.transfer_inbox import TransferInbox
+from server.devices.transfer_run import TransferRun
 from server.transport.session import SessionClosed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from server.devices.ota import OtaEngine
     from server.fleet import DeviceTarget
@@ -82,17 +78,18 @@ class SessionUpdater:
     that runs its updates one module at a time, as its planner decides."""
 
     # One per live session: slots save its dict; "__dict__" keeps room for more.
-    __slots__ = ("__dict__", "_answered", "_attempt", "_downloads", "_inbox", "_kick_event",
-                 "_kicked", "_recheck", "_running", "_started_unrecorded", "_view", "_wait_scope",
-                 "device_id", "engine", "handled", "handler", "kicks", "last_failure",
-                 "memory_loaded", "offers", "planner", "result_seen", "sender")  # fmt: skip
+    __slots__ = ("__dict__", "_answered", "_downloads", "_kick_event", "_kicked", "_running",
+                 "_started_unrecorded", "_view", "_wait_scope", "attempt", "device_id",
+                 "engine", "fed_in_event", "fed_to_task", "handled", "handler", "inbox",
+                 "kicks", "last_failure", "memory_loaded", "offers", "planner",
+                 "recheck_asked", "result_seen", "sends_deferred", "transfer")  # fmt: skip
 
     def __init__(self, engine: OtaEngine, handler: DeviceSessionHandler) -> None:
         self.engine = engine
         self.handler = handler
         self.device_id = handler.device_id
         #: Transfer messages from the device, put by the session's reader.
-        self._inbox = TransferInbox()
+        self.inbox = TransferInbox()
         #: A kick asks for a check not yet begun.
         self._kicked = False
         #: Kicks answered by a check that planned from the view they carried (see
@@ -102,13 +99,20 @@ class SessionUpdater:
         self._kick_event: trio.Event | None = None
         #: True while the updater's task runs (started on demand, see start()).
         self._running = False
-        self.sender: TransferSender | None = None
+        #: The transfer running, driven by the events that feed it (None: none runs).
+        self.transfer: TransferRun | None = None
+        #: The device's transfer messages the events advanced the sender with, and those
+        #: the task took from the inbox (it drives the sender while catching up).
+        self.fed_in_event = 0
+        self.fed_to_task = 0
+        #: Times an event could not send without waiting and handed the send to the task.
+        self.sends_deferred = 0
         #: The session's delivery policy (sans-IO): every decision below is its.
         self.planner = DeliveryPlanner(engine.delivery_policy, next(engine._serials))
         #: Set when the device reports an update result in this session.
         self.result_seen = Flag()
         #: The attempt (from 0) of the transfer running (see deliver()).
-        self._attempt = 0
+        self.attempt = 0
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
         #: Set once the device's memory is loaded from the store (run() does it first).
@@ -116,7 +120,7 @@ class SessionUpdater:
         #: The device's target as the last kick read it (see kick_with); None: read it.
         self._view: DeviceTarget | None = None
         #: A kick arrived during a transfer: its target is checked for staleness.
-        self._recheck = False
+        self.recheck_asked = False
         #: The scope of the transfer's wait for the device, cancelled by a kick.
         self._wait_scope: trio.CancelScope | None = None
         #: The update's "started" is still to be recorded (with the transfer's first write).
@@ -140,6 +144,28 @@ class SessionUpdater:
         if self._downloads is None:
             self._downloads = FirmwareDownloads(self.handler)
         return self._downloads
+
+    @property
+    def sender(self) -> TransferSender | None:
+        """The running transfer's sender (None: no transfer runs)."""
+        transfer = self.transfer
+        return transfer.sender if transfer is not None else None
+
+    @property
+    def carried_view(self) -> DeviceTarget | None:
+        """The device's target as the last kick read it (None: the check reads it)."""
+        return self._view
+
+    @contextmanager
+    def waiting_for_kick(self) -> Iterator[None]:
+        """A wait of the task that a kick ends (as the context exits, the wait is
+        cancelled, not the caller)."""
+        with trio.CancelScope() as scope:
+            self._wait_scope = scope
+            try:
+                yield
+            finally:
+                self._wait_scope = None
 
     @property
     def serial(self) -> int:
@@ -185,7 +211,7 @@ class SessionUpdater:
         transfer running asks its planner whether the target it now reads leaves the
         transfer stale."""
         self._kicked = True
-        self._recheck = True
+        self.recheck_asked = True
         if self._wait_scope is not None:
             self._wait_scope.cancel()
         if self._kick_event is not None:
@@ -218,8 +244,12 @@ class SessionUpdater:
             return True
         if message.type is MessageType.CON:
             self.handler._respond(message, Code.CHANGED)
-        # The transfer protocol recovers lost messages: never queue unboundedly.
-        self._inbox.put(transfer_message)
+        transfer = self.transfer
+        if transfer is not None:
+            transfer.feed(transfer_message)  # the sender runs in this call (transfer_run)
+        else:
+            # The transfer protocol recovers lost messages: never queue unboundedly.
+            self.inbox.put(transfer_message)
         return True
 
     async def route(self, message: Message) -> bool:
@@ -248,7 +278,7 @@ class SessionUpdater:
                 self.memory_loaded.set()
         while self._kicked:
             self._kicked = False
-            self._recheck = False  # this check reads the target anyway
+            self.recheck_asked = False  # this check reads the target anyway
             covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
             self.planner.policy = self.engine.delivery_policy  # the operator may retune
@@ -366,7 +396,7 @@ class SessionUpdater:
                 log.info("retrying the transfer to %s (attempt %d)", self.device_id,
                          attempt + 1)
             self.last_failure = None
-            self._attempt = attempt
+            self.attempt = attempt
             async with engine.limiter:
                 verdict = await self._deliver_once(view, module, offer)
             if (verdict or self.last_failure is not TransferStatus.TIMEOUT
@@ -393,28 +423,29 @@ class SessionUpdater:
             else:
                 engine.compressed.refused.add((self.device_id, module.sha256))
 
-    async def _record(self, engine: OtaEngine, status: FlashStatus, error: str = "") -> None:
+    async def record_status(self, status: FlashStatus, error: str = "") -> None:
         """Save the device's memory and record the flash status in one transaction: a
         session that ended between the two would leave a next session (here or in another
         process) believing an update it never announced started, or announcing it twice.
         Shielded: the session may close under us, what happened must still be recorded."""
-        started = self._unrecorded_start()
+        engine = self.engine
+        started = self.unrecorded_start()
         with trio.CancelScope(shield=True):
             await engine.save_memory(self.device_id, *started, engine.fleet.flash_status_work(
                 self.device_id, status, error=error))
-        self._start_recorded(started)
+        self.start_recorded(started)
 
-    def _unrecorded_start(self) -> list[Callable[[Tx], Outcome]]:
+    def unrecorded_start(self) -> list[Callable[[Tx], Outcome]]:
         """The update's "started", if still to be recorded: it rides on the transfer's
         first store write (progress, completion or failure) instead of costing one more
         transaction; a short transfer (a delta) records it with its completion. The caller
-        calls _start_recorded once that write is durable."""
+        calls start_recorded once that write is durable."""
         if not self._started_unrecorded:
             return []
         return [self.engine.fleet.flash_status_work(self.device_id, "started")]
 
-    def _start_recorded(self, steps: list[Callable[[Tx], Outcome]]) -> None:
-        """A write that carried _unrecorded_start's steps is durable."""
+    def start_recorded(self, steps: list[Callable[[Tx], Outcome]]) -> None:
+        """A write that carried unrecorded_start's steps is durable."""
         if steps:
             self._started_unrecorded = False
 
@@ -458,14 +489,14 @@ class SessionUpdater:
             reason = bytes(answer.payload).decode(errors="replace")[:200]
             engine.failed.setdefault(self.device_id, set()).add(module.sha256)
             engine.updating.pop(self.device_id, None)
-            await self._record(engine, "failed", error=reason)
+            await self.record_status("failed", error=reason)
             return False
         if engine.updating.get(self.device_id) != offer.update_sha256:
             # A new update: "started" is recorded with the memory at the transfer's first
-            # write (see _unrecorded_start), so both or neither are stored.
+            # write (see unrecorded_start), so both or neither are stored.
             engine.updating[self.device_id] = offer.update_sha256
             self._started_unrecorded = True
-        self._inbox.clear()  # drop what a previous transfer left
+        self.inbox.clear()  # drop what a previous transfer left
         hello = handler.hello
         chunk_size = self.planner.chunk_size(
             handler.session.transport, hello.ota_chunk_size if hello is not None else None)
@@ -477,133 +508,15 @@ class SessionUpdater:
             module_version=info.module_version, base_sha256=base, compressed=compressed,
             progress_step=config.progress_step, policy=config.transfer_policy,
         )
-        self.sender = sender
+        # From here the events that feed the transfer run it (server.devices.transfer_run).
+        transfer = self.transfer = TransferRun(self, sender, view, module, offer, sent)
         self.planner.transfer_started(offer, encoding, trio.current_time())
         staged = False
         try:
-            verdict_of_stream = await self._stream(sender, view, module, offer, sent=sent)
+            verdict_of_stream = await transfer.run()
             staged = verdict_of_stream is True
             return verdict_of_stream
         finally:
             self.planner.transfer_ended(staged=staged)
-            self.sender = None
-            self._inbox.clear()
-
-    async def _stream(self, sender: TransferSender, view: DeviceTarget,
-                      module: PlannedModule, offer: Offer, *, sent: SentFile) -> bool | None:
-        """Run the transfer: True once the device staged the image, False when it failed,
-        None when the device refused an encoded file and the caller should fall back."""
-        outputs: list[Any] = sender.start(trio.current_time())
-        while True:
-            verdict = await self._emit(outputs, view, module, final=offer.final, sent=sent,
-                                       prepared=sender.file)
-            if verdict is not _CONTINUE:
-                return cast("bool | None", verdict)
-            deadline = sender.next_deadline()
-            message = None
-            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as wait:
-                self._wait_scope = wait
-                try:
-                    if not self._recheck:
-                        message = await self._inbox.receive()
-                finally:
-                    self._wait_scope = None
-            now = trio.current_time()
-            if message is not None:
-                outputs = sender.handle(message, now)
-            elif self._recheck:
-                outputs = await self._check_stale(sender)
-            else:
-                outputs = sender.poll(now)
-
-    async def _check_stale(self, sender: TransferSender) -> list[Any]:
-        """A kick arrived mid-transfer (an immediate release, a flash, a lock with "flash
-        now", forced updates): read the target and let the planner say whether the
-        transfer still serves it; cancel it when not (the run loop's next check offers the
-        new target)."""
-        self._recheck = False
-        view = self._view  # a kick_with's view is kept for the next check too
-        if view is None:
-            view = await self.engine.fleet.target_for_device(self.device_id)
-        stale = self.planner.stale(target_facts(view))
-        now = trio.current_time()
-        if stale is None:
-            return sender.poll(now)
-        log.info("cancelling the transfer to %s: %s", self.device_id, stale.reason)
-        return sender.cancel(now, stale.reason)
-
-    async def _emit(self, outputs: list[Any], view: DeviceTarget, module: PlannedModule, *,
-                    final: bool, sent: SentFile, prepared: PreparedFile) -> bool | object | None:
-        """Carry out a sender's answer (``outputs``) for the transfer of ``prepared``:
-        chunks out, progress and outcomes recorded; _CONTINUE while the transfer goes on,
-        else its verdict (see _stream)."""
-        handler, fleet = self.handler, self.engine.fleet
-        transfer, sent_size = sent.transfer, len(sent.data)
-        verdict: bool | object | None = _CONTINUE
-        # Completion first: its store writes precede the FinishAck in the same batch.
-        outputs.sort(key=lambda item: not isinstance(item, TransferCompleted))
-        for item in split_chunk_runs(outputs):
-            if isinstance(item, list):
-                # A run of chunks: framed in one kernel call, sealed in one batch where the
-                # session has its own record layer, after what the link holds (in order).
-                await handler.send_chunks(prepared, item)
-            elif isinstance(item, TransferProgress):
-                if self.planner.record_progress(item.bytes_acked, item.total,
-                                                trio.current_time()):
-                    progress = fleet.update_progress_work(
-                        self.device_id, sha256=module.sha256, version=view.target.version,
-                        transfer=transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
-                    started = self._unrecorded_start()
-                    if started:
-                        await self.engine.save_memory(self.device_id, *started, progress)
-                        self._start_recorded(started)
-                    else:
-                        await fleet.run_write(progress)
-            elif isinstance(item, TransferCompleted):
-                self.engine.delivered[self.device_id] = Delivery(module.sha256, final,
-                                                                 self.serial)
-                # The device validated the whole file and applies it at its (next) reset:
-                # record that with the memory, in one transaction. Shielded: the device
-                # resets now and its session may close under us. Done before the FinishAck
-                # goes out (see the ordering above): the device's next session, maybe in
-                # another process, must find the delivery in the store.
-                started = self._unrecorded_start()
-                steps = [*started, fleet.update_progress_work(
-                    self.device_id, sha256=module.sha256, version=view.target.version,
-                    transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
-                    status="applying")]
-                version = release_version(view)
-                if version is not None:  # the data this release's encodings saved
-                    steps.append(fleet.transfer_bytes_work(
-                        view.product.id, version, self.device_id, bytes_sent=sent_size,
-                        bytes_full=len(module.image), transfer=transfer))
-                with trio.CancelScope(shield=True):
-                    await self.engine.save_memory(self.device_id, *steps)
-                self._start_recorded(started)
-                verdict = True
-            elif isinstance(item, TransferFailed):
-                outcome = self.planner.on_transfer_failed(item.status, Encoding(transfer),
-                                                          attempt=self._attempt)
-                if outcome is Verdict.FALL_BACK:
-                    # The device took the whole patch or frame but could not rebuild the
-                    # image from it: the full image will do, in this session.
-                    log.info("device %s refused the %s file of %s: %s", self.device_id,
-                             transfer, module.sha256[:12], item.reason)
-                    verdict = None
-                    continue
-                self.last_failure = item.status
-                log.info("transfer to %s failed: %s", self.device_id, item.reason)
-                if outcome is Verdict.FAILED:
-                    # The update failed (a timed-out transfer with retries left is the same
-                    # update going on: deliver() tries again and it resumes).
-                    self.engine.updating.pop(self.device_id, None)
-                    await self._record(self.engine, "failed", error=item.reason)
-                verdict = False
-            elif isinstance(item, TransferMessage):  # the transfer's control messages
-                handler.link.notify(transfer_request(item), trio.current_time())
-        await handler.flush()  # backpressure: a slow device slows its own sender
-        return verdict
-
-
-#: _emit's "the transfer goes on".
-_CONTINUE = object()
+            self.transfer = None
+            self.inbox.clear()

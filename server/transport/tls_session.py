@@ -212,6 +212,51 @@ class TlsSession(DeviceSession):
         if messages:
             await self._seal_and_send(self._seal_window, messages, checkpoint=False)
 
+    def try_send_window(self, messages: Sequence[bytes]) -> bool:
+        """:meth:`send_window` for a caller that must not wait (the OTA sender run by the
+        reader, issue 14 item 5). False, sealing nothing, when a send is under way or an
+        earlier write's rest is held; else the window is sealed and written, and True. What
+        the socket's buffer does not take is held (:attr:`holds_unsent`) and goes out
+        first with the next send (:meth:`send_unsent` sends it alone): at most one
+        window, never a queue."""
+        self._check_can_send()
+        if self._sending or self._unsent:
+            return False
+        self._touch()
+        try:
+            wire = self._seal_window(messages)
+        except RecordError:  # the device closed, or a record error, meanwhile
+            closed_by_peer = self.layer.alert_received is not None
+            raise self._ended(CloseReason.PEER if closed_by_peer
+                              else CloseReason.TRANSPORT_ERROR) from None
+        if not self._ciphers_held:
+            self._using_ciphers()
+        try:
+            sent = os.write(self.stream.socket.fileno(), wire)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset, broken pipe, closed
+            raise self._ended(CloseReason.TRANSPORT_ERROR) from None
+        if sent < len(wire):
+            self._unsent = wire[sent:]  # records in sequence order: sent before any other
+        return True
+
+    @property
+    def holds_unsent(self) -> bool:
+        """True while sealed bytes wait for room in the socket's buffer."""
+        return bool(self._unsent)
+
+    async def send_unsent(self) -> None:
+        """Send the held bytes (see :meth:`try_send_window`), waiting for room; serialized,
+        shielded and bounded as :meth:`send` is."""
+        self._check_can_send()
+        await self._take_send_turn()
+        try:
+            await self._send_shielded(b"")  # the held bytes go first (see _send_shielded)
+        finally:
+            self._give_send_turn()
+        self._touch()
+
     def _seal_window(self, messages: Sequence[bytes]) -> bytes:
         return seal_window(messages, self.layer)
 
