@@ -130,8 +130,10 @@ class DtlsLink:
         self.endpoint = endpoint
         self.limits = limits
         #: Plaintexts received and not yet read (at most ``queue_size``, so a list's
-        #: pop(0) is cheap; an empty list costs 56 bytes, a deque 600).
-        self.inbox: list[bytes] = []
+        #: pop(0) is cheap; a deque costs 600 bytes), None while there are none: a
+        #: detached session never has any (each goes straight to its handler), and an
+        #: empty list would cost 56 bytes per idle session.
+        self.inbox: list[bytes] | None = None
         self.queue_size = queue_size
         #: None while open; a CloseReason value once the peer closed or broke the session.
         self.ended: str | None = None
@@ -184,10 +186,13 @@ class DtlsLink:
         if session is not None:
             session.on_data(data, now)
             return
-        if len(self.inbox) >= self.queue_size:
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = []
+        if len(inbox) >= self.queue_size:
             self.overflowed += 1  # the handler is behind: drop the newest, as UDP may
             return
-        self.inbox.append(data)
+        inbox.append(data)
         self.wake()
 
     def wake(self) -> None:
@@ -271,9 +276,9 @@ class DtlsSession(DeviceSession):
         link = self.link
         self._evented = handler
         link.session = self
-        inbox, link.inbox = link.inbox, []
+        inbox, link.inbox = link.inbox, None
         now = trio.current_time()
-        for data in inbox:
+        for data in inbox or ():
             self.on_data(data, now)
         if link.ended is not None:
             self.close(link.ended)
@@ -360,9 +365,12 @@ class DtlsSession(DeviceSession):
         while True:
             if self.close_reason is not None:
                 raise DeviceSessionClosed(self.close_reason)
-            if link.inbox:
+            inbox = link.inbox
+            if inbox:
                 if yielded:
-                    data = link.inbox.pop(0)
+                    data = inbox.pop(0)
+                    if not inbox:
+                        link.inbox = None
                     self._touch()
                     return data
                 await trio.lowlevel.checkpoint()  # before taking it: a cancel loses nothing
