@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from server.devices.plane import DevicePlane
+from server.transport import SessionLimits
 from tests.device_server import DeviceServerKit, start_device_server
 
 #: Sessions opened before the census starts (what the first sessions allocate once: import
@@ -36,6 +37,9 @@ from tests.device_server import DeviceServerKit, start_device_server
 WARM_UP = 10
 #: Seconds the device process may take for all its handshakes.
 OPEN_TIMEOUT = 300.0
+#: The server's handshake timeout here (``SessionLimits.handshake_timeout``, 10 s by
+#: default): the census waits this long after the last handshake, see _until_settled.
+HANDSHAKE_TIMEOUT = 3.0
 
 
 @dataclass
@@ -74,6 +78,15 @@ async def _until_idle(kit: DeviceServerKit, device_ids: list[str]) -> None:
             await trio.sleep(0.05)
 
 
+async def _until_settled() -> None:
+    """Wait out what a finished handshake leaves behind for a while: trio keeps a cancel
+    scope's deadline in its heap until that deadline passes, even once the scope has
+    exited (the handshake's ``move_on_after``), so each session's handshake scope outlives
+    it by up to ``handshake_timeout``. Transient, not what an idle session keeps."""
+    await trio.sleep(HANDSHAKE_TIMEOUT + 0.1)
+    await trio.lowlevel.checkpoint()
+
+
 async def _open_devices(kit: DeviceServerKit, device_ids: list[str],
                         nursery: trio.Nursery) -> trio.Process:
     """Start a device process holding ``device_ids``' sessions; return once all are open."""
@@ -100,14 +113,18 @@ async def _open_devices(kit: DeviceServerKit, device_ids: list[str],
 async def measure_idle_dtls_sessions(tmp_path: Path, count: int, frames: int = 1) -> Footprint:
     """The server's Python allocations per idle DTLS session (see the module docstring)."""
     async with trio.open_nursery() as nursery:
-        kit = await start_device_server(nursery, tmp_path, count=WARM_UP + count)
+        kit = await start_device_server(
+            nursery, tmp_path, count=WARM_UP + count,
+            device_limits=SessionLimits(handshake_timeout=HANDSHAKE_TIMEOUT))
         warm_ids, measured_ids = kit.device_ids[:WARM_UP], kit.device_ids[WARM_UP:]
         devices = [await _open_devices(kit, warm_ids, nursery)]
+        await _until_settled()
         gc.collect()
         tracemalloc.start(frames)
         try:
             before = tracemalloc.take_snapshot()
             devices.append(await _open_devices(kit, measured_ids, nursery))
+            await _until_settled()
             gc.collect()
             after = tracemalloc.take_snapshot()
         finally:
