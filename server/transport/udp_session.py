@@ -282,6 +282,9 @@ class DtlsSession(DeviceSession):
             self.on_data(data, now)
         if link.ended is not None:
             self.close(link.ended)
+        # The scope SessionHost.run wraps the start in ends as detach returns: nothing can
+        # cancel into it after, so an idle session does not keep it (~110 bytes).
+        self._scope = None
         return True
 
     def on_data(self, data: bytes, now: float) -> None:
