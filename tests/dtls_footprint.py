@@ -9,7 +9,7 @@ mutual-auth DTLS 1.2 handshakes with pyOpenSSL, one CoAP ping each, as
 the Python allocations that grew, in total and by source line. The devices' own allocations
 are in their process, so everything traced here is the server's.
 
-    .venv/bin/python -m tests.dtls_footprint [COUNT] [--top N] [--frames N]
+    .venv/bin/python -m tests.dtls_footprint [COUNT] [--top N] [--frames N] [--hello]
 
 prints the figure and the biggest growths by file:line (``--frames`` > 1 groups by
 traceback instead, the innermost frame first).
@@ -88,12 +88,12 @@ async def _until_settled() -> None:
 
 
 async def _open_devices(kit: DeviceServerKit, device_ids: list[str],
-                        nursery: trio.Nursery) -> trio.Process:
+                        nursery: trio.Nursery, hello: bool) -> trio.Process:
     """Start a device process holding ``device_ids``' sessions; return once all are open."""
     host, port = kit.udp
     process: trio.Process = await nursery.start(lambda task_status: trio.run_process(
-        [sys.executable, "-m", "tests.dtls_idle_devices", host, str(port),
-         str(kit.creds_dir), *device_ids],
+        [sys.executable, "-m", "tests.dtls_idle_devices", *(["--hello"] if hello else []),
+         host, str(port), str(kit.creds_dir), *device_ids],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, check=False, task_status=task_status,
     ))
     assert process.stdout is not None
@@ -110,20 +110,22 @@ async def _open_devices(kit: DeviceServerKit, device_ids: list[str],
     return process
 
 
-async def measure_idle_dtls_sessions(tmp_path: Path, count: int, frames: int = 1) -> Footprint:
-    """The server's Python allocations per idle DTLS session (see the module docstring)."""
+async def measure_idle_dtls_sessions(tmp_path: Path, count: int, frames: int = 1,
+                                     hello: bool = False) -> Footprint:
+    """The server's Python allocations per idle DTLS session (see the module docstring);
+    ``hello``: each device also sends a Hello and a Describe, as Device OS does."""
     async with trio.open_nursery() as nursery:
         kit = await start_device_server(
             nursery, tmp_path, count=WARM_UP + count,
             device_limits=SessionLimits(handshake_timeout=HANDSHAKE_TIMEOUT))
         warm_ids, measured_ids = kit.device_ids[:WARM_UP], kit.device_ids[WARM_UP:]
-        devices = [await _open_devices(kit, warm_ids, nursery)]
+        devices = [await _open_devices(kit, warm_ids, nursery, hello)]
         await _until_settled()
         gc.collect()
         tracemalloc.start(frames)
         try:
             before = tracemalloc.take_snapshot()
-            devices.append(await _open_devices(kit, measured_ids, nursery))
+            devices.append(await _open_devices(kit, measured_ids, nursery, hello))
             await _until_settled()
             gc.collect()
             after = tracemalloc.take_snapshot()
@@ -146,9 +148,11 @@ def _main() -> None:
     parser.add_argument("count", type=int, nargs="?", default=200)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--frames", type=int, default=1)
+    parser.add_argument("--hello", action="store_true", help="devices send Hello + Describe")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        footprint = trio.run(measure_idle_dtls_sessions, Path(tmp), args.count, args.frames)
+        footprint = trio.run(measure_idle_dtls_sessions, Path(tmp), args.count, args.frames,
+                             args.hello)
     print(f"{footprint.sessions} idle DTLS sessions: {footprint.total_bytes} bytes of Python "
           f"allocations, {footprint.bytes_per_session:.0f} B per session")
     for stat in footprint.growth[: args.top]:

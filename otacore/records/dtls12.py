@@ -210,6 +210,12 @@ class DtlsRecordLayer:
         """True while our last handshake flight is kept for retransmission."""
         return bool(self._flight_finished)
 
+    @property
+    def holds_aeads(self) -> bool:
+        """True while an AEAD object is held (made by a seal or an open, dropped by
+        :meth:`release_aeads`)."""
+        return self._seal_aead is not None or self._open_aead is not None
+
     def release_aeads(self) -> None:
         """Drop the two AEAD objects while the session is idle. `cryptography`'s AES-GCM and
         ChaCha20-Poly1305 objects hold initialised OpenSSL contexts, ~2.3 KB each (measured,

@@ -321,10 +321,20 @@ class DtlsSession(DeviceSession):
         if link.ended is not None:
             raise self._ended(link.ended)
         try:
-            return link.layer.seal_many(messages)
+            records = link.layer.seal_many(messages)
         except RecordError as error:
             logger.debug("cannot seal for %s: %s", self.peer, error)
             raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        self._release_if_detached()
+        return records
+
+    def _release_if_detached(self) -> None:
+        """A detached session sealed outside ``on_data`` (from a task: a Hello's answer, a
+        request to the device, a window of chunks): drop the AEAD objects now, as on_data
+        does once quiet, or the session would keep ~2.3 KB of OpenSSL state until the
+        device's next datagram (issue 14 item 4)."""
+        if self._evented is not None:
+            self.link.layer.release_aeads()
 
     def send_window_nowait(self, messages: Sequence[bytes]) -> None:
         """Seal a window (one record per datagram, in one batch) and send it without
@@ -400,6 +410,7 @@ class DtlsSession(DeviceSession):
         except RecordError as error:  # closed, or 2^48 records sealed (RFC 6347 4.1)
             logger.debug("cannot seal for %s: %s", self.peer, error)
             raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        self._release_if_detached()
         await link.endpoint.send(record, link.address)
         self._touch()
 
