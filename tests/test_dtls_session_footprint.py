@@ -27,9 +27,9 @@ from tests.dtls_footprint import measure_idle_dtls_sessions
 SESSIONS = 60
 #: Bytes of Python allocations per idle DTLS session the server may keep, measured at 100
 #: sessions and at 60 (5.45 KB for a session that pinged before these bounds were set):
-#: - a session that pinged once (what bench/sessions/plane_ping_cost.py holds): 3.57 KB,
-#:   3.76 KB at 60;
-#: - one that also said Hello and Describe: 4.71 KB, 4.99 KB at 60, of which ~0.7 KB is
+#: - a session that pinged once (what bench/sessions/plane_ping_cost.py holds): 3.50 KB,
+#:   3.70 KB at 60;
+#: - one that also said Hello and Describe: 4.68 KB, 4.85 KB at 60, of which ~0.7 KB is
 #:   the duplicate table holding the two answers for EXCHANGE_LIFETIME (RFC 7252 4.5:
 #:   247 s; dropped at the first datagram after) and ~0.3 KB the Hello.
 #: The rest is margin for dict resizes that fall differently with the count and for the

@@ -130,7 +130,8 @@ class DeviceSessionHandler:
         self.hello: Hello | None = None
         self.product_id: int | None = None
         self.violations = 0
-        self._waiters: dict[bytes, _Waiter] = {}
+        #: Our requests to the device awaiting their answer (None while there are none).
+        self._waiters: dict[bytes, _Waiter] | None = None
         #: The link's deadline armed in the plane's timers (written by ProcessTimers).
         self.timer_at: float | None = None
         #: The device's requests not yet served (created with the first; bounded by
@@ -443,6 +444,8 @@ class DeviceSessionHandler:
     async def request(self, message: Message, timeout: float) -> Message:
         """Send a request and wait for its response; DeviceUnreachableError otherwise."""
         token = self.link.request(message, trio.current_time())
+        if self._waiters is None:
+            self._waiters = {}
         waiter = self._waiters[token] = _Waiter()
         try:
             with trio.fail_after(timeout):
@@ -451,7 +454,10 @@ class DeviceSessionHandler:
         except trio.TooSlowError as exc:
             raise DeviceUnreachableError(f"no answer within {timeout:g} s") from exc
         finally:
-            self._waiters.pop(token, None)
+            if self._waiters is not None:
+                self._waiters.pop(token, None)
+                if not self._waiters:
+                    self._waiters = None
         if waiter.response is None:
             raise DeviceUnreachableError(waiter.failure or "no answer")
         return waiter.response
@@ -476,7 +482,7 @@ class DeviceSessionHandler:
         """What the link reports, other than a request (see _queue_request); never
         blocks (the timers call it too)."""
         if isinstance(event, ResponseReceived | RequestFailed):
-            waiter = self._waiters.get(event.token)
+            waiter = self._waiters.get(event.token) if self._waiters is not None else None
             if waiter is not None:
                 if isinstance(event, ResponseReceived):
                     waiter.response = event.message
