@@ -123,7 +123,7 @@ layers = [DtlsRecordLayer.from_bytes(saved) for _ in range(n)]
 idle = (rss() - before) / n
 for layer in layers:
     layer.seal(b"x")  # builds the seal AEAD; the open one as the first record would:
-    layer._open_aead = layer.suite.make_aead(layer._open_key)
+    layer._open_aead = layer.suite.make_aead(layer._open_key())
 live = (rss() - before) / n
 print(json.dumps(dict(shallow=shallow, traced=traced, rss_idle=idle, rss_live=live,
                       saved=len(saved))))

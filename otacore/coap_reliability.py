@@ -82,6 +82,11 @@ class TransmissionParameters:
         return self.max_transmit_span + self.max_latency
 
 
+#: Section 4.8's defaults, shared by every layer not given others (one per process, not
+#: one per session).
+DEFAULT_PARAMETERS = TransmissionParameters()
+
+
 # --- what the layer hands back ---------------------------------------------------------
 
 
@@ -183,7 +188,15 @@ class ReliableLayer:
     ``rng`` returns floats uniform in [0, 1); it draws the initial timeout between
     ACK_TIMEOUT and ACK_TIMEOUT * ACK_RANDOM_FACTOR (section 4.2) and, unless
     ``first_message_id`` is given, the first message id (section 4.4 asks for a random one).
+
+    One per idle session (issue 14 item 4), so it keeps nothing an idle peer does not need:
+    its three tables exist only while they hold an entry (made by the first, dropped when
+    the last is acknowledged or expires), and pings are not remembered in the duplicate
+    table (see :meth:`_on_ping`).
     """
+
+    __slots__ = ("_last_ping", "_last_ping_expires", "_next_id", "_pending", "_ping_reply",
+                 "_rng", "_seen", "_sent_non", "params")  # fmt: skip
 
     def __init__(
         self,
@@ -193,7 +206,7 @@ class ReliableLayer:
         first_message_id: int | None = None,
         answer_pings_with_ack: bool = False,
     ) -> None:
-        self.params = params or TransmissionParameters()
+        self.params = params or DEFAULT_PARAMETERS
         self._rng = rng
         if first_message_id is None:
             first_message_id = int(rng() * 0x10000) & 0xFFFF
@@ -203,24 +216,35 @@ class ReliableLayer:
         # Device OS answers a ping with an empty ACK; RFC 7252 4.3 says RST. Either completes
         # the peer's exchange, so the choice is the caller's.
         self._ping_reply = MessageType.ACK if answer_pings_with_ack else MessageType.RST
-        self._pending: dict[int, _Pending] = {}
-        # The two tables below are kept in expiry order and pruned from the front. They are
-        # OrderedDicts, not dicts: a dict leaves a hole at the front for every entry deleted
-        # there, and finding its first live entry steps over all of them until the dict is
-        # next resized. Once the 16-bit ids wrap within the NON lifetime (65,536 messages in
-        # 145 s), every send deletes the front entry, and a send cost 10-50 us instead of 3
-        # (bench/test_bench_coap.py measures both tables after the wrap).
-        self._sent_non: OrderedDict[int, tuple[float, bytes]] = OrderedDict()
-        self._seen: OrderedDict[int, _Seen] = OrderedDict()
+        #: CONs awaiting their ACK, by message id (None while there are none).
+        self._pending: dict[int, _Pending] | None = None
+        # The two tables below are kept in expiry order and pruned from the front (each is
+        # None while empty). They are OrderedDicts, not dicts: a dict leaves a hole at the
+        # front for every entry deleted there, and finding its first live entry steps over
+        # all of them until the dict is next resized. Once the 16-bit ids wrap within the
+        # NON lifetime (65,536 messages in 145 s), every send deletes the front entry, and
+        # a send cost 10-50 us instead of 3 (bench/test_bench_coap.py measures both tables
+        # after the wrap).
+        self._sent_non: OrderedDict[int, tuple[float, bytes]] | None = None
+        self._seen: OrderedDict[int, _Seen] | None = None
+        #: The message id of the peer's last ping (-1: none yet) and when it stops being
+        #: a duplicate (see _on_ping).
+        self._last_ping = -1
+        self._last_ping_expires = 0.0
 
     # -- sending ------------------------------------------------------------------------------
 
     def next_message_id(self) -> int:
         """A fresh message id, skipping ids of CONs still awaiting their ACK (section 4.4)."""
+        pending = self._pending
+        if pending is None:
+            candidate = self._next_id
+            self._next_id = (candidate + 1) & 0xFFFF
+            return candidate
         for _ in range(0x10000):
             candidate = self._next_id
             self._next_id = (candidate + 1) & 0xFFFF
-            if candidate not in self._pending:
+            if candidate not in pending:
                 return candidate
         raise MessageIdExhaustedError("all 65536 message ids are waiting for acknowledgements")
 
@@ -249,22 +273,36 @@ class ReliableLayer:
             # Section 4.2: initial timeout random in [ACK_TIMEOUT, ACK_TIMEOUT * FACTOR].
             spread = self.params.ack_random_factor - 1.0
             timeout = self.params.ack_timeout * (1.0 + self._rng() * spread)
+            if self._pending is None:
+                self._pending = {}
             self._pending[message_id] = _Pending(datagram, message.token, timeout, now + timeout)
         else:
-            sent_non = self._sent_non
             self._prune_non(now)
+            sent_non = self._sent_non
+            if sent_non is None:
+                sent_non = self._sent_non = OrderedDict()
             sent_non[message_id] = (now + self.params.non_lifetime, message.token)
             sent_non.move_to_end(message_id)  # a reused id: keep the table in expiry order
         return Transmit(datagram, message_id)
 
+    def _take_pending(self, message_id: int) -> _Pending | None:
+        """Stop tracking CON ``message_id``; its record, or None if it was not pending."""
+        pending = self._pending
+        if pending is None:
+            return None
+        taken = pending.pop(message_id, None)
+        if not pending:
+            self._pending = None
+        return taken
+
     def cancel(self, message_id: int) -> bool:
         """Stop retransmitting CON ``message_id`` (e.g. its response came separately)."""
-        return self._pending.pop(message_id, None) is not None
+        return self._take_pending(message_id) is not None
 
     @property
     def outstanding(self) -> int:
         """CONs waiting for an ACK or RST."""
-        return len(self._pending)
+        return len(self._pending) if self._pending is not None else 0
 
     def respond(self, request: Message, response: Message | None, now: float) -> Transmit:
         """ACK the peer's CON ``request``, piggybacking ``response`` when given (section 5.2.1).
@@ -293,7 +331,7 @@ class ReliableLayer:
         return self._reply(request.message_id, rst, now)
 
     def _reply(self, message_id: int, datagram: bytes, now: float) -> Transmit:
-        seen = self._seen.get(message_id)
+        seen = self._seen.get(message_id) if self._seen is not None else None
         if seen is not None and seen.expires > now:
             seen.reply = datagram
         else:
@@ -333,7 +371,7 @@ class ReliableLayer:
         return [Malformed(exc)]
 
     def _on_ack(self, message: Message) -> list[Event]:
-        pending = self._pending.pop(message.message_id, None)
+        pending = self._take_pending(message.message_id)
         if pending is None:
             return []  # a late or duplicate ACK: the exchange is already over
         events: list[Event] = [Acknowledged(message.message_id, pending.token)]
@@ -342,96 +380,132 @@ class ReliableLayer:
         return events
 
     def _on_rst(self, message: Message, now: float) -> list[Event]:
-        pending = self._pending.pop(message.message_id, None)
+        pending = self._take_pending(message.message_id)
         if pending is not None:
             return [Rejected(message.message_id, pending.token)]
-        sent_non = self._sent_non.pop(message.message_id, None)
+        table = self._sent_non
+        sent_non = table.pop(message.message_id, None) if table is not None else None
+        if table is not None and not table:
+            self._sent_non = None
         if sent_non is not None and sent_non[0] > now:
             return [Rejected(message.message_id, sent_non[1])]
         return []
 
     def _on_request_or_response(self, message: Message, now: float) -> list[Event]:
         is_con = message.type is MessageType.CON
-        seen = self._seen.get(message.message_id)
+        message_id = message.message_id
+        seen = self._seen.get(message_id) if self._seen is not None else None
         if seen is not None and seen.expires > now:
             # Section 4.5: repeat the same ACK/RST for a duplicate CON, process it only once.
             if is_con and seen.reply is not None:
                 return [
-                    DuplicateReceived(message.message_id, replied=True),
-                    Transmit(seen.reply, message.message_id),
+                    DuplicateReceived(message_id, replied=True),
+                    Transmit(seen.reply, message_id),
                 ]
-            return [DuplicateReceived(message.message_id, replied=False)]
+            return [DuplicateReceived(message_id, replied=False)]
+        if message_id == self._last_ping and self._last_ping_expires > now:
+            # A repeat of the last ping (or a message reusing its id within its lifetime,
+            # section 4.4): the same reply again, processed once (section 4.5).
+            return [DuplicateReceived(message_id, replied=is_con),
+                    *([Transmit(self._ping_answer(message_id), message_id)] if is_con else [])]
         if message.is_empty:
             if not is_con:
                 # Section 4.3: a NON always carries a request or response.
                 error = CoapFormatError("empty NON message (RFC 7252 4.3)")
                 return [Malformed(error)]
-            reply = encode_udp(Message(self._ping_reply, 0, message.message_id))
-            self._remember(message.message_id, now + self.params.exchange_lifetime, reply)
-            return [PingReceived(message.message_id), Transmit(reply, message.message_id)]
+            return self._on_ping(message_id, now)
         lifetime = self.params.exchange_lifetime if is_con else self.params.non_lifetime
-        self._remember(message.message_id, now + lifetime, None)
+        self._remember(message_id, now + lifetime, None)
         return [Received(message)]
+
+    def _ping_answer(self, message_id: int) -> bytes:
+        return encode_udp(Message(self._ping_reply, 0, message_id))
+
+    def _on_ping(self, message_id: int, now: float) -> list[Event]:
+        # Section 4.3: a ping (an Empty CON) is answered with an Empty ACK or RST. Its reply
+        # is a function of its message id, and there is nothing in it to process: a repeat
+        # gets the very bytes a cached reply would hold (section 4.5), so pings stay out of
+        # the duplicate table (a keep-alive would otherwise keep an entry, and the table,
+        # alive per idle session for EXCHANGE_LIFETIME). Only the last ping's id is kept, so
+        # that its retransmission is still reported as a duplicate.
+        self._last_ping = message_id
+        self._last_ping_expires = now + self.params.exchange_lifetime
+        return [PingReceived(message_id), Transmit(self._ping_answer(message_id), message_id)]
 
     # -- timers -------------------------------------------------------------------------------
 
     def next_timer(self) -> float | None:
         """When :meth:`handle_timer` next has work (a retransmission or give-up), or None."""
-        if not self._pending:
+        if self._pending is None:
             return None
         return min(pending.deadline for pending in self._pending.values())
 
     def handle_timer(self, now: float) -> list[Event]:
         """Retransmit or give up on every CON whose timeout has passed at ``now``."""
         events: list[Event] = []
-        expired = [mid for mid, pending in self._pending.items() if pending.deadline <= now]
-        for message_id in expired:
-            pending = self._pending[message_id]
-            if pending.retransmissions >= self.params.max_retransmit:
-                del self._pending[message_id]
-                events.append(GaveUp(message_id, pending.token))
-                continue
-            # Section 4.2: retransmit, increment the counter and double the timeout.
-            pending.retransmissions += 1
-            pending.timeout *= 2
-            pending.deadline = now + pending.timeout
-            events.append(Transmit(pending.datagram, message_id))
+        table = self._pending
+        if table is not None:
+            expired = [mid for mid, pending in table.items() if pending.deadline <= now]
+            for message_id in expired:
+                pending = table[message_id]
+                if pending.retransmissions >= self.params.max_retransmit:
+                    del table[message_id]
+                    events.append(GaveUp(message_id, pending.token))
+                    continue
+                # Section 4.2: retransmit, increment the counter and double the timeout.
+                pending.retransmissions += 1
+                pending.timeout *= 2
+                pending.deadline = now + pending.timeout
+                events.append(Transmit(pending.datagram, message_id))
+            if not table:
+                self._pending = None
         self._prune_seen(now)
         return events
 
     # -- duplicate table --------------------------------------------------------------------
 
     def _remember(self, message_id: int, expires: float, reply: bytes | None) -> None:
+        seen_table = self._seen
+        if seen_table is None:
+            seen_table = self._seen = OrderedDict()
         # Moved to the end so the table stays ordered by insertion time for pruning.
-        self._seen[message_id] = _Seen(expires, reply)
-        self._seen.move_to_end(message_id)
+        seen_table[message_id] = _Seen(expires, reply)
+        seen_table.move_to_end(message_id)
 
     def _prune_seen(self, now: float) -> None:
         # Entries were inserted in time order; CON and NON lifetimes differ, so an expired
         # entry can hide behind a live one: lookups check expiry too. The table never holds
-        # more than 65536 ids.
+        # more than 65536 ids; it is dropped once empty (section 4.5: nothing is a
+        # duplicate after EXCHANGE_LIFETIME).
         seen_table = self._seen
+        if seen_table is None:
+            return
         while seen_table:
             message_id, seen = next(iter(seen_table.items()))
             if seen.expires > now:
-                break
+                return
             del seen_table[message_id]
+        self._seen = None
 
     def _prune_non(self, now: float) -> None:
         sent_non = self._sent_non
+        if sent_non is None:
+            return
         while sent_non:
             message_id, (expires, _) = next(iter(sent_non.items()))
             if expires > now:
-                break
+                return
             del sent_non[message_id]
+        self._sent_non = None
 
     @property
     def remembered(self) -> int:
-        """Received message ids currently held for duplicate detection."""
-        return len(self._seen)
+        """Received message ids currently held for duplicate detection (pings aside:
+        only the last one is kept, see :meth:`_on_ping`)."""
+        return len(self._seen) if self._seen is not None else 0
 
     @property
     def remembered_non(self) -> int:
         """Sent NON message ids currently held to report a Reset of them (pruned as NONs
         are sent: the expired ones before the first live one)."""
-        return len(self._sent_non)
+        return len(self._sent_non) if self._sent_non is not None else 0

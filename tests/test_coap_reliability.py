@@ -375,3 +375,62 @@ def test_an_id_remembered_again_moves_behind_the_others() -> None:
     assert layer.remembered == 3  # 3 expired but waits behind the CON
     assert isinstance(arrive(4, MessageType.NON, 250.0), Received)
     assert layer.remembered == 2  # 2 (until 295 s) and 4: 1 and 3 are gone
+
+
+# -- what an idle layer keeps (issue 14 item 4: one layer per idle DTLS session) ------------
+
+
+def test_a_ping_is_answered_again_without_being_remembered() -> None:
+    layer = ReliableLayer(rng=lambda: 0.0, answer_pings_with_ack=True)
+    lifetime = layer.params.exchange_lifetime
+    first = encode_udp(Message(MessageType.CON, 0, 0x0101))
+    second = encode_udp(Message(MessageType.CON, 0, 0x0102))
+    events = layer.receive(first, now=0.0)
+    assert events[0] == PingReceived(0x0101)
+    reply = events[1]
+    assert layer.remembered == 0  # a keep-alive leaves no entry in the duplicate table
+    # Its repeat within EXCHANGE_LIFETIME: a duplicate, answered with the same bytes (4.5).
+    assert layer.receive(first, now=lifetime - 0.1) == [
+        DuplicateReceived(0x0101, replied=True), reply]
+    # A CON reusing the last ping's id within its lifetime is a duplicate too (4.4, 4.5).
+    reuse = encode_udp(replace_id(request(), 0x0101))
+    assert layer.receive(reuse, now=1.0) == [DuplicateReceived(0x0101, replied=True), reply]
+    # An older ping's repeat after a newer ping: answered the same, as a ping again.
+    assert layer.receive(second, now=2.0)[0] == PingReceived(0x0102)
+    assert layer.receive(first, now=3.0) == [PingReceived(0x0101), reply]
+    # Past its lifetime the id is new (section 4.5).
+    assert layer.receive(first, now=3.0 + lifetime)[0] == PingReceived(0x0101)
+    assert layer.remembered == 0
+
+
+def test_a_non_reusing_the_last_pings_id_is_a_duplicate_not_answered() -> None:
+    layer = fixed(0.0)
+    layer.receive(encode_udp(Message(MessageType.CON, 0, 9)), now=0.0)
+    non = encode_udp(replace_id(request(msg_type=MessageType.NON), 9))
+    assert layer.receive(non, now=1.0) == [DuplicateReceived(9, replied=False)]
+
+
+def test_an_idle_layer_keeps_no_tables() -> None:
+    """After CONs, NONs and requests in both directions have been answered and their
+    lifetimes passed, the layer holds no table at all, as when it was made."""
+    server, device = fixed(0.0), ReliableLayer(rng=lambda: 0.0, first_message_id=7)
+    fresh = fixed(0.0)
+    con = server.send(request(b"a"), now=0.0)
+    non = server.send(request(b"b", MessageType.NON), now=0.0)
+    (received,) = device.receive(con.datagram, now=0.1)
+    assert isinstance(received, Received)
+    ack = device.respond(received.message, None, now=0.1)
+    device.receive(non.datagram, now=0.1)
+    assert server.receive(ack.datagram, now=0.2) == [Acknowledged(con.message_id, b"\x01\x02")]
+    assert server.outstanding == 0 and server.remembered_non == 1
+    assert device.remembered == 2
+    later = 1 + max(server.params.exchange_lifetime, server.params.non_lifetime)
+    device.handle_timer(later)
+    server.send(request(b"c", MessageType.NON), now=later)  # prunes the expired NON first
+    server.receive(encode_udp(Message(MessageType.RST, 0, (con.message_id + 2) & 0xFFFF)),
+                   now=later)  # that NON's Reset: its entry goes, and the table with it
+    assert (device.remembered, server.remembered_non, server.outstanding) == (0, 0, 0)
+    for layer in (server, device):
+        # Private, on purpose: "no table" is what this test pins, not just "empty tables".
+        assert (layer._pending, layer._seen, layer._sent_non) == (None, None, None)
+        assert (fresh._pending, fresh._seen, fresh._sent_non) == (None, None, None)

@@ -35,8 +35,9 @@ import trio
 from bench_common import OTA, cpu_seconds, open_all, paced, provision_product, rss_bytes
 
 from otacore.protocol.link import TcpLink, UdpLink
-from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
+from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE, pki_dir
 from server.transport.client import DeviceCredentials, connect_dtls, connect_tls
+from server.transport.udp_saved import SAVED_SESSIONS_FILE
 
 DEFAULT_WORKDIR = Path("/tmp/otacloud-bench-plane-ping")
 #: Seconds to wait for a ping's answer before sending another, and tries per ping.
@@ -201,6 +202,10 @@ async def main(args: argparse.Namespace) -> None:
     for transport in args.transport:
         for count, variant in ((c, v) for c in args.sessions for v in variants):
             probe = None if args.gc_probe is None else Path(f"{args.gc_probe}-{transport}-{count}")
+            # The last run's server saved its DTLS sessions as it stopped (issue 14 item 6):
+            # restored, they would be replaced by this run's handshakes and free their
+            # memory while the RSS per session is measured.
+            (pki_dir(data) / SAVED_SESSIONS_FILE).unlink(missing_ok=True)
             server = Server(data, probe, variant)
             try:
                 result = await ping_cost(server, transport, devices[:count], args)

@@ -9,7 +9,6 @@ Nothing here reads a clock: every call takes ``now``.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -98,17 +97,55 @@ class CoapLink:
 
     transport: Transport
 
+    # One per session, most of them idle (issue 14 item 4): slots, and nothing made before
+    # it holds something (the outbox is None while empty).
+    __slots__ = ("_awaiting", "_next_token", "_outgoing")
+
     def __init__(self) -> None:
-        self._outgoing: list[bytes] = []
-        self._tokens = itertools.count(1)
+        self._outgoing: list[bytes] | None = None
+        self._next_token = 1
+        #: Tokens of our requests awaiting their response (None while there are none: an
+        #: empty set costs 216 bytes per idle session).
+        self._awaiting: set[bytes] | None = None
 
     def new_token(self) -> bytes:
         """A token unique on this link (4 bytes, RFC 7252 5.3.1 allows 0-8)."""
-        return (next(self._tokens) & 0xFFFFFFFF).to_bytes(4, "big")
+        token = self._next_token
+        self._next_token = token + 1
+        return (token & 0xFFFFFFFF).to_bytes(4, "big")
+
+    def _queue(self, datagram: bytes) -> None:
+        """Queue ``datagram`` (or a stream frame) for :meth:`take_outgoing`."""
+        outgoing = self._outgoing
+        if outgoing is None:
+            self._outgoing = [datagram]
+        else:
+            outgoing.append(datagram)
+
+    def _await(self, token: bytes) -> None:
+        """Await a response carrying ``token``."""
+        awaiting = self._awaiting
+        if awaiting is None:
+            self._awaiting = {token}
+        else:
+            awaiting.add(token)
+
+    def _settle(self, token: bytes) -> bool:
+        """Stop awaiting ``token``; True if it was awaited."""
+        awaiting = self._awaiting
+        if awaiting is None or token not in awaiting:
+            return False
+        awaiting.discard(token)
+        if not awaiting:
+            self._awaiting = None
+        return True
 
     def take_outgoing(self) -> list[bytes]:
         """Everything queued for sending since the last call, in order."""
-        out, self._outgoing = self._outgoing, []
+        out = self._outgoing
+        if out is None:
+            return []
+        self._outgoing = None
         return out
 
     # Overridden by both links.
@@ -142,11 +179,12 @@ class UdpLink(CoapLink):
 
     transport: Transport = "udp"
 
+    __slots__ = ("_layer",)
+
     def __init__(self, reliability: ReliableLayer | None = None) -> None:
         super().__init__()
         # Device OS answers pings with an empty ACK; so do we.
         self._layer = reliability or ReliableLayer(answer_pings_with_ack=True)
-        self._awaiting: set[bytes] = set()
 
     def receive(self, data: bytes, now: float) -> list[LinkEvent]:
         """Process one datagram."""
@@ -156,22 +194,20 @@ class UdpLink(CoapLink):
         out: list[LinkEvent] = []
         for event in events:
             if isinstance(event, Transmit):
-                self._outgoing.append(event.datagram)
+                self._queue(event.datagram)
             elif isinstance(event, Received):
                 message = event.message
                 if message.is_request:
                     out.append(RequestReceived(message))
-                elif message.token in self._awaiting:
-                    self._awaiting.discard(message.token)
+                elif self._settle(message.token):
                     out.append(ResponseReceived(message.token, message))
                     if message.type is MessageType.CON:
                         # A separate response (section 5.2.2) must itself be acknowledged.
-                        self._outgoing.append(self._layer.respond(message, None, now).datagram)
+                        self._queue(self._layer.respond(message, None, now).datagram)
                 elif message.type is MessageType.CON:
-                    self._outgoing.append(self._layer.reject(message, now).datagram)
+                    self._queue(self._layer.reject(message, now).datagram)
             elif isinstance(event, (Rejected, GaveUp)):
-                if event.token in self._awaiting:
-                    self._awaiting.discard(event.token)
+                if self._settle(event.token):
                     reason = "reset by peer" if isinstance(event, Rejected) else "no answer"
                     out.append(RequestFailed(event.token, reason))
             elif isinstance(event, Malformed):
@@ -188,22 +224,22 @@ class UdpLink(CoapLink):
         token = message.token or self.new_token()
         msg_type = MessageType.CON if reliable else MessageType.NON
         transmit = self._layer.send(replace(message, type=msg_type, token=token), now)
-        self._outgoing.append(transmit.datagram)
-        self._awaiting.add(token)
+        self._queue(transmit.datagram)
+        self._await(token)
         return token
 
     def notify(self, message: Message, now: float) -> None:
         """Send a NON that expects no answer (e.g. a firmware chunk)."""
         transmit = self._layer.send(replace(message, type=MessageType.NON), now)
-        self._outgoing.append(transmit.datagram)
+        self._queue(transmit.datagram)
 
     def respond(self, request: Message, response: Message, now: float) -> None:
         """Answer a request: piggybacked on the ACK of a CON, or as a NON to a NON."""
         if request.type is MessageType.CON:
-            self._outgoing.append(self._layer.respond(request, response, now).datagram)
+            self._queue(self._layer.respond(request, response, now).datagram)
         else:
             reply = replace(response, type=MessageType.NON, token=request.token)
-            self._outgoing.append(self._layer.send(reply, now).datagram)
+            self._queue(self._layer.send(reply, now).datagram)
 
     def poll(self, now: float) -> list[LinkEvent]:
         """Retransmit or give up on CONs whose timers ran out."""
@@ -224,7 +260,7 @@ class UdpLink(CoapLink):
     def ping(self, now: float) -> None:
         """Send a CoAP ping (Empty CON, section 4.3) to keep NAT bindings open."""
         transmit = self._layer.send(Message(MessageType.CON, Code.EMPTY), now)
-        self._outgoing.append(transmit.datagram)
+        self._queue(transmit.datagram)
 
 
 class TcpLink(CoapLink):
@@ -232,17 +268,18 @@ class TcpLink(CoapLink):
 
     transport: Transport = "tcp"
 
+    __slots__ = ("_broken", "_max_frame_size", "_reader")
+
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         super().__init__()
         self._reader = TcpFrameReader(max_frame_size)
         self._max_frame_size = max_frame_size
-        self._awaiting: set[bytes] = set()
         self._broken = False
         # Section 5.3: "each endpoint MUST send a CSM as its first message".
         csm = Message(MessageType.CON, Code.CSM)
         csm.add_option(CSM_MAX_MESSAGE_SIZE, encode_uint(max_frame_size))
         csm.add_option(CSM_BLOCK_WISE_TRANSFER, b"")
-        self._outgoing.append(encode_tcp(csm))
+        self._queue(encode_tcp(csm))
 
     def receive(self, data: bytes, now: float) -> list[LinkEvent]:
         """Process stream bytes; a malformed frame is fatal (the stream cannot resync)."""
@@ -260,7 +297,7 @@ class TcpLink(CoapLink):
                 continue  # peer capabilities: we only send what fits our own limits
             if code == Code.PING:
                 # Section 5.4: answer a Ping with a Pong echoing its token.
-                self._outgoing.append(encode_tcp(Message(MessageType.CON, Code.PONG,
+                self._queue(encode_tcp(Message(MessageType.CON, Code.PONG,
                                                          token=message.token)))
                 out.append(PeerPinged())
             elif code == Code.PONG:
@@ -269,36 +306,35 @@ class TcpLink(CoapLink):
                 out.append(PeerReleased(abort=code == Code.ABORT))
             elif message.is_request:
                 out.append(RequestReceived(message))
-            elif message.token in self._awaiting:
-                self._awaiting.discard(message.token)
+            elif self._settle(message.token):
                 out.append(ResponseReceived(message.token, message))
         return out
 
     def request(self, message: Message, now: float, *, reliable: bool = True) -> bytes:
         """Send a request (TCP is reliable either way); returns its token."""
         token = message.token or self.new_token()
-        self._outgoing.append(encode_tcp(replace(message, token=token)))
-        self._awaiting.add(token)
+        self._queue(encode_tcp(replace(message, token=token)))
+        self._await(token)
         return token
 
     def notify(self, message: Message, now: float) -> None:
         """Send a request that expects no answer."""
-        self._outgoing.append(encode_tcp(message))
+        self._queue(encode_tcp(message))
 
     def respond(self, request: Message, response: Message, now: float) -> None:
         """Answer a request; the response echoes its token (RFC 8323 3.2)."""
-        self._outgoing.append(encode_tcp(replace(response, token=request.token)))
+        self._queue(encode_tcp(replace(response, token=request.token)))
 
     def ping(self, now: float) -> None:
         """Send a 7.02 Ping."""
-        self._outgoing.append(encode_tcp(Message(MessageType.CON, Code.PING,
+        self._queue(encode_tcp(Message(MessageType.CON, Code.PING,
                                                  token=self.new_token())))
 
     def release(self, hold_off_seconds: int) -> None:
         """Send 7.04 Release with Hold-Off (RFC 8323 5.5): come back after that long."""
         message = Message(MessageType.CON, Code.RELEASE)
         message.add_option(RELEASE_HOLD_OFF, encode_uint(hold_off_seconds))
-        self._outgoing.append(encode_tcp(message))
+        self._queue(encode_tcp(message))
 
 
 def make_link(transport: Transport, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> CoapLink:

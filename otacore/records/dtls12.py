@@ -118,14 +118,11 @@ class DtlsRecordLayer:
     __slots__ = (
         "_flight_finished",
         "_flight_head",
+        "_key_block",
         "_open_aead",
-        "_open_iv",
-        "_open_key",
         "_replay_bitmap",
         "_replay_top",
         "_seal_aead",
-        "_seal_iv",
-        "_seal_key",
         "close_alert",
         "discarded",
         "is_server",
@@ -167,13 +164,12 @@ class DtlsRecordLayer:
                     f"{suite.openssl_name} needs {suite.key_size}-byte keys and "
                     f"{suite.fixed_iv_size}-byte IVs"
                 )  # fmt: skip
-        self._seal_key = seal_key
-        self._open_key = open_key
+        # Seal key, open key, seal IV, open IV in one bytes object (one per idle session,
+        # issue 14 item 4: four objects would cost ~120 bytes more); see _seal_key() etc.
+        self._key_block = seal_key + open_key + seal_iv + open_iv
         # Made on first use and dropped by release_aeads() while the session is idle.
         self._seal_aead: Aead | None = None
         self._open_aead: Aead | None = None
-        self._seal_iv = seal_iv
-        self._open_iv = open_iv
         self.read_epoch = read_epoch
         self.write_epoch = write_epoch
         #: The sequence number the next sealed record gets (in ``write_epoch``).
@@ -189,6 +185,21 @@ class DtlsRecordLayer:
 
     # --- state --------------------------------------------------------------------------
 
+    def _seal_key(self) -> bytes:
+        return self._key_block[: self.suite.key_size]
+
+    def _open_key(self) -> bytes:
+        size = self.suite.key_size
+        return self._key_block[size : 2 * size]
+
+    def _seal_iv(self) -> bytes:
+        suite = self.suite
+        start = 2 * suite.key_size
+        return self._key_block[start : start + suite.fixed_iv_size]
+
+    def _open_iv(self) -> bytes:
+        return self._key_block[2 * self.suite.key_size + self.suite.fixed_iv_size :]
+
     @property
     def closed(self) -> bool:
         """True once either side has closed the session."""
@@ -198,6 +209,12 @@ class DtlsRecordLayer:
     def holds_last_flight(self) -> bool:
         """True while our last handshake flight is kept for retransmission."""
         return bool(self._flight_finished)
+
+    @property
+    def holds_aeads(self) -> bool:
+        """True while an AEAD object is held (made by a seal or an open, dropped by
+        :meth:`release_aeads`)."""
+        return self._seal_aead is not None or self._open_aead is not None
 
     def release_aeads(self) -> None:
         """Drop the two AEAD objects while the session is idle. `cryptography`'s AES-GCM and
@@ -241,15 +258,15 @@ class DtlsRecordLayer:
         aad = _AAD.pack(epoch_seq, content_type, DTLS12_VERSION, size)
         aead = self._seal_aead
         if aead is None:
-            aead = self._seal_aead = self.suite.make_aead(self._seal_key)
+            aead = self._seal_aead = self.suite.make_aead(self._seal_key())
         if self.suite.explicit_nonce_size:
             # salt || explicit nonce; the explicit part is epoch||seq, which never repeats
             # under one key (RFC 5288 section 3, RFC 6655 section 3).
             explicit = epoch_seq.to_bytes(8, "big")
-            body = explicit + aead.encrypt(self._seal_iv + explicit, plaintext, aad)
+            body = explicit + aead.encrypt(self._seal_iv() + explicit, plaintext, aad)
         else:
             # RFC 7905 section 2: the 64-bit epoch||seq, left-padded to 12 bytes, XOR the IV.
-            nonce = (int.from_bytes(self._seal_iv, "big") ^ epoch_seq).to_bytes(12, "big")
+            nonce = (int.from_bytes(self._seal_iv(), "big") ^ epoch_seq).to_bytes(12, "big")
             body = aead.encrypt(nonce, plaintext, aad)
         return RECORD_HEADER.pack(content_type, DTLS12_VERSION, epoch_seq, len(body)) + body
 
@@ -293,11 +310,11 @@ class DtlsRecordLayer:
             return []
         aead = self._seal_aead
         if aead is None:
-            aead = self._seal_aead = self.suite.make_aead(self._seal_key)
+            aead = self._seal_aead = self.suite.make_aead(self._seal_key())
         self.write_seq = seq + count  # reserved before sealing, as _seal_record does
         return _framing_kernel.seal_dtls12(
             aead.encrypt,
-            self._seal_iv,
+            self._seal_iv(),
             self.write_epoch,
             seq,
             bool(self.suite.explicit_nonce_size),
@@ -433,16 +450,16 @@ class DtlsRecordLayer:
             return DiscardReason.AUTHENTICATION_FAILED
         if suite.explicit_nonce_size:
             # The explicit nonce is whatever the sender carried (RFC 5288 section 3).
-            nonce = self._open_iv + datagram[start : start + 8]
+            nonce = self._open_iv() + datagram[start : start + 8]
             ciphertext = datagram[start + 8 : stop]
         else:
-            nonce = (int.from_bytes(self._open_iv, "big") ^ epoch_seq).to_bytes(12, "big")
+            nonce = (int.from_bytes(self._open_iv(), "big") ^ epoch_seq).to_bytes(12, "big")
             ciphertext = datagram[start:stop]
         aad = _AAD.pack(epoch_seq, content_type, DTLS12_VERSION, plaintext_size)
         try:
             aead = self._open_aead
             if aead is None:
-                aead = self._open_aead = suite.make_aead(self._open_key)
+                aead = self._open_aead = suite.make_aead(self._open_key())
             plaintext = aead.decrypt(nonce, ciphertext, aad)
         except InvalidTag:
             return DiscardReason.AUTHENTICATION_FAILED  # RFC 6347 4.1.2.7
@@ -509,7 +526,7 @@ class DtlsRecordLayer:
         """The whole state, for :meth:`from_bytes`. It holds the session keys: store it
         encrypted, and restore it at most once (a second restore would reuse nonces)."""
         suite = self.suite
-        keys = self._seal_key + self._open_key + self._seal_iv + self._open_iv
+        keys = self._key_block  # seal key, open key, seal IV, open IV
         head = _STATE_HEAD.pack(
             _STATE_MAGIC,
             _STATE_VERSION,

@@ -272,11 +272,18 @@ FALL_BACK_STATUSES = frozenset({TransferStatus.BAD_BASE, TransferStatus.REJECTED
 
 # -- the planner of one session -----------------------------------------------------------------
 
+#: "Never" on the trio clock: one float shared by every planner, not two per session.
+_NEVER = -math.inf
+
 
 class DeliveryPlanner:
     """The delivery policy of one device session: its decisions and the little state they
     need (what the device was told, whether an image is staged, the transfer in flight,
     how many updates in a row timed out)."""
+
+    # One per live session (issue 14 item 4: slots save its dict, ~100 bytes).
+    __slots__ = ("in_flight", "invalidated_at", "policy", "progress_recorded_at",
+                 "session_serial", "staged", "timed_out_updates", "told_forced")  # fmt: skip
 
     def __init__(self, policy: DeliveryPolicy, session_serial: int) -> None:
         self.policy = policy
@@ -293,9 +300,9 @@ class DeliveryPlanner:
         #: Updates in a row whose every attempt timed out (see after_check).
         self.timed_out_updates = 0
         #: When transfer progress was last recorded (see record_progress).
-        self.progress_recorded_at = -math.inf
+        self.progress_recorded_at = _NEVER
         #: When a kick last asked for the target to be read anew (see carried_view_usable).
-        self.invalidated_at = -math.inf
+        self.invalidated_at = _NEVER
 
     # settling --------------------------------------------------------------------------------
 

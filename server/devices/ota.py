@@ -131,9 +131,9 @@ class OtaEngine:
         device's memory now, then runs while kicks call for checks."""
         updater = SessionUpdater(self, handler)
         handler.updater = updater
-        handler.extra_routes.append(updater.route)
-        handler.instant_routes.append(updater.route_now)
-        handler.on_hello.append(updater.on_session_news)
+        handler.extra_routes += (updater.route,)
+        handler.instant_routes += (updater.route_now,)
+        handler.on_hello += (updater.on_session_news,)
         updater.start()
 
     def detach_session(self, handler: DeviceSessionHandler) -> None:

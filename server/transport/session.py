@@ -130,8 +130,9 @@ class DeviceSession:
         self.handler: SessionHandler | None = None
         # True while the farewell hook runs: sends are allowed although the session closes.
         self._in_farewell = False
-        # Cancelled by close(). Wraps the handler's run().
-        self._scope = trio.CancelScope()
+        # Cancelled by close(). Wraps the handler's run(); None once a detached session
+        # no longer needs it (its handler runs as calls, outside any scope).
+        self._scope: trio.CancelScope | None = trio.CancelScope()
         #: trio time of the session's last traffic: the idle deadline counts from it. It
         #: lives in the process's one timer heap (``SessionHost.timers``, armed when the
         #: session runs), re-armed from here only when it falls due: a message costs an
@@ -182,7 +183,8 @@ class DeviceSession:
         """End the session (idempotent): cancels the handler, then the transport closes."""
         if self.close_reason is None:
             self.close_reason = reason
-        self._scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
         if self._timers is not None and self.timer_at is not None:
             self._timers.disarm(self)
 
@@ -606,8 +608,10 @@ class SessionHost:
         handler: SessionHandler | None = None
         evented: EventedHandler | None = None
         detached = False
+        scope = session._scope
+        assert scope is not None, "a session runs once"
         try:
-            with session._scope:
+            with scope:
                 try:
                     handler = self.handler_factory(session)
                     session.handler = handler

@@ -130,8 +130,10 @@ class DtlsLink:
         self.endpoint = endpoint
         self.limits = limits
         #: Plaintexts received and not yet read (at most ``queue_size``, so a list's
-        #: pop(0) is cheap; an empty list costs 56 bytes, a deque 600).
-        self.inbox: list[bytes] = []
+        #: pop(0) is cheap; a deque costs 600 bytes), None while there are none: a
+        #: detached session never has any (each goes straight to its handler), and an
+        #: empty list would cost 56 bytes per idle session.
+        self.inbox: list[bytes] | None = None
         self.queue_size = queue_size
         #: None while open; a CloseReason value once the peer closed or broke the session.
         self.ended: str | None = None
@@ -184,10 +186,13 @@ class DtlsLink:
         if session is not None:
             session.on_data(data, now)
             return
-        if len(self.inbox) >= self.queue_size:
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = []
+        if len(inbox) >= self.queue_size:
             self.overflowed += 1  # the handler is behind: drop the newest, as UDP may
             return
-        self.inbox.append(data)
+        inbox.append(data)
         self.wake()
 
     def wake(self) -> None:
@@ -271,12 +276,15 @@ class DtlsSession(DeviceSession):
         link = self.link
         self._evented = handler
         link.session = self
-        inbox, link.inbox = link.inbox, []
+        inbox, link.inbox = link.inbox, None
         now = trio.current_time()
-        for data in inbox:
+        for data in inbox or ():
             self.on_data(data, now)
         if link.ended is not None:
             self.close(link.ended)
+        # The scope SessionHost.run wraps the start in ends as detach returns: nothing can
+        # cancel into it after, so an idle session does not keep it (~110 bytes).
+        self._scope = None
         return True
 
     def on_data(self, data: bytes, now: float) -> None:
@@ -313,10 +321,20 @@ class DtlsSession(DeviceSession):
         if link.ended is not None:
             raise self._ended(link.ended)
         try:
-            return link.layer.seal_many(messages)
+            records = link.layer.seal_many(messages)
         except RecordError as error:
             logger.debug("cannot seal for %s: %s", self.peer, error)
             raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        self._release_if_detached()
+        return records
+
+    def _release_if_detached(self) -> None:
+        """A detached session sealed outside ``on_data`` (from a task: a Hello's answer, a
+        request to the device, a window of chunks): drop the AEAD objects now, as on_data
+        does once quiet, or the session would keep ~2.3 KB of OpenSSL state until the
+        device's next datagram (issue 14 item 4)."""
+        if self._evented is not None:
+            self.link.layer.release_aeads()
 
     def send_window_nowait(self, messages: Sequence[bytes]) -> None:
         """Seal a window (one record per datagram, in one batch) and send it without
@@ -360,9 +378,12 @@ class DtlsSession(DeviceSession):
         while True:
             if self.close_reason is not None:
                 raise DeviceSessionClosed(self.close_reason)
-            if link.inbox:
+            inbox = link.inbox
+            if inbox:
                 if yielded:
-                    data = link.inbox.pop(0)
+                    data = inbox.pop(0)
+                    if not inbox:
+                        link.inbox = None
                     self._touch()
                     return data
                 await trio.lowlevel.checkpoint()  # before taking it: a cancel loses nothing
@@ -389,6 +410,7 @@ class DtlsSession(DeviceSession):
         except RecordError as error:  # closed, or 2^48 records sealed (RFC 6347 4.1)
             logger.debug("cannot seal for %s: %s", self.peer, error)
             raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
+        self._release_if_detached()
         await link.endpoint.send(record, link.address)
         self._touch()
 
