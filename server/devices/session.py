@@ -317,6 +317,13 @@ class DeviceSessionHandler:
         return self.tasks.start(work)
 
     @property
+    def streaming(self) -> bool:
+        """A transfer is in flight: its acks arrive every few milliseconds, so the transport
+        keeps the session's AEAD objects instead of rebuilding them per datagram."""
+        updater = self.updater
+        return updater is not None and updater.transfer is not None
+
+    @property
     def task_count(self) -> int:
         """On-demand tasks of this session running now (0 for an idle session)."""
         return len(self.tasks)

@@ -289,10 +289,18 @@ class EventedHandler(SessionHandler, Protocol):
         """The session closed: end the handler's tasks and record what must be."""
         ...
 
+    @property
+    def streaming(self) -> bool:
+        """True while a transfer runs: the transport then keeps the record layer's cipher
+        objects between datagrams instead of dropping them at each quiet moment."""
+        ...
+
 
 def is_evented(handler: object) -> bool:
     """True if ``handler`` has the :class:`EventedHandler` methods."""
-    return all(callable(getattr(handler, name, None)) for name in ("start", "on_data", "finish"))
+    methods = ("start", "on_data", "finish")
+    return all(callable(getattr(handler, name, None)) for name in methods) and hasattr(
+        type(handler), "streaming")
 
 
 #: Makes the handler for a new session (it may return one shared handler object).
