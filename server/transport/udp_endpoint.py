@@ -32,7 +32,8 @@ import math
 import socket
 import time
 from collections import Counter, deque
-from typing import Final
+from dataclasses import replace
+from typing import Any, Final
 
 import trio
 from OpenSSL import SSL
@@ -173,6 +174,8 @@ class UdpEndpoint:
         self.to_restore: list[SavedDtlsSession] = []
         #: Sessions saved since :meth:`start_saving`; None while not saving.
         self.saving: list[SavedDtlsSession] | None = None
+        #: The live sessions among them, with their handlers (see :meth:`saving_failed`).
+        self._kept: list[tuple[DtlsSession, SessionHandler]] = []
         self._told_unsuspendable = False
 
     # --- serving ------------------------------------------------------------------------
@@ -430,6 +433,24 @@ class UdpEndpoint:
         if self.saving is None:
             self.saving = []
 
+    async def saving_failed(self) -> None:
+        """The saved sessions could not be written (the server logged why): they are over
+        after all. Each handler that can (``SuspendableHandler.not_saved``) ends its
+        session as a closed one's end would (the device plane marks the device offline)."""
+        kept, self._kept = self._kept, []
+        async with trio.open_nursery() as nursery:
+            for session, handler in kept:
+                not_saved = getattr(handler, "not_saved", None)
+                if not_saved is not None:
+                    nursery.start_soon(self._not_saved, not_saved, session)
+
+    @staticmethod
+    async def _not_saved(not_saved: Any, session: DtlsSession) -> None:
+        try:
+            await not_saved(session)
+        except Exception:
+            logger.exception("the end of the unsaved session of %s failed", session.device_id)
+
     def keep(self, session: DtlsSession, handler: SessionHandler) -> bool:
         """Save ``session`` for the next process if saving; False (close it) otherwise.
         Its record layer must not seal again in this process: the caller stops it."""
@@ -461,6 +482,7 @@ class UdpEndpoint:
                 handler_state=handler_state,
             )
         )
+        self._kept.append((session, handler))
         self.stats.saved += 1
         return True
 
@@ -500,6 +522,8 @@ class UdpEndpoint:
         detached = False
         try:
             refusal = await self._authorize_restored(entry)
+            if refusal == RefuseReason.SHUTTING_DOWN and self._save_again(link, entry):
+                return
             if refusal is not None:
                 self.stats.not_restored[refusal] += 1
                 host.refuse(_TRANSPORT, refusal, peer, f"{entry.device_id} (restored session)")
@@ -524,6 +548,17 @@ class UdpEndpoint:
             if not detached:
                 self.forget(link)
                 host.connection_ended(_TRANSPORT)
+
+    def _save_again(self, link: DtlsLink, entry: SavedDtlsSession) -> bool:
+        """A graceful shutdown came before a restored session was authorized again: it
+        is saved again as it was (its handler never ran), with its record layer's state
+        now (its replay window may have moved). False if not saving."""
+        if self.saving is None or link.ended is not None or link.layer.closed:
+            return False
+        self.saving.append(replace(entry, record_state=link.layer.to_bytes()))
+        link.ended = CloseReason.SHUTDOWN  # never opens or seals again in this process
+        self.stats.saved += 1
+        return True
 
     async def _authorize_restored(self, entry: SavedDtlsSession) -> str | None:
         """None if the device may go on, else the RefuseReason (as at a handshake: the
