@@ -25,6 +25,8 @@ from otacore.messages import Dependency, ModuleDescription
 from server.app import ServerConfig, ServerHandle, serve
 from server.devices.tuning import DeviceTuning
 from server.events import STATUS, Event, EventBus
+from server.store import Store
+from server.transport.session import RefuseReason
 from server.transport.udp_saved import SAVED_SESSIONS_FILE
 from tests.device_client import LinkDevice
 from tests.device_server import DeviceServerKit, start_device_server
@@ -181,6 +183,44 @@ async def test_sessions_not_saved_are_written_offline(tmp_path: Path, why: str) 
                                               second.device_server.udp_address or kit.udp)
             devices.append(device)
             assert (await device.hello(product_version=7)).code == Code.CHANGED
+            second.shutdown.set()
+    finally:
+        for device in devices:
+            await device.aclose()
+
+
+async def test_restored_devices_are_authorized_again_all_at_once(tmp_path: Path) -> None:
+    """The device plane authorizes the restored sessions in one read: a device revoked and
+    one removed from its product while the server was down are refused (they get a
+    close_notify), the others are served on their sessions."""
+    devices: list[LinkDevice] = []
+    try:
+        async with trio.open_nursery() as first_nursery:
+            kit = await start_device_server(first_nursery, tmp_path, count=DEVICES)
+            devices = await _connect_all(kit)
+            kit.handle.shutdown.set()
+        revoked, removed = sorted(kit.device_ids)[:2]
+        store = Store.open_dir(kit.data_dir, pool_size=1)
+        try:
+            with store.write() as tx:
+                tx.revoke_device_certificates(revoked, by="test", now=1)
+                tx.delete_device(removed)
+        finally:
+            store.close()
+        async with _server(kit, kit.udp[1]) as second:
+            staying = [d for d in devices if d.device_id not in (revoked, removed)]
+            await _served_on_old_sessions(staying)
+            assert second.device_server is not None and second.device_server.udp_endpoint
+            endpoint = second.device_server.udp_endpoint
+            with trio.fail_after(PATIENCE):
+                while endpoint.stats.restored + sum(endpoint.stats.not_restored.values()) \
+                        < DEVICES:
+                    await trio.sleep(0.01)
+            assert endpoint.stats.restored == DEVICES - 2
+            assert endpoint.stats.not_restored == {RefuseReason.NOT_AUTHORIZED: 2}
+            for device in devices:
+                if device.device_id in (revoked, removed):
+                    await device.wait_closed(timeout=PATIENCE)  # the close_notify
             second.shutdown.set()
     finally:
         for device in devices:

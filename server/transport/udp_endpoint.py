@@ -32,6 +32,7 @@ import math
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ from otacore.records.dtls12 import DtlsRecordLayer, RecordDiscarded
 from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange, Drop
 from otacore.records.dtls12_handshake import DEFAULT_MTU, INITIAL_TIMEOUT
 from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
+from server.authorization import ClientCertificate
 from server.transport.admission import NotAdmitted
 from server.transport.session import (
     CloseReason,
@@ -487,10 +489,11 @@ class UdpEndpoint:
         return True
 
     def _restore(self, saved: list[SavedDtlsSession]) -> None:
-        """Put each saved session back in the table and start its task (which authorizes
-        the device again before serving it)."""
+        """Put each saved session back in the table, then authorize their devices again
+        (in one task, all at once if the directory can) and start each one's task."""
         host = self.host
         assert self._nursery is not None
+        restored: list[tuple[DtlsLink, SavedDtlsSession]] = []
         for entry in saved:
             if not host.has_room(_TRANSPORT):
                 self.stats.not_restored[_NOT_RESTORED_FULL] += 1
@@ -510,18 +513,51 @@ class UdpEndpoint:
                 older.wake()
             self.peers[address] = link
             host.connection_started(_TRANSPORT)
-            self._nursery.start_soon(self._serve_restored, link, entry)
+            restored.append((link, entry))
+        if not restored:
+            return
+        authorize_all = getattr(host.directory, "authorize_restored", None)
+        if authorize_all is None:  # each session's task asks the directory itself
+            for link, entry in restored:
+                self._nursery.start_soon(self._serve_restored, link, entry)
+        else:
+            self._nursery.start_soon(self._serve_all_restored, restored, authorize_all)
 
-    async def _serve_restored(self, link: DtlsLink, entry: SavedDtlsSession) -> None:
-        """Authorize a restored session's device again, then serve it (no handshake). A
-        device revoked or removed while the server was down gets a close_notify (it will
-        handshake, and be refused)."""
+    async def _serve_all_restored(
+        self,
+        restored: list[tuple[DtlsLink, SavedDtlsSession]],
+        authorize_all: Callable[[list[ClientCertificate]], Awaitable[list[bool | None]]],
+    ) -> None:
+        """Authorize the restored sessions' devices in one call (the directory's
+        ``authorize_restored``: the device plane's reads them all at once), then start
+        each session's task. Until then a session's datagrams wait in its link's queue."""
+        assert self._nursery is not None
+        verdicts: list[bool | None] = [None] * len(restored)
+        asked_at = trio.current_time()
+        try:
+            if self.host.accepting:
+                verdicts = list(await authorize_all([entry.certificate for _, entry in restored]))
+                if len(verdicts) != len(restored):
+                    raise ValueError(f"{len(verdicts)} verdicts for {len(restored)} sessions")
+        except Exception:  # each is asked alone instead, as at a handshake
+            logger.exception("the device directory failed to authorize the restored sessions")
+            verdicts = [None] * len(restored)
+        finally:
+            # Started even if this task is cancelled: each ends its connection's count.
+            for (link, entry), allowed in zip(restored, verdicts, strict=True):
+                self._nursery.start_soon(self._serve_restored, link, entry, allowed, asked_at)
+
+    async def _serve_restored(self, link: DtlsLink, entry: SavedDtlsSession,
+                              allowed: bool | None = None, asked_at: float = 0.0) -> None:
+        """Authorize a restored session's device again (unless ``allowed`` says already,
+        from ``asked_at``), then serve it (no handshake). A device revoked or removed while
+        the server was down gets a close_notify (it will handshake, and be refused)."""
         host = self.host
         address = link.address
         peer = address if len(address) == 2 else (str(address[0]), int(address[1]))
         detached = False
         try:
-            refusal = await self._authorize_restored(entry)
+            refusal = await self._authorize_restored(entry, allowed, asked_at)
             if refusal == RefuseReason.SHUTTING_DOWN and self._save_again(link, entry):
                 return
             if refusal is not None:
@@ -560,18 +596,22 @@ class UdpEndpoint:
         self.stats.saved += 1
         return True
 
-    async def _authorize_restored(self, entry: SavedDtlsSession) -> str | None:
+    async def _authorize_restored(self, entry: SavedDtlsSession, allowed: bool | None,
+                                  asked_at: float) -> str | None:  # fmt: skip
         """None if the device may go on, else the RefuseReason (as at a handshake: the
-        directory decides, and a revocation seen meanwhile wins)."""
+        directory decides, and a revocation seen meanwhile wins). ``allowed``: the
+        directory's answer asked at ``asked_at`` for all restored sessions at once (None:
+        ask it now for this one)."""
         host = self.host
         if not host.accepting:
             return RefuseReason.SHUTTING_DOWN
-        asked_at = trio.current_time()
-        try:
-            allowed = await host.directory.authorize(entry.certificate)
-        except Exception:
-            logger.exception("the device directory failed to authorize %s", entry.device_id)
-            return RefuseReason.DIRECTORY_ERROR
+        if allowed is None:
+            asked_at = trio.current_time()
+            try:
+                allowed = await host.directory.authorize(entry.certificate)
+            except Exception:
+                logger.exception("the device directory failed to authorize %s", entry.device_id)
+                return RefuseReason.DIRECTORY_ERROR
         if allowed and host.registry.revoked_since(entry.device_id, asked_at):
             allowed = False
         if not allowed:
