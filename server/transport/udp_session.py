@@ -431,8 +431,6 @@ class DtlsSession(DeviceSession):
         saving (graceful shutdown) and the session can go on there; True if saved."""
         link = self.link
         handler = self.handler
-        if self._saved:
-            return True
         if handler is None or link.ended is not None or link.layer.closed:
             return False
         if not link.endpoint.keep(self, handler):
@@ -451,7 +449,7 @@ class DtlsSession(DeviceSession):
         if self._backlog:  # what a detached session's handler sent last goes out first
             with trio.move_on_after(self.limits.farewell_timeout):
                 await self.send_backlog()
-        if self._saved or (self.close_reason == CloseReason.SHUTDOWN and self._save()):
+        if self._saved:  # at close (see close): no farewell, no close_notify
             return
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.limits.farewell_timeout
