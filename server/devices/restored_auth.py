@@ -22,7 +22,6 @@ import sqlalchemy as sa
 from server.authorization import ClientCertificate, KnownCertificate, may_connect
 from server.store import Tx
 from server.store import schema as t
-from server.store.tx_certs import CertificateRecord
 
 __all__ = ["CHUNK", "authorize_restored"]
 
@@ -38,7 +37,8 @@ def authorize_restored(tx: Tx, certificates: Sequence[ClientCertificate]) -> lis
     """For each certificate, in order: True if its device may connect, False if not, None
     if the certificate was never recorded as seen (ask the directory alone: that records
     it). ``tx``: a read transaction (one snapshot for all)."""
-    known: dict[str, CertificateRecord] = {}
+    # sha256 -> (issued by this installation, seen at a handshake, revoked)
+    known: dict[str, tuple[bool, bool, bool]] = {}
     registered: set[str] = set()
     revoked: set[str] = set()
     conn = tx.conn
@@ -46,9 +46,12 @@ def authorize_restored(tx: Tx, certificates: Sequence[ClientCertificate]) -> lis
         chunk = certificates[start : start + CHUNK]
         fingerprints = sorted({c.sha256 for c in chunk})
         device_ids = sorted({c.device_id for c in chunk})
-        for row in conn.execute(sa.select(_CERTS).where(_CERTS.c.sha256.in_(fingerprints))
-                                ).mappings():  # fmt: skip
-            known[row["sha256"]] = CertificateRecord(**row)
+        for sha256, issued_at, first_seen_at, revoked_at in conn.execute(
+            sa.select(_CERTS.c.sha256, _CERTS.c.issued_at, _CERTS.c.first_seen_at,
+                      _CERTS.c.revoked_at).where(_CERTS.c.sha256.in_(fingerprints))
+        ):  # fmt: skip
+            known[sha256] = (issued_at is not None, first_seen_at is not None,
+                             revoked_at is not None)
         registered.update(conn.execute(
             sa.select(t.devices.c.id).where(t.devices.c.id.in_(device_ids))).scalars())
         revoked.update(conn.execute(
@@ -58,12 +61,11 @@ def authorize_restored(tx: Tx, certificates: Sequence[ClientCertificate]) -> lis
     for certificate in certificates:
         record = known.get(certificate.sha256)
         allowed = may_connect(
-            None if record is None else KnownCertificate(record.issued_at is not None,
-                                                         record.revoked),
+            None if record is None else KnownCertificate(issued=record[0], revoked=record[2]),
             registered=certificate.device_id in registered,
             device_revoked=certificate.device_id in revoked,
         )
-        if allowed and (record is None or record.first_seen_at is None):
+        if allowed and (record is None or not record[1]):
             verdicts.append(None)  # admitted for the first time: the directory records it
         else:
             verdicts.append(allowed)
