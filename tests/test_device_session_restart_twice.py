@@ -12,6 +12,7 @@ and UDP port, real DTLS devices (trio's, OpenSSL inside) that outlive them.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import replace
@@ -23,13 +24,14 @@ import trio
 from otacore.coap import Code
 from otacore.messages import Dependency, ModuleDescription
 from server.app import ServerConfig, ServerHandle, serve
+from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.tuning import DeviceTuning
 from server.events import STATUS, Event, EventBus
 from server.store import Store
 from server.transport.session import RefuseReason
 from server.transport.udp_saved import SAVED_SESSIONS_FILE
 from tests.device_client import LinkDevice
-from tests.device_server import DeviceServerKit, start_device_server
+from tests.device_server import DeviceServerKit
 
 PATIENCE = 30
 #: Devices per test: enough that the sessions' ends overlap, few enough for a quick test.
@@ -84,6 +86,39 @@ async def _served_on_old_sessions(devices: list[LinkDevice]) -> None:
         assert (await device.publish("temperature", "21")).code == Code.CHANGED
 
 
+def _free_device_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1: each server of a test binds both on it
+    (``device_port``), so the first one holds the TCP port for the next ones too (a free
+    UDP port alone may be some other socket's TCP port, and the next server then fails)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1")
+
+
+async def _start_first(nursery: trio.Nursery, tmp_path: Path,
+                       tuning: DeviceTuning | None = None) -> DeviceServerKit:
+    """The first server process: a product with DEVICES provisioned devices, both device
+    transports on one free port."""
+    data_dir, creds_dir = tmp_path / "data", tmp_path / "creds"
+    product_id, provisioned = await trio.to_thread.run_sync(
+        create_provisioned_product, data_dir, creds_dir, "Sensors", 13, DEVICES)
+    config = ServerConfig(data_dir=data_dir, api_port=0, device_port=_free_device_port(),
+                          store_threads=4, graceful_timeout=0.5,
+                          device_tuning=tuning or DeviceTuning())
+    handle: ServerHandle = await nursery.start(serve, config)
+    token = handle.fleet.create_api_token_sync("owner").access_token
+    return DeviceServerKit(handle, data_dir, creds_dir, [d.device_id for d in provisioned],
+                           product_id, token)
+
+
 @asynccontextmanager
 async def _server(kit: DeviceServerKit, udp_port: int,
                   tuning: DeviceTuning | None = None) -> AsyncIterator[ServerHandle]:
@@ -101,7 +136,7 @@ async def test_two_graceful_restarts_in_a_row_lose_no_session(tmp_path: Path) ->
         # Process 1: N fresh sessions (handshake, Hello, Describe), stopped gracefully.
         with ExitStack() as stack:
             async with trio.open_nursery() as first_nursery:
-                kit = await start_device_server(first_nursery, tmp_path, count=DEVICES)
+                kit = await _start_first(first_nursery, tmp_path)
                 first, udp_port = kit.handle, kit.udp[1]
                 devices = await _connect_all(kit)
                 status = StatusLog(first.bus, kit.product_id, stack)
@@ -156,8 +191,7 @@ async def test_sessions_not_saved_are_written_offline(tmp_path: Path, why: str) 
     try:
         with ExitStack() as stack:
             async with trio.open_nursery() as nursery:
-                kit = await start_device_server(nursery, tmp_path, count=DEVICES,
-                                                device_tuning=tuning)
+                kit = await _start_first(nursery, tmp_path, tuning)
                 handle = kit.handle
                 devices = await _connect_all(kit)
                 assert handle.device_server is not None
@@ -196,7 +230,7 @@ async def test_restored_devices_are_authorized_again_all_at_once(tmp_path: Path)
     devices: list[LinkDevice] = []
     try:
         async with trio.open_nursery() as first_nursery:
-            kit = await start_device_server(first_nursery, tmp_path, count=DEVICES)
+            kit = await _start_first(first_nursery, tmp_path)
             devices = await _connect_all(kit)
             kit.handle.shutdown.set()
         revoked, removed = sorted(kit.device_ids)[:2]
