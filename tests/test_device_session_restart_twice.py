@@ -103,13 +103,14 @@ def _free_device_port() -> int:
     raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1")
 
 
-async def _start_first(nursery: trio.Nursery, tmp_path: Path,
-                       tuning: DeviceTuning | None = None) -> DeviceServerKit:
-    """The first server process: a product with DEVICES provisioned devices, both device
-    transports on one free port."""
+async def start_first_server(nursery: trio.Nursery, tmp_path: Path,
+                             tuning: DeviceTuning | None = None,
+                             count: int = DEVICES) -> DeviceServerKit:
+    """The first server process of a restart test: a product with ``count`` provisioned
+    devices, both device transports on one port free for both (see _free_device_port)."""
     data_dir, creds_dir = tmp_path / "data", tmp_path / "creds"
     product_id, provisioned = await trio.to_thread.run_sync(
-        create_provisioned_product, data_dir, creds_dir, "Sensors", 13, DEVICES)
+        create_provisioned_product, data_dir, creds_dir, "Sensors", 13, count)
     config = ServerConfig(data_dir=data_dir, api_port=0, device_port=_free_device_port(),
                           store_threads=4, graceful_timeout=0.5,
                           device_tuning=tuning or DeviceTuning())
@@ -136,7 +137,7 @@ async def test_two_graceful_restarts_in_a_row_lose_no_session(tmp_path: Path) ->
         # Process 1: N fresh sessions (handshake, Hello, Describe), stopped gracefully.
         with ExitStack() as stack:
             async with trio.open_nursery() as first_nursery:
-                kit = await _start_first(first_nursery, tmp_path)
+                kit = await start_first_server(first_nursery, tmp_path)
                 first, udp_port = kit.handle, kit.udp[1]
                 devices = await _connect_all(kit)
                 status = StatusLog(first.bus, kit.product_id, stack)
@@ -191,7 +192,7 @@ async def test_sessions_not_saved_are_written_offline(tmp_path: Path, why: str) 
     try:
         with ExitStack() as stack:
             async with trio.open_nursery() as nursery:
-                kit = await _start_first(nursery, tmp_path, tuning)
+                kit = await start_first_server(nursery, tmp_path, tuning)
                 handle = kit.handle
                 devices = await _connect_all(kit)
                 assert handle.device_server is not None
@@ -230,7 +231,7 @@ async def test_restored_devices_are_authorized_again_all_at_once(tmp_path: Path)
     devices: list[LinkDevice] = []
     try:
         async with trio.open_nursery() as first_nursery:
-            kit = await _start_first(first_nursery, tmp_path)
+            kit = await start_first_server(first_nursery, tmp_path)
             devices = await _connect_all(kit)
             kit.handle.shutdown.set()
         revoked, removed = sorted(kit.device_ids)[:2]
