@@ -24,7 +24,7 @@ from server.devices.keys import TRUST_FILE, read_trust_file
 from server.devices.session import DeviceSessionHandler
 from server.devices.suspended import SuspendedSession, SuspendedStateError
 from tests.device_client import LinkDevice
-from tests.device_server import start_device_server
+from tests.test_device_session_restart_twice import start_first_server
 from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
@@ -71,7 +71,7 @@ async def test_ota_server_keeps_a_dtls_session_across_a_graceful_restart(
     tmp_path: Path,
 ) -> None:
     async with trio.open_nursery() as first_nursery:
-        kit = await start_device_server(first_nursery, tmp_path, count=1)
+        kit = await start_first_server(first_nursery, tmp_path, count=1)
         first, device_id, udp_port = kit.handle, kit.device_ids[0], kit.udp[1]
         device = await LinkDevice.connect(kit.creds_dir, device_id, "udp", kit.udp)
         assert (await device.hello(product_version=7)).code == Code.CHANGED
@@ -163,7 +163,7 @@ async def test_a_transfer_cut_by_a_graceful_restart_resumes_with_no_handshake(
     Hello), then installs it."""
     async with trio.open_nursery() as devices:  # the device outlives both servers
         async with trio.open_nursery() as first_nursery:
-            kit = await start_device_server(first_nursery, tmp_path, count=1)
+            kit = await start_first_server(first_nursery, tmp_path, count=1)
             (device_id,) = kit.device_ids
             trust = TrustStore.initial(kit.product_id,
                                        read_trust_file(kit.creds_dir / TRUST_FILE))

@@ -26,6 +26,7 @@ from otacore.signing import SigningKey
 from server.authorization import ClientCertificate
 from server.devices.keys import product_statements, trusted_key_ids
 from server.devices.live import LiveDevices
+from server.devices.restored_auth import authorize_restored
 from server.devices.session import DeviceSessionHandler
 from server.devices.tuning import DeviceTuning
 from server.events import DEVICE_REVOKED, EventBus
@@ -163,6 +164,19 @@ class DevicePlane:
         """A device may connect when it belongs to a product and the certificate it
         presented is not revoked (``server.authorization.may_connect``)."""
         return await self.fleet.authorize_device(certificate)
+
+    async def authorize_restored(
+        self, certificates: list[ClientCertificate]
+    ) -> list[bool | None]:
+        """:meth:`authorize` for the sessions restored after a graceful restart, all in
+        one read (``server.devices.restored_auth``); None for a certificate to ask
+        :meth:`authorize` alone (never recorded as seen)."""
+
+        def read() -> list[bool | None]:
+            with self.fleet.store.read() as tx:
+                return authorize_restored(tx, certificates)
+
+        return await trio.to_thread.run_sync(read, limiter=self.fleet.limiter)
 
     # -- sessions --------------------------------------------------------------------------
 

@@ -241,19 +241,33 @@ class DeviceSessionHandler:
 
     async def finish(self, session: DeviceSession) -> None:
         """The session ended: its on-demand tasks end, it leaves the registry, and the
-        device is offline unless a newer session holds it."""
+        device is offline unless a newer session holds it, or the session was saved for
+        the next server process (graceful restart: the device stays online, with no
+        offline/online pair of ``spark/status`` events; if the save fails after all, the
+        endpoint calls :meth:`not_saved`)."""
         await self.tasks.end()
         self.plane.timers.disarm(self)
         self.plane.on_session_end(self)  # no longer its device's live session
+        if getattr(session, "saved", False):
+            self.plane.fleet.memory_hand_off.drop(self.presence)
+            return
         if self.plane.live.get(self.device_id) is None:  # not replaced
-            with trio.CancelScope(shield=True):
-                try:
-                    # Only if no newer session took the device over meanwhile (the
-                    # device may have reconnected to another server process).
-                    await self.plane.fleet.device_offline(self.device_id,
-                                                          session=self.presence)
-                except OtaError:
-                    log.warning("could not mark %s offline", self.device_id)
+            await self._mark_offline()
+
+    async def not_saved(self, session: DeviceSession) -> None:
+        """The session was suspended at a graceful shutdown, but the saved sessions could
+        not be written: it is over after all, so the device is offline (unless a newer
+        session holds it)."""
+        await self._mark_offline()
+
+    async def _mark_offline(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                # Only if no newer session took the device over meanwhile (the device may
+                # have reconnected to another server process).
+                await self.plane.fleet.device_offline(self.device_id, session=self.presence)
+            except OtaError:
+                log.warning("could not mark %s offline", self.device_id)
 
     def on_data(self, data: bytes) -> None:
         """One datagram's plaintext of a session with no task (DTLS, called by the

@@ -232,30 +232,36 @@ class DeviceServer:
         """
         if grace is None:
             grace = self.config.limits.farewell_timeout + 1.0
+        endpoint = self.udp_endpoint
+        if self.vault is not None and endpoint is not None:
+            # Before anything can refuse a restored session for the shutdown: it is
+            # saved again instead (UdpEndpoint._save_again).
+            endpoint.start_saving()
         self.host.stop_accepting()
         for listener in self._tcp_listeners:
             await listener.aclose()
-        endpoint = self.udp_endpoint
-        if self.vault is not None and endpoint is not None:
-            endpoint.start_saving()
         closing = self.registry.close_all(CloseReason.SHUTDOWN)
         logger.info("device endpoint shutting down; closing %d sessions", closing)
         with trio.move_on_after(grace):
             await self.host.wait_all_closed()
         if self.vault is not None and endpoint is not None and endpoint.saving:
-            await self._save_sessions(self.vault, endpoint.saving)
+            await self._save_sessions(self.vault, endpoint)
         self._stop.set()
 
-    async def _save_sessions(self, vault: SessionVault, sessions: list[SavedDtlsSession]) -> None:
-        """Seal the saved sessions to the vault file (a failure is logged: the devices
-        then handshake again, as after a crash)."""
+    async def _save_sessions(self, vault: SessionVault, endpoint: UdpEndpoint) -> None:
+        """Seal the saved sessions to the vault file. A failure is logged, and the
+        sessions end as closed ones (their devices offline, within the farewell
+        timeout); the devices then handshake again, as after a crash."""
+        sessions = endpoint.saving or []
         started = trio.current_time()
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True) as scope:
             try:
                 size = await trio.to_thread.run_sync(vault.save, sessions)
             except (OSError, OtaError) as exc:
                 logger.error("could not save %d DTLS sessions to %s: %s",
                              len(sessions), vault.path, exc)  # fmt: skip
+                scope.deadline = trio.current_time() + self.config.limits.farewell_timeout
+                await endpoint.saving_failed()
                 return
         logger.info("saved %d DTLS sessions to %s (%d bytes, %.3f s)", len(sessions),
                     vault.path, size, trio.current_time() - started)  # fmt: skip

@@ -20,7 +20,7 @@ The reader task reads every datagram and hands it on by the peer's address:
 On graceful shutdown (:meth:`UdpEndpoint.start_saving`) established sessions whose handler
 can carry its state over are saved instead of closed (``udp_saved``); the next process
 puts them back in the table before its first read (:meth:`UdpEndpoint.serve`), authorizes
-each device again, and serves it without a handshake.
+each device again, and serves it without a handshake (``udp_restart``: the endpoint's base).
 
 Sends go straight to the non-blocking socket; only when its buffer is full does a sender
 wait (one at a time) for room. Every queue is bounded: a full one drops, as UDP may.
@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import math
 import socket
-import time
 from collections import Counter, deque
 from typing import Final
 
 import trio
 from OpenSSL import SSL
 
-from otacore.errors import RecordHandoverError, RecordStateFormatError
-from otacore.records.dtls12 import DtlsRecordLayer, RecordDiscarded
+from otacore.errors import RecordHandoverError
+from otacore.records.dtls12 import RecordDiscarded
 from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange, Drop
 from otacore.records.dtls12_handshake import DEFAULT_MTU, INITIAL_TIMEOUT
 from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
@@ -51,14 +50,11 @@ from server.transport.session import (
     SessionHost,
     logger,
 )
+from server.transport.udp_restart import GracefulRestart
 from server.transport.udp_saved import SavedDtlsSession
 from server.transport.udp_session import Address, DtlsLink, DtlsSession
 
 __all__ = ["UdpEndpoint", "UdpStats"]
-
-#: The session could not be restored after a restart (see UdpStats.not_restored).
-_NOT_RESTORED_STATE = "record state unreadable"
-_NOT_RESTORED_FULL = "too many sessions"
 
 _TRANSPORT: Final = "udp"
 #: The largest datagram read: a whole DTLS record of 2^14 + 2048 bytes and its header
@@ -134,7 +130,7 @@ class _Handshaking:
         await self._waiter.wait()
 
 
-class UdpEndpoint:
+class UdpEndpoint(GracefulRestart):
     """Serves DTLS 1.2 devices on one bound, non-blocking UDP socket (see module doc).
 
     ``queue_size``: datagrams kept per peer that its task has not read yet (the rest are
@@ -173,6 +169,8 @@ class UdpEndpoint:
         self.to_restore: list[SavedDtlsSession] = []
         #: Sessions saved since :meth:`start_saving`; None while not saving.
         self.saving: list[SavedDtlsSession] | None = None
+        #: The live sessions among them, with their handlers (see :meth:`saving_failed`).
+        self._kept: list[tuple[DtlsSession, SessionHandler]] = []
         self._told_unsuspendable = False
 
     # --- serving ------------------------------------------------------------------------
@@ -421,129 +419,6 @@ class UdpEndpoint:
         while peer.inbox:
             link.on_datagram(peer.inbox.popleft())
         return link
-
-    # --- graceful restart ---------------------------------------------------------------
-
-    def start_saving(self) -> None:
-        """Graceful shutdown begins: from now on sessions closed for shutdown are saved
-        (:meth:`keep`) instead of closed; :attr:`saving` collects them."""
-        if self.saving is None:
-            self.saving = []
-
-    def keep(self, session: DtlsSession, handler: SessionHandler) -> bool:
-        """Save ``session`` for the next process if saving; False (close it) otherwise.
-        Its record layer must not seal again in this process: the caller stops it."""
-        link = session.link
-        if self.saving is None or link.certificate is None:
-            return False
-        # Only a handler that can carry its own state over (SuspendableHandler) is saved:
-        # one restored without it would serve the device as if it had never said Hello.
-        suspend = getattr(handler, "suspend", None)
-        if suspend is None:
-            if not self._told_unsuspendable:
-                self._told_unsuspendable = True
-                logger.info("the DTLS session handler %s cannot be suspended: its sessions "
-                            "are closed, not saved", type(handler).__name__)  # fmt: skip
-            return False
-        try:
-            handler_state = bytes(suspend(session))
-        except Exception:
-            logger.exception("could not save the handler state of %s", session.device_id)
-            return False
-        idle_for = trio.current_time() - session.idle_since
-        self.saving.append(
-            SavedDtlsSession(
-                address=tuple(link.address),
-                certificate=link.certificate,
-                resumed=session.resumed,
-                record_state=link.layer.to_bytes(),
-                last_activity=time.time() - max(0.0, idle_for),
-                handler_state=handler_state,
-            )
-        )
-        self.stats.saved += 1
-        return True
-
-    def _restore(self, saved: list[SavedDtlsSession]) -> None:
-        """Put each saved session back in the table and start its task (which authorizes
-        the device again before serving it)."""
-        host = self.host
-        assert self._nursery is not None
-        for entry in saved:
-            if not host.has_room(_TRANSPORT):
-                self.stats.not_restored[_NOT_RESTORED_FULL] += 1
-                continue
-            try:
-                layer = DtlsRecordLayer.from_bytes(entry.record_state)
-            except RecordStateFormatError as exc:
-                logger.warning("saved DTLS session of %s not restored: %s", entry.device_id, exc)
-                self.stats.not_restored[_NOT_RESTORED_STATE] += 1
-                continue
-            address = entry.address
-            link = DtlsLink(address, layer, self, self.queue_size, host.limits)
-            link.certificate = entry.certificate
-            older = self.peers.get(address)
-            if isinstance(older, DtlsLink):
-                older.ended = CloseReason.REPLACED
-                older.wake()
-            self.peers[address] = link
-            host.connection_started(_TRANSPORT)
-            self._nursery.start_soon(self._serve_restored, link, entry)
-
-    async def _serve_restored(self, link: DtlsLink, entry: SavedDtlsSession) -> None:
-        """Authorize a restored session's device again, then serve it (no handshake). A
-        device revoked or removed while the server was down gets a close_notify (it will
-        handshake, and be refused)."""
-        host = self.host
-        address = link.address
-        peer = address if len(address) == 2 else (str(address[0]), int(address[1]))
-        detached = False
-        try:
-            refusal = await self._authorize_restored(entry)
-            if refusal is not None:
-                self.stats.not_restored[refusal] += 1
-                host.refuse(_TRANSPORT, refusal, peer, f"{entry.device_id} (restored session)")
-                if not link.layer.closed and link.ended is None:
-                    with trio.move_on_after(host.limits.farewell_timeout):
-                        await self.send(link.layer.close(), address)
-                return
-            self.stats.restored += 1
-            session = DtlsSession(
-                link, entry.device_id, peer, host, entry.resumed,
-                restored_state=entry.handler_state,
-                idle_for=max(0.0, time.time() - entry.last_activity),
-            )  # fmt: skip
-            # SessionHost.run counts a handshake per session it runs; a restored session
-            # had none: take that count back first (no checkpoint in between).
-            counter = host.stats.resumed_handshakes if entry.resumed else host.stats.full_handshakes
-            counter[_TRANSPORT] -= 1
-            detached = await host.run(session, detach=session.detach)
-        except Exception:
-            logger.exception("restored DTLS session with %s failed", peer)
-        finally:
-            if not detached:
-                self.forget(link)
-                host.connection_ended(_TRANSPORT)
-
-    async def _authorize_restored(self, entry: SavedDtlsSession) -> str | None:
-        """None if the device may go on, else the RefuseReason (as at a handshake: the
-        directory decides, and a revocation seen meanwhile wins)."""
-        host = self.host
-        if not host.accepting:
-            return RefuseReason.SHUTTING_DOWN
-        asked_at = trio.current_time()
-        try:
-            allowed = await host.directory.authorize(entry.certificate)
-        except Exception:
-            logger.exception("the device directory failed to authorize %s", entry.device_id)
-            return RefuseReason.DIRECTORY_ERROR
-        if allowed and host.registry.revoked_since(entry.device_id, asked_at):
-            allowed = False
-        if not allowed:
-            return RefuseReason.NOT_AUTHORIZED
-        if not host.accepting:
-            return RefuseReason.SHUTTING_DOWN
-        return None
 
     # --- shared by the peers ------------------------------------------------------------
 

@@ -193,11 +193,16 @@ class SessionVault:
     def take(self, *, now: float | None = None) -> list[SavedDtlsSession]:
         """Read the file and delete it before returning (so its states are restored at
         most once, even if the process dies right after); the sessions still young enough.
-        A missing file gives []; an unusable one is logged, deleted, and gives [].
+        A missing file gives []; an unusable one is logged, deleted, and gives [] (one that
+        cannot be read at all is logged and left where it is).
         Blocking file I/O: run it in a thread."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
+            return []
+        except OSError as exc:  # e.g. a directory in its place, or unreadable
+            log.warning("saved DTLS sessions in %s not restored (devices handshake again): "
+                        "cannot read it: %s", self.path, exc)  # fmt: skip
             return []
         self.path.unlink(missing_ok=True)
         _fsync_directory(self.directory)  # the deletion is durable before any restore

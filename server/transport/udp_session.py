@@ -90,7 +90,13 @@ class SuspendableHandler(Protocol):
     the device does not take new messages for duplicates, RFC 7252 4.5)."""
 
     def suspend(self, session: DtlsSession) -> bytes:
-        """The handler's state to restore with ``session`` (small; sealed at rest)."""
+        """The handler's state to restore with ``session`` (small; sealed at rest).
+        Called as the shutdown closes the session, before the handler's ``finish``, which
+        finds ``session.saved`` True: the session is not over for its device.
+
+        A handler may also have ``async def not_saved(session)``: called if the saved
+        sessions could not be written after all (the session is over; e.g. mark the
+        device offline)."""
         ...
 
 
@@ -225,7 +231,7 @@ class DtlsLink:
 class DtlsSession(DeviceSession):
     """A device session over DTLS; ``receive()`` returns one datagram's plaintext."""
 
-    __slots__ = ("_backlog", "_ending", "_evented", "link", "restored_state")
+    __slots__ = ("_backlog", "_ending", "_evented", "_saved", "link", "restored_state")
 
     transport = "udp"
 
@@ -247,6 +253,8 @@ class DtlsSession(DeviceSession):
         self._evented: EventedHandler | None = None
         #: True once a detached session's end was started.
         self._ending = False
+        #: True once saved for the next process (see :meth:`close`).
+        self._saved = False
         #: Records the socket did not take yet (its buffer was full), oldest first: a
         #: task of the endpoint sends them; None when there are none.
         self._backlog: list[bytes] | None = None
@@ -306,8 +314,21 @@ class DtlsSession(DeviceSession):
             # every few milliseconds, and rebuilding per datagram cost ~3.4 ms/MB.
             self.link.layer.release_aeads()
 
+    @property
+    def saved(self) -> bool:
+        """True if the session was saved for the next server process (graceful restart,
+        issue 14 item 6): it is not over for its device, which the next process serves
+        on it without a handshake, so its end must not mark the device offline."""
+        return self._saved
+
     def close(self, reason: str = CloseReason.SERVER) -> None:
-        """End the session (idempotent); a detached one starts its end in a task."""
+        """End the session (idempotent); a detached one starts its end in a task.
+
+        Closed for a graceful shutdown while the endpoint saves sessions, it is saved at
+        once, before its handler's ``finish`` runs (which then knows the device is not
+        going offline) and whatever the shutdown's grace."""
+        if reason == CloseReason.SHUTDOWN and self.close_reason is None:
+            self._save()
         super().close(reason)
         handler = self._evented
         if handler is not None and not self._ending:
@@ -363,7 +384,8 @@ class DtlsSession(DeviceSession):
         link = self.link
         while self._backlog:
             record = self._backlog.pop(0)
-            if link.ended is None or self._in_farewell:
+            # A saved session's backlog was sealed before its state was saved: it goes out.
+            if link.ended is None or self._in_farewell or self._saved:
                 await link.endpoint.send(record, link.address)
         self._backlog = None
 
@@ -428,21 +450,30 @@ class DtlsSession(DeviceSession):
             await link.endpoint.send(record, link.address)
         self._touch()
 
+    def _save(self) -> bool:
+        """Hand the session to the endpoint to be saved for the next process, if it is
+        saving (graceful shutdown) and the session can go on there; True if saved."""
+        link = self.link
+        handler = self.handler
+        if handler is None or link.ended is not None or link.layer.closed:
+            return False
+        if not link.endpoint.keep(self, handler):
+            return False
+        # Saved (issue 14 item 6): no farewell telling the device to leave, no
+        # close_notify; the layer must never seal again in this process (the next one
+        # goes on from its sequence numbers: RFC 5116 3, a nonce never repeats), nor open
+        # (the next one's replay window is the one saved).
+        self._saved = True
+        link.ended = CloseReason.SHUTDOWN
+        link.endpoint.forget(link)
+        return True
+
     async def _farewell_then_close(self, handler: SessionHandler) -> None:
         link = self.link
         if self._backlog:  # what a detached session's handler sent last goes out first
             with trio.move_on_after(self.limits.farewell_timeout):
                 await self.send_backlog()
-        if (
-            self.close_reason == CloseReason.SHUTDOWN
-            and link.ended is None
-            and not link.layer.closed
-            and link.endpoint.keep(self, handler)
-        ):
-            # Saved for the next process (issue 14 item 6): no farewell telling the device
-            # to leave, no close_notify; the layer must never seal again in this process.
-            link.ended = CloseReason.SHUTDOWN
-            link.endpoint.forget(link)
+        if self._saved:  # at close (see close): no farewell, no close_notify
             return
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.limits.farewell_timeout
