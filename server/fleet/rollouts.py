@@ -1,0 +1,516 @@
+"""Safe rollouts (issue 15) over the store: create, show, list, pause, resume and abort
+rollouts, record device outcomes, let time pass, and set maintenance windows.
+
+The policy itself is the sans-IO :class:`otacore.rollout.Rollout`; this service loads it
+from the store with the current target set, applies one change and saves it in the same
+transaction (so a restart resumes exactly), appends its events to ``rollout_events`` and
+publishes them on the bus as ``ota/rollout/<kind>`` after the commit.
+
+The target set is the release's, after Particle's precedence rules (``otacore.precedence``):
+devices whose firmware the rollout's release (product default, or its groups) would decide,
+if it were released. Devices already running the version and never touched by the rollout
+are left out (nothing to deliver to them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from otacore.errors import ValidationError
+from otacore.precedence import ProductReleases, Release, TargetReason
+from otacore.rollout import (
+    Decision,
+    MaintenanceWindow,
+    Rollout,
+    RolloutCounts,
+    RolloutEvent,
+    State,
+    windows_for,
+)
+from otacore.rollout.errors import RolloutStateError
+from otacore.rollout.spec import RolloutSpec, rollout_spec
+from server.events import Event
+from server.fleet.base import FleetBase, Outcome, check_version, releases_of, target_of
+from server.fleet.errors import (
+    RolloutConflictError,
+    RolloutRefusedError,
+    UnknownFirmwareError,
+    UnknownRolloutError,
+    UnknownWindowError,
+)
+from server.fleet.roles import Actor, Permission
+from server.fleet.text import clean_group_name, clean_text
+from server.store import ProductRecord, Tx
+from server.store.tx_rollouts import (
+    DeviceOutcomeRecord,
+    RolloutEventRecord,
+    RolloutQueries,
+    RolloutRecord,
+    WindowRecord,
+)
+
+#: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
+ROLLOUT_EVENT_PREFIX = "ota/rollout/"
+#: Scope needed to change rollouts (a rollout releases firmware) and windows.
+ROLLOUT_SCOPE = "firmware:release"
+WINDOW_SCOPE = "products:update"
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout with its counts (per phase and total) and its latest events."""
+
+    record: RolloutRecord
+    rollout: Rollout
+    counts: RolloutCounts
+    events: tuple[RolloutEventRecord, ...]
+
+    @property
+    def state(self) -> State:
+        """The rollout's state."""
+        return self.rollout.state
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``ota rollout show --json`` prints and a script polls."""
+        machine = self.rollout
+        phases = []
+        for index, phase in enumerate(machine.policy.plan.phases):
+            phases.append({
+                "phase": index + 1,
+                "size": phase.size,
+                "start_at": phase.start_at,
+                "opened_at": machine.opened_at[index] if index < len(machine.opened_at) else None,
+                "met_at": machine.met_at[index],
+                "counts": self.counts.phases[index].to_dict(),
+            })
+        return {
+            "id": self.record.id,
+            "product_id": self.record.product_id,
+            "version": self.record.version,
+            "groups": list(self.record.groups),
+            "immediate": self.record.immediate,
+            "state": machine.state.value,
+            "reason": machine.reason,
+            "forced": self.record.forced,
+            "plan": machine.policy.plan.to_dict(),
+            "criteria": [t.to_dict() for t in machine.policy.thresholds],
+            "policy": machine.policy.to_dict(),
+            "rate_per_minute": machine.rate,
+            "counts": self.counts.total.to_dict(),
+            "phases": phases,
+            "events": [
+                {"at": e.at, "kind": e.kind, "phase": e.phase, "by": e.actor,
+                 "reason": e.reason, "data": e.data}
+                for e in self.events
+            ],
+            "created_by": self.record.created_by,
+            "created_at": self.record.created_at,
+            "updated_at": self.record.updated_at,
+        }
+
+
+def _rollout_id(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"rollout id {value!r} must be a positive whole number")
+    return value
+
+
+def _window_of(record: WindowRecord) -> MaintenanceWindow:
+    return MaintenanceWindow(record.cron, record.duration_minutes, record.timezone)
+
+
+class RolloutService(FleetBase):
+    """Rollouts and maintenance windows of products."""
+
+    # --- loading and saving --------------------------------------------------------------
+
+    @staticmethod
+    def _record(q: RolloutQueries, product: ProductRecord, rollout_id: object) -> RolloutRecord:
+        rid = _rollout_id(rollout_id)
+        record = q.get_rollout(product.id, rid)
+        if record is None:
+            raise UnknownRolloutError(f"product {product.slug} has no rollout {rid}")
+        return record
+
+    @staticmethod
+    def _targets(
+        tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
+        immediate: bool, touched: set[str],
+    ) -> set[str]:
+        """Devices whose firmware this rollout's release decides (see the module doc)."""
+        current = releases_of(tx.list_releases(product.id))
+        release = Release(version, immediate)
+        if groups:
+            overlay = ProductReleases(
+                current.product_default,
+                {**current.group_releases, **dict.fromkeys(groups, release)},
+            )
+        else:
+            overlay = ProductReleases(release, current.group_releases)
+        devices, _ = tx.list_devices(product.id)
+        targets = set()
+        for device in devices:
+            target = target_of(device, overlay)
+            if target.version != version:
+                continue
+            decided = (
+                target.reason is TargetReason.GROUP_RELEASE and target.group in groups
+                if groups else target.reason is TargetReason.PRODUCT_DEFAULT
+            )
+            if decided and (device.firmware_version != version or device.id in touched):
+                targets.add(device.id)
+        return targets
+
+    def _machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                 record: RolloutRecord) -> Rollout:
+        touched = set(record.state_data.get("devices", {}))
+        targets = self._targets(tx, product, record.version, record.groups, record.immediate,
+                                touched)
+        return Rollout.from_dict(record.state_data, targets)
+
+    def _save(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
+              machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
+        q.update_rollout(record.id, state=machine.state.value, reason=machine.reason,
+                         state_data=machine.to_dict(), now=now)
+        q.put_device_outcomes(
+            record.id,
+            (
+                (d, p.phase, None if p.status is None else p.status.value, p.failures,
+                 p.held_until)
+                for d, p in machine.devices.items()
+            ),
+            now,
+        )
+        q.add_rollout_events(record.id, [e.to_dict() for e in events])
+        return [
+            Event(
+                ROLLOUT_EVENT_PREFIX + e.kind.value,
+                json.dumps({"rollout": record.id, "version": record.version, **e.to_dict()}),
+                product_id=product.id,
+                published_at=now,
+            )
+            for e in events
+        ]
+
+    def _view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
+              now: int) -> RolloutView:
+        fresh = q.get_rollout(record.product_id, record.id) or record
+        return RolloutView(fresh, machine, machine.counts(now),
+                           tuple(q.rollout_events(record.id)))
+
+    def _change(
+        self,
+        product_ref: int | str,
+        rollout_id: object,
+        apply: Callable[[Rollout, int], list[RolloutEvent]],
+        *,
+        actor: Actor | None = None,
+        audit: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> Outcome:
+        """Load, tick, apply one change, save; the view and the bus events."""
+        now = self.clock()
+        with self.store.write() as tx:
+            product = self._product(tx, product_ref)
+            q = RolloutQueries(tx.conn)
+            record = self._record(q, product, rollout_id)
+            if actor is not None:
+                actor.require(Permission.MANAGE_DEVICES, "change rollouts")
+                actor.require_scope(ROLLOUT_SCOPE, product.id, "change rollouts", product.slug)
+            machine = self._machine(tx, q, product, record)
+            try:
+                events = machine.tick(now) + apply(machine, now)
+            except RolloutStateError as exc:
+                raise RolloutConflictError(str(exc)) from None
+            bus_events = self._save(q, product, record, machine, events, now)
+            if actor is not None and audit is not None:
+                tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
+                             target=f"rollout:{record.id}", details=dict(details or {}),
+                             now=now)
+            view = self._view(q, record, machine, now)
+        return Outcome(view, bus_events)
+
+    # --- rollouts ------------------------------------------------------------------------
+
+    async def create_rollout(
+        self, actor: Actor, product_ref: int | str, fields: Mapping[str, object]
+    ) -> RolloutView:
+        """Create (and, unless scheduled later, start) a rollout from the CLI-shaped
+        ``fields`` (see :func:`rollout_spec`). Like a release, firmware not yet reported
+        running on a device of the product needs ``force`` (audit-logged)."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "create rollouts")
+            spec = rollout_spec(fields)
+            spec = dataclasses.replace(
+                spec, groups=tuple(sorted({clean_group_name(g) for g in spec.groups}))
+            )
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                actor.require_scope(ROLLOUT_SCOPE, product.id, "create rollouts", product.slug)
+                firmware = tx.get_firmware(product.id, spec.version)
+                if firmware is None:
+                    raise UnknownFirmwareError(
+                        f"product {product.slug} has no firmware version {spec.version}; "
+                        "upload it first"
+                    )
+                for name in spec.groups:
+                    if tx.get_group(product.id, name) is None:
+                        raise RolloutRefusedError(
+                            f"group {name!r} does not exist in product {product.slug}; "
+                            "create it first"
+                        )
+                if firmware.running_seen_at is None and not spec.force:
+                    raise RolloutRefusedError(
+                        f"firmware version {spec.version} has not been reported running on "
+                        f"any device of product {product.slug}; lock a test device to it and "
+                        "let it connect first, or pass force to roll it out anyway"
+                    )
+                q = RolloutQueries(tx.conn)
+                for other in q.list_rollouts(product.id, active_only=True):
+                    if other.groups == spec.groups:
+                        where = "the product default" if not spec.groups else (
+                            f"groups {', '.join(spec.groups)}")
+                        raise RolloutConflictError(
+                            f"rollout {other.id} (version {other.version}, {other.state}) "
+                            f"already covers {where}; abort it or let it complete first"
+                        )
+                forced = firmware.running_seen_at is None
+                placeholder = Rollout("0", spec.policy, now)
+                rid = q.insert_rollout(
+                    product_id=product.id, version=spec.version, groups=spec.groups,
+                    immediate=spec.immediate, plan=spec.policy.plan.to_dict(),
+                    criteria=[t.to_dict() for t in spec.policy.thresholds],
+                    state=placeholder.state.value, state_data=placeholder.to_dict(),
+                    forced=forced, created_by=actor.subject, now=now,
+                )
+                # The id salts device placement: a fresh sample per rollout (phases.py).
+                machine = Rollout(str(rid), spec.policy, now)
+                machine.set_targets(
+                    self._targets(tx, product, spec.version, spec.groups, spec.immediate,
+                                  set()),
+                    now,
+                )
+                events = machine.tick(now)
+                record = self._record(q, product, rid)
+                bus_events = self._save(q, product, record, machine, events, now)
+                tx.add_audit(
+                    actor=actor.subject,
+                    action="rollout.create.forced" if forced else "rollout.create",
+                    product_id=product.id,
+                    target=f"rollout:{rid}",
+                    details={"version": spec.version, "groups": list(spec.groups),
+                             "immediate": spec.immediate, "force": spec.force,
+                             "policy": spec.policy.to_dict(), "targets": len(machine.targets)},
+                    now=now,
+                )
+                view = self._view(q, record, machine, now)
+            return Outcome(view, bus_events)
+
+        return await self._run(work)
+
+    async def get_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
+        """One rollout with its counts now and its latest events."""
+
+        def work() -> RolloutView:
+            now = self.clock()
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                q = RolloutQueries(tx.conn)
+                record = self._record(q, product, rollout_id)
+                return self._view(q, record, self._machine(tx, q, product, record), now)
+
+        return await self._read(work)
+
+    async def list_rollouts(
+        self, product_ref: int | str, *, version: object = None
+    ) -> list[RolloutView]:
+        """A product's rollouts, newest first (optionally of one firmware version)."""
+
+        def work() -> list[RolloutView]:
+            now = self.clock()
+            wanted = None if version is None else check_version(version)
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                q = RolloutQueries(tx.conn)
+                return [
+                    self._view(q, r, self._machine(tx, q, product, r), now)
+                    for r in q.list_rollouts(product.id, version=wanted)
+                ]
+
+        return await self._read(work)
+
+    async def pause_rollout(self, actor: Actor, product_ref: int | str, rollout_id: object,
+                            reason: str | None = None) -> RolloutView:
+        """Stop new offers until resumed (transfers in progress finish)."""
+        why = None if reason is None else clean_text(reason, "reason", 500)
+        return await self._run(functools.partial(
+            self._change, product_ref, rollout_id,
+            lambda m, now: m.pause(actor.subject, now, why or None),
+            actor=actor, audit="rollout.pause", details={"reason": why},
+        ))
+
+    async def resume_rollout(self, actor: Actor, product_ref: int | str,
+                             rollout_id: object) -> RolloutView:
+        """Resume a paused rollout (thresholds crossed so far are acknowledged)."""
+        return await self._run(functools.partial(
+            self._change, product_ref, rollout_id,
+            lambda m, now: m.resume(actor.subject, now),
+            actor=actor, audit="rollout.resume",
+        ))
+
+    async def abort_rollout(self, actor: Actor, product_ref: int | str, rollout_id: object,
+                            reason: str | None = None) -> RolloutView:
+        """Stop new offers at once; the ABORTED event lists the devices to discard."""
+        why = None if reason is None else clean_text(reason, "reason", 500)
+        return await self._run(functools.partial(
+            self._change, product_ref, rollout_id,
+            lambda m, now: m.abort(actor.subject, now, why or None),
+            actor=actor, audit="rollout.abort", details={"reason": why},
+        ))
+
+    async def record_rollout_outcome(
+        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object
+    ) -> RolloutView:
+        """Record what a device did with the rollout's firmware (the OTA engine calls this;
+        no operator involved)."""
+        device = device_id.lower() if isinstance(device_id, str) else device_id
+
+        def apply(machine: Rollout, now: int) -> list[RolloutEvent]:
+            return machine.record_outcome(str(device), outcome, now)
+
+        return await self._run(self._change, product_ref, rollout_id, apply)
+
+    async def tick_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
+        """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
+        return await self._run(self._change, product_ref, rollout_id, lambda m, now: [])
+
+    async def rollout_offer_decision(
+        self, product_ref: int | str, rollout_id: object, device_id: str,
+        *, force_window: bool = False,
+    ) -> Decision:
+        """May a new offer of the rollout's firmware start for this device now? Applies the
+        device's maintenance windows (its groups' windows, else the product's)."""
+
+        def work() -> Decision:
+            now = self.clock()
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                device = self._device_in(tx, product, device_id)
+                q = RolloutQueries(tx.conn)
+                record = self._record(q, product, rollout_id)
+                machine = self._machine(tx, q, product, record)
+                windows = self._windows_of(q, product)
+                applicable = windows_for(device.groups, *windows)
+                return machine.may_offer(device.id, now, applicable, force_window=force_window)
+
+        return await self._read(work)
+
+    async def device_rollout_outcomes(self, device_id: str) -> list[DeviceOutcomeRecord]:
+        """A device's outcomes in every rollout, newest rollout first."""
+
+        def work() -> list[DeviceOutcomeRecord]:
+            with self.store.read() as tx:
+                device = self._device(tx, device_id)
+                return RolloutQueries(tx.conn).outcomes_of_device(device.id)
+
+        return await self._read(work)
+
+    # --- maintenance windows -------------------------------------------------------------
+
+    @staticmethod
+    def _windows_of(
+        q: RolloutQueries, product: ProductRecord
+    ) -> tuple[MaintenanceWindow | None, dict[str, MaintenanceWindow]]:
+        product_window = None
+        groups: dict[str, MaintenanceWindow] = {}
+        for record in q.list_windows(product.id):
+            if record.group is None:
+                product_window = _window_of(record)
+            else:
+                groups[record.group] = _window_of(record)
+        return product_window, groups
+
+    def _group_id(self, tx: Tx, product: ProductRecord, group: object) -> int | None:
+        if group is None:
+            return None
+        name = clean_group_name(group)
+        record = tx.get_group(product.id, name)
+        if record is None:
+            raise RolloutRefusedError(f"product {product.slug} has no group {name!r}")
+        return record.id
+
+    async def set_window(
+        self, actor: Actor, product_ref: int | str, *, cron: object, duration: object,
+        timezone: object = "UTC", group: object = None,
+    ) -> WindowRecord:
+        """Set (or replace) the product's maintenance window, or a group's."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "set maintenance windows")
+            minutes = duration
+            if isinstance(minutes, str) and minutes.strip().isdigit():
+                minutes = int(minutes)
+            window = MaintenanceWindow(str(cron), minutes, str(timezone))  # type: ignore[arg-type]
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                actor.require_scope(WINDOW_SCOPE, product.id, "set maintenance windows",
+                                    product.slug)
+                group_id = self._group_id(tx, product, group)
+                q = RolloutQueries(tx.conn)
+                q.set_window(product.id, group_id, cron=window.cron,
+                             duration_minutes=window.duration_minutes,
+                             timezone=window.timezone, actor=actor.subject, now=now)
+                tx.add_audit(actor=actor.subject, action="window.set", product_id=product.id,
+                             target="product" if group is None else f"group:{group}",
+                             details=window.to_dict(), now=now)
+                name = None if group is None else clean_group_name(group)
+                found = [w for w in q.list_windows(product.id) if w.group == name]
+            return Outcome(found[0])
+
+        return await self._run(work)
+
+    async def clear_window(self, actor: Actor, product_ref: int | str,
+                           group: object = None) -> None:
+        """Remove the product's (or a group's) maintenance window."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "clear maintenance windows")
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                actor.require_scope(WINDOW_SCOPE, product.id, "clear maintenance windows",
+                                    product.slug)
+                group_id = self._group_id(tx, product, group)
+                if not RolloutQueries(tx.conn).clear_window(product.id, group_id):
+                    where = "product" if group is None else f"group {group!r}"
+                    raise UnknownWindowError(
+                        f"the {where} of {product.slug} has no maintenance window"
+                    )
+                tx.add_audit(actor=actor.subject, action="window.clear", product_id=product.id,
+                             target="product" if group is None else f"group:{group}",
+                             details={}, now=now)
+            return Outcome(None)
+
+        await self._run(work)
+
+    async def list_windows(self, product_ref: int | str) -> list[WindowRecord]:
+        """A product's maintenance windows (the product's first, then groups')."""
+
+        def work() -> list[WindowRecord]:
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                return RolloutQueries(tx.conn).list_windows(product.id)
+
+        return await self._read(work)
+
+
+__all__ = ["RolloutService", "RolloutSpec", "RolloutView", "rollout_spec"]
