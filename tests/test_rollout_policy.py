@@ -248,6 +248,15 @@ def test_scheduled_start() -> None:
     assert kinds(rollout.tick(30 * MIN)) == [EventKind.STARTED, EventKind.PHASE_STARTED]
 
 
+def test_first_phase_start_time_schedules_the_rollout() -> None:
+    plan = PhasePlan.percentages((50, 100), start_at=(20 * MIN, 40 * MIN))
+    rollout = Rollout("r1", Policy(plan), 0)
+    rollout.set_targets(DEVICES, 0)
+    assert rollout.tick(20 * MIN - 1) == [] and rollout.state is State.SCHEDULED
+    assert kinds(rollout.tick(20 * MIN)) == [EventKind.STARTED, EventKind.PHASE_STARTED]
+    assert kinds(rollout.tick(40 * MIN)) == [EventKind.PHASE_STARTED]
+
+
 def test_count_plan_places_lowest_positions_and_keeps_places_for_newcomers() -> None:
     rollout = started(Policy(PhasePlan.counts((5, 20), then_all=True)), DEVICES[:40])
     first = rollout.members(0)

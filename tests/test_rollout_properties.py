@@ -26,6 +26,7 @@ from otacore.rollout import (
     Threshold,
     device_position,
 )
+from otacore.rollout.outcomes import count
 
 MIN = 60_000
 device_ids = st.lists(
@@ -163,6 +164,10 @@ def test_random_histories_keep_the_invariants(
         assert counts.total.failed == sum(
             counts.total.by_status[k.value] for k in FAILURES
         )
+        # The running tally equals a count from scratch.
+        assert counts.total == count(targets, rollout.devices, now)
+        for phase, phase_counts in enumerate(counts.phases):
+            assert phase_counts == count(rollout.members(phase), rollout.devices, now)
     if aborted_at is not None:
         assert rollout.state is State.ABORTED
 

@@ -13,6 +13,7 @@ phase follows from its stable position, or from its saved placement for a count 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from otacore.rollout.events import Decision, EventKind, RolloutEvent, State, Ver
 from otacore.rollout.outcomes import (
     FAILURES,
     IN_FLIGHT,
+    STATUS_NAMES,
     Counts,
     DeviceProgress,
     Outcome,
@@ -34,6 +36,8 @@ from otacore.rollout.windows import MaintenanceWindow, any_open, next_opening
 #: Version of the :meth:`Rollout.to_dict` format.
 FORMAT_VERSION = 1
 POLICY_ACTOR = "policy"
+#: Tally key of the failures reported (retries included), beside the status names.
+_FAILURES_KEY = "#failures"
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,25 @@ class Rollout:
         #: Failed counts operators resumed past, by ``criteria.ack_key``.
         self.acknowledged: dict[str, int] = {}
         self._positions: dict[str, float] = {}
+        self._phases: dict[str, int | None] = {}  # percent plans: phase by position
+        #: Target devices by phase (None: not placed yet) and status, kept up to date by
+        #: every change, so counts and thresholds cost O(phases), not O(devices).
+        self._tally: dict[int | None, Counter[str]] = {}
+        #: Devices the back-off ever held (held_off is counted among them only).
+        self._held: set[str] = set()
 
     @classmethod
     def particle_release(cls, rollout_id: str, created_at: int) -> Rollout:
         """A Particle release: one phase with every target device, no criteria."""
         return cls(rollout_id, Policy.particle_release(), created_at)
+
+    @property
+    def start_at(self) -> int | None:
+        """When the rollout starts: the policy's start, else its first phase's (None: at
+        the first tick)."""
+        if self.policy.start_at is not None:
+            return self.policy.start_at
+        return self.policy.plan.phases[0].start_at
 
     # --- membership ---------------------------------------------------------------------
 
@@ -98,7 +116,10 @@ class Rollout:
         if progress is not None:
             return progress.phase
         if self.policy.plan.kind is PlanKind.PERCENT:
-            return self.policy.plan.phase_of_position(self.position(device_id))
+            if device_id not in self._phases:
+                position = self.position(device_id)
+                self._phases[device_id] = self.policy.plan.phase_of_position(position)
+            return self._phases[device_id]
         return None  # a count plan places devices as phases open
 
     def set_targets(self, device_ids: Iterable[str], now: int) -> list[RolloutEvent]:
@@ -107,7 +128,25 @@ class Rollout:
         history but are no longer counted or offered."""
         self.targets = set(device_ids)
         self._place()
+        self._recount()
         return self._evaluate(now)
+
+    def _count(self, device_id: str, sign: int) -> None:
+        """Add (+1) or remove (-1) one target device's contribution to the tally."""
+        if device_id not in self.targets:
+            return
+        tally = self._tally.setdefault(self.phase_of(device_id), Counter())
+        progress = self.devices.get(device_id)
+        if progress is None or progress.status is None:
+            tally["pending"] += sign
+        else:
+            tally[progress.status.value] += sign
+            tally[_FAILURES_KEY] += sign * progress.failures
+
+    def _recount(self) -> None:
+        self._tally = {}
+        for device in self.targets:
+            self._count(device, 1)
 
     def _place(self) -> None:
         if self.policy.plan.kind is not PlanKind.COUNT or not self.opened_at:
@@ -117,7 +156,9 @@ class Rollout:
         positions = {d: self.position(d) for d in unplaced}
         new = place_by_count(self.policy.plan, len(self.opened_at), unplaced, placed, positions)
         for device, phase in new.items():
+            self._count(device, -1)
             self.devices[device] = DeviceProgress(phase)
+            self._count(device, 1)
 
     def members(self, phase: int) -> list[str]:
         """Target devices of one phase."""
@@ -140,7 +181,7 @@ class Rollout:
             return Decision(Verdict.ABORTED, f"rollout aborted: {self.reason}")
         if self.state is State.SCHEDULED:
             return Decision(
-                Verdict.SCHEDULED, "the rollout has not started", retry_at=self.policy.start_at
+                Verdict.SCHEDULED, "the rollout has not started", retry_at=self.start_at
             )
         if self.state is State.PAUSED:
             return Decision(Verdict.PAUSED, f"rollout paused: {self.reason}")
@@ -200,12 +241,19 @@ class Rollout:
         """Devices by status, per phase and over every target device (see ``Counts``)."""
         phases = [Counts() for _ in self.policy.plan.phases]
         total = Counts()
-        for device in self.targets:
-            progress = self.devices.get(device)
-            phase = self.phase_of(device)
-            total.add(progress, now)
+        for phase, tally in self._tally.items():
+            for status in STATUS_NAMES:
+                total.by_status[status] += tally[status]
+                if phase is not None:
+                    phases[phase].by_status[status] += tally[status]
+            total.failures_total += tally[_FAILURES_KEY]
             if phase is not None:
-                phases[phase].add(progress, now)
+                phases[phase].failures_total += tally[_FAILURES_KEY]
+        for device in self._held:
+            progress = self.devices[device]
+            if device in self.targets and progress.status in FAILURES and progress.held(now):
+                total.held_off += 1
+                phases[progress.phase].held_off += 1
         return RolloutCounts(tuple(phases), total)
 
     def in_flight(self) -> list[str]:
@@ -228,16 +276,19 @@ class Rollout:
                 )
             progress = self.devices[device_id] = DeviceProgress(phase)
         events: list[RolloutEvent] = []
+        self._count(device_id, -1)
         progress.status = outcome
         progress.changed_at = now
         if outcome is Outcome.OFFERED:
-            self.recent_offers = [t for t in self.recent_offers if t > now - MINUTE_MS]
-            self.recent_offers.append(now)
+            if self.rate is not None:  # the rate limit's sliding minute
+                self.recent_offers = [t for t in self.recent_offers if t > now - MINUTE_MS]
+                self.recent_offers.append(now)
             self.offered_since_increase += 1
         elif outcome is Outcome.SUCCEEDED:
             self.succeeded_since_increase += 1
         elif outcome in FAILURES:
             events += self._failed(device_id, progress, now)
+        self._count(device_id, 1)
         events += self._grow_rate(now)
         events += self._evaluate(now)
         return events
@@ -248,6 +299,7 @@ class Rollout:
         if backoff is None or progress.failures % backoff.max_failures:
             return []
         progress.held_until = now + backoff.hold_ms
+        self._held.add(device_id)
         return [
             RolloutEvent(
                 EventKind.DEVICE_HELD, now,
@@ -291,15 +343,18 @@ class Rollout:
         """Let time pass: a scheduled start, reboot timeouts, phase waits and starts."""
         events: list[RolloutEvent] = []
         if self.state is State.SCHEDULED:
-            start = self.policy.start_at
+            start = self.start_at
             if start is not None and now < start:
                 return events
             self.state = State.RUNNING
             events.append(RolloutEvent(EventKind.STARTED, now, "the rollout started"))
             events += self._open_phase(now)
         timeout = self.policy.reboot_timeout_ms
-        for device_id, progress in sorted(self.devices.items()):
-            if progress.status is Outcome.REBOOTING and now >= progress.changed_at + timeout:
+        rebooting = sorted(d for d, p in self.devices.items() if p.status is Outcome.REBOOTING)
+        for device_id in rebooting:
+            progress = self.devices[device_id]
+            if now >= progress.changed_at + timeout:
+                self._count(device_id, -1)
                 progress.status = Outcome.TIMED_OUT
                 progress.changed_at = now
                 events.append(
@@ -311,6 +366,8 @@ class Rollout:
                     )
                 )
                 events += self._failed(device_id, progress, now)
+                self._count(device_id, 1)
+        self._held = {d for d in self._held if self.devices[d].held(now)}
         return events + self._evaluate(now)
 
     def pause(self, by: str, now: int, reason: str | None = None) -> list[RolloutEvent]:
@@ -442,7 +499,7 @@ class Rollout:
             RolloutEvent(
                 EventKind.PHASE_STARTED, now,
                 f"phase {index + 1} of {len(self.met_at)} started ({shown}; "
-                f"{len(self.members(index))} devices)",
+                f"{self.counts(now).phases[index].members} devices)",
                 index,
             )
         ]
@@ -508,5 +565,7 @@ class Rollout:
             raise RolloutFormatError("malformed rollout state: a device's phase is not planned")
         rollout.met_at = met
         rollout.targets = set(targets)
+        rollout._held = {d for d, p in rollout.devices.items() if p.held_until}
         rollout._place()
+        rollout._recount()
         return rollout
