@@ -93,6 +93,12 @@ class Threshold:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Threshold:
         """The inverse of :meth:`to_dict`."""
+        unknown = sorted(set(data) - {"percent", "min_sample", "action", "scope", "kinds"})
+        if unknown:
+            raise RolloutCriteriaError(
+                f"malformed threshold: unknown field(s) {', '.join(map(str, unknown))}; "
+                "known: percent, min_sample, action, scope, kinds"
+            )
         try:
             return cls(
                 percent=data["percent"],  # type: ignore[arg-type]
