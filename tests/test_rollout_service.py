@@ -304,6 +304,23 @@ async def test_reboot_timeout_on_the_fake_clock(
     assert shown["state"] == "paused" and "2 timed_out" in shown["reason"]
 
 
+async def test_a_scheduled_rollout_starts_on_the_periodic_tick(
+    service: RolloutService, product: int, clock: Clock
+) -> None:
+    view = await service.create_rollout(
+        SYSTEM_ACTOR, "sensors", {"version": 2, "force": True, "start_at": START + 10 * MIN}
+    )
+    assert view.to_dict()["state"] == "scheduled"
+    decision = await service.rollout_offer_decision("sensors", view.record.id, DEVICES[0])
+    assert decision.verdict is Verdict.SCHEDULED and decision.retry_at == START + 10 * MIN
+    assert [v.to_dict()["state"] for v in await service.tick_active_rollouts()] == ["scheduled"]
+    clock.now += 10 * MIN
+    (ticked,) = await service.tick_active_rollouts()
+    assert ticked.to_dict()["state"] == "running"
+    assert (await service.rollout_offer_decision("sensors", view.record.id, DEVICES[0])).allowed
+    json.dumps(ticked.to_dict())  # what `ota rollout show --json` prints
+
+
 async def test_maintenance_windows_gate_offers(
     service: RolloutService, product: int, clock: Clock, store: Store
 ) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from otacore.errors import ValidationError
 from otacore.rollout import (
@@ -135,3 +137,23 @@ def test_fake_clock_nothing_starts_outside_offers_start_inside_transfers_finish(
     assert rollout.may_offer(devices[1], closed, [window]).verdict is Verdict.OUTSIDE_WINDOW
     rollout.record_outcome(devices[0], Outcome.SUCCEEDED, closed + 10 * MIN)
     assert rollout.counts(closed + 10 * MIN).total.by_status["succeeded"] == 1
+
+
+@given(
+    cron=st.sampled_from(["0 2 * * *", "30 2 * * *", "*/15 1-3 * * 0", "0 22 * * 5",
+                          "0 0 1 * *"]),
+    duration=st.integers(1, 3 * 24 * 60),
+    zone=st.sampled_from(["Europe/Berlin", "America/New_York", "UTC", "Australia/Lord_Howe"]),
+    now=st.integers(ms(2025, 1, 1), ms(2028, 1, 1)),
+)
+@settings(max_examples=150, deadline=None)
+def test_next_open_and_is_open_agree(cron: str, duration: int, zone: str, now: int) -> None:
+    window = MaintenanceWindow(cron, duration, zone)
+    opening = window.next_open(now)
+    assert opening is not None and opening >= now
+    assert (opening == now) == window.is_open(now)
+    assert window.is_open(opening)
+    start = window.last_start(opening)
+    assert start is not None and start <= opening < start + duration * MIN
+    if opening > now:  # closed until then: nothing opens in between
+        assert not window.is_open(opening - 1)

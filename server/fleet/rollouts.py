@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from otacore.rollout import (
     windows_for,
 )
 from otacore.rollout.errors import RolloutStateError
+from otacore.rollout.phases import PlanKind
 from otacore.rollout.spec import RolloutSpec, rollout_spec
 from server.events import Event
 from server.fleet.base import FleetBase, Outcome, check_version, releases_of, target_of
@@ -45,7 +46,7 @@ from server.fleet.errors import (
 )
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_group_name, clean_text
-from server.store import ProductRecord, Tx
+from server.store import DeviceRecord, ProductRecord, Tx
 from server.store.tx_rollouts import (
     DeviceOutcomeRecord,
     RolloutEventRecord,
@@ -139,37 +140,54 @@ class RolloutService(FleetBase):
         return record
 
     @staticmethod
-    def _targets(
-        tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
-        immediate: bool, touched: set[str],
-    ) -> set[str]:
-        """Devices whose firmware this rollout's release decides (see the module doc)."""
+    def _overlay(tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
+                 immediate: bool) -> ProductReleases:
+        """The product's releases as if this rollout's release were made."""
         current = releases_of(tx.list_releases(product.id))
         release = Release(version, immediate)
         if groups:
-            overlay = ProductReleases(
+            return ProductReleases(
                 current.product_default,
                 {**current.group_releases, **dict.fromkeys(groups, release)},
             )
-        else:
-            overlay = ProductReleases(release, current.group_releases)
+        return ProductReleases(release, current.group_releases)
+
+    @staticmethod
+    def _decides(device: DeviceRecord, overlay: ProductReleases, version: int,
+                 groups: tuple[str, ...], touched: Collection[str]) -> bool:
+        """True when the rollout's release decides the device's firmware and there is
+        something to deliver (or the rollout already touched it)."""
+        target = target_of(device, overlay)
+        if target.version != version:
+            return False
+        decided = (
+            target.reason is TargetReason.GROUP_RELEASE and target.group in groups
+            if groups else target.reason is TargetReason.PRODUCT_DEFAULT
+        )
+        return decided and (device.firmware_version != version or device.id in touched)
+
+    def _targets(
+        self, tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
+        immediate: bool, touched: Collection[str],
+    ) -> set[str]:
+        """Devices whose firmware this rollout's release decides (see the module doc)."""
+        overlay = self._overlay(tx, product, version, groups, immediate)
         devices, _ = tx.list_devices(product.id)
-        targets = set()
-        for device in devices:
-            target = target_of(device, overlay)
-            if target.version != version:
-                continue
-            decided = (
-                target.reason is TargetReason.GROUP_RELEASE and target.group in groups
-                if groups else target.reason is TargetReason.PRODUCT_DEFAULT
-            )
-            if decided and (device.firmware_version != version or device.id in touched):
-                targets.add(device.id)
-        return targets
+        return {
+            d.id for d in devices if self._decides(d, overlay, version, groups, touched)
+        }
 
     def _machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
-                 record: RolloutRecord) -> Rollout:
-        touched = set(record.state_data.get("devices", {}))
+                 record: RolloutRecord, *, only: DeviceRecord | None = None) -> Rollout:
+        """The rollout's state machine with its current target set; ``only``: with just
+        that device's membership (enough for its offer decision under a percent plan,
+        whose phases follow from positions; a count plan needs every target to place)."""
+        touched = record.state_data.get("devices", {})
+        if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
+            overlay = self._overlay(tx, product, record.version, record.groups,
+                                    record.immediate)
+            decides = self._decides(only, overlay, record.version, record.groups, touched)
+            return Rollout.from_dict(record.state_data, [only.id] if decides else [])
         targets = self._targets(tx, product, record.version, record.groups, record.immediate,
                                 touched)
         return Rollout.from_dict(record.state_data, targets)
@@ -392,6 +410,29 @@ class RolloutService(FleetBase):
         """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
         return await self._run(self._change, product_ref, rollout_id, lambda m, now: [])
 
+    async def tick_active_rollouts(self) -> list[RolloutView]:
+        """Tick every scheduled, running or paused rollout of every product (what a periodic
+        task calls: scheduled starts, phase waits and reboot timeouts need time only).
+        Each rollout is its own transaction; one that another process just finished is
+        skipped."""
+
+        def active() -> list[tuple[int, int]]:
+            with self.store.read() as tx:
+                q = RolloutQueries(tx.conn)
+                return [
+                    (product.id, record.id)
+                    for product in tx.list_products()
+                    for record in q.list_rollouts(product.id, active_only=True)
+                ]
+
+        views = []
+        for product_id, rollout_id in await self._read(active):
+            try:
+                views.append(await self.tick_rollout(product_id, rollout_id))
+            except UnknownRolloutError:  # deleted with its product meanwhile
+                continue
+        return views
+
     async def rollout_offer_decision(
         self, product_ref: int | str, rollout_id: object, device_id: str,
         *, force_window: bool = False,
@@ -406,7 +447,7 @@ class RolloutService(FleetBase):
                 device = self._device_in(tx, product, device_id)
                 q = RolloutQueries(tx.conn)
                 record = self._record(q, product, rollout_id)
-                machine = self._machine(tx, q, product, record)
+                machine = self._machine(tx, q, product, record, only=device)
                 windows = self._windows_of(q, product)
                 applicable = windows_for(device.groups, *windows)
                 return machine.may_offer(device.id, now, applicable, force_window=force_window)
