@@ -277,6 +277,23 @@ async def test_group_rollout_targets_the_group_and_later_joiners(
     assert shown.to_dict()["counts"]["total"] == len(CANARY) + 1
 
 
+async def test_precedence_rules_decide_the_target_set(
+    service: RolloutService, product: int, store: Store
+) -> None:
+    with store.write() as tx:
+        tx.update_device(DEVICES[20], {"development": True}, 2)  # rule 1: no automatic update
+        tx.update_device(DEVICES[21], {"desired_firmware_version": 1}, 2)  # rule 2: locked
+        canary = tx.get_group(product, "canary")
+        assert canary is not None
+        tx.set_release(product, canary.id, version=3, intelligent=False, actor="t", now=2)
+    view = await service.create_rollout(SYSTEM_ACTOR, "sensors", {"version": 2, "force": True})
+    # The canary group's own release (v3) wins over a product default rollout (rule 3).
+    expected = set(DEVICES) - {DEVICES[20], DEVICES[21]} - set(CANARY)
+    assert view.rollout.targets == expected
+    decision = await service.rollout_offer_decision("sensors", view.record.id, DEVICES[21])
+    assert decision.verdict is Verdict.NOT_TARGETED
+
+
 async def test_devices_already_on_the_version_are_not_targets(
     service: RolloutService, product: int
 ) -> None:

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from otacore.errors import ValidationError
-from otacore.precedence import ProductReleases, Release, TargetReason
+from otacore.precedence import (
+    DeviceTargeting,
+    ProductReleases,
+    Release,
+    TargetReason,
+    target_firmware_for,
+)
 from otacore.rollout import (
     Decision,
     MaintenanceWindow,
@@ -36,7 +42,7 @@ from otacore.rollout.errors import RolloutStateError
 from otacore.rollout.phases import PlanKind
 from otacore.rollout.spec import RolloutSpec, rollout_spec
 from server.events import Event
-from server.fleet.base import FleetBase, Outcome, check_version, releases_of, target_of
+from server.fleet.base import FleetBase, Outcome, check_version, releases_of
 from server.fleet.errors import (
     RolloutConflictError,
     RolloutRefusedError,
@@ -52,6 +58,7 @@ from server.store.tx_rollouts import (
     RolloutEventRecord,
     RolloutQueries,
     RolloutRecord,
+    TargetingRow,
     WindowRecord,
 )
 
@@ -153,18 +160,21 @@ class RolloutService(FleetBase):
         return ProductReleases(release, current.group_releases)
 
     @staticmethod
-    def _decides(device: DeviceRecord, overlay: ProductReleases, version: int,
+    def _decides(device: TargetingRow, overlay: ProductReleases, version: int,
                  groups: tuple[str, ...], touched: Collection[str]) -> bool:
         """True when the rollout's release decides the device's firmware and there is
         something to deliver (or the rollout already touched it)."""
-        target = target_of(device, overlay)
+        targeting = DeviceTargeting(device.development, device.locked_version, device.groups)
+        target = target_firmware_for(targeting, overlay)
         if target.version != version:
             return False
         decided = (
             target.reason is TargetReason.GROUP_RELEASE and target.group in groups
             if groups else target.reason is TargetReason.PRODUCT_DEFAULT
         )
-        return decided and (device.firmware_version != version or device.id in touched)
+        return decided and (
+            device.firmware_version != version or device.device_id in touched
+        )
 
     def _targets(
         self, tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
@@ -172,9 +182,10 @@ class RolloutService(FleetBase):
     ) -> set[str]:
         """Devices whose firmware this rollout's release decides (see the module doc)."""
         overlay = self._overlay(tx, product, version, groups, immediate)
-        devices, _ = tx.list_devices(product.id)
+        devices = RolloutQueries(tx.conn).device_targeting(product.id)
         return {
-            d.id for d in devices if self._decides(d, overlay, version, groups, touched)
+            d.device_id for d in devices
+            if self._decides(d, overlay, version, groups, touched)
         }
 
     def _machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
@@ -186,7 +197,9 @@ class RolloutService(FleetBase):
         if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
             overlay = self._overlay(tx, product, record.version, record.groups,
                                     record.immediate)
-            decides = self._decides(only, overlay, record.version, record.groups, touched)
+            row = TargetingRow(only.id, only.development, only.desired_firmware_version,
+                               only.firmware_version, frozenset(only.groups))
+            decides = self._decides(row, overlay, record.version, record.groups, touched)
             return Rollout.from_dict(record.state_data, [only.id] if decides else [])
         targets = self._targets(tx, product, record.version, record.groups, record.immediate,
                                 touched)

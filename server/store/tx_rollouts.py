@@ -84,6 +84,17 @@ class WindowRecord:
     updated_at: int
 
 
+@dataclass(frozen=True)
+class TargetingRow:
+    """What the precedence rules read of one device, and the version it runs."""
+
+    device_id: str
+    development: bool
+    locked_version: int | None
+    firmware_version: int | None
+    groups: frozenset[str]
+
+
 def _rollout(row: sa.RowMapping) -> RolloutRecord:
     return RolloutRecord(
         id=row["id"],
@@ -172,6 +183,29 @@ class RolloutQueries:
                 state=state, reason=reason, state_data=dict(state_data), updated_at=now
             )
         )
+
+    def device_targeting(self, product_id: int) -> list[TargetingRow]:
+        """Every device of a product with only what a rollout's target set needs (two
+        narrow queries instead of full device records: the set is recomputed at every
+        rollout change)."""
+        d, dg, g = t.devices, t.device_groups, t.groups
+        groups: dict[str, set[str]] = {}
+        for device_id, name in self.conn.execute(
+            sa.select(dg.c.device_id, g.c.name)
+            .join(g, g.c.id == dg.c.group_id)
+            .where(g.c.product_id == product_id)
+        ):
+            groups.setdefault(device_id, set()).add(name)
+        rows = self.conn.execute(
+            sa.select(d.c.id, d.c.development, d.c.desired_firmware_version,
+                      d.c.firmware_version)
+            .where(d.c.product_id == product_id)
+        )
+        return [
+            TargetingRow(device_id, bool(development), locked, running,
+                         frozenset(groups.get(device_id, ())))
+            for device_id, development, locked, running in rows
+        ]
 
     # --- per-device outcomes ---------------------------------------------------------------
 
