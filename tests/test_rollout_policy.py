@@ -338,6 +338,7 @@ def test_pause_resume_acknowledges_crossed_thresholds() -> None:
 def test_operator_pause_and_abort_name_who() -> None:
     rollout = started(Policy(PhasePlan.single()))
     rollout.record_outcome(DEVICES[0], Outcome.DOWNLOADING, 1)
+    rollout.record_outcome(DEVICES[1], Outcome.REBOOTING, 1)  # installed: nothing to discard
     paused = rollout.pause("alice@example.com", 2)
     assert paused[0].by == "alice@example.com" and rollout.reason == "paused by alice@example.com"
     aborted = rollout.abort("bob@example.com", 3, "bad battery drain")

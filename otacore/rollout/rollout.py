@@ -414,7 +414,11 @@ class Rollout:
                ) -> RolloutEvent:
         self.state = State.ABORTED
         self.reason = reason
-        payload = {**(data or {}), "discard": self.in_flight()}
+        # Devices mid-transfer discard it; one already rebooting has installed the image
+        # (its outcome still arrives and counts).
+        downloading = (Outcome.OFFERED, Outcome.DOWNLOADING)
+        discard = sorted(d for d, p in self.devices.items() if p.status in downloading)
+        payload = {**(data or {}), "discard": discard}
         return RolloutEvent(EventKind.ABORTED, now, reason, by=by, data=payload)
 
     def _crossings(self, now: int, *, acknowledged: bool = True) -> list[criteria.Crossing]:
