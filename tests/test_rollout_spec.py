@@ -53,6 +53,11 @@ def test_both_scopes_and_explicit_thresholds() -> None:
                       (Scope.ROLLOUT, Action.ABORT)]
 
 
+def test_phase_start_times() -> None:
+    spec = rollout_spec({"version": 3, "phases": "10,100", "phase_starts": [None, 5000]})
+    assert [p.start_at for p in spec.policy.plan.phases] == [None, 5000]
+
+
 @pytest.mark.parametrize(
     ("fields", "error", "message"),
     [
@@ -78,6 +83,11 @@ def test_both_scopes_and_explicit_thresholds() -> None:
          "malformed threshold"),
         ({"version": 1, "thresholds": "5"}, ValidationError, "must be a list"),
         ({"version": 1, "success_percent": 0}, ValidationError, ">= 0.001"),
+        ({"version": 1, "phases": "10,100", "phase_starts": [1]}, ValidationError,
+         "1 times for 2 phases"),
+        ({"version": 1, "phases": "10,100", "phase_starts": [5, 1]}, RolloutPlanError,
+         "starts before phase 1"),
+        ({"version": 1, "phase_starts": "soon"}, ValidationError, "a list of epoch ms"),
     ],
 )
 def test_bad_requests_get_specific_errors(

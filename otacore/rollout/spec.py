@@ -4,6 +4,7 @@ a validated :class:`~otacore.rollout.policy.Policy`; every bad value gets a spec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ ROLLOUT_FIELDS = frozenset({
     "version", "groups", "phases", "phase_wait", "success_percent", "max_failure_percent",
     "min_sample", "on_failure", "failure_scope", "thresholds", "max_per_minute",
     "rate_increment_factor", "rate_increase_after", "backoff_failures", "backoff_minutes",
-    "reboot_timeout", "start_at", "immediate", "force",
+    "reboot_timeout", "start_at", "phase_starts", "immediate", "force",
 })
 
 
@@ -85,6 +86,14 @@ def rollout_spec(fields: Mapping[str, object]) -> RolloutSpec:
     if isinstance(phases, list | tuple):
         phases = ",".join(str(p) for p in phases)
     plan = PhasePlan.parse(str(phases))
+    starts = fields.get("phase_starts")
+    if starts is not None:  # each phase at a time (epoch ms) or, for null, on success
+        if not isinstance(starts, list | tuple):
+            raise ValidationError("phase_starts must be a list of epoch ms (or null) per phase")
+        plan = PhasePlan(plan.kind, tuple(
+            dataclasses.replace(phase, start_at=start)
+            for phase, start in _paired(plan.phases, starts)
+        ))
     thresholds: list[Threshold] = []
     percent = fields.get("max_failure_percent")
     if percent is not None:
@@ -134,3 +143,11 @@ def rollout_spec(fields: Mapping[str, object]) -> RolloutSpec:
     )
     return RolloutSpec(version, _groups(fields.get("groups")), policy,
                        _flag(fields, "immediate"), _flag(fields, "force"))
+
+
+def _paired(phases: tuple[Any, ...], starts: list[Any] | tuple[Any, ...]) -> list[tuple[Any, Any]]:
+    if len(starts) != len(phases):
+        raise ValidationError(
+            f"phase_starts gives {len(starts)} times for {len(phases)} phases"
+        )
+    return list(zip(phases, starts, strict=True))

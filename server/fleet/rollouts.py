@@ -139,7 +139,9 @@ class RolloutService(FleetBase):
     # --- loading and saving --------------------------------------------------------------
 
     @staticmethod
-    def _record(q: RolloutQueries, product: ProductRecord, rollout_id: object) -> RolloutRecord:
+    def _rollout_record(
+        q: RolloutQueries, product: ProductRecord, rollout_id: object
+    ) -> RolloutRecord:
         rid = _rollout_id(rollout_id)
         record = q.get_rollout(product.id, rid)
         if record is None:
@@ -147,7 +149,7 @@ class RolloutService(FleetBase):
         return record
 
     @staticmethod
-    def _overlay(tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
+    def _rollout_overlay(tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
                  immediate: bool) -> ProductReleases:
         """The product's releases as if this rollout's release were made."""
         current = releases_of(tx.list_releases(product.id))
@@ -160,7 +162,7 @@ class RolloutService(FleetBase):
         return ProductReleases(release, current.group_releases)
 
     @staticmethod
-    def _decides(device: TargetingRow, overlay: ProductReleases, version: int,
+    def _rollout_decides(device: TargetingRow, overlay: ProductReleases, version: int,
                  groups: tuple[str, ...], touched: Collection[str]) -> bool:
         """True when the rollout's release decides the device's firmware and there is
         something to deliver (or the rollout already touched it)."""
@@ -176,36 +178,37 @@ class RolloutService(FleetBase):
             device.firmware_version != version or device.device_id in touched
         )
 
-    def _targets(
+    def _rollout_targets(
         self, tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
         immediate: bool, touched: Collection[str],
     ) -> set[str]:
         """Devices whose firmware this rollout's release decides (see the module doc)."""
-        overlay = self._overlay(tx, product, version, groups, immediate)
+        overlay = self._rollout_overlay(tx, product, version, groups, immediate)
         devices = RolloutQueries(tx.conn).device_targeting(product.id)
         return {
             d.device_id for d in devices
-            if self._decides(d, overlay, version, groups, touched)
+            if self._rollout_decides(d, overlay, version, groups, touched)
         }
 
-    def _machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+    def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
                  record: RolloutRecord, *, only: DeviceRecord | None = None) -> Rollout:
         """The rollout's state machine with its current target set; ``only``: with just
         that device's membership (enough for its offer decision under a percent plan,
         whose phases follow from positions; a count plan needs every target to place)."""
         touched = record.state_data.get("devices", {})
         if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
-            overlay = self._overlay(tx, product, record.version, record.groups,
+            overlay = self._rollout_overlay(tx, product, record.version, record.groups,
                                     record.immediate)
             row = TargetingRow(only.id, only.development, only.desired_firmware_version,
                                only.firmware_version, frozenset(only.groups))
-            decides = self._decides(row, overlay, record.version, record.groups, touched)
+            decides = self._rollout_decides(row, overlay, record.version, record.groups, touched)
             return Rollout.from_dict(record.state_data, [only.id] if decides else [])
-        targets = self._targets(tx, product, record.version, record.groups, record.immediate,
-                                touched)
+        targets = self._rollout_targets(
+            tx, product, record.version, record.groups, record.immediate, touched
+        )
         return Rollout.from_dict(record.state_data, targets)
 
-    def _save(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
+    def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
               machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
         q.update_rollout(record.id, state=machine.state.value, reason=machine.reason,
                          state_data=machine.to_dict(), now=now)
@@ -229,13 +232,13 @@ class RolloutService(FleetBase):
             for e in events
         ]
 
-    def _view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
+    def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
               now: int) -> RolloutView:
         fresh = q.get_rollout(record.product_id, record.id) or record
         return RolloutView(fresh, machine, machine.counts(now),
                            tuple(q.rollout_events(record.id)))
 
-    def _change(
+    def _change_rollout(
         self,
         product_ref: int | str,
         rollout_id: object,
@@ -250,21 +253,21 @@ class RolloutService(FleetBase):
         with self.store.write() as tx:
             product = self._product(tx, product_ref)
             q = RolloutQueries(tx.conn)
-            record = self._record(q, product, rollout_id)
+            record = self._rollout_record(q, product, rollout_id)
             if actor is not None:
                 actor.require(Permission.MANAGE_DEVICES, "change rollouts")
                 actor.require_scope(ROLLOUT_SCOPE, product.id, "change rollouts", product.slug)
-            machine = self._machine(tx, q, product, record)
+            machine = self._rollout_machine(tx, q, product, record)
             try:
                 events = machine.tick(now) + apply(machine, now)
             except RolloutStateError as exc:
                 raise RolloutConflictError(str(exc)) from None
-            bus_events = self._save(q, product, record, machine, events, now)
+            bus_events = self._save_rollout(q, product, record, machine, events, now)
             if actor is not None and audit is not None:
                 tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
                              target=f"rollout:{record.id}", details=dict(details or {}),
                              now=now)
-            view = self._view(q, record, machine, now)
+            view = self._rollout_view(q, record, machine, now)
         return Outcome(view, bus_events)
 
     # --- rollouts ------------------------------------------------------------------------
@@ -325,13 +328,13 @@ class RolloutService(FleetBase):
                 # The id salts device placement: a fresh sample per rollout (phases.py).
                 machine = Rollout(str(rid), spec.policy, now)
                 machine.set_targets(
-                    self._targets(tx, product, spec.version, spec.groups, spec.immediate,
+                    self._rollout_targets(tx, product, spec.version, spec.groups, spec.immediate,
                                   set()),
                     now,
                 )
                 events = machine.tick(now)
-                record = self._record(q, product, rid)
-                bus_events = self._save(q, product, record, machine, events, now)
+                record = self._rollout_record(q, product, rid)
+                bus_events = self._save_rollout(q, product, record, machine, events, now)
                 tx.add_audit(
                     actor=actor.subject,
                     action="rollout.create.forced" if forced else "rollout.create",
@@ -342,7 +345,7 @@ class RolloutService(FleetBase):
                              "policy": spec.policy.to_dict(), "targets": len(machine.targets)},
                     now=now,
                 )
-                view = self._view(q, record, machine, now)
+                view = self._rollout_view(q, record, machine, now)
             return Outcome(view, bus_events)
 
         return await self._run(work)
@@ -355,8 +358,9 @@ class RolloutService(FleetBase):
             with self.store.read() as tx:
                 product = self._product(tx, product_ref)
                 q = RolloutQueries(tx.conn)
-                record = self._record(q, product, rollout_id)
-                return self._view(q, record, self._machine(tx, q, product, record), now)
+                record = self._rollout_record(q, product, rollout_id)
+                machine = self._rollout_machine(tx, q, product, record)
+                return self._rollout_view(q, record, machine, now)
 
         return await self._read(work)
 
@@ -372,7 +376,7 @@ class RolloutService(FleetBase):
                 product = self._product(tx, product_ref)
                 q = RolloutQueries(tx.conn)
                 return [
-                    self._view(q, r, self._machine(tx, q, product, r), now)
+                    self._rollout_view(q, r, self._rollout_machine(tx, q, product, r), now)
                     for r in q.list_rollouts(product.id, version=wanted)
                 ]
 
@@ -383,7 +387,7 @@ class RolloutService(FleetBase):
         """Stop new offers until resumed (transfers in progress finish)."""
         why = None if reason is None else clean_text(reason, "reason", 500)
         return await self._run(functools.partial(
-            self._change, product_ref, rollout_id,
+            self._change_rollout, product_ref, rollout_id,
             lambda m, now: m.pause(actor.subject, now, why or None),
             actor=actor, audit="rollout.pause", details={"reason": why},
         ))
@@ -392,7 +396,7 @@ class RolloutService(FleetBase):
                              rollout_id: object) -> RolloutView:
         """Resume a paused rollout (thresholds crossed so far are acknowledged)."""
         return await self._run(functools.partial(
-            self._change, product_ref, rollout_id,
+            self._change_rollout, product_ref, rollout_id,
             lambda m, now: m.resume(actor.subject, now),
             actor=actor, audit="rollout.resume",
         ))
@@ -402,7 +406,7 @@ class RolloutService(FleetBase):
         """Stop new offers at once; the ABORTED event lists the devices to discard."""
         why = None if reason is None else clean_text(reason, "reason", 500)
         return await self._run(functools.partial(
-            self._change, product_ref, rollout_id,
+            self._change_rollout, product_ref, rollout_id,
             lambda m, now: m.abort(actor.subject, now, why or None),
             actor=actor, audit="rollout.abort", details={"reason": why},
         ))
@@ -417,11 +421,11 @@ class RolloutService(FleetBase):
         def apply(machine: Rollout, now: int) -> list[RolloutEvent]:
             return machine.record_outcome(str(device), outcome, now)
 
-        return await self._run(self._change, product_ref, rollout_id, apply)
+        return await self._run(self._change_rollout, product_ref, rollout_id, apply)
 
     async def tick_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
         """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
-        return await self._run(self._change, product_ref, rollout_id, lambda m, now: [])
+        return await self._run(self._change_rollout, product_ref, rollout_id, lambda m, now: [])
 
     async def tick_active_rollouts(self) -> list[RolloutView]:
         """Tick every scheduled, running or paused rollout of every product (what a periodic
@@ -459,8 +463,8 @@ class RolloutService(FleetBase):
                 product = self._product(tx, product_ref)
                 device = self._device_in(tx, product, device_id)
                 q = RolloutQueries(tx.conn)
-                record = self._record(q, product, rollout_id)
-                machine = self._machine(tx, q, product, record, only=device)
+                record = self._rollout_record(q, product, rollout_id)
+                machine = self._rollout_machine(tx, q, product, record, only=device)
                 windows = self._windows_of(q, product)
                 applicable = windows_for(device.groups, *windows)
                 return machine.may_offer(device.id, now, applicable, force_window=force_window)
@@ -492,7 +496,7 @@ class RolloutService(FleetBase):
                 groups[record.group] = _window_of(record)
         return product_window, groups
 
-    def _group_id(self, tx: Tx, product: ProductRecord, group: object) -> int | None:
+    def _window_group_id(self, tx: Tx, product: ProductRecord, group: object) -> int | None:
         if group is None:
             return None
         name = clean_group_name(group)
@@ -518,7 +522,7 @@ class RolloutService(FleetBase):
                 product = self._product(tx, product_ref)
                 actor.require_scope(WINDOW_SCOPE, product.id, "set maintenance windows",
                                     product.slug)
-                group_id = self._group_id(tx, product, group)
+                group_id = self._window_group_id(tx, product, group)
                 q = RolloutQueries(tx.conn)
                 q.set_window(product.id, group_id, cron=window.cron,
                              duration_minutes=window.duration_minutes,
@@ -543,7 +547,7 @@ class RolloutService(FleetBase):
                 product = self._product(tx, product_ref)
                 actor.require_scope(WINDOW_SCOPE, product.id, "clear maintenance windows",
                                     product.slug)
-                group_id = self._group_id(tx, product, group)
+                group_id = self._window_group_id(tx, product, group)
                 if not RolloutQueries(tx.conn).clear_window(product.id, group_id):
                     where = "product" if group is None else f"group {group!r}"
                     raise UnknownWindowError(
