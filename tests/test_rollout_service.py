@@ -265,6 +265,12 @@ async def test_group_rollout_targets_the_group_and_later_joiners(
     )
     rid = view.record.id
     assert view.rollout.targets == set(CANARY)
+    with store.write() as tx:
+        tx.ensure_groups(product, ["field"], 2)
+    with pytest.raises(RolloutConflictError, match=r"already covers group\(s\) canary"):
+        await service.create_rollout(
+            SYSTEM_ACTOR, "sensors", {"version": 3, "groups": "field,canary", "force": True}
+        )
     assert (await service.rollout_offer_decision("sensors", rid, DEVICES[30])).verdict is (
         Verdict.NOT_TARGETED
     )

@@ -233,7 +233,7 @@ class RolloutService(FleetBase):
         ]
 
     def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
-              now: int) -> RolloutView:
+                      now: int) -> RolloutView:
         fresh = q.get_rollout(record.product_id, record.id) or record
         return RolloutView(fresh, machine, machine.counts(now),
                            tuple(q.rollout_events(record.id)))
@@ -309,9 +309,11 @@ class RolloutService(FleetBase):
                     )
                 q = RolloutQueries(tx.conn)
                 for other in q.list_rollouts(product.id, active_only=True):
-                    if other.groups == spec.groups:
-                        where = "the product default" if not spec.groups else (
-                            f"groups {', '.join(spec.groups)}")
+                    # One active rollout per scope: the product default, or each group.
+                    shared = set(other.groups) & set(spec.groups)
+                    if shared or other.groups == spec.groups == ():
+                        where = "the product default" if not shared else (
+                            f"group(s) {', '.join(sorted(shared))}")
                         raise RolloutConflictError(
                             f"rollout {other.id} (version {other.version}, {other.state}) "
                             f"already covers {where}; abort it or let it complete first"
