@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from otacore.errors import PermissionDeniedError
-from otacore.rollout import MaintenanceWindowError, RolloutPlanError, Verdict
+from otacore.errors import PermissionDeniedError, ValidationError
+from otacore.rollout import (
+    MaintenanceWindowError,
+    RolloutOutcomeError,
+    RolloutPlanError,
+    Verdict,
+)
 from server.events import Event, EventBus
 from server.fleet import SYSTEM_ACTOR, Actor, Fleet, Role
 from server.fleet.errors import (
@@ -281,6 +286,25 @@ async def test_group_rollout_targets_the_group_and_later_joiners(
     assert (await service.rollout_offer_decision("sensors", rid, DEVICES[30])).allowed
     shown = await service.get_rollout("sensors", rid)
     assert shown.to_dict()["counts"]["total"] == len(CANARY) + 1
+
+
+async def test_outcomes_of_strangers_are_refused_and_nothing_changes(
+    service: RolloutService, product: int
+) -> None:
+    view = await service.create_rollout(
+        SYSTEM_ACTOR, "sensors", {"version": 2, "groups": ["canary"], "force": True}
+    )
+    rid = view.record.id
+    with pytest.raises(RolloutOutcomeError, match="has no place in rollout"):
+        await service.record_rollout_outcome("sensors", rid, DEVICES[40], "succeeded")
+    with pytest.raises(ValidationError, match="24 hexadecimal digits"):
+        await service.record_rollout_outcome("sensors", rid, "not-a-device", "succeeded")
+    with pytest.raises(RolloutOutcomeError, match="unknown outcome 'melted'"):
+        await service.record_rollout_outcome("sensors", rid, CANARY[0], "melted")
+    shown = await service.record_rollout_outcome("sensors", rid, CANARY[0].upper(),
+                                                 "downloading")
+    assert shown.to_dict()["counts"]["downloading"] == 1
+    assert shown.to_dict()["counts"]["total"] == len(CANARY)
 
 
 async def test_precedence_rules_decide_the_target_set(

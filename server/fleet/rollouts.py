@@ -42,7 +42,13 @@ from otacore.rollout.errors import RolloutStateError
 from otacore.rollout.phases import PlanKind
 from otacore.rollout.spec import RolloutSpec, rollout_spec
 from server.events import Event
-from server.fleet.base import FleetBase, Outcome, check_version, releases_of
+from server.fleet.base import (
+    FleetBase,
+    Outcome,
+    check_version,
+    normalize_device_id,
+    releases_of,
+)
 from server.fleet.errors import (
     RolloutConflictError,
     RolloutRefusedError,
@@ -248,9 +254,27 @@ class RolloutService(FleetBase):
         audit: str | None = None,
         details: Mapping[str, object] | None = None,
     ) -> Outcome:
-        """Load, tick, apply one change, save; the view and the bus events."""
-        now = self.clock()
+        """Load, tick, apply one change, save, in a transaction of its own."""
+        work = self._rollout_change_work(product_ref, rollout_id, apply, actor=actor,
+                                         audit=audit, details=details)
         with self.store.write() as tx:
+            return work(tx)
+
+    def _rollout_change_work(
+        self,
+        product_ref: int | str,
+        rollout_id: object,
+        apply: Callable[[Rollout, int], list[RolloutEvent]],
+        *,
+        actor: Actor | None = None,
+        audit: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of one change: load, tick, apply, save; the view and the bus
+        events."""
+
+        def work(tx: Tx) -> Outcome:
+            now = self.clock()
             product = self._product(tx, product_ref)
             q = RolloutQueries(tx.conn)
             record = self._rollout_record(q, product, rollout_id)
@@ -267,8 +291,9 @@ class RolloutService(FleetBase):
                 tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
                              target=f"rollout:{record.id}", details=dict(details or {}),
                              now=now)
-            view = self._rollout_view(q, record, machine, now)
-        return Outcome(view, bus_events)
+            return Outcome(self._rollout_view(q, record, machine, now), bus_events)
+
+        return work
 
     # --- rollouts ------------------------------------------------------------------------
 
@@ -418,12 +443,21 @@ class RolloutService(FleetBase):
     ) -> RolloutView:
         """Record what a device did with the rollout's firmware (the OTA engine calls this;
         no operator involved)."""
-        device = device_id.lower() if isinstance(device_id, str) else device_id
+        return await self._run_grouped(
+            self.rollout_outcome_work(product_ref, rollout_id, device_id, outcome)
+        )
+
+    def rollout_outcome_work(
+        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of :meth:`record_rollout_outcome`, to run group-committed
+        (``run_write``) or in one transaction with the device's other OTA writes."""
+        device = normalize_device_id(device_id)
 
         def apply(machine: Rollout, now: int) -> list[RolloutEvent]:
-            return machine.record_outcome(str(device), outcome, now)
+            return machine.record_outcome(device, outcome, now)
 
-        return await self._run(self._change_rollout, product_ref, rollout_id, apply)
+        return self._rollout_change_work(product_ref, rollout_id, apply)
 
     async def tick_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
         """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
