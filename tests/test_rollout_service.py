@@ -389,6 +389,9 @@ async def test_maintenance_windows_gate_offers(
     assert canary.retry_at == plain.retry_at + 4 * 60 * MIN  # its group's window: 04:00 UTC
     forced = await service.rollout_offer_decision("sensors", rid, DEVICES[40], force_window=True)
     assert forced.allowed and forced.forced
+    await service.audit_forced_offer(dev, "sensors", rid, DEVICES[40], forced)
+    with pytest.raises(ValidationError, match="only a decision marked forced"):
+        await service.audit_forced_offer(dev, "sensors", rid, DEVICES[40], plain)
     clock.now = plain.retry_at
     assert (await service.rollout_offer_decision("sensors", rid, DEVICES[40])).allowed
     assert not (await service.rollout_offer_decision("sensors", rid, CANARY[0])).allowed
@@ -405,6 +408,7 @@ async def test_maintenance_windows_gate_offers(
     with store.read() as tx:
         actions = [a.action for a in tx.list_audit(product)]
     assert actions.count("window.set") == 2 and actions.count("window.clear") == 2
+    assert actions.count("rollout.offer.forced_window") == 1
 
 
 def _drop_rollout_tables(engine: sa.Engine) -> None:

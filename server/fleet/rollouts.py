@@ -491,21 +491,46 @@ class RolloutService(FleetBase):
         *, force_window: bool = False,
     ) -> Decision:
         """May a new offer of the rollout's firmware start for this device now? Applies the
-        device's maintenance windows (its groups' windows, else the product's)."""
+        device's maintenance windows (its groups' windows, else the product's). A small
+        read of the session path: it shares a group read with concurrent callers. An offer
+        the decision marks ``forced`` is the caller's to audit (:meth:`audit_forced_offer`)."""
 
-        def work() -> Decision:
+        def work(tx: Tx) -> Decision:
             now = self.clock()
-            with self.store.read() as tx:
+            product = self._product(tx, product_ref)
+            device = self._device_in(tx, product, device_id)
+            q = RolloutQueries(tx.conn)
+            record = self._rollout_record(q, product, rollout_id)
+            machine = self._rollout_machine(tx, q, product, record, only=device)
+            windows = self._windows_of(q, product)
+            applicable = windows_for(device.groups, *windows)
+            return machine.may_offer(device.id, now, applicable, force_window=force_window)
+
+        return await self._read_grouped(work)
+
+    async def audit_forced_offer(
+        self, actor: Actor, product_ref: int | str, rollout_id: object, device_id: str,
+        decision: Decision,
+    ) -> None:
+        """Audit-log an offer started outside the device's maintenance windows because an
+        operator forced it (issue 15: forcing is audit-logged)."""
+        if not decision.forced:
+            raise ValidationError("only a decision marked forced is audited as forced")
+
+        def work() -> Outcome:
+            now = self.clock()
+            with self.store.write() as tx:
                 product = self._product(tx, product_ref)
                 device = self._device_in(tx, product, device_id)
-                q = RolloutQueries(tx.conn)
-                record = self._rollout_record(q, product, rollout_id)
-                machine = self._rollout_machine(tx, q, product, record, only=device)
-                windows = self._windows_of(q, product)
-                applicable = windows_for(device.groups, *windows)
-                return machine.may_offer(device.id, now, applicable, force_window=force_window)
+                record = self._rollout_record(RolloutQueries(tx.conn), product, rollout_id)
+                tx.add_audit(actor=actor.subject, action="rollout.offer.forced_window",
+                             product_id=product.id, target=f"device:{device.id}",
+                             details={"rollout": record.id, "version": record.version,
+                                      "phase": decision.phase},
+                             now=now)
+            return Outcome(None)
 
-        return await self._read(work)
+        await self._run(work)
 
     async def device_rollout_outcomes(self, device_id: str) -> list[DeviceOutcomeRecord]:
         """A device's outcomes in every rollout, newest rollout first."""
