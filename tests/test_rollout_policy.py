@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from otacore.errors import ConflictError, ValidationError
+from otacore.precedence import DeviceTargeting, ProductReleases
 from otacore.rollout import (
     Action,
     Backoff,
@@ -32,6 +33,7 @@ from otacore.rollout import (
     device_position,
 )
 from otacore.rollout.phases import PlanKind
+from otacore.rollout.targets import RolloutScope
 
 MIN = 60_000
 DEVICES = [f"{i:024x}" for i in range(1, 61)]
@@ -428,3 +430,21 @@ def test_saved_state_with_a_phase_outside_the_plan_is_refused() -> None:
     data["devices"] = {DEVICES[0]: [3, "offered", 0, 0, 1]}
     with pytest.raises(RolloutFormatError, match="not planned"):
         Rollout.from_dict(data, DEVICES)
+
+
+def test_rollout_scope_follows_the_precedence_rules() -> None:
+    current = ProductReleases.from_versions(1, {"beta": 5})
+    default = RolloutScope(4)
+    overlay = default.overlay(current)
+    plain = DeviceTargeting()
+    assert default.decides("d", plain, 1, overlay)
+    assert not default.decides("d", plain, 4, overlay)  # already runs it: nothing to do
+    assert default.decides("d", plain, 4, overlay, touched={"d"})  # ...unless it took part
+    assert not default.decides("d", DeviceTargeting(development=True), 1, overlay)
+    assert not default.decides("d", DeviceTargeting(locked_version=1), 1, overlay)
+    assert not default.decides("d", DeviceTargeting(groups={"beta"}), 1, overlay)  # v5 wins
+    canary = RolloutScope(6, ("canary",), immediate=True)
+    overlay = canary.overlay(current)
+    assert overlay.group_releases["canary"].immediate
+    assert canary.decides("d", DeviceTargeting(groups={"canary", "beta"}), 1, overlay)
+    assert not canary.decides("d", plain, 1, overlay)

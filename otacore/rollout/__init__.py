@@ -17,6 +17,7 @@ from otacore.rollout.outcomes import FAILURES, Counts, DeviceProgress, Outcome, 
 from otacore.rollout.phases import Phase, PhasePlan, PlanKind, device_position
 from otacore.rollout.policy import Backoff, Policy, RateLimit
 from otacore.rollout.rollout import Rollout, RolloutCounts
+from otacore.rollout.targets import RolloutScope
 from otacore.rollout.windows import MaintenanceWindow, any_open, next_opening, windows_for
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "RolloutFormatError",
     "RolloutOutcomeError",
     "RolloutPlanError",
+    "RolloutScope",
     "RolloutStateError",
     "Scope",
     "State",

@@ -256,6 +256,30 @@ class Rollout:
                 phases[progress.phase].held_off += 1
         return RolloutCounts(tuple(phases), total)
 
+    def summary(self, counts: RolloutCounts) -> dict[str, object]:
+        """State, reason, policy, current rate, total counts and each phase (its size,
+        start, when it opened and met its condition, its counts) as JSON-able data."""
+        phases = []
+        for index, phase in enumerate(self.policy.plan.phases):
+            phases.append({
+                "phase": index + 1,
+                "size": phase.size,
+                "start_at": phase.start_at,
+                "opened_at": self.opened_at[index] if index < len(self.opened_at) else None,
+                "met_at": self.met_at[index],
+                "counts": counts.phases[index].to_dict(),
+            })
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "plan": self.policy.plan.to_dict(),
+            "criteria": [t.to_dict() for t in self.policy.thresholds],
+            "policy": self.policy.to_dict(),
+            "rate_per_minute": self.rate,
+            "counts": counts.total.to_dict(),
+            "phases": phases,
+        }
+
     def in_flight(self) -> list[str]:
         """Devices with an offer, a download or a reboot in progress (sorted)."""
         return sorted(d for d, p in self.devices.items() if p.status in IN_FLIGHT)

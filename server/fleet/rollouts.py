@@ -22,13 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otacore.errors import ValidationError
-from otacore.precedence import (
-    DeviceTargeting,
-    ProductReleases,
-    Release,
-    TargetReason,
-    target_firmware_for,
-)
+from otacore.precedence import DeviceTargeting
 from otacore.rollout import (
     Decision,
     MaintenanceWindow,
@@ -41,6 +35,7 @@ from otacore.rollout import (
 from otacore.rollout.errors import RolloutStateError
 from otacore.rollout.phases import PlanKind
 from otacore.rollout.spec import RolloutSpec, rollout_spec
+from otacore.rollout.targets import RolloutScope
 from server.events import Event
 from server.fleet.base import (
     FleetBase,
@@ -48,6 +43,7 @@ from server.fleet.base import (
     check_version,
     normalize_device_id,
     releases_of,
+    targeting_of,
 )
 from server.fleet.errors import (
     RolloutConflictError,
@@ -64,7 +60,6 @@ from server.store.tx_rollouts import (
     RolloutEventRecord,
     RolloutQueries,
     RolloutRecord,
-    TargetingRow,
     WindowRecord,
 )
 
@@ -90,32 +85,14 @@ class RolloutView:
 
     def to_dict(self) -> dict[str, Any]:
         """What ``ota rollout show --json`` prints and a script polls."""
-        machine = self.rollout
-        phases = []
-        for index, phase in enumerate(machine.policy.plan.phases):
-            phases.append({
-                "phase": index + 1,
-                "size": phase.size,
-                "start_at": phase.start_at,
-                "opened_at": machine.opened_at[index] if index < len(machine.opened_at) else None,
-                "met_at": machine.met_at[index],
-                "counts": self.counts.phases[index].to_dict(),
-            })
         return {
             "id": self.record.id,
             "product_id": self.record.product_id,
             "version": self.record.version,
             "groups": list(self.record.groups),
             "immediate": self.record.immediate,
-            "state": machine.state.value,
-            "reason": machine.reason,
             "forced": self.record.forced,
-            "plan": machine.policy.plan.to_dict(),
-            "criteria": [t.to_dict() for t in machine.policy.thresholds],
-            "policy": machine.policy.to_dict(),
-            "rate_per_minute": machine.rate,
-            "counts": self.counts.total.to_dict(),
-            "phases": phases,
+            **self.rollout.summary(self.counts),
             "events": [
                 {"at": e.at, "kind": e.kind, "phase": e.phase, "by": e.actor,
                  "reason": e.reason, "data": e.data}
@@ -155,64 +132,37 @@ class RolloutService(FleetBase):
         return record
 
     @staticmethod
-    def _rollout_overlay(tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
-                 immediate: bool) -> ProductReleases:
-        """The product's releases as if this rollout's release were made."""
-        current = releases_of(tx.list_releases(product.id))
-        release = Release(version, immediate)
-        if groups:
-            return ProductReleases(
-                current.product_default,
-                {**current.group_releases, **dict.fromkeys(groups, release)},
-            )
-        return ProductReleases(release, current.group_releases)
+    def _rollout_scope(record: RolloutRecord) -> RolloutScope:
+        return RolloutScope(record.version, record.groups, record.immediate)
 
     @staticmethod
-    def _rollout_decides(device: TargetingRow, overlay: ProductReleases, version: int,
-                 groups: tuple[str, ...], touched: Collection[str]) -> bool:
-        """True when the rollout's release decides the device's firmware and there is
-        something to deliver (or the rollout already touched it)."""
-        targeting = DeviceTargeting(device.development, device.locked_version, device.groups)
-        target = target_firmware_for(targeting, overlay)
-        if target.version != version:
-            return False
-        decided = (
-            target.reason is TargetReason.GROUP_RELEASE and target.group in groups
-            if groups else target.reason is TargetReason.PRODUCT_DEFAULT
-        )
-        return decided and (
-            device.firmware_version != version or device.device_id in touched
-        )
-
     def _rollout_targets(
-        self, tx: Tx, product: ProductRecord, version: int, groups: tuple[str, ...],
-        immediate: bool, touched: Collection[str],
+        tx: Tx, product: ProductRecord, scope: RolloutScope, touched: Collection[str]
     ) -> set[str]:
         """Devices whose firmware this rollout's release decides (see the module doc)."""
-        overlay = self._rollout_overlay(tx, product, version, groups, immediate)
-        devices = RolloutQueries(tx.conn).device_targeting(product.id)
+        overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
         return {
-            d.device_id for d in devices
-            if self._rollout_decides(d, overlay, version, groups, touched)
+            d.device_id
+            for d in RolloutQueries(tx.conn).device_targeting(product.id)
+            if scope.decides(d.device_id, DeviceTargeting(d.development, d.locked_version,
+                                                          d.groups),
+                             d.firmware_version, overlay, touched)
         }
 
     def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
-                 record: RolloutRecord, *, only: DeviceRecord | None = None) -> Rollout:
+                         record: RolloutRecord, *, only: DeviceRecord | None = None) -> Rollout:
         """The rollout's state machine with its current target set; ``only``: with just
         that device's membership (enough for its offer decision under a percent plan,
         whose phases follow from positions; a count plan needs every target to place)."""
         touched = record.state_data.get("devices", {})
+        scope = self._rollout_scope(record)
         if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
-            overlay = self._rollout_overlay(tx, product, record.version, record.groups,
-                                    record.immediate)
-            row = TargetingRow(only.id, only.development, only.desired_firmware_version,
-                               only.firmware_version, frozenset(only.groups))
-            decides = self._rollout_decides(row, overlay, record.version, record.groups, touched)
+            overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+            decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
+                                    overlay, touched)
             return Rollout.from_dict(record.state_data, [only.id] if decides else [])
-        targets = self._rollout_targets(
-            tx, product, record.version, record.groups, record.immediate, touched
-        )
-        return Rollout.from_dict(record.state_data, targets)
+        return Rollout.from_dict(record.state_data,
+                                 self._rollout_targets(tx, product, scope, touched))
 
     def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
               machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
@@ -354,11 +304,8 @@ class RolloutService(FleetBase):
                 )
                 # The id salts device placement: a fresh sample per rollout (phases.py).
                 machine = Rollout(str(rid), spec.policy, now)
-                machine.set_targets(
-                    self._rollout_targets(tx, product, spec.version, spec.groups, spec.immediate,
-                                  set()),
-                    now,
-                )
+                scope = RolloutScope(spec.version, spec.groups, spec.immediate)
+                machine.set_targets(self._rollout_targets(tx, product, scope, ()), now)
                 events = machine.tick(now)
                 record = self._rollout_record(q, product, rid)
                 bus_events = self._save_rollout(q, product, record, machine, events, now)
