@@ -77,9 +77,9 @@ def rollout_spec(fields: Mapping[str, object]) -> RolloutSpec:
             f"unknown rollout field(s) {', '.join(unknown)}; known: "
             f"{', '.join(sorted(ROLLOUT_FIELDS))}"
         )
-    if "version" not in fields:
-        raise ValidationError("give the firmware version to roll out")
     version = _number(fields, "version", None)
+    if version is None:  # absent, or JSON null
+        raise ValidationError("give the firmware version to roll out")
     if version > MAX_VERSION:
         raise ValidationError(f"version {version} is outside 0..{MAX_VERSION}")
     phases = fields.get("phases", "100")
