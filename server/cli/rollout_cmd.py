@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 import typer
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -34,9 +35,12 @@ window_app = typer.Typer(
 
 #: States after which a rollout never changes again (``--watch`` stops there).
 FINAL_STATES = frozenset({"aborted", "completed"})
-#: Count columns of the progress view, in the order devices move through them.
-COUNT_COLUMNS = ("pending", "offered", "downloading", "rebooting", "succeeded",
-                 "download_failed", "image_refused", "rolled_back", "timed_out", "held_off")
+#: Count columns of the progress view, in the order devices move through them, with the
+#: short headings that keep the table within 80 columns.
+COUNT_COLUMNS = {"pending": "pend", "offered": "offer", "downloading": "dl",
+                 "rebooting": "boot", "succeeded": "ok", "download_failed": "dl\nfail",
+                 "image_refused": "image\nrefused", "rolled_back": "rolled\nback",
+                 "timed_out": "timed\nout", "held_off": "held"}
 ROLLOUT_COLUMNS = ["id", "version", "groups", "state", "reason", "created_by"]
 STATE_STYLES = {"running": "green", "scheduled": "cyan", "paused": "yellow", "aborted": "red",
                 "completed": "bold green"}
@@ -218,19 +222,22 @@ def progress_view(rollout: dict[str, Any]) -> Group:
     parts: list[Any] = [heading]
     if rollout.get("reason"):
         parts.append(Text(f"reason: {rollout['reason']}", style="yellow"))
-    table = Table(show_footer=False)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
     table.add_column("phase")
     table.add_column("size", justify="right")
-    table.add_column("opened")
-    for name in COUNT_COLUMNS:
-        table.add_column(name.replace("_", " "), justify="right")
+    table.add_column("open")
+    for heading in COUNT_COLUMNS.values():
+        table.add_column(heading, justify="right")
     table.add_column("total", justify="right")
+    percent = (rollout.get("plan") or {}).get("kind") == "percent"
     for phase in rollout.get("phases", []):
         counts = phase.get("counts", {})
         opened = "yes" if phase.get("opened_at") is not None else "no"
         if phase.get("met_at") is not None:
             opened = "met"
-        table.add_row(str(phase.get("phase")), str(phase.get("size")), opened,
+        size = phase.get("size")
+        shown_size = "all" if size is None else f"{size}%" if percent else f"#{size}"
+        table.add_row(str(phase.get("phase")), shown_size, opened,
                       *(str(counts.get(n, 0)) for n in COUNT_COLUMNS),
                       str(counts.get("total", 0)))
     totals = rollout.get("counts", {})
