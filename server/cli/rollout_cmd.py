@@ -226,8 +226,8 @@ def progress_view(rollout: dict[str, Any]) -> Group:
     table.add_column("phase")
     table.add_column("size", justify="right")
     table.add_column("open")
-    for heading in COUNT_COLUMNS.values():
-        table.add_column(heading, justify="right")
+    for column_heading in COUNT_COLUMNS.values():
+        table.add_column(column_heading, justify="right")
     table.add_column("total", justify="right")
     percent = (rollout.get("plan") or {}).get("kind") == "percent"
     for phase in rollout.get("phases", []):
