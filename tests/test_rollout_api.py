@@ -136,6 +136,9 @@ async def test_a_threshold_aborts_and_show_names_the_rollbacks(api: Api) -> None
     assert shown["phases"][1]["counts"]["rolled_back"] == 0
     aborted = [e for e in shown["events"] if e["kind"] == "aborted"]
     assert len(aborted) == 1 and aborted[0]["by"] == "policy"
+    # Events number phases from 1, as phases[].phase does.
+    started = [e for e in shown["events"] if e["kind"] == "phase_started"]
+    assert [e["phase"] for e in started] == [1] and "phase 1 of 2" in started[0]["reason"]
 
 
 async def test_windows_set_show_and_clear(api: Api) -> None:

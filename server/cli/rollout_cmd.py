@@ -247,7 +247,7 @@ def progress_view(rollout: dict[str, Any]) -> Group:
     events = rollout.get("events") or []
     for event in events[-5:]:
         why = f": {event['reason']}" if event.get("reason") else ""
-        where = f" phase {event['phase'] + 1}" if isinstance(event.get("phase"), int) else ""
+        where = f" phase {event['phase']}" if isinstance(event.get("phase"), int) else ""
         parts.append(Text(f"  {event.get('kind')}{where}{why}", style="dim"))
     return Group(*parts)
 

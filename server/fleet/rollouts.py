@@ -94,7 +94,7 @@ class RolloutView:
             "forced": self.record.forced,
             **self.rollout.summary(self.counts),
             "events": [
-                {"at": e.at, "kind": e.kind, "phase": e.phase, "by": e.actor,
+                {"at": e.at, "kind": e.kind, "phase": shown_phase(e.phase), "by": e.actor,
                  "reason": e.reason, "data": e.data}
                 for e in self.events
             ],
@@ -102,6 +102,12 @@ class RolloutView:
             "created_at": self.record.created_at,
             "updated_at": self.record.updated_at,
         }
+
+
+def shown_phase(index: int | None) -> int | None:
+    """A phase as operators see it: numbered from 1, as ``phases[].phase`` and the events'
+    reasons ("phase 1 of 3") number it (the policy and the store index from 0)."""
+    return None if index is None else index + 1
 
 
 def _rollout_id(value: object) -> int:
@@ -181,7 +187,8 @@ class RolloutService(FleetBase):
         return [
             Event(
                 ROLLOUT_EVENT_PREFIX + e.kind.value,
-                json.dumps({"rollout": record.id, "version": record.version, **e.to_dict()}),
+                json.dumps({"rollout": record.id, "version": record.version, **e.to_dict(),
+                            "phase": shown_phase(e.phase)}),
                 product_id=product.id,
                 published_at=now,
             )
