@@ -7,13 +7,17 @@ message."""
 from __future__ import annotations
 
 import json
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from otacore.module import build_module
 from server.cli.main import app
+from server.client import ApiClient
 
 runner = CliRunner()
 PRODUCT = "cli-rollouts"
@@ -178,3 +182,50 @@ def test_windows_and_roles_through_the_cli(threaded_server: Any, tmp_path: Path)
     assert cleared.exit_code == 0, cleared.output
     again = _ota(server, "product", "window", "clear")
     assert again.exit_code == 1 and "has no maintenance window" in again.output
+
+
+def test_scheduled_rollout_and_a_watch_that_sees_it_end(
+    threaded_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = threaded_server
+    _setup(server, tmp_path)
+    for rollout in _json(server, "rollout", "list"):
+        if rollout["state"] not in ("aborted", "completed"):
+            _ota(server, "rollout", "abort", str(rollout["id"]))
+    scheduled = _json(server, "rollout", "create", "2", "--phases", "50,100", "--force",
+                      "--start-at", "2099-12-24T02:00+01:00", "--reboot-timeout", "20",
+                      "--backoff-failures", "2", "--backoff-minutes", "90",
+                      "--success-percent", "95", "--failure-scope", "both",
+                      "--max-failure-percent", "10", "--max-per-minute", "10",
+                      "--rate-increment-factor", "2", "--rate-increase-after", "5")
+    rid = str(scheduled["id"])
+    assert scheduled["state"] == "scheduled"
+    assert scheduled["policy"]["start_at"] == datetime(2099, 12, 24, 1, 0, tzinfo=UTC
+                                                       ).timestamp() * 1000
+    assert [c["scope"] for c in scheduled["criteria"]] == ["phase", "rollout"]
+    assert scheduled["policy"]["reboot_timeout_ms"] == 20 * 60_000
+    naive = _ota(server, "rollout", "create", "2", "--phases", "100", "--start-at",
+                 "2099-12-24T02:00")
+    assert naive.exit_code == 2  # a time without its offset is ambiguous: refused
+
+    # --watch polls until the rollout ends: abort it once the watch has drawn it running.
+    polled = threading.Event()
+    get_rollout = ApiClient.get_rollout
+
+    def observed(self: ApiClient, product: str, rollout_id: str | int) -> Any:
+        answer = get_rollout(self, product, rollout_id)
+        polled.set()
+        return answer
+
+    monkeypatch.setattr(ApiClient, "get_rollout", observed)
+    watched: dict[str, Any] = {}
+    watcher = threading.Thread(target=lambda: watched.update(
+        result=_ota(server, "rollout", "show", rid, "--watch", "--interval", "0.2")))
+    watcher.start()
+    assert polled.wait(60), "the watch never asked for the rollout"
+    aborted = _ota(server, "rollout", "abort", rid, "--reason", "not this year")
+    assert aborted.exit_code == 0, aborted.output
+    watcher.join(60)
+    assert not watcher.is_alive(), "the watch did not end when the rollout aborted"
+    assert watched["result"].exit_code == 0, watched["result"].output
+    assert "not this year" in watched["result"].output

@@ -11,6 +11,7 @@ rollout completes or aborts.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -53,6 +54,14 @@ class OnFailure(StrEnum):
     ABORT = "abort"
 
 
+class FailureScope(StrEnum):
+    """Where a failure threshold is judged."""
+
+    PHASE = "phase"
+    ROLLOUT = "rollout"
+    BOTH = "both"
+
+
 RolloutId = typer.Argument(..., help="The rollout's id (ota rollout list).")
 
 
@@ -84,11 +93,34 @@ def rollout_create(
                                           "is judged."),
     on_failure: OnFailure | None = typer.Option(None, "--on-failure",
                                                 help="pause (an operator resumes) or abort."),
-    failure_scope: str | None = typer.Option(None, "--failure-scope",
+    failure_scope: FailureScope | None = typer.Option(None, "--failure-scope",
                                              help="Judge the threshold per phase, over the "
                                              "whole rollout, or both (default phase)."),
     max_per_minute: int | None = typer.Option(None, "--max-per-minute", min=1,
                                               help="Start at most this many offers a minute."),
+    rate_increment_factor: float | None = typer.Option(
+        None, "--rate-increment-factor", min=1,
+        help="Multiply the rate limit by this ... (AWS IoT's exponential rate)."),
+    rate_increase_after: int | None = typer.Option(
+        None, "--rate-increase-after", min=1,
+        help="... each time this many more devices succeeded."),
+    success_percent: float | None = typer.Option(
+        None, "--success-percent", min=0.001, max=100,
+        help="Share of a phase that must succeed before the next opens (default 100)."),
+    backoff_failures: int | None = typer.Option(
+        None, "--backoff-failures", min=1,
+        help="Hold a device back after this many failures (default 3) ..."),
+    backoff_minutes: int | None = typer.Option(
+        None, "--backoff-minutes", min=1, help="... for this many minutes (default 60)."),
+    reboot_timeout: int | None = typer.Option(
+        None, "--reboot-timeout", min=1,
+        help="Minutes a rebooting device has to come back before it counts as timed out "
+        "(default 15)."),
+    start_at: datetime | None = typer.Option(
+        None, "--start-at", formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z",
+                                     "%Y-%m-%d %H:%M%z"],
+        help="Start later, at a time with its UTC offset, e.g. 2026-12-24T02:00+01:00 "
+        "(scheduled until then)."),
     immediate: bool = typer.Option(False, "--immediate",
                                    help="Offer to online devices of an open phase now "
                                    "(else at each device's next session)."),
@@ -98,13 +130,20 @@ def rollout_create(
     product: str = Product, api_url: str = ApiUrl, token: str | None = Token,
     as_json: bool = AsJson,
 ) -> None:
-    """Create a rollout of VERSION; it starts at once with its first phase."""
+    """Create a rollout of VERSION; it starts with its first phase, at once or at
+    --start-at."""
     with _client(api_url, token) as client:
         result = client.create_rollout(
             product, version=version, phases=phases, groups=groups, phase_wait=phase_wait,
             max_failure_percent=max_failure_percent, min_sample=min_sample,
             on_failure=None if on_failure is None else on_failure.value,
-            failure_scope=failure_scope, max_per_minute=max_per_minute,
+            failure_scope=None if failure_scope is None else failure_scope.value,
+            max_per_minute=max_per_minute,
+            rate_increment_factor=rate_increment_factor,
+            rate_increase_after=rate_increase_after, success_percent=success_percent,
+            backoff_failures=backoff_failures, backoff_minutes=backoff_minutes,
+            reboot_timeout=reboot_timeout,
+            start_at=None if start_at is None else int(start_at.timestamp() * 1000),
             immediate=immediate or None, force=force or None,
         )
     rollout = _unwrap(result)
