@@ -318,3 +318,18 @@ async def test_openapi_documents_the_routes(api: Api) -> None:
     assert set(paths["/v1/products/{product}/window"]) == {"get", "put", "delete"}
     assert paths["/v1/products/{product}/window"]["put"]["x-access"]["scope"] == \
         "products:update"
+
+
+async def test_a_rollout_from_a_urlencoded_form(api: Api) -> None:
+    slug = await _product(api)
+    response = await api.client.post(f"/v1/products/{slug}/rollouts", data={
+        "version": "2", "phases": "#2,all", "groups": "beta", "max_failure_percent": "25",
+        "min_sample": "2", "on_failure": "pause", "max_per_minute": "10", "force": "true"})
+    assert response.status_code == 201, response.text
+    rollout = response.json()["rollout"]
+    assert rollout["groups"] == ["beta"] and rollout["counts"]["total"] == 4
+    assert rollout["criteria"][0]["percent"] == 25 and rollout["criteria"][0]["min_sample"] == 2
+    assert rollout["rate_per_minute"] == 10
+    refused = await api.client.post(f"/v1/products/{slug}/rollouts", data={
+        "version": "2", "force": "perhaps"})
+    assert refused.status_code == 400 and "force must be true or false" in refused.text
