@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otacore.errors import ValidationError
-from otacore.precedence import DeviceTargeting
+from otacore.precedence import DeviceTargeting, ProductReleases
 from otacore.rollout import (
     Decision,
     MaintenanceWindow,
@@ -60,6 +60,7 @@ from server.store.tx_rollouts import (
     RolloutEventRecord,
     RolloutQueries,
     RolloutRecord,
+    TargetingRow,
     WindowRecord,
 )
 
@@ -118,6 +119,10 @@ def _rollout_id(value: object) -> int:
     return value
 
 
+#: A product's targeting rows and its releases (what a rollout's target set comes from).
+_TargetingInputs = tuple[list[TargetingRow], ProductReleases]
+
+
 def _window_of(record: WindowRecord) -> MaintenanceWindow:
     return MaintenanceWindow(record.cron, record.duration_minutes, record.timezone)
 
@@ -142,24 +147,35 @@ class RolloutService(FleetBase):
         return RolloutScope(record.version, record.groups, record.immediate)
 
     @staticmethod
+    def _targeting_inputs(tx: Tx, product: ProductRecord) -> _TargetingInputs:
+        """What every rollout of the product reads to find its target set (read once for
+        a listing of many rollouts)."""
+        return (RolloutQueries(tx.conn).device_targeting(product.id),
+                releases_of(tx.list_releases(product.id)))
+
+    @classmethod
     def _rollout_targets(
-        tx: Tx, product: ProductRecord, scope: RolloutScope, touched: Collection[str]
+        cls, tx: Tx, product: ProductRecord, scope: RolloutScope, touched: Collection[str],
+        inputs: _TargetingInputs | None = None,
     ) -> set[str]:
         """Devices whose firmware this rollout's release decides (see the module doc)."""
-        overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+        rows, releases = inputs or cls._targeting_inputs(tx, product)
+        overlay = scope.overlay(releases)
         return {
             d.device_id
-            for d in RolloutQueries(tx.conn).device_targeting(product.id)
+            for d in rows
             if scope.decides(d.device_id, DeviceTargeting(d.development, d.locked_version,
                                                           d.groups),
                              d.firmware_version, overlay, touched)
         }
 
     def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
-                         record: RolloutRecord, *, only: DeviceRecord | None = None) -> Rollout:
+                         record: RolloutRecord, *, only: DeviceRecord | None = None,
+                         inputs: _TargetingInputs | None = None) -> Rollout:
         """The rollout's state machine with its current target set; ``only``: with just
         that device's membership (enough for its offer decision under a percent plan,
-        whose phases follow from positions; a count plan needs every target to place)."""
+        whose phases follow from positions; a count plan needs every target to place);
+        ``inputs``: the product's targeting rows and releases, when already read."""
         touched = record.state_data.get("devices", {})
         scope = self._rollout_scope(record)
         if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
@@ -168,7 +184,7 @@ class RolloutService(FleetBase):
                                     overlay, touched)
             return Rollout.from_dict(record.state_data, [only.id] if decides else [])
         return Rollout.from_dict(record.state_data,
-                                 self._rollout_targets(tx, product, scope, touched))
+                                 self._rollout_targets(tx, product, scope, touched, inputs))
 
     def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
               machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
@@ -356,9 +372,12 @@ class RolloutService(FleetBase):
             with self.store.read() as tx:
                 product = self._product(tx, product_ref)
                 q = RolloutQueries(tx.conn)
+                records = q.list_rollouts(product.id, version=wanted)
+                inputs = self._targeting_inputs(tx, product) if records else None
                 return [
-                    self._rollout_view(q, r, self._rollout_machine(tx, q, product, r), now)
-                    for r in q.list_rollouts(product.id, version=wanted)
+                    self._rollout_view(
+                        q, r, self._rollout_machine(tx, q, product, r, inputs=inputs), now)
+                    for r in records
                 ]
 
         return await self._read(work)
