@@ -221,6 +221,50 @@ class ApiClient:
         """DELETE a user from a product's team (an API user is deleted)."""
         return self._request("DELETE", self._member(product, username))
 
+    # -- rollouts and maintenance windows ----------------------------------------------
+
+    def _rollout(self, product: str, rollout_id: str | int) -> str:
+        return f"{self._product(product)}/rollouts/{quote(str(rollout_id), safe='')}"
+
+    def create_rollout(self, product: str, **fields: Any) -> Any:
+        """POST a rollout (fields named as ``ota rollout create``'s options: version, groups,
+        phases, phase_wait, max_failure_percent, min_sample, on_failure, max_per_minute,
+        force...); None values are left out."""
+        body = {k: v for k, v in fields.items() if v is not None}
+        return self._request("POST", f"{self._product(product)}/rollouts", json=body)
+
+    def list_rollouts(self, product: str, version: int | None = None) -> Any:
+        """GET a product's rollouts, newest first (optionally of one firmware version)."""
+        params = {} if version is None else {"version": version}
+        return self._request("GET", f"{self._product(product)}/rollouts", params=params)
+
+    def get_rollout(self, product: str, rollout_id: str | int) -> Any:
+        """GET one rollout: state, reason, per-phase and total counts, latest events."""
+        return self._request("GET", self._rollout(product, rollout_id))
+
+    def change_rollout(self, product: str, rollout_id: str | int, action: str,
+                       reason: str | None = None) -> Any:
+        """POST ``pause``, ``resume`` or ``abort`` to a rollout (pause/abort: a reason)."""
+        body = {} if reason is None else {"reason": reason}
+        return self._request("POST", f"{self._rollout(product, rollout_id)}/{action}", json=body)
+
+    def list_windows(self, product: str) -> Any:
+        """GET the product's maintenance window and its groups' windows."""
+        return self._request("GET", f"{self._product(product)}/window")
+
+    def set_window(self, product: str, cron: str, duration: int, timezone: str = "UTC",
+                   group: str | None = None) -> Any:
+        """PUT the product's (or a group's) maintenance window."""
+        body: dict[str, Any] = {"cron": cron, "duration": duration, "timezone": timezone}
+        if group:
+            body["group"] = group
+        return self._request("PUT", f"{self._product(product)}/window", json=body)
+
+    def clear_window(self, product: str, group: str | None = None) -> Any:
+        """DELETE the product's (or a group's) maintenance window."""
+        params = {"group": group} if group else {}
+        return self._request("DELETE", f"{self._product(product)}/window", params=params)
+
     # -- events ------------------------------------------------------------------------
 
     def stream_events(self, product: str | None, device_id: str | None = None,

@@ -34,6 +34,7 @@ def _obj(props: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
+_NUM = {"type": "number"}
 _NAMES = {"type": "array", "items": _STR}
 _BINARY = {"type": "string", "format": "binary"}
 
@@ -91,6 +92,44 @@ REQUEST_BODIES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
             },
             ["version"],
         ),
+    ),
+    "create_rollout": (
+        (_JSON, _FORM),
+        _obj(
+            {
+                "version": _INT,
+                "groups": _NAMES,
+                "phases": {"type": "string", "examples": ["10,50,100", "#5,#20,all"]},
+                "phase_wait": _INT,
+                "phase_starts": {"type": "array", "items": {"type": ["integer", "null"]}},
+                "start_at": _INT,
+                "success_percent": _NUM,
+                "max_failure_percent": _NUM,
+                "min_sample": _INT,
+                "on_failure": {"enum": ["pause", "abort"]},
+                "failure_scope": {"enum": ["phase", "rollout", "both"]},
+                "thresholds": {"type": "array", "items": _obj({
+                    "percent": _NUM, "min_sample": _INT, "action": {"enum": ["pause", "abort"]},
+                    "scope": {"enum": ["phase", "rollout"]}, "kinds": _NAMES})},
+                "max_per_minute": _INT,
+                "rate_increment_factor": _NUM,
+                "rate_increase_after": _INT,
+                "backoff_failures": _INT,
+                "backoff_minutes": _INT,
+                "reboot_timeout": _INT,
+                "immediate": _BOOL,
+                "force": _BOOL,
+            },
+            ["version"],
+        ),
+    ),
+    "pause_rollout": ((_JSON, _FORM), _obj({"reason": _STR})),
+    "resume_rollout": ((_JSON, _FORM), _obj({})),
+    "abort_rollout": ((_JSON, _FORM), _obj({"reason": _STR})),
+    "set_window": (
+        (_JSON, _FORM),
+        _obj({"cron": _STR, "duration": _INT, "timezone": _STR, "group": _STR},
+             ["cron", "duration"]),
     ),
     "import_device": ((_JSON, _FORM), _obj({"id": _STR}, ["id"])),
     "update_device": (

@@ -20,6 +20,7 @@ from server.cli import (
     fleet_cmd,
     keys_cmd,
     module_cmd,
+    rollout_cmd,
     server_cmd,
     team_cmd,
 )
@@ -46,6 +47,7 @@ app.add_typer(server_cmd.admin_app, name="admin")
 app.add_typer(server_cmd.product_app, name="product")
 keys_cmd.attach(server_cmd.product_app)
 team_cmd.attach(server_cmd.product_app)
+rollout_cmd.attach(app, server_cmd.product_app)
 
 
 @app.command()

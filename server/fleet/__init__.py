@@ -16,6 +16,7 @@ from server.fleet.groups import GroupService, GroupView
 from server.fleet.ota_memory import OtaMemoryService
 from server.fleet.presence import PresenceService
 from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
+from server.fleet.rollouts import RolloutService, RolloutView
 from server.fleet.sessions import DeviceTarget, SessionService
 from server.fleet.teams import ApiUserGrant, TeamMember, TeamService
 
@@ -23,7 +24,7 @@ from server.fleet.teams import ApiUserGrant, TeamMember, TeamService
 class Fleet(
     FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
     DeviceOsService,
-    DeltaService, OtaMemoryService, PresenceService,
+    DeltaService, OtaMemoryService, PresenceService, RolloutService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 
@@ -42,6 +43,7 @@ __all__ = [
     "Permission",
     "ReleaseOutcome",
     "Role",
+    "RolloutView",
     "TeamMember",
     "TokenGrant",
 ]

@@ -49,3 +49,21 @@ class DeviceRuleError(ValidationError):
 
 class DuplicateError(ConflictError):
     """A name that must be unique is taken, or the thing is still in use."""
+
+
+class UnknownRolloutError(NotFoundError):
+    """The product has no rollout with this id."""
+
+
+class RolloutRefusedError(ValidationError):
+    """A rollout breaks a rollout rule (firmware not yet seen running, unknown group, bad
+    plan or criteria...)."""
+
+
+class RolloutConflictError(ConflictError):
+    """Another active rollout already covers the same target scope, or the rollout's state
+    does not allow the operation."""
+
+
+class UnknownWindowError(NotFoundError):
+    """The product (or group) has no maintenance window to clear."""

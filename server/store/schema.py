@@ -414,3 +414,92 @@ device_revocations = sa.Table(
     _ms("revoked_at"),
     sa.Column("revoked_by", sa.String(200), nullable=False),
 )
+
+# --- safe rollouts (issue 15): new tables only, created on existing databases by create_all.
+
+# A rollout of one firmware version to a product's default target set (``groups`` empty) or
+# to groups. ``plan``/``criteria`` are the policy's phase plan and thresholds as data (for
+# listings); ``state_data`` is the whole sans-IO state machine (otacore.rollout.Rollout
+# .to_dict), from which a restart resumes exactly.
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("groups", sa.JSON, nullable=False),  # sorted group names; [] = product default
+    sa.Column("immediate", sa.Boolean, nullable=False, default=False),
+    sa.Column("plan", sa.JSON, nullable=False),
+    sa.Column("criteria", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # scheduled|running|paused|...
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("state_data", sa.JSON, nullable=False),
+    sa.Column("forced", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    _ms("created_at"),
+    _ms("updated_at"),
+)
+sa.Index("ix_rollouts_product_version", rollouts.c.product_id, rollouts.c.version)
+
+# Each device's latest outcome in a rollout (mirrors the state machine's per-device state,
+# queryable per device: "which rollout is this device in, and how did it go").
+rollout_device_outcomes = sa.Table(
+    "rollout_device_outcomes",
+    metadata,
+    sa.Column(
+        "rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "device_id", sa.String(24), sa.ForeignKey("devices.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("phase", sa.Integer, nullable=False),  # 0-based
+    sa.Column("outcome", sa.String(24), nullable=True),  # None: placed, nothing yet
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    _ms("held_until"),  # 0: not held
+    _ms("updated_at"),
+)
+sa.Index("ix_rollout_device_outcomes_device", rollout_device_outcomes.c.device_id)
+
+# What happened to a rollout (phase started/advanced, paused, resumed, aborted, threshold
+# crossed...), with who and why: what ``rollout show`` lists.
+rollout_events = sa.Table(
+    "rollout_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    _ms("at"),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("phase", sa.Integer, nullable=True),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+)
+sa.Index("ix_rollout_events_rollout", rollout_events.c.rollout_id, rollout_events.c.id)
+
+# Maintenance windows of a product ("product") or of one group ("group:<group id>"), like
+# the releases' scopes (a unique scope: SQLite lets NULL group ids repeat in a unique key).
+maintenance_windows = sa.Table(
+    "maintenance_windows",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("scope", sa.String(64), nullable=False),
+    sa.Column(
+        "group_id", sa.Integer, sa.ForeignKey("groups.id", ondelete="CASCADE"), nullable=True
+    ),
+    sa.Column("cron", sa.String(200), nullable=False),
+    sa.Column("duration_minutes", sa.Integer, nullable=False),
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("updated_by", sa.String(200), nullable=False),
+    _ms("updated_at"),
+    sa.UniqueConstraint("product_id", "scope", name="uq_maintenance_windows_product_scope"),
+)

@@ -42,6 +42,7 @@ from server.store.tx_certs import CertificateQueries
 from server.store.tx_firmware import FirmwareQueries
 from server.store.tx_fleet import FleetQueries
 from server.store.tx_ota import OtaMemoryQueries
+from server.store.tx_rollouts import RolloutQueries
 
 DB_FILENAME = "ota.db"
 BLOB_DIRNAME = "blobs"
@@ -61,7 +62,10 @@ def _translated_errors() -> Iterator[None]:
         raise StoreUnavailableError(f"the database is unavailable: {exc.orig}") from exc
 
 
-class Tx(FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries):
+class Tx(
+    FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries,
+    RolloutQueries,
+):
     """One open transaction; every query method of the store lives on it."""
 
     def __init__(self, conn: Connection) -> None:

@@ -1,0 +1,608 @@
+"""Safe rollouts (issue 15) over the store: create, show, list, pause, resume and abort
+rollouts, record device outcomes, let time pass, and set maintenance windows.
+
+The policy itself is the sans-IO :class:`otacore.rollout.Rollout`; this service loads it
+from the store with the current target set, applies one change and saves it in the same
+transaction (so a restart resumes exactly), appends its events to ``rollout_events`` and
+publishes them on the bus as ``ota/rollout/<kind>`` after the commit.
+
+The target set is the release's, after Particle's precedence rules (``otacore.precedence``):
+devices whose firmware the rollout's release (product default, or its groups) would decide,
+if it were released. Devices already running the version and never touched by the rollout
+are left out (nothing to deliver to them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from otacore.errors import ValidationError
+from otacore.precedence import DeviceTargeting, ProductReleases
+from otacore.rollout import (
+    Decision,
+    MaintenanceWindow,
+    Rollout,
+    RolloutCounts,
+    RolloutEvent,
+    State,
+    windows_for,
+)
+from otacore.rollout.errors import RolloutStateError
+from otacore.rollout.phases import PlanKind
+from otacore.rollout.spec import RolloutSpec, rollout_spec
+from otacore.rollout.targets import RolloutScope
+from server.events import Event
+from server.fleet.base import (
+    FleetBase,
+    Outcome,
+    check_version,
+    normalize_device_id,
+    releases_of,
+    targeting_of,
+)
+from server.fleet.errors import (
+    RolloutConflictError,
+    RolloutRefusedError,
+    UnknownFirmwareError,
+    UnknownRolloutError,
+    UnknownWindowError,
+)
+from server.fleet.roles import Actor, Permission
+from server.fleet.text import clean_group_name, clean_text
+from server.store import DeviceRecord, ProductRecord, Tx
+from server.store.tx_rollouts import (
+    DeviceOutcomeRecord,
+    RolloutEventRecord,
+    RolloutQueries,
+    RolloutRecord,
+    TargetingRow,
+    WindowRecord,
+)
+
+#: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
+ROLLOUT_EVENT_PREFIX = "ota/rollout/"
+#: Scope needed to change rollouts (a rollout releases firmware) and windows.
+ROLLOUT_SCOPE = "firmware:release"
+WINDOW_SCOPE = "products:update"
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout with its counts (per phase and total) and its latest events."""
+
+    record: RolloutRecord
+    rollout: Rollout
+    counts: RolloutCounts
+    events: tuple[RolloutEventRecord, ...]
+
+    @property
+    def state(self) -> State:
+        """The rollout's state."""
+        return self.rollout.state
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``ota rollout show --json`` prints and a script polls."""
+        return {
+            "id": self.record.id,
+            "product_id": self.record.product_id,
+            "version": self.record.version,
+            "groups": list(self.record.groups),
+            "immediate": self.record.immediate,
+            "forced": self.record.forced,
+            **self.rollout.summary(self.counts),
+            "events": [
+                {"at": e.at, "kind": e.kind, "phase": shown_phase(e.phase), "by": e.actor,
+                 "reason": e.reason, "data": e.data}
+                for e in self.events
+            ],
+            "created_by": self.record.created_by,
+            "created_at": self.record.created_at,
+            "updated_at": self.record.updated_at,
+        }
+
+
+def shown_phase(index: int | None) -> int | None:
+    """A phase as operators see it: numbered from 1, as ``phases[].phase`` and the events'
+    reasons ("phase 1 of 3") number it (the policy and the store index from 0)."""
+    return None if index is None else index + 1
+
+
+def _rollout_id(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"rollout id {value!r} must be a positive whole number")
+    return value
+
+
+#: A product's targeting rows and its releases (what a rollout's target set comes from).
+_TargetingInputs = tuple[list[TargetingRow], ProductReleases]
+
+
+def _window_of(record: WindowRecord) -> MaintenanceWindow:
+    return MaintenanceWindow(record.cron, record.duration_minutes, record.timezone)
+
+
+class RolloutService(FleetBase):
+    """Rollouts and maintenance windows of products."""
+
+    # --- loading and saving --------------------------------------------------------------
+
+    @staticmethod
+    def _rollout_record(
+        q: RolloutQueries, product: ProductRecord, rollout_id: object
+    ) -> RolloutRecord:
+        rid = _rollout_id(rollout_id)
+        record = q.get_rollout(product.id, rid)
+        if record is None:
+            raise UnknownRolloutError(f"product {product.slug} has no rollout {rid}")
+        return record
+
+    @staticmethod
+    def _rollout_scope(record: RolloutRecord) -> RolloutScope:
+        return RolloutScope(record.version, record.groups, record.immediate)
+
+    @staticmethod
+    def _targeting_inputs(tx: Tx, product: ProductRecord) -> _TargetingInputs:
+        """What every rollout of the product reads to find its target set (read once for
+        a listing of many rollouts)."""
+        return (RolloutQueries(tx.conn).device_targeting(product.id),
+                releases_of(tx.list_releases(product.id)))
+
+    @classmethod
+    def _rollout_targets(
+        cls, tx: Tx, product: ProductRecord, scope: RolloutScope, touched: Collection[str],
+        inputs: _TargetingInputs | None = None,
+    ) -> set[str]:
+        """Devices whose firmware this rollout's release decides (see the module doc)."""
+        rows, releases = inputs or cls._targeting_inputs(tx, product)
+        overlay = scope.overlay(releases)
+        return {
+            d.device_id
+            for d in rows
+            if scope.decides(d.device_id, DeviceTargeting(d.development, d.locked_version,
+                                                          d.groups),
+                             d.firmware_version, overlay, touched)
+        }
+
+    def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                         record: RolloutRecord, *, only: DeviceRecord | None = None,
+                         inputs: _TargetingInputs | None = None) -> Rollout:
+        """The rollout's state machine with its current target set; ``only``: with just
+        that device's membership (enough for its offer decision under a percent plan,
+        whose phases follow from positions; a count plan needs every target to place);
+        ``inputs``: the product's targeting rows and releases, when already read."""
+        touched = record.state_data.get("devices", {})
+        scope = self._rollout_scope(record)
+        if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
+            overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+            decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
+                                    overlay, touched)
+            return Rollout.from_dict(record.state_data, [only.id] if decides else [])
+        return Rollout.from_dict(record.state_data,
+                                 self._rollout_targets(tx, product, scope, touched, inputs))
+
+    def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
+              machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
+        q.update_rollout(record.id, state=machine.state.value, reason=machine.reason,
+                         state_data=machine.to_dict(), now=now)
+        q.put_device_outcomes(
+            record.id,
+            (
+                (d, p.phase, None if p.status is None else p.status.value, p.failures,
+                 p.held_until)
+                for d, p in machine.devices.items()
+            ),
+            now,
+        )
+        q.add_rollout_events(record.id, [e.to_dict() for e in events])
+        return [
+            Event(
+                ROLLOUT_EVENT_PREFIX + e.kind.value,
+                json.dumps({"rollout": record.id, "version": record.version, **e.to_dict(),
+                            "phase": shown_phase(e.phase)}),
+                product_id=product.id,
+                published_at=now,
+            )
+            for e in events
+        ]
+
+    def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
+                      now: int) -> RolloutView:
+        fresh = q.get_rollout(record.product_id, record.id) or record
+        return RolloutView(fresh, machine, machine.counts(now),
+                           tuple(q.rollout_events(record.id)))
+
+    def _change_rollout(
+        self,
+        product_ref: int | str,
+        rollout_id: object,
+        apply: Callable[[Rollout, int], list[RolloutEvent]],
+        *,
+        actor: Actor | None = None,
+        audit: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> Outcome:
+        """Load, tick, apply one change, save, in a transaction of its own."""
+        work = self._rollout_change_work(product_ref, rollout_id, apply, actor=actor,
+                                         audit=audit, details=details)
+        with self.store.write() as tx:
+            return work(tx)
+
+    def _rollout_change_work(
+        self,
+        product_ref: int | str,
+        rollout_id: object,
+        apply: Callable[[Rollout, int], list[RolloutEvent]],
+        *,
+        actor: Actor | None = None,
+        audit: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of one change: load, tick, apply, save; the view and the bus
+        events."""
+
+        def work(tx: Tx) -> Outcome:
+            now = self.clock()
+            product = self._product(tx, product_ref)
+            q = RolloutQueries(tx.conn)
+            record = self._rollout_record(q, product, rollout_id)
+            if actor is not None:
+                actor.require(Permission.MANAGE_DEVICES, "change rollouts")
+                actor.require_scope(ROLLOUT_SCOPE, product.id, "change rollouts", product.slug)
+            machine = self._rollout_machine(tx, q, product, record)
+            try:
+                events = machine.tick(now) + apply(machine, now)
+            except RolloutStateError as exc:
+                raise RolloutConflictError(str(exc)) from None
+            bus_events = self._save_rollout(q, product, record, machine, events, now)
+            if actor is not None and audit is not None:
+                tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
+                             target=f"rollout:{record.id}", details=dict(details or {}),
+                             now=now)
+            return Outcome(self._rollout_view(q, record, machine, now), bus_events)
+
+        return work
+
+    # --- rollouts ------------------------------------------------------------------------
+
+    async def create_rollout(
+        self, actor: Actor, product_ref: int | str, fields: Mapping[str, object]
+    ) -> RolloutView:
+        """Create (and, unless scheduled later, start) a rollout from the CLI-shaped
+        ``fields`` (see :func:`rollout_spec`). Like a release, firmware not yet reported
+        running on a device of the product needs ``force`` (audit-logged)."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "create rollouts")
+            spec = rollout_spec(fields)
+            spec = dataclasses.replace(
+                spec, groups=tuple(sorted({clean_group_name(g) for g in spec.groups}))
+            )
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                actor.require_scope(ROLLOUT_SCOPE, product.id, "create rollouts", product.slug)
+                firmware = tx.get_firmware(product.id, spec.version)
+                if firmware is None:
+                    raise UnknownFirmwareError(
+                        f"product {product.slug} has no firmware version {spec.version}; "
+                        "upload it first"
+                    )
+                for name in spec.groups:
+                    if tx.get_group(product.id, name) is None:
+                        raise RolloutRefusedError(
+                            f"group {name!r} does not exist in product {product.slug}; "
+                            "create it first"
+                        )
+                if firmware.running_seen_at is None and not spec.force:
+                    raise RolloutRefusedError(
+                        f"firmware version {spec.version} has not been reported running on "
+                        f"any device of product {product.slug}; lock a test device to it and "
+                        "let it connect first, or pass force to roll it out anyway"
+                    )
+                q = RolloutQueries(tx.conn)
+                for other in q.list_rollouts(product.id, active_only=True):
+                    # One active rollout per scope: the product default, or each group.
+                    shared = set(other.groups) & set(spec.groups)
+                    if shared or other.groups == spec.groups == ():
+                        where = "the product default" if not shared else (
+                            f"group(s) {', '.join(sorted(shared))}")
+                        raise RolloutConflictError(
+                            f"rollout {other.id} (version {other.version}, {other.state}) "
+                            f"already covers {where}; abort it or let it complete first"
+                        )
+                forced = firmware.running_seen_at is None
+                placeholder = Rollout("0", spec.policy, now)
+                rid = q.insert_rollout(
+                    product_id=product.id, version=spec.version, groups=spec.groups,
+                    immediate=spec.immediate, plan=spec.policy.plan.to_dict(),
+                    criteria=[t.to_dict() for t in spec.policy.thresholds],
+                    state=placeholder.state.value, state_data=placeholder.to_dict(),
+                    forced=forced, created_by=actor.subject, now=now,
+                )
+                # The id salts device placement: a fresh sample per rollout (phases.py).
+                machine = Rollout(str(rid), spec.policy, now)
+                scope = RolloutScope(spec.version, spec.groups, spec.immediate)
+                machine.set_targets(self._rollout_targets(tx, product, scope, ()), now)
+                events = machine.tick(now)
+                record = self._rollout_record(q, product, rid)
+                bus_events = self._save_rollout(q, product, record, machine, events, now)
+                tx.add_audit(
+                    actor=actor.subject,
+                    action="rollout.create.forced" if forced else "rollout.create",
+                    product_id=product.id,
+                    target=f"rollout:{rid}",
+                    details={"version": spec.version, "groups": list(spec.groups),
+                             "immediate": spec.immediate, "force": spec.force,
+                             "policy": spec.policy.to_dict(), "targets": len(machine.targets)},
+                    now=now,
+                )
+                view = self._rollout_view(q, record, machine, now)
+            return Outcome(view, bus_events)
+
+        return await self._run(work)
+
+    async def get_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
+        """One rollout with its counts now and its latest events."""
+
+        def work() -> RolloutView:
+            now = self.clock()
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                q = RolloutQueries(tx.conn)
+                record = self._rollout_record(q, product, rollout_id)
+                machine = self._rollout_machine(tx, q, product, record)
+                return self._rollout_view(q, record, machine, now)
+
+        return await self._read(work)
+
+    async def list_rollouts(
+        self, product_ref: int | str, *, version: object = None
+    ) -> list[RolloutView]:
+        """A product's rollouts, newest first (optionally of one firmware version)."""
+
+        def work() -> list[RolloutView]:
+            now = self.clock()
+            wanted = None if version is None else check_version(version)
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                q = RolloutQueries(tx.conn)
+                records = q.list_rollouts(product.id, version=wanted)
+                inputs = self._targeting_inputs(tx, product) if records else None
+                return [
+                    self._rollout_view(
+                        q, r, self._rollout_machine(tx, q, product, r, inputs=inputs), now)
+                    for r in records
+                ]
+
+        return await self._read(work)
+
+    async def pause_rollout(self, actor: Actor, product_ref: int | str, rollout_id: object,
+                            reason: str | None = None) -> RolloutView:
+        """Stop new offers until resumed (transfers in progress finish)."""
+        why = None if reason is None else clean_text(reason, "reason", 500)
+        return await self._run(functools.partial(
+            self._change_rollout, product_ref, rollout_id,
+            lambda m, now: m.pause(actor.subject, now, why or None),
+            actor=actor, audit="rollout.pause", details={"reason": why},
+        ))
+
+    async def resume_rollout(self, actor: Actor, product_ref: int | str,
+                             rollout_id: object) -> RolloutView:
+        """Resume a paused rollout (thresholds crossed so far are acknowledged)."""
+        return await self._run(functools.partial(
+            self._change_rollout, product_ref, rollout_id,
+            lambda m, now: m.resume(actor.subject, now),
+            actor=actor, audit="rollout.resume",
+        ))
+
+    async def abort_rollout(self, actor: Actor, product_ref: int | str, rollout_id: object,
+                            reason: str | None = None) -> RolloutView:
+        """Stop new offers at once; the ABORTED event lists the devices to discard."""
+        why = None if reason is None else clean_text(reason, "reason", 500)
+        return await self._run(functools.partial(
+            self._change_rollout, product_ref, rollout_id,
+            lambda m, now: m.abort(actor.subject, now, why or None),
+            actor=actor, audit="rollout.abort", details={"reason": why},
+        ))
+
+    async def record_rollout_outcome(
+        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object
+    ) -> RolloutView:
+        """Record what a device did with the rollout's firmware (the OTA engine calls this;
+        no operator involved)."""
+        return await self._run_grouped(
+            self.rollout_outcome_work(product_ref, rollout_id, device_id, outcome)
+        )
+
+    def rollout_outcome_work(
+        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of :meth:`record_rollout_outcome`, to run group-committed
+        (``run_write``) or in one transaction with the device's other OTA writes."""
+        device = normalize_device_id(device_id)
+
+        def apply(machine: Rollout, now: int) -> list[RolloutEvent]:
+            return machine.record_outcome(device, outcome, now)
+
+        return self._rollout_change_work(product_ref, rollout_id, apply)
+
+    async def tick_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
+        """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
+        return await self._run(self._change_rollout, product_ref, rollout_id, lambda m, now: [])
+
+    async def tick_active_rollouts(self) -> list[RolloutView]:
+        """Tick every scheduled, running or paused rollout of every product (what a periodic
+        task calls: scheduled starts, phase waits and reboot timeouts need time only).
+        Each rollout is its own transaction; one that another process just finished is
+        skipped."""
+
+        def active() -> list[tuple[int, int]]:
+            with self.store.read() as tx:
+                q = RolloutQueries(tx.conn)
+                return [
+                    (product.id, record.id)
+                    for product in tx.list_products()
+                    for record in q.list_rollouts(product.id, active_only=True)
+                ]
+
+        views = []
+        for product_id, rollout_id in await self._read(active):
+            try:
+                views.append(await self.tick_rollout(product_id, rollout_id))
+            except UnknownRolloutError:  # deleted with its product meanwhile
+                continue
+        return views
+
+    async def rollout_offer_decision(
+        self, product_ref: int | str, rollout_id: object, device_id: str,
+        *, force_window: bool = False,
+    ) -> Decision:
+        """May a new offer of the rollout's firmware start for this device now? Applies the
+        device's maintenance windows (its groups' windows, else the product's). A small
+        read of the session path: it shares a group read with concurrent callers. An offer
+        the decision marks ``forced`` is the caller's to audit (:meth:`audit_forced_offer`)."""
+
+        def work(tx: Tx) -> Decision:
+            now = self.clock()
+            product = self._product(tx, product_ref)
+            device = self._device_in(tx, product, device_id)
+            q = RolloutQueries(tx.conn)
+            record = self._rollout_record(q, product, rollout_id)
+            machine = self._rollout_machine(tx, q, product, record, only=device)
+            windows = self._windows_of(q, product)
+            applicable = windows_for(device.groups, *windows)
+            return machine.may_offer(device.id, now, applicable, force_window=force_window)
+
+        return await self._read_grouped(work)
+
+    async def audit_forced_offer(
+        self, actor: Actor, product_ref: int | str, rollout_id: object, device_id: str,
+        decision: Decision,
+    ) -> None:
+        """Audit-log an offer started outside the device's maintenance windows because an
+        operator forced it (issue 15: forcing is audit-logged)."""
+        if not decision.forced:
+            raise ValidationError("only a decision marked forced is audited as forced")
+
+        def work() -> Outcome:
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                device = self._device_in(tx, product, device_id)
+                record = self._rollout_record(RolloutQueries(tx.conn), product, rollout_id)
+                tx.add_audit(actor=actor.subject, action="rollout.offer.forced_window",
+                             product_id=product.id, target=f"device:{device.id}",
+                             details={"rollout": record.id, "version": record.version,
+                                      "phase": decision.phase},
+                             now=now)
+            return Outcome(None)
+
+        await self._run(work)
+
+    async def device_rollout_outcomes(self, device_id: str) -> list[DeviceOutcomeRecord]:
+        """A device's outcomes in every rollout, newest rollout first."""
+
+        def work() -> list[DeviceOutcomeRecord]:
+            with self.store.read() as tx:
+                device = self._device(tx, device_id)
+                return RolloutQueries(tx.conn).outcomes_of_device(device.id)
+
+        return await self._read(work)
+
+    # --- maintenance windows -------------------------------------------------------------
+
+    @staticmethod
+    def _windows_of(
+        q: RolloutQueries, product: ProductRecord
+    ) -> tuple[MaintenanceWindow | None, dict[str, MaintenanceWindow]]:
+        product_window = None
+        groups: dict[str, MaintenanceWindow] = {}
+        for record in q.list_windows(product.id):
+            if record.group is None:
+                product_window = _window_of(record)
+            else:
+                groups[record.group] = _window_of(record)
+        return product_window, groups
+
+    def _window_group_id(self, tx: Tx, product: ProductRecord, group: object) -> int | None:
+        if group is None:
+            return None
+        name = clean_group_name(group)
+        record = tx.get_group(product.id, name)
+        if record is None:
+            raise RolloutRefusedError(f"product {product.slug} has no group {name!r}")
+        return record.id
+
+    async def set_window(
+        self, actor: Actor, product_ref: int | str, *, cron: object, duration: object,
+        timezone: object = "UTC", group: object = None,
+    ) -> WindowRecord:
+        """Set (or replace) the product's maintenance window, or a group's."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "set maintenance windows")
+            minutes = duration
+            if isinstance(minutes, str) and minutes.strip().isdigit():
+                minutes = int(minutes)
+            window = MaintenanceWindow(str(cron), minutes, str(timezone))  # type: ignore[arg-type]
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                actor.require_scope(WINDOW_SCOPE, product.id, "set maintenance windows",
+                                    product.slug)
+                group_id = self._window_group_id(tx, product, group)
+                q = RolloutQueries(tx.conn)
+                q.set_window(product.id, group_id, cron=window.cron,
+                             duration_minutes=window.duration_minutes,
+                             timezone=window.timezone, actor=actor.subject, now=now)
+                tx.add_audit(actor=actor.subject, action="window.set", product_id=product.id,
+                             target="product" if group is None else f"group:{group}",
+                             details=window.to_dict(), now=now)
+                name = None if group is None else clean_group_name(group)
+                found = [w for w in q.list_windows(product.id) if w.group == name]
+            return Outcome(found[0])
+
+        return await self._run(work)
+
+    async def clear_window(self, actor: Actor, product_ref: int | str,
+                           group: object = None) -> None:
+        """Remove the product's (or a group's) maintenance window."""
+
+        def work() -> Outcome:
+            actor.require(Permission.MANAGE_DEVICES, "clear maintenance windows")
+            now = self.clock()
+            with self.store.write() as tx:
+                product = self._product(tx, product_ref)
+                actor.require_scope(WINDOW_SCOPE, product.id, "clear maintenance windows",
+                                    product.slug)
+                group_id = self._window_group_id(tx, product, group)
+                if not RolloutQueries(tx.conn).clear_window(product.id, group_id):
+                    where = "product" if group is None else f"group {group!r}"
+                    raise UnknownWindowError(
+                        f"the {where} of {product.slug} has no maintenance window"
+                    )
+                tx.add_audit(actor=actor.subject, action="window.clear", product_id=product.id,
+                             target="product" if group is None else f"group:{group}",
+                             details={}, now=now)
+            return Outcome(None)
+
+        await self._run(work)
+
+    async def list_windows(self, product_ref: int | str) -> list[WindowRecord]:
+        """A product's maintenance windows (the product's first, then groups')."""
+
+        def work() -> list[WindowRecord]:
+            with self.store.read() as tx:
+                product = self._product(tx, product_ref)
+                return RolloutQueries(tx.conn).list_windows(product.id)
+
+        return await self._read(work)
+
+
+__all__ = ["RolloutService", "RolloutSpec", "RolloutView", "rollout_spec"]

@@ -1,0 +1,188 @@
+"""Hypothesis properties of the rollout policy: phase membership is monotone and stable
+across restarts, phase sizes follow their percentages, no offer after an abort, counts add
+up, and thresholds never fire below their minimum sample."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otacore.rollout import (
+    FAILURES,
+    Action,
+    Backoff,
+    EventKind,
+    Outcome,
+    PhasePlan,
+    Policy,
+    RateLimit,
+    Rollout,
+    RolloutStateError,
+    Scope,
+    State,
+    Threshold,
+    device_position,
+)
+from otacore.rollout.outcomes import count
+
+MIN = 60_000
+device_ids = st.lists(
+    st.integers(0, 2**96 - 1).map(lambda n: f"{n:024x}"), min_size=1, max_size=60, unique=True
+)
+
+
+@st.composite
+def percent_plans(draw: st.DrawFn) -> PhasePlan:
+    inner = draw(st.lists(st.integers(1, 99), max_size=5, unique=True))
+    return PhasePlan.percentages([*sorted(inner), 100])
+
+
+@st.composite
+def count_plans(draw: st.DrawFn) -> PhasePlan:
+    sizes = sorted(draw(st.lists(st.integers(1, 80), min_size=1, max_size=4, unique=True)))
+    return PhasePlan.counts(sizes, then_all=draw(st.booleans()))
+
+
+@given(plan=percent_plans(), devices=device_ids, rid=st.text(min_size=1, max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_percent_membership_is_monotone_and_stable(
+    plan: PhasePlan, devices: list[str], rid: str
+) -> None:
+    rollout = Rollout(rid, Policy(plan), 0)
+    rollout.set_targets(devices, 0)
+    for device in devices:
+        phase = rollout.phase_of(device)
+        assert phase is not None
+        position = device_position(device, rid)
+        # In phase k: in every later phase's cumulative set, in no earlier one's.
+        for later in plan.phases[phase:]:
+            assert position * 100 < float(later.size)  # type: ignore[arg-type]
+        for earlier in plan.phases[:phase]:
+            assert position * 100 >= float(earlier.size)  # type: ignore[arg-type]
+    restored = Rollout.from_dict(rollout.to_dict(), devices)
+    assert [restored.phase_of(d) for d in devices] == [rollout.phase_of(d) for d in devices]
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> list[tuple[str, int, object]]:
+    """Operations on a rollout: outcomes of device i, ticks, pause, resume, abort, joins."""
+    op = st.one_of(
+        st.tuples(st.just("outcome"), st.integers(0, 59), st.sampled_from(list(Outcome))),
+        st.tuples(st.just("tick"), st.integers(0, 0), st.none()),
+        st.tuples(st.just("pause"), st.integers(0, 0), st.none()),
+        st.tuples(st.just("resume"), st.integers(0, 0), st.none()),
+        st.tuples(st.just("abort"), st.integers(0, 0), st.none()),
+        st.tuples(st.just("join"), st.integers(0, 59), st.none()),
+        st.tuples(st.just("restart"), st.integers(0, 0), st.none()),
+    )
+    return draw(st.lists(op, max_size=80))
+
+
+@given(
+    plan=st.one_of(percent_plans(), count_plans()),
+    script=scripts(),
+    percent=st.integers(0, 99),
+    min_sample=st.integers(1, 10),
+    action=st.sampled_from(list(Action)),
+    scope=st.sampled_from(list(Scope)),
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=150, deadline=None)
+def test_random_histories_keep_the_invariants(
+    plan: PhasePlan,
+    script: list[tuple[str, int, object]],
+    percent: int,
+    min_sample: int,
+    action: Action,
+    scope: Scope,
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    devices = [f"{rng.getrandbits(96):024x}" for _ in range(60)]
+    targets = set(devices[:40])
+    policy = Policy(
+        plan, thresholds=(Threshold(percent, min_sample, action, scope),),
+        phase_wait_ms=rng.choice([0, MIN]), backoff=Backoff(2, 5 * MIN),
+        rate=RateLimit(5, 2.0, increase_after_succeeded=3, max_per_minute=40),
+        reboot_timeout_ms=3 * MIN,
+    )
+    rollout = Rollout("prop", policy, 0)
+    rollout.set_targets(targets, 0)
+    placements: dict[str, int] = {}
+    aborted_at: int | None = None
+    now = 0
+    for name, index, outcome in script:
+        now += rng.choice([1, 1000, MIN])
+        device = devices[index]
+        events = []
+        if name == "outcome":
+            if rollout.phase_of(device) is None or device not in targets:
+                continue
+            events = rollout.record_outcome(device, outcome, now)
+        elif name == "tick":
+            events = rollout.tick(now)
+        elif name in ("pause", "resume", "abort"):
+            try:
+                events = getattr(rollout, name)("ops", now)
+            except RolloutStateError:
+                continue
+        elif name == "join":
+            targets.add(device)
+            events = rollout.set_targets(targets, now)
+        else:  # restart: resume exactly from the saved state
+            saved = rollout.to_dict()
+            rollout = Rollout.from_dict(saved, targets)
+            assert rollout.to_dict() == saved
+        for event in events:
+            if event.kind is EventKind.THRESHOLD_CROSSED:
+                assert event.data["finished"] >= min_sample  # never below the sample
+                assert event.data["failed"] * 100 > percent * event.data["finished"]
+            if event.kind is EventKind.ABORTED and aborted_at is None:
+                aborted_at = now
+        if rollout.state is State.ABORTED:
+            # Never an offer after an abort, whatever the device or the time.
+            assert not any(rollout.may_offer(d, now + 10 * MIN).allowed for d in devices)
+            assert not any(rollout.may_continue(d, now).allowed for d in devices)
+        # A device's placement never changes.
+        for d in targets:
+            phase = rollout.phase_of(d)
+            if phase is not None:
+                assert placements.setdefault(d, phase) == phase
+        # Counts add up: statuses are exclusive, per phase and in total.
+        counts = rollout.counts(now)
+        assert counts.total.members == len(targets)
+        placed = sum(1 for d in targets if rollout.phase_of(d) is not None)
+        assert sum(c.members for c in counts.phases) == placed
+        for c in (*counts.phases, counts.total):
+            assert c.held_off <= c.failed <= c.members
+            assert c.finished == c.failed + c.by_status["succeeded"]
+            assert c.failures_total >= c.failed
+        assert counts.total.failed == sum(
+            counts.total.by_status[k.value] for k in FAILURES
+        )
+        # The running tally equals a count from scratch.
+        assert counts.total == count(targets, rollout.devices, now)
+        for phase, phase_counts in enumerate(counts.phases):
+            assert phase_counts == count(rollout.members(phase), rollout.devices, now)
+    if aborted_at is not None:
+        assert rollout.state is State.ABORTED
+
+
+def test_phase_one_fraction_follows_its_percentage_on_large_id_sets() -> None:
+    seed = random.SystemRandom().getrandbits(32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    n = 20_000
+    devices = [f"{rng.getrandbits(96):024x}" for _ in range(n)]
+    for percent in (1, 10, 50, 90):
+        plan = PhasePlan.percentages((percent, 100))
+        rollout = Rollout(f"r-{seed}", Policy(plan), 0)
+        rollout.set_targets(devices, 0)
+        share = len(rollout.members(0)) / n
+        p = percent / 100
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(share - p) < 6 * sigma, (seed, percent, share)  # 6 sigma: ~1e-9 flakes
