@@ -30,6 +30,33 @@ if TYPE_CHECKING:  # the server stack is imported by the fixtures that use it, s
 settings.register_profile("otacloud", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("otacloud")
 
+#: Test modules that run whole fleets in subprocesses: servers, their worker processes, load
+#: generators, emulated devices, the installed ``ota``. scripts/run-tests.sh runs the suite
+#: on every core (pytest-xdist, ``--dist loadgroup``); these share one xdist_group, so they
+#: run one after another on one worker while the other workers take the rest of the suite.
+#: Two of them at once would want more cores than the machine has and stretch each other's
+#: waits; grouped, a module fixture of theirs (the installed package) is also built once.
+FLEET_MODULES = frozenset(
+    {
+        "test_bench_fleet_smoke",
+        "test_bench_hold",
+        "test_installed_package",
+        "test_multiprocess_server",
+        "test_readme_flow",
+        "test_sigkill",
+    }
+)
+FLEET_GROUP = "fleets-in-subprocesses"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the tests of :data:`FLEET_MODULES` in one xdist_group (used under xdist only)."""
+    for item in items:
+        if item.path.stem in FLEET_MODULES:
+            item.add_marker(pytest.mark.xdist_group(FLEET_GROUP))
+
+
 BORON = 13
 ARGON = 12
 #: Small upload limit for the test servers, so 413 paths are cheap to reach.
