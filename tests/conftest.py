@@ -32,10 +32,11 @@ settings.load_profile("otacloud")
 
 #: Test modules that run whole fleets in subprocesses: servers, their worker processes, load
 #: generators, emulated devices, the installed ``ota``. scripts/run-tests.sh runs the suite
-#: on every core (pytest-xdist, ``--dist loadgroup``); these share one xdist_group, so they
-#: run one after another on one worker while the other workers take the rest of the suite.
-#: Two of them at once would want more cores than the machine has and stretch each other's
-#: waits; grouped, a module fixture of theirs (the installed package) is also built once.
+#: on every core (pytest-xdist, ``--dist loadgroup``); these modules form one work unit, so
+#: they run one after another on one worker while the other workers take the rest of the
+#: suite. Two of them at once would want more cores than the machine has and stretch each
+#: other's waits; as one unit, a module fixture of theirs (the installed package) is built
+#: once.
 FLEET_MODULES = frozenset(
     {
         "test_bench_fleet_smoke",
@@ -48,13 +49,35 @@ FLEET_MODULES = frozenset(
 )
 FLEET_GROUP = "fleets-in-subprocesses"
 
+try:
+    from xdist.scheduler import LoadGroupScheduling
+except ImportError:  # pytest-xdist (a dev dependency) missing: the suite runs serially
+    LoadGroupScheduling = None
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Put the tests of :data:`FLEET_MODULES` in one xdist_group (used under xdist only)."""
-    for item in items:
-        if item.path.stem in FLEET_MODULES:
-            item.add_marker(pytest.mark.xdist_group(FLEET_GROUP))
+if LoadGroupScheduling is not None:
+
+    class FleetGroupScheduling(LoadGroupScheduling):
+        """``--dist loadgroup`` with :data:`FLEET_MODULES` as one more group.
+
+        pytest-xdist groups tests by a suffix that its worker hook appends to their node
+        ids from ``xdist_group`` marks; with pytest 9.2 that rewrite no longer takes effect
+        (pytest-dev/pytest-xdist#1386), so the group is made here, from the node ids the
+        controller schedules."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            if scope == nodeid:  # no xdist_group suffix: a unit of its own, unless a fleet's
+                module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+                if module in FLEET_MODULES:
+                    return FLEET_GROUP
+            return scope
+
+    @pytest.hookimpl(optionalhook=True)  # with ``-p no:xdist`` nothing calls it
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        """The scheduler of ``--dist loadgroup`` (other modes: pytest-xdist's own)."""
+        if config.getvalue("dist") == "loadgroup":
+            return FleetGroupScheduling(config, log)
+        return None
 
 
 BORON = 13
