@@ -62,7 +62,8 @@ if LoadGroupScheduling is not None:
         pytest-xdist groups tests by a suffix that its worker hook appends to their node
         ids from ``xdist_group`` marks; with pytest 9.2 that rewrite no longer takes effect
         (pytest-dev/pytest-xdist#1386), so the group is made here, from the node ids the
-        controller schedules."""
+        controller schedules. ``_split_scope`` is how xdist's own loadfile and loadgroup
+        modes define their units; tests/test_suite_scheduling.py fails if that changes."""
 
         def _split_scope(self, nodeid: str) -> str:
             scope = super()._split_scope(nodeid)
