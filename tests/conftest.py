@@ -30,6 +30,53 @@ if TYPE_CHECKING:  # the server stack is imported by the fixtures that use it, s
 settings.register_profile("otacloud", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("otacloud")
 
+#: Test modules that run whole fleets in subprocesses (servers, their worker processes, load
+#: generators, emulated devices, the installed ``ota``), by work unit. scripts/run-tests.sh
+#: runs the suite on every core (pytest-xdist, ``--dist loadgroup``); every other test is a
+#: unit of its own. xdist hands out the units with the most tests first, so these two start
+#: at once, one per worker, and the single tests fill in around them: no long test is left
+#: to the end, and a module fixture (the installed package) is built once. The two units
+#: take about as long each (~50 s on an idle machine; the README flow alone ~35 s).
+FLEET_GROUPS: dict[str, str] = {
+    "test_bench_fleet_smoke": "fleet-benches",
+    "test_bench_hold": "fleet-benches",
+    "test_installed_package": "fleet-benches",
+    "test_multiprocess_server": "fleet-benches",
+    "test_readme_flow": "operator-flows",
+    "test_sigkill": "operator-flows",
+}
+
+try:
+    from xdist.scheduler import LoadGroupScheduling
+except ImportError:  # pytest-xdist (a dev dependency) missing: the suite runs serially
+    LoadGroupScheduling = None
+
+if LoadGroupScheduling is not None:
+
+    class FleetGroupScheduling(LoadGroupScheduling):
+        """``--dist loadgroup`` with the units of :data:`FLEET_GROUPS`.
+
+        pytest-xdist groups tests by a suffix that its worker hook appends to their node
+        ids from ``xdist_group`` marks; with pytest 9.2 that rewrite no longer takes effect
+        (pytest-dev/pytest-xdist#1386), so the groups are made here, from the node ids the
+        controller schedules. ``_split_scope`` is how xdist's own loadfile and loadgroup
+        modes define their units; tests/test_suite_scheduling.py fails if that changes."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            if scope == nodeid:  # no xdist_group suffix: a unit of its own, unless a fleet's
+                module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+                return FLEET_GROUPS.get(module, scope)
+            return scope
+
+    @pytest.hookimpl(optionalhook=True)  # with ``-p no:xdist`` nothing calls it
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        """The scheduler of ``--dist loadgroup`` (other modes: pytest-xdist's own)."""
+        if config.getvalue("dist") == "loadgroup":
+            return FleetGroupScheduling(config, log)
+        return None
+
+
 BORON = 13
 ARGON = 12
 #: Small upload limit for the test servers, so 413 paths are cheap to reach.

@@ -311,6 +311,56 @@ def test_key_update_we_start_openssl_follows(suite: str) -> None:
     assert layer.read_seq == 1
 
 
+@pytest.mark.parametrize("suite", SUITE_NAMES)
+def test_resting_keeps_the_derived_keys_and_still_talks_to_openssl(suite: str) -> None:
+    """An idle session drops its AEAD objects but keeps each direction's key and IV (RFC
+    8446 7.3), so waking it runs no HKDF; a KeyUpdate derives them again from the next
+    secret (7.2). OpenSSL reads and writes every record across rests and updates."""
+    session = handshake(suite)
+    layer, client = session.layer, session.peer
+    drain(client)  # tickets OpenSSL may still hold for our side are not the test's
+
+    def kept() -> tuple[bytes, bytes]:
+        # The layer's own copies (private), checked against the key schedule itself.
+        return layer._read_key_iv, layer._write_key_iv
+
+    assert kept() == (b"", b"")  # nothing derived before the first record
+    assert recv_all(client, layer.send_application_data(b"first")) == b"first"
+    client.send(b"one")
+    assert _received(layer.receive_data(drain(client))) == b"one"
+    keys = kept()
+    assert keys == (
+        b"".join(traffic_key_and_iv(layer.suite, layer.read_secret)),
+        b"".join(traffic_key_and_iv(layer.suite, layer.write_secret)),
+    )
+    assert len(keys[0]) == layer.suite.key_length + 12
+    for round_ in range(3):
+        layer.release_ciphers()
+        assert kept() == keys  # resting keeps them
+        assert recv_all(client, layer.send_application_data(b"w%d" % round_)) == b"w%d" % round_
+        layer.release_ciphers()
+        client.send(b"r%d" % round_)
+        assert _received(layer.receive_data(drain(client))) == b"r%d" % round_
+        assert kept() == keys
+    # A KeyUpdate both ways while resting: each direction derives its next key once.
+    layer.release_ciphers()
+    wire = layer.update_keys(request_peer_update=True) + layer.send_application_data(b"new")
+    assert recv_all(client, wire) == b"new"
+    assert kept()[1] == b"".join(traffic_key_and_iv(layer.suite, layer.write_secret))
+    assert kept()[1] != keys[1] and kept()[0] == keys[0]
+    layer.release_ciphers()
+    client.send(b"answered")
+    events = layer.receive_data(drain(client))
+    assert events == [KeyUpdateReceived(False), ApplicationData(b"answered")]
+    assert kept()[0] == b"".join(traffic_key_and_iv(layer.suite, layer.read_secret))
+    assert kept()[0] != keys[0]
+    # A restored layer derives them again from the saved secrets (they are not saved).
+    restored = Tls13RecordLayer.from_bytes(layer.to_bytes())
+    assert (restored._read_key_iv, restored._write_key_iv) == (b"", b"")
+    assert recv_all(client, restored.send_application_data(b"restored")) == b"restored"
+    assert restored._write_key_iv == kept()[1]
+
+
 def test_rekey_point_updates_both_directions_with_openssl() -> None:
     """With a low rekey point our layer updates its own keys, and asks OpenSSL to update its
     write keys once it has read that many records (RFC 8446 5.5)."""

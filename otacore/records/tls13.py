@@ -107,8 +107,10 @@ class Tls13RecordLayer:
         "_outbuf",
         "_read_aead",
         "_read_iv",
+        "_read_key_iv",
         "_write_aead",
         "_write_iv",
+        "_write_key_iv",
         "alert_received",
         "alert_sent",
         "read_secret",
@@ -146,8 +148,14 @@ class Tls13RecordLayer:
         self.write_seq = write_seq
         self.rekey_after = rekey_after
         self._flags = _IS_SERVER if is_server else 0
-        #: AEAD objects and IVs are derived from the secrets on first use and dropped by
-        #: :meth:`release_ciphers`, so an idle session holds secrets only.
+        #: Each direction's write key and IV (RFC 8446 7.3), concatenated: derived from its
+        #: secret on first use (b"" until then, and again after a KeyUpdate) and kept, so
+        #: waking an idle session rebuilds its AEAD objects without running HKDF again.
+        self._read_key_iv = b""
+        self._write_key_iv = b""
+        #: AEAD objects and IVs (as ints, for the nonce XOR) are built from those on first
+        #: use and dropped by :meth:`release_ciphers`, so an idle session holds only its
+        #: secrets, its keys and IVs (28-44 bytes a direction) and counters.
         self._read_aead: Aead | None = None
         self._write_aead: Aead | None = None
         self._read_iv = 0
@@ -178,25 +186,37 @@ class Tls13RecordLayer:
         return not self._flags & _WRITE_CLOSED
 
     def release_ciphers(self) -> None:
-        """Drop the AEAD objects (they are re-derived from the secrets on next use), so an
-        idle session costs only its secrets and counters."""
+        """Drop the AEAD objects (rebuilt from the kept keys and IVs on next use), so an
+        idle session costs only its secrets, keys, IVs and counters."""
         self._read_aead = None
         self._write_aead = None
+        self._read_iv = 0  # a small int: the 96-bit one is freed (rebuilt with the AEAD)
+        self._write_iv = 0
 
     def _read_cipher(self) -> Aead:
         aead = self._read_aead
         if aead is None:
-            key, iv = traffic_key_and_iv(self.suite, self.read_secret)
-            aead = self._read_aead = self.suite.aead(key)
-            self._read_iv = int.from_bytes(iv, "big")
+            key_iv = self._read_key_iv
+            if not key_iv:
+                key_iv = self._read_key_iv = b"".join(
+                    traffic_key_and_iv(self.suite, self.read_secret)
+                )
+            key_length = self.suite.key_length
+            aead = self._read_aead = self.suite.aead(key_iv[:key_length])
+            self._read_iv = int.from_bytes(key_iv[key_length:], "big")
         return aead
 
     def _write_cipher(self) -> Aead:
         aead = self._write_aead
         if aead is None:
-            key, iv = traffic_key_and_iv(self.suite, self.write_secret)
-            aead = self._write_aead = self.suite.aead(key)
-            self._write_iv = int.from_bytes(iv, "big")
+            key_iv = self._write_key_iv
+            if not key_iv:
+                key_iv = self._write_key_iv = b"".join(
+                    traffic_key_and_iv(self.suite, self.write_secret)
+                )
+            key_length = self.suite.key_length
+            aead = self._write_aead = self.suite.aead(key_iv[:key_length])
+            self._write_iv = int.from_bytes(key_iv[key_length:], "big")
         return aead
 
     # --- sending -----------------------------------------------------------------------
@@ -221,6 +241,7 @@ class Tls13RecordLayer:
         request = _UPDATE_REQUESTED if request_peer_update else _UPDATE_NOT_REQUESTED
         record = self._seal(ContentType.HANDSHAKE, bytes((_KEY_UPDATE, 0, 0, 1, request)))
         self.write_secret = next_traffic_secret(self.suite, self.write_secret)
+        self._write_key_iv = b""  # 7.3: derived again from the next secret
         self._write_aead = None
         self.write_seq = 0  # 5.3: the sequence number resets with each new key
         self._flags &= ~_KEY_UPDATE_OWED
@@ -526,6 +547,7 @@ class Tls13RecordLayer:
                 )
             # 4.6.3 / 7.2: the peer's later records use the next-generation secret.
             self.read_secret = next_traffic_secret(self.suite, self.read_secret)
+            self._read_key_iv = b""  # 7.3: derived again from the next secret
             self._read_aead = None
             self.read_seq = 0
             self._flags &= ~_PEER_UPDATE_ASKED

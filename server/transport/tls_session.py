@@ -2,10 +2,10 @@
 (:class:`~otacore.records.tls13.Tls13RecordLayer`) over a plain ``trio.SocketStream``.
 
 OpenSSL ran the handshake and was freed (:mod:`server.transport.tls_handshake`); what the
-session keeps is the suite, one traffic secret and one sequence number per direction. The
-AEAD objects (about 2.5 KiB each) are dropped once the session has been quiet for a while
-(:class:`~server.transport.tls_idle.IdleSweeper`) and derived again from the secrets on its
-next record.
+session keeps is the suite, one traffic secret, its key and IV and one sequence number per
+direction. The AEAD objects (about 2.5 KiB each) are dropped once the session has been quiet
+for a while (:class:`~server.transport.tls_idle.IdleSweeper`) and rebuilt from the kept keys
+on its next record.
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ class TlsSession(DeviceSession):
         return now - self._last_traffic
 
     def rest(self) -> bool:
-        """The session is quiet: drop the AEAD objects (derived again from the secrets for
-        the next record) and a full rate bucket (a new one starts full). False, keeping
+        """The session is quiet: drop the AEAD objects (rebuilt from the kept keys for the
+        next record) and a full rate bucket (a new one starts full). False, keeping
         them, while a send is under way."""
         if self._sending:
             return False
