@@ -264,6 +264,9 @@ class TransferRun:
         view = updater.carried_view  # a kick_with's view is kept for the next check too
         if view is None:
             view = await updater.engine.fleet.target_for_device(updater.device_id)
+        # An aborted rollout no longer makes the target: the transfer is cancelled and the
+        # device discards what it holds (issue 15); a pause or a closed window lets it go on.
+        view = await updater.steer(view, remember=False)
         stale = updater.planner.stale(target_facts(view))
         now = trio.current_time()
         if stale is None:
@@ -318,6 +321,8 @@ class TransferRun:
                     updater.device_id, sha256=module.sha256, version=self.view.target.version,
                     transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
                     status="applying")]
+                if self.offer.final:  # its reboot timeout runs from here (issue 15)
+                    steps += updater.rollout_step("rebooting")
                 version = release_version(self.view)
                 if version is not None:  # the data this release's encodings saved
                     steps.append(fleet.transfer_bytes_work(
@@ -343,7 +348,8 @@ class TransferRun:
                     # The update failed (a timed-out transfer with retries left is the same
                     # update going on: deliver() tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
-                    await updater.record_status("failed", error=item.reason)
+                    await updater.record_status("failed", error=item.reason,
+                                                rollout_outcome="download_failed")
                 verdict = False
             elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())
