@@ -281,6 +281,8 @@ class OtaEngine:
                 async for event in subscription.receive:
                     kind = event.name.removeprefix(ROLLOUT_EVENT_PREFIX)
                     if kind in _ROLLOUT_KICKS and event.product_id is not None:
+                        # Maybe another process's rollout: this one consults it from now.
+                        self.fleet.note_rollout_product(event.product_id)
                         for updater in list(self.updaters.values()):
                             if updater.handler.product_id == event.product_id:
                                 updater.kick()

@@ -406,7 +406,7 @@ class RolloutService(FleetBase):
                 record = self._rollout_record(q, product, rid)
                 bus_events = self._save_rollout(q, product, record, machine, events, now)
                 bus_events += self._release_if_completed(tx, product, record, events, now)
-                self._note_rollout_product(product.id)
+                self.note_rollout_product(product.id)
                 tx.add_audit(
                     actor=actor.subject,
                     action="rollout.create.forced" if forced else "rollout.create",
@@ -608,7 +608,10 @@ class RolloutService(FleetBase):
                 for record in q.list_rollouts(product.id, active_only=True)
             ]
 
-    def _note_rollout_product(self, product_id: int, active: bool = True) -> None:
+    def note_rollout_product(self, product_id: int, active: bool = True) -> None:
+        """Note that the product has (or, ``active`` False, has no) active rollout: what
+        :meth:`rollouts_may_steer` answers from (another process's rollout events, relayed
+        to this one, are noted by the OTA engine as they arrive)."""
         known: set[int] | None = self.__dict__.get("_rollout_products")
         if known is None:
             return  # unknown: every product may have one until the first tick
@@ -635,7 +638,7 @@ class RolloutService(FleetBase):
         records = [r for r in q.list_rollouts(product.id, active_only=True)
                    if r.state in _STEERING_STATES]
         if not records:
-            self._note_rollout_product(product.id, active=False)
+            self.note_rollout_product(product.id, active=False)
             return None
         releases = releases_of(tx.list_releases(product.id))
         targeting = targeting_of(device)
