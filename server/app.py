@@ -34,7 +34,7 @@ from server.gc_tuning import CollectorSettings
 from server.logs import parse_log_level
 from server.private_files import secure_data_dir
 from server.relay import EventRelay, RelaySettings
-from server.rollout_ticks import tick_rollouts_every
+from server.rollout_ticks import RolloutTicker
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
@@ -225,7 +225,7 @@ async def serve(
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
             # One ticker for every process: each tick is a transaction of the shared store.
-            await nursery.start(tick_rollouts_every, fleet, config.rollout_tick_interval)
+            await nursery.start(RolloutTicker(fleet, config.rollout_tick_interval).run)
             if config.device_port is not None:
                 plane_config = DevicePlaneConfig(
                     data_dir=Path(config.data_dir),
