@@ -21,12 +21,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from otacore.errors import NotFoundError, ValidationError
 from otacore.precedence import DeviceTargeting, ProductReleases, Target, target_firmware_for
 from otacore.rollout import (
     Decision,
     EventKind,
-    MaintenanceWindow,
     Rollout,
     RolloutCounts,
     RolloutEvent,
@@ -41,7 +42,6 @@ from otacore.rollout.spec import RolloutSpec, rollout_spec
 from otacore.rollout.targets import RolloutScope
 from server.events import FIRMWARE_RELEASED, Event
 from server.fleet.base import (
-    FleetBase,
     Outcome,
     check_version,
     normalize_device_id,
@@ -53,10 +53,10 @@ from server.fleet.errors import (
     RolloutRefusedError,
     UnknownFirmwareError,
     UnknownRolloutError,
-    UnknownWindowError,
 )
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_group_name, clean_text
+from server.fleet.windows import WindowService
 from server.store import DeviceRecord, FirmwareRecord, ProductRecord, Tx
 from server.store.tx_rollouts import (
     DeviceOutcomeRecord,
@@ -64,7 +64,6 @@ from server.store.tx_rollouts import (
     RolloutQueries,
     RolloutRecord,
     TargetingRow,
-    WindowRecord,
 )
 
 #: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
@@ -76,12 +75,15 @@ _STEERING_STATES = frozenset({State.SCHEDULED.value, State.RUNNING.value, State.
 #: after its window closed, or during a pause), or the device already succeeded.
 _STEERING_VERDICTS = frozenset({Verdict.OFFER, Verdict.IN_FLIGHT, Verdict.SUCCEEDED})
 
+#: Seconds a process that does not tick rollouts trusts what it knows of which products
+#: have active rollouts (it hears of new ones by their events, relayed between processes;
+#: this bounds how long a missed event goes unnoticed).
+ROLLOUT_PRODUCTS_MAX_AGE = 60.0
 #: Names of the statuses of a device with the rollout's firmware on its way.
 _IN_FLIGHT_NAMES = frozenset(o.value for o in IN_FLIGHT)
 
-#: Scope needed to change rollouts (a rollout releases firmware) and windows.
+#: Scope needed to change rollouts (a rollout releases firmware).
 ROLLOUT_SCOPE = "firmware:release"
-WINDOW_SCOPE = "products:update"
 
 @dataclass(frozen=True)
 class RolloutView:
@@ -169,12 +171,8 @@ def _rollout_id(value: object) -> int:
 _TargetingInputs = tuple[list[TargetingRow], ProductReleases]
 
 
-def _window_of(record: WindowRecord) -> MaintenanceWindow:
-    return MaintenanceWindow(record.cron, record.duration_minutes, record.timezone)
-
-
-class RolloutService(FleetBase):
-    """Rollouts and maintenance windows of products."""
+class RolloutService(WindowService):
+    """Rollouts of products (and, inherited, their maintenance windows)."""
 
     # --- loading and saving --------------------------------------------------------------
 
@@ -520,7 +518,7 @@ class RolloutService(FleetBase):
         views = []
         running = await self._read(self._active_rollouts)
         # What this process knows of other processes' rollouts is refreshed here.
-        self.__dict__["_rollout_products"] = {product_id for product_id, _ in running}
+        self._set_rollout_products({product_id for product_id, _ in running})
         for product_id, rollout_id in running:
             try:
                 views.append(await self.tick_rollout(product_id, rollout_id))
@@ -589,14 +587,22 @@ class RolloutService(FleetBase):
     async def rollouts_may_steer(self, product_id: int) -> bool:
         """False when this process knows the product has no active rollout, so a device
         session asks nothing more than its target (no store read added to it). Known from
-        one read at the first ask, this process's own rollouts since, and, for other
-        processes' rollouts, the last :meth:`tick_active_rollouts` (the periodic tick)."""
+        a read at the first ask, this process's own rollouts and the rollout events it
+        hears since, and refreshed by every :meth:`tick_active_rollouts` (the main
+        process's periodic tick) or, in a process that does not tick (a worker), by a read
+        at the first ask once the knowledge is older than ``ROLLOUT_PRODUCTS_MAX_AGE``."""
         known: set[int] | None = self.__dict__.get("_rollout_products")
-        if known is None:
-            known = {product for product, _ in await self._read(self._active_rollouts)}
-            self.__dict__.setdefault("_rollout_products", known)
+        loaded_at: float = self.__dict__.get("_rollout_products_at", 0.0)
+        if known is None or trio.current_time() - loaded_at > ROLLOUT_PRODUCTS_MAX_AGE:
+            self._set_rollout_products(
+                {product for product, _ in await self._read(self._active_rollouts)})
             known = self.__dict__["_rollout_products"]
+            assert known is not None
         return product_id in known
+
+    def _set_rollout_products(self, products: set[int]) -> None:
+        self.__dict__["_rollout_products"] = products
+        self.__dict__["_rollout_products_at"] = trio.current_time()
 
     def _active_rollouts(self) -> list[tuple[int, int]]:
         """(product id, rollout id) of every scheduled, running or paused rollout."""
@@ -717,95 +723,5 @@ class RolloutService(FleetBase):
             return Outcome(None)
 
         return work
-
-    # --- maintenance windows -------------------------------------------------------------
-
-    @staticmethod
-    def _windows_of(
-        q: RolloutQueries, product: ProductRecord
-    ) -> tuple[MaintenanceWindow | None, dict[str, MaintenanceWindow]]:
-        product_window = None
-        groups: dict[str, MaintenanceWindow] = {}
-        for record in q.list_windows(product.id):
-            if record.group is None:
-                product_window = _window_of(record)
-            else:
-                groups[record.group] = _window_of(record)
-        return product_window, groups
-
-    def _window_group_id(self, tx: Tx, product: ProductRecord, group: object) -> int | None:
-        if group is None:
-            return None
-        name = clean_group_name(group)
-        record = tx.get_group(product.id, name)
-        if record is None:
-            raise RolloutRefusedError(f"product {product.slug} has no group {name!r}")
-        return record.id
-
-    async def set_window(
-        self, actor: Actor, product_ref: int | str, *, cron: object, duration: object,
-        timezone: object = "UTC", group: object = None,
-    ) -> WindowRecord:
-        """Set (or replace) the product's maintenance window, or a group's."""
-
-        def work() -> Outcome:
-            actor.require(Permission.MANAGE_DEVICES, "set maintenance windows")
-            minutes = duration
-            if isinstance(minutes, str) and minutes.strip().isdigit():
-                minutes = int(minutes)
-            window = MaintenanceWindow(str(cron), minutes, str(timezone))  # type: ignore[arg-type]
-            now = self.clock()
-            with self.store.write() as tx:
-                product = self._product(tx, product_ref)
-                actor.require_scope(WINDOW_SCOPE, product.id, "set maintenance windows",
-                                    product.slug)
-                group_id = self._window_group_id(tx, product, group)
-                q = RolloutQueries(tx.conn)
-                q.set_window(product.id, group_id, cron=window.cron,
-                             duration_minutes=window.duration_minutes,
-                             timezone=window.timezone, actor=actor.subject, now=now)
-                tx.add_audit(actor=actor.subject, action="window.set", product_id=product.id,
-                             target="product" if group is None else f"group:{group}",
-                             details=window.to_dict(), now=now)
-                name = None if group is None else clean_group_name(group)
-                found = [w for w in q.list_windows(product.id) if w.group == name]
-            return Outcome(found[0])
-
-        return await self._run(work)
-
-    async def clear_window(self, actor: Actor, product_ref: int | str,
-                           group: object = None) -> None:
-        """Remove the product's (or a group's) maintenance window."""
-
-        def work() -> Outcome:
-            actor.require(Permission.MANAGE_DEVICES, "clear maintenance windows")
-            now = self.clock()
-            with self.store.write() as tx:
-                product = self._product(tx, product_ref)
-                actor.require_scope(WINDOW_SCOPE, product.id, "clear maintenance windows",
-                                    product.slug)
-                group_id = self._window_group_id(tx, product, group)
-                if not RolloutQueries(tx.conn).clear_window(product.id, group_id):
-                    where = "product" if group is None else f"group {group!r}"
-                    raise UnknownWindowError(
-                        f"the {where} of {product.slug} has no maintenance window"
-                    )
-                tx.add_audit(actor=actor.subject, action="window.clear", product_id=product.id,
-                             target="product" if group is None else f"group:{group}",
-                             details={}, now=now)
-            return Outcome(None)
-
-        await self._run(work)
-
-    async def list_windows(self, product_ref: int | str) -> list[WindowRecord]:
-        """A product's maintenance windows (the product's first, then groups')."""
-
-        def work() -> list[WindowRecord]:
-            with self.store.read() as tx:
-                product = self._product(tx, product_ref)
-                return RolloutQueries(tx.conn).list_windows(product.id)
-
-        return await self._read(work)
-
 
 __all__ = ["RolloutOffer", "RolloutService", "RolloutSpec", "RolloutView", "rollout_spec"]
