@@ -22,7 +22,8 @@ from trio.testing import MockClock
 from otacore.device import read_test_behaviour
 from otacore.errors import ValidationError
 from otacore.protocol.link import Transport
-from otacore.transfer import RetransmitPolicy
+from otacore.transfer import RetransmitPolicy, TransferStatus
+from server.devices.transfer_run import rollout_failure
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.rollout_ticks import RolloutTicker
@@ -211,7 +212,15 @@ async def test_an_abort_cancels_a_transfer_mid_download(
             assert product_version(fleet, device_id) == 1
         assert flash_statuses(rig.events, device_id) == ["started", "failed"]
         assert watched.restarts == 1  # one download, cut; never offered again
-        assert (await _outcomes(rig, rollout_id))[device_id] != "succeeded"
+        # Discarded on the server's word: not counted as the device's failure.
+        assert (await _outcomes(rig, rollout_id))[device_id] in ("offered", "downloading")
+
+
+def test_transfer_failures_are_counted_by_kind() -> None:
+    assert rollout_failure(TransferStatus.REJECTED) == "image_refused"
+    assert rollout_failure(TransferStatus.INVALID_MODULE) == "image_refused"
+    assert rollout_failure(TransferStatus.TIMEOUT) == "download_failed"
+    assert rollout_failure(TransferStatus.REFUSED) == "download_failed"
 
 
 async def test_a_session_pays_one_read_for_an_active_rollout_and_none_without(

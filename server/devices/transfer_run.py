@@ -37,6 +37,7 @@ from otacore.transfer import (
     TransferMessage,
     TransferProgress,
     TransferSender,
+    TransferStatus,
 )
 from otacore.transfer.framing import split_chunk_runs
 from otacore.transfer.planner import Encoding, Offer, Verdict
@@ -52,6 +53,17 @@ log = logging.getLogger("ota.engine")
 
 #: The task's "the transfer goes on" (see TransferRun._emit).
 CONTINUE = object()
+
+
+#: Transfer results that mean the device refused the image itself (issue 15 counts them
+#: apart from downloads that failed).
+_IMAGE_REFUSALS = frozenset({TransferStatus.REJECTED, TransferStatus.INVALID_MODULE,
+                             TransferStatus.TOO_LARGE})
+
+
+def rollout_failure(status: TransferStatus) -> str:
+    """The rollout outcome of a transfer that failed with ``status``."""
+    return "image_refused" if status in _IMAGE_REFUSALS else "download_failed"
 
 
 class TransferRun:
@@ -271,6 +283,8 @@ class TransferRun:
         now = trio.current_time()
         if stale is None:
             return self.sender.poll(now)
+        # Cancelled by the server, not failed by the device: no rollout counts it.
+        updater.rollout = None
         log.info("cancelling the transfer to %s: %s", updater.device_id, stale.reason)
         return self.sender.cancel(now, stale.reason)
 
@@ -349,7 +363,7 @@ class TransferRun:
                     # update going on: deliver() tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
                     await updater.record_status("failed", error=item.reason,
-                                                rollout_outcome="download_failed")
+                                                rollout_outcome=rollout_failure(item.status))
                 verdict = False
             elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())

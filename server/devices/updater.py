@@ -76,6 +76,8 @@ log = logging.getLogger("ota.engine")
 #: Longest wait of an updater for a rollout's answer to change by time alone (a window
 #: opening, a hold ending, the rate limit): it asks again then, or at a rollout event.
 MAX_ROLLOUT_WAIT_S = 3600.0
+#: Added to that wait: the wall clock and trio's may disagree by a little.
+ROLLOUT_WAIT_MARGIN_S = 0.05
 
 
 class SessionUpdater:
@@ -308,8 +310,11 @@ class SessionUpdater:
             if delay is None and self.rollout_retry_at is not None:
                 # The rollout holds the offer until a time (a window opens, a hold or the
                 # rate limit's minute ends): ask again then, unless a rollout event kicks.
-                delay = min(MAX_ROLLOUT_WAIT_S, max(
-                    0.0, (self.rollout_retry_at - self.engine.fleet.clock()) / 1000))
+                # A time already past (a scheduled start or phase the periodic tick has not
+                # opened yet) is not polled: the tick's event kicks the device.
+                wait_ms = self.rollout_retry_at - self.engine.fleet.clock()
+                if wait_ms > 0:
+                    delay = min(MAX_ROLLOUT_WAIT_S, wait_ms / 1000 + ROLLOUT_WAIT_MARGIN_S)
             if delay is not None:
                 # The device stopped acknowledging though its session lives: offer again
                 # later (backing off), or it stays mid-download until it reconnects.
