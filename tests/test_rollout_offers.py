@@ -26,6 +26,7 @@ from otacore.transfer import RetransmitPolicy, TransferStatus
 from server.devices.transfer_run import rollout_failure
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
+from server.fleet.rollouts import ROLLOUT_PRODUCTS_MAX_AGE
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
 from server.store.tx_rollouts import RolloutQueries
@@ -315,3 +316,33 @@ def test_module_create_emulated_self_test_fail_embeds_the_rollback_marker(
                "--emulated-self-test", "maybe")
     assert bad.returncode == 1 and "must be pass or fail" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x.bin").exists()
+
+
+async def test_a_process_that_does_not_tick_learns_of_another_processs_rollout(
+    store: Store, make_firmware: Callable[..., bytes], mock_clock: MockClock
+) -> None:
+    """Two fleets over one store stand for two server processes: the worker (which does
+    not tick) knows of the main process's new rollout from its relayed event at once, or
+    else within ROLLOUT_PRODUCTS_MAX_AGE; it never reads the store for it per session."""
+    main, worker = Fleet(store, EventBus()), Fleet(store, EventBus())
+    with store.write() as tx:
+        product = tx.insert_product(slug="sensors", name="Sensors", platform_id=13,
+                                    description="", now=1)
+        tx.insert_device(f"{1:024x}", product.id, 1)
+        tx.update_device(f"{1:024x}", {"firmware_version": 1}, 1)
+    await main.upload_firmware(SYSTEM_ACTOR, "sensors", make_firmware(2), version=2,
+                               title="v2")
+    assert not await worker.rollouts_may_steer(product.id)  # one read: none active
+    reads = worker.round_trips.reads
+    await main.create_rollout(SYSTEM_ACTOR, "sensors", {"version": 2, "force": True})
+    assert not await worker.rollouts_may_steer(product.id)  # the event missed: not yet
+    assert worker.round_trips.reads == reads  # ... and no read per ask
+    mock_clock.jump(ROLLOUT_PRODUCTS_MAX_AGE + 1)
+    assert await worker.rollouts_may_steer(product.id)  # refreshed once, now known
+    assert worker.round_trips.reads == reads + 1
+    other = Fleet(store, EventBus())
+    assert await other.rollouts_may_steer(product.id)
+    other.note_rollout_product(product.id, active=False)  # e.g. it completed meanwhile
+    assert not await other.rollouts_may_steer(product.id)
+    other.note_rollout_product(product.id)  # a relayed rollout event: known at once
+    assert await other.rollouts_may_steer(product.id)
