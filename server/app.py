@@ -34,6 +34,7 @@ from server.gc_tuning import CollectorSettings
 from server.logs import parse_log_level
 from server.private_files import secure_data_dir
 from server.relay import EventRelay, RelaySettings
+from server.rollout_ticks import RolloutTicker
 from server.store import Store
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
@@ -82,6 +83,9 @@ class ServerConfig:
     collector: CollectorSettings = field(default_factory=CollectorSettings)
     #: Log level name of the worker processes (the CLI configures this process's logging).
     log_level: str = "info"
+    #: Seconds between ticks of the active rollouts (scheduled starts, phase waits, reboot
+    #: timeouts happen by time alone); the main process ticks them.
+    rollout_tick_interval: float = 15.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.api_port <= 65535:
@@ -94,7 +98,8 @@ class ServerConfig:
         for name in ("store_threads", "workers"):  # each a thread or a process
             if getattr(self, name) > 1024:
                 raise ValidationError(f"{name} must be at most 1024, not {getattr(self, name)}")
-        for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace"):
+        for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace",
+                     "rollout_tick_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
@@ -219,6 +224,8 @@ async def serve(
                                    prune=True)
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
+            # One ticker for every process: each tick is a transaction of the shared store.
+            await nursery.start(RolloutTicker(fleet, config.rollout_tick_interval).run)
             if config.device_port is not None:
                 plane_config = DevicePlaneConfig(
                     data_dir=Path(config.data_dir),

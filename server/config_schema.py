@@ -189,6 +189,10 @@ SETTINGS: tuple[Setting, ...] = (
     *_same_names("relay", "relay", " ".join(item.name for item in fields(RelaySettings))),
     *_same_names("garbage_collector", "collector",
                  " ".join(item.name for item in fields(CollectorSettings))),
+    Setting("rollouts", "tick_interval", "server", "rollout_tick_interval",
+            doc="Seconds between ticks of the active rollouts: scheduled rollouts and phases "
+            "start, phase waits end and devices that did not come back from their reboot "
+            "time out by time alone (the main server process ticks them)."),
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),

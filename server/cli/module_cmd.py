@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from otacore.device import make_test_marker
 from otacore.errors import ModuleFormatError
 from otacore.module import ModuleDependency, build_module, check_integrity, parse_module
 from otacore.platforms import ModuleFunction
@@ -90,9 +91,21 @@ def create(
     ),
     start_address: int | None = typer.Option(None, "--start-address", help="Load address."),
     prefix_offset: int = typer.Option(0, "--prefix-offset", help="Offset of the prefix."),
+    emulated_self_test: str = typer.Option(
+        "pass", "--emulated-self-test",
+        help="pass, or fail: emulated devices (ota emulate) that boot the image fail its "
+        "self-test and roll back by themselves, to rehearse a rollout's failure policy.",
+    ),
 ) -> None:
     """Build a valid module image from a raw binary and its metadata."""
     raw = _read(input_file)
+    choice = emulated_self_test.strip().lower()
+    if choice not in ("pass", "fail"):
+        fail(f"--emulated-self-test must be pass or fail, not {emulated_self_test!r}")
+    if choice == "fail":
+        # The emulator's test marker (otacore.device): the trial boot fails its self-test
+        # at once and the device goes back to the image it ran, as a real one would.
+        raw += make_test_marker(selftest_fail_after=0)
     deps = [_parse_dependency(text) for text in dependency]
     if product_version is not None and product_id is None:
         product_id = platform_id  # Device OS 4+: the product id field holds the platform id

@@ -53,6 +53,7 @@ from server.devices.session import DeviceSessionHandler
 from server.devices.tally import Tally
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
 from server.fleet.base import Outcome
+from server.fleet.rollouts import ROLLOUT_EVENT_PREFIX
 from server.store import Tx
 from server.store.tx_ota import OtaMemoryRecord
 
@@ -72,6 +73,8 @@ from server.devices.updater import SessionUpdater
 log = logging.getLogger("ota.engine")
 #: The cloud events the engine acts on (see OtaEngine.watch_requests).
 _WATCHED = (FLASH_REQUESTED, UPDATES_FORCED, FIRMWARE_RELEASED)
+#: Rollout events (``ota/rollout/<kind>``) after which a product's devices re-check.
+_ROLLOUT_KICKS = frozenset({"started", "phase_started", "resumed", "aborted"})
 
 
 class OtaEngine:
@@ -107,6 +110,8 @@ class OtaEngine:
         #: server.devices.tally; with SessionUpdater.handled it tells when the engine has
         #: acted on a release).
         self.handled: dict[str, Tally] = {name: Tally() for name in _WATCHED}
+        #: Rollout events handled (kicks asked) so far: a causal marker, as ``handled``.
+        self.rollout_events_handled = Tally()
         #: The planner's settings, rebuilt when ``config`` is replaced (see delivery_policy).
         self._policy: tuple[OtaConfig, DeliveryPolicy] | None = None
         plane.ota = self
@@ -208,7 +213,7 @@ class OtaEngine:
             with trio.move_on_after(self.config.record_timeout, shield=True) as scope:
                 if updater is not None:
                     await updater.memory_loaded.wait()
-                await self._on_update_result(device_id, result)
+                await self._on_update_result(device_id, result, handler.product_id)
             if updater is not None:
                 updater.result_seen.set()
             if scope.cancelled_caught:
@@ -217,7 +222,18 @@ class OtaEngine:
                 return False
         return True
 
-    async def _on_update_result(self, device_id: str, result: UpdateResult) -> None:
+    async def _rollout_result(self, product_id: int | None, device_id: str,
+                              outcome: str) -> list[Callable[[Tx], Outcome]]:
+        """The store work recording how the device's update ended in the rollout that has
+        its firmware in flight, if the product may have one (issue 15: a rollback after
+        boot counts as a failure, never as a success)."""
+        fleet = self.fleet
+        if product_id is None or not await fleet.rollouts_may_steer(product_id):
+            return []
+        return [fleet.device_result_work(product_id, device_id, outcome)]
+
+    async def _on_update_result(self, device_id: str, result: UpdateResult,
+                                product_id: int | None = None) -> None:
         delivery = self.delivered.pop(device_id, None)
         if delivery is None:
             # Nothing awaits a result (the memory is durable): a report already recorded
@@ -233,13 +249,17 @@ class OtaEngine:
                 return
             self.updating.pop(device_id, None)
             await self.save_memory(device_id,
-                                   self.fleet.flash_status_work(device_id, "success"))
+                                   self.fleet.flash_status_work(device_id, "success"),
+                                   *await self._rollout_result(product_id, device_id, "succeeded"))
         else:
             if delivery is not None:  # never offer the image it rolled back from again
                 self.failed.setdefault(device_id, set()).add(delivery.sha256)
             self.updating.pop(device_id, None)
+            # A rollback after its self-test failed, or an image the device refused at boot.
+            outcome = "rolled_back" if result.status == "rolled_back" else "image_refused"
             await self.save_memory(device_id, self.fleet.flash_status_work(
-                device_id, "failed", error=f"{result.status}: {result.detail}"[:200]))
+                device_id, "failed", error=f"{result.status}: {result.detail}"[:200]),
+                *await self._rollout_result(product_id, device_id, outcome))
 
     async def watch_requests(self) -> None:
         """Push immediate releases and flash requests to the online devices this process
@@ -249,6 +269,24 @@ class OtaEngine:
         async with trio.open_nursery() as nursery:
             for name in _WATCHED:
                 nursery.start_soon(self._watch, name)
+            nursery.start_soon(self._watch_rollouts)
+
+    async def _watch_rollouts(self) -> None:
+        """A rollout's phase started, it started or resumed: the product's online devices
+        re-check their targets (as at an immediate release); it aborted: they re-check too,
+        and a transfer of its firmware in progress is cancelled (the device discards it)."""
+        while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
+            with self.plane.bus.subscribe(name_prefix=ROLLOUT_EVENT_PREFIX, buffer=4096,
+                                          cloud_only=True) as subscription:
+                async for event in subscription.receive:
+                    kind = event.name.removeprefix(ROLLOUT_EVENT_PREFIX)
+                    if kind in _ROLLOUT_KICKS and event.product_id is not None:
+                        # Maybe another process's rollout: this one consults it from now.
+                        self.fleet.note_rollout_product(event.product_id)
+                        for updater in list(self.updaters.values()):
+                            if updater.handler.product_id == event.product_id:
+                                updater.kick()
+                    self.rollout_events_handled.add()
 
     async def _watch(self, name: str) -> None:
         while True:  # a subscriber that fell behind is dropped by the bus: subscribe again

@@ -37,6 +37,7 @@ from otacore.transfer import (
     TransferMessage,
     TransferProgress,
     TransferSender,
+    TransferStatus,
 )
 from otacore.transfer.framing import split_chunk_runs
 from otacore.transfer.planner import Encoding, Offer, Verdict
@@ -52,6 +53,17 @@ log = logging.getLogger("ota.engine")
 
 #: The task's "the transfer goes on" (see TransferRun._emit).
 CONTINUE = object()
+
+
+#: Transfer results that mean the device refused the image itself (issue 15 counts them
+#: apart from downloads that failed).
+_IMAGE_REFUSALS = frozenset({TransferStatus.REJECTED, TransferStatus.INVALID_MODULE,
+                             TransferStatus.TOO_LARGE})
+
+
+def rollout_failure(status: TransferStatus) -> str:
+    """The rollout outcome of a transfer that failed with ``status``."""
+    return "image_refused" if status in _IMAGE_REFUSALS else "download_failed"
 
 
 class TransferRun:
@@ -264,10 +276,15 @@ class TransferRun:
         view = updater.carried_view  # a kick_with's view is kept for the next check too
         if view is None:
             view = await updater.engine.fleet.target_for_device(updater.device_id)
+        # An aborted rollout no longer makes the target: the transfer is cancelled and the
+        # device discards what it holds (issue 15); a pause or a closed window lets it go on.
+        view = await updater.steer(view, remember=False)
         stale = updater.planner.stale(target_facts(view))
         now = trio.current_time()
         if stale is None:
             return self.sender.poll(now)
+        # Cancelled by the server, not failed by the device: no rollout counts it.
+        updater.rollout = None
         log.info("cancelling the transfer to %s: %s", updater.device_id, stale.reason)
         return self.sender.cancel(now, stale.reason)
 
@@ -318,6 +335,8 @@ class TransferRun:
                     updater.device_id, sha256=module.sha256, version=self.view.target.version,
                     transfer=transfer, bytes_done=sent_size, bytes_total=sent_size,
                     status="applying")]
+                if self.offer.final:  # its reboot timeout runs from here (issue 15)
+                    steps += updater.rollout_step("rebooting")
                 version = release_version(self.view)
                 if version is not None:  # the data this release's encodings saved
                     steps.append(fleet.transfer_bytes_work(
@@ -343,7 +362,8 @@ class TransferRun:
                     # The update failed (a timed-out transfer with retries left is the same
                     # update going on: deliver() tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
-                    await updater.record_status("failed", error=item.reason)
+                    await updater.record_status("failed", error=item.reason,
+                                                rollout_outcome=rollout_failure(item.status))
                 verdict = False
             elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())

@@ -67,10 +67,17 @@ if TYPE_CHECKING:
     from server.devices.ota import OtaEngine
     from server.fleet import DeviceTarget
     from server.fleet.base import Outcome
+    from server.fleet.rollouts import RolloutOffer
     from server.fleet.sessions import FlashStatus
     from server.store import Tx
 
 log = logging.getLogger("ota.engine")
+
+#: Longest wait of an updater for a rollout's answer to change by time alone (a window
+#: opening, a hold ending, the rate limit): it asks again then, or at a rollout event.
+MAX_ROLLOUT_WAIT_S = 3600.0
+#: Added to that wait: the wall clock and trio's may disagree by a little.
+ROLLOUT_WAIT_MARGIN_S = 0.05
 
 
 class SessionUpdater:
@@ -137,6 +144,13 @@ class SessionUpdater:
         self.handled = Tally()
         #: Offers sent to the device in this session.
         self.offers = 0
+        #: The active rollout that makes the device's target, as the last check read it
+        #: (None: the releases make it); its outcomes are recorded with the OTA writes.
+        self.rollout: RolloutOffer | None = None
+        #: When (fleet clock, ms) the last check's rollout answer changes by time alone.
+        self.rollout_retry_at: int | None = None
+        #: The rollout's "downloading" is still to be recorded (see unrecorded_start).
+        self._rollout_download_unrecorded = False
 
     @property
     def downloads(self) -> FirmwareDownloads:
@@ -281,6 +295,7 @@ class SessionUpdater:
             self.recheck_asked = False  # this check reads the target anyway
             covered = self.kicks  # this check answers every kick asked so far
             self.last_failure = None
+            self.rollout_retry_at = None
             self.planner.policy = self.engine.delivery_policy  # the operator may retune
             try:
                 await self.update_once()
@@ -292,6 +307,14 @@ class SessionUpdater:
                 log.warning("update of %s failed: %s", self.device_id, exc)
             self.handled.advance_to(max(covered, self._answered))
             delay = self.planner.after_check(self.last_failure)
+            if delay is None and self.rollout_retry_at is not None:
+                # The rollout holds the offer until a time (a window opens, a hold or the
+                # rate limit's minute ends): ask again then, unless a rollout event kicks.
+                # A time already past (a scheduled start or phase the periodic tick has not
+                # opened yet) is not polled: the tick's event kicks the device.
+                wait_ms = self.rollout_retry_at - self.engine.fleet.clock()
+                if wait_ms > 0:
+                    delay = min(MAX_ROLLOUT_WAIT_S, wait_ms / 1000 + ROLLOUT_WAIT_MARGIN_S)
             if delay is not None:
                 # The device stopped acknowledging though its session lives: offer again
                 # later (backing off), or it stays mid-download until it reconnects.
@@ -350,6 +373,7 @@ class SessionUpdater:
             # read the same target from the store again.
             self._answered = self.kicks
             self._kicked = False
+        view = await self.steer(view)
         facts = target_facts(view)
         notice = self.planner.forced_notice(facts.updates_forced)
         if notice is not None:  # a held reset may wait for it
@@ -371,9 +395,62 @@ class SessionUpdater:
         offer = self.planner.next_offer(
             plan, {sha256: module.info for sha256, module in by_sha256.items()}, facts,
             engine.failed.get(self.device_id, set()))
-        if isinstance(offer, Offer):
+        if isinstance(offer, Offer) and await self._claim_rollout_offer():
             # The device resets into the new module; its next hello continues.
             await self.deliver(view, by_sha256[offer.sha256], update_sha256=offer.update_sha256)
+
+    async def steer(self, view: DeviceTarget, *, remember: bool = True) -> DeviceTarget:
+        """``view`` as the product's active rollout makes it (issue 15): the rollout's
+        version when the rollout lets an offer start (its phase is open, no pause, hold,
+        rate limit or closed window stops it), lets one in progress go on, or the device
+        already took it; else the releases' target, unchanged (the device stays on its
+        version and is re-checked at the rollout's events or its ``retry_at``). A pending
+        flash goes first, as before any release. Costs no store read when this process
+        knows the product has no active rollout. ``remember``: keep the answer for the
+        outcomes this check records (a mid-transfer staleness check does not)."""
+        fleet = self.engine.fleet
+        if view.pending_flash is not None or not await fleet.rollouts_may_steer(view.product.id):
+            if remember:
+                self.rollout = None
+            return view
+        offer = await fleet.rollout_offer(view.device, view.product)
+        steering = offer if offer is not None and offer.steers else None
+        if remember:
+            self.rollout = steering
+            if offer is not None and steering is None:
+                self.rollout_retry_at = offer.decision.retry_at
+                log.info("rollout %d holds its offer to %s: %s", offer.rollout_id,
+                         self.device_id, offer.decision.detail)
+        if steering is None:
+            return view
+        return replace(view, target=steering.target, firmware=steering.firmware)
+
+    async def _claim_rollout_offer(self) -> bool:
+        """Before a new offer of a rollout's firmware: ask the rollout again in the write
+        that records the device ``offered`` (its phases and rate limit hold under
+        concurrent sessions). True when the offer may go (or no rollout is involved)."""
+        rollout = self.rollout
+        if rollout is None or not rollout.new_offer:
+            return True
+        fleet = self.engine.fleet
+        decision = await fleet.run_write(fleet.claim_rollout_offer_work(
+            rollout.product_id, rollout.rollout_id, self.device_id))
+        if not decision.allowed:
+            self.rollout_retry_at = decision.retry_at
+            log.info("rollout %d refused the offer to %s: %s", rollout.rollout_id,
+                     self.device_id, decision.detail)
+            return False
+        self._rollout_download_unrecorded = True
+        return True
+
+    def rollout_step(self, outcome: str) -> list[Callable[[Tx], Outcome]]:
+        """The store work recording ``outcome`` in the rollout this check's offer belongs
+        to (none when the releases made the target), to ride on the OTA engine's write."""
+        rollout = self.rollout
+        if rollout is None:
+            return []
+        return [self.engine.fleet.rollout_step_work(rollout.product_id, rollout.rollout_id,
+                                                    self.device_id, outcome)]
 
     async def deliver(self, view: DeviceTarget, module: PlannedModule, *,
                       update_sha256: str | None = None) -> bool:
@@ -423,16 +500,18 @@ class SessionUpdater:
             else:
                 engine.compressed.refused.add((self.device_id, module.sha256))
 
-    async def record_status(self, status: FlashStatus, error: str = "") -> None:
+    async def record_status(self, status: FlashStatus, error: str = "",
+                            rollout_outcome: str | None = None) -> None:
         """Save the device's memory and record the flash status in one transaction: a
         session that ended between the two would leave a next session (here or in another
         process) believing an update it never announced started, or announcing it twice.
         Shielded: the session may close under us, what happened must still be recorded."""
         engine = self.engine
         started = self.unrecorded_start()
+        outcome = self.rollout_step(rollout_outcome) if rollout_outcome is not None else []
         with trio.CancelScope(shield=True):
             await engine.save_memory(self.device_id, *started, engine.fleet.flash_status_work(
-                self.device_id, status, error=error))
+                self.device_id, status, error=error), *outcome)
         self.start_recorded(started)
 
     def unrecorded_start(self) -> list[Callable[[Tx], Outcome]]:
@@ -440,14 +519,18 @@ class SessionUpdater:
         first store write (progress, completion or failure) instead of costing one more
         transaction; a short transfer (a delta) records it with its completion. The caller
         calls start_recorded once that write is durable."""
-        if not self._started_unrecorded:
-            return []
-        return [self.engine.fleet.flash_status_work(self.device_id, "started")]
+        steps = []
+        if self._started_unrecorded:
+            steps.append(self.engine.fleet.flash_status_work(self.device_id, "started"))
+        if self._rollout_download_unrecorded:  # the rollout's "downloading" rides with it
+            steps += self.rollout_step("downloading")
+        return steps
 
     def start_recorded(self, steps: list[Callable[[Tx], Outcome]]) -> None:
         """A write that carried unrecorded_start's steps is durable."""
         if steps:
             self._started_unrecorded = False
+            self._rollout_download_unrecorded = False
 
     async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
                                 offer: Offer, sent: SentFile) -> bool | None:
@@ -479,6 +562,8 @@ class SessionUpdater:
         verdict = self.planner.on_offer_answer(offer_answer(answer.code), encoding)
         if verdict is Verdict.DISABLE_UPDATES:
             await fleet.set_updates_enabled(self.device_id, False)
+            for step in self.rollout_step("download_failed"):  # the device refused it
+                await fleet.run_write(step)
             return False
         if verdict is Verdict.FALL_BACK:
             reason = bytes(answer.payload).decode(errors="replace")[:200]
@@ -489,7 +574,7 @@ class SessionUpdater:
             reason = bytes(answer.payload).decode(errors="replace")[:200]
             engine.failed.setdefault(self.device_id, set()).add(module.sha256)
             engine.updating.pop(self.device_id, None)
-            await self.record_status("failed", error=reason)
+            await self.record_status("failed", error=reason, rollout_outcome="image_refused")
             return False
         if engine.updating.get(self.device_id) != offer.update_sha256:
             # A new update: "started" is recorded with the memory at the transfer's first

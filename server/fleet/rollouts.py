@@ -21,24 +21,27 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from otacore.errors import ValidationError
-from otacore.precedence import DeviceTargeting, ProductReleases
+import trio
+
+from otacore.errors import NotFoundError, ValidationError
+from otacore.precedence import DeviceTargeting, ProductReleases, Target, target_firmware_for
 from otacore.rollout import (
     Decision,
-    MaintenanceWindow,
+    EventKind,
     Rollout,
     RolloutCounts,
     RolloutEvent,
     State,
+    Verdict,
     windows_for,
 )
-from otacore.rollout.errors import RolloutStateError
+from otacore.rollout.errors import RolloutOutcomeError, RolloutStateError
+from otacore.rollout.outcomes import IN_FLIGHT
 from otacore.rollout.phases import PlanKind
 from otacore.rollout.spec import RolloutSpec, rollout_spec
 from otacore.rollout.targets import RolloutScope
-from server.events import Event
+from server.events import FIRMWARE_RELEASED, Event
 from server.fleet.base import (
-    FleetBase,
     Outcome,
     check_version,
     normalize_device_id,
@@ -50,25 +53,37 @@ from server.fleet.errors import (
     RolloutRefusedError,
     UnknownFirmwareError,
     UnknownRolloutError,
-    UnknownWindowError,
 )
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_group_name, clean_text
-from server.store import DeviceRecord, ProductRecord, Tx
+from server.fleet.windows import WindowService
+from server.store import DeviceRecord, FirmwareRecord, ProductRecord, Tx
 from server.store.tx_rollouts import (
     DeviceOutcomeRecord,
     RolloutEventRecord,
     RolloutQueries,
     RolloutRecord,
     TargetingRow,
-    WindowRecord,
 )
 
 #: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
 ROLLOUT_EVENT_PREFIX = "ota/rollout/"
-#: Scope needed to change rollouts (a rollout releases firmware) and windows.
+#: Rollout states in which it may steer a device's target (see :meth:`rollout_offer`).
+_STEERING_STATES = frozenset({State.SCHEDULED.value, State.RUNNING.value, State.PAUSED.value})
+#: Verdicts that make the rollout's version the device's target: a new offer may start, a
+#: transfer (or reboot) in progress goes on (issue 15: a transfer in progress may finish
+#: after its window closed, or during a pause), or the device already succeeded.
+_STEERING_VERDICTS = frozenset({Verdict.OFFER, Verdict.IN_FLIGHT, Verdict.SUCCEEDED})
+
+#: Seconds a process that does not tick rollouts trusts what it knows of which products
+#: have active rollouts (it hears of new ones by their events, relayed between processes;
+#: this bounds how long a missed event goes unnoticed).
+ROLLOUT_PRODUCTS_MAX_AGE = 60.0
+#: Names of the statuses of a device with the rollout's firmware on its way.
+_IN_FLIGHT_NAMES = frozenset(o.value for o in IN_FLIGHT)
+
+#: Scope needed to change rollouts (a rollout releases firmware).
 ROLLOUT_SCOPE = "firmware:release"
-WINDOW_SCOPE = "products:update"
 
 @dataclass(frozen=True)
 class RolloutView:
@@ -105,6 +120,39 @@ class RolloutView:
         }
 
 
+@dataclass(frozen=True)
+class RolloutOffer:
+    """What an active rollout says about one device's target: the rollout, its version's
+    firmware and the decision of :meth:`Rollout.may_offer` (applying the device's
+    maintenance windows)."""
+
+    product_id: int
+    rollout_id: int
+    #: The device's target were the rollout's release made (precedence applied).
+    target: Target
+    firmware: FirmwareRecord | None
+    decision: Decision
+
+    @property
+    def steers(self) -> bool:
+        """True when the rollout's version is the device's target now (a new offer may
+        start, one in progress goes on, or the device already runs it); False: the device
+        stays on what the releases give it (it is re-checked on the rollout's events)."""
+        return self.decision.verdict in _STEERING_VERDICTS and self.firmware is not None
+
+    @property
+    def new_offer(self) -> bool:
+        """True when a new offer may start (it is claimed with :meth:`claim_rollout_offer`
+        before it is sent)."""
+        return self.decision.verdict is Verdict.OFFER
+
+    @property
+    def version(self) -> int:
+        """The rollout's firmware version."""
+        assert self.target.version is not None  # a rollout decides only with its version
+        return self.target.version
+
+
 def shown_phase(index: int | None) -> int | None:
     """A phase as operators see it: numbered from 1, as ``phases[].phase`` and the events'
     reasons ("phase 1 of 3") number it (the policy and the store index from 0)."""
@@ -123,12 +171,8 @@ def _rollout_id(value: object) -> int:
 _TargetingInputs = tuple[list[TargetingRow], ProductReleases]
 
 
-def _window_of(record: WindowRecord) -> MaintenanceWindow:
-    return MaintenanceWindow(record.cron, record.duration_minutes, record.timezone)
-
-
-class RolloutService(FleetBase):
-    """Rollouts and maintenance windows of products."""
+class RolloutService(WindowService):
+    """Rollouts of products (and, inherited, their maintenance windows)."""
 
     # --- loading and saving --------------------------------------------------------------
 
@@ -211,6 +255,32 @@ class RolloutService(FleetBase):
             for e in events
         ]
 
+    def _release_if_completed(self, tx: Tx, product: ProductRecord, record: RolloutRecord,
+                              events: list[RolloutEvent], now: int) -> list[Event]:
+        """A completed rollout becomes its release (product default or its groups), as a
+        Particle release of the version would: devices that join the target set later get
+        it, and the devices it updated keep it once the rollout no longer steers them."""
+        if not any(e.kind is EventKind.COMPLETED for e in events):
+            return []
+        scopes: list[int | None] = [None] if not record.groups else []
+        for name in record.groups:
+            group = tx.get_group(product.id, name)
+            if group is not None:  # a group deleted meanwhile is released nowhere
+                scopes.append(group.id)
+        for group_id in scopes:
+            tx.set_release(product.id, group_id, version=record.version,
+                           intelligent=record.immediate, actor=f"rollout:{record.id}", now=now)
+        tx.add_audit(actor=f"rollout:{record.id}", action="firmware.release",
+                     product_id=product.id, target=f"firmware:{record.version}",
+                     details={"version": record.version, "rollout": record.id,
+                              "groups": list(record.groups), "intelligent": record.immediate},
+                     now=now)
+        data = {"version": record.version, "immediate": record.immediate,
+                "product_default": not record.groups, "groups": list(record.groups),
+                "rollout": record.id}
+        return [Event(FIRMWARE_RELEASED, json.dumps(data), product_id=product.id,
+                      published_at=now)]
+
     def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
                       now: int) -> RolloutView:
         fresh = q.get_rollout(record.product_id, record.id) or record
@@ -260,6 +330,7 @@ class RolloutService(FleetBase):
             except RolloutStateError as exc:
                 raise RolloutConflictError(str(exc)) from None
             bus_events = self._save_rollout(q, product, record, machine, events, now)
+            bus_events += self._release_if_completed(tx, product, record, events, now)
             if actor is not None and audit is not None:
                 tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
                              target=f"rollout:{record.id}", details=dict(details or {}),
@@ -332,6 +403,8 @@ class RolloutService(FleetBase):
                 events = machine.tick(now)
                 record = self._rollout_record(q, product, rid)
                 bus_events = self._save_rollout(q, product, record, machine, events, now)
+                bus_events += self._release_if_completed(tx, product, record, events, now)
+                self.note_rollout_product(product.id)
                 tx.add_audit(
                     actor=actor.subject,
                     action="rollout.create.forced" if forced else "rollout.create",
@@ -442,17 +515,11 @@ class RolloutService(FleetBase):
         Each rollout is its own transaction; one that another process just finished is
         skipped."""
 
-        def active() -> list[tuple[int, int]]:
-            with self.store.read() as tx:
-                q = RolloutQueries(tx.conn)
-                return [
-                    (product.id, record.id)
-                    for product in tx.list_products()
-                    for record in q.list_rollouts(product.id, active_only=True)
-                ]
-
         views = []
-        for product_id, rollout_id in await self._read(active):
+        running = await self._read(self._active_rollouts)
+        # What this process knows of other processes' rollouts is refreshed here.
+        self._set_rollout_products({product_id for product_id, _ in running})
+        for product_id, rollout_id in running:
             try:
                 views.append(await self.tick_rollout(product_id, rollout_id))
             except UnknownRolloutError:  # deleted with its product meanwhile
@@ -515,94 +582,146 @@ class RolloutService(FleetBase):
 
         return await self._read(work)
 
-    # --- maintenance windows -------------------------------------------------------------
+    # --- the OTA engine's side ------------------------------------------------------------
 
-    @staticmethod
-    def _windows_of(
-        q: RolloutQueries, product: ProductRecord
-    ) -> tuple[MaintenanceWindow | None, dict[str, MaintenanceWindow]]:
-        product_window = None
-        groups: dict[str, MaintenanceWindow] = {}
-        for record in q.list_windows(product.id):
-            if record.group is None:
-                product_window = _window_of(record)
-            else:
-                groups[record.group] = _window_of(record)
-        return product_window, groups
+    async def rollouts_may_steer(self, product_id: int) -> bool:
+        """False when this process knows the product has no active rollout, so a device
+        session asks nothing more than its target (no store read added to it). Known from
+        a read at the first ask, this process's own rollouts and the rollout events it
+        hears since, and refreshed by every :meth:`tick_active_rollouts` (the main
+        process's periodic tick) or, in a process that does not tick (a worker), by a read
+        at the first ask once the knowledge is older than ``ROLLOUT_PRODUCTS_MAX_AGE``."""
+        known: set[int] | None = self.__dict__.get("_rollout_products")
+        loaded_at: float = self.__dict__.get("_rollout_products_at", 0.0)
+        if known is None or trio.current_time() - loaded_at > ROLLOUT_PRODUCTS_MAX_AGE:
+            self._set_rollout_products(
+                {product for product, _ in await self._read(self._active_rollouts)})
+            known = self.__dict__["_rollout_products"]
+            assert known is not None
+        return product_id in known
 
-    def _window_group_id(self, tx: Tx, product: ProductRecord, group: object) -> int | None:
-        if group is None:
+    def _set_rollout_products(self, products: set[int]) -> None:
+        self.__dict__["_rollout_products"] = products
+        self.__dict__["_rollout_products_at"] = trio.current_time()
+
+    def _active_rollouts(self) -> list[tuple[int, int]]:
+        """(product id, rollout id) of every scheduled, running or paused rollout."""
+        with self.store.read() as tx:
+            q = RolloutQueries(tx.conn)
+            return [
+                (product.id, record.id)
+                for product in tx.list_products()
+                for record in q.list_rollouts(product.id, active_only=True)
+            ]
+
+    def note_rollout_product(self, product_id: int, active: bool = True) -> None:
+        """Note that the product has (or, ``active`` False, has no) active rollout: what
+        :meth:`rollouts_may_steer` answers from (another process's rollout events, relayed
+        to this one, are noted by the OTA engine as they arrive)."""
+        known: set[int] | None = self.__dict__.get("_rollout_products")
+        if known is None:
+            return  # unknown: every product may have one until the first tick
+        if active:
+            known.add(product_id)
+        else:
+            known.discard(product_id)
+
+    async def rollout_offer(self, device: DeviceRecord,
+                            product: ProductRecord) -> RolloutOffer | None:
+        """What the product's active rollout says of ``device``'s target (None: no active
+        rollout decides its firmware), applying its maintenance windows. One group read
+        (shared with concurrent sessions); the OTA engine asks it only when
+        :meth:`rollouts_may_steer`."""
+
+        def work(tx: Tx) -> RolloutOffer | None:
+            return self._rollout_offer_in(tx, device, product, self.clock())
+
+        return await self._read_grouped(work)
+
+    def _rollout_offer_in(self, tx: Tx, device: DeviceRecord, product: ProductRecord,
+                          now: int) -> RolloutOffer | None:
+        q = RolloutQueries(tx.conn)
+        records = [r for r in q.list_rollouts(product.id, active_only=True)
+                   if r.state in _STEERING_STATES]
+        if not records:
+            self.note_rollout_product(product.id, active=False)
             return None
-        name = clean_group_name(group)
-        record = tx.get_group(product.id, name)
-        if record is None:
-            raise RolloutRefusedError(f"product {product.slug} has no group {name!r}")
-        return record.id
+        releases = releases_of(tx.list_releases(product.id))
+        targeting = targeting_of(device)
+        windows = None
+        # Group rollouts first: a group release wins over the product default (precedence),
+        # and decides() tells each rollout's own devices apart.
+        for record in sorted(records, key=lambda r: not r.groups):
+            scope = self._rollout_scope(record)
+            overlay = scope.overlay(releases)
+            touched = record.state_data.get("devices", {})
+            if not scope.decides(device.id, targeting, device.firmware_version, overlay,
+                                 touched):
+                continue
+            machine = self._rollout_machine(tx, q, product, record, only=device)
+            windows = windows or self._windows_of(q, product)
+            decision = machine.may_offer(device.id, now, windows_for(device.groups, *windows))
+            return RolloutOffer(product.id, record.id, target_firmware_for(targeting, overlay),
+                                tx.get_firmware(product.id, record.version), decision)
+        return None
 
-    async def set_window(
-        self, actor: Actor, product_ref: int | str, *, cron: object, duration: object,
-        timezone: object = "UTC", group: object = None,
-    ) -> WindowRecord:
-        """Set (or replace) the product's maintenance window, or a group's."""
+    def claim_rollout_offer_work(self, product_id: int, rollout_id: int,
+                                 device_id: str) -> Callable[[Tx], Outcome]:
+        """The store work that asks the rollout again, with its whole target set and in
+        the write that records it, whether an offer to the device may start, and records
+        it ``offered`` when so (the rate limit and phases then hold under concurrent
+        sessions). Its value is the :class:`Decision`."""
+        device = normalize_device_id(device_id)
 
-        def work() -> Outcome:
-            actor.require(Permission.MANAGE_DEVICES, "set maintenance windows")
-            minutes = duration
-            if isinstance(minutes, str) and minutes.strip().isdigit():
-                minutes = int(minutes)
-            window = MaintenanceWindow(str(cron), minutes, str(timezone))  # type: ignore[arg-type]
+        def work(tx: Tx) -> Outcome:
             now = self.clock()
-            with self.store.write() as tx:
-                product = self._product(tx, product_ref)
-                actor.require_scope(WINDOW_SCOPE, product.id, "set maintenance windows",
-                                    product.slug)
-                group_id = self._window_group_id(tx, product, group)
-                q = RolloutQueries(tx.conn)
-                q.set_window(product.id, group_id, cron=window.cron,
-                             duration_minutes=window.duration_minutes,
-                             timezone=window.timezone, actor=actor.subject, now=now)
-                tx.add_audit(actor=actor.subject, action="window.set", product_id=product.id,
-                             target="product" if group is None else f"group:{group}",
-                             details=window.to_dict(), now=now)
-                name = None if group is None else clean_group_name(group)
-                found = [w for w in q.list_windows(product.id) if w.group == name]
-            return Outcome(found[0])
+            product = self._product(tx, product_id)
+            member = self._device_in(tx, product, device)
+            q = RolloutQueries(tx.conn)
+            record = self._rollout_record(q, product, rollout_id)
+            machine = self._rollout_machine(tx, q, product, record)
+            events = machine.tick(now)
+            windows = self._windows_of(q, product)
+            decision = machine.may_offer(member.id, now, windows_for(member.groups, *windows))
+            if decision.allowed:
+                events += machine.record_outcome(member.id, "offered", now)
+            bus_events = self._save_rollout(q, product, record, machine, events, now)
+            bus_events += self._release_if_completed(tx, product, record, events, now)
+            return Outcome(decision, bus_events)
 
-        return await self._run(work)
+        return work
 
-    async def clear_window(self, actor: Actor, product_ref: int | str,
-                           group: object = None) -> None:
-        """Remove the product's (or a group's) maintenance window."""
+    def rollout_step_work(self, product_id: int, rollout_id: int, device_id: str,
+                          outcome: str) -> Callable[[Tx], Outcome]:
+        """:meth:`rollout_outcome_work` to ride on the OTA engine's own writes: a rollout
+        deleted meanwhile, or a device it no longer places, records nothing instead of
+        failing the write it rides on."""
+        work = self.rollout_outcome_work(product_id, rollout_id, device_id, outcome)
 
-        def work() -> Outcome:
-            actor.require(Permission.MANAGE_DEVICES, "clear maintenance windows")
-            now = self.clock()
-            with self.store.write() as tx:
-                product = self._product(tx, product_ref)
-                actor.require_scope(WINDOW_SCOPE, product.id, "clear maintenance windows",
-                                    product.slug)
-                group_id = self._window_group_id(tx, product, group)
-                if not RolloutQueries(tx.conn).clear_window(product.id, group_id):
-                    where = "product" if group is None else f"group {group!r}"
-                    raise UnknownWindowError(
-                        f"the {where} of {product.slug} has no maintenance window"
-                    )
-                tx.add_audit(actor=actor.subject, action="window.clear", product_id=product.id,
-                             target="product" if group is None else f"group:{group}",
-                             details={}, now=now)
+        def step(tx: Tx) -> Outcome:
+            try:
+                return work(tx)
+            except (NotFoundError, RolloutOutcomeError,
+                    RolloutConflictError):
+                return Outcome(None)
+
+        return step
+
+    def device_result_work(self, product_id: int, device_id: str,
+                           outcome: str) -> Callable[[Tx], Outcome]:
+        """The store work recording how a device's update ended (``succeeded``,
+        ``rolled_back``, ``image_refused``) in the rollout that has its firmware in flight
+        (the newest one), if any: after a reboot the session that hears the result may be
+        another process's, so the rollout is found in the store, not in memory."""
+        device = normalize_device_id(device_id)
+
+        def work(tx: Tx) -> Outcome:
+            for record in RolloutQueries(tx.conn).outcomes_of_device(device):
+                if record.outcome in _IN_FLIGHT_NAMES:
+                    return self.rollout_step_work(product_id, record.rollout_id, device,
+                                                  outcome)(tx)
             return Outcome(None)
 
-        await self._run(work)
+        return work
 
-    async def list_windows(self, product_ref: int | str) -> list[WindowRecord]:
-        """A product's maintenance windows (the product's first, then groups')."""
-
-        def work() -> list[WindowRecord]:
-            with self.store.read() as tx:
-                product = self._product(tx, product_ref)
-                return RolloutQueries(tx.conn).list_windows(product.id)
-
-        return await self._read(work)
-
-
-__all__ = ["RolloutService", "RolloutSpec", "RolloutView", "rollout_spec"]
+__all__ = ["RolloutOffer", "RolloutService", "RolloutSpec", "RolloutView", "rollout_spec"]
