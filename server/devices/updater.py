@@ -442,7 +442,9 @@ class SessionUpdater:
         gate = await self.engine.fleet.window_gate(view)
         if not gate.allowed:
             self.rollout_retry_at = gate.retry_at
-            log.info("offer to %s held: %s", self.device_id, gate.detail)
+            what = (f"flash of v{view.pending_flash.version}" if view.pending_flash is not None
+                    else f"v{view.target.version} ({view.target.reason.name.lower()})")
+            log.info("offer of %s to %s held: %s", what, self.device_id, gate.detail)
         elif gate.forced:
             log.info("offer to %s forced by the operator: %s", self.device_id, gate.detail)
         return gate.allowed
