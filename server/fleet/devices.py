@@ -412,8 +412,8 @@ class DeviceService(FleetBase):
             audit = dict(fields)
             if group_names is not None:
                 audit["groups"] = sorted(set(group_names))
-            if flash:
-                audit["force_window"] = force_window  # what the window gate reads back
+            if force_window:
+                audit["force_window"] = True  # what the window gate reads back
             tx.add_audit(
                 actor=actor.subject,
                 action="device.update",
