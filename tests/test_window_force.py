@@ -17,6 +17,7 @@ import trio
 from typer.testing import CliRunner
 
 from otacore.protocol.link import Transport
+from otacore.transfer import RetransmitPolicy
 from server.cli.main import app as cli_app
 from server.events import FLASH_REQUESTED
 from server.fleet import SYSTEM_ACTOR
@@ -26,6 +27,7 @@ from tests.test_ota_e2e_kit import (
     SYSTEM_5003,
     TRANSPORTS,
     OtaRig,
+    WatchedFlash,
     app,
     flash_statuses,
     ota_rig,
@@ -33,7 +35,8 @@ from tests.test_ota_e2e_kit import (
     running,
     updated_to,
 )
-from tests.test_rollout_offers import HOUR_MS, FakeWallClock, _two_am_today
+from tests.test_ota_e2e_stale import HeldLink
+from tests.test_rollout_offers import HOUR_MS, MIN_MS, FakeWallClock, _two_am_today
 
 runner = CliRunner()
 #: The window gate's store read (the session path's only added cost, and only for a
@@ -49,11 +52,11 @@ async def _v1_fleet_and_v2(rig: OtaRig) -> None:
     await rig.upload(2, app(2, size=12_000))
 
 
-async def _closed_window(rig: OtaRig) -> tuple[FakeWallClock, int]:
-    """The product's window ``0 2 * * *`` (60 min, UTC), the fleet's clock a second before
-    it opens; returns the clock and the opening (epoch ms)."""
+async def _closed_window(rig: OtaRig, before_ms: int = 1000) -> tuple[FakeWallClock, int]:
+    """The product's window ``0 2 * * *`` (60 min, UTC), the fleet's clock ``before_ms``
+    before it opens; returns the clock and the opening (epoch ms)."""
     opening = _two_am_today()
-    clock = FakeWallClock(opening - 1000)
+    clock = FakeWallClock(opening - before_ms)
     rig.kit.handle.fleet.clock = clock
     await rig.kit.handle.fleet.set_window(SYSTEM_ACTOR, rig.product, cron="0 2 * * *",
                                           duration=60, timezone="UTC")
@@ -116,6 +119,72 @@ async def test_a_forced_immediate_release_goes_at_once_and_is_audited(
         assert entry.actor not in ("", SYSTEM_ACTOR.subject)  # the API token's user
         assert entry.target == "firmware:2" and entry.product_id == rig.product
         assert entry.details["note"] == FORCED_WINDOW_NOTE and entry.details["release"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_clearing_the_window_lets_held_offers_start_at_once(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        await _v1_fleet_and_v2(rig)
+        # An hour before the opening: the held updater would sleep an hour, unless the
+        # window's change kicks it.
+        await _closed_window(rig, before_ms=HOUR_MS)
+        fleet = rig.fleet([(device_id, transport)], firmware=(SYSTEM_5003, app(1)))
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+            await rig.release(2, product_default=True, intelligent=True)
+            updater = await rig.engine_done(device_id, releases=2)
+            assert updater.offers == 0 and updater.rollout_retry_at is not None
+            await rig.kit.handle.fleet.clear_window(SYSTEM_ACTOR, rig.product)
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            assert rig.engine.window_events_handled.value >= 2  # set, then cleared
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_release_transfer_in_progress_when_the_window_closes_finishes(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    """The window closes mid-transfer and the link drops: the device's next session
+    resumes the update (it is in progress, not a new offer) and it completes."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        patient = RetransmitPolicy(initial_rto=2.0, min_rto=2.0, max_rto=8.0, max_rounds=8)
+        rig.tune_engine(tcp_chunk_size=1024, udp_chunk_size=1024, window_limit=4,
+                        progress_step=4096, transfer_policy=patient)
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(1, app(1))
+        await rig.release(1, product_default=True)
+        v2 = app(2, size=48_000)
+        await rig.upload(2, v2)
+        opening = _two_am_today()
+        clock = FakeWallClock(opening + 30_000)  # inside a one-minute window
+        rig.kit.handle.fleet.clock = clock
+        await rig.kit.handle.fleet.set_window(SYSTEM_ACTOR, rig.product, cron="0 2 * * *",
+                                              duration=1, timezone="UTC")
+        fleet = rig.fleet([(device_id, transport)], firmware=(SYSTEM_5003, app(1)),
+                          ota_chunk_size=1024)
+        fleet.open()
+        link = HeldLink(fleet.device(device_id).device)
+        halfway = trio.Event()
+
+        def at_halfway(_: int) -> None:
+            link.hold()
+            halfway.set()
+
+        WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=at_halfway)
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+            await rig.release(2, product_default=True, intelligent=True)
+            with trio.fail_after(STEP):
+                await halfway.wait()
+            clock.now = opening + 5 * MIN_MS  # the window closed mid-transfer
+            rig.cut(device_id)
+            link.let_go()
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            await rig.events.wait_for("spark/flash/status", device_id, "success")
+        assert "failed" not in flash_statuses(rig.events, device_id)
 
 
 async def test_a_standard_release_waits_for_the_window_at_the_next_session(

@@ -4,6 +4,7 @@ start only inside them (:mod:`server.fleet.rollouts`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ import trio
 from otacore.precedence import TargetReason
 from otacore.rollout import MaintenanceWindow
 from otacore.rollout.windows import any_open, next_opening, windows_for
+from server.events import Event
 from server.fleet.base import FleetBase, Outcome
 from server.fleet.errors import RolloutRefusedError, UnknownWindowError
 from server.fleet.roles import Actor, Permission
@@ -29,6 +31,10 @@ WINDOW_SCOPE = "products:update"
 #: How old (trio seconds) this process's knowledge of which products have windows may be
 #: before a session asks the store again (another process may have set one meanwhile).
 WINDOW_PRODUCTS_MAX_AGE = 60.0
+#: Published (cloud only) when a product's or group's window is set or cleared: engines
+#: note the product and re-check the devices a window holds (data: JSON with ``group``
+#: and ``cleared``).
+WINDOW_CHANGED = "ota/window/changed"
 #: The audit action of an operator forcing an offer past a closed maintenance window.
 FORCED_WINDOW_ACTION = "window.forced"
 #: What the forced action's audit entry says (issue 15: forcing is audit-logged).
@@ -61,6 +67,21 @@ def _window_of(record: WindowRecord) -> MaintenanceWindow:
     return MaintenanceWindow(record.cron, record.duration_minutes, record.timezone)
 
 
+def _changed(product_id: int, group: str | None, *, cleared: bool, now: int) -> Event:
+    return Event(WINDOW_CHANGED, json.dumps({"group": group, "cleared": cleared}),
+                 product_id=product_id, published_at=now)
+
+
+def window_change_cleared(data: str | None) -> bool:
+    """True when a ``WINDOW_CHANGED`` event's data says a window was cleared (unreadable
+    data counts as cleared: the reader then re-reads which products have windows)."""
+    try:
+        parsed = json.loads(data or "")
+    except ValueError:
+        return True
+    return not isinstance(parsed, dict) or parsed.get("cleared") is not False
+
+
 class WindowService(FleetBase):
     """Maintenance windows of products and groups."""
 
@@ -76,6 +97,14 @@ class WindowService(FleetBase):
             else:
                 groups[record.group] = _window_of(record)
         return product_window, groups
+
+    def note_window_change(self, product_id: int, cleared: bool) -> None:
+        """Another process (or this one) set or cleared a window of the product: a set one
+        applies from now; after a clear, whether others remain is read at the next ask."""
+        if cleared:
+            self.__dict__["_window_products"] = None
+        else:
+            self._note_window_product(product_id, True)
 
     def _note_window_product(self, product_id: int, has_window: bool) -> None:
         known: set[int] | None = self.__dict__.get("_window_products")
@@ -187,7 +216,7 @@ class WindowService(FleetBase):
                 name = None if group is None else clean_group_name(group)
                 found = [w for w in q.list_windows(product.id) if w.group == name]
             self._note_window_product(product.id, True)
-            return Outcome(found[0])
+            return Outcome(found[0], [_changed(product.id, name, cleared=False, now=now)])
 
         return await self._run(work)
 
@@ -213,7 +242,8 @@ class WindowService(FleetBase):
                              details={}, now=now)
                 still = bool(RolloutQueries(tx.conn).list_windows(product.id))
             self._note_window_product(product.id, still)
-            return Outcome(None)
+            name = None if group is None else clean_group_name(group)
+            return Outcome(None, [_changed(product.id, name, cleared=True, now=now)])
 
         await self._run(work)
 
@@ -228,5 +258,14 @@ class WindowService(FleetBase):
         return await self._read(work)
 
 
-__all__ = ["FORCED_WINDOW_ACTION", "FORCED_WINDOW_NOTE", "OPEN_GATE", "WINDOW_SCOPE",
-           "WindowGate", "WindowService", "forced_window_details"]
+__all__ = [
+    "FORCED_WINDOW_ACTION",
+    "FORCED_WINDOW_NOTE",
+    "OPEN_GATE",
+    "WINDOW_CHANGED",
+    "WINDOW_SCOPE",
+    "WindowGate",
+    "WindowService",
+    "forced_window_details",
+    "window_change_cleared",
+]
