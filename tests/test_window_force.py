@@ -187,6 +187,27 @@ async def test_a_release_transfer_in_progress_when_the_window_closes_finishes(
         assert "failed" not in flash_statuses(rig.events, device_id)
 
 
+async def test_a_groups_window_applies_instead_of_the_products(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The product's window is closed but the device's group has its own, open, window:
+    the immediate release goes at once (the group's rule wins), and nothing is forced."""
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        await _v1_fleet_and_v2(rig)
+        await rig.create_group("night")
+        await rig.put_device(device_id, groups=["night"])
+        await _closed_window(rig)  # 01:59:59, the product's window opens at 02:00
+        await rig.kit.handle.fleet.set_window(SYSTEM_ACTOR, rig.product, cron="0 1 * * *",
+                                              duration=120, timezone="UTC", group="night")
+        fleet = rig.fleet([(device_id, "tcp")], firmware=(SYSTEM_5003, app(1)))
+        async with running(fleet):
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+            await rig.release(2, product_default=True, intelligent=True)
+            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+        assert await _forced_entries(rig) == []
+
+
 async def test_a_standard_release_waits_for_the_window_at_the_next_session(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -165,14 +165,18 @@ class WindowService(FleetBase):
         log = t.audit_log
         query = sa.select(log.c.details).where(log.c.product_id == view.product.id)
         if view.pending_flash is not None:
+            # The flash's request is audited in its own transaction, at its requested_at.
             query = query.where(log.c.action == "device.update",
-                                log.c.target == f"device:{view.device.id}")
+                                log.c.target == f"device:{view.device.id}",
+                                log.c.at >= view.pending_flash.requested_at)
         elif view.target.version is not None and view.target.reason in (
                 TargetReason.GROUP_RELEASE, TargetReason.PRODUCT_DEFAULT):
             query = query.where(log.c.action.in_(("firmware.release", "firmware.release.forced")),
                                 log.c.target == f"firmware:{view.target.version}")
         else:
             return False  # a lock without flash-now is never forced
+        # Newest first; a few device changes made since the flash are skipped (more than
+        # that and the force is not found: the conservative answer, the offer waits).
         for (details,) in tx.conn.execute(query.order_by(log.c.id.desc()).limit(20)):
             if view.pending_flash is not None and not details.get("flash_requested"):
                 continue  # a device change that requested no flash
