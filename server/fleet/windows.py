@@ -124,7 +124,8 @@ class WindowService(FleetBase):
         """False when this process knows the product (and its groups) has no maintenance
         window: a session then pays no store read for the window gate. Known from a read
         at the first ask, refreshed once older than ``WINDOW_PRODUCTS_MAX_AGE``, and kept
-        up to date by this process's own set/clear."""
+        up to date by this process's own set/clear and every process's ``WINDOW_CHANGED``
+        events (:meth:`note_window_change`, called by the OTA engine)."""
         known: set[int] | None = self.__dict__.get("_window_products")
         loaded_at: float = self.__dict__.get("_window_products_at", 0.0)
         if known is None or trio.current_time() - loaded_at > WINDOW_PRODUCTS_MAX_AGE:
