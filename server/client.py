@@ -106,11 +106,14 @@ class ApiClient:
 
     def release_firmware(
         self, product: str, version: int, product_default: bool, groups: list[str],
-        intelligent: bool, force: bool,
+        intelligent: bool, force: bool, force_window: bool = False,
     ) -> Any:
-        """PUT a release: to the product default and/or to groups, standard or immediate."""
+        """PUT a release: to the product default and/or to groups, standard or immediate
+        (``force_window``: offered at once even where a maintenance window is closed)."""
         body = {"version": version, "product_default": product_default, "groups": groups,
                 "intelligent": intelligent, "force": force}
+        if force_window:  # only when asked: a server without windows knows no such field
+            body["force_window"] = True
         return self._request("PUT", f"{self._product(product)}/firmware/release", json=body)
 
     def download_firmware(self, product: str, version: int) -> bytes:

@@ -80,7 +80,7 @@ async def get_device(request: Request) -> Response:
 
 
 async def update_device(request: Request) -> Response:
-    """Change a device ({development, desired_firmware_version, flash, groups,
+    """Change a device ({development, desired_firmware_version, flash, force_window, groups,
     firmware_updates_forced, name, notes}), or flash a development device (multipart file)."""
     product, device_id = product_of(request).id, request.path_params["device_id"]
     fleet, actor = fleet_of(request), actor_of(request)
@@ -101,7 +101,7 @@ async def update_device(request: Request) -> Response:
         )
     fields = await body_fields(request)
     changes = dict(fields)
-    for key in ("development", "flash", "firmware_updates_forced"):
+    for key in ("development", "flash", "force_window", "firmware_updates_forced"):
         if key in changes:
             changes[key] = as_bool(fields, key)
     if "groups" in changes:

@@ -24,7 +24,10 @@ from server.api.serialize import firmware_json
 
 #: Multipart field names of the binary: Particle's docs say "binary", its clients send "file".
 BINARY_FIELDS = ("binary", "file")
-RELEASE_FIELDS = frozenset({"version", "product_default", "groups", "intelligent", "force"})
+#: ``force_window`` (ours, optional): offer at once even where a maintenance window is closed.
+RELEASE_FIELDS = frozenset(
+    {"version", "product_default", "groups", "intelligent", "force", "force_window"}
+)
 
 
 async def list_firmware(request: Request) -> Response:
@@ -107,7 +110,8 @@ async def firmware_binary(request: Request) -> Response:
 
 
 async def release_firmware(request: Request) -> Response:
-    """Release a version: {version, product_default, groups, intelligent, force}."""
+    """Release a version: {version, product_default, groups, intelligent, force,
+    force_window}."""
     fields = await body_fields(request)
     unknown = sorted(set(fields) - RELEASE_FIELDS)
     if unknown:
@@ -124,6 +128,7 @@ async def release_firmware(request: Request) -> Response:
         groups=as_name_list(fields, "groups") if "groups" in fields else None,
         intelligent=as_bool(fields, "intelligent"),
         force=as_bool(fields, "force"),
+        force_window=as_bool(fields, "force_window"),
     )
     body = firmware_json(outcome.firmware)
     body.update(

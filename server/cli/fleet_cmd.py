@@ -120,15 +120,19 @@ def firmware_release(
                                      help="Push to online devices now."),
     force: bool = typer.Option(False, "--force", help="Release even if no device has run it "
                                "yet (audit-logged)."),
+    force_window: bool = typer.Option(False, "--force-window",
+                                      help="Offer at once even where a device's maintenance "
+                                      "window is closed (audit-logged)."),
     product: str = Product, api_url: str = ApiUrl, token: str | None = Token,
     as_json: bool = AsJson,
 ) -> None:
-    """Release a firmware version to the product default and/or to groups."""
+    """Release a firmware version to the product default and/or to groups. Offers start
+    only inside each device's maintenance window unless --force-window."""
     if not product_default and not group:
         fail("say where to release: --product-default and/or --group NAME", code=2)
     with _client(api_url, token) as client:
         result = client.release_firmware(product, version, product_default, group,
-                                         intelligent, force)
+                                         intelligent, force, force_window=force_window)
     _show(result, as_json, FIRMWARE_COLUMNS if isinstance(result, dict) and "version" in result
           else None)
 
@@ -222,13 +226,21 @@ def device_remove(device_id: str, product: str = Product, api_url: str = ApiUrl,
 @device_app.command("lock")
 def device_lock(
     device_id: str, version: int = typer.Option(..., "--version"),
-    flash_now: bool = typer.Option(False, "--flash-now", help="Update an online device now."),
+    flash_now: bool = typer.Option(False, "--flash-now", "--flash",
+                                   help="Update an online device now (inside its "
+                                   "maintenance window)."),
+    force_window: bool = typer.Option(False, "--force-window",
+                                      help="With --flash-now: even where the device's "
+                                      "maintenance window is closed (audit-logged)."),
     product: str = Product, api_url: str = ApiUrl, token: str | None = Token,
     as_json: bool = AsJson,
 ) -> None:
     """Lock a device to a firmware version (above every release)."""
+    if force_window and not flash_now:
+        fail("--force-window applies to a flash: give --flash-now with it", code=2)
+    extra = {"force_window": True} if force_window else {}
     _put_device(api_url, token, product, device_id, as_json,
-                desired_firmware_version=version, flash=flash_now)
+                desired_firmware_version=version, flash=flash_now, **extra)
 
 
 @device_app.command("unlock")

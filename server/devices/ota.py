@@ -54,6 +54,7 @@ from server.devices.tally import Tally
 from server.events import FIRMWARE_RELEASED, FLASH_REQUESTED, UPDATES_FORCED
 from server.fleet.base import Outcome
 from server.fleet.rollouts import ROLLOUT_EVENT_PREFIX
+from server.fleet.windows import WINDOW_CHANGED, window_change_cleared
 from server.store import Tx
 from server.store.tx_ota import OtaMemoryRecord
 
@@ -112,6 +113,8 @@ class OtaEngine:
         self.handled: dict[str, Tally] = {name: Tally() for name in _WATCHED}
         #: Rollout events handled (kicks asked) so far: a causal marker, as ``handled``.
         self.rollout_events_handled = Tally()
+        #: Window changes (``ota/window/changed``) handled so far: a causal marker.
+        self.window_events_handled = Tally()
         #: The planner's settings, rebuilt when ``config`` is replaced (see delivery_policy).
         self._policy: tuple[OtaConfig, DeliveryPolicy] | None = None
         plane.ota = self
@@ -270,6 +273,25 @@ class OtaEngine:
             for name in _WATCHED:
                 nursery.start_soon(self._watch, name)
             nursery.start_soon(self._watch_rollouts)
+            nursery.start_soon(self._watch_windows)
+
+    async def _watch_windows(self) -> None:
+        """A product's or group's maintenance window was set or cleared (here or in another
+        process): the gate knows it from now, and the product's devices a window held
+        re-check (a cleared or changed window may let their offer start now). Devices not
+        held are left alone: a new window only holds offers not yet started."""
+        while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
+            with self.plane.bus.subscribe(name_prefix=WINDOW_CHANGED, buffer=256,
+                                          cloud_only=True) as subscription:
+                async for event in subscription.receive:
+                    if event.name == WINDOW_CHANGED and event.product_id is not None:
+                        self.fleet.note_window_change(event.product_id,
+                                                      window_change_cleared(event.data))
+                        for updater in list(self.updaters.values()):
+                            if (updater.handler.product_id == event.product_id
+                                    and updater.rollout_retry_at is not None):
+                                updater.kick()
+                    self.window_events_handled.add()
 
     async def _watch_rollouts(self) -> None:
         """A rollout's phase started, it started or resumed: the product's online devices

@@ -147,7 +147,8 @@ class SessionUpdater:
         #: The active rollout that makes the device's target, as the last check read it
         #: (None: the releases make it); its outcomes are recorded with the OTA writes.
         self.rollout: RolloutOffer | None = None
-        #: When (fleet clock, ms) the last check's rollout answer changes by time alone.
+        #: When (fleet clock, ms) the last check's rollout answer, or its maintenance
+        #: windows' (see _window_allows), changes by time alone.
         self.rollout_retry_at: int | None = None
         #: The rollout's "downloading" is still to be recorded (see unrecorded_start).
         self._rollout_download_unrecorded = False
@@ -395,7 +396,8 @@ class SessionUpdater:
         offer = self.planner.next_offer(
             plan, {sha256: module.info for sha256, module in by_sha256.items()}, facts,
             engine.failed.get(self.device_id, set()))
-        if isinstance(offer, Offer) and await self._claim_rollout_offer():
+        if (isinstance(offer, Offer) and await self._window_allows(view, offer)
+                and await self._claim_rollout_offer()):
             # The device resets into the new module; its next hello continues.
             await self.deliver(view, by_sha256[offer.sha256], update_sha256=offer.update_sha256)
 
@@ -424,6 +426,28 @@ class SessionUpdater:
         if steering is None:
             return view
         return replace(view, target=steering.target, firmware=steering.firmware)
+
+    async def _window_allows(self, view: DeviceTarget, offer: Offer) -> bool:
+        """May a new offer of a release, lock or flash-now start now? Only inside the
+        device's maintenance windows (issue 15: its groups', else its product's), unless the
+        operator forced it past them; an update this engine already has in progress with
+        the device goes on (a transfer in progress may finish). A rollout's offer is its
+        own decision's (it applies the windows). Costs no store read when this process
+        knows the product has no window. When held, the check is asked again at the
+        windows' next opening (``rollout_retry_at``)."""
+        if self.rollout is not None:
+            return True
+        if self.engine.updating.get(self.device_id) == offer.update_sha256:
+            return True
+        gate = await self.engine.fleet.window_gate(view)
+        if not gate.allowed:
+            self.rollout_retry_at = gate.retry_at
+            what = (f"flash of v{view.pending_flash.version}" if view.pending_flash is not None
+                    else f"v{view.target.version} ({view.target.reason.name.lower()})")
+            log.info("offer of %s to %s held: %s", what, self.device_id, gate.detail)
+        elif gate.forced:
+            log.info("offer to %s forced by the operator: %s", self.device_id, gate.detail)
+        return gate.allowed
 
     async def _claim_rollout_offer(self) -> bool:
         """Before a new offer of a rollout's firmware: ask the rollout again in the write

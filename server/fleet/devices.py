@@ -23,6 +23,7 @@ from server.fleet.errors import DeviceRuleError, DuplicateError, UnknownFirmware
 from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS, foreign_product
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_filename, clean_group_name, clean_text, slugify
+from server.fleet.windows import FORCED_WINDOW_ACTION, forced_window_details
 from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx, UpdateStateRecord
 
 #: Fields ``PUT /v1/products/:p/devices/:id`` accepts (Particle's names).
@@ -31,6 +32,7 @@ DEVICE_FIELDS = frozenset(
         "development",
         "desired_firmware_version",
         "flash",
+        "force_window",
         "groups",
         "firmware_updates_forced",
         "name",
@@ -349,6 +351,14 @@ class DeviceService(FleetBase):
             fields["desired_firmware_version"] = None
             fields["flash_requested"] = False
         flash = _bool(changes["flash"], "flash") if "flash" in changes else False
+        # Issue 15: flash-now waits for the device's maintenance window unless forced.
+        force_window = (_bool(changes["force_window"], "force_window")
+                        if "force_window" in changes else False)
+        if force_window and not flash:
+            raise ValidationError(
+                "force_window only applies to a flash: give flash=true with it (a lock "
+                "alone is delivered inside the device's maintenance window)"
+            )
         group_names: list[str] | None = None
         if "groups" in changes:
             raw = changes["groups"]
@@ -402,6 +412,8 @@ class DeviceService(FleetBase):
             audit = dict(fields)
             if group_names is not None:
                 audit["groups"] = sorted(set(group_names))
+            if force_window:
+                audit["force_window"] = True  # what the window gate reads back
             tx.add_audit(
                 actor=actor.subject,
                 action="device.update",
@@ -410,6 +422,15 @@ class DeviceService(FleetBase):
                 details=audit,
                 now=now,
             )
+            if force_window:
+                tx.add_audit(
+                    actor=actor.subject,
+                    action=FORCED_WINDOW_ACTION,
+                    product_id=product.id,
+                    target=f"device:{device.id}",
+                    details=forced_window_details(flash=True, version=lock),
+                    now=now,
+                )
             updated = self._device_in(tx, product, device.id)
             view = self._view(tx, product, updated)
             pending = updates_pending_for(updated, product, view.target)

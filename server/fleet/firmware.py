@@ -19,6 +19,7 @@ from server.fleet.errors import (
 )
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_filename, clean_text
+from server.fleet.windows import FORCED_WINDOW_ACTION, forced_window_details
 from server.store import FirmwareRecord, ProductRecord, ReleaseRecord, Tx
 
 #: Module functions a product firmware upload may carry: the application.
@@ -352,6 +353,7 @@ class FirmwareService(FleetBase):
         groups: Sequence[str] | None = None,
         intelligent: bool = False,
         force: bool = False,
+        force_window: bool = False,
     ) -> ReleaseOutcome:
         """Set where ``version`` is released, as Particle's release call does.
 
@@ -360,6 +362,9 @@ class FirmwareService(FleetBase):
         exactly those groups (groups now releasing it but not listed are withdrawn); None
         leaves group releases alone. Adding a release needs the firmware to have been
         reported running on a device of the product, unless ``force`` (audit-logged).
+        Offers of the release start only inside each device's maintenance window, unless
+        ``force_window`` (audit-logged as forced past the window; a later release of the
+        same version without it withdraws the force).
         """
         return await self._run(
             self._release_sync,
@@ -370,6 +375,7 @@ class FirmwareService(FleetBase):
             None if groups is None else list(groups),
             intelligent,
             force,
+            force_window,
         )
 
     def _release_sync(
@@ -381,12 +387,14 @@ class FirmwareService(FleetBase):
         group_names: list[str] | None,
         intelligent: bool,
         force: bool,
+        force_window: bool = False,
     ) -> Outcome:
         actor.require(Permission.MANAGE_DEVICES, "release firmware")
         for flag, name in (
             (product_default, "product_default"),
             (intelligent, "intelligent"),
             (force, "force"),
+            (force_window, "force_window"),
         ):
             if flag is not None and not isinstance(flag, bool):
                 raise ValidationError(f"{name} must be true or false")
@@ -437,6 +445,7 @@ class FirmwareService(FleetBase):
                 else sorted(n for n in wanted.values() if n is not None),
                 "intelligent": intelligent,
                 "force": force,
+                "force_window": force_window,  # what the window gate reads back
                 "affected_devices": len(affected),
             }
             action = "firmware.release.forced" if forced else "firmware.release"
@@ -448,6 +457,18 @@ class FirmwareService(FleetBase):
                 details=details,
                 now=now,
             )
+            if force_window:
+                tx.add_audit(
+                    actor=actor.subject,
+                    action=FORCED_WINDOW_ACTION,
+                    product_id=product.id,
+                    target=f"firmware:{record.version}",
+                    details=forced_window_details(
+                        release=True, version=record.version,
+                        product_default=product_default, groups=details["groups"],
+                        intelligent=intelligent),
+                    now=now,
+                )
             view = firmware_views(tx, product.id, [record])[0]
         data = {
             "version": record.version,
