@@ -147,6 +147,10 @@ async def test_release_kick_plans_from_its_view_only_when_it_follows_the_describ
             await rig.wait_device(device_id, lambda d: d["online"] and d["modules"])
             engine = rig.engine
             updater = engine.updaters[device_id]
+            # The API shows the modules once the Describe's write committed; the handler
+            # notes the time just after that write returns to it: wait for that, too.
+            with trio.fail_after(STEP):
+                await updater.handler.described.wait()
             described_at = updater.handler.described_at
             assert described_at is not None
             view = await engine.fleet.target_for_device(device_id)
