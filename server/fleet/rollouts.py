@@ -37,6 +37,7 @@ from otacore.rollout import (
 )
 from otacore.rollout.errors import RolloutOutcomeError, RolloutStateError
 from otacore.rollout.outcomes import IN_FLIGHT
+from otacore.rollout.outcomes import Outcome as DeviceOutcome
 from otacore.rollout.phases import PlanKind
 from otacore.rollout.spec import RolloutSpec, rollout_spec
 from otacore.rollout.targets import RolloutScope
@@ -57,7 +58,7 @@ from server.fleet.errors import (
 from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_group_name, clean_text
 from server.fleet.windows import WindowService
-from server.store import DeviceRecord, FirmwareRecord, ProductRecord, Tx
+from server.store import DeviceRecord, FirmwareRecord, ProductRecord, ReleaseRecord, Tx
 from server.store.tx_rollouts import (
     DeviceOutcomeRecord,
     RolloutEventRecord,
@@ -81,6 +82,9 @@ _STEERING_VERDICTS = frozenset({Verdict.OFFER, Verdict.IN_FLIGHT, Verdict.SUCCEE
 ROLLOUT_PRODUCTS_MAX_AGE = 60.0
 #: Names of the statuses of a device with the rollout's firmware on its way.
 _IN_FLIGHT_NAMES = frozenset(o.value for o in IN_FLIGHT)
+#: The stored status of a device that installed the rollout's version and passed its
+#: self-test.
+_SUCCEEDED = DeviceOutcome.SUCCEEDED.value
 
 #: Scope needed to change rollouts (a rollout releases firmware).
 ROLLOUT_SCOPE = "firmware:release"
@@ -157,6 +161,32 @@ def shown_phase(index: int | None) -> int | None:
     """A phase as operators see it: numbered from 1, as ``phases[].phase`` and the events'
     reasons ("phase 1 of 3") number it (the policy and the store index from 0)."""
     return None if index is None else index + 1
+
+
+def _release_times(records: Collection[ReleaseRecord]) -> dict[str | None, int]:
+    """When each of a product's releases was last made, by group name (None: the product
+    default)."""
+    return {r.group_name: r.released_at for r in records}
+
+
+def _aborted_at(record: RolloutRecord) -> int:
+    """When an aborted rollout was aborted (its last change, for states saved before the
+    abort time was kept)."""
+    at = record.state_data.get("aborted_at")
+    return int(at) if isinstance(at, int) else record.updated_at
+
+
+def _keeps(record: RolloutRecord, released: Mapping[str | None, int]) -> bool:
+    """True when an aborted rollout may still keep devices on its version: some device
+    succeeded in it, and not every release it would have made was made again since the
+    abort (see ``RolloutService._kept_offer`` for the rule per device)."""
+    devices = record.state_data.get("devices", {})
+    if not any(isinstance(p, list) and len(p) > 1 and p[1] == _SUCCEEDED
+               for p in devices.values()):
+        return False
+    aborted_at = _aborted_at(record)
+    scopes: tuple[str | None, ...] = record.groups or (None,)
+    return any(released.get(scope, -1) <= aborted_at for scope in scopes)
 
 
 def _rollout_id(value: object) -> int:
@@ -516,9 +546,9 @@ class RolloutService(WindowService):
         skipped."""
 
         views = []
-        running = await self._read(self._active_rollouts)
+        running, steering = await self._read(self._active_rollouts)
         # What this process knows of other processes' rollouts is refreshed here.
-        self._set_rollout_products({product_id for product_id, _ in running})
+        self._set_rollout_products(steering)
         for product_id, rollout_id in running:
             try:
                 views.append(await self.tick_rollout(product_id, rollout_id))
@@ -594,8 +624,8 @@ class RolloutService(WindowService):
         known: set[int] | None = self.__dict__.get("_rollout_products")
         loaded_at: float = self.__dict__.get("_rollout_products_at", 0.0)
         if known is None or trio.current_time() - loaded_at > ROLLOUT_PRODUCTS_MAX_AGE:
-            self._set_rollout_products(
-                {product for product, _ in await self._read(self._active_rollouts)})
+            _, steering = await self._read(self._active_rollouts)
+            self._set_rollout_products(steering)
             known = self.__dict__["_rollout_products"]
             assert known is not None
         return product_id in known
@@ -604,15 +634,26 @@ class RolloutService(WindowService):
         self.__dict__["_rollout_products"] = products
         self.__dict__["_rollout_products_at"] = trio.current_time()
 
-    def _active_rollouts(self) -> list[tuple[int, int]]:
-        """(product id, rollout id) of every scheduled, running or paused rollout."""
+    def _active_rollouts(self) -> tuple[list[tuple[int, int]], set[int]]:
+        """(product id, rollout id) of every scheduled, running or paused rollout, and the
+        products where a rollout may steer a device: those, and those with an aborted
+        rollout that still keeps its succeeded devices on its version (:func:`_keeps`)."""
         with self.store.read() as tx:
             q = RolloutQueries(tx.conn)
-            return [
-                (product.id, record.id)
-                for product in tx.list_products()
-                for record in q.list_rollouts(product.id, active_only=True)
-            ]
+            active: list[tuple[int, int]] = []
+            steering: set[int] = set()
+            for product in tx.list_products():
+                records = q.list_rollouts(product.id)
+                for record in records:
+                    if record.state in _STEERING_STATES:
+                        active.append((product.id, record.id))
+                        steering.add(product.id)
+                aborted = [r for r in records if r.state == State.ABORTED.value]
+                if aborted and product.id not in steering:
+                    released = _release_times(tx.list_releases(product.id))
+                    if any(_keeps(r, released) for r in aborted):
+                        steering.add(product.id)
+            return active, steering
 
     def note_rollout_product(self, product_id: int, active: bool = True) -> None:
         """Note that the product has (or, ``active`` False, has no) active rollout: what
@@ -641,13 +682,60 @@ class RolloutService(WindowService):
     def _rollout_offer_in(self, tx: Tx, device: DeviceRecord, product: ProductRecord,
                           now: int) -> RolloutOffer | None:
         q = RolloutQueries(tx.conn)
-        records = [r for r in q.list_rollouts(product.id, active_only=True)
-                   if r.state in _STEERING_STATES]
-        if not records:
+        every = q.list_rollouts(product.id)
+        records = [r for r in every if r.state in _STEERING_STATES]
+        release_records = tx.list_releases(product.id) if every else []
+        released = _release_times(release_records)
+        keeping = [r for r in every
+                   if r.state == State.ABORTED.value and _keeps(r, released)]
+        if not records and not keeping:
             self.note_rollout_product(product.id, active=False)
             return None
-        releases = releases_of(tx.list_releases(product.id))
+        releases = releases_of(release_records)
         targeting = targeting_of(device)
+        active = self._active_offer(tx, q, device, product, records, releases, targeting, now)
+        if active is not None and active.steers:
+            return active
+        # No active rollout steers the device now (none decides it, or its phase is not
+        # open yet): one aborted earlier that it succeeded in keeps it on that version.
+        kept = self._kept_offer(tx, device, product, keeping, releases, released, targeting,
+                                now)
+        return kept or active
+
+    def _kept_offer(self, tx: Tx, device: DeviceRecord, product: ProductRecord,
+                    keeping: list[RolloutRecord], releases: ProductReleases,
+                    released: Mapping[str | None, int], targeting: DeviceTargeting,
+                    now: int) -> RolloutOffer | None:
+        """The newest aborted rollout that keeps ``device`` on its version: the device
+        succeeded in it, still runs that version, and its release (product default or
+        the group deciding it) was not made again since the abort. An operator's lock,
+        or a release made after the abort, ends it (issue 15, as hawkBit and AWS IoT Jobs:
+        an abort never downgrades devices that installed the version)."""
+        for record in sorted(keeping, key=lambda r: (not r.groups, -r.id)):
+            if device.firmware_version != record.version:
+                continue  # it left the version since (a lock, a later release): not kept
+            scope = self._rollout_scope(record)
+            overlay = scope.overlay(releases)
+            touched = record.state_data.get("devices", {})
+            if device.id not in touched or not scope.decides(
+                    device.id, targeting, device.firmware_version, overlay, touched):
+                continue
+            target = target_firmware_for(targeting, overlay)
+            aborted_at = _aborted_at(record)
+            if released.get(target.group if record.groups else None, -1) > aborted_at:
+                continue  # its release was made again after the abort: that one rules
+            machine = Rollout.from_dict(record.state_data)  # no target set: not needed
+            decision = machine.may_offer(device.id, now)
+            if decision.verdict is Verdict.SUCCEEDED:
+                return RolloutOffer(product.id, record.id, target,
+                                    tx.get_firmware(product.id, record.version), decision)
+        return None
+
+    def _active_offer(self, tx: Tx, q: RolloutQueries, device: DeviceRecord,
+                      product: ProductRecord, records: list[RolloutRecord],
+                      releases: ProductReleases, targeting: DeviceTargeting,
+                      now: int) -> RolloutOffer | None:
+        """What the first active rollout that decides the device's firmware says."""
         windows = None
         # Group rollouts first: a group release wins over the product default (precedence),
         # and decides() tells each rollout's own devices apart.
