@@ -38,6 +38,9 @@ _IN_FLIGHT_NAMES = frozenset(o.value for o in IN_FLIGHT)
 #: The stored status of a device that installed the rollout's version and passed its
 #: self-test.
 _SUCCEEDED = DeviceOutcome.SUCCEEDED.value
+#: Statuses in an aborted rollout that keep its product's sessions asking it (the OTA
+#: engine records outcomes only where a rollout may steer).
+_KEPT_OR_ARRIVING = frozenset({_SUCCEEDED, DeviceOutcome.REBOOTING.value})
 
 
 def _release_times(records: Collection[ReleaseRecord]) -> dict[str | None, int]:
@@ -55,10 +58,12 @@ def _aborted_at(record: RolloutRecord) -> int:
 
 def _keeps(record: RolloutRecord, released: Mapping[str | None, int]) -> bool:
     """True when an aborted rollout may still keep devices on its version: some device
-    succeeded in it, and not every release it would have made was made again since the
-    abort (see ``RolloutService._kept_offer`` for the rule per device)."""
+    succeeded in it, or was rebooting into it at the abort (it installed the image; its
+    outcome still arrives and is recorded, so it may be kept too), and not every release
+    it would have made was made again since the abort (see
+    ``RolloutService._kept_offer`` for the rule per device)."""
     devices = record.state_data.get("devices", {})
-    if not any(isinstance(p, list) and len(p) > 1 and p[1] == _SUCCEEDED
+    if not any(isinstance(p, list) and len(p) > 1 and p[1] in _KEPT_OR_ARRIVING
                for p in devices.values()):
         return False
     aborted_at = _aborted_at(record)
