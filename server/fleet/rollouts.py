@@ -167,8 +167,9 @@ class RolloutService(RolloutOperations, RolloutBase):
     # --- the OTA engine's side ------------------------------------------------------------
 
     async def rollouts_may_steer(self, product_id: int) -> bool:
-        """False when this process knows the product has no active rollout, so a device
-        session asks nothing more than its target (no store read added to it). Known from
+        """False when this process knows the product has no active rollout (nor an
+        aborted one that still keeps devices on its version, see :meth:`_kept_offer`), so
+        a device session asks nothing more than its target (no store read added to it). Known from
         a read at the first ask, this process's own rollouts and the rollout events it
         hears since, and refreshed by every :meth:`tick_active_rollouts` (the main
         process's periodic tick) or, in a process that does not tick (a worker), by a read
