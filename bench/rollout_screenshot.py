@@ -4,9 +4,10 @@
 It runs a real rollout: the real server (REST API, TLS 1.3 / DTLS 1.2 device plane, OTA
 engine) on a temporary data directory, 30 emulated devices on real sockets running v1, and
 a v2 that fails its self-test rolled out in phases 10%, 50% and 100% with
-``max_failure_percent 20`` and ``on_failure abort``, as in README "Rolling out safely". Once
-the rollout aborted and its devices mid-update reported back, the view the CLI draws from ``GET .../rollouts/ID`` is rendered with
-rich's own SVG export (``Console(record=True)``, ``save_svg``).
+``max_failure_percent 20`` and ``on_failure abort``, as in README "Rolling out safely".
+Once the rollout aborted and its devices mid-update reported back, the view the CLI draws
+from ``GET .../rollouts/ID`` is rendered with rich's own SVG export
+(``Console(record=True)``, ``save_svg``).
 
 Run from the repository root::
 
