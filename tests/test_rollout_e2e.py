@@ -126,6 +126,10 @@ async def test_a_bad_release_aborts_in_phase_one_and_a_good_one_completes(
             for device_id in ids:
                 await rig.engine_done(device_id)
             assert set(await _offered(rig, bad["id"])) == set(offered)
+            # A device rebooting into v2 at the abort had installed it: its rollback still
+            # arrives and counts (none is left "rebooting" once every device is on v1).
+            counts = (await _show(rig, bad["id"]))["counts"]
+            assert counts["rebooting"] == 0 and counts["rolled_back"] >= 1, counts
             assert all(product_version(fleet, d) == 1 for d in ids)
 
             good = await _create_rollout(rig, 3)

@@ -67,6 +67,9 @@ class Rollout:
         self.state = State.SCHEDULED
         #: Why the rollout is paused, aborted or completed (None while it runs).
         self.reason: str | None = None
+        #: Epoch ms the rollout was aborted (None: not aborted); a release made later
+        #: supersedes what it keeps (see :meth:`may_offer`).
+        self.aborted_at: int | None = None
         #: Epoch ms each opened phase opened at (its length = phases opened).
         self.opened_at: list[int] = []
         #: Epoch ms each phase met its success condition (None: not yet).
@@ -178,6 +181,14 @@ class Rollout:
         windows that apply to the device (none: always open); ``force_window`` lets the
         offer start outside them (the decision says ``forced``: audit-log it)."""
         if self.state is State.ABORTED:
+            progress = self.devices.get(device_id)
+            if progress is not None and progress.status is Outcome.SUCCEEDED:
+                # As hawkBit and AWS IoT Jobs: an abort stops new offers and discards
+                # downloads; a device that installed the version and passed its self-test
+                # keeps it (no downgrade to the release's older version).
+                return Decision(Verdict.SUCCEEDED,
+                                "the device succeeded before the abort and keeps the version",
+                                progress.phase)
             return Decision(Verdict.ABORTED, f"rollout aborted: {self.reason}")
         if self.state is State.SCHEDULED:
             return Decision(
@@ -438,6 +449,7 @@ class Rollout:
                ) -> RolloutEvent:
         self.state = State.ABORTED
         self.reason = reason
+        self.aborted_at = now
         # Devices mid-transfer discard it; one already rebooting has installed the image
         # (its outcome still arrives and counts).
         downloading = (Outcome.OFFERED, Outcome.DOWNLOADING)
@@ -550,6 +562,7 @@ class Rollout:
             "rate": self.rate,
             "since_increase": [self.offered_since_increase, self.succeeded_since_increase],
             "acknowledged": dict(self.acknowledged),
+            "aborted_at": self.aborted_at,
         }
 
     @classmethod
@@ -584,6 +597,8 @@ class Rollout:
             rollout.offered_since_increase, rollout.succeeded_since_increase = since
             acks = data["acknowledged"]
             rollout.acknowledged = {str(k): int(v) for k, v in acks.items()}  # type: ignore[attr-defined]
+            aborted_at = data.get("aborted_at")  # absent in states saved before it existed
+            rollout.aborted_at = None if aborted_at is None else int(aborted_at)  # type: ignore[call-overload]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RolloutFormatError(f"malformed rollout state: {exc!r}") from None
         phases = len(rollout.policy.plan.phases)

@@ -1,0 +1,339 @@
+"""Safe rollouts (issue 15): what the operator's side (:mod:`server.fleet.rollouts`) and
+the OTA engine's side (:mod:`server.fleet.rollout_engine`) share: the views, and loading a
+rollout from the store with its current target set, applying one change and saving it in
+the same transaction (so a restart resumes exactly), appending its events to
+``rollout_events`` and publishing them on the bus as ``ota/rollout/<kind>`` after the
+commit.
+
+The policy itself is the sans-IO :class:`otacore.rollout.Rollout`.
+
+The target set is the release's, after Particle's precedence rules (``otacore.precedence``):
+devices whose firmware the rollout's release (product default, or its groups) would decide,
+if it were released. Devices already running the version and never touched by the rollout
+are left out (nothing to deliver to them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from otacore.errors import ValidationError
+from otacore.precedence import DeviceTargeting, ProductReleases, Target
+from otacore.rollout import (
+    Decision,
+    EventKind,
+    Rollout,
+    RolloutCounts,
+    RolloutEvent,
+    State,
+    Verdict,
+)
+from otacore.rollout.errors import RolloutStateError
+from otacore.rollout.phases import PlanKind
+from otacore.rollout.targets import RolloutScope
+from server.events import FIRMWARE_RELEASED, Event
+from server.fleet.base import Outcome, releases_of, targeting_of
+from server.fleet.errors import RolloutConflictError, UnknownRolloutError
+from server.fleet.roles import Actor, Permission
+from server.fleet.windows import WindowService
+from server.store import DeviceRecord, FirmwareRecord, ProductRecord, Tx
+from server.store.tx_rollouts import (
+    RolloutEventRecord,
+    RolloutQueries,
+    RolloutRecord,
+    TargetingRow,
+)
+
+#: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
+ROLLOUT_EVENT_PREFIX = "ota/rollout/"
+#: Rollout states in which it may steer a device's target (see :meth:`rollout_offer`).
+_STEERING_STATES = frozenset({State.SCHEDULED.value, State.RUNNING.value, State.PAUSED.value})
+#: Verdicts that make the rollout's version the device's target: a new offer may start, a
+#: transfer (or reboot) in progress goes on (issue 15: a transfer in progress may finish
+#: after its window closed, or during a pause), or the device already succeeded.
+_STEERING_VERDICTS = frozenset({Verdict.OFFER, Verdict.IN_FLIGHT, Verdict.SUCCEEDED})
+
+#: Seconds a process that does not tick rollouts trusts what it knows of which products
+#: have active rollouts (it hears of new ones by their events, relayed between processes;
+#: this bounds how long a missed event goes unnoticed).
+ROLLOUT_PRODUCTS_MAX_AGE = 60.0
+
+#: Scope needed to change rollouts (a rollout releases firmware).
+ROLLOUT_SCOPE = "firmware:release"
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout with its counts (per phase and total) and its latest events."""
+
+    record: RolloutRecord
+    rollout: Rollout
+    counts: RolloutCounts
+    events: tuple[RolloutEventRecord, ...]
+
+    @property
+    def state(self) -> State:
+        """The rollout's state."""
+        return self.rollout.state
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``ota rollout show --json`` prints and a script polls."""
+        return {
+            "id": self.record.id,
+            "product_id": self.record.product_id,
+            "version": self.record.version,
+            "groups": list(self.record.groups),
+            "immediate": self.record.immediate,
+            "forced": self.record.forced,
+            **self.rollout.summary(self.counts),
+            "events": [
+                {"at": e.at, "kind": e.kind, "phase": shown_phase(e.phase), "by": e.actor,
+                 "reason": e.reason, "data": e.data}
+                for e in self.events
+            ],
+            "created_by": self.record.created_by,
+            "created_at": self.record.created_at,
+            "updated_at": self.record.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class RolloutOffer:
+    """What an active rollout says about one device's target: the rollout, its version's
+    firmware and the decision of :meth:`Rollout.may_offer` (applying the device's
+    maintenance windows)."""
+
+    product_id: int
+    rollout_id: int
+    #: The device's target were the rollout's release made (precedence applied).
+    target: Target
+    firmware: FirmwareRecord | None
+    decision: Decision
+
+    @property
+    def steers(self) -> bool:
+        """True when the rollout's version is the device's target now (a new offer may
+        start, one in progress goes on, or the device already runs it); False: the device
+        stays on what the releases give it (it is re-checked on the rollout's events)."""
+        return self.decision.verdict in _STEERING_VERDICTS and self.firmware is not None
+
+    @property
+    def new_offer(self) -> bool:
+        """True when a new offer may start (it is claimed with :meth:`claim_rollout_offer`
+        before it is sent)."""
+        return self.decision.verdict is Verdict.OFFER
+
+    @property
+    def version(self) -> int:
+        """The rollout's firmware version."""
+        assert self.target.version is not None  # a rollout decides only with its version
+        return self.target.version
+
+
+def shown_phase(index: int | None) -> int | None:
+    """A phase as operators see it: numbered from 1, as ``phases[].phase`` and the events'
+    reasons ("phase 1 of 3") number it (the policy and the store index from 0)."""
+    return None if index is None else index + 1
+
+
+def _rollout_id(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"rollout id {value!r} must be a positive whole number")
+    return value
+
+
+#: A product's targeting rows and its releases (what a rollout's target set comes from).
+_TargetingInputs = tuple[list[TargetingRow], ProductReleases]
+
+
+class RolloutBase(WindowService):
+    """Loading, changing and saving rollouts (and, inherited, maintenance windows)."""
+
+    # --- loading and saving --------------------------------------------------------------
+
+    @staticmethod
+    def _rollout_record(
+        q: RolloutQueries, product: ProductRecord, rollout_id: object
+    ) -> RolloutRecord:
+        rid = _rollout_id(rollout_id)
+        record = q.get_rollout(product.id, rid)
+        if record is None:
+            raise UnknownRolloutError(f"product {product.slug} has no rollout {rid}")
+        return record
+
+    @staticmethod
+    def _rollout_scope(record: RolloutRecord) -> RolloutScope:
+        return RolloutScope(record.version, record.groups, record.immediate)
+
+    @staticmethod
+    def _targeting_inputs(tx: Tx, product: ProductRecord) -> _TargetingInputs:
+        """What every rollout of the product reads to find its target set (read once for
+        a listing of many rollouts)."""
+        return (RolloutQueries(tx.conn).device_targeting(product.id),
+                releases_of(tx.list_releases(product.id)))
+
+    @classmethod
+    def _rollout_targets(
+        cls, tx: Tx, product: ProductRecord, scope: RolloutScope, touched: Collection[str],
+        inputs: _TargetingInputs | None = None,
+    ) -> set[str]:
+        """Devices whose firmware this rollout's release decides (see the module doc)."""
+        rows, releases = inputs or cls._targeting_inputs(tx, product)
+        overlay = scope.overlay(releases)
+        return {
+            d.device_id
+            for d in rows
+            if scope.decides(d.device_id, DeviceTargeting(d.development, d.locked_version,
+                                                          d.groups),
+                             d.firmware_version, overlay, touched)
+        }
+
+    def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                         record: RolloutRecord, *, only: DeviceRecord | None = None,
+                         inputs: _TargetingInputs | None = None) -> Rollout:
+        """The rollout's state machine with its current target set; ``only``: with just
+        that device's membership (enough for its offer decision under a percent plan,
+        whose phases follow from positions; a count plan needs every target to place);
+        ``inputs``: the product's targeting rows and releases, when already read."""
+        touched = record.state_data.get("devices", {})
+        scope = self._rollout_scope(record)
+        if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
+            overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+            decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
+                                    overlay, touched)
+            return Rollout.from_dict(record.state_data, [only.id] if decides else [])
+        return Rollout.from_dict(record.state_data,
+                                 self._rollout_targets(tx, product, scope, touched, inputs))
+
+    def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
+              machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
+        q.update_rollout(record.id, state=machine.state.value, reason=machine.reason,
+                         state_data=machine.to_dict(), now=now)
+        q.put_device_outcomes(
+            record.id,
+            (
+                (d, p.phase, None if p.status is None else p.status.value, p.failures,
+                 p.held_until)
+                for d, p in machine.devices.items()
+            ),
+            now,
+        )
+        q.add_rollout_events(record.id, [e.to_dict() for e in events])
+        return [
+            Event(
+                ROLLOUT_EVENT_PREFIX + e.kind.value,
+                json.dumps({"rollout": record.id, "version": record.version, **e.to_dict(),
+                            "phase": shown_phase(e.phase)}),
+                product_id=product.id,
+                published_at=now,
+            )
+            for e in events
+        ]
+
+    def _release_if_completed(self, tx: Tx, product: ProductRecord, record: RolloutRecord,
+                              events: list[RolloutEvent], now: int) -> list[Event]:
+        """A completed rollout becomes its release (product default or its groups), as a
+        Particle release of the version would: devices that join the target set later get
+        it, and the devices it updated keep it once the rollout no longer steers them."""
+        if not any(e.kind is EventKind.COMPLETED for e in events):
+            return []
+        scopes: list[int | None] = [None] if not record.groups else []
+        for name in record.groups:
+            group = tx.get_group(product.id, name)
+            if group is not None:  # a group deleted meanwhile is released nowhere
+                scopes.append(group.id)
+        for group_id in scopes:
+            tx.set_release(product.id, group_id, version=record.version,
+                           intelligent=record.immediate, actor=f"rollout:{record.id}", now=now)
+        tx.add_audit(actor=f"rollout:{record.id}", action="firmware.release",
+                     product_id=product.id, target=f"firmware:{record.version}",
+                     details={"version": record.version, "rollout": record.id,
+                              "groups": list(record.groups), "intelligent": record.immediate},
+                     now=now)
+        data = {"version": record.version, "immediate": record.immediate,
+                "product_default": not record.groups, "groups": list(record.groups),
+                "rollout": record.id}
+        return [Event(FIRMWARE_RELEASED, json.dumps(data), product_id=product.id,
+                      published_at=now)]
+
+    def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
+                      now: int) -> RolloutView:
+        fresh = q.get_rollout(record.product_id, record.id) or record
+        return RolloutView(fresh, machine, machine.counts(now),
+                           tuple(q.rollout_events(record.id)))
+
+    def _change_rollout(
+        self,
+        product_ref: int | str,
+        rollout_id: object,
+        apply: Callable[[Rollout, int], list[RolloutEvent]],
+        *,
+        actor: Actor | None = None,
+        audit: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> Outcome:
+        """Load, tick, apply one change, save, in a transaction of its own."""
+        work = self._rollout_change_work(product_ref, rollout_id, apply, actor=actor,
+                                         audit=audit, details=details)
+        with self.store.write() as tx:
+            return work(tx)
+
+    def _rollout_change_work(
+        self,
+        product_ref: int | str,
+        rollout_id: object,
+        apply: Callable[[Rollout, int], list[RolloutEvent]],
+        *,
+        actor: Actor | None = None,
+        audit: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> Callable[[Tx], Outcome]:
+        """The store work of one change: load, tick, apply, save; the view and the bus
+        events."""
+
+        def work(tx: Tx) -> Outcome:
+            now = self.clock()
+            product = self._product(tx, product_ref)
+            q = RolloutQueries(tx.conn)
+            record = self._rollout_record(q, product, rollout_id)
+            if actor is not None:
+                actor.require(Permission.MANAGE_DEVICES, "change rollouts")
+                actor.require_scope(ROLLOUT_SCOPE, product.id, "change rollouts", product.slug)
+            machine = self._rollout_machine(tx, q, product, record)
+            try:
+                events = machine.tick(now) + apply(machine, now)
+            except RolloutStateError as exc:
+                raise RolloutConflictError(str(exc)) from None
+            bus_events = self._save_rollout(q, product, record, machine, events, now)
+            bus_events += self._release_if_completed(tx, product, record, events, now)
+            if actor is not None and audit is not None:
+                tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
+                             target=f"rollout:{record.id}", details=dict(details or {}),
+                             now=now)
+            return Outcome(self._rollout_view(q, record, machine, now), bus_events)
+
+        return work
+
+    # --- which products have rollouts ----------------------------------------------------
+
+    def note_rollout_product(self, product_id: int, active: bool = True) -> None:
+        """Note that the product has (or, ``active`` False, has no) active rollout: what
+        :meth:`rollouts_may_steer` answers from (another process's rollout events, relayed
+        to this one, are noted by the OTA engine as they arrive)."""
+        known: set[int] | None = self.__dict__.get("_rollout_products")
+        if known is None:
+            return  # unknown: every product may have one until the first tick
+        if active:
+            known.add(product_id)
+        else:
+            known.discard(product_id)
+
+    def _set_rollout_products(self, products: set[int]) -> None:
+        self.__dict__["_rollout_products"] = products
+        self.__dict__["_rollout_products_at"] = trio.current_time()
