@@ -28,27 +28,13 @@ from tests.test_ota_e2e_kit import (
     running,
     transfers_of,
 )
+from tests.test_rollout_e2e import create_rollout, show_rollout
 
 DEVICES = 8
 ROLLOUT_STEP = 4 * STEP
 #: Phase 1 is three devices (a count: the device ids are random, a percentage could
 #: place none); phase 2 waits an hour after phase 1 succeeded: it never opens here.
 HELD_POLICY = {"phases": "#3,all", "phase_wait": 60, "force": True}
-
-
-async def _rollout(rig: OtaRig, version: int, **policy: Any) -> dict[str, Any]:
-    response = await rig.api.post(f"/v1/products/{rig.product}/rollouts",
-                                  json={"version": version, **policy})
-    assert response.status_code == 201, response.text
-    rollout: dict[str, Any] = response.json()["rollout"]
-    return rollout
-
-
-async def _show(rig: OtaRig, rollout_id: int) -> dict[str, Any]:
-    response = await rig.api.get(f"/v1/products/{rig.product}/rollouts/{rollout_id}")
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body.get("rollout", body)
 
 
 def _on(version: int, devices: set[str]) -> Any:
@@ -82,7 +68,7 @@ async def test_an_abort_keeps_the_devices_that_succeeded_on_the_version(
         fleet = rig.fleet([(d, TRANSPORTS[i % 2]) for i, d in enumerate(ids)])
         async with running(fleet):
             await fleet.wait_until(_on(1, set(ids)), timeout=ROLLOUT_STEP)
-            rollout = await _rollout(rig, 2, **HELD_POLICY)
+            rollout = await create_rollout(rig, 2, **HELD_POLICY)
             service = rig.kit.handle.fleet
             view = await service.get_rollout(rig.product, rollout["id"])
             first = set(view.rollout.members(0))
@@ -91,7 +77,7 @@ async def test_an_abort_keeps_the_devices_that_succeeded_on_the_version(
             assert len(first) == 3 and rest, first
             await fleet.wait_until(_on(2, first), timeout=ROLLOUT_STEP)
             with trio.fail_after(ROLLOUT_STEP):
-                while (await _show(rig, rollout["id"]))["phases"][0]["counts"][
+                while (await show_rollout(rig, rollout["id"]))["phases"][0]["counts"][
                         "succeeded"] < len(first):
                     await trio.sleep(0.05)
 
@@ -99,7 +85,7 @@ async def test_an_abort_keeps_the_devices_that_succeeded_on_the_version(
                 f"/v1/products/{rig.product}/rollouts/{rollout['id']}/abort",
                 json={"reason": "operator: stop here"})
             assert response.status_code == 200, response.text
-            shown = await _show(rig, rollout["id"])
+            shown = await show_rollout(rig, rollout["id"])
             assert shown["state"] == "aborted" and "stop here" in shown["reason"]
 
             # Every device starts a fresh session after the abort: its target is decided
@@ -125,8 +111,8 @@ async def test_an_abort_keeps_the_devices_that_succeeded_on_the_version(
             assert set(transfers_of(rig.events, 1)) == first
 
             # A later rollout reaches everyone and becomes the release.
-            good = await _rollout(rig, 3, phases="100", force=True)
+            good = await create_rollout(rig, 3, phases="100", force=True)
             with trio.fail_after(ROLLOUT_STEP):
-                while (await _show(rig, good["id"]))["state"] != "completed":
+                while (await show_rollout(rig, good["id"]))["state"] != "completed":
                     await trio.sleep(0.1)
             await fleet.wait_until(_on(3, set(ids)), timeout=ROLLOUT_STEP)

@@ -36,15 +36,16 @@ POLICY = {"phases": "10,50,100", "max_failure_percent": 20, "on_failure": "abort
           "force": True}
 
 
-async def _create_rollout(rig: OtaRig, version: int) -> dict[str, Any]:
+async def create_rollout(rig: OtaRig, version: int, **policy: Any) -> dict[str, Any]:
+    """Create a rollout of ``version`` over REST (``POLICY`` unless ``policy`` is given)."""
     response = await rig.api.post(f"/v1/products/{rig.product}/rollouts",
-                                  json={"version": version, **POLICY})
+                                  json={"version": version, **(policy or POLICY)})
     assert response.status_code == 201, response.text
     rollout: dict[str, Any] = response.json()["rollout"]
     return rollout
 
 
-async def _show(rig: OtaRig, rollout_id: int) -> dict[str, Any]:
+async def show_rollout(rig: OtaRig, rollout_id: int) -> dict[str, Any]:
     """What ``ota rollout show --json`` prints (what a script polls)."""
     response = await rig.api.get(f"/v1/products/{rig.product}/rollouts/{rollout_id}")
     assert response.status_code == 200, response.text
@@ -55,7 +56,7 @@ async def _show(rig: OtaRig, rollout_id: int) -> dict[str, Any]:
 async def _wait_state(rig: OtaRig, rollout_id: int, state: str) -> dict[str, Any]:
     with trio.fail_after(ROLLOUT_STEP):
         while True:
-            shown = await _show(rig, rollout_id)
+            shown = await show_rollout(rig, rollout_id)
             if shown["state"] == state:
                 return shown
             assert shown["state"] in ("running", state), shown
@@ -104,7 +105,7 @@ async def test_a_bad_release_aborts_in_phase_one_and_a_good_one_completes(
         async with running(fleet):
             await fleet.wait_until(_all_on(1), timeout=ROLLOUT_STEP)
 
-            bad = await _create_rollout(rig, 2)
+            bad = await create_rollout(rig, 2)
             view = await rig.kit.handle.fleet.get_rollout(rig.product, bad["id"])
             first = set(view.rollout.members(0))
             # About 10% of 60 (placement is a stable hash of device and rollout, not a draw).
@@ -128,11 +129,11 @@ async def test_a_bad_release_aborts_in_phase_one_and_a_good_one_completes(
             assert set(await _offered(rig, bad["id"])) == set(offered)
             # A device rebooting into v2 at the abort had installed it: its rollback still
             # arrives and counts (none is left "rebooting" once every device is on v1).
-            counts = (await _show(rig, bad["id"]))["counts"]
+            counts = (await show_rollout(rig, bad["id"]))["counts"]
             assert counts["rebooting"] == 0 and counts["rolled_back"] >= 1, counts
             assert all(product_version(fleet, d) == 1 for d in ids)
 
-            good = await _create_rollout(rig, 3)
+            good = await create_rollout(rig, 3)
             shown = await _wait_state(rig, good["id"], "completed")
             assert shown["counts"]["succeeded"] == DEVICES, shown["counts"]
             kinds = [e["kind"] for e in shown["events"]]
