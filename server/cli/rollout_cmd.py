@@ -349,8 +349,3 @@ def window_show(product: str = Product, api_url: str = ApiUrl, token: str | None
         return
     _table([{**r, "group": r.get("group") or "(product)"} for r in rows], WINDOW_COLUMNS)
 
-
-def attach(app: typer.Typer, product_app: typer.Typer) -> None:
-    """Add ``ota rollout ...`` to ``app`` and ``ota product window ...`` to ``product_app``."""
-    app.add_typer(rollout_app, name="rollout")
-    product_app.add_typer(window_app, name="window")
