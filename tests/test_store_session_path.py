@@ -217,7 +217,12 @@ async def test_hello_finishing_a_flash_reads_the_next_one(store: Store, fleet: F
         for version in (1, 2):
             _firmware(tx, product.id, version)
         older = _flash(tx, D1, 1, "started")  # a flash still under way ...
-        _flash(tx, D1, 2, "pending")  # ... and a newer one (pending flashes are superseded)
+        # ... and a newer one, as an older server left them (insert_flash now supersedes
+        # every open flash, so it is written directly).
+        tx.conn.execute(sa.insert(t.device_flashes).values(
+            device_id=D1, kind="product", version=2, sha256=f"{2:064x}", size=100,
+            filename="fw.bin", module_info=None, status="pending", error="",
+            requested_by="test", requested_at=0, finished_at=None))
     view = await fleet.record_device_hello(
         D1, platform_id=13, product_version=2, system_version=4100
     )
@@ -336,3 +341,51 @@ async def test_a_late_hello_of_an_old_session_leaves_presence_alone(
     await fleet.record_device_hello(D1, platform_id=13, product_version=None,
                                     system_version=None)
     assert (await fleet.target_for_device(D1)).device.online
+
+
+def _flash_statuses(store: Store, device_id: str) -> list[tuple[int | None, str]]:
+    with store.read() as tx:
+        rows = tx.conn.execute(
+            sa.select(t.device_flashes.c.version, t.device_flashes.c.status)
+            .where(t.device_flashes.c.device_id == device_id)
+            .order_by(t.device_flashes.c.id)
+        )
+        return [(version, status) for version, status in rows]
+
+
+async def test_a_new_flash_supersedes_one_under_way(store: Store, fleet: Fleet) -> None:
+    product = _product(store, fleet)
+    with store.write() as tx:
+        for version in (1, 2):
+            _firmware(tx, product.id, version)
+        _flash(tx, D1, 1, "started")
+        newer = _flash(tx, D1, 2, "pending")
+        assert tx.pending_flash(D1) is not None and tx.pending_flash(D1).id == newer  # type: ignore[union-attr]
+    assert _flash_statuses(store, D1) == [(1, "superseded"), (2, "pending")]
+    # Once the newer one succeeded nothing is left to flash: the older image is not
+    # offered again (it was, before: the older open flash became the target).
+    await fleet.record_flash_status(D1, "success", application_sha256=f"{2:064x}")
+    assert _flash_statuses(store, D1) == [(1, "superseded"), (2, "succeeded")]
+    assert (await fleet.target_for_device(D1)).pending_flash is None
+
+
+async def test_a_status_about_an_older_image_leaves_the_new_flash_pending(
+    store: Store, fleet: Fleet
+) -> None:
+    """The operator asked for a new flash while the previous image was on its way: that
+    image's start, success or failure is not the new flash's, which the device has not
+    received yet."""
+    product = _product(store, fleet)
+    with store.write() as tx:
+        for version in (1, 2):
+            _firmware(tx, product.id, version)
+        _flash(tx, D1, 1, "started")
+        _flash(tx, D1, 2, "pending")
+    for status in ("started", "success", "failed"):
+        await fleet.record_flash_status(D1, status, application_sha256=f"{1:064x}")  # type: ignore[arg-type]
+        assert _flash_statuses(store, D1) == [(1, "superseded"), (2, "pending")], status
+    await fleet.record_flash_status(D1, "started", application_sha256=f"{2:064x}")
+    assert _flash_statuses(store, D1) == [(1, "superseded"), (2, "started")]
+    # A Device OS part ahead of the application names no application: it is the flash's.
+    await fleet.record_flash_status(D1, "failed", error="system part refused")
+    assert _flash_statuses(store, D1) == [(1, "superseded"), (2, "failed")]

@@ -65,6 +65,12 @@ def firmware_json(
         "uploaded_by": {"username": rec.uploaded_by},
         "running_seen_at": iso(rec.running_seen_at),
         "module": rec.module_info,
+        # Its rollouts (issue 15), oldest first, each with where to watch it.
+        "rollouts": [
+            {"id": rollout_id, "state": state,
+             "url": f"/v1/products/{rec.product_id}/rollouts/{rollout_id}"}
+            for rollout_id, state in view.rollouts
+        ],
     }
     if transfer_bytes is None:
         transfer_bytes = view.transfer_bytes

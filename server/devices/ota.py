@@ -252,7 +252,8 @@ class OtaEngine:
                 return
             self.updating.pop(device_id, None)
             await self.save_memory(device_id,
-                                   self.fleet.flash_status_work(device_id, "success"),
+                                   self.fleet.flash_status_work(
+                                       device_id, "success", application_sha256=delivery.sha256),
                                    *await self._rollout_result(product_id, device_id, "succeeded"))
         else:
             if delivery is not None:  # never offer the image it rolled back from again
@@ -261,7 +262,8 @@ class OtaEngine:
             # A rollback after its self-test failed, or an image the device refused at boot.
             outcome = "rolled_back" if result.status == "rolled_back" else "image_refused"
             await self.save_memory(device_id, self.fleet.flash_status_work(
-                device_id, "failed", error=f"{result.status}: {result.detail}"[:200]),
+                device_id, "failed", error=f"{result.status}: {result.detail}"[:200],
+                application_sha256=delivery.sha256 if delivery.final else None),
                 *await self._rollout_result(product_id, device_id, outcome))
 
     async def watch_requests(self) -> None:

@@ -363,7 +363,8 @@ class TransferRun:
                     # update going on: deliver() tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
                     await updater.record_status("failed", error=item.reason,
-                                                rollout_outcome=rollout_failure(item.status))
+                                                rollout_outcome=rollout_failure(item.status),
+                                                application_sha256=self.offer.update_sha256)
                 verdict = False
             elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())

@@ -130,8 +130,9 @@ class SessionUpdater:
         self.recheck_asked = False
         #: The scope of the transfer's wait for the device, cancelled by a kick.
         self._wait_scope: trio.CancelScope | None = None
-        #: The update's "started" is still to be recorded (with the transfer's first write).
-        self._started_unrecorded = False
+        #: The application image of an update whose "started" is still to be recorded (with
+        #: the transfer's first write); None when nothing is.
+        self._started_unrecorded: str | None = None
         #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device (made
         #: with the first: most sessions never download one).
         self._downloads: FirmwareDownloads | None = None
@@ -525,7 +526,8 @@ class SessionUpdater:
                 engine.compressed.refused.add((self.device_id, module.sha256))
 
     async def record_status(self, status: FlashStatus, error: str = "",
-                            rollout_outcome: str | None = None) -> None:
+                            rollout_outcome: str | None = None, *,
+                            application_sha256: str | None = None) -> None:
         """Save the device's memory and record the flash status in one transaction: a
         session that ended between the two would leave a next session (here or in another
         process) believing an update it never announced started, or announcing it twice.
@@ -535,7 +537,8 @@ class SessionUpdater:
         outcome = self.rollout_step(rollout_outcome) if rollout_outcome is not None else []
         with trio.CancelScope(shield=True):
             await engine.save_memory(self.device_id, *started, engine.fleet.flash_status_work(
-                self.device_id, status, error=error), *outcome)
+                self.device_id, status, error=error, application_sha256=application_sha256),
+                *outcome)
         self.start_recorded(started)
 
     def unrecorded_start(self) -> list[Callable[[Tx], Outcome]]:
@@ -544,8 +547,9 @@ class SessionUpdater:
         transaction; a short transfer (a delta) records it with its completion. The caller
         calls start_recorded once that write is durable."""
         steps = []
-        if self._started_unrecorded:
-            steps.append(self.engine.fleet.flash_status_work(self.device_id, "started"))
+        if self._started_unrecorded is not None:
+            steps.append(self.engine.fleet.flash_status_work(
+                self.device_id, "started", application_sha256=self._started_unrecorded))
         if self._rollout_download_unrecorded:  # the rollout's "downloading" rides with it
             steps += self.rollout_step("downloading")
         return steps
@@ -553,7 +557,7 @@ class SessionUpdater:
     def start_recorded(self, steps: list[Callable[[Tx], Outcome]]) -> None:
         """A write that carried unrecorded_start's steps is durable."""
         if steps:
-            self._started_unrecorded = False
+            self._started_unrecorded = None
             self._rollout_download_unrecorded = False
 
     async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
@@ -598,13 +602,14 @@ class SessionUpdater:
             reason = bytes(answer.payload).decode(errors="replace")[:200]
             engine.failed.setdefault(self.device_id, set()).add(module.sha256)
             engine.updating.pop(self.device_id, None)
-            await self.record_status("failed", error=reason, rollout_outcome="image_refused")
+            await self.record_status("failed", error=reason, rollout_outcome="image_refused",
+                                     application_sha256=offer.update_sha256)
             return False
         if engine.updating.get(self.device_id) != offer.update_sha256:
             # A new update: "started" is recorded with the memory at the transfer's first
             # write (see unrecorded_start), so both or neither are stored.
             engine.updating[self.device_id] = offer.update_sha256
-            self._started_unrecorded = True
+            self._started_unrecorded = offer.update_sha256
         self.inbox.clear()  # drop what a previous transfer left
         hello = handler.hello
         chunk_size = self.planner.chunk_size(

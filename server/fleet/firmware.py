@@ -41,6 +41,9 @@ class FirmwareView:
     updates_failed: int = 0
     #: What delivering this version cost: bytes_sent, bytes_full, delta/full transfers.
     transfer_bytes: Mapping[str, int] | None = None
+    #: The rollouts of this version as (id, state), oldest first (issue 15: firmware
+    #: objects link to their rollouts).
+    rollouts: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def firmware_views(
     """Attach release state and device counts to firmware records."""
     releases = tx.list_releases(product_id)
     counts = tx.device_counts_by_version(product_id)
+    rollouts = tx.rollout_links(product_id)
     views = []
     for rec in records:
         mine = [r for r in releases if r.version == rec.version]
@@ -129,6 +133,7 @@ def firmware_views(
                 updates_succeeded=sum(r.devices_succeeded for r in mine),
                 updates_failed=sum(r.devices_failed for r in mine),
                 transfer_bytes=tx.get_transfer_bytes(product_id, rec.version),
+                rollouts=tuple(rollouts.get(rec.version, ())),
             )
         )
     return views

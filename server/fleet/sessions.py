@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -42,6 +43,8 @@ from server.store import (
 )
 from server.store.tx_certs import CertificateStanding
 from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
+
+log = logging.getLogger(__name__)
 
 FlashStatus = Literal["started", "success", "failed"]
 #: The module store a device runs from (particle-facts: 0 main, 1 factory, 2 backup, 3
@@ -280,7 +283,9 @@ class SessionService(FleetBase):
             pending: FlashRecord | _Unread | None = flash
             if flash is not None and flash.kind == "product" and flash.version == version:
                 tx.finish_flash(flash.id, "succeeded", "", now)  # it runs that version now
-                pending = UNREAD  # an older "started" flash may be next: read it again
+                # A store written by an older server may hold an older open flash (a new
+                # request now supersedes every open one): read what is next again.
+                pending = UNREAD
             tx.update_device(device.id, fields, now)
             updated = replace(device, updated_at=now, **fields)  # the row as updated
             if session is None and not device.online:
@@ -587,17 +592,27 @@ class SessionService(FleetBase):
         return await self._read(work)
 
     async def record_flash_status(
-        self, device_id: str, status: FlashStatus, *, error: str = ""
+        self, device_id: str, status: FlashStatus, *, error: str = "",
+        application_sha256: str | None = None,
     ) -> None:
         """An update to the device started, succeeded or failed: update the pending flash
-        and the deciding release's counters, and emit ``spark/flash/status``."""
-        await self._run_grouped(self.flash_status_work(device_id, status, error=error))
+        and the deciding release's counters, and emit ``spark/flash/status``
+        (``application_sha256``: see :meth:`flash_status_work`)."""
+        await self._run_grouped(self.flash_status_work(
+            device_id, status, error=error, application_sha256=application_sha256))
 
     def flash_status_work(
-        self, device_id: str, status: FlashStatus, *, error: str = ""
+        self, device_id: str, status: FlashStatus, *, error: str = "",
+        application_sha256: str | None = None,
     ) -> Callable[[Tx], Outcome]:
         """The store work of :meth:`record_flash_status`, to run in one transaction with
-        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
+        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`).
+
+        ``application_sha256``: the application image the status is about, when known (None
+        for a Device OS part delivered ahead of it, which serves whatever the device's target
+        is). A status about another image than the pending flash's (the operator asked for a
+        new flash while an older image was still on its way) leaves that flash pending: the
+        device has not received it yet."""
         if status not in ("started", "success", "failed"):
             raise ValidationError("flash status must be started, success or failed")
 
@@ -607,7 +622,10 @@ class SessionService(FleetBase):
             releases = tx.list_releases(product.id)
             view = self._target_view(tx, device, product, releases=releases, with_firmware=False)
             flash = view.pending_flash
-            if flash is not None:
+            if flash is not None and application_sha256 not in (None, flash.sha256):
+                log.info("device %s reports %s for image %s, not the pending flash %d",
+                         device_id, status, application_sha256[:12], flash.id)
+            elif flash is not None:
                 final = {"started": "started", "success": "succeeded", "failed": "failed"}
                 tx.finish_flash(
                     flash.id, final[status], error, None if status == "started" else now

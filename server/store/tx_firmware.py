@@ -374,13 +374,14 @@ class FirmwareQueries:
     # --- per-device flashes -------------------------------------------------------------------
 
     def insert_flash(self, **values: Any) -> FlashRecord:
-        """Queue a flash for one device (replacing any still-pending one)."""
+        """Queue a flash for one device, superseding any still open (pending or started).
+
+        A device has at most one open flash: the newest request is what the operator wants.
+        An older one left open would become the device's target again once the newer one
+        finished, flashing it back to the older image."""
         self.conn.execute(
             sa.update(t.device_flashes)
-            .where(
-                t.device_flashes.c.device_id == values["device_id"],
-                t.device_flashes.c.status == "pending",
-            )
+            .where(t.device_flashes.c.device_id == values["device_id"], _FLASH_OPEN)
             .values(status="superseded", finished_at=values["requested_at"])
         )
         result = self.conn.execute(sa.insert(t.device_flashes).values(**values))

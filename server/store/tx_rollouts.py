@@ -324,3 +324,15 @@ class RolloutQueries:
             for row in rows
         ]
         return sorted(records, key=lambda w: (w.group is not None, w.group or ""))
+
+    def rollout_links(self, product_id: int) -> dict[int, list[tuple[int, str]]]:
+        """Each firmware version's rollouts as (id, state), oldest first: what a firmware
+        object links to (one narrow query for a whole firmware listing)."""
+        links: dict[int, list[tuple[int, str]]] = {}
+        for rollout_id, version, state in self.conn.execute(
+            sa.select(_R.c.id, _R.c.version, _R.c.state)
+            .where(_R.c.product_id == product_id)
+            .order_by(_R.c.id)
+        ):
+            links.setdefault(version, []).append((rollout_id, state))
+        return links
