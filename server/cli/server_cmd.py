@@ -31,6 +31,7 @@ from otacore.errors import OtaError
 from server.api import ApiSettings
 from server.app import ServerConfig, serve
 from server.cli._output import print_json
+from server.cli._store import DbUrl
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
 from server.config_file import (
     ConfigError,
@@ -43,11 +44,12 @@ from server.config_file import (
     render_toml,
 )
 from server.config_schema import SETTINGS, Setting
+from server.data_lock import hold_data_dir
 from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.logs import configure_logging
-from server.store import Store
+from server.store.installation import DB_URL_ENV, DB_URL_HELP, open_installation_store
 from server.transport import SessionLimits
 
 admin_app = typer.Typer(
@@ -72,8 +74,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _open_fleet(data: Path, db_url: str | None) -> Fleet:
-    store = Store.open(db_url, data / "blobs") if db_url else Store.open_dir(data, pool_size=1)
-    return Fleet(store, EventBus())
+    return Fleet(open_installation_store(data, db_url), EventBus())
 
 
 def server(
@@ -101,7 +102,7 @@ def server(
     host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),
     api_port: int = typer.Option(8080, "--api-port", help="API port (0 picks a free one)."),
     db_url: str | None = typer.Option(
-        None, "--db-url", help="SQLAlchemy database URL instead of the embedded SQLite file."
+        None, "--db-url", envvar=DB_URL_ENV, show_envvar=True, help=DB_URL_HELP
     ),
     device_port: int = typer.Option(
         5684, "--device-port", help="TCP (TLS) and UDP (DTLS) port for devices; -1 disables."
@@ -237,6 +238,8 @@ def server(
     defaults, then --config FILE, then the options given here."""
     given = {name: value for name, value in ctx.params.items()
              if name in OPTION_SETTINGS and value is not None and _explicit(ctx, name)}
+    if not str(given.get("db_url", "x")).strip():  # OTA_DB_URL= (empty): the embedded store
+        del given["db_url"]
     try:
         command_line = command_line_layer(given, device_limit or [], assignments or [])
         config = load_server_config(config_file, command_line,
@@ -249,7 +252,8 @@ def server(
         return
     configure_logging(config.log_level)
     try:
-        trio.run(_run_server, config)
+        with hold_data_dir(config.data_dir):  # one server per data directory (data_lock.py)
+            trio.run(_run_server, config)
     except (OtaError, OSError) as exc:
         raise _fail(f"cannot run the server: {exc}") from exc
     except BaseExceptionGroup as group:  # errors from inside the server's nurseries
@@ -394,7 +398,7 @@ def admin_token(
     role: str = typer.Option("owner", "--role", help="owner, administrator, developer, ..."),
     label: str = typer.Option("admin token", "--label", help="Who the token is for (audit)."),
     expires_in: int = typer.Option(0, "--expires-in", help="Lifetime in seconds; 0: never."),
-    db_url: str | None = typer.Option(None, "--db-url", help="Database URL (default: --data)."),
+    db_url: str | None = DbUrl,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Print a new API token of ROLE, created straight in the store."""
@@ -428,7 +432,7 @@ def admin_user(
         "team the user joins (ota product team add).",
     ),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Create an operator account (for the OAuth password grant)."""
     try:
@@ -446,7 +450,7 @@ def admin_user_update(
                                  help="Disable the account and revoke its tokens at once."),
     enable: bool = typer.Option(False, "--enable", help="Enable a disabled account."),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Change an account's installation role, or disable / enable it (takes effect on the
     next request of any of its tokens)."""
@@ -469,7 +473,7 @@ def admin_client(
     name: str = typer.Argument(..., help="What the client is for."),
     role: str = typer.Option("developer", "--role"),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Create an OAuth client (client_credentials grant); prints id and secret once."""
     try:
@@ -536,7 +540,7 @@ def product_create(
     platform_id: int = typer.Option(..., "--platform-id", help="Device OS platform id."),
     description: str = typer.Option("", "--description"),
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
     api_url: str | None = typer.Option(None, "--api-url", help="URL of a running server."),
     token: str | None = typer.Option(
         None, "--token", envvar="OTA_TOKEN", help="API token (with --api-url)."
