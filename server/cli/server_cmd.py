@@ -30,6 +30,7 @@ import typer
 from otacore.errors import OtaError
 from server.api import ApiSettings
 from server.app import ServerConfig, serve
+from server.cli import backup_cmd
 from server.cli._output import print_json
 from server.cli._store import DbUrl
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
@@ -53,10 +54,12 @@ from server.store.installation import DB_URL_ENV, DB_URL_HELP, open_installation
 from server.transport import SessionLimits
 
 admin_app = typer.Typer(
-    help="Administer the store directly (bootstrap), and a running server's sign-in limits.",
+    help="Administer the store directly (bootstrap, backup, restore), and a running "
+    "server's sign-in limits.",
     no_args_is_help=True,
 )
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
+backup_cmd.attach(admin_app)  # admin backup, restore, verify-backup
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
 
