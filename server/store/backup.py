@@ -30,6 +30,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -233,9 +234,11 @@ def _pin_blobs(blob_root: Path, pins: Path) -> None:
         _pin(path, pins / name[:2] / name)
 
 
-def _copy_database(source: Path, target: Path, step_pages: int, max_restarts: int) -> int:
+def _copy_database(source: Path, target: Path, step_pages: int, max_restarts: int,
+                   after_step: Callable[[], None] | None = None) -> int:
     """Copy the SQLite database with the online backup API; returns how often the stepped
-    copy restarted because the server wrote meanwhile."""
+    copy restarted because the server wrote meanwhile. ``after_step`` runs after each step
+    of the stepped copy (a test writes there, as a busy server would)."""
     create_private_file(target)  # 0600 before SQLite writes it
     src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True,
                           timeout=BUSY_TIMEOUT_MS / 1000)
@@ -255,6 +258,8 @@ def _copy_database(source: Path, target: Path, step_pages: int, max_restarts: in
                 if restarts > max_restarts:
                     raise _TooManyRestarts
             last_remaining = remaining
+            if after_step is not None:
+                after_step()
 
         try:
             src.backup(dst, pages=step_pages, progress=progress)
