@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from server.private_files import secure_data_dir
+from server.private_files import create_private_file, make_private_dir, secure_data_dir
 from server.store.errors import StoreConfigError
 from server.store.store import BLOB_DIRNAME, DB_FILENAME, Store
 
@@ -65,6 +65,16 @@ def open_installation_store(
     if url is None:
         return Store.open_dir(data_dir, pool_size=pool_size)
     root = secure_data_dir(data_dir)
+    database = sqlite_database_path(root, url)
+    if database is not None:
+        # A SQLite file elsewhere is as private as the embedded one (store.py, open_dir):
+        # its directory is created owner-only, the file 0600 before SQLite creates it.
+        try:
+            make_private_dir(database.parent)
+            create_private_file(database)
+        except OSError as exc:
+            raise StoreConfigError(f"cannot create the SQLite store {database}: {exc}") \
+                from exc
     return Store.open(url, root / BLOB_DIRNAME, pool_size=pool_size)
 
 
