@@ -307,3 +307,25 @@ def test_stepped_copy_falls_back_to_one_step_when_writes_keep_restarting_it(
     # snapshot, taken after the last write of the callback).
     assert copied == writer.execute("SELECT count(*) FROM t").fetchone()[0]
     writer.close()
+
+
+def test_pins_of_a_backup_that_died_are_removed_by_the_next(tmp_path: Path,
+                                                            make_firmware) -> None:
+    """A backup killed mid-way leaves its pin directory (hard links to blobs) behind; the
+    next backup removes it, but never the pins of a backup running now (they are locked)."""
+    from server.store.backup import _lock_pins
+
+    data, _, shas = _installation(tmp_path, make_firmware, versions=(1,))
+    dead = data / ".backup-pins-dead"
+    (dead / shas[1][:2]).mkdir(parents=True)
+    os.link(_blob(data, shas[1]), dead / shas[1][:2] / shas[1])
+    live = data / ".backup-pins-live"
+    live.mkdir()
+    held = _lock_pins(live)
+    try:
+        manifest = backup_installation(data, tmp_path / "backup")
+        assert not dead.exists() and live.exists()
+    finally:
+        os.close(held)
+    assert not any(name.startswith("data/.backup-pins") for name in manifest.files)
+    assert manifest.blobs == [shas[1]]

@@ -24,6 +24,7 @@ taken while its server runs.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -31,12 +32,14 @@ import secrets
 import shutil
 import sqlite3
 from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from server.data_lock import LOCK_FILENAME
+from server.devices.keys import _rotation_lock
 from server.private_files import create_private_file, make_private_dir, write_private_file
 from server.store.backup_files import (
     BLOBS_DIR,
@@ -156,8 +159,15 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
                  max_restarts: int) -> Manifest:
     token = secrets.token_hex(4)
     staging = dest.parent / f".{dest.name}{PARTIAL_MARK}{token}"
-    pins = data_dir / f"{PIN_PREFIX}{token}"
     make_private_dir(staging)
+    pins = data_dir / f"{PIN_PREFIX}{token}"
+    try:
+        _remove_stale_pins(data_dir)
+        make_private_dir(pins)
+    except PermissionError:  # a data directory this user may only read: pin by copying
+        pins = staging / f"{PIN_PREFIX}{token}"
+        make_private_dir(pins)
+    pin_lock = _lock_pins(pins)
     try:
         _pin_blobs(data_dir / BLOB_DIRNAME, pins)
         files: dict[str, FileEntry] = {}
@@ -166,8 +176,9 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
         schema_version, alembic_revision = _schema_revision(copy)
         referenced = _referenced_blobs(copy)
         _copy_blobs(referenced, data_dir / BLOB_DIRNAME, pins, staging, files)
+        shutil.rmtree(pins, ignore_errors=True)  # the copies are made: let the links go
         files[DATABASE_NAME] = hash_file(copy)
-        _copy_data_files(data_dir, database, staging, files)
+        _copy_data_files(data_dir, database, staging, _product_ids(copy), files)
         manifest = Manifest(
             created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             source=str(data_dir.resolve()),
@@ -190,6 +201,7 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
         raise
     finally:
         shutil.rmtree(pins, ignore_errors=True)
+        os.close(pin_lock)
 
 
 def _live_blobs(blob_root: Path) -> list[tuple[str, Path]]:
@@ -228,8 +240,33 @@ def _pin(source: Path, pin: Path) -> bool:
     return True
 
 
+def _lock_pins(pins: Path) -> int:
+    """Hold a flock on the pin directory while the backup uses it (the descriptor); a pin
+    directory nobody holds was left by a backup that died (see _remove_stale_pins)."""
+    fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_stale_pins(data_dir: Path) -> None:
+    """Remove the pin directories of backups that died (killed, power lost): their hard
+    links would keep deleted blobs' space in use forever. A live backup's pins are locked."""
+    for pins in data_dir.glob(f"{PIN_PREFIX}*"):
+        try:
+            fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a backup running now holds it
+        else:
+            shutil.rmtree(pins, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _pin_blobs(blob_root: Path, pins: Path) -> None:
-    make_private_dir(pins)
     for name, path in _live_blobs(blob_root):
         _pin(path, pins / name[:2] / name)
 
@@ -297,6 +334,17 @@ def _schema_revision(copy: Path) -> tuple[int | None, str | None]:
         conn.close()
 
 
+def _product_ids(copy: Path) -> list[int]:
+    """The product ids in the database copy (whose signing keys the backup copies)."""
+    conn = sqlite3.connect(f"{copy.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return [int(row[0]) for row in conn.execute("SELECT id FROM products")]
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot read the products of the database copy: {exc}") from exc
+    finally:
+        conn.close()
+
+
 def _referenced_blobs(copy: Path) -> set[str]:
     """Every blob the database copy refers to (the store's own query, on the copy)."""
     engine = sa.create_engine(f"sqlite:///{copy.resolve()}")
@@ -337,26 +385,37 @@ def _copy_blobs(referenced: set[str], blob_root: Path, pins: Path, staging: Path
 
 
 def _copy_data_files(data_dir: Path, database: Path, staging: Path,
-                     files: dict[str, FileEntry]) -> None:
-    """Copy the data directory's keys, CA and certificates (everything but the store)."""
+                     product_ids: list[int], files: dict[str, FileEntry]) -> None:
+    """Copy the data directory's keys, CA and certificates (everything but the store).
+    The products' signing keys and statements are copied under their rotation locks
+    (server/devices/keys.py), so a rotation running meanwhile is in the copy whole or not
+    at all."""
     database = database.resolve()
-    for directory, subdirs, names in os.walk(data_dir):
-        base = Path(directory)
-        if base == data_dir:
-            subdirs[:] = [d for d in subdirs
-                          if d not in _NOT_DATA and not d.startswith(PIN_PREFIX)]
-        for name in sorted(names):
-            path = base / name
-            if base == data_dir and name in _NOT_DATA:
-                continue
-            if name.startswith(".") and name.endswith(".tmp"):
-                continue  # a private file being replaced (private_files.write_private_file)
-            if path.resolve() == database or path.is_symlink() or not path.is_file():
-                if not path.is_file() or path.is_symlink():
-                    log.warning("backup: skipped %s (not a regular file)", path)
-                continue
-            relative = f"{DATA_DIR}/{path.relative_to(data_dir).as_posix()}"
+    with ExitStack() as rotations:
+        for product_id in sorted(product_ids):  # one order: no deadlock between holders
             try:
-                files[relative] = copy_hashed(path, staging / relative)
-            except FileNotFoundError:  # removed meanwhile (a rotation's temporary file)
-                continue
+                rotations.enter_context(_rotation_lock(data_dir, product_id))
+            except PermissionError:  # a data directory this user may only read
+                log.warning("backup: cannot take product %d's key rotation lock in %s; "
+                            "its keys are copied without it", product_id, data_dir)
+        for directory, subdirs, names in os.walk(data_dir):
+            base = Path(directory)
+            if base == data_dir:
+                subdirs[:] = [d for d in subdirs
+                              if d not in _NOT_DATA and not d.startswith(PIN_PREFIX)]
+            for name in sorted(names):
+                path = base / name
+                if base == data_dir and name in _NOT_DATA:
+                    continue
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue  # a private file being replaced (write_private_file)
+                if path.is_symlink() or not path.is_file():
+                    log.warning("backup: skipped %s (not a regular file)", path)
+                    continue
+                if path.resolve() == database:  # a --db-url SQLite file inside DIR
+                    continue
+                relative = f"{DATA_DIR}/{path.relative_to(data_dir).as_posix()}"
+                try:
+                    files[relative] = copy_hashed(path, staging / relative)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
