@@ -159,16 +159,17 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
                  max_restarts: int) -> Manifest:
     token = secrets.token_hex(4)
     staging = dest.parent / f".{dest.name}{PARTIAL_MARK}{token}"
-    make_private_dir(staging)
     pins = data_dir / f"{PIN_PREFIX}{token}"
+    pin_lock: int | None = None
     try:
-        _remove_stale_pins(data_dir)
-        make_private_dir(pins)
-    except PermissionError:  # a data directory this user may only read: pin by copying
-        pins = staging / f"{PIN_PREFIX}{token}"
-        make_private_dir(pins)
-    pin_lock = _lock_pins(pins)
-    try:
+        make_private_dir(staging)
+        try:
+            _remove_stale_pins(data_dir)
+            make_private_dir(pins)
+        except PermissionError:  # a data directory this user may only read: pin by copying
+            pins = staging / f"{PIN_PREFIX}{token}"
+            make_private_dir(pins)
+        pin_lock = _lock_pins(pins)
         _pin_blobs(data_dir / BLOB_DIRNAME, pins)
         files: dict[str, FileEntry] = {}
         copy = staging / DATABASE_NAME
@@ -191,8 +192,8 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
                            json.dumps(manifest.to_json(), indent=1).encode() + b"\n")
         fsync_tree(staging)
         if dest.exists():
-            raise BackupError(f"{dest} appeared while the backup ran; the backup stays in "
-                              f"{staging}")
+            raise BackupError(f"{dest} appeared while the backup ran; no backup was "
+                              "written, give another name")
         os.rename(staging, dest)
         fsync_dir(dest.parent)
         return manifest
@@ -201,7 +202,8 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
         raise
     finally:
         shutil.rmtree(pins, ignore_errors=True)
-        os.close(pin_lock)
+        if pin_lock is not None:
+            os.close(pin_lock)
 
 
 def _live_blobs(blob_root: Path) -> list[tuple[str, Path]]:
