@@ -329,3 +329,29 @@ def test_pins_of_a_backup_that_died_are_removed_by_the_next(tmp_path: Path,
         os.close(held)
     assert not any(name.startswith("data/.backup-pins") for name in manifest.files)
     assert manifest.blobs == [shas[1]]
+
+
+def test_a_db_url_file_inside_the_data_directory_round_trips(tmp_path: Path) -> None:
+    """A --db-url SQLite file kept inside the data directory under another name is the
+    database, not a data file: backed up once (not with its -wal/-shm), restored to its
+    place."""
+    data = tmp_path / "data"
+    url = f"sqlite:///{data / 'db' / 'fleet.db'}"
+    product_id, _ = create_provisioned_product(data, tmp_path / "creds", "S", 13, 1,
+                                               db_url=url)
+    writer = Store.open(url, data / "blobs", pool_size=1)  # open: its -wal exists now
+    try:
+        manifest = backup_installation(data, tmp_path / "backup", db_url=url)
+    finally:
+        writer.close()
+    assert not any(name.startswith("data/db/") for name in manifest.files), manifest.files
+    restored = tmp_path / "restored"
+    url2 = f"sqlite:///{restored / 'db' / 'fleet.db'}"
+    result = restore_installation(tmp_path / "backup", restored, db_url=url2)
+    assert result.database == restored / "db" / "fleet.db" and result.database.is_file()
+    store = Store.open(url2, restored / "blobs", pool_size=1)
+    try:
+        with store.read() as tx:
+            assert tx.get_product(product_id) is not None
+    finally:
+        store.close()

@@ -393,6 +393,8 @@ def _copy_data_files(data_dir: Path, database: Path, staging: Path,
     (server/devices/keys.py), so a rotation running meanwhile is in the copy whole or not
     at all."""
     database = database.resolve()
+    # A --db-url SQLite file inside DIR, and its journal files, are the database, not data.
+    skipped = {database, *(Path(f"{database}{suffix}") for suffix in ("-wal", "-shm", "-journal"))}
     with ExitStack() as rotations:
         for product_id in sorted(product_ids):  # one order: no deadlock between holders
             try:
@@ -414,7 +416,7 @@ def _copy_data_files(data_dir: Path, database: Path, staging: Path,
                 if path.is_symlink() or not path.is_file():
                     log.warning("backup: skipped %s (not a regular file)", path)
                     continue
-                if path.resolve() == database:  # a --db-url SQLite file inside DIR
+                if path.resolve() in skipped:
                     continue
                 relative = f"{DATA_DIR}/{path.relative_to(data_dir).as_posix()}"
                 try:

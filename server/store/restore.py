@@ -36,7 +36,7 @@ from server.store.backup_files import (
     verify_backup,
 )
 from server.store.installation import sqlite_database_path
-from server.store.store import BLOB_DIRNAME, DB_FILENAME
+from server.store.store import BLOB_DIRNAME
 
 log = logging.getLogger("ota.backup")
 
@@ -76,8 +76,10 @@ def restore_installation(
             f"the backup has schema version {manifest.schema_version}, newer than this "
             f"release's {schema.SCHEMA_VERSION}; restore it with the release that took it"
         )
-    internal = database.resolve().parent == data_dir.resolve() and database.name == DB_FILENAME
-    external = None if internal else database
+    # A database inside the data directory is restored with it (swapped in by the same
+    # rename); one elsewhere is replaced on its own.
+    inside = database.resolve().is_relative_to(data_dir.resolve())
+    external = None if inside else database
     try:
         with hold_data_dir(data_dir, purpose="a restore"):
             replaced = _occupied(data_dir, external)
@@ -86,7 +88,7 @@ def restore_installation(
                     f"{data_dir} already holds an installation (or {database} exists); "
                     "restore into an empty or new directory, or give --force to replace it"
                 )
-            _restore_locked(source, manifest, data_dir, external)
+            _restore_locked(source, manifest, data_dir, database, external)
     except DataDirBusyError as exc:
         raise DataDirBusyError(f"cannot restore: {exc}") from None
     return RestoreResult(manifest, data_dir, database, replaced)
@@ -98,7 +100,7 @@ def _occupied(data_dir: Path, external: Path | None) -> bool:
                              and external.stat().st_size > 0)
 
 
-def _restore_locked(source: Path, manifest: Manifest, data_dir: Path,
+def _restore_locked(source: Path, manifest: Manifest, data_dir: Path, database: Path,
                     external: Path | None) -> None:
     token = secrets.token_hex(4)
     parent = data_dir.resolve().parent
@@ -112,7 +114,8 @@ def _restore_locked(source: Path, manifest: Manifest, data_dir: Path,
             f"{data_dir} and swaps it in by renaming, which needs write access to {parent}"
         ) from exc
     db_staged = (external.parent / f".{external.name}.restore-{token}"
-                 if external is not None else staging / DB_FILENAME)
+                 if external is not None else
+                 staging / database.resolve().relative_to(data_dir.resolve()))
     try:
         # The staged directory is locked too: once renamed into place it is the locked one.
         with hold_data_dir(staging, purpose="a restore"):
