@@ -1,10 +1,13 @@
 """The lock a running ``ota server`` holds on its data directory.
 
-``ota server`` takes an exclusive ``flock`` on ``<data>/server.lock`` for as long as it
-runs (the kernel drops it when the process ends, however it ends, so a SIGKILLed server
-leaves no stale lock). Commands that must not run beside a server, such as ``ota admin
-restore``, take the same lock and so refuse while a server runs, and a server refuses to
-start while they hold it. The file holds the holder's process id, for the error message.
+``ota server`` takes a ``flock`` on ``<data>/server.lock`` for as long as it runs (the
+kernel drops it when the process ends, however it ends, so a SIGKILLed server leaves no
+stale lock). On the embedded SQLite store the lock is exclusive: one server per data
+directory. On a shared database (PostgreSQL) it is shared: several nodes may run on one
+data directory, still none beside a restore. Commands that must not run beside any server,
+such as ``ota admin restore``, take it exclusively and so refuse while a server runs, and a
+server refuses to start while they hold it. An exclusive holder writes its process id into
+the file, for the error message.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def hold_data_dir(data_dir: Path | str, purpose: str = "ota server") -> Iterator[Path]:
+def hold_data_dir(data_dir: Path | str, purpose: str = "ota server", *,
+                  shared: bool = False) -> Iterator[Path]:
     """Hold the data directory's lock for the ``with`` block (creating the directory
-    owner-only if missing); yields the lock file's path. Raises DataDirBusyError at once
-    (no waiting) when another process holds it."""
+    owner-only if missing), exclusively or ``shared`` with other shared holders; yields the
+    lock file's path. Raises DataDirBusyError at once (no waiting) when another process
+    holds it in a conflicting way."""
     root = make_private_dir(data_dir)
     path = root / LOCK_FILENAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise
@@ -53,26 +58,10 @@ def hold_data_dir(data_dir: Path | str, purpose: str = "ota server") -> Iterator
                 f"{root} is in use by another process{_holder(fd)}: a running ota server or "
                 f"a restore holds {path}; stop it before starting {purpose} on this directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not shared:  # shared holders would overwrite each other's
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
-
-def data_dir_in_use(data_dir: Path | str) -> bool:
-    """True when a process holds the data directory's lock now (a running server)."""
-    path = Path(data_dir) / LOCK_FILENAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return True
-        raise
-    finally:
-        os.close(fd)
-    return False

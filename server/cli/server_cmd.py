@@ -50,7 +50,12 @@ from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.logs import configure_logging
-from server.store.installation import DB_URL_ENV, DB_URL_HELP, open_installation_store
+from server.store.installation import (
+    DB_URL_ENV,
+    DB_URL_HELP,
+    open_installation_store,
+    sqlite_database_path,
+)
 from server.transport import SessionLimits
 
 admin_app = typer.Typer(
@@ -255,7 +260,9 @@ def server(
         return
     configure_logging(config.log_level)
     try:
-        with hold_data_dir(config.data_dir):  # one server per data directory (data_lock.py)
+        # One server per data directory on SQLite; PostgreSQL nodes may share one (data_lock).
+        shared = sqlite_database_path(config.data_dir, config.db_url) is None
+        with hold_data_dir(config.data_dir, shared=shared):
             trio.run(_run_server, config)
     except (OtaError, OSError) as exc:
         raise _fail(f"cannot run the server: {exc}") from exc
