@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import otacore
 from otacore.errors import StoreError
 from server.private_files import PRIVATE_FILE_MODE, make_private_dir
 
@@ -89,6 +90,7 @@ class Manifest:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created_at": self.created_at,
+            "created_by": f"otacloud {otacore.__version__}",
             "source": self.source,
             "database": {
                 "file": DATABASE_NAME,
