@@ -185,7 +185,7 @@ def test_a_missing_blob_is_an_error_not_a_gap(tmp_path: Path, make_firmware) -> 
     with pytest.raises(BackupBlobError, match=shas[2][:16]):
         backup_installation(data, tmp_path / "backup")
     assert not (tmp_path / "backup").exists()
-    assert not list(tmp_path.glob(".backup.partial-*")) and not list(data.glob(".backup-*"))
+    assert not list(tmp_path.glob(".backup.partial-*")) and not list(data.glob(".backup-pins-*"))
 
 
 def test_a_corrupt_blob_is_an_error(tmp_path: Path, make_firmware) -> None:
@@ -309,22 +309,24 @@ def test_stepped_copy_falls_back_to_one_step_when_writes_keep_restarting_it(
 def test_pins_of_a_backup_that_died_are_removed_by_the_next(tmp_path: Path,
                                                             make_firmware) -> None:
     """A backup killed mid-way leaves its pin directory (hard links to blobs) behind; the
-    next backup removes it, but never the pins of a backup running now (they are locked)."""
-    from server.store.backup import _lock_pins
+    next backup removes it when no other backup runs, and leaves the pins alone while one
+    does (running backups hold .backup-pins.lock shared)."""
+    import fcntl
 
     data, _, shas = _installation(tmp_path, make_firmware, versions=(1,))
     dead = data / ".backup-pins-dead"
     (dead / shas[1][:2]).mkdir(parents=True)
     os.link(_blob(data, shas[1]), dead / shas[1][:2] / shas[1])
-    live = data / ".backup-pins-live"
-    live.mkdir()
-    held = _lock_pins(live)
+    other = os.open(data / ".backup-pins.lock", os.O_RDWR | os.O_CREAT)
     try:
-        manifest = backup_installation(data, tmp_path / "backup")
-        assert not dead.exists() and live.exists()
+        fcntl.flock(other, fcntl.LOCK_SH)  # another backup runs: its pins may be these
+        backup_installation(data, tmp_path / "first")
+        assert dead.exists()
     finally:
-        os.close(held)
-    assert not any(name.startswith("data/.backup-pins") for name in manifest.files)
+        os.close(other)
+    manifest = backup_installation(data, tmp_path / "second")
+    assert not dead.exists()
+    assert not any(".backup-pins" in name for name in manifest.files), manifest.files
     assert manifest.blobs == [shas[1]]
 
 

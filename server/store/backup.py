@@ -72,10 +72,12 @@ BLOB_ATTEMPTS = 3
 #: Prefix of the pin directories (in the data directory) and of unfinished backups.
 PIN_PREFIX = ".backup-pins-"
 PARTIAL_MARK = ".partial-"
+#: The lock file running backups hold shared in the data directory (see _claim_pin_area).
+PINS_LOCK = ".backup-pins.lock"
 
 #: Entries of the data directory that are not copied into ``data/``: the database and its
 #: journal files, the blobs (copied apart, by reference) and the server's lock.
-_NOT_DATA = {BLOB_DIRNAME, LOCK_FILENAME, DB_FILENAME, f"{DB_FILENAME}-wal",
+_NOT_DATA = {BLOB_DIRNAME, LOCK_FILENAME, PINS_LOCK, DB_FILENAME, f"{DB_FILENAME}-wal",
              f"{DB_FILENAME}-shm", f"{DB_FILENAME}-journal"}
 
 #: pysqlite's step status codes (the progress callback's first argument).
@@ -164,12 +166,11 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
     try:
         make_private_dir(staging)
         try:
-            _remove_stale_pins(data_dir)
+            pin_lock = _claim_pin_area(data_dir)
             make_private_dir(pins)
         except PermissionError:  # a data directory this user may only read: pin by copying
             pins = staging / f"{PIN_PREFIX}{token}"
             make_private_dir(pins)
-        pin_lock = _lock_pins(pins)
         _pin_blobs(data_dir / BLOB_DIRNAME, pins)
         files: dict[str, FileEntry] = {}
         copy = staging / DATABASE_NAME
@@ -242,30 +243,23 @@ def _pin(source: Path, pin: Path) -> bool:
     return True
 
 
-def _lock_pins(pins: Path) -> int:
-    """Hold a flock on the pin directory while the backup uses it (the descriptor); a pin
-    directory nobody holds was left by a backup that died (see _remove_stale_pins)."""
-    fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def _remove_stale_pins(data_dir: Path) -> None:
-    """Remove the pin directories of backups that died (killed, power lost): their hard
-    links would keep deleted blobs' space in use forever. A live backup's pins are locked."""
-    for pins in data_dir.glob(f"{PIN_PREFIX}*"):
-        try:
-            fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a backup running now holds it
-        else:
-            shutil.rmtree(pins, ignore_errors=True)
-        finally:
+def _claim_pin_area(data_dir: Path) -> int:
+    """Hold ``.backup-pins.lock`` shared while this backup's pins exist (returns the
+    descriptor). Pin directories left by a backup that died (killed, power lost) would keep
+    deleted blobs' space in use forever: when no other backup holds the lock, they are
+    removed first. A backup running now holds it shared, so its pins are left alone."""
+    fd = os.open(data_dir / PINS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             os.close(fd)
+            raise
+    else:  # no backup runs: every pin directory is a dead one's
+        for stale in data_dir.glob(f"{PIN_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # this backup's pins exist only under it
+    return fd
 
 
 def _pin_blobs(blob_root: Path, pins: Path) -> None:
