@@ -5,8 +5,9 @@ A real ``ota server`` process serves emulated devices (TLS 1.3 and DTLS 1.2) tha
 immediate release of a larger v2, while a client makes writes through the API one after
 another (group creations and firmware uploads, each with its own blob) and records every
 2xx answer. ``ota admin backup`` (the real command, in its own process) runs in the middle
-of both. The backup is restored with ``ota admin restore`` into a new directory, served by a
-new ``ota server``, and there:
+of both; the release is under way then whatever the machine's speed, since one device of
+the product is held back (offline) until after the restore. The backup is restored with
+``ota admin restore`` into a new directory, served by a new ``ota server``, and there:
 
 - every write acknowledged before the backup started is present, blobs byte for byte;
 - what is present is a prefix of the client's writes (a consistent snapshot of a

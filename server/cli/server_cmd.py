@@ -8,7 +8,9 @@ Attach to the main CLI with::
 
 ``admin`` commands work straight on the store in ``--data`` (bootstrap: no server or token
 needed; SQLite allows this while a server runs), except ``admin sign-in-limits``, which
-reaches the running server's in-memory limits through its API. ``product create`` does the same with
+reaches the running server's in-memory limits through its API, and ``admin backup`` /
+``restore`` / ``verify-backup`` (server/cli/backup_cmd.py). Every ``--db-url`` here also
+reads ``OTA_DB_URL``. ``product create`` does the same with
 ``--data``, or calls a running server with ``--api-url`` and ``--token``.
 """
 
