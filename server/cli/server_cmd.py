@@ -262,10 +262,7 @@ def server(
         return
     configure_logging(config.log_level)
     try:
-        # One server per data directory on SQLite; PostgreSQL nodes may share one (data_lock).
-        shared = sqlite_database_path(config.data_dir, config.db_url) is None
-        with hold_data_dir(config.data_dir, shared=shared):
-            trio.run(_run_server, config)
+        trio.run(_run_server, config)
     except (OtaError, OSError) as exc:
         raise _fail(f"cannot run the server: {exc}") from exc
     except BaseExceptionGroup as group:  # errors from inside the server's nurseries
@@ -379,7 +376,10 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _run_server(config: ServerConfig) -> None:
     # This process serves and nothing else: its collector is tuned for it (server.gc_tuning).
     config.collector.apply_thresholds()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # One server per data directory on SQLite; PostgreSQL nodes may share one (data_lock).
+    shared = sqlite_database_path(config.data_dir, config.db_url) is None
+    with hold_data_dir(config.data_dir, shared=shared), \
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve, config)
             typer.echo(f"ota server: API listening on {handle.api_url}")
