@@ -32,10 +32,10 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
 from server.logs import parse_log_level
-from server.private_files import secure_data_dir
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
+from server.store.installation import open_installation_store
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
 
@@ -132,12 +132,8 @@ class ServerHandle:
 
 def open_store(config: ServerConfig) -> Store:
     """Open (creating on first start) the store the config names."""
-    if config.db_url is None:
-        return Store.open_dir(config.data_dir, pool_size=config.store_threads)
-    secure_data_dir(config.data_dir)  # blobs, keys and the CA live there: owner-only
-    return Store.open(
-        config.db_url, Path(config.data_dir) / "blobs", pool_size=config.store_threads
-    )
+    return open_installation_store(config.data_dir, config.db_url,
+                                   pool_size=config.store_threads)
 
 
 def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:

@@ -101,7 +101,9 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Data directory: the embedded store, firmware blobs, keys and the device CA "
             "(created on first use; a relative path is taken from the working directory)."),
     Setting("server", "db_url", "server", "db_url", flag="--db-url",
-            doc="SQLAlchemy database URL instead of the embedded SQLite file.",
+            doc="SQLAlchemy database URL instead of the embedded SQLite file (--db-url, "
+            "else the environment variable OTA_DB_URL; every ota command that takes --data "
+            "reads them too).",
             none_means="the embedded SQLite file ota.db in data_dir"),
     Setting("server", "workers", "server", "workers", flag="--workers",
             doc="Server processes serving devices on the shared ports and store (0: one per "

@@ -47,6 +47,7 @@ from server.gc_tuning import CollectorSettings
 from server.logs import configure_logging
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
+from server.store.installation import open_installation_store
 from server.transport import DeviceServer, SessionLimits
 
 log = logging.getLogger("ota.workers")
@@ -140,9 +141,7 @@ def process_origin(role: str) -> str:
 
 def open_worker_store(data_dir: Path, db_url: str | None, pool_size: int) -> Store:
     """The store a server process opens (the embedded SQLite file unless ``db_url``)."""
-    if db_url is None:
-        return Store.open_dir(data_dir, pool_size=pool_size)
-    return Store.open(db_url, data_dir / "blobs", pool_size=pool_size)
+    return open_installation_store(data_dir, db_url, pool_size=pool_size)
 
 
 # -- the worker process --------------------------------------------------------------------

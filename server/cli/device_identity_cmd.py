@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 
 from otacore.errors import OtaError
 from server.cli._output import fail, print_json
+from server.cli._store import DbUrlOption
 from server.identity import (
     CertificateRejectedError,
     ProvisionedDevice,
@@ -31,20 +32,24 @@ from server.identity import (
     provision_devices,
 )
 from server.private_files import secure_data_dir
+from server.store.installation import Installation
 
 
 class DeviceRegistrar(Protocol):
-    """Registers provisioned devices with a product in the store of a data dir."""
+    """Registers provisioned devices with a product in the store of an installation (its
+    data directory and database URL)."""
 
-    def check_product(self, data_dir: Path, product: str) -> None:
+    def check_product(self, where: Installation, product: str) -> None:
         """Raise NotFoundError (with a helpful message) if ``product`` does not exist."""
         ...
 
-    def register(self, data_dir: Path, product: str, devices: Sequence[ProvisionedDevice]) -> None:
+    def register(
+        self, where: Installation, product: str, devices: Sequence[ProvisionedDevice]
+    ) -> None:
         """Record ``devices`` as members of ``product`` (all or none)."""
         ...
 
-    def standing(self, data_dir: Path, device_id: str, sha256: str) -> dict[str, object]:
+    def standing(self, where: Installation, device_id: str, sha256: str) -> dict[str, object]:
         """What the store knows of this certificate and its device (registered, issued,
         seen, revoked), for ``ota device cert-info --data``."""
         ...
@@ -96,17 +101,19 @@ def _make_provision(registrar: DeviceRegistrar) -> Callable[..., None]:
             typer.Option("--id", help="Provision this device id instead (repeatable)."),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        db_url: DbUrlOption = None,
     ) -> None:
         """Create devices with their own keys and certificates and register them."""
+        where = Installation(data, db_url)
         if (count is None) == (not device_id):
             fail("give either --count N or one or more --id DEVICE_ID", code=2)
         try:
-            registrar.check_product(data, product)
+            registrar.check_product(where, product)
             devices = provision_devices(pki_dir(data), device_id or count or 0, out)
         except OtaError as exc:
             fail(str(exc))
         try:
-            registrar.register(data, product, devices)
+            registrar.register(where, product, devices)
         except OtaError as exc:
             for device in devices:  # unregistered keys are useless: do not leave them around
                 shutil.rmtree(device.cert_path.parent, ignore_errors=True)
@@ -144,6 +151,7 @@ def _make_cert_info(registrar: DeviceRegistrar) -> Callable[..., None]:
             ),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+        db_url: DbUrlOption = None,
     ) -> None:
         """Show which device a certificate names, its validity and fingerprint; with
         --data also whether the installation issued, saw or revoked it."""
@@ -173,7 +181,7 @@ def _make_cert_info(registrar: DeviceRegistrar) -> Callable[..., None]:
             except OtaError as exc:
                 fail(str(exc))
             try:
-                info.update(registrar.standing(data, device, sha256))
+                info.update(registrar.standing(Installation(data, db_url), device, sha256))
             except (OtaError, OSError) as exc:
                 fail(str(exc))
         if as_json:

@@ -20,27 +20,33 @@ from server.devices.keys import product_signing_key, product_statements, write_t
 from server.fleet.base import FleetBase, now_ms
 from server.fleet.errors import DuplicateError
 from server.identity import ProvisionedDevice, init_pki, pki_dir, provision_devices
-from server.store import Store, Tx
+from server.store import Tx
+from server.store.installation import Installation
 
 
 class StoreRegistrar:
     """Registers provisioned devices with a product, in one transaction."""
 
-    def check_product(self, data_dir: Path, product: str) -> None:
+    def check_product(self, where: Installation | Path, product: str) -> None:
         """Raise NotFoundError unless the product exists."""
-        store = Store.open_dir(data_dir, pool_size=1)
+        store = Installation.of(where).open_store()
         try:
             with store.read() as tx:
                 FleetBase._product(tx, _ref(product))
         finally:
             store.close()
 
-    def register(self, data_dir: Path, product: str, devices: Sequence[ProvisionedDevice]) -> None:
+    def register(
+        self, where: Installation | Path, product: str, devices: Sequence[ProvisionedDevice]
+    ) -> None:
         """Add every device to the product and record its new certificate (all or none),
         then write the trusted signing key. A device already in the product is
         re-provisioned: its new certificate is accepted even if the device was revoked
-        (its older certificates stay revoked). A device of another product is refused."""
-        store = Store.open_dir(data_dir, pool_size=1)
+        (its older certificates stay revoked). A device of another product is refused.
+        A bare directory means the installation's embedded store."""
+        installation = Installation.of(where)
+        data_dir = installation.data_dir
+        store = installation.open_store()
         try:
             now = now_ms()
             with store.write() as tx:
@@ -55,9 +61,11 @@ class StoreRegistrar:
             write_trust_file(devices[0].ca_path.parent, [key], sequence, product_id=record.id)
 
 
-    def standing(self, data_dir: Path, device_id: str, sha256: str) -> dict[str, object]:
+    def standing(
+        self, where: Installation | Path, device_id: str, sha256: str
+    ) -> dict[str, object]:
         """Registered / issued / seen / revoked, as the store records them."""
-        store = Store.open_dir(data_dir, pool_size=1)
+        store = Installation.of(where).open_store()
         try:
             with store.read() as tx:
                 standing = tx.certificate_standing(device_id, sha256)
@@ -145,19 +153,22 @@ def attach(device_app: typer.Typer) -> None:
 
 
 def create_provisioned_product(
-    data_dir: Path, creds_dir: Path, name: str, platform_id: int, count: int
+    data_dir: Path, creds_dir: Path, name: str, platform_id: int, count: int,
+    *, db_url: str | None = None,
 ) -> tuple[int, list[ProvisionedDevice]]:
-    """Create a product in the store at ``data_dir`` with ``count`` provisioned devices
-    (certificates in ``creds_dir``): what the demo, benchmarks and tests start from."""
+    """Create a product in the store of the installation at ``data_dir`` (and ``db_url``)
+    with ``count`` provisioned devices (certificates in ``creds_dir``): what the demo,
+    benchmarks and tests start from."""
     from server.events import EventBus
     from server.fleet import SYSTEM_ACTOR, Fleet
 
-    store = Store.open_dir(data_dir, pool_size=1)
+    installation = Installation(data_dir, db_url)
+    store = installation.open_store()
     try:
         product = Fleet(store, EventBus()).create_product_sync(SYSTEM_ACTOR, name, platform_id)
     finally:
         store.close()
     init_pki(pki_dir(data_dir))
     devices = provision_devices(pki_dir(data_dir), count, creds_dir)
-    StoreRegistrar().register(data_dir, str(product.id), devices)
+    StoreRegistrar().register(installation, str(product.id), devices)
     return product.id, devices

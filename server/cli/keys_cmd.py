@@ -11,14 +11,15 @@ import typer
 
 from otacore.errors import OtaError
 from server.cli._output import fail, print_json
+from server.cli._store import DbUrl
 from server.devices.keys import MAX_PRODUCT_KEYS, rotate_product_key, withdraw_product_key
 from server.fleet.base import FleetBase, now_ms
 from server.fleet.roles import SYSTEM_ACTOR
-from server.store import Store
+from server.store.installation import open_installation_store
 
 
-def _product_id(data: Path, product: str) -> int:
-    store = Store.open_dir(data, pool_size=1)
+def _product_id(data: Path, db_url: str | None, product: str) -> int:
+    store = open_installation_store(data, db_url)
     try:
         with store.read() as tx:
             return FleetBase._product(tx, product).id  # an id or a slug, as the API takes
@@ -26,10 +27,11 @@ def _product_id(data: Path, product: str) -> int:
         store.close()
 
 
-def _audit(data: Path, product_id: int, action: str, key_id: str, details: dict[str, Any]) -> None:
+def _audit(data: Path, db_url: str | None, product_id: int, action: str, key_id: str,
+           details: dict[str, Any]) -> None:
     """Record a change of the product's signing keys in the audit log (the keys live in
     files, so the store learns of it here)."""
-    store = Store.open_dir(data, pool_size=1)
+    store = open_installation_store(data, db_url)
     try:
         with store.write() as tx:
             tx.add_audit(actor=SYSTEM_ACTOR.subject, action=action, product_id=product_id,
@@ -42,16 +44,17 @@ def rotate_key(
     data: Path = typer.Option(..., "--data", help="The installation's data directory."),
     product: str = typer.Option(..., "--product", "-p", help="Product id or slug."),
     as_json: bool = typer.Option(False, "--json"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Introduce a new signing key (signed by the current one) and sign with it from now on."""
     try:
-        product_id = _product_id(data, product)
+        product_id = _product_id(data, db_url, product)
         rotation = rotate_product_key(data, product_id)
     except (OtaError, OSError) as exc:
         fail(str(exc))
     old, new, sequence = rotation.old, rotation.new, rotation.sequence
     try:
-        _audit(data, product_id, "key.rotate", new.key_id,
+        _audit(data, db_url, product_id, "key.rotate", new.key_id,
                {"old_key_id": old.key_id, "sequence": sequence,
                 "retired": list(rotation.retired)})
     except OtaError as exc:
@@ -73,16 +76,17 @@ def withdraw_key_command(
     key_id: str = typer.Argument(..., help="Key id (16 hex digits) to stop trusting."),
     data: Path = typer.Option(..., "--data", help="The installation's data directory."),
     product: str = typer.Option(..., "--product", "-p", help="Product id or slug."),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Withdraw an old signing key: devices stop trusting it at their next Hello (online ones
     before their next offer)."""
     try:
-        product_id = _product_id(data, product)
+        product_id = _product_id(data, db_url, product)
         sequence = withdraw_product_key(data, product_id, key_id)
     except (OtaError, OSError, ValueError) as exc:
         fail(str(exc))
     try:
-        _audit(data, product_id, "key.withdraw", key_id, {"sequence": sequence})
+        _audit(data, db_url, product_id, "key.withdraw", key_id, {"sequence": sequence})
     except OtaError as exc:
         fail(f"the key was withdrawn (statement {sequence}) but the audit log failed: {exc}")
     typer.echo(f"product {product_id}: key {key_id} withdrawn (statement {sequence}); "

@@ -8,7 +8,9 @@ Attach to the main CLI with::
 
 ``admin`` commands work straight on the store in ``--data`` (bootstrap: no server or token
 needed; SQLite allows this while a server runs), except ``admin sign-in-limits``, which
-reaches the running server's in-memory limits through its API. ``product create`` does the same with
+reaches the running server's in-memory limits through its API, and ``admin backup`` /
+``restore`` / ``verify-backup`` (server/cli/backup_cmd.py). Every ``--db-url`` here also
+reads ``OTA_DB_URL``. ``product create`` does the same with
 ``--data``, or calls a running server with ``--api-url`` and ``--token``.
 """
 
@@ -30,7 +32,9 @@ import typer
 from otacore.errors import OtaError
 from server.api import ApiSettings
 from server.app import ServerConfig, serve
+from server.cli import backup_cmd
 from server.cli._output import print_json
+from server.cli._store import DbUrl
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
 from server.config_file import (
     ConfigError,
@@ -43,18 +47,26 @@ from server.config_file import (
     render_toml,
 )
 from server.config_schema import SETTINGS, Setting
+from server.data_lock import hold_data_dir
 from server.devices.ota import DowngradePolicy, OtaConfig
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.logs import configure_logging
-from server.store import Store
+from server.store.installation import (
+    DB_URL_ENV,
+    DB_URL_HELP,
+    open_installation_store,
+    sqlite_database_path,
+)
 from server.transport import SessionLimits
 
 admin_app = typer.Typer(
-    help="Administer the store directly (bootstrap), and a running server's sign-in limits.",
+    help="Administer the store directly (bootstrap, backup, restore), and a running "
+    "server's sign-in limits.",
     no_args_is_help=True,
 )
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
+backup_cmd.attach(admin_app)  # admin backup, restore, verify-backup
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
 
@@ -72,8 +84,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _open_fleet(data: Path, db_url: str | None) -> Fleet:
-    store = Store.open(db_url, data / "blobs") if db_url else Store.open_dir(data, pool_size=1)
-    return Fleet(store, EventBus())
+    return Fleet(open_installation_store(data, db_url), EventBus())
 
 
 def server(
@@ -101,7 +112,7 @@ def server(
     host: str = typer.Option("127.0.0.1", "--host", help="Address the API listens on."),
     api_port: int = typer.Option(8080, "--api-port", help="API port (0 picks a free one)."),
     db_url: str | None = typer.Option(
-        None, "--db-url", help="SQLAlchemy database URL instead of the embedded SQLite file."
+        None, "--db-url", envvar=DB_URL_ENV, show_envvar=True, help=DB_URL_HELP
     ),
     device_port: int = typer.Option(
         5684, "--device-port", help="TCP (TLS) and UDP (DTLS) port for devices; -1 disables."
@@ -237,6 +248,8 @@ def server(
     defaults, then --config FILE, then the options given here."""
     given = {name: value for name, value in ctx.params.items()
              if name in OPTION_SETTINGS and value is not None and _explicit(ctx, name)}
+    if not str(given.get("db_url", "x")).strip():  # OTA_DB_URL= (empty): the embedded store
+        del given["db_url"]
     try:
         command_line = command_line_layer(given, device_limit or [], assignments or [])
         config = load_server_config(config_file, command_line,
@@ -363,7 +376,10 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _run_server(config: ServerConfig) -> None:
     # This process serves and nothing else: its collector is tuned for it (server.gc_tuning).
     config.collector.apply_thresholds()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # One server per data directory on SQLite; PostgreSQL nodes may share one (data_lock).
+    shared = sqlite_database_path(config.data_dir, config.db_url) is None
+    with hold_data_dir(config.data_dir, shared=shared), \
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve, config)
             typer.echo(f"ota server: API listening on {handle.api_url}")
@@ -394,7 +410,7 @@ def admin_token(
     role: str = typer.Option("owner", "--role", help="owner, administrator, developer, ..."),
     label: str = typer.Option("admin token", "--label", help="Who the token is for (audit)."),
     expires_in: int = typer.Option(0, "--expires-in", help="Lifetime in seconds; 0: never."),
-    db_url: str | None = typer.Option(None, "--db-url", help="Database URL (default: --data)."),
+    db_url: str | None = DbUrl,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Print a new API token of ROLE, created straight in the store."""
@@ -428,7 +444,7 @@ def admin_user(
         "team the user joins (ota product team add).",
     ),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Create an operator account (for the OAuth password grant)."""
     try:
@@ -446,7 +462,7 @@ def admin_user_update(
                                  help="Disable the account and revoke its tokens at once."),
     enable: bool = typer.Option(False, "--enable", help="Enable a disabled account."),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Change an account's installation role, or disable / enable it (takes effect on the
     next request of any of its tokens)."""
@@ -469,7 +485,7 @@ def admin_client(
     name: str = typer.Argument(..., help="What the client is for."),
     role: str = typer.Option("developer", "--role"),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
 ) -> None:
     """Create an OAuth client (client_credentials grant); prints id and secret once."""
     try:
@@ -536,7 +552,7 @@ def product_create(
     platform_id: int = typer.Option(..., "--platform-id", help="Device OS platform id."),
     description: str = typer.Option("", "--description"),
     data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
-    db_url: str | None = typer.Option(None, "--db-url"),
+    db_url: str | None = DbUrl,
     api_url: str | None = typer.Option(None, "--api-url", help="URL of a running server."),
     token: str | None = typer.Option(
         None, "--token", envvar="OTA_TOKEN", help="API token (with --api-url)."
