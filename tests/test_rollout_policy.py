@@ -276,12 +276,20 @@ def test_count_plan_places_lowest_positions_and_keeps_places_for_newcomers() -> 
     assert rollout.members(0) and sorted(rollout.members(0)) == sorted(first)
 
 
-def test_percent_plan_newcomer_falls_in_its_phase_by_the_same_rule() -> None:
+def test_percent_plan_newcomers_fill_each_phase_to_its_exact_share() -> None:
     rollout = started(Policy(PhasePlan.parse("50,100")), DEVICES[:30])
-    newcomer = next(d for d in DEVICES[30:] if rollout.position(d) < 0.5)
+    first = sorted(rollout.members(0))
+    assert len(first) == 15 and len(rollout.members(1)) == 15
+    newcomer = DEVICES[30]
     assert rollout.may_offer(newcomer, 1).verdict is Verdict.NOT_TARGETED
+    # 31 targets: phase 1 is ceil(15.5) = 16 devices; the newcomer is the only one
+    # unplaced, so it takes the place, whatever its position; nobody moves.
     rollout.set_targets([*DEVICES[:30], newcomer], 1)
     assert rollout.phase_of(newcomer) == 0 and rollout.may_offer(newcomer, 1).allowed
+    assert sorted(rollout.members(0)) == sorted([*first, newcomer])
+    # 32: phase 1 is still 16, the next newcomer goes to phase 2.
+    rollout.set_targets([*DEVICES[:31], DEVICES[31]], 2)
+    assert rollout.phase_of(DEVICES[31]) == 1
 
 
 def test_backoff_holds_a_device_after_n_failures() -> None:

@@ -8,7 +8,7 @@ transfer, reports what devices do with :meth:`Rollout.record_outcome`, calls
 relays operators' :meth:`pause`/:meth:`resume`/:meth:`abort`. Each of those returns the
 :class:`RolloutEvent` list it caused. :meth:`to_dict`/:meth:`from_dict` save and restore
 the whole state; the target set is the store's to recompute (it is not saved: a device's
-phase follows from its stable position, or from its saved placement for a count plan).
+phase is its saved placement, see :mod:`otacore.rollout.placement`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from otacore.rollout.outcomes import (
     Outcome,
     parse_outcome,
 )
-from otacore.rollout.phases import PlanKind, device_position, place_by_count
+from otacore.rollout.phases import PlanKind, positions_of
+from otacore.rollout.placement import place
 from otacore.rollout.policy import MINUTE_MS, Policy
 from otacore.rollout.windows import MaintenanceWindow, any_open, next_opening
 
@@ -83,8 +84,11 @@ class Rollout:
         self.succeeded_since_increase = 0
         #: Failed counts operators resumed past, by ``criteria.ack_key``.
         self.acknowledged: dict[str, int] = {}
+        self._position = positions_of(rollout_id)
         self._positions: dict[str, float] = {}
-        self._phases: dict[str, int | None] = {}  # percent plans: phase by position
+        #: Devices whose progress changed (placed, an outcome, a hold) since the caller
+        #: last took them (:meth:`take_changed`): what it saves (a few rows, not all).
+        self.changed: set[str] = set()
         #: Target devices by phase (None: not placed yet) and status, kept up to date by
         #: every change, so counts and thresholds cost O(phases), not O(devices).
         self._tally: dict[int | None, Counter[str]] = {}
@@ -110,20 +114,14 @@ class Rollout:
         """The device's stable place in [0, 1) (cached)."""
         found = self._positions.get(device_id)
         if found is None:
-            found = self._positions[device_id] = device_position(device_id, self.id)
+            found = self._positions[device_id] = self._position(device_id)
         return found
 
     def phase_of(self, device_id: str) -> int | None:
-        """The device's phase (0-based), None when it has none (yet)."""
+        """The device's phase (0-based), None when it is not placed (yet): see
+        :mod:`otacore.rollout.placement` for when and how devices are placed."""
         progress = self.devices.get(device_id)
-        if progress is not None:
-            return progress.phase
-        if self.policy.plan.kind is PlanKind.PERCENT:
-            if device_id not in self._phases:
-                position = self.position(device_id)
-                self._phases[device_id] = self.policy.plan.phase_of_position(position)
-            return self._phases[device_id]
-        return None  # a count plan places devices as phases open
+        return None if progress is None else progress.phase
 
     def set_targets(self, device_ids: Iterable[str], now: int) -> list[RolloutEvent]:
         """Replace the target set (devices the release reaches after precedence rules).
@@ -152,16 +150,20 @@ class Rollout:
             self._count(device, 1)
 
     def _place(self) -> None:
-        if self.policy.plan.kind is not PlanKind.COUNT or not self.opened_at:
-            return
         placed = {d: p.phase for d, p in self.devices.items()}
-        unplaced = [t for t in self.targets if t not in placed]
-        positions = {d: self.position(d) for d in unplaced}
-        new = place_by_count(self.policy.plan, len(self.opened_at), unplaced, placed, positions)
+        new = place(self.policy.plan, len(self.opened_at), self.targets, placed, self.position)
         for device, phase in new.items():
             self._count(device, -1)
             self.devices[device] = DeviceProgress(phase)
+            self.changed.add(device)
             self._count(device, 1)
+
+    def take_changed(self) -> dict[str, DeviceProgress]:
+        """The devices whose progress changed since the last call (or the load), with
+        their progress now: the rows a caller saves; the set is emptied."""
+        changed = {d: self.devices[d] for d in sorted(self.changed)}
+        self.changed = set()
+        return changed
 
     def members(self, phase: int) -> list[str]:
         """Target devices of one phase."""
@@ -312,6 +314,7 @@ class Rollout:
             progress = self.devices[device_id] = DeviceProgress(phase)
         events: list[RolloutEvent] = []
         self._count(device_id, -1)
+        self.changed.add(device_id)
         progress.status = outcome
         progress.changed_at = now
         if outcome is Outcome.OFFERED:
@@ -390,6 +393,7 @@ class Rollout:
             progress = self.devices[device_id]
             if now >= progress.changed_at + timeout:
                 self._count(device_id, -1)
+                self.changed.add(device_id)
                 progress.status = Outcome.TIMED_OUT
                 progress.changed_at = now
                 events.append(
@@ -566,8 +570,11 @@ class Rollout:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object], targets: Iterable[str] = ()) -> Rollout:
-        """Restore a rollout saved by :meth:`to_dict`, with the current target set."""
+    def from_dict(cls, data: Mapping[str, object], targets: Iterable[str] = (), *,
+                  partial: bool = False) -> Rollout:
+        """Restore a rollout saved by :meth:`to_dict`, with the current target set
+        (``partial``: only some of it, e.g. the one device an offer decision is about;
+        then nobody is placed, as placement ranks the whole set)."""
         if not isinstance(data, Mapping) or data.get("v") != FORMAT_VERSION:
             version = data.get("v") if isinstance(data, Mapping) else None
             raise RolloutFormatError(
@@ -609,6 +616,7 @@ class Rollout:
         rollout.met_at = met
         rollout.targets = set(targets)
         rollout._held = {d for d, p in rollout.devices.items() if p.held_until}
-        rollout._place()
+        if not partial:
+            rollout._place()
         rollout._recount()
         return rollout

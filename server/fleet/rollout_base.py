@@ -34,7 +34,6 @@ from otacore.rollout import (
     Verdict,
 )
 from otacore.rollout.errors import RolloutStateError
-from otacore.rollout.phases import PlanKind
 from otacore.rollout.targets import RolloutScope
 from server.events import FIRMWARE_RELEASED, Event
 from server.fleet.base import Outcome, releases_of, targeting_of
@@ -198,16 +197,19 @@ class RolloutBase(WindowService):
                          record: RolloutRecord, *, only: DeviceRecord | None = None,
                          inputs: _TargetingInputs | None = None) -> Rollout:
         """The rollout's state machine with its current target set; ``only``: with just
-        that device's membership (enough for its offer decision under a percent plan,
-        whose phases follow from positions; a count plan needs every target to place);
+        that device's membership when that is enough for its offer decision (the device
+        has a saved placement, or the rollout is not running, so no phase is asked);
+        else, as a device not placed yet may be placed now (it joined the target set
+        since the last change), with the whole target set, as without ``only``.
         ``inputs``: the product's targeting rows and releases, when already read."""
         touched = record.state_data.get("devices", {})
         scope = self._rollout_scope(record)
-        if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
+        if only is not None and (only.id in touched or record.state != State.RUNNING.value):
             overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
             decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
                                     overlay, touched)
-            return Rollout.from_dict(record.state_data, [only.id] if decides else [])
+            return Rollout.from_dict(record.state_data, [only.id] if decides else [],
+                                     partial=True)
         return Rollout.from_dict(record.state_data,
                                  self._rollout_targets(tx, product, scope, touched, inputs))
 

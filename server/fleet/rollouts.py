@@ -261,7 +261,7 @@ class RolloutService(RolloutOperations, RolloutBase):
             aborted_at = _aborted_at(record)
             if released.get(target.group if record.groups else None, -1) > aborted_at:
                 continue  # its release was made again after the abort: that one rules
-            machine = Rollout.from_dict(record.state_data)  # no target set: not needed
+            machine = Rollout.from_dict(record.state_data, partial=True)  # no target set
             decision = machine.may_offer(device.id, now)
             if decision.verdict is Verdict.SUCCEEDED:
                 return RolloutOffer(product.id, record.id, target,
