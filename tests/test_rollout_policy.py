@@ -14,6 +14,7 @@ from otacore.precedence import DeviceTargeting, ProductReleases
 from otacore.rollout import (
     Action,
     Backoff,
+    DeviceProgress,
     EventKind,
     MaintenanceWindow,
     Outcome,
@@ -409,8 +410,13 @@ def test_serialised_state_resumes_exactly_through_msgpack() -> None:
     deliver(rollout, first[:-1], Outcome.SUCCEEDED, 1)
     deliver(rollout, first[-1:], Outcome.DOWNLOAD_FAILED, 1)
     packed = msgpack.packb(rollout.to_dict())
-    restored = Rollout.from_dict(msgpack.unpackb(packed), DEVICES)
+    assert b"devices" not in packed and len(packed) < 600  # the rollout's state only
+    rows = msgpack.unpackb(msgpack.packb(
+        {d: p.to_list() for d, p in rollout.devices.items()}))
+    progress = {d: DeviceProgress.from_list(p) for d, p in rows.items()}
+    restored = Rollout.from_dict(msgpack.unpackb(packed), DEVICES, progress=progress)
     assert restored.to_dict() == rollout.to_dict()
+    assert restored.take_changed() == ({}, {})  # nothing to save after a load
     assert json.loads(json.dumps(rollout.to_dict())) == rollout.to_dict()
     for now in (2, MIN + 5):
         assert [restored.may_offer(d, now) for d in DEVICES] == [
@@ -435,9 +441,31 @@ def test_bad_saved_state_is_refused(data: object, message: str) -> None:
 
 def test_saved_state_with_a_phase_outside_the_plan_is_refused() -> None:
     data = started(Policy(PhasePlan.single())).to_dict()
-    data["devices"] = {DEVICES[0]: [3, "offered", 0, 0, 1]}
     with pytest.raises(RolloutFormatError, match="not planned"):
-        Rollout.from_dict(data, DEVICES)
+        Rollout.from_dict(data, DEVICES, progress={DEVICES[0]: DeviceProgress(3)})
+    legacy = {**data, "v": 1, "devices": {DEVICES[0]: [3, "offered", 0, 0, 1]}}
+    with pytest.raises(RolloutFormatError, match="not planned"):
+        Rollout.from_dict(legacy, DEVICES)
+
+
+def test_state_of_format_1_still_loads_and_its_devices_are_saved_per_device() -> None:
+    """A state saved before devices' progress moved to rows (format 1, every device's
+    progress inside, and under the old percent rule only devices with an outcome):
+    it loads, its devices keep their phase and progress, the exact rule places the
+    rest, and the next save writes them all as rows."""
+    rollout = started(Policy(PhasePlan.parse("10,50,100")))
+    old = {**rollout.to_dict(), "v": 1,
+           "devices": {DEVICES[0]: [1, "succeeded", 0, 0, 5], DEVICES[1]: [0, "offered", 0, 0,
+                                                                            7]}}
+    restored = Rollout.from_dict(old, DEVICES, progress={DEVICES[1]: DeviceProgress(2)})
+    assert restored.phase_of(DEVICES[0]) == 1 and restored.phase_of(DEVICES[1]) == 0
+    assert restored.devices[DEVICES[0]].status is Outcome.SUCCEEDED
+    assert restored.devices[DEVICES[1]].status is Outcome.OFFERED  # the state wins
+    assert all(restored.phase_of(d) is not None for d in DEVICES)
+    new, changed = restored.take_changed()
+    assert set(changed) == {DEVICES[1]}  # it had a row: updated
+    assert set(new) == set(DEVICES) - {DEVICES[1]}  # the others: inserted
+    assert "devices" not in restored.to_dict() and restored.to_dict()["v"] == 2
 
 
 def test_rollout_scope_follows_the_precedence_rules() -> None:

@@ -16,6 +16,7 @@ from otacore.rollout import (
     FAILURES,
     Action,
     Backoff,
+    DeviceProgress,
     EventKind,
     Outcome,
     PhasePlan,
@@ -76,7 +77,7 @@ def test_percent_membership_is_monotone_and_stable(
     assert ranked_phases == sorted(ranked_phases)  # type: ignore[type-var]
     before = {d: rollout.phase_of(d) for d in devices}
     # Stable across a restart.
-    restored = Rollout.from_dict(rollout.to_dict(), devices)
+    restored = Rollout.from_dict(rollout.to_dict(), devices, progress=rollout.devices)
     assert {d: restored.phase_of(d) for d in devices} == before
     # The target set grows: nobody moves, and the newcomers bring phases 1..k to at least
     # their exact share of the new N, no further: exactly that share, unless the devices
@@ -168,6 +169,7 @@ def test_random_histories_keep_the_invariants(
     rollout = Rollout("prop", policy, 0)
     rollout.set_targets(targets, 0)
     placements: dict[str, int] = {}
+    rows: dict[str, list[object]] = {}  # what a caller stored of take_changed()
     aborted_at: int | None = None
     now = 0
     for name, index, outcome in script:
@@ -188,10 +190,16 @@ def test_random_histories_keep_the_invariants(
         elif name == "join":
             targets.add(device)
             events = rollout.set_targets(targets, now)
-        else:  # restart: resume exactly from the saved state
+        else:  # restart: resume exactly from the saved state and the saved devices
             saved = rollout.to_dict()
-            rollout = Rollout.from_dict(saved, targets)
+            new, changed = rollout.take_changed()
+            assert set(new).isdisjoint(rows) and set(changed) <= set(rows)
+            rows.update({d: p.to_list() for d, p in (new | changed).items()})
+            rollout = Rollout.from_dict(
+                saved, targets, progress={d: DeviceProgress.from_list(p) for d, p in
+                                          rows.items()})
             assert rollout.to_dict() == saved
+            assert rollout.devices == {d: DeviceProgress.from_list(p) for d, p in rows.items()}
         for event in events:
             if event.kind is EventKind.THRESHOLD_CROSSED:
                 assert event.data["finished"] >= min_sample  # never below the sample

@@ -16,7 +16,7 @@ are left out (nothing to deliver to them).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,8 @@ from otacore.rollout import (
     Verdict,
 )
 from otacore.rollout.errors import RolloutStateError
+from otacore.rollout.outcomes import Counts, DeviceProgress, parse_outcome
+from otacore.rollout.outcomes import Outcome as DeviceOutcome
 from otacore.rollout.targets import RolloutScope
 from server.events import FIRMWARE_RELEASED, Event
 from server.fleet.base import Outcome, releases_of, targeting_of
@@ -42,12 +44,15 @@ from server.fleet.roles import Actor, Permission
 from server.fleet.windows import WindowService
 from server.store import DeviceRecord, FirmwareRecord, ProductRecord, Tx
 from server.store.tx_rollouts import (
+    ProgressRow,
     RolloutEventRecord,
     RolloutQueries,
     RolloutRecord,
     TargetingRow,
 )
 
+#: Outcomes by name (a dict lookup per stored row; parse_outcome names a bad one).
+_OUTCOMES = {o.value: o for o in DeviceOutcome}
 #: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
 ROLLOUT_EVENT_PREFIX = "ota/rollout/"
 #: Rollout states in which it may steer a device's target (see :meth:`rollout_offer`).
@@ -139,6 +144,43 @@ def shown_phase(index: int | None) -> int | None:
     return None if index is None else index + 1
 
 
+def progress_of(rows: Iterable[ProgressRow]) -> dict[str, DeviceProgress]:
+    """Devices' progress from their stored rows (a row's ``updated_at`` is when its latest
+    outcome came: the reboot timeout counts from it)."""
+    return {
+        device: DeviceProgress(phase, None if outcome is None else _OUTCOMES.get(outcome)
+                               or parse_outcome(outcome),
+                               failures, held_until, 0 if outcome is None else updated_at)
+        for device, phase, outcome, failures, held_until, updated_at in rows
+    }
+
+
+def progress_row(device_id: str, progress: DeviceProgress, now: int) -> ProgressRow:
+    """The stored row of one device's progress (a placement without an outcome is dated
+    ``now``)."""
+    status = None if progress.status is None else progress.status.value
+    return (device_id, progress.phase, status, progress.failures, progress.held_until,
+            now if status is None else progress.changed_at)
+
+
+def stored_counts(groups: Iterable[tuple[int, str | None, int, int, int]], phases: int,
+                  targets: int | None = None) -> RolloutCounts:
+    """Per-phase and total counts from :meth:`RolloutQueries.outcome_counts` rows;
+    ``targets`` (the target set's size when last saved) adds the devices never placed to
+    the total's pending ones."""
+    per_phase = [Counts() for _ in range(phases)]
+    total = Counts()
+    for phase, outcome, devices, failures, held in groups:
+        status = "pending" if outcome is None else parse_outcome(outcome).value
+        for counts in (per_phase[phase], total) if 0 <= phase < phases else (total,):
+            counts.by_status[status] += devices
+            counts.failures_total += failures
+            counts.held_off += held
+    if targets is not None and targets > total.members:
+        total.by_status["pending"] += targets - total.members
+    return RolloutCounts(tuple(per_phase), total)
+
+
 def _rollout_id(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
         value = int(value)
@@ -185,47 +227,57 @@ class RolloutBase(WindowService):
         """Devices whose firmware this rollout's release decides (see the module doc)."""
         rows, releases = inputs or cls._targeting_inputs(tx, product)
         overlay = scope.overlay(releases)
-        return {
-            d.device_id
-            for d in rows
-            if scope.decides(d.device_id, DeviceTargeting(d.development, d.locked_version,
-                                                          d.groups),
-                             d.firmware_version, overlay, touched)
-        }
+        # Devices targeted alike (development flag, lock, groups) are decided alike: ask
+        # the precedence rules once per kind, not once per device.
+        decided: dict[tuple[bool, int | None, frozenset[str]], bool] = {}
+        targets = set()
+        for d in rows:
+            kind = (d.development, d.locked_version, d.groups)
+            rule = decided.get(kind)
+            if rule is None:
+                rule = decided[kind] = scope.decided_by(DeviceTargeting(*kind), overlay)
+            if rule and (d.firmware_version != scope.version or d.device_id in touched):
+                targets.add(d.device_id)
+        return targets
 
     def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
                          record: RolloutRecord, *, only: DeviceRecord | None = None,
                          inputs: _TargetingInputs | None = None) -> Rollout:
-        """The rollout's state machine with its current target set; ``only``: with just
-        that device's membership when that is enough for its offer decision (the device
-        has a saved placement, or the rollout is not running, so no phase is asked);
-        else, as a device not placed yet may be placed now (it joined the target set
-        since the last change), with the whole target set, as without ``only``.
-        ``inputs``: the product's targeting rows and releases, when already read."""
-        touched = record.state_data.get("devices", {})
+        """The rollout's state machine with its current target set and its devices'
+        stored progress; ``only``: with just that device's membership and progress when
+        that is enough for its offer decision (the device has a saved placement, or the
+        rollout is not running, so no phase is asked: one row read, not the product's
+        devices); else, as a device not placed yet may be placed now (it joined the
+        target set since the last change), with the whole target set, as without
+        ``only``. ``inputs``: the product's targeting rows and releases, when already
+        read."""
         scope = self._rollout_scope(record)
-        if only is not None and (only.id in touched or record.state != State.RUNNING.value):
-            overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
-            decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
-                                    overlay, touched)
-            return Rollout.from_dict(record.state_data, [only.id] if decides else [],
-                                     partial=True)
+        legacy = record.state_data.get("devices", {})  # format 1: progress in the state
+        if only is not None:
+            progress = progress_of(q.progress_rows(record.id, [only.id]))
+            known = only.id in progress or only.id in legacy
+            if known or record.state != State.RUNNING.value:
+                overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+                decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
+                                        overlay, (only.id,) if known else ())
+                return Rollout.from_dict(record.state_data, [only.id] if decides else [],
+                                         progress=progress, partial=True)
+        progress = progress_of(q.progress_rows(record.id))
+        touched = progress.keys() | legacy.keys()
         return Rollout.from_dict(record.state_data,
-                                 self._rollout_targets(tx, product, scope, touched, inputs))
+                                 self._rollout_targets(tx, product, scope, touched, inputs),
+                                 progress=progress)
 
     def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
               machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
+        """Save the rollout-level state, the rows of the devices whose progress changed
+        (a few, whatever the target set's size) and the events; the bus events to
+        publish after the commit."""
         q.update_rollout(record.id, state=machine.state.value, reason=machine.reason,
                          state_data=machine.to_dict(), now=now)
-        q.put_device_outcomes(
-            record.id,
-            (
-                (d, p.phase, None if p.status is None else p.status.value, p.failures,
-                 p.held_until)
-                for d, p in machine.devices.items()
-            ),
-            now,
-        )
+        new, changed = machine.take_changed()
+        q.write_progress(record.id, [progress_row(d, p, now) for d, p in new.items()],
+                         [progress_row(d, p, now) for d, p in changed.items()])
         q.add_rollout_events(record.id, [e.to_dict() for e in events])
         return [
             Event(
@@ -263,6 +315,16 @@ class RolloutBase(WindowService):
                 "rollout": record.id}
         return [Event(FIRMWARE_RELEASED, json.dumps(data), product_id=product.id,
                       published_at=now)]
+
+    def _finished_view(self, q: RolloutQueries, record: RolloutRecord, now: int
+                       ) -> RolloutView:
+        """An aborted or completed rollout, read without its target set or its devices'
+        rows: its counts are of the devices it placed, counted by the database (an ended
+        rollout places nobody more; a device that left its target set still counts)."""
+        machine = Rollout.from_dict(record.state_data, partial=True)
+        counts = stored_counts(q.outcome_counts(record.id, now), len(machine.met_at),
+                               machine.saved_targets)
+        return RolloutView(record, machine, counts, tuple(q.rollout_events(record.id)))
 
     def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
                       now: int) -> RolloutView:
