@@ -410,7 +410,7 @@ def test_serialised_state_resumes_exactly_through_msgpack() -> None:
     deliver(rollout, first[:-1], Outcome.SUCCEEDED, 1)
     deliver(rollout, first[-1:], Outcome.DOWNLOAD_FAILED, 1)
     packed = msgpack.packb(rollout.to_dict())
-    assert b"devices" not in packed and len(packed) < 600  # the rollout's state only
+    assert b"devices" not in packed and len(packed) < 1024  # the rollout's state only
     rows = msgpack.unpackb(msgpack.packb(
         {d: p.to_list() for d, p in rollout.devices.items()}))
     progress = {d: DeviceProgress.from_list(p) for d, p in rows.items()}

@@ -1,16 +1,20 @@
 """Rollout state that scales (issue 15), on a real SQLite file: recording an outcome writes
-one device row and a small rollout state whatever the target set's size; an offer decision
-for a placed device reads its own row, not the product's devices; finished rollouts are
-counted by the database; listings filter by state in SQL; a rollout saved in the old format
-(every device's progress inside its state) still loads and moves to rows."""
+one device row and a small rollout state whatever the target set's size, and reads neither
+the target set nor the other devices' rows (a light change, from the saved tally); light
+changes decide exactly as full loads (a differential test); an offer decision for a placed
+device reads its own row, not the product's devices; finished rollouts are counted by the
+database; listings filter by state in SQL; a rollout saved in the old format (every
+device's progress inside its state) still loads and moves to rows."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -18,9 +22,10 @@ import sqlalchemy as sa
 from otacore.errors import ValidationError
 from otacore.module import build_module
 from otacore.platforms import ModuleFunction
-from otacore.rollout import Verdict
+from otacore.rollout import RolloutOutcomeError, Verdict
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
+from server.fleet.errors import RolloutConflictError
 from server.store import Store, schema
 from server.store.tx_rollouts import RolloutQueries
 
@@ -119,9 +124,11 @@ async def test_recording_an_outcome_writes_one_device_row_and_a_small_state(
         clock.now += 1000
         with watching(store) as recorded:
             await fleet.record_rollout_outcome(product_id, rid, first[n], outcome)
-        # O(1): one device row, whatever the size; the rollout's state stays small.
+        # O(1): one device row, whatever the size; the rollout's state stays small; and
+        # the change is light: the product's devices (its target set) are not read.
         assert recorded.rows_written("rollout_device_outcomes") == 1
         assert 0 < recorded.state_bytes() < 1024
+        assert not recorded.reads_product_devices()
     with store.read() as tx:
         rows = {o.device_id: o for o in RolloutQueries(tx.conn).device_outcomes(rid)}
         state = RolloutQueries(tx.conn).get_rollout(product_id, rid)
@@ -206,8 +213,9 @@ async def test_a_rollout_saved_in_format_1_loads_and_moves_to_rows(store: Store)
                                       {"version": 2, "phases": "50,100", "force": True})
     rid = view.record.id
     first = sorted(view.rollout.members(0))
-    old_state = {**view.rollout.to_dict(), "v": 1,
-                 "devices": {first[0]: [0, "downloading", 0, 0, clock.now]}}
+    old_state = {k: v for k, v in view.rollout.to_dict().items()
+                 if k not in ("tally", "uncounted", "targets")}  # format 2's own keys
+    old_state.update({"v": 1, "devices": {first[0]: [0, "downloading", 0, 0, clock.now]}})
     with store.write() as tx:  # as the old release left it: rows only for touched devices
         tx.conn.execute(sa.delete(schema.rollout_device_outcomes)
                         .where(schema.rollout_device_outcomes.c.device_id != first[0]))
@@ -228,3 +236,101 @@ async def test_a_rollout_saved_in_format_1_loads_and_moves_to_rows(store: Store)
     assert "devices" not in record.state_data
     assert len(rows) == 30  # every target placed and stored per device
     assert {r.device_id: r.outcome for r in rows}[first[0]] == "rebooting"
+
+
+def _full_only(fleet: Fleet) -> Fleet:
+    """The fleet with light changes turned off: every change loads the whole rollout."""
+    fleet._light_machine = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    return fleet
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_light_changes_decide_exactly_as_full_loads(
+    store: Store, tmp_path: Path, seed: int
+) -> None:
+    """The same random history (outcomes, claims, ticks, devices joining and leaving) on
+    two stores, one with light changes and one loading every change in full, ends in the
+    same state, rows, events and counts: whatever a light machine could not decide
+    exactly it handed to a full load."""
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    other = Store.open_dir(tmp_path / "full", pool_size=2)
+    try:
+        clocks = (Clock(), Clock())
+        fleets = [_fleet_of(store, 120, clocks[0]), _fleet_of(other, 120, clocks[1])]
+        _full_only(fleets[1][0])
+        light_fleet = fleets[0][0]
+        restores = light_fleet._light_machine
+        light_used: list[bool] = []
+
+        def counted(*args: object, **kwargs: object) -> object:
+            machine = restores(*args, **kwargs)  # type: ignore[arg-type]
+            light_used.append(machine is not None)
+            return machine
+
+        light_fleet._light_machine = counted  # type: ignore[method-assign,assignment]
+        spec = {"version": 2, "phases": "10,40,100", "max_failure_percent": 30,
+                "min_sample": 6, "on_failure": "pause", "backoff_failures": 2,
+                "success_percent": 50,
+                "backoff_minutes": 5, "max_per_minute": 8, "force": True}
+        for fleet, product_id, _ in fleets:
+            await _upload(fleet, product_id, 2)
+            view = await fleet.create_rollout(SYSTEM_ACTOR, product_id, spec)
+        devices = fleets[0][2]
+        first = sorted(view.rollout.members(0))  # the same in both (same ids, same hash)
+        outcomes = ["downloading", "rebooting", "succeeded", "succeeded", "rolled_back",
+                    "download_failed"]
+        for step in range(250):
+            roll = rng.random()
+            device = rng.choice(first if rng.random() < 0.6 else devices)
+            outcome = rng.choice(outcomes)
+            later = rng.choice([1000, 60_000, 400_000])
+            results = []
+            for (fleet, product_id, _), clock, db in zip(fleets, clocks, (store, other),
+                                                        strict=True):
+                if roll < 0.05:
+                    clock.now += later
+                    results.append((await fleet.tick_rollout(product_id, 1)).to_dict())
+                elif roll < 0.08:  # a device joins (placed at the tick that follows)
+                    new_id = f"{10_000 + step:024x}"
+                    with db.write() as tx:
+                        tx.insert_device(new_id, product_id, 0)
+                        tx.update_device(new_id, {"firmware_version": 1}, 0)
+                    results.append((await fleet.tick_rollout(product_id, 1)).to_dict())
+                elif roll < 0.1:  # an operator resumes (a pause by the threshold)
+                    try:
+                        view = await fleet.resume_rollout(SYSTEM_ACTOR, product_id, 1)
+                    except RolloutConflictError as exc:
+                        results.append(str(exc))
+                    else:
+                        results.append(view.to_dict())
+                elif roll < 0.5:
+                    claim = fleet.claim_rollout_offer_work(product_id, 1, device)
+                    results.append(await fleet.run_write(claim))
+                else:
+                    try:
+                        view = await fleet.record_rollout_outcome(
+                            product_id, 1, device, outcome)
+                    except RolloutOutcomeError as exc:
+                        results.append(str(exc))
+                    else:
+                        results.append(view.to_dict())
+            light, full = results
+            if isinstance(light, dict) and isinstance(full, dict):
+                for key in ("updated_at",):
+                    light.pop(key), full.pop(key)
+            assert light == full, (seed, step)
+        with store.read() as a, other.read() as b:
+            assert (RolloutQueries(a.conn).device_outcomes(1)
+                    == RolloutQueries(b.conn).device_outcomes(1))
+            state_a = RolloutQueries(a.conn).get_rollout(fleets[0][1], 1)
+            state_b = RolloutQueries(b.conn).get_rollout(fleets[1][1], 1)
+            assert state_a is not None and state_b is not None
+            assert state_a.state == state_b.state
+            kinds = {e.kind for e in RolloutQueries(a.conn).rollout_events(1)}
+        # The history went light most of the time, and decided phases or thresholds too
+        # (a light machine hands those to a full load).
+        assert sum(light_used) > 100, light_used
+        assert kinds & {"phase_advanced", "threshold_crossed", "paused"}, kinds
+    finally:
+        other.close()

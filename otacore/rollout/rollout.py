@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from otacore.rollout import criteria, saved
 from otacore.rollout.errors import RolloutFormatError, RolloutOutcomeError, RolloutStateError
@@ -27,6 +26,7 @@ from otacore.rollout.outcomes import (
     Counts,
     DeviceProgress,
     Outcome,
+    RolloutCounts,
     parse_outcome,
 )
 from otacore.rollout.phases import PlanKind, positions_of
@@ -37,21 +37,6 @@ from otacore.rollout.windows import MaintenanceWindow, any_open, next_opening
 POLICY_ACTOR = "policy"
 #: Tally key of the failures reported (retries included), beside the status names.
 _FAILURES_KEY = "#failures"
-
-
-@dataclass(frozen=True)
-class RolloutCounts:
-    """Counts per phase (index = phase) and over every target device."""
-
-    phases: tuple[Counts, ...]
-    total: Counts
-
-    def to_dict(self) -> dict[str, object]:
-        """Flat counts: ``{"total": {...}, "phases": [{...}, ...]}``."""
-        return {
-            "total": self.total.to_dict(),
-            "phases": [c.to_dict() for c in self.phases],
-        }
 
 
 class Rollout:
@@ -77,6 +62,12 @@ class Rollout:
         self.targets: set[str] = set()
         #: How many targets it had at its last save (None: not known, or never saved).
         self.saved_targets: int | None = None
+        #: Restored with the tally it saved and only the devices asked about (see
+        #: :meth:`from_dict`): its counts are the saved ones, changed by what it does.
+        self.light = False
+        #: Devices with progress that were not targets at the last full save (so not in
+        #: the saved tally): a light restore cannot count them.
+        self.uncounted: list[str] = []
         #: Epoch ms of the offers of the last minute (the rate limit's sliding window).
         self.recent_offers: list[int] = []
         self.rate: int | None = None if policy.rate is None else policy.rate.base_per_minute
@@ -582,16 +573,26 @@ class Rollout:
     @classmethod
     def from_dict(cls, data: Mapping[str, object], targets: Iterable[str] = (), *,
                   progress: Mapping[str, DeviceProgress] | None = None,
-                  partial: bool = False) -> Rollout:
+                  partial: bool = False, light: bool = False) -> Rollout:
         """Restore a rollout saved by :meth:`to_dict`, with the current target set and
         the stored ``progress`` of its devices (all of them, or, ``partial``, only those
         the caller asks about, e.g. the one device of an offer decision: then nobody is
         placed, as placement ranks the whole set). A state of format 1 carries its
         devices' progress itself: it wins over ``progress``, and every device of it
-        counts as changed, so that the next save stores it per device."""
+        counts as changed, so that the next save stores it per device.
+
+        ``light`` (with ``partial``): the counts are the tally of the last save, kept up
+        to date by what this machine does with the devices it was given (targets then,
+        not in :attr:`uncounted`): a change of one device costs O(1), not O(targets).
+        Any event but those of :data:`saved.LIGHT_EVENTS` is to be decided again on a
+        full load (the saved tally misses devices that joined or left since)."""
         rollout = saved.load(cls, data, progress)
         rollout.targets = set(targets)
         rollout._held = {d for d, p in rollout.devices.items() if p.held_until}
+        if light:
+            rollout.light = True
+            rollout._tally = saved.saved_tally(data)
+            return rollout
         if not partial:
             rollout._place()
         rollout._recount()

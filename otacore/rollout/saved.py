@@ -9,11 +9,12 @@ Format 1, written before, also held every device's progress; it is still read.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from otacore.rollout.errors import RolloutFormatError
-from otacore.rollout.events import State
+from otacore.rollout.events import EventKind, State
 from otacore.rollout.outcomes import DeviceProgress
 from otacore.rollout.policy import Policy
 
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 2
 #: Versions :func:`load` reads.
 READABLE_FORMATS = (1, 2)
+#: Events a light machine (``Rollout.from_dict(light=True)``) may decide by itself: they
+#: concern only the device it was given, or the rate limit's own state. Any other asks
+#: for a full load.
+LIGHT_EVENTS = frozenset({EventKind.DEVICE_HELD, EventKind.DEVICE_TIMED_OUT,
+                          EventKind.RATE_INCREASED})
 
 
 def dump(rollout: Rollout) -> dict[str, object]:
@@ -43,10 +49,30 @@ def dump(rollout: Rollout) -> dict[str, object]:
         "since_increase": [rollout.offered_since_increase, rollout.succeeded_since_increase],
         "acknowledged": dict(rollout.acknowledged),
         "aborted_at": rollout.aborted_at,
-        # How many targets it had when saved (a saved rollout always had its whole set):
-        # a finished rollout's counts are read without its target set.
-        "targets": len(rollout.targets),
+        # What light restores count with (Rollout.from_dict): the target set's size, the
+        # tally (target devices by phase and status) and the devices it does not count.
+        # A light machine carries forward what its full load saved.
+        "targets": rollout.saved_targets if rollout.light else len(rollout.targets),
+        "tally": [[phase, {k: n for k, n in sorted(counter.items()) if n}]
+                  for phase, counter in sorted(rollout._tally.items(),
+                                               key=lambda item: -1 if item[0] is None
+                                               else item[0])
+                  if any(counter.values())],
+        "uncounted": rollout.uncounted if rollout.light else sorted(
+            d for d in rollout.devices if d not in rollout.targets),
     }
+
+
+def saved_tally(data: Mapping[str, object]) -> dict[int | None, Counter[str]]:
+    """The tally a state of format 2 saved (for a light restore)."""
+    if "tally" not in data:
+        raise RolloutFormatError("this rollout state has no saved tally: load it in full")
+    try:
+        return {None if phase is None else int(phase): Counter(
+                    {str(k): int(n) for k, n in counts.items()})
+                for phase, counts in data["tally"]}  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise RolloutFormatError(f"malformed rollout tally: {exc!r}") from None
 
 
 def load(cls: type[Rollout], data: Mapping[str, object],
@@ -89,6 +115,7 @@ def load(cls: type[Rollout], data: Mapping[str, object],
         rollout.acknowledged = {str(k): int(v) for k, v in acks.items()}  # type: ignore[attr-defined]
         saved_targets = data.get("targets")  # absent before format 2
         rollout.saved_targets = None if saved_targets is None else int(saved_targets)  # type: ignore[call-overload]
+        rollout.uncounted = [str(d) for d in data.get("uncounted") or ()]  # type: ignore[attr-defined]
         aborted_at = data.get("aborted_at")  # absent in states saved before it existed
         rollout.aborted_at = None if aborted_at is None else int(aborted_at)  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

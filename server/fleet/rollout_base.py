@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -32,6 +32,7 @@ from otacore.rollout import (
     RolloutEvent,
     State,
     Verdict,
+    saved,
 )
 from otacore.rollout.errors import RolloutStateError
 from otacore.rollout.outcomes import Counts, DeviceProgress, parse_outcome
@@ -51,6 +52,7 @@ from server.store.tx_rollouts import (
     TargetingRow,
 )
 
+_T = TypeVar("_T")
 #: Outcomes by name (a dict lookup per stored row; parse_outcome names a bad one).
 _OUTCOMES = {o.value: o for o in DeviceOutcome}
 #: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
@@ -182,8 +184,10 @@ def stored_counts(groups: Iterable[tuple[int, str | None, int, int, int]], phase
 
 
 def _rollout_id(value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
-        value = int(value)
+    text = value.strip() if isinstance(value, str) else ""
+    # ASCII digits only: str.isdigit() also takes superscripts ("¹") that int() refuses.
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        value = int(text)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError(f"rollout id {value!r} must be a positive whole number")
     return value
@@ -268,6 +272,55 @@ class RolloutBase(WindowService):
                                  self._rollout_targets(tx, product, scope, touched, inputs),
                                  progress=progress)
 
+    def _light_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                       record: RolloutRecord, device_id: str) -> Rollout | None:
+        """The rollout restored light (``Rollout.from_dict(light=True)``) for a change of
+        one device: its saved tally, state and that device's row only, no target set;
+        None when that cannot be exact: the device has no row (not placed), is not a
+        target now, was not counted at the last full save, or the state has no tally
+        (saved before it was kept) or has not started."""
+        data = record.state_data
+        if ("tally" not in data or data.get("v") != saved.FORMAT_VERSION
+                or record.state == State.SCHEDULED.value):
+            return None
+        if device_id in data.get("uncounted", ()):
+            return None
+        progress = progress_of(q.progress_rows(record.id, [device_id]))
+        device = tx.get_device(device_id)
+        if device_id not in progress or device is None or device.product_id != product.id:
+            return None
+        scope = self._rollout_scope(record)
+        overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+        if not scope.decides(device_id, targeting_of(device), device.firmware_version,
+                             overlay, (device_id,)):
+            return None
+        return Rollout.from_dict(data, [device_id], progress=progress, partial=True,
+                                 light=True)
+
+    def _apply_change(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                      record: RolloutRecord,
+                      apply: Callable[[Rollout, int], tuple[list[RolloutEvent], _T]],
+                      now: int, *, device_id: str | None = None
+                      ) -> tuple[Rollout, list[RolloutEvent], _T]:
+        """Tick the rollout and apply one change: light (O(1)) when the change is about
+        ``device_id`` and decides nothing beyond it (:data:`saved.LIGHT_EVENTS`), else,
+        or when the light machine decided more (a phase, a threshold, completion: the
+        saved tally may miss devices that joined or left), on a full load. The light
+        attempt writes nothing, so dropping it is free. ``apply`` returns
+        ``(events, value)``."""
+        if device_id is not None:
+            machine = self._light_machine(tx, q, product, record, device_id)
+            if machine is not None:
+                events = machine.tick(now)
+                more, value = apply(machine, now)
+                events += more
+                if all(e.kind in saved.LIGHT_EVENTS for e in events):
+                    return machine, events, value
+        machine = self._rollout_machine(tx, q, product, record)
+        events = machine.tick(now)
+        more, value = apply(machine, now)
+        return machine, events + more, value
+
     def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
               machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
         """Save the rollout-level state, the rows of the devices whose progress changed
@@ -329,8 +382,12 @@ class RolloutBase(WindowService):
     def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
                       now: int) -> RolloutView:
         fresh = q.get_rollout(record.product_id, record.id) or record
-        return RolloutView(fresh, machine, machine.counts(now),
-                           tuple(q.rollout_events(record.id)))
+        # A light machine's tally has no holds of the devices it did not load: the
+        # database counts them (one GROUP BY).
+        counts = (stored_counts(q.outcome_counts(record.id, now), len(machine.met_at),
+                                machine.saved_targets)
+                  if machine.light else machine.counts(now))
+        return RolloutView(fresh, machine, counts, tuple(q.rollout_events(record.id)))
 
     def _change_rollout(
         self,
@@ -357,9 +414,13 @@ class RolloutBase(WindowService):
         actor: Actor | None = None,
         audit: str | None = None,
         details: Mapping[str, object] | None = None,
+        device_id: str | None = None,
+        with_view: bool = True,
     ) -> Callable[[Tx], Outcome]:
-        """The store work of one change: load, tick, apply, save; the view and the bus
-        events."""
+        """The store work of one change: load, tick, apply, save; the view (None without
+        ``with_view``: a caller that ignores it saves its counting) and the bus events.
+        ``device_id``: the change is about that device only (an outcome), so it may run
+        light (see :meth:`_apply_change`)."""
 
         def work(tx: Tx) -> Outcome:
             now = self.clock()
@@ -369,9 +430,10 @@ class RolloutBase(WindowService):
             if actor is not None:
                 actor.require(Permission.MANAGE_DEVICES, "change rollouts")
                 actor.require_scope(ROLLOUT_SCOPE, product.id, "change rollouts", product.slug)
-            machine = self._rollout_machine(tx, q, product, record)
             try:
-                events = machine.tick(now) + apply(machine, now)
+                machine, events, _ = self._apply_change(
+                    tx, q, product, record, lambda m, at: (apply(m, at), None), now,
+                    device_id=device_id)
             except RolloutStateError as exc:
                 raise RolloutConflictError(str(exc)) from None
             bus_events = self._save_rollout(q, product, record, machine, events, now)
@@ -380,6 +442,8 @@ class RolloutBase(WindowService):
                 tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
                              target=f"rollout:{record.id}", details=dict(details or {}),
                              now=now)
+            if not with_view:
+                return Outcome(None, bus_events)
             return Outcome(self._rollout_view(q, record, machine, now), bus_events)
 
         return work

@@ -100,16 +100,19 @@ class RolloutService(RolloutOperations, RolloutBase):
         )
 
     def rollout_outcome_work(
-        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object
+        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object,
+        *, with_view: bool = True,
     ) -> Callable[[Tx], Outcome]:
         """The store work of :meth:`record_rollout_outcome`, to run group-committed
-        (``run_write``) or in one transaction with the device's other OTA writes."""
+        (``run_write``) or in one transaction with the device's other OTA writes (whose
+        callers need no view: ``with_view`` False)."""
         device = normalize_device_id(device_id)
 
         def apply(machine: Rollout, now: int) -> list[RolloutEvent]:
             return machine.record_outcome(device, outcome, now)
 
-        return self._rollout_change_work(product_ref, rollout_id, apply)
+        return self._rollout_change_work(product_ref, rollout_id, apply, device_id=device,
+                                         with_view=with_view)
 
     async def tick_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
         """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
@@ -310,10 +313,11 @@ class RolloutService(RolloutOperations, RolloutBase):
 
     def claim_rollout_offer_work(self, product_id: int, rollout_id: int,
                                  device_id: str) -> Callable[[Tx], Outcome]:
-        """The store work that asks the rollout again, with its whole target set and in
-        the write that records it, whether an offer to the device may start, and records
-        it ``offered`` when so (the rate limit and phases then hold under concurrent
-        sessions). Its value is the :class:`Decision`."""
+        """The store work that asks the rollout again, in the write that records it,
+        whether an offer to the device may start, and records it ``offered`` when so (the
+        rate limit and phases then hold under concurrent sessions): from the device's
+        placement and the rollout's saved counts when that is exact, else with its whole
+        target set (see ``_apply_change``). Its value is the :class:`Decision`."""
         device = normalize_device_id(device_id)
 
         def work(tx: Tx) -> Outcome:
@@ -322,12 +326,16 @@ class RolloutService(RolloutOperations, RolloutBase):
             member = self._device_in(tx, product, device)
             q = RolloutQueries(tx.conn)
             record = self._rollout_record(q, product, rollout_id)
-            machine = self._rollout_machine(tx, q, product, record)
-            events = machine.tick(now)
-            windows = self._windows_of(q, product)
-            decision = machine.may_offer(member.id, now, windows_for(member.groups, *windows))
-            if decision.allowed:
-                events += machine.record_outcome(member.id, "offered", now)
+            windows = windows_for(member.groups, *self._windows_of(q, product))
+
+            def claim(machine: Rollout, at: int) -> tuple[list[RolloutEvent], Decision]:
+                decision = machine.may_offer(member.id, at, windows)
+                if not decision.allowed:
+                    return [], decision
+                return machine.record_outcome(member.id, "offered", at), decision
+
+            machine, events, decision = self._apply_change(tx, q, product, record, claim, now,
+                                                           device_id=member.id)
             bus_events = self._save_rollout(q, product, record, machine, events, now)
             bus_events += self._release_if_completed(tx, product, record, events, now)
             return Outcome(decision, bus_events)
@@ -339,7 +347,8 @@ class RolloutService(RolloutOperations, RolloutBase):
         """:meth:`rollout_outcome_work` to ride on the OTA engine's own writes: a rollout
         deleted meanwhile, or a device it no longer places, records nothing instead of
         failing the write it rides on."""
-        work = self.rollout_outcome_work(product_id, rollout_id, device_id, outcome)
+        work = self.rollout_outcome_work(product_id, rollout_id, device_id, outcome,
+                                         with_view=False)
 
         def step(tx: Tx) -> Outcome:
             try:
