@@ -34,6 +34,7 @@ from otacore.rollout import (
     device_position,
 )
 from otacore.rollout.phases import PlanKind
+from otacore.rollout.placement import opened_phases_full
 from otacore.rollout.targets import RolloutScope
 
 MIN = 60_000
@@ -291,6 +292,17 @@ def test_percent_plan_newcomers_fill_each_phase_to_its_exact_share() -> None:
     # 32: phase 1 is still 16, the next newcomer goes to phase 2.
     rollout.set_targets([*DEVICES[:31], DEVICES[31]], 2)
     assert rollout.phase_of(DEVICES[31]) == 1
+
+
+def test_count_plan_opened_phases_full() -> None:
+    plan = PhasePlan.parse("#5,#20,all")
+    assert not opened_phases_full(plan, 0, [])  # not started
+    assert opened_phases_full(plan, 1, [5]) and opened_phases_full(plan, 1, [6])
+    assert not opened_phases_full(plan, 1, [4])  # a place is free
+    assert opened_phases_full(plan, 2, [5, 15]) and not opened_phases_full(plan, 2, [5, 14])
+    assert opened_phases_full(plan, 2, [7, 13])  # cumulative
+    assert not opened_phases_full(plan, 3, [5, 15, 900])  # "all" takes every device
+    assert not opened_phases_full(PhasePlan.parse("10,100"), 1, [10])  # shares follow N
 
 
 def test_backoff_holds_a_device_after_n_failures() -> None:

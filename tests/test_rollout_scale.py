@@ -334,3 +334,28 @@ async def test_light_changes_decide_exactly_as_full_loads(
         assert kinds & {"phase_advanced", "threshold_crossed", "paused"}, kinds
     finally:
         other.close()
+
+
+async def test_offer_decision_outside_a_full_count_phase_reads_no_target_set(
+    store: Store
+) -> None:
+    clock = Clock()
+    fleet, product_id, devices = _fleet_of(store, 300, clock)
+    await _upload(fleet, product_id, 2)
+    view = await fleet.create_rollout(SYSTEM_ACTOR, product_id,
+                                      {"version": 2, "phases": "#5,#20,all", "force": True})
+    rid = view.record.id
+    first = set(view.rollout.members(0))
+    outside = next(d for d in devices if d not in first)
+    with watching(store) as asked:
+        decision = await fleet.rollout_offer_decision(product_id, rid, outside)
+    assert decision.verdict is Verdict.PHASE_NOT_OPEN and decision.phase is None
+    assert not asked.reads_product_devices()  # phase 1 holds its 5: nobody else fits
+    # A phase 1 device leaves (deleted): a place is free, found at the next full load.
+    with store.write() as tx:
+        tx.delete_device(sorted(first)[0])
+    await fleet.tick_rollout(product_id, rid)
+    shown = await fleet.get_rollout(product_id, rid)
+    assert len(shown.rollout.members(0)) == 5
+    newcomer = (set(shown.rollout.members(0)) - first).pop()
+    assert (await fleet.rollout_offer_decision(product_id, rid, newcomer)).allowed

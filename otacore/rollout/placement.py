@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from fractions import Fraction
 
 from otacore.rollout.phases import PhasePlan, PlanKind
@@ -51,6 +51,21 @@ def phases_to_place(plan: PhasePlan, opened: int) -> int:
     if opened == 0:
         return 0
     return len(plan.phases) if plan.kind is PlanKind.PERCENT else opened
+
+
+def opened_phases_full(plan: PhasePlan, opened: int, placed: Sequence[int]) -> bool:
+    """True when a count plan's opened phases hold their counts (``placed``: target
+    devices placed in each phase, from the first), so a device not placed yet cannot be
+    placed until the next phase opens (a count does not follow the target set; a percent
+    plan's shares do, and an ``all`` phase takes every device: both answer False)."""
+    if plan.kind is not PlanKind.COUNT or opened == 0:
+        return False
+    cumulative = 0
+    for index, size in enumerate(phase_sizes(plan, 0)[:opened]):
+        cumulative += placed[index] if index < len(placed) else 0
+        if size is None or cumulative < size:
+            return False
+    return True
 
 
 def place(

@@ -34,9 +34,11 @@ from otacore.rollout import (
     Verdict,
     saved,
 )
-from otacore.rollout.errors import RolloutStateError
-from otacore.rollout.outcomes import Counts, DeviceProgress, parse_outcome
+from otacore.rollout.errors import RolloutFormatError, RolloutPlanError, RolloutStateError
+from otacore.rollout.outcomes import STATUS_NAMES, Counts, DeviceProgress, parse_outcome
 from otacore.rollout.outcomes import Outcome as DeviceOutcome
+from otacore.rollout.phases import PhasePlan
+from otacore.rollout.placement import opened_phases_full
 from otacore.rollout.targets import RolloutScope
 from server.events import FIRMWARE_RELEASED, Event
 from server.fleet.base import Outcome, releases_of, targeting_of
@@ -183,6 +185,26 @@ def stored_counts(groups: Iterable[tuple[int, str | None, int, int, int]], phase
     return RolloutCounts(tuple(per_phase), total)
 
 
+def _count_phases_full(record: RolloutRecord) -> bool:
+    """True when the rollout's saved tally shows a count plan whose opened phases hold
+    their counts: a device without a placement stays unplaced until the next phase
+    opens, and its offer decision needs no target set. (A device that left the target
+    set since the last save may have freed a place: it is filled at the next full load,
+    the periodic tick at the latest.)"""
+    data = record.state_data
+    if data.get("v") != saved.FORMAT_VERSION or "tally" not in data:
+        return False
+    try:
+        plan = PhasePlan.from_dict(record.plan)
+        tally = saved.saved_tally(data)
+    except (RolloutPlanError, RolloutFormatError):
+        return False
+    opened = len(data.get("opened_at") or ())
+    placed = [sum(tally[i][s] for s in STATUS_NAMES) if i in tally else 0
+              for i in range(opened)]
+    return opened_phases_full(plan, opened, placed)
+
+
 def _rollout_id(value: object) -> int:
     text = value.strip() if isinstance(value, str) else ""
     # ASCII digits only: str.isdigit() also takes superscripts ("¹") that int() refuses.
@@ -249,18 +271,18 @@ class RolloutBase(WindowService):
                          inputs: _TargetingInputs | None = None) -> Rollout:
         """The rollout's state machine with its current target set and its devices'
         stored progress; ``only``: with just that device's membership and progress when
-        that is enough for its offer decision (the device has a saved placement, or the
-        rollout is not running, so no phase is asked: one row read, not the product's
-        devices); else, as a device not placed yet may be placed now (it joined the
-        target set since the last change), with the whole target set, as without
-        ``only``. ``inputs``: the product's targeting rows and releases, when already
-        read."""
+        that is enough for its offer decision (the device has a saved placement; the
+        rollout is not running, so no phase is asked; or a count plan's opened phases are
+        full: one row read, not the product's devices); else, as a device not placed yet
+        may be placed now (it joined the target set since the last change), with the
+        whole target set, as without ``only``. ``inputs``: the product's targeting rows
+        and releases, when already read."""
         scope = self._rollout_scope(record)
         legacy = record.state_data.get("devices", {})  # format 1: progress in the state
         if only is not None:
             progress = progress_of(q.progress_rows(record.id, [only.id]))
             known = only.id in progress or only.id in legacy
-            if known or record.state != State.RUNNING.value:
+            if known or record.state != State.RUNNING.value or _count_phases_full(record):
                 overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
                 decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
                                         overlay, (only.id,) if known else ())
