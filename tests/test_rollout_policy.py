@@ -496,3 +496,20 @@ def test_rollout_scope_follows_the_precedence_rules() -> None:
     assert overlay.group_releases["canary"].immediate
     assert canary.decides("d", DeviceTargeting(groups={"canary", "beta"}), 1, overlay)
     assert not canary.decides("d", plain, 1, overlay)
+
+
+def test_saved_state_lists_the_devices_it_does_not_count_up_to_a_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from otacore.rollout import saved
+
+    rollout = started(Policy(PhasePlan.parse("10,100")))
+    rollout.set_targets(DEVICES[:50], 1)  # 10 placed devices leave the target set
+    data = rollout.to_dict()
+    assert data["uncounted"] == sorted(DEVICES[50:]) and data["targets"] == 50
+    light = Rollout.from_dict(data, [DEVICES[0]], partial=True, light=True,
+                              progress={DEVICES[0]: rollout.devices[DEVICES[0]]})
+    assert light.counts(1) == rollout.counts(1)  # the saved tally, not a recount
+    assert light.to_dict() == data  # carries what the full save counted
+    monkeypatch.setattr(saved, "MAX_UNCOUNTED", 5)
+    assert rollout.to_dict()["uncounted"] is None  # too many: light restores refused

@@ -66,8 +66,8 @@ class Rollout:
         #: :meth:`from_dict`): its counts are the saved ones, changed by what it does.
         self.light = False
         #: Devices with progress that were not targets at the last full save (so not in
-        #: the saved tally): a light restore cannot count them.
-        self.uncounted: list[str] = []
+        #: the saved tally; None: too many to list): a light restore cannot count them.
+        self.uncounted: list[str] | None = []
         #: Epoch ms of the offers of the last minute (the rate limit's sliding window).
         self.recent_offers: list[int] = []
         self.rate: int | None = None if policy.rate is None else policy.rate.base_per_minute

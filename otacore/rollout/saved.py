@@ -1,10 +1,13 @@
 """The saved form of a rollout's state (:meth:`Rollout.to_dict` / :meth:`Rollout.from_dict`).
 
 Format 2 holds the rollout-level state only (state, phases opened and met, rate limit,
-acknowledged thresholds...): a few hundred bytes whatever the number of devices. Each
-device's progress (phase, latest outcome, failures, hold) is stored by the caller, one row
-per device, and only the rows that changed are written (:meth:`Rollout.take_changed`).
-Format 1, written before, also held every device's progress; it is still read.
+acknowledged thresholds...) and, for light restores, the tally (target devices by phase and
+status), the target count and the devices with progress it does not count: a few hundred
+bytes whatever the number of devices (the tally has a few entries per phase; the devices
+not counted are those that left the target set). Each device's progress (phase, latest
+outcome, failures, hold) is stored by the caller, one row per device, and only the rows
+that changed are written (:meth:`Rollout.take_changed`). Format 1, written before, also
+held every device's progress; it is still read.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 
 #: Version of the format :func:`dump` writes.
 FORMAT_VERSION = 2
+#: Most devices outside the target set a state lists (see :func:`_uncounted`).
+MAX_UNCOUNTED = 1000
 #: Versions :func:`load` reads.
 READABLE_FORMATS = (1, 2)
 #: Events a light machine (``Rollout.from_dict(light=True)``) may decide by itself: they
@@ -58,9 +63,16 @@ def dump(rollout: Rollout) -> dict[str, object]:
                                                key=lambda item: -1 if item[0] is None
                                                else item[0])
                   if any(counter.values())],
-        "uncounted": rollout.uncounted if rollout.light else sorted(
-            d for d in rollout.devices if d not in rollout.targets),
+        "uncounted": rollout.uncounted if rollout.light else _uncounted(rollout),
     }
+
+
+def _uncounted(rollout: Rollout) -> list[str] | None:
+    """The devices with progress outside the target set, None when more than
+    :data:`MAX_UNCOUNTED` (the state stays small; light restores are then refused until
+    a full save finds fewer)."""
+    left = [d for d in rollout.devices if d not in rollout.targets]
+    return None if len(left) > MAX_UNCOUNTED else sorted(left)
 
 
 def saved_tally(data: Mapping[str, object]) -> dict[int | None, Counter[str]]:
@@ -115,7 +127,9 @@ def load(cls: type[Rollout], data: Mapping[str, object],
         rollout.acknowledged = {str(k): int(v) for k, v in acks.items()}  # type: ignore[attr-defined]
         saved_targets = data.get("targets")  # absent before format 2
         rollout.saved_targets = None if saved_targets is None else int(saved_targets)  # type: ignore[call-overload]
-        rollout.uncounted = [str(d) for d in data.get("uncounted") or ()]  # type: ignore[attr-defined]
+        uncounted = data.get("uncounted", ())
+        rollout.uncounted = (None if uncounted is None
+                             else [str(d) for d in uncounted])  # type: ignore[attr-defined]
         aborted_at = data.get("aborted_at")  # absent in states saved before it existed
         rollout.aborted_at = None if aborted_at is None else int(aborted_at)  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -305,7 +305,8 @@ class RolloutBase(WindowService):
         if ("tally" not in data or data.get("v") != saved.FORMAT_VERSION
                 or record.state == State.SCHEDULED.value):
             return None
-        if device_id in data.get("uncounted", ()):
+        uncounted = data.get("uncounted", ())
+        if uncounted is None or device_id in uncounted:  # None: too many to list
             return None
         progress = progress_of(q.progress_rows(record.id, [device_id]))
         device = tx.get_device(device_id)
@@ -328,8 +329,9 @@ class RolloutBase(WindowService):
         ``device_id`` and decides nothing beyond it (:data:`saved.LIGHT_EVENTS`), else,
         or when the light machine decided more (a phase, a threshold, completion: the
         saved tally may miss devices that joined or left), on a full load. The light
-        attempt writes nothing, so dropping it is free. ``apply`` returns
-        ``(events, value)``."""
+        attempt writes nothing, so dropping it is free. A light tick times out only that
+        device's reboot; the others' wait for the next full load (the periodic tick at
+        the latest). ``apply`` returns ``(events, value)``."""
         if device_id is not None:
             machine = self._light_machine(tx, q, product, record, device_id)
             if machine is not None:
