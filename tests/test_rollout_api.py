@@ -99,6 +99,12 @@ async def test_rollout_lifecycle(api: Api) -> None:
     assert group_rollout["groups"] == ["beta"]
     only_v2 = (await api.client.get(url, params={"version": "2"})).json()["rollouts"]
     assert [r["id"] for r in only_v2] == [rid]
+    aborted = (await api.client.get(url, params={"state": "aborted"})).json()["rollouts"]
+    assert [r["id"] for r in aborted] == [rid]
+    both = (await api.client.get(url, params={"state": "running,aborted"})).json()
+    assert [r["id"] for r in both["rollouts"]] == [group_rollout["id"], rid]
+    bad_state = await api.client.get(url, params={"state": "exploded"})
+    assert bad_state.status_code == 400 and "unknown rollout state" in bad_state.text
 
     with api.store.read() as tx:
         product_id = tx.get_product(slug).id  # type: ignore[union-attr]

@@ -70,12 +70,14 @@ def _two_am_today() -> int:
 
 
 async def _outcomes(rig: OtaRig, rollout_id: int) -> dict[str, str | None]:
+    """Device -> its outcome in the rollout (rows without one are only placements)."""
     store = rig.kit.handle.store
 
     def read() -> dict[str, str | None]:
         with store.read() as tx:
             return {o.device_id: o.outcome
-                    for o in RolloutQueries(tx.conn).device_outcomes(rollout_id)}
+                    for o in RolloutQueries(tx.conn).device_outcomes(rollout_id)
+                    if o.outcome is not None}
 
     return await trio.to_thread.run_sync(read)
 

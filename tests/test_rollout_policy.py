@@ -14,6 +14,7 @@ from otacore.precedence import DeviceTargeting, ProductReleases
 from otacore.rollout import (
     Action,
     Backoff,
+    DeviceProgress,
     EventKind,
     MaintenanceWindow,
     Outcome,
@@ -33,6 +34,7 @@ from otacore.rollout import (
     device_position,
 )
 from otacore.rollout.phases import PlanKind
+from otacore.rollout.placement import opened_phases_full
 from otacore.rollout.targets import RolloutScope
 
 MIN = 60_000
@@ -276,12 +278,31 @@ def test_count_plan_places_lowest_positions_and_keeps_places_for_newcomers() -> 
     assert rollout.members(0) and sorted(rollout.members(0)) == sorted(first)
 
 
-def test_percent_plan_newcomer_falls_in_its_phase_by_the_same_rule() -> None:
+def test_percent_plan_newcomers_fill_each_phase_to_its_exact_share() -> None:
     rollout = started(Policy(PhasePlan.parse("50,100")), DEVICES[:30])
-    newcomer = next(d for d in DEVICES[30:] if rollout.position(d) < 0.5)
+    first = sorted(rollout.members(0))
+    assert len(first) == 15 and len(rollout.members(1)) == 15
+    newcomer = DEVICES[30]
     assert rollout.may_offer(newcomer, 1).verdict is Verdict.NOT_TARGETED
+    # 31 targets: phase 1 is ceil(15.5) = 16 devices; the newcomer is the only one
+    # unplaced, so it takes the place, whatever its position; nobody moves.
     rollout.set_targets([*DEVICES[:30], newcomer], 1)
     assert rollout.phase_of(newcomer) == 0 and rollout.may_offer(newcomer, 1).allowed
+    assert sorted(rollout.members(0)) == sorted([*first, newcomer])
+    # 32: phase 1 is still 16, the next newcomer goes to phase 2.
+    rollout.set_targets([*DEVICES[:31], DEVICES[31]], 2)
+    assert rollout.phase_of(DEVICES[31]) == 1
+
+
+def test_count_plan_opened_phases_full() -> None:
+    plan = PhasePlan.parse("#5,#20,all")
+    assert not opened_phases_full(plan, 0, [])  # not started
+    assert opened_phases_full(plan, 1, [5]) and opened_phases_full(plan, 1, [6])
+    assert not opened_phases_full(plan, 1, [4])  # a place is free
+    assert opened_phases_full(plan, 2, [5, 15]) and not opened_phases_full(plan, 2, [5, 14])
+    assert opened_phases_full(plan, 2, [7, 13])  # cumulative
+    assert not opened_phases_full(plan, 3, [5, 15, 900])  # "all" takes every device
+    assert not opened_phases_full(PhasePlan.parse("10,100"), 1, [10])  # shares follow N
 
 
 def test_backoff_holds_a_device_after_n_failures() -> None:
@@ -401,8 +422,13 @@ def test_serialised_state_resumes_exactly_through_msgpack() -> None:
     deliver(rollout, first[:-1], Outcome.SUCCEEDED, 1)
     deliver(rollout, first[-1:], Outcome.DOWNLOAD_FAILED, 1)
     packed = msgpack.packb(rollout.to_dict())
-    restored = Rollout.from_dict(msgpack.unpackb(packed), DEVICES)
+    assert b"devices" not in packed and len(packed) < 1024  # the rollout's state only
+    rows = msgpack.unpackb(msgpack.packb(
+        {d: p.to_list() for d, p in rollout.devices.items()}))
+    progress = {d: DeviceProgress.from_list(p) for d, p in rows.items()}
+    restored = Rollout.from_dict(msgpack.unpackb(packed), DEVICES, progress=progress)
     assert restored.to_dict() == rollout.to_dict()
+    assert restored.take_changed() == ({}, {})  # nothing to save after a load
     assert json.loads(json.dumps(rollout.to_dict())) == rollout.to_dict()
     for now in (2, MIN + 5):
         assert [restored.may_offer(d, now) for d in DEVICES] == [
@@ -427,9 +453,31 @@ def test_bad_saved_state_is_refused(data: object, message: str) -> None:
 
 def test_saved_state_with_a_phase_outside_the_plan_is_refused() -> None:
     data = started(Policy(PhasePlan.single())).to_dict()
-    data["devices"] = {DEVICES[0]: [3, "offered", 0, 0, 1]}
     with pytest.raises(RolloutFormatError, match="not planned"):
-        Rollout.from_dict(data, DEVICES)
+        Rollout.from_dict(data, DEVICES, progress={DEVICES[0]: DeviceProgress(3)})
+    legacy = {**data, "v": 1, "devices": {DEVICES[0]: [3, "offered", 0, 0, 1]}}
+    with pytest.raises(RolloutFormatError, match="not planned"):
+        Rollout.from_dict(legacy, DEVICES)
+
+
+def test_state_of_format_1_still_loads_and_its_devices_are_saved_per_device() -> None:
+    """A state saved before devices' progress moved to rows (format 1, every device's
+    progress inside, and under the old percent rule only devices with an outcome):
+    it loads, its devices keep their phase and progress, the exact rule places the
+    rest, and the next save writes them all as rows."""
+    rollout = started(Policy(PhasePlan.parse("10,50,100")))
+    old = {**rollout.to_dict(), "v": 1,
+           "devices": {DEVICES[0]: [1, "succeeded", 0, 0, 5], DEVICES[1]: [0, "offered", 0, 0,
+                                                                            7]}}
+    restored = Rollout.from_dict(old, DEVICES, progress={DEVICES[1]: DeviceProgress(2)})
+    assert restored.phase_of(DEVICES[0]) == 1 and restored.phase_of(DEVICES[1]) == 0
+    assert restored.devices[DEVICES[0]].status is Outcome.SUCCEEDED
+    assert restored.devices[DEVICES[1]].status is Outcome.OFFERED  # the state wins
+    assert all(restored.phase_of(d) is not None for d in DEVICES)
+    new, changed = restored.take_changed()
+    assert set(changed) == {DEVICES[1]}  # it had a row: updated
+    assert set(new) == set(DEVICES) - {DEVICES[1]}  # the others: inserted
+    assert "devices" not in restored.to_dict() and restored.to_dict()["v"] == 2
 
 
 def test_rollout_scope_follows_the_precedence_rules() -> None:
@@ -448,3 +496,20 @@ def test_rollout_scope_follows_the_precedence_rules() -> None:
     assert overlay.group_releases["canary"].immediate
     assert canary.decides("d", DeviceTargeting(groups={"canary", "beta"}), 1, overlay)
     assert not canary.decides("d", plain, 1, overlay)
+
+
+def test_saved_state_lists_the_devices_it_does_not_count_up_to_a_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from otacore.rollout import saved
+
+    rollout = started(Policy(PhasePlan.parse("10,100")))
+    rollout.set_targets(DEVICES[:50], 1)  # 10 placed devices leave the target set
+    data = rollout.to_dict()
+    assert data["uncounted"] == sorted(DEVICES[50:]) and data["targets"] == 50
+    light = Rollout.from_dict(data, [DEVICES[0]], partial=True, light=True,
+                              progress={DEVICES[0]: rollout.devices[DEVICES[0]]})
+    assert light.counts(1) == rollout.counts(1)  # the saved tally, not a recount
+    assert light.to_dict() == data  # carries what the full save counted
+    monkeypatch.setattr(saved, "MAX_UNCOUNTED", 5)
+    assert rollout.to_dict()["uncounted"] is None  # too many: light restores refused

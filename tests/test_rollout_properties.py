@@ -1,12 +1,14 @@
-"""Hypothesis properties of the rollout policy: phase membership is monotone and stable
-across restarts, phase sizes follow their percentages, no offer after an abort, counts add
+"""Hypothesis properties of the rollout policy: phase membership is exact, monotone and
+stable across restarts and changes of the target set, no offer after an abort, counts add
 up, and thresholds never fire below their minimum sample."""
 
 from __future__ import annotations
 
 import math
 import random
+from fractions import Fraction
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +16,7 @@ from otacore.rollout import (
     FAILURES,
     Action,
     Backoff,
+    DeviceProgress,
     EventKind,
     Outcome,
     PhasePlan,
@@ -46,24 +49,77 @@ def count_plans(draw: st.DrawFn) -> PhasePlan:
     return PhasePlan.counts(sizes, then_all=draw(st.booleans()))
 
 
-@given(plan=percent_plans(), devices=device_ids, rid=st.text(min_size=1, max_size=20))
+def _exact_sizes(plan: PhasePlan, n: int) -> list[int]:
+    """ceil(p_k * N / 100) for each cumulative percentage p_k, in exact arithmetic."""
+    return [math.ceil(Fraction(repr(float(p.size))) * n / 100) for p in plan.phases]  # type: ignore[arg-type]
+
+
+def _cumulative(rollout: Rollout, devices: list[str], phases: int) -> list[int]:
+    placed = [rollout.phase_of(d) for d in devices]
+    return [sum(1 for p in placed if p is not None and p <= k) for k in range(phases)]
+
+
+@given(plan=percent_plans(), devices=device_ids, joiners=device_ids,
+       rid=st.text(min_size=1, max_size=20))
 @settings(max_examples=200, deadline=None)
 def test_percent_membership_is_monotone_and_stable(
-    plan: PhasePlan, devices: list[str], rid: str
+    plan: PhasePlan, devices: list[str], joiners: list[str], rid: str
 ) -> None:
+    phases = len(plan.phases)
     rollout = Rollout(rid, Policy(plan), 0)
     rollout.set_targets(devices, 0)
-    for device in devices:
-        phase = rollout.phase_of(device)
-        assert phase is not None
-        position = device_position(device, rid)
-        # In phase k: in every later phase's cumulative set, in no earlier one's.
-        for later in plan.phases[phase:]:
-            assert position * 100 < float(later.size)  # type: ignore[arg-type]
-        for earlier in plan.phases[:phase]:
-            assert position * 100 >= float(earlier.size)  # type: ignore[arg-type]
-    restored = Rollout.from_dict(rollout.to_dict(), devices)
-    assert [restored.phase_of(d) for d in devices] == [rollout.phase_of(d) for d in devices]
+    rollout.tick(0)  # starts: a percent plan places every phase at once
+    # Exact: phases 1..k hold ceil(p_k * N) devices (at least one when p_k > 0).
+    assert _cumulative(rollout, devices, phases) == _exact_sizes(plan, len(devices))
+    # By rank: every device of phase k lies before every device of phase k + 1.
+    by_rank = sorted(devices, key=lambda d: (device_position(d, rid), d))
+    ranked_phases = [rollout.phase_of(d) for d in by_rank]
+    assert ranked_phases == sorted(ranked_phases)  # type: ignore[type-var]
+    before = {d: rollout.phase_of(d) for d in devices}
+    # Stable across a restart.
+    restored = Rollout.from_dict(rollout.to_dict(), devices, progress=rollout.devices)
+    assert {d: restored.phase_of(d) for d in devices} == before
+    # The target set grows: nobody moves, and the newcomers bring phases 1..k to at least
+    # their exact share of the new N, no further: exactly that share, unless the devices
+    # kept in phase k already go past it (ceilings of a larger N need not fit earlier
+    # placements: 34% of 2 is 1 and 51% is 2, but of 3 both are 2).
+    newcomers = [d for d in joiners if d not in before]
+    grown = [*devices, *newcomers]
+    restored.set_targets(grown, 1)
+    assert {d: restored.phase_of(d) for d in devices} == before
+    cumulative, kept = _cumulative(restored, grown, phases), 0
+    for k, share in enumerate(_exact_sizes(plan, len(grown))):
+        kept_here = sum(1 for p in before.values() if p == k)
+        assert cumulative[k] == max(share, (cumulative[k - 1] if k else 0) + kept_here)
+        kept += kept_here
+    assert cumulative[-1] == len(grown)  # the last phase (100%) has every device
+    # Monotone: phases 1..k only grow with the target set.
+    assert all(new >= old for new, old in zip(cumulative, _cumulative(rollout, devices,
+                                                                        phases), strict=True))
+    # It shrinks: still nobody moves, and a leaver that comes back keeps its phase.
+    placed = {d: restored.phase_of(d) for d in grown}
+    restored.set_targets(grown[1:], 2)
+    assert {d: restored.phase_of(d) for d in grown} == placed
+    restored.set_targets(grown, 3)
+    assert {d: restored.phase_of(d) for d in grown} == placed
+
+
+@pytest.mark.parametrize(("percent", "n", "expected"), [
+    (10, 20, 2), (10, 60, 6), (10, 1, 1), (1, 5, 1), (33.3, 1000, 333), (70.1, 1000, 701),
+    (12.5, 8, 1), (50, 3, 2), (100, 7, 7),
+])
+def test_percent_phase_is_exactly_the_ceiling_of_its_share(
+    percent: float, n: int, expected: int
+) -> None:
+    devices = [f"{i:024x}" for i in range(1, n + 1)]
+    plan = PhasePlan.percentages((percent, 100) if percent < 100 else (100,))
+    rollout = Rollout("exact", Policy(plan), 0)
+    rollout.set_targets(devices, 0)
+    assert rollout.members(0) == []  # placed when the rollout starts, not before
+    rollout.tick(0)
+    assert len(rollout.members(0)) == expected
+    assert len(rollout.members(0)) + sum(len(rollout.members(k)) for k in
+                                         range(1, len(plan.phases))) == n
 
 
 @st.composite
@@ -113,6 +169,7 @@ def test_random_histories_keep_the_invariants(
     rollout = Rollout("prop", policy, 0)
     rollout.set_targets(targets, 0)
     placements: dict[str, int] = {}
+    rows: dict[str, list[object]] = {}  # what a caller stored of take_changed()
     aborted_at: int | None = None
     now = 0
     for name, index, outcome in script:
@@ -133,10 +190,16 @@ def test_random_histories_keep_the_invariants(
         elif name == "join":
             targets.add(device)
             events = rollout.set_targets(targets, now)
-        else:  # restart: resume exactly from the saved state
+        else:  # restart: resume exactly from the saved state and the saved devices
             saved = rollout.to_dict()
-            rollout = Rollout.from_dict(saved, targets)
+            new, changed = rollout.take_changed()
+            assert set(new).isdisjoint(rows) and set(changed) <= set(rows)
+            rows.update({d: p.to_list() for d, p in (new | changed).items()})
+            rollout = Rollout.from_dict(
+                saved, targets, progress={d: DeviceProgress.from_list(p) for d, p in
+                                          rows.items()})
             assert rollout.to_dict() == saved
+            assert rollout.devices == {d: DeviceProgress.from_list(p) for d, p in rows.items()}
         for event in events:
             if event.kind is EventKind.THRESHOLD_CROSSED:
                 assert event.data["finished"] >= min_sample  # never below the sample
@@ -172,7 +235,7 @@ def test_random_histories_keep_the_invariants(
         assert rollout.state is State.ABORTED
 
 
-def test_phase_one_fraction_follows_its_percentage_on_large_id_sets() -> None:
+def test_phase_one_is_exact_and_lowest_ranked_on_large_id_sets() -> None:
     seed = random.SystemRandom().getrandbits(32)
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -180,9 +243,11 @@ def test_phase_one_fraction_follows_its_percentage_on_large_id_sets() -> None:
     devices = [f"{rng.getrandbits(96):024x}" for _ in range(n)]
     for percent in (1, 10, 50, 90):
         plan = PhasePlan.percentages((percent, 100))
-        rollout = Rollout(f"r-{seed}", Policy(plan), 0)
+        rid = f"r-{seed}"
+        rollout = Rollout(rid, Policy(plan), 0)
         rollout.set_targets(devices, 0)
-        share = len(rollout.members(0)) / n
-        p = percent / 100
-        sigma = math.sqrt(p * (1 - p) / n)
-        assert abs(share - p) < 6 * sigma, (seed, percent, share)  # 6 sigma: ~1e-9 flakes
+        rollout.tick(0)
+        first = set(rollout.members(0))
+        assert len(first) == math.ceil(percent * n / 100), (seed, percent)
+        ranked = sorted(devices, key=lambda d: (device_position(d, rid), d))
+        assert first == set(ranked[: len(first)]), (seed, percent)

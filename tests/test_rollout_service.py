@@ -132,7 +132,7 @@ async def test_bad_release_aborts_in_phase_one_and_nobody_else_is_offered(
     assert shown["state"] == "running" and shown["forced"] is True
     assert shown["counts"]["total"] == 60 and shown["counts"]["pending"] == 60
     first = sorted(view.rollout.members(0))
-    assert first and len(first) == shown["phases"][0]["counts"]["total"]
+    assert len(first) == 6 == shown["phases"][0]["counts"]["total"]  # exactly 10% of 60
     rid = view.record.id
     outside = [d for d in DEVICES if d not in first]
     for device in outside:
@@ -165,7 +165,11 @@ async def test_bad_release_aborts_in_phase_one_and_nobody_else_is_offered(
         outcomes = RolloutQueries(tx.conn).device_outcomes(rid)
     assert "rollout.create.forced" in audit
     assert {o.device_id: o.outcome for o in outcomes}[first[0]] == "rolled_back"
-    assert {o.outcome for o in outcomes if o.device_id != first[0]} == {"offered"}
+    assert {o.outcome for o in outcomes if o.device_id in first[1:]} == {"offered"}
+    # Every target is placed (a percent plan places each phase at the start) and nobody
+    # outside phase 1 has an outcome: none was offered the version.
+    assert len(outcomes) == len(DEVICES)
+    assert {o.outcome for o in outcomes if o.device_id in outside} == {None}
     device_view = await service.device_rollout_outcomes(first[0])
     assert [(o.rollout_id, o.outcome, o.failures) for o in device_view] == [
         (rid, "rolled_back", 1)

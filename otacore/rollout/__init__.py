@@ -13,10 +13,17 @@ from otacore.rollout.errors import (
     RolloutStateError,
 )
 from otacore.rollout.events import Decision, EventKind, RolloutEvent, State, Verdict
-from otacore.rollout.outcomes import FAILURES, Counts, DeviceProgress, Outcome, parse_outcome
+from otacore.rollout.outcomes import (
+    FAILURES,
+    Counts,
+    DeviceProgress,
+    Outcome,
+    RolloutCounts,
+    parse_outcome,
+)
 from otacore.rollout.phases import Phase, PhasePlan, PlanKind, device_position
 from otacore.rollout.policy import Backoff, Policy, RateLimit
-from otacore.rollout.rollout import Rollout, RolloutCounts
+from otacore.rollout.rollout import Rollout
 from otacore.rollout.targets import RolloutScope
 from otacore.rollout.windows import MaintenanceWindow, any_open, next_opening, windows_for
 

@@ -144,3 +144,18 @@ def count(
     for device in devices:
         counts.add(progress.get(device), now)
     return counts
+
+
+@dataclass(frozen=True)
+class RolloutCounts:
+    """Counts per phase (index = phase) and over every target device."""
+
+    phases: tuple[Counts, ...]
+    total: Counts
+
+    def to_dict(self) -> dict[str, object]:
+        """Flat counts: ``{"total": {...}, "phases": [{...}, ...]}``."""
+        return {
+            "total": self.total.to_dict(),
+            "phases": [c.to_dict() for c in self.phases],
+        }

@@ -5,16 +5,15 @@ it never changes, so a device keeps its phase between phases and across restarts
 device that joins the target set later falls into a phase by the same rule (issue 15;
 the complaint "random samples change between phases").
 
-Plans are cumulative, as ``--phases 10,50,100`` reads: phase k covers every device whose
-position lies below its cumulative fraction. A plan of counts takes, when each phase opens,
-the unplaced target devices of lowest position until the phase's cumulative count is
-reached; the caller keeps those placements (see :class:`~otacore.rollout.rollout.Rollout`).
+Plans are cumulative, as ``--phases 10,50,100`` reads. Devices are placed by rank in
+position order, exactly (phase k of a percent plan covers ``ceil(p_k * N / 100)`` of the N
+target devices): see :mod:`otacore.rollout.placement`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -31,11 +30,21 @@ def device_position(device_id: str, rollout_id: str) -> float:
     The rollout id salts the hash, so each rollout draws an independent sample (a device
     is not always among the first) while staying fixed for the whole of one rollout.
     """
+    return positions_of(rollout_id)(device_id)
+
+
+def positions_of(rollout_id: str) -> Callable[[str], float]:
+    """:func:`device_position` for one rollout, its salt computed once (placing 100,000
+    devices hashes each of them)."""
     salt = hashlib.blake2b(rollout_id.encode(), digest_size=32).digest()  # any length id
-    digest = hashlib.blake2b(
-        device_id.encode(), digest_size=8, key=salt, person=b"ota-phase"
-    ).digest()
-    return int.from_bytes(digest, "big") / _POSITION_SCALE
+
+    def position(device_id: str) -> float:
+        digest = hashlib.blake2b(
+            device_id.encode(), digest_size=8, key=salt, person=b"ota-phase"
+        ).digest()
+        return int.from_bytes(digest, "big") / _POSITION_SCALE
+
+    return position
 
 
 class PlanKind(StrEnum):
@@ -122,17 +131,6 @@ class PhasePlan:
             ) from None
         return cls.percentages(percents)
 
-    def phase_of_position(self, position: float) -> int | None:
-        """The first phase (0-based) whose cumulative fraction covers ``position`` (percent
-        plans only; counts depend on the target set)."""
-        if self.kind is not PlanKind.PERCENT:
-            raise RolloutPlanError("a plan of counts places devices by rank, not by position")
-        for index, phase in enumerate(self.phases):
-            assert phase.size is not None
-            if position * 100.0 < phase.size:
-                return index
-        return None  # unreachable for a valid plan (the last phase is 100%)
-
     def to_dict(self) -> dict[str, object]:
         """A compact, msgpack/JSON-able form."""
         return {
@@ -154,30 +152,6 @@ class PhasePlan:
             raise RolloutPlanError("malformed phase plan: sizes and starts differ in length")
         pairs = zip(sizes, starts, strict=True)
         return cls(kind, tuple(Phase(size, start) for size, start in pairs))
-
-
-def place_by_count(
-    plan: PhasePlan,
-    opened_phases: int,
-    targets: Iterable[str],
-    placed: Mapping[str, int],
-    positions: Mapping[str, float],
-) -> dict[str, int]:
-    """New placements of a count plan: for each opened phase in order, the unplaced
-    targets of lowest position until its cumulative count is reached (phase None: all)."""
-    unplaced = sorted((t for t in targets if t not in placed), key=lambda d: (positions[d], d))
-    taken = len(placed)
-    new: dict[str, int] = {}
-    cursor = 0
-    for index in range(opened_phases):
-        size = plan.phases[index].size
-        room = len(unplaced) - cursor if size is None else max(0, int(size) - taken)
-        chosen = unplaced[cursor : cursor + room]
-        for device in chosen:
-            new[device] = index
-        cursor += len(chosen)
-        taken += len(chosen)
-    return new
 
 
 def _starts(start_at: Sequence[int | None] | None, n: int) -> list[int | None]:

@@ -8,16 +8,15 @@ transfer, reports what devices do with :meth:`Rollout.record_outcome`, calls
 relays operators' :meth:`pause`/:meth:`resume`/:meth:`abort`. Each of those returns the
 :class:`RolloutEvent` list it caused. :meth:`to_dict`/:meth:`from_dict` save and restore
 the whole state; the target set is the store's to recompute (it is not saved: a device's
-phase follows from its stable position, or from its saved placement for a count plan).
+phase is its saved placement, see :mod:`otacore.rollout.placement`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
-from otacore.rollout import criteria
+from otacore.rollout import criteria, saved
 from otacore.rollout.errors import RolloutFormatError, RolloutOutcomeError, RolloutStateError
 from otacore.rollout.events import Decision, EventKind, RolloutEvent, State, Verdict
 from otacore.rollout.outcomes import (
@@ -27,32 +26,17 @@ from otacore.rollout.outcomes import (
     Counts,
     DeviceProgress,
     Outcome,
+    RolloutCounts,
     parse_outcome,
 )
-from otacore.rollout.phases import PlanKind, device_position, place_by_count
+from otacore.rollout.phases import PlanKind, positions_of
+from otacore.rollout.placement import place
 from otacore.rollout.policy import MINUTE_MS, Policy
 from otacore.rollout.windows import MaintenanceWindow, any_open, next_opening
 
-#: Version of the :meth:`Rollout.to_dict` format.
-FORMAT_VERSION = 1
 POLICY_ACTOR = "policy"
 #: Tally key of the failures reported (retries included), beside the status names.
 _FAILURES_KEY = "#failures"
-
-
-@dataclass(frozen=True)
-class RolloutCounts:
-    """Counts per phase (index = phase) and over every target device."""
-
-    phases: tuple[Counts, ...]
-    total: Counts
-
-    def to_dict(self) -> dict[str, object]:
-        """Flat counts: ``{"total": {...}, "phases": [{...}, ...]}``."""
-        return {
-            "total": self.total.to_dict(),
-            "phases": [c.to_dict() for c in self.phases],
-        }
 
 
 class Rollout:
@@ -76,6 +60,14 @@ class Rollout:
         self.met_at: list[int | None] = [None] * len(policy.plan.phases)
         self.devices: dict[str, DeviceProgress] = {}
         self.targets: set[str] = set()
+        #: How many targets it had at its last save (None: not known, or never saved).
+        self.saved_targets: int | None = None
+        #: Restored with the tally it saved and only the devices asked about (see
+        #: :meth:`from_dict`): its counts are the saved ones, changed by what it does.
+        self.light = False
+        #: Devices with progress that were not targets at the last full save (so not in
+        #: the saved tally; None: too many to list): a light restore cannot count them.
+        self.uncounted: list[str] | None = []
         #: Epoch ms of the offers of the last minute (the rate limit's sliding window).
         self.recent_offers: list[int] = []
         self.rate: int | None = None if policy.rate is None else policy.rate.base_per_minute
@@ -83,8 +75,14 @@ class Rollout:
         self.succeeded_since_increase = 0
         #: Failed counts operators resumed past, by ``criteria.ack_key``.
         self.acknowledged: dict[str, int] = {}
+        self._position = positions_of(rollout_id)
         self._positions: dict[str, float] = {}
-        self._phases: dict[str, int | None] = {}  # percent plans: phase by position
+        #: Devices whose progress changed (placed, an outcome, a hold) since the caller
+        #: last took them (:meth:`take_changed`): what it saves (a few rows, not all).
+        self.changed: set[str] = set()
+        #: Devices whose progress the caller has stored (given to :meth:`from_dict`, or
+        #: taken since): a changed one is updated, any other inserted.
+        self.stored: set[str] = set()
         #: Target devices by phase (None: not placed yet) and status, kept up to date by
         #: every change, so counts and thresholds cost O(phases), not O(devices).
         self._tally: dict[int | None, Counter[str]] = {}
@@ -110,20 +108,14 @@ class Rollout:
         """The device's stable place in [0, 1) (cached)."""
         found = self._positions.get(device_id)
         if found is None:
-            found = self._positions[device_id] = device_position(device_id, self.id)
+            found = self._positions[device_id] = self._position(device_id)
         return found
 
     def phase_of(self, device_id: str) -> int | None:
-        """The device's phase (0-based), None when it has none (yet)."""
+        """The device's phase (0-based), None when it is not placed (yet): see
+        :mod:`otacore.rollout.placement` for when and how devices are placed."""
         progress = self.devices.get(device_id)
-        if progress is not None:
-            return progress.phase
-        if self.policy.plan.kind is PlanKind.PERCENT:
-            if device_id not in self._phases:
-                position = self.position(device_id)
-                self._phases[device_id] = self.policy.plan.phase_of_position(position)
-            return self._phases[device_id]
-        return None  # a count plan places devices as phases open
+        return None if progress is None else progress.phase
 
     def set_targets(self, device_ids: Iterable[str], now: int) -> list[RolloutEvent]:
         """Replace the target set (devices the release reaches after precedence rules).
@@ -147,21 +139,45 @@ class Rollout:
             tally[_FAILURES_KEY] += sign * progress.failures
 
     def _recount(self) -> None:
-        self._tally = {}
+        """The tally from scratch (what :meth:`_count` keeps up to date), in one pass."""
+        tally: dict[int | None, Counter[str]] = {}
+        devices = self.devices
         for device in self.targets:
-            self._count(device, 1)
+            progress = devices.get(device)
+            if progress is None:
+                phase, status, failures = None, "pending", 0
+            else:
+                phase = progress.phase
+                status = "pending" if progress.status is None else progress.status.value
+                failures = progress.failures
+            counter = tally.get(phase)
+            if counter is None:
+                counter = tally[phase] = Counter()
+            counter[status] += 1
+            if failures:
+                counter[_FAILURES_KEY] += failures
+        self._tally = tally
 
     def _place(self) -> None:
-        if self.policy.plan.kind is not PlanKind.COUNT or not self.opened_at:
-            return
         placed = {d: p.phase for d, p in self.devices.items()}
-        unplaced = [t for t in self.targets if t not in placed]
-        positions = {d: self.position(d) for d in unplaced}
-        new = place_by_count(self.policy.plan, len(self.opened_at), unplaced, placed, positions)
+        new = place(self.policy.plan, len(self.opened_at), self.targets, placed, self.position)
         for device, phase in new.items():
             self._count(device, -1)
             self.devices[device] = DeviceProgress(phase)
+            self.changed.add(device)
             self._count(device, 1)
+
+    def take_changed(self) -> tuple[dict[str, DeviceProgress], dict[str, DeviceProgress]]:
+        """(new, updated): the devices whose progress changed since the last call (or
+        the load) with their progress now, those not stored yet apart: the rows a caller
+        saves (inserts, updates). They count as stored from then on."""
+        new: dict[str, DeviceProgress] = {}
+        updated: dict[str, DeviceProgress] = {}
+        for device in sorted(self.changed):
+            (updated if device in self.stored else new)[device] = self.devices[device]
+        self.stored |= self.changed
+        self.changed = set()
+        return new, updated
 
     def members(self, phase: int) -> list[str]:
         """Target devices of one phase."""
@@ -312,6 +328,7 @@ class Rollout:
             progress = self.devices[device_id] = DeviceProgress(phase)
         events: list[RolloutEvent] = []
         self._count(device_id, -1)
+        self.changed.add(device_id)
         progress.status = outcome
         progress.changed_at = now
         if outcome is Outcome.OFFERED:
@@ -390,6 +407,7 @@ class Rollout:
             progress = self.devices[device_id]
             if now >= progress.changed_at + timeout:
                 self._count(device_id, -1)
+                self.changed.add(device_id)
                 progress.status = Outcome.TIMED_OUT
                 progress.changed_at = now
                 events.append(
@@ -544,71 +562,38 @@ class Rollout:
             )
         ]
 
-    # --- persistence --------------------------------------------------------------------
+    # --- persistence (the format: otacore.rollout.saved) -----------------------------------
 
     def to_dict(self) -> dict[str, object]:
-        """The whole state as a compact msgpack/JSON-able dict (targets excluded)."""
-        return {
-            "v": FORMAT_VERSION,
-            "id": self.id,
-            "policy": self.policy.to_dict(),
-            "created_at": self.created_at,
-            "state": self.state.value,
-            "reason": self.reason,
-            "opened_at": list(self.opened_at),
-            "met_at": list(self.met_at),
-            "devices": {d: p.to_list() for d, p in sorted(self.devices.items())},
-            "recent_offers": list(self.recent_offers),
-            "rate": self.rate,
-            "since_increase": [self.offered_since_increase, self.succeeded_since_increase],
-            "acknowledged": dict(self.acknowledged),
-            "aborted_at": self.aborted_at,
-        }
+        """The rollout-level state as a compact msgpack/JSON-able dict, small whatever the
+        number of devices: their progress is the caller's to store per device (see
+        :meth:`take_changed`), and the target set its to recompute."""
+        return saved.dump(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object], targets: Iterable[str] = ()) -> Rollout:
-        """Restore a rollout saved by :meth:`to_dict`, with the current target set."""
-        if not isinstance(data, Mapping) or data.get("v") != FORMAT_VERSION:
-            version = data.get("v") if isinstance(data, Mapping) else None
-            raise RolloutFormatError(
-                f"rollout state of format {version!r}; this server reads format "
-                f"{FORMAT_VERSION}"
-            )
-        try:
-            rollout = cls(
-                str(data["id"]),
-                Policy.from_dict(data["policy"]),  # type: ignore[arg-type]
-                int(data["created_at"]),  # type: ignore[call-overload]
-            )
-            rollout.state = State(str(data["state"]))
-            reason = data["reason"]
-            rollout.reason = None if reason is None else str(reason)
-            rollout.opened_at = [int(t) for t in data["opened_at"]]  # type: ignore[attr-defined]
-            met = [None if t is None else int(t) for t in data["met_at"]]  # type: ignore[attr-defined]
-            devices = data["devices"]
-            rollout.devices = {
-                str(d): DeviceProgress.from_list(p)
-                for d, p in devices.items()  # type: ignore[attr-defined]
-            }
-            rollout.recent_offers = [int(t) for t in data["recent_offers"]]  # type: ignore[attr-defined]
-            rate = data["rate"]
-            rollout.rate = None if rate is None else int(rate)  # type: ignore[call-overload]
-            since: list[int] = [int(n) for n in data["since_increase"]]  # type: ignore[attr-defined]
-            rollout.offered_since_increase, rollout.succeeded_since_increase = since
-            acks = data["acknowledged"]
-            rollout.acknowledged = {str(k): int(v) for k, v in acks.items()}  # type: ignore[attr-defined]
-            aborted_at = data.get("aborted_at")  # absent in states saved before it existed
-            rollout.aborted_at = None if aborted_at is None else int(aborted_at)  # type: ignore[call-overload]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise RolloutFormatError(f"malformed rollout state: {exc!r}") from None
-        phases = len(rollout.policy.plan.phases)
-        if len(met) != phases or len(rollout.opened_at) > phases:
-            raise RolloutFormatError("malformed rollout state: phase lists do not fit the plan")
-        if any(p.phase >= phases for p in rollout.devices.values()):
-            raise RolloutFormatError("malformed rollout state: a device's phase is not planned")
-        rollout.met_at = met
+    def from_dict(cls, data: Mapping[str, object], targets: Iterable[str] = (), *,
+                  progress: Mapping[str, DeviceProgress] | None = None,
+                  partial: bool = False, light: bool = False) -> Rollout:
+        """Restore a rollout saved by :meth:`to_dict`, with the current target set and
+        the stored ``progress`` of its devices (all of them, or, ``partial``, only those
+        the caller asks about, e.g. the one device of an offer decision: then nobody is
+        placed, as placement ranks the whole set). A state of format 1 carries its
+        devices' progress itself: it wins over ``progress``, and every device of it
+        counts as changed, so that the next save stores it per device.
+
+        ``light`` (with ``partial``): the counts are the tally of the last save, kept up
+        to date by what this machine does with the devices it was given (targets then,
+        not in :attr:`uncounted`): a change of one device costs O(1), not O(targets).
+        Any event but those of :data:`saved.LIGHT_EVENTS` is to be decided again on a
+        full load (the saved tally misses devices that joined or left since)."""
+        rollout = saved.load(cls, data, progress)
         rollout.targets = set(targets)
         rollout._held = {d for d, p in rollout.devices.items() if p.held_until}
-        rollout._place()
+        if light:
+            rollout.light = True
+            rollout._tally = saved.saved_tally(data)
+            return rollout
+        if not partial:
+            rollout._place()
         rollout._recount()
         return rollout

@@ -54,10 +54,13 @@ def _reason(fields: Mapping[str, Any]) -> str | None:
 
 
 async def list_rollouts(request: Request) -> Response:
-    """List a product's rollouts, newest first (``?version=N``: of one firmware version)."""
+    """List a product's rollouts, newest first (``?version=N``: of one firmware version;
+    ``?state=running,paused``: in those states)."""
     version = request.query_params.get("version")
+    state = request.query_params.get("state")
     views = await fleet_of(request).list_rollouts(
-        product_of(request).id, version=None if version in (None, "") else version
+        product_of(request).id, version=None if version in (None, "") else version,
+        state=None if state in (None, "") else state,
     )
     return JSONResponse({"rollouts": [view.to_dict() for view in views]})
 

@@ -16,9 +16,9 @@ are left out (nothing to deliver to them).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -32,9 +32,13 @@ from otacore.rollout import (
     RolloutEvent,
     State,
     Verdict,
+    saved,
 )
-from otacore.rollout.errors import RolloutStateError
-from otacore.rollout.phases import PlanKind
+from otacore.rollout.errors import RolloutFormatError, RolloutPlanError, RolloutStateError
+from otacore.rollout.outcomes import STATUS_NAMES, Counts, DeviceProgress, parse_outcome
+from otacore.rollout.outcomes import Outcome as DeviceOutcome
+from otacore.rollout.phases import PhasePlan
+from otacore.rollout.placement import opened_phases_full
 from otacore.rollout.targets import RolloutScope
 from server.events import FIRMWARE_RELEASED, Event
 from server.fleet.base import Outcome, releases_of, targeting_of
@@ -43,12 +47,16 @@ from server.fleet.roles import Actor, Permission
 from server.fleet.windows import WindowService
 from server.store import DeviceRecord, FirmwareRecord, ProductRecord, Tx
 from server.store.tx_rollouts import (
+    ProgressRow,
     RolloutEventRecord,
     RolloutQueries,
     RolloutRecord,
     TargetingRow,
 )
 
+_T = TypeVar("_T")
+#: Outcomes by name (a dict lookup per stored row; parse_outcome names a bad one).
+_OUTCOMES = {o.value: o for o in DeviceOutcome}
 #: Prefix of the bus events of rollouts ("ota/" names are the cloud's own).
 ROLLOUT_EVENT_PREFIX = "ota/rollout/"
 #: Rollout states in which it may steer a device's target (see :meth:`rollout_offer`).
@@ -140,9 +148,68 @@ def shown_phase(index: int | None) -> int | None:
     return None if index is None else index + 1
 
 
+def progress_of(rows: Iterable[ProgressRow]) -> dict[str, DeviceProgress]:
+    """Devices' progress from their stored rows (a row's ``updated_at`` is when its latest
+    outcome came: the reboot timeout counts from it)."""
+    return {
+        device: DeviceProgress(phase, None if outcome is None else _OUTCOMES.get(outcome)
+                               or parse_outcome(outcome),
+                               failures, held_until, 0 if outcome is None else updated_at)
+        for device, phase, outcome, failures, held_until, updated_at in rows
+    }
+
+
+def progress_row(device_id: str, progress: DeviceProgress, now: int) -> ProgressRow:
+    """The stored row of one device's progress (a placement without an outcome is dated
+    ``now``)."""
+    status = None if progress.status is None else progress.status.value
+    return (device_id, progress.phase, status, progress.failures, progress.held_until,
+            now if status is None else progress.changed_at)
+
+
+def stored_counts(groups: Iterable[tuple[int, str | None, int, int, int]], phases: int,
+                  targets: int | None = None) -> RolloutCounts:
+    """Per-phase and total counts from :meth:`RolloutQueries.outcome_counts` rows;
+    ``targets`` (the target set's size when last saved) adds the devices never placed to
+    the total's pending ones."""
+    per_phase = [Counts() for _ in range(phases)]
+    total = Counts()
+    for phase, outcome, devices, failures, held in groups:
+        status = "pending" if outcome is None else parse_outcome(outcome).value
+        for counts in (per_phase[phase], total) if 0 <= phase < phases else (total,):
+            counts.by_status[status] += devices
+            counts.failures_total += failures
+            counts.held_off += held
+    if targets is not None and targets > total.members:
+        total.by_status["pending"] += targets - total.members
+    return RolloutCounts(tuple(per_phase), total)
+
+
+def _count_phases_full(record: RolloutRecord) -> bool:
+    """True when the rollout's saved tally shows a count plan whose opened phases hold
+    their counts: a device without a placement stays unplaced until the next phase
+    opens, and its offer decision needs no target set. (A device that left the target
+    set since the last save may have freed a place: it is filled at the next full load,
+    the periodic tick at the latest.)"""
+    data = record.state_data
+    if data.get("v") != saved.FORMAT_VERSION or "tally" not in data:
+        return False
+    try:
+        plan = PhasePlan.from_dict(record.plan)
+        tally = saved.saved_tally(data)
+    except (RolloutPlanError, RolloutFormatError):
+        return False
+    opened = len(data.get("opened_at") or ())
+    placed = [sum(tally[i][s] for s in STATUS_NAMES) if i in tally else 0
+              for i in range(opened)]
+    return opened_phases_full(plan, opened, placed)
+
+
 def _rollout_id(value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 18:
-        value = int(value)
+    text = value.strip() if isinstance(value, str) else ""
+    # ASCII digits only: str.isdigit() also takes superscripts ("¹") that int() refuses.
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        value = int(text)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError(f"rollout id {value!r} must be a positive whole number")
     return value
@@ -186,44 +253,108 @@ class RolloutBase(WindowService):
         """Devices whose firmware this rollout's release decides (see the module doc)."""
         rows, releases = inputs or cls._targeting_inputs(tx, product)
         overlay = scope.overlay(releases)
-        return {
-            d.device_id
-            for d in rows
-            if scope.decides(d.device_id, DeviceTargeting(d.development, d.locked_version,
-                                                          d.groups),
-                             d.firmware_version, overlay, touched)
-        }
+        # Devices targeted alike (development flag, lock, groups) are decided alike: ask
+        # the precedence rules once per kind, not once per device.
+        decided: dict[tuple[bool, int | None, frozenset[str]], bool] = {}
+        targets = set()
+        for d in rows:
+            kind = (d.development, d.locked_version, d.groups)
+            rule = decided.get(kind)
+            if rule is None:
+                rule = decided[kind] = scope.decided_by(DeviceTargeting(*kind), overlay)
+            if rule and (d.firmware_version != scope.version or d.device_id in touched):
+                targets.add(d.device_id)
+        return targets
 
     def _rollout_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
                          record: RolloutRecord, *, only: DeviceRecord | None = None,
                          inputs: _TargetingInputs | None = None) -> Rollout:
-        """The rollout's state machine with its current target set; ``only``: with just
-        that device's membership (enough for its offer decision under a percent plan,
-        whose phases follow from positions; a count plan needs every target to place);
-        ``inputs``: the product's targeting rows and releases, when already read."""
-        touched = record.state_data.get("devices", {})
+        """The rollout's state machine with its current target set and its devices'
+        stored progress; ``only``: with just that device's membership and progress when
+        that is enough for its offer decision (the device has a saved placement; the
+        rollout is not running, so no phase is asked; or a count plan's opened phases are
+        full: one row read, not the product's devices); else, as a device not placed yet
+        may be placed now (it joined the target set since the last change), with the
+        whole target set, as without ``only``. ``inputs``: the product's targeting rows
+        and releases, when already read."""
         scope = self._rollout_scope(record)
-        if only is not None and record.plan.get("kind") == PlanKind.PERCENT.value:
-            overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
-            decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
-                                    overlay, touched)
-            return Rollout.from_dict(record.state_data, [only.id] if decides else [])
+        legacy = record.state_data.get("devices", {})  # format 1: progress in the state
+        if only is not None:
+            progress = progress_of(q.progress_rows(record.id, [only.id]))
+            known = only.id in progress or only.id in legacy
+            if known or record.state != State.RUNNING.value or _count_phases_full(record):
+                overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+                decides = scope.decides(only.id, targeting_of(only), only.firmware_version,
+                                        overlay, (only.id,) if known else ())
+                return Rollout.from_dict(record.state_data, [only.id] if decides else [],
+                                         progress=progress, partial=True)
+        progress = progress_of(q.progress_rows(record.id))
+        touched = progress.keys() | legacy.keys()
         return Rollout.from_dict(record.state_data,
-                                 self._rollout_targets(tx, product, scope, touched, inputs))
+                                 self._rollout_targets(tx, product, scope, touched, inputs),
+                                 progress=progress)
+
+    def _light_machine(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                       record: RolloutRecord, device_id: str) -> Rollout | None:
+        """The rollout restored light (``Rollout.from_dict(light=True)``) for a change of
+        one device: its saved tally, state and that device's row only, no target set;
+        None when that cannot be exact: the device has no row (not placed), is not a
+        target now, was not counted at the last full save, or the state has no tally
+        (saved before it was kept) or has not started."""
+        data = record.state_data
+        if ("tally" not in data or data.get("v") != saved.FORMAT_VERSION
+                or record.state == State.SCHEDULED.value):
+            return None
+        uncounted = data.get("uncounted", ())
+        if uncounted is None or device_id in uncounted:  # None: too many to list
+            return None
+        progress = progress_of(q.progress_rows(record.id, [device_id]))
+        device = tx.get_device(device_id)
+        if device_id not in progress or device is None or device.product_id != product.id:
+            return None
+        scope = self._rollout_scope(record)
+        overlay = scope.overlay(releases_of(tx.list_releases(product.id)))
+        if not scope.decides(device_id, targeting_of(device), device.firmware_version,
+                             overlay, (device_id,)):
+            return None
+        return Rollout.from_dict(data, [device_id], progress=progress, partial=True,
+                                 light=True)
+
+    def _apply_change(self, tx: Tx, q: RolloutQueries, product: ProductRecord,
+                      record: RolloutRecord,
+                      apply: Callable[[Rollout, int], tuple[list[RolloutEvent], _T]],
+                      now: int, *, device_id: str | None = None
+                      ) -> tuple[Rollout, list[RolloutEvent], _T]:
+        """Tick the rollout and apply one change: light (O(1)) when the change is about
+        ``device_id`` and decides nothing beyond it (:data:`saved.LIGHT_EVENTS`), else,
+        or when the light machine decided more (a phase, a threshold, completion: the
+        saved tally may miss devices that joined or left), on a full load. The light
+        attempt writes nothing, so dropping it is free. A light tick times out only that
+        device's reboot; the others' wait for the next full load (the periodic tick at
+        the latest). ``apply`` returns ``(events, value)``."""
+        if device_id is not None:
+            machine = self._light_machine(tx, q, product, record, device_id)
+            if machine is not None:
+                events = machine.tick(now)
+                more, value = apply(machine, now)
+                events += more
+                if all(e.kind in saved.LIGHT_EVENTS for e in events):
+                    return machine, events, value
+        machine = self._rollout_machine(tx, q, product, record)
+        events = machine.tick(now)
+        more, value = apply(machine, now)
+        return machine, events + more, value
 
     def _save_rollout(self, q: RolloutQueries, product: ProductRecord, record: RolloutRecord,
               machine: Rollout, events: list[RolloutEvent], now: int) -> list[Event]:
+        """Save the rollout-level state, the rows of the devices whose progress changed
+        (a few, whatever the target set's size) and the events; the bus events to
+        publish after the commit."""
         q.update_rollout(record.id, state=machine.state.value, reason=machine.reason,
                          state_data=machine.to_dict(), now=now)
-        q.put_device_outcomes(
-            record.id,
-            (
-                (d, p.phase, None if p.status is None else p.status.value, p.failures,
-                 p.held_until)
-                for d, p in machine.devices.items()
-            ),
-            now,
-        )
+        new, changed = machine.take_changed()
+        q.write_progress(record.id, [progress_row(d, p, now) for d, p in new.items()],
+                         [progress_row(d, p, now) for d, p in changed.items()])
         q.add_rollout_events(record.id, [e.to_dict() for e in events])
         return [
             Event(
@@ -262,11 +393,25 @@ class RolloutBase(WindowService):
         return [Event(FIRMWARE_RELEASED, json.dumps(data), product_id=product.id,
                       published_at=now)]
 
+    def _finished_view(self, q: RolloutQueries, record: RolloutRecord, now: int
+                       ) -> RolloutView:
+        """An aborted or completed rollout, read without its target set or its devices'
+        rows: its counts are of the devices it placed, counted by the database (an ended
+        rollout places nobody more; a device that left its target set still counts)."""
+        machine = Rollout.from_dict(record.state_data, partial=True)
+        counts = stored_counts(q.outcome_counts(record.id, now), len(machine.met_at),
+                               machine.saved_targets)
+        return RolloutView(record, machine, counts, tuple(q.rollout_events(record.id)))
+
     def _rollout_view(self, q: RolloutQueries, record: RolloutRecord, machine: Rollout,
                       now: int) -> RolloutView:
         fresh = q.get_rollout(record.product_id, record.id) or record
-        return RolloutView(fresh, machine, machine.counts(now),
-                           tuple(q.rollout_events(record.id)))
+        # A light machine's tally has no holds of the devices it did not load: the
+        # database counts them (one GROUP BY).
+        counts = (stored_counts(q.outcome_counts(record.id, now), len(machine.met_at),
+                                machine.saved_targets)
+                  if machine.light else machine.counts(now))
+        return RolloutView(fresh, machine, counts, tuple(q.rollout_events(record.id)))
 
     def _change_rollout(
         self,
@@ -293,9 +438,13 @@ class RolloutBase(WindowService):
         actor: Actor | None = None,
         audit: str | None = None,
         details: Mapping[str, object] | None = None,
+        device_id: str | None = None,
+        with_view: bool = True,
     ) -> Callable[[Tx], Outcome]:
-        """The store work of one change: load, tick, apply, save; the view and the bus
-        events."""
+        """The store work of one change: load, tick, apply, save; the view (None without
+        ``with_view``: a caller that ignores it saves its counting) and the bus events.
+        ``device_id``: the change is about that device only (an outcome), so it may run
+        light (see :meth:`_apply_change`)."""
 
         def work(tx: Tx) -> Outcome:
             now = self.clock()
@@ -305,9 +454,10 @@ class RolloutBase(WindowService):
             if actor is not None:
                 actor.require(Permission.MANAGE_DEVICES, "change rollouts")
                 actor.require_scope(ROLLOUT_SCOPE, product.id, "change rollouts", product.slug)
-            machine = self._rollout_machine(tx, q, product, record)
             try:
-                events = machine.tick(now) + apply(machine, now)
+                machine, events, _ = self._apply_change(
+                    tx, q, product, record, lambda m, at: (apply(m, at), None), now,
+                    device_id=device_id)
             except RolloutStateError as exc:
                 raise RolloutConflictError(str(exc)) from None
             bus_events = self._save_rollout(q, product, record, machine, events, now)
@@ -316,6 +466,8 @@ class RolloutBase(WindowService):
                 tx.add_audit(actor=actor.subject, action=audit, product_id=product.id,
                              target=f"rollout:{record.id}", details=dict(details or {}),
                              now=now)
+            if not with_view:
+                return Outcome(None, bus_events)
             return Outcome(self._rollout_view(q, record, machine, now), bus_events)
 
         return work

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 
+from otacore.errors import ValidationError
 from otacore.rollout import Rollout
 from otacore.rollout.spec import rollout_spec
 from otacore.rollout.targets import RolloutScope
@@ -22,7 +23,27 @@ from server.fleet.rollout_base import (
     RolloutView,
 )
 from server.fleet.text import clean_group_name, clean_text
-from server.store.tx_rollouts import DeviceOutcomeRecord, RolloutQueries
+from server.store.tx_rollouts import (
+    ACTIVE_STATES,
+    ROLLOUT_STATES,
+    DeviceOutcomeRecord,
+    RolloutQueries,
+)
+
+
+def rollout_states(value: object) -> tuple[str, ...]:
+    """Rollout states to list, from a name, comma-separated names or a list of names."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not names:
+        raise ValidationError(
+            f"state {value!r}: give one or more of {', '.join(ROLLOUT_STATES)}")
+    cleaned = tuple(str(n).strip().lower() for n in names)
+    unknown = [n for n in cleaned if n not in ROLLOUT_STATES]
+    if unknown:
+        raise ValidationError(
+            f"unknown rollout state(s) {', '.join(map(repr, unknown))}; use "
+            f"{', '.join(ROLLOUT_STATES)}")
+    return cleaned
 
 
 class RolloutOperations(RolloutBase):
@@ -118,27 +139,33 @@ class RolloutOperations(RolloutBase):
                 product = self._product(tx, product_ref)
                 q = RolloutQueries(tx.conn)
                 record = self._rollout_record(q, product, rollout_id)
+                if record.state not in ACTIVE_STATES:
+                    return self._finished_view(q, record, now)
                 machine = self._rollout_machine(tx, q, product, record)
                 return self._rollout_view(q, record, machine, now)
 
         return await self._read(work)
 
     async def list_rollouts(
-        self, product_ref: int | str, *, version: object = None
+        self, product_ref: int | str, *, version: object = None, state: object = None
     ) -> list[RolloutView]:
-        """A product's rollouts, newest first (optionally of one firmware version)."""
+        """A product's rollouts, newest first (optionally of one firmware version, and in
+        some states: ``state`` is a state name, several comma-separated, or a list)."""
 
         def work() -> list[RolloutView]:
             now = self.clock()
             wanted = None if version is None else check_version(version)
+            states = None if state is None else rollout_states(state)
             with self.store.read() as tx:
                 product = self._product(tx, product_ref)
                 q = RolloutQueries(tx.conn)
-                records = q.list_rollouts(product.id, version=wanted)
-                inputs = self._targeting_inputs(tx, product) if records else None
+                records = q.list_rollouts(product.id, version=wanted, states=states)
+                active = [r for r in records if r.state in ACTIVE_STATES]
+                inputs = self._targeting_inputs(tx, product) if active else None
                 return [
                     self._rollout_view(
                         q, r, self._rollout_machine(tx, q, product, r, inputs=inputs), now)
+                    if r.state in ACTIVE_STATES else self._finished_view(q, r, now)
                     for r in records
                 ]
 

@@ -28,10 +28,16 @@ from server.fleet.rollout_base import (
     RolloutBase,
     RolloutOffer,
     RolloutView,
+    progress_of,
 )
 from server.fleet.rollout_operations import RolloutOperations
 from server.store import DeviceRecord, ProductRecord, ReleaseRecord, Tx
-from server.store.tx_rollouts import RolloutQueries, RolloutRecord
+from server.store.tx_rollouts import (
+    DeviceOutcomeRecord,
+    ProgressRow,
+    RolloutQueries,
+    RolloutRecord,
+)
 
 #: Names of the statuses of a device with the rollout's firmware on its way.
 _IN_FLIGHT_NAMES = frozenset(o.value for o in IN_FLIGHT)
@@ -41,6 +47,11 @@ _SUCCEEDED = DeviceOutcome.SUCCEEDED.value
 #: Statuses in an aborted rollout that keep its product's sessions asking it (the OTA
 #: engine records outcomes only where a rollout may steer).
 _KEPT_OR_ARRIVING = frozenset({_SUCCEEDED, DeviceOutcome.REBOOTING.value})
+
+
+def _progress_row(record: DeviceOutcomeRecord) -> ProgressRow:
+    return (record.device_id, record.phase, record.outcome, record.failures,
+            record.held_until, record.updated_at)
 
 
 def _release_times(records: Collection[ReleaseRecord]) -> dict[str | None, int]:
@@ -56,16 +67,19 @@ def _aborted_at(record: RolloutRecord) -> int:
     return int(at) if isinstance(at, int) else record.updated_at
 
 
+def _aborted_keeping(q: RolloutQueries, product_id: int | None) -> list[RolloutRecord]:
+    """A product's (None: every product's) aborted rollouts that may keep devices on their
+    version: some device succeeded in it, or was rebooting into it at the abort (it
+    installed the image; its outcome still arrives and is recorded, so it may be kept
+    too). Found in SQL: past rollouts without such a device are not even read."""
+    return q.list_rollouts(product_id, states=(State.ABORTED.value,),
+                           with_outcomes=_KEPT_OR_ARRIVING)
+
+
 def _keeps(record: RolloutRecord, released: Mapping[str | None, int]) -> bool:
-    """True when an aborted rollout may still keep devices on its version: some device
-    succeeded in it, or was rebooting into it at the abort (it installed the image; its
-    outcome still arrives and is recorded, so it may be kept too), and not every release
-    it would have made was made again since the abort (see
+    """True when an aborted rollout of :func:`_aborted_keeping` still keeps devices on its
+    version: not every release it would have made was made again since the abort (see
     ``RolloutService._kept_offer`` for the rule per device)."""
-    devices = record.state_data.get("devices", {})
-    if not any(isinstance(p, list) and len(p) > 1 and p[1] in _KEPT_OR_ARRIVING
-               for p in devices.values()):
-        return False
     aborted_at = _aborted_at(record)
     scopes: tuple[str | None, ...] = record.groups or (None,)
     return any(released.get(scope, -1) <= aborted_at for scope in scopes)
@@ -86,16 +100,19 @@ class RolloutService(RolloutOperations, RolloutBase):
         )
 
     def rollout_outcome_work(
-        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object
+        self, product_ref: int | str, rollout_id: object, device_id: str, outcome: object,
+        *, with_view: bool = True,
     ) -> Callable[[Tx], Outcome]:
         """The store work of :meth:`record_rollout_outcome`, to run group-committed
-        (``run_write``) or in one transaction with the device's other OTA writes."""
+        (``run_write``) or in one transaction with the device's other OTA writes (whose
+        callers need no view: ``with_view`` False)."""
         device = normalize_device_id(device_id)
 
         def apply(machine: Rollout, now: int) -> list[RolloutEvent]:
             return machine.record_outcome(device, outcome, now)
 
-        return self._rollout_change_work(product_ref, rollout_id, apply)
+        return self._rollout_change_work(product_ref, rollout_id, apply, device_id=device,
+                                         with_view=with_view)
 
     async def tick_rollout(self, product_ref: int | str, rollout_id: object) -> RolloutView:
         """Let time pass for one rollout (scheduled start, phase waits, reboot timeouts)."""
@@ -189,19 +206,17 @@ class RolloutService(RolloutOperations, RolloutBase):
         rollout that still keeps its succeeded devices on its version (:func:`_keeps`)."""
         with self.store.read() as tx:
             q = RolloutQueries(tx.conn)
-            active: list[tuple[int, int]] = []
-            steering: set[int] = set()
-            for product in tx.list_products():
-                records = q.list_rollouts(product.id)
-                for record in records:
-                    if record.state in _STEERING_STATES:
-                        active.append((product.id, record.id))
-                        steering.add(product.id)
-                aborted = [r for r in records if r.state == State.ABORTED.value]
-                if aborted and product.id not in steering:
-                    released = _release_times(tx.list_releases(product.id))
-                    if any(_keeps(r, released) for r in aborted):
-                        steering.add(product.id)
+            records = q.list_rollouts(None, states=_STEERING_STATES)
+            active = [(r.product_id, r.id) for r in reversed(records)]  # oldest first
+            steering = {r.product_id for r in records}
+            aborted: dict[int, list[RolloutRecord]] = {}
+            for record in _aborted_keeping(q, None):
+                if record.product_id not in steering:
+                    aborted.setdefault(record.product_id, []).append(record)
+            for product_id, kept in aborted.items():
+                released = _release_times(tx.list_releases(product_id))
+                if any(_keeps(r, released) for r in kept):
+                    steering.add(product_id)
             return active, steering
 
     async def rollout_offer(self, device: DeviceRecord,
@@ -218,31 +233,35 @@ class RolloutService(RolloutOperations, RolloutBase):
 
     def _rollout_offer_in(self, tx: Tx, device: DeviceRecord, product: ProductRecord,
                           now: int) -> RolloutOffer | None:
+        # Only the rollouts that can matter are read (each parsed once): active ones, and
+        # aborted ones with a device kept on (or arriving at) their version.
         q = RolloutQueries(tx.conn)
-        every = q.list_rollouts(product.id)
-        records = [r for r in every if r.state in _STEERING_STATES]
-        release_records = tx.list_releases(product.id) if every else []
+        records = q.list_rollouts(product.id, states=_STEERING_STATES)
+        aborted = _aborted_keeping(q, product.id)
+        release_records = tx.list_releases(product.id) if records or aborted else []
         released = _release_times(release_records)
-        keeping = [r for r in every
-                   if r.state == State.ABORTED.value and _keeps(r, released)]
+        keeping = [r for r in aborted if _keeps(r, released)]
         if not records and not keeping:
             self.note_rollout_product(product.id, active=False)
             return None
         releases = releases_of(release_records)
         targeting = targeting_of(device)
-        active = self._active_offer(tx, q, device, product, records, releases, targeting, now)
+        # The device's own progress in each rollout: one read for all of them.
+        mine = {o.rollout_id: o for o in q.outcomes_of_device(device.id)}
+        active = self._active_offer(tx, q, device, product, records, releases, targeting,
+                                    mine, now)
         if active is not None and active.steers:
             return active
         # No active rollout steers the device now (none decides it, or its phase is not
         # open yet): one aborted earlier that it succeeded in keeps it on that version.
         kept = self._kept_offer(tx, device, product, keeping, releases, released, targeting,
-                                now)
+                                mine, now)
         return kept or active
 
     def _kept_offer(self, tx: Tx, device: DeviceRecord, product: ProductRecord,
                     keeping: list[RolloutRecord], releases: ProductReleases,
                     released: Mapping[str | None, int], targeting: DeviceTargeting,
-                    now: int) -> RolloutOffer | None:
+                    mine: Mapping[int, DeviceOutcomeRecord], now: int) -> RolloutOffer | None:
         """The newest aborted rollout that keeps ``device`` on its version: the device
         succeeded in it, still runs that version, and its release (product default or
         the group deciding it) was not made again since the abort. An operator's lock,
@@ -253,15 +272,16 @@ class RolloutService(RolloutOperations, RolloutBase):
                 continue  # it left the version since (a lock, a later release): not kept
             scope = self._rollout_scope(record)
             overlay = scope.overlay(releases)
-            touched = record.state_data.get("devices", {})
-            if device.id not in touched or not scope.decides(
-                    device.id, targeting, device.firmware_version, overlay, touched):
+            row = mine.get(record.id)
+            if row is None or not scope.decides(
+                    device.id, targeting, device.firmware_version, overlay, (device.id,)):
                 continue
             target = target_firmware_for(targeting, overlay)
             aborted_at = _aborted_at(record)
             if released.get(target.group if record.groups else None, -1) > aborted_at:
                 continue  # its release was made again after the abort: that one rules
-            machine = Rollout.from_dict(record.state_data)  # no target set: not needed
+            machine = Rollout.from_dict(record.state_data, partial=True,  # no target set
+                                        progress=progress_of([_progress_row(row)]))
             decision = machine.may_offer(device.id, now)
             if decision.verdict is Verdict.SUCCEEDED:
                 return RolloutOffer(product.id, record.id, target,
@@ -271,7 +291,7 @@ class RolloutService(RolloutOperations, RolloutBase):
     def _active_offer(self, tx: Tx, q: RolloutQueries, device: DeviceRecord,
                       product: ProductRecord, records: list[RolloutRecord],
                       releases: ProductReleases, targeting: DeviceTargeting,
-                      now: int) -> RolloutOffer | None:
+                      mine: Mapping[int, DeviceOutcomeRecord], now: int) -> RolloutOffer | None:
         """What the first active rollout that decides the device's firmware says."""
         windows = None
         # Group rollouts first: a group release wins over the product default (precedence),
@@ -279,9 +299,10 @@ class RolloutService(RolloutOperations, RolloutBase):
         for record in sorted(records, key=lambda r: not r.groups):
             scope = self._rollout_scope(record)
             overlay = scope.overlay(releases)
-            touched = record.state_data.get("devices", {})
+            # Format 1 states (saved before per-device rows) list their devices themselves.
+            touched = record.id in mine or device.id in record.state_data.get("devices", {})
             if not scope.decides(device.id, targeting, device.firmware_version, overlay,
-                                 touched):
+                                 (device.id,) if touched else ()):
                 continue
             machine = self._rollout_machine(tx, q, product, record, only=device)
             windows = windows or self._windows_of(q, product)
@@ -292,10 +313,11 @@ class RolloutService(RolloutOperations, RolloutBase):
 
     def claim_rollout_offer_work(self, product_id: int, rollout_id: int,
                                  device_id: str) -> Callable[[Tx], Outcome]:
-        """The store work that asks the rollout again, with its whole target set and in
-        the write that records it, whether an offer to the device may start, and records
-        it ``offered`` when so (the rate limit and phases then hold under concurrent
-        sessions). Its value is the :class:`Decision`."""
+        """The store work that asks the rollout again, in the write that records it,
+        whether an offer to the device may start, and records it ``offered`` when so (the
+        rate limit and phases then hold under concurrent sessions): from the device's
+        placement and the rollout's saved counts when that is exact, else with its whole
+        target set (see ``_apply_change``). Its value is the :class:`Decision`."""
         device = normalize_device_id(device_id)
 
         def work(tx: Tx) -> Outcome:
@@ -304,12 +326,16 @@ class RolloutService(RolloutOperations, RolloutBase):
             member = self._device_in(tx, product, device)
             q = RolloutQueries(tx.conn)
             record = self._rollout_record(q, product, rollout_id)
-            machine = self._rollout_machine(tx, q, product, record)
-            events = machine.tick(now)
-            windows = self._windows_of(q, product)
-            decision = machine.may_offer(member.id, now, windows_for(member.groups, *windows))
-            if decision.allowed:
-                events += machine.record_outcome(member.id, "offered", now)
+            windows = windows_for(member.groups, *self._windows_of(q, product))
+
+            def claim(machine: Rollout, at: int) -> tuple[list[RolloutEvent], Decision]:
+                decision = machine.may_offer(member.id, at, windows)
+                if not decision.allowed:
+                    return [], decision
+                return machine.record_outcome(member.id, "offered", at), decision
+
+            machine, events, decision = self._apply_change(tx, q, product, record, claim, now,
+                                                           device_id=member.id)
             bus_events = self._save_rollout(q, product, record, machine, events, now)
             bus_events += self._release_if_completed(tx, product, record, events, now)
             return Outcome(decision, bus_events)
@@ -321,7 +347,8 @@ class RolloutService(RolloutOperations, RolloutBase):
         """:meth:`rollout_outcome_work` to ride on the OTA engine's own writes: a rollout
         deleted meanwhile, or a device it no longer places, records nothing instead of
         failing the write it rides on."""
-        work = self.rollout_outcome_work(product_id, rollout_id, device_id, outcome)
+        work = self.rollout_outcome_work(product_id, rollout_id, device_id, outcome,
+                                         with_view=False)
 
         def step(tx: Tx) -> Outcome:
             try:

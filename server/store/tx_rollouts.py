@@ -7,21 +7,29 @@ until it is mixed into ``Tx``, wrap a transaction's connection: ``RolloutQueries
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from otacore.rollout.outcomes import FAILURES
 from server.store import schema as t
 
 _R = t.rollouts
 _O = t.rollout_device_outcomes
 _E = t.rollout_events
 _W = t.maintenance_windows
+#: Latest outcomes that are failures.
+FAILED_OUTCOMES = tuple(sorted(o.value for o in FAILURES))
 #: States in which a rollout may still make offers or change.
 ACTIVE_STATES = ("scheduled", "running", "paused")
+#: Every state a rollout can be in (what a state filter accepts).
+ROLLOUT_STATES = ("scheduled", "running", "paused", "aborted", "completed")
+#: One device's stored progress: (device id, phase, outcome or None, failures, held_until,
+#: updated_at).
+ProgressRow = tuple[str, int, str | None, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,9 @@ class WindowRecord:
     updated_at: int
 
 
-@dataclass(frozen=True)
-class TargetingRow:
-    """What the precedence rules read of one device, and the version it runs."""
+class TargetingRow(NamedTuple):
+    """What the precedence rules read of one device, and the version it runs (a named
+    tuple: 100,000 of them are made at a change)."""
 
     device_id: str
     development: bool
@@ -162,14 +170,27 @@ class RolloutQueries:
         return None if row is None else _rollout(row)
 
     def list_rollouts(
-        self, product_id: int, *, version: int | None = None, active_only: bool = False
+        self, product_id: int | None, *, version: int | None = None,
+        active_only: bool = False, states: Collection[str] | None = None,
+        with_outcomes: Collection[str] | None = None,
     ) -> list[RolloutRecord]:
-        """A product's rollouts, newest first (optionally of one version, or active only)."""
-        query = sa.select(_R).where(_R.c.product_id == product_id)
+        """A product's rollouts (``product_id`` None: every product's), newest first;
+        optionally of one version, active only, in some ``states``, or with at least one
+        device whose latest outcome is one of ``with_outcomes`` (all filters in SQL)."""
+        query = sa.select(_R)
+        if product_id is not None:
+            query = query.where(_R.c.product_id == product_id)
         if version is not None:
             query = query.where(_R.c.version == version)
         if active_only:
             query = query.where(_R.c.state.in_(ACTIVE_STATES))
+        if states is not None:
+            query = query.where(_R.c.state.in_(list(states)))
+        if with_outcomes is not None:
+            query = query.where(
+                sa.exists().where(_O.c.rollout_id == _R.c.id,
+                                  _O.c.outcome.in_(list(with_outcomes)))
+            )
         rows = self.conn.execute(query.order_by(_R.c.id.desc())).mappings()
         return [_rollout(row) for row in rows]
 
@@ -190,56 +211,74 @@ class RolloutQueries:
         rollout change)."""
         d, dg, g = t.devices, t.device_groups, t.groups
         groups: dict[str, set[str]] = {}
+        no_groups: frozenset[str] = frozenset()
         for device_id, name in self.conn.execute(
             sa.select(dg.c.device_id, g.c.name)
             .join(g, g.c.id == dg.c.group_id)
             .where(g.c.product_id == product_id)
-        ):
+        ).all():
             groups.setdefault(device_id, set()).add(name)
         rows = self.conn.execute(
             sa.select(d.c.id, d.c.development, d.c.desired_firmware_version,
                       d.c.firmware_version)
             .where(d.c.product_id == product_id)
-        )
+        ).all()
+        named = {device: frozenset(names) for device, names in groups.items()}
         return [
             TargetingRow(device_id, bool(development), locked, running,
-                         frozenset(groups.get(device_id, ())))
+                         named.get(device_id, no_groups))
             for device_id, development, locked, running in rows
         ]
 
     # --- per-device outcomes ---------------------------------------------------------------
 
-    def put_device_outcomes(
-        self, rollout_id: int, rows: Iterable[tuple[str, int, str | None, int, int]], now: int
-    ) -> int:
-        """Upsert (device, phase, outcome, failures, held_until) rows; how many changed."""
-        wanted = {device: (phase, outcome, failures, held) for device, phase, outcome,
-                  failures, held in rows}
-        if not wanted:
-            return 0
-        current = {
-            r.device_id: (r.phase, r.outcome, r.failures, r.held_until)
-            for r in self.device_outcomes(rollout_id, list(wanted))
-        }
-        changed = 0
-        for device, values in sorted(wanted.items()):
-            if current.get(device) == values:
-                continue
-            phase, outcome, failures, held = values
-            fields = {"phase": phase, "outcome": outcome, "failures": failures,
-                      "held_until": held, "updated_at": now}
-            if device in current:
-                self.conn.execute(
-                    sa.update(_O)
-                    .where(_O.c.rollout_id == rollout_id, _O.c.device_id == device)
-                    .values(**fields)
-                )
-            else:
-                self.conn.execute(
-                    sa.insert(_O).values(rollout_id=rollout_id, device_id=device, **fields)
-                )
-            changed += 1
-        return changed
+    def progress_rows(
+        self, rollout_id: int, device_ids: Sequence[str] | None = None
+    ) -> list[ProgressRow]:
+        """A rollout's stored device progress (all, or of some devices): only the columns
+        the state machine reads, as plain tuples (100,000 rows are read at a change)."""
+        query = sa.select(_O.c.device_id, _O.c.phase, _O.c.outcome, _O.c.failures,
+                          _O.c.held_until, _O.c.updated_at).where(_O.c.rollout_id == rollout_id)
+        if device_ids is not None:
+            query = query.where(_O.c.device_id.in_(list(device_ids)))
+        return [tuple(row) for row in self.conn.execute(query).all()]
+
+    def write_progress(
+        self, rollout_id: int, new: Sequence[ProgressRow], changed: Sequence[ProgressRow]
+    ) -> None:
+        """Insert the ``new`` device rows and update the ``changed`` ones (each statement
+        run once for all its rows): a change writes only the devices it touched."""
+        if new:
+            self.conn.execute(sa.insert(_O), [
+                {"rollout_id": rollout_id, "device_id": d, "phase": phase, "outcome": outcome,
+                 "failures": failures, "held_until": held, "updated_at": at}
+                for d, phase, outcome, failures, held, at in new
+            ])
+        if changed:
+            self.conn.execute(
+                sa.update(_O).where(_O.c.rollout_id == rollout_id,
+                                    _O.c.device_id == sa.bindparam("key_device"))
+                .values(phase=sa.bindparam("phase"), outcome=sa.bindparam("outcome"),
+                        failures=sa.bindparam("failures"), held_until=sa.bindparam("held"),
+                        updated_at=sa.bindparam("at")),
+                [{"key_device": d, "phase": phase, "outcome": outcome, "failures": failures,
+                  "held": held, "at": at}
+                 for d, phase, outcome, failures, held, at in changed],
+            )
+
+    def outcome_counts(self, rollout_id: int, now: int) -> list[tuple[int, str | None, int, int,
+                                                                       int]]:
+        """(phase, outcome, devices, failures, held) per phase and latest outcome of a
+        rollout's stored devices, counted by the database (``held``: failed devices the
+        back-off holds at ``now``)."""
+        held = sa.func.sum(sa.case((sa.and_(_O.c.held_until > now,
+                                            _O.c.outcome.in_(FAILED_OUTCOMES)), 1), else_=0))
+        rows = self.conn.execute(
+            sa.select(_O.c.phase, _O.c.outcome, sa.func.count(), sa.func.sum(_O.c.failures),
+                      held)
+            .where(_O.c.rollout_id == rollout_id).group_by(_O.c.phase, _O.c.outcome)
+        )
+        return [(int(p), o, int(n), int(f or 0), int(h or 0)) for p, o, n, f, h in rows]
 
     def device_outcomes(
         self, rollout_id: int, device_ids: Sequence[str] | None = None
