@@ -236,9 +236,13 @@ class ApiClient:
         body = {k: v for k, v in fields.items() if v is not None}
         return self._request("POST", f"{self._product(product)}/rollouts", json=body)
 
-    def list_rollouts(self, product: str, version: int | None = None) -> Any:
-        """GET a product's rollouts, newest first (optionally of one firmware version)."""
-        params = {} if version is None else {"version": version}
+    def list_rollouts(self, product: str, version: int | None = None,
+                      states: str | None = None) -> Any:
+        """GET a product's rollouts, newest first (optionally of one firmware version, or
+        in the given comma-separated states)."""
+        params: dict[str, Any] = {} if version is None else {"version": version}
+        if states:
+            params["state"] = states
         return self._request("GET", f"{self._product(product)}/rollouts", params=params)
 
     def get_rollout(self, product: str, rollout_id: str | int) -> Any:

@@ -112,6 +112,13 @@ def test_rollout_flow_through_the_cli(threaded_server: Any, tmp_path: Path) -> N
     assert [r["id"] for r in listed] == [group_rollout["id"], rollout["id"]]
     table = _ota(server, "rollout", "list")
     assert table.exit_code == 0 and "aborted" in table.output and "canary" in table.output
+    # The group "canary" holds no device: its rollout completed at once.
+    assert [r["state"] for r in listed] == ["completed", "aborted"]
+    assert _json(server, "rollout", "list", "--state", "running,paused") == []
+    assert [r["id"] for r in _json(server, "rollout", "list", "--state", "completed")] == [
+        group_rollout["id"]]
+    assert [r["id"] for r in _json(server, "rollout", "list", "--state", "aborted")] == [
+        rollout["id"]]
 
 
 def test_rollout_cli_refusals_and_bad_input(threaded_server: Any, tmp_path: Path) -> None:
@@ -128,6 +135,7 @@ def test_rollout_cli_refusals_and_bad_input(threaded_server: Any, tmp_path: Path
          "max_failure_percent"),
         (("rollout", "show", "999999"), "no rollout 999999"),
         (("rollout", "show", "abc"), "positive whole number"),
+        (("rollout", "list", "--state", "sleeping"), "sleeping"),
         (("rollout", "resume", "999999"), "no rollout 999999"),
         (("product", "window", "set", "--cron", "0 2 * *", "--duration", "60"), "five fields"),
         (("product", "window", "set", "--cron", "0 2 * * *", "--duration", "60",

@@ -157,12 +157,15 @@ def rollout_create(
 def rollout_list(
     version: int | None = typer.Option(None, "--version", help="Only rollouts of this "
                                        "firmware version."),
+    state: str | None = typer.Option(None, "--state", help="Only rollouts in these states, "
+                                     "comma-separated (scheduled, running, paused, aborted, "
+                                     "completed)."),
     product: str = Product, api_url: str = ApiUrl, token: str | None = Token,
     as_json: bool = AsJson,
 ) -> None:
     """List the product's rollouts, newest first."""
     with _client(api_url, token) as client:
-        result = client.list_rollouts(product, version)
+        result = client.list_rollouts(product, version, state)
     rollouts = result.get("rollouts", []) if isinstance(result, dict) else []
     if as_json:
         print_json(rollouts)
