@@ -16,6 +16,7 @@ session on the survivor (the target is in the shared store).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,14 +32,19 @@ import trio
 
 from otacore.errors import ValidationError
 from otacore.signing import TrustStore
+from server.bench.fleet.procs import free_port
 from server.cli.device_store_cmd import create_provisioned_product
+from server.cli.emulate_cmd import emulate
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.endpoints import Endpoint, endpoint_order, format_address
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
 from server.events import EventBus
 from server.fleet import Fleet
+from server.identity import pki_dir, provision_devices
 from server.store import Store
 from server.store.schema import devices
+from tests.test_emulated_device import KEY, PRODUCT, SYSTEM, V1, V2, Offer, ScriptedCloud
+from tests.test_emulator_fleet import CloudHandler, address, offer_when_behind, start_rig
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +82,53 @@ def test_endpoint_names_and_settings_checks() -> None:
     with pytest.raises(ValidationError, match="given twice"):
         FleetSettings(endpoints=(Endpoint(("h", 1)), Endpoint(("h", 1), ("h", 9))))
     assert FleetSettings(server=("h", 3)).node_endpoints() == (Endpoint(("h", 3)),)
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    root = tmp_path_factory.mktemp("nodes")
+    made = provision_devices(pki_dir(root / "data"), 4, root / "devices")
+    return root / "data", root / "devices", sorted(d.device_id for d in made)
+
+
+async def test_emulate_command_fails_over_from_a_refusing_endpoint(
+    nursery: trio.Nursery,
+    provisioned: tuple[Path, Path, list[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    offer = Offer.of(V2)
+    handler = CloudHandler(lambda t, log: ScriptedCloud(t, log, policy=offer_when_behind(offer, 2)))
+    rig = await start_rig(nursery, provisioned, handler)
+    (tmp_path / "system.bin").write_bytes(SYSTEM)
+    (tmp_path / "app.bin").write_bytes(V1)
+    live = format_address(address(rig, "tcp"))
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: connections are refused
+
+    def run_cli() -> None:
+        emulate(
+            creds=rig.creds,
+            transport="tcp",
+            count=4,
+            state=tmp_path / "state",
+            firmware=[tmp_path / "system.bin", tmp_path / "app.bin"],
+            server=[dead, live],
+            trust_key=[KEY.public_key.hex()],
+            product_id=PRODUCT,
+            no_fsync=True,
+            connect_timeout=5.0,
+            duration=60.0,  # a limit only: the run ends once every device runs version 2
+            until_version=2,
+            json_output=True,
+        )
+
+    await trio.to_thread.run_sync(run_cli)
+    out = capsys.readouterr().out
+    # Whichever endpoint each device chose first, all end at the live one.
+    assert f"4 devices: online 4; committed 4; online at {dead} 0, {live} 4" in out
+    statuses = json.loads(out[out.index("\n[\n") :])
+    assert [s["endpoint"] for s in statuses] == [live] * 4
+    assert sorted(handler.sessions) == sorted(s["device_id"] for s in statuses)
 
 
 class Node:

@@ -140,6 +140,15 @@ def emulate(
     keepalive: Annotated[
         float, typer.Option("--keepalive", help="Ping the server after N idle seconds.")
     ] = 30.0,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout",
+            min=0.1,
+            help="Seconds a connection and handshake may take before the device gives up "
+            "(and tries its next --server).",
+        ),
+    ] = 10.0,
     max_connects: Annotated[
         int, typer.Option("--max-connects", min=1, help="Handshakes in progress at most.")
     ] = 32,
@@ -192,6 +201,7 @@ def emulate(
             trust_store=store,
             fsync=not no_fsync,
             max_concurrent_connects=max_connects,
+            connect_timeout=connect_timeout,
             keepalive_interval=keepalive,
             heartbeat_interval=heartbeat,
             progress_interval=2.0,
