@@ -1,17 +1,19 @@
 """Emulated devices spread over several server endpoints, failing over when one dies.
 
 The unit tests check each device's endpoint order (rendezvous hashing: stable, even, and a
-dead endpoint's devices spread over the others). The end-to-end test starts two separate
-``ota server`` processes on one data directory (one SQLite store), runs emulated devices on
-both transports over both, SIGKILLs one node in the middle of an immediate release and
-checks that every device fails over to the other, that the devices cut off mid-download
-resume from the chunks they hold there, and that all then take a further release.
+dead endpoint's devices spread over the others) and the CLI's failover from a refusing
+endpoint. The end-to-end test starts two separate ``ota server`` processes (``--workers 2``
+each) on one data directory (one SQLite store), runs emulated devices on both transports
+over both, makes an immediate release through one node and SIGKILLs that node as soon as
+one of its devices holds 30% of the image. Every device ends on the new version: the other
+node's own devices through the store's event relay, the killed node's devices by failing
+over to the other node, where those cut off mid-download resume from the chunks they hold.
+Then all take a further release made through the survivor.
 
-Separate ``ota server`` processes run no event relay between them (``server.app`` starts
-it only for ``--workers`` > 1), so a release made through one node reaches the devices of
-another only at their next session; the test therefore makes its last release through the
-surviving node. The devices the killed node held learn of the first release at their new
-session on the survivor (the target is in the shared store).
+Separate ``ota server`` processes pass events to each other only through the store event
+relay, which ``server.app`` starts in a server of several processes (``--workers`` 2 or
+more): with ``--workers 1`` nodes, a release made through one node reaches another node's
+devices only at their next session. Hence ``--workers 2`` here.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class Node:
 async def running_node(data: Path, log_path: Path) -> AsyncIterator[Node]:
     """``ota server`` on ``data`` with free ports; SIGKILLed at the end if still running."""
     argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--api-port", "0", "--device-port", "0"]  # fmt: skip
+            "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
     with log_path.open("ab") as log:
         process = await trio.lowlevel.open_process(
             argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
@@ -334,8 +336,9 @@ async def test_devices_fail_over_to_the_other_node_and_resume_their_download(
         with trio.fail_after(120):
             await victim.process.wait()
         assert killed_at, "the victim died before any device held 30% of the image"
-        # Every device of the victim fails over to the survivor and takes v2 there.
-        await fleet.wait_until(lambda f: all(updated_to(d, 2)(f) for d in moved), timeout=120)
+        # Every device of the victim fails over to the survivor and takes v2 there; the
+        # survivor's own devices got the release through the store's event relay.
+        await fleet.wait_until(lambda f: all(updated_to(d, 2)(f) for d in ids), timeout=120)
         assert all(fleet.endpoint_of(d) == survivor.endpoint for d in moved)
         assert {kinds[d] for d in moved} == {"tcp", "udp"}
         assert all(fleet.device(d).failovers >= 1 for d in moved)
