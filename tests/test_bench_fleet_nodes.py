@@ -5,12 +5,15 @@ totals, the figures of each node and the database's."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from server.bench.fleet import BenchError
+from server.bench.fleet.procs import cluster_cpu_seconds, cpu_seconds
 from server.bench.fleet.report import QuietReporter, results_table
 from server.bench.fleet.runner import BenchOptions, run_fleet_bench
 from server.emulator.endpoints import Endpoint, endpoint_order
@@ -122,3 +125,25 @@ def test_node_and_db_url_option_checks() -> None:
         BenchOptions(devices=50_000, procs=3, server_procs=2, nodes=1, transport="tcp")
     with pytest.raises(BenchError, match="--server-procs 2 or more"):
         BenchOptions(devices=2, procs=1, server_procs=1, nodes=2)
+
+
+_BUSY = "import time\\nend = time.process_time() + 0.3\\nwhile time.process_time() < end: pass"
+_PARENT = f"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "{_BUSY}"])
+child.wait()  # reaped: its CPU time moves to this process's cutime/cstime
+print("reaped", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_cluster_cpu_counts_children_that_exited() -> None:
+    """A postmaster's exited backends count (their time is in its cutime once reaped)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as parent:
+        assert parent.stdout is not None and parent.stdin is not None
+        assert parent.stdout.readline() == b"reaped\n"
+        own = cpu_seconds(parent.pid)
+        assert cluster_cpu_seconds(parent.pid) >= own + 0.25  # the child's 0.3 s, in ticks
+        parent.stdin.close()
