@@ -131,7 +131,10 @@ def fleet(
     ] = True,
     nginx_workers: Annotated[int, typer.Option("--nginx-workers", min=1)] = 1,
     profile: Annotated[
-        bool, typer.Option("--profile", help="Sample the server with py-spy during the release.")
+        bool, typer.Option(
+            "--profile",
+            help="Sample the server (node 0 with --nodes) with py-spy during the release.",
+        )
     ] = False,
     work_dir: WorkDirOption = None,
     keep_work: KeepWorkOption = False,
