@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -131,6 +132,39 @@ async def test_emulate_command_fails_over_from_a_refusing_endpoint(
     statuses = json.loads(out[out.index("\n[\n") :])
     assert [s["endpoint"] for s in statuses] == [live] * 4
     assert sorted(handler.sessions) == sorted(s["device_id"] for s in statuses)
+
+
+async def test_devices_fail_over_from_an_endpoint_that_never_finishes_the_handshake(
+    nursery: trio.Nursery, provisioned: tuple[Path, Path, list[str]], tmp_path: Path
+) -> None:
+    """A silent endpoint (TCP accepted by the kernel but no TLS answer; UDP swallowed) makes
+    the handshake time out: its devices go to their next endpoint, on both transports."""
+    policy = offer_when_behind(Offer.of(V2), 1)  # devices run version 1: no offer
+    handler = CloudHandler(lambda t, log: ScriptedCloud(t, log, policy=policy))
+    rig = await start_rig(nursery, provisioned, handler)
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel completes TCP handshakes; nobody ever answers TLS
+    swallower = trio.socket.socket(type=socket.SOCK_DGRAM)
+    await swallower.bind(("127.0.0.1", 0))  # datagrams queue unread
+    silent = Endpoint(listener.getsockname(), swallower.getsockname())
+    live = Endpoint(address(rig, "tcp"), address(rig, "udp"))
+    settings = rig.settings(endpoints=(silent, live), connect_timeout=2.0)
+    fleet = EmulatedFleet.from_credentials(
+        rig.creds, tmp_path / "state", settings, count=4, transport="both"
+    )
+    with listener, swallower:
+        async with trio.open_nursery() as inner:
+            await inner.start(fleet.run)
+            await fleet.wait_until(lambda f: f.summary().online == 4, timeout=30)
+            inner.cancel_scope.cancel()
+    assert fleet.online_by_endpoint() == {silent.name: 0, live.name: 4}
+    starting_silent = [d for d, order in fleet.endpoint_orders.items() if order[0] == 0]
+    print("first choice the silent endpoint:", starting_silent)
+    for device_id, runner in fleet.runners.items():
+        assert fleet.endpoint_of(device_id) == live
+        if device_id in starting_silent:  # (a loaded machine may add a round trip)
+            assert runner.failovers >= 1 and "TooSlowError" in runner.last_connect_error
 
 
 class Node:
