@@ -3,12 +3,16 @@
 The unit tests check each device's endpoint order (rendezvous hashing: stable, even, and a
 dead endpoint's devices spread over the others) and the CLI's failover from a refusing
 endpoint. The end-to-end test starts two separate ``ota server`` processes (``--workers 2``
-each) on one data directory (one SQLite store), runs emulated devices on both transports
-over both, makes an immediate release through one node and SIGKILLs that node as soon as
-one of its devices holds 30% of the image. Every device ends on the new version: the other
-node's own devices through the store's event relay, the killed node's devices by failing
-over to the other node, where those cut off mid-download resume from the chunks they hold.
-Then all take a further release made through the survivor.
+each) as the nodes of one installation: copies of one data directory without the store (the
+blob directory shared) and one SQLite database (``--db-url``); it runs emulated devices on
+both transports over both, makes an immediate release through one node and SIGKILLs that
+node as soon as one of its devices holds 30% of the image. Every device ends on the new
+version: the other node's own devices through the store's event relay, the killed node's
+devices by failing over to the other node, where those cut off mid-download resume from the
+chunks they hold. Then all take a further release made through the survivor.
+
+(On SQLite each node needs its own data directory: a server on the embedded store holds its
+directory's lock alone once server/data_lock.py is in.)
 
 Separate ``ota server`` processes pass events to each other only through the store event
 relay, which ``server.app`` starts in a server of several processes (``--workers`` 2 or
@@ -35,6 +39,7 @@ import trio
 
 from otacore.errors import ValidationError
 from otacore.signing import TrustStore
+from server.bench.fleet.nodes import copy_for_nodes
 from server.bench.fleet.procs import free_port
 from server.cli.device_store_cmd import create_provisioned_product
 from server.cli.emulate_cmd import emulate
@@ -175,7 +180,7 @@ async def test_devices_fail_over_from_an_endpoint_that_never_finishes_the_handsh
 
 
 class Node:
-    """One ``ota server`` node (a main process and one worker) on a shared data directory."""
+    """One ``ota server`` node (a main process and one worker)."""
 
     def __init__(self, process: trio.Process, log_path: Path) -> None:
         self.process = process
@@ -200,10 +205,12 @@ class Node:
 
 
 @asynccontextmanager
-async def running_node(data: Path, log_path: Path) -> AsyncIterator[Node]:
-    """``ota server`` on ``data`` with free ports; SIGKILLed at the end if still running."""
+async def running_node(data: Path, db_url: str, log_path: Path) -> AsyncIterator[Node]:
+    """``ota server`` on ``data`` and the database ``db_url``, free ports; SIGKILLed at the
+    end if still running."""
     argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
+            "--db-url", db_url, "--api-port", "0", "--device-port", "0",
+            "--workers", "2"]  # fmt: skip
     with log_path.open("ab") as log:
         process = await trio.lowlevel.open_process(
             argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
@@ -291,9 +298,13 @@ async def test_devices_fail_over_to_the_other_node_and_resume_their_download(
     found = dict(find_credentials(creds))
     kinds = {d: ("tcp" if n % 2 == 0 else "udp") for n, d in enumerate(ids)}
     store = Store.open_dir(data, pool_size=1)
+    # The nodes of one installation: copies of the data directory without the store (blobs
+    # shared), one database (issue 16 item 4).
+    dir_a, dir_b = copy_for_nodes(data, 2, tmp_path)
+    db_url = f"sqlite:///{(data / 'ota.db').resolve()}"
     async with (
-        running_node(data, tmp_path / "node-a.log") as node_a,
-        running_node(data, tmp_path / "node-b.log") as node_b,
+        running_node(dir_a, db_url, tmp_path / "node-a.log") as node_a,
+        running_node(dir_b, db_url, tmp_path / "node-b.log") as node_b,
         httpx.AsyncClient(base_url=node_a.api_url, headers=headers, timeout=30) as api_a,
         httpx.AsyncClient(base_url=node_b.api_url, headers=headers, timeout=30) as api_b,
         trio.open_nursery() as nursery,

@@ -105,24 +105,34 @@ def shared_database(install: Installation, nodes: int) -> Database:
 
 
 def _skip_store(directory: str, names: list[str]) -> list[str]:
-    return [n for n in names if n == BLOB_DIRNAME or n.startswith(DB_FILENAME)]
+    # The store, and the lock file of a server running on the directory (server.lock).
+    return [
+        n for n in names if n == BLOB_DIRNAME or n.startswith(DB_FILENAME) or n == "server.lock"
+    ]
 
 
-def node_data_dirs(install: Installation, nodes: int, root: Path) -> list[Path]:
-    """The data directory of each node: the prepared one alone for a single node on the
-    embedded store; else copies under ``root`` (``node-<k>``) of everything but the store,
-    each with ``blobs`` linked to the shared blob directory."""
-    if nodes == 1 and install.db_url is None:
-        return [install.data_dir]
-    blobs = (install.data_dir / BLOB_DIRNAME).resolve()
+def copy_for_nodes(data_dir: Path, nodes: int, root: Path) -> list[Path]:
+    """Copies of ``data_dir`` for ``nodes`` nodes under ``root`` (``node-<k>``): everything
+    but the store, each with ``blobs`` linked to ``data_dir``'s blob directory. The nodes
+    then run with ``--db-url`` naming the one database (each its own directory: an
+    embedded-store server holds its data directory's lock alone)."""
+    blobs = (data_dir / BLOB_DIRNAME).resolve()
     blobs.mkdir(mode=0o700, exist_ok=True)
     found = []
     for index in range(nodes):
         copy = root / f"node-{index}"
-        shutil.copytree(install.data_dir, copy, ignore=_skip_store, symlinks=True)
+        shutil.copytree(data_dir, copy, ignore=_skip_store, symlinks=True)
         (copy / BLOB_DIRNAME).symlink_to(blobs, target_is_directory=True)
         found.append(copy)
     return found
+
+
+def node_data_dirs(install: Installation, nodes: int, root: Path) -> list[Path]:
+    """The data directory of each node: the prepared one alone for a single node on the
+    embedded store; else copies of it (:func:`copy_for_nodes`)."""
+    if nodes == 1 and install.db_url is None:
+        return [install.data_dir]
+    return copy_for_nodes(install.data_dir, nodes, root)
 
 
 @asynccontextmanager
