@@ -38,10 +38,12 @@ settings.load_profile("otacloud")
 #: to the end, and a module fixture (the installed package) is built once. The two units
 #: take about as long each (~50 s on an idle machine; the README flow alone ~35 s).
 FLEET_GROUPS: dict[str, str] = {
+    "test_bench_fleet_nodes": "fleet-benches",
     "test_bench_fleet_smoke": "fleet-benches",
     "test_bench_hold": "fleet-benches",
     "test_installed_package": "fleet-benches",
     "test_multiprocess_server": "fleet-benches",
+    "test_emulator_nodes": "operator-flows",
     "test_readme_flow": "operator-flows",
     "test_sigkill": "operator-flows",
 }

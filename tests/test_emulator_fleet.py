@@ -312,7 +312,7 @@ async def test_emulate_command(
             count=2,
             state=tmp_path / "state",
             firmware=[tmp_path / "system.bin", tmp_path / "app.bin"],
-            server=f"{host}:{port}",
+            server=[f"{host}:{port}"],
             trust_key=[KEY.public_key.hex()],
             product_id=PRODUCT,
             no_fsync=True,
@@ -520,7 +520,7 @@ async def test_fleet_and_cli_against_the_real_server(
             count=3,
             state=tmp_path / "cli-state",
             firmware=[tmp_path / "system.bin", tmp_path / "app.bin"],
-            server=f"{host}:{port}",
+            server=[f"{host}:{port}"],
             no_fsync=True,
             duration=60.0,  # a limit only: the run ends once every device runs version 2
             until_version=2,

@@ -66,6 +66,24 @@ def fleet(
             help="Server processes (ota server --workers K); default: one per CPU.",
         ),
     ] = None,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            "--nodes",
+            min=1,
+            help="Server nodes: separate ota server processes (each with --server-procs) on "
+            "copies of the data directory and one database; devices spread over them.",
+        ),
+    ] = 1,
+    db_url: Annotated[
+        str | None,
+        typer.Option(
+            "--db-url",
+            help="Database every node uses (ota server --db-url), e.g. "
+            "postgresql+psycopg://user@/ota?host=/run/postgresql; default: the prepared "
+            "SQLite file. A local PostgreSQL cluster's CPU is reported (db).",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Output directory (result.json, result.png, logs).")
     ] = Path("bench-out"),
@@ -113,7 +131,10 @@ def fleet(
     ] = True,
     nginx_workers: Annotated[int, typer.Option("--nginx-workers", min=1)] = 1,
     profile: Annotated[
-        bool, typer.Option("--profile", help="Sample the server with py-spy during the release.")
+        bool, typer.Option(
+            "--profile",
+            help="Sample the server (node 0 with --nodes) with py-spy during the release.",
+        )
     ] = False,
     work_dir: WorkDirOption = None,
     keep_work: KeepWorkOption = False,
@@ -124,13 +145,16 @@ def fleet(
     from server.bench.fleet.runner import BenchOptions, run_fleet_bench
 
     console = Console()
+    defaults: dict[str, Any] = {} if server_procs is None else {"server_procs": server_procs}
     try:
         options = BenchOptions(
             devices=devices,
             transport=transport,  # type: ignore[arg-type]  # checked below
             release=release,  # type: ignore[arg-type]
             procs=procs,
-            **({} if server_procs is None else {"server_procs": server_procs}),
+            **defaults,
+            nodes=nodes,
+            db_url=db_url,
             out_dir=out,
             app_size=app_size,
             handshake_concurrency=handshake_concurrency,

@@ -8,6 +8,11 @@ exit. A fresh flash is programmed with the ``--firmware`` modules and a trust st
 ``--trust-key`` public keys for ``--product-id`` (default: the keys and product that
 ``ota device provision`` wrote into ``--creds/signing-keys.txt``). ``--until-version`` makes
 the run end once every device runs that product firmware version (for scripts and CI).
+
+``--server`` may be given several times, one per node of an installation: devices spread over
+the endpoints (each device starts at the same one every run) and fail over to the others
+like a device with several DNS answers (see :mod:`server.emulator.endpoints`); the progress
+lines and the final summary count the devices online at each endpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from server.devices.keys import (
     read_trust_product,
     read_trust_sequence,
 )
+from server.emulator.endpoints import Endpoint
 from server.emulator.fleet import (
     EmulatedFleet,
     FleetSettings,
@@ -80,11 +86,11 @@ def trust_store_of(
     return TrustStore.initial(product_id, publics, sequence)
 
 
-def _describe(status: DeviceStatus) -> str:
+def _describe(status: DeviceStatus, endpoint: str | None = None) -> str:
     versions = " ".join(f"{m.function}/{m.index}:v{m.version}" for m in status.modules)
     text = f"{status.device_id} {status.phase.value:<11} {versions}"
     if status.transport:
-        text += f" [{status.transport}]"
+        text += f" [{status.transport}" + (f" {endpoint}]" if endpoint else "]")
     if status.last_result is not None:
         result = status.last_result
         text += f" last update: {result.status} v{result.version}"
@@ -111,8 +117,13 @@ def emulate(
         typer.Option("--firmware", help="Module a fresh device starts with (repeatable)."),
     ] = None,
     server: Annotated[
-        str, typer.Option("--server", help="Device endpoint as HOST:PORT.")
-    ] = f"127.0.0.1:{DEFAULT_DEVICE_PORT}",
+        list[str] | None,
+        typer.Option(
+            "--server",
+            help=f"Device endpoint as HOST:PORT (default 127.0.0.1:{DEFAULT_DEVICE_PORT}); "
+            "repeat for the nodes of an installation: devices spread over them and fail over.",
+        ),
+    ] = None,
     trust_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -129,6 +140,15 @@ def emulate(
     keepalive: Annotated[
         float, typer.Option("--keepalive", help="Ping the server after N idle seconds.")
     ] = 30.0,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout",
+            min=0.1,
+            help="Seconds a connection and handshake may take before the device gives up "
+            "(and tries its next --server).",
+        ),
+    ] = 10.0,
     max_connects: Annotated[
         int, typer.Option("--max-connects", min=1, help="Handshakes in progress at most.")
     ] = 32,
@@ -155,7 +175,10 @@ def emulate(
     if transport not in ("tcp", "udp", "both"):
         fail(f"--transport must be tcp, udp or both, not {transport!r}")
     try:
-        address = parse_server(server)
+        endpoints = tuple(
+            Endpoint(parse_server(text))
+            for text in server or [f"127.0.0.1:{DEFAULT_DEVICE_PORT}"]
+        )
         keys = list(trust_key or [])
         sequence = 0
         trust_file = creds / TRUST_FILE
@@ -173,11 +196,12 @@ def emulate(
         if images:
             platform_of(images)
         settings = FleetSettings(
-            server=address,
+            endpoints=endpoints,
             firmware=images,
             trust_store=store,
             fsync=not no_fsync,
             max_concurrent_connects=max_connects,
+            connect_timeout=connect_timeout,
             keepalive_interval=keepalive,
             heartbeat_interval=heartbeat,
             progress_interval=2.0,
@@ -195,8 +219,14 @@ def emulate(
         except (OSError, OtaError) as exc:
             fail(str(exc))
         verbose = len(fleet.members) <= VERBOSE_LIMIT
+        several = len(fleet.endpoints) > 1
+
+        def describe(status: DeviceStatus) -> str:
+            endpoint = fleet.endpoint_of(status.device_id).name if several else None
+            return _describe(status, endpoint)
+
         if verbose:
-            fleet.on_status = lambda status: typer.echo(_describe(status))
+            fleet.on_status = lambda status: typer.echo(describe(status))
         else:
             fleet.on_progress = lambda summary: typer.echo(summary.line())
         try:
@@ -210,7 +240,12 @@ def emulate(
                 raise
         typer.echo(final.line())
         if json_output:
-            print_json([_status_json(status) for status in fleet.statuses()])
+            print_json(
+                [
+                    _status_json(status) | {"endpoint": fleet.endpoint_of(status.device_id).name}
+                    for status in fleet.statuses()
+                ]
+            )
         if not reached:
             running = _running_version(fleet, until_version)
             fail(

@@ -7,9 +7,16 @@ message or an application call (:meth:`DeviceRunner.wake`), never polls.
 
 Reconnects back off exponentially with jitter (0.5 s doubling to 30 s by default, reset after
 a session whose Hello was answered), so a fleet that lost its server does not return as a
-thundering herd. A :class:`Reboot` closes the link (after the Goodbye is sent), waits
-``reboot_delay`` and boots the machine again; a kill is simply cancelling :meth:`run`: the
-flash keeps what must survive.
+thundering herd. A device given several endpoints (``LinkSettings.fallbacks``: the other
+nodes of the installation, like the further answers of a DNS name) fails over: when its
+endpoint refuses, does not finish the handshake in ``connect_timeout``, or ends the session
+(a lost link, the server's close, a Hello left unanswered), the next attempt, after the same
+back-off, goes to the next endpoint of its order, wrapping around. A reset keeps the endpoint
+(Device OS keeps its session, server included, across a reset).
+
+A :class:`Reboot` closes the link (after the Goodbye is sent), waits ``reboot_delay`` and
+boots the machine again; a kill is simply cancelling :meth:`run`: the flash keeps what must
+survive.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ SESSION_OK_AFTER = 5.0
 class LinkSettings:
     """Where and how one device connects (times in seconds)."""
 
+    #: The endpoint the device tries first.
     server: tuple[str, int]
     transport: Transport
     credentials: DeviceCredentials
@@ -60,6 +68,13 @@ class LinkSettings:
     #: 7.3 for DTLS 1.2), saving a full handshake. Device OS keeps its DTLS session across
     #: resets for this.
     resume_tls: bool = True
+    #: Further endpoints, in the order the device fails over to them after ``server``.
+    fallbacks: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every endpoint, in the order the device tries them."""
+        return (self.server, *self.fallbacks)
 
 
 class _Connection(Protocol):
@@ -158,6 +173,22 @@ class DeviceRunner:
         #: Failed connection attempts since the last session that went online.
         self.connect_failures = 0
         self.last_connect_error = ""
+        #: Position in ``link.endpoints`` of the endpoint the device uses now.
+        self.endpoint_index = 0
+        #: Times the device moved on to its next endpoint.
+        self.failovers = 0
+
+    @property
+    def server(self) -> tuple[str, int]:
+        """The endpoint the device connects to now (or is connected to)."""
+        return self.link.endpoints[self.endpoint_index]
+
+    def _fail_over(self) -> None:
+        """Move on to the next endpoint of the device's order (no-op with one endpoint)."""
+        count = len(self.link.endpoints)
+        if count > 1:
+            self.endpoint_index = (self.endpoint_index + 1) % count
+            self.failovers += 1
 
     # --- the application's API: change the machine, then wake the loop -------------------
 
@@ -214,7 +245,14 @@ class DeviceRunner:
             if connection is not None:
                 went_online = await self._run_session(connection)
             if device.boots != boots:
-                continue  # it reset: a booting device connects at once
+                continue  # it reset: a booting device connects at once (same endpoint)
+            # Refused, timed out, or the session ended without a reset: the next attempt
+            # goes to the next endpoint, as a client tries a name's next DNS answer.
+            self._fail_over()
+            if self._hold_off and len(self.link.endpoints) > 1:
+                # The hold-off asked this device to stay away from that endpoint only;
+                # it goes to the next one after the ordinary back-off.
+                self._hold_off = 0.0
             if self._hold_off:
                 # The server said when to come back; spread the fleet over 1-1.5x of it.
                 delay, self._hold_off = self._hold_off * (1 + 0.5 * self._rng.random()), 0.0
@@ -263,15 +301,15 @@ class DeviceRunner:
                         if self._tls_context is None:
                             self._tls_context = link.credentials.tls_context()
                         stream = await connect_tls(
-                            link.server,
+                            self.server,
                             link.credentials,
                             context=self._tls_context,
                             session=self._tls_session if link.resume_tls else None,
                         )
                         return _TlsConnection(stream)
-                    endpoint = await _open_dtls_endpoint(link.server)
+                    endpoint = await _open_dtls_endpoint(self.server)
                     channel = await connect_dtls(
-                        endpoint, link.server, link.credentials,
+                        endpoint, self.server, link.credentials,
                         session=self._dtls_session if link.resume_tls else None,
                     )
                     return _DtlsConnection(endpoint, channel)

@@ -5,7 +5,10 @@ Each device is an :class:`~otacore.device.emulated.EmulatedDevice` on its own
 :class:`~server.emulator.flash.Flash` (``<state root>/<device id>/``), run by a
 :class:`~server.emulator.device.DeviceRunner`. All runners share one trio nursery and one
 semaphore bounding concurrent handshakes (``max_concurrent_connects``), so thousands of
-devices start without a handshake storm. Progress is reported two ways: ``on_status`` runs on
+devices start without a handshake storm. With several ``endpoints`` (the nodes of one
+installation) each device starts at its first choice by rendezvous hashing
+(:mod:`server.emulator.endpoints`) and fails over along its own order; the summary counts the
+devices online at each endpoint. Progress is reported two ways: ``on_status`` runs on
 every device's phase or result change, ``on_progress`` every ``progress_interval`` seconds
 with a :class:`FleetSummary`.
 
@@ -36,6 +39,7 @@ from otacore.module import parse_module
 from otacore.protocol.link import Transport
 from otacore.signing import TrustStore
 from server.emulator.device import DeviceRunner, LinkSettings
+from server.emulator.endpoints import Endpoint, check_endpoints, endpoint_order
 from server.emulator.flash import Flash
 from server.identity import (
     CA_CERT_FILE,
@@ -66,6 +70,9 @@ class FleetSettings:
     server: tuple[str, int] = ("127.0.0.1", 5684)
     #: The DTLS endpoint when it is not ``server`` (the same port serves both by default).
     udp_server: tuple[str, int] | None = None
+    #: Several server nodes (each device starts at one and fails over to the others, see
+    #: :mod:`server.emulator.endpoints`); when given, ``server`` and ``udp_server`` are unused.
+    endpoints: tuple[Endpoint, ...] = ()
     #: Module images a device with an empty flash starts with (factory programming).
     firmware: tuple[bytes, ...] = ()
     #: Trust store a device with an empty flash is provisioned with.
@@ -101,6 +108,11 @@ class FleetSettings:
             raise ValidationError("max_concurrent_connects must be at least 1")
         if not self.progress_interval > 0:
             raise ValidationError("progress_interval must be positive")
+        check_endpoints(self.node_endpoints())
+
+    def node_endpoints(self) -> tuple[Endpoint, ...]:
+        """The endpoints devices spread over: ``endpoints``, or the one of ``server``."""
+        return self.endpoints or (Endpoint(self.server, self.udp_server),)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,8 @@ class FleetSummary:
     results: Counter[str] = field(default_factory=Counter)
     bytes_received: int = 0
     bytes_total: int = 0
+    #: Endpoint name -> devices online there (every endpoint, zeros included).
+    endpoints: dict[str, int] = field(default_factory=dict)
 
     @property
     def online(self) -> int:
@@ -137,7 +151,11 @@ class FleetSummary:
         progress = ""
         if self.bytes_total:
             progress = f"; download {100 * self.bytes_received / self.bytes_total:.0f}%"
-        return f"{self.devices} devices: {phases}" + (f"; {results}" if results else "") + progress
+        at = ""
+        if len(self.endpoints) > 1:
+            at = "; online at " + ", ".join(f"{name} {n}" for name, n in self.endpoints.items())
+        text = f"{self.devices} devices: {phases}" + (f"; {results}" if results else "")
+        return text + progress + at
 
 
 def find_credentials(
@@ -201,6 +219,9 @@ class EmulatedFleet:
         self.on_status = on_status
         self.on_progress = on_progress
         self.runners: dict[str, DeviceRunner] = {}
+        self.endpoints = settings.node_endpoints()
+        #: Device id -> indexes of ``endpoints`` in the order the device tries them.
+        self.endpoint_orders: dict[str, list[int]] = {}
         #: Devices stopped by an unexpected error: device id -> the error (a bug to report).
         self.crashed: dict[str, str] = {}
         self._latest: dict[str, DeviceStatus] = {}  # each device's last reported status
@@ -246,15 +267,18 @@ class EmulatedFleet:
             if not flash.boot_record().active:
                 self._provision(flash, member)
             device = EmulatedDevice(self._config(member, flash), flash, on_status=self._status)
-            udp_server = settings.udp_server or settings.server
+            order = endpoint_order(member.device_id, self.endpoints)
+            self.endpoint_orders[member.device_id] = order
+            addresses = [self.endpoints[i].address(member.transport) for i in order]
             link = LinkSettings(
-                udp_server if member.transport == "udp" else settings.server,
+                addresses[0],
                 member.transport,
                 member.credentials,
                 connect_timeout=settings.connect_timeout,
                 backoff_initial=settings.backoff_initial,
                 backoff_max=settings.backoff_max,
                 reboot_delay=settings.reboot_delay,
+                fallbacks=tuple(addresses[1:]),
             )
             rng = random.Random(self._rng.random())
             self.runners[member.device_id] = DeviceRunner(
@@ -359,6 +383,20 @@ class EmulatedFleet:
         except KeyError:
             raise NotFoundError(f"device {device_id} is not in this fleet") from None
 
+    def endpoint_of(self, device_id: str) -> Endpoint:
+        """The endpoint the device uses now (connected, or its next attempt)."""
+        runner = self.device(device_id)
+        order = self.endpoint_orders.get(device_id) or [0]
+        return self.endpoints[order[runner.endpoint_index]]
+
+    def online_by_endpoint(self) -> dict[str, int]:
+        """Endpoint name -> devices online there now (every endpoint, zeros included)."""
+        counts = {endpoint.name: 0 for endpoint in self.endpoints}
+        for device_id, runner in self.runners.items():
+            if runner.device.online:
+                counts[self.endpoint_of(device_id).name] += 1
+        return counts
+
     def statuses(self) -> list[DeviceStatus]:
         """Every device's status, in member order."""
         return [
@@ -384,7 +422,12 @@ class EmulatedFleet:
                 device = self.runners[device_id].device
                 received += min(device.bytes_received, device.bytes_total)
                 total += device.bytes_total
-        return replace(summary, bytes_received=received, bytes_total=total)
+        return replace(
+            summary,
+            bytes_received=received,
+            bytes_total=total,
+            endpoints=self.online_by_endpoint(),
+        )
 
 
 def summarize(statuses: Iterable[DeviceStatus]) -> FleetSummary:

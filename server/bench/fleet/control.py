@@ -186,18 +186,24 @@ class FleetProgress:
 
 @asynccontextmanager
 async def running_server(
-    install: Installation, log_path: Path, *, workers: int = 1, extra_args: Sequence[str] = ()
+    install: Installation,
+    log_path: Path,
+    *,
+    workers: int = 1,
+    extra_args: Sequence[str] = (),
+    data_dir: Path | None = None,
 ) -> AsyncIterator[ServerProcess]:
-    """``ota server --workers N`` on free ports over the prepared data directory (its
-    worker processes are children of ``pid``); ``extra_args`` go last (e.g. more
-    ``--device-limit NAME=VALUE``)."""
+    """``ota server --workers N`` on free ports over the prepared data directory (or
+    ``data_dir``: a node's copy of it); its worker processes are children of ``pid``;
+    ``extra_args`` go last (e.g. more ``--device-limit NAME=VALUE``, ``--db-url``)."""
+    data_dir = install.data_dir if data_dir is None else data_dir
     argv = [
         sys.executable,
         "-m",
         "server.cli.main",
         "server",
         "--data",
-        str(install.data_dir),
+        str(data_dir),
         "--api-port",
         "0",
         "--device-port",
@@ -213,7 +219,7 @@ async def running_server(
         *extra_args,
     ]
     async with running_process(
-        argv, log_path=log_path, stdout=PIPE, cwd=install.data_dir, env=child_env(), grace=15.0
+        argv, log_path=log_path, stdout=PIPE, cwd=data_dir, env=child_env(), grace=15.0
     ) as process:
         assert process.stdout is not None
         found: dict[str, str] = {}

@@ -18,10 +18,13 @@ from otacore.module import ModuleDependency, build_module
 from otacore.platforms import ModuleFunction
 from server.bench.fleet import BenchError
 from server.cli.device_store_cmd import StoreRegistrar
+from server.devices.keys import product_signing_key, write_trust_file
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
-from server.identity import pki_dir, provision_devices
+from server.fleet.base import now_ms
+from server.identity import ProvisionedDevice, pki_dir, provision_devices
 from server.store import Store
+from server.store.store import BLOB_DIRNAME
 
 PLATFORM_BORON = 13
 SYSTEM_VERSION = 5000
@@ -34,6 +37,9 @@ class Installation:
     """What the preparation step produced (paths live under the work directory)."""
 
     data_dir: Path
+    #: The database every server uses (``ota server --db-url``); None: the embedded
+    #: SQLite store in ``data_dir``.
+    db_url: str | None
     creds_dir: Path
     product_id: int
     token: str
@@ -101,18 +107,58 @@ def application(version: int, product_id: int, size: int, *, patch_of: int | Non
     return image
 
 
+def open_store(data_dir: Path, db_url: str | None) -> Store:
+    """The store a server on ``data_dir`` with ``--db-url db_url`` opens (blobs in the
+    data directory either way)."""
+    if db_url is None:
+        return Store.open_dir(data_dir, pool_size=1)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Store.open(db_url, data_dir / BLOB_DIRNAME, pool_size=1)
+
+
+def _register(
+    data_dir: Path, db_url: str, product_id: int, devices: list[ProvisionedDevice]
+) -> None:
+    """Add freshly provisioned devices to the product in the store at ``db_url`` (one
+    transaction, as ``ota device provision`` does for the embedded store) and write the
+    product's trust file next to their credentials."""
+    store = open_store(data_dir, db_url)
+    try:
+        now = now_ms()
+        with store.write() as tx:
+            for device in devices:
+                tx.insert_device(device.device_id, product_id, now)
+                tx.record_issued_certificate(
+                    sha256=device.cert_sha256,
+                    serial=device.cert_serial,
+                    device_id=device.device_id,
+                    not_after=int(device.not_after.timestamp() * 1000),
+                    now=now,
+                )
+    finally:
+        store.close()
+    key = product_signing_key(data_dir, product_id)
+    write_trust_file(devices[0].ca_path.parent, [key], 0, product_id=product_id)
+
+
 def prepare_installation(
-    work_dir: Path, devices: int, app_size: int, *, patch_release: bool = False
+    work_dir: Path,
+    devices: int,
+    app_size: int,
+    *,
+    patch_release: bool = False,
+    db_url: str | None = None,
 ) -> Installation:
-    """Create the store, a product, an owner token, ``devices`` provisioned devices (one
-    store transaction) and the firmware files (``patch_release``: v2 is a patch of v1).
-    Blocking: run it in a worker thread."""
+    """Create the store (in the data directory, or the database at ``db_url``), a product,
+    an owner token, ``devices`` provisioned devices (one store transaction) and the
+    firmware files (``patch_release``: v2 is a patch of v1). Blocking: run it in a worker
+    thread."""
     data_dir, creds_dir, firmware_dir = work_dir / "data", work_dir / "creds", work_dir / "fw"
     for path in (data_dir, creds_dir):
         if path.exists():
             raise BenchError(f"{path} exists already: give an empty work directory")
     firmware_dir.mkdir(parents=True, exist_ok=True)
-    store = Store.open_dir(data_dir, pool_size=1)
+    store = open_store(data_dir, db_url)
     try:
         fleet = Fleet(store, EventBus())
         product = fleet.create_product_sync(SYSTEM_ACTOR, "Fleet benchmark", PLATFORM_BORON)
@@ -120,7 +166,10 @@ def prepare_installation(
     finally:
         store.close()
     provisioned = provision_devices(pki_dir(data_dir), devices, creds_dir)
-    StoreRegistrar().register(data_dir, str(product.id), provisioned)
+    if db_url is None:
+        StoreRegistrar().register(data_dir, str(product.id), provisioned)
+    else:
+        _register(data_dir, db_url, product.id, provisioned)
     system_path = firmware_dir / "system-part1.bin"
     system_path.write_bytes(system_part())
     app_paths: dict[int, Path] = {}
@@ -131,6 +180,7 @@ def prepare_installation(
         app_paths[version] = path
     return Installation(
         data_dir=data_dir,
+        db_url=db_url,
         creds_dir=creds_dir,
         product_id=product.id,
         token=token,

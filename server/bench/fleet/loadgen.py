@@ -6,15 +6,17 @@ object per line on stdin, answering each (``{"reply": id, ...}``, or ``{"reply":
 stdout. Commands:
 
 * ``prepare``: factory-program every device's flash (system part, application v1, trust);
-* ``handshakes`` (transport, address, resume, concurrency, timeout): connect every device of
-  that transport with a bare TLS 1.3 / DTLS 1.2 client (mutual authentication with its own
+* ``handshakes`` (transport, endpoints, resume, concurrency, timeout): connect every device
+  of that transport, at its first-choice endpoint (:mod:`server.emulator.endpoints`), with a
+  bare TLS 1.3 / DTLS 1.2 client (mutual authentication with its own
   certificate), hold all connections until the last is up, then close them all; ``resume``
   offers each device's session from the previous round (RFC 8446 section 2.2 tickets for
   TLS, RFC 5077 tickets for DTLS); the reply includes this process's RSS before the round and
   while every connection was held;
-* ``fleet_open`` (tcp, udp) / ``fleet_run`` / ``fleet_stop``: the devices as an
-  :class:`~server.emulator.fleet.EmulatedFleet` against a server;
-* ``fleet_stats``: bytes received and per-device times;
+* ``fleet_open`` (endpoints: ``[[tcp, udp], ...]``, one per server node) / ``fleet_run`` /
+  ``fleet_stop``: the devices as an :class:`~server.emulator.fleet.EmulatedFleet` spread over
+  the nodes (each device at its first choice, failing over to the others);
+* ``fleet_stats``: bytes received and per-device times, devices online and updated per node;
 * ``fetch`` (host, port, path, clients, expect): HTTPS GETs by that many concurrent clients;
 * ``hold_start`` (tcp, udp, seed and :class:`~server.bench.fleet.holder.HoldSettings`) /
   ``hold_stats`` / ``hold_stop``: every device held connected, pinging at its keep-alive
@@ -68,6 +70,7 @@ from server.bench.fleet.record_devices import (
     connect_records,
 )
 from server.devices.keys import read_trust_file
+from server.emulator.endpoints import Endpoint, endpoint_order
 from server.emulator.flash import Flash
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings
 from server.identity import DEVICE_CERT_FILE, DEVICE_KEY_FILE
@@ -154,18 +157,24 @@ class HandshakeRounds:
     async def run(
         self,
         transport: str,
-        address: tuple[str, int],
+        endpoints: list[Endpoint],
         *,
         resume: bool,
         concurrency: int,
         timeout: float,
     ) -> dict[str, Any]:
-        """One round; returns counts, first start, last completion and per-connection times."""
+        """One round, each device at its first-choice endpoint; returns counts (in all and
+        per endpoint), first start, last completion and per-connection times."""
         devices = [
             (position, device_id)
             for position, (device_id, kind) in enumerate(self.spec.devices)
             if kind == transport
         ]
+        home = {
+            device_id: endpoints[endpoint_order(device_id, endpoints)[0]]
+            for _, device_id in devices
+        }
+        ok_by_endpoint: Counter[str] = Counter()
         slots = trio.Semaphore(concurrency)
         closers: list[Callable[[], Awaitable[None]]] = []
         errors: Counter[str] = Counter()
@@ -183,6 +192,8 @@ class HandshakeRounds:
             async with slots:
                 started = time.monotonic()
                 starts.append(started)
+                endpoint = home[device_id]
+                address = endpoint.address(cast(Transport, transport))
                 try:
                     with trio.fail_after(timeout):
                         closer, was_reused = await connect(
@@ -205,6 +216,7 @@ class HandshakeRounds:
                 latencies.append(done - started)
                 reused += was_reused
                 closers.append(closer)
+                ok_by_endpoint[endpoint.name] += 1
 
         async with trio.open_nursery() as nursery:
             for position, device_id in devices:
@@ -220,6 +232,7 @@ class HandshakeRounds:
             "resume": resume,
             "devices": len(devices),
             "ok": len(latencies),
+            "ok_by_endpoint": dict(ok_by_endpoint),
             "reused": reused,
             "failed": sum(errors.values()),
             "errors": dict(errors.most_common(5)),
@@ -354,6 +367,8 @@ class FleetDriver:
         self.online_count = 0
         self.first_online: dict[str, float] = {}
         self.updated: dict[str, float] = {}
+        #: Device id -> the endpoint (node) it was connected to when it verified the update.
+        self.updated_at: dict[str, str] = {}
         #: Device id -> [download started, download ended] times.
         self.stages: dict[str, list[float]] = {}
         self.outcomes: Counter[str] = Counter()
@@ -393,11 +408,11 @@ class FleetDriver:
                 programmed += 1
         return programmed
 
-    def open(self, tcp: tuple[str, int], udp: tuple[str, int]) -> None:
-        """Build the fleet and open its flashes (blocking; a worker thread runs it)."""
+    def open(self, endpoints: list[Endpoint]) -> None:
+        """Build the fleet over the nodes' ``endpoints`` and open its flashes (blocking; a
+        worker thread runs it)."""
         settings = FleetSettings(
-            server=tcp,
-            udp_server=udp,
+            endpoints=tuple(endpoints),
             firmware=self.images(),
             trust_store=self.trust_store(),
             fsync=False,
@@ -467,6 +482,8 @@ class FleetDriver:
             ):
                 self.updated[device_id] = now
                 self._unreported.append((device_id, now))
+                if self.fleet is not None:
+                    self.updated_at[device_id] = self.fleet.endpoint_of(device_id).name
             elif result.status != "committed":
                 self.outcomes[f"{result.status}: {result.detail}"] += 1
         self._dirty.set()
@@ -540,6 +557,11 @@ class FleetDriver:
                 ]
                 for kind in sorted(set(self.kinds.values()))
             },
+            "online_by_endpoint": self.fleet.online_by_endpoint() if self.fleet else {},
+            "updated_by_endpoint": dict(Counter(self.updated_at.values())),
+            "failovers": sum(r.failovers for r in self.fleet.runners.values())
+            if self.fleet
+            else 0,
             "connect_errors": dict(self._connect_errors().most_common(5)),
             "errors_seen": dict(self.errors_seen),
             "not_updated": self._not_updated(),
@@ -607,14 +629,14 @@ class LoadGenerator:
         if command == "handshakes":
             return await self.handshakes.run(
                 request["transport"],
-                _address(request["address"]),
+                _endpoints(request["endpoints"]),
                 resume=bool(request["resume"]),
                 concurrency=int(request["concurrency"]),
                 timeout=float(request["timeout"]),
             )
         if command == "fleet_open":
-            tcp, udp = _address(request["tcp"]), _address(request["udp"])
-            await trio.to_thread.run_sync(self.driver.open, tcp, udp)
+            endpoints = _endpoints(request["endpoints"])
+            await trio.to_thread.run_sync(self.driver.open, endpoints)
             return {"devices": len(self.spec.devices)}
         if command == "fleet_run":
             return {"started": await nursery.start(self.driver.run)}
@@ -660,6 +682,11 @@ class LoadGenerator:
 def _address(value: list[Any]) -> tuple[str, int]:
     host, port = value
     return str(host), int(port)
+
+
+def _endpoints(value: list[Any]) -> list[Endpoint]:
+    """``[[tcp address, udp address], ...]`` (one per server node) as endpoints."""
+    return [Endpoint(_address(tcp), _address(udp)) for tcp, udp in value]
 
 
 async def _main(spec: LoadGenSpec) -> None:

@@ -174,40 +174,81 @@ def udp_socket_drops(port: int) -> int:
     return total
 
 
+def cluster_cpu_seconds(postmaster: int) -> float:
+    """CPU seconds of a PostgreSQL cluster: its postmaster, every backend and auxiliary
+    process alive now, and those that exited (the postmaster reaps its children, so their
+    time is in its cutime and cstime, fields 16 and 17 of /proc/<pid>/stat, proc(5))."""
+    text = Path(f"/proc/{postmaster}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    total = sum(int(v) for v in fields[11:15]) / _CLOCK_TICKS
+    for child in children_of(postmaster):
+        with suppress(OSError):
+            total += cpu_seconds(child)
+    return total
+
+
 class ResourceWindow:
-    """What a phase cost: CPU of one process (with its live children: the server's
-    workers) and of a group of others, the machine's busy fraction, and UDP datagrams
-    dropped for full receive buffers.
+    """What a phase cost: CPU of the server processes (each with its live children: a
+    node's workers) and of a group of others, the machine's busy fraction, UDP datagrams
+    dropped for full receive buffers, and the CPU of a local PostgreSQL cluster (by its
+    postmaster's pid) when there is one.
 
     A child that exits inside the window takes its CPU time with it (a restarted worker's
-    predecessor is not counted)."""
+    predecessor is not counted); the cluster's exited backends are counted."""
 
-    def __init__(self, pid: int, others: list[int], udp_port: int | None = None) -> None:
-        self.pid, self.others, self.udp_port = pid, others, udp_port
+    def __init__(
+        self,
+        pid: int | Sequence[int],
+        others: list[int],
+        udp_port: int | Sequence[int] | None = None,
+        *,
+        db_pid: int | None = None,
+    ) -> None:
+        self.pids = [pid] if isinstance(pid, int) else list(pid)
+        self.others = others
+        self.udp_ports = [udp_port] if isinstance(udp_port, int) else list(udp_port or ())
+        self.db_pid = db_pid
         self._start = self._sample()
 
-    def _sample(self) -> tuple[float, float, float, float, int, int]:
+    def _sample(self) -> dict[str, Any]:
         others = 0.0
         for pid in self.others:
             with suppress(OSError):
                 others += cpu_seconds(pid)
         busy, total = machine_cpu_seconds()
-        port_drops = udp_socket_drops(self.udp_port) if self.udp_port else 0
-        server = tree_cpu_seconds(self.pid)
-        return server, others, busy, total, udp_receive_drops(), port_drops
+        db: float | None = None
+        if self.db_pid is not None:
+            with suppress(OSError):
+                db = cluster_cpu_seconds(self.db_pid)
+        return {
+            "servers": [tree_cpu_seconds(pid) for pid in self.pids],
+            "others": others,
+            "busy": busy,
+            "total": total,
+            "drops": udp_receive_drops(),
+            "port_drops": sum(udp_socket_drops(port) for port in self.udp_ports),
+            "db": db,
+        }
 
-    def read(self) -> dict[str, float]:
-        """Since the window opened: ``process_cpu_s`` (the process and its children),
-        ``others_cpu_s``, ``machine_busy``
-        (fraction of all cores), ``udp_rcvbuf_drops`` (every socket) and
-        ``udp_port_drops`` (the sockets on ``udp_port``: the server's DTLS socket)."""
+    def read(self) -> dict[str, Any]:
+        """Since the window opened: ``process_cpu_s`` (every server process with its
+        children), ``process_cpu_s_each`` (per server process), ``others_cpu_s``,
+        ``machine_busy`` (fraction of all cores), ``udp_rcvbuf_drops`` (every socket),
+        ``udp_port_drops`` (the sockets on the UDP ports: the servers' DTLS sockets)
+        and ``db_cpu_s`` (the PostgreSQL cluster; None without one)."""
         end = self._sample()
         start = self._start
-        span = end[3] - start[3]
+        span = end["total"] - start["total"]
+        each = [round(b - a, 3) for a, b in zip(start["servers"], end["servers"], strict=True)]
+        db = None
+        if start["db"] is not None and end["db"] is not None:
+            db = round(end["db"] - start["db"], 3)
         return {
-            "process_cpu_s": round(end[0] - start[0], 3),
-            "others_cpu_s": round(end[1] - start[1], 3),
-            "machine_busy": round((end[2] - start[2]) / span, 3) if span > 0 else 0.0,
-            "udp_rcvbuf_drops": end[4] - start[4],
-            "udp_port_drops": end[5] - start[5],
+            "process_cpu_s": round(sum(end["servers"]) - sum(start["servers"]), 3),
+            "process_cpu_s_each": each,
+            "others_cpu_s": round(end["others"] - start["others"], 3),
+            "machine_busy": round((end["busy"] - start["busy"]) / span, 3) if span > 0 else 0.0,
+            "udp_rcvbuf_drops": end["drops"] - start["drops"],
+            "udp_port_drops": end["port_drops"] - start["port_drops"],
+            "db_cpu_s": db,
         }

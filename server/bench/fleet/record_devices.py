@@ -441,7 +441,7 @@ class RecordDeviceRunner(DeviceRunner):
             try:
                 with trio.fail_after(link.connect_timeout):
                     connection, _resumed = await connect_records(
-                        link.transport, link.server, self._resumption, resume=link.resume_tls
+                        link.transport, self.server, self._resumption, resume=link.resume_tls
                     )
                     return connection
             except (trio.TooSlowError, *RECORD_LINK_ERRORS) as exc:

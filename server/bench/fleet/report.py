@@ -293,6 +293,31 @@ def results_table(result: dict[str, Any]) -> Table:
             f"--release {result.get('release')}: what the server counted per transfer kind",
         ),
     ]
+    nodes = result.get("nodes") or []
+    if len(nodes) > 1:
+        rows.append(
+            (
+                "nodes",
+                _fmt(len(nodes)),
+                "; ".join(
+                    f"{node['endpoint']}: {_fmt(node['sessions_at_release'])} sessions, "
+                    f"{_fmt(node['release_updated'])} updated, "
+                    f"{_fmt(node['release_server_cpu_s'], 2)} CPU s in the release"
+                    for node in nodes
+                ),
+            )
+        )
+    db = result.get("db") or {}
+    if db:
+        share = db.get("release_cpu_share")
+        rows.append(
+            (
+                "db CPU share (release)",
+                "n/a" if share is None else f"{100 * share:.1f}%",
+                f"{db.get('backend')}: {_fmt(db.get('release_cpu_s'), 2)} CPU s; "
+                f"{db.get('note', '')}",
+            )
+        )
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))  # plain text: no rich markup
     return table

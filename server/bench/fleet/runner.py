@@ -13,6 +13,13 @@
    online device has rebooted into v2 and reported it committed.
 5. nginx: the same file over HTTPS, fetched once by as many concurrent clients as devices.
 
+With ``nodes`` K > 1 (or a ``db_url``) every "server" above is K separate ``ota server``
+nodes on copies of the data directory and one database (:mod:`server.bench.fleet.nodes`);
+each device connects to its first-choice node (rendezvous hashing, as ``ota device emulate
+--server A --server B`` spreads devices) and the API calls go to node 0. The result has the
+figures in total as for one server (CPU and RSS summed over the nodes) and per node
+(``nodes``), and the database's CPU over the phases against the nodes' (``db``).
+
 Every child process is stopped when the run ends, however it ends.
 """
 
@@ -39,13 +46,20 @@ from server.bench.fleet import profile as profiling
 from server.bench.fleet.control import (
     FleetProgress,
     LoadGenHandle,
+    ServerProcess,
     request_all,
     running_loadgens,
-    running_server,
 )
 from server.bench.fleet.images import Installation, prepare_installation
 from server.bench.fleet.loadgen import LoadGenSpec
 from server.bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
+from server.bench.fleet.nodes import (
+    Database,
+    check_db_url,
+    node_data_dirs,
+    running_nodes,
+    shared_database,
+)
 from server.bench.fleet.procs import (
     ResourceWindow,
     tree_cpu_seconds,
@@ -53,6 +67,7 @@ from server.bench.fleet.procs import (
 )
 from server.bench.fleet.record_devices import DEVICE_STACKS, DeviceStack
 from server.bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
+from server.emulator.endpoints import format_address
 from server.emulator.fleet import TransportChoice, transports_for
 
 MB = 1_000_000  # goodput and CPU per MB use decimal megabytes
@@ -67,8 +82,13 @@ class BenchOptions:
     transport: TransportChoice = "both"
     release: ReleaseKind = "full"
     procs: int = 2
-    #: Server processes (``ota server --workers``): main plus workers on the same ports.
+    #: Server processes (``ota server --workers``) per node: main plus workers on its ports.
     server_procs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    #: Server nodes: separate ``ota server`` processes on one database.
+    nodes: int = 1
+    #: The database the nodes share (``ota server --db-url``); None: the embedded SQLite
+    #: store of the prepared data directory (its file URL when there are several nodes).
+    db_url: str | None = None
     out_dir: Path = Path("bench-fleet-out")
     app_size: int = 128 * 1024
     #: Bare handshakes in flight per load generator.
@@ -91,8 +111,19 @@ class BenchOptions:
     keep_work: bool = False
 
     def __post_init__(self) -> None:
-        if self.devices < 1 or self.procs < 1 or self.server_procs < 1:
-            raise BenchError("--devices, --procs and --server-procs must be at least 1")
+        if self.devices < 1 or self.procs < 1 or self.server_procs < 1 or self.nodes < 1:
+            raise BenchError("--devices, --procs, --server-procs and --nodes must be at least 1")
+        if self.db_url is not None:
+            check_db_url(self.db_url)
+        if self.nodes > 1 and self.server_procs < 2:
+            # server.app starts the store event relay only in a server of several
+            # processes: single-process nodes would never hear of a release made through
+            # another node (issue 16 item 2 moves this to LISTEN/NOTIFY in every node).
+            raise BenchError(
+                "--nodes needs --server-procs 2 or more: separate ota server processes pass "
+                "releases and commands to each other through the store event relay, which a "
+                "server runs only with --workers 2 or more"
+            )
         if self.procs > self.devices:
             raise BenchError(f"--procs {self.procs} is more than --devices {self.devices}")
         if -(-self.devices // self.procs) > 19_000:
@@ -103,10 +134,10 @@ class BenchOptions:
         tcp_sessions = sum(kind == "tcp" for kind in transports_for(self.transport, self.devices))
         # SessionLimits.max_sessions: one descriptor per session, per server process (the
         # kernel spreads connections over the processes by hash: only roughly evenly).
-        if tcp_sessions > 19_000 * self.server_procs:
+        if tcp_sessions > 19_000 * self.server_procs * self.nodes:
             raise BenchError(
                 f"{tcp_sessions} TCP devices: one server process holds at most 19,000 TCP "
-                "sessions (20,000 descriptors); use more --server-procs"
+                "sessions (20,000 descriptors); use more --server-procs or --nodes"
             )
         if self.release not in ("full", "delta"):
             raise BenchError(f"--release must be full or delta, not {self.release!r}")
@@ -144,37 +175,69 @@ def _deal(options: BenchOptions, install: Installation, work: Path) -> list[Path
     return paths
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """Where the servers of a phase run: each node's data directory, and the database."""
+
+    data_dirs: list[Path]
+    database: Database
+    workers: int
+
+    def running(self, install: Installation, log_prefix: Path) -> Any:
+        """Start every node (an async context manager yielding the ServerProcesses)."""
+        return running_nodes(
+            install, self.data_dirs, self.database, log_prefix, workers=self.workers
+        )
+
+
+def _endpoints(servers: list[ServerProcess]) -> list[list[list[Any]]]:
+    """The nodes' endpoints as the load generators take them: ``[[tcp, udp], ...]``."""
+    return [[list(server.tcp), list(server.udp)] for server in servers]
+
+
+def _window(
+    servers: list[ServerProcess], gens: list[LoadGenHandle], nodes: Nodes
+) -> ResourceWindow:
+    return ResourceWindow(
+        [server.pid for server in servers],
+        [gen.process.pid for gen in gens],
+        udp_port=[server.udp[1] for server in servers],
+        db_pid=nodes.database.postmaster_pid,
+    )
+
+
+def _name(server: ServerProcess) -> str:
+    return format_address(server.tcp)
+
+
 async def _handshake_rounds(
     options: BenchOptions,
     install: Installation,
     gens: list[LoadGenHandle],
+    nodes: Nodes,
     out: Path,
     reporter: Reporter,
 ) -> dict[str, Any]:
-    """Full then resumed handshakes per transport on a fresh server."""
+    """Full then resumed handshakes per transport on fresh servers (each device at its
+    first-choice node)."""
     results: dict[str, Any] = {}
     kinds = sorted(set(transports_for(options.transport, options.devices)))
-    async with running_server(
-        install, out / "server-handshakes.log", workers=options.server_procs
-    ) as server:
+    async with nodes.running(install, out / "server-handshakes") as servers:
         for kind in kinds:
-            address = list(server.tcp if kind == "tcp" else server.udp)
             rounds: dict[str, Any] = {}
             for mode in ("full", "resumed"):
                 reporter.phase(f"{kind} handshakes ({mode})", None)
-                window = ResourceWindow(
-                    server.pid, [gen.process.pid for gen in gens], udp_port=server.udp[1]
-                )
+                window = _window(servers, gens, nodes)
                 replies = await request_all(
                     gens,
                     "handshakes",
                     transport=kind,
-                    address=address,
+                    endpoints=_endpoints(servers),
                     resume=mode == "resumed",
                     concurrency=options.handshake_concurrency,
                     timeout=30.0,
                 )
-                rounds[mode] = _round_summary(replies, window.read())
+                rounds[mode] = _round_summary(replies, window.read(), servers)
                 reporter.note(
                     f"{kind} {mode}: {rounds[mode]['ok']} handshakes, "
                     f"{rounds[mode]['per_s']} /s, {rounds[mode]['failed']} failed"
@@ -183,8 +246,11 @@ async def _handshake_rounds(
     return results
 
 
-def _round_summary(replies: list[dict[str, Any]], cpu: dict[str, float]) -> dict[str, Any]:
+def _round_summary(
+    replies: list[dict[str, Any]], cpu: dict[str, Any], servers: list[ServerProcess]
+) -> dict[str, Any]:
     ok = sum(r["ok"] for r in replies)
+    ok_by_endpoint = _merge([r["ok_by_endpoint"] for r in replies])
     server_cpu = cpu["process_cpu_s"]
     firsts = [r["t_first"] for r in replies if r["t_first"] is not None]
     lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
@@ -206,6 +272,15 @@ def _round_summary(replies: list[dict[str, Any]], cpu: dict[str, float]) -> dict
         "udp_rcvbuf_drops": cpu["udp_rcvbuf_drops"],
         "server_udp_socket_drops": cpu["udp_port_drops"],
         "latency_s": percentiles([t for r in replies for t in r["latencies"]]),
+        "db_cpu_s": cpu["db_cpu_s"],
+        "by_node": [
+            {
+                "endpoint": _name(server),
+                "ok": ok_by_endpoint.get(_name(server), 0),
+                "server_cpu_s": round(node_cpu, 3),
+            }
+            for server, node_cpu in zip(servers, cpu["process_cpu_s_each"], strict=True)
+        ],
         "device_stack": replies[0].get("device_stack") if replies else None,
         # What holding the connections cost the load generators (RSS while all were up).
         "loadgen_rss_per_connection_kib": (
@@ -237,23 +312,24 @@ async def _fleet_and_release(
     install: Installation,
     gens: list[LoadGenHandle],
     progress: FleetProgress,
+    nodes: Nodes,
     out: Path,
     reporter: Reporter,
 ) -> dict[str, Any]:
-    """Sessions, memory per session and the immediate release, on a fresh server."""
+    """Sessions, memory per session and the immediate release, on fresh servers (the API
+    calls go to node 0)."""
     result: dict[str, Any] = {}
-    async with running_server(
-        install, out / "server-fleet.log", workers=options.server_procs
-    ) as server:
+    async with nodes.running(install, out / "server-fleet") as servers:
+        server = servers[0]
         headers = {"Authorization": f"Bearer {install.token}"}
         async with httpx.AsyncClient(base_url=server.api_url, headers=headers, timeout=120) as api:
             await _upload(api, install.product_id, 1, install.app_images[1])
             reporter.phase("opening device flashes", None)
-            await request_all(gens, "fleet_open", tcp=list(server.tcp), udp=list(server.udp))
-            await trio.sleep(1.0)  # let the server settle before the idle reading
-            result["server_rss_idle_kib"] = tree_rss_kib(server.pid)
-            gen_pids = [gen.process.pid for gen in gens]
-            window = ResourceWindow(server.pid, gen_pids, udp_port=server.udp[1])
+            await request_all(gens, "fleet_open", endpoints=_endpoints(servers))
+            await trio.sleep(1.0)  # let the servers settle before the idle reading
+            rss_idle = [tree_rss_kib(node.pid) for node in servers]
+            result["server_rss_idle_kib"] = sum(rss_idle)
+            window = _window(servers, gens, nodes)
             reporter.phase("devices online", options.devices)
             started = min(r["started"] for r in await request_all(gens, "fleet_run"))
             online_end = await progress.wait_until(
@@ -280,11 +356,13 @@ async def _fleet_and_release(
             )
             result["session_setup_cpu"] = window.read()
             await trio.sleep(2.0)  # sessions finish their Describe and store writes
-            result["server_rss_peak_kib"] = tree_rss_kib(server.pid)
+            rss_peak = [tree_rss_kib(node.pid) for node in servers]
+            result["server_rss_peak_kib"] = sum(rss_peak)
             expected = progress.online_total
             result["sessions_at_release"] = expected
             await _upload(api, install.product_id, 2, install.app_images[2])
             before = await request_all(gens, "fleet_stats")
+            online_at_release = _merge([s["online_by_endpoint"] for s in before])
             bytes_before = sum(s["bytes"] for s in before)
             errors_before = _merge([s["errors_seen"] for s in before])
             reporter.phase("devices updated", expected)
@@ -293,7 +371,7 @@ async def _fleet_and_release(
                     await stack.enter_async_context(
                         profiling.sampling(server.pid, out / "server-profile.txt")
                     )
-                window = ResourceWindow(server.pid, gen_pids, udp_port=server.udp[1])
+                window = _window(servers, gens, nodes)
                 released_at = time.monotonic()
                 response = await api.put(
                     f"/v1/products/{install.product_id}/firmware/release",
@@ -327,6 +405,24 @@ async def _fleet_and_release(
             result["release_stats"] = (
                 response.json().get("release_stats") if response.status_code == 200 else None
             )
+    updated_at = _merge([s["updated_by_endpoint"] for s in stats])
+    setup_cpu, release_cpu = result["session_setup_cpu"], result["release_cpu"]
+    result["nodes"] = [
+        {
+            "endpoint": _name(node),
+            "sessions_at_release": online_at_release.get(_name(node), 0),
+            "release_updated": updated_at.get(_name(node), 0),
+            "server_rss_idle_kib": idle,
+            "server_rss_peak_kib": peak,
+            "session_setup_server_cpu_s": setup,
+            "release_server_cpu_s": released,
+        }
+        for node, idle, peak, setup, released in zip(
+            servers, rss_idle, rss_peak, setup_cpu["process_cpu_s_each"],
+            release_cpu["process_cpu_s_each"], strict=True,
+        )
+    ]  # fmt: skip
+    result["failovers"] = sum(s["failovers"] for s in stats)
     result["release_end"] = release_end
     result["released_at"] = released_at
     result["release_devices"] = expected
@@ -471,8 +567,12 @@ async def _run(
             options.devices,
             options.app_size,
             patch_release=options.release == "delta",
+            db_url=options.db_url,
         )
     )
+    database = await trio.to_thread.run_sync(shared_database, install, options.nodes)
+    data_dirs = await trio.to_thread.run_sync(node_data_dirs, install, options.nodes, work)
+    nodes = Nodes(data_dirs, database, options.server_procs)
     specs = _deal(options, install, work)
     progress = FleetProgress(options.procs)
     async with trio.open_nursery() as nursery:
@@ -481,10 +581,14 @@ async def _run(
             await request_all(gens, "prepare")
             handshakes: dict[str, Any] = {}
             if options.handshakes:
-                handshakes = await _handshake_rounds(options, install, gens, out, reporter)
+                handshakes = await _handshake_rounds(
+                    options, install, gens, nodes, out, reporter
+                )
             else:
                 notes.append("handshake rounds skipped (--no-handshakes)")
-            fleet = await _fleet_and_release(options, install, gens, progress, out, reporter)
+            fleet = await _fleet_and_release(
+                options, install, gens, progress, nodes, out, reporter
+            )
             nginx = await _nginx_round(options, install, gens, out, reporter)
         nursery.cancel_scope.cancel()
     image_size = install.app_images[2].stat().st_size
@@ -520,6 +624,10 @@ async def _run(
         "transport": options.transport,
         "procs": options.procs,
         "server_procs": options.server_procs,
+        "node_count": options.nodes,
+        "nodes": _per_node(fleet["nodes"], handshakes),
+        "db": _db_figures(database, fleet, options.nodes),
+        "failovers": fleet["failovers"],
         "release": options.release,
         "release_run": options.release,
         "release_stats": fleet["release_stats"],
@@ -595,6 +703,47 @@ async def _run(
         notes.append(plot_note)
         write_json(result, out / "result.json")
     return result
+
+
+def _per_node(nodes: list[dict[str, Any]], handshakes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each node's figures: the fleet phase's, with its share of every handshake round."""
+    return [
+        node
+        | {
+            "handshakes": {
+                kind: {mode: found["by_node"][index] for mode, found in rounds.items()}
+                for kind, rounds in handshakes.items()
+            }
+        }
+        for index, node in enumerate(nodes)
+    ]
+
+
+def _db_figures(database: Database, fleet: dict[str, Any], nodes: int) -> dict[str, Any]:
+    """The database the nodes shared and its CPU over the session setup and the release,
+    with its share of the CPU of database and nodes together."""
+    figures = database.describe() | {"shared_by_nodes": nodes}
+    for phase, cpu in (("session_setup", fleet["session_setup_cpu"]),
+                       ("release", fleet["release_cpu"])):  # fmt: skip
+        db_cpu = cpu["db_cpu_s"]
+        together = (db_cpu or 0.0) + cpu["process_cpu_s"]
+        figures[f"{phase}_cpu_s"] = db_cpu
+        figures[f"{phase}_cpu_share"] = (
+            round(db_cpu / together, 3) if db_cpu is not None and together > 0 else None
+        )
+    if database.postmaster_pid is None:
+        figures["note"] = (
+            "embedded SQLite: the database's work runs inside the nodes' processes and is "
+            "part of their CPU"
+            if database.backend == "sqlite"
+            else "the PostgreSQL cluster is not on this machine: its CPU is not measured"
+        )
+    else:
+        figures["note"] = (
+            "CPU of the cluster's postmaster and all its children (backends, WAL writer, "
+            "checkpointer, ...), exited ones included"
+        )
+    return figures
 
 
 def _combined_rate(rounds: list[dict[str, Any]]) -> float | None:
