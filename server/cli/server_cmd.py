@@ -32,6 +32,7 @@ from server.api import ApiSettings
 from server.app import ServerConfig, serve
 from server.cli._output import print_json
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
+from server.cli.migrate_cmd import migrate as admin_migrate
 from server.config_file import (
     ConfigError,
     Layer,
@@ -55,6 +56,7 @@ admin_app = typer.Typer(
     no_args_is_help=True,
 )
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
+admin_app.command("migrate")(admin_migrate)
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
 

@@ -289,9 +289,7 @@ class _CreateMissing(Operations):
 
 
 def _create_missing(conn: Connection, baseline: ModuleType) -> None:
-    context = MigrationContext.configure(conn)
-    with _CreateMissing.context(context):
-        baseline.upgrade()
+    baseline.create_schema(_CreateMissing(MigrationContext.configure(conn)))
 
 
 def _legacy_steps(conn: Connection, version: int) -> None:

@@ -31,7 +31,7 @@ def _note_applied(
     run_args: Mapping[str, Any],
 ) -> None:
     """Remember each revision applied (for the report and ``ota admin migrate``)."""
-    if step.is_upgrade and step.up_revision_id is not None:
+    if step.is_upgrade and not step.is_stamp and step.up_revision_id is not None:
         applied.append(step.up_revision_id)
 
 

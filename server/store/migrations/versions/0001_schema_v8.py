@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from alembic.operations import Operations
 
 revision = "0001"
 down_revision = None
@@ -24,7 +25,13 @@ depends_on = None
 
 def upgrade() -> None:
     """Bring the schema up to this revision."""
-    op.create_table(
+    create_schema(op)  # type: ignore[arg-type]  # the module proxies an Operations
+
+
+def create_schema(ops: Operations) -> None:
+    """The tables, indexes and meta row through ``ops``: Alembic's ``op`` for a new database;
+    for a pre-Alembic store, operations that skip what it has (``server.store.migrate``)."""
+    ops.create_table(
         "audit_log",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("at", sa.BigInteger(), nullable=False),
@@ -35,9 +42,9 @@ def upgrade() -> None:
         sa.Column("details", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index("ix_audit_product", "audit_log", ["product_id", "id"], unique=False)
+    ops.create_index("ix_audit_product", "audit_log", ["product_id", "id"], unique=False)
 
-    op.create_table(
+    ops.create_table(
         "deltas",
         sa.Column("base_sha256", sa.String(length=64), nullable=False),
         sa.Column("target_sha256", sa.String(length=64), nullable=False),
@@ -47,7 +54,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("base_sha256", "target_sha256"),
     )
-    op.create_table(
+    ops.create_table(
         "device_certificates",
         sa.Column("sha256", sa.String(length=64), nullable=False),
         sa.Column("serial", sa.String(length=40), nullable=False),
@@ -59,21 +66,21 @@ def upgrade() -> None:
         sa.Column("revoked_by", sa.String(length=200), nullable=True),
         sa.PrimaryKeyConstraint("sha256"),
     )
-    op.create_index(
+    ops.create_index(
         "ix_device_certificates_device", "device_certificates", ["device_id"], unique=False
     )
-    op.create_index(
+    ops.create_index(
         "ix_device_certificates_serial", "device_certificates", ["serial"], unique=False
     )
 
-    op.create_table(
+    ops.create_table(
         "device_revocations",
         sa.Column("device_id", sa.String(length=24), nullable=False),
         sa.Column("revoked_at", sa.BigInteger(), nullable=False),
         sa.Column("revoked_by", sa.String(length=200), nullable=False),
         sa.PrimaryKeyConstraint("device_id"),
     )
-    op.create_table(
+    ops.create_table(
         "event_log",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("origin", sa.String(length=64), nullable=False),
@@ -89,15 +96,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sqlite_autoincrement=True,
     )
-    meta = op.create_table(
+    meta = ops.create_table(
         "meta",
         sa.Column("key", sa.String(length=64), nullable=False),
         sa.Column("value", sa.String(length=256), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
     # What pre-Alembic servers read: version 8 is theirs, so they open this store as one.
-    op.bulk_insert(meta, [{"key": "schema_version", "value": "8"}])
-    op.create_table(
+    ops.bulk_insert(meta, [{"key": "schema_version", "value": "8"}])
+    ops.create_table(
         "oauth_clients",
         sa.Column("client_id", sa.String(length=100), nullable=False),
         sa.Column("secret_hash", sa.String(length=300), nullable=False),
@@ -106,7 +113,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("client_id"),
     )
-    op.create_table(
+    ops.create_table(
         "products",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("slug", sa.String(length=64), nullable=False),
@@ -118,7 +125,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("slug"),
     )
-    op.create_table(
+    ops.create_table(
         "system_modules",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("platform_id", sa.Integer(), nullable=False),
@@ -139,14 +146,14 @@ def upgrade() -> None:
             name="uq_system_module",
         ),
     )
-    op.create_index(
+    ops.create_index(
         "ix_system_modules_platform_sha256",
         "system_modules",
         ["platform_id", "sha256"],
         unique=False,
     )
 
-    op.create_table(
+    ops.create_table(
         "users",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("username", sa.String(length=200), nullable=False),
@@ -157,7 +164,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("username"),
     )
-    op.create_table(
+    ops.create_table(
         "api_users",
         sa.Column("user_id", sa.Integer(), nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -169,9 +176,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("user_id"),
     )
-    op.create_index("ix_api_users_product", "api_users", ["product_id"], unique=False)
+    ops.create_index("ix_api_users_product", "api_users", ["product_id"], unique=False)
 
-    op.create_table(
+    ops.create_table(
         "devices",
         sa.Column("id", sa.String(length=24), nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -199,9 +206,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["product_id"], ["products.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index("ix_devices_product", "devices", ["product_id", "id"], unique=False)
+    ops.create_index("ix_devices_product", "devices", ["product_id", "id"], unique=False)
 
-    op.create_table(
+    ops.create_table(
         "firmware",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -223,11 +230,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("product_id", "version", name="uq_firmware_product_version"),
     )
-    op.create_index(
+    ops.create_index(
         "ix_firmware_product_sha256", "firmware", ["product_id", "sha256"], unique=False
     )
 
-    op.create_table(
+    ops.create_table(
         "firmware_transfer_bytes",
         sa.Column("product_id", sa.Integer(), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
@@ -239,7 +246,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["product_id"], ["products.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("product_id", "version"),
     )
-    op.create_table(
+    ops.create_table(
         "groups",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -251,7 +258,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("product_id", "name", name="uq_groups_product_name"),
     )
-    op.create_table(
+    ops.create_table(
         "product_members",
         sa.Column("product_id", sa.Integer(), nullable=False),
         sa.Column("user_id", sa.Integer(), nullable=False),
@@ -262,9 +269,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("product_id", "user_id"),
     )
-    op.create_index("ix_product_members_user", "product_members", ["user_id"], unique=False)
+    ops.create_index("ix_product_members_user", "product_members", ["user_id"], unique=False)
 
-    op.create_table(
+    ops.create_table(
         "rollouts",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -283,11 +290,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["product_id"], ["products.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
+    ops.create_index(
         "ix_rollouts_product_version", "rollouts", ["product_id", "version"], unique=False
     )
 
-    op.create_table(
+    ops.create_table(
         "tokens",
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
@@ -302,7 +309,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("token_hash"),
     )
-    op.create_table(
+    ops.create_table(
         "device_flashes",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("device_id", sa.String(length=24), nullable=False),
@@ -320,11 +327,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["device_id"], ["devices.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
+    ops.create_index(
         "ix_device_flashes_device", "device_flashes", ["device_id", "status"], unique=False
     )
 
-    op.create_table(
+    ops.create_table(
         "device_groups",
         sa.Column("device_id", sa.String(length=24), nullable=False),
         sa.Column("group_id", sa.Integer(), nullable=False),
@@ -332,9 +339,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["group_id"], ["groups.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("device_id", "group_id"),
     )
-    op.create_index("ix_device_groups_group", "device_groups", ["group_id"], unique=False)
+    ops.create_index("ix_device_groups_group", "device_groups", ["group_id"], unique=False)
 
-    op.create_table(
+    ops.create_table(
         "device_ota_memory",
         sa.Column("device_id", sa.String(length=24), nullable=False),
         sa.Column("updating_sha256", sa.String(length=64), nullable=True),
@@ -346,7 +353,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["device_id"], ["devices.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("device_id"),
     )
-    op.create_table(
+    ops.create_table(
         "device_updates",
         sa.Column("device_id", sa.String(length=24), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
@@ -360,7 +367,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["device_id"], ["devices.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("device_id"),
     )
-    op.create_table(
+    ops.create_table(
         "maintenance_windows",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -376,7 +383,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("product_id", "scope", name="uq_maintenance_windows_product_scope"),
     )
-    op.create_table(
+    ops.create_table(
         "releases",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("product_id", sa.Integer(), nullable=False),
@@ -394,7 +401,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("product_id", "scope", name="uq_releases_product_scope"),
     )
-    op.create_table(
+    ops.create_table(
         "rollout_device_outcomes",
         sa.Column("rollout_id", sa.Integer(), nullable=False),
         sa.Column("device_id", sa.String(length=24), nullable=False),
@@ -407,11 +414,11 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["rollout_id"], ["rollouts.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("rollout_id", "device_id"),
     )
-    op.create_index(
+    ops.create_index(
         "ix_rollout_device_outcomes_device", "rollout_device_outcomes", ["device_id"], unique=False
     )
 
-    op.create_table(
+    ops.create_table(
         "rollout_events",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("rollout_id", sa.Integer(), nullable=False),
@@ -424,7 +431,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["rollout_id"], ["rollouts.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index(
+    ops.create_index(
         "ix_rollout_events_rollout", "rollout_events", ["rollout_id", "id"], unique=False
     )
 
