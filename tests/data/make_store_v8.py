@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import trio
 
 from otacore.module import build_module
@@ -37,7 +38,7 @@ from otacore.platforms import ModuleFunction
 from server.api import ApiSettings
 from server.app import ServerConfig, ServerHandle, serve
 from server.events import Event, EventSource
-from server.store import UpdateStateRecord, schema
+from server.store import Store, UpdateStateRecord, schema
 from server.store.tx_events import append_events
 from server.store.tx_ota import OtaMemoryRecord
 
@@ -135,8 +136,6 @@ async def fill(handle: ServerHandle, manifest: dict[str, Any]) -> None:
         manifest["operator"] = {"username": "operator@example.com", "password": PASSWORD,
                                 "access_token": grant["access_token"],
                                 "refresh_token": grant["refresh_token"]}
-    # Devices 4 and 5 stay online with a live session (a pre-Alembic server stopped
-    # without marking them offline, as after a crash); the others went offline.
     for device in DEVICES[:4]:
         await fleet.device_offline(device, session=f"v8-origin/{device}")
     now = fleet.clock()
@@ -162,10 +161,6 @@ async def fill(handle: ServerHandle, manifest: dict[str, Any]) -> None:
     with store.write() as tx:
         fleet.transfer_bytes_work(1, 2, DEVICES[3], bytes_sent=900, bytes_full=4000,
                                   transfer="delta")(tx)
-    with store.read() as tx:
-        manifest["rows"] = {name: len(rows) for name, rows in tx.dump_tables().items()}
-        manifest["schema_version"] = tx.conn.execute(
-            schema.meta.select()).all()[0][1]
     manifest["devices"] = DEVICES
 
 
@@ -177,6 +172,20 @@ async def build(data_dir: Path, manifest: dict[str, Any]) -> None:
         handle: ServerHandle = await nursery.start(serve, config)
         await fill(handle, manifest)
         handle.shutdown.set()
+    # A server that crashed leaves its devices online, owned by its sessions (the graceful
+    # stop above marked every device offline): two devices are left so.
+    store = Store.open_dir(data_dir, pool_size=1)
+    try:
+        with store.write() as tx:
+            for device in DEVICES[4:]:
+                tx.update_device(device, {"online": True, "session_owner": f"v8-origin/{device}",
+                                          "last_ip_address": "192.0.2.7"}, 1796600000000)
+        with store.read() as tx:
+            manifest["rows"] = {name: len(rows) for name, rows in tx.dump_tables().items()}
+            manifest["schema_version"] = tx.conn.execute(
+                sa.select(schema.meta.c.value)).scalar_one()
+    finally:
+        store.close()
 
 
 def main() -> None:
