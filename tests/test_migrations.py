@@ -267,3 +267,47 @@ def test_the_migrations_have_one_head_and_ship_as_package_files() -> None:
     assert (migrate.MIGRATIONS_DIR / "script.py.mako").is_file()
     assert (migrate.MIGRATIONS_DIR / "versions" / "__init__.py").is_file()
     assert migrate.MIGRATIONS_DIR.parent == Path(schema.__file__).parent
+
+
+def test_postgresql_nodes_wait_on_the_advisory_lock(tmp_path: Path) -> None:
+    """While one node holds the migration lock, another node's start waits on it (seen in
+    pg_locks), then finds the schema the first one left."""
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"{PG_ENV} is not set (scripts/run-tests.sh starts a PostgreSQL and sets it)")
+    databases = _pg_databases(base)
+    url = next(databases)()
+    holder = sa.create_engine(url)
+    opened: list[Store] = []
+    errors: list[BaseException] = []
+
+    def second_node() -> None:
+        try:
+            opened.append(Store.open(url, tmp_path / "blobs", pool_size=1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiting = sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                      "AND NOT granted AND objid = :low")
+    low = migrate.PG_MIGRATION_LOCK_KEY & 0xFFFFFFFF  # pg_locks splits a bigint key
+    thread = threading.Thread(target=second_node, daemon=True)
+    try:
+        with holder.connect() as conn, conn.begin():
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(migrate.PG_MIGRATION_LOCK_KEY)))
+            report = migrate.upgrade_connection(conn)  # the first node migrates...
+            assert report.applied == [BASELINE_REVISION]
+            thread.start()
+            deadline = time.monotonic() + 60
+            with holder.connect() as watcher:  # ...while the second waits for its lock
+                while watcher.execute(waiting, {"low": low}).scalar_one() == 0:
+                    assert time.monotonic() < deadline, "the second node never waited"
+                    time.sleep(0.02)
+            assert not opened and not errors
+        thread.join(timeout=60)
+        assert errors == [] and len(opened) == 1
+        assert opened[0].migration is not None and opened[0].migration.applied == []
+    finally:
+        for store in opened:
+            store.close()
+        holder.dispose()
+        databases.close()
