@@ -8,6 +8,7 @@ tests/test_migrations_upgrade.py.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -311,3 +312,51 @@ def test_postgresql_nodes_wait_on_the_advisory_lock(tmp_path: Path) -> None:
             store.close()
         holder.dispose()
         databases.close()
+
+
+def test_ota_admin_migrate_on_a_database_url(new_database: UrlFactory) -> None:
+    """``ota admin migrate --db-url`` (or OTA_DB_URL): --check changes nothing and exits 3
+    while an upgrade is pending; the upgrade creates an empty database's schema."""
+    from typer.testing import CliRunner
+
+    from server.cli.main import app
+
+    runner = CliRunner()
+    url = new_database()
+    pending = runner.invoke(app, ["admin", "migrate", "--db-url", url, "--check"])
+    assert pending.exit_code == 3, pending.output
+    assert "current revision: none (no store yet)" in pending.output
+    engine = sa.create_engine(url)
+    try:
+        assert migrate.status_of(engine).empty
+        upgraded = runner.invoke(app, ["admin", "migrate"], env={"OTA_DB_URL": url})
+        assert upgraded.exit_code == 0, upgraded.output
+        assert f"applied revision(s) {BASELINE_REVISION}" in upgraded.output
+        _assert_matches_models(engine)
+        current = runner.invoke(app, ["admin", "migrate", "--db-url", url, "--check", "--json"])
+        assert current.exit_code == 0, current.output
+        assert json.loads(current.output)["current"] == [migrate.head_revision()]
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = 'beef'"))
+        refused = runner.invoke(app, ["admin", "migrate", "--db-url", url])
+        assert refused.exit_code == 1
+        assert "revision beef" in refused.output and "upgrade the server" in refused.output
+    finally:
+        engine.dispose()
+
+
+def test_ota_admin_migrate_says_what_is_wrong(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli.main import app
+
+    runner = CliRunner()
+    for args, message in (
+        ([], "say which store: --data DIR"),
+        (["--data", str(tmp_path / "nowhere")], "no store at"),
+        (["--db-url", "::nonsense::"], "not a valid SQLAlchemy URL"),
+    ):
+        result = runner.invoke(app, ["admin", "migrate", *args], env={"OTA_DB_URL": None})
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output
+    assert not (tmp_path / "nowhere").exists()

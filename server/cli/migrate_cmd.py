@@ -53,11 +53,11 @@ def migrate(
 ) -> None:
     """Print the store's schema revision and this server's, and upgrade the store in place."""
     url = _store_url(data, db_url)
-    shown = sa.make_url(url).render_as_string(hide_password=True)
     try:
         setup = create_store_engine(url, pool_size=1)
     except OtaError as exc:
         fail(str(exc), 2)
+    shown = setup.engine.url.render_as_string(hide_password=True)
     try:
         before = migrations.status_of(setup.engine)
         migrations.check_compatible(before)
@@ -88,9 +88,6 @@ def migrate(
         elif report is None:
             typer.echo("an upgrade is pending: `ota admin migrate` (without --check) runs it")
         else:
-            steps = ", ".join(applied) or "none"
-            legacy = (f"; pre-Alembic steps from schema version {report.legacy_from}"
-                      if report.legacy_from is not None else "")
-            typer.echo(f"upgraded to {before.head} (revisions applied: {steps}{legacy})")
+            typer.echo(f"upgraded to {before.head}: {report.describe()}")
     if check and before.pending:
         raise typer.Exit(PENDING_EXIT)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -53,6 +54,11 @@ from server.store.errors import SchemaVersionError, StoreError
 from server.store.sqlite import WRITE_OPTION
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+log = logging.getLogger("ota.store")
+# Alembic says "Context impl SQLiteImpl." and the like at INFO on every open; the store
+# logs what it did itself (below), so only Alembic's warnings reach the server's log.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 #: The revision that is the schema of the last pre-Alembic server (``schema_version`` 8).
 BASELINE_REVISION = "0001"
@@ -112,6 +118,18 @@ class MigrationReport:
     applied: list[str] = field(default_factory=list)
     #: The pre-Alembic ``schema_version`` the legacy steps started from (None: not run).
     legacy_from: int | None = None
+
+    def describe(self) -> str:
+        """What was done, in words (for the log and ``ota admin migrate``)."""
+        done = []
+        if self.legacy_from is not None:
+            done.append(f"pre-Alembic steps from schema version {self.legacy_from} to "
+                        f"{LEGACY_FINAL}")
+        if not self.before.current and not self.before.empty:
+            done.append(f"stamped revision {BASELINE_REVISION} on the pre-Alembic store")
+        if self.applied:
+            done.append("applied revision(s) " + ", ".join(self.applied))
+        return "; ".join(done) or "nothing to do"
 
 
 @functools.cache
@@ -255,6 +273,8 @@ def upgrade_connection(conn: Connection) -> MigrationReport:
     if found.current != (found.head,):
         command.upgrade(config, "head")
     report.applied = list(config.attributes.get("applied", []))
+    log.info("store schema upgraded from %s to revision %s: %s",
+             found.describe_current(), found.head, report.describe())
     return report
 
 
