@@ -224,8 +224,6 @@ def _migration_transaction(engine: Engine) -> Iterator[Connection]:
                 if engine.dialect.name == "postgresql":
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PG_MIGRATION_LOCK_KEY)))
                 yield conn
-                if sqlite:
-                    _check_foreign_keys(conn)
         finally:
             if sqlite:
                 _pragma(conn, "PRAGMA foreign_keys=ON")  # the pooled connection as it was
@@ -239,8 +237,14 @@ def _pragma(conn: Connection, statement: str) -> None:
         dbapi_connection.execute(statement)
 
 
-def _check_foreign_keys(conn: Connection) -> None:
-    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+def _broken_references(conn: Connection) -> set[tuple[Any, ...]]:
+    """Rows whose foreign key points at nothing (SQLite's ``PRAGMA foreign_key_check``)."""
+    return {tuple(row) for row in conn.exec_driver_sql("PRAGMA foreign_key_check")}
+
+
+def _check_foreign_keys(conn: Connection, broken_before: set[tuple[Any, ...]]) -> None:
+    """Fail (rolling back) if the revisions, run with foreign keys off, broke a reference."""
+    broken = sorted(_broken_references(conn) - broken_before, key=repr)
     if broken:
         shown = "; ".join(f"{row[0]} row {row[1]} -> {row[2]}" for row in broken[:5])
         raise MigrationError(
@@ -252,7 +256,14 @@ def _check_foreign_keys(conn: Connection) -> None:
 def upgrade(engine: Engine) -> MigrationReport:
     """Bring the database behind ``engine`` to the head revision (see the module doc)."""
     with _migration_transaction(engine) as conn:
-        return upgrade_connection(conn)
+        sqlite = conn.dialect.name == "sqlite"
+        # A full scan, so only when something is to run; rows broken before (none, unless
+        # written without foreign keys) are not the migration's doing.
+        broken_before = _broken_references(conn) if sqlite and status(conn).pending else None
+        report = upgrade_connection(conn)
+        if broken_before is not None:
+            _check_foreign_keys(conn, broken_before)
+        return report
 
 
 def upgrade_connection(conn: Connection) -> MigrationReport:
