@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -362,11 +364,10 @@ def test_ota_admin_migrate_says_what_is_wrong(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
-def _with_extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
-    """Point the migrations at a copy of the packaged ones plus a revision 0002 whose
-    upgrade() is ``body`` (what a later revision could do)."""
-    import shutil
-
+@contextmanager
+def _with_extra_revision(tmp_path: Path, body: str) -> Iterator[None]:
+    """Within the block, the migrations are a copy of the packaged ones plus a revision
+    0002 whose upgrade() is ``body`` (what a later revision could do)."""
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.MIGRATIONS_DIR, scripts,
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -376,9 +377,14 @@ def _with_extra_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: 
         "branch_labels = None\ndepends_on = None\n\n\n"
         f"def upgrade():\n{body}\n\n\ndef downgrade():\n    pass\n"
     )
-    monkeypatch.setattr(migrate, "MIGRATIONS_DIR", scripts)
+    packaged = migrate.MIGRATIONS_DIR
+    migrate.MIGRATIONS_DIR = scripts
     migrate.script_directory.cache_clear()
-    monkeypatch.setattr(migrate, "script_directory", migrate.script_directory)
+    try:
+        yield
+    finally:
+        migrate.MIGRATIONS_DIR = packaged
+        migrate.script_directory.cache_clear()
 
 
 def _store_with_a_grouped_device(url: str, tmp_path: Path) -> None:
@@ -391,44 +397,34 @@ def _store_with_a_grouped_device(url: str, tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_sqlite_table_rebuild_does_not_cascade(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sqlite_table_rebuild_does_not_cascade(tmp_path: Path) -> None:
     """A batch-mode revision copies the table and drops the old one; with foreign keys on,
     that DROP would delete the rows referring to it (ON DELETE CASCADE)."""
     url = f"sqlite:///{tmp_path / 'ota.db'}"
     _store_with_a_grouped_device(url, tmp_path)
-    _with_extra_revision(tmp_path, monkeypatch, (
+    with _with_extra_revision(tmp_path, (
         "    with op.batch_alter_table('devices', recreate='always') as batch:\n"
-        "        batch.add_column(sa.Column('extra', sa.Integer(), nullable=True))"))
-    try:
+        "        batch.add_column(sa.Column('extra', sa.Integer(), nullable=True))")):
         store = _open(url, tmp_path)
-        try:
-            assert store.migration is not None and store.migration.applied == ["0002"]
-            with store.read() as tx:
-                assert tx.conn.execute(sa.select(schema.device_groups)).all() == [
-                    ("d" * 24, 1)]
-                assert "extra" in {c["name"] for c in sa.inspect(tx.conn).get_columns("devices")}
-        finally:
-            store.close()
+    try:
+        assert store.migration is not None and store.migration.applied == ["0002"]
+        with store.read() as tx:
+            assert tx.conn.execute(sa.select(schema.device_groups)).all() == [("d" * 24, 1)]
+            assert "extra" in {c["name"] for c in sa.inspect(tx.conn).get_columns("devices")}
     finally:
-        migrate.script_directory.cache_clear()
+        store.close()
 
 
-def test_a_revision_that_breaks_references_is_rolled_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_revision_that_breaks_references_is_rolled_back(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ota.db'}"
     _store_with_a_grouped_device(url, tmp_path)
-    _with_extra_revision(tmp_path, monkeypatch, "    op.execute('DELETE FROM products')")
-    try:
-        with pytest.raises(MigrationError, match=r"2 row\(s\) pointing at .* \(devices row"):
-            _open(url, tmp_path)
-    finally:
-        migrate.script_directory.cache_clear()
+    with (_with_extra_revision(tmp_path, "    op.execute('DELETE FROM products')"),
+          pytest.raises(MigrationError, match=r"2 row\(s\) pointing at .* \(devices row")):
+        _open(url, tmp_path)
     engine = sa.create_engine(url)
     try:
         found = migrate.status_of(engine)
-        assert found.current == (BASELINE_REVISION,)  # nothing changed
+        assert found.current == (BASELINE_REVISION,) == (found.head,)  # nothing changed
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(schema.products)
                                 ).scalar_one() == 1
