@@ -1,13 +1,16 @@
 """Build ``tests/data/store-v8.tar.gz``: a data directory written by the last pre-Alembic server.
 
-Run it with the code of commit 7d47bd3 (``main`` before Alembic; ``meta.schema_version`` 8),
-never with a newer checkout, since the point is a store *that* code wrote::
+Run this file (from any newer checkout) with the Python of an install of commit 7d47bd3
+(``main`` before Alembic; ``meta.schema_version`` 8), never with newer code, since the point
+is a store *that* code wrote. The script's own directory, not the checkout, is first on
+``sys.path``, so ``import server`` finds the old install (it prints which)::
 
-    git worktree add /tmp/ota-7d47bd3 7d47bd3 && cd /tmp/ota-7d47bd3 && bash scripts/bootstrap.sh
-    /tmp/ota-7d47bd3/.venv/bin/python tests/data/make_store_v8.py OUT.tar.gz
+    git worktree add /tmp/ota-7d47bd3 7d47bd3
+    (cd /tmp/ota-7d47bd3 && bash scripts/bootstrap.sh)
+    /tmp/ota-7d47bd3/.venv/bin/python tests/data/make_store_v8.py tests/data/store-v8.tar.gz
 
-(the archive checked in was made with ``/work/main/.venv/bin/python``, an editable install of
-that commit). The script starts that code's server in-process (API only, no device
+(the archive checked in was made so, with an editable install of that commit).
+The script starts that code's server in-process (API only, no device
 listeners) on a temporary directory and fills every table the way the server does: through
 the REST API where it has a route, through the fleet service (what device sessions call)
 for what devices report, and through the store's own queries for the rest (certificates,
