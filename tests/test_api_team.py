@@ -221,6 +221,7 @@ def test_a_store_from_before_teams_opens_and_its_tokens_work(data_dir: Path) -> 
     with store.write() as tx:  # as a store written before product teams existed
         tx.conn.execute(sa.text("DROP TABLE product_members"))
         tx.conn.execute(sa.text("DROP TABLE api_users"))
+        tx.conn.execute(sa.text("DROP TABLE alembic_version"))  # and from before Alembic
     store.close()
 
     reopened = Store.open_dir(data_dir, pool_size=1)

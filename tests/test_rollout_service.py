@@ -416,9 +416,10 @@ async def test_maintenance_windows_gate_offers(
 
 
 def _drop_rollout_tables(engine: sa.Engine) -> None:
+    """What a store of a server from before rollouts (and before Alembic) looks like."""
     with engine.begin() as conn:
         for table in ("rollout_events", "rollout_device_outcomes", "rollouts",
-                      "maintenance_windows"):
+                      "maintenance_windows", "alembic_version"):
             conn.exec_driver_sql(f"DROP TABLE {table}")
 
 

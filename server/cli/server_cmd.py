@@ -36,6 +36,7 @@ from server.cli import backup_cmd
 from server.cli._output import print_json
 from server.cli._store import DbUrl
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
+from server.cli.migrate_cmd import migrate as admin_migrate
 from server.config_file import (
     ConfigError,
     Layer,
@@ -67,6 +68,7 @@ admin_app = typer.Typer(
 )
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
 backup_cmd.attach(admin_app)  # admin backup, restore, verify-backup
+admin_app.command("migrate")(admin_migrate)
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
 

@@ -1,5 +1,12 @@
 """Tables of the control-plane store, in portable SQLAlchemy Core types.
 
+A CHANGE HERE NEEDS A NEW ALEMBIC REVISION (server/store/migrations/versions/): run
+``python -m server.store.migrate revision -m "what changed"``, review what it wrote (batch
+mode, so SQLite can ALTER; data moves and renames are yours to add), and keep
+tests/test_migrations.py green (it fails while this file and the revisions disagree). A
+revision that servers older than Alembic (schema version 8) must not open also raises
+``SCHEMA_VERSION`` and the ``meta`` row (those servers refuse a higher one).
+
 Only types every SQLAlchemy backend maps (Integer, BigInteger, String, Text, Boolean, JSON)
 and no backend-specific defaults, so the same metadata creates the SQLite file today and a
 PostgreSQL schema later. Times are integer milliseconds since the Unix epoch (UTC): no
@@ -10,7 +17,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-#: Bumped whenever a table changes; stored in the ``meta`` table.
+#: The ``meta`` table's ``schema_version``: what pre-Alembic servers check (they refuse a
+#: higher one). Alembic revisions track every change since version 8; see above.
 SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
@@ -415,7 +423,7 @@ device_revocations = sa.Table(
     sa.Column("revoked_by", sa.String(200), nullable=False),
 )
 
-# --- safe rollouts (issue 15): new tables only, created on existing databases by create_all.
+# --- safe rollouts (issue 15): new tables only (part of revision 0001).
 
 # A rollout of one firmware version to a product's default target set (``groups`` empty) or
 # to groups. ``plan``/``criteria`` are the policy's phase plan and thresholds as data (for

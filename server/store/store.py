@@ -31,10 +31,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from server.private_files import create_private_file, secure_data_dir
-from server.store import schema
+from server.store import migrate
 from server.store.blobs import BlobStore
 from server.store.engine import EngineSetup, create_store_engine
-from server.store.errors import SchemaVersionError, StoreConflictError, StoreUnavailableError
+from server.store.errors import StoreConflictError, StoreUnavailableError
 from server.store.group_commit import BatchOp, GroupCommitter, GroupReader
 from server.store.sqlite import WRITE_OPTION, integrity_check
 from server.store.tx_auth import AuthQueries
@@ -115,6 +115,8 @@ class Store:
         self._write_lock: AbstractContextManager[object] = (
             threading.Lock() if setup.single_writer else nullcontext()
         )
+        #: What opening the store found and migrated (set by ``open``).
+        self.migration: migrate.MigrationReport | None = None
         #: Batches concurrent async writers into shared transactions (see group_commit.py).
         self.group_commit = GroupCommitter(self)
         #: Batches concurrent async readers into shared read transactions (one
@@ -126,7 +128,11 @@ class Store:
         """Open (creating on first use) the database at ``url`` and blobs in ``blob_dir``."""
         setup = create_store_engine(url, pool_size=pool_size)
         store = cls(setup, BlobStore(blob_dir))
-        store._create_schema()
+        try:
+            store._create_schema()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     @classmethod
@@ -149,24 +155,10 @@ class Store:
         return self._setup.backend
 
     def _create_schema(self) -> None:
-        with self.write() as tx:
-            schema.metadata.create_all(tx.conn)
-            row = tx.conn.execute(
-                sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
-            ).first()
-            if row is None:
-                tx.conn.execute(
-                    sa.insert(schema.meta).values(
-                        key="schema_version", value=str(schema.SCHEMA_VERSION)
-                    )
-                )
-            elif int(row[0]) > schema.SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"the database has schema version {row[0]}, newer than this server's "
-                    f"{schema.SCHEMA_VERSION}; upgrade the server"
-                )
-            elif int(row[0]) < schema.SCHEMA_VERSION:
-                _migrate(tx.conn, int(row[0]))
+        """Bring the database to this code's head schema revision in place (Alembic; a
+        pre-Alembic store is upgraded first): see :mod:`server.store.migrate`."""
+        with _translated_errors():
+            self.migration = migrate.upgrade(self.engine)
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -271,46 +263,3 @@ class Store:
         """Release database connections."""
         self.engine.dispose()
 
-
-def _migrate(conn: sa.Connection, version: int) -> None:
-    """Bring a store written by an older server up to ``schema.SCHEMA_VERSION`` in place.
-
-    Each step is plain portable DDL (SQLite and PostgreSQL both take ``ADD COLUMN`` with a
-    constant default), run inside the schema transaction so a crash leaves the old version.
-    """
-    if version < 2:  # v2: full images sent zstd-compressed are counted on their own
-        conn.execute(
-            sa.text(
-                "ALTER TABLE firmware_transfer_bytes "
-                "ADD COLUMN compressed_transfers INTEGER NOT NULL DEFAULT 0"
-            )
-        )
-    if version < 3:  # v3: presence is owned by the session that set it
-        conn.execute(sa.text("ALTER TABLE devices ADD COLUMN session_owner VARCHAR(96)"))
-    if version < 7:  # v7: relayed events say who published them; firmware found by image
-        # A row without a source is never trusted as the cloud's (rows live ~2 minutes).
-        # create_all made event_log with the column if the store predates the table.
-        if "source" not in {c["name"] for c in sa.inspect(conn).get_columns("event_log")}:
-            conn.execute(sa.text(
-                "ALTER TABLE event_log ADD COLUMN source VARCHAR(16) NOT NULL DEFAULT 'device'"))
-        for table in (schema.firmware, schema.system_modules):
-            for ix in table.indexes:
-                ix.create(conn, checkfirst=True)  # create_all skips tables that exist
-    if version < 8:  # v8: revocation is per certificate (its tables came with create_all)
-        # Devices an older server revoked (a flag on the row) stay revoked: only a
-        # certificate issued from now on (re-provisioning) or a reinstate brings them back.
-        revoked = sa.select(
-            schema.devices.c.id,
-            schema.devices.c.updated_at,
-            sa.literal("schema migration").label("revoked_by"),
-        ).where(schema.devices.c.certs_revoked.is_(True))
-        conn.execute(
-            sa.insert(schema.device_revocations).from_select(
-                ["device_id", "revoked_at", "revoked_by"], revoked
-            )
-        )
-    conn.execute(
-        sa.update(schema.meta)
-        .where(schema.meta.c.key == "schema_version")
-        .values(value=str(schema.SCHEMA_VERSION))
-    )
