@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -273,9 +272,11 @@ async def test_a_lost_transaction_fails_the_whole_batch_and_saves_nothing(store:
     assert await store.group_commit.run(put("x-later", "ok")) == "ok"  # the store still works
 
 
-async def test_committed_change_is_durable_for_a_fresh_store(store: Store, data_dir: Path) -> None:
+async def test_committed_change_is_durable_for_a_fresh_store(
+    store: Store, reopen: Callable[..., Store]
+) -> None:
     assert await store.group_commit.run(put("durable", "yes")) == "yes"
-    fresh = Store.open_dir(data_dir, pool_size=1)
+    fresh = reopen(pool_size=1)
     try:
         with fresh.read() as tx:
             value = tx.conn.execute(
@@ -286,16 +287,16 @@ async def test_committed_change_is_durable_for_a_fresh_store(store: Store, data_
     assert value == "yes"
 
 
-def test_connections_wait_on_a_busy_timeout(store: Store) -> None:
-    with store.read() as tx:
+def test_connections_wait_on_a_busy_timeout(sqlite_store: Store) -> None:
+    with sqlite_store.read() as tx:
         assert tx.conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == BUSY_TIMEOUT_MS
 
 
-async def test_two_stores_on_one_file_write_without_locked_errors(
-    store: Store, data_dir: Path
+async def test_two_stores_on_one_database_write_without_locked_errors(
+    store: Store, reopen: Callable[..., Store]
 ) -> None:
     """A second Store (own engine, own write lock) stands in for another server process."""
-    other = Store.open_dir(data_dir, pool_size=2)
+    other = reopen(pool_size=2)
     try:
         async with trio.open_nursery() as nursery:
             for i in range(60):

@@ -62,12 +62,12 @@ async def test_concurrent_reads_share_few_hops_and_answer_the_right_caller(store
 
 
 async def test_a_read_sees_what_another_process_committed_before_it_asked(
-    store: Store, data_dir: Path
+    store: Store, reopen: Callable[..., Store]
 ) -> None:
     """A batch's snapshot is taken after all its reads were queued: a change committed by
     another Store on the same file (another process) before a read was asked is seen."""
     gate, snapshot_taken = threading.Event(), threading.Event()
-    other = Store.open_dir(data_dir)
+    other = reopen()
     try:
         async with trio.open_nursery() as nursery:
             held: dict[str, str | None] = {}
@@ -229,13 +229,16 @@ def test_a_driver_level_statement_error_is_a_store_error(store: Store) -> None:
         assert get("d-kept")(tx) == "x"
 
 
-def test_a_busy_begin_is_the_stores_unavailable_error(store: Store, data_dir: Path) -> None:
+def test_a_busy_begin_is_the_stores_unavailable_error(
+    sqlite_store: Store, data_dir: Path
+) -> None:
     """BEGIN goes straight to the driver (server.store.sqlite): when another connection
     holds the write lock past the busy timeout, it is still SQLAlchemy's OperationalError,
     which the store reports as StoreUnavailableError."""
     from server.store.sqlite import WRITE_OPTION
     from server.store.store import _translated_errors
 
+    store = sqlite_store
     holder = sqlite3.connect(data_dir / "ota.db", isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
