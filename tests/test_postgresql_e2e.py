@@ -189,20 +189,21 @@ async def test_an_immediate_release_reaches_devices_on_both_transports_via_postg
     extra = ("--workers", str(workers)) if workers else ()
     with pg_server(data, pg_database, tmp_path / "server.log", *extra) as server:
         fleet = _fleet(server, creds, tmp_path / "state", product_id, ids)
-        async with httpx.AsyncClient(base_url=server.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {token}"}) as api:
-            async with running(fleet):
-                for device_id in ids:
-                    await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
-                await _upload_and_release(api, product_id, 2)
-                for device_id in ids:
-                    await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
-                with trio.fail_after(STEP):  # the devices' reports reach the database
-                    while set((await trio.to_thread.run_sync(
-                            _stored_versions, pg_database, data, ids)).values()) != {2}:
-                        await trio.sleep(0.05)
-                response = await api.get(f"/v1/products/{product_id}/firmware/2")
-                assert response.status_code == 200, response.text
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (httpx.AsyncClient(base_url=server.api_url, timeout=30,
+                                      headers=headers) as api,
+                    running(fleet)):
+            for device_id in ids:
+                await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+            await _upload_and_release(api, product_id, 2)
+            for device_id in ids:
+                await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            with trio.fail_after(STEP):  # the devices' reports reach the database
+                while set((await trio.to_thread.run_sync(
+                        _stored_versions, pg_database, data, ids)).values()) != {2}:
+                    await trio.sleep(0.05)
+            response = await api.get(f"/v1/products/{product_id}/firmware/2")
+            assert response.status_code == 200, response.text
     assert not (data / "ota.db").exists()  # the store was PostgreSQL only
     if workers:  # the sessions were spread: the relay carried the release to the workers
         log = (tmp_path / "server.log").read_text()
