@@ -23,21 +23,12 @@ import pytest
 import trio
 
 from otacore.signing import TrustStore
-from server.cli.device_store_cmd import _register_one
-from server.devices.keys import (
-    TRUST_FILE,
-    product_signing_key,
-    product_statements,
-    read_trust_file,
-    write_trust_file,
-)
+from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
 from server.events import EventBus
-from server.fleet import SYSTEM_ACTOR, Fleet
-from server.fleet.base import now_ms
-from server.identity import init_pki, pki_dir, provision_devices
-from server.private_files import secure_data_dir
+from server.fleet import Fleet
 from server.store import Store
+from tests.provisioning import provision_product
 from tests.test_ota_e2e_kit import APP_V1, FAST, STEP, SYSTEM_5003, app, running, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,23 +47,13 @@ class PgServer:
 
 
 def _provision(db_url: str, data: Path, creds: Path, count: int) -> tuple[int, list[str]]:
-    """A product with ``count`` provisioned devices, registered in the PostgreSQL store
-    (what ``ota device provision`` does with the SQLite store of ``--data``)."""
-    secure_data_dir(data)
+    """A product with ``count`` provisioned devices in the PostgreSQL store."""
     store = Store.open(db_url, data / "blobs", pool_size=1)
     try:
-        product = Fleet(store, EventBus()).create_product_sync(SYSTEM_ACTOR, "Sensors", 13)
-        init_pki(pki_dir(data))
-        devices = provision_devices(pki_dir(data), count, creds)
-        with store.write() as tx:
-            for device in devices:
-                _register_one(tx, product.id, product.slug, device, now_ms())
+        product_id, devices = provision_product(store, data, creds, count)
     finally:
         store.close()
-    key = product_signing_key(data, product.id)
-    write_trust_file(creds, [key], len(product_statements(data, product.id)),
-                     product_id=product.id)
-    return product.id, sorted(device.device_id for device in devices)
+    return product_id, sorted(device.device_id for device in devices)
 
 
 def _owner_token(db_url: str, data: Path) -> str:
