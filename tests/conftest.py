@@ -223,6 +223,9 @@ def data_dir(tmp_path: Path) -> Path:
 STORE_BACKENDS = ("sqlite", "postgresql")
 #: Where scripts/run-tests.sh passes the URL of the throwaway cluster it started.
 PG_URL_VARIABLE = "OTA_TEST_PG_URL"
+#: "postgresql" runs the in-process servers of the ``api`` and ``threaded_server`` fixtures
+#: on PostgreSQL too (default "sqlite"): ``OTA_TEST_SERVER_STORE=postgresql pytest ...``.
+SERVER_STORE_VARIABLE = "OTA_TEST_SERVER_STORE"
 _pg_database_numbers = itertools.count(1)
 
 
@@ -345,11 +348,28 @@ def sqlite_store(data_dir: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-async def api(nursery: trio.Nursery, data_dir: Path) -> AsyncIterator[Api]:
+def server_db_url(request: pytest.FixtureRequest) -> str | None:
+    """The ``--db-url`` of the servers the ``api`` fixture starts: None (the SQLite file of
+    their data directory) unless ``OTA_TEST_SERVER_STORE=postgresql`` asks for a database
+    of the throwaway PostgreSQL (a developer's switch to run the API tests there too)."""
+    backend = os.environ.get(SERVER_STORE_VARIABLE, "sqlite")
+    if backend == "sqlite":
+        return None
+    if backend == "postgresql":
+        return str(request.getfixturevalue("pg_database"))
+    pytest.fail(f"{SERVER_STORE_VARIABLE}={backend!r}: use sqlite or postgresql", pytrace=False)
+
+
+@pytest.fixture
+async def api(nursery: trio.Nursery, data_dir: Path, server_db_url: str | None
+              ) -> AsyncIterator[Api]:
     """The real server (hypercorn on trio) on an ephemeral port, with an owner client."""
+    from dataclasses import replace
+
     from server.app import serve
 
-    handle: ServerHandle = await nursery.start(serve, _server_config(data_dir))
+    config = replace(_server_config(data_dir), db_url=server_db_url)
+    handle: ServerHandle = await nursery.start(serve, config)
     grant = await trio.to_thread.run_sync(
         lambda: handle.fleet.create_api_token_sync("owner", label="test owner")
     )
@@ -373,17 +393,30 @@ class ThreadedServer:
 
 
 @pytest.fixture(scope="module")
-def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    """One server per test module, on a trio loop in a background thread."""
+def threaded_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+                    ) -> Iterator[ThreadedServer]:
+    """One server per test module, on a trio loop in a background thread (on PostgreSQL
+    with ``OTA_TEST_SERVER_STORE=postgresql``, as ``api``)."""
+    from dataclasses import replace
+
     from server.app import serve
 
     data = tmp_path_factory.mktemp("threaded") / "data"
+    config = _server_config(data)
+    if os.environ.get(SERVER_STORE_VARIABLE, "sqlite") == "postgresql":
+        from server.store.pg_cluster import create_database, drop_database
+
+        admin_url = str(request.getfixturevalue("pg_admin_url"))
+        name = f"ota_m_{_worker_name()}_{next(_pg_database_numbers)}"
+        config = replace(config, db_url=create_database(
+            admin_url, name, template=str(request.getfixturevalue("pg_template"))))
+        request.addfinalizer(lambda: drop_database(admin_url, name))
     ready: dict[str, Any] = {}
     started = threading.Event()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            handle: ServerHandle = await nursery.start(serve, _server_config(data))
+            handle: ServerHandle = await nursery.start(serve, config)
             grant = handle.fleet.create_api_token_sync("owner")
             ready.update(
                 handle=handle,
