@@ -273,3 +273,30 @@ def test_device_event_values_are_stored_as_far_as_the_database_can(store: Store,
     nul = "\x00" if store_backend == "sqlite" else "\ufffd"
     assert (stored.name, stored.data) == (f"app/with{nul}nul", f"da{nul}ta")
     assert stored.ttl == 2**31 - 1
+
+
+def test_sequences_move_past_rows_copied_with_their_ids(pg_database: str,
+                                                        tmp_path: Path) -> None:
+    """Rows inserted with explicit ids (a restore, a copy of a SQLite store) leave
+    PostgreSQL's id sequences behind; advance_sequences moves them past the copied rows."""
+    from server.store.postgresql import advance_sequences
+
+    store = Store.open(pg_database, tmp_path / "blobs", pool_size=1)
+    try:
+        with store.write() as tx:
+            tx.conn.execute(sa.insert(t.products), [
+                {"id": n, "slug": f"p{n}", "name": f"P{n}", "platform_id": 13,
+                 "description": "", "firmware_updates_forced": False, "created_at": 1}
+                for n in (1, 2, 7)])
+        with pytest.raises(StoreConflictError), store.write() as tx:  # the sequence says 1
+            tx.insert_product(slug="new", name="New", platform_id=13, description="", now=2)
+        with store.write() as tx:
+            next_ids = advance_sequences(tx.conn, t.metadata)
+        assert next_ids["products"] == 8 and next_ids["audit_log"] == 1
+        assert "devices" not in next_ids  # string keys have no sequence
+        with store.write() as tx:
+            product = tx.insert_product(slug="new", name="New", platform_id=13,
+                                        description="", now=2)
+        assert product.id == 8
+    finally:
+        store.close()

@@ -30,6 +30,8 @@ class EngineSetup:
     engine: Engine
     #: True when only one writer may run at a time (SQLite): the store then serialises
     #: its own writers on a lock rather than spinning on the database's busy timeout.
+    #: (PostgreSQL's writers queue on an advisory lock in the database itself, shared by
+    #: every process and node: server.store.postgresql.)
     single_writer: bool
     backend: str
     #: Where a DBAPI connection's transaction stands (after an error in it, and before a

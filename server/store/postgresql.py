@@ -108,3 +108,30 @@ def transaction_state(dbapi_connection: Any) -> TransactionState:
     if status == TransactionStatus.IDLE:
         return TransactionState.IDLE
     return TransactionState.LOST  # UNKNOWN: the connection broke
+
+
+def advance_sequences(conn: Connection, metadata: sa.MetaData) -> dict[str, int]:
+    """Move each table's id sequence past the table's highest id; return the next id of
+    each table.
+
+    PostgreSQL's ``SERIAL``/identity ids come from a sequence that rows inserted with
+    explicit ids (a restore, rows copied from a SQLite store) do not advance: the next
+    ordinary INSERT would then collide with a copied row. SQLite needs no such step (it
+    takes max(rowid) + 1, or the ``sqlite_sequence`` row for AUTOINCREMENT tables)."""
+    quote = conn.dialect.identifier_preparer.quote
+    next_ids: dict[str, int] = {}
+    for table in metadata.sorted_tables:
+        column = table.autoincrement_column
+        if column is None:
+            continue
+        sequence = conn.execute(
+            sa.select(sa.func.pg_get_serial_sequence(quote(table.name), column.name))
+        ).scalar_one()
+        if sequence is None:  # not backed by a sequence (created by other means)
+            continue
+        highest = conn.execute(sa.select(sa.func.max(column))).scalar()
+        next_id = int(highest or 0) + 1
+        # is_called=false: nextval() returns exactly next_id.
+        conn.execute(sa.select(sa.func.setval(sequence, next_id, False)))
+        next_ids[table.name] = next_id
+    return next_ids

@@ -16,6 +16,10 @@ lock, and the connections carry a busy timeout (``server.store.sqlite.BUSY_TIMEO
 both as the driver's ``timeout`` and as ``PRAGMA busy_timeout``) so a writer of another
 process waits for the write lock instead of failing with "database is locked"
 (https://sqlite.org/c3ref/busy_timeout.html).
+
+On PostgreSQL (``postgresql+psycopg://...``) the writers of every process and node sharing
+the database queue on one advisory lock, so the same code keeps SQLite's one-writer
+semantics there; reads are snapshots and never wait (``server.store.postgresql``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ the log by id, which is only safe when ids become visible in increasing order: S
 one writer at a time (ids are assigned and committed in order); on PostgreSQL a sequence
 value taken by a transaction that commits late would appear *behind* a reader's position,
 so :func:`append_events` takes a table lock that serialises appenders until their commit
-(readers are not blocked: SHARE ROW EXCLUSIVE conflicts with writers only).
+(readers are not blocked: SHARE ROW EXCLUSIVE conflicts with writers only). The store's
+writers' advisory lock (server.store.postgresql) serialises them already; the table lock
+keeps the log's order a property of this module, whoever appends.
 """
 
 from __future__ import annotations
