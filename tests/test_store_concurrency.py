@@ -9,10 +9,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import trio
+import trio.testing
 
 from otacore.errors import ValidationError
 from server.store import (
@@ -300,3 +302,39 @@ def test_sequences_move_past_rows_copied_with_their_ids(pg_database: str,
         assert product.id == 8
     finally:
         store.close()
+
+
+async def test_postgresql_batches_stay_within_the_subtransaction_cache(
+    store: Store, store_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each op of a batch is a savepoint; on PostgreSQL more than 64 writing ones in one
+    transaction overflow every session's subtransaction cache, so batches stop at 64 there
+    (SQLite: 512)."""
+    sizes: list[int] = []
+    write_batch = store.write_batch
+
+    def recorded(ops: Any, **kwargs: Any) -> None:
+        write_batch(ops, **kwargs)
+        sizes.append(sum(op.ran for op in ops))
+
+    monkeypatch.setattr(store, "write_batch", recorded)
+    # A gate holds the first batch in its worker thread until every caller has queued.
+    gate = threading.Event()
+
+    def first(tx: Tx) -> None:
+        gate.wait(30)
+
+    def put(i: int) -> Callable[[Tx], None]:
+        return lambda tx: tx.conn.execute(sa.insert(t.meta).values(key=f"s{i}", value="v"))
+
+    limit = 512 if store_backend == "sqlite" else 64
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.group_commit.run, first)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(limit + 10):
+            nursery.start_soon(store.group_commit.run, put(i))
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert sizes[0] == 1 and sum(sizes) == limit + 11
+    # limit + 10 queued ops need two batches at least (the time budget may cut more).
+    assert max(sizes) <= limit and len(sizes) >= 3, sizes

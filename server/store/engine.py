@@ -37,6 +37,8 @@ class EngineSetup:
     #: Where a DBAPI connection's transaction stands (after an error in it, and before a
     #: commit): see server.store.transaction_state.
     transaction_state: Callable[[Any], TransactionState]
+    #: Most operations one group-commit transaction runs, each in its own savepoint.
+    max_write_batch: int = 512
 
 
 def create_store_engine(url: str, *, pool_size: int = 8) -> EngineSetup:
@@ -62,7 +64,8 @@ def create_store_engine(url: str, *, pool_size: int = 8) -> EngineSetup:
                 ":PASSWORD@HOST:PORT/DATABASE"
             )
         engine = postgresql.create_postgresql_engine(parsed, pool_size=pool_size)
-        return EngineSetup(engine, False, backend, postgresql.transaction_state)
+        return EngineSetup(engine, False, backend, postgresql.transaction_state,
+                           max_write_batch=postgresql.MAX_WRITE_BATCH)
     raise StoreConfigError(
         f"database URL '{parsed!r}': the store runs on SQLite "
         "(sqlite:///path/ota.db) or PostgreSQL (postgresql+psycopg://...), not on "

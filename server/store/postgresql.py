@@ -49,6 +49,13 @@ WRITE_LOCK_KEY = -3316748680651837904
 #: fails with "lock timeout" (milliseconds; PostgreSQL's lock_timeout).
 LOCK_TIMEOUT_MS = 30_000
 
+#: Most operations of one group-commit batch (server/store/group_commit.py). Each runs in
+#: its own savepoint, a subtransaction with its own transaction id once it writes; past 64
+#: of them in one transaction (PGPROC_MAX_CACHED_SUBXIDS) the snapshots of every concurrent
+#: session "overflow" and must look subtransactions up in pg_subtrans, which slows the
+#: whole database down (https://www.postgresql.org/docs/current/subxacts.html).
+MAX_WRITE_BATCH = 64
+
 _TAKE_WRITE_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 
 

@@ -125,7 +125,7 @@ class Store:
             threading.Lock() if setup.single_writer else nullcontext()
         )
         #: Batches concurrent async writers into shared transactions (see group_commit.py).
-        self.group_commit = GroupCommitter(self)
+        self.group_commit = GroupCommitter(self, max_batch=setup.max_write_batch)
         #: Batches concurrent async readers into shared read transactions (one
         #: worker-thread hop for many small reads; see GroupReader).
         self.group_read = GroupReader(self)
