@@ -338,3 +338,46 @@ async def test_postgresql_batches_stay_within_the_subtransaction_cache(
     assert sizes[0] == 1 and sum(sizes) == limit + 11
     # limit + 10 queued ops need two batches at least (the time budget may cut more).
     assert max(sizes) <= limit and len(sizes) >= 3, sizes
+
+
+def test_readers_never_wait_for_a_connection_behind_queued_writers(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """While another node holds the writers' lock, this node's queued writers hold one
+    pooled connection between them (the process lock comes before the checkout), so its
+    reads still find a free connection and answer at once."""
+    holder = Store.open(pg_database, tmp_path / "blobs", pool_size=2)  # 1 more: pg_locks
+    node = Store.open(pg_database, tmp_path / "blobs", pool_size=2)
+    writers: list[threading.Thread] = []
+    try:
+        with holder.write() as held:
+            held.conn.execute(sa.insert(t.meta).values(key="held", value="x"))
+
+            def queued_write(i: int) -> None:
+                with node.write() as tx:
+                    tx.conn.execute(sa.insert(t.meta).values(key=f"q{i}", value="x"))
+
+            writers = [threading.Thread(target=queued_write, args=(i,)) for i in range(3)]
+            for writer in writers:
+                writer.start()
+            deadline = time.monotonic() + 30
+            while _waiting_for_the_writers_lock(holder) == 0:  # one of them reached it
+                assert time.monotonic() < deadline, "no writer queued on the lock"
+                time.sleep(0.01)
+            answers: list[str | None] = []
+            reader = threading.Thread(target=lambda: answers.append(_meta(node, "held")))
+            reader.start()
+            reader.join(20)  # the pool's own timeout is 60 s
+            assert answers == [None]  # answered (the held write is not committed yet)
+            assert _waiting_for_the_writers_lock(holder) == 1  # one connection waits
+        for writer in writers:
+            writer.join(30)
+        assert [_meta(node, f"q{i}") for i in range(3)] == ["x"] * 3
+    finally:
+        holder.close()
+        node.close()
+
+
+def _meta(store: Store, key: str) -> str | None:
+    with store.read() as tx:
+        return tx.conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == key)).scalar()

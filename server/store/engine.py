@@ -28,10 +28,11 @@ class EngineSetup:
     """An engine plus what the store must know about its backend."""
 
     engine: Engine
-    #: True when only one writer may run at a time (SQLite): the store then serialises
-    #: its own writers on a lock rather than spinning on the database's busy timeout.
-    #: (PostgreSQL's writers queue on an advisory lock in the database itself, shared by
-    #: every process and node: server.store.postgresql.)
+    #: True when only one writer may run at a time: the store then serialises its own
+    #: writers on a process lock taken before a connection is checked out, so writers
+    #: waiting for the database's lock (SQLite's write lock with its busy timeout;
+    #: PostgreSQL's writers' advisory lock, server.store.postgresql) hold one pooled
+    #: connection between them, and readers never wait for a free connection behind them.
     single_writer: bool
     backend: str
     #: Where a DBAPI connection's transaction stands (after an error in it, and before a
@@ -64,7 +65,7 @@ def create_store_engine(url: str, *, pool_size: int = 8) -> EngineSetup:
                 ":PASSWORD@HOST:PORT/DATABASE"
             )
         engine = postgresql.create_postgresql_engine(parsed, pool_size=pool_size)
-        return EngineSetup(engine, False, backend, postgresql.transaction_state,
+        return EngineSetup(engine, True, backend, postgresql.transaction_state,
                            max_write_batch=postgresql.MAX_WRITE_BATCH)
     raise StoreConfigError(
         f"database URL '{parsed!r}': the store runs on SQLite "

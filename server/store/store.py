@@ -119,8 +119,9 @@ class Store:
         self._setup = setup
         self.engine = setup.engine
         self.blobs = blobs
-        # SQLite has one writer at a time: queue this process's writers here (fair, no
-        # busy-timeout polling); other processes still wait on the busy timeout.
+        # One writer at a time (SQLite; PostgreSQL's advisory lock): queue this process's
+        # writers here (fair, no busy-timeout polling, one pooled connection waiting for
+        # the database's lock); other processes wait on the database's own lock.
         self._write_lock: AbstractContextManager[object] = (
             threading.Lock() if setup.single_writer else nullcontext()
         )
