@@ -182,15 +182,22 @@ async def test_a_read_whose_statement_fails_ends_its_batch_and_the_rest_run_next
         except Exception as exc:
             outcomes[name] = exc
 
+    gate = threading.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(caller, "before", get("s-key"))
-        nursery.start_soon(caller, "bad", bad_statement)
-        nursery.start_soon(caller, "after", get("s-key"))
-        nursery.start_soon(caller, "last", get("s-key"))
+        # A first batch held in its worker thread, while the four queue behind it in order.
+        nursery.start_soon(caller, "held", blocking(gate, get("s-key")))
+        for name, op in [("before", get("s-key")), ("bad", bad_statement),
+                         ("after", get("s-key")), ("last", get("s-key"))]:
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(caller, name, op)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.group_read.queued() == 4
+        gate.set()
     assert outcomes["before"] == outcomes["after"] == outcomes["last"] == "value", outcomes
     # SQLite reports an unknown column as an OperationalError (the store: "unavailable").
     assert isinstance(outcomes["bad"], sa.exc.ProgrammingError | StoreUnavailableError)
-    assert store.group_read.batches == (1 if store_backend == "sqlite" else 2)
+    # The held batch, then [before, bad] and, on PostgreSQL, [after, last] apart.
+    assert store.group_read.batches == (2 if store_backend == "sqlite" else 3)
 
 
 async def test_cancelling_a_queued_reader_drops_its_read(store: Store) -> None:
