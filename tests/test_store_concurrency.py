@@ -381,3 +381,20 @@ def test_readers_never_wait_for_a_connection_behind_queued_writers(
 def _meta(store: Store, key: str) -> str | None:
     with store.read() as tx:
         return tx.conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == key)).scalar()
+
+
+def test_a_write_slipped_into_a_postgresql_read_transaction_fails_at_once(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """Reads are READ ONLY on PostgreSQL: a write there would bypass the writers' lock."""
+    store = Store.open(pg_database, tmp_path / "blobs", pool_size=1)
+    try:
+        with pytest.raises(sa.exc.InternalError, match="read-only transaction"), \
+                store.read() as tx:
+            tx.conn.execute(sa.insert(t.meta).values(key="sneaky", value="x"))
+        assert _meta(store, "sneaky") is None
+        with store.write() as tx:  # the connection went back to the pool fit for writing
+            tx.conn.execute(sa.insert(t.meta).values(key="proper", value="x"))
+        assert _meta(store, "proper") == "x"
+    finally:
+        store.close()

@@ -17,7 +17,8 @@ of every process and node sharing the database run one at a time, as on SQLite:
   before any other, and nothing runs at a level that can fail to serialize;
 * reads never wait for it: they run at REPEATABLE READ (one consistent snapshot for the
   whole read transaction, as SQLite's read transactions have; a read-only transaction at
-  this level never fails to serialize).
+  this level never fails to serialize), and READ ONLY, so a write slipped into a read
+  transaction, which would bypass the writers' lock, fails at once instead of racing.
 
 A writer waits at most ``LOCK_TIMEOUT_MS`` for a lock (the advisory one included), then
 fails with "lock timeout", which the store reports as unavailable (503), like SQLite's busy
@@ -86,10 +87,11 @@ def create_postgresql_engine(url: sa.URL, *, pool_size: int) -> Engine:
             conn.exec_driver_sql("SELECT 1")
             return
         # psycopg begins the transaction at its first statement, with these settings
-        # (BEGIN ISOLATION LEVEL ...): setting them costs no round trip.
+        # (BEGIN ISOLATION LEVEL ... READ ONLY): setting them costs no round trip.
         dbapi_connection.isolation_level = (
             IsolationLevel.READ_COMMITTED if write else IsolationLevel.REPEATABLE_READ
         )
+        dbapi_connection.read_only = not write
         if not write:
             return
         # Straight to the driver (one round trip; see sqlite.py for why). SQLAlchemy does
