@@ -84,7 +84,7 @@ def create_postgresql_engine(url: sa.URL, *, pool_size: int) -> Engine:
         write = conn.get_execution_options().get(WRITE_OPTION, False)
         dbapi_connection = conn.connection.dbapi_connection
         if dbapi_connection is None:  # invalidated: let SQLAlchemy raise why
-            conn.exec_driver_sql("SELECT 1")
+            conn.exec_driver_sql(_TAKE_WRITE_LOCK if write else "SELECT 1")
             return
         # psycopg begins the transaction at its first statement, with these settings
         # (BEGIN ISOLATION LEVEL ... READ ONLY): setting them costs no round trip.
