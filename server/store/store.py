@@ -87,6 +87,10 @@ class Tx(
         self.conn = conn
 
 
+#: Transaction states in which a batch op's savepoint still exists.
+_SAVEPOINT_KEPT = (TransactionState.OPEN, TransactionState.FAILED)
+
+
 class TransactionLostError(StoreUnavailableError):
     """The database abandoned a transaction after an error (SQLite rolls the whole
     transaction back on some errors, e.g. SQLITE_FULL or SQLITE_IOERR; PostgreSQL refuses
@@ -243,8 +247,9 @@ class Store:
                 except Exception as exc:  # the op's own failure: only it is rolled back
                     op.error = exc
                     # Also what makes a PostgreSQL transaction usable again after a
-                    # failed statement (state FAILED until then).
-                    if self._transaction_state(conn) is not TransactionState.LOST:
+                    # failed statement (state FAILED until then). LOST or IDLE: the
+                    # savepoint went with the transaction (raised on below).
+                    if self._transaction_state(conn) in _SAVEPOINT_KEPT:
                         _driver_statement(conn, "ROLLBACK TO SAVEPOINT batch_op")
                 if self._transaction_state(conn) is TransactionState.OPEN:
                     _driver_statement(conn, "RELEASE SAVEPOINT batch_op")
