@@ -5,6 +5,8 @@ The helper classes and functions here exist only to back the fixtures."""
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -219,9 +221,128 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+#: The store backends the store tests run on (``store_backend``'s parameters).
+STORE_BACKENDS = ("sqlite", "postgresql")
+#: Where scripts/run-tests.sh passes the URL of the throwaway cluster it started.
+PG_URL_VARIABLE = "OTA_TEST_PG_URL"
+#: "postgresql" runs the in-process servers of the ``api`` and ``threaded_server`` fixtures
+#: on PostgreSQL too (default "sqlite"): ``OTA_TEST_SERVER_STORE=postgresql pytest ...``.
+SERVER_STORE_VARIABLE = "OTA_TEST_SERVER_STORE"
+_pg_database_numbers = itertools.count(1)
+
+
+def _worker_name() -> str:
+    """This pytest process's name among xdist workers ("gw0", ...; "main" without xdist),
+    plus its pid: names of its databases that no other process (or earlier run on the same
+    cluster) uses."""
+    return f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """URL of the ``postgres`` database of a throwaway PostgreSQL cluster: the one
+    scripts/run-tests.sh started (``OTA_TEST_PG_URL``), else one this session starts and
+    stops itself. Without PostgreSQL installed the tests that need it fail (never skip)."""
+    url = os.environ.get(PG_URL_VARIABLE)
+    if url:
+        yield url
+        return
+    from server.store.pg_cluster import PgCluster, PgClusterError
+
+    try:
+        cluster = PgCluster.start()
+    except PgClusterError as exc:
+        pytest.fail(f"cannot start a throwaway PostgreSQL for the store tests: {exc}",
+                    pytrace=False)
+    try:
+        yield cluster.url()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Name of a database holding this worker's empty store schema, copied by
+    :func:`pg_database` (CREATE DATABASE ... TEMPLATE copies the tables as files: no
+    schema to build per test; 30-160 ms here, idle to busy)."""
+    from server.store import Store
+    from server.store.pg_cluster import create_database, drop_database
+
+    name = f"ota_tmpl_{_worker_name()}"
+    drop_database(pg_admin_url, name)
+    store = Store.open(create_database(pg_admin_url, name),
+                       tmp_path_factory.mktemp("pg-template-blobs"), pool_size=1)
+    store.close()  # a template must have no sessions when it is copied
+    yield name
+    drop_database(pg_admin_url, name)
+
+
 @pytest.fixture
-def store(data_dir: Path) -> Iterator[Store]:
-    """A store opened directly (no server)."""
+def pg_database(pg_admin_url: str, pg_template: str) -> Iterator[str]:
+    """URL of a fresh PostgreSQL database of this test alone, holding the empty schema;
+    dropped after the test."""
+    from server.store.pg_cluster import create_database, drop_database
+
+    name = f"ota_t_{_worker_name()}_{next(_pg_database_numbers)}"
+    yield create_database(pg_admin_url, name, template=pg_template)
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The store's backend: every test that uses it runs once on each."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_url(store_backend: str, data_dir: Path, request: pytest.FixtureRequest) -> str:
+    """The database URL of a fresh store on ``store_backend``: a SQLite file in
+    ``data_dir`` or a database of its own on the throwaway PostgreSQL cluster (started
+    only when a PostgreSQL test runs)."""
+    if store_backend == "sqlite":
+        from server.private_files import secure_data_dir
+
+        return f"sqlite:///{secure_data_dir(data_dir).resolve() / 'ota.db'}"
+    return str(request.getfixturevalue("pg_database"))
+
+
+def _open_store(url: str, data_dir: Path, *, pool_size: int = 2) -> Store:
+    """The store at ``url`` with its blobs in ``data_dir`` (as ``ota server --db-url``
+    keeps them; for SQLite ``data_dir``'s own ``ota.db``, as ``--data`` alone)."""
+    from server.store import Store
+
+    if url.startswith("sqlite:"):
+        return Store.open_dir(data_dir, pool_size=pool_size)
+    return Store.open(url, data_dir / "blobs", pool_size=pool_size)
+
+
+@pytest.fixture
+def store(store_url: str, data_dir: Path) -> Iterator[Store]:
+    """A store opened directly (no server), on each backend (``store_backend``)."""
+    opened = _open_store(store_url, data_dir)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def reopen(store_url: str, data_dir: Path) -> Iterator[Callable[..., Store]]:
+    """``reopen(pool_size=2)``: another store on the same database and blobs as ``store``
+    (what a restarted server, the CLI or another process opens); closed after the test
+    unless the test closed it."""
+    opened: list[Store] = []
+
+    def open_again(*, pool_size: int = 2) -> Store:
+        opened.append(_open_store(store_url, data_dir, pool_size=pool_size))
+        return opened[-1]
+
+    yield open_again
+    for other in opened:
+        other.close()
+
+
+@pytest.fixture
+def sqlite_store(data_dir: Path) -> Iterator[Store]:
+    """A store on SQLite only, for what is SQLite's own (pragmas, file migrations)."""
     from server.store import Store
 
     opened = Store.open_dir(data_dir, pool_size=2)
@@ -230,11 +351,28 @@ def store(data_dir: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-async def api(nursery: trio.Nursery, data_dir: Path) -> AsyncIterator[Api]:
+def server_db_url(request: pytest.FixtureRequest) -> str | None:
+    """The ``--db-url`` of the servers the ``api`` fixture starts: None (the SQLite file of
+    their data directory) unless ``OTA_TEST_SERVER_STORE=postgresql`` asks for a database
+    of the throwaway PostgreSQL (a developer's switch to run the API tests there too)."""
+    backend = os.environ.get(SERVER_STORE_VARIABLE, "sqlite")
+    if backend == "sqlite":
+        return None
+    if backend == "postgresql":
+        return str(request.getfixturevalue("pg_database"))
+    pytest.fail(f"{SERVER_STORE_VARIABLE}={backend!r}: use sqlite or postgresql", pytrace=False)
+
+
+@pytest.fixture
+async def api(nursery: trio.Nursery, data_dir: Path, server_db_url: str | None
+              ) -> AsyncIterator[Api]:
     """The real server (hypercorn on trio) on an ephemeral port, with an owner client."""
+    from dataclasses import replace
+
     from server.app import serve
 
-    handle: ServerHandle = await nursery.start(serve, _server_config(data_dir))
+    config = replace(_server_config(data_dir), db_url=server_db_url)
+    handle: ServerHandle = await nursery.start(serve, config)
     grant = await trio.to_thread.run_sync(
         lambda: handle.fleet.create_api_token_sync("owner", label="test owner")
     )
@@ -258,17 +396,30 @@ class ThreadedServer:
 
 
 @pytest.fixture(scope="module")
-def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    """One server per test module, on a trio loop in a background thread."""
+def threaded_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+                    ) -> Iterator[ThreadedServer]:
+    """One server per test module, on a trio loop in a background thread (on PostgreSQL
+    with ``OTA_TEST_SERVER_STORE=postgresql``, as ``api``)."""
+    from dataclasses import replace
+
     from server.app import serve
 
     data = tmp_path_factory.mktemp("threaded") / "data"
+    config = _server_config(data)
+    if os.environ.get(SERVER_STORE_VARIABLE, "sqlite") == "postgresql":
+        from server.store.pg_cluster import create_database, drop_database
+
+        admin_url = str(request.getfixturevalue("pg_admin_url"))
+        name = f"ota_m_{_worker_name()}_{next(_pg_database_numbers)}"
+        config = replace(config, db_url=create_database(
+            admin_url, name, template=str(request.getfixturevalue("pg_template"))))
+        request.addfinalizer(lambda: drop_database(admin_url, name))
     ready: dict[str, Any] = {}
     started = threading.Event()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            handle: ServerHandle = await nursery.start(serve, _server_config(data))
+            handle: ServerHandle = await nursery.start(serve, config)
             grant = handle.fleet.create_api_token_sync("owner")
             ready.update(
                 handle=handle,

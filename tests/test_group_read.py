@@ -62,12 +62,12 @@ async def test_concurrent_reads_share_few_hops_and_answer_the_right_caller(store
 
 
 async def test_a_read_sees_what_another_process_committed_before_it_asked(
-    store: Store, data_dir: Path
+    store: Store, reopen: Callable[..., Store]
 ) -> None:
     """A batch's snapshot is taken after all its reads were queued: a change committed by
     another Store on the same file (another process) before a read was asked is seen."""
     gate, snapshot_taken = threading.Event(), threading.Event()
-    other = Store.open_dir(data_dir)
+    other = reopen()
     try:
         async with trio.open_nursery() as nursery:
             held: dict[str, str | None] = {}
@@ -135,7 +135,12 @@ async def test_a_failing_read_reaches_only_its_caller(store: Store) -> None:
     assert store.group_read.batches == 1
 
 
-async def test_a_read_that_ends_the_transaction_fails_its_batch(store: Store) -> None:
+async def test_a_read_that_ends_the_transaction_fails_its_batch(
+    store: Store, store_backend: str
+) -> None:
+    """SQLite: later reads would autocommit one by one, outside the batch's snapshot, so the
+    whole batch fails. PostgreSQL: the next read simply begins a new snapshot (which still
+    sees everything committed before its caller asked), so the batch goes on."""
     def sabotage(tx: Tx) -> None:
         tx.conn.exec_driver_sql("ROLLBACK")  # as SQLite does itself after an I/O error
 
@@ -150,9 +155,49 @@ async def test_a_read_that_ends_the_transaction_fails_its_batch(store: Store) ->
     async with trio.open_nursery() as nursery:
         nursery.start_soon(caller, "sabotage", sabotage)
         nursery.start_soon(caller, "other", get("nothing"))
-    assert all(isinstance(value, TransactionLostError) for value in outcomes.values()), outcomes
-    assert "retry" in str(outcomes["other"])
+    if store_backend == "sqlite":
+        assert all(isinstance(value, TransactionLostError) for value in outcomes.values()), (
+            outcomes)
+        assert "retry" in str(outcomes["other"])
+    else:
+        assert outcomes == {"sabotage": None, "other": None}
     assert await store.group_read.run(get("nothing")) is None  # the next batch is fine
+
+
+async def test_a_read_whose_statement_fails_ends_its_batch_and_the_rest_run_next(
+    store: Store, store_backend: str
+) -> None:
+    """A failed statement leaves a PostgreSQL transaction refusing every later statement:
+    the batch stops after that read, and the reads queued behind it run in the next batch
+    (never failed by another caller's error). On SQLite they share the batch."""
+    def bad_statement(tx: Tx) -> None:
+        tx.conn.exec_driver_sql("SELECT no_such_column FROM meta")
+
+    put_now(store, "s-key", "value")
+    outcomes: dict[str, object] = {}
+
+    async def caller(name: str, op: Callable[[Tx], object]) -> None:
+        try:
+            outcomes[name] = await store.group_read.run(op)
+        except Exception as exc:
+            outcomes[name] = exc
+
+    gate = threading.Event()
+    async with trio.open_nursery() as nursery:
+        # A first batch held in its worker thread, while the four queue behind it in order.
+        nursery.start_soon(caller, "held", blocking(gate, get("s-key")))
+        for name, op in [("before", get("s-key")), ("bad", bad_statement),
+                         ("after", get("s-key")), ("last", get("s-key"))]:
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(caller, name, op)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.group_read.queued() == 4
+        gate.set()
+    assert outcomes["before"] == outcomes["after"] == outcomes["last"] == "value", outcomes
+    # SQLite reports an unknown column as an OperationalError (the store: "unavailable").
+    assert isinstance(outcomes["bad"], sa.exc.ProgrammingError | StoreUnavailableError)
+    # The held batch, then [before, bad] and, on PostgreSQL, [after, last] apart.
+    assert store.group_read.batches == (2 if store_backend == "sqlite" else 3)
 
 
 async def test_cancelling_a_queued_reader_drops_its_read(store: Store) -> None:
@@ -213,11 +258,23 @@ async def test_the_fleets_hot_reads_are_grouped_and_counted(store: Store) -> Non
     assert fleet.round_trips.by_name["SessionService.target_for_device.<locals>.work"] == 21
 
 
-def test_a_driver_level_statement_error_is_a_store_error(store: Store) -> None:
+def test_a_driver_level_statement_error_is_a_store_error(
+    store: Store, store_backend: str
+) -> None:
     """The batch's savepoint statements go straight to the driver: its errors still come out
-    as the store's own error type, and the transaction stays usable."""
+    as the store's own error type. SQLite's transaction stays usable after it; PostgreSQL's
+    refuses every later statement, so its write fails instead of silently rolling back."""
     from server.store.store import _driver_statement
 
+    if store_backend == "postgresql":
+        # A commit now would lose the block silently (PostgreSQL answers it with ROLLBACK).
+        with (pytest.raises(TransactionLostError, match="failed after an error"),
+              store.write() as tx, pytest.raises(StoreUnavailableError,
+                                                 match=r"unavailable: .*syntax")):
+            _driver_statement(tx.conn, "SAVEPOINTS are not spelled like this")
+        with store.read() as tx:
+            assert get("d-kept")(tx) is None
+        return
     with store.write() as tx:
         with pytest.raises(StoreUnavailableError, match=r"unavailable: .*syntax"):
             _driver_statement(tx.conn, "SAVEPOINTS are not spelled like this")
@@ -229,13 +286,16 @@ def test_a_driver_level_statement_error_is_a_store_error(store: Store) -> None:
         assert get("d-kept")(tx) == "x"
 
 
-def test_a_busy_begin_is_the_stores_unavailable_error(store: Store, data_dir: Path) -> None:
+def test_a_busy_begin_is_the_stores_unavailable_error(
+    sqlite_store: Store, data_dir: Path
+) -> None:
     """BEGIN goes straight to the driver (server.store.sqlite): when another connection
     holds the write lock past the busy timeout, it is still SQLAlchemy's OperationalError,
     which the store reports as StoreUnavailableError."""
     from server.store.sqlite import WRITE_OPTION
     from server.store.store import _translated_errors
 
+    store = sqlite_store
     holder = sqlite3.connect(data_dir / "ota.db", isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")

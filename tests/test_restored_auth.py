@@ -1,7 +1,7 @@
 """The restored sessions' devices are authorized all at once with the handshake's own rule
-(``server.devices.restored_auth``), on a real SQLite store: every verdict equals what the
-one-by-one path (``SessionService.authorize_device``'s read and rule) decides, or is None
-for a certificate the one-by-one path would record as seen."""
+(``server.devices.restored_auth``), on a real SQLite store and on PostgreSQL: every verdict
+equals what the one-by-one path (``SessionService.authorize_device``'s read and rule)
+decides, or is None for a certificate the one-by-one path would record as seen."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import pytest
 import sqlalchemy as sa
 
 from server.authorization import ClientCertificate
-from server.cli.device_store_cmd import create_provisioned_product
 from server.devices import restored_auth
 from server.devices.restored_auth import authorize_restored
 from server.fleet.sessions import _admits
 from server.store import Store
 from server.store import schema as t
+from tests.provisioning import provision_product
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    _, devices = create_provisioned_product(tmp_path / "data", tmp_path / "creds", "S", 13, 7)
-    opened = Store.open_dir(tmp_path / "data", pool_size=1)
+def provisioned(store: Store, data_dir: Path, tmp_path: Path) -> Store:
+    """``store`` (each backend) with 7 provisioned devices in the states a restart meets."""
+    _, devices = provision_product(store, data_dir, tmp_path / "creds", 7, name="S")
+    opened = store
     ids = sorted(d.device_id for d in devices)
     with opened.write() as tx:
         for device_id in ids[:6]:  # seen at a handshake (as every restored session was)
@@ -46,8 +47,9 @@ def _certificates(store: Store) -> list[ClientCertificate]:
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 500])
-def test_verdicts_match_the_one_by_one_rule(store: Store, chunk: int,
+def test_verdicts_match_the_one_by_one_rule(provisioned: Store, chunk: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    store = provisioned
     monkeypatch.setattr(restored_auth, "CHUNK", chunk)  # several statements, or one
     certificates = _certificates(store)
     with store.read() as tx:
@@ -65,10 +67,8 @@ def test_verdicts_match_the_one_by_one_rule(store: Store, chunk: int,
     assert verdicts.count(True) == 4
     assert verdicts.count(None) == 1
     assert verdicts.count(False) == 3
-    store.close()
 
 
-def test_no_certificates_no_statement(store: Store) -> None:
-    with store.read() as tx:
+def test_no_certificates_no_statement(provisioned: Store) -> None:
+    with provisioned.read() as tx:
         assert authorize_restored(tx, []) == []
-    store.close()

@@ -177,7 +177,7 @@ async def test_bad_release_aborts_in_phase_one_and_nobody_else_is_offered(
 
 
 async def test_phase_membership_is_the_same_after_a_store_restart(
-    service: RolloutService, product: int, data_dir: Path, clock: Clock
+    service: RolloutService, product: int, reopen: Callable[..., Store], clock: Clock
 ) -> None:
     view = await service.create_rollout(
         SYSTEM_ACTOR, "sensors", {"version": 2, "phases": "#5,#20,all", "force": True}
@@ -186,7 +186,7 @@ async def test_phase_membership_is_the_same_after_a_store_restart(
     before = {d: view.rollout.phase_of(d) for d in DEVICES}
     await service.record_rollout_outcome("sensors", rid, sorted(view.rollout.members(0))[0],
                                          "downloading")
-    reopened = Store.open_dir(data_dir, pool_size=1)
+    reopened = reopen(pool_size=1)
     try:
         again = RolloutService(reopened, EventBus(), clock=clock)
         shown = await again.get_rollout("sensors", str(rid))

@@ -1,10 +1,13 @@
-"""The durable store: schema, queries, transactions, SQLite settings and the blob directory."""
+"""The durable store: schema, queries, transactions, SQLite settings and the blob directory.
+
+Tests taking ``store`` run on SQLite and on PostgreSQL (tests/conftest.py: store_backend)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,7 +51,8 @@ def _fw(product_id: int, version: int, sha: str = "ab" * 32) -> dict[str, object
     )
 
 
-def test_sqlite_is_wal_with_full_sync_and_foreign_keys(store: Store) -> None:
+def test_sqlite_is_wal_with_full_sync_and_foreign_keys(sqlite_store: Store) -> None:
+    store = sqlite_store
     with store.read() as tx:
         pragma = tx.conn.exec_driver_sql
         assert pragma("PRAGMA journal_mode").scalar() == "wal"
@@ -178,19 +182,20 @@ def test_tokens_users_audit(store: Store) -> None:
         assert tx.list_audit()[0].details == {"n": 1}
 
 
-def test_reopen_keeps_data_and_refuses_newer_schema(data_dir: Path) -> None:
-    store = Store.open_dir(data_dir)
+def test_reopen_keeps_data_and_refuses_newer_schema(
+    store: Store, reopen: Callable[..., Store]
+) -> None:
     with store.write() as tx:
         tx.insert_product(slug="w", name="W", platform_id=13, description="", now=1)
     store.close()
-    store = Store.open_dir(data_dir)
+    store = reopen()
     with store.read() as tx:
         assert [p.slug for p in tx.list_products()] == ["w"]
     with store.write() as tx:
         tx.conn.execute(sa.update(t.meta).values(value="999"))
     store.close()
     with pytest.raises(SchemaVersionError, match="newer"):
-        Store.open_dir(data_dir)
+        reopen()
 
 
 def test_a_version_1_store_is_migrated_in_place(data_dir: Path) -> None:

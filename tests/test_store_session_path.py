@@ -4,9 +4,7 @@ results the fleet gave before."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,13 +35,6 @@ class Clock:
     def __call__(self) -> int:
         self.now += 1
         return self.now
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store.open_dir(tmp_path / "data")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

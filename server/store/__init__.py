@@ -10,6 +10,7 @@ from server.store.errors import (
     StoreConfigError,
     StoreConflictError,
     StoreUnavailableError,
+    StoreValueError,
 )
 from server.store.records import (
     AuditRecord,
@@ -43,6 +44,7 @@ __all__ = [
     "StoreConfigError",
     "StoreConflictError",
     "StoreUnavailableError",
+    "StoreValueError",
     "TokenRecord",
     "Tx",
     "UpdateStateRecord",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otacore.errors import ConflictError, StoreError
+from otacore.errors import ConflictError, StoreError, ValidationError
 
 
 class StoreConfigError(StoreError):
@@ -27,3 +27,10 @@ class StoreConflictError(StoreError, ConflictError):
 
 class StoreUnavailableError(StoreError):
     """The database is locked, unreachable or out of space; the request can be retried."""
+
+
+class StoreValueError(StoreError, ValidationError):
+    """A value does not fit its column (a string longer than the column holds, a number out
+    of its range, a character the database cannot store); nothing of the change was saved.
+    SQLite stores such values as they are, PostgreSQL refuses them: the API's own checks
+    normally refuse them first (400)."""

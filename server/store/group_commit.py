@@ -18,8 +18,9 @@ Design (leader-based, no background task, nothing to start or stop):
   appear only after the commit and in commit order), waiters woken. It repeats while its own
   operation is still queued (more than ``max_batch`` were ahead of it).
 * A batch also stops starting operations after ``max_batch_seconds`` (SQLite holds its one
-  write lock for the whole transaction: other writers of this process and of other processes
-  sharing the file wait meanwhile). Operations it did not start go back to the front of the
+  write lock for the whole transaction, as PostgreSQL holds the store's writers' advisory
+  lock: other writers of this process and of other processes or nodes sharing the database
+  wait meanwhile). Operations it did not start go back to the front of the
   queue, in order, for the next batch.
 * When the leader's own operation is done and operations are still queued, it hands the
   leadership to the oldest queued caller (wakes it) and returns; so every batch is led by a
@@ -39,7 +40,7 @@ between batches stops leading there.
 State lives in a :class:`trio.lowlevel.RunVar`, so one store shared by several trio runs
 (e.g. a server loop in a thread and a test loop) batches per run; the store's own write lock
 still serialises the batches of all runs and threads of the process, and SQLite's busy
-timeout those of other processes.
+timeout (PostgreSQL: the writers' advisory lock) those of other processes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-#: Execution option a write transaction sets before it begins (read by the "begin" hook).
+from server.store.transaction_state import TransactionState
+
+#: Execution option a write transaction sets before it begins (read by each backend's
+#: "begin" hook: here and in server.store.postgresql).
 WRITE_OPTION = "ota_write"
 
 #: How long a writer waits for another writer's lock before SQLITE_BUSY (milliseconds).
@@ -67,6 +70,12 @@ def create_sqlite_engine(url: sa.URL, *, pool_size: int) -> Engine:
             raise sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
     return engine
+
+
+def transaction_state(dbapi_connection: Any) -> TransactionState:
+    """Where the sqlite3 connection's transaction stands: SQLite keeps a transaction usable
+    after a failed statement, or ends it altogether (``in_transaction`` turns False)."""
+    return TransactionState.OPEN if dbapi_connection.in_transaction else TransactionState.LOST
 
 
 def integrity_check(engine: Engine) -> str:

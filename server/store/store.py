@@ -16,6 +16,10 @@ lock, and the connections carry a busy timeout (``server.store.sqlite.BUSY_TIMEO
 both as the driver's ``timeout`` and as ``PRAGMA busy_timeout``) so a writer of another
 process waits for the write lock instead of failing with "database is locked"
 (https://sqlite.org/c3ref/busy_timeout.html).
+
+On PostgreSQL (``postgresql+psycopg://...``) the writers of every process and node sharing
+the database queue on one advisory lock, so the same code keeps SQLite's one-writer
+semantics there; reads are snapshots and never wait (``server.store.postgresql``).
 """
 
 from __future__ import annotations
@@ -34,9 +38,14 @@ from server.private_files import create_private_file, secure_data_dir
 from server.store import migrate
 from server.store.blobs import BlobStore
 from server.store.engine import EngineSetup, create_store_engine
-from server.store.errors import StoreConflictError, StoreUnavailableError
+from server.store.errors import (
+    StoreConflictError,
+    StoreUnavailableError,
+    StoreValueError,
+)
 from server.store.group_commit import BatchOp, GroupCommitter, GroupReader
 from server.store.sqlite import WRITE_OPTION, integrity_check
+from server.store.transaction_state import TransactionState
 from server.store.tx_auth import AuthQueries
 from server.store.tx_certs import CertificateQueries
 from server.store.tx_firmware import FirmwareQueries
@@ -60,6 +69,11 @@ def _translated_errors() -> Iterator[None]:
         ) from exc
     except sa.exc.OperationalError as exc:
         raise StoreUnavailableError(f"the database is unavailable: {exc.orig}") from exc
+    except sa.exc.DataError as exc:  # PostgreSQL: too long, out of range, a NUL character
+        detail = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+        raise StoreValueError(
+            f"a value does not fit the database ({detail}); nothing was saved"
+        ) from exc
 
 
 class Tx(
@@ -72,16 +86,14 @@ class Tx(
         self.conn = conn
 
 
+#: Transaction states in which a batch op's savepoint still exists.
+_SAVEPOINT_KEPT = (TransactionState.OPEN, TransactionState.FAILED)
+
+
 class TransactionLostError(StoreUnavailableError):
-    """The database abandoned a batch's transaction after an error (SQLite rolls the whole
-    transaction back on some errors, e.g. SQLITE_FULL or SQLITE_IOERR); nothing committed."""
-
-
-def _transaction_lost(conn: Connection) -> bool:
-    """True when the driver says no transaction is open any more (sqlite3 exposes
-    ``in_transaction``; drivers without it keep their transaction on statement errors)."""
-    dbapi = conn.connection.dbapi_connection
-    return getattr(dbapi, "in_transaction", True) is False
+    """The database abandoned a transaction after an error (SQLite rolls the whole
+    transaction back on some errors, e.g. SQLITE_FULL or SQLITE_IOERR; PostgreSQL refuses
+    every statement of a transaction after a failed one); nothing of it committed."""
 
 
 def _driver_statement(conn: Connection, statement: str) -> None:
@@ -110,15 +122,16 @@ class Store:
         self._setup = setup
         self.engine = setup.engine
         self.blobs = blobs
-        # SQLite has one writer at a time: queue this process's writers here (fair, no
-        # busy-timeout polling); other processes still wait on the busy timeout.
+        # One writer at a time (SQLite; PostgreSQL's advisory lock): queue this process's
+        # writers here (fair, no busy-timeout polling, one pooled connection waiting for
+        # the database's lock); other processes wait on the database's own lock.
         self._write_lock: AbstractContextManager[object] = (
             threading.Lock() if setup.single_writer else nullcontext()
         )
         #: What opening the store found and migrated (set by ``open``).
         self.migration: migrate.MigrationReport | None = None
         #: Batches concurrent async writers into shared transactions (see group_commit.py).
-        self.group_commit = GroupCommitter(self)
+        self.group_commit = GroupCommitter(self, max_batch=setup.max_write_batch)
         #: Batches concurrent async readers into shared read transactions (one
         #: worker-thread hop for many small reads; see GroupReader).
         self.group_read = GroupReader(self)
@@ -168,11 +181,30 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        """A write transaction: commits (durably) when the block exits without error."""
+        """A write transaction: commits (durably) when the block exits without error.
+
+        Writers run one at a time, as SQLite allows (PostgreSQL: server.store.postgresql).
+        A block that exits normally although the database abandoned its transaction (a
+        statement failed and its error was caught inside the block) raises
+        :class:`TransactionLostError` instead of committing: PostgreSQL would silently roll
+        back such a COMMIT, and SQLite would have autocommitted the statements after it."""
         with _translated_errors(), self._write_lock, self.engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 yield Tx(conn)
+                state = self._transaction_state(conn)
+                if state is not TransactionState.OPEN:
+                    raise TransactionLostError(
+                        f"the write transaction was {state.value} after an error inside it "
+                        "(the error was caught and the block went on); nothing was saved, retry"
+                    )
+
+    def _transaction_state(self, conn: Connection) -> TransactionState:
+        """Where ``conn``'s transaction stands, as its driver reports it."""
+        dbapi_connection = conn.connection.dbapi_connection
+        if dbapi_connection is None:  # invalidated (connection lost)
+            return TransactionState.LOST
+        return self._setup.transaction_state(dbapi_connection)
 
     def write_batch(self, ops: Sequence[BatchOp[Any]], *, time_budget: float | None = None) -> None:
         """Run ``ops`` in order in ONE write transaction (one durable commit), each inside
@@ -190,6 +222,7 @@ class Store:
         """
         with self.write() as tx:
             started = time.monotonic()
+            conn = tx.conn
             for index, op in enumerate(ops):
                 if index and time_budget is not None and time.monotonic() - started >= time_budget:
                     break
@@ -198,21 +231,23 @@ class Store:
                 # from pysqlite (isolation_level=None, BEGIN in the "begin" hook); PostgreSQL
                 # supports it natively. Plain SQL, not begin_nested(): SQLAlchemy's nested
                 # transaction objects cost ~0.25 ms per op, more than a whole thin write.
-                conn = tx.conn
                 _driver_statement(conn, "SAVEPOINT batch_op")
                 try:
                     with _translated_errors():
                         op.value = op.fn(tx)
                 except Exception as exc:  # the op's own failure: only it is rolled back
                     op.error = exc
-                    if not _transaction_lost(conn):
+                    # Also what makes a PostgreSQL transaction usable again after a
+                    # failed statement (state FAILED until then). LOST or IDLE: the
+                    # savepoint went with the transaction (raised on below).
+                    if self._transaction_state(conn) in _SAVEPOINT_KEPT:
                         _driver_statement(conn, "ROLLBACK TO SAVEPOINT batch_op")
-                if not _transaction_lost(conn):
+                if self._transaction_state(conn) is TransactionState.OPEN:
                     _driver_statement(conn, "RELEASE SAVEPOINT batch_op")
                 # SQLite rolls back the whole transaction on some errors
                 # (https://sqlite.org/lang_transaction.html, "Response To Errors Within A
                 # Transaction"); later statements would then autocommit one by one.
-                if _transaction_lost(tx.conn):
+                if self._transaction_state(conn) is not TransactionState.OPEN:
                     raise TransactionLostError(
                         "the database rolled back the batch transaction after an error "
                         f"({op.error or 'an operation ended it'}); nothing was saved, retry"
@@ -222,8 +257,12 @@ class Store:
         """Run read-only ``ops`` in order in ONE read transaction (one snapshot, taken after
         all of them were queued): an op that raises has its exception (translated as in
         :meth:`read`) stored in ``op.error`` and the others go on. ``time_budget`` as in
-        :meth:`write_batch`. Raises when the transaction itself fails (cannot begin, or the
-        database ended it: :class:`TransactionLostError`)."""
+        :meth:`write_batch`.
+
+        A read whose failed statement leaves the transaction unusable (PostgreSQL refuses
+        every later statement of it) ends the batch there: the ops after it keep
+        ``ran == False`` and run in the caller's next batch. Raises when the transaction
+        itself fails (cannot begin, or the database ended it: :class:`TransactionLostError`)."""
         with self.read() as tx:
             started = time.monotonic()
             for index, op in enumerate(ops):
@@ -235,7 +274,13 @@ class Store:
                         op.value = op.fn(tx)
                 except Exception as exc:  # the op's own failure: the others go on
                     op.error = exc
-                if _transaction_lost(tx.conn):  # later reads would not share the snapshot
+                # IDLE (PostgreSQL: none began yet, or an op ended it) is fine: the next
+                # read begins a new snapshot, which still sees every change committed
+                # before its caller asked.
+                state = self._transaction_state(tx.conn)
+                if state is TransactionState.FAILED:
+                    break  # its snapshot is spent: the rest get a fresh transaction
+                if state is TransactionState.LOST:  # later reads would not share the snapshot
                     raise TransactionLostError(
                         "the database ended the shared read transaction after an error "
                         f"({op.error or 'an operation ended it'}); retry"

@@ -6,12 +6,14 @@ the log by id, which is only safe when ids become visible in increasing order: S
 one writer at a time (ids are assigned and committed in order); on PostgreSQL a sequence
 value taken by a transaction that commits late would appear *behind* a reader's position,
 so :func:`append_events` takes a table lock that serialises appenders until their commit
-(readers are not blocked: SHARE ROW EXCLUSIVE conflicts with writers only).
+(readers are not blocked: SHARE ROW EXCLUSIVE conflicts with writers only). The store's
+writers' advisory lock (server.store.postgresql) serialises them already; the table lock
+keeps the log's order a property of this module, whoever appends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -22,12 +24,20 @@ from server.store.schema import event_log
 #: Longest event name and coreid the table holds (longer ones are cut, never refused).
 _NAME_MAX = 200
 _COREID_MAX = 64
+#: Largest ttl the column holds (a 32-bit INTEGER; a device may send any uint32, and a
+#: ttl of 68 years means "forever" as well).
+_TTL_MAX = 2**31 - 1
 
 
 def append_events(conn: Connection, origin: str, events: Sequence[Event]) -> None:
-    """Append ``events`` (in order) as published by process ``origin``, in one statement."""
+    """Append ``events`` (in order) as published by process ``origin``, in one statement.
+
+    Whatever a device put in an event is stored, never refused (one refused row would fail
+    the relay's whole batch again at every flush): long names are cut, the ttl is capped,
+    and on PostgreSQL, whose text cannot hold NUL characters, each NUL becomes U+FFFD."""
     if not events:
         return
+    text = _text_for(conn)
     if conn.dialect.name == "postgresql":
         # Ids must commit in id order for readers that follow the log (module docstring).
         conn.execute(sa.text("LOCK TABLE event_log IN SHARE ROW EXCLUSIVE MODE"))
@@ -36,12 +46,12 @@ def append_events(conn: Connection, origin: str, events: Sequence[Event]) -> Non
         [
             {
                 "origin": origin,
-                "name": event.name[:_NAME_MAX],
-                "data": event.data,
+                "name": text(event.name[:_NAME_MAX]),
+                "data": None if event.data is None else text(event.data),
                 "product_id": event.product_id,
                 "device_id": event.device_id,
-                "coreid": event.coreid[:_COREID_MAX],
-                "ttl": event.ttl,
+                "coreid": text(event.coreid[:_COREID_MAX]),
+                "ttl": max(0, min(event.ttl, _TTL_MAX)),
                 "public": event.public,
                 "published_at": event.published_at,
                 "source": event.source.value,
@@ -49,6 +59,13 @@ def append_events(conn: Connection, origin: str, events: Sequence[Event]) -> Non
             for event in events
         ],
     )
+
+
+def _text_for(conn: Connection) -> Callable[[str], str]:
+    """How a string is made storable on ``conn``'s database (PostgreSQL refuses NUL)."""
+    if conn.dialect.name == "postgresql":
+        return lambda value: value.replace("\x00", "\ufffd") if "\x00" in value else value
+    return lambda value: value
 
 
 def last_event_id(conn: Connection) -> int:
