@@ -228,11 +228,14 @@ async def test_ota_server_start_upgrades_store_v8_and_serves_it(tmp_path: Path) 
     _assert_nothing_lost(
         before, after,
         # A start clears the presence a crashed server left (its sessions are gone), and
-        # its rollout ticker looks at the running rollout (nothing to do yet but note when).
+        # its rollout ticker looks at the running rollout and saves it in today's format
+        # (state_data 2: per-device progress moves to rollout_device_outcomes rows; the
+        # counts checked above are the same).
         changing={"devices": frozenset({"online", "session_owner", "updated_at"}),
-                  "rollouts": frozenset({"updated_at"})},
+                  "rollouts": frozenset({"updated_at", "state_data"})},
         # Signing in above issued tokens and audited it; the relay appends and prunes
-        # (relayed events live ~2 minutes, by design) only its own rows.
-        growing=frozenset({"tokens", "audit_log", "event_log"}),
+        # (relayed events live ~2 minutes, by design) only its own rows; the rollout's
+        # devices without an outcome get their placement rows.
+        growing=frozenset({"tokens", "audit_log", "event_log", "rollout_device_outcomes"}),
     )
     assert {name: data for name, data in _blobs(data).items() if name in blobs} == blobs
