@@ -24,7 +24,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from server.store import SchemaVersionError, Store, migrate, schema
-from server.store.migrate import BASELINE_REVISION, MigrationError
+from server.store.migrate import MigrationError
+
+#: The packaged revisions, oldest first: what a new or pre-Alembic store gets applied.
+REVISIONS = [script.revision for script in migrate.script_directory().walk_revisions()][::-1]
+#: The revision a test adds on top of the packaged ones (``_with_extra_revision``).
+EXTRA_REVISION = "9999"
 
 PG_ENV = "OTA_TEST_PG_URL"
 
@@ -92,7 +97,7 @@ def test_models_and_migrations_agree(new_database: UrlFactory, tmp_path: Path) -
     store = _open(new_database(), tmp_path)
     try:
         assert store.migration is not None
-        assert store.migration.applied == [BASELINE_REVISION]
+        assert store.migration.applied == REVISIONS
         assert store.migration.before.empty
         _assert_matches_models(store.engine)
         with store.read() as tx:  # what pre-Alembic servers check: they open it as theirs
@@ -163,8 +168,8 @@ def test_a_pre_alembic_store_is_brought_to_8_stamped_and_upgraded(
     store = _open(url, tmp_path)
     try:
         assert store.migration is not None
-        # Revision 0001 is stamped, not run: the store's tables were there.
-        assert store.migration.applied == []
+        # Revision 0001 is stamped, not run (the store's tables were there); later ones run.
+        assert store.migration.applied == REVISIONS[1:]
         assert store.migration.legacy_from == (version if version < 8 else None)
         _assert_matches_models(store.engine)
         with store.read() as tx:
@@ -238,7 +243,7 @@ def test_nodes_starting_at_once_migrate_once(new_database: UrlFactory, tmp_path:
         assert errors == []
         applied = sorted((store.migration.applied for store in stores if store.migration),
                          key=len)
-        assert applied == [[]] * (nodes - 1) + [[BASELINE_REVISION]]
+        assert applied == [[]] * (nodes - 1) + [REVISIONS]
         _assert_matches_models(stores[0].engine)
     finally:
         for store in stores:
@@ -250,7 +255,7 @@ def test_sqlite_foreign_keys_are_back_on_after_a_migration(tmp_path: Path) -> No
     pooled connection gets them back on, so ON DELETE CASCADE keeps working afterwards."""
     store = Store.open(f"sqlite:///{tmp_path / 'ota.db'}", tmp_path / "blobs", pool_size=1)
     try:
-        assert store.migration is not None and store.migration.applied == [BASELINE_REVISION]
+        assert store.migration is not None and store.migration.applied == REVISIONS
         with store.write() as tx:
             assert tx.conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
             product = tx.insert_product(slug="p", name="P", platform_id=13, description="",
@@ -298,7 +303,7 @@ def test_postgresql_nodes_wait_on_the_advisory_lock(tmp_path: Path) -> None:
         with holder.connect() as conn, conn.begin():
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(migrate.PG_MIGRATION_LOCK_KEY)))
             report = migrate.upgrade_connection(conn)  # the first node migrates...
-            assert report.applied == [BASELINE_REVISION]
+            assert report.applied == REVISIONS
             thread.start()
             deadline = time.monotonic() + 60
             with holder.connect() as watcher:  # ...while the second waits for its lock
@@ -333,7 +338,7 @@ def test_ota_admin_migrate_on_a_database_url(new_database: UrlFactory) -> None:
         assert migrate.status_of(engine).empty
         upgraded = runner.invoke(app, ["admin", "migrate"], env={"OTA_DB_URL": url})
         assert upgraded.exit_code == 0, upgraded.output
-        assert f"applied revision(s) {BASELINE_REVISION}" in upgraded.output
+        assert f"applied revision(s) {', '.join(REVISIONS)}" in upgraded.output
         _assert_matches_models(engine)
         current = runner.invoke(app, ["admin", "migrate", "--db-url", url, "--check", "--json"])
         assert current.exit_code == 0, current.output
@@ -367,13 +372,13 @@ def test_ota_admin_migrate_says_what_is_wrong(tmp_path: Path) -> None:
 @contextmanager
 def _with_extra_revision(tmp_path: Path, body: str) -> Iterator[None]:
     """Within the block, the migrations are a copy of the packaged ones plus a revision
-    0002 whose upgrade() is ``body`` (what a later revision could do)."""
+    EXTRA_REVISION whose upgrade() is ``body`` (what a later revision could do)."""
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.MIGRATIONS_DIR, scripts,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_extra.py").write_text(
+    (scripts / "versions" / f"{EXTRA_REVISION}_extra.py").write_text(
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        f"revision = '0002'\ndown_revision = '{BASELINE_REVISION}'\n"
+        f"revision = '{EXTRA_REVISION}'\ndown_revision = '{REVISIONS[-1]}'\n"
         "branch_labels = None\ndepends_on = None\n\n\n"
         f"def upgrade():\n{body}\n\n\ndef downgrade():\n    pass\n"
     )
@@ -407,7 +412,7 @@ def test_a_sqlite_table_rebuild_does_not_cascade(tmp_path: Path) -> None:
         "        batch.add_column(sa.Column('extra', sa.Integer(), nullable=True))")):
         store = _open(url, tmp_path)
     try:
-        assert store.migration is not None and store.migration.applied == ["0002"]
+        assert store.migration is not None and store.migration.applied == [EXTRA_REVISION]
         with store.read() as tx:
             assert tx.conn.execute(sa.select(schema.device_groups)).all() == [("d" * 24, 1)]
             assert "extra" in {c["name"] for c in sa.inspect(tx.conn).get_columns("devices")}
@@ -424,7 +429,7 @@ def test_a_revision_that_breaks_references_is_rolled_back(tmp_path: Path) -> Non
     engine = sa.create_engine(url)
     try:
         found = migrate.status_of(engine)
-        assert found.current == (BASELINE_REVISION,) == (found.head,)  # nothing changed
+        assert found.current == (REVISIONS[-1],) == (found.head,)  # nothing changed
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(schema.products)
                                 ).scalar_one() == 1

@@ -29,6 +29,14 @@ def _ms(name: str, *, nullable: bool = False) -> sa.Column[int]:
     return sa.Column(name, sa.BigInteger, nullable=nullable)
 
 
+def _log_id() -> sa.Column[int]:
+    """The id of an append-only log (events, audit): 64 bits on PostgreSQL, where a 32-bit
+    serial runs out after 2**31 rows (about 25 days at 1,000 events/s); SQLite's INTEGER
+    PRIMARY KEY is its 64-bit rowid already (and only that exact type is the rowid)."""
+    return sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                     primary_key=True, autoincrement=True)
+
+
 meta = sa.Table(
     "meta",
     metadata,
@@ -306,7 +314,7 @@ sa.Index("ix_api_users_product", api_users.c.product_id)
 audit_log = sa.Table(
     "audit_log",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _log_id(),
     _ms("at"),
     sa.Column("actor", sa.String(200), nullable=False),
     sa.Column("action", sa.String(64), nullable=False),
@@ -353,7 +361,7 @@ firmware_transfer_bytes = sa.Table(
 event_log = sa.Table(
     "event_log",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _log_id(),
     sa.Column("origin", sa.String(64), nullable=False),  # the publishing process
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("data", sa.Text, nullable=True),
@@ -477,7 +485,7 @@ sa.Index("ix_rollout_device_outcomes_device", rollout_device_outcomes.c.device_i
 rollout_events = sa.Table(
     "rollout_events",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _log_id(),
     sa.Column(
         "rollout_id", sa.Integer, sa.ForeignKey("rollouts.id", ondelete="CASCADE"),
         nullable=False,
