@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +56,16 @@ class Statements:
         """Bytes of the rollouts.state_data written (UPDATE rollouts ... state_data)."""
         total = 0
         for text, _, params in self.seen:
-            if text.lstrip().upper().startswith("UPDATE ROLLOUTS ") and isinstance(
-                    params, tuple | list):
-                total += sum(len(p) for p in params if isinstance(p, str))
+            if not text.lstrip().upper().startswith("UPDATE ROLLOUTS "):
+                continue
+            # SQLite's driver takes a tuple of plain strings; psycopg a mapping whose JSON
+            # values are wrapped (psycopg.types.json.Json keeps the value in ``obj``).
+            values = params.values() if isinstance(params, Mapping) else params
+            for value in values if isinstance(values, Iterable) else ():
+                if hasattr(value, "obj"):
+                    value = json.dumps(value.obj)
+                if isinstance(value, str):
+                    total += len(value)
         return total
 
     def reads_product_devices(self) -> bool:
