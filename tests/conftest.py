@@ -46,6 +46,7 @@ FLEET_GROUPS: dict[str, str] = {
     "test_installed_package": "fleet-benches",
     "test_multiprocess_server": "fleet-benches",
     "test_emulator_nodes": "operator-flows",
+    "test_multinode_e2e": "multinode",
     "test_readme_flow": "operator-flows",
     "test_sigkill": "operator-flows",
 }

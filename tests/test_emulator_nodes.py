@@ -205,12 +205,13 @@ class Node:
 
 
 @asynccontextmanager
-async def running_node(data: Path, db_url: str, log_path: Path) -> AsyncIterator[Node]:
-    """``ota server`` on ``data`` and the database ``db_url``, free ports; SIGKILLed at the
-    end if still running."""
+async def running_node(data: Path, db_url: str, log_path: Path, *, workers: int = 2,
+                       extra: tuple[str, ...] = ()) -> AsyncIterator[Node]:
+    """``ota server`` on ``data`` and the database ``db_url``, free ports (``extra``: more
+    options); SIGKILLed at the end if still running."""
     argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
             "--db-url", db_url, "--api-port", "0", "--device-port", "0",
-            "--workers", "2"]  # fmt: skip
+            "--workers", str(workers), *extra]  # fmt: skip
     with log_path.open("ab") as log:
         process = await trio.lowlevel.open_process(
             argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
