@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -312,30 +312,31 @@ class DatabaseBlobStore:
             self._forget(name)
         return removed
 
-    def import_directory(self, directory: Blobs) -> list[str]:
+    def import_directory(self, directory: Blobs) -> BlobImport:
         """Copy into the database every blob of a blob directory it does not hold yet (an
         installation that ran on PostgreSQL with ``<data>/blobs`` before blobs moved into
-        the database). Idempotent; each file is verified against its name first: a corrupt
-        one is not copied (its name is in the BlobCorruptError raised after the others were
-        copied). Returns the names copied."""
+        the database). Idempotent; each file is verified against its name first, and a
+        corrupt one is not copied (named in the result). The files are left in place."""
         with self._begin_read() as conn:
             held = set(conn.execute(sa.select(t.blobs.c.sha256)).scalars())
-        copied: list[str] = []
-        corrupt: list[str] = []
+        result = BlobImport()
         for name in directory.names():
             if name in held:
                 continue
             try:
                 data = directory.get(name, verify=True)
-            except BlobCorruptError:
-                corrupt.append(name)
+            except (BlobCorruptError, BlobMissingError):
+                result.corrupt.append(name)
                 continue
             self.put(data)
-            copied.append(name)
-        if corrupt:
-            raise BlobCorruptError(
-                f"{len(corrupt)} blob files no longer match their SHA-256 and were not copied "
-                f"into the database (e.g. {corrupt[0]}); the {len(copied)} others were. Restore "
-                "them from a backup, or upload those images again"
-            )
-        return copied
+            result.copied.append(name)
+        return result
+
+
+@dataclass
+class BlobImport:
+    """What :meth:`DatabaseBlobStore.import_directory` did: the names copied, and those of
+    files that no longer match their name (not copied)."""
+
+    copied: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)

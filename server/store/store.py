@@ -177,11 +177,15 @@ class Store:
     @staticmethod
     def _import_blob_directory(blobs: DatabaseBlobStore, blob_dir: Path) -> None:
         """Copy the blobs of an older release's ``<data>/blobs`` into the database."""
-        copied = blobs.import_directory(BlobStore(blob_dir))
-        if copied:
+        result = blobs.import_directory(BlobStore(blob_dir))
+        if result.copied:
             log.info("copied %d blobs from %s into the database (the files stay; once "
                      "every node runs this release the directory may be removed)",
-                     len(copied), blob_dir)
+                     len(result.copied), blob_dir)
+        if result.corrupt:
+            log.error("%d blob files in %s no longer match their SHA-256 and were not copied "
+                      "into the database (e.g. %s): restore them from a backup or upload "
+                      "those images again", len(result.corrupt), blob_dir, result.corrupt[0])
 
     @contextmanager
     def _blob_read(self) -> Iterator[Connection]:
