@@ -110,6 +110,12 @@ class ChunkCache:
             for key in [key for key in self._chunks if key[0] == sha256]:
                 self._bytes -= len(self._chunks.pop(key))
 
+    def clear(self) -> None:
+        """Drop every chunk."""
+        with self._lock:
+            self._chunks.clear()
+            self._bytes = 0
+
     @property
     def size_bytes(self) -> int:
         """Bytes held."""
