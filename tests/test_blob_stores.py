@@ -329,3 +329,29 @@ def test_postgresql_keeps_blobs_in_the_database_and_imports_an_old_directory(
         assert again.copied == [] and again.corrupt == [rotten]  # idempotent
     finally:
         store.close()
+
+
+def test_the_blob_settings_reach_the_store(pg_database: str, tmp_path: Path) -> None:
+    """``[server] blob_cache_mb`` / ``blob_sweep_grace`` (or ``--set server.KEY=...``) reach
+    the store a server opens; out-of-range values are refused with the setting's name."""
+    from server.app import ServerConfig, open_store
+    from server.config_file import build_server_config
+    from otacore.errors import ValidationError
+
+    config = build_server_config({"server": {"data_dir": str(tmp_path / "data"),
+                                             "db_url": pg_database, "blob_cache_mb": 3,
+                                             "blob_sweep_grace": 120}})
+    store = open_store(config)
+    try:
+        assert _db_blobs(store).cache.max_bytes == 3 * 1024 * 1024
+        assert store.blob_sweep_grace_s == 120
+        orphan = store.blobs.put(b"orphan")
+        _age(store, orphan, 100)
+        assert store.sweep_blobs() == []  # 100 s old: within the 120 s grace
+        _age(store, orphan, 200)
+        assert store.sweep_blobs() == [orphan]
+    finally:
+        store.close()
+    for field, value in (("blob_cache_mb", -1), ("blob_sweep_grace", float("nan"))):
+        with pytest.raises(ValidationError, match=field):
+            ServerConfig(data_dir=tmp_path, **{field: value})  # type: ignore[arg-type]

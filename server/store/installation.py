@@ -15,6 +15,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from server.private_files import create_private_file, make_private_dir, secure_data_dir
+from server.store.blobs import SWEEP_GRACE_S
+from server.store.db_blobs import CHUNK_CACHE_BYTES
 from server.store.errors import StoreConfigError
 from server.store.store import BLOB_DIRNAME, DB_FILENAME, Store
 
@@ -56,15 +58,18 @@ def sqlite_database_path(data_dir: Path | str, db_url: str | None) -> Path | Non
 
 
 def open_installation_store(
-    data_dir: Path | str, db_url: str | None = None, *, pool_size: int = 1
+    data_dir: Path | str, db_url: str | None = None, *, pool_size: int = 1,
+    blob_cache_bytes: int = CHUNK_CACHE_BYTES, blob_sweep_grace_s: float = SWEEP_GRACE_S,
 ) -> Store:
     """Open (creating on first use) the store of the installation in ``data_dir``: the
     database ``db_url`` names (None or blank: ``<data>/ota.db``) and its blobs (in
     ``<data>/blobs`` on SQLite, in the database on PostgreSQL: ``Store.open``). The data
-    directory is made owner-only either way (it holds the installation's keys and CA)."""
+    directory is made owner-only either way (it holds the installation's keys and CA).
+    ``blob_cache_bytes`` and ``blob_sweep_grace_s``: see :meth:`Store.open`."""
     url = effective_db_url(db_url)
     if url is None:
-        return Store.open_dir(data_dir, pool_size=pool_size)
+        return Store.open_dir(data_dir, pool_size=pool_size, blob_cache_bytes=blob_cache_bytes,
+                              blob_sweep_grace_s=blob_sweep_grace_s)
     root = secure_data_dir(data_dir)
     database = sqlite_database_path(root, url)
     if database is not None:
@@ -76,7 +81,8 @@ def open_installation_store(
         except OSError as exc:
             raise StoreConfigError(f"cannot create the SQLite store {database}: {exc}") \
                 from exc
-    return Store.open(url, root / BLOB_DIRNAME, pool_size=pool_size)
+    return Store.open(url, root / BLOB_DIRNAME, pool_size=pool_size,
+                      blob_cache_bytes=blob_cache_bytes, blob_sweep_grace_s=blob_sweep_grace_s)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Connection
 from server.private_files import create_private_file, secure_data_dir
 from server.store import migrate
 from server.store.blobs import SWEEP_GRACE_S, Blobs, BlobStore
-from server.store.db_blobs import DatabaseBlobStore
+from server.store.db_blobs import CHUNK_CACHE_BYTES, DatabaseBlobStore
 from server.store.engine import EngineSetup, create_store_engine
 from server.store.errors import (
     StoreConflictError,
@@ -129,13 +129,19 @@ def _driver_statement(conn: Connection, statement: str) -> None:
 class Store:
     """The control plane's durable state: database (via SQLAlchemy Core) and blobs."""
 
-    def __init__(self, setup: EngineSetup, blobs: Blobs | None = None) -> None:
-        """``blobs`` None: the blobs live in this database (:class:`DatabaseBlobStore`)."""
+    def __init__(self, setup: EngineSetup, blobs: Blobs | None = None, *,
+                 blob_cache_bytes: int = CHUNK_CACHE_BYTES,
+                 blob_sweep_grace_s: float = SWEEP_GRACE_S) -> None:
+        """``blobs`` None: the blobs live in this database (:class:`DatabaseBlobStore`,
+        keeping up to ``blob_cache_bytes`` of verified chunks in memory)."""
         self._setup = setup
         self.engine = setup.engine
         self.blobs: Blobs = blobs if blobs is not None else DatabaseBlobStore(
-            self._blob_read, self._blob_write, lambda conn: Tx(conn).referenced_blobs()
+            self._blob_read, self._blob_write, lambda conn: Tx(conn).referenced_blobs(),
+            cache_bytes=blob_cache_bytes,
         )
+        #: How old an unreferenced blob must be before :meth:`sweep_blobs` deletes it.
+        self.blob_sweep_grace_s = blob_sweep_grace_s
         # One writer at a time (SQLite; PostgreSQL's advisory lock): queue this process's
         # writers here (fair, no busy-timeout polling, one pooled connection waiting for
         # the database's lock); other processes wait on the database's own lock.
@@ -152,16 +158,22 @@ class Store:
 
     @classmethod
     def open(cls, url: str, blob_dir: Path | str, *, pool_size: int = 8,
-             blobs_in_database: bool | None = None) -> Store:
+             blobs_in_database: bool | None = None,
+             blob_cache_bytes: int = CHUNK_CACHE_BYTES,
+             blob_sweep_grace_s: float = SWEEP_GRACE_S) -> Store:
         """Open (creating on first use) the database at ``url`` and its blobs: in
         ``blob_dir`` on SQLite, in the database on PostgreSQL (``blobs_in_database``
         chooses otherwise). With the blobs in the database, the blobs of an existing
-        ``blob_dir`` (an older release's) are copied in (idempotent; the files stay)."""
+        ``blob_dir`` (an older release's) are copied in (idempotent; the files stay), and
+        up to ``blob_cache_bytes`` of verified chunks are kept in memory.
+        ``blob_sweep_grace_s``: the default grace of :meth:`sweep_blobs`."""
         setup = create_store_engine(url, pool_size=pool_size)
         in_database = (setup.backend == "postgresql" if blobs_in_database is None
                        else blobs_in_database)
         try:
-            store = cls(setup, None if in_database else BlobStore(blob_dir))
+            store = cls(setup, None if in_database else BlobStore(blob_dir),
+                        blob_cache_bytes=blob_cache_bytes,
+                        blob_sweep_grace_s=blob_sweep_grace_s)
         except BaseException:
             setup.engine.dispose()
             raise
@@ -198,7 +210,9 @@ class Store:
             yield tx.conn
 
     @classmethod
-    def open_dir(cls, data_dir: Path | str, *, pool_size: int = 8) -> Store:
+    def open_dir(cls, data_dir: Path | str, *, pool_size: int = 8,
+                 blob_cache_bytes: int = CHUNK_CACHE_BYTES,
+                 blob_sweep_grace_s: float = SWEEP_GRACE_S) -> Store:
         """Open the embedded store in ``data_dir``: ``ota.db`` plus ``blobs/``.
 
         The data directory is made owner-only first (0700 directories, 0600 files; an
@@ -209,7 +223,9 @@ class Store:
         root = secure_data_dir(data_dir)
         database = root / DB_FILENAME
         create_private_file(database)
-        return cls.open(f"sqlite:///{database.resolve()}", root / BLOB_DIRNAME, pool_size=pool_size)
+        return cls.open(f"sqlite:///{database.resolve()}", root / BLOB_DIRNAME,
+                        pool_size=pool_size, blob_cache_bytes=blob_cache_bytes,
+                        blob_sweep_grace_s=blob_sweep_grace_s)
 
     @property
     def backend(self) -> str:
@@ -343,9 +359,10 @@ class Store:
             tx.conn.execute(sa.select(1))
         return "ok"
 
-    def sweep_blobs(self, *, grace_s: float = SWEEP_GRACE_S) -> list[str]:
+    def sweep_blobs(self, *, grace_s: float | None = None) -> list[str]:
         """Delete blobs no row refers to (left by a crash between blob write and commit, or
-        by a deleted firmware) that were stored more than ``grace_s`` seconds ago.
+        by a deleted firmware) that were stored more than ``grace_s`` seconds ago (None:
+        :attr:`blob_sweep_grace_s`, the server's ``blob_sweep_grace``).
 
         Safe while uploads run, on this node or another: an upload stores its blob (or
         refreshes the stored time of one already there) before it commits the row that
@@ -353,7 +370,8 @@ class Store:
         """
         with self.read() as tx:
             referenced = tx.referenced_blobs()
-        return self.blobs.sweep(referenced, grace_s=grace_s)
+        grace = self.blob_sweep_grace_s if grace_s is None else grace_s
+        return self.blobs.sweep(referenced, grace_s=grace)
 
     def close(self) -> None:
         """Release database connections."""
