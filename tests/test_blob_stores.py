@@ -334,9 +334,9 @@ def test_postgresql_keeps_blobs_in_the_database_and_imports_an_old_directory(
 def test_the_blob_settings_reach_the_store(pg_database: str, tmp_path: Path) -> None:
     """``[server] blob_cache_mb`` / ``blob_sweep_grace`` (or ``--set server.KEY=...``) reach
     the store a server opens; out-of-range values are refused with the setting's name."""
+    from otacore.errors import ValidationError
     from server.app import ServerConfig, open_store
     from server.config_file import build_server_config
-    from otacore.errors import ValidationError
 
     config = build_server_config({"server": {"data_dir": str(tmp_path / "data"),
                                              "db_url": pg_database, "blob_cache_mb": 3,
