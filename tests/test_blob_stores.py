@@ -355,3 +355,55 @@ def test_the_blob_settings_reach_the_store(pg_database: str, tmp_path: Path) -> 
     for field, value in (("blob_cache_mb", -1), ("blob_sweep_grace", float("nan"))):
         with pytest.raises(ValidationError, match=field):
             ServerConfig(data_dir=tmp_path, **{field: value})  # type: ignore[arg-type]
+
+
+def test_readers_of_one_cold_chunk_share_one_database_read(db_store: Store) -> None:
+    """The devices of a release ask for the same cold block at once: one chunk row is read
+    from the database, whatever the interleaving of the readers."""
+    blobs = _db_blobs(db_store)
+    image = _image(17)
+    name = blobs.put(image)
+    readers = 8
+    barrier = threading.Barrier(readers)
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            barrier.wait(30)
+            results.append(blobs.read_range(name, CHUNK_SIZE + 100, 1024))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and results == [image[CHUNK_SIZE + 100:CHUNK_SIZE + 1124]] * readers
+    assert blobs.chunks_read == 1
+
+
+def test_waiting_readers_read_themselves_when_the_first_read_fails(db_store: Store) -> None:
+    """A corrupt chunk: every reader gets BlobCorruptError (none waits forever, none is
+    served the bad bytes)."""
+    blobs = _db_blobs(db_store)
+    image = _image(18)
+    name = blobs.put(image)
+    _tamper(db_store, name, 0, digest="f" * 64)
+    barrier = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        barrier.wait(30)
+        try:
+            blobs.read_range(name, 0, 1024)
+        except BlobCorruptError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(failures) == 4 and not blobs.cache.size_bytes

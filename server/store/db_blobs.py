@@ -44,6 +44,10 @@ CHUNK_SIZE = 64 * 1024
 #: every image of a few concurrent releases, Device OS parts and deltas included.
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
+#: Seconds a reader waits for another thread's read of the same chunk before reading it
+#: itself (a safety net: that read ends, and wakes it, well before in any sound state).
+IN_FLIGHT_WAIT_S = 30.0
+
 #: How a blob store reaches the database: a context manager giving a connection inside a
 #: read transaction, or inside a write transaction (committed when the block exits cleanly).
 TransactionFactory = Callable[[], AbstractContextManager[Connection]]
@@ -148,6 +152,11 @@ class DatabaseBlobStore:
         self.chunk_size = chunk_size
         self.cache = ChunkCache(cache_bytes)
         self._clock_ms = clock_ms
+        #: Chunk rows read from the database (for tests and benchmarks).
+        self.chunks_read = 0
+        # Chunks being read by some thread now, and the event set when that read ends.
+        self._in_flight: dict[tuple[str, int], threading.Event] = {}
+        self._in_flight_lock = threading.Lock()
         # Shapes of blobs seen (immutable under their name; dropped with the blob).
         self._shapes: dict[str, BlobShape] = {}
         self._shapes_lock = threading.Lock()
@@ -177,25 +186,13 @@ class DatabaseBlobStore:
 
     def _chunks(self, sha256: str, shape: BlobShape, first: int, last: int) -> list[bytes]:
         """Chunks ``first..last`` (inclusive) of a blob, each verified: from the cache, the
-        missing ones in one query."""
+        missing ones in one query. A chunk another thread is already fetching is waited
+        for, not fetched again: the devices of a release ask for the same cold chunk at
+        once, and one 64 KiB read serves them all."""
         found = {n: self.cache.get(sha256, n) for n in range(first, last + 1)}
         missing = [n for n, chunk in found.items() if chunk is None]
         if missing:
-            query = (
-                sa.select(t.blob_chunks.c.n, t.blob_chunks.c.data, t.blob_chunks.c.digest)
-                .where(t.blob_chunks.c.sha256 == sha256,
-                       t.blob_chunks.c.n.between(missing[0], missing[-1]))
-                .order_by(t.blob_chunks.c.n)
-            )
-            with self._begin_read() as conn:
-                rows = conn.execute(query).all()
-            for row in rows:
-                if row.n not in found or found[row.n] is not None:
-                    continue
-                chunk = bytes(row.data)
-                self._check_chunk(sha256, shape, row.n, chunk, row.digest)
-                self.cache.put(sha256, row.n, chunk)
-                found[row.n] = chunk
+            found.update(self._fetch_once(sha256, shape, missing))
         absent = [n for n, chunk in found.items() if chunk is None]
         if absent:
             raise BlobCorruptError(
@@ -203,6 +200,63 @@ class DatabaseBlobStore:
                 f"{shape.chunk_count}: it cannot be served; upload it again"
             )
         return [chunk for _, chunk in sorted(found.items()) if chunk is not None]
+
+    def _fetch_once(self, sha256: str, shape: BlobShape, numbers: list[int]) -> dict[int, bytes]:
+        """The chunks ``numbers``: those no other thread is fetching read here (and their
+        waiters woken when done, whatever happened), the others awaited and then taken from
+        the cache (or read here if that fetch failed or they were evicted meanwhile)."""
+        got: dict[int, bytes] = {}
+        with self._in_flight_lock:
+            theirs = {n: self._in_flight[(sha256, n)] for n in numbers
+                      if (sha256, n) in self._in_flight}
+            mine = []
+            for n in numbers:
+                if n in theirs:
+                    continue
+                # Cached since this thread looked (a read that ended meanwhile)?
+                chunk = self.cache.get(sha256, n)
+                if chunk is not None:
+                    got[n] = chunk
+                    continue
+                self._in_flight[(sha256, n)] = threading.Event()
+                mine.append(n)
+        try:
+            if mine:
+                got.update(self._query_chunks(sha256, shape, mine))
+        finally:
+            with self._in_flight_lock:
+                for n in mine:
+                    self._in_flight.pop((sha256, n)).set()
+        for n, fetched in theirs.items():
+            fetched.wait(IN_FLIGHT_WAIT_S)
+            chunk = self.cache.get(sha256, n)
+            got.update({n: chunk} if chunk is not None else
+                       self._query_chunks(sha256, shape, [n]))
+        return got
+
+    def _query_chunks(self, sha256: str, shape: BlobShape, numbers: list[int]
+                      ) -> dict[int, bytes]:
+        """Read chunks ``numbers`` from the database (one query), verify and cache them."""
+        query = (
+            sa.select(t.blob_chunks.c.n, t.blob_chunks.c.data, t.blob_chunks.c.digest)
+            .where(t.blob_chunks.c.sha256 == sha256,
+                   t.blob_chunks.c.n.between(min(numbers), max(numbers)))
+            .order_by(t.blob_chunks.c.n)
+        )
+        with self._begin_read() as conn:
+            rows = conn.execute(query).all()
+        with self._in_flight_lock:
+            self.chunks_read += len(rows)
+        wanted = set(numbers)
+        got = {}
+        for row in rows:
+            if row.n not in wanted:
+                continue
+            chunk = bytes(row.data)
+            self._check_chunk(sha256, shape, row.n, chunk, row.digest)
+            self.cache.put(sha256, row.n, chunk)
+            got[row.n] = chunk
+        return got
 
     @staticmethod
     def _check_chunk(sha256: str, shape: BlobShape, number: int, chunk: bytes,
