@@ -407,3 +407,22 @@ def test_waiting_readers_read_themselves_when_the_first_read_fails(db_store: Sto
     for thread in threads:
         thread.join(60)
     assert len(failures) == 4 and not blobs.cache.size_bytes
+
+
+def test_a_server_start_on_postgresql_copies_the_data_directory_blobs(
+    pg_database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What ``ota server --data DIR --db-url postgresql://...`` opens (the installation's
+    store) copies ``DIR/blobs`` of the previous release into the database, and says so."""
+    from server.store.installation import open_installation_store
+
+    data = tmp_path / "data"
+    image = _image(19, 100_000)
+    name = BlobStore(data / "blobs").put(image)
+    with caplog.at_level("INFO", logger="ota.store"):
+        store = open_installation_store(data, pg_database)
+    try:
+        assert store.blobs.get(name) == image
+        assert f"copied 1 blobs from {data / 'blobs'} into the database" in caplog.text
+    finally:
+        store.close()
