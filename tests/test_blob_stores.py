@@ -426,3 +426,19 @@ def test_a_server_start_on_postgresql_copies_the_data_directory_blobs(
         assert f"copied 1 blobs from {data / 'blobs'} into the database" in caplog.text
     finally:
         store.close()
+
+
+def test_a_blob_deleted_by_another_node_is_missing_here_too(db_store: Store) -> None:
+    """This node read part of a blob (its shape and a chunk are cached); another node deletes
+    it: the chunks not cached are "missing", not "corrupt"."""
+    blobs = _db_blobs(db_store)
+    image = _image(20)
+    name = blobs.put(image)
+    assert blobs.read_range(name, 0, 10) == image[:10]
+    with db_store.write() as tx:  # what another node's delete does
+        tx.conn.execute(sa.delete(t.blob_chunks).where(t.blob_chunks.c.sha256 == name))
+        tx.conn.execute(sa.delete(t.blobs).where(t.blobs.c.sha256 == name))
+    with pytest.raises(BlobMissingError, match=name):
+        blobs.read_range(name, 2 * CHUNK_SIZE, 10)
+    with pytest.raises(BlobMissingError):
+        blobs.read_range(name, 0, 10)  # forgotten, cached chunks with it

@@ -163,17 +163,15 @@ class DatabaseBlobStore:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def _shape(self, conn: Connection | None, sha256: str) -> BlobShape:
+    def _shape(self, sha256: str) -> BlobShape:
+        """Size and chunk size of a stored blob (BlobMissingError when it is not)."""
         check_sha256_name(sha256)
         with self._shapes_lock:
             known = self._shapes.get(sha256)
         if known is not None:
             return known
         query = sa.select(t.blobs.c.size, t.blobs.c.chunk_size).where(t.blobs.c.sha256 == sha256)
-        if conn is None:
-            with self._begin_read() as read_conn:
-                row = read_conn.execute(query).first()
-        else:
+        with self._begin_read() as conn:
             row = conn.execute(query).first()
         if row is None:
             raise BlobMissingError(f"binary {sha256} is missing from the database's blobs")
@@ -194,6 +192,9 @@ class DatabaseBlobStore:
         if missing:
             found.update(self._fetch_once(sha256, shape, missing))
         absent = [n for n, chunk in found.items() if chunk is None]
+        if absent and not self.exists(sha256):  # deleted meanwhile (by another node too)
+            self._forget(sha256)
+            raise BlobMissingError(f"binary {sha256} is missing from the database's blobs")
         if absent:
             raise BlobCorruptError(
                 f"binary {sha256} in the database lacks chunk {absent[0]} of "
@@ -280,7 +281,7 @@ class DatabaseBlobStore:
     def get(self, sha256: str, *, verify: bool = True) -> bytes:
         """A whole blob, its chunks each verified; with ``verify`` also the whole against
         its name (BlobCorruptError)."""
-        shape = self._shape(None, sha256)
+        shape = self._shape(sha256)
         if shape.size == 0:
             data = b""
         else:
@@ -295,7 +296,7 @@ class DatabaseBlobStore:
         """Up to ``length`` bytes of a blob from ``offset`` (fewer at its end): only the
         chunks under the range are read (or come from the cache), each verified."""
         check_range(offset, length)
-        shape = self._shape(None, sha256)
+        shape = self._shape(sha256)
         end = min(offset + length, shape.size)
         if offset >= end:
             return b""
