@@ -25,12 +25,10 @@ from alembic.runtime.migration import MigrationContext
 
 from server.store import SchemaVersionError, Store, migrate, schema
 from server.store.migrate import MigrationError
+from tests.pre_alembic import drop_tables_after_baseline
 
 #: The packaged revisions, oldest first: what a new or pre-Alembic store gets applied.
 REVISIONS = [script.revision for script in migrate.script_directory().walk_revisions()][::-1]
-#: Tables revisions after the baseline (0001) create, children first: a pre-Alembic store
-#: lacks them.
-TABLES_AFTER_BASELINE = ("blob_chunks", "blobs")
 #: The revision a test adds on top of the packaged ones (``_with_extra_revision``).
 EXTRA_REVISION = "9999"
 
@@ -141,8 +139,7 @@ def _make_pre_alembic(url: str, tmp_path: Path, version: int) -> str:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE alembic_version"))
-        for table in TABLES_AFTER_BASELINE:  # no pre-Alembic server had them
-            conn.execute(sa.text(f"DROP TABLE {table}"))
+        drop_tables_after_baseline(conn)  # no pre-Alembic server had them
         if version < 8:
             for table in ("rollout_events", "rollout_device_outcomes", "rollouts",
                           "maintenance_windows", "device_revocations"):
