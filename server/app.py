@@ -53,6 +53,12 @@ class ServerConfig:
     db_url: str | None = None
     #: Worker threads for blocking store calls (each holds one DB connection).
     store_threads: int = 8
+    #: MiB of verified firmware-blob chunks each server process keeps in memory when the
+    #: blobs are in the database (PostgreSQL); 0 reads every block from the database.
+    blob_cache_mb: int = 64
+    #: Seconds an unreferenced blob is kept before a server start may sweep it: an upload
+    #: (on any node) stores its blob before it commits the row that names it.
+    blob_sweep_grace: float = 3600.0
     api: ApiSettings = field(default_factory=ApiSettings)
     event_buffer: int = 256
     max_event_subscribers: int = 1000
@@ -95,6 +101,12 @@ class ServerConfig:
         for name in ("store_threads", "event_buffer", "max_event_subscribers", "workers"):
             if getattr(self, name) < 1:
                 raise ValidationError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 0 <= self.blob_cache_mb <= 1_048_576:
+            raise ValidationError(f"blob_cache_mb must be between 0 and 1048576 (1 TiB), not "
+                                  f"{self.blob_cache_mb}")
+        if not (math.isfinite(self.blob_sweep_grace) and self.blob_sweep_grace >= 0):
+            raise ValidationError("blob_sweep_grace must be a non-negative number of seconds, "
+                                  f"not {self.blob_sweep_grace!r}")
         for name in ("store_threads", "workers"):  # each a thread or a process
             if getattr(self, name) > 1024:
                 raise ValidationError(f"{name} must be at most 1024, not {getattr(self, name)}")
@@ -133,7 +145,9 @@ class ServerHandle:
 def open_store(config: ServerConfig) -> Store:
     """Open (creating on first start) the store the config names."""
     return open_installation_store(config.data_dir, config.db_url,
-                                   pool_size=config.store_threads)
+                                   pool_size=config.store_threads,
+                                   blob_cache_bytes=config.blob_cache_mb * 1024 * 1024,
+                                   blob_sweep_grace_s=config.blob_sweep_grace)
 
 
 def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:
@@ -148,6 +162,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             tcp_port=device_server.tcp_address[1],
             udp_port=device_server.udp_address[1],
             store_threads=config.store_threads,
+            blob_cache_mb=config.blob_cache_mb,
             event_buffer=config.event_buffer,
             max_event_subscribers=config.max_event_subscribers,
             limits=asdict(config.device_limits),

@@ -98,7 +98,8 @@ def _sessions() -> list[Setting]:
 #: Every setting, in the order ``--print-config`` and the README list them.
 SETTINGS: tuple[Setting, ...] = (
     Setting("server", "data_dir", "server", "data_dir", flag="--data",
-            doc="Data directory: the embedded store, firmware blobs, keys and the device CA "
+            doc="Data directory: the embedded store, its firmware blobs (PostgreSQL keeps them "
+            "in the database), keys and the device CA "
             "(created on first use; a relative path is taken from the working directory)."),
     Setting("server", "db_url", "server", "db_url", flag="--db-url",
             doc="SQLAlchemy database URL instead of the embedded SQLite file (--db-url, "
@@ -110,6 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
             "CPU when device listeners are on, else 1).", none_value=0,
             none_means="one per CPU with device listeners, else 1", unset_by_default=True),
     Setting("server", "store_threads", "server", "store_threads"),
+    Setting("server", "blob_cache_mb", "server", "blob_cache_mb"),
+    Setting("server", "blob_sweep_grace", "server", "blob_sweep_grace"),
     Setting("server", "event_buffer", "server", "event_buffer",
             doc="Events queued per subscriber of the in-process event bus; a subscriber that "
             "falls further behind is dropped (and resubscribes)."),

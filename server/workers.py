@@ -73,6 +73,8 @@ class WorkerSpec:
     tcp_port: int
     udp_port: int
     store_threads: int = 8
+    #: MiB of blob chunks the worker's store keeps in memory (ServerConfig.blob_cache_mb).
+    blob_cache_mb: int = 64
     event_buffer: int = 256
     max_event_subscribers: int = 1000
     #: Seconds a worker waits for its devices' farewells when stopped.
@@ -139,9 +141,11 @@ def process_origin(role: str) -> str:
     return f"{role}-{os.getpid()}"
 
 
-def open_worker_store(data_dir: Path, db_url: str | None, pool_size: int) -> Store:
+def open_worker_store(data_dir: Path, db_url: str | None, pool_size: int,
+                      blob_cache_mb: int = 64) -> Store:
     """The store a server process opens (the embedded SQLite file unless ``db_url``)."""
-    return open_installation_store(data_dir, db_url, pool_size=pool_size)
+    return open_installation_store(data_dir, db_url, pool_size=pool_size,
+                                   blob_cache_bytes=blob_cache_mb * 1024 * 1024)
 
 
 # -- the worker process --------------------------------------------------------------------
@@ -154,7 +158,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     settings = WorkerSettings.from_spec(spec)
     settings.collector.apply_thresholds()  # a worker process is ours alone
     store = await trio.to_thread.run_sync(
-        open_worker_store, data_dir, spec.db_url, spec.store_threads
+        open_worker_store, data_dir, spec.db_url, spec.store_threads, spec.blob_cache_mb
     )
     try:
         bus = EventBus(buffer=spec.event_buffer, max_subscribers=spec.max_event_subscribers)

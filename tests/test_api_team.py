@@ -16,6 +16,7 @@ from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.store import Store
 from tests.conftest import Api
+from tests.pre_alembic import drop_tables_after_baseline
 
 PASSWORD = "correct horse battery"
 
@@ -222,6 +223,7 @@ def test_a_store_from_before_teams_opens_and_its_tokens_work(data_dir: Path) -> 
         tx.conn.execute(sa.text("DROP TABLE product_members"))
         tx.conn.execute(sa.text("DROP TABLE api_users"))
         tx.conn.execute(sa.text("DROP TABLE alembic_version"))  # and from before Alembic
+        drop_tables_after_baseline(tx.conn)
     store.close()
 
     reopened = Store.open_dir(data_dir, pool_size=1)

@@ -25,6 +25,7 @@ from alembic.runtime.migration import MigrationContext
 
 from server.store import SchemaVersionError, Store, migrate, schema
 from server.store.migrate import MigrationError
+from tests.pre_alembic import drop_tables_after_baseline
 
 #: The packaged revisions, oldest first: what a new or pre-Alembic store gets applied.
 REVISIONS = [script.revision for script in migrate.script_directory().walk_revisions()][::-1]
@@ -138,6 +139,7 @@ def _make_pre_alembic(url: str, tmp_path: Path, version: int) -> str:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE alembic_version"))
+        drop_tables_after_baseline(conn)  # no pre-Alembic server had them
         if version < 8:
             for table in ("rollout_events", "rollout_device_outcomes", "rollouts",
                           "maintenance_windows", "device_revocations"):

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import trio
 
 from server.store import migrate
+from tests.pre_alembic import tables_after_baseline
 from tests.test_migrations import _assert_matches_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def _assert_nothing_lost(before: dict[str, Rows], after: dict[str, Rows], *,
     ``growing`` may have gained rows (but lost none)."""
     changing = changing or {}
     assert set(before) - set(after) == set(), "tables disappeared"
-    assert set(after) - set(before) <= {"alembic_version"}
+    assert set(after) - set(before) <= {"alembic_version", *tables_after_baseline()}
     for table, rows in before.items():
         columns = set(rows[0]) if rows else set()
         old = _project(rows, columns, changing.get(table, frozenset()))

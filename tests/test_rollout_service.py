@@ -30,6 +30,7 @@ from server.fleet.errors import (
 from server.fleet.rollouts import RolloutService
 from server.store import Store, schema
 from server.store.tx_rollouts import RolloutQueries
+from tests.pre_alembic import drop_tables_after_baseline
 
 MIN = 60_000
 BORON = 13
@@ -421,6 +422,7 @@ def _drop_rollout_tables(engine: sa.Engine) -> None:
         for table in ("rollout_events", "rollout_device_outcomes", "rollouts",
                       "maintenance_windows", "alembic_version"):
             conn.exec_driver_sql(f"DROP TABLE {table}")
+        drop_tables_after_baseline(conn)
 
 
 def test_an_existing_database_gets_the_rollout_tables(data_dir: Path) -> None:

@@ -270,7 +270,9 @@ def test_bad_urls(tmp_path: Path) -> None:
         Store.open("::nonsense::", tmp_path / "b")
 
 
-def test_concurrent_writers_queue_instead_of_failing(store: Store) -> None:
+def test_concurrent_writers_queue_instead_of_failing(
+    store: Store, reopen: Callable[..., Store]
+) -> None:
     with store.write() as tx:
         product = tx.insert_product(slug="w", name="W", platform_id=13, description="", now=1)
     errors: list[BaseException] = []
@@ -295,10 +297,9 @@ def test_concurrent_writers_queue_instead_of_failing(store: Store) -> None:
     with store.read() as tx:
         assert len(tx.list_groups(product.id)) == 60
     # A second process-like store on the same file (the CLI does this) also works.
-    other = Store.open(str(store.engine.url), store.blobs.root)
+    other = reopen()
     with other.write() as tx:
         tx.insert_group(product.id, "from-other", description="", color="", now=1)
-    other.close()
 
 
 def test_blob_store_is_content_addressed_and_verified(tmp_path: Path) -> None:
@@ -326,7 +327,8 @@ def test_blob_store_removes_interrupted_writes_and_sweeps(tmp_path: Path) -> Non
     leftover.write_bytes(b"half a write")
     reopened = BlobStore(tmp_path / "blobs")
     assert not leftover.exists()
-    assert reopened.sweep({keep}) == [drop] and list(reopened.names()) == [keep]
+    assert reopened.sweep({keep}) == []  # both younger than the grace period
+    assert reopened.sweep({keep}, grace_s=0) == [drop] and list(reopened.names()) == [keep]
     assert os.listdir(tmp_path / "blobs" / "tmp") == []
 
 

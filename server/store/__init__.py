@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from server.store.blobs import BlobStore
+from server.store.blobs import Blobs, BlobStore
+from server.store.db_blobs import DatabaseBlobStore
 from server.store.errors import (
     BlobCorruptError,
     BlobMissingError,
@@ -32,7 +33,9 @@ __all__ = [
     "BlobCorruptError",
     "BlobMissingError",
     "BlobStore",
+    "Blobs",
     "ClientRecord",
+    "DatabaseBlobStore",
     "DeviceRecord",
     "FirmwareRecord",
     "FlashRecord",

@@ -1,7 +1,7 @@
 """Open an installation's store from its data directory and an optional database URL.
 
 An installation is a data directory (its CA, server certificate, product signing keys and,
-for now, the firmware blobs under ``blobs/``) plus a database: the embedded SQLite file
+on SQLite, the firmware blobs under ``blobs/``) plus a database: the embedded SQLite file
 ``<data>/ota.db`` unless a database URL names another one (``--db-url`` / ``OTA_DB_URL``).
 Every ``ota`` command and every server process opens its store through
 :func:`open_installation_store`, so they all agree on where the state lives.
@@ -15,6 +15,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from server.private_files import create_private_file, make_private_dir, secure_data_dir
+from server.store.blobs import SWEEP_GRACE_S
+from server.store.db_blobs import CHUNK_CACHE_BYTES
 from server.store.errors import StoreConfigError
 from server.store.store import BLOB_DIRNAME, DB_FILENAME, Store
 
@@ -25,7 +27,8 @@ DB_URL_ENV = "OTA_DB_URL"
 DB_URL_HELP = (
     "SQLAlchemy database URL of the installation's store (e.g. "
     "postgresql+psycopg://user@host/ota or sqlite:////var/lib/ota-db/ota.db); default: the "
-    f"embedded SQLite file {DB_FILENAME} in --data. The keys, CA and blobs stay in --data."
+    f"embedded SQLite file {DB_FILENAME} in --data. The keys and CA stay in --data; the "
+    "firmware blobs are in --data on SQLite, in the database on PostgreSQL."
 )
 
 
@@ -55,15 +58,18 @@ def sqlite_database_path(data_dir: Path | str, db_url: str | None) -> Path | Non
 
 
 def open_installation_store(
-    data_dir: Path | str, db_url: str | None = None, *, pool_size: int = 1
+    data_dir: Path | str, db_url: str | None = None, *, pool_size: int = 1,
+    blob_cache_bytes: int = CHUNK_CACHE_BYTES, blob_sweep_grace_s: float = SWEEP_GRACE_S,
 ) -> Store:
     """Open (creating on first use) the store of the installation in ``data_dir``: the
-    database ``db_url`` names (None or blank: ``<data>/ota.db``) and the blobs in
-    ``<data>/blobs``. The data directory is made owner-only either way (it holds the
-    installation's keys and CA)."""
+    database ``db_url`` names (None or blank: ``<data>/ota.db``) and its blobs (in
+    ``<data>/blobs`` on SQLite, in the database on PostgreSQL: ``Store.open``). The data
+    directory is made owner-only either way (it holds the installation's keys and CA).
+    ``blob_cache_bytes`` and ``blob_sweep_grace_s``: see :meth:`Store.open`."""
     url = effective_db_url(db_url)
     if url is None:
-        return Store.open_dir(data_dir, pool_size=pool_size)
+        return Store.open_dir(data_dir, pool_size=pool_size, blob_cache_bytes=blob_cache_bytes,
+                              blob_sweep_grace_s=blob_sweep_grace_s)
     root = secure_data_dir(data_dir)
     database = sqlite_database_path(root, url)
     if database is not None:
@@ -75,7 +81,8 @@ def open_installation_store(
         except OSError as exc:
             raise StoreConfigError(f"cannot create the SQLite store {database}: {exc}") \
                 from exc
-    return Store.open(url, root / BLOB_DIRNAME, pool_size=pool_size)
+    return Store.open(url, root / BLOB_DIRNAME, pool_size=pool_size,
+                      blob_cache_bytes=blob_cache_bytes, blob_sweep_grace_s=blob_sweep_grace_s)
 
 
 @dataclass(frozen=True)

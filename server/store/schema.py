@@ -337,6 +337,27 @@ deltas = sa.Table(
     _ms("created_at"),
 )
 
+# Blobs kept in the database (PostgreSQL: server.store.db_blobs; SQLite keeps them in the
+# blob directory and leaves these empty): one row per blob, its bytes in chunk rows, each
+# chunk with its own SHA-256 so a block read is verified without reading the whole blob.
+blobs = sa.Table(
+    "blobs",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),  # of the whole blob: its name
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("chunk_size", sa.Integer, nullable=False),
+    _ms("stored_at"),  # the last put: the sweep's grace period counts from it
+)
+
+blob_chunks = sa.Table(
+    "blob_chunks",
+    metadata,
+    sa.Column("sha256", sa.String(64), sa.ForeignKey("blobs.sha256"), primary_key=True),
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=False),  # bytes n*chunk_size..
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),  # SHA-256 of ``data``
+)
+
 # Bytes sent per firmware version against the bytes full images would have taken: the data a
 # release saved by sending deltas. Updated when a transfer completes.
 firmware_transfer_bytes = sa.Table(

@@ -1,4 +1,11 @@
-"""The durable store: one database behind SQLAlchemy Core plus the blob directory.
+"""The durable store: one database behind SQLAlchemy Core plus the blobs.
+
+Blobs (``Store.blobs``, the :class:`~server.store.blobs.Blobs` interface) live in the blob
+directory with SQLite and in the database itself with PostgreSQL
+(:class:`~server.store.db_blobs.DatabaseBlobStore`), so the nodes of one installation share
+nothing but the database. A PostgreSQL installation whose blobs were in ``<data>/blobs``
+(before they moved into the database) has them copied in whenever the store opens and finds
+the directory (idempotent: blobs already held are skipped).
 
 All access goes through a transaction object (:class:`Tx`) from :meth:`Store.read` or
 :meth:`Store.write`; a write commits when its ``with`` block ends without an exception and
@@ -24,6 +31,7 @@ semantics there; reads are snapshots and never wait (``server.store.postgresql``
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +44,8 @@ from sqlalchemy.engine import Connection
 
 from server.private_files import create_private_file, secure_data_dir
 from server.store import migrate
-from server.store.blobs import BlobStore
+from server.store.blobs import SWEEP_GRACE_S, Blobs, BlobStore
+from server.store.db_blobs import CHUNK_CACHE_BYTES, DatabaseBlobStore
 from server.store.engine import EngineSetup, create_store_engine
 from server.store.errors import (
     StoreConflictError,
@@ -55,6 +64,8 @@ from server.store.tx_rollouts import RolloutQueries
 
 DB_FILENAME = "ota.db"
 BLOB_DIRNAME = "blobs"
+
+log = logging.getLogger("ota.store")
 
 
 @contextmanager
@@ -118,10 +129,19 @@ def _driver_statement(conn: Connection, statement: str) -> None:
 class Store:
     """The control plane's durable state: database (via SQLAlchemy Core) and blobs."""
 
-    def __init__(self, setup: EngineSetup, blobs: BlobStore) -> None:
+    def __init__(self, setup: EngineSetup, blobs: Blobs | None = None, *,
+                 blob_cache_bytes: int = CHUNK_CACHE_BYTES,
+                 blob_sweep_grace_s: float = SWEEP_GRACE_S) -> None:
+        """``blobs`` None: the blobs live in this database (:class:`DatabaseBlobStore`,
+        keeping up to ``blob_cache_bytes`` of verified chunks in memory)."""
         self._setup = setup
         self.engine = setup.engine
-        self.blobs = blobs
+        self.blobs: Blobs = blobs if blobs is not None else DatabaseBlobStore(
+            self._blob_read, self._blob_write, lambda conn: Tx(conn).referenced_blobs(),
+            cache_bytes=blob_cache_bytes,
+        )
+        #: How old an unreferenced blob must be before :meth:`sweep_blobs` deletes it.
+        self.blob_sweep_grace_s = blob_sweep_grace_s
         # One writer at a time (SQLite; PostgreSQL's advisory lock): queue this process's
         # writers here (fair, no busy-timeout polling, one pooled connection waiting for
         # the database's lock); other processes wait on the database's own lock.
@@ -137,19 +157,62 @@ class Store:
         self.group_read = GroupReader(self)
 
     @classmethod
-    def open(cls, url: str, blob_dir: Path | str, *, pool_size: int = 8) -> Store:
-        """Open (creating on first use) the database at ``url`` and blobs in ``blob_dir``."""
+    def open(cls, url: str, blob_dir: Path | str, *, pool_size: int = 8,
+             blobs_in_database: bool | None = None,
+             blob_cache_bytes: int = CHUNK_CACHE_BYTES,
+             blob_sweep_grace_s: float = SWEEP_GRACE_S) -> Store:
+        """Open (creating on first use) the database at ``url`` and its blobs: in
+        ``blob_dir`` on SQLite, in the database on PostgreSQL (``blobs_in_database``
+        chooses otherwise). With the blobs in the database, the blobs of an existing
+        ``blob_dir`` (an older release's) are copied in (idempotent; the files stay), and
+        up to ``blob_cache_bytes`` of verified chunks are kept in memory.
+        ``blob_sweep_grace_s``: the default grace of :meth:`sweep_blobs`."""
         setup = create_store_engine(url, pool_size=pool_size)
-        store = cls(setup, BlobStore(blob_dir))
+        in_database = (setup.backend == "postgresql" if blobs_in_database is None
+                       else blobs_in_database)
+        try:
+            store = cls(setup, None if in_database else BlobStore(blob_dir),
+                        blob_cache_bytes=blob_cache_bytes,
+                        blob_sweep_grace_s=blob_sweep_grace_s)
+        except BaseException:
+            setup.engine.dispose()
+            raise
         try:
             store._create_schema()
+            if isinstance(store.blobs, DatabaseBlobStore) and Path(blob_dir).is_dir():
+                store._import_blob_directory(store.blobs, Path(blob_dir))
         except BaseException:
             store.close()
             raise
         return store
 
+    @staticmethod
+    def _import_blob_directory(blobs: DatabaseBlobStore, blob_dir: Path) -> None:
+        """Copy the blobs of an older release's ``<data>/blobs`` into the database."""
+        result = blobs.import_directory(BlobStore(blob_dir))
+        if result.copied:
+            log.info("copied %d blobs from %s into the database (the files stay; once "
+                     "every node runs this release the directory may be removed)",
+                     len(result.copied), blob_dir)
+        if result.corrupt:
+            log.error("%d blob files in %s no longer match their SHA-256 and were not copied "
+                      "into the database (e.g. %s): restore them from a backup or upload "
+                      "those images again", len(result.corrupt), blob_dir, result.corrupt[0])
+
+    @contextmanager
+    def _blob_read(self) -> Iterator[Connection]:
+        with self.read() as tx:
+            yield tx.conn
+
+    @contextmanager
+    def _blob_write(self) -> Iterator[Connection]:
+        with self.write() as tx:
+            yield tx.conn
+
     @classmethod
-    def open_dir(cls, data_dir: Path | str, *, pool_size: int = 8) -> Store:
+    def open_dir(cls, data_dir: Path | str, *, pool_size: int = 8,
+                 blob_cache_bytes: int = CHUNK_CACHE_BYTES,
+                 blob_sweep_grace_s: float = SWEEP_GRACE_S) -> Store:
         """Open the embedded store in ``data_dir``: ``ota.db`` plus ``blobs/``.
 
         The data directory is made owner-only first (0700 directories, 0600 files; an
@@ -160,7 +223,9 @@ class Store:
         root = secure_data_dir(data_dir)
         database = root / DB_FILENAME
         create_private_file(database)
-        return cls.open(f"sqlite:///{database.resolve()}", root / BLOB_DIRNAME, pool_size=pool_size)
+        return cls.open(f"sqlite:///{database.resolve()}", root / BLOB_DIRNAME,
+                        pool_size=pool_size, blob_cache_bytes=blob_cache_bytes,
+                        blob_sweep_grace_s=blob_sweep_grace_s)
 
     @property
     def backend(self) -> str:
@@ -294,15 +359,19 @@ class Store:
             tx.conn.execute(sa.select(1))
         return "ok"
 
-    def sweep_blobs(self) -> list[str]:
-        """Delete blobs no row refers to (left by a crash between blob write and commit).
+    def sweep_blobs(self, *, grace_s: float | None = None) -> list[str]:
+        """Delete blobs no row refers to (left by a crash between blob write and commit, or
+        by a deleted firmware) that were stored more than ``grace_s`` seconds ago (None:
+        :attr:`blob_sweep_grace_s`, the server's ``blob_sweep_grace``).
 
-        Run only while no upload is in progress (at start-up), since an upload writes its
-        blob before committing the row that names it.
+        Safe while uploads run, on this node or another: an upload stores its blob (or
+        refreshes the stored time of one already there) before it commits the row that
+        names it, and a blob younger than the grace period is never deleted.
         """
         with self.read() as tx:
             referenced = tx.referenced_blobs()
-        return self.blobs.sweep(referenced)
+        grace = self.blob_sweep_grace_s if grace_s is None else grace_s
+        return self.blobs.sweep(referenced, grace_s=grace)
 
     def close(self) -> None:
         """Release database connections."""
