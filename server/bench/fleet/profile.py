@@ -52,7 +52,9 @@ async def sampling(pid: int, output: Path, *, rate: int = 97) -> AsyncIterator[b
 
 #: Where a sample's innermost frame lives -> what it is spending time on.
 AREAS = (
-    (("sqlalchemy/", "sqlite3/"), "store: SQLAlchemy + SQLite"),
+    (("sqlalchemy/", "sqlite3/", "psycopg/", "psycopg_binary/", "psycopg_pool/"),
+     "store: SQLAlchemy + driver (SQLite, psycopg)"),
+    (("server/store/",), "store layer (server/store)"),
     (("OpenSSL/", "/ssl.py", "trio/_ssl.py", "trio/_dtls.py", "cryptography/"), "TLS/DTLS"),
     (("trio/", "outcome/", "threading.py", "queue.py"), "trio loop, worker threads"),
     (("otacore/",), "otacore (protocol, transfer)"),
