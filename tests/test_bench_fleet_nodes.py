@@ -18,6 +18,7 @@ from server.bench.fleet import BenchError
 from server.bench.fleet.logscan import error_count, mask, scan_postgres_log, scan_server_logs
 from server.bench.fleet.nodes import check_db_url, throwaway_database
 from server.bench.fleet.procs import cluster_cpu_seconds, cpu_seconds
+from server.bench.fleet.profile import WAITING, summarize
 from server.bench.fleet.report import QuietReporter, results_table
 from server.bench.fleet.runner import BenchOptions, run_fleet_bench
 from server.emulator.endpoints import Endpoint, endpoint_order
@@ -274,3 +275,29 @@ def test_cluster_cpu_counts_children_that_exited() -> None:
         own = cpu_seconds(parent.pid)
         assert cluster_cpu_seconds(parent.pid) >= own + 0.25  # the child's 0.3 s, in ticks
         parent.stdin.close()
+
+
+def test_profile_summary_keeps_waits_apart(tmp_path: Path) -> None:
+    """py-spy's samples of threads blocked in the event loop's epoll or in psycopg's wait
+    for PostgreSQL are waiting, not work: an area of their own, left out of busy_samples."""
+    collapsed = tmp_path / "profile.txt"
+    loop = "run (trio/_core/_run.py:2300);EpollIOManager.get_events (trio/_core/_io_epoll.py:243)"
+    query = (
+        "SessionUpdater.run (server/devices/updater.py:290);Store.write_batch "
+        "(server/store/store.py:300);execute (sqlalchemy/engine/base.py:1400)"
+    )
+    collapsed.write_text(
+        f"{loop} 50\n"
+        f"{query};Connection.wait (psycopg/connection.py:495) 30\n"
+        f"{query};BaseCursor._send_query_prepared (psycopg/_cursor_base.py:602) 15\n"
+        "EventRelay._read (server/relay.py:80);read_events_after "
+        "(server/store/tx_events.py:40) 5\n"
+    )
+    summary = summarize(collapsed)
+    assert summary["samples"] == 100 and summary["busy_samples"] == 20
+    areas = {area["area"]: area["share"] for area in summary["areas"]}
+    assert areas[WAITING] == 0.8
+    assert areas["store: SQLAlchemy + driver (SQLite, psycopg)"] == 0.15
+    assert areas["store layer (server/store)"] == 0.05
+    inclusive = {f["function"]: f["share"] for f in summary["project_inclusive"]}
+    assert inclusive["Store.write_batch (store.py)"] == 0.45
