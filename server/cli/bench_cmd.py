@@ -80,8 +80,10 @@ def fleet(
         typer.Option(
             "--db-url",
             help="Database every node uses (ota server --db-url), e.g. "
-            "postgresql+psycopg://user@/ota?host=/run/postgresql; default: the prepared "
-            "SQLite file. A local PostgreSQL cluster's CPU is reported (db).",
+            "postgresql+psycopg://user@/ota?host=/run/postgresql, or 'pg': a throwaway "
+            "PostgreSQL cluster the run starts and deletes (Debian's postgresql; its log "
+            "is kept as OUT/postgres.log); default: the prepared SQLite file. A local "
+            "PostgreSQL cluster's CPU is reported (db).",
         ),
     ] = None,
     out: Annotated[

@@ -28,6 +28,8 @@ class ServerProcess:
     api_url: str
     tcp: tuple[str, int]
     udp: tuple[str, int]
+    #: Where its output goes (its log lines, its workers' too).
+    log_path: Path | None = None
 
 
 class LoadGenHandle:
@@ -244,7 +246,7 @@ async def running_server(
             return host, int(port)
 
         yield ServerProcess(
-            process.pid, found["API"], address(found["TLS"]), address(found["DTLS"])
+            process.pid, found["API"], address(found["TLS"]), address(found["DTLS"]), log_path
         )
 
 

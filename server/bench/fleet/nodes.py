@@ -13,18 +13,24 @@ the parent of the backend serving one connection (``pg_backend_pid()`` and /proc
 cluster's CPU is the postmaster's with every child's, exited ones included
 (:func:`~server.bench.fleet.procs.cluster_cpu_seconds`). An embedded SQLite store runs
 inside the nodes' processes: its CPU is part of theirs and is not reported apart.
+
+``--db-url pg`` (:data:`THROWAWAY_POSTGRESQL`) asks for a throwaway PostgreSQL cluster
+(:mod:`server.store.pg_cluster`: ``initdb`` in a temporary directory, a free loopback port,
+durability off) that the run starts, uses and deletes (:func:`throwaway_database`); its
+server log is copied into the output directory first (``postgres.log``).
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import trio
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -32,7 +38,15 @@ from sqlalchemy.pool import NullPool
 from server.bench.fleet import BenchError
 from server.bench.fleet.control import ServerProcess, running_server
 from server.bench.fleet.images import Installation
+from server.store.pg_cluster import PgCluster, PgClusterError, create_database
 from server.store.store import BLOB_DIRNAME, DB_FILENAME
+
+#: The ``--db-url`` that asks for a throwaway PostgreSQL cluster started by the run.
+THROWAWAY_POSTGRESQL = "pg"
+#: The database the nodes use in a throwaway cluster.
+THROWAWAY_DATABASE = "ota"
+#: The throwaway cluster's server log, copied here in the output directory.
+POSTGRES_LOG = "postgres.log"
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,10 @@ class Database:
     backend: str
     #: The PostgreSQL cluster's postmaster when it runs on this machine (None otherwise).
     postmaster_pid: int | None = None
+    #: True when the run started the cluster itself (``--db-url pg``) and deletes it.
+    throwaway: bool = False
+    #: The database server's version (``SHOW server_version``; None for SQLite).
+    server_version: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """The ``db`` part of the result (the URL without its password)."""
@@ -53,12 +71,17 @@ class Database:
         return {
             "url": shown,
             "backend": self.backend,
+            "server_version": self.server_version,
+            "throwaway_cluster": self.throwaway,
             "postmaster_pid": self.postmaster_pid,
         }
 
 
 def check_db_url(url: str) -> str:
-    """The backend of a ``--db-url`` (``sqlite`` or ``postgresql``); BenchError otherwise."""
+    """The backend of a ``--db-url`` (``sqlite`` or ``postgresql``; ``pg``, a throwaway
+    PostgreSQL cluster, is ``postgresql``); BenchError otherwise."""
+    if url == THROWAWAY_POSTGRESQL:
+        return "postgresql"
     try:
         backend = make_url(url).get_backend_name()
     except ArgumentError as exc:
@@ -71,37 +94,49 @@ def check_db_url(url: str) -> str:
     return backend
 
 
-def postmaster_of(url: str) -> int | None:
+def postmaster_of(url: str) -> tuple[int | None, str]:
     """The pid of the postmaster serving ``url`` if the cluster runs on this machine (the
-    parent of the backend that answers ``pg_backend_pid()``), else None."""
+    parent of the backend that answers ``pg_backend_pid()``, else None), and the server's
+    version."""
     engine = sa.create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
             backend_pid = int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+            version = str(conn.execute(sa.text("SHOW server_version")).scalar_one())
+            # Read while connected: the backend exits as soon as its connection closes.
+            status = _proc_status(backend_pid)
     except (SQLAlchemyError, ImportError) as exc:
         raise BenchError(f"cannot reach the database at --db-url: {exc}") from None
     finally:
         engine.dispose()
+    if status is None or status.get("Name") != "postgres":
+        return None, version  # another machine (or pid namespace: someone else's pid)
+    return int(status["PPid"]), version
+
+
+def _proc_status(pid: int) -> dict[str, str] | None:
+    """The fields of /proc/<pid>/status (None when there is no such process here)."""
     try:
-        status = Path(f"/proc/{backend_pid}/status").read_text()
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return None  # another machine (or another pid namespace)
-    for line in status.splitlines():
-        if line.startswith("PPid:"):
-            return int(line.split()[1])
-    return None
+        return None
+    fields = (line.partition(":") for line in text.splitlines())
+    return {name: value.strip() for name, _, value in fields}
 
 
-def shared_database(install: Installation, nodes: int) -> Database:
-    """The database of a run: ``install.db_url``, or with several nodes the prepared
-    SQLite file, or (one node, no URL) the embedded store as a single server uses it."""
+def shared_database(install: Installation, nodes: int, *, throwaway: bool = False) -> Database:
+    """The database of a run: ``install.db_url`` (``throwaway``: in a cluster the run
+    started), or with several nodes the prepared SQLite file, or (one node, no URL) the
+    embedded store as a single server uses it."""
     if install.db_url is None:
         if nodes == 1:
             return Database(None, "sqlite")
         return Database(f"sqlite:///{(install.data_dir / DB_FILENAME).resolve()}", "sqlite")
     backend = check_db_url(install.db_url)
-    postmaster = postmaster_of(install.db_url) if backend == "postgresql" else None
-    return Database(install.db_url, backend, postmaster)
+    if backend != "postgresql":
+        return Database(install.db_url, backend)
+    postmaster, version = postmaster_of(install.db_url)
+    return Database(install.db_url, backend, postmaster, throwaway, version)
 
 
 def _skip_store(directory: str, names: list[str]) -> list[str]:
@@ -164,3 +199,33 @@ async def running_nodes(
                 )
             )
         yield servers
+
+
+@asynccontextmanager
+async def throwaway_database(
+    out_dir: Path, note: Callable[[str], None]
+) -> AsyncIterator[tuple[str, Path]]:
+    """Start a throwaway PostgreSQL cluster (:class:`~server.store.pg_cluster.PgCluster`,
+    in the system's temporary directory, which the cluster's unprivileged user can reach),
+    create the nodes' database in it and yield its URL and the cluster's live log; when the
+    block ends, however it ends, copy that log to ``out_dir/postgres.log`` and stop and
+    delete the cluster."""
+    try:
+        cluster = await trio.to_thread.run_sync(PgCluster.start)
+    except PgClusterError as exc:
+        raise BenchError(f"--db-url {THROWAWAY_POSTGRESQL}: no throwaway cluster: {exc}") from None
+    try:
+        url = await trio.to_thread.run_sync(create_database, cluster.url(), THROWAWAY_DATABASE)
+        note(f"throwaway PostgreSQL cluster on port {cluster.port} ({cluster.root})")
+        yield url, cluster.log_file
+    finally:
+        with trio.CancelScope(shield=True):  # also after Ctrl-C or a signal
+            await trio.to_thread.run_sync(_keep_log_and_stop, cluster, out_dir / POSTGRES_LOG)
+
+
+def _keep_log_and_stop(cluster: PgCluster, log_copy: Path) -> None:
+    try:
+        if cluster.log_file.exists():
+            shutil.copyfile(cluster.log_file, log_copy)
+    finally:
+        cluster.stop()

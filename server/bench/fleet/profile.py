@@ -52,15 +52,30 @@ async def sampling(pid: int, output: Path, *, rate: int = 97) -> AsyncIterator[b
 
 #: Where a sample's innermost frame lives -> what it is spending time on.
 AREAS = (
-    (("sqlalchemy/", "sqlite3/"), "store: SQLAlchemy + SQLite"),
+    (("sqlalchemy/", "sqlite3/", "psycopg/", "psycopg_binary/", "psycopg_pool/"),
+     "store: SQLAlchemy + driver (SQLite, psycopg)"),
+    (("server/store/",), "store layer (server/store)"),
     (("OpenSSL/", "/ssl.py", "trio/_ssl.py", "trio/_dtls.py", "cryptography/"), "TLS/DTLS"),
     (("trio/", "outcome/", "threading.py", "queue.py"), "trio loop, worker threads"),
     (("otacore/",), "otacore (protocol, transfer)"),
-    (("server/",), "server (sessions, OTA, store layer)"),
+    (("server/",), "server (sessions, OTA)"),
 )
 
 
-def _area(path: str) -> str:
+#: Innermost frames (function, module path) that wait rather than work: py-spy counts a
+#: thread blocked there as a sample when it cannot tell it is idle (with ``--nonblocking``
+#: it often cannot), so they are an area of their own, and ``busy_samples`` leaves them out.
+WAITS = (
+    ("EpollIOManager.get_events", "trio/_core/_io_epoll.py"),  # the event loop, idle
+    ("Connection.wait", "psycopg/connection.py"),  # a query's answer from PostgreSQL
+    ("WorkerThread._work", "trio/_core/_thread_cache.py"),  # an idle worker thread
+)
+WAITING = "waiting (idle event loop, PostgreSQL's answer, idle worker threads)"
+
+
+def _area(path: str, name: str = "") -> str:
+    if any(name == wait and path.endswith(where) for wait, where in WAITS):
+        return WAITING
     for needles, area in AREAS:
         if any(needle in path for needle in needles):
             return area
@@ -69,8 +84,9 @@ def _area(path: str) -> str:
 
 def summarize(collapsed: Path, top: int = 12) -> dict[str, Any]:
     """What dominates a collapsed-stack file (``frame;frame;...;leaf count`` per line):
-    self samples per function and per area (library) of the innermost frame, and inclusive
-    samples of the project's own functions (server/, otacore/; the CLI entry excluded)."""
+    self samples per function and per area (library, or waiting: see WAITS) of the
+    innermost frame, and inclusive samples of the project's own functions (server/,
+    otacore/; the CLI entry excluded). Shares are of all samples."""
     own: Counter[str] = Counter()
     areas: Counter[str] = Counter()
     project: Counter[str] = Counter()
@@ -90,7 +106,7 @@ def summarize(collapsed: Path, top: int = 12) -> dict[str, Any]:
         total += count
         name, path = frames[-1]
         own[_label(name, path)] += count
-        areas[_area(path)] += count
+        areas[_area(path, name)] += count
         mine = {
             _label(name, path)
             for name, path in frames
@@ -107,6 +123,7 @@ def summarize(collapsed: Path, top: int = 12) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "busy_samples": total - areas[WAITING],
         "self": shares(own),
         "areas": [
             {"area": area, "share": round(count / total, 4)} for area, count in areas.most_common()

@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from server.bench.fleet.logscan import error_count
+
 
 class Reporter(Protocol):
     """Where the runner tells what it is doing."""
@@ -318,6 +320,18 @@ def results_table(result: dict[str, Any]) -> Table:
                 f"{db.get('note', '')}",
             )
         )
+    problems = result.get("log_problems") or {}
+    for source in ("servers", "database"):
+        found = problems.get(source)
+        if found is not None:
+            levels = found["by_level"]
+            rows.append(
+                (
+                    f"{source} log warnings / errors",
+                    f"{_fmt(levels.get('warning', 0))} / {_fmt(error_count(found))}",
+                    next(iter(found["messages"]), "none"),
+                )
+            )
     for row in rows:
         table.add_row(*(Text(cell) for cell in row))  # plain text: no rich markup
     return table

@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -52,13 +52,17 @@ from server.bench.fleet.control import (
 )
 from server.bench.fleet.images import Installation, prepare_installation
 from server.bench.fleet.loadgen import LoadGenSpec
+from server.bench.fleet.logscan import error_count, scan_postgres_log, scan_server_logs
 from server.bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
 from server.bench.fleet.nodes import (
+    POSTGRES_LOG,
+    THROWAWAY_POSTGRESQL,
     Database,
     check_db_url,
     node_data_dirs,
     running_nodes,
     shared_database,
+    throwaway_database,
 )
 from server.bench.fleet.procs import (
     ResourceWindow,
@@ -87,7 +91,8 @@ class BenchOptions:
     #: Server nodes: separate ``ota server`` processes on one database.
     nodes: int = 1
     #: The database the nodes share (``ota server --db-url``); None: the embedded SQLite
-    #: store of the prepared data directory (its file URL when there are several nodes).
+    #: store of the prepared data directory (its file URL when there are several nodes);
+    #: ``pg`` (THROWAWAY_POSTGRESQL): a throwaway PostgreSQL cluster the run starts.
     db_url: str | None = None
     out_dir: Path = Path("bench-fleet-out")
     app_size: int = 128 * 1024
@@ -182,12 +187,18 @@ class Nodes:
     data_dirs: list[Path]
     database: Database
     workers: int
+    #: The logs of every node started so far (both phases).
+    logs: list[Path] = field(default_factory=list)
 
     def running(self, install: Installation, log_prefix: Path) -> Any:
         """Start every node (an async context manager yielding the ServerProcesses)."""
         return running_nodes(
             install, self.data_dirs, self.database, log_prefix, workers=self.workers
         )
+
+    def note_logs(self, servers: list[ServerProcess]) -> None:
+        """Remember the logs of the nodes just started (scanned at the end)."""
+        self.logs.extend(server.log_path for server in servers if server.log_path is not None)
 
 
 def _endpoints(servers: list[ServerProcess]) -> list[list[list[Any]]]:
@@ -223,6 +234,7 @@ async def _handshake_rounds(
     results: dict[str, Any] = {}
     kinds = sorted(set(transports_for(options.transport, options.devices)))
     async with nodes.running(install, out / "server-handshakes") as servers:
+        nodes.note_logs(servers)
         for kind in kinds:
             rounds: dict[str, Any] = {}
             for mode in ("full", "resumed"):
@@ -320,6 +332,7 @@ async def _fleet_and_release(
     calls go to node 0)."""
     result: dict[str, Any] = {}
     async with nodes.running(install, out / "server-fleet") as servers:
+        nodes.note_logs(servers)
         server = servers[0]
         headers = {"Authorization": f"Bearer {install.token}"}
         async with httpx.AsyncClient(base_url=server.api_url, headers=headers, timeout=120) as api:
@@ -544,7 +557,13 @@ async def run_fleet_bench(
     parent = options.work_parent
     work = Path(tempfile.mkdtemp(prefix="ota-bench-fleet-", dir=parent))
     try:
-        result = await _run(options, work, out, reporter, command)
+        if options.db_url == THROWAWAY_POSTGRESQL:
+            async with throwaway_database(out, reporter.note) as (url, db_log):
+                # The nodes get the cluster's URL; the result's command still says "pg".
+                started = replace(options, db_url=url)
+                result = await _run(started, work, out, reporter, command, db_log=db_log)
+        else:
+            result = await _run(options, work, out, reporter, command)
     finally:
         if not options.keep_work:
             with trio.CancelScope(shield=True):  # also after Ctrl-C or a signal
@@ -555,8 +574,16 @@ async def run_fleet_bench(
 
 
 async def _run(
-    options: BenchOptions, work: Path, out: Path, reporter: Reporter, command: str
+    options: BenchOptions,
+    work: Path,
+    out: Path,
+    reporter: Reporter,
+    command: str,
+    *,
+    db_log: Path | None = None,
 ) -> dict[str, Any]:
+    """The run (``db_log``: the log of a throwaway PostgreSQL cluster the caller started
+    for it; None: the database is the user's, or SQLite)."""
     notes: list[str] = []
     load_at_start = os.getloadavg()
     reporter.phase(f"provisioning {options.devices} devices", None)
@@ -570,7 +597,9 @@ async def _run(
             db_url=options.db_url,
         )
     )
-    database = await trio.to_thread.run_sync(shared_database, install, options.nodes)
+    database = await trio.to_thread.run_sync(
+        partial(shared_database, install, options.nodes, throwaway=db_log is not None)
+    )
     data_dirs = await trio.to_thread.run_sync(node_data_dirs, install, options.nodes, work)
     nodes = Nodes(data_dirs, database, options.server_procs)
     specs = _deal(options, install, work)
@@ -610,6 +639,8 @@ async def _run(
         )
     if progress.crashed:
         notes.append(f"emulated devices crashed: {progress.crashed}")
+    log_problems = await trio.to_thread.run_sync(_log_problems, nodes, out, db_log)
+    notes += _log_notes(log_problems)
     all_updated = fleet["release_end"] == "done" and len(updated) == fleet["release_devices"]
     release_s = updated[-1] if updated and all_updated else None
     delivered = len(updated) * image_size
@@ -666,6 +697,7 @@ async def _run(
         "release_end": fleet["release_end"],
         "release_not_updated": fleet["not_updated"],
         "release_device_errors": fleet["release_device_errors"],
+        "log_problems": log_problems,
         "server_cpu_s_per_mb": round(release_cpu / (delivered / MB), 4) if delivered else None,
         "bytes_on_wire": fleet["release_bytes_received"],
         "bytes_on_wire_basis": "CoAP bytes the devices' links received during the release "
@@ -744,6 +776,29 @@ def _db_figures(database: Database, fleet: dict[str, Any], nodes: int) -> dict[s
             "checkpointer, ...), exited ones included"
         )
     return figures
+
+
+def _log_problems(nodes: Nodes, out: Path, db_log: Path | None) -> dict[str, Any]:
+    """Warnings and errors the nodes logged over the run, and those of a throwaway
+    PostgreSQL cluster's log (``db_log``; copied to ``out/postgres.log`` as it stops)."""
+    return {
+        "servers": scan_server_logs(nodes.logs),
+        "database": scan_postgres_log(db_log) if db_log is not None else None,
+        "database_log": str(out / POSTGRES_LOG) if db_log is not None else None,
+    }
+
+
+def _log_notes(problems: dict[str, Any]) -> list[str]:
+    """A note per source that logged errors, naming the most frequent one."""
+    notes = []
+    for source in ("servers", "database"):
+        found = problems[source]
+        errors = error_count(found)
+        if errors:
+            first = next(iter(found["messages"]), "")
+            notes.append(f"{source} logged {errors} errors ({found['by_level']}); "
+                         f"most frequent: {first}")
+    return notes
 
 
 def _combined_rate(rounds: list[dict[str, Any]]) -> float | None:
