@@ -360,6 +360,13 @@ def test_retry_delays_double() -> None:
     assert session.after_check(TransferStatus.TIMEOUT) == 30.0
 
 
+def test_a_check_ended_by_a_store_error_is_retried_backing_off() -> None:
+    session = planner(retry_pause=2.0, retry_later=30.0, retry_later_max=20.0 + 10.0)
+    assert [session.after_store_error() for _ in range(6)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert session.after_check(None) is None  # a check that ended well: start over
+    assert session.after_store_error() == 2.0
+
+
 def test_the_first_later_session_waits_once_for_the_result() -> None:
     session = planner()  # serial 5
     earlier = Delivery(digest("app 2"), final=True, session=4)

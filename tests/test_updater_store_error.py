@@ -10,7 +10,8 @@ Here the collision is made on purpose and only once, with a real SQLite file: a 
 aborts every write of ``device_updates`` (SQLite reports ``RAISE(ABORT)`` as a constraint
 failure, which the store turns into StoreConflictError exactly as it does a unique
 violation), and is dropped as soon as the server logged the failed update. The collision
-was transient: the device's session lives on, so the device should still end on v2.
+was transient: the device's session lives on, so the device still ends on v2: the updater
+checks again after a store error (backing off from retry_pause), in the same session.
 """
 
 from __future__ import annotations
@@ -51,14 +52,6 @@ def _sql(database: Path, *statements: str) -> None:
             conn.execute(statement)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/devices/updater.py SessionUpdater._run catches a StoreError of the "
-    "transfer's write (transfer_run.py _write_progress) as any OtaError, logs 'update of "
-    "... failed' and, last_failure being None, planner.after_check returns None: no check "
-    "is scheduled again, and the live session's device is never offered the release "
-    "(issue 16, found by ota bench fleet --nodes 2 on PostgreSQL)",
-)
 async def test_a_collided_transfer_write_is_retried_in_the_same_session(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

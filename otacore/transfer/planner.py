@@ -283,7 +283,8 @@ class DeliveryPlanner:
 
     # One per live session (issue 14 item 4: slots save its dict, ~100 bytes).
     __slots__ = ("in_flight", "invalidated_at", "policy", "progress_recorded_at",
-                 "session_serial", "staged", "timed_out_updates", "told_forced")  # fmt: skip
+                 "session_serial", "staged", "store_failures", "timed_out_updates",
+                 "told_forced")  # fmt: skip
 
     def __init__(self, policy: DeliveryPolicy, session_serial: int) -> None:
         self.policy = policy
@@ -299,6 +300,8 @@ class DeliveryPlanner:
         self.in_flight: InFlight | None = None
         #: Updates in a row whose every attempt timed out (see after_check).
         self.timed_out_updates = 0
+        #: Checks in a row that a store error ended (see after_store_error).
+        self.store_failures = 0
         #: When transfer progress was last recorded (see record_progress).
         self.progress_recorded_at = _NEVER
         #: When a kick last asked for the target to be read anew (see carried_view_usable).
@@ -448,12 +451,24 @@ class DeliveryPlanner:
         """After a check: the seconds to wait before checking again when every attempt of
         its transfer timed out while the session lives (doubling per such update, up to
         retry_later_max), else None (and the count starts again)."""
+        self.store_failures = 0
         if last_failure is not TransferStatus.TIMEOUT:
             self.timed_out_updates = 0
             return None
         policy = self.policy
         delay = min(policy.retry_later * 2 ** self.timed_out_updates, policy.retry_later_max)
         self.timed_out_updates += 1
+        return delay
+
+    def after_store_error(self) -> float:
+        """After a check that a store error ended (the database locked, unreachable, or a
+        write collided with another node's): the seconds before checking again, from
+        retry_pause doubling per such check in a row up to retry_later_max. The device's
+        session lives on and the error is the server's: it must still be offered its
+        update, without hammering a database that is away."""
+        policy = self.policy
+        delay = min(policy.retry_pause * 2 ** self.store_failures, policy.retry_later_max)
+        self.store_failures += 1
         return delay
 
     # the transfer in flight -----------------------------------------------------------------

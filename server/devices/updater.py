@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from otacore.coap import Code, Message, MessageType
-from otacore.errors import OtaError
+from otacore.errors import OtaError, StoreError
 from otacore.protocol.ota_wire import (
     PATH_FIRMWARE,
     UPDATES_FORCED_EVENT,
@@ -299,16 +299,24 @@ class SessionUpdater:
             self.last_failure = None
             self.rollout_retry_at = None
             self.planner.policy = self.engine.delivery_policy  # the operator may retune
+            store_failed = False
             try:
                 await self.update_once()
             except SessionClosed:
                 return  # the session is over (this task is about to be cancelled with it)
             except DeviceUnreachableError as exc:
                 log.info("device %s stopped answering: %s", self.device_id, exc)
+            except StoreError as exc:
+                # The server's failure, not the device's: check again (backing off), or
+                # the device stays on its old firmware until its next session.
+                store_failed = True
+                log.warning("update of %s failed on a store error (checking again): %s",
+                            self.device_id, exc)
             except OtaError as exc:
                 log.warning("update of %s failed: %s", self.device_id, exc)
             self.handled.advance_to(max(covered, self._answered))
-            delay = self.planner.after_check(self.last_failure)
+            delay = (self.planner.after_store_error() if store_failed
+                     else self.planner.after_check(self.last_failure))
             if delay is None and self.rollout_retry_at is not None:
                 # The rollout holds the offer until a time (a window opens, a hold or the
                 # rate limit's minute ends): ask again then, unless a rollout event kicks.
