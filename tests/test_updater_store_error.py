@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from server.store.errors import StoreUnavailableError
 from server.store.store import DB_FILENAME
 from tests.test_ota_e2e_kit import (
     STEP,
@@ -91,3 +92,35 @@ async def test_a_collided_transfer_write_is_retried_in_the_same_session(
             await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
             # (Its reboot into v2 opens the next session; before that it never left.)
             assert fleet.device(device_id).device.sessions == sessions + 1
+
+
+async def test_an_immediate_release_whose_grouped_read_failed_still_reaches_its_devices(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine reads every online device's target for an immediate release in one
+    grouped read; when that read fails (the database locked or away) the release is not
+    dropped: each session of the product checks for itself."""
+    caplog.set_level(logging.WARNING, logger="ota.engine")
+    async with ota_rig(nursery, tmp_path, count=2) as rig:
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, app(2))
+        fleet = rig.fleet([(rig.ids[0], "tcp"), (rig.ids[1], "udp")])
+        async with running(fleet):
+            for device_id in rig.ids:
+                await rig.wait_device(device_id, lambda d: d["online"])
+                await rig.engine_done(device_id)  # nothing to offer yet: they run v1
+            fleet_service = rig.engine.fleet
+            reads: list[int] = []
+
+            async def unavailable(product_id: int, **_: object) -> object:
+                reads.append(product_id)
+                raise StoreUnavailableError("the database is locked (made by the test)")
+
+            monkeypatch.setattr(fleet_service, "online_devices_needing_update", unavailable)
+            await rig.release(2, product_default=True, intelligent=True)
+            for device_id in rig.ids:
+                await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            assert reads == [rig.product]
+            assert any("each of its sessions checks for itself" in r.getMessage()
+                       for r in caplog.records)

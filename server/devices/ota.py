@@ -351,7 +351,14 @@ class OtaEngine:
             views = await self.fleet.online_devices_needing_update(product_id,
                                                                    immediate_only=True)
         except OtaError as exc:
-            log.warning("immediate release of product %s: %s", product_id, exc)
+            # The one grouped read failed (the database locked or away): every session of
+            # the product checks for itself instead, each reading its own target (and
+            # retrying on a store error), so the release is not dropped.
+            log.warning("immediate release of product %s: %s; each of its sessions checks "
+                        "for itself", product_id, exc)
+            for updater in list(self.updaters.values()):
+                if updater.handler.product_id == product_id:
+                    updater.kick()
             return
         for view in views:
             # Each updater plans from the view read here for all: one store read for the
