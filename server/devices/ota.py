@@ -356,9 +356,9 @@ class OtaEngine:
             # retrying on a store error), so the release is not dropped.
             log.warning("immediate release of product %s: %s; each of its sessions checks "
                         "for itself", product_id, exc)
-            for updater in list(self.updaters.values()):
-                if updater.handler.product_id == product_id:
-                    updater.kick()
+            for session_updater in list(self.updaters.values()):
+                if session_updater.handler.product_id == product_id:
+                    session_updater.kick()
             return
         for view in views:
             # Each updater plans from the view read here for all: one store read for the
