@@ -10,6 +10,8 @@ node B only; the test talks to node A's API only:
   device's ``spark/flash/status`` "started" on A's stream (there and back) is printed;
 * a revoke made through A closes the device's session on B (the time to the device seeing
   its session end is printed);
+* a rollout aborted through A cancels a download in progress on B (the device's
+  ``spark/flash/status`` "failed" on A's stream; the time is printed);
 * an immediate release made through A reaches the devices on B in their sessions (each
   has one more session after it: the reboot into the new version, no reconnection first).
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,22 +44,35 @@ from server.events import FLASH_STATUS, STATUS, EventBus
 from server.fleet import Fleet
 from server.store import Store
 from tests.test_emulator_nodes import Node, release, upload
-from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
+from tests.test_ota_e2e_kit import (
+    APP_V1,
+    FAST,
+    SYSTEM_5003,
+    WatchedFlash,
+    app,
+    running,
+    updated_to,
+)
+from tests.test_ota_e2e_stale import HeldLink
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICES = 6  # alternating TLS / DTLS
 #: Generous bound on each cross-node delay (the goal is 1 s; see the printed figures).
 BOUND = 5.0
+#: A transfer whose device stops answering gives up only after about a minute (rounds of
+#: 2, 4, 8, 8, ... s): a "failed" within the test's timeouts is the abort's doing.
+PATIENT = ("--set", "transfer.initial_rto=2", "--set", "transfer.min_rto=2",
+           "--set", "transfer.max_rto=8", "--set", "transfer.max_rounds=8")
 
 
 @asynccontextmanager
-async def running_node(data: Path, db_url: str, node_id: str, log_path: Path
-                       ) -> AsyncIterator[Node]:
-    """``ota server --workers 1 --node-id NODE_ID`` on ``data`` and ``db_url``, free ports;
-    SIGKILLed at the end if still running."""
+async def running_node(data: Path, db_url: str, node_id: str, log_path: Path,
+                       extra: Sequence[str] = ()) -> AsyncIterator[Node]:
+    """``ota server --workers 1 --node-id NODE_ID`` on ``data`` and ``db_url``, free ports,
+    ``extra`` options; SIGKILLed at the end if still running."""
     argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
             "--db-url", db_url, "--api-port", "0", "--device-port", "0", "--workers", "1",
-            "--node-id", node_id]  # fmt: skip
+            "--node-id", node_id, *extra]  # fmt: skip
     with log_path.open("ab") as log:
         process = await trio.lowlevel.open_process(
             argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
@@ -135,20 +150,48 @@ def setup_database(db_url: str, data: Path, creds: Path) -> tuple[int, list[str]
     return product_id, sorted(d.device_id for d in provisioned), token
 
 
-async def test_commands_through_one_node_act_on_devices_held_by_another(
-    pg_database: str, tmp_path: Path
-) -> None:
+@dataclass
+class Installation:
+    """Two running nodes on one database, node A's API and event stream, the fleet's
+    credentials."""
+
+    product: int
+    ids: list[str]
+    kinds: dict[str, str]
+    node_a: Node
+    node_b: Node
+    api_a: httpx.AsyncClient
+    stream: Stream
+    creds: Path
+    state: Path
+
+    def fleet(self, **settings: Any) -> EmulatedFleet:
+        """The emulated fleet, every device on node B (not started)."""
+        trust = TrustStore.initial(self.product, read_trust_file(self.creds / TRUST_FILE))
+        found = dict(find_credentials(self.creds))
+        members = [
+            FleetMember(d, found[d], self.state / d, self.kinds[d])  # type: ignore[arg-type]
+            for d in self.ids
+        ]
+        return EmulatedFleet(members, FleetSettings(
+            endpoints=(self.node_b.endpoint,), firmware=(SYSTEM_5003, APP_V1),
+            trust_store=trust, **{**FAST, **settings}), seed=1)  # fmt: skip
+
+
+@asynccontextmanager
+async def two_nodes(db_url: str, tmp_path: Path, extra: Sequence[str] = ()
+                    ) -> AsyncIterator[Installation]:
+    """Nodes A and B on ``db_url`` (``extra`` options) with a provisioned product, Device
+    OS 5003 uploaded, and node A's product event stream open."""
     data, creds = tmp_path / "data", tmp_path / "creds"
-    product, ids, token = await trio.to_thread.run_sync(setup_database, pg_database, data, creds)
+    product, ids, token = await trio.to_thread.run_sync(setup_database, db_url, data, creds)
     headers = {"Authorization": f"Bearer {token}"}
-    trust = TrustStore.initial(product, read_trust_file(creds / TRUST_FILE))
-    found = dict(find_credentials(creds))
     kinds = {d: ("tcp" if n % 2 == 0 else "udp") for n, d in enumerate(ids)}
     dir_a, dir_b = copy_for_nodes(data, 2, tmp_path)
     stream = Stream()
     async with (
-        running_node(dir_a, pg_database, "node-a", tmp_path / "node-a.log") as node_a,
-        running_node(dir_b, pg_database, "node-b", tmp_path / "node-b.log") as node_b,
+        running_node(dir_a, db_url, "node-a", tmp_path / "node-a.log", extra) as node_a,
+        running_node(dir_b, db_url, "node-b", tmp_path / "node-b.log", extra) as node_b,
         httpx.AsyncClient(base_url=node_a.api_url, headers=headers, timeout=30) as api_a,
         trio.open_nursery() as nursery,
     ):
@@ -160,20 +203,23 @@ async def test_commands_through_one_node_act_on_devices_held_by_another(
             files={"binary": ("system-part1.bin", SYSTEM_5003, "application/octet-stream")},
         )
         assert response.status_code == 201, response.text
+        yield Installation(product, ids, kinds, node_a, node_b, api_a, stream, creds,
+                           tmp_path / "state")
+        nursery.cancel_scope.cancel()
+
+
+async def test_commands_through_one_node_act_on_devices_held_by_another(
+    pg_database: str, tmp_path: Path
+) -> None:
+    async with two_nodes(pg_database, tmp_path) as nodes, trio.open_nursery() as nursery:
+        product, ids, kinds, api_a, stream = (nodes.product, nodes.ids, nodes.kinds,
+                                              nodes.api_a, nodes.stream)
         for version in (2, 3):
             await upload(api_a, product, version, app(version))
-        members = [
-            FleetMember(d, found[d], tmp_path / "state" / d, kinds[d])  # type: ignore[arg-type]
-            for d in ids
-        ]
-        settings = FleetSettings(
-            endpoints=(node_b.endpoint,),  # every device on node B
-            firmware=(SYSTEM_5003, APP_V1), trust_store=trust, **FAST,
-        )  # fmt: skip
-        fleet = EmulatedFleet(members, settings, seed=1)
+        fleet = nodes.fleet()
         await nursery.start(fleet.run)
         await fleet.wait_until(lambda f: f.summary().online == DEVICES, timeout=60)
-        assert fleet.online_by_endpoint() == {node_b.endpoint.name: DEVICES}
+        assert fleet.online_by_endpoint() == {nodes.node_b.endpoint.name: DEVICES}
 
         # B's devices came online: A's stream shows it (device status relayed from B).
         for device_id in ids:
@@ -220,3 +266,46 @@ async def test_commands_through_one_node_act_on_devices_held_by_another(
               f"{(offline - acknowledged) * 1000:.0f} ms)")
         assert flash_delay < BOUND and closed - acknowledged < BOUND
         nursery.cancel_scope.cancel()
+
+
+async def test_a_rollout_aborted_through_one_node_cancels_a_download_on_another(
+    pg_database: str, tmp_path: Path
+) -> None:
+    async with two_nodes(pg_database, tmp_path, PATIENT) as nodes:
+        product, api_a, stream = nodes.product, nodes.api_a, nodes.stream
+        v2 = app(2, size=200_000)
+        await upload(api_a, product, 2, v2)
+        # One DTLS device, held by node B, whose link is held once it wrote half of v2:
+        # its download can neither finish nor fail until the abort's word arrives.
+        device_id = next(d for d in nodes.ids if nodes.kinds[d] == "udp")
+        fleet = nodes.fleet()
+        fleet.open()
+        link = HeldLink(fleet.device(device_id).device)
+        halfway = trio.Event()
+
+        def at_halfway(_: int) -> None:
+            link.hold()
+            halfway.set()
+
+        WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=at_halfway)
+        async with running(fleet):
+            await fleet.wait_until(lambda f: f.summary().online == DEVICES, timeout=60)
+            response = await api_a.post(f"/v1/products/{product}/rollouts",
+                                        json={"version": 2, "force": True})
+            assert response.status_code == 201, response.text
+            rollout_id = response.json()["rollout"]["id"]
+            with trio.fail_after(60):
+                await halfway.wait()
+            response = await api_a.post(f"/v1/products/{product}/rollouts/{rollout_id}/abort",
+                                        json={"reason": "bad build"})
+            acknowledged = trio.current_time()
+            assert response.status_code == 200, response.text
+            # Node B cancels the transfer (its "failed" reaches A's stream) while the
+            # device's link is still held.
+            failed = await stream.wait_for(FLASH_STATUS, device_id, "failed ",
+                                           after=acknowledged)
+            print(f"rollout aborted through node A -> download cancelled on node B, seen on "
+                  f"A's stream: {(failed - acknowledged) * 1000:.0f} ms")
+            link.let_go()
+            assert fleet.device(device_id).device.status().product_version == 1
+            assert failed - acknowledged < BOUND
