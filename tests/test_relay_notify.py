@@ -206,3 +206,15 @@ async def test_a_server_on_postgresql_runs_a_listening_relay_under_its_node_id(
         assert handle.relay is not None and handle.relay.listen
         assert handle.relay.origin.startswith("node-7:main-")
         handle.shutdown.set()
+
+
+async def test_a_server_on_a_named_sqlite_file_runs_a_polling_relay(tmp_path: Path) -> None:
+    """Another node may share a SQLite file named by --db-url: the relay runs (polling)."""
+    database = (tmp_path / "shared.db").resolve()
+    config = ServerConfig(data_dir=tmp_path / "data", db_url=f"sqlite:///{database}",
+                          api_port=0, device_port=None)
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(serve, config)
+        assert handle.relay is not None and not handle.relay.listen
+        assert handle.relay.origin.startswith(f"{handle.node_id}:main-")
+        handle.shutdown.set()
