@@ -75,7 +75,8 @@ class RelaySettings:
     #: on the way, or the listening connection down).
     missed_notification_poll: float = 5.0
     #: Seconds before the first attempt to listen again after the listening connection to
-    #: PostgreSQL broke; each failed attempt doubles the wait, up to ``listen_retry_max``.
+    #: PostgreSQL broke (or to read again after a failed read); each failed attempt doubles
+    #: the wait, up to ``listen_retry_max``.
     listen_retry_min: float = 0.1
     #: Longest wait between attempts to listen again.
     listen_retry_max: float = 5.0
@@ -189,6 +190,7 @@ class EventRelay:
         """Tap the bus, then flush, poll (and prune) until cancelled; a last flush on the
         way out sends what this process published just before it stopped."""
         self.stats.last_id = await trio.to_thread.run_sync(self._read_last_id)
+        self._last_read = trio.current_time()
         self.bus.tap = self._tap
         try:
             async with trio.open_nursery() as nursery:
@@ -252,11 +254,19 @@ class EventRelay:
             await self.poll()
 
     async def _notified_poll_loop(self) -> None:
+        retry = self.settings.listen_retry_min
         while True:
             with trio.move_on_after(self.settings.missed_notification_poll):
                 await self._wake.wait()
             self._wake = trio.Event()  # a notification during the read: read again
+            errors = self.stats.store_errors
             await self.poll()
+            if self.stats.store_errors > errors:  # the store refused: again, with back-off
+                await trio.sleep(retry)
+                retry = min(retry * 2, self.settings.listen_retry_max)
+                self._wake.set()
+            else:
+                retry = self.settings.listen_retry_min
 
     async def _listen_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Listen for other processes' appends; after each (re)connection, read the log
