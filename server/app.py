@@ -5,9 +5,14 @@ plane, and reports a :class:`ServerHandle` through ``task_status``. Setting
 ``handle.shutdown`` stops the devices and the API gracefully, then everything else.
 
 With ``workers`` > 1 (and device listeners on) this is the main process of several: its
-device listeners bind with SO_REUSEPORT, it starts the store event relay (``server.relay``)
-and supervises ``workers - 1`` worker processes (``server.workers``) that serve devices on
-the same ports. With ``workers`` == 1 none of that runs.
+device listeners bind with SO_REUSEPORT and it supervises ``workers - 1`` worker processes
+(``server.workers``) that serve devices on the same ports.
+
+The store event relay (``server.relay``) runs whenever other processes may share the store:
+with worker processes, and whenever the store is named by ``db_url`` (always on PostgreSQL):
+the nodes of one installation are separate ``ota server`` processes on one database, and a
+node cannot know it is alone. Only the embedded store of ``--data`` alone, which the server
+holds exclusively (``server.data_lock``), with one process, runs no relay.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
 from server.logs import parse_log_level
+from server.node_id import check_node_id, default_node_id
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
@@ -83,7 +89,11 @@ class ServerConfig:
     #: Seconds a graceful shutdown waits for the worker processes to say farewell to their
     #: devices and exit, before it kills them.
     worker_stop_grace: float = 15.0
-    #: Timings and bounds of the store event relay between server processes (workers > 1).
+    #: This node's id among the nodes of the installation (``server.node_id``; None: the
+    #: host name and a random suffix, new at each start).
+    node_id: str | None = None
+    #: Timings and bounds of the store event relay between server processes (see
+    #: ``shares_store``).
     relay: RelaySettings = field(default_factory=RelaySettings)
     #: The cyclic garbage collector's thresholds in every server process.
     collector: CollectorSettings = field(default_factory=CollectorSettings)
@@ -117,11 +127,19 @@ class ServerConfig:
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
                                       f"{value!r}")
         parse_log_level(self.log_level)
+        if self.node_id is not None:
+            check_node_id(self.node_id)
 
     @property
     def multiprocess(self) -> bool:
         """True when worker processes share the device ports and the store."""
         return self.workers > 1 and self.device_port is not None
+
+    @property
+    def shares_store(self) -> bool:
+        """True when other server processes may use the store: worker processes, or other
+        nodes on a database named by ``db_url``; then the event relay runs."""
+        return self.multiprocess or self.db_url is not None
 
 
 @dataclass
@@ -137,9 +155,12 @@ class ServerHandle:
     #: The device plane (None when the server runs without device listeners).
     devices: DevicePlane | None = None
     device_server: DeviceServer | None = None
-    #: The worker processes and the event relay (None in a single-process server).
+    #: The worker processes (None in a single-process server) and the event relay (None
+    #: when no other process shares the store, ``ServerConfig.shares_store``).
     workers: WorkerSupervisor | None = None
     relay: EventRelay | None = None
+    #: This node's id (``ServerConfig.node_id`` or the default drawn at start).
+    node_id: str = ""
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -150,8 +171,11 @@ def open_store(config: ServerConfig) -> Store:
                                    blob_sweep_grace_s=config.blob_sweep_grace)
 
 
-def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:
-    """What each worker is told: the main process's store and its bound device ports."""
+def worker_specs(
+    config: ServerConfig, device_server: DeviceServer, node_id: str = ""
+) -> list[WorkerSpec]:
+    """What each worker is told: the main process's store, its bound device ports and its
+    node id."""
     assert device_server.tcp_address is not None and device_server.udp_address is not None
     return [
         WorkerSpec(
@@ -171,6 +195,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             relay=asdict(config.relay),
             collector=asdict(config.collector),
             log_level=config.log_level,
+            node_id=node_id,
         )
         for index in range(1, config.workers)
     ]
@@ -219,6 +244,8 @@ async def serve(
         device_server: DeviceServer | None = None
         relay: EventRelay | None = None
         supervisor: WorkerSupervisor | None = None
+        node_id = config.node_id or default_node_id()
+        origin = process_origin("main", node_id)
         async with trio.open_nursery() as nursery:
 
             async def run_api(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -230,9 +257,8 @@ async def serve(
                 )
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
-            if config.multiprocess:  # before anything publishes: the workers see it all
-                relay = EventRelay(store, bus, process_origin("main"), settings=config.relay,
-                                   prune=True)
+            if config.shares_store:  # before anything publishes: the others see it all
+                relay = EventRelay(store, bus, origin, settings=config.relay, prune=True)
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
             # One ticker for every process: each tick is a transaction of the shared store.
@@ -243,6 +269,7 @@ async def serve(
                     host=config.device_host or config.host,
                     port=config.device_port,
                     reuse_port=config.multiprocess,
+                    origin=origin,
                     limits=config.device_limits,
                     tuning=config.device_tuning,
                 )
@@ -254,7 +281,7 @@ async def serve(
                 assert device_server is not None
                 # After fleet.startup() (devices marked offline) and with the ports bound
                 # (port 0: the workers bind what this process got).
-                supervisor = WorkerSupervisor(worker_specs(config, device_server),
+                supervisor = WorkerSupervisor(worker_specs(config, device_server, node_id),
                                               stop_grace=config.worker_stop_grace,
                                               on_lost=fleet.sessions_lost,
                                               expected_settings=worker_settings(config).digest())
@@ -282,6 +309,7 @@ async def serve(
                     device_server,
                     supervisor,
                     relay,
+                    node_id,
                 )
             )
     finally:

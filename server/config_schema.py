@@ -110,6 +110,11 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Server processes serving devices on the shared ports and store (0: one per "
             "CPU when device listeners are on, else 1).", none_value=0,
             none_means="one per CPU with device listeners, else 1", unset_by_default=True),
+    Setting("server", "node_id", "server", "node_id", flag="--node-id",
+            doc="This node's id among the nodes of the installation sharing db_url: part of "
+            "every process's origin in the event log and in device sessions, so different on "
+            "each node (1 to 32 letters, digits, '.', '_' or '-').",
+            none_means="the host name and a random suffix, new at each start"),
     Setting("server", "store_threads", "server", "store_threads"),
     Setting("server", "blob_cache_mb", "server", "blob_cache_mb"),
     Setting("server", "blob_sweep_grace", "server", "blob_sweep_grace"),

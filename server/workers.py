@@ -45,6 +45,7 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
 from server.logs import configure_logging
+from server.node_id import check_node_id, default_node_id
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.store.installation import open_installation_store
@@ -92,6 +93,9 @@ class WorkerSpec:
     collector: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
+    #: The node this worker belongs to (``server.node_id``): part of its origin. Empty:
+    #: a default one of its own (a spec of an older main process).
+    node_id: str = ""
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -136,9 +140,11 @@ class WorkerSettings:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def process_origin(role: str) -> str:
-    """The relay origin of this process: role and pid (unique among live processes)."""
-    return f"{role}-{os.getpid()}"
+def process_origin(role: str, node_id: str) -> str:
+    """The origin of this process (its relay's, its sessions'): node id, role and pid,
+    unique among the live processes of every node (``server.node_id``). The pid comes last
+    and the origin holds no "/" (a session token is "<origin>/<serial>")."""
+    return f"{check_node_id(node_id)}:{role}-{os.getpid()}"
 
 
 def open_worker_store(data_dir: Path, db_url: str | None, pool_size: int,
@@ -165,7 +171,8 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
         fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(spec.store_threads))
         # No fleet.startup(): the main process marked every device offline before any
         # worker started; a worker (re)starting must not touch other processes' devices.
-        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"),
+        node_id = spec.node_id or default_node_id()
+        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}", node_id),
                            settings=settings.relay)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

@@ -235,22 +235,28 @@ class ServerProcess:
 
 
 def online_origins(store: Store) -> dict[str, str]:
-    """Device -> origin (process) of its latest ``spark/status`` "online" in the log."""
+    """Device -> origin (process: "<role>-<pid>", without the node id) of its latest
+    ``spark/status`` "online" in the log."""
     with store.read() as tx:
         rows = tx.conn.execute(
             sa.select(event_log.c.device_id, event_log.c.origin)
             .where(event_log.c.name == STATUS, event_log.c.data == "online")
             .order_by(event_log.c.id)
         ).all()
-    return {row.device_id: row.origin for row in rows}
+    return {row.device_id: row.origin.rpartition(":")[2] for row in rows}
 
 
 def session_owners(store: Store) -> dict[str, str]:
-    """Device -> origin of the process holding its live session, from the store's presence
-    column (a session sets it, durably, before it answers the device's Hello)."""
+    """Device -> origin ("<role>-<pid>", without the node id) of the process holding its
+    live session, from the store's presence column (a session sets it, durably, before it
+    answers the device's Hello)."""
     with store.read() as tx:
         rows = tx.conn.execute(sa.select(devices.c.id, devices.c.session_owner)).all()
-    return {row.id: row.session_owner.rpartition("/")[0] for row in rows if row.session_owner}
+    return {
+        row.id: row.session_owner.rpartition("/")[0].rpartition(":")[2]
+        for row in rows
+        if row.session_owner
+    }
 
 
 def worker_held(store: Store, origin: str) -> list[str]:

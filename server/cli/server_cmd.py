@@ -116,6 +116,11 @@ def server(
     db_url: str | None = typer.Option(
         None, "--db-url", envvar=DB_URL_ENV, show_envvar=True, help=DB_URL_HELP
     ),
+    node_id: str | None = typer.Option(
+        None, "--node-id",
+        help="This node's id among the nodes sharing --db-url (default: the host name and a "
+        "random suffix).",
+    ),
     device_port: int = typer.Option(
         5684, "--device-port", help="TCP (TLS) and UDP (DTLS) port for devices; -1 disables."
     ),
@@ -279,6 +284,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "data": "server.data_dir",
     "db_url": "server.db_url",
     "workers": "server.workers",
+    "node_id": "server.node_id",
     "host": "api.host",
     "api_port": "api.port",
     "device_port": "devices.port",
@@ -385,6 +391,7 @@ async def _run_server(config: ServerConfig) -> None:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve, config)
             typer.echo(f"ota server: API listening on {handle.api_url}")
+            typer.echo(f"ota server: node {handle.node_id}")
             if handle.device_server is not None:
                 for name, address in (
                     ("TLS", handle.device_server.tcp_address),

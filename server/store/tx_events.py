@@ -9,6 +9,12 @@ so :func:`append_events` takes a table lock that serialises appenders until thei
 (readers are not blocked: SHARE ROW EXCLUSIVE conflicts with writers only). The store's
 writers' advisory lock (server.store.postgresql) serialises them already; the table lock
 keeps the log's order a property of this module, whoever appends.
+
+On PostgreSQL an append also sends ``NOTIFY`` on :data:`EVENTS_CHANNEL` in the same
+transaction: PostgreSQL delivers a notification only when its transaction commits
+(https://www.postgresql.org/docs/current/sql-notify.html), so a listener woken by it always
+finds the rows. The payload names the appending process (its origin), so that a relay can
+ignore its own appends; a notification only says "read again" (the rows say what).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from sqlalchemy.engine import Connection
 from server.events import Event, EventSource
 from server.store.schema import event_log
 
+#: The channel appends notify on PostgreSQL (per database: one installation, one channel).
+EVENTS_CHANNEL = "ota_event_log"
+
 #: Longest event name and coreid the table holds (longer ones are cut, never refused).
 _NAME_MAX = 200
 _COREID_MAX = 64
@@ -30,7 +39,9 @@ _TTL_MAX = 2**31 - 1
 
 
 def append_events(conn: Connection, origin: str, events: Sequence[Event]) -> None:
-    """Append ``events`` (in order) as published by process ``origin``, in one statement.
+    """Append ``events`` (in order) as published by process ``origin``, in one statement;
+    on PostgreSQL, notify :data:`EVENTS_CHANNEL` with ``origin`` as the payload (delivered
+    at commit, module docstring).
 
     Whatever a device put in an event is stored, never refused (one refused row would fail
     the relay's whole batch again at every flush): long names are cut, the ttl is capped,
@@ -59,6 +70,9 @@ def append_events(conn: Connection, origin: str, events: Sequence[Event]) -> Non
             for event in events
         ],
     )
+    if conn.dialect.name == "postgresql":
+        # pg_notify() takes the channel and payload as parameters (NOTIFY cannot).
+        conn.execute(sa.select(sa.func.pg_notify(EVENTS_CHANNEL, origin)))
 
 
 def _text_for(conn: Connection) -> Callable[[str], str]:
