@@ -135,8 +135,11 @@ def test_ota_admin_migrate_upgrades_store_v8_with_nothing_lost(tmp_path: Path) -
 
 async def _start_server(data: Path, log: Path) -> tuple[trio.Process, str]:
     """``ota server`` on ``data`` (free ports); returns the process and its API URL."""
+    # The relay keeps the archive's event_log rows however slow the run (by default it
+    # prunes rows older than 2 minutes, and the check below wants every row kept).
     argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--api-port", "0", "--device-port", "0"]
+            "--api-port", "0", "--device-port", "0",
+            "--set", "relay.retention=31536000", "--set", "relay.prune_interval=31536000"]
     with log.open("ab") as log_file:
         process = await trio.lowlevel.open_process(
             argv, stdout=subprocess.PIPE, stderr=log_file.fileno(), cwd=REPO)
