@@ -120,15 +120,6 @@ class BenchOptions:
             raise BenchError("--devices, --procs, --server-procs and --nodes must be at least 1")
         if self.db_url is not None:
             check_db_url(self.db_url)
-        if self.nodes > 1 and self.server_procs < 2:
-            # server.app starts the store event relay only in a server of several
-            # processes: single-process nodes would never hear of a release made through
-            # another node (issue 16 item 2 moves this to LISTEN/NOTIFY in every node).
-            raise BenchError(
-                "--nodes needs --server-procs 2 or more: separate ota server processes pass "
-                "releases and commands to each other through the store event relay, which a "
-                "server runs only with --workers 2 or more"
-            )
         if self.procs > self.devices:
             raise BenchError(f"--procs {self.procs} is more than --devices {self.devices}")
         if -(-self.devices // self.procs) > 19_000:
