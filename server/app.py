@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,11 +32,24 @@ from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
+from server.leases import (
+    EVENT_LOG_PRUNING,
+    ROLLOUT_TICKS,
+    SESSION_SWEEPER,
+    JobLease,
+    LeaseTimings,
+    SessionLeaseKeeper,
+    check_lease_timings,
+    check_node_id,
+    default_node_id,
+    prune_event_log,
+    sweep_expired_sessions,
+)
 from server.logs import parse_log_level
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
-from server.store.installation import open_installation_store
+from server.store.installation import open_installation_store, sqlite_database_path
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
 
@@ -86,6 +100,17 @@ class ServerConfig:
     #: Seconds between ticks of the active rollouts (scheduled starts, phase waits, reboot
     #: timeouts happen by time alone); the main process ticks them.
     rollout_tick_interval: float = 15.0
+    #: This node's name among the nodes sharing the store (its devices' session leases
+    #: say it); None: host name and API port. Two live nodes must never share one.
+    node_id: str | None = None
+    #: Seconds a device's session lease, and a once-per-installation job's lease (rollout
+    #: ticks, the sweeper of expired session leases, the event log's pruning), lasts
+    #: without renewal: after a node dies, its devices are marked offline and its jobs
+    #: move to another node within about this long.
+    session_lease: float = 30.0
+    #: Seconds between renewals of the leases (one statement per node for all its
+    #: sessions); at most half of session_lease.
+    lease_renew_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.api_port <= 65535:
@@ -105,6 +130,9 @@ class ServerConfig:
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
                                       f"{value!r}")
         parse_log_level(self.log_level)
+        check_lease_timings(self.session_lease, self.lease_renew_interval)
+        if self.node_id is not None:
+            check_node_id(self.node_id)
 
     @property
     def multiprocess(self) -> bool:
@@ -128,12 +156,23 @@ class ServerHandle:
     #: The worker processes and the event relay (None in a single-process server).
     workers: WorkerSupervisor | None = None
     relay: EventRelay | None = None
+    #: This node's id (``ServerConfig.node_id`` or its default).
+    node_id: str = ""
+    #: The renewal of this node's session leases.
+    session_leases: SessionLeaseKeeper | None = None
+    #: The once-per-installation jobs, by lease name (each runs while this node holds it).
+    job_leases: dict[str, JobLease] = field(default_factory=dict)
 
 
 def open_store(config: ServerConfig) -> Store:
     """Open (creating on first start) the store the config names."""
     return open_installation_store(config.data_dir, config.db_url,
                                    pool_size=config.store_threads)
+
+
+def node_id_of(config: ServerConfig) -> str:
+    """The node id the config names, or the default one (see server.leases)."""
+    return config.node_id or default_node_id(config.api_port)
 
 
 def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:
@@ -156,6 +195,8 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             relay=asdict(config.relay),
             collector=asdict(config.collector),
             log_level=config.log_level,
+            node_id=node_id_of(config),
+            session_lease=config.session_lease,
         )
         for index in range(1, config.workers)
     ]
@@ -194,9 +235,26 @@ async def serve(
             password_hash_threads=config.api.password_hash_threads,
             password_hash_queue=config.api.password_hash_queue,
         )
-        offline = await fleet.startup()
+        node_id = node_id_of(config)
+        fleet.configure_session_leases(node_id, config.session_lease)
+        # The embedded store is this server's alone (server.data_lock): every device is
+        # offline at its start. A shared store's other nodes keep theirs (issue 16).
+        exclusive = sqlite_database_path(config.data_dir, config.db_url) is not None
+        offline = await fleet.startup(exclusive=exclusive)
         if offline:
-            log.info("marked %d devices offline after restart", offline)
+            log.info("marked %d devices offline after restart (node %s)", offline, node_id)
+        timings = LeaseTimings(config.session_lease, config.lease_renew_interval)
+        holder = f"{node_id}/{process_origin('main')}"
+        ticker = RolloutTicker(fleet, config.rollout_tick_interval)
+        jobs: dict[str, Callable[[], Awaitable[object]]] = {
+            # One ticker per installation: each tick decides rollout phases.
+            ROLLOUT_TICKS: ticker.run,
+            SESSION_SWEEPER: partial(sweep_expired_sessions, fleet,
+                                     config.lease_renew_interval),
+            EVENT_LOG_PRUNING: partial(prune_event_log, store, config.relay.retention,
+                                       config.relay.prune_interval),
+        }
+        job_leases = {name: JobLease(store, name, holder, timings) for name in jobs}
         app = create_app(fleet, config.api)
         shutdown = trio.Event()
         api_stopping = trio.Event()
@@ -216,12 +274,12 @@ async def serve(
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
             if config.multiprocess:  # before anything publishes: the workers see it all
-                relay = EventRelay(store, bus, process_origin("main"), settings=config.relay,
-                                   prune=True)
+                relay = EventRelay(store, bus, process_origin("main"), settings=config.relay)
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
-            # One ticker for every process: each tick is a transaction of the shared store.
-            await nursery.start(RolloutTicker(fleet, config.rollout_tick_interval).run)
+            # Once per installation, in the node holding each job's lease (server.leases).
+            for name, job in jobs.items():
+                await nursery.start(partial(job_leases[name].run, job))
             if config.device_port is not None:
                 plane_config = DevicePlaneConfig(
                     data_dir=Path(config.data_dir),
@@ -235,6 +293,8 @@ async def serve(
                 engine = OtaEngine(plane, config.ota)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
+            session_leases = SessionLeaseKeeper(fleet, plane, config.lease_renew_interval)
+            await nursery.start(session_leases.run)
             if config.multiprocess:
                 assert device_server is not None
                 # After fleet.startup() (devices marked offline) and with the ports bound
@@ -267,6 +327,9 @@ async def serve(
                     device_server,
                     supervisor,
                     relay,
+                    node_id,
+                    session_leases,
+                    job_leases,
                 )
             )
     finally:

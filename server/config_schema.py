@@ -195,6 +195,15 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Seconds between ticks of the active rollouts: scheduled rollouts and phases "
             "start, phase waits end and devices that did not come back from their reboot "
             "time out by time alone (the main server process ticks them)."),
+    Setting("cluster", "node_id", "server", "node_id", flag="--node-id",
+            doc="This node's name among the server nodes sharing one store (--db-url): its "
+            "devices' session leases say it, and at start the node frees only the leases "
+            "its previous run held (the other nodes' devices stay online). Never give two "
+            "live nodes one id.",
+            none_means="the host name and the API port (with API port 0: the process id)"),
+    Setting("cluster", "session_lease", "server", "session_lease", flag="--session-lease"),
+    Setting("cluster", "lease_renew_interval", "server", "lease_renew_interval",
+            flag="--lease-renew-interval"),
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),

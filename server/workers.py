@@ -43,6 +43,7 @@ from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
+from server.fleet.presence import DEFAULT_SESSION_LEASE, LOCAL_NODE
 from server.gc_tuning import CollectorSettings
 from server.logs import configure_logging
 from server.relay import EventRelay, RelaySettings
@@ -90,6 +91,9 @@ class WorkerSpec:
     collector: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
+    #: The node's id and session lease seconds (the main process renews the leases).
+    node_id: str = LOCAL_NODE
+    session_lease: float = DEFAULT_SESSION_LEASE
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -159,8 +163,9 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     try:
         bus = EventBus(buffer=spec.event_buffer, max_subscribers=spec.max_event_subscribers)
         fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(spec.store_threads))
-        # No fleet.startup(): the main process marked every device offline before any
-        # worker started; a worker (re)starting must not touch other processes' devices.
+        fleet.configure_session_leases(spec.node_id, spec.session_lease)
+        # No fleet.startup(): the main process freed its node's leases before any worker
+        # started; a worker (re)starting must not touch other processes' devices.
         relay = EventRelay(store, bus, process_origin(f"worker{spec.index}"),
                            settings=settings.relay)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -1,0 +1,53 @@
+"""Session leases on devices and named leases of once-per-installation jobs (issue 16 item 3).
+
+``devices.session_node`` and ``devices.session_lease_until`` make a device's session a lease
+with an expiry: several nodes share the store, and a node that dies leaves leases that expire
+instead of devices "online" forever. The ``leases`` table holds the named leases of jobs only
+one node of the installation runs (rollout ticks, event log pruning, the sweeper of expired
+session leases).
+
+Devices marked online by a server older than this revision have no lease: that server is
+stopped while the store is upgraded, so no session of it survives; they are marked offline
+(as that server's own start did with every device).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-07 07:10:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    """Add the lease columns, their index and the leases table."""
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("session_node", sa.String(length=64), nullable=True))
+        batch.add_column(sa.Column("session_lease_until", sa.BigInteger(), nullable=True))
+        batch.create_index("ix_devices_session_node", ["session_node"], unique=False)
+    op.create_table(
+        "leases",
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("holder", sa.String(length=96), nullable=False),
+        sa.Column("expires_at", sa.BigInteger(), nullable=False),
+        sa.Column("taken_at", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
+    op.execute(sa.text("UPDATE devices SET online = false, session_owner = NULL "
+                       "WHERE online = true OR session_owner IS NOT NULL"))
+
+
+def downgrade() -> None:
+    """Drop the leases table and the lease columns."""
+    op.drop_table("leases")
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_index("ix_devices_session_node")
+        batch.drop_column("session_lease_until")
+        batch.drop_column("session_node")
