@@ -138,6 +138,11 @@ def _make_pre_alembic(url: str, tmp_path: Path, version: int) -> str:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE alembic_version"))
+        # What revisions after 0001 (schema 8) added: no pre-Alembic server had them.
+        conn.execute(sa.text("DROP TABLE leases"))
+        conn.execute(sa.text("DROP INDEX ix_devices_session_node"))
+        for column in ("session_node", "session_lease_until"):
+            conn.execute(sa.text(f"ALTER TABLE devices DROP COLUMN {column}"))
         if version < 8:
             for table in ("rollout_events", "rollout_device_outcomes", "rollouts",
                           "maintenance_windows", "device_revocations"):

@@ -99,10 +99,14 @@ RENEW_SESSION_LEASES = (
     .returning(t.devices.c.id, t.devices.c.session_owner)
 )
 #: The sweeper: every device whose session lease expired is offline (one statement; the
-#: rows it changed are the devices that went offline, each reported once).
+#: rows it changed are the devices that went offline, each reported once). A session owner
+#: without a lease was written by a server older than leases (schema revision 0003): no
+#: live session renews it.
 SWEEP_EXPIRED_SESSIONS = (
     sa.update(t.devices)
-    .where(t.devices.c.session_lease_until < sa.bindparam("now"))
+    .where(sa.or_(t.devices.c.session_lease_until < sa.bindparam("now"),
+                  sa.and_(t.devices.c.session_owner.is_not(None),
+                          t.devices.c.session_lease_until.is_(None))))
     .values(**_NO_SESSION, updated_at=sa.bindparam("now"))
     .returning(t.devices.c.id, t.devices.c.product_id)
 )

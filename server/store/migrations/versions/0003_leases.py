@@ -6,9 +6,10 @@ instead of devices "online" forever. The ``leases`` table holds the named leases
 one node of the installation runs (rollout ticks, event log pruning, the sweeper of expired
 session leases).
 
-Devices marked online by a server older than this revision have no lease: that server is
-stopped while the store is upgraded, so no session of it survives; they are marked offline
-(as that server's own start did with every device).
+Devices marked online by a server older than this revision have a session owner but no
+lease: no live session can renew one, so the sweeper takes them for expired (and a server on
+the embedded store marks every device offline at its start anyway). The upgrade itself only
+changes the schema.
 
 Revision ID: 0003
 Revises: 0002
@@ -40,8 +41,6 @@ def upgrade() -> None:
         sa.Column("taken_at", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("name"),
     )
-    op.execute(sa.text("UPDATE devices SET online = false, session_owner = NULL "
-                       "WHERE online = true OR session_owner IS NOT NULL"))
 
 
 def downgrade() -> None:
