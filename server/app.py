@@ -50,6 +50,7 @@ from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
 from server.store.installation import open_installation_store, sqlite_database_path
+from server.store.store import DB_FILENAME
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
 
@@ -175,6 +176,15 @@ def node_id_of(config: ServerConfig) -> str:
     return config.node_id or default_node_id(config.api_port)
 
 
+def embedded_store(config: ServerConfig) -> bool:
+    """True when the store is the data directory's own SQLite file: this server's alone
+    (``server.data_lock``), so every device is offline at its start. Any other store may be
+    shared by several nodes, which keep their devices (issue 16 item 3)."""
+    path = sqlite_database_path(config.data_dir, config.db_url)
+    own = Path(config.data_dir) / DB_FILENAME
+    return path is not None and path.resolve() == own.resolve()
+
+
 def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:
     """What each worker is told: the main process's store and its bound device ports."""
     assert device_server.tcp_address is not None and device_server.udp_address is not None
@@ -237,10 +247,7 @@ async def serve(
         )
         node_id = node_id_of(config)
         fleet.configure_session_leases(node_id, config.session_lease)
-        # The embedded store is this server's alone (server.data_lock): every device is
-        # offline at its start. A shared store's other nodes keep theirs (issue 16).
-        exclusive = sqlite_database_path(config.data_dir, config.db_url) is not None
-        offline = await fleet.startup(exclusive=exclusive)
+        offline = await fleet.startup(exclusive=embedded_store(config))
         if offline:
             log.info("marked %d devices offline after restart (node %s)", offline, node_id)
         timings = LeaseTimings(config.session_lease, config.lease_renew_interval)

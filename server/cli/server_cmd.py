@@ -97,8 +97,8 @@ def server(
     config_file: Path | None = typer.Option(
         None, "--config", metavar="FILE",
         help="Read settings from this TOML file (its sections: server, api, sign_in, "
-        "devices, sessions, delivery, transfer, relay, cluster, logging; see the README's Configuration "
-        "section, or --print-config). Options given here override it.",
+        "devices, sessions, delivery, transfer, relay, cluster, logging; see the README's "
+        "Configuration section, or --print-config). Options given here override it.",
     ),
     print_config: bool = typer.Option(
         False, "--print-config",
