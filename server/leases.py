@@ -162,7 +162,7 @@ class JobLease:
                     await self._run_held(job, held_until)
                 await trio.sleep(self.timings.renew_interval)
         finally:
-            if self.held:
+            if self.taken.value:  # held it at some time: give it up if still held
                 self.held = False
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + self.timings.renew_interval
