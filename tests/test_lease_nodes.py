@@ -7,7 +7,8 @@ data directory and the same database: A's devices stay online, A keeps its job l
 SIGKILL A: the devices that can fail over reconnect to B, which takes their session leases;
 two devices that know only A stay away, and their leases expire: B, having taken the
 sweeper's lease after A's expired, marks them offline. B then holds every job lease (the
-rollout ticker among them), and a release made through B reaches the devices it holds.
+rollout ticker among them): a rollout made through B, scheduled to start by time alone,
+starts once (its events) and reaches the devices B holds.
 Short lease settings (2 s, renewed every 0.5 s); every wait is for a condition.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +37,7 @@ from server.fleet import Fleet
 from server.leases import EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER
 from server.store.installation import Installation
 from server.store.schema import devices, leases
-from tests.test_emulator_nodes import Node, release, upload
+from tests.test_emulator_nodes import Node, upload
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,14 +181,26 @@ async def test_a_dead_nodes_devices_and_jobs_move_to_the_live_node(
                 lambda f: f.online_by_endpoint()[endpoint_b.name] == MOVING, timeout=60)
             assert all(fleet.endpoint_of(d) == endpoint_b for d in moving)
 
-            # A release made through B reaches the devices B holds.
+            # A release made through B reaches the devices B holds: a rollout that starts
+            # by time alone (only the rollout ticker starts it: B's now), once.
             async with httpx.AsyncClient(base_url=node_b.api_url, headers=headers,
                                          timeout=30) as api_b:
                 await upload(api_b, product, 2, app(2))
-                await release(api_b, product, 2)
+                start_at = time.time_ns() // 1_000_000 + 1500
+                response = await api_b.post(
+                    f"/v1/products/{product}/rollouts",
+                    json={"version": 2, "phases": "100", "force": True, "start_at": start_at})
+                assert response.status_code == 201, response.text
+                rollout = response.json()["rollout"]
+                assert rollout["state"] == "scheduled", rollout
                 await fleet.wait_until(lambda f: all(updated_to(d, 2)(f) for d in moving),
                                        timeout=120)
+                shown = (await api_b.get(
+                    f"/v1/products/{product}/rollouts/{rollout['id']}")).json()["rollout"]
                 listed = (await api_b.get(f"/v1/products/{product}/devices")).json()
+            kinds_seen = [event["kind"] for event in shown["events"]]
+            print("rollout events:", kinds_seen)
+            assert kinds_seen.count("started") == 1 and kinds_seen.count("phase_started") == 1
             online = {d["id"]: d["online"] for d in listed["devices"]}
             assert online == {**dict.fromkeys(moving, True), **dict.fromkeys(staying, False)}
             assert not fleet.crashed
