@@ -87,7 +87,8 @@ CLEAR_PRESENCE = (
     sa.update(t.devices)
     .where(t.devices.c.id == sa.bindparam("key_device_id"),
            t.devices.c.session_owner == sa.bindparam("key_owner"),
-           t.devices.c.session_node == sa.bindparam("key_node"))
+           # NULL (no node) matches NULL: a presence written without a session lease.
+           t.devices.c.session_node.is_not_distinct_from(sa.bindparam("key_node")))
     .values(**_NO_SESSION, last_heard_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
 )
 #: A node's renewal of all its sessions' leases: one statement per period, whatever the
@@ -314,9 +315,11 @@ class FleetQueries:
         )
         return int(result.rowcount)
 
-    def clear_presence(self, device_id: str, owner: str, now: int, node: str) -> bool:
+    def clear_presence(self, device_id: str, owner: str, now: int,
+                       node: str | None = None) -> bool:
         """Mark the device offline if session ``owner`` of ``node`` still holds it; False
-        when a newer session (in this process or another, on any node) took it over."""
+        when a newer session (in this process or another, on any node) took it over.
+        ``node`` None: a presence written with no node (a store of an older server)."""
         result = self.conn.execute(CLEAR_PRESENCE, {"key_device_id": device_id,
                                                     "key_owner": owner, "key_node": node,
                                                     "now": now})

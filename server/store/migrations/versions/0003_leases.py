@@ -28,19 +28,28 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add the lease columns, their index and the leases table."""
+    """Add the lease columns, their index and the leases table (each only when missing: a
+    store built by ``create_all`` from a newer schema, as tests fabricate old stores, has
+    them already)."""
+    inspector = sa.inspect(op.get_bind())
+    columns = {column["name"] for column in inspector.get_columns("devices")}
+    indexes = {index["name"] for index in inspector.get_indexes("devices")}
     with op.batch_alter_table("devices") as batch:
-        batch.add_column(sa.Column("session_node", sa.String(length=64), nullable=True))
-        batch.add_column(sa.Column("session_lease_until", sa.BigInteger(), nullable=True))
-        batch.create_index("ix_devices_session_node", ["session_node"], unique=False)
-    op.create_table(
-        "leases",
-        sa.Column("name", sa.String(length=64), nullable=False),
-        sa.Column("holder", sa.String(length=96), nullable=False),
-        sa.Column("expires_at", sa.BigInteger(), nullable=False),
-        sa.Column("taken_at", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("name"),
-    )
+        if "session_node" not in columns:
+            batch.add_column(sa.Column("session_node", sa.String(length=64), nullable=True))
+        if "session_lease_until" not in columns:
+            batch.add_column(sa.Column("session_lease_until", sa.BigInteger(), nullable=True))
+        if "ix_devices_session_node" not in indexes:
+            batch.create_index("ix_devices_session_node", ["session_node"], unique=False)
+    if not inspector.has_table("leases"):
+        op.create_table(
+            "leases",
+            sa.Column("name", sa.String(length=64), nullable=False),
+            sa.Column("holder", sa.String(length=96), nullable=False),
+            sa.Column("expires_at", sa.BigInteger(), nullable=False),
+            sa.Column("taken_at", sa.BigInteger(), nullable=False),
+            sa.PrimaryKeyConstraint("name"),
+        )
 
 
 def downgrade() -> None:
