@@ -54,6 +54,8 @@ EVENT_LOG_PRUNING = "event-log-pruning"
 #: Why a session whose lease another node took is closed.
 LEASE_LOST = "session lease taken by another node"
 
+#: Seconds a stopping node waits for the release of a job lease (else it expires).
+RELEASE_TIMEOUT = 5.0
 #: Errors a store call may end with that a lease loop outlives (tried again next period).
 STORE_ERRORS = (OtaError, sqlalchemy.exc.SQLAlchemyError)
 
@@ -153,25 +155,31 @@ class JobLease:
     async def run(self, job: Callable[[], Awaitable[object]], *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled: wait for the lease, run ``job`` while it is held, and give the
-        lease up when cancelled (a graceful stop: another node takes it over at once)."""
-        task_status.started()
+        lease up when cancelled (a graceful stop: another node takes it over at once).
+        Started once the first attempt is decided (the job runs by then if it got the
+        lease), so a server's tasks are settled when it reports itself started."""
+        status: trio.TaskStatus[None] | None = task_status
         try:
             while True:
                 held_until = await self.try_take()
                 if held_until is not None:
-                    await self._run_held(job, held_until)
+                    await self._run_held(job, held_until, status)
+                elif status is not None:
+                    status.started()
+                status = None
                 await trio.sleep(self.timings.renew_interval)
         finally:
             if self.taken.value:  # held it at some time: give it up if still held
                 self.held = False
                 with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + self.timings.renew_interval
+                    scope.deadline = trio.current_time() + RELEASE_TIMEOUT
                     try:
                         await trio.to_thread.run_sync(self._release, abandon_on_cancel=True)
                     except STORE_ERRORS as exc:
                         log.warning("lease %s: not released (it expires): %s", self.name, exc)
 
-    async def _run_held(self, job: Callable[[], Awaitable[object]], held_until: float) -> None:
+    async def _run_held(self, job: Callable[[], Awaitable[object]], held_until: float,
+                        status: trio.TaskStatus[None] | None) -> None:
         """Run ``job`` until the lease may have run out (no renewal succeeded in time) or
         another node took it; the job ending by itself ends the holding too."""
         self.held = True
@@ -191,6 +199,8 @@ class JobLease:
                             job_scope.deadline = renewed_until
 
                     nursery.start_soon(renew)
+                    if status is not None:
+                        status.started()
                     await job()
                     nursery.cancel_scope.cancel()
             if job_scope.cancelled_caught:
