@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,12 +37,24 @@ from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
+from server.leases import (
+    EVENT_LOG_PRUNING,
+    ROLLOUT_TICKS,
+    SESSION_SWEEPER,
+    JobLease,
+    LeaseTimings,
+    SessionLeaseKeeper,
+    check_lease_timings,
+    prune_event_log,
+    sweep_expired_sessions,
+)
 from server.logs import parse_log_level
 from server.node_id import check_node_id, default_node_id
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
-from server.store.installation import open_installation_store
+from server.store.installation import open_installation_store, sqlite_database_path
+from server.store.store import DB_FILENAME
 from server.transport import DeviceServer, SessionLimits
 from server.workers import WorkerSettings, WorkerSpec, WorkerSupervisor, process_origin
 
@@ -89,9 +102,6 @@ class ServerConfig:
     #: Seconds a graceful shutdown waits for the worker processes to say farewell to their
     #: devices and exit, before it kills them.
     worker_stop_grace: float = 15.0
-    #: This node's id among the nodes of the installation (``server.node_id``; None: the
-    #: host name and a random suffix, new at each start).
-    node_id: str | None = None
     #: Timings and bounds of the store event relay between server processes (see
     #: ``shares_store``).
     relay: RelaySettings = field(default_factory=RelaySettings)
@@ -102,6 +112,18 @@ class ServerConfig:
     #: Seconds between ticks of the active rollouts (scheduled starts, phase waits, reboot
     #: timeouts happen by time alone); the main process ticks them.
     rollout_tick_interval: float = 15.0
+    #: This node's name among the nodes sharing the store (``cluster.node_id``: its
+    #: processes' origins and its devices' session leases say it); None: host name and API
+    #: port (``server.node_id.default_node_id``). Two live nodes must never share one.
+    node_id: str | None = None
+    #: Seconds a device's session lease, and a once-per-installation job's lease (rollout
+    #: ticks, the sweeper of expired session leases, the event log's pruning), lasts
+    #: without renewal: after a node dies, its devices are marked offline and its jobs
+    #: move to another node within about this long.
+    session_lease: float = 30.0
+    #: Seconds between renewals of the leases (one statement per node for all its
+    #: sessions); at most half of session_lease.
+    lease_renew_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.api_port <= 65535:
@@ -127,6 +149,7 @@ class ServerConfig:
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
                                       f"{value!r}")
         parse_log_level(self.log_level)
+        check_lease_timings(self.session_lease, self.lease_renew_interval)
         if self.node_id is not None:
             check_node_id(self.node_id)
 
@@ -159,8 +182,12 @@ class ServerHandle:
     #: when no other process shares the store, ``ServerConfig.shares_store``).
     workers: WorkerSupervisor | None = None
     relay: EventRelay | None = None
-    #: This node's id (``ServerConfig.node_id`` or the default drawn at start).
+    #: This node's id (``ServerConfig.node_id`` or its default).
     node_id: str = ""
+    #: The renewal of this node's session leases.
+    session_leases: SessionLeaseKeeper | None = None
+    #: The once-per-installation jobs, by lease name (each runs while this node holds it).
+    job_leases: dict[str, JobLease] = field(default_factory=dict)
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -171,11 +198,22 @@ def open_store(config: ServerConfig) -> Store:
                                    blob_sweep_grace_s=config.blob_sweep_grace)
 
 
-def worker_specs(
-    config: ServerConfig, device_server: DeviceServer, node_id: str = ""
-) -> list[WorkerSpec]:
-    """What each worker is told: the main process's store, its bound device ports and its
-    node id."""
+def node_id_of(config: ServerConfig) -> str:
+    """The node id the config names, or the default one (see server.leases)."""
+    return config.node_id or default_node_id(config.api_port)
+
+
+def embedded_store(config: ServerConfig) -> bool:
+    """True when the store is the data directory's own SQLite file: this server's alone
+    (``server.data_lock``), so every device is offline at its start. Any other store may be
+    shared by several nodes, which keep their devices (issue 16 item 3)."""
+    path = sqlite_database_path(config.data_dir, config.db_url)
+    own = Path(config.data_dir) / DB_FILENAME
+    return path is not None and path.resolve() == own.resolve()
+
+
+def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[WorkerSpec]:
+    """What each worker is told: the main process's store and its bound device ports."""
     assert device_server.tcp_address is not None and device_server.udp_address is not None
     return [
         WorkerSpec(
@@ -195,7 +233,8 @@ def worker_specs(
             relay=asdict(config.relay),
             collector=asdict(config.collector),
             log_level=config.log_level,
-            node_id=node_id,
+            node_id=node_id_of(config),
+            session_lease=config.session_lease,
         )
         for index in range(1, config.workers)
     ]
@@ -234,9 +273,24 @@ async def serve(
             password_hash_threads=config.api.password_hash_threads,
             password_hash_queue=config.api.password_hash_queue,
         )
-        offline = await fleet.startup()
+        node_id = node_id_of(config)
+        fleet.configure_session_leases(node_id, config.session_lease)
+        offline = await fleet.startup(exclusive=embedded_store(config))
         if offline:
-            log.info("marked %d devices offline after restart", offline)
+            log.info("marked %d devices offline after restart (node %s)", offline, node_id)
+        timings = LeaseTimings(config.session_lease, config.lease_renew_interval)
+        origin = process_origin("main", node_id)
+        holder = origin  # "<node id>:main-<pid>": which process runs a job
+        ticker = RolloutTicker(fleet, config.rollout_tick_interval)
+        jobs: dict[str, Callable[[], Awaitable[object]]] = {
+            # One ticker per installation: each tick decides rollout phases.
+            ROLLOUT_TICKS: ticker.run,
+            SESSION_SWEEPER: partial(sweep_expired_sessions, fleet,
+                                     config.lease_renew_interval),
+            EVENT_LOG_PRUNING: partial(prune_event_log, store, config.relay.retention,
+                                       config.relay.prune_interval),
+        }
+        job_leases = {name: JobLease(store, name, holder, timings) for name in jobs}
         app = create_app(fleet, config.api)
         shutdown = trio.Event()
         api_stopping = trio.Event()
@@ -244,8 +298,6 @@ async def serve(
         device_server: DeviceServer | None = None
         relay: EventRelay | None = None
         supervisor: WorkerSupervisor | None = None
-        node_id = config.node_id or default_node_id()
-        origin = process_origin("main", node_id)
         async with trio.open_nursery() as nursery:
 
             async def run_api(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -258,11 +310,12 @@ async def serve(
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
             if config.shares_store:  # before anything publishes: the others see it all
-                relay = EventRelay(store, bus, origin, settings=config.relay, prune=True)
+                relay = EventRelay(store, bus, origin, settings=config.relay)
                 await nursery.start(relay.run)
             binds: list[str] = await nursery.start(partial(run_api))
-            # One ticker for every process: each tick is a transaction of the shared store.
-            await nursery.start(RolloutTicker(fleet, config.rollout_tick_interval).run)
+            # Once per installation, in the node holding each job's lease (server.leases).
+            for name, job in jobs.items():
+                await nursery.start(partial(job_leases[name].run, job))
             if config.device_port is not None:
                 plane_config = DevicePlaneConfig(
                     data_dir=Path(config.data_dir),
@@ -277,11 +330,13 @@ async def serve(
                 engine = OtaEngine(plane, config.ota)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
+            session_leases = SessionLeaseKeeper(fleet, plane, config.lease_renew_interval)
+            await nursery.start(session_leases.run)
             if config.multiprocess:
                 assert device_server is not None
                 # After fleet.startup() (devices marked offline) and with the ports bound
                 # (port 0: the workers bind what this process got).
-                supervisor = WorkerSupervisor(worker_specs(config, device_server, node_id),
+                supervisor = WorkerSupervisor(worker_specs(config, device_server),
                                               stop_grace=config.worker_stop_grace,
                                               on_lost=fleet.sessions_lost,
                                               expected_settings=worker_settings(config).digest())
@@ -310,6 +365,8 @@ async def serve(
                     supervisor,
                     relay,
                     node_id,
+                    session_leases,
+                    job_leases,
                 )
             )
     finally:

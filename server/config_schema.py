@@ -110,11 +110,6 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Server processes serving devices on the shared ports and store (0: one per "
             "CPU when device listeners are on, else 1).", none_value=0,
             none_means="one per CPU with device listeners, else 1", unset_by_default=True),
-    Setting("server", "node_id", "server", "node_id", flag="--node-id",
-            doc="This node's id among the nodes of the installation sharing db_url: part of "
-            "every process's origin in the event log and in device sessions, so different on "
-            "each node (1 to 32 letters, digits, '.', '_' or '-').",
-            none_means="the host name and a random suffix, new at each start"),
     Setting("server", "store_threads", "server", "store_threads"),
     Setting("server", "blob_cache_mb", "server", "blob_cache_mb"),
     Setting("server", "blob_sweep_grace", "server", "blob_sweep_grace"),
@@ -203,6 +198,16 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Seconds between ticks of the active rollouts: scheduled rollouts and phases "
             "start, phase waits end and devices that did not come back from their reboot "
             "time out by time alone (the main server process ticks them)."),
+    Setting("cluster", "node_id", "server", "node_id", flag="--node-id",
+            doc="This node's name among the server nodes sharing one store (--db-url): part "
+            "of every process's origin in the event log and in device sessions, and its "
+            "devices' session leases say it; at start the node frees only the leases its "
+            "previous run held (the other nodes' devices stay online). Never give two live "
+            "nodes one id (1 to 32 letters, digits, '.', '_' or '-').",
+            none_means="the host name and the API port (with API port 0: the process id)"),
+    Setting("cluster", "session_lease", "server", "session_lease", flag="--session-lease"),
+    Setting("cluster", "lease_renew_interval", "server", "lease_renew_interval",
+            flag="--lease-renew-interval"),
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),

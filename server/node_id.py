@@ -5,14 +5,14 @@ The nodes of one installation share one database; every process of every node ha
 the event log (the relay skips its own rows by it) and in the device sessions it holds
 (``devices.session_owner`` is ``"<origin>/<serial>"``). The pid alone is unique only on one
 host; two nodes in containers are often both pid 1. The node id makes origins unique across
-nodes: the operator's ``--node-id`` (``server.node_id``), else the host name and a random
-suffix drawn at each start.
+nodes: the operator's ``--node-id`` (``cluster.node_id``), else the host name and the API
+port (or the pid when the API port is a free one).
 """
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import socket
 
 from otacore.errors import ValidationError
@@ -21,8 +21,6 @@ from otacore.errors import ValidationError
 #: event log's origin column (64 characters) with room to spare.
 NODE_ID_MAX = 32
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
-#: Random hex digits after the host name of a default node id.
-_SUFFIX_DIGITS = 6
 
 
 def check_node_id(node_id: str) -> str:
@@ -35,10 +33,14 @@ def check_node_id(node_id: str) -> str:
     return node_id
 
 
-def default_node_id(hostname: str | None = None) -> str:
-    """The host name (characters a node id cannot hold made '-', cut to fit) and a random
-    suffix: unique among nodes without any setting, new at each start."""
+def default_node_id(api_port: int = 0, hostname: str | None = None) -> str:
+    """The node id when none is configured: the host name (characters a node id cannot hold
+    made '-', cut to fit) and the API port, stable across restarts of the node (so a
+    restarted node frees its previous incarnation's session leases at once, see
+    server.leases) and distinct between nodes (two cannot listen on one host's port). With
+    API port 0 (a free one) the process id stands in for it: such a node cannot recognise
+    its previous incarnation, whose leases then expire."""
     name = socket.gethostname() if hostname is None else hostname
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "node"
-    name = name[: NODE_ID_MAX - _SUFFIX_DIGITS - 1]
-    return f"{name}-{secrets.token_hex(_SUFFIX_DIGITS // 2)}"
+    suffix = f"-{api_port}" if api_port else f"-pid{os.getpid()}"
+    return name[: NODE_ID_MAX - len(suffix)] + suffix

@@ -1,7 +1,12 @@
 """The periodic tick of safe rollouts (issue 15): time alone starts a scheduled rollout or
 phase, ends a phase's wait and times out devices that did not come back from their reboot,
 so the server lets time pass for every active rollout at an operator-set interval
-(``rollouts.tick_interval``), whether or not devices or operators do anything."""
+(``rollouts.tick_interval``), whether or not devices or operators do anything.
+
+One ticker runs per installation, however many nodes share the store: the node holding the
+``rollout-ticks`` lease runs it (``server.leases.JobLease``, wired in ``server.app``), so a
+phase decision is never taken twice by two nodes, and another node takes over when the
+holder dies (after the lease expires) or stops (at once)."""
 
 from __future__ import annotations
 

@@ -43,9 +43,10 @@ from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
 from server.events import EventBus
 from server.fleet import Fleet
+from server.fleet.presence import DEFAULT_SESSION_LEASE, LOCAL_NODE
 from server.gc_tuning import CollectorSettings
 from server.logs import configure_logging
-from server.node_id import check_node_id, default_node_id
+from server.node_id import check_node_id
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.store.installation import open_installation_store
@@ -93,9 +94,10 @@ class WorkerSpec:
     collector: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
-    #: The node this worker belongs to (``server.node_id``): part of its origin. Empty:
-    #: a default one of its own (a spec of an older main process).
-    node_id: str = ""
+    #: The node this worker belongs to (``cluster.node_id``: part of its origin) and its
+    #: session lease seconds (the main process renews the node's leases).
+    node_id: str = LOCAL_NODE
+    session_lease: float = DEFAULT_SESSION_LEASE
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -142,7 +144,7 @@ class WorkerSettings:
 
 def process_origin(role: str, node_id: str) -> str:
     """The origin of this process (its relay's, its sessions'): node id, role and pid,
-    unique among the live processes of every node (``server.node_id``). The pid comes last
+    unique among the live processes of every node (``cluster.node_id``). The pid comes last
     and the origin holds no "/" (a session token is "<origin>/<serial>")."""
     return f"{check_node_id(node_id)}:{role}-{os.getpid()}"
 
@@ -169,10 +171,10 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     try:
         bus = EventBus(buffer=spec.event_buffer, max_subscribers=spec.max_event_subscribers)
         fleet = Fleet(store, bus, limiter=trio.CapacityLimiter(spec.store_threads))
-        # No fleet.startup(): the main process marked every device offline before any
-        # worker started; a worker (re)starting must not touch other processes' devices.
-        node_id = spec.node_id or default_node_id()
-        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}", node_id),
+        fleet.configure_session_leases(spec.node_id, spec.session_lease)
+        # No fleet.startup(): the main process freed its node's leases before any worker
+        # started; a worker (re)starting must not touch other processes' devices.
+        relay = EventRelay(store, bus, process_origin(f"worker{spec.index}", spec.node_id),
                            settings=settings.relay)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

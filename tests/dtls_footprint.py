@@ -117,7 +117,10 @@ async def measure_idle_dtls_sessions(tmp_path: Path, count: int, frames: int = 1
     async with trio.open_nursery() as nursery:
         kit = await start_device_server(
             nursery, tmp_path, count=WARM_UP + count,
-            device_limits=SessionLimits(handshake_timeout=HANDSHAKE_TIMEOUT))
+            device_limits=SessionLimits(handshake_timeout=HANDSHAKE_TIMEOUT),
+            # No lease renewal or sweep inside the census (a slow machine's census outlasts
+            # the default 10 s period): their transient objects are not a session's.
+            session_lease=7200.0, lease_renew_interval=3600.0)
         warm_ids, measured_ids = kit.device_ids[:WARM_UP], kit.device_ids[WARM_UP:]
         devices = [await _open_devices(kit, warm_ids, nursery, hello)]
         await _until_settled()

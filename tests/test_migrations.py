@@ -140,6 +140,10 @@ def _make_pre_alembic(url: str, tmp_path: Path, version: int) -> str:
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE alembic_version"))
         drop_tables_after_baseline(conn)  # no pre-Alembic server had them
+        # Nor the columns revision 0003 added to devices (its session leases).
+        conn.execute(sa.text("DROP INDEX ix_devices_session_node"))
+        for column in ("session_node", "session_lease_until"):
+            conn.execute(sa.text(f"ALTER TABLE devices DROP COLUMN {column}"))
         if version < 8:
             for table in ("rollout_events", "rollout_device_outcomes", "rollouts",
                           "maintenance_windows", "device_revocations"):

@@ -10,6 +10,7 @@ an hour, so anything that arrives within a test's timeouts arrived because a not
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -179,12 +180,13 @@ def test_a_sqlite_relay_polls(tmp_path: Path) -> None:
 
 def test_node_ids_and_origins() -> None:
     host = "build-host.example.com"
-    node = default_node_id(host)
-    assert node.startswith(f"{host}-") and len(node) == len(host) + 7
-    assert default_node_id(host) != node  # a random suffix each start
-    long = default_node_id("h" * 100 + "/ü x")
+    # The host name and the API port: stable across restarts, distinct between nodes.
+    assert default_node_id(8080, host) == f"{host}-8080" == default_node_id(8080, host)
+    assert default_node_id(8081, host) != default_node_id(8080, host)
+    assert default_node_id(0, host) == f"{host}-pid{os.getpid()}"  # a free API port
+    long = default_node_id(8080, "h" * 100 + "/ü x")
     assert len(long) == NODE_ID_MAX and check_node_id(long) == long
-    assert default_node_id("///").startswith("node-")
+    assert default_node_id(8080, "///").startswith("node-")
     origin = process_origin("worker1023", "n" * NODE_ID_MAX)
     assert len(origin) <= 64 and "/" not in origin  # event_log.origin; "<origin>/<serial>"
     assert origin.rpartition("-")[2].isdigit()  # the pid comes last

@@ -97,8 +97,8 @@ def server(
     config_file: Path | None = typer.Option(
         None, "--config", metavar="FILE",
         help="Read settings from this TOML file (its sections: server, api, sign_in, "
-        "devices, sessions, delivery, transfer, relay, logging; see the README's Configuration "
-        "section, or --print-config). Options given here override it.",
+        "devices, sessions, delivery, transfer, relay, cluster, logging; see the README's "
+        "Configuration section, or --print-config). Options given here override it.",
     ),
     print_config: bool = typer.Option(
         False, "--print-config",
@@ -115,11 +115,6 @@ def server(
     api_port: int = typer.Option(8080, "--api-port", help="API port (0 picks a free one)."),
     db_url: str | None = typer.Option(
         None, "--db-url", envvar=DB_URL_ENV, show_envvar=True, help=DB_URL_HELP
-    ),
-    node_id: str | None = typer.Option(
-        None, "--node-id",
-        help="This node's id among the nodes sharing --db-url (default: the host name and a "
-        "random suffix).",
     ),
     device_port: int = typer.Option(
         5684, "--device-port", help="TCP (TLS) and UDP (DTLS) port for devices; -1 disables."
@@ -239,6 +234,24 @@ def server(
         help="Seconds between the summary lines of failed sign-ins and lockouts (the first "
         "of a burst is logged at once).",
     ),
+    node_id: str | None = typer.Option(
+        None, "--node-id",
+        help="This node's name among the server nodes sharing the store (--db-url); its "
+        "devices' session leases say it, and at start the node frees only the leases its "
+        "previous run held. Default: host name and API port. Never give two live nodes "
+        "one id.",
+    ),
+    session_lease: float = typer.Option(
+        ServerConfig.session_lease, "--session-lease", min=0.001,
+        help="Seconds a device's session lease and a once-per-installation job's lease "
+        "(rollout ticks, sweeping expired sessions, pruning the event log) last without "
+        "renewal: a dead node's devices go offline and its jobs move within about this.",
+    ),
+    lease_renew_interval: float = typer.Option(
+        ServerConfig.lease_renew_interval, "--lease-renew-interval", min=0.001,
+        help="Seconds between lease renewals (one statement per node for all its "
+        "sessions); at most half of --session-lease.",
+    ),
     log_level: str = typer.Option(
         "info", "--log-level",
         help="Least severe log records written to stderr, in every server process: debug, "
@@ -284,7 +297,6 @@ OPTION_SETTINGS: dict[str, str] = {
     "data": "server.data_dir",
     "db_url": "server.db_url",
     "workers": "server.workers",
-    "node_id": "server.node_id",
     "host": "api.host",
     "api_port": "api.port",
     "device_port": "devices.port",
@@ -309,6 +321,9 @@ OPTION_SETTINGS: dict[str, str] = {
     "login_tracked_keys": "sign_in.tracked_keys",
     "login_log_interval": "sign_in.log_interval",
     "log_level": "logging.level",
+    "node_id": "cluster.node_id",
+    "session_lease": "cluster.session_lease",
+    "lease_renew_interval": "cluster.lease_renew_interval",
     "refresh_token_lifetime": "sign_in.refresh_token_seconds",
 }
 

@@ -1,10 +1,19 @@
-"""Device presence in the store: which devices are online, and which session says so.
+"""Device presence in the store: which devices are online, which session says so, and the
+session's lease.
 
-A session marks its device online with its own token ("<process origin>/<serial>"), and
-only that session marks it offline again: when a device reconnects (maybe to another server
-process sharing the store) before its old session notices it is gone, the old session's end
-leaves the new one's presence alone. The supervisor of the worker processes clears the
-presence of every session of a worker that died (``sessions_lost``).
+A session marks its device online with its own token ("<process origin>/<serial>") and its
+node (``session_node``), and only that session marks it offline again: when a device
+reconnects (maybe to another server process or node sharing the store) before its old
+session notices it is gone, the old session's end leaves the new one's presence alone. The
+supervisor of the worker processes clears the presence of every session of a worker that
+died (``sessions_lost``).
+
+Several nodes share one store (issue 16 item 3), so presence is a lease: the write that marks
+a device online also sets ``session_lease_until``; each node renews the leases of all its
+sessions in one statement per period (:meth:`PresenceService.renew_session_leases`,
+driven by ``server.leases.SessionLeaseKeeper``), and a lease its node did not renew in
+time is free: the device's next session on any node takes it, and the installation's one
+sweeper (:meth:`PresenceService.sweep_expired_sessions`) marks the device offline.
 """
 
 from __future__ import annotations
@@ -16,9 +25,36 @@ from server.fleet.base import FleetBase, Outcome, normalize_device_id, unknown_d
 from server.store import Tx
 from server.store.tx_ota import OtaMemoryRecord
 
+#: The node name of a store used by one server (no ``--node-id``; see server.leases).
+LOCAL_NODE = "local"
+#: Seconds a session lease lasts unless configured (``cluster.session_lease``).
+DEFAULT_SESSION_LEASE = 30.0
+
+
+def offline_events(devices: list[tuple[str, int]], now: int) -> list[Event]:
+    """spark/status "offline" of each (device id, product id)."""
+    return [Event(STATUS, "offline", product_id=product_id, device_id=device_id,
+                  coreid=device_id, published_at=now)
+            for device_id, product_id in devices]
+
 
 class PresenceService(FleetBase):
     """Online and offline, owned by sessions (used by ``server.devices.session``)."""
+
+    #: This node's name in ``devices.session_node`` (``configure_session_leases``).
+    session_node: str = LOCAL_NODE
+    #: Milliseconds a session's lease lasts from its last write or renewal.
+    session_lease_ms: int = int(DEFAULT_SESSION_LEASE * 1000)
+
+    def configure_session_leases(self, node: str, lease_seconds: float) -> None:
+        """Name this node and set how long its sessions' leases last (before any session
+        starts)."""
+        if not 0 < len(node) <= 64:
+            raise ValueError(f"a node id is 1 to 64 characters, not {node!r}")
+        if not lease_seconds > 0:
+            raise ValueError(f"a session lease lasts a positive time, not {lease_seconds!r}")
+        self.session_node = node
+        self.session_lease_ms = max(1, round(lease_seconds * 1000))
 
     async def device_online(self, device_id: str, *, ip: str | None = None,
                             session: str | None = None) -> None:
@@ -40,18 +76,49 @@ class PresenceService(FleetBase):
         await self._set_online(device_id, False, None, session)
 
     async def sessions_lost(self, origin: str) -> int:
-        """A server process died: its sessions are gone, mark their devices offline (they
-        reconnect to a live process). Returns how many."""
+        """A server process of this node died: its sessions are gone, mark their devices
+        offline (they reconnect to a live process). Returns how many."""
 
         def work(tx: Tx) -> Outcome:
             now = self.clock()
-            devices = tx.clear_presence_of_origin(origin, now)
-            events = [
-                Event(STATUS, "offline", product_id=product_id, device_id=device_id,
-                      coreid=device_id, published_at=now)
-                for device_id, product_id in devices
-            ]
-            return Outcome(len(devices), events)
+            devices = tx.clear_presence_of_origin(origin, now, self.session_node)
+            return Outcome(len(devices), offline_events(devices, now))
+
+        count: int = await self._run_grouped(work)
+        return count
+
+    async def release_node_sessions(self) -> int:
+        """This node starts: no session of its previous incarnation survives, so the
+        devices whose leases it held are offline now (not after the leases expire); other
+        nodes' devices are left alone. Returns how many."""
+
+        def work(tx: Tx) -> Outcome:
+            now = self.clock()
+            devices = tx.release_node_sessions(self.session_node, now)
+            return Outcome(len(devices), offline_events(devices, now))
+
+        count: int = await self._run_grouped(work)
+        return count
+
+    async def renew_session_leases(self) -> set[tuple[str, str | None]]:
+        """Extend the leases of every session of this node in one statement; (device id,
+        session token) of each lease renewed."""
+
+        def work(tx: Tx) -> Outcome:
+            until = self.clock() + self.session_lease_ms
+            return Outcome(set(tx.renew_session_leases(self.session_node, until)))
+
+        renewed: set[tuple[str, str | None]] = await self._run_grouped(work)
+        return renewed
+
+    async def sweep_expired_sessions(self) -> int:
+        """Mark offline every device whose session lease expired (its node died or lost
+        the store), with one spark/status "offline" event each. Returns how many."""
+
+        def work(tx: Tx) -> Outcome:
+            now = self.clock()
+            devices = tx.sweep_expired_sessions(now)
+            return Outcome(len(devices), offline_events(devices, now))
 
         count: int = await self._run_grouped(work)
         return count
@@ -69,12 +136,18 @@ class PresenceService(FleetBase):
                 raise unknown_device(device_id)
             product_id, was_online = found
             if not online and session is not None:
-                if not tx.clear_presence(normalized, session, now):
+                if not tx.clear_presence(normalized, session, now, self.session_node):
                     return Outcome(None)  # a newer session holds the device
             else:
                 fields: dict[str, Any] = {"online": online, "last_heard_at": now}
                 if online:
+                    # The session takes the device's lease, whoever held it: the device
+                    # is here now, so an older session elsewhere is stale (its node
+                    # closes it at its next renewal: server.leases.SessionLeaseKeeper).
                     fields["session_owner"] = session
+                    fields["session_node"] = None if session is None else self.session_node
+                    fields["session_lease_until"] = (
+                        None if session is None else now + self.session_lease_ms)
                 if ip is not None:
                     fields["last_ip_address"] = ip
                 tx.update_device(normalized, fields, now)

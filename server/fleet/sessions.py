@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from otacore.errors import ValidationError
 from otacore.platforms import ModuleFunction
@@ -31,6 +31,7 @@ from server.fleet.base import (
 from server.fleet.devices import updates_pending_for
 from server.fleet.errors import WrongPlatformError
 from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
+from server.fleet.presence import PresenceService, offline_events
 from server.fleet.roles import Actor, Permission
 from server.store import (
     DeviceRecord,
@@ -202,17 +203,38 @@ class SessionService(FleetBase):
             view = replace(view, device=changed)
         return view
 
-    async def startup(self) -> int:
-        """At server start: no session survives, so mark every device offline; also remove
-        blobs left by a crash between blob write and commit. Returns devices marked offline."""
+    async def startup(self, *, exclusive: bool = True) -> int:
+        """At a server's start: the sessions that did not survive are offline; also remove
+        blobs left by a crash between blob write and commit. Returns devices marked offline.
 
-        def work() -> int:
-            with self.store.write() as tx:
-                count = tx.mark_all_offline(self.clock())
+        ``exclusive``: this server is the store's only one (the embedded store, locked to
+        it: ``server.data_lock``), so every device is offline. Otherwise other nodes share
+        the store (issue 16 item 3): only the leases of this node's previous incarnation
+        are freed (with spark/status "offline" events), the other nodes' devices stay as
+        they are and leases of a dead node expire (``sweep_expired_sessions``)."""
+
+        def sweep_blobs() -> None:
             self.store.sweep_blobs()
-            return count
 
-        return await self._read(work)
+        if exclusive:
+
+            def work() -> int:
+                with self.store.write() as tx:
+                    count = tx.mark_all_offline(self.clock())
+                self.store.sweep_blobs()
+                return count
+
+            return await self._read(work)
+        node = cast(PresenceService, self).session_node  # Fleet mixes both in
+
+        def release(tx: Tx) -> Outcome:
+            now = self.clock()
+            devices = tx.release_node_sessions(node, now)
+            return Outcome(len(devices), offline_events(devices, now))
+
+        count: int = await self._run_grouped(release)
+        await self._read(sweep_blobs)
+        return count
 
     async def target_for_device(self, device_id: str) -> DeviceTarget:
         """The firmware the rules give a device now, with its pending flash if any."""

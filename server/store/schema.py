@@ -78,6 +78,12 @@ devices = sa.Table(
     # may clear it, so an old session ending after the device reconnected (maybe to another
     # server process) does not mark a live device offline.
     sa.Column("session_owner", sa.String(96), nullable=True),
+    # The node whose process holds that session (``--node-id``), and until when (epoch ms):
+    # the session's lease. The node renews the leases of all its sessions in one UPDATE per
+    # period (by this column, hence its index); a lease past its time is free, and the
+    # installation's sweeper marks its device offline (server.leases).
+    sa.Column("session_node", sa.String(64), nullable=True),
+    _ms("session_lease_until", nullable=True),
     sa.Column("certs_revoked", sa.Boolean, nullable=False, default=False),
     sa.Column("last_ip_address", sa.String(64), nullable=True),
     _ms("last_handshake_at", nullable=True),
@@ -90,6 +96,7 @@ devices = sa.Table(
     _ms("updated_at"),
 )
 sa.Index("ix_devices_product", devices.c.product_id, devices.c.id)
+sa.Index("ix_devices_session_node", devices.c.session_node)
 
 groups = sa.Table(
     "groups",
@@ -540,3 +547,16 @@ maintenance_windows = sa.Table(
     _ms("updated_at"),
     sa.UniqueConstraint("product_id", "scope", name="uq_maintenance_windows_product_scope"),
 )
+
+#: Named leases of once-per-installation jobs (the rollout ticker, the event log pruning,
+#: the sweeper of expired session leases): only the node holding a job's lease runs it; a
+#: lease not renewed by ``expires_at`` (epoch ms) may be taken by another node.
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(96), nullable=False),
+    _ms("expires_at"),
+    _ms("taken_at"),
+)
+

@@ -32,6 +32,8 @@ DEVICE_MUTABLE = frozenset(
         "reset_pending",
         "online",
         "session_owner",
+        "session_node",
+        "session_lease_until",
         "certs_revoked",
         "last_ip_address",
         "last_handshake_at",
@@ -78,12 +80,36 @@ SELECT_DEVICE_ONLINE = sa.select(t.devices.c.product_id, t.devices.c.online).whe
 #: The SET clause comes from the parameter names given at execution (SQLAlchemy compiles
 #: and caches one form per set of names).
 UPDATE_DEVICE = sa.update(t.devices).where(t.devices.c.id == sa.bindparam("key_device_id"))
+#: What a device whose session ended (or whose lease expired) is left with.
+_NO_SESSION = {"online": False, "session_owner": None, "session_node": None,
+               "session_lease_until": None}
 CLEAR_PRESENCE = (
     sa.update(t.devices)
     .where(t.devices.c.id == sa.bindparam("key_device_id"),
-           t.devices.c.session_owner == sa.bindparam("key_owner"))
-    .values(online=False, session_owner=None, last_heard_at=sa.bindparam("now"),
-            updated_at=sa.bindparam("now"))
+           t.devices.c.session_owner == sa.bindparam("key_owner"),
+           # NULL (no node) matches NULL: a presence written without a session lease.
+           t.devices.c.session_node.is_not_distinct_from(sa.bindparam("key_node")))
+    .values(**_NO_SESSION, last_heard_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+)
+#: A node's renewal of all its sessions' leases: one statement per period, whatever the
+#: number of sessions (by the indexed ``session_node``).
+RENEW_SESSION_LEASES = (
+    sa.update(t.devices)
+    .where(t.devices.c.session_node == sa.bindparam("key_node"))
+    .values(session_lease_until=sa.bindparam("until"))
+    .returning(t.devices.c.id, t.devices.c.session_owner)
+)
+#: The sweeper: every device whose session lease expired is offline (one statement; the
+#: rows it changed are the devices that went offline, each reported once). A session owner
+#: without a lease was written by a server older than leases (schema revision 0003): no
+#: live session renews it.
+SWEEP_EXPIRED_SESSIONS = (
+    sa.update(t.devices)
+    .where(sa.or_(t.devices.c.session_lease_until < sa.bindparam("now"),
+                  sa.and_(t.devices.c.session_owner.is_not(None),
+                          t.devices.c.session_lease_until.is_(None))))
+    .values(**_NO_SESSION, updated_at=sa.bindparam("now"))
+    .returning(t.devices.c.id, t.devices.c.product_id)
 )
 SELECT_PRODUCT_BY_ID = sa.select(*record_columns(ProductRecord, t.products)).where(
     t.products.c.id == sa.bindparam("product_id")
@@ -280,34 +306,59 @@ class FleetQueries:
             self.conn.execute(sa.insert(t.device_groups), rows)
 
     def mark_all_offline(self, now: int) -> int:
-        """Set every device offline (at server start no session survives); return how many."""
+        """Set every device offline (an embedded store at start, when no session of any
+        process survives); return how many."""
         result = self.conn.execute(
             sa.update(t.devices)
-            .where(t.devices.c.online.is_(True))
-            .values(online=False, session_owner=None, updated_at=now)
+            .where(sa.or_(t.devices.c.online.is_(True), t.devices.c.session_node.is_not(None)))
+            .values(**_NO_SESSION, updated_at=now)
         )
         return int(result.rowcount)
 
-    def clear_presence(self, device_id: str, owner: str, now: int) -> bool:
-        """Mark the device offline if session ``owner`` still holds it; False when a newer
-        session (in this process or another) took it over meanwhile."""
+    def clear_presence(self, device_id: str, owner: str, now: int,
+                       node: str | None = None) -> bool:
+        """Mark the device offline if session ``owner`` of ``node`` still holds it; False
+        when a newer session (in this process or another, on any node) took it over.
+        ``node`` None: a presence written with no node (a store of an older server)."""
         result = self.conn.execute(CLEAR_PRESENCE, {"key_device_id": device_id,
-                                                    "key_owner": owner, "now": now})
+                                                    "key_owner": owner, "key_node": node,
+                                                    "now": now})
         return bool(result.rowcount)
 
-    def clear_presence_of_origin(self, origin: str, now: int) -> list[tuple[str, int]]:
-        """Mark offline every device held by a session of process ``origin`` (it died
-        without ending them); (device id, product id) of each."""
+    def clear_presence_of_origin(self, origin: str, now: int,
+                                 node: str) -> list[tuple[str, int]]:
+        """Mark offline every device held by a session of process ``origin`` of ``node``
+        (it died without ending them); (device id, product id) of each."""
         prefix = f"{origin}/"
-        owned = sa.func.substr(t.devices.c.session_owner, 1, len(prefix)) == prefix
+        owned = sa.and_(t.devices.c.session_node == node,
+                        sa.func.substr(t.devices.c.session_owner, 1, len(prefix)) == prefix)
+        return self._end_sessions(owned, now)
+
+    def release_node_sessions(self, node: str, now: int) -> list[tuple[str, int]]:
+        """Mark offline every device whose session lease ``node`` holds (the node starts:
+        no session of its previous incarnation survives); (device id, product id) of each."""
+        return self._end_sessions(t.devices.c.session_node == node, now)
+
+    def _end_sessions(self, where: sa.ColumnElement[bool], now: int) -> list[tuple[str, int]]:
         rows = self.conn.execute(
-            sa.select(t.devices.c.id, t.devices.c.product_id).where(owned)
+            sa.update(t.devices).where(where)
+            .values(**_NO_SESSION, last_heard_at=now, updated_at=now)
+            .returning(t.devices.c.id, t.devices.c.product_id)
         ).all()
-        if rows:
-            self.conn.execute(
-                sa.update(t.devices).where(owned)
-                .values(online=False, session_owner=None, last_heard_at=now, updated_at=now)
-            )
+        return [(str(device_id), int(product_id)) for device_id, product_id in rows]
+
+    def renew_session_leases(self, node: str, until: int) -> list[tuple[str, str | None]]:
+        """Extend every session lease ``node`` holds to ``until`` (epoch ms) in one
+        statement; (device id, session owner) of each lease renewed: a live session of
+        the node missing there lost its lease (another node took the device, or the
+        sweeper found it expired)."""
+        rows = self.conn.execute(RENEW_SESSION_LEASES, {"key_node": node, "until": until})
+        return [(str(device_id), owner) for device_id, owner in rows]
+
+    def sweep_expired_sessions(self, now: int) -> list[tuple[str, int]]:
+        """Mark offline every device whose session lease expired before ``now``; (device
+        id, product id) of each."""
+        rows = self.conn.execute(SWEEP_EXPIRED_SESSIONS, {"now": now}).all()
         return [(str(device_id), int(product_id)) for device_id, product_id in rows]
 
     def device_counts_by_version(self, product_id: int) -> dict[int, int]:

@@ -7,7 +7,7 @@ https://www.postgresql.org/docs/current/storage-toast.html): firmware does not c
 an uncompressed value is read without a decompression pass.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-07 07:10:00
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
