@@ -104,10 +104,10 @@ def presence(engine: sa.Engine) -> dict[str, tuple[bool, str | None]]:
 
 
 def job_holders(engine: sa.Engine) -> dict[str, str]:
-    """Job lease -> the node holding it (the holder's node id)."""
+    """Job lease -> the node holding it (a holder is a process origin, node id first)."""
     with engine.connect() as conn:
         rows = conn.execute(sa.select(leases.c.name, leases.c.holder))
-        return {name: holder.partition("/")[0] for name, holder in rows}
+        return {name: holder.partition(":")[0] for name, holder in rows}
 
 
 async def wait_for(check: object, what: str, timeout: float = 60.0) -> None:

@@ -13,13 +13,7 @@ import trio
 from otacore.errors import ValidationError
 from server.events import STATUS, Event, EventBus
 from server.fleet import Fleet
-from server.leases import (
-    JobLease,
-    LeaseTimings,
-    check_lease_timings,
-    check_node_id,
-    default_node_id,
-)
+from server.leases import JobLease, LeaseTimings, check_lease_timings
 from server.store import Store
 from server.store import schema as t
 from server.store.tx_leases import get_lease, list_leases, release_lease, take_lease
@@ -192,13 +186,7 @@ def test_lease_settings_are_checked() -> None:
         check_lease_timings(10.0, 6.0)
     with pytest.raises(ValidationError, match="positive"):
         LeaseTimings(lease=-1.0)
-    with pytest.raises(ValidationError, match="without '/'"):
-        check_node_id("a/b")
-    with pytest.raises(ValidationError, match="1 to 64"):
-        check_node_id("")
-    assert default_node_id(8080).endswith(":8080")
-    assert len(default_node_id(8080)) <= 64
-    assert ":pid" in default_node_id(0)
+    # Node ids: tests/test_relay_notify.py::test_node_ids_and_origins.
 
 
 # -- session leases: presence on two nodes ------------------------------------------------------
