@@ -26,10 +26,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -51,6 +47,7 @@ from server.fleet import Fleet
 from server.identity import pki_dir, provision_devices
 from server.store import Store
 from server.store.schema import devices
+from tests.server_nodes import Node, release, running_node, upload
 from tests.test_emulated_device import KEY, PRODUCT, SYSTEM, V1, V2, Offer, ScriptedCloud
 from tests.test_emulator_fleet import CloudHandler, address, offer_when_behind, start_rig
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
@@ -179,65 +176,6 @@ async def test_devices_fail_over_from_an_endpoint_that_never_finishes_the_handsh
             assert runner.failovers >= 1 and "TooSlowError" in runner.last_connect_error
 
 
-class Node:
-    """One ``ota server`` node (a main process and one worker)."""
-
-    def __init__(self, process: trio.Process, log_path: Path) -> None:
-        self.process = process
-        self.log_path = log_path
-        self.lines: dict[str, str] = {}
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    def address(self, name: str) -> tuple[str, int]:
-        host, _, port = self.lines[f"ota server: devices on {name}"].rpartition(":")
-        return host, int(port)
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.address("TLS"), self.address("DTLS"))
-
-    @property
-    def api_url(self) -> str:
-        return self.lines["ota server: API listening on"]
-
-
-@asynccontextmanager
-async def running_node(data: Path, db_url: str, log_path: Path, *, workers: int = 2,
-                       extra: tuple[str, ...] = ()) -> AsyncIterator[Node]:
-    """``ota server`` on ``data`` and the database ``db_url``, free ports (``extra``: more
-    options); SIGKILLed at the end if still running."""
-    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--db-url", db_url, "--api-port", "0", "--device-port", "0",
-            "--workers", str(workers), *extra]  # fmt: skip
-    with log_path.open("ab") as log:
-        process = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
-        )
-    node = Node(process, log_path)
-    try:
-        assert process.stdout is not None
-        text = ""
-        with trio.fail_after(60):
-            while "devices on DTLS" not in text:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"the server exited: {text} {log_path.read_text()[-3000:]}"
-                text += chunk.decode()
-        for line in text.splitlines():
-            head, _, value = line.rpartition(" ")
-            node.lines[head] = value
-        yield node
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await trio.aclose_forcefully(process.stdout)
-
-
 def children(pid: int) -> list[int]:
     """Direct children of a process (its worker processes)."""
     found: list[int] = []
@@ -256,23 +194,6 @@ def session_owner_pids(store: Store) -> dict[str, int]:
         for row in rows
         if row.session_owner
     }
-
-
-async def upload(api: httpx.AsyncClient, product: int, version: int, image: bytes) -> None:
-    response = await api.post(
-        f"/v1/products/{product}/firmware",
-        data={"version": str(version), "title": f"v{version}"},
-        files={"binary": ("app.bin", image, "application/octet-stream")},
-    )
-    assert response.status_code == 201, response.text
-
-
-async def release(api: httpx.AsyncClient, product: int, version: int) -> None:
-    response = await api.put(
-        f"/v1/products/{product}/firmware/release",
-        json={"version": version, "product_default": True, "intelligent": True, "force": True},
-    )
-    assert response.status_code == 200, response.text
 
 
 DEVICES = 16  # alternating TLS / DTLS
@@ -304,8 +225,8 @@ async def test_devices_fail_over_to_the_other_node_and_resume_their_download(
     dir_a, dir_b = copy_for_nodes(data, 2, tmp_path)
     db_url = f"sqlite:///{(data / 'ota.db').resolve()}"
     async with (
-        running_node(dir_a, db_url, tmp_path / "node-a.log") as node_a,
-        running_node(dir_b, db_url, tmp_path / "node-b.log") as node_b,
+        running_node(dir_a, db_url, tmp_path / "node-a.log", workers=2) as node_a,
+        running_node(dir_b, db_url, tmp_path / "node-b.log", workers=2) as node_b,
         httpx.AsyncClient(base_url=node_a.api_url, headers=headers, timeout=30) as api_a,
         httpx.AsyncClient(base_url=node_b.api_url, headers=headers, timeout=30) as api_b,
         trio.open_nursery() as nursery,

@@ -14,11 +14,7 @@ Short lease settings (2 s, renewed every 0.5 s); every wait is for a condition.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -37,7 +33,7 @@ from server.fleet import Fleet
 from server.leases import EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER
 from server.store.installation import Installation
 from server.store.schema import devices, leases
-from tests.test_emulator_nodes import Node, upload
+from tests.server_nodes import Node, running_node, upload
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,40 +44,6 @@ STAYING = 2
 LEASE = ["--session-lease", "2", "--lease-renew-interval", "0.5",
          "--set", "rollouts.tick_interval=0.2"]
 JOBS = (EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER)
-
-
-@asynccontextmanager
-async def running_node(data: Path, db_url: str, node_id: str, log_path: Path,
-                       device_port: int = 0) -> AsyncIterator[Node]:
-    """``ota server`` node ``node_id`` on ``data`` and ``db_url`` (a free API port, one
-    process, short leases); SIGKILLed at the end if still running."""
-    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--db-url", db_url, "--api-port", "0", "--device-port", str(device_port),
-            "--workers", "1",
-            "--node-id", node_id, *LEASE]  # fmt: skip
-    with log_path.open("ab") as log:
-        process = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO)
-    node = Node(process, log_path)
-    try:
-        assert process.stdout is not None
-        text = ""
-        with trio.fail_after(60):
-            while "devices on DTLS" not in text:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"the server exited: {text} {log_path.read_text()[-3000:]}"
-                text += chunk.decode()
-        for line in text.splitlines():
-            head, _, value = line.rpartition(" ")
-            node.lines[head] = value
-        yield node
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await trio.aclose_forcefully(process.stdout)
 
 
 def setup_store(data: Path, creds: Path, db_url: str) -> tuple[int, list[str], str]:
@@ -138,7 +100,8 @@ async def test_a_dead_nodes_devices_and_jobs_move_to_the_live_node(
 
     try:
         async with (
-            running_node(dir_a, pg_database, "node-a", tmp_path / "node-a.log") as node_a,
+            running_node(dir_a, pg_database, tmp_path / "node-a.log", node_id="node-a",
+                         extra=LEASE) as node_a,
             trio.open_nursery() as nursery,
         ):
             # Node B's device port, told to the devices before B listens (refused till then).
@@ -212,6 +175,7 @@ async def test_a_dead_nodes_devices_and_jobs_move_to_the_live_node(
 async def _run_node_b(data: Path, db_url: str, log_path: Path, device_port: int, *,
                       task_status: trio.TaskStatus[Node]) -> None:
     """Node B on ``device_port`` until cancelled."""
-    async with running_node(data, db_url, "node-b", log_path, device_port) as node:
+    async with running_node(data, db_url, log_path, node_id="node-b", extra=LEASE,
+                            device_port=device_port) as node:
         task_status.started(node)
         await trio.sleep_forever()

@@ -33,7 +33,7 @@ from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, fin
 from server.events import EventBus
 from server.fleet import Fleet
 from server.store.installation import Installation
-from tests.test_emulator_nodes import running_node, upload
+from tests.server_nodes import running_node, upload
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 DEVICES = 300  # alternating TLS / DTLS
@@ -94,9 +94,9 @@ async def test_three_nodes_one_release_one_node_killed(tmp_path: Path, pg_databa
     kinds = {d: ("tcp" if n % 2 == 0 else "udp") for n, d in enumerate(ids)}
     dirs = _node_copies(data, tmp_path, 3)
     async with (
-        running_node(dirs[0], db_url, tmp_path / "node-a.log", workers=1) as node_a,
-        running_node(dirs[1], db_url, tmp_path / "node-b.log", workers=1) as node_b,
-        running_node(dirs[2], db_url, tmp_path / "node-c.log", workers=1) as node_c,
+        running_node(dirs[0], db_url, tmp_path / "node-a.log") as node_a,
+        running_node(dirs[1], db_url, tmp_path / "node-b.log") as node_b,
+        running_node(dirs[2], db_url, tmp_path / "node-c.log") as node_c,
         trio.open_nursery() as nursery,
     ):
         nodes = {"A": node_a, "B": node_b, "C": node_c}

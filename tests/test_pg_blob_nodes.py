@@ -6,10 +6,6 @@ database, to devices of both transports (TLS and DTLS) connected to node B only.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -24,48 +20,13 @@ from server.fleet import Fleet
 from server.store import DatabaseBlobStore
 from server.store.installation import open_installation_store
 from server.store.store import BLOB_DIRNAME, DB_FILENAME
-from tests.test_emulator_nodes import Node, release, upload
+from tests.server_nodes import release, running_node, upload
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, sha, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICES = 4  # alternating TLS / DTLS
 #: A full-size application: several 64 KiB chunks in the database.
 IMAGE_SIZE = 200_000
-
-
-@asynccontextmanager
-async def running_node(data: Path, db_url: str, log_path: Path) -> AsyncIterator[Node]:
-    """``ota server --workers 1`` on ``data`` and ``db_url``, free ports; killed at the end."""
-    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--db-url", db_url, "--api-port", "0", "--device-port", "0", "--workers", "1"]
-    with log_path.open("ab") as log:
-        process = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
-        )
-    node = Node(process, log_path)
-    try:
-        assert process.stdout is not None
-        text = ""
-        with trio.fail_after(60):
-            while "devices on DTLS" not in text:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"the server exited: {text} {log_path.read_text()[-3000:]}"
-                text += chunk.decode()
-        for line in text.splitlines():
-            head, _, value = line.rpartition(" ")
-            node.lines[head] = value
-        yield node
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(30):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            if process.stdout is not None:
-                await trio.aclose_forcefully(process.stdout)
 
 
 def setup_installation(data: Path, creds: Path, db_url: str) -> tuple[int, list[str], str]:
@@ -107,8 +68,8 @@ async def test_a_device_on_node_b_takes_firmware_uploaded_through_node_a(
     image = app(2, size=IMAGE_SIZE)
     headers = {"Authorization": f"Bearer {token}"}
     async with (
-        running_node(dir_a, pg_database, tmp_path / "node-a.log") as node_a,
-        running_node(dir_b, pg_database, tmp_path / "node-b.log") as node_b,
+        running_node(dir_a, pg_database, tmp_path / "node-a.log", graceful_stop=True) as node_a,
+        running_node(dir_b, pg_database, tmp_path / "node-b.log", graceful_stop=True) as node_b,
         httpx.AsyncClient(base_url=node_a.api_url, headers=headers, timeout=30) as api_a,
         httpx.AsyncClient(base_url=node_b.api_url, headers=headers, timeout=30) as api_b,
         trio.open_nursery() as nursery,

@@ -23,8 +23,6 @@ figure printed is what this run measured.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, fin
 from server.events import FLASH_STATUS, STATUS, EventBus
 from server.fleet import Fleet
 from server.store import Store
-from tests.test_emulator_nodes import Node, release, upload
+from tests.server_nodes import Node, release, running_node, upload
 from tests.test_ota_e2e_kit import (
     APP_V1,
     FAST,
@@ -63,41 +61,6 @@ BOUND = 5.0
 #: 2, 4, 8, 8, ... s): a "failed" within the test's timeouts is the abort's doing.
 PATIENT = ("--set", "transfer.initial_rto=2", "--set", "transfer.min_rto=2",
            "--set", "transfer.max_rto=8", "--set", "transfer.max_rounds=8")
-
-
-@asynccontextmanager
-async def running_node(data: Path, db_url: str, node_id: str, log_path: Path,
-                       extra: Sequence[str] = ()) -> AsyncIterator[Node]:
-    """``ota server --workers 1 --node-id NODE_ID`` on ``data`` and ``db_url``, free ports,
-    ``extra`` options; SIGKILLed at the end if still running."""
-    argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-            "--db-url", db_url, "--api-port", "0", "--device-port", "0", "--workers", "1",
-            "--node-id", node_id, *extra]  # fmt: skip
-    with log_path.open("ab") as log:
-        process = await trio.lowlevel.open_process(
-            argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
-        )
-    node = Node(process, log_path)
-    try:
-        assert process.stdout is not None
-        text = ""
-        with trio.fail_after(60):
-            while "devices on DTLS" not in text:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, f"the server exited: {text} {log_path.read_text()[-3000:]}"
-                text += chunk.decode()
-        for line in text.splitlines():
-            head, _, value = line.rpartition(" ")
-            node.lines[head] = value
-        assert node.lines["ota server: node"] == node_id
-        yield node
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            if process.stdout is not None:
-                await trio.aclose_forcefully(process.stdout)
 
 
 @dataclass
@@ -190,8 +153,10 @@ async def two_nodes(db_url: str, tmp_path: Path, extra: Sequence[str] = ()
     dir_a, dir_b = copy_for_nodes(data, 2, tmp_path)
     stream = Stream()
     async with (
-        running_node(dir_a, db_url, "node-a", tmp_path / "node-a.log", extra) as node_a,
-        running_node(dir_b, db_url, "node-b", tmp_path / "node-b.log", extra) as node_b,
+        running_node(dir_a, db_url, tmp_path / "node-a.log", node_id="node-a",
+                     extra=extra) as node_a,
+        running_node(dir_b, db_url, tmp_path / "node-b.log", node_id="node-b",
+                     extra=extra) as node_b,
         httpx.AsyncClient(base_url=node_a.api_url, headers=headers, timeout=30) as api_a,
         trio.open_nursery() as nursery,
     ):
