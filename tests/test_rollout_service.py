@@ -438,3 +438,27 @@ def test_an_existing_database_gets_the_rollout_tables(data_dir: Path) -> None:
     finally:
         reopened.close()
 
+
+
+async def test_a_rollout_noted_while_the_active_ones_are_read_stays_known(
+    store: Store
+) -> None:
+    """A periodic tick reads the active rollouts and replaces what the process knows with
+    that read; a rollout created (and noted) while the read ran must stay known, or the
+    results of its devices' updates, asked of rollouts_may_steer, go unrecorded (seen as
+    a phase stuck below its succeeded count in tests/test_rollout_abort.py)."""
+    fleet = Fleet(store, EventBus())
+    fleet._set_rollout_products(set(), fleet._rollout_notes_mark())  # a first tick: none
+    assert not await fleet.rollouts_may_steer(7)
+    since = fleet._rollout_notes_mark()  # a tick's read begins (it will find none) ...
+    fleet.note_rollout_product(7)  # ... a rollout of product 7 is created meanwhile ...
+    fleet._set_rollout_products(set(), since)  # ... and the read's result is applied
+    assert await fleet.rollouts_may_steer(7)
+    # An offer read begun before the note that says "no rollout" does not undo it either.
+    fleet.note_rollout_product(7, active=False, read_since=since)
+    assert await fleet.rollouts_may_steer(7)
+    # Knowledge newer than every note applies.
+    fleet.note_rollout_product(7, active=False, read_since=fleet._rollout_notes_mark())
+    assert not await fleet.rollouts_may_steer(7)
+    fleet._set_rollout_products({7}, fleet._rollout_notes_mark())
+    assert await fleet.rollouts_may_steer(7)

@@ -15,8 +15,9 @@ are left out (nothing to deliver to them).
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -474,10 +475,20 @@ class RolloutBase(WindowService):
 
     # --- which products have rollouts ----------------------------------------------------
 
-    def note_rollout_product(self, product_id: int, active: bool = True) -> None:
+    def note_rollout_product(self, product_id: int, active: bool = True, *,
+                             read_since: int | None = None) -> None:
         """Note that the product has (or, ``active`` False, has no) active rollout: what
         :meth:`rollouts_may_steer` answers from (another process's rollout events, relayed
-        to this one, are noted by the OTA engine as they arrive)."""
+        to this one, are noted by the OTA engine as they arrive). ``read_since``: the note
+        comes from a store read begun at that :meth:`_rollout_notes_mark`, and a note made
+        after it (newer knowledge, e.g. a rollout created meanwhile) wins."""
+        notes: dict[int, tuple[int, bool]] = self.__dict__.setdefault("_rollout_notes", {})
+        last = notes.get(product_id)
+        if read_since is not None and last is not None and last[0] > read_since:
+            return
+        number = next(self._rollout_note_numbers())
+        notes[product_id] = (number, active)
+        self.__dict__["_rollout_note_last"] = number
         known: set[int] | None = self.__dict__.get("_rollout_products")
         if known is None:
             return  # unknown: every product may have one until the first tick
@@ -486,6 +497,29 @@ class RolloutBase(WindowService):
         else:
             known.discard(product_id)
 
-    def _set_rollout_products(self, products: set[int]) -> None:
-        self.__dict__["_rollout_products"] = products
+    def _rollout_note_numbers(self) -> Iterator[int]:
+        counter: Iterator[int] | None = self.__dict__.get("_rollout_note_counter")
+        if counter is None:
+            counter = self.__dict__.setdefault("_rollout_note_counter", itertools.count(1))
+        return counter
+
+    def _rollout_notes_mark(self) -> int:
+        """The number of the last note so far: take it before a read of the active
+        rollouts, and give it to :meth:`_set_rollout_products` with the read's result."""
+        last: int = self.__dict__.get("_rollout_note_last", 0)
+        return last
+
+    def _set_rollout_products(self, products: set[int], read_since: int) -> None:
+        """Replace what this process knows with a read begun at note ``read_since``; the
+        notes made since (a rollout created or finished while the read ran) stay applied,
+        or a device's result would find its product's rollout unknown and go unrecorded."""
+        known = set(products)
+        for product_id, (number, active) in list(
+                self.__dict__.get("_rollout_notes", {}).items()):
+            if number > read_since:
+                if active:
+                    known.add(product_id)
+                else:
+                    known.discard(product_id)
+        self.__dict__["_rollout_products"] = known
         self.__dict__["_rollout_products_at"] = trio.current_time()

@@ -125,9 +125,10 @@ class RolloutService(RolloutOperations, RolloutBase):
         skipped."""
 
         views = []
+        since = self._rollout_notes_mark()
         running, steering = await self._read(self._active_rollouts)
         # What this process knows of other processes' rollouts is refreshed here.
-        self._set_rollout_products(steering)
+        self._set_rollout_products(steering, since)
         for product_id, rollout_id in running:
             try:
                 views.append(await self.tick_rollout(product_id, rollout_id))
@@ -194,8 +195,9 @@ class RolloutService(RolloutOperations, RolloutBase):
         known: set[int] | None = self.__dict__.get("_rollout_products")
         loaded_at: float = self.__dict__.get("_rollout_products_at", 0.0)
         if known is None or trio.current_time() - loaded_at > ROLLOUT_PRODUCTS_MAX_AGE:
+            since = self._rollout_notes_mark()
             _, steering = await self._read(self._active_rollouts)
-            self._set_rollout_products(steering)
+            self._set_rollout_products(steering, since)
             known = self.__dict__["_rollout_products"]
             assert known is not None
         return product_id in known
@@ -226,13 +228,15 @@ class RolloutService(RolloutOperations, RolloutBase):
         (shared with concurrent sessions); the OTA engine asks it only when
         :meth:`rollouts_may_steer`."""
 
+        since = self._rollout_notes_mark()
+
         def work(tx: Tx) -> RolloutOffer | None:
-            return self._rollout_offer_in(tx, device, product, self.clock())
+            return self._rollout_offer_in(tx, device, product, self.clock(), since)
 
         return await self._read_grouped(work)
 
     def _rollout_offer_in(self, tx: Tx, device: DeviceRecord, product: ProductRecord,
-                          now: int) -> RolloutOffer | None:
+                          now: int, read_since: int | None = None) -> RolloutOffer | None:
         # Only the rollouts that can matter are read (each parsed once): active ones, and
         # aborted ones with a device kept on (or arriving at) their version.
         q = RolloutQueries(tx.conn)
@@ -242,7 +246,7 @@ class RolloutService(RolloutOperations, RolloutBase):
         released = _release_times(release_records)
         keeping = [r for r in aborted if _keeps(r, released)]
         if not records and not keeping:
-            self.note_rollout_product(product.id, active=False)
+            self.note_rollout_product(product.id, active=False, read_since=read_since)
             return None
         releases = releases_of(release_records)
         targeting = targeting_of(device)
