@@ -14,10 +14,9 @@ chunks they hold. Then all take a further release made through the survivor.
 (On SQLite each node needs its own data directory: a server on the embedded store holds its
 directory's lock alone once server/data_lock.py is in.)
 
-Separate ``ota server`` processes pass events to each other only through the store event
-relay, which ``server.app`` starts in a server of several processes (``--workers`` 2 or
-more): with ``--workers 1`` nodes, a release made through one node reaches another node's
-devices only at their next session. Hence ``--workers 2`` here.
+Separate ``ota server`` processes pass events to each other through the store event relay,
+which every node runs; the nodes here run ``--workers 2`` so that worker processes are
+covered too (tests/test_multinode_e2e.py runs single-process nodes).
 """
 
 from __future__ import annotations
