@@ -16,8 +16,10 @@ import typer
 
 from otacore.errors import OtaError
 from server.cli._output import fail, print_json
+from server.cli._store import DbUrl
 from server.store import migrate as migrations
 from server.store.engine import create_store_engine
+from server.store.installation import effective_db_url
 from server.store.store import DB_FILENAME
 
 #: Exit status of ``--check`` when the store needs an upgrade (1 and 2 are errors).
@@ -27,7 +29,8 @@ PENDING_EXIT = 3
 def _store_url(data: Path | None, db_url: str | None) -> str:
     """The database to migrate: ``db_url``, else the embedded SQLite file in ``data``, which
     must exist (a mistyped ``--data`` must not create an empty store)."""
-    if db_url:
+    db_url = effective_db_url(db_url)
+    if db_url is not None:
         return db_url
     if data is None:
         fail("say which store: --data DIR (the embedded SQLite store) or --db-url URL", 2)
@@ -41,10 +44,7 @@ def migrate(
     data: Path | None = typer.Option(
         None, "--data", help="Data directory of the embedded store (its ota.db)."
     ),
-    db_url: str | None = typer.Option(
-        None, "--db-url", envvar="OTA_DB_URL",
-        help="SQLAlchemy database URL of the store instead of --data's SQLite file.",
-    ),
+    db_url: str | None = DbUrl,
     check: bool = typer.Option(
         False, "--check",
         help=f"Change nothing; exit {PENDING_EXIT} when an upgrade is pending, 0 when current.",
