@@ -19,7 +19,6 @@ endpoints, failing over as a device with several DNS answers does). Then:
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import httpx
 import trio
 
 from otacore.signing import TrustStore
+from server.bench.fleet.nodes import copy_for_nodes
 from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
@@ -42,19 +42,6 @@ APP_SIZE = 64_000
 #: How long the whole fleet may take for one step on a busy 2-core machine (a failure
 #: only: every wait ends as soon as its condition holds).
 STEP = 120
-
-
-def _node_copies(data: Path, root: Path, count: int) -> list[Path]:
-    """Copies of the installation's data directory for ``count`` nodes: its CA, server
-    certificate and signing keys, nothing of the store (on PostgreSQL the firmware blobs
-    live in the database too: the nodes share nothing but it)."""
-    copies = []
-    for index in range(count):
-        copy = root / f"node-{index}"
-        shutil.copytree(data, copy, ignore=lambda _, names: [
-            n for n in names if n in ("blobs", "server.lock") or n.startswith("ota.db")])
-        copies.append(copy)
-    return copies
 
 
 def _setup(data: Path, creds: Path, db_url: str) -> tuple[int, list[str], str]:
@@ -92,7 +79,9 @@ async def test_three_nodes_one_release_one_node_killed(tmp_path: Path, pg_databa
     trust = TrustStore.initial(product, read_trust_file(creds / TRUST_FILE))
     found = dict(find_credentials(creds))
     kinds = {d: ("tcp" if n % 2 == 0 else "udp") for n, d in enumerate(ids)}
-    dirs = _node_copies(data, tmp_path, 3)
+    # Copies of the data directory (CA, server certificate, signing keys), no blob
+    # directory: on PostgreSQL the nodes share nothing but the database.
+    dirs = copy_for_nodes(data, 3, tmp_path, link_blobs=False)
     async with (
         running_node(dirs[0], db_url, tmp_path / "node-a.log") as node_a,
         running_node(dirs[1], db_url, tmp_path / "node-b.log") as node_b,

@@ -146,18 +146,23 @@ def _skip_store(directory: str, names: list[str]) -> list[str]:
     ]
 
 
-def copy_for_nodes(data_dir: Path, nodes: int, root: Path) -> list[Path]:
+def copy_for_nodes(data_dir: Path, nodes: int, root: Path, *,
+                   link_blobs: bool = True) -> list[Path]:
     """Copies of ``data_dir`` for ``nodes`` nodes under ``root`` (``node-<k>``): everything
-    but the store, each with ``blobs`` linked to ``data_dir``'s blob directory. The nodes
-    then run with ``--db-url`` naming the one database (each its own directory: an
-    embedded-store server holds its data directory's lock alone)."""
+    but the store, each with ``blobs`` linked to ``data_dir``'s blob directory (without
+    ``link_blobs``: no blob directory, as the nodes of a PostgreSQL store need, whose blobs
+    are in the database). The nodes then run with ``--db-url`` naming the one database
+    (each its own directory: an embedded-store server holds its data directory's lock
+    alone)."""
     blobs = (data_dir / BLOB_DIRNAME).resolve()
-    blobs.mkdir(mode=0o700, exist_ok=True)
+    if link_blobs:
+        blobs.mkdir(mode=0o700, exist_ok=True)
     found = []
     for index in range(nodes):
         copy = root / f"node-{index}"
         shutil.copytree(data_dir, copy, ignore=_skip_store, symlinks=True)
-        (copy / BLOB_DIRNAME).symlink_to(blobs, target_is_directory=True)
+        if link_blobs:
+            (copy / BLOB_DIRNAME).symlink_to(blobs, target_is_directory=True)
         found.append(copy)
     return found
 
