@@ -157,6 +157,11 @@ class GroupCommitter:
         """Operations of the current trio run waiting to be taken into a batch."""
         return len(self._state().pending)
 
+    def idle(self) -> bool:
+        """True when the current trio run has no operation queued and no batch running."""
+        state = self._state()
+        return not state.pending and state.leader is None
+
     async def run(
         self,
         fn: Callable[[Tx], _T],
