@@ -1,7 +1,8 @@
 """Alembic migrations of the store (server/store/migrate.py, server/store/migrations/).
 
-Every test runs on SQLite, and on PostgreSQL too when ``OTA_TEST_PG_URL`` names a server
-whose user may create databases (each test gets a database of its own, dropped after).
+Every test runs on SQLite and on PostgreSQL: the throwaway cluster of scripts/run-tests.sh
+(``OTA_TEST_PG_URL``), or one the session starts (``pg_admin_url`` in tests/conftest.py);
+each test gets a database of its own, dropped after.
 The upgrade of a data directory written by the last pre-Alembic server is in
 tests/test_migrations_upgrade.py.
 """
@@ -9,7 +10,6 @@ tests/test_migrations_upgrade.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -31,8 +31,6 @@ from tests.pre_alembic import drop_tables_after_baseline
 REVISIONS = [script.revision for script in migrate.script_directory().walk_revisions()][::-1]
 #: The revision a test adds on top of the packaged ones (``_with_extra_revision``).
 EXTRA_REVISION = "9999"
-
-PG_ENV = "OTA_TEST_PG_URL"
 
 #: Opens a fresh, empty database of the test's backend: ``open_url() -> URL``.
 UrlFactory = Callable[[], str]
@@ -61,15 +59,13 @@ def _pg_databases(base_url: str) -> Iterator[UrlFactory]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UrlFactory]:
-    """Makes empty databases of the parametrized backend (PostgreSQL: needs OTA_TEST_PG_URL)."""
+    """Makes empty databases of the parametrized backend (PostgreSQL: on the throwaway
+    cluster, never skipped)."""
     if request.param == "sqlite":
         counter = iter(range(1000))
         yield lambda: f"sqlite:///{tmp_path / f'db{next(counter)}.sqlite'}"
         return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set (scripts/run-tests.sh starts a PostgreSQL and sets it)")
-    yield from _pg_databases(base)
+    yield from _pg_databases(str(request.getfixturevalue("pg_admin_url")))
 
 
 def _open(url: str, tmp_path: Path) -> Store:
@@ -283,13 +279,10 @@ def test_the_migrations_have_one_head_and_ship_as_package_files() -> None:
     assert migrate.MIGRATIONS_DIR.parent == Path(schema.__file__).parent
 
 
-def test_postgresql_nodes_wait_on_the_advisory_lock(tmp_path: Path) -> None:
+def test_postgresql_nodes_wait_on_the_advisory_lock(tmp_path: Path, pg_admin_url: str) -> None:
     """While one node holds the migration lock, another node's start waits on it (seen in
     pg_locks), then finds the schema the first one left."""
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set (scripts/run-tests.sh starts a PostgreSQL and sets it)")
-    databases = _pg_databases(base)
+    databases = _pg_databases(pg_admin_url)
     url = next(databases)()
     holder = sa.create_engine(url)
     opened: list[Store] = []
