@@ -18,6 +18,7 @@ import trio
 from otacore.device.emulated import EmulatedDevice
 from otacore.protocol.link import Transport
 from otacore.transfer import RetransmitPolicy
+from server.emulator.fleet import EmulatedFleet
 from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
@@ -60,6 +61,23 @@ class HeldLink:
             self.receive(data, trio.current_time())
 
 
+def hold_at_halfway(fleet: EmulatedFleet, device_id: str,
+                    image: bytes) -> tuple[HeldLink, trio.Event, WatchedFlash]:
+    """Watch ``device_id``'s flash of ``image`` and hold its link once half of the image is
+    written: returns the link (``let_go()`` to release what was held), the event set at
+    that moment, and the watched flash."""
+    link = HeldLink(fleet.device(device_id).device)
+    halfway = trio.Event()
+
+    def at_halfway(_: int) -> None:
+        link.hold()
+        halfway.set()
+
+    watched = WatchedFlash.install(fleet, device_id, marks=[len(image) // 2],
+                                   on_mark=at_halfway)
+    return link, halfway, watched
+
+
 @pytest.mark.parametrize("change", ["immediate release", "lock with flash now"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_new_target_mid_transfer_cancels_it_and_delivers_the_new_one(
@@ -79,15 +97,7 @@ async def test_a_new_target_mid_transfer_cancels_it_and_delivers_the_new_one(
         await rig.release(2, product_default=True)
         fleet = rig.fleet([(device_id, transport)], ota_chunk_size=CHUNK)
         fleet.open()
-        link = HeldLink(fleet.device(device_id).device)
-        halfway = trio.Event()
-
-        def at_halfway(_: int) -> None:
-            link.hold()
-            halfway.set()
-
-        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2],
-                                       on_mark=at_halfway)
+        link, halfway, watched = hold_at_halfway(fleet, device_id, v2)
         async with running(fleet):
             with trio.fail_after(STEP):
                 await halfway.wait()
@@ -128,15 +138,7 @@ async def test_a_device_revoked_mid_transfer_gets_nothing_more(
         await rig.release(2, product_default=True)
         fleet = rig.fleet([(device_id, transport)], ota_chunk_size=CHUNK)
         fleet.open()
-        link = HeldLink(fleet.device(device_id).device)
-        halfway = trio.Event()
-
-        def at_halfway(_: int) -> None:
-            link.hold()
-            halfway.set()
-
-        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2],
-                                       on_mark=at_halfway)
+        link, halfway, watched = hold_at_halfway(fleet, device_id, v2)
         plane = rig.kit.handle.devices
         assert plane is not None
         async with running(fleet):

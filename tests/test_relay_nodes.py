@@ -46,12 +46,11 @@ from tests.test_ota_e2e_kit import (
     APP_V1,
     FAST,
     SYSTEM_5003,
-    WatchedFlash,
     app,
     running,
     updated_to,
 )
-from tests.test_ota_e2e_stale import HeldLink
+from tests.test_ota_e2e_stale import hold_at_halfway
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICES = 6  # alternating TLS / DTLS
@@ -245,14 +244,7 @@ async def test_a_rollout_aborted_through_one_node_cancels_a_download_on_another(
         device_id = next(d for d in nodes.ids if nodes.kinds[d] == "udp")
         fleet = nodes.fleet()
         fleet.open()
-        link = HeldLink(fleet.device(device_id).device)
-        halfway = trio.Event()
-
-        def at_halfway(_: int) -> None:
-            link.hold()
-            halfway.set()
-
-        WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=at_halfway)
+        link, halfway, _ = hold_at_halfway(fleet, device_id, v2)
         async with running(fleet):
             await fleet.wait_until(lambda f: f.summary().online == DEVICES, timeout=60)
             response = await api_a.post(f"/v1/products/{product}/rollouts",

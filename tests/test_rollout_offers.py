@@ -35,7 +35,6 @@ from tests.test_ota_e2e_kit import (
     SYSTEM_5003,
     TRANSPORTS,
     OtaRig,
-    WatchedFlash,
     app,
     flash_statuses,
     ota_rig,
@@ -43,7 +42,7 @@ from tests.test_ota_e2e_kit import (
     running,
     updated_to,
 )
-from tests.test_ota_e2e_stale import HeldLink
+from tests.test_ota_e2e_stale import hold_at_halfway
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -154,14 +153,7 @@ async def test_a_transfer_in_progress_when_the_window_closes_finishes(
         fleet = rig.fleet([(device_id, transport)], firmware=(SYSTEM_5003, app(1)),
                           ota_chunk_size=CHUNK)
         fleet.open()
-        link = HeldLink(fleet.device(device_id).device)
-        halfway = trio.Event()
-
-        def at_halfway(_: int) -> None:
-            link.hold()
-            halfway.set()
-
-        WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=at_halfway)
+        link, halfway, _ = hold_at_halfway(fleet, device_id, v2)
         async with running(fleet):
             rollout_id = await _create(rig)
             with trio.fail_after(STEP):
@@ -192,15 +184,7 @@ async def test_an_abort_cancels_a_transfer_mid_download(
         fleet = rig.fleet([(device_id, transport)], firmware=(SYSTEM_5003, app(1)),
                           ota_chunk_size=CHUNK)
         fleet.open()
-        link = HeldLink(fleet.device(device_id).device)
-        halfway = trio.Event()
-
-        def at_halfway(_: int) -> None:
-            link.hold()
-            halfway.set()
-
-        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2],
-                                       on_mark=at_halfway)
+        link, halfway, watched = hold_at_halfway(fleet, device_id, v2)
         async with running(fleet):
             rollout_id = await _create(rig)
             with trio.fail_after(STEP):

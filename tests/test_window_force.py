@@ -27,7 +27,6 @@ from tests.test_ota_e2e_kit import (
     SYSTEM_5003,
     TRANSPORTS,
     OtaRig,
-    WatchedFlash,
     app,
     flash_statuses,
     ota_rig,
@@ -35,7 +34,7 @@ from tests.test_ota_e2e_kit import (
     running,
     updated_to,
 )
-from tests.test_ota_e2e_stale import HeldLink
+from tests.test_ota_e2e_stale import hold_at_halfway
 from tests.test_rollout_offers import HOUR_MS, MIN_MS, FakeWallClock, _two_am_today
 
 runner = CliRunner()
@@ -166,14 +165,7 @@ async def test_a_release_transfer_in_progress_when_the_window_closes_finishes(
         fleet = rig.fleet([(device_id, transport)], firmware=(SYSTEM_5003, app(1)),
                           ota_chunk_size=1024)
         fleet.open()
-        link = HeldLink(fleet.device(device_id).device)
-        halfway = trio.Event()
-
-        def at_halfway(_: int) -> None:
-            link.hold()
-            halfway.set()
-
-        WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=at_halfway)
+        link, halfway, _ = hold_at_halfway(fleet, device_id, v2)
         async with running(fleet):
             await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
             await rig.release(2, product_default=True, intelligent=True)
