@@ -38,7 +38,9 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
 from server.leases import (
+    BLOB_SWEEPER,
     EVENT_LOG_PRUNING,
+    MIN_BLOB_SWEEP_INTERVAL,
     ROLLOUT_TICKS,
     SESSION_SWEEPER,
     JobLease,
@@ -47,6 +49,7 @@ from server.leases import (
     check_lease_timings,
     prune_event_log,
     sweep_expired_sessions,
+    sweep_unreferenced_blobs,
 )
 from server.logs import parse_log_level
 from server.node_id import check_node_id, default_node_id
@@ -75,8 +78,9 @@ class ServerConfig:
     #: MiB of verified firmware-blob chunks each server process keeps in memory when the
     #: blobs are in the database (PostgreSQL); 0 reads every block from the database.
     blob_cache_mb: int = 64
-    #: Seconds an unreferenced blob is kept before a server start may sweep it: an upload
-    #: (on any node) stores its blob before it commits the row that names it.
+    #: Seconds an unreferenced blob (e.g. a deleted firmware's image) is kept before a server
+    #: start or the blob sweeper (every max(this, 60) s) deletes it: an upload (on any node)
+    #: stores its blob before it commits the row that names it.
     blob_sweep_grace: float = 3600.0
     api: ApiSettings = field(default_factory=ApiSettings)
     event_buffer: int = 256
@@ -289,6 +293,10 @@ async def serve(
                                      config.lease_renew_interval),
             EVENT_LOG_PRUNING: partial(prune_event_log, store, config.relay.retention,
                                        config.relay.prune_interval),
+            # Unreferenced blobs go one grace period after they were last stored, at most
+            # one more period later (deleting a firmware leaves its blob to this job).
+            BLOB_SWEEPER: partial(sweep_unreferenced_blobs, store,
+                                  max(config.blob_sweep_grace, MIN_BLOB_SWEEP_INTERVAL)),
         }
         job_leases = {name: JobLease(store, name, holder, timings) for name in jobs}
         app = create_app(fleet, config.api)

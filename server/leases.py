@@ -47,6 +47,9 @@ log = logging.getLogger("ota.leases")
 ROLLOUT_TICKS = "rollout-ticks"
 SESSION_SWEEPER = "session-sweeper"
 EVENT_LOG_PRUNING = "event-log-pruning"
+BLOB_SWEEPER = "blob-sweeper"
+#: The shortest period of the blob sweeper (``blob_sweep_grace`` may be 0 in tests).
+MIN_BLOB_SWEEP_INTERVAL = 60.0
 #: Why a session whose lease another node took is closed.
 LEASE_LOST = "session lease taken by another node"
 
@@ -258,6 +261,24 @@ async def sweep_expired_sessions(fleet: Fleet, interval: float) -> None:
             if count:
                 log.info("marked %d devices offline: their session leases expired", count)
         await trio.sleep(interval)
+
+
+async def sweep_unreferenced_blobs(store: Store, interval: float) -> None:
+    """The blob sweeper job: every ``interval`` seconds, delete the blobs no row refers to
+    that were stored more than the store's grace period ago (``Store.sweep_blobs``), e.g.
+    a deleted firmware's image. Deleting a firmware leaves its blob to this job: an upload
+    of the same bytes may be between storing the blob and committing its row (run under
+    the :data:`BLOB_SWEEPER` lease: once per installation)."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            removed = await trio.to_thread.run_sync(store.sweep_blobs)
+        except STORE_ERRORS as exc:
+            log.warning("cannot sweep unreferenced blobs (trying again in %g s): %s",
+                        interval, exc)
+        else:
+            if removed:
+                log.info("deleted %d unreferenced blobs", len(removed))
 
 
 async def prune_event_log(store: Store, retention: float, interval: float) -> None:

@@ -211,6 +211,10 @@ async def test_edit_and_delete_firmware(api) -> None:
     sha1 = (await api.client.get(f"/v1/products/{slug}/firmware/1")).json()["sha256"]
     assert (await api.client.delete(f"/v1/products/{slug}/firmware/1")).status_code == 204
     assert (await api.client.get(f"/v1/products/{slug}/firmware/1")).status_code == 404
+    # Its blob is left to the blob sweeper (an upload of the same bytes may be under way),
+    # which removes it once unreferenced for its grace period.
+    assert api.store.blobs.exists(sha1)
+    assert api.store.sweep_blobs(grace_s=0) == [sha1]
     assert not api.store.blobs.exists(sha1)
 
     # Released or locked firmware cannot be deleted.

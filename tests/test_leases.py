@@ -9,11 +9,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 import sqlalchemy as sa
 import trio
+from trio.testing import MockClock
 
 from otacore.errors import ValidationError
 from server.events import STATUS, Event, EventBus
 from server.fleet import Fleet
-from server.leases import JobLease, LeaseTimings, check_lease_timings
+from server.leases import JobLease, LeaseTimings, check_lease_timings, sweep_unreferenced_blobs
 from server.store import Store
 from server.store import schema as t
 from server.store.tx_leases import get_lease, list_leases, release_lease, take_lease
@@ -329,3 +330,23 @@ async def test_a_session_owner_without_a_lease_is_swept(store: Store) -> None:
     fleet, events = _fleet(store, "node-a", Clock())
     assert await fleet.sweep_expired_sessions() == 1
     assert _statuses(events) == [("offline", DEVICE)]
+
+
+async def test_the_blob_sweeper_job_deletes_unreferenced_blobs_past_their_grace(
+    store: Store, autojump_clock: MockClock
+) -> None:
+    """The blob sweeper (what a deleted firmware's image waits for) removes a blob no row
+    names once it is older than the store's grace, and keeps one a row names."""
+    store.blob_sweep_grace_s = 0.0
+    orphan = store.blobs.put(b"a deleted firmware's image")
+    kept = store.blobs.put(b"an image a row names")
+    with store.write() as tx:  # a delta row names ``kept`` as its patch
+        tx.conn.execute(sa.insert(t.deltas).values(
+            base_sha256="a" * 64, target_sha256="b" * 64, patch_sha256=kept, patch_size=20,
+            target_size=40, created_at=T0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sweep_unreferenced_blobs, store, 60.0)
+        while store.blobs.exists(orphan):
+            await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert store.blobs.exists(kept)

@@ -341,9 +341,9 @@ class FirmwareService(FleetBase):
                     details={"sha256": record.sha256},
                     now=now,
                 )
-                still_used = tx.blob_is_referenced(record.sha256)
-            if not still_used:  # after commit; a crash here leaves a blob the sweep removes
-                self.store.blobs.delete(record.sha256)
+            # The blob stays until the blob sweeper (server.leases) finds it unreferenced and
+            # older than its grace period: deleting it here could race an upload of the same
+            # bytes that stored (refreshed) the blob and has not committed its row yet.
             return Outcome(None)
 
         await self._run(work)
