@@ -160,7 +160,7 @@ def product_statements(data_dir: Path, product_id: int) -> list[bytes]:
 
 
 @contextmanager
-def _rotation_lock(data_dir: Path, product_id: int) -> Iterator[None]:
+def rotation_lock(data_dir: Path, product_id: int) -> Iterator[None]:
     """Hold the product's rotation lock (an exclusive flock, released when the file is
     closed, also when the process dies) for a read-modify-write of its statements."""
     path = Path(data_dir) / "keys" / f"product-{product_id}.lock"
@@ -224,7 +224,7 @@ def rotate_product_key(data_dir: Path, product_id: int) -> Rotation:
     becomes the current key; a crash in between leaves the old key in use and, at worst,
     statements introducing a key that is kept but not yet used.
     """
-    with _rotation_lock(data_dir, product_id):
+    with rotation_lock(data_dir, product_id):
         current = product_signing_key(data_dir, product_id)
         statements = product_statements(data_dir, product_id)
         new = generate_signing_key()
@@ -247,7 +247,7 @@ def rotate_product_key(data_dir: Path, product_id: int) -> Rotation:
 def withdraw_product_key(data_dir: Path, product_id: int, key_id: str) -> int:
     """Withdraw an old key (signed by the current key): devices stop trusting it. Returns
     the statement's sequence number."""
-    with _rotation_lock(data_dir, product_id):
+    with rotation_lock(data_dir, product_id):
         current = product_signing_key(data_dir, product_id)
         statements = product_statements(data_dir, product_id)
         parsed = [parse_statement(s) for s in statements]

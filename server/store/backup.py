@@ -39,7 +39,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from server.data_lock import LOCK_FILENAME
-from server.devices.keys import _rotation_lock
+from server.devices.keys import rotation_lock
 from server.private_files import create_private_file, make_private_dir, write_private_file
 from server.store.backup_files import (
     BLOBS_DIR,
@@ -392,7 +392,7 @@ def _copy_data_files(data_dir: Path, database: Path, staging: Path,
     with ExitStack() as rotations:
         for product_id in sorted(product_ids):  # one order: no deadlock between holders
             try:
-                rotations.enter_context(_rotation_lock(data_dir, product_id))
+                rotations.enter_context(rotation_lock(data_dir, product_id))
             except PermissionError:  # a data directory this user may only read
                 log.warning("backup: cannot take product %d's key rotation lock in %s; "
                             "its keys are copied without it", product_id, data_dir)
