@@ -173,3 +173,32 @@ async def test_requests_are_counted_by_route_name_and_status(api: Api) -> None:
     assert not any("/" in str(route) or "abc123" in str(route) for route in routes), routes
     assert str(product["id"]) not in {str(route) for route in routes}
 
+
+
+def test_the_command_line_and_the_config_file_set_who_may_scrape(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli.server_cmd import app
+    from server.config_file import ConfigError, load_server_config
+
+    token_file = tmp_path / "scrape.token"
+    result = CliRunner().invoke(app, ["server", "--data", str(tmp_path / "data"),
+                                      "--metrics-public", "--metrics-token-file",
+                                      str(token_file), "--print-config"])
+    assert result.exit_code == 0, result.output
+    section = result.output.split("[metrics]", 1)[1].split("\n[", 1)[0]
+    assert "\npublic = true\n" in section
+    assert f'\ntoken_file = "{token_file}"\n' in section
+    config_file = tmp_path / "ota.toml"
+    config_file.write_text(f'[server]\ndata_dir = "{tmp_path}"\n'
+                           f'[metrics]\npublic = false\ntoken_file = "{token_file}"\n')
+    config = load_server_config(config_file, {})
+    assert not config.api.metrics_public
+    assert config.api.metrics_token_file == str(token_file)
+    # The command line wins over the file.
+    result = CliRunner().invoke(app, ["server", "--config", str(config_file),
+                                      "--metrics-public", "--print-config"])
+    assert "\npublic = true\n" in result.output.split("[metrics]", 1)[1]
+    config_file.write_text('[metrics]\npublic = "yes"\n')
+    with pytest.raises(ConfigError, match=r"metrics\.public"):
+        load_server_config(config_file, {}, data_dir_required=False)

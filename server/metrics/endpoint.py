@@ -112,7 +112,9 @@ async def metrics(request: Request) -> Response:
 
 
 #: The route (``create_app`` adds it beside the Particle API's table).
-METRICS_ROUTE = Route("/metrics", metrics, methods=["GET"], name="metrics")
+#: Prometheus' exposition format, not the REST API's JSON: out of the OpenAPI document.
+METRICS_ROUTE = Route("/metrics", metrics, methods=["GET"], name="metrics",
+                      include_in_schema=False)
 
 
 class RequestCountMiddleware:
