@@ -85,7 +85,8 @@ async def test_who_may_scrape(api: Api) -> None:
             assert "read the metrics" in response.json()["error"]
 
 
-async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
     token_file = tmp_path / "scrape.token"
     token_file.write_text(SCRAPE_TOKEN + "\n")  # as `openssl rand -hex 16 > FILE` leaves it
     handle: ServerHandle = await nursery.start(
@@ -111,6 +112,20 @@ async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path) -> N
         # The scrape token is good for nothing else.
         assert (await client.get("/v1/products", headers={
             "Authorization": f"Bearer {rotated}"})).status_code == 401
+        # A token file gone while the server runs: its token no longer scrapes (logged),
+        # an owner's still does; written again, it works again.
+        token_file.unlink()
+        for _ in range(2):
+            assert (await client.get("/metrics", headers={
+                "Authorization": f"Bearer {rotated}"})).status_code == 401
+        assert (await client.get("/metrics", headers={
+            "Authorization": f"Bearer {owner}"})).status_code == 200
+        refusals = [r.getMessage() for r in caplog.records
+                    if "scrapes with the token file are refused" in r.getMessage()]
+        assert len(refusals) == 1 and str(token_file) in refusals[0]  # once per problem
+        token_file.write_text(rotated)
+        assert (await client.get("/metrics", headers={
+            "Authorization": f"Bearer {rotated}"})).status_code == 200
     handle.shutdown.set()
 
 

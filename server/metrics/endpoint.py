@@ -12,6 +12,7 @@ network.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from server.api.common import settings_of, token_from
 from server.fleet import Permission
 from server.metrics import HTTP_REQUESTS
 from server.metrics.aggregate import exposition
+
+log = logging.getLogger("ota.api")
 
 #: The shortest scrape token accepted (a guessable one would expose the fleet's figures).
 MIN_TOKEN_CHARS = 16
@@ -47,6 +50,8 @@ class ScrapeToken:
     path: Path
     _token: bytes = b""
     _stamp: tuple[int, int] | None = None
+    #: The last problem logged (logged again only when it changes).
+    _logged: str | None = None
 
     def current(self) -> bytes:
         """The token now (ScrapeTokenError when the file cannot be used)."""
@@ -60,6 +65,19 @@ class ScrapeToken:
             self._token = _read_token(self.path)
             self._stamp = stamp
         return self._token
+
+    def usable(self) -> bytes | None:
+        """The token now, or None when the file became unusable since the start (logged
+        once per problem; owner and administrator tokens still scrape meanwhile)."""
+        try:
+            token = self.current()
+        except ScrapeTokenError as exc:
+            if str(exc) != self._logged:
+                log.error("metrics scrapes with the token file are refused: %s", exc)
+                self._logged = str(exc)
+            return None
+        self._logged = None
+        return token
 
 
 def _read_token(path: Path) -> bytes:
@@ -96,7 +114,8 @@ async def check_scraper(request: Request) -> None:
     if presented is None:
         raise AuthError("/metrics needs a token: 'Authorization: Bearer TOKEN' with the "
                         "metrics token file's token or an owner's or administrator's token")
-    if scrape is not None and hmac.compare_digest(presented.encode(), scrape.current()):
+    expected = scrape.usable() if scrape is not None else None
+    if expected is not None and hmac.compare_digest(presented.encode(), expected):
         return  # compared in constant time: the scrape token is a shared secret
     actor = await authenticate(request)
     actor.require(Permission.ADMINISTER, "read the metrics")
