@@ -52,6 +52,7 @@ from server.leases import (
     sweep_unreferenced_blobs,
 )
 from server.logs import parse_log_level
+from server.metrics.aggregate import make_worker_dir, remove_worker_dir
 from server.node_id import check_node_id, default_node_id
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
@@ -266,6 +267,8 @@ async def serve(
 ) -> None:
     """Run the control plane until cancelled or until ``handle.shutdown`` is set."""
     store = await trio.to_thread.run_sync(open_store, config)
+    # The worker processes' metrics (summed into this process's /metrics).
+    metrics_dir = make_worker_dir() if config.multiprocess else None
     try:
         bus = EventBus(buffer=config.event_buffer, max_subscribers=config.max_event_subscribers)
         fleet = Fleet(
@@ -300,6 +303,7 @@ async def serve(
         }
         job_leases = {name: JobLease(store, name, holder, timings) for name in jobs}
         app = create_app(fleet, config.api)
+        app.state.worker_metrics_dir = metrics_dir
         shutdown = trio.Event()
         api_stopping = trio.Event()
         plane: DevicePlane | None = None
@@ -347,7 +351,8 @@ async def serve(
                 supervisor = WorkerSupervisor(worker_specs(config, device_server),
                                               stop_grace=config.worker_stop_grace,
                                               on_lost=fleet.sessions_lost,
-                                              expected_settings=worker_settings(config).digest())
+                                              expected_settings=worker_settings(config).digest(),
+                                              metrics_dir=metrics_dir)
                 await nursery.start(supervisor.run)
 
             async def stop_gracefully() -> None:
@@ -378,4 +383,6 @@ async def serve(
                 )
             )
     finally:
+        if metrics_dir is not None:
+            remove_worker_dir(metrics_dir)
         store.close()  # quick (closes pooled connections); no checkpoint, so it runs when cancelled

@@ -208,6 +208,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "session_lease", "server", "session_lease", flag="--session-lease"),
     Setting("cluster", "lease_renew_interval", "server", "lease_renew_interval",
             flag="--lease-renew-interval"),
+    Setting("metrics", "public", "api", "metrics_public",
+            flag="--metrics-public / --no-metrics-public",
+            doc="Serve /metrics on the API port to anyone who reaches it, without a token: "
+            "for a private network only (the metrics tell fleet sizes and traffic). Off: a "
+            "scrape needs the token of metrics.token_file, or an owner's or administrator's "
+            "token."),
+    Setting("metrics", "token_file", "api", "metrics_token_file", flag="--metrics-token-file",
+            doc="A file holding the token Prometheus scrapes /metrics with (its "
+            "authorization credentials_file holds the same token): one line of at least 16 "
+            "characters, e.g. from openssl rand -hex 32; read again whenever it changes, so "
+            "it can be rotated without a restart.",
+            none_means="only owner and administrator tokens may scrape"),
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),

@@ -38,6 +38,7 @@ import msgspec
 import trio
 
 from otacore.errors import OtaError
+from server import metrics
 from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
@@ -46,6 +47,7 @@ from server.fleet import Fleet
 from server.fleet.presence import DEFAULT_SESSION_LEASE, LOCAL_NODE
 from server.gc_tuning import CollectorSettings
 from server.logs import configure_logging
+from server.metrics.aggregate import worker_exited
 from server.node_id import check_node_id
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
@@ -291,8 +293,12 @@ class WorkerSupervisor:
         on_ready: Callable[[WorkerState], None] | None = None,
         on_lost: Callable[[str], Awaitable[object]] | None = None,
         expected_settings: str | None = None,
+        metrics_dir: Path | None = None,
     ) -> None:
         self.workers = [WorkerState(spec) for spec in specs]
+        #: Where the workers' metrics go (prometheus-client's multiprocess directory, in
+        #: their environment from their start; None: their metrics are not collected).
+        self.metrics_dir = metrics_dir
         #: The main process's WorkerSettings.digest(): a worker reporting another is logged.
         self.expected_settings = expected_settings
         self.stop_grace = stop_grace
@@ -336,6 +342,7 @@ class WorkerSupervisor:
             if self._stopping:
                 return
             state.exits.append(code)
+            metrics.WORKER_EXITS.inc()
             if self.on_lost is not None and state.origin is not None:
                 # Its devices are still "online" in the store: no session of theirs lives.
                 await self._report_lost(state, state.origin)
@@ -377,6 +384,8 @@ class WorkerSupervisor:
                     stdout=subprocess.PIPE,
                     check=False,
                     deliver_cancel=self._deliver_cancel,
+                    env=(None if self.metrics_dir is None
+                         else metrics.worker_environment(self.metrics_dir)),
                 )
             )
             state.starts += 1
@@ -388,6 +397,8 @@ class WorkerSupervisor:
             await self._read_status(state, process.stdout)
         # run_process returned: the process has exited (stdin is closed by trio).
         assert process.returncode is not None
+        if self.metrics_dir is not None:  # its live gauges leave the sums
+            worker_exited(self.metrics_dir, process.pid)
         return process.returncode
 
     async def _read_status(self, state: WorkerState, stdout: trio.abc.ReceiveStream) -> None:

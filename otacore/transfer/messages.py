@@ -520,6 +520,7 @@ class SenderStats:
     timeouts: int = 0  # retransmission timer expiries (each backs the timer off)
     probes: int = 0  # tail-loss probes sent before a full timeout
     rtt_estimate: float = 0.0  # smoothed ack round-trip time in seconds (0 = no sample)
+    bytes_retransmitted: int = 0  # the part of bytes_sent that retransmitted chunks carried
 
 
 @dataclass(slots=True)

@@ -210,6 +210,7 @@ class TransferSender:
         self._chunks_sent = 0
         self._retransmitted = 0
         self._bytes_sent = 0
+        self._bytes_retransmitted = 0
         self._timeouts = 0
         #: Congestion window and slow-start threshold, in chunks (RFC 5681 section 3.1).
         self.cwnd = float(self.policy.initial_cwnd)
@@ -315,6 +316,7 @@ class TransferSender:
             self._timeouts,
             self._probes,
             self._srtt or 0.0,
+            self._bytes_retransmitted,
         )
 
     # --- message handlers -------------------------------------------------------------------
@@ -451,8 +453,11 @@ class TransferSender:
             sent_bytes += end - offset
             out.append(Chunk(tid, number, crcs[number - 1], view[offset:end]))
         self._chunks_sent += len(numbers)
-        self._retransmitted += retransmissions
         self._bytes_sent += sent_bytes
+        if retransmissions:  # the lost chunks come first (TransferBook.schedule)
+            self._retransmitted += retransmissions
+            self._bytes_retransmitted += sum(
+                min(step, size - (number - 1) * step) for number in numbers[:retransmissions])
         if self._deadline is None:
             self._arm_timer(now)
 

@@ -42,6 +42,7 @@ from server.api.common import (
     ota_error_handler,
 )
 from server.fleet import Fleet, Permission
+from server.metrics.endpoint import METRICS_ROUTE, RequestCountMiddleware, scrape_token_of
 
 _P = "/v1/products/{product}"
 
@@ -165,17 +166,19 @@ def create_app(fleet: Fleet, settings: ApiSettings | None = None) -> Starlette:
     """The REST app over ``fleet``."""
     settings = settings or ApiSettings()
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, METRICS_ROUTE],
         exception_handlers={
             OtaError: ota_error_handler,
             HTTPException: http_error_handler,
             Exception: internal_error_handler,
         },
         # Path and query parameters are valid Unicode text before any route reads them.
-        middleware=[Middleware(Utf8UrlMiddleware)],
+        middleware=[Middleware(RequestCountMiddleware), Middleware(Utf8UrlMiddleware)],
         lifespan=auth.lifespan,
     )
     app.state.fleet = fleet
     app.state.settings = settings
     auth.install(app.state, settings)  # the sign-in throttle and its log
+    app.state.scrape_token = scrape_token_of(settings.metrics_token_file)
+    app.state.worker_metrics_dir = None  # serve() names it when worker processes run
     return app

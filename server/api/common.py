@@ -94,6 +94,13 @@ class ApiSettings:
     ipv6_prefix_length: int = 64
     #: Lifetime of refresh tokens issued from now on.
     refresh_token_seconds: int = DEFAULT_REFRESH_TOKEN_SECONDS
+    #: Serve /metrics to anyone who reaches the API port, without a token: for a private
+    #: network only (the metrics tell fleet sizes and traffic).
+    metrics_public: bool = False
+    #: A file holding the token Prometheus scrapes /metrics with (its ``authorization:
+    #: credentials_file``; at least 16 characters, read again when the file changes);
+    #: without it only owner and administrator tokens may scrape.
+    metrics_token_file: str | None = None
 
     def __post_init__(self) -> None:
         least: dict[str, float] = {

@@ -198,10 +198,11 @@ def openapi_path(path: str) -> str:
 
 
 def route_operations(routes: Sequence[BaseRoute]) -> list[tuple[str, str, Route]]:
-    """(method, OpenAPI path, route) for every operation in the table."""
+    """(method, OpenAPI path, route) for every operation in the table (a route built with
+    ``include_in_schema=False``, such as ``/metrics``, is no operation of the REST API)."""
     found = []
     for route in routes:
-        if isinstance(route, Route):
+        if isinstance(route, Route) and route.include_in_schema:
             for method in sorted(route.methods or ()):
                 if method != "HEAD":
                     found.append((method.lower(), openapi_path(route.path), route))

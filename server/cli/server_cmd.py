@@ -97,7 +97,7 @@ def server(
     config_file: Path | None = typer.Option(
         None, "--config", metavar="FILE",
         help="Read settings from this TOML file (its sections: server, api, sign_in, "
-        "devices, sessions, delivery, transfer, relay, cluster, logging; see the README's "
+        "devices, sessions, delivery, transfer, relay, cluster, metrics, logging; see the README's "
         "Configuration section, or --print-config). Options given here override it.",
     ),
     print_config: bool = typer.Option(
@@ -262,6 +262,18 @@ def server(
         ApiSettings.refresh_token_seconds, "--refresh-token-lifetime", min=60,
         help="Seconds a refresh token stays usable.",
     ),
+    metrics_public: bool | None = typer.Option(
+        None, "--metrics-public/--no-metrics-public",
+        help="Serve /metrics to anyone who reaches the API port, without a token (a private "
+        "network only). Default: a scrape needs --metrics-token-file's token or an owner's "
+        "or administrator's token.",
+    ),
+    metrics_token_file: Path | None = typer.Option(
+        None, "--metrics-token-file", metavar="FILE",
+        help="File holding the token Prometheus scrapes /metrics with (authorization: "
+        "credentials_file in its scrape config): one line, at least 16 characters; read "
+        "again when it changes.",
+    ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too). Settings come from the built-in
@@ -325,6 +337,8 @@ OPTION_SETTINGS: dict[str, str] = {
     "session_lease": "cluster.session_lease",
     "lease_renew_interval": "cluster.lease_renew_interval",
     "refresh_token_lifetime": "sign_in.refresh_token_seconds",
+    "metrics_public": "metrics.public",
+    "metrics_token_file": "metrics.token_file",
 }
 
 

@@ -45,6 +45,7 @@ from otacore.transfer.planner import (
     DeliveryPolicy,
     downgrade_needs_authorization,
 )
+from server import metrics
 from server.devices.compression import CompressedImageCache
 from server.devices.deltas import DeltaCache
 from server.devices.live import Updaters
@@ -255,6 +256,7 @@ class OtaEngine:
                                    self.fleet.flash_status_work(
                                        device_id, "success", application_sha256=delivery.sha256),
                                    *await self._rollout_result(product_id, device_id, "succeeded"))
+            metrics.update_ended("succeeded")
         else:
             if delivery is not None:  # never offer the image it rolled back from again
                 self.failed.setdefault(device_id, set()).add(delivery.sha256)
@@ -265,6 +267,7 @@ class OtaEngine:
                 device_id, "failed", error=f"{result.status}: {result.detail}"[:200],
                 application_sha256=delivery.sha256 if delivery.final else None),
                 *await self._rollout_result(product_id, device_id, outcome))
+            metrics.update_ended(outcome)
 
     async def watch_requests(self) -> None:
         """Push immediate releases and flash requests to the online devices this process

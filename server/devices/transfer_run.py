@@ -41,6 +41,7 @@ from otacore.transfer import (
 )
 from otacore.transfer.framing import split_chunk_runs
 from otacore.transfer.planner import Encoding, Offer, Verdict
+from server import metrics
 from server.devices.delivery import Delivery, PlannedModule, SentFile
 from server.devices.plan_inputs import release_version, target_facts
 from server.transport.session import CloseReason, SessionClosed
@@ -70,8 +71,8 @@ class TransferRun:
     """One transfer's sender, driven by the events that feed it and, for what waits, by
     the updater's task."""
 
-    __slots__ = ("_frames", "_handoff", "_progress", "_wake", "evented", "module", "offer",
-                 "sender", "sent", "timer_at", "updater", "view")  # fmt: skip
+    __slots__ = ("_counted", "_frames", "_handoff", "_progress", "_wake", "evented", "module",
+                 "offer", "sender", "sent", "timer_at", "updater", "view")  # fmt: skip
 
     def __init__(self, updater: SessionUpdater, sender: TransferSender, view: DeviceTarget,
                  module: PlannedModule, offer: Offer, sent: SentFile) -> None:
@@ -93,6 +94,8 @@ class TransferRun:
         self._progress: TransferProgress | None = None
         #: Set by the events when the sleeping task has work.
         self._wake: trio.Event | None = None
+        #: The sender's (bytes sent, bytes and chunks retransmitted) already in the metrics.
+        self._counted = (0, 0, 0)
 
     # -- the events' side (never blocks) ----------------------------------------------------
 
@@ -202,8 +205,9 @@ class TransferRun:
         """Run the transfer (the updater's task): True once the device staged the image,
         False when it failed, None when the device refused an encoded file and the caller
         should fall back."""
-        outputs: list[Any] = self.sender.start(trio.current_time())
+        metrics.TRANSFERS_ACTIVE.inc()
         try:
+            outputs: list[Any] = self.sender.start(trio.current_time())
             while True:
                 verdict = await self._emit(outputs)
                 if verdict is not CONTINUE:
@@ -211,6 +215,23 @@ class TransferRun:
                 outputs = await self._next()
         finally:
             self._leave_events()
+            self.count_sent()
+            metrics.TRANSFERS_ACTIVE.dec()
+
+    def count_sent(self) -> None:
+        """Add the file bytes and retransmissions sent since the last call to the metrics:
+        at each progress write and at the end (never per chunk: the hot path stays as it
+        was)."""
+        stats = self.sender.stats()
+        sent, again = stats.bytes_sent, stats.bytes_retransmitted
+        chunks = stats.chunks_retransmitted
+        done_sent, done_again, done_chunks = self._counted
+        if sent == done_sent:
+            return
+        self._counted = (sent, again, chunks)
+        metrics.file_bytes(self.sent.transfer, (sent - again) - (done_sent - done_again),
+                           again - done_again, chunks - done_chunks,
+                           self.updater.handler.session.transport)
 
     async def _next(self) -> list[Any]:
         """Wait for the sender's next answer the task must carry out; meanwhile the events
@@ -293,6 +314,7 @@ class TransferRun:
         recorded)."""
         updater, module, sent = self.updater, self.module, self.sent
         fleet = updater.engine.fleet
+        self.count_sent()
         progress = fleet.update_progress_work(
             updater.device_id, sha256=module.sha256, version=self.view.target.version,
             transfer=sent.transfer, bytes_done=item.bytes_acked, bytes_total=item.total)
@@ -365,6 +387,7 @@ class TransferRun:
                     await updater.record_status("failed", error=item.reason,
                                                 rollout_outcome=rollout_failure(item.status),
                                                 application_sha256=self.offer.update_sha256)
+                    metrics.update_ended(rollout_failure(item.status))
                 verdict = False
             elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())

@@ -49,6 +49,7 @@ from otacore.transfer.planner import (
     Offer,
     Verdict,
 )
+from server import metrics
 from server.devices.delivery import PlannedModule, SentFile
 from server.devices.file_choice import file_to_send
 from server.devices.firmware_get import FirmwareDownloads
@@ -612,6 +613,7 @@ class SessionUpdater:
             engine.updating.pop(self.device_id, None)
             await self.record_status("failed", error=reason, rollout_outcome="image_refused",
                                      application_sha256=offer.update_sha256)
+            metrics.update_ended("image_refused")
             return False
         if engine.updating.get(self.device_id) != offer.update_sha256:
             # A new update: "started" is recorded with the memory at the transfer's first

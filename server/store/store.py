@@ -42,6 +42,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from server.metrics import STORE_COMMIT_SECONDS
 from server.private_files import create_private_file, secure_data_dir
 from server.store import migrate
 from server.store.blobs import SWEEP_GRACE_S, Blobs, BlobStore
@@ -255,6 +256,7 @@ class Store:
         back such a COMMIT, and SQLite would have autocommitted the statements after it."""
         with _translated_errors(), self._write_lock, self.engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})
+            began = time.perf_counter()
             with conn.begin():
                 yield Tx(conn)
                 state = self._transaction_state(conn)
@@ -263,6 +265,7 @@ class Store:
                         f"the write transaction was {state.value} after an error inside it "
                         "(the error was caught and the block went on); nothing was saved, retry"
                     )
+            STORE_COMMIT_SECONDS.observe(time.perf_counter() - began)  # committed
 
     def _transaction_state(self, conn: Connection) -> TransactionState:
         """Where ``conn``'s transaction stands, as its driver reports it."""

@@ -15,6 +15,7 @@ from typing import Literal, Protocol, cast
 import trio
 
 from otacore.errors import OtaError
+from server import metrics
 from server.authorization import DeviceDirectory, DeviceIdCache
 from server.identity import CertificateRejectedError
 from server.transport.admission import AdmissionClosed, HandshakeGate, NotAdmitted
@@ -59,6 +60,12 @@ class RefuseReason:
     SILENT = "no ClientHello in time"
     SHUTTING_DOWN = "server shutting down"
 
+
+#: A refusal's metric label: the reason's name (``server_busy``), a bounded set.
+_REFUSAL_LABELS = {value: name.lower() for name, value in vars(RefuseReason).items()
+                   if name.isupper()}
+#: Refusals that are a failed handshake (ota_handshakes_total{result="failed"}).
+_FAILED_HANDSHAKES = frozenset({RefuseReason.HANDSHAKE_FAILED, RefuseReason.HANDSHAKE_TIMEOUT})
 
 #: Refusals about capacity or abuse: logged at WARNING (aggregated, see RefusalLog).
 _WARNING_REASONS = frozenset(
@@ -323,14 +330,19 @@ class SessionRegistry:
     def register(self, session: DeviceSession) -> None:
         """Record ``session``; an older session of the same device is closed (REPLACED)."""
         older = self._by_device.get(session.device_id)
-        if older is not None and older is not session:
+        if older is session:
+            return
+        if older is not None:
             older.close(CloseReason.REPLACED)
+            metrics.session_ended(older.transport)
         self._by_device[session.device_id] = session
+        metrics.session_started(session.transport)
 
     def unregister(self, session: DeviceSession) -> None:
         """Forget ``session`` (no-op if a newer session of its device replaced it)."""
         if self._by_device.get(session.device_id) is session:
             del self._by_device[session.device_id]
+            metrics.session_ended(session.transport)
 
     def get(self, device_id: str) -> DeviceSession | None:
         """The live session of ``device_id``, if any."""
@@ -438,6 +450,9 @@ class SessionHost:
         (the first of a burst at once, then one summary per ``refusal_log_interval``),
         authorization refusals at INFO, the rest at DEBUG."""
         self.stats.refused[(transport, reason)] += 1
+        metrics.refused(transport, _REFUSAL_LABELS.get(reason, "other"))
+        if reason in _FAILED_HANDSHAKES:
+            metrics.handshake_failed(transport)
         if reason in _WARNING_REASONS:
             host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
             line = self.refusals.note(trio.current_time(), transport, reason, host, detail)
@@ -611,6 +626,10 @@ class SessionHost:
         transport = session.transport
         counter = self.stats.resumed_handshakes if session.resumed else self.stats.full_handshakes
         counter[transport] += 1
+        # A DTLS session restored after a restart had no handshake in this process.
+        kind = ("restored" if getattr(session, "restored", False)
+                else "resumed" if session.resumed else "full")
+        metrics.handshake_ok(transport, kind)
         self.registry.register(session)
         session.start_idle_timer(self.timers)
         handler: SessionHandler | None = None
