@@ -66,8 +66,14 @@ def tls_verify(ca_file: str | Path | None = None) -> ssl.SSLContext | bool:
 
 def unreachable_message(base_url: object, exc: httpx.HTTPError) -> str:
     """The error a command prints when a request to ``base_url`` failed in transport."""
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text:
+    causes: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(causes) < 8:  # httpx wraps httpcore's, which wraps ssl's
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc) or next((str(c) for c in causes if str(c)), "")
+    if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes) or (
+            "CERTIFICATE_VERIFY_FAILED" in text):
         return (f"cannot reach {base_url}: its TLS certificate is not trusted ({text}); give "
                 f"the installation CA with --ca-file FILE or {CA_FILE_ENV}=FILE")
     if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
