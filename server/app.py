@@ -130,6 +130,9 @@ class ServerConfig:
     #: port serves HTTPS with (both or neither; None: plain HTTP).
     api_cert: str | None = None
     api_key: str | None = None
+    #: Seconds a client has to finish its TLS handshake with the HTTPS API port (a silent
+    #: connection holds no slot longer).
+    tls_handshake_timeout: float = 10.0
     #: Reverse proxies (addresses or networks; "*": every peer) whose X-Forwarded-For and
     #: X-Forwarded-Proto headers name the client; empty: the TCP peer is the client.
     forwarded_allow_ips: tuple[str, ...] = ()
@@ -154,7 +157,7 @@ class ServerConfig:
             if getattr(self, name) > 1024:
                 raise ValidationError(f"{name} must be at most 1024, not {getattr(self, name)}")
         for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace",
-                     "rollout_tick_interval"):
+                     "rollout_tick_interval", "tls_handshake_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
@@ -286,6 +289,7 @@ def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
         # compression, ALPN h2 and http/1.1 (HTTP/2 with h2 installed; RFC 7540 section 9.2).
         hc.certfile = config.api_cert
         hc.keyfile = config.api_key
+        hc.ssl_handshake_timeout = config.tls_handshake_timeout
     return hc
 
 

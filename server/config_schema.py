@@ -136,6 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api", "key", "server", "api_key", flag="--api-key",
             doc="PEM file of the certificate's private key (unencrypted; refused when every "
             "user may read it).", none_means="plain HTTP"),
+    Setting("api", "tls_handshake_timeout", "server", "tls_handshake_timeout"),
     Setting("api", "forwarded_allow_ips", "server", "forwarded_allow_ips",
             flag="--forwarded-allow-ips",
             doc="Addresses or networks of reverse proxies whose X-Forwarded-For and "

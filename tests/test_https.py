@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from server.api_tls import issue_api_certificate
-from server.app import ServerHandle
+from server.app import ServerHandle, _hypercorn_config
 from server.client import ApiClient, ApiError
 from tests.conftest import _server_config
 from tests.ota_server_process import REPO
@@ -180,3 +180,22 @@ async def test_the_cli_client_trusts_the_ca_file_and_says_what_to_do_without_it(
         env={**env, "OTA_CA_FILE": str(ca)}, capture_stdout=True, capture_stderr=True,
         check=False)
     assert listed_out.returncode == 0, listed_out.stderr.decode()
+
+
+async def test_a_client_that_never_says_hello_is_closed(nursery: trio.Nursery,
+                                                        data_dir: Path) -> None:
+    """``api.tls_handshake_timeout``: a silent connection is closed, its slot freed."""
+    from server.app import serve
+
+    issued = await trio.to_thread.run_sync(
+        lambda: issue_api_certificate(data_dir, ["localhost"]))
+    config = replace(_server_config(data_dir), api_cert=str(issued.cert_path),
+                     api_key=str(issued.key_path), tls_handshake_timeout=0.2)
+    assert _hypercorn_config(config).ssl_handshake_timeout == 0.2  # what hypercorn enforces
+    handle: ServerHandle = await nursery.start(serve, config)
+    port = int(handle.api_url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(30):  # closed by the server: end of stream, nothing sent
+        assert await stream.receive_some() == b""
+    await stream.aclose()
+    handle.shutdown.set()
