@@ -17,6 +17,7 @@ holds exclusively (``server.data_lock``), with one process, runs no relay.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -293,6 +294,22 @@ def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
     return hc
 
 
+def plain_http_warning(config: ServerConfig) -> str | None:
+    """The warning a server serving plain HTTP beyond this machine logs at start (None:
+    HTTPS, or only loopback can reach it)."""
+    if config.https:
+        return None
+    try:
+        if ipaddress.ip_address(config.host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        if config.host == "localhost":
+            return None
+    return (f"the API listens on {config.host} in plain HTTP: tokens and passwords cross the "
+            "network in clear text; serve HTTPS (--api-cert FILE --api-key FILE, `ota admin "
+            "api-cert` issues them) or listen on 127.0.0.1 behind a TLS reverse proxy")
+
+
 def api_app(app: Any, config: ServerConfig) -> Any:
     """The ASGI app the API port serves: ``app`` behind the trusted proxies' headers when
     ``forwarded_allow_ips`` names any (server.proxy_headers)."""
@@ -311,6 +328,8 @@ async def serve(
         log.info("API certificate %s for %s, valid until %s", credentials.cert_path,
                  ", ".join(credentials.names) or credentials.subject,
                  f"{credentials.not_after:%Y-%m-%d}")
+    elif (warning := plain_http_warning(config)) is not None:
+        log.warning("%s", warning)
     store = await trio.to_thread.run_sync(open_store, config)
     try:
         bus = EventBus(buffer=config.event_buffer, max_subscribers=config.max_event_subscribers)

@@ -233,3 +233,17 @@ def test_the_commands_issue_check_and_refuse(tmp_path: Path) -> None:
         "error: cannot run the server: the API key")
     assert "Traceback" not in started.stderr
     assert "API listening" not in started.stdout
+
+
+def test_plain_http_beyond_this_machine_is_warned_about(tmp_path: Path) -> None:
+    from server.app import ServerConfig, plain_http_warning
+
+    def config(**fields: object) -> ServerConfig:
+        return ServerConfig(data_dir=tmp_path, **fields)  # type: ignore[arg-type]
+
+    for loopback in ("127.0.0.1", "::1", "localhost", "127.0.0.5"):
+        assert plain_http_warning(config(host=loopback)) is None
+    for exposed in ("0.0.0.0", "::", "192.0.2.1", "ota.example.com"):
+        warning = plain_http_warning(config(host=exposed))
+        assert warning is not None and "clear text" in warning and "--api-cert" in warning
+    assert plain_http_warning(config(host="0.0.0.0", api_cert="c.pem", api_key="k.pem")) is None
