@@ -199,3 +199,25 @@ async def test_a_client_that_never_says_hello_is_closed(nursery: trio.Nursery,
         assert await stream.receive_some() == b""
     await stream.aclose()
     handle.shutdown.set()
+
+
+async def test_ota_server_serves_https_from_its_options(tmp_path: Path) -> None:
+    """The command line's --api-cert/--api-key reach hypercorn (the real ``ota server``)."""
+    from tests.ota_server_process import start_ota_server
+
+    data = tmp_path / "data"
+    issued = await trio.to_thread.run_sync(
+        lambda: issue_api_certificate(data, ["localhost", "127.0.0.1"]))
+    server = await trio.to_thread.run_sync(lambda: start_ota_server(
+        data, tmp_path / "server.log", "--api-cert", str(issued.cert_path), "--api-key",
+        str(issued.key_path)))
+    try:
+        assert server.api_url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(issued.ca_path))
+        async with httpx.AsyncClient(base_url=server.api_url, verify=context,
+                                     timeout=30) as client:
+            answer = await client.get("/v1/products")
+        assert answer.status_code == 401  # over TLS, and asks for a token
+    finally:
+        assert server.stop() == 0, server.tail()
+    assert "API certificate" in server.tail() and "valid until" in server.tail()
