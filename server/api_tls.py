@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -104,7 +105,7 @@ def _load_key(path: Path, data: bytes) -> PrivateKeyTypes:
             f"the API key {path} is encrypted; the server cannot ask for its password: "
             f"decrypt it (openssl pkey -in {path} -out NEW_FILE) and keep the new file "
             "readable by the server's user only") from None
-    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise ApiCertificateError(
             f"the API key {path} is not a PEM private key (--api-key): {exc}") from None
 
@@ -136,8 +137,9 @@ def _key_mode_warning(path: Path) -> str | None:
     info = path.stat()
     mode = stat.S_IMODE(info.st_mode)
     if mode & (stat.S_IROTH | stat.S_IWOTH):
+        access = "readable" if mode & stat.S_IROTH else "writable"
         raise ApiCertificateError(
-            f"the API key {path} is readable by every user of this machine (mode {mode:04o}): "
+            f"the API key {path} is {access} by every user of this machine (mode {mode:04o}): "
             f"chmod 600 {path} (or 640 with a group of the server's user)")
     if mode & stat.S_IRGRP:
         return (f"the API key {path} is readable by the members of group {_group(info.st_gid)} "
