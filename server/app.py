@@ -17,6 +17,7 @@ holds exclusively (``server.data_lock``), with one process, runs no relay.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from otacore.errors import ValidationError
 from server.api import ApiSettings, create_app
+from server.api_tls import check_api_credentials
 from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
@@ -51,9 +53,10 @@ from server.leases import (
     sweep_expired_sessions,
     sweep_unreferenced_blobs,
 )
-from server.logs import parse_log_level
+from server.logs import check_log_format, parse_log_level, set_log_origin
 from server.metrics.aggregate import make_worker_dir, remove_worker_dir
 from server.node_id import check_node_id, default_node_id
+from server.proxy_headers import TrustedProxyHeaders, parse_trusted_proxies
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store
@@ -129,6 +132,18 @@ class ServerConfig:
     #: Seconds between renewals of the leases (one statement per node for all its
     #: sessions); at most half of session_lease.
     lease_renew_interval: float = 10.0
+    #: PEM certificate chain (the server's certificate first) and PEM private key the API
+    #: port serves HTTPS with (both or neither; None: plain HTTP).
+    api_cert: str | None = None
+    api_key: str | None = None
+    #: Seconds a client has to finish its TLS handshake with the HTTPS API port (a silent
+    #: connection holds no slot longer).
+    tls_handshake_timeout: float = 10.0
+    #: Reverse proxies (addresses or networks; "*": every peer) whose X-Forwarded-For and
+    #: X-Forwarded-Proto headers name the client; empty: the TCP peer is the client.
+    forwarded_allow_ips: tuple[str, ...] = ()
+    #: Log line format of every server process: "text" or "json" (server.logs).
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not 0 <= self.api_port <= 65535:
@@ -148,12 +163,17 @@ class ServerConfig:
             if getattr(self, name) > 1024:
                 raise ValidationError(f"{name} must be at most 1024, not {getattr(self, name)}")
         for name in ("graceful_timeout", "http_keep_alive_timeout", "worker_stop_grace",
-                     "rollout_tick_interval"):
+                     "rollout_tick_interval", "tls_handshake_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValidationError(f"{name} must be a positive number of seconds, not "
                                       f"{value!r}")
         parse_log_level(self.log_level)
+        check_log_format(self.log_format)
+        if (self.api_cert is None) != (self.api_key is None):
+            raise ValidationError("HTTPS needs both api_cert and api_key (--api-cert FILE "
+                                  "--api-key FILE), not one of them")
+        parse_trusted_proxies(self.forwarded_allow_ips)
         check_lease_timings(self.session_lease, self.lease_renew_interval)
         if self.node_id is not None:
             check_node_id(self.node_id)
@@ -162,6 +182,11 @@ class ServerConfig:
     def multiprocess(self) -> bool:
         """True when worker processes share the device ports and the store."""
         return self.workers > 1 and self.device_port is not None
+
+    @property
+    def https(self) -> bool:
+        """True when the API port serves HTTPS (api_cert and api_key are set)."""
+        return self.api_cert is not None and self.api_key is not None
 
     @property
     def shares_store(self) -> bool:
@@ -238,6 +263,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             relay=asdict(config.relay),
             collector=asdict(config.collector),
             log_level=config.log_level,
+            log_format=config.log_format,
             node_id=node_id_of(config),
             session_lease=config.session_lease,
         )
@@ -257,15 +283,58 @@ def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hc.bind = [f"{host}:{config.api_port}"]
     hc.accesslog = None
     hc.loglevel = "WARNING"
+    # Hypercorn's own handler would write its own line format to stderr; through ours its
+    # records get the server's format (text or JSON).
+    error_logger = logging.getLogger("hypercorn.error")
+    error_logger.setLevel(logging.WARNING)
+    hc.errorlog = error_logger
     hc.graceful_timeout = config.graceful_timeout
     hc.keep_alive_timeout = config.http_keep_alive_timeout
+    if config.https:
+        # Hypercorn's context: TLS 1.2 at least, ECDHE with AES-GCM for TLS 1.2, no
+        # compression, ALPN h2 and http/1.1 (HTTP/2 with h2 installed; RFC 7540 section 9.2).
+        hc.certfile = config.api_cert
+        hc.keyfile = config.api_key
+        hc.ssl_handshake_timeout = config.tls_handshake_timeout
     return hc
+
+
+def plain_http_warning(config: ServerConfig) -> str | None:
+    """The warning a server serving plain HTTP beyond this machine logs at start (None:
+    HTTPS, or only loopback can reach it)."""
+    if config.https:
+        return None
+    try:
+        if ipaddress.ip_address(config.host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        if config.host == "localhost":
+            return None
+    return (f"the API listens on {config.host} in plain HTTP: tokens and passwords cross the "
+            "network in clear text; serve HTTPS (--api-cert FILE --api-key FILE, `ota admin "
+            "api-cert` issues them) or listen on 127.0.0.1 behind a TLS reverse proxy")
+
+
+def api_app(app: Any, config: ServerConfig) -> Any:
+    """The ASGI app the API port serves: ``app`` behind the trusted proxies' headers when
+    ``forwarded_allow_ips`` names any (server.proxy_headers)."""
+    if config.forwarded_allow_ips:
+        return TrustedProxyHeaders(app, config.forwarded_allow_ips)
+    return app
 
 
 async def serve(
     config: ServerConfig, *, task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the control plane until cancelled or until ``handle.shutdown`` is set."""
+    if config.https:  # refused before anything starts, with a message naming the file
+        assert config.api_cert is not None and config.api_key is not None
+        credentials = check_api_credentials(config.api_cert, config.api_key)
+        log.info("API certificate %s for %s, valid until %s", credentials.cert_path,
+                 ", ".join(credentials.names) or credentials.subject,
+                 f"{credentials.not_after:%Y-%m-%d}")
+    elif (warning := plain_http_warning(config)) is not None:
+        log.warning("%s", warning)
     store = await trio.to_thread.run_sync(open_store, config)
     # The worker processes' metrics (summed into this process's /metrics).
     metrics_dir = make_worker_dir() if config.multiprocess else None
@@ -287,6 +356,7 @@ async def serve(
             log.info("marked %d devices offline after restart (node %s)", offline, node_id)
         timings = LeaseTimings(config.session_lease, config.lease_renew_interval)
         origin = process_origin("main", node_id)
+        set_log_origin(origin)
         holder = origin  # "<node id>:main-<pid>": which process runs a job
         ticker = RolloutTicker(fleet, config.rollout_tick_interval)
         jobs: dict[str, Callable[[], Awaitable[object]]] = {
@@ -314,7 +384,8 @@ async def serve(
 
             async def run_api(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn_serve(
-                    cast(Any, app),  # Starlette is an ASGI app; hypercorn's types are narrower
+                    # Starlette is an ASGI app; hypercorn's types are narrower.
+                    cast(Any, api_app(app, config)),
                     _hypercorn_config(config),
                     shutdown_trigger=api_stopping.wait,
                     task_status=task_status,

@@ -7,6 +7,8 @@ It speaks only HTTP; nothing here knows about the store. Errors from the server 
 from __future__ import annotations
 
 import json
+import os
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,12 +41,55 @@ class _ProgressReader:
         return data
 
 
-class ApiClient:
-    """Calls the otacloud REST API at ``base_url`` with a bearer ``token``."""
+#: Environment variable naming a PEM file of CA certificates to trust for an https API URL
+#: (``ota --ca-file``): the installation CA of a server whose certificate came from
+#: ``ota admin api-cert``.
+CA_FILE_ENV = "OTA_CA_FILE"
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+
+def tls_verify(ca_file: str | Path | None = None) -> ssl.SSLContext | bool:
+    """What httpx verifies an https server with: only the CA certificates of ``ca_file``
+    (else of ``$OTA_CA_FILE``), else httpx's default authorities. ApiError when the file
+    cannot be read or holds no certificate."""
+    ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise ApiError(0, f"the CA file {ca_file} does not exist (--ca-file / "
+                       f"{CA_FILE_ENV})") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ApiError(0, f"cannot use the CA file {ca_file} (--ca-file / {CA_FILE_ENV}): "
+                       f"{getattr(exc, 'reason', None) or exc}") from None
+
+
+def unreachable_message(base_url: object, exc: httpx.HTTPError) -> str:
+    """The error a command prints when a request to ``base_url`` failed in transport."""
+    causes: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(causes) < 8:  # httpx wraps httpcore's, which wraps ssl's
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc) or next((str(c) for c in causes if str(c)), "")
+    if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes) or (
+            "CERTIFICATE_VERIFY_FAILED" in text):
+        return (f"cannot reach {base_url}: its TLS certificate is not trusted ({text}); give "
+                f"the installation CA with --ca-file FILE or {CA_FILE_ENV}=FILE")
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+        return f"cannot reach {base_url}: it does not speak TLS; try http:// ({text})"
+    return f"cannot reach {base_url}: {text or type(exc).__name__}"
+
+
+class ApiClient:
+    """Calls the otacloud REST API at ``base_url`` with a bearer ``token``; an https URL
+    is verified with ``ca_file`` (see :func:`tls_verify`)."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0,
+                 ca_file: str | Path | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
+                                  verify=tls_verify(ca_file))
 
     def close(self) -> None:
         """Close the underlying connection pool."""
@@ -62,7 +107,7 @@ class ApiClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ApiError(0, f"cannot reach {self._http.base_url}: {exc}") from exc
+            raise ApiError(0, unreachable_message(self._http.base_url, exc)) from exc
         return self._decode(response)
 
     @staticmethod
@@ -283,21 +328,25 @@ class ApiClient:
             path = f"{self._product(product or '')}/events"
         if prefix:
             path += f"/{quote(prefix, safe='')}"
-        with self._http.stream("GET", path, timeout=httpx.Timeout(10.0, read=None)) as response:
-            if response.status_code >= 400:
-                response.read()
-                self._decode(response)
-            name = "message"
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    try:
-                        data = json.loads(line[5:].strip())
-                    except ValueError:
-                        data = {"data": line[5:].strip()}
-                    yield name, data
-                    name = "message"
+        try:
+            with self._http.stream("GET", path,
+                                   timeout=httpx.Timeout(10.0, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._decode(response)
+                name = "message"
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        name = line[6:].strip()
+                    elif line.startswith("data:"):
+                        try:
+                            data = json.loads(line[5:].strip())
+                        except ValueError:
+                            data = {"data": line[5:].strip()}
+                        yield name, data
+                        name = "message"
+        except httpx.HTTPError as exc:
+            raise ApiError(0, unreachable_message(self._http.base_url, exc)) from exc
 
     # -- sign-in limits ----------------------------------------------------------------
 

@@ -128,6 +128,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api", "graceful_timeout", "server", "graceful_timeout",
             doc="Seconds a graceful shutdown lets API requests in progress finish."),
     Setting("api", "keep_alive_timeout", "server", "http_keep_alive_timeout"),
+    Setting("api", "cert", "server", "api_cert", flag="--api-cert",
+            doc="PEM file of the certificate chain the API port serves HTTPS with (the "
+            "server's certificate first, then any intermediate CA certificates; `ota admin "
+            "api-cert` issues one from the installation CA). Needs api.key.",
+            none_means="plain HTTP"),
+    Setting("api", "key", "server", "api_key", flag="--api-key",
+            doc="PEM file of the certificate's private key (unencrypted; refused when every "
+            "user may read it).", none_means="plain HTTP"),
+    Setting("api", "tls_handshake_timeout", "server", "tls_handshake_timeout"),
+    Setting("api", "forwarded_allow_ips", "server", "forwarded_allow_ips",
+            flag="--forwarded-allow-ips",
+            doc="Addresses or networks of reverse proxies whose X-Forwarded-For and "
+            "X-Forwarded-Proto headers name the client (for the sign-in limits); \"*\" trusts "
+            "every peer. Empty: the TCP peer is the client, and those headers are ignored."),
     *_same_names("api", "api", "max_upload_bytes max_json_bytes body_timeout_seconds "
                  "sse_keepalive_seconds sse_send_timeout_seconds sse_buffer"),
     Setting("api", "max_upload_bytes", "api", "max_upload_bytes",
@@ -223,6 +237,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("logging", "level", "server", "log_level", flag="--log-level",
             doc="Least severe log records written to stderr, in every server process: debug, "
             "info, warning or error."),
+    Setting("logging", "format", "server", "log_format", flag="--log-format",
+            doc="Log line format of every server process: text, or json (one JSON object "
+            "per line with ts, level, logger, message, origin and the event's fields)."),
 )
 
 

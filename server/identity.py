@@ -226,13 +226,15 @@ def issue_server_certificate(
     dns_names: Sequence[str] = ("localhost",),
     ip_addresses: Sequence[str] = ("127.0.0.1", "::1"),
     valid_days: int = SERVER_VALID_DAYS,
+    common_name: str = "otacloud device endpoint",
 ) -> x509.Certificate:
-    """Sign the device endpoint's certificate (EKU serverAuth, SANs for the given names)."""
+    """Sign a server certificate (EKU serverAuth, SANs for the given names): the device
+    endpoint's, or the API's (``ota admin api-cert``)."""
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
     if not sans:
         raise ValidationError("the server certificate needs at least one DNS name or IP address")
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "otacloud device endpoint")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
     builder = _leaf_builder(
         subject,

@@ -96,6 +96,8 @@ class WorkerSpec:
     collector: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
+    #: Log line format, as ``ota server --log-format`` gave it ("text" or "json").
+    log_format: str = "text"
     #: The node this worker belongs to (``cluster.node_id``: part of its origin) and its
     #: session lease seconds (the main process renews the node's leases).
     node_id: str = LOCAL_NODE
@@ -257,7 +259,9 @@ def main() -> None:
     """``python -m server.workers``: read the spec line from stdin, run until told to stop."""
     line = sys.stdin.buffer.readline()
     spec = WorkerSpec.from_json(line.decode())
-    configure_logging(spec.log_level, prefix=f"worker {spec.index} [%(process)d] ")
+    configure_logging(spec.log_level, prefix=f"worker {spec.index} [%(process)d] ",
+                      log_format=spec.log_format,
+                      origin=process_origin(f"worker{spec.index}", spec.node_id))
     # The rest of stdin is read by trio (nothing else is buffered: one line was written).
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     trio.run(run_worker, spec, stdin)

@@ -3,8 +3,9 @@
 Password and client-secret checks are throttled per client address group and per account
 (``server.api.throttle``): past a limit, ``/oauth/token`` answers 429 with Retry-After
 before any password is hashed. Failures, lockouts and refusals are logged (aggregated) and
-lockouts audited (``server.api.sign_in_log``). The client address is the TCP peer's (behind
-a reverse proxy that is the proxy: give each proxy its own limits or put the limit there).
+lockouts audited (``server.api.sign_in_log``). The client address is the TCP peer's, or,
+when the peer is a trusted reverse proxy (``--forwarded-allow-ips``), the client its
+X-Forwarded-For names (``server.proxy_headers`` rewrites the request's client).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from otacore.errors import (
     NotFoundError,
     OtaError,
     PermissionDeniedError,
+    StoreError,
     ValidationError,
 )
 from server.events import TooManySubscribersError
@@ -178,7 +179,10 @@ async def ota_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OtaError)
     status = status_for(exc)
     if status == 500:
-        log.error("internal error: %s", exc, exc_info=exc)
+        log.error("internal error: %s", exc, exc_info=exc,
+                  extra={"event": "store_error" if isinstance(exc, StoreError)
+                         else "internal_error", "method": request.method,
+                         "path": request.url.path})
         response = error_response(500, "internal error; see the server log")
     else:
         response = error_response(status, str(exc))

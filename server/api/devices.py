@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -21,6 +23,8 @@ from server.api.common import (
     upload_of,
 )
 from server.api.serialize import device_json, flash_json
+
+log = logging.getLogger("ota.api")
 
 
 async def list_devices(request: Request) -> Response:
@@ -130,6 +134,10 @@ async def revoke_device(request: Request) -> Response:
     # 404 unless the device is in the product, checked with the change.
     await fleet_of(request).set_certs_revoked(
         actor_of(request), product_of(request).id, device_id, True)
+    log.warning("%s revoked the certificates of device %s (product %s)",
+                actor_of(request).subject, device_id, product_of(request).id,
+                extra={"event": "device_revoked", "device_id": device_id,
+                       "product_id": product_of(request).id, "actor": actor_of(request).subject})
     return JSONResponse({"ok": True, "id": device_id, "revoked": True})
 
 
@@ -138,4 +146,8 @@ async def reinstate_device(request: Request) -> Response:
     device_id = request.path_params["device_id"]
     await fleet_of(request).set_certs_revoked(
         actor_of(request), product_of(request).id, device_id, False)
+    log.info("%s reinstated the certificates of device %s (product %s)",
+             actor_of(request).subject, device_id, product_of(request).id,
+             extra={"event": "device_reinstated", "device_id": device_id,
+                    "product_id": product_of(request).id, "actor": actor_of(request).subject})
     return JSONResponse({"ok": True, "id": device_id, "revoked": False})

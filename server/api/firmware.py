@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -21,6 +23,8 @@ from server.api.common import (
     upload_of,
 )
 from server.api.serialize import firmware_json
+
+log = logging.getLogger("ota.api")
 
 #: Multipart field names of the binary: Particle's docs say "binary", its clients send "file".
 BINARY_FIELDS = ("binary", "file")
@@ -130,6 +134,15 @@ async def release_firmware(request: Request) -> Response:
         force=as_bool(fields, "force"),
         force_window=as_bool(fields, "force_window"),
     )
+    log.info("%s released firmware version %s of product %s (%s; %d devices affected, %d "
+             "online)", actor_of(request).subject, outcome.firmware.record.version,
+             product_of(request).id, "immediate" if outcome.forced else "standard",
+             len(outcome.affected_devices), len(outcome.affected_online),
+             extra={"event": "firmware_released", "product_id": product_of(request).id,
+                    "version": outcome.firmware.record.version, "actor": actor_of(request).subject,
+                    "forced": outcome.forced,
+                    "affected_devices": len(outcome.affected_devices),
+                    "affected_online": len(outcome.affected_online)})
     body = firmware_json(outcome.firmware)
     body.update(
         forced=outcome.forced,

@@ -59,7 +59,9 @@ class SignInLog:
         if self.failures.note(now, "failed sign-ins", attempt.group):
             account = shown(*attempt.account) if attempt.account else "no account"
             log.info("failed sign-in for %s from %s; %s", account, attempt.group,
-                     self._further("failed sign-ins"))
+                     self._further("failed sign-ins"),
+                     extra={"event": "sign_in_failed", "account": account,
+                            "address": attempt.group})
             self._due.set()
 
     def locked(self, now: float, lockout: Lockout) -> None:
@@ -76,7 +78,10 @@ class SignInLog:
                 "sign-in lockout: %s after %d failed attempts (%s); clear it with: ota admin "
                 "sign-in-limits clear %s; %s", shown(lockout.kind, lockout.key),
                 lockout.failures, what, _clear_args(lockout.kind, lockout.key),
-                self._further("sign-in lockouts and refusals"))
+                self._further("sign-in lockouts and refusals"),
+                extra={"event": "sign_in_lockout", "kind": lockout.kind, "key": lockout.key,
+                       "address": lockout.group, "failures": lockout.failures,
+                       "seconds": lockout.seconds})
             self._due.set()
 
     def refused(self, now: float, refusal: TooManyAttemptsError, group: str) -> None:

@@ -30,7 +30,8 @@ device_os_app = typer.Typer(help="Upload and list Device OS modules (system part
                             no_args_is_help=True)
 
 ApiUrl = typer.Option("http://127.0.0.1:8080", "--api-url", envvar="OTA_API_URL",
-                      help="Base URL of the REST API.")
+                      help="Base URL of the REST API (https://...: trust its CA with "
+                      "ota --ca-file FILE or OTA_CA_FILE).")
 Token = typer.Option(None, "--token", envvar="OTA_TOKEN", help="API access token.")
 Product = typer.Option(..., "--product", "-p", envvar="OTA_PRODUCT", help="Product id or slug.")
 AsJson = typer.Option(False, "--json", help="Print the server's JSON answer.")
@@ -38,7 +39,10 @@ AsJson = typer.Option(False, "--json", help="Print the server's JSON answer.")
 
 @contextmanager
 def _client(api_url: str, token: str | None) -> Iterator[ApiClient]:
-    client = ApiClient(api_url, token)
+    try:
+        client = ApiClient(api_url, token)  # an https URL: verified with OTA_CA_FILE's CA
+    except ApiError as exc:
+        fail(str(exc.message))
     try:
         yield client
     except ApiError as exc:

@@ -9,8 +9,10 @@ hypercorn) even for ``ota firmware list``.
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import typer
@@ -103,9 +105,17 @@ app = typer.Typer(
 
 
 @app.callback()
-def ota() -> None:
+def ota(
+    ca_file: Path | None = typer.Option(
+        None, "--ca-file", envvar="OTA_CA_FILE", show_envvar=True, metavar="FILE",
+        help="PEM file of the CA certificates an https --api-url is verified with (the "
+        "installation CA: <data>/pki/ca.pem), for every command that calls a server.",
+    ),
+) -> None:
     """Self-hostable OTA firmware delivery cloud for Particle-style fleets."""
     # A callback keeps ``ota`` a group: with one eager command Typer would collapse into it.
+    if ca_file is not None:  # server.client reads it (every command's client)
+        os.environ["OTA_CA_FILE"] = str(ca_file)
 
 
 @app.command()

@@ -31,12 +31,14 @@ import typer
 
 from otacore.errors import OtaError
 from server.api import ApiSettings
+from server.api_tls import check_api_credentials
 from server.app import ServerConfig, serve
-from server.cli import backup_cmd
+from server.cli import api_cert_cmd, backup_cmd
 from server.cli._output import print_json
 from server.cli._store import DbUrl
 from server.cli.fleet_cmd import ApiUrl, AsJson, Token, _client, _table
 from server.cli.migrate_cmd import migrate as admin_migrate
+from server.client import ApiError, tls_verify, unreachable_message
 from server.config_file import (
     ConfigError,
     Layer,
@@ -68,6 +70,7 @@ admin_app = typer.Typer(
 )
 product_app = typer.Typer(help="Manage products.", no_args_is_help=True)
 backup_cmd.attach(admin_app)  # admin backup, restore, verify-backup
+admin_app.command("api-cert")(api_cert_cmd.api_cert)
 admin_app.command("migrate")(admin_migrate)
 
 DATA_HELP = "Data directory of the embedded store (created on first use)."
@@ -274,12 +277,40 @@ def server(
         "credentials_file in its scrape config): one line, at least 16 characters; read "
         "again when it changes.",
     ),
+    api_cert: Path | None = typer.Option(
+        None, "--api-cert", metavar="FILE",
+        help="Serve the API over HTTPS with this PEM certificate chain (with --api-key; "
+        "`ota admin api-cert` issues one from the installation CA).",
+    ),
+    api_key: Path | None = typer.Option(
+        None, "--api-key", metavar="FILE",
+        help="The PEM private key of --api-cert (unencrypted, not readable by every user).",
+    ),
+    forwarded_allow_ips: list[str] | None = typer.Option(
+        None, "--forwarded-allow-ips", metavar="ADDRESSES",
+        help="Reverse proxies (addresses or networks, comma-separated or repeated; '*': any "
+        "peer) whose X-Forwarded-For / X-Forwarded-Proto headers name the client. Default: "
+        "none, the TCP peer is the client.",
+    ),
+    log_format: str | None = typer.Option(
+        None, "--log-format",
+        help="Log line format of every server process: text (default) or json (one JSON "
+        "object per line).",
+    ),
+    check: bool = typer.Option(
+        False, "--check",
+        help="Check the configuration (and the API certificate and key) and exit: 0 when "
+        "the server would start with it.",
+    ),
 ) -> None:
     """Run the REST API, the store and the device listeners until SIGINT/SIGTERM (with
     --workers K, K-1 more processes serve devices too). Settings come from the built-in
     defaults, then --config FILE, then the options given here."""
     given = {name: value for name, value in ctx.params.items()
              if name in OPTION_SETTINGS and value is not None and _explicit(ctx, name)}
+    if "forwarded_allow_ips" in given:  # "a,b" or repeated: one list
+        given["forwarded_allow_ips"] = [entry.strip() for value in given["forwarded_allow_ips"]
+                                        for entry in value.split(",") if entry.strip()]
     if not str(given.get("db_url", "x")).strip():  # OTA_DB_URL= (empty): the embedded store
         del given["db_url"]
     try:
@@ -292,7 +323,10 @@ def server(
     if print_config:
         typer.echo(render_toml(config, data_dir_given=data_dir_given), nl=False)
         return
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, log_format=config.log_format)
+    if check:
+        _check_config(config)
+        return
     try:
         trio.run(_run_server, config)
     except (OtaError, OSError) as exc:
@@ -339,7 +373,24 @@ OPTION_SETTINGS: dict[str, str] = {
     "refresh_token_lifetime": "sign_in.refresh_token_seconds",
     "metrics_public": "metrics.public",
     "metrics_token_file": "metrics.token_file",
+    "api_cert": "api.cert",
+    "api_key": "api.key",
+    "forwarded_allow_ips": "api.forwarded_allow_ips",
+    "log_format": "logging.format",
 }
+
+
+def _check_config(config: ServerConfig) -> None:
+    """``ota server --check``: what the server would refuse at start, without starting."""
+    if config.https:
+        assert config.api_cert is not None and config.api_key is not None
+        try:
+            check_api_credentials(config.api_cert, config.api_key)
+        except OtaError as exc:
+            raise _fail(str(exc)) from None
+    scheme = "https" if config.https else "http"
+    typer.echo(f"configuration OK: API on {scheme}://{config.host}:{config.api_port}, data in "
+               f"{config.data_dir}")
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
@@ -634,9 +685,12 @@ def _create_via_api(
             json={"name": name, "platform_id": platform_id, "description": description},
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
+            verify=tls_verify(),  # an https URL: the CA of ota --ca-file / OTA_CA_FILE
         )
+    except ApiError as exc:
+        raise _fail(exc.message) from exc
     except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {api_url}: {exc}") from exc
+        raise _fail(unreachable_message(api_url, exc)) from exc
     body = (
         response.json()
         if response.headers.get("content-type", "").startswith("application/json")

@@ -252,6 +252,9 @@ class OtaEngine:
                 await self.save_memory(device_id)
                 return
             self.updating.pop(device_id, None)
+            log.info("update of %s finished: it runs %s", device_id, delivery.sha256[:12],
+                     extra={"event": "update_finished", "device_id": device_id,
+                            "product_id": product_id, "sha256": delivery.sha256})
             await self.save_memory(device_id,
                                    self.fleet.flash_status_work(
                                        device_id, "success", application_sha256=delivery.sha256),
@@ -263,6 +266,10 @@ class OtaEngine:
             self.updating.pop(device_id, None)
             # A rollback after its self-test failed, or an image the device refused at boot.
             outcome = "rolled_back" if result.status == "rolled_back" else "image_refused"
+            log.info("update of %s failed: %s: %s", device_id, result.status, result.detail,
+                     extra={"event": "update_failed", "device_id": device_id,
+                            "product_id": product_id, "sha256": delivery.sha256,
+                            "reason": f"{result.status}: {result.detail}"[:200]})
             await self.save_memory(device_id, self.fleet.flash_status_work(
                 device_id, "failed", error=f"{result.status}: {result.detail}"[:200],
                 application_sha256=delivery.sha256 if delivery.final else None),

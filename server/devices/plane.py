@@ -223,7 +223,10 @@ class DevicePlane:
                     if event.device_id and self.registry.close_device(
                         event.device_id, CloseReason.REVOKED
                     ):
-                        log.info("closed the session of revoked device %s", event.device_id)
+                        log.info("closed the session of revoked device %s", event.device_id,
+                                 extra={"event": "session_closed_revoked",
+                                        "device_id": event.device_id,
+                                        "product_id": event.product_id})
 
     # -- listeners -------------------------------------------------------------------------
 

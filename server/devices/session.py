@@ -199,6 +199,11 @@ class DeviceSessionHandler:
         await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
                                              session=self.presence)
         self.plane.on_session_start(self)
+        log.info("device %s online over %s from %s%s", self.device_id, session.transport,
+                 _ip_of(session.peer), " (restored session)" if saved is not None else "",
+                 extra={"event": "session_opened", "device_id": self.device_id,
+                        "transport": session.transport, "address": _ip_of(session.peer),
+                        "restored": saved is not None})
         if saved is not None:
             # As after a Hello (and a Describe, if it was recorded): the updater checks the
             # device's target; a transfer cut by the restart is offered again and resumed.
@@ -248,6 +253,13 @@ class DeviceSessionHandler:
         await self.tasks.end()
         self.plane.timers.disarm(self)
         self.plane.on_session_end(self)  # no longer its device's live session
+        reason = str(session.close_reason or CloseReason.SERVER)
+        saved = bool(getattr(session, "saved", False))
+        log.info("device %s session over %s closed: %s%s", self.device_id, session.transport,
+                 reason, " (saved for the next server process)" if saved else "",
+                 extra={"event": "session_closed", "device_id": self.device_id,
+                        "product_id": self.product_id, "transport": session.transport,
+                        "reason": reason, "saved": saved})
         if getattr(session, "saved", False):
             self.plane.fleet.memory_hand_off.drop(self.presence)
             return
@@ -631,13 +643,23 @@ class DeviceSessionHandler:
             platform = exc.product_platform
             refusal = (f"this device belongs to a {platform_name(platform)} product (platform "
                        f"{platform}); its Hello names platform {hello.platform_id}")
-            log.warning("device %s refused: %s", self.device_id, refusal)
+            log.warning("device %s refused: %s", self.device_id, refusal,
+                        extra={"event": "session_refused", "device_id": self.device_id,
+                               "transport": self.session.transport,
+                               "reason": "wrong platform", "platform_id": hello.platform_id})
             self._respond(message, Code.FORBIDDEN, refusal.encode()[:200])
             await self.flush()
             self.session.close("wrong platform")
             return
         self.product_id = view.product.id
         self.hello = hello
+        log.debug("device %s of product %s says Hello: version %s, Device OS %s",
+                  self.device_id, view.product.id, hello.product_version,
+                  hello.system_version,
+                  extra={"event": "device_hello", "device_id": self.device_id,
+                         "product_id": view.product.id, "version": hello.product_version,
+                         "system_version": hello.system_version,
+                         "platform_id": hello.platform_id})
         # Key rotation statements ride on the Hello answer (the ones the device lacks, as
         # many as fit; it asks for the rest with GET k), so they are applied before any offer
         # signed with a new key can arrive (ota_wire, point 5).

@@ -379,11 +379,20 @@ class TransferRun:
                     verdict = None
                     continue
                 updater.last_failure = item.status
-                log.info("transfer to %s failed: %s", updater.device_id, item.reason)
+                log.info("transfer to %s failed: %s", updater.device_id, item.reason,
+                         extra={"event": "transfer_failed", "device_id": updater.device_id,
+                                "sha256": module.sha256, "transfer": transfer,
+                                "reason": str(item.reason),
+                                "gives_up": outcome is Verdict.FAILED})
                 if outcome is Verdict.FAILED:
                     # The update failed (a timed-out transfer with retries left is the same
                     # update going on: deliver() tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
+                    log.info("update of %s failed: %s", updater.device_id, item.reason,
+                             extra={"event": "update_failed", "device_id": updater.device_id,
+                                    "product_id": updater.handler.product_id,
+                                    "sha256": self.offer.update_sha256,
+                                    "reason": str(item.reason)})
                     await updater.record_status("failed", error=item.reason,
                                                 rollout_outcome=rollout_failure(item.status),
                                                 application_sha256=self.offer.update_sha256)

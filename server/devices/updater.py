@@ -312,9 +312,13 @@ class SessionUpdater:
                 # the device stays on its old firmware until its next session.
                 store_failed = True
                 log.warning("update of %s failed on a store error (checking again): %s",
-                            self.device_id, exc)
+                            self.device_id, exc,
+                            extra={"event": "store_error", "device_id": self.device_id,
+                                   "product_id": self.handler.product_id, "reason": str(exc)})
             except OtaError as exc:
-                log.warning("update of %s failed: %s", self.device_id, exc)
+                log.warning("update of %s failed: %s", self.device_id, exc,
+                            extra={"event": "update_error", "device_id": self.device_id,
+                                   "product_id": self.handler.product_id, "reason": str(exc)})
             self.handled.advance_to(max(covered, self._answered))
             delay = (self.planner.after_store_error() if store_failed
                      else self.planner.after_check(self.last_failure))
@@ -609,6 +613,11 @@ class SessionUpdater:
             return None
         if verdict is Verdict.REFUSE_IMAGE:
             reason = bytes(answer.payload).decode(errors="replace")[:200]
+            log.info("update of %s failed: it refused the image %s: %s", self.device_id,
+                     module.sha256[:12], reason,
+                     extra={"event": "update_failed", "device_id": self.device_id,
+                            "product_id": view.product.id, "sha256": offer.update_sha256,
+                            "reason": f"image refused: {reason}"})
             engine.failed.setdefault(self.device_id, set()).add(module.sha256)
             engine.updating.pop(self.device_id, None)
             await self.record_status("failed", error=reason, rollout_outcome="image_refused",
@@ -620,6 +629,14 @@ class SessionUpdater:
             # write (see unrecorded_start), so both or neither are stored.
             engine.updating[self.device_id] = offer.update_sha256
             self._started_unrecorded = offer.update_sha256
+            log.info("update of %s started: %s file of %s (%d bytes)", self.device_id,
+                     sent.transfer, offer.update_sha256[:12], len(sent.data),
+                     extra={"event": "update_started", "device_id": self.device_id,
+                            "product_id": view.product.id,
+                            "version": module.info.product_version,
+                            "sha256": offer.update_sha256, "transfer": sent.transfer,
+                            "bytes": len(sent.data),
+                            "transport": handler.session.transport})
         self.inbox.clear()  # drop what a previous transfer left
         hello = handler.hello
         chunk_size = self.planner.chunk_size(

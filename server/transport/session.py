@@ -457,12 +457,17 @@ class SessionHost:
             host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
             line = self.refusals.note(trio.current_time(), transport, reason, host, detail)
             if line is not None:
-                logger.warning("%s", line)
+                logger.warning("%s", line, extra={"event": "session_refused",
+                                                  "transport": transport, "reason": str(reason),
+                                                  "address": host, "detail": detail})
                 self._refusals_due.set()
             return
         level = logging.INFO if reason == RefuseReason.NOT_AUTHORIZED else logging.DEBUG
         logger.log(
-            level, "refused %s device connection from %s: %s %s", transport, peer, reason, detail
+            level, "refused %s device connection from %s: %s %s", transport, peer, reason, detail,
+            extra={"event": "session_refused", "transport": transport, "reason": str(reason),
+                   "address": str(peer[0]) if isinstance(peer, tuple) and peer else str(peer),
+                   "detail": detail},
         )
 
     async def report_refusals(self) -> None:
@@ -474,7 +479,7 @@ class SessionHost:
                 await trio.sleep_until(deadline)
                 line = self.refusals.flush(trio.current_time())
                 if line is not None:
-                    logger.warning("%s", line)
+                    logger.warning("%s", line, extra={"event": "session_refusals_summary"})
 
     def has_room(self, transport: str) -> bool:
         """True if a new connection on ``transport`` stays within ``limits.max_sessions``."""

@@ -176,7 +176,9 @@ class TlsSession(DeviceSession):
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
         except RecordError as error:
             # The layer queued the matching alert; it goes out as the session closes.
-            logger.info("TLS session of device %s failed: %s", self.device_id, error)
+            logger.info("TLS session of device %s failed: %s", self.device_id, error,
+                        extra={"event": "tls_failed", "device_id": self.device_id,
+                               "transport": "tcp", "reason": str(error)})
             raise self._ended(CloseReason.TRANSPORT_ERROR) from None
         if not self._ciphers_held:
             self._using_ciphers()
