@@ -399,11 +399,13 @@ async def _hold(
                 f"fell to {sample['available_mib']} MiB (under --min-available-mib "
                 f"{options.min_available_mib})"
             )
-        elapsed = time.monotonic() - started
-        if elapsed >= options.hold_seconds:
+        # The hold is the span between the first and the last sample (what the result
+        # reports as held_seconds), not the time since ``started``: the first sample's
+        # requests take a while on a busy machine.
+        if sample["t"] - samples[0]["t"] >= options.hold_seconds:
             return samples, None
         next_at = min(started + options.sample_interval * len(samples),
-                      started + options.hold_seconds)  # fmt: skip
+                      started + samples[0]["t"] + options.hold_seconds)  # fmt: skip
         await trio.sleep(max(0.0, next_at - time.monotonic()))
 
 
