@@ -101,6 +101,10 @@ class DeviceRecord:
     modules: list[dict[str, Any]] | None
     created_at: int
     updated_at: int
+    #: How the last update ended: "started", "succeeded" or "failed" (None: never updated).
+    last_update_status: str | None = None
+    last_update_error: str | None = None
+    last_update_at: int | None = None
     groups: tuple[str, ...] = ()
 
 
