@@ -21,7 +21,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from otacore.errors import OtaError
-from server.console import errors, live, products_pages, session
+from server.console import (
+    device_list_pages,
+    device_pages,
+    errors,
+    group_pages,
+    live,
+    products_pages,
+    session,
+)
 from server.console.templating import STATIC_DIR
 
 #: One route list per page module (the firmware, rollout and event pages add theirs).
@@ -29,6 +37,9 @@ PAGE_ROUTES: list[list[BaseRoute]] = [
     session.ROUTES,
     products_pages.ROUTES,
     live.ROUTES,
+    device_list_pages.ROUTES,
+    device_pages.ROUTES,
+    group_pages.ROUTES,
 ]
 
 

@@ -7,6 +7,7 @@ signed-in ``user`` (a :class:`~server.console.session.ConsoleUser`, or None), it
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -38,7 +39,28 @@ def query_string(params: dict[str, Any]) -> str:
     return "?" + urlencode(kept) if kept else ""
 
 
+def datetime_text(epoch_ms: int | None) -> str:
+    """Epoch milliseconds as ``YYYY-MM-DD HH:MM:SS UTC`` ('never' for None)."""
+    if epoch_ms is None:
+        return "never"
+    moment = datetime.datetime.fromtimestamp(epoch_ms / 1000, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def byte_count(count: int | None) -> str:
+    """A byte count for people: ``512 B``, ``12.3 KiB``, ``1.5 MiB``."""
+    if count is None:
+        return "—"
+    if count < 1024:
+        return f"{count} B"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / (1024 * 1024):.1f} MiB"
+
+
 templates.env.globals["query_string"] = query_string
+templates.env.filters["datetime"] = datetime_text
+templates.env.filters["bytes"] = byte_count
 
 
 def render(
@@ -49,11 +71,15 @@ def render(
 ) -> HTMLResponse:
     """The page ``template_name`` rendered with ``context`` and the console's common names."""
     user = getattr(request.state, "console_user", None)
+    product = getattr(request.state, "console_product", None)
     common: dict[str, Any] = {
         "base": console_base(request),
         "user": user,
         "csrf_token": user.csrf_token if user is not None else "",
-        "product": getattr(request.state, "console_product", None),
+        "product": product,
+        # The page subscribes to the product's event stream only when the user may read it.
+        "can_stream": user is not None and product is not None
+        and "events:get" in user.actor.scopes_on(product.id),
     }
     common.update(context or {})
     response = templates.TemplateResponse(
