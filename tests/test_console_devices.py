@@ -293,3 +293,35 @@ async def test_the_device_page_follows_the_device_live(api: Api) -> None:
         other = await client.get(f"/console/products/widget/stream?device={'e' * 24}")
         assert other.status_code == 404
 
+
+
+async def test_progress_and_a_failure_with_its_reason(api: Api) -> None:
+    """A transfer in flight shows its progress; a failed update is a filterable status with
+    the device's reason on the list and the device page."""
+    await _fleet(api)
+    await add_user(api, "ops@example.com", "viewer")
+    fleet = api.handle.fleet
+    url = f"/console/products/widget/devices/{D[2]}"
+    await fleet.record_flash_status(D[2], "started")
+    await fleet.record_update_progress(D[2], sha256="ab" * 32, version=2, transfer="delta",
+                                       bytes_done=3072, bytes_total=12288)
+    async with signed_in(api, username="ops@example.com") as client:
+        fragment = page(await client.get(f"{url}?fragment=status"))
+        assert fragment.testids["device-update-status"] == "Updating"
+        assert "3.0 KiB of 12.0 KiB (25%)" in fragment.testids["device-update"]
+        assert "delta transfer" in fragment.testids["device-update"]
+        updating = page(await client.get("/console/products/widget/devices?status=updating"))
+        assert _listed(updating) == [D[2]]
+        await fleet.record_flash_status(D[2], "failed", error="the image's CRC is wrong")
+        failed = page(await client.get("/console/products/widget/devices?status=failed"))
+        assert _listed(failed) == [D[2]]
+        assert "the image's CRC is wrong" in failed.all_text
+        device = page(await client.get(url))
+        assert device.testids["device-update-status"] == "Failed"
+        assert device.testids["device-update"] == "none"
+        assert "failed at" in device.all_text and "the image's CRC is wrong" in device.all_text
+    # The REST device carries the same.
+    body = (await api.client.get(f"/v1/products/widget/devices/{D[2]}")).json()
+    assert body["update_status"] == "failed"
+    assert body["last_update"]["status"] == "failed"
+    assert body["last_update"]["error"] == "the image's CRC is wrong"
