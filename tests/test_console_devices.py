@@ -325,3 +325,28 @@ async def test_progress_and_a_failure_with_its_reason(api: Api) -> None:
     assert body["update_status"] == "failed"
     assert body["last_update"]["status"] == "failed"
     assert body["last_update"]["error"] == "the image's CRC is wrong"
+
+
+async def test_the_product_force_updates_switch(api: Api) -> None:
+    await _fleet(api)
+    await add_user(api, "dev@example.com")
+    await join_team(api, "widget", "dev@example.com", "developer")
+    await add_user(api, "viewer@example.com")
+    await join_team(api, "widget", "viewer@example.com", "viewer")
+    devices = "/console/products/widget/devices"
+    async with signed_in(api, username="dev@example.com") as client:
+        shown = page(await client.get(devices))
+        assert "Force updates for the product" in shown.all_text
+        answer = await post_form(client, "/console/products/widget/forced", {"forced": "yes"},
+                                 csrf_from=devices)
+        assert answer.status_code == 303
+        assert "Stop forcing updates for the product" in page(await client.get(devices)).all_text
+    product = (await api.client.get("/v1/products/widget")).json()["product"]
+    assert product["firmware_updates_forced"] is True
+    async with signed_in(api, username="viewer@example.com") as client:
+        shown = page(await client.get(devices))
+        assert "Force updates for the product" not in shown.all_text
+        assert "Stop forcing" not in shown.all_text
+        refused = await post_form(client, "/console/products/widget/forced", {"forced": "no"},
+                                  csrf_from=devices)
+        assert refused.status_code == 403

@@ -164,10 +164,10 @@ async def set_product_forced(request: Request) -> Response:
     user, product = await product_page(request, "products:update", "change it")
     form = await read_form(request)
     check_csrf(request, form)
-    forced = _yes_no(form.get("forced") if isinstance(form.get("forced"), str) else "?",
-                     "forced")
-    if forced is None:
+    raw = form.get("forced")
+    if raw not in ("yes", "no"):
         raise ValidationError("forced must be yes or no")
+    forced = raw == "yes"
     await fleet_of(request).update_product(user.actor, product.id,
                                            {"firmware_updates_forced": forced})
     return RedirectResponse(f"{console_base(request)}/products/{product.slug}/devices",

@@ -46,8 +46,6 @@ from server.store import ProductRecord
 SESSION_COOKIE = "ota_console"
 #: The sign-in form's double-submit CSRF cookie.
 LOGIN_CSRF_COOKIE = "ota_console_login"
-#: Lifetime of the token a password sign-in issues (a working day; sign in again after).
-CONSOLE_TOKEN_SECONDS = 12 * 3600
 #: Console forms are small; anything larger is refused (uploads use their own limit).
 MAX_FORM_BYTES = 64 * 1024
 
@@ -254,7 +252,7 @@ async def login(request: Request) -> Response:
             grant = await throttled_sign_in(
                 request, throttle_of(request).account("user", username),
                 lambda familiar: fleet.password_grant(
-                    username, password, expires_in=CONSOLE_TOKEN_SECONDS,
+                    username, password, expires_in=settings.console_session_seconds,
                     refresh_seconds=settings.refresh_token_seconds, familiar=familiar),
             )
             token, issued = grant.access_token, True
