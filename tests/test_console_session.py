@@ -241,3 +241,23 @@ async def test_the_stream_needs_a_session(api: Api) -> None:
         answer = await client.get("/console/products/widget/stream")
         assert answer.status_code == 303
         assert answer.headers["location"].startswith("/console/login?next=")
+
+
+async def test_the_cookie_is_secure_over_https(sqlite_store) -> None:
+    """Over https (the app as its ASGI server hands it an https request) the session cookie
+    is Secure too."""
+    from server.api import create_app
+    from server.events import EventBus
+    from server.fleet import Fleet
+
+    fleet = Fleet(sqlite_store, EventBus())
+    token = fleet.create_api_token_sync("owner").access_token
+    transport = httpx.ASGITransport(app=create_app(fleet))
+    async with httpx.AsyncClient(transport=transport, base_url="https://console.test") as client:
+        answer = await sign_in(client, token=token)
+        assert answer.status_code == 303
+        cookie = next(v for k, v in answer.headers.multi_items()
+                      if k == "set-cookie" and v.startswith("ota_console="))
+        flags = {part.strip().lower() for part in cookie.split(";")}
+        assert {"secure", "httponly", "samesite=strict"} <= flags
+        assert (await client.get("/console/")).status_code == 200
