@@ -127,8 +127,10 @@ def test_filters_and_statuses_match_the_model(store: Store, run: int) -> None:
             records, total = tx.list_devices(product_id, **filters)  # type: ignore[arg-type]
             assert {r.id for r in records} == wanted, filters
             assert total == len(wanted), filters
-        statuses = tx.update_statuses(product_id, [f.device_id for f in facts])
-        assert statuses == expected
+        statuses = tx.device_statuses(product_id, [f.device_id for f in facts])
+        assert {d: s.update_status for d, s in statuses.items()} == expected
+        assert {d: s.last_update_error for d, s in statuses.items() if s.last_update_error} == {
+            f.device_id: "bad image" for f in facts if f.last == "failed"}
         # Pages of 7 cover the matching devices once each, in id order.
         wanted = sorted(d for d, s in expected.items() if s in ("pending", "failed"))
         seen: list[str] = []

@@ -140,9 +140,10 @@ def device_json(view: DeviceView, *, detail: bool = False) -> dict[str, Any]:
         "status": update.status, "updated_at": iso(update.updated_at),
     }
     body["update_status"] = view.update_status
-    body["last_update"] = None if rec.last_update_status is None else {
-        "status": rec.last_update_status, "error": rec.last_update_error or "",
-        "at": iso(rec.last_update_at),
+    status = view.status
+    body["last_update"] = None if status is None or status.last_update_status is None else {
+        "status": status.last_update_status, "error": status.last_update_error or "",
+        "at": iso(status.last_update_at),
     }
     if detail:
         body["modules"] = rec.modules

@@ -26,6 +26,7 @@ from server.fleet.text import clean_filename, clean_group_name, clean_text, slug
 from server.fleet.windows import FORCED_WINDOW_ACTION, forced_window_details
 from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx, UpdateStateRecord
 from server.store.device_status import UPDATE_STATUSES
+from server.store.records import DeviceStatusRecord
 
 #: Fields ``PUT /v1/products/:p/devices/:id`` accepts (Particle's names).
 DEVICE_FIELDS = frozenset(
@@ -54,8 +55,14 @@ class DeviceView:
     pending_flash: FlashRecord | None = None
     #: The transfer in flight to the device, if any.
     update: UpdateStateRecord | None = None
-    #: up_to_date, pending, updating, failed or no_target (``server.store.device_status``).
-    update_status: str | None = None
+    #: Its update status (up_to_date, pending, updating, failed or no_target:
+    #: ``server.store.device_status``) and how its last update ended.
+    status: DeviceStatusRecord | None = None
+
+    @property
+    def update_status(self) -> str | None:
+        """up_to_date, pending, updating, failed or no_target (None: not read)."""
+        return None if self.status is None else self.status.update_status
 
 
 @dataclass(frozen=True)
@@ -318,8 +325,8 @@ class DeviceService(FleetBase):
                     limit=per_page,
                 )
                 releases = releases_of(tx.list_releases(product.id))
-                statuses = tx.update_statuses(product.id, [rec.id for rec in records])
-            views = [DeviceView(rec, target_of(rec, releases), update_status=statuses.get(rec.id))
+                statuses = tx.device_statuses(product.id, [rec.id for rec in records])
+            views = [DeviceView(rec, target_of(rec, releases), status=statuses.get(rec.id))
                      for rec in records]
             return DevicePage(views, total, page, per_page)
 
@@ -340,7 +347,7 @@ class DeviceService(FleetBase):
         releases = releases_of(tx.list_releases(product.id))
         return DeviceView(device, target_of(device, releases), tx.pending_flash(device.id),
                           tx.get_update_state(device.id),
-                          tx.update_statuses(product.id, [device.id]).get(device.id))
+                          tx.device_statuses(product.id, [device.id]).get(device.id))
 
     async def update_device(
         self, actor: Actor, product_ref: int | str, device_id: str, changes: Mapping[str, object]

@@ -101,11 +101,21 @@ class DeviceRecord:
     modules: list[dict[str, Any]] | None
     created_at: int
     updated_at: int
-    #: How the last update ended: "started", "succeeded" or "failed" (None: never updated).
-    last_update_status: str | None = None
-    last_update_error: str | None = None
-    last_update_at: int | None = None
     groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceStatusRecord:
+    """A device's update status (``server.store.device_status``) and how its last update
+    ended; read apart from :class:`DeviceRecord`, which the device sessions hold (their
+    memory stays what it was)."""
+
+    update_status: str
+    #: "started", "succeeded" or "failed" with the device's reason, and when (None: no
+    #: update recorded).
+    last_update_status: str | None
+    last_update_error: str | None
+    last_update_at: int | None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from server.store.device_status import UPDATE_STATUSES, update_status_expr
 from server.store.records import (
     AuditRecord,
     DeviceRecord,
+    DeviceStatusRecord,
     FlashRecord,
     GroupRecord,
     ProductRecord,
@@ -320,15 +321,21 @@ class FleetQueries:
             query = query.limit(limit)
         return self._devices_from_rows(self.conn.execute(query).mappings()), int(total)
 
-    def update_statuses(self, product_id: int, device_ids: Sequence[str]) -> dict[str, str]:
-        """The update status of each of a product's devices named (one statement)."""
+    def device_statuses(
+        self, product_id: int, device_ids: Sequence[str]
+    ) -> dict[str, DeviceStatusRecord]:
+        """The update status and last update outcome of each of a product's devices named
+        (one statement)."""
         if not device_ids:
             return {}
+        d = t.devices.c
         rows = self.conn.execute(
-            sa.select(t.devices.c.id, update_status_expr(product_id)).where(
-                t.devices.c.product_id == product_id, t.devices.c.id.in_(list(device_ids)))
+            sa.select(d.id, update_status_expr(product_id), d.last_update_status,
+                      d.last_update_error, d.last_update_at)
+            .where(d.product_id == product_id, d.id.in_(list(device_ids)))
         )
-        return {str(device_id): str(status) for device_id, status in rows}
+        return {str(row[0]): DeviceStatusRecord(str(row[1]), row[2], row[3], row[4])
+                for row in rows}
 
     def device_audit(
         self, device_id: str, *, before_id: int | None = None, limit: int = 25
