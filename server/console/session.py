@@ -195,7 +195,8 @@ def _secure(request: Request) -> bool:
 def _login_page(request: Request, *, error: str = "", username: str = "", next_path: str = "",
                 status_code: int = 200) -> Response:
     login_csrf = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-    if not (len(login_csrf) == 43 and login_csrf.replace("-", "").replace("_", "").isalnum()):
+    if not (len(login_csrf) == 43 and login_csrf.isascii()
+            and login_csrf.replace("-", "").replace("_", "").isalnum()):  # token_urlsafe(32)
         login_csrf = secrets.token_urlsafe(32)
     response = render(request, "login.html", {
         "error": error, "username": username, "next": next_path, "login_csrf": login_csrf,
