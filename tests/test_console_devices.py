@@ -104,6 +104,24 @@ async def test_paging_links_keep_the_filters(api: Api) -> None:
         assert "Previous" in dict((text, href) for href, text in second.links)
 
 
+async def test_the_rows_are_a_live_fragment(api: Api) -> None:
+    """The list re-fetches its rows (``?fragment=results``, with the same filters) on the
+    product's events: the fragment is the rows alone and shows what changed."""
+    await _fleet(api)
+    await add_user(api, "ops@example.com", "owner")
+    async with signed_in(api, username="ops@example.com") as client:
+        full = await client.get("/console/products/widget/devices?group=beta&online=no")
+        source = re.search(r'<div id="device-results" hx-get="([^"]+)"', full.text)
+        assert source is not None
+        url = source.group(1).replace("&amp;", "&")
+        assert "fragment=results" in url and "group=beta" in url and "online=no" in url
+        fragment = await client.get(url)
+        assert fragment.status_code == 200 and "<html" not in fragment.text
+        assert _listed(page(fragment)) == [D[1], D[2]]
+        await api.handle.fleet.device_online(D[1])
+        assert _listed(page(await client.get(url))) == [D[2]]
+
+
 async def test_bad_filters_are_400_pages_with_the_reason(api: Api) -> None:
     await _fleet(api)
     await add_user(api, "ops@example.com", "owner")

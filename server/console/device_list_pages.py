@@ -4,7 +4,9 @@ Filters are GET query parameters (bookmarkable): ``q`` (id or name contains), ``
 ``version`` (the firmware version the device reports), ``online``, ``development``,
 ``locked`` (``yes``/``no``), ``status`` (the update status: ``server.store.device_status``),
 ``page`` and ``per_page`` (default 50). The page costs a fixed number of store statements
-whatever the fleet's size: the count, the page, its devices' statuses, the groups.
+whatever the fleet's size: the count, the page, its devices' statuses, the groups. The rows
+are a fragment (``?fragment=results``) the page re-fetches, at most every 2 s, while the
+product's events come in.
 
 The product's "force updates" switch (Particle's product ``firmware_updates_forced``) sits
 here too: ``POST /console/products/{product}/forced``.
@@ -152,7 +154,9 @@ async def device_list(request: Request) -> Response:
         if status_for(exc) >= 500:
             raise
         error, status_code = str(exc), status_for(exc)
-    return render(request, "devices/list.html", {
+    # ?fragment=results: the rows and paging alone, which the page re-fetches live.
+    fragment = request.query_params.get("fragment") == "results"
+    return render(request, "devices/results.html" if fragment else "devices/list.html", {
         "nav": "devices", "filters": filters, "listing": listing, "groups": groups,
         "error": error, "statuses": STATUS_LABELS, "reasons": REASON_LABELS,
         "can_force": "products:update" in user.actor.scopes_on(product.id),
