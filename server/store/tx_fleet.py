@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from server.store import schema as t
-from server.store.device_status import UPDATE_STATUSES, update_status_expr
+from server.store.device_status import UPDATE_STATUSES, status_source
 from server.store.records import (
     AuditRecord,
     DeviceRecord,
@@ -302,10 +302,13 @@ class FleetQueries:
         if locked is not None:
             lock = t.devices.c.desired_firmware_version
             where.append(lock.is_not(None) if locked else lock.is_(None))
+        source: sa.FromClause = t.devices
         if update_status is not None:
             if update_status not in UPDATE_STATUSES:
                 raise ValueError(f"unknown update status {update_status!r}")
-            where.append(update_status_expr(product_id) == update_status)
+            status = status_source(product_id)
+            source = status.from_clause
+            where.append(status.update_status == update_status)
         if group_names:
             members = (
                 sa.select(t.device_groups.c.device_id)
@@ -314,9 +317,10 @@ class FleetQueries:
             )
             where.append(t.devices.c.id.in_(members))
         total = self.conn.execute(
-            sa.select(sa.func.count()).select_from(t.devices).where(*where)
+            sa.select(sa.func.count()).select_from(source).where(*where)
         ).scalar_one()
-        query = sa.select(t.devices).where(*where).order_by(t.devices.c.id).offset(offset)
+        query = (sa.select(t.devices).select_from(source).where(*where)
+                 .order_by(t.devices.c.id).offset(offset))
         if limit is not None:
             query = query.limit(limit)
         return self._devices_from_rows(self.conn.execute(query).mappings()), int(total)
@@ -329,9 +333,11 @@ class FleetQueries:
         if not device_ids:
             return {}
         d = t.devices.c
+        status = status_source(product_id)
         rows = self.conn.execute(
-            sa.select(d.id, update_status_expr(product_id), d.last_update_status,
-                      d.last_update_error, d.last_update_at)
+            sa.select(d.id, status.update_status, d.last_update_status, d.last_update_error,
+                      d.last_update_at)
+            .select_from(status.from_clause)
             .where(d.product_id == product_id, d.id.in_(list(device_ids)))
         )
         return {str(row[0]): DeviceStatusRecord(str(row[1]), row[2], row[3], row[4])
