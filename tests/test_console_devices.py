@@ -151,6 +151,10 @@ async def test_the_device_page_shows_state_and_target(api: Api) -> None:
         fragment = await client.get(f"/console/products/widget/devices/{D[2]}?fragment=status")
         assert fragment.status_code == 200 and "<html" not in fragment.text
         assert 'data-testid="device-firmware-version"' in fragment.text
+        # Pending: re-fetched on its events and every 5 s; up to date: on its events only.
+        assert 'hx-trigger="ota-event from:body throttle:300ms, every 5s"' in fragment.text
+        current = await client.get(f"/console/products/widget/devices/{D[0]}?fragment=status")
+        assert 'hx-trigger="ota-event from:body throttle:300ms"' in current.text
 
 
 async def test_lock_with_flash_now_unlock_and_the_other_actions(api: Api) -> None:

@@ -4,8 +4,8 @@ to it.
 The page shows the device's identity and state, the firmware the precedence rules give it
 and why, the update in flight with its progress, its groups, its history (audit entries
 and flashes) and its events live. The status part is a fragment (``?fragment=status``) the
-page re-fetches on each of the device's events, and every 2 s while a transfer is in
-flight (progress is stored, not announced).
+page re-fetches on each of the device's events, every 2 s while a transfer is in flight
+(progress is stored, not announced) and every 5 s while an update is pending.
 
 Each action is a POST form (CSRF-checked) calling ``Fleet.update_device`` as ``PUT
 /v1/products/:p/devices/:id`` does, with the user's actor and the same ``devices:update``
