@@ -24,8 +24,9 @@ from server.events import Event
 
 def encode_console_event(event: Event) -> bytes:
     """One unnamed SSE block (EventSource ``message``) carrying the event's name, data,
-    device id (``coreid``) and publication time as JSON."""
-    payload = {"name": event.name, **event.sse_payload()}
+    ``coreid``, publication time and the device it is about (``device_id``: also for the
+    cloud's events about a device, whose coreid is the cloud's) as JSON."""
+    payload = {"name": event.name, **event.sse_payload(), "device_id": event.device_id}
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 

@@ -1,6 +1,6 @@
 // otacloud console: live updates over the product's event stream (Server-Sent Events).
 // The body's data-stream attribute names the stream; each event is re-dispatched on the
-// body as "ota-event" (detail: {name, data, coreid, published_at}), which htmx elements
+// body as "ota-event" (detail: {name, data, coreid, published_at, device_id}), which htmx elements
 // listen to with hx-trigger="ota-event from:body" to re-fetch their fragment. A list with
 // id "live-events" gets one item per event, newest first (at most 50).
 (function () {
