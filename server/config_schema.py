@@ -177,6 +177,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sign_in", "log_interval", "api", "login_log_interval", flag="--login-log-interval"),
     Setting("sign_in", "refresh_token_seconds", "api", "refresh_token_seconds",
             flag="--refresh-token-lifetime"),
+    Setting("sign_in", "console_session_seconds", "api", "console_session_seconds"),
     Setting("devices", "port", "server", "device_port", flag="--device-port",
             doc="TCP (TLS 1.3) and UDP (DTLS 1.2) port for devices (0 picks free ones; -1 "
             "turns the device listeners off).", none_value=-1, none_means="no device listeners"),

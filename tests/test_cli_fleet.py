@@ -57,6 +57,14 @@ def test_operator_workflow_through_the_cli(threaded_server: Any, tmp_path: Path)
     _json(server, "device", "unlock", DEVICE)
     _json(server, "device", "develop", DEVICE)
     assert _json(server, "device", "get", DEVICE)["development"] is True
+    # The list's filters (issue 17): development, online, locked, version, update status.
+    page = _json(server, "device", "list", "--development", "--offline", "--unlocked",
+                 "--update-status", "no_target")
+    assert [d["id"] for d in page["devices"]] == [DEVICE]
+    assert _json(server, "device", "list", "--locked")["devices"] == []
+    assert _json(server, "device", "list", "--version", "3")["devices"] == []
+    refused = _ota(server, "device", "list", "--update-status", "sideways")
+    assert refused.exit_code == 1 and "update status" in refused.output
 
     refused = _ota(server, "firmware", "release", "--version", "3", "--group", "beta")
     assert refused.exit_code == 1 and "force" in refused.output

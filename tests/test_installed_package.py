@@ -25,9 +25,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 #: What ``pip install .`` needs of the checkout; the rest (tests, bench results) stays.
 SOURCES = ("otacore", "server", "ext", "pyproject.toml", "setup.py", "README.md")
-BUILD_LEFTOVERS = shutil.ignore_patterns(
-    "__pycache__", "*.pyc", "*.so", "*.c", "*.html", "build", "*.egg-info"
-)
+_LEFTOVERS = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.c", "build", "*.egg-info")
+
+
+def build_leftovers(directory: str, names: list[str]) -> set[str]:
+    """Build leftovers to skip: compiled files, and Cython's annotation pages (``*.html``)
+    except the console's templates, which the package ships."""
+    skipped = set(_LEFTOVERS(directory, names))
+    if Path(directory).name != "templates" and Path(directory).parent.name != "templates":
+        skipped |= {name for name in names if name.endswith(".html")}
+    return skipped
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> str:
@@ -50,7 +57,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     for name in SOURCES:
         path = REPO / name
         if path.is_dir():
-            shutil.copytree(path, source / name, ignore=BUILD_LEFTOVERS)
+            shutil.copytree(path, source / name, ignore=build_leftovers)
         else:
             shutil.copy2(path, source / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -82,6 +89,12 @@ def test_the_installed_package_is_the_one_that_runs(
     for path in out.split():
         assert Path(path).is_relative_to(target), out
     assert "otacloud 0.1.0" in run([str(target / "bin" / "ota"), "info"], tmp_path, env, 60)
+    # The console's templates and static assets are package data (no build step).
+    code = ("import server.console.templating as c; print(c.TEMPLATE_DIR / 'base.html', "
+            "c.TEMPLATE_DIR / 'devices' / 'device.html', c.STATIC_DIR / 'htmx.min.js')")
+    out = run([str(target / "bin" / "python"), "-c", code], cwd=tmp_path, env=env, timeout=60)
+    for path in out.split():
+        assert Path(path).is_relative_to(target) and Path(path).is_file(), out
 
 
 def test_ota_bench_fleet_runs_from_the_installed_package(

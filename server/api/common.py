@@ -102,6 +102,9 @@ class ApiSettings:
     #: credentials_file``; at least 16 characters, read again when the file changes);
     #: without it only owner and administrator tokens may scrape.
     metrics_token_file: str | None = None
+    #: Lifetime of the access token a console password sign-in issues (the console's
+    #: session; "Sign out" revokes it earlier).
+    console_session_seconds: int = 12 * 3600
 
     def __post_init__(self) -> None:
         least: dict[str, float] = {
@@ -111,7 +114,8 @@ class ApiSettings:
             "login_lockout_seconds": 1, "login_first_account_lockout_seconds": 0.001,
             "login_max_checks_per_address": 1, "login_familiar_addresses": 0,
             "login_tracked_keys": 1, "login_log_interval": 0.001,
-            "refresh_token_seconds": 60, "body_timeout_seconds": 0.001,
+            "refresh_token_seconds": 60, "console_session_seconds": 60,
+            "body_timeout_seconds": 0.001,
             "sse_keepalive_seconds": 0.001, "sse_send_timeout_seconds": 0.001,
         }
         for name, minimum in least.items():
@@ -121,6 +125,8 @@ class ApiSettings:
         if self.password_hash_threads > 256:  # threads, each running scrypt
             raise ValidationError(f"password_hash_threads must be at most 256, not "
                                   f"{self.password_hash_threads}")
+        if self.console_session_seconds > 10 * 365 * 86400:  # the longest token lifetime
+            raise ValidationError("console_session_seconds must be at most ten years")
         if not 1 <= self.ipv6_prefix_length <= 128:
             raise ValidationError("ipv6_prefix_length must be between 1 and 128")
 

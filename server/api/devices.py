@@ -17,6 +17,7 @@ from server.api.common import (
     int_field,
     is_multipart,
     multipart_form,
+    optional_query_int,
     product_of,
     query_int,
     settings_of,
@@ -27,14 +28,28 @@ from server.api.serialize import device_json, flash_json
 log = logging.getLogger("ota.api")
 
 
+def optional_query_bool(request: Request, name: str) -> bool | None:
+    """A true/false query parameter, or None when absent or empty."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    return as_bool({name: raw}, name)
+
+
 async def list_devices(request: Request) -> Response:
-    """List a product's devices (filters deviceId, deviceName, groups; page, per_page)."""
+    """List a product's devices (filters deviceId, deviceName, groups, online, development,
+    locked, firmware_version, update_status; page, per_page)."""
     query = request.query_params
     page = await fleet_of(request).list_devices(
         product_of(request).id,
         device_id=query.get("deviceId") or None,
         name=query.get("deviceName") or None,
         groups=tuple(as_name_list({"groups": query.get("groups")}, "groups")),
+        online=optional_query_bool(request, "online"),
+        development=optional_query_bool(request, "development"),
+        locked=optional_query_bool(request, "locked"),
+        firmware_version=optional_query_int(request, "firmware_version"),
+        update_status=query.get("update_status") or None,
         page=query_int(request, "page", 1),
         per_page=query_int(request, "per_page", 25),
     )

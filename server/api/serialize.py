@@ -139,6 +139,12 @@ def device_json(view: DeviceView, *, detail: bool = False) -> dict[str, Any]:
         "bytes_done": update.bytes_done, "bytes_total": update.bytes_total,
         "status": update.status, "updated_at": iso(update.updated_at),
     }
+    body["update_status"] = view.update_status
+    status = view.status
+    body["last_update"] = None if status is None or status.last_update_status is None else {
+        "status": status.last_update_status, "error": status.last_update_error or "",
+        "at": iso(status.last_update_at),
+    }
     if detail:
         body["modules"] = rec.modules
         body["pending_flash"] = flash_json(view.pending_flash)

@@ -166,15 +166,33 @@ def device_list(
     group: list[str] = typer.Option([], "--group", help="Only devices in these groups."),
     name: str | None = typer.Option(None, "--name", help="Filter by name."),
     device_id: str | None = typer.Option(None, "--id", help="Filter by device id."),
+    online: bool | None = typer.Option(None, "--online/--offline",
+                                       help="Only devices online (or offline)."),
+    development: bool | None = typer.Option(
+        None, "--development/--no-development", help="Only development devices (or others)."),
+    locked: bool | None = typer.Option(None, "--locked/--unlocked",
+                                       help="Only devices locked to a version (or unlocked)."),
+    version: int | None = typer.Option(None, "--version",
+                                       help="Only devices reporting this firmware version."),
+    update_status: str | None = typer.Option(
+        None, "--update-status",
+        help="Only devices whose update status is up_to_date, pending, updating, failed or "
+             "no_target."),
     page: int = typer.Option(1, "--page"), per_page: int = typer.Option(25, "--per-page"),
     product: str = Product, api_url: str = ApiUrl, token: str | None = Token,
     as_json: bool = AsJson,
 ) -> None:
     """List a product's devices."""
+
+    def flag(value: bool | None) -> str | None:
+        return None if value is None else str(value).lower()
+
     with _client(api_url, token) as client:
         result = client.list_devices(
             product, deviceId=device_id, deviceName=name,
-            groups=",".join(group) if group else None, page=page, per_page=per_page,
+            groups=",".join(group) if group else None, online=flag(online),
+            development=flag(development), locked=flag(locked), firmware_version=version,
+            update_status=update_status, page=page, per_page=per_page,
         )
     if as_json:
         print_json(result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from server.fleet.auth import AuthService, TokenGrant
 from server.fleet.deltas import DeltaService
+from server.fleet.device_history import DeviceHistoryService
 from server.fleet.device_os import DeviceOsService
 from server.fleet.devices import DevicePage, DeviceService, DeviceView, ImportResult
 from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
@@ -24,7 +25,7 @@ from server.fleet.teams import ApiUserGrant, TeamMember, TeamService
 class Fleet(
     FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
     DeviceOsService,
-    DeltaService, OtaMemoryService, PresenceService, RolloutService,
+    DeltaService, OtaMemoryService, PresenceService, RolloutService, DeviceHistoryService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 

@@ -25,6 +25,8 @@ from server.fleet.roles import Actor, Permission
 from server.fleet.text import clean_filename, clean_group_name, clean_text, slugify
 from server.fleet.windows import FORCED_WINDOW_ACTION, forced_window_details
 from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx, UpdateStateRecord
+from server.store.device_status import UPDATE_STATUSES
+from server.store.records import DeviceStatusRecord
 
 #: Fields ``PUT /v1/products/:p/devices/:id`` accepts (Particle's names).
 DEVICE_FIELDS = frozenset(
@@ -40,6 +42,8 @@ DEVICE_FIELDS = frozenset(
     }
 )
 MAX_PER_PAGE = 1000
+#: The highest page number a listing accepts (an offset past any real fleet).
+MAX_PAGE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,14 @@ class DeviceView:
     pending_flash: FlashRecord | None = None
     #: The transfer in flight to the device, if any.
     update: UpdateStateRecord | None = None
+    #: Its update status (up_to_date, pending, updating, failed or no_target:
+    #: ``server.store.device_status``) and how its last update ended.
+    status: DeviceStatusRecord | None = None
+
+    @property
+    def update_status(self) -> str | None:
+        """up_to_date, pending, updating, failed or no_target (None: not read)."""
+        return None if self.status is None else self.status.update_status
 
 
 @dataclass(frozen=True)
@@ -271,14 +283,30 @@ class DeviceService(FleetBase):
         device_id: str | None = None,
         name: str | None = None,
         groups: tuple[str, ...] = (),
+        online: bool | None = None,
+        firmware_version: int | None = None,
+        development: bool | None = None,
+        locked: bool | None = None,
+        update_status: str | None = None,
         page: int = 1,
         per_page: int = 25,
     ) -> DevicePage:
-        """A page of a product's devices filtered by id / name substring and group names."""
+        """A page of a product's devices filtered by id / name substring, group names (any
+        of them), online, the firmware version the device reports, development, locked and
+        update status (``server.store.device_status``: up_to_date, pending, updating,
+        failed, no_target). Counted and paged in the store: two statements for the page,
+        one for the statuses of its devices."""
         if not 1 <= per_page <= MAX_PER_PAGE:
             raise ValidationError(f"per_page must be within 1..{MAX_PER_PAGE}")
         if page < 1:
             raise ValidationError("page must be 1 or more")
+        if page > MAX_PAGE:
+            raise ValidationError(f"page must be at most {MAX_PAGE}")
+        if update_status is not None and update_status not in UPDATE_STATUSES:
+            raise ValidationError(
+                f"update status {update_status!r} is not one of {', '.join(UPDATE_STATUSES)}")
+        if firmware_version is not None:
+            firmware_version = check_version(firmware_version, "firmware version")
 
         def work() -> DevicePage:
             with self.store.read() as tx:
@@ -288,11 +316,18 @@ class DeviceService(FleetBase):
                     id_contains=device_id,
                     name_contains=name,
                     group_names=groups,
+                    online=online,
+                    firmware_version=firmware_version,
+                    development=development,
+                    locked=locked,
+                    update_status=update_status,
                     offset=(page - 1) * per_page,
                     limit=per_page,
                 )
                 releases = releases_of(tx.list_releases(product.id))
-            views = [DeviceView(rec, target_of(rec, releases)) for rec in records]
+                statuses = tx.device_statuses(product.id, [rec.id for rec in records])
+            views = [DeviceView(rec, target_of(rec, releases), status=statuses.get(rec.id))
+                     for rec in records]
             return DevicePage(views, total, page, per_page)
 
         return await self._read(work)
@@ -311,7 +346,8 @@ class DeviceService(FleetBase):
     def _view(tx: Tx, product: ProductRecord, device: DeviceRecord) -> DeviceView:
         releases = releases_of(tx.list_releases(product.id))
         return DeviceView(device, target_of(device, releases), tx.pending_flash(device.id),
-                          tx.get_update_state(device.id))
+                          tx.get_update_state(device.id),
+                          tx.device_statuses(product.id, [device.id]).get(device.id))
 
     async def update_device(
         self, actor: Actor, product_ref: int | str, device_id: str, changes: Mapping[str, object]

@@ -658,6 +658,11 @@ class SessionService(FleetBase):
                 self._count_release(tx, view, releases, status)
             if status != "started":
                 tx.clear_update_state(view.device.id)
+            # The device's last outcome, for the console's "update status" and its reason.
+            outcome = {"started": "started", "success": "succeeded", "failed": "failed"}[status]
+            tx.update_device(view.device.id, {"last_update_status": outcome,
+                                              "last_update_error": error or None,
+                                              "last_update_at": now}, now)
             event = Event(
                 FLASH_STATUS,
                 f"{status} ",

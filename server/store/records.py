@@ -105,6 +105,20 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class DeviceStatusRecord:
+    """A device's update status (``server.store.device_status``) and how its last update
+    ended; read apart from :class:`DeviceRecord`, which the device sessions hold (their
+    memory stays what it was)."""
+
+    update_status: str
+    #: "started", "succeeded" or "failed" with the device's reason, and when (None: no
+    #: update recorded).
+    last_update_status: str | None
+    last_update_error: str | None
+    last_update_at: int | None
+
+
+@dataclass(frozen=True)
 class GroupRecord:
     """A device group (a tag) of a product."""
 

@@ -94,8 +94,16 @@ devices = sa.Table(
     sa.Column("modules", sa.JSON, nullable=True),  # last describe: list of module dicts
     _ms("created_at"),
     _ms("updated_at"),
+    # How the device's last update ended (revision 0005): "started", "succeeded" or
+    # "failed" with the device's reason, and when; the console's "update status" reads it
+    # (server.store.device_status).
+    sa.Column("last_update_status", sa.String(16), nullable=True),
+    sa.Column("last_update_error", sa.Text, nullable=True),
+    _ms("last_update_at", nullable=True),
 )
 sa.Index("ix_devices_product", devices.c.product_id, devices.c.id)
+# The device list's version filter (revision 0005).
+sa.Index("ix_devices_product_version", devices.c.product_id, devices.c.firmware_version)
 sa.Index("ix_devices_session_node", devices.c.session_node)
 
 groups = sa.Table(
@@ -330,6 +338,9 @@ audit_log = sa.Table(
     sa.Column("details", sa.JSON, nullable=False),
 )
 sa.Index("ix_audit_product", audit_log.c.product_id, audit_log.c.id)
+# One device's (or group's...) entries, newest first: the console's device history
+# (revision 0005).
+sa.Index("ix_audit_target", audit_log.c.target, audit_log.c.id)
 
 # Binary delta patches between two images, computed once per (base, target) pair and reused
 # for every device on that base; the patch bytes are the blob ``patch_sha256``.

@@ -9,8 +9,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from server.store import schema as t
+from server.store.device_status import UPDATE_STATUSES, status_source
 from server.store.records import (
+    AuditRecord,
     DeviceRecord,
+    DeviceStatusRecord,
+    FlashRecord,
     GroupRecord,
     ProductRecord,
     new_row_id,
@@ -42,6 +46,9 @@ DEVICE_MUTABLE = frozenset(
         "firmware_version",
         "system_version",
         "modules",
+        "last_update_status",
+        "last_update_error",
+        "last_update_at",
     }
 )
 PRODUCT_MUTABLE = frozenset({"name", "description", "firmware_updates_forced"})
@@ -268,10 +275,17 @@ class FleetQueries:
         name_contains: str | None = None,
         group_names: Sequence[str] = (),
         online: bool | None = None,
+        firmware_version: int | None = None,
+        development: bool | None = None,
+        locked: bool | None = None,
+        update_status: str | None = None,
         offset: int = 0,
         limit: int | None = None,
     ) -> tuple[list[DeviceRecord], int]:
-        """One page of a product's devices (by id) matching the filters, and the total."""
+        """One page of a product's devices (by id) matching the filters, and the total: the
+        count and the page are one statement each, whatever the filters (``group_names``: in
+        any of them; ``firmware_version``: the version the device reports; ``locked``: a
+        lock is set; ``update_status``: see :mod:`server.store.device_status`)."""
         where = [t.devices.c.product_id == product_id]
         if id_contains:
             where.append(t.devices.c.id.contains(id_contains.lower(), autoescape=True))
@@ -281,6 +295,20 @@ class FleetQueries:
             )
         if online is not None:
             where.append(t.devices.c.online == online)
+        if firmware_version is not None:
+            where.append(t.devices.c.firmware_version == firmware_version)
+        if development is not None:
+            where.append(t.devices.c.development == development)
+        if locked is not None:
+            lock = t.devices.c.desired_firmware_version
+            where.append(lock.is_not(None) if locked else lock.is_(None))
+        source: sa.FromClause = t.devices
+        if update_status is not None:
+            if update_status not in UPDATE_STATUSES:
+                raise ValueError(f"unknown update status {update_status!r}")
+            status = status_source(product_id)
+            source = status.from_clause
+            where.append(status.update_status == update_status)
         if group_names:
             members = (
                 sa.select(t.device_groups.c.device_id)
@@ -289,12 +317,56 @@ class FleetQueries:
             )
             where.append(t.devices.c.id.in_(members))
         total = self.conn.execute(
-            sa.select(sa.func.count()).select_from(t.devices).where(*where)
+            sa.select(sa.func.count()).select_from(source).where(*where)
         ).scalar_one()
-        query = sa.select(t.devices).where(*where).order_by(t.devices.c.id).offset(offset)
+        query = (sa.select(t.devices).select_from(source).where(*where)
+                 .order_by(t.devices.c.id).offset(offset))
         if limit is not None:
             query = query.limit(limit)
         return self._devices_from_rows(self.conn.execute(query).mappings()), int(total)
+
+    def device_statuses(
+        self, product_id: int, device_ids: Sequence[str]
+    ) -> dict[str, DeviceStatusRecord]:
+        """The update status and last update outcome of each of a product's devices named
+        (one statement)."""
+        if not device_ids:
+            return {}
+        d = t.devices.c
+        status = status_source(product_id)
+        rows = self.conn.execute(
+            sa.select(d.id, status.update_status, d.last_update_status, d.last_update_error,
+                      d.last_update_at)
+            .select_from(status.from_clause)
+            .where(d.product_id == product_id, d.id.in_(list(device_ids)))
+        )
+        return {str(row[0]): DeviceStatusRecord(str(row[1]), row[2], row[3], row[4])
+                for row in rows}
+
+    def device_audit(
+        self, device_id: str, *, before_id: int | None = None, limit: int = 25
+    ) -> list[AuditRecord]:
+        """A device's audit entries (target ``device:<id>``), newest first, older than
+        ``before_id`` when given (index ``ix_audit_target``)."""
+        query = (
+            sa.select(t.audit_log)
+            .where(t.audit_log.c.target == f"device:{device_id}")
+            .order_by(t.audit_log.c.id.desc())
+            .limit(limit)
+        )
+        if before_id is not None:
+            query = query.where(t.audit_log.c.id < before_id)
+        return [record_from(AuditRecord, row) for row in self.conn.execute(query).mappings()]
+
+    def device_flashes(self, device_id: str, *, limit: int = 20) -> list[FlashRecord]:
+        """A device's flashes (per-device updates asked for), newest first."""
+        query = (
+            sa.select(*record_columns(FlashRecord, t.device_flashes))
+            .where(t.device_flashes.c.device_id == device_id)
+            .order_by(t.device_flashes.c.id.desc())
+            .limit(limit)
+        )
+        return [FlashRecord(*row) for row in self.conn.execute(query)]
 
     def set_device_groups(self, device_id: str, group_ids: Iterable[int]) -> None:
         """Replace a device's group memberships."""
