@@ -15,6 +15,7 @@ from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
 from server.fleet.groups import GroupService, GroupView
 from server.fleet.ota_memory import OtaMemoryService
 from server.fleet.presence import PresenceService
+from server.fleet.release_progress import AuditPage, ReleaseProgress, ReleaseProgressService
 from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
 from server.fleet.rollouts import RolloutService, RolloutView
 from server.fleet.sessions import DeviceTarget, SessionService
@@ -24,7 +25,7 @@ from server.fleet.teams import ApiUserGrant, TeamMember, TeamService
 class Fleet(
     FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
     DeviceOsService,
-    DeltaService, OtaMemoryService, PresenceService, RolloutService,
+    DeltaService, OtaMemoryService, PresenceService, RolloutService, ReleaseProgressService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 
@@ -33,6 +34,7 @@ __all__ = [
     "SYSTEM_ACTOR",
     "Actor",
     "ApiUserGrant",
+    "AuditPage",
     "DevicePage",
     "DeviceTarget",
     "DeviceView",
@@ -42,6 +44,7 @@ __all__ = [
     "ImportResult",
     "Permission",
     "ReleaseOutcome",
+    "ReleaseProgress",
     "Role",
     "RolloutView",
     "TeamMember",
