@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from otacore.errors import OtaError
 from server.api import (
@@ -170,9 +170,11 @@ ROUTES: list[Route] = [
 
 def create_app(fleet: Fleet, settings: ApiSettings | None = None) -> Starlette:
     """The REST app over ``fleet``."""
+    from server.console import create_console  # the console's pages import the API's modules
+
     settings = settings or ApiSettings()
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, Mount("/console", app=create_console(), name="console")],
         exception_handlers={
             OtaError: ota_error_handler,
             HTTPException: http_error_handler,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -111,6 +111,40 @@ def _client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
+async def throttled_sign_in(
+    request: Request,
+    account: tuple[str, str] | None,
+    check: Callable[[bool], Awaitable[TokenGrant]],
+) -> TokenGrant:
+    """Run one credential check (``check(familiar)``) behind the sign-in throttle and log:
+    refused before any hashing while the client's address group or ``account`` is locked
+    (TooManyAttemptsError, logged), failures counted and lockouts logged and audited
+    (InvalidCredentialsError re-raised), anything else leaves the attempt uncounted.
+    ``/oauth/token`` and the console's sign-in both go through here, so neither is a way
+    around the other's limits."""
+    fleet, throttle, sign_in_log = fleet_of(request), throttle_of(request), sign_in_log_of(request)
+    host = _client_address(request)
+    try:
+        attempt = throttle.begin(host, account, trio.current_time())
+    except TooManyAttemptsError as exc:
+        sign_in_log.refused(trio.current_time(), exc, throttle.group_of(host))
+        raise
+    try:
+        grant = await check(attempt.familiar)
+    except InvalidCredentialsError:
+        await _failed(fleet, throttle, sign_in_log, attempt)
+        raise
+    except CredentialCheckBusyError:
+        throttle.abandoned(attempt, trio.current_time())
+        sign_in_log.busy(trio.current_time(), attempt.group)
+        raise
+    except BaseException:  # e.g. a disabled account, a malformed field, a cancellation
+        throttle.abandoned(attempt, trio.current_time())
+        raise
+    throttle.succeeded(attempt, trio.current_time())
+    return grant
+
+
 async def token(request: Request) -> Response:
     """Issue a token: grant_type password, client_credentials or refresh_token."""
     try:
@@ -119,26 +153,25 @@ async def token(request: Request) -> Response:
         return _oauth_error(400, "invalid_request", str(exc))
     grant_type = fields.get("grant_type")
     expires_in = fields.get("expires_in", DEFAULT_TOKEN_SECONDS)
-    fleet, settings = fleet_of(request), settings_of(request)
-    throttle, sign_in_log = throttle_of(request), sign_in_log_of(request)
-    host = _client_address(request)
-    attempt: Attempt | None = None  # once admitted by the throttle
+    fleet, settings, throttle = fleet_of(request), settings_of(request), throttle_of(request)
     try:
         if grant_type == "password":
             username = fields.get("username")
-            attempt = throttle.begin(host, throttle.account("user", username),
-                                     trio.current_time())
-            grant = await fleet.password_grant(
-                username, fields.get("password"), expires_in=expires_in,
-                refresh_seconds=settings.refresh_token_seconds, familiar=attempt.familiar,
+            grant = await throttled_sign_in(
+                request, throttle.account("user", username),
+                lambda familiar: fleet.password_grant(
+                    username, fields.get("password"), expires_in=expires_in,
+                    refresh_seconds=settings.refresh_token_seconds, familiar=familiar,
+                ),
             )
         elif grant_type == "client_credentials":
             basic = _basic_credentials(request)
             client_id, secret = basic or (fields.get("client_id"), fields.get("client_secret"))
-            attempt = throttle.begin(host, throttle.account("client", client_id),
-                                     trio.current_time())
-            grant = await fleet.client_credentials_grant(client_id, secret, expires_in=expires_in,
-                                                         familiar=attempt.familiar)
+            grant = await throttled_sign_in(
+                request, throttle.account("client", client_id),
+                lambda familiar: fleet.client_credentials_grant(
+                    client_id, secret, expires_in=expires_in, familiar=familiar),
+            )
         elif grant_type == "refresh_token":
             grant = await fleet.refresh_grant(
                 fields.get("refresh_token"), expires_in=expires_in,
@@ -151,32 +184,16 @@ async def token(request: Request) -> Response:
                 "grant_type must be password, client_credentials or refresh_token",
             )
     except TooManyAttemptsError as exc:
-        sign_in_log.refused(trio.current_time(), exc, throttle.group_of(host))
         return _oauth_error(429, "too_many_requests", str(exc),
                             {"Retry-After": str(exc.retry_after)})
     except InvalidCredentialsError as exc:
-        if attempt is not None:
-            await _failed(fleet, throttle, sign_in_log, attempt)
         return _credentials_error(grant_type, str(exc))
     except CredentialCheckBusyError as exc:
-        if attempt is not None:
-            throttle.abandoned(attempt, trio.current_time())
-            sign_in_log.busy(trio.current_time(), attempt.group)
         return _oauth_error(503, "temporarily_unavailable", str(exc), {"Retry-After": "2"})
     except ValidationError as exc:
-        if attempt is not None:
-            throttle.abandoned(attempt, trio.current_time())
         return _oauth_error(400, "invalid_request", str(exc))
     except AuthError as exc:  # e.g. a disabled account, an expired refresh token
-        if attempt is not None:
-            throttle.abandoned(attempt, trio.current_time())
         return _credentials_error(grant_type, str(exc))
-    except BaseException:
-        if attempt is not None:
-            throttle.abandoned(attempt, trio.current_time())
-        raise
-    if attempt is not None:
-        throttle.succeeded(attempt, trio.current_time())
     return JSONResponse(_grant_json(grant), headers={"Cache-Control": "no-store"})
 
 

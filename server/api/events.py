@@ -58,8 +58,12 @@ class EventStream:
         send_timeout: float,
         buffer: int,
         still_allowed: Callable[[], Awaitable[bool]] | None = None,
+        encode: Callable[[Event], bytes] = encode_event,
     ) -> None:
         self.bus = bus
+        #: One event's SSE block (Particle's named events here; the console's live pages
+        #: take unnamed ``message`` events, which EventSource's onmessage receives).
+        self.encode = encode
         #: Asked again every ``keepalive`` seconds: a stream whose token was revoked, whose
         #: account was disabled or removed from the team ends (the check ran at the start).
         self.still_allowed = still_allowed
@@ -98,7 +102,7 @@ class EventStream:
             block = b": keep-alive\n\n"
             with trio.move_on_after(self.keepalive):
                 try:
-                    block = encode_event(await events.receive())
+                    block = self.encode(await events.receive())
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     # Dropped by the bus for reading too slowly: tell the client, then end.
                     await self._send(send, b": dropped: client too slow\n\n")
