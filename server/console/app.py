@@ -21,7 +21,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from otacore.errors import OtaError
-from server.console import errors, live, products_pages, session
+from server.console import (
+    errors,
+    event_pages,
+    firmware_pages,
+    live,
+    products_pages,
+    rollout_pages,
+    session,
+)
 from server.console.templating import STATIC_DIR
 
 #: One route list per page module (the firmware, rollout and event pages add theirs).
@@ -29,6 +37,9 @@ PAGE_ROUTES: list[list[BaseRoute]] = [
     session.ROUTES,
     products_pages.ROUTES,
     live.ROUTES,
+    firmware_pages.ROUTES,
+    rollout_pages.ROUTES,
+    event_pages.ROUTES,
 ]
 
 
