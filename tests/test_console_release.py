@@ -98,3 +98,33 @@ async def test_a_console_release_reaches_devices_and_the_view_counts_it(
         assert 0 < sent["sent"] <= sent["full_images"] == 2 * len(v2)
         assert progress["releases"][0]["scope"] == "product"
         assert progress["releases"][0]["intelligent"] is True
+
+
+async def test_a_rolled_back_update_shows_as_a_failure_with_its_reason(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    from otacore.device import make_test_marker
+
+    async with ota_rig(nursery, tmp_path, count=1) as rig:
+        (device_id,) = rig.ids
+        bad = app(2, marker=make_test_marker(selftest_fail_after=0.3))
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, bad)
+        await rig.release(2, product_default=True)
+        product = (await rig.api.get(f"/v1/products/{rig.product}")).json()["product"]
+        fleet = rig.fleet([(device_id, "udp")])
+        async with running(fleet):
+            await rig.events.wait_for("spark/flash/status", device_id, "failed")
+            await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+        async with _signed_in(rig.kit.handle.api_url, rig.kit.token) as client:
+            answer = await client.get(
+                f"/console/products/{product['slug']}/firmware/2/release-view")
+            view = page(answer)
+        assert view.testids["release-state"] == "Finished with failures"
+        assert (view.testids["release-target-count"], view.testids["release-updated-count"],
+                view.testids["release-failed-count"]) == ("1", "0", "1")
+        assert f">{device_id}</a>" in answer.text and "rolled_back" in view.all_text
+        progress = (await rig.api.get(
+            f"/v1/products/{rig.product}/firmware/2/progress")).json()
+        [failed] = progress["failed_devices"]
+        assert failed["id"] == device_id and failed["reason"].startswith("rolled_back")
+        assert progress["latency"]["count"] == 0

@@ -1,25 +1,31 @@
 """Release progress (issue 17) over the store, on SQLite and PostgreSQL: which devices a
-release decides (the precedence rules as a query), their states, failures with reasons, the
-update-latency curve on known timestamps and the bytes sent against full images; and the
-product audit log's paging, filters and access rules."""
+release decides (the precedence rules, as the fleet engine applies them), their states,
+failures with reasons, the update-latency curve on known timestamps and the bytes sent
+against full images; and the product audit log's paging, filters and access rules."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
 from otacore.errors import PermissionDeniedError, ValidationError
+from otacore.precedence import DeviceTargeting, TargetReason, target_firmware_for
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Actor, Fleet, Role
+from server.fleet.base import releases_of
 from server.fleet.errors import UnknownFirmwareError, UnknownProductError
 from server.fleet.release_progress import (
     ALL_UPDATED,
     IN_PROGRESS,
     LATENCY_BUCKETS_MS,
     NOT_RELEASED,
+    compute_progress,
     latency_summary,
     nearest_rank,
 )
-from server.store import Store, UpdateStateRecord
+from server.store import ReleaseRecord, Store, UpdateStateRecord
+from server.store.tx_release_progress import DeviceColumns, ProgressInputs
 
 BORON = 13
 SIZE = 1000
@@ -192,6 +198,50 @@ async def test_progress_refuses_unknown_versions_and_bad_limits(
             await fleet.release_progress("sensors", 2, list_limit=bad)
     with pytest.raises(ValidationError):
         await fleet.release_progress("sensors", "two")
+
+
+@pytest.mark.parametrize("seed", [1, 7, 2026])
+def test_the_targeted_devices_are_those_the_precedence_rules_give(seed: int) -> None:
+    """compute_progress over random fleets picks exactly the devices (and releases) that
+    target_firmware_for gives each device one at a time."""
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    names = ["a", "b", "c", "d"]
+    records = []
+    for n, name in enumerate([None, *names]):
+        if rng.random() < 0.8:
+            records.append(ReleaseRecord(n + 1, 1, "product" if name is None else f"group:{n}",
+                                         None if name is None else n, name,
+                                         rng.choice([2, 3]), rng.random() < 0.5, T0, "me",
+                                         0, 0, 0))
+    ids, development, locked, running, memberships = [], [], [], [], []
+    devices: dict[str, DeviceTargeting] = {}
+    for i in range(300):
+        device_id = f"{i:024x}"
+        groups = frozenset(g for g in names if rng.random() < 0.3)
+        targeting = DeviceTargeting(rng.random() < 0.1,
+                                    rng.choice([None, None, None, 2, 3]), groups)
+        devices[device_id] = targeting
+        ids.append(device_id)
+        development.append(targeting.development)
+        locked.append(targeting.locked_version)
+        running.append(rng.choice([1, 2, 3]))
+        memberships += [(device_id, g) for g in sorted(groups)
+                        if any(r.group_name == g for r in records)]
+    inputs = ProgressInputs(
+        DeviceColumns(tuple(ids), tuple(development), tuple(locked), tuple(running),
+                      (False,) * len(ids)), memberships, records, [], [])
+    releases = releases_of(records)
+    for version in (2, 3):
+        computed = compute_progress(inputs, version, 10)
+        expected: dict[str | None, int] = {}
+        for targeting in devices.values():
+            target = target_firmware_for(targeting, releases)
+            if target.version == version and target.reason in (
+                    TargetReason.GROUP_RELEASE, TargetReason.PRODUCT_DEFAULT):
+                expected[target.group] = expected.get(target.group, 0) + 1
+        got = {r.group_name: r.target for r in computed.releases if r.target}
+        assert got == expected, (seed, version)
 
 
 def test_latency_summary_on_known_values() -> None:

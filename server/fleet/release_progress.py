@@ -5,15 +5,19 @@ against full images; and the product's audit log, paged, for those who may read 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from otacore.errors import ValidationError
-from server.fleet.base import FleetBase, check_version
+from otacore.precedence import FleetArrays, FleetTargets, TargetReason, resolve_fleet
+from server.fleet.base import FleetBase, check_version, releases_of
 from server.fleet.errors import UnknownFirmwareError, UnknownProductError
 from server.fleet.roles import AUDIT_SCOPE, Actor
-from server.store import AuditRecord, FirmwareRecord, ProductRecord
-from server.store.tx_release_progress import FailedDevice, ReleaseCounts, UpdatingDevice
+from server.store import AuditRecord, FirmwareRecord, ProductRecord, ReleaseRecord
+from server.store.tx_release_progress import ProgressInputs, ResultRow, UpdatingDevice
 
 #: Upper bounds (ms) of the latency histogram's buckets; the last bucket is open-ended.
 LATENCY_BUCKETS_MS = (
@@ -33,6 +37,58 @@ NO_TARGET = "No devices targeted"
 ALL_UPDATED = "All updated"
 IN_PROGRESS = "In progress"
 FINISHED_WITH_FAILURES = "Finished with failures"
+
+
+@dataclass(frozen=True)
+class ReleaseCounts:
+    """The devices one release (the product default or a group's) decides, by state.
+
+    ``target``: devices whose target the release decides under the precedence rules;
+    ``updated``: those reporting the version; ``updating``: those with a transfer of the
+    version in flight; ``failed``: those whose last update of the version since the release
+    failed (running something else, nothing in flight); ``pending``: the rest."""
+
+    release: ReleaseRecord
+    target: int = 0
+    updated: int = 0
+    updating: int = 0
+    failed: int = 0
+
+    @property
+    def group_name(self) -> str | None:
+        """The release's group (None: the product default)."""
+        return self.release.group_name
+
+    @property
+    def intelligent(self) -> bool:
+        """An immediate (intelligent) release."""
+        return self.release.intelligent
+
+    @property
+    def released_at(self) -> int:
+        """When it was released (epoch ms): latencies count from here."""
+        return self.release.released_at
+
+    @property
+    def released_by(self) -> str:
+        """Who released it."""
+        return self.release.released_by
+
+    @property
+    def pending(self) -> int:
+        """Targeted devices neither updated, updating nor failed."""
+        return self.target - self.updated - self.updating - self.failed
+
+
+@dataclass(frozen=True)
+class FailedDevice:
+    """A targeted device whose last update of the version since its release failed."""
+
+    device_id: str
+    error: str
+    failed_at: int
+    firmware_version: int | None
+    online: bool
 
 
 @dataclass(frozen=True)
@@ -79,6 +135,95 @@ def latency_summary(sorted_ms: Sequence[int]) -> LatencySummary:
         histogram=tuple(zip(bounds, counts, strict=True)),
         curve=tuple(curve),
         max_ms=sorted_ms[-1] if total else None,
+    )
+
+
+def fleet_targets(inputs: ProgressInputs) -> FleetTargets:
+    """Every device's target under the precedence rules (``resolve_fleet``: one vectorised
+    pass over the product, the same rules as one device's ``target_firmware_for``)."""
+    devices = inputs.devices
+    count = len(devices.ids)
+    index = {device_id: i for i, device_id in enumerate(devices.ids)}
+    names = sorted({name for _, name in inputs.memberships})
+    name_index = {name: j for j, name in enumerate(names)}
+    pairs = [(index[device], name_index[name]) for device, name in inputs.memberships
+             if device in index]
+    owners = np.array([i for i, _ in pairs], dtype=np.int64)
+    groups = np.array([j for _, j in pairs], dtype=np.int32)
+    order = np.argsort(owners, kind="stable")
+    per_device = np.bincount(owners, minlength=count) if pairs else np.zeros(count, np.int64)
+    fleet = FleetArrays(
+        development=np.array(devices.development, dtype=np.bool_).reshape(count),
+        locked_version=np.array([-1 if v is None else v for v in devices.locked_version],
+                                dtype=np.int32).reshape(count),
+        group_indptr=np.concatenate(([0], np.cumsum(per_device))).astype(np.int64),
+        group_ids=groups[order],
+        group_names=tuple(names),
+    )
+    return resolve_fleet(fleet, releases_of(inputs.releases))
+
+
+@dataclass(frozen=True)
+class ComputedProgress:
+    """Counts per release, latencies and the lists, before the bytes are attached."""
+
+    releases: tuple[ReleaseCounts, ...]
+    latencies_ms: tuple[int, ...]
+    updating: tuple[UpdatingDevice, ...]
+    failed: tuple[FailedDevice, ...]
+
+
+def compute_progress(inputs: ProgressInputs, version: int, list_limit: int) -> ComputedProgress:
+    """Classify every device a release of ``version`` decides (see :class:`ReleaseCounts`)."""
+    mine = [r for r in inputs.releases if r.version == version]
+    by_group = {r.group_name: r for r in mine}
+    counts = {r.id: {"target": 0, "updated": 0, "updating": 0, "failed": 0} for r in mine}
+    if not mine:
+        return ComputedProgress((), (), (), ())
+    targets = fleet_targets(inputs)
+    results: dict[str, list[ResultRow]] = defaultdict(list)
+    for row in inputs.results:
+        results[row.device_id].append(row)
+    in_flight = {row.device_id: row for row in inputs.in_flight}
+    latencies: list[int] = []
+    updating: list[UpdatingDevice] = []
+    failed: list[FailedDevice] = []
+    chosen = np.flatnonzero((targets.version == version) & (
+        (targets.reason == TargetReason.GROUP_RELEASE)
+        | (targets.reason == TargetReason.PRODUCT_DEFAULT)))
+    devices = inputs.devices
+    for i in chosen.tolist():
+        device_id, running = devices.ids[i], devices.firmware_version[i]
+        group = int(targets.group_index[i])
+        release = by_group.get(None if group < 0 else targets.group_names[group])
+        if release is None:  # cannot happen: the rules chose one of these releases
+            continue
+        tally = counts[release.id]
+        tally["target"] += 1
+        if running == version:
+            tally["updated"] += 1
+            successes = [row.finished_at for row in results.get(device_id, ())
+                         if row.result == "success" and row.finished_at >= release.released_at]
+            if successes:
+                latencies.append(min(successes) - release.released_at)
+        elif device_id in in_flight:
+            tally["updating"] += 1
+            updating.append(in_flight[device_id])
+        else:
+            failures = [row for row in results.get(device_id, ())
+                        if row.result == "failed" and row.finished_at >= release.released_at]
+            if failures:
+                tally["failed"] += 1
+                last = failures[-1]
+                failed.append(FailedDevice(device_id, last.error, last.finished_at, running,
+                                           bool(devices.online[i])))
+    updating.sort(key=lambda row: (-row.updated_at, row.device_id))
+    failed.sort(key=lambda row: (-row.failed_at, row.device_id))
+    return ComputedProgress(
+        tuple(ReleaseCounts(r, **counts[r.id]) for r in mine),
+        tuple(sorted(latencies)),
+        tuple(updating[:list_limit]),
+        tuple(failed[:list_limit]),
     )
 
 
@@ -206,9 +351,10 @@ class ReleaseProgressService(FleetBase):
                 if record is None:
                     raise UnknownFirmwareError(
                         f"product {product.slug} has no firmware version {number}")
-                rows = tx.release_progress(product.id, number, list_limit=limit)
+                inputs = tx.release_progress_inputs(product.id, number)
                 counters = tx.get_transfer_bytes(product.id, number)
-            target = sum(r.target for r in rows.releases)
+            computed = compute_progress(inputs, number, limit)
+            target = sum(r.target for r in computed.releases)
             sent = TransferBytes(
                 bytes_sent=counters["bytes_sent"],
                 bytes_full=counters["bytes_full"],
@@ -217,9 +363,9 @@ class ReleaseProgressService(FleetBase):
                 delta_transfers=counters["delta_transfers"],
                 full_images_for_target=target * record.size,
             )
-            return ReleaseProgress(product, record, rows.releases,
-                                   latency_summary(rows.latencies_ms), rows.updating,
-                                   rows.failed, sent)
+            return ReleaseProgress(product, record, computed.releases,
+                                   latency_summary(computed.latencies_ms), computed.updating,
+                                   computed.failed, sent)
 
         return await self._read(work)
 
