@@ -17,7 +17,12 @@ from server.fleet.base import FleetBase, check_version, releases_of
 from server.fleet.errors import UnknownFirmwareError, UnknownProductError
 from server.fleet.roles import AUDIT_SCOPE, Actor
 from server.store import AuditRecord, FirmwareRecord, ProductRecord, ReleaseRecord
-from server.store.tx_release_progress import ProgressInputs, ResultRow, UpdatingDevice
+from server.store.tx_release_progress import (
+    ProgressInputs,
+    ResultRow,
+    UpdateResultRecord,
+    UpdatingDevice,
+)
 
 #: Upper bounds (ms) of the latency histogram's buckets; the last bucket is open-ended.
 LATENCY_BUCKETS_MS = (
@@ -366,6 +371,21 @@ class ReleaseProgressService(FleetBase):
             return ReleaseProgress(product, record, computed.releases,
                                    latency_summary(computed.latencies_ms), computed.updating,
                                    computed.failed, sent)
+
+        return await self._read(work)
+
+    async def update_results(
+        self, product_ref: int | str, device_id: str, *, limit: object = 20
+    ) -> list[UpdateResultRecord]:
+        """How the device's latest updates ended (newest first): version, release / lock /
+        flash, success or failure with its reason, transfer kind, start and end (for a
+        device page's update history)."""
+        size = _bounded_int(limit, "limit", 1, MAX_AUDIT_PAGE)
+
+        def work() -> list[UpdateResultRecord]:
+            with self.store.read() as tx:
+                device = self._device_in(tx, self._product(tx, product_ref), device_id)
+                return tx.list_update_results(device.id, limit=size)
 
         return await self._read(work)
 
