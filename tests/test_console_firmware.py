@@ -154,6 +154,18 @@ async def test_release_through_the_console_changes_what_devices_are_offered(api:
         answer = await post_form(client, url3 + "/withdraw", {}, csrf_from=url3)
         assert answer.status_code == 303
         assert (await target(D2)).json()["targeted_firmware_release_version"] == 2
+        # A released version cannot be deleted (the button is not even offered); the
+        # withdrawn one can.
+        assert not any("/delete" in c.attrs.get("formaction", "") for c in form.controls)
+        answer = await post_form(client, url + "/delete", {}, csrf_from=url)
+        assert answer.status_code == 409
+        assert "is released" in page(answer).alerts[0]
+        assert "Delete version 3" in page(await client.get(url3)).all_text
+        answer = await post_form(client, url3 + "/delete", {}, csrf_from=url3)
+        assert answer.status_code == 303
+        listed = page(await client.get(answer.headers["location"]))
+        assert "Version 3 was deleted." in listed.all_text
+        assert not any(text == "Version 3" for _, text in listed.links)
     audit = (await api.client.get(f"/v1/products/{slug}/audit?action=firmware.release")).json()
     assert [e["actor"] for e in audit["entries"]] == ["test owner"] * 3
 

@@ -12,6 +12,8 @@ release form and the live release view.
   to groups, standard or immediate (``Fleet.release_firmware``, as ``PUT .../firmware/release``).
 * ``POST /products/{product}/firmware/{version}/withdraw``: withdraw it from the product
   default and every group (the REST release with ``product_default=false, groups=[]``).
+* ``POST /products/{product}/firmware/{version}/delete``: delete an unreleased version
+  (``firmware:remove``, as ``DELETE /v1/.../firmware/:version``).
 
 Every page applies the REST route's scope (``firmware:list``, ``firmware:create``,
 ``firmware:get``, ``firmware:release``) through :func:`product_page`; every POST checks the
@@ -62,10 +64,11 @@ def _version_param(request: Request) -> int:
 
 
 async def _list_page(request: Request, product: ProductRecord, *, error: str = "",
-                     values: dict[str, str] | None = None, status_code: int = 200) -> Response:
+                     notice: str = "", values: dict[str, str] | None = None,
+                     status_code: int = 200) -> Response:
     views = await fleet_of(request).list_firmware(product.id)
     return render(request, "firmware/list.html", {
-        "nav": "firmware", "firmware": views, "error": error,
+        "nav": "firmware", "firmware": views, "error": error, "notice": notice,
         "values": values or dict.fromkeys(UPLOAD_FIELDS, ""),
         "max_upload": human_bytes(settings_of(request).max_upload_bytes),
         "human_bytes": human_bytes, "when": when,
@@ -75,7 +78,9 @@ async def _list_page(request: Request, product: ProductRecord, *, error: str = "
 async def firmware_list(request: Request) -> Response:
     """The product's firmware and the upload form."""
     _user, product = await product_page(request, "firmware:list", "list firmware")
-    return await _list_page(request, product)
+    deleted = request.query_params.get("deleted", "")
+    notice = f"Version {deleted} was deleted." if deleted.isdigit() and len(deleted) <= 5 else ""
+    return await _list_page(request, product, notice=notice)
 
 
 async def upload(request: Request) -> Response:
@@ -122,6 +127,7 @@ async def _firmware_page(request: Request, product: ProductRecord, version: int,
         "nav": "firmware", "view": view, "error": error, "notice": notice,
         "groups": groups, "form": form or {},
         "may_release": "firmware:release" in user.actor.scopes_on(product.id),
+        "may_delete": "firmware:remove" in user.actor.scopes_on(product.id),
         "fragment_url": _firmware_url(request, product, version) + "/release-view",
         "firmware_url": _firmware_url(request, product, version),
         "rollouts_url": f"{console_base(request)}/products/{product.slug}/rollouts",
@@ -221,6 +227,23 @@ async def withdraw(request: Request) -> Response:
                             status_code=303)
 
 
+async def delete(request: Request) -> Response:
+    """Delete an unreleased version no device is locked to (``Fleet.delete_firmware``)."""
+    checked = await product_post(request, "firmware:remove", "delete firmware")
+    if isinstance(checked, Response):
+        return checked
+    user, product = checked
+    version = _version_param(request)
+    check_csrf(request, await read_form(request))
+    try:
+        await fleet_of(request).delete_firmware(user.actor, product.id, version)
+    except OtaError as exc:
+        return await _firmware_page(request, product, version, error=str(exc),
+                                    status_code=status_for(exc))
+    return RedirectResponse(f"{_firmware_url(request, product)}?deleted={version}",
+                            status_code=303)
+
+
 _V = "/products/{product}/firmware/{version}"
 
 ROUTES: list[BaseRoute] = [
@@ -230,4 +253,5 @@ ROUTES: list[BaseRoute] = [
     Route(f"{_V}/release-view", release_view, methods=["GET"], name="firmware_release_view"),
     Route(f"{_V}/release", release, methods=["POST"], name="firmware_release"),
     Route(f"{_V}/withdraw", withdraw, methods=["POST"], name="firmware_withdraw"),
+    Route(f"{_V}/delete", delete, methods=["POST"], name="firmware_delete"),
 ]
