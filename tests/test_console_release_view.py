@@ -61,8 +61,9 @@ def test_bytes_bars_and_figures() -> None:
     assert [b.width for b in bars] == [CHART_WIDTH / 8, CHART_WIDTH / 2, CHART_WIDTH]
     assert [human_bytes(n) for n in (999, 1000, 1_234_567, 5 * 10**9, None)] == [
         "999 B", "1.0 kB", "1.2 MB", "5.0 GB", "–"]
-    assert [human_duration(ms) for ms in (850, 12_500, 200_000, 7_500_000, None)] == [
-        "850 ms", "12.5 s", "3 min 20 s", "2 h 5 min", "–"]
+    assert [human_duration(ms) for ms in (850, 12_500, 200_000, 300_000, 7_500_000,
+                                          86_400_000, None)] == [
+        "850 ms", "12.5 s", "3 min 20 s", "5 min", "2 h 5 min", "24 h", "–"]
 
 
 def test_the_view_polls_only_while_in_progress() -> None:

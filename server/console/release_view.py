@@ -30,7 +30,7 @@ def human_bytes(count: int | None) -> str:
 
 
 def human_duration(ms: int | None) -> str:
-    """Milliseconds as "850 ms", "12.5 s", "3 min 20 s", "2 h 5 min"."""
+    """Milliseconds as "850 ms", "12.5 s", "3 min 20 s", "5 min", "2 h 5 min", "24 h"."""
     if ms is None:
         return "–"
     if ms < 1000:
@@ -40,9 +40,9 @@ def human_duration(ms: int | None) -> str:
         return f"{seconds:.1f} s"
     minutes, seconds_left = divmod(int(seconds), 60)
     if minutes < 60:
-        return f"{minutes} min {seconds_left} s"
+        return f"{minutes} min {seconds_left} s" if seconds_left else f"{minutes} min"
     hours, minutes_left = divmod(minutes, 60)
-    return f"{hours} h {minutes_left} min"
+    return f"{hours} h {minutes_left} min" if minutes_left else f"{hours} h"
 
 
 def when(ms: int | None) -> str:
