@@ -178,6 +178,24 @@ async def test_the_failure_reason_is_recorded_with_its_transfer(
     assert progress.latency.percentiles[50] == 9_000
 
 
+async def test_a_result_names_the_version_of_its_image(
+        store: Store, fleet: Fleet, clock: Clock, product: int) -> None:
+    """A rollout steers a device past its release target: the outcome is recorded for the
+    version of the image the device got (and is no outcome of the release)."""
+    clock.now = T0 + 1_000
+    await fleet.record_flash_status(BETA[0], "success", application_sha256=f"{3:064x}")
+    await fleet.record_flash_status(BETA[1], "failed", error="boom",
+                                    application_sha256=f"{2:064x}")
+    await fleet.record_flash_status(BETA[2], "failed", error="unknown image",
+                                    application_sha256="cd" * 32)
+    with store.read() as tx:
+        got = [(r.version, r.kind, r.result) for device in BETA
+               for r in tx.list_update_results(device)]
+    assert got == [(3, "other", "success"), (2, "release", "failed"),
+                   (2, "release", "failed")]
+    assert (await fleet.release_progress("sensors", 2)).failed_count == 2
+
+
 async def test_a_release_again_restarts_its_clock(
         store: Store, fleet: Fleet, clock: Clock, product: int) -> None:
     clock.now = T0 + 4_000

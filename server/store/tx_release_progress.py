@@ -22,14 +22,32 @@ from server.store.records import ReleaseRecord
 _RESULTS = t.device_update_results
 _UPDATES = t.device_updates
 
-#: One statement per recorded outcome: the transfer and its start come from the update in
-#: flight (``device_updates``), read by the same INSERT before the caller clears it.
+#: The product firmware version of the image the outcome is about (ix_firmware_product_sha256):
+#: a rollout steers an update past the release's target, so the image says which version
+#: the device got, not the target the releases give it.
+_SHA256 = sa.bindparam("sha256", type_=sa.String)
+_IMAGE_VERSION = (
+    sa.select(t.firmware.c.version)
+    .where(t.firmware.c.product_id == sa.bindparam("product_id"),
+           t.firmware.c.sha256 == _SHA256)
+    .limit(1)
+    .scalar_subquery()
+)
+#: One statement per recorded outcome: the version comes from the image when the firmware
+#: is known (else the target's), the transfer and its start from the update in flight
+#: (``device_updates``), read by the same INSERT before the caller clears it. An image of
+#: another version than the target's is no outcome of that release: kind "other".
 INSERT_UPDATE_RESULT = sa.insert(_RESULTS).values(
     product_id=sa.bindparam("product_id"),
     device_id=sa.bindparam("device_id"),
-    version=sa.bindparam("version"),
-    sha256=sa.bindparam("sha256"),
-    kind=sa.bindparam("kind"),
+    version=sa.func.coalesce(_IMAGE_VERSION, sa.bindparam("version", type_=sa.Integer)),
+    sha256=_SHA256,
+    kind=sa.case(
+        (sa.func.coalesce(_IMAGE_VERSION, sa.bindparam("version", type_=sa.Integer))
+         == sa.bindparam("version", type_=sa.Integer), sa.bindparam("kind", type_=sa.String)),
+        (sa.bindparam("version", type_=sa.Integer).is_(None),
+         sa.bindparam("kind", type_=sa.String)),
+        else_="other"),
     result=sa.bindparam("result"),
     error=sa.bindparam("error"),
     transfer=sa.select(_UPDATES.c.transfer)
