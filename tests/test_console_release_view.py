@@ -41,11 +41,13 @@ def test_the_curve_runs_from_the_release_to_the_slowest_device() -> None:
     assert curve is not None
     points = [tuple(map(float, p.split(","))) for p in curve.points.split()]
     assert points[0] == (MARGIN_LEFT, CHART_HEIGHT)  # the release: nobody updated
-    # Each device's success: x by its latency over the slowest, y by the share of 4 devices.
+    # Each device's success is a step: x by its latency over the slowest, y by the share of
+    # the 4 targeted devices updated by then.
+    quarter, half, full = (MARGIN_LEFT + CHART_WIDTH * f for f in (0.25, 0.5, 1.0))
     assert points[1:] == [
-        (MARGIN_LEFT + CHART_WIDTH / 4, CHART_HEIGHT * 3 / 4),
-        (MARGIN_LEFT + CHART_WIDTH / 2, CHART_HEIGHT / 2),
-        (MARGIN_LEFT + CHART_WIDTH, CHART_HEIGHT / 4),
+        (quarter, CHART_HEIGHT), (quarter, CHART_HEIGHT * 3 / 4),
+        (half, CHART_HEIGHT * 3 / 4), (half, CHART_HEIGHT / 2),
+        (full, CHART_HEIGHT / 2), (full, CHART_HEIGHT / 4),
     ]
     assert (curve.x_max_label, curve.y_max_label) == ("40.0 s", "75%")
     assert curve.description == ("3 of 4 targeted devices updated; half of them within "

@@ -67,11 +67,12 @@ def latency_curve(progress: ReleaseProgress) -> Curve | None:
     if not latency.curve or target <= 0 or latency.max_ms is None:
         return None
     span = max(latency.max_ms, 1)
+    # A step curve: the share stays flat until the next device's success, then rises.
     coordinates: list[tuple[float, float]] = [(MARGIN_LEFT, CHART_HEIGHT)]
     for ms, updated in latency.curve:
         x = MARGIN_LEFT + CHART_WIDTH * ms / span
         y = CHART_HEIGHT - CHART_HEIGHT * min(updated, target) / target
-        coordinates.append((x, y))
+        coordinates += [(x, coordinates[-1][1]), (x, y)]
     points = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
     p50 = human_duration(latency.percentiles[50])
     description = (f"{latency.count} of {target} targeted devices updated; half of them "

@@ -10,7 +10,7 @@
 // progress publishes none; a dropped event must not freeze the view).
 (function () {
   "use strict";
-  var timers = new Map();
+  var timers = new Map();  // element -> {id: timeout id, due: epoch ms}
   var lastRun = new Map();
 
   function refresh(element) {
@@ -22,11 +22,19 @@
   }
 
   function schedule(element, atLeastMs) {
-    if (timers.has(element)) { return; }  // a refresh is due already: this rides on it
     var gap = parseInt(element.getAttribute("data-live-min-interval") || "1000", 10);
-    var since = Date.now() - (lastRun.get(element) || 0);
-    var wait = Math.max(atLeastMs || 0, gap - since, 0);
-    timers.set(element, window.setTimeout(function () { refresh(element); }, wait));
+    var now = Date.now();
+    var since = now - (lastRun.get(element) || 0);
+    var due = now + Math.max(atLeastMs || 0, gap - since, 0);
+    var pending = timers.get(element);
+    if (pending) {
+      if (pending.due <= due) { return; }  // a refresh is due as soon: this rides on it
+      window.clearTimeout(pending.id);  // e.g. a slow poll: the event brings it forward
+    }
+    timers.set(element, {
+      id: window.setTimeout(function () { refresh(element); }, due - now),
+      due: due
+    });
   }
 
   function matches(element, name) {
