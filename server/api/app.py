@@ -21,6 +21,7 @@ from server.api import (
     groups,
     openapi,
     products,
+    release_progress,
     rollouts,
     sign_in_limits,
     team,
@@ -101,6 +102,12 @@ ROUTES: list[Route] = [
           product("products:update", "set maintenance windows")),
     route(f"{_P}/window", rollouts.clear_window, "DELETE", "clear_window",
           product("products:update", "clear maintenance windows")),
+    # Release progress and the audit log (issue 17: what the console's release view and
+    # audit page show); the audit log needs audit:list (owners and administrators).
+    route(f"{_P}/firmware/{{version}}/progress", release_progress.get_release_progress, "GET",
+          "get_release_progress", product("firmware:get", "read release progress")),
+    route(f"{_P}/audit", release_progress.list_audit, "GET", "list_audit",
+          product("audit:list", "read the audit log")),
     # Devices.
     route(f"{_P}/devices", devices.list_devices, "GET", "list_devices",
           product("devices:list", "list devices")),

@@ -25,9 +25,12 @@ from server.console import (
     device_list_pages,
     device_pages,
     errors,
+    event_pages,
+    firmware_pages,
     group_pages,
     live,
     products_pages,
+    rollout_pages,
     session,
 )
 from server.console.templating import STATIC_DIR
@@ -40,6 +43,9 @@ PAGE_ROUTES: list[list[BaseRoute]] = [
     device_list_pages.ROUTES,
     device_pages.ROUTES,
     group_pages.ROUTES,
+    firmware_pages.ROUTES,
+    rollout_pages.ROUTES,
+    event_pages.ROUTES,
 ]
 
 

@@ -16,6 +16,7 @@ from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
 from server.fleet.groups import GroupService, GroupView
 from server.fleet.ota_memory import OtaMemoryService
 from server.fleet.presence import PresenceService
+from server.fleet.release_progress import AuditPage, ReleaseProgress, ReleaseProgressService
 from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
 from server.fleet.rollouts import RolloutService, RolloutView
 from server.fleet.sessions import DeviceTarget, SessionService
@@ -26,6 +27,7 @@ class Fleet(
     FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
     DeviceOsService,
     DeltaService, OtaMemoryService, PresenceService, RolloutService, DeviceHistoryService,
+    ReleaseProgressService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 
@@ -34,6 +36,7 @@ __all__ = [
     "SYSTEM_ACTOR",
     "Actor",
     "ApiUserGrant",
+    "AuditPage",
     "DevicePage",
     "DeviceTarget",
     "DeviceView",
@@ -43,6 +46,7 @@ __all__ = [
     "ImportResult",
     "Permission",
     "ReleaseOutcome",
+    "ReleaseProgress",
     "Role",
     "RolloutView",
     "TeamMember",

@@ -80,8 +80,13 @@ WRITE_SCOPES = frozenset({
     "events:send",
 })
 TEAM_ADMIN_SCOPES = frozenset({"teams.users:invite", "teams.users:update", "teams.users:remove"})
+#: Reading a product's audit log (this server's own scope; Particle has no audit API): who
+#: did what, with user names and token subjects, so owners and administrators only (an API
+#: user may be given it explicitly).
+AUDIT_SCOPE = "audit:list"
+ADMIN_READ_SCOPES = frozenset({AUDIT_SCOPE})
 #: Every scope a product grants (what an API user may be given).
-PRODUCT_SCOPES = READ_SCOPES | WRITE_SCOPES | TEAM_ADMIN_SCOPES
+PRODUCT_SCOPES = READ_SCOPES | WRITE_SCOPES | TEAM_ADMIN_SCOPES | ADMIN_READ_SCOPES
 
 ROLE_SCOPES: dict[Role, frozenset[str]] = {
     Role.OWNER: PRODUCT_SCOPES,

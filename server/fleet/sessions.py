@@ -654,8 +654,14 @@ class SessionService(FleetBase):
                 )
                 if status == "success":
                     tx.update_device(view.device.id, {"flash_requested": False}, now)
+                if status != "started":
+                    _record_result(tx, view, status, error, now, "flash", flash.version,
+                                   application_sha256 or flash.sha256)
             else:
                 self._count_release(tx, view, releases, status)
+                if status != "started":
+                    _record_result(tx, view, status, error, now, _result_kind(view.target),
+                                   view.target.version, application_sha256)
             if status != "started":
                 tx.clear_update_state(view.device.id)
             # The device's last outcome, for the console's "update status" and its reason.
@@ -699,3 +705,23 @@ class SessionService(FleetBase):
         for release in releases:
             if release.scope in scopes:
                 tx.bump_release_counter(release.id, counter)
+
+
+def _result_kind(target: Target) -> str:
+    """What decided the update a result is about: a release, a lock, or neither (e.g. a
+    Device OS part for a development device)."""
+    if target.reason in (TargetReason.PRODUCT_DEFAULT, TargetReason.GROUP_RELEASE):
+        return "release"
+    if target.reason == TargetReason.LOCKED:
+        return "lock"
+    return "other"
+
+
+def _record_result(tx: Tx, view: DeviceTarget, status: FlashStatus, error: str, now: int,
+                   kind: str, version: int | None, sha256: str | None) -> None:
+    """Append the outcome to the device's update results (issue 17: a release's failures
+    with their reasons and its latency curve), before the update in flight is cleared."""
+    tx.record_update_result(
+        product_id=view.product.id, device_id=view.device.id, version=version,
+        sha256=sha256, kind=kind, result="success" if status == "success" else "failed",
+        error=error, now=now)

@@ -252,6 +252,34 @@ device_updates = sa.Table(
     _ms("updated_at"),
 )
 
+# How each update of a device ended (issue 17): one row per success or failure the server
+# recorded (``SessionService.flash_status_work``), so a release's progress shows its
+# failures with their reasons and its update-latency curve (time from the release to each
+# device's success). Append-only; a device's removal removes its rows.
+device_update_results = sa.Table(
+    "device_update_results",
+    metadata,
+    _log_id(),
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column(
+        "device_id", sa.String(24), sa.ForeignKey("devices.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("version", sa.Integer, nullable=True),  # product firmware; NULL: a binary flash
+    sa.Column("sha256", sa.String(64), nullable=True),  # the application image, when known
+    sa.Column("kind", sa.String(16), nullable=False),  # release, lock, flash or other
+    sa.Column("result", sa.String(8), nullable=False),  # success or failed
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("transfer", sa.String(8), nullable=True),  # full, zstd or delta, when known
+    _ms("started_at", nullable=True),  # the transfer's start, when known
+    _ms("finished_at"),
+)
+sa.Index("ix_device_update_results_version", device_update_results.c.product_id,
+         device_update_results.c.version, device_update_results.c.device_id)
+sa.Index("ix_device_update_results_device", device_update_results.c.device_id,
+         device_update_results.c.id)
+
 users = sa.Table(
     "users",
     metadata,

@@ -61,6 +61,7 @@ from server.store.tx_certs import CertificateQueries
 from server.store.tx_firmware import FirmwareQueries
 from server.store.tx_fleet import FleetQueries
 from server.store.tx_ota import OtaMemoryQueries
+from server.store.tx_release_progress import ReleaseProgressQueries
 from server.store.tx_rollouts import RolloutQueries
 
 DB_FILENAME = "ota.db"
@@ -90,7 +91,7 @@ def _translated_errors() -> Iterator[None]:
 
 class Tx(
     FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries,
-    RolloutQueries,
+    RolloutQueries, ReleaseProgressQueries,
 ):
     """One open transaction; every query method of the store lives on it."""
 

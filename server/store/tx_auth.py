@@ -292,11 +292,29 @@ class AuthQueries:
             )
         )
 
-    def list_audit(self, product_id: int | None = None, limit: int = 100) -> list[AuditRecord]:
-        """Newest audit entries first, optionally for one product."""
-        query = sa.select(t.audit_log).order_by(t.audit_log.c.id.desc()).limit(limit)
+    def list_audit(
+        self,
+        product_id: int | None = None,
+        limit: int = 100,
+        *,
+        before_id: int | None = None,
+        action_prefix: str | None = None,
+        actor: str | None = None,
+    ) -> list[AuditRecord]:
+        """Newest audit entries first, optionally for one product; ``before_id`` pages on
+        (entries older than that id: ix_audit_product serves product and id together),
+        ``action_prefix`` keeps actions starting with it (e.g. "firmware."), ``actor``
+        keeps one actor's entries."""
+        log = t.audit_log
+        query = sa.select(log).order_by(log.c.id.desc()).limit(limit)
         if product_id is not None:
-            query = query.where(t.audit_log.c.product_id == product_id)
+            query = query.where(log.c.product_id == product_id)
+        if before_id is not None:
+            query = query.where(log.c.id < before_id)
+        if action_prefix:
+            query = query.where(log.c.action.startswith(action_prefix, autoescape=True))
+        if actor:
+            query = query.where(log.c.actor == actor)
         return [record_from(AuditRecord, row) for row in self.conn.execute(query).mappings()]
 
     def table_counts(self) -> dict[str, int]:
