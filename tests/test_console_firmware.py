@@ -182,6 +182,9 @@ async def test_access_rules_of_the_firmware_pages(api: Api) -> None:
         assert "Version 2" in listing.all_text
         answer = await _upload(viewer, slug, version="3", image=_make_firmware(3))
         assert answer.status_code == 403
+        # Refused before its body was read: the answer closes the connection (RFC 9112
+        # 9.6), or a browser reusing it would wait for an answer that never comes.
+        assert answer.headers["connection"] == "close"
         shown = page(await viewer.get(f"/console/products/{slug}/firmware/2"))
         assert shown.testids["release-state"] == "Not released"
         assert not any(c.attrs.get("name") == "release_to" for c in shown.controls)

@@ -192,14 +192,15 @@ async def ota_error_handler(request: Request, exc: Exception) -> Response:
         response = error_response(500, "internal error; see the server log")
     else:
         response = error_response(status, str(exc))
-    if _body_unread(request):
+    if body_unread(request):
         # Refused before its body was read (e.g. a 403 on an upload): the server drops the
         # connection, so say so (RFC 9112 9.6) and clients do not reuse it.
         response.headers["Connection"] = "close"
     return response
 
 
-def _body_unread(request: Request) -> bool:
+def body_unread(request: Request) -> bool:
+    """True when the request has a body no handler read (refused before reading it)."""
     has_body = request.headers.get("content-length", "0") not in ("", "0") or (
         "transfer-encoding" in request.headers
     )

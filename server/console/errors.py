@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from otacore.errors import OtaError
-from server.api.common import status_for
+from server.api.common import body_unread, status_for
 from server.console.session import SignInRequiredError, sign_in_redirect
 from server.console.templating import render
 
@@ -41,6 +41,11 @@ def error_page(request: Request, status: int, reason: str) -> Response:
                                               "reason": reason}, status_code=status)
     if status == 503:
         response.headers["Retry-After"] = "2"
+    if body_unread(request):
+        # Refused before its body was read (e.g. a 403 on an upload): the server drops the
+        # connection, so say so (RFC 9112 section 9.6) or a browser reusing the connection
+        # waits for an answer that never comes.
+        response.headers["Connection"] = "close"
     return response
 
 

@@ -38,7 +38,6 @@ from server.api.common import (
     status_for,
     upload_of,
 )
-from server.console.post_guard import product_post
 from server.console.release_view import human_bytes, view_context, when
 from server.console.session import CsrfError, check_csrf, product_page, read_form
 from server.console.templating import console_base, render
@@ -85,10 +84,7 @@ async def firmware_list(request: Request) -> Response:
 
 async def upload(request: Request) -> Response:
     """Upload a version; a refusal is shown on the list page with the values kept."""
-    checked = await product_post(request, "firmware:create", "upload firmware")
-    if isinstance(checked, Response):
-        return checked
-    user, product = checked
+    user, product = await product_page(request, "firmware:create", "upload firmware")
     values = dict.fromkeys(UPLOAD_FIELDS, "")
     try:
         if not is_multipart(request):
@@ -180,10 +176,7 @@ def _group_names(raw: object) -> list[str]:
 
 async def release(request: Request) -> Response:
     """Release the version to the product default or to groups."""
-    checked = await product_post(request, "firmware:release", "release firmware")
-    if isinstance(checked, Response):
-        return checked
-    user, product = checked
+    user, product = await product_page(request, "firmware:release", "release firmware")
     version = _version_param(request)
     form = await read_form(request)
     check_csrf(request, form)
@@ -211,10 +204,7 @@ async def release(request: Request) -> Response:
 
 async def withdraw(request: Request) -> Response:
     """Withdraw the version from the product default and every group releasing it."""
-    checked = await product_post(request, "firmware:release", "release firmware")
-    if isinstance(checked, Response):
-        return checked
-    user, product = checked
+    user, product = await product_page(request, "firmware:release", "release firmware")
     version = _version_param(request)
     check_csrf(request, await read_form(request))
     try:
@@ -229,10 +219,7 @@ async def withdraw(request: Request) -> Response:
 
 async def delete(request: Request) -> Response:
     """Delete an unreleased version no device is locked to (``Fleet.delete_firmware``)."""
-    checked = await product_post(request, "firmware:remove", "delete firmware")
-    if isinstance(checked, Response):
-        return checked
-    user, product = checked
+    user, product = await product_page(request, "firmware:remove", "delete firmware")
     version = _version_param(request)
     check_csrf(request, await read_form(request))
     try:

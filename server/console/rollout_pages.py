@@ -23,7 +23,6 @@ from starlette.routing import BaseRoute, Route
 
 from otacore.errors import OtaError, ValidationError
 from server.api.common import fleet_of, status_for
-from server.console.post_guard import product_post
 from server.console.release_view import when
 from server.console.session import check_csrf, product_page, read_form
 from server.console.templating import console_base, render
@@ -76,10 +75,7 @@ async def rollout_list(request: Request) -> Response:
 
 async def create(request: Request) -> Response:
     """Create a rollout from the form (phases as percents)."""
-    checked = await product_post(request, "firmware:release", "create rollouts")
-    if isinstance(checked, Response):
-        return checked
-    user, product = checked
+    user, product = await product_page(request, "firmware:release", "create rollouts")
     form = await read_form(request)
     check_csrf(request, form)
     kept = {name: form[name] for name in CREATE_FIELDS if isinstance(form.get(name), str)}
@@ -145,10 +141,7 @@ async def rollout_fragment(request: Request) -> Response:
 
 async def steer(request: Request, action: str) -> Response:
     """Pause, resume or abort a rollout."""
-    checked = await product_post(request, "firmware:release", f"{action} rollouts")
-    if isinstance(checked, Response):
-        return checked
-    user, product = checked
+    user, product = await product_page(request, "firmware:release", f"{action} rollouts")
     rollout_id = request.path_params["rollout_id"]
     form = await read_form(request)
     check_csrf(request, form)
