@@ -308,8 +308,8 @@ def build_image(image: dict, archives: dict[str, Archive], cache: Path, apt: Apt
     return convert(read_member(archive, path, image["member"]), image)
 
 
-def main() -> int:
-    """Build the corpus (or, with --record, print what the images hash to)."""
+def main(argv: list[str] | None = None) -> int:
+    """Build the corpus (or, with --record, print what the images hash to); 0 when done."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -321,7 +321,7 @@ def main() -> int:
         help="print the SHA-256 and size of every image as JSON instead of checking them "
         "(for adding pairs to the manifest; archives are still checked)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         archives, pairs = load_manifest(args.manifest)
         chosen = args.pairs or list(pairs)
