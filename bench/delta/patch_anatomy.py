@@ -14,7 +14,11 @@ non-zero (what the prediction got wrong), and the extra (literal) bytes. Then:
   dictionary, what they would cost if literals could reference the old image the way
   ``zstd --patch-from`` does;
 * ``win20``: our patch with ``window_log=20`` (the format's largest window) instead of 17;
-* ``new_z``: the new image alone, zstd -19 (a patch should never be larger).
+* ``new_z``: the new image alone, zstd -19 (a patch should never be larger);
+* ``streams_apart``: header + prelude + the three streams compressed apart (bsdiff's layout)
+  against ``patch`` (ours interleaves them per record in one zstd frame);
+* with ``--filter-sweep``: our patch with each filter set forced (``filters=``), to show
+  what the automatic choice of instruction set (``detect_family``) gives or costs.
 
 Writes ``<out>/public-anatomy.json`` and ``.md``. Run:
 ``python bench/delta/patch_anatomy.py [--corpus bench/delta/corpus-public] [--pairs a b]``.
@@ -183,7 +187,18 @@ def anatomy(old: bytes, new: bytes) -> dict:
         "extra_in_old": extra_in_old(old, new, patch),
         "win20": len(delta.make_patch(old, new, window_log=20)),
         "new_z": _z(new, 27),
+        "streams_apart": HEADER_SIZE
+        + parts["prelude"]
+        + _z(parts["control"], window_log)
+        + _z(diff, window_log)
+        + _z(parts["extra"], window_log),
     }
+
+
+def filter_sweep(old: bytes, new: bytes) -> dict[str, int]:
+    """Our patch size with every filter set forced."""
+    names = {0: "none", 1: "thumb", 5: "thumb+words", 4: "words", 2: "x86", 6: "x86+words"}
+    return {f"f:{names[f]}": len(delta.make_patch(old, new, filters=f)) for f in delta.AUTO_FILTERS}
 
 
 COLUMNS = (
@@ -199,6 +214,7 @@ COLUMNS = (
     ("extra_z", "literal z"),
     ("extra_z_dict", "literal z, old as dict"),
     ("win20", "window 2^20"),
+    ("streams_apart", "streams apart"),
     ("new_z", "new alone z"),
 )
 
@@ -213,6 +229,15 @@ def markdown(rows: dict[str, dict]) -> str:
         lines.append(
             f"| {pair} | {row['class']} | " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |"
         )
+    sweeps = {pair: row for pair, row in rows.items() if "f:none" in row}
+    if sweeps:
+        keys = [k for k in next(iter(sweeps.values())) if k.startswith("f:")]
+        lines += ["", "| pair | chosen | " + " | ".join(k[2:] for k in keys) + " |"]
+        lines.append("|---|---|" + "---:|" * len(keys))
+        for pair, row in sweeps.items():
+            best = min(row[k] for k in keys)
+            cells = [f"**{row[k]}**" if row[k] == best else str(row[k]) for k in keys]
+            lines.append(f"| {pair} | {row['filters']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +248,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="public-anatomy")
     parser.add_argument("--pairs", nargs="*")
+    parser.add_argument(
+        "--filter-sweep", action="store_true", help="also make the patch with each filter set"
+    )
     args = parser.parse_args()
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     rows: dict[str, dict] = {}
@@ -230,6 +258,8 @@ def main() -> None:
         old = (args.corpus / pair / "old.bin").read_bytes()
         new = (args.corpus / pair / "new.bin").read_bytes()
         rows[pair] = {"class": manifest[pair].get("class", ""), **anatomy(old, new)}
+        if args.filter_sweep:
+            rows[pair].update(filter_sweep(old, new))
         print(pair, json.dumps(rows[pair]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
