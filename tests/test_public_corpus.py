@@ -207,3 +207,53 @@ def test_python_hex_constant_is_read_without_running_the_module() -> None:
 def test_unknown_conversion_is_refused() -> None:
     with pytest.raises(builder.CorpusError, match="unknown conversion 'elf'"):
         builder.convert(b"", {"convert": "elf"})
+
+
+tables = _load("public_tables")
+anatomy = _load("patch_anatomy")
+
+
+def _row(pair: str, cls: str, tool: str, size: int, make: float = 1.0) -> dict:
+    return {
+        "pair": pair,
+        "class": cls,
+        "tool": tool,
+        "old_size": 1000,
+        "new_size": 1000,
+        "patch_size": size,
+        "make_s": make,
+        "make_cpu_s": make,
+        "apply_s": 0.1,
+        "apply_peak_kib": 100,
+        **({"cli_apply_ok": True} if tool == "ours" else {}),
+    }
+
+
+def test_public_tables_compare_against_each_pairs_best_peer() -> None:
+    rows = [
+        _row("a", "riscv", "ours", 110, make=2.0),
+        _row("a", "riscv", "bsdiff4", 100),
+        _row("a", "riscv", "zstd-cli", 120, make=4.0),
+        _row("b", "xtensa", "ours", 50, make=2.0),
+        _row("b", "xtensa", "bsdiff4", 80),
+        _row("b", "xtensa", "zstd-cli", 60, make=4.0),
+    ]
+    text = tables.public_markdown(rows)
+    assert "| a | riscv | 1000 → 1000 | 110 | **100** | 120 | bsdiff4 | 1.10 ⚠ |" in text
+    assert "| b | xtensa | 1000 → 1000 | **50** | 80 | 60 | zstd-cli | 0.83 |" in text
+    # all: ours 160 against best-each 160 (100 + 60) and bsdiff4's total 180; one pair > 5%.
+    assert "| **all** | 2 | 160 | 160 | 1.00 | 180 | 180 | 0.89 (bsdiff4) | 1 |" in text
+    assert "| ours | 160 | 4.00 | 0.50 |" in text
+    assert "byte-exact for 2 of 2 patches" in text
+
+
+def test_anatomy_walk_accounts_for_every_byte_of_the_new_image() -> None:
+    from otacore import delta
+
+    old = bytes(range(256)) * 64
+    new = old[:5000] + b"brand new bytes" * 20 + old[5000:12000] + bytes(300) + old[12000:]
+    walked = anatomy.walk(delta.make_patch(old, new))
+    assert len(walked["diff"]) + len(walked["extra"]) == len(new)
+    assert b"brand new bytes" in walked["extra"]
+    assert walked["entries"] >= 2
+    assert anatomy.extra_in_old(old, new, delta.make_patch(old, new)) <= len(walked["extra"])
