@@ -251,6 +251,9 @@ def main() -> None:
     parser.add_argument(
         "--filter-sweep", action="store_true", help="also make the patch with each filter set"
     )
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other pairs already in <name>.json"
+    )
     args = parser.parse_args()
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     rows: dict[str, dict] = {}
@@ -262,7 +265,12 @@ def main() -> None:
             rows[pair].update(filter_sweep(old, new))
         print(pair, json.dumps(rows[pair]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    json_path = args.out / f"{args.name}.json"
+    if args.merge and json_path.exists():
+        kept = json.loads(json_path.read_text())
+        kept.update(rows)
+        rows = {pair: kept[pair] for pair in manifest if pair in kept}
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / f"{args.name}.md").write_text(markdown(rows))
     print(markdown(rows))
 
