@@ -257,3 +257,47 @@ def test_anatomy_walk_accounts_for_every_byte_of_the_new_image() -> None:
     assert b"brand new bytes" in walked["extra"]
     assert walked["entries"] >= 2
     assert anatomy.extra_in_old(old, new, delta.make_patch(old, new)) <= len(walked["extra"])
+
+
+def test_compare_public_runs_ours_the_twin_and_zstd_end_to_end(tmp_path: Path) -> None:
+    """compare.py --public on a one-pair corpus: real patches, ``ota delta apply`` checks,
+    the twin in its own process, the zstd command-line tool, tables and plot written."""
+    import shutil
+    import subprocess
+
+    pytest.importorskip("matplotlib")
+    if shutil.which("zstd") is None:
+        pytest.skip("Debian zstd is not installed")
+    corpus = tmp_path / "corpus"
+    (corpus / "p").mkdir(parents=True)
+    old = bytes(range(256)) * 40
+    new = old[:3000] + b"a release note" * 10 + old[3000:]
+    (corpus / "p" / "old.bin").write_bytes(old)
+    (corpus / "p" / "new.bin").write_bytes(new)
+    (corpus / "manifest.json").write_text(json.dumps({"p": {"class": "riscv"}}))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "compare.py"),
+            "--public",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(out),
+            "--tools",
+            "ours",
+            "ours-py",
+            "zstd-cli",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {r["tool"]: r for r in json.loads((out / "public-results.json").read_text())}
+    assert rows["ours"]["cli_apply_ok"] and rows["ours-py"]["cli_apply_ok"]
+    assert rows["ours-py"]["same_as_ours"]
+    assert rows["zstd-cli"]["patch_size"] > 0
+    assert "| p | riscv | 10240 → 10380 |" in (out / "public-results.md").read_text()
+    assert (out / "public-results.png").stat().st_size > 0
