@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,bench]'  # bench: the delta peers and plots some tests run
 # Particle's JavaScript client for tests/test_particle_api_js.py, at the versions pinned in
 # tests/js/package-lock.json (npm ci installs exactly those; again only when the lock changed).
 if command -v npm >/dev/null; then
