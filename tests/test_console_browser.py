@@ -298,8 +298,10 @@ def test_console_login_refuses_a_bad_password_and_accepts_a_token(
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_role("button", name="Sign out")).to_be_visible(timeout=PATIENCE_MS)
         page.get_by_role("button", name="Sign out").click()
-        page.goto(fleet.console(f"/products/{fleet.product_id}/devices"))
+        expect(page).to_have_url(re.compile(r"/console/login"))
+        page.goto(fleet.console("/"))  # signed out: pages lead to the login page again
         expect(page).to_have_url(re.compile(r"/console/login\?next="))
+        expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
 
 
 def test_playwright_drives_the_system_chromium_against_a_server_process(
