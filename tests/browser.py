@@ -255,11 +255,16 @@ def prepare_installation(root: Path, *, devices: int, product_name: str = "Senso
 
 
 @contextmanager
-def console_fleet(root: Path, *, devices: int = 4, server_args: Sequence[str] = ()
+def console_fleet(root: Path, *, devices: int = 4, server_args: Sequence[str] = (),
+                  before_start: Callable[[Path, int], None] | None = None,
                   ) -> Iterator[ConsoleFleet]:
-    """:func:`prepare_installation`, then ``ota server`` on it (free ports, one for both
-    device transports); stopped (and the emulator, if started) at the end."""
+    """:func:`prepare_installation`, then ``before_start(data directory, product id)`` if
+    given (more rows for the store, while no server holds it), then ``ota server`` on it
+    (free ports, one for both device transports); stopped (and the emulator, if started)
+    at the end."""
     product_id, device_ids, token = prepare_installation(root, devices=devices)
+    if before_start is not None:
+        before_start(root / "data", product_id)
     server = start_ota_server(root / "data", root / "server.log", "--device-port",
                               str(_free_device_port()), *server_args)
     fleet = ConsoleFleet(root, server, product_id, device_ids, token)

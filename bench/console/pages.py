@@ -67,16 +67,16 @@ if TYPE_CHECKING:
 #: The issue's goal for a page load.
 GOAL_MS = 300.0
 DEFAULT_OUT = Path("bench/results/console-pages.json")
-#: The filters of the device list, by label (the console contract), and the choice made in
-#: each: a select takes the option whose text or value matches (else its first real one); a
-#: checkbox is checked; a text field gets the value.
-DEVICE_FILTERS: dict[str, str] = {
-    "Group": "north",
-    "Version": "2",
-    "Online": "yes",
-    "Development": "yes",
-    "Locked": "yes",
-    "Update status": "pending",
+#: The filters of the device list, by label (the console contract), and the choices made
+#: in each, by preference: a select takes the first option whose value or text is one of
+#: them (else its first real option); a checkbox is checked; a text field gets the first.
+DEVICE_FILTERS: dict[str, tuple[str, ...]] = {
+    "Group": ("north",),
+    "Version": ("2", "v2"),
+    "Online": ("yes", "true", "online", "1"),
+    "Development": ("yes", "true", "development", "1"),
+    "Locked": ("yes", "true", "locked", "1"),
+    "Update status": ("pending", "updating"),
 }
 
 
@@ -210,8 +210,8 @@ def device_list_urls(page: Page, base: str) -> tuple[dict[str, str], str]:
             options: list[dict[str, str]] = control.evaluate(
                 "el => [...el.options].map(o => ({value: o.value, text: o.text}))")
             real = [o for o in options if o["value"]]
-            match = [o for o in real if wanted.lower() in (o["value"].lower(), o["text"].lower())]
-            match = match or [o for o in real if wanted.lower() in o["text"].lower()] or real
+            match = [o for choice in wanted for o in real
+                     if choice in (o["value"].lower(), o["text"].strip().lower())] or real
             if not match:
                 notes.append(f"{label}: no option")
                 continue
@@ -221,8 +221,8 @@ def device_list_urls(page: Page, base: str) -> tuple[dict[str, str], str]:
             control.check()
             notes.append(f"{label} checked")
         else:
-            control.fill(wanted)
-            notes.append(f"{label}={wanted}")
+            control.fill(wanted[0])
+            notes.append(f"{label}={wanted[0]}")
         page.get_by_role("button", name="Filter").click()
         page.wait_for_load_state()
         parts = urlsplit(page.url)

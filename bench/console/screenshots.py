@@ -1,0 +1,116 @@
+"""Regenerate the README's screenshots of the operators' console (1280x800, headless system
+Chromium): ``docs/console-devices.png`` (the device list), ``docs/console-release.png`` (a
+release's live view, mid-release) and ``docs/console-device.png`` (a device page).
+
+A real ``ota server`` on a temporary data directory holds a product of 500 devices: 12
+provisioned ones that run as emulated devices on real sockets (TLS 1.3 and DTLS 1.2), and
+488 seeded rows (bench/console/seed.py: regions, a canary group, a few development and
+locked devices, updates in flight, 45% of them already on v2). v1 is the product's release;
+v2 is released to the whole product as an immediate update, the emulated devices take it,
+and the offline devices will at their next connection: mid-release.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.console.screenshots [--out-dir docs] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.console.pages import browser_sign_in
+from bench.console.seed import SeedPlan, seed_devices
+from server.store.installation import Installation
+from tests.browser import VIEWPORT, ConsoleFleet, chromium, console_fleet
+
+REAL_DEVICES = 12
+SEEDED_DEVICES = 488
+SHOTS = ("console-devices.png", "console-release.png", "console-device.png")
+
+
+def _release(api: httpx.Client, product: int, version: int, **flags: bool) -> None:
+    response = api.put(f"/v1/products/{product}/firmware/release",
+                       json={"version": version, "product_default": True, "force": True,
+                             **flags})
+    response.raise_for_status()
+
+
+def _upload(api: httpx.Client, fleet: ConsoleFleet, version: int, title: str) -> None:
+    response = api.post(
+        f"/v1/products/{fleet.product_id}/firmware",
+        data={"version": str(version), "title": title,
+              "description": f"{title}: sensor sampling and power management"},
+        files={"binary": (f"app-v{version}.bin", fleet.image(version).read_bytes(),
+                          "application/octet-stream")},
+    )
+    response.raise_for_status()
+
+
+def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
+    """Run the fleet mid-release and save the three screenshots in ``out_dir``."""
+
+    def seed_rows(data: Path, product: int) -> None:
+        store = Installation(data, None).open_store()
+        try:
+            seed_devices(store, product, SeedPlan(count=SEEDED_DEVICES, seed=seed,
+                                                  updated_share=0.45, id_prefix="e0"),
+                         now=int(time.time() * 1000))
+        finally:
+            store.close()
+
+    with console_fleet(root, devices=REAL_DEVICES, before_start=seed_rows) as fleet:
+        with fleet.api() as api:
+            _upload(api, fleet, 1, "Field release 1")
+            _upload(api, fleet, 2, "Field release 2")
+            _release(api, fleet.product_id, 1)
+            fleet.start_emulator(version=1)
+            real = set(fleet.device_ids)
+            fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 1
+                                              for d in ds if d["id"] in real))
+            _release(api, fleet.product_id, 2, intelligent=True)
+            fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 2
+                                              for d in ds if d["id"] in real))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        product = fleet.product_id
+        shots = [
+            (SHOTS[0], f"/products/{product}/devices"),
+            (SHOTS[1], f"/products/{product}/firmware/2"),
+            (SHOTS[2], f"/products/{product}/devices/{fleet.device_ids[0]}"),
+        ]
+        saved = []
+        with chromium() as browser:
+            context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
+            page = context.new_page()
+            browser_sign_in(page, fleet.api_url, fleet.token)
+            for name, path in shots:
+                response = page.goto(fleet.console(path), wait_until="load")
+                if response is None or response.status != 200:
+                    raise RuntimeError(f"{path} answered {response and response.status}")
+                page.wait_for_timeout(800)  # a picture, not a check: the live view paints
+                page.screenshot(path=str(out_dir / name))
+                saved.append(out_dir / name)
+            context.close()
+    return saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.console.screenshots``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("docs"))
+    parser.add_argument("--seed", type=int, default=None, help="seed of the seeded devices")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    print(f"seed {seed}")
+    with tempfile.TemporaryDirectory(prefix="ota-console-shots-") as tmp:
+        for path in take_screenshots(Path(tmp), args.out_dir, seed):
+            print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
