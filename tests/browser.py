@@ -234,19 +234,24 @@ def _free_device_port() -> int:
 def prepare_installation(root: Path, *, devices: int, product_name: str = "Sensors"
                          ) -> tuple[int, list[str], str]:
     """A fresh installation under ``root/data``: a Boron product with ``devices``
-    provisioned devices (certificates in ``root/creds``), the owner account
-    :data:`OPERATOR` and an owner API token. Returns (product id, device ids, token)."""
+    provisioned devices (certificates in ``root/creds``; none: only the product), the
+    owner account :data:`OPERATOR` and an owner API token. Returns (product id, device ids, token)."""
     from server.cli.device_store_cmd import create_provisioned_product
     from server.events import EventBus
-    from server.fleet import Fleet
+    from server.fleet import SYSTEM_ACTOR, Fleet
+    from server.identity import ProvisionedDevice
     from server.store.installation import Installation
 
     data = root / "data"
-    product_id, made = create_provisioned_product(data, root / "creds", product_name, BORON,
-                                                  devices)
+    made: list[ProvisionedDevice] = []
+    if devices:
+        product_id, made = create_provisioned_product(data, root / "creds", product_name,
+                                                      BORON, devices)
     store = Installation(data, None).open_store()
     try:
         fleet = Fleet(store, EventBus())
+        if not devices:  # a product whose devices come from elsewhere (bench seeding)
+            product_id = fleet.create_product_sync(SYSTEM_ACTOR, product_name, BORON).id
         fleet.create_user_sync(OPERATOR, OPERATOR_PASSWORD, "owner")
         token = fleet.create_api_token_sync("owner", label="browser test setup").access_token
     finally:
