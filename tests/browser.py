@@ -235,7 +235,8 @@ def prepare_installation(root: Path, *, devices: int, product_name: str = "Senso
                          ) -> tuple[int, list[str], str]:
     """A fresh installation under ``root/data``: a Boron product with ``devices``
     provisioned devices (certificates in ``root/creds``; none: only the product), the
-    owner account :data:`OPERATOR` and an owner API token. Returns (product id, device ids, token)."""
+    owner account :data:`OPERATOR` and an owner API token. Returns (product id, device
+    ids, token)."""
     from server.cli.device_store_cmd import create_provisioned_product
     from server.events import EventBus
     from server.fleet import SYSTEM_ACTOR, Fleet

@@ -101,15 +101,18 @@ def console_client(api_url: str, token: str) -> httpx.Client:
     """An httpx client signed in to the console with an API token, as a browser signs in
     (the login page's hidden fields and cookies, then the form's POST)."""
     client = httpx.Client(base_url=api_url, timeout=30, follow_redirects=True)
-    page = client.get("/console/login")
-    page.raise_for_status()
-    parser = _HiddenInputs()
-    parser.feed(page.text)
-    answer = client.post("/console/login", data={**parser.fields, "token": token})
-    if answer.status_code != 200 or "/console/login" in str(answer.url):
+    try:
+        page = client.get("/console/login")
+        parser = _HiddenInputs()
+        parser.feed(page.text)
+        answer = client.post("/console/login", data={**parser.fields, "token": token})
+        if page.status_code != 200 or answer.status_code != 200 \
+                or "/console/login" in str(answer.url):
+            raise ConsoleSignInError(f"console sign-in failed: {page.status_code}, then "
+                                     f"{answer.status_code} {answer.url} {answer.text[:300]}")
+    except BaseException:
         client.close()
-        raise ConsoleSignInError(f"console sign-in failed: {answer.status_code} "
-                                 f"{answer.url} {answer.text[:300]}")
+        raise
     return client
 
 
@@ -315,7 +318,8 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
                 "audit": f"/console/products/{product}/audit",
             })
             results = []
-            with console_client(api_url, token) as client:
+            client = console_client(api_url, token)  # open already: closed below
+            try:
                 for name, path in pages.items():
                     status, size, server_times = measure_server(
                         client, path, samples=samples, warmup=warmup)
@@ -330,6 +334,8 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
                         result.note = f"answered {status}"
                     log(_line(result))
                     results.append(result)
+            finally:
+                client.close()
             chromium_version = browser.version
     finally:
         server.stop()
