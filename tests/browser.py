@@ -116,6 +116,8 @@ BORON = 13
 #: How long a browser assertion waits for the page to change (a step takes about a second
 #: on an idle machine; this is reached only on a failure, or on a machine far too busy).
 PATIENCE_MS = 45_000
+#: The console fleet's server closes a device session silent this long (seconds).
+IDLE_TIMEOUT = 4.0
 
 
 def app_image(product_id: int, version: int, *, size: int = 24_000) -> bytes:
@@ -141,6 +143,8 @@ class ConsoleFleet:
     device_ids: list[str]
     token: str
     emulator: subprocess.Popen[bytes] | None = None
+    #: The emulated devices' keep-alive (seconds); below the server's ``--idle-timeout``.
+    keepalive: float = 30.0
 
     @property
     def api_url(self) -> str:
@@ -196,7 +200,7 @@ class ConsoleFleet:
                 "--creds", str(self.root / "creds"), "--transport", transport,
                 "--state", str(self.root / "flash"), "--firmware", str(self.image(version)),
                 "--server", f"127.0.0.1:{self.server.tls[1]}", "--no-fsync",
-                "--keepalive", "5"]  # fmt: skip
+                "--keepalive", str(self.keepalive)]  # fmt: skip
         with (self.root / "emulate.log").open("ab") as log:
             self.emulator = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=log)
 
@@ -267,13 +271,18 @@ def console_fleet(root: Path, *, devices: int = 4, server_args: Sequence[str] = 
     """:func:`prepare_installation`, then ``before_start(data directory, product id)`` if
     given (more rows for the store, while no server holds it), then ``ota server`` on it
     (free ports, one for both device transports); stopped (and the emulator, if started)
-    at the end."""
+    at the end.
+
+    The server closes a device session silent for :data:`IDLE_TIMEOUT` seconds (the
+    emulated devices ping every second): a stopped emulator's DTLS devices, which send no
+    close_notify, are offline a few seconds later instead of two minutes."""
     product_id, device_ids, token = prepare_installation(root, devices=devices)
     if before_start is not None:
         before_start(root / "data", product_id)
     server = start_ota_server(root / "data", root / "server.log", "--device-port",
-                              str(_free_device_port()), *server_args)
-    fleet = ConsoleFleet(root, server, product_id, device_ids, token)
+                              str(_free_device_port()), "--idle-timeout", str(IDLE_TIMEOUT),
+                              *server_args)
+    fleet = ConsoleFleet(root, server, product_id, device_ids, token, keepalive=1.0)
     try:
         yield fleet
     finally:
