@@ -116,12 +116,11 @@ def fleet(tmp_path: Path) -> Iterator[ConsoleFleet]:
         yield running
 
 
-def sign_in_by_keyboard(page: Page, fleet: ConsoleFleet) -> None:
-    """The login page from the keyboard alone: type the username, Tab to the password,
+def sign_in_by_keyboard(page: Page) -> None:
+    """On the login page, from the keyboard alone: type the username, Tab to the password,
     type it, Enter."""
     from playwright.sync_api import expect
 
-    page.goto(fleet.console("/login"))
     page.get_by_label("Username").focus()
     page.keyboard.type(OPERATOR)
     page.keyboard.press("Tab")
@@ -159,7 +158,7 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     check_accessible(page, visited)
     for label in ("Username", "Password", "Access token"):
         expect(page.get_by_label(label)).to_be_visible()
-    sign_in_by_keyboard(page, fleet)
+    sign_in_by_keyboard(page)
     # Back where the operator was going (?next=), the product's device list.
     expect(page).to_have_url(re.compile(rf"/console/products/{product}/devices"))
     rows = page.locator("table tbody tr")
