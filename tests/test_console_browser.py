@@ -174,8 +174,10 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     page.goto(fleet.console(f"/products/{product}/firmware"))
     check_accessible(page, visited)
     upload_firmware(page, fleet.image(2), version="2", title="Canary build")
-    expect(page.locator('a[href$="/firmware/2"]').first).to_be_visible()
     expect(page.get_by_role("alert")).to_have_count(0)
+    expect(page.locator("body")).to_contain_text("Canary build")
+    page.goto(fleet.console(f"/products/{product}/firmware"))  # the list links to v2
+    expect(page.locator('a[href$="/firmware/2"]').first).to_be_visible()
     upload_firmware(page, fleet.image(3), version="4", title="Mislabelled")
     alert = page.get_by_role("alert")
     expect(alert).to_contain_text("embedded product version is 3")
