@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.console.pages import markdown_table, run_bench
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 DEVICES = 300
 
 
-def test_the_page_benchmark_measures_every_console_page(tmp_path: Path) -> None:
+def test_the_page_benchmark_measures_every_console_page(browser: Browser, tmp_path: Path
+                                                        ) -> None:
     seed = random.SystemRandom().randrange(2**32)
     print(f"seed {seed}")
     results = run_bench(tmp_path, devices=DEVICES, samples=3, browser_samples=1, warmup=1,
-                        seed=seed)
+                        seed=seed, browser=browser)
     pages = {page["name"]: page for page in results["pages"]}
     failed = {name: page["status"] for name, page in pages.items() if page["status"] != 200}
     assert failed == {}, f"pages not measured: {failed}; filters: {results['filters']}"

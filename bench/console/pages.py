@@ -43,6 +43,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -276,8 +277,11 @@ def _upload_and_release(api: httpx.Client, product: int) -> None:
 
 
 def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, warmup: int,
-              seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Seed, start the server, measure every page; the results as a JSON-able dict."""
+              seed: int, log: Callable[[str], None] = print,
+              browser: Browser | None = None) -> dict[str, Any]:
+    """Seed, start the server, measure every page; the results as a JSON-able dict.
+    ``browser``: a running Playwright Chromium to use (one thread runs one Playwright);
+    without it one is launched for the run."""
     started = time.monotonic()
     product, _, token = prepare_installation(root, devices=0)
     store = Installation(root / "data", None).open_store()
@@ -297,7 +301,9 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
             "products index": "/console/",
             "device list": f"/console/products/{product}/devices",
         }
-        with chromium() as browser:
+        with ExitStack() as stack:
+            if browser is None:
+                browser = stack.enter_context(chromium())
             page = _signed_in_page(browser, api_url, token)
             filters, filter_notes = device_list_urls(
                 page, f"{api_url}/console/products/{product}/devices")
@@ -336,6 +342,7 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
                     results.append(result)
             finally:
                 client.close()
+                page.context.close()
             chromium_version = browser.version
     finally:
         server.stop()
