@@ -68,6 +68,8 @@ if TYPE_CHECKING:
 #: The issue's goal for a page load.
 GOAL_MS = 300.0
 DEFAULT_OUT = Path("bench/results/console-pages.json")
+#: A page's table rows, without a "nothing matches" row (one cell spanning the columns).
+TABLE_ROWS = "table tbody tr:not(:has(td[colspan]))"
 #: The filters of the device list, by label (the console contract), and the choices made
 #: in each, by preference: a select takes the first option whose value or text is one of
 #: them (else its first real option); a checkbox is checked; a text field gets the first.
@@ -238,7 +240,7 @@ def last_page_path(page: Page, base: str, total: int) -> str | None:
     """The device list's last page: the "Next" link's paging parameter set to the last
     page (``page=N``) or offset (``offset=K``), from the rows one page shows."""
     page.goto(base)
-    rows = page.locator("table tbody tr").count()
+    rows = page.locator(TABLE_ROWS).count()
     following = page.get_by_role("link", name="Next")
     if rows == 0 or following.count() == 0:
         return None
@@ -335,7 +337,7 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
                                                            samples=browser_samples)
                         result.browser_load = load.summary()
                         result.browser_first_byte = first_byte.summary()
-                        result.rows = page.locator("table tbody tr").count()
+                        result.rows = page.locator(TABLE_ROWS).count()
                     else:
                         result.note = f"answered {status}"
                     log(_line(result))
