@@ -40,6 +40,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ import httpx
 from bench.console.seed import SeedPlan, seed_devices
 from server.store.installation import Installation
 from tests.browser import (
+    REPO,
     VIEWPORT,
     app_image,
     chromium,
@@ -285,6 +287,7 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
     ``browser``: a running Playwright Chromium to use (one thread runs one Playwright);
     without it one is launched for the run."""
     started = time.monotonic()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
     product, _, token = prepare_installation(root, devices=0)
     store = Installation(root / "data", None).open_store()
     try:
@@ -361,10 +364,25 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
                    "groups": {name: len(ids) for name, ids in seeded.groups.items()}},
         "filters": filter_notes,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "chromium": chromium_version, "store": "sqlite", "server_workers": 1},
+                    "chromium": chromium_version, "store": "sqlite", "server_workers": 1,
+                    "load_average_at_start": load_at_start,
+                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "code": _git_head(),
         "pages": [asdict(result) for result in results],
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def _git_head() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or "" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, cwd=REPO).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def _signed_in_page(browser: Browser, api_url: str, token: str) -> Page:
@@ -385,10 +403,15 @@ def _line(result: PageResult) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (milliseconds)."""
+    machine = results.get("machine", {})
     lines = [
         f"Console page loads, {results['devices']:,} devices (seed {results['seed']}), "
         f"{results['date']}; server: {results['samples']} requests, browser: "
         f"{results['browser_samples']} loads per page; goal {results['goal_ms']:.0f} ms.",
+        f"Code {results.get('code', '')[:12] or 'unknown'}; {machine.get('cpus')} CPUs, "
+        f"load average {machine.get('load_average_at_start')} at the start, "
+        f"{machine.get('load_average_at_end')} at the end; Chromium "
+        f"{machine.get('chromium')}, SQLite store, one server process. Milliseconds.",
         "",
         "| page | status | server median | server p95 | browser load median "
         "| browser load p95 | first byte median | rows | KiB |",
