@@ -3,7 +3,8 @@ Chromium): ``docs/console-devices.png`` (the device list), ``docs/console-releas
 release's live view, mid-release) and ``docs/console-device.png`` (a device page).
 
 A real ``ota server`` on a temporary data directory holds a product of 500 devices: 12
-provisioned ones that run as emulated devices on real sockets (TLS 1.3 and DTLS 1.2), and
+provisioned ones (named, in groups) that run as emulated devices on real sockets (TLS 1.3
+and DTLS 1.2), and
 488 seeded rows (bench/console/seed.py: regions, a canary group, a few development and
 locked devices, updates in flight, 45% of them already on v2). v1 is the product's release;
 v2 is released to the whole product as an immediate update, the emulated devices take it,
@@ -24,10 +25,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.console.pages import browser_sign_in
-from bench.console.seed import SeedPlan, seed_devices
+from bench.console.seed import CANARY_GROUP, REGIONS, SeedPlan, seed_devices
 from server.store.installation import Installation
-from tests.browser import VIEWPORT, ConsoleFleet, chromium, console_fleet
+from tests.browser import (
+    OPERATOR,
+    OPERATOR_PASSWORD,
+    VIEWPORT,
+    ConsoleFleet,
+    chromium,
+    console_fleet,
+)
 
 REAL_DEVICES = 12
 SEEDED_DEVICES = 488
@@ -59,7 +66,7 @@ def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
         store = Installation(data, None).open_store()
         try:
             seed_devices(store, product, SeedPlan(count=SEEDED_DEVICES, seed=seed,
-                                                  updated_share=0.45, id_prefix="e0"),
+                                                  updated_share=0.45),
                          now=int(time.time() * 1000))
         finally:
             store.close()
@@ -69,6 +76,11 @@ def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
             _upload(api, fleet, 1, "Field release 1")
             _upload(api, fleet, 2, "Field release 2")
             _release(api, fleet.product_id, 1)
+            for n, device_id in enumerate(fleet.device_ids):  # regions, as the seeded ones
+                groups = [REGIONS[n % len(REGIONS)], *([CANARY_GROUP] if n < 2 else [])]
+                response = api.put(f"/v1/products/{fleet.product_id}/devices/{device_id}",
+                                   json={"groups": groups, "name": f"pump-{n + 1:02d}"})
+                response.raise_for_status()
             fleet.start_emulator(version=1)
             real = set(fleet.device_ids)
             fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 1
@@ -87,12 +99,21 @@ def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
         with chromium() as browser:
             context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
             page = context.new_page()
-            browser_sign_in(page, fleet.api_url, fleet.token)
+            page.goto(fleet.console("/login"))  # as the operator, by password
+            page.get_by_label("Username").fill(OPERATOR)
+            page.get_by_label("Password").fill(OPERATOR_PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(lambda url: "/console/login" not in url)
             for name, path in shots:
                 response = page.goto(fleet.console(path), wait_until="load")
                 if response is None or response.status != 200:
                     raise RuntimeError(f"{path} answered {response and response.status}")
                 page.wait_for_timeout(800)  # a picture, not a check: the live view paints
+                if name == SHOTS[1] and page.locator("#release-view").count():
+                    # The release's progress at the top of the window.
+                    page.locator("#release-view").evaluate(
+                        "el => window.scrollTo(0, el.getBoundingClientRect().top"
+                        " + window.scrollY - 16)")
                 page.screenshot(path=str(out_dir / name))
                 saved.append(out_dir / name)
             context.close()
