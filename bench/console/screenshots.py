@@ -105,9 +105,9 @@ def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(lambda url: "/console/login" not in url)
             for name, path in shots:
-                response = page.goto(fleet.console(path), wait_until="load")
-                if response is None or response.status != 200:
-                    raise RuntimeError(f"{path} answered {response and response.status}")
+                loaded = page.goto(fleet.console(path), wait_until="load")
+                if loaded is None or loaded.status != 200:
+                    raise RuntimeError(f"{path} answered {loaded and loaded.status}")
                 page.wait_for_timeout(800)  # a picture, not a check: the live view paints
                 if name == SHOTS[1] and page.locator("#release-view").count():
                     # The release's progress at the top of the window.
