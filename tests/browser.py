@@ -84,10 +84,11 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless system Chromium for the test session; the test skips (with the reason)
-    when no Chromium is installed."""
+    """One headless system Chromium for a test module (Playwright's driver and event loop
+    live only while the browser tests of one module run); the test skips, saying why, when
+    no Chromium is installed."""
     if chromium_path() is None:
         pytest.skip(
             "no Chromium browser: install Debian's chromium (scripts/system-deps.sh does) "
