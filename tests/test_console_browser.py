@@ -58,8 +58,8 @@ UNNAMED_BUTTONS_JS = """() => [...document.querySelectorAll(
                      || el.getAttribute('title') || '').trim()))
   .map((el) => el.outerHTML.slice(0, 160))"""
 
-#: What has the keyboard focus now: tag, text/name and whether it is a control a keyboard
-#: user may act on.
+#: What has the keyboard focus now: tag, text/name, whether it is a control a keyboard
+#: user may act on, and whether it shows a focus ring (an outline or a box shadow).
 FOCUSED_JS = """() => {
   const el = document.activeElement;
   if (!el || el === document.body) return null;
@@ -68,18 +68,21 @@ FOCUSED_JS = """() => {
     || el.hasAttribute('tabindex') || el.isContentEditable;
   const text = (el.getAttribute('aria-label') || el.innerText || el.value || el.name || '')
     .trim().slice(0, 60);
+  const style = getComputedStyle(el);
+  const ring = (style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0)
+    || style.boxShadow !== 'none';
   const path = [];
   for (let node = el; node && node !== document.body; node = node.parentElement) {
     path.unshift(node.tagName + ':' + [...node.parentElement.children].indexOf(node));
   }
-  return {tag, text, interactive, href: el.getAttribute('href'), path: path.join('/')};
+  return {tag, text, interactive, ring, href: el.getAttribute('href'), path: path.join('/')};
 }"""
 
 
 def check_accessible(page: Page, visited: list[str]) -> None:
     """The page's controls have accessible names, and the keyboard walks it: Tab from the
-    top moves the focus through distinct interactive elements, the first being a link
-    (the skip link, or the first nav link)."""
+    top moves the focus through distinct interactive elements, each showing a focus ring,
+    the first being a link (the skip link, or the first nav link)."""
     where = page.url
     visited.append(where)
     assert page.evaluate(UNLABELLED_CONTROLS_JS) == [], f"unlabelled controls on {where}"
@@ -97,13 +100,16 @@ def check_accessible(page: Page, visited: list[str]) -> None:
     # with its first field.
     if "/login" not in where:
         assert first["tag"] == "a", f"the first Tab stop on {where} is {first}, not a link"
-    seen = [first["path"]]
+    seen = [first]
     for _ in range(min(focusable, 6) - 1):
         page.keyboard.press("Tab")
         now = page.evaluate(FOCUSED_JS)
         assert now is not None and now["interactive"], f"Tab left the controls on {where}"
-        seen.append(now["path"])
-    assert len(set(seen)) == len(seen), f"Tab did not move on {where}: {seen}"
+        seen.append(now)
+    paths = [stop["path"] for stop in seen]
+    assert len(set(paths)) == len(paths), f"Tab did not move on {where}: {paths}"
+    unringed = [stop for stop in seen if not stop["ring"]]
+    assert unringed == [], f"focus not visible on {where}: {unringed}"
 
 
 @pytest.fixture
