@@ -329,3 +329,37 @@ def test_playwright_drives_the_system_chromium_against_a_server_process(
         page.get_by_label("Version").fill("7")
         expect(page.get_by_label("Version")).to_have_value("7")
         assert "Chrom" in page.evaluate("() => navigator.userAgent")
+
+
+GOOD_PAGE = """<!doctype html><html lang="en"><body>
+<a href="#main">Skip to content</a><nav><a href="/console/">Products</a></nav>
+<main id="main"><form><label for="v">Version</label><input id="v" name="version">
+<label>Group <select name="group"><option>north</option></select></label>
+<button type="submit">Filter</button></form></main></body></html>"""
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (None, None),
+        (('<label for="v">Version</label>', ""), "unlabelled controls"),
+        (("<button type=\"submit\">Filter</button>", "<button></button>"),
+         "buttons without a name"),
+        (("<body>", "<body><style>:focus { outline: none }</style>"), "focus not visible"),
+        (('<a href="#main">Skip to content</a>', ""), None),  # the nav's link comes first
+        (('<a href="#main">Skip to content</a><nav><a href="/console/">Products</a></nav>',
+          ""), "not a link"),
+    ],
+)
+def test_the_accessibility_check_finds_what_it_looks_for(
+    page: Page, change: tuple[str, str] | None, reason: str | None
+) -> None:
+    """check_accessible on pages made to miss one thing each: it fails, naming it."""
+    html = GOOD_PAGE if change is None else GOOD_PAGE.replace(*change)
+    assert html != GOOD_PAGE or change is None
+    page.set_content(html)
+    if reason is None:
+        check_accessible(page, [])
+    else:
+        with pytest.raises(AssertionError, match=reason):
+            check_accessible(page, [])
