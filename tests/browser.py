@@ -236,12 +236,12 @@ def _free_device_port() -> int:
             return port
 
 
-def prepare_installation(root: Path, *, devices: int, product_name: str = "Sensors"
-                         ) -> tuple[int, list[str], str]:
-    """A fresh installation under ``root/data``: a Boron product with ``devices``
-    provisioned devices (certificates in ``root/creds``; none: only the product), the
-    owner account :data:`OPERATOR` and an owner API token. Returns (product id, device
-    ids, token)."""
+def prepare_installation(root: Path, *, devices: int, product_name: str = "Sensors",
+                         db_url: str | None = None) -> tuple[int, list[str], str]:
+    """A fresh installation under ``root/data`` (its store: the SQLite file there, or the
+    empty database ``db_url``): a Boron product with ``devices`` provisioned devices
+    (certificates in ``root/creds``; none: only the product), the owner account
+    :data:`OPERATOR` and an owner API token. Returns (product id, device ids, token)."""
     from server.cli.device_store_cmd import create_provisioned_product
     from server.events import EventBus
     from server.fleet import SYSTEM_ACTOR, Fleet
@@ -252,8 +252,8 @@ def prepare_installation(root: Path, *, devices: int, product_name: str = "Senso
     made: list[ProvisionedDevice] = []
     if devices:
         product_id, made = create_provisioned_product(data, root / "creds", product_name,
-                                                      BORON, devices)
-    store = Installation(data, None).open_store()
+                                                      BORON, devices, db_url=db_url)
+    store = Installation(data, db_url).open_store()
     try:
         fleet = Fleet(store, EventBus())
         if not devices:  # a product whose devices come from elsewhere (bench seeding)

@@ -24,7 +24,8 @@ status and no timings.
 Run (from the repository root; ~2 minutes for 10,000 devices)::
 
     .venv/bin/python -m bench.console.pages [--devices 10000] [--samples 40]
-        [--browser-samples 10] [--seed N] [--out bench/results/console-pages.json]
+        [--browser-samples 10] [--seed N] [--store sqlite|postgresql]
+        [--out bench/results/console-pages.json]
 
 It writes the JSON results, a Markdown table beside them (``.md``) and, with matplotlib
 (the ``bench`` extra), a bar chart (``.png``).
@@ -282,21 +283,23 @@ def _upload_and_release(api: httpx.Client, product: int) -> None:
 
 def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, warmup: int,
               seed: int, log: Callable[[str], None] = print,
-              browser: Browser | None = None) -> dict[str, Any]:
+              browser: Browser | None = None, db_url: str | None = None) -> dict[str, Any]:
     """Seed, start the server, measure every page; the results as a JSON-able dict.
     ``browser``: a running Playwright Chromium to use (one thread runs one Playwright);
-    without it one is launched for the run."""
+    without it one is launched for the run. ``db_url``: an empty PostgreSQL database for
+    the store (default: SQLite in the scratch data directory)."""
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
-    product, _, token = prepare_installation(root, devices=0)
-    store = Installation(root / "data", None).open_store()
+    product, _, token = prepare_installation(root, devices=0, db_url=db_url)
+    store = Installation(root / "data", db_url).open_store()
     try:
         seeded = seed_devices(store, product, SeedPlan(count=devices, seed=seed),
                               now=int(time.time() * 1000))
     finally:
         store.close()
     log(f"seeded {devices} devices (seed {seed}) in {time.monotonic() - started:.1f} s")
-    server = start_ota_server(root / "data", root / "server.log")
+    server = start_ota_server(root / "data", root / "server.log",
+                              *(["--db-url", db_url] if db_url else []))
     try:
         api_url = server.api_url
         with httpx.Client(base_url=api_url, timeout=60,
@@ -364,7 +367,8 @@ def run_bench(root: Path, *, devices: int, samples: int, browser_samples: int, w
                    "groups": {name: len(ids) for name, ids in seeded.groups.items()}},
         "filters": filter_notes,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "chromium": chromium_version, "store": "sqlite", "server_workers": 1,
+                    "chromium": chromium_version,
+                    "store": "postgresql" if db_url else "sqlite", "server_workers": 1,
                     "load_average_at_start": load_at_start,
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "code": _git_head(),
@@ -411,7 +415,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"Code {results.get('code', '')[:12] or 'unknown'}; {machine.get('cpus')} CPUs, "
         f"load average {machine.get('load_average_at_start')} at the start, "
         f"{machine.get('load_average_at_end')} at the end; Chromium "
-        f"{machine.get('chromium')}, SQLite store, one server process. Milliseconds.",
+        f"{machine.get('chromium')}, {machine.get('store')} store, one server process. "
+        "Milliseconds.",
         "",
         "| page | status | server median | server p95 | browser load median "
         "| browser load p95 | first byte median | rows | KiB |",
@@ -470,13 +475,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON file")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="parent of the scratch data directory (default: the system's)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: a throwaway PostgreSQL cluster holds the store "
+                        "(server/store/pg_cluster.py; needs the postgresql package)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     print(f"seed {seed}")
-    with tempfile.TemporaryDirectory(prefix="ota-console-bench-", dir=args.work_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="ota-console-bench-", dir=args.work_dir) as tmp, \
+            ExitStack() as stack:
+        db_url = None
+        if args.store == "postgresql":
+            from server.store.pg_cluster import PgCluster, create_database
+
+            cluster = stack.enter_context(PgCluster.start())  # under /tmp: its user reads it
+            db_url = create_database(cluster.url(), "ota_console_bench")
         results = run_bench(Path(tmp), devices=args.devices, samples=args.samples,
                             browser_samples=args.browser_samples, warmup=args.warmup,
-                            seed=seed)
+                            seed=seed, db_url=db_url)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
