@@ -417,6 +417,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{machine.get('load_average_at_end')} at the end; Chromium "
         f"{machine.get('chromium')}, {machine.get('store')} store, one server process. "
         "Milliseconds.",
+        *([f"Note: {results['note']}"] if results.get("note") else []),
         "",
         "| page | status | server median | server p95 | browser load median "
         "| browser load p95 | first byte median | rows | KiB |",
@@ -478,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
                         help="postgresql: a throwaway PostgreSQL cluster holds the store "
                         "(server/store/pg_cluster.py; needs the postgresql package)")
+    parser.add_argument("--note", default="", help="a remark saved with the results "
+                        "(what was measured, e.g. which branches)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     print(f"seed {seed}")
@@ -492,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         results = run_bench(Path(tmp), devices=args.devices, samples=args.samples,
                             browser_samples=args.browser_samples, warmup=args.warmup,
                             seed=seed, db_url=db_url)
+    if args.note:
+        results["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
