@@ -5,8 +5,9 @@ with emulated devices (``ota device emulate``, TLS and DTLS) in a process of the
 The operator signs in from the keyboard; uploads firmware v2 and sees a wrong-version upload
 refused with the module check's reason; locks one device to v2 with "flash now" and watches
 its page show v2 once the emulated device took it (live, no reload); releases v2 to the
-product as an immediate update and watches the release view reach "All updated" (live).
-Every console page visited is checked for labelled controls and walked with Tab.
+product as an immediate update and watches the release view reach "All updated" (live),
+and the events page in another tab show the devices' events as they come. Every console
+page visited is checked for labelled controls and walked with Tab.
 
 The browser waits for conditions (Playwright's ``expect`` with a generous timeout); nothing
 sleeps and then asserts. Nothing is random (the images are hashes of their version).
@@ -237,6 +238,10 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     expect(page.get_by_test_id("release-state")).not_to_have_text("All updated")
     page.wait_for_load_state()
     navigations = count_navigations(page)
+    # The live events page in a second tab, its stream open before the devices return.
+    events = page.context.new_page()
+    events.goto(fleet.console(f"/products/{product}/events"))
+    expect(events.get_by_role("status")).not_to_have_text(re.compile("Connecting"))
     fleet.start_emulator(version=1)
     expect(page.get_by_test_id("release-state")).to_have_text("All updated",
                                                               timeout=PATIENCE_MS)
@@ -245,6 +250,12 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     assert navigations() == 0, "the release view reloaded instead of updating live"
     assert all(d["firmware_version"] == 2 for d in fleet.devices())
     check_accessible(page, visited)
+    # Each device that took v2 was seen in the events as it happened, without a reload.
+    arrived = events.locator("table tbody")
+    expect(arrived).to_contain_text("spark/flash/status")
+    for device_id in fleet.device_ids[1:]:
+        expect(arrived).to_contain_text(device_id)
+    events.close()
 
     # The other pages the console's nav leads to, as a keyboard user finds them.
     for path in ("/", f"/products/{product}/groups", f"/products/{product}/rollouts",
