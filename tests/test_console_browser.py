@@ -59,6 +59,25 @@ UNNAMED_BUTTONS_JS = """() => [...document.querySelectorAll(
                      || el.getAttribute('title') || '').trim()))
   .map((el) => el.outerHTML.slice(0, 160))"""
 
+#: Tables without header cells, and pictures (img, svg) without a text alternative.
+UNDESCRIBED_JS = """() => {
+  const out = [];
+  for (const table of document.querySelectorAll('table')) {
+    if (!table.querySelector('th')) out.push(table.outerHTML.slice(0, 120));
+  }
+  for (const img of document.querySelectorAll('img')) {
+    if (!img.hasAttribute('alt')) out.push(img.outerHTML.slice(0, 120));
+  }
+  for (const svg of document.querySelectorAll('svg')) {
+    if (svg.closest('[aria-hidden="true"]') || svg.parentElement.closest('svg')) continue;
+    const named = (svg.getAttribute('aria-label') || '').trim()
+      || svg.getAttribute('aria-labelledby')
+      || (svg.querySelector(':scope > title')?.textContent || '').trim();
+    if (!named) out.push(svg.outerHTML.slice(0, 120));
+  }
+  return out;
+}"""
+
 #: What has the keyboard focus now: tag, text/name, whether it is a control a keyboard
 #: user may act on, and whether it shows a focus ring (an outline or a box shadow).
 FOCUSED_JS = """() => {
@@ -81,13 +100,16 @@ FOCUSED_JS = """() => {
 
 
 def check_accessible(page: Page, visited: list[str]) -> None:
-    """The page's controls have accessible names, and the keyboard walks it: Tab from the
-    top moves the focus through distinct interactive elements, each showing a focus ring,
-    the first being a link (the skip link, or the first nav link)."""
+    """The page's controls have accessible names, its tables headers, its pictures text
+    alternatives, and the keyboard walks it: Tab from the top moves the focus through
+    distinct interactive elements, each showing a focus ring, the first being a link (the
+    skip link, or the first nav link)."""
     where = page.url
     visited.append(where)
     assert page.evaluate(UNLABELLED_CONTROLS_JS) == [], f"unlabelled controls on {where}"
     assert page.evaluate(UNNAMED_BUTTONS_JS) == [], f"buttons without a name on {where}"
+    assert page.evaluate(UNDESCRIBED_JS) == [], (
+        f"tables without headers or pictures without a text alternative on {where}")
     focusable = page.locator(
         "a[href], button:not([disabled]), input:not([type=hidden]):not([disabled]), "
         "select:not([disabled]), textarea:not([disabled])"
@@ -346,7 +368,10 @@ GOOD_PAGE = """<!doctype html><html lang="en"><body>
 <a href="#main">Skip to content</a><nav><a href="/console/">Products</a></nav>
 <main id="main"><form><label for="v">Version</label><input id="v" name="version">
 <label>Group <select name="group"><option>north</option></select></label>
-<button type="submit">Filter</button></form></main></body></html>"""
+<button type="submit">Filter</button></form>
+<table><thead><tr><th scope="col">Device</th></tr></thead><tbody><tr><td>a</td></tr></tbody>
+</table><svg role="img" aria-label="Update latency"><path d="M0 0"/></svg>
+</main></body></html>"""
 
 
 @pytest.mark.parametrize(
@@ -357,6 +382,8 @@ GOOD_PAGE = """<!doctype html><html lang="en"><body>
         (("<button type=\"submit\">Filter</button>", "<button></button>"),
          "buttons without a name"),
         (("<body>", "<body><style>:focus { outline: none }</style>"), "focus not visible"),
+        (('<th scope="col">Device</th>', "<td>Device</td>"), "tables without headers"),
+        ((' aria-label="Update latency"', ""), "without a text alternative"),
         (('<a href="#main">Skip to content</a>', ""), None),  # the nav's link comes first
         (('<a href="#main">Skip to content</a><nav><a href="/console/">Products</a></nav>',
           ""), "not a link"),
