@@ -94,6 +94,9 @@ def browser() -> Iterator[Browser]:
             "no Chromium browser: install Debian's chromium (scripts/system-deps.sh does) "
             f"or set {CHROMIUM_VARIABLE}"
         )
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=PATIENCE_MS)  # conditions, not sleeps: wait generously
     with chromium() as launched:
         yield launched
 

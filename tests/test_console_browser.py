@@ -31,7 +31,7 @@ from tests.browser import (
 )
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Locator, Page
 
 DEVICES = 4  # alternating TLS 1.3 and DTLS 1.2
 
@@ -175,7 +175,6 @@ def choose_release_to_product(page: Page) -> None:
 def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: ConsoleFleet) -> None:
     from playwright.sync_api import expect
 
-    expect.set_options(timeout=PATIENCE_MS)
     product = fleet.product_id
     visited: list[str] = []
     errors: list[str] = []
@@ -230,9 +229,7 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     check_accessible(page, visited)
     page.get_by_label("Lock to version").select_option("2")
     page.get_by_label("Flash now").check()
-    page.get_by_role("button", name="Lock", exact=True).click()
-    expect(page.get_by_role("button", name="Unlock", exact=True)).to_be_visible()
-    page.wait_for_load_state()
+    submit(page, page.get_by_role("button", name="Lock", exact=True))
     expect(reported).to_have_text(version_text(1))  # the device is offline: not yet
     navigations = count_navigations(page)
     fleet.start_emulator(version=1)  # their flash persists: the version they ran
@@ -241,8 +238,7 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     devices = fleet.wait_devices(lambda listed: all(d["online"] for d in listed))
     assert {d["id"]: d["firmware_version"] for d in devices} == {
         device_id: 2 if device_id == canary else 1 for device_id in fleet.device_ids}
-    page.get_by_role("button", name="Unlock", exact=True).click()  # follows releases again
-    expect(page.get_by_role("button", name="Lock", exact=True)).to_be_visible()
+    submit(page, page.get_by_role("button", name="Unlock", exact=True))  # follows releases
     fleet.wait_devices(lambda listed: not any(d["desired_firmware_version"] for d in listed))
 
     # 4. Release v2 to the whole product as an immediate update while the devices are
@@ -254,11 +250,10 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     choose_release_to_product(page)
     expect(page.get_by_label("Groups", exact=True)).to_be_attached()
     page.get_by_label("Immediate update").check()
-    page.get_by_role("button", name="Release", exact=True).click()
+    submit(page, page.get_by_role("button", name="Release", exact=True))
     expect(page.get_by_test_id("release-target-count")).to_have_text(str(DEVICES))
     expect(page.get_by_test_id("release-updated-count")).to_have_text("1")
     expect(page.get_by_test_id("release-state")).not_to_have_text("All updated")
-    page.wait_for_load_state()
     navigations = count_navigations(page)
     # The live events page in a second tab, its stream open before the devices return.
     events = page.context.new_page()
@@ -288,6 +283,23 @@ def test_operator_signs_in_uploads_locks_and_releases(page: Page, fleet: Console
     expect(page.locator("body")).to_contain_text("firmware")  # the audit log's entries
     assert errors == [], f"JavaScript errors: {errors}"
     print("pages checked for labels and Tab:", *visited, sep="\n  ")
+
+
+def submit(page: Page, button: Locator) -> None:
+    """Press a form's submit button and wait until the answer is in place: a plain form's
+    POST, redirect and new page loaded; an htmx form's POST answered (swapped in place)."""
+    from playwright.sync_api import expect
+
+    plain = button.evaluate(
+        "b => !b.closest('[hx-post],[data-hx-post],[hx-put],[hx-boost]')")
+    if plain:
+        with page.expect_navigation():
+            button.click()
+        page.wait_for_load_state()
+    else:
+        with page.expect_response(lambda answer: answer.request.method != "GET"):
+            button.click()
+    expect(page.locator("body")).to_be_visible()
 
 
 def upload_firmware(page: Page, image: Path, *, version: str, title: str) -> None:
