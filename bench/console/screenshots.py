@@ -4,11 +4,11 @@ release's live view, mid-release) and ``docs/console-device.png`` (a device page
 
 A real ``ota server`` on a temporary data directory holds a product of 500 devices: 12
 provisioned ones (named, in groups) that run as emulated devices on real sockets (TLS 1.3
-and DTLS 1.2), and
-488 seeded rows (bench/console/seed.py: regions, a canary group, a few development and
-locked devices, updates in flight, 45% of them already on v2). v1 is the product's release;
-v2 is released to the whole product as an immediate update, the emulated devices take it,
-and the offline devices will at their next connection: mid-release.
+and DTLS 1.2), and 488 seeded rows (bench/console/seed.py: regions, a canary group, a few
+development and locked devices, updates in flight, 45% of them already on v2). v1 is the
+product's release; the operator signs in and releases v2 to the whole product as an
+immediate update from its firmware page; the emulated devices take it, and the offline
+devices will at their next connection: mid-release.
 
 Run from the repository root::
 
@@ -71,52 +71,56 @@ def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
         finally:
             store.close()
 
-    with console_fleet(root, devices=REAL_DEVICES, before_start=seed_rows) as fleet:
-        with fleet.api() as api:
-            _upload(api, fleet, 1, "Field release 1")
-            _upload(api, fleet, 2, "Field release 2")
-            _release(api, fleet.product_id, 1)
-            for n, device_id in enumerate(fleet.device_ids):  # regions, as the seeded ones
-                groups = [REGIONS[n % len(REGIONS)], *([CANARY_GROUP] if n < 2 else [])]
-                response = api.put(f"/v1/products/{fleet.product_id}/devices/{device_id}",
-                                   json={"groups": groups, "name": f"pump-{n + 1:02d}"})
-                response.raise_for_status()
-            fleet.start_emulator(version=1)
-            real = set(fleet.device_ids)
-            fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 1
-                                              for d in ds if d["id"] in real))
-            _release(api, fleet.product_id, 2, intelligent=True)
-            fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 2
-                                              for d in ds if d["id"] in real))
-        out_dir.mkdir(parents=True, exist_ok=True)
+    with console_fleet(root, devices=REAL_DEVICES, before_start=seed_rows) as fleet, \
+            chromium() as browser, fleet.api() as api:
+        _upload(api, fleet, 1, "Field release 1")
+        _upload(api, fleet, 2, "Field release 2")
+        _release(api, fleet.product_id, 1)
+        for n, device_id in enumerate(fleet.device_ids):  # regions, as the seeded ones
+            groups = [REGIONS[n % len(REGIONS)], *([CANARY_GROUP] if n < 2 else [])]
+            response = api.put(f"/v1/products/{fleet.product_id}/devices/{device_id}",
+                               json={"groups": groups, "name": f"pump-{n + 1:02d}"})
+            response.raise_for_status()
+        fleet.start_emulator(version=1)
+        real = set(fleet.device_ids)
+        fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 1
+                                          for d in ds if d["id"] in real))
+        context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
+        page = context.new_page()
+        page.goto(fleet.console("/login"))  # the operator, by password
+        page.get_by_label("Username").fill(OPERATOR)
+        page.get_by_label("Password").fill(OPERATOR_PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(lambda url: "/console/login" not in url)
         product = fleet.product_id
+        # v2 to the whole product, immediate, from its firmware page.
+        page.goto(fleet.console(f"/products/{product}/firmware/2"))
+        page.get_by_label("Release to").select_option(label="Product")
+        page.get_by_label("Immediate update").check()
+        with page.expect_navigation():
+            page.get_by_role("button", name="Release", exact=True).click()
+        fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 2
+                                          for d in ds if d["id"] in real))
+        out_dir.mkdir(parents=True, exist_ok=True)
         shots = [
             (SHOTS[0], f"/products/{product}/devices"),
             (SHOTS[1], f"/products/{product}/firmware/2"),
             (SHOTS[2], f"/products/{product}/devices/{fleet.device_ids[0]}"),
         ]
         saved = []
-        with chromium() as browser:
-            context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
-            page = context.new_page()
-            page.goto(fleet.console("/login"))  # as the operator, by password
-            page.get_by_label("Username").fill(OPERATOR)
-            page.get_by_label("Password").fill(OPERATOR_PASSWORD)
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(lambda url: "/console/login" not in url)
-            for name, path in shots:
-                loaded = page.goto(fleet.console(path), wait_until="load")
-                if loaded is None or loaded.status != 200:
-                    raise RuntimeError(f"{path} answered {loaded and loaded.status}")
-                page.wait_for_timeout(800)  # a picture, not a check: the live view paints
-                if name == SHOTS[1] and page.locator("#release-view").count():
-                    # The release's progress at the top of the window.
-                    page.locator("#release-view").evaluate(
-                        "el => window.scrollTo(0, el.getBoundingClientRect().top"
-                        " + window.scrollY - 16)")
-                page.screenshot(path=str(out_dir / name))
-                saved.append(out_dir / name)
-            context.close()
+        for name, path in shots:
+            loaded = page.goto(fleet.console(path), wait_until="load")
+            if loaded is None or loaded.status != 200:
+                raise RuntimeError(f"{path} answered {loaded and loaded.status}")
+            page.wait_for_timeout(800)  # a picture, not a check: the live view paints
+            if name == SHOTS[1] and page.locator("#release-view").count():
+                # The release's progress at the top of the window.
+                page.locator("#release-view").evaluate(
+                    "el => window.scrollTo(0, el.getBoundingClientRect().top"
+                    " + window.scrollY - 16)")
+            page.screenshot(path=str(out_dir / name))
+            saved.append(out_dir / name)
+        context.close()
     return saved
 
 
