@@ -171,12 +171,19 @@ class ConsoleFleet:
                             headers={"Authorization": f"Bearer {self.token}"})
 
     def devices(self) -> list[dict[str, Any]]:
-        """The product's devices as the REST API lists them."""
+        """Every device of the product as the REST API lists them (all its pages)."""
+        listed: list[dict[str, Any]] = []
         with self.api() as api:
-            response = api.get(f"/v1/products/{self.product_id}/devices",
-                               params={"per_page": 100})
-            response.raise_for_status()
-            return list(response.json()["devices"])
+            page, pages = 1, 1
+            while page <= pages:
+                response = api.get(f"/v1/products/{self.product_id}/devices",
+                                   params={"per_page": 100, "page": page})
+                response.raise_for_status()
+                body = response.json()
+                listed += body["devices"]
+                pages = int(body["meta"]["total_pages"])
+                page += 1
+        return listed
 
     def wait_devices(self, check: Callable[[list[dict[str, Any]]], bool],
                      timeout: float = PATIENCE_MS / 1000) -> list[dict[str, Any]]:
@@ -190,7 +197,10 @@ class ConsoleFleet:
             if self.emulator is not None and self.emulator.poll() is not None:
                 raise AssertionError(f"the emulator exited: {self.emulator_log()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"devices never matched: {listed}\n{self.emulator_log()}")
+                shown = [{key: d.get(key) for key in ("id", "online", "firmware_version",
+                                                      "desired_firmware_version")}
+                         for d in listed if d["id"] in self.device_ids]
+                raise AssertionError(f"devices never matched: {shown}\n{self.emulator_log()}")
             time.sleep(0.2)  # polling a condition, not asserting after a sleep
 
     def emulator_log(self) -> str:

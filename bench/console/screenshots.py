@@ -97,6 +97,9 @@ def take_screenshots(root: Path, out_dir: Path, seed: int) -> list[Path]:
         page.goto(fleet.console(f"/products/{product}/firmware/2"))
         page.get_by_label("Release to").select_option(label="Product")
         page.get_by_label("Immediate update").check()
+        unproven = page.get_by_label("Release even if no device has reported running it")
+        if unproven.count():  # no device ran v2 yet (Particle asks for one first)
+            unproven.check()
         with page.expect_navigation():
             page.get_by_role("button", name="Release", exact=True).click()
         fleet.wait_devices(lambda ds: all(d["online"] and d["firmware_version"] == 2
