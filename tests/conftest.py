@@ -21,6 +21,10 @@ from hypothesis import HealthCheck, settings
 from otacore.module import build_module
 from otacore.platforms import ModuleFunction
 
+# The browser tests' fixtures, ``browser`` and ``page``: a headless system Chromium under
+# Playwright (imported only when a test uses them; skipped where Chromium is absent).
+from tests.browser import browser, page  # noqa: F401
+
 if TYPE_CHECKING:  # the server stack is imported by the fixtures that use it, so test
     # sessions that never start a server do not pay for importing it
     from server.app import ServerConfig, ServerHandle
