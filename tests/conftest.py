@@ -45,6 +45,7 @@ settings.load_profile("otacloud")
 #: take about as long each (~50 s on an idle machine; the README flow alone ~35 s).
 FLEET_GROUPS: dict[str, str] = {
     "test_bench_fleet_nodes": "fleet-benches",
+    "test_console_browser": "browser",
     "test_bench_fleet_smoke": "fleet-benches",
     "test_bench_hold": "fleet-benches",
     "test_installed_package": "fleet-benches",
