@@ -332,6 +332,8 @@ async def test_progress_and_a_failure_with_its_reason(api: Api) -> None:
         assert fragment.testids["device-update-status"] == "Updating"
         assert "3.0 KiB of 12.0 KiB (25%)" in fragment.testids["device-update"]
         assert "delta transfer" in fragment.testids["device-update"]
+        before = page(await client.get(url)).testids["device-updates"]
+        assert "No update of this device has ended yet" in before
         updating = page(await client.get("/console/products/widget/devices?status=updating"))
         assert _listed(updating) == [D[2]]
         await fleet.record_flash_status(D[2], "failed", error="the image's CRC is wrong")
@@ -342,6 +344,10 @@ async def test_progress_and_a_failure_with_its_reason(api: Api) -> None:
         assert device.testids["device-update-status"] == "Failed"
         assert device.testids["device-update"] == "none"
         assert "failed at" in device.all_text and "the image's CRC is wrong" in device.all_text
+        # The update history lists how each update ended, with the device's reason.
+        ended = device.testids["device-updates"]
+        assert "a release delta" in ended and "Failedthe image's CRC is wrong" in ended, ended
+        assert "No update of this device has ended yet" not in ended
     # The REST device carries the same.
     body = (await api.client.get(f"/v1/products/widget/devices/{D[2]}")).json()
     assert body["update_status"] == "failed"

@@ -51,6 +51,15 @@ NOTICES = {
 Changes = Callable[[Mapping[str, Any], DeviceView], tuple[dict[str, Any], str]]
 
 
+#: What decided an update, as the update results name it (server.fleet.sessions).
+UPDATE_KINDS = {
+    "release": "a release",
+    "lock": "a lock",
+    "flash": "a flash request",
+    "other": "other (e.g. a rollout's image or a Device OS part)",
+}
+
+
 def device_url(request: Request, product: ProductRecord, device_id: str) -> str:
     """The device page's path."""
     return f"{console_base(request)}/products/{product.slug}/devices/{device_id}"
@@ -93,10 +102,12 @@ async def _page(request: Request, user: ConsoleUser, product: ProductRecord, dev
     groups = await fleet.list_groups(product.id)
     history = await fleet.device_history(product.id, view.record.id, before_id=before,
                                          limit=HISTORY_PAGE)
+    updates = await fleet.update_results(product.id, view.record.id, limit=HISTORY_PAGE)
     context.update({
         "firmware_versions": sorted((fw.record.version for fw in firmware), reverse=True),
         "other_groups": [g.record.name for g in groups if g.record.name not in view.record.groups],
-        "history": history, "history_before": before,
+        "history": history, "history_before": before, "updates": updates,
+        "update_kinds": UPDATE_KINDS,
         "can_update": "devices:update" in scopes,
         "error": error, "notice": NOTICES.get(request.query_params.get("done", ""), ""),
     })
