@@ -59,6 +59,9 @@ UNNAMED_BUTTONS_JS = """() => [...document.querySelectorAll(
                      || el.getAttribute('title') || '').trim()))
   .map((el) => el.outerHTML.slice(0, 160))"""
 
+#: The axe-core rule sets the console is held to (WCAG 2.0 and 2.1, levels A and AA).
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+
 #: Tables without header cells, and pictures (img, svg) without a text alternative.
 UNDESCRIBED_JS = """() => {
   const out = [];
@@ -133,6 +136,13 @@ def check_accessible(page: Page, visited: list[str]) -> None:
     assert len(set(paths)) == len(paths), f"Tab did not move on {where}: {paths}"
     unringed = [stop for stop in seen if not stop["ring"]]
     assert unringed == [], f"focus not visible on {where}: {unringed}"
+    # axe-core (Deque's accessibility engine, shipped by axe-playwright-python): every rule
+    # of WCAG 2.1 A and AA it can check on the rendered page.
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page, options={"runOnly": {"type": "tag", "values": AXE_TAGS},
+                                     "resultTypes": ["violations"]})
+    assert found.violations_count == 0, f"axe-core on {where}:\n{found.generate_report()}"
 
 
 @pytest.fixture
@@ -376,7 +386,7 @@ def test_playwright_drives_the_system_chromium_against_a_server_process(
         assert "Chrom" in page.evaluate("() => navigator.userAgent")
 
 
-GOOD_PAGE = """<!doctype html><html lang="en"><body>
+GOOD_PAGE = """<!doctype html><html lang="en"><head><title>A page</title></head><body>
 <a href="#main">Skip to content</a><nav><a href="/console/">Products</a></nav>
 <main id="main"><form><label for="v">Version</label><input id="v" name="version">
 <label>Group <select name="group"><option>north</option></select></label>
@@ -399,6 +409,8 @@ GOOD_PAGE = """<!doctype html><html lang="en"><body>
         (('<a href="#main">Skip to content</a>', ""), None),  # the nav's link comes first
         (('<a href="#main">Skip to content</a><nav><a href="/console/">Products</a></nav>',
           ""), "not a link"),
+        # What only axe-core looks at here: a page without a title (WCAG 2.4.2).
+        (("<head><title>A page</title></head>", ""), "axe-core"),
     ],
 )
 def test_the_accessibility_check_finds_what_it_looks_for(
