@@ -147,3 +147,19 @@ async def test_without_trusted_proxies_the_header_is_ignored(nursery: trio.Nurse
             assert await _sign_in(client, "wrong", f"192.0.2.{n}") == 400
         assert await _sign_in(client, PASSWORD, "192.0.2.50") == 429
     handle.shutdown.set()
+
+
+async def test_the_console_marks_its_cookies_secure_behind_a_trusted_https_proxy(
+        proxied: ServerHandle) -> None:
+    """A TLS-terminating proxy named by --forwarded-allow-ips says https in
+    X-Forwarded-Proto: the console's cookies are then Secure; a client reaching the server
+    directly cannot make the server believe it spoke https."""
+    https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.9"}
+    async with _from(proxied, "127.0.0.1") as proxy, _from(proxied, "127.0.0.5") as direct:
+        behind = await proxy.get("/console/login", headers=https)
+        assert behind.status_code == 200
+        cookies = behind.headers.get_list("set-cookie")
+        assert cookies and all("; secure" in c.lower() for c in cookies), cookies
+        bypass = await direct.get("/console/login", headers=https)
+        cookies = bypass.headers.get_list("set-cookie")
+        assert cookies and not any("; secure" in c.lower() for c in cookies), cookies
