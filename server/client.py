@@ -149,6 +149,20 @@ class ApiClient:
         """GET one firmware version."""
         return self._request("GET", f"{self._product(product)}/firmware/{version}")
 
+    def release_progress(self, product: str, version: int) -> Any:
+        """GET how the releases of a firmware version are going (counts, devices updating
+        and failed, latency, bytes)."""
+        return self._request("GET", f"{self._product(product)}/firmware/{version}/progress")
+
+    def list_audit(self, product: str, *, before: int | None = None, limit: int = 50,
+                   action: str | None = None, actor: str | None = None) -> Any:
+        """GET a page of the product's audit log, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (("before", before), ("action", action), ("actor", actor)):
+            if value is not None:
+                params[name] = value
+        return self._request("GET", f"{self._product(product)}/audit", params=params)
+
     def release_firmware(
         self, product: str, version: int, product_default: bool, groups: list[str],
         intelligent: bool, force: bool, force_window: bool = False,

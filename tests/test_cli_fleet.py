@@ -83,6 +83,23 @@ def test_operator_workflow_through_the_cli(threaded_server: Any, tmp_path: Path)
     table = _ota(server, "device", "list")
     assert table.exit_code == 0 and DEVICE[:6] in table.output
 
+    # The release's progress and the audit log (issue 17), as JSON and as tables.
+    progress = _json(server, "firmware", "progress", "3")
+    # The group's one device is a development device: no release targets it.
+    assert progress["version"] == 3 and progress["target"] == 0
+    assert [r["group"] for r in progress["releases"]] == ["beta"]
+    shown = _ota(server, "firmware", "progress", "3")
+    assert shown.exit_code == 0 and "0 targeted" in shown.output, shown.output
+    missing = _ota(server, "firmware", "progress", "9")
+    assert missing.exit_code == 1 and "9" in missing.output
+    audit = _json(server, "audit", "--action", "firmware.", "--limit", "1")
+    assert [e["action"] for e in audit["entries"]] == ["firmware.release.forced"]
+    older = _json(server, "audit", "--action", "firmware.", "--before",
+                  str(audit["next_before"]))
+    assert [e["action"] for e in older["entries"]] == ["firmware.upload"]
+    listed = _ota(server, "audit")
+    assert listed.exit_code == 0 and "device" in listed.output, listed.output
+
 
 def test_events_stream_shows_published_events(threaded_server: Any) -> None:
     server = threaded_server

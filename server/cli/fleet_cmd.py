@@ -141,6 +141,41 @@ def firmware_release(
           else None)
 
 
+@firmware_app.command("progress")
+def firmware_progress(
+    version: int = typer.Argument(..., help="Firmware version."),
+    product: str = Product, api_url: str = ApiUrl, token: str | None = Token,
+    as_json: bool = AsJson,
+) -> None:
+    """How the releases of a version are going: devices targeted, updated, updating (with
+    their progress), failed (with the device's reason), pending; latency and bytes sent."""
+    with _client(api_url, token) as client:
+        result = client.release_progress(product, version)
+    if as_json:
+        print_json(result)
+        return
+    latency, sent = result["latency"], result["bytes"]
+    Console().print(
+        f"version {result['version']}: {result['state']}; {result['target']} targeted, "
+        f"{result['updated']} updated, {result['updating']} updating, {result['failed']} "
+        f"failed, {result['pending']} pending")
+    _table(result["releases"], ["scope", "group", "intelligent", "released_at", "target",
+                                "updated", "updating", "failed", "pending"], "Releases")
+    if result["updating_devices"]:
+        _table(result["updating_devices"], ["id", "transfer", "bytes_done", "bytes_total",
+                                            "percent", "online"], "Updating now")
+    if result["failed_devices"]:
+        _table(result["failed_devices"], ["id", "reason", "failed_at", "firmware_version"],
+               "Failed")
+    if latency["count"]:
+        Console().print(f"latency over {latency['count']} devices: median "
+                        f"{latency['p50_ms']} ms, p90 {latency['p90_ms']} ms, p99 "
+                        f"{latency['p99_ms']} ms")
+    Console().print(f"bytes sent {sent['sent']} against {sent['full_images']} as full images"
+                    + (f" ({sent['saved_percent']}% saved)" if sent["saved_percent"] is not None
+                       else ""))
+
+
 @firmware_app.command("download")
 def firmware_download(
     version: int = typer.Option(..., "--version"),
@@ -399,3 +434,29 @@ def events(
             seen += 1
             if count and seen >= count:
                 break
+
+
+# --- audit log ----------------------------------------------------------------------------
+
+
+def audit(
+    product: str = Product,
+    action: str | None = typer.Option(None, "--action",
+                                      help="Only entries whose action starts so (e.g. firmware.)."),
+    actor: str | None = typer.Option(None, "--actor", help="Only this user's entries."),
+    before: int | None = typer.Option(None, "--before", help="Entries older than this id (the "
+                                      "previous page's next_before)."),
+    limit: int = typer.Option(50, "--limit", help="Entries per page."),
+    api_url: str = ApiUrl, token: str | None = Token, as_json: bool = AsJson,
+) -> None:
+    """A page of a product's audit log, newest first (owners and administrators: scope
+    audit:list)."""
+    with _client(api_url, token) as client:
+        result = client.list_audit(product, before=before, limit=limit, action=action,
+                                   actor=actor)
+    if as_json:
+        print_json(result)
+        return
+    _table(result["entries"], ["id", "at", "actor", "action", "target", "details"])
+    if result.get("next_before") is not None:
+        Console().print(f"older entries: --before {result['next_before']}")

@@ -67,6 +67,7 @@ LAZY_COMMANDS: dict[str, Callable[[], typer.Typer]] = {
     "group": _group("fleet_cmd", "group_app"),
     "device-os": _group("fleet_cmd", "device_os_app"),
     "events": _command("fleet_cmd", "events", "events"),
+    "audit": _command("fleet_cmd", "audit", "audit"),
     "server": _command("server_cmd", "server", "server"),
     "admin": _group("server_cmd", "admin_app"),
     "product": _product_app,
