@@ -85,10 +85,16 @@ async def test_who_may_scrape(api: Api) -> None:
             assert "read the metrics" in response.json()["error"]
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a token file readable by its owner only, as `(umask 077; openssl rand ...)`."""
+    path.write_text(text)
+    path.chmod(0o600)
+
+
 async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path,
                                      caplog: pytest.LogCaptureFixture) -> None:
     token_file = tmp_path / "scrape.token"
-    token_file.write_text(SCRAPE_TOKEN + "\n")  # as `openssl rand -hex 16 > FILE` leaves it
+    _write_private(token_file, SCRAPE_TOKEN + "\n")
     handle: ServerHandle = await nursery.start(
         serve, config(tmp_path / "data", metrics_token_file=str(token_file)))
     async with httpx.AsyncClient(base_url=handle.api_url) as client:
@@ -99,7 +105,7 @@ async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path,
             "Authorization": f"Bearer {SCRAPE_TOKEN[:-1]}x"})).status_code == 401
         # Rotated: the new token works at once, the old one no longer.
         rotated = "f" * 40
-        token_file.write_text(rotated)
+        _write_private(token_file, rotated)
         os.utime(token_file, ns=(1, 1))  # a new stamp even within the clock's resolution
         assert (await client.get("/metrics", headers={
             "Authorization": f"Bearer {rotated}"})).status_code == 200
@@ -123,7 +129,7 @@ async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path,
         refusals = [r.getMessage() for r in caplog.records
                     if "scrapes with the token file are refused" in r.getMessage()]
         assert len(refusals) == 1 and str(token_file) in refusals[0]  # once per problem
-        token_file.write_text(rotated)
+        _write_private(token_file, rotated)
         assert (await client.get("/metrics", headers={
             "Authorization": f"Bearer {rotated}"})).status_code == 200
     handle.shutdown.set()
@@ -134,12 +140,15 @@ async def test_the_scrape_token_file(nursery: trio.Nursery, tmp_path: Path,
     ("short", "at least 16 characters"),
     ("two\nlines-of-a-long-token", "one line"),
     ("", "at least 16 characters"),
+    ("world-readable-token-of-enough-length", "readable by every user"),
 ])
 async def test_a_token_file_it_cannot_use_stops_the_start(
         tmp_path: Path, content: str | None, reason: str) -> None:
     token_file = tmp_path / "scrape.token"
     if content is not None:
-        token_file.write_text(content)
+        _write_private(token_file, content)
+        if "world" in content:
+            token_file.chmod(0o644)  # what a plain `openssl rand -hex 32 > FILE` leaves
     with pytest.raises((OtaError, BaseExceptionGroup)) as caught:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, config(tmp_path / "data",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,17 @@ class ScrapeToken:
 
 def _read_token(path: Path) -> bytes:
     try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ScrapeTokenError(f"cannot read the metrics token file {path}: "
+                               f"{exc.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        # A shared secret every user of the machine could read (or replace) is none.
+        access = "readable" if mode & stat.S_IROTH else "writable"
+        raise ScrapeTokenError(
+            f"the metrics token file {path} is {access} by every user of this machine "
+            f"(mode {mode:04o}): chmod 600 {path} (or 640 with a group of the server's user)")
+    try:
         text = path.read_bytes().strip()
     except OSError as exc:
         raise ScrapeTokenError(f"cannot read the metrics token file {path}: "
@@ -89,7 +101,8 @@ def _read_token(path: Path) -> bytes:
     if b"\n" in text or len(text) < MIN_TOKEN_CHARS:
         raise ScrapeTokenError(
             f"the metrics token file {path} must hold one token of at least "
-            f"{MIN_TOKEN_CHARS} characters on one line (e.g. openssl rand -hex 32 > {path})")
+            f"{MIN_TOKEN_CHARS} characters on one line (e.g. (umask 077; openssl rand -hex 32 > "
+            f"{path}))")
     return text
 
 
