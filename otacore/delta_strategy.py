@@ -88,9 +88,7 @@ class SearchResult:
     tried: tuple[tuple[Strategy, int], ...]
 
 
-def search(
-    order: list[Strategy], effort: int, make: Callable[[Strategy], bytes]
-) -> SearchResult:
+def search(order: list[Strategy], effort: int, make: Callable[[Strategy], bytes]) -> SearchResult:
     """Make the first ``effort`` strategies of ``order`` and keep the smallest patch (the
     earliest on a tie, so a larger effort never changes a result it does not improve)."""
     check_effort(effort)
