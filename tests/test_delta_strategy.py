@@ -25,6 +25,10 @@ from otacore.errors import ValidationError
 from server.cli import server_cmd
 from server.cli.delta_cmd import app
 from server.devices.delivery import OtaConfig
+from server.devices.deltas import DeltaCache
+from server.events import EventBus
+from server.fleet import Fleet
+from server.store import Store
 from tests.test_delta import relinked_firmware, thumb_image
 
 
@@ -303,3 +307,20 @@ def test_the_server_setting_reaches_the_delta_cache(
     )
     assert refused.exit_code == 2, refused.output
     assert "delta_effort" in refused.output
+
+
+async def test_the_server_delta_cache_makes_its_patches_at_its_effort(sqlite_store: Store) -> None:
+    """A real store and fleet: the patch the server computes and stores is the search's at
+    the cache's effort, and more effort stores a smaller one for the same images."""
+    old, new = PAIRS["x86 code"]()
+    stored_sizes = []
+    for effort, base in ((1, "a"), (3, "b")):
+        cache = DeltaCache(Fleet(sqlite_store, EventBus()), effort=effort)
+        base_sha, target_sha = base * 64, "c" * 64  # distinct pairs: nothing shared
+        found = await cache.patch_for(base_sha, old, target_sha, new)
+        assert found is not None and cache.computed == 1
+        stored, patch = found
+        assert patch == delta.make_patch(old, new, effort=effort)
+        assert stored.patch_size == len(patch) and _applies(old, new, patch)
+        stored_sizes.append(stored.patch_size)
+    assert 2 * stored_sizes[1] < stored_sizes[0]
