@@ -204,14 +204,20 @@ def make_patch(
     filters: int | None = None,
     threshold: int = 16,
     map_cap: int = MAX_MAP_ENTRIES,
+    effort: int | None = None,
 ) -> bytes:
     """A patch that turns ``old`` into ``new`` (see :func:`otacore.delta_maker.make_patch`).
 
     ``filters`` None picks the filter set that fits; ``level`` None is a tuned zstd profile
     near level 19. ``window_log`` and ``block_limit`` bound the memory the applier needs (see
-    :mod:`otacore.delta_stream`). Raises PatchInputError for images or options it refuses.
+    :mod:`otacore.delta_stream`). ``effort`` is how many strategies the maker makes in full
+    to keep the smallest (:mod:`otacore.delta_strategy`; None: its default). Raises
+    PatchInputError for images or options it refuses.
     """
-    from otacore import delta_maker  # the maker imports this module
+    from otacore import delta_maker, delta_strategy  # the maker imports this module
+
+    if effort is None:
+        effort = delta_strategy.DEFAULT_EFFORT
 
     return delta_maker.make_patch(
         old,
@@ -222,6 +228,7 @@ def make_patch(
         filters=filters,
         threshold=threshold,
         map_cap=map_cap,
+        effort=effort,
     )
 
 

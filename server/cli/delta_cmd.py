@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from otacore import delta
+from otacore import delta, delta_maker, delta_strategy
 from otacore.delta_stream import PatchApplier
 from otacore.errors import OtaError
 
@@ -50,23 +50,38 @@ def make(
     window_log: int = typer.Option(
         delta.DEFAULT_WINDOW_LOG, min=10, max=delta.MAX_WINDOW_LOG, help="zstd window log."
     ),
+    effort: int = typer.Option(
+        delta_strategy.DEFAULT_EFFORT,
+        min=1,
+        max=delta_strategy.MAX_EFFORT,
+        help="Strategies (filter sets) made in full, the smallest patch kept: make time grows "
+        "about linearly with it; 1 is the detector's choice alone.",
+    ),
 ) -> None:
     """Write a patch that turns OLD into NEW."""
     old_image = _read(old, "old image")
     new_image = _read(new, "new image")
     started = time.perf_counter()
     try:
-        data = delta.make_patch(old_image, new_image, level=level, window_log=window_log)
+        result = delta_maker.search_patch(
+            old_image, new_image, level=level, window_log=window_log, effort=effort
+        )
     except OtaError as exc:
         raise _fail(str(exc)) from None
     elapsed = time.perf_counter() - started
+    data = result.patch
     try:
         patch.write_bytes(data)
     except OSError as exc:
         raise _fail(f"cannot write patch {patch}: {exc.strerror or exc}") from None
     ratio = 100.0 * len(data) / max(1, len(new_image))
+    tried = ", ".join(
+        f"{delta_strategy.strategy_name(strategy)} {size}" for strategy, size in result.tried
+    )
     typer.echo(
-        f"{patch}: {len(data)} bytes ({ratio:.2f}% of {len(new_image)}), made in {elapsed:.2f} s"
+        f"{patch}: {len(data)} bytes ({ratio:.2f}% of {len(new_image)}), made in {elapsed:.2f} s; "
+        f"strategy {delta_strategy.strategy_name(result.strategy)} of {len(result.tried)} tried "
+        f"({tried})"
     )
 
 

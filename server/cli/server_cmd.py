@@ -157,6 +157,11 @@ def server(
         None, "--max-concurrent-transfers",
         help="Firmware transfers at once per server process (default 512).",
     ),
+    delta_effort: int | None = typer.Option(
+        None, "--delta-effort", min=1, max=6,
+        help="Strategies (filter sets) made in full for each delta patch, the smallest kept: "
+        "make time grows about linearly with it (default 2; 1 is the detector's choice alone).",
+    ),
     window_limit: int | None = typer.Option(
         None, "--window-limit",
         help="Chunks in flight beyond the acknowledged ones, at most (default 64; devices "
@@ -352,6 +357,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "max_sessions": "sessions.max_sessions",
     "max_concurrent_transfers": "delivery.max_concurrent_transfers",
     "downgrades": "delivery.downgrades",
+    "delta_effort": "delivery.delta_effort",
     "downgrade_lifetime": "delivery.downgrade_lifetime",
     "window_limit": "transfer.window_limit",
     "congestion_control": "transfer.congestion_control",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from otacore.delta_strategy import DEFAULT_EFFORT, MAX_EFFORT
 from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
 from otacore.transfer import RetransmitPolicy
@@ -57,6 +58,10 @@ class OtaConfig:
     #: Worker threads computing delta patches at once (CPU bound; bounded so a release to a
     #: large fleet does not starve the event loop's store threads).
     delta_threads: int = 1
+    #: Strategies (filter sets) the server makes in full for each delta patch, keeping the
+    #: smallest (otacore.delta_strategy): make time grows about linearly with it; 1 is the
+    #: family detector's choice alone.
+    delta_effort: int = DEFAULT_EFFORT
     #: Longest a device's reported update result may take to record after its session ends.
     record_timeout: float = 30.0
     #: The transfer's retransmission timers (RFC 6298 style; see otacore.transfer.sender).
@@ -95,6 +100,11 @@ class OtaConfig:
                                       f"{value!r}")
         if self.delta_threads > 256:  # threads, each computing a patch
             raise ValidationError(f"delta_threads must be at most 256, not {self.delta_threads}")
+        if isinstance(self.delta_effort, bool) or not (
+            isinstance(self.delta_effort, int) and 1 <= self.delta_effort <= MAX_EFFORT
+        ):
+            raise ValidationError(f"delta_effort must be a whole number of strategies from 1 to "
+                                  f"{MAX_EFFORT}, not {self.delta_effort!r}")
         if self.retry_later_max < self.retry_later:
             raise ValidationError(f"retry_later_max ({self.retry_later_max}) must be at least "
                                   f"retry_later ({self.retry_later})")

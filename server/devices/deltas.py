@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from otacore.delta import make_patch
+from otacore.delta_strategy import DEFAULT_EFFORT
 from otacore.errors import DeltaError, OtaError
 from server.devices.once_cache import OnceCache
 
@@ -44,9 +46,17 @@ class DeltaCache:
     """Patches per (base, target) pair: in memory, then the store, else computed once."""
 
     def __init__(
-        self, fleet: Fleet, *, threads: int = 1, max_ratio: float = 0.8, memory_entries: int = 32
+        self,
+        fleet: Fleet,
+        *,
+        threads: int = 1,
+        max_ratio: float = 0.8,
+        memory_entries: int = 32,
+        effort: int = DEFAULT_EFFORT,
     ) -> None:
         self.fleet = fleet
+        #: Strategies made in full per patch, the smallest kept (otacore.delta_strategy).
+        self.effort = effort
         #: Worker threads computing patches at once (make_patch is CPU bound).
         self.limiter = trio.CapacityLimiter(threads)
         #: Send a patch only when it is at most this fraction of the full image.
@@ -79,7 +89,8 @@ class DeltaCache:
         try:
             # Not cancellable once started: the thread finishes and its result is kept.
             patch = await trio.to_thread.run_sync(
-                make_patch, base_image, target_image, limiter=self.limiter
+                partial(make_patch, base_image, target_image, effort=self.effort),
+                limiter=self.limiter,
             )
         except DeltaError as exc:
             log.warning("no delta from %s to %s: %s", base_sha256, target_sha256, exc)
