@@ -155,6 +155,7 @@ def test_a_file_reaches_the_running_server(tmp_path: Path,
 def test_options_given_beat_the_file_and_defaults_do_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the relative data directory (and its lock) goes there
     captured = _capture(monkeypatch)
     config_path = _write(tmp_path / "ota.toml", """
         [server]
