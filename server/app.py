@@ -36,6 +36,7 @@ from server.api_tls import check_api_credentials
 from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
+from server.event_history import EventRecorder, HistorySettings, prune_event_history
 from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
@@ -58,7 +59,6 @@ from server.logs import check_log_format, parse_log_level, set_log_origin
 from server.metrics.aggregate import make_worker_dir, remove_worker_dir
 from server.node_id import check_node_id, default_node_id
 from server.proxy_headers import TrustedProxyHeaders, parse_trusted_proxies
-from server.event_history import EventRecorder, HistorySettings, prune_event_history
 from server.relay import EventRelay, RelaySettings
 from server.rollout_ticks import RolloutTicker
 from server.store import Store

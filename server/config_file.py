@@ -43,8 +43,8 @@ from server.config_schema import (
 )
 from server.devices.delivery import OtaConfig
 from server.devices.tuning import DeviceTuning
-from server.gc_tuning import CollectorSettings
 from server.event_history import HistorySettings
+from server.gc_tuning import CollectorSettings
 from server.relay import RelaySettings
 from server.transport import SessionLimits
 from server.workers import default_workers

@@ -114,8 +114,7 @@ class EventRecorder:
         self._waiting: deque[Event] = deque()
         self._pending = trio.Event()
         self._last_warning = -math.inf
-        #: Set after each write attempt (a causal marker for tests).
-        self.flushed = trio.Event()
+        self._write_lock = trio.Lock()
 
     def record(self, event: Event) -> None:
         """The bus's recorder hook: buffer ``event`` if kept (never blocks, never waits on
@@ -167,25 +166,30 @@ class EventRecorder:
     async def flush(self) -> bool:
         """Store up to ``history_batch`` buffered events in one INSERT; False when the store
         refused (they stay buffered, in order)."""
-        count = min(self.settings.history_batch, len(self._waiting))
-        batch = [self._waiting.popleft() for _ in range(count)]
-        if not batch:
+        async with self._write_lock:  # one write at a time: rows keep publishing order
+            count = min(self.settings.history_batch, len(self._waiting))
+            batch = [self._waiting.popleft() for _ in range(count)]
+            if not batch:
+                return True
+            try:
+                await trio.to_thread.run_sync(self._write, batch)
+            except STORE_ERRORS as exc:
+                self._waiting.extendleft(reversed(batch))
+                self.stats.store_errors += 1
+                now = time.monotonic()
+                if now - self._last_warning >= WARN_PERIOD:
+                    self._last_warning = now
+                    log.warning("cannot store events in the history: %s; retrying", exc)
+                return False
+            self.stats.recorded += len(batch)
             return True
-        try:
-            await trio.to_thread.run_sync(self._write, batch)
-        except STORE_ERRORS as exc:
-            self._waiting.extendleft(reversed(batch))
-            self.stats.store_errors += 1
-            now = time.monotonic()
-            if now - self._last_warning >= WARN_PERIOD:
-                self._last_warning = now
-                log.warning("cannot store events in the history: %s; retrying", exc)
-            return False
-        finally:
-            self.flushed.set()
-            self.flushed = trio.Event()
-        self.stats.recorded += len(batch)
-        return True
+
+    async def drain(self) -> None:
+        """Store every event buffered now (what a caller published before it asked), in
+        batches; OtaError when the store refuses."""
+        while self._waiting:
+            if not await self.flush():
+                raise OtaError("the store refused the event history's write (see the log)")
 
     def _write(self, batch: list[Event]) -> None:
         with self.store.write() as tx:
