@@ -6,11 +6,13 @@ sleeps), and the settings an operator gives."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import trio
 
 from otacore.errors import ValidationError
@@ -22,6 +24,7 @@ from server.events import Event, EventBus, EventSource
 from server.metrics import REGISTRY
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
+from server.store.schema import event_history, event_log
 from server.store.tx_event_history import count_rows, read_history, record_events
 from server.workers import WorkerSettings, WorkerSpec
 
@@ -189,3 +192,33 @@ def test_the_bounds_are_operator_settings(tmp_path: Path) -> None:
                 {"history_buffer": True}, {"history_flush_interval": float("nan")}):
         with pytest.raises(ValidationError):
             HistorySettings(**bad)  # type: ignore[arg-type]
+
+
+def assert_stored_once(store: Store, device_ids: list[str], killed: int = 0) -> None:
+    """Check the history against the relay's log (which holds every process's events, each
+    row naming its process): no event stored twice (a relayed copy repeats every field);
+    each process's events stored by that process (the main process never records relayed
+    events, so a worker's are there only if the worker recorded them); every device's
+    ``spark/status`` among them. Only ``killed`` processes (SIGKILLed: no last write) may
+    have lost their last events. Used by the multi-process end-to-end test
+    (tests/test_multiprocess_server.py) once its processes have stopped."""
+    columns = ("name", "device_id", "product_id", "published_at")
+    with store.read() as tx:
+        logged = tx.conn.execute(
+            sa.select(event_log.c.origin, *(event_log.c[name] for name in columns))
+            .where(sa.or_(event_log.c.device_id.is_not(None),
+                          event_log.c.product_id.is_not(None)))).all()
+        kept = Counter(tuple(row) for row in tx.conn.execute(
+            sa.select(*(event_history.c[name] for name in columns))).all())
+    origin_of = {tuple(row)[1:]: row.origin for row in logged}
+    log_counts = Counter(tuple(row)[1:] for row in logged)
+    extra = sorted((kept - log_counts).elements())
+    assert not extra, f"{len(extra)} stored twice or never published, e.g. {extra[:5]}"
+    missing = log_counts - kept
+    origins = {row.origin for row in logged}
+    stored_origins = {origin_of[key] for key in kept}
+    assert stored_origins == origins, f"no event of {origins - stored_origins} stored"
+    lost_by = {origin_of[key] for key in missing}
+    assert len(lost_by) <= killed, f"events of {lost_by} not stored: {sorted(missing)[:5]}"
+    online = {key[1] for key in kept if key[0] == "spark/status"}
+    assert set(device_ids) <= online, sorted(set(device_ids) - online)
