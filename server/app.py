@@ -358,6 +358,9 @@ async def serve(
         )
         node_id = node_id_of(config)
         fleet.configure_session_leases(node_id, config.session_lease)
+        # The history keeps the start-up's own events too ("offline" of the sessions lost).
+        recorder = EventRecorder(store, bus, config.history)
+        recorder.attach()
         offline = await fleet.startup(exclusive=embedded_store(config))
         if offline:
             log.info("marked %d devices offline after restart (node %s)", offline, node_id)
@@ -400,9 +403,7 @@ async def serve(
                 )
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
-            # Before anything publishes: every event of this process is stored once.
-            recorder = EventRecorder(store, bus, config.history)
-            await nursery.start(recorder.run)
+            await nursery.start(recorder.run)  # stores this process's events, once
             if config.shares_store:  # before anything publishes: the others see it all
                 relay = EventRelay(store, bus, origin, settings=config.relay)
                 await nursery.start(relay.run)

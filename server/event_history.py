@@ -134,6 +134,11 @@ class EventRecorder:
         self._waiting.append(event)
         self._pending.set()
 
+    def attach(self) -> None:
+        """Hook into the bus now (before :meth:`run` starts, e.g. to keep what a server's
+        start-up publishes); the events wait in the buffer until :meth:`run` writes them."""
+        self.bus.recorder = self.record
+
     @property
     def waiting(self) -> int:
         """Events buffered, not yet stored."""
@@ -143,7 +148,7 @@ class EventRecorder:
                   ) -> None:
         """Hook into the bus and write until cancelled; then a last write (at most
         ``history_final_flush_timeout`` seconds) stores what was published just before."""
-        self.bus.recorder = self.record
+        self.attach()
         try:
             task_status.started(self)
             while True:
