@@ -466,7 +466,7 @@ event_history = sa.Table(
     _ms("published_at"),
     sa.Column("source", sa.String(16), nullable=False, default="device"),
     # "a device's events newest first" and "a product's events newest first".
-    sa.Index("ix_event_history_device", "device_id", "id"),
+    sa.Index("ix_event_history_device", "device_id", "product_id", "id"),
     sa.Index("ix_event_history_product", "product_id", "id"),
     sa.Index("ix_event_history_published", "published_at"),
 )

@@ -41,7 +41,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=16), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index("ix_event_history_device", "event_history", ["device_id", "id"],
+    op.create_index("ix_event_history_device", "event_history", ["device_id", "product_id", "id"],
                     unique=False)
     op.create_index("ix_event_history_product", "event_history", ["product_id", "id"],
                     unique=False)
