@@ -36,11 +36,13 @@ from server.api_tls import check_api_credentials
 from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
+from server.event_history import EventRecorder, HistorySettings, prune_event_history
 from server.events import EventBus
 from server.fleet import Fleet
 from server.gc_tuning import CollectorSettings
 from server.leases import (
     BLOB_SWEEPER,
+    EVENT_HISTORY_PRUNING,
     EVENT_LOG_PRUNING,
     MIN_BLOB_SWEEP_INTERVAL,
     ROLLOUT_TICKS,
@@ -113,6 +115,8 @@ class ServerConfig:
     #: Timings and bounds of the store event relay between server processes (see
     #: ``shares_store``).
     relay: RelaySettings = field(default_factory=RelaySettings)
+    #: Bounds and timings of the stored event history (server.event_history).
+    history: HistorySettings = field(default_factory=HistorySettings)
     #: The cyclic garbage collector's thresholds in every server process.
     collector: CollectorSettings = field(default_factory=CollectorSettings)
     #: Log level name of the worker processes (the CLI configures this process's logging).
@@ -218,6 +222,8 @@ class ServerHandle:
     session_leases: SessionLeaseKeeper | None = None
     #: The once-per-installation jobs, by lease name (each runs while this node holds it).
     job_leases: dict[str, JobLease] = field(default_factory=dict)
+    #: This process's writer of the stored event history.
+    recorder: EventRecorder | None = None
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -261,6 +267,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             ota=asdict(config.ota),
             tuning=asdict(config.device_tuning),
             relay=asdict(config.relay),
+            history=asdict(config.history),
             collector=asdict(config.collector),
             log_level=config.log_level,
             log_format=config.log_format,
@@ -274,7 +281,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
 def worker_settings(config: ServerConfig) -> WorkerSettings:
     """The settings every worker process must run with (the main process's own)."""
     return WorkerSettings(config.device_limits, config.ota, config.device_tuning, config.relay,
-                          config.collector)
+                          config.collector, config.history)
 
 
 def _hypercorn_config(config: ServerConfig) -> HypercornConfig:
@@ -351,6 +358,9 @@ async def serve(
         )
         node_id = node_id_of(config)
         fleet.configure_session_leases(node_id, config.session_lease)
+        # The history keeps the start-up's own events too ("offline" of the sessions lost).
+        recorder = EventRecorder(store, bus, config.history)
+        recorder.attach()
         offline = await fleet.startup(exclusive=embedded_store(config))
         if offline:
             log.info("marked %d devices offline after restart (node %s)", offline, node_id)
@@ -366,6 +376,7 @@ async def serve(
                                      config.lease_renew_interval),
             EVENT_LOG_PRUNING: partial(prune_event_log, store, config.relay.retention,
                                        config.relay.prune_interval),
+            EVENT_HISTORY_PRUNING: partial(prune_event_history, store, config.history),
             # Unreferenced blobs go one grace period after they were last stored, at most
             # one more period later (deleting a firmware leaves its blob to this job).
             BLOB_SWEEPER: partial(sweep_unreferenced_blobs, store,
@@ -392,6 +403,7 @@ async def serve(
                 )
                 nursery.cancel_scope.cancel()  # the API stopped: stop the rest too
 
+            await nursery.start(recorder.run)  # stores this process's events, once
             if config.shares_store:  # before anything publishes: the others see it all
                 relay = EventRelay(store, bus, origin, settings=config.relay)
                 await nursery.start(relay.run)
@@ -451,6 +463,7 @@ async def serve(
                     node_id,
                     session_leases,
                     job_leases,
+                    recorder,
                 )
             )
     finally:

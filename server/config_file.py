@@ -43,6 +43,7 @@ from server.config_schema import (
 )
 from server.devices.delivery import OtaConfig
 from server.devices.tuning import DeviceTuning
+from server.event_history import HistorySettings
 from server.gc_tuning import CollectorSettings
 from server.relay import RelaySettings
 from server.transport import SessionLimits
@@ -291,13 +292,14 @@ def build_server_config(values: Layer, *, data_dir_required: bool = True) -> Ser
     tuning = _build(DeviceTuning, by_target["devices"], names["devices"])
     relay = _build(RelaySettings, by_target["relay"], names["relay"])
     collector = _build(CollectorSettings, by_target["collector"], names["collector"])
+    history = _build(HistorySettings, by_target["history"], names["history"])
     if server.get("workers") is None:  # unset: one per CPU when devices connect
         server["workers"] = default_workers("device_port" not in server
                                             or server["device_port"] is not None)
     config: ServerConfig = _build(
         ServerConfig,
         {**server, "api": api, "device_limits": limits, "ota": ota, "device_tuning": tuning,
-         "relay": relay, "collector": collector},
+         "relay": relay, "collector": collector, "history": history},
         names["server"],
     )
     return replace(config, log_level=config.log_level.lower())
@@ -325,6 +327,7 @@ def setting_value(config: ServerConfig, setting: Setting) -> Any:
         "devices": config.device_tuning,
         "relay": config.relay,
         "collector": config.collector,
+        "history": config.history,
     }[setting.target]
     return file_value(setting, getattr(owner, setting.field))
 

@@ -26,6 +26,7 @@ from server.app import ServerConfig
 from server.devices.delivery import OtaConfig
 from server.devices.plane import DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
+from server.event_history import HistorySettings
 from server.gc_tuning import CollectorSettings
 from server.relay import RelaySettings
 from server.transport import SessionLimits
@@ -41,6 +42,7 @@ TARGETS: dict[str, type] = {
     "devices": DeviceTuning,
     "relay": RelaySettings,
     "collector": CollectorSettings,
+    "history": HistorySettings,
 }
 
 
@@ -208,6 +210,7 @@ SETTINGS: tuple[Setting, ...] = (
                  "min_rto max_rto max_rounds max_ack_delay",
                  congestion_control="--congestion-control / --no-congestion-control"),
     *_same_names("relay", "relay", " ".join(item.name for item in fields(RelaySettings))),
+    *_same_names("events", "history", " ".join(item.name for item in fields(HistorySettings))),
     *_same_names("garbage_collector", "collector",
                  " ".join(item.name for item in fields(CollectorSettings))),
     Setting("rollouts", "tick_interval", "server", "rollout_tick_interval",
@@ -271,6 +274,7 @@ NESTED: dict[tuple[type, str], str] = {
     (ServerConfig, "device_tuning"): "[devices]",
     (ServerConfig, "relay"): "[relay]",
     (ServerConfig, "collector"): "[garbage_collector]",
+    (ServerConfig, "history"): "[events]",
     (OtaConfig, "transfer_policy"): "[transfer]",
     (DevicePlaneConfig, "limits"): "[sessions]",
     (DevicePlaneConfig, "tuning"): "[devices]",

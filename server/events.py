@@ -179,6 +179,10 @@ class EventBus:
         #: Called (synchronously, must not block) with every event published here except
         #: relayed ones; None (the single-process server) costs one attribute check.
         self.tap: Callable[[Event], None] | None = None
+        #: Called (synchronously, must not block) with every event published here except
+        #: relayed ones: the stored history's writer (server.event_history), so that each
+        #: event is stored once, by the process where it was published.
+        self.recorder: Callable[[Event], None] | None = None
 
     @property
     def subscriber_count(self) -> int:
@@ -192,8 +196,11 @@ class EventBus:
         marks an event another process published (it is not handed to :attr:`tap`).
         """
         self.published += 1
-        if self.tap is not None and not relayed:
-            self.tap(event)
+        if not relayed:
+            if self.tap is not None:
+                self.tap(event)
+            if self.recorder is not None:
+                self.recorder(event)
         delivered = 0
         for sub in list(self._subscribers.values()):
             if not sub.matches(event):

@@ -47,6 +47,7 @@ log = logging.getLogger("ota.leases")
 ROLLOUT_TICKS = "rollout-ticks"
 SESSION_SWEEPER = "session-sweeper"
 EVENT_LOG_PRUNING = "event-log-pruning"
+EVENT_HISTORY_PRUNING = "event-history-pruning"
 BLOB_SWEEPER = "blob-sweeper"
 #: The shortest period of the blob sweeper (``blob_sweep_grace`` may be 0 in tests).
 MIN_BLOB_SWEEP_INTERVAL = 60.0

@@ -42,6 +42,7 @@ from server import metrics
 from server.devices.ota import OtaConfig, OtaEngine
 from server.devices.plane import DevicePlane, DevicePlaneConfig
 from server.devices.tuning import DeviceTuning
+from server.event_history import EventRecorder, HistorySettings
 from server.events import EventBus
 from server.fleet import Fleet
 from server.fleet.presence import DEFAULT_SESSION_LEASE, LOCAL_NODE
@@ -94,6 +95,8 @@ class WorkerSpec:
     relay: dict[str, Any] | None = None
     #: The main process's :class:`CollectorSettings` fields (None: the defaults).
     collector: dict[str, Any] | None = None
+    #: The main process's :class:`HistorySettings` fields (None: the defaults).
+    history: dict[str, Any] | None = None
     #: Log level name, as ``ota server --log-level`` gave it to the main process.
     log_level: str = "info"
     #: Log line format, as ``ota server --log-format`` gave it ("text" or "json").
@@ -126,6 +129,7 @@ class WorkerSettings:
     tuning: DeviceTuning
     relay: RelaySettings
     collector: CollectorSettings
+    history: HistorySettings = field(default_factory=HistorySettings)
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> WorkerSettings:
@@ -137,6 +141,7 @@ class WorkerSettings:
             msgspec.convert(spec.tuning or {}, DeviceTuning),
             msgspec.convert(spec.relay or {}, RelaySettings),
             msgspec.convert(spec.collector or {}, CollectorSettings),
+            msgspec.convert(spec.history or {}, HistorySettings),
         )
 
     def digest(self) -> str:
@@ -182,6 +187,8 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                            settings=settings.relay)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
+                # This worker's own events go to the stored history once, from here.
+                await nursery.start(EventRecorder(store, bus, settings.history).run)
                 await nursery.start(relay.run)
                 plane = DevicePlane(
                     DevicePlaneConfig(

@@ -164,6 +164,8 @@ class Api:
 
     async def snapshot(self) -> dict[str, Any]:
         """Every table row and blob name, to prove a refused request changed nothing."""
+        if self.handle.recorder is not None:  # the events published so far are stored
+            await self.handle.recorder.drain()
 
         def work() -> dict[str, Any]:
             with self.store.read() as tx:

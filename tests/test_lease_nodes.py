@@ -30,7 +30,13 @@ from server.emulator.endpoints import Endpoint
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
 from server.events import EventBus
 from server.fleet import Fleet
-from server.leases import BLOB_SWEEPER, EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER
+from server.leases import (
+    BLOB_SWEEPER,
+    EVENT_HISTORY_PRUNING,
+    EVENT_LOG_PRUNING,
+    ROLLOUT_TICKS,
+    SESSION_SWEEPER,
+)
 from server.store.installation import Installation
 from server.store.schema import devices, leases
 from tests.server_nodes import Node, running_node, upload
@@ -43,7 +49,7 @@ MOVING = 4
 STAYING = 2
 LEASE = ["--session-lease", "2", "--lease-renew-interval", "0.5",
          "--set", "rollouts.tick_interval=0.2"]
-JOBS = (BLOB_SWEEPER, EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER)
+JOBS = (BLOB_SWEEPER, EVENT_HISTORY_PRUNING, EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER)
 
 
 def setup_store(data: Path, creds: Path, db_url: str) -> tuple[int, list[str], str]:

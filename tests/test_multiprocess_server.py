@@ -36,6 +36,7 @@ from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.store.schema import devices, event_log
 from server.store.tx_events import append_events, last_event_id
+from tests.test_event_history import assert_stored_once
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,6 +316,9 @@ async def test_two_processes_serve_one_fleet(tmp_path: Path) -> None:
             not Path(f"/proc/{worker}").exists()
             or "zombie" in Path(f"/proc/{worker}/status").read_text()
         )
+        # Each process stored its own events, once (issue 17's history); the SIGKILLed
+        # worker may have lost its last ones.
+        assert_stored_once(store, ids, killed=1)
     finally:
         store.close()
         if process.returncode is None:

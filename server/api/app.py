@@ -16,6 +16,7 @@ from server.api import (
     auth,
     device_os,
     devices,
+    event_history,
     events,
     firmware,
     groups,
@@ -147,6 +148,12 @@ ROUTES: list[Route] = [
     route(f"{_P}/team/{{username}}", team.remove_team_member, "DELETE", "remove_team_member",
           product("teams.users:remove", "remove team members")),
     # Events.
+    # The stored event history (before /events/{prefix}, which it shadows for non-SSE
+    # requests only: server.api.event_history).
+    route(f"{_P}/events/history", event_history.product_event_history, "GET",
+          "product_event_history", product("events:get", "read events")),
+    route(f"{_P}/devices/{{device_id}}/events/history", event_history.device_event_history,
+          "GET", "device_event_history", product("events:get", "read events")),
     route(f"{_P}/events", events.product_events, "GET", "product_events",
           product("events:get", "read events")),
     route(f"{_P}/events/{{prefix:path}}", events.product_events, "GET",

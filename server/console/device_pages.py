@@ -3,9 +3,11 @@ to it.
 
 The page shows the device's identity and state, the firmware the precedence rules give it
 and why, the update in flight with its progress, its groups, its history (audit entries
-and flashes) and its events live. The status part is a fragment (``?fragment=status``) the
-page re-fetches on each of the device's events, every 2 s while a transfer is in flight
-(progress is stored, not announced) and every 5 s while an update is pending.
+and flashes), its events live and its stored "Recent events" (``?events_before=<id>``
+pages on; shown to readers with ``events:get``, as the live stream). The status part is a
+fragment (``?fragment=status``) the page re-fetches on each of the device's events, every
+2 s while a transfer is in flight (progress is stored, not announced) and every 5 s while
+an update is pending.
 
 Each action is a POST form (CSRF-checked) calling ``Fleet.update_device`` as ``PUT
 /v1/products/:p/devices/:id`` does, with the user's actor and the same ``devices:update``
@@ -32,8 +34,9 @@ from server.console.templating import console_base, render
 from server.fleet import DeviceView
 from server.store import ProductRecord
 
-#: Audit entries per history page.
+#: Audit entries per history page, and stored events per "Recent events" page.
 HISTORY_PAGE = 25
+EVENTS_PAGE = 25
 
 #: What the page says after each action (by code: no text travels in the URL).
 NOTICES = {
@@ -103,11 +106,18 @@ async def _page(request: Request, user: ConsoleUser, product: ProductRecord, dev
     history = await fleet.device_history(product.id, view.record.id, before_id=before,
                                          limit=HISTORY_PAGE)
     updates = await fleet.update_results(product.id, view.record.id, limit=HISTORY_PAGE)
+    # The stored events need events:get, as the live stream does (private ones among them).
+    events_before = request.query_params.get("events_before")
+    recent = None
+    if "events:get" in scopes:
+        recent = await fleet.event_history(user.actor, product.id, device_id=view.record.id,
+                                           before=events_before, limit=EVENTS_PAGE)
     context.update({
         "firmware_versions": sorted((fw.record.version for fw in firmware), reverse=True),
         "other_groups": [g.record.name for g in groups if g.record.name not in view.record.groups],
         "history": history, "history_before": before, "updates": updates,
         "update_kinds": UPDATE_KINDS,
+        "recent_events": recent, "events_paged": bool(events_before),
         "can_update": "devices:update" in scopes,
         "error": error, "notice": NOTICES.get(request.query_params.get("done", ""), ""),
     })

@@ -4,6 +4,8 @@ product's audit log, paged and filtered.
 * ``GET /products/{product}/events`` (``events:get``): ``?prefix=`` keeps events whose name
   starts with it, ``?device=`` one device's (the stream's own filter); rows arrive over
   ``live.py``'s event stream (``static/events_live.js`` adds them as text, never markup).
+  Under the live list, the last :data:`STORED_EVENTS` stored events with the same filters
+  (the stored history, ``server.event_history``): what happened before the page opened.
 * ``GET /products/{product}/audit`` (``audit:list``: owners and administrators, see
   ``server.fleet.roles.AUDIT_SCOPE``): newest first, ``?before=<id>`` pages on, ``?action=``
   (a prefix such as ``firmware.``) and ``?actor=`` filter.
@@ -29,6 +31,8 @@ from server.fleet.roles import AUDIT_SCOPE
 #: The longest event-name prefix (event names are at most 64 characters in Particle's rules;
 #: the store keeps 200).
 MAX_PREFIX = 200
+#: Stored events the page shows under the live list (server.event_history).
+STORED_EVENTS = 50
 
 
 def _prefix(request: Request) -> str:
@@ -41,14 +45,17 @@ def _prefix(request: Request) -> str:
 
 async def events_page(request: Request) -> Response:
     """The product's events as they happen, filtered by name prefix (and device)."""
-    _user, product = await product_page(request, "events:get", "read events")
+    user, product = await product_page(request, "events:get", "read events")
     prefix = _prefix(request)
     device = request.query_params.get("device", "")
     if device:
         device = (await fleet_of(request).get_device(product.id,
                                                      normalize_device_id(device))).record.id
+    stored = await fleet_of(request).event_history(
+        user.actor, product.id, device_id=device or None, prefix=prefix, limit=STORED_EVENTS)
     return render(request, "events/live.html", {
-        "nav": "events", "prefix": prefix, "device": device,
+        "nav": "events", "prefix": prefix, "device": device, "stored": stored.events,
+        "stored_limit": STORED_EVENTS,
     })
 
 

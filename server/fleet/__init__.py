@@ -12,6 +12,7 @@ from server.fleet.deltas import DeltaService
 from server.fleet.device_history import DeviceHistoryService
 from server.fleet.device_os import DeviceOsService
 from server.fleet.devices import DevicePage, DeviceService, DeviceView, ImportResult
+from server.fleet.event_history import EventHistoryPage, EventHistoryService
 from server.fleet.firmware import FirmwareService, FirmwareView, ReleaseOutcome
 from server.fleet.groups import GroupService, GroupView
 from server.fleet.ota_memory import OtaMemoryService
@@ -27,7 +28,7 @@ class Fleet(
     FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
     DeviceOsService,
     DeltaService, OtaMemoryService, PresenceService, RolloutService, DeviceHistoryService,
-    ReleaseProgressService,
+    ReleaseProgressService, EventHistoryService,
 ):
     """All control-plane operations; construct with ``Fleet(store, bus, limiter=...)``."""
 
@@ -40,6 +41,7 @@ __all__ = [
     "DevicePage",
     "DeviceTarget",
     "DeviceView",
+    "EventHistoryPage",
     "FirmwareView",
     "Fleet",
     "GroupView",

@@ -89,6 +89,10 @@ HTTP_REQUESTS = Counter(
 WORKER_EXITS = Counter(
     "ota_worker_exits", "Worker processes that exited unasked (each is restarted).",
     registry=REGISTRY)
+EVENT_HISTORY_DROPPED = Counter(
+    "ota_event_history_dropped", "Events not stored in the event history because the "
+    "process's history buffer was full (the store slow or unreachable); the live stream "
+    "still carried them.", registry=REGISTRY)
 
 # Pre-bound children: a hot path pays one dict lookup and one inc, never labels()'s lock.
 _SESSIONS = {transport: SESSIONS.labels(transport) for transport in TRANSPORTS}
@@ -148,3 +152,8 @@ def worker_environment(directory: Path) -> dict[str, str]:
     """The environment of a worker process whose metrics go to ``directory`` (this
     process's environment plus prometheus-client's multiprocess directory)."""
     return {**os.environ, MULTIPROC_ENV: str(directory)}
+
+
+def history_dropped() -> None:
+    """An event was not stored in the history: the recorder's buffer was full."""
+    EVENT_HISTORY_DROPPED.inc()

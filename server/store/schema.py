@@ -445,6 +445,32 @@ event_log = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# The stored event history (issue 17: the console's device page and events page show it):
+# every event about a device or a product, recorded once per installation by the process
+# where it was published (server.event_history), bounded by age and rows per device.
+event_history = sa.Table(
+    "event_history",
+    metadata,
+    _log_id(),
+    sa.Column("name", sa.String(200), nullable=False),
+    # At most Particle's 1,024 bytes of event data (longer cloud data is cut: data_cut).
+    sa.Column("data", sa.Text, nullable=True),
+    sa.Column("data_cut", sa.Boolean, nullable=False, default=False),
+    # No foreign keys: a device or product deleted meanwhile must not fail a whole batch;
+    # its rows go with the retention.
+    sa.Column("product_id", sa.Integer, nullable=True),
+    sa.Column("device_id", sa.String(24), nullable=True),
+    sa.Column("coreid", sa.String(64), nullable=False),
+    sa.Column("ttl", sa.Integer, nullable=False),
+    sa.Column("public", sa.Boolean, nullable=False, default=False),
+    _ms("published_at"),
+    sa.Column("source", sa.String(16), nullable=False, default="device"),
+    # "a device's events newest first" and "a product's events newest first".
+    sa.Index("ix_event_history_device", "device_id", "product_id", "id"),
+    sa.Index("ix_event_history_product", "product_id", "id"),
+    sa.Index("ix_event_history_published", "published_at"),
+)
+
 # What the OTA engine remembers per device between sessions, so it survives a restart and
 # follows the device to whichever server process holds its next session.
 device_ota_memory = sa.Table(
