@@ -14,8 +14,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from otacore.messages import EVENT_DATA_MAX_BYTES
-from server.events import Event, EventSource
+from server.events import Event
 from server.store.schema import event_history
+from server.store.tx_events import event_of_row
 
 #: Longest event name and coreid the table holds (longer ones are cut, never refused).
 _NAME_MAX = 200
@@ -106,29 +107,11 @@ def read_history(
     return [
         StoredEvent(
             int(row.id),
-            Event(
-                name=row.name,
-                data=row.data,
-                product_id=row.product_id,
-                device_id=row.device_id,
-                coreid=row.coreid,
-                ttl=int(row.ttl),
-                public=bool(row.public),
-                published_at=int(row.published_at),
-                source=_source_of(row.source),
-            ),
+            event_of_row(row),
             bool(row.data_cut),
         )
         for row in rows
     ]
-
-
-def _source_of(value: object) -> EventSource:
-    """A row's publisher; an unknown value is a device's (never trusted as the cloud's)."""
-    try:
-        return EventSource(value)
-    except ValueError:
-        return EventSource.DEVICE
 
 
 def prune_older(conn: Connection, cutoff_ms: int, batch: int) -> int:

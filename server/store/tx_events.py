@@ -20,6 +20,7 @@ ignore its own appends; a notification only says "read again" (the rows say what
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -124,21 +125,23 @@ def read_events_after(
         .limit(limit)
     ).all()
     next_id = int(rows[-1].id) if len(rows) >= limit else end_id
-    events = [
-        Event(
-            name=row.name,
-            data=row.data,
-            product_id=row.product_id,
-            device_id=row.device_id,
-            coreid=row.coreid,
-            ttl=int(row.ttl),
-            public=bool(row.public),
-            published_at=int(row.published_at),
-            source=_source_of(row.source),
-        )
-        for row in rows
-    ]
-    return events, next_id
+    return [event_of_row(row) for row in rows], next_id
+
+
+def event_of_row(row: Any) -> Event:
+    """The event a stored row holds (the relay's log and the event history have the same
+    columns for it)."""
+    return Event(
+        name=row.name,
+        data=row.data,
+        product_id=row.product_id,
+        device_id=row.device_id,
+        coreid=row.coreid,
+        ttl=int(row.ttl),
+        public=bool(row.public),
+        published_at=int(row.published_at),
+        source=_source_of(row.source),
+    )
 
 
 def _source_of(value: object) -> EventSource:
