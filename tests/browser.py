@@ -17,7 +17,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.ota_server_process import REPO, ServerProcess, start_ota_server
+from tests.ota_server_process import REPO, ServerProcess, free_device_port, start_ota_server
 
 if TYPE_CHECKING:  # Playwright is imported only by the tests that launch a browser
     from playwright.sync_api import Browser, Page
@@ -235,20 +234,6 @@ class ConsoleFleet:
         self.wait_devices(lambda devices: not any(d["online"] for d in devices))
 
 
-def _free_device_port() -> int:
-    """A port number free for both TCP and UDP on loopback right now (the emulator gives
-    both transports one ``--server`` address)."""
-    while True:
-        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 def prepare_installation(root: Path, *, devices: int, product_name: str = "Sensors",
                          db_url: str | None = None) -> tuple[int, list[str], str]:
     """A fresh installation under ``root/data`` (its store: the SQLite file there, or the
@@ -294,7 +279,7 @@ def console_fleet(root: Path, *, devices: int = 4, server_args: Sequence[str] = 
     if before_start is not None:
         before_start(root / "data", product_id)
     server = start_ota_server(root / "data", root / "server.log", "--device-port",
-                              str(_free_device_port()), "--idle-timeout", str(IDLE_TIMEOUT),
+                              str(free_device_port()), "--idle-timeout", str(IDLE_TIMEOUT),
                               *server_args)
     fleet = ConsoleFleet(root, server, product_id, device_ids, token, keepalive=1.0)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,3 +88,20 @@ def start_ota_server(data: Path, log: Path, *args: str, env: dict[str, str] | No
         selector.close()
     return ServerProcess(proc, found["api"], _address(found["TLS"]), _address(found["DTLS"]),
                          log)
+
+
+def free_device_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 right now: a server binds both device
+    transports on it (``device_port``; the emulator gives both one ``--server`` address).
+    A free UDP port alone may be some other socket's TCP port, and that server then fails."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1")

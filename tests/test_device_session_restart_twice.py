@@ -12,7 +12,6 @@ and UDP port, real DTLS devices (trio's, OpenSSL inside) that outlive them.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import replace
@@ -32,6 +31,7 @@ from server.transport.session import RefuseReason
 from server.transport.udp_saved import SAVED_SESSIONS_FILE
 from tests.device_client import LinkDevice
 from tests.device_server import DeviceServerKit
+from tests.ota_server_process import free_device_port
 
 PATIENCE = 30
 #: Devices per test: enough that the sessions' ends overlap, few enough for a quick test.
@@ -86,32 +86,15 @@ async def _served_on_old_sessions(devices: list[LinkDevice]) -> None:
         assert (await device.publish("temperature", "21")).code == Code.CHANGED
 
 
-def _free_device_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1: each server of a test binds both on it
-    (``device_port``), so the first one holds the TCP port for the next ones too (a free
-    UDP port alone may be some other socket's TCP port, and the next server then fails)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1")
-
-
 async def start_first_server(nursery: trio.Nursery, tmp_path: Path,
                              tuning: DeviceTuning | None = None,
                              count: int = DEVICES) -> DeviceServerKit:
     """The first server process of a restart test: a product with ``count`` provisioned
-    devices, both device transports on one port free for both (see _free_device_port)."""
+    devices, both device transports on one port free for both (see free_device_port)."""
     data_dir, creds_dir = tmp_path / "data", tmp_path / "creds"
     product_id, provisioned = await trio.to_thread.run_sync(
         create_provisioned_product, data_dir, creds_dir, "Sensors", 13, count)
-    config = ServerConfig(data_dir=data_dir, api_port=0, device_port=_free_device_port(),
+    config = ServerConfig(data_dir=data_dir, api_port=0, device_port=free_device_port(),
                           store_threads=4, graceful_timeout=0.5,
                           device_tuning=tuning or DeviceTuning())
     handle: ServerHandle = await nursery.start(serve, config)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,11 +21,7 @@ import trio
 
 from tests.test_https import HttpsApi, https_api  # noqa: F401  (the fixture)
 from tests.test_ota_e2e_kit import app
-
-JS_DIR = Path(__file__).parent / "js"
-NODE = shutil.which("node")
-PASSWORD = "correct horse battery"
-DEVICE = "0123456789abcdef01234567"
+from tests.test_particle_api_js import DEVICE, JS_DIR, NODE, PASSWORD
 
 pytestmark = pytest.mark.skipif(
     NODE is None, reason="Node.js is not installed (scripts/bootstrap.sh then skips tests/js)"

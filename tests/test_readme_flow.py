@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -26,6 +25,8 @@ from typing import Any
 
 import httpx
 import trio
+
+from tests.ota_server_process import free_device_port
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -140,19 +141,6 @@ async def wait_devices(
     with trio.fail_after(PATIENCE):
         while not check((await api.get(f"/v1/products/{product}/devices")).json()["devices"]):
             await trio.sleep(0.1)
-
-
-def free_device_port() -> int:
-    """A port number free for both TCP and UDP on loopback right now."""
-    while True:
-        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def app_body(version: int) -> bytes:
