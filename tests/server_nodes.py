@@ -13,9 +13,28 @@ from pathlib import Path
 import httpx
 import trio
 
+from server.cli.device_store_cmd import create_provisioned_product
 from server.emulator.endpoints import Endpoint
+from server.events import EventBus
+from server.fleet import Fleet
+from server.store.installation import Installation
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def provisioned_product(data: Path, creds: Path, devices: int, *, name: str = "Sensors",
+                        db_url: str | None = None) -> tuple[int, list[str], str]:
+    """A product (platform 13) with ``devices`` provisioned devices (credentials in
+    ``creds``) in the installation of ``data`` / ``db_url``, and an owner's API token:
+    (product id, device ids sorted, token)."""
+    product_id, provisioned = create_provisioned_product(data, creds, name, 13, devices,
+                                                         db_url=db_url)
+    store = Installation(data, db_url).open_store()
+    try:
+        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
+    finally:
+        store.close()
+    return product_id, sorted(d.device_id for d in provisioned), token
 
 
 class Node:

@@ -30,13 +30,10 @@ import httpx
 import trio
 
 from otacore.signing import TrustStore
-from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
-from server.events import EventBus
-from server.fleet import Fleet
-from server.store import Store
 from tests.ota_server_process import REPO, ServerProcess, start_ota_server
+from tests.server_nodes import provisioned_product
 from tests.test_ota_e2e_kit import APP_V1, FAST, STEP, SYSTEM_5003, TRANSPORTS, app, running
 
 DEVICES = 6  # the last one is held back during the release
@@ -49,16 +46,6 @@ class Ledger:
 
     writes: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, sha256)
     acked_before_backup: int = -1
-
-
-def _prepare(data: Path, creds: Path) -> tuple[int, list[str], str]:
-    product_id, devices = create_provisioned_product(data, creds, "Sensors", 13, DEVICES)
-    store = Store.open_dir(data, pool_size=1)
-    try:
-        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
-    finally:
-        store.close()
-    return product_id, sorted(d.device_id for d in devices), token
 
 
 def _fleet(server: ServerProcess, creds: Path, state: Path, trust: TrustStore,
@@ -117,7 +104,8 @@ async def test_a_backup_taken_during_an_immediate_release_restores_into_a_servin
     tmp_path: Path,
 ) -> None:
     data, creds, state = tmp_path / "data", tmp_path / "creds", tmp_path / "state"
-    product_id, ids, token = await trio.to_thread.run_sync(_prepare, data, creds)
+    product_id, ids, token = await trio.to_thread.run_sync(
+        provisioned_product, data, creds, DEVICES)
     trust = TrustStore.initial(product_id, read_trust_file(creds / TRUST_FILE))
     held_back, riders = ids[-1], ids[:-1]
     backup = tmp_path / "backup"

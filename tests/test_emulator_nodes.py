@@ -36,17 +36,14 @@ from otacore.errors import ValidationError
 from otacore.signing import TrustStore
 from server.bench.fleet.nodes import copy_for_nodes
 from server.bench.fleet.procs import free_port
-from server.cli.device_store_cmd import create_provisioned_product
 from server.cli.emulate_cmd import emulate
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.endpoints import Endpoint, endpoint_order, format_address
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
-from server.events import EventBus
-from server.fleet import Fleet
 from server.identity import pki_dir, provision_devices
 from server.store import Store
 from server.store.schema import devices
-from tests.server_nodes import Node, release, running_node, upload
+from tests.server_nodes import Node, provisioned_product, release, running_node, upload
 from tests.test_emulated_device import KEY, PRODUCT, SYSTEM, V1, V2, Offer, ScriptedCloud
 from tests.test_emulator_fleet import CloudHandler, address, offer_when_behind, start_rig
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
@@ -198,22 +195,11 @@ def session_owner_pids(store: Store) -> dict[str, int]:
 DEVICES = 16  # alternating TLS / DTLS
 
 
-def setup_store(data: Path, creds: Path) -> tuple[int, list[str], str]:
-    """A product with DEVICES provisioned devices and an owner's API token."""
-    product_id, provisioned = create_provisioned_product(data, creds, "Sensors", 13, DEVICES)
-    store = Store.open_dir(data, pool_size=1)
-    try:
-        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
-    finally:
-        store.close()
-    return product_id, sorted(d.device_id for d in provisioned), token
-
-
 async def test_devices_fail_over_to_the_other_node_and_resume_their_download(
     tmp_path: Path,
 ) -> None:
     data, creds = tmp_path / "data", tmp_path / "creds"
-    product, ids, token = await trio.to_thread.run_sync(setup_store, data, creds)
+    product, ids, token = await trio.to_thread.run_sync(provisioned_product, data, creds, DEVICES)
     headers = {"Authorization": f"Bearer {token}"}
     trust = TrustStore.initial(product, read_trust_file(creds / TRUST_FILE))
     found = dict(find_credentials(creds))

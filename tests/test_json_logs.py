@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +23,14 @@ import pytest
 import trio
 
 from otacore.signing import TrustStore
-from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
-from server.events import EventBus
-from server.fleet import Fleet
 from server.logs import JsonFormatter, configure_logging, set_log_origin
-from server.store import Store
 from tests.ota_server_process import start_ota_server
+from tests.server_nodes import provisioned_product
 from tests.test_ota_e2e_kit import APP_V1, FAST, STEP, SYSTEM_5003, app, running, sha
 
 V2 = app(2, size=20_000)
-
-
-def _prepare(data: Path, creds: Path) -> tuple[int, list[str], str]:
-    product_id, devices = create_provisioned_product(data, creds, "Loggers", 13, 2)
-    store = Store.open_dir(data, pool_size=1)
-    try:
-        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
-    finally:
-        store.close()
-    return product_id, sorted(d.device_id for d in devices), token
 
 
 async def _upload(api: httpx.AsyncClient, product_id: int, version: int, image: bytes) -> None:
@@ -61,7 +49,8 @@ def _on_v2(ids: list[str]) -> Any:
 
 async def test_every_line_is_json_with_the_events_an_operator_greps(tmp_path: Path) -> None:
     data, creds, state = tmp_path / "data", tmp_path / "creds", tmp_path / "state"
-    product_id, ids, token = await trio.to_thread.run_sync(_prepare, data, creds)
+    product_id, ids, token = await trio.to_thread.run_sync(
+        partial(provisioned_product, data, creds, 2, name="Loggers"))
     trust = TrustStore.initial(product_id, read_trust_file(creds / TRUST_FILE))
     log_path = tmp_path / "server.log"
     server = await trio.to_thread.run_sync(

@@ -15,6 +15,7 @@ Short lease settings (2 s, renewed every 0.5 s); every wait is for a condition.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -24,12 +25,9 @@ import trio
 from otacore.signing import TrustStore
 from server.bench.fleet.nodes import copy_for_nodes
 from server.bench.fleet.procs import free_port
-from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.endpoints import Endpoint
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
-from server.events import EventBus
-from server.fleet import Fleet
 from server.leases import (
     BLOB_SWEEPER,
     EVENT_HISTORY_PRUNING,
@@ -37,9 +35,8 @@ from server.leases import (
     ROLLOUT_TICKS,
     SESSION_SWEEPER,
 )
-from server.store.installation import Installation
 from server.store.schema import devices, leases
-from tests.server_nodes import Node, running_node, upload
+from tests.server_nodes import Node, provisioned_product, running_node, upload
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,18 +47,6 @@ STAYING = 2
 LEASE = ["--session-lease", "2", "--lease-renew-interval", "0.5",
          "--set", "rollouts.tick_interval=0.2"]
 JOBS = (BLOB_SWEEPER, EVENT_HISTORY_PRUNING, EVENT_LOG_PRUNING, ROLLOUT_TICKS, SESSION_SWEEPER)
-
-
-def setup_store(data: Path, creds: Path, db_url: str) -> tuple[int, list[str], str]:
-    """A product with its provisioned devices and an owner's API token, on ``db_url``."""
-    product_id, provisioned = create_provisioned_product(
-        data, creds, "Sensors", 13, MOVING + STAYING, db_url=db_url)
-    store = Installation(data, db_url).open_store()
-    try:
-        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
-    finally:
-        store.close()
-    return product_id, sorted(d.device_id for d in provisioned), token
 
 
 def presence(engine: sa.Engine) -> dict[str, tuple[bool, str | None]]:
@@ -91,7 +76,8 @@ async def test_a_dead_nodes_devices_and_jobs_move_to_the_live_node(
     tmp_path: Path, pg_database: str
 ) -> None:
     data, creds = tmp_path / "data", tmp_path / "creds"
-    product, ids, token = await trio.to_thread.run_sync(setup_store, data, creds, pg_database)
+    product, ids, token = await trio.to_thread.run_sync(
+        partial(provisioned_product, data, creds, MOVING + STAYING, db_url=pg_database))
     headers = {"Authorization": f"Bearer {token}"}
     trust = TrustStore.initial(product, read_trust_file(creds / TRUST_FILE))
     found = dict(find_credentials(creds))

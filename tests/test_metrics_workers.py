@@ -24,6 +24,7 @@ from tests.test_multiprocess_server import (
     children,
     session_owners,
     setup_store,
+    spread_over_both_processes,
 )
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
@@ -75,15 +76,7 @@ async def test_workers_are_summed_into_one_exposition(tmp_path: Path) -> None:
             before = await scrape(api)
             await nursery.start(fleet.run)
             await fleet.wait_until(lambda f: f.summary().online == len(ids), timeout=60)
-            # Both processes must hold sessions (the kernel spreads them at random): reset
-            # devices, each reconnecting from a new source port, until they do.
-            with trio.fail_after(120):
-                while len(set(session_owners(store).values())) < 2:
-                    runner = fleet.device(ids[0])
-                    sessions = runner.device.sessions
-                    runner.reset()
-                    await fleet.wait_until(
-                        lambda f, r=runner, n=sessions: r.device.sessions > n and r.device.online)
+            await spread_over_both_processes(fleet, store, ids[0])
             owners = session_owners(store)
             print("sessions per process:", {o: list(owners.values()).count(o)
                                             for o in set(owners.values())})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -27,13 +28,9 @@ import trio
 
 from otacore.signing import TrustStore
 from server.bench.fleet.nodes import copy_for_nodes
-from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
-from server.events import EventBus
-from server.fleet import Fleet
-from server.store.installation import Installation
-from tests.server_nodes import running_node, upload
+from tests.server_nodes import provisioned_product, running_node, upload
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
 DEVICES = 300  # alternating TLS / DTLS
@@ -42,18 +39,6 @@ APP_SIZE = 64_000
 #: How long the whole fleet may take for one step on a busy 2-core machine (a failure
 #: only: every wait ends as soon as its condition holds).
 STEP = 120
-
-
-def _setup(data: Path, creds: Path, db_url: str) -> tuple[int, list[str], str]:
-    """A product with DEVICES provisioned devices in the database, and an owner's token."""
-    product_id, provisioned = create_provisioned_product(
-        data, creds, "Sensors", 13, DEVICES, db_url=db_url)
-    store = Installation(data, db_url).open_store()
-    try:
-        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
-    finally:
-        store.close()
-    return product_id, sorted(d.device_id for d in provisioned), token
 
 
 async def _devices(api: httpx.AsyncClient, product: int) -> list[dict[str, object]]:
@@ -74,7 +59,8 @@ async def _devices(api: httpx.AsyncClient, product: int) -> list[dict[str, objec
 async def test_three_nodes_one_release_one_node_killed(tmp_path: Path, pg_database: str) -> None:
     db_url = pg_database
     data, creds = tmp_path / "data", tmp_path / "creds"
-    product, ids, token = await trio.to_thread.run_sync(_setup, data, creds, db_url)
+    product, ids, token = await trio.to_thread.run_sync(
+        partial(provisioned_product, data, creds, DEVICES, db_url=db_url))
     headers = {"Authorization": f"Bearer {token}"}
     trust = TrustStore.initial(product, read_trust_file(creds / TRUST_FILE))
     found = dict(find_credentials(creds))

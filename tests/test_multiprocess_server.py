@@ -27,15 +27,14 @@ import trio
 
 from otacore.signing import TrustStore
 from server.app import ServerConfig, serve
-from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet, FleetMember, FleetSettings, find_credentials
 from server.events import STATUS, Event, EventBus
-from server.fleet import Fleet
 from server.relay import EventRelay, RelaySettings
 from server.store import Store
 from server.store.schema import devices, event_log
 from server.store.tx_events import append_events, last_event_id
+from tests.server_nodes import provisioned_product
 from tests.test_event_history import assert_stored_once
 from tests.test_ota_e2e_kit import APP_V1, FAST, SYSTEM_5003, app, updated_to
 
@@ -288,14 +287,26 @@ async def sse_reader(
                 name = None
 
 
+async def spread_over_both_processes(fleet: EmulatedFleet, store: Store,
+                                     device_id: str) -> None:
+    """Wait until both server processes hold sessions. The kernel spreads connections over
+    them at random (SO_REUSEPORT hashes the source port): with 12 devices all land in one
+    process with p = 2**-11. Then reset ``device_id`` (a new source port each time) until
+    both processes hold some."""
+    with trio.fail_after(120):
+        while len(set(session_owners(store).values())) < 2:
+            runner = fleet.device(device_id)
+            sessions_before = runner.device.sessions
+            runner.reset()
+            await fleet.wait_until(
+                lambda f, r=runner, n=sessions_before: r.device.sessions > n
+                and r.device.online
+            )
+
+
 def setup_store(data: Path, creds: Path) -> tuple[int, list[str], str]:
-    product_id, devices = create_provisioned_product(data, creds, "Sensors", 13, DEVICES)
-    store = Store.open_dir(data, pool_size=1)
-    try:
-        token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
-    finally:
-        store.close()
-    return product_id, sorted(d.device_id for d in devices), token
+    """A product with DEVICES provisioned devices and an owner's API token."""
+    return provisioned_product(data, creds, DEVICES)
 
 
 async def test_two_processes_serve_one_fleet(tmp_path: Path) -> None:
@@ -374,18 +385,7 @@ async def _drive(
             assert response.status_code == 201, response.text
         await nursery.start(fleet.run)
         await fleet.wait_until(lambda f: f.summary().online == len(ids), timeout=60)
-        # The kernel spreads connections over the two processes at random (SO_REUSEPORT
-        # hashes the source port): with 12 devices all land in one process with p = 2**-11.
-        # Then reset devices (a new source port each) until both processes hold some.
-        with trio.fail_after(120):
-            while len(set(session_owners(store).values())) < 2:
-                runner = fleet.device(ids[0])
-                sessions_before = runner.device.sessions
-                runner.reset()
-                await fleet.wait_until(
-                    lambda f, r=runner, n=sessions_before: r.device.sessions > n
-                    and r.device.online
-                )
+        await spread_over_both_processes(fleet, store, ids[0])
 
         # Both processes hold sessions: the process that published each device's "online".
         with trio.fail_after(20):
