@@ -202,7 +202,11 @@ class ServerProcess:
         """``ota server --workers 2`` on ``data``, free ports, stderr appended to ``log_path``
         (the caller stops the process)."""
         argv = [sys.executable, "-m", "server.cli.main", "server", "--data", str(data),
-                "--api-port", "0", "--device-port", "0", "--workers", "2"]  # fmt: skip
+                "--api-port", "0", "--device-port", "0", "--workers", "2",
+                # The relay's log keeps every event of the run, however slow the machine:
+                # the end-to-end test checks the stored history against it (the default
+                # 120 s retention pruned a busy run's first events before the check).
+                "--set", "relay.retention=3600"]  # fmt: skip
         with log_path.open("ab") as log:
             process = await trio.lowlevel.open_process(
                 argv, stdout=subprocess.PIPE, stderr=log.fileno(), cwd=REPO
