@@ -191,10 +191,15 @@ class EventRecorder:
 
     async def drain(self) -> None:
         """Store every event buffered now (what a caller published before it asked), in
-        batches; OtaError when the store refuses."""
-        while self._waiting:
+        batches, and any write already under way; OtaError when the store refuses."""
+        while True:
+            # flush() takes the write lock first, so a batch the run loop has already taken
+            # off the buffer (in flight in a thread, the buffer empty) is committed before
+            # this returns: an empty buffer alone does not mean "stored".
             if not await self.flush():
                 raise OtaError("the store refused the event history's write (see the log)")
+            if not self._waiting:
+                return
 
     def _write(self, batch: list[Event]) -> None:
         with self.store.write() as tx:

@@ -6,6 +6,7 @@ sleeps), and the settings an operator gives."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import trio
+import trio.testing
 
 from otacore.errors import ValidationError
 from otacore.messages import EVENT_DATA_MAX_BYTES
@@ -94,6 +96,43 @@ async def test_a_stopping_process_stores_what_it_published_last(store: Store) ->
         nursery.cancel_scope.cancel()
     assert bus.recorder is None
     assert [e.data for e in stored(store, 1)] == ["offline"]
+
+
+async def test_drain_waits_for_a_write_the_writer_has_already_taken(store: Store) -> None:
+    # Regression (CI of stop 25): drain() returned as soon as the buffer was empty, while
+    # the run loop's batch was still being written, so a "nothing changed" snapshot taken
+    # after it could see the history row land later.
+    bus = EventBus()
+    recorder = EventRecorder(store, bus, FAST_HISTORY)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_writer() -> None:
+        with store.write():
+            holding.set()
+            release.wait(30)
+
+    counts: list[int] = []
+
+    async def drain_then_count() -> None:
+        await recorder.drain()
+        counts.append(len(stored(store, 1)))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        nursery.start_soon(trio.to_thread.run_sync, hold_the_writer)
+        await trio.to_thread.run_sync(holding.wait)
+        bus.publish(Event("spark/status", "online", product_id=1, device_id=D1))
+        with trio.fail_after(20):
+            while recorder.waiting:  # the run loop took it; its write waits for ours
+                await trio.sleep(0.01)
+        nursery.start_soon(drain_then_count)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        with trio.fail_after(20):
+            while not counts:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert counts == [1]
 
 
 def test_data_is_cut_to_particles_limit_and_marked(store: Store) -> None:
