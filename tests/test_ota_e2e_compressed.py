@@ -5,7 +5,8 @@ the image as one zstd frame, inflates it, and installs it only when the inflated
 the signed manifest's SHA-256. A device that does not announce it gets the raw image. A device
 that takes the frame but cannot inflate it (its zstd window is smaller than the frame's) makes
 the server fall back to the raw image in the same session. An incompressible image travels raw
-to everyone. Release counters count compressed transfers on their own.
+to everyone. Release counters count compressed transfers on their own. When a device on a
+stored base could get either a patch or the frame, the smaller travels.
 """
 
 from __future__ import annotations
@@ -126,3 +127,59 @@ async def test_devices_announcing_compressed_ota_get_zstd_frames_others_raw_imag
             await inflating.wait_until(updated_to(a, 3), timeout=STEP)
             await rig.events.wait_for(RELEASE_BYTES_EVENT, count=4)
             assert transfers_of(rig.events, 3)[a]["transfer"] == "full"
+
+
+def _padded_app(version: int) -> bytes:
+    """An application that is almost all zero padding: its zstd frame is a few dozen bytes,
+    less than any patch's fixed header, while a patch from an unrelated base is still far
+    smaller than the image (so both encodings are on offer)."""
+    body = f"v{version} of a mostly empty application".encode() + bytes(60_000)
+    return _app_with_body(version, body)
+
+
+def _app_with_body(version: int, body: bytes) -> bytes:
+    return build_module(
+        body,
+        platform_id=BORON,
+        function=ModuleFunction.USER_PART,
+        index=1,
+        version=6,
+        product_id=BORON,
+        product_version=version,
+        dependencies=[ModuleDependency(ModuleFunction.SYSTEM_PART, 1, 5003)],
+    )
+
+
+#: A stored base (so a delta can be made) with nothing in common with _padded_app's body.
+UNRELATED_BASE = _app_with_body(1, hashlib.shake_256(b"unrelated base").digest(40_000))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_smaller_of_delta_and_zstd_frame_travels(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    # Issue 18: a patch is never sent when the compressed image is smaller. Both devices run
+    # a stored base; the one that inflates frames gets the frame, the other the patch.
+    target = _padded_app(2)
+    async with ota_rig(nursery, tmp_path, count=2) as rig:
+        a, b = rig.ids
+        await rig.upload_device_os(SYSTEM_5003)
+        for version, image in ((1, UNRELATED_BASE), (2, target)):
+            await rig.upload(version, image)
+        inflating = rig.fleet([(a, transport)], firmware=(SYSTEM_5003, UNRELATED_BASE))
+        raw_only = rig.fleet([(b, transport)], firmware=(SYSTEM_5003, UNRELATED_BASE),
+                             compressed_ota=False)
+        async with running(inflating), running(raw_only):
+            for device_id in (a, b):
+                await rig.wait_device(device_id, lambda d: d["online"] and bool(d["modules"]))
+            await rig.release(2, product_default=True, intelligent=True)
+            await inflating.wait_until(updated_to(a, 2), timeout=STEP)
+            await raw_only.wait_until(updated_to(b, 2), timeout=STEP)
+            await rig.events.wait_for(RELEASE_BYTES_EVENT, count=2)
+            sent = transfers_of(rig.events, 2)
+            assert (sent[a]["transfer"], sent[b]["transfer"]) == ("zstd", "delta")
+            assert sent[a]["bytes_sent"] == len(compress_image(target))
+            assert sent[a]["bytes_sent"] < sent[b]["bytes_sent"] < len(target) // 10
+            for fleet, device_id in ((inflating, a), (raw_only, b)):
+                running_sha = {m.sha256 for m in fleet.device(device_id).device.describe().modules}
+                assert hashlib.sha256(target).digest() in running_sha

@@ -22,17 +22,27 @@ async def file_to_send(engine: OtaEngine, planner: DeliveryPlanner, device_id: s
     """The first of the planner's file choices the caches can make: a delta when the
     device runs a known base and the patch is worth it; else the image zstd-compressed
     when the device inflates them (Hello's compressed_ota) and it compresses; else the
-    image itself."""
+    image itself. When both a delta and a zstd frame can be made, the smaller travels
+    (a patch must never cost more than the compressed image: issue 18); a device that
+    refuses the one sent falls back through the planner's next choices as before."""
     info = module.info
     choices = planner.file_choices(
         offer, target_facts(view), compressed_ota=hello is not None and hello.compressed_ota,
         delta_refused=RefusedFor(engine.deltas.refused, device_id),
         zstd_refused=RefusedFor(engine.compressed.refused, device_id))
-    for choice in choices:
+    for at, choice in enumerate(choices):
         sent = await _encode(engine, device_id, view, module, info.module_function,
                              info.module_index, choice)
-        if sent is not None:
-            return sent
+        if sent is None:
+            continue
+        if choice.encoding is Encoding.DELTA:
+            rival = next((c for c in choices[at + 1:] if c.encoding is Encoding.ZSTD), None)
+            if rival is not None:
+                frame = await _encode(engine, device_id, view, module, info.module_function,
+                                      info.module_index, rival)
+                if frame is not None and len(frame.data) < len(sent.data):
+                    return frame
+        return sent
     raise AssertionError("the planner's last choice is the image itself")  # pragma: no cover
 
 
