@@ -12,10 +12,7 @@ tests/test_metrics_release.py under the full suite)."""
 from __future__ import annotations
 
 import errno
-import gc
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,20 +21,8 @@ import trio
 from server.bench.fleet.record_devices import RecordDeviceRunner
 from server.emulator.fleet import EmulatedFleet
 from server.transport.session import CloseReason
+from tests.collector_state import collector_off
 from tests.test_ota_e2e_kit import STEP, ota_rig, running
-
-
-@contextmanager
-def collector_off() -> Iterator[None]:
-    """No cyclic garbage collection inside the block: only an explicit close frees a socket
-    held in a reference cycle."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def udp_port_is_free(port: int) -> bool:
