@@ -24,6 +24,7 @@ from otacore.platforms import ModuleFunction
 # The browser tests' fixtures, ``browser`` and ``page``: a headless system Chromium under
 # Playwright (imported only when a test uses them; skipped where Chromium is absent).
 from tests.browser import browser, page  # noqa: F401
+from tests.collector_state import collector_kept
 
 if TYPE_CHECKING:  # the server stack is imported by the fixtures that use it, so test
     # sessions that never start a server do not pay for importing it
@@ -447,3 +448,11 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fi
     yield ThreadedServer(handle.api_url, ready["token"], handle, call)
     trio.from_thread.run_sync(handle.shutdown.set, trio_token=trio_token)
     thread.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _collector_kept() -> Iterator[None]:
+    """Every test leaves this process's garbage collector as it found it (a test running
+    ``ota server`` in-process tunes it for a server: see tests/collector_state.py)."""
+    with collector_kept():
+        yield

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -36,6 +37,23 @@ def _expected_spread(work: Path, names: list[str]) -> dict[str, Counter[str]]:
     for device_id, kind in spec["devices"]:
         spread[endpoints[endpoint_order(device_id, endpoints)[0]].name][kind] += 1
     return spread
+
+
+def _round_failure(result: dict[str, Any], out: Path, kind: str, mode: str) -> str:
+    """What a handshake round that lost connections says about them: its counts and the
+    load generator's errors, what the nodes logged, and the load generator's log."""
+    found = result["handshakes"][kind][mode]
+    counts = {key: found[key] for key in ("ok", "failed", "reused", "errors")}
+    logs = "\n".join(
+        f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:])
+        for log in sorted(out.glob("loadgen-*.log")))
+    # The handshake servers' refusals and sessions that did not end by the device's close.
+    ends = "\n".join(
+        f"{log.name}: {line}" for log in sorted(out.glob("server-handshakes-*.log"))
+        for line in log.read_text().splitlines()
+        if "refused" in line or ("closed:" in line and "closed by device" not in line))
+    return (f"{kind} {mode} round: {counts}; by node: {found['by_node']}; the nodes "
+            f"logged: {result['log_problems']['servers']}\n{ends}\n{logs}")
 
 
 @pytest.mark.parametrize("explicit_url", [False, True])
@@ -99,7 +117,8 @@ async def test_two_nodes_share_one_store_and_report_per_node(
             for kind in ("tcp", "udp"):
                 for mode in ("full", "resumed"):
                     found = node["handshakes"][kind][mode]
-                    assert found["ok"] == at_handshakes[found["endpoint"]][kind], (kind, mode)
+                    assert found["ok"] == at_handshakes[found["endpoint"]][kind], (
+                        _round_failure(result, out, kind, mode))
     assert sum(n["sessions_at_release"] for n in nodes) == DEVICES
     assert result["server_rss_peak_kib"] == sum(n["server_rss_peak_kib"] for n in nodes)
     assert result["release_server_cpu_s"] == pytest.approx(

@@ -60,9 +60,11 @@ async def test_one_registry_follows_sessions_replaced_and_ended(
             assert plane.registry.get(device_id) is second.session
             assert plane.live[device_id] is second and len(plane.live) == 1
             await rig.engine_done(device_id)
-        # The device is off (it sent no goodbye); its last session ends: nothing of it is
-        # left in the registry, nor its memory.
-        assert rig.cut(device_id)
+        # The device is off (it sent no goodbye); its last session ends (by this cut, or
+        # over TCP by then already: the emulator closes a cut device's sockets at once, as
+        # a kernel does a killed process's): nothing of it is left in the registry, nor
+        # its memory.
+        rig.cut(device_id)
         await rig.wait_device(device_id, lambda d: not d["online"])
         with trio.fail_after(STEP):
             while device_id in plane.live:

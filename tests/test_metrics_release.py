@@ -159,9 +159,10 @@ async def test_a_release_moves_the_counters_by_what_the_devices_received(
                          for transport in ("tcp", "udp"))
             assert (resent == 0) == (chunks == 0)
             print(f"retransmitted: {chunks:g} chunks, {resent:g} bytes")
-        # The devices are gone (power cut): the TLS sessions leave the gauge at once (their
-        # connections closed); DTLS sessions stay until their idle timeout (no datagram
-        # says a device is gone).
+        # The devices are gone (power cut): the TLS sessions leave the gauge at once (the
+        # emulator closes a cut device's sockets then, as a kernel does a killed process's:
+        # tests/test_emulator_power_cut.py); DTLS sessions stay until their idle timeout
+        # (no datagram says a device is gone).
         await scrape_until(rig.api, before, {key("ota_sessions", transport="tcp"): 0,
                                              key("ota_sessions", transport="udp"): 2})
 

@@ -16,7 +16,11 @@ back-off, goes to the next endpoint of its order, wrapping around. A reset keeps
 
 A :class:`Reboot` closes the link (after the Goodbye is sent), waits ``reboot_delay`` and
 boots the machine again; a kill is simply cancelling :meth:`run`: the flash keeps what must
-survive.
+survive, and the device's sockets are closed at once with no goodbye, as the kernel closes a
+killed process's (:meth:`_Connection.cut`). A TLS stream is in a reference cycle (trio's
+``SSLStream`` holds bound methods of itself), so a socket left to the garbage collector
+would close whenever a full collection happens to run: the server would see the end of the
+connection after a delay set by the heap's size, not by the device.
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ class _Connection(Protocol):
     async def send(self, pieces: list[bytes]) -> None: ...
     async def aclose(self) -> None: ...
 
+    def cut(self) -> None:
+        """Power cut: close the socket now, sending nothing (no close_notify); idempotent.
+        Over TCP the kernel still ends the connection (FIN), as it does for a killed
+        process; over UDP nothing reaches the server, which waits for its idle timeout."""
+        ...
+
 
 class _TlsConnection:
     def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
@@ -104,6 +114,9 @@ class _TlsConnection:
             except LINK_ERRORS:
                 pass
         await trio.aclose_forcefully(self.stream)
+
+    def cut(self) -> None:
+        self.stream.transport_stream.socket.close()
 
 
 class _DtlsConnection:
@@ -128,6 +141,9 @@ class _DtlsConnection:
         # trio never sends close_notify itself; without it the server waits for its idle timeout.
         with trio.move_on_after(1.0):
             await send_close_notify(self.channel)
+        self.cut()
+
+    def cut(self) -> None:
         self.channel.close()
         self.endpoint.close()
 
@@ -140,7 +156,7 @@ async def _open_dtls_endpoint(server: tuple[str, int]) -> trio.DTLSEndpoint:
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     try:
         await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-    except OSError:
+    except BaseException:  # an error, or a power cut meanwhile: no socket left open
         sock.close()
         raise
     return trio.DTLSEndpoint(sock)
@@ -243,7 +259,11 @@ class DeviceRunner:
             connection = await self._connect()
             went_online = False
             if connection is not None:
-                went_online = await self._run_session(connection)
+                try:
+                    went_online = await self._run_session(connection)
+                except BaseException:  # a power cut (cancelled): the socket goes now
+                    connection.cut()
+                    raise
             if device.boots != boots:
                 continue  # it reset: a booting device connects at once (same endpoint)
             # Refused, timed out, or the session ended without a reset: the next attempt
@@ -318,6 +338,10 @@ class DeviceRunner:
                 if endpoint is not None:
                     endpoint.close()
                 return None
+            except BaseException:  # a power cut during the handshake (connect_tls and
+                if endpoint is not None:  # connect_dtls close their own stream, channel)
+                    endpoint.close()
+                raise
 
     async def _run_session(self, connection: _Connection) -> bool:
         """One session: returns True when the server answered Hello."""

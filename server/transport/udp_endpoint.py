@@ -218,7 +218,14 @@ class UdpEndpoint(GracefulRestart):
         if peer is None:
             self._on_stranger(datagram, address)
         elif type(peer) is DtlsLink:
-            if peer.on_datagram(datagram):
+            if peer.layer.closed and _starts_with_client_hello(datagram):
+                # The session at this address is over, but it holds the address until its
+                # end has run (the handler's last store writes: seconds on a busy store).
+                # This ClientHello is a new connection from a port the kernel gave out
+                # again (RFC 6347 4.2.8): the cookie exchange decides, as for an open
+                # session, instead of the closed layer dropping it.
+                self._on_new_hello(peer, datagram, address)
+            elif peer.on_datagram(datagram):
                 self._on_new_hello(peer, datagram, address)
         else:
             assert isinstance(peer, _Handshaking)

@@ -237,6 +237,14 @@ class TlsRecordConnection:
                     await self.stream.send_all(self.layer.close())
         await trio.aclose_forcefully(self.stream)
 
+    def cut(self) -> None:
+        """Power cut: OpenSSL's handshake object freed, the socket closed now, nothing
+        sent (the kernel still ends the TCP connection, as for a killed process)."""
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            handshake.abort()
+        self.stream.socket.close()
+
 
 class DtlsRecordConnection:
     """A DTLS 1.2 session as our record layer over one connected UDP socket."""
@@ -307,6 +315,11 @@ class DtlsRecordConnection:
                 await self.sock.send(self.layer.close())
         self.sock.close()
 
+    def cut(self) -> None:
+        """Power cut: the socket closed now, nothing sent (the server's session lasts
+        until its idle timeout)."""
+        self.sock.close()
+
 
 async def _udp_socket(server: tuple[str, int], source: str | None) -> trio.socket.SocketType:
     infos = await trio.socket.getaddrinfo(server[0], server[1], type=socket.SOCK_DGRAM)
@@ -317,7 +330,7 @@ async def _udp_socket(server: tuple[str, int], source: str | None) -> trio.socke
         await sock.bind((source or any_address, 0))
         # Connected: the kernel delivers only the server's datagrams to this socket.
         await sock.connect(server)
-    except OSError:
+    except BaseException:  # an error, or a power cut meanwhile: no socket left open
         sock.close()
         raise
     return sock
@@ -359,8 +372,12 @@ async def connect_dtls_records(
         raise
     connection = DtlsRecordConnection(sock, handover.layer, handover.session)
     if handover.unprocessed:
-        for reply in connection.take_datagram(handover.unprocessed):
-            await sock.send(reply)
+        try:
+            for reply in connection.take_datagram(handover.unprocessed):
+                await sock.send(reply)
+        except BaseException:
+            connection.cut()
+            raise
     return connection, handover.resumed
 
 
