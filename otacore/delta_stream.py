@@ -65,6 +65,7 @@ from otacore.delta import (
     _kernel,
     lzma_filters,
     lzma_props,
+    read_header,
     unzigzag,
 )
 from otacore.errors import OtaError, PatchFormatError
@@ -575,3 +576,33 @@ def apply_stream(
     for piece in pieces:
         applier.feed(piece)
     return applier.finish()
+
+
+def decode_payload(patch: Buffer, *, max_size: int | None = None) -> tuple[PatchHeader, bytes]:
+    """The header and the decompressed payload (the records) of a whole patch, any codec:
+    for tools that inspect patches; devices stream with :class:`PatchApplier`. Refuses a
+    payload that would decompress past ``max_size`` (default: 4x the target + 1 MiB)."""
+    header = read_header(patch)
+    limit = header.target_size * 4 + (1 << 20) if max_size is None else max_size
+    out = bytearray()
+
+    class _Collect:
+        def write(self, data: bytes) -> int:
+            if len(out) + len(data) > limit:
+                raise PatchLimitError(f"patch payload decompresses past {limit} bytes")
+            out.extend(data)
+            return len(data)
+
+    decoder: _ZstdDecoder | _LzmaDecoder
+    if header.codec == CODEC_LZMA2:
+        decoder = _LzmaDecoder(header.window_log, header.lzma_props, _Collect())
+    else:
+        decoder = _ZstdDecoder(header.window_log, _Collect())
+    try:
+        decoder.feed(memoryview(patch).cast("B")[header.size :])
+    except zstandard.ZstdError as exc:
+        raise PatchCorruptError(f"patch payload is corrupt: {exc}") from None
+    except lzma.LZMAError as exc:
+        raise PatchCorruptError(f"patch payload is corrupt (LZMA2): {exc}") from None
+    decoder.check_end()
+    return header, bytes(out)
