@@ -33,6 +33,23 @@ from otacore.delta import (
 
 #: Codecs the maker tries unless told otherwise.
 DEFAULT_CODECS: tuple[int, ...] = (CODEC_ZSTD, CODEC_LZMA2)
+#: The operator's names for codec sets (``ota delta make --codec``, ``ota server
+#: --delta-codec``): auto keeps the smaller; zstd alone suits devices whose applier has no
+#: LZMA2 decoder (every version-1 applier).
+CODEC_CHOICES: dict[str, tuple[int, ...]] = {
+    "auto": DEFAULT_CODECS,
+    "zstd": (CODEC_ZSTD,),
+    "lzma2": (CODEC_LZMA2,),
+}
+
+
+def codecs_named(name: str) -> tuple[int, ...]:
+    """The codec set called ``name`` in CODEC_CHOICES; PatchInputError for another name."""
+    if name not in CODEC_CHOICES:
+        raise PatchInputError(
+            f"codec must be one of {', '.join(CODEC_CHOICES)}, not {name!r}"
+        )
+    return CODEC_CHOICES[name]
 #: LZMA2 property sets tried: liblzma's default (lc=3 lp=0 pb=2), best on most payloads,
 #: and no literal context (lc=0 lp=0 pb=0), which wins on small Cortex-M and RISC-V pairs
 #: (0.1-6% on 20 of the 35 public pairs) but costs a second LZMA2 pass.
@@ -42,7 +59,8 @@ LZMA_PROPS_TRIED = (lzma_props_byte(3, 0, 2), lzma_props_byte(0, 0, 0))
 #: which its large pairs dominate).
 LZMA_ALL_PROPS_MAX = 256 * 1024
 #: liblzma preset of the LZMA2 pass: 9 (bt4 match finder, nice_len 64; about 1% larger)
-#: or 9 | PRESET_EXTREME (deeper search; about twice the time). ``ota delta make --lzma-preset``.
+#: or 9 | PRESET_EXTREME (deeper search; about twice the time): ``ota delta make
+#: --lzma-preset N [--no-lzma-extreme]``, ``ota server --delta-codec``.
 DEFAULT_LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 #: The all-literal candidate is made with every codec only when the best patch so far is
 #: larger than this fraction of the literal payload's fast zstd (level 3) size: a patch much
