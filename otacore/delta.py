@@ -17,7 +17,7 @@ Header, version 2 (33..63 bytes; "varint" is unsigned LEB128)::
     0   4  magic b"OTAD"
     4   1  format version (2)
     5   1  bits 0-4: window log (10..MAX_WINDOW_LOG): the applier needs a 2**log byte window;
-           bits 5-7: codec (CODEC_ZSTD 0, CODEC_LZMA2 1; others are refused)
+           bits 5-7: codec (CODEC_ZSTD 0, CODEC_LZMA2 1, CODEC_ZSTD_OLD 2; others refused)
     6   1  LZMA2 only: the LZMA properties byte (pb * 5 + lp) * 9 + lc, lc + lp <= 4, pb <= 4
        v   base (old image) size
        v   target (new image) size
@@ -28,6 +28,11 @@ Header, version 2 (33..63 bytes; "varint" is unsigned LEB128)::
        4   CRC-32 of all the bytes before it
 
 Codec 0: the payload is one zstd frame (RFC 8878) whose window is at most 2**log.
+Codec 2: one zstd frame as codec 0, decoded with the whole base image as its raw-content
+dictionary (RFC 8878, section 5: what ``zstd --patch-from`` does), so the frame's matches
+may copy from the old image too. zstd references dictionary bytes only within the window,
+so a codec 2 patch needs base size + payload <= 2**log (the applier checks the base size);
+the apply memory stays the window: a device reads the dictionary in place from flash.
 Codec 1: the payload is one raw LZMA2 stream (xz-file-format 1.2.0, section 5.3.1, without
 the .xz container) with a dictionary of exactly 2**log bytes (log >= 12, LZMA2's smallest
 dictionary is 4 KiB); every chunk that sets properties must set the header's byte, so the
@@ -113,7 +118,8 @@ V2_DIGEST_SIZE = 16
 #: Payload codecs (version 2 header, bits 5-7 of byte 5).
 CODEC_ZSTD = 0
 CODEC_LZMA2 = 1
-CODEC_NAMES = {CODEC_ZSTD: "zstd", CODEC_LZMA2: "lzma2"}
+CODEC_ZSTD_OLD = 2
+CODEC_NAMES = {CODEC_ZSTD: "zstd", CODEC_LZMA2: "lzma2", CODEC_ZSTD_OLD: "zstd-old"}
 #: LZMA2's smallest dictionary is 4 KiB (liblzma LZMA_DICT_SIZE_MIN).
 MIN_LZMA_WINDOW_LOG = 12
 #: Largest window a patch may ask for (1 MiB); makers default to DEFAULT_WINDOW_LOG.
@@ -286,6 +292,11 @@ class PatchHeader:
             raise PatchCorruptError(
                 f"patch window log {header.window_log} is outside 10..{MAX_WINDOW_LOG}"
             )
+        if header.codec == CODEC_ZSTD_OLD and header.base_size > 1 << header.window_log:
+            raise PatchCorruptError(
+                f"patch uses the {header.base_size}-byte base image as a zstd dictionary, "
+                f"which must fit its {1 << header.window_log}-byte window"
+            )
         if header.codec == CODEC_LZMA2 and header.window_log < MIN_LZMA_WINDOW_LOG:
             raise PatchCorruptError(
                 f"patch LZMA2 window log {header.window_log} is below {MIN_LZMA_WINDOW_LOG}"
@@ -398,8 +409,8 @@ def make_patch(
     near level 19. ``window_log`` and ``block_limit`` bound the memory the applier needs (see
     :mod:`otacore.delta_stream`). ``effort`` is how many strategies the maker makes in full
     to keep the smallest (:mod:`otacore.delta_strategy`; None: its default). ``codecs``
-    are the payload codecs tried (CODEC_ZSTD, CODEC_LZMA2; None: both) and ``lzma_preset``
-    LZMA2's liblzma preset (None: :mod:`otacore.delta_codec`'s default). Raises
+    are the payload codecs tried (CODEC_ZSTD, CODEC_LZMA2, CODEC_ZSTD_OLD; None: all) and
+    ``lzma_preset`` LZMA2's liblzma preset (None: :mod:`otacore.delta_codec`'s default). Raises
     PatchInputError for images or options it refuses.
     """
     from otacore import delta_codec, delta_maker, delta_strategy  # they import this module
@@ -457,6 +468,7 @@ __all__ = [
     "CODEC_LZMA2",
     "CODEC_NAMES",
     "CODEC_ZSTD",
+    "CODEC_ZSTD_OLD",
     "DEFAULT_BLOCK_LIMIT",
     "DEFAULT_WINDOW_LOG",
     "FILTER_THUMB",

@@ -3,11 +3,15 @@ keep the smallest (format: otacore.delta, version 2).
 
 The maker's strategies (otacore.delta_strategy) compete with zstd, which is fast enough to
 make every one in full. The winner's payload is then also encoded as a raw LZMA2 stream with
-the property sets in ``LZMA_PROPS_TRIED``, and the target image itself as an all-literal
-payload (so that a patch is never larger than the compressed image plus a header); the
-smallest of these is the patch. LZMA2 costs make time, not apply memory: its dictionary is
-the same ``2**window_log`` bytes as zstd's window and its probability tables are at most
-28 KiB (otacore.delta_stream, "Memory bound").
+the property sets in ``LZMA_PROPS_TRIED`` and, when the old image and the payload fit the
+window, as a zstd frame with the old image as dictionary (codec 2); the target image itself
+is encoded as an all-literal payload too (so that a patch is never larger than the
+compressed image plus a header, nor, when the window covers both images, than ``zstd
+--patch-from``'s frame plus a header and the records' framing, a few bytes); the smallest
+of these is the patch.
+LZMA2 costs make time, not apply memory: its dictionary is the same ``2**window_log``
+bytes as zstd's window and its probability tables are at most 28 KiB (otacore.delta_stream,
+"Memory bound").
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from otacore.delta import (
     CODEC_LZMA2,
     CODEC_NAMES,
     CODEC_ZSTD,
+    CODEC_ZSTD_OLD,
     FORMAT_VERSION,
     MIN_LZMA_WINDOW_LOG,
     PatchHeader,
@@ -32,13 +37,15 @@ from otacore.delta import (
 )
 
 #: Codecs the maker tries unless told otherwise.
-DEFAULT_CODECS: tuple[int, ...] = (CODEC_ZSTD, CODEC_LZMA2)
+DEFAULT_CODECS: tuple[int, ...] = (CODEC_ZSTD, CODEC_LZMA2, CODEC_ZSTD_OLD)
 #: The operator's names for codec sets (``ota delta make --codec``, ``ota server
-#: --delta-codec``): auto keeps the smaller; zstd alone suits devices whose applier has no
-#: LZMA2 decoder (every version-1 applier).
+#: --delta-codec``): auto keeps the smallest; zstd (with or without the old image as
+#: dictionary) suits devices whose applier has no LZMA2 decoder; zstd-plain also those that
+#: cannot hand their decoder the old image; lzma2 forces LZMA2.
 CODEC_CHOICES: dict[str, tuple[int, ...]] = {
     "auto": DEFAULT_CODECS,
-    "zstd": (CODEC_ZSTD,),
+    "zstd": (CODEC_ZSTD, CODEC_ZSTD_OLD),
+    "zstd-plain": (CODEC_ZSTD,),
     "lzma2": (CODEC_LZMA2,),
 }
 
@@ -58,16 +65,22 @@ LZMA_PROPS_TRIED = (lzma_props_byte(3, 0, 2), lzma_props_byte(0, 0, 0))
 #: second set gains 0.15% on the public corpus's total and would double the LZMA2 time,
 #: which its large pairs dominate).
 LZMA_ALL_PROPS_MAX = 256 * 1024
-#: liblzma preset of the LZMA2 pass: 9 (bt4 match finder, nice_len 64; about 1% larger)
-#: or 9 | PRESET_EXTREME (deeper search; about twice the time): ``ota delta make
-#: --lzma-preset N [--no-lzma-extreme]``, ``ota server --delta-codec``.
-DEFAULT_LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+#: liblzma preset of the LZMA2 pass (``ota delta make --lzma-preset N [--lzma-extreme]``).
+#: A plain preset gets LZMA_NICE_LEN on top; with PRESET_EXTREME liblzma's own deeper search
+#: runs as is. On the public corpus's payloads: 9 alone 1.0% larger than 9 | EXTREME in 40%
+#: of its time, 9 with nice_len 128 0.4% larger in 58% (the extreme pass alone would take
+#: the make time past issue 18's 2x zstd --patch-from).
+DEFAULT_LZMA_PRESET = 9
+#: Match length at which the LZMA2 encoder stops looking for a longer one (liblzma: 64 at
+#: preset 9, 273 with PRESET_EXTREME); long runs of unchanged (zero) difference bytes gain.
+LZMA_NICE_LEN = 128
 #: The all-literal candidate is made with every codec only when the best patch so far is
 #: larger than this fraction of the literal payload's fast zstd (level 3) size: a patch much
-#: smaller than the image compressed fast cannot lose to the image compressed well. The fast
-#: candidate itself always competes, so no patch is larger than the image at zstd level 3
-#: plus a header.
-LITERAL_SCREEN = 0.6
+#: smaller than the image compressed fast cannot lose to the image compressed well (LZMA2
+#: made the literal payload 0.78-0.98x its fast zstd size on 34 of the 35 public pairs, 0.54x
+#: on the 35th, whose patch was 0.03x). The fast candidate itself always competes, so no
+#: patch is larger than the image at zstd level 3 plus a header.
+LITERAL_SCREEN = 0.75
 LITERAL_SCREEN_LEVEL = 3
 _LZMA_PRESETS = frozenset(range(10)) | {level | lzma.PRESET_EXTREME for level in range(10)}
 
@@ -85,10 +98,24 @@ def check_codecs(codecs: Collection[int], lzma_preset: int) -> None:
         )
 
 
-def compress_zstd(payload: bytes, level: int | None, window_log: int) -> bytes:
+def compress_zstd(
+    payload: bytes, level: int | None, window_log: int, dictionary: bytes | None = None
+) -> bytes:
     """One zstd frame (RFC 8878) with an explicit window. Level None is the default profile:
     btopt with a 128-byte target length, within 1% of level 19's ratio on the corpus in
-    about a quarter of the time."""
+    about a quarter of the time. With ``dictionary`` (codec 2: the old image, which with the
+    payload fits the window) it is a raw-content dictionary and level None means 19: such
+    payloads are small."""
+    if dictionary is not None:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            19 if level is None else level, window_log=window_log, source_size=len(payload)
+        )
+        dict_data = zstandard.ZstdCompressionDict(
+            dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+        )
+        return zstandard.ZstdCompressor(
+            dict_data=dict_data, compression_params=params
+        ).compress(payload)
     if level is None:
         params = zstandard.ZstdCompressionParameters(
             window_log=window_log,
@@ -107,8 +134,11 @@ def compress_zstd(payload: bytes, level: int | None, window_log: int) -> bytes:
 
 
 def compress_lzma2(payload: bytes, window_log: int, props: int, preset: int) -> bytes:
-    """One raw LZMA2 stream with a ``2**window_log`` dictionary and properties ``props``."""
+    """One raw LZMA2 stream with a ``2**window_log`` dictionary and properties ``props``
+    (``preset`` plus LZMA_NICE_LEN unless it is an extreme preset)."""
     filters = lzma_filters(window_log, props, preset)
+    if not preset & lzma.PRESET_EXTREME:
+        filters[0]["nice_len"] = LZMA_NICE_LEN
     return lzma.compress(payload, format=lzma.FORMAT_RAW, filters=filters)
 
 
@@ -116,7 +146,7 @@ class PatchEncoder:
     """Wraps payloads of one (old, new) pair in version 2 headers, one codec at a time."""
 
     def __init__(self, old: bytes, new: bytes, *, window_log: int, block_limit: int) -> None:
-        self.new, self.window_log, self.block_limit = new, window_log, block_limit
+        self.old, self.new, self.window_log, self.block_limit = old, new, window_log, block_limit
         self._fields = {
             "base_size": len(old),
             "target_size": len(new),
@@ -136,6 +166,9 @@ class PatchEncoder:
         """The patch of ``payload`` (decompressed records) compressed with ``codec``."""
         if codec == CODEC_LZMA2:
             compressed = compress_lzma2(payload, self.window_log, props, preset)
+        elif codec == CODEC_ZSTD_OLD:
+            compressed = compress_zstd(payload, level, self.window_log, self.old)
+            props = 0
         else:
             compressed, props = compress_zstd(payload, level, self.window_log), 0
         header = PatchHeader(
@@ -162,14 +195,22 @@ class PatchEncoder:
         LZMA_PROPS_TRIED, the first only for a large payload); ``zstd_patch``, when given,
         is the payload's zstd patch already made."""
         candidates = []
-        if CODEC_ZSTD in codecs or self.window_log < MIN_LZMA_WINDOW_LOG:
-            # (LZMA2 alone cannot have a window below 4 KiB: such a patch falls back to zstd)
-            candidates.append(zstd_patch or self.encode(payload, CODEC_ZSTD, level=level))
         if CODEC_LZMA2 in codecs and self.window_log >= MIN_LZMA_WINDOW_LOG:
             tried = LZMA_PROPS_TRIED if len(payload) <= LZMA_ALL_PROPS_MAX else LZMA_PROPS_TRIED[:1]
             for props in tried:
                 candidates.append(self.encode(payload, CODEC_LZMA2, props=props, preset=preset))
+        if CODEC_ZSTD_OLD in codecs and self.dictionary_fits(payload):
+            candidates.append(self.encode(payload, CODEC_ZSTD_OLD, level=level))
+        if CODEC_ZSTD in codecs or not candidates:
+            # (also when the codecs asked for cannot carry this payload: LZMA2 has no window
+            # below 4 KiB, codec 2 none smaller than the old image plus the payload)
+            candidates.insert(0, zstd_patch or self.encode(payload, CODEC_ZSTD, level=level))
         return candidates
+
+    def dictionary_fits(self, payload: bytes) -> bool:
+        """Whether codec 2 can carry ``payload``: zstd references dictionary bytes only
+        within the window, so the old image and the payload must both fit it."""
+        return len(self.old) + len(payload) <= 1 << self.window_log
 
     def literal_payload(self) -> bytes:
         """The payload that sends the target as literal bytes: no filters, one entry per
@@ -209,6 +250,9 @@ class PatchEncoder:
         fast = self.encode(literal, CODEC_ZSTD, level=LITERAL_SCREEN_LEVEL)
         if min(map(len, candidates)) > LITERAL_SCREEN * len(fast):
             candidates += self.smallest(literal, codecs, level=level, preset=preset)
+        elif CODEC_ZSTD_OLD in codecs and self.dictionary_fits(literal):
+            # zstd --patch-from's own patch: small images only, so always worth a try
+            candidates.append(self.encode(literal, CODEC_ZSTD_OLD, level=level))
         if CODEC_ZSTD in codecs:
             candidates.append(fast)
         return min(candidates, key=len)

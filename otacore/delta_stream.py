@@ -23,6 +23,9 @@ smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it
     set those), liblzma's fixed decoder state and at most one DECODE_PIECE of compressed
     input held inside the decompressor: about 164 KiB for window log 17
     (``lzma_native_bound``);
+  - zstd with the base image as dictionary (codec 2): as zstd, plus the base image, at most
+    the window (the header is refused otherwise). A device references it in place in
+    flash; this applier reads it once into a Python buffer (``base_size`` more bytes);
 * one payload record, at most ``block_limit`` bytes (a Python bytearray);
 * the relocation and value maps, at most 2 x MAX_MAP_ENTRIES entries (64 KiB as int64 pairs
   here, 32 KiB as the u32/i32 pairs a device would keep);
@@ -51,6 +54,7 @@ from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
     CODEC_LZMA2,
+    CODEC_ZSTD_OLD,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
     MAX_HEADER_SIZE,
@@ -163,10 +167,18 @@ class _Lzma2ChunkCheck:
 
 
 class _ZstdDecoder:
-    """Codec 0: one zstd frame, decoded by a stream writer into ``write``."""
+    """Codecs 0 and 2: one zstd frame, decoded by a stream writer into ``write``; codec 2
+    with the base image as a raw-content dictionary."""
 
-    def __init__(self, window_log: int, write: Any) -> None:
-        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << window_log)
+    def __init__(self, window_log: int, write: Any, dictionary: bytes | None = None) -> None:
+        dict_data = None
+        if dictionary is not None:
+            dict_data = zstandard.ZstdCompressionDict(
+                dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+            )
+        decompressor = zstandard.ZstdDecompressor(
+            dict_data=dict_data, max_window_size=1 << window_log
+        )
         # zstd writes each decompressed piece to write.write (an IO-like sink).
         self._stream = decompressor.stream_writer(cast(IO[bytes], write), write_size=DECODE_PIECE)
 
@@ -391,6 +403,9 @@ class PatchApplier:
         self._remaining = header.payload_size
         if header.codec == CODEC_LZMA2:
             self._stream = _LzmaDecoder(header.window_log, header.lzma_props, self)
+        elif header.codec == CODEC_ZSTD_OLD:  # the base (<= the window, parse checked it)
+            base = bytes(self._read_old(0, header.base_size))
+            self._stream = _ZstdDecoder(header.window_log, self, base)
         else:
             self._stream = _ZstdDecoder(header.window_log, self)
 
@@ -578,10 +593,13 @@ def apply_stream(
     return applier.finish()
 
 
-def decode_payload(patch: Buffer, *, max_size: int | None = None) -> tuple[PatchHeader, bytes]:
-    """The header and the decompressed payload (the records) of a whole patch, any codec:
-    for tools that inspect patches; devices stream with :class:`PatchApplier`. Refuses a
-    payload that would decompress past ``max_size`` (default: 4x the target + 1 MiB)."""
+def decode_payload(
+    patch: Buffer, *, old: Buffer | None = None, max_size: int | None = None
+) -> tuple[PatchHeader, bytes]:
+    """The header and the decompressed payload (the records) of a whole patch, any codec
+    (codec 2 needs the ``old`` image): for tools that inspect patches; devices stream with
+    :class:`PatchApplier`. Refuses a payload that would decompress past ``max_size``
+    (default: 4x the target + 1 MiB)."""
     header = read_header(patch)
     limit = header.target_size * 4 + (1 << 20) if max_size is None else max_size
     out = bytearray()
@@ -596,6 +614,10 @@ def decode_payload(patch: Buffer, *, max_size: int | None = None) -> tuple[Patch
     decoder: _ZstdDecoder | _LzmaDecoder
     if header.codec == CODEC_LZMA2:
         decoder = _LzmaDecoder(header.window_log, header.lzma_props, _Collect())
+    elif header.codec == CODEC_ZSTD_OLD:
+        if old is None or len(old) != header.base_size:
+            raise PatchBaseMismatchError("this patch's payload needs its base image to decode")
+        decoder = _ZstdDecoder(header.window_log, _Collect(), bytes(old))
     else:
         decoder = _ZstdDecoder(header.window_log, _Collect())
     try:

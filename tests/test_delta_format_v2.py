@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -144,7 +145,7 @@ def test_unknown_codec_version_and_bad_properties_are_refused() -> None:
     header = delta.read_header(patch)
     head, payload = patch[: header.size], patch[header.size :]
     assert header.codec == CODEC_LZMA2
-    for codec in (2, 7):
+    for codec in (3, 7):
         with pytest.raises(PatchVersionError, match=f"codec {codec} is not supported"):
             delta.apply_patch(old, _with_byte(head, 5, codec << 5 | header.window_log) + payload)
     with pytest.raises(PatchVersionError, match="version 9 is not supported"):
@@ -204,7 +205,8 @@ def test_every_codec_round_trips(
     if codecs == LZMA_ONLY and window_log >= delta.MIN_LZMA_WINDOW_LOG:
         assert header.codec == CODEC_LZMA2
     elif codecs == ZSTD_ONLY or window_log < delta.MIN_LZMA_WINDOW_LOG:
-        assert header.codec == CODEC_ZSTD  # LZMA2 cannot have a window below 4 KiB
+        assert header.codec != CODEC_LZMA2  # LZMA2 cannot have a window below 4 KiB
+    assert header.codec in codecs or header.codec == CODEC_ZSTD  # zstd: the fallback
     assert header.version == 2 and header.window_log == window_log
     assert header.target_sha256 == hashlib.sha256(new).digest()[:16]
     assert header.base_sha256 == hashlib.sha256(old).digest()[:16]
@@ -215,9 +217,15 @@ def test_the_payload_is_the_same_whatever_the_codec() -> None:
     old, new = firmware_pair(60_000, 9)
     zstd_patch = delta.make_patch(old, new, codecs=ZSTD_ONLY)
     lzma_patch = delta.make_patch(old, new, codecs=LZMA_ONLY)
+    old_dict_patch = delta.make_patch(old, new, codecs=(delta.CODEC_ZSTD_OLD,))
     auto = delta.make_patch(old, new)
-    assert decode_payload(zstd_patch)[1] == decode_payload(lzma_patch)[1]
-    assert len(auto) == min(len(zstd_patch), len(lzma_patch))
+    payload = decode_payload(zstd_patch)[1]
+    assert decode_payload(lzma_patch)[1] == payload
+    assert delta.read_header(old_dict_patch).codec == delta.CODEC_ZSTD_OLD
+    assert decode_payload(old_dict_patch, old=old)[1] == payload
+    with pytest.raises(PatchBaseMismatchError, match="needs its base image"):
+        decode_payload(old_dict_patch)
+    assert len(auto) <= min(len(zstd_patch), len(lzma_patch), len(old_dict_patch))
 
 
 def test_lzma2_wins_where_it_is_smaller_and_the_maker_keeps_it() -> None:
@@ -228,7 +236,7 @@ def test_lzma2_wins_where_it_is_smaller_and_the_maker_keeps_it() -> None:
     old = b"".join(rng.choice(words) for _ in range(15_000))
     new = old[:20_000] + b"".join(rng.choice(words) for _ in range(2000)) + old[20_000:]
     zstd_patch = delta.make_patch(old, new, codecs=ZSTD_ONLY)
-    auto = delta.make_patch(old, new)
+    auto = delta.make_patch(old, new, codecs=(CODEC_ZSTD, CODEC_LZMA2))
     assert delta.read_header(auto).codec == CODEC_LZMA2
     assert len(auto) < len(zstd_patch)
 
@@ -283,15 +291,16 @@ def test_literal_payload_fills_blocks_exactly() -> None:
 @pytest.fixture(scope="module")
 def v2_patches() -> tuple[bytes, bytes, dict[int, bytes]]:
     old, new = firmware_pair(30_000, 12)
-    patches = {codec: delta.make_patch(old, new, codecs=(codec,)) for codec in (0, 1)}
+    patches = {codec: delta.make_patch(old, new, codecs=(codec,)) for codec in (0, 1, 2)}
+    assert {delta.read_header(patch).codec for patch in patches.values()} == {0, 1, 2}
     return old, new, patches
 
 
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    codec=st.sampled_from([CODEC_ZSTD, CODEC_LZMA2]),
+    codec=st.sampled_from([CODEC_ZSTD, CODEC_LZMA2, delta.CODEC_ZSTD_OLD]),
     seed=st.integers(0, 2**32),
     kind=st.sampled_from(["flip", "byte", "cut", "insert", "delete", "header"]),
 )
@@ -394,7 +403,7 @@ def test_codec_options_are_checked() -> None:
     for preset in (10, -1, True):
         with pytest.raises(delta.PatchInputError, match="LZMA preset"):
             delta.make_patch(b"old", b"new", lzma_preset=preset)
-    with pytest.raises(delta.PatchInputError, match="codec must be one of auto, zstd, lzma2"):
+    with pytest.raises(delta.PatchInputError, match="codec must be one of auto, zstd, zstd-p"):
         delta_codec.codecs_named("xz")
     with pytest.raises(delta.PatchInputError, match="LZMA2 needs"):
         delta.lzma_props_byte(3, 2, 0)
@@ -425,7 +434,7 @@ def test_cli_codec_option_and_info(tmp_path: Path) -> None:
         made = runner.invoke(
             app,
             ["make", str(tmp_path / "old.bin"), str(tmp_path / "new.bin"), str(tmp_path / "p"),
-             "--codec", codec, "--lzma-preset", "6", "--no-lzma-extreme"],
+             "--codec", codec, "--lzma-preset", "6", "--lzma-extreme"],
         )
         assert made.exit_code == 0, made.output
         assert f"codec {name}" in made.output
@@ -467,7 +476,7 @@ def test_the_server_codec_setting_reaches_the_delta_cache(
     assert given_option.exit_code == 0, given_option.output
     assert captured[-1].ota.delta_codec == "zstd"  # type: ignore[attr-defined]
     assert OtaConfig().delta_codec == "auto"
-    with pytest.raises(ValidationError, match="delta_codec must be one of auto, zstd, lzma2"):
+    with pytest.raises(ValidationError, match="delta_codec must be one of auto, zstd, zstd-p"):
         OtaConfig(delta_codec="xz")
 
 
@@ -479,3 +488,100 @@ def test_lzma_compress_is_plain_liblzma() -> None:
     filters = delta.lzma_filters(header.window_log, header.lzma_props)
     plain = lzma.decompress(patch[header.size :], format=lzma.FORMAT_RAW, filters=filters)
     assert plain == decode_payload(patch)[1]
+
+
+# --- codec 2: zstd with the old image as dictionary ---------------------------------------------
+
+
+class _Flash:
+    """An old image readable only by offset, like a flash partition."""
+
+    def __init__(self, image: bytes) -> None:
+        self.image, self.reads = image, 0
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        self.reads += 1
+        return self.image[offset : offset + size]
+
+
+@settings(max_examples=30, deadline=None)
+@given(pair=image_pairs(max_size=4000), piece=st.integers(1, 500))
+def test_codec_2_round_trips_from_a_flash_like_base(pair: tuple[bytes, bytes], piece: int) -> None:
+    old, new = pair
+    patch = delta.make_patch(old, new, codecs=(delta.CODEC_ZSTD_OLD,), window_log=14)
+    header = delta.read_header(patch)
+    fits = len(old) + len(decode_payload(patch, old=old)[1]) <= 1 << 14
+    assert header.codec == (delta.CODEC_ZSTD_OLD if fits else CODEC_ZSTD)
+    out = bytearray()
+    applier = PatchApplier(_Flash(old), out.extend)
+    for at in range(0, len(patch), piece):
+        applier.feed(patch[at : at + piece])
+    applier.finish()
+    assert bytes(out) == new
+
+
+def test_codec_2_is_never_larger_than_zstd_patch_from() -> None:
+    """When the window covers the old image and the new one, the maker also tries what
+    ``zstd --patch-from`` makes (the new image as literals, the old one as dictionary): the
+    patch is at most that frame plus our header and the records' framing (prelude, one
+    block header per block limit, end: 9 bytes here)."""
+    seed = random.randrange(1 << 32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    old = bytes(thumb_image(rng, 12_000))
+    new = old[:3000] + rng.randbytes(40) + old[3000:9000] + old[9100:]
+    dictionary = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    params = zstandard.ZstdCompressionParameters.from_level(19, window_log=17)
+    patch_from = zstandard.ZstdCompressor(dict_data=dictionary, compression_params=params)
+    frame = patch_from.compress(new)
+    patch = delta.make_patch(old, new)
+    assert len(patch) <= len(frame) + delta.read_header(patch).size + 9
+    assert delta.apply_patch(old, patch) == new
+
+
+def test_codec_2_base_must_fit_the_window() -> None:
+    old, new = firmware_pair(20_000, 16)
+    patch = delta.make_patch(old, new, codecs=(delta.CODEC_ZSTD_OLD,), window_log=16)
+    header = delta.read_header(patch)
+    assert header.codec == delta.CODEC_ZSTD_OLD
+    small = PatchHeader(**{**header.__dict__, "window_log": 14}).pack()
+    with pytest.raises(PatchCorruptError, match="must fit its 16384-byte window"):
+        delta.apply_patch(old, small + patch[header.size :])
+    # A frame needing the dictionary fails cleanly without the right base.
+    other = bytes(len(old))
+    with pytest.raises(PatchBaseMismatchError):
+        delta.apply_patch(other, patch)
+    applier = PatchApplier(other, bytearray().extend, verify_base=False)
+    with pytest.raises(DeltaError):
+        applier.feed(patch)
+        applier.finish()
+
+
+def test_codec_2_apply_memory_is_the_window_plus_the_base() -> None:
+    old, new = firmware_pair(40_000, 17)
+    new = new[:20_000] + random.Random(18).randbytes(2000) + new[20_000:]
+    patch = delta.make_patch(old, new, codecs=(delta.CODEC_ZSTD_OLD,))
+    header = delta.read_header(patch)
+    assert header.codec == delta.CODEC_ZSTD_OLD
+    written = 0
+
+    def sink(data: bytes) -> None:
+        nonlocal written
+        written += len(data)
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        applier = PatchApplier(_Flash(old), sink)
+        for at in range(0, len(patch), 1000):
+            applier.feed(patch[at : at + 1000])
+        applier.finish()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert written == len(new)
+    # Python's side: the usual bound plus the base read once (<= the window) and the
+    # dictionary object's own copy of it; zstd's own state is outside tracemalloc.
+    bound = python_memory_bound(header.block_limit) + 2 * header.base_size
+    assert peak < bound, f"peak {peak} >= bound {bound}"
