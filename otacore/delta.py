@@ -3,8 +3,9 @@
 The maker (:mod:`otacore.delta_maker`) matches the new image against the old one
 bsdiff-style (suffix array, matches extended both ways while at least half the bytes agree),
 learns how relinking moved branch targets and pointers, matches again with those taken into
-account, and sends only what its prediction gets wrong inside each copy, compressed (zstd
-or LZMA2, whichever is smaller) with a window a device can afford. Streaming application
+account, and sends only what its prediction gets wrong inside each copy, compressed (zstd,
+LZMA2 or zstd with the old image as dictionary, whichever is smallest; otacore.delta_codec)
+with a window a device can afford. Streaming application
 with bounded memory is in :mod:`otacore.delta_stream`; :func:`apply_patch` is its one-shot form.
 
 Patch format (all integers little-endian)
@@ -28,15 +29,15 @@ Header, version 2 (33..63 bytes; "varint" is unsigned LEB128)::
        4   CRC-32 of all the bytes before it
 
 Codec 0: the payload is one zstd frame (RFC 8878) whose window is at most 2**log.
+Codec 1: the payload is one raw LZMA2 stream (xz-file-format 1.2.0, section 5.3.1, without
+the .xz container) with a dictionary of exactly 2**log bytes (log >= 12, LZMA2's smallest
+dictionary is 4 KiB); every chunk that sets properties must set the header's byte, so the
+decoder's probability tables are 1846 + 768 * 2**(lc + lp) 16-bit words, known up front.
 Codec 2: one zstd frame as codec 0, decoded with the whole base image as its raw-content
 dictionary (RFC 8878, section 5: what ``zstd --patch-from`` does), so the frame's matches
 may copy from the old image too. zstd references dictionary bytes only within the window,
 so a codec 2 patch needs base size + payload <= 2**log (the applier checks the base size);
 the apply memory stays the window: a device reads the dictionary in place from flash.
-Codec 1: the payload is one raw LZMA2 stream (xz-file-format 1.2.0, section 5.3.1, without
-the .xz container) with a dictionary of exactly 2**log bytes (log >= 12, LZMA2's smallest
-dictionary is 4 KiB); every chunk that sets properties must set the header's byte, so the
-decoder's probability tables are 1846 + 768 * 2**(lc + lp) 16-bit words, known up front.
 
 Why 16-byte digests are enough: neither digest is a defence against a forger, who writes the
 header too. The base digest tells a device that the patch is for the image it runs before it

@@ -5,8 +5,8 @@ offsets (flash is memory-mapped or readable by offset), the patch arrives in pie
 size (down to one byte) and the new image leaves sequentially through a sink, so neither image
 nor the patch is ever held whole.
 
-Memory bound (checked by tests/test_delta_stream.py)
-----------------------------------------------------
+Memory bound (checked by tests/test_delta_stream.py and tests/test_delta_format_v2.py)
+-------------------------------------------------------------------------------------
 The applier refuses a patch whose header asks for more than its ``max_window_log`` /
 ``max_block_limit`` (defaults 17 and 64 KiB; a device with less RAM gets patches made with a
 smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it then holds:
