@@ -14,35 +14,35 @@
 6. Repeat 2-5 for other strategies (a filter set forced: its own normalisation and matches)
    as far as the ``effort`` budget allows and keep the smallest patch (otacore.delta_strategy);
    strategies with the same branch family share pass 1.
+7. Compress the winner's payload with the other codecs too (LZMA2), and the target as all
+   literal bytes, and keep the smallest patch (otacore.delta_codec).
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zstandard
 from numpy.typing import NDArray
 
 from otacore import delta as fmt
-from otacore import delta_strategy
+from otacore import delta_codec, delta_strategy
 from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
+    CODEC_ZSTD,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
     FILTER_THUMB,
     FILTER_WORDS,
     FILTER_X86,
-    FORMAT_VERSION,
     MAX_BLOCK_LIMIT,
     MAX_IMAGE_SIZE,
     MAX_MAP_ENTRIES,
     MAX_WINDOW_LOG,
     MIN_BLOCK_LIMIT,
-    PatchHeader,
     PatchInputError,
     put_varint,
     zigzag,
@@ -487,25 +487,8 @@ def _family_of(scores: tuple[int, int]) -> int:
     return FILTER_THUMB if thumb >= x86 else FILTER_X86
 
 
-def _compress(payload: bytes, level: int | None, window_log: int) -> bytes:
-    """One zstd frame (RFC 8878) with an explicit window. Level None is the default profile:
-    btopt with a 128-byte target length, within 1% of level 19's ratio on the corpus in
-    about a quarter of the time."""
-    if level is None:
-        params = zstandard.ZstdCompressionParameters(
-            window_log=window_log,
-            chain_log=min(window_log + 1, 24),
-            hash_log=min(window_log + 1, 24),
-            search_log=7,
-            min_match=3,
-            target_length=128,
-            strategy=zstandard.STRATEGY_BTOPT,
-        )
-    else:
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, window_log=window_log, source_size=len(payload)
-        )
-    return zstandard.ZstdCompressor(compression_params=params).compress(payload)
+#: The zstd step (moved to otacore.delta_codec with the other codecs).
+_compress = delta_codec.compress_zstd
 
 
 def _check(
@@ -528,8 +511,13 @@ class _Matching:
     the old one's suffix array and the coarse matches do not depend on the rest of the filter
     set (pass 1 uses no maps), so strategies sharing a family compute them once."""
 
-    def __init__(self, old: bytes, new: bytes, block_limit: int, threshold: int) -> None:
+    def __init__(
+        self, old: bytes, new: bytes, block_limit: int, threshold: int, window_log: int
+    ) -> None:
         self.old, self.new, self.block_limit, self.threshold = old, new, block_limit, threshold
+        self.encoder = delta_codec.PatchEncoder(
+            old, new, window_log=window_log, block_limit=block_limit
+        )
         self._by_family: dict[int, tuple[bytes, NDArray[np.int64], _Planner]] = {}
 
     def first(self, family: int) -> tuple[bytes, NDArray[np.int64], _Planner]:
@@ -586,18 +574,7 @@ def _make_one(
         plan = _Planner(old_bytes, new_bytes, spans, block_limit)
         choice = _best_candidate(plan, retry, map_cap, window_log)
     payload = plan.payload(*plan.candidate(choice[0], map_cap, choice[1]))
-    compressed = _compress(payload, level, window_log)
-    header = PatchHeader(
-        version=FORMAT_VERSION,
-        window_log=window_log,
-        base_size=len(old_bytes),
-        target_size=len(new_bytes),
-        block_limit=block_limit,
-        payload_size=len(compressed),
-        base_sha256=hashlib.sha256(old_bytes).digest(),
-        target_sha256=hashlib.sha256(new_bytes).digest(),
-    )
-    return header.pack() + compressed
+    return matching.encoder.encode(payload, CODEC_ZSTD, level=level)
 
 
 def search_patch(
@@ -611,18 +588,23 @@ def search_patch(
     threshold: int = 16,
     map_cap: int = MAX_MAP_ENTRIES,
     effort: int = delta_strategy.DEFAULT_EFFORT,
+    codecs: Collection[int] = delta_codec.DEFAULT_CODECS,
+    lzma_preset: int = delta_codec.DEFAULT_LZMA_PRESET,
 ) -> delta_strategy.SearchResult:
     """The smallest of the patches of the first ``effort`` strategies (otacore.delta_strategy)
     that turn ``old`` into ``new``, with what was tried.
 
     ``filters`` forces one filter set (one strategy, whatever ``effort``); ``threshold`` is
     the first pass's switching threshold (ext/delta_match.h). The steps of each strategy are
-    in the module docstring.
+    in the module docstring. The winner's payload is then compressed with each of ``codecs``
+    (``level`` is zstd's, ``lzma_preset`` LZMA2's) and the smallest patch kept, the target as
+    all literals included (otacore.delta_codec); ``tried`` holds the strategies' zstd sizes.
     """
     old_bytes, new_bytes = bytes(old), bytes(new)
     _check(old_bytes, new_bytes, window_log, block_limit, map_cap, filters)
     delta_strategy.check_effort(effort)
-    matching = _Matching(old_bytes, new_bytes, block_limit, threshold)
+    delta_codec.check_codecs(codecs, lzma_preset)
+    matching = _Matching(old_bytes, new_bytes, block_limit, threshold, window_log)
     if filters is not None:
         order: list[delta_strategy.Strategy] = [filters]
         effort, detected = 1, 0
@@ -637,7 +619,10 @@ def search_patch(
             matching, strategy, family, level=level, window_log=window_log, map_cap=map_cap
         )
 
-    return delta_strategy.search(order, effort, make)
+    result = delta_strategy.search(order, effort, make)
+    # The codec step: the winner's payload with every codec, and the all-literal candidate.
+    patch = matching.encoder.finish(result.patch, codecs, level=level, preset=lzma_preset)
+    return delta_strategy.SearchResult(patch, result.strategy, result.tried)
 
 
 def make_patch(
@@ -651,6 +636,8 @@ def make_patch(
     threshold: int = 16,
     map_cap: int = MAX_MAP_ENTRIES,
     effort: int = delta_strategy.DEFAULT_EFFORT,
+    codecs: Collection[int] = delta_codec.DEFAULT_CODECS,
+    lzma_preset: int = delta_codec.DEFAULT_LZMA_PRESET,
 ) -> bytes:
     """A patch that turns ``old`` into ``new``: the smallest :func:`search_patch` finds.
 
@@ -667,4 +654,6 @@ def make_patch(
         threshold=threshold,
         map_cap=map_cap,
         effort=effort,
+        codecs=codecs,
+        lzma_preset=lzma_preset,
     ).patch

@@ -5,30 +5,45 @@ offsets (flash is memory-mapped or readable by offset), the patch arrives in pie
 size (down to one byte) and the new image leaves sequentially through a sink, so neither image
 nor the patch is ever held whole.
 
-Memory bound (checked by tests/test_delta_stream.py)
-----------------------------------------------------
+Memory bound (checked by tests/test_delta_stream.py and tests/test_delta_format_v2.py)
+-------------------------------------------------------------------------------------
 The applier refuses a patch whose header asks for more than its ``max_window_log`` /
 ``max_block_limit`` (defaults 17 and 64 KiB; a device with less RAM gets patches made with a
 smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it then holds:
 
-* zstd streaming state (native, outside Python's allocator): the window of
-  ``2**window_log`` bytes plus one zstd block (at most min(window, 128 KiB)) of input and
-  output buffers and a ~94 KiB decoding context: about 480 KiB for window log 17, 190 KiB
-  for window log 15 (ZSTD_estimateDStreamSize);
+* the payload decoder's state, by the header's codec:
+
+  - zstd (codec 0; native, outside Python's allocator): the window of ``2**window_log``
+    bytes plus one zstd block (at most min(window, 128 KiB)) of input and output buffers and
+    a ~94 KiB decoding context: about 480 KiB for window log 17, 190 KiB for window log 15
+    (ZSTD_estimateDStreamSize; ``zstd_native_bound``);
+  - LZMA2 (codec 1; liblzma, allocated through Python's raw allocator): the dictionary of
+    exactly ``2**window_log`` bytes, the probability tables of 1846 + 768 * 2**(lc + lp)
+    16-bit words (lc, lp from the header; every chunk that sets properties is checked to
+    set those), liblzma's fixed decoder state and at most one DECODE_PIECE of compressed
+    input held inside the decompressor: about 164 KiB for window log 17
+    (``lzma_native_bound``);
+  - zstd with the base image as dictionary (codec 2): as zstd, plus the base image, at most
+    the window (the header is refused otherwise). A device references it in place in
+    flash; this applier reads it once into a Python buffer (``base_size`` more bytes);
 * one payload record, at most ``block_limit`` bytes (a Python bytearray);
 * the relocation and value maps, at most 2 x MAX_MAP_ENTRIES entries (64 KiB as int64 pairs
   here, 32 KiB as the u32/i32 pairs a device would keep);
-* per step: one zstd output piece (``ZSTD_WRITE_SIZE``) and one old-image read, its
+* per step: one decoded piece (``DECODE_PIECE``) and one old-image read, its
   prediction and output of at most ``chunk_size + LOOKAHEAD`` bytes each.
 
 So the Python-side peak is below ``PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size +
-ZSTD_WRITE_SIZE`` (``python_memory_bound``: 256 KiB with the defaults) and does not grow
-with the images; the native zstd state is ``zstd_native_bound(window_log)``.
+DECODE_PIECE`` (``python_memory_bound``: 256 KiB with the defaults) and does not grow
+with the images; the decoder's state is ``zstd_native_bound(window_log)`` or
+``lzma_native_bound(window_log, props)``, whichever the patch's codec needs.
+
+Version 1 patches (zstd, 92-byte header) apply exactly as before.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 from collections.abc import Callable
 from typing import IO, Any, Protocol, cast
 
@@ -38,9 +53,11 @@ import zstandard
 from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
+    CODEC_LZMA2,
+    CODEC_ZSTD_OLD,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
-    HEADER_SIZE,
+    MAX_HEADER_SIZE,
     MAX_MAP_ENTRIES,
     PatchBaseMismatchError,
     PatchCorruptError,
@@ -48,13 +65,21 @@ from otacore.delta import (
     PatchLimitError,
     PatchTargetMismatchError,
     PatchTruncatedError,
+    _HeaderIncomplete,
     _kernel,
+    lzma_filters,
+    lzma_props,
+    read_header,
     unzigzag,
 )
 from otacore.errors import OtaError, PatchFormatError
 
-#: Size of the decompressed pieces zstd hands to the record parser.
-ZSTD_WRITE_SIZE = 16384
+#: Largest piece the payload decoder takes in or hands to the record parser at a time.
+DECODE_PIECE = 16384
+ZSTD_WRITE_SIZE = DECODE_PIECE  # its version 1 name
+#: liblzma's LZMA2 decoder state besides the dictionary and probability tables (coder
+#: structs, range decoder, allocation headers), rounded up.
+_LZMA_FIXED_STATE = 8 * 1024
 #: Python-side bookkeeping allowance (objects, numpy headers, hash state) in the bound.
 PYTHON_OVERHEAD = 96 * 1024
 _VALUE_LIMIT = 1 << 40
@@ -73,7 +98,7 @@ Sink = Callable[[bytes], object] | Any
 
 def python_memory_bound(block_limit: int = DEFAULT_BLOCK_LIMIT, chunk_size: int = 4096) -> int:
     """The Python-side peak allocation bound stated in the module docstring, in bytes."""
-    return PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size + ZSTD_WRITE_SIZE
+    return PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size + DECODE_PIECE
 
 
 def zstd_native_bound(window_log: int) -> int:
@@ -82,6 +107,115 @@ def zstd_native_bound(window_log: int) -> int:
     block = min(window, 128 * 1024)
     # DCtx + input buffer (one block) + output buffer (window + one block + wildcopy slack)
     return zstandard.estimate_decompression_context_size() + block + window + block + 64
+
+
+def lzma_native_bound(window_log: int, props: int) -> int:
+    """liblzma's LZMA2 decoding state for ``window_log`` and the properties byte ``props``:
+    the dictionary, 1846 + 768 * 2**(lc + lp) probabilities of 2 bytes (LZMA specification,
+    "The state of the LZMA decoder"), fixed state and one DECODE_PIECE of buffered input."""
+    lc, lp, _ = lzma_props(props)
+    probabilities = 1846 + 768 * (1 << (lc + lp))
+    return (1 << window_log) + 2 * probabilities + _LZMA_FIXED_STATE + DECODE_PIECE
+
+
+class _Lzma2ChunkCheck:
+    """Walks the LZMA2 chunk headers of the compressed payload as it arrives (xz-file-format
+    1.2.0, 5.3.1; liblzma lzma2_decoder.c) and refuses a chunk that sets properties other
+    than the header's: the decoder's table size must be the one the header promised."""
+
+    def __init__(self, props: int) -> None:
+        self._props = props
+        self._head = bytearray()
+        self._need = 1  # header bytes of the current chunk (1: its control byte)
+        self._skip = 0  # data bytes of the current chunk still to pass over
+        self.ended = False
+
+    def feed(self, view: memoryview) -> None:
+        at = 0
+        while at < len(view) and not self.ended:
+            if self._skip:
+                step = min(self._skip, len(view) - at)
+                self._skip -= step
+                at += step
+                continue
+            self._head.append(view[at])
+            at += 1
+            control = self._head[0]
+            if len(self._head) == 1:
+                if control == 0x00:
+                    self.ended = True  # the end marker; the decoder refuses what follows
+                    return
+                if control in (0x01, 0x02):
+                    self._need = 3  # uncompressed chunk: control, size - 1 (big-endian)
+                elif control >= 0x80:
+                    self._need = 6 if control >= 0xC0 else 5  # + properties on a state reset
+                else:
+                    raise PatchCorruptError(f"patch LZMA2 stream has bad control byte {control}")
+            if len(self._head) < self._need:
+                continue
+            if control < 0x80:
+                self._skip = (self._head[1] << 8 | self._head[2]) + 1
+            else:
+                self._skip = (self._head[3] << 8 | self._head[4]) + 1
+                if self._need == 6 and self._head[5] != self._props:
+                    raise PatchCorruptError(
+                        f"patch LZMA2 chunk sets properties {self._head[5]:#04x}, the header "
+                        f"declares {self._props:#04x}"
+                    )
+            self._head.clear()
+            self._need = 1
+
+
+class _ZstdDecoder:
+    """Codecs 0 and 2: one zstd frame, decoded by a stream writer into ``write``; codec 2
+    with the base image as a raw-content dictionary."""
+
+    def __init__(self, window_log: int, write: Any, dictionary: bytes | None = None) -> None:
+        dict_data = None
+        if dictionary is not None:
+            dict_data = zstandard.ZstdCompressionDict(
+                dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT
+            )
+        decompressor = zstandard.ZstdDecompressor(
+            dict_data=dict_data, max_window_size=1 << window_log
+        )
+        # zstd writes each decompressed piece to write.write (an IO-like sink).
+        self._stream = decompressor.stream_writer(cast(IO[bytes], write), write_size=DECODE_PIECE)
+
+    def feed(self, view: memoryview) -> None:
+        self._stream.write(view)
+
+    def check_end(self) -> None:
+        """The end record was seen; the frame's own end needs no separate check."""
+
+
+class _LzmaDecoder:
+    """Codec 1: one raw LZMA2 stream, fed and drained DECODE_PIECE at a time so that neither
+    its buffered input nor any output piece exceeds that."""
+
+    def __init__(self, window_log: int, props: int, write: Any) -> None:
+        self._decompressor = lzma.LZMADecompressor(
+            format=lzma.FORMAT_RAW, filters=lzma_filters(window_log, props)
+        )
+        self._chunks = _Lzma2ChunkCheck(props)
+        self._write = write.write
+
+    def feed(self, view: memoryview) -> None:
+        decompressor = self._decompressor
+        for start in range(0, len(view), DECODE_PIECE):
+            piece = view[start : start + DECODE_PIECE]
+            if decompressor.eof:
+                raise PatchCorruptError("patch payload has bytes after its LZMA2 end marker")
+            self._chunks.feed(piece)
+            self._write(decompressor.decompress(piece, max_length=DECODE_PIECE))
+            while not decompressor.needs_input and not decompressor.eof:
+                self._write(decompressor.decompress(b"", max_length=DECODE_PIECE))
+            if decompressor.unused_data:
+                raise PatchCorruptError("patch payload has bytes after its LZMA2 end marker")
+
+    def check_end(self) -> None:
+        if not self._decompressor.eof:
+            raise PatchCorruptError("patch payload ends without its LZMA2 end marker")
 
 
 def _reader(old: OldSource) -> tuple[Callable[[int, int], Buffer], int | None]:
@@ -211,27 +345,39 @@ class PatchApplier:
             if "window" in str(exc).lower() or "memory" in str(exc).lower():
                 raise PatchLimitError(f"patch payload needs too much memory: {exc}") from None
             raise PatchCorruptError(f"patch payload is corrupt: {exc}") from None
+        except lzma.LZMAError as exc:
+            self._failed = str(exc)
+            raise PatchCorruptError(f"patch payload is corrupt (LZMA2): {exc}") from None
 
     def _feed(self, view: memoryview) -> None:
         if self.header is None:
-            take = min(len(view), HEADER_SIZE - len(self._head))
+            # The header's size shows as it parses (version 2 has varints): gather bytes
+            # until it parses, then hand what follows it to the payload.
+            take = min(len(view), MAX_HEADER_SIZE - len(self._head))
             self._head += view[:take]
             view = view[take:]
-            if len(self._head) < HEADER_SIZE:
-                return
-            self._start(PatchHeader.parse(self._head))
+            try:
+                header = PatchHeader.parse(self._head)
+            except _HeaderIncomplete:
+                if len(self._head) < MAX_HEADER_SIZE:
+                    return
+                raise
+            self._start(header)
+            rest = self._head[header.size :]
+            view = memoryview(bytes(rest) + bytes(view)) if len(view) else memoryview(rest)
         if len(view) > self._remaining:
             raise PatchCorruptError(
                 f"patch has {len(view) - self._remaining} bytes after its declared payload"
             )
         self._remaining -= len(view)
-        # zstd calls self.write with each decompressed piece, one block at most at a time.
-        self._stream.write(view)
+        # The decoder calls self.write with each decompressed piece, one at most
+        # DECODE_PIECE (zstd: one block) at a time.
+        self._stream.feed(view)
 
     def _start(self, header: PatchHeader) -> None:
         if header.window_log > self._max_window_log:
             raise PatchLimitError(
-                f"patch needs a {1 << header.window_log >> 10} KiB zstd window; this applier "
+                f"patch needs a {1 << header.window_log >> 10} KiB decoding window; this applier "
                 f"allows {1 << self._max_window_log >> 10} KiB"
             )
         if header.block_limit > self._max_block_limit:
@@ -249,15 +395,19 @@ class PatchApplier:
             for offset in range(0, header.base_size, 1 << 16):
                 size = min(1 << 16, header.base_size - offset)
                 digest.update(self._read_old(offset, size))
-            if digest.digest() != header.base_sha256:
+            if digest.digest()[: len(header.base_sha256)] != header.base_sha256:
                 raise PatchBaseMismatchError(
                     "patch was made for a different base image (SHA-256 mismatch)"
                 )
         self.header = header
         self._remaining = header.payload_size
-        decompressor = zstandard.ZstdDecompressor(max_window_size=1 << header.window_log)
-        # zstd writes each decompressed piece to self.write (an IO-like sink).
-        self._stream = decompressor.stream_writer(cast(IO[bytes], self), write_size=ZSTD_WRITE_SIZE)
+        if header.codec == CODEC_LZMA2:
+            self._stream = _LzmaDecoder(header.window_log, header.lzma_props, self)
+        elif header.codec == CODEC_ZSTD_OLD:  # the base (<= the window, parse checked it)
+            base = bytes(self._read_old(0, header.base_size))
+            self._stream = _ZstdDecoder(header.window_log, self, base)
+        else:
+            self._stream = _ZstdDecoder(header.window_log, self)
 
     def _read_old(self, offset: int, size: int) -> Buffer:
         data = self._read(offset, size)
@@ -270,7 +420,7 @@ class PatchApplier:
     # --- records (zstd's output side) -------------------------------------------------
 
     def write(self, data: bytes) -> int:
-        """Receive decompressed payload bytes (called by zstd; not part of the public API)."""
+        """Receive decompressed payload bytes (called by the decoder; not public API)."""
         header = self.header
         assert header is not None
         view = memoryview(data)
@@ -404,9 +554,11 @@ class PatchApplier:
             raise PatchFormatError(f"patch application already failed: {self._failed}")
         header = self.header
         if header is None:
-            raise PatchTruncatedError(
-                f"patch is truncated: {len(self._head)} bytes, the header needs {HEADER_SIZE}"
-            )
+            try:
+                PatchHeader.parse(self._head)
+            except _HeaderIncomplete as exc:
+                raise PatchTruncatedError(str(exc)) from None
+            raise PatchTruncatedError(f"patch is truncated: {len(self._head)} bytes")
         if self._remaining:
             raise PatchTruncatedError(
                 f"patch is truncated: {self._remaining} of {header.payload_size} payload "
@@ -414,11 +566,16 @@ class PatchApplier:
             )
         if not self._ended:
             raise PatchCorruptError("patch payload ended without its end record")
+        try:
+            self._stream.check_end()
+        except OtaError as exc:
+            self._failed = str(exc)
+            raise
         if self.bytes_written != header.target_size:
             raise PatchTargetMismatchError(
                 f"patch produced {self.bytes_written} bytes, the target has {header.target_size}"
             )
-        if self._target_hash.digest() != header.target_sha256:
+        if self._target_hash.digest()[: len(header.target_sha256)] != header.target_sha256:
             raise PatchTargetMismatchError("patch output does not match the target SHA-256")
         return header
 
@@ -434,3 +591,40 @@ def apply_stream(
     for piece in pieces:
         applier.feed(piece)
     return applier.finish()
+
+
+def decode_payload(
+    patch: Buffer, *, old: Buffer | None = None, max_size: int | None = None
+) -> tuple[PatchHeader, bytes]:
+    """The header and the decompressed payload (the records) of a whole patch, any codec
+    (codec 2 needs the ``old`` image): for tools that inspect patches; devices stream with
+    :class:`PatchApplier`. Refuses a payload that would decompress past ``max_size``
+    (default: 4x the target + 1 MiB)."""
+    header = read_header(patch)
+    limit = header.target_size * 4 + (1 << 20) if max_size is None else max_size
+    out = bytearray()
+
+    class _Collect:
+        def write(self, data: bytes) -> int:
+            if len(out) + len(data) > limit:
+                raise PatchLimitError(f"patch payload decompresses past {limit} bytes")
+            out.extend(data)
+            return len(data)
+
+    decoder: _ZstdDecoder | _LzmaDecoder
+    if header.codec == CODEC_LZMA2:
+        decoder = _LzmaDecoder(header.window_log, header.lzma_props, _Collect())
+    elif header.codec == CODEC_ZSTD_OLD:
+        if old is None or len(old) != header.base_size:
+            raise PatchBaseMismatchError("this patch's payload needs its base image to decode")
+        decoder = _ZstdDecoder(header.window_log, _Collect(), bytes(old))
+    else:
+        decoder = _ZstdDecoder(header.window_log, _Collect())
+    try:
+        decoder.feed(memoryview(patch).cast("B")[header.size :])
+    except zstandard.ZstdError as exc:
+        raise PatchCorruptError(f"patch payload is corrupt: {exc}") from None
+    except lzma.LZMAError as exc:
+        raise PatchCorruptError(f"patch payload is corrupt (LZMA2): {exc}") from None
+    decoder.check_end()
+    return header, bytes(out)

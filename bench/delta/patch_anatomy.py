@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from otacore import delta  # noqa: E402
-from otacore.delta import HEADER_SIZE, PatchHeader  # noqa: E402
+from otacore.delta_stream import decode_payload  # noqa: E402
 
 #: Literal runs are checked against the old image in windows of this many bytes.
 PROBE = 32
@@ -60,11 +60,9 @@ def _unzigzag(value: int) -> int:
 
 
 def walk(patch: bytes) -> dict:
-    """The streams of an OTAD v1 patch: prelude facts, control, difference and extra bytes."""
-    header = PatchHeader.parse(patch)
-    payload = zstandard.ZstdDecompressor().decompress(
-        patch[HEADER_SIZE:], max_output_size=header.target_size * 4 + (1 << 20)
-    )
+    """The streams of an OTAD patch (any version and codec): prelude facts, control,
+    difference and extra bytes."""
+    header, payload = decode_payload(patch)
     length, at = _varint(payload, 0)
     prelude = payload[at : at + length]
     at += length
@@ -132,10 +130,7 @@ def extra_in_old(old: bytes, new: bytes, patch: bytes) -> int:
     """Literal bytes of the patch covered by a PROBE-byte window that also occurs in ``old``."""
     windows = {old[i : i + PROBE] for i in range(0, max(0, len(old) - PROBE + 1))}
     # Rebuild where each literal run sits in the new image from the control stream.
-    header = PatchHeader.parse(patch)
-    payload = zstandard.ZstdDecompressor().decompress(
-        patch[HEADER_SIZE:], max_output_size=header.target_size * 4 + (1 << 20)
-    )
+    _, payload = decode_payload(patch)
     length, at = _varint(payload, 0)
     at += length
     out = 0
@@ -187,7 +182,7 @@ def anatomy(old: bytes, new: bytes) -> dict:
         "extra_in_old": extra_in_old(old, new, patch),
         "win20": len(delta.make_patch(old, new, window_log=20)),
         "new_z": _z(new, 27),
-        "streams_apart": HEADER_SIZE
+        "streams_apart": delta.read_header(patch).size
         + parts["prelude"]
         + _z(parts["control"], window_log)
         + _z(diff, window_log)

@@ -162,6 +162,12 @@ def server(
         help="Strategies (filter sets) made in full for each delta patch, the smallest kept: "
         "make time grows about linearly with it (default 2; 1 is the detector's choice alone).",
     ),
+    delta_codec: str | None = typer.Option(
+        None, "--delta-codec",
+        help="Payload codec of delta patches: 'auto' (the smaller of zstd and lzma2, the "
+        "same apply window; default), 'zstd' (for devices whose applier lacks LZMA2) or "
+        "'lzma2'.",
+    ),
     window_limit: int | None = typer.Option(
         None, "--window-limit",
         help="Chunks in flight beyond the acknowledged ones, at most (default 64; devices "
@@ -358,6 +364,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "max_concurrent_transfers": "delivery.max_concurrent_transfers",
     "downgrades": "delivery.downgrades",
     "delta_effort": "delivery.delta_effort",
+    "delta_codec": "delivery.delta_codec",
     "downgrade_lifetime": "delivery.downgrade_lifetime",
     "window_limit": "transfer.window_limit",
     "congestion_control": "transfer.congestion_control",

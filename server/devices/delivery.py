@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from otacore.delta_codec import CODEC_CHOICES
 from otacore.delta_strategy import DEFAULT_EFFORT, MAX_EFFORT
 from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
@@ -62,6 +63,10 @@ class OtaConfig:
     #: smallest (otacore.delta_strategy): make time grows about linearly with it; 1 is the
     #: family detector's choice alone.
     delta_effort: int = DEFAULT_EFFORT
+    #: Payload codec of the delta patches the server makes (otacore.delta_codec): "auto"
+    #: (the smaller of zstd and LZMA2, same apply window), "zstd" (for devices whose
+    #: applier has no LZMA2 decoder) or "lzma2".
+    delta_codec: str = "auto"
     #: Longest a device's reported update result may take to record after its session ends.
     record_timeout: float = 30.0
     #: The transfer's retransmission timers (RFC 6298 style; see otacore.transfer.sender).
@@ -105,6 +110,9 @@ class OtaConfig:
         ):
             raise ValidationError(f"delta_effort must be a whole number of strategies from 1 to "
                                   f"{MAX_EFFORT}, not {self.delta_effort!r}")
+        if self.delta_codec not in CODEC_CHOICES:
+            raise ValidationError(f"delta_codec must be one of {', '.join(CODEC_CHOICES)}, "
+                                  f"not {self.delta_codec!r}")
         if self.retry_later_max < self.retry_later:
             raise ValidationError(f"retry_later_max ({self.retry_later_max}) must be at least "
                                   f"retry_later ({self.retry_later})")

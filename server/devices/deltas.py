@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from otacore.delta import make_patch
+from otacore.delta_codec import codecs_named
 from otacore.delta_strategy import DEFAULT_EFFORT
 from otacore.errors import DeltaError, OtaError
 from server.devices.once_cache import OnceCache
@@ -53,10 +54,13 @@ class DeltaCache:
         max_ratio: float = 0.8,
         memory_entries: int = 32,
         effort: int = DEFAULT_EFFORT,
+        codec: str = "auto",
     ) -> None:
         self.fleet = fleet
         #: Strategies made in full per patch, the smallest kept (otacore.delta_strategy).
         self.effort = effort
+        #: Payload codec set by name (otacore.delta_codec.CODEC_CHOICES).
+        self.codec = codec
         #: Worker threads computing patches at once (make_patch is CPU bound).
         self.limiter = trio.CapacityLimiter(threads)
         #: Send a patch only when it is at most this fraction of the full image.
@@ -89,7 +93,13 @@ class DeltaCache:
         try:
             # Not cancellable once started: the thread finishes and its result is kept.
             patch = await trio.to_thread.run_sync(
-                partial(make_patch, base_image, target_image, effort=self.effort),
+                partial(
+                    make_patch,
+                    base_image,
+                    target_image,
+                    effort=self.effort,
+                    codecs=codecs_named(self.codec),
+                ),
                 limiter=self.limiter,
             )
         except DeltaError as exc:
