@@ -79,7 +79,8 @@ async def test_tiny_hold_holds_every_device_on_both_transports(tmp_path: Path) -
     assert [s["t"] for s in samples] == sorted(s["t"] for s in samples)
     # Every device pinged during the hold and the server answered (or was late).
     assert samples[-1]["pings_sent"] >= DEVICES
-    assert result["pings_answered"] + result["pings_missed"] <= result["pings_sent"]
+    assert result["pings_answered"] + result["pings_missed"] <= (
+        result["pings_sent"] + result["pings_awaited_at_start"])  # answers to earlier pings
     assert result["pings_answered"] > 0
     assert result["server_rss_growth_pct"] is not None
     assert result["loadgen_rss_growth_pct"] is not None

@@ -263,6 +263,7 @@ class _Sampler:
             "pings_sent": _summed(stats, "pings_sent"),
             "pings_answered": _summed(stats, "pings_answered"),
             "pings_missed": _summed(stats, "pings_missed"),
+            "pings_awaited": _summed(stats, "pings_awaited"),
             "server_rss_kib": tree_rss_kib(self.server_pid),
             "loadgen_rss_kib": _summed(stats, "rss_kib"),
             "server_cpu_s": round(tree_cpu_seconds(self.server_pid), 2),
@@ -472,6 +473,8 @@ def _summary(
         "pings_sent": last["pings_sent"] - first["pings_sent"],
         "pings_answered": answered,
         "pings_missed": last["pings_missed"] - first["pings_missed"],
+        # Pings out when the window opened: their answers count in it, their sending did not.
+        "pings_awaited_at_start": first["pings_awaited"],
         "server_rss_idle_kib": server_idle_kib,
         "server_rss_first_kib": first["server_rss_kib"],
         "server_rss_last_kib": last["server_rss_kib"],

@@ -176,6 +176,8 @@ class HeldDevices:
         self.pings_sent = 0
         self.pings_answered = 0
         self.pings_missed = 0
+        #: Pings sent and not yet answered or missed (a window's answers may be for these).
+        self.pings_awaited = 0
         self.first_up: float | None = None
         self.last_up: float | None = None  # the last time a device came up
 
@@ -261,11 +263,13 @@ class HeldDevices:
                         await connection.send(replies)
                     if answered and answer_due is not None:
                         self.pings_answered += 1
+                        self.pings_awaited -= 1
                         answer_due, missed = None, 0
                     continue
                 now = trio.current_time()
                 if answer_due is not None:  # unanswered in time
                     self.pings_missed += 1
+                    self.pings_awaited -= 1
                     missed += 1
                     answer_due = None
                     if missed >= settings.max_missed:
@@ -273,6 +277,7 @@ class HeldDevices:
                     continue  # the next ping goes at its time
                 await connection.send(probe.ping())
                 self.pings_sent += 1
+                self.pings_awaited += 1
                 answer_due = now + settings.keepalive_timeout
                 next_ping = now + settings.keepalive_interval
         except _SessionEnded as exc:
@@ -280,6 +285,8 @@ class HeldDevices:
         except RECORD_LINK_ERRORS as exc:
             return error_text(exc)
         finally:
+            if answer_due is not None:  # ended with a ping out: neither answered nor missed
+                self.pings_awaited -= 1
             self._came_up(transport, -1)
             await _close(connection)
 
@@ -309,6 +316,7 @@ class HeldDevices:
             "pings_sent": self.pings_sent,
             "pings_answered": self.pings_answered,
             "pings_missed": self.pings_missed,
+            "pings_awaited": self.pings_awaited,
             "first_up": self.first_up,
             "last_up": self.last_up,
             "rss_kib": rss_kib(pid),
