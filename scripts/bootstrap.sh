@@ -12,10 +12,17 @@ fi
 
 # Particle's JavaScript client for tests/test_particle_api_js.py, at the versions pinned in
 # tests/js/package-lock.json (npm ci installs exactly those; again only when the lock changed).
+# It runs in the background while pip installs: npm mostly waits on the disk and network,
+# the kernels' build keeps the cores busy.
+npm_pid=""
+build_cfg=""
+# Nothing outlives the script: on any exit, npm is waited for and the temporary file goes.
+trap 'if [ -n "$npm_pid" ]; then wait "$npm_pid" 2>/dev/null || true; fi; rm -f "$build_cfg"' EXIT
 if command -v npm >/dev/null; then
     if [ ! -f tests/js/node_modules/.package-lock.json ] \
         || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
-        (cd tests/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+        (cd tests/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null) &
+        npm_pid=$!
     fi
 else
     echo "warning: npm not found: install Node.js (20+) to run the particle-api-js test" >&2
@@ -48,6 +55,18 @@ then
 else
     rm -f "$stamp"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[dev,bench]'  # bench: the delta peers and plots some tests run
+    # The kernels compile one per core (setuptools' build --parallel, set through
+    # distutils' DIST_EXTRA_CONFIG since pip gives an editable build no command options;
+    # the editable build re-creates build_ext, which then takes it from [build]).
+    build_cfg=$(mktemp)
+    printf '[build]\nparallel = %s\n' "$(nproc 2>/dev/null || echo 2)" >"$build_cfg"
+    DIST_EXTRA_CONFIG=$build_cfg \
+        .venv/bin/python -m pip install -q -e '.[dev,bench]'  # bench: the delta peers and plots some tests run
     echo "$digest" >"$stamp"
+fi
+
+if [ -n "$npm_pid" ]; then
+    pid=$npm_pid
+    npm_pid=""
+    wait "$pid"  # its failure fails the script (set -e)
 fi
