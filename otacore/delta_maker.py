@@ -55,6 +55,12 @@ FIRST_PASS_STEP = 4
 SECOND_PASS_STEP = 2
 #: Switching thresholds of the second matching pass: little new code, much new code.
 SECOND_PASS_THRESHOLDS = (8, 16)
+#: Estimated compressed size of a literal byte, in sixteenths of a byte, for the cost-based
+#: covers added in the gaps both passes leave (ext/delta_match.h, ota_cover_gaps). Literal
+#: bytes compress to 0.6-0.75 byte each on the public corpus (bench/delta/results/
+#: public-anatomy.md: "literal z" / "literal"); 10/16 is the low end, so a short match is only
+#: taken where it clearly pays (8-13 gave within 1.5% of each other on the corpus).
+LITERAL_COST = 10
 
 
 @dataclass(frozen=True)
@@ -544,6 +550,7 @@ class _Matching:
             spans = kernel.find_matches(
                 old_normal, new_normal, suffixes, self.threshold, FIRST_PASS_STEP
             )
+            spans = kernel.cover_gaps(old_normal, new_normal, suffixes, spans, LITERAL_COST)
             self._by_family[family] = (
                 old_normal,
                 suffixes,
@@ -583,6 +590,7 @@ def _make_one(
         spans = kernel.find_matches(
             old_normal, new_normal, suffixes, second_threshold, SECOND_PASS_STEP
         )
+        spans = kernel.cover_gaps(old_normal, new_normal, suffixes, spans, LITERAL_COST)
         plan = _Planner(old_bytes, new_bytes, spans, block_limit)
         choice = _best_candidate(plan, retry, map_cap, window_log)
     payload = plan.payload(*plan.candidate(choice[0], map_cap, choice[1]))
