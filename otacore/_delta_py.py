@@ -219,6 +219,24 @@ def _entry_cost(seek: int, length: int) -> int:
     return 16 * (_varint_len(zigzag) + _varint_len(length) + 1)
 
 
+def _grams(data: bytes) -> NDArray[np.uint32]:
+    """Every _COVER_MIN-byte substring of ``data`` as a little-endian uint32, in order."""
+    if len(data) < _COVER_MIN:
+        return np.empty(0, dtype=np.uint32)
+    view = np.frombuffer(data, dtype=np.uint8).astype(np.uint32)
+    n = len(data) - _COVER_MIN + 1
+    return view[:n] | view[1 : n + 1] << 8 | view[2 : n + 2] << 16 | view[3 : n + 3] << 24
+
+
+def _grams_in(new: bytes, old_grams: NDArray[np.uint32]) -> NDArray[np.bool_]:
+    """Per position of ``new``: does the _COVER_MIN-gram starting there occur in old?"""
+    found = np.zeros(len(new), dtype=bool)
+    grams = _grams(new)
+    if grams.shape[0] and old_grams.shape[0]:
+        found[: grams.shape[0]] = np.isin(grams, np.unique(old_grams))
+    return found
+
+
 def _ordered_spans(spans: object, old_n: int, new_n: int) -> list[list[int]]:
     rows = _span_rows(spans, old_n, new_n)
     end = 0
@@ -249,6 +267,10 @@ def cover_gaps(
         raise ValueError("suffix array entries are outside the old image")
     rows = _ordered_spans(spans, old_n, new_n)
     sa_list = index.tolist()
+    # A search finds _COVER_MIN bytes or more exactly where new's _COVER_MIN-gram at that
+    # position occurs in old: a set lookup, done for all positions at once, skips the
+    # searches that cannot succeed (most of a literal gap) without changing any result.
+    seen = _grams_in(nw, _grams(o))
 
     def literal(at: int) -> int:
         return _COVER_EQUAL if at > 0 and nw[at] == nw[at - 1] else literal_cost
@@ -261,6 +283,9 @@ def cover_gaps(
     for gap_end, span_old, span_len in [*rows, [new_n, 0, 0]]:
         p = at
         while gap_end - p >= _COVER_MIN:
+            if not seen[p]:
+                p += 1
+                continue
             length, pos = _search(o, sa_list, nw, p, gap_end)
             if length < _COVER_MIN:
                 p += 1
