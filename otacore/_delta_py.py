@@ -225,7 +225,9 @@ def _grams(data: bytes) -> NDArray[np.uint32]:
         return np.empty(0, dtype=np.uint32)
     view = np.frombuffer(data, dtype=np.uint8).astype(np.uint32)
     n = len(data) - _COVER_MIN + 1
-    return view[:n] | view[1 : n + 1] << 8 | view[2 : n + 2] << 16 | view[3 : n + 3] << 24
+    grams: NDArray[np.uint32] = view[:n] | view[1 : n + 1] << np.uint32(8)
+    grams |= view[2 : n + 2] << np.uint32(16) | view[3 : n + 3] << np.uint32(24)
+    return grams
 
 
 def _grams_in(new: bytes, old_grams: NDArray[np.uint32]) -> NDArray[np.bool_]:
