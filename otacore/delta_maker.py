@@ -117,6 +117,14 @@ def _plan_blocks(spans: NDArray[np.int64], new_n: int, block_limit: int) -> list
     return blocks
 
 
+def _copy_rows(blocks: list[list[_Entry]]) -> NDArray[np.int64]:
+    """(new_pos, old_pos, length) of every copy entry of ``blocks``."""
+    return np.array(
+        [(e.new_pos, e.old_pos, e.copy) for block in blocks for e in block if e.copy],
+        dtype=np.int64,
+    ).reshape(-1, 3)
+
+
 def fit_map(
     keys: NDArray[np.int64], deltas: NDArray[np.int64], *, cap: int, zero_default: bool
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -257,16 +265,26 @@ class _Planner:
     """Builds candidate payloads for one (old, new) pair, one per filter set.
 
     Control entries and extra bytes do not depend on the filters, so they are encoded once;
-    a candidate only brings its prelude (maps) and difference bytes.
+    a candidate only brings its prelude (maps) and difference bytes. The relocation model is
+    fitted to the ``evidence`` spans (the scan's, long enough to show how code moved) when
+    given; the short cost-based covers added to ``spans`` only carry bytes (a chance 6-byte
+    match holding a branch would report a bogus move).
     """
 
-    def __init__(self, old: bytes, new: bytes, spans: NDArray[np.int64], block_limit: int) -> None:
+    def __init__(
+        self,
+        old: bytes,
+        new: bytes,
+        spans: NDArray[np.int64],
+        block_limit: int,
+        evidence: NDArray[np.int64] | None = None,
+    ) -> None:
         self.old, self.new, self.block_limit = old, new, block_limit
         blocks = _plan_blocks(spans, len(new), block_limit)
-        self.rows = np.array(
-            [(e.new_pos, e.old_pos, e.copy) for block in blocks for e in block if e.copy],
-            dtype=np.int64,
-        ).reshape(-1, 3)
+        self.rows = _copy_rows(blocks)
+        self.evidence = self.rows
+        if evidence is not None:
+            self.evidence = _copy_rows(_plan_blocks(evidence, len(new), block_limit))
         self._observed: dict[tuple[int, int | None], tuple[NDArray[np.int64], ...]] = {}
         self._bases: dict[bool, int | None] = {}
         self._fits: dict[tuple[object, ...], tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
@@ -295,7 +313,7 @@ class _Planner:
         if key not in self._observed:
             image_size = len(self.old) if base is not None else 0
             model = (filters, base or 0, image_size, _EMPTY_MAP, _EMPTY_MAP)
-            self._observed[key] = fmt._kernel.observe(self.old, self.new, self.rows, model)
+            self._observed[key] = fmt._kernel.observe(self.old, self.new, self.evidence, model)
         return self._observed[key]
 
     def base(self, x86: bool) -> int | None:
@@ -550,11 +568,11 @@ class _Matching:
             spans = kernel.find_matches(
                 old_normal, new_normal, suffixes, self.threshold, FIRST_PASS_STEP
             )
-            spans = kernel.cover_gaps(old_normal, new_normal, suffixes, spans, LITERAL_COST)
+            covered = kernel.cover_gaps(old_normal, new_normal, suffixes, spans, LITERAL_COST)
             self._by_family[family] = (
                 old_normal,
                 suffixes,
-                _Planner(self.old, self.new, spans, self.block_limit),
+                _Planner(self.old, self.new, covered, self.block_limit, evidence=spans),
             )
         return self._by_family[family]
 
@@ -585,13 +603,13 @@ def _make_one(
         # switching threshold (no chance matches), little a low one (follow every table).
         kernel = fmt._kernel
         new_normal = kernel.normalize(new_bytes, first.model(probe, map_cap, inverse=True))
-        literal = len(new_bytes) - int(first.rows[:, 2].sum())
+        literal = len(new_bytes) - int(first.evidence[:, 2].sum())
         second_threshold = SECOND_PASS_THRESHOLDS[literal * 50 > len(new_bytes)]
         spans = kernel.find_matches(
             old_normal, new_normal, suffixes, second_threshold, SECOND_PASS_STEP
         )
-        spans = kernel.cover_gaps(old_normal, new_normal, suffixes, spans, LITERAL_COST)
-        plan = _Planner(old_bytes, new_bytes, spans, block_limit)
+        covered = kernel.cover_gaps(old_normal, new_normal, suffixes, spans, LITERAL_COST)
+        plan = _Planner(old_bytes, new_bytes, covered, block_limit, evidence=spans)
         choice = _best_candidate(plan, retry, map_cap, window_log)
     payload = plan.payload(*plan.candidate(choice[0], map_cap, choice[1]))
     compressed = _compress(payload, level, window_log)
