@@ -27,7 +27,7 @@ cdef extern from "delta_match.h" nogil:
                          const int32_t *sa, int64_t threshold, int64_t step, ota_span_list *out)
     int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
                        const int32_t *sa, const ota_span *spans, int64_t count,
-                       int64_t literal_cost, ota_span_list *out)
+                       const uint8_t *literal_costs, ota_span_list *out)
 
 cdef extern from "delta_filter.h" nogil:
     int OTA_LOOKAHEAD
@@ -144,12 +144,13 @@ cdef object _span_list_array(ota_span_list *spans):
     return result
 
 
-def cover_gaps(old, new, sa, spans, int literal_cost):
+def cover_gaps(old, new, sa, spans, literal_costs):
     """``spans`` (rows of ``find_matches``) with the matches added in the literal gaps between
     them that cost less as copies than as literal bytes (ext/delta_match.h, ota_cover_gaps).
 
-    ``literal_cost`` is the estimated compressed size of a literal byte in sixteenths of a
-    byte (1..64). ``spans`` must be in increasing, non-overlapping new order inside both images.
+    ``literal_costs`` holds, per byte of ``new``, its estimated compressed size as a literal
+    in sixteenths of a byte (uint8). ``spans`` must be in increasing, non-overlapping new
+    order inside both images.
     """
     cdef const uint8_t[::1] o = _bytes_view(old)
     cdef const uint8_t[::1] nw = _bytes_view(new)
@@ -159,8 +160,10 @@ def cover_gaps(old, new, sa, spans, int literal_cost):
     cdef int rc
     if index.shape[0] != old_n:
         raise ValueError(f"suffix array has {index.shape[0]} entries for {old_n} bytes")
-    if not 1 <= literal_cost <= 64:
-        raise ValueError(f"literal cost must be within 1..64 sixteenths of a byte, not {literal_cost}")
+    costs_array = np.ascontiguousarray(literal_costs, dtype=np.uint8)
+    if costs_array.ndim != 1 or costs_array.shape[0] != new_n:
+        raise ValueError(f"literal costs need one entry per new byte ({new_n}), got {costs_array.shape}")
+    cdef const uint8_t[::1] costs = costs_array
     for i in range(old_n):
         if index[i] < 0 or index[i] >= old_n:
             raise ValueError(f"suffix array entry {i} ({index[i]}) is outside the old image")
@@ -173,7 +176,7 @@ def cover_gaps(old, new, sa, spans, int literal_cost):
     with nogil:
         rc = ota_cover_gaps(_ptr(o), old_n, _ptr(nw), new_n, &index[0] if old_n else NULL,
                             <const ota_span *>&r[0, 0] if count else NULL, count,
-                            literal_cost, &out)
+                            _ptr(costs), &out)
     try:
         if rc != 0:
             raise MemoryError("out of memory while covering gaps")

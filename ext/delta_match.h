@@ -196,8 +196,8 @@ static int ota_find_matches(const uint8_t *old, int64_t old_n, const uint8_t *nw
  * are most of a patch where much is new. This pass walks every gap between the scan's spans and
  * takes a match when it is cheaper as a copy than as literal bytes, in the manner of
  * HDiffPatch's search_cover/select_cover: estimated compressed cost, in sixteenths of a byte,
- *   literal byte:          `literal_cost`, or OTA_COVER_EQUAL if it repeats the byte before it
- *                          (zstd codes a run for almost nothing);
+ *   literal byte:          `literal_costs[i]` for new[i], the caller's estimate (the maker
+ *                          knows which literal bytes zstd codes cheaply: runs, repeats);
  *   byte under a copy:     OTA_COVER_EQUAL when old and new agree (a zero difference byte),
  *                          OTA_COVER_WRONG when not;
  *   a new control entry:   16 per byte of its three varints (seek, copy, extra; otacore.delta);
@@ -226,9 +226,6 @@ static inline int64_t ota_entry_cost(int64_t seek, int64_t length) {
     return 16 * (ota_varint_len(zz) + ota_varint_len((uint64_t)length) + 1);
 }
 
-static inline int64_t ota_literal_cost(const uint8_t *nw, int64_t at, int64_t literal_cost) {
-    return (at > 0 && nw[at] == nw[at - 1]) ? OTA_COVER_EQUAL : literal_cost;
-}
 
 static inline int64_t ota_copy_cost(const uint8_t *old, const uint8_t *nw, int64_t o, int64_t p) {
     return old[o] == nw[p] ? OTA_COVER_EQUAL : OTA_COVER_WRONG;
@@ -239,7 +236,7 @@ static inline int64_t ota_copy_cost(const uint8_t *old, const uint8_t *nw, int64
  * Returns 0, or -1 when memory runs out. */
 static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
                           const int32_t *sa, const ota_span *spans, int64_t count,
-                          int64_t literal_cost, ota_span_list *out) {
+                          const uint8_t *literal_costs, ota_span_list *out) {
     int64_t at = 0, cursor = 0; /* new and old end of the last span out */
     for (int64_t s = 0; s <= count; s++) {
         int64_t gap_end = s < count ? spans[s].new_pos : new_n;
@@ -257,13 +254,13 @@ static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, 
                 need = 0;
                 for (k = 0; k < p - at; k++)
                     need += ota_copy_cost(old, nw, cursor + k, at + k) -
-                            ota_literal_cost(nw, at + k, literal_cost);
+                            literal_costs[at + k];
             } else {
                 need = ota_entry_cost(pos - cursor, len);
             }
             /* Each exactly matched byte saves its literal cost less a zero difference byte. */
             for (k = 0; k < len && gain <= need; k++)
-                gain += ota_literal_cost(nw, p + k, literal_cost) - OTA_COVER_EQUAL;
+                gain += literal_costs[p + k] - OTA_COVER_EQUAL;
             if (gain <= need) {
                 p += len > OTA_SKIP_LEN ? len / 2 : 1;
                 continue;
@@ -271,7 +268,7 @@ static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, 
             if (!collinear) {
                 score = best = 0;
                 for (i = 0; p - 1 - i >= at && pos - 1 - i >= 0 && i - back < OTA_COVER_PATIENCE;) {
-                    score += ota_literal_cost(nw, p - 1 - i, literal_cost) -
+                    score += literal_costs[p - 1 - i] -
                              ota_copy_cost(old, nw, pos - 1 - i, p - 1 - i);
                     i++;
                     if (score > best) {
@@ -282,7 +279,7 @@ static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, 
             }
             score = best = 0;
             for (i = 0; p + len + i < gap_end && pos + len + i < old_n && i - fwd < OTA_COVER_PATIENCE;) {
-                score += ota_literal_cost(nw, p + len + i, literal_cost) -
+                score += literal_costs[p + len + i] -
                          ota_copy_cost(old, nw, pos + len + i, p + len + i);
                 i++;
                 if (score > best) {

@@ -252,19 +252,22 @@ def _ordered_spans(spans: object, old_n: int, new_n: int) -> list[list[int]]:
 
 
 def cover_gaps(
-    old: Buffer, new: Buffer, sa: NDArray[np.int32], spans: object, literal_cost: int
+    old: Buffer, new: Buffer, sa: NDArray[np.int32], spans: object, literal_costs: object
 ) -> NDArray:
     """``spans`` with the matches added in the literal gaps between them that cost less as
-    copies than as literal bytes (the cost model is in ext/delta_match.h)."""
+    copies than as literal bytes; ``literal_costs``: per new byte, its estimated compressed
+    size as a literal in sixteenths of a byte (the cost model is in ext/delta_match.h)."""
     o, nw = bytes(old), bytes(new)
     old_n, new_n = len(o), len(nw)
     index = np.ascontiguousarray(sa, dtype=np.int32)
     if index.shape[0] != old_n:
         raise ValueError(f"suffix array has {index.shape[0]} entries for {old_n} bytes")
-    if not 1 <= literal_cost <= 64:
+    costs_array = np.ascontiguousarray(literal_costs, dtype=np.uint8)
+    if costs_array.ndim != 1 or costs_array.shape[0] != new_n:
         raise ValueError(
-            f"literal cost must be within 1..64 sixteenths of a byte, not {literal_cost}"
+            f"literal costs need one entry per new byte ({new_n}), got {costs_array.shape}"
         )
+    costs: list[int] = costs_array.tolist()
     if old_n and (int(index.min()) < 0 or int(index.max()) >= old_n):
         raise ValueError("suffix array entries are outside the old image")
     rows = _ordered_spans(spans, old_n, new_n)
@@ -274,9 +277,7 @@ def cover_gaps(
     # searches that cannot succeed (most of a literal gap) without changing any result.
     seen = _grams_in(nw, _grams(o))
 
-    def literal(at: int) -> int:
-        return _COVER_EQUAL if at > 0 and nw[at] == nw[at - 1] else literal_cost
-
+    literal = costs.__getitem__
     def copy(o_at: int, n_at: int) -> int:
         return _COVER_EQUAL if o[o_at] == nw[n_at] else _COVER_WRONG
 

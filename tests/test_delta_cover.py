@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from otacore import delta, delta_maker
 from tests.test_delta import KERNELS, NATIVE, TWIN, image_pairs, needs_native
 
-LITERAL_COST = delta_maker.LITERAL_COST
+costs = delta_maker.literal_costs
 
 
 def _check_cover(spans: np.ndarray, given_spans: np.ndarray, old_n: int, new_n: int) -> None:
@@ -81,20 +81,29 @@ def mosaic_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
 
 @needs_native
 @settings(max_examples=150, deadline=None)
-@given(st.one_of(image_pairs(2000), mosaic_pairs()), st.integers(1, 64), st.data())
-def test_native_and_twin_cover_the_same(
-    pair: tuple[bytes, bytes], literal_cost: int, data: st.DataObject
-) -> None:
+@given(st.one_of(image_pairs(2000), mosaic_pairs()), st.data())
+def test_native_and_twin_cover_the_same(pair: tuple[bytes, bytes], data: st.DataObject) -> None:
     assert NATIVE is not None
     old, new = pair
     sa = NATIVE.suffix_array(old)
+    seed = data.draw(st.integers(0, 2**32))
+    # The maker's estimate, or any costs at all (0 and 255 included).
+    literal = data.draw(
+        st.sampled_from(
+            [
+                costs(new),
+                np.frombuffer(random.Random(seed).randbytes(len(new)), dtype=np.uint8),
+                np.full(len(new), data.draw(st.sampled_from([0, 1, 16, 255])), dtype=np.uint8),
+            ]
+        )
+    )
     for given_spans in (
         NATIVE.find_matches(old, new, sa, 16, 2),
         np.empty((0, 3), dtype=np.int64),
         data.draw(arbitrary_spans(len(old), len(new))),
     ):
-        ours = NATIVE.cover_gaps(old, new, sa, given_spans, literal_cost)
-        assert np.array_equal(ours, TWIN.cover_gaps(old, new, sa, given_spans, literal_cost))
+        ours = NATIVE.cover_gaps(old, new, sa, given_spans, literal)
+        assert np.array_equal(ours, TWIN.cover_gaps(old, new, sa, given_spans, literal))
         _check_cover(ours, given_spans, len(old), len(new))
 
 
@@ -112,7 +121,7 @@ def test_a_paying_match_in_a_gap_is_taken_and_extended(module: ModuleType) -> No
     new = rng.randbytes(300) + bytes(block) + rng.randbytes(300)
     sa = module.suffix_array(bytes(old))
     none = np.empty((0, 3), dtype=np.int64)
-    spans = module.cover_gaps(bytes(old), new, sa, none, LITERAL_COST).tolist()
+    spans = module.cover_gaps(bytes(old), new, sa, none, costs(new)).tolist()
     assert [300, 1000, 64] in spans
 
 
@@ -126,9 +135,9 @@ def test_matches_that_do_not_pay_stay_literal(module: ModuleType) -> None:
     old_run = old[:30000] + b"\xee" * 3000 + old[30000:]
     new_run = rng.randbytes(100) + b"\xee" * 2000 + rng.randbytes(100)
     none = np.empty((0, 3), dtype=np.int64)
-    short = module.cover_gaps(old, new, module.suffix_array(old), none, LITERAL_COST)
+    short = module.cover_gaps(old, new, module.suffix_array(old), none, costs(new))
     assert not any(row[0] <= 200 < row[0] + row[2] for row in short.tolist())
-    run = module.cover_gaps(old_run, new_run, module.suffix_array(old_run), none, LITERAL_COST)
+    run = module.cover_gaps(old_run, new_run, module.suffix_array(old_run), none, costs(new_run))
     assert not any(row[0] <= 1100 < row[0] + row[2] for row in run.tolist())
 
 
@@ -140,7 +149,7 @@ def test_a_match_on_the_last_spans_diagonal_extends_it(module: ModuleType) -> No
     new[200:206] = rng.randbytes(6)  # a small edit: one span across it, not two entries
     sa = module.suffix_array(old)
     given_spans = np.array([[0, 500, 150]], dtype=np.int64)
-    spans = module.cover_gaps(old, bytes(new), sa, given_spans, LITERAL_COST).tolist()
+    spans = module.cover_gaps(old, bytes(new), sa, given_spans, costs(bytes(new))).tolist()
     assert spans == [[0, 500, 400]]
 
 
@@ -149,15 +158,15 @@ def test_cover_gaps_rejects_bad_arguments(module: ModuleType) -> None:
     old, new = b"abcdefgh" * 4, b"abcdefgh" * 4
     sa = module.suffix_array(old)
     none = np.empty((0, 3), dtype=np.int64)
-    for cost in (0, 65):
-        with pytest.raises(ValueError, match="literal cost"):
-            module.cover_gaps(old, new, sa, none, cost)
+    for wrong in (costs(new)[:-1], np.zeros((2, len(new)), dtype=np.uint8)):
+        with pytest.raises(ValueError, match="literal costs"):
+            module.cover_gaps(old, new, sa, none, wrong)
     with pytest.raises(ValueError, match="overlaps"):
-        module.cover_gaps(old, new, sa, np.array([[0, 0, 8], [4, 0, 4]]), LITERAL_COST)
+        module.cover_gaps(old, new, sa, np.array([[0, 0, 8], [4, 0, 4]]), costs(new))
     with pytest.raises(ValueError, match="outside"):
-        module.cover_gaps(old, new, sa, np.array([[30, 0, 8]]), LITERAL_COST)
+        module.cover_gaps(old, new, sa, np.array([[30, 0, 8]]), costs(new))
     with pytest.raises(ValueError, match="suffix array"):
-        module.cover_gaps(old, new, sa[:-1], none, LITERAL_COST)
+        module.cover_gaps(old, new, sa[:-1], none, costs(new))
 
 
 @needs_native
@@ -169,13 +178,13 @@ def test_periodic_input_is_covered_exactly() -> None:
     new = b"\x09" + b"\x01\x02\x03" * 15000 + b"\x07\x01\x02\x03" * 3000
     sa = NATIVE.suffix_array(old)
     none = np.empty((0, 3), dtype=np.int64)
-    ours = NATIVE.cover_gaps(old, new, sa, none, LITERAL_COST)
-    assert np.array_equal(ours, TWIN.cover_gaps(old, new, sa, none, LITERAL_COST))
+    ours = NATIVE.cover_gaps(old, new, sa, none, costs(new))
+    assert np.array_equal(ours, TWIN.cover_gaps(old, new, sa, none, costs(new)))
     _check_cover(ours, none, len(old), len(new))
 
 
 def _without_covers(monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> None:
-    monkeypatch.setattr(module, "cover_gaps", lambda old, new, sa, spans, cost: spans)
+    monkeypatch.setattr(module, "cover_gaps", lambda old, new, sa, spans, literal: spans)
 
 
 @pytest.mark.parametrize("module", KERNELS)
@@ -197,3 +206,32 @@ def test_covers_shrink_a_patch_of_short_moved_pieces(
     without = delta_maker.make_patch(old, bytes(new), effort=1)
     print(f"with covers {len(with_covers)} B, without {len(without)} B")
     assert len(with_covers) < 0.9 * len(without)
+
+
+def _literal_costs_by_hand(new: bytes) -> list[int]:
+    gram = delta_maker.REPEAT_GRAM
+    seen: set[bytes] = set()
+    repeated = []
+    for at in range(len(new) - gram + 1):
+        repeated.append(new[at : at + gram] in seen)
+        seen.add(new[at : at + gram])
+    out = []
+    for at in range(len(new)):
+        cost = delta_maker.LITERAL_COST
+        if any(repeated[max(0, at - gram + 1) : at + 1]):
+            cost = delta_maker.REPEAT_COST
+        if at and new[at] == new[at - 1]:
+            cost = delta_maker.RUN_COST
+        out.append(cost)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=80), st.lists(st.sampled_from(b"ab\x00"), max_size=80).map(bytes)
+    )
+)
+def test_literal_costs_follow_runs_and_earlier_repeats(new: bytes) -> None:
+    assert costs(new).tolist() == _literal_costs_by_hand(new)
+    assert costs(new).dtype == np.uint8
