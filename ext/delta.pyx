@@ -2,8 +2,9 @@
 """Binary delta kernels: suffix array, approximate matching, relocation filters, byte adds.
 
 Twin: otacore/_delta_py.py (same functions, same results). The C work lives in
-ext/delta_sais.h (SA-IS), ext/delta_match.h (bsdiff-style scan) and ext/delta_filter.h
-(branch / pointer prediction); this module checks every argument before the C code sees it.
+ext/delta_sais.h (SA-IS), ext/delta_match.h (bsdiff-style scan, cost-based gap covers) and
+ext/delta_filter.h (branch / pointer prediction); this module checks every argument before the
+C code sees it.
 """
 
 import numpy as np

@@ -4,6 +4,7 @@
  * exact matches through a suffix array of the old image, then extend them both ways while
  * at least half of the bytes agree, so that relinked code (same instructions, shifted
  * addresses) becomes one long "copy with add" whose difference bytes are mostly zero.
+ * ota_cover_gaps (below) then covers what the scan left literal by estimated cost.
  *
  * This is an independent implementation; otacore/_delta_py.py mirrors it step by step and
  * must give identical spans (the tests compare them).
@@ -201,8 +202,10 @@ static int ota_find_matches(const uint8_t *old, int64_t old_n, const uint8_t *nw
  *   byte under a copy:     OTA_COVER_EQUAL when old and new agree (a zero difference byte),
  *                          OTA_COVER_WRONG when not;
  *   a new control entry:   16 per byte of its three varints (seek, copy, extra; otacore.delta);
- *                          a match on the previous span's diagonal extends that span instead and
- *                          pays for the bytes bridged as copy rather than as literal.
+ *                          a match on the previous span's diagonal at most OTA_COVER_LINK bytes
+ *                          after it extends that span instead and pays for the bytes bridged
+ *                          as copy rather than as literal (HDiffPatch's kMaxLinkSpaceLength; the
+ *                          bound keeps each candidate's price O(1)).
  * A taken match is extended both ways while that lowers the estimate (approximate agreement,
  * like bsdiff's and HDiffPatch's extend_cover), giving up after OTA_COVER_PATIENCE bytes that do
  * not improve it. Rejected matches longer than OTA_SKIP_LEN skip half their length, so the pass
@@ -211,6 +214,7 @@ static int ota_find_matches(const uint8_t *old, int64_t old_n, const uint8_t *nw
 #define OTA_COVER_WRONG 16
 #define OTA_COVER_MIN 4
 #define OTA_COVER_PATIENCE 64
+#define OTA_COVER_LINK 511
 
 static inline int64_t ota_varint_len(uint64_t v) {
     int64_t n = 1;
@@ -249,7 +253,7 @@ static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, 
                 p++;
                 continue;
             }
-            collinear = out->count > 0 && pos - p == cursor - at;
+            collinear = out->count > 0 && pos - p == cursor - at && p - at <= OTA_COVER_LINK;
             if (collinear) {
                 need = 0;
                 for (k = 0; k < p - at; k++)

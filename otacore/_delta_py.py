@@ -1,8 +1,9 @@
 """Pure-Python twin of ext/delta.pyx (same functions, same results, much slower).
 
 The suffix array uses numpy prefix doubling (the suffix array is unique, so it equals SA-IS's
-result); the matcher and the filter walk follow ext/delta_match.h and ext/delta_filter.h
-step by step, so spans, predictions and difference bytes are identical.
+result); the matcher, the gap covers and the filter walk follow ext/delta_match.h and
+ext/delta_filter.h step by step (the covers skip searches that cannot find 4 bytes by a
+vectorised 4-gram lookup first), so spans, predictions and difference bytes are identical.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ _COVER_EQUAL = 1
 _COVER_WRONG = 16
 _COVER_MIN = 4
 _COVER_PATIENCE = 64
+_COVER_LINK = 511
 
 
 def _varint_len(value: int) -> int:
@@ -293,7 +295,7 @@ def cover_gaps(
             if length < _COVER_MIN:
                 p += 1
                 continue
-            collinear = bool(out) and pos - p == cursor - at
+            collinear = bool(out) and pos - p == cursor - at and p - at <= _COVER_LINK
             if collinear:
                 need = sum(copy(cursor + k, at + k) - literal(at + k) for k in range(p - at))
             else:

@@ -3,12 +3,15 @@
 1. Guess the instruction set from the old image (``detect_family``): Thumb-2 BL/B.W or x86
    CALL/JMP whose targets land inside the image on a spot other branches also hit, or neither.
 2. Pass 1: normalise both images so that every branch holds its absolute target, build the
-   suffix array of the old one and match coarsely (bsdiff-style, ext/delta_match.h).
+   suffix array of the old one and match coarsely (bsdiff-style, ext/delta_match.h); then
+   cover the literal gaps with every match that is cheaper as a copy than as literal bytes
+   by an estimate of the compressed cost (``cover_gaps``, ``literal_costs``; HDiffPatch's
+   cover selection). Models are fitted to the scan's spans, the covers only carry bytes.
 3. Fit the relocation model to what those copies show: how branch targets and pointers moved
    (``fit_map``), the load address (``detect_base``).
 4. Pass 2: rewrite the new image's targets and pointers back into old coordinates (the
    inverse model) and match it again against the same suffix array: relocated code and
-   pointer tables now compare equal, so the copies line up exactly.
+   pointer tables now compare equal, so the copies line up exactly; cover the gaps again.
 5. Fit the model on the final copies, pick the filter set whose difference bytes compress
    best, and zstd the payload with an explicit window.
 6. Repeat 2-5 for other strategies (a filter set forced: its own normalisation and matches)

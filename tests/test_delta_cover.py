@@ -235,3 +235,23 @@ def _literal_costs_by_hand(new: bytes) -> list[int]:
 def test_literal_costs_follow_runs_and_earlier_repeats(new: bytes) -> None:
     assert costs(new).tolist() == _literal_costs_by_hand(new)
     assert costs(new).dtype == np.uint8
+
+
+@needs_native
+def test_sparse_agreement_on_one_diagonal_is_priced_per_candidate() -> None:
+    """A long gap where the previous span's diagonal agrees only in 4-byte islands: every
+    island is a candidate join; the bridge priced is at most 511 bytes (HDiffPatch's link
+    bound), so the work stays linear, and both twins give the same valid cover."""
+    assert NATIVE is not None
+    rng = _seeded(15)
+    old = rng.randbytes(40000)
+    grown = bytearray(old[:1000])
+    for at in range(1000, 30000, 50):
+        grown += rng.randbytes(46) + old[at + 46 : at + 50]
+    new = bytes(grown)
+    sa = NATIVE.suffix_array(old)
+    given_spans = np.array([[0, 0, 1000]], dtype=np.int64)
+    ours = NATIVE.cover_gaps(old, new, sa, given_spans, costs(new))
+    assert np.array_equal(ours, TWIN.cover_gaps(old, new, sa, given_spans, costs(new)))
+    _check_cover(ours, given_spans, len(old), len(new))
+    assert ours.tolist()[0] == [0, 0, 1000]  # islands 46 bytes apart do not pay for a bridge
