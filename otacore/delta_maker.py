@@ -84,11 +84,15 @@ def literal_costs(new: bytes) -> NDArray[np.uint8]:
     costs = np.full(size, LITERAL_COST, dtype=np.uint8)
     if size >= REPEAT_GRAM:
         starts = size - REPEAT_GRAM + 1
-        grams = np.zeros(starts, dtype=np.uint64)
-        for k in range(REPEAT_GRAM):
-            grams = (grams << np.uint64(8)) | data[k : starts + k].astype(np.uint64)
-        _, first, which = np.unique(grams, return_index=True, return_inverse=True)
-        repeated = first[which] < np.arange(starts)  # the gram occurred before this start
+        # The REPEAT_GRAM-byte string starting at each position, read as one big-endian word.
+        grams = np.ndarray((starts,), dtype=">u8", buffer=new, strides=(1,)).astype(np.uint64)
+        order = np.argsort(grams)  # quicksort: a stable sort is 3-4x slower here
+        ranked = grams[order]
+        head = np.ones(starts, dtype=bool)
+        head[1:] = ranked[1:] != ranked[:-1]
+        first = np.minimum.reduceat(order, np.flatnonzero(head))  # earliest start per gram
+        repeated = np.empty(starts, dtype=bool)  # the gram occurred before this start
+        repeated[order] = order != first[np.cumsum(head) - 1]
         # A byte is inside a repeat when one starts at most REPEAT_GRAM - 1 bytes before it.
         before = np.concatenate(([0], np.cumsum(repeated)))
         ends = np.minimum(np.arange(1, size + 1), starts)
