@@ -215,6 +215,9 @@ static int ota_find_matches(const uint8_t *old, int64_t old_n, const uint8_t *nw
 #define OTA_COVER_MIN 4
 #define OTA_COVER_PATIENCE 64
 #define OTA_COVER_LINK 511
+#if OTA_COVER_MIN != 4
+#error "ota_cover_gaps's 4-byte string table assumes OTA_COVER_MIN is 4"
+#endif
 
 static inline int64_t ota_varint_len(uint64_t v) {
     int64_t n = 1;
@@ -235,20 +238,44 @@ static inline int64_t ota_copy_cost(const uint8_t *old, const uint8_t *nw, int64
     return old[o] == nw[p] ? OTA_COVER_EQUAL : OTA_COVER_WRONG;
 }
 
+/* Bit of a 4-byte string in a table of 2^bits bits (Knuth's multiplicative hash). */
+static inline uint64_t ota_gram_bit(const uint8_t *at, int bits) {
+    uint32_t gram;
+    memcpy(&gram, at, 4);
+    return (uint64_t)((gram * 2654435761u) >> (32 - bits));
+}
+
 /* `spans` (count rows, in new order, not overlapping) with cost-paying matches added in the
  * gaps between them (and before the first and after the last), into `out`.
+ * A hashed table of old's 4-byte strings skips the searches that cannot find OTA_COVER_MIN
+ * bytes (most of a literal gap); it has no false negatives, so it changes no result.
  * Returns 0, or -1 when memory runs out. */
 static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
                           const int32_t *sa, const ota_span *spans, int64_t count,
                           const uint8_t *literal_costs, ota_span_list *out) {
     int64_t at = 0, cursor = 0; /* new and old end of the last span out */
+    int bits = 10;
+    uint8_t *grams;
+    while (bits < 24 && ((int64_t)1 << bits) < old_n * 8) bits++;
+    grams = (uint8_t *)calloc((size_t)1 << (bits - 3), 1);
+    if (grams == NULL) return -1;
+    for (int64_t i = 0; i + 4 <= old_n; i++) {
+        uint64_t bit = ota_gram_bit(old + i, bits);
+        grams[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+    }
     for (int64_t s = 0; s <= count; s++) {
         int64_t gap_end = s < count ? spans[s].new_pos : new_n;
         int64_t p = at;
         while (gap_end - p >= OTA_COVER_MIN) {
             int64_t pos, need, gain = 0, k, i, score, best, back = 0, fwd = 0;
-            int64_t len = ota_search(old, old_n, sa, nw + p, gap_end - p, &pos);
+            int64_t len;
             int collinear;
+            uint64_t bit = ota_gram_bit(nw + p, bits);
+            if (!(grams[bit >> 3] >> (bit & 7) & 1)) { /* no 4 bytes of old match here */
+                p++;
+                continue;
+            }
+            len = ota_search(old, old_n, sa, nw + p, gap_end - p, &pos);
             if (len < OTA_COVER_MIN) {
                 p++;
                 continue;
@@ -295,18 +322,22 @@ static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, 
                 ota_span *last = &out->items[out->count - 1];
                 last->length = p + len + fwd - last->new_pos;
             } else if (ota_span_push(out, p - back, pos - back, back + len + fwd) != 0) {
+                free(grams);
                 return -1;
             }
             at = p = out->items[out->count - 1].new_pos + out->items[out->count - 1].length;
             cursor = out->items[out->count - 1].old_pos + out->items[out->count - 1].length;
         }
         if (s < count && spans[s].length > 0) {
-            if (ota_span_push(out, spans[s].new_pos, spans[s].old_pos, spans[s].length) != 0)
+            if (ota_span_push(out, spans[s].new_pos, spans[s].old_pos, spans[s].length) != 0) {
+                free(grams);
                 return -1;
+            }
             at = spans[s].new_pos + spans[s].length;
             cursor = spans[s].old_pos + spans[s].length;
         }
     }
+    free(grams);
     return 0;
 }
 

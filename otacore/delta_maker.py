@@ -94,10 +94,10 @@ def literal_costs(new: bytes) -> NDArray[np.uint8]:
         repeated = np.empty(starts, dtype=bool)  # the gram occurred before this start
         repeated[order] = order != first[np.cumsum(head) - 1]
         # A byte is inside a repeat when one starts at most REPEAT_GRAM - 1 bytes before it.
-        before = np.concatenate(([0], np.cumsum(repeated)))
-        ends = np.minimum(np.arange(1, size + 1), starts)
-        begins = np.minimum(np.maximum(np.arange(size) - REPEAT_GRAM + 1, 0), ends)
-        costs[before[ends] > before[begins]] = REPEAT_COST
+        inside = np.zeros(size, dtype=bool)
+        for shift in range(REPEAT_GRAM):
+            inside[shift : shift + starts] |= repeated
+        costs[inside] = REPEAT_COST
     costs[1:][data[1:] == data[:-1]] = RUN_COST
     return costs
 
