@@ -2,8 +2,9 @@
 """Binary delta kernels: suffix array, approximate matching, relocation filters, byte adds.
 
 Twin: otacore/_delta_py.py (same functions, same results). The C work lives in
-ext/delta_sais.h (SA-IS), ext/delta_match.h (bsdiff-style scan) and ext/delta_filter.h
-(branch / pointer prediction); this module checks every argument before the C code sees it.
+ext/delta_sais.h (SA-IS), ext/delta_match.h (bsdiff-style scan, cost-based gap covers) and
+ext/delta_filter.h (branch / pointer prediction); this module checks every argument before the
+C code sees it.
 """
 
 import numpy as np
@@ -25,6 +26,9 @@ cdef extern from "delta_match.h" nogil:
         int64_t capacity
     int ota_find_matches(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
                          const int32_t *sa, int64_t threshold, int64_t step, ota_span_list *out)
+    int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
+                       const int32_t *sa, const ota_span *spans, int64_t count,
+                       const uint8_t *literal_costs, ota_span_list *out)
 
 cdef extern from "delta_filter.h" nogil:
     int OTA_LOOKAHEAD
@@ -125,14 +129,73 @@ def find_matches(old, new, sa, int threshold=8, int step=1):
     try:
         if rc != 0:
             raise MemoryError("out of memory while matching")
-        result = np.empty((spans.count, 3), dtype=np.int64)
-        for i in range(spans.count):
-            result[i, 0] = spans.items[i].new_pos
-            result[i, 1] = spans.items[i].old_pos
-            result[i, 2] = spans.items[i].length
-        return result
+        return _span_list_array(&spans)
     finally:
         free(spans.items)
+
+
+cdef object _span_list_array(ota_span_list *spans):
+    result = np.empty((spans.count, 3), dtype=np.int64)
+    cdef int64_t[:, ::1] r = result
+    cdef Py_ssize_t i
+    for i in range(spans.count):
+        r[i, 0] = spans.items[i].new_pos
+        r[i, 1] = spans.items[i].old_pos
+        r[i, 2] = spans.items[i].length
+    return result
+
+
+def cover_gaps(old, new, sa, spans, literal_costs):
+    """``spans`` (rows of ``find_matches``) with the matches added in the literal gaps between
+    them that cost less as copies than as literal bytes (ext/delta_match.h, ota_cover_gaps).
+
+    ``literal_costs`` holds, per byte of ``new``, its estimated compressed size as a literal
+    in sixteenths of a byte (uint8). ``spans`` must be in increasing, non-overlapping new
+    order inside both images.
+    """
+    cdef const uint8_t[::1] o = _bytes_view(old)
+    cdef const uint8_t[::1] nw = _bytes_view(new)
+    cdef const int32_t[::1] index = np.ascontiguousarray(sa, dtype=np.int32)
+    cdef int64_t old_n = o.shape[0], new_n = nw.shape[0], i, count
+    cdef ota_span_list out
+    cdef int rc
+    if index.shape[0] != old_n:
+        raise ValueError(f"suffix array has {index.shape[0]} entries for {old_n} bytes")
+    costs_array = np.ascontiguousarray(literal_costs, dtype=np.uint8)
+    if costs_array.ndim != 1 or costs_array.shape[0] != new_n:
+        raise ValueError(f"literal costs need one entry per new byte ({new_n}), got {costs_array.shape}")
+    cdef const uint8_t[::1] costs = costs_array
+    for i in range(old_n):
+        if index[i] < 0 or index[i] >= old_n:
+            raise ValueError(f"suffix array entry {i} ({index[i]}) is outside the old image")
+    rows = _ordered_spans(spans, old_n, new_n)
+    cdef const int64_t[:, ::1] r = rows
+    count = r.shape[0]
+    out.items = NULL
+    out.count = 0
+    out.capacity = 0
+    with nogil:
+        rc = ota_cover_gaps(_ptr(o), old_n, _ptr(nw), new_n, &index[0] if old_n else NULL,
+                            <const ota_span *>&r[0, 0] if count else NULL, count,
+                            _ptr(costs), &out)
+    try:
+        if rc != 0:
+            raise MemoryError("out of memory while covering gaps")
+        return _span_list_array(&out)
+    finally:
+        free(out.items)
+
+
+cdef object _ordered_spans(spans, int64_t old_n, int64_t new_n):
+    rows = _spans_array(spans, old_n, new_n)
+    cdef const int64_t[:, ::1] r = rows
+    cdef Py_ssize_t i
+    cdef int64_t end = 0
+    for i in range(r.shape[0]):
+        if r[i, 0] < end:
+            raise ValueError(f"span {i} {tuple(rows[i])} overlaps or precedes the one before")
+        end = r[i, 0] + r[i, 2]
+    return rows
 
 
 cdef class _Model:

@@ -4,6 +4,7 @@
  * exact matches through a suffix array of the old image, then extend them both ways while
  * at least half of the bytes agree, so that relinked code (same instructions, shifted
  * addresses) becomes one long "copy with add" whose difference bytes are mostly zero.
+ * ota_cover_gaps (below) then covers what the scan left literal by estimated cost.
  *
  * This is an independent implementation; otacore/_delta_py.py mirrors it step by step and
  * must give identical spans (the tests compare them).
@@ -185,6 +186,158 @@ static int ota_find_matches(const uint8_t *old, int64_t old_n, const uint8_t *nw
             last_offset = pos - scan;
         }
     }
+    return 0;
+}
+
+/* --- Cost-based covers in the literal gaps (issue 18: "choose covers by the real cost after
+ * the entropy coder, not by match length") ----------------------------------------------------
+ *
+ * The scan above only leaves an alignment for a match `threshold` bytes longer than what the
+ * alignment already gives, so short matches into the old image stay literal, and literal bytes
+ * are most of a patch where much is new. This pass walks every gap between the scan's spans and
+ * takes a match when it is cheaper as a copy than as literal bytes, in the manner of
+ * HDiffPatch's search_cover/select_cover: estimated compressed cost, in sixteenths of a byte,
+ *   literal byte:          `literal_costs[i]` for new[i], the caller's estimate (the maker
+ *                          knows which literal bytes zstd codes cheaply: runs, repeats);
+ *   byte under a copy:     OTA_COVER_EQUAL when old and new agree (a zero difference byte),
+ *                          OTA_COVER_WRONG when not;
+ *   a new control entry:   16 per byte of its three varints (seek, copy, extra; otacore.delta);
+ *                          a match on the previous span's diagonal at most OTA_COVER_LINK bytes
+ *                          after it extends that span instead and pays for the bytes bridged
+ *                          as copy rather than as literal (HDiffPatch's kMaxLinkSpaceLength; the
+ *                          bound keeps each candidate's price O(1)).
+ * A taken match is extended both ways while that lowers the estimate (approximate agreement,
+ * like bsdiff's and HDiffPatch's extend_cover), giving up after OTA_COVER_PATIENCE bytes that do
+ * not improve it. Rejected matches longer than OTA_SKIP_LEN skip half their length, so the pass
+ * stays O(n log n) whatever the input. */
+#define OTA_COVER_EQUAL 1
+#define OTA_COVER_WRONG 16
+#define OTA_COVER_MIN 4
+#define OTA_COVER_PATIENCE 64
+#define OTA_COVER_LINK 511
+#if OTA_COVER_MIN != 4
+#error "ota_cover_gaps's 4-byte string table assumes OTA_COVER_MIN is 4"
+#endif
+
+static inline int64_t ota_varint_len(uint64_t v) {
+    int64_t n = 1;
+    while (v >= 128) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static inline int64_t ota_entry_cost(int64_t seek, int64_t length) {
+    uint64_t zz = seek >= 0 ? (uint64_t)seek * 2 : (uint64_t)(-(seek + 1)) * 2 + 1; /* zigzag */
+    return 16 * (ota_varint_len(zz) + ota_varint_len((uint64_t)length) + 1);
+}
+
+
+static inline int64_t ota_copy_cost(const uint8_t *old, const uint8_t *nw, int64_t o, int64_t p) {
+    return old[o] == nw[p] ? OTA_COVER_EQUAL : OTA_COVER_WRONG;
+}
+
+/* Bit of a 4-byte string in a table of 2^bits bits (Knuth's multiplicative hash). */
+static inline uint64_t ota_gram_bit(const uint8_t *at, int bits) {
+    uint32_t gram;
+    memcpy(&gram, at, 4);
+    return (uint64_t)((gram * 2654435761u) >> (32 - bits));
+}
+
+/* `spans` (count rows, in new order, not overlapping) with cost-paying matches added in the
+ * gaps between them (and before the first and after the last), into `out`.
+ * A hashed table of old's 4-byte strings skips the searches that cannot find OTA_COVER_MIN
+ * bytes (most of a literal gap); it has no false negatives, so it changes no result.
+ * Returns 0, or -1 when memory runs out. */
+static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
+                          const int32_t *sa, const ota_span *spans, int64_t count,
+                          const uint8_t *literal_costs, ota_span_list *out) {
+    int64_t at = 0, cursor = 0; /* new and old end of the last span out */
+    int bits = 10;
+    uint8_t *grams;
+    while (bits < 24 && ((int64_t)1 << bits) < old_n * 8) bits++;
+    grams = (uint8_t *)calloc((size_t)1 << (bits - 3), 1);
+    if (grams == NULL) return -1;
+    for (int64_t i = 0; i + 4 <= old_n; i++) {
+        uint64_t bit = ota_gram_bit(old + i, bits);
+        grams[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+    }
+    for (int64_t s = 0; s <= count; s++) {
+        int64_t gap_end = s < count ? spans[s].new_pos : new_n;
+        int64_t p = at;
+        while (gap_end - p >= OTA_COVER_MIN) {
+            int64_t pos, need, gain = 0, k, i, score, best, back = 0, fwd = 0;
+            int64_t len;
+            int collinear;
+            uint64_t bit = ota_gram_bit(nw + p, bits);
+            if (!(grams[bit >> 3] >> (bit & 7) & 1)) { /* no 4 bytes of old match here */
+                p++;
+                continue;
+            }
+            len = ota_search(old, old_n, sa, nw + p, gap_end - p, &pos);
+            if (len < OTA_COVER_MIN) {
+                p++;
+                continue;
+            }
+            collinear = out->count > 0 && pos - p == cursor - at && p - at <= OTA_COVER_LINK;
+            if (collinear) {
+                need = 0;
+                for (k = 0; k < p - at; k++)
+                    need += ota_copy_cost(old, nw, cursor + k, at + k) -
+                            literal_costs[at + k];
+            } else {
+                need = ota_entry_cost(pos - cursor, len);
+            }
+            /* Each exactly matched byte saves its literal cost less a zero difference byte. */
+            for (k = 0; k < len && gain <= need; k++)
+                gain += literal_costs[p + k] - OTA_COVER_EQUAL;
+            if (gain <= need) {
+                p += len > OTA_SKIP_LEN ? len / 2 : 1;
+                continue;
+            }
+            if (!collinear) {
+                score = best = 0;
+                for (i = 0; p - 1 - i >= at && pos - 1 - i >= 0 && i - back < OTA_COVER_PATIENCE;) {
+                    score += literal_costs[p - 1 - i] -
+                             ota_copy_cost(old, nw, pos - 1 - i, p - 1 - i);
+                    i++;
+                    if (score > best) {
+                        best = score;
+                        back = i;
+                    }
+                }
+            }
+            score = best = 0;
+            for (i = 0; p + len + i < gap_end && pos + len + i < old_n && i - fwd < OTA_COVER_PATIENCE;) {
+                score += literal_costs[p + len + i] -
+                         ota_copy_cost(old, nw, pos + len + i, p + len + i);
+                i++;
+                if (score > best) {
+                    best = score;
+                    fwd = i;
+                }
+            }
+            if (collinear) {
+                ota_span *last = &out->items[out->count - 1];
+                last->length = p + len + fwd - last->new_pos;
+            } else if (ota_span_push(out, p - back, pos - back, back + len + fwd) != 0) {
+                free(grams);
+                return -1;
+            }
+            at = p = out->items[out->count - 1].new_pos + out->items[out->count - 1].length;
+            cursor = out->items[out->count - 1].old_pos + out->items[out->count - 1].length;
+        }
+        if (s < count && spans[s].length > 0) {
+            if (ota_span_push(out, spans[s].new_pos, spans[s].old_pos, spans[s].length) != 0) {
+                free(grams);
+                return -1;
+            }
+            at = spans[s].new_pos + spans[s].length;
+            cursor = spans[s].old_pos + spans[s].length;
+        }
+    }
+    free(grams);
     return 0;
 }
 

@@ -1,8 +1,9 @@
 """Pure-Python twin of ext/delta.pyx (same functions, same results, much slower).
 
 The suffix array uses numpy prefix doubling (the suffix array is unique, so it equals SA-IS's
-result); the matcher and the filter walk follow ext/delta_match.h and ext/delta_filter.h
-step by step, so spans, predictions and difference bytes are identical.
+result); the matcher, the gap covers and the filter walk follow ext/delta_match.h and
+ext/delta_filter.h step by step (the covers skip searches that cannot find 4 bytes by a
+vectorised 4-gram lookup first), so spans, predictions and difference bytes are identical.
 """
 
 from __future__ import annotations
@@ -81,9 +82,12 @@ def _common_prefix(a: bytes, a_at: int, b: bytes, b_at: int, limit: int) -> int:
     return done
 
 
-def _search(old: bytes, sa: list[int], new: bytes, scan: int) -> tuple[int, int]:
+def _search(
+    old: bytes, sa: list[int], new: bytes, scan: int, end: int | None = None
+) -> tuple[int, int]:
+    """(length, old position) of the longest prefix of new[scan:end] found in old."""
     old_n = len(old)
-    key_n = min(len(new) - scan, _MAX_MATCH)
+    key_n = min((len(new) if end is None else end) - scan, _MAX_MATCH)
     if old_n == 0 or key_n == 0:
         return 0, 0
     lo, hi = 0, old_n - 1
@@ -193,6 +197,144 @@ def find_matches(
             last_pos = pos - len_back
             last_offset = pos - scan
     return np.array(spans, dtype=np.int64).reshape(-1, 3)
+
+
+# --- cost-based covers in the literal gaps (ext/delta_match.h, ota_cover_gaps) ----------------
+
+_COVER_EQUAL = 1
+_COVER_WRONG = 16
+_COVER_MIN = 4
+_COVER_PATIENCE = 64
+_COVER_LINK = 511
+
+
+def _varint_len(value: int) -> int:
+    length = 1
+    while value >= 128:
+        value >>= 7
+        length += 1
+    return length
+
+
+def _entry_cost(seek: int, length: int) -> int:
+    zigzag = seek * 2 if seek >= 0 else -(seek + 1) * 2 + 1
+    return 16 * (_varint_len(zigzag) + _varint_len(length) + 1)
+
+
+def _grams(data: bytes) -> NDArray[np.uint32]:
+    """Every _COVER_MIN-byte substring of ``data`` as a little-endian uint32, in order."""
+    if len(data) < _COVER_MIN:
+        return np.empty(0, dtype=np.uint32)
+    view = np.frombuffer(data, dtype=np.uint8).astype(np.uint32)
+    n = len(data) - _COVER_MIN + 1
+    grams: NDArray[np.uint32] = view[:n] | view[1 : n + 1] << np.uint32(8)
+    grams |= view[2 : n + 2] << np.uint32(16) | view[3 : n + 3] << np.uint32(24)
+    return grams
+
+
+def _grams_in(new: bytes, old_grams: NDArray[np.uint32]) -> NDArray[np.bool_]:
+    """Per position of ``new``: does the _COVER_MIN-gram starting there occur in old?"""
+    found = np.zeros(len(new), dtype=bool)
+    grams = _grams(new)
+    if grams.shape[0] and old_grams.shape[0]:
+        found[: grams.shape[0]] = np.isin(grams, np.unique(old_grams))
+    return found
+
+
+def _ordered_spans(spans: object, old_n: int, new_n: int) -> list[list[int]]:
+    rows = _span_rows(spans, old_n, new_n)
+    end = 0
+    for i, (new_pos, _old_pos, length) in enumerate(rows):
+        if new_pos < end:
+            raise ValueError(
+                f"span {i} {(new_pos, _old_pos, length)} overlaps or precedes the one before"
+            )
+        end = new_pos + length
+    return rows
+
+
+def cover_gaps(
+    old: Buffer, new: Buffer, sa: NDArray[np.int32], spans: object, literal_costs: object
+) -> NDArray:
+    """``spans`` with the matches added in the literal gaps between them that cost less as
+    copies than as literal bytes; ``literal_costs``: per new byte, its estimated compressed
+    size as a literal in sixteenths of a byte (the cost model is in ext/delta_match.h)."""
+    o, nw = bytes(old), bytes(new)
+    old_n, new_n = len(o), len(nw)
+    index = np.ascontiguousarray(sa, dtype=np.int32)
+    if index.shape[0] != old_n:
+        raise ValueError(f"suffix array has {index.shape[0]} entries for {old_n} bytes")
+    costs_array = np.ascontiguousarray(literal_costs, dtype=np.uint8)
+    if costs_array.ndim != 1 or costs_array.shape[0] != new_n:
+        raise ValueError(
+            f"literal costs need one entry per new byte ({new_n}), got {costs_array.shape}"
+        )
+    costs: list[int] = costs_array.tolist()
+    if old_n and (int(index.min()) < 0 or int(index.max()) >= old_n):
+        raise ValueError("suffix array entries are outside the old image")
+    rows = _ordered_spans(spans, old_n, new_n)
+    sa_list = index.tolist()
+    # A search finds _COVER_MIN bytes or more exactly where new's _COVER_MIN-gram at that
+    # position occurs in old: a set lookup, done for all positions at once, skips the
+    # searches that cannot succeed (most of a literal gap) without changing any result.
+    seen = _grams_in(nw, _grams(o))
+
+    literal = costs.__getitem__
+    def copy(o_at: int, n_at: int) -> int:
+        return _COVER_EQUAL if o[o_at] == nw[n_at] else _COVER_WRONG
+
+    out: list[list[int]] = []
+    at = cursor = 0  # new and old end of the last span out
+    for gap_end, span_old, span_len in [*rows, [new_n, 0, 0]]:
+        p = at
+        while gap_end - p >= _COVER_MIN:
+            if not seen[p]:
+                p += 1
+                continue
+            length, pos = _search(o, sa_list, nw, p, gap_end)
+            if length < _COVER_MIN:
+                p += 1
+                continue
+            collinear = bool(out) and pos - p == cursor - at and p - at <= _COVER_LINK
+            if collinear:
+                need = sum(copy(cursor + k, at + k) - literal(at + k) for k in range(p - at))
+            else:
+                need = _entry_cost(pos - cursor, length)
+            gain = k = 0
+            while k < length and gain <= need:
+                gain += literal(p + k) - _COVER_EQUAL
+                k += 1
+            if gain <= need:
+                p += length // 2 if length > _SKIP_LEN else 1
+                continue
+            back = fwd = 0
+            if not collinear:
+                score = best = i = 0
+                while p - 1 - i >= at and pos - 1 - i >= 0 and i - back < _COVER_PATIENCE:
+                    score += literal(p - 1 - i) - copy(pos - 1 - i, p - 1 - i)
+                    i += 1
+                    if score > best:
+                        best, back = score, i
+            score = best = i = 0
+            while (
+                p + length + i < gap_end
+                and pos + length + i < old_n
+                and i - fwd < _COVER_PATIENCE
+            ):
+                score += literal(p + length + i) - copy(pos + length + i, p + length + i)
+                i += 1
+                if score > best:
+                    best, fwd = score, i
+            if collinear:
+                out[-1][2] = p + length + fwd - out[-1][0]
+            else:
+                out.append([p - back, pos - back, back + length + fwd])
+            at = p = out[-1][0] + out[-1][2]
+            cursor = out[-1][1] + out[-1][2]
+        if span_len > 0:
+            out.append([gap_end, span_old, span_len])
+            at, cursor = gap_end + span_len, span_old + span_len
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
 # --- relocation filters (ext/delta_filter.h) -------------------------------------------------

@@ -3,12 +3,15 @@
 1. Guess the instruction set from the old image (``detect_family``): Thumb-2 BL/B.W or x86
    CALL/JMP whose targets land inside the image on a spot other branches also hit, or neither.
 2. Pass 1: normalise both images so that every branch holds its absolute target, build the
-   suffix array of the old one and match coarsely (bsdiff-style, ext/delta_match.h).
+   suffix array of the old one and match coarsely (bsdiff-style, ext/delta_match.h); then
+   cover the literal gaps with every match that is cheaper as a copy than as literal bytes
+   by an estimate of the compressed cost (``cover_gaps``, ``literal_costs``; HDiffPatch's
+   cover selection). Models are fitted to the scan's spans, the covers only carry bytes.
 3. Fit the relocation model to what those copies show: how branch targets and pointers moved
    (``fit_map``), the load address (``detect_base``).
 4. Pass 2: rewrite the new image's targets and pointers back into old coordinates (the
    inverse model) and match it again against the same suffix array: relocated code and
-   pointer tables now compare equal, so the copies line up exactly.
+   pointer tables now compare equal, so the copies line up exactly; cover the gaps again.
 5. Fit the model on the final copies, pick the filter set whose difference bytes compress
    best, and zstd the payload with an explicit window.
 6. Repeat 2-5 for other strategies (a filter set forced: its own normalisation and matches)
@@ -55,6 +58,48 @@ FIRST_PASS_STEP = 4
 SECOND_PASS_STEP = 2
 #: Switching thresholds of the second matching pass: little new code, much new code.
 SECOND_PASS_THRESHOLDS = (8, 16)
+#: Estimated compressed size of a literal byte, in sixteenths of a byte, for the cost-based
+#: covers added in the gaps both passes leave (ext/delta_match.h, ota_cover_gaps). Literal
+#: bytes compress to 0.6-0.75 byte each on the public corpus (bench/delta/results/
+#: public-anatomy.md: "literal z" / "literal"); 10/16 is the low end, so a short match is only
+#: taken where it clearly pays (8-13 gave within 1.5% of each other on the corpus).
+LITERAL_COST = 10
+#: ... of a literal byte zstd codes as part of a run (it repeats the byte before it).
+RUN_COST = 1
+#: ... of a literal byte inside a REPEAT_GRAM-byte string that occurred earlier in the new
+#: image: zstd codes it as a match within the literals (about 6 bits a byte amortised), so a
+#: copy from old gains less there. Generated new code repeats itself: without this rule the
+#: covers cost the project's corpus 1.1% (sys-major, app-major); with it, 1.3% less than
+#: without covers. (8, 6) beat (6, 3), (8, 2), (8, 5), (8, 7), (12, 5) and (16, 4) on the
+#: two corpora together.
+REPEAT_COST = 6
+REPEAT_GRAM = 8
+
+
+def literal_costs(new: bytes) -> NDArray[np.uint8]:
+    """Per byte of ``new``: its estimated compressed size as a literal, in sixteenths of a byte
+    (what ``cover_gaps`` weighs a copy against): LITERAL_COST, less in runs and repeats."""
+    data = np.frombuffer(new, dtype=np.uint8)
+    size = data.shape[0]
+    costs = np.full(size, LITERAL_COST, dtype=np.uint8)
+    if size >= REPEAT_GRAM:
+        starts = size - REPEAT_GRAM + 1
+        # The REPEAT_GRAM-byte string starting at each position, read as one big-endian word.
+        grams = np.ndarray((starts,), dtype=">u8", buffer=new, strides=(1,)).astype(np.uint64)
+        order = np.argsort(grams)  # quicksort: a stable sort is 3-4x slower here
+        ranked = grams[order]
+        head = np.ones(starts, dtype=bool)
+        head[1:] = ranked[1:] != ranked[:-1]
+        first = np.minimum.reduceat(order, np.flatnonzero(head))  # earliest start per gram
+        repeated = np.empty(starts, dtype=bool)  # the gram occurred before this start
+        repeated[order] = order != first[np.cumsum(head) - 1]
+        # A byte is inside a repeat when one starts at most REPEAT_GRAM - 1 bytes before it.
+        inside = np.zeros(size, dtype=bool)
+        for shift in range(REPEAT_GRAM):
+            inside[shift : shift + starts] |= repeated
+        costs[inside] = REPEAT_COST
+    costs[1:][data[1:] == data[:-1]] = RUN_COST
+    return costs
 
 
 @dataclass(frozen=True)
@@ -109,6 +154,14 @@ def _plan_blocks(spans: NDArray[np.int64], new_n: int, block_limit: int) -> list
     add_extra(at, new_n - at)
     close()
     return blocks
+
+
+def _copy_rows(blocks: list[list[_Entry]]) -> NDArray[np.int64]:
+    """(new_pos, old_pos, length) of every copy entry of ``blocks``."""
+    return np.array(
+        [(e.new_pos, e.old_pos, e.copy) for block in blocks for e in block if e.copy],
+        dtype=np.int64,
+    ).reshape(-1, 3)
 
 
 def fit_map(
@@ -251,16 +304,26 @@ class _Planner:
     """Builds candidate payloads for one (old, new) pair, one per filter set.
 
     Control entries and extra bytes do not depend on the filters, so they are encoded once;
-    a candidate only brings its prelude (maps) and difference bytes.
+    a candidate only brings its prelude (maps) and difference bytes. The relocation model is
+    fitted to the ``evidence`` spans (the scan's, long enough to show how code moved) when
+    given; the short cost-based covers added to ``spans`` only carry bytes (a chance 6-byte
+    match holding a branch would report a bogus move).
     """
 
-    def __init__(self, old: bytes, new: bytes, spans: NDArray[np.int64], block_limit: int) -> None:
+    def __init__(
+        self,
+        old: bytes,
+        new: bytes,
+        spans: NDArray[np.int64],
+        block_limit: int,
+        evidence: NDArray[np.int64] | None = None,
+    ) -> None:
         self.old, self.new, self.block_limit = old, new, block_limit
         blocks = _plan_blocks(spans, len(new), block_limit)
-        self.rows = np.array(
-            [(e.new_pos, e.old_pos, e.copy) for block in blocks for e in block if e.copy],
-            dtype=np.int64,
-        ).reshape(-1, 3)
+        self.rows = _copy_rows(blocks)
+        self.evidence = self.rows
+        if evidence is not None:
+            self.evidence = _copy_rows(_plan_blocks(evidence, len(new), block_limit))
         self._observed: dict[tuple[int, int | None], tuple[NDArray[np.int64], ...]] = {}
         self._bases: dict[bool, int | None] = {}
         self._fits: dict[tuple[object, ...], tuple[NDArray[np.int64], NDArray[np.int64]]] = {}
@@ -289,7 +352,7 @@ class _Planner:
         if key not in self._observed:
             image_size = len(self.old) if base is not None else 0
             model = (filters, base or 0, image_size, _EMPTY_MAP, _EMPTY_MAP)
-            self._observed[key] = fmt._kernel.observe(self.old, self.new, self.rows, model)
+            self._observed[key] = fmt._kernel.observe(self.old, self.new, self.evidence, model)
         return self._observed[key]
 
     def base(self, x86: bool) -> int | None:
@@ -519,6 +582,7 @@ class _Matching:
             old, new, window_log=window_log, block_limit=block_limit
         )
         self._by_family: dict[int, tuple[bytes, NDArray[np.int64], _Planner]] = {}
+        self.literal_costs = literal_costs(new)
 
     def first(self, family: int) -> tuple[bytes, NDArray[np.int64], _Planner]:
         """(old image normalised, its suffix array, planner of pass 1's matches)."""
@@ -532,10 +596,13 @@ class _Matching:
             spans = kernel.find_matches(
                 old_normal, new_normal, suffixes, self.threshold, FIRST_PASS_STEP
             )
+            covered = kernel.cover_gaps(
+                old_normal, new_normal, suffixes, spans, self.literal_costs
+            )
             self._by_family[family] = (
                 old_normal,
                 suffixes,
-                _Planner(self.old, self.new, spans, self.block_limit),
+                _Planner(self.old, self.new, covered, self.block_limit, evidence=spans),
             )
         return self._by_family[family]
 
@@ -566,12 +633,15 @@ def _make_one(
         # switching threshold (no chance matches), little a low one (follow every table).
         kernel = fmt._kernel
         new_normal = kernel.normalize(new_bytes, first.model(probe, map_cap, inverse=True))
-        literal = len(new_bytes) - int(first.rows[:, 2].sum())
+        literal = len(new_bytes) - int(first.evidence[:, 2].sum())
         second_threshold = SECOND_PASS_THRESHOLDS[literal * 50 > len(new_bytes)]
         spans = kernel.find_matches(
             old_normal, new_normal, suffixes, second_threshold, SECOND_PASS_STEP
         )
-        plan = _Planner(old_bytes, new_bytes, spans, block_limit)
+        covered = kernel.cover_gaps(
+            old_normal, new_normal, suffixes, spans, matching.literal_costs
+        )
+        plan = _Planner(old_bytes, new_bytes, covered, block_limit, evidence=spans)
         choice = _best_candidate(plan, retry, map_cap, window_log)
     payload = plan.payload(*plan.candidate(choice[0], map_cap, choice[1]))
     return matching.encoder.encode(payload, CODEC_ZSTD, level=level)
