@@ -176,8 +176,15 @@ class EventRecorder:
             batch = [self._waiting.popleft() for _ in range(count)]
             if not batch:
                 return True
+            written = False
+
+            def write() -> None:
+                nonlocal written
+                self._write(batch)
+                written = True
+
             try:
-                await trio.to_thread.run_sync(self._write, batch)
+                await trio.to_thread.run_sync(write)
             except STORE_ERRORS as exc:
                 self._waiting.extendleft(reversed(batch))
                 self.stats.store_errors += 1
@@ -186,6 +193,12 @@ class EventRecorder:
                     self._last_warning = now
                     log.warning("cannot store events in the history: %s; retrying", exc)
                 return False
+            except BaseException:
+                # Cancelled before the thread ran (to_thread.run_sync checkpoints first):
+                # the batch goes back, so the last write on the way out (run) stores it.
+                if not written:
+                    self._waiting.extendleft(reversed(batch))
+                raise
             self.stats.recorded += len(batch)
             return True
 

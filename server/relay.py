@@ -234,13 +234,26 @@ class EventRelay:
         ]
         if not batch:
             return True
+        appended = False
+
+        def append() -> None:
+            nonlocal appended
+            self._append(batch)
+            appended = True
+
         try:
-            await trio.to_thread.run_sync(self._append, batch)
+            await trio.to_thread.run_sync(append)
         except OtaError as exc:
             self._outgoing.extendleft(reversed(batch))
             self.stats.store_errors += 1
             self._warn("event relay cannot append to the store: %s; retrying", exc)
             return False
+        except BaseException:
+            # Cancelled before the thread ran (to_thread.run_sync checkpoints first): the
+            # batch goes back, so the last flush on the way out (run) still appends it.
+            if not appended:
+                self._outgoing.extendleft(reversed(batch))
+            raise
         self.stats.appended += len(batch)
         return True
 

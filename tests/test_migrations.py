@@ -10,7 +10,9 @@ tests/test_migrations_upgrade.py.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -25,6 +27,7 @@ from alembic.runtime.migration import MigrationContext
 
 from server.store import SchemaVersionError, Store, migrate, schema
 from server.store.migrate import MigrationError
+from server.store.sqlite import create_sqlite_engine, enter_wal
 from tests.pre_alembic import drop_tables_after_baseline
 
 #: The packaged revisions, oldest first: what a new or pre-Alembic store gets applied.
@@ -242,7 +245,7 @@ def test_nodes_starting_at_once_migrate_once(new_database: UrlFactory, tmp_path:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
     try:
         assert not any(thread.is_alive() for thread in threads), "a node never finished"
-        assert errors == []
+        assert errors == [], _describe_errors(errors)
         applied = sorted((store.migration.applied for store in stores if store.migration),
                          key=len)
         assert applied == [[]] * (nodes - 1) + [REVISIONS]
@@ -250,6 +253,143 @@ def test_nodes_starting_at_once_migrate_once(new_database: UrlFactory, tmp_path:
     finally:
         for store in stores:
             store.close()
+
+
+def _describe_errors(errors: list[BaseException]) -> str:
+    """Each error with its chain of causes, and SQLite's extended result code when there is
+    one (SQLITE_BUSY is "locked", SQLITE_BUSY_SNAPSHOT a reader that could not upgrade)."""
+    described = []
+    for error in errors:
+        chain: list[str] = []
+        cause: BaseException | None = error
+        while cause is not None:
+            code = getattr(cause, "sqlite_errorname", None)
+            chain.append(f"{type(cause).__name__}: {cause}" + (f" [{code}]" if code else ""))
+            cause = cause.__cause__ or cause.__context__
+        described.append(" <- ".join(chain))
+    return "; ".join(described)
+
+
+def _hold_write_lock(path: Path) -> sqlite3.Connection:
+    """A connection holding the write lock of the database at ``path`` (still in rollback
+    journal mode, as a fresh file is), as a node mid-way into WAL mode would."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE holder (x INTEGER)")
+    return holder
+
+
+def test_entering_wal_waits_out_another_connections_write_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Why a node opening a fresh SQLite file could fail with "database is locked" at once
+    although its busy timeout is 30 s: PRAGMA journal_mode=WAL upgrades a read to a write,
+    and SQLite does not call the busy handler for that. The engine's connect hook retries
+    it, so the connection waits until the lock is released."""
+    path = tmp_path / "fresh.sqlite"
+    holder = _hold_write_lock(path)
+    try:
+        plain = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                plain.execute("PRAGMA journal_mode=WAL")  # at once, not after 30 s
+        finally:
+            plain.close()
+
+        retried = threading.Event()
+
+        class _RetrySeen(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "entering WAL mode" in record.getMessage():
+                    retried.set()
+
+        caplog.set_level(logging.DEBUG, logger="ota.store")
+        seen = _RetrySeen()
+        logging.getLogger("ota.store").addHandler(seen)
+        engine = create_sqlite_engine(sa.make_url(f"sqlite:///{path}"), pool_size=1)
+        outcome: list[object] = []
+
+        def connect() -> None:
+            try:
+                with engine.connect() as conn:
+                    outcome.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+            except BaseException as exc:
+                outcome.append(exc)
+                retried.set()  # no retry is coming: end the wait below
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        try:
+            assert retried.wait(timeout=30), "the connect hook never retried"
+            assert outcome == [], f"the connect hook failed instead of retrying: {outcome}"
+            holder.execute("COMMIT")
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "the connection never entered WAL mode"
+            assert outcome == ["wal"]
+        finally:
+            logging.getLogger("ota.store").removeHandler(seen)
+            thread.join(timeout=30)
+            engine.dispose()
+    finally:
+        holder.close()
+
+
+def test_entering_wal_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    """Past its timeout, entering WAL mode fails with SQLite's own "locked" error (which the
+    store reports as unavailable, 503), instead of waiting forever."""
+    path = tmp_path / "fresh.sqlite"
+    holder = _hold_write_lock(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                enter_wal(conn, timeout_s=0.05)
+        finally:
+            conn.close()
+    finally:
+        holder.close()
+
+
+def _connect_at_once(url: sa.URL, nodes: int) -> tuple[list[object], list[BaseException]]:
+    """``nodes`` engines on ``url`` connecting at the same moment: the journal mode each
+    connection found, and the errors."""
+    engines = [create_sqlite_engine(url, pool_size=1) for _ in range(nodes)]
+    barrier = threading.Barrier(nodes)
+    modes: list[object] = []
+    errors: list[BaseException] = []
+
+    def connect(engine: sa.Engine) -> None:
+        try:
+            barrier.wait(timeout=30)
+            with engine.connect() as conn:
+                modes.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=connect, args=(engine,), daemon=True)
+               for engine in engines]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads), "a connect never ended"
+    finally:
+        for engine in engines:
+            engine.dispose()
+    return modes, errors
+
+
+def test_fresh_sqlite_file_connections_race_into_wal(tmp_path: Path) -> None:
+    """Four engines connecting to one fresh file at the same moment, many times over: each
+    enters WAL mode (before the fix, about one round in ten failed with "database is
+    locked" at once)."""
+    nodes, rounds = 4, 25
+    for round_number in range(rounds):
+        url = sa.make_url(f"sqlite:///{tmp_path / f'race{round_number}.sqlite'}")
+        modes, errors = _connect_at_once(url, nodes)
+        assert errors == [], f"round {round_number}: {_describe_errors(errors)}"
+        assert modes == ["wal"] * nodes
 
 
 def test_sqlite_foreign_keys_are_back_on_after_a_migration(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,7 @@ from server.events import EventBus
 from server.fleet import Fleet
 from server.store import Store
 from tests.provisioning import provision_product
+from tests.test_multiprocess_server import session_owners, spread_over_both_processes
 from tests.test_ota_e2e_kit import APP_V1, FAST, STEP, SYSTEM_5003, app, running, updated_to
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,23 +173,46 @@ async def test_an_immediate_release_reaches_devices_on_both_transports_via_postg
     with pg_server(data, pg_database, tmp_path / "server.log", *extra) as server:
         fleet = _fleet(server, creds, tmp_path / "state", product_id, ids)
         headers = {"Authorization": f"Bearer {token}"}
-        async with (httpx.AsyncClient(base_url=server.api_url, timeout=30,
-                                      headers=headers) as api,
-                    running(fleet)):
-            for device_id in ids:
-                await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
-            await _upload_and_release(api, product_id, 2)
-            for device_id in ids:
-                await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
-            with trio.fail_after(STEP):  # the devices' reports reach the database
-                while set((await trio.to_thread.run_sync(
-                        _stored_versions, pg_database, data, ids)).values()) != {2}:
-                    await trio.sleep(0.05)
-            response = await api.get(f"/v1/products/{product_id}/firmware/2")
-            assert response.status_code == 200, response.text
+        watcher = await trio.to_thread.run_sync(
+            partial(Store.open, pg_database, data / "blobs", pool_size=1))
+        held_by_worker: list[str] = []
+        try:
+            async with (httpx.AsyncClient(base_url=server.api_url, timeout=30,
+                                          headers=headers) as api,
+                        running(fleet)):
+                for device_id in ids:
+                    await fleet.wait_until(updated_to(device_id, 1), timeout=STEP)
+                if workers:
+                    # The kernel spreads sessions at random (SO_REUSEPORT): make sure a
+                    # worker holds some before the release, so the relay must carry it.
+                    await spread_over_both_processes(fleet, watcher, ids[0])
+                    held_by_worker = sorted(
+                        device for device, owner in session_owners(watcher).items()
+                        if owner.startswith("worker"))
+                await _release_and_wait(api, fleet, pg_database, data, product_id, ids)
+        finally:
+            watcher.close()
     assert not (data / "ota.db").exists()  # the store was PostgreSQL only
-    if workers:  # the sessions were spread: the relay carried the release to the workers
+    if workers:  # the relay carried the release made through the main API to the worker
         log = (tmp_path / "server.log").read_text()
-        # One "closing N sessions" line per process (main and each worker).
-        closing = re.findall(r"device endpoint shutting down; closing (\d+) sessions", log)
-        assert sum(int(count) > 0 for count in closing) >= 2, log
+        # A worker's lines are prefixed "worker N [pid]" in the main process's log.
+        started = set(re.findall(r"^\S+ \S+ worker \d+ \[\d+\] INFO ota\.engine: update of "
+                                 r"([0-9a-f]{24}) started", log, re.MULTILINE))
+        assert held_by_worker, "no device on a worker"
+        assert set(held_by_worker) <= started, (
+            f"devices a worker held at the release: {held_by_worker}; updates the workers "
+            f"started: {sorted(started)}; log: {log[-3000:]}")
+
+
+async def _release_and_wait(api: httpx.AsyncClient, fleet: EmulatedFleet, pg_database: str,
+                            data: Path, product_id: int, ids: list[str]) -> None:
+    """Release version 2 through the API; wait until every device runs it and reported so."""
+    await _upload_and_release(api, product_id, 2)
+    for device_id in ids:
+        await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+    with trio.fail_after(STEP):  # the devices' reports reach the database
+        while set((await trio.to_thread.run_sync(
+                _stored_versions, pg_database, data, ids)).values()) != {2}:
+            await trio.sleep(0.05)
+    response = await api.get(f"/v1/products/{product_id}/firmware/2")
+    assert response.status_code == 200, response.text

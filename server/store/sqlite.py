@@ -6,18 +6,31 @@ that was answered) survives SIGKILL and power loss (https://sqlite.org/pragma.ht
 https://sqlite.org/wal.html). Write transactions start with ``BEGIN IMMEDIATE`` so that two
 writers queue on the busy timeout instead of failing with SQLITE_BUSY when a deferred read
 transaction tries to upgrade (https://sqlite.org/lang_transaction.html).
+
+Entering WAL mode is the one statement the busy timeout does not cover: on a database still
+in rollback-journal mode (a fresh file), ``PRAGMA journal_mode=WAL`` reads the header under a
+SHARED lock, then upgrades to a write to set the file format to 2, and SQLite returns
+SQLITE_BUSY at once, without calling the busy handler, when another connection holds the
+write lock (a reader upgrading to a writer would otherwise deadlock;
+https://sqlite.org/c3ref/busy_handler.html). Several processes or nodes opening one fresh
+file at once hit that, so :func:`enter_wal` retries it until the busy timeout has passed.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from server.store.errors import StoreConfigError
 from server.store.transaction_state import TransactionState
+
+log = logging.getLogger("ota.store")
 
 #: Execution option a write transaction sets before it begins (read by each backend's
 #: "begin" hook: here and in server.store.postgresql).
@@ -25,6 +38,43 @@ WRITE_OPTION = "ota_write"
 
 #: How long a writer waits for another writer's lock before SQLITE_BUSY (milliseconds).
 BUSY_TIMEOUT_MS = 30_000
+
+#: Pauses between tries of ``PRAGMA journal_mode=WAL`` while another connection holds the
+#: write lock (seconds; the last repeats), as SQLite's own busy handler backs off.
+_WAL_RETRY_DELAYS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.05, 0.1)
+
+
+def enter_wal(dbapi_connection: sqlite3.Connection, *, timeout_s: float) -> None:
+    """Put the database in WAL mode (a no-op when it is), retrying while another connection
+    holds the write lock, for up to ``timeout_s`` (see the module doc: SQLite does not call
+    the busy handler here). Raises the driver's SQLITE_BUSY error after ``timeout_s``, and
+    :class:`StoreConfigError` when the file system cannot hold a WAL database."""
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            mode = dbapi_connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as exc:
+            # SQLITE_BUSY and its extended codes (the low byte is the primary code,
+            # https://sqlite.org/rescode.html); any other error is not a lock to wait out.
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            delay = _WAL_RETRY_DELAYS_S[min(attempt, len(_WAL_RETRY_DELAYS_S) - 1)]
+            if time.monotonic() + delay > deadline:
+                raise
+            attempt += 1
+            log.debug("entering WAL mode: the database is locked by another connection "
+                      "(try %d); retrying in %.3f s", attempt, delay)
+            time.sleep(delay)
+    if str(mode).lower() != "wal":
+        # WAL needs shared memory, which e.g. network file systems lack
+        # (https://sqlite.org/wal.html, "Disadvantages").
+        raise StoreConfigError(
+            f"SQLite could not put the database in WAL mode (it stays in {mode!r} mode): "
+            "the store needs a local file system that supports shared memory; put the "
+            "data directory on a local disk"
+        )
 
 
 def create_sqlite_engine(url: sa.URL, *, pool_size: int) -> Engine:
@@ -45,7 +95,7 @@ def create_sqlite_engine(url: sa.URL, *, pool_size: int) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            enter_wal(dbapi_connection, timeout_s=BUSY_TIMEOUT_MS / 1000)
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
