@@ -669,6 +669,9 @@ def search_patch(
     in the module docstring. The winner's payload is then compressed with each of ``codecs``
     (``level`` is zstd's, ``lzma_preset`` LZMA2's) and the smallest patch kept, the target as
     all literals included (otacore.delta_codec); ``tried`` holds the strategies' zstd sizes.
+    When another strategy than the first won, the first one's payload goes through the
+    codec step too and the smaller is kept, so no effort gives a larger patch than effort 1
+    (between two efforts above 1 that is not guaranteed: only winners are re-encoded).
     """
     old_bytes, new_bytes = bytes(old), bytes(new)
     _check(old_bytes, new_bytes, window_log, block_limit, map_cap, filters)
@@ -683,15 +686,25 @@ def search_patch(
         detected = _family_of(scores)
         order = delta_strategy.strategy_order(detected, scores)
 
+    made: list[bytes] = []  # each strategy's zstd patch, in the order tried
+
     def make(strategy: delta_strategy.Strategy) -> bytes:
         family = detected if strategy is None else strategy & (FILTER_THUMB | FILTER_X86)
-        return _make_one(
+        made.append(_make_one(
             matching, strategy, family, level=level, window_log=window_log, map_cap=map_cap
-        )
+        ))
+        return made[-1]
 
     result = delta_strategy.search(order, effort, make)
     # The codec step: the winner's payload with every codec, and the all-literal candidate.
     patch = matching.encoder.finish(result.patch, codecs, level=level, preset=lzma_preset)
+    if made[0] is not result.patch:
+        # The strategies compete on zstd; another codec may favour the first one (what
+        # effort 1 returns). Encoding it too keeps a larger effort from ever giving a larger
+        # patch than effort 1 (ties: the winner's).
+        first = matching.encoder.finish(made[0], codecs, level=level, preset=lzma_preset)
+        if len(first) < len(patch):
+            return delta_strategy.SearchResult(first, result.tried[0][0], result.tried)
     return delta_strategy.SearchResult(patch, result.strategy, result.tried)
 
 
