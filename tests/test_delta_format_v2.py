@@ -7,7 +7,6 @@ import hashlib
 import lzma
 import random
 import struct
-import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from otacore.delta_stream import (
 from otacore.errors import DeltaError, PatchBaseMismatchError
 from server.cli.delta_cmd import app
 from tests.test_delta import image_pairs, thumb_image
-from tests.test_delta_stream import firmware_pair
+from tests.test_delta_stream import firmware_pair, peak_during_apply
 
 V1 = Path(__file__).parent / "data" / "delta-v1"
 ZSTD_ONLY = (CODEC_ZSTD,)
@@ -360,23 +359,7 @@ def test_lzma2_streaming_memory_stays_bounded(piece: int) -> None:
     patch = delta.make_patch(old, new, codecs=LZMA_ONLY)
     header = delta.read_header(patch)
     assert header.codec == CODEC_LZMA2
-    written = 0
-
-    def sink(data: bytes) -> None:
-        nonlocal written
-        written += len(data)
-
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        applier = PatchApplier(old, sink)
-        for at in range(0, len(patch), piece):
-            applier.feed(patch[at : at + piece])
-        applier.finish()
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    peak, written = peak_during_apply(old, patch, piece)
     bound = python_memory_bound(header.block_limit) + lzma_native_bound(
         header.window_log, header.lzma_props
     )
@@ -563,23 +546,7 @@ def test_codec_2_apply_memory_is_the_window_plus_the_base() -> None:
     patch = delta.make_patch(old, new, codecs=(delta.CODEC_ZSTD_OLD,))
     header = delta.read_header(patch)
     assert header.codec == delta.CODEC_ZSTD_OLD
-    written = 0
-
-    def sink(data: bytes) -> None:
-        nonlocal written
-        written += len(data)
-
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        applier = PatchApplier(_Flash(old), sink)
-        for at in range(0, len(patch), 1000):
-            applier.feed(patch[at : at + 1000])
-        applier.finish()
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    peak, written = peak_during_apply(_Flash(old), patch, 1000)
     assert written == len(new)
     # Python's side: the usual bound plus the base read once (<= the window) and the
     # dictionary object's own copy of it; zstd's own state is outside tracemalloc.

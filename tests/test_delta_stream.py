@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from otacore import delta
 from otacore.delta_stream import (
+    OldSource,
     PatchApplier,
     apply_stream,
     python_memory_bound,
@@ -139,7 +140,9 @@ def test_limits_are_enforced_and_configurable() -> None:
     assert delta.apply_patch(old, patch) == new
 
 
-def _peak_during_apply(old: bytes, patch: bytes, piece: int) -> tuple[int, int]:
+def peak_during_apply(old: OldSource, patch: bytes, piece: int) -> tuple[int, int]:
+    """Traced memory peak of streaming ``patch`` onto ``old`` in pieces of ``piece`` bytes
+    (the output only counted, as a device writes it to flash), and the bytes written."""
     written = 0
 
     def sink(data: bytes) -> None:
@@ -171,7 +174,7 @@ def test_streaming_memory_stays_bounded(kind: str, piece: int) -> None:
     patch = delta.make_patch(old, new)
     header = delta.read_header(patch)
     bound = python_memory_bound(header.block_limit)
-    peak, written = _peak_during_apply(old, patch, piece)
+    peak, written = peak_during_apply(old, patch, piece)
     assert written == len(new)
     assert peak < bound, f"peak {peak} >= bound {bound}"
     assert bound < len(new) // 3  # the bound really is independent of the image size
