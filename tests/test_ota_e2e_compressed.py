@@ -17,17 +17,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from otacore.module import ModuleDependency, build_module
-from otacore.platforms import ModuleFunction
 from otacore.protocol.link import Transport
 from otacore.zstd_image import compress_image
 from server.fleet.deltas import RELEASE_BYTES_EVENT
 from tests.test_ota_e2e_kit import (
-    BORON,
     STEP,
     SYSTEM_5003,
     TRANSPORTS,
     app,
+    app_with_body,
     ota_rig,
     running,
     transfers_of,
@@ -52,16 +50,7 @@ def _firmware_like_body(version: int, size: int) -> bytes:
 
 
 def _app(version: int) -> bytes:
-    return build_module(
-        _firmware_like_body(version, 60_000),
-        platform_id=BORON,
-        function=ModuleFunction.USER_PART,
-        index=1,
-        version=6,
-        product_id=BORON,
-        product_version=version,
-        dependencies=[ModuleDependency(ModuleFunction.SYSTEM_PART, 1, 5003)],
-    )
+    return app_with_body(version, _firmware_like_body(version, 60_000))
 
 
 #: v1 runs; the server never stores it, so no delta base is known and v2 goes out whole.
@@ -134,24 +123,11 @@ def _padded_app(version: int) -> bytes:
     less than any patch's fixed header, while a patch from an unrelated base is still far
     smaller than the image (so both encodings are on offer)."""
     body = f"v{version} of a mostly empty application".encode() + bytes(60_000)
-    return _app_with_body(version, body)
-
-
-def _app_with_body(version: int, body: bytes) -> bytes:
-    return build_module(
-        body,
-        platform_id=BORON,
-        function=ModuleFunction.USER_PART,
-        index=1,
-        version=6,
-        product_id=BORON,
-        product_version=version,
-        dependencies=[ModuleDependency(ModuleFunction.SYSTEM_PART, 1, 5003)],
-    )
+    return app_with_body(version, body)
 
 
 #: A stored base (so a delta can be made) with nothing in common with _padded_app's body.
-UNRELATED_BASE = _app_with_body(1, hashlib.shake_256(b"unrelated base").digest(40_000))
+UNRELATED_BASE = app_with_body(1, hashlib.shake_256(b"unrelated base").digest(40_000))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from otacore.module import ModuleDependency, build_module
-from otacore.platforms import ModuleFunction
 from otacore.protocol.link import Transport
 from server.api.serialize import firmware_json
 from server.fleet.deltas import RELEASE_BYTES_EVENT
 from tests.test_ota_e2e_kit import (
-    BORON,
     STEP,
     SYSTEM_5003,
     TRANSPORTS,
     app,
+    app_with_body,
     flash_statuses,
     ota_rig,
     running,
@@ -36,20 +34,6 @@ from tests.test_ota_e2e_kit import (
 _BODY = hashlib.shake_256(b"delta test application").digest(48_000)
 
 
-def _app(version: int, body: bytes) -> bytes:
-    """A product application of ``version`` with ``body`` (needs system part 1 at 5003)."""
-    return build_module(
-        body,
-        platform_id=BORON,
-        function=ModuleFunction.USER_PART,
-        index=1,
-        version=6,
-        product_id=BORON,
-        product_version=version,
-        dependencies=[ModuleDependency(ModuleFunction.SYSTEM_PART, 1, 5003)],
-    )
-
-
 def _edited(body: bytes, edits: dict[int, bytes]) -> bytes:
     out = bytearray(body)
     for at, data in edits.items():
@@ -57,11 +41,11 @@ def _edited(body: bytes, edits: dict[int, bytes]) -> bytes:
     return bytes(out)
 
 
-V1 = _app(1, _BODY)
+V1 = app_with_body(1, _BODY)
 #: v2: v1 with a few small edits (a bug fix), so a patch is a tiny fraction of the image.
-V2 = _app(2, _edited(_BODY, {1_000: b"fixed the sensor", 30_000: b"\x01\x02\x03\x04"}))
+V2 = app_with_body(2, _edited(_BODY, {1_000: b"fixed the sensor", 30_000: b"\x01\x02\x03\x04"}))
 #: A v1 the server never stored: a device running it has no known base.
-V1_UNKNOWN = _app(1, _edited(_BODY, {20_000: b"local build"}))
+V1_UNKNOWN = app_with_body(1, _edited(_BODY, {20_000: b"local build"}))
 #: An unrelated v3: its patch from v2 is not smaller than the image.
 V3 = app(3, size=48_000, seed="unrelated")
 

@@ -65,8 +65,15 @@ def app(
     """A product application (user part 1) of product version ``version`` that needs system
     part 1 at ``needs_system`` or later; ``marker`` (a test marker) goes into its body."""
     body = hashlib.shake_256(f"app {version} {seed}".encode()).digest(size)
+    return app_with_body(version, body[: size // 2] + marker + body[size // 2 :],
+                         needs_system=needs_system)
+
+
+def app_with_body(version: int, body: bytes, *, needs_system: int = 5003) -> bytes:
+    """A product application (user part 1) of product version ``version`` made of ``body``,
+    needing system part 1 at ``needs_system`` or later."""
     return build_module(
-        body[: size // 2] + marker + body[size // 2 :],
+        body,
         platform_id=BORON,
         function=ModuleFunction.USER_PART,
         index=1,
