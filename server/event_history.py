@@ -35,6 +35,7 @@ import trio
 from otacore.errors import OtaError, ValidationError
 from server import metrics
 from server.events import Event, EventBus
+from server.queued_batches import store_batch
 from server.store import Store
 from server.store.tx_event_history import (
     devices_over,
@@ -172,34 +173,17 @@ class EventRecorder:
         """Store up to ``history_batch`` buffered events in one INSERT; False when the store
         refused (they stay buffered, in order)."""
         async with self._write_lock:  # one write at a time: rows keep publishing order
-            count = min(self.settings.history_batch, len(self._waiting))
-            batch = [self._waiting.popleft() for _ in range(count)]
-            if not batch:
-                return True
-            written = False
-
-            def write() -> None:
-                nonlocal written
-                self._write(batch)
-                written = True
-
             try:
-                await trio.to_thread.run_sync(write)
-            except STORE_ERRORS as exc:
-                self._waiting.extendleft(reversed(batch))
+                recorded = await store_batch(self._waiting, self.settings.history_batch,
+                                             self._write)
+            except STORE_ERRORS as exc:  # the batch is back in the buffer, in order
                 self.stats.store_errors += 1
                 now = time.monotonic()
                 if now - self._last_warning >= WARN_PERIOD:
                     self._last_warning = now
                     log.warning("cannot store events in the history: %s; retrying", exc)
                 return False
-            except BaseException:
-                # Cancelled before the thread ran (to_thread.run_sync checkpoints first):
-                # the batch goes back, so the last write on the way out (run) stores it.
-                if not written:
-                    self._waiting.extendleft(reversed(batch))
-                raise
-            self.stats.recorded += len(batch)
+            self.stats.recorded += recorded
             return True
 
     async def drain(self) -> None:

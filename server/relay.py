@@ -52,6 +52,7 @@ import trio
 
 from otacore.errors import OtaError, ValidationError
 from server.events import Event, EventBus
+from server.queued_batches import store_batch
 from server.store import Store
 from server.store.pg_listen import EventLogListener, ListenerLostError
 from server.store.tx_events import append_events, last_event_id, prune_events, read_events_after
@@ -229,32 +230,13 @@ class EventRelay:
     async def flush(self) -> bool:
         """Append up to ``batch`` buffered events in one transaction; False if the store
         refused (the events stay buffered, in order)."""
-        batch = [
-            self._outgoing.popleft() for _ in range(min(self.settings.batch, len(self._outgoing)))
-        ]
-        if not batch:
-            return True
-        appended = False
-
-        def append() -> None:
-            nonlocal appended
-            self._append(batch)
-            appended = True
-
         try:
-            await trio.to_thread.run_sync(append)
-        except OtaError as exc:
-            self._outgoing.extendleft(reversed(batch))
+            appended = await store_batch(self._outgoing, self.settings.batch, self._append)
+        except OtaError as exc:  # the batch is back in the buffer, in order
             self.stats.store_errors += 1
             self._warn("event relay cannot append to the store: %s; retrying", exc)
             return False
-        except BaseException:
-            # Cancelled before the thread ran (to_thread.run_sync checkpoints first): the
-            # batch goes back, so the last flush on the way out (run) still appends it.
-            if not appended:
-                self._outgoing.extendleft(reversed(batch))
-            raise
-        self.stats.appended += len(batch)
+        self.stats.appended += appended
         return True
 
     def _append(self, batch: list[Event]) -> None:
