@@ -403,6 +403,7 @@ def make_patch(
     effort: int | None = None,
     codecs: Collection[int] | None = None,
     lzma_preset: int | None = None,
+    workers: int | None = None,
 ) -> bytes:
     """A patch that turns ``old`` into ``new`` (see :func:`otacore.delta_maker.make_patch`).
 
@@ -411,8 +412,9 @@ def make_patch(
     :mod:`otacore.delta_stream`). ``effort`` is how many strategies the maker makes in full
     to keep the smallest (:mod:`otacore.delta_strategy`; None: its default). ``codecs``
     are the payload codecs tried (CODEC_ZSTD, CODEC_LZMA2, CODEC_ZSTD_OLD; None: all) and
-    ``lzma_preset`` LZMA2's liblzma preset (None: :mod:`otacore.delta_codec`'s default). Raises
-    PatchInputError for images or options it refuses.
+    ``lzma_preset`` LZMA2's liblzma preset (None: :mod:`otacore.delta_codec`'s default).
+    ``workers`` is how many threads the making may use (None: the maker's default; the patch
+    does not depend on it). Raises PatchInputError for images or options it refuses.
     """
     from otacore import delta_codec, delta_maker, delta_strategy  # they import this module
 
@@ -422,6 +424,8 @@ def make_patch(
         codecs = delta_codec.DEFAULT_CODECS
     if lzma_preset is None:
         lzma_preset = delta_codec.DEFAULT_LZMA_PRESET
+    if workers is None:
+        workers = delta_maker.DEFAULT_WORKERS
 
     return delta_maker.make_patch(
         old,
@@ -435,6 +439,7 @@ def make_patch(
         effort=effort,
         codecs=codecs,
         lzma_preset=lzma_preset,
+        workers=workers,
     )
 
 

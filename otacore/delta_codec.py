@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import Executor
+from functools import partial
 
 import zstandard
 
@@ -190,22 +192,40 @@ class PatchEncoder:
         level: int | None,
         preset: int,
         zstd_patch: bytes | None = None,
+        pool: Executor | None = None,
     ) -> list[bytes]:
         """The patches of ``payload`` with every codec in ``codecs`` (LZMA2 with each of
         LZMA_PROPS_TRIED, the first only for a large payload); ``zstd_patch``, when given,
-        is the payload's zstd patch already made."""
-        candidates = []
+        is the payload's zstd patch already made. With ``pool`` the encodings run in its
+        threads (the encoders release the GIL); the list's order does not depend on it."""
+        return _run_all(self.encodings(payload, codecs, level=level, preset=preset,
+                                       zstd_patch=zstd_patch), pool)
+
+    def encodings(
+        self,
+        payload: bytes,
+        codecs: Collection[int],
+        *,
+        level: int | None,
+        preset: int,
+        zstd_patch: bytes | None = None,
+    ) -> list[Callable[[], bytes]]:
+        """What :meth:`smallest` runs: one call per candidate patch, in its order."""
+        calls: list[Callable[[], bytes]] = []
         if CODEC_LZMA2 in codecs and self.window_log >= MIN_LZMA_WINDOW_LOG:
             tried = LZMA_PROPS_TRIED if len(payload) <= LZMA_ALL_PROPS_MAX else LZMA_PROPS_TRIED[:1]
             for props in tried:
-                candidates.append(self.encode(payload, CODEC_LZMA2, props=props, preset=preset))
+                calls.append(partial(self.encode, payload, CODEC_LZMA2, props=props, preset=preset))
         if CODEC_ZSTD_OLD in codecs and self.dictionary_fits(payload):
-            candidates.append(self.encode(payload, CODEC_ZSTD_OLD, level=level))
-        if CODEC_ZSTD in codecs or not candidates:
+            calls.append(partial(self.encode, payload, CODEC_ZSTD_OLD, level=level))
+        if CODEC_ZSTD in codecs or not calls:
             # (also when the codecs asked for cannot carry this payload: LZMA2 has no window
             # below 4 KiB, codec 2 none smaller than the old image plus the payload)
-            candidates.insert(0, zstd_patch or self.encode(payload, CODEC_ZSTD, level=level))
-        return candidates
+            if zstd_patch is not None:
+                calls.insert(0, partial(bytes, zstd_patch))
+            else:
+                calls.insert(0, partial(self.encode, payload, CODEC_ZSTD, level=level))
+        return calls
 
     def dictionary_fits(self, payload: bytes) -> bool:
         """Whether codec 2 can carry ``payload``: zstd references dictionary bytes only
@@ -237,25 +257,36 @@ class PatchEncoder:
         *,
         level: int | None,
         preset: int,
+        pool: Executor | None = None,
     ) -> bytes:
         """The patch to ship: ``zstd_patch`` (the strategies' winner, codec 0) or its payload
         re-encoded with another codec in ``codecs``, or the all-literal candidate, whichever is
-        smallest (the earliest of these on a tie)."""
+        smallest (the earliest of these on a tie). With ``pool`` the encodings run in its
+        threads; the result is the same."""
         header = PatchHeader.parse(zstd_patch)
         payload = zstandard.ZstdDecompressor().decompress(zstd_patch[header.size :])
-        candidates = self.smallest(
-            payload, codecs, level=level, preset=preset, zstd_patch=zstd_patch
-        )
         literal = self.literal_payload()
-        fast = self.encode(literal, CODEC_ZSTD, level=LITERAL_SCREEN_LEVEL)
+        calls = self.encodings(payload, codecs, level=level, preset=preset, zstd_patch=zstd_patch)
+        # The fast literal candidate runs beside the others: it decides whether the literal
+        # payload is worth every codec.
+        made = _run_all([*calls, partial(self.encode, literal, CODEC_ZSTD,
+                                          level=LITERAL_SCREEN_LEVEL)], pool)
+        candidates, fast = made[:-1], made[-1]
         if min(map(len, candidates)) > LITERAL_SCREEN * len(fast):
-            candidates += self.smallest(literal, codecs, level=level, preset=preset)
+            candidates += self.smallest(literal, codecs, level=level, preset=preset, pool=pool)
         elif CODEC_ZSTD_OLD in codecs and self.dictionary_fits(literal):
             # zstd --patch-from's own patch: small images only, so always worth a try
             candidates.append(self.encode(literal, CODEC_ZSTD_OLD, level=level))
         if CODEC_ZSTD in codecs:
             candidates.append(fast)
         return min(candidates, key=len)
+
+
+def _run_all(calls: list[Callable[[], bytes]], pool: Executor | None) -> list[bytes]:
+    """Every call's result, in order: in ``pool``'s threads when given and worth it."""
+    if pool is None or len(calls) < 2:
+        return [call() for call in calls]
+    return list(pool.map(lambda call: call(), calls))
 
 
 def _varint(value: int) -> bytes:

@@ -115,20 +115,26 @@ def public_markdown(rows: list[dict]) -> str:
         )
     lines += [
         "",
-        "Make and apply time in total over the pairs (wall seconds, best of the runs; apply peak "
-        "= extra RSS of the applying process):",
+        "Make and apply time in total over the pairs (wall seconds, best of the runs; CPU "
+        "seconds of the same runs, threads and child processes included; apply peak = extra "
+        "RSS of the applying process):",
         "",
-        "| tool | patch bytes | make s | make / zstd -19 --patch-from | apply s "
-        "| max apply peak KiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| tool | patch bytes | make s | make / zstd -19 --patch-from | make CPU s "
+        "| CPU / zstd's | apply s | max apply peak KiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    zstd_make = sum(by[(p, ZSTD)]["make_s"] for p in pairs if (p, ZSTD) in by)
+    zstd_rows = [by[(p, ZSTD)] for p in pairs if (p, ZSTD) in by]
+    zstd_make = sum(r["make_s"] for r in zstd_rows)
+    zstd_cpu = sum(r.get("make_cpu_s", 0.0) for r in zstd_rows)
     for tool in [*ours_tools, *peers]:
         measured = [by[(p, tool)] for p in pairs if (p, tool) in by]
         make = sum(r["make_s"] for r in measured)
+        cpu = sum(r.get("make_cpu_s", 0.0) for r in measured)
         versus = f"{make / zstd_make:.2f}" if zstd_make else ""
+        cpu_versus = f"{cpu / zstd_cpu:.2f}" if zstd_cpu else ""
         lines.append(
             f"| {tool} | {sum(r['patch_size'] for r in measured)} | {make:.2f} | {versus} | "
+            f"{cpu:.2f} | {cpu_versus} | "
             f"{sum(r['apply_s'] for r in measured):.2f} | "
             f"{max(r['apply_peak_kib'] for r in measured)} |"
         )

@@ -73,6 +73,11 @@ def make(
         False, help="liblzma's extreme variant of the preset (about 0.4% smaller, the LZMA2 "
         "pass about twice as slow)."
     ),
+    workers: int = typer.Option(
+        delta_maker.DEFAULT_WORKERS, min=1, max=delta_maker.MAX_WORKERS,
+        help="Threads the making uses: codec passes overlap each other and the next "
+        "strategy (the patch is the same with any number).",
+    ),
 ) -> None:
     """Write a patch that turns OLD into NEW."""
     try:
@@ -91,6 +96,7 @@ def make(
             effort=effort,
             codecs=codecs,
             lzma_preset=lzma_preset | (lzma.PRESET_EXTREME if lzma_extreme else 0),
+            workers=workers,
         )
     except OtaError as exc:
         raise _fail(str(exc)) from None

@@ -162,6 +162,11 @@ def server(
         help="Strategies (filter sets) made in full for each delta patch, the smallest kept: "
         "make time grows about linearly with it (default 2; 1 is the detector's choice alone).",
     ),
+    delta_threads_per_patch: int | None = typer.Option(
+        None, "--delta-threads-per-patch", min=1, max=16,
+        help="Threads one delta patch's making uses: its codec passes overlap (default 2; "
+        "the patch is the same with any number).",
+    ),
     delta_codec: str | None = typer.Option(
         None, "--delta-codec",
         help="Payload codec of delta patches: 'auto' (the smaller of zstd and lzma2, the "
@@ -365,6 +370,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "downgrades": "delivery.downgrades",
     "delta_effort": "delivery.delta_effort",
     "delta_codec": "delivery.delta_codec",
+    "delta_threads_per_patch": "delivery.delta_threads_per_patch",
     "downgrade_lifetime": "delivery.downgrade_lifetime",
     "window_limit": "transfer.window_limit",
     "congestion_control": "transfer.congestion_control",

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from otacore.delta_codec import CODEC_CHOICES
+from otacore.delta_maker import DEFAULT_WORKERS, MAX_WORKERS
 from otacore.delta_strategy import DEFAULT_EFFORT, MAX_EFFORT
 from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
@@ -59,6 +60,10 @@ class OtaConfig:
     #: Worker threads computing delta patches at once (CPU bound; bounded so a release to a
     #: large fleet does not starve the event loop's store threads).
     delta_threads: int = 1
+    #: Threads one delta patch's making uses (otacore.delta_maker.DEFAULT_WORKERS): its
+    #: codec passes overlap each other and the next strategy's making; the patch does not
+    #: depend on it. delta_threads x this is the most threads deltas take at once.
+    delta_threads_per_patch: int = DEFAULT_WORKERS
     #: Strategies (filter sets) the server makes in full for each delta patch, keeping the
     #: smallest (otacore.delta_strategy): make time grows about linearly with it; 1 is the
     #: family detector's choice alone.
@@ -110,6 +115,13 @@ class OtaConfig:
         ):
             raise ValidationError(f"delta_effort must be a whole number of strategies from 1 to "
                                   f"{MAX_EFFORT}, not {self.delta_effort!r}")
+        if isinstance(self.delta_threads_per_patch, bool) or not (
+            isinstance(self.delta_threads_per_patch, int)
+            and 1 <= self.delta_threads_per_patch <= MAX_WORKERS
+        ):
+            raise ValidationError(f"delta_threads_per_patch must be a whole number of threads "
+                                  f"from 1 to {MAX_WORKERS}, not "
+                                  f"{self.delta_threads_per_patch!r}")
         if self.delta_codec not in CODEC_CHOICES:
             raise ValidationError(f"delta_codec must be one of {', '.join(CODEC_CHOICES)}, "
                                   f"not {self.delta_codec!r}")

@@ -21,6 +21,7 @@ import trio
 
 from otacore.delta import make_patch
 from otacore.delta_codec import codecs_named
+from otacore.delta_maker import DEFAULT_WORKERS
 from otacore.delta_strategy import DEFAULT_EFFORT
 from otacore.errors import DeltaError, OtaError
 from server.devices.once_cache import OnceCache
@@ -55,12 +56,15 @@ class DeltaCache:
         memory_entries: int = 32,
         effort: int = DEFAULT_EFFORT,
         codec: str = "auto",
+        workers: int = DEFAULT_WORKERS,
     ) -> None:
         self.fleet = fleet
         #: Strategies made in full per patch, the smallest kept (otacore.delta_strategy).
         self.effort = effort
         #: Payload codec set by name (otacore.delta_codec.CODEC_CHOICES).
         self.codec = codec
+        #: Threads one patch's making uses (otacore.delta_maker.DEFAULT_WORKERS).
+        self.workers = workers
         #: Worker threads computing patches at once (make_patch is CPU bound).
         self.limiter = trio.CapacityLimiter(threads)
         #: Send a patch only when it is at most this fraction of the full image.
@@ -99,6 +103,7 @@ class DeltaCache:
                     target_image,
                     effort=self.effort,
                     codecs=codecs_named(self.codec),
+                    workers=self.workers,
                 ),
                 limiter=self.limiter,
             )

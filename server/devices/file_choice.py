@@ -53,6 +53,7 @@ async def _encode(engine: OtaEngine, device_id: str, view: DeviceTarget, module:
         engine.deltas.max_ratio = engine.config.delta_max_ratio
         engine.deltas.effort = engine.config.delta_effort
         engine.deltas.codec = engine.config.delta_codec
+        engine.deltas.workers = engine.config.delta_threads_per_patch
         delta = await engine.deltas.choose(view, function, index, module.sha256, module.image)
         if delta is None:
             return None

@@ -106,7 +106,8 @@ class OtaEngine:
         self.deltas = DeltaCache(self.fleet, threads=self.config.delta_threads,
                                  max_ratio=self.config.delta_max_ratio,
                                  effort=self.config.delta_effort,
-                                 codec=self.config.delta_codec)
+                                 codec=self.config.delta_codec,
+                                 workers=self.config.delta_threads_per_patch)
         #: zstd frames of full images, for devices that announce compressed OTA.
         self.compressed = CompressedImageCache(max_ratio=self.config.compressed_max_ratio)
         #: Events of each watched name (flash requests, forced updates, releases) handled
