@@ -11,12 +11,13 @@ with bounded memory is in :mod:`otacore.delta_stream`; :func:`apply_patch` is it
 Patch format (all integers little-endian)
 -----------------------------------------
 A patch is a header, then the payload: a compressed stream whose content is the records
-below. The maker writes version 2; appliers read versions 1 and 2.
+below. The maker writes version 2, or version 3 when the payload uses exact copies
+(EXACT_COPIES, below); appliers read versions 1, 2 and 3.
 
-Header, version 2 (33..63 bytes; "varint" is unsigned LEB128)::
+Header, versions 2 and 3 (33..63 bytes; "varint" is unsigned LEB128)::
 
     0   4  magic b"OTAD"
-    4   1  format version (2)
+    4   1  format version (2, or 3: the payload's prelude sets EXACT_COPIES)
     5   1  bits 0-4: window log (10..MAX_WINDOW_LOG): the applier needs a 2**log byte window;
            bits 5-7: codec (CODEC_ZSTD 0, CODEC_LZMA2 1, CODEC_ZSTD_OLD 2; others refused)
     6   1  LZMA2 only: the LZMA properties byte (pb * 5 + lp) * 9 + lc, lc + lp <= 4, pb <= 4
@@ -62,13 +63,14 @@ Header, version 1 (92 bytes, fixed)::
 
 and its payload is one zstd frame (codec 0).
 
-Payload content (both versions): a sequence of records, each
+Payload content (every version): a sequence of records, each
 ``varint length`` + ``length`` bytes, at most the block limit; a record of length 0 ends it.
 Varints are unsigned LEB128; signed values are zigzag-coded first.
 
 The first record is the prelude: ``varint filters`` (bit 0 THUMB, bit 1 X86, bit 2 WORDS; X86
-excludes THUMB). Unless it is 0, then: ``varint load address + 1`` of the old image (0: not
-known), the relocation map (old image offset -> delta) and the value map (word value ->
+excludes THUMB; bit 3 EXACT_COPIES, version 3 only and then set; other bits refused). Unless
+bits 0-2 are 0, then: ``varint load address + 1`` of the old image (0: not known), the
+relocation map (old image offset -> delta) and the value map (word value ->
 delta). A map is ``varint count`` (<= MAX_MAP_ENTRIES) then per entry the key (first: zigzag;
 then the positive gap from the previous key) and the zigzag delta. ext/delta_filter.h says
 what the filters predict with them inside every copy.
@@ -79,7 +81,19 @@ the extra bytes of all its entries, in entry order, exactly filling the record. 
 entry: move the old cursor by ``seek`` (it must stay within the base); output ``copy length``
 bytes of the prediction of old[cursor:cursor+copy] plus the difference bytes (mod 256),
 advancing the cursor; output ``extra length`` literal bytes. The output must end at exactly
-the target size with the target SHA-256 (its first 16 bytes in version 2).
+the target size with the target SHA-256 (its first 16 bytes in versions 2 and 3).
+
+Exact copies (version 3, EXACT_COPIES): after ``varint n`` a block has a bitmap of
+``ceil(n / 8)`` bytes, bit ``i % 8`` of byte ``i // 8`` set when entry ``i``'s copy is exact:
+it has no difference bytes in the record and outputs the prediction as it is (bits past ``n``
+must be 0). The maker makes a stretch of at least EXACT_RUN_MIN (otacore.delta_maker)
+unchanged bytes inside a copy its own exact entry. Why: most difference bytes are zero, and
+in a version 2 payload they stand between the bytes that matter. LZMA2 and zstd see only
+``2**window_log`` payload bytes back, so in a 1.4 MB container whose sub-images change
+alike, the second change is too far from the first to be coded as a repeat; without its
+zero runs the payload is a few tens of KB and the window spans all of it (the public
+corpus's wifi-rtw89 patch: 23.6 -> 18 KB, bench/delta/README.md). The applier's memory does
+not change: an exact copy is predicted in the same bounded pieces as any other.
 
 Why one stream of interleaved records and not the control, difference and literal bytes
 compressed apart (about 1.3% smaller with LZMA on the public corpus): the applier consumes
@@ -106,9 +120,10 @@ _kernel = load_kernel("delta")
 NATIVE: bool = _kernel.__name__ == "otacore._delta"
 
 MAGIC = b"OTAD"
-#: The format version the maker writes; SUPPORTED_VERSIONS are the ones appliers read.
+#: The format version the maker writes unless the payload uses a version 3 feature
+#: (EXACT_COPIES; see payload_version); SUPPORTED_VERSIONS are the ones appliers read.
 FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 _HEADER_V1 = struct.Struct("<4sBBHIIII32s32s")
 #: Version 1's fixed header size, which is also the largest header of any version.
 V1_HEADER_SIZE = _HEADER_V1.size + 4
@@ -134,6 +149,9 @@ MAX_IMAGE_SIZE = 0xFFFFFFFF
 FILTER_THUMB = 1
 FILTER_X86 = 2
 FILTER_WORDS = 4
+#: Prelude flag (bit 3 of the filter varint), version 3 only: every block record carries an
+#: exact-copy bitmap after its entry count (module docstring, "Payload content").
+EXACT_COPIES = 8
 #: Filter sets the maker tries when none is given (and the only valid ones): none, Thumb-2,
 #: Thumb-2 + pointers, pointers only, x86, x86 + pointers.
 AUTO_FILTERS = (
@@ -323,6 +341,8 @@ class PatchHeader:
 
     @classmethod
     def _parse_v2(cls, raw: bytes) -> PatchHeader:
+        """Versions 2 and 3 (the same header; version 3 marks a payload that uses
+        EXACT_COPIES, which version 2 appliers do not know)."""
         if len(raw) < 6:
             raise _HeaderIncomplete(f"patch is truncated: {len(raw)} bytes, no header yet")
         codec, window_log = raw[5] >> 5, raw[5] & 0x1F
@@ -353,7 +373,7 @@ class PatchHeader:
             lzma_props(props)  # refuses a byte LZMA2 cannot use
         base_size, target_size, block_limit, payload_size = sizes
         return cls(
-            version=2,
+            version=raw[4],
             window_log=window_log,
             base_size=base_size,
             target_size=target_size,
@@ -364,6 +384,20 @@ class PatchHeader:
             codec=codec,
             lzma_props=props,
         )
+
+
+def payload_version(payload: Buffer) -> int:
+    """The format version a decompressed payload needs: 3 when its prelude sets
+    EXACT_COPIES, else 2 (what the maker writes in the header)."""
+    head = bytes(payload[:16])  # the prelude's length varint, then its filter varint
+    at = next((i + 1 for i, byte in enumerate(head) if byte < 0x80), len(head))
+    value = shift = 0
+    for byte in head[at:]:
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+    return 3 if value & EXACT_COPIES else FORMAT_VERSION
 
 
 # --- varints (the payload's integer coding) --------------------------------------------------
@@ -477,6 +511,7 @@ __all__ = [
     "CODEC_ZSTD_OLD",
     "DEFAULT_BLOCK_LIMIT",
     "DEFAULT_WINDOW_LOG",
+    "EXACT_COPIES",
     "FILTER_THUMB",
     "FILTER_WORDS",
     "FILTER_X86",
@@ -502,5 +537,6 @@ __all__ = [
     "lzma_props",
     "lzma_props_byte",
     "make_patch",
+    "payload_version",
     "read_header",
 ]

@@ -57,6 +57,7 @@ from otacore.delta import (
     CODEC_ZSTD_OLD,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
+    EXACT_COPIES,
     MAX_HEADER_SIZE,
     MAX_MAP_ENTRIES,
     PatchBaseMismatchError,
@@ -324,6 +325,7 @@ class PatchApplier:
         self._record = bytearray()
         self._prelude_done = False
         self._model: Any = (0, 0, 0, _EMPTY_MAP, _EMPTY_MAP)
+        self._exact_copies = False  # version 3: blocks carry an exact-copy bitmap
         # output state
         self._cursor = 0
         self.bytes_written = 0
@@ -463,9 +465,21 @@ class PatchApplier:
     def _parse_prelude(self, buf: bytearray) -> None:
         header = self.header
         assert header is not None
-        filters, at = _varint(buf, 0, len(buf), "the filter set")
+        flags, at = _varint(buf, 0, len(buf), "the filter set")
+        filters, features = flags & 7, flags & ~7  # bits 0-2: the filter set
         if filters not in AUTO_FILTERS:
             raise PatchCorruptError(f"patch uses unknown filter set {filters}")
+        if features & ~EXACT_COPIES:
+            unknown = features & ~EXACT_COPIES
+            raise PatchCorruptError(f"patch prelude sets unknown flags {unknown:#x}")
+        if bool(features) != (header.version >= 3):
+            # A version 2 applier cannot read exact copies, so the header says version 3;
+            # and version 3 is only for payloads that use them (one encoding per patch).
+            raise PatchCorruptError(
+                f"patch format version {header.version} "
+                + ("cannot use exact copies" if features else "must use exact copies")
+            )
+        self._exact_copies = bool(features)
         base, image_size = 0, 0
         reloc = values = _EMPTY_MAP
         if filters:
@@ -486,11 +500,16 @@ class PatchApplier:
         assert header is not None
         size = len(buf)
         count, control = _varint(buf, 0, size, "a block")
-        if count == 0 or count * 3 > size:
+        bitmap = (count + 7) // 8 if self._exact_copies else 0
+        if count == 0 or count * 3 + bitmap > size:
             raise PatchCorruptError(f"patch block claims {count} entries in {size} bytes")
+        exact = int.from_bytes(buf[control : control + bitmap], "little")
+        if exact >> count:
+            raise PatchCorruptError("patch block's exact-copy bitmap marks entries it lacks")
+        control += bitmap
         # Pass 1: check every entry against the images before any output is written.
-        at, cursor, copied, literal = control, self._cursor, 0, 0
-        for _ in range(count):
+        at, cursor, copied, literal, written = control, self._cursor, 0, 0, 0
+        for index in range(count):
             seek, at = _varint(buf, at, size, "a control entry")
             copy, at = _varint(buf, at, size, "a control entry")
             extra, at = _varint(buf, at, size, "a control entry")
@@ -501,28 +520,34 @@ class PatchApplier:
                     f"{header.base_size}-byte base image"
                 )
             cursor += copy
-            copied += copy
+            if not exact >> index & 1:
+                copied += copy  # difference bytes in the record
+            written += copy + extra
             literal += extra
         if at + copied + literal != size:
             raise PatchCorruptError("patch block lengths do not add up to its record size")
-        if self.bytes_written + copied + literal > header.target_size:
+        if self.bytes_written + written > header.target_size:
             raise PatchCorruptError(f"patch writes past the {header.target_size}-byte target size")
         # Pass 2: run the entries.
         diff_at, extra_at = at, at + copied
         at = control
-        for _ in range(count):
+        for index in range(count):
             seek, at = _varint(buf, at, size, "a control entry")
             copy, at = _varint(buf, at, size, "a control entry")
             extra, at = _varint(buf, at, size, "a control entry")
             self._cursor += unzigzag(seek)
-            if copy:
+            if copy and exact >> index & 1:
+                self._copy(buf, None, copy)
+            elif copy:
                 self._copy(buf, diff_at, copy)
                 diff_at += copy
             for start in range(extra_at, extra_at + extra, self._chunk):
                 self._emit(bytes(buf[start : min(start + self._chunk, extra_at + extra)]))
             extra_at += extra
 
-    def _copy(self, buf: bytearray, diff_at: int, length: int) -> None:
+    def _copy(self, buf: bytearray, diff_at: int | None, length: int) -> None:
+        """Output ``length`` predicted old bytes from the cursor, plus the difference bytes
+        at ``diff_at`` in ``buf`` (None: an exact copy, the prediction as it is)."""
         start = self._cursor
         span_end = start + length
         shift = self.bytes_written - start
@@ -534,9 +559,12 @@ class PatchApplier:
             predicted, reached = _kernel.predict(
                 source, position, span_end, limit, shift, self._model
             )
-            offset = diff_at + (position - start)
-            difference = buf[offset : offset + (reached - position)]
-            self._emit(_kernel.add_bytes(predicted, difference))
+            if diff_at is None:
+                self._emit(bytes(predicted))
+            else:
+                offset = diff_at + (position - start)
+                difference = buf[offset : offset + (reached - position)]
+                self._emit(_kernel.add_bytes(predicted, difference))
             position = reached
         self._cursor = span_end
 

@@ -59,14 +59,16 @@ def _unzigzag(value: int) -> int:
     return value >> 1 if not value & 1 else -((value + 1) >> 1)
 
 
-def walk(patch: bytes) -> dict:
-    """The streams of an OTAD patch (any version and codec): prelude facts, control,
-    difference and extra bytes."""
-    header, payload = decode_payload(patch)
+def walk(patch: bytes, old: bytes | None = None) -> dict:
+    """The streams of an OTAD patch (any version and codec; codec 2 needs ``old``): prelude
+    facts, control, difference and extra bytes (version 3: the bitmaps count as control;
+    exact copies have no difference bytes)."""
+    header, payload = decode_payload(patch, old=old)
     length, at = _varint(payload, 0)
     prelude = payload[at : at + length]
     at += length
-    filters, p = _varint(prelude, 0)
+    flags, p = _varint(prelude, 0)
+    filters, exact_copies = flags & 7, bool(flags & delta.EXACT_COPIES)
     maps = [0, 0]
     if filters:
         _, p = _varint(prelude, p)  # load address + 1
@@ -76,7 +78,7 @@ def walk(patch: bytes) -> dict:
             for _ in range(2 * count):
                 _, p = _varint(prelude, p)
     control, diff, extra = bytearray(), bytearray(), bytearray()
-    entries = seeks = 0
+    entries = seeks = copied = 0
     while True:
         length, at = _varint(payload, at)
         if length == 0:
@@ -84,13 +86,17 @@ def walk(patch: bytes) -> dict:
         record = payload[at : at + length]
         at += length
         count, r = _varint(record, 0)
+        bitmap = (count + 7) // 8 if exact_copies else 0
+        exact = int.from_bytes(record[r : r + bitmap], "little")
+        r += bitmap
         copies = extras = 0
-        for _ in range(count):
+        for index in range(count):
             seek, r = _varint(record, r)
             copy, r = _varint(record, r)
             more, r = _varint(record, r)
             seeks += _unzigzag(seek) != 0
-            copies += copy
+            copied += copy
+            copies += 0 if exact >> index & 1 else copy
             extras += more
         control += record[:r]
         diff += record[r : r + copies]
@@ -103,6 +109,7 @@ def walk(patch: bytes) -> dict:
         "prelude": len(prelude),
         "entries": entries,
         "seeks": seeks,
+        "copied": copied,
         "control": bytes(control),
         "diff": bytes(diff),
         "extra": bytes(extra),
@@ -161,7 +168,7 @@ def extra_in_old(old: bytes, new: bytes, patch: bytes) -> int:
 def anatomy(old: bytes, new: bytes) -> dict:
     """The figures of the module docstring for one pair."""
     patch = delta.make_patch(old, new)
-    parts = walk(patch)
+    parts = walk(patch, old)
     window_log = parts["window_log"]
     diff = parts["diff"]
     return {
@@ -172,7 +179,7 @@ def anatomy(old: bytes, new: bytes) -> dict:
         "prelude": parts["prelude"],
         "entries": parts["entries"],
         "seeks": parts["seeks"],
-        "copy_bytes": len(diff),
+        "copy_bytes": parts["copied"],
         "diff_nonzero": len(diff) - diff.count(0),
         "extra_bytes": len(parts["extra"]),
         "ctrl_z": _z(parts["control"], window_log),

@@ -1,0 +1,279 @@
+"""Delta format version 3: exact copies (otacore.delta, "Exact copies").
+
+A copy's long run of unchanged bytes becomes an entry of its own, marked exact in its
+block's bitmap, with no difference bytes. What is checked: version 2 patches made before
+the change still apply (tests/data/delta-v2); a patch is version 3 exactly when it uses
+exact copies; splits anywhere (down to one-byte runs, under every filter set, where an
+instruction straddles a split) still give the target exactly, whole and streamed, on both
+kernels; every malformed bitmap, flag or version mismatch is refused with its error; fuzzed
+version 3 patches fail only with DeltaError; the apply memory stays under its bound.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from otacore import delta, delta_codec, delta_maker, delta_stream
+from otacore._select import load_native, load_twin
+from otacore.delta import (
+    CODEC_ZSTD,
+    EXACT_COPIES,
+    PatchCorruptError,
+    PatchHeader,
+    payload_version,
+    put_varint,
+)
+from otacore.delta_stream import PatchApplier, decode_payload, python_memory_bound
+from otacore.errors import DeltaError
+from tests.test_delta import image_pairs, relinked_firmware
+from tests.test_delta_strategy import PAIRS
+from tests.test_delta_stream import firmware_pair, peak_during_apply
+
+V2 = Path(__file__).parent / "data" / "delta-v2"
+
+
+def _streamed(old: bytes, patch: bytes, piece: int) -> bytes:
+    out = bytearray()
+    applier = PatchApplier(old, out.extend)
+    for at in range(0, len(patch), piece):
+        applier.feed(patch[at : at + piece])
+    applier.finish()
+    return bytes(out)
+
+
+def _applies(old: bytes, new: bytes, patch: bytes) -> bool:
+    return all(
+        out == new
+        for out in (delta.apply_patch(old, patch), _streamed(old, patch, 1),
+                    _streamed(old, patch, 997))
+    )
+
+
+@pytest.mark.parametrize("name", ["zstd.otad", "lzma2.otad", "zstd-old.otad", "thumb-words.otad"])
+def test_version_2_vectors_still_apply(name: str) -> None:
+    old, new = (V2 / "old.bin").read_bytes(), (V2 / "new.bin").read_bytes()
+    patch = (V2 / name).read_bytes()
+    assert delta.read_header(patch).version == 2
+    assert _applies(old, new, patch)
+
+
+def test_a_long_unchanged_run_makes_a_version_3_patch_and_none_a_version_2() -> None:
+    old, new = firmware_pair(200_000, 11)
+    patch = delta.make_patch(old, new)
+    assert delta.read_header(patch).version == 3
+    _, payload = decode_payload(patch, old=old)
+    assert payload_version(payload) == 3
+    assert _applies(old, new, patch)
+    # Nothing in common: no copy, so no exact copy; the patch stays version 2.
+    unrelated = random.Random(3).randbytes(5000), random.Random(4).randbytes(5000)
+    patch = delta.make_patch(*unrelated)
+    assert delta.read_header(patch).version == 2
+    # Exact copies off (a run longer than any image): the same pair as version 2, smaller
+    # with them on.
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
+        without = delta.make_patch(old, new)
+    assert delta.read_header(without).version == 2 and _applies(old, new, without)
+
+
+KERNELS = [pytest.param(load_twin("delta"), id="twin")]
+if load_native("delta") is not None:
+    KERNELS.append(pytest.param(load_native("delta"), id="native"))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("run", [1, 2, 3, 5, 8, 64])
+@pytest.mark.parametrize("filters", [None, *delta.AUTO_FILTERS])
+def test_splits_anywhere_still_give_the_target(
+    kernel: object, run: int, filters: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiny runs split copies inside instructions and pointers: the pieces' difference
+    bytes are made for their own spans, so the output is still exact."""
+    monkeypatch.setattr(delta, "_kernel", kernel)
+    monkeypatch.setattr(delta_stream, "_kernel", kernel)
+    monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", run)
+    old, new = relinked_firmware(7)
+    patch = delta.make_patch(old, new, filters=filters, block_limit=1024)
+    assert delta.read_header(patch).version == 3
+    assert _applies(old, new, patch)
+
+
+def test_both_kernels_make_the_same_version_3_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    native = load_native("delta")
+    if native is None:
+        pytest.skip("native delta kernel not built")
+    old, new = PAIRS["thumb relinked"]()
+    made = []
+    for kernel in (load_twin("delta"), native):
+        monkeypatch.setattr(delta, "_kernel", kernel)
+        made.append(delta.make_patch(old, new))
+    assert made[0] == made[1] and delta.read_header(made[0]).version == 3
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=image_pairs(), run=st.integers(1, 40), block_limit=st.sampled_from([256, 1024]))
+def test_fuzzed_pairs_with_exact_copies_apply(
+    pair: tuple[bytes, bytes], run: int, block_limit: int
+) -> None:
+    old, new = pair
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(delta_maker, "EXACT_RUN_MIN", run)
+        patch = delta.make_patch(old, new, block_limit=block_limit)
+    header = delta.read_header(patch)
+    assert header.version in (2, 3)
+    assert _applies(old, new, patch)
+
+
+# --- malformed version 3 payloads --------------------------------------------------------
+
+
+def _v3_sample() -> tuple[bytes, bytes, PatchHeader, bytes]:
+    old, new = firmware_pair(60_000, 12)
+    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,))
+    header, payload = decode_payload(patch)
+    assert header.version == 3
+    return old, new, header, payload
+
+
+def _repack(header: PatchHeader, payload: bytes, version: int | None = None) -> bytes:
+    frame = delta_codec.compress_zstd(payload, 3, header.window_log)
+    fields = {**header.__dict__, "payload_size": len(frame), "codec": CODEC_ZSTD}
+    if version is not None:
+        fields["version"] = version
+    return PatchHeader(**fields).pack() + frame
+
+
+def _records(payload: bytes) -> list[bytes]:
+    records, at = [], 0
+    while True:
+        size, at = delta_maker._read_varint(payload, at)
+        if size == 0:
+            return records
+        records.append(payload[at : at + size])
+        at += size
+
+
+def _join(records: list[bytes]) -> bytes:
+    out = bytearray()
+    for record in records:
+        put_varint(out, len(record))
+        out += record
+    put_varint(out, 0)
+    return bytes(out)
+
+
+def _with_prelude_flags(payload: bytes, change: int) -> bytes:
+    records = _records(payload)
+    flags, at = delta_maker._read_varint(records[0], 0)
+    head = bytearray()
+    put_varint(head, flags ^ change)
+    records[0] = bytes(head) + records[0][at:]
+    return _join(records)
+
+
+def test_the_sample_repacks_and_applies() -> None:
+    old, new, header, payload = _v3_sample()
+    assert _applies(old, new, _repack(header, payload))
+
+
+def test_version_and_flag_must_agree() -> None:
+    old, _, header, payload = _v3_sample()
+    with pytest.raises(PatchCorruptError, match="version 2 cannot use exact copies"):
+        delta.apply_patch(old, _repack(header, payload, version=2))
+    cleared = _with_prelude_flags(payload, EXACT_COPIES)
+    with pytest.raises(PatchCorruptError, match="version 3 must use exact copies"):
+        delta.apply_patch(old, _repack(header, cleared))
+    with pytest.raises(PatchCorruptError, match="unknown flags 0x10"):
+        delta.apply_patch(old, _repack(header, _with_prelude_flags(payload, 16)))
+    with pytest.raises(PatchCorruptError, match="unknown filter set"):
+        delta.apply_patch(old, _repack(header, _with_prelude_flags(payload, 3)))  # THUMB | X86
+
+
+def _first_block_with_exact(payload: bytes) -> tuple[list[bytes], int, int, int]:
+    """(records, index of a block with an exact entry, its entry count, bitmap start)."""
+    records = _records(payload)
+    for index, record in enumerate(records[1:], 1):
+        count, at = delta_maker._read_varint(record, 0)
+        if any(record[at : at + (count + 7) // 8]):
+            return records, index, count, at
+    raise AssertionError("the sample has no exact entry")
+
+
+def test_a_bitmap_marking_entries_past_the_count_is_refused() -> None:
+    old, _, header, payload = _v3_sample()
+    records, index, count, at = _first_block_with_exact(payload)
+    bitmap = bytearray(records[index][at : at + (count + 7) // 8])
+    if count % 8 == 0:
+        pytest.skip("no spare bit in this block's bitmap")
+    bitmap[-1] |= 0x80
+    record = bytearray(records[index])
+    record[at : at + len(bitmap)] = bitmap
+    records[index] = bytes(record)
+    with pytest.raises(PatchCorruptError, match="bitmap marks entries it lacks"):
+        delta.apply_patch(old, _repack(header, _join(records)))
+
+
+def test_a_flipped_exact_bit_breaks_the_record_lengths() -> None:
+    old, _, header, payload = _v3_sample()
+    records, index, count, at = _first_block_with_exact(payload)
+    record = bytearray(records[index])
+    bits = int.from_bytes(record[at : at + (count + 7) // 8], "little")
+    first_exact = (bits & -bits).bit_length() - 1
+    record[at + first_exact // 8] ^= 1 << (first_exact % 8)  # now it claims difference bytes
+    records[index] = bytes(record)
+    with pytest.raises(PatchCorruptError, match="do not add up"):
+        delta.apply_patch(old, _repack(header, _join(records)))
+
+
+def test_payload_version_reads_long_prelude_lengths() -> None:
+    for prelude_size in (1, 200, 70_000):
+        for flags, want in ((0, 2), (5, 2), (EXACT_COPIES, 3), (EXACT_COPIES | 5, 3)):
+            prelude = bytearray()
+            put_varint(prelude, flags)
+            prelude += bytes(prelude_size - 1)
+            payload = bytearray()
+            put_varint(payload, len(prelude))
+            assert payload_version(bytes(payload + prelude)) == want
+    assert payload_version(b"") == 2
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), edits=st.integers(1, 4))
+def test_mutated_version_3_payloads_fail_with_a_delta_error_only(seed: int, edits: int) -> None:
+    """Whatever the damage inside the (correctly compressed) payload, the applier gives the
+    target or raises DeltaError, never another exception."""
+    old, new, header, payload = _SAMPLE
+    rng = random.Random(seed)
+    damaged = bytearray(payload)
+    for _ in range(edits):
+        at = rng.randrange(len(damaged))
+        choice = rng.randrange(3)
+        if choice == 0:
+            damaged[at] ^= 1 << rng.randrange(8)
+        elif choice == 1:
+            damaged[at] = rng.randrange(256)
+        else:
+            del damaged[at : at + rng.randrange(1, 6)]
+    try:
+        out = delta.apply_patch(old, _repack(header, bytes(damaged)))
+    except DeltaError:
+        return
+    assert out == new, f"seed {seed}: damaged patch produced other output without an error"
+
+
+_SAMPLE = _v3_sample()
+
+
+def test_apply_memory_stays_under_its_bound_with_exact_copies() -> None:
+    old, new = firmware_pair(1_000_000, 3)
+    patch = delta.make_patch(old, new)
+    header = delta.read_header(patch)
+    assert header.version == 3
+    peak, written = peak_during_apply(old, patch, 1)
+    assert written == len(new)
+    assert peak < python_memory_bound(header.block_limit)
