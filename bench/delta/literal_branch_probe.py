@@ -1,0 +1,192 @@
+"""Would branch conversion of the literal bytes make our patches smaller? (issue 18 evidence)
+
+For every pair of a corpus it makes our patch (``otacore.delta_maker.search_patch``,
+defaults), decodes its payload (format in ``otacore/delta.py``), converts the extra
+(literal) bytes of every entry with each transform of ``otacore.delta_literal`` at that
+entry's output offset in the new image (instructions that straddle two entries or a copy
+are left alone), re-encodes the payload with the patch's own codec and settings
+(``PatchEncoder.encode``: same codec, LZMA properties, preset and zstd level) and prints,
+per pair and in total: the patch, the same payload re-encoded (a check: equal unless the
+codec step picked the fast level-3 literal candidate), the size per transform, and the best
+(a transform only counts where it is smaller than the re-encoded original). It also gives
+the zstd level-3 size of the concatenated literal bytes, plain and converted: the cheap
+screen a maker would use to pick the transform.
+
+Writes ``<out>/literal-branch-probe.json``. Run:
+``python bench/delta/literal_branch_probe.py [--corpus DIR] [--pairs a b] [--cache DIR]``
+(``--cache`` keeps the patches made, so a second run only re-encodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import zstandard
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from otacore import delta_codec, delta_literal, delta_maker  # noqa: E402
+from otacore.delta_stream import decode_payload  # noqa: E402
+
+TRANSFORMS = {"thumb": delta_literal.THUMB, "riscv": delta_literal.RISCV, "x86": delta_literal.X86}
+
+
+def _varint(data: bytes | bytearray, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def literal_runs(payload: bytes) -> list[tuple[int, int, int]]:
+    """(payload offset, length, target offset) of every entry's extra bytes."""
+    length, at = _varint(payload, 0)
+    at += length  # the prelude
+    runs: list[tuple[int, int, int]] = []
+    out = 0
+    while True:
+        length, at = _varint(payload, at)
+        if length == 0:
+            return runs
+        record_end = at + length
+        count, r = _varint(payload, at)
+        entries = []
+        copied = 0
+        for _ in range(count):
+            _, r = _varint(payload, r)
+            copy, r = _varint(payload, r)
+            extra, r = _varint(payload, r)
+            entries.append((copy, extra))
+            copied += copy
+        extra_at = r + copied
+        for copy, extra in entries:
+            out += copy
+            if extra:
+                runs.append((extra_at, extra, out))
+            extra_at += extra
+            out += extra
+        assert extra_at == record_end, "record lengths do not add up"
+        at = record_end
+
+
+def converted(payload: bytes, runs: list[tuple[int, int, int]], kind: int) -> bytes:
+    """``payload`` with every run's extra bytes converted in place."""
+    out = bytearray(payload)
+    view = memoryview(out)
+    for at, length, offset in runs:
+        delta_literal.convert_into(view[at : at + length], offset, kind)
+    return bytes(out)
+
+
+def _z3(data: bytes) -> int:
+    return len(zstandard.ZstdCompressor(level=3).compress(data)) if data else 0
+
+
+def probe(old: bytes, new: bytes, patch: bytes) -> dict:
+    """The sizes of the module docstring for one pair."""
+    header, payload = decode_payload(patch, old=old)
+    encoder = delta_codec.PatchEncoder(
+        old, new, window_log=header.window_log, block_limit=header.block_limit
+    )
+
+    def encode(data: bytes) -> int:
+        return len(encoder.encode(data, header.codec, props=header.lzma_props))
+
+    runs = literal_runs(payload)
+    literal = b"".join(payload[at : at + n] for at, n, _ in runs)
+    row: dict = {
+        "patch": len(patch),
+        "codec": delta_codec.CODEC_NAMES[header.codec],
+        "literal": len(literal),
+        "runs": len(runs),
+        "reencoded": encode(payload),
+        "z3:none": _z3(literal),
+    }
+    for name, kind in TRANSFORMS.items():
+        started = time.perf_counter()
+        changed = converted(payload, runs, kind)
+        row[f"t:{name}"] = encode(changed)
+        row[f"z3:{name}"] = _z3(b"".join(changed[at : at + n] for at, n, _ in runs))
+        row[f"s:{name}"] = round(time.perf_counter() - started, 3)
+    base = row["reencoded"]
+    best = min(TRANSFORMS, key=lambda name: row[f"t:{name}"])
+    row["best"] = best if row[f"t:{best}"] < base else "none"
+    row["best_size"] = min(base, row[f"t:{best}"])
+    row["gain"] = base - row["best_size"]
+    screen = min(TRANSFORMS, key=lambda name: row[f"z3:{name}"])
+    row["screen"] = screen if row[f"z3:{screen}"] < row["z3:none"] else "none"
+    row["screen_size"] = base if row["screen"] == "none" else row[f"t:{row['screen']}"]
+    return row
+
+
+def table(rows: dict[str, dict]) -> str:
+    """One markdown line per pair plus the total."""
+    names = list(TRANSFORMS)
+    lines = [
+        "| pair | codec | literal B | patch | re-encoded | "
+        + " | ".join(names)
+        + " | best | gain | z3 screen picks | screen size |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(names) + "---|---:|---|---:|",
+    ]
+    total = {key: 0 for key in ("patch", "reencoded", "best_size", "gain", "screen_size")}
+    per = {name: 0 for name in names}
+    for pair, row in rows.items():
+        cells = [str(row[f"t:{name}"]) for name in names]
+        lines.append(
+            f"| {pair} | {row['codec']} | {row['literal']} | {row['patch']} | {row['reencoded']} | "
+            + " | ".join(cells)
+            + f" | {row['best']} | {row['gain']} | {row['screen']} | {row['screen_size']} |"
+        )
+        for key in total:
+            total[key] += row[key]
+        for name in names:
+            per[name] += row[f"t:{name}"]
+    lines.append(
+        f"| **total** | | | {total['patch']} | {total['reencoded']} | "
+        + " | ".join(str(per[name]) for name in names)
+        + f" | {total['best_size']} | **{total['gain']}** | | {total['screen_size']} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Probe every pair (or --pairs), print the table, write the json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=HERE / "corpus-public")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--pairs", nargs="*")
+    parser.add_argument("--cache", type=Path, help="directory keeping the patches made")
+    args = parser.parse_args()
+    manifest = json.loads((args.corpus / "manifest.json").read_text())
+    rows: dict[str, dict] = {}
+    for pair in args.pairs or list(manifest):
+        old = (args.corpus / pair / "old.bin").read_bytes()
+        new = (args.corpus / pair / "new.bin").read_bytes()
+        cached = args.cache / f"{pair}.otad" if args.cache else None
+        if cached is not None and cached.exists():
+            patch = cached.read_bytes()
+        else:
+            patch = delta_maker.search_patch(old, new).patch
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_bytes(patch)
+        rows[pair] = probe(old, new, patch)
+        print(pair, json.dumps(rows[pair]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "literal-branch-probe.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+
+
+__all__ = ["converted", "literal_runs", "probe", "table"]
+
+if __name__ == "__main__":
+    main()
