@@ -11,12 +11,14 @@ with bounded memory is in :mod:`otacore.delta_stream`; :func:`apply_patch` is it
 Patch format (all integers little-endian)
 -----------------------------------------
 A patch is a header, then the payload: a compressed stream whose content is the records
-below. The maker writes version 2; appliers read versions 1 and 2.
+below. The maker writes version 2, or version 3 when the payload's literal bytes are branch
+converted (prelude bits 3-4, below; every patch without that is byte-identical to a version 2
+patch); appliers read versions 1, 2 and 3.
 
-Header, version 2 (33..63 bytes; "varint" is unsigned LEB128)::
+Header, versions 2 and 3 (33..63 bytes; "varint" is unsigned LEB128)::
 
     0   4  magic b"OTAD"
-    4   1  format version (2)
+    4   1  format version (2, or 3: the prelude names a literal branch conversion)
     5   1  bits 0-4: window log (10..MAX_WINDOW_LOG): the applier needs a 2**log byte window;
            bits 5-7: codec (CODEC_ZSTD 0, CODEC_LZMA2 1, CODEC_ZSTD_OLD 2; others refused)
     6   1  LZMA2 only: the LZMA properties byte (pb * 5 + lp) * 9 + lc, lc + lp <= 4, pb <= 4
@@ -66,8 +68,11 @@ Payload content (both versions): a sequence of records, each
 ``varint length`` + ``length`` bytes, at most the block limit; a record of length 0 ends it.
 Varints are unsigned LEB128; signed values are zigzag-coded first.
 
-The first record is the prelude: ``varint filters`` (bit 0 THUMB, bit 1 X86, bit 2 WORDS; X86
-excludes THUMB). Unless it is 0, then: ``varint load address + 1`` of the old image (0: not
+The first record is the prelude: ``varint filters``: bits 0-2 the copy filters (bit 0 THUMB,
+bit 1 X86, bit 2 WORDS; X86 excludes THUMB), bits 3-4 the literal branch conversion (version
+3 only; 0 none, 1 Thumb-2 BL/B.W, 2 RISC-V JAL/AUIPC pairs, 3 reserved; a version 1 or 2
+patch with these bits set is corrupt, a version 3 patch must set them), no other bits.
+Unless the copy filters are 0, then: ``varint load address + 1`` of the old image (0: not
 known), the relocation map (old image offset -> delta) and the value map (word value ->
 delta). A map is ``varint count`` (<= MAX_MAP_ENTRIES) then per entry the key (first: zigzag;
 then the positive gap from the previous key) and the zigzag delta. ext/delta_filter.h says
@@ -79,7 +84,14 @@ the extra bytes of all its entries, in entry order, exactly filling the record. 
 entry: move the old cursor by ``seek`` (it must stay within the base); output ``copy length``
 bytes of the prediction of old[cursor:cursor+copy] plus the difference bytes (mod 256),
 advancing the cursor; output ``extra length`` literal bytes. The output must end at exactly
-the target size with the target SHA-256 (its first 16 bytes in version 2).
+the target size with the target SHA-256 (its first 16 bytes in versions 2 and 3).
+
+Literal branch conversion (version 3): each entry's extra bytes were converted alone, as if
+they sat at the entry's output offset in the target, by the prelude's transform
+(otacore.delta_literal: xz's BCJ filters ``armthumb.c`` and ``riscv.c`` in
+src/liblzma/simple/, relative call targets made absolute so that calls to one function are
+equal bytes); the applier restores them in place before it outputs them. An instruction
+that straddles two entries, or an entry and a copy, is not converted.
 
 Why one stream of interleaved records and not the control, difference and literal bytes
 compressed apart (about 1.3% smaller with LZMA on the public corpus): the applier consumes
@@ -106,9 +118,11 @@ _kernel = load_kernel("delta")
 NATIVE: bool = _kernel.__name__ == "otacore._delta"
 
 MAGIC = b"OTAD"
-#: The format version the maker writes; SUPPORTED_VERSIONS are the ones appliers read.
+#: The format version the maker writes, unless the literal bytes are branch converted
+#: (LITERAL_FORMAT_VERSION); SUPPORTED_VERSIONS are the ones appliers read.
 FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+LITERAL_FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 _HEADER_V1 = struct.Struct("<4sBBHIIII32s32s")
 #: Version 1's fixed header size, which is also the largest header of any version.
 V1_HEADER_SIZE = _HEADER_V1.size + 4
@@ -134,6 +148,11 @@ MAX_IMAGE_SIZE = 0xFFFFFFFF
 FILTER_THUMB = 1
 FILTER_X86 = 2
 FILTER_WORDS = 4
+#: The prelude's copy filter bits; bits LITERAL_SHIFT.. hold the literal branch conversion
+#: (otacore.delta_literal kinds), which only version 3 may set.
+COPY_FILTER_MASK = 7
+LITERAL_SHIFT = 3
+LITERAL_MASK = 3 << LITERAL_SHIFT
 #: Filter sets the maker tries when none is given (and the only valid ones): none, Thumb-2,
 #: Thumb-2 + pointers, pointers only, x86, x86 + pointers.
 AUTO_FILTERS = (
@@ -156,6 +175,10 @@ class PatchCorruptError(PatchFormatError):
 
 class PatchVersionError(PatchFormatError):
     """The patch is not an OTAD patch or uses a format version this code does not know."""
+
+
+class PatchFeatureError(PatchVersionError):
+    """The patch names a literal branch conversion this code does not know (a newer maker)."""
 
 
 class PatchLimitError(PatchFormatError):
@@ -222,10 +245,10 @@ def _get_varint(raw: bytes, at: int, what: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PatchHeader:
-    """A patch's header (``size`` bytes: 92 in version 1, 33..63 in version 2).
+    """A patch's header (``size`` bytes: 92 in version 1, 33..63 in versions 2 and 3).
 
     ``base_sha256`` / ``target_sha256`` hold the whole SHA-256 in version 1 and its first
-    V2_DIGEST_SIZE bytes in version 2; ``codec`` and ``lzma_props`` are version 2's.
+    V2_DIGEST_SIZE bytes in versions 2 and 3; ``codec`` and ``lzma_props`` are theirs.
     """
 
     version: int
@@ -353,7 +376,7 @@ class PatchHeader:
             lzma_props(props)  # refuses a byte LZMA2 cannot use
         base_size, target_size, block_limit, payload_size = sizes
         return cls(
-            version=2,
+            version=raw[4],
             window_log=window_log,
             base_size=base_size,
             target_size=target_size,
@@ -364,6 +387,16 @@ class PatchHeader:
             codec=codec,
             lzma_props=props,
         )
+
+
+def payload_format_version(payload: Buffer) -> int:
+    """The version a patch of ``payload`` (decompressed records) is written as: 3 when its
+    prelude names a literal branch conversion, else FORMAT_VERSION."""
+    at = 0
+    while payload[at] & 0x80:  # the prelude record's length
+        at += 1
+    filters = payload[at + 1]  # the maker's filter varints are one byte (filters < 0x80)
+    return LITERAL_FORMAT_VERSION if filters & LITERAL_MASK else FORMAT_VERSION
 
 
 # --- varints (the payload's integer coding) --------------------------------------------------
@@ -470,6 +503,7 @@ __all__ = [
     "CODEC_NAMES",
     "CODEC_ZSTD",
     "CODEC_ZSTD_OLD",
+    "COPY_FILTER_MASK",
     "DEFAULT_BLOCK_LIMIT",
     "DEFAULT_WINDOW_LOG",
     "FILTER_THUMB",
@@ -477,6 +511,9 @@ __all__ = [
     "FILTER_X86",
     "FORMAT_VERSION",
     "HEADER_SIZE",
+    "LITERAL_FORMAT_VERSION",
+    "LITERAL_MASK",
+    "LITERAL_SHIFT",
     "MAGIC",
     "MAX_HEADER_SIZE",
     "MIN_LZMA_WINDOW_LOG",
@@ -486,6 +523,7 @@ __all__ = [
     "V2_DIGEST_SIZE",
     "PatchBaseMismatchError",
     "PatchCorruptError",
+    "PatchFeatureError",
     "PatchHeader",
     "PatchInputError",
     "PatchLimitError",
@@ -497,5 +535,6 @@ __all__ = [
     "lzma_props",
     "lzma_props_byte",
     "make_patch",
+    "payload_format_version",
     "read_header",
 ]

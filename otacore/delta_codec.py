@@ -27,12 +27,12 @@ from otacore.delta import (
     CODEC_NAMES,
     CODEC_ZSTD,
     CODEC_ZSTD_OLD,
-    FORMAT_VERSION,
     MIN_LZMA_WINDOW_LOG,
     PatchHeader,
     PatchInputError,
     lzma_filters,
     lzma_props_byte,
+    payload_format_version,
     put_varint,
 )
 
@@ -172,7 +172,7 @@ class PatchEncoder:
         else:
             compressed, props = compress_zstd(payload, level, self.window_log), 0
         header = PatchHeader(
-            version=FORMAT_VERSION,
+            version=payload_format_version(payload),
             window_log=self.window_log,
             block_limit=self.block_limit,
             payload_size=len(compressed),

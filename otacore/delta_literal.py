@@ -10,12 +10,15 @@ round-trips too: a transform is a bijection on every input).
 
 Kinds (xz's filter files in src/liblzma/simple/ are the reference for each rule):
 
-* ``THUMB`` (1): Thumb-2 BL as xz's ``armthumb.c``: halfword pairs ``F0xx-F7xx, F8xx-FFxx``
-  at even target offsets, leftmost first and non-overlapping; the 22-bit halfword offset
-  becomes (offset + position + 4) / 2 + offset, modulo 2**22. Equal to xz's filter with
-  ``start_offset`` = ``offset`` whenever ``offset`` is even (xz aligns to the buffer, this
-  module to the target image, so an entry that starts at an odd offset converts the same
-  instructions as the whole image would).
+* ``THUMB`` (1): Thumb-2 BL and B.W as xz's ``armthumb.c`` (which takes BL only): halfword
+  pairs ``11110 S imm10, 1x 1 1 1 imm11`` (bytes ``F0-F7`` then ``B8-BF`` or ``F8-FF``: the
+  J1 = J2 = 1 encodings, i.e. targets within +-4 MiB; ARMv7-M ARM A7.7.18, A7.7.12 T4) at
+  even target offsets, leftmost first and non-overlapping; the 22-bit halfword offset becomes
+  plus (offset + position + 4) / 2 modulo 2**22 (absolute). On bytes holding no B.W pattern it is
+  xz's filter with ``start_offset`` = ``offset`` whenever ``offset`` is even (xz aligns to its
+  buffer, this module to the target image, so an entry that starts at an odd offset converts
+  the instructions the whole image would). B.W is mostly a tail call: taking it too made the
+  Thumb pairs' literals 5% smaller again.
 * ``RISCV`` (2): RISC-V JAL with rd x1 (ra) or x5 (t0), as xz 5.6's ``riscv.c`` (the
   20-bit absolute target stored big-endian in the immediate's bits), and AUIPC + a 32-bit
   instruction whose rs1 is AUIPC's rd (not x0): their 32-bit pc-relative sum made absolute,
@@ -23,16 +26,16 @@ Kinds (xz's filter files in src/liblzma/simple/ are the reference for each rule)
   (register and opcode fields kept, unlike xz's rearranged pair, so no "fake pair" decoding
   is needed). An AUIPC with rd != x0 that is not such a pair makes the scan skip 6 bytes (as
   xz) so that no later conversion can change the fields its test read.
-* ``X86`` (3): E8/E9 (CALL/JMP rel32) whose displacement's top byte is 00 or FF, as xz's
-  ``x86.c`` simplified: the 25-bit displacement becomes (offset + position + 5 + disp) modulo
-  2**25, sign-extended so the top byte stays 00/FF. xz's ``prev_mask`` state is replaced by
-  one rule: an opcode byte is not converted when an unconverted E8/E9 lies 1-3 bytes before
-  it, so a conversion never changes the byte that decided about an earlier opcode.
 
-Every transform reads and writes only the bytes of one entry (an instruction that straddles
-two entries or a copy is left alone) and is numpy code with the scan's only sequential part
-(x86, RISC-V: which candidates are taken) a loop over candidate positions. There is no
-Cython kernel, so no pure-Python twin: this module is what both appliers use.
+Value 3 is reserved: x86 E8/E9 (xz ``x86.c``) was measured on the public corpus and gained
+nothing (bench/delta/results/literal-branch-probe.md).
+
+Each transform reads and writes only the bytes it is given (one entry's literal bytes: an
+instruction that straddles two entries or a copy is left alone), and the fields that decide
+whether a position is converted are never changed by any conversion, so ``restore`` finds
+the same positions in the converted bytes. Numpy throughout; the only sequential part (which
+RISC-V candidates the scan takes) is a loop over candidate positions. There is no Cython
+kernel, so no pure-Python twin: this module is what the maker and both appliers use.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ from otacore.errors import DeltaError
 NONE = 0
 THUMB = 1
 RISCV = 2
-X86 = 3
-KIND_NAMES = {NONE: "none", THUMB: "thumb", RISCV: "riscv", X86: "x86"}
+#: Kinds a patch may name (format: otacore.delta, prelude bits 3-4); 3 is reserved (x86
+#: E8/E9 was measured and gained nothing: bench/delta/results/literal-branch-probe.md).
+KIND_NAMES = {NONE: "none", THUMB: "thumb", RISCV: "riscv"}
 
 _U8 = NDArray[np.uint8]
 _I64 = NDArray[np.int64]
+#: Instruction start positions handled per numpy step: bounds the temporaries (about 20
+#: bytes per position) an applier holds on top of its record, whatever the record size.
+WINDOW = 4096
 
 
 class LiteralKindError(DeltaError):
@@ -71,48 +78,57 @@ def restore(data: Buffer, offset: int, kind: int) -> bytes:
     return bytes(out)
 
 
-def convert_into(buf: bytearray | memoryview, offset: int, kind: int) -> None:
-    """:func:`convert` in place (``buf`` is writable)."""
-    _run(buf, offset, kind, True)
+def convert_into(
+    buf: bytearray, offset: int, kind: int, start: int = 0, end: int | None = None
+) -> None:
+    """:func:`convert` in place on ``buf[start:end]``, which sits at target ``offset``."""
+    _run(buf, start, len(buf) if end is None else end, offset, kind, True)
 
 
-def restore_into(buf: bytearray | memoryview, offset: int, kind: int) -> None:
-    """:func:`restore` in place (``buf`` is writable): what an applier does to each entry."""
-    _run(buf, offset, kind, False)
+def restore_into(
+    buf: bytearray, offset: int, kind: int, start: int = 0, end: int | None = None
+) -> None:
+    """:func:`restore` in place on ``buf[start:end]``: what an applier does to each entry's
+    literal bytes inside its record buffer (no copy)."""
+    _run(buf, start, len(buf) if end is None else end, offset, kind, False)
 
 
-def _run(buf: bytearray | memoryview, offset: int, kind: int, encode: bool) -> None:
-    if kind == NONE or len(buf) < 4:
-        if kind not in KIND_NAMES:
-            raise LiteralKindError(_unknown(kind))
+def _run(buf: bytearray, start: int, end: int, offset: int, kind: int, encode: bool) -> None:
+    if kind not in KIND_NAMES:
+        raise LiteralKindError(
+            f"literal branch conversion {kind} is not known (this code knows "
+            + ", ".join(f"{k} {name}" for k, name in KIND_NAMES.items())
+            + ")"
+        )
+    if not 0 <= start <= end <= len(buf):
+        raise LiteralKindError(f"range {start}..{end} is outside the {len(buf)}-byte buffer")
+    if kind == NONE or end - start < 4:
         return
-    data = np.frombuffer(buf, dtype=np.uint8)
-    if kind == THUMB:
-        _thumb(data, offset, encode)
-    elif kind == RISCV:
-        _riscv(data, offset, encode)
-    elif kind == X86:
-        _x86(data, offset, encode)
-    else:
-        raise LiteralKindError(_unknown(kind))
+    data = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
+    step = _thumb if kind == THUMB else _riscv
+    resume = 0  # first position where an instruction may start (the last one's end)
+    for window in range(0, end - start, WINDOW):
+        resume = step(data, window, min(window + WINDOW, end - start), resume, offset, encode)
 
 
-def _unknown(kind: int) -> str:
-    return (
-        f"literal branch conversion {kind} is not known (this code knows "
-        + ", ".join(f"{k} {name}" for k, name in KIND_NAMES.items())
-        + ")"
-    )
+def _starts(data: _U8, window: int, window_end: int, resume: int, offset: int) -> _I64:
+    """Positions in [window, window_end) at even target offsets, from ``resume`` on, where a
+    4-byte instruction fits."""
+    first = max(window, resume)
+    first += (offset + first) & 1
+    return np.arange(first, min(window_end, len(data) - 3), 2, dtype=np.int64)
 
 
-def _thumb(data: _U8, offset: int, encode: bool) -> None:
-    size = len(data)
-    at = np.arange(offset & 1, size - 3, 2, dtype=np.int64)
-    # xz armthumb.c: (buf[i+1] & 0xF8) == 0xF0 && (buf[i+3] & 0xF8) == 0xF8; those bits
-    # survive the conversion, so both directions find the same candidates.
-    hits = at[((data[at + 1] & 0xF8) == 0xF0) & ((data[at + 3] & 0xF8) == 0xF8)]
+def _thumb(
+    data: _U8, window: int, window_end: int, resume: int, offset: int, encode: bool
+) -> int:
+    at = _starts(data, window, window_end, resume, offset)
+    # xz armthumb.c: (buf[i+1] & 0xF8) == 0xF0 && (buf[i+3] & 0xF8) == 0xF8, widened to
+    # B.W (0xB8: bit 6 free); those bits survive the conversion, so both directions find
+    # the same candidates.
+    hits = at[((data[at + 1] & 0xF8) == 0xF0) & ((data[at + 3] & 0xB8) == 0xB8)]
     if not len(hits):
-        return
+        return resume
     # Leftmost non-overlapping: in a run of candidates 2 bytes apart, every other one.
     index = np.arange(len(hits))
     run_start = np.maximum.accumulate(np.where(np.diff(hits, prepend=-4) != 2, index, 0))
@@ -124,116 +140,80 @@ def _thumb(data: _U8, offset: int, encode: bool) -> None:
     data[taken] = (value >> 11) & 0xFF
     data[taken + 1] = 0xF0 | ((value >> 19) & 7)
     data[taken + 2] = value & 0xFF
-    data[taken + 3] = 0xF8 | ((value >> 8) & 7)
+    data[taken + 3] = (b3 & 0xF8) | ((value >> 8) & 7)
+    return int(taken[-1]) + 4
 
 
-def _riscv_taken(data: _U8, offset: int) -> tuple[list[int], list[int]]:
-    """Positions of the JALs and AUIPC pairs the scan converts (same on both sides)."""
-    size = len(data)
-    at = np.arange(offset & 1, size - 3, 2, dtype=np.int64)
-    low = data[at] & 0x7F
+def _riscv(
+    data: _U8, window: int, window_end: int, resume: int, offset: int, encode: bool
+) -> int:
+    at = _starts(data, window, window_end, resume, offset)
     # JAL rd=x1/x5: byte 0xEF and (byte1 & 0x0D) == 0 (xz riscv.c); AUIPC: opcode 0x17.
-    jal_mask = (data[at] == 0xEF) & ((data[at + 1] & 0x0D) == 0)
-    candidates = at[jal_mask | (low == 0x17)]
+    first = data[at]
+    candidates = at[((first == 0xEF) & ((data[at + 1] & 0x0D) == 0)) | ((first & 0x7F) == 0x17)]
     jals: list[int] = []
     pairs: list[int] = []
-    resume = 0
-    raw = data.tobytes()
+    size = len(data)
     for position in candidates.tolist():
         if position < resume:
             continue
-        if raw[position] == 0xEF:
+        if data[position] == 0xEF:
             jals.append(position)
             resume = position + 4
             continue
-        rd = (raw[position] >> 7) | ((raw[position + 1] & 0x0F) << 1)
+        rd = (int(data[position]) >> 7) | ((int(data[position + 1]) & 0x0F) << 1)
         if rd == 0 or position + 8 > size:
-            continue  # (LPAD and hints: AUIPC x0 is never a pair)
-        inst2 = int.from_bytes(raw[position + 4 : position + 8], "little")
+            continue  # AUIPC x0 (LPAD, hints) is never a pair
+        inst2 = int.from_bytes(data[position + 4 : position + 8].tobytes(), "little")
         if inst2 & 3 == 3 and (inst2 >> 15) & 0x1F == rd:
             pairs.append(position)
             resume = position + 8
         else:
             resume = position + 6  # xz: later conversions must not touch what this test read
-    return jals, pairs
+    if jals:
+        _riscv_jal(data, np.array(jals, dtype=np.int64), offset, encode)
+    if pairs:
+        _riscv_pair(data, np.array(pairs, dtype=np.int64), offset, encode)
+    return resume
 
 
-def _riscv(data: _U8, offset: int, encode: bool) -> None:
-    jal_list, pair_list = _riscv_taken(data, offset)
-    if jal_list:
-        jal = np.array(jal_list, dtype=np.int64)
-        b1, b2, b3 = (data[jal + k].astype(np.int64) for k in (1, 2, 3))
-        pc = offset + jal
-        if encode:  # xz riscv.c: J-type immediate -> absolute target, big-endian bits 20..1
-            target = (
-                ((b1 & 0xF0) << 8) | ((b2 & 0x0F) << 16) | ((b2 & 0x10) << 7)
-                | ((b2 & 0xE0) >> 4) | ((b3 & 0x7F) << 4) | ((b3 & 0x80) << 13)
-            ) + pc
-            data[jal + 1] = (b1 & 0x0F) | ((target >> 13) & 0xF0)
-            data[jal + 2] = (target >> 9) & 0xFF
-            data[jal + 3] = (target >> 1) & 0xFF
-        else:
-            relative = (((b1 & 0xF0) << 13) | (b2 << 9) | (b3 << 1)) - pc
-            data[jal + 1] = (b1 & 0x0F) | ((relative >> 8) & 0xF0)
-            data[jal + 2] = (
-                ((relative >> 16) & 0x0F) | ((relative >> 7) & 0x10) | ((relative << 4) & 0xE0)
-            )
-            data[jal + 3] = ((relative >> 4) & 0x7F) | ((relative >> 13) & 0x80)
-    if pair_list:
-        pair = np.array(pair_list, dtype=np.int64)
-        words = _words(data, pair)
-        inst, inst2 = words[:, 0], words[:, 1]
-        pc = offset + pair
-        if encode:
-            # AUIPC adds imm20 << 12 to pc, inst2 a sign-extended 12-bit immediate.
-            low12 = inst2 >> 20
-            relative = (inst & 0xFFFFF000) + low12 - ((low12 & 0x800) << 1)
-            value = (relative + pc) & 0xFFFFFFFF
-            inst = (inst & 0xFFF) | (value & 0xFFFFF000)
-            inst2 = (inst2 & 0xFFFFF) | ((value & 0xFFF) << 20)
-        else:
-            value = (inst & 0xFFFFF000) | (inst2 >> 20)
-            relative = (value - pc) & 0xFFFFFFFF
-            inst = (inst & 0xFFF) | ((relative + 0x800) & 0xFFFFF000)
-            inst2 = (inst2 & 0xFFFFF) | ((relative & 0xFFF) << 20)
-        _put_words(data, pair, np.stack([inst, inst2], axis=1))
+def _riscv_jal(data: _U8, jal: _I64, offset: int, encode: bool) -> None:
+    b1, b2, b3 = (data[jal + k].astype(np.int64) for k in (1, 2, 3))
+    pc = offset + jal
+    if encode:  # xz riscv.c: J-type immediate -> absolute target, big-endian bits 20..1
+        target = (
+            ((b1 & 0xF0) << 8) | ((b2 & 0x0F) << 16) | ((b2 & 0x10) << 7)
+            | ((b2 & 0xE0) >> 4) | ((b3 & 0x7F) << 4) | ((b3 & 0x80) << 13)
+        ) + pc
+        data[jal + 1] = (b1 & 0x0F) | ((target >> 13) & 0xF0)
+        data[jal + 2] = (target >> 9) & 0xFF
+        data[jal + 3] = (target >> 1) & 0xFF
+    else:
+        relative = (((b1 & 0xF0) << 13) | (b2 << 9) | (b3 << 1)) - pc
+        data[jal + 1] = (b1 & 0x0F) | ((relative >> 8) & 0xF0)
+        data[jal + 2] = (
+            ((relative >> 16) & 0x0F) | ((relative >> 7) & 0x10) | ((relative << 4) & 0xE0)
+        )
+        data[jal + 3] = ((relative >> 4) & 0x7F) | ((relative >> 13) & 0x80)
 
 
-def _words(data: _U8, at: _I64) -> NDArray[np.int64]:
-    """The two little-endian 32-bit words at each of ``at`` (shape (n, 2))."""
-    raw = data[at[:, None] + np.arange(8)].astype(np.int64).reshape(-1, 2, 4)
-    return (raw << np.array([0, 8, 16, 24], dtype=np.int64)).sum(axis=2)
-
-
-def _put_words(data: _U8, at: _I64, words: NDArray[np.int64]) -> None:
+def _riscv_pair(data: _U8, pair: _I64, offset: int, encode: bool) -> None:
     shifts = np.array([0, 8, 16, 24], dtype=np.int64)
-    raw = (words[:, :, None] >> shifts) & 0xFF
-    data[at[:, None] + np.arange(8)] = raw.reshape(-1, 8).astype(np.uint8)
-
-
-def _x86(data: _U8, offset: int, encode: bool) -> None:
-    size = len(data)
-    opcodes = np.flatnonzero((data & 0xFE) == 0xE8).tolist()
-    raw = data.tobytes()
-    taken: list[int] = []
-    resume = 0
-    free_opcode = -8  # last E8/E9 not inside a converted instruction
-    for position in opcodes:
-        if position < resume:
-            continue
-        if position - free_opcode > 3 and position + 5 <= size and raw[position + 4] in (0, 0xFF):
-            taken.append(position)
-            resume = position + 5
-        else:
-            free_opcode = position
-    if not taken:
-        return
-    at = np.array(taken, dtype=np.int64)
-    field = data[at[:, None] + np.arange(1, 5)].astype(np.int64)
-    value = (field << np.array([0, 8, 16, 24], dtype=np.int64)).sum(axis=1) & 0x1FFFFFF
-    pc = offset + at + 5
-    value = (value + pc if encode else value - pc) & 0x1FFFFFF
-    value |= -(value >> 24) & 0xFE000000  # sign-extend bit 24: the top byte is 00 or FF
-    data[at[:, None] + np.arange(1, 5)] = (
-        (value[:, None] >> np.array([0, 8, 16, 24], dtype=np.int64)) & 0xFF
-    ).astype(np.uint8)
+    spans = pair[:, None] + np.arange(8)
+    words = (data[spans].astype(np.int64).reshape(-1, 2, 4) << shifts).sum(axis=2)
+    inst, inst2 = words[:, 0], words[:, 1]
+    pc = offset + pair
+    if encode:
+        # AUIPC adds imm20 << 12 to pc, the paired instruction its sign-extended imm12.
+        low12 = inst2 >> 20
+        relative = (inst & 0xFFFFF000) + low12 - ((low12 & 0x800) << 1)
+        value = (relative + pc) & 0xFFFFFFFF
+        inst = (inst & 0xFFF) | (value & 0xFFFFF000)
+        inst2 = (inst2 & 0xFFFFF) | ((value & 0xFFF) << 20)
+    else:
+        value = (inst & 0xFFFFF000) | (inst2 >> 20)
+        relative = (value - pc) & 0xFFFFFFFF
+        inst = (inst & 0xFFF) | ((relative + 0x800) & 0xFFFFF000)
+        inst2 = (inst2 & 0xFFFFF) | ((relative & 0xFFF) << 20)
+    words = np.stack([inst, inst2], axis=1)
+    data[spans] = ((words[:, :, None] >> shifts) & 0xFF).reshape(-1, 8).astype(np.uint8)

@@ -13,7 +13,9 @@
    inverse model) and match it again against the same suffix array: relocated code and
    pointer tables now compare equal, so the copies line up exactly; cover the gaps again.
 5. Fit the model on the final copies, pick the filter set whose difference bytes compress
-   best, and zstd the payload with an explicit window.
+   best, and zstd the payload with an explicit window; if a branch conversion of the
+   literal bytes (otacore.delta_literal, format version 3) passes a cheap screen and makes
+   the payload smaller, keep that one.
 6. Repeat 2-5 for other strategies (a filter set forced: its own normalisation and matches)
    as far as the ``effort`` budget allows and keep the smallest patch (otacore.delta_strategy);
    strategies with the same branch family share pass 1.
@@ -28,19 +30,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 from numpy.typing import NDArray
 
 from otacore import delta as fmt
-from otacore import delta_codec, delta_strategy
+from otacore import delta_codec, delta_literal, delta_strategy
 from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
     CODEC_ZSTD,
+    CODEC_ZSTD_OLD,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
     FILTER_THUMB,
     FILTER_WORDS,
     FILTER_X86,
+    LITERAL_SHIFT,
     MAX_BLOCK_LIMIT,
     MAX_IMAGE_SIZE,
     MAX_MAP_ENTRIES,
@@ -330,12 +335,17 @@ class _Planner:
         self._candidates: dict[tuple[int, int, bool], tuple[bytes, bytes]] = {}
         # Per block: (control bytes, bytes of difference it takes, extra bytes).
         self.blocks: list[tuple[bytes, int, bytes]] = []
+        # Per block: (start in its extra bytes, length, target offset) of each entry's extra.
+        self._literal_runs: list[list[tuple[int, int, int]]] = []
+        self._converted: dict[int, list[bytes]] = {}  # literal kind -> extra bytes per block
+        self._literal_kind: int | None = None
         cursor = 0
         for block in blocks:
             control = bytearray()
             put_varint(control, len(block))
             copied = 0
             extra = bytearray()
+            runs = []
             for entry in block:
                 seek = 0 if entry.copy == 0 else entry.old_pos - cursor
                 put_varint(control, zigzag(seek))
@@ -344,8 +354,11 @@ class _Planner:
                 cursor += seek + entry.copy
                 copied += entry.copy
                 start = entry.new_pos + entry.copy
+                if entry.extra:
+                    runs.append((len(extra), entry.extra, start))
                 extra += new[start : start + entry.extra]
             self.blocks.append((bytes(control), copied, bytes(extra)))
+            self._literal_runs.append(runs)
 
     def observe(self, filters: int, base: int | None) -> tuple[NDArray[np.int64], ...]:
         key = (filters, base)
@@ -450,13 +463,18 @@ class _Planner:
             map_cap //= 2
         return bytes(prelude), fmt._kernel.diff_spans(self.old, self.new, self.rows, model)
 
-    def payload(self, prelude: bytes, diff: bytes) -> bytes:
-        """The decompressed payload: prelude record, block records, end record."""
+    def payload(self, prelude: bytes, diff: bytes, literal: int = delta_literal.NONE) -> bytes:
+        """The decompressed payload: prelude record, block records, end record; with
+        ``literal``, every entry's extra bytes branch converted (format version 3)."""
+        extras = [extra for _, _, extra in self.blocks]
+        if literal:
+            prelude = bytes((prelude[0] | literal << LITERAL_SHIFT,)) + prelude[1:]
+            extras = self.converted_extras(literal)
         payload = bytearray()
         put_varint(payload, len(prelude))
         payload += prelude
         diff_at = 0
-        for control, copied, extra in self.blocks:
+        for (control, copied, _), extra in zip(self.blocks, extras, strict=True):
             put_varint(payload, len(control) + copied + len(extra))
             payload += control
             payload += diff[diff_at : diff_at + copied]
@@ -464,6 +482,47 @@ class _Planner:
             diff_at += copied
         put_varint(payload, 0)
         return bytes(payload)
+
+    def converted_extras(self, literal: int) -> list[bytes]:
+        """Each block's extra bytes, every entry's converted alone at its target offset."""
+        if literal not in self._converted:
+            converted = []
+            for (_, _, extra), runs in zip(self.blocks, self._literal_runs, strict=True):
+                out = bytearray(extra)
+                for start, length, offset in runs:
+                    delta_literal.convert_into(out, offset, literal, start, start + length)
+                converted.append(bytes(out))
+            self._converted[literal] = converted
+        return self._converted[literal]
+
+    def literal_kind(self, kinds: tuple[int, ...]) -> int:
+        """The literal branch conversion of ``kinds`` (or none) that makes the extra bytes
+        smallest at zstd level LITERAL_SCREEN_LEVEL: a cheap screen, deterministic; the
+        maker confirms a pick on the whole payload (``_make_one``)."""
+        if self._literal_kind is None:
+            plain = b"".join(extra for _, _, extra in self.blocks)
+            best, best_size = delta_literal.NONE, _screen_size(plain)
+            for kind in kinds:
+                size = _screen_size(b"".join(self.converted_extras(kind)))
+                if size < best_size:
+                    best, best_size = kind, size
+            self._literal_kind = best
+        return self._literal_kind
+
+
+#: Literal branch conversions the maker screens per branch family (bench/delta/results/
+#: literal-branch-probe.md): Thumb-2 where the detector sees Thumb-2, RISC-V where it sees
+#: neither Thumb-2 nor x86 (it has no RISC-V score); x86 conversion gained nothing.
+LITERAL_KINDS = {
+    FILTER_THUMB: (delta_literal.THUMB,),
+    0: (delta_literal.RISCV,),
+    FILTER_X86: (),
+}
+LITERAL_SCREEN_LEVEL = 3
+
+
+def _screen_size(data: bytes) -> int:
+    return len(zstandard.ZstdCompressor(level=LITERAL_SCREEN_LEVEL).compress(data))
 
 
 def _unexplained(diff: bytes) -> int:
@@ -643,8 +702,31 @@ def _make_one(
         )
         plan = _Planner(old_bytes, new_bytes, covered, block_limit, evidence=spans)
         choice = _best_candidate(plan, retry, map_cap, window_log)
-    payload = plan.payload(*plan.candidate(choice[0], map_cap, choice[1]))
-    return matching.encoder.encode(payload, CODEC_ZSTD, level=level)
+    prelude, diff = plan.candidate(choice[0], map_cap, choice[1])
+    payload = plan.payload(prelude, diff)
+    patch = matching.encoder.encode(payload, CODEC_ZSTD, level=level)
+    literal = plan.literal_kind(LITERAL_KINDS[family])
+    if literal:
+        # The screen picked a branch conversion of the literal bytes: keep it only if the
+        # whole payload gets smaller with zstd, and with the old image as dictionary too
+        # when that fits (converted literals no longer match the old image's bytes).
+        converted_payload = plan.payload(prelude, diff, literal)
+        converted = matching.encoder.encode(converted_payload, CODEC_ZSTD, level=level)
+        if _size(matching.encoder, converted_payload, converted, level) < _size(
+            matching.encoder, payload, patch, level
+        ):
+            return converted
+    return patch
+
+
+def _size(
+    encoder: delta_codec.PatchEncoder, payload: bytes, patch: bytes, level: int | None
+) -> int:
+    """The size of ``patch`` (``payload`` with zstd) or, when the old image and the payload
+    fit the window, of ``payload`` with the old image as dictionary (codec 2) if smaller."""
+    if not encoder.dictionary_fits(payload):
+        return len(patch)
+    return min(len(patch), len(encoder.encode(payload, CODEC_ZSTD_OLD, level=level)))
 
 
 def search_patch(

@@ -50,17 +50,22 @@ from typing import IO, Any, Protocol, cast
 import numpy as np
 import zstandard
 
+from otacore import delta_literal
 from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
     CODEC_LZMA2,
     CODEC_ZSTD_OLD,
+    COPY_FILTER_MASK,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
+    LITERAL_FORMAT_VERSION,
+    LITERAL_SHIFT,
     MAX_HEADER_SIZE,
     MAX_MAP_ENTRIES,
     PatchBaseMismatchError,
     PatchCorruptError,
+    PatchFeatureError,
     PatchHeader,
     PatchLimitError,
     PatchTargetMismatchError,
@@ -324,6 +329,7 @@ class PatchApplier:
         self._record = bytearray()
         self._prelude_done = False
         self._model: Any = (0, 0, 0, _EMPTY_MAP, _EMPTY_MAP)
+        self._literal = delta_literal.NONE  # the prelude's literal branch conversion
         # output state
         self._cursor = 0
         self.bytes_written = 0
@@ -463,9 +469,23 @@ class PatchApplier:
     def _parse_prelude(self, buf: bytearray) -> None:
         header = self.header
         assert header is not None
-        filters, at = _varint(buf, 0, len(buf), "the filter set")
-        if filters not in AUTO_FILTERS:
-            raise PatchCorruptError(f"patch uses unknown filter set {filters}")
+        field, at = _varint(buf, 0, len(buf), "the filter set")
+        filters, literal = field & COPY_FILTER_MASK, field >> LITERAL_SHIFT
+        if literal > 3 or filters not in AUTO_FILTERS:
+            raise PatchCorruptError(f"patch uses unknown filter set {field}")
+        if (header.version >= LITERAL_FORMAT_VERSION) != bool(literal):
+            raise PatchCorruptError(
+                f"a version {header.version} patch "
+                + ("names no" if not literal else "cannot name a")
+                + " literal branch conversion (prelude bits 3-4)"
+            )
+        if literal not in delta_literal.KIND_NAMES:
+            raise PatchFeatureError(
+                f"patch converts its literal bytes with transform {literal}, which this code "
+                "does not know (it knows "
+                + ", ".join(f"{k} {name}" for k, name in delta_literal.KIND_NAMES.items() if k)
+                + "); a newer applier is needed"
+            )
         base, image_size = 0, 0
         reloc = values = _EMPTY_MAP
         if filters:
@@ -479,6 +499,7 @@ class PatchApplier:
         if at != len(buf):
             raise PatchCorruptError("patch prelude has trailing bytes")
         self._model = (filters, base, image_size, reloc, values)
+        self._literal = literal
         self._prelude_done = True
 
     def _run_block(self, buf: bytearray) -> None:
@@ -518,6 +539,10 @@ class PatchApplier:
             if copy:
                 self._copy(buf, diff_at, copy)
                 diff_at += copy
+            if self._literal and extra:  # in the record, at the entry's output offset
+                delta_literal.restore_into(
+                    buf, self.bytes_written, self._literal, extra_at, extra_at + extra
+                )
             for start in range(extra_at, extra_at + extra, self._chunk):
                 self._emit(bytes(buf[start : min(start + self._chunk, extra_at + extra)]))
             extra_at += extra
