@@ -55,9 +55,9 @@ KIND_NAMES = {NONE: "none", THUMB: "thumb", RISCV: "riscv"}
 
 _U8 = NDArray[np.uint8]
 _I64 = NDArray[np.int64]
-#: Instruction start positions handled per numpy step: bounds the temporaries (about 20
+#: Instruction start positions handled per numpy step: bounds the temporaries (some 40
 #: bytes per position) an applier holds on top of its record, whatever the record size.
-WINDOW = 4096
+WINDOW = 1024
 
 
 class LiteralKindError(DeltaError):
