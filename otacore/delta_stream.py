@@ -26,7 +26,10 @@ smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it
   - zstd with the base image as dictionary (codec 2): as zstd, plus the base image, at most
     the window (the header is refused otherwise). A device references it in place in
     flash; this applier reads it once into a Python buffer (``base_size`` more bytes);
-* one payload record, at most ``block_limit`` bytes (a Python bytearray);
+* one payload record, at most ``block_limit`` bytes (a Python bytearray); a version 3
+  patch's literal bytes are restored in place in it (otacore.delta_literal), with numpy
+  temporaries for at most ``delta_literal.WINDOW`` instruction positions at a time (tens of
+  KiB, freed before the record's output is written);
 * the relocation and value maps, at most 2 x MAX_MAP_ENTRIES entries (64 KiB as int64 pairs
   here, 32 KiB as the u32/i32 pairs a device would keep);
 * per step: one decoded piece (``DECODE_PIECE``) and one old-image read, its
@@ -37,7 +40,8 @@ DECODE_PIECE`` (``python_memory_bound``: 256 KiB with the defaults) and does not
 with the images; the decoder's state is ``zstd_native_bound(window_log)`` or
 ``lzma_native_bound(window_log, props)``, whichever the patch's codec needs.
 
-Version 1 patches (zstd, 92-byte header) apply exactly as before.
+Version 1 patches (zstd, 92-byte header) apply exactly as before; version 3 is version 2
+plus the literal branch conversion named in the prelude (format: otacore.delta).
 """
 
 from __future__ import annotations

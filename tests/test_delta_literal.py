@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import lzma
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from otacore.delta import (
     PatchCorruptError,
     PatchFeatureError,
     PatchVersionError,
-    put_varint,
 )
 from otacore.delta_literal import RISCV, THUMB, LiteralKindError
 from otacore.delta_stream import PatchApplier, decode_payload, python_memory_bound
@@ -86,33 +84,30 @@ def code_pair(kind: int, seed: int, functions: int = 400, added: int = 80) -> tu
         ] + [(rng.getrandbits(14) << 2 | 1).to_bytes(2, "little") for _ in range(40)]
     total = functions + added
     popularity = list(itertools.accumulate(1 / (rank + 1) for rank in range(total)))
-    plans: list[list[tuple[str, object]]] = []
+    plans: list[list[tuple[str, int, bytes]]] = []  # (shape, callee, word)
     for _ in range(total):
-        plan: list[tuple[str, object]] = []
+        plan: list[tuple[str, int, bytes]] = []
         for _ in range(rng.randrange(10, 80)):
             if rng.random() < 0.2:
                 callee = rng.choices(range(total), cum_weights=popularity)[0]
                 shape = "bl" if kind == THUMB else rng.choice(("jal", "jal", "call"))
-                plan.append((shape, callee))
+                plan.append((shape, callee, b""))
             else:
-                plan.append(("word", rng.choice(vocab)))
+                plan.append(("word", -1, rng.choice(vocab)))
         plans.append(plan)
     sizes = {"bl": 4, "jal": 4, "call": 8}
+    encoders = {"bl": thumb_bl, "jal": rv_jal, "call": rv_call}
 
     def image(order: list[int]) -> bytes:
         starts, at = {}, 0
         for ident in order:
             starts[ident] = at
-            at += sum(sizes[op] if op != "word" else len(arg) for op, arg in plans[ident])  # type: ignore[arg-type]
+            at += sum(sizes.get(op, len(word)) for op, _, word in plans[ident])
             at += at % 4  # functions start 4-aligned
         out = bytearray()
         for ident in order:
-            for op, arg in plans[ident]:
-                if op == "word":
-                    out += arg  # type: ignore[operand]
-                    continue
-                target = starts.get(arg, 0)  # type: ignore[call-overload]
-                out += {"bl": thumb_bl, "jal": rv_jal, "call": rv_call}[op](len(out), target)
+            for op, callee, word in plans[ident]:
+                out += encoders[op](len(out), starts.get(callee, 0)) if op != "word" else word
             out += bytes(len(out) % 4)
         return bytes(out)
 
@@ -170,7 +165,8 @@ def reference(data: bytes, offset: int, kind: int, encode: bool) -> bytes:
             if encode:
                 low = inst2 >> 20
                 value = ((inst & 0xFFFFF000) + low - ((low & 0x800) << 1) + pc) & 0xFFFFFFFF
-                inst, inst2 = inst & 0xFFF | value & 0xFFFFF000, inst2 & 0xFFFFF | (value & 0xFFF) << 20
+                inst = inst & 0xFFF | value & 0xFFFFF000
+                inst2 = inst2 & 0xFFFFF | (value & 0xFFF) << 20
             else:
                 relative = ((inst & 0xFFFFF000 | inst2 >> 20) - pc) & 0xFFFFFFFF
                 inst = inst & 0xFFF | (relative + 0x800) & 0xFFFFF000
@@ -197,7 +193,7 @@ OFFSETS = st.one_of(
 
 
 @st.composite
-def patterned(draw: Callable, max_size: int = 600) -> bytes:  # type: ignore[type-arg]
+def patterned(draw: st.DrawFn, max_size: int = 600) -> bytes:
     alphabet = draw(st.sampled_from(ALPHABETS))
     size = draw(st.one_of(st.integers(0, 7), st.integers(0, max_size)))
     return bytes(draw(st.lists(st.sampled_from(alphabet), min_size=size, max_size=size)))
@@ -266,7 +262,9 @@ def test_known_vectors() -> None:
     for make, size in ((rv_jal, 4), (rv_call, 8)):
         sites = (0x1000, 0x1F000, 0x80002)
         codes = [make(at, 0x40000) for at in sites]
-        same = {delta_literal.convert(code, at, RISCV) for code, at in zip(codes, sites, strict=True)}
+        same = {
+            delta_literal.convert(code, at, RISCV) for code, at in zip(codes, sites, strict=True)
+        }
         assert len(same) == 1 and len(next(iter(same))) == size
         for code, at in zip(codes, sites, strict=True):
             assert delta_literal.restore(next(iter(same)), at, RISCV) == code
