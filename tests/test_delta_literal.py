@@ -268,6 +268,12 @@ def test_known_vectors() -> None:
         assert len(same) == 1 and len(next(iter(same))) == size
         for code, at in zip(codes, sites, strict=True):
             assert delta_literal.restore(next(iter(same)), at, RISCV) == code
+    # by hand from xz riscv.c: JAL ra -> EF, 0 | target bits 20-17 << 4, bits 16-9, bits 8-1
+    assert delta_literal.convert(rv_jal(0x1000, 0x40000), 0x1000, RISCV) == b"\xef\x20\x00\x00"
+    # AUIPC t1 + JALR ra, lo(t1): opcode and registers kept, target 0x40000 in the immediates
+    assert delta_literal.convert(rv_call(0x1000, 0x40000), 0x1000, RISCV) == bytes.fromhex(
+        "17030400" "e7000300"
+    )
     # JAL x0 (a jump within a function) and AUIPC x0 (LPAD) stay as they are (xz riscv.c)
     for code in (rv_jal(0, 0x800, rd=0), rv_call(0, 0x12345, reg=0)):
         assert delta_literal.convert(code, 0, RISCV) == code
