@@ -40,6 +40,8 @@ kernel, so no pure-Python twin: this module is what the maker and both appliers 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -58,6 +60,9 @@ _I64 = NDArray[np.int64]
 #: Instruction start positions handled per numpy step: bounds the temporaries (some 40
 #: bytes per position) an applier holds on top of its record, whatever the record size.
 WINDOW = 1024
+#: Runs up to this many bytes are converted candidate by candidate in plain Python (most
+#: entries' literal runs are short; numpy's fixed cost per call would dominate them).
+SMALL_RUN = 256
 
 
 class LiteralKindError(DeltaError):
@@ -104,11 +109,89 @@ def _run(buf: bytearray, start: int, end: int, offset: int, kind: int, encode: b
         raise LiteralKindError(f"range {start}..{end} is outside the {len(buf)}-byte buffer")
     if kind == NONE or end - start < 4:
         return
+    if end - start <= SMALL_RUN:
+        _run_small(buf, start, end, offset - start, kind, encode)
+        return
     data = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
     step = _thumb if kind == THUMB else _riscv
     resume = 0  # first position where an instruction may start (the last one's end)
     for window in range(0, end - start, WINDOW):
         resume = step(data, window, min(window + WINDOW, end - start), resume, offset, encode)
+
+
+#: The byte that makes a position a candidate (Thumb: the first halfword's high byte, one
+#: after the instruction's start; RISC-V: a JAL ra/t0 or AUIPC opcode byte).
+_FIRST_BYTE = {THUMB: re.compile(b"[\xf0-\xf7]"), RISCV: re.compile(b"[\x17\x97\xef]")}
+
+
+def _run_small(buf: bytearray, start: int, end: int, base: int, kind: int, encode: bool) -> None:
+    """The same scan as the numpy steps, candidate by candidate (``base`` + index is the
+    target offset): cheaper than numpy's per-call cost on the short runs most entries are."""
+    lead = 1 if kind == THUMB else 0
+    resume = start
+    for match in _FIRST_BYTE[kind].finditer(buf, start + lead, end):
+        at = match.start() - lead
+        if at < resume or (base + at) & 1 or at + 4 > end:
+            continue
+        pc = base + at
+        if kind == THUMB:
+            b0, b1, b2, b3 = buf[at : at + 4]
+            if b3 & 0xB8 != 0xB8:
+                continue
+            value = (b1 & 7) << 19 | b0 << 11 | (b3 & 7) << 8 | b2
+            half_pc = (pc + 4) >> 1
+            value = (value + half_pc if encode else value - half_pc) & 0x3FFFFF
+            buf[at : at + 4] = bytes(
+                (value >> 11 & 0xFF, 0xF0 | value >> 19, value & 0xFF, b3 & 0xF8 | value >> 8 & 7)
+            )
+            resume = at + 4
+            continue
+        inst = int.from_bytes(buf[at : at + 4], "little")
+        if buf[at] == 0xEF:
+            if buf[at + 1] & 0x0D:
+                continue  # JAL with rd other than x1/x5
+            buf[at : at + 4] = _jal_word(inst, pc, encode).to_bytes(4, "little")
+            resume = at + 4
+            continue
+        rd = inst >> 7 & 0x1F
+        if rd == 0 or at + 8 > end:
+            continue
+        inst2 = int.from_bytes(buf[at + 4 : at + 8], "little")
+        if inst2 & 3 != 3 or inst2 >> 15 & 0x1F != rd:
+            resume = at + 6
+            continue
+        inst, inst2 = _pair_words(inst, inst2, pc, encode)
+        buf[at : at + 8] = inst.to_bytes(4, "little") + inst2.to_bytes(4, "little")
+        resume = at + 8
+
+
+def _jal_word(inst: int, pc: int, encode: bool) -> int:
+    """One JAL word converted (or restored) at ``pc``: the numpy steps' arithmetic."""
+    b1, b2, b3 = inst >> 8 & 0xFF, inst >> 16 & 0xFF, inst >> 24
+    if encode:
+        target = (
+            (b1 & 0xF0) << 8 | (b2 & 0x0F) << 16 | (b2 & 0x10) << 7
+            | (b2 & 0xE0) >> 4 | (b3 & 0x7F) << 4 | (b3 & 0x80) << 13
+        ) + pc
+        b1, b2, b3 = (b1 & 0x0F) | (target >> 13 & 0xF0), target >> 9 & 0xFF, target >> 1 & 0xFF
+    else:
+        relative = ((b1 & 0xF0) << 13 | b2 << 9 | b3 << 1) - pc
+        b1 = (b1 & 0x0F) | (relative >> 8 & 0xF0)
+        b2 = (relative >> 16 & 0x0F) | (relative >> 7 & 0x10) | (relative << 4 & 0xE0)
+        b3 = (relative >> 4 & 0x7F) | (relative >> 13 & 0x80)
+    return (inst & 0xFF) | b1 << 8 | b2 << 16 | b3 << 24
+
+
+def _pair_words(inst: int, inst2: int, pc: int, encode: bool) -> tuple[int, int]:
+    """One AUIPC pair converted (or restored) at ``pc``: the numpy steps' arithmetic."""
+    if encode:
+        low12 = inst2 >> 20
+        value = ((inst & 0xFFFFF000) + low12 - ((low12 & 0x800) << 1) + pc) & 0xFFFFFFFF
+        return (inst & 0xFFF) | (value & 0xFFFFF000), (inst2 & 0xFFFFF) | (value & 0xFFF) << 20
+    relative = ((inst & 0xFFFFF000 | inst2 >> 20) - pc) & 0xFFFFFFFF
+    return (inst & 0xFFF) | ((relative + 0x800) & 0xFFFFF000), (
+        (inst2 & 0xFFFFF) | (relative & 0xFFF) << 20
+    )
 
 
 def _starts(data: _U8, window: int, window_end: int, resume: int, offset: int) -> _I64:
