@@ -8,11 +8,14 @@ applied whole and streamed; version 2 patches unchanged; malformed prelude bits 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import lzma
 import random
 from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
@@ -522,3 +525,50 @@ def _fuzz_base(old: bytes, new: bytes) -> bytes:
         _FUZZ_BASE[key] = delta.make_patch(old, new, codecs=(CODEC_ZSTD,))
         assert delta.read_header(_FUZZ_BASE[key]).version == 3
     return _FUZZ_BASE[key]
+
+
+# --- the probe (bench/delta/literal_branch_probe.py) ------------------------------------------
+
+
+def _probe_module() -> ModuleType:
+    path = Path(__file__).parent.parent / "bench" / "delta" / "literal_branch_probe.py"
+    spec = importlib.util.spec_from_file_location("literal_branch_probe", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=200, deadline=None)
+@given(patterned(), OFFSETS)
+def test_probe_x86_transform_round_trips(data: bytes, offset: int) -> None:
+    """The probe's x86 E8/E9 transform (measured, not in the format) is an exact inverse."""
+    probe = _PROBE
+    buf = bytearray(data)
+    if len(buf):
+        view = np.frombuffer(buf, dtype=np.uint8)
+        probe._x86(view, offset)
+        converted = bytes(buf)
+        probe._x86(view, offset, encode=False)
+        assert bytes(buf) == data
+        calls = bytes.fromhex("e8 10 00 00 00") * 2
+        twice = bytearray(calls)
+        probe._x86(np.frombuffer(twice, dtype=np.uint8), 0)
+        assert twice[1:5] == (21).to_bytes(4, "little") and twice[6:] == (26).to_bytes(4, "little")
+        assert len(converted) == len(data)
+
+
+def test_probe_measures_a_pair(pairs: dict[int, tuple[bytes, bytes]]) -> None:
+    """The probe's record walk finds every literal byte at its target offset, and its row
+    says the RISC-V transform is the best one on RISC-V code."""
+    old, new = pairs[RISCV]
+    plain = _PROBE.baseline_patch(old, new)
+    assert delta.read_header(plain).version == 2
+    _, payload = decode_payload(plain, old=old)
+    runs = _PROBE.literal_runs(payload)
+    assert all(payload[at : at + n] == new[offset : offset + n] for at, n, offset in runs)
+    row = _PROBE.probe(old, new, plain)
+    assert row["reencoded"] == len(plain) and row["best"] == "riscv" and row["gain"] > 0
+
+
+_PROBE = _probe_module()

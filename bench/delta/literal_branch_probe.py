@@ -1,16 +1,18 @@
 """Would branch conversion of the literal bytes make our patches smaller? (issue 18 evidence)
 
 For every pair of a corpus it makes our patch (``otacore.delta_maker.search_patch``,
-defaults), decodes its payload (format in ``otacore/delta.py``), converts the extra
-(literal) bytes of every entry with each transform of ``otacore.delta_literal`` at that
-entry's output offset in the new image (instructions that straddle two entries or a copy
-are left alone), re-encodes the payload with the patch's own codec and settings
-(``PatchEncoder.encode``: same codec, LZMA properties, preset and zstd level) and prints,
-per pair and in total: the patch, the same payload re-encoded (a check: equal unless the
-codec step picked the fast level-3 literal candidate), the size per transform, and the best
-(a transform only counts where it is smaller than the re-encoded original). It also gives
-the zstd level-3 size of the concatenated literal bytes, plain and converted: the cheap
-screen a maker would use to pick the transform.
+defaults, with the maker's own literal branch conversion off: ``LITERAL_KINDS`` emptied, so
+the patch is the version 2 one), decodes its payload (format in ``otacore/delta.py``),
+converts the extra (literal) bytes of every entry with each transform at that entry's
+output offset in the new image (``otacore.delta_literal``'s Thumb-2 and RISC-V, and an x86
+E8/E9 one kept here; instructions that straddle two entries or a copy are left alone),
+re-encodes the payload with the patch's own codec and settings (``PatchEncoder.encode``:
+same codec, LZMA properties, preset and zstd level) and prints, per pair and in total: the
+patch, the same payload re-encoded (a check: equal unless the codec step picked the fast
+level-3 literal candidate), the size per transform, and the best (a transform only counts
+where it is smaller than the re-encoded original). It also gives the zstd level-3 size of
+the concatenated literal bytes, plain and converted: the cheap screen a maker would use to
+pick the transform.
 
 Writes ``<out>/literal-branch-probe.json``. Run:
 ``python bench/delta/literal_branch_probe.py [--corpus DIR] [--pairs a b] [--cache DIR]``
@@ -127,6 +129,16 @@ def _x86(data: NDArray[np.uint8], offset: int, encode: bool = True) -> None:
 
 
 
+def baseline_patch(old: bytes, new: bytes) -> bytes:
+    """Our patch without the maker's literal branch conversion (format version 2)."""
+    kinds = delta_maker.LITERAL_KINDS
+    delta_maker.LITERAL_KINDS = dict.fromkeys(kinds, ())
+    try:
+        return delta_maker.search_patch(old, new).patch
+    finally:
+        delta_maker.LITERAL_KINDS = kinds
+
+
 def _z3(data: bytes) -> int:
     return len(zstandard.ZstdCompressor(level=3).compress(data)) if data else 0
 
@@ -215,7 +227,7 @@ def main() -> None:
         if cached is not None and cached.exists():
             patch = cached.read_bytes()
         else:
-            patch = delta_maker.search_patch(old, new).patch
+            patch = baseline_patch(old, new)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_bytes(patch)
@@ -226,7 +238,7 @@ def main() -> None:
     print(table(rows))
 
 
-__all__ = ["converted", "literal_runs", "probe", "table"]
+__all__ = ["baseline_patch", "converted", "literal_runs", "probe", "table"]
 
 if __name__ == "__main__":
     main()
