@@ -65,8 +65,8 @@ WINDOW = 1024
 SMALL_RUN = 256
 
 
-class LiteralKindError(DeltaError):
-    """A literal branch conversion kind this code does not know."""
+class LiteralConversionError(DeltaError):
+    """A conversion asked for with a kind this code does not know, or outside its buffer."""
 
 
 def convert(data: Buffer, offset: int, kind: int) -> bytes:
@@ -100,13 +100,13 @@ def restore_into(
 
 def _run(buf: bytearray, start: int, end: int, offset: int, kind: int, encode: bool) -> None:
     if kind not in KIND_NAMES:
-        raise LiteralKindError(
+        raise LiteralConversionError(
             f"literal branch conversion {kind} is not known (this code knows "
             + ", ".join(f"{k} {name}" for k, name in KIND_NAMES.items())
             + ")"
         )
     if not 0 <= start <= end <= len(buf):
-        raise LiteralKindError(f"range {start}..{end} is outside the {len(buf)}-byte buffer")
+        raise LiteralConversionError(f"range {start}..{end} is outside the {len(buf)}-byte buffer")
     if kind == NONE or end - start < 4:
         return
     if end - start <= SMALL_RUN:

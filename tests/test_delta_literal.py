@@ -30,7 +30,7 @@ from otacore.delta import (
     PatchFeatureError,
     PatchVersionError,
 )
-from otacore.delta_literal import RISCV, THUMB, LiteralKindError
+from otacore.delta_literal import RISCV, THUMB, LiteralConversionError
 from otacore.delta_stream import PatchApplier, decode_payload, python_memory_bound
 from otacore.errors import DeltaError
 from tests.test_delta_stream import peak_during_apply
@@ -289,9 +289,9 @@ def test_known_vectors() -> None:
 
 
 def test_bad_kind_and_range() -> None:
-    with pytest.raises(LiteralKindError, match="3 is not known"):
+    with pytest.raises(LiteralConversionError, match="3 is not known"):
         delta_literal.convert(b"\xef\x00\x00\x00", 0, 3)
-    with pytest.raises(LiteralKindError, match="outside"):
+    with pytest.raises(LiteralConversionError, match="outside"):
         delta_literal.convert_into(bytearray(8), 0, THUMB, 4, 9)
     assert delta_literal.convert(b"\x00\xf0\x00\xf8", 0, delta_literal.NONE) == b"\x00\xf0\x00\xf8"
 
