@@ -11,13 +11,14 @@ with bounded memory is in :mod:`otacore.delta_stream`; :func:`apply_patch` is it
 Patch format (all integers little-endian)
 -----------------------------------------
 A patch is a header, then the payload: a compressed stream whose content is the records
-below. The maker writes version 2, or version 3 when the payload uses exact copies
-(EXACT_COPIES, below); appliers read versions 1, 2 and 3.
+below. The maker writes version 2, or version 3 when the payload uses a version 3 feature:
+exact copies or a literal branch conversion (prelude bits 3-5, below; every patch without
+them is byte-identical to a version 2 patch); appliers read versions 1, 2 and 3.
 
 Header, versions 2 and 3 (33..63 bytes; "varint" is unsigned LEB128)::
 
     0   4  magic b"OTAD"
-    4   1  format version (2, or 3: the payload's prelude sets EXACT_COPIES)
+    4   1  format version (2, or 3: the prelude sets EXACT_COPIES or a literal conversion)
     5   1  bits 0-4: window log (10..MAX_WINDOW_LOG): the applier needs a 2**log byte window;
            bits 5-7: codec (CODEC_ZSTD 0, CODEC_LZMA2 1, CODEC_ZSTD_OLD 2; others refused)
     6   1  LZMA2 only: the LZMA properties byte (pb * 5 + lp) * 9 + lc, lc + lp <= 4, pb <= 4
@@ -67,10 +68,13 @@ Payload content (every version): a sequence of records, each
 ``varint length`` + ``length`` bytes, at most the block limit; a record of length 0 ends it.
 Varints are unsigned LEB128; signed values are zigzag-coded first.
 
-The first record is the prelude: ``varint filters`` (bit 0 THUMB, bit 1 X86, bit 2 WORDS; X86
-excludes THUMB; bit 3 EXACT_COPIES, version 3 only and then set; other bits refused). Unless
-bits 0-2 are 0, then: ``varint load address + 1`` of the old image (0: not known), the
-relocation map (old image offset -> delta) and the value map (word value ->
+The first record is the prelude: ``varint filters``: bits 0-2 the copy filters (bit 0 THUMB,
+bit 1 X86, bit 2 WORDS; X86 excludes THUMB); bits 3-4 the literal branch conversion (0 none,
+1 Thumb-2 BL/B.W, 2 RISC-V JAL/AUIPC pairs, 3 reserved) and bit 5 EXACT_COPIES, both version
+3 only (a version 1 or 2 patch that sets them is corrupt, a version 3 patch must set one of
+them); no other bits. Unless the copy filters are 0, then: ``varint load address + 1`` of the
+old image (0: not known), the relocation map (old image offset -> delta) and the value map
+(word value ->
 delta). A map is ``varint count`` (<= MAX_MAP_ENTRIES) then per entry the key (first: zigzag;
 then the positive gap from the previous key) and the zigzag delta. ext/delta_filter.h says
 what the filters predict with them inside every copy.
@@ -92,8 +96,15 @@ in a version 2 payload they stand between the bytes that matter. LZMA2 and zstd 
 ``2**window_log`` payload bytes back, so in a 1.4 MB container whose sub-images change
 alike, the second change is too far from the first to be coded as a repeat; without its
 zero runs the payload is a few tens of KB and the window spans all of it (the public
-corpus's wifi-rtw89 patch: 23.6 -> 18 KB, bench/delta/README.md). The applier's memory does
-not change: an exact copy is predicted in the same bounded pieces as any other.
+corpus's wifi-rtw89 patch: 23.6 -> 18.6 KB, bench/delta/README.md). The applier's memory
+does not change: an exact copy is predicted in the same bounded pieces as any other.
+
+Literal branch conversion (version 3): each entry's extra bytes were converted alone, as if
+they sat at the entry's output offset in the target, by the prelude's transform
+(otacore.delta_literal: xz's BCJ filters ``armthumb.c`` and ``riscv.c`` in
+src/liblzma/simple/, relative call targets made absolute so that calls to one function are
+equal bytes); the applier restores them in place before it outputs them. An instruction
+that straddles two entries, or an entry and a copy, is not converted.
 
 Why one stream of interleaved records and not the control, difference and literal bytes
 compressed apart (about 1.3% smaller with LZMA on the public corpus): the applier consumes
@@ -120,9 +131,11 @@ _kernel = load_kernel("delta")
 NATIVE: bool = _kernel.__name__ == "otacore._delta"
 
 MAGIC = b"OTAD"
-#: The format version the maker writes unless the payload uses a version 3 feature
-#: (EXACT_COPIES; see payload_version); SUPPORTED_VERSIONS are the ones appliers read.
+#: The format version the maker writes, unless the payload uses a version 3 feature (exact
+#: copies, a literal branch conversion: VERSION_3_FLAGS); SUPPORTED_VERSIONS are the ones
+#: appliers read.
 FORMAT_VERSION = 2
+LITERAL_FORMAT_VERSION = 3
 SUPPORTED_VERSIONS = (1, 2, 3)
 _HEADER_V1 = struct.Struct("<4sBBHIIII32s32s")
 #: Version 1's fixed header size, which is also the largest header of any version.
@@ -149,9 +162,16 @@ MAX_IMAGE_SIZE = 0xFFFFFFFF
 FILTER_THUMB = 1
 FILTER_X86 = 2
 FILTER_WORDS = 4
-#: Prelude flag (bit 3 of the filter varint), version 3 only: every block record carries an
-#: exact-copy bitmap after its entry count (module docstring, "Payload content").
-EXACT_COPIES = 8
+#: The prelude's copy filter bits; bits LITERAL_SHIFT.. hold the literal branch conversion
+#: (otacore.delta_literal kinds), which only version 3 may set.
+COPY_FILTER_MASK = 7
+LITERAL_SHIFT = 3
+LITERAL_MASK = 3 << LITERAL_SHIFT
+#: Prelude flag (bit 5 of the filter varint), version 3 only: every block record carries an
+#: exact-copy bitmap after its entry count (module docstring, "Exact copies").
+EXACT_COPIES = 1 << 5
+#: The prelude bits only version 3 may set (and a version 3 patch sets one of).
+VERSION_3_FLAGS = LITERAL_MASK | EXACT_COPIES
 #: Filter sets the maker tries when none is given (and the only valid ones): none, Thumb-2,
 #: Thumb-2 + pointers, pointers only, x86, x86 + pointers.
 AUTO_FILTERS = (
@@ -174,6 +194,10 @@ class PatchCorruptError(PatchFormatError):
 
 class PatchVersionError(PatchFormatError):
     """The patch is not an OTAD patch or uses a format version this code does not know."""
+
+
+class PatchFeatureError(PatchVersionError):
+    """The patch names a literal branch conversion this code does not know (a newer maker)."""
 
 
 class PatchLimitError(PatchFormatError):
@@ -240,10 +264,10 @@ def _get_varint(raw: bytes, at: int, what: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PatchHeader:
-    """A patch's header (``size`` bytes: 92 in version 1, 33..63 in version 2).
+    """A patch's header (``size`` bytes: 92 in version 1, 33..63 in versions 2 and 3).
 
     ``base_sha256`` / ``target_sha256`` hold the whole SHA-256 in version 1 and its first
-    V2_DIGEST_SIZE bytes in version 2; ``codec`` and ``lzma_props`` are version 2's.
+    V2_DIGEST_SIZE bytes in versions 2 and 3; ``codec`` and ``lzma_props`` are theirs.
     """
 
     version: int
@@ -386,9 +410,9 @@ class PatchHeader:
         )
 
 
-def payload_version(payload: Buffer) -> int:
-    """The format version a decompressed payload needs: 3 when its prelude sets
-    EXACT_COPIES, else 2 (what the maker writes in the header)."""
+def payload_format_version(payload: Buffer) -> int:
+    """The version a patch of ``payload`` (decompressed records) is written as: 3 when its
+    prelude sets a version 3 flag (VERSION_3_FLAGS), else FORMAT_VERSION."""
     head = bytes(payload[:16])  # the prelude's length varint, then its filter varint
     at = next((i + 1 for i, byte in enumerate(head) if byte < 0x80), len(head))
     value = shift = 0
@@ -397,7 +421,7 @@ def payload_version(payload: Buffer) -> int:
         if byte < 0x80:
             break
         shift += 7
-    return 3 if value & EXACT_COPIES else FORMAT_VERSION
+    return LITERAL_FORMAT_VERSION if value & VERSION_3_FLAGS else FORMAT_VERSION
 
 
 # --- varints (the payload's integer coding) --------------------------------------------------
@@ -509,6 +533,7 @@ __all__ = [
     "CODEC_NAMES",
     "CODEC_ZSTD",
     "CODEC_ZSTD_OLD",
+    "COPY_FILTER_MASK",
     "DEFAULT_BLOCK_LIMIT",
     "DEFAULT_WINDOW_LOG",
     "EXACT_COPIES",
@@ -517,6 +542,9 @@ __all__ = [
     "FILTER_X86",
     "FORMAT_VERSION",
     "HEADER_SIZE",
+    "LITERAL_FORMAT_VERSION",
+    "LITERAL_MASK",
+    "LITERAL_SHIFT",
     "MAGIC",
     "MAX_HEADER_SIZE",
     "MIN_LZMA_WINDOW_LOG",
@@ -524,8 +552,10 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "V1_HEADER_SIZE",
     "V2_DIGEST_SIZE",
+    "VERSION_3_FLAGS",
     "PatchBaseMismatchError",
     "PatchCorruptError",
+    "PatchFeatureError",
     "PatchHeader",
     "PatchInputError",
     "PatchLimitError",
@@ -537,6 +567,6 @@ __all__ = [
     "lzma_props",
     "lzma_props_byte",
     "make_patch",
-    "payload_version",
+    "payload_format_version",
     "read_header",
 ]

@@ -34,7 +34,7 @@ from otacore.delta import (
     PatchInputError,
     lzma_filters,
     lzma_props_byte,
-    payload_version,
+    payload_format_version,
     put_varint,
 )
 
@@ -174,7 +174,7 @@ class PatchEncoder:
         else:
             compressed, props = compress_zstd(payload, level, self.window_log), 0
         header = PatchHeader(
-            version=payload_version(payload),
+            version=payload_format_version(payload),
             window_log=self.window_log,
             block_limit=self.block_limit,
             payload_size=len(compressed),

@@ -13,7 +13,9 @@
    inverse model) and match it again against the same suffix array: relocated code and
    pointer tables now compare equal, so the copies line up exactly; cover the gaps again.
 5. Fit the model on the final copies, pick the filter set whose difference bytes compress
-   best, and zstd the payload with an explicit window.
+   best, and zstd the payload with an explicit window; if a branch conversion of the
+   literal bytes (otacore.delta_literal, format version 3) passes a cheap screen and makes
+   the payload smaller, keep that one.
 6. Repeat 2-5 for other strategies (a filter set forced: its own normalisation and matches)
    as far as the ``effort`` budget allows and keep the smallest patch (otacore.delta_strategy);
    strategies with the same branch family share pass 1.
@@ -30,19 +32,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zstandard
 from numpy.typing import NDArray
 
 from otacore import delta as fmt
-from otacore import delta_codec, delta_strategy
+from otacore import delta_codec, delta_literal, delta_strategy
 from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
     CODEC_ZSTD,
+    CODEC_ZSTD_OLD,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
     FILTER_THUMB,
     FILTER_WORDS,
     FILTER_X86,
+    LITERAL_SHIFT,
     MAX_BLOCK_LIMIT,
     MAX_IMAGE_SIZE,
     MAX_MAP_ENTRIES,
@@ -336,12 +341,17 @@ class _Planner:
         self.entries: list[tuple[int, int, int, int, int]] = []
         # The model (ext/delta_filter.h) of each prelude a candidate made.
         self._models: dict[bytes, Any] = {}
+        # Per block: (start in its extra bytes, length, target offset) of each entry's extra.
+        self._literal_runs: list[list[tuple[int, int, int]]] = []
+        self._converted: dict[int, list[bytes]] = {}  # literal kind -> extra bytes per block
+        self._literal_kind: dict[tuple[int, ...], tuple[int, bool]] = {}
         cursor = 0
         for block in blocks:
             control = bytearray()
             put_varint(control, len(block))
             copied = 0
             extra = bytearray()
+            runs = []
             for entry in block:
                 seek = 0 if entry.copy == 0 else entry.old_pos - cursor
                 put_varint(control, zigzag(seek))
@@ -351,8 +361,11 @@ class _Planner:
                 cursor += seek + entry.copy
                 copied += entry.copy
                 start = entry.new_pos + entry.copy
+                if entry.extra:
+                    runs.append((len(extra), entry.extra, start))
                 extra += new[start : start + entry.extra]
             self.blocks.append((bytes(control), copied, bytes(extra)))
+            self._literal_runs.append(runs)
 
     def observe(self, filters: int, base: int | None) -> tuple[NDArray[np.int64], ...]:
         key = (filters, base)
@@ -463,18 +476,25 @@ class _Planner:
         describes."""
         return bytes(fmt._kernel.diff_spans(self.old, self.new, rows, self._models[prelude]))
 
-    def payload(self, prelude: bytes, diff: bytes) -> bytes:
-        """The decompressed payload: prelude record, block records, end record. With a run of
-        at least EXACT_RUN_MIN zero difference bytes inside a copy, the version 3 form with
-        exact copies (otacore.delta, "Exact copies"); else version 2's."""
-        exact = _exact_payload(self, prelude, diff)
+    def payload(self, prelude: bytes, diff: bytes, literal: int = delta_literal.NONE) -> bytes:
+        """The decompressed payload: prelude record, block records, end record. With
+        ``literal``, every entry's extra bytes branch converted; with a run of at least
+        EXACT_RUN_MIN zero difference bytes inside a copy, exact copies (both format version
+        3, otacore.delta); else version 2's."""
+        extras = [extra for _, _, extra in self.blocks]
+        flagged = prelude
+        if literal:
+            flagged = _with_prelude_flags(prelude, literal << LITERAL_SHIFT)
+            extras = self.converted_extras(literal)
+        exact = _exact_payload(self, prelude, flagged, diff, b"".join(extras))
         if exact is not None:
             return exact
+        prelude = flagged
         payload = bytearray()
         put_varint(payload, len(prelude))
         payload += prelude
         diff_at = 0
-        for control, copied, extra in self.blocks:
+        for (control, copied, _), extra in zip(self.blocks, extras, strict=True):
             put_varint(payload, len(control) + copied + len(extra))
             payload += control
             payload += diff[diff_at : diff_at + copied]
@@ -482,6 +502,52 @@ class _Planner:
             diff_at += copied
         put_varint(payload, 0)
         return bytes(payload)
+
+    def converted_extras(self, literal: int) -> list[bytes]:
+        """Each block's extra bytes, every entry's converted alone at its target offset."""
+        if literal not in self._converted:
+            converted = []
+            for (_, _, extra), runs in zip(self.blocks, self._literal_runs, strict=True):
+                out = bytearray(extra)
+                for start, length, offset in runs:
+                    delta_literal.convert_into(out, offset, literal, start, start + length)
+                converted.append(bytes(out))
+            self._converted[literal] = converted
+        return self._converted[literal]
+
+    def literal_kind(self, kinds: tuple[int, ...]) -> tuple[int, bool]:
+        """The literal branch conversion of ``kinds`` (or none) that makes the extra bytes
+        smallest at zstd level LITERAL_SCREEN_LEVEL, and whether it gains at least
+        LITERAL_SURE of them: a cheap screen, deterministic; ``_make_one`` confirms a pick
+        that is not sure on the whole payload."""
+        if kinds not in self._literal_kind:
+            plain_size = _screen_size(b"".join(extra for _, _, extra in self.blocks))
+            best, best_size = delta_literal.NONE, plain_size
+            for kind in kinds:
+                size = _screen_size(b"".join(self.converted_extras(kind)))
+                if size < best_size:
+                    best, best_size = kind, size
+            self._literal_kind[kinds] = (best, best_size <= (1 - LITERAL_SURE) * plain_size)
+        return self._literal_kind[kinds]
+
+
+#: Literal branch conversions the maker screens per branch family (bench/delta/results/
+#: literal-branch-probe.md): Thumb-2 where the detector sees Thumb-2, RISC-V where it sees
+#: neither Thumb-2 nor x86 (it has no RISC-V score); x86 conversion gained nothing.
+LITERAL_KINDS = {
+    FILTER_THUMB: (delta_literal.THUMB,),
+    0: (delta_literal.RISCV,),
+    FILTER_X86: (),
+}
+LITERAL_SCREEN_LEVEL = 3
+#: A screen gain of at least this fraction is taken without confirming it on the whole
+#: payload (one zstd pass saved; on the public corpus every pick that gained 2% at the
+#: screen gained 2-6% in the final patch).
+LITERAL_SURE = 0.02
+
+
+def _screen_size(data: bytes) -> int:
+    return len(zstandard.ZstdCompressor(level=LITERAL_SCREEN_LEVEL).compress(data))
 
 
 #: Zero difference bytes in a row from which a copy's stretch becomes an exact entry of its
@@ -511,21 +577,36 @@ def _pieces(diff: NDArray[np.uint8], copy: int) -> list[tuple[int, int, bool]]:
     return pieces
 
 
-def _exact_payload(planner: _Planner, prelude: bytes, diff: bytes) -> bytes | None:
-    """The version 3 payload of ``planner``'s entries (exact stretches split off, records
-    packed up to the block limit), or None when no copy has a stretch to split off."""
+def _with_prelude_flags(prelude: bytes, flags: int) -> bytes:
+    """``prelude`` with ``flags`` set in its first varint (the filter set's)."""
+    value, at = _read_varint(prelude, 0)
+    head = bytearray()
+    put_varint(head, value | flags)
+    return bytes(head) + prelude[at:]
+
+
+def _exact_payload(
+    planner: _Planner, prelude: bytes, flagged: bytes, diff: bytes, extras: bytes
+) -> bytes | None:
+    """The version 3 payload of ``planner``'s entries with exact stretches split off (records
+    packed up to the block limit), or None when no copy has a stretch to split off.
+    ``prelude`` is the candidate's (its model makes the pieces' difference bytes), ``flagged``
+    the one to send, ``extras`` every entry's extra bytes in order as they are sent."""
     values = np.frombuffer(diff, dtype=np.uint8)
-    # (seek, copy, extra, exact, new position, old position) of every piece
-    split: list[tuple[int, int, int, bool, int, int]] = []
-    diff_at, found = 0, False
+    # (seek, copy, extra, exact, new position, old position, where its extra bytes start in
+    # ``extras``) of every piece
+    split: list[tuple[int, int, int, bool, int, int, int]] = []
+    diff_at = extra_at = 0
+    found = False
     for seek, copy, extra, new_pos, old_pos in planner.entries:
         pieces = _pieces(values[diff_at : diff_at + copy], copy) if copy else [(0, 0, False)]
         for number, (start, end, exact) in enumerate(pieces):
             last = number == len(pieces) - 1
             split.append((seek if number == 0 else 0, end - start, extra if last else 0, exact,
-                          new_pos + start, old_pos + start))
+                          new_pos + start, old_pos + start, extra_at))
             found |= exact
         diff_at += copy
+        extra_at += extra
     if not found:
         return None
     # The prediction of a copy depends on where its span ends (an instruction that crosses
@@ -540,20 +621,17 @@ def _exact_payload(planner: _Planner, prelude: bytes, diff: bytes) -> bytes | No
         if piece[3] and piece_diff.count(0, at, at + piece[1]) != piece[1]:
             split[index] = (*piece[:3], False, *piece[4:])
         at += piece[1]
-    flags, at = _read_varint(prelude, 0)
-    head = bytearray()
-    put_varint(head, flags | fmt.EXACT_COPIES)
+    flagged = _with_prelude_flags(flagged, fmt.EXACT_COPIES)
     payload = bytearray()
-    put_varint(payload, len(head) + len(prelude) - at)
-    payload += head
-    payload += prelude[at:]
+    put_varint(payload, len(flagged))
+    payload += flagged
     record: list[int] = []  # indexes into split
     size = 0  # the record's bytes but for its count varint and bitmap
 
     def close() -> None:
-        control, diffs, extras, bitmap = bytearray(), bytearray(), bytearray(), 0
+        control, diffs, sent, bitmap = bytearray(), bytearray(), bytearray(), 0
         for slot, index in enumerate(record):
-            seek, copy, extra, exact, new_pos, _ = split[index]
+            seek, copy, extra, exact, _, _, extra_from = split[index]
             put_varint(control, zigzag(seek))
             put_varint(control, copy)
             put_varint(control, extra)
@@ -561,16 +639,16 @@ def _exact_payload(planner: _Planner, prelude: bytes, diff: bytes) -> bytes | No
                 bitmap |= 1 << slot
             else:
                 diffs += piece_diff[starts[index] : starts[index] + copy]
-            extras += planner.new[new_pos + copy : new_pos + copy + extra]
+            sent += extras[extra_from : extra_from + extra]
         body = bytearray()
         put_varint(body, len(record))
         body += bitmap.to_bytes((len(record) + 7) // 8, "little")
-        body += control + diffs + extras
+        body += control + diffs + sent
         put_varint(payload, len(body))
         payload.extend(body)
         record.clear()
 
-    for index, (_, copy, extra, exact, _, _) in enumerate(split):
+    for index, (_, copy, extra, exact, _, _, _) in enumerate(split):
         cost = _ENTRY_WORST + (0 if exact else copy) + extra
         # count varint (<= 10 bytes) and bitmap (one byte per 8 entries) on top
         if record and 10 + (len(record) + 8) // 8 + size + cost > planner.block_limit:
@@ -802,8 +880,35 @@ def _make_one(
         )
         plan = _Planner(old_bytes, new_bytes, covered, block_limit, evidence=spans)
         choice = _best_candidate(plan, retry, map_cap, window_log)
-    payload = plan.payload(*plan.candidate(choice[0], map_cap, choice[1]))
-    return matching.encoder.encode(payload, CODEC_ZSTD, level=level)
+    prelude, diff = plan.candidate(choice[0], map_cap, choice[1])
+    encoder = matching.encoder
+    literal, sure = plan.literal_kind(LITERAL_KINDS[family])
+    converted_payload = converted = b""
+    if literal:
+        converted_payload = plan.payload(prelude, diff, literal)
+        converted = encoder.encode(converted_payload, CODEC_ZSTD, level=level)
+        if sure and not encoder.dictionary_fits(converted_payload):
+            return converted
+    payload = plan.payload(prelude, diff)
+    patch = encoder.encode(payload, CODEC_ZSTD, level=level)
+    # A pick the screen is not sure of is kept only if the whole payload gets smaller with
+    # zstd, and with the old image as dictionary too when that fits (converted literals no
+    # longer match the old image's bytes: bench/delta/results/literal-branch-probe.md).
+    if literal and _size(encoder, converted_payload, converted, level) < _size(
+        encoder, payload, patch, level
+    ):
+        return converted
+    return patch
+
+
+def _size(
+    encoder: delta_codec.PatchEncoder, payload: bytes, patch: bytes, level: int | None
+) -> int:
+    """The size of ``patch`` (``payload`` with zstd) or, when the old image and the payload
+    fit the window, of ``payload`` with the old image as dictionary (codec 2) if smaller."""
+    if not encoder.dictionary_fits(payload):
+        return len(patch)
+    return min(len(patch), len(encoder.encode(payload, CODEC_ZSTD_OLD, level=level)))
 
 
 def search_patch(

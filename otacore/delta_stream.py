@@ -26,7 +26,10 @@ smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it
   - zstd with the base image as dictionary (codec 2): as zstd, plus the base image, at most
     the window (the header is refused otherwise). A device references it in place in
     flash; this applier reads it once into a Python buffer (``base_size`` more bytes);
-* one payload record, at most ``block_limit`` bytes (a Python bytearray);
+* one payload record, at most ``block_limit`` bytes (a Python bytearray); a version 3
+  patch's literal bytes are restored in place in it (otacore.delta_literal), with numpy
+  temporaries for at most ``delta_literal.WINDOW`` instruction positions at a time (tens of
+  KiB, freed before the record's output is written);
 * the relocation and value maps, at most 2 x MAX_MAP_ENTRIES entries (64 KiB as int64 pairs
   here, 32 KiB as the u32/i32 pairs a device would keep);
 * per step: one decoded piece (``DECODE_PIECE``) and one old-image read, its
@@ -37,7 +40,8 @@ DECODE_PIECE`` (``python_memory_bound``: 256 KiB with the defaults) and does not
 with the images; the decoder's state is ``zstd_native_bound(window_log)`` or
 ``lzma_native_bound(window_log, props)``, whichever the patch's codec needs.
 
-Version 1 patches (zstd, 92-byte header) apply exactly as before.
+Version 1 patches (zstd, 92-byte header) apply exactly as before; version 3 is version 2
+plus the literal branch conversion named in the prelude (format: otacore.delta).
 """
 
 from __future__ import annotations
@@ -50,18 +54,24 @@ from typing import IO, Any, Protocol, cast
 import numpy as np
 import zstandard
 
+from otacore import delta_literal
 from otacore._types import Buffer
 from otacore.delta import (
     AUTO_FILTERS,
     CODEC_LZMA2,
     CODEC_ZSTD_OLD,
+    COPY_FILTER_MASK,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
     EXACT_COPIES,
+    LITERAL_FORMAT_VERSION,
+    LITERAL_SHIFT,
     MAX_HEADER_SIZE,
     MAX_MAP_ENTRIES,
+    VERSION_3_FLAGS,
     PatchBaseMismatchError,
     PatchCorruptError,
+    PatchFeatureError,
     PatchHeader,
     PatchLimitError,
     PatchTargetMismatchError,
@@ -326,6 +336,7 @@ class PatchApplier:
         self._prelude_done = False
         self._model: Any = (0, 0, 0, _EMPTY_MAP, _EMPTY_MAP)
         self._exact_copies = False  # version 3: blocks carry an exact-copy bitmap
+        self._literal = delta_literal.NONE  # the prelude's literal branch conversion
         # output state
         self._cursor = 0
         self.bytes_written = 0
@@ -465,21 +476,27 @@ class PatchApplier:
     def _parse_prelude(self, buf: bytearray) -> None:
         header = self.header
         assert header is not None
-        flags, at = _varint(buf, 0, len(buf), "the filter set")
-        filters, features = flags & 7, flags & ~7  # bits 0-2: the filter set
-        if filters not in AUTO_FILTERS:
-            raise PatchCorruptError(f"patch uses unknown filter set {filters}")
-        if features & ~EXACT_COPIES:
-            unknown = features & ~EXACT_COPIES
-            raise PatchCorruptError(f"patch prelude sets unknown flags {unknown:#x}")
-        if bool(features) != (header.version >= 3):
-            # A version 2 applier cannot read exact copies, so the header says version 3;
-            # and version 3 is only for payloads that use them (one encoding per patch).
+        field, at = _varint(buf, 0, len(buf), "the filter set")
+        filters = field & COPY_FILTER_MASK
+        literal = field >> LITERAL_SHIFT & 3
+        if filters not in AUTO_FILTERS or field & ~(COPY_FILTER_MASK | VERSION_3_FLAGS):
+            raise PatchCorruptError(f"patch uses unknown filter set {field}")
+        if (header.version >= LITERAL_FORMAT_VERSION) != bool(field & VERSION_3_FLAGS):
+            # A version 2 applier reads neither exact copies nor converted literals, so the
+            # header says version 3; and version 3 only for payloads that use one of them.
             raise PatchCorruptError(
-                f"patch format version {header.version} "
-                + ("cannot use exact copies" if features else "must use exact copies")
+                f"a version {header.version} patch "
+                + ("cannot use" if field & VERSION_3_FLAGS else "uses no")
+                + " exact copies or literal branch conversion (prelude bits 3-5)"
             )
-        self._exact_copies = bool(features)
+        if literal not in delta_literal.KIND_NAMES:
+            raise PatchFeatureError(
+                f"patch converts its literal bytes with transform {literal}, which this code "
+                "does not know (it knows "
+                + ", ".join(f"{k} {name}" for k, name in delta_literal.KIND_NAMES.items() if k)
+                + "); a newer applier is needed"
+            )
+        self._exact_copies = bool(field & EXACT_COPIES)
         base, image_size = 0, 0
         reloc = values = _EMPTY_MAP
         if filters:
@@ -493,6 +510,7 @@ class PatchApplier:
         if at != len(buf):
             raise PatchCorruptError("patch prelude has trailing bytes")
         self._model = (filters, base, image_size, reloc, values)
+        self._literal = literal
         self._prelude_done = True
 
     def _run_block(self, buf: bytearray) -> None:
@@ -541,6 +559,10 @@ class PatchApplier:
             elif copy:
                 self._copy(buf, diff_at, copy)
                 diff_at += copy
+            if self._literal and extra:  # in the record, at the entry's output offset
+                delta_literal.restore_into(
+                    buf, self.bytes_written, self._literal, extra_at, extra_at + extra
+                )
             for start in range(extra_at, extra_at + extra, self._chunk):
                 self._emit(bytes(buf[start : min(start + self._chunk, extra_at + extra)]))
             extra_at += extra
