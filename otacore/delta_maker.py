@@ -341,6 +341,7 @@ class _Planner:
         self.entries: list[tuple[int, int, int, int, int]] = []
         # The model (ext/delta_filter.h) of each prelude a candidate made.
         self._models: dict[bytes, Any] = {}
+        self._splits: dict[bytes, _Split | None] = {}  # prelude -> exact_split
         # Per block: (start in its extra bytes, length, target offset) of each entry's extra.
         self._literal_runs: list[list[tuple[int, int, int]]] = []
         self._converted: dict[int, list[bytes]] = {}  # literal kind -> extra bytes per block
@@ -476,6 +477,15 @@ class _Planner:
         describes."""
         return bytes(fmt._kernel.diff_spans(self.old, self.new, rows, self._models[prelude]))
 
+    def exact_split(self, prelude: bytes, diff: bytes) -> _Split | None:
+        """The entries cut into pieces at their exact stretches (see _exact_payload), the
+        pieces' difference bytes and where each piece's start in them; None when no copy
+        has a stretch to cut. Made once per candidate (the converted and the plain payload
+        share it)."""
+        if prelude not in self._splits:
+            self._splits[prelude] = _split_entries(self, prelude, diff)
+        return self._splits[prelude]
+
     def payload(self, prelude: bytes, diff: bytes, literal: int = delta_literal.NONE) -> bytes:
         """The decompressed payload: prelude record, block records, end record. With
         ``literal``, every entry's extra bytes branch converted; with a run of at least
@@ -558,23 +568,74 @@ def _screen_size(data: bytes) -> int:
 EXACT_RUN_MIN = 384
 
 
-def _pieces(diff: NDArray[np.uint8], copy: int) -> list[tuple[int, int, bool]]:
-    """(start, end, exact) stretches of one copy's difference bytes: runs of at least
-    EXACT_RUN_MIN zeros are exact, the bytes between them not."""
-    nonzero = np.flatnonzero(diff)
-    edges = np.concatenate(([-1], nonzero, [copy]))
-    gaps = np.flatnonzero(np.diff(edges) - 1 >= EXACT_RUN_MIN)
-    pieces: list[tuple[int, int, bool]] = []
+def _exact_runs(
+    values: NDArray[np.uint8], offsets: NDArray[np.int64]
+) -> list[tuple[int, int, int]]:
+    """(entry, start, end) of every run of at least EXACT_RUN_MIN zero difference bytes,
+    within one entry's copy (runs are cut where an entry starts). ``values`` are all copies'
+    difference bytes, ``offsets`` where each entry's start in them."""
+    size = len(values)
+    if size == 0:
+        return []
+    nonzero = np.flatnonzero(values)
+    cuts = np.unique(np.concatenate((nonzero, nonzero + 1, offsets, [size])))
+    cuts = cuts[cuts <= size]
+    starts, ends = cuts[:-1], cuts[1:]
+    long = (values[starts] == 0) & (ends - starts >= EXACT_RUN_MIN)
+    run_starts, run_ends = starts[long], ends[long]
+    # the last entry starting at or before the run (entries without a copy share offsets)
+    entries = np.searchsorted(offsets, run_starts, side="right") - 1
+    return list(zip(entries.tolist(), (run_starts - offsets[entries]).tolist(),
+                    (run_ends - offsets[entries]).tolist(), strict=True))
+
+
+#: A piece: (seek, copy, extra, exact, new position, old position, where its extra bytes
+#: start among all entries' extra bytes).
+_Piece = tuple[int, int, int, bool, int, int, int]
+_Split = tuple[list[_Piece], bytes, list[int]]
+
+
+def _split_entries(planner: _Planner, prelude: bytes, diff: bytes) -> _Split | None:
+    """``planner``'s entries cut at their runs of at least EXACT_RUN_MIN zero difference
+    bytes (their own exact pieces), with the pieces' difference bytes made again."""
+    copies = np.array([entry[1] for entry in planner.entries], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(copies)[:-1])).astype(np.int64)
+    runs = _exact_runs(np.frombuffer(diff, dtype=np.uint8), offsets)
+    if not runs:
+        return None
+    split: list[_Piece] = []
+    extra_at = 0
+    next_run = 0
+    for index, (seek, copy, extra, new_pos, old_pos) in enumerate(planner.entries):
+        at = 0
+        cuts: list[tuple[int, int, bool]] = []
+        while next_run < len(runs) and runs[next_run][0] == index:
+            _, start, end = runs[next_run]
+            if start > at:
+                cuts.append((at, start, False))
+            cuts.append((start, end, True))
+            at = end
+            next_run += 1
+        if at < copy or not cuts:
+            cuts.append((at, copy, False))
+        for number, (start, end, exact) in enumerate(cuts):
+            last = number == len(cuts) - 1
+            split.append((seek if number == 0 else 0, end - start, extra if last else 0, exact,
+                          new_pos + start, old_pos + start, extra_at))
+        extra_at += extra
+    # The prediction of a copy depends on where its span ends (an instruction that crosses
+    # the end is not predicted), so the pieces' difference bytes are made again for their
+    # own spans; a piece is exact only if all of them are still zero.
+    rows = np.array([(p[4], p[5], p[1]) for p in split if p[1]], dtype=np.int64).reshape(-1, 3)
+    piece_diff = planner.diff_of(prelude, rows)
+    starts: list[int] = []
     at = 0
-    for gap in gaps.tolist():
-        run_start, run_end = int(edges[gap]) + 1, int(edges[gap + 1])
-        if run_start > at:
-            pieces.append((at, run_start, False))
-        pieces.append((run_start, run_end, True))
-        at = run_end
-    if at < copy or not pieces:
-        pieces.append((at, copy, False))
-    return pieces
+    for index, piece in enumerate(split):
+        starts.append(at)
+        if piece[3] and piece_diff.count(0, at, at + piece[1]) != piece[1]:
+            split[index] = (*piece[:3], False, *piece[4:])
+        at += piece[1]
+    return split, piece_diff, starts
 
 
 def _with_prelude_flags(prelude: bytes, flags: int) -> bytes:
@@ -592,35 +653,10 @@ def _exact_payload(
     packed up to the block limit), or None when no copy has a stretch to split off.
     ``prelude`` is the candidate's (its model makes the pieces' difference bytes), ``flagged``
     the one to send, ``extras`` every entry's extra bytes in order as they are sent."""
-    values = np.frombuffer(diff, dtype=np.uint8)
-    # (seek, copy, extra, exact, new position, old position, where its extra bytes start in
-    # ``extras``) of every piece
-    split: list[tuple[int, int, int, bool, int, int, int]] = []
-    diff_at = extra_at = 0
-    found = False
-    for seek, copy, extra, new_pos, old_pos in planner.entries:
-        pieces = _pieces(values[diff_at : diff_at + copy], copy) if copy else [(0, 0, False)]
-        for number, (start, end, exact) in enumerate(pieces):
-            last = number == len(pieces) - 1
-            split.append((seek if number == 0 else 0, end - start, extra if last else 0, exact,
-                          new_pos + start, old_pos + start, extra_at))
-            found |= exact
-        diff_at += copy
-        extra_at += extra
-    if not found:
+    found = planner.exact_split(prelude, diff)
+    if found is None:
         return None
-    # The prediction of a copy depends on where its span ends (an instruction that crosses
-    # the end is not predicted), so the pieces' difference bytes are made again for their
-    # own spans; a piece is exact only if all of them are still zero.
-    rows = np.array([(p[4], p[5], p[1]) for p in split if p[1]], dtype=np.int64).reshape(-1, 3)
-    piece_diff = planner.diff_of(prelude, rows)
-    starts: list[int] = []
-    at = 0
-    for index, piece in enumerate(split):
-        starts.append(at)
-        if piece[3] and piece_diff.count(0, at, at + piece[1]) != piece[1]:
-            split[index] = (*piece[:3], False, *piece[4:])
-        at += piece[1]
+    split, piece_diff, starts = found
     flagged = _with_prelude_flags(flagged, fmt.EXACT_COPIES)
     payload = bytearray()
     put_varint(payload, len(flagged))
