@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -574,19 +575,25 @@ def _exact_runs(
     """(entry, start, end) of every run of at least EXACT_RUN_MIN zero difference bytes,
     within one entry's copy (runs are cut where an entry starts). ``values`` are all copies'
     difference bytes, ``offsets`` where each entry's start in them."""
-    size = len(values)
-    if size == 0:
+    if len(values) == 0:
         return []
-    nonzero = np.flatnonzero(values)
-    cuts = np.unique(np.concatenate((nonzero, nonzero + 1, offsets, [size])))
-    cuts = cuts[cuts <= size]
-    starts, ends = cuts[:-1], cuts[1:]
-    long = (values[starts] == 0) & (ends - starts >= EXACT_RUN_MIN)
-    run_starts, run_ends = starts[long], ends[long]
-    # the last entry starting at or before the run (entries without a copy share offsets)
-    entries = np.searchsorted(offsets, run_starts, side="right") - 1
-    return list(zip(entries.tolist(), (run_starts - offsets[entries]).tolist(),
-                    (run_ends - offsets[entries]).tolist(), strict=True))
+    edges = np.diff(np.concatenate(([0], (values == 0).view(np.int8), [0])))
+    zero_starts, zero_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    long = zero_ends - zero_starts >= EXACT_RUN_MIN
+    runs: list[tuple[int, int, int]] = []
+    for start, end in zip(zero_starts[long].tolist(), zero_ends[long].tolist(), strict=True):
+        # cut where entries start inside the run; keep the parts still long enough
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        last = int(np.searchsorted(offsets, end, side="left"))
+        bounds = [start, *offsets[first + 1 : last].tolist(), end]
+        entry = first
+        for part_start, part_end in itertools.pairwise(bounds):
+            while entry + 1 < len(offsets) and offsets[entry + 1] <= part_start:
+                entry += 1  # the last entry starting at or before it (no-copy entries share)
+            if part_end - part_start >= EXACT_RUN_MIN:
+                base = int(offsets[entry])
+                runs.append((entry, part_start - base, part_end - base))
+    return runs
 
 
 #: A piece: (seek, copy, extra, exact, new position, old position, where its extra bytes
