@@ -136,6 +136,8 @@ MAGIC = b"OTAD"
 #: appliers read.
 FORMAT_VERSION = 2
 LITERAL_FORMAT_VERSION = 3
+#: The newest version the maker writes (when the payload needs it).
+NEWEST_VERSION = 3
 SUPPORTED_VERSIONS = (1, 2, 3)
 _HEADER_V1 = struct.Struct("<4sBBHIIII32s32s")
 #: Version 1's fixed header size, which is also the largest header of any version.
@@ -462,6 +464,7 @@ def make_patch(
     codecs: Collection[int] | None = None,
     lzma_preset: int | None = None,
     workers: int | None = None,
+    format_version: int = NEWEST_VERSION,
 ) -> bytes:
     """A patch that turns ``old`` into ``new`` (see :func:`otacore.delta_maker.make_patch`).
 
@@ -472,7 +475,9 @@ def make_patch(
     are the payload codecs tried (CODEC_ZSTD, CODEC_LZMA2, CODEC_ZSTD_OLD; None: all) and
     ``lzma_preset`` LZMA2's liblzma preset (None: :mod:`otacore.delta_codec`'s default).
     ``workers`` is how many threads the making may use (None: the maker's default; the patch
-    does not depend on it). Raises PatchInputError for images or options it refuses.
+    does not depend on it). ``format_version`` is the newest format the patch may use (2:
+    for appliers that read no version 3). Raises PatchInputError for images or options it
+    refuses.
     """
     from otacore import delta_codec, delta_maker, delta_strategy  # they import this module
 
@@ -498,6 +503,7 @@ def make_patch(
         codecs=codecs,
         lzma_preset=lzma_preset,
         workers=workers,
+        format_version=format_version,
     )
 
 
@@ -549,6 +555,7 @@ __all__ = [
     "MAX_HEADER_SIZE",
     "MIN_LZMA_WINDOW_LOG",
     "NATIVE",
+    "NEWEST_VERSION",
     "SUPPORTED_VERSIONS",
     "V1_HEADER_SIZE",
     "V2_DIGEST_SIZE",

@@ -258,15 +258,19 @@ class PatchEncoder:
         level: int | None,
         preset: int,
         pool: Executor | None = None,
+        alternatives: Collection[bytes] = (),
     ) -> bytes:
         """The patch to ship: ``zstd_patch`` (the strategies' winner, codec 0) or its payload
-        re-encoded with another codec in ``codecs``, or the all-literal candidate, whichever is
-        smallest (the earliest of these on a tie). With ``pool`` the encodings run in its
-        threads; the result is the same."""
+        re-encoded with another codec in ``codecs``, or one of ``alternatives`` (other
+        payloads of the same target, e.g. the maker's dense exact copies) with any codec, or
+        the all-literal candidate, whichever is smallest (the earliest of these on a tie).
+        With ``pool`` the encodings run in its threads; the result is the same."""
         header = PatchHeader.parse(zstd_patch)
         payload = zstandard.ZstdDecompressor().decompress(zstd_patch[header.size :])
         literal = self.literal_payload()
         calls = self.encodings(payload, codecs, level=level, preset=preset, zstd_patch=zstd_patch)
+        for alternative in alternatives:
+            calls += self.encodings(alternative, codecs, level=level, preset=preset)
         # The fast literal candidate runs beside the others: it decides whether the literal
         # payload is worth every codec.
         made = _run_all([*calls, partial(self.encode, literal, CODEC_ZSTD,

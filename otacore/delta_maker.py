@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Collection, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -325,8 +324,11 @@ class _Planner:
         spans: NDArray[np.int64],
         block_limit: int,
         evidence: NDArray[np.int64] | None = None,
+        format_version: int = fmt.NEWEST_VERSION,
     ) -> None:
         self.old, self.new, self.block_limit = old, new, block_limit
+        #: The newest patch format the payloads may use (2: no version 3 feature).
+        self.format_version = format_version
         blocks = _plan_blocks(spans, len(new), block_limit)
         self.rows = _copy_rows(blocks)
         self.evidence = self.rows
@@ -342,7 +344,7 @@ class _Planner:
         self.entries: list[tuple[int, int, int, int, int]] = []
         # The model (ext/delta_filter.h) of each prelude a candidate made.
         self._models: dict[bytes, Any] = {}
-        self._splits: dict[bytes, _Split | None] = {}  # prelude -> exact_split
+        self._splits: dict[tuple[bytes, int], _Pieces | None] = {}  # -> exact_split
         # Per block: (start in its extra bytes, length, target offset) of each entry's extra.
         self._literal_runs: list[list[tuple[int, int, int]]] = []
         self._converted: dict[int, list[bytes]] = {}  # literal kind -> extra bytes per block
@@ -478,26 +480,37 @@ class _Planner:
         describes."""
         return bytes(fmt._kernel.diff_spans(self.old, self.new, rows, self._models[prelude]))
 
-    def exact_split(self, prelude: bytes, diff: bytes) -> _Split | None:
+    def exact_split(self, prelude: bytes, diff: bytes, run: int) -> _Pieces | None:
         """The entries cut into pieces at their exact stretches (see _exact_payload), the
         pieces' difference bytes and where each piece's start in them; None when no copy
         has a stretch to cut. Made once per candidate (the converted and the plain payload
         share it)."""
-        if prelude not in self._splits:
-            self._splits[prelude] = _split_entries(self, prelude, diff)
-        return self._splits[prelude]
+        if (prelude, run) not in self._splits:
+            self._splits[prelude, run] = _split_entries(self, prelude, diff, run)
+        return self._splits[prelude, run]
 
-    def payload(self, prelude: bytes, diff: bytes, literal: int = delta_literal.NONE) -> bytes:
+    def payload(
+        self,
+        prelude: bytes,
+        diff: bytes,
+        literal: int = delta_literal.NONE,
+        run: int | None = None,
+    ) -> bytes:
         """The decompressed payload: prelude record, block records, end record. With
         ``literal``, every entry's extra bytes branch converted; with a run of at least
-        EXACT_RUN_MIN zero difference bytes inside a copy, exact copies (both format version
-        3, otacore.delta); else version 2's."""
+        ``run`` (None: EXACT_RUN_MIN) zero difference bytes inside a copy, exact copies (both
+        format version 3, otacore.delta); else version 2's."""
         extras = [extra for _, _, extra in self.blocks]
         flagged = prelude
+        if self.format_version < 3:
+            literal = delta_literal.NONE  # no version 3 feature
         if literal:
             flagged = _with_prelude_flags(prelude, literal << LITERAL_SHIFT)
             extras = self.converted_extras(literal)
-        exact = _exact_payload(self, prelude, flagged, diff, b"".join(extras))
+        exact = None
+        if self.format_version >= 3:
+            exact = _exact_payload(self, prelude, flagged, diff, b"".join(extras),
+                                   EXACT_RUN_MIN if run is None else run)
         if exact is not None:
             return exact
         prelude = flagged
@@ -569,80 +582,104 @@ def _screen_size(data: bytes) -> int:
 EXACT_RUN_MIN = 384
 
 
-def _exact_runs(
-    values: NDArray[np.uint8], offsets: NDArray[np.int64]
-) -> list[tuple[int, int, int]]:
-    """(entry, start, end) of every run of at least EXACT_RUN_MIN zero difference bytes,
-    within one entry's copy (runs are cut where an entry starts). ``values`` are all copies'
-    difference bytes, ``offsets`` where each entry's start in them."""
-    if len(values) == 0:
-        return []
-    edges = np.diff(np.concatenate(([0], (values == 0).view(np.int8), [0])))
-    zero_starts, zero_ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    long = zero_ends - zero_starts >= EXACT_RUN_MIN
-    runs: list[tuple[int, int, int]] = []
-    for start, end in zip(zero_starts[long].tolist(), zero_ends[long].tolist(), strict=True):
-        # cut where entries start inside the run; keep the parts still long enough
-        first = int(np.searchsorted(offsets, start, side="right")) - 1
-        last = int(np.searchsorted(offsets, end, side="left"))
-        bounds = [start, *offsets[first + 1 : last].tolist(), end]
-        entry = first
-        for part_start, part_end in itertools.pairwise(bounds):
-            while entry + 1 < len(offsets) and offsets[entry + 1] <= part_start:
-                entry += 1  # the last entry starting at or before it (no-copy entries share)
-            if part_end - part_start >= EXACT_RUN_MIN:
-                base = int(offsets[entry])
-                runs.append((entry, part_start - base, part_end - base))
-    return runs
+@dataclass(frozen=True)
+class _Pieces:
+    """The planner's entries cut at their exact stretches, one array element per piece:
+    control fields, whether it is exact, where its new and old bytes start, where its extra
+    bytes start among all entries' extra bytes; its difference bytes (made for its own span)
+    start at ``diff_from`` in ``diff``."""
+
+    seek: NDArray[np.int64]
+    copy: NDArray[np.int64]
+    extra: NDArray[np.int64]
+    exact: NDArray[np.bool_]
+    extra_from: NDArray[np.int64]
+    diff_from: NDArray[np.int64]
+    diff: bytes
 
 
-#: A piece: (seek, copy, extra, exact, new position, old position, where its extra bytes
-#: start among all entries' extra bytes).
-_Piece = tuple[int, int, int, bool, int, int, int]
-_Split = tuple[list[_Piece], bytes, list[int]]
+def _exclusive_cumsum(values: NDArray[np.int64]) -> NDArray[np.int64]:
+    return np.concatenate(([0], np.cumsum(values)[:-1])).astype(np.int64)
 
 
-def _split_entries(planner: _Planner, prelude: bytes, diff: bytes) -> _Split | None:
-    """``planner``'s entries cut at their runs of at least EXACT_RUN_MIN zero difference
-    bytes (their own exact pieces), with the pieces' difference bytes made again."""
-    copies = np.array([entry[1] for entry in planner.entries], dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(copies)[:-1])).astype(np.int64)
-    runs = _exact_runs(np.frombuffer(diff, dtype=np.uint8), offsets)
-    if not runs:
+def _split_entries(planner: _Planner, prelude: bytes, diff: bytes, run: int) -> _Pieces | None:
+    """``planner``'s entries cut at their runs of at least ``run`` zero difference bytes
+    (runs end where an entry starts), each run an exact piece; None when there is none."""
+    if not planner.entries:
         return None
-    split: list[_Piece] = []
-    extra_at = 0
-    next_run = 0
-    for index, (seek, copy, extra, new_pos, old_pos) in enumerate(planner.entries):
-        at = 0
-        cuts: list[tuple[int, int, bool]] = []
-        while next_run < len(runs) and runs[next_run][0] == index:
-            _, start, end = runs[next_run]
-            if start > at:
-                cuts.append((at, start, False))
-            cuts.append((start, end, True))
-            at = end
-            next_run += 1
-        if at < copy or not cuts:
-            cuts.append((at, copy, False))
-        for number, (start, end, exact) in enumerate(cuts):
-            last = number == len(cuts) - 1
-            split.append((seek if number == 0 else 0, end - start, extra if last else 0, exact,
-                          new_pos + start, old_pos + start, extra_at))
-        extra_at += extra
+    table = np.array(planner.entries, dtype=np.int64).reshape(-1, 5)
+    seeks, copies, extras, new_at, old_at = table.T
+    offsets = _exclusive_cumsum(copies)
+    values = np.frombuffer(diff, dtype=np.uint8)
+    size = len(values)
+    zero = values == 0
+    starts_here = np.zeros(size + 1, dtype=bool)
+    starts_here[offsets[copies > 0]] = True
+    run_start = zero & (~np.concatenate(([False], zero[:-1])) | starts_here[:size])
+    run_end = zero & (~np.concatenate((zero[1:], [False])) | starts_here[1:])
+    run_starts = np.flatnonzero(run_start)
+    run_ends = np.flatnonzero(run_end) + 1
+    long = run_ends - run_starts >= run
+    run_starts = run_starts[long]
+    if not len(run_starts):
+        return None
+    # Pieces of the copies: the intervals between entry starts, entry ends and run bounds.
+    with_copy = np.flatnonzero(copies > 0)
+    cuts = np.unique(np.concatenate((
+        offsets[with_copy], offsets[with_copy] + copies[with_copy], run_starts, run_ends[long]
+    )))
+    piece_start = cuts[:-1]
+    owner = with_copy[np.searchsorted(offsets[with_copy], piece_start, side="right") - 1]
+    found = np.minimum(np.searchsorted(run_starts, piece_start), len(run_starts) - 1)
+    exact = run_starts[found] == piece_start
+    # Entries without a copy are a piece each (their extra bytes).
+    bare = np.flatnonzero(copies == 0)
+    owner = np.concatenate((owner, bare))
+    piece_start = np.concatenate((piece_start, offsets[bare]))
+    length = np.concatenate((np.diff(cuts), np.zeros(len(bare), dtype=np.int64)))
+    exact = np.concatenate((exact, np.zeros(len(bare), dtype=bool)))
+    order = np.lexsort((piece_start, owner))
+    owner, piece_start, length, exact = owner[order], piece_start[order], length[order], exact[
+        order
+    ]
+    first = np.concatenate(([True], owner[1:] != owner[:-1]))
+    last = np.concatenate((owner[1:] != owner[:-1], [True]))
+    inside = piece_start - offsets[owner]
+    new_pos, old_pos = new_at[owner] + inside, old_at[owner] + inside
     # The prediction of a copy depends on where its span ends (an instruction that crosses
     # the end is not predicted), so the pieces' difference bytes are made again for their
     # own spans; a piece is exact only if all of them are still zero.
-    rows = np.array([(p[4], p[5], p[1]) for p in split if p[1]], dtype=np.int64).reshape(-1, 3)
-    piece_diff = planner.diff_of(prelude, rows)
-    starts: list[int] = []
-    at = 0
-    for index, piece in enumerate(split):
-        starts.append(at)
-        if piece[3] and piece_diff.count(0, at, at + piece[1]) != piece[1]:
-            split[index] = (*piece[:3], False, *piece[4:])
-        at += piece[1]
-    return split, piece_diff, starts
+    copied = length > 0
+    rows = np.stack((new_pos[copied], old_pos[copied], length[copied]), axis=1)
+    piece_diff = planner.diff_of(prelude, np.ascontiguousarray(rows, dtype=np.int64))
+    diff_from = _exclusive_cumsum(length)
+    nonzero = np.concatenate(([0], np.cumsum(np.frombuffer(piece_diff, dtype=np.uint8) != 0)))
+    exact &= nonzero[diff_from + length] == nonzero[diff_from]
+    return _Pieces(
+        seek=np.where(first, seeks[owner], 0),
+        copy=length,
+        extra=np.where(last, extras[owner], 0),
+        exact=exact,
+        extra_from=_exclusive_cumsum(extras)[owner],
+        diff_from=diff_from,
+        diff=piece_diff,
+    )
+
+
+def _varints(values: NDArray[np.int64]) -> bytes:
+    """``values`` (each >= 0, < 2**35) as consecutive unsigned LEB128 varints."""
+    unsigned = values.astype(np.uint64)
+    count = np.ones(len(unsigned), dtype=np.int64)
+    for bits in (7, 14, 21, 28):
+        count += unsigned >= 1 << bits
+    at = _exclusive_cumsum(count)
+    out = np.zeros(int(count.sum()), dtype=np.uint8)
+    for byte in range(5):
+        here = count > byte
+        group = (unsigned[here] >> np.uint64(7 * byte)) & np.uint64(0x7F)
+        more = np.where(count[here] > byte + 1, 0x80, 0).astype(np.uint64)
+        out[at[here] + byte] = (group | more).astype(np.uint8)
+    return out.tobytes()
 
 
 def _with_prelude_flags(prelude: bytes, flags: int) -> bytes:
@@ -654,52 +691,47 @@ def _with_prelude_flags(prelude: bytes, flags: int) -> bytes:
 
 
 def _exact_payload(
-    planner: _Planner, prelude: bytes, flagged: bytes, diff: bytes, extras: bytes
+    planner: _Planner, prelude: bytes, flagged: bytes, diff: bytes, extras: bytes, run: int
 ) -> bytes | None:
     """The version 3 payload of ``planner``'s entries with exact stretches split off (records
     packed up to the block limit), or None when no copy has a stretch to split off.
     ``prelude`` is the candidate's (its model makes the pieces' difference bytes), ``flagged``
     the one to send, ``extras`` every entry's extra bytes in order as they are sent."""
-    found = planner.exact_split(prelude, diff)
-    if found is None:
+    pieces = planner.exact_split(prelude, diff, run)
+    if pieces is None:
         return None
-    split, piece_diff, starts = found
     flagged = _with_prelude_flags(flagged, fmt.EXACT_COPIES)
     payload = bytearray()
     put_varint(payload, len(flagged))
     payload += flagged
-    record: list[int] = []  # indexes into split
-    size = 0  # the record's bytes but for its count varint and bitmap
-
-    def close() -> None:
-        control, diffs, sent, bitmap = bytearray(), bytearray(), bytearray(), 0
-        for slot, index in enumerate(record):
-            seek, copy, extra, exact, _, _, extra_from = split[index]
-            put_varint(control, zigzag(seek))
-            put_varint(control, copy)
-            put_varint(control, extra)
-            if exact:
-                bitmap |= 1 << slot
-            else:
-                diffs += piece_diff[starts[index] : starts[index] + copy]
-            sent += extras[extra_from : extra_from + extra]
+    dense = ~pieces.exact
+    sent_diff = np.frombuffer(pieces.diff, dtype=np.uint8)[np.repeat(dense, pieces.copy)]
+    sent_from = _exclusive_cumsum(np.where(dense, pieces.copy, 0))
+    extra_from = pieces.extra_from + 0  # (extras of one record are contiguous)
+    zigzags = np.where(pieces.seek >= 0, pieces.seek * 2, -pieces.seek * 2 - 1)
+    fields = np.stack((zigzags, pieces.copy, pieces.extra), axis=1)
+    # Greedy records: worst-case control bytes, the bytes the piece carries, 1/8 byte of
+    # bitmap each (in eighths), under the block limit less the count varint and a byte of
+    # bitmap rounding.
+    cost = 8 * (_ENTRY_WORST + np.where(dense, pieces.copy, 0) + pieces.extra) + 1
+    total = np.concatenate(([0], np.cumsum(cost)))
+    room = 8 * (planner.block_limit - 11)
+    count = len(cost)
+    start = 0
+    while start < count:
+        end = max(start + 1, int(np.searchsorted(total, total[start] + room, side="right")) - 1)
+        end = min(end, count)
         body = bytearray()
-        put_varint(body, len(record))
-        body += bitmap.to_bytes((len(record) + 7) // 8, "little")
-        body += control + diffs + sent
+        put_varint(body, end - start)
+        body += np.packbits(pieces.exact[start:end], bitorder="little").tobytes()
+        body += _varints(fields[start:end].ravel())
+        last = end - 1
+        body += sent_diff[sent_from[start] : sent_from[last] + (0 if pieces.exact[last] else
+                                                               pieces.copy[last])].tobytes()
+        body += extras[extra_from[start] : extra_from[last] + pieces.extra[last]]
         put_varint(payload, len(body))
-        payload.extend(body)
-        record.clear()
-
-    for index, (_, copy, extra, exact, _, _, _) in enumerate(split):
-        cost = _ENTRY_WORST + (0 if exact else copy) + extra
-        # count varint (<= 10 bytes) and bitmap (one byte per 8 entries) on top
-        if record and 10 + (len(record) + 8) // 8 + size + cost > planner.block_limit:
-            close()
-            size = 0
-        record.append(index)
-        size += cost
-    close()
+        payload += body
+        start = end
     put_varint(payload, 0)
     return bytes(payload)
 
@@ -824,6 +856,9 @@ def _check(
 #: bench/delta/README.md. MAX_WORKERS bounds what an operator may ask.
 DEFAULT_WORKERS = 2
 MAX_WORKERS = 16
+#: Format versions the maker can be held to (``format_version``): 2 for appliers that read
+#: no version 3, 3 (otacore.delta.NEWEST_VERSION) the default.
+MAKEABLE_VERSIONS = (2, 3)
 
 
 def check_workers(workers: int) -> None:
@@ -840,9 +875,16 @@ class _Matching:
     set (pass 1 uses no maps), so strategies sharing a family compute them once."""
 
     def __init__(
-        self, old: bytes, new: bytes, block_limit: int, threshold: int, window_log: int
+        self,
+        old: bytes,
+        new: bytes,
+        block_limit: int,
+        threshold: int,
+        window_log: int,
+        format_version: int = fmt.NEWEST_VERSION,
     ) -> None:
         self.old, self.new, self.block_limit, self.threshold = old, new, block_limit, threshold
+        self.format_version = format_version
         self.encoder = delta_codec.PatchEncoder(
             old, new, window_log=window_log, block_limit=block_limit
         )
@@ -882,7 +924,8 @@ class _Matching:
             self._by_family[family] = (
                 old_normal,
                 suffixes,
-                _Planner(self.old, self.new, covered, self.block_limit, evidence=spans),
+                _Planner(self.old, self.new, covered, self.block_limit, evidence=spans,
+                         format_version=self.format_version),
             )
         return self._by_family[family]
 
@@ -895,7 +938,7 @@ def _make_one(
     level: int | None,
     window_log: int,
     map_cap: int,
-) -> bytes:
+) -> _Made:
     """The patch of one strategy: ``filters`` forced, or None for the family's best sets."""
     old_bytes, new_bytes, block_limit = matching.old, matching.new, matching.block_limit
     probe = filters if filters is not None else family | FILTER_WORDS
@@ -921,17 +964,22 @@ def _make_one(
         covered = kernel.cover_gaps(
             old_normal, new_normal, suffixes, spans, matching.literal_costs
         )
-        plan = _Planner(old_bytes, new_bytes, covered, block_limit, evidence=spans)
+        plan = _Planner(old_bytes, new_bytes, covered, block_limit, evidence=spans,
+                        format_version=matching.format_version)
         choice = _best_candidate(plan, retry, map_cap, window_log)
     prelude, diff = plan.candidate(choice[0], map_cap, choice[1])
     encoder = matching.encoder
-    literal, sure = plan.literal_kind(LITERAL_KINDS[family])
+    literal, sure = plan.literal_kind(
+        LITERAL_KINDS[family] if matching.format_version >= 3 else ()
+    )
     converted_payload = converted = b""
     if literal:
         converted_payload = plan.payload(prelude, diff, literal)
         converted = encoder.encode(converted_payload, CODEC_ZSTD, level=level)
         if sure and not encoder.dictionary_fits(converted_payload):
-            return converted
+            return _with_dense(
+                plan, encoder, level, prelude, diff, literal, converted_payload, converted
+            )
     payload = plan.payload(prelude, diff)
     patch = encoder.encode(payload, CODEC_ZSTD, level=level)
     # A pick the screen is not sure of is kept only if the whole payload gets smaller with
@@ -940,8 +988,67 @@ def _make_one(
     if literal and _size(encoder, converted_payload, converted, level) < _size(
         encoder, payload, patch, level
     ):
-        return converted
-    return patch
+        return _with_dense(
+            plan, encoder, level, prelude, diff, literal, converted_payload, converted
+        )
+    return _with_dense(plan, encoder, level, prelude, diff, delta_literal.NONE, payload, patch)
+
+
+@dataclass(frozen=True)
+class _Made:
+    """A strategy's zstd patch, and the other form of its records (exact copies down to
+    EXACT_RUN_DENSE, or not) when that one was made too (for the codec step)."""
+
+    patch: bytes
+    other: bytes | None = None
+
+
+#: The shorter zero runs the dense form of a payload cuts out as exact copies.
+EXACT_RUN_DENSE = 2
+
+
+def _with_dense(
+    plan: _Planner,
+    encoder: delta_codec.PatchEncoder,
+    level: int | None,
+    prelude: bytes,
+    diff: bytes,
+    literal: int,
+    payload: bytes,
+    patch: bytes,
+) -> _Made:
+    """``patch``, or the dense form of the same records when its zstd patch is smaller:
+    every zero run of EXACT_RUN_DENSE or more difference bytes an exact copy too.
+
+    Which run length is best depends on the pair: where changes are sparse and the payload
+    is larger than the window (a container of similar sub-images changed alike), cutting
+    every zero run brings the repeats within the window (the public corpus's wifi-rtw89);
+    where changes are dense the extra entries cost more than they save (iwlwifi-9260: 26.1
+    -> 30.7 KB at 8). The dense form is made only when it would fit the window and the
+    regular one does not (estimated from the zero runs); the strategies then compete on the
+    smaller zstd patch, and the codec step gets both forms.
+    """
+    window = 1 << fmt.PatchHeader.parse(patch).window_log
+    if plan.format_version < 3 or len(payload) <= window or not _dense_fits(
+        diff, len(payload), window
+    ):
+        return _Made(patch)
+    dense = plan.payload(prelude, diff, literal, EXACT_RUN_DENSE)
+    dense_patch = encoder.encode(dense, CODEC_ZSTD, level=level)
+    if len(dense_patch) < len(patch):
+        return _Made(dense_patch, payload)
+    return _Made(patch, dense)
+
+
+def _dense_fits(diff: bytes, payload_size: int, window: int) -> bool:
+    """Whether the dense form of a payload of ``payload_size`` bytes with difference bytes
+    ``diff`` would fit ``window``: its zero runs of EXACT_RUN_DENSE or more gone, a control
+    entry of about 4 bytes each in their place."""
+    values = np.frombuffer(diff, dtype=np.uint8)
+    edges = np.diff(np.concatenate(([0], (values == 0).view(np.int8), [0])))
+    lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+    cut = lengths[lengths >= EXACT_RUN_DENSE]
+    return payload_size - int(cut.sum()) + 4 * len(cut) <= window
 
 
 def _size(
@@ -968,6 +1075,7 @@ def search_patch(
     codecs: Collection[int] = delta_codec.DEFAULT_CODECS,
     lzma_preset: int = delta_codec.DEFAULT_LZMA_PRESET,
     workers: int = DEFAULT_WORKERS,
+    format_version: int = fmt.NEWEST_VERSION,
 ) -> delta_strategy.SearchResult:
     """The smallest of the patches of the first ``effort`` strategies (otacore.delta_strategy)
     that turn ``old`` into ``new``, with what was tried.
@@ -983,13 +1091,22 @@ def search_patch(
 
     ``workers`` threads (1: none, all in the calling thread) overlap the codec passes with
     each other and with the next strategy's making; the patch does not depend on it.
+    ``format_version`` is the newest format the patch may use: 2 for devices whose applier
+    reads no version 3 (no exact copies, no literal branch conversion).
     """
     old_bytes, new_bytes = bytes(old), bytes(new)
     _check(old_bytes, new_bytes, window_log, block_limit, map_cap, filters)
     delta_strategy.check_effort(effort)
     delta_codec.check_codecs(codecs, lzma_preset)
     check_workers(workers)
-    matching = _Matching(old_bytes, new_bytes, block_limit, threshold, window_log)
+    if format_version not in MAKEABLE_VERSIONS or isinstance(format_version, bool):
+        raise PatchInputError(
+            f"format version must be one of {', '.join(map(str, MAKEABLE_VERSIONS))}, "
+            f"not {format_version!r}"
+        )
+    matching = _Matching(
+        old_bytes, new_bytes, block_limit, threshold, window_log, format_version
+    )
     if filters is not None:
         order: list[delta_strategy.Strategy] = [filters]
         effort, detected = 1, 0
@@ -998,10 +1115,16 @@ def search_patch(
         detected = _family_of(scores)
         order = delta_strategy.strategy_order(detected, scores)
 
-    made: list[bytes] = []  # each strategy's zstd patch, in the order tried
+    made: list[_Made] = []  # each strategy's zstd patch (and dense payload), in order
     with _pools(workers) as (encoders, background):
         matching.start(encoders)
         first_finished: Future[bytes] | None = None
+
+        def finish(one: _Made, pool: Executor | None) -> bytes:
+            return matching.encoder.finish(
+                one.patch, codecs, level=level, preset=lzma_preset, pool=pool,
+                alternatives=() if one.other is None else (one.other,),
+            )
 
         def make(strategy: delta_strategy.Strategy) -> bytes:
             nonlocal first_finished
@@ -1012,30 +1135,23 @@ def search_patch(
             if background is not None and len(made) == 1 and effort > 1:
                 # The first strategy's payload goes through the codec step whichever wins
                 # (below), so it starts now, beside the next strategies' making.
-                first_finished = background.submit(
-                    matching.encoder.finish, made[0], codecs, level=level, preset=lzma_preset,
-                    pool=encoders,
-                )
-            return made[-1]
+                first_finished = background.submit(finish, made[0], encoders)
+            return made[-1].patch
 
         result = delta_strategy.search(order, effort, make)
-        if first_finished is not None and made[0] is result.patch:
+        winner = next(one for one in made if one.patch is result.patch)
+        if first_finished is not None and winner is made[0]:
             return delta_strategy.SearchResult(
                 first_finished.result(), result.strategy, result.tried
             )
         # The codec step: the winner's payload with every codec, and the all-literal candidate
         # (beside the first strategy's, when that is still running).
-        patch = matching.encoder.finish(
-            result.patch, codecs, level=level, preset=lzma_preset, pool=encoders
-        )
-        if made[0] is not result.patch:
+        patch = finish(winner, encoders)
+        if winner is not made[0]:
             # The strategies compete on zstd; another codec may favour the first one (what
             # effort 1 returns). Encoding it too keeps a larger effort from ever giving a
             # larger patch than effort 1 (ties: the winner's).
-            if first_finished is not None:
-                first = first_finished.result()
-            else:
-                first = matching.encoder.finish(made[0], codecs, level=level, preset=lzma_preset)
+            first = finish(made[0], None) if first_finished is None else first_finished.result()
             if len(first) < len(patch):
                 return delta_strategy.SearchResult(first, result.tried[0][0], result.tried)
         return delta_strategy.SearchResult(patch, result.strategy, result.tried)
@@ -1072,6 +1188,7 @@ def make_patch(
     codecs: Collection[int] = delta_codec.DEFAULT_CODECS,
     lzma_preset: int = delta_codec.DEFAULT_LZMA_PRESET,
     workers: int = DEFAULT_WORKERS,
+    format_version: int = fmt.NEWEST_VERSION,
 ) -> bytes:
     """A patch that turns ``old`` into ``new``: the smallest :func:`search_patch` finds.
 
@@ -1091,4 +1208,5 @@ def make_patch(
         codecs=codecs,
         lzma_preset=lzma_preset,
         workers=workers,
+        format_version=format_version,
     ).patch

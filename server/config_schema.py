@@ -193,10 +193,12 @@ SETTINGS: tuple[Setting, ...] = (
     *_same_names("delivery", "ota", "max_concurrent_transfers offer_timeout describe_wait "
                  "result_wait record_timeout prepared_cache image_cache delta_max_ratio "
                  "delta_threads delta_threads_per_patch delta_effort delta_codec "
+                 "delta_format_version "
                  "compressed_max_ratio downgrades downgrade_lifetime",
                  max_concurrent_transfers="--max-concurrent-transfers",
                  delta_effort="--delta-effort", delta_codec="--delta-codec",
                  delta_threads_per_patch="--delta-threads-per-patch",
+                 delta_format_version="--delta-format-version",
                  downgrades="--downgrades", downgrade_lifetime="--downgrade-lifetime"),
     *_same_names("transfer", "ota", "udp_chunk_size tcp_chunk_size window_limit",
                  window_limit="--window-limit"),

@@ -73,12 +73,10 @@ def test_a_long_unchanged_run_makes_a_version_3_patch_and_none_a_version_2() -> 
     unrelated = random.Random(3).randbytes(5000), random.Random(4).randbytes(5000)
     patch = delta.make_patch(*unrelated)
     assert delta.read_header(patch).version == 2
-    # Exact copies off (a run longer than any image): the same pair as version 2, smaller
-    # with them on.
-    with pytest.MonkeyPatch.context() as patcher:
-        patcher.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
-        without = delta.make_patch(old, new)
+    # Held to version 2 (appliers that read no version 3): larger, and version 2.
+    without = delta.make_patch(old, new, format_version=2)
     assert delta.read_header(without).version == 2 and _applies(old, new, without)
+    assert len(without) > len(delta.make_patch(old, new))
 
 
 KERNELS = [pytest.param(load_twin("delta"), id="twin")]
@@ -277,3 +275,85 @@ def test_apply_memory_stays_under_its_bound_with_exact_copies() -> None:
     peak, written = peak_during_apply(old, patch, 1)
     assert written == len(new)
     assert peak < python_memory_bound(header.block_limit)
+
+
+# --- holding the maker to version 2 (devices whose applier reads no version 3) ------------
+
+
+def test_the_maker_held_to_version_2_writes_version_2() -> None:
+    old, new = firmware_pair(200_000, 11)
+    for made in (
+        delta.make_patch(old, new, format_version=2),
+        delta_maker.search_patch(old, new, format_version=2, effort=3).patch,
+    ):
+        assert delta.read_header(made).version == 2
+        _, payload = decode_payload(made, old=old)
+        assert payload_format_version(payload) == 2
+        assert _applies(old, new, made)
+    for wrong in (1, 4, True, "3"):
+        with pytest.raises(delta.PatchInputError, match="format version must be one of 2, 3"):
+            delta.make_patch(old, new, format_version=wrong)  # type: ignore[arg-type]
+
+
+def test_ota_delta_make_and_ota_server_take_the_format_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from otacore.errors import ValidationError
+    from server.cli import server_cmd
+    from server.cli.delta_cmd import app
+    from server.devices.delivery import OtaConfig
+
+    old, new = firmware_pair(100_000, 13)
+    (tmp_path / "old.bin").write_bytes(old)
+    (tmp_path / "new.bin").write_bytes(new)
+    runner = CliRunner()
+    for version in ("2", "3"):
+        made = runner.invoke(app, ["make", str(tmp_path / "old.bin"), str(tmp_path / "new.bin"),
+                                   str(tmp_path / "p"), "--format-version", version])
+        assert made.exit_code == 0, made.output
+        assert delta.read_header((tmp_path / "p").read_bytes()).version == int(version)
+    refused = runner.invoke(app, ["make", str(tmp_path / "old.bin"), str(tmp_path / "new.bin"),
+                                  str(tmp_path / "q"), "--format-version", "1"])
+    assert refused.exit_code == 2 and not (tmp_path / "q").exists()
+
+    captured: list[object] = []
+
+    async def run_server(config: object) -> None:
+        captured.append(config)
+
+    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    given = runner.invoke(
+        server_cmd.app, ["server", "--data", str(tmp_path), "--delta-format-version", "2"]
+    )
+    assert given.exit_code == 0, given.output
+    assert captured[-1].ota.delta_format_version == 2  # type: ignore[attr-defined]
+    from_file = runner.invoke(
+        server_cmd.app,
+        ["server", "--data", str(tmp_path), "--set", "delivery.delta_format_version=2"],
+    )
+    assert from_file.exit_code == 0, from_file.output
+    assert captured[-1].ota.delta_format_version == 2  # type: ignore[attr-defined]
+    assert OtaConfig().delta_format_version == delta.NEWEST_VERSION
+    for wrong in (1, 4, True):
+        with pytest.raises(ValidationError, match="delta_format_version must be one of"):
+            OtaConfig(delta_format_version=wrong)
+
+
+async def test_the_server_delta_cache_makes_the_version_it_is_held_to(
+    sqlite_store: object,
+) -> None:
+    from server.devices.deltas import DeltaCache
+    from server.events import EventBus
+    from server.fleet import Fleet
+
+    old, new = firmware_pair(200_000, 14)
+    versions = []
+    for held, base in ((2, "a"), (3, "b")):
+        cache = DeltaCache(Fleet(sqlite_store, EventBus()), format_version=held)  # type: ignore[arg-type]
+        found = await cache.patch_for(base * 64, old, "c" * 64, new)
+        assert found is not None
+        versions.append(delta.read_header(found[1]).version)
+        assert _applies(old, new, found[1])
+    assert versions == [2, 3]

@@ -324,6 +324,7 @@ def _without_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     tests here force a conversion on version 2 records)."""
     monkeypatch.setattr(delta_maker, "LITERAL_KINDS", dict.fromkeys(delta_maker.LITERAL_KINDS, ()))
     monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
+    monkeypatch.setattr(delta_maker, "EXACT_RUN_DENSE", 1 << 40)
 
 
 @pytest.fixture(scope="module")

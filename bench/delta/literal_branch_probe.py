@@ -132,13 +132,7 @@ def _x86(data: NDArray[np.uint8], offset: int, encode: bool = True) -> None:
 def baseline_patch(old: bytes, new: bytes) -> bytes:
     """Our patch without the maker's version 3 features, literal branch conversion and
     exact copies (format version 2, the records this probe walks)."""
-    kinds, run = delta_maker.LITERAL_KINDS, delta_maker.EXACT_RUN_MIN
-    delta_maker.LITERAL_KINDS = dict.fromkeys(kinds, ())
-    delta_maker.EXACT_RUN_MIN = 1 << 40
-    try:
-        return delta_maker.search_patch(old, new).patch
-    finally:
-        delta_maker.LITERAL_KINDS, delta_maker.EXACT_RUN_MIN = kinds, run
+    return delta_maker.search_patch(old, new, format_version=2).patch
 
 
 def _z3(data: bytes) -> int:

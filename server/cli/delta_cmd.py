@@ -73,6 +73,11 @@ def make(
         False, help="liblzma's extreme variant of the preset (about 0.4% smaller, the LZMA2 "
         "pass about twice as slow)."
     ),
+    format_version: int = typer.Option(
+        delta.NEWEST_VERSION, "--format-version", min=2, max=delta.NEWEST_VERSION,
+        help="Newest patch format to write: 2 for devices whose applier reads no version 3 "
+        "(exact copies, literal branch conversion); the patch is then larger.",
+    ),
     workers: int = typer.Option(
         delta_maker.DEFAULT_WORKERS, min=1, max=delta_maker.MAX_WORKERS,
         help="Threads the making uses: codec passes overlap each other and the next "
@@ -97,6 +102,7 @@ def make(
             codecs=codecs,
             lzma_preset=lzma_preset | (lzma.PRESET_EXTREME if lzma_extreme else 0),
             workers=workers,
+            format_version=format_version,
         )
     except OtaError as exc:
         raise _fail(str(exc)) from None

@@ -167,6 +167,11 @@ def server(
         help="Threads one delta patch's making uses: its codec passes overlap (default 2; "
         "the patch is the same with any number).",
     ),
+    delta_format_version: int | None = typer.Option(
+        None, "--delta-format-version", min=2, max=3,
+        help="Newest delta patch format the server makes: 3 (default), or 2 for devices "
+        "whose applier reads no version 3 (larger patches).",
+    ),
     delta_codec: str | None = typer.Option(
         None, "--delta-codec",
         help="Payload codec of delta patches: 'auto' (the smaller of zstd and lzma2, the "
@@ -371,6 +376,7 @@ OPTION_SETTINGS: dict[str, str] = {
     "delta_effort": "delivery.delta_effort",
     "delta_codec": "delivery.delta_codec",
     "delta_threads_per_patch": "delivery.delta_threads_per_patch",
+    "delta_format_version": "delivery.delta_format_version",
     "downgrade_lifetime": "delivery.downgrade_lifetime",
     "window_limit": "transfer.window_limit",
     "congestion_control": "transfer.congestion_control",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from otacore.delta import NEWEST_VERSION
 from otacore.delta_codec import CODEC_CHOICES
-from otacore.delta_maker import DEFAULT_WORKERS, MAX_WORKERS
+from otacore.delta_maker import DEFAULT_WORKERS, MAKEABLE_VERSIONS, MAX_WORKERS
 from otacore.delta_strategy import DEFAULT_EFFORT, MAX_EFFORT
 from otacore.errors import ValidationError
 from otacore.module import ModuleInfo
@@ -64,6 +65,9 @@ class OtaConfig:
     #: codec passes overlap each other and the next strategy's making; the patch does not
     #: depend on it. delta_threads x this is the most threads deltas take at once.
     delta_threads_per_patch: int = DEFAULT_WORKERS
+    #: Newest delta patch format the server makes (otacore.delta): 3, or 2 for a fleet whose
+    #: devices' applier reads no version 3 (exact copies, literal branch conversion).
+    delta_format_version: int = NEWEST_VERSION
     #: Strategies (filter sets) the server makes in full for each delta patch, keeping the
     #: smallest (otacore.delta_strategy): make time grows about linearly with it; 1 is the
     #: family detector's choice alone.
@@ -122,6 +126,12 @@ class OtaConfig:
             raise ValidationError(f"delta_threads_per_patch must be a whole number of threads "
                                   f"from 1 to {MAX_WORKERS}, not "
                                   f"{self.delta_threads_per_patch!r}")
+        if isinstance(self.delta_format_version, bool) or (
+            self.delta_format_version not in MAKEABLE_VERSIONS
+        ):
+            raise ValidationError(f"delta_format_version must be one of "
+                                  f"{', '.join(map(str, MAKEABLE_VERSIONS))}, not "
+                                  f"{self.delta_format_version!r}")
         if self.delta_codec not in CODEC_CHOICES:
             raise ValidationError(f"delta_codec must be one of {', '.join(CODEC_CHOICES)}, "
                                   f"not {self.delta_codec!r}")

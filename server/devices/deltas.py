@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from otacore.delta import make_patch
+from otacore.delta import NEWEST_VERSION, make_patch
 from otacore.delta_codec import codecs_named
 from otacore.delta_maker import DEFAULT_WORKERS
 from otacore.delta_strategy import DEFAULT_EFFORT
@@ -57,6 +57,7 @@ class DeltaCache:
         effort: int = DEFAULT_EFFORT,
         codec: str = "auto",
         workers: int = DEFAULT_WORKERS,
+        format_version: int = NEWEST_VERSION,
     ) -> None:
         self.fleet = fleet
         #: Strategies made in full per patch, the smallest kept (otacore.delta_strategy).
@@ -65,6 +66,8 @@ class DeltaCache:
         self.codec = codec
         #: Threads one patch's making uses (otacore.delta_maker.DEFAULT_WORKERS).
         self.workers = workers
+        #: Newest patch format made (otacore.delta; 2 for appliers without version 3).
+        self.format_version = format_version
         #: Worker threads computing patches at once (make_patch is CPU bound).
         self.limiter = trio.CapacityLimiter(threads)
         #: Send a patch only when it is at most this fraction of the full image.
@@ -104,6 +107,7 @@ class DeltaCache:
                     effort=self.effort,
                     codecs=codecs_named(self.codec),
                     workers=self.workers,
+                    format_version=self.format_version,
                 ),
                 limiter=self.limiter,
             )

@@ -54,6 +54,7 @@ async def _encode(engine: OtaEngine, device_id: str, view: DeviceTarget, module:
         engine.deltas.effort = engine.config.delta_effort
         engine.deltas.codec = engine.config.delta_codec
         engine.deltas.workers = engine.config.delta_threads_per_patch
+        engine.deltas.format_version = engine.config.delta_format_version
         delta = await engine.deltas.choose(view, function, index, module.sha256, module.image)
         if delta is None:
             return None

@@ -107,7 +107,8 @@ class OtaEngine:
                                  max_ratio=self.config.delta_max_ratio,
                                  effort=self.config.delta_effort,
                                  codec=self.config.delta_codec,
-                                 workers=self.config.delta_threads_per_patch)
+                                 workers=self.config.delta_threads_per_patch,
+                                 format_version=self.config.delta_format_version)
         #: zstd frames of full images, for devices that announce compressed OTA.
         self.compressed = CompressedImageCache(max_ratio=self.config.compressed_max_ratio)
         #: Events of each watched name (flash requests, forced updates, releases) handled
