@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -889,6 +890,7 @@ class _Matching:
             old, new, window_log=window_log, block_limit=block_limit
         )
         self._by_family: dict[int, tuple[bytes, NDArray[np.int64], _Planner]] = {}
+        self._first_lock = threading.Lock()
         self._literal_costs: NDArray[np.uint8] | Future[NDArray[np.uint8]] | None = None
 
     def start(self, pool: Executor | None) -> None:
@@ -907,7 +909,12 @@ class _Matching:
         return self._literal_costs
 
     def first(self, family: int) -> tuple[bytes, NDArray[np.int64], _Planner]:
-        """(old image normalised, its suffix array, planner of pass 1's matches)."""
+        """(old image normalised, its suffix array, planner of pass 1's matches); made once
+        per family even when strategies run in threads (the others wait for it)."""
+        with self._first_lock:
+            return self._first(family)
+
+    def _first(self, family: int) -> tuple[bytes, NDArray[np.int64], _Planner]:
         if family not in self._by_family:
             kernel = fmt._kernel
             # Pass 1: branches hold absolute targets on both sides (unmapped), coarse scan.
@@ -1005,6 +1012,13 @@ class _Made:
 
 #: The shorter zero runs the dense form of a payload cuts out as exact copies.
 EXACT_RUN_DENSE = 2
+#: ... and only when the zero runs it cuts are this long on average: LZMA2 codes a short run
+#: of zeros in a few bits, an exact copy costs a control entry of about 4 bytes (on the
+#: public corpus the pairs whose runs averaged 11-23 bytes never gained, 51-80 did).
+DENSE_MEAN_RUN = 32
+#: The dense form goes through the codec step when its zstd patch is at most this much
+#: larger than the regular one (LZMA2 may still rank them the other way round).
+DENSE_MARGIN = 0.03
 
 
 def _with_dense(
@@ -1037,17 +1051,22 @@ def _with_dense(
     dense_patch = encoder.encode(dense, CODEC_ZSTD, level=level)
     if len(dense_patch) < len(patch):
         return _Made(dense_patch, payload)
-    return _Made(patch, dense)
+    if len(dense_patch) <= (1 + DENSE_MARGIN) * len(patch):
+        return _Made(patch, dense)
+    return _Made(patch)  # a clear loser with zstd: not worth the codec step's passes
 
 
 def _dense_fits(diff: bytes, payload_size: int, window: int) -> bool:
-    """Whether the dense form of a payload of ``payload_size`` bytes with difference bytes
-    ``diff`` would fit ``window``: its zero runs of EXACT_RUN_DENSE or more gone, a control
-    entry of about 4 bytes each in their place."""
+    """Whether the dense form of a payload of ``payload_size`` bytes (exact copies of
+    EXACT_RUN_MIN) with difference bytes ``diff`` would fit ``window``: its zero runs of
+    EXACT_RUN_DENSE or more gone too, a control entry of about 4 bytes each in their place."""
     values = np.frombuffer(diff, dtype=np.uint8)
     edges = np.diff(np.concatenate(([0], (values == 0).view(np.int8), [0])))
     lengths = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
-    cut = lengths[lengths >= EXACT_RUN_DENSE]
+    # (runs of EXACT_RUN_MIN or more are exact copies in the payload already)
+    cut = lengths[(lengths >= EXACT_RUN_DENSE) & (lengths < EXACT_RUN_MIN)]
+    if not len(cut) or cut.mean() < DENSE_MEAN_RUN:
+        return False
     return payload_size - int(cut.sum()) + 4 * len(cut) <= window
 
 
@@ -1116,9 +1135,21 @@ def search_patch(
         order = delta_strategy.strategy_order(detected, scores)
 
     made: list[_Made] = []  # each strategy's zstd patch (and dense payload), in order
-    with _pools(workers) as (encoders, background):
+    with _pools(workers) as (encoders, background, strategies):
         matching.start(encoders)
         first_finished: Future[bytes] | None = None
+
+        def make_strategy(strategy: delta_strategy.Strategy) -> _Made:
+            family = detected if strategy is None else strategy & (FILTER_THUMB | FILTER_X86)
+            return _make_one(
+                matching, strategy, family, level=level, window_log=window_log, map_cap=map_cap
+            )
+
+        # The strategies after the first start now, beside it (the search keeps their order).
+        ahead = {
+            index: strategies.submit(make_strategy, strategy)
+            for index, strategy in enumerate(order[1:effort], 1)
+        } if strategies is not None else {}
 
         def finish(one: _Made, pool: Executor | None) -> bytes:
             return matching.encoder.finish(
@@ -1128,10 +1159,8 @@ def search_patch(
 
         def make(strategy: delta_strategy.Strategy) -> bytes:
             nonlocal first_finished
-            family = detected if strategy is None else strategy & (FILTER_THUMB | FILTER_X86)
-            made.append(_make_one(
-                matching, strategy, family, level=level, window_log=window_log, map_cap=map_cap
-            ))
+            index = len(made)
+            made.append(ahead[index].result() if index in ahead else make_strategy(strategy))
             if background is not None and len(made) == 1 and effort > 1:
                 # The first strategy's payload goes through the codec step whichever wins
                 # (below), so it starts now, beside the next strategies' making.
@@ -1158,20 +1187,24 @@ def search_patch(
 
 
 @contextmanager
-def _pools(workers: int) -> Iterator[tuple[Executor | None, Executor | None]]:
-    """(encoders, background) for a search with ``workers`` threads, or (None, None) for 1.
+def _pools(workers: int) -> Iterator[tuple[Executor | None, ...]]:
+    """(encoders, background, strategies) for a search with ``workers`` threads, or Nones
+    for 1.
 
     The encoders run codec passes (liblzma and zstd release the GIL, as the kernel's matching
     does), and never wait for each other; the one background thread runs the first
-    strategy's codec step, which hands its passes to the encoders. Both pools are shut down,
-    their work finished, before the search returns: no thread outlives it.
+    strategy's codec step, which hands its passes to the encoders; the strategy threads make
+    the strategies after the first, beside it (they wait only for a pass 1 they share). The
+    pools are shut down, their work finished, before the search returns: no thread outlives
+    it.
     """
     if workers == 1:
-        yield None, None
+        yield None, None, None
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="delta-encode") as encoders, \
-            ThreadPoolExecutor(1, thread_name_prefix="delta-first") as background:
-        yield encoders, background
+            ThreadPoolExecutor(1, thread_name_prefix="delta-first") as background, \
+            ThreadPoolExecutor(workers - 1, thread_name_prefix="delta-strategy") as strategies:
+        yield encoders, background, strategies
 
 
 def make_patch(
