@@ -91,14 +91,30 @@ def convert_into(
 
 
 def restore_into(
-    buf: bytearray, offset: int, kind: int, start: int = 0, end: int | None = None
+    buf: bytearray,
+    offset: int,
+    kind: int,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    plain: bool = False,
 ) -> None:
     """:func:`restore` in place on ``buf[start:end]``: what an applier does to each entry's
-    literal bytes inside its record buffer (no copy)."""
-    _run(buf, start, len(buf) if end is None else end, offset, kind, False)
+    literal bytes inside its record buffer (no copy). ``plain`` scans candidate by candidate
+    whatever the length (no numpy temporaries: the streaming applier's choice, which keeps
+    its memory what it was before version 3); the result is the same."""
+    _run(buf, start, len(buf) if end is None else end, offset, kind, False, plain)
 
 
-def _run(buf: bytearray, start: int, end: int, offset: int, kind: int, encode: bool) -> None:
+def _run(
+    buf: bytearray,
+    start: int,
+    end: int,
+    offset: int,
+    kind: int,
+    encode: bool,
+    plain: bool = False,
+) -> None:
     if kind not in KIND_NAMES:
         raise LiteralConversionError(
             f"literal branch conversion {kind} is not known (this code knows "
@@ -109,7 +125,7 @@ def _run(buf: bytearray, start: int, end: int, offset: int, kind: int, encode: b
         raise LiteralConversionError(f"range {start}..{end} is outside the {len(buf)}-byte buffer")
     if kind == NONE or end - start < 4:
         return
-    if end - start <= SMALL_RUN:
+    if plain or end - start <= SMALL_RUN:
         _run_small(buf, start, end, offset - start, kind, encode)
         return
     data = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)

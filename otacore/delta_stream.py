@@ -27,9 +27,8 @@ smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it
     the window (the header is refused otherwise). A device references it in place in
     flash; this applier reads it once into a Python buffer (``base_size`` more bytes);
 * one payload record, at most ``block_limit`` bytes (a Python bytearray); a version 3
-  patch's literal bytes are restored in place in it (otacore.delta_literal), with numpy
-  temporaries for at most ``delta_literal.WINDOW`` instruction positions at a time (tens of
-  KiB, freed before the record's output is written);
+  patch's literal bytes are restored in place in it (otacore.delta_literal, candidate by
+  candidate: no numpy temporaries, a few Python integers at a time);
 * the relocation and value maps, at most 2 x MAX_MAP_ENTRIES entries (64 KiB as int64 pairs
   here, 32 KiB as the u32/i32 pairs a device would keep);
 * per step: one decoded piece (``DECODE_PIECE``) and one old-image read, its
@@ -41,7 +40,10 @@ with the images; the decoder's state is ``zstd_native_bound(window_log)`` or
 ``lzma_native_bound(window_log, props)``, whichever the patch's codec needs.
 
 Version 1 patches (zstd, 92-byte header) apply exactly as before; version 3 is version 2
-plus the literal branch conversion named in the prelude (format: otacore.delta).
+plus exact copies (a bitmap per block) and the literal branch conversion named in the
+prelude (format: otacore.delta). An exact copy is predicted in the same bounded pieces as
+any copy, and converted literals are restored in place in their record: the memory bound is
+the same.
 """
 
 from __future__ import annotations
@@ -561,7 +563,8 @@ class PatchApplier:
                 diff_at += copy
             if self._literal and extra:  # in the record, at the entry's output offset
                 delta_literal.restore_into(
-                    buf, self.bytes_written, self._literal, extra_at, extra_at + extra
+                    buf, self.bytes_written, self._literal, extra_at, extra_at + extra,
+                    plain=True,
                 )
             for start in range(extra_at, extra_at + extra, self._chunk):
                 self._emit(bytes(buf[start : min(start + self._chunk, extra_at + extra)]))
