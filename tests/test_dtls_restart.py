@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import socket
 import stat
 import time
@@ -59,9 +60,24 @@ def directory(kit: DeviceKit) -> MemoryDeviceDirectory:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A free UDP port below the kernel's ephemeral range. The servers of a test bind it one
+    after another (a restart); a port the kernel handed out for port 0 could, once released,
+    be handed out again in between to any socket bound to port 0 (this test's own device
+    endpoint, other workers' clients): seen once as EADDRINUSE on the first server's bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    rng = random.Random()
+    for _ in range(500):
+        candidate = rng.randrange(max(1024, low - 16000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free UDP port found below the ephemeral range (from {low})")
 
 
 @pytest.fixture

@@ -79,6 +79,7 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
                 _, p = _varint(prelude, p)
     control, diff, extra = bytearray(), bytearray(), bytearray()
     entries = seeks = copied = 0
+    runs: list[tuple[int, int]] = []  # (offset in the new image, length) of literal runs
     while True:
         length, at = _varint(payload, at)
         if length == 0:
@@ -96,6 +97,8 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
             more, r = _varint(record, r)
             seeks += _unzigzag(seek) != 0
             copied += copy
+            if more:
+                runs.append((copied + len(extra) + extras, more))
             copies += 0 if exact >> index & 1 else copy
             extras += more
         control += record[:r]
@@ -110,6 +113,7 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
         "entries": entries,
         "seeks": seeks,
         "copied": copied,
+        "literal_runs": runs,
         "control": bytes(control),
         "diff": bytes(diff),
         "extra": bytes(extra),
@@ -136,28 +140,8 @@ def _z(data: bytes, window_log: int, dictionary: bytes | None = None) -> int:
 def extra_in_old(old: bytes, new: bytes, patch: bytes) -> int:
     """Literal bytes of the patch covered by a PROBE-byte window that also occurs in ``old``."""
     windows = {old[i : i + PROBE] for i in range(0, max(0, len(old) - PROBE + 1))}
-    # Rebuild where each literal run sits in the new image from the control stream.
-    _, payload = decode_payload(patch)
-    length, at = _varint(payload, 0)
-    at += length
-    out = 0
     covered = bytearray(len(new))  # 1 where a literal byte is explained by an old window
-    runs: list[tuple[int, int]] = []
-    while True:
-        length, at = _varint(payload, at)
-        if length == 0:
-            break
-        record = payload[at : at + length]
-        at += length
-        count, r = _varint(record, 0)
-        for _ in range(count):
-            _, r = _varint(record, r)
-            copy, r = _varint(record, r)
-            more, r = _varint(record, r)
-            out += copy
-            if more:
-                runs.append((out, more))
-            out += more
+    runs: list[tuple[int, int]] = walk(patch, old)["literal_runs"]
     for start, size in runs:
         for i in range(start, start + size - PROBE + 1):
             if new[i : i + PROBE] in windows:
