@@ -28,29 +28,22 @@ from otacore.delta import (
     payload_format_version,
     put_varint,
 )
-from otacore.delta_stream import PatchApplier, decode_payload, python_memory_bound
+from otacore.delta_stream import decode_payload, python_memory_bound
 from otacore.errors import DeltaError
+from tests.server_cli_capture import capture_server_configs
 from tests.test_delta import image_pairs, relinked_firmware
+from tests.test_delta_format_v2 import _apply_in_pieces
 from tests.test_delta_strategy import PAIRS
 from tests.test_delta_stream import firmware_pair, peak_during_apply
 
 V2 = Path(__file__).parent / "data" / "delta-v2"
 
 
-def _streamed(old: bytes, patch: bytes, piece: int) -> bytes:
-    out = bytearray()
-    applier = PatchApplier(old, out.extend)
-    for at in range(0, len(patch), piece):
-        applier.feed(patch[at : at + piece])
-    applier.finish()
-    return bytes(out)
-
-
 def _applies(old: bytes, new: bytes, patch: bytes) -> bool:
     return all(
         out == new
-        for out in (delta.apply_patch(old, patch), _streamed(old, patch, 1),
-                    _streamed(old, patch, 997))
+        for out in (delta.apply_patch(old, patch), _apply_in_pieces(old, patch, 1),
+                    _apply_in_pieces(old, patch, 997))
     )
 
 
@@ -318,12 +311,7 @@ def test_ota_delta_make_and_ota_server_take_the_format_version(
                                   str(tmp_path / "q"), "--format-version", "1"])
     assert refused.exit_code == 2 and not (tmp_path / "q").exists()
 
-    captured: list[object] = []
-
-    async def run_server(config: object) -> None:
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    captured = capture_server_configs(monkeypatch)
     given = runner.invoke(
         server_cmd.app, ["server", "--data", str(tmp_path), "--delta-format-version", "2"]
     )

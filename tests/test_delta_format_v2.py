@@ -33,6 +33,7 @@ from otacore.delta_stream import (
 )
 from otacore.errors import DeltaError, PatchBaseMismatchError
 from server.cli.delta_cmd import app
+from tests.server_cli_capture import capture_server_configs
 from tests.test_delta import image_pairs, thumb_image
 from tests.test_delta_stream import firmware_pair, peak_during_apply
 
@@ -455,12 +456,7 @@ def test_the_server_codec_setting_reaches_the_delta_cache(
     from server.cli import server_cmd
     from server.devices.delivery import OtaConfig
 
-    captured: list[object] = []
-
-    async def run_server(config: object) -> None:
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    captured = capture_server_configs(monkeypatch)
     runner = CliRunner()
     given_option = runner.invoke(
         server_cmd.app, ["server", "--data", str(tmp_path), "--delta-codec", "zstd"]

@@ -29,6 +29,7 @@ from server.devices.deltas import DeltaCache
 from server.events import EventBus
 from server.fleet import Fleet
 from server.store import Store
+from tests.server_cli_capture import capture_server_configs
 from tests.test_delta import relinked_firmware, thumb_image
 
 
@@ -289,12 +290,7 @@ def test_ota_delta_make_takes_effort_and_reports_what_it_tried(tmp_path: Path) -
 def test_the_server_setting_reaches_the_delta_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    captured: list[object] = []
-
-    async def run_server(config: object) -> None:
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    captured = capture_server_configs(monkeypatch)
     runner = CliRunner()
     given_option = runner.invoke(
         server_cmd.app, ["server", "--data", str(tmp_path), "--delta-effort", "5"]

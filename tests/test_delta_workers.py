@@ -28,6 +28,7 @@ from server.devices.deltas import DeltaCache
 from server.events import EventBus
 from server.fleet import Fleet
 from server.store import Store
+from tests.server_cli_capture import capture_server_configs
 from tests.test_delta_strategy import PAIRS, _applies, adversarial_pairs
 
 
@@ -152,12 +153,7 @@ def test_ota_delta_make_takes_workers(tmp_path: Path) -> None:
 def test_the_server_setting_reaches_the_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    captured: list[object] = []
-
-    async def run_server(config: object) -> None:
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    captured = capture_server_configs(monkeypatch)
     runner = CliRunner()
     given_option = runner.invoke(
         server_cmd.app, ["server", "--data", str(tmp_path), "--delta-threads-per-patch", "1"]

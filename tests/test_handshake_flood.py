@@ -24,6 +24,7 @@ from server.authorization import MemoryDeviceDirectory
 from server.transport import DeviceServer, RefuseReason, SessionLimits
 from server.transport.client import connect_dtls, connect_tls
 from server.transport.refusals import RefusalLog
+from tests.server_cli_capture import capture_server_configs
 from tests.test_transport_dtls import ask as dtls_ask
 from tests.test_transport_dtls import endpoint as dtls_endpoint
 from tests.test_transport_dtls import start_silent_handshake
@@ -268,15 +269,9 @@ def test_the_limits_reach_the_listeners_through_ota_server_options(
 ) -> None:
     from typer.testing import CliRunner
 
-    from server.app import ServerConfig
     from server.cli import server_cmd
 
-    captured: list[ServerConfig] = []
-
-    async def run_server(config: ServerConfig) -> None:  # instead of serving
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    captured = capture_server_configs(monkeypatch)
     runner = CliRunner()
     result = runner.invoke(
         server_cmd.app,

@@ -7,6 +7,7 @@ import pytest
 
 from server.api.throttle import Attempt, LoginThrottle, ThrottleLimits, TooManyAttemptsError
 from server.burst_log import BurstLog
+from tests.server_cli_capture import capture_server_configs
 
 DAVE = ("user", "dave")
 
@@ -217,15 +218,9 @@ def test_the_sign_in_limits_reach_the_api_through_ota_server_options(
 ) -> None:
     from typer.testing import CliRunner
 
-    from server.app import ServerConfig
     from server.cli import server_cmd
 
-    captured: list[ServerConfig] = []
-
-    async def run_server(config: ServerConfig) -> None:  # instead of serving
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
+    captured = capture_server_configs(monkeypatch)
     result = CliRunner().invoke(server_cmd.app, [
         "server", "--data", "unused", "--login-max-failures-per-address", "7",
         "--login-max-failures-per-user", "9", "--login-lockout", "600",

@@ -20,6 +20,7 @@ from server.app import ServerConfig, ServerHandle, serve, worker_settings, worke
 from server.cli import server_cmd
 from server.config_file import ConfigError, load_server_config, read_config_file
 from server.workers import WorkerSettings, WorkerSpec
+from tests.server_cli_capture import capture_server_configs
 
 SETTINGS_FILE = """
 [server]
@@ -85,17 +86,6 @@ def _invoke(args: list[str]) -> Result:
     return CliRunner().invoke(server_cmd.app, ["server", *args])
 
 
-def _capture(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
-    """Make ``ota server`` record its configuration instead of serving."""
-    captured: list[ServerConfig] = []
-
-    async def run_server(config: ServerConfig) -> None:
-        captured.append(config)
-
-    monkeypatch.setattr(server_cmd, "_run_server", run_server)
-    return captured
-
-
 def _flat(text: str) -> str:
     return " ".join(text.split())
 
@@ -156,7 +146,7 @@ def test_options_given_beat_the_file_and_defaults_do_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the relative data directory (and its lock) goes there
-    captured = _capture(monkeypatch)
+    captured = capture_server_configs(monkeypatch)
     config_path = _write(tmp_path / "ota.toml", """
         [server]
         data_dir = "from-file"
@@ -289,7 +279,7 @@ def test_wrong_options_name_the_setting(tmp_path: Path) -> None:
 def test_print_config_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What --print-config prints, read back with --config, is the same configuration and
     prints the same text."""
-    captured = _capture(monkeypatch)
+    captured = capture_server_configs(monkeypatch)
     config_path = _write(tmp_path / "ota.toml", SETTINGS_FILE.format(data=tmp_path / "data"))
     options = ["--config", str(config_path), "--idle-timeout", "250", "--db-url",
                f"sqlite:///{tmp_path}/other.db", "--device-host", "::1",
@@ -313,7 +303,7 @@ def test_print_config_hides_the_database_password(tmp_path: Path,
     """--print-config's output lands in terminals, logs and tickets: a database password is
     masked, and a file with the masked password is refused with what to do, instead of
     connecting with "***" (regression: it printed the password)."""
-    captured = _capture(monkeypatch)
+    captured = capture_server_configs(monkeypatch)
     url = "postgresql+psycopg://ota:s3cret-pw@db.example:5432/ota"
     printed = _invoke(["--data", str(tmp_path), "--db-url", url, "--print-config"])
     assert printed.exit_code == 0, printed.output
@@ -338,7 +328,7 @@ def test_print_config_without_a_data_directory_prints_the_defaults(
 ) -> None:
     """A new installation starts from ``ota server --print-config > ota.toml``: every
     setting at its default, the data directory to fill in."""
-    captured = _capture(monkeypatch)
+    captured = capture_server_configs(monkeypatch)
     printed = _invoke(["--print-config"])
     assert printed.exit_code == 0, printed.output
     assert '# data_dir = "/var/lib/ota"  (required: set it, or give --data)' in printed.output
