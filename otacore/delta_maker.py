@@ -708,7 +708,7 @@ def _exact_payload(
     dense = ~pieces.exact
     sent_diff = np.frombuffer(pieces.diff, dtype=np.uint8)[np.repeat(dense, pieces.copy)]
     sent_from = _exclusive_cumsum(np.where(dense, pieces.copy, 0))
-    extra_from = pieces.extra_from + 0  # (extras of one record are contiguous)
+    extra_from = pieces.extra_from  # (the extra bytes of one record's pieces are contiguous)
     zigzags = np.where(pieces.seek >= 0, pieces.seek * 2, -pieces.seek * 2 - 1)
     fields = np.stack((zigzags, pieces.copy, pieces.extra), axis=1)
     # Greedy records: worst-case control bytes, the bytes the piece carries, 1/8 byte of
