@@ -437,6 +437,20 @@ def put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
+def read_varint(data: Buffer, at: int) -> tuple[int, int]:
+    """(value, offset after it) of the unsigned LEB128 varint at ``at`` in ``data``, for
+    payloads this code made (bench tools, the maker); an applier parses untrusted bytes with
+    its own length and range checks (otacore.delta_stream)."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
 def zigzag(value: int) -> int:
     """Map a signed integer to an unsigned one (0, -1, 1, -2 -> 0, 1, 2, 3)."""
     return value * 2 if value >= 0 else -value * 2 - 1
@@ -576,4 +590,5 @@ __all__ = [
     "make_patch",
     "payload_format_version",
     "read_header",
+    "read_varint",
 ]

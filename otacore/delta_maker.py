@@ -685,7 +685,7 @@ def _varints(values: NDArray[np.int64]) -> bytes:
 
 def _with_prelude_flags(prelude: bytes, flags: int) -> bytes:
     """``prelude`` with ``flags`` set in its first varint (the filter set's)."""
-    value, at = _read_varint(prelude, 0)
+    value, at = fmt.read_varint(prelude, 0)
     head = bytearray()
     put_varint(head, value | flags)
     return bytes(head) + prelude[at:]
@@ -735,17 +735,6 @@ def _exact_payload(
         start = end
     put_varint(payload, 0)
     return bytes(payload)
-
-
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 def _unexplained(diff: bytes) -> int:

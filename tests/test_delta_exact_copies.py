@@ -142,7 +142,7 @@ def _repack(header: PatchHeader, payload: bytes, version: int | None = None) -> 
 def _records(payload: bytes) -> list[bytes]:
     records, at = [], 0
     while True:
-        size, at = delta_maker._read_varint(payload, at)
+        size, at = delta.read_varint(payload, at)
         if size == 0:
             return records
         records.append(payload[at : at + size])
@@ -160,7 +160,7 @@ def _join(records: list[bytes]) -> bytes:
 
 def _with_prelude_flags(payload: bytes, change: int) -> bytes:
     records = _records(payload)
-    flags, at = delta_maker._read_varint(records[0], 0)
+    flags, at = delta.read_varint(records[0], 0)
     head = bytearray()
     put_varint(head, flags ^ change)
     records[0] = bytes(head) + records[0][at:]
@@ -189,7 +189,7 @@ def _first_block_with_exact(payload: bytes) -> tuple[list[bytes], int, int, int]
     """(records, index of a block with an exact entry, its entry count, bitmap start)."""
     records = _records(payload)
     for index, record in enumerate(records[1:], 1):
-        count, at = delta_maker._read_varint(record, 0)
+        count, at = delta.read_varint(record, 0)
         if any(record[at : at + (count + 7) // 8]):
             return records, index, count, at
     raise AssertionError("the sample has no exact entry")

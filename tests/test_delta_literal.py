@@ -29,6 +29,7 @@ from otacore.delta import (
     PatchCorruptError,
     PatchFeatureError,
     PatchVersionError,
+    read_varint,
 )
 from otacore.delta_literal import RISCV, THUMB, LiteralConversionError
 from otacore.delta_stream import PatchApplier, decode_payload, python_memory_bound
@@ -382,21 +383,21 @@ def forced(old: bytes, new: bytes, kind: int, codec: int) -> bytes:
     if _prelude_field(patch, old) >> LITERAL_SHIFT:  # start from the unconverted payload
         raise AssertionError("expected a version 2 patch to force a transform on")
     out = bytearray(payload)
-    length, at = _varint(out, 0)
+    length, at = read_varint(out, 0)
     out[at] |= kind << LITERAL_SHIFT  # the filter field: one byte
     at += length
     written = 0
     while True:
-        size, at = _varint(out, at)
+        size, at = read_varint(out, at)
         if size == 0:
             break
         end = at + size
-        count, r = _varint(out, at)
+        count, r = read_varint(out, at)
         entries = []
         for _ in range(count):
-            _, r = _varint(out, r)
-            copy, r = _varint(out, r)
-            extra, r = _varint(out, r)
+            _, r = read_varint(out, r)
+            copy, r = read_varint(out, r)
+            extra, r = read_varint(out, r)
             entries.append((copy, extra))
         extra_at = r + sum(copy for copy, _ in entries)
         for copy, extra in entries:
@@ -410,15 +411,6 @@ def forced(old: bytes, new: bytes, kind: int, codec: int) -> bytes:
     return encoder.encode(bytes(out), codec, props=delta.lzma_props_byte(3, 0, 2))
 
 
-def _varint(data: bytes | bytearray, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 @pytest.mark.parametrize("codec", [CODEC_ZSTD, CODEC_LZMA2])

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from otacore import delta_codec, delta_literal, delta_maker  # noqa: E402
+from otacore.delta import read_varint  # noqa: E402
 from otacore.delta_stream import decode_payload  # noqa: E402
 
 #: The format's transforms, and x86 (measured here only: it gained nothing, so the format
@@ -43,35 +44,26 @@ X86 = 3
 TRANSFORMS = {"thumb": delta_literal.THUMB, "riscv": delta_literal.RISCV, "x86": X86}
 
 
-def _varint(data: bytes | bytearray, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 def literal_runs(payload: bytes) -> list[tuple[int, int, int]]:
     """(payload offset, length, target offset) of every entry's extra bytes."""
-    length, at = _varint(payload, 0)
+    length, at = read_varint(payload, 0)
     at += length  # the prelude
     runs: list[tuple[int, int, int]] = []
     out = 0
     while True:
-        length, at = _varint(payload, at)
+        length, at = read_varint(payload, at)
         if length == 0:
             return runs
         record_end = at + length
-        count, r = _varint(payload, at)
+        count, r = read_varint(payload, at)
         entries = []
         copied = 0
         for _ in range(count):
-            _, r = _varint(payload, r)
-            copy, r = _varint(payload, r)
-            extra, r = _varint(payload, r)
+            _, r = read_varint(payload, r)
+            copy, r = read_varint(payload, r)
+            extra, r = read_varint(payload, r)
             entries.append((copy, extra))
             copied += copy
         extra_at = r + copied

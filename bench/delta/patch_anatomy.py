@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from otacore import delta  # noqa: E402
+from otacore.delta import read_varint  # noqa: E402
 from otacore.delta_stream import decode_payload  # noqa: E402
 
 #: Literal runs are checked against the old image in windows of this many bytes.
@@ -44,15 +45,6 @@ PROBE = 32
 FILTER_NAMES = {1: "thumb", 2: "x86", 4: "words"}
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 def _unzigzag(value: int) -> int:
@@ -64,37 +56,37 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
     facts, control, difference and extra bytes (version 3: the bitmaps count as control;
     exact copies have no difference bytes)."""
     header, payload = decode_payload(patch, old=old)
-    length, at = _varint(payload, 0)
+    length, at = read_varint(payload, 0)
     prelude = payload[at : at + length]
     at += length
-    flags, p = _varint(prelude, 0)
+    flags, p = read_varint(prelude, 0)
     filters, exact_copies = flags & 7, bool(flags & delta.EXACT_COPIES)
     maps = [0, 0]
     if filters:
-        _, p = _varint(prelude, p)  # load address + 1
+        _, p = read_varint(prelude, p)  # load address + 1
         for which in range(2):
-            count, p = _varint(prelude, p)
+            count, p = read_varint(prelude, p)
             maps[which] = count
             for _ in range(2 * count):
-                _, p = _varint(prelude, p)
+                _, p = read_varint(prelude, p)
     control, diff, extra = bytearray(), bytearray(), bytearray()
     entries = seeks = copied = 0
     runs: list[tuple[int, int]] = []  # (offset in the new image, length) of literal runs
     while True:
-        length, at = _varint(payload, at)
+        length, at = read_varint(payload, at)
         if length == 0:
             break
         record = payload[at : at + length]
         at += length
-        count, r = _varint(record, 0)
+        count, r = read_varint(record, 0)
         bitmap = (count + 7) // 8 if exact_copies else 0
         exact = int.from_bytes(record[r : r + bitmap], "little")
         r += bitmap
         copies = extras = 0
         for index in range(count):
-            seek, r = _varint(record, r)
-            copy, r = _varint(record, r)
-            more, r = _varint(record, r)
+            seek, r = read_varint(record, r)
+            copy, r = read_varint(record, r)
+            more, r = read_varint(record, r)
             seeks += _unzigzag(seek) != 0
             copied += copy
             if more:
