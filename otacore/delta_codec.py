@@ -185,23 +185,6 @@ class PatchEncoder:
         )
         return header.pack() + compressed
 
-    def smallest(
-        self,
-        payload: bytes,
-        codecs: Collection[int],
-        *,
-        level: int | None,
-        preset: int,
-        zstd_patch: bytes | None = None,
-        pool: Executor | None = None,
-    ) -> list[bytes]:
-        """The patches of ``payload`` with every codec in ``codecs`` (LZMA2 with each of
-        LZMA_PROPS_TRIED, the first only for a large payload); ``zstd_patch``, when given,
-        is the payload's zstd patch already made. With ``pool`` the encodings run in its
-        threads (the encoders release the GIL); the list's order does not depend on it."""
-        return _run_all(self.encodings(payload, codecs, level=level, preset=preset,
-                                       zstd_patch=zstd_patch), pool)
-
     def encodings(
         self,
         payload: bytes,
@@ -211,7 +194,10 @@ class PatchEncoder:
         preset: int,
         zstd_patch: bytes | None = None,
     ) -> list[Callable[[], bytes]]:
-        """What :meth:`smallest` runs: one call per candidate patch, in its order."""
+        """One call per candidate patch of ``payload``, in order: LZMA2 with each of
+        LZMA_PROPS_TRIED (the first only for a large payload), codec 2 where it fits, zstd
+        (``zstd_patch`` when given: the payload's zstd patch already made). :func:`_run_all`
+        runs them, in a pool's threads or not; the order does not depend on it."""
         calls: list[Callable[[], bytes]] = []
         if CODEC_LZMA2 in codecs and self.window_log >= MIN_LZMA_WINDOW_LOG:
             tried = LZMA_PROPS_TRIED if len(payload) <= LZMA_ALL_PROPS_MAX else LZMA_PROPS_TRIED[:1]
@@ -278,7 +264,9 @@ class PatchEncoder:
                                           level=LITERAL_SCREEN_LEVEL)], pool)
         candidates, fast = made[:-1], made[-1]
         if min(map(len, candidates)) > LITERAL_SCREEN * len(fast):
-            candidates += self.smallest(literal, codecs, level=level, preset=preset, pool=pool)
+            candidates += _run_all(
+                self.encodings(literal, codecs, level=level, preset=preset), pool
+            )
         elif CODEC_ZSTD_OLD in codecs and self.dictionary_fits(literal):
             # zstd --patch-from's own patch: small images only, so always worth a try
             candidates.append(self.encode(literal, CODEC_ZSTD_OLD, level=level))
