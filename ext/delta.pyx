@@ -9,7 +9,9 @@ C code sees it.
 
 import numpy as np
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+import os
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free
 
 cdef extern from "delta_sais.h" nogil:
@@ -29,6 +31,9 @@ cdef extern from "delta_match.h" nogil:
     int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, int64_t new_n,
                        const int32_t *sa, const ota_span *spans, int64_t count,
                        const uint8_t *literal_costs, ota_span_list *out)
+    int OTA_REPEAT_GRAM
+    int ota_literal_costs(const uint8_t *nw, int64_t n, uint8_t literal, uint8_t run,
+                          uint8_t repeat, uint64_t seed, uint8_t *out)
 
 cdef extern from "delta_filter.h" nogil:
     int OTA_LOOKAHEAD
@@ -57,6 +62,10 @@ FILTER_X86 = 2
 FILTER_WORDS = 4
 #: Bytes past ``limit`` that ``predict`` may read and write.
 LOOKAHEAD = 8
+#: Length of the strings ``literal_costs`` looks for earlier in the image.
+REPEAT_GRAM = OTA_REPEAT_GRAM
+#: Largest image ``literal_costs`` takes.
+MAX_COSTED = 0xFFFFFFFF
 #: Largest old image the suffix array can index.
 MAX_INDEXED = 0x7FFFFFFF
 _POSITION_LIMIT = 1 << 40
@@ -142,6 +151,30 @@ cdef object _span_list_array(ota_span_list *spans):
         r[i, 0] = spans.items[i].new_pos
         r[i, 1] = spans.items[i].old_pos
         r[i, 2] = spans.items[i].length
+    return result
+
+
+def literal_costs(new, int literal, int run, int repeat):
+    """Per byte of ``new`` (uint8 array): ``run`` where it equals the byte before it, else
+    ``repeat`` inside a REPEAT_GRAM-byte string that starts at most REPEAT_GRAM - 1 bytes
+    before it (or at it) and occurred earlier in ``new``, else ``literal``
+    (ext/delta_match.h, ota_literal_costs). Costs are 0..255."""
+    cdef const uint8_t[::1] nw = _bytes_view(new)
+    cdef int64_t n = nw.shape[0]
+    cdef uint64_t seed = int.from_bytes(os.urandom(8), "little")
+    cdef int rc
+    for name, value in (("literal", literal), ("run", run), ("repeat", repeat)):
+        if not 0 <= value <= 255:
+            raise ValueError(f"{name} cost {value} is outside 0..255")
+    if n > MAX_COSTED:
+        raise ValueError(f"image of {n} bytes is larger than {MAX_COSTED}")
+    result = np.empty(n, dtype=np.uint8)
+    cdef uint8_t[::1] out = result
+    with nogil:
+        rc = ota_literal_costs(_ptr(nw), n, <uint8_t>literal, <uint8_t>run, <uint8_t>repeat,
+                               seed, &out[0] if n else NULL)
+    if rc != 0:
+        raise MemoryError("out of memory while estimating literal costs")
     return result
 
 

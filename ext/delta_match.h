@@ -341,4 +341,73 @@ static int ota_cover_gaps(const uint8_t *old, int64_t old_n, const uint8_t *nw, 
     return 0;
 }
 
+/* ota_literal_costs: per byte of nw, its estimated compressed size as a literal byte, in
+ * sixteenths of a byte (what ota_cover_gaps weighs a copy against; otacore.delta_maker says
+ * where the figures come from):
+ *   `run`     when it equals the byte before it (the coder repeats the previous byte);
+ *   else `repeat` when it lies inside an OTA_REPEAT_GRAM-byte string that starts at most
+ *             OTA_REPEAT_GRAM - 1 bytes before it (or at it) and occurred whole earlier in nw
+ *             (the coder codes it as a match within the literals);
+ *   else `literal`.
+ * Earlier occurrences are found exactly with an open-addressing table of start positions;
+ * the hash is keyed by `seed` (the caller passes random bytes), so crafted images cannot make
+ * the probes long; the result does not depend on it. O(n) expected time, 8 bytes of table per
+ * byte of nw at most. Returns -1 when out of memory, else 0. */
+#define OTA_REPEAT_GRAM 8
+
+static inline uint64_t ota_mix64(uint64_t x) {
+    /* splitmix64's finaliser (Steele, Lea, Flood: "Fast splittable pseudorandom number
+     * generators", 2014) */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+static int ota_literal_costs(const uint8_t *nw, int64_t n, uint8_t literal, uint8_t run,
+                             uint8_t repeat, uint64_t seed, uint8_t *out) {
+    int64_t starts = n - OTA_REPEAT_GRAM + 1, last_repeat = -OTA_REPEAT_GRAM, b;
+    uint32_t *table = NULL;
+    uint64_t mask = 0;
+    int bits = 4;
+    if (starts > 0) {
+        /* positions + 1 (0: empty); n < 2^32, so they fit; load factor at most 1/2 */
+        while (((int64_t)1 << bits) < 2 * starts)
+            bits++;
+        table = (uint32_t *)calloc((size_t)1 << bits, sizeof(uint32_t));
+        if (table == NULL)
+            return -1;
+        mask = ((uint64_t)1 << bits) - 1;
+    }
+    for (b = 0; b < n; b++) {
+        if (b < starts) {
+            uint64_t gram, slot;
+            memcpy(&gram, nw + b, OTA_REPEAT_GRAM);
+            slot = ota_mix64(gram ^ seed) & mask;
+            for (;;) {
+                uint32_t held = table[slot];
+                if (held == 0) {
+                    table[slot] = (uint32_t)(b + 1);
+                    break;
+                }
+                if (memcmp(nw + held - 1, nw + b, OTA_REPEAT_GRAM) == 0) {
+                    last_repeat = b; /* the string starting at b occurred before */
+                    break;
+                }
+                slot = (slot + 1) & mask;
+            }
+        }
+        if (b > 0 && nw[b] == nw[b - 1])
+            out[b] = run;
+        else if (b - last_repeat < OTA_REPEAT_GRAM)
+            out[b] = repeat;
+        else
+            out[b] = literal;
+    }
+    free(table);
+    return 0;
+}
+
 #endif /* OTA_DELTA_MATCH_H */

@@ -81,33 +81,15 @@ RUN_COST = 1
 #: without covers. (8, 6) beat (6, 3), (8, 2), (8, 5), (8, 7), (12, 5) and (16, 4) on the
 #: two corpora together.
 REPEAT_COST = 6
-REPEAT_GRAM = 8
+#: (the kernel's string length, fixed: ext/delta_match.h, OTA_REPEAT_GRAM)
+REPEAT_GRAM: int = fmt._kernel.REPEAT_GRAM
 
 
 def literal_costs(new: bytes) -> NDArray[np.uint8]:
     """Per byte of ``new``: its estimated compressed size as a literal, in sixteenths of a byte
-    (what ``cover_gaps`` weighs a copy against): LITERAL_COST, less in runs and repeats."""
-    data = np.frombuffer(new, dtype=np.uint8)
-    size = data.shape[0]
-    costs = np.full(size, LITERAL_COST, dtype=np.uint8)
-    if size >= REPEAT_GRAM:
-        starts = size - REPEAT_GRAM + 1
-        # The REPEAT_GRAM-byte string starting at each position, read as one big-endian word.
-        grams = np.ndarray((starts,), dtype=">u8", buffer=new, strides=(1,)).astype(np.uint64)
-        order = np.argsort(grams)  # quicksort: a stable sort is 3-4x slower here
-        ranked = grams[order]
-        head = np.ones(starts, dtype=bool)
-        head[1:] = ranked[1:] != ranked[:-1]
-        first = np.minimum.reduceat(order, np.flatnonzero(head))  # earliest start per gram
-        repeated = np.empty(starts, dtype=bool)  # the gram occurred before this start
-        repeated[order] = order != first[np.cumsum(head) - 1]
-        # A byte is inside a repeat when one starts at most REPEAT_GRAM - 1 bytes before it.
-        inside = np.zeros(size, dtype=bool)
-        for shift in range(REPEAT_GRAM):
-            inside[shift : shift + starts] |= repeated
-        costs[inside] = REPEAT_COST
-    costs[1:][data[1:] == data[:-1]] = RUN_COST
-    return costs
+    (what ``cover_gaps`` weighs a copy against): LITERAL_COST, less in runs and repeats (the
+    kernel's ``literal_costs``)."""
+    return fmt._kernel.literal_costs(new, LITERAL_COST, RUN_COST, REPEAT_COST)
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,60 @@ def _literal_costs_by_hand(new: bytes) -> list[int]:
 def test_literal_costs_follow_runs_and_earlier_repeats(new: bytes) -> None:
     assert costs(new).tolist() == _literal_costs_by_hand(new)
     assert costs(new).dtype == np.uint8
+    for module in (TWIN, NATIVE):
+        if module is not None:
+            assert module.literal_costs(
+                new, delta_maker.LITERAL_COST, delta_maker.RUN_COST, delta_maker.REPEAT_COST
+            ).tolist() == _literal_costs_by_hand(new)
+
+
+def _repetitive_images(draw: st.DrawFn) -> bytes:
+    """Images up to ~40 KB whose 8-byte strings repeat a lot: a few random pieces (some a
+    few bytes apart from each other) copied all over, periodic runs, one byte everywhere."""
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    kind = draw(st.sampled_from(["pieces", "periodic", "constant", "random"]))
+    size = draw(st.integers(0, 40_000))
+    if kind == "constant":
+        return bytes([rng.randrange(256)]) * size
+    if kind == "periodic":
+        period = rng.randrange(1, 24)
+        unit = rng.randbytes(period)
+        return (unit * (size // period + 1))[:size]
+    if kind == "random":
+        return rng.randbytes(size)
+    pieces = [rng.randbytes(rng.randrange(1, 40)) for _ in range(rng.randrange(1, 12))]
+    out = bytearray()
+    while len(out) < size:
+        piece = bytearray(rng.choice(pieces))
+        if piece and rng.random() < 0.3:
+            piece[rng.randrange(len(piece))] ^= 1 << rng.randrange(8)
+        out += piece
+    return bytes(out[:size])
+
+
+@needs_native
+@settings(max_examples=120, deadline=None)
+@given(st.composite(_repetitive_images)(), st.tuples(*[st.integers(0, 255)] * 3))
+def test_native_and_twin_cost_literals_the_same(
+    new: bytes, figures: tuple[int, int, int]
+) -> None:
+    """The kernel's hash table and the twin's sort find the same earlier strings, for any
+    costs (the kernel's hash is seeded per call: two calls must agree too)."""
+    assert NATIVE is not None
+    literal, run, repeat = figures
+    print(f"{len(new)} bytes, costs {figures}")
+    expected = TWIN.literal_costs(new, literal, run, repeat)
+    assert NATIVE.literal_costs(new, literal, run, repeat).tolist() == expected.tolist()
+    assert NATIVE.literal_costs(memoryview(new), literal, run, repeat).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("module", KERNELS)
+@pytest.mark.parametrize("figures", [(-1, 1, 6), (10, 256, 6), (10, 1, 1000)])
+def test_literal_costs_outside_a_byte_are_refused(
+    module: ModuleType, figures: tuple[int, int, int]
+) -> None:
+    with pytest.raises(ValueError, match="outside 0..255"):
+        module.literal_costs(b"firmware", *figures)
 
 
 @needs_native
@@ -261,3 +315,24 @@ def test_sparse_agreement_on_one_diagonal_is_priced_per_candidate() -> None:
     assert np.array_equal(ours, TWIN.cover_gaps(old, new, sa, given_spans, costs(new)))
     _check_cover(ours, given_spans, len(old), len(new))
     assert ours.tolist()[0] == [0, 0, 1000]  # islands 46 bytes apart do not pay for a bridge
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_native_and_twin_cost_large_images_the_same(seed: int) -> None:
+    """Images of a few hundred KB, half repeats of earlier pieces, half fresh bytes: the
+    kernel's table grows past its first sizes and still finds exactly the twin's repeats."""
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    out = bytearray(rng.randbytes(4096))
+    while len(out) < 300_000:
+        if rng.random() < 0.5:
+            at = rng.randrange(len(out) - 64)
+            out += out[at : at + rng.randrange(1, 64)]
+        else:
+            out += rng.randbytes(rng.randrange(1, 64))
+    new = bytes(out)
+    expected = TWIN.literal_costs(new, 10, 1, 6)
+    assert NATIVE is not None
+    assert NATIVE.literal_costs(new, 10, 1, 6).tolist() == expected.tolist()
+    assert (expected == 6).sum() > len(new) // 4  # the image does repeat itself
