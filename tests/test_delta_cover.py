@@ -293,7 +293,7 @@ def test_native_and_twin_cost_literals_the_same(
 def test_literal_costs_outside_a_byte_are_refused(
     module: ModuleType, figures: tuple[int, int, int]
 ) -> None:
-    with pytest.raises(ValueError, match="outside 0..255"):
+    with pytest.raises(ValueError, match=r"outside 0\.\.255"):
         module.literal_costs(b"firmware", *figures)
 
 
