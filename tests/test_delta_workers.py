@@ -1,9 +1,10 @@
-"""The maker's threads (otacore.delta_maker ``workers``): the codec passes overlap each other
-and the next strategy's making, and nothing else changes.
+"""The maker's threads (otacore.delta_maker ``workers``): the strategies are made beside
+each other, the codec passes overlap each other, and nothing else changes.
 
 The patch, the strategy kept and the sizes tried are the same with any number of threads,
-on real-shaped pairs and fuzzed ones; the first strategy's codec step runs beside the
-second strategy's making (checked by which thread ran what, never by time); no thread
+on real-shaped pairs and fuzzed ones; the second strategy is made beside the first, and the
+first one's codec step runs beside the winner's when it may still win (checked by which
+thread ran what, never by time); no thread
 outlives a search, even one that fails; bad thread counts are refused with their range; the
 operator reaches the setting from ``ota delta make`` and ``ota server``.
 """
@@ -58,14 +59,8 @@ def test_fuzzed_pairs_give_one_patch_whatever_the_threads(
     assert many == one
 
 
-def test_the_first_codec_step_runs_beside_the_second_strategy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With threads, the second strategy is made on a strategy thread beside the first
-    (made in the caller's thread); the first strategy's codec step runs on the background
-    thread and its passes on the encoder threads. Without threads everything runs in the
-    caller's thread, and the patch is the same."""
-    old, new = PAIRS["thumb relinked"]()
+def _log_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record which thread makes each strategy, runs each codec step and each LZMA2 pass."""
     log: list[tuple[str, str]] = []
     real_make_one, real_finish = delta_maker._make_one, delta_codec.PatchEncoder.finish
     real_lzma = delta_codec.compress_lzma2
@@ -85,21 +80,82 @@ def test_the_first_codec_step_runs_beside_the_second_strategy(
     monkeypatch.setattr(delta_maker, "_make_one", make_one)
     monkeypatch.setattr(delta_codec.PatchEncoder, "finish", finish)
     monkeypatch.setattr(delta_codec, "compress_lzma2", lzma2)
+    return log
+
+
+def test_the_second_strategy_is_made_beside_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With threads, the second strategy is made on a strategy thread beside the first (made
+    in the caller's thread); the first won, so its codec step is the only one, its passes on
+    the encoder threads. Without threads everything runs in the caller's thread, and the
+    patch is the same."""
+    old, new = PAIRS["thumb relinked"]()
+    log = _log_threads(monkeypatch)
     threaded = delta_maker.search_patch(old, new, effort=2, workers=2)
+    assert threaded.strategy == delta_strategy.AUTO
     makers = sorted(name.split("_")[0] for step, name in log if step == "make")
     assert makers == ["MainThread", "delta-strategy"]
-    finishers = [name for step, name in log if step == "finish"]
-    assert finishers and finishers[0].startswith("delta-first")
-    assert all(name.startswith("delta-encode") for step, name in log if step == "lzma2")
+    assert [name for step, name in log if step == "finish"] == ["MainThread"]
+    lzma_threads = [name for step, name in log if step == "lzma2"]
+    assert lzma_threads and all(name.startswith("delta-encode") for name in lzma_threads)
     log.clear()
     alone = delta_maker.search_patch(old, new, effort=2, workers=1)
     assert {name for _, name in log} == {"MainThread"}
     assert alone == threaded
 
 
+def test_the_first_codec_step_runs_beside_the_winners_when_it_may_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second strategy wins on zstd by less than RECODE_MARGIN: the first one's payload
+    goes through the codec step too, on the background thread beside the winner's."""
+    old, new = PAIRS["data container"]()
+    log = _log_threads(monkeypatch)
+    result = delta_maker.search_patch(old, new, effort=2, workers=2)
+    first, second = (size for _, size in result.tried)
+    assert second < first <= (1 + delta_maker.RECODE_MARGIN) * second
+    finishers = sorted(name.split("_")[0] for step, name in log if step == "finish")
+    assert finishers == ["MainThread", "delta-first"]
+    assert all(name.startswith("delta-encode") for step, name in log if step == "lzma2")
+    log.clear()
+    assert delta_maker.search_patch(old, new, effort=2, workers=1) == result
+    assert [name for step, name in log if step == "finish"] == ["MainThread"] * 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_first_strategy_clearly_beaten_skips_the_codec_step(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Beaten by more than the margin and above RECODE_ALWAYS bytes (both lowered to 0
+    here), the first strategy's payload is not encoded again: one codec step, the
+    winner's."""
+    old, new = PAIRS["data container"]()
+    monkeypatch.setattr(delta_maker, "RECODE_MARGIN", 0.0)
+    monkeypatch.setattr(delta_maker, "RECODE_ALWAYS", 0)
+    log = _log_threads(monkeypatch)
+    result = delta_maker.search_patch(old, new, effort=2, workers=workers)
+    assert result.strategy == 0 and result.tried[0][1] > result.tried[1][1]
+    assert [step for step, _ in log].count("finish") == 1
+    assert _applies(old, new, result.patch)
+
+
+@pytest.mark.parametrize(
+    ("first", "winner", "worth"),
+    [
+        (delta_maker.RECODE_ALWAYS, 1, True),  # small: always
+        (delta_maker.RECODE_ALWAYS + 1, 1, False),
+        (101_000, 100_000, True),  # within 1%
+        (101_001, 100_000, False),
+    ],
+)
+def test_which_first_strategies_are_worth_the_codec_step(
+    first: int, winner: int, worth: bool
+) -> None:
+    assert delta_maker._worth_recoding(b"f" * first, b"w" * winner) is worth
+
+
 def test_no_thread_outlives_a_failed_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second strategy fails while the first one's codec step runs: the error reaches
-    the caller after that step ended, and no maker thread is left."""
+    """The second strategy fails on its thread while the first is made: the error reaches
+    the caller, and no maker thread is left."""
     old, new = PAIRS["data container"]()
     real_make_one = delta_maker._make_one
     calls: list[int] = []
