@@ -345,3 +345,58 @@ async def test_the_server_delta_cache_makes_the_version_it_is_held_to(
         versions.append(delta.read_header(found[1]).version)
         assert _applies(old, new, found[1])
     assert versions == [2, 3]
+
+
+def _sparse_container(seed: int) -> tuple[bytes, bytes]:
+    """64 KB of old bytes and a new image with one byte changed every 48-200 bytes: no run
+    reaches EXACT_RUN_MIN, and the regular payload is far larger than a 4 KiB window."""
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    old = rng.randbytes(64 * 1024)
+    new = bytearray(old)
+    at = 0
+    while True:
+        at += rng.randrange(48, 200)
+        if at >= len(new):
+            return old, bytes(new)
+        new[at] ^= 1 + rng.randrange(255)
+
+
+def _alternatives_seen(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of other forms each codec step was handed."""
+    seen: list[int] = []
+    real_finish = delta_codec.PatchEncoder.finish
+
+    def finish(self: delta_codec.PatchEncoder, *args: object, **kwargs: object) -> bytes:
+        seen.append(len(kwargs.get("alternatives", ())))  # type: ignore[arg-type]
+        return real_finish(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(delta_codec.PatchEncoder, "finish", finish)
+    return seen
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_sparse_changes_get_the_dense_form_and_lzma2_decides_between_the_forms(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Sparse one-byte changes under a small window: the dense form (every zero run of
+    EXACT_RUN_DENSE or more an exact copy) wins with zstd by far more than DENSE_MARGIN,
+    but the regular form's payload is small, so it goes through the codec step too, and
+    the patch is never larger than the version 2 maker's (LZMA2 may prefer the regular
+    form). Above DENSE_ALWAYS (lowered to 0 here) a clear loser is not encoded again."""
+    old, new = _sparse_container(seed)
+    seen = _alternatives_seen(monkeypatch)
+    both = delta_maker.search_patch(old, new, window_log=12, effort=1)
+    regular = delta_maker.search_patch(old, new, window_log=12, effort=1, format_version=2)
+    print(f"both forms {len(both.patch)} B (zstd {both.tried}), version 2 {len(regular.patch)} B "
+          f"(zstd {regular.tried})")
+    assert both.tried[0][1] < (1 - delta_maker.DENSE_MARGIN) * regular.tried[0][1]
+    assert seen[0] == 1
+    assert len(both.patch) <= len(regular.patch)
+    assert _applies(old, new, both.patch)
+    seen.clear()
+    monkeypatch.setattr(delta_maker, "DENSE_ALWAYS", 0)
+    dense_only = delta_maker.search_patch(old, new, window_log=12, effort=1)
+    assert seen == [0]
+    assert delta.read_header(dense_only.patch).version == 3
+    assert _applies(old, new, dense_only.patch)
