@@ -91,12 +91,9 @@ def literal_costs(new: bytes) -> NDArray[np.uint8]:
     return fmt._kernel.literal_costs(new, LITERAL_COST, RUN_COST, REPEAT_COST)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    new_pos: int
-    old_pos: int
-    copy: int
-    extra: int
+#: One entry of a block: [new position, old position (-1: none), copy length, extra length]
+#: (a list: the planner lengthens the last entry's extra bytes in place).
+_Entry = list[int]
 
 
 def _plan_blocks(spans: NDArray[np.int64], new_n: int, block_limit: int) -> list[list[_Entry]]:
@@ -105,50 +102,46 @@ def _plan_blocks(spans: NDArray[np.int64], new_n: int, block_limit: int) -> list
     blocks: list[list[_Entry]] = []
     current: list[_Entry] = []
     used = 10  # the entry count varint
-
-    def close() -> None:
-        nonlocal current, used
-        if current:
-            blocks.append(current)
-        current, used = [], 10
-
-    def add_extra(at: int, length: int) -> None:
-        nonlocal used
-        while length > 0:
+    worst = _ENTRY_WORST
+    at = 0
+    # (one loop for the gaps and the spans: the literal gap before each span, then the span;
+    # a last gap up to the end of the new image; kept flat, it runs once per entry)
+    for new_pos, old_pos, length in [*spans.tolist(), [new_n, -1, 0]]:
+        gap = new_pos - at
+        while gap > 0:  # the gap's literal bytes: the last entry's extra, or new entries
             if current and used < block_limit:
-                take = min(length, block_limit - used)
-                last = current[-1]
-                current[-1] = _Entry(last.new_pos, last.old_pos, last.copy, last.extra + take)
+                take = min(gap, block_limit - used)
+                current[-1][3] += take
             else:
-                if used + _ENTRY_WORST >= block_limit:
-                    close()
-                take = min(length, block_limit - used - _ENTRY_WORST)
-                current.append(_Entry(at, -1, 0, take))
-                used += _ENTRY_WORST
+                if used + worst >= block_limit:
+                    if current:
+                        blocks.append(current)
+                    current, used = [], 10
+                take = min(gap, block_limit - used - worst)
+                current.append([at, -1, 0, take])
+                used += worst
             used += take
             at += take
-            length -= take
-
-    at = 0
-    for new_pos, old_pos, length in spans.tolist():
-        add_extra(at, new_pos - at)
+            gap -= take
         while length > 0:
-            if used + _ENTRY_WORST >= block_limit:
-                close()
-            take = min(length, block_limit - used - _ENTRY_WORST)
-            current.append(_Entry(new_pos, old_pos, take, 0))
-            used += _ENTRY_WORST + take
+            if used + worst >= block_limit:
+                if current:
+                    blocks.append(current)
+                current, used = [], 10
+            take = min(length, block_limit - used - worst)
+            current.append([new_pos, old_pos, take, 0])
+            used += worst + take
             new_pos, old_pos, length = new_pos + take, old_pos + take, length - take
         at = new_pos
-    add_extra(at, new_n - at)
-    close()
+    if current:
+        blocks.append(current)
     return blocks
 
 
 def _copy_rows(blocks: list[list[_Entry]]) -> NDArray[np.int64]:
     """(new_pos, old_pos, length) of every copy entry of ``blocks``."""
     return np.array(
-        [(e.new_pos, e.old_pos, e.copy) for block in blocks for e in block if e.copy],
+        [entry[:3] for block in blocks for entry in block if entry[2]],
         dtype=np.int64,
     ).reshape(-1, 3)
 
@@ -332,24 +325,25 @@ class _Planner:
         self._converted: dict[int, list[bytes]] = {}  # literal kind -> extra bytes per block
         self._literal_kind: dict[tuple[int, ...], tuple[int, bool]] = {}
         cursor = 0
+        entries = self.entries
         for block in blocks:
             control = bytearray()
             put_varint(control, len(block))
             copied = 0
             extra = bytearray()
             runs = []
-            for entry in block:
-                seek = 0 if entry.copy == 0 else entry.old_pos - cursor
+            for new_pos, old_pos, copy, extra_length in block:
+                seek = 0 if copy == 0 else old_pos - cursor
                 put_varint(control, zigzag(seek))
-                put_varint(control, entry.copy)
-                put_varint(control, entry.extra)
-                self.entries.append((seek, entry.copy, entry.extra, entry.new_pos, cursor + seek))
-                cursor += seek + entry.copy
-                copied += entry.copy
-                start = entry.new_pos + entry.copy
-                if entry.extra:
-                    runs.append((len(extra), entry.extra, start))
-                extra += new[start : start + entry.extra]
+                put_varint(control, copy)
+                put_varint(control, extra_length)
+                entries.append((seek, copy, extra_length, new_pos, cursor + seek))
+                cursor += seek + copy
+                copied += copy
+                start = new_pos + copy
+                if extra_length:
+                    runs.append((len(extra), extra_length, start))
+                    extra += new[start : start + extra_length]
             self.blocks.append((bytes(control), copied, bytes(extra)))
             self._literal_runs.append(runs)
 
