@@ -1,5 +1,5 @@
 """The patch maker's last step: compress a payload with each codec, wrap it in its header,
-keep the smallest (format: otacore.delta, versions 2 and 3).
+keep the smallest (format: otacore.delta, versions 2 to 4).
 
 The maker's strategies (otacore.delta_strategy) compete with zstd, which is fast enough to
 make every one in full. The winner's payload is then also encoded as a raw LZMA2 stream with
@@ -154,7 +154,7 @@ def compress_lzma2(payload: bytes, window_log: int, props: int, preset: int) -> 
 
 
 class PatchEncoder:
-    """Wraps payloads of one (old, new) pair in version 2 or 3 headers (as the payload
+    """Wraps payloads of one (old, new) pair in version 2, 3 or 4 headers (as the payload
     needs), one codec at a time."""
 
     def __init__(self, old: bytes, new: bytes, *, window_log: int, block_limit: int) -> None:

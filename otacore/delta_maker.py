@@ -456,8 +456,23 @@ class _Planner:
         describes."""
         return bytes(fmt._kernel.diff_spans(self.old, self.new, rows, self._models[prelude]))
 
+    def whole_pieces(self, diff: bytes) -> _Pieces:
+        """The entries as they are, one piece each, none exact (for a version 4 payload with
+        no stretch to split off)."""
+        table = np.array(self.entries, dtype=np.int64).reshape(-1, 5)
+        seeks, copies, extras = table[:, 0], table[:, 1], table[:, 2]
+        return _Pieces(
+            seek=seeks,
+            copy=copies,
+            extra=extras,
+            exact=np.zeros(len(table), dtype=bool),
+            extra_from=_exclusive_cumsum(extras),
+            diff_from=_exclusive_cumsum(copies),
+            diff=diff,
+        )
+
     def exact_split(self, prelude: bytes, diff: bytes, run: int) -> _Pieces | None:
-        """The entries cut into pieces at their exact stretches (see _exact_payload), the
+        """The entries cut into pieces at their exact stretches (see _packed_payload), the
         pieces' difference bytes and where each piece's start in them; None when no copy
         has a stretch to cut. Made once per candidate (the converted and the plain payload
         share it)."""
@@ -483,12 +498,15 @@ class _Planner:
         if literal:
             flagged = _with_prelude_flags(prelude, literal << LITERAL_SHIFT)
             extras = self.converted_extras(literal)
-        exact = None
+        packed = None
         if self.format_version >= 3:
-            exact = _exact_payload(self, prelude, flagged, diff, b"".join(extras),
-                                   EXACT_RUN_MIN if run is None else run)
-        if exact is not None:
-            return exact
+            packed = _packed_payload(
+                self, prelude, flagged, diff, b"".join(extras),
+                EXACT_RUN_MIN if run is None else run,
+                columns=self.format_version >= fmt.COLUMNS_FORMAT_VERSION,
+            )
+        if packed is not None:
+            return packed
         prelude = flagged
         payload = bytearray()
         put_varint(payload, len(prelude))
@@ -666,17 +684,31 @@ def _with_prelude_flags(prelude: bytes, flags: int) -> bytes:
     return bytes(head) + prelude[at:]
 
 
-def _exact_payload(
-    planner: _Planner, prelude: bytes, flagged: bytes, diff: bytes, extras: bytes, run: int
+def _packed_payload(
+    planner: _Planner,
+    prelude: bytes,
+    flagged: bytes,
+    diff: bytes,
+    extras: bytes,
+    run: int,
+    columns: bool,
 ) -> bytes | None:
-    """The version 3 payload of ``planner``'s entries with exact stretches split off (records
-    packed up to the block limit), or None when no copy has a stretch to split off.
-    ``prelude`` is the candidate's (its model makes the pieces' difference bytes), ``flagged``
-    the one to send, ``extras`` every entry's extra bytes in order as they are sent."""
+    """The version 3 or 4 payload of ``planner``'s entries with exact stretches split off
+    (records packed up to the block limit); with ``columns`` (version 4) each record's
+    control entries are written in columns, and the entries go whole when no copy has a
+    stretch to split off; without, None then. ``prelude`` is the candidate's (its model
+    makes the pieces' difference bytes), ``flagged`` the one to send, ``extras`` every
+    entry's extra bytes in order as they are sent."""
     pieces = planner.exact_split(prelude, diff, run)
     if pieces is None:
-        return None
-    flagged = _with_prelude_flags(flagged, fmt.EXACT_COPIES)
+        if not columns or not planner.entries:  # (no block: nothing to write in columns)
+            return None
+        pieces = planner.whole_pieces(diff)
+    exact_copies = bool(pieces.exact.any())
+    if exact_copies:
+        flagged = _with_prelude_flags(flagged, fmt.EXACT_COPIES)
+    if columns:
+        flagged = _with_prelude_flags(flagged, fmt.COLUMNS)
     payload = bytearray()
     put_varint(payload, len(flagged))
     payload += flagged
@@ -699,8 +731,11 @@ def _exact_payload(
         end = min(end, count)
         body = bytearray()
         put_varint(body, end - start)
-        body += np.packbits(pieces.exact[start:end], bitorder="little").tobytes()
-        body += _varints(fields[start:end].ravel())
+        if exact_copies:
+            body += np.packbits(pieces.exact[start:end], bitorder="little").tobytes()
+        # (columns: every seek, then every copy length, then every extra length; the seeks
+        # and extras are mostly 0, and copy lengths alike, so each column compresses better)
+        body += _varints((fields[start:end].T if columns else fields[start:end]).ravel())
         last = end - 1
         body += sent_diff[sent_from[start] : sent_from[last] + (0 if pieces.exact[last] else
                                                                pieces.copy[last])].tobytes()
@@ -822,8 +857,9 @@ def _check(
 DEFAULT_WORKERS = 2
 MAX_WORKERS = 16
 #: Format versions the maker can be held to (``format_version``): 2 for appliers that read
-#: no version 3, 3 (otacore.delta.NEWEST_VERSION) the default.
-MAKEABLE_VERSIONS = (2, 3)
+#: no version 3, 3 for those that read no version 4, 4 (otacore.delta.NEWEST_VERSION) the
+#: default.
+MAKEABLE_VERSIONS = (2, 3, 4)
 
 
 def check_workers(workers: int) -> None:
@@ -981,8 +1017,10 @@ EXACT_RUN_DENSE = 2
 #: public corpus the pairs whose runs averaged 11-23 bytes never gained, 51-80 did).
 DENSE_MEAN_RUN = 32
 #: Whichever form loses with zstd goes through the codec step too when its zstd patch is at
-#: most this much larger than the other's (LZMA2 may still rank them the other way round) ...
-DENSE_MARGIN = 0.03
+#: most this much larger than the other's: LZMA2 may still rank them the other way round
+#: (iwlwifi-9260 in version 4: the regular form 9.6% larger with zstd, 5% smaller with
+#: LZMA2; the public corpus's other large losers lost by 14-78% and lost with LZMA2 too) ...
+DENSE_MARGIN = 0.10
 #: ... or when its payload is at most this many bytes, whatever the margin.
 DENSE_ALWAYS = 128 * 1024
 

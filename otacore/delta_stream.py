@@ -41,16 +41,17 @@ with the images; the decoder's state is ``zstd_native_bound(window_log)`` or
 
 Version 1 patches (zstd, 92-byte header) apply exactly as before; version 3 is version 2
 plus exact copies (a bitmap per block) and the literal branch conversion named in the
-prelude (format: otacore.delta). An exact copy is predicted in the same bounded pieces as
-any copy, and converted literals are restored in place in their record: the memory bound is
-the same.
+prelude (format: otacore.delta), version 4 version 3 with each block's control entries in
+columns. An exact copy is predicted in the same bounded pieces as any copy, converted
+literals are restored in place in their record, and columns are read through three cursors
+into the record: the memory bound is the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import lzma
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any, Protocol, cast
 
 import numpy as np
@@ -62,15 +63,16 @@ from otacore.delta import (
     AUTO_FILTERS,
     CODEC_LZMA2,
     CODEC_ZSTD_OLD,
+    COLUMNS,
     COPY_FILTER_MASK,
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_WINDOW_LOG,
     EXACT_COPIES,
-    LITERAL_FORMAT_VERSION,
+    FORMAT_VERSION,
     LITERAL_SHIFT,
     MAX_HEADER_SIZE,
     MAX_MAP_ENTRIES,
-    VERSION_3_FLAGS,
+    PRELUDE_FLAGS,
     PatchBaseMismatchError,
     PatchCorruptError,
     PatchFeatureError,
@@ -82,6 +84,7 @@ from otacore.delta import (
     _kernel,
     lzma_filters,
     lzma_props,
+    prelude_format_version,
     read_header,
     unzigzag,
 )
@@ -338,6 +341,7 @@ class PatchApplier:
         self._prelude_done = False
         self._model: Any = (0, 0, 0, _EMPTY_MAP, _EMPTY_MAP)
         self._exact_copies = False  # version 3: blocks carry an exact-copy bitmap
+        self._columns = False  # version 4: control entries in columns
         self._literal = delta_literal.NONE  # the prelude's literal branch conversion
         # output state
         self._cursor = 0
@@ -481,15 +485,18 @@ class PatchApplier:
         field, at = _varint(buf, 0, len(buf), "the filter set")
         filters = field & COPY_FILTER_MASK
         literal = field >> LITERAL_SHIFT & 3
-        if filters not in AUTO_FILTERS or field & ~(COPY_FILTER_MASK | VERSION_3_FLAGS):
+        if filters not in AUTO_FILTERS or field & ~PRELUDE_FLAGS:
             raise PatchCorruptError(f"patch uses unknown filter set {field}")
-        if (header.version >= LITERAL_FORMAT_VERSION) != bool(field & VERSION_3_FLAGS):
-            # A version 2 applier reads neither exact copies nor converted literals, so the
-            # header says version 3; and version 3 only for payloads that use one of them.
+        expected = prelude_format_version(field)
+        if max(header.version, FORMAT_VERSION) != expected:
+            # An applier of an older version reads none of the newer features, so the header
+            # names the version that has them; and a version only for payloads that use its
+            # feature (version 3: exact copies or a literal conversion, prelude bits 3-5;
+            # version 4: columns, bit 6).
             raise PatchCorruptError(
-                f"a version {header.version} patch "
-                + ("cannot use" if field & VERSION_3_FLAGS else "uses no")
-                + " exact copies or literal branch conversion (prelude bits 3-5)"
+                f"a version {header.version} patch's prelude ({field:#x}) is version "
+                f"{expected}'s: version 3 is exact copies or literal branch conversion "
+                "(prelude bits 3-5) without columns, version 4 columns (bit 6)"
             )
         if literal not in delta_literal.KIND_NAMES:
             raise PatchFeatureError(
@@ -499,6 +506,7 @@ class PatchApplier:
                 + "); a newer applier is needed"
             )
         self._exact_copies = bool(field & EXACT_COPIES)
+        self._columns = bool(field & COLUMNS)
         base, image_size = 0, 0
         reloc = values = _EMPTY_MAP
         if filters:
@@ -529,10 +537,8 @@ class PatchApplier:
         control += bitmap
         # Pass 1: check every entry against the images before any output is written.
         at, cursor, copied, literal, written = control, self._cursor, 0, 0, 0
-        for index in range(count):
-            seek, at = _varint(buf, at, size, "a control entry")
-            copy, at = _varint(buf, at, size, "a control entry")
-            extra, at = _varint(buf, at, size, "a control entry")
+        for index, entry in enumerate(self._entries(buf, control, count)):
+            seek, copy, extra, at = entry  # (at: past the control bytes read so far)
             cursor += unzigzag(seek)
             if not 0 <= cursor <= header.base_size or copy > header.base_size - cursor:
                 raise PatchCorruptError(
@@ -550,11 +556,7 @@ class PatchApplier:
             raise PatchCorruptError(f"patch writes past the {header.target_size}-byte target size")
         # Pass 2: run the entries.
         diff_at, extra_at = at, at + copied
-        at = control
-        for index in range(count):
-            seek, at = _varint(buf, at, size, "a control entry")
-            copy, at = _varint(buf, at, size, "a control entry")
-            extra, at = _varint(buf, at, size, "a control entry")
+        for index, (seek, copy, extra, _) in enumerate(self._entries(buf, control, count)):
             self._cursor += unzigzag(seek)
             if copy and exact >> index & 1:
                 self._copy(buf, None, copy)
@@ -569,6 +571,37 @@ class PatchApplier:
             for start in range(extra_at, extra_at + extra, self._chunk):
                 self._emit(bytes(buf[start : min(start + self._chunk, extra_at + extra)]))
             extra_at += extra
+
+    def _entries(
+        self, buf: bytearray, control: int, count: int
+    ) -> Iterator[tuple[int, int, int, int]]:
+        """The ``count`` control entries of the block record ``buf`` from offset ``control``:
+        (zigzag seek, copy length, extra length, offset past the control bytes read so far;
+        after the last entry, past all of them). In version 4 (COLUMNS) the three fields are
+        three columns of ``count`` varints each: their starts are found first, then the
+        entries read through three cursors, so memory stays the record's."""
+        size = len(buf)
+        what = "a control entry"
+        if not self._columns:
+            at = control
+            for _ in range(count):
+                seek, at = _varint(buf, at, size, what)
+                copy, at = _varint(buf, at, size, what)
+                extra, at = _varint(buf, at, size, what)
+                yield seek, copy, extra, at
+            return
+        starts = [control]
+        for _ in range(2):  # skip the seek column, then the copy column
+            at = starts[-1]
+            for _ in range(count):
+                _, at = _varint(buf, at, size, what)
+            starts.append(at)
+        seek_at, copy_at, extra_at = starts
+        for _ in range(count):
+            seek, seek_at = _varint(buf, seek_at, size, what)
+            copy, copy_at = _varint(buf, copy_at, size, what)
+            extra, extra_at = _varint(buf, extra_at, size, what)
+            yield seek, copy, extra, extra_at
 
     def _copy(self, buf: bytearray, diff_at: int | None, length: int) -> None:
         """Output ``length`` predicted old bytes from the cursor, plus the difference bytes

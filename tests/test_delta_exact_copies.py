@@ -55,16 +55,28 @@ def test_version_2_vectors_still_apply(name: str) -> None:
     assert _applies(old, new, patch)
 
 
+def _prelude_flags(patch: bytes, old: bytes) -> int:
+    _, payload = decode_payload(patch, old=old)
+    return delta.read_varint(payload, delta.read_varint(payload, 0)[1])[0]
+
+
 def test_a_long_unchanged_run_makes_a_version_3_patch_and_none_a_version_2() -> None:
     old, new = firmware_pair(200_000, 11)
-    patch = delta.make_patch(old, new)
+    patch = delta.make_patch(old, new, format_version=3)
     assert delta.read_header(patch).version == 3
     _, payload = decode_payload(patch, old=old)
     assert payload_format_version(payload) == 3
     assert _applies(old, new, patch)
+    # Version 4 (the default): the same exact copies, control entries in columns.
+    newest = delta.make_patch(old, new)
+    assert delta.read_header(newest).version == 4
+    assert _prelude_flags(newest, old) & (EXACT_COPIES | delta.COLUMNS) == (
+        EXACT_COPIES | delta.COLUMNS
+    )
+    assert _applies(old, new, newest)
     # Nothing in common: no copy, so no exact copy; the patch stays version 2.
     unrelated = random.Random(3).randbytes(5000), random.Random(4).randbytes(5000)
-    patch = delta.make_patch(*unrelated)
+    patch = delta.make_patch(*unrelated, format_version=3)
     assert delta.read_header(patch).version == 2
     # Held to version 2 (appliers that read no version 3): larger, and version 2.
     without = delta.make_patch(old, new, format_version=2)
@@ -90,11 +102,15 @@ def test_splits_anywhere_still_give_the_target(
     monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", run)
     old, new = relinked_firmware(7)
     patch = delta.make_patch(old, new, filters=filters, block_limit=1024)
-    assert delta.read_header(patch).version == 3
+    assert delta.read_header(patch).version == 4  # (exact copies in columns)
+    assert _prelude_flags(patch, old) & EXACT_COPIES
     assert _applies(old, new, patch)
 
 
-def test_both_kernels_make_the_same_version_3_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("version", [3, 4])
+def test_both_kernels_make_the_same_version_3_and_4_patches(
+    monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
     native = load_native("delta")
     if native is None:
         pytest.skip("native delta kernel not built")
@@ -102,8 +118,8 @@ def test_both_kernels_make_the_same_version_3_patch(monkeypatch: pytest.MonkeyPa
     made = []
     for kernel in (load_twin("delta"), native):
         monkeypatch.setattr(delta, "_kernel", kernel)
-        made.append(delta.make_patch(old, new))
-    assert made[0] == made[1] and delta.read_header(made[0]).version == 3
+        made.append(delta.make_patch(old, new, format_version=version))
+    assert made[0] == made[1] and delta.read_header(made[0]).version == version
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,7 +132,7 @@ def test_fuzzed_pairs_with_exact_copies_apply(
         patcher.setattr(delta_maker, "EXACT_RUN_MIN", run)
         patch = delta.make_patch(old, new, block_limit=block_limit)
     header = delta.read_header(patch)
-    assert header.version in (2, 3)
+    assert header.version in (2, 3, 4)
     assert _applies(old, new, patch)
 
 
@@ -125,7 +141,7 @@ def test_fuzzed_pairs_with_exact_copies_apply(
 
 def _v3_sample() -> tuple[bytes, bytes, PatchHeader, bytes]:
     old, new = firmware_pair(60_000, 12)
-    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,))
+    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,), format_version=3)
     header, payload = decode_payload(patch)
     assert header.version == 3
     return old, new, header, payload
@@ -174,13 +190,15 @@ def test_the_sample_repacks_and_applies() -> None:
 
 def test_version_and_flag_must_agree() -> None:
     old, _, header, payload = _v3_sample()
-    with pytest.raises(PatchCorruptError, match="version 2 patch cannot use exact copies"):
+    with pytest.raises(PatchCorruptError, match=r"version 2 patch's prelude .* is version 3's"):
         delta.apply_patch(old, _repack(header, payload, version=2))
     cleared = _with_prelude_flags(payload, EXACT_COPIES)
-    with pytest.raises(PatchCorruptError, match="version 3 patch uses no exact copies"):
+    with pytest.raises(PatchCorruptError, match=r"version 3 patch's prelude .* is version 2's"):
         delta.apply_patch(old, _repack(header, cleared))
+    with pytest.raises(PatchCorruptError, match=r"version 3 patch's prelude .* is version 4's"):
+        delta.apply_patch(old, _repack(header, _with_prelude_flags(payload, delta.COLUMNS)))
     with pytest.raises(PatchCorruptError, match="unknown filter set"):
-        delta.apply_patch(old, _repack(header, _with_prelude_flags(payload, 64)))
+        delta.apply_patch(old, _repack(header, _with_prelude_flags(payload, 1 << 7)))
     with pytest.raises(PatchCorruptError, match="unknown filter set"):
         delta.apply_patch(old, _repack(header, _with_prelude_flags(payload, 3)))  # THUMB | X86
 
@@ -264,7 +282,7 @@ def test_apply_memory_stays_under_its_bound_with_exact_copies() -> None:
     old, new = firmware_pair(1_000_000, 3)
     patch = delta.make_patch(old, new)
     header = delta.read_header(patch)
-    assert header.version == 3
+    assert header.version == 4 and _prelude_flags(patch, old) & EXACT_COPIES
     peak, written = peak_during_apply(old, patch, 1)
     assert written == len(new)
     assert peak < python_memory_bound(header.block_limit)
@@ -283,8 +301,8 @@ def test_the_maker_held_to_version_2_writes_version_2() -> None:
         _, payload = decode_payload(made, old=old)
         assert payload_format_version(payload) == 2
         assert _applies(old, new, made)
-    for wrong in (1, 4, True, "3"):
-        with pytest.raises(delta.PatchInputError, match="format version must be one of 2, 3"):
+    for wrong in (1, 5, True, "3"):
+        with pytest.raises(delta.PatchInputError, match="format version must be one of 2, 3, 4"):
             delta.make_patch(old, new, format_version=wrong)  # type: ignore[arg-type]
 
 
@@ -302,13 +320,13 @@ def test_ota_delta_make_and_ota_server_take_the_format_version(
     (tmp_path / "old.bin").write_bytes(old)
     (tmp_path / "new.bin").write_bytes(new)
     runner = CliRunner()
-    for version in ("2", "3"):
+    for version in ("2", "3", "4"):
         made = runner.invoke(app, ["make", str(tmp_path / "old.bin"), str(tmp_path / "new.bin"),
                                    str(tmp_path / "p"), "--format-version", version])
         assert made.exit_code == 0, made.output
         assert delta.read_header((tmp_path / "p").read_bytes()).version == int(version)
     refused = runner.invoke(app, ["make", str(tmp_path / "old.bin"), str(tmp_path / "new.bin"),
-                                  str(tmp_path / "q"), "--format-version", "1"])
+                                  str(tmp_path / "q"), "--format-version", "5"])
     assert refused.exit_code == 2 and not (tmp_path / "q").exists()
 
     captured = capture_server_configs(monkeypatch)
@@ -324,7 +342,7 @@ def test_ota_delta_make_and_ota_server_take_the_format_version(
     assert from_file.exit_code == 0, from_file.output
     assert captured[-1].ota.delta_format_version == 2  # type: ignore[attr-defined]
     assert OtaConfig().delta_format_version == delta.NEWEST_VERSION
-    for wrong in (1, 4, True):
+    for wrong in (1, 5, True):
         with pytest.raises(ValidationError, match="delta_format_version must be one of"):
             OtaConfig(delta_format_version=wrong)
 
@@ -338,13 +356,13 @@ async def test_the_server_delta_cache_makes_the_version_it_is_held_to(
 
     old, new = firmware_pair(200_000, 14)
     versions = []
-    for held, base in ((2, "a"), (3, "b")):
+    for held, base in ((2, "a"), (3, "b"), (4, "d")):
         cache = DeltaCache(Fleet(sqlite_store, EventBus()), format_version=held)  # type: ignore[arg-type]
         found = await cache.patch_for(base * 64, old, "c" * 64, new)
         assert found is not None
         versions.append(delta.read_header(found[1]).version)
         assert _applies(old, new, found[1])
-    assert versions == [2, 3]
+    assert versions == [2, 3, 4]
 
 
 def _sparse_container(seed: int) -> tuple[bytes, bytes]:
@@ -398,5 +416,6 @@ def test_sparse_changes_get_the_dense_form_and_lzma2_decides_between_the_forms(
     monkeypatch.setattr(delta_maker, "DENSE_ALWAYS", 0)
     dense_only = delta_maker.search_patch(old, new, window_log=12, effort=1)
     assert seen == [0]
-    assert delta.read_header(dense_only.patch).version == 3
+    assert delta.read_header(dense_only.patch).version == 4
+    assert _prelude_flags(dense_only.patch, old) & EXACT_COPIES
     assert _applies(old, new, dense_only.patch)

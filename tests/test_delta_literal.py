@@ -361,15 +361,19 @@ def test_maker_converts_new_code_and_it_applies(
     """New code full of calls: the maker converts its literals (version 3), the patch is
     smaller than without, and applies whole and in any pieces."""
     old, new = pairs[kind]
-    patch = delta.make_patch(old, new)
+    patch = delta.make_patch(old, new, format_version=3)
     header = delta.read_header(patch)
     assert header.version == 3
     assert _prelude_field(patch, old) >> LITERAL_SHIFT & 3 == kind
+    newest = delta.make_patch(old, new)  # version 4: the same conversion, columns
+    assert delta.read_header(newest).version == 4
+    assert _prelude_field(newest, old) >> LITERAL_SHIFT & 3 == kind
+    assert _apply_in_pieces(old, newest, [1, 4096]) == new
     assert delta.apply_patch(old, patch) == new
     assert _apply_in_pieces(old, patch, [1]) == new
     assert _apply_in_pieces(old, patch, [7, 4096, 3, 65536]) == new
     _without_conversion(monkeypatch)
-    plain = delta.make_patch(old, new)
+    plain = delta.make_patch(old, new, format_version=3)
     assert delta.read_header(plain).version == 2
     print(f"{delta_literal.KIND_NAMES[kind]}: {len(patch)} B converted, {len(plain)} B not")
     assert len(patch) < len(plain)
@@ -378,7 +382,7 @@ def test_maker_converts_new_code_and_it_applies(
 def forced(old: bytes, new: bytes, kind: int, codec: int) -> bytes:
     """The maker's patch re-made with every entry's literal bytes converted by ``kind``
     (whatever the maker chose), with ``codec``."""
-    patch = delta.make_patch(old, new, effort=1)
+    patch = delta.make_patch(old, new, effort=1, format_version=3)
     header, payload = decode_payload(patch, old=old)
     if _prelude_field(patch, old) >> LITERAL_SHIFT:  # start from the unconverted payload
         raise AssertionError("expected a version 2 patch to force a transform on")
@@ -459,8 +463,8 @@ def test_version_2_vector_applies_and_is_still_made() -> None:
     assert _apply_in_pieces(old, patch, [1]) == new
     with pytest.MonkeyPatch.context() as monkeypatch:
         _without_conversion(monkeypatch)
-        assert delta.make_patch(old, new) == patch
-    assert len(delta.make_patch(old, new)) <= len(patch)
+        assert delta.make_patch(old, new, format_version=3) == patch
+    assert len(delta.make_patch(old, new, format_version=3)) <= len(patch)
 
 
 def test_data_without_code_gets_no_conversion(pairs: dict[int, tuple[bytes, bytes]]) -> None:
@@ -472,7 +476,7 @@ def test_data_without_code_gets_no_conversion(pairs: dict[int, tuple[bytes, byte
     # (version 3 for its exact copies only: without them, version 2)
     with pytest.MonkeyPatch.context() as patcher:
         patcher.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
-        assert delta.read_header(delta.make_patch(old, new)).version == 2
+        assert delta.read_header(delta.make_patch(old, new, format_version=3)).version == 2
 
 
 def _with_field(patch: bytes, old: bytes, field: int, version: int) -> bytes:
@@ -489,22 +493,22 @@ def _with_field(patch: bytes, old: bytes, field: int, version: int) -> bytes:
 
 def test_malformed_literal_bits_are_refused(pairs: dict[int, tuple[bytes, bytes]]) -> None:
     old, new = pairs[THUMB]
-    patch = delta.make_patch(old, new)
+    patch = delta.make_patch(old, new, format_version=3)
     field = _prelude_field(patch, old)
     copy_filters = field & delta.COPY_FILTER_MASK
     others = field & ~delta.LITERAL_MASK  # copy filters and exact copies, if the patch has them
     assert field >> LITERAL_SHIFT & 3 == THUMB
     # the same payload re-framed: version 3 applies, version 2 with the bits set does not
     assert delta.apply_patch(old, _with_field(patch, old, field, 3)) == new
-    with pytest.raises(PatchCorruptError, match="version 2 patch cannot use"):
+    with pytest.raises(PatchCorruptError, match=r"version 2 patch's prelude .* is version 3's"):
         delta.apply_patch(old, _with_field(patch, old, field, 2))
-    with pytest.raises(PatchCorruptError, match="version 3 patch uses no"):
+    with pytest.raises(PatchCorruptError, match=r"version 3 patch's prelude .* is version 2's"):
         delta.apply_patch(old, _with_field(patch, old, copy_filters, 3))
     with pytest.raises(PatchFeatureError, match="transform 3") as caught:
         delta.apply_patch(old, _with_field(patch, old, others | 3 << 3, 3))
     assert isinstance(caught.value, PatchVersionError)
     with pytest.raises(PatchCorruptError, match="unknown filter set"):
-        delta.apply_patch(old, _with_field(patch, old, field | 1 << 6, 3))
+        delta.apply_patch(old, _with_field(patch, old, field | delta.FILTER_X86, 3))
     # a transform that does not match the one used damages the output, which the hash catches
     with pytest.raises(delta.PatchTargetMismatchError):
         delta.apply_patch(old, _with_field(patch, old, others | RISCV << 3, 3))
@@ -544,7 +548,7 @@ _FUZZ_BASE: dict[int, bytes] = {}
 def _fuzz_base(old: bytes, new: bytes) -> bytes:
     key = hash((old, new))
     if key not in _FUZZ_BASE:
-        _FUZZ_BASE[key] = delta.make_patch(old, new, codecs=(CODEC_ZSTD,))
+        _FUZZ_BASE[key] = delta.make_patch(old, new, codecs=(CODEC_ZSTD,), format_version=3)
         assert delta.read_header(_FUZZ_BASE[key]).version == 3
     return _FUZZ_BASE[key]
 

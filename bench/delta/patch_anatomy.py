@@ -54,13 +54,14 @@ def _unzigzag(value: int) -> int:
 def walk(patch: bytes, old: bytes | None = None) -> dict:
     """The streams of an OTAD patch (any version and codec; codec 2 needs ``old``): prelude
     facts, control, difference and extra bytes (version 3: the bitmaps count as control;
-    exact copies have no difference bytes)."""
+    exact copies have no difference bytes; version 4: control entries in columns)."""
     header, payload = decode_payload(patch, old=old)
     length, at = read_varint(payload, 0)
     prelude = payload[at : at + length]
     at += length
     flags, p = read_varint(prelude, 0)
     filters, exact_copies = flags & 7, bool(flags & delta.EXACT_COPIES)
+    columns = bool(flags & delta.COLUMNS)
     maps = [0, 0]
     if filters:
         _, p = read_varint(prelude, p)  # load address + 1
@@ -83,10 +84,14 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
         exact = int.from_bytes(record[r : r + bitmap], "little")
         r += bitmap
         copies = extras = 0
-        for index in range(count):
-            seek, r = read_varint(record, r)
-            copy, r = read_varint(record, r)
-            more, r = read_varint(record, r)
+        fields = []
+        for _ in range(3 * count):
+            value, r = read_varint(record, r)
+            fields.append(value)
+        # version 4 (COLUMNS): all seeks, then all copy lengths, then all extra lengths
+        rows = zip(fields[:count], fields[count : 2 * count], fields[2 * count :], strict=True) \
+            if columns else zip(fields[0::3], fields[1::3], fields[2::3], strict=True)
+        for index, (seek, copy, more) in enumerate(rows):
             seeks += _unzigzag(seek) != 0
             copied += copy
             if more:
