@@ -6,7 +6,7 @@ a version 4 payload and the same records written entry by entry (version 3) give
 target, whole and streamed in any pieces; the version and the COLUMNS flag must agree; a
 column that runs past its record, and 300 mutated payloads, fail only with DeltaError; the
 apply memory stays under its bound; the maker writes version 4 by default and version 3 when
-held to it, on both kernels alike.
+held to it, and keeps a small payload in entry order when zstd prefers that.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otacore import delta, delta_codec
+from otacore import delta, delta_codec, delta_maker
 from otacore.delta import (
     CODEC_ZSTD,
     COLUMNS,
@@ -29,9 +29,12 @@ from otacore.delta import (
     put_varint,
     read_varint,
 )
+from otacore.delta_strategy import SearchResult
 from otacore.delta_stream import decode_payload, python_memory_bound
 from otacore.errors import DeltaError
+from tests.test_delta import image_pairs
 from tests.test_delta_format_v2 import _apply_in_pieces
+from tests.test_delta_strategy import PAIRS
 from tests.test_delta_stream import firmware_pair, peak_during_apply
 
 V3 = Path(__file__).parent / "data" / "delta-v3"
@@ -264,3 +267,33 @@ def test_apply_memory_stays_under_its_bound_with_columns() -> None:
     peak, written = peak_during_apply(old, patch, 1)
     assert written == len(new)
     assert peak < python_memory_bound(header.block_limit)
+
+
+# --- the maker's choice of layout for small payloads ------------------------------------------
+
+
+def _tried_with_and_without_choice(old: bytes, new: bytes) -> tuple[SearchResult, SearchResult]:
+    chosen = delta_maker.search_patch(old, new, effort=2, block_limit=1024)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(delta_maker, "LAYOUT_CHOICE_MAX", -1)  # columns whatever the size
+        columns = delta_maker.search_patch(old, new, effort=2, block_limit=1024)
+    return chosen, columns
+
+
+def test_a_small_payload_keeps_entry_order_when_zstd_prefers_it() -> None:
+    """x86 code whose entries in order make a zstd patch a byte smaller than in columns: the
+    strategies rank on the smaller, and every patch applies."""
+    old, new = PAIRS["x86 code"]()
+    chosen, columns = _tried_with_and_without_choice(old, new)
+    pairs = list(zip(chosen.tried, columns.tried, strict=True))
+    assert all(a[1] <= b[1] for a, b in pairs) and any(a[1] < b[1] for a, b in pairs)
+    assert _applies(old, new, chosen.patch) and _applies(old, new, columns.patch)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=image_pairs(2000))
+def test_the_layout_choice_never_ranks_a_strategy_larger(pair: tuple[bytes, bytes]) -> None:
+    old, new = pair
+    chosen, columns = _tried_with_and_without_choice(old, new)
+    assert all(a[1] <= b[1] for a, b in zip(chosen.tried, columns.tried, strict=True))
+    assert _applies(old, new, chosen.patch)

@@ -102,7 +102,8 @@ def test_splits_anywhere_still_give_the_target(
     monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", run)
     old, new = relinked_firmware(7)
     patch = delta.make_patch(old, new, filters=filters, block_limit=1024)
-    assert delta.read_header(patch).version == 4  # (exact copies in columns)
+    # (exact copies, their control entries in columns or, for a small payload, in order)
+    assert delta.read_header(patch).version in (3, 4)
     assert _prelude_flags(patch, old) & EXACT_COPIES
     assert _applies(old, new, patch)
 
