@@ -476,6 +476,7 @@ def test_data_without_code_gets_no_conversion(pairs: dict[int, tuple[bytes, byte
     # (version 3 for its exact copies only: without them, version 2)
     with pytest.MonkeyPatch.context() as patcher:
         patcher.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
+        patcher.setattr(delta_maker, "EXACT_RUN_DENSE", 1 << 40)
         assert delta.read_header(delta.make_patch(old, new, format_version=3)).version == 2
 
 
