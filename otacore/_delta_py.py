@@ -8,7 +8,8 @@ vectorised 4-gram lookup first), so spans, predictions and difference bytes are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -86,34 +87,91 @@ def _common_prefix(a: bytes, a_at: int, b: bytes, b_at: int, limit: int) -> int:
     return done
 
 
+#: Bytes of a string whose suffix-array range :func:`_word_ranges` finds for every position.
+_WORD = 8
+#: Each bisection round compares this many times as many bytes of the key as the one before.
+_WIDEN = 4
+
+
+def _words(data: bytes, count: int) -> NDArray[np.uint64]:
+    """The _WORD bytes starting at each of the first ``count`` positions of ``data`` (zeros
+    past its end) as big-endian integers: they sort as the strings do."""
+    if count == 0:
+        return np.empty(0, dtype=np.uint64)
+    padded = data + bytes(_WORD)
+    return np.ndarray((count,), dtype=">u8", buffer=padded, strides=(1,)).astype(np.uint64)
+
+
+def _word_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memoryview, ...]:
+    """(first, end): per position q of ``new`` that has _WORD bytes, the range of suffix array
+    entries whose suffixes start with new[q:q + _WORD], except that it may begin with suffixes
+    shorter than _WORD that are a prefix of it (zero padding makes them compare equal).
+
+    The suffix array sorts the padded words too, so one vectorised ``searchsorted`` per side
+    does the first _WORD bytes of every search at once."""
+    count = max(len(new) - _WORD + 1, 0)
+    sorted_words = _words(old, len(old))[index]
+    keys = _words(new, count)
+    first = np.searchsorted(sorted_words, keys, side="left").astype(np.int64)
+    end = np.searchsorted(sorted_words, keys, side="right").astype(np.int64)
+    return first.data, end.data  # memoryviews: fast indexing into Python ints
+
+
 def _search(
-    old: bytes, sa: list[int], new: bytes, scan: int, end: int | None = None
+    old: bytes,
+    sa: list[int],
+    new: bytes,
+    scan: int,
+    end: int | None = None,
+    ranges: tuple[memoryview, ...] | None = None,
 ) -> tuple[int, int]:
-    """(length, old position) of the longest prefix of new[scan:end] found in old."""
+    """(length, old position) of the longest prefix of new[scan:end] found in old;
+    ``ranges``: :func:`_word_ranges` of old and new, or None.
+
+    ota_search (ext/delta_match.h) bisects the suffix array for the boundary between the
+    suffixes that sort before the key (truncated to key_n bytes) and those that do not, then
+    takes the end of the final bracket [lo, hi] with the longer common prefix (lo on a tie).
+    With a sorted suffix array that bracket is a function of the boundary alone: lo = boundary
+    - 1 clamped to [0, old_n - 2], hi = lo + 1 (the C loop keeps "lo below, hi not below";
+    when no suffix or every suffix sorts before the key, one end never moves). Its common
+    prefixes are exact (the C loop's skip only avoids re-comparing a prefix both ends share).
+    So the twin finds the same boundary with ``bisect`` on ``bytes`` slices, whose ordering is
+    the C comparison's ("a suffix that is a proper prefix of the key sorts before it"): first
+    among the suffixes that share the key's first _WORD bytes (from ``ranges``, else by
+    bisecting), then among those that share _WIDEN times as many, and so on up to key_n; a
+    round that finds no suffix sharing its probe has the boundary (all the suffixes before
+    the range sort before the key, all after it after).
+    """
     old_n = len(old)
     key_n = min((len(new) if end is None else end) - scan, _MAX_MATCH)
     if old_n == 0 or key_n == 0:
         return 0, 0
-    lo, hi = 0, old_n - 1
+    first, last = 0, old_n  # the boundary lies in [first, last]
+    size = _WORD
+    if ranges is not None and key_n >= _WORD:
+        first, last = ranges[0][scan], ranges[1][scan]
+        while first < last and sa[first] > old_n - _WORD:
+            first += 1  # a shorter suffix padded with zeros: it sorts before the key
+        size *= _WIDEN
+    while True:
+        if first == last:
+            boundary = first
+            break
+        size = min(size, key_n)
+        probe = new[scan : scan + size]
+
+        def prefix(suffix: int, size: int = size) -> bytes:
+            return old[suffix : suffix + size]
+
+        boundary = bisect_left(sa, probe, first, last, key=prefix)
+        if size == key_n:
+            break
+        first, last = boundary, bisect_right(sa, probe, boundary, last, key=prefix)
+        size *= _WIDEN
+    lo = min(max(boundary - 1, 0), max(old_n - 2, 0))
+    hi = min(lo + 1, old_n - 1)
     lcp_lo = _common_prefix(old, sa[lo], new, scan, min(old_n - sa[lo], key_n))
     lcp_hi = _common_prefix(old, sa[hi], new, scan, min(old_n - sa[hi], key_n))
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        start = min(lcp_lo, lcp_hi)
-        suffix = sa[mid]
-        room = old_n - suffix
-        limit = min(room, key_n)
-        common = start + _common_prefix(old, suffix + start, new, scan + start, limit - start)
-        if common == key_n:
-            below = False
-        elif common == room:
-            below = True
-        else:
-            below = old[suffix + common] < new[scan + common]
-        if below:
-            lo, lcp_lo = mid, common
-        else:
-            hi, lcp_hi = mid, common
     if lcp_lo >= lcp_hi:
         return lcp_lo, sa[lo]
     return lcp_hi, sa[hi]
@@ -133,6 +191,7 @@ def find_matches(
     if old_n and (int(index.min()) < 0 or int(index.max()) >= old_n):
         raise ValueError("suffix array entries are outside the old image")
     sa_list = index.tolist()
+    ranges = _word_ranges(o, index, nw)
 
     def same(o_at: int, n_at: int) -> bool:
         return 0 <= o_at < old_n and o[o_at] == nw[n_at]
@@ -145,7 +204,7 @@ def find_matches(
         scan += match_len
         scored = scan
         while scan < new_n:
-            match_len, pos = _search(o, sa_list, nw, scan)
+            match_len, pos = _search(o, sa_list, nw, scan, None, ranges)
             while scored < scan + match_len:
                 if same(scored + last_offset, scored):
                     old_score += 1
@@ -312,6 +371,7 @@ def cover_gaps(
         raise ValueError("suffix array entries are outside the old image")
     rows = _ordered_spans(spans, old_n, new_n)
     sa_list = index.tolist()
+    ranges = _word_ranges(o, index, nw)
     # A search finds _COVER_MIN bytes or more exactly where new's _COVER_MIN-gram at that
     # position occurs in old: a set lookup, done for all positions at once, skips the
     # searches that cannot succeed (most of a literal gap) without changing any result.
@@ -329,7 +389,7 @@ def cover_gaps(
             if not seen[p]:
                 p += 1
                 continue
-            length, pos = _search(o, sa_list, nw, p, gap_end)
+            length, pos = _search(o, sa_list, nw, p, gap_end, ranges)
             if length < _COVER_MIN:
                 p += 1
                 continue
@@ -419,7 +479,7 @@ def _thumb_encode(out: bytearray, at: int, off: int) -> None:
 
 
 class _Lookup:
-    """Largest key <= x of a (keys, deltas) map."""
+    """Largest key <= x of a (keys, deltas) map (ota_map_find)."""
 
     def __init__(self, pair: MapPair) -> None:
         keys, deltas = pair
@@ -430,11 +490,13 @@ class _Lookup:
         if self.keys.ndim != 1 or self.keys.shape != self.deltas.shape:
             raise ValueError("a map needs one delta per key")
 
-    def find(self, x: int) -> int | None:
-        if not self.keys.shape[0] or x < self.keys[0]:
-            return None
-        at = int(np.searchsorted(self.keys, x, side="right"))
-        return int(self.deltas[at - 1])
+    def find_all(self, x: NDArray[np.int64]) -> tuple[NDArray[np.bool_], NDArray[np.int64]]:
+        """(found, delta) per entry of ``x``; delta is 0 where no key is <= x."""
+        after = np.searchsorted(self.keys, x, side="right")
+        found = after > 0
+        if not self.keys.shape[0]:
+            return found, np.zeros(x.shape, dtype=np.int64)
+        return found, np.where(found, self.deltas[after - 1], 0)
 
 
 class _Model:
@@ -446,79 +508,128 @@ class _Model:
         self.filters, self.base, self.image_size = filters, base, image_size
         self.reloc, self.values = _Lookup(reloc), _Lookup(values)
 
-    def in_image(self, w: int) -> bool:
-        return self.image_size > 0 and 0 <= w - self.base < self.image_size
+    def in_image(self, words: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """Per word value: does it point into the old image (ota_in_image)?"""
+        inside: NDArray[np.bool_] = (words >= self.base) & (words - self.base < self.image_size)
+        return inside & (self.image_size > 0)
 
-    def predict_word(self, w: int) -> int:
-        delta = self.reloc.find(w - self.base) if self.in_image(w) else self.values.find(w)
-        return w if delta is None else (w + delta) & 0xFFFFFFFF
+    def predict_words(self, words: NDArray[np.int64]) -> NDArray[np.int64]:
+        """ota_predict_word of each word value (0..2^32-1): moved by the relocation map
+        (image offset) when it points into the image, else by the value map."""
+        inside = self.in_image(words)
+        found_in, delta_in = self.reloc.find_all(words - self.base)
+        found_out, delta_out = self.values.find_all(words)
+        found = np.where(inside, found_in, found_out)
+        delta = np.where(inside, delta_in, delta_out)
+        return np.where(found, (words + delta) & 0xFFFFFFFF, words)
 
 
-def _indices(mask: NDArray[np.bool_]) -> Iterator[int]:
-    """Positions of True in ``mask``, converted a few hundred at a time (bounded memory)."""
-    found = np.flatnonzero(mask)
-    for start in range(0, found.shape[0], 256):
-        yield from found[start : start + 256].tolist()
+#: Kinds of the items a walk consumes (codes in the arrays :func:`_events` returns).
+_ITEM_BRANCH, _ITEM_WORD, _ITEM_CALL = 0, 1, 2
+
+
+def _le16_at(view: NDArray[np.uint8], at: NDArray[np.int64]) -> NDArray[np.int64]:
+    return view[at].astype(np.int64) | (view[at + 1].astype(np.int64) << 8)
+
+
+def _le32_at(view: NDArray[np.uint8], at: NDArray[np.int64]) -> NDArray[np.int64]:
+    return _le16_at(view, at) | (_le16_at(view, at + 2) << 16)
+
+
+def _s32_all(v: NDArray[np.int64]) -> NDArray[np.int64]:
+    return ((v + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def _thumb_branches_at(view: NDArray[np.uint8], at: NDArray[np.int64]) -> NDArray[np.bool_]:
+    h1, h2 = _le16_at(view, at), _le16_at(view, at + 2)
+    is_branch: NDArray[np.bool_] = ((h1 & 0xF800) == 0xF000) & (
+        ((h2 & 0xD000) == 0xD000) | ((h2 & 0xD000) == 0x9000)
+    )
+    return is_branch
+
+
+def _thumb_offsets(view: NDArray[np.uint8], at: NDArray[np.int64]) -> NDArray[np.int64]:
+    """ota_thumb_offset of the BL/B.W at each offset ``at`` of ``view``."""
+    h1, h2 = _le16_at(view, at), _le16_at(view, at + 2)
+    s, j1, j2 = (h1 >> 10) & 1, (h2 >> 13) & 1, (h2 >> 11) & 1
+    i1, i2 = 1 ^ (j1 ^ s), 1 ^ (j2 ^ s)
+    off = (i1 << 23) | (i2 << 22) | ((h1 & 0x3FF) << 12) | ((h2 & 0x7FF) << 1)
+    return off - (s << 24)
+
+
+def _thumb_encode_all(
+    out: NDArray[np.uint8], at: NDArray[np.int64], off: NDArray[np.int64]
+) -> None:
+    """ota_thumb_encode: offset ``off`` into the branch at each ``at`` of ``out``, where it
+    fits (even, signed 25 bits); the others stay as they are."""
+    fits = ((off & 1) == 0) & (off >= -(1 << 24)) & (off < (1 << 24))
+    at, off = at[fits], off[fits]
+    h1, h2 = _le16_at(out, at), _le16_at(out, at + 2)
+    s, i1, i2 = (off >> 24) & 1, (off >> 23) & 1, (off >> 22) & 1
+    h1 = (h1 & 0xF800) | (s << 10) | ((off >> 12) & 0x3FF)
+    h2 = (h2 & 0xD000) | (((1 ^ i1) ^ s) << 13) | (((1 ^ i2) ^ s) << 11) | ((off >> 1) & 0x7FF)
+    _put_le32(out, at, h1 | (h2 << 16))
+
+
+def _put_le32(out: NDArray[np.uint8], at: NDArray[np.int64], values: NDArray[np.int64]) -> None:
+    for byte in range(4):
+        out[at + byte] = (values >> (8 * byte)) & 0xFF
 
 
 def _events(
-    src: bytes, pos: int, span_end: int, stop: int, model: _Model
-) -> Iterator[tuple[str, int]]:
-    """Consumed items ("branch"/"word"/"call", old offset) of the walk over [pos, stop)."""
+    view: NDArray[np.uint8], pos: int, span_end: int, stop: int, model: _Model
+) -> tuple[NDArray[np.int8], NDArray[np.int64]]:
+    """(kinds, old offsets) of the items (_ITEM_BRANCH/_ITEM_WORD/_ITEM_CALL) the walk over
+    [pos, stop) consumes, in order; ``view`` holds the old bytes from offset ``pos``."""
     filters = model.filters
-    view = np.frombuffer(src, dtype=np.uint8)
-    avail_end = min(span_end, pos + len(src))
+    none = (np.empty(0, dtype=np.int8), np.empty(0, dtype=np.int64))
+    avail_end = min(span_end, pos + view.shape[0])
     if not filters & FILTER_X86 and filters & (FILTER_THUMB | FILTER_WORDS):
         thumb, words = bool(filters & FILTER_THUMB), bool(filters & FILTER_WORDS)
         first = pos + (pos & 1)
-        wide = view.astype(np.uint32)
         base = first - pos
         count = max(0, (avail_end - 4 - first) // 2 + 1)  # even e with e + 4 <= avail_end
         if count == 0:
-            return
-        h1 = wide[base : base + 2 * count : 2] | (wide[base + 1 : base + 2 * count : 2] << 8)
-        h2 = wide[base + 2 : base + 2 * count + 2 : 2] | (
-            wide[base + 3 : base + 2 * count + 2 : 2] << 8
-        )
+            return none
         branch = np.zeros(count + 1, dtype=bool)
         if thumb:
-            branch[:count] = ((h1 & 0xF800) == 0xF000) & (
-                ((h2 & 0xD000) == 0xD000) | ((h2 & 0xD000) == 0x9000)
-            )
+            branch[:count] = _thumb_branches_at(view, np.arange(base, base + 2 * count, 2))
         word = np.zeros(count, dtype=bool)
         if words:
             word[(first & 3) >> 1 :: 2] = True  # halfword k sits at first + 2k: 4-aligned ones
             word &= ~branch[:count] & ~branch[1:]
-        s = first
-        for e in _indices(branch[:count] | word):
-            e_pos = first + 2 * e
-            if e_pos >= stop:
-                break
-            if e_pos < s:
-                continue
-            yield ("branch" if branch[e] else "word"), e_pos
-            s = e_pos + 4
-    elif filters & FILTER_X86:
+        found = np.flatnonzero(branch[:count] | word)
+        found = found[: int(np.searchsorted(found, (stop - first + 1) // 2))]  # first + 2k < stop
+        if found.shape[0] == 0:
+            return none
+        # Every item takes 4 bytes (2 halfwords): along a run of candidates at consecutive
+        # halfwords the walk takes the first, skips the second, takes the third, and so on.
+        run_start = np.ones(found.shape[0], dtype=bool)
+        run_start[1:] = found[1:] != found[:-1] + 1
+        index = np.arange(found.shape[0])
+        taken = found[(index - np.maximum.accumulate(np.where(run_start, index, 0))) % 2 == 0]
+        kinds = np.where(branch[taken], _ITEM_BRANCH, _ITEM_WORD).astype(np.int8)
+        return kinds, first + 2 * taken.astype(np.int64)
+    if filters & FILTER_X86:
         room = max(0, min(stop, span_end - 4) - pos)  # e + 5 <= span_end and e < stop
         calls = np.zeros(max(0, stop - pos), dtype=bool)
         calls[:room] = (view[:room] == 0xE8) | (view[:room] == 0xE9)
         pointers = np.zeros_like(calls)
         if filters & FILTER_WORDS and model.image_size > 0:
             reach = max(0, min(stop, span_end - 3) - pos)  # e + 4 <= span_end
-            wide = view.astype(np.int64)
-            value = (
-                wide[:reach]
-                | (wide[1 : reach + 1] << 8)
-                | (wide[2 : reach + 2] << 16)
-                | (wide[3 : reach + 3] << 24)
-            )
-            pointers[:reach] = (value >= model.base) & (value - model.base < model.image_size)
+            pointers[:reach] = model.in_image(_le32_at(view, np.arange(reach)))
+        kind_list: list[int] = []
+        at_list: list[int] = []
         s = pos
-        for rel in _indices(calls | pointers):
+        is_pointer = pointers.tolist()
+        for rel in np.flatnonzero(calls | pointers).tolist():
             if pos + rel < s:
-                continue
-            yield ("word" if pointers[rel] else "call"), pos + rel
-            s = pos + rel + (4 if pointers[rel] else 5)
+                continue  # inside the item before (calls and words overlap: walk in order)
+            kind_list.append(_ITEM_WORD if is_pointer[rel] else _ITEM_CALL)
+            at_list.append(pos + rel)
+            s = pos + rel + (4 if is_pointer[rel] else 5)
+        return np.array(kind_list, dtype=np.int8), np.array(at_list, dtype=np.int64)
+    return none
 
 
 def _walk_end(pos: int, span_end: int, stop: int, filters: int, last: int) -> int:
@@ -531,7 +642,7 @@ def _walk_end(pos: int, span_end: int, stop: int, filters: int, last: int) -> in
     return stop
 
 
-def _wrap25(t: int) -> int:
+def _wrap25(t: NDArray[np.int64]) -> NDArray[np.int64]:
     return (((t + (1 << 24)) & ((1 << 25) - 1)) - (1 << 24)) & ~1
 
 
@@ -548,6 +659,41 @@ def predict(
     return _walk(src, pos, span_end, limit, shift, model, absolute=False)
 
 
+def _rewrite(
+    out: NDArray[np.uint8],
+    data: NDArray[np.uint8],
+    rel: NDArray[np.int64],
+    kinds: NDArray[np.int8],
+    at: NDArray[np.int64],
+    shift: NDArray[np.int64],
+    walk: _Model,
+    absolute: bool,
+) -> None:
+    """The walk's rewrite of every consumed item at once (items never overlap): the item of
+    kind ``kinds[i]`` at old offset ``at[i]`` sits at ``rel[i]`` in ``data`` (the old bytes)
+    and ``out`` (their prediction, a copy of ``data`` to start with); its copy moves it by
+    ``shift[i]``. Arithmetic wraps at 64 bits as ota_wrap's does (numpy int64 wraps)."""
+    is_branch, is_word = kinds == _ITEM_BRANCH, kinds == _ITEM_WORD
+    word_rel = rel[is_word]
+    _put_le32(out, word_rel, walk.predict_words(_le32_at(data, word_rel)))
+    b_rel, b_at, b_shift = rel[is_branch], at[is_branch], shift[is_branch]
+    target = b_at + 4 + _thumb_offsets(data, b_rel)
+    found, delta = walk.reloc.find_all(target)
+    if absolute:
+        _thumb_encode_all(out, b_rel, _wrap25(target + delta))
+    else:
+        _thumb_encode_all(out, b_rel[found], (target + delta - (b_at + b_shift + 4))[found])
+    is_call = kinds == _ITEM_CALL
+    c_rel, c_at, c_shift = rel[is_call], at[is_call], shift[is_call]
+    target = c_at + 5 + _s32_all(_le32_at(data, c_rel + 1))
+    found, delta = walk.reloc.find_all(target)
+    if absolute:
+        _put_le32(out, c_rel + 1, (target + delta) & 0xFFFFFFFF)
+    else:
+        moved = (target + delta - (c_at + c_shift + 5)) & 0xFFFFFFFF
+        _put_le32(out, c_rel[found] + 1, moved[found])
+
+
 def _walk(
     src: Buffer, pos: int, span_end: int, limit: int, shift: int, model: Model, absolute: bool
 ) -> tuple[bytes, int]:
@@ -561,34 +707,15 @@ def _walk(
     data = bytes(src)
     if len(data) < need:
         raise ValueError(f"predict needs {need} old bytes, got {len(data)}")
-    data = data[:need]
-    out = bytearray(data)
+    view = np.frombuffer(data, dtype=np.uint8, count=need)
+    kinds, at = _events(view, pos, span_end, stop, walk)
+    out = view.copy()
+    _rewrite(out, view, at - pos, kinds, at, np.full(at.shape, shift, np.int64), walk, absolute)
     last = pos
-    for kind, at in _events(data, pos, span_end, stop, walk):
-        rel = at - pos
-        if kind == "branch":
-            target = at + 4 + _thumb_offset(data, rel)
-            delta = walk.reloc.find(target)
-            if absolute:
-                _thumb_encode(out, rel, _wrap25(_wrap64(target + (delta or 0))))
-            elif delta is not None:
-                _thumb_encode(out, rel, _wrap64(target + delta - (at + shift + 4)))
-            last = at + 4
-        elif kind == "word":
-            out[rel : rel + 4] = walk.predict_word(_le32(data, rel)).to_bytes(4, "little")
-            last = at + 4
-        else:
-            target = at + 5 + _s32(_le32(data, rel + 1))
-            delta = walk.reloc.find(target)
-            if absolute:
-                moved = _wrap64(target + (delta or 0)) & 0xFFFFFFFF
-                out[rel + 1 : rel + 5] = moved.to_bytes(4, "little")
-            elif delta is not None:
-                moved = _wrap64(target + delta - (at + shift + 5)) & 0xFFFFFFFF
-                out[rel + 1 : rel + 5] = moved.to_bytes(4, "little")
-            last = at + 5
+    if at.shape[0]:
+        last = int(at[-1]) + (5 if kinds[-1] == _ITEM_CALL else 4)
     end = _walk_end(pos, span_end, stop, walk.filters, last)
-    return bytes(out[: end - pos]), end
+    return out[: end - pos].tobytes(), end
 
 
 def _span_rows(spans: object, old_n: int, new_n: int) -> list[list[int]]:
@@ -601,49 +728,74 @@ def _span_rows(spans: object, old_n: int, new_n: int) -> list[list[int]]:
     return rows
 
 
+def _span_events(
+    old: NDArray[np.uint8], rows: list[list[int]], walk: _Model
+) -> tuple[NDArray[np.int8], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """(kinds, old offsets, shifts, offsets in the spans' old bytes laid end to end) of the
+    items the walk consumes in each copy span, spans in order."""
+    kinds, ats, shifts, rels = [], [], [], []
+    laid = 0
+    for new_pos, old_pos, length in rows:
+        if length == 0:
+            continue
+        end = old_pos + length
+        kind, at = _events(old[old_pos:end], old_pos, end, end, walk)
+        kinds.append(kind)
+        ats.append(at)
+        shifts.append(np.full(at.shape, new_pos - old_pos, np.int64))
+        rels.append(at - old_pos + laid)
+        laid += length
+    if not kinds:
+        empty = np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=np.int8), empty, empty, empty
+    return np.concatenate(kinds), np.concatenate(ats), np.concatenate(shifts), np.concatenate(rels)
+
+
 def observe(old: Buffer, new: Buffer, spans: object, model: Model) -> tuple[NDArray, ...]:
     """(branch_keys, branch_deltas, word_keys, word_deltas) as in the native kernel."""
     walk = _Model(model)
     o, nw = bytes(old), bytes(new)
     rows = _span_rows(spans, len(o), len(nw))
-    branch: tuple[list[int], list[int]] = ([], [])
-    word: tuple[list[int], list[int]] = ([], [])
-    for new_pos, old_pos, length in rows:
-        if length == 0:
-            continue
-        end = old_pos + length
-        shift = new_pos - old_pos
-        for kind, at in _events(o[old_pos:end], old_pos, end, end, walk):
-            if kind == "branch":
-                if _is_thumb_branch(nw, at + shift):
-                    target = at + 4 + _thumb_offset(o, at)
-                    moved = at + shift + 4 + _thumb_offset(nw, at + shift)
-                    branch[0].append(target)
-                    branch[1].append(moved - target)
-            elif kind == "word":
-                value = _le32(o, at)
-                word[0].append(value)
-                word[1].append(_s32(_le32(nw, at + shift) - value))
-            elif nw[at + shift] == o[at]:
-                target = at + 5 + _s32(_le32(o, at + 1))
-                moved = at + shift + 5 + _s32(_le32(nw, at + shift + 1))
-                branch[0].append(target)
-                branch[1].append(moved - target)
-    return tuple(np.array(values, dtype=np.int64) for pair in (branch, word) for values in pair)
+    old_view = np.frombuffer(o, dtype=np.uint8)
+    new_view = np.frombuffer(nw, dtype=np.uint8)
+    kinds, at, shift, _ = _span_events(old_view, rows, walk)
+    moved_at = at + shift
+    # Branches (and calls, never in the same walk) that are still one in new, in order.
+    branch_at, branch_moved_at = at[kinds == _ITEM_BRANCH], moved_at[kinds == _ITEM_BRANCH]
+    kept = _thumb_branches_at(new_view, branch_moved_at)
+    branch_at, branch_moved_at = branch_at[kept], branch_moved_at[kept]
+    targets = branch_at + 4 + _thumb_offsets(old_view, branch_at)
+    moved = branch_moved_at + 4 + _thumb_offsets(new_view, branch_moved_at)
+    call_at, call_moved_at = at[kinds == _ITEM_CALL], moved_at[kinds == _ITEM_CALL]
+    kept = new_view[call_moved_at] == old_view[call_at]
+    call_at, call_moved_at = call_at[kept], call_moved_at[kept]
+    if call_at.shape[0]:
+        targets = call_at + 5 + _s32_all(_le32_at(old_view, call_at + 1))
+        moved = call_moved_at + 5 + _s32_all(_le32_at(new_view, call_moved_at + 1))
+    word_at, word_moved_at = at[kinds == _ITEM_WORD], moved_at[kinds == _ITEM_WORD]
+    values = _le32_at(old_view, word_at)
+    word_deltas = _s32_all(_le32_at(new_view, word_moved_at) - values)
+    return targets, moved - targets, values, word_deltas
 
 
 def diff_spans(old: Buffer, new: Buffer, spans: object, model: Model) -> bytes:
-    """Concatenated difference bytes (new - predicted, mod 256) of every copy span, in order."""
-    _Model(model)
+    """Concatenated difference bytes (new - predicted, mod 256) of every copy span, in order.
+
+    Every span's walk at once: its old bytes laid end to end, rewritten item by item."""
+    walk = _Model(model)
     o, nw = bytes(old), bytes(new)
-    parts = []
-    for new_pos, old_pos, length in _span_rows(spans, len(o), len(nw)):
-        if length == 0:
-            continue
-        end = old_pos + length
-        predicted, _ = predict(o[old_pos:end], old_pos, end, end, new_pos - old_pos, model)
-        parts.append(_sub_bytes(nw[new_pos : new_pos + length], predicted[:length]))
-    return b"".join(parts)
+    rows = _span_rows(spans, len(o), len(nw))
+    old_view = np.frombuffer(o, dtype=np.uint8)
+    new_view = np.frombuffer(nw, dtype=np.uint8)
+    laid_old = [old_view[old_pos : old_pos + length] for _, old_pos, length in rows]
+    laid_new = [new_view[new_pos : new_pos + length] for new_pos, _, length in rows]
+    if not laid_old:
+        return b""
+    data = np.concatenate(laid_old)
+    kinds, at, shift, rel = _span_events(old_view, rows, walk)
+    predicted = data.copy()
+    _rewrite(predicted, data, rel, kinds, at, shift, walk, absolute=False)
+    return (np.concatenate(laid_new) - predicted).tobytes()
 
 
 def add_bytes(a: Buffer, b: Buffer) -> bytes:
