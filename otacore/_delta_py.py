@@ -101,18 +101,18 @@ def suffix_array(data: Buffer) -> NDArray[np.int32]:
 def _common_prefix(a: bytes, a_at: int, b: bytes, b_at: int, limit: int) -> int:
     """Number of equal bytes of a[a_at:] and b[b_at:], at most limit."""
     done = 0
-    step = 16
+    step = _WORD
     while done < limit:
         size = min(step, limit - done)
-        if a[a_at + done : a_at + done + size] == b[b_at + done : b_at + done + size]:
-            done += size
-            step *= 2
-        elif size > 16:
-            step = size // 2  # the first difference is in this chunk: narrow it down
-        else:
-            for k in range(size):
-                if a[a_at + done + k] != b[b_at + done + k]:
-                    return done + k
+        x = a[a_at + done : a_at + done + size]
+        y = b[b_at + done : b_at + done + size]
+        if x != y:
+            # As ota_common_prefix: the lowest set bit of the little-endian XOR is in the
+            # first byte that differs.
+            diff = int.from_bytes(x, "little") ^ int.from_bytes(y, "little")
+            return done + (((diff & -diff).bit_length() - 1) >> 3)
+        done += size
+        step *= 2
     return done
 
 
@@ -132,14 +132,20 @@ def _words(data: bytes, count: int) -> NDArray[np.uint64]:
 
 
 def _word_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memoryview, ...]:
-    """(first, end): per position q of ``new`` that has _WORD bytes, the range of suffix array
+    """Per position q of ``new`` that has _WORD bytes: (first, end), the range of suffix array
     entries whose suffixes start with new[q:q + _WORD], except that it may begin with suffixes
-    shorter than _WORD that are a prefix of it (zero padding makes them compare equal).
+    shorter than _WORD that are a prefix of it (zero padding makes them compare equal); and,
+    where that range is empty, (length, old position): :func:`_search`'s answer for any key
+    of at least _WORD bytes starting at q.
 
     The suffix array sorts the padded words too, so one vectorised ``searchsorted`` per side
-    does the first _WORD bytes of every search at once."""
+    does the first _WORD bytes of every search at once. Where no suffix shares them, the
+    boundary is ``first`` itself, and the common prefixes of its two neighbours are the equal
+    leading bytes of two words (fewer than _WORD, capped at the suffix's length)."""
+    old_n = len(old)
     count = max(len(new) - _WORD + 1, 0)
-    sorted_words = _words(old, len(old))[index]
+    old_words = _words(old, old_n)
+    sorted_words = old_words[index]
     keys = _words(new, count)
     # Searched in sorted order (numpy then narrows each search from the one before, and reads
     # memory in order: 3x faster than in new's order on a 1.5 MB image).
@@ -149,7 +155,27 @@ def _word_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memo
     end = np.empty(count, dtype=np.int64)
     first[key_order] = np.searchsorted(sorted_words, ordered_keys, side="left")
     end[key_order] = np.searchsorted(sorted_words, ordered_keys, side="right")
-    return first.data, end.data  # memoryviews: fast indexing into Python ints
+    found_len = np.zeros(count, dtype=np.int64)
+    found_at = np.zeros(count, dtype=np.int64)
+    if old_n and count:
+        missing = np.flatnonzero(first == end)
+        boundary = first[missing]
+        lo = np.minimum(np.maximum(boundary - 1, 0), max(old_n - 2, 0))
+        hi = np.minimum(lo + 1, old_n - 1)
+        ends: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
+        for bracket_end in (lo, hi):
+            suffix = index[bracket_end].astype(np.int64)
+            diff = old_words[suffix] ^ keys[missing]
+            common = np.zeros(missing.shape[0], dtype=np.int64)
+            for leading in range(1, _WORD + 1):  # bytes from the most significant down
+                common += (diff >> np.uint64(64 - 8 * leading)) == 0
+            ends.append((np.minimum(common, old_n - suffix), suffix))
+        (lcp_lo, at_lo), (lcp_hi, at_hi) = ends
+        take_lo = lcp_lo >= lcp_hi
+        found_len[missing] = np.where(take_lo, lcp_lo, lcp_hi)
+        found_at[missing] = np.where(take_lo, at_lo, at_hi)
+    # memoryviews: fast indexing into Python ints
+    return first.data, end.data, found_len.data, found_at.data
 
 
 def _search(
@@ -185,6 +211,8 @@ def _search(
     size = _WORD
     if ranges is not None and key_n >= _WORD:
         first, last = ranges[0][scan], ranges[1][scan]
+        if first == last:
+            return ranges[2][scan], ranges[3][scan]
         while first < last and sa[first] > old_n - _WORD:
             first += 1  # a shorter suffix padded with zeros: it sorts before the key
         size *= _WIDEN
@@ -673,6 +701,73 @@ def _put_le32(out: NDArray[np.uint8], at: NDArray[np.int64], values: NDArray[np.
         out[at + byte] = (values >> (8 * byte)) & 0xFF
 
 
+def _grid_events(
+    view: NDArray[np.uint8],
+    base: int,
+    firsts: NDArray[np.int64],
+    avails: NDArray[np.int64],
+    stops: NDArray[np.int64],
+    thumb: bool,
+    words: bool,
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int8]]:
+    """(walk index, old offset, kind) of the items the THUMB/WORDS walks consume, walks in
+    order and each walk's items in order. ``view`` holds old offsets [base, base + len);
+    walk i starts at the even offset firsts[i] and takes items at e < stops[i] with
+    e + 4 <= avails[i].
+
+    A branch or a 4-aligned word not overlapping one can start at every even offset
+    (ext/delta_filter.h), so the candidates are found once for the whole view; a walk takes
+    its candidates' range, plus a word that is one only in this walk (the branch right after
+    it does not fit before avails[i]). Every item takes 2 halfwords: along a run of
+    candidates at consecutive halfwords a walk takes the first, skips the second, takes the
+    third, and so on."""
+    none = np.empty(0, dtype=np.int64)
+    e0 = base + (base & 1)  # halfword k of the grid is at old offset e0 + 2k
+    count = max(0, (base + view.shape[0] - 4 - e0) // 2 + 1)  # e + 4 <= the view's end
+    if count == 0 or firsts.shape[0] == 0:
+        return none, none, np.empty(0, dtype=np.int8)
+    branch = np.zeros(count + 1, dtype=bool)
+    if thumb:
+        branch[:count] = _thumb_branches_at(view, np.arange(e0 - base, e0 - base + 2 * count, 2))
+    aligned = np.zeros(count + 1, dtype=bool)
+    aligned[(e0 & 3) >> 1 :: 2] = True  # 4-aligned halfwords
+    word = np.zeros(count, dtype=bool)
+    if words:
+        word = aligned[:count] & ~branch[:count] & ~branch[1:]
+    candidates = np.flatnonzero(branch[:count] | word)
+    k_first = (firsts - e0) // 2
+    k_last = (avails - 4 - e0) // 2  # the last halfword whose item fits
+    k_stop = np.minimum(k_last, (stops - 1 - e0) // 2)
+    lo = np.searchsorted(candidates, k_first, side="left")
+    regular = np.maximum(np.searchsorted(candidates, k_stop, side="right") - lo, 0)
+    at_last = np.clip(k_last, 0, count - 1)
+    extra = (
+        (k_first <= k_last)
+        & (k_last <= k_stop)
+        & aligned[at_last]
+        & ~branch[at_last]
+        & branch[at_last + 1]
+    )
+    if not words:
+        extra[:] = False
+    lengths = regular + extra
+    total = int(lengths.sum())
+    if total == 0:
+        return none, none, np.empty(0, dtype=np.int8)
+    walk_of = np.repeat(np.arange(firsts.shape[0]), lengths)
+    index = np.arange(total)
+    within = index - (np.cumsum(lengths) - lengths)[walk_of]
+    padded = np.append(candidates, 0)  # so that an extra's index stays in bounds
+    from_range = padded[np.minimum(lo[walk_of] + within, candidates.shape[0])]
+    ks = np.where(within < regular[walk_of], from_range, at_last[walk_of])
+    run_start = within == 0
+    run_start[1:] |= ks[1:] != ks[:-1] + 1
+    taken = (index - np.maximum.accumulate(np.where(run_start, index, 0))) % 2 == 0
+    ks = ks[taken]
+    kinds = np.where(branch[ks], _ITEM_BRANCH, _ITEM_WORD).astype(np.int8)
+    return walk_of[taken], e0 + 2 * ks, kinds
+
+
 def _events(
     view: NDArray[np.uint8], pos: int, span_end: int, stop: int, model: _Model
 ) -> tuple[NDArray[np.int8], NDArray[np.int64]]:
@@ -682,31 +777,16 @@ def _events(
     none = (np.empty(0, dtype=np.int8), np.empty(0, dtype=np.int64))
     avail_end = min(span_end, pos + view.shape[0])
     if not filters & FILTER_X86 and filters & (FILTER_THUMB | FILTER_WORDS):
-        thumb, words = bool(filters & FILTER_THUMB), bool(filters & FILTER_WORDS)
-        first = pos + (pos & 1)
-        base = first - pos
-        count = max(0, (avail_end - 4 - first) // 2 + 1)  # even e with e + 4 <= avail_end
-        if count == 0:
-            return none
-        branch = np.zeros(count + 1, dtype=bool)
-        if thumb:
-            branch[:count] = _thumb_branches_at(view, np.arange(base, base + 2 * count, 2))
-        word = np.zeros(count, dtype=bool)
-        if words:
-            word[(first & 3) >> 1 :: 2] = True  # halfword k sits at first + 2k: 4-aligned ones
-            word &= ~branch[:count] & ~branch[1:]
-        found = np.flatnonzero(branch[:count] | word)
-        found = found[: int(np.searchsorted(found, (stop - first + 1) // 2))]  # first + 2k < stop
-        if found.shape[0] == 0:
-            return none
-        # Every item takes 4 bytes (2 halfwords): along a run of candidates at consecutive
-        # halfwords the walk takes the first, skips the second, takes the third, and so on.
-        run_start = np.ones(found.shape[0], dtype=bool)
-        run_start[1:] = found[1:] != found[:-1] + 1
-        index = np.arange(found.shape[0])
-        taken = found[(index - np.maximum.accumulate(np.where(run_start, index, 0))) % 2 == 0]
-        kinds = np.where(branch[taken], _ITEM_BRANCH, _ITEM_WORD).astype(np.int8)
-        return kinds, first + 2 * taken.astype(np.int64)
+        _, at, kinds = _grid_events(
+            view,
+            pos,
+            np.array([pos + (pos & 1)], dtype=np.int64),
+            np.array([avail_end], dtype=np.int64),
+            np.array([stop], dtype=np.int64),
+            bool(filters & FILTER_THUMB),
+            bool(filters & FILTER_WORDS),
+        )
+        return kinds, at
     if filters & FILTER_X86:
         room = max(0, min(stop, span_end - 4) - pos)  # e + 5 <= span_end and e < stop
         calls = np.zeros(max(0, stop - pos), dtype=bool)
@@ -830,22 +910,43 @@ def _span_events(
 ) -> tuple[NDArray[np.int8], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """(kinds, old offsets, shifts, offsets in the spans' old bytes laid end to end) of the
     items the walk consumes in each copy span, spans in order."""
-    kinds, ats, shifts, rels = [], [], [], []
-    laid = 0
-    for new_pos, old_pos, length in rows:
-        if length == 0:
-            continue
-        end = old_pos + length
-        kind, at = _events(old[old_pos:end], old_pos, end, end, walk)
-        kinds.append(kind)
-        ats.append(at)
-        shifts.append(np.full(at.shape, new_pos - old_pos, np.int64))
-        rels.append(at - old_pos + laid)
-        laid += length
-    if not kinds:
+    table = np.array([row for row in rows if row[2] > 0], dtype=np.int64).reshape(-1, 3)
+    new_pos, old_pos, length = table[:, 0], table[:, 1], table[:, 2]
+    laid = np.cumsum(length) - length  # where each span's old bytes start, laid end to end
+    ends = old_pos + length
+    filters = walk.filters
+    if not filters or not table.shape[0]:
         empty = np.empty(0, dtype=np.int64)
         return np.empty(0, dtype=np.int8), empty, empty, empty
-    return np.concatenate(kinds), np.concatenate(ats), np.concatenate(shifts), np.concatenate(rels)
+    if not filters & FILTER_X86 and filters & (FILTER_THUMB | FILTER_WORDS):
+        span_of, at, kinds = _grid_events(
+            old,
+            0,
+            old_pos + (old_pos & 1),
+            ends,
+            ends,
+            bool(filters & FILTER_THUMB),
+            bool(filters & FILTER_WORDS),
+        )
+        return kinds, at, (new_pos - old_pos)[span_of], at - old_pos[span_of] + laid[span_of]
+    kinds_list, ats, shifts, rels = [], [], [], []
+    for (span_new, span_old, _), span_end, span_laid in zip(
+        table.tolist(), ends.tolist(), laid.tolist(), strict=True
+    ):
+        kind, at = _events(old[span_old:span_end], span_old, span_end, span_end, walk)
+        kinds_list.append(kind)
+        ats.append(at)
+        shifts.append(np.full(at.shape, span_new - span_old, np.int64))
+        rels.append(at - span_old + span_laid)
+    if not kinds_list:
+        empty = np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=np.int8), empty, empty, empty
+    return (
+        np.concatenate(kinds_list),
+        np.concatenate(ats),
+        np.concatenate(shifts),
+        np.concatenate(rels),
+    )
 
 
 def observe(old: Buffer, new: Buffer, spans: object, model: Model) -> tuple[NDArray, ...]:
