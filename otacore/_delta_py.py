@@ -8,6 +8,7 @@ vectorised 4-gram lookup first), so spans, predictions and difference bytes are 
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from operator import eq
@@ -129,6 +130,28 @@ def _words(data: bytes, count: int) -> NDArray[np.uint64]:
         return np.empty(0, dtype=np.uint64)
     padded = data + bytes(_WORD)
     return np.ndarray((count,), dtype=">u8", buffer=padded, strides=(1,)).astype(np.uint64)
+
+
+#: id(suffix array) -> (a weak reference to it, old, new, their :func:`_word_ranges`): the
+#: maker runs find_matches and then cover_gaps on the same three objects. An entry goes when
+#: its suffix array does.
+_Ranges = tuple[memoryview, ...]
+_ranges_cache: dict[int, tuple[weakref.ref[NDArray[np.int32]], bytes, bytes, _Ranges]] = {}
+
+
+def _cached_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memoryview, ...]:
+    """:func:`_word_ranges`, kept while the suffix array ``index`` lives."""
+    key = id(index)
+    entry = _ranges_cache.get(key)
+    if entry is not None and entry[0]() is index and entry[1] is old and entry[2] is new:
+        return entry[3]
+    ranges = _word_ranges(old, index, new)
+    try:
+        reference = weakref.ref(index, lambda _: _ranges_cache.pop(key, None))
+    except TypeError:  # not weakly referenceable (a view of another array's memory is)
+        return ranges
+    _ranges_cache[key] = (reference, old, new, ranges)
+    return ranges
 
 
 def _word_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memoryview, ...]:
@@ -316,7 +339,9 @@ def find_matches(
     if old_n and (int(index.min()) < 0 or int(index.max()) >= old_n):
         raise ValueError("suffix array entries are outside the old image")
     sa_list = index.tolist()
-    ranges = _word_ranges(o, index, nw)
+    ranges = _cached_ranges(o, index, nw)
+    ranges_first, ranges_end, found_len, found_at = ranges
+    ranged = len(ranges_first)
 
     def same(o_at: int, n_at: int) -> bool:
         return 0 <= o_at < old_n and o[o_at] == nw[n_at]
@@ -329,7 +354,10 @@ def find_matches(
         scan += match_len
         scored = scan
         while scan < new_n:
-            match_len, pos = _search(o, sa_list, nw, scan, None, ranges)
+            if scan < ranged and ranges_first[scan] == ranges_end[scan]:
+                match_len, pos = found_len[scan], found_at[scan]  # _search's answer, faster
+            else:
+                match_len, pos = _search(o, sa_list, nw, scan, None, ranges)
             if scored < scan + match_len:
                 old_score += _agreeing(o, nw, last_offset, scored, scan + match_len)
                 scored = scan + match_len
@@ -496,11 +524,14 @@ def cover_gaps(
         raise ValueError("suffix array entries are outside the old image")
     rows = _ordered_spans(spans, old_n, new_n)
     sa_list = index.tolist()
-    ranges = _word_ranges(o, index, nw)
+    ranges = _cached_ranges(o, index, nw)
     # A search finds _COVER_MIN bytes or more exactly where new's _COVER_MIN-gram at that
     # position occurs in old: a set lookup, done for all positions at once, skips the
     # searches that cannot succeed (most of a literal gap) without changing any result.
     seen = _grams_in(nw, _grams(o))
+    # next_seen[p]: the first position >= p whose gram may occur in old (new_n if none)
+    candidates = np.flatnonzero(seen)
+    next_seen = np.append(candidates, new_n)[np.searchsorted(candidates, np.arange(new_n))].data
 
     literal = costs.__getitem__
     def copy(o_at: int, n_at: int) -> int:
@@ -511,8 +542,8 @@ def cover_gaps(
     for gap_end, span_old, span_len in [*rows, [new_n, 0, 0]]:
         p = at
         while gap_end - p >= _COVER_MIN:
-            if not seen[p]:
-                p += 1
+            if next_seen[p] != p:
+                p = next_seen[p]  # the positions in between cannot find _COVER_MIN bytes
                 continue
             length, pos = _search(o, sa_list, nw, p, gap_end, ranges)
             if length < _COVER_MIN:
