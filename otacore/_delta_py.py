@@ -1,9 +1,14 @@
-"""Pure-Python twin of ext/delta.pyx (same functions, same results, much slower).
+"""Pure-Python twin of ext/delta.pyx (same functions, same results, slower).
 
-The suffix array uses numpy prefix doubling (the suffix array is unique, so it equals SA-IS's
-result); the matcher, the gap covers and the filter walk follow ext/delta_match.h and
-ext/delta_filter.h step by step (the covers skip searches that cannot find 4 bytes by a
-vectorised 4-gram lookup first), so spans, predictions and difference bytes are identical.
+It computes what the C code computes, but not always the way the C code does, because
+CPython's per-step cost decides: the suffix array comes from numpy prefix doubling (it is
+unique, so it equals SA-IS's); ota_search's bisection becomes ``bisect`` on bytes slices
+after one vectorised ``searchsorted`` of every position's first 8 bytes (which also answers
+every search that finds fewer, see :func:`_search`); the matcher's byte loops are counts and
+best prefixes over runs; the filter walk finds the items of all copy spans at once and
+rewrites them with array arithmetic. The matcher's and the covers' control flow follow
+ext/delta_match.h step by step, so spans, predictions and difference bytes are identical
+(tests/test_delta.py and tests/test_delta_twin_speed.py compare them with the kernel).
 """
 
 from __future__ import annotations
