@@ -550,6 +550,8 @@ def cover_gaps(
     rows = _ordered_spans(spans, old_n, new_n)
     sa_list = index.data  # indexes into Python ints without a list of them
     ranges = _cached_ranges(o, index, nw)
+    ranges_first, ranges_end, found_len, found_at = ranges
+    ranged = len(ranges_first)
     # A search finds _COVER_MIN bytes or more exactly where new's _COVER_MIN-gram at that
     # position occurs in old: a set lookup, done for all positions at once, skips the
     # searches that cannot succeed (most of a literal gap) without changing any result.
@@ -570,7 +572,10 @@ def cover_gaps(
             if next_seen[p] != p:
                 p = next_seen[p]  # the positions in between cannot find _COVER_MIN bytes
                 continue
-            length, pos = _search(o, sa_list, nw, p, gap_end, ranges)
+            if p < ranged and ranges_first[p] == ranges_end[p] and gap_end - p >= _WORD:
+                length, pos = found_len[p], found_at[p]  # _search's answer, faster
+            else:
+                length, pos = _search(o, sa_list, nw, p, gap_end, ranges)
             if length < _COVER_MIN:
                 p += 1
                 continue
