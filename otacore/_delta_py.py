@@ -917,17 +917,23 @@ def _rewrite(
     kind ``kinds[i]`` at old offset ``at[i]`` sits at ``rel[i]`` in ``data`` (the old bytes)
     and ``out`` (their prediction, a copy of ``data`` to start with); its copy moves it by
     ``shift[i]``. Arithmetic wraps at 64 bits as ota_wrap's does (numpy int64 wraps)."""
+    # (each kind only when present: the streaming applier predicts in small pieces, where
+    # numpy's per-call cost would dominate)
     is_branch, is_word = kinds == _ITEM_BRANCH, kinds == _ITEM_WORD
     word_rel = rel[is_word]
-    _put_le32(out, word_rel, walk.predict_words(_le32_at(data, word_rel)))
+    if word_rel.shape[0]:
+        _put_le32(out, word_rel, walk.predict_words(_le32_at(data, word_rel)))
     b_rel, b_at, b_shift = rel[is_branch], at[is_branch], shift[is_branch]
-    target = b_at + 4 + _thumb_offsets(data, b_rel)
-    found, delta = walk.reloc.find_all(target)
-    if absolute:
-        _thumb_encode_all(out, b_rel, _wrap25(target + delta))
-    else:
-        _thumb_encode_all(out, b_rel[found], (target + delta - (b_at + b_shift + 4))[found])
+    if b_rel.shape[0]:
+        target = b_at + 4 + _thumb_offsets(data, b_rel)
+        found, delta = walk.reloc.find_all(target)
+        if absolute:
+            _thumb_encode_all(out, b_rel, _wrap25(target + delta))
+        else:
+            _thumb_encode_all(out, b_rel[found], (target + delta - (b_at + b_shift + 4))[found])
     is_call = kinds == _ITEM_CALL
+    if not is_call.any():
+        return
     c_rel, c_at, c_shift = rel[is_call], at[is_call], shift[is_call]
     target = c_at + 5 + _s32_all(_le32_at(data, c_rel + 1))
     found, delta = walk.reloc.find_all(target)
@@ -953,6 +959,9 @@ def _walk(
         raise ValueError(f"predict needs {need} old bytes, got {len(data)}")
     view = np.frombuffer(data, dtype=np.uint8, count=need)
     kinds, at = _events(view, pos, span_end, stop, walk)
+    if not at.shape[0]:  # nothing to rewrite: the old bytes as they are
+        end = _walk_end(pos, span_end, stop, walk.filters, pos)
+        return data[: end - pos], end
     out = view.copy()
     _rewrite(out, view, at - pos, kinds, at, np.full(at.shape, shift, np.int64), walk, absolute)
     last = pos
