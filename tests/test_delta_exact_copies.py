@@ -252,12 +252,9 @@ def test_payload_format_version_reads_long_prelude_lengths() -> None:
     assert payload_format_version(b"") == 2
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32), edits=st.integers(1, 4))
-def test_mutated_version_3_payloads_fail_with_a_delta_error_only(seed: int, edits: int) -> None:
-    """Whatever the damage inside the (correctly compressed) payload, the applier gives the
-    target or raises DeltaError, never another exception."""
-    old, new, header, payload = _SAMPLE
+def mutated(payload: bytes, seed: int, edits: int) -> bytes:
+    """``payload`` with ``edits`` random edits (a flipped bit, a replaced byte or 1-5 bytes
+    cut), chosen by ``seed``."""
     rng = random.Random(seed)
     damaged = bytearray(payload)
     for _ in range(edits):
@@ -269,8 +266,17 @@ def test_mutated_version_3_payloads_fail_with_a_delta_error_only(seed: int, edit
             damaged[at] = rng.randrange(256)
         else:
             del damaged[at : at + rng.randrange(1, 6)]
+    return bytes(damaged)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), edits=st.integers(1, 4))
+def test_mutated_version_3_payloads_fail_with_a_delta_error_only(seed: int, edits: int) -> None:
+    """Whatever the damage inside the (correctly compressed) payload, the applier gives the
+    target or raises DeltaError, never another exception."""
+    old, new, header, payload = _SAMPLE
     try:
-        out = delta.apply_patch(old, _repack(header, bytes(damaged)))
+        out = delta.apply_patch(old, _repack(header, mutated(payload, seed, edits)))
     except DeltaError:
         return
     assert out == new, f"seed {seed}: damaged patch produced other output without an error"
