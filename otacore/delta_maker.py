@@ -30,6 +30,7 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -456,10 +457,16 @@ class _Planner:
         describes."""
         return bytes(fmt._kernel.diff_spans(self.old, self.new, rows, self._models[prelude]))
 
+    @cached_property
+    def entry_table(self) -> NDArray[np.int64]:
+        """``entries`` as an array, one row each (made once: every payload's pieces start
+        from it)."""
+        return np.array(self.entries, dtype=np.int64).reshape(-1, 5)
+
     def whole_pieces(self, diff: bytes) -> _Pieces:
         """The entries as they are, one piece each, none exact (for a version 4 payload with
         no stretch to split off)."""
-        table = np.array(self.entries, dtype=np.int64).reshape(-1, 5)
+        table = self.entry_table
         seeks, copies, extras = table[:, 0], table[:, 1], table[:, 2]
         return _Pieces(
             seek=seeks,
@@ -605,8 +612,7 @@ def _split_entries(planner: _Planner, prelude: bytes, diff: bytes, run: int) -> 
     (runs end where an entry starts), each run an exact piece; None when there is none."""
     if not planner.entries:
         return None
-    table = np.array(planner.entries, dtype=np.int64).reshape(-1, 5)
-    seeks, copies, extras, new_at, old_at = table.T
+    seeks, copies, extras, new_at, old_at = planner.entry_table.T
     offsets = _exclusive_cumsum(copies)
     values = np.frombuffer(diff, dtype=np.uint8)
     size = len(values)

@@ -33,22 +33,13 @@ from otacore.delta_strategy import SearchResult
 from otacore.delta_stream import decode_payload, python_memory_bound
 from otacore.errors import DeltaError
 from tests.test_delta import image_pairs
-from tests.test_delta_exact_copies import mutated
-from tests.test_delta_format_v2 import _apply_in_pieces
+from tests.test_delta_exact_copies import _applies, mutated
 from tests.test_delta_strategy import PAIRS
 from tests.test_delta_stream import firmware_pair, peak_during_apply
 
 V3 = Path(__file__).parent / "data" / "delta-v3"
 V2 = Path(__file__).parent / "data" / "delta-v2"
 CALLS = Path(__file__).parent / "data" / "delta-v2-thumb-calls"
-
-
-def _applies(old: bytes, new: bytes, patch: bytes) -> bool:
-    return all(
-        out == new
-        for out in (delta.apply_patch(old, patch), _apply_in_pieces(old, patch, 1),
-                    _apply_in_pieces(old, patch, 997))
-    )
 
 
 @pytest.mark.parametrize(
