@@ -1146,8 +1146,9 @@ def search_patch(
     workers: int = DEFAULT_WORKERS,
     format_version: int = fmt.NEWEST_VERSION,
 ) -> delta_strategy.SearchResult:
-    """The smallest of the patches of the first ``effort`` strategies (otacore.delta_strategy)
-    that turn ``old`` into ``new``, with what was tried.
+    """The smallest of the patches of the first strategies (otacore.delta_strategy) that
+    turn ``old`` into ``new``, with what was tried: ``effort`` of them for an image of at least
+    EFFORT_UNIT bytes, more for a smaller one (``delta_strategy.strategies_for``).
 
     ``filters`` forces one filter set (one strategy, whatever ``effort``); ``threshold`` is
     the first pass's switching threshold (ext/delta_match.h). The steps of each strategy are
@@ -1186,6 +1187,7 @@ def search_patch(
         scores = branch_scores(old_bytes)
         detected = _family_of(scores)
         order = delta_strategy.strategy_order(detected, scores)
+        effort = delta_strategy.strategies_for(effort, max(len(old_bytes), len(new_bytes)))
 
     made: list[_Made] = []  # each strategy's zstd patch (and dense payload), in order
     with _pools(workers) as (encoders, background, strategies):

@@ -140,6 +140,44 @@ def test_the_search_makes_exactly_its_budget_and_keeps_the_first_smallest() -> N
         assert result.strategy == next(s for s in order[:effort] if sizes[s] == best)
 
 
+def test_small_images_get_more_strategies_within_the_same_budget() -> None:
+    unit, most = delta_strategy.EFFORT_UNIT, delta_strategy.MAX_EFFORT
+    for effort in range(1, most + 1):
+        # An image of a unit or more gets exactly its effort; effort 1 is always one strategy.
+        assert delta_strategy.strategies_for(effort, unit) == effort
+        assert delta_strategy.strategies_for(effort, 10 * unit) == effort
+        assert delta_strategy.strategies_for(1, 1) == 1
+    # Below a unit, as many makes as fit into effort * unit bytes, never more than all six.
+    assert delta_strategy.strategies_for(2, unit // 2) == 4
+    assert delta_strategy.strategies_for(2, unit // 2 + 1) == 3
+    assert delta_strategy.strategies_for(2, unit // 3) == most
+    assert delta_strategy.strategies_for(3, 0) == most
+    for size in (1, 1000, unit // 2, unit - 1, unit, 3 * unit):
+        counts = [delta_strategy.strategies_for(e, size) for e in range(1, most + 1)]
+        assert counts == sorted(counts) and counts[-1] == most  # more effort, never fewer
+        # The budget holds: the strategies beyond the effort fit into effort * unit bytes.
+        assert all(c == e or c * size <= e * unit for e, c in enumerate(counts, 1))
+    with pytest.raises(delta.PatchInputError):
+        delta_strategy.strategies_for(0, unit)
+
+
+def test_a_small_image_searches_every_strategy_at_the_default_effort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The search makes strategies_for(effort, size) strategies: all six for a small pair at
+    the default effort, the effort's two once the unit is no larger than the pair."""
+    old, new = PAIRS["x86 code"]()
+    size = max(len(old), len(new))
+    assert size <= delta_strategy.EFFORT_UNIT // 3
+    result = delta_maker.search_patch(old, new)
+    assert len(result.tried) == delta_strategy.MAX_EFFORT
+    assert _applies(old, new, result.patch)
+    monkeypatch.setattr(delta_strategy, "EFFORT_UNIT", size)
+    budgeted = delta_maker.search_patch(old, new)
+    assert budgeted.tried == result.tried[: delta_strategy.DEFAULT_EFFORT]
+    assert len(result.patch) <= len(budgeted.patch)
+
+
 @pytest.mark.parametrize("effort", [0, 7, -1, True, 2.0, "2"])
 def test_an_effort_outside_the_range_is_refused_with_the_range(effort: object) -> None:
     with pytest.raises(
@@ -159,7 +197,12 @@ PAIRS = {
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))
-def test_more_effort_is_never_larger_and_every_kept_patch_applies(name: str) -> None:
+def test_more_effort_is_never_larger_and_every_kept_patch_applies(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Effort counted in strategies whatever the image size (these images are small enough to
+    # get all six at every effort above 1 otherwise; test_small_images_get_more_strategies).
+    monkeypatch.setattr(delta_strategy, "EFFORT_UNIT", 1)
     old, new = PAIRS[name]()
     alone = delta_maker.search_patch(old, new, effort=1)
     assert alone.strategy is delta_strategy.AUTO and len(alone.tried) == 1
@@ -241,7 +284,7 @@ def test_fuzzed_pairs_through_the_search_apply_and_never_grow(
     family = delta_maker.detect_family(old)
     assert family in (0, FILTER_THUMB, FILTER_X86)
     result = delta_maker.search_patch(old, new, effort=effort, block_limit=1024)
-    assert len(result.tried) == effort
+    assert len(result.tried) == delta_strategy.strategies_for(effort, max(len(old), len(new)))
     assert _applies(old, new, result.patch)
     alone = delta_maker.search_patch(old, new, effort=1, block_limit=1024)
     assert len(result.patch) <= len(alone.patch)

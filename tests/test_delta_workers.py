@@ -88,6 +88,7 @@ def test_the_second_strategy_is_made_beside_the_first(monkeypatch: pytest.Monkey
     in the caller's thread); the first won, so its codec step is the only one, its passes on
     the encoder threads. Without threads everything runs in the caller's thread, and the
     patch is the same."""
+    monkeypatch.setattr(delta_strategy, "EFFORT_UNIT", 1)  # two strategies, not all six
     old, new = PAIRS["thumb relinked"]()
     log = _log_threads(monkeypatch)
     threaded = delta_maker.search_patch(old, new, effort=2, workers=2)

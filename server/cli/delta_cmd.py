@@ -59,7 +59,8 @@ def make(
         min=1,
         max=delta_strategy.MAX_EFFORT,
         help="Strategies (filter sets) made in full, the smallest patch kept: make time grows "
-        "about linearly with it; 1 is the detector's choice alone.",
+        "about linearly with it; images under 128 KiB get more within the same budget; 1 is "
+        "the detector's choice alone.",
     ),
     codec: str = typer.Option(
         "auto",

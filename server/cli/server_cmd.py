@@ -160,7 +160,8 @@ def server(
     delta_effort: int | None = typer.Option(
         None, "--delta-effort", min=1, max=6,
         help="Strategies (filter sets) made in full for each delta patch, the smallest kept: "
-        "make time grows about linearly with it (default 2; 1 is the detector's choice alone).",
+        "make time grows about linearly with it; images under 128 KiB get more within the "
+        "same budget (default 2; 1 is the detector's choice alone).",
     ),
     delta_threads_per_patch: int | None = typer.Option(
         None, "--delta-threads-per-patch", min=1, max=16,

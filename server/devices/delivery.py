@@ -70,8 +70,8 @@ class OtaConfig:
     #: no version 3 (exact copies, literal branch conversion).
     delta_format_version: int = NEWEST_VERSION
     #: Strategies (filter sets) the server makes in full for each delta patch, keeping the
-    #: smallest (otacore.delta_strategy): make time grows about linearly with it; 1 is the
-    #: family detector's choice alone.
+    #: smallest (otacore.delta_strategy): make time grows about linearly with it; images
+    #: under 128 KiB get more within the same budget; 1 is the family detector's choice alone.
     delta_effort: int = DEFAULT_EFFORT
     #: Payload codec of the delta patches the server makes (otacore.delta_codec): "auto"
     #: (the smaller of zstd and LZMA2, same apply window), "zstd" (for devices whose
