@@ -11,17 +11,18 @@ with bounded memory is in :mod:`otacore.delta_stream`; :func:`apply_patch` is it
 Patch format (all integers little-endian)
 -----------------------------------------
 A patch is a header, then the payload: a compressed stream whose content is the records
-below. The maker writes version 4: control entries in columns (prelude bit 6), with exact
-copies and a literal branch conversion where they pay (bits 3-5). Held to version 3 it
-writes version 3 when the payload uses one of those (every patch without them is
-byte-identical to a version 2 patch), held to version 2 version 2; appliers read versions
-1 to 4.
+below. The maker writes version 5 or 4: control entries in sparse columns (prelude bits 6
+and 7) or in columns (bit 6), whichever compresses smaller, with exact copies and a literal
+branch conversion where they pay (bits 3-5). Held to version 4 it writes version 4 (or 3
+where entry order compresses smaller), held to version 3 version 3 when the payload uses
+one of its features (every patch without them is byte-identical to a version 2 patch), held
+to version 2 version 2; appliers read versions 1 to 5.
 
-Header, versions 2 to 4 (33..63 bytes; "varint" is unsigned LEB128)::
+Header, versions 2 to 5 (33..63 bytes; "varint" is unsigned LEB128)::
 
     0   4  magic b"OTAD"
     4   1  format version (2; 3: the prelude sets EXACT_COPIES or a literal conversion and
-           not COLUMNS; 4: the prelude sets COLUMNS)
+           not COLUMNS; 4: the prelude sets COLUMNS, not SPARSE_COLUMNS; 5: it sets both)
     5   1  bits 0-4: window log (10..MAX_WINDOW_LOG): the applier needs a 2**log byte window;
            bits 5-7: codec (CODEC_ZSTD 0, CODEC_LZMA2 1, CODEC_ZSTD_OLD 2; others refused)
     6   1  LZMA2 only: the LZMA properties byte (pb * 5 + lp) * 9 + lc, lc + lp <= 4, pb <= 4
@@ -75,7 +76,8 @@ The first record is the prelude: ``varint filters``: bits 0-2 the copy filters (
 bit 1 X86, bit 2 WORDS; X86 excludes THUMB); bits 3-4 the literal branch conversion (0 none,
 1 Thumb-2 BL/B.W, 2 RISC-V JAL/AUIPC pairs, 3 reserved) and bit 5 EXACT_COPIES, both
 version 3 or later (a version 1 or 2 patch that sets them is corrupt, a version 3 patch
-must set one of them); bit 6 COLUMNS, version 4 only, which must set it; no other bits.
+must set one of them); bit 6 COLUMNS, version 4 or later, which must set it; bit 7
+SPARSE_COLUMNS, version 5 only, which must set it and COLUMNS; no other bits.
 Unless the copy filters are 0, then: ``varint load address + 1`` of the old image (0: not
 known), the relocation map (old image offset -> delta) and the value map (word value ->
 delta). A map is ``varint count`` (<= MAX_MAP_ENTRIES) then per entry the key (first: zigzag;
@@ -88,7 +90,7 @@ the extra bytes of all its entries, in entry order, exactly filling the record. 
 entry: move the old cursor by ``seek`` (it must stay within the base); output ``copy length``
 bytes of the prediction of old[cursor:cursor+copy] plus the difference bytes (mod 256),
 advancing the cursor; output ``extra length`` literal bytes. The output must end at exactly
-the target size with the target SHA-256 (its first 16 bytes in versions 2 to 4).
+the target size with the target SHA-256 (its first 16 bytes in versions 2 to 5).
 
 Exact copies (version 3, EXACT_COPIES): after ``varint n`` a block has a bitmap of
 ``ceil(n / 8)`` bytes, bit ``i % 8`` of byte ``i // 8`` set when entry ``i``'s copy is exact:
@@ -111,6 +113,17 @@ exact copies and the dense form it is most of the control bytes' cost (public co
 ath10k firmware-6 18,899 -> 17,799 bytes, 3.5 KB off the total; bench/delta/README.md).
 The applier buffers a record whole anyway: it finds the three columns' starts, then reads
 each entry through three cursors; its memory does not change.
+
+Sparse columns (version 5, SPARSE_COLUMNS with COLUMNS): after the exact-copy bitmap (if
+any) a block has two bitmaps of ``ceil(n / 8)`` bytes each, bit ``i % 8`` of byte ``i // 8``
+set when entry ``i``'s seek, then its extra length, is not 0 (bits past ``n`` must be 0);
+then the ``n`` copy lengths; then the set seeks' zigzag varints and then the set extra
+lengths' varints, in entry order, each non-zero. An unset entry's value is 0. Why: in the
+many short entries of exact copies and the dense form most seeks and extras are 0, and a
+bit costs less than a zero byte the coder must still code (public corpus: wifi-rtw89
+14,180 -> 13,9xx bytes; bench/delta/README.md). The maker writes whichever of columns and
+sparse columns gives the smaller zstd patch. The applier reads it through the same three
+cursors, skipping a value whose bit is unset.
 
 Literal branch conversion (version 3): each entry's extra bytes were converted alone, as if
 they sat at the entry's output offset in the target, by the prelude's transform
@@ -151,9 +164,11 @@ FORMAT_VERSION = 2
 LITERAL_FORMAT_VERSION = 3
 #: The version of payloads whose blocks write their control entries in columns (COLUMNS).
 COLUMNS_FORMAT_VERSION = 4
+#: The version of payloads whose columns are sparse (SPARSE_COLUMNS).
+SPARSE_FORMAT_VERSION = 5
 #: The newest version the maker writes (when the payload needs it).
-NEWEST_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+NEWEST_VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 _HEADER_V1 = struct.Struct("<4sBBHIIII32s32s")
 #: Version 1's fixed header size, which is also the largest header of any version.
 V1_HEADER_SIZE = _HEADER_V1.size + 4
@@ -193,8 +208,12 @@ VERSION_3_FLAGS = LITERAL_MASK | EXACT_COPIES
 #: entries in columns, all the seeks, then all the copy lengths, then all the extra lengths
 #: (module docstring, "Columns").
 COLUMNS = 1 << 6
+#: Prelude flag (bit 7), version 5 only, which must set it and COLUMNS: the seek and extra
+#: columns keep only their non-zero values, after a bitmap each of which entries have one
+#: (module docstring, "Sparse columns").
+SPARSE_COLUMNS = 1 << 7
 #: Every prelude bit some version defines.
-PRELUDE_FLAGS = COPY_FILTER_MASK | VERSION_3_FLAGS | COLUMNS
+PRELUDE_FLAGS = COPY_FILTER_MASK | VERSION_3_FLAGS | COLUMNS | SPARSE_COLUMNS
 #: Filter sets the maker tries when none is given (and the only valid ones): none, Thumb-2,
 #: Thumb-2 + pointers, pointers only, x86, x86 + pointers.
 AUTO_FILTERS = (
@@ -287,10 +306,10 @@ def _get_varint(raw: bytes, at: int, what: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PatchHeader:
-    """A patch's header (``size`` bytes: 92 in version 1, 33..63 in versions 2 to 4).
+    """A patch's header (``size`` bytes: 92 in version 1, 33..63 in versions 2 to 5).
 
     ``base_sha256`` / ``target_sha256`` hold the whole SHA-256 in version 1 and its first
-    V2_DIGEST_SIZE bytes in versions 2 to 4; ``codec`` and ``lzma_props`` are theirs.
+    V2_DIGEST_SIZE bytes in versions 2 to 5; ``codec`` and ``lzma_props`` are theirs.
     """
 
     version: int
@@ -388,7 +407,7 @@ class PatchHeader:
 
     @classmethod
     def _parse_v2(cls, raw: bytes) -> PatchHeader:
-        """Versions 2 to 4 (the same header; versions 3 and 4 mark a payload that uses
+        """Versions 2 to 5 (the same header; versions 3 to 5 mark a payload that uses
         their features, which older appliers do not know)."""
         if len(raw) < 6:
             raise _HeaderIncomplete(f"patch is truncated: {len(raw)} bytes, no header yet")
@@ -434,9 +453,12 @@ class PatchHeader:
 
 
 def prelude_format_version(field: int) -> int:
-    """The version a payload whose prelude's first varint is ``field`` is written as: 4 when
-    it sets COLUMNS, 3 when it sets a version 3 flag (VERSION_3_FLAGS), else FORMAT_VERSION
-    (and the only version an applier accepts for it)."""
+    """The version a payload whose prelude's first varint is ``field`` is written as: 5 when
+    it sets SPARSE_COLUMNS, 4 when it sets COLUMNS, 3 when it sets a version 3 flag
+    (VERSION_3_FLAGS), else FORMAT_VERSION (and the only version an applier accepts for it).
+    SPARSE_COLUMNS without COLUMNS is no version's (the applier refuses it)."""
+    if field & SPARSE_COLUMNS:
+        return SPARSE_FORMAT_VERSION
     if field & COLUMNS:
         return COLUMNS_FORMAT_VERSION
     return LITERAL_FORMAT_VERSION if field & VERSION_3_FLAGS else FORMAT_VERSION
@@ -603,6 +625,8 @@ __all__ = [
     "NATIVE",
     "NEWEST_VERSION",
     "PRELUDE_FLAGS",
+    "SPARSE_COLUMNS",
+    "SPARSE_FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
     "V1_HEADER_SIZE",
     "V2_DIGEST_SIZE",

@@ -73,6 +73,7 @@ from otacore.delta import (
     MAX_HEADER_SIZE,
     MAX_MAP_ENTRIES,
     PRELUDE_FLAGS,
+    SPARSE_COLUMNS,
     PatchBaseMismatchError,
     PatchCorruptError,
     PatchFeatureError,
@@ -487,6 +488,10 @@ class PatchApplier:
         literal = field >> LITERAL_SHIFT & 3
         if filters not in AUTO_FILTERS or field & ~PRELUDE_FLAGS:
             raise PatchCorruptError(f"patch uses unknown filter set {field}")
+        if field & SPARSE_COLUMNS and not field & COLUMNS:
+            raise PatchCorruptError(
+                f"patch prelude ({field:#x}) sets sparse columns (bit 7) without columns (bit 6)"
+            )
         expected = prelude_format_version(field)
         if max(header.version, FORMAT_VERSION) != expected:
             # An applier of an older version reads none of the newer features, so the header
@@ -496,7 +501,8 @@ class PatchApplier:
             raise PatchCorruptError(
                 f"a version {header.version} patch's prelude ({field:#x}) is version "
                 f"{expected}'s: version 3 is exact copies or literal branch conversion "
-                "(prelude bits 3-5) without columns, version 4 columns (bit 6)"
+                "(prelude bits 3-5) without columns, version 4 columns (bit 6), version 5 "
+                "sparse columns (bits 6 and 7)"
             )
         if literal not in delta_literal.KIND_NAMES:
             raise PatchFeatureError(
@@ -507,6 +513,7 @@ class PatchApplier:
             )
         self._exact_copies = bool(field & EXACT_COPIES)
         self._columns = bool(field & COLUMNS)
+        self._sparse = bool(field & SPARSE_COLUMNS)
         base, image_size = 0, 0
         reloc = values = _EMPTY_MAP
         if filters:
@@ -529,7 +536,10 @@ class PatchApplier:
         size = len(buf)
         count, control = _varint(buf, 0, size, "a block")
         bitmap = (count + 7) // 8 if self._exact_copies else 0
-        if count == 0 or count * 3 + bitmap > size:
+        # (the fewest control bytes: a varint per field, or with sparse columns a copy
+        # length and two bitmap bits per entry)
+        least = count + 2 * ((count + 7) // 8) if self._sparse else count * 3
+        if count == 0 or least + bitmap > size:
             raise PatchCorruptError(f"patch block claims {count} entries in {size} bytes")
         exact = int.from_bytes(buf[control : control + bitmap], "little")
         if exact >> count:
@@ -590,6 +600,9 @@ class PatchApplier:
                 extra, at = _varint(buf, at, size, what)
                 yield seek, copy, extra, at
             return
+        if self._sparse:
+            yield from self._sparse_entries(buf, control, count)
+            return
         starts = [control]
         for _ in range(2):  # skip the seek column, then the copy column
             at = starts[-1]
@@ -601,6 +614,37 @@ class PatchApplier:
             seek, seek_at = _varint(buf, seek_at, size, what)
             copy, copy_at = _varint(buf, copy_at, size, what)
             extra, extra_at = _varint(buf, extra_at, size, what)
+            yield seek, copy, extra, extra_at
+
+    def _sparse_entries(
+        self, buf: bytearray, control: int, count: int
+    ) -> Iterator[tuple[int, int, int, int]]:
+        """:meth:`_entries` in version 5 (SPARSE_COLUMNS, module docstring of otacore.delta):
+        the seek and extra bitmaps, the copy lengths, then the non-zero seeks and extras."""
+        size, what = len(buf), "a control entry"
+        width = (count + 7) // 8
+        seeks = int.from_bytes(buf[control : control + width], "little")
+        extras = int.from_bytes(buf[control + width : control + 2 * width], "little")
+        if (seeks | extras) >> count:
+            raise PatchCorruptError("patch block's sparse-column bitmaps mark entries it lacks")
+        copy_at = control + 2 * width
+        at = copy_at
+        for _ in range(count):  # skip the copy lengths
+            _, at = _varint(buf, at, size, what)
+        seek_at = at
+        for _ in range(seeks.bit_count()):  # skip the non-zero seeks
+            _, at = _varint(buf, at, size, what)
+        extra_at = at
+        for index in range(count):
+            seek = extra = 0
+            if seeks >> index & 1:
+                seek, seek_at = _varint(buf, seek_at, size, what)
+            copy, copy_at = _varint(buf, copy_at, size, what)
+            if extras >> index & 1:
+                extra, extra_at = _varint(buf, extra_at, size, what)
+            if (seeks >> index & 1 and not seek) or (extras >> index & 1 and not extra):
+                # (one way to write a block: a set bit stands for a non-zero value)
+                raise PatchCorruptError("patch block's sparse columns hold a marked zero")
             yield seek, copy, extra, extra_at
 
     def _copy(self, buf: bytearray, diff_at: int | None, length: int) -> None:

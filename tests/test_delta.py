@@ -428,8 +428,8 @@ def test_header_checks(sample: tuple[bytes, bytes, bytes]) -> None:
     with pytest.raises(delta.PatchVersionError, match="magic"):
         delta.apply_patch(old, b"BSDIFF40" + patch[8:])
     header = delta.read_header(patch)
-    newer = PatchHeader(**{**header.__dict__, "version": 5}).pack() + patch[header.size :]
-    with pytest.raises(delta.PatchVersionError, match="version 5"):
+    newer = PatchHeader(**{**header.__dict__, "version": 6}).pack() + patch[header.size :]
+    with pytest.raises(delta.PatchVersionError, match="version 6"):
         delta.apply_patch(old, newer)
     flipped = bytearray(patch)
     flipped[header.size - 10] ^= 1

@@ -5,8 +5,9 @@ What is checked: version 3 patches made before the change still apply (tests/dat
 a version 4 payload and the same records written entry by entry (version 3) give the same
 target, whole and streamed in any pieces; the version and the COLUMNS flag must agree; a
 column that runs past its record, and 300 mutated payloads, fail only with DeltaError; the
-apply memory stays under its bound; the maker writes version 4 by default and version 3 when
-held to it, and keeps a small payload in entry order when zstd prefers that.
+apply memory stays under its bound; the maker held to version 4 writes it, and version 3
+when held to that, and keeps a small payload in entry order when zstd prefers that.
+Version 5's sparse columns: tests/test_delta_sparse.py.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def test_version_3_vectors_still_apply(name: str, folder: Path, prefix: str) -> 
     patch = (V3 / name).read_bytes()
     assert delta.read_header(patch).version == 3
     assert _applies(old, new, patch)
-    # Today's maker makes the pair as version 4, and as the vector's version 3 when held to
-    # it (the same options the vector was made with: tests/data/delta-v3/make_v3_vector.py).
+    # Today's maker makes the pair as version 4 or 5 (sparse columns where they compress
+    # smaller), and as the vector's version 3 when held to it (the same options the vector
+    # was made with: tests/data/delta-v3/make_v3_vector.py).
     options = {"window_log": 12, "codecs": (CODEC_ZSTD,)} if prefix else (
         {"codecs": (CODEC_ZSTD,)} if "zstd" in name else {}
     )
     assert delta.make_patch(old, new, format_version=3, **options) == patch
-    assert delta.read_header(delta.make_patch(old, new, **options)).version == 4
+    assert delta.read_header(delta.make_patch(old, new, **options)).version in (4, 5)
 
 
 # --- the two layouts of the same records ----------------------------------------------------
@@ -130,7 +132,7 @@ def test_columns_and_entries_in_order_give_the_same_target(seed: int) -> None:
     """The maker's version 4 payload rewritten entry by entry is a valid version 3 payload
     of the same target, and back again byte for byte."""
     old, new = firmware_pair(120_000, seed)
-    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,))
+    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,), format_version=4)
     header, payload = decode_payload(patch, old=old)
     assert header.version == 4 and _flags(payload) & COLUMNS
     interleaved = _relayout(payload, to_columns=False)
@@ -149,7 +151,7 @@ def test_a_payload_without_exact_copies_has_columns_and_no_bitmap() -> None:
     new = bytearray(old)
     for at in range(100, len(new), 20):
         new[at] ^= 0x5A
-    patch = delta.make_patch(old, bytes(new), codecs=(CODEC_ZSTD,))
+    patch = delta.make_patch(old, bytes(new), codecs=(CODEC_ZSTD,), format_version=4)
     header, payload = decode_payload(patch, old=old)
     assert header.version == 4 and _flags(payload) & (COLUMNS | EXACT_COPIES) == COLUMNS
     assert _applies(old, bytes(new), patch)
@@ -163,7 +165,7 @@ def test_a_payload_without_exact_copies_has_columns_and_no_bitmap() -> None:
 
 def _sample() -> tuple[bytes, bytes, PatchHeader, bytes]:
     old, new = firmware_pair(60_000, 12)
-    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,))
+    patch = delta.make_patch(old, new, codecs=(CODEC_ZSTD,), format_version=4)
     header, payload = decode_payload(patch)
     assert header.version == 4
     return old, new, header, payload
@@ -243,7 +245,7 @@ def test_apply_memory_stays_under_its_bound_with_columns() -> None:
     while at < len(new):
         new[at] ^= 0x11
         at += rng.randrange(40, 90)
-    patch = delta.make_patch(old, bytes(new), codecs=(CODEC_ZSTD,))
+    patch = delta.make_patch(old, bytes(new), codecs=(CODEC_ZSTD,), format_version=4)
     header, payload = decode_payload(patch, old=old)
     assert header.version == 4 and _flags(payload) & COLUMNS
     peak, written = peak_during_apply(old, patch, 1)
@@ -255,10 +257,11 @@ def test_apply_memory_stays_under_its_bound_with_columns() -> None:
 
 
 def _tried_with_and_without_choice(old: bytes, new: bytes) -> tuple[SearchResult, SearchResult]:
-    chosen = delta_maker.search_patch(old, new, effort=2, block_limit=1024)
+    options = {"effort": 2, "block_limit": 1024, "format_version": 4}
+    chosen = delta_maker.search_patch(old, new, **options)  # type: ignore[arg-type]
     with pytest.MonkeyPatch.context() as patcher:
         patcher.setattr(delta_maker, "LAYOUT_CHOICE_MAX", -1)  # columns whatever the size
-        columns = delta_maker.search_patch(old, new, effort=2, block_limit=1024)
+        columns = delta_maker.search_patch(old, new, **options)  # type: ignore[arg-type]
     return chosen, columns
 
 

@@ -365,8 +365,8 @@ def test_maker_converts_new_code_and_it_applies(
     header = delta.read_header(patch)
     assert header.version == 3
     assert _prelude_field(patch, old) >> LITERAL_SHIFT & 3 == kind
-    newest = delta.make_patch(old, new)  # version 4: the same conversion, columns
-    assert delta.read_header(newest).version == 4
+    newest = delta.make_patch(old, new)  # version 4 or 5: the same conversion, columns
+    assert delta.read_header(newest).version in (4, 5)
     assert _prelude_field(newest, old) >> LITERAL_SHIFT & 3 == kind
     assert _apply_in_pieces(old, newest, [1, 4096]) == new
     assert delta.apply_patch(old, patch) == new

@@ -54,7 +54,8 @@ def _unzigzag(value: int) -> int:
 def walk(patch: bytes, old: bytes | None = None) -> dict:
     """The streams of an OTAD patch (any version and codec; codec 2 needs ``old``): prelude
     facts, control, difference and extra bytes (version 3: the bitmaps count as control;
-    exact copies have no difference bytes; version 4: control entries in columns)."""
+    exact copies have no difference bytes; version 4: control entries in columns; version 5:
+    sparse columns, their bitmaps counted as control)."""
     header, payload = decode_payload(patch, old=old)
     length, at = read_varint(payload, 0)
     prelude = payload[at : at + length]
@@ -62,6 +63,7 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
     flags, p = read_varint(prelude, 0)
     filters, exact_copies = flags & 7, bool(flags & delta.EXACT_COPIES)
     columns = bool(flags & delta.COLUMNS)
+    sparse = bool(flags & delta.SPARSE_COLUMNS)
     maps = [0, 0]
     if filters:
         _, p = read_varint(prelude, p)  # load address + 1
@@ -85,12 +87,29 @@ def walk(patch: bytes, old: bytes | None = None) -> dict:
         r += bitmap
         copies = extras = 0
         fields = []
-        for _ in range(3 * count):
+        if sparse:
+            # version 5: bitmaps of the non-zero seeks and extras, the copy lengths, then the
+            # non-zero seeks and the non-zero extras
+            width = (count + 7) // 8
+            marks = [int.from_bytes(record[r + k * width : r + (k + 1) * width], "little")
+                     for k in range(2)]
+            r += 2 * width
+            wanted = count + marks[0].bit_count() + marks[1].bit_count()
+        else:
+            wanted = 3 * count
+        for _ in range(wanted):
             value, r = read_varint(record, r)
             fields.append(value)
-        # version 4 (COLUMNS): all seeks, then all copy lengths, then all extra lengths
-        rows = zip(fields[:count], fields[count : 2 * count], fields[2 * count :], strict=True) \
-            if columns else zip(fields[0::3], fields[1::3], fields[2::3], strict=True)
+        if sparse:
+            copy_lengths, values = fields[:count], iter(fields[count:])
+            seek_values = [next(values) if marks[0] >> i & 1 else 0 for i in range(count)]
+            extra_values = [next(values) if marks[1] >> i & 1 else 0 for i in range(count)]
+            rows = zip(seek_values, copy_lengths, extra_values, strict=True)
+        elif columns:
+            # version 4 (COLUMNS): all seeks, then all copy lengths, then all extra lengths
+            rows = zip(fields[:count], fields[count : 2 * count], fields[2 * count :], strict=True)
+        else:
+            rows = zip(fields[0::3], fields[1::3], fields[2::3], strict=True)
         for index, (seek, copy, more) in enumerate(rows):
             seeks += _unzigzag(seek) != 0
             copied += copy

@@ -76,9 +76,10 @@ def make(
     ),
     format_version: int = typer.Option(
         delta.NEWEST_VERSION, "--format-version", min=2, max=delta.NEWEST_VERSION,
-        help="Newest patch format to write: 3 for devices whose applier reads no version 4 "
-        "(control entries in columns), 2 for those that read no version 3 (exact copies, "
-        "literal branch conversion); the patch is then larger.",
+        help="Newest patch format to write: 4 for devices whose applier reads no version 5 "
+        "(sparse columns), 3 for those that read no version 4 (control entries in columns), "
+        "2 for those that read no version 3 (exact copies, literal branch conversion); the "
+        "patch is then larger.",
     ),
     workers: int = typer.Option(
         delta_maker.DEFAULT_WORKERS, min=1, max=delta_maker.MAX_WORKERS,

@@ -169,9 +169,10 @@ def server(
         "the patch is the same with any number).",
     ),
     delta_format_version: int | None = typer.Option(
-        None, "--delta-format-version", min=2, max=4,
-        help="Newest delta patch format the server makes: 4 (default), 3 for devices whose "
-        "applier reads no version 4, 2 for those that read no version 3 (larger patches).",
+        None, "--delta-format-version", min=2, max=5,
+        help="Newest delta patch format the server makes: 5 (default), 4 for devices whose "
+        "applier reads no version 5, 3 for those that read no version 4, 2 for those that "
+        "read no version 3 (larger patches).",
     ),
     delta_codec: str | None = typer.Option(
         None, "--delta-codec",

@@ -65,9 +65,10 @@ class OtaConfig:
     #: codec passes overlap each other and the next strategy's making; the patch does not
     #: depend on it. delta_threads x this is the most threads deltas take at once.
     delta_threads_per_patch: int = DEFAULT_WORKERS
-    #: Newest delta patch format the server makes (otacore.delta): 4, 3 for a fleet whose
-    #: devices' applier reads no version 4 (control entries in columns), 2 for one that reads
-    #: no version 3 (exact copies, literal branch conversion).
+    #: Newest delta patch format the server makes (otacore.delta): 5, 4 for a fleet whose
+    #: devices' applier reads no version 5 (sparse columns), 3 for one that reads no version
+    #: 4 (control entries in columns), 2 for one that reads no version 3 (exact copies,
+    #: literal branch conversion).
     delta_format_version: int = NEWEST_VERSION
     #: Strategies (filter sets) the server makes in full for each delta patch, keeping the
     #: smallest (otacore.delta_strategy): make time grows about linearly with it; images
