@@ -382,6 +382,42 @@ async def test_the_server_delta_cache_makes_the_version_it_is_held_to(
     assert versions == [2, 3, 4]
 
 
+async def test_a_stored_patch_the_server_is_no_longer_held_to_is_made_again(
+    sqlite_store: object,
+) -> None:
+    """An operator lowers delta_format_version (or sets a codec) for devices that cannot read
+    the stored patch: the server makes the pair again and stores it in its place; raised
+    again, the stored older patch is still good and reused."""
+    from server.devices.deltas import DeltaCache
+    from server.events import EventBus
+    from server.fleet import Fleet
+
+    old, new = firmware_pair(200_000, 14)
+    fleet = Fleet(sqlite_store, EventBus())  # type: ignore[arg-type]
+    pair = ("e" * 64, "f" * 64)
+    cache = DeltaCache(fleet)
+
+    async def served() -> tuple[int, int]:
+        found = await cache.patch_for(pair[0], old, pair[1], new)
+        assert found is not None and _applies(old, new, found[1])
+        stored = await fleet.find_delta(*pair)
+        assert stored is not None and stored[1] == found[1]  # what is served is what is stored
+        header = delta.read_header(found[1])
+        return header.version, header.codec
+
+    assert await served() == (5, delta.CODEC_LZMA2)
+    cache.format_version = 4  # changed while the server runs
+    assert await served() == (4, delta.CODEC_LZMA2)
+    assert cache.computed == 2
+    cache = DeltaCache(fleet)  # restarted at version 5: the stored version 4 patch is good
+    assert await served() == (4, delta.CODEC_LZMA2)
+    assert cache.computed == 0
+    cache.codec = "zstd"
+    assert (await served())[1] in (delta.CODEC_ZSTD, delta.CODEC_ZSTD_OLD)
+    assert cache.computed == 1
+    assert await fleet.count_deltas() == 1
+
+
 def _sparse_container(seed: int) -> tuple[bytes, bytes]:
     """64 KB of old bytes and a new image with one byte changed every 48-200 bytes: no run
     reaches EXACT_RUN_MIN, and the regular payload is far larger than a 4 KiB window."""

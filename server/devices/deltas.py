@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from otacore.delta import NEWEST_VERSION, make_patch
+from otacore.delta import NEWEST_VERSION, make_patch, read_header
 from otacore.delta_codec import codecs_named
 from otacore.delta_maker import DEFAULT_WORKERS
 from otacore.delta_strategy import DEFAULT_EFFORT
@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ota.deltas")
 
-_Pair = tuple[str, str]
+#: (base, target, newest format version made, codec set name): the last two are part of the
+#: key because an operator may change them while the server runs.
+_Pair = tuple[str, str, int, str]
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class DeltaCache:
         self.max_ratio = max_ratio
         #: Patches this process computed (the others came from memory or the store).
         self.computed = 0
-        #: Pair -> stored patch and its bytes, or None when no patch can be made.
+        #: Pair and format -> stored patch and its bytes, or None when no patch can be made.
         self._results: OnceCache[_Pair, tuple[StoredDelta, bytes] | None] = OnceCache(
             memory_entries
         )
@@ -88,14 +90,30 @@ class DeltaCache:
 
         async def find_or_compute() -> tuple[StoredDelta, bytes] | None:
             found = await self.fleet.find_delta(base_sha256, target_sha256)
-            if found is not None:
+            if found is None:
+                return await self._compute(base_sha256, base_image, target_sha256, target_image)
+            header = read_header(found[1])
+            if header.version <= self.format_version and header.codec in codecs_named(self.codec):
                 return found
-            return await self._compute(base_sha256, base_image, target_sha256, target_image)
+            # Made while the server made a newer format or another codec than it is held to
+            # now (an operator lowered delta_format_version or set delta_codec for devices that
+            # cannot read the stored one): made again, and stored in its place.
+            return await self._compute(
+                base_sha256, base_image, target_sha256, target_image, replace=True
+            )
 
-        return await self._results.get((base_sha256, target_sha256), find_or_compute)
+        return await self._results.get(
+            (base_sha256, target_sha256, self.format_version, self.codec), find_or_compute
+        )
 
     async def _compute(
-        self, base_sha256: str, base_image: bytes, target_sha256: str, target_image: bytes
+        self,
+        base_sha256: str,
+        base_image: bytes,
+        target_sha256: str,
+        target_image: bytes,
+        *,
+        replace: bool = False,
     ) -> tuple[StoredDelta, bytes] | None:
         try:
             # Not cancellable once started: the thread finishes and its result is kept.
@@ -115,7 +133,9 @@ class DeltaCache:
             log.warning("no delta from %s to %s: %s", base_sha256, target_sha256, exc)
             return None
         self.computed += 1
-        stored = await self.fleet.save_delta(base_sha256, target_sha256, patch, len(target_image))
+        stored = await self.fleet.save_delta(
+            base_sha256, target_sha256, patch, len(target_image), replace=replace
+        )
         log.info(
             "delta %s -> %s: %d bytes for a %d-byte image",
             base_sha256[:12],

@@ -56,14 +56,22 @@ class DeltaService(FleetBase):
         return await self._read(work)
 
     async def save_delta(
-        self, base_sha256: str, target_sha256: str, patch: bytes, target_size: int
+        self,
+        base_sha256: str,
+        target_sha256: str,
+        patch: bytes,
+        target_size: int,
+        *,
+        replace: bool = False,
     ) -> StoredDelta:
-        """Store a patch (blob first, then the row that names it)."""
+        """Store a patch (blob first, then the row that names it); with ``replace`` in place
+        of the pair's stored one, else a pair stored before is kept."""
 
         def work() -> Outcome:
             patch_sha256 = self.store.blobs.put(patch)  # durable before the row naming it
             with self.store.write() as tx:
-                tx.insert_delta(
+                record = tx.replace_delta if replace else tx.insert_delta
+                record(
                     base_sha256, target_sha256, patch_sha256, len(patch), target_size, self.clock()
                 )
             return Outcome(

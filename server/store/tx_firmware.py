@@ -517,6 +517,32 @@ class FirmwareQueries:
             )
         )
 
+    def replace_delta(
+        self,
+        base_sha256: str,
+        target_sha256: str,
+        patch_sha256: str,
+        patch_size: int,
+        target_size: int,
+        now: int,
+    ) -> None:
+        """Record a patch in place of the pair's stored one, if any (its old blob is then
+        unreferenced, for ``sweep_blobs``)."""
+        updated = self.conn.execute(
+            sa.update(t.deltas)
+            .where(t.deltas.c.base_sha256 == base_sha256, t.deltas.c.target_sha256 == target_sha256)
+            .values(
+                patch_sha256=patch_sha256,
+                patch_size=patch_size,
+                target_size=target_size,
+                created_at=now,
+            )
+        )
+        if not updated.rowcount:
+            self.insert_delta(
+                base_sha256, target_sha256, patch_sha256, patch_size, target_size, now
+            )
+
     def count_deltas(self) -> int:
         """How many patches are stored."""
         return int(self.conn.execute(sa.select(sa.func.count()).select_from(t.deltas)).scalar_one())
