@@ -209,6 +209,8 @@ class Hello(Payload):
 
     KIND: ClassVar[str] = "hello"
     MAX_SIZE: ClassVar[int] = 512
+    #: A map entry per field (17 with every optional one), with room for a few more.
+    MAX_ITEMS: ClassVar[int] = 24
 
     device_id: str
     platform_id: int
@@ -238,6 +240,10 @@ class Hello(Payload):
     #: ota_wire point 5). False (omitted): older firmware, which learns them only from a
     #: Hello's answer.
     key_push: bool = False
+    #: The newest delta patch format version the device's applier reads (otacore.delta
+    #: SUPPORTED_VERSIONS): the server makes no newer patch for it. None (omitted): older
+    #: firmware, taken as otacore.transfer.planner.UNNAMED_DELTA_FORMAT.
+    delta_format: int | None = None
 
     _REQUIRED: ClassVar[tuple[str, ...]] = (
         "device_id",
@@ -258,6 +264,7 @@ class Hello(Payload):
         "key_sequence",
         "app_version_floor",
         "key_push",
+        "delta_format",
     )
 
     def to_map(self) -> dict[str, Any]:
@@ -295,6 +302,7 @@ class Hello(Payload):
             if f.has("app_version_floor")
             else None,
             key_push=f.boolean("key_push") if f.has("key_push") else False,
+            delta_format=f.uint("delta_format", 255, 1) if f.has("delta_format") else None,
         )
 
 

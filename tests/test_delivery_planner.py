@@ -26,6 +26,7 @@ from otacore.transfer.module_plan import (
     plan_modules,
 )
 from otacore.transfer.planner import (
+    UNNAMED_DELTA_FORMAT,
     AnnouncePending,
     CancelTransfer,
     Delivery,
@@ -43,6 +44,7 @@ from otacore.transfer.planner import (
     TargetFacts,
     TellForced,
     Verdict,
+    delta_format_for,
     downgrade_needs_authorization,
 )
 
@@ -275,6 +277,21 @@ def test_file_choices_delta_then_zstd_then_full() -> None:
     for device in (unknown, same):
         assert session.file_choices(offer, device, compressed_ota=False, delta_refused=set(),
                                     zstd_refused=set()) == (full,)
+
+
+def test_a_delta_only_for_a_device_that_reads_a_format_the_server_makes() -> None:
+    session = planner()
+    app1, app2 = digest("app 1"), digest("app 2")
+    offer = Offer(app2, USER, 1, app2)
+    delta, full = FileChoice(Encoding.DELTA, app1), FileChoice(Encoding.FULL)
+    for readable, choices in ((5, (delta, full)), (2, (delta, full)), (1, (full,))):
+        assert session.file_choices(offer, facts(), compressed_ota=False, delta_refused=set(),
+                                    zstd_refused=set(), delta_format=readable) == choices
+    # The newest of both: the server's setting and what the device's Hello names (a device
+    # that names none is older firmware, taken as version 4).
+    assert delta_format_for(None, 5) == UNNAMED_DELTA_FORMAT == 4
+    assert delta_format_for(3, 5) == 3 and delta_format_for(5, 3) == 3
+    assert delta_format_for(9, 5) == 5 and delta_format_for(None, 2) == 2
 
 
 def test_chunk_size_per_transport() -> None:

@@ -382,12 +382,12 @@ async def test_the_server_delta_cache_makes_the_version_it_is_held_to(
     assert versions == [2, 3, 4]
 
 
-async def test_a_stored_patch_the_server_is_no_longer_held_to_is_made_again(
+async def test_the_server_stores_a_patch_per_format_and_remakes_one_of_another_codec(
     sqlite_store: object,
 ) -> None:
-    """An operator lowers delta_format_version (or sets a codec) for devices that cannot read
-    the stored patch: the server makes the pair again and stores it in its place; raised
-    again, the stored older patch is still good and reused."""
+    """A pair's patch is made and stored once per format version (devices' appliers differ:
+    Hello.delta_format); a stored patch in a codec the server no longer sends (an operator
+    set delta_codec for devices without LZMA2) is made again and stored in its place."""
     from server.devices.deltas import DeltaCache
     from server.events import EventBus
     from server.fleet import Fleet
@@ -397,25 +397,24 @@ async def test_a_stored_patch_the_server_is_no_longer_held_to_is_made_again(
     pair = ("e" * 64, "f" * 64)
     cache = DeltaCache(fleet)
 
-    async def served() -> tuple[int, int]:
-        found = await cache.patch_for(pair[0], old, pair[1], new)
+    async def served(version: int) -> tuple[int, int]:
+        found = await cache.patch_for(pair[0], old, pair[1], new, version)
         assert found is not None and _applies(old, new, found[1])
-        stored = await fleet.find_delta(*pair)
+        stored = await fleet.find_delta(*pair, version)
         assert stored is not None and stored[1] == found[1]  # what is served is what is stored
         header = delta.read_header(found[1])
         return header.version, header.codec
 
-    assert await served() == (5, delta.CODEC_LZMA2)
-    cache.format_version = 4  # changed while the server runs
-    assert await served() == (4, delta.CODEC_LZMA2)
-    assert cache.computed == 2
-    cache = DeltaCache(fleet)  # restarted at version 5: the stored version 4 patch is good
-    assert await served() == (4, delta.CODEC_LZMA2)
+    assert await served(5) == (5, delta.CODEC_LZMA2)
+    assert await served(4) == (4, delta.CODEC_LZMA2)
+    assert (cache.computed, await fleet.count_deltas()) == (2, 2)
+    cache = DeltaCache(fleet)  # a restarted server: both come from the store
+    assert await served(5) == (5, delta.CODEC_LZMA2)
+    assert await served(4) == (4, delta.CODEC_LZMA2)
     assert cache.computed == 0
     cache.codec = "zstd"
-    assert (await served())[1] in (delta.CODEC_ZSTD, delta.CODEC_ZSTD_OLD)
-    assert cache.computed == 1
-    assert await fleet.count_deltas() == 1
+    assert (await served(5))[1] in (delta.CODEC_ZSTD, delta.CODEC_ZSTD_OLD)
+    assert (cache.computed, await fleet.count_deltas()) == (1, 2)
 
 
 def _sparse_container(seed: int) -> tuple[bytes, bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -174,6 +175,16 @@ def test_hello_example_round_trip_and_optional_fields() -> None:
     newer = Hello.from_payload(msgpack.packb(hello_map(key_sequence=2**64 - 1,
                                                        app_version_floor=3)))
     assert (newer.key_sequence, newer.app_version_floor) == (2**64 - 1, 3)
+    # ... nor the delta format its applier reads (the server takes it as version 4).
+    assert parsed.delta_format is None and "delta_format" not in parsed.to_map()
+    named = Hello.from_payload(msgpack.packb(hello_map(delta_format=5)))
+    assert named.delta_format == 5 and Hello.from_payload(named.to_payload()) == named
+    # Every field at once (a device that took an update and names everything).
+    full = replace(HELLO, ota_chunk_size=1024, max_binary_size=1 << 20, compressed_ota=True,
+                   ota_succeeded=True, key_sequence=7, app_version_floor=3, key_push=True,
+                   delta_format=5)
+    assert len(full.to_map()) == len(Hello._REQUIRED) + len(Hello._OPTIONAL)
+    assert Hello.from_payload(full.to_payload()) == full
 
 
 def test_describe_example() -> None:
@@ -203,6 +214,9 @@ def test_describe_example() -> None:
         ({"key_sequence": -1}, r"hello.key_sequence is -1, outside 0..18446744073709551615"),
         ({"key_sequence": True}, "hello.key_sequence must be an int, got bool"),
         ({"app_version_floor": 2**32}, r"hello.app_version_floor is 4294967296, outside"),
+        ({"delta_format": 0}, r"hello.delta_format is 0, outside 1..255"),
+        ({"delta_format": 256}, r"hello.delta_format is 256, outside 1..255"),
+        ({"delta_format": "5"}, "hello.delta_format must be an int, got str"),
     ],
 )
 def test_hello_rejections(changes: dict[str, Any], message: str) -> None:

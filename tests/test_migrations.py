@@ -574,3 +574,37 @@ def test_a_revision_that_breaks_references_is_rolled_back(tmp_path: Path) -> Non
                                 ).scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_revision_0008_keeps_stored_patches_as_format_4_and_back(
+    new_database: UrlFactory,
+) -> None:
+    """Revision 0008 puts ``format_version`` into the deltas' key: patches stored before are
+    kept as made for version 4, a pair may then hold one per version, and a downgrade keeps
+    each pair's newest."""
+    from alembic import command
+
+    engine = sa.create_engine(new_database())
+    row = {"base_sha256": "a" * 64, "target_sha256": "b" * 64, "patch_sha256": "c" * 64,
+           "patch_size": 10, "target_size": 100, "created_at": 1}
+    try:
+        with engine.begin() as conn:
+            command.upgrade(migrate._config(conn), "0007")
+            conn.execute(sa.text(
+                "INSERT INTO deltas (base_sha256, target_sha256, patch_sha256, patch_size, "
+                "target_size, created_at) VALUES (:base_sha256, :target_sha256, "
+                ":patch_sha256, :patch_size, :target_size, :created_at)"), row)
+            command.upgrade(migrate._config(conn), "0008")
+            assert [dict(r) for r in conn.execute(sa.select(schema.deltas)).mappings()] == [
+                {**row, "format_version": 4}
+            ]
+            conn.execute(sa.insert(schema.deltas).values(
+                {**row, "format_version": 5, "patch_sha256": "d" * 64}))
+            # one patch per pair and version
+            with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+                conn.execute(sa.insert(schema.deltas).values({**row, "format_version": 5}))
+            command.downgrade(migrate._config(conn), "0007")
+            rows = conn.execute(sa.text("SELECT patch_sha256 FROM deltas")).all()
+            assert [r[0] for r in rows] == ["d" * 64]
+    finally:
+        engine.dispose()

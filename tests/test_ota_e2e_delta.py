@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from otacore import delta
 from otacore.protocol.link import Transport
 from server.api.serialize import firmware_json
 from server.fleet.deltas import RELEASE_BYTES_EVENT
@@ -154,3 +155,49 @@ async def test_refused_delta_falls_back_to_the_full_image_in_the_same_session(
             assert fleet.device(device_id).device.sessions == sessions + 1
             body = await rig.wait_device(device_id, lambda d: sha(V2) in str(d["modules"]))
             assert body["firmware_version"] == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_each_device_gets_a_patch_in_the_newest_format_its_applier_reads(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    """Three devices on v1: one whose Hello names the newest delta format, one that names
+    version 4 and one that names none (older firmware, taken as version 4). The server
+    makes the pair once per format and each device applies its own; a device emulating a
+    version 4 applier refuses newer patches, so a server that ignored its Hello would have
+    fallen back to the full image."""
+    async with ota_rig(nursery, tmp_path, count=3) as rig:
+        newest, held, unnamed = rig.ids
+        await rig.upload_device_os(SYSTEM_5003)
+        for version, image in ((1, V1), (2, V2)):
+            await rig.upload(version, image)
+        fleets = [
+            rig.fleet([(newest, transport)], firmware=(SYSTEM_5003, V1)),
+            rig.fleet([(held, transport)], firmware=(SYSTEM_5003, V1), delta_format=4),
+            rig.fleet([(unnamed, transport)], firmware=(SYSTEM_5003, V1), delta_format=None),
+        ]
+        async with running(fleets[0]), running(fleets[1]), running(fleets[2]):
+            for device_id in rig.ids:
+                await rig.wait_device(device_id, lambda d: d["online"] and bool(d["modules"]))
+            await rig.release(2, product_default=True, intelligent=True)
+            for fleet, device_id in zip(fleets, rig.ids, strict=True):
+                await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+            await rig.events.wait_for(RELEASE_BYTES_EVENT, count=3)
+            sent = transfers_of(rig.events, 2)
+            assert {d: s["transfer"] for d, s in sent.items()} == dict.fromkeys(rig.ids, "delta")
+            stored = {
+                version: await rig.engine.fleet.find_delta(sha(V1), sha(V2), version)
+                for version in (4, 5)
+            }
+            assert all(found is not None for found in stored.values())
+            versions = {v: delta.read_header(found[1]).version  # type: ignore[index]
+                        for v, found in stored.items()}
+            assert versions == {4: 4, 5: 5}, versions  # (V1 -> V2 gains from sparse columns)
+            assert sent[newest]["bytes_sent"] == len(stored[5][1])  # type: ignore[index]
+            for device_id in (held, unnamed):
+                assert sent[device_id]["bytes_sent"] == len(stored[4][1])  # type: ignore[index]
+            assert rig.engine.deltas.computed == 2
+            assert await rig.engine.fleet.count_deltas() == 2
+            for device_id in rig.ids:  # no refusal, no fallback: one flash each
+                await rig.events.wait_for("spark/flash/status", device_id, "success")
+                assert flash_statuses(rig.events, device_id) == ["started", "success"]

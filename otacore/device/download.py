@@ -229,8 +229,19 @@ class DownloadMixin:
             except CompressedImageError as exc:
                 raise TransferRejectedError(f"the compressed image is refused: {exc}") from exc
         elif offer.delta_base is not None:
-            from otacore.delta import apply_patch  # only devices taking deltas need it
+            from otacore.delta import apply_patch, read_header  # only for devices taking deltas
 
+            readable = self.config.delta_format
+            try:
+                version = read_header(image).version
+            except (OtaError, ValueError) as exc:
+                raise TransferRejectedError(f"the delta does not apply: {exc}") from exc
+            if readable is not None and version > readable:
+                # (emulates an applier of that version: it knows no newer format)
+                raise TransferRejectedError(
+                    f"the delta does not apply: patch format version {version} is newer than "
+                    f"this device's applier reads ({readable})"
+                )
             function, index = offer.key
             running = {(m.function, m.index): m.slot for m in self._modules}
             base = self.flash.read_slot(function, index, running[offer.key])

@@ -515,6 +515,7 @@ class EmulatedDevice(DownloadMixin):
             max_binary_size=config.max_binary_size,
             ota_succeeded=succeeded,
             compressed_ota=config.compressed_ota,
+            delta_format=config.delta_format,
             key_sequence=trust.sequence if trust is not None else None,
             app_version_floor=record.rollback.floor if record.rollback is not None else None,
             key_push=config.key_push,

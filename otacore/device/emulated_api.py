@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from otacore.delta import NEWEST_VERSION as NEWEST_DELTA_FORMAT
 from otacore.device import (
     BootRecord,
     SlotState,
@@ -82,6 +83,10 @@ class DeviceConfig:
     #: server's ``POST k``, ota_wire point 5). False emulates older firmware, which learns
     #: them only from a Hello's answer (the server makes it reconnect for them).
     key_push: bool = True
+    #: Hello's "delta format": the newest delta patch format the device's applier reads
+    #: (its patches of a newer one are refused). None sends none, as older firmware did
+    #: (the server then takes it as otacore.transfer.planner.UNNAMED_DELTA_FORMAT).
+    delta_format: int | None = NEWEST_DELTA_FORMAT
     #: Requests (events) waiting for the link; older heartbeats are dropped beyond this.
     max_queued_requests: int = 32
     event_ttl: int = 60
@@ -92,6 +97,10 @@ class DeviceConfig:
         for name in ("keepalive_interval", "keepalive_timeout", "hello_timeout"):
             if not getattr(self, name) > 0:
                 raise ValidationError(f"device setting {name} must be positive")
+        if self.delta_format is not None and not 1 <= self.delta_format <= NEWEST_DELTA_FORMAT:
+            raise ValidationError(
+                f"delta_format must be a patch format version from 1 to {NEWEST_DELTA_FORMAT}"
+            )
         if self.heartbeat_interval is not None and not self.heartbeat_interval > 0:
             raise ValidationError("heartbeat_interval must be positive (or None for none)")
 

@@ -4,18 +4,18 @@ The device protocol (``otacore.messages.ROUTES``) covers hello, describe, events
 the server's describe request. On top of it, an update is:
 
 1. **Offer** -- server -> device, ``POST m`` (a request that gets a response): the payload
-   is the signed manifest (``otacore.signing.SignedManifest.to_bytes()``) of the *image*
-   the device will end up with, followed, when that image is an application older than
-   the one the device has run, by a downgrade authorisation for that device
+   is the signed manifest (``otacore.signing.SignedManifest.to_bytes()``) of the *image* the
+   device will end up with, followed, when that image is an application older than the one
+   the device has run, by a downgrade authorisation for that device
    (``otacore.downgrade.SignedDowngrade.to_bytes()``; see :func:`split_offer`), plus
-   optional Uri-Query ``delta=<base sha256 hex>`` (the
-   file is a patch against that base) or ``enc=zstd`` (the file is the image compressed as
-   one zstd frame, ``otacore.zstd_image``; only to devices whose Hello set
-   ``compressed_ota``). The
-   device answers 2.04 Changed when it will take it; 5.03 Service Unavailable when updates
-   are disabled and not forced (the server then marks the update pending); 4.03 Forbidden
-   with a one-line reason (``RejectReason`` name, ": ", detail) when the manifest or image
-   metadata is refused (signature, platform, dependencies, downgrade...).
+   optional Uri-Query ``delta=<base sha256 hex>`` (the file is a patch against that base, in
+   a format no newer than the Hello's ``delta_format``, or version 4 for a device that named
+   none) or ``enc=zstd`` (the file is the image compressed as one zstd frame,
+   ``otacore.zstd_image``; only to devices whose Hello set ``compressed_ota``). The device
+   answers 2.04 Changed when it will take it; 5.03 Service Unavailable when updates are
+   disabled and not forced (the server then marks the update pending); 4.03 Forbidden with a
+   one-line reason (``RejectReason`` name, ": ", detail) when the manifest or image metadata
+   is refused (signature, platform, dependencies, downgrade...).
 2. **Transfer** -- both directions, ``POST u`` sent non-confirmable: the payload is
    ``otacore.transfer.encode_message(msg)``; the transfer protocol has its own windowing,
    acknowledgements and retransmissions (``otacore.transfer``), so CoAP reliability is not

@@ -267,6 +267,21 @@ class CancelTransfer:
 #: Failures of a delta or compressed transfer after which the plain image is sent instead:
 #: the device took the whole patch or frame but could not rebuild the image from it (a base
 #: that differs from what it reported, a zstd window larger than its RAM).
+#: The delta patch format a device whose Hello names none is taken to read
+#: (otacore.messages.Hello.delta_format): the newest before devices named theirs.
+UNNAMED_DELTA_FORMAT = 4
+#: The oldest delta patch format the server makes (otacore.delta_maker.MAKEABLE_VERSIONS):
+#: a device whose applier reads only older ones gets no delta.
+OLDEST_MADE_DELTA_FORMAT = 2
+
+
+def delta_format_for(named: int | None, configured: int) -> int:
+    """The newest delta patch format to make for a device: the server's ``configured``
+    one (delivery.delta_format_version), or the older one its Hello ``named``
+    (UNNAMED_DELTA_FORMAT when it named none)."""
+    return min(configured, UNNAMED_DELTA_FORMAT if named is None else named)
+
+
 FALL_BACK_STATUSES = frozenset({TransferStatus.BAD_BASE, TransferStatus.REJECTED})
 
 
@@ -383,15 +398,19 @@ class DeliveryPlanner:
 
     def file_choices(self, offer: Offer, facts: TargetFacts, *, compressed_ota: bool,
                      delta_refused: Container[tuple[str, str]],
-                     zstd_refused: Container[str]) -> tuple[FileChoice, ...]:
+                     zstd_refused: Container[str],
+                     delta_format: int | None = None) -> tuple[FileChoice, ...]:
         """The files to try for ``offer``, best first: a delta against the image the device
-        runs in the slot (when it reported one, it differs and the device did not refuse
-        that patch), the image zstd-compressed (for a device announcing compressed OTA
-        that did not refuse it), the image itself. The shell skips a choice it cannot make
-        (an unknown base, a patch or frame that saves too little)."""
+        runs in the slot (when it reported one, it differs, the device did not refuse that
+        patch and reads a format the server makes: ``delta_format``, from
+        :func:`delta_format_for`, None for any), the image zstd-compressed (for a device
+        announcing compressed OTA that did not refuse it), the image itself. The shell skips
+        a choice it cannot make (an unknown base, a patch or frame that saves too little)."""
         choices: list[FileChoice] = []
         base = {m.slot: m.sha256 for m in facts.modules}.get((offer.function, offer.index), "")
-        if len(base) == 64 and base != offer.sha256 and (base, offer.sha256) not in delta_refused:
+        readable = delta_format is None or delta_format >= OLDEST_MADE_DELTA_FORMAT
+        if (len(base) == 64 and base != offer.sha256 and readable
+                and (base, offer.sha256) not in delta_refused):
             choices.append(FileChoice(Encoding.DELTA, base))
         if compressed_ota and offer.sha256 not in zstd_refused:
             choices.append(FileChoice(Encoding.ZSTD))

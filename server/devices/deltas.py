@@ -84,26 +84,38 @@ class DeltaCache:
         self.refused: set[tuple[str, str, str]] = set()
 
     async def patch_for(
-        self, base_sha256: str, base_image: bytes, target_sha256: str, target_image: bytes
+        self,
+        base_sha256: str,
+        base_image: bytes,
+        target_sha256: str,
+        target_image: bytes,
+        format_version: int | None = None,
     ) -> tuple[StoredDelta, bytes] | None:
-        """The patch from base to target (None if the maker refuses the images)."""
+        """The patch from base to target (None if the maker refuses the images), made for
+        ``format_version`` (None: the cache's ``format_version``; a device's applier may read
+        fewer: otacore.messages.Hello.delta_format)."""
+        version = self.format_version if format_version is None else format_version
+        codec = self.codec
 
         async def find_or_compute() -> tuple[StoredDelta, bytes] | None:
-            found = await self.fleet.find_delta(base_sha256, target_sha256)
+            found = await self.fleet.find_delta(base_sha256, target_sha256, version)
             if found is None:
-                return await self._compute(base_sha256, base_image, target_sha256, target_image)
+                return await self._compute(
+                    base_sha256, base_image, target_sha256, target_image, version, codec
+                )
             header = read_header(found[1])
-            if header.version <= self.format_version and header.codec in codecs_named(self.codec):
+            if header.version <= version and header.codec in codecs_named(codec):
                 return found
             # Made while the server made a newer format or another codec than it is held to
-            # now (an operator lowered delta_format_version or set delta_codec for devices that
+            # now (an operator changed delta_format_version or delta_codec for devices that
             # cannot read the stored one): made again, and stored in its place.
             return await self._compute(
-                base_sha256, base_image, target_sha256, target_image, replace=True
+                base_sha256, base_image, target_sha256, target_image, version, codec,
+                replace=True,
             )
 
         return await self._results.get(
-            (base_sha256, target_sha256, self.format_version, self.codec), find_or_compute
+            (base_sha256, target_sha256, version, codec), find_or_compute
         )
 
     async def _compute(
@@ -112,6 +124,8 @@ class DeltaCache:
         base_image: bytes,
         target_sha256: str,
         target_image: bytes,
+        format_version: int,
+        codec: str,
         *,
         replace: bool = False,
     ) -> tuple[StoredDelta, bytes] | None:
@@ -123,9 +137,9 @@ class DeltaCache:
                     base_image,
                     target_image,
                     effort=self.effort,
-                    codecs=codecs_named(self.codec),
+                    codecs=codecs_named(codec),
                     workers=self.workers,
-                    format_version=self.format_version,
+                    format_version=format_version,
                 ),
                 limiter=self.limiter,
             )
@@ -134,21 +148,30 @@ class DeltaCache:
             return None
         self.computed += 1
         stored = await self.fleet.save_delta(
-            base_sha256, target_sha256, patch, len(target_image), replace=replace
+            base_sha256, target_sha256, format_version, patch, len(target_image), replace=replace
         )
         log.info(
-            "delta %s -> %s: %d bytes for a %d-byte image",
+            "delta %s -> %s: %d bytes for a %d-byte image (format %d)",
             base_sha256[:12],
             target_sha256[:12],
             len(patch),
             len(target_image),
+            format_version,
         )
         return stored, patch
 
     async def choose(
-        self, view: DeviceTarget, function: int, index: int, target_sha256: str, target_image: bytes
+        self,
+        view: DeviceTarget,
+        function: int,
+        index: int,
+        target_sha256: str,
+        target_image: bytes,
+        format_version: int | None = None,
     ) -> DeltaOffer | None:
-        """The patch to offer the device for this module, or None for the full image."""
+        """The patch to offer the device for this module, or None for the full image;
+        ``format_version`` is the newest patch format the device may get (None: the
+        cache's)."""
         device = view.device
         installed = {
             (int(m["function"]), int(m["index"])): str(m.get("sha256") or "").lower()
@@ -167,7 +190,9 @@ class DeltaCache:
             return None
         if base_image is None:  # blobs are verified against their SHA-256 on read
             return None  # the server does not know the device's base
-        found = await self.patch_for(base_sha256, base_image, target_sha256, target_image)
+        found = await self.patch_for(
+            base_sha256, base_image, target_sha256, target_image, format_version
+        )
         if found is None:
             return None
         stored, patch = found

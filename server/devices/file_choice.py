@@ -7,7 +7,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from otacore.messages import Hello
-from otacore.transfer.planner import DeliveryPlanner, Encoding, FileChoice, Offer
+from otacore.transfer.planner import (
+    DeliveryPlanner,
+    Encoding,
+    FileChoice,
+    Offer,
+    delta_format_for,
+)
 from server.devices.delivery import PlannedModule, SentFile
 from server.devices.plan_inputs import RefusedFor, target_facts
 
@@ -26,20 +32,23 @@ async def file_to_send(engine: OtaEngine, planner: DeliveryPlanner, device_id: s
     (a patch must never cost more than the compressed image: issue 18); a device that
     refuses the one sent falls back through the planner's next choices as before."""
     info = module.info
+    delta_format = delta_format_for(hello.delta_format if hello is not None else None,
+                                    engine.config.delta_format_version)
     choices = planner.file_choices(
         offer, target_facts(view), compressed_ota=hello is not None and hello.compressed_ota,
         delta_refused=RefusedFor(engine.deltas.refused, device_id),
-        zstd_refused=RefusedFor(engine.compressed.refused, device_id))
+        zstd_refused=RefusedFor(engine.compressed.refused, device_id),
+        delta_format=delta_format)
     for at, choice in enumerate(choices):
         sent = await _encode(engine, device_id, view, module, info.module_function,
-                             info.module_index, choice)
+                             info.module_index, choice, delta_format)
         if sent is None:
             continue
         if choice.encoding is Encoding.DELTA:
             rival = next((c for c in choices[at + 1:] if c.encoding is Encoding.ZSTD), None)
             if rival is not None:
                 frame = await _encode(engine, device_id, view, module, info.module_function,
-                                      info.module_index, rival)
+                                      info.module_index, rival, delta_format)
                 if frame is not None and len(frame.data) < len(sent.data):
                     return frame
         return sent
@@ -47,15 +56,17 @@ async def file_to_send(engine: OtaEngine, planner: DeliveryPlanner, device_id: s
 
 
 async def _encode(engine: OtaEngine, device_id: str, view: DeviceTarget, module: PlannedModule,
-                  function: int, index: int, choice: FileChoice) -> SentFile | None:
-    """The file of ``choice``; None when it cannot be made or saves too little."""
+                  function: int, index: int, choice: FileChoice,
+                  delta_format: int) -> SentFile | None:
+    """The file of ``choice`` (a delta made for at most ``delta_format``); None when it
+    cannot be made or saves too little."""
     if choice.encoding is Encoding.DELTA:
         engine.deltas.max_ratio = engine.config.delta_max_ratio
         engine.deltas.effort = engine.config.delta_effort
         engine.deltas.codec = engine.config.delta_codec
         engine.deltas.workers = engine.config.delta_threads_per_patch
-        engine.deltas.format_version = engine.config.delta_format_version
-        delta = await engine.deltas.choose(view, function, index, module.sha256, module.image)
+        delta = await engine.deltas.choose(view, function, index, module.sha256, module.image,
+                                           delta_format)
         if delta is None:
             return None
         return SentFile("delta", delta.patch, delta.patch_sha256, delta.base_sha256)

@@ -33,6 +33,7 @@ from typing import Literal
 
 import trio
 
+from otacore.delta import NEWEST_VERSION as NEWEST_DELTA_FORMAT
 from otacore.device.emulated import DeviceConfig, DevicePhase, DeviceStatus, EmulatedDevice
 from otacore.errors import NotFoundError, ValidationError
 from otacore.module import parse_module
@@ -99,6 +100,9 @@ class FleetSettings:
     #: Devices take key rotation statements mid-session (Hello ``key_push``); False
     #: emulates older firmware, which the server makes reconnect to learn a rotation.
     key_push: bool = True
+    #: The newest delta patch format the devices' applier reads (Hello ``delta_format``);
+    #: None: they name none, as older firmware did (otacore.device.emulated_api).
+    delta_format: int | None = NEWEST_DELTA_FORMAT
     #: Devices have a real-time clock (set from this host's): they check the expiry of
     #: downgrade authorisations. False: clockless devices (see otacore.downgrade).
     wall_clock: bool = True
@@ -327,6 +331,7 @@ class EmulatedFleet:
             compressed_ota=s.compressed_ota,
             max_zstd_window_log=s.max_zstd_window_log,
             key_push=s.key_push,
+            delta_format=s.delta_format,
         )
 
     # --- running ----------------------------------------------------------------------------

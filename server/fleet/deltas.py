@@ -35,13 +35,14 @@ class DeltaService(FleetBase):
     """Store and look up delta patches; count the bytes releases send."""
 
     async def find_delta(
-        self, base_sha256: str, target_sha256: str
+        self, base_sha256: str, target_sha256: str, format_version: int
     ) -> tuple[StoredDelta, bytes] | None:
-        """The stored patch from ``base_sha256`` to ``target_sha256`` and its bytes, if any."""
+        """The stored patch from ``base_sha256`` to ``target_sha256`` made for
+        ``format_version`` (the newest the maker was held to) and its bytes, if any."""
 
         def work() -> tuple[StoredDelta, bytes] | None:
             with self.store.read() as tx:
-                row = tx.get_delta(base_sha256, target_sha256)
+                row = tx.get_delta(base_sha256, target_sha256, format_version)
             if row is None:
                 return None
             delta = StoredDelta(
@@ -59,20 +60,23 @@ class DeltaService(FleetBase):
         self,
         base_sha256: str,
         target_sha256: str,
+        format_version: int,
         patch: bytes,
         target_size: int,
         *,
         replace: bool = False,
     ) -> StoredDelta:
-        """Store a patch (blob first, then the row that names it); with ``replace`` in place
-        of the pair's stored one, else a pair stored before is kept."""
+        """Store a patch made for ``format_version`` (blob first, then the row that names
+        it); with ``replace`` in place of the one stored for the pair and version, else one
+        stored before is kept."""
 
         def work() -> Outcome:
             patch_sha256 = self.store.blobs.put(patch)  # durable before the row naming it
             with self.store.write() as tx:
                 record = tx.replace_delta if replace else tx.insert_delta
                 record(
-                    base_sha256, target_sha256, patch_sha256, len(patch), target_size, self.clock()
+                    base_sha256, target_sha256, format_version, patch_sha256, len(patch),
+                    target_size, self.clock(),
                 )
             return Outcome(
                 StoredDelta(base_sha256, target_sha256, patch_sha256, len(patch), target_size)

@@ -370,13 +370,15 @@ sa.Index("ix_audit_product", audit_log.c.product_id, audit_log.c.id)
 # (revision 0005).
 sa.Index("ix_audit_target", audit_log.c.target, audit_log.c.id)
 
-# Binary delta patches between two images, computed once per (base, target) pair and reused
-# for every device on that base; the patch bytes are the blob ``patch_sha256``.
+# Binary delta patches between two images, computed once per (base, target) pair and format
+# version (the newest the maker was held to: what the devices' appliers read, revision 0008)
+# and reused for every device on that base; the patch bytes are the blob ``patch_sha256``.
 deltas = sa.Table(
     "deltas",
     metadata,
     sa.Column("base_sha256", sa.String(64), primary_key=True),
     sa.Column("target_sha256", sa.String(64), primary_key=True),
+    sa.Column("format_version", sa.Integer, primary_key=True, server_default="4"),
     sa.Column("patch_sha256", sa.String(64), nullable=False),  # names the blob
     sa.Column("patch_size", sa.Integer, nullable=False),
     sa.Column("target_size", sa.Integer, nullable=False),

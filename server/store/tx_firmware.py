@@ -45,6 +45,15 @@ _RELEASE_COLUMNS = record_columns(
 _RELEASE_WIDTH = len(_RELEASE_COLUMNS)
 _RELEASES_WITH_GROUPS = t.releases.outerjoin(t.groups, t.groups.c.id == t.releases.c.group_id)
 
+def _delta_key(base_sha256: str, target_sha256: str, format_version: int) -> list[Any]:
+    """The ``deltas`` row of one pair and format version (its primary key)."""
+    return [
+        t.deltas.c.base_sha256 == base_sha256,
+        t.deltas.c.target_sha256 == target_sha256,
+        t.deltas.c.format_version == format_version,
+    ]
+
+
 SELECT_FIRMWARE = sa.select(*_FIRMWARE_COLUMNS).where(
     t.firmware.c.product_id == sa.bindparam("product_id"),
     t.firmware.c.version == sa.bindparam("version"),
@@ -481,13 +490,14 @@ class FirmwareQueries:
 
     # --- delta patches and bytes sent -------------------------------------------------------
 
-    def get_delta(self, base_sha256: str, target_sha256: str) -> dict[str, Any] | None:
-        """The stored patch row from ``base_sha256`` to ``target_sha256``, if any."""
+    def get_delta(
+        self, base_sha256: str, target_sha256: str, format_version: int
+    ) -> dict[str, Any] | None:
+        """The stored patch row from ``base_sha256`` to ``target_sha256`` made for
+        ``format_version``, if any."""
         row = (
             self.conn.execute(
-                sa.select(t.deltas).where(
-                    t.deltas.c.base_sha256 == base_sha256, t.deltas.c.target_sha256 == target_sha256
-                )
+                sa.select(t.deltas).where(*_delta_key(base_sha256, target_sha256, format_version))
             )
             .mappings()
             .first()
@@ -498,18 +508,21 @@ class FirmwareQueries:
         self,
         base_sha256: str,
         target_sha256: str,
+        format_version: int,
         patch_sha256: str,
         patch_size: int,
         target_size: int,
         now: int,
     ) -> None:
-        """Record a patch (its blob is already stored); a pair stored before is kept."""
-        if self.get_delta(base_sha256, target_sha256) is not None:
+        """Record a patch (its blob is already stored); a pair stored before for the same
+        format version is kept."""
+        if self.get_delta(base_sha256, target_sha256, format_version) is not None:
             return  # another process computed it first: the patches are equivalent
         self.conn.execute(
             sa.insert(t.deltas).values(
                 base_sha256=base_sha256,
                 target_sha256=target_sha256,
+                format_version=format_version,
                 patch_sha256=patch_sha256,
                 patch_size=patch_size,
                 target_size=target_size,
@@ -521,16 +534,17 @@ class FirmwareQueries:
         self,
         base_sha256: str,
         target_sha256: str,
+        format_version: int,
         patch_sha256: str,
         patch_size: int,
         target_size: int,
         now: int,
     ) -> None:
-        """Record a patch in place of the pair's stored one, if any (its old blob is then
-        unreferenced, for ``sweep_blobs``)."""
+        """Record a patch in place of the one stored for the same pair and format version,
+        if any (its old blob is then unreferenced, for ``sweep_blobs``)."""
         updated = self.conn.execute(
             sa.update(t.deltas)
-            .where(t.deltas.c.base_sha256 == base_sha256, t.deltas.c.target_sha256 == target_sha256)
+            .where(*_delta_key(base_sha256, target_sha256, format_version))
             .values(
                 patch_sha256=patch_sha256,
                 patch_size=patch_size,
@@ -540,7 +554,8 @@ class FirmwareQueries:
         )
         if not updated.rowcount:
             self.insert_delta(
-                base_sha256, target_sha256, patch_sha256, patch_size, target_size, now
+                base_sha256, target_sha256, format_version, patch_sha256, patch_size,
+                target_size, now,
             )
 
     def count_deltas(self) -> int:
