@@ -1,4 +1,4 @@
-"""The pure-Python delta twin's shortcuts (otacore/_delta_py.py) against what they replace.
+"""The pure-Python delta twin's shortcuts (otacore/_delta_*_py.py) against what they replace.
 
 The twin answers ota_search (ext/delta_match.h) by bisecting bytes slices from vectorised
 8-byte ranges instead of the C loop, builds the suffix array by prefix doubling, and walks the
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from otacore import _delta_py as twin
+from otacore import _delta_search_py as twin_search
 from otacore._select import load_native
 
 NATIVE = load_native("delta")
@@ -25,7 +26,7 @@ needs_native = pytest.mark.skipif(NATIVE is None, reason="native delta kernel no
 
 def _c_search(old: bytes, sa: list[int], new: bytes, scan: int, end: int | None) -> tuple[int, int]:
     """ota_search as written in ext/delta_match.h (the binary search with both ends'
-    common prefixes), with a byte-by-byte common prefix: the reference for twin._search."""
+    common prefixes), with a byte-by-byte common prefix: the reference for twin_search._search."""
 
     def common(a_at: int, b_at: int, limit: int) -> int:
         i = 0
@@ -85,12 +86,14 @@ def test_search_agrees_with_the_c_binary_search() -> None:
         new = _edited(rng, old, alphabet) if rng.random() < 0.7 else old[::-1]
         index = twin.suffix_array(old)
         sa = index.tolist()
-        ranges = twin._word_ranges(old, index, new)
+        ranges = twin_search._word_ranges(old, index, new)
         for scan in range(len(new)):
             end = rng.choice([None, rng.randrange(scan, len(new) + 1)])
             want = _c_search(old, sa, new, scan, end)
-            assert twin._search(old, sa, new, scan, end) == want, (seed, old, new, scan, end)
-            assert twin._search(old, index.data, new, scan, end, ranges) == want, (seed, scan)
+            got = twin_search._search(old, sa, new, scan, end)
+            assert got == want, (seed, old, new, scan, end)
+            got = twin_search._search(old, index.data, new, scan, end, ranges)
+            assert got == want, (seed, scan)
 
 
 @needs_native
