@@ -96,6 +96,34 @@ def test_search_agrees_with_the_c_binary_search() -> None:
             assert got == want, (seed, scan)
 
 
+def test_ranges_made_again_only_where_words_changed() -> None:
+    """The maker matches a second new image (normalised another way) against the same old
+    image and suffix array; the twin then makes the ranges again only where new's words
+    changed. They must equal the ranges made from scratch, for images of the same length
+    (the incremental path) and of another length (made whole)."""
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    rng = random.Random(seed)
+    for _ in range(60):
+        alphabet = rng.choice([2, 4, 256])
+        old = bytes(rng.randrange(alphabet) for _ in range(rng.choice([5, 9, 60, 700])))
+        index = twin.suffix_array(old)
+        new = _edited(rng, old, alphabet)
+        twin_search._cached_ranges(old, index, new)
+        for _ in range(3):
+            changed = bytearray(new)
+            for _ in range(rng.randrange(4)):
+                if changed:
+                    changed[rng.randrange(len(changed))] = rng.randrange(alphabet)
+            if rng.random() < 0.2:
+                changed += bytes(rng.randrange(alphabet) for _ in range(rng.randrange(1, 9)))
+            new = bytes(changed)
+            got = twin_search._cached_ranges(old, index, new)
+            want = twin_search._word_ranges(old, index, new)
+            for got_part, want_part in zip(got, want, strict=True):
+                assert got_part.tolist() == want_part.tolist(), (seed, old, new)
+
+
 @needs_native
 def test_suffix_array_of_long_runs_and_repeats() -> None:
     """Runs and repeats keep suffixes tied for many doubling rounds."""
