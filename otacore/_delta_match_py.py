@@ -103,29 +103,36 @@ def find_matches(
         raise ValueError("suffix array entries are outside the old image")
     sa_list = index.data  # indexes into Python ints without a list of them
     ranges = _cached_ranges(o, index, nw)
-    ranges_first, ranges_end, found_len, found_at = ranges
-    ranged = len(ranges_first)
+    found_at, known_len = ranges[3], ranges[4]  # (see _known_lengths)
 
     spans: list[tuple[int, int, int]] = []
     scan = match_len = pos = 0
     last_scan = last_pos = last_offset = 0
+    # new[q] has an old byte at the current alignment (ota_same) for inside <= q < outside
+    inside, outside = 0, old_n
     while scan < new_n:
         old_score = 0
         scan += match_len
         scored = scan
         while scan < new_n:
-            if scan < ranged and ranges_first[scan] == ranges_end[scan]:
-                match_len, pos = found_len[scan], found_at[scan]  # _search's answer, faster
+            match_len = known_len[scan]
+            if match_len >= 0:
+                pos = found_at[scan]  # _search's answer, faster
             else:
                 match_len, pos = _search(o, sa_list, nw, scan, None, ranges)
-            if scored < scan + match_len:
-                if scan + match_len - scored < 16:  # a short run: a loop costs less than a call
-                    for at in range(scored, scan + match_len):
-                        if 0 <= at + last_offset < old_n and o[at + last_offset] == nw[at]:
+            reach = scan + match_len
+            if scored < reach:
+                if reach - scored >= 16:  # a long run: one call costs less than a loop
+                    old_score += _agreeing(o, nw, last_offset, scored, reach)
+                elif inside <= scored and reach <= outside:  # no bounds to check
+                    for at in range(scored + last_offset, reach + last_offset):
+                        if o[at] == nw[at - last_offset]:
                             old_score += 1
                 else:
-                    old_score += _agreeing(o, nw, last_offset, scored, scan + match_len)
-                scored = scan + match_len
+                    for at in range(scored, reach):
+                        if 0 <= at + last_offset < old_n and o[at + last_offset] == nw[at]:
+                            old_score += 1
+                scored = reach
             if (match_len == old_score and match_len != 0) or match_len > old_score + threshold:
                 break
             if match_len > _SKIP_LEN:
@@ -133,10 +140,16 @@ def find_matches(
                 old_score -= _agreeing(o, nw, last_offset, scan, skip_to)
                 scan = skip_to
                 continue
-            for at in range(scan, min(scan + step, new_n)):
-                if 0 <= at + last_offset < old_n and o[at + last_offset] == nw[at]:
-                    old_score -= 1
-            scan = min(scan + step, new_n)
+            stepped = scan + step if scan + step < new_n else new_n
+            if inside <= scan and stepped <= outside:  # no bounds to check
+                for at in range(scan, stepped):
+                    if o[at + last_offset] == nw[at]:
+                        old_score -= 1
+            else:
+                for at in range(scan, stepped):
+                    if 0 <= at + last_offset < old_n and o[at + last_offset] == nw[at]:
+                        old_score -= 1
+            scan = stepped
         if match_len != old_score or scan == new_n:
             ahead = max(0, min(scan - last_scan, old_n - last_pos))
             len_fwd = _extension(o, last_pos, nw, last_scan, ahead, False)
@@ -166,6 +179,7 @@ def find_matches(
             last_scan = scan - len_back
             last_pos = pos - len_back
             last_offset = pos - scan
+            inside, outside = -last_offset, old_n - last_offset
     return np.array(spans, dtype=np.int64).reshape(-1, 3)
 
 
@@ -309,8 +323,7 @@ def cover_gaps(
     rows = _ordered_spans(spans, old_n, new_n)
     sa_list = index.data  # indexes into Python ints without a list of them
     ranges = _cached_ranges(o, index, nw)
-    ranges_first, ranges_end, found_len, found_at = ranges
-    ranged = len(ranges_first)
+    found_at, known_len = ranges[3], ranges[4]  # (see _known_lengths)
     # A search finds _COVER_MIN bytes or more exactly where new's _COVER_MIN-gram at that
     # position occurs in old: a set lookup, done for all positions at once, skips the
     # searches that cannot succeed (most of a literal gap) without changing any result.
@@ -318,11 +331,9 @@ def cover_gaps(
     # next_seen[p]: the first position >= p whose gram may occur in old (new_n if none)
     next_seen = _next_true(seen)
 
-    literal = costs.__getitem__
-
-    def copy(o_at: int, n_at: int) -> int:
-        return _COVER_EQUAL if o[o_at] == nw[n_at] else _COVER_WRONG
-
+    # (ota_copy_cost, written out in the loops below: a call per byte costs more than the
+    # comparison)
+    equal, wrong = _COVER_EQUAL, _COVER_WRONG
     out: list[list[int]] = []
     at = cursor = 0  # new and old end of the last span out
     for gap_end, span_old, span_len in [*rows, [new_n, 0, 0]]:
@@ -331,8 +342,9 @@ def cover_gaps(
             if next_seen[p] != p:
                 p = next_seen[p]  # the positions in between cannot find _COVER_MIN bytes
                 continue
-            if p < ranged and ranges_first[p] == ranges_end[p] and gap_end - p >= _WORD:
-                length, pos = found_len[p], found_at[p]  # _search's answer, faster
+            length = known_len[p]
+            if length >= 0 and gap_end - p >= _WORD:
+                pos = found_at[p]  # _search's answer, faster
             else:
                 length, pos = _search(o, sa_list, nw, p, gap_end, ranges)
             if length < _COVER_MIN:
@@ -340,12 +352,17 @@ def cover_gaps(
                 continue
             collinear = bool(out) and pos - p == cursor - at and p - at <= _COVER_LINK
             if collinear:
-                need = sum(copy(cursor + k, at + k) - literal(at + k) for k in range(p - at))
+                need = sum(
+                    (equal if x == y else wrong) - cost
+                    for x, y, cost in zip(
+                        o[cursor : cursor + p - at], nw[at:p], costs[at:p], strict=True
+                    )
+                )
             else:
                 need = _entry_cost(pos - cursor, length)
             gain = k = 0
             while k < length and gain <= need:
-                gain += literal(p + k) - _COVER_EQUAL
+                gain += costs[p + k] - equal
                 k += 1
             if gain <= need:
                 p += length // 2 if length > _SKIP_LEN else 1
@@ -354,7 +371,9 @@ def cover_gaps(
             if not collinear:
                 score = best = i = 0
                 while p - 1 - i >= at and pos - 1 - i >= 0 and i - back < _COVER_PATIENCE:
-                    score += literal(p - 1 - i) - copy(pos - 1 - i, p - 1 - i)
+                    score += costs[p - 1 - i] - (
+                        equal if o[pos - 1 - i] == nw[p - 1 - i] else wrong
+                    )
                     i += 1
                     if score > best:
                         best, back = score, i
@@ -362,7 +381,8 @@ def cover_gaps(
             while (
                 p + length + i < gap_end and pos + length + i < old_n and i - fwd < _COVER_PATIENCE
             ):
-                score += literal(p + length + i) - copy(pos + length + i, p + length + i)
+                n_at = p + length + i
+                score += costs[n_at] - (equal if o[pos + length + i] == nw[n_at] else wrong)
                 i += 1
                 if score > best:
                     best, fwd = score, i

@@ -128,7 +128,7 @@ class _RangesEntry(NamedTuple):
     sorted_words: NDArray[np.uint64]  # old's words in suffix array order
     keys: NDArray[np.uint64]  # new's words (:func:`_words`)
     arrays: tuple[NDArray[np.int64], ...]  # :func:`_word_ranges` as arrays
-    views: tuple[memoryview, ...]  # ... and as memoryviews
+    views: tuple[memoryview, ...]  # ... as memoryviews, and :func:`_known_lengths`
 
 
 #: id(suffix array) -> its entry: the maker runs find_matches and then cover_gaps on the same
@@ -140,8 +140,9 @@ _ranges_cache: dict[int, _RangesEntry] = {}
 
 
 def _cached_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memoryview, ...]:
-    """:func:`_word_ranges`, kept while the suffix array ``index`` lives, and made again only
-    at the positions whose word changed when the same old image comes with another new."""
+    """:func:`_word_ranges` and :func:`_known_lengths`, kept while the suffix array ``index``
+    lives, and made again only at the positions whose word changed when the same old image
+    comes with another new."""
     key = id(index)
     entry = _ranges_cache.get(key)
     if entry is not None and (entry.suffixes() is not index or entry.old is not old):
@@ -161,13 +162,24 @@ def _cached_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[me
     else:
         sorted_words = _words(old, len(old))[index]
         arrays = _key_ranges(old, index, sorted_words, keys)
-    views = tuple(array.data for array in arrays)  # memoryviews: fast indexing into ints
+    # memoryviews: fast indexing into ints; and the known lengths for the matcher's loops
+    views = (*(array.data for array in arrays), _known_lengths(arrays, len(new)).data)
     try:
         reference = weakref.ref(index, lambda _: _ranges_cache.pop(key, None))
     except TypeError:  # not weakly referenceable (a view of another array's memory is)
         return views
     _ranges_cache[key] = _RangesEntry(reference, old, new, sorted_words, keys, arrays, views)
     return views
+
+
+def _known_lengths(arrays: tuple[NDArray[np.int64], ...], new_n: int) -> NDArray[np.int64]:
+    """Per position of new: the length of :func:`_search`'s answer for any key of at least
+    _WORD bytes where :func:`_word_ranges`' ``arrays`` give it (no suffix shares the first
+    _WORD bytes), else -1: one lookup per position for the loops instead of three."""
+    first, end, found_len = arrays[:3]
+    known = np.full(new_n, -1, dtype=np.int64)
+    known[: first.shape[0]] = np.where(first == end, found_len, -1)
+    return known
 
 
 def _word_ranges(old: bytes, index: NDArray[np.int32], new: bytes) -> tuple[memoryview, ...]:
