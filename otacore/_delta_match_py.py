@@ -4,8 +4,10 @@ Mirrors ext/delta_match.h: ota_find_matches (:func:`find_matches`), ota_cover_ga
 (:func:`cover_gaps`) and ota_literal_costs (:func:`literal_costs`, which sorts where the C
 code hashes). The control flow of the scan and of the covers follows the C code step by
 step, so the spans are identical; its byte loops (scores, extensions, the split of an
-overlap) are counts and best prefixes over whole runs. The searches are in
-otacore/_delta_search_py.py; the kernel API is re-exported by otacore/_delta_py.py.
+overlap) are counts and best prefixes over whole runs, or short loops without a call per
+byte. A search whose answer the 8-byte ranges give is one lookup (``ranges[4]``, see
+otacore/_delta_search_py.py: _known_lengths); the kernel API is re-exported by
+otacore/_delta_py.py.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Mirrors ext/delta_sais.h (``suffix_array``; SA-IS there, numpy prefix doubling h
 suffix array is unique, so both give the same) and ota_search / ota_common_prefix of
 ext/delta_match.h (:func:`_search`: the same answer as the C bisection, found with ``bisect``
 on bytes slices after one vectorised ``searchsorted`` of every position's first 8 bytes,
-:func:`_word_ranges`). Used by the matcher twin, otacore/_delta_match_py.py; the kernel API is
-re-exported by otacore/_delta_py.py.
+:func:`_word_ranges`, which also answers every search that finds fewer). The ranges are kept
+per suffix array (:func:`_cached_ranges`) and made again only where the new image's words
+changed when the maker's second pass brings the same old image. Used by the matcher twin,
+otacore/_delta_match_py.py; the kernel API is re-exported by otacore/_delta_py.py.
 """
 
 from __future__ import annotations
@@ -89,9 +91,10 @@ def suffix_array(data: Buffer) -> NDArray[np.int32]:
 def _common_prefix(a: bytes, a_at: int, b: bytes, b_at: int, limit: int) -> int:
     """Number of equal bytes of a[a_at:] and b[b_at:], at most limit."""
     done = 0
-    step = _WORD
+    size = _WORD  # compared at once: doubles while the bytes agree
     while done < limit:
-        size = min(step, limit - done)
+        if size > limit - done:
+            size = limit - done
         x = a[a_at + done : a_at + done + size]
         y = b[b_at + done : b_at + done + size]
         if x != y:
@@ -100,7 +103,7 @@ def _common_prefix(a: bytes, a_at: int, b: bytes, b_at: int, limit: int) -> int:
             diff = int.from_bytes(x, "little") ^ int.from_bytes(y, "little")
             return done + (((diff & -diff).bit_length() - 1) >> 3)
         done += size
-        step *= 2
+        size *= 2
     return done
 
 

@@ -1,7 +1,8 @@
 """The pure-Python delta twin's shortcuts (otacore/_delta_*_py.py) against what they replace.
 
 The twin answers ota_search (ext/delta_match.h) by bisecting bytes slices from vectorised
-8-byte ranges instead of the C loop, builds the suffix array by prefix doubling, and walks the
+8-byte ranges instead of the C loop (made again only where the words changed when the same
+old image comes back), builds the suffix array by prefix doubling, and walks the
 THUMB/WORDS items of all copy spans at once. Each test here drives one shortcut over inputs
 chosen for its edge cases (zero padding past the image's end, long runs, spans that start at
 odd offsets, overlap in old, or end between a word and a branch) and compares it with a
