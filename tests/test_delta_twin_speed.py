@@ -164,6 +164,20 @@ def test_matches_and_covers_on_repetitive_images() -> None:
         costs = NATIVE.literal_costs(new, 128, 16, 40)
         covered = NATIVE.cover_gaps(old, new, sa, spans, costs)
         assert np.array_equal(covered, twin.cover_gaps(old, new, sa, spans, costs)), seed
+        # A second new image of the same length against the same old image and suffix array
+        # (the maker's pass 2): the twin makes its ranges again only where words changed. (Its
+        # cache holds a suffix array that owns its memory, as the twin's own does.)
+        twin_sa = twin.suffix_array(old)
+        assert np.array_equal(spans, twin.find_matches(old, new, twin_sa, 16, 4)), seed
+        changed = bytearray(new)
+        for _ in range(rng.randrange(1, 6)):
+            changed[rng.randrange(len(changed))] = rng.randrange(alphabet)
+        second = bytes(changed)
+        spans = NATIVE.find_matches(old, second, sa, 8, 2)
+        assert np.array_equal(spans, twin.find_matches(old, second, twin_sa, 8, 2)), seed
+        costs = NATIVE.literal_costs(second, 128, 16, 40)
+        covered = NATIVE.cover_gaps(old, second, sa, spans, costs)
+        assert np.array_equal(covered, twin.cover_gaps(old, second, twin_sa, spans, costs)), seed
 
 
 def _thumb_code(rng: random.Random, size: int) -> bytes:
