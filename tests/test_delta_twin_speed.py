@@ -1,7 +1,8 @@
-"""The pure-Python delta twin's shortcuts (otacore/_delta_py.py) against what they replace.
+"""The pure-Python delta twin's shortcuts (otacore/_delta_*_py.py) against what they replace.
 
 The twin answers ota_search (ext/delta_match.h) by bisecting bytes slices from vectorised
-8-byte ranges instead of the C loop, builds the suffix array by prefix doubling, and walks the
+8-byte ranges instead of the C loop (made again only where the words changed when the same
+old image comes back), builds the suffix array by prefix doubling, and walks the
 THUMB/WORDS items of all copy spans at once. Each test here drives one shortcut over inputs
 chosen for its edge cases (zero padding past the image's end, long runs, spans that start at
 odd offsets, overlap in old, or end between a word and a branch) and compares it with a
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from otacore import _delta_py as twin
+from otacore import _delta_search_py as twin_search
 from otacore._select import load_native
 
 NATIVE = load_native("delta")
@@ -25,7 +27,7 @@ needs_native = pytest.mark.skipif(NATIVE is None, reason="native delta kernel no
 
 def _c_search(old: bytes, sa: list[int], new: bytes, scan: int, end: int | None) -> tuple[int, int]:
     """ota_search as written in ext/delta_match.h (the binary search with both ends'
-    common prefixes), with a byte-by-byte common prefix: the reference for twin._search."""
+    common prefixes), with a byte-by-byte common prefix: the reference for twin_search._search."""
 
     def common(a_at: int, b_at: int, limit: int) -> int:
         i = 0
@@ -85,12 +87,48 @@ def test_search_agrees_with_the_c_binary_search() -> None:
         new = _edited(rng, old, alphabet) if rng.random() < 0.7 else old[::-1]
         index = twin.suffix_array(old)
         sa = index.tolist()
-        ranges = twin._word_ranges(old, index, new)
+        ranges = twin_search._word_ranges(old, index, new)
         for scan in range(len(new)):
             end = rng.choice([None, rng.randrange(scan, len(new) + 1)])
             want = _c_search(old, sa, new, scan, end)
-            assert twin._search(old, sa, new, scan, end) == want, (seed, old, new, scan, end)
-            assert twin._search(old, index.data, new, scan, end, ranges) == want, (seed, scan)
+            got = twin_search._search(old, sa, new, scan, end)
+            assert got == want, (seed, old, new, scan, end)
+            got = twin_search._search(old, index.data, new, scan, end, ranges)
+            assert got == want, (seed, scan)
+
+
+def test_ranges_made_again_only_where_words_changed() -> None:
+    """The maker matches a second new image (normalised another way) against the same old
+    image and suffix array; the twin then makes the ranges again only where new's words
+    changed. They must equal the ranges made from scratch, for images of the same length
+    (the incremental path) and of another length (made whole)."""
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    rng = random.Random(seed)
+    for _ in range(60):
+        alphabet = rng.choice([2, 4, 256])
+        old = bytes(rng.randrange(alphabet) for _ in range(rng.choice([5, 9, 60, 700])))
+        index = twin.suffix_array(old)
+        new = _edited(rng, old, alphabet)
+        twin_search._cached_ranges(old, index, new)
+        for _ in range(3):
+            changed = bytearray(new)
+            for _ in range(rng.randrange(4)):
+                if changed:
+                    changed[rng.randrange(len(changed))] = rng.randrange(alphabet)
+            if rng.random() < 0.2:
+                changed += bytes(rng.randrange(alphabet) for _ in range(rng.randrange(1, 9)))
+            new = bytes(changed)
+            got = twin_search._cached_ranges(old, index, new)
+            want = twin_search._word_ranges(old, index, new)
+            for got_part, want_part in zip(got[:4], want, strict=True):
+                assert got_part.tolist() == want_part.tolist(), (seed, old, new)
+            # and the lengths the loops read: the search's answer where no suffix shares
+            # the first 8 bytes, else -1 (a search is needed)
+            first, end, found_len = (part.tolist() for part in want[:3])
+            known = [n if f == e else -1 for f, e, n in zip(first, end, found_len, strict=True)]
+            known += [-1] * (len(new) - len(known))
+            assert got[4].tolist() == known, (seed, old, new)
 
 
 @needs_native
@@ -126,6 +164,20 @@ def test_matches_and_covers_on_repetitive_images() -> None:
         costs = NATIVE.literal_costs(new, 128, 16, 40)
         covered = NATIVE.cover_gaps(old, new, sa, spans, costs)
         assert np.array_equal(covered, twin.cover_gaps(old, new, sa, spans, costs)), seed
+        # A second new image of the same length against the same old image and suffix array
+        # (the maker's pass 2): the twin makes its ranges again only where words changed. (Its
+        # cache holds a suffix array that owns its memory, as the twin's own does.)
+        twin_sa = twin.suffix_array(old)
+        assert np.array_equal(spans, twin.find_matches(old, new, twin_sa, 16, 4)), seed
+        changed = bytearray(new)
+        for _ in range(rng.randrange(1, 6)):
+            changed[rng.randrange(len(changed))] = rng.randrange(alphabet)
+        second = bytes(changed)
+        spans = NATIVE.find_matches(old, second, sa, 8, 2)
+        assert np.array_equal(spans, twin.find_matches(old, second, twin_sa, 8, 2)), seed
+        costs = NATIVE.literal_costs(second, 128, 16, 40)
+        covered = NATIVE.cover_gaps(old, second, sa, spans, costs)
+        assert np.array_equal(covered, twin.cover_gaps(old, second, twin_sa, spans, costs)), seed
 
 
 def _thumb_code(rng: random.Random, size: int) -> bytes:
