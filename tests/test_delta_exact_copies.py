@@ -282,8 +282,14 @@ def test_mutated_version_3_payloads_fail_with_a_delta_error_only(seed: int, edit
     """Whatever the damage inside the (correctly compressed) payload, the applier gives the
     target or raises DeltaError, never another exception."""
     old, new, header, payload = _SAMPLE
+    gives_target_or_delta_error(old, new, _repack(header, mutated(payload, seed, edits)), seed)
+
+
+def gives_target_or_delta_error(old: bytes, new: bytes, damaged: bytes, seed: int) -> None:
+    """Apply the ``damaged`` patch (made with ``seed``): it gives ``new`` or raises DeltaError,
+    never another exception or other output (the version 3 to 5 fuzz tests)."""
     try:
-        out = delta.apply_patch(old, _repack(header, mutated(payload, seed, edits)))
+        out = delta.apply_patch(old, damaged)
     except DeltaError:
         return
     assert out == new, f"seed {seed}: damaged patch produced other output without an error"

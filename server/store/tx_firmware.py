@@ -542,21 +542,12 @@ class FirmwareQueries:
     ) -> None:
         """Record a patch in place of the one stored for the same pair and format version,
         if any (its old blob is then unreferenced, for ``sweep_blobs``)."""
-        updated = self.conn.execute(
-            sa.update(t.deltas)
-            .where(*_delta_key(base_sha256, target_sha256, format_version))
-            .values(
-                patch_sha256=patch_sha256,
-                patch_size=patch_size,
-                target_size=target_size,
-                created_at=now,
-            )
+        self.conn.execute(
+            sa.delete(t.deltas).where(*_delta_key(base_sha256, target_sha256, format_version))
         )
-        if not updated.rowcount:
-            self.insert_delta(
-                base_sha256, target_sha256, format_version, patch_sha256, patch_size,
-                target_size, now,
-            )
+        self.insert_delta(
+            base_sha256, target_sha256, format_version, patch_sha256, patch_size, target_size, now
+        )
 
     def count_deltas(self) -> int:
         """How many patches are stored."""
