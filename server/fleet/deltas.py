@@ -73,10 +73,9 @@ class DeltaService(FleetBase):
         def work() -> Outcome:
             patch_sha256 = self.store.blobs.put(patch)  # durable before the row naming it
             with self.store.write() as tx:
-                record = tx.replace_delta if replace else tx.insert_delta
-                record(
+                tx.insert_delta(
                     base_sha256, target_sha256, format_version, patch_sha256, len(patch),
-                    target_size, self.clock(),
+                    target_size, self.clock(), replace=replace,
                 )
             return Outcome(
                 StoredDelta(base_sha256, target_sha256, patch_sha256, len(patch), target_size)

@@ -513,10 +513,16 @@ class FirmwareQueries:
         patch_size: int,
         target_size: int,
         now: int,
+        *,
+        replace: bool = False,
     ) -> None:
-        """Record a patch (its blob is already stored); a pair stored before for the same
-        format version is kept."""
-        if self.get_delta(base_sha256, target_sha256, format_version) is not None:
+        """Record a patch (its blob is already stored). A patch stored before for the same
+        pair and format version is kept, or with ``replace`` replaced (its old blob is then
+        unreferenced, for ``sweep_blobs``)."""
+        key = _delta_key(base_sha256, target_sha256, format_version)
+        if replace:
+            self.conn.execute(sa.delete(t.deltas).where(*key))
+        elif self.get_delta(base_sha256, target_sha256, format_version) is not None:
             return  # another process computed it first: the patches are equivalent
         self.conn.execute(
             sa.insert(t.deltas).values(
@@ -528,25 +534,6 @@ class FirmwareQueries:
                 target_size=target_size,
                 created_at=now,
             )
-        )
-
-    def replace_delta(
-        self,
-        base_sha256: str,
-        target_sha256: str,
-        format_version: int,
-        patch_sha256: str,
-        patch_size: int,
-        target_size: int,
-        now: int,
-    ) -> None:
-        """Record a patch in place of the one stored for the same pair and format version,
-        if any (its old blob is then unreferenced, for ``sweep_blobs``)."""
-        self.conn.execute(
-            sa.delete(t.deltas).where(*_delta_key(base_sha256, target_sha256, format_version))
-        )
-        self.insert_delta(
-            base_sha256, target_sha256, format_version, patch_sha256, patch_size, target_size, now
         )
 
     def count_deltas(self) -> int:
