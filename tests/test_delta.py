@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from otacore import delta, delta_maker, delta_stream
+from otacore import delta, delta_family, delta_planner, delta_relocation, delta_stream
 from otacore._select import load_native, load_twin
 from otacore.delta import PatchHeader, put_varint, zigzag
 from otacore.errors import PatchBaseMismatchError, PatchFormatError
@@ -222,7 +222,7 @@ def test_thumb_prediction_removes_relocation_noise(module: ModuleType) -> None:
     spans = np.array([[1000 + 0x100, 1000, 3000]], dtype=np.int64)
     empty = (np.empty(0, np.int64), np.empty(0, np.int64))
     observed = module.observe(bytes(old), bytes(new), spans, (1, 0, 0, empty, empty))
-    branch_map = delta_maker.fit_map(observed[0], observed[1], cap=64, zero_default=False)
+    branch_map = delta_relocation.fit_map(observed[0], observed[1], cap=64, zero_default=False)
     filtered = module.diff_spans(bytes(old), bytes(new), spans, (1, 0, 0, branch_map, empty))
     plain = module.diff_spans(bytes(old), bytes(new), spans, (0, 0, 0, empty, empty))
     assert filtered == bytes(3000)
@@ -239,11 +239,11 @@ def _decode_bl(h1: int, h2: int) -> int:
 def test_fit_map_follows_runs_and_respects_cap() -> None:
     keys = np.array([10, 11, 12, 50, 51, 52, 53, 90, 91], dtype=np.int64)
     deltas = np.array([5, 5, 5, 9, 9, 7, 9, 5, 5], dtype=np.int64)
-    got = delta_maker.fit_map(keys, deltas, cap=10, zero_default=False)
+    got = delta_relocation.fit_map(keys, deltas, cap=10, zero_default=False)
     assert got[0].tolist() == [10, 50, 90] and got[1].tolist() == [5, 9, 5]
-    capped = delta_maker.fit_map(keys, deltas, cap=1, zero_default=False)
+    capped = delta_relocation.fit_map(keys, deltas, cap=1, zero_default=False)
     assert len(capped[0]) <= 1
-    zeros = delta_maker.fit_map(keys, np.zeros(9, np.int64), cap=10, zero_default=True)
+    zeros = delta_relocation.fit_map(keys, np.zeros(9, np.int64), cap=10, zero_default=True)
     assert zeros[0].tolist() == []
 
 
@@ -331,17 +331,17 @@ def test_relinked_firmware_costs_almost_nothing(module: ModuleType) -> None:
 
 def test_family_and_base_detection() -> None:
     old, new = relinked_firmware(2)
-    assert delta_maker.detect_family(old) == delta.FILTER_THUMB
-    assert delta_maker.detect_family(random.Random(3).randbytes(50_000)) == 0
+    assert delta_family.detect_family(old) == delta.FILTER_THUMB
+    assert delta_family.detect_family(random.Random(3).randbytes(50_000)) == 0
     # Code calls its functions from many places: CALLs to 60 entries, not to random spots.
     x86 = bytearray(random.Random(4).randbytes(20_000))
     entries = random.Random(5).sample(range(19_000), 60)
     for at in range(0, 19_000, 40):
         x86[at] = 0xE8
         struct.pack_into("<i", x86, at + 1, random.Random(at).choice(entries) - at - 5)
-    assert delta_maker.detect_family(bytes(x86)) == delta.FILTER_X86
+    assert delta_family.detect_family(bytes(x86)) == delta.FILTER_X86
     spans = np.array([[0x140, 0x100, len(old) - 0x100]], dtype=np.int64)
-    planner = delta_maker._Planner(old, new, spans, 1 << 16)
+    planner = delta_planner.Planner(old, new, spans, 1 << 16)
     assert planner.base(x86=False) == 0x08000000
 
 

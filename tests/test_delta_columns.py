@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otacore import delta, delta_codec, delta_maker
+from otacore import delta, delta_codec, delta_forms, delta_maker
 from otacore.delta import (
     CODEC_ZSTD,
     COLUMNS,
@@ -256,7 +256,7 @@ def _tried_with_and_without_choice(old: bytes, new: bytes) -> tuple[SearchResult
     options = {"effort": 2, "block_limit": 1024, "format_version": 4}
     chosen = delta_maker.search_patch(old, new, **options)  # type: ignore[arg-type]
     with pytest.MonkeyPatch.context() as patcher:
-        patcher.setattr(delta_maker, "LAYOUT_CHOICE_MAX", -1)  # columns whatever the size
+        patcher.setattr(delta_forms, "LAYOUT_CHOICE_MAX", -1)  # columns whatever the size
         columns = delta_maker.search_patch(old, new, **options)  # type: ignore[arg-type]
     return chosen, columns
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otacore import delta, delta_codec, delta_maker, delta_stream
+from otacore import delta, delta_codec, delta_forms, delta_maker, delta_planner, delta_stream
 from otacore._select import load_native, load_twin
 from otacore.delta import (
     CODEC_ZSTD,
@@ -101,7 +101,7 @@ def test_splits_anywhere_still_give_the_target(
     bytes are made for their own spans, so the output is still exact."""
     monkeypatch.setattr(delta, "_kernel", kernel)
     monkeypatch.setattr(delta_stream, "_kernel", kernel)
-    monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", run)
+    monkeypatch.setattr(delta_planner, "EXACT_RUN_MIN", run)
     old, new = relinked_firmware(7)
     patch = delta.make_patch(old, new, filters=filters, block_limit=1024)
     # (exact copies, their control entries in (sparse) columns or, for a small payload, in
@@ -135,7 +135,7 @@ def test_fuzzed_pairs_with_exact_copies_apply(
 ) -> None:
     old, new = pair
     with pytest.MonkeyPatch.context() as patcher:
-        patcher.setattr(delta_maker, "EXACT_RUN_MIN", run)
+        patcher.setattr(delta_planner, "EXACT_RUN_MIN", run)
         patch = delta.make_patch(old, new, block_limit=block_limit)
     header = delta.read_header(patch)
     assert header.version in (2, 3, 4, 5)
@@ -466,12 +466,12 @@ def test_sparse_changes_get_the_dense_form_and_lzma2_decides_between_the_forms(
     regular = delta_maker.search_patch(old, new, window_log=12, effort=1, format_version=2)
     print(f"both forms {len(both.patch)} B (zstd {both.tried}), version 2 {len(regular.patch)} B "
           f"(zstd {regular.tried})")
-    assert both.tried[0][1] < (1 - delta_maker.DENSE_MARGIN) * regular.tried[0][1]
+    assert both.tried[0][1] < (1 - delta_forms.DENSE_MARGIN) * regular.tried[0][1]
     assert seen[0] == 1
     assert len(both.patch) <= len(regular.patch)
     assert _applies(old, new, both.patch)
     seen.clear()
-    monkeypatch.setattr(delta_maker, "DENSE_ALWAYS", 0)
+    monkeypatch.setattr(delta_forms, "DENSE_ALWAYS", 0)
     dense_only = delta_maker.search_patch(old, new, window_log=12, effort=1)
     assert seen == [0]
     assert delta.read_header(dense_only.patch).version in (4, 5)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from otacore import delta, delta_codec, delta_maker
+from otacore import delta, delta_codec, delta_maker, delta_planner
 from otacore.delta import (
     CODEC_LZMA2,
     CODEC_ZSTD,
@@ -175,7 +175,7 @@ def test_a_chunk_setting_other_properties_than_the_header_is_refused(
     # A version 2 payload: its zero runs make LZMA2 compress every chunk, and a compressed
     # chunk sets properties (a version 3 payload of this pair is small and incompressible
     # enough to go out as stored chunks, which set none).
-    monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 30)
+    monkeypatch.setattr(delta_planner, "EXACT_RUN_MIN", 1 << 30)
     old, new = firmware_pair(20_000, 8)
     patch = delta.make_patch(old, new, codecs=LZMA_ONLY, format_version=2)
     header = delta.read_header(patch)

@@ -21,7 +21,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otacore import delta, delta_codec, delta_literal, delta_maker
+from otacore import delta, delta_codec, delta_forms, delta_literal, delta_maker, delta_planner
 from otacore.delta import (
     CODEC_LZMA2,
     CODEC_ZSTD,
@@ -345,8 +345,8 @@ def _without_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     """The maker without version 3 features: no literal conversion, no exact copies (the
     tests here force a conversion on version 2 records)."""
     monkeypatch.setattr(delta_maker, "LITERAL_KINDS", dict.fromkeys(delta_maker.LITERAL_KINDS, ()))
-    monkeypatch.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
-    monkeypatch.setattr(delta_maker, "EXACT_RUN_DENSE", 1 << 40)
+    monkeypatch.setattr(delta_planner, "EXACT_RUN_MIN", 1 << 40)
+    monkeypatch.setattr(delta_forms, "EXACT_RUN_DENSE", 1 << 40)
 
 
 @pytest.fixture(scope="module")
@@ -475,8 +475,8 @@ def test_data_without_code_gets_no_conversion(pairs: dict[int, tuple[bytes, byte
     assert _prelude_field(patch, old) & delta.LITERAL_MASK == 0
     # (version 3 for its exact copies only: without them, version 2)
     with pytest.MonkeyPatch.context() as patcher:
-        patcher.setattr(delta_maker, "EXACT_RUN_MIN", 1 << 40)
-        patcher.setattr(delta_maker, "EXACT_RUN_DENSE", 1 << 40)
+        patcher.setattr(delta_planner, "EXACT_RUN_MIN", 1 << 40)
+        patcher.setattr(delta_forms, "EXACT_RUN_DENSE", 1 << 40)
         assert delta.read_header(delta.make_patch(old, new, format_version=3)).version == 2
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from otacore import delta, delta_maker, delta_strategy
+from otacore import delta, delta_family, delta_maker, delta_strategy
 from otacore.delta import FILTER_THUMB, FILTER_WORDS, FILTER_X86, PatchInputError
 from otacore.delta_stream import PatchApplier
 from otacore.errors import ValidationError
@@ -100,13 +100,13 @@ def edited(data: bytes, seed: int, edits: int = 40) -> bytes:
 def test_data_containers_are_not_taken_for_x86_code_but_code_still_is() -> None:
     container = data_container(1)
     assert _old_detector_counts(container) >= 100  # the old rule called this x86
-    assert delta_maker.branch_scores(container) == (0, 0)
-    assert delta_maker.detect_family(container) == 0
-    assert delta_maker.detect_family(random.Random(2).randbytes(200_000)) == 0
-    assert delta_maker.detect_family(bytes(200_000)) == 0
-    assert delta_maker.detect_family(b"\xe8\x00\x00\x00\x00" * 20_000) == 0  # distinct targets
-    assert delta_maker.detect_family(x86_code(3)) == FILTER_X86
-    assert delta_maker.detect_family(relinked_firmware(4)[0]) == FILTER_THUMB
+    assert delta_family.branch_scores(container) == (0, 0)
+    assert delta_family.detect_family(container) == 0
+    assert delta_family.detect_family(random.Random(2).randbytes(200_000)) == 0
+    assert delta_family.detect_family(bytes(200_000)) == 0
+    assert delta_family.detect_family(b"\xe8\x00\x00\x00\x00" * 20_000) == 0  # distinct targets
+    assert delta_family.detect_family(x86_code(3)) == FILTER_X86
+    assert delta_family.detect_family(relinked_firmware(4)[0]) == FILTER_THUMB
 
 
 def test_strategy_order_puts_the_detector_first_and_covers_every_filter_set() -> None:
@@ -281,7 +281,7 @@ def test_fuzzed_pairs_through_the_search_apply_and_never_grow(
     pair: tuple[bytes, bytes], effort: int
 ) -> None:
     old, new = pair
-    family = delta_maker.detect_family(old)
+    family = delta_family.detect_family(old)
     assert family in (0, FILTER_THUMB, FILTER_X86)
     result = delta_maker.search_patch(old, new, effort=effort, block_limit=1024)
     assert len(result.tried) == delta_strategy.strategies_for(effort, max(len(old), len(new)))
