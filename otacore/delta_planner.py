@@ -351,8 +351,8 @@ class Planner:
     def literal_kind(self, kinds: tuple[int, ...]) -> tuple[int, bool]:
         """The literal branch conversion of ``kinds`` (or none) that makes the extra bytes
         smallest at zstd level CONVERSION_SCREEN_LEVEL, and whether it gains at least
-        CONVERSION_SURE of them: a cheap screen, deterministic; ``_make_one`` confirms a pick
-        that is not sure on the whole payload."""
+        CONVERSION_SURE of them: a cheap screen, deterministic; the maker
+        (``delta_maker._make_one``) confirms a pick that is not sure on the whole payload."""
         if kinds not in self._literal_kind:
             plain_size = _screen_size(b"".join(extra for _, _, extra in self.blocks))
             best, best_size = delta_literal.NONE, plain_size
