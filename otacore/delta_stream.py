@@ -37,7 +37,8 @@ smaller window, e.g. log 15, at a few % in size). Beyond constant bookkeeping it
 So the Python-side peak is below ``PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size +
 DECODE_PIECE`` (``python_memory_bound``: 256 KiB with the defaults) and does not grow
 with the images; the decoder's state is ``zstd_native_bound(window_log)`` or
-``lzma_native_bound(window_log, props)``, whichever the patch's codec needs.
+``lzma_native_bound(window_log, props)`` (otacore.delta_decoders), whichever the patch's
+codec needs.
 
 Version 1 patches (zstd, 92-byte header) apply exactly as before; version 3 is version 2
 plus exact copies (a bitmap per block) and the literal branch conversion named in the
@@ -52,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import lzma
 from collections.abc import Callable, Iterator
-from typing import IO, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import zstandard
@@ -83,20 +84,17 @@ from otacore.delta import (
     PatchTruncatedError,
     _HeaderIncomplete,
     _kernel,
-    lzma_filters,
-    lzma_props,
     prelude_format_version,
     read_header,
     unzigzag,
 )
+from otacore.delta_decoders import (
+    DECODE_PIECE,
+    LzmaDecoder,
+    ZstdDecoder,
+)
 from otacore.errors import OtaError, PatchFormatError
 
-#: Largest piece the payload decoder takes in or hands to the record parser at a time.
-DECODE_PIECE = 16384
-ZSTD_WRITE_SIZE = DECODE_PIECE  # its version 1 name
-#: liblzma's LZMA2 decoder state besides the dictionary and probability tables (coder
-#: structs, range decoder, allocation headers), rounded up.
-_LZMA_FIXED_STATE = 8 * 1024
 #: Python-side bookkeeping allowance (objects, numpy headers, hash state) in the bound.
 PYTHON_OVERHEAD = 96 * 1024
 _VALUE_LIMIT = 1 << 40
@@ -116,123 +114,6 @@ Sink = Callable[[bytes], object] | Any
 def python_memory_bound(block_limit: int = DEFAULT_BLOCK_LIMIT, chunk_size: int = 4096) -> int:
     """The Python-side peak allocation bound stated in the module docstring, in bytes."""
     return PYTHON_OVERHEAD + 2 * block_limit + 4 * chunk_size + DECODE_PIECE
-
-
-def zstd_native_bound(window_log: int) -> int:
-    """zstd's own streaming state for ``window_log`` (ZSTD_estimateDStreamSize, rounded up)."""
-    window = 1 << window_log
-    block = min(window, 128 * 1024)
-    # DCtx + input buffer (one block) + output buffer (window + one block + wildcopy slack)
-    return zstandard.estimate_decompression_context_size() + block + window + block + 64
-
-
-def lzma_native_bound(window_log: int, props: int) -> int:
-    """liblzma's LZMA2 decoding state for ``window_log`` and the properties byte ``props``:
-    the dictionary, 1846 + 768 * 2**(lc + lp) probabilities of 2 bytes (LZMA specification,
-    "The state of the LZMA decoder"), fixed state and one DECODE_PIECE of buffered input."""
-    lc, lp, _ = lzma_props(props)
-    probabilities = 1846 + 768 * (1 << (lc + lp))
-    return (1 << window_log) + 2 * probabilities + _LZMA_FIXED_STATE + DECODE_PIECE
-
-
-class _Lzma2ChunkCheck:
-    """Walks the LZMA2 chunk headers of the compressed payload as it arrives (xz-file-format
-    1.2.0, 5.3.1; liblzma lzma2_decoder.c) and refuses a chunk that sets properties other
-    than the header's: the decoder's table size must be the one the header promised."""
-
-    def __init__(self, props: int) -> None:
-        self._props = props
-        self._head = bytearray()
-        self._need = 1  # header bytes of the current chunk (1: its control byte)
-        self._skip = 0  # data bytes of the current chunk still to pass over
-        self.ended = False
-
-    def feed(self, view: memoryview) -> None:
-        at = 0
-        while at < len(view) and not self.ended:
-            if self._skip:
-                step = min(self._skip, len(view) - at)
-                self._skip -= step
-                at += step
-                continue
-            self._head.append(view[at])
-            at += 1
-            control = self._head[0]
-            if len(self._head) == 1:
-                if control == 0x00:
-                    self.ended = True  # the end marker; the decoder refuses what follows
-                    return
-                if control in (0x01, 0x02):
-                    self._need = 3  # uncompressed chunk: control, size - 1 (big-endian)
-                elif control >= 0x80:
-                    self._need = 6 if control >= 0xC0 else 5  # + properties on a state reset
-                else:
-                    raise PatchCorruptError(f"patch LZMA2 stream has bad control byte {control}")
-            if len(self._head) < self._need:
-                continue
-            if control < 0x80:
-                self._skip = (self._head[1] << 8 | self._head[2]) + 1
-            else:
-                self._skip = (self._head[3] << 8 | self._head[4]) + 1
-                if self._need == 6 and self._head[5] != self._props:
-                    raise PatchCorruptError(
-                        f"patch LZMA2 chunk sets properties {self._head[5]:#04x}, the header "
-                        f"declares {self._props:#04x}"
-                    )
-            self._head.clear()
-            self._need = 1
-
-
-class _ZstdDecoder:
-    """Codecs 0 and 2: one zstd frame, decoded by a stream writer into ``write``; codec 2
-    with the base image as a raw-content dictionary."""
-
-    def __init__(self, window_log: int, write: Any, dictionary: bytes | None = None) -> None:
-        dict_data = None
-        if dictionary is not None:
-            dict_data = zstandard.ZstdCompressionDict(
-                dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT
-            )
-        decompressor = zstandard.ZstdDecompressor(
-            dict_data=dict_data, max_window_size=1 << window_log
-        )
-        # zstd writes each decompressed piece to write.write (an IO-like sink).
-        self._stream = decompressor.stream_writer(cast(IO[bytes], write), write_size=DECODE_PIECE)
-
-    def feed(self, view: memoryview) -> None:
-        self._stream.write(view)
-
-    def check_end(self) -> None:
-        """The end record was seen; the frame's own end needs no separate check."""
-
-
-class _LzmaDecoder:
-    """Codec 1: one raw LZMA2 stream, fed and drained DECODE_PIECE at a time so that neither
-    its buffered input nor any output piece exceeds that."""
-
-    def __init__(self, window_log: int, props: int, write: Any) -> None:
-        self._decompressor = lzma.LZMADecompressor(
-            format=lzma.FORMAT_RAW, filters=lzma_filters(window_log, props)
-        )
-        self._chunks = _Lzma2ChunkCheck(props)
-        self._write = write.write
-
-    def feed(self, view: memoryview) -> None:
-        decompressor = self._decompressor
-        for start in range(0, len(view), DECODE_PIECE):
-            piece = view[start : start + DECODE_PIECE]
-            if decompressor.eof:
-                raise PatchCorruptError("patch payload has bytes after its LZMA2 end marker")
-            self._chunks.feed(piece)
-            self._write(decompressor.decompress(piece, max_length=DECODE_PIECE))
-            while not decompressor.needs_input and not decompressor.eof:
-                self._write(decompressor.decompress(b"", max_length=DECODE_PIECE))
-            if decompressor.unused_data:
-                raise PatchCorruptError("patch payload has bytes after its LZMA2 end marker")
-
-    def check_end(self) -> None:
-        if not self._decompressor.eof:
-            raise PatchCorruptError("patch payload ends without its LZMA2 end marker")
 
 
 def _reader(old: OldSource) -> tuple[Callable[[int, int], Buffer], int | None]:
@@ -422,12 +303,12 @@ class PatchApplier:
         self.header = header
         self._remaining = header.payload_size
         if header.codec == CODEC_LZMA2:
-            self._stream = _LzmaDecoder(header.window_log, header.lzma_props, self)
+            self._stream = LzmaDecoder(header.window_log, header.lzma_props, self)
         elif header.codec == CODEC_ZSTD_OLD:  # the base (<= the window, parse checked it)
             base = bytes(self._read_old(0, header.base_size))
-            self._stream = _ZstdDecoder(header.window_log, self, base)
+            self._stream = ZstdDecoder(header.window_log, self, base)
         else:
-            self._stream = _ZstdDecoder(header.window_log, self)
+            self._stream = ZstdDecoder(header.window_log, self)
 
     def _read_old(self, offset: int, size: int) -> Buffer:
         data = self._read(offset, size)
@@ -741,15 +622,15 @@ def decode_payload(
             out.extend(data)
             return len(data)
 
-    decoder: _ZstdDecoder | _LzmaDecoder
+    decoder: ZstdDecoder | LzmaDecoder
     if header.codec == CODEC_LZMA2:
-        decoder = _LzmaDecoder(header.window_log, header.lzma_props, _Collect())
+        decoder = LzmaDecoder(header.window_log, header.lzma_props, _Collect())
     elif header.codec == CODEC_ZSTD_OLD:
         if old is None or len(old) != header.base_size:
             raise PatchBaseMismatchError("this patch's payload needs its base image to decode")
-        decoder = _ZstdDecoder(header.window_log, _Collect(), bytes(old))
+        decoder = ZstdDecoder(header.window_log, _Collect(), bytes(old))
     else:
-        decoder = _ZstdDecoder(header.window_log, _Collect())
+        decoder = ZstdDecoder(header.window_log, _Collect())
     try:
         decoder.feed(memoryview(patch).cast("B")[header.size :])
     except zstandard.ZstdError as exc:

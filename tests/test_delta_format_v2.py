@@ -25,10 +25,10 @@ from otacore.delta import (
     PatchTruncatedError,
     PatchVersionError,
 )
+from otacore.delta_decoders import lzma_native_bound
 from otacore.delta_stream import (
     PatchApplier,
     decode_payload,
-    lzma_native_bound,
     python_memory_bound,
 )
 from otacore.errors import DeltaError, PatchBaseMismatchError

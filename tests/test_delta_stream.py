@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otacore import delta
+from otacore.delta_decoders import zstd_native_bound
 from otacore.delta_stream import (
     OldSource,
     PatchApplier,
     apply_stream,
     python_memory_bound,
-    zstd_native_bound,
 )
 from otacore.errors import PatchBaseMismatchError, PatchFormatError
 
