@@ -217,6 +217,25 @@ class Api:
             await fleet.record_describe(device_id, [module])
 
 
+@pytest.fixture(params=["kernel", "twin"])
+def applier_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Apply with the Cython kernel (when built) and with its pure-Python twin: issue 18
+    wants the apply memory bounded with both. The applier reads the kernel it imported."""
+    if request.param == "twin":
+        from otacore import _delta_py, delta_stream
+
+        monkeypatch.setattr(delta_stream, "_kernel", _delta_py)
+    elif not _delta_native():
+        pytest.skip("the Cython kernel is not built")
+    return str(request.param)
+
+
+def _delta_native() -> bool:
+    from otacore import delta
+
+    return delta.NATIVE
+
+
 @pytest.fixture
 def make_firmware() -> Callable[..., bytes]:
     """Builder of valid firmware images: ``make_firmware(version, platform_id=13, size=4096,

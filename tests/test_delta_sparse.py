@@ -245,7 +245,7 @@ def test_mutated_version_5_payloads_fail_with_a_delta_error_only(seed: int, edit
     gives_target_or_delta_error(old, new, damaged, seed)
 
 
-def test_apply_memory_stays_under_its_bound_with_sparse_columns() -> None:
+def test_apply_memory_stays_under_its_bound_with_sparse_columns(applier_kernel: str) -> None:
     """Many short entries (one changed byte every 40-90 bytes of 1 MB, dense form, sparse
     columns) read through three cursors into the record: the memory bound holds."""
     rng = random.Random(25)

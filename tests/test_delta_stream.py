@@ -164,10 +164,11 @@ def peak_during_apply(old: OldSource, patch: bytes, piece: int) -> tuple[int, in
 
 
 @pytest.mark.parametrize(("kind", "piece"), [("release", 1), ("unrelated", 1 << 16)])
-def test_streaming_memory_stays_bounded(kind: str, piece: int) -> None:
+def test_streaming_memory_stays_bounded(kind: str, piece: int, applier_kernel: str) -> None:
     """A ~1 MB target streams with a Python-side peak under the documented bound, however
     large the images and whatever the patch holds (mostly copies, or all literal bytes),
-    with the patch arriving one byte at a time or in 64 KiB pieces."""
+    with the patch arriving one byte at a time or in 64 KiB pieces; with the kernel and with
+    the twin alike."""
     old, new = firmware_pair(1_000_000, 3)
     if kind == "unrelated":
         new = random.Random(5).randbytes(1_000_000)
