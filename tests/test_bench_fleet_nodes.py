@@ -18,10 +18,11 @@ import trio
 from server.bench.fleet import BenchError
 from server.bench.fleet.logscan import error_count, mask, scan_postgres_log, scan_server_logs
 from server.bench.fleet.nodes import check_db_url, throwaway_database
+from server.bench.fleet.options import BenchOptions
 from server.bench.fleet.procs import cluster_cpu_seconds, cpu_seconds
 from server.bench.fleet.profile import WAITING, summarize
 from server.bench.fleet.report import QuietReporter, results_table
-from server.bench.fleet.runner import BenchOptions, run_fleet_bench
+from server.bench.fleet.runner import run_fleet_bench
 from server.emulator.endpoints import Endpoint, endpoint_order
 from tests.test_bench_fleet_smoke import _processes_mentioning
 

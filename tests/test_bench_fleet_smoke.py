@@ -14,9 +14,10 @@ import pytest
 
 from server.bench.fleet import BenchError
 from server.bench.fleet.nginx_baseline import find_nginx
+from server.bench.fleet.options import BenchOptions
 from server.bench.fleet.record_devices import DeviceStack
 from server.bench.fleet.report import QuietReporter, percentiles, results_table
-from server.bench.fleet.runner import BenchOptions, run_fleet_bench
+from server.bench.fleet.runner import run_fleet_bench
 
 DEVICES = 6
 REQUIRED = (

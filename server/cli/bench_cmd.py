@@ -142,9 +142,10 @@ def fleet(
     keep_work: KeepWorkOption = False,
 ) -> None:
     """Run a server and N emulated devices: handshakes, sessions, an immediate release."""
+    from server.bench.fleet.options import BenchOptions
     from server.bench.fleet.profile import find_py_spy
     from server.bench.fleet.report import RichReporter, results_table
-    from server.bench.fleet.runner import BenchOptions, run_fleet_bench
+    from server.bench.fleet.runner import run_fleet_bench
 
     console = Console()
     defaults: dict[str, Any] = {} if server_procs is None else {"server_procs": server_procs}

@@ -3,9 +3,12 @@ devices in load-generator processes, handshake rates, session memory, an immedia
 and an nginx baseline. It ships in the package, so an installed ``ota`` runs it; the
 write-up and the results of past runs are in the repository's ``bench/fleet/``.
 
-Modules (all under ``server.bench.fleet``): ``runner`` (orchestration, phases, the result),
-``control`` (the runner's handles on the server and the load generators), ``loadgen`` (the
-load-generator process), ``lines`` (the JSON-lines pipe protocol), ``procs`` (child
+Modules (all under ``server.bench.fleet``): ``runner`` (orchestration, the result),
+``options`` (what to run), ``phases`` (handshakes, fleet and release, nginx), ``figures``
+(the measurements summed up), ``control`` (the runner's handles on the server and the load
+generators), ``loadgen`` (the load-generator process), ``loadgen_spec`` (its spec),
+``bare_handshakes`` and ``fleet_driver`` (its handshake rounds and emulated fleet),
+``lines`` (the JSON-lines pipe protocol), ``procs`` (child
 processes, /proc readings), ``images`` (benchmark firmware and provisioning),
 ``nginx_baseline`` (nginx and its HTTPS clients), ``profile`` (py-spy sampling),
 ``report`` (JSON, PNG plot, rich table, progress), and for ``ota bench hold`` (sessions held

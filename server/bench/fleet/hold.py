@@ -48,7 +48,7 @@ from server.bench.fleet import BenchError
 from server.bench.fleet.control import request_all, running_loadgens, running_server
 from server.bench.fleet.holder import HoldSettings
 from server.bench.fleet.images import Installation, prepare_installation
-from server.bench.fleet.loadgen import LoadGenSpec
+from server.bench.fleet.loadgen_spec import LoadGenSpec
 from server.bench.fleet.procs import (
     ResourceWindow,
     machine_cpu_seconds,

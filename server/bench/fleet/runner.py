@@ -1,4 +1,4 @@
-"""Orchestration of ``ota bench fleet``: phases, measurements and the result.
+"""Orchestration of ``ota bench fleet``: the run, from provisioning to the result.
 
 1. Prepare (worker thread): store, product, owner token, N provisioned devices registered in
    one transaction, firmware (system part, application v1 and v2 of ``app_size`` bytes).
@@ -21,6 +21,11 @@ figures in total as for one server (CPU and RSS summed over the nodes) and per n
 (``nodes``), and the database's CPU over the phases against the nodes' (``db``).
 
 Every child process is stopped when the run ends, however it ends.
+
+This module prepares the installation, deals the devices to the load generators, runs the
+phases and assembles the result; the options are in :mod:`server.bench.fleet.options`,
+the phases (3 to 5) in :mod:`server.bench.fleet.phases` and the figures they are summed
+up into in :mod:`server.bench.fleet.figures`.
 """
 
 from __future__ import annotations
@@ -30,119 +35,30 @@ import platform
 import shutil
 import ssl
 import tempfile
-import time
-from collections import Counter
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import httpx
 import trio
 
-from server.bench.fleet import BenchError
 from server.bench.fleet import profile as profiling
-from server.bench.fleet.control import (
-    FleetProgress,
-    LoadGenHandle,
-    ServerProcess,
-    request_all,
-    running_loadgens,
-)
+from server.bench.fleet.control import FleetProgress, request_all, running_loadgens
+from server.bench.fleet.figures import MB, combined_rate, db_figures, per_node
 from server.bench.fleet.images import Installation, prepare_installation
-from server.bench.fleet.loadgen import LoadGenSpec
+from server.bench.fleet.loadgen_spec import LoadGenSpec
 from server.bench.fleet.logscan import error_count, scan_postgres_log, scan_server_logs
-from server.bench.fleet.nginx_baseline import NginxUnavailableError, running_nginx
 from server.bench.fleet.nodes import (
     POSTGRES_LOG,
     THROWAWAY_POSTGRESQL,
-    Database,
-    check_db_url,
     node_data_dirs,
-    running_nodes,
     shared_database,
     throwaway_database,
 )
-from server.bench.fleet.procs import (
-    ResourceWindow,
-    tree_cpu_seconds,
-    tree_rss_kib,
-)
-from server.bench.fleet.record_devices import DEVICE_STACKS, DeviceStack
+from server.bench.fleet.options import BenchOptions
+from server.bench.fleet.phases import Nodes, fleet_and_release, handshake_rounds, nginx_round
 from server.bench.fleet.report import QuietReporter, Reporter, percentiles, write_json, write_plot
-from server.emulator.endpoints import format_address
-from server.emulator.fleet import TransportChoice, transports_for
-
-MB = 1_000_000  # goodput and CPU per MB use decimal megabytes
-ReleaseKind = Literal["full", "delta"]
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to run (see ``ota bench fleet --help``)."""
-
-    devices: int
-    transport: TransportChoice = "both"
-    release: ReleaseKind = "full"
-    procs: int = 2
-    #: Server processes (``ota server --workers``) per node: main plus workers on its ports.
-    server_procs: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
-    #: Server nodes: separate ``ota server`` processes on one database.
-    nodes: int = 1
-    #: The database the nodes share (``ota server --db-url``); None: the embedded SQLite
-    #: store of the prepared data directory (its file URL when there are several nodes);
-    #: ``pg`` (THROWAWAY_POSTGRESQL): a throwaway PostgreSQL cluster the run starts.
-    db_url: str | None = None
-    out_dir: Path = Path("bench-fleet-out")
-    app_size: int = 128 * 1024
-    #: Bare handshakes in flight per load generator.
-    handshake_concurrency: int = 32
-    #: Emulated devices handshaking at once per load generator.
-    max_connects: int = 32
-    online_timeout: float = 600.0
-    release_timeout: float = 900.0
-    #: Give up waiting (online, release) after this long without any progress.
-    stall_timeout: float = 120.0
-    #: Run the bare handshake rounds (full and resumed).
-    handshakes: bool = True
-    #: The load generators' device sessions: our record layers, or OpenSSL's (record_devices).
-    device_stack: DeviceStack = "records"
-    nginx: bool = True
-    nginx_workers: int = 1
-    profile: bool = False
-    #: Parent of the scratch directory (store, credentials, device flashes).
-    work_parent: Path | None = None
-    keep_work: bool = False
-
-    def __post_init__(self) -> None:
-        if self.devices < 1 or self.procs < 1 or self.server_procs < 1 or self.nodes < 1:
-            raise BenchError("--devices, --procs, --server-procs and --nodes must be at least 1")
-        if self.db_url is not None:
-            check_db_url(self.db_url)
-        if self.procs > self.devices:
-            raise BenchError(f"--procs {self.procs} is more than --devices {self.devices}")
-        if -(-self.devices // self.procs) > 19_000:
-            raise BenchError(
-                "a load generator holds one descriptor per device and a process may open "
-                "20,000: use more --procs"
-            )
-        tcp_sessions = sum(kind == "tcp" for kind in transports_for(self.transport, self.devices))
-        # SessionLimits.max_sessions: one descriptor per session, per server process (the
-        # kernel spreads connections over the processes by hash: only roughly evenly).
-        if tcp_sessions > 19_000 * self.server_procs * self.nodes:
-            raise BenchError(
-                f"{tcp_sessions} TCP devices: one server process holds at most 19,000 TCP "
-                "sessions (20,000 descriptors); use more --server-procs or --nodes"
-            )
-        if self.release not in ("full", "delta"):
-            raise BenchError(f"--release must be full or delta, not {self.release!r}")
-        transports_for(self.transport, 1)  # raises on an unknown transport
-        if self.device_stack not in DEVICE_STACKS:
-            raise BenchError(
-                f"--device-stack must be one of {', '.join(DEVICE_STACKS)}, "
-                f"not {self.device_stack!r}"
-            )
+from server.emulator.fleet import transports_for
 
 
 def _deal(options: BenchOptions, install: Installation, work: Path) -> list[Path]:
@@ -169,371 +85,6 @@ def _deal(options: BenchOptions, install: Installation, work: Path) -> list[Path
         spec.dump(path)
         paths.append(path)
     return paths
-
-
-@dataclass(frozen=True)
-class Nodes:
-    """Where the servers of a phase run: each node's data directory, and the database."""
-
-    data_dirs: list[Path]
-    database: Database
-    workers: int
-    #: The logs of every node started so far (both phases).
-    logs: list[Path] = field(default_factory=list)
-
-    def running(self, install: Installation, log_prefix: Path) -> Any:
-        """Start every node (an async context manager yielding the ServerProcesses)."""
-        return running_nodes(
-            install, self.data_dirs, self.database, log_prefix, workers=self.workers
-        )
-
-    def note_logs(self, servers: list[ServerProcess]) -> None:
-        """Remember the logs of the nodes just started (scanned at the end)."""
-        self.logs.extend(server.log_path for server in servers if server.log_path is not None)
-
-
-def _endpoints(servers: list[ServerProcess]) -> list[list[list[Any]]]:
-    """The nodes' endpoints as the load generators take them: ``[[tcp, udp], ...]``."""
-    return [[list(server.tcp), list(server.udp)] for server in servers]
-
-
-def _window(
-    servers: list[ServerProcess], gens: list[LoadGenHandle], nodes: Nodes
-) -> ResourceWindow:
-    return ResourceWindow(
-        [server.pid for server in servers],
-        [gen.process.pid for gen in gens],
-        udp_port=[server.udp[1] for server in servers],
-        db_pid=nodes.database.postmaster_pid,
-    )
-
-
-def _name(server: ServerProcess) -> str:
-    return format_address(server.tcp)
-
-
-async def _handshake_rounds(
-    options: BenchOptions,
-    install: Installation,
-    gens: list[LoadGenHandle],
-    nodes: Nodes,
-    out: Path,
-    reporter: Reporter,
-) -> dict[str, Any]:
-    """Full then resumed handshakes per transport on fresh servers (each device at its
-    first-choice node)."""
-    results: dict[str, Any] = {}
-    kinds = sorted(set(transports_for(options.transport, options.devices)))
-    async with nodes.running(install, out / "server-handshakes") as servers:
-        nodes.note_logs(servers)
-        for kind in kinds:
-            rounds: dict[str, Any] = {}
-            for mode in ("full", "resumed"):
-                reporter.phase(f"{kind} handshakes ({mode})", None)
-                window = _window(servers, gens, nodes)
-                replies = await request_all(
-                    gens,
-                    "handshakes",
-                    transport=kind,
-                    endpoints=_endpoints(servers),
-                    resume=mode == "resumed",
-                    concurrency=options.handshake_concurrency,
-                    timeout=30.0,
-                )
-                rounds[mode] = _round_summary(replies, window.read(), servers)
-                reporter.note(
-                    f"{kind} {mode}: {rounds[mode]['ok']} handshakes, "
-                    f"{rounds[mode]['per_s']} /s, {rounds[mode]['failed']} failed"
-                )
-            results[kind] = rounds
-    return results
-
-
-def _round_summary(
-    replies: list[dict[str, Any]], cpu: dict[str, Any], servers: list[ServerProcess]
-) -> dict[str, Any]:
-    ok = sum(r["ok"] for r in replies)
-    ok_by_endpoint = _merge([r["ok_by_endpoint"] for r in replies])
-    server_cpu = cpu["process_cpu_s"]
-    firsts = [r["t_first"] for r in replies if r["t_first"] is not None]
-    lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
-    seconds = max(lasts) - min(firsts) if firsts and lasts else None
-    errors: dict[str, int] = {}
-    for reply in replies:
-        for text, count in reply["errors"].items():
-            errors[text] = errors.get(text, 0) + count
-    return {
-        "ok": ok,
-        "failed": sum(r["failed"] for r in replies),
-        "reused": sum(r["reused"] for r in replies),
-        "seconds": round(seconds, 3) if seconds else None,
-        "per_s": round(ok / seconds, 1) if seconds else None,
-        "server_cpu_s": round(server_cpu, 3),
-        "per_server_cpu_s": round(ok / server_cpu, 1) if server_cpu > 0 else None,
-        "loadgen_cpu_s": cpu["others_cpu_s"],
-        "machine_busy": cpu["machine_busy"],
-        "udp_rcvbuf_drops": cpu["udp_rcvbuf_drops"],
-        "server_udp_socket_drops": cpu["udp_port_drops"],
-        "latency_s": percentiles([t for r in replies for t in r["latencies"]]),
-        "db_cpu_s": cpu["db_cpu_s"],
-        "by_node": [
-            {
-                "endpoint": _name(server),
-                "ok": ok_by_endpoint.get(_name(server), 0),
-                "server_cpu_s": round(node_cpu, 3),
-            }
-            for server, node_cpu in zip(servers, cpu["process_cpu_s_each"], strict=True)
-        ],
-        "device_stack": replies[0].get("device_stack") if replies else None,
-        # What holding the connections cost the load generators (RSS while all were up).
-        "loadgen_rss_per_connection_kib": (
-            round(
-                sum(r["loadgen_rss_held_kib"] - r["loadgen_rss_before_kib"] for r in replies)
-                / ok, 2,
-            )
-            if ok and all("loadgen_rss_held_kib" in r for r in replies) else None
-        ),
-        "errors": errors,
-    }
-
-
-async def _upload(api: httpx.AsyncClient, product_id: int, version: int, image: Path) -> None:
-    files = {"binary": (image.name, image.read_bytes(), "application/octet-stream")}
-    response = await api.post(
-        f"/v1/products/{product_id}/firmware",
-        files=files,
-        data={"version": str(version), "title": f"bench v{version}"},
-    )
-    if response.status_code != 201:
-        raise BenchError(
-            f"uploading v{version} failed: HTTP {response.status_code} {response.text[:300]}"
-        )
-
-
-async def _fleet_and_release(
-    options: BenchOptions,
-    install: Installation,
-    gens: list[LoadGenHandle],
-    progress: FleetProgress,
-    nodes: Nodes,
-    out: Path,
-    reporter: Reporter,
-) -> dict[str, Any]:
-    """Sessions, memory per session and the immediate release, on fresh servers (the API
-    calls go to node 0)."""
-    result: dict[str, Any] = {}
-    async with nodes.running(install, out / "server-fleet") as servers:
-        nodes.note_logs(servers)
-        server = servers[0]
-        headers = {"Authorization": f"Bearer {install.token}"}
-        async with httpx.AsyncClient(base_url=server.api_url, headers=headers, timeout=120) as api:
-            await _upload(api, install.product_id, 1, install.app_images[1])
-            reporter.phase("opening device flashes", None)
-            await request_all(gens, "fleet_open", endpoints=_endpoints(servers))
-            await trio.sleep(1.0)  # let the servers settle before the idle reading
-            rss_idle = [tree_rss_kib(node.pid) for node in servers]
-            result["server_rss_idle_kib"] = sum(rss_idle)
-            window = _window(servers, gens, nodes)
-            reporter.phase("devices online", options.devices)
-            started = min(r["started"] for r in await request_all(gens, "fleet_run"))
-            online_end = await progress.wait_until(
-                lambda: progress.online_total >= options.devices,
-                options.online_timeout,
-                lambda: reporter.advance_to(progress.online_total),
-                stall=options.stall_timeout,
-            )
-            result["online_end"] = online_end
-            reporter.note(
-                f"{progress.online_total}/{options.devices} devices online after "
-                f"{time.monotonic() - started:.1f} s"
-                + ("" if online_end == "done" else f" ({online_end}: gave up waiting)")
-            )
-            stats = await request_all(gens, "fleet_stats")
-            online_times = sorted(t - started for s in stats for t in s["first_online"])
-            result["online_times"] = online_times
-            # Seconds until every device was online (None if some never came).
-            result["sessions_online_s"] = (
-                round(online_times[-1], 3) if online_times and online_end == "done" else None
-            )
-            result["sessions_per_s"] = (
-                round(len(online_times) / online_times[-1], 1) if online_times else None
-            )
-            result["session_setup_cpu"] = window.read()
-            await trio.sleep(2.0)  # sessions finish their Describe and store writes
-            rss_peak = [tree_rss_kib(node.pid) for node in servers]
-            result["server_rss_peak_kib"] = sum(rss_peak)
-            expected = progress.online_total
-            result["sessions_at_release"] = expected
-            await _upload(api, install.product_id, 2, install.app_images[2])
-            before = await request_all(gens, "fleet_stats")
-            online_at_release = _merge([s["online_by_endpoint"] for s in before])
-            bytes_before = sum(s["bytes"] for s in before)
-            errors_before = _merge([s["errors_seen"] for s in before])
-            reporter.phase("devices updated", expected)
-            async with AsyncExitStack() as stack:
-                if options.profile:
-                    await stack.enter_async_context(
-                        profiling.sampling(server.pid, out / "server-profile.txt")
-                    )
-                window = _window(servers, gens, nodes)
-                released_at = time.monotonic()
-                response = await api.put(
-                    f"/v1/products/{install.product_id}/firmware/release",
-                    json={
-                        "version": 2,
-                        "product_default": True,
-                        "intelligent": True,
-                        "force": True,
-                    },
-                )
-                if response.status_code != 200:
-                    raise BenchError(
-                        f"the release failed: HTTP {response.status_code} {response.text[:300]}"
-                    )
-                release_end = await progress.wait_until(
-                    lambda: len(progress.updated) + progress.failed_total >= expected,
-                    options.release_timeout,
-                    lambda: reporter.advance_to(len(progress.updated)),
-                    stall=options.stall_timeout,
-                )
-                result["release_cpu"] = window.read()
-                result["release_wait_s"] = time.monotonic() - released_at
-                reporter.note(
-                    f"release: {len(progress.updated)}/{expected} devices updated, "
-                    f"{progress.failed_total} failed, after {result['release_wait_s']:.1f} s"
-                )
-            stats = await request_all(gens, "fleet_stats")
-            await request_all(gens, "fleet_stop")
-            # What the server says it sent for this release (deltas versus full images).
-            response = await api.get(f"/v1/products/{install.product_id}/firmware/2")
-            result["release_stats"] = (
-                response.json().get("release_stats") if response.status_code == 200 else None
-            )
-    updated_at = _merge([s["updated_by_endpoint"] for s in stats])
-    setup_cpu, release_cpu = result["session_setup_cpu"], result["release_cpu"]
-    result["nodes"] = [
-        {
-            "endpoint": _name(node),
-            "sessions_at_release": online_at_release.get(_name(node), 0),
-            "release_updated": updated_at.get(_name(node), 0),
-            "server_rss_idle_kib": idle,
-            "server_rss_peak_kib": peak,
-            "session_setup_server_cpu_s": setup,
-            "release_server_cpu_s": released,
-        }
-        for node, idle, peak, setup, released in zip(
-            servers, rss_idle, rss_peak, setup_cpu["process_cpu_s_each"],
-            release_cpu["process_cpu_s_each"], strict=True,
-        )
-    ]  # fmt: skip
-    result["failovers"] = sum(s["failovers"] for s in stats)
-    result["release_end"] = release_end
-    result["released_at"] = released_at
-    result["release_devices"] = expected
-    result["update_times"] = sorted(t - released_at for s in stats for t in s["updated"])
-    result["update_latency_by_transport"] = {
-        kind: percentiles(
-            [t - released_at for s in stats for t in s["updated_by_transport"].get(kind, [])]
-        )
-        for kind in sorted({kind for s in stats for kind in s["updated_by_transport"]})
-    }
-    result["release_bytes_received"] = sum(s["bytes"] for s in stats) - bytes_before
-    result["release_outcomes"] = _merge([s["outcomes"] for s in stats])
-    kinds = sorted({kind for s in stats for kind in s["stages_by_transport"]})
-    result["update_stages"] = {
-        kind: _stage_summary(
-            [[released_at, *t] for s in stats for t in s["stages_by_transport"].get(kind, [])]
-        )
-        for kind in kinds
-    }
-    result["connect_errors"] = _merge([s["connect_errors"] for s in stats])
-    # Why sessions ended during the release (the 10 most common reasons).
-    errors = Counter(_merge([s["errors_seen"] for s in stats]))
-    errors.subtract(errors_before)
-    result["release_device_errors"] = dict((+errors).most_common(10))
-    result["not_updated"] = {
-        "phases": _merge([s["not_updated"]["phases"] for s in stats]),
-        "last_errors": _merge([s["not_updated"]["last_errors"] for s in stats]),
-    }
-    return result
-
-
-#: The update stages between the times a device records (after the release request).
-STAGES = ("queued", "download", "apply_reboot_verify")
-
-
-def _stage_summary(timelines: list[list[float]]) -> dict[str, Any]:
-    """Percentiles of the time each device spent in each stage of its update: waiting for
-    the server to start its download, downloading, then applying, rebooting and
-    reconnecting until its Hello is answered (which commits the new image)."""
-    return {
-        stage: percentiles([times[i + 1] - times[i] for times in timelines])
-        for i, stage in enumerate(STAGES)
-    } | {"devices": len(timelines)}
-
-
-def _merge(counts: list[dict[str, int]]) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for one in counts:
-        for key, value in one.items():
-            merged[key] = merged.get(key, 0) + value
-    return merged
-
-
-async def _nginx_round(
-    options: BenchOptions,
-    install: Installation,
-    gens: list[LoadGenHandle],
-    out: Path,
-    reporter: Reporter,
-) -> dict[str, Any]:
-    """The baseline: nginx serves the v2 image to as many concurrent HTTPS clients."""
-    if not options.nginx:
-        return {"goodput_mb_s": None, "note": "skipped (--no-nginx)"}
-    image = install.app_images[2]
-    size = image.stat().st_size
-    reporter.phase("nginx baseline fetches", None)
-    try:
-        async with running_nginx(
-            out / "nginx", image, workers=options.nginx_workers, connections=options.devices
-        ) as nginx:
-            cpu_before = tree_cpu_seconds(nginx.pid)
-            count = len(gens)
-            replies = await request_all(
-                gens,
-                "fetch",
-                per_gen=lambda i: {
-                    "clients": options.devices // count + (i < options.devices % count)
-                },
-                address=list(nginx.address),
-                path=nginx.path,
-                concurrency=options.devices,
-                expect=size,
-                timeout=120.0,
-            )
-            cpu = tree_cpu_seconds(nginx.pid) - cpu_before
-    except NginxUnavailableError as exc:
-        reporter.note(f"nginx baseline skipped: {exc}")
-        return {"goodput_mb_s": None, "note": f"skipped: {exc}"}
-    delivered = sum(r["bytes"] for r in replies)
-    firsts = [r["t_first"] for r in replies if r["t_first"] is not None]
-    lasts = [r["t_last"] for r in replies if r["t_last"] is not None]
-    seconds = max(lasts) - min(firsts) if firsts and lasts else None
-    errors = _merge([r["errors"] for r in replies])
-    return {
-        "goodput_mb_s": round(delivered / MB / seconds, 2) if seconds else None,
-        "clients": options.devices,
-        "ok": sum(r["ok"] for r in replies),
-        "failed": sum(r["failed"] for r in replies),
-        "errors": errors,
-        "seconds": round(seconds, 3) if seconds else None,
-        "bytes": delivered,
-        "workers": nginx.workers,
-        "cpu_s": round(cpu, 3),
-        "cpu_s_per_mb": round(cpu / (delivered / MB), 4) if delivered else None,
-        "note": f"{nginx.workers} worker, HTTPS/1.1 TLS 1.3 (server auth only), "
-        "one connection per client",
-    }
 
 
 async def run_fleet_bench(
@@ -601,15 +152,15 @@ async def _run(
             await request_all(gens, "prepare")
             handshakes: dict[str, Any] = {}
             if options.handshakes:
-                handshakes = await _handshake_rounds(
+                handshakes = await handshake_rounds(
                     options, install, gens, nodes, out, reporter
                 )
             else:
                 notes.append("handshake rounds skipped (--no-handshakes)")
-            fleet = await _fleet_and_release(
+            fleet = await fleet_and_release(
                 options, install, gens, progress, nodes, out, reporter
             )
-            nginx = await _nginx_round(options, install, gens, out, reporter)
+            nginx = await nginx_round(options, install, gens, out, reporter)
         nursery.cancel_scope.cancel()
     image_size = install.app_images[2].stat().st_size
     updated = fleet["update_times"]
@@ -647,8 +198,8 @@ async def _run(
         "procs": options.procs,
         "server_procs": options.server_procs,
         "node_count": options.nodes,
-        "nodes": _per_node(fleet["nodes"], handshakes),
-        "db": _db_figures(database, fleet, options.nodes),
+        "nodes": per_node(fleet["nodes"], handshakes),
+        "db": db_figures(database, fleet, options.nodes),
         "failovers": fleet["failovers"],
         "release": options.release,
         "release_run": options.release,
@@ -667,8 +218,8 @@ async def _run(
         "server_rss_idle_kib": fleet["server_rss_idle_kib"],
         "server_rss_peak_kib": fleet["server_rss_peak_kib"],
         "server_rss_per_session_kib": round(rss_growth / sessions, 2) if sessions else None,
-        "handshakes_per_s_full": _combined_rate(full),
-        "handshakes_per_s_resumed": _combined_rate(resumed),
+        "handshakes_per_s_full": combined_rate(full),
+        "handshakes_per_s_resumed": combined_rate(resumed),
         "handshakes": handshakes,
         "device_stack": options.device_stack,
         "release_devices": fleet["release_devices"],
@@ -728,47 +279,6 @@ async def _run(
     return result
 
 
-def _per_node(nodes: list[dict[str, Any]], handshakes: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each node's figures: the fleet phase's, with its share of every handshake round."""
-    return [
-        node
-        | {
-            "handshakes": {
-                kind: {mode: found["by_node"][index] for mode, found in rounds.items()}
-                for kind, rounds in handshakes.items()
-            }
-        }
-        for index, node in enumerate(nodes)
-    ]
-
-
-def _db_figures(database: Database, fleet: dict[str, Any], nodes: int) -> dict[str, Any]:
-    """The database the nodes shared and its CPU over the session setup and the release,
-    with its share of the CPU of database and nodes together."""
-    figures = database.describe() | {"shared_by_nodes": nodes}
-    for phase, cpu in (("session_setup", fleet["session_setup_cpu"]),
-                       ("release", fleet["release_cpu"])):  # fmt: skip
-        db_cpu = cpu["db_cpu_s"]
-        together = (db_cpu or 0.0) + cpu["process_cpu_s"]
-        figures[f"{phase}_cpu_s"] = db_cpu
-        figures[f"{phase}_cpu_share"] = (
-            round(db_cpu / together, 3) if db_cpu is not None and together > 0 else None
-        )
-    if database.postmaster_pid is None:
-        figures["note"] = (
-            "embedded SQLite: the database's work runs inside the nodes' processes and is "
-            "part of their CPU"
-            if database.backend == "sqlite"
-            else "the PostgreSQL cluster is not on this machine: its CPU is not measured"
-        )
-    else:
-        figures["note"] = (
-            "CPU of the cluster's postmaster and all its children (backends, WAL writer, "
-            "checkpointer, ...), exited ones included"
-        )
-    return figures
-
-
 def _log_problems(nodes: Nodes, out: Path, db_log: Path | None) -> dict[str, Any]:
     """Warnings and errors the nodes logged over the run, and those of a throwaway
     PostgreSQL cluster's log (``db_log``; copied to ``out/postgres.log`` as it stops)."""
@@ -790,9 +300,3 @@ def _log_notes(problems: dict[str, Any]) -> list[str]:
             notes.append(f"{source} logged {errors} errors ({found['by_level']}); "
                          f"most frequent: {first}")
     return notes
-
-
-def _combined_rate(rounds: list[dict[str, Any]]) -> float | None:
-    """Handshakes per second over the rounds of every transport together."""
-    seconds = sum(r["seconds"] or 0 for r in rounds)
-    return round(sum(r["ok"] for r in rounds) / seconds, 1) if seconds else None
