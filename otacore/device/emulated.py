@@ -37,6 +37,14 @@ that must survive a kill is written there before the device acts on it, so a new
   after ``keepalive_interval`` of silence, and the link is declared dead when nothing
   answers within ``keepalive_timeout``; the server's going-away
   notice (or a TCP Release) ends the session, with its hold-off.
+
+This module holds the protocol machine itself: the shell's calls, the session on the link and
+the device's resets. Its other concepts are mixed in from their own modules:
+:mod:`otacore.device.download` (offer, transfer, staging), :mod:`otacore.device.key_rotation`
+(the trust store's statements), :mod:`otacore.device.reports` (Hello, Describe, the update
+result, status snapshots) and :mod:`otacore.device.application` (the application's
+``System.*`` API and the availability events); what it is given and reports is in
+:mod:`otacore.device.emulated_api`.
 """
 
 from __future__ import annotations
@@ -47,21 +55,12 @@ from collections.abc import Callable
 
 from otacore.coap import Code, Message, MessageType, code_string
 from otacore.device import (
-    ModuleKey,
-    OutcomeStatus,
     UpdateOutcome,
     acknowledge_outcome,
     read_test_behaviour,
 )
-from otacore.device.availability import (
-    APP_FIRMWARE_UPDATE_PENDING,
-    APP_RESET_PENDING,
-    AppEvent,
-    AvailabilityEvent,
-    PublishToCloud,
-    ResetNow,
-    UpdateAvailability,
-)
+from otacore.device.application import ApplicationMixin
+from otacore.device.availability import UpdateAvailability
 from otacore.device.download import AcceptedOffer, DownloadMixin
 from otacore.device.emulated_api import (
     DeviceAction,
@@ -73,26 +72,22 @@ from otacore.device.emulated_api import (
     InstalledModule,
     Reboot,
 )
+from otacore.device.key_rotation import KeyRotationMixin
+from otacore.device.reports import ReportsMixin, result_of
 from otacore.device.slots import (
     BootDecision,
 )
-from otacore.errors import OtaError, PayloadSchemaError
+from otacore.errors import PayloadSchemaError
 from otacore.messages import (
-    Dependency,
-    Describe,
     DescribeRequest,
     Direction,
     Event,
     Goodbye,
-    Hello,
-    ModuleDescription,
     ServerEvent,
     UnknownMessageError,
     from_message,
     to_message,
 )
-from otacore.module import parse_module
-from otacore.platforms import ModuleFunction
 from otacore.protocol.link import (
     FrameRejected,
     LinkEvent,
@@ -110,40 +105,29 @@ from otacore.protocol.ota_wire import (
     is_key_push,
     is_offer,
     is_transfer,
-    key_push_answer,
     key_request,
-    parse_hello_answer,
     parse_transfer,
     update_result_payload,
 )
-from otacore.signing import StatementOutOfOrderError, TrustStore, parse_statement
+from otacore.signing import TrustStore
 from otacore.transfer import (
     ReceiverPhase,
     TransferProtocolError,
 )
 
-SYSTEM_PART_1: ModuleKey = (ModuleFunction.SYSTEM_PART, 1)
-USER_PART_1: ModuleKey = (ModuleFunction.USER_PART, 1)
 #: The server's graceful-shutdown notice over UDP (server.devices.session.SHUTDOWN_EVENT;
 #: over TCP it sends RFC 8323 Release instead), data ``{"hold_off": seconds}``.
 SERVER_GOING_AWAY_EVENT = "ota/server/going-away"
 #: Longest hold-off obeyed, so a bad value cannot park a device for days.
 MAX_HOLD_OFF = 3600.0
-#: How each boot-record outcome is reported in UPDATE_RESULT_EVENT.
-RESULT_STATUS = {
-    OutcomeStatus.COMMITTED: "committed",
-    OutcomeStatus.SELFTEST_FAILED: "rolled_back",
-    OutcomeStatus.TOO_MANY_RESETS: "rolled_back",
-    OutcomeStatus.IMAGE_INVALID: "failed",
-    OutcomeStatus.NO_ROLLBACK_TARGET: "failed",
-}
 
 StatusHook = Callable[[DeviceStatus], None]
 AppHook = Callable[[], None]
 ServerEventHook = Callable[[str, str], None]
 
 
-class EmulatedDevice(DownloadMixin):
+# DownloadMixin last: its stand-in for _on_availability must come after ApplicationMixin's.
+class EmulatedDevice(ApplicationMixin, KeyRotationMixin, ReportsMixin, DownloadMixin):
     """The device protocol machine of one emulated device (see the module docstring)."""
 
     def __init__(
@@ -347,61 +331,6 @@ class EmulatedDevice(DownloadMixin):
         actions, self._actions = self._actions, []
         return actions
 
-    # --- the application's API (Device OS System.*) -----------------------------------------
-
-    @property
-    def updates_enabled(self) -> bool:
-        """False after :meth:`disable_updates`."""
-        return self._availability.updates_enabled
-
-    @property
-    def updates_forced(self) -> bool:
-        """True when the cloud forces updates on this device."""
-        return self._availability.updates_forced
-
-    @property
-    def updates_pending(self) -> bool:
-        """True when an update waits for the application to enable updates."""
-        return self._availability.updates_pending
-
-    @property
-    def reset_pending(self) -> bool:
-        """True when a system reset waits for :meth:`enable_reset`."""
-        return self._availability.reset_pending
-
-    def disable_updates(self) -> None:
-        """Refuse update offers unless forced (the cloud is told)."""
-        self._app_updates_enabled = False
-        self._on_availability(self._availability.disable_updates())
-        self._settle()
-
-    def enable_updates(self) -> None:
-        """Accept updates again (the cloud is told, and sends a pending update)."""
-        self._app_updates_enabled = True
-        self._on_availability(self._availability.enable_updates())
-        self._settle()
-
-    def disable_reset(self) -> None:
-        """Hold system resets (an applied update waits) until :meth:`enable_reset`."""
-        self._app_reset_enabled = False
-        self._on_availability(self._availability.disable_reset())
-        self._settle()
-
-    def enable_reset(self) -> None:
-        """Allow system resets; performs a held one now."""
-        self._app_reset_enabled = True
-        self._on_availability(self._availability.enable_reset())
-        self._settle()
-
-    def reset(self) -> None:
-        """The application resets the device (System.reset(): immediate)."""
-        self._reboot("the application reset the device")
-        self._settle()
-
-    def publish(self, name: str, data: str) -> None:
-        """Publish an application event (sent once the session is up; dropped offline)."""
-        self._publish(name, data, "event")
-
     # --- status ---------------------------------------------------------------------------
 
     @property
@@ -423,117 +352,9 @@ class EmulatedDevice(DownloadMixin):
             return DevicePhase.DOWNLOADING
         return DevicePhase.ONLINE if self._online else DevicePhase.CONNECTING
 
-    def status(self) -> DeviceStatus:
-        """A snapshot for progress displays."""
-        return DeviceStatus(
-            device_id=self.config.device_id,
-            phase=self.phase,
-            transport=self._transport if self._link is not None else None,
-            modules=self._modules,
-            product_version=self._product_version,
-            system_version=self._system_version,
-            bytes_received=min(self.bytes_received, self.bytes_total),
-            bytes_total=self.bytes_total,
-            last_result=self.last_result,
-            last_error=self.last_error,
-            boots=self.boots,
-            sessions=self.sessions,
-            updates_enabled=self._availability.updates_enabled,
-            updates_pending=self._availability.updates_pending,
-            reset_pending=self._availability.reset_pending,
-            safe_mode=self._safe_mode,
-        )
-
     def _settle(self) -> None:
         self._run_app_hooks()
         self._changed()
-
-    def _changed(self) -> None:
-        if self.on_status is None:
-            return
-        availability = self._availability
-        key = (
-            self.phase,
-            self.last_result,
-            self.last_error,
-            self.sessions,
-            self.boots,
-            # Availability changes too, so a watcher (EmulatedFleet.wait_until) sees them.
-            availability.reset_pending,
-            availability.updates_enabled,
-            availability.updates_pending,
-            availability.updates_forced,
-        )
-        if key != self._notified:
-            self._notified = key
-            self.on_status(self.status())
-
-    # --- what the device reports ----------------------------------------------------------
-
-    def _load_modules(self, decision: BootDecision) -> None:
-        modules = []
-        for (function, index), slot in sorted(decision.boot_slots.items()):
-            state = self.flash.slot_state(function, index, slot)
-            if state.valid and state.module_version is not None and state.sha256 is not None:
-                modules.append(
-                    InstalledModule(function, index, state.module_version, slot, state.sha256)
-                )
-        self._modules = tuple(modules)
-        versions = {(m.function, m.index): m for m in modules}
-        system = versions.get(SYSTEM_PART_1)
-        self._system_version = system.version if system else 0
-        user = versions.get(USER_PART_1)
-        product_version = None
-        if user is not None:
-            product_version = parse_module(
-                self.flash.read_slot(*USER_PART_1, user.slot)
-            ).product_version
-        self._product_version = product_version or 0
-
-    def _hello(self) -> Hello:
-        config = self.config
-        product_id = config.product_id
-        if product_id is None:
-            trusted = self._trust.product_id if self._trust is not None else 0
-            product_id = trusted if trusted <= 0xFFFF else 0
-        record = self.flash.boot_record()
-        succeeded = record.trial is not None or (
-            record.outcome is not None and record.outcome.succeeded
-        )
-        trust = self._trust
-        return Hello(
-            device_id=config.device_id,
-            platform_id=config.platform_id,
-            product_id=product_id,
-            product_version=self._product_version,
-            system_version=self._system_version,
-            supports_immediate_updates=True,
-            updates_enabled=self._availability.updates_enabled,
-            reset_pending=self._availability.reset_pending,
-            max_message_size=config.max_message_size,
-            ota_chunk_size=config.ota_chunk_size,
-            max_binary_size=config.max_binary_size,
-            ota_succeeded=succeeded,
-            compressed_ota=config.compressed_ota,
-            delta_format=config.delta_format,
-            key_sequence=trust.sequence if trust is not None else None,
-            app_version_floor=record.rollback.floor if record.rollback is not None else None,
-            key_push=config.key_push,
-        )
-
-    def describe(self) -> Describe:
-        """The Describe of the running modules (store 0: main)."""
-        described = []
-        for module in self._modules:
-            state = self.flash.slot_state(module.function, module.index, module.slot)
-            size = self.flash.slot_size(module.function, module.index, module.slot)
-            deps = tuple(Dependency(d.function, d.index, d.version) for d in state.dependencies)
-            described.append(
-                ModuleDescription(
-                    module.function, module.index, module.version, 0, size, module.sha256, deps
-                )
-            )
-        return Describe(tuple(described))
 
     # --- requests we send -------------------------------------------------------------------
 
@@ -610,69 +431,6 @@ class EmulatedDevice(DownloadMixin):
             return
         self._on_hello_answered(now)
 
-    def _apply_key_statements(self, payload: bytes) -> bool:
-        """Apply the key rotation statements an answer carries (ota_wire point 5): those
-        after the trust store's sequence, in order; a bad one stops the catch-up. True when
-        the server has more and these all applied and advanced the store."""
-        if self._trust is None or not payload:
-            return False
-        try:
-            page = parse_hello_answer(payload)
-        except PayloadSchemaError as exc:
-            self.last_error = f"bad key statements from the server: {exc}"
-            return False
-        start = self._trust
-        refusal = self._advance_trust(page.statements)
-        if refusal is not None:
-            self.last_error = f"refused a key statement: {refusal}"
-        return page.more and refusal is None and self._trust.sequence > start.sequence
-
-    def _advance_trust(self, statements: tuple[bytes, ...], *,
-                       stop_at_gap: bool = False) -> OtaError | None:
-        """Apply ``statements`` after the trust store's sequence, in order, and save the
-        store (before anything trusts the new keys). The refusal that stopped them, if any;
-        with ``stop_at_gap`` one that does not follow the store's sequence just ends them
-        (the caller reports where the store is, and the sender goes on from there)."""
-        assert self._trust is not None
-        store = start = self._trust
-        refusal: OtaError | None = None
-        for raw in statements:
-            try:
-                statement = parse_statement(raw)
-                if statement.sequence > store.sequence:
-                    store = store.apply(statement)
-            except StatementOutOfOrderError as exc:
-                refusal = None if stop_at_gap else exc
-                break
-            except OtaError as exc:  # a forged, replayed or foreign statement
-                refusal = exc
-                break
-        if store is not start:
-            self.flash.save_trust_store(store)
-            self._trust = store
-        return refusal
-
-    def _on_key_push(self, request: Message) -> None:
-        """The server's ``POST k`` (ota_wire point 5): the statements a rotation made while
-        this session lives. Applied and saved before the answer, which names the sequence
-        the trust store reached (the server offers firmware signed with a new key only
-        after that)."""
-        if self._trust is None:
-            self._answer(request, Code.FORBIDDEN, b"no trust store is provisioned on this device")
-            return
-        try:
-            page = parse_hello_answer(request.payload)
-        except PayloadSchemaError as exc:
-            self._answer(request, Code.BAD_REQUEST, str(exc).encode()[:200])
-            return
-        refusal = self._advance_trust(page.statements, stop_at_gap=True)
-        if refusal is not None:
-            self.last_error = f"refused a key statement: {refusal}"
-            detail = f"{type(refusal).__name__}: {refusal}"  # RFC 7252 5.5.2 diagnostic
-            self._answer(request, Code.FORBIDDEN, detail.encode()[:200])
-            return
-        self._answer(request, Code.CHANGED, key_push_answer(self._trust.sequence))
-
     def _on_hello_answered(self, now: float) -> None:
         self._online = True
         if self.flash.boot_record().trial is not None:
@@ -682,7 +440,7 @@ class EmulatedDevice(DownloadMixin):
         outcome = self.flash.boot_record().outcome
         if outcome is not None:
             self._reporting = outcome
-            self._publish(UPDATE_RESULT_EVENT, update_result_payload(_result_of(outcome)), "result")
+            self._publish(UPDATE_RESULT_EVENT, update_result_payload(result_of(outcome)), "result")
         interval = self.config.heartbeat_interval
         self._next_heartbeat = None if interval is None else now + interval
 
@@ -740,27 +498,7 @@ class EmulatedDevice(DownloadMixin):
             if self.on_server_event is not None:
                 self.on_server_event(payload.name, payload.data)
 
-    # --- availability, resets, self-test --------------------------------------------------
-
-    def _on_availability(self, events: list[AvailabilityEvent]) -> None:
-        for event in events:
-            if isinstance(event, PublishToCloud):
-                self._publish(event.name, event.data, "event")
-            elif isinstance(event, AppEvent):
-                self._app_events.append(event.name)
-            elif isinstance(event, ResetNow):
-                self._reboot(event.reason)
-
-    def _run_app_hooks(self) -> None:
-        # After the machine is consistent: a hook may call back (e.g. enable_reset()).
-        while self._app_events:
-            name = self._app_events.pop(0)
-            hook = {
-                APP_RESET_PENDING: self.on_reset_pending,
-                APP_FIRMWARE_UPDATE_PENDING: self.on_update_pending,
-            }.get(name)
-            if hook is not None:
-                hook()
+    # --- resets, self-test ---------------------------------------------------------------
 
     def _reboot(self, reason: str) -> None:
         if self._rebooting:
@@ -777,10 +515,6 @@ class EmulatedDevice(DownloadMixin):
         self._note_outcome(decision.outcome)
         self._reboot("self-test failed: the new firmware did not reach the cloud")
 
-    def _note_outcome(self, outcome: UpdateOutcome | None) -> None:
-        if outcome is not None:
-            self.last_result = _result_of(outcome)
-
 
 def _hold_off_of(data: str) -> float:
     """The ``hold_off`` seconds of a going-away notice (0 when absent or malformed)."""
@@ -792,10 +526,3 @@ def _hold_off_of(data: str) -> float:
         return 0.0
     return min(float(value), MAX_HOLD_OFF)
 
-
-def _result_of(outcome: UpdateOutcome) -> UpdateResult:
-    status = RESULT_STATUS[outcome.status]
-    detail = outcome.status.name.lower()
-    if status != "committed":
-        detail += f"; running version {outcome.previous_version}"
-    return UpdateResult(outcome.function, outcome.index, outcome.version, status, detail)
