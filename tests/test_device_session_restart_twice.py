@@ -27,7 +27,7 @@ from server.cli.device_store_cmd import create_provisioned_product
 from server.devices.tuning import DeviceTuning
 from server.events import STATUS, Event, EventBus
 from server.store import Store
-from server.transport.session import RefuseReason
+from server.transport.session_host import RefuseReason
 from server.transport.udp_saved import SAVED_SESSIONS_FILE
 from tests.device_client import LinkDevice
 from tests.device_server import DeviceServerKit

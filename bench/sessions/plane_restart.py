@@ -90,7 +90,7 @@ def probe_server(argv: list[str], stats_file: Path) -> None:
     counters to ``stats_file`` (each counter object is noted as it is made: no server code
     is changed)."""
     from server.cli.main import main as ota_main
-    from server.transport.session import TransportStats
+    from server.transport.session_host import TransportStats
     from server.transport.udp_endpoint import UdpStats
 
     # The counters are created at start-up (and then frozen out of gc.get_objects() by the

@@ -1,7 +1,7 @@
 """The live device sessions of one server process, by device id: a read-only view of the
 transport's one registry of sessions.
 
-The transport's :class:`~server.transport.session.SessionRegistry` holds one
+The transport's :class:`~server.transport.session_registry.SessionRegistry` holds one
 ``DeviceSession`` per device (a newer session of the device replaces and closes the older
 one; revocation and shutdown close them through it), and each session leads to its handler
 (``session.handler``). :class:`LiveDevices` reads that registry: nothing keyed by device id

@@ -7,7 +7,9 @@ link flushes it; the link's retransmission deadlines (UDP) live in the plane's o
 :class:`~server.transport.timers.ProcessTimers`; the device's requests and the OTA updater run
 in tasks started on demand in the plane's nursery, which end when they have nothing left to
 do. The session's device id comes from its certificate and can never change (a Hello
-naming another device is refused and closes the session).
+naming another device is refused and closes the session). What the session does with each
+request of its device (Hello, Describe, Event, ``GET k``) is
+:mod:`server.devices.device_requests`.
 """
 
 from __future__ import annotations
@@ -23,21 +25,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from otacore.chunk_framing import MAX_WINDOW_CHUNKS
-from otacore.coap import Code, Message, MessageType
+from otacore.coap import Message, MessageType
 from otacore.coap_reliability import ReliableLayer
-from otacore.errors import OtaError, PayloadSchemaError, ProtocolError
-from otacore.messages import (
-    Describe,
-    Direction,
-    Event,
-    Goodbye,
-    Hello,
-    ServerEvent,
-    UnknownMessageError,
-    from_message,
-    to_message,
-)
-from otacore.platforms import platform_name
+from otacore.errors import OtaError
+from otacore.messages import Direction, Hello, ServerEvent, to_message
 from otacore.protocol.link import (
     FrameRejected,
     LinkEvent,
@@ -48,23 +39,15 @@ from otacore.protocol.link import (
     UdpLink,
     make_link,
 )
-from otacore.protocol.ota_wire import (
-    UPDATE_RESULT_EVENT,
-    hello_answer_payload,
-    is_key_request,
-    key_page_for,
-    key_page_payload,
-    parse_key_request,
-    statement_budget,
-)
+from otacore.protocol.ota_wire import statement_budget
 from otacore.transfer import Chunk, PreparedFile
 from otacore.transfer.framing import frame_chunks
+from server.devices.device_requests import ip_of, serve_request
 from server.devices.flag import Flag
 from server.devices.session_tasks import SessionTasks
 from server.devices.suspended import SuspendedSession, SuspendedStateError
 from server.events import Event as BusEvent
-from server.events import EventSource, device_may_publish
-from server.fleet.errors import WrongPlatformError
+from server.events import EventSource
 from server.transport.session import CloseReason, DeviceSession, SessionClosed
 from server.transport.tls_session import TlsSession
 
@@ -75,12 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ota.devices")
 
-#: RFC 6690 link-format, the Content-Format of /.well-known/core (RFC 7252 12.3: 40).
-LINK_FORMAT = 40
-WELL_KNOWN_CORE = (
-    b'</h>;rt="ota.hello",</d>;rt="ota.describe",</e>;rt="ota.event",'
-    b'</g>;rt="ota.goodbye",</k>;rt="ota.keys",</fw>;rt="ota.firmware";ct=42'
-)
 #: Protocol violations a session may commit before it is closed.
 MAX_VIOLATIONS = 5
 #: Requests from the device waiting for the session's request worker (beyond it the TLS
@@ -196,13 +173,13 @@ class DeviceSessionHandler:
         saved = getattr(session, "restored_state", None)
         if saved is not None:
             self._restore(session, saved)
-        await self.plane.fleet.device_online(self.device_id, ip=_ip_of(session.peer),
+        await self.plane.fleet.device_online(self.device_id, ip=ip_of(session.peer),
                                              session=self.presence)
         self.plane.on_session_start(self)
         log.info("device %s online over %s from %s%s", self.device_id, session.transport,
-                 _ip_of(session.peer), " (restored session)" if saved is not None else "",
+                 ip_of(session.peer), " (restored session)" if saved is not None else "",
                  extra={"event": "session_opened", "device_id": self.device_id,
-                        "transport": session.transport, "address": _ip_of(session.peer),
+                        "transport": session.transport, "address": ip_of(session.peer),
                         "restored": saved is not None})
         if saved is not None:
             # As after a Hello (and a Describe, if it was recorded): the updater checks the
@@ -398,7 +375,7 @@ class DeviceSessionHandler:
                 if room is not None:
                     self._request_room = None
                     room.set()
-                await self._on_request(message)
+                await serve_request(self, message)
                 if self.session.closed:
                     return
                 await self.flush()
@@ -583,159 +560,12 @@ class DeviceSessionHandler:
         self.link.respond(request, response, trio.current_time())
         self.rearm()  # the request worker flushes once the request is served
 
-    async def _on_request(self, message: Message) -> None:
-        path = message.uri_path
-        if path == [".well-known", "core"] and message.code == Code.GET:
-            self._respond(message, Code.CONTENT, WELL_KNOWN_CORE, LINK_FORMAT)
-            return
-        if is_key_request(message):
-            self._on_key_request(message)
-            return
-        for route in self.extra_routes:
-            if await route(message):
-                return
-        try:
-            payload = from_message(message, Direction.TO_CLOUD)
-        except UnknownMessageError as exc:
-            self._respond(message, Code.NOT_FOUND, str(exc).encode()[:200])
-            return
-        except (PayloadSchemaError, ProtocolError) as exc:
-            self._respond(message, Code.BAD_REQUEST, str(exc).encode()[:200])
-            self._violation(str(exc))
-            return
-        try:
-            if isinstance(payload, Hello):
-                await self._on_hello(message, payload)
-            elif isinstance(payload, Describe):
-                await self._on_describe(message, payload)
-            elif isinstance(payload, Event):
-                await self._on_event(message, payload)
-            elif isinstance(payload, Goodbye):
-                self._respond(message, Code.CHANGED)
-                await self.flush()
-                self.session.close(CloseReason.PEER)
-        except OtaError as exc:
-            # The device was removed from its product (or the store refused): tell it, end.
-            self._respond(message, Code.FORBIDDEN, str(exc).encode()[:200])
-            await self.flush()
-            self.session.close("refused by the fleet")
-
-    async def _on_hello(self, message: Message, hello: Hello) -> None:
-        if hello.device_id != self.device_id:
-            # The session is bound to the certificate's device id for its whole life.
-            self._respond(message, Code.FORBIDDEN, b"device id differs from the certificate")
-            await self.flush()
-            self.session.close("impersonation attempt")
-            return
-        # One store write: the platform is bound to the device's product, not taken from
-        # the Hello (a device naming another platform would be offered, and could GET fw/,
-        # that platform's Device OS modules); checked in the Hello's own transaction before
-        # anything of it is recorded, with what it says of updates and a held reset.
-        try:
-            view = await self.plane.fleet.record_device_hello(
-                self.device_id, platform_id=hello.platform_id,
-                product_version=hello.product_version or None,
-                system_version=hello.system_version or None, ip=_ip_of(self.session.peer),
-                session=self.presence, updates_enabled=hello.updates_enabled,
-                reset_pending=hello.reset_pending, bound_platform=True,
-            )
-        except WrongPlatformError as exc:
-            platform = exc.product_platform
-            refusal = (f"this device belongs to a {platform_name(platform)} product (platform "
-                       f"{platform}); its Hello names platform {hello.platform_id}")
-            log.warning("device %s refused: %s", self.device_id, refusal,
-                        extra={"event": "session_refused", "device_id": self.device_id,
-                               "transport": self.session.transport,
-                               "reason": "wrong platform", "platform_id": hello.platform_id})
-            self._respond(message, Code.FORBIDDEN, refusal.encode()[:200])
-            await self.flush()
-            self.session.close("wrong platform")
-            return
-        self.product_id = view.product.id
-        self.hello = hello
-        log.debug("device %s of product %s says Hello: version %s, Device OS %s",
-                  self.device_id, view.product.id, hello.product_version,
-                  hello.system_version,
-                  extra={"event": "device_hello", "device_id": self.device_id,
-                         "product_id": view.product.id, "version": hello.product_version,
-                         "system_version": hello.system_version,
-                         "platform_id": hello.platform_id})
-        # Key rotation statements ride on the Hello answer (the ones the device lacks, as
-        # many as fit; it asks for the rest with GET k), so they are applied before any offer
-        # signed with a new key can arrive (ota_wire, point 5).
-        statements = self.plane.key_statements(view.product.id)
-        after = hello.key_sequence or 0
-        page = key_page_for(statements, after, self.statement_budget())
-        if hello.key_sequence is None:  # a device that predates paging: the legacy array
-            payload = hello_answer_payload(page.statements)
-        else:
-            payload = key_page_payload(page)
-        self.key_sequence = after + len(page.statements)
-        self._respond(message, Code.CHANGED, payload)
-        for hook in self.on_hello:
-            hook(None, None)
-
     def statement_budget(self) -> int:
         """Payload bytes one message to this device may carry (its Hello's message size,
         and over DTLS one unfragmented datagram)."""
         hello = self.hello
         max_message_size = hello.max_message_size if hello is not None else 1024
         return statement_budget(self.session.transport, max_message_size)
-
-    def _on_key_request(self, message: Message) -> None:
-        """``GET k?after=N``: the next key rotation statements after N (ota_wire point 5)."""
-        if self.product_id is None or self.hello is None:
-            self._respond(message, Code.FORBIDDEN, b"send Hello before asking for keys")
-            return
-        try:
-            after = parse_key_request(message)
-        except PayloadSchemaError as exc:
-            self._respond(message, Code.BAD_REQUEST, str(exc).encode()[:200])
-            self._violation(str(exc))
-            return
-        statements = self.plane.key_statements(self.product_id)
-        page = key_page_for(statements, after, self.statement_budget())
-        self.key_sequence = after + len(page.statements)  # the device says it is at after
-        self._respond(message, Code.CONTENT, key_page_payload(page))
-
-    async def _on_describe(self, message: Message, describe: Describe) -> None:
-        modules = [
-            {"function": m.function, "index": m.index, "version": m.version, "store": m.store,
-             "size": m.size, "sha256": m.sha256.hex(),
-             "dependencies": [{"function": d.function, "index": d.index, "version": d.version}
-                              for d in m.dependencies]}
-            for m in describe.modules
-        ]
-        # The fleet emits "spark/device/describe" when the modules changed.
-        read_at = trio.current_time()
-        view = await self.plane.fleet.record_describe(self.device_id, modules)
-        self.product_id = view.product.id
-        self.described_at = trio.current_time()
-        self.described.set()
-        self._respond(message, Code.CHANGED)
-        for hook in self.on_hello:
-            hook(view, read_at)
-
-    async def _on_event(self, message: Message, event: Event) -> None:
-        refusal = device_may_publish(event.name)
-        if refusal is not None:
-            # Reserved names are the cloud's (Particle: "particle", "spark"; ours: "ota/"):
-            # refused, not published, and the session goes on (an application's mistake is
-            # no protocol violation).
-            self._respond(message, Code.FORBIDDEN, refusal.encode()[:200])
-            return
-        if event.name != UPDATE_RESULT_EVENT:
-            self._respond(message, Code.CHANGED)
-            self.publish(event.name, event.data, event.ttl)
-            await self.plane.on_device_event(self, event)
-            return
-        # An update result is acknowledged only once recorded: the device keeps it (in its
-        # boot record) until acknowledged, and reports it again in its next session.
-        self.publish(event.name, event.data, event.ttl)
-        if await self.plane.on_device_event(self, event):
-            self._respond(message, Code.CHANGED)
-        else:
-            self._respond(message, Code.SERVICE_UNAVAILABLE, b"not recorded yet: report it again")
 
     def publish(self, name: str, data: str | None, ttl: int = 60) -> None:
         """Put an event from this device on the REST event stream, marked as the device's
@@ -746,9 +576,3 @@ class DeviceSessionHandler:
             name, data, product_id=self.product_id, device_id=self.device_id,
             coreid=self.device_id, ttl=ttl, source=EventSource.DEVICE,
         ))
-
-
-def _ip_of(peer: Any) -> str | None:
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return None

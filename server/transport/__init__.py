@@ -15,12 +15,11 @@ from server.transport.session import (
     CloseReason,
     DeviceSession,
     HandlerFactory,
-    RefuseReason,
     SessionClosed,
     SessionHandler,
-    SessionRegistry,
-    TransportStats,
 )
+from server.transport.session_host import RefuseReason, TransportStats
+from server.transport.session_registry import SessionRegistry
 
 __all__ = [
     "DEFAULT_DEVICE_PORT",

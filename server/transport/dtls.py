@@ -23,7 +23,7 @@ from OpenSSL import SSL
 
 from otacore.records.dtls12_server import prepare_server_context
 from server.identity import InstallationPki
-from server.transport.session import SessionHost
+from server.transport.session_host import SessionHost
 from server.transport.udp_endpoint import UdpEndpoint
 from server.transport.udp_saved import SavedDtlsSession
 from server.transport.udp_session import DtlsSession

@@ -16,14 +16,9 @@ from server.authorization import DeviceDirectory
 from server.identity import InstallationPki, init_pki
 from server.transport.dtls import make_dtls_server_context, serve_dtls
 from server.transport.limits import SessionLimits
-from server.transport.session import (
-    CloseReason,
-    HandlerFactory,
-    SessionHost,
-    SessionRegistry,
-    TransportStats,
-    logger,
-)
+from server.transport.session import CloseReason, HandlerFactory, logger
+from server.transport.session_host import SessionHost, TransportStats
+from server.transport.session_registry import SessionRegistry
 from server.transport.timers import ProcessTimers
 from server.transport.tls import make_tls_handshake_context, serve_tls
 from server.transport.udp_endpoint import UdpEndpoint

@@ -22,7 +22,8 @@ from OpenSSL import SSL
 
 from server.identity import InstallationPki
 from server.transport.admission import NotAdmitted
-from server.transport.session import RefuseReason, SessionHost, logger
+from server.transport.session import logger
+from server.transport.session_host import RefuseReason, SessionHost
 from server.transport.tls_handshake import (
     COAP_ALPN,
     HandshakeResult,

@@ -27,9 +27,9 @@ from server.transport.session import (
     DeviceSession,
     SessionClosed,
     SessionHandler,
-    SessionHost,
     logger,
 )
+from server.transport.session_host import SessionHost
 from server.transport.tls_idle import IdleSweeper
 
 _T = TypeVar("_T")

@@ -42,14 +42,8 @@ from otacore.records.dtls12_cookie import Admit, Challenge, CookieExchange, Drop
 from otacore.records.dtls12_handshake import DEFAULT_MTU, INITIAL_TIMEOUT
 from otacore.records.dtls12_server import DtlsHandover, DtlsServerHandshake
 from server.transport.admission import NotAdmitted
-from server.transport.session import (
-    CloseReason,
-    EventedHandler,
-    RefuseReason,
-    SessionHandler,
-    SessionHost,
-    logger,
-)
+from server.transport.session import CloseReason, EventedHandler, SessionHandler, logger
+from server.transport.session_host import RefuseReason, SessionHost
 from server.transport.udp_restart import GracefulRestart
 from server.transport.udp_saved import SavedDtlsSession
 from server.transport.udp_session import Address, DtlsLink, DtlsSession

@@ -22,13 +22,8 @@ import trio
 from otacore.errors import RecordStateFormatError
 from otacore.records.dtls12 import DtlsRecordLayer
 from server.authorization import ClientCertificate
-from server.transport.session import (
-    CloseReason,
-    RefuseReason,
-    SessionHandler,
-    SessionHost,
-    logger,
-)
+from server.transport.session import CloseReason, SessionHandler, logger
+from server.transport.session_host import RefuseReason, SessionHost
 from server.transport.udp_saved import SavedDtlsSession
 from server.transport.udp_session import Address, DatagramSender, DtlsLink, DtlsSession
 

@@ -38,10 +38,10 @@ from server.transport.session import (
     DeviceSession,
     EventedHandler,
     SessionHandler,
-    SessionHost,
     logger,
 )
 from server.transport.session import SessionClosed as DeviceSessionClosed
+from server.transport.session_host import SessionHost
 
 __all__ = ["Address", "DatagramSender", "DtlsLink", "DtlsSession", "SuspendableHandler"]
 
