@@ -9,7 +9,8 @@ import typing
 from pathlib import Path
 
 from server.app import ServerConfig
-from server.cli.server_cmd import OPTION_SETTINGS, server
+from server.cli.server_cmd import server
+from server.cli.server_options import OPTION_SETTINGS
 from server.config_file import (
     build_server_config,
     file_value,

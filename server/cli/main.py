@@ -48,12 +48,12 @@ def _device_app() -> typer.Typer:
 
 
 def _product_app() -> typer.Typer:
-    from server.cli import keys_cmd, rollout_cmd, server_cmd, team_cmd
+    from server.cli import keys_cmd, product_cmd, rollout_cmd, team_cmd
 
-    keys_cmd.attach(server_cmd.product_app)
-    team_cmd.attach(server_cmd.product_app)
-    server_cmd.product_app.add_typer(rollout_cmd.window_app, name="window")
-    return server_cmd.product_app
+    keys_cmd.attach(product_cmd.product_app)
+    team_cmd.attach(product_cmd.product_app)
+    product_cmd.product_app.add_typer(rollout_cmd.window_app, name="window")
+    return product_cmd.product_app
 
 
 #: Top-level name -> what builds it (a Typer app: a group, or one command).
@@ -69,7 +69,7 @@ LAZY_COMMANDS: dict[str, Callable[[], typer.Typer]] = {
     "events": _command("fleet_cmd", "events", "events"),
     "audit": _command("fleet_cmd", "audit", "audit"),
     "server": _command("server_cmd", "server", "server"),
-    "admin": _group("server_cmd", "admin_app"),
+    "admin": _group("admin_cmd", "admin_app"),
     "product": _product_app,
     "rollout": _group("rollout_cmd", "rollout_app"),
 }
