@@ -54,7 +54,7 @@ NOTICES = {
 Changes = Callable[[Mapping[str, Any], DeviceView], tuple[dict[str, Any], str]]
 
 
-#: What decided an update, as the update results name it (server.fleet.sessions).
+#: What decided an update, as the update results name it (server.fleet.update_reports).
 UPDATE_KINDS = {
     "release": "a release",
     "lock": "a lock",

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from server.fleet import DeviceTarget
     from server.fleet.base import Outcome
     from server.fleet.rollouts import RolloutOffer
-    from server.fleet.sessions import FlashStatus
+    from server.fleet.update_reports import FlashStatus
     from server.store import Tx
 
 log = logging.getLogger("ota.engine")

@@ -20,13 +20,15 @@ from server.fleet.presence import PresenceService
 from server.fleet.release_progress import AuditPage, ReleaseProgress, ReleaseProgressService
 from server.fleet.roles import SYSTEM_ACTOR, Actor, Permission, Role
 from server.fleet.rollouts import RolloutService, RolloutView
-from server.fleet.sessions import DeviceTarget, SessionService
+from server.fleet.sessions import SessionService
+from server.fleet.targets import DeviceTarget
 from server.fleet.teams import ApiUserGrant, TeamMember, TeamService
+from server.fleet.update_reports import UpdateReportService
 
 
 class Fleet(
     FirmwareService, DeviceService, GroupService, TeamService, AuthService, SessionService,
-    DeviceOsService,
+    UpdateReportService, DeviceOsService,
     DeltaService, OtaMemoryService, PresenceService, RolloutService, DeviceHistoryService,
     ReleaseProgressService, EventHistoryService,
 ):

@@ -1,31 +1,27 @@
 """What device sessions tell the control plane, and what they ask of it.
 
 The device-protocol layer (next issues) calls these from its sessions: hello, describe,
-online / offline, updates enabled, transfer progress and flash outcome; and asks which
-firmware a device should run and which online devices need an update after a release.
+online / offline, updates enabled, certificates; and asks which firmware a device should
+run and which online devices need an update after a release. What a device then reports
+about an update (transfer progress, flash outcome) is :mod:`server.fleet.update_reports`.
 """
 
 from __future__ import annotations
 
-import enum
 import json
-import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, cast
 
 from otacore.errors import ValidationError
 from otacore.platforms import ModuleFunction
-from otacore.precedence import Target, TargetReason
 from server.authorization import ClientCertificate, KnownCertificate, may_connect
-from server.events import DEVICE_REVOKED, FLASH_STATUS, STATUS, UPDATES_PENDING, Event
+from server.events import DEVICE_REVOKED, STATUS, UPDATES_PENDING, Event
 from server.fleet.base import (
     FleetBase,
     Outcome,
     check_version,
     normalize_device_id,
-    releases_of,
-    target_of,
     unknown_device,
 )
 from server.fleet.devices import updates_pending_for
@@ -33,35 +29,15 @@ from server.fleet.errors import WrongPlatformError
 from server.fleet.firmware import PRODUCT_FIRMWARE_FUNCTIONS
 from server.fleet.presence import PresenceService, offline_events
 from server.fleet.roles import Actor, Permission
-from server.store import (
-    DeviceRecord,
-    FirmwareRecord,
-    FlashRecord,
-    ProductRecord,
-    ReleaseRecord,
-    Tx,
-    UpdateStateRecord,
-)
+from server.fleet.targets import UNREAD, DeviceTarget, Unread, device_targets, target_view
+from server.store import DeviceRecord, FlashRecord, ProductRecord, Tx
 from server.store.tx_certs import CertificateStanding
-from server.store.tx_firmware import PRODUCT_SCOPE, group_scope
 
-log = logging.getLogger(__name__)
-
-FlashStatus = Literal["started", "success", "failed"]
 #: The module store a device runs from (particle-facts: 0 main, 1 factory, 2 backup, 3
 #: scratchpad); a Describe may list modules of the others.
 MAIN_STORE = 0
 #: Emitted when a Describe reports other modules than the device record holds.
 DESCRIBE_CHANGED = "spark/device/describe"
-
-
-class _Unread(enum.Enum):
-    """Marks a value the caller has not read in this transaction (None is a real value)."""
-
-    UNREAD = enum.auto()
-
-
-UNREAD = _Unread.UNREAD
 
 
 def _admits(standing: CertificateStanding) -> bool:
@@ -81,95 +57,8 @@ def _module_summary(modules: Any) -> list[tuple[int, int, int]]:
     return sorted((int(m["function"]), int(m["index"]), int(m["version"])) for m in modules)
 
 
-@dataclass(frozen=True)
-class DeviceTarget:
-    """Everything a session needs to decide on an update for one device."""
-
-    device: DeviceRecord
-    product: ProductRecord
-    target: Target
-    #: The product firmware of ``target.version`` (None when no target or it is missing).
-    firmware: FirmwareRecord | None
-    #: A per-device flash waiting to be delivered (it goes before any release).
-    pending_flash: FlashRecord | None
-    updates_forced: bool
-
-    @property
-    def updates_allowed(self) -> bool:
-        """Devices refuse updates unless enabled or forced (particle-facts.md)."""
-        return self.device.firmware_updates_enabled or self.updates_forced
-
-    @property
-    def update_needed(self) -> bool:
-        """True when there is something to send: a pending flash or a different target."""
-        if self.pending_flash is not None:
-            return True
-        return self.target.version is not None and self.target.version != (
-            self.device.firmware_version
-        )
-
-
 class SessionService(FleetBase):
     """Hooks for device sessions."""
-
-    @staticmethod
-    def _target_view(
-        tx: Tx,
-        device: DeviceRecord,
-        product: ProductRecord,
-        *,
-        releases: Sequence[ReleaseRecord] | None = None,
-        pending_flash: FlashRecord | _Unread | None = UNREAD,
-        with_firmware: bool = True,
-    ) -> DeviceTarget:
-        """The target of one device with the fewest queries (the session hot path): the
-        product, ``releases`` and ``pending_flash`` are what the caller already read in this
-        transaction (the last two are read here when not given); the target's firmware is
-        left None unless ``with_firmware``. Same result as :meth:`_device_targets`."""
-        released: dict[int, FirmwareRecord] = {}
-        if releases is None:  # with the released versions' firmware: one query for both
-            releases, released = tx.list_releases_with_firmware(product.id)
-        target = target_of(device, releases_of(releases))
-        firmware = None
-        if with_firmware and target.version is not None:
-            firmware = released.get(target.version)
-            if firmware is None:  # e.g. a locked version that is not released
-                firmware = tx.get_firmware(product.id, target.version)
-        if pending_flash is UNREAD:
-            pending_flash = tx.pending_flash(device.id)
-        return DeviceTarget(
-            device,
-            product,
-            target,
-            firmware,
-            pending_flash,
-            device.firmware_updates_forced or product.firmware_updates_forced,
-        )
-
-    @staticmethod
-    def _device_targets(
-        tx: Tx, product: ProductRecord, devices: list[DeviceRecord]
-    ) -> list[DeviceTarget]:
-        """Targets of many devices of one product with a fixed number of queries."""
-        releases = releases_of(tx.list_releases(product.id))
-        firmware: dict[int, FirmwareRecord | None] = {}  # few distinct targets: load lazily
-        flashes = tx.pending_flashes([device.id for device in devices])
-        views = []
-        for device in devices:
-            target = target_of(device, releases)
-            if target.version is not None and target.version not in firmware:
-                firmware[target.version] = tx.get_firmware(product.id, target.version)
-            views.append(
-                DeviceTarget(
-                    device,
-                    product,
-                    target,
-                    None if target.version is None else firmware[target.version],
-                    flashes.get(device.id),
-                    device.firmware_updates_forced or product.firmware_updates_forced,
-                )
-            )
-        return views
 
     def _refresh_pending(
         self,
@@ -178,13 +67,13 @@ class SessionService(FleetBase):
         product: ProductRecord,
         now: int,
         events: list[Event],
-        pending_flash: FlashRecord | _Unread | None = UNREAD,
+        pending_flash: FlashRecord | Unread | None = UNREAD,
     ) -> DeviceTarget:
         """Re-derive a device's "updates pending" flag and return its target. ``device`` is
         the device's row as this transaction left it (the caller applied its own change, so
         no re-read), ``pending_flash`` its pending flash when the caller read it already."""
         device_id = device.id
-        view = self._target_view(tx, device, product, pending_flash=pending_flash)
+        view = target_view(tx, device, product, pending_flash=pending_flash)
         pending = updates_pending_for(view.device, view.product, view.target)
         if pending != view.device.updates_pending:
             tx.update_device(device_id, {"updates_pending": pending}, now)
@@ -241,7 +130,7 @@ class SessionService(FleetBase):
 
         def work(tx: Tx) -> DeviceTarget:
             device, product = self._device_and_product(tx, device_id)
-            return self._target_view(tx, device, product)
+            return target_view(tx, device, product)
 
         return await self._read_grouped(work)
 
@@ -302,7 +191,7 @@ class SessionService(FleetBase):
             if device.flash_requested and version == device.desired_firmware_version:
                 fields["flash_requested"] = False
             flash = tx.pending_flash(device.id)
-            pending: FlashRecord | _Unread | None = flash
+            pending: FlashRecord | Unread | None = flash
             if flash is not None and flash.kind == "product" and flash.version == version:
                 tx.finish_flash(flash.id, "succeeded", "", now)  # it runs that version now
                 # A store written by an older server may hold an older open flash (a new
@@ -522,7 +411,7 @@ class SessionService(FleetBase):
             with self.store.read() as tx:
                 product = self._product(tx, product_ref)
                 devices, _ = tx.list_devices(product.id, online=True)
-                views = self._device_targets(tx, product, devices)
+                views = device_targets(tx, product, devices)
             return [
                 view
                 for view in views
@@ -545,183 +434,3 @@ class SessionService(FleetBase):
         if sha256 is None:
             return None
         return sha256, await self._read(self.store.blobs.get, sha256)
-
-    async def record_update_progress(
-        self,
-        device_id: str,
-        *,
-        sha256: str,
-        version: int | None,
-        transfer: str,
-        bytes_done: int,
-        bytes_total: int,
-        status: str = "in_progress",
-    ) -> None:
-        """Persist transfer progress (call it every few tens of KiB, not per chunk)."""
-        await self._run_grouped(self.update_progress_work(
-            device_id, sha256=sha256, version=version, transfer=transfer,
-            bytes_done=bytes_done, bytes_total=bytes_total, status=status))
-
-    def update_progress_work(
-        self,
-        device_id: str,
-        *,
-        sha256: str,
-        version: int | None,
-        transfer: str,
-        bytes_done: int,
-        bytes_total: int,
-        status: str = "in_progress",
-    ) -> Callable[[Tx], Outcome]:
-        """The store work of :meth:`record_update_progress`, to run in one transaction with
-        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`)."""
-        if transfer not in ("full", "zstd", "delta"):
-            raise ValidationError("transfer must be 'full', 'zstd' or 'delta'")
-
-        def work(tx: Tx) -> Outcome:
-            now = self.clock()
-            normalized = normalize_device_id(device_id)
-            # Usually one statement: a stored state means the device exists (its row's
-            # deletion removes the state), and the update keeps its start time.
-            advanced = tx.advance_update_state(
-                normalized,
-                sha256=sha256,
-                version=version,
-                transfer=transfer,
-                bytes_done=bytes_done,
-                bytes_total=bytes_total,
-                status=status,
-                now=now,
-            )
-            if not advanced:
-                if tx.get_device_online(normalized) is None:
-                    raise unknown_device(device_id)
-                state = UpdateStateRecord(
-                    normalized, sha256, version, transfer, bytes_done, bytes_total, status, now, now
-                )
-                tx.put_update_state(state)
-            return Outcome(None)
-
-        return work
-
-    async def get_update_state(self, device_id: str) -> UpdateStateRecord | None:
-        """The transfer in flight to a device, if any."""
-
-        def work() -> UpdateStateRecord | None:
-            with self.store.read() as tx:
-                return tx.get_update_state(self._device(tx, device_id).id)
-
-        return await self._read(work)
-
-    async def record_flash_status(
-        self, device_id: str, status: FlashStatus, *, error: str = "",
-        application_sha256: str | None = None,
-    ) -> None:
-        """An update to the device started, succeeded or failed: update the pending flash
-        and the deciding release's counters, and emit ``spark/flash/status``
-        (``application_sha256``: see :meth:`flash_status_work`)."""
-        await self._run_grouped(self.flash_status_work(
-            device_id, status, error=error, application_sha256=application_sha256))
-
-    def flash_status_work(
-        self, device_id: str, status: FlashStatus, *, error: str = "",
-        application_sha256: str | None = None,
-    ) -> Callable[[Tx], Outcome]:
-        """The store work of :meth:`record_flash_status`, to run in one transaction with
-        the device's OTA memory (:meth:`OtaMemoryService.save_ota_memory`).
-
-        ``application_sha256``: the application image the status is about, when known (None
-        for a Device OS part delivered ahead of it, which serves whatever the device's target
-        is). A status about another image than the pending flash's (the operator asked for a
-        new flash while an older image was still on its way) leaves that flash pending: the
-        device has not received it yet."""
-        if status not in ("started", "success", "failed"):
-            raise ValidationError("flash status must be started, success or failed")
-
-        def work(tx: Tx) -> Outcome:
-            now = self.clock()
-            device, product = self._device_and_product(tx, device_id)
-            releases = tx.list_releases(product.id)
-            view = self._target_view(tx, device, product, releases=releases, with_firmware=False)
-            flash = view.pending_flash
-            if flash is not None and application_sha256 not in (None, flash.sha256):
-                log.info("device %s reports %s for image %s, not the pending flash %d",
-                         device_id, status, application_sha256[:12], flash.id)
-            elif flash is not None:
-                final = {"started": "started", "success": "succeeded", "failed": "failed"}
-                tx.finish_flash(
-                    flash.id, final[status], error, None if status == "started" else now
-                )
-                if status == "success":
-                    tx.update_device(view.device.id, {"flash_requested": False}, now)
-                if status != "started":
-                    _record_result(tx, view, status, error, now, "flash", flash.version,
-                                   application_sha256 or flash.sha256)
-            else:
-                self._count_release(tx, view, releases, status)
-                if status != "started":
-                    _record_result(tx, view, status, error, now, _result_kind(view.target),
-                                   view.target.version, application_sha256)
-            if status != "started":
-                tx.clear_update_state(view.device.id)
-            # The device's last outcome, for the console's "update status" and its reason.
-            outcome = {"started": "started", "success": "succeeded", "failed": "failed"}[status]
-            tx.update_device(view.device.id, {"last_update_status": outcome,
-                                              "last_update_error": error or None,
-                                              "last_update_at": now}, now)
-            event = Event(
-                FLASH_STATUS,
-                f"{status} ",
-                product_id=view.product.id,
-                device_id=view.device.id,
-                coreid=view.device.id,
-                published_at=now,
-            )
-            return Outcome(None, [event])
-
-        return work
-
-    @staticmethod
-    def _count_release(
-        tx: Tx, view: DeviceTarget, releases: Sequence[ReleaseRecord], status: FlashStatus
-    ) -> None:
-        """Count the outcome on the release that decided the target (``releases``: the
-        product's, as read in this transaction; a group release carries its group's name)."""
-        if view.target.reason == TargetReason.PRODUCT_DEFAULT:
-            scopes = {PRODUCT_SCOPE}
-        elif view.target.reason == TargetReason.GROUP_RELEASE and view.target.group:
-            scopes = {
-                group_scope(release.group_id)
-                for release in releases
-                if release.group_id is not None and release.group_name == view.target.group
-            }
-        else:
-            return
-        counter = {
-            "started": "devices_started",
-            "success": "devices_succeeded",
-            "failed": "devices_failed",
-        }[status]
-        for release in releases:
-            if release.scope in scopes:
-                tx.bump_release_counter(release.id, counter)
-
-
-def _result_kind(target: Target) -> str:
-    """What decided the update a result is about: a release, a lock, or neither (e.g. a
-    Device OS part for a development device)."""
-    if target.reason in (TargetReason.PRODUCT_DEFAULT, TargetReason.GROUP_RELEASE):
-        return "release"
-    if target.reason == TargetReason.LOCKED:
-        return "lock"
-    return "other"
-
-
-def _record_result(tx: Tx, view: DeviceTarget, status: FlashStatus, error: str, now: int,
-                   kind: str, version: int | None, sha256: str | None) -> None:
-    """Append the outcome to the device's update results (issue 17: a release's failures
-    with their reasons and its latency curve), before the update in flight is cleared."""
-    tx.record_update_result(
-        product_id=view.product.id, device_id=view.device.id, version=version,
-        sha256=sha256, kind=kind, result="success" if status == "success" else "failed",
-        error=error, now=now)

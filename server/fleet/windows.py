@@ -24,7 +24,7 @@ from server.store import schema as t
 from server.store.tx_rollouts import RolloutQueries, WindowRecord
 
 if TYPE_CHECKING:
-    from server.fleet.sessions import DeviceTarget
+    from server.fleet.targets import DeviceTarget
 
 #: Scope needed to change maintenance windows.
 WINDOW_SCOPE = "products:update"

@@ -253,7 +253,7 @@ device_updates = sa.Table(
 )
 
 # How each update of a device ended (issue 17): one row per success or failure the server
-# recorded (``SessionService.flash_status_work``), so a release's progress shows its
+# recorded (``UpdateReportService.flash_status_work``), so a release's progress shows its
 # failures with their reasons and its update-latency curve (time from the release to each
 # device's success). Append-only; a device's removal removes its rows.
 device_update_results = sa.Table(
