@@ -19,7 +19,6 @@ from otacore.delta import PatchCorruptError, lzma_filters, lzma_props
 
 #: Largest piece the payload decoder takes in or hands to the record parser at a time.
 DECODE_PIECE = 16384
-ZSTD_WRITE_SIZE = DECODE_PIECE  # its version 1 name
 #: liblzma's LZMA2 decoder state besides the dictionary and probability tables (coder
 #: structs, range decoder, allocation headers), rounded up.
 _LZMA_FIXED_STATE = 8 * 1024

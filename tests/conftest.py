@@ -221,19 +221,13 @@ class Api:
 def applier_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Apply with the Cython kernel (when built) and with its pure-Python twin: issue 18
     wants the apply memory bounded with both. The applier reads the kernel it imported."""
-    if request.param == "twin":
-        from otacore import _delta_py, delta_stream
+    from otacore import _delta_py, delta, delta_stream
 
+    if request.param == "twin":
         monkeypatch.setattr(delta_stream, "_kernel", _delta_py)
-    elif not _delta_native():
+    elif not delta.NATIVE:
         pytest.skip("the Cython kernel is not built")
     return str(request.param)
-
-
-def _delta_native() -> bool:
-    from otacore import delta
-
-    return delta.NATIVE
 
 
 @pytest.fixture
