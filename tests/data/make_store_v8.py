@@ -160,6 +160,8 @@ async def fill(handle: ServerHandle, manifest: dict[str, Any]) -> None:
             now, now))
     delta = build_module(b"\x22" * 900, platform_id=BORON, function=ModuleFunction.USER_PART,
                          version=6, product_id=BORON, product_version=3)
+    # 7d47bd3's signature (base, target, patch, target_size): this script runs only with that
+    # commit's code (see the docstring), whose store had no format version per patch.
     await fleet.save_delta(manifest["firmware"]["2"], manifest["firmware"]["3"], delta, 5500)
     with store.write() as tx:
         fleet.transfer_bytes_work(1, 2, DEVICES[3], bytes_sent=900, bytes_full=4000,
