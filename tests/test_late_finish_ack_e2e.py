@@ -21,7 +21,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from otacore.coap import decode_udp
+from otacore.device.emulated import EmulatedDevice
 from otacore.protocol.link import Transport
+from otacore.protocol.ota_wire import is_transfer, parse_transfer
+from otacore.transfer import FinishAck
 from server.store.store import DB_FILENAME
 from tests.test_ota_e2e_kit import (
     STEP,
@@ -46,10 +50,30 @@ SMALL_WINDOWS = {
 }
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_finish_ack_later_than_the_devices_retries_still_updates_it(
-    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+def drop_first_finish_ack(device: EmulatedDevice) -> list[FinishAck]:
+    """Lose the first FinishAck on its way to a UDP device; returns those lost."""
+    hear = device.receive
+    lost: list[FinishAck] = []
+
+    def receive(data: bytes, now: float) -> None:
+        message = decode_udp(data)
+        if not lost and is_transfer(message):
+            transfer = parse_transfer(message)
+            if isinstance(transfer, FinishAck):
+                lost.append(transfer)
+                return
+        hear(data, now)
+
+    device.receive = receive  # type: ignore[method-assign]
+    return lost
+
+
+async def update_with_a_slow_completion_write(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport, *, lose_first_ack: bool
 ) -> None:
+    """Release v2 to one device; hold the store's write lock from halfway through the
+    download until the device has stopped waiting for its FinishAck, then let go; the
+    device must end on v2 in the same session, downloaded once."""
     async with ota_rig(nursery, tmp_path, count=1) as rig:
         (device_id,) = rig.ids
         rig.tune_engine(**SMALL_WINDOWS)
@@ -77,16 +101,22 @@ async def test_a_finish_ack_later_than_the_devices_retries_still_updates_it(
         # timeout: the write waits out the lock and succeeds, late.
         device.finish_retry = 0.2
         device.finish_retries = 2
-        async with running(fleet):
-            with trio.fail_after(STEP):
-                while "never confirmed" not in device.last_error:
-                    await trio.sleep(0.01)
-            print("device:", device.last_error)
-            assert lock, "the write lock was never taken"
-            assert product_version(fleet, device_id) == 1  # still runs v1
-            lock.pop().close()  # rolls back: the server's writes go through now
-            await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
-            await rig.events.wait_for("spark/flash/status", device_id, "success")
+        lost = drop_first_finish_ack(device) if lose_first_ack else []
+        try:
+            async with running(fleet):
+                with trio.fail_after(STEP):
+                    while "never confirmed" not in device.last_error:
+                        await trio.sleep(0.01)
+                print("device:", device.last_error)
+                assert lock, "the write lock was never taken"
+                assert product_version(fleet, device_id) == 1  # it still runs v1
+                lock.pop().close()  # rolls back: the server's writes go through now
+                await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
+                await rig.events.wait_for("spark/flash/status", device_id, "success")
+        finally:
+            for conn in lock:
+                conn.close()
+        assert len(lost) == int(lose_first_ack)
         # In the same session (the only other one is after the reset into v2), one update
         # and one download from zero: the file was applied from the late FinishAck, not
         # downloaded or offered again.
@@ -95,3 +125,19 @@ async def test_a_finish_ack_later_than_the_devices_retries_still_updates_it(
         assert watched.restarts == 1
         assert len(v2) <= watched.written <= len(v2) + WINDOW * CHUNK
 
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_finish_ack_later_than_the_devices_retries_still_updates_it(
+    nursery: trio.Nursery, tmp_path: Path, transport: Transport
+) -> None:
+    await update_with_a_slow_completion_write(nursery, tmp_path, transport,
+                                              lose_first_ack=False)
+
+
+async def test_a_lost_late_finish_ack_is_made_up_by_the_answers_to_the_repeats(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Over DTLS the late FinishAck is one NON datagram, and the device no longer repeats
+    its FinishReply: the server answers each repeat that queued behind its write, so losing
+    one copy still updates the device."""
+    await update_with_a_slow_completion_write(nursery, tmp_path, "udp", lose_first_ack=True)
