@@ -130,8 +130,10 @@ class DownloadMixin:
 
     def _on_offer(self, request: Message, now: float) -> None:
         availability = self._availability
-        self._lapsed_offer = None  # a new offer: the receiver below replaces the lapsed one
-        if availability.update_in_progress or self._receiver.transfer_id is not None:
+        # A new offer ends the transfer under way, or a lapsed one (accepted or not, the
+        # new offer's answer tells the server this device is not waiting on the old one).
+        busy = self._receiver.transfer_id is not None or self._lapsed_offer is not None
+        if availability.update_in_progress or busy:
             self._abandon_transfer(now, "a new offer replaces this transfer")
         if not (availability.updates_enabled or availability.updates_forced):
             self._answer(request, OFFER_UNAVAILABLE, b"updates are disabled on this device")
