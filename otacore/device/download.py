@@ -98,6 +98,15 @@ class DownloadMixin:
     _modules: tuple[InstalledModule, ...]
     _offer: AcceptedOffer | None
     _receiver: TransferReceiver
+    #: The receiver's FinishReply retransmission: the first after ``finish_retry`` seconds,
+    #: doubling, ``finish_retries`` times before it stops waiting for the FinishAck (Device
+    #: OS-like defaults; an instance may set its own, e.g. a test's small budget).
+    finish_retry: float = 2.0
+    finish_retries: int = 4
+    #: The offer of a validated transfer the receiver stopped waiting to be confirmed: kept
+    #: so that its FinishAck, if it still comes in this session, stages it (see
+    #: TransferReceiver.lapsed_transfer_id). None otherwise.
+    _lapsed_offer: AcceptedOffer | None = None
 
     def _answer(self, request: Message, code: int, payload: bytes = b"") -> None:
         raise NotImplementedError  # EmulatedDevice answers on its link
@@ -121,7 +130,10 @@ class DownloadMixin:
 
     def _on_offer(self, request: Message, now: float) -> None:
         availability = self._availability
-        if availability.update_in_progress or self._receiver.transfer_id is not None:
+        # A new offer ends the transfer under way, or a lapsed one (accepted or not, the
+        # new offer's answer tells the server this device is not waiting on the old one).
+        busy = self._receiver.transfer_id is not None or self._lapsed_offer is not None
+        if availability.update_in_progress or busy:
             self._abandon_transfer(now, "a new offer replaces this transfer")
         if not (availability.updates_enabled or availability.updates_forced):
             self._answer(request, OFFER_UNAVAILABLE, b"updates are disabled on this device")
@@ -215,6 +227,8 @@ class DownloadMixin:
             max_file_size=self.config.max_binary_size,
             check_start=lambda start: _check_start(offer, start),
             check_file=lambda start, view: self._check_file(offer, view),
+            finish_retry=self.finish_retry,
+            finish_retries=self.finish_retries,
         )
 
     def _check_file(self, offer: AcceptedOffer, view: memoryview) -> None:
@@ -293,14 +307,20 @@ class DownloadMixin:
                 self._stage(now)
             elif isinstance(out, TransferFailed):
                 self.last_error = f"transfer failed ({out.status.name}): {out.reason}"
+                # A validated transfer whose confirmation is late: the update ends (the
+                # device must not hang in it), but the offer is kept to stage the file if
+                # the FinishAck still comes (see _stage).
+                lapsed = self._receiver.lapsed_transfer_id is not None
+                self._lapsed_offer = offer if lapsed else None
                 self._end_offer(staged=False)
             # PartialDiscarded: the receiver starts over; nothing else to do.
             elif not isinstance(out, PartialDiscarded):  # pragma: no cover - exhaustive
                 raise TypeError(f"unexpected receiver output {out!r}")
 
     def _abandon_transfer(self, now: float, reason: str) -> None:
-        if self._receiver.transfer_id is not None:
-            self._apply_receiver(self._receiver.cancel(now, reason), now)
+        # cancel() also forgets a lapsed transfer, whose late FinishAck is then ignored.
+        self._apply_receiver(self._receiver.cancel(now, reason), now)
+        self._lapsed_offer = None
         self._end_offer(staged=False)
 
     def _end_offer(self, *, staged: bool) -> None:
@@ -309,8 +329,14 @@ class DownloadMixin:
             self._on_availability(self._availability.on_update_finished(staged))
 
     def _stage(self, now: float) -> None:
-        """The server confirmed the validated file: switch atomically at the next reset."""
+        """The server confirmed the validated file: switch atomically at the next reset.
+
+        The confirmation may come after the receiver stopped waiting for it (the update had
+        ended unstaged): the lapsed offer is staged then, and the reset requested anew."""
         offer = self._offer
+        late = offer is None
+        if offer is None:
+            offer, self._lapsed_offer = self._lapsed_offer, None
         assert offer is not None and offer.verdict is not None
         flash = self.flash
         if offer.image is not None:  # the slot holds a patch or a zstd frame: write the image
@@ -324,7 +350,10 @@ class DownloadMixin:
             return
         flash.commit_boot_record(record)  # the one write that stages the update
         flash.clear_transfer_state()
-        self._end_offer(staged=True)
+        if late:  # the update already ended (unstaged): it now needs the reset
+            self._on_availability(self._availability.on_update_finished(True))
+        else:
+            self._end_offer(staged=True)
 
 
 def _check_start(offer: AcceptedOffer, start: UpdateStart) -> None:

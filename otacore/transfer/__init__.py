@@ -35,14 +35,13 @@ from otacore.transfer.receiver import (
     PartialDiscarded,
     ReadyToApply,
     ReceiverPhase,
-    ReceiverState,
-    ReceiverStateError,
     SaveState,
     TransferReceiver,
     TransferRejectedError,
     TransferStarted,
     WriteChunk,
 )
+from otacore.transfer.receiver_state import ReceiverState, ReceiverStateError
 from otacore.transfer.sender import PreparedFile, RetransmitPolicy, SenderPhase, TransferSender
 
 __all__ = [

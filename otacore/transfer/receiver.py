@@ -16,27 +16,34 @@ cannot be serialised, and a SHA-256 of the prefix would have to be recomputed ov
 prefix at every save (quadratic) or on every reboot anyway. The chain costs one 4-byte CRC step
 per chunk, fits in 4 bytes, and is checked on resume with one batch CRC pass over the stored
 prefix. It guards against storage faults, not attackers: the whole file's SHA-256 is checked at
-the end, and the transport (DTLS/TLS) authenticates every byte.
+the end, and the transport (DTLS/TLS) authenticates every byte. (The record itself is
+:class:`~otacore.transfer.receiver_state.ReceiverState`.)
+
+Finish: once the whole file passes validation the device answers UpdateFinish with
+FinishReply(OK) and applies the file only at the server's FinishAck (the server records the
+completion durably before it sends one). It repeats the FinishReply ``finish_retries`` times,
+doubling from ``finish_retry`` seconds, then stops waiting (TransferFailed, TIMEOUT) so it
+never hangs in an update; but the transfer *lapses* rather than ends: a FinishAck of exactly
+that transfer that still comes in the session (an overloaded store took longer than the
+retries) applies the file, after validating it again, and a repeated UpdateFinish gets the
+same FinishReply. A new UpdateStart, a Cancel or :meth:`TransferReceiver.cancel` ends the
+lapse; any other FinishAck is stale and ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import ClassVar
 
 from otacore._types import Buffer
-from otacore.errors import ModuleFormatError, StoreError, ValidationError
+from otacore.errors import ModuleFormatError, ValidationError
 from otacore.integrity import crc32
 from otacore.module import validate_module
 from otacore.transfer.bitmap import ReceiveBook, stored_prefix_chain
 from otacore.transfer.messages import (
-    MAX_CHUNK_SIZE,
     MAX_WINDOW,
-    MIN_CHUNK_SIZE,
     Cancel,
     Chunk,
     ChunkAck,
@@ -51,10 +58,7 @@ from otacore.transfer.messages import (
     UpdateFinish,
     UpdateStart,
 )
-
-
-class ReceiverStateError(StoreError):
-    """Saved receiver state is corrupt, truncated or from an unknown format version."""
+from otacore.transfer.receiver_state import ReceiverState
 
 
 class TransferRejectedError(ValidationError):
@@ -63,76 +67,6 @@ class TransferRejectedError(ValidationError):
     def __init__(self, message: str, status: TransferStatus = TransferStatus.REJECTED) -> None:
         super().__init__(message)
         self.status = status
-
-
-_STATE = struct.Struct("<BBIIII32s")  # version, flags, size, chunk size, count, chain, sha
-_STATE_CRC = struct.Struct("<I")
-_VALIDATED = 0x01
-
-
-@dataclass(slots=True, frozen=True)
-class ReceiverState:
-    """What a device must keep across reboots to resume a download (see module docstring)."""
-
-    file_sha256: bytes
-    file_size: int
-    chunk_size: int
-    count: int  # chunks 1..count are in the slot
-    chain: int  # resume chain over those chunks' CRC-32s
-    validated: bool = False  # the whole file passed validation (waiting for FinishAck)
-    VERSION: ClassVar[int] = 1
-    SIZE: ClassVar[int] = _STATE.size + _STATE_CRC.size
-
-    @property
-    def prefix_bytes(self) -> int:
-        """Bytes of the file held in the slot from offset 0."""
-        return min(self.count * self.chunk_size, self.file_size)
-
-    def to_bytes(self) -> bytes:
-        """54-byte record: version 1, fields, then the CRC-32 of everything before it."""
-        flags = _VALIDATED if self.validated else 0
-        body = _STATE.pack(
-            self.VERSION,
-            flags,
-            self.file_size,
-            self.chunk_size,
-            self.count,
-            self.chain,
-            self.file_sha256,
-        )
-        return body + _STATE_CRC.pack(crc32(body))
-
-    @classmethod
-    def from_bytes(cls, data: Buffer) -> ReceiverState:
-        """Parse a saved record; raise ReceiverStateError if it cannot be trusted."""
-        view = memoryview(data).cast("B")
-        if len(view) < 1:
-            raise ReceiverStateError("saved transfer state is empty")
-        if view[0] != cls.VERSION:
-            raise ReceiverStateError(
-                f"saved transfer state has format version {view[0]}; this build reads "
-                f"version {cls.VERSION} (discard it and download again)"
-            )
-        if len(view) != cls.SIZE:
-            raise ReceiverStateError(
-                f"saved transfer state is {len(view)} bytes, expected {cls.SIZE} (torn write?)"
-            )
-        body = view[: _STATE.size]
-        if crc32(body) != _STATE_CRC.unpack_from(view, _STATE.size)[0]:
-            raise ReceiverStateError("saved transfer state fails its CRC-32 (torn write?)")
-        _, flags, size, chunk_size, count, chain, sha = _STATE.unpack_from(body)
-        if flags & ~_VALIDATED:
-            raise ReceiverStateError(f"saved transfer state has unknown flags 0x{flags:02x}")
-        if chunk_size % 4 or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or not size:
-            raise ReceiverStateError(
-                f"saved transfer state has impossible sizes (file {size}, chunk {chunk_size})"
-            )
-        chunks = -(-size // chunk_size)
-        if count > chunks or (flags & _VALIDATED and count != chunks):
-            raise ReceiverStateError(
-                f"saved transfer state holds {count} chunks of a {chunks}-chunk file"
-            )
-        return cls(sha, size, chunk_size, count, chain, bool(flags & _VALIDATED))
 
 
 # --- events -----------------------------------------------------------------------------
@@ -244,6 +178,9 @@ class TransferReceiver:
         self._ack_deadline: float | None = None
         self._finish_deadline: float | None = None
         self._finish_attempts = 0
+        #: The validated transfer (``_tid``) whose FinishAck this receiver gave up waiting
+        #: for, and still honours when it comes late (see _on_late_ack).
+        self._lapsed = False
         self._unacked = 0
         self._last_chunk_at = 0.0
         self._started_at = 0.0
@@ -256,6 +193,13 @@ class TransferReceiver:
     def transfer_id(self) -> int | None:
         """Id of the transfer being received or awaiting its FinishAck, else None."""
         return None if self.phase is ReceiverPhase.IDLE else self._tid
+
+    @property
+    def lapsed_transfer_id(self) -> int | None:
+        """Id of the validated transfer whose FinishAck the receiver gave up waiting for
+        (it went IDLE, "resumes as complete") and would still apply if that FinishAck came
+        late; None once anything else happened (a new UpdateStart, a Cancel, the late ack)."""
+        return self._tid if self._lapsed else None
 
     @property
     def state(self) -> ReceiverState | None:
@@ -271,13 +215,20 @@ class TransferReceiver:
         if isinstance(message, UpdateFinish):
             return self._on_finish(message, now)
         if isinstance(message, FinishAck):
-            if self.phase is ReceiverPhase.VALIDATED and message.transfer_id == self._tid:
+            if message.transfer_id != self._tid:
+                return []  # another transfer's: stale
+            if self.phase is ReceiverPhase.VALIDATED:
                 assert self._start is not None and self._finish_reply is not None
                 self.phase = ReceiverPhase.DONE
                 self._finish_deadline = None
                 return [ReadyToApply(self._start, self._finish_reply.stats)]
+            if self._lapsed:
+                return self._on_late_ack()
             return []
         if isinstance(message, Cancel):
+            if self._lapsed and message.transfer_id == self._tid:
+                self._lapsed = False  # the server withdrew it: a later FinishAck is stale
+                return []
             active = (ReceiverPhase.RECEIVING, ReceiverPhase.VALIDATED)
             if self.phase in active and message.transfer_id == self._tid:
                 out = self._flush_state([])
@@ -305,8 +256,17 @@ class TransferReceiver:
             assert self._finish_deadline is not None and self._finish_reply is not None
             if now >= self._finish_deadline:
                 if self._finish_attempts >= self._finish_retries:
+                    # The server writes the completion durably before its FinishAck leaves
+                    # (server.devices.transfer_run); an overloaded store can take longer
+                    # than these retries. Stop waiting (the device must not hang in an
+                    # update), but keep the transfer: its FinishAck, if it still comes in
+                    # this session, applies the file (see _on_late_ack).
                     self._go_idle()
-                    reason = "the server never confirmed the validated file; it resumes as complete"
+                    self._lapsed = True
+                    reason = (
+                        "the server never confirmed the validated file; it resumes as "
+                        "complete (and is applied if the confirmation still comes)"
+                    )
                     out.append(TransferFailed(reason, TransferStatus.TIMEOUT))
                 else:
                     self._finish_attempts += 1
@@ -325,7 +285,9 @@ class TransferReceiver:
         return None
 
     def cancel(self, now: float, reason: str = "cancelled by the device") -> list[ReceiverOutput]:
-        """Abandon the active transfer (partial data stays resumable)."""
+        """Abandon the active transfer (partial data stays resumable), or forget a lapsed
+        one (its late FinishAck is then ignored)."""
+        self._lapsed = False
         if self.phase not in (ReceiverPhase.RECEIVING, ReceiverPhase.VALIDATED):
             return []
         out = self._flush_state([])
@@ -425,6 +387,7 @@ class TransferReceiver:
         if start == self._start and self.phase is not ReceiverPhase.IDLE:
             assert self._start_reply is not None
             return [self._start_reply]  # a retransmitted UpdateStart: same answer
+        self._lapsed = False  # a new transfer: the old one's FinishAck is stale from now on
         out: list[ReceiverOutput] = []
         self._flush_state(out)  # a new session replaces the active one
         self._go_idle()
@@ -499,6 +462,12 @@ class TransferReceiver:
     # --- finish -----------------------------------------------------------------------------
 
     def _on_finish(self, finish: UpdateFinish, now: float) -> list[ReceiverOutput]:
+        if self._lapsed and finish.transfer_id == self._tid:
+            # The server never heard our FinishReply and asks again after we stopped
+            # waiting: answer as before (an UNKNOWN_TRANSFER Cancel would fail an update
+            # whose file is validated). Its FinishAck then finds the transfer lapsed.
+            assert self._finish_reply is not None
+            return [self._finish_reply]
         if finish.transfer_id != self._tid or self.phase is ReceiverPhase.IDLE:
             return self._unknown_transfer(finish.transfer_id, now)
         if self.phase is not ReceiverPhase.RECEIVING:
@@ -528,6 +497,25 @@ class TransferReceiver:
         self._finish_attempts = 0
         self._finish_deadline = now + self._finish_retry
         return out
+
+    def _on_late_ack(self) -> list[ReceiverOutput]:
+        """The FinishAck of the lapsed transfer came after the receiver stopped waiting.
+
+        Safe to apply: the device validated this very file (same transfer id) and the
+        server recorded the completion before sending the ack. The slot is validated again
+        first, so a file is never applied that is not the validated one: nothing writes the
+        slot without a new UpdateStart (which ends the lapse), but the check costs one pass
+        over the file and the device applies it only once.
+        """
+        self._lapsed = False
+        assert self._start is not None and self._finish_reply is not None
+        status, reason = self._validate()
+        if status is not TransferStatus.OK:
+            self._persist = None  # the stored bytes are no longer the validated file
+            return [SaveState(None), TransferFailed(f"late confirmation refused: {reason}",
+                                                    status)]
+        self.phase = ReceiverPhase.DONE
+        return [ReadyToApply(self._start, self._finish_reply.stats)]
 
     def _validate(self) -> tuple[TransferStatus, str]:
         """Check the assembled file: SHA-256, module image (full images), device hook."""

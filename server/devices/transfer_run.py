@@ -10,7 +10,8 @@ window of chunks is framed, sealed and sent in that same call, without waiting
 truly waits, and sleeps meanwhile (no wake-up per acknowledgement):
 
 - store writes: progress (at most once per ``progress_interval``; the chunks keep flowing
-  meanwhile), completion (written before the FinishAck leaves) and failure;
+  meanwhile), completion (written before the FinishAck leaves, which also answers the
+  device's FinishReply repeats that queued meanwhile) and failure;
 - a send that cannot complete without waiting (a TLS send under way, or the socket's
   buffer full): the task sends it, and drives the transfer itself until it has caught up
   (acknowledgements then wait in the bounded :class:`TransferInbox`);
@@ -55,6 +56,10 @@ log = logging.getLogger("ota.engine")
 #: The task's "the transfer goes on" (see TransferRun._emit).
 CONTINUE = object()
 
+
+#: At most this many FinishReply repeats queued behind a completion write are answered
+#: (the device sends finish_retries of them, Device OS-like 4; see _confirm_again).
+_REPEATS_ANSWERED = 4
 
 #: Transfer results that mean the device refused the image itself (issue 15 counts them
 #: apart from downloads that failed).
@@ -400,5 +405,32 @@ class TransferRun:
                 verdict = False
             elif isinstance(item, TransferMessage):  # the transfer's control messages
                 handler.link.notify(transfer_request(item), trio.current_time())
+        if verdict is True:
+            self._confirm_again()
         await handler.flush()  # backpressure: a slow device slows its own sender
         return verdict
+
+    def _confirm_again(self) -> None:
+        """Answer the device's FinishReply repeats that arrived while the completion was
+        written (they waited in the inbox): each asked for the FinishAck again, as the
+        sender answers a repeat once DONE.
+
+        A slow write (an overloaded store) can outlast the device's repeats; the device
+        then stops waiting but still applies its transfer's late FinishAck
+        (otacore.transfer.receiver), which over DTLS is one NON datagram. One copy per
+        repeat (bounded by _REPEATS_ANSWERED) lets the late confirmation survive a lost
+        datagram; a duplicate is ignored by the device. Repeats after this send reach no
+        sender (the transfer is over): this is the last word.
+        """
+        updater, sender = self.updater, self.sender
+        link = updater.handler.link
+        now = trio.current_time()
+        answered = 0
+        while answered < _REPEATS_ANSWERED:
+            message = updater.inbox.take()
+            if message is None:
+                return
+            for item in sender.handle(message, now):
+                if isinstance(item, TransferMessage):
+                    link.notify(transfer_request(item), now)
+                    answered += 1
