@@ -1,0 +1,236 @@
+"""A silent network cut between devices and the server (coverage lost, a NAT binding
+expired): no FIN, no RST, no close_notify, just nothing, over TLS 1.3 and DTLS 1.2.
+
+Emulated devices reach a real in-process server through :class:`SilentRelay` (real
+sockets). The server must find a silent device out by its idle timeout
+(``sessions.idle_timeout``, short here through the real settings), mark it offline once and
+keep nothing of its session; the device must find the dead path out by its unanswered
+keep-alive pings and, once the path is back, come online again in one new session. Mid-
+download, the device resumes from the chunks it holds. A NAT rebinding (the device's
+datagrams suddenly from a new port) cannot be followed by DTLS 1.2 without connection ids
+(RFC 9146; OpenSSL has none): the device handshakes again and the old session is closed,
+not counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from otacore.protocol.link import Transport
+from otacore.signing import TrustStore
+from otacore.transfer import RetransmitPolicy
+from server import metrics
+from server.devices.keys import TRUST_FILE, read_trust_file
+from server.emulator.fleet import EmulatedFleet
+from server.transport.limits import SessionLimits
+from server.transport.session import CloseReason, DeviceSession
+from server.transport.session_registry import SessionRegistry
+from tests.device_server import start_device_server
+from tests.silent_relay import SilentRelay
+from tests.test_ota_e2e_kit import (
+    STEP,
+    SYSTEM_5003,
+    TRANSPORTS,
+    EventLog,
+    OtaRig,
+    WatchedFlash,
+    app,
+    flash_statuses,
+    running,
+    updated_to,
+)
+
+#: The server closes a session this long after the device was last heard (seconds).
+IDLE = 3.0
+#: Devices ping after this much silence and give up on a ping unanswered this long: they
+#: find a dead path out in about 3 s, and keep a live session open (IDLE > interval).
+KEEPALIVE = {"keepalive_interval": 1.0, "keepalive_timeout": 2.0}
+#: How long a test waits for what takes about IDLE (slack for two busy cores).
+SLOW_STEP = STEP + IDLE
+STATUS = "spark/status"
+CHUNK = 1024
+SMALL_WINDOWS = {
+    "tcp_chunk_size": CHUNK,
+    "udp_chunk_size": CHUNK,
+    "window_limit": 4,
+    "progress_step": 16 * 1024,
+}
+#: The transfer's retransmission timers: probes every second at most, for a minute.
+PROBING = RetransmitPolicy(initial_rto=0.5, min_rto=0.5, max_rto=1.0, max_rounds=60)
+
+
+async def _record(events: EventLog, rig_kit: Any, task_status: trio.TaskStatus[None]) -> None:
+    with rig_kit.handle.bus.subscribe(product_id=rig_kit.product_id, buffer=10_000) as sub:
+        task_status.started()
+        async for event in sub.receive:
+            events.events.append(event)
+            events.changed.set()
+
+
+@asynccontextmanager
+async def cut_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 1
+                  ) -> AsyncIterator[tuple[OtaRig, SilentRelay]]:
+    """The server (idle timeout IDLE) with ``count`` devices, and a relay in front of it."""
+    kit = await start_device_server(nursery, tmp_path, count=count,
+                                    device_limits=SessionLimits(idle_timeout=IDLE))
+    trust = TrustStore.initial(kit.product_id, read_trust_file(kit.creds_dir / TRUST_FILE))
+    events = EventLog()
+    await nursery.start(_record, events, kit)
+    relay: SilentRelay = await nursery.start(SilentRelay(kit.tcp, kit.udp).run)
+    async with kit.api() as api:
+        yield OtaRig(kit, api, events, trust, tmp_path / "state", nursery), relay
+    kit.handle.shutdown.set()
+
+
+def registry_of(rig: OtaRig) -> SessionRegistry:
+    server = rig.kit.handle.device_server
+    assert server is not None
+    return server.registry
+
+
+def fleet_through(rig: OtaRig, relay: SilentRelay, devices: list[tuple[str, Transport]],
+                  **settings: Any) -> EmulatedFleet:
+    """Devices that reach the server through the relay, with short keep-alive timers."""
+    return rig.fleet(devices, server=relay.tcp_address, udp_server=relay.udp_address,
+                     **{**KEEPALIVE, **settings})
+
+
+def sessions_gauge(transport: str) -> float:
+    """``ota_sessions{transport}`` of this process (other tests' servers may add to it:
+    compare differences)."""
+    value = metrics.REGISTRY.get_sample_value("ota_sessions", {"transport": transport})
+    return value or 0.0
+
+
+def statuses(rig: OtaRig, device_id: str) -> list[str]:
+    """The device's ``spark/status`` data, in order."""
+    return [(d or "").strip() for d in rig.events.named(STATUS, device_id)]
+
+
+async def wait_session(registry: SessionRegistry, device_id: str,
+                       check: Any, timeout: float = SLOW_STEP) -> DeviceSession | None:
+    """Poll the registry until ``check(session or None)`` holds; return the session."""
+    with trio.fail_after(timeout):
+        while not check(registry.get(device_id)):
+            await trio.sleep(0.02)
+    return registry.get(device_id)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_idle_session_whose_path_dies_is_closed_once_and_the_device_comes_back(
+        nursery: trio.Nursery, tmp_path: Path, transport: Transport) -> None:
+    async with cut_rig(nursery, tmp_path) as (rig, relay):
+        (device_id,) = rig.ids
+        registry = registry_of(rig)
+        fleet = fleet_through(rig, relay, [(device_id, transport)])
+        async with running(fleet):
+            device = fleet.device(device_id).device
+            await rig.wait_device(device_id, lambda d: d["online"])
+            first = registry.get(device_id)
+            assert first is not None
+            await rig.events.wait_for(STATUS, device_id, "online")
+            sessions, live, gauge = device.sessions, len(registry), sessions_gauge(transport)
+            relay.cut()
+            cut_at = trio.current_time()
+            await wait_session(registry, device_id, lambda s: s is None)
+            # Closed by its idle timeout (nothing else can reach the server), once the
+            # device had been silent for IDLE: it was heard at most a keep-alive interval
+            # before the cut.
+            assert first.close_reason == CloseReason.IDLE
+            assert trio.current_time() - cut_at >= IDLE - KEEPALIVE["keepalive_interval"]
+            await rig.wait_device(device_id, lambda d: not d["online"])
+            await rig.events.wait_for(STATUS, device_id, "offline")
+            assert len(registry) == live - 1
+            assert sessions_gauge(transport) == gauge - 1
+            assert rig.engine.updaters == {}
+            # The device found the dead path out by its unanswered ping, and cannot
+            # connect while it stays dead.
+            await fleet.wait_until(lambda f: not device.online, timeout=SLOW_STEP)
+            assert "keep-alive" in device.last_error, device.last_error
+            assert device.sessions == sessions
+
+            relay.restore()
+            await fleet.wait_until(lambda f: device.online, timeout=SLOW_STEP)
+            second = await wait_session(registry, device_id, lambda s: s is not None)
+            await rig.wait_device(device_id, lambda d: d["online"])
+            await rig.events.wait_for(STATUS, device_id, "online", count=2)
+            await rig.events.catch_up(rig.kit.handle.bus, rig.product)
+            assert second is not first and not second.closed
+            assert device.sessions == sessions + 1  # one new session, not one per attempt
+            assert statuses(rig, device_id) == ["online", "offline", "online"]
+            assert len(registry) == live
+            assert sessions_gauge(transport) == gauge
+
+
+async def release_progress(rig: OtaRig, version: int) -> dict[str, Any]:
+    response = await rig.api.get(f"/v1/products/{rig.product}/firmware/{version}/progress")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_download_whose_path_dies_resumes_from_the_chunks_held(
+        nursery: trio.Nursery, tmp_path: Path, transport: Transport) -> None:
+    """Halfway through a 200 KB image the path dies: the server finds the device out by
+    its idle timeout (its transfer's retransmissions to a silent device do not keep the
+    session), the release shows the device offline mid-update; once the path is back the
+    device resumes where it was and the release counts it updated, once."""
+    async with cut_rig(nursery, tmp_path) as (rig, relay):
+        (device_id,) = rig.ids
+        registry = registry_of(rig)
+        # As in production (max_rto 30 s, idle_timeout 120 s), the sender probes a silent
+        # device more often than the idle timeout, and for longer than it.
+        rig.tune_engine(**SMALL_WINDOWS, transfer_policy=PROBING)
+        v2 = app(2, size=200 * 1024)
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, v2)
+        await rig.release(2, product_default=True)
+        fleet = fleet_through(rig, relay, [(device_id, transport)], ota_chunk_size=CHUNK)
+        cut: list[float] = []
+
+        def cut_now(_: int) -> None:
+            relay.cut()
+            cut.append(trio.current_time())
+
+        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2], on_mark=cut_now)
+        async with running(fleet):
+            device = fleet.device(device_id).device
+            await rig.wait_device(device_id, lambda d: d["online"])
+            first = registry.get(device_id)
+            assert first is not None
+            await fleet.wait_until(lambda f: bool(cut), timeout=SLOW_STEP)
+            await wait_session(registry, device_id, lambda s: s is None)
+            assert first.close_reason == CloseReason.IDLE
+            await rig.wait_device(device_id, lambda d: not d["online"])
+            await fleet.wait_until(lambda f: not device.online, timeout=SLOW_STEP)
+            assert "keep-alive" in device.last_error, device.last_error
+            held = watched.written
+            assert held < len(v2)
+            progress = await release_progress(rig, 2)
+            assert (progress["updated"], progress["updating"], progress["failed"]) == (0, 1, 0)
+            assert [d["online"] for d in progress["updating_devices"]] == [False]
+
+            relay.restore()
+            await fleet.wait_until(updated_to(device_id, 2), timeout=SLOW_STEP)
+            await rig.events.wait_for("spark/flash/status", device_id, "success")
+        # Resumed, not started over: one download from zero, and at most a few windows
+        # of chunks (in flight at the cut) written twice.
+        assert watched.restarts == 1
+        assert len(v2) <= watched.written <= len(v2) + 4 * SMALL_WINDOWS["window_limit"] * CHUNK
+        assert flash_statuses(rig.events, device_id) == ["started", "success"]
+        with trio.fail_after(STEP):
+            while True:
+                progress = await release_progress(rig, 2)
+                if progress["updated"] == 1:
+                    break
+                await trio.sleep(0.05)
+        assert (progress["target"], progress["updated"], progress["updating"],
+                progress["failed"]) == (1, 1, 0, 0), progress
+        assert progress["updating_devices"] == []
