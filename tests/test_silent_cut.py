@@ -74,11 +74,11 @@ async def _record(events: EventLog, rig_kit: Any, task_status: trio.TaskStatus[N
 
 
 @asynccontextmanager
-async def cut_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 1
+async def cut_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 1, idle: float = IDLE
                   ) -> AsyncIterator[tuple[OtaRig, SilentRelay]]:
-    """The server (idle timeout IDLE) with ``count`` devices, and a relay in front of it."""
+    """The server (idle timeout ``idle``) with ``count`` devices, and a relay in front."""
     kit = await start_device_server(nursery, tmp_path, count=count,
-                                    device_limits=SessionLimits(idle_timeout=IDLE))
+                                    device_limits=SessionLimits(idle_timeout=idle))
     trust = TrustStore.initial(kit.product_id, read_trust_file(kit.creds_dir / TRUST_FILE))
     events = EventLog()
     await nursery.start(_record, events, kit)
@@ -106,6 +106,16 @@ def sessions_gauge(transport: str) -> float:
     compare differences)."""
     value = metrics.REGISTRY.get_sample_value("ota_sessions", {"transport": transport})
     return value or 0.0
+
+
+async def wait_ended(rig: OtaRig, transport: str, reason: str, count: int = 1) -> None:
+    """Return once ``count`` sessions closed for ``reason`` have run their end (the
+    handler's finish, the farewell, the connection's count)."""
+    server = rig.kit.handle.device_server
+    assert server is not None
+    with trio.fail_after(SLOW_STEP):
+        while server.host.stats.closed[(transport, reason)] < count:
+            await trio.sleep(0.02)
 
 
 def statuses(rig: OtaRig, device_id: str) -> list[str]:
@@ -146,9 +156,15 @@ async def test_an_idle_session_whose_path_dies_is_closed_once_and_the_device_com
             assert trio.current_time() - cut_at >= IDLE - KEEPALIVE["keepalive_interval"]
             await rig.wait_device(device_id, lambda d: not d["online"])
             await rig.events.wait_for(STATUS, device_id, "offline")
+            # Nothing of the session is left: registry, gauge, updater, connection, peer.
+            await wait_ended(rig, transport, CloseReason.IDLE)
             assert len(registry) == live - 1
             assert sessions_gauge(transport) == gauge - 1
             assert rig.engine.updaters == {}
+            server = rig.kit.handle.device_server
+            assert server is not None and server.udp_endpoint is not None
+            assert server.host.live[transport] == 0
+            assert server.udp_endpoint.peers == {}
             # The device found the dead path out by its unanswered ping, and cannot
             # connect while it stays dead.
             await fleet.wait_until(lambda f: not device.online, timeout=SLOW_STEP)
@@ -217,7 +233,8 @@ async def test_a_download_whose_path_dies_resumes_from_the_chunks_held(
             assert (progress["updated"], progress["updating"], progress["failed"]) == (0, 1, 0)
             assert [d["online"] for d in progress["updating_devices"]] == [False]
 
-            relay.restore()
+            # Back through a NAT that forgot the device: a new source port over UDP.
+            relay.restore(rebind=True)
             await fleet.wait_until(updated_to(device_id, 2), timeout=SLOW_STEP)
             await rig.events.wait_for("spark/flash/status", device_id, "success")
         # Resumed, not started over: one download from zero, and at most a few windows
@@ -234,3 +251,55 @@ async def test_a_download_whose_path_dies_resumes_from_the_chunks_held(
         assert (progress["target"], progress["updated"], progress["updating"],
                 progress["failed"]) == (1, 1, 0, 0), progress
         assert progress["updating_devices"] == []
+
+
+async def test_a_nat_rebinding_makes_the_device_handshake_again_and_closes_the_old_session(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Mid-session, with no gap in time, the device's datagrams start coming from a new
+    port (its NAT binding changed). DTLS 1.2 binds a session to the peer's address and has
+    no connection id here (RFC 9146; OpenSSL has none), so the server drops them as a
+    stranger's; the device's ping goes unanswered, it handshakes again (resuming its DTLS
+    session), and that session replaces the old one: one session, one device online.
+
+    The server's idle timeout is long here: the old session must end because the new one
+    replaced it, not because it went quiet."""
+    async with cut_rig(nursery, tmp_path, idle=60.0) as (rig, relay):
+        (device_id,) = rig.ids
+        registry = registry_of(rig)
+        server = rig.kit.handle.device_server
+        assert server is not None and server.udp_endpoint is not None
+        stats = server.udp_endpoint.stats
+        fleet = fleet_through(rig, relay, [(device_id, "udp")])
+        async with running(fleet):
+            device = fleet.device(device_id).device
+            await rig.wait_device(device_id, lambda d: d["online"])
+            await rig.events.wait_for(STATUS, device_id, "online")
+            first = registry.get(device_id)
+            assert first is not None
+            sessions, live, gauge = device.sessions, len(registry), sessions_gauge("udp")
+            strangers = sum(stats.dropped.values())
+
+            relay.rebind()
+            second = await wait_session(registry, device_id,
+                                        lambda s: s is not None and s is not first)
+            assert second is not None
+            assert first.close_reason == CloseReason.REPLACED
+            assert second.peer != first.peer  # from the device's new socket, via the NAT
+            assert second.resumed  # an abbreviated handshake (RFC 5246 7.3)
+            # The device's records from its new port reached the server and were dropped
+            # (not a ClientHello: a stranger's), which is why the device gave up.
+            assert sum(stats.dropped.values()) > strangers
+            assert "keep-alive" in device.last_error, device.last_error
+            await fleet.wait_until(lambda f: device.online, timeout=SLOW_STEP)
+            assert device.sessions == sessions + 1
+            # The old session's end ran after the new one took the device: no offline
+            # event, and no second online one (the device never left).
+            await wait_ended(rig, "udp", CloseReason.REPLACED)
+            await rig.events.catch_up(rig.kit.handle.bus, rig.product)
+            assert statuses(rig, device_id) == ["online"]
+            assert (await rig.device(device_id))["online"] is True
+            assert len(registry) == live
+            assert sessions_gauge("udp") == gauge
+            host = server.host
+            assert host.live["udp"] == 1  # the new session's connection only
+            assert list(server.udp_endpoint.peers) == [second.peer]
