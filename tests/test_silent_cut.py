@@ -303,3 +303,38 @@ async def test_a_nat_rebinding_makes_the_device_handshake_again_and_closes_the_o
             host = server.host
             assert host.live["udp"] == 1  # the new session's connection only
             assert list(server.udp_endpoint.peers) == [second.peer]
+
+
+async def test_a_nat_rebinding_mid_download_resumes_in_the_new_session(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Halfway through a download the device's NAT binding changes: its acks reach the
+    server from a port no session has, the chunks go to a port that is gone. The device
+    hears nothing, handshakes again; the new session replaces the old one (whose transfer
+    ends with it) and the download resumes where it was."""
+    async with cut_rig(nursery, tmp_path, idle=60.0) as (rig, relay):
+        (device_id,) = rig.ids
+        registry = registry_of(rig)
+        rig.tune_engine(**SMALL_WINDOWS, transfer_policy=PROBING)
+        v2 = app(2, size=200 * 1024)
+        await rig.upload_device_os(SYSTEM_5003)
+        await rig.upload(2, v2)
+        await rig.release(2, product_default=True)
+        fleet = fleet_through(rig, relay, [(device_id, "udp")], ota_chunk_size=CHUNK)
+        watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2],
+                                       on_mark=lambda _: relay.rebind())
+        async with running(fleet):
+            await rig.wait_device(device_id, lambda d: d["online"])
+            first = registry.get(device_id)
+            assert first is not None
+            await fleet.wait_until(updated_to(device_id, 2), timeout=SLOW_STEP)
+            await rig.events.wait_for("spark/flash/status", device_id, "success")
+            assert relay.stats.rebinds == 1
+            assert first.close_reason == CloseReason.REPLACED
+        assert watched.restarts == 1
+        assert len(v2) <= watched.written <= len(v2) + 4 * SMALL_WINDOWS["window_limit"] * CHUNK
+        assert flash_statuses(rig.events, device_id) == ["started", "success"]
+        with trio.fail_after(STEP):
+            while (progress := await release_progress(rig, 2))["updated"] != 1:
+                await trio.sleep(0.05)
+        assert (progress["target"], progress["updated"], progress["updating"],
+                progress["failed"]) == (1, 1, 0, 0), progress
