@@ -3,16 +3,19 @@
 It forwards TCP (the TLS 1.3 stream, byte for byte) and UDP (the DTLS 1.2 datagrams) on
 real loopback sockets, like the path through a cellular network and a NAT:
 
-- :meth:`SilentRelay.cut`: the path goes dead. Everything is dropped both ways, and no
-  socket is closed: neither end learns anything (no FIN, no RST, no ICMP), as when a
-  device loses coverage. A device's new connection during the cut is accepted (TCP) or
-  its datagrams read (UDP), and dropped: its handshake gets no answer.
-- :meth:`SilentRelay.restore`: the path is back. A TCP connection whose one end closed
-  during the cut is closed on the other end now (the first segment after the cut meets
-  the peer's RST); with ``rebind=True`` the UDP mappings get new source ports first
-  (:meth:`rebind`).
-- :meth:`SilentRelay.rebind`: a NAT rebinding. Each device's datagrams reach the server
-  from a new source port from now on; what the server sends to the old port is lost.
+- :meth:`SilentRelay.cut`: the path goes dead, and neither end learns it: no socket is
+  closed, no FIN, RST or ICMP crosses, as when a device loses coverage. UDP datagrams are
+  dropped both ways. TCP bytes are held (the relay stops reading; what it read waits):
+  TCP retransmits a lost segment until the path is back or an end gives up, so a stream
+  never loses bytes in its middle; an end that closes during the cut is seen closed by
+  the other end only once the path is back. A device's new connection during the cut
+  reaches the server once the path is back (TCP), or is dropped (UDP: its handshake gets
+  no answer until it retransmits after the cut).
+- :meth:`SilentRelay.restore`: the path is back; with ``rebind=True`` through a NAT that
+  forgot the device (:meth:`rebind` first).
+- :meth:`SilentRelay.rebind`: a NAT rebinding. Each UDP device's datagrams reach the
+  server from a new source port from now on; what the server sends to the old port is
+  lost.
 
 This module holds no tests.
 """

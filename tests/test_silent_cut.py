@@ -338,3 +338,52 @@ async def test_a_nat_rebinding_mid_download_resumes_in_the_new_session(
                 await trio.sleep(0.05)
         assert (progress["target"], progress["updated"], progress["updating"],
                 progress["failed"]) == (1, 1, 0, 0), progress
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_cut_the_device_finds_out_first_ends_in_one_new_session(
+        nursery: trio.Nursery, tmp_path: Path, transport: Transport) -> None:
+    """The path dies and comes back before the server's idle timeout (long here), after
+    the device gave up on its ping: the device's new session replaces the old one, which
+    the server had not closed yet. Over TCP the old connection's last bytes (the ping,
+    close_notify) reach the server once the path is back, before or after the new
+    session: the old session ends either way, and the device ends online in one
+    session, counted once."""
+    async with cut_rig(nursery, tmp_path, idle=60.0) as (rig, relay):
+        (device_id,) = rig.ids
+        registry = registry_of(rig)
+        fleet = fleet_through(rig, relay, [(device_id, transport)])
+        async with running(fleet):
+            device = fleet.device(device_id).device
+            await rig.wait_device(device_id, lambda d: d["online"])
+            await rig.events.wait_for(STATUS, device_id, "online")
+            first = registry.get(device_id)
+            assert first is not None
+            sessions, live, gauge = device.sessions, len(registry), sessions_gauge(transport)
+
+            relay.cut()
+            await fleet.wait_until(lambda f: not device.online, timeout=SLOW_STEP)
+            assert "keep-alive" in device.last_error, device.last_error
+            assert registry.get(device_id) is first and not first.closed  # none the wiser
+            relay.restore()
+            second = await wait_session(registry, device_id,
+                                        lambda s: s is not None and s is not first)
+            assert second is not None
+            await fleet.wait_until(lambda f: device.online, timeout=SLOW_STEP)
+            # Replaced by the new session, or (TCP) ended by the device's close_notify
+            # that the path carried at last, whichever reached the server first.
+            reason = first.close_reason
+            assert reason in (CloseReason.REPLACED, CloseReason.PEER), reason
+            await wait_ended(rig, transport, str(reason))
+            await wait_session(registry, device_id, lambda s: s is second)
+            await rig.wait_device(device_id, lambda d: d["online"])
+            await rig.events.catch_up(rig.kit.handle.bus, rig.product)
+            assert device.sessions == sessions + 1
+            # Never an "offline" after the new session took the device.
+            expected = ["online"] if reason == CloseReason.REPLACED else [
+                "online", "offline", "online"]
+            assert statuses(rig, device_id) == expected
+            assert (await rig.device(device_id))["online"] is True
+            assert len(registry) == live
+            assert sessions_gauge(transport) == gauge
+            assert registry.get(device_id) is second and not second.closed
