@@ -14,6 +14,7 @@ not counted twice.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from otacore.transfer import RetransmitPolicy
 from server import metrics
 from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet
+from server.fleet.deltas import RELEASE_BYTES_EVENT
 from server.transport.limits import SessionLimits
 from server.transport.session import CloseReason, DeviceSession
 from server.transport.session_registry import SessionRegistry
@@ -191,6 +193,19 @@ async def release_progress(rig: OtaRig, version: int) -> dict[str, Any]:
     return body
 
 
+async def assert_counted_once(rig: OtaRig, device_id: str, size: int) -> None:
+    """The release's byte counters took the device's transfer once, the whole image
+    (whatever the sessions it took), and no more than it (a resumed transfer sends the
+    rest, not the image again)."""
+    await rig.events.wait_for(RELEASE_BYTES_EVENT, device_id)
+    await rig.events.catch_up(rig.kit.handle.bus, rig.product)
+    counted = [json.loads(d or "{}") for d in rig.events.named(RELEASE_BYTES_EVENT, device_id)]
+    assert len(counted) == 1, counted
+    (bytes_event,) = counted
+    assert bytes_event["bytes_full_image"] == bytes_event["release_bytes_full_images"] == size
+    assert 0 < bytes_event["bytes_sent"] <= size, bytes_event
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_download_whose_path_dies_resumes_from_the_chunks_held(
         nursery: trio.Nursery, tmp_path: Path, transport: Transport) -> None:
@@ -250,6 +265,7 @@ async def test_a_download_whose_path_dies_resumes_from_the_chunks_held(
                 await trio.sleep(0.05)
         assert (progress["target"], progress["updated"], progress["updating"],
                 progress["failed"]) == (1, 1, 0, 0), progress
+        await assert_counted_once(rig, device_id, len(v2))
         assert progress["updating_devices"] == []
 
 
@@ -338,6 +354,7 @@ async def test_a_nat_rebinding_mid_download_resumes_in_the_new_session(
                 await trio.sleep(0.05)
         assert (progress["target"], progress["updated"], progress["updating"],
                 progress["failed"]) == (1, 1, 0, 0), progress
+        await assert_counted_once(rig, device_id, len(v2))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
