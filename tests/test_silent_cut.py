@@ -404,3 +404,51 @@ async def test_a_cut_the_device_finds_out_first_ends_in_one_new_session(
             assert len(registry) == live
             assert sessions_gauge(transport) == gauge
             assert registry.get(device_id) is second and not second.closed
+
+
+async def test_a_cut_under_a_fleet_closes_every_session_once_and_all_come_back(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A cell tower goes down: every device behind the relay goes silent at once, over
+    both transports. Each session is closed by its idle timeout, each device marked
+    offline once; once the path is back every device is online again, in one session."""
+    count = 8
+    async with cut_rig(nursery, tmp_path, count=count) as (rig, relay):
+        registry = registry_of(rig)
+        server = rig.kit.handle.device_server
+        assert server is not None
+        members: list[tuple[str, Transport]] = [
+            (device_id, TRANSPORTS[i % 2]) for i, device_id in enumerate(rig.ids)]
+        fleet = fleet_through(rig, relay, members)
+        async with running(fleet):
+            await fleet.wait_until(lambda f: f.summary().online == count, timeout=SLOW_STEP)
+            for device_id in rig.ids:
+                await rig.events.wait_for(STATUS, device_id, "online")
+            firsts = {device_id: registry.get(device_id) for device_id in rig.ids}
+            sessions = {d: fleet.device(d).device.sessions for d in rig.ids}
+            live, gauges = len(registry), {t: sessions_gauge(t) for t in TRANSPORTS}
+
+            relay.cut()
+            with trio.fail_after(SLOW_STEP):
+                while any(registry.get(d) is not None for d in rig.ids):
+                    await trio.sleep(0.05)
+            assert {s.close_reason for s in firsts.values() if s is not None} == {
+                CloseReason.IDLE}
+            for transport in TRANSPORTS:
+                await wait_ended(rig, transport, CloseReason.IDLE, count=count // 2)
+                assert server.host.live[transport] == 0
+                assert sessions_gauge(transport) == gauges[transport] - count // 2
+            assert len(registry) == live - count
+            await fleet.wait_until(lambda f: f.summary().online == 0, timeout=SLOW_STEP)
+
+            relay.restore()
+            await fleet.wait_until(lambda f: f.summary().online == count, timeout=SLOW_STEP)
+            with trio.fail_after(SLOW_STEP):
+                while len(registry) != live:
+                    await trio.sleep(0.05)
+            for device_id in rig.ids:
+                await rig.events.wait_for(STATUS, device_id, "online", count=2)
+            await rig.events.catch_up(rig.kit.handle.bus, rig.product)
+            for device_id in rig.ids:
+                assert statuses(rig, device_id) == ["online", "offline", "online"], device_id
+                assert fleet.device(device_id).device.sessions == sessions[device_id] + 1
+            assert {t: sessions_gauge(t) for t in TRANSPORTS} == gauges
