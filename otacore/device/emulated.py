@@ -34,8 +34,9 @@ that must survive a kill is written there before the device acts on it, so a new
   reset, an unreported update result); the server's describe requests and events are
   answered, and so are its key pushes (``POST k``: the statements of a rotation made during
   the session, applied and saved before the 2.04 that names the new sequence); a CoAP ping
-  after ``keepalive_interval`` of silence, and the link is declared dead when nothing
-  answers within ``keepalive_timeout``; the server's going-away
+  after ``keepalive_interval`` of silence either way (nothing heard, as Device OS counts,
+  or nothing sent), and the link is declared dead when nothing answers within
+  ``keepalive_timeout``; the server's going-away
   notice (or a TCP Release) ends the session, with its hold-off.
 
 This module holds the protocol machine itself: the shell's calls, the session on the link and
@@ -313,7 +314,7 @@ class EmulatedDevice(ApplicationMixin, KeyRotationMixin, ReportsMixin, DownloadM
             if self._ping_sent_at is not None:
                 deadlines.append(self._ping_sent_at + self.config.keepalive_timeout)
             else:
-                deadlines.append(self._last_tx + self.config.keepalive_interval)
+                deadlines.append(self._quiet_since + self.config.keepalive_interval)
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
 
@@ -452,9 +453,19 @@ class EmulatedDevice(ApplicationMixin, KeyRotationMixin, ReportsMixin, DownloadM
         elif self._ping_sent_at is not None:
             if now >= self._ping_sent_at + self.config.keepalive_timeout:
                 self._disconnect("the server did not answer a keep-alive ping")
-        elif now >= self._last_tx + self.config.keepalive_interval:
+        elif now >= self._quiet_since + self.config.keepalive_interval:
             link.ping(now)
             self._ping_sent_at = now
+
+    @property
+    def _quiet_since(self) -> float:
+        """Since when one direction of the session has been silent: the keep-alive ping
+        goes out ``keepalive_interval`` after it. Silence from the server counts as Device
+        OS counts it (its pinger runs on the time since the last message *received*), so
+        a device that keeps publishing over a dead path still asks, and finds the path
+        dead; its own silence counts too, so its NAT binding is refreshed (RFC 7252
+        section 4.3's reason for the ping) while the server talks to it."""
+        return min(self._last_rx, self._last_tx)
 
     def _disconnect(self, reason: str, hold_off: float = 0.0) -> None:
         if not any(isinstance(action, Disconnect) for action in self._actions):

@@ -77,8 +77,10 @@ class SessionLimits:
     #: Refusals are logged at WARNING: the first of a burst at once, the rest summarised
     #: once per this many seconds.
     refusal_log_interval: float = 10.0
-    #: A session with no traffic in either direction for this long is closed. Devices keep
-    #: it open with CoAP pings (RFC 7252 section 4.3 / RFC 8323 section 5.4).
+    #: A session whose device has sent nothing for this long is closed (what the server
+    #: sends does not count: a vanished device is found out by its silence even while the
+    #: server retransmits to it). Devices keep it open with CoAP pings (RFC 7252 section
+    #: 4.3 / RFC 8323 section 5.4).
     idle_timeout: float = 120.0
     #: Largest datagram (DTLS) accepted, or largest chunk one ``receive()`` returns (TLS).
     #: The CoAP layer applies its own message-size limit on top for streams.

@@ -55,9 +55,12 @@ class DeviceSession:
     """One authenticated device connection, as the CoAP layer sees it.
 
     ``receive()`` returns one datagram (DTLS) or the next chunk of stream bytes (TLS) and
-    raises :class:`SessionClosed` when the session ends. Any traffic in either direction
-    pushes the idle deadline ``limits.idle_timeout`` further. ``close()`` ends the session
-    from any task; the handler's ``run`` is then cancelled.
+    raises :class:`SessionClosed` when the session ends. Whatever the device sends pushes
+    the idle deadline ``limits.idle_timeout`` further; what the server sends does not: a
+    device that vanished without a word (coverage lost, its NAT binding expired) is found
+    out only by its silence, while the server may go on sending into the void (a
+    transfer's probes, a CON's retransmissions, RFC 7252 4.2) for minutes.
+    ``close()`` ends the session from any task; the handler's ``run`` is then cancelled.
     """
 
     __slots__ = (
@@ -100,10 +103,10 @@ class DeviceSession:
         # Cancelled by close(). Wraps the handler's run(); None once a detached session
         # no longer needs it (its handler runs as calls, outside any scope).
         self._scope: trio.CancelScope | None = trio.CancelScope()
-        #: trio time of the session's last traffic: the idle deadline counts from it. It
-        #: lives in the process's one timer heap (``SessionHost.timers``, armed when the
-        #: session runs), re-armed from here only when it falls due: a message costs an
-        #: attribute write, not a deadline change.
+        #: trio time the device was last heard (see :meth:`_touch`): the idle deadline
+        #: counts from it. It lives in the process's one timer heap
+        #: (``SessionHost.timers``, armed when the session runs), re-armed from here only
+        #: when it falls due: a message costs an attribute write, not a deadline change.
         self._last_traffic = self.started_at
         self._timers: ProcessTimers | None = None
         #: The idle deadline armed in the timers (written by ProcessTimers).
@@ -161,13 +164,15 @@ class DeviceSession:
         return self.close_reason is not None
 
     def _touch(self) -> None:
-        """Traffic happened: push the idle deadline (RFC 7252 section 4.3 keep-alive pings
-        from the device, or any other message, keep the session open)."""
+        """The device was heard: push the idle deadline (RFC 7252 section 4.3 keep-alive
+        pings from the device, or any other message, keep the session open). Only what
+        arrives from the device counts, never the server's own sends (see the class
+        docstring): sending proves nothing about the peer."""
         self._last_traffic = trio.current_time()
 
     @property
     def idle_since(self) -> float:
-        """trio time of the session's last traffic."""
+        """trio time the device was last heard."""
         return self._last_traffic
 
     def start_idle_timer(self, timers: ProcessTimers) -> None:
@@ -177,8 +182,9 @@ class DeviceSession:
         timers.arm(self, self._last_traffic + self.limits.idle_timeout)
 
     def on_deadline(self, now: float) -> None:
-        """The idle deadline came (the process's timers): close the session (IDLE) if it
-        has had no traffic for ``limits.idle_timeout``, else arm it again from the last."""
+        """The idle deadline came (the process's timers): close the session (IDLE) if the
+        device has been silent for ``limits.idle_timeout``, else arm it again from the
+        last time it was heard."""
         if self.close_reason is not None or self._timers is None:
             return
         deadline = self._last_traffic + self.limits.idle_timeout

@@ -46,6 +46,7 @@ class TlsSession(DeviceSession):
     __slots__ = (
         "_bucket",
         "_ciphers_held",
+        "_last_sealed",
         "_plain",
         "_send_waiters",
         "_sending",
@@ -83,6 +84,9 @@ class TlsSession(DeviceSession):
         self._plain = b""
         # True while the layer holds AEAD objects (derived on the first record).
         self._ciphers_held = False
+        # trio time of the session's last send: the ciphers are in use both ways (see
+        # quiet_for), while only the device's traffic pushes the idle deadline.
+        self._last_sealed = self.started_at
         # Drops the ciphers once the session is quiet (None: they are kept).
         self._sweeper = sweeper
         self._bucket: TokenBucket | None = None
@@ -144,8 +148,14 @@ class TlsSession(DeviceSession):
         return chunk
 
     def quiet_for(self, now: float) -> float:
-        """Seconds since the session's last traffic (see :meth:`DeviceSession._touch`)."""
-        return now - self._last_traffic
+        """Seconds since the session's last traffic in either direction (its ciphers'
+        last use; the idle deadline counts from the device's alone)."""
+        return now - max(self._last_traffic, self._last_sealed)
+
+    def _sealed(self) -> None:
+        """The server sent: its ciphers are in use (the idle deadline stays: see
+        :meth:`DeviceSession._touch`)."""
+        self._last_sealed = trio.current_time()
 
     def rest(self) -> bool:
         """The session is quiet: drop the AEAD objects (rebuilt from the kept keys for the
@@ -224,7 +234,7 @@ class TlsSession(DeviceSession):
         self._check_can_send()
         if self._sending or self._unsent:
             return False
-        self._touch()
+        self._sealed()
         try:
             wire = self._seal_window(messages)
         except RecordError:  # the device closed, or a record error, meanwhile
@@ -257,7 +267,7 @@ class TlsSession(DeviceSession):
             await self._send_shielded(b"")  # the held bytes go first (see _send_shielded)
         finally:
             self._give_send_turn()
-        self._touch()
+        self._sealed()
 
     def _seal_window(self, messages: Sequence[bytes]) -> bytes:
         return seal_window(messages, self.layer)
@@ -269,7 +279,7 @@ class TlsSession(DeviceSession):
         self._check_can_send()
         await self._take_send_turn()
         try:
-            self._touch()
+            self._sealed()
             try:
                 wire = seal(plaintext)
             except RecordError:  # the device closed, or a record error, meanwhile
@@ -281,7 +291,7 @@ class TlsSession(DeviceSession):
             await self._send_shielded(wire, checkpoint=checkpoint)
         finally:
             self._give_send_turn()
-        self._touch()
+        self._sealed()
 
     async def _take_send_turn(self) -> None:
         while self._sending:

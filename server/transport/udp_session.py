@@ -367,7 +367,6 @@ class DtlsSession(DeviceSession):
             return
         records = self._seal_window(messages)
         link = self.link
-        self._last_traffic = trio.current_time()
         backlog = self._backlog
         if backlog is not None:
             backlog.extend(records)
@@ -436,7 +435,6 @@ class DtlsSession(DeviceSession):
             raise self._ended(link.ended or CloseReason.TRANSPORT_ERROR) from None
         self._release_if_detached()
         await link.endpoint.send(record, link.address)
-        self._touch()
 
     async def send_window(self, messages: Sequence[bytes]) -> None:
         """Send a window of CoAP messages, each one record in its own datagram (RFC 6347
@@ -448,7 +446,6 @@ class DtlsSession(DeviceSession):
         link = self.link
         for record in records:
             await link.endpoint.send(record, link.address)
-        self._touch()
 
     def _save(self) -> bool:
         """Hand the session to the endpoint to be saved for the next process, if it is
