@@ -270,6 +270,11 @@ class Store:
 
     def _transaction_state(self, conn: Connection) -> TransactionState:
         """Where ``conn``'s transaction stands, as its driver reports it."""
+        if conn.invalidated:
+            # The connection broke inside the transaction (a database restart or crash
+            # terminated its session, a network cut): SQLAlchemy invalidated it, and
+            # ``conn.connection`` would raise PendingRollbackError, not a store error.
+            return TransactionState.LOST
         dbapi_connection = conn.connection.dbapi_connection
         if dbapi_connection is None:  # invalidated (connection lost)
             return TransactionState.LOST
