@@ -18,7 +18,11 @@ connections carry them is checked on their sockets instead. What the relay does 
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +35,7 @@ from server.store import Store, StoreUnavailableError
 from server.store.postgresql import CONNECTION_DEFAULTS
 from tests.test_group_commit import keys_in, put
 
+REPO = Path(__file__).resolve().parent.parent
 #: A short connection attempt (the operator's override through the URL): each attempt into
 #: the dead path ends after it.
 CONNECT_TIMEOUT = 2
@@ -184,3 +189,39 @@ def test_every_store_connection_carries_the_dead_path_bounds(tcp_store: Store) -
                 CONNECTION_DEFAULTS["keepalives_interval"])
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == (
                 CONNECTION_DEFAULTS["keepalives_count"])
+
+
+def _can_unshare_the_network() -> str | None:
+    """Why a real cut cannot be made here (None: it can)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare(1) and ip(8) (util-linux, iproute2)"
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"],
+                           capture_output=True, check=False)
+    if probe.returncode != 0:
+        return f"cannot make a network namespace here: {probe.stderr.decode().strip()}"
+    return None
+
+
+@pytest.mark.skipif(_can_unshare_the_network() is not None,
+                    reason=str(_can_unshare_the_network()))
+def test_a_real_silent_cut_ends_statements_and_the_listener_in_bounded_time(
+    tmp_path: Path,
+) -> None:
+    """A real cut (packets dropped, nothing closed) in a network namespace of its own
+    (tests/pg_cut_probe.py): the idle LISTEN connection is found dead by its keep-alive,
+    a statement sent into the dead path fails after tcp_user_timeout (and the pool's new
+    attempt after connect_timeout), both as store errors, and all works again once the
+    path is back."""
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "tests.pg_cut_probe", str(tmp_path)],
+        capture_output=True, text=True, timeout=180, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(result)
+    listener, read, write = result["listener"], result["read"], result["write"]
+    # Bounds: 2 s of unacknowledged data, 2 s per attempt, keep-alive after 1 + 1 * 2 s.
+    assert "broke" in listener[1] and listener[0] < BOUND
+    assert "database is unavailable" in read[1] and 2.0 <= read[0] < BOUND
+    assert "database is unavailable" in write[1] and write[0] < BOUND
+    assert result["keys"] == ["cut-after", "cut-before"]  # the failed write saved nothing
+    assert result["recovered"] < BOUND
