@@ -249,18 +249,48 @@ class SessionLeaseKeeper:
         handler.session.close(LEASE_LOST)
 
 
-async def sweep_expired_sessions(fleet: Fleet, interval: float) -> None:
+async def sweep_expired_sessions(fleet: Fleet, interval: float, *,
+                                 steps: Tally | None = None) -> None:
     """The sweeper job: every ``interval`` seconds, mark offline the devices whose session
-    leases expired (run under the :data:`SESSION_SWEEPER` lease: once per installation)."""
+    leases expired (run under the :data:`SESSION_SWEEPER` lease: once per installation).
+
+    It sweeps only once the store has been reachable for one whole session lease since the
+    job started or last failed to reach it: after the database was away (restarted,
+    crashed, cut off) for longer than a lease, no node could renew its sessions' leases
+    meanwhile, and every one has expired although the sessions are alive. Each node renews
+    its leases within ``lease_renew_interval`` of the database's return (at most half a
+    lease): sweeping at once would mark the whole fleet offline and make every node close
+    every session as "lease lost" -- a reconnection of every device at once. A dead node's
+    devices are marked offline one lease later instead. (The job starts again whenever this
+    node takes the sweeper's lease, e.g. after an outage that let the lease run out.)
+    ``steps`` counts the job's rounds (a marker for tests)."""
+    lease = fleet.session_lease_ms / 1000
+    reachable_since: float | None = None  # None: not seen reachable since (re)starting
     while True:
-        try:
-            count = await fleet.sweep_expired_sessions()
-        except STORE_ERRORS as exc:
-            log.warning("cannot sweep expired session leases (trying again in %g s): %s",
-                        interval, exc)
+        now = trio.current_time()
+        if reachable_since is None or now - reachable_since < lease:
+            try:  # only whether the database answers: the nodes' renewals need it too
+                await trio.to_thread.run_sync(fleet.store.ping)
+            except STORE_ERRORS as exc:
+                reachable_since = None
+                log.warning("the session sweeper cannot reach the store (trying again in "
+                            "%g s): %s", interval, exc)
+            else:
+                if reachable_since is None:
+                    reachable_since = now
         else:
-            if count:
-                log.info("marked %d devices offline: their session leases expired", count)
+            try:
+                count = await fleet.sweep_expired_sessions()
+            except STORE_ERRORS as exc:
+                reachable_since = None  # the nodes' renewals failed too: a grace again
+                log.warning("cannot sweep expired session leases (trying again in %g s): "
+                            "%s", interval, exc)
+            else:
+                if count:
+                    log.info("marked %d devices offline: their session leases expired",
+                             count)
+        if steps is not None:
+            steps.add()
         await trio.sleep(interval)
 
 

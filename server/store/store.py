@@ -368,6 +368,12 @@ class Store:
             tx.conn.execute(sa.select(1))
         return "ok"
 
+    def ping(self) -> None:
+        """Reach the database once (a read of nothing); :class:`StoreUnavailableError`
+        when it cannot be reached."""
+        with self.read() as tx:
+            tx.conn.execute(sa.select(1))
+
     def sweep_blobs(self, *, grace_s: float | None = None) -> list[str]:
         """Delete blobs no row refers to (left by a crash between blob write and commit, or
         by a deleted firmware) that were stored more than ``grace_s`` seconds ago (None:
