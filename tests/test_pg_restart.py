@@ -20,6 +20,13 @@ client keeps asking both nodes' APIs to read and to write. Then:
   delivers it);
 * neither node exited.
 
+A second test keeps the database away for longer than a session lease (short leases
+here): no node can renew meanwhile, so every lease has expired when it returns. The
+sweeper must let the nodes renew first (``server.leases.sweep_expired_sessions``), yet
+still sweep the device of a node that really died: B's devices stay online, in their
+sessions. (Whether the sweeper or B's renewal comes first without that grace depends on
+timing; tests/test_lease_outage.py is the deterministic check of it.)
+
 The times printed (database away -> first 503, back -> first 2xx) are this run's.
 """
 
@@ -32,11 +39,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 import trio
 
 from server.emulator.fleet import EmulatedFleet
-from server.events import FLASH_STATUS
+from server.events import FLASH_STATUS, STATUS
 from server.fleet.sessions import DESCRIBE_CHANGED
+from server.leases import now_ms
+from server.store import Store
+from server.store import schema as t
 from server.store.pg_cluster import PgCluster, create_database
 from tests.server_nodes import release, upload
 from tests.test_ota_e2e_kit import app, updated_to
@@ -195,3 +206,62 @@ async def restart_and_release(cluster: PgCluster, mode: str, version: int,
     assert nodes.node_a.process.returncode is None
     assert nodes.node_b.process.returncode is None
     return sessions
+
+
+#: Short session leases (seconds), so that an outage longer than one is short too.
+LEASE = 3.0
+SHORT_LEASES = ("--session-lease", str(LEASE), "--lease-renew-interval", "0.5")
+#: A device a third node held when it died (not part of the emulated fleet).
+DEAD_NODES_DEVICE = "0123456789abcdef0123dead"
+
+
+def leave_a_dead_nodes_device(db_url: str, tmp_path: Path, product: int) -> None:
+    """A device online under node C, whose lease expires within a second (C died)."""
+    store = Store.open(db_url, tmp_path / "dead-node-blobs", pool_size=1)
+    try:
+        now = now_ms()
+        with store.write() as tx:
+            tx.insert_device(DEAD_NODES_DEVICE, product, now)
+            tx.conn.execute(sa.update(t.devices).where(t.devices.c.id == DEAD_NODES_DEVICE)
+                            .values(online=True, session_owner="node-c:main-1/1",
+                                    session_node="node-c", session_lease_until=now + 1000))
+    finally:
+        store.close()
+
+
+async def test_a_database_away_for_longer_than_a_session_lease_keeps_the_sessions(
+    private_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """While the database is away no node renews its leases: after an outage longer than a
+    lease, every lease in it has expired although the sessions are alive. The sweeper must
+    let the nodes renew first (one lease's grace), and still sweep a dead node's device."""
+    db_url = create_database(private_cluster.url(), "ota")
+    async with two_nodes(db_url, tmp_path, (*NOTIFIED_ONLY, *SHORT_LEASES)) as nodes, \
+            trio.open_nursery() as nursery:
+        product, api_a = nodes.product, nodes.api_a
+        fleet = nodes.fleet()
+        await nursery.start(fleet.run)
+        await fleet.wait_until(lambda f: f.summary().online == DEVICES, timeout=STEP)
+        await settled(nodes, DESCRIBE_CHANGED, 0.0)
+        sessions = {d: fleet.device(d).device.sessions for d in nodes.ids}
+        await trio.to_thread.run_sync(leave_a_dead_nodes_device, db_url, tmp_path, product)
+
+        await trio.to_thread.run_sync(private_cluster.shut_down, "fast")
+        await trio.sleep(2 * LEASE)  # every lease in the database expires meanwhile
+        await trio.to_thread.run_sync(private_cluster.start_again)
+        up = trio.current_time()
+        # The sweeper's first sweep since the database came back: the dead node's device.
+        swept = await nodes.stream.wait_for(STATUS, DEAD_NODES_DEVICE, "offline", timeout=STEP)
+        print(f"database back -> the dead node's device swept: {swept - up:.2f} s")
+        # By then node B had renewed its leases: its devices are online in the store, and
+        # kept their sessions.
+        response = await api_a.get(f"/v1/products/{product}/devices")
+        assert response.status_code == 200, response.text
+        online = {d["id"]: d["online"] for d in response.json()["devices"]}
+        assert online == {**dict.fromkeys(nodes.ids, True), DEAD_NODES_DEVICE: False}
+        assert all(nodes.stream.first(STATUS, d, "offline") is None for d in nodes.ids)
+        assert fleet.summary().online == DEVICES
+        assert {d: fleet.device(d).device.sessions for d in nodes.ids} == sessions
+        assert nodes.node_a.process.returncode is None
+        assert nodes.node_b.process.returncode is None
+        nursery.cancel_scope.cancel()
