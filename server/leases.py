@@ -7,7 +7,9 @@ acting twice, and let the others go on when one dies (SIGKILL, power):
   its lease for this node (``server.fleet.presence``). :class:`SessionLeaseKeeper` renews
   the leases of every session of the node in one UPDATE per ``renew_interval`` and closes a
   live session whose lease another node took (a stale session after a network split: the
-  device is served elsewhere now), so a node never acts on a device another node holds.
+  device is served elsewhere now), so a node never acts on a device another node holds;
+  it also marks offline a device whose session here ended while the store could not record
+  it (a database outage), which the renewals would otherwise keep "online" for good.
   A lease not renewed in time is free: the device's next session on any node takes it.
 * **Job leases** (the ``leases`` table, ``server.store.tx_leases``): :class:`JobLease`
   runs a once-per-installation job (rollout ticks, the sweeper of expired session leases,
@@ -202,9 +204,15 @@ class SessionLeaseKeeper:
         self.renewals = Tally()
         #: Sessions closed because another node took their lease.
         self.closed_stale = 0
+        #: Presences freed because their session had ended here without its offline write.
+        self.freed_ended = 0
         # Sessions missing from the last renewal's leases: a session whose presence write
         # had not committed before the renewal ran is missing once; twice means lost.
         self._missing: set[tuple[str, str]] = set()
+        # Leases renewed last time for sessions of this process that are not live: one
+        # whose presence committed just before its handler went live is there once; twice
+        # means ended.
+        self._ended: set[tuple[str, str]] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -230,8 +238,44 @@ class SessionLeaseKeeper:
         self._missing = missing - lost
         for device_id, presence in sorted(lost):
             self._close(device_id, presence)
+        ended = self._ended_sessions(renewed, live)
+        gone = ended & self._ended
+        self._ended = ended - gone
+        for device_id, presence in sorted(gone):
+            await self._free(device_id, presence)
         self.renewals.add()
         return len(renewed)
+
+    def _ended_sessions(self, renewed: set[tuple[str, str | None]],
+                        live: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The renewed leases of this process's sessions that are no longer live.
+
+        A session that ends marks its device offline, freeing the lease; when that write
+        fails (the database was away just then: restarted, crashed, cut off), the device
+        stays "online" under this node, and the renewal, which extends every lease of the
+        node, would keep it so for good. The leases of other processes of the node (its
+        worker processes) are theirs: only the sessions named by this process's presence
+        tokens (``DevicePlane.presence_token``) are judged here."""
+        if self.plane is None:
+            return set()
+        prefix = f"{self.plane.origin}/"
+        return {(device_id, presence) for device_id, presence in renewed
+                if presence is not None and presence.startswith(prefix)
+                and (device_id, presence) not in live}
+
+    async def _free(self, device_id: str, presence: str) -> None:
+        """Mark offline a device whose session here ended without saying so (only while
+        ``presence`` still owns it: a newer session anywhere keeps it)."""
+        try:
+            await self.fleet.device_offline(device_id, session=presence)
+        except STORE_ERRORS as exc:
+            log.warning("cannot mark %s offline (its session here ended): %s; trying again "
+                        "at the next renewal", device_id, exc)
+            self._ended.add((device_id, presence))
+            return
+        log.info("marked %s offline: its session here had ended while the store could not "
+                 "record it", device_id)
+        self.freed_ended += 1
 
     def _live_sessions(self) -> set[tuple[str, str]]:
         if self.plane is None:
@@ -249,18 +293,48 @@ class SessionLeaseKeeper:
         handler.session.close(LEASE_LOST)
 
 
-async def sweep_expired_sessions(fleet: Fleet, interval: float) -> None:
+async def sweep_expired_sessions(fleet: Fleet, interval: float, *,
+                                 steps: Tally | None = None) -> None:
     """The sweeper job: every ``interval`` seconds, mark offline the devices whose session
-    leases expired (run under the :data:`SESSION_SWEEPER` lease: once per installation)."""
+    leases expired (run under the :data:`SESSION_SWEEPER` lease: once per installation).
+
+    It sweeps only once the store has been reachable for one whole session lease since the
+    job started or last failed to reach it: after the database was away (restarted,
+    crashed, cut off) for longer than a lease, no node could renew its sessions' leases
+    meanwhile, and every one has expired although the sessions are alive. Each node renews
+    its leases within ``lease_renew_interval`` of the database's return (at most half a
+    lease): sweeping at once would mark the whole fleet offline and make every node close
+    every session as "lease lost" -- a reconnection of every device at once. A dead node's
+    devices are marked offline one lease later instead. (The job starts again whenever this
+    node takes the sweeper's lease, e.g. after an outage that let the lease run out.)
+    ``steps`` counts the job's rounds (a marker for tests)."""
+    lease = fleet.session_lease_ms / 1000
+    reachable_since: float | None = None  # None: not seen reachable since (re)starting
     while True:
-        try:
-            count = await fleet.sweep_expired_sessions()
-        except STORE_ERRORS as exc:
-            log.warning("cannot sweep expired session leases (trying again in %g s): %s",
-                        interval, exc)
+        now = trio.current_time()
+        if reachable_since is None or now - reachable_since < lease:
+            try:  # only whether the database answers: the nodes' renewals need it too
+                await trio.to_thread.run_sync(fleet.store.ping)
+            except STORE_ERRORS as exc:
+                reachable_since = None
+                log.warning("the session sweeper cannot reach the store (trying again in "
+                            "%g s): %s", interval, exc)
+            else:
+                if reachable_since is None:
+                    reachable_since = now
         else:
-            if count:
-                log.info("marked %d devices offline: their session leases expired", count)
+            try:
+                count = await fleet.sweep_expired_sessions()
+            except STORE_ERRORS as exc:
+                reachable_since = None  # the nodes' renewals failed too: a grace again
+                log.warning("cannot sweep expired session leases (trying again in %g s): "
+                            "%s", interval, exc)
+            else:
+                if count:
+                    log.info("marked %d devices offline: their session leases expired",
+                             count)
+        if steps is not None:
+            steps.add()
         await trio.sleep(interval)
 
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -152,10 +152,12 @@ class PgCluster:
         return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
     @classmethod
-    def start(cls, parent: Path | str | None = None) -> PgCluster:
+    def start(cls, parent: Path | str | None = None, *,
+              settings: Mapping[str, str] | None = None) -> PgCluster:
         """initdb a new cluster in a fresh directory under ``parent`` (default: the system
         temporary directory, which must be reachable by the cluster's user) and start it;
-        return once it accepts connections."""
+        return once it accepts connections. ``settings`` (postgresql.conf names and
+        values, quoted as there) override the throwaway defaults."""
         bindir = find_bindir()
         account = _run_as()
         root = Path(tempfile.mkdtemp(prefix="ota-pg-", dir=parent))
@@ -163,7 +165,7 @@ class PgCluster:
         try:
             if account is not None:
                 os.chown(root, account.pw_uid, account.pw_gid)
-            cluster._initdb()
+            cluster._initdb(settings or {})
             cluster._start_on_free_port()
             cluster._wait_until_accepting()
         except BaseException:
@@ -203,12 +205,12 @@ class PgCluster:
             )
         return done
 
-    def _initdb(self) -> None:
+    def _initdb(self, overrides: Mapping[str, str]) -> None:
         # trust: the cluster is reachable from this machine only (127.0.0.1 and a socket in
         # a private directory), holds throwaway data, and the tests connect without secrets.
         self._command("initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "-A", "trust",
                       "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")
-        settings = dict(_SETTINGS, unix_socket_directories=f"'{self.root}'")
+        settings = {**_SETTINGS, "unix_socket_directories": f"'{self.root}'", **overrides}
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\n# otacloud throwaway test cluster (server/store/pg_cluster.py)\n")
             conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
@@ -245,6 +247,25 @@ class PgCluster:
                         f"the throwaway cluster on port {self.port} does not accept "
                         f"connections: {exc}; see {self.log_file}") from exc
                 time.sleep(0.05)
+
+    def shut_down(self, mode: str = "fast") -> None:
+        """Stop the server, keeping the cluster, as an operator's ``pg_ctl stop -m mode``
+        would: "fast" ends every session (each client sees its connection terminated),
+        "immediate" kills the server processes without a checkpoint, as a crash would (the
+        next start recovers from the WAL). Tests use it to take the database away from
+        running server nodes; :meth:`start_again` brings it back on the same port."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise PgClusterError(f"pg_ctl has no shutdown mode {mode!r} (smart, fast or "
+                                 "immediate)")
+        self._command("pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w",
+                      "-t", str(PG_CTL_TIMEOUT))
+
+    def start_again(self) -> None:
+        """Start the server :meth:`shut_down` stopped, on the same port; return once it
+        accepts connections (after crash recovery, when it was stopped "immediate")."""
+        self._command("pg_ctl", "start", "-D", str(self.data_dir), "-l", str(self.log_file),
+                      "-w", "-t", str(PG_CTL_TIMEOUT), "-o", f"-p {self.port}")
+        self._wait_until_accepting()
 
     def stop(self) -> None:
         """Stop the server (if it runs) and delete the whole directory."""

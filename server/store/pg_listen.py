@@ -24,17 +24,8 @@ from psycopg import sql
 from sqlalchemy.engine import Engine
 
 from server.store.errors import StoreUnavailableError
+from server.store.postgresql import connection_defaults
 from server.store.tx_events import EVENTS_CHANNEL
-
-#: TCP keep-alive of the listening connection (libpq's parameters, used unless the database
-#: URL sets them): an idle LISTEN connection whose peer vanished without a FIN (a network
-#: cut, a host gone) is found dead in about idle + interval * count seconds, and the relay
-#: reconnects (https://www.postgresql.org/docs/current/libpq-connect.html). Unix-domain
-#: sockets ignore them (they cannot be cut silently).
-_KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-              "keepalives_count": 3}
-#: Seconds a connection attempt may take.
-_CONNECT_TIMEOUT = 10
 
 
 class ListenerLostError(StoreUnavailableError):
@@ -58,7 +49,10 @@ class EventLogListener:
         """A new connection to ``engine``'s PostgreSQL database, listening (blocking);
         ListenerLostError if the database cannot be reached."""
         args, params = engine.dialect.create_connect_args(engine.url)
-        params = {**_KEEPALIVE, "connect_timeout": _CONNECT_TIMEOUT, **params,
+        # The store's connection defaults (TCP keep-alive, user timeout, connect timeout:
+        # server.store.postgresql.CONNECTION_DEFAULTS): an idle LISTEN connection whose
+        # peer vanished without a FIN is found dead, and the relay reconnects.
+        params = {**connection_defaults(engine.url), **params,
                   "autocommit": True, "application_name": "ota event relay"}
         try:
             connection: psycopg.Connection[Any] = psycopg.connect(*args, **params)

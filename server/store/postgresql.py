@@ -59,6 +59,41 @@ MAX_WRITE_BATCH = 64
 
 _TAKE_WRITE_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 
+#: libpq connection parameters of every connection the store makes (the pool's and the
+#: event relay's listening one), each used unless the database URL sets it
+#: (``...?tcp_user_timeout=10000``; https://www.postgresql.org/docs/current/libpq-connect.html).
+#: They bound how long a node takes to notice that its path to the database died silently
+#: (a network cut, a host gone: no FIN, no RST), instead of waiting on the socket forever:
+#:
+#: * ``connect_timeout``: seconds a connection attempt (TCP and the startup exchange) may
+#:   take;
+#: * ``tcp_user_timeout``: milliseconds sent data may stay unacknowledged before the
+#:   kernel drops the connection (Linux TCP_USER_TIMEOUT, RFC 5482): a statement sent into
+#:   a dead path fails after it, whatever the statement (a healthy server acknowledges at
+#:   once, even while the statement waits for a lock, so no legitimate wait is cut short);
+#: * TCP keep-alive: an idle connection (pooled, or the relay's LISTEN) whose peer vanished
+#:   is found dead after about idle + interval * count seconds (the user timeout, when
+#:   longer, wins: Linux keeps probing until it elapsed).
+#:
+#: Unix-domain sockets ignore the TCP ones (they cannot be cut silently). A path that
+#: acknowledges but never answers (a TCP proxy whose far side died) is not bounded by them:
+#: a statement sent into it waits until the path is back (a new connection's attempt still
+#: ends after ``connect_timeout``).
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "tcp_user_timeout": 30_000,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
+def connection_defaults(url: sa.URL) -> dict[str, int]:
+    """:data:`CONNECTION_DEFAULTS` but those the database URL sets itself."""
+    return {name: value for name, value in CONNECTION_DEFAULTS.items()
+            if name not in url.query}
+
 
 def create_postgresql_engine(url: sa.URL, *, pool_size: int) -> Engine:
     """An engine for a PostgreSQL database (psycopg 3) whose write transactions are
@@ -70,7 +105,7 @@ def create_postgresql_engine(url: sa.URL, *, pool_size: int) -> Engine:
         url = url.difference_update_query(["options"])
     engine = sa.create_engine(
         url,
-        connect_args={"options": options},
+        connect_args={"options": options, **connection_defaults(url)},
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=60,

@@ -270,6 +270,11 @@ class Store:
 
     def _transaction_state(self, conn: Connection) -> TransactionState:
         """Where ``conn``'s transaction stands, as its driver reports it."""
+        if conn.invalidated:
+            # The connection broke inside the transaction (a database restart or crash
+            # terminated its session, a network cut): SQLAlchemy invalidated it, and
+            # ``conn.connection`` would raise PendingRollbackError, not a store error.
+            return TransactionState.LOST
         dbapi_connection = conn.connection.dbapi_connection
         if dbapi_connection is None:  # invalidated (connection lost)
             return TransactionState.LOST
@@ -362,6 +367,12 @@ class Store:
         with self.read() as tx:
             tx.conn.execute(sa.select(1))
         return "ok"
+
+    def ping(self) -> None:
+        """Reach the database once (a read of nothing); :class:`StoreUnavailableError`
+        when it cannot be reached."""
+        with self.read() as tx:
+            tx.conn.execute(sa.select(1))
 
     def sweep_blobs(self, *, grace_s: float | None = None) -> list[str]:
         """Delete blobs no row refers to (left by a crash between blob write and commit, or
