@@ -23,6 +23,7 @@ A failed read keeps the keys read before (logged); the next event or check reads
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +34,7 @@ import trio
 from otacore.signing import SigningKey
 from server.devices.key_import import import_key_files
 from server.devices.keys import ProductKeyState, product_key_state, trusted_key_ids
-from server.events import PRODUCT_KEYS_CHANGED, EventBus
+from server.events import PRODUCT_KEYS_CHANGED, Event, EventBus
 from server.store import Store
 
 log = logging.getLogger("ota.keys")
@@ -66,6 +67,15 @@ class KeySnapshot:
             self.trusted[applied] = frozenset(trusted_key_ids(self.statements, self.key,
                                                               applied))
         return self.trusted[applied]
+
+
+def changed_product(event: Event) -> int | None:
+    """The product a ``PRODUCT_KEYS_CHANGED`` event names (server.store.tx_keys)."""
+    try:
+        product_id = json.loads(event.data or "")["product_id"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return product_id if isinstance(product_id, int) else None
 
 
 class ProductKeyCache:
@@ -174,7 +184,8 @@ class ProductKeyCache:
         while True:  # a subscriber that fell behind is dropped by the bus: subscribe again
             with bus.subscribe(name_prefix=PRODUCT_KEYS_CHANGED, cloud_only=True) as sub:
                 async for event in sub.receive:
-                    if event.product_id is not None:
-                        self._dirty.add(event.product_id)
-                        self._wake.set()
+                    product_id = changed_product(event)
+                    if product_id is not None:
+                        self._dirty.add(product_id)
+                    self._wake.set()  # unreadable data: every stamp is checked anyway
             self._wake.set()  # dropped: events may be lost, check every stamp now

@@ -32,12 +32,11 @@ import msgpack
 
 from otacore.errors import ConflictError, OtaError
 from otacore.signing import KeyAction, SigningKey, parse_statement
-from server.devices.key_vault import KeyVault
-from server.devices.keys import announce_key_change, open_vault
+from server.devices.key_vault import KeyVault, open_vault
 from server.fleet.base import now_ms
 from server.store import Store
 from server.store.errors import StoreConflictError
-from server.store.tx_keys import SealedKeyRecord
+from server.store.tx_keys import SealedKeyRecord, announce_key_change
 
 log = logging.getLogger("ota.keys")
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from otacore.errors import OtaError
 from otacore.signing import SigningKey
 from server.private_files import make_private_dir, write_private_file
+from server.store import Store
 
 #: The KEK file, relative to the data directory.
 KEK_FILE: Final = Path("keys") / "signing-keys.kek"
@@ -138,3 +139,21 @@ class KeyVault:
         if key.key_id != key_id:  # pragma: no cover - the AAD binds the key id already
             raise KeyVaultError(f"product {product_id}'s key {key_id} opens as {key.key_id}")
         return key
+
+
+def open_vault(store: Store, data_dir: Path) -> KeyVault:
+    """The data directory's KEK, made on first use; KeyVaultError when it is missing
+    although the store holds keys sealed under a KEK (a node set up without copying the
+    data directory's keys: a new KEK would seal keys no other node can open)."""
+    vault = KeyVault.load(data_dir)
+    if vault is not None:
+        return vault
+    with store.read() as tx:
+        sealed_under = tx.any_kek_id()
+    if sealed_under is not None:
+        raise KeyVaultError(
+            f"{kek_path(data_dir)} is missing, but the store holds signing keys sealed under "
+            f"key-encryption key {sealed_under}: copy it from another node of this "
+            "installation (or from a backup of its data directory) before signing anything"
+        )
+    return KeyVault.create(data_dir)

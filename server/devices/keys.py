@@ -21,10 +21,7 @@ Functions here block on the store: the async layer runs them in worker threads.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +37,13 @@ from otacore.signing import (
     parse_statement,
     withdraw_key,
 )
-from server.devices.key_vault import KeyVault, KeyVaultError, kek_path
-from server.events import PRODUCT_KEYS_CHANGED, Event
+from server.devices.key_import import import_product_key_files
+from server.devices.key_vault import KeyVault, open_vault
 from server.fleet.base import now_ms
 from server.private_files import write_private_file
 from server.store import Store, Tx
 from server.store.errors import StoreConflictError
-from server.store.tx_events import append_events
-from server.store.tx_keys import SealedKeyRecord
+from server.store.tx_keys import SealedKeyRecord, announce_key_change
 
 TRUST_FILE = "signing-keys.txt"
 #: Keys a product keeps trusted: a rotation beyond this withdraws the oldest, so devices'
@@ -108,37 +104,6 @@ def read_trust_product(path: Path) -> int | None:
 # --- the store ----------------------------------------------------------------------------
 
 
-def open_vault(store: Store, data_dir: Path) -> KeyVault:
-    """The data directory's KEK, made on first use; KeyVaultError when it is missing
-    although the store holds keys sealed under a KEK (a node set up without copying the
-    data directory's keys: a new KEK would seal keys no other node can open)."""
-    vault = KeyVault.load(data_dir)
-    if vault is not None:
-        return vault
-    with store.read() as tx:
-        sealed_under = tx.any_kek_id()
-    if sealed_under is not None:
-        raise KeyVaultError(
-            f"{kek_path(data_dir)} is missing, but the store holds signing keys sealed under "
-            f"key-encryption key {sealed_under}: copy it from another node of this "
-            "installation (or from a backup of its data directory) before signing anything"
-        )
-    return KeyVault.create(data_dir)
-
-
-def _origin() -> str:
-    """The event log origin of this process's key changes (never a relay's own origin, so
-    every relay, this process's included, publishes them)."""
-    return f"keys:{socket.gethostname()[:40]}:{os.getpid()}"
-
-
-def announce_key_change(tx: Tx, product_id: int, key_id: str, statements: int) -> None:
-    """Tell every server process, through the event log, that ``product_id``'s keys
-    changed (in ``tx``: the event commits with the change, or neither does)."""
-    data = json.dumps({"key_id": key_id, "statements": statements}, separators=(",", ":"))
-    append_events(tx.conn, _origin(), [Event(PRODUCT_KEYS_CHANGED, data, product_id=product_id)])
-
-
 def _sealed(vault: KeyVault, product_id: int, key: SigningKey, now: int) -> SealedKeyRecord:
     return SealedKeyRecord(product_id, key.key_id, key.public_key, vault.seal(product_id, key),
                            vault.kek_id, False, None, now)
@@ -164,8 +129,6 @@ def _retrying(what: str, product_id: int, change: Callable[[], _T]) -> _T:
 def _first_key(store: Store, vault: KeyVault, data_dir: Path, product_id: int) -> SealedKeyRecord:
     """Make the product's first key (an older release's key files are imported instead);
     a key another process made meanwhile is kept."""
-    from server.devices.key_import import import_product_key_files
-
     import_product_key_files(store, vault, data_dir, product_id)
 
     def create() -> SealedKeyRecord:

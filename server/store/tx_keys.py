@@ -8,6 +8,9 @@ N + 1: the second insert collides (StoreConflictError) and its transaction rolls
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from server.events import PRODUCT_KEYS_CHANGED, Event
 from server.store import schema as t
+from server.store.tx_events import append_events
 
 _KEYS = t.product_signing_keys
 _STATEMENTS = t.product_key_statements
@@ -124,3 +129,19 @@ class KeyQueries:
         self.conn.execute(sa.update(_KEYS).where(
             _KEYS.c.product_id == product_id, _KEYS.c.key_id == key_id,
             _KEYS.c.withdrawn_sequence.is_(None)).values(withdrawn_sequence=sequence))
+
+
+def _origin() -> str:
+    """The event log origin of this process's key changes (never a relay's own origin, so
+    every relay, this process's included, publishes them)."""
+    return f"keys:{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+def announce_key_change(tx: KeyQueries, product_id: int, key_id: str, statements: int) -> None:
+    """Tell every server process, through the event log, that ``product_id``'s keys
+    changed (in ``tx``: the event commits with the change, or neither does). The product is
+    named in the data, not as the event's product: the event is the cloud's signal to its
+    own processes, so no product event stream shows it and the event history keeps none."""
+    data = json.dumps({"product_id": product_id, "key_id": key_id, "statements": statements},
+                      separators=(",", ":"))
+    append_events(tx.conn, _origin(), [Event(PRODUCT_KEYS_CHANGED, data)])
