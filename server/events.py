@@ -51,6 +51,9 @@ FIRMWARE_CREATED = "particle/product/firmware/created"  # data JSON {version, ti
 FIRMWARE_RELEASED = "particle/product/firmware/released"  # data JSON {version, immediate, ...}
 FLASH_REQUESTED = "ota/device/flash/requested"  # data "lock" / "binary": push it now
 DEVICE_REVOKED = "ota/device/revoked"  # data "true": the device's certificates were revoked
+#: A product's signing keys changed (created, rotated, withdrawn); data JSON {product_id,
+#: key_id, statements}: every process re-reads its cached keys (server.devices.key_cache).
+PRODUCT_KEYS_CHANGED = "ota/product/keys/changed"
 
 #: Event name prefixes only the cloud may publish, compared case-insensitively: Particle
 #: reserves "particle" and "spark" ("A device may not publish events beginning with a

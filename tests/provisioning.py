@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.cli.device_store_cmd import _register_one
-from server.devices.keys import product_signing_key, product_statements, write_trust_file
+from server.devices.keys import product_key_state, write_trust_file
 from server.events import EventBus
 from server.fleet import SYSTEM_ACTOR, Fleet
 from server.fleet.base import now_ms
@@ -29,7 +29,6 @@ def provision_product(store: Store, data_dir: Path, creds_dir: Path, count: int,
     with store.write() as tx:
         for device in devices:
             _register_one(tx, product.id, product.slug, device, now_ms())
-    key = product_signing_key(data_dir, product.id)
-    write_trust_file(creds_dir, [key], len(product_statements(data_dir, product.id)),
-                     product_id=product.id)
+    keys = product_key_state(store, data_dir, product.id)
+    write_trust_file(creds_dir, [keys.key], len(keys.statements), product_id=product.id)
     return product.id, devices

@@ -19,6 +19,7 @@ from otacore.signing import TrustStore, parse_statement
 from server.devices.keys import product_signing_key, product_statements, rotate_product_key
 from tests.device_client import LinkDevice
 from tests.device_server import DeviceServerKit, start_device_server
+from tests.key_helpers import keys_caught_up
 
 TRANSPORTS = ["tcp", "udp"]
 ARGON, BORON = 12, 13  # the kit's product is a Boron product
@@ -81,10 +82,12 @@ async def test_key_statements_come_in_pages_that_fit_the_device(
     legacy array of the first statements that fit."""
     kit = await start_device_server(nursery, tmp_path, count=1)
     device_id = kit.device_ids[0]
-    original = product_signing_key(kit.data_dir, kit.product_id)
+    keys = kit.handle.store, kit.data_dir
+    original = product_signing_key(*keys, kit.product_id)
     await trio.to_thread.run_sync(
-        lambda: [rotate_product_key(kit.data_dir, kit.product_id) for _ in range(30)])
-    statements = product_statements(kit.data_dir, kit.product_id)
+        lambda: [rotate_product_key(*keys, kit.product_id) for _ in range(30)])
+    statements = product_statements(kit.handle.store, kit.product_id)
+    await keys_caught_up(*keys, kit.handle.devices, kit.product_id)
     device = await LinkDevice.connect(kit.creds_dir, device_id, transport,
                                       kit.address(transport))
     answer = await device.hello(key_sequence=3, max_message_size=1500)
@@ -103,7 +106,7 @@ async def test_key_statements_come_in_pages_that_fit_the_device(
             store.sequence + 1)
         store = store.catch_up(page.statements)
     assert store.sequence == len(statements)
-    assert product_signing_key(kit.data_dir, kit.product_id).key_id in store.key_ids
+    assert product_signing_key(*keys, kit.product_id).key_id in store.key_ids
     bad = Message(MessageType.CON, Code.GET)
     bad.set_uri_path("k")
     bad.add_uri_query("after=minus-one")

@@ -31,6 +31,7 @@ from server.devices.keys import (
 from server.devices.session import DeviceSessionHandler
 from tests.device_client import LinkDevice, is_request_to
 from tests.device_server import DeviceServerKit, start_device_server
+from tests.key_helpers import keys_caught_up
 
 TRANSPORTS = ["tcp", "udp"]
 #: The scripted device's message size: a page holds a few statements only.
@@ -39,7 +40,13 @@ MESSAGE_SIZE = 600
 
 def _rotate(kit: DeviceServerKit, count: int) -> None:
     for _ in range(count):
-        rotate_product_key(kit.data_dir, kit.product_id)
+        rotate_product_key(kit.handle.store, kit.data_dir, kit.product_id)
+
+
+async def _rotated(kit: DeviceServerKit, count: int) -> None:
+    """``count`` rotations, then the server's key cache holds them."""
+    await trio.to_thread.run_sync(_rotate, kit, count)
+    await keys_caught_up(kit.handle.store, kit.data_dir, kit.handle.devices, kit.product_id)
 
 
 def _handler(kit: DeviceServerKit, device_id: str) -> DeviceSessionHandler:
@@ -71,8 +78,8 @@ async def test_pushes_go_on_from_the_sequence_the_device_reports(
 ) -> None:
     kit = await start_device_server(nursery, tmp_path, count=1)
     (device_id,) = kit.device_ids
-    original = product_signing_key(kit.data_dir, kit.product_id)
-    await trio.to_thread.run_sync(_rotate, kit, 4)
+    original = product_signing_key(kit.handle.store, kit.data_dir, kit.product_id)
+    await _rotated(kit, 4)
     device = await LinkDevice.connect(kit.creds_dir, device_id, transport,
                                       kit.address(transport))
     answer = await device.hello(key_sequence=2, key_push=True, max_message_size=MESSAGE_SIZE)
@@ -81,8 +88,8 @@ async def test_pushes_go_on_from_the_sequence_the_device_reports(
     handler = _handler(kit, device_id)
     assert handler.key_sequence == 4  # what the Hello's answer brought it to
 
-    await trio.to_thread.run_sync(_rotate, kit, 10)
-    statements = product_statements(kit.data_dir, kit.product_id)
+    await _rotated(kit, 10)
+    statements = product_statements(kit.handle.store, kit.product_id)
     assert len(statements) == 14
     outcome: list[bool] = []
     done = trio.Event()
@@ -108,12 +115,13 @@ async def test_pushes_go_on_from_the_sequence_the_device_reports(
     with trio.fail_after(10):
         await done.wait()
     assert outcome == [True] and handler.key_sequence == 14 and pieces >= 3
-    assert product_signing_key(kit.data_dir, kit.product_id).key_id in store.key_ids
+    current = product_signing_key(kit.handle.store, kit.data_dir, kit.product_id)
+    assert current.key_id in store.key_ids
 
     # A refusal (4.03) or an answer that makes no progress ends the push: False, and the
     # session goes on.
-    await trio.to_thread.run_sync(_rotate, kit, 1)
-    statements = product_statements(kit.data_dir, kit.product_id)
+    await _rotated(kit, 1)
+    statements = product_statements(kit.handle.store, kit.product_id)
     for code, payload in ((Code.FORBIDDEN, b"SignatureError: bad"),
                           (Code.CHANGED, key_push_answer(14))):
         outcome.clear()
@@ -139,15 +147,17 @@ async def test_the_offer_key_waits_for_the_device_or_its_reconnect(
     is not (the key comes back, it judges the offer itself)."""
     kit = await start_device_server(nursery, tmp_path, count=1)
     (device_id,) = kit.device_ids
-    original = product_signing_key(kit.data_dir, kit.product_id)
+    original = product_signing_key(kit.handle.store, kit.data_dir, kit.product_id)
     address = kit.address(transport)
 
     pushing = await LinkDevice.connect(kit.creds_dir, device_id, transport, address)
     await pushing.hello(key_sequence=0, key_push=True, max_message_size=MESSAGE_SIZE)
     handler = _handler(kit, device_id)
-    rotation = await trio.to_thread.run_sync(rotate_product_key, kit.data_dir, kit.product_id)
-    await trio.to_thread.run_sync(withdraw_product_key, kit.data_dir, kit.product_id,
-                                  original.key_id)
+    rotation = await trio.to_thread.run_sync(rotate_product_key, kit.handle.store,
+                                             kit.data_dir, kit.product_id)
+    await trio.to_thread.run_sync(withdraw_product_key, kit.handle.store, kit.data_dir,
+                                  kit.product_id, original.key_id)
+    await keys_caught_up(kit.handle.store, kit.data_dir, kit.handle.devices, kit.product_id)
     chosen: list[object] = []
     done = trio.Event()
 
@@ -169,7 +179,7 @@ async def test_the_offer_key_waits_for_the_device_or_its_reconnect(
     older = await LinkDevice.connect(kit.creds_dir, device_id, transport, address)
     await older.hello(key_sequence=2, max_message_size=MESSAGE_SIZE)
     handler = _handler(kit, device_id)
-    await trio.to_thread.run_sync(_rotate, kit, 1)
+    await _rotated(kit, 1)
     assert await offer_signing_key(handler, kit.product_id, 10.0) is None
     assert handler.session.close_reason == RECONNECT_FOR_KEYS
     await older.wait_closed()
@@ -178,8 +188,8 @@ async def test_the_offer_key_waits_for_the_device_or_its_reconnect(
     # A device from before paging (no key_sequence) got the first page of statements in its
     # Hello's answer; when that page is all a Hello can carry it, a reconnect would not
     # help: no reconnect, the key comes back (the device refuses what it cannot verify).
-    await trio.to_thread.run_sync(_rotate, kit, 10)
-    statements = product_statements(kit.data_dir, kit.product_id)
+    await _rotated(kit, 10)
+    statements = product_statements(kit.handle.store, kit.product_id)
     ancient = await LinkDevice.connect(kit.creds_dir, device_id, transport, address)
     answer = await ancient.hello(max_message_size=MESSAGE_SIZE)
     first = parse_hello_answer(answer.payload).statements
@@ -189,6 +199,6 @@ async def test_the_offer_key_waits_for_the_device_or_its_reconnect(
     handler = _handler(kit, device_id)
     assert handler.key_sequence == len(first)
     key = await offer_signing_key(handler, kit.product_id, 10.0)
-    assert key == product_signing_key(kit.data_dir, kit.product_id)
+    assert key == product_signing_key(kit.handle.store, kit.data_dir, kit.product_id)
     assert not handler.session.closed
     await ancient.aclose()

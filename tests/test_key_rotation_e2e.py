@@ -22,6 +22,7 @@ from server.devices.keys import (
 )
 from server.emulator.flash import Flash
 from server.store import schema as t
+from tests.key_helpers import keys_caught_up
 from tests.test_ota_e2e_kit import STEP, SYSTEM_5003, TRANSPORTS, app, ota_rig, running, updated_to
 
 
@@ -31,15 +32,16 @@ async def test_rotation_reaches_devices_before_firmware_signed_with_the_new_key(
 ) -> None:
     async with ota_rig(nursery, tmp_path, count=1) as rig:
         (device_id,) = rig.ids
-        data = rig.kit.data_dir
-        old = product_signing_key(data, rig.product)
+        data, store = rig.kit.data_dir, rig.kit.handle.store
+        old = product_signing_key(store, data, rig.product)
         runner = CliRunner()
         result = await trio.to_thread.run_sync(lambda: runner.invoke(
             ota_app, ["product", "rotate-key", "--data", str(data), "--product",
                       str(rig.product), "--json"]))
         assert result.exit_code == 0, result.output
-        new = product_signing_key(data, rig.product)
-        assert new.key_id != old.key_id and len(product_statements(data, rig.product)) == 1
+        new = product_signing_key(store, data, rig.product)
+        assert new.key_id != old.key_id and len(product_statements(store, rig.product)) == 1
+        await keys_caught_up(store, data, rig.kit.handle.devices, rig.product)
         await rig.upload_device_os(SYSTEM_5003)
         await rig.upload(2, app(2))
         fleet = rig.fleet([(device_id, transport)])  # provisioned trusting the old key only
@@ -59,6 +61,7 @@ async def test_rotation_reaches_devices_before_firmware_signed_with_the_new_key(
             ota_app, ["product", "withdraw-key", new.key_id, "--data", str(data),
                       "--product", str(rig.product)]))
         assert refused.exit_code == 1 and "cannot be withdrawn" in refused.output
+        await keys_caught_up(store, data, rig.kit.handle.devices, rig.product)
         fleet = rig.fleet([(device_id, transport)])
         async with running(fleet):
             await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
@@ -89,17 +92,20 @@ async def test_many_rotations_and_a_withdrawn_original_key_still_update_a_device
     applies all of them before the update signed with the newest key is offered."""
     async with ota_rig(nursery, tmp_path, count=1) as rig:
         (device_id,) = rig.ids
-        data = rig.kit.data_dir
-        original = product_signing_key(data, rig.product)
+        data, store = rig.kit.data_dir, rig.kit.handle.store
+        original = product_signing_key(store, data, rig.product)
 
         def rotate_many() -> list[Rotation]:
-            rotations = [rotate_product_key(data, rig.product) for _ in range(ROTATIONS_BEFORE)]
-            withdraw_product_key(data, rig.product, original.key_id)
-            rotations += [rotate_product_key(data, rig.product) for _ in range(ROTATIONS_AFTER)]
+            rotations = [rotate_product_key(store, data, rig.product)
+                         for _ in range(ROTATIONS_BEFORE)]
+            withdraw_product_key(store, data, rig.product, original.key_id)
+            rotations += [rotate_product_key(store, data, rig.product)
+                          for _ in range(ROTATIONS_AFTER)]
             return rotations
 
         rotations = await trio.to_thread.run_sync(rotate_many)
-        statements = product_statements(data, rig.product)
+        statements = product_statements(store, rig.product)
+        await keys_caught_up(store, data, rig.kit.handle.devices, rig.product)
         assert len(statements) > 64 and any(r.retired for r in rotations)
         newest = rotations[-1].new.key_id
         await rig.upload_device_os(SYSTEM_5003)

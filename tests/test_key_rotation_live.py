@@ -22,6 +22,8 @@ from server.devices.keys import (
     withdraw_product_key,
 )
 from server.emulator.flash import Flash
+from server.store import Store
+from tests.key_helpers import keys_caught_up
 from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
@@ -53,9 +55,10 @@ async def _outcomes(rig: OtaRig, device_id: str, count: int) -> list[str]:
             rig.events.changed = trio.Event()
 
 
-def _rotate_then_withdraw(data: Path, product: int, withdrawn: str) -> list[Rotation]:
-    rotations = [rotate_product_key(data, product) for _ in range(ROTATIONS)]
-    withdraw_product_key(data, product, withdrawn)
+def _rotate_then_withdraw(store: Store, data: Path, product: int,
+                          withdrawn: str) -> list[Rotation]:
+    rotations = [rotate_product_key(store, data, product) for _ in range(ROTATIONS)]
+    withdraw_product_key(store, data, product, withdrawn)
     return rotations
 
 
@@ -71,7 +74,7 @@ async def test_a_device_online_through_a_rotation_takes_the_next_release(
     Its trust store ends at the product's sequence, without the withdrawn key."""
     async with ota_rig(nursery, tmp_path, count=1) as rig:
         (device_id,) = rig.ids
-        data = rig.kit.data_dir
+        data, store = rig.kit.data_dir, rig.kit.handle.store
         await rig.upload_device_os(SYSTEM_5003)
         await rig.upload(2, app(2))
         await rig.upload(3, app(3))
@@ -81,13 +84,14 @@ async def test_a_device_online_through_a_rotation_takes_the_next_release(
             await rig.release(2, product_default=True, intelligent=True)
             assert await _outcomes(rig, device_id, 1) == ["started", "success"]
             await fleet.wait_until(updated_to(device_id, 2), timeout=STEP)
-            original = product_signing_key(data, rig.product)  # the key v2 was signed with
+            original = product_signing_key(store, data, rig.product)  # the key v2 was signed with
             device = fleet.device(device_id).device
             sessions = device.sessions
 
             rotations = await trio.to_thread.run_sync(
-                _rotate_then_withdraw, data, rig.product, original.key_id)
-            statements = product_statements(data, rig.product)
+                _rotate_then_withdraw, store, data, rig.product, original.key_id)
+            statements = product_statements(store, rig.product)
+            await keys_caught_up(store, data, rig.kit.handle.devices, rig.product)
             page_bytes = sum(len(s) + 2 for s in statements)
             assert page_bytes > UDP_MAX_MESSAGE  # more than one piece, over either transport
             await rig.release(3, product_default=True, intelligent=True)

@@ -54,7 +54,7 @@ async def _wait_at_v3(rig: OtaRig, fleet: EmulatedFleet, devices: list[str]) -> 
 
 def _signed_v1(rig: OtaRig) -> SignedManifest:
     """The genuine, validly signed manifest of v1: what a replay attacker captured."""
-    key = product_signing_key(rig.kit.data_dir, rig.product)
+    key = product_signing_key(rig.kit.handle.store, rig.kit.data_dir, rig.product)
     return sign_manifest(key, manifest_for_module(APP_V1, product_id=rig.product))
 
 
@@ -93,7 +93,7 @@ async def test_a_downgrade_authorised_for_one_device_is_refused_by_another_and_a
         async with running(fleet):
             await _wait_at_v3(rig, fleet, [device_a, device_b])
             signed = _signed_v1(rig)
-            key = product_signing_key(rig.kit.data_dir, rig.product)
+            key = product_signing_key(rig.kit.handle.store, rig.kit.data_dir, rig.product)
             now_ms = rig.kit.handle.fleet.clock()
             for_a = authorize_downgrade(key, signed.manifest, device_id=device_a,
                                         from_version=3, issued_at_ms=now_ms,
@@ -197,7 +197,7 @@ async def test_a_device_without_a_clock_takes_a_lock_and_refuses_older_authorisa
             await rig.reconnect(fleet, device_id)
             await fleet.wait_until(updated_to(device_id, 3), timeout=STEP)
             signed = _signed_v1(rig)
-            key = product_signing_key(rig.kit.data_dir, rig.product)
+            key = product_signing_key(rig.kit.handle.store, rig.kit.data_dir, rig.product)
             older = authorize_downgrade(key, signed.manifest, device_id=device_id,
                                         from_version=3, issued_at_ms=used.authorised_at - 1,
                                         lifetime_ms=HOUR_MS).to_bytes()

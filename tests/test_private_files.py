@@ -62,7 +62,8 @@ async def test_a_new_installation_is_private_under_umask_022(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     with umask(0o022):
-        # A product with provisioned devices (CA, server key, device keys, signing key),
+        # A product with provisioned devices (CA, server key, device keys, the KEK of the
+        # signing keys, which are in the store),
         # the running server (SQLite in WAL mode: -wal and -shm exist), and an upload.
         kit = await start_device_server(nursery, tmp_path, count=2)
         async with kit.api() as api:
@@ -77,7 +78,7 @@ async def test_a_new_installation_is_private_under_umask_022(
                          "pki/server.key", "keys", "blobs", "blobs/tmp"):
             assert expected in data, sorted(data)
         assert any(name.startswith("blobs/") and len(Path(name).name) == 64 for name in data)
-        assert any(name.endswith(".ed25519") for name in data)
+        assert "keys/signing-keys.kek" in data
         assert not_private(kit.data_dir) == {}
         # What `ota device provision --out` wrote: device private keys, certificates, trust.
         creds = modes(kit.creds_dir)

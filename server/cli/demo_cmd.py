@@ -60,9 +60,10 @@ def _prepare(data: Path, creds: Path, devices: int) -> tuple[int, str, bytes]:
     store = Store.open_dir(data, pool_size=1)
     try:
         token = Fleet(store, EventBus()).create_api_token_sync("owner").access_token
+        public_key = product_signing_key(store, data, product_id).public_key
     finally:
         store.close()
-    return product_id, token, product_signing_key(data, product_id).public_key
+    return product_id, token, public_key
 
 
 def _progress_table(fleet: EmulatedFleet, stage: str) -> Table:

@@ -16,7 +16,7 @@ import typer
 from server.cli._output import print_json
 from server.cli.device_identity_cmd import register_commands
 from server.cli.fleet_cmd import ApiUrl, AsJson, Product, Token, _client
-from server.devices.keys import product_signing_key, product_statements, write_trust_file
+from server.devices.keys import product_key_state, write_trust_file
 from server.fleet.base import FleetBase, now_ms
 from server.fleet.errors import DuplicateError
 from server.identity import ProvisionedDevice, init_pki, pki_dir, provision_devices
@@ -53,12 +53,12 @@ class StoreRegistrar:
                 record = FleetBase._product(tx, _ref(product))
                 for device in devices:
                     _register_one(tx, record.id, record.slug, device, now)
+            if devices:
+                keys = product_key_state(store, data_dir, record.id)
+                write_trust_file(devices[0].ca_path.parent, [keys.key], len(keys.statements),
+                                 product_id=record.id)
         finally:
             store.close()
-        if devices:
-            key = product_signing_key(data_dir, record.id)
-            sequence = len(product_statements(data_dir, record.id))
-            write_trust_file(devices[0].ca_path.parent, [key], sequence, product_id=record.id)
 
 
     def standing(

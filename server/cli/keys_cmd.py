@@ -1,6 +1,7 @@
 """``ota product rotate-key`` and ``ota product withdraw-key``: the product's firmware
-signing keys. Devices learn of a rotation or withdrawal in the answer to their next Hello,
-and devices online now before their next offer (``server.devices.key_sync``)."""
+signing keys, in the store (every node signs with the new key from its next offer on).
+Devices learn of a rotation or withdrawal in the answer to their next Hello, and devices
+online now before their next offer (``server.devices.key_sync``)."""
 
 from __future__ import annotations
 
@@ -15,29 +16,21 @@ from server.cli._store import DbUrl
 from server.devices.keys import MAX_PRODUCT_KEYS, rotate_product_key, withdraw_product_key
 from server.fleet.base import FleetBase, now_ms
 from server.fleet.roles import SYSTEM_ACTOR
+from server.store import Store
 from server.store.installation import open_installation_store
 
 
-def _product_id(data: Path, db_url: str | None, product: str) -> int:
-    store = open_installation_store(data, db_url)
-    try:
-        with store.read() as tx:
-            return FleetBase._product(tx, product).id  # an id or a slug, as the API takes
-    finally:
-        store.close()
+def _product_id(store: Store, product: str) -> int:
+    with store.read() as tx:
+        return FleetBase._product(tx, product).id  # an id or a slug, as the API takes
 
 
-def _audit(data: Path, db_url: str | None, product_id: int, action: str, key_id: str,
+def _audit(store: Store, product_id: int, action: str, key_id: str,
            details: dict[str, Any]) -> None:
-    """Record a change of the product's signing keys in the audit log (the keys live in
-    files, so the store learns of it here)."""
-    store = open_installation_store(data, db_url)
-    try:
-        with store.write() as tx:
-            tx.add_audit(actor=SYSTEM_ACTOR.subject, action=action, product_id=product_id,
-                         target=f"key:{key_id}", details=details, now=now_ms())
-    finally:
-        store.close()
+    """Record a change of the product's signing keys in the audit log."""
+    with store.write() as tx:
+        tx.add_audit(actor=SYSTEM_ACTOR.subject, action=action, product_id=product_id,
+                     target=f"key:{key_id}", details=details, now=now_ms())
 
 
 def rotate_key(
@@ -48,17 +41,24 @@ def rotate_key(
 ) -> None:
     """Introduce a new signing key (signed by the current one) and sign with it from now on."""
     try:
-        product_id = _product_id(data, db_url, product)
-        rotation = rotate_product_key(data, product_id)
+        store = open_installation_store(data, db_url)
     except (OtaError, OSError) as exc:
         fail(str(exc))
-    old, new, sequence = rotation.old, rotation.new, rotation.sequence
     try:
-        _audit(data, db_url, product_id, "key.rotate", new.key_id,
-               {"old_key_id": old.key_id, "sequence": sequence,
-                "retired": list(rotation.retired)})
-    except OtaError as exc:
-        fail(f"the key was rotated (statement {sequence}) but the audit log failed: {exc}")
+        try:
+            product_id = _product_id(store, product)
+            rotation = rotate_product_key(store, data, product_id)
+        except (OtaError, OSError) as exc:
+            fail(str(exc))
+        old, new, sequence = rotation.old, rotation.new, rotation.sequence
+        try:
+            _audit(store, product_id, "key.rotate", new.key_id,
+                   {"old_key_id": old.key_id, "sequence": sequence,
+                    "retired": list(rotation.retired)})
+        except OtaError as exc:
+            fail(f"the key was rotated (statement {sequence}) but the audit log failed: {exc}")
+    finally:
+        store.close()
     if as_json:
         print_json({"product_id": product_id, "old_key_id": old.key_id,
                     "new_key_id": new.key_id, "sequence": sequence,
@@ -81,14 +81,22 @@ def withdraw_key_command(
     """Withdraw an old signing key: devices stop trusting it at their next Hello (online ones
     before their next offer)."""
     try:
-        product_id = _product_id(data, db_url, product)
-        sequence = withdraw_product_key(data, product_id, key_id)
-    except (OtaError, OSError, ValueError) as exc:
+        store = open_installation_store(data, db_url)
+    except (OtaError, OSError) as exc:
         fail(str(exc))
     try:
-        _audit(data, db_url, product_id, "key.withdraw", key_id, {"sequence": sequence})
-    except OtaError as exc:
-        fail(f"the key was withdrawn (statement {sequence}) but the audit log failed: {exc}")
+        try:
+            product_id = _product_id(store, product)
+            sequence = withdraw_product_key(store, data, product_id, key_id)
+        except (OtaError, OSError, ValueError) as exc:
+            fail(str(exc))
+        try:
+            _audit(store, product_id, "key.withdraw", key_id, {"sequence": sequence})
+        except OtaError as exc:
+            fail(f"the key was withdrawn (statement {sequence}) but the audit log failed: "
+                 f"{exc}")
+    finally:
+        store.close()
     typer.echo(f"product {product_id}: key {key_id} withdrawn (statement {sequence}); "
                "devices drop it at their next Hello, online ones before their next offer")
 

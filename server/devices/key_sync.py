@@ -37,7 +37,6 @@ from otacore.protocol.ota_wire import (
     parse_key_push_answer,
 )
 from otacore.signing import SigningKey
-from server.devices.keys import product_signing_key
 
 if TYPE_CHECKING:
     from server.devices.session import DeviceSessionHandler
@@ -59,10 +58,14 @@ async def offer_signing_key(handler: DeviceSessionHandler, product_id: int,
     when the device does not answer)."""
     plane = handler.plane
     for _ in range(_KEY_READS):
-        key = product_signing_key(plane.config.data_dir, product_id)
-        statements = plane.key_statements(product_id)  # read after the key: they introduce it
+        # The process's key cache (server.devices.key_cache): key and statements of one
+        # read, kept current by the event relay; no store access per device.
+        snapshot = await plane.keys.snapshot(product_id)
+        key, statements = snapshot.key, snapshot.statements
         if key.key_id not in plane.keys_trusted_at(product_id, len(statements), key):
-            continue  # retired and withdrawn by a rotation since it was read: read it again
+            # Retired and withdrawn by a rotation since it was read: read it again now.
+            await plane.keys.refresh(product_id)
+            continue
         hello = handler.hello
         if hello is not None and hello.key_push and handler.key_sequence < len(statements):
             if not await push_key_statements(handler, statements, timeout):

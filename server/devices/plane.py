@@ -24,7 +24,8 @@ import trio
 from otacore.messages import Event
 from otacore.signing import SigningKey
 from server.authorization import ClientCertificate
-from server.devices.keys import product_statements, trusted_key_ids
+from server.devices.key_cache import ProductKeyCache
+from server.devices.keys import trusted_key_ids
 from server.devices.live import LiveDevices
 from server.devices.restored_auth import authorize_restored
 from server.devices.session import DeviceSessionHandler
@@ -83,17 +84,6 @@ class DevicePlaneConfig:
         return self.tuning.shutdown_hold_off
 
 
-@dataclass
-class _ProductKeys:
-    """A product's key rotation statements as last read, and what they make devices trust."""
-
-    #: (mtime, size, inode) of the statements file when read.
-    stamp: tuple[int, int, int]
-    statements: list[bytes]
-    #: Statements applied -> key ids a device then trusts (see keys_trusted_at).
-    trusted: dict[int, frozenset[str]] = field(default_factory=dict)
-
-
 class DevicePlane:
     """Listeners plus the registry of live device sessions in this process."""
 
@@ -111,7 +101,9 @@ class DevicePlane:
         self.origin = config.origin or f"server-{os.getpid()}"
         self._session_serials = itertools.count(1)
         self.server: DeviceServer | None = None
-        self._statements: dict[int, _ProductKeys] = {}
+        #: The products' signing keys and statements as this process last read them
+        #: (kept current by ``serve``: server.devices.key_cache).
+        self.keys = ProductKeyCache(fleet.store, config.data_dir, fleet.limiter)
         #: Hooks of the OTA engine (set by ``server.devices.ota.OtaEngine``).
         self.ota: Any = None
         #: The one timer structure of the process's sessions (link retransmissions),
@@ -129,34 +121,23 @@ class DevicePlane:
         self._tasks.start_soon(fn, *args)
 
     def key_statements(self, product_id: int) -> list[bytes]:
-        """The product's key rotation statements, re-read only when the file changed
-        (``ota product rotate-key`` writes it from another process). The file only grows
-        and each write is a new inode (rename), so its size and inode tell a change even
-        within the file system's coarse timestamp granularity."""
-        path = self.config.data_dir / "keys" / f"product-{product_id}.statements"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return []
-        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        cached = self._statements.get(product_id)
-        if cached is None or cached.stamp != stamp:
-            cached = _ProductKeys(stamp, product_statements(self.config.data_dir, product_id))
-            self._statements[product_id] = cached
-        return cached.statements
+        """The product's key rotation statements as this process last read them (the key
+        cache: no store access; a rotation anywhere reaches it through the event relay)."""
+        return self.keys.statements(product_id)
 
     def keys_trusted_at(self, product_id: int, applied: int, current: SigningKey) -> frozenset[str]:
         """The key ids a device of the product trusts once it applied its first ``applied``
         key rotation statements (``current``: the product's key when it has none), computed
-        once per statements file and sequence (a fleet-wide release asks for every device)."""
-        statements = self.key_statements(product_id)
-        if not statements:
-            return frozenset({current.key_id})
-        applied = min(max(applied, 0), len(statements))
-        cache = self._statements[product_id].trusted
-        if applied not in cache:
-            cache[applied] = frozenset(trusted_key_ids(statements, current, applied))
-        return cache[applied]
+        once per statements read and sequence (a fleet-wide release asks for every device)."""
+        snapshot = self.keys.cached(product_id)
+        if snapshot is None or snapshot.key.key_id != current.key_id:
+            # ``current`` is not the cached key (read before a refresh): compute afresh.
+            statements = [] if snapshot is None else snapshot.statements
+            if not statements:
+                return frozenset({current.key_id})
+            applied = min(max(applied, 0), len(statements))
+            return frozenset(trusted_key_ids(statements, current, applied))
+        return snapshot.trusted_at(applied)
 
     # -- DeviceDirectory -------------------------------------------------------------------
 
@@ -253,6 +234,9 @@ class DevicePlane:
             self._tasks = nursery
             nursery.start_soon(self.timers.run)
             nursery.start_soon(self._close_revoked_sessions)
+            # The keys are read (an older release's key files imported) before any device
+            # connects: its Hello answer carries the statements.
+            await nursery.start(self.keys.run, self.bus)
             self.server = await nursery.start(
                 partial(serve_devices, listener_config, self.handler_factory, self,
                         registry=self.registry, timers=self.timers)

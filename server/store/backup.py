@@ -16,7 +16,8 @@ taken while its server runs.
    referenced blob that cannot be found is an error, never a silent gap: the whole backup
    is tried again (``blob_attempts`` times: the firmware may have been deleted between the
    copy and the pin), then BackupBlobError names the blobs.
-4. **Copy the data directory's other files** (CA, server certificate, signing keys).
+4. **Copy the data directory's other files** (CA, server certificate, the key-encryption
+   key of the signing keys, which are in the database copy).
 5. **Write the manifest**, fsync the tree and rename it from its temporary name to DEST:
    a crash at any moment leaves no directory named DEST, only ``.DEST.partial-*``.
 """
@@ -32,14 +33,12 @@ import secrets
 import shutil
 import sqlite3
 from collections.abc import Callable
-from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from server.data_lock import LOCK_FILENAME
-from server.devices.keys import rotation_lock
 from server.private_files import create_private_file, make_private_dir, write_private_file
 from server.store.backup_files import (
     BLOBS_DIR,
@@ -180,7 +179,7 @@ def _backup_once(data_dir: Path, database: Path, dest: Path, step_pages: int,
         _copy_blobs(referenced, data_dir / BLOB_DIRNAME, pins, staging, files)
         shutil.rmtree(pins, ignore_errors=True)  # the copies are made: let the links go
         files[DATABASE_NAME] = hash_file(copy)
-        _copy_data_files(data_dir, database, staging, _product_ids(copy), files)
+        _copy_data_files(data_dir, database, staging, files)
         manifest = Manifest(
             created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             source=str(data_dir.resolve()),
@@ -330,17 +329,6 @@ def _schema_revision(copy: Path) -> tuple[int | None, str | None]:
         conn.close()
 
 
-def _product_ids(copy: Path) -> list[int]:
-    """The product ids in the database copy (whose signing keys the backup copies)."""
-    conn = sqlite3.connect(f"{copy.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        return [int(row[0]) for row in conn.execute("SELECT id FROM products")]
-    except sqlite3.Error as exc:
-        raise BackupError(f"cannot read the products of the database copy: {exc}") from exc
-    finally:
-        conn.close()
-
-
 def _referenced_blobs(copy: Path) -> set[str]:
     """Every blob the database copy refers to (the store's own query, on the copy)."""
     engine = sa.create_engine(f"sqlite:///{copy.resolve()}")
@@ -381,39 +369,33 @@ def _copy_blobs(referenced: set[str], blob_root: Path, pins: Path, staging: Path
 
 
 def _copy_data_files(data_dir: Path, database: Path, staging: Path,
-                     product_ids: list[int], files: dict[str, FileEntry]) -> None:
-    """Copy the data directory's keys, CA and certificates (everything but the store).
-    The products' signing keys and statements are copied under their rotation locks
-    (server/devices/keys.py), so a rotation running meanwhile is in the copy whole or not
-    at all."""
+                     files: dict[str, FileEntry]) -> None:
+    """Copy the data directory's CA, certificates and key-encryption key (everything but
+    the store). The products' signing keys are in the database copy, sealed under the KEK
+    (server.devices.key_vault); the KEK exists before any key is sealed and is copied after
+    the database, so a copy holding sealed keys always comes with the KEK that opens them.
+    An older release's key files (``keys/product-*``) are copied as they are."""
     database = database.resolve()
     # A --db-url SQLite file inside DIR, and its journal files, are the database, not data.
     skipped = {database, *(Path(f"{database}{suffix}") for suffix in ("-wal", "-shm", "-journal"))}
-    with ExitStack() as rotations:
-        for product_id in sorted(product_ids):  # one order: no deadlock between holders
+    for directory, subdirs, names in os.walk(data_dir):
+        base = Path(directory)
+        if base == data_dir:
+            subdirs[:] = [d for d in subdirs
+                          if d not in _NOT_DATA and not d.startswith(PIN_PREFIX)]
+        for name in sorted(names):
+            path = base / name
+            if base == data_dir and name in _NOT_DATA:
+                continue
+            if name.startswith(".") and name.endswith(".tmp"):
+                continue  # a private file being replaced (write_private_file)
+            if path.is_symlink() or not path.is_file():
+                log.warning("backup: skipped %s (not a regular file)", path)
+                continue
+            if path.resolve() in skipped:
+                continue
+            relative = f"{DATA_DIR}/{path.relative_to(data_dir).as_posix()}"
             try:
-                rotations.enter_context(rotation_lock(data_dir, product_id))
-            except PermissionError:  # a data directory this user may only read
-                log.warning("backup: cannot take product %d's key rotation lock in %s; "
-                            "its keys are copied without it", product_id, data_dir)
-        for directory, subdirs, names in os.walk(data_dir):
-            base = Path(directory)
-            if base == data_dir:
-                subdirs[:] = [d for d in subdirs
-                              if d not in _NOT_DATA and not d.startswith(PIN_PREFIX)]
-            for name in sorted(names):
-                path = base / name
-                if base == data_dir and name in _NOT_DATA:
-                    continue
-                if name.startswith(".") and name.endswith(".tmp"):
-                    continue  # a private file being replaced (write_private_file)
-                if path.is_symlink() or not path.is_file():
-                    log.warning("backup: skipped %s (not a regular file)", path)
-                    continue
-                if path.resolve() in skipped:
-                    continue
-                relative = f"{DATA_DIR}/{path.relative_to(data_dir).as_posix()}"
-                try:
-                    files[relative] = copy_hashed(path, staging / relative)
-                except FileNotFoundError:  # removed meanwhile
-                    continue
+                files[relative] = copy_hashed(path, staging / relative)
+            except FileNotFoundError:  # removed meanwhile
+                continue

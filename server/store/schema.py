@@ -627,3 +627,47 @@ leases = sa.Table(
     _ms("taken_at"),
 )
 
+
+# --- products' firmware signing keys (revision 0009): in the store, so that every node of
+# an installation signs with the same key and sees a rotation or withdrawal at once.
+
+#: Each key a product ever had: the private key sealed (AES-256-GCM) under the key-encryption
+#: key of the data directory (server.devices.key_vault), never in clear. ``is_current`` is
+#: True on the key the product signs with and NULL on every other: the UNIQUE constraint
+#: over (product_id, is_current) then admits one current key per product (NULLs never
+#: collide, on SQLite and PostgreSQL alike) without a partial index.
+product_signing_keys = sa.Table(
+    "product_signing_keys",
+    metadata,
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("key_id", sa.String(16), primary_key=True),
+    sa.Column("public_key", sa.LargeBinary, nullable=False),
+    # nonce (12 bytes) + AES-256-GCM(kek, nonce, private key, aad = product id + key id).
+    sa.Column("sealed_private_key", sa.LargeBinary, nullable=False),
+    # Which key-encryption key sealed it (a fingerprint, never the key): a node holding
+    # another one says so instead of failing to decrypt.
+    sa.Column("kek_id", sa.String(16), nullable=False),
+    sa.Column("is_current", sa.Boolean, nullable=True),
+    # The statement that withdrew the key (NULL while devices trust it).
+    sa.Column("withdrawn_sequence", sa.Integer, nullable=True),
+    _ms("created_at"),
+    sa.UniqueConstraint("product_id", "is_current", name="uq_product_signing_keys_current"),
+)
+
+#: The product's key rotation statements (otacore.signing), statement N at sequence N: the
+#: primary key makes two rotations that read the same statements conflict in the database
+#: (one commits, the other gets a conflict and reads again), whichever nodes run them.
+product_key_statements = sa.Table(
+    "product_key_statements",
+    metadata,
+    sa.Column(
+        "product_id", sa.Integer, sa.ForeignKey("products.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("sequence", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("statement", sa.LargeBinary, nullable=False),
+    _ms("created_at"),
+)

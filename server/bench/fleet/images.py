@@ -135,9 +135,9 @@ def _register(
                     not_after=int(device.not_after.timestamp() * 1000),
                     now=now,
                 )
+        key = product_signing_key(store, data_dir, product_id)
     finally:
         store.close()
-    key = product_signing_key(data_dir, product_id)
     write_trust_file(devices[0].ca_path.parent, [key], 0, product_id=product_id)
 
 
