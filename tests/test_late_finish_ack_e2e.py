@@ -16,6 +16,7 @@ write then goes through, its FinishAck arrives late, and the device must still a
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,7 @@ async def update_with_a_slow_completion_write(
         device = fleet.device(device_id).device
         # A FinishReply budget of 0.2 + 0.4 + 0.8 s, well below the server's 30 s busy
         # timeout: the write waits out the lock and succeeds, late.
-        device.finish_retry = 0.2
-        device.finish_retries = 2
+        device.config = replace(device.config, finish_retry=0.2, finish_retries=2)
         lost = drop_first_finish_ack(device) if lose_first_ack else []
         try:
             async with running(fleet):
