@@ -391,7 +391,7 @@ class TransferRun:
                                 "gives_up": outcome is Verdict.FAILED})
                 if outcome is Verdict.FAILED:
                     # The update failed (a timed-out transfer with retries left is the same
-                    # update going on: deliver() tries again and it resumes).
+                    # update going on: module_offer.deliver tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
                     log.info("update of %s failed: %s", updater.device_id, item.reason,
                              extra={"event": "update_failed", "device_id": updater.device_id,
