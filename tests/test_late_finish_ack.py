@@ -27,6 +27,7 @@ from otacore.transfer import (
     Message,
     ReadyToApply,
     ReceiverPhase,
+    ReceiverStats,
     SaveState,
     StartReply,
     TransferCompleted,
@@ -35,6 +36,7 @@ from otacore.transfer import (
     TransferStatus,
     UpdateFinish,
 )
+from otacore.transfer.late_finish import answer_late_finish_reply
 from tests.test_transfer_protocol import IMAGE, N, chunk, feed, of, start_msg, started_device
 from tests.test_transfer_sim import Device
 
@@ -373,3 +375,40 @@ def test_every_finish_ack_of_the_repeats_lost_then_a_reask_is_confirmed() -> Non
     device.apply(rx.handle(answer, now + 60.1))
     (ready,) = device.ready
     assert bytes(device.slot[: len(IMAGE)]) == IMAGE and ready.start.transfer_id == 77
+
+
+# --- the server's answer once its transfer is over (otacore.transfer.late_finish) ----------
+
+
+def test_the_server_confirms_only_its_recorded_completion() -> None:
+    ok = FinishReply(77, TransferStatus.OK, ReceiverStats(0, N, 0, 0, 0, 0, 1, 5))
+    assert answer_late_finish_reply(ok, 77) == FinishAck(77)
+    for confirmed in (None, 78):  # none recorded since the last offer, or another one
+        answer = answer_late_finish_reply(ok, confirmed)
+        assert isinstance(answer, Cancel) and answer.transfer_id == 77
+        assert answer.status is TransferStatus.UNKNOWN_TRANSFER and "offers again" in answer.reason
+    refused = FinishReply(77, TransferStatus.SHA256_MISMATCH, ok.stats)
+    assert answer_late_finish_reply(refused, 77) is None
+    assert answer_late_finish_reply(refused, None) is None
+
+
+def test_a_reask_answered_from_the_servers_memory_applies_or_ends_the_lapse() -> None:
+    """The device's re-ask reaches a session whose transfer is over: confirmed, it applies
+    the file; unknown as completed, the Cancel ends the lapse (no more asks) and the next
+    offer resumes the validated file as complete."""
+    for confirmed in (77, None):
+        device = validated_device()
+        now = give_up(device)
+        rx = device.receiver
+        (reask,) = device.apply(rx.poll(now + 60.0))
+        assert isinstance(reask, FinishReply)
+        answer = answer_late_finish_reply(reask, confirmed)
+        assert answer is not None
+        device.apply(rx.handle(answer, now + 60.1))
+        if confirmed == 77:
+            assert [r.start.transfer_id for r in device.ready] == [77]
+            continue
+        assert device.ready == [] and rx.lapsed_transfer_id is None
+        assert rx.next_deadline() is None  # it stops asking
+        out = rx.handle(start_msg(tid=78), now + 100.0)
+        assert of(StartReply, out)[0].resume_offset == N

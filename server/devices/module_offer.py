@@ -105,6 +105,7 @@ async def _offer_and_stream(updater: SessionUpdater, view: DeviceTarget,
     encoding = Encoding(sent.transfer)
     compressed = encoding is Encoding.ZSTD
     updater.offers += 1
+    updater.confirmed_transfer = None  # the offer ends what the device held of the last one
     answer = await handler.request(
         offer_request(signed, delta_base_sha256=base, compressed=compressed,
                       authorization=authorization),

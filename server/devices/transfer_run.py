@@ -372,6 +372,8 @@ class TransferRun:
                 with trio.CancelScope(shield=True):
                     await engine.save_memory(updater.device_id, *steps)
                 updater.start_recorded(started)
+                # Durable: a lapsed device asking again later is confirmed (updater).
+                updater.confirmed_transfer = self.sender.transfer_id
                 verdict = True
             elif isinstance(item, TransferFailed):
                 outcome = updater.planner.on_transfer_failed(item.status, Encoding(transfer),

@@ -30,12 +30,16 @@ from otacore.protocol.ota_wire import (
     UPDATES_PENDING_EVENT,
     is_transfer,
     parse_transfer,
+    transfer_request,
 )
 from otacore.transfer import (
+    FinishAck,
+    FinishReply,
     TransferProtocolError,
     TransferSender,
     TransferStatus,
 )
+from otacore.transfer.late_finish import answer_late_finish_reply
 from otacore.transfer.module_plan import (
     CannotPlan,
     ModulePlan,
@@ -81,7 +85,7 @@ class SessionUpdater:
 
     # One per live session: slots save its dict; "__dict__" keeps room for more.
     __slots__ = ("__dict__", "_answered", "_downloads", "_kick_event", "_kicked", "_running",
-                 "_view", "_wait_scope", "attempt", "device_id",
+                 "_view", "_wait_scope", "attempt", "confirmed_transfer", "device_id",
                  "engine", "fed_in_event", "fed_to_task", "handled", "handler", "inbox",
                  "kicks", "last_failure", "memory_loaded", "offers", "planner",
                  "recheck_asked", "result_seen", "sends_deferred", "started_unrecorded",
@@ -141,6 +145,10 @@ class SessionUpdater:
         self.handled = Tally()
         #: Offers sent to the device in this session.
         self.offers = 0
+        #: The id of this session's last transfer whose completion is durably recorded
+        #: (None: none since the last offer): a FinishReply for it after the transfer ended
+        #: is answered with a FinishAck (see _answer_late_finish).
+        self.confirmed_transfer: int | None = None
         #: The active rollout that makes the device's target, as the last check read it
         #: (None: the releases make it); its outcomes are recorded with the OTA writes.
         self.rollout: RolloutOffer | None = None
@@ -259,10 +267,24 @@ class SessionUpdater:
         transfer = self.transfer
         if transfer is not None:
             transfer.feed(transfer_message)  # the sender runs in this call (transfer_run)
+        elif isinstance(transfer_message, FinishReply):
+            self._answer_late_finish(transfer_message)
         else:
             # The transfer protocol recovers lost messages: never queue unboundedly.
             self.inbox.put(transfer_message)
         return True
+
+    def _answer_late_finish(self, reply: FinishReply) -> None:
+        """A FinishReply once no transfer runs: a lapsed device asks again for a FinishAck
+        it lost (otacore.transfer.late_finish decides the answer, from memory: a re-ask
+        costs the store nothing). Queued on the link; the session's reader sends it."""
+        answer = answer_late_finish_reply(reply, self.confirmed_transfer)
+        if answer is None:
+            return
+        log.info("device %s asked again to apply transfer %d: %s", self.device_id,
+                 reply.transfer_id, "confirmed" if isinstance(answer, FinishAck)
+                 else "unknown as completed, cancelled")
+        self.handler.notify(transfer_request(answer))
 
     async def route(self, message: Message) -> bool:
         """Take the requests that belong to updates: transfer messages and firmware GETs."""
