@@ -27,6 +27,7 @@ from otacore.transfer import (
     Message,
     ReadyToApply,
     ReceiverPhase,
+    ReceiverStats,
     SaveState,
     StartReply,
     TransferCompleted,
@@ -35,12 +36,15 @@ from otacore.transfer import (
     TransferStatus,
     UpdateFinish,
 )
+from otacore.transfer.late_finish import answer_late_finish_reply
 from tests.test_transfer_protocol import IMAGE, N, chunk, feed, of, start_msg, started_device
 from tests.test_transfer_sim import Device
 
 #: The device's FinishReply budget in these tests: at 3, 4 (1 + 1 * 2) and 6 (4 + 1 * 4) s
-#: after the first reply at 2 s; it gives up at the deadline after the last retry.
-RETRY = {"finish_retry": 1.0, "finish_retries": 2}
+#: after the first reply at 2 s; it gives up at the deadline after the last retry (10 s),
+#: then asks again 60 s later, and every 120, 240, 300, 300 ... s.
+RETRY = {"finish_retry": 1.0, "finish_retries": 2, "finish_reask": 60.0,
+         "finish_reask_max": 300.0}
 
 
 def validated_device() -> Device:
@@ -58,10 +62,9 @@ def give_up(device: Device) -> float:
     """Run the receiver's timers until it stops waiting for the FinishAck; the time then."""
     rx = device.receiver
     now = 2.0
-    for _ in range(10):
+    while rx.phase is ReceiverPhase.VALIDATED:
         deadline = rx.next_deadline()
-        if deadline is None:
-            break
+        assert deadline is not None
         now = deadline
         device.apply(rx.poll(now))
     assert rx.phase is ReceiverPhase.IDLE
@@ -76,8 +79,8 @@ def test_a_late_finish_ack_applies_the_validated_file() -> None:
     rx = device.receiver
     assert rx.lapsed_transfer_id == 77 and rx.transfer_id is None
     assert rx.state is not None and rx.state.validated  # it still resumes as complete
-    assert rx.next_deadline() is None  # it waits for nothing
-    out = rx.handle(FinishAck(77), now + 60.0)
+    assert rx.next_deadline() == now + 60.0  # it only asks again, slowly
+    out = rx.handle(FinishAck(77), now + 30.0)
     device.apply(out)
     (ready,) = device.ready
     assert ready.start.transfer_id == 77 and ready.stats.received == N
@@ -167,7 +170,7 @@ def test_an_update_finish_after_the_lapse_is_answered_not_cancelled() -> None:
     out = rx.handle(UpdateFinish(77), now + 10.0)
     (reply,) = out
     assert isinstance(reply, FinishReply) and reply.status is TransferStatus.OK
-    assert rx.next_deadline() is None  # answered; still nothing to wait for
+    assert rx.next_deadline() == now + 60.0  # answered; its slow cadence is unchanged
     device.apply(rx.handle(FinishAck(77), now + 11.0))
     assert len(device.ready) == 1
 
@@ -248,8 +251,10 @@ def test_only_the_validated_transfers_own_ack_applies_it(steps: Sequence[str]) -
             out = list(rx.handle(start_msg(tid=78), now))
             alive = False
         elif step == "wait":
-            now += 100.0  # past any FinishReply deadline: at most one expires per poll
+            now += 400.0  # past any FinishReply deadline: at most one expires per poll
             out = list(rx.poll(now))
+            # It asks again (repeats, then slow re-asks) only for a transfer still its own.
+            assert of(FinishReply, out) == [] or (alive and not applied)
         elif step == "device_cancel":
             out = list(rx.cancel(now))
             alive = False
@@ -281,3 +286,129 @@ def test_update_start_of_the_lapsed_transfer_itself_is_a_new_start() -> None:
     out = device.receiver.handle(start_msg(tid=77), now + 1.0)
     assert of(StartReply, out)[0].resume_offset == N
     assert device.receiver.lapsed_transfer_id is None
+
+
+# --- the lapsed transfer asks again, slowly -------------------------------------------------
+
+
+def reasks(device: Device, since: float, until: float) -> list[float]:
+    """Run the receiver's timers from ``since`` to ``until``: when it sent a FinishReply."""
+    rx = device.receiver
+    times = []
+    while (deadline := rx.next_deadline()) is not None and deadline <= until:
+        assert deadline > since
+        since = deadline
+        for message in device.apply(rx.poll(deadline)):
+            assert message == FinishReply(77, TransferStatus.OK, message.stats)
+            times.append(deadline)
+    return times
+
+
+def test_a_lapsed_transfer_asks_again_at_a_doubling_bounded_interval() -> None:
+    """A FinishAck lost after the repeats (one NON datagram over DTLS) must not leave the
+    device on its old firmware for the rest of the session: once lapsed it sends its
+    FinishReply again 60 s later, then every 120, 240, then 300 s at most."""
+    device = validated_device()
+    lapsed_at = give_up(device)
+    times = reasks(device, lapsed_at, lapsed_at + 3000.0)
+    gaps = [round(b - a, 6) for a, b in zip([lapsed_at, *times], times, strict=False)]
+    assert gaps[:4] == [60.0, 120.0, 240.0, 300.0] and set(gaps[3:]) == {300.0}
+    assert len(times) == 11  # 60 + 120 + 240 + 8 * 300 <= 3000 < 60 + 120 + 240 + 9 * 300
+    # The FinishAck answering the third re-ask applies the file.
+    device.apply(device.receiver.handle(FinishAck(77), times[2] + 0.1))
+    assert len(device.ready) == 1 and device.receiver.next_deadline() is None
+
+
+def test_the_reasks_stop_when_the_lapse_ends() -> None:
+    """The re-asks belong to the lapse: a Cancel of that transfer (the server's answer when
+    it knows no completion of it), the device's own cancel or a new UpdateStart ends them."""
+    for end in ("cancel", "device_cancel", "start"):
+        device = validated_device()
+        now = give_up(device)
+        rx = device.receiver
+        assert reasks(device, now, now + 100.0) == [now + 60.0]
+        now += 100.0
+        if end == "cancel":
+            out = rx.handle(Cancel(77, TransferStatus.UNKNOWN_TRANSFER, "not completed"), now)
+        elif end == "device_cancel":
+            out = rx.cancel(now)
+        else:
+            out = rx.handle(start_msg(tid=78), now)
+        assert of(FinishReply, device.apply(out)) == [], end
+        assert rx.lapsed_transfer_id is None
+        if end != "start":
+            assert rx.next_deadline() is None, end
+        assert of(FinishReply, rx.poll(now + 10_000.0)) == [], end
+        assert device.ready == []
+
+
+def test_every_finish_ack_of_the_repeats_lost_then_a_reask_is_confirmed() -> None:
+    """Both state machines: the server's FinishAck and its answers to every repeat are lost
+    (the device gives up); the device's first re-ask reaches the sender, DONE, whose
+    FinishAck applies the file."""
+    sender = TransferSender(IMAGE, 512, 8, 77, module_function=5, module_index=1,
+                            module_version=7)
+    device = Device(len(IMAGE), **RETRY)
+    rx = device.receiver
+    to_device: list[Message] = [m for m in sender.start(0.0) if isinstance(m, Message)]
+    lost: list[Message] = []
+    now = 0.0
+    while to_device or rx.phase is ReceiverPhase.VALIDATED:
+        if to_device:
+            now += 0.01
+            replies = device.apply(rx.handle(to_device.pop(0), now))
+        else:
+            deadline = rx.next_deadline()
+            assert deadline is not None
+            now = deadline
+            replies = device.apply(rx.poll(now))
+        for reply in replies:
+            for item in sender.handle(reply, now):
+                if isinstance(item, FinishAck):
+                    lost.append(item)  # every FinishAck is lost while the device waits
+                elif isinstance(item, Message):
+                    to_device.append(item)
+    assert lost == [FinishAck(77)] * 3 and device.ready == []  # the first and 2 repeats
+    assert rx.lapsed_transfer_id == 77
+    (reask,) = device.apply(rx.poll(now + 60.0))
+    (answer,) = [m for m in sender.handle(reask, now + 60.0) if isinstance(m, Message)]
+    device.apply(rx.handle(answer, now + 60.1))
+    (ready,) = device.ready
+    assert bytes(device.slot[: len(IMAGE)]) == IMAGE and ready.start.transfer_id == 77
+
+
+# --- the server's answer once its transfer is over (otacore.transfer.late_finish) ----------
+
+
+def test_the_server_confirms_only_its_recorded_completion() -> None:
+    ok = FinishReply(77, TransferStatus.OK, ReceiverStats(0, N, 0, 0, 0, 0, 1, 5))
+    assert answer_late_finish_reply(ok, 77) == FinishAck(77)
+    for confirmed in (None, 78):  # none recorded since the last offer, or another one
+        answer = answer_late_finish_reply(ok, confirmed)
+        assert isinstance(answer, Cancel) and answer.transfer_id == 77
+        assert answer.status is TransferStatus.UNKNOWN_TRANSFER and "offers again" in answer.reason
+    refused = FinishReply(77, TransferStatus.SHA256_MISMATCH, ok.stats)
+    assert answer_late_finish_reply(refused, 77) is None
+    assert answer_late_finish_reply(refused, None) is None
+
+
+def test_a_reask_answered_from_the_servers_memory_applies_or_ends_the_lapse() -> None:
+    """The device's re-ask reaches a session whose transfer is over: confirmed, it applies
+    the file; unknown as completed, the Cancel ends the lapse (no more asks) and the next
+    offer resumes the validated file as complete."""
+    for confirmed in (77, None):
+        device = validated_device()
+        now = give_up(device)
+        rx = device.receiver
+        (reask,) = device.apply(rx.poll(now + 60.0))
+        assert isinstance(reask, FinishReply)
+        answer = answer_late_finish_reply(reask, confirmed)
+        assert answer is not None
+        device.apply(rx.handle(answer, now + 60.1))
+        if confirmed == 77:
+            assert [r.start.transfer_id for r in device.ready] == [77]
+            continue
+        assert device.ready == [] and rx.lapsed_transfer_id is None
+        assert rx.next_deadline() is None  # it stops asking
+        out = rx.handle(start_msg(tid=78), now + 100.0)
+        assert of(StartReply, out)[0].resume_offset == N

@@ -98,11 +98,6 @@ class DownloadMixin:
     _modules: tuple[InstalledModule, ...]
     _offer: AcceptedOffer | None
     _receiver: TransferReceiver
-    #: The receiver's FinishReply retransmission: the first after ``finish_retry`` seconds,
-    #: doubling, ``finish_retries`` times before it stops waiting for the FinishAck (Device
-    #: OS-like defaults; an instance may set its own, e.g. a test's small budget).
-    finish_retry: float = 2.0
-    finish_retries: int = 4
     #: The offer of a validated transfer the receiver stopped waiting to be confirmed: kept
     #: so that its FinishAck, if it still comes in this session, stages it (see
     #: TransferReceiver.lapsed_transfer_id). None otherwise.
@@ -227,8 +222,10 @@ class DownloadMixin:
             max_file_size=self.config.max_binary_size,
             check_start=lambda start: _check_start(offer, start),
             check_file=lambda start, view: self._check_file(offer, view),
-            finish_retry=self.finish_retry,
-            finish_retries=self.finish_retries,
+            finish_retry=self.config.finish_retry,
+            finish_retries=self.config.finish_retries,
+            finish_reask=self.config.finish_reask,
+            finish_reask_max=self.config.finish_reask_max,
         )
 
     def _check_file(self, offer: AcceptedOffer, view: memoryview) -> None:

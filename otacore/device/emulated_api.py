@@ -75,6 +75,20 @@ class DeviceConfig:
     max_trial_boots: int = DEFAULT_MAX_TRIAL_BOOTS
     transfer_idle_timeout: float = 300.0
     window_bytes: int = 128 * 1024
+    #: The FinishReply is repeated while the device waits for the server's FinishAck: the
+    #: first repeat after ``finish_retry`` s, doubling, ``finish_retries`` times (Device
+    #: OS-like: 2 + 4 + 8 + 16 + 32 = 62 s), then it stops waiting (the transfer lapses,
+    #: see otacore.transfer.receiver).
+    finish_retry: float = 2.0
+    finish_retries: int = 4
+    #: While lapsed it asks again ``finish_reask`` s after giving up, doubling up to every
+    #: ``finish_reask_max`` s, so a FinishAck lost after the repeats is made up in the
+    #: session. The first continues the doubling above (32 -> 64 s); each costs one small
+    #: datagram (well under the 30 s keepalive's traffic), answered by the server from its
+    #: memory without a store access, so an overloaded store is not asked for more; the cap
+    #: bounds the delay a lost FinishAck adds to the update to about 10 minutes.
+    finish_reask: float = 64.0
+    finish_reask_max: float = 600.0
     #: Hello's "compressed OTA": the device inflates zstd-compressed images (otacore.zstd_image)
     compressed_ota: bool = True
     #: Largest zstd window (log2 bytes of RAM) the device inflates a compressed image with.
@@ -101,6 +115,12 @@ class DeviceConfig:
             raise ValidationError(
                 f"delta_format must be a patch format version from 1 to {NEWEST_DELTA_FORMAT}"
             )
+        if not (self.finish_retry > 0 and self.finish_reask > 0 and self.finish_retries >= 0):
+            raise ValidationError(
+                "finish_retry and finish_reask must be positive, finish_retries not negative"
+            )
+        if not self.finish_reask_max >= self.finish_reask:
+            raise ValidationError("finish_reask_max must be at least finish_reask")
         if self.heartbeat_interval is not None and not self.heartbeat_interval > 0:
             raise ValidationError("heartbeat_interval must be positive (or None for none)")
 

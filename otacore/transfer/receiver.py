@@ -26,8 +26,11 @@ doubling from ``finish_retry`` seconds, then stops waiting (TransferFailed, TIME
 never hangs in an update; but the transfer *lapses* rather than ends: a FinishAck of exactly
 that transfer that still comes in the session (an overloaded store took longer than the
 retries) applies the file, after validating it again, and a repeated UpdateFinish gets the
-same FinishReply. A new UpdateStart, a Cancel or :meth:`TransferReceiver.cancel` ends the
-lapse; any other FinishAck is stale and ignored.
+same FinishReply. While lapsed it asks again, slowly: a FinishReply ``finish_reask`` seconds
+after giving up, doubling up to every ``finish_reask_max`` seconds, so that a FinishAck lost
+after the repeats were used up (over DTLS each copy is one NON datagram) is made up within the
+session. A new UpdateStart, a Cancel or :meth:`TransferReceiver.cancel` ends the lapse; any
+other FinishAck is stale and ignored.
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ class TransferReceiver:
         check_file: FileCheck | None = None,
         finish_retry: float = 2.0,
         finish_retries: int = 4,
+        finish_reask: float = 64.0,
+        finish_reask_max: float = 600.0,
     ) -> None:
         """Create a receiver, resuming from ``state`` when the device saved one.
 
@@ -153,7 +158,9 @@ class TransferReceiver:
         ``max_file_size`` is the slot size (bookkeeping costs 4 bytes per chunk). The
         hooks may raise TransferRejectedError: ``check_start`` before accepting an
         UpdateStart (updates disabled, delta base not installed, ...), ``check_file`` after
-        the SHA-256 and module checks pass (e.g. the manifest signature).
+        the SHA-256 and module checks pass (e.g. the manifest signature). The FinishReply
+        is repeated ``finish_retries`` times from ``finish_retry`` s (doubling), then, once
+        lapsed, from ``finish_reask`` s doubling up to ``finish_reask_max`` s.
         """
         self._read_stored = read_stored
         self._window_bytes = window_bytes
@@ -165,6 +172,10 @@ class TransferReceiver:
         self._check_file = check_file
         self._finish_retry = finish_retry
         self._finish_retries = finish_retries
+        self._finish_reask = finish_reask
+        self._finish_reask_max = finish_reask_max
+        #: The gap before the lapsed transfer's next FinishReply (see poll).
+        self._reask_gap = finish_reask
         self._persist = state
         self.phase = ReceiverPhase.IDLE
         self._tid = -1
@@ -263,6 +274,8 @@ class TransferReceiver:
                     # this session, applies the file (see _on_late_ack).
                     self._go_idle()
                     self._lapsed = True
+                    self._reask_gap = self._finish_reask
+                    self._finish_deadline = now + self._finish_reask  # asks again, slowly
                     reason = (
                         "the server never confirmed the validated file; it resumes as "
                         "complete (and is applied if the confirmation still comes)"
@@ -272,6 +285,15 @@ class TransferReceiver:
                     self._finish_attempts += 1
                     self._finish_deadline = now + self._finish_retry * 2**self._finish_attempts
                     out.append(self._finish_reply)
+        elif self._lapsed:
+            assert self._finish_deadline is not None and self._finish_reply is not None
+            if now >= self._finish_deadline:
+                # A FinishAck lost after the repeats (one NON datagram over DTLS) would
+                # leave the file unapplied until the next session: ask again, backing off
+                # (the server answers from memory, without touching its store).
+                self._reask_gap = min(2 * self._reask_gap, self._finish_reask_max)
+                self._finish_deadline = now + self._reask_gap
+                out.append(self._finish_reply)
         return out
 
     def next_deadline(self) -> float | None:
@@ -280,7 +302,7 @@ class TransferReceiver:
             idle = self._last_chunk_at + self._idle_timeout
             ack = self._ack_deadline
             return idle if ack is None or idle < ack else ack
-        if self.phase is ReceiverPhase.VALIDATED:
+        if self.phase is ReceiverPhase.VALIDATED or self._lapsed:
             return self._finish_deadline
         return None
 

@@ -372,6 +372,8 @@ class TransferRun:
                 with trio.CancelScope(shield=True):
                     await engine.save_memory(updater.device_id, *steps)
                 updater.start_recorded(started)
+                # Durable: a lapsed device asking again later is confirmed (updater).
+                updater.confirmed_transfer = self.sender.transfer_id
                 verdict = True
             elif isinstance(item, TransferFailed):
                 outcome = updater.planner.on_transfer_failed(item.status, Encoding(transfer),
@@ -391,7 +393,7 @@ class TransferRun:
                                 "gives_up": outcome is Verdict.FAILED})
                 if outcome is Verdict.FAILED:
                     # The update failed (a timed-out transfer with retries left is the same
-                    # update going on: deliver() tries again and it resumes).
+                    # update going on: module_offer.deliver tries again and it resumes).
                     engine.updating.pop(updater.device_id, None)
                     log.info("update of %s failed: %s", updater.device_id, item.reason,
                              extra={"event": "update_failed", "device_id": updater.device_id,

@@ -6,7 +6,8 @@ transfer's events) and carries its decisions out: it tells the device about forc
 pending updates, offers a module with its signed manifest and has it streamed by a
 :class:`~server.devices.transfer_run.TransferRun` (the image, a delta or a zstd frame,
 falling back in the same session when the device refuses an encoded file), retries a
-transfer the device stopped acknowledging, cancels one a new target made stale, and records
+transfer the device stopped acknowledging (those three: :mod:`server.devices.module_offer`),
+cancels one a new target made stale, and records
 progress and outcomes. The transfer itself runs inside the events that feed it (the
 device's acknowledgements, its deadlines): the updater's task sleeps meanwhile, and wakes
 only for what waits (store writes, a send the socket cannot take yet, a kick's check).
@@ -15,7 +16,6 @@ only for what waits (store writes, a send the socket cannot take yet, a kick's c
 from __future__ import annotations
 
 import logging
-import secrets
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -29,14 +29,17 @@ from otacore.protocol.ota_wire import (
     UPDATES_FORCED_EVENT,
     UPDATES_PENDING_EVENT,
     is_transfer,
-    offer_request,
     parse_transfer,
+    transfer_request,
 )
 from otacore.transfer import (
+    FinishAck,
+    FinishReply,
     TransferProtocolError,
     TransferSender,
     TransferStatus,
 )
+from otacore.transfer.late_finish import answer_late_finish_reply
 from otacore.transfer.module_plan import (
     CannotPlan,
     ModulePlan,
@@ -44,18 +47,13 @@ from otacore.transfer.module_plan import (
 from otacore.transfer.planner import (
     AnnouncePending,
     DeliveryPlanner,
-    Encoding,
     Idle,
     Offer,
-    Verdict,
 )
-from server import metrics
-from server.devices.delivery import PlannedModule, SentFile
-from server.devices.file_choice import file_to_send
 from server.devices.firmware_get import FirmwareDownloads
 from server.devices.flag import Flag
-from server.devices.key_sync import offer_signing_key
-from server.devices.plan_inputs import offer_answer, target_facts
+from server.devices.module_offer import deliver
+from server.devices.plan_inputs import target_facts
 from server.devices.session import DeviceSessionHandler, DeviceUnreachableError
 from server.devices.tally import Tally
 from server.devices.transfer_inbox import TransferInbox
@@ -87,10 +85,11 @@ class SessionUpdater:
 
     # One per live session: slots save its dict; "__dict__" keeps room for more.
     __slots__ = ("__dict__", "_answered", "_downloads", "_kick_event", "_kicked", "_running",
-                 "_started_unrecorded", "_view", "_wait_scope", "attempt", "device_id",
+                 "_view", "_wait_scope", "attempt", "confirmed_transfer", "device_id",
                  "engine", "fed_in_event", "fed_to_task", "handled", "handler", "inbox",
                  "kicks", "last_failure", "memory_loaded", "offers", "planner",
-                 "recheck_asked", "result_seen", "sends_deferred", "transfer")  # fmt: skip
+                 "recheck_asked", "result_seen", "sends_deferred", "started_unrecorded",
+                 "transfer")  # fmt: skip
 
     def __init__(self, engine: OtaEngine, handler: DeviceSessionHandler) -> None:
         self.engine = engine
@@ -119,7 +118,7 @@ class SessionUpdater:
         self.planner = DeliveryPlanner(engine.delivery_policy, next(engine._serials))
         #: Set when the device reports an update result in this session.
         self.result_seen = Flag()
-        #: The attempt (from 0) of the transfer running (see deliver()).
+        #: The attempt (from 0) of the transfer running (see module_offer.deliver).
         self.attempt = 0
         #: Why the last transfer of this session failed (None: it did not).
         self.last_failure: TransferStatus | None = None
@@ -133,7 +132,7 @@ class SessionUpdater:
         self._wait_scope: trio.CancelScope | None = None
         #: The application image of an update whose "started" is still to be recorded (with
         #: the transfer's first write); None when nothing is.
-        self._started_unrecorded: str | None = None
+        self.started_unrecorded: str | None = None
         #: Plain Block2 downloads (``GET fw/<sha256>``) by this session's device (made
         #: with the first: most sessions never download one).
         self._downloads: FirmwareDownloads | None = None
@@ -146,6 +145,10 @@ class SessionUpdater:
         self.handled = Tally()
         #: Offers sent to the device in this session.
         self.offers = 0
+        #: The id of this session's last transfer whose completion is durably recorded
+        #: (None: none since the last offer): a FinishReply for it after the transfer ended
+        #: is answered with a FinishAck (see _answer_late_finish).
+        self.confirmed_transfer: int | None = None
         #: The active rollout that makes the device's target, as the last check read it
         #: (None: the releases make it); its outcomes are recorded with the OTA writes.
         self.rollout: RolloutOffer | None = None
@@ -264,10 +267,24 @@ class SessionUpdater:
         transfer = self.transfer
         if transfer is not None:
             transfer.feed(transfer_message)  # the sender runs in this call (transfer_run)
+        elif isinstance(transfer_message, FinishReply):
+            self._answer_late_finish(transfer_message)
         else:
             # The transfer protocol recovers lost messages: never queue unboundedly.
             self.inbox.put(transfer_message)
         return True
+
+    def _answer_late_finish(self, reply: FinishReply) -> None:
+        """A FinishReply once no transfer runs: a lapsed device asks again for a FinishAck
+        it lost (otacore.transfer.late_finish decides the answer, from memory: a re-ask
+        costs the store nothing). Queued on the link; the session's reader sends it."""
+        answer = answer_late_finish_reply(reply, self.confirmed_transfer)
+        if answer is None:
+            return
+        log.info("device %s asked again to apply transfer %d: %s", self.device_id,
+                 reply.transfer_id, "confirmed" if isinstance(answer, FinishAck)
+                 else "unknown as completed, cancelled")
+        self.handler.notify(transfer_request(answer))
 
     async def route(self, message: Message) -> bool:
         """Take the requests that belong to updates: transfer messages and firmware GETs."""
@@ -413,7 +430,8 @@ class SessionUpdater:
         if (isinstance(offer, Offer) and await self._window_allows(view, offer)
                 and await self._claim_rollout_offer()):
             # The device resets into the new module; its next hello continues.
-            await self.deliver(view, by_sha256[offer.sha256], update_sha256=offer.update_sha256)
+            await deliver(self, view, by_sha256[offer.sha256],
+                          update_sha256=offer.update_sha256)
 
     async def steer(self, view: DeviceTarget, *, remember: bool = True) -> DeviceTarget:
         """``view`` as the product's active rollout makes it (issue 15): the rollout's
@@ -490,54 +508,6 @@ class SessionUpdater:
         return [self.engine.fleet.rollout_step_work(rollout.product_id, rollout.rollout_id,
                                                     self.device_id, outcome)]
 
-    async def deliver(self, view: DeviceTarget, module: PlannedModule, *,
-                      update_sha256: str | None = None) -> bool:
-        """Offer and stream one module; True when the device validated it.
-
-        ``update_sha256`` names the application the update ends with (``module`` itself
-        when None): the update is reported started once, however many modules it takes.
-        """
-        engine = self.engine
-        info = module.info
-        offer = Offer(module.sha256, info.module_function, info.module_index,
-                      update_sha256 or module.sha256)
-        attempt = 0
-        while True:
-            if attempt:
-                # The device stopped acknowledging but the session lives: try again after a
-                # pause, outside the transfer limiter; the device resumes from the chunks it
-                # already holds.
-                await trio.sleep(self.planner.retry_pause(attempt))
-                log.info("retrying the transfer to %s (attempt %d)", self.device_id,
-                         attempt + 1)
-            self.last_failure = None
-            self.attempt = attempt
-            async with engine.limiter:
-                verdict = await self._deliver_once(view, module, offer)
-            if (verdict or self.last_failure is not TransferStatus.TIMEOUT
-                    or not self.planner.attempts_left(attempt)):
-                return verdict
-            attempt += 1
-
-    async def _deliver_once(self, view: DeviceTarget, module: PlannedModule,
-                            offer: Offer) -> bool:
-        """One offer of the module (then the next best file while the device refuses an
-        encoded one) and its transfer."""
-        engine = self.engine
-        while True:
-            sent = await file_to_send(engine, self.planner, self.device_id, self.handler.hello,
-                                      view, module, offer)
-            verdict = await self._offer_and_stream(view, module, offer, sent)
-            if verdict is not None:
-                return verdict
-            # The device refused the encoded file (its base is not what it reported, or it
-            # takes no deltas or compressed images): the next best, in the same session.
-            if sent.delta_base_sha256 is not None:
-                engine.deltas.refused.add((self.device_id, sent.delta_base_sha256,
-                                           module.sha256))
-            else:
-                engine.compressed.refused.add((self.device_id, module.sha256))
-
     async def record_status(self, status: FlashStatus, error: str = "",
                             rollout_outcome: str | None = None, *,
                             application_sha256: str | None = None) -> None:
@@ -560,9 +530,9 @@ class SessionUpdater:
         transaction; a short transfer (a delta) records it with its completion. The caller
         calls start_recorded once that write is durable."""
         steps = []
-        if self._started_unrecorded is not None:
+        if self.started_unrecorded is not None:
             steps.append(self.engine.fleet.flash_status_work(
-                self.device_id, "started", application_sha256=self._started_unrecorded))
+                self.device_id, "started", application_sha256=self.started_unrecorded))
         if self._rollout_download_unrecorded:  # the rollout's "downloading" rides with it
             steps += self.rollout_step("downloading")
         return steps
@@ -570,94 +540,5 @@ class SessionUpdater:
     def start_recorded(self, steps: list[Callable[[Tx], Outcome]]) -> None:
         """A write that carried unrecorded_start's steps is durable."""
         if steps:
-            self._started_unrecorded = None
+            self.started_unrecorded = None
             self._rollout_download_unrecorded = False
-
-    async def _offer_and_stream(self, view: DeviceTarget, module: PlannedModule,
-                                offer: Offer, sent: SentFile) -> bool | None:
-        """Offer the module as ``sent`` and stream it; None when the device refused an
-        encoded (delta or compressed) offer and the caller should fall back."""
-        engine, handler, fleet = self.engine, self.handler, self.engine.fleet
-        config = engine.config
-        # The device first learns any key rotation it lacks (or, older firmware, is made
-        # to reconnect for it): no offer signed with a key it cannot verify.
-        signing_key = await offer_signing_key(handler, view.product.id, config.offer_timeout)
-        if signing_key is None:
-            return False
-        # Device OS modules carry no product data: their manifest names version 0.
-        product_version = (None if module.info.product_version is not None else 0)
-        # The signed manifest always describes the target image, whatever travels.
-        signed = engine.signed_manifest(view.product.id, product_version, module, signing_key)
-        # An older application needs this device's own, expiring downgrade authorisation.
-        authorization = engine.downgrade_authorization(view, handler.hello, product_version,
-                                                       module, signing_key)
-        base = (bytes.fromhex(sent.delta_base_sha256) if sent.delta_base_sha256 is not None
-                else None)
-        encoding = Encoding(sent.transfer)
-        compressed = encoding is Encoding.ZSTD
-        self.offers += 1
-        answer = await handler.request(
-            offer_request(signed, delta_base_sha256=base, compressed=compressed,
-                          authorization=authorization),
-            config.offer_timeout)
-        verdict = self.planner.on_offer_answer(offer_answer(answer.code), encoding)
-        if verdict is Verdict.DISABLE_UPDATES:
-            await fleet.set_updates_enabled(self.device_id, False)
-            for step in self.rollout_step("download_failed"):  # the device refused it
-                await fleet.run_write(step)
-            return False
-        if verdict is Verdict.FALL_BACK:
-            reason = bytes(answer.payload).decode(errors="replace")[:200]
-            log.info("device %s refused a %s offer of %s: %s", self.device_id,
-                     sent.transfer, module.sha256[:12], reason)
-            return None
-        if verdict is Verdict.REFUSE_IMAGE:
-            reason = bytes(answer.payload).decode(errors="replace")[:200]
-            log.info("update of %s failed: it refused the image %s: %s", self.device_id,
-                     module.sha256[:12], reason,
-                     extra={"event": "update_failed", "device_id": self.device_id,
-                            "product_id": view.product.id, "sha256": offer.update_sha256,
-                            "reason": f"image refused: {reason}"})
-            engine.failed.setdefault(self.device_id, set()).add(module.sha256)
-            engine.updating.pop(self.device_id, None)
-            await self.record_status("failed", error=reason, rollout_outcome="image_refused",
-                                     application_sha256=offer.update_sha256)
-            metrics.update_ended("image_refused")
-            return False
-        if engine.updating.get(self.device_id) != offer.update_sha256:
-            # A new update: "started" is recorded with the memory at the transfer's first
-            # write (see unrecorded_start), so both or neither are stored.
-            engine.updating[self.device_id] = offer.update_sha256
-            self._started_unrecorded = offer.update_sha256
-            log.info("update of %s started: %s file of %s (%d bytes)", self.device_id,
-                     sent.transfer, offer.update_sha256[:12], len(sent.data),
-                     extra={"event": "update_started", "device_id": self.device_id,
-                            "product_id": view.product.id,
-                            "version": module.info.product_version,
-                            "sha256": offer.update_sha256, "transfer": sent.transfer,
-                            "bytes": len(sent.data),
-                            "transport": handler.session.transport})
-        self.inbox.clear()  # drop what a previous transfer left
-        hello = handler.hello
-        chunk_size = self.planner.chunk_size(
-            handler.session.transport, hello.ota_chunk_size if hello is not None else None)
-        info = module.info
-        prepared = engine.prepared(sent.data, sent.sha256, chunk_size)
-        sender = TransferSender(
-            prepared, chunk_size, config.window_limit, secrets.randbits(31),
-            module_function=info.module_function, module_index=info.module_index,
-            module_version=info.module_version, base_sha256=base, compressed=compressed,
-            progress_step=config.progress_step, policy=config.transfer_policy,
-        )
-        # From here the events that feed the transfer run it (server.devices.transfer_run).
-        transfer = self.transfer = TransferRun(self, sender, view, module, offer, sent)
-        self.planner.transfer_started(offer, encoding, trio.current_time())
-        staged = False
-        try:
-            verdict_of_stream = await transfer.run()
-            staged = verdict_of_stream is True
-            return verdict_of_stream
-        finally:
-            self.planner.transfer_ended(staged=staged)
-            self.transfer = None
-            self.inbox.clear()
