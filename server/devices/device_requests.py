@@ -37,10 +37,15 @@ from otacore.protocol.ota_wire import (
 )
 from server.events import device_may_publish
 from server.fleet.errors import WrongPlatformError
+from server.store.errors import StoreUnavailableError
 from server.transport.session import CloseReason
 
 if TYPE_CHECKING:
     from server.devices.session import DeviceSessionHandler
+
+#: Seconds a device is asked to wait before it tries again when the store is unavailable
+#: (the Max-Age of its 5.03; the API's 503 says 2 with Retry-After).
+STORE_RETRY_AFTER = 2
 
 log = logging.getLogger("ota.devices")
 
@@ -85,8 +90,16 @@ async def serve_request(handler: DeviceSessionHandler, message: Message) -> None
             handler._respond(message, Code.CHANGED)
             await handler.flush()
             handler.session.close(CloseReason.PEER)
+    except StoreUnavailableError as exc:
+        # The database is away for now (a restart, a cut): not the device's fault, so not a
+        # refusal. RFC 7252 section 5.9.3.4: 5.03 Service Unavailable, whose Max-Age says
+        # after how many seconds to try again (the API's 503 says it with Retry-After).
+        handler._respond(message, Code.SERVICE_UNAVAILABLE, str(exc).encode()[:200],
+                         max_age=STORE_RETRY_AFTER)
+        await handler.flush()
+        handler.session.close(CloseReason.STORE_UNAVAILABLE)
     except OtaError as exc:
-        # The device was removed from its product (or the store refused): tell it, end.
+        # The device was removed from its product (or the store refused it): tell it, end.
         handler._respond(message, Code.FORBIDDEN, str(exc).encode()[:200])
         await handler.flush()
         handler.session.close("refused by the fleet")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from otacore.chunk_framing import MAX_WINDOW_CHUNKS
-from otacore.coap import Message, MessageType
+from otacore.coap import Message, MessageType, OptionNumber
 from otacore.coap_reliability import ReliableLayer
 from otacore.errors import OtaError
 from otacore.messages import Direction, Hello, ServerEvent, to_message
@@ -553,10 +553,12 @@ class DeviceSessionHandler:
             self.session.close("protocol violation")
 
     def _respond(self, request: Message, code: int, payload: bytes = b"",
-                 content_format: int | None = None) -> None:
+                 content_format: int | None = None, max_age: int | None = None) -> None:
         response = Message(MessageType.ACK, code, payload=payload)
         if content_format is not None:
             response.set_content_format(content_format)
+        if max_age is not None:
+            response.set_uint_option(OptionNumber.MAX_AGE, max_age)
         self.link.respond(request, response, trio.current_time())
         self.rearm()  # the request worker flushes once the request is served
 

@@ -37,6 +37,7 @@ class CloseReason:
     TRANSPORT_ERROR = "transport error"
     SEND_TIMEOUT = "send timeout"
     SERVER = "closed by server"
+    STORE_UNAVAILABLE = "store unavailable"
 
 
 class SessionClosed(OtaError):

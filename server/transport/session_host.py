@@ -19,6 +19,7 @@ import trio
 from server import metrics
 from server.authorization import DeviceDirectory, DeviceIdCache
 from server.identity import CertificateRejectedError
+from server.store.errors import StoreUnavailableError
 from server.transport.admission import AdmissionClosed, HandshakeGate, NotAdmitted
 from server.transport.limits import SessionLimits
 from server.transport.refusals import RefusalLog
@@ -44,6 +45,7 @@ class RefuseReason:
     BAD_CERTIFICATE = "certificate names no device"
     NOT_AUTHORIZED = "device unknown or revoked"
     DIRECTORY_ERROR = "device directory failed"
+    STORE_UNAVAILABLE = "store unavailable"
     SERVER_FULL = "too many sessions"
     SERVER_BUSY = "waited too long for a handshake slot"
     ADDRESS_BUSY = "too many pending connections from one address"
@@ -65,6 +67,9 @@ _WARNING_REASONS = frozenset(
         RefuseReason.ADDRESS_BUSY,
         RefuseReason.SILENT,
         RefuseReason.HANDSHAKE_TIMEOUT,
+        # A database restart or cut refuses every device that connects meanwhile: one
+        # aggregated line per burst, not a traceback per device.
+        RefuseReason.STORE_UNAVAILABLE,
     }
 )
 
@@ -263,6 +268,9 @@ class SessionHost:
         asked_at = trio.current_time()
         try:
             allowed = await self.directory.authorize(certificate)
+        except StoreUnavailableError as exc:  # for now: the device's back-off tries again
+            self.refuse(transport, RefuseReason.STORE_UNAVAILABLE, peer, f"{device_id}: {exc}")
+            return None
         except Exception:
             logger.exception("the device directory failed to authorize %s", device_id)
             self.refuse(transport, RefuseReason.DIRECTORY_ERROR, peer, device_id)
@@ -330,6 +338,13 @@ class SessionHost:
                     session._ended(CloseReason.HANDLER_DONE)
                 except SessionClosed:
                     pass
+                except StoreUnavailableError as exc:
+                    # The session's first write (its presence) found the database away (a
+                    # restart, a cut): counted and logged as a refusal (one line per burst,
+                    # not a traceback per device); the device's back-off tries again.
+                    self.refuse(transport, RefuseReason.STORE_UNAVAILABLE, session.peer,
+                                f"{session.device_id}: {exc}")
+                    session._ended(CloseReason.STORE_UNAVAILABLE)
                 except Exception:
                     logger.exception("session handler of device %s failed", session.device_id)
                     session._ended(CloseReason.HANDLER_ERROR)

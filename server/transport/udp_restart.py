@@ -22,6 +22,7 @@ import trio
 from otacore.errors import RecordStateFormatError
 from otacore.records.dtls12 import DtlsRecordLayer
 from server.authorization import ClientCertificate
+from server.store.errors import StoreUnavailableError
 from server.transport.session import CloseReason, SessionHandler, logger
 from server.transport.session_host import RefuseReason, SessionHost
 from server.transport.udp_saved import SavedDtlsSession
@@ -238,6 +239,8 @@ class GracefulRestart:
             asked_at = trio.current_time()
             try:
                 allowed = await host.directory.authorize(entry.certificate)
+            except StoreUnavailableError:
+                return RefuseReason.STORE_UNAVAILABLE
             except Exception:
                 logger.exception("the device directory failed to authorize %s", entry.device_id)
                 return RefuseReason.DIRECTORY_ERROR
