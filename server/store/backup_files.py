@@ -6,7 +6,8 @@ A backup is one directory::
     ota.db               a consistent copy of the SQLite database (online backup API)
     blobs/ab/abcd...     every firmware blob that copy refers to, verified by its SHA-256
     data/...             the data directory's other files: CA, server certificate and key,
-                         product signing keys and their statements (all 0600)
+                         the key-encryption key of the products' signing keys (all 0600;
+                         the keys and statements themselves are in ota.db, sealed)
 
 Every file and directory in it is owner-only (0600 / 0700, :mod:`server.private_files`):
 it holds the installation's private keys. :func:`verify_backup` checks a backup against its
