@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 import trio
 
+from server.app import ServerConfig, ServerHandle, serve
 from server.store import Store
 from server.store import schema as t
 from tests.device_client import LinkDevice
@@ -74,6 +75,16 @@ async def test_a_renewal_extends_only_the_leases_of_its_own_process(
         ("0123456789abcdef00000003", "node-a:worker1-2/1")}
     with pytest.raises(ValueError, match="origin"):
         await fleets["node-a"].renew_session_leases("node-a:main-1/1")
+
+
+async def test_a_server_without_device_listeners_renews_no_session_lease(tmp_path: Path) -> None:
+    """Without a device plane a process holds no session: it runs no lease keeper (nor
+    renews its node's other processes' leases)."""
+    config = ServerConfig(data_dir=tmp_path, api_port=0, device_port=None)
+    async with trio.open_nursery() as nursery:
+        handle: ServerHandle = await nursery.start(serve, config)
+        assert handle.devices is None and handle.session_leases is None
+        handle.shutdown.set()
 
 
 # -- ota server --workers 2 ----------------------------------------------------------------------
