@@ -218,7 +218,8 @@ class ServerHandle:
     relay: EventRelay | None = None
     #: This node's id (``ServerConfig.node_id`` or its default).
     node_id: str = ""
-    #: The renewal of this node's session leases.
+    #: The renewal of this process's sessions' leases (None without device listeners; each
+    #: worker process runs its own).
     session_leases: SessionLeaseKeeper | None = None
     #: The once-per-installation jobs, by lease name (each runs while this node holds it).
     job_leases: dict[str, JobLease] = field(default_factory=dict)
@@ -273,6 +274,7 @@ def worker_specs(config: ServerConfig, device_server: DeviceServer) -> list[Work
             log_format=config.log_format,
             node_id=node_id_of(config),
             session_lease=config.session_lease,
+            lease_renew_interval=config.lease_renew_interval,
         )
         for index in range(1, config.workers)
     ]
@@ -425,8 +427,12 @@ async def serve(
                 engine = OtaEngine(plane, config.ota)
                 nursery.start_soon(engine.watch_requests)
                 device_server = await nursery.start(plane.serve)
-            session_leases = SessionLeaseKeeper(fleet, plane, config.lease_renew_interval)
-            await nursery.start(session_leases.run)
+            # This process renews its own sessions' leases (each worker runs its own keeper:
+            # server.workers); without a device plane it holds none.
+            session_leases: SessionLeaseKeeper | None = None
+            if plane is not None:
+                session_leases = SessionLeaseKeeper(fleet, plane, config.lease_renew_interval)
+                await nursery.start(session_leases.run)
             if config.multiprocess:
                 assert device_server is not None
                 # After fleet.startup() (devices marked offline) and with the ports bound

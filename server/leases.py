@@ -4,13 +4,16 @@ Several ``ota server`` nodes share one store (PostgreSQL). Two kinds of lease ke
 acting twice, and let the others go on when one dies (SIGKILL, power):
 
 * **Session leases** (columns of ``devices``): the write that marks a device online takes
-  its lease for this node (``server.fleet.presence``). :class:`SessionLeaseKeeper` renews
-  the leases of every session of the node in one UPDATE per ``renew_interval`` and closes a
-  live session whose lease another node took (a stale session after a network split: the
-  device is served elsewhere now), so a node never acts on a device another node holds;
-  it also marks offline a device whose session here ended while the store could not record
-  it (a database outage), which the renewals would otherwise keep "online" for good.
-  A lease not renewed in time is free: the device's next session on any node takes it.
+  its lease for this node (``server.fleet.presence``). Each server process holding device
+  sessions (the main process with a device plane, each worker process) runs a
+  :class:`SessionLeaseKeeper`: it renews the leases of every session of that process in
+  one UPDATE per ``renew_interval`` and closes a live session of the process whose lease
+  went elsewhere (a stale session after a network split: the device is served by another
+  node, or another process of this one, now), so a process never acts on a device another
+  holds; it also marks offline a device whose session in the process ended while the store
+  could not record it (a database outage), which the renewals would otherwise keep
+  "online" for good. A lease not renewed in time is free (its node died, or just its
+  process hung or died): the device's next session on any node takes it.
 * **Job leases** (the ``leases`` table, ``server.store.tx_leases``): :class:`JobLease`
   runs a once-per-installation job (rollout ticks, the sweeper of expired session leases,
   the event log's pruning) only while this node holds the job's named lease, renewing it
@@ -53,8 +56,8 @@ EVENT_HISTORY_PRUNING = "event-history-pruning"
 BLOB_SWEEPER = "blob-sweeper"
 #: The shortest period of the blob sweeper (``blob_sweep_grace`` may be 0 in tests).
 MIN_BLOB_SWEEP_INTERVAL = 60.0
-#: Why a session whose lease another node took is closed.
-LEASE_LOST = "session lease taken by another node"
+#: Why a session whose lease another session took (or the sweeper freed) is closed.
+LEASE_LOST = "session lease held elsewhere"
 
 #: Seconds a stopping node waits for the release of a job lease (else it expires).
 RELEASE_TIMEOUT = 5.0
@@ -193,16 +196,25 @@ class JobLease:
 
 
 class SessionLeaseKeeper:
-    """Renews the session leases of one node's sessions, and closes a session whose lease
-    another node took (see the module docstring)."""
+    """Renews the session leases of one server process's sessions, closes a session of the
+    process whose lease went elsewhere, and frees a device whose session here ended
+    unrecorded (see the module docstring).
 
-    def __init__(self, fleet: Fleet, plane: DevicePlane | None, renew_interval: float) -> None:
+    Every process holding device sessions runs one (the main process with a device plane,
+    and each worker process: ``server.workers``), so each renews exactly its own leases:
+    the sessions of a process that hangs or dies are not kept "online" by another process
+    of its node; their leases run out and the sweeper frees the devices."""
+
+    def __init__(self, fleet: Fleet, plane: DevicePlane, renew_interval: float) -> None:
         self.fleet = fleet
         self.plane = plane
         self.renew_interval = renew_interval
+        #: The process whose sessions' leases this keeper renews (their tokens are
+        #: "<origin>/<serial>": ``DevicePlane.presence_token``).
+        self.origin = plane.origin
         #: Renewals finished (failed ones too): a causal marker for tests.
         self.renewals = Tally()
-        #: Sessions closed because another node took their lease.
+        #: Sessions closed because their lease went elsewhere.
         self.closed_stale = 0
         #: Presences freed because their session had ended here without its offline write.
         self.freed_ended = 0
@@ -223,45 +235,36 @@ class SessionLeaseKeeper:
             await self.renew()
 
     async def renew(self) -> int:
-        """Renew this node's session leases once (one statement); close this process's
-        sessions that lost theirs. Returns how many leases were renewed."""
+        """Renew this process's session leases once (one statement); close its sessions
+        that lost theirs, free the devices of its sessions that ended unrecorded. Returns
+        how many leases were renewed."""
         live = self._live_sessions()
         try:
-            renewed = await self.fleet.renew_session_leases()
+            renewed = await self.fleet.renew_session_leases(self.origin)
         except STORE_ERRORS as exc:
-            log.warning("cannot renew the session leases of node %s (trying again in %g s): "
-                        "%s", self.fleet.session_node, self.renew_interval, exc)
+            log.warning("cannot renew the session leases of %s (trying again in %g s): %s",
+                        self.origin, self.renew_interval, exc)
             self.renewals.add()
             return 0
-        missing = {key for key in live if key not in renewed}
+        missing = live - renewed
         lost = missing & self._missing
         self._missing = missing - lost
         for device_id, presence in sorted(lost):
             self._close(device_id, presence)
-        ended = self._ended_sessions(renewed, live)
+        # A session that ends marks its device offline, freeing the lease; when that write
+        # fails (the database was away just then: restarted, crashed, cut off), the device
+        # stays "online" under this process's token, and the renewal, which extends every
+        # lease of the process, would keep it so for good. (Only this process's tokens
+        # are judged, whatever the store returned: another process's live session is
+        # never "ended" here.)
+        prefix = f"{self.origin}/"
+        ended = {key for key in renewed - live if key[1].startswith(prefix)}
         gone = ended & self._ended
         self._ended = ended - gone
         for device_id, presence in sorted(gone):
             await self._free(device_id, presence)
         self.renewals.add()
         return len(renewed)
-
-    def _ended_sessions(self, renewed: set[tuple[str, str | None]],
-                        live: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        """The renewed leases of this process's sessions that are no longer live.
-
-        A session that ends marks its device offline, freeing the lease; when that write
-        fails (the database was away just then: restarted, crashed, cut off), the device
-        stays "online" under this node, and the renewal, which extends every lease of the
-        node, would keep it so for good. The leases of other processes of the node (its
-        worker processes) are theirs: only the sessions named by this process's presence
-        tokens (``DevicePlane.presence_token``) are judged here."""
-        if self.plane is None:
-            return set()
-        prefix = f"{self.plane.origin}/"
-        return {(device_id, presence) for device_id, presence in renewed
-                if presence is not None and presence.startswith(prefix)
-                and (device_id, presence) not in live}
 
     async def _free(self, device_id: str, presence: str) -> None:
         """Mark offline a device whose session here ended without saying so (only while
@@ -278,17 +281,15 @@ class SessionLeaseKeeper:
         self.freed_ended += 1
 
     def _live_sessions(self) -> set[tuple[str, str]]:
-        if self.plane is None:
-            return set()
         return {(device_id, handler.presence) for device_id, handler in self.plane.live.items()}
 
     def _close(self, device_id: str, presence: str) -> None:
-        assert self.plane is not None
         handler = self.plane.live.get(device_id)
         if handler is None or handler.presence != presence:
             return  # ended or replaced meanwhile
-        log.warning("closing the session of %s: its lease is held elsewhere (another node "
-                    "serves the device now)", device_id)
+        log.warning("closing the session of %s: its lease is held elsewhere (the device is "
+                    "served by another node or server process now, or the lease expired)",
+                    device_id)
         self.closed_stale += 1
         handler.session.close(LEASE_LOST)
 

@@ -6,7 +6,9 @@ loop with the store, a :class:`Fleet`, an :class:`EventBus`, a device plane and 
 engine, but no API. Every process binds the device ports with SO_REUSEPORT, so the kernel
 spreads TCP connections and UDP flows over them, and each owns the sessions it accepted; the
 store relay (``server.relay``) carries events between them, so a release or a flash made
-through the API reaches the process holding the device.
+through the API reaches the process holding the device. Each process renews the session
+leases of its own sessions (``server.leases.SessionLeaseKeeper``): a hung or dead worker's
+leases run out, and a worker closes its own sessions whose lease went elsewhere.
 
 The main process supervises its workers (:class:`WorkerSupervisor`): each runs under
 ``trio.run_process`` in the supervisor's nursery, gets its :class:`WorkerSpec` as one JSON
@@ -45,8 +47,9 @@ from server.devices.tuning import DeviceTuning
 from server.event_history import EventRecorder, HistorySettings
 from server.events import EventBus
 from server.fleet import Fleet
-from server.fleet.presence import DEFAULT_SESSION_LEASE, LOCAL_NODE
+from server.fleet.presence import DEFAULT_LEASE_RENEW_INTERVAL, DEFAULT_SESSION_LEASE, LOCAL_NODE
 from server.gc_tuning import CollectorSettings
+from server.leases import SessionLeaseKeeper, check_lease_timings
 from server.logs import configure_logging
 from server.metrics.aggregate import worker_exited
 from server.node_id import check_node_id
@@ -101,10 +104,13 @@ class WorkerSpec:
     log_level: str = "info"
     #: Log line format, as ``ota server --log-format`` gave it ("text" or "json").
     log_format: str = "text"
-    #: The node this worker belongs to (``cluster.node_id``: part of its origin) and its
-    #: session lease seconds (the main process renews the node's leases).
+    #: The node this worker belongs to (``cluster.node_id``: part of its origin), its
+    #: session lease seconds and the seconds between its renewals of its own sessions'
+    #: leases (``cluster.lease_renew_interval``: each process renews its own, see
+    #: ``server.leases.SessionLeaseKeeper``).
     node_id: str = LOCAL_NODE
     session_lease: float = DEFAULT_SESSION_LEASE
+    lease_renew_interval: float = DEFAULT_LEASE_RENEW_INTERVAL
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -173,6 +179,7 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
     SIGINT or the end of ``stdin``; then a graceful device shutdown."""
     data_dir = Path(spec.data_dir)
     settings = WorkerSettings.from_spec(spec)
+    check_lease_timings(spec.session_lease, spec.lease_renew_interval)
     settings.collector.apply_thresholds()  # a worker process is ours alone
     store = await trio.to_thread.run_sync(
         open_worker_store, data_dir, spec.db_url, spec.store_threads, spec.blob_cache_mb
@@ -206,6 +213,11 @@ async def run_worker(spec: WorkerSpec, stdin: trio.abc.ReceiveStream) -> None:
                 )
                 engine = OtaEngine(plane, settings.ota)
                 nursery.start_soon(engine.watch_requests)
+                # This worker renews its own sessions' leases and closes those of its
+                # sessions whose lease went elsewhere (the main process renews only its
+                # own: a hung worker's leases run out).
+                keeper = SessionLeaseKeeper(fleet, plane, spec.lease_renew_interval)
+                await nursery.start(keeper.run)
                 server: DeviceServer = await nursery.start(plane.serve)
                 _say(
                     {

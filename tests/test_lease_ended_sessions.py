@@ -1,9 +1,10 @@
 """A session that ended while the store could not record it (its device's offline write
 failed: the database was restarting, had crashed, or was cut off) must not leave its
-device "online" for good: the node's lease renewal extends every lease of the node, that
-one included, so nothing else would ever free it. The node's lease keeper marks such a
-device offline at its second renewal (one renewal may come before a new session's handler
-is registered), and only while that ended session still owns the device.
+device "online" for good: the process's lease renewal extends every lease of the process,
+that one included, so nothing else would ever free it. The process's lease keeper marks
+such a device offline at its second renewal (one renewal may come before a new session's
+handler is registered), and only while that ended session still owns the device. (A
+worker process runs its own keeper: tests/test_lease_workers.py.)
 
 A real server and real devices; the ended session's presence is written as the session
 left it (online, owned by a presence token of this process that no live session holds);
@@ -47,16 +48,19 @@ async def test_a_device_whose_session_here_ended_unrecorded_is_marked_offline(
                 tx.conn.execute(sa.update(t.devices).where(d.id == device_id).values(
                     online=True, session_owner=owner, session_node="node-a",
                     session_lease_until=1))
-        assert await keeper.renew() == 3  # every lease of the node, the ended one too
+        assert await keeper.renew() == 2  # every lease of the process, the ended one too
         assert _presence(handle.store, ended_id) == (True, ended, "node-a")  # once: maybe new
-        assert await keeper.renew() == 3
+        assert await keeper.renew() == 2
         assert keeper.freed_ended == 1
         assert _presence(handle.store, ended_id) == (False, None, None)
         # The live session and the other process's lease are left alone.
         assert _presence(handle.store, live_id)[::2] == (True, "node-a")
         assert live_id in plane.live and keeper.closed_stale == 0
         assert _presence(handle.store, other_process_id) == (True, "worker-2/7", "node-a")
-        assert await keeper.renew() == 2
+        with handle.store.read() as tx:  # not renewed: the other process renews its own
+            assert tx.conn.execute(sa.select(d.session_lease_until)
+                                   .where(d.id == other_process_id)).scalar_one() == 1
+        assert await keeper.renew() == 1
         assert keeper.freed_ended == 1
     finally:
         await device.aclose()

@@ -54,7 +54,7 @@ async def test_the_sweeper_spares_the_leases_their_nodes_renew_after_an_outage(
         # Node B's next renewal, within one renewal interval of the return (in the trio
         # thread: no MockClock time passes meanwhile). Node C is dead: it never renews.
         with store_b.write() as tx:
-            renewed = tx.renew_session_leases("node-b", clock.now + LEASE_MS)
+            renewed = tx.renew_session_leases("node-b", "main-7", clock.now + LEASE_MS)
         assert renewed == [(DEVICE, "main-7/1")]
         await steps.reached(5)  # one lease later: it has swept
         nursery.cancel_scope.cancel()

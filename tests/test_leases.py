@@ -241,7 +241,7 @@ async def test_a_session_takes_the_lease_and_its_node_renews_all_in_one_statemen
 
     sa.event.listen(store.engine, "before_cursor_execute", count)
     try:
-        assert await fleet_a.renew_session_leases() == {(DEVICE, "main-1/1")}
+        assert await fleet_a.renew_session_leases("main-1") == {(DEVICE, "main-1/1")}
     finally:
         sa.event.remove(store.engine, "before_cursor_execute", count)
     assert [s for s in statements if s.lstrip().upper().startswith("UPDATE")] != []
@@ -265,7 +265,7 @@ async def test_an_expired_lease_is_swept_once_and_the_next_session_anywhere_take
     assert await fleet_b.sweep_expired_sessions() == 0  # offline once, reported once
     assert _statuses(events_b) == [("offline", DEVICE)]
     assert _presence(store, DEVICE) == (False, None, None, None)
-    assert await fleet_a.renew_session_leases() == set()  # A (back) finds it lost
+    assert await fleet_a.renew_session_leases("main-1") == set()  # A (back) finds it lost
     await fleet_b.device_online(DEVICE, session="main-7/3")
     assert _presence(store, DEVICE) == (True, "main-7/3", "node-b", clock.now + LEASE_MS)
     assert _statuses(events_b)[-1] == ("online", DEVICE)
@@ -283,7 +283,7 @@ async def test_a_new_session_on_another_node_takes_a_live_lease_and_the_old_ones
     await fleet_b.device_online(DEVICE, session="main-1/1")  # same token, another node
     assert _presence(store, DEVICE)[1:3] == ("main-1/1", "node-b")
     # A's renewal no longer holds it (A then closes its stale session).
-    assert await fleet_a.renew_session_leases() == set()
+    assert await fleet_a.renew_session_leases("main-1") == set()
     # The stale session's end on A leaves B's presence alone, even with an equal token.
     await fleet_a.device_offline(DEVICE, session="main-1/1")
     assert _presence(store, DEVICE)[:3] == (True, "main-1/1", "node-b")

@@ -9,11 +9,13 @@ supervisor of the worker processes clears the presence of every session of a wor
 died (``sessions_lost``).
 
 Several nodes share one store (issue 16 item 3), so presence is a lease: the write that marks
-a device online also sets ``session_lease_until``; each node renews the leases of all its
-sessions in one statement per period (:meth:`PresenceService.renew_session_leases`,
-driven by ``server.leases.SessionLeaseKeeper``), and a lease its node did not renew in
-time is free: the device's next session on any node takes it, and the installation's one
-sweeper (:meth:`PresenceService.sweep_expired_sessions`) marks the device offline.
+a device online also sets ``session_lease_until``; each server process (a node's main
+process and each of its workers) renews the leases of all its own sessions in one statement
+per period (:meth:`PresenceService.renew_session_leases`, driven by the process's
+``server.leases.SessionLeaseKeeper``), and a lease its process did not renew in time (the
+process or its node died, hung, or lost the store) is free: the device's next session on
+any node takes it, and the installation's one sweeper
+(:meth:`PresenceService.sweep_expired_sessions`) marks the device offline.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from server.store.tx_ota import OtaMemoryRecord
 LOCAL_NODE = "local"
 #: Seconds a session lease lasts unless configured (``cluster.session_lease``).
 DEFAULT_SESSION_LEASE = 30.0
+#: Seconds between a server process's renewals of its sessions' leases unless configured
+#: (``cluster.lease_renew_interval``).
+DEFAULT_LEASE_RENEW_INTERVAL = 10.0
 
 
 def offline_events(devices: list[tuple[str, int]], now: int) -> list[Event]:
@@ -100,15 +105,17 @@ class PresenceService(FleetBase):
         count: int = await self._run_grouped(work)
         return count
 
-    async def renew_session_leases(self) -> set[tuple[str, str | None]]:
-        """Extend the leases of every session of this node in one statement; (device id,
-        session token) of each lease renewed."""
+    async def renew_session_leases(self, origin: str) -> set[tuple[str, str]]:
+        """Extend the leases of every session of server process ``origin`` of this node
+        (session tokens "<origin>/<serial>") in one statement; (device id, session token)
+        of each lease renewed. Each process renews only its own: a hung or dead process's
+        leases run out, and the sweeper frees its devices."""
 
         def work(tx: Tx) -> Outcome:
             until = self.clock() + self.session_lease_ms
-            return Outcome(set(tx.renew_session_leases(self.session_node, until)))
+            return Outcome(set(tx.renew_session_leases(self.session_node, origin, until)))
 
-        renewed: set[tuple[str, str | None]] = await self._run_grouped(work)
+        renewed: set[tuple[str, str]] = await self._run_grouped(work)
         return renewed
 
     async def sweep_expired_sessions(self) -> int:
@@ -142,8 +149,8 @@ class PresenceService(FleetBase):
                 fields: dict[str, Any] = {"online": online, "last_heard_at": now}
                 if online:
                     # The session takes the device's lease, whoever held it: the device
-                    # is here now, so an older session elsewhere is stale (its node
-                    # closes it at its next renewal: server.leases.SessionLeaseKeeper).
+                    # is here now, so an older session elsewhere is stale (its process
+                    # closes it at its next renewals: server.leases.SessionLeaseKeeper).
                     fields["session_owner"] = session
                     fields["session_node"] = None if session is None else self.session_node
                     fields["session_lease_until"] = (

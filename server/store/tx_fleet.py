@@ -98,11 +98,18 @@ CLEAR_PRESENCE = (
            t.devices.c.session_node.is_not_distinct_from(sa.bindparam("key_node")))
     .values(**_NO_SESSION, last_heard_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
 )
-#: A node's renewal of all its sessions' leases: one statement per period, whatever the
-#: number of sessions (by the indexed ``session_node``).
+#: One server process's renewal of its sessions' leases: one statement per process and
+#: period, whatever the number of sessions (by the indexed ``session_node``, then the
+#: owner's "<process origin>/" prefix: each process of a node renews only its own, so a
+#: hung or dead process's leases run out). The prefix is compared by ``substr`` and not
+#: ``LIKE`` (a node id may hold "_", a LIKE wildcard) nor a range (PostgreSQL orders text
+#: by the database's collation, which may ignore punctuation such as "/").
 RENEW_SESSION_LEASES = (
     sa.update(t.devices)
-    .where(t.devices.c.session_node == sa.bindparam("key_node"))
+    .where(t.devices.c.session_node == sa.bindparam("key_node"),
+           sa.func.substr(t.devices.c.session_owner, 1,
+                          sa.bindparam("key_prefix_length", type_=sa.Integer))
+           == sa.bindparam("key_prefix", type_=sa.String))
     .values(session_lease_until=sa.bindparam("until"))
     .returning(t.devices.c.id, t.devices.c.session_owner)
 )
@@ -419,13 +426,20 @@ class FleetQueries:
         ).all()
         return [(str(device_id), int(product_id)) for device_id, product_id in rows]
 
-    def renew_session_leases(self, node: str, until: int) -> list[tuple[str, str | None]]:
-        """Extend every session lease ``node`` holds to ``until`` (epoch ms) in one
-        statement; (device id, session owner) of each lease renewed: a live session of
-        the node missing there lost its lease (another node took the device, or the
-        sweeper found it expired)."""
-        rows = self.conn.execute(RENEW_SESSION_LEASES, {"key_node": node, "until": until})
-        return [(str(device_id), owner) for device_id, owner in rows]
+    def renew_session_leases(self, node: str, origin: str,
+                             until: int) -> list[tuple[str, str]]:
+        """Extend to ``until`` (epoch ms) every session lease ``node`` holds for a session
+        of process ``origin`` (its session tokens are "<origin>/<serial>"), in one
+        statement; (device id, session owner) of each lease renewed: a live session of the
+        process missing there lost its lease (the device reconnected elsewhere, to another
+        node or another process of this one, or the sweeper found the lease expired)."""
+        if not origin or "/" in origin:
+            raise ValueError(f"a process origin is non-empty and holds no '/', not {origin!r}")
+        prefix = f"{origin}/"
+        rows = self.conn.execute(RENEW_SESSION_LEASES, {
+            "key_node": node, "key_prefix": prefix, "key_prefix_length": len(prefix),
+            "until": until})
+        return [(str(device_id), str(owner)) for device_id, owner in rows]
 
     def sweep_expired_sessions(self, now: int) -> list[tuple[str, int]]:
         """Mark offline every device whose session lease expired before ``now``; (device
