@@ -133,7 +133,7 @@ class ServerConfig:
     #: without renewal: after a node dies, its devices are marked offline and its jobs
     #: move to another node within about this long.
     session_lease: float = 30.0
-    #: Seconds between renewals of the leases (one statement per node for all its
+    #: Seconds between renewals of the leases (one statement per server process for all its
     #: sessions); at most half of session_lease.
     lease_renew_interval: float = 10.0
     #: PEM certificate chain (the server's certificate first) and PEM private key the API

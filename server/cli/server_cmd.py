@@ -222,7 +222,7 @@ def server(
     ),
     lease_renew_interval: float = typer.Option(
         ServerConfig.lease_renew_interval, "--lease-renew-interval", min=0.001,
-        help="Seconds between lease renewals (one statement per node for all its "
+        help="Seconds between lease renewals (one statement per server process for all its "
         "sessions); at most half of --session-lease.",
     ),
     log_level: str = typer.Option(
