@@ -316,9 +316,11 @@ async def _record(
 
 
 @asynccontextmanager
-async def ota_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 2) -> AsyncIterator[OtaRig]:
-    """Start the server with ``count`` provisioned devices and an API client."""
-    kit = await start_device_server(nursery, tmp_path, count=count)
+async def ota_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 2,
+                  **server_options: Any) -> AsyncIterator[OtaRig]:
+    """Start the server with ``count`` provisioned devices and an API client
+    (``server_options``: more arguments of :func:`start_device_server`)."""
+    kit = await start_device_server(nursery, tmp_path, count=count, **server_options)
     trust = TrustStore.initial(kit.product_id, read_trust_file(kit.creds_dir / TRUST_FILE))
     events = EventLog()
     await nursery.start(_record, events, kit)

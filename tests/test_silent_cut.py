@@ -24,26 +24,23 @@ import pytest
 import trio
 
 from otacore.protocol.link import Transport
-from otacore.signing import TrustStore
 from otacore.transfer import RetransmitPolicy
 from server import metrics
-from server.devices.keys import TRUST_FILE, read_trust_file
 from server.emulator.fleet import EmulatedFleet
 from server.fleet.deltas import RELEASE_BYTES_EVENT
 from server.transport.limits import SessionLimits
 from server.transport.session import CloseReason, DeviceSession
 from server.transport.session_registry import SessionRegistry
-from tests.device_server import start_device_server
 from tests.silent_relay import SilentRelay
 from tests.test_ota_e2e_kit import (
     STEP,
     SYSTEM_5003,
     TRANSPORTS,
-    EventLog,
     OtaRig,
     WatchedFlash,
     app,
     flash_statuses,
+    ota_rig,
     running,
     updated_to,
 )
@@ -67,27 +64,14 @@ SMALL_WINDOWS = {
 PROBING = RetransmitPolicy(initial_rto=0.5, min_rto=0.5, max_rto=1.0, max_rounds=60)
 
 
-async def _record(events: EventLog, rig_kit: Any, task_status: trio.TaskStatus[None]) -> None:
-    with rig_kit.handle.bus.subscribe(product_id=rig_kit.product_id, buffer=10_000) as sub:
-        task_status.started()
-        async for event in sub.receive:
-            events.events.append(event)
-            events.changed.set()
-
-
 @asynccontextmanager
 async def cut_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 1, idle: float = IDLE
                   ) -> AsyncIterator[tuple[OtaRig, SilentRelay]]:
     """The server (idle timeout ``idle``) with ``count`` devices, and a relay in front."""
-    kit = await start_device_server(nursery, tmp_path, count=count,
-                                    device_limits=SessionLimits(idle_timeout=idle))
-    trust = TrustStore.initial(kit.product_id, read_trust_file(kit.creds_dir / TRUST_FILE))
-    events = EventLog()
-    await nursery.start(_record, events, kit)
-    relay: SilentRelay = await nursery.start(SilentRelay(kit.tcp, kit.udp).run)
-    async with kit.api() as api:
-        yield OtaRig(kit, api, events, trust, tmp_path / "state", nursery), relay
-    kit.handle.shutdown.set()
+    async with ota_rig(nursery, tmp_path, count=count,
+                       device_limits=SessionLimits(idle_timeout=idle)) as rig:
+        relay: SilentRelay = await nursery.start(SilentRelay(rig.kit.tcp, rig.kit.udp).run)
+        yield rig, relay
 
 
 def registry_of(rig: OtaRig) -> SessionRegistry:
