@@ -5,6 +5,7 @@ of a change through the event log."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -242,3 +243,46 @@ def test_a_backup_restores_the_keys_with_the_kek_that_opens_them(tmp_path: Path)
         assert product_key_state(store, restored, product) == before
     finally:
         store.close()
+
+
+async def test_a_store_outage_is_logged_once_not_at_every_check(
+    pg_admin_url: str, pg_database: str, tmp_path: Path, data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stamp check runs every second in every server process: while the database is
+    away (here: it refuses connections and its sessions are ended, as in a restart) one
+    warning says so, not one per check; one line says when the keys are read again."""
+    from server.store.pg_cluster import admin_connection
+
+    database = sa.engine.make_url(pg_database).database
+    store = Store.open(pg_database, tmp_path / "blobs")
+    try:
+        product = _product(store)
+        await trio.to_thread.run_sync(product_signing_key, store, data_dir, product)
+        cache = ProductKeyCache(store, data_dir, trio.CapacityLimiter(2),
+                                recheck_interval=0.01)
+
+        def allow_connections(allowed: bool) -> None:
+            with admin_connection(pg_admin_url) as conn:
+                conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {allowed}')
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = %s", (database,))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run, EventBus())
+            read = await cache.snapshot(product)  # in use, as by a device's offer
+            with caplog.at_level(logging.INFO, logger="ota.keys"):
+                await trio.to_thread.run_sync(allow_connections, False)
+                with trio.fail_after(60):
+                    while cache.failed_checks < 5:
+                        await trio.sleep(0.01)
+                await trio.to_thread.run_sync(allow_connections, True)
+                with trio.fail_after(60):
+                    while not any("read again" in r.getMessage() for r in caplog.records):
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    warnings = [r for r in caplog.records if "not re-read" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert cache.cached(product) is read  # the keys read before stayed in use

@@ -97,6 +97,8 @@ class ProductKeyCache:
         self._wake = trio.Event()
         #: Reads done (tests and metrics: how often the store was asked).
         self.reads = 0
+        #: Stamp checks that failed (the store away): a causal marker for tests.
+        self.failed_checks = 0
 
     # -- the hot path (no store access) ---------------------------------------------------
 
@@ -169,6 +171,7 @@ class ProductKeyCache:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen, bus)
             task_status.started()
+            failing = False
             while True:
                 with trio.move_on_after(self.recheck_interval):
                     await self._wake.wait()
@@ -176,8 +179,16 @@ class ProductKeyCache:
                 try:
                     await self._check_stamps()
                 except Exception as exc:  # the store down: keep what was read, try again
-                    log.warning("signing keys not re-read (%s); the keys read before stay in "
-                                "use until the next check", exc)
+                    self.failed_checks += 1
+                    if not failing:  # once per outage, not every check (every second)
+                        log.warning("signing keys not re-read (%s); the keys read before "
+                                    "stay in use, checked again every %g s", exc,
+                                    self.recheck_interval)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("signing keys read again after a failed check")
+                    failing = False
 
     async def _listen(self, bus: EventBus) -> None:
         """Mark the products whose keys changed anywhere (relayed events included)."""

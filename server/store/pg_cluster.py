@@ -285,7 +285,7 @@ class PgCluster:
         self.stop()
 
 
-def _admin_connection(url: str) -> psycopg.Connection[tuple[object, ...]]:
+def admin_connection(url: str) -> psycopg.Connection[tuple[object, ...]]:
     """An autocommit psycopg connection for ``url`` (CREATE/DROP DATABASE cannot run in a
     transaction)."""
     parsed = sa.make_url(url)
@@ -302,14 +302,14 @@ def create_database(admin_url: str, name: str, *, template: str | None = None) -
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
     if template is not None:
         statement = sql.SQL("{} TEMPLATE {}").format(statement, sql.Identifier(template))
-    with _admin_connection(admin_url) as conn:
+    with admin_connection(admin_url) as conn:
         conn.execute(statement)
     return sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
 def drop_database(admin_url: str, name: str) -> None:
     """Drop database ``name`` if it exists, ending its sessions first (PostgreSQL 13+)."""
-    with _admin_connection(admin_url) as conn:
+    with admin_connection(admin_url) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
 
