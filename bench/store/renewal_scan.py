@@ -140,13 +140,20 @@ def explain(engine: sa.Engine, statement: sa.Update, params: dict[str, Any]) -> 
         explained = conn.exec_driver_sql(
             f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {compiled}", compiled.construct_params(params)
         ).scalar_one()
+        # This transaction's updates of devices, and how many were HOT (the new row version
+        # on the same page, no index touched: session_lease_until is in no index).
+        updated, hot = conn.execute(sa.text(
+            "SELECT pg_stat_get_xact_tuples_updated('devices'::regclass), "
+            "pg_stat_get_xact_tuples_hot_updated('devices'::regclass)")).one()
     root = explained[0]
     plan = root["Plan"]
     scans = list(_scan_nodes(plan))
     # The rows the scans looked at: the bitmap heap scan or index scan that produced the
-    # rows (returned + removed by its filter); a bitmap index scan only feeds its heap scan.
+    # rows (returned + removed by its filter or its recheck of a lossy bitmap page); a bitmap
+    # index scan only feeds its heap scan.
     heap = [s for s in scans if s["Node Type"] != "Bitmap Index Scan"]
-    read = sum(s["Actual Rows"] + s.get("Rows Removed by Filter", 0) for s in heap)
+    read = sum(s["Actual Rows"] + s.get("Rows Removed by Filter", 0)
+               + s.get("Rows Removed by Index Recheck", 0) for s in heap)
     return {
         "rows_renewed": plan["Actual Rows"] if plan["Node Type"] != "ModifyTable" else
         plan["Plans"][0]["Actual Rows"],
@@ -154,6 +161,7 @@ def explain(engine: sa.Engine, statement: sa.Update, params: dict[str, Any]) -> 
         "shared_buffers": plan["Shared Hit Blocks"] + plan["Shared Read Blocks"],
         "scan_buffers": sum(s["Shared Hit Blocks"] + s["Shared Read Blocks"] for s in heap),
         "explain_ms": root["Execution Time"],
+        "hot_share": round(hot / updated, 3) if updated else None,
         "plan": [f"{s['Node Type']} {s.get('Index Name', '')}".strip() for s in scans],
     }
 
@@ -263,7 +271,8 @@ def report(result: dict[str, Any]) -> None:
                     f"{row['median_ms']:>8} ms (read alone {row['read_only_ms']:>7} ms)")
             if "rows_read" in row:
                 line += (f"  read {row['rows_read']:>7} rows  scan buffers "
-                         f"{row['scan_buffers']:>6}  all buffers {row['shared_buffers']:>7}")
+                         f"{row['scan_buffers']:>6}  all buffers {row['shared_buffers']:>7}"
+                         f"  HOT {row['hot_share']}")
             print(line)
         total_ms = sum(row["median_ms"] for row in rows)
         total_read_ms = sum(row["read_only_ms"] for row in rows)
