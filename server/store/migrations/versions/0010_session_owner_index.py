@@ -14,7 +14,8 @@ column, which names opaque tokens and is only compared for equality elsewhere.
 
 On PostgreSQL the collation change rewrites no rows (only the column's catalogue entry; no
 index held the column yet); building the index reads the table once and holds off writes to
-``devices`` meanwhile (about a second per million devices). On SQLite only the indexes change.
+``devices`` meanwhile (the whole revision took 0.3 s on 200,000 devices here, on either
+backend: bench/store/renewal_scan.py). On SQLite only the indexes change.
 
 Revision ID: 0010
 Revises: 0009
