@@ -139,8 +139,9 @@ def _make_pre_alembic(url: str, tmp_path: Path, version: int) -> str:
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE alembic_version"))
         drop_tables_after_baseline(conn)  # no pre-Alembic server had them
-        # Nor the columns revision 0003 added to devices (its session leases).
-        conn.execute(sa.text("DROP INDEX ix_devices_session_node"))
+        # Nor the columns revision 0003 added to devices (its session leases), nor the index
+        # revision 0010 made of them.
+        conn.execute(sa.text("DROP INDEX ix_devices_session_node_owner"))
         for column in ("session_node", "session_lease_until"):
             conn.execute(sa.text(f"ALTER TABLE devices DROP COLUMN {column}"))
         if version < 8:

@@ -207,7 +207,9 @@ def test_a_version_1_store_is_migrated_in_place(data_dir: Path) -> None:
         tx.conn.execute(
             sa.text("ALTER TABLE firmware_transfer_bytes DROP COLUMN compressed_transfers")
         )
-        tx.conn.execute(sa.text("ALTER TABLE devices DROP COLUMN session_owner"))  # v3's
+        # v3's; SQLite drops no indexed column (revision 0010's index holds it)
+        tx.conn.execute(sa.text("DROP INDEX ix_devices_session_node_owner"))
+        tx.conn.execute(sa.text("ALTER TABLE devices DROP COLUMN session_owner"))
         tx.conn.execute(sa.update(t.meta).values(value="1"))
     store.close()
     store = Store.open_dir(data_dir)

@@ -76,12 +76,17 @@ devices = sa.Table(
     sa.Column("online", sa.Boolean, nullable=False, default=False),
     # The live session that set ``online`` ("<process origin>/<serial>"): only that session
     # may clear it, so an old session ending after the device reconnected (maybe to another
-    # server process) does not mark a live device offline.
-    sa.Column("session_owner", sa.String(96), nullable=True),
+    # server process) does not mark a live device offline. Ordered by bytes (collation "C"
+    # on PostgreSQL, revision 0010; SQLite's default BINARY is that already): a process
+    # finds its sessions as the owner range ["<origin>/", "<origin>0") of the index below,
+    # which a language collation would break (it may ignore the "/").
+    sa.Column("session_owner",
+              sa.String(96).with_variant(sa.String(96, collation="C"), "postgresql"),
+              nullable=True),
     # The node whose process holds that session (``--node-id``), and until when (epoch ms):
-    # the session's lease. The node renews the leases of all its sessions in one UPDATE per
-    # period (by this column, hence its index); a lease past its time is free, and the
-    # installation's sweeper marks its device offline (server.leases).
+    # the session's lease. Each process of the node renews the leases of its sessions in one
+    # UPDATE per period, by node and owner range (hence their index); a lease past its time
+    # is free, and the installation's sweeper marks its device offline (server.leases).
     sa.Column("session_node", sa.String(64), nullable=True),
     _ms("session_lease_until", nullable=True),
     sa.Column("certs_revoked", sa.Boolean, nullable=False, default=False),
@@ -104,7 +109,11 @@ devices = sa.Table(
 sa.Index("ix_devices_product", devices.c.product_id, devices.c.id)
 # The device list's version filter (revision 0005).
 sa.Index("ix_devices_product_version", devices.c.product_id, devices.c.firmware_version)
-sa.Index("ix_devices_session_node", devices.c.session_node)
+# A process's session leases (revision 0010; before, ``ix_devices_session_node`` alone made
+# each of a node's K processes read all the node's rows to renew its own, K times the node
+# per period): node, then owner, so one process reads its owner range only. It serves the
+# node-only lookups too (a node's start releasing its previous incarnation's leases).
+sa.Index("ix_devices_session_node_owner", devices.c.session_node, devices.c.session_owner)
 
 groups = sa.Table(
     "groups",

@@ -98,18 +98,39 @@ CLEAR_PRESENCE = (
            t.devices.c.session_node.is_not_distinct_from(sa.bindparam("key_node")))
     .values(**_NO_SESSION, last_heard_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
 )
+
+
+def session_owner_range(origin: str) -> tuple[str, str]:
+    """The session owners of process ``origin`` as the half-open range ``[low, high)``:
+    its sessions' tokens are "<origin>/<serial>", and in byte order exactly the strings
+    that start with "<origin>/" lie from "<origin>/" to "<origin>0" ("0" follows "/" in
+    ASCII, and an origin holds no "/"). A range, unlike ``substr``, bounds a search of the
+    index on (node, owner); unlike ``LIKE`` it gives "_" and "%" (a node id may hold "_")
+    no meaning. It needs the owner column in byte order: BINARY on SQLite, collation "C"
+    on PostgreSQL (``schema.devices``), as a language collation may ignore the "/".
+    ValueError for an origin that cannot name a process."""
+    if not origin or "/" in origin:
+        raise ValueError(f"a process origin is non-empty and holds no '/', not {origin!r}")
+    return f"{origin}/", f"{origin}0"
+
+
+def held_by_process(node: Any, owner_low: Any, owner_high: Any) -> sa.ColumnElement[bool]:
+    """Devices whose session lease ``node`` holds for a session of one of its processes:
+    the owner in ``[owner_low, owner_high)`` of :func:`session_owner_range` (values or bind
+    parameters). The one predicate of a process's sessions, so that its renewal and the
+    release of a dead process's sessions agree; index ``ix_devices_session_node_owner``
+    serves it reading that process's rows only."""
+    owner = t.devices.c.session_owner
+    return sa.and_(t.devices.c.session_node == node, owner >= owner_low, owner < owner_high)
+
+
 #: One server process's renewal of its sessions' leases: one statement per process and
-#: period, whatever the number of sessions (by the indexed ``session_node``, then the
-#: owner's "<process origin>/" prefix: each process of a node renews only its own, so a
-#: hung or dead process's leases run out). The prefix is compared by ``substr`` and not
-#: ``LIKE`` (a node id may hold "_", a LIKE wildcard) nor a range (PostgreSQL orders text
-#: by the database's collation, which may ignore punctuation such as "/").
+#: period, whatever the number of sessions; each process of a node renews only its own, so
+#: a hung or dead process's leases run out (:func:`held_by_process`).
 RENEW_SESSION_LEASES = (
     sa.update(t.devices)
-    .where(t.devices.c.session_node == sa.bindparam("key_node"),
-           sa.func.substr(t.devices.c.session_owner, 1,
-                          sa.bindparam("key_prefix_length", type_=sa.Integer))
-           == sa.bindparam("key_prefix", type_=sa.String))
+    .where(held_by_process(sa.bindparam("key_node"), sa.bindparam("key_owner_low"),
+                           sa.bindparam("key_owner_high")))
     .values(session_lease_until=sa.bindparam("until"))
     .returning(t.devices.c.id, t.devices.c.session_owner)
 )
@@ -408,10 +429,7 @@ class FleetQueries:
                                  node: str) -> list[tuple[str, int]]:
         """Mark offline every device held by a session of process ``origin`` of ``node``
         (it died without ending them); (device id, product id) of each."""
-        prefix = f"{origin}/"
-        owned = sa.and_(t.devices.c.session_node == node,
-                        sa.func.substr(t.devices.c.session_owner, 1, len(prefix)) == prefix)
-        return self._end_sessions(owned, now)
+        return self._end_sessions(held_by_process(node, *session_owner_range(origin)), now)
 
     def release_node_sessions(self, node: str, now: int) -> list[tuple[str, int]]:
         """Mark offline every device whose session lease ``node`` holds (the node starts:
@@ -433,12 +451,9 @@ class FleetQueries:
         statement; (device id, session owner) of each lease renewed: a live session of the
         process missing there lost its lease (the device reconnected elsewhere, to another
         node or another process of this one, or the sweeper found the lease expired)."""
-        if not origin or "/" in origin:
-            raise ValueError(f"a process origin is non-empty and holds no '/', not {origin!r}")
-        prefix = f"{origin}/"
+        low, high = session_owner_range(origin)
         rows = self.conn.execute(RENEW_SESSION_LEASES, {
-            "key_node": node, "key_prefix": prefix, "key_prefix_length": len(prefix),
-            "until": until})
+            "key_node": node, "key_owner_low": low, "key_owner_high": high, "until": until})
         return [(str(device_id), str(owner)) for device_id, owner in rows]
 
     def sweep_expired_sessions(self, now: int) -> list[tuple[str, int]]:
