@@ -30,6 +30,8 @@ from pathlib import Path
 import trio
 
 from server.devices.plane import DevicePlane
+from server.event_history import HistorySettings
+from server.relay import RelaySettings
 from server.transport import SessionLimits
 from tests.device_server import DeviceServerKit, start_device_server
 
@@ -174,9 +176,13 @@ async def measure_idle_dtls_sessions(tmp_path: Path, count: int, frames: int = 1
         kit = await start_device_server(
             nursery, tmp_path, count=WARM_UP + count,
             device_limits=SessionLimits(handshake_timeout=HANDSHAKE_TIMEOUT),
-            # No lease renewal or sweep inside the census (a slow machine's census outlasts
-            # the default 10 s period): their transient objects are not a session's.
-            session_lease=7200.0, lease_renew_interval=3600.0)
+            # No lease renewal or sweep, rollout tick, event log or history pruning inside
+            # the census (a slow machine's census outlasts their 10-60 s periods): their
+            # transient objects (SQLAlchemy compiling their statements the first time: the
+            # statement cache) are not a session's.
+            session_lease=7200.0, lease_renew_interval=3600.0, rollout_tick_interval=3600.0,
+            relay=RelaySettings(prune_interval=3600.0),
+            history=HistorySettings(history_prune_interval=3600.0))
         warm_ids, measured_ids = kit.device_ids[:WARM_UP], kit.device_ids[WARM_UP:]
         devices = [await _open_devices(kit, warm_ids, nursery, hello)]
         await _until_settled(kit)
