@@ -307,7 +307,9 @@ async def test_presence_belongs_to_the_session_that_set_it(store: Store, fleet: 
 
     await fleet.device_online(D1, session="worker1-2/4")
     await fleet.device_online(D2, session="worker1-2/40")
-    assert await fleet.sessions_lost("worker1-2/4") == 0  # an origin, not a session
+    with pytest.raises(ValueError, match="origin"):  # an origin, never a session token:
+        await fleet.sessions_lost("worker1-2/4")  # (it would name no process; nothing changes)
+    assert (await fleet.target_for_device(D1)).device.online
     assert await fleet.sessions_lost("worker1-2") == 2
     for device_id in (D1, D2):
         assert not (await fleet.target_for_device(device_id)).device.online
