@@ -72,10 +72,10 @@ class RestoredStarts:
         for many sessions at once); raises what that write would (the device no longer
         exists: UnknownDeviceError; the store failed: its error)."""
         entry = _Online(device_id, ip, presence)
-        self._online.append(entry)
         if not self._online_running:
+            self.plane.spawn(self._write_online)  # raises if the plane is not serving
             self._online_running = True
-            self.plane.spawn(self._write_online)
+        self._online.append(entry)
         # Shielded: the write of a session whose start is cancelled may still commit, and
         # that session's end then marks the device offline (it must come after).
         with trio.CancelScope(shield=True):
@@ -117,10 +117,10 @@ class RestoredStarts:
             for hook in handler.on_hello:
                 hook(None, None)
             return
-        self._targets.append(handler)
         if not self._targets_running:
+            self.plane.spawn(self._read_targets)  # raises if the plane is not serving
             self._targets_running = True
-            self.plane.spawn(self._read_targets)
+        self._targets.append(handler)
 
     async def _read_targets(self) -> None:
         try:
