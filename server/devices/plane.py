@@ -28,6 +28,7 @@ from server.devices.key_cache import ProductKeyCache
 from server.devices.keys import trusted_key_ids
 from server.devices.live import LiveDevices
 from server.devices.restored_auth import authorize_restored
+from server.devices.restored_start import RestoredStarts
 from server.devices.session import DeviceSessionHandler
 from server.devices.tuning import DeviceTuning
 from server.events import DEVICE_REVOKED, EventBus
@@ -112,6 +113,8 @@ class DevicePlane:
         #: The nursery of the sessions' on-demand tasks (requests, updates; see
         #: ``DeviceSessionHandler.spawn``): it outlives every session. Set by serve().
         self._tasks: trio.Nursery | None = None
+        #: The starts of the sessions restored after a graceful restart, in batches.
+        self.restored_starts = RestoredStarts(self)
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Start ``fn(*args)`` in the plane's nursery of session tasks (which must not

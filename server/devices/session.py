@@ -173,8 +173,13 @@ class DeviceSessionHandler:
         saved = getattr(session, "restored_state", None)
         if saved is not None:
             self._restore(session, saved)
-        await self.plane.fleet.device_online(self.device_id, ip=ip_of(session.peer),
-                                             session=self.presence)
+            # Restored after a graceful restart: all at once, so written in batches
+            # (server.devices.restored_start), with the same outcome.
+            await self.plane.restored_starts.online(self.device_id, ip_of(session.peer),
+                                                    self.presence)
+        else:
+            await self.plane.fleet.device_online(self.device_id, ip=ip_of(session.peer),
+                                                 session=self.presence)
         self.plane.on_session_start(self)
         log.info("device %s online over %s from %s%s", self.device_id, session.transport,
                  ip_of(session.peer), " (restored session)" if saved is not None else "",
@@ -183,9 +188,9 @@ class DeviceSessionHandler:
                         "restored": saved is not None})
         if saved is not None:
             # As after a Hello (and a Describe, if it was recorded): the updater checks the
-            # device's target; a transfer cut by the restart is offered again and resumed.
-            for hook in self.on_hello:
-                hook(None, None)
+            # device's target, read for many restored sessions at once; a transfer cut by
+            # the restart is offered again and resumed.
+            self.plane.restored_starts.check_target(self)
 
     def suspend(self, session: DeviceSession) -> bytes:
         """Graceful shutdown: the state the next server process restores this DTLS session

@@ -112,3 +112,22 @@ def device_targets(
             )
         )
     return views
+
+
+def targets_of_devices(tx: Tx, device_ids: Sequence[str]) -> dict[str, DeviceTarget]:
+    """The targets of many devices of any products (e.g. the sessions restored after a
+    graceful restart), with a fixed number of queries per product and per
+    ``MANY_CHUNK`` devices instead of three or four per device (:func:`target_view`):
+    device id -> target (with its firmware), for each device that exists. Same result as
+    :func:`target_view` per device (:func:`device_targets` for each product)."""
+    by_product: dict[int, list[DeviceRecord]] = {}
+    for device in tx.get_devices(device_ids):
+        by_product.setdefault(device.product_id, []).append(device)
+    views: dict[str, DeviceTarget] = {}
+    for product_id, devices in by_product.items():
+        product = tx.get_product(product_id)
+        if product is None:  # the foreign key forbids it; as target_for_device's "unknown"
+            continue
+        for view in device_targets(tx, product, devices):
+            views[view.device.id] = view
+    return views
