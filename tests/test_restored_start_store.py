@@ -18,7 +18,7 @@ from server.fleet import Fleet
 from server.fleet.targets import target_view, targets_of_devices
 from server.store import Store
 from server.store import schema as t
-from server.store.tx_fleet import FleetQueries
+from server.store.tx_many_devices import ManyDeviceQueries
 from server.store.tx_ota import OtaMemoryRecord
 from tests.provisioning import provision_product
 from tests.test_store_session_path import _firmware, _flash
@@ -64,7 +64,7 @@ def test_grouped_presence_write_equals_one_write_per_device(
     one without an address) and one removed while the server was down: the grouped write
     (in chunks of ``chunk`` devices) gives the same rows and spark/status events as one
     ``device_online`` each, hands off the same memories, and reports the removed one."""
-    monkeypatch.setattr(FleetQueries, "MANY_CHUNK", chunk)
+    monkeypatch.setattr(ManyDeviceQueries, "MANY_CHUNK", chunk)
     _, devices = provision_product(store, data_dir, tmp_path / "creds", 8)
     ids = sorted(d.device_id for d in devices)
     removed = ids.pop()
@@ -128,7 +128,7 @@ def test_grouped_target_read_equals_one_read_per_device(
     """Two products; releases to the product and to a group; a device locked to a version,
     one with a pending flash, one with updates forced, one in the group; and an unknown id:
     each device's target from the grouped read (in chunks of 2) equals ``target_view``'s."""
-    monkeypatch.setattr(FleetQueries, "MANY_CHUNK", 2)
+    monkeypatch.setattr(ManyDeviceQueries, "MANY_CHUNK", 2)
     products: dict[int, list[str]] = {}
     for name in ("A", "B"):
         product_id, devices = provision_product(store, data_dir, tmp_path / name, 4, name=name)

@@ -78,8 +78,9 @@ class PresenceService(FleetBase):
     ) -> list[bool]:
         """:meth:`device_online` of many sessions restored after a graceful restart, each
         (device id, ip or None, session token), in one group-committed transaction with a
-        fixed number of statements per :data:`~server.store.tx_fleet.FleetQueries.MANY_CHUNK`
-        devices (instead of three statements and a read per device). Same outcome per device
+        fixed number of statements per ``MANY_CHUNK`` devices
+        (:class:`server.store.tx_many_devices.ManyDeviceQueries`; instead of three
+        statements and a read per device). Same outcome per device
         as :meth:`device_online`: online with its session's lease, its OTA memory left for
         its updater, a spark/status "online" event if it was offline. For each session, in
         order: False when its device no longer exists (nothing written for it)."""

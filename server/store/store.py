@@ -59,8 +59,8 @@ from server.store.transaction_state import TransactionState
 from server.store.tx_auth import AuthQueries
 from server.store.tx_certs import CertificateQueries
 from server.store.tx_firmware import FirmwareQueries
-from server.store.tx_fleet import FleetQueries
 from server.store.tx_keys import KeyQueries
+from server.store.tx_many_devices import ManyDeviceQueries
 from server.store.tx_ota import OtaMemoryQueries
 from server.store.tx_release_progress import ReleaseProgressQueries
 from server.store.tx_rollouts import RolloutQueries
@@ -91,7 +91,7 @@ def _translated_errors() -> Iterator[None]:
 
 
 class Tx(
-    FleetQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries,
+    ManyDeviceQueries, FirmwareQueries, AuthQueries, OtaMemoryQueries, CertificateQueries,
     RolloutQueries, ReleaseProgressQueries, KeyQueries,
 ):
     """One open transaction; every query method of the store lives on it."""
