@@ -74,6 +74,17 @@ async def cut_rig(nursery: trio.Nursery, tmp_path: Path, count: int = 1, idle: f
         yield rig, relay
 
 
+async def release_probed_v2(rig: OtaRig) -> bytes:
+    """Release a 200 KB v2 to the product, sent in small windows whose sender probes a
+    silent device (PROBING); returns the image."""
+    rig.tune_engine(**SMALL_WINDOWS, transfer_policy=PROBING)
+    v2 = app(2, size=200 * 1024)
+    await rig.upload_device_os(SYSTEM_5003)
+    await rig.upload(2, v2)
+    await rig.release(2, product_default=True)
+    return v2
+
+
 def registry_of(rig: OtaRig) -> SessionRegistry:
     server = rig.kit.handle.device_server
     assert server is not None
@@ -202,11 +213,7 @@ async def test_a_download_whose_path_dies_resumes_from_the_chunks_held(
         registry = registry_of(rig)
         # As in production (max_rto 30 s, idle_timeout 120 s), the sender probes a silent
         # device more often than the idle timeout, and for longer than it.
-        rig.tune_engine(**SMALL_WINDOWS, transfer_policy=PROBING)
-        v2 = app(2, size=200 * 1024)
-        await rig.upload_device_os(SYSTEM_5003)
-        await rig.upload(2, v2)
-        await rig.release(2, product_default=True)
+        v2 = await release_probed_v2(rig)
         fleet = fleet_through(rig, relay, [(device_id, transport)], ota_chunk_size=CHUNK)
         cut: list[float] = []
 
@@ -314,11 +321,7 @@ async def test_a_nat_rebinding_mid_download_resumes_in_the_new_session(
     async with cut_rig(nursery, tmp_path, idle=60.0) as (rig, relay):
         (device_id,) = rig.ids
         registry = registry_of(rig)
-        rig.tune_engine(**SMALL_WINDOWS, transfer_policy=PROBING)
-        v2 = app(2, size=200 * 1024)
-        await rig.upload_device_os(SYSTEM_5003)
-        await rig.upload(2, v2)
-        await rig.release(2, product_default=True)
+        v2 = await release_probed_v2(rig)
         fleet = fleet_through(rig, relay, [(device_id, "udp")], ota_chunk_size=CHUNK)
         watched = WatchedFlash.install(fleet, device_id, marks=[len(v2) // 2],
                                        on_mark=lambda _: relay.rebind())
